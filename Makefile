@@ -1,0 +1,33 @@
+# ferry — see README.md. Every target runs as root on a Debian/Ubuntu machine.
+GO      ?= go
+VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
+BIN     := bin/ferry
+# Whole test run; CPU-heavy parts are bounded so it fits a 2-core CI.
+TESTFLAGS ?= -race -timeout 40m
+
+.PHONY: build test lint fmt deps demo bench fuzz clean
+
+build:
+	CGO_ENABLED=0 $(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/ferry
+
+deps:
+	./scripts/deps.sh
+
+test: deps lint
+	$(GO) test $(TESTFLAGS) ./...
+
+lint:
+	@out="$$(gofmt -l . )"; if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+
+fmt:
+	gofmt -w .
+
+demo: deps build
+	./$(BIN) demo
+
+bench: deps build
+	$(GO) test -run '^$$' -bench . -benchtime 3x ./...
+
+clean:
+	rm -rf bin
