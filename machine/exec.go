@@ -1,0 +1,255 @@
+package machine
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/rs/zerolog"
+)
+
+// Exec runs machines as processes. Each machine's pid and start time live in
+// StateDir/<id>/, so a restarted agent finds the process it started (the
+// process runs in its own session and survives the agent). A journal of
+// start/stop instants is kept per machine for invariant checks.
+type Exec struct {
+	StateDir string
+	Log      zerolog.Logger
+}
+
+type procRef struct {
+	Pid       int
+	StartTime string // /proc/<pid>/stat field 22: guards against pid reuse
+}
+
+func (e *Exec) dir(id string) string { return filepath.Join(e.StateDir, id) }
+
+func procStartTime(pid int) (string, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return "", err
+	}
+	// comm may contain spaces; fields after the last ')' are fixed.
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 {
+		return "", fmt.Errorf("unparsable /proc/%d/stat", pid)
+	}
+	f := strings.Fields(s[i+1:])
+	if len(f) < 20 {
+		return "", fmt.Errorf("short /proc/%d/stat", pid)
+	}
+	if f[0] == "Z" {
+		return "", fmt.Errorf("process %d is a zombie", pid)
+	}
+	return f[19], nil
+}
+
+func (e *Exec) readRef(id string) (*procRef, error) {
+	b, err := os.ReadFile(filepath.Join(e.dir(id), "pid"))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read pid file of machine %s: %w", id, err)
+	}
+	f := strings.Fields(string(b))
+	if len(f) != 2 {
+		return nil, nil
+	}
+	pid, err := strconv.Atoi(f[0])
+	if err != nil {
+		return nil, nil
+	}
+	return &procRef{Pid: pid, StartTime: f[1]}, nil
+}
+
+// alive reports whether the recorded process is still the one we started.
+func (r *procRef) alive() bool {
+	if r == nil {
+		return false
+	}
+	st, err := procStartTime(r.Pid)
+	return err == nil && st == r.StartTime
+}
+
+func (e *Exec) journal(id, what string) {
+	f, err := os.OpenFile(filepath.Join(e.dir(id), "journal"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
+	if err != nil {
+		e.Log.Warn().Err(err).Str("machine", id).Msg("cannot write machine journal")
+		return
+	}
+	defer f.Close()
+	fmt.Fprintf(f, "%d %s\n", time.Now().UnixNano(), what)
+	f.Sync()
+}
+
+// Start runs the machine's command unless it already runs.
+func (e *Exec) Start(ctx context.Context, s Spec) error {
+	if err := ValidateID(s.ID); err != nil {
+		return err
+	}
+	if len(s.Command) == 0 {
+		return fmt.Errorf("machine %s has no command to run", s.ID)
+	}
+	ref, err := e.readRef(s.ID)
+	if err != nil {
+		return err
+	}
+	if ref.alive() {
+		return nil
+	}
+	if err := os.MkdirAll(e.dir(s.ID), 0o700); err != nil {
+		return fmt.Errorf("machine state dir: %w", err)
+	}
+	argv := s.Command
+	if s.NetNS != "" {
+		argv = append([]string{"nsenter", "--net=/run/netns/" + s.NetNS, "--"}, argv...)
+	}
+	logf, err := os.OpenFile(filepath.Join(e.dir(s.ID), "output.log"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
+	if err != nil {
+		return fmt.Errorf("machine log: %w", err)
+	}
+	defer logf.Close()
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.Dir = s.Dir
+	if cmd.Dir == "" {
+		cmd.Dir = s.MountDir
+	}
+	cmd.Env = append(os.Environ(), "FERRY_MACHINE_ID="+s.ID, "FERRY_VOLUME_DIR="+s.MountDir)
+	for k, v := range s.Env {
+		cmd.Env = append(cmd.Env, k+"="+v)
+	}
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true} // survives the agent
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("start machine %s (%s): %w", s.ID, argv[0], err)
+	}
+	st, err := procStartTime(cmd.Process.Pid)
+	if err != nil {
+		return fmt.Errorf("machine %s exited at once: see %s", s.ID, filepath.Join(e.dir(s.ID), "output.log"))
+	}
+	// Record the process before relying on it (crash safety): write then rename.
+	tmp := filepath.Join(e.dir(s.ID), "pid.tmp")
+	if err := os.WriteFile(tmp, []byte(fmt.Sprintf("%d %s\n", cmd.Process.Pid, st)), 0o600); err != nil {
+		return fmt.Errorf("record machine pid: %w", err)
+	}
+	if err := os.Rename(tmp, filepath.Join(e.dir(s.ID), "pid")); err != nil {
+		return fmt.Errorf("record machine pid: %w", err)
+	}
+	e.journal(s.ID, "start")
+	// Reap it when it exits while we are alive; after an agent restart init reaps it.
+	go cmd.Wait()
+	e.Log.Info().Str("machine", s.ID).Int("pid", cmd.Process.Pid).Msg("machine started")
+	return nil
+}
+
+// Stop sends the kill signal, waits up to the kill timeout, then SIGKILLs.
+// It returns once the process is gone.
+func (e *Exec) Stop(ctx context.Context, s Spec) error {
+	ref, err := e.readRef(s.ID)
+	if err != nil {
+		return err
+	}
+	if !ref.alive() {
+		return e.markStopped(s.ID, ref)
+	}
+	sig, err := ParseSignal(s.KillSignal)
+	if err != nil {
+		return err
+	}
+	timeout := s.KillTimeout
+	if timeout <= 0 {
+		timeout = 5 * time.Second
+	}
+	_ = syscall.Kill(ref.Pid, sig)
+	deadline := time.Now().Add(timeout)
+	for ref.alive() {
+		if time.Now().After(deadline) {
+			e.Log.Warn().Str("machine", s.ID).Dur("kill_timeout", timeout).Msg("machine ignored its kill signal; killing")
+			_ = syscall.Kill(ref.Pid, syscall.SIGKILL)
+			deadline = time.Now().Add(10 * time.Second)
+			for ref.alive() {
+				if time.Now().After(deadline) {
+					return fmt.Errorf("machine %s (pid %d) survived SIGKILL for 10s: check for a hung mount", s.ID, ref.Pid)
+				}
+				time.Sleep(5 * time.Millisecond)
+			}
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("stop machine %s: %w", s.ID, ctx.Err())
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+	e.Log.Info().Str("machine", s.ID).Msg("machine stopped")
+	return e.markStopped(s.ID, ref)
+}
+
+func (e *Exec) markStopped(id string, ref *procRef) error {
+	if ref == nil {
+		return nil
+	}
+	e.journal(id, "stop")
+	if err := os.Remove(filepath.Join(e.dir(id), "pid")); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("remove pid file of machine %s: %w", id, err)
+	}
+	return nil
+}
+
+// Status reports whether the machine's process runs.
+func (e *Exec) Status(ctx context.Context, s Spec) (State, error) {
+	ref, err := e.readRef(s.ID)
+	if err != nil {
+		return "", err
+	}
+	if ref.alive() {
+		return Running, nil
+	}
+	return Stopped, nil
+}
+
+// Interval is one period during which a machine ran on a worker.
+type Interval struct{ Start, Stop time.Time }
+
+// Journal returns the run intervals recorded for a machine under stateDir;
+// a still-running machine's last interval has a zero Stop.
+func Journal(stateDir, id string) ([]Interval, error) {
+	b, err := os.ReadFile(filepath.Join(stateDir, id, "journal"))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var out []Interval
+	for _, line := range bytes.Split(b, []byte("\n")) {
+		f := strings.Fields(string(line))
+		if len(f) != 2 {
+			continue
+		}
+		ns, err := strconv.ParseInt(f[0], 10, 64)
+		if err != nil {
+			continue
+		}
+		t := time.Unix(0, ns)
+		switch f[1] {
+		case "start":
+			out = append(out, Interval{Start: t})
+		case "stop":
+			if n := len(out); n > 0 && out[n-1].Stop.IsZero() {
+				out[n-1].Stop = t
+			}
+		}
+	}
+	return out, nil
+}

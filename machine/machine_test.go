@@ -1,0 +1,105 @@
+package machine
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+)
+
+func TestExecStartStopIdempotent(t *testing.T) {
+	e := &Exec{StateDir: t.TempDir(), Log: zerolog.Nop()}
+	s := Spec{ID: "m1", Command: []string{"sleep", "30"}, MountDir: t.TempDir(), KillTimeout: time.Second}
+	ctx := context.Background()
+	if err := e.Start(ctx, s); err != nil {
+		t.Fatal(err)
+	}
+	ref, _ := e.readRef("m1")
+	if err := e.Start(ctx, s); err != nil { // already running: nothing
+		t.Fatal(err)
+	}
+	ref2, _ := e.readRef("m1")
+	if ref.Pid != ref2.Pid {
+		t.Fatalf("second Start started another process (%d, then %d)", ref.Pid, ref2.Pid)
+	}
+	if st, _ := e.Status(ctx, s); st != Running {
+		t.Fatalf("status %s, want running", st)
+	}
+	if err := e.Stop(ctx, s); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := e.Status(ctx, s); st != Stopped {
+		t.Fatalf("status %s after stop, want stopped", st)
+	}
+	if err := e.Stop(ctx, s); err != nil {
+		t.Fatal(err)
+	}
+	iv, err := Journal(e.StateDir, "m1")
+	if err != nil || len(iv) != 1 || iv[0].Stop.IsZero() {
+		t.Fatalf("journal = %+v, %v; want one closed interval", iv, err)
+	}
+}
+
+func TestExecKillTimeout(t *testing.T) {
+	e := &Exec{StateDir: t.TempDir(), Log: zerolog.Nop()}
+	// A machine that ignores SIGINT is killed after the timeout.
+	s := Spec{ID: "stubborn", Command: []string{"sh", "-c", "trap '' INT; sleep 30"}, MountDir: t.TempDir(), KillTimeout: 200 * time.Millisecond}
+	if err := e.Start(context.Background(), s); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond)
+	start := time.Now()
+	if err := e.Stop(context.Background(), s); err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(start); d < 200*time.Millisecond {
+		t.Fatalf("stopped after %v, before the kill timeout: the trap did not hold?", d)
+	}
+}
+
+func TestRejectsBadInput(t *testing.T) {
+	e := &Exec{StateDir: t.TempDir(), Log: zerolog.Nop()}
+	if err := e.Start(context.Background(), Spec{ID: "../x", Command: []string{"true"}}); err == nil {
+		t.Fatal("path-like machine id accepted")
+	}
+	if err := e.Start(context.Background(), Spec{ID: "ok"}); err == nil {
+		t.Fatal("empty command accepted")
+	}
+	if _, err := ParseSignal("SIGBOGUS"); err == nil {
+		t.Fatal("bogus signal accepted")
+	}
+}
+
+func TestScriptDriver(t *testing.T) {
+	dir := t.TempDir()
+	state := filepath.Join(dir, "state")
+	write := func(name, body string) string {
+		p := filepath.Join(dir, name)
+		os.WriteFile(p, []byte("#!/bin/sh\n"+body+"\n"), 0o755)
+		return p
+	}
+	s := Spec{ID: "vm1", Script: &ScriptSpec{
+		Start:  write("start", "echo running > "+state),
+		Stop:   write("stop", "echo stopped > "+state),
+		Status: write("status", "cat "+state+" 2>/dev/null || echo stopped"),
+	}}
+	d := Script{}
+	ctx := context.Background()
+	if st, err := d.Status(ctx, s); err != nil || st != Stopped {
+		t.Fatalf("initial status %q %v", st, err)
+	}
+	if err := d.Start(ctx, s); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := d.Status(ctx, s); st != Running {
+		t.Fatalf("status after start %q", st)
+	}
+	bad := s
+	bad.Script = &ScriptSpec{Status: write("bad", "echo maybe")}
+	if _, err := d.Status(ctx, bad); err == nil {
+		t.Fatal("a status script printing garbage was accepted")
+	}
+}
