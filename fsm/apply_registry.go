@@ -1,0 +1,356 @@
+package fsm
+
+import (
+	"net/http"
+	"slices"
+	"strings"
+	"time"
+)
+
+// The registry commands. Workers may only touch their own records; servers
+// and operators may touch anything.
+
+func forbidden(actor Identity, what string) *Result {
+	return &Result{Refusal: refuse(http.StatusForbidden, CodeForbidden, "%s may not %s", actor, what)}
+}
+
+func (s *Store) applyRegisterServer(c *RegisterServerCmd) *Result {
+	if c.Actor.Kind != KindServer {
+		return forbidden(c.Actor, "register a server")
+	}
+	if c.Member.ID == "" || c.Member.RaftAddr == "" {
+		return &Result{Refusal: refuse(http.StatusBadRequest, CodeInvalid, "server member needs an id and a raft address")}
+	}
+	m := c.Member
+	s.d.Servers[m.ID] = &m
+	return &Result{}
+}
+
+func leaseTTL(d time.Duration) time.Duration {
+	if d <= 0 {
+		return DefaultLeaseTTL
+	}
+	return d
+}
+
+func (s *Store) applyRegisterWorker(c *RegisterWorkerCmd) *Result {
+	w := c.Worker
+	if !c.Actor.privileged() && c.Actor.Name != w.Name {
+		return forbidden(c.Actor, "register worker "+w.Name)
+	}
+	if w.Name == "" {
+		return &Result{Refusal: refuse(http.StatusBadRequest, CodeInvalid, "worker name is empty")}
+	}
+	for _, o := range s.d.Workers {
+		if o.Name != w.Name && w.HostID != 0 && o.HostID == w.HostID {
+			return &Result{Refusal: refuse(http.StatusConflict, CodeConflict, "host id %d is already used by worker %s", w.HostID, o.Name)}
+		}
+	}
+	if old, ok := s.d.Workers[w.Name]; ok {
+		w.Registered = old.Registered
+	} else {
+		w.Registered = c.Now
+	}
+	w.LeaseExpiry = c.Now.Add(leaseTTL(c.LeaseTTL))
+	s.d.Workers[w.Name] = &w
+	cp := w
+	return &Result{Worker: &cp}
+}
+
+func (s *Store) applyHeartbeat(c *HeartbeatCmd) *Result {
+	if !c.Actor.privileged() && c.Actor.Name != c.Name {
+		return forbidden(c.Actor, "heartbeat for worker "+c.Name)
+	}
+	w, ok := s.d.Workers[c.Name]
+	if !ok {
+		return &Result{Refusal: notFound("worker", c.Name)}
+	}
+	if exp := c.Now.Add(leaseTTL(c.LeaseTTL)); exp.After(w.LeaseExpiry) {
+		w.LeaseExpiry = exp
+	}
+	cp := *w
+	return &Result{Worker: &cp}
+}
+
+func validID(id string) bool {
+	return id != "" && len(id) <= 128 && !strings.ContainsAny(id, "/ \t\n?#%")
+}
+
+func (s *Store) applyCreateVolume(c *CreateVolumeCmd) *Result {
+	v := c.Volume
+	if !c.Actor.privileged() && c.Actor.Name != v.Worker {
+		return forbidden(c.Actor, "create a volume on worker "+v.Worker)
+	}
+	if !validID(v.ID) || v.Worker == "" || v.Size < 0 {
+		return &Result{Refusal: refuse(http.StatusBadRequest, CodeInvalid, "volume needs an id (no spaces or slashes), a worker and a size >= 0")}
+	}
+	if v.Layout != nil {
+		if err := v.Layout.Validate(); err != nil {
+			return &Result{Refusal: refuse(http.StatusBadRequest, CodeInvalid, "volume %s: %v", v.ID, err)}
+		}
+	}
+	if old, ok := s.d.Volumes[v.ID]; ok {
+		if old.Worker == v.Worker && old.Size == v.Size {
+			cp := copyVolume(old) // a retried create: same answer
+			return &Result{Volume: &cp}
+		}
+		return &Result{Refusal: refuse(http.StatusConflict, CodeConflict, "volume %s already exists on worker %s", v.ID, old.Worker)}
+	}
+	if _, ok := s.d.Workers[v.Worker]; !ok {
+		return &Result{Refusal: notFound("worker", v.Worker)}
+	}
+	if v.State == "" {
+		v.State = VolCreating
+	}
+	if _, ok := volumeMoves[v.State]; !ok || v.State == VolDestroyed || v.State == VolPendingDelete {
+		return &Result{Refusal: refuse(http.StatusBadRequest, CodeInvalid, "a new volume cannot start in state %q", v.State)}
+	}
+	v.CreatedAt = c.Now
+	v.DestroyAfter = time.Time{}
+	v.HasKey = false
+	s.d.Volumes[v.ID] = &v
+	cp := copyVolume(&v)
+	return &Result{Volume: &cp}
+}
+
+func (s *Store) applyUpdateVolume(c *UpdateVolumeCmd) *Result {
+	v, ok := s.d.Volumes[c.ID]
+	if !ok {
+		return &Result{Refusal: notFound("volume", c.ID)}
+	}
+	if !c.Actor.privileged() && c.Actor.Name != v.Worker {
+		return forbidden(c.Actor, "update volume "+c.ID+" of worker "+v.Worker)
+	}
+	if c.State != nil && *c.State != v.State {
+		if *c.State == VolDestroyed || *c.State == VolPendingDelete {
+			return &Result{Refusal: refuse(http.StatusBadRequest, CodeInvalid, "use destroy to destroy volume %s", c.ID)}
+		}
+		if !slices.Contains(volumeMoves[v.State], *c.State) {
+			return &Result{Refusal: refuse(http.StatusConflict, CodeWrongState, "volume %s cannot go from %s to %s", c.ID, v.State, *c.State)}
+		}
+	}
+	if c.Layout != nil {
+		if err := c.Layout.Validate(); err != nil {
+			return &Result{Refusal: refuse(http.StatusBadRequest, CodeInvalid, "volume %s: %v", c.ID, err)}
+		}
+	}
+	if c.AttachedMachine != nil && *c.AttachedMachine != "" {
+		if _, ok := s.d.Machines[*c.AttachedMachine]; !ok {
+			return &Result{Refusal: notFound("machine", *c.AttachedMachine)}
+		}
+		if v.State == VolDestroyed || v.State == VolPendingDelete {
+			return &Result{Refusal: refuse(http.StatusConflict, CodeWrongState, "volume %s is %s: it cannot be attached", c.ID, v.State)}
+		}
+	}
+	if c.State != nil {
+		v.State = *c.State
+		if v.State != VolPendingDelete {
+			v.DestroyAfter = time.Time{}
+		}
+	}
+	if c.Layout != nil {
+		l := *c.Layout
+		v.Layout = &l
+	}
+	if c.AttachedMachine != nil {
+		v.AttachedMachine = *c.AttachedMachine
+	}
+	if c.Size != nil && *c.Size >= 0 {
+		v.Size = *c.Size
+	}
+	cp := copyVolume(v)
+	return &Result{Volume: &cp}
+}
+
+// attachedRunning returns the running machine using v, if any.
+func (s *Store) attachedRunning(v *Volume) (*Machine, bool) {
+	if v.AttachedMachine != "" {
+		if m, ok := s.d.Machines[v.AttachedMachine]; ok {
+			return m, true
+		}
+	}
+	for _, m := range s.d.Machines {
+		if m.Volume == v.ID && m.Worker == v.Worker && m.State == MachineRunning {
+			return m, true
+		}
+	}
+	return nil, false
+}
+
+func (s *Store) applyDestroyVolume(c *DestroyVolumeCmd) *Result {
+	v, ok := s.d.Volumes[c.ID]
+	if !ok {
+		return &Result{Refusal: notFound("volume", c.ID)}
+	}
+	if !c.Actor.privileged() && c.Actor.Name != v.Worker {
+		return forbidden(c.Actor, "destroy volume "+c.ID+" of worker "+v.Worker)
+	}
+	if m, ok := s.attachedRunning(v); ok {
+		return &Result{Refusal: refuse(http.StatusConflict, CodeAttached,
+			"volume %s is attached to machine %s (%s on %s): stop the machine and detach the volume before destroying it", v.ID, m.ID, m.State, m.Worker)}
+	}
+	if id, ok := s.d.Locks["volume/"+v.ID]; ok {
+		return &Result{Refusal: refuse(http.StatusConflict, CodeLocked, "volume %s is locked by migration %s: wait for it or abort it", v.ID, id)}
+	}
+	switch v.State {
+	case VolDestroyed:
+		cp := copyVolume(v)
+		return &Result{Volume: &cp}
+	case VolPendingDelete:
+		// Invariant 3: destroyed only once the retention deadline passed.
+		if c.Now.Before(v.DestroyAfter) {
+			return &Result{Refusal: refuse(http.StatusConflict, CodeWrongState, "volume %s is kept until %s (retention)", v.ID, v.DestroyAfter.UTC().Format(time.RFC3339))}
+		}
+		v.State = VolDestroyed
+		delete(s.d.Keys, v.ID)
+		v.HasKey = false
+	default:
+		ret := c.Retention
+		if ret <= 0 {
+			ret = DefaultDestroyRetention
+		}
+		v.State = VolPendingDelete
+		v.DestroyAfter = c.Now.Add(ret)
+	}
+	cp := copyVolume(v)
+	return &Result{Volume: &cp}
+}
+
+func (s *Store) applySetVolumeKey(c *SetVolumeKeyCmd) *Result {
+	v, ok := s.d.Volumes[c.ID]
+	if !ok {
+		return &Result{Refusal: notFound("volume", c.ID)}
+	}
+	if !c.Actor.privileged() && c.Actor.Name != v.Worker {
+		return forbidden(c.Actor, "set the key of volume "+c.ID)
+	}
+	if len(c.Key) == 0 || len(c.Key) > 512 {
+		return &Result{Refusal: refuse(http.StatusBadRequest, CodeInvalid, "volume key must be 1..512 bytes")}
+	}
+	if old, ok := s.d.Keys[c.ID]; ok && string(old) != string(c.Key) {
+		return &Result{Refusal: refuse(http.StatusConflict, CodeConflict, "volume %s already has a different key; keys are never replaced", c.ID)}
+	}
+	s.d.Keys[c.ID] = append([]byte(nil), c.Key...)
+	v.HasKey = true
+	cp := copyVolume(v)
+	return &Result{Volume: &cp}
+}
+
+// applyKeyAccess grants a volume's key to the worker owning it or to the
+// target of an active migration of it, and records the grant (invariant 4).
+func (s *Store) applyKeyAccess(c *KeyAccessCmd) *Result {
+	v, ok := s.d.Volumes[c.ID]
+	if !ok {
+		return &Result{Refusal: notFound("volume", c.ID)}
+	}
+	key, ok := s.d.Keys[c.ID]
+	if !ok {
+		return &Result{Refusal: refuse(http.StatusNotFound, CodeNotFound, "the server holds no key for volume %s", c.ID)}
+	}
+	if c.Actor.Kind != KindWorker {
+		return forbidden(c.Actor, "read volume keys (only the owning or target worker may)")
+	}
+	var mig *Migration
+	if id, ok := s.d.Locks["volume/"+v.ID]; ok {
+		mig = s.d.Migrations[id]
+	}
+	switch {
+	case v.State == VolDestroyed:
+		return &Result{Refusal: refuse(http.StatusGone, CodeWrongState, "volume %s is destroyed", v.ID)}
+	case c.Actor.Name == v.Worker:
+	case mig != nil && mig.Target == c.Actor.Name && mig.State != RolledBack:
+		mig.KeyAccess = append(mig.KeyAccess, KeyAccess{Worker: c.Actor.Name, At: c.Now})
+		if len(mig.KeyAccess) > 32 {
+			mig.KeyAccess = mig.KeyAccess[len(mig.KeyAccess)-32:]
+		}
+	default:
+		return forbidden(c.Actor, "read the key of volume "+v.ID+": it neither owns it nor targets an active migration of it")
+	}
+	cp := copyVolume(v)
+	return &Result{Volume: &cp, Key: append([]byte(nil), key...)}
+}
+
+func (s *Store) applyCreateMachine(c *CreateMachineCmd) *Result {
+	m := c.Machine
+	if !c.Actor.privileged() && c.Actor.Name != m.Worker {
+		return forbidden(c.Actor, "create a machine on worker "+m.Worker)
+	}
+	if !validID(m.ID) || m.Worker == "" {
+		return &Result{Refusal: refuse(http.StatusBadRequest, CodeInvalid, "machine needs an id (no spaces or slashes) and a worker")}
+	}
+	if old, ok := s.d.Machines[m.ID]; ok {
+		if old.Worker == m.Worker && old.Volume == m.Volume {
+			cp := *old
+			return &Result{Machine: &cp}
+		}
+		return &Result{Refusal: refuse(http.StatusConflict, CodeConflict, "machine %s already exists on worker %s", m.ID, old.Worker)}
+	}
+	if _, ok := s.d.Workers[m.Worker]; !ok {
+		return &Result{Refusal: notFound("worker", m.Worker)}
+	}
+	if m.Volume != "" {
+		v, ok := s.d.Volumes[m.Volume]
+		if !ok {
+			return &Result{Refusal: notFound("volume", m.Volume)}
+		}
+		if v.Worker != m.Worker {
+			return &Result{Refusal: refuse(http.StatusConflict, CodeConflict, "volume %s is on worker %s, not %s", v.ID, v.Worker, m.Worker)}
+		}
+		if v.AttachedMachine != "" && v.AttachedMachine != m.ID {
+			return &Result{Refusal: refuse(http.StatusConflict, CodeAttached, "volume %s is already attached to machine %s", v.ID, v.AttachedMachine)}
+		}
+		v.AttachedMachine = m.ID
+	}
+	if m.State == "" {
+		m.State = MachineStopped
+	}
+	if m.State != MachineRunning && m.State != MachineStopped {
+		return &Result{Refusal: refuse(http.StatusBadRequest, CodeInvalid, "machine state %q: use running or stopped", m.State)}
+	}
+	m.Migrated = false
+	s.d.Machines[m.ID] = &m
+	cp := m
+	return &Result{Machine: &cp}
+}
+
+func (s *Store) applyUpdateMachine(c *UpdateMachineCmd) *Result {
+	m, ok := s.d.Machines[c.ID]
+	if !ok {
+		return &Result{Refusal: notFound("machine", c.ID)}
+	}
+	if !c.Actor.privileged() && c.Actor.Name != m.Worker {
+		return forbidden(c.Actor, "update machine "+c.ID+" of worker "+m.Worker)
+	}
+	if c.State != nil && *c.State != MachineRunning && *c.State != MachineStopped {
+		return &Result{Refusal: refuse(http.StatusBadRequest, CodeInvalid, "machine state %q: use running or stopped", *c.State)}
+	}
+	if c.Volume != nil && *c.Volume != "" {
+		v, ok := s.d.Volumes[*c.Volume]
+		if !ok {
+			return &Result{Refusal: notFound("volume", *c.Volume)}
+		}
+		if v.Worker != m.Worker {
+			return &Result{Refusal: refuse(http.StatusConflict, CodeConflict, "volume %s is on worker %s, not %s", v.ID, v.Worker, m.Worker)}
+		}
+	}
+	if c.State != nil {
+		m.State = *c.State
+	}
+	if c.Volume != nil {
+		if old, ok := s.d.Volumes[m.Volume]; ok && old.AttachedMachine == m.ID {
+			old.AttachedMachine = ""
+		}
+		m.Volume = *c.Volume
+		if v, ok := s.d.Volumes[m.Volume]; ok {
+			v.AttachedMachine = m.ID
+		}
+	}
+	if c.Addr6PN != nil {
+		m.Addr6PN = *c.Addr6PN
+	}
+	if c.Spec != nil {
+		m.Spec = append(m.Spec[:0:0], (*c.Spec)...)
+	}
+	cp := *m
+	return &Result{Machine: &cp}
+}

@@ -1,0 +1,293 @@
+package fsm
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"time"
+
+	"github.com/ferry-dev/ferry/blockdev"
+	"github.com/ferry-dev/ferry/luks"
+)
+
+// CommandVersion is the only envelope version this build applies.
+const CommandVersion = 1
+
+// maxCommandBytes bounds a command; real ones are a few KiB.
+const maxCommandBytes = 1 << 20
+
+// CommandType names a command in the replicated log.
+type CommandType string
+
+const (
+	CmdRegisterServer CommandType = "register_server"
+	CmdRegisterWorker CommandType = "register_worker"
+	CmdHeartbeat      CommandType = "heartbeat"
+	CmdCreateVolume   CommandType = "create_volume"
+	CmdUpdateVolume   CommandType = "update_volume"
+	CmdDestroyVolume  CommandType = "destroy_volume"
+	CmdSetVolumeKey   CommandType = "set_volume_key"
+	CmdKeyAccess      CommandType = "key_access"
+	CmdCreateMachine  CommandType = "create_machine"
+	CmdUpdateMachine  CommandType = "update_machine"
+	CmdPlan           CommandType = "plan"
+	CmdPropose        CommandType = "propose"
+)
+
+// Command is the versioned envelope every log entry holds.
+type Command struct {
+	Version int             `json:"v"`
+	Type    CommandType     `json:"type"`
+	Payload json.RawMessage `json:"payload"`
+}
+
+// Kind is what a certificate says its holder is.
+type Kind string
+
+const (
+	KindServer   Kind = "server"
+	KindWorker   Kind = "worker"
+	KindOperator Kind = "operator"
+)
+
+// Identity is who proposes a command, taken from the client certificate.
+type Identity struct {
+	Name string `json:"name"`
+	Kind Kind   `json:"kind"`
+}
+
+func (id Identity) String() string { return string(id.Kind) + " " + id.Name }
+
+// privileged reports whether id may act on anything (operators, servers).
+func (id Identity) privileged() bool { return id.Kind == KindOperator || id.Kind == KindServer }
+
+// Header is carried by every payload: who and when. Time comes from the
+// proposing server, so Apply never reads a clock.
+type Header struct {
+	Actor Identity  `json:"actor"`
+	Now   time.Time `json:"now"`
+}
+
+// RegisterServerCmd records a raft voter's API address.
+type RegisterServerCmd struct {
+	Header
+	Member ServerMember `json:"member"`
+}
+
+// RegisterWorkerCmd adds or refreshes a worker.
+type RegisterWorkerCmd struct {
+	Header
+	Worker   Worker        `json:"worker"`
+	LeaseTTL time.Duration `json:"lease_ttl"`
+}
+
+// HeartbeatCmd extends a worker's lease.
+type HeartbeatCmd struct {
+	Header
+	Name     string        `json:"name"`
+	LeaseTTL time.Duration `json:"lease_ttl"`
+}
+
+// CreateVolumeCmd registers a volume.
+type CreateVolumeCmd struct {
+	Header
+	Volume Volume `json:"volume"`
+}
+
+// UpdateVolumeCmd changes fields of a volume; nil fields are left alone.
+type UpdateVolumeCmd struct {
+	Header
+	ID              string       `json:"id"`
+	State           *VolumeState `json:"state,omitempty"`
+	AttachedMachine *string      `json:"attached_machine,omitempty"`
+	Layout          *luks.Layout `json:"layout,omitempty"`
+	Size            *int64       `json:"size,omitempty"`
+}
+
+// DestroyVolumeCmd moves a volume to pending_destroy (or destroyed once its retention passed).
+type DestroyVolumeCmd struct {
+	Header
+	ID        string        `json:"id"`
+	Retention time.Duration `json:"retention"`
+}
+
+// SetVolumeKeyCmd stores a volume's key in the replicated state (never in replies).
+type SetVolumeKeyCmd struct {
+	Header
+	ID  string `json:"id"`
+	Key []byte `json:"key"`
+}
+
+// KeyAccessCmd asks for a volume's key: the store checks the actor owns or targets the volume.
+type KeyAccessCmd struct {
+	Header
+	ID string `json:"id"`
+}
+
+// CreateMachineCmd registers a machine.
+type CreateMachineCmd struct {
+	Header
+	Machine Machine `json:"machine"`
+}
+
+// UpdateMachineCmd changes fields of a machine; nil fields are left alone.
+type UpdateMachineCmd struct {
+	Header
+	ID      string           `json:"id"`
+	State   *MachineState    `json:"state,omitempty"`
+	Volume  *string          `json:"volume,omitempty"`
+	Addr6PN *string          `json:"addr_6pn,omitempty"`
+	Spec    *json.RawMessage `json:"spec,omitempty"`
+}
+
+// PlanCmd creates a migration after admission checks.
+type PlanCmd struct {
+	Header
+	ID      string `json:"id"`
+	Machine string `json:"machine"`
+	Target  string `json:"target"`
+	StepID  string `json:"step_id,omitempty"`
+}
+
+// ProposeCmd proposes an event on a migration.
+type ProposeCmd struct {
+	Header
+	ID      string       `json:"id"`
+	Event   Event        `json:"event"`
+	StepID  string       `json:"step_id"`
+	Payload EventPayload `json:"payload"`
+}
+
+// EventPayload carries what an event reports; each event reads its own fields.
+type EventPayload struct {
+	Reason       string           `json:"reason,omitempty"`        // abort, failed, report
+	Error        string           `json:"error,omitempty"`         // report, failed
+	Stalled      *bool            `json:"stalled,omitempty"`       // report
+	Layout       *luks.Layout     `json:"layout,omitempty"`        // target_prepared, source_stopped
+	Export       *Export          `json:"export,omitempty"`        // exported
+	KnownZero    []blockdev.Range `json:"known_zero,omitempty"`    // trimmed
+	Progress     *Progress        `json:"progress,omitempty"`      // progress, hydrated
+	Milestone    bool             `json:"milestone,omitempty"`     // progress: bypass the rate limit
+	TargetVolume string           `json:"target_volume,omitempty"` // target_prepared
+	New6PN       string           `json:"new_6pn,omitempty"`       // cutover
+}
+
+// Encode wraps a payload in a versioned envelope.
+func Encode(t CommandType, payload any) ([]byte, error) {
+	p, err := json.Marshal(payload)
+	if err != nil {
+		return nil, fmt.Errorf("encoding %s payload: %w", t, err)
+	}
+	return json.Marshal(Command{Version: CommandVersion, Type: t, Payload: p})
+}
+
+// payloadFor returns an empty payload value for t.
+func payloadFor(t CommandType) (any, bool) {
+	switch t {
+	case CmdRegisterServer:
+		return &RegisterServerCmd{}, true
+	case CmdRegisterWorker:
+		return &RegisterWorkerCmd{}, true
+	case CmdHeartbeat:
+		return &HeartbeatCmd{}, true
+	case CmdCreateVolume:
+		return &CreateVolumeCmd{}, true
+	case CmdUpdateVolume:
+		return &UpdateVolumeCmd{}, true
+	case CmdDestroyVolume:
+		return &DestroyVolumeCmd{}, true
+	case CmdSetVolumeKey:
+		return &SetVolumeKeyCmd{}, true
+	case CmdKeyAccess:
+		return &KeyAccessCmd{}, true
+	case CmdCreateMachine:
+		return &CreateMachineCmd{}, true
+	case CmdUpdateMachine:
+		return &UpdateMachineCmd{}, true
+	case CmdPlan:
+		return &PlanCmd{}, true
+	case CmdPropose:
+		return &ProposeCmd{}, true
+	}
+	return nil, false
+}
+
+// ErrBadCommand is wrapped by every decoding failure.
+var ErrBadCommand = errors.New("bad command")
+
+// Decode parses an envelope strictly: unknown version, type or field is an
+// error, never a panic.
+func Decode(data []byte) (CommandType, any, error) {
+	if len(data) > maxCommandBytes {
+		return "", nil, fmt.Errorf("%w: %d bytes exceeds %d", ErrBadCommand, len(data), maxCommandBytes)
+	}
+	var c Command
+	if err := strictUnmarshal(data, &c); err != nil {
+		return "", nil, fmt.Errorf("%w: envelope: %v", ErrBadCommand, err)
+	}
+	if c.Version != CommandVersion {
+		return c.Type, nil, fmt.Errorf("%w: version %d, this server applies version %d: upgrade the server", ErrBadCommand, c.Version, CommandVersion)
+	}
+	p, ok := payloadFor(c.Type)
+	if !ok {
+		return c.Type, nil, fmt.Errorf("%w: unknown type %q", ErrBadCommand, c.Type)
+	}
+	if len(c.Payload) == 0 {
+		return c.Type, nil, fmt.Errorf("%w: %s without payload", ErrBadCommand, c.Type)
+	}
+	if err := strictUnmarshal(c.Payload, p); err != nil {
+		return c.Type, nil, fmt.Errorf("%w: %s payload: %v", ErrBadCommand, c.Type, err)
+	}
+	return c.Type, p, nil
+}
+
+func strictUnmarshal(data []byte, v any) error {
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return err
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return errors.New("trailing data after the JSON value")
+	}
+	return nil
+}
+
+// Refusal is a guard's "no": a code for programs, a reason for people, the
+// migration's actual state when it matters, and the HTTP status to send.
+type Refusal struct {
+	Code   string `json:"code"`
+	Reason string `json:"reason"`
+	State  State  `json:"state,omitempty"`
+	Status int    `json:"status"`
+}
+
+func (r *Refusal) Error() string { return r.Reason }
+
+// Refusal codes.
+const (
+	CodeNotFound     = "not_found"
+	CodeInvalid      = "invalid"
+	CodeForbidden    = "forbidden"
+	CodeWrongState   = "wrong_state"
+	CodePastCutover  = "past_cutover"
+	CodeConflict     = "conflict"
+	CodeLocked       = "locked"
+	CodeAdmission    = "admission"
+	CodeAttached     = "attached"
+	CodeBadCommand   = "bad_command"
+	CodeRateLimited  = "rate_limited"
+	CodeNotTornDown  = "target_not_torn_down"
+	CodeLayoutNeeded = "layout_missing"
+)
+
+func refuse(status int, code, format string, args ...any) *Refusal {
+	return &Refusal{Code: code, Reason: fmt.Sprintf(format, args...), Status: status}
+}
+
+func notFound(what, id string) *Refusal {
+	return refuse(http.StatusNotFound, CodeNotFound, "%s %q not found", what, id)
+}

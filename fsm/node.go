@@ -1,0 +1,264 @@
+package fsm
+
+import (
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/raft"
+	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
+	"github.com/rs/zerolog"
+
+	"github.com/ferry-dev/ferry/internal/logging"
+)
+
+// NodeConfig configures one raft voter.
+type NodeConfig struct {
+	ID        string // unique server name
+	DataDir   string // raft.db (log + stable store) and snapshots/
+	RaftAddr  string // listen address of the raft transport, e.g. 127.0.0.1:7001
+	Bootstrap bool   // form a new one-voter cluster if DataDir holds no state
+
+	// ServerTLS and ClientTLS secure the raft transport (mTLS between
+	// servers). Both nil means plain TCP, for unit tests only.
+	ServerTLS *tls.Config
+	ClientTLS *tls.Config
+
+	// Timing; zero values take production defaults. Tests shorten them.
+	HeartbeatTimeout  time.Duration
+	ElectionTimeout   time.Duration
+	LeaderLeaseTimout time.Duration
+	SnapshotThreshold uint64
+	SnapshotInterval  time.Duration
+
+	Logger zerolog.Logger
+}
+
+// Node is a raft voter applying commands to a Store.
+type Node struct {
+	Store *Store
+	Raft  *raft.Raft
+	id    string
+	log   zerolog.Logger
+	trans *raft.NetworkTransport
+	bolt  *raftboltdb.BoltStore
+}
+
+// ErrNotLeader says this node cannot apply; the caller forwards or retries.
+var ErrNotLeader = errors.New("this server is not the raft leader")
+
+// NewNode opens (or creates) the node's durable state and starts raft.
+func NewNode(cfg NodeConfig) (*Node, error) {
+	log := logging.For(cfg.Logger, "raft").With().Str("node", cfg.ID).Logger()
+	if cfg.ID == "" || cfg.DataDir == "" || cfg.RaftAddr == "" {
+		return nil, errors.New("raft node needs an id, a data directory and a raft address")
+	}
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("creating data dir %s: %w", cfg.DataDir, err)
+	}
+	rc := raft.DefaultConfig()
+	rc.LocalID = raft.ServerID(cfg.ID)
+	rc.Logger = hclogFor(log)
+	if cfg.HeartbeatTimeout > 0 {
+		rc.HeartbeatTimeout = cfg.HeartbeatTimeout
+	}
+	if cfg.ElectionTimeout > 0 {
+		rc.ElectionTimeout = cfg.ElectionTimeout
+	}
+	if cfg.LeaderLeaseTimout > 0 {
+		rc.LeaderLeaseTimeout = cfg.LeaderLeaseTimout
+	}
+	if cfg.SnapshotThreshold > 0 {
+		rc.SnapshotThreshold = cfg.SnapshotThreshold
+		rc.TrailingLogs = cfg.SnapshotThreshold
+	}
+	if cfg.SnapshotInterval > 0 {
+		rc.SnapshotInterval = cfg.SnapshotInterval
+	}
+	bolt, err := raftboltdb.New(raftboltdb.Options{Path: filepath.Join(cfg.DataDir, "raft.db")})
+	if err != nil {
+		return nil, fmt.Errorf("opening raft log %s: %w (is another ferry server using this data dir?)", filepath.Join(cfg.DataDir, "raft.db"), err)
+	}
+	snaps, err := raft.NewFileSnapshotStoreWithLogger(cfg.DataDir, 2, rc.Logger)
+	if err != nil {
+		bolt.Close()
+		return nil, fmt.Errorf("opening snapshots in %s: %w", cfg.DataDir, err)
+	}
+	stream, err := newStreamLayer(cfg.RaftAddr, cfg.ServerTLS, cfg.ClientTLS)
+	if err != nil {
+		bolt.Close()
+		return nil, err
+	}
+	trans := raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{
+		Stream: stream, MaxPool: 3, Timeout: 10 * time.Second, Logger: rc.Logger,
+	})
+	store := NewStore(cfg.Logger)
+	existing, err := raft.HasExistingState(bolt, bolt, snaps)
+	if err != nil {
+		trans.Close()
+		bolt.Close()
+		return nil, fmt.Errorf("reading raft state: %w", err)
+	}
+	if cfg.Bootstrap && !existing {
+		conf := raft.Configuration{Servers: []raft.Server{{ID: rc.LocalID, Address: trans.LocalAddr()}}}
+		if err := raft.BootstrapCluster(rc, bolt, bolt, snaps, trans, conf); err != nil {
+			trans.Close()
+			bolt.Close()
+			return nil, fmt.Errorf("bootstrapping cluster: %w", err)
+		}
+		log.Info().Str("addr", string(trans.LocalAddr())).Msg("bootstrapped a new cluster")
+	}
+	r, err := raft.NewRaft(rc, store, bolt, bolt, snaps, trans)
+	if err != nil {
+		trans.Close()
+		bolt.Close()
+		return nil, fmt.Errorf("starting raft: %w", err)
+	}
+	return &Node{Store: store, Raft: r, id: cfg.ID, log: log, trans: trans, bolt: bolt}, nil
+}
+
+// ID is the node's server ID.
+func (n *Node) ID() string { return n.id }
+
+// RaftAddr is the address peers reach this node's transport at.
+func (n *Node) RaftAddr() string { return string(n.trans.LocalAddr()) }
+
+// IsLeader reports whether this node is the leader now.
+func (n *Node) IsLeader() bool { return n.Raft.State() == raft.Leader }
+
+// Leader returns the current leader's ID and raft address ("" when unknown).
+func (n *Node) Leader() (id, addr string) {
+	a, i := n.Raft.LeaderWithID()
+	return string(i), string(a)
+}
+
+// Apply replicates an encoded command and returns what the store did. On a
+// follower, or when leadership is lost mid-way, it returns an error wrapping
+// ErrNotLeader: the caller retries (with the same step ID) elsewhere.
+func (n *Node) Apply(cmd []byte, timeout time.Duration) (*Result, error) {
+	f := n.Raft.Apply(cmd, timeout)
+	if err := f.Error(); err != nil {
+		if errors.Is(err, raft.ErrNotLeader) || errors.Is(err, raft.ErrLeadershipLost) ||
+			errors.Is(err, raft.ErrLeadershipTransferInProgress) || errors.Is(err, raft.ErrRaftShutdown) {
+			return nil, fmt.Errorf("%w: %v", ErrNotLeader, err)
+		}
+		return nil, fmt.Errorf("replicating command: %w", err)
+	}
+	res, ok := f.Response().(*Result)
+	if !ok {
+		return nil, fmt.Errorf("replicating command: unexpected apply response %T", f.Response())
+	}
+	return res, nil
+}
+
+// AddVoter adds a server to the cluster (leader only).
+func (n *Node) AddVoter(id, addr string, timeout time.Duration) error {
+	cf := n.Raft.GetConfiguration()
+	if err := cf.Error(); err != nil {
+		return fmt.Errorf("reading cluster configuration: %w", err)
+	}
+	for _, s := range cf.Configuration().Servers {
+		if string(s.ID) == id && string(s.Address) == addr {
+			return nil
+		}
+	}
+	if err := n.Raft.AddVoter(raft.ServerID(id), raft.ServerAddress(addr), 0, timeout).Error(); err != nil {
+		if errors.Is(err, raft.ErrNotLeader) {
+			return fmt.Errorf("%w: %v", ErrNotLeader, err)
+		}
+		return fmt.Errorf("adding voter %s at %s: %w", id, addr, err)
+	}
+	n.log.Info().Str("voter", id).Str("addr", addr).Msg("added voter")
+	return nil
+}
+
+// WaitLeader waits until some node is leader (as this node sees it).
+func (n *Node) WaitLeader(timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		if id, _ := n.Leader(); id != "" {
+			return nil
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return fmt.Errorf("no raft leader after %s", timeout)
+}
+
+// Close stops raft and releases the data directory.
+func (n *Node) Close() error {
+	err := n.Raft.Shutdown().Error()
+	n.trans.Close()
+	if cerr := n.bolt.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// streamLayer is raft's transport over TCP, with mTLS when configured.
+type streamLayer struct {
+	net.Listener
+	advertise net.Addr
+	client    *tls.Config
+}
+
+func newStreamLayer(addr string, server, client *tls.Config) (*streamLayer, error) {
+	var (
+		l   net.Listener
+		err error
+	)
+	if server != nil {
+		l, err = tls.Listen("tcp", addr, server)
+	} else {
+		l, err = net.Listen("tcp", addr)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("listening for raft on %s: %w", addr, err)
+	}
+	adv := l.Addr()
+	if ta, ok := adv.(*net.TCPAddr); ok && ta.IP.IsUnspecified() {
+		l.Close()
+		return nil, fmt.Errorf("raft address %s must name a reachable IP, not a wildcard (peers dial it)", addr)
+	}
+	return &streamLayer{Listener: l, advertise: adv, client: client}, nil
+}
+
+func (s *streamLayer) Addr() net.Addr { return s.advertise }
+
+func (s *streamLayer) Dial(addr raft.ServerAddress, timeout time.Duration) (net.Conn, error) {
+	d := &net.Dialer{Timeout: timeout}
+	if s.client != nil {
+		return tls.DialWithDialer(d, "tcp", string(addr), s.client)
+	}
+	return d.Dial("tcp", string(addr))
+}
+
+// hclogFor routes raft's hclog lines into zerolog (warnings and up).
+func hclogFor(log zerolog.Logger) hclog.Logger {
+	return hclog.New(&hclog.LoggerOptions{
+		Name:       "raft",
+		Level:      hclog.Warn,
+		Output:     zlWriter{log},
+		JSONFormat: false,
+	})
+}
+
+type zlWriter struct{ log zerolog.Logger }
+
+func (w zlWriter) Write(p []byte) (int, error) {
+	line := strings.TrimSpace(string(p))
+	lvl := zerolog.InfoLevel
+	switch {
+	case strings.Contains(line, "[ERROR]"):
+		lvl = zerolog.ErrorLevel
+	case strings.Contains(line, "[WARN]"):
+		lvl = zerolog.WarnLevel
+	}
+	w.log.WithLevel(lvl).Msg(line)
+	return len(p), nil
+}

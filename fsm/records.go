@@ -1,0 +1,234 @@
+package fsm
+
+import (
+	"encoding/json"
+	"time"
+
+	"github.com/ferry-dev/ferry/blockdev"
+	"github.com/ferry-dev/ferry/luks"
+)
+
+// Defaults the store applies when a command leaves them out.
+const (
+	DefaultMigrationsPerWorker = 2                  // concurrent outbound and inbound migrations per worker
+	DefaultLeaseTTL            = 15 * time.Second   // worker lease without heartbeat
+	DefaultMigratedRetention   = 7 * 24 * time.Hour // a migrated source volume is kept a week (Fly)
+	DefaultDestroyRetention    = 24 * time.Hour     // a destroyed volume is kept a day
+	ProgressInterval           = 5 * time.Second    // at most one non-milestone progress entry per migration per interval
+	maxStepIDs                 = 128                // step IDs remembered per migration
+)
+
+// Migration is the replicated record of one migration.
+type Migration struct {
+	ID      string `json:"id"`
+	Volume  string `json:"volume"`
+	Machine string `json:"machine"`
+	Source  string `json:"source"`
+	Target  string `json:"target"`
+	Network uint32 `json:"network"` // private network (org) of the machine: one migration per network at a time
+
+	State      State               `json:"state"`
+	EnteredAt  map[State]time.Time `json:"entered_at"` // when each state was committed (proposer's clock via the leader)
+	CreatedAt  time.Time           `json:"created_at"`
+	UpdatedAt  time.Time           `json:"updated_at"`
+	Attempts   int                 `json:"attempts"`
+	LastError  string              `json:"last_error,omitempty"`
+	Stalled    bool                `json:"stalled"`
+	StallCause string              `json:"stalled_reason,omitempty"`
+	Rollback   *RollbackInfo       `json:"rollback,omitempty"`
+	Layout     *luks.Layout        `json:"layout,omitempty"`
+	KnownZero  []blockdev.Range    `json:"known_zero,omitempty"`
+	Export     *Export             `json:"export,omitempty"`
+	Progress   *Progress           `json:"progress,omitempty"`
+	TargetVol  string              `json:"target_volume,omitempty"`
+	Old6PN     string              `json:"old_6pn,omitempty"`
+	New6PN     string              `json:"new_6pn,omitempty"`
+	KeyAccess  []KeyAccess         `json:"key_access,omitempty"`
+	Steps      []StepResult        `json:"steps,omitempty"` // last maxStepIDs applied step IDs, oldest first
+	stepIndex  map[string]int      // StepID -> index in Steps; rebuilt on restore
+}
+
+// RollbackInfo records why and how a migration rolled back.
+type RollbackInfo struct {
+	Reason         string `json:"reason"`
+	By             string `json:"by"`   // proposer name
+	From           State  `json:"from"` // state when the rollback began
+	SourceStopped  bool   `json:"source_stopped"`
+	TargetTornDown bool   `json:"target_torn_down"`
+	SourceRestored bool   `json:"source_restored"`
+}
+
+// Export is where the source serves the frozen volume.
+type Export struct {
+	Portal string `json:"portal"` // host:port of the iSCSI target
+	IQN    string `json:"iqn"`
+}
+
+// Progress is the clone's hydration progress as last reported by the target.
+type Progress struct {
+	HydratedBytes int64     `json:"hydrated_bytes"`
+	TotalBytes    int64     `json:"total_bytes"`
+	FetchedBytes  int64     `json:"fetched_bytes"`
+	SkippedBytes  int64     `json:"skipped_bytes"` // marked hydrated by discard, never fetched
+	RateBPS       int64     `json:"rate_bps"`
+	ETASeconds    int64     `json:"eta_seconds"`
+	UpdatedAt     time.Time `json:"updated_at"`
+}
+
+// Percent is the hydrated share, 0..100.
+func (p *Progress) Percent() float64 {
+	if p == nil || p.TotalBytes <= 0 {
+		return 0
+	}
+	return 100 * float64(p.HydratedBytes) / float64(p.TotalBytes)
+}
+
+// KeyAccess records which worker was handed the volume key and when.
+type KeyAccess struct {
+	Worker string    `json:"worker"`
+	At     time.Time `json:"at"`
+}
+
+// StepResult is what a step ID produced the first time it was applied.
+type StepResult struct {
+	StepID string `json:"step_id"`
+	Event  Event  `json:"event"`
+	State  State  `json:"state"`           // state after applying
+	Error  string `json:"error,omitempty"` // refusal reason, when it was refused
+	Code   string `json:"code,omitempty"`  // refusal code
+	Index  uint64 `json:"index"`           // raft index it was applied at
+}
+
+// Downtime is source_stopped -> cutover, when both are committed.
+func (m *Migration) Downtime() (time.Duration, bool) {
+	a, ok1 := m.EnteredAt[SourceStopped]
+	b, ok2 := m.EnteredAt[Cutover]
+	if !ok1 || !ok2 {
+		return 0, false
+	}
+	return b.Sub(a), true
+}
+
+// Active reports whether the migration still holds its locks.
+func (m *Migration) Active() bool { return !m.State.Terminal() }
+
+// Clone returns a deep copy, safe to hand out of the store.
+func (m *Migration) Clone() *Migration {
+	if m == nil {
+		return nil
+	}
+	b, _ := json.Marshal(m)
+	var c Migration
+	_ = json.Unmarshal(b, &c)
+	c.reindex()
+	return &c
+}
+
+func (m *Migration) reindex() {
+	m.stepIndex = make(map[string]int, len(m.Steps))
+	for i, s := range m.Steps {
+		m.stepIndex[s.StepID] = i
+	}
+}
+
+func (m *Migration) step(id string) (StepResult, bool) {
+	if id == "" {
+		return StepResult{}, false
+	}
+	if m.stepIndex == nil {
+		m.reindex()
+	}
+	i, ok := m.stepIndex[id]
+	if !ok {
+		return StepResult{}, false
+	}
+	return m.Steps[i], true
+}
+
+func (m *Migration) rememberStep(r StepResult) {
+	if r.StepID == "" {
+		return
+	}
+	m.Steps = append(m.Steps, r)
+	if len(m.Steps) > maxStepIDs {
+		m.Steps = append([]StepResult(nil), m.Steps[len(m.Steps)-maxStepIDs:]...)
+	}
+	m.reindex()
+}
+
+// Worker is a registered worker and its lease.
+type Worker struct {
+	Name        string    `json:"name"`
+	HostID      uint32    `json:"host_id"`  // the 32-bit host part of 6PN addresses
+	Address     string    `json:"address"`  // where peers reach its exports
+	Capacity    int       `json:"capacity"` // concurrent migrations in and out; 0 = default
+	LeaseExpiry time.Time `json:"lease_expiry"`
+	Registered  time.Time `json:"registered"`
+}
+
+// Alive reports whether the lease is valid at now.
+func (w *Worker) Alive(now time.Time) bool { return now.Before(w.LeaseExpiry) }
+
+// VolumeState follows Fly's volume lifecycle.
+type VolumeState string
+
+const (
+	VolCreating      VolumeState = "creating"
+	VolCreated       VolumeState = "created"
+	VolRemoteExport  VolumeState = "enabling_remote_export"
+	VolHydrating     VolumeState = "hydrating"
+	VolPendingDelete VolumeState = "pending_destroy"
+	VolDestroyed     VolumeState = "destroyed"
+)
+
+// volumeMoves are the allowed volume state changes (by update_volume).
+var volumeMoves = map[VolumeState][]VolumeState{
+	VolCreating:      {VolCreated, VolHydrating, VolPendingDelete},
+	VolCreated:       {VolRemoteExport, VolPendingDelete},
+	VolRemoteExport:  {VolCreated, VolPendingDelete},
+	VolHydrating:     {VolCreated, VolPendingDelete},
+	VolPendingDelete: {VolDestroyed, VolCreated},
+	VolDestroyed:     {},
+}
+
+// Volume is a volume on one worker.
+type Volume struct {
+	ID              string       `json:"id"`
+	Worker          string       `json:"worker"`
+	Size            int64        `json:"size"`
+	State           VolumeState  `json:"state"`
+	AttachedMachine string       `json:"attached_machine,omitempty"`
+	Layout          *luks.Layout `json:"layout,omitempty"`
+	DestroyAfter    time.Time    `json:"destroy_after,omitzero"` // retention deadline while pending_destroy
+	CreatedAt       time.Time    `json:"created_at"`
+	HasKey          bool         `json:"has_key"` // the server holds its key (never returned here)
+}
+
+// MachineState is whether the workload runs.
+type MachineState string
+
+const (
+	MachineRunning MachineState = "running"
+	MachineStopped MachineState = "stopped"
+)
+
+// Machine is a workload using one volume.
+type Machine struct {
+	ID        string          `json:"id"`
+	Worker    string          `json:"worker"`
+	Volume    string          `json:"volume"`
+	Network   uint32          `json:"network"`    // org private network id (6PN ORG bits)
+	MachineNo uint32          `json:"machine_no"` // 6PN MACHINE bits
+	Addr6PN   string          `json:"addr_6pn,omitempty"`
+	State     MachineState    `json:"state"`
+	Spec      json.RawMessage `json:"spec,omitempty"` // driver command spec, opaque to the store
+	Migrated  bool            `json:"migrated"`
+}
+
+// ServerMember is a raft voter and where its API listens, so followers can
+// forward writes to the leader.
+type ServerMember struct {
+	ID       string `json:"id"`
+	RaftAddr string `json:"raft_addr"`
+	APIAddr  string `json:"api_addr"`
+}

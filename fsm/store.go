@@ -1,0 +1,335 @@
+package fsm
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"sort"
+	"sync"
+
+	"github.com/hashicorp/raft"
+	"github.com/rs/zerolog"
+
+	"github.com/ferry-dev/ferry/internal/logging"
+)
+
+// Result is what applying one command produced. Key is set only for a
+// granted key_access and is never serialised.
+type Result struct {
+	Index     uint64     `json:"index"`
+	Migration *Migration `json:"migration,omitempty"`
+	Volume    *Volume    `json:"volume,omitempty"`
+	Machine   *Machine   `json:"machine,omitempty"`
+	Worker    *Worker    `json:"worker,omitempty"`
+	Duplicate bool       `json:"duplicate,omitempty"` // the step ID was applied before; nothing changed
+	Ignored   bool       `json:"ignored,omitempty"`   // a rate-limited progress update; nothing changed
+	Refusal   *Refusal   `json:"refusal,omitempty"`
+	Key       []byte     `json:"-"`
+}
+
+// Err returns the refusal as an error, or nil.
+func (r *Result) Err() error {
+	if r == nil || r.Refusal == nil {
+		return nil
+	}
+	return r.Refusal
+}
+
+// data is the whole replicated state; it is what a snapshot holds.
+type data struct {
+	Index      uint64                   `json:"index"`
+	Migrations map[string]*Migration    `json:"migrations"`
+	Workers    map[string]*Worker       `json:"workers"`
+	Volumes    map[string]*Volume       `json:"volumes"`
+	Machines   map[string]*Machine      `json:"machines"`
+	Locks      map[string]string        `json:"locks"` // "volume/ID" or "network/N" -> migration ID
+	Keys       map[string][]byte        `json:"keys"`  // volume ID -> key; only in snapshots, never in replies
+	Servers    map[string]*ServerMember `json:"servers"`
+}
+
+func newData() *data {
+	return &data{
+		Migrations: map[string]*Migration{},
+		Workers:    map[string]*Worker{},
+		Volumes:    map[string]*Volume{},
+		Machines:   map[string]*Machine{},
+		Locks:      map[string]string{},
+		Keys:       map[string][]byte{},
+		Servers:    map[string]*ServerMember{},
+	}
+}
+
+// Store is the state machine raft applies to. It implements raft.FSM; tests
+// may call ApplyCommand directly without raft.
+type Store struct {
+	log zerolog.Logger
+
+	mu     sync.RWMutex
+	d      *data
+	notify chan struct{} // closed and replaced on every apply (blocking queries)
+}
+
+// NewStore returns an empty store.
+func NewStore(log zerolog.Logger) *Store {
+	return &Store{log: logging.For(log, "fsm"), d: newData(), notify: make(chan struct{})}
+}
+
+// Apply implements raft.FSM.
+func (s *Store) Apply(l *raft.Log) any {
+	if l.Type != raft.LogCommand {
+		return nil
+	}
+	return s.ApplyCommand(l.Index, l.Data)
+}
+
+// ApplyCommand applies one encoded command at a log index. It is
+// deterministic: the same (index, data) sequence gives the same state.
+func (s *Store) ApplyCommand(index uint64, raw []byte) *Result {
+	typ, p, err := Decode(raw)
+	s.mu.Lock()
+	defer func() {
+		if index > s.d.Index {
+			s.d.Index = index
+		}
+		close(s.notify)
+		s.notify = make(chan struct{})
+		s.mu.Unlock()
+	}()
+	if err != nil {
+		s.log.Warn().Err(err).Uint64("index", index).Str("type", string(typ)).Msg("refused a malformed command")
+		return &Result{Index: index, Refusal: refuse(http.StatusBadRequest, CodeBadCommand, "%v", err)}
+	}
+	var res *Result
+	switch c := p.(type) {
+	case *RegisterServerCmd:
+		res = s.applyRegisterServer(c)
+	case *RegisterWorkerCmd:
+		res = s.applyRegisterWorker(c)
+	case *HeartbeatCmd:
+		res = s.applyHeartbeat(c)
+	case *CreateVolumeCmd:
+		res = s.applyCreateVolume(c)
+	case *UpdateVolumeCmd:
+		res = s.applyUpdateVolume(c)
+	case *DestroyVolumeCmd:
+		res = s.applyDestroyVolume(c)
+	case *SetVolumeKeyCmd:
+		res = s.applySetVolumeKey(c)
+	case *KeyAccessCmd:
+		res = s.applyKeyAccess(c)
+	case *CreateMachineCmd:
+		res = s.applyCreateMachine(c)
+	case *UpdateMachineCmd:
+		res = s.applyUpdateMachine(c)
+	case *PlanCmd:
+		res = s.applyPlan(index, c)
+	case *ProposeCmd:
+		res = s.applyPropose(index, c)
+	default:
+		res = &Result{Refusal: refuse(http.StatusBadRequest, CodeBadCommand, "command %q has no apply function", typ)}
+	}
+	res.Index = index
+	return res
+}
+
+// Index is the last applied raft index.
+func (s *Store) Index() uint64 {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.d.Index
+}
+
+// Changed returns a channel closed at the next apply.
+func (s *Store) Changed() <-chan struct{} {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.notify
+}
+
+// Migration returns a copy of one migration.
+func (s *Store) Migration(id string) (*Migration, bool) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	m, ok := s.d.Migrations[id]
+	return m.Clone(), ok
+}
+
+// Migrations returns copies of the migrations naming worker as source or
+// target (all when worker is empty), oldest first.
+func (s *Store) Migrations(worker string) []*Migration {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	out := []*Migration{}
+	for _, m := range s.d.Migrations {
+		if worker == "" || m.Source == worker || m.Target == worker {
+			out = append(out, m.Clone())
+		}
+	}
+	sort.Slice(out, func(i, j int) bool {
+		if !out[i].CreatedAt.Equal(out[j].CreatedAt) {
+			return out[i].CreatedAt.Before(out[j].CreatedAt)
+		}
+		return out[i].ID < out[j].ID
+	})
+	return out
+}
+
+// Workers returns copies of every worker, by name.
+func (s *Store) Workers() []Worker {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	out := make([]Worker, 0, len(s.d.Workers))
+	for _, w := range s.d.Workers {
+		out = append(out, *w)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+// Worker returns one worker.
+func (s *Store) Worker(name string) (Worker, bool) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	w, ok := s.d.Workers[name]
+	if !ok {
+		return Worker{}, false
+	}
+	return *w, true
+}
+
+// Volumes returns copies of the volumes on worker (all when empty), by ID.
+func (s *Store) Volumes(worker string) []Volume {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	out := []Volume{}
+	for _, v := range s.d.Volumes {
+		if worker == "" || v.Worker == worker {
+			out = append(out, copyVolume(v))
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out
+}
+
+// Volume returns one volume.
+func (s *Store) Volume(id string) (Volume, bool) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	v, ok := s.d.Volumes[id]
+	if !ok {
+		return Volume{}, false
+	}
+	return copyVolume(v), true
+}
+
+// Machines returns copies of the machines on worker (all when empty), by ID.
+func (s *Store) Machines(worker string) []Machine {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	out := []Machine{}
+	for _, m := range s.d.Machines {
+		if worker == "" || m.Worker == worker {
+			out = append(out, *m)
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out
+}
+
+// Machine returns one machine.
+func (s *Store) Machine(id string) (Machine, bool) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	m, ok := s.d.Machines[id]
+	if !ok {
+		return Machine{}, false
+	}
+	return *m, true
+}
+
+// Locks returns a copy of the lock table (lock name -> migration ID).
+func (s *Store) Locks() map[string]string {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	out := make(map[string]string, len(s.d.Locks))
+	for k, v := range s.d.Locks {
+		out[k] = v
+	}
+	return out
+}
+
+// Servers returns the known raft members and their API addresses.
+func (s *Store) Servers() []ServerMember {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	out := make([]ServerMember, 0, len(s.d.Servers))
+	for _, m := range s.d.Servers {
+		out = append(out, *m)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out
+}
+
+// Dump returns the whole state as canonical JSON (keys excluded), for
+// comparing replicas in tests.
+func (s *Store) Dump() []byte {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	c := *s.d
+	c.Keys = nil
+	b, _ := json.Marshal(&c)
+	return b
+}
+
+func copyVolume(v *Volume) Volume {
+	c := *v
+	if v.Layout != nil {
+		l := *v.Layout
+		c.Layout = &l
+	}
+	return c
+}
+
+// Snapshot implements raft.FSM: the whole state as JSON.
+func (s *Store) Snapshot() (raft.FSMSnapshot, error) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	b, err := json.Marshal(s.d)
+	if err != nil {
+		return nil, fmt.Errorf("encoding snapshot: %w", err)
+	}
+	return snapshot(b), nil
+}
+
+// Restore implements raft.FSM: replace the state with a snapshot's.
+func (s *Store) Restore(rc io.ReadCloser) error {
+	defer rc.Close()
+	d := newData()
+	dec := json.NewDecoder(rc)
+	if err := dec.Decode(d); err != nil {
+		return fmt.Errorf("decoding snapshot: %w", err)
+	}
+	for _, m := range d.Migrations {
+		m.reindex()
+	}
+	s.mu.Lock()
+	s.d = d
+	close(s.notify)
+	s.notify = make(chan struct{})
+	s.mu.Unlock()
+	s.log.Info().Uint64("index", d.Index).Int("migrations", len(d.Migrations)).Msg("restored state from snapshot")
+	return nil
+}
+
+type snapshot []byte
+
+func (b snapshot) Persist(sink raft.SnapshotSink) error {
+	if _, err := sink.Write(b); err != nil {
+		_ = sink.Cancel()
+		return fmt.Errorf("writing snapshot: %w", err)
+	}
+	return sink.Close()
+}
+
+func (snapshot) Release() {}
