@@ -1,0 +1,308 @@
+// Package agent is ferry's worker agent: it registers its worker, keeps its
+// lease alive, watches the migrations that name it and, for each, performs
+// its role's step for the committed state, then proposes the next event with
+// a step ID. Every step is idempotent and every side effect is recorded (in
+// the store or under the data dir) before anything relies on it, so an agent
+// killed at any point resumes by doing the step for the committed state again.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/machine"
+)
+
+// Config of one agent.
+type Config struct {
+	Worker    string // this worker's name (its certificate's identity)
+	HostID    uint32 // the worker's 32-bit 6PN host id
+	Address   string // IP where peers reach this worker's exports (the fabric address)
+	DataDir   string
+	Exe       string // path of the ferry binary, for child processes
+	Heartbeat time.Duration
+	LeaseTTL  time.Duration
+	// Retry is the first backoff after a failed step; it doubles up to RetryMax.
+	Retry, RetryMax time.Duration
+	// StallAfter: a step failing this long is reported as stalled.
+	StallAfter time.Duration
+	// MaxPreCutoverAttempts: a pre-cutover step failing this many times fails the migration (rollback).
+	MaxPreCutoverAttempts int
+}
+
+func (c *Config) defaults() {
+	if c.Heartbeat == 0 {
+		c.Heartbeat = 2 * time.Second
+	}
+	if c.LeaseTTL == 0 {
+		c.LeaseTTL = fsm.DefaultLeaseTTL
+	}
+	if c.Retry == 0 {
+		c.Retry = 200 * time.Millisecond
+	}
+	if c.RetryMax == 0 {
+		c.RetryMax = 10 * time.Second
+	}
+	if c.StallAfter == 0 {
+		c.StallAfter = 30 * time.Second
+	}
+	if c.MaxPreCutoverAttempts == 0 {
+		c.MaxPreCutoverAttempts = 5
+	}
+}
+
+// Agent runs one worker's side of every migration.
+type Agent struct {
+	cfg  Config
+	log  zerolog.Logger
+	cp   ControlPlane
+	exp  Exporter
+	net  Network
+	mach machine.Driver
+	vols *Volumes
+
+	mu      sync.Mutex
+	running map[string]chan *fsm.Migration // migration id -> its driver goroutine's inbox
+	active  map[string]string              // active migration id -> its machine
+	// firstWatch closes once the first list of our migrations arrived.
+	firstWatch chan struct{}
+	firstOnce  sync.Once
+	wg         sync.WaitGroup
+}
+
+// New builds an agent. exp, net and mach are the worker's export, network
+// and machine drivers.
+func New(log zerolog.Logger, cfg Config, cp ControlPlane, exp Exporter, net Network, mach machine.Driver, vols *Volumes) (*Agent, error) {
+	cfg.defaults()
+	if cfg.Worker == "" || cfg.DataDir == "" {
+		return nil, fmt.Errorf("agent: worker name and data dir are required")
+	}
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("agent data dir: %w", err)
+	}
+	return &Agent{cfg: cfg, log: log.With().Str("component", "agent").Str("worker", cfg.Worker).Logger(),
+		cp: cp, exp: exp, net: net, mach: mach, vols: vols, running: map[string]chan *fsm.Migration{}, active: map[string]string{},
+		firstWatch: make(chan struct{})}, nil
+}
+
+// Run registers the worker and serves until ctx ends. Work in progress is
+// left where it is (exports, datapaths and machines keep running) so a new
+// agent process resumes it.
+func (a *Agent) Run(ctx context.Context) error {
+	w := fsm.Worker{Name: a.cfg.Worker, HostID: a.cfg.HostID, Address: a.cfg.Address}
+	if err := retry(ctx, a.log, "register worker", func() error { return a.cp.RegisterWorker(ctx, w) }); err != nil {
+		return err
+	}
+	a.log.Info().Uint32("host_id", a.cfg.HostID).Str("address", a.cfg.Address).Msg("worker registered")
+	go a.heartbeat(ctx)
+	go a.reconcileLoop(ctx)
+	var index uint64
+	for ctx.Err() == nil {
+		ms, next, err := a.cp.WatchMigrations(ctx, a.cfg.Worker, index)
+		if err != nil {
+			if ctx.Err() != nil {
+				break
+			}
+			a.log.Warn().Err(err).Msg("watch migrations failed; retrying")
+			sleep(ctx, time.Second)
+			continue
+		}
+		index = next
+		a.mu.Lock()
+		for _, m := range ms {
+			if m.State.Terminal() {
+				delete(a.active, m.ID)
+			} else {
+				a.active[m.ID] = m.Machine
+			}
+		}
+		a.mu.Unlock()
+		a.firstOnce.Do(func() { close(a.firstWatch) })
+		for _, m := range ms {
+			a.dispatch(ctx, m)
+		}
+	}
+	a.wg.Wait()
+	return nil
+}
+
+func (a *Agent) heartbeat(ctx context.Context) {
+	t := time.NewTicker(a.cfg.Heartbeat)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			if err := a.cp.Heartbeat(ctx, a.cfg.Worker); err != nil && ctx.Err() == nil {
+				a.log.Warn().Err(err).Msg("heartbeat failed")
+			}
+		}
+	}
+}
+
+// dispatch hands a migration's latest record to its driver goroutine,
+// starting one if needed. One goroutine per migration keeps steps ordered.
+func (a *Agent) dispatch(ctx context.Context, m *fsm.Migration) {
+	if m.State.Terminal() {
+		return
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	inbox, ok := a.running[m.ID]
+	if !ok {
+		inbox = make(chan *fsm.Migration, 1)
+		a.running[m.ID] = inbox
+		a.wg.Add(1)
+		go a.drive(ctx, m.ID, inbox)
+	}
+	// Keep only the newest record.
+	select {
+	case <-inbox:
+	default:
+	}
+	inbox <- m
+}
+
+// drive performs this worker's steps of one migration until it ends or no
+// longer needs this worker.
+func (a *Agent) drive(ctx context.Context, id string, inbox chan *fsm.Migration) {
+	defer a.wg.Done()
+	defer func() {
+		a.mu.Lock()
+		delete(a.running, id)
+		a.mu.Unlock()
+	}()
+	log := a.log.With().Str("migration", id).Logger()
+	var m *fsm.Migration
+	backoff := a.cfg.Retry
+	var failingSince time.Time
+	attempts := 0
+	for {
+		if m == nil {
+			select {
+			case <-ctx.Done():
+				return
+			case m = <-inbox:
+			}
+		}
+		// Prefer the newest record if one arrived.
+		select {
+		case m = <-inbox:
+		default:
+		}
+		if m.State.Terminal() {
+			return
+		}
+		step := a.stepFor(m)
+		if step == nil {
+			// Nothing for us in this state: wait for the next change.
+			m = nil
+			continue
+		}
+		err := step(ctx, log, m)
+		if err == nil {
+			backoff, attempts, failingSince = a.cfg.Retry, 0, time.Time{}
+			if fresh, gerr := a.cp.GetMigration(ctx, id); gerr == nil {
+				m = fresh
+			} else {
+				m = nil
+			}
+			continue
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		var refused *fsm.Refusal
+		if errors.As(err, &refused) {
+			// The store moved on (another proposal won, or an abort): re-read and re-decide.
+			log.Info().Str("reason", refused.Reason).Msg("proposal refused; re-reading the migration")
+			if fresh, gerr := a.cp.GetMigration(ctx, id); gerr == nil {
+				m = fresh
+				continue
+			}
+		}
+		attempts++
+		if failingSince.IsZero() {
+			failingSince = time.Now()
+		}
+		log.Warn().Err(err).Str("state", string(m.State)).Int("attempt", attempts).Dur("backoff", backoff).Msg("step failed; retrying")
+		a.reportFailure(ctx, log, m, err, attempts, failingSince)
+		if !sleep(ctx, backoff) {
+			return
+		}
+		if backoff *= 2; backoff > a.cfg.RetryMax {
+			backoff = a.cfg.RetryMax
+		}
+		if fresh, gerr := a.cp.GetMigration(ctx, id); gerr == nil {
+			m = fresh
+		}
+	}
+}
+
+// reportFailure records a failing step: before cutover, after enough
+// attempts, it fails the migration (rollback); after cutover the only way is
+// forward, so it marks the migration stalled with the reason.
+func (a *Agent) reportFailure(ctx context.Context, log zerolog.Logger, m *fsm.Migration, stepErr error, attempts int, since time.Time) {
+	if m.State.BeforeCutover() && attempts >= a.cfg.MaxPreCutoverAttempts {
+		_, err := a.cp.Propose(ctx, m.ID, fsm.EvFailed, stepID(m, "failed", string(m.State)),
+			fsm.EventPayload{Reason: fmt.Sprintf("%s step failed %d times", m.State, attempts), Error: stepErr.Error()})
+		if err != nil {
+			log.Warn().Err(err).Msg("could not fail the migration")
+		}
+		return
+	}
+	stalled := time.Since(since) >= a.cfg.StallAfter
+	_, err := a.cp.Propose(ctx, m.ID, fsm.EvReport, "", fsm.EventPayload{Error: stepErr.Error(), Stalled: &stalled})
+	if err != nil {
+		log.Debug().Err(err).Msg("could not report the failure")
+	}
+}
+
+// stepID names a step deterministically so every retry proposes the same ID.
+func stepID(m *fsm.Migration, parts ...string) string {
+	id := m.ID
+	for _, p := range parts {
+		id += "/" + p
+	}
+	return id
+}
+
+func sleep(ctx context.Context, d time.Duration) bool {
+	select {
+	case <-ctx.Done():
+		return false
+	case <-time.After(d):
+		return true
+	}
+}
+
+func retry(ctx context.Context, log zerolog.Logger, what string, fn func() error) error {
+	backoff := 200 * time.Millisecond
+	for {
+		err := fn()
+		if err == nil {
+			return nil
+		}
+		log.Warn().Err(err).Msg(what + " failed; retrying")
+		if !sleep(ctx, backoff) {
+			return fmt.Errorf("%s: %w", what, err)
+		}
+		if backoff < 5*time.Second {
+			backoff *= 2
+		}
+	}
+}
+
+// paths under the data dir.
+func (a *Agent) stateDir(parts ...string) string {
+	return filepath.Join(append([]string{a.cfg.DataDir}, parts...)...)
+}

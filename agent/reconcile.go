@@ -1,0 +1,101 @@
+package agent
+
+import (
+	"context"
+	"time"
+
+	"github.com/ferry-dev/ferry/fsm"
+)
+
+// reconcileLoop brings volumes and machines that are not migrating to their
+// recorded state: new volumes get formatted, machines recorded as running on
+// this worker run here (after an agent or host restart too). Machines in an
+// active migration belong to the migration's steps alone.
+func (a *Agent) reconcileLoop(ctx context.Context) {
+	// Wait for the first view of our migrations: until then we cannot tell
+	// which machines a migration owns.
+	select {
+	case <-ctx.Done():
+		return
+	case <-a.firstWatch:
+	}
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		a.reconcile(ctx)
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+func (a *Agent) reconcile(ctx context.Context) {
+	vols, err := a.cp.ListVolumes(ctx, a.cfg.Worker)
+	if err != nil {
+		a.log.Debug().Err(err).Msg("reconcile: list volumes")
+		return
+	}
+	for _, v := range vols {
+		if v.Worker == a.cfg.Worker && v.State == fsm.VolCreating && v.Layout == nil {
+			a.createVolume(ctx, v)
+		}
+	}
+	machs, err := a.cp.ListMachines(ctx, a.cfg.Worker)
+	if err != nil {
+		return
+	}
+	busy := a.migratingMachines()
+	for _, m := range machs {
+		if m.Worker != a.cfg.Worker || busy[m.ID] {
+			continue
+		}
+		switch m.State {
+		case fsm.MachineRunning:
+			if err := a.startLocal(ctx, m); err != nil {
+				a.log.Warn().Err(err).Str("machine", m.ID).Msg("cannot start machine")
+			}
+		case fsm.MachineStopped:
+			spec, err := a.machineSpec(m, a.machineNS(m.ID))
+			if err == nil {
+				if st, _ := a.mach.Status(ctx, spec); st == "running" {
+					if err := a.mach.Stop(ctx, spec); err != nil {
+						a.log.Warn().Err(err).Str("machine", m.ID).Msg("cannot stop machine")
+					}
+				}
+			}
+		}
+	}
+}
+
+func (a *Agent) createVolume(ctx context.Context, v *fsm.Volume) {
+	log := a.log.With().Str("volume", v.ID).Logger()
+	key, err := a.cp.VolumeKey(ctx, v.ID)
+	if err != nil {
+		log.Warn().Err(err).Msg("volume has no key yet")
+		return
+	}
+	defer clear(key)
+	layout, err := a.vols.Create(ctx, v.ID, v.Size, key)
+	if err != nil {
+		log.Error().Err(err).Msg("create volume")
+		return
+	}
+	created := fsm.VolCreated
+	if err := a.cp.UpdateVolume(ctx, fsm.UpdateVolumeCmd{ID: v.ID, State: &created, Layout: &layout}); err != nil {
+		log.Error().Err(err).Msg("record created volume")
+		return
+	}
+	log.Info().Int64("size", v.Size).Int64("data_offset", layout.DataOffset).Msg("volume created")
+}
+
+func (a *Agent) migratingMachines() map[string]bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	out := make(map[string]bool, len(a.active))
+	for _, m := range a.active {
+		out[m] = true
+	}
+	return out
+}

@@ -1,0 +1,504 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/ferry-dev/ferry/blockdev"
+	"github.com/ferry-dev/ferry/datapath"
+	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/machine"
+	"github.com/ferry-dev/ferry/netrewrite"
+)
+
+type stepFunc func(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error
+
+// stepFor picks this worker's step for the committed state, or nil when the
+// state waits on someone else. The table mirrors DESIGN.md's.
+func (a *Agent) stepFor(m *fsm.Migration) stepFunc {
+	src, dst := m.Source == a.cfg.Worker, m.Target == a.cfg.Worker
+	switch {
+	case dst && m.State == fsm.Planned:
+		return a.prepareTarget
+	case src && m.State == fsm.TargetPrepared:
+		return a.stopSource
+	case src && m.State == fsm.SourceStopped:
+		return a.exportSource
+	case dst && m.State == fsm.Exported:
+		return a.buildClone
+	case dst && m.State == fsm.CloneBuilt:
+		return a.trim
+	case dst && m.State == fsm.Trimmed:
+		return a.cutover
+	case dst && m.State == fsm.Cutover:
+		return a.startHydration
+	case dst && m.State == fsm.Hydrating:
+		return a.hydrate
+	case src && m.State.AfterCutover() && !a.done(m, "net-source"):
+		return a.forwardOld
+	case src && m.State == fsm.Hydrated:
+		return a.releaseSource
+	case dst && m.State == fsm.RollingBack && (m.Rollback == nil || !m.Rollback.TargetTornDown):
+		return a.tearDownTarget
+	case src && m.State == fsm.RollingBack && m.Rollback != nil && m.Rollback.TargetTornDown:
+		return a.restoreSource
+	}
+	return nil
+}
+
+// done/markDone record local one-shot side effects that no event records.
+func (a *Agent) markPath(m *fsm.Migration, what string) string {
+	return a.stateDir("steps", m.ID+"."+what)
+}
+func (a *Agent) done(m *fsm.Migration, what string) bool {
+	_, err := os.Stat(a.markPath(m, what))
+	return err == nil
+}
+func (a *Agent) markDone(m *fsm.Migration, what string) error {
+	if err := os.MkdirAll(a.stateDir("steps"), 0o700); err != nil {
+		return err
+	}
+	return os.WriteFile(a.markPath(m, what), []byte(time.Now().UTC().Format(time.RFC3339Nano)+"\n"), 0o600)
+}
+
+func (a *Agent) propose(ctx context.Context, m *fsm.Migration, ev fsm.Event, p fsm.EventPayload) error {
+	_, err := a.cp.Propose(ctx, m.ID, ev, stepID(m, string(ev)), p)
+	if err != nil {
+		return fmt.Errorf("propose %s: %w", ev, err)
+	}
+	return nil
+}
+
+// targetVolume names the destination volume of a migration.
+func targetVolume(m *fsm.Migration) string { return m.Volume + "-" + shortID(m.ID) }
+
+func shortID(id string) string {
+	id = strings.TrimPrefix(id, "mig_")
+	if len(id) > 8 {
+		id = id[:8]
+	}
+	return id
+}
+
+// machineSpec decodes the driver spec stored with the machine and points it
+// at this worker's mount and network namespace.
+func (a *Agent) machineSpec(mach *fsm.Machine, netns string) (machine.Spec, error) {
+	var s machine.Spec
+	if len(mach.Spec) > 0 {
+		if err := json.Unmarshal(mach.Spec, &s); err != nil {
+			return s, fmt.Errorf("machine %s has an unreadable spec: %w", mach.ID, err)
+		}
+	}
+	s.ID = mach.ID
+	s.MountDir = a.vols.MountPoint(mach.ID)
+	s.NetNS = netns
+	if s.Env == nil {
+		s.Env = map[string]string{}
+	}
+	s.Env["FERRY_WORKER"] = a.cfg.Worker
+	s.Env["FERRY_6PN"] = mach.Addr6PN
+	return s, nil
+}
+
+// --- target steps ---------------------------------------------------------
+
+// prepareTarget allocates the destination sized from the carried layout.
+func (a *Agent) prepareTarget(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
+	if m.Layout == nil {
+		return fmt.Errorf("migration carries no LUKS2 layout; the target never sizes from local defaults")
+	}
+	if err := m.Layout.Validate(); err != nil {
+		return err
+	}
+	tv := targetVolume(m)
+	size := m.Layout.DeviceSize()
+	if _, err := a.cp.CreateVolume(ctx, fsm.Volume{ID: tv, Worker: a.cfg.Worker, Size: size, State: fsm.VolHydrating, Layout: m.Layout}); err != nil {
+		return fmt.Errorf("register destination volume %s: %w", tv, err)
+	}
+	if err := os.MkdirAll(a.vols.VolumeDir(tv), 0o700); err != nil {
+		return err
+	}
+	f, err := blockdev.CreateSparse(a.vols.DataPath(tv), size)
+	if err != nil {
+		return err
+	}
+	f.Close()
+	log.Info().Str("target_volume", tv).Int64("size", size).Int64("data_offset", m.Layout.DataOffset).Msg("destination prepared from the carried layout")
+	return a.propose(ctx, m, fsm.EvTargetPrepared, fsm.EventPayload{TargetVolume: tv, Layout: m.Layout})
+}
+
+func (a *Agent) cloneConfig(m *fsm.Migration, hydrate bool) datapath.Config {
+	tv := m.TargetVol
+	cfg := a.vols.DatapathConfig(tv, *m.Layout)
+	cfg.Clone = &datapath.Clone{MetaPath: a.vols.MetaPath(tv), Portal: m.Export.Portal, IQN: m.Export.IQN,
+		RegionSize: 4096, KnownZero: m.KnownZero, Hydrate: hydrate}
+	return cfg
+}
+
+// buildClone connects to the export, builds the clone (hydration off), opens
+// the plaintext view and mounts it.
+func (a *Agent) buildClone(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
+	if m.Export == nil || m.TargetVol == "" || m.Layout == nil {
+		return fmt.Errorf("migration record lacks export, target volume or layout")
+	}
+	key, err := a.cp.VolumeKey(ctx, m.Volume)
+	if err != nil {
+		return fmt.Errorf("fetch key of volume %s: %w", m.Volume, err)
+	}
+	defer clear(key)
+	dev, err := a.vols.Mount(ctx, a.cloneConfig(m, false), key, a.vols.MountPoint(m.Machine))
+	if err != nil {
+		return err
+	}
+	log.Info().Str("loop", dev).Str("portal", m.Export.Portal).Msg("clone built and mounted")
+	return a.propose(ctx, m, fsm.EvCloneBuilt, fsm.EventPayload{})
+}
+
+func (a *Agent) trim(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
+	out, err := Fstrim(ctx, a.vols.MountPoint(m.Machine))
+	if err != nil {
+		return err
+	}
+	p := a.progress(ctx, m)
+	log.Info().Str("fstrim", out).Msg("trimmed")
+	return a.propose(ctx, m, fsm.EvTrimmed, fsm.EventPayload{KnownZero: m.KnownZero, Progress: p})
+}
+
+// cutover starts the machine on the target with its new 6PN address and
+// keeps the old one reaching it. Point of no return.
+func (a *Agent) cutover(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
+	mach, err := a.cp.GetMachine(ctx, m.Machine)
+	if err != nil {
+		return err
+	}
+	netns := ""
+	newAddr := m.New6PN
+	if a.net != nil && mach.Addr6PN != "" {
+		old, err := netrewrite.Parse(mach.Addr6PN)
+		if err != nil {
+			return fmt.Errorf("machine %s 6PN address: %w", mach.ID, err)
+		}
+		nw, err := old.WithHost(a.cfg.HostID)
+		if err != nil {
+			return err
+		}
+		newAddr = nw.String()
+		if netns, err = a.net.Attach(ctx, mach.ID, nw); err != nil {
+			return err
+		}
+		if err := a.net.MapOld(ctx, mach.ID, old, nw); err != nil {
+			return err
+		}
+	}
+	spec, err := a.machineSpec(mach, netns)
+	if err != nil {
+		return err
+	}
+	spec.Env["FERRY_6PN"] = newAddr
+	if mach.Addr6PN != "" {
+		spec.Env["FERRY_OLD_6PN"] = mach.Addr6PN
+	}
+	if err := a.mach.Start(ctx, spec); err != nil {
+		return err
+	}
+	log.Info().Str("new_6pn", newAddr).Msg("machine started on the target")
+	return a.propose(ctx, m, fsm.EvCutover, fsm.EventPayload{New6PN: newAddr})
+}
+
+func (a *Agent) startHydration(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
+	p, err := a.ensureClone(ctx, m, true)
+	if err != nil {
+		return err
+	}
+	if err := p.EnableHydration(ctx); err != nil {
+		return err
+	}
+	return a.propose(ctx, m, fsm.EvHydrationStarted, fsm.EventPayload{Progress: a.progress(ctx, m)})
+}
+
+// ensureClone re-adopts the clone's datapath, or rebuilds it (after a
+// reboot or a datapath crash) with hydration as committed.
+func (a *Agent) ensureClone(ctx context.Context, m *fsm.Migration, hydrate bool) (*datapath.Process, error) {
+	if p, err := a.vols.Process(ctx, m.TargetVol); err == nil {
+		return p, nil
+	}
+	key, err := a.cp.VolumeKey(ctx, m.Volume)
+	if err != nil {
+		return nil, err
+	}
+	defer clear(key)
+	if _, err := a.vols.Mount(ctx, a.cloneConfig(m, hydrate), key, a.vols.MountPoint(m.Machine)); err != nil {
+		return nil, err
+	}
+	return a.vols.Process(ctx, m.TargetVol)
+}
+
+func (a *Agent) progress(ctx context.Context, m *fsm.Migration) *fsm.Progress {
+	p, err := a.vols.Process(ctx, m.TargetVol)
+	if err != nil {
+		return nil
+	}
+	st, err := p.Status(ctx)
+	if err != nil || st.Progress == nil {
+		return nil
+	}
+	return toFSMProgress(st.Progress)
+}
+
+func toFSMProgress(p *datapath.Progress) *fsm.Progress {
+	return &fsm.Progress{HydratedBytes: p.HydratedBytes, TotalBytes: p.TotalBytes, FetchedBytes: p.FetchedBytes,
+		SkippedBytes: p.SkippedDiscard + p.SkippedKnownZero, RateBPS: int64(p.RateBps), ETASeconds: int64(p.ETASeconds)}
+}
+
+// hydrate waits for the background copy, reporting progress at a bounded
+// rate, then dissolves the clone into the plain destination.
+func (a *Agent) hydrate(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
+	p, err := a.ensureClone(ctx, m, true)
+	if err != nil {
+		return err
+	}
+	if err := p.EnableHydration(ctx); err != nil { // idempotent; after a datapath restart
+		return err
+	}
+	lastReport := time.Time{}
+	for {
+		st, err := p.Status(ctx)
+		if err != nil {
+			return err
+		}
+		if st.Progress != nil && st.Progress.Stalled {
+			stalled := true
+			a.cp.Propose(ctx, m.ID, fsm.EvReport, "", fsm.EventPayload{Error: st.Progress.StalledReason, Stalled: &stalled})
+		}
+		if st.Complete || st.Dissolved {
+			if err := p.Dissolve(ctx); err != nil {
+				return err
+			}
+			var fp *fsm.Progress
+			if st.Progress != nil {
+				fp = toFSMProgress(st.Progress)
+			}
+			log.Info().Msg("hydrated; clone dissolved into the destination")
+			return a.propose(ctx, m, fsm.EvHydrated, fsm.EventPayload{Progress: fp})
+		}
+		if st.Progress != nil && time.Since(lastReport) >= time.Second {
+			lastReport = time.Now()
+			_, _ = a.cp.Propose(ctx, m.ID, fsm.EvProgress, "", fsm.EventPayload{Progress: toFSMProgress(st.Progress)})
+		}
+		if !sleep(ctx, 100*time.Millisecond) {
+			return ctx.Err()
+		}
+	}
+}
+
+// tearDownTarget releases everything the target built; the machine never
+// ran here (rollback is only possible before cutover).
+func (a *Agent) tearDownTarget(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
+	mnt := a.vols.MountPoint(m.Machine)
+	if mach, err := a.cp.GetMachine(ctx, m.Machine); err == nil && mach.Worker != a.cfg.Worker {
+		spec, _ := a.machineSpec(mach, "")
+		if err := a.mach.Stop(ctx, spec); err != nil {
+			return err
+		}
+	}
+	if a.net != nil {
+		if err := a.net.Detach(ctx, m.Machine); err != nil {
+			return err
+		}
+	}
+	tv := m.TargetVol
+	if tv == "" {
+		tv = targetVolume(m)
+	}
+	if err := a.vols.Unmount(ctx, tv, mnt); err != nil {
+		return err
+	}
+	if err := a.vols.Remove(ctx, tv); err != nil {
+		return err
+	}
+	destroyed := fsm.VolDestroyed
+	if err := a.cp.UpdateVolume(ctx, fsm.UpdateVolumeCmd{ID: tv, State: &destroyed}); err != nil {
+		log.Debug().Err(err).Msg("destination volume record not updated (it may never have been registered)")
+	}
+	log.Info().Msg("target torn down")
+	return a.propose(ctx, m, fsm.EvTargetTornDown, fsm.EventPayload{})
+}
+
+// --- source steps ---------------------------------------------------------
+
+// stopSource stops the machine and freezes its volume: after this nothing
+// writes the source volume unless the migration rolls back.
+func (a *Agent) stopSource(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
+	mach, err := a.cp.GetMachine(ctx, m.Machine)
+	if err != nil {
+		return err
+	}
+	spec, err := a.machineSpec(mach, a.machineNS(mach.ID))
+	if err != nil {
+		return err
+	}
+	if err := a.mach.Stop(ctx, spec); err != nil {
+		return err
+	}
+	if err := a.vols.Unmount(ctx, m.Volume, a.vols.MountPoint(mach.ID)); err != nil {
+		return err
+	}
+	layout, err := a.vols.ReadLayout(m.Volume)
+	if err != nil {
+		return err
+	}
+	log.Info().Msg("machine stopped and volume frozen")
+	return a.propose(ctx, m, fsm.EvSourceStopped, fsm.EventPayload{Layout: &layout})
+}
+
+// exportSource serves the frozen volume to the target only.
+func (a *Agent) exportSource(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
+	tw, err := a.cp.GetWorker(ctx, m.Target)
+	if err != nil {
+		return err
+	}
+	if tw.Address == "" {
+		return fmt.Errorf("target worker %s registered no address; cannot restrict the export to it", m.Target)
+	}
+	portal, iqn, err := a.exp.Export(ctx, m.ID, a.vols.DataPath(m.Volume), tw.Address)
+	if err != nil {
+		return err
+	}
+	zeros, err := knownZero(a.vols.DataPath(m.Volume))
+	if err != nil {
+		log.Warn().Err(err).Msg("cannot list the volume's holes; the target fetches them")
+		zeros = nil
+	}
+	log.Info().Str("portal", portal).Str("iqn", iqn).Int("known_zero_ranges", len(zeros)).Msg("volume exported")
+	return a.propose(ctx, m, fsm.EvExported, fsm.EventPayload{Export: &fsm.Export{Portal: portal, IQN: iqn}, KnownZero: zeros})
+}
+
+// knownZero lists the volume file's holes, coalesced to at most 4096 ranges
+// (dropping the smallest: a missed hint only costs a fetch).
+func knownZero(path string) ([]blockdev.Range, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	holes, err := blockdev.Holes(f)
+	if err != nil {
+		return nil, err
+	}
+	const max = 4096
+	if len(holes) > max {
+		// Keep the largest ranges.
+		sorted := append([]blockdev.Range(nil), holes...)
+		for i := 1; i < len(sorted); i++ {
+			for j := i; j > 0 && sorted[j].Len > sorted[j-1].Len; j-- {
+				sorted[j], sorted[j-1] = sorted[j-1], sorted[j]
+			}
+		}
+		min := sorted[max-1].Len
+		out := holes[:0:0]
+		for _, h := range holes {
+			if h.Len >= min && len(out) < max {
+				out = append(out, h)
+			}
+		}
+		holes = out
+	}
+	return holes, nil
+}
+
+func (a *Agent) machineNS(machineID string) string {
+	if a.net == nil {
+		return ""
+	}
+	return machineNSName(a.cfg.Worker, machineID)
+}
+
+// forwardOld, on the source after cutover, removes the machine's network and
+// routes the old address towards the target for the grace period.
+func (a *Agent) forwardOld(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
+	if a.net != nil && m.Old6PN != "" {
+		if err := a.net.Detach(ctx, m.Machine); err != nil {
+			return err
+		}
+		old, err := netrewrite.Parse(m.Old6PN)
+		if err != nil {
+			return err
+		}
+		if err := a.net.ForwardOld(ctx, m.Machine, old, m.Target); err != nil {
+			return err
+		}
+	}
+	return a.markDone(m, "net-source")
+}
+
+// releaseSource tears the export down; the volume stays pending_destroy for
+// its retention window (invariant 3).
+func (a *Agent) releaseSource(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
+	if err := a.exp.Unexport(ctx, m.ID); err != nil {
+		return err
+	}
+	return a.propose(ctx, m, fsm.EvSourceReleased, fsm.EventPayload{})
+}
+
+// restoreSource, after the target's teardown is committed, unexports and
+// restarts the machine on its untouched volume (invariant 2).
+func (a *Agent) restoreSource(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
+	if err := a.exp.Unexport(ctx, m.ID); err != nil {
+		return err
+	}
+	mach, err := a.cp.GetMachine(ctx, m.Machine)
+	if err != nil {
+		return err
+	}
+	if err := a.startLocal(ctx, mach); err != nil {
+		return err
+	}
+	log.Info().Msg("machine restored on the source")
+	return a.propose(ctx, m, fsm.EvSourceRestored, fsm.EventPayload{})
+}
+
+// startLocal mounts a machine's volume on this worker and runs it. Idempotent.
+func (a *Agent) startLocal(ctx context.Context, mach *fsm.Machine) error {
+	vol, err := a.cp.GetVolume(ctx, mach.Volume)
+	if err != nil {
+		return err
+	}
+	if vol.Layout == nil {
+		return fmt.Errorf("volume %s has no recorded layout yet", vol.ID)
+	}
+	key, err := a.cp.VolumeKey(ctx, vol.ID)
+	if err != nil {
+		return fmt.Errorf("fetch key of volume %s: %w", vol.ID, err)
+	}
+	defer clear(key)
+	if _, err := a.vols.Mount(ctx, a.vols.DatapathConfig(vol.ID, *vol.Layout), key, a.vols.MountPoint(mach.ID)); err != nil {
+		return err
+	}
+	netns := ""
+	if a.net != nil && mach.Addr6PN != "" {
+		addr, err := netrewrite.Parse(mach.Addr6PN)
+		if err != nil {
+			return err
+		}
+		if netns, err = a.net.Attach(ctx, mach.ID, addr); err != nil {
+			return err
+		}
+	}
+	spec, err := a.machineSpec(mach, netns)
+	if err != nil {
+		return err
+	}
+	return a.mach.Start(ctx, spec)
+}
+
+// machineNSName is the network namespace of a machine on a worker; it
+// includes the worker so two workers on one host never collide.
+func machineNSName(worker, machineID string) string {
+	return "fm-" + worker + "-" + machineID
+}

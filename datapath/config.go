@@ -1,0 +1,94 @@
+// Package datapath runs one volume's userspace block stack in a process of
+// its own (`ferry volume serve`), so an agent crash or restart never takes a
+// running machine's disk away: the agent re-adopts the process through its
+// control socket.
+//
+//	source worker, or target after hydration:  volume file -> LUKS2 view -> FUSE file
+//	target during a migration:  iSCSI LUN + destination file -> clone engine -> LUKS2 view -> FUSE file
+//
+// The agent attaches the FUSE file to a loop device (losetup --direct-io=on)
+// and mounts it for the machine.
+package datapath
+
+import (
+	"fmt"
+	"path/filepath"
+
+	"github.com/ferry-dev/ferry/blockdev"
+	"github.com/ferry-dev/ferry/luks"
+)
+
+// Config is everything `ferry volume serve` needs except the passphrase,
+// which arrives on its standard input so it never touches a disk or argv.
+type Config struct {
+	VolumeID string      `json:"volume_id"`
+	DataPath string      `json:"data_path"` // local ciphertext: the volume file, or the migration's destination
+	Layout   luks.Layout `json:"layout"`    // carried from the source; never the local cryptsetup's defaults
+	MountDir string      `json:"mount_dir"` // FUSE mount point; the device file is MountDir/DeviceFile
+	Socket   string      `json:"socket"`    // control socket (HTTP over unix)
+	Clone    *Clone      `json:"clone,omitempty"`
+}
+
+// Clone configures the clone engine under the view while a migration hydrates.
+type Clone struct {
+	MetaPath    string           `json:"meta_path"`
+	Portal      string           `json:"portal"`
+	IQN         string           `json:"iqn"`
+	RegionSize  int64            `json:"region_size"`
+	KnownZero   []blockdev.Range `json:"known_zero,omitempty"`
+	Hydrate     bool             `json:"hydrate"` // start with background hydration enabled (resume after restart)
+	RateLimit   int64            `json:"rate_limit_bps,omitempty"`
+	TLSCertFile string           `json:"tls_cert,omitempty"`
+	TLSKeyFile  string           `json:"tls_key,omitempty"`
+	TLSCAFile   string           `json:"tls_ca,omitempty"`
+}
+
+// DeviceFile is the name of the FUSE file inside MountDir.
+const DeviceFile = "disk"
+
+// DevicePath is the file the agent attaches to a loop device.
+func (c Config) DevicePath() string { return filepath.Join(c.MountDir, DeviceFile) }
+
+// Validate refuses a config the serve process could not honour.
+func (c Config) Validate() error {
+	switch {
+	case c.VolumeID == "":
+		return fmt.Errorf("datapath config: volume id is empty")
+	case c.DataPath == "" || c.MountDir == "" || c.Socket == "":
+		return fmt.Errorf("datapath config for %s: data_path, mount_dir and socket are required", c.VolumeID)
+	}
+	if err := c.Layout.Validate(); err != nil {
+		return fmt.Errorf("datapath config for %s: %w", c.VolumeID, err)
+	}
+	if c.Clone != nil && (c.Clone.MetaPath == "" || c.Clone.Portal == "" || c.Clone.IQN == "") {
+		return fmt.Errorf("datapath config for %s: a clone needs meta_path, portal and iqn", c.VolumeID)
+	}
+	return nil
+}
+
+// Status is what the control socket reports.
+type Status struct {
+	VolumeID  string    `json:"volume_id"`
+	Pid       int       `json:"pid"`
+	Cloning   bool      `json:"cloning"`   // a clone engine is under the view
+	Hydrating bool      `json:"hydrating"` // background hydration enabled
+	Complete  bool      `json:"complete"`  // every region hydrated
+	Dissolved bool      `json:"dissolved"` // the clone was replaced by the destination alone
+	Progress  *Progress `json:"progress,omitempty"`
+}
+
+// Progress mirrors the clone engine's progress record.
+type Progress struct {
+	RegionSize       int64   `json:"region_size"`
+	TotalRegions     int64   `json:"total_regions"`
+	HydratedRegions  int64   `json:"hydrated_regions"`
+	TotalBytes       int64   `json:"total_bytes"`
+	HydratedBytes    int64   `json:"hydrated_bytes"`
+	FetchedBytes     int64   `json:"fetched_bytes"`
+	SkippedDiscard   int64   `json:"skipped_discard_bytes"`
+	SkippedKnownZero int64   `json:"skipped_known_zero_bytes"`
+	RateBps          float64 `json:"rate_bps"`
+	ETASeconds       float64 `json:"eta_seconds"`
+	Stalled          bool    `json:"stalled"`
+	StalledReason    string  `json:"stalled_reason,omitempty"`
+}
