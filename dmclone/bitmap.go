@@ -1,0 +1,78 @@
+package dmclone
+
+import "math/bits"
+
+// bitmap is a fixed-size set of region numbers, one bit per region.
+type bitmap []uint64
+
+func newBitmap(n int64) bitmap { return make(bitmap, (n+63)/64) }
+
+func (b bitmap) get(i int64) bool { return b[i>>6]&(1<<(uint(i)&63)) != 0 }
+func (b bitmap) set(i int64)      { b[i>>6] |= 1 << (uint(i) & 63) }
+func (b bitmap) clear(i int64)    { b[i>>6] &^= 1 << (uint(i) & 63) }
+
+// count returns the number of set bits below n.
+func (b bitmap) count(n int64) int64 {
+	var c int64
+	full := n >> 6
+	for i := int64(0); i < full; i++ {
+		c += int64(bits.OnesCount64(b[i]))
+	}
+	if rem := uint(n & 63); rem != 0 {
+		c += int64(bits.OnesCount64(b[full] & (1<<rem - 1)))
+	}
+	return c
+}
+
+// nextClear returns the first clear bit in [from, n), or n.
+func (b bitmap) nextClear(from, n int64) int64 {
+	for i := from; i < n; {
+		w := b[i>>6] >> (uint(i) & 63)
+		if uint(i)&63 == 0 && b[i>>6] == ^uint64(0) {
+			i += 64
+			continue
+		}
+		if w&1 == 0 {
+			return i
+		}
+		i++
+	}
+	return n
+}
+
+// setRange sets [from, to) and returns how many bits changed.
+func (b bitmap) setRange(from, to int64) int64 {
+	var changed int64
+	for i := from; i < to; {
+		if uint(i)&63 == 0 && to-i >= 64 {
+			changed += int64(64 - bits.OnesCount64(b[i>>6]))
+			b[i>>6] = ^uint64(0)
+			i += 64
+			continue
+		}
+		if !b.get(i) {
+			b.set(i)
+			changed++
+		}
+		i++
+	}
+	return changed
+}
+
+// anySet reports whether any bit in [from, to) is set.
+func (b bitmap) anySet(from, to int64) bool {
+	for i := from; i < to; {
+		if uint(i)&63 == 0 && to-i >= 64 {
+			if b[i>>6] != 0 {
+				return true
+			}
+			i += 64
+			continue
+		}
+		if b.get(i) {
+			return true
+		}
+		i++
+	}
+	return false
+}

@@ -1,0 +1,141 @@
+// Package dmclone is ferry's clone device: a destination that reads through
+// to a source until each region is copied ("hydrated"), with dm-clone's
+// semantics. Two implementations sit behind the Clone interface: the kernel's
+// dm-clone target (driven with dmsetup, on hosts that have it) and the
+// userspace Engine in this package, which is itself a blockdev.Device and is
+// exported to the kernel through fuseexport and loopdev.
+package dmclone
+
+import (
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/ferry-dev/ferry/blockdev"
+)
+
+// Clone is what the agent drives, whichever implementation backs it.
+type Clone interface {
+	// EnableHydration starts the background copy (dm-clone's enable_hydration).
+	EnableHydration() error
+	// DisableHydration stops it; on-demand hydration by I/O continues.
+	DisableHydration() error
+	// SetTunables changes batch size, parallelism and rate limit at runtime.
+	SetTunables(Tunables) error
+	// Progress is a snapshot of the hydration state.
+	Progress() Progress
+	// Done is closed once every region is hydrated.
+	Done() <-chan struct{}
+	// Dissolve, once Done, returns the destination alone (dm-clone: suspend,
+	// load linear, resume). The caller owns the returned device.
+	Dissolve() (blockdev.Device, error)
+	// Close commits the metadata and releases the devices.
+	Close() error
+}
+
+// Tunables shape the background hydration.
+type Tunables struct {
+	// BatchRegions is how many contiguous regions one background copy moves.
+	BatchRegions int `json:"batch_regions"`
+	// InFlight is how many background copies run at once.
+	InFlight int `json:"in_flight"`
+	// RateLimitBytesPerSec caps background bytes fetched from the source; 0 = none.
+	RateLimitBytesPerSec int64 `json:"rate_limit_bytes_per_sec"`
+	// MinShare is the fraction of InFlight background copies that keep running
+	// while foreground I/O waits for the source (at least one), so a busy
+	// workload never starves hydration the way it starves dm-clone.
+	MinShare float64 `json:"min_share"`
+}
+
+// DefaultTunables saturate a local or iSCSI source: 1 MiB copies of 4 KiB
+// regions, four at a time.
+func DefaultTunables(regionSize int64) Tunables {
+	batch := int((1 << 20) / regionSize)
+	if batch < 1 {
+		batch = 1
+	}
+	return Tunables{BatchRegions: batch, InFlight: 4, MinShare: 0.25}
+}
+
+func (t Tunables) validate() error {
+	if t.BatchRegions < 1 || t.BatchRegions > 1<<20 {
+		return fmt.Errorf("batch regions %d: must be 1..1048576", t.BatchRegions)
+	}
+	if t.InFlight < 1 || t.InFlight > 256 {
+		return fmt.Errorf("in-flight %d: must be 1..256", t.InFlight)
+	}
+	if t.RateLimitBytesPerSec < 0 {
+		return fmt.Errorf("rate limit %d: must be 0 (none) or positive", t.RateLimitBytesPerSec)
+	}
+	if t.MinShare < 0 || t.MinShare > 1 {
+		return fmt.Errorf("min share %v: must be between 0 and 1", t.MinShare)
+	}
+	return nil
+}
+
+// Progress is the hydration state. JSON field names are what `ferry clone
+// status --json` prints.
+type Progress struct {
+	RegionSize          int64         `json:"region_size"`
+	TotalRegions        int64         `json:"total_regions"`
+	HydratedRegions     int64         `json:"hydrated_regions"`
+	HydratingRegions    int64         `json:"hydrating_regions"`
+	BytesFetched        int64         `json:"bytes_fetched"`
+	BytesSkippedDiscard int64         `json:"bytes_skipped_discard"`
+	BytesSkippedZero    int64         `json:"bytes_skipped_known_zero"`
+	BytesSkippedWrite   int64         `json:"bytes_skipped_write"`
+	HydrationEnabled    bool          `json:"hydration_enabled"`
+	RateBytesPerSec     float64       `json:"rate_bytes_per_sec"`
+	ETA                 time.Duration `json:"eta_ns"`
+	Complete            bool          `json:"complete"`
+	Stalled             bool          `json:"stalled"`
+	StallReason         string        `json:"stall_reason,omitempty"`
+	Tunables            Tunables      `json:"tunables"`
+}
+
+// Config describes one userspace clone.
+type Config struct {
+	// Source is read only; it may be a slow or failing remote LUN.
+	Source blockdev.Device
+	// Dest receives the copy; at least as large as Source. Regions marked
+	// hydrated without a copy (discard, known-zero) are discarded on Dest and
+	// must then read as zeros (true for sparse files).
+	Dest blockdev.Device
+	// MetaPath is the bitmap file; reopening the same three devices resumes.
+	MetaPath string
+	// RegionSize is a power of two from 4 KiB to 1 GiB; 0 means 4 KiB.
+	RegionSize int64
+	// KnownZero lists source ranges that read as zeros (the source file's
+	// holes); fully covered regions are hydrated without a fetch.
+	KnownZero []blockdev.Range
+	// Tunables for background hydration; zero value means DefaultTunables.
+	Tunables Tunables
+	// SourceRetries is how many times a failed source read is retried before
+	// the error reaches the caller (default 3). SourceTimeout bounds each
+	// attempt (default 30 s).
+	SourceRetries int
+	SourceTimeout time.Duration
+	// CommitInterval is how often a changed bitmap is committed without a
+	// flush (default 1 s, like dm-clone).
+	CommitInterval time.Duration
+}
+
+const (
+	minRegionSize = 4 << 10
+	maxRegionSize = 1 << 30
+	maxRegions    = 1 << 31
+)
+
+var (
+	// ErrNotHydrated is returned by Dissolve before every region is hydrated.
+	ErrNotHydrated = errors.New("clone is not fully hydrated")
+	// ErrDissolved is returned by calls that need the source after Dissolve.
+	ErrDissolved = errors.New("clone was dissolved into its destination")
+)
+
+func validRegionSize(rs int64) error {
+	if rs < minRegionSize || rs > maxRegionSize || rs&(rs-1) != 0 {
+		return fmt.Errorf("region size %d: must be a power of two from 4 KiB to 1 GiB", rs)
+	}
+	return nil
+}

@@ -1,0 +1,501 @@
+package dmclone
+
+import (
+	"bytes"
+	"errors"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/ferry-dev/ferry/blockdev"
+	"github.com/ferry-dev/ferry/blockdev/blockdevtest"
+)
+
+const rs = 4096
+
+func TestConformance(t *testing.T) {
+	blockdevtest.Run(t, func(t *testing.T, size int64) blockdev.Device {
+		return mustOpen(t, Config{Source: randomMem(t, size, 7), Dest: blockdev.NewMem(size), MetaPath: metaPath(t)})
+	}, blockdevtest.Options{DiscardZeroes: true})
+}
+
+func TestConformanceHydrating(t *testing.T) {
+	blockdevtest.Run(t, func(t *testing.T, size int64) blockdev.Device {
+		e := mustOpen(t, Config{Source: randomMem(t, size, 8), Dest: blockdev.NewMem(size), MetaPath: metaPath(t),
+			Tunables: Tunables{BatchRegions: 3, InFlight: 2, MinShare: 0.5}})
+		if err := e.EnableHydration(); err != nil {
+			t.Fatal(err)
+		}
+		return e
+	}, blockdevtest.Options{DiscardZeroes: true})
+}
+
+// fileClone is a clone over real files: a random source, a sparse destination.
+type fileClone struct {
+	src      *srcDev
+	srcData  []byte
+	srcPath  string
+	dstPath  string
+	metaPath string
+	e        *Engine
+}
+
+func newFileClone(t *testing.T, size int64, cfg Config) *fileClone {
+	t.Helper()
+	dir := t.TempDir()
+	fc := &fileClone{srcPath: filepath.Join(dir, "src"), dstPath: filepath.Join(dir, "dst"), metaPath: filepath.Join(dir, "meta")}
+	fc.srcData = readAll(t, randomMem(t, size, 1))
+	if err := os.WriteFile(fc.srcPath, fc.srcData, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	fc.open(t, cfg)
+	return fc
+}
+
+func (fc *fileClone) open(t *testing.T, cfg Config) {
+	t.Helper()
+	s, err := blockdev.OpenFile(fc.srcPath, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := blockdev.CreateSparse(fc.dstPath, s.Size())
+	if err != nil {
+		t.Fatal(err)
+	}
+	fc.src = &srcDev{Device: s}
+	cfg.Source, cfg.Dest, cfg.MetaPath = fc.src, d, fc.metaPath
+	fc.e = mustOpen(t, cfg)
+	t.Cleanup(func() { fc.e.Close() })
+}
+
+func (fc *fileClone) dst(t *testing.T) []byte {
+	t.Helper()
+	b, err := os.ReadFile(fc.dstPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func TestReadFromSourceHydratesOnce(t *testing.T) {
+	fc := newFileClone(t, 64*rs, Config{})
+	p := make([]byte, 100)
+	if _, err := fc.e.ReadAt(p, 5*rs+10); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(p, fc.srcData[5*rs+10:5*rs+110]) {
+		t.Fatal("read of an unhydrated region differs from the source")
+	}
+	if got := fc.src.bytes.Load(); got != rs {
+		t.Fatalf("fetched %d bytes for a 100-byte read, want one region (%d)", got, rs)
+	}
+	if !bytes.Equal(fc.dst(t)[5*rs:6*rs], fc.srcData[5*rs:6*rs]) {
+		t.Fatal("the region read was not written to the destination")
+	}
+	if _, err := fc.e.ReadAt(p, 5*rs); err != nil {
+		t.Fatal(err)
+	}
+	if got := fc.src.reads.Load(); got != 1 {
+		t.Fatalf("second read of a hydrated region went to the source (%d source reads)", got)
+	}
+	pr := fc.e.Progress()
+	if pr.HydratedRegions != 1 || pr.BytesFetched != rs || pr.TotalRegions != 64 {
+		t.Fatalf("progress %+v, want 1/64 hydrated, %d fetched", pr, rs)
+	}
+}
+
+func TestPartialWriteFetchesRegionFirst(t *testing.T) {
+	fc := newFileClone(t, 64*rs, Config{})
+	w := bytes.Repeat([]byte{0xEE}, 300)
+	if _, err := fc.e.WriteAt(w, 3*rs+1000); err != nil {
+		t.Fatal(err)
+	}
+	if got := fc.src.bytes.Load(); got != rs {
+		t.Fatalf("fetched %d bytes for a partial write, want %d", got, rs)
+	}
+	want := append([]byte(nil), fc.srcData[3*rs:4*rs]...)
+	copy(want[1000:], w)
+	if !bytes.Equal(fc.dst(t)[3*rs:4*rs], want) {
+		t.Fatal("destination region is not source + write")
+	}
+	got := make([]byte, rs)
+	if _, err := fc.e.ReadAt(got, 3*rs); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) || fc.src.reads.Load() != 1 {
+		t.Fatal("read back after a partial write is wrong or went to the source")
+	}
+	// A write straddling two unhydrated regions fetches both edges.
+	fc.src.bytes.Store(0)
+	if _, err := fc.e.WriteAt(w, 10*rs-100); err != nil {
+		t.Fatal(err)
+	}
+	if got := fc.src.bytes.Load(); got != 2*rs {
+		t.Fatalf("straddling write fetched %d bytes, want %d", got, 2*rs)
+	}
+}
+
+func TestWholeRegionWriteFetchesNothing(t *testing.T) {
+	fc := newFileClone(t, 64*rs, Config{})
+	w := bytes.Repeat([]byte{0x11}, 3*rs)
+	if _, err := fc.e.WriteAt(w, 7*rs); err != nil {
+		t.Fatal(err)
+	}
+	if fc.src.reads.Load() != 0 {
+		t.Fatal("a write covering whole regions read the source")
+	}
+	pr := fc.e.Progress()
+	if pr.HydratedRegions != 3 || pr.BytesSkippedWrite != 3*rs {
+		t.Fatalf("progress %+v, want 3 regions hydrated by the write", pr)
+	}
+	if !bytes.Equal(fc.dst(t)[7*rs:10*rs], w) {
+		t.Fatal("destination lacks the write")
+	}
+}
+
+func TestDiscardMarksHydratedWithoutFetch(t *testing.T) {
+	fc := newFileClone(t, 64*rs, Config{})
+	// Hydrate region 20 so its partial discard is punched.
+	if _, err := fc.e.ReadAt(make([]byte, 10), 20*rs); err != nil {
+		t.Fatal(err)
+	}
+	fc.src.reads.Store(0)
+	if err := fc.e.Discard(2*rs+512, 4*rs); err != nil { // regions 3,4,5 whole; 2 and 6 partial
+		t.Fatal(err)
+	}
+	if err := fc.e.Discard(20*rs+1024, 1024); err != nil { // partial, hydrated
+		t.Fatal(err)
+	}
+	if fc.src.reads.Load() != 0 || fc.src.discards.Load() != 0 || fc.src.writes.Load() != 0 {
+		t.Fatal("a discard reached the source")
+	}
+	pr := fc.e.Progress()
+	if pr.HydratedRegions != 4 || pr.BytesSkippedDiscard != 3*rs {
+		t.Fatalf("progress %+v, want regions 3-5 and 20 hydrated, 3 regions skipped by discard", pr)
+	}
+	got := make([]byte, 5*rs)
+	if _, err := fc.e.ReadAt(got, 2*rs); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got[:512], fc.srcData[2*rs:2*rs+512]) || !bytes.Equal(got[rs:4*rs], make([]byte, 3*rs)) {
+		t.Fatal("whole discarded regions are not zeros, or the undiscarded head changed")
+	}
+	// Partial regions 2 and 6 were unhydrated: they still read the source.
+	if !bytes.Equal(got[4*rs+512:], fc.srcData[6*rs+512:7*rs]) {
+		t.Fatal("the untouched part of a partly discarded region changed")
+	}
+	hydr := make([]byte, rs)
+	if _, err := fc.e.ReadAt(hydr, 20*rs); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(hydr[1024:2048], make([]byte, 1024)) || !bytes.Equal(hydr[:1024], fc.srcData[20*rs:20*rs+1024]) {
+		t.Fatal("partial discard of a hydrated region did not zero exactly its range")
+	}
+	// The destination's whole regions were punched (holes, no data).
+	f, err := os.Open(fc.dstPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	holes, err := blockdev.Holes(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	covered := false
+	for _, h := range holes {
+		if h.Off <= 3*rs && h.End() >= 6*rs {
+			covered = true
+		}
+	}
+	if !covered {
+		t.Fatalf("destination range of discarded regions is not a hole: %v", holes)
+	}
+}
+
+func TestKnownZeroSkipsFetch(t *testing.T) {
+	dir := t.TempDir()
+	srcPath := filepath.Join(dir, "src")
+	s, err := blockdev.CreateSparse(srcPath, 256*rs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := bytes.Repeat([]byte{7}, 8*rs)
+	if _, err := s.WriteAt(data, 100*rs); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	f, err := os.Open(srcPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	holes, err := blockdev.Holes(f)
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	src, _ := blockdev.OpenFile(srcPath, true)
+	cs := &srcDev{Device: src}
+	dst, _ := blockdev.CreateSparse(filepath.Join(dir, "dst"), 256*rs)
+	e := mustOpen(t, Config{Source: cs, Dest: dst, MetaPath: filepath.Join(dir, "meta"), KnownZero: holes})
+	defer e.Close()
+	pr := e.Progress()
+	if pr.HydratedRegions < 200 || pr.HydratedRegions > 248 || pr.BytesSkippedZero != pr.HydratedRegions*rs {
+		t.Fatalf("progress %+v: want the ~248 hole regions hydrated by the hint", pr)
+	}
+	if err := e.EnableHydration(); err != nil {
+		t.Fatal(err)
+	}
+	waitDone(t, e)
+	if got := e.Progress().BytesFetched; got > 64*rs {
+		t.Fatalf("fetched %d bytes; the source has only %d bytes of data (plus filesystem rounding)", got, 8*rs)
+	}
+	want := make([]byte, 256*rs)
+	copy(want[100*rs:], data)
+	if !bytes.Equal(readAll(t, e), want) {
+		t.Fatal("clone content differs from the sparse source")
+	}
+}
+
+func waitDone(t *testing.T, e *Engine) {
+	t.Helper()
+	select {
+	case <-e.Done():
+	case <-time.After(30 * time.Second):
+		t.Fatalf("not hydrated after 30 s: %+v", e.Progress())
+	}
+}
+
+func TestNoHydrationUntilEnabled(t *testing.T) {
+	fc := newFileClone(t, 64*rs, Config{})
+	time.Sleep(100 * time.Millisecond)
+	if fc.src.reads.Load() != 0 || fc.e.Progress().HydrationEnabled {
+		t.Fatal("hydration ran before EnableHydration")
+	}
+}
+
+func TestBackgroundHydrationDissolve(t *testing.T) {
+	fc := newFileClone(t, 1000*rs+2048, Config{Tunables: Tunables{BatchRegions: 16, InFlight: 3, MinShare: 0.3}})
+	w := bytes.Repeat([]byte{0x42}, 5000)
+	if _, err := fc.e.WriteAt(w, 12345); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := fc.e.Dissolve(); !errors.Is(err, ErrNotHydrated) {
+		t.Fatalf("dissolve before hydration: err = %v, want ErrNotHydrated", err)
+	}
+	if err := fc.e.EnableHydration(); err != nil {
+		t.Fatal(err)
+	}
+	waitDone(t, fc.e)
+	pr := fc.e.Progress()
+	if !pr.Complete || pr.HydratedRegions != pr.TotalRegions || pr.TotalRegions != 1001 {
+		t.Fatalf("progress after Done: %+v", pr)
+	}
+	want := append([]byte(nil), fc.srcData...)
+	copy(want[12345:], w)
+	if err := fc.e.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(fc.dst(t)[:len(want)], want) {
+		t.Fatal("destination after hydration is not source + writes")
+	}
+	d, err := fc.e.Dissolve()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The engine still serves from the destination after dissolving.
+	if !bytes.Equal(readAll(t, fc.e), want) || !bytes.Equal(readAll(t, d), want) {
+		t.Fatal("reads after dissolve differ")
+	}
+	reads := fc.src.reads.Load()
+	if err := fc.e.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.ReadAt(make([]byte, 10), 0); err != nil {
+		t.Fatalf("the dissolved destination was closed with the engine: %v", err)
+	}
+	if fc.src.reads.Load() != reads {
+		t.Fatal("source read after dissolve")
+	}
+	d.Close()
+}
+
+func TestFailingSourceStallsThenRecovers(t *testing.T) {
+	fc := newFileClone(t, 64*rs, Config{SourceRetries: 2})
+	fc.src.failReads.Store(100)
+	_, err := fc.e.ReadAt(make([]byte, 10), 0)
+	if !errors.Is(err, errInjected) {
+		t.Fatalf("read with a failing source: err = %v, want the source error", err)
+	}
+	if n := 100 - fc.src.failReads.Load(); n != 3 {
+		t.Fatalf("source tried %d times, want 3 (1 + 2 retries)", n)
+	}
+	if st, why := fc.e.Stalled(); !st || why == "" || !fc.e.Progress().Stalled {
+		t.Fatal("engine not reported stalled after the source failed")
+	}
+	if fc.e.Progress().HydratedRegions != 0 {
+		t.Fatal("a region was marked hydrated although its fetch failed")
+	}
+	fc.src.failReads.Store(0)
+	if _, err := fc.e.ReadAt(make([]byte, 10), 0); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := fc.e.Stalled(); st {
+		t.Fatal("still stalled after the source recovered")
+	}
+}
+
+func TestHungSourceTimesOut(t *testing.T) {
+	fc := newFileClone(t, 16*rs, Config{SourceRetries: -1, SourceTimeout: 100 * time.Millisecond})
+	fc.src.hang.Store(true)
+	start := time.Now()
+	_, err := fc.e.ReadAt(make([]byte, 10), 0)
+	if err == nil || time.Since(start) > 5*time.Second {
+		t.Fatalf("read from a hung source: err = %v after %v, want a timeout error quickly", err, time.Since(start))
+	}
+	if st, _ := fc.e.Stalled(); !st {
+		t.Fatal("not stalled after a hung source")
+	}
+}
+
+func TestResumeFromMetadata(t *testing.T) {
+	fc := newFileClone(t, 64*rs, Config{})
+	w := bytes.Repeat([]byte{9}, 100)
+	fc.e.WriteAt(w, 40*rs)
+	fc.e.ReadAt(make([]byte, 2*rs), 0)
+	fc.e.Discard(10*rs, 2*rs)
+	before := fc.e.Progress()
+	if err := fc.e.Close(); err != nil {
+		t.Fatal(err)
+	}
+	fc.open(t, Config{})
+	after := fc.e.Progress()
+	if after.HydratedRegions != before.HydratedRegions || after.BytesFetched != before.BytesFetched ||
+		after.BytesSkippedDiscard != before.BytesSkippedDiscard {
+		t.Fatalf("progress after reopen %+v, before %+v", after, before)
+	}
+	got := make([]byte, 100)
+	fc.e.ReadAt(got, 40*rs)
+	if !bytes.Equal(got, w) || fc.src.reads.Load() != 0 {
+		t.Fatal("write lost across reopen, or hydrated region fetched again")
+	}
+	// The metadata is locked while open, and refuses other devices.
+	s, _ := blockdev.OpenFile(fc.srcPath, true)
+	if _, err := Open(testLog(), Config{Source: s, Dest: blockdev.NewMem(64 * rs), MetaPath: fc.metaPath}); err == nil {
+		t.Fatal("a second engine opened metadata in use")
+	}
+	fc.e.Close()
+	if _, err := Open(testLog(), Config{Source: s, Dest: blockdev.NewMem(64 * rs), MetaPath: fc.metaPath, RegionSize: 8192}); !errors.Is(err, ErrMetadata) {
+		t.Fatalf("metadata with another region size: err = %v, want ErrMetadata", err)
+	}
+}
+
+func TestTornSlotFallsBack(t *testing.T) {
+	fc := newFileClone(t, 64*rs, Config{})
+	fc.e.WriteAt(make([]byte, rs), 0) // region 0 hydrated
+	fc.e.Flush()
+	fc.e.WriteAt(make([]byte, rs), rs) // region 1 hydrated in the next slot
+	fc.e.Flush()
+	seq := fc.e.meta.seq
+	fc.e.Close()
+	// Tear the newest slot's bitmap.
+	f, _ := os.OpenFile(fc.metaPath, os.O_RDWR, 0)
+	n := slotSize(64)
+	f.WriteAt([]byte{0xFF, 0xFF}, int64(seq%2)*n+metaHeaderLen+8)
+	f.Close()
+	fc.open(t, Config{})
+	if got := fc.e.Progress().HydratedRegions; got < 1 || got > 2 {
+		t.Fatalf("after a torn newest slot: %d hydrated, want the older slot's count", got)
+	}
+	if fc.e.meta.seq != seq+1 {
+		// Reopen commits nothing new unless something changed.
+		t.Logf("seq %d -> %d", seq, fc.e.meta.seq)
+	}
+	// Both slots damaged: refuse, never start over.
+	fc.e.Close()
+	f, _ = os.OpenFile(fc.metaPath, os.O_RDWR, 0)
+	f.WriteAt([]byte("XXXX"), 0)
+	f.WriteAt([]byte("XXXX"), n)
+	f.Close()
+	s, _ := blockdev.OpenFile(fc.srcPath, true)
+	defer s.Close()
+	if _, err := Open(testLog(), Config{Source: s, Dest: blockdev.NewMem(64 * rs), MetaPath: fc.metaPath}); !errors.Is(err, ErrMetadata) {
+		t.Fatalf("both slots damaged: err = %v, want ErrMetadata", err)
+	}
+}
+
+func TestBadConfigRefused(t *testing.T) {
+	src := blockdev.NewMem(64 * rs)
+	for name, cfg := range map[string]Config{
+		"region not power of two": {Source: src, Dest: blockdev.NewMem(64 * rs), MetaPath: metaPath(t), RegionSize: 6000},
+		"region too small":        {Source: src, Dest: blockdev.NewMem(64 * rs), MetaPath: metaPath(t), RegionSize: 512},
+		"dest too small":          {Source: src, Dest: blockdev.NewMem(rs), MetaPath: metaPath(t)},
+		"no meta":                 {Source: src, Dest: blockdev.NewMem(64 * rs)},
+		"bad tunables":            {Source: src, Dest: blockdev.NewMem(64 * rs), MetaPath: metaPath(t), Tunables: Tunables{BatchRegions: -1, InFlight: 1}},
+	} {
+		if _, err := Open(testLog(), cfg); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+	e := mustOpen(t, Config{Source: src, Dest: blockdev.NewMem(64 * rs), MetaPath: metaPath(t)})
+	defer e.Close()
+	if err := e.SetTunables(Tunables{BatchRegions: 1, InFlight: 0}); err == nil {
+		t.Error("SetTunables accepted zero in-flight")
+	}
+}
+
+// Concurrent foreground I/O on disjoint ranges while hydration runs.
+func TestConcurrentIOWhileHydrating(t *testing.T) {
+	fc := newFileClone(t, 512*rs, Config{Tunables: Tunables{BatchRegions: 8, InFlight: 3, MinShare: 0.3}})
+	fc.e.EnableHydration()
+	want := append([]byte(nil), fc.srcData...)
+	var wg sync.WaitGroup
+	for g := 0; g < 4; g++ {
+		wg.Add(1)
+		go func(g int) {
+			defer wg.Done()
+			base := int64(g) * 128 * rs
+			for i := int64(0); i < 64; i++ {
+				off := base + i*2*rs + int64(g*100)
+				p := bytes.Repeat([]byte{byte(g + 1)}, 1500)
+				if _, err := fc.e.WriteAt(p, off); err != nil {
+					t.Error(err)
+					return
+				}
+				got := make([]byte, 3000)
+				if _, err := fc.e.ReadAt(got, off); err != nil {
+					t.Error(err)
+					return
+				}
+				if !bytes.Equal(got[:1500], p) {
+					t.Errorf("goroutine %d: read after write differs at %d", g, off)
+					return
+				}
+			}
+		}(g)
+	}
+	for g := 0; g < 4; g++ {
+		base := int64(g) * 128 * rs
+		for i := int64(0); i < 64; i++ {
+			copy(want[base+i*2*rs+int64(g*100):], bytes.Repeat([]byte{byte(g + 1)}, 1500))
+		}
+	}
+	wg.Wait()
+	waitDone(t, fc.e)
+	fc.e.Flush()
+	if !bytes.Equal(fc.dst(t), want) {
+		t.Fatal("destination after concurrent I/O and hydration is not source + writes")
+	}
+}
+
+func TestRateLimit(t *testing.T) {
+	fc := newFileClone(t, 64*rs, Config{Tunables: Tunables{BatchRegions: 4, InFlight: 2, RateLimitBytesPerSec: 512 << 10, MinShare: 0.5}})
+	start := time.Now()
+	fc.e.EnableHydration()
+	waitDone(t, fc.e)
+	// 256 KiB at 512 KiB/s: at least ~0.4 s (the first batch goes at once).
+	if d := time.Since(start); d < 400*time.Millisecond {
+		t.Fatalf("256 KiB hydrated in %v despite a 512 KiB/s limit", d)
+	}
+}

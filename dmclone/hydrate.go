@@ -1,0 +1,406 @@
+package dmclone
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"sync"
+	"time"
+
+	"github.com/ferry-dev/ferry/blockdev"
+)
+
+// EnableHydration starts background hydration (dm-clone: enable_hydration).
+func (e *Engine) EnableHydration() error {
+	if err := e.enter(); err != nil {
+		return err
+	}
+	defer e.leave()
+	e.mu.Lock()
+	if e.enabled || e.dissolved {
+		e.mu.Unlock()
+		return nil
+	}
+	e.enabled = true
+	tun := e.tun
+	e.mu.Unlock()
+	e.startWorkers(tun)
+	e.log.Info().Interface("tunables", tun).Msg("background hydration enabled")
+	return nil
+}
+
+// DisableHydration stops background hydration; I/O still hydrates on demand.
+func (e *Engine) DisableHydration() error {
+	e.mu.Lock()
+	was := e.enabled
+	e.enabled = false
+	e.mu.Unlock()
+	if was {
+		e.stopBackground()
+		e.log.Info().Msg("background hydration disabled")
+	}
+	return nil
+}
+
+// SetTunables changes the background hydration's shape; running workers are
+// restarted with it.
+func (e *Engine) SetTunables(t Tunables) error {
+	if err := t.validate(); err != nil {
+		return err
+	}
+	e.mu.Lock()
+	e.tun = t
+	enabled := e.enabled
+	e.mu.Unlock()
+	e.limiter.setRate(t.RateLimitBytesPerSec)
+	e.gate.setMin(bgMin(t))
+	if enabled {
+		e.stopBackground()
+		e.startWorkers(t)
+	}
+	return nil
+}
+
+func bgMin(t Tunables) int {
+	return max(1, int(math.Ceil(float64(t.InFlight)*t.MinShare)))
+}
+
+func (e *Engine) startWorkers(t Tunables) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.bgStop != nil {
+		return
+	}
+	stop := make(chan struct{})
+	e.bgStop = stop
+	for i := 0; i < t.InFlight; i++ {
+		e.bgWG.Add(1)
+		go e.worker(stop, t.BatchRegions)
+	}
+}
+
+// stopBackground stops the workers and waits for their copies to finish.
+func (e *Engine) stopBackground() {
+	e.mu.Lock()
+	stop := e.bgStop
+	e.bgStop = nil
+	if stop != nil {
+		close(stop) // before the broadcast, so a woken worker sees it
+	}
+	e.cond.Broadcast()
+	e.mu.Unlock()
+	e.gate.wake()
+	e.bgWG.Wait()
+}
+
+// worker copies batches of contiguous unhydrated regions until everything is
+// hydrated or it is stopped.
+func (e *Engine) worker(stop chan struct{}, batch int) {
+	defer e.bgWG.Done()
+	backoff := 100 * time.Millisecond
+	for {
+		select {
+		case <-stop:
+			return
+		default:
+		}
+		a, b, ok := e.pickBatch(stop, int64(batch))
+		if !ok {
+			return
+		}
+		off, end := e.regionOff(a), e.regionOff(b)
+		if !e.gate.bgAcquire(stop) {
+			e.release(a, b, false)
+			return
+		}
+		if !e.limiter.wait(end-off, stop) {
+			e.gate.bgRelease()
+			e.release(a, b, false)
+			return
+		}
+		buf, err := e.fetch(off, end, false)
+		e.gate.bgRelease()
+		if err != nil {
+			e.release(a, b, false)
+			e.log.Warn().Err(err).Dur("retry_in", backoff).Msg("background hydration failed")
+			select {
+			case <-stop:
+				return
+			case <-time.After(backoff):
+			}
+			backoff = min(2*backoff, 30*time.Second)
+			continue
+		}
+		putBuf(buf)
+		backoff = 100 * time.Millisecond
+		e.release(a, b, true)
+	}
+}
+
+// pickBatch claims up to n contiguous unhydrated, idle regions from the
+// cursor on. It waits while every unhydrated region is busy and returns
+// false when all are hydrated or stop is closed.
+func (e *Engine) pickBatch(stop chan struct{}, n int64) (int64, int64, bool) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for {
+		select {
+		case <-stop:
+			return 0, 0, false
+		default:
+		}
+		if e.nHyd == e.regions {
+			return 0, 0, false
+		}
+		wrapped := false
+		i := e.cursor
+		for {
+			i = e.hyd.nextClear(i, e.regions)
+			for i < e.regions && e.busy.get(i) {
+				i = e.hyd.nextClear(i+1, e.regions)
+			}
+			if i < e.regions || wrapped {
+				break
+			}
+			wrapped = true
+			i = 0
+		}
+		if i < e.regions {
+			j := i + 1
+			for j < e.regions && j-i < n && !e.hyd.get(j) && !e.busy.get(j) {
+				j++
+			}
+			forWords(i, j, func(w int64, m uint64) { e.busy[w] |= m })
+			e.nBusy += j - i
+			e.cursor = j
+			return i, j, true
+		}
+		// Everything left is being copied by someone else; wait for a release.
+		e.cond.Wait()
+	}
+}
+
+// readSource reads from the source with bounded retries and a timeout per
+// attempt. After the last failure the engine is marked stalled with the
+// reason and the error is returned; a later success clears the stall.
+func (e *Engine) readSource(buf []byte, off int64, foreground bool) error {
+	if foreground {
+		e.gate.fgAcquire()
+		defer e.gate.fgRelease()
+	}
+	var last error
+	delay := 20 * time.Millisecond
+	for attempt := 0; attempt <= e.retries; attempt++ {
+		if attempt > 0 {
+			time.Sleep(delay)
+			delay = min(2*delay, time.Second)
+		}
+		err := e.readSourceOnce(buf, off)
+		if err == nil {
+			e.mu.Lock()
+			if e.stall != "" {
+				e.log.Info().Msg("source reads succeed again; no longer stalled")
+			}
+			e.stall = ""
+			e.mu.Unlock()
+			return nil
+		}
+		last = err
+		if errors.Is(err, blockdev.ErrOutOfRange) || errors.Is(err, blockdev.ErrClosed) {
+			break
+		}
+	}
+	reason := fmt.Sprintf("source read at %d+%d failed after %d attempts: %v", off, len(buf), e.retries+1, last)
+	e.mu.Lock()
+	if e.stall == "" {
+		e.log.Error().Str("reason", reason).Msg("clone stalled")
+	}
+	e.stall = reason
+	e.mu.Unlock()
+	return fmt.Errorf("%s (check the source's connection; hydration resumes when it answers): %w", reason, last)
+}
+
+// readSourceOnce is one attempt; a source that does not answer within the
+// timeout counts as failed. Its late answer lands in a private buffer, so a
+// hung read never writes into memory the caller reuses.
+func (e *Engine) readSourceOnce(buf []byte, off int64) error {
+	if e.timeout <= 0 {
+		_, err := e.src.ReadAt(buf, off)
+		return err
+	}
+	tmp := make([]byte, len(buf))
+	res := make(chan error, 1)
+	go func() {
+		_, err := e.src.ReadAt(tmp, off)
+		res <- err
+	}()
+	t := time.NewTimer(e.timeout)
+	defer t.Stop()
+	select {
+	case err := <-res:
+		if err == nil {
+			copy(buf, tmp)
+		}
+		return err
+	case <-t.C:
+		return fmt.Errorf("source did not answer within %v", e.timeout)
+	}
+}
+
+// gate gives foreground source reads priority: while any is in flight,
+// background copies are held to min at once (never zero, so a busy workload
+// cannot starve hydration).
+type gate struct {
+	mu       sync.Mutex
+	cond     *sync.Cond
+	fgActive int
+	bgActive int
+	min      int
+}
+
+func newGate() *gate {
+	g := &gate{min: 1}
+	g.cond = sync.NewCond(&g.mu)
+	return g
+}
+
+func (g *gate) setMin(n int) {
+	g.mu.Lock()
+	g.min = n
+	g.cond.Broadcast()
+	g.mu.Unlock()
+}
+
+func (g *gate) fgAcquire() {
+	g.mu.Lock()
+	g.fgActive++
+	g.mu.Unlock()
+}
+
+func (g *gate) fgRelease() {
+	g.mu.Lock()
+	g.fgActive--
+	g.cond.Broadcast()
+	g.mu.Unlock()
+}
+
+func (g *gate) bgAcquire(stop chan struct{}) bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for g.fgActive > 0 && g.bgActive >= g.min {
+		select {
+		case <-stop:
+			return false
+		default:
+		}
+		g.cond.Wait()
+	}
+	g.bgActive++
+	return true
+}
+
+func (g *gate) bgRelease() {
+	g.mu.Lock()
+	g.bgActive--
+	g.cond.Broadcast()
+	g.mu.Unlock()
+}
+
+func (g *gate) wake() {
+	g.mu.Lock()
+	g.cond.Broadcast()
+	g.mu.Unlock()
+}
+
+// limiter paces background bytes to a rate (0 = unlimited).
+type limiter struct {
+	mu   sync.Mutex
+	rate int64
+	next time.Time
+}
+
+func (l *limiter) setRate(r int64) {
+	l.mu.Lock()
+	l.rate = r
+	l.next = time.Time{}
+	l.mu.Unlock()
+}
+
+// wait blocks until n bytes may be fetched; false if stopped first.
+func (l *limiter) wait(n int64, stop chan struct{}) bool {
+	l.mu.Lock()
+	if l.rate <= 0 {
+		l.mu.Unlock()
+		return true
+	}
+	now := time.Now()
+	at := l.next
+	if at.Before(now) {
+		at = now
+	}
+	l.next = at.Add(time.Duration(float64(n) / float64(l.rate) * float64(time.Second)))
+	l.mu.Unlock()
+	d := time.Until(at)
+	if d <= 0 {
+		return true
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-stop:
+		return false
+	}
+}
+
+// rateMeter estimates bytes fetched per second over the last few samples.
+type rateMeter struct {
+	mu      sync.Mutex
+	samples []rateSample
+}
+
+type rateSample struct {
+	t time.Time
+	n int64
+}
+
+func (r *rateMeter) add(t time.Time, n int64) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.samples = append(r.samples, rateSample{t, n})
+	if len(r.samples) > 10 {
+		r.samples = r.samples[len(r.samples)-10:]
+	}
+}
+
+func (r *rateMeter) rate() float64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if len(r.samples) < 2 {
+		return 0
+	}
+	first, last := r.samples[0], r.samples[len(r.samples)-1]
+	dt := last.t.Sub(first.t).Seconds()
+	if dt <= 0 {
+		return 0
+	}
+	return float64(last.n-first.n) / dt
+}
+
+var bufPool sync.Pool
+
+// getBuf returns a buffer of n bytes, reused for the common batch sizes.
+func getBuf(n int) []byte {
+	if b, ok := bufPool.Get().(*[]byte); ok && cap(*b) >= n {
+		return (*b)[:n]
+	}
+	return make([]byte, n)
+}
+
+func putBuf(b []byte) {
+	if cap(b) > 4<<20 {
+		return
+	}
+	bufPool.Put(&b)
+}

@@ -1,0 +1,216 @@
+package dmclone
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"os"
+
+	"golang.org/x/sys/unix"
+)
+
+// The metadata file holds two slots, each a 4 KiB header followed by the
+// region bitmap. Commits alternate between the slots; a torn write can only
+// damage the slot being written, so the other (older, complete) one stays
+// valid and loading picks the valid slot with the highest sequence number.
+// This is how dm-clone's metadata behaves: crash-consistent like a disk with
+// a volatile write cache.
+
+const (
+	metaMagic     = "FERRYCLN"
+	metaVersion   = 1
+	metaHeaderLen = 4096
+	// Field offsets inside the header.
+	offVersion   = 8
+	offSeq       = 12
+	offRegion    = 20
+	offSize      = 28
+	offRegions   = 36
+	offFetched   = 44
+	offDiscard   = 52
+	offKnownZero = 60
+	offWritten   = 68
+	offCRC       = 76
+)
+
+var crcTable = crc32.MakeTable(crc32.Castagnoli)
+
+// ErrMetadata is returned when the metadata file is damaged or belongs to
+// other devices.
+var ErrMetadata = errors.New("clone metadata")
+
+// metaState is what one slot records.
+type metaState struct {
+	seq        uint64
+	regionSize int64
+	size       int64
+	regions    int64
+	counters   counters
+	bits       bitmap
+}
+
+// counters persist with the bitmap so progress survives a restart.
+type counters struct {
+	Fetched          int64 // bytes read from the source
+	SkippedDiscard   int64 // bytes marked hydrated by discards
+	SkippedKnownZero int64 // bytes marked hydrated by the known-zero hint
+	SkippedWrite     int64 // bytes marked hydrated by whole-region writes
+}
+
+func bitmapBytes(regions int64) int64 { return (regions + 63) / 64 * 8 }
+
+func slotSize(regions int64) int64 {
+	return metaHeaderLen + (bitmapBytes(regions)+4095)/4096*4096
+}
+
+// encodeSlot serialises a state into one slot image.
+func encodeSlot(s *metaState) []byte {
+	buf := make([]byte, slotSize(s.regions))
+	copy(buf, metaMagic)
+	le := binary.LittleEndian
+	le.PutUint32(buf[offVersion:], metaVersion)
+	le.PutUint64(buf[offSeq:], s.seq)
+	le.PutUint64(buf[offRegion:], uint64(s.regionSize))
+	le.PutUint64(buf[offSize:], uint64(s.size))
+	le.PutUint64(buf[offRegions:], uint64(s.regions))
+	le.PutUint64(buf[offFetched:], uint64(s.counters.Fetched))
+	le.PutUint64(buf[offDiscard:], uint64(s.counters.SkippedDiscard))
+	le.PutUint64(buf[offKnownZero:], uint64(s.counters.SkippedKnownZero))
+	le.PutUint64(buf[offWritten:], uint64(s.counters.SkippedWrite))
+	bm := buf[metaHeaderLen : metaHeaderLen+bitmapBytes(s.regions)]
+	for i, w := range s.bits {
+		le.PutUint64(bm[i*8:], w)
+	}
+	crc := crc32.Update(crc32.Checksum(buf[:offCRC], crcTable), crcTable, bm)
+	le.PutUint32(buf[offCRC:], crc)
+	return buf
+}
+
+// decodeSlot parses and verifies one slot image. It never panics on bad
+// input: every length comes from the checked header.
+func decodeSlot(buf []byte) (*metaState, error) {
+	if len(buf) < metaHeaderLen || string(buf[:8]) != metaMagic {
+		return nil, fmt.Errorf("%w: no slot header", ErrMetadata)
+	}
+	le := binary.LittleEndian
+	if v := le.Uint32(buf[offVersion:]); v != metaVersion {
+		return nil, fmt.Errorf("%w: version %d, this ferry reads version %d", ErrMetadata, v, metaVersion)
+	}
+	s := &metaState{
+		seq:        le.Uint64(buf[offSeq:]),
+		regionSize: int64(le.Uint64(buf[offRegion:])),
+		size:       int64(le.Uint64(buf[offSize:])),
+		regions:    int64(le.Uint64(buf[offRegions:])),
+	}
+	if err := validRegionSize(s.regionSize); err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrMetadata, err)
+	}
+	if s.size <= 0 || s.regions != (s.size+s.regionSize-1)/s.regionSize || s.regions > maxRegions {
+		return nil, fmt.Errorf("%w: size %d and %d regions of %d bytes disagree", ErrMetadata, s.size, s.regions, s.regionSize)
+	}
+	nb := bitmapBytes(s.regions)
+	if int64(len(buf)) < metaHeaderLen+nb {
+		return nil, fmt.Errorf("%w: slot truncated", ErrMetadata)
+	}
+	bm := buf[metaHeaderLen : metaHeaderLen+nb]
+	crc := crc32.Update(crc32.Checksum(buf[:offCRC], crcTable), crcTable, bm)
+	if crc != le.Uint32(buf[offCRC:]) {
+		return nil, fmt.Errorf("%w: checksum mismatch", ErrMetadata)
+	}
+	s.counters = counters{
+		Fetched:          int64(le.Uint64(buf[offFetched:])),
+		SkippedDiscard:   int64(le.Uint64(buf[offDiscard:])),
+		SkippedKnownZero: int64(le.Uint64(buf[offKnownZero:])),
+		SkippedWrite:     int64(le.Uint64(buf[offWritten:])),
+	}
+	s.bits = newBitmap(s.regions)
+	for i := range s.bits {
+		s.bits[i] = le.Uint64(bm[i*8:])
+	}
+	// Bits past the last region must be clear, or counts would be wrong.
+	if rem := s.regions & 63; rem != 0 && s.bits[len(s.bits)-1]>>uint(rem) != 0 {
+		return nil, fmt.Errorf("%w: bits set past the last region", ErrMetadata)
+	}
+	return s, nil
+}
+
+// metaFile is the open metadata file.
+type metaFile struct {
+	f       *os.File
+	regions int64
+	seq     uint64
+}
+
+// openMeta opens or creates path. It returns the newest valid state, or nil
+// when the file is new (empty). A non-empty file with no valid slot is an
+// error: starting over would read stale source data over the workload's writes.
+func openMeta(path string, regions int64) (*metaFile, *metaState, error) {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, nil, fmt.Errorf("open clone metadata %s: %w", path, err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		return nil, nil, fmt.Errorf("clone metadata %s is in use by another process (%w): stop that clone first", path, err)
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, nil, fmt.Errorf("stat clone metadata %s: %w", path, err)
+	}
+	m := &metaFile{f: f, regions: regions}
+	if st.Size() == 0 {
+		return m, nil, nil
+	}
+	var best *metaState
+	var firstErr error
+	for slot := int64(0); slot < 2; slot++ {
+		s, err := readSlot(f, slot, regions, st.Size())
+		if err != nil {
+			if firstErr == nil {
+				firstErr = err
+			}
+			continue
+		}
+		if best == nil || s.seq > best.seq {
+			best = s
+		}
+	}
+	if best == nil {
+		f.Close()
+		return nil, nil, fmt.Errorf("clone metadata %s has no valid slot (%w); it is damaged or not a ferry clone metadata file: remove the clone and start over from the source", path, firstErr)
+	}
+	m.seq = best.seq
+	return m, best, nil
+}
+
+func readSlot(f *os.File, slot, regions, fileSize int64) (*metaState, error) {
+	n := slotSize(regions)
+	off := slot * n
+	if off+n > fileSize {
+		return nil, fmt.Errorf("%w: slot %d outside the file (metadata of a device with another size or region size?)", ErrMetadata, slot)
+	}
+	buf := make([]byte, n)
+	if _, err := f.ReadAt(buf, off); err != nil {
+		return nil, fmt.Errorf("read metadata slot %d: %w", slot, err)
+	}
+	return decodeSlot(buf)
+}
+
+// commit writes s into the slot not holding the newest state and syncs it.
+func (m *metaFile) commit(s *metaState) error {
+	m.seq++
+	s.seq = m.seq
+	buf := encodeSlot(s)
+	off := int64(m.seq%2) * int64(len(buf))
+	if _, err := m.f.WriteAt(buf, off); err != nil {
+		return fmt.Errorf("write clone metadata: %w", err)
+	}
+	if err := unix.Fdatasync(int(m.f.Fd())); err != nil {
+		return fmt.Errorf("sync clone metadata: %w", err)
+	}
+	return nil
+}
+
+func (m *metaFile) close() error { return m.f.Close() }
