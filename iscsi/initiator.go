@@ -5,8 +5,10 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -353,4 +355,47 @@ func (l *LUN) Close() error {
 		l.log.Debug().Err(err).Msg("logout")
 	}
 	return nil
+}
+
+// CopyTo copies the whole LUN into w, keeping QueueDepth reads of
+// MaxTransfer bytes in flight (the `ferry iscsi read` tool and benchmarks).
+func (l *LUN) CopyTo(ctx context.Context, w io.WriterAt) (int64, error) {
+	var (
+		next     atomic.Int64
+		copied   atomic.Int64
+		wg       sync.WaitGroup
+		errOnce  sync.Once
+		firstErr error
+	)
+	chunk := int64(l.cfg.MaxTransfer)
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	for i := 0; i < cap(l.sem); i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			buf := make([]byte, chunk)
+			for ctx.Err() == nil {
+				off := next.Add(chunk) - chunk
+				if off >= l.size {
+					return
+				}
+				b := buf[:min(chunk, l.size-off)]
+				err := l.readChunk(ctx, b, off)
+				if err == nil {
+					_, err = w.WriteAt(b, off)
+				}
+				if err != nil {
+					errOnce.Do(func() { firstErr = err; cancel() })
+					return
+				}
+				copied.Add(int64(len(b)))
+			}
+		}()
+	}
+	wg.Wait()
+	if firstErr == nil && ctx.Err() != nil {
+		firstErr = ctx.Err()
+	}
+	return copied.Load(), firstErr
 }

@@ -1,0 +1,225 @@
+package iscsi
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/signal"
+	"strconv"
+	"syscall"
+	"time"
+
+	"github.com/gostor/gotgt/pkg/api"
+	"github.com/gostor/gotgt/pkg/config"
+	_ "github.com/gostor/gotgt/pkg/port/iscsit" // registers the "iscsi" target driver
+	"github.com/gostor/gotgt/pkg/scsi"
+	_ "github.com/gostor/gotgt/pkg/scsi/backingstore" // registers "null", which gotgt's fake LUN 0 needs
+	"github.com/rs/zerolog"
+	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
+
+	"github.com/ferry-dev/ferry/internal/logging"
+)
+
+// childEnv marks a process started as an export child. The ferry binary
+// dispatches on its "iscsi serve" arguments; test binaries on this variable.
+const childEnv = "FERRY_ISCSI_EXPORT_CHILD"
+
+// Inherited descriptors of an export child: the gate listener (bound in the
+// host namespace) and the pipe on which it reports readiness.
+const (
+	childListenerFD = 3
+	childReadyFD    = 4
+)
+
+// gotgtPort is where gotgt listens inside the child's private namespace.
+// gotgt binds every interface; there, that is loopback alone.
+const gotgtPort = 3260
+
+const roStoreName = "ferry-ro"
+
+// childConfig is what the parent sends the child on stdin (it may hold TLS
+// key material, hence not on the command line or in a file).
+type childConfig struct {
+	Path      string   `json:"path"`
+	IQN       string   `json:"iqn"`
+	LUN       uint64   `json:"lun"`
+	BlockSize int      `json:"block_size"`
+	Portal    string   `json:"portal"`
+	Allow     []string `json:"allow"`
+	TLS       *GateTLS `json:"tls,omitempty"`
+	LogLevel  string   `json:"log_level"`
+}
+
+// IsExportChild reports whether this process was started as an export child
+// (test binaries call ServeChild from TestMain when it is true).
+func IsExportChild() bool { return os.Getenv(childEnv) == "1" }
+
+// ServeChild is the body of `ferry iscsi serve`: it runs one export inside
+// the private network namespace its parent created, until SIGTERM. It never
+// returns normally; the exit status tells the supervisor what happened.
+func ServeChild() {
+	log := logging.For(zerolog.New(os.Stderr).With().Timestamp().Logger(), "iscsi-export-child")
+	if err := serveChild(log); err != nil {
+		log.Error().Err(err).Msg("export child failed")
+		ready := os.NewFile(childReadyFD, "ready")
+		fmt.Fprintf(ready, "error: %v\n", err)
+		os.Exit(1)
+	}
+	os.Exit(0)
+}
+
+func serveChild(log zerolog.Logger) error {
+	var cfg childConfig
+	if err := json.NewDecoder(io.LimitReader(os.Stdin, 1<<20)).Decode(&cfg); err != nil {
+		return fmt.Errorf("reading the export configuration from the parent: %w", err)
+	}
+	if lvl, err := zerolog.ParseLevel(cfg.LogLevel); err == nil && cfg.LogLevel != "" {
+		log = log.Level(lvl)
+	}
+	log = log.With().Str("iqn", cfg.IQN).Logger()
+	// gotgt logs through the global logrus logger: keep it to warnings, as JSON, on our stderr.
+	logrus.SetOutput(os.Stderr)
+	logrus.SetFormatter(&logrus.JSONFormatter{})
+	logrus.SetLevel(logrus.WarnLevel)
+
+	if err := loopbackOnly(); err != nil {
+		return err
+	}
+	allow, err := parseAllow(cfg.Allow)
+	if err != nil {
+		return err
+	}
+	var tlsCfg = (*GateTLS)(nil)
+	_ = tlsCfg
+	gt := &gate{log: log, allow: allow, conns: make(map[net.Conn]struct{}),
+		backend: net.JoinHostPort("127.0.0.1", strconv.Itoa(gotgtPort))}
+	if cfg.TLS != nil {
+		if gt.tls, err = cfg.TLS.config(); err != nil {
+			return err
+		}
+	}
+	lf := os.NewFile(childListenerFD, "gate-listener")
+	gt.ln, err = net.FileListener(lf)
+	if err != nil {
+		return fmt.Errorf("gate listener from the parent: %w", err)
+	}
+	lf.Close()
+
+	drv, err := startGotgt(cfg)
+	if err != nil {
+		return err
+	}
+	if err := waitListening(gt.backend, 10*time.Second); err != nil {
+		return err
+	}
+	ready := os.NewFile(childReadyFD, "ready")
+	fmt.Fprintln(ready, "ready")
+	ready.Close()
+	log.Info().Str("portal", cfg.Portal).Msg("export serving")
+
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
+	signal.Ignore(syscall.SIGPIPE, syscall.SIGHUP)
+	errc := make(chan error, 1)
+	go func() { errc <- gt.serve() }()
+	select {
+	case s := <-sig:
+		log.Info().Str("signal", s.String()).Msg("export stopping")
+		gt.close()
+		_ = drv.Close()
+		return nil
+	case err := <-errc:
+		_ = drv.Close()
+		return err
+	}
+}
+
+// loopbackOnly brings lo up and refuses to go on if the namespace has any
+// other interface: gotgt binds all of them, so it must see nothing else.
+func loopbackOnly() error {
+	ifs, err := net.Interfaces()
+	if err != nil {
+		return fmt.Errorf("listing interfaces: %w", err)
+	}
+	for _, i := range ifs {
+		if i.Flags&net.FlagLoopback == 0 {
+			return fmt.Errorf("export child sees interface %s: it must run in a private network namespace (CLONE_NEWNET)", i.Name)
+		}
+	}
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("socket for bringing lo up: %w", err)
+	}
+	defer unix.Close(fd)
+	ifr, err := unix.NewIfreq("lo")
+	if err != nil {
+		return err
+	}
+	if err := unix.IoctlIfreq(fd, unix.SIOCGIFFLAGS, ifr); err != nil {
+		return fmt.Errorf("reading lo flags: %w", err)
+	}
+	ifr.SetUint16(ifr.Uint16() | unix.IFF_UP)
+	if err := unix.IoctlIfreq(fd, unix.SIOCSIFFLAGS, ifr); err != nil {
+		return fmt.Errorf("bringing lo up: %w", err)
+	}
+	return nil
+}
+
+func startGotgt(cfg childConfig) (scsi.SCSITargetDriver, error) {
+	shift := uint(9)
+	for 1<<shift < cfg.BlockSize {
+		shift++
+	}
+	scsi.RegisterBackingStore(roStoreName, func() (api.BackingStore, error) {
+		return &roStore{BaseBackingStore: scsi.BaseBackingStore{Name: roStoreName}}, nil
+	})
+	const deviceID = 1000
+	gc := &config.Config{
+		Storages:     []config.BackendStorage{{DeviceID: deviceID, Path: roStoreName + ":" + cfg.Path, Online: true, BlockShift: shift}},
+		ISCSIPortals: []config.ISCSIPortalInfo{{ID: 0, Portal: net.JoinHostPort("127.0.0.1", strconv.Itoa(gotgtPort))}},
+		ISCSITargets: map[string]config.ISCSITarget{cfg.IQN: {
+			TPGTs: map[string][]uint64{"1": {0}},
+			LUNs:  map[string]uint64{strconv.FormatUint(cfg.LUN, 10): deviceID},
+		}},
+	}
+	if err := scsi.InitSCSILUMap(gc); err != nil {
+		return nil, fmt.Errorf("configuring the target's LUN: %w", err)
+	}
+	lu := scsi.GetLU(cfg.IQN, cfg.LUN)
+	if lu == nil {
+		return nil, errors.New("gotgt did not map the LUN")
+	}
+	// gotgt answers writes to a read-only LU with DATA PROTECT / WRITE
+	// PROTECTED before they reach the store (and before ORWRITE can panic).
+	lu.Attrs.Readonly = true
+	drv, err := scsi.NewTargetDriver("iscsi", scsi.NewSCSITargetService())
+	if err != nil {
+		return nil, fmt.Errorf("gotgt iscsi driver: %w", err)
+	}
+	if err := drv.NewTarget(cfg.IQN, gc); err != nil {
+		return nil, fmt.Errorf("gotgt target: %w", err)
+	}
+	// Discovery must announce the gate, not gotgt's loopback address.
+	drv.SetClusterIP(cfg.Portal)
+	go func() { _ = drv.Run(gotgtPort) }()
+	return drv, nil
+}
+
+func waitListening(addr string, within time.Duration) error {
+	deadline := time.Now().Add(within)
+	for {
+		c, err := net.DialTimeout("tcp", addr, time.Second)
+		if err == nil {
+			c.Close()
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("gotgt did not start listening on %s: %w", addr, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
