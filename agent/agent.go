@@ -211,10 +211,13 @@ func (a *Agent) drive(ctx context.Context, id string, inbox chan *fsm.Migration)
 		err := step(ctx, log, m)
 		if err == nil {
 			backoff, attempts, failingSince = a.cfg.Retry, 0, time.Time{}
-			if fresh, gerr := a.cp.GetMigration(ctx, id); gerr == nil {
-				m = fresh
-			} else {
+			fresh, gerr := a.cp.GetMigration(ctx, id)
+			if gerr != nil || fresh.State == m.State {
+				// A step that proposed nothing (or whose event is not visible
+				// yet) waits for the next change instead of repeating.
 				m = nil
+			} else {
+				m = fresh
 			}
 			continue
 		}

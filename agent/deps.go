@@ -38,6 +38,8 @@ type Exporter interface {
 	Export(ctx context.Context, id, path, allow string) (portal, iqn string, err error)
 	// Unexport tears the export down without a trace; idempotent.
 	Unexport(ctx context.Context, id string) error
+	// Live reports whether this process serves the export of migration id.
+	Live(id string) bool
 }
 
 // Network places machines on the 6PN and rewrites addresses at cutover.

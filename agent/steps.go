@@ -40,6 +40,9 @@ func (a *Agent) stepFor(m *fsm.Migration) stepFunc {
 		return a.startHydration
 	case dst && m.State == fsm.Hydrating:
 		return a.hydrate
+	case src && servesExport(m.State) && m.Export != nil && !a.exp.Live(m.ID):
+		// The agent restarted (its gate died with it): serve the same portal again.
+		return a.reExport
 	case src && m.State.AfterCutover() && !a.done(m, "net-source"):
 		return a.forwardOld
 	case src && m.State == fsm.Hydrated:
@@ -377,6 +380,32 @@ func (a *Agent) exportSource(ctx context.Context, log zerolog.Logger, m *fsm.Mig
 	}
 	log.Info().Str("portal", portal).Str("iqn", iqn).Int("known_zero_ranges", len(zeros)).Msg("volume exported")
 	return a.propose(ctx, m, fsm.EvExported, fsm.EventPayload{Export: &fsm.Export{Portal: portal, IQN: iqn}, KnownZero: zeros})
+}
+
+// servesExport: the states in which the target may read the source.
+func servesExport(s fsm.State) bool {
+	switch s {
+	case fsm.Exported, fsm.CloneBuilt, fsm.Trimmed, fsm.Cutover, fsm.Hydrating:
+		return true
+	}
+	return false
+}
+
+// reExport restarts the export at the portal recorded in the migration.
+func (a *Agent) reExport(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
+	tw, err := a.cp.GetWorker(ctx, m.Target)
+	if err != nil {
+		return err
+	}
+	portal, _, err := a.exp.Export(ctx, m.ID, a.vols.DataPath(m.Volume), tw.Address)
+	if err != nil {
+		return err
+	}
+	if portal != m.Export.Portal {
+		return fmt.Errorf("export restarted at %s, not at the recorded portal %s", portal, m.Export.Portal)
+	}
+	log.Info().Str("portal", portal).Msg("export re-established after an agent restart")
+	return nil
 }
 
 // knownZero lists the volume file's holes, coalesced to at most 4096 ranges

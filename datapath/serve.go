@@ -71,8 +71,10 @@ func (s *server) build(ctx context.Context, passphrase []byte) error {
 		if s.lun.Size() != size {
 			return fmt.Errorf("source export is %d bytes but the carried layout says %d: refusing to clone", s.lun.Size(), size)
 		}
+		tun := dmclone.DefaultTunables(regionSize(c.RegionSize))
+		tun.RateLimitBytesPerSec = c.RateLimit
 		s.eng, err = dmclone.Open(s.log, dmclone.Config{Source: s.lun, Dest: s.dest, MetaPath: c.MetaPath,
-			RegionSize: c.RegionSize, KnownZero: c.KnownZero})
+			RegionSize: regionSize(c.RegionSize), KnownZero: c.KnownZero, Tunables: tun})
 		if err != nil {
 			return fmt.Errorf("open clone engine: %w", err)
 		}
@@ -131,7 +133,7 @@ func (s *server) status() Status {
 	if s.eng != nil {
 		p := s.eng.Progress()
 		st.Progress = fromEngine(p)
-		st.Complete = p.HydratedRegions == p.TotalRegions
+		st.Complete = p.Complete
 	} else {
 		st.Complete = true
 	}
@@ -194,7 +196,7 @@ func (s *server) dissolve() error {
 		return nil
 	}
 	p := s.eng.Progress()
-	if p.HydratedRegions != p.TotalRegions {
+	if !p.Complete {
 		return fmt.Errorf("volume %s is not fully hydrated (%d/%d regions): cannot dissolve yet", s.cfg.VolumeID, p.HydratedRegions, p.TotalRegions)
 	}
 	// Swap waits for in-flight I/O; from then on the view reads the
@@ -204,8 +206,23 @@ func (s *server) dissolve() error {
 		s.sw.Swap(s.eng)
 		return fmt.Errorf("dissolve clone of %s: %w", s.cfg.VolumeID, err)
 	}
-	s.lun.Close()
-	s.lun = nil
+	s.lun = nil // the engine closed it
 	s.dissolved = true
 	return nil
+}
+
+func regionSize(rs int64) int64 {
+	if rs == 0 {
+		return 4096
+	}
+	return rs
+}
+
+func fromEngine(p dmclone.Progress) *Progress {
+	return &Progress{
+		RegionSize: p.RegionSize, TotalRegions: p.TotalRegions, HydratedRegions: p.HydratedRegions,
+		TotalBytes: p.TotalRegions * p.RegionSize, HydratedBytes: p.HydratedRegions * p.RegionSize,
+		FetchedBytes: p.BytesFetched, SkippedDiscard: p.BytesSkippedDiscard, SkippedKnownZero: p.BytesSkippedZero,
+		RateBps: p.RateBytesPerSec, ETASeconds: p.ETA.Seconds(), Stalled: p.Stalled, StalledReason: p.StallReason,
+	}
 }

@@ -1,0 +1,128 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/ferry-dev/ferry/iscsi"
+)
+
+// ISCSIExporter serves frozen volumes with ferry's embedded iSCSI target.
+// The gate of an export lives in the agent process, so an export left by a
+// killed agent is unreachable: it is stopped and restarted on the portal
+// recorded before, which the target's initiator reconnects to.
+type ISCSIExporter struct {
+	Log      zerolog.Logger
+	StateDir string // DataDir/exports
+	Address  string // IP the gate listens on (this worker's fabric address)
+	Domain   string // IQN naming authority, e.g. "dev.ferry"
+
+	mu   sync.Mutex
+	live map[string]*iscsi.Export
+}
+
+type exportRecord struct {
+	Portal string `json:"portal"`
+	IQN    string `json:"iqn"`
+}
+
+func (x *ISCSIExporter) recordPath(id string) string { return filepath.Join(x.StateDir, id+".json") }
+func (x *ISCSIExporter) dir(id string) string        { return filepath.Join(x.StateDir, id) }
+
+func (x *ISCSIExporter) Live(id string) bool {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	e, ok := x.live[id]
+	if !ok {
+		return false
+	}
+	select {
+	case <-e.Done():
+		delete(x.live, id)
+		return false
+	default:
+		return true
+	}
+}
+
+func (x *ISCSIExporter) Export(ctx context.Context, id, path, allow string) (string, string, error) {
+	if x.Live(id) {
+		x.mu.Lock()
+		e := x.live[id]
+		x.mu.Unlock()
+		return e.Portal(), e.IQN(), nil
+	}
+	if err := os.MkdirAll(x.StateDir, 0o700); err != nil {
+		return "", "", err
+	}
+	// An export recorded by an earlier agent process has lost its gate.
+	if _, err := iscsi.StopRecorded(x.dir(id)); err != nil {
+		return "", "", fmt.Errorf("stop the stale export of %s: %w", id, err)
+	}
+	rec := exportRecord{Portal: net.JoinHostPort(x.Address, "0"), IQN: iscsi.MigrationIQN(x.Domain, id, time.Now())}
+	if b, err := os.ReadFile(x.recordPath(id)); err == nil {
+		if err := json.Unmarshal(b, &rec); err != nil {
+			return "", "", fmt.Errorf("export record of %s: %w", id, err)
+		}
+	}
+	allowNet := allow
+	if ip := net.ParseIP(allow); ip != nil {
+		if ip.To4() != nil {
+			allowNet = allow + "/32"
+		} else {
+			allowNet = allow + "/128"
+		}
+	}
+	e, err := iscsi.StartExport(ctx, x.Log, iscsi.ExportConfig{Path: path, Listen: rec.Portal, Allow: []string{allowNet},
+		IQN: rec.IQN, StateDir: x.dir(id)})
+	if err != nil {
+		return "", "", err
+	}
+	// Record the portal before anyone relies on it, so a restart reuses it.
+	rec.Portal = e.Portal()
+	b, _ := json.Marshal(rec)
+	tmp := x.recordPath(id) + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		e.Stop()
+		return "", "", err
+	}
+	if err := os.Rename(tmp, x.recordPath(id)); err != nil {
+		e.Stop()
+		return "", "", err
+	}
+	x.mu.Lock()
+	if x.live == nil {
+		x.live = map[string]*iscsi.Export{}
+	}
+	x.live[id] = e
+	x.mu.Unlock()
+	return e.Portal(), e.IQN(), nil
+}
+
+func (x *ISCSIExporter) Unexport(ctx context.Context, id string) error {
+	x.mu.Lock()
+	e := x.live[id]
+	delete(x.live, id)
+	x.mu.Unlock()
+	var err error
+	if e != nil {
+		err = e.Stop()
+	}
+	if _, serr := iscsi.StopRecorded(x.dir(id)); serr != nil && err == nil {
+		err = serr
+	}
+	os.RemoveAll(x.dir(id))
+	if rerr := os.Remove(x.recordPath(id)); rerr != nil && !errors.Is(rerr, os.ErrNotExist) && err == nil {
+		err = rerr
+	}
+	return err
+}
