@@ -50,8 +50,9 @@ type Network interface {
 	Detach(ctx context.Context, machine string) error
 	// MapOld keeps old reaching the machine (now at new on this worker) for the grace period.
 	MapOld(ctx context.Context, machine string, old, new netrewrite.Addr) error
-	// ForwardOld, on the source, routes old towards the target worker for the grace period.
-	ForwardOld(ctx context.Context, machine string, old netrewrite.Addr, target string) error
+	// ForwardOld, on the source, routes old towards via (the target worker's
+	// fabric address) for the grace period.
+	ForwardOld(ctx context.Context, machine string, old netrewrite.Addr, via string) error
 }
 
 // KnownZero lists the ranges of a volume file that read as zeros (holes).

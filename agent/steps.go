@@ -459,7 +459,11 @@ func (a *Agent) forwardOld(ctx context.Context, log zerolog.Logger, m *fsm.Migra
 		if err != nil {
 			return err
 		}
-		if err := a.net.ForwardOld(ctx, m.Machine, old, m.Target); err != nil {
+		tw, err := a.cp.GetWorker(ctx, m.Target)
+		if err != nil {
+			return err
+		}
+		if err := a.net.ForwardOld(ctx, m.Machine, old, tw.Address); err != nil {
 			return err
 		}
 	}
