@@ -97,6 +97,7 @@ func (s *Store) applyPlan(index uint64, c *PlanCmd) *Result {
 		l := *vol.Layout
 		m.Layout = &l
 	}
+	m.ModifyIndex = index
 	m.rememberStep(StepResult{StepID: c.StepID, Event: "plan", State: Planned, Index: index})
 	for _, l := range m.lockNames() {
 		s.d.Locks[l] = m.ID
@@ -193,6 +194,7 @@ func (s *Store) applyPropose(index uint64, c *ProposeCmd) *Result {
 		return &Result{Migration: m.Clone(), Ignored: true}
 	}
 	m.UpdatedAt = c.Now
+	m.ModifyIndex = index
 	if m.State != before {
 		m.EnteredAt[m.State] = c.Now
 	}

@@ -27,25 +27,26 @@ type Migration struct {
 	Target  string `json:"target"`
 	Network uint32 `json:"network"` // private network (org) of the machine: one migration per network at a time
 
-	State      State               `json:"state"`
-	EnteredAt  map[State]time.Time `json:"entered_at"` // when each state was committed (proposer's clock via the leader)
-	CreatedAt  time.Time           `json:"created_at"`
-	UpdatedAt  time.Time           `json:"updated_at"`
-	Attempts   int                 `json:"attempts"`
-	LastError  string              `json:"last_error,omitempty"`
-	Stalled    bool                `json:"stalled"`
-	StallCause string              `json:"stalled_reason,omitempty"`
-	Rollback   *RollbackInfo       `json:"rollback,omitempty"`
-	Layout     *luks.Layout        `json:"layout,omitempty"`
-	KnownZero  []blockdev.Range    `json:"known_zero,omitempty"`
-	Export     *Export             `json:"export,omitempty"`
-	Progress   *Progress           `json:"progress,omitempty"`
-	TargetVol  string              `json:"target_volume,omitempty"`
-	Old6PN     string              `json:"old_6pn,omitempty"`
-	New6PN     string              `json:"new_6pn,omitempty"`
-	KeyAccess  []KeyAccess         `json:"key_access,omitempty"`
-	Steps      []StepResult        `json:"steps,omitempty"` // last maxStepIDs applied step IDs, oldest first
-	stepIndex  map[string]int      // StepID -> index in Steps; rebuilt on restore
+	State       State               `json:"state"`
+	EnteredAt   map[State]time.Time `json:"entered_at"` // when each state was committed (proposer's clock via the leader)
+	CreatedAt   time.Time           `json:"created_at"`
+	UpdatedAt   time.Time           `json:"updated_at"`
+	ModifyIndex uint64              `json:"modify_index"` // raft index of the last change (blocking queries)
+	Attempts    int                 `json:"attempts"`
+	LastError   string              `json:"last_error,omitempty"`
+	Stalled     bool                `json:"stalled"`
+	StallCause  string              `json:"stalled_reason,omitempty"`
+	Rollback    *RollbackInfo       `json:"rollback,omitempty"`
+	Layout      *luks.Layout        `json:"layout,omitempty"`
+	KnownZero   []blockdev.Range    `json:"known_zero,omitempty"`
+	Export      *Export             `json:"export,omitempty"`
+	Progress    *Progress           `json:"progress,omitempty"`
+	TargetVol   string              `json:"target_volume,omitempty"`
+	Old6PN      string              `json:"old_6pn,omitempty"`
+	New6PN      string              `json:"new_6pn,omitempty"`
+	KeyAccess   []KeyAccess         `json:"key_access,omitempty"`
+	Steps       []StepResult        `json:"steps,omitempty"` // last maxStepIDs applied step IDs, oldest first
+	stepIndex   map[string]int      // StepID -> index in Steps; rebuilt on restore
 }
 
 // RollbackInfo records why and how a migration rolled back.

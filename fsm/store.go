@@ -333,3 +333,27 @@ func (b snapshot) Persist(sink raft.SnapshotSink) error {
 }
 
 func (snapshot) Release() {}
+
+// MigrationsIndex is the highest ModifyIndex among the migrations naming
+// worker (all when empty), at least 1 so a watcher never spins on 0.
+func (s *Store) MigrationsIndex(worker string) uint64 {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	var idx uint64 = 1
+	for _, m := range s.d.Migrations {
+		if (worker == "" || m.Source == worker || m.Target == worker) && m.ModifyIndex > idx {
+			idx = m.ModifyIndex
+		}
+	}
+	return idx
+}
+
+// MigrationIndex is one migration's ModifyIndex (at least 1).
+func (s *Store) MigrationIndex(id string) uint64 {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if m, ok := s.d.Migrations[id]; ok && m.ModifyIndex > 1 {
+		return m.ModifyIndex
+	}
+	return 1
+}

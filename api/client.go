@@ -1,0 +1,354 @@
+package api
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/ferry-dev/ferry/fsm"
+)
+
+// Client talks to a ferry cluster over mTLS. It tries the servers in turn:
+// on a transport error or "no leader" (503) it moves on and retries with
+// backoff until RetryFor passes, re-sending the same body — proposals carry
+// a step ID, so a retried proposal applies once.
+type Client struct {
+	addrs    []string
+	hc       *http.Client
+	RetryFor time.Duration // total retry budget per call (default 30s)
+
+	mu  sync.Mutex
+	cur int
+}
+
+// NewClient returns a client for the given server API addresses (host:port)
+// presenting the certificate in tlsConf (see tlsutil.ClientConfig).
+func NewClient(addrs []string, tlsConf *tls.Config) (*Client, error) {
+	var clean []string
+	for _, a := range addrs {
+		for _, p := range strings.Split(a, ",") {
+			p = strings.TrimPrefix(strings.TrimSpace(p), "https://")
+			if p != "" {
+				clean = append(clean, strings.TrimSuffix(p, "/"))
+			}
+		}
+	}
+	if len(clean) == 0 {
+		return nil, errors.New("no server address given (e.g. --server 127.0.0.1:7400)")
+	}
+	if tlsConf == nil {
+		return nil, errors.New("the client needs a TLS config with a client certificate")
+	}
+	return &Client{
+		addrs:    clean,
+		hc:       &http.Client{Transport: &http.Transport{TLSClientConfig: tlsConf, MaxIdleConnsPerHost: 8, IdleConnTimeout: 90 * time.Second}},
+		RetryFor: 30 * time.Second,
+	}, nil
+}
+
+// Close releases idle connections.
+func (c *Client) Close() { c.hc.CloseIdleConnections() }
+
+func retryable(err error) bool {
+	if errors.Is(err, errUnavailable) {
+		return true
+	}
+	var e *Error
+	return errors.As(err, &e) && (e.Status == http.StatusServiceUnavailable || e.Status == http.StatusBadGateway || e.Status == http.StatusGatewayTimeout)
+}
+
+// do sends one request (with retries) and decodes the reply into out; it
+// returns the X-Ferry-Index header when present.
+func (c *Client) do(ctx context.Context, method, path string, q url.Values, in, out any) (uint64, error) {
+	var body []byte
+	if in != nil {
+		var err error
+		if body, err = json.Marshal(in); err != nil {
+			return 0, fmt.Errorf("encoding request: %w", err)
+		}
+	}
+	deadline := time.Now().Add(c.RetryFor)
+	delay := 50 * time.Millisecond
+	for attempt := 0; ; attempt++ {
+		c.mu.Lock()
+		addr := c.addrs[c.cur%len(c.addrs)]
+		c.mu.Unlock()
+		idx, err := c.once(ctx, addr, method, path, q, body, out)
+		if err == nil || !retryable(err) || ctx.Err() != nil || time.Now().After(deadline) {
+			if err != nil && ctx.Err() != nil {
+				return 0, fmt.Errorf("%s %s: %w", method, path, ctx.Err())
+			}
+			return idx, err
+		}
+		c.mu.Lock()
+		c.cur++
+		c.mu.Unlock()
+		if attempt >= len(c.addrs)-1 {
+			select {
+			case <-ctx.Done():
+				return 0, fmt.Errorf("%s %s: %w (last error: %v)", method, path, ctx.Err(), err)
+			case <-time.After(delay):
+			}
+			if delay < time.Second {
+				delay *= 2
+			}
+		}
+	}
+}
+
+func (c *Client) once(ctx context.Context, addr, method, path string, q url.Values, body []byte, out any) (uint64, error) {
+	u := "https://" + addr + path
+	if len(q) > 0 {
+		u += "?" + q.Encode()
+	}
+	var rd *bytes.Reader
+	if body != nil {
+		rd = bytes.NewReader(body)
+	}
+	var req *http.Request
+	var err error
+	if rd != nil {
+		req, err = http.NewRequestWithContext(ctx, method, u, rd)
+	} else {
+		req, err = http.NewRequestWithContext(ctx, method, u, nil)
+	}
+	if err != nil {
+		return 0, err
+	}
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		return 0, fmt.Errorf("%w: %s: %v", errUnavailable, addr, err)
+	}
+	defer resp.Body.Close()
+	var idx uint64
+	if h := resp.Header.Get(IndexHeader); h != "" {
+		idx, _ = strconv.ParseUint(h, 10, 64)
+	}
+	return idx, decodeReply(resp, out)
+}
+
+func esc(s string) string { return url.PathEscape(s) }
+
+// Status returns the answering server's view of the cluster.
+func (c *Client) Status(ctx context.Context) (*StatusReply, error) {
+	var r StatusReply
+	_, err := c.do(ctx, http.MethodGet, "/v1/status", nil, nil, &r)
+	return &r, err
+}
+
+// RegisterWorker registers (or refreshes) a worker and starts its lease.
+func (c *Client) RegisterWorker(ctx context.Context, w fsm.Worker, ttl time.Duration) (*fsm.Worker, error) {
+	var r fsm.Worker
+	_, err := c.do(ctx, http.MethodPost, "/v1/workers", nil, RegisterWorkerRequest{Worker: w, LeaseTTL: Duration(ttl)}, &r)
+	return &r, err
+}
+
+// Heartbeat extends a worker's lease by ttl (0 = server default).
+func (c *Client) Heartbeat(ctx context.Context, name string, ttl time.Duration) (*fsm.Worker, error) {
+	var r fsm.Worker
+	_, err := c.do(ctx, http.MethodPost, "/v1/workers/"+esc(name)+"/heartbeat", nil, HeartbeatRequest{LeaseTTL: Duration(ttl)}, &r)
+	return &r, err
+}
+
+// ListWorkers returns every worker.
+func (c *Client) ListWorkers(ctx context.Context) ([]fsm.Worker, error) {
+	var r []fsm.Worker
+	_, err := c.do(ctx, http.MethodGet, "/v1/workers", nil, nil, &r)
+	return r, err
+}
+
+// CreateVolume registers a volume (a retried identical create returns the same volume).
+func (c *Client) CreateVolume(ctx context.Context, v fsm.Volume) (*fsm.Volume, error) {
+	var r fsm.Volume
+	_, err := c.do(ctx, http.MethodPost, "/v1/volumes", nil, v, &r)
+	return &r, err
+}
+
+// ListVolumes returns the volumes on worker (all when empty).
+func (c *Client) ListVolumes(ctx context.Context, worker string) ([]fsm.Volume, error) {
+	r, _, err := c.WatchVolumes(ctx, worker, 0, 0)
+	return r, err
+}
+
+// WatchVolumes blocks until the store moves past index (or wait passes) and
+// returns the volumes on worker with the new index.
+func (c *Client) WatchVolumes(ctx context.Context, worker string, index uint64, wait time.Duration) ([]fsm.Volume, uint64, error) {
+	var r []fsm.Volume
+	idx, err := c.do(ctx, http.MethodGet, "/v1/volumes", watchQuery(worker, index, wait), nil, &r)
+	return r, idx, err
+}
+
+// GetVolume returns one volume.
+func (c *Client) GetVolume(ctx context.Context, id string) (*fsm.Volume, error) {
+	var r fsm.Volume
+	_, err := c.do(ctx, http.MethodGet, "/v1/volumes/"+esc(id), nil, nil, &r)
+	return &r, err
+}
+
+// UpdateVolume changes the fields set in u.
+func (c *Client) UpdateVolume(ctx context.Context, id string, u VolumeUpdate) (*fsm.Volume, error) {
+	var r fsm.Volume
+	_, err := c.do(ctx, http.MethodPatch, "/v1/volumes/"+esc(id), nil, u, &r)
+	return &r, err
+}
+
+// SetVolumeState is UpdateVolume of the state alone.
+func (c *Client) SetVolumeState(ctx context.Context, id string, st fsm.VolumeState) (*fsm.Volume, error) {
+	return c.UpdateVolume(ctx, id, VolumeUpdate{State: &st})
+}
+
+// DestroyVolume moves a volume to pending_destroy (kept for retention; 0 =
+// server default), or to destroyed once its retention passed. An attached
+// volume is refused (code "attached").
+func (c *Client) DestroyVolume(ctx context.Context, id string, retention time.Duration) (*fsm.Volume, error) {
+	var q url.Values
+	if retention > 0 {
+		q = url.Values{"retention": {retention.String()}}
+	}
+	var r fsm.Volume
+	_, err := c.do(ctx, http.MethodDelete, "/v1/volumes/"+esc(id), q, nil, &r)
+	return &r, err
+}
+
+// SetVolumeKey stores the volume's key on the servers (owner worker or operator only).
+func (c *Client) SetVolumeKey(ctx context.Context, id string, key []byte) error {
+	_, err := c.do(ctx, http.MethodPut, "/v1/volumes/"+esc(id)+"/key", nil, KeyBody{Key: key}, nil)
+	return err
+}
+
+// GetVolumeKey returns the volume's key; only the worker owning the volume
+// or the target of an active migration of it gets it (others: code "forbidden").
+func (c *Client) GetVolumeKey(ctx context.Context, id string) ([]byte, error) {
+	var r KeyBody
+	_, err := c.do(ctx, http.MethodGet, "/v1/volumes/"+esc(id)+"/key", nil, nil, &r)
+	return r.Key, err
+}
+
+// CreateMachine registers a machine (attaching its volume).
+func (c *Client) CreateMachine(ctx context.Context, m fsm.Machine) (*fsm.Machine, error) {
+	var r fsm.Machine
+	_, err := c.do(ctx, http.MethodPost, "/v1/machines", nil, m, &r)
+	return &r, err
+}
+
+// ListMachines returns the machines on worker (all when empty).
+func (c *Client) ListMachines(ctx context.Context, worker string) ([]fsm.Machine, error) {
+	var r []fsm.Machine
+	_, err := c.do(ctx, http.MethodGet, "/v1/machines", watchQuery(worker, 0, 0), nil, &r)
+	return r, err
+}
+
+// GetMachine returns one machine.
+func (c *Client) GetMachine(ctx context.Context, id string) (*fsm.Machine, error) {
+	var r fsm.Machine
+	_, err := c.do(ctx, http.MethodGet, "/v1/machines/"+esc(id), nil, nil, &r)
+	return &r, err
+}
+
+// UpdateMachine changes the fields set in u.
+func (c *Client) UpdateMachine(ctx context.Context, id string, u MachineUpdate) (*fsm.Machine, error) {
+	var r fsm.Machine
+	_, err := c.do(ctx, http.MethodPatch, "/v1/machines/"+esc(id), nil, u, &r)
+	return &r, err
+}
+
+// CreateMigration plans a migration (operator or server certificate). A
+// refusal says why: locks, admission limits, leases, volume state.
+func (c *Client) CreateMigration(ctx context.Context, p PlanRequest) (*fsm.Migration, error) {
+	if p.ID == "" {
+		p.ID = NewStepID("mig-") // chosen here so a retried plan is recognised
+	}
+	var r fsm.Migration
+	_, err := c.do(ctx, http.MethodPost, "/v1/migrations", nil, p, &r)
+	return &r, err
+}
+
+// ListMigrations returns the migrations naming worker (all when empty).
+func (c *Client) ListMigrations(ctx context.Context, worker string) ([]*fsm.Migration, error) {
+	r, _, err := c.WatchMigrations(ctx, worker, 0)
+	return r, err
+}
+
+// WatchMigrations blocks until a migration naming worker changes after
+// index (at most ~30s), then returns them all and the index to pass next.
+// index 0 returns at once.
+func (c *Client) WatchMigrations(ctx context.Context, worker string, index uint64) ([]*fsm.Migration, uint64, error) {
+	var r []*fsm.Migration
+	idx, err := c.do(ctx, http.MethodGet, "/v1/migrations", watchQuery(worker, index, 0), nil, &r)
+	return r, idx, err
+}
+
+// GetMigration returns one migration.
+func (c *Client) GetMigration(ctx context.Context, id string) (*fsm.Migration, error) {
+	m, _, err := c.WatchMigration(ctx, id, 0)
+	return m, err
+}
+
+// WatchMigration blocks until migration id changes after index.
+func (c *Client) WatchMigration(ctx context.Context, id string, index uint64) (*fsm.Migration, uint64, error) {
+	var r fsm.Migration
+	idx, err := c.do(ctx, http.MethodGet, "/v1/migrations/"+esc(id), watchQuery("", index, 0), nil, &r)
+	return &r, idx, err
+}
+
+// Propose proposes event on migration id. stepID makes it idempotent
+// (generated when empty; pass your own to make a retry after a crash
+// apply once). A refusal is an *Error with the migration's actual State.
+// For a rate-limited progress update the migration is returned unchanged.
+func (c *Client) Propose(ctx context.Context, id string, ev fsm.Event, stepID string, p fsm.EventPayload) (*fsm.Migration, error) {
+	if stepID == "" {
+		stepID = NewStepID("step-")
+	}
+	var r ProposeReply
+	_, err := c.do(ctx, http.MethodPost, "/v1/migrations/"+esc(id)+"/events", nil, ProposeRequest{Event: ev, StepID: stepID, Payload: p}, &r)
+	if err != nil {
+		return nil, err
+	}
+	return r.Migration, nil
+}
+
+// Abort rolls a migration back; refused (code "past_cutover") at or after cutover.
+func (c *Client) Abort(ctx context.Context, id, reason string) (*fsm.Migration, error) {
+	var r ProposeReply
+	_, err := c.do(ctx, http.MethodPost, "/v1/migrations/"+esc(id)+"/abort", nil, AbortRequest{Reason: reason, StepID: NewStepID("abort-")}, &r)
+	if err != nil {
+		return nil, err
+	}
+	return r.Migration, nil
+}
+
+// Locks returns the lock table (lock name -> migration ID).
+func (c *Client) Locks(ctx context.Context) (map[string]string, error) {
+	var r map[string]string
+	_, err := c.do(ctx, http.MethodGet, "/v1/locks", nil, nil, &r)
+	return r, err
+}
+
+func watchQuery(worker string, index uint64, wait time.Duration) url.Values {
+	q := url.Values{}
+	if worker != "" {
+		q.Set("worker", worker)
+	}
+	if index > 0 {
+		q.Set("index", strconv.FormatUint(index, 10))
+		if wait > 0 {
+			q.Set("wait", wait.String())
+		}
+	}
+	return q
+}
+
+// NewStepID returns a fresh random step ID with a prefix.
+func NewStepID(prefix string) string { return newID(prefix) }

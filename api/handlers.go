@@ -1,0 +1,438 @@
+package api
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/tlsutil"
+)
+
+const (
+	defaultWait = 30 * time.Second
+	maxWait     = 5 * time.Minute
+	maxBody     = 1 << 20
+)
+
+func (s *Server) routes() http.Handler {
+	mux := http.NewServeMux()
+	h := func(pattern string, fn func(http.ResponseWriter, *http.Request, fsm.Identity)) {
+		mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
+			id, err := identity(r)
+			if err != nil {
+				writeErr(w, &Error{Status: http.StatusUnauthorized, Code: "unauthenticated", Reason: err.Error()})
+				return
+			}
+			fn(w, r, id)
+		})
+	}
+	h("GET /v1/status", func(w http.ResponseWriter, r *http.Request, _ fsm.Identity) { writeJSON(w, http.StatusOK, s.status()) })
+
+	h("GET /v1/workers", func(w http.ResponseWriter, r *http.Request, _ fsm.Identity) {
+		writeJSON(w, http.StatusOK, s.store.Workers())
+	})
+	h("GET /v1/workers/{name}", func(w http.ResponseWriter, r *http.Request, _ fsm.Identity) {
+		wk, ok := s.store.Worker(r.PathValue("name"))
+		if !ok {
+			writeErr(w, notFound("worker", r.PathValue("name")))
+			return
+		}
+		writeJSON(w, http.StatusOK, wk)
+	})
+	h("POST /v1/workers", s.handleRegisterWorker)
+	h("POST /v1/workers/{name}/heartbeat", s.handleHeartbeat)
+
+	h("GET /v1/volumes", func(w http.ResponseWriter, r *http.Request, _ fsm.Identity) {
+		worker := r.URL.Query().Get("worker")
+		idx, ok := s.block(w, r, func() uint64 { return s.store.Index() })
+		if ok {
+			writeIndexed(w, idx, s.store.Volumes(worker))
+		}
+	})
+	h("POST /v1/volumes", s.handleCreateVolume)
+	h("GET /v1/volumes/{id}", func(w http.ResponseWriter, r *http.Request, _ fsm.Identity) {
+		v, ok := s.store.Volume(r.PathValue("id"))
+		if !ok {
+			writeErr(w, notFound("volume", r.PathValue("id")))
+			return
+		}
+		writeJSON(w, http.StatusOK, v)
+	})
+	h("PATCH /v1/volumes/{id}", s.handleUpdateVolume)
+	h("DELETE /v1/volumes/{id}", s.handleDestroyVolume)
+	h("PUT /v1/volumes/{id}/key", s.handleSetKey)
+	h("GET /v1/volumes/{id}/key", s.handleGetKey)
+
+	h("GET /v1/machines", func(w http.ResponseWriter, r *http.Request, _ fsm.Identity) {
+		worker := r.URL.Query().Get("worker")
+		idx, ok := s.block(w, r, func() uint64 { return s.store.Index() })
+		if ok {
+			writeIndexed(w, idx, s.store.Machines(worker))
+		}
+	})
+	h("POST /v1/machines", s.handleCreateMachine)
+	h("GET /v1/machines/{id}", func(w http.ResponseWriter, r *http.Request, _ fsm.Identity) {
+		m, ok := s.store.Machine(r.PathValue("id"))
+		if !ok {
+			writeErr(w, notFound("machine", r.PathValue("id")))
+			return
+		}
+		writeJSON(w, http.StatusOK, m)
+	})
+	h("PATCH /v1/machines/{id}", s.handleUpdateMachine)
+
+	h("GET /v1/migrations", func(w http.ResponseWriter, r *http.Request, _ fsm.Identity) {
+		worker := r.URL.Query().Get("worker")
+		idx, ok := s.block(w, r, func() uint64 { return s.store.MigrationsIndex(worker) })
+		if ok {
+			writeIndexed(w, idx, s.store.Migrations(worker))
+		}
+	})
+	h("POST /v1/migrations", s.handlePlan)
+	h("GET /v1/migrations/{id}", func(w http.ResponseWriter, r *http.Request, _ fsm.Identity) {
+		id := r.PathValue("id")
+		idx, ok := s.block(w, r, func() uint64 { return s.store.MigrationIndex(id) })
+		if !ok {
+			return
+		}
+		m, found := s.store.Migration(id)
+		if !found {
+			writeErr(w, notFound("migration", id))
+			return
+		}
+		writeIndexed(w, idx, m)
+	})
+	h("POST /v1/migrations/{id}/events", s.handlePropose)
+	h("POST /v1/migrations/{id}/abort", s.handleAbort)
+	h("GET /v1/locks", func(w http.ResponseWriter, r *http.Request, _ fsm.Identity) {
+		writeJSON(w, http.StatusOK, s.store.Locks())
+	})
+
+	h("POST /v1/internal/apply", s.handleInternalApply)
+	h("POST /v1/internal/join", s.handleJoin)
+	metrics := s.metricsHandler()
+	h("GET /metrics", func(w http.ResponseWriter, r *http.Request, _ fsm.Identity) { metrics.ServeHTTP(w, r) })
+	return mux
+}
+
+// identity reads the caller from its verified client certificate.
+func identity(r *http.Request) (fsm.Identity, error) {
+	if r.TLS == nil || len(r.TLS.PeerCertificates) == 0 {
+		return fsm.Identity{}, errors.New("a client certificate is required")
+	}
+	id, err := tlsutil.IdentityOf(r.TLS.PeerCertificates[0])
+	if err != nil {
+		return fsm.Identity{}, err
+	}
+	return fsm.Identity{Name: id.Name, Kind: fsm.Kind(id.Kind)}, nil
+}
+
+func notFound(what, id string) *Error {
+	return &Error{Status: http.StatusNotFound, Code: fsm.CodeNotFound, Reason: fmt.Sprintf("%s %q not found", what, id)}
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	enc := json.NewEncoder(w)
+	_ = enc.Encode(v)
+}
+
+func writeIndexed(w http.ResponseWriter, idx uint64, v any) {
+	w.Header().Set(IndexHeader, strconv.FormatUint(idx, 10))
+	writeJSON(w, http.StatusOK, v)
+}
+
+func writeErr(w http.ResponseWriter, err error) {
+	var e *Error
+	var ref *fsm.Refusal
+	switch {
+	case errors.As(err, &e):
+	case errors.As(err, &ref):
+		e = &Error{Status: ref.Status, Code: ref.Code, Reason: ref.Reason, State: ref.State}
+	default:
+		e = &Error{Status: http.StatusInternalServerError, Code: "internal", Reason: err.Error()}
+	}
+	if e.Status == 0 {
+		e.Status = http.StatusBadRequest
+	}
+	writeJSON(w, e.Status, errorBody{Error: e})
+}
+
+func readBody(w http.ResponseWriter, r *http.Request, v any) bool {
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBody))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil && !errors.Is(err, io.EOF) {
+		writeErr(w, &Error{Status: http.StatusBadRequest, Code: fsm.CodeInvalid, Reason: "request body: " + err.Error()})
+		return false
+	}
+	return true
+}
+
+// block implements ?index=N&wait=D: it returns once current() > N, the
+// wait passes or the client goes away (ok=false: nothing to write).
+func (s *Server) block(w http.ResponseWriter, r *http.Request, current func() uint64) (uint64, bool) {
+	q := r.URL.Query()
+	if q.Get("index") == "" {
+		return current(), true
+	}
+	min, err := strconv.ParseUint(q.Get("index"), 10, 64)
+	if err != nil {
+		writeErr(w, &Error{Status: http.StatusBadRequest, Code: fsm.CodeInvalid, Reason: "index must be a number"})
+		return 0, false
+	}
+	wait := defaultWait
+	if ws := q.Get("wait"); ws != "" {
+		if wait, err = time.ParseDuration(ws); err != nil || wait < 0 {
+			writeErr(w, &Error{Status: http.StatusBadRequest, Code: fsm.CodeInvalid, Reason: "wait must be a duration like 30s"})
+			return 0, false
+		}
+	}
+	wait = min2(wait, maxWait)
+	timer := time.NewTimer(wait)
+	defer timer.Stop()
+	for {
+		ch := s.store.Changed()
+		if idx := current(); idx > min {
+			return idx, true
+		}
+		select {
+		case <-ch:
+		case <-timer.C:
+			return current(), true
+		case <-r.Context().Done():
+			return 0, false
+		}
+	}
+}
+
+func min2(a, b time.Duration) time.Duration {
+	if a < b {
+		return a
+	}
+	return b
+}
+
+// run submits a command and writes the refusal, if any; it returns the
+// result only when the command was applied.
+func (s *Server) run(w http.ResponseWriter, ctx context.Context, typ fsm.CommandType, payload any) *fsm.Result {
+	res, key, err := s.submit(ctx, typ, payload)
+	if err != nil {
+		writeErr(w, err)
+		return nil
+	}
+	if res.Refusal != nil {
+		writeErr(w, res.Refusal)
+		return nil
+	}
+	res.Key = key
+	return res
+}
+
+func (s *Server) handleRegisterWorker(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
+	var req RegisterWorkerRequest
+	if !readBody(w, r, &req) {
+		return
+	}
+	if res := s.run(w, r.Context(), fsm.CmdRegisterWorker, &fsm.RegisterWorkerCmd{Header: s.header(id), Worker: req.Worker, LeaseTTL: time.Duration(req.LeaseTTL)}); res != nil {
+		writeJSON(w, http.StatusOK, res.Worker)
+	}
+}
+
+func (s *Server) handleHeartbeat(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
+	var req HeartbeatRequest
+	if !readBody(w, r, &req) {
+		return
+	}
+	if res := s.run(w, r.Context(), fsm.CmdHeartbeat, &fsm.HeartbeatCmd{Header: s.header(id), Name: r.PathValue("name"), LeaseTTL: time.Duration(req.LeaseTTL)}); res != nil {
+		writeJSON(w, http.StatusOK, res.Worker)
+	}
+}
+
+func (s *Server) handleCreateVolume(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
+	var v fsm.Volume
+	if !readBody(w, r, &v) {
+		return
+	}
+	if res := s.run(w, r.Context(), fsm.CmdCreateVolume, &fsm.CreateVolumeCmd{Header: s.header(id), Volume: v}); res != nil {
+		writeJSON(w, http.StatusOK, res.Volume)
+	}
+}
+
+func (s *Server) handleUpdateVolume(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
+	var u VolumeUpdate
+	if !readBody(w, r, &u) {
+		return
+	}
+	c := &fsm.UpdateVolumeCmd{Header: s.header(id), ID: r.PathValue("id"), State: u.State, AttachedMachine: u.AttachedMachine, Layout: u.Layout, Size: u.Size}
+	if res := s.run(w, r.Context(), fsm.CmdUpdateVolume, c); res != nil {
+		writeJSON(w, http.StatusOK, res.Volume)
+	}
+}
+
+func (s *Server) handleDestroyVolume(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
+	var ret time.Duration
+	if rs := r.URL.Query().Get("retention"); rs != "" {
+		var err error
+		if ret, err = time.ParseDuration(rs); err != nil {
+			writeErr(w, &Error{Status: http.StatusBadRequest, Code: fsm.CodeInvalid, Reason: "retention must be a duration like 24h"})
+			return
+		}
+	}
+	if res := s.run(w, r.Context(), fsm.CmdDestroyVolume, &fsm.DestroyVolumeCmd{Header: s.header(id), ID: r.PathValue("id"), Retention: ret}); res != nil {
+		writeJSON(w, http.StatusOK, res.Volume)
+	}
+}
+
+func (s *Server) handleSetKey(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
+	var k KeyBody
+	if !readBody(w, r, &k) {
+		return
+	}
+	if res := s.run(w, r.Context(), fsm.CmdSetVolumeKey, &fsm.SetVolumeKeyCmd{Header: s.header(id), ID: r.PathValue("id"), Key: k.Key}); res != nil {
+		writeJSON(w, http.StatusOK, res.Volume)
+	}
+}
+
+func (s *Server) handleGetKey(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
+	if res := s.run(w, r.Context(), fsm.CmdKeyAccess, &fsm.KeyAccessCmd{Header: s.header(id), ID: r.PathValue("id")}); res != nil {
+		w.Header().Set("Cache-Control", "no-store")
+		writeJSON(w, http.StatusOK, KeyBody{Key: res.Key})
+	}
+}
+
+func (s *Server) handleCreateMachine(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
+	var m fsm.Machine
+	if !readBody(w, r, &m) {
+		return
+	}
+	if res := s.run(w, r.Context(), fsm.CmdCreateMachine, &fsm.CreateMachineCmd{Header: s.header(id), Machine: m}); res != nil {
+		writeJSON(w, http.StatusOK, res.Machine)
+	}
+}
+
+func (s *Server) handleUpdateMachine(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
+	var u MachineUpdate
+	if !readBody(w, r, &u) {
+		return
+	}
+	c := &fsm.UpdateMachineCmd{Header: s.header(id), ID: r.PathValue("id"), State: u.State, Volume: u.Volume, Addr6PN: u.Addr6PN, Spec: u.Spec}
+	if res := s.run(w, r.Context(), fsm.CmdUpdateMachine, c); res != nil {
+		writeJSON(w, http.StatusOK, res.Machine)
+	}
+}
+
+func (s *Server) handlePlan(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
+	var p PlanRequest
+	if !readBody(w, r, &p) {
+		return
+	}
+	if p.ID == "" {
+		p.ID = newID("mig-")
+	}
+	c := &fsm.PlanCmd{Header: s.header(id), ID: p.ID, Machine: p.Machine, Target: p.Target, StepID: p.StepID}
+	if res := s.run(w, r.Context(), fsm.CmdPlan, c); res != nil {
+		writeJSON(w, http.StatusCreated, res.Migration)
+	}
+}
+
+func (s *Server) handlePropose(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
+	var p ProposeRequest
+	if !readBody(w, r, &p) {
+		return
+	}
+	mid := r.PathValue("id")
+	// A progress update that Apply would drop never reaches the log.
+	if p.Event == fsm.EvProgress {
+		if m, ok := s.store.Migration(mid); ok && m.State != "" && len(fsm.RolesOf(id, m)) > 0 &&
+			p.Payload.Progress != nil && !fsm.ProgressDue(m, p.Payload.Progress, p.Payload.Milestone, s.cfg.Now()) {
+			writeJSON(w, http.StatusOK, ProposeReply{Migration: m, Ignored: true})
+			return
+		}
+	}
+	c := &fsm.ProposeCmd{Header: s.header(id), ID: mid, Event: p.Event, StepID: p.StepID, Payload: p.Payload}
+	if res := s.run(w, r.Context(), fsm.CmdPropose, c); res != nil {
+		writeJSON(w, http.StatusOK, ProposeReply{Migration: res.Migration, Duplicate: res.Duplicate, Ignored: res.Ignored})
+	}
+}
+
+func (s *Server) handleAbort(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
+	var a AbortRequest
+	if !readBody(w, r, &a) {
+		return
+	}
+	c := &fsm.ProposeCmd{Header: s.header(id), ID: r.PathValue("id"), Event: fsm.EvAbort, StepID: a.StepID, Payload: fsm.EventPayload{Reason: a.Reason}}
+	if res := s.run(w, r.Context(), fsm.CmdPropose, c); res != nil {
+		writeJSON(w, http.StatusOK, ProposeReply{Migration: res.Migration, Duplicate: res.Duplicate})
+	}
+}
+
+// handleInternalApply applies a command another server forwarded. Only
+// server certificates may call it; the actor inside the command was set by
+// the forwarding server from its own caller's certificate.
+func (s *Server) handleInternalApply(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
+	if id.Kind != fsm.KindServer {
+		writeErr(w, &Error{Status: http.StatusForbidden, Code: fsm.CodeForbidden, Reason: "only servers may forward commands"})
+		return
+	}
+	b, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
+	if err != nil {
+		writeErr(w, &Error{Status: http.StatusBadRequest, Code: fsm.CodeInvalid, Reason: err.Error()})
+		return
+	}
+	if !s.node.IsLeader() {
+		writeErr(w, &Error{Status: http.StatusServiceUnavailable, Code: "no_leader", Reason: "this server is no longer the leader; retry"})
+		return
+	}
+	res, err := s.node.Apply(b, 10*time.Second)
+	if err != nil {
+		writeErr(w, &Error{Status: http.StatusServiceUnavailable, Code: "no_leader", Reason: err.Error()})
+		return
+	}
+	writeJSON(w, http.StatusOK, applyReply{Result: res, Key: res.Key})
+}
+
+func (s *Server) handleJoin(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
+	if id.Kind != fsm.KindServer {
+		writeErr(w, &Error{Status: http.StatusForbidden, Code: fsm.CodeForbidden, Reason: "only servers may join"})
+		return
+	}
+	var j JoinRequest
+	if !readBody(w, r, &j) {
+		return
+	}
+	if j.ID != id.Name {
+		writeErr(w, &Error{Status: http.StatusForbidden, Code: fsm.CodeForbidden, Reason: fmt.Sprintf("certificate %s may not join as %s", id.Name, j.ID)})
+		return
+	}
+	if !s.node.IsLeader() {
+		leaderID, _ := s.node.Leader()
+		for _, m := range s.store.Servers() {
+			if m.ID == leaderID && m.ID != s.cfg.ID {
+				if err := s.post(r.Context(), m.APIAddr, "/v1/internal/join", j, nil); err != nil {
+					writeErr(w, err)
+					return
+				}
+				writeJSON(w, http.StatusOK, struct{}{})
+				return
+			}
+		}
+		writeErr(w, &Error{Status: http.StatusServiceUnavailable, Code: "no_leader", Reason: "no leader known yet; retry"})
+		return
+	}
+	if err := s.node.AddVoter(j.ID, j.RaftAddr, 10*time.Second); err != nil {
+		writeErr(w, &Error{Status: http.StatusServiceUnavailable, Code: "no_leader", Reason: err.Error()})
+		return
+	}
+	self := fsm.Identity{Name: s.cfg.ID, Kind: fsm.KindServer}
+	if res := s.run(w, r.Context(), fsm.CmdRegisterServer, &fsm.RegisterServerCmd{Header: s.header(self),
+		Member: fsm.ServerMember{ID: j.ID, RaftAddr: j.RaftAddr, APIAddr: j.APIAddr}}); res != nil {
+		writeJSON(w, http.StatusOK, struct{}{})
+	}
+}

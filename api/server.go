@@ -1,0 +1,458 @@
+package api
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/raft"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/rs/zerolog"
+
+	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/logging"
+	"github.com/ferry-dev/ferry/internal/tlsutil"
+)
+
+// Config configures one ferry server (raft voter + HTTP API).
+type Config struct {
+	ID        string   // server name; with TLSDir, also the certificate name
+	DataDir   string   // raft log, snapshots
+	Listen    string   // HTTP API listen address, e.g. 127.0.0.1:7400 (":0" picks a port)
+	Advertise string   // API address other servers use; defaults to the listener's address
+	RaftAddr  string   // raft transport address, e.g. 127.0.0.1:7401
+	Bootstrap bool     // start a new cluster (first server only)
+	Join      []string // API addresses of servers of an existing cluster
+
+	// TLS: either a directory made by `ferry tls` holding <ID>.pem, or
+	// ready configs (tests, embedding).
+	TLSDir    string
+	ServerTLS *tls.Config
+	ClientTLS *tls.Config
+
+	// Raft timing; zero values take raft's defaults. Tests shorten them.
+	HeartbeatTimeout  time.Duration
+	ElectionTimeout   time.Duration
+	SnapshotThreshold uint64
+
+	ReconcileInterval time.Duration    // leader housekeeping period (default 1s)
+	Now               func() time.Time // clock (default time.Now)
+}
+
+// Server is a running ferry server.
+type Server struct {
+	cfg    Config
+	log    zerolog.Logger
+	node   *fsm.Node
+	store  *fsm.Store
+	ln     net.Listener
+	http   *http.Server
+	fwd    *http.Client
+	apiURL string
+	reg    *prometheus.Registry
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	closed sync.Once
+}
+
+// StartServer opens the data directory, starts raft and serves the API
+// until Close (or ctx ends).
+func StartServer(ctx context.Context, log zerolog.Logger, cfg Config) (*Server, error) {
+	log = logging.For(log, "server").With().Str("server", cfg.ID).Logger()
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.ReconcileInterval <= 0 {
+		cfg.ReconcileInterval = time.Second
+	}
+	if cfg.TLSDir != "" && cfg.ServerTLS == nil {
+		st, err := tlsutil.ServerConfig(cfg.TLSDir, cfg.ID)
+		if err != nil {
+			return nil, err
+		}
+		ct, err := tlsutil.ClientConfig(cfg.TLSDir, cfg.ID)
+		if err != nil {
+			return nil, err
+		}
+		cfg.ServerTLS, cfg.ClientTLS = st, ct
+	}
+	if cfg.ServerTLS == nil || cfg.ClientTLS == nil {
+		return nil, errors.New("server needs TLS: pass --tls-dir (make one with `ferry tls init` and `ferry tls issue --role server`)")
+	}
+	ln, err := tls.Listen("tcp", cfg.Listen, cfg.ServerTLS)
+	if err != nil {
+		return nil, fmt.Errorf("listening for the API on %s: %w", cfg.Listen, err)
+	}
+	adv := cfg.Advertise
+	if adv == "" {
+		adv = ln.Addr().String()
+	}
+	node, err := fsm.NewNode(fsm.NodeConfig{
+		ID: cfg.ID, DataDir: filepath.Join(cfg.DataDir, "raft"), RaftAddr: cfg.RaftAddr, Bootstrap: cfg.Bootstrap,
+		ServerTLS: cfg.ServerTLS, ClientTLS: cfg.ClientTLS,
+		HeartbeatTimeout: cfg.HeartbeatTimeout, ElectionTimeout: cfg.ElectionTimeout, LeaderLeaseTimout: leaseFor(cfg.HeartbeatTimeout),
+		SnapshotThreshold: cfg.SnapshotThreshold, Logger: log,
+	})
+	if err != nil {
+		ln.Close()
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	s := &Server{
+		cfg: cfg, log: log, node: node, store: node.Store, ln: ln, apiURL: adv, cancel: cancel,
+		fwd: &http.Client{Transport: &http.Transport{TLSClientConfig: cfg.ClientTLS, MaxIdleConnsPerHost: 16}},
+		reg: prometheus.NewRegistry(),
+	}
+	s.reg.MustRegister(&collector{s: s})
+	s.http = &http.Server{Handler: s.routes(), ReadHeaderTimeout: 10 * time.Second, ErrorLog: nil}
+	s.wg.Add(2)
+	go func() {
+		defer s.wg.Done()
+		if err := s.http.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			s.log.Error().Err(err).Msg("API server stopped")
+		}
+	}()
+	go func() {
+		defer s.wg.Done()
+		s.housekeeping(ctx)
+	}()
+	if len(cfg.Join) > 0 {
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			s.joinLoop(ctx)
+		}()
+	}
+	log.Info().Str("api", adv).Str("raft", node.RaftAddr()).Bool("bootstrap", cfg.Bootstrap).Msg("ferry server started")
+	return s, nil
+}
+
+func leaseFor(hb time.Duration) time.Duration {
+	if hb <= 0 {
+		return 0
+	}
+	return hb / 2
+}
+
+// Addr is the API address (host:port) this server listens on.
+func (s *Server) Addr() string { return s.ln.Addr().String() }
+
+// RaftAddr is this server's raft transport address.
+func (s *Server) RaftAddr() string { return s.node.RaftAddr() }
+
+// Node exposes the raft node (tests, benchmarks).
+func (s *Server) Node() *fsm.Node { return s.node }
+
+// Store exposes the replicated state for reading.
+func (s *Server) Store() *fsm.Store { return s.store }
+
+// Close stops the API and raft. It is safe to call more than once.
+func (s *Server) Close() error {
+	var err error
+	s.closed.Do(func() {
+		s.cancel()
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_ = s.http.Shutdown(ctx)
+		_ = s.http.Close()
+		s.wg.Wait()
+		err = s.node.Close()
+		s.fwd.CloseIdleConnections()
+		s.log.Info().Msg("ferry server stopped")
+	})
+	return err
+}
+
+// joinLoop asks the cluster to add this server until it is a voter.
+func (s *Server) joinLoop(ctx context.Context) {
+	req := JoinRequest{ID: s.cfg.ID, RaftAddr: s.node.RaftAddr(), APIAddr: s.apiURL}
+	delay := 200 * time.Millisecond
+	for {
+		for _, addr := range s.cfg.Join {
+			err := s.post(ctx, addr, "/v1/internal/join", req, nil)
+			if err == nil {
+				s.log.Info().Str("via", addr).Msg("joined the cluster")
+				return
+			}
+			s.log.Warn().Err(err).Str("via", addr).Msg("join failed; retrying")
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(delay):
+		}
+		if delay < 5*time.Second {
+			delay *= 2
+		}
+	}
+}
+
+// post sends a JSON request to another server (mTLS, server certificate).
+func (s *Server) post(ctx context.Context, addr, path string, in, out any) error {
+	b, err := json.Marshal(in)
+	if err != nil {
+		return err
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "https://"+addr+path, bytes.NewReader(b))
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := s.fwd.Do(req)
+	if err != nil {
+		return fmt.Errorf("%w: %v", errUnavailable, err)
+	}
+	defer resp.Body.Close()
+	return decodeReply(resp, out)
+}
+
+var errUnavailable = errors.New("server unavailable")
+
+// submit replicates one command on behalf of actor: applied here when this
+// server leads, forwarded to the leader otherwise.
+func (s *Server) submit(ctx context.Context, typ fsm.CommandType, payload any) (*fsm.Result, []byte, error) {
+	b, err := fsm.Encode(typ, payload)
+	if err != nil {
+		return nil, nil, err
+	}
+	return s.submitRaw(ctx, b)
+}
+
+func (s *Server) submitRaw(ctx context.Context, b []byte) (*fsm.Result, []byte, error) {
+	if s.node.IsLeader() {
+		res, err := s.node.Apply(b, 10*time.Second)
+		if err == nil {
+			return res, res.Key, nil
+		}
+		if !errors.Is(err, fsm.ErrNotLeader) {
+			return nil, nil, err
+		}
+	}
+	leaderID, _ := s.node.Leader()
+	if leaderID == "" {
+		return nil, nil, &Error{Status: http.StatusServiceUnavailable, Code: "no_leader", Reason: "the cluster has no leader right now; retry shortly"}
+	}
+	if leaderID == s.cfg.ID {
+		return nil, nil, &Error{Status: http.StatusServiceUnavailable, Code: "no_leader", Reason: "leadership is changing; retry shortly"}
+	}
+	api := ""
+	for _, m := range s.store.Servers() {
+		if m.ID == leaderID {
+			api = m.APIAddr
+		}
+	}
+	if api == "" {
+		return nil, nil, &Error{Status: http.StatusServiceUnavailable, Code: "no_leader", Reason: "the leader " + leaderID + " has not published its API address yet; retry shortly"}
+	}
+	var rep applyReply
+	if err := s.post(ctx, api, "/v1/internal/apply", json.RawMessage(b), &rep); err != nil {
+		var e *Error
+		if errors.As(err, &e) {
+			return nil, nil, e
+		}
+		return nil, nil, &Error{Status: http.StatusServiceUnavailable, Code: "no_leader", Reason: fmt.Sprintf("forwarding to leader %s: %v", leaderID, err)}
+	}
+	if rep.Result == nil {
+		return nil, nil, errors.New("leader returned no result")
+	}
+	return rep.Result, rep.Key, nil
+}
+
+// header builds the command header for a request's identity.
+func (s *Server) header(id fsm.Identity) fsm.Header {
+	return fsm.Header{Actor: id, Now: s.cfg.Now().UTC()}
+}
+
+func newID(prefix string) string {
+	b := make([]byte, 6)
+	_, _ = rand.Read(b)
+	return prefix + hex.EncodeToString(b)
+}
+
+// housekeeping is the server role: on the leader, it registers this
+// server's API address, completes released migrations, aborts or flags
+// migrations whose workers lost their lease, and destroys volumes whose
+// retention passed.
+func (s *Server) housekeeping(ctx context.Context) {
+	t := time.NewTicker(s.cfg.ReconcileInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if !s.node.IsLeader() {
+			continue
+		}
+		s.reconcile(ctx)
+	}
+}
+
+func (s *Server) reconcile(ctx context.Context) {
+	self := fsm.Identity{Name: s.cfg.ID, Kind: fsm.KindServer}
+	registered := false
+	for _, m := range s.store.Servers() {
+		if m.ID == s.cfg.ID && m.APIAddr == s.apiURL && m.RaftAddr == s.node.RaftAddr() {
+			registered = true
+		}
+	}
+	if !registered {
+		s.apply(ctx, fsm.CmdRegisterServer, &fsm.RegisterServerCmd{Header: s.header(self),
+			Member: fsm.ServerMember{ID: s.cfg.ID, RaftAddr: s.node.RaftAddr(), APIAddr: s.apiURL}})
+	}
+	now := s.cfg.Now()
+	dead := func(name string) bool {
+		w, ok := s.store.Worker(name)
+		return !ok || !w.Alive(now)
+	}
+	for _, m := range s.store.Migrations("") {
+		switch {
+		case m.State == fsm.SourceReleased:
+			s.propose(ctx, self, m.ID, fsm.EvCompleted, "server-completed", fsm.EventPayload{})
+		case m.State.BeforeCutover() && (dead(m.Source) || dead(m.Target)):
+			who := m.Source
+			if !dead(who) {
+				who = m.Target
+			}
+			s.propose(ctx, self, m.ID, fsm.EvAbort, "server-abort-lease-"+who,
+				fsm.EventPayload{Reason: "lease of worker " + who + " expired: rolling back"})
+		case (m.State.AfterCutover() || m.State == fsm.RollingBack) && !m.State.Terminal() && !m.Stalled:
+			for _, w := range []string{m.Source, m.Target} {
+				if dead(w) {
+					t := true
+					reason := "worker " + w + " lost its lease; the migration waits for it"
+					if m.State == fsm.RollingBack && w == m.Target && (m.Rollback == nil || !m.Rollback.TargetTornDown) {
+						reason += " (if it is gone for good, an operator may propose target_torn_down)"
+					}
+					s.propose(ctx, self, m.ID, fsm.EvReport, "", fsm.EventPayload{Stalled: &t, Reason: reason})
+					break
+				}
+			}
+		}
+	}
+	for _, v := range s.store.Volumes("") {
+		if v.State == fsm.VolPendingDelete && !now.Before(v.DestroyAfter) {
+			s.apply(ctx, fsm.CmdDestroyVolume, &fsm.DestroyVolumeCmd{Header: s.header(self), ID: v.ID})
+		}
+	}
+}
+
+func (s *Server) propose(ctx context.Context, self fsm.Identity, id string, ev fsm.Event, step string, p fsm.EventPayload) {
+	s.apply(ctx, fsm.CmdPropose, &fsm.ProposeCmd{Header: s.header(self), ID: id, Event: ev, StepID: step, Payload: p})
+}
+
+func (s *Server) apply(ctx context.Context, typ fsm.CommandType, payload any) {
+	res, _, err := s.submit(ctx, typ, payload)
+	if err == nil {
+		err = res.Err()
+	}
+	if err != nil {
+		s.log.Warn().Err(err).Str("command", string(typ)).Msg("housekeeping command refused")
+	}
+}
+
+// collector exports migration counts by state and raft leadership.
+type collector struct{ s *Server }
+
+var (
+	descMigrations = prometheus.NewDesc("ferry_migrations", "Migrations by state.", []string{"state"}, nil)
+	descStalled    = prometheus.NewDesc("ferry_migrations_stalled", "Migrations flagged stalled.", nil, nil)
+	descLeader     = prometheus.NewDesc("ferry_raft_leader", "1 when this server is the raft leader.", nil, nil)
+	descIndex      = prometheus.NewDesc("ferry_raft_applied_index", "Last applied raft index.", nil, nil)
+	descWorkers    = prometheus.NewDesc("ferry_workers_alive", "Workers with a valid lease.", nil, nil)
+)
+
+func (c *collector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- descMigrations
+	ch <- descStalled
+	ch <- descLeader
+	ch <- descIndex
+	ch <- descWorkers
+}
+
+func (c *collector) Collect(ch chan<- prometheus.Metric) {
+	counts := map[fsm.State]int{}
+	stalled := 0
+	for _, m := range c.s.store.Migrations("") {
+		counts[m.State]++
+		if m.Stalled {
+			stalled++
+		}
+	}
+	for _, st := range fsm.AllStates {
+		ch <- prometheus.MustNewConstMetric(descMigrations, prometheus.GaugeValue, float64(counts[st]), string(st))
+	}
+	ch <- prometheus.MustNewConstMetric(descStalled, prometheus.GaugeValue, float64(stalled))
+	leader := 0.0
+	if c.s.node.IsLeader() {
+		leader = 1
+	}
+	ch <- prometheus.MustNewConstMetric(descLeader, prometheus.GaugeValue, leader)
+	ch <- prometheus.MustNewConstMetric(descIndex, prometheus.GaugeValue, float64(c.s.store.Index()))
+	alive, now := 0, c.s.cfg.Now()
+	for _, w := range c.s.store.Workers() {
+		if w.Alive(now) {
+			alive++
+		}
+	}
+	ch <- prometheus.MustNewConstMetric(descWorkers, prometheus.GaugeValue, float64(alive))
+}
+
+func (s *Server) metricsHandler() http.Handler {
+	return promhttp.HandlerFor(s.reg, promhttp.HandlerOpts{})
+}
+
+func (s *Server) status() StatusReply {
+	leaderID, _ := s.node.Leader()
+	r := StatusReply{ID: s.cfg.ID, RaftState: s.node.Raft.State().String(), Leader: leaderID, Index: s.store.Index(), Servers: s.store.Servers()}
+	for _, m := range r.Servers {
+		if m.ID == leaderID {
+			r.LeaderAPI = m.APIAddr
+		}
+	}
+	if f := s.node.Raft.GetConfiguration(); f.Error() == nil {
+		for _, sv := range f.Configuration().Servers {
+			if sv.Suffrage == raft.Voter {
+				r.Voters = append(r.Voters, string(sv.ID))
+			}
+		}
+	}
+	return r
+}
+
+// decodeReply reads a JSON reply or turns a non-2xx one into *Error.
+func decodeReply(resp *http.Response, out any) error {
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 32<<20))
+	if err != nil {
+		return fmt.Errorf("%w: reading reply: %v", errUnavailable, err)
+	}
+	if resp.StatusCode/100 != 2 {
+		var eb errorBody
+		if json.Unmarshal(body, &eb) == nil && eb.Error != nil {
+			eb.Error.Status = resp.StatusCode
+			return eb.Error
+		}
+		return &Error{Status: resp.StatusCode, Code: "http_" + strconv.Itoa(resp.StatusCode), Reason: string(bytes.TrimSpace(body))}
+	}
+	if out == nil || len(body) == 0 {
+		return nil
+	}
+	if err := json.Unmarshal(body, out); err != nil {
+		return fmt.Errorf("decoding reply: %w", err)
+	}
+	return nil
+}

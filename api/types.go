@@ -1,0 +1,158 @@
+// Package api is ferry's HTTP/JSON interface (/v1) over mTLS: the server side
+// (StartServer, which also runs the raft node) and the Go client agents and
+// the CLI use (Client). Reads of collections support blocking queries:
+// `?index=N&wait=30s` returns when something newer than N exists, with the
+// new index in the X-Ferry-Index header.
+package api
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/luks"
+)
+
+// IndexHeader carries the index a blocking query returns.
+const IndexHeader = "X-Ferry-Index"
+
+// Error is a refusal or failure as the API reports it: the HTTP status, a
+// machine-readable code, a reason for people, and the migration's actual
+// state when the refusal is about state.
+type Error struct {
+	Status int       `json:"status"`
+	Code   string    `json:"code"`
+	Reason string    `json:"reason"`
+	State  fsm.State `json:"state,omitempty"`
+}
+
+func (e *Error) Error() string {
+	if e.State != "" {
+		return fmt.Sprintf("%s (HTTP %d, %s, state %s)", e.Reason, e.Status, e.Code, e.State)
+	}
+	return fmt.Sprintf("%s (HTTP %d, %s)", e.Reason, e.Status, e.Code)
+}
+
+// ErrorCode returns the code of an *Error in err's chain, or "".
+func ErrorCode(err error) string {
+	var e *Error
+	if errors.As(err, &e) {
+		return e.Code
+	}
+	return ""
+}
+
+// errorBody is the JSON of every non-2xx reply.
+type errorBody struct {
+	Error *Error `json:"error"`
+}
+
+// StatusReply describes the server answering and the cluster as it sees it.
+type StatusReply struct {
+	ID        string             `json:"id"`
+	RaftState string             `json:"raft_state"`
+	Leader    string             `json:"leader"`
+	LeaderAPI string             `json:"leader_api,omitempty"`
+	Index     uint64             `json:"index"`
+	Servers   []fsm.ServerMember `json:"servers"`
+	Voters    []string           `json:"voters"`
+}
+
+// RegisterWorkerRequest registers (or refreshes) a worker.
+type RegisterWorkerRequest struct {
+	Worker   fsm.Worker `json:"worker"`
+	LeaseTTL Duration   `json:"lease_ttl,omitempty"`
+}
+
+// HeartbeatRequest extends a worker's lease.
+type HeartbeatRequest struct {
+	LeaseTTL Duration `json:"lease_ttl,omitempty"`
+}
+
+// VolumeUpdate changes the given fields of a volume.
+type VolumeUpdate struct {
+	State           *fsm.VolumeState `json:"state,omitempty"`
+	AttachedMachine *string          `json:"attached_machine,omitempty"`
+	Layout          *luks.Layout     `json:"layout,omitempty"`
+	Size            *int64           `json:"size,omitempty"`
+}
+
+// MachineUpdate changes the given fields of a machine.
+type MachineUpdate struct {
+	State   *fsm.MachineState `json:"state,omitempty"`
+	Volume  *string           `json:"volume,omitempty"`
+	Addr6PN *string           `json:"addr_6pn,omitempty"`
+	Spec    *json.RawMessage  `json:"spec,omitempty"`
+}
+
+// KeyBody carries a volume key (PUT and GET /v1/volumes/{id}/key only).
+type KeyBody struct {
+	Key []byte `json:"key"`
+}
+
+// PlanRequest asks for a migration of a machine (and its volume) to a target worker.
+type PlanRequest struct {
+	ID      string `json:"id,omitempty"` // chosen by the server when empty
+	Machine string `json:"machine"`
+	Target  string `json:"target"`
+	StepID  string `json:"step_id,omitempty"`
+}
+
+// ProposeRequest proposes an event on a migration.
+type ProposeRequest struct {
+	Event   fsm.Event        `json:"event"`
+	StepID  string           `json:"step_id"`
+	Payload fsm.EventPayload `json:"payload"`
+}
+
+// ProposeReply is the migration after the proposal.
+type ProposeReply struct {
+	Migration *fsm.Migration `json:"migration"`
+	Duplicate bool           `json:"duplicate,omitempty"`
+	Ignored   bool           `json:"ignored,omitempty"`
+}
+
+// AbortRequest asks to roll a migration back (only before cutover).
+type AbortRequest struct {
+	Reason string `json:"reason"`
+	StepID string `json:"step_id,omitempty"`
+}
+
+// JoinRequest asks the leader to add a server as a voter.
+type JoinRequest struct {
+	ID       string `json:"id"`
+	RaftAddr string `json:"raft_addr"`
+	APIAddr  string `json:"api_addr"`
+}
+
+// applyReply is what /v1/internal/apply returns to a forwarding server; the
+// key travels only here (server to server, mTLS) for a forwarded key request.
+type applyReply struct {
+	Result *fsm.Result `json:"result"`
+	Key    []byte      `json:"key,omitempty"`
+}
+
+// Duration is a time.Duration that reads and writes as "30s" in JSON.
+type Duration time.Duration
+
+func (d Duration) MarshalJSON() ([]byte, error) { return json.Marshal(time.Duration(d).String()) }
+
+func (d *Duration) UnmarshalJSON(b []byte) error {
+	var s string
+	if err := json.Unmarshal(b, &s); err != nil {
+		var n int64
+		if err2 := json.Unmarshal(b, &n); err2 != nil {
+			return fmt.Errorf("duration: use a string like \"15s\"")
+		}
+		*d = Duration(n)
+		return nil
+	}
+	v, err := time.ParseDuration(s)
+	if err != nil {
+		return fmt.Errorf("duration %q: %w", s, err)
+	}
+	*d = Duration(v)
+	return nil
+}
