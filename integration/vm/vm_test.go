@@ -1,0 +1,164 @@
+package vm
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+)
+
+// smokeScript is the guest's first check: dm-clone itself, driven by hand,
+// before any ferry code runs. A failure here points at the harness, not at
+// ferry's backends.
+const smokeScript = `
+set -e
+echo "== smoke: dm-clone"
+cd /tmp
+dd if=/dev/urandom of=src.img bs=1M count=16 2>/dev/null
+truncate -s 16M dst.img
+truncate -s 4M meta.img
+S=$(/usr/local/sbin/losetup -f --show src.img)
+D=$(/usr/local/sbin/losetup -f --show dst.img)
+M=$(/usr/local/sbin/losetup -f --show meta.img)
+dmsetup create smoke --table "0 32768 clone $M $D $S 8 1 no_hydration"
+dmsetup status smoke
+/usr/local/sbin/blkdiscard -o 0 -l 1048576 /dev/mapper/smoke
+st=$(dmsetup status smoke)
+echo "after discard: $st"
+case "$st" in *" 256/4096 "*) ;; *) echo "smoke: discard did not hydrate 256 regions"; exit 1 ;; esac
+dmsetup message smoke 0 enable_hydration
+i=0
+until dmsetup status --noflush smoke | grep -q " 4096/4096 "; do
+	i=$((i+1)); [ $i -lt 600 ] || { echo "smoke: hydration did not finish"; exit 1; }
+	sleep 0.1
+done
+dmsetup remove smoke
+cmp -n 1048576 /dev/zero $D
+cmp -i 1048576 $S $D
+echo "== smoke: dm-clone ok"
+`
+
+// guestSuite is one test binary run inside the guest, and the tests in it
+// that must report PASS (a SKIP there is a failure: the guest has every tool).
+type guestSuite struct {
+	pkg   string // import path relative to the module root, e.g. ./dmclone
+	run   string // -test.run pattern
+	needs []string
+}
+
+var guestSuites = []guestSuite{
+	// {pkg: "./dmclone", run: "Kernel", needs: []string{"TestKernel"}},
+	// {pkg: "./luks", run: "Kernel", needs: []string{"TestKernel"}},
+}
+
+func moduleRoot(t *testing.T) string {
+	out, err := exec.Command("go", "env", "GOMOD").Output()
+	if err != nil {
+		t.Fatalf("go env GOMOD: %v", err)
+	}
+	return filepath.Dir(strings.TrimSpace(string(out)))
+}
+
+func TestKernelPathInVM(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("needs root (apt-get download, depmod, qemu with 9p)")
+	}
+	for _, tool := range []string{QEMU, "apt-get", "dpkg-deb", "make", "gcc-12", "modprobe", "depmod", "xz", "busybox"} {
+		if _, err := lookTool(tool); err != nil {
+			t.Skipf("needs %s: run scripts/deps.sh (scripts/packages.txt lists it)", tool)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	log := zerolog.New(zerolog.NewTestWriter(t)).With().Timestamp().Str("component", "vm").Logger()
+
+	t0 := time.Now()
+	cache := CacheDir()
+	k, err := PrepareKernel(ctx, log, cache)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tKernel := time.Since(t0)
+	initrd, err := BuildInitramfs(ctx, log, k, cache)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tInitrd := time.Since(t0) - tKernel
+
+	share := t.TempDir()
+	root := moduleRoot(t)
+	var script strings.Builder
+	script.WriteString("#!/bin/sh\ncd /tmp\nfail=0\n")
+	fmt.Fprintf(&script, "( %s ) || { echo 'SUITE smoke FAIL'; fail=1; }\n", smokeScript)
+	t1 := time.Now()
+	var suites []guestSuite
+	for _, s := range guestSuites {
+		if _, err := os.Stat(filepath.Join(root, s.pkg)); err != nil {
+			t.Fatalf("guest suite %s: %v", s.pkg, err)
+		}
+		name := filepath.Base(s.pkg) + ".test"
+		cmd := exec.CommandContext(ctx, "go", "test", "-c", "-o", filepath.Join(share, name), s.pkg)
+		cmd.Dir = root
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOFLAGS=")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("building guest test binary %s: %v\n%s", s.pkg, err, out)
+		}
+		if _, err := os.Stat(filepath.Join(share, name)); err != nil {
+			t.Fatalf("%s has no tests to run in the guest", s.pkg)
+		}
+		suites = append(suites, s)
+		fmt.Fprintf(&script, "echo '== suite %s'\n(cd /tmp && FERRY_IN_VM=1 /host/%s -test.v -test.count=1 -test.timeout=4m -test.run '%s') || { echo 'SUITE %s FAIL'; fail=1; }\n",
+			name, name, s.run, name)
+	}
+	tBuild := time.Since(t1)
+	script.WriteString("exit $fail\n")
+	if err := os.WriteFile(filepath.Join(share, "run.sh"), []byte(script.String()), 0o755); err != nil {
+		t.Fatal(err)
+	}
+
+	res, err := Boot(ctx, log, BootConfig{Kernel: k, Initrd: initrd, Share: share, Timeout: 5 * time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("timings: kernel %s, initramfs %s, guest test binaries %s, boot %s (%s), guest total %s, whole %s",
+		tKernel.Round(time.Millisecond), tInitrd.Round(time.Millisecond), tBuild.Round(time.Millisecond),
+		res.BootTime.Round(time.Millisecond), res.Accel, res.Total.Round(time.Millisecond), time.Since(t0).Round(time.Millisecond))
+	consoleLog := filepath.Join(cache, "last-console.log")
+	_ = os.WriteFile(consoleLog, []byte(res.Console), 0o644)
+	t.Logf("guest console: %s", consoleLog)
+	if os.Getenv("FERRY_VM_CONSOLE") != "" {
+		t.Log(res.Console)
+	}
+	if err := res.Err(); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(res.Console, "== smoke: dm-clone ok") {
+		t.Errorf("smoke test did not report success")
+	}
+	for _, s := range suites {
+		for _, n := range s.needs {
+			// Every matching test must have passed, and at least one ran.
+			pass := regexp.MustCompile(`(?m)^\s*--- PASS: `+n+`\S*`).FindAllString(res.Console, -1)
+			bad := regexp.MustCompile(`(?m)^\s*--- (SKIP|FAIL): `+n+`\S*`).FindAllString(res.Console, -1)
+			if len(pass) == 0 || len(bad) > 0 {
+				t.Errorf("%s: tests %s*: passed %v, skipped/failed %v", s.pkg, n, pass, bad)
+			} else {
+				t.Logf("%s in guest: %d passed: %s", s.pkg, len(pass), strings.Join(trimAll(pass), ", "))
+			}
+		}
+	}
+}
+
+func trimAll(ss []string) []string {
+	for i := range ss {
+		ss[i] = strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(ss[i]), "--- PASS: "))
+	}
+	return ss
+}
