@@ -116,7 +116,8 @@ type Config struct {
 	SourceRetries int
 	SourceTimeout time.Duration
 	// CommitInterval is how often a changed bitmap is committed without a
-	// flush (default 1 s, like dm-clone).
+	// flush (default 1 s, like dm-clone). Negative: only Flush and Close
+	// commit (deterministic crash tests).
 	CommitInterval time.Duration
 }
 

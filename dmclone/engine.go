@@ -116,7 +116,7 @@ func Open(log zerolog.Logger, cfg Config) (*Engine, error) {
 		timeout = 30 * time.Second
 	}
 	interval := cfg.CommitInterval
-	if interval <= 0 {
+	if interval == 0 {
 		interval = time.Second
 	}
 	mf, st, err := openMeta(cfg.MetaPath, regions)
@@ -617,6 +617,10 @@ func (e *Engine) commit() error {
 // and samples the hydration rate.
 func (e *Engine) committer(interval time.Duration) {
 	defer e.loopWG.Done()
+	auto := interval > 0
+	if !auto {
+		interval = time.Second // still sample the rate
+	}
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
@@ -625,6 +629,13 @@ func (e *Engine) committer(interval time.Duration) {
 			return
 		case <-t.C:
 		case <-e.commitNow:
+		}
+		if !auto {
+			e.mu.Lock()
+			fetched := e.cnt.Fetched
+			e.mu.Unlock()
+			e.rate.add(time.Now(), fetched)
+			continue
 		}
 		e.mu.Lock()
 		fetched := e.cnt.Fetched
