@@ -8,7 +8,6 @@ package agent
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -224,11 +223,10 @@ func (a *Agent) drive(ctx context.Context, id string, inbox chan *fsm.Migration)
 		if ctx.Err() != nil {
 			return
 		}
-		var refused *fsm.Refusal
-		if errors.As(err, &refused) {
+		if isRefusal(err) {
 			// The store moved on (another proposal won, or an abort): re-read and re-decide.
-			log.Info().Str("reason", refused.Reason).Msg("proposal refused; re-reading the migration")
-			if fresh, gerr := a.cp.GetMigration(ctx, id); gerr == nil {
+			if fresh, gerr := a.cp.GetMigration(ctx, id); gerr == nil && fresh.State != m.State {
+				log.Info().Err(err).Msg("proposal refused; the migration moved on")
 				m = fresh
 				continue
 			}

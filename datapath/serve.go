@@ -1,5 +1,3 @@
-//go:build ferrywip
-
 package datapath
 
 import (

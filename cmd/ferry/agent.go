@@ -1,0 +1,152 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/ferry-dev/ferry/agent"
+	"github.com/ferry-dev/ferry/api"
+	"github.com/ferry-dev/ferry/internal/logging"
+	"github.com/ferry-dev/ferry/internal/tlsutil"
+	"github.com/ferry-dev/ferry/machine"
+)
+
+type agentFlags struct {
+	clientFlags
+	worker, dataDir, address, backend, domain string
+	hostID                                    uint32
+	dev, fastKDF                              bool
+	grace                                     time.Duration
+	devListen                                 string
+}
+
+func (f *agentFlags) build(ctx context.Context) (*agent.Agent, *agent.NetNetwork, error) {
+	log, err := newLogger(true)
+	if err != nil {
+		return nil, nil, withCode(ExitUsage, err)
+	}
+	if f.worker == "" {
+		return nil, nil, withCode(ExitUsage, fmt.Errorf("--worker is required"))
+	}
+	switch f.backend {
+	case "auto", "userspace":
+	case "kernel":
+		return nil, nil, withCode(ExitUsage, fmt.Errorf("--backend kernel: this build drives the userspace data path only; use auto or userspace"))
+	default:
+		return nil, nil, withCode(ExitUsage, fmt.Errorf("--backend %q: use auto, userspace or kernel", f.backend))
+	}
+	if f.name == "" {
+		f.name = f.worker
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		return nil, nil, err
+	}
+	c, err := f.client()
+	if err != nil {
+		return nil, nil, err
+	}
+	alog := logging.For(log, "agent")
+	vols := &agent.Volumes{DataDir: f.dataDir, Exe: exe, Log: logging.For(log, "volumes"), Loops: agent.LoopDevs{}, FastKDF: f.fastKDF}
+	exp := &agent.ISCSIExporter{Log: log, StateDir: filepath.Join(f.dataDir, "exports"), Address: f.address, Domain: f.domain}
+	nw := &agent.NetNetwork{Log: logging.For(log, "netrewrite"), Worker: f.worker, Dir: filepath.Join(f.dataDir, "net"), Grace: f.grace}
+	mach := &machine.Exec{StateDir: filepath.Join(f.dataDir, "machines"), Log: logging.For(log, "machine")}
+	a, err := agent.New(alog, agent.Config{Worker: f.worker, HostID: f.hostID, Address: f.address, DataDir: f.dataDir, Exe: exe},
+		&agent.APIControlPlane{C: c}, exp, nw, mach, vols)
+	return a, nw, err
+}
+
+func init() {
+	var f agentFlags
+	cmd := &cobra.Command{
+		Use:   "agent --worker NAME --server ADDR --data-dir DIR",
+		Short: "Run a worker's agent: register, heartbeat, and do this worker's step of every migration naming it",
+		Long: `Run a worker's agent. It registers the worker (with its 6PN host id and fabric address),
+heartbeats, watches the migrations that name it, and performs its role's step for each committed
+state, then proposes the next event. After a restart it resumes every migration from the committed
+state. With --dev it also runs a one-node server in the same process (development only).`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+			defer stop()
+			if f.dev {
+				if err := devServer(ctx, &f); err != nil {
+					return err
+				}
+			}
+			a, nw, err := f.build(ctx)
+			if err != nil {
+				return err
+			}
+			go nw.ExpireLoop(ctx)
+			return a.Run(ctx)
+		},
+	}
+	f.clientFlags.add(cmd, "")
+	fl := cmd.Flags()
+	fl.StringVar(&f.worker, "worker", "", "this worker's name (also its certificate name unless --cert)")
+	fl.Uint32Var(&f.hostID, "host-id", 0, "the worker's 32-bit 6PN host id")
+	fl.StringVar(&f.address, "address", "127.0.0.1", "IP where other workers reach this worker's exports")
+	fl.StringVar(&f.dataDir, "data-dir", "/var/lib/ferry/agent", "volumes, clone metadata and local step records")
+	fl.StringVar(&f.backend, "backend", "auto", "data path: auto, userspace or kernel")
+	fl.StringVar(&f.domain, "iqn-domain", "dev.ferry", "naming authority of export IQNs")
+	fl.DurationVar(&f.grace, "grace", 10*time.Minute, "how long a migrated machine's old 6PN address keeps answering")
+	fl.BoolVar(&f.fastKDF, "fast-kdf", false, "format new volumes with a cheap keyslot KDF (demo and tests only)")
+	fl.BoolVar(&f.dev, "dev", false, "also run a one-node server in this process (development)")
+	fl.StringVar(&f.devListen, "dev-listen", "127.0.0.1:7400", "with --dev: the server's API address")
+
+	clean := &cobra.Command{
+		Use:   "cleanup --worker NAME --data-dir DIR",
+		Short: "Tear down everything an agent left running from its data dir (machines, mounts, loop devices, datapaths, exports, namespaces)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			a, _, err := f.build(cmd.Context())
+			if err != nil {
+				return err
+			}
+			return a.Cleanup(cmd.Context())
+		},
+	}
+	f.clientFlags.add(clean, "")
+	clean.Flags().StringVar(&f.worker, "worker", "", "the worker's name")
+	clean.Flags().StringVar(&f.dataDir, "data-dir", "/var/lib/ferry/agent", "the agent's data dir")
+	cmd.AddCommand(clean)
+	register(cmd)
+}
+
+// devServer starts a one-node server in this process, making a development
+// CA and certificates in --tls-dir if there are none.
+func devServer(ctx context.Context, f *agentFlags) error {
+	log, err := newLogger(true)
+	if err != nil {
+		return err
+	}
+	if _, err := os.Stat(filepath.Join(f.tlsDir, "ca.pem")); os.IsNotExist(err) {
+		if err := tlsutil.InitCA(f.tlsDir); err != nil {
+			return err
+		}
+	}
+	for name, kind := range map[string]string{"server": tlsutil.KindServer, f.worker: tlsutil.KindWorker, "operator": tlsutil.KindOperator} {
+		if cert, _ := tlsutil.Files(f.tlsDir, name); !exists(cert) {
+			if err := tlsutil.Issue(f.tlsDir, name, kind, []string{"127.0.0.1", "localhost"}); err != nil {
+				return err
+			}
+		}
+	}
+	_, err = api.StartServer(ctx, logging.For(log, "server"), api.Config{ID: "server", DataDir: filepath.Join(f.dataDir, "server"),
+		Listen: f.devListen, RaftAddr: "127.0.0.1:0", Bootstrap: true, TLSDir: f.tlsDir})
+	if err != nil {
+		return fmt.Errorf("dev server: %w", err)
+	}
+	f.server = f.devListen
+	return nil
+}
+
+func exists(p string) bool { _, err := os.Stat(p); return err == nil }

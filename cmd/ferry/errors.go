@@ -1,0 +1,12 @@
+package main
+
+import (
+	"errors"
+
+	"github.com/ferry-dev/ferry/api"
+	"github.com/ferry-dev/ferry/fsm"
+)
+
+func asAPIError(err error, target **api.Error) bool { return errors.As(err, target) }
+
+func apiMachineState(st fsm.MachineState) api.MachineUpdate { return api.MachineUpdate{State: &st} }
