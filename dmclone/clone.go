@@ -24,6 +24,8 @@ type Clone interface {
 	SetTunables(Tunables) error
 	// Progress is a snapshot of the hydration state.
 	Progress() Progress
+	// Stalled reports whether hydration cannot progress, and why.
+	Stalled() (bool, string)
 	// Done is closed once every region is hydrated.
 	Done() <-chan struct{}
 	// Dissolve, once Done, returns the destination alone (dm-clone: suspend,

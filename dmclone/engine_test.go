@@ -13,7 +13,7 @@ import (
 	"github.com/ferry-dev/ferry/blockdev/blockdevtest"
 )
 
-const rs = 4096
+const testRegion = 4096
 
 func TestConformance(t *testing.T) {
 	blockdevtest.Run(t, func(t *testing.T, size int64) blockdev.Device {
@@ -80,48 +80,48 @@ func (fc *fileClone) dst(t *testing.T) []byte {
 }
 
 func TestReadFromSourceHydratesOnce(t *testing.T) {
-	fc := newFileClone(t, 64*rs, Config{})
+	fc := newFileClone(t, 64*testRegion, Config{})
 	p := make([]byte, 100)
-	if _, err := fc.e.ReadAt(p, 5*rs+10); err != nil {
+	if _, err := fc.e.ReadAt(p, 5*testRegion+10); err != nil {
 		t.Fatal(err)
 	}
-	if !bytes.Equal(p, fc.srcData[5*rs+10:5*rs+110]) {
+	if !bytes.Equal(p, fc.srcData[5*testRegion+10:5*testRegion+110]) {
 		t.Fatal("read of an unhydrated region differs from the source")
 	}
-	if got := fc.src.bytes.Load(); got != rs {
-		t.Fatalf("fetched %d bytes for a 100-byte read, want one region (%d)", got, rs)
+	if got := fc.src.bytes.Load(); got != testRegion {
+		t.Fatalf("fetched %d bytes for a 100-byte read, want one region (%d)", got, testRegion)
 	}
-	if !bytes.Equal(fc.dst(t)[5*rs:6*rs], fc.srcData[5*rs:6*rs]) {
+	if !bytes.Equal(fc.dst(t)[5*testRegion:6*testRegion], fc.srcData[5*testRegion:6*testRegion]) {
 		t.Fatal("the region read was not written to the destination")
 	}
-	if _, err := fc.e.ReadAt(p, 5*rs); err != nil {
+	if _, err := fc.e.ReadAt(p, 5*testRegion); err != nil {
 		t.Fatal(err)
 	}
 	if got := fc.src.reads.Load(); got != 1 {
 		t.Fatalf("second read of a hydrated region went to the source (%d source reads)", got)
 	}
 	pr := fc.e.Progress()
-	if pr.HydratedRegions != 1 || pr.BytesFetched != rs || pr.TotalRegions != 64 {
-		t.Fatalf("progress %+v, want 1/64 hydrated, %d fetched", pr, rs)
+	if pr.HydratedRegions != 1 || pr.BytesFetched != testRegion || pr.TotalRegions != 64 {
+		t.Fatalf("progress %+v, want 1/64 hydrated, %d fetched", pr, testRegion)
 	}
 }
 
 func TestPartialWriteFetchesRegionFirst(t *testing.T) {
-	fc := newFileClone(t, 64*rs, Config{})
+	fc := newFileClone(t, 64*testRegion, Config{})
 	w := bytes.Repeat([]byte{0xEE}, 300)
-	if _, err := fc.e.WriteAt(w, 3*rs+1000); err != nil {
+	if _, err := fc.e.WriteAt(w, 3*testRegion+1000); err != nil {
 		t.Fatal(err)
 	}
-	if got := fc.src.bytes.Load(); got != rs {
-		t.Fatalf("fetched %d bytes for a partial write, want %d", got, rs)
+	if got := fc.src.bytes.Load(); got != testRegion {
+		t.Fatalf("fetched %d bytes for a partial write, want %d", got, testRegion)
 	}
-	want := append([]byte(nil), fc.srcData[3*rs:4*rs]...)
+	want := append([]byte(nil), fc.srcData[3*testRegion:4*testRegion]...)
 	copy(want[1000:], w)
-	if !bytes.Equal(fc.dst(t)[3*rs:4*rs], want) {
+	if !bytes.Equal(fc.dst(t)[3*testRegion:4*testRegion], want) {
 		t.Fatal("destination region is not source + write")
 	}
-	got := make([]byte, rs)
-	if _, err := fc.e.ReadAt(got, 3*rs); err != nil {
+	got := make([]byte, testRegion)
+	if _, err := fc.e.ReadAt(got, 3*testRegion); err != nil {
 		t.Fatal(err)
 	}
 	if !bytes.Equal(got, want) || fc.src.reads.Load() != 1 {
@@ -129,68 +129,68 @@ func TestPartialWriteFetchesRegionFirst(t *testing.T) {
 	}
 	// A write straddling two unhydrated regions fetches both edges.
 	fc.src.bytes.Store(0)
-	if _, err := fc.e.WriteAt(w, 10*rs-100); err != nil {
+	if _, err := fc.e.WriteAt(w, 10*testRegion-100); err != nil {
 		t.Fatal(err)
 	}
-	if got := fc.src.bytes.Load(); got != 2*rs {
-		t.Fatalf("straddling write fetched %d bytes, want %d", got, 2*rs)
+	if got := fc.src.bytes.Load(); got != 2*testRegion {
+		t.Fatalf("straddling write fetched %d bytes, want %d", got, 2*testRegion)
 	}
 }
 
 func TestWholeRegionWriteFetchesNothing(t *testing.T) {
-	fc := newFileClone(t, 64*rs, Config{})
-	w := bytes.Repeat([]byte{0x11}, 3*rs)
-	if _, err := fc.e.WriteAt(w, 7*rs); err != nil {
+	fc := newFileClone(t, 64*testRegion, Config{})
+	w := bytes.Repeat([]byte{0x11}, 3*testRegion)
+	if _, err := fc.e.WriteAt(w, 7*testRegion); err != nil {
 		t.Fatal(err)
 	}
 	if fc.src.reads.Load() != 0 {
 		t.Fatal("a write covering whole regions read the source")
 	}
 	pr := fc.e.Progress()
-	if pr.HydratedRegions != 3 || pr.BytesSkippedWrite != 3*rs {
+	if pr.HydratedRegions != 3 || pr.BytesSkippedWrite != 3*testRegion {
 		t.Fatalf("progress %+v, want 3 regions hydrated by the write", pr)
 	}
-	if !bytes.Equal(fc.dst(t)[7*rs:10*rs], w) {
+	if !bytes.Equal(fc.dst(t)[7*testRegion:10*testRegion], w) {
 		t.Fatal("destination lacks the write")
 	}
 }
 
 func TestDiscardMarksHydratedWithoutFetch(t *testing.T) {
-	fc := newFileClone(t, 64*rs, Config{})
+	fc := newFileClone(t, 64*testRegion, Config{})
 	// Hydrate region 20 so its partial discard is punched.
-	if _, err := fc.e.ReadAt(make([]byte, 10), 20*rs); err != nil {
+	if _, err := fc.e.ReadAt(make([]byte, 10), 20*testRegion); err != nil {
 		t.Fatal(err)
 	}
 	fc.src.reads.Store(0)
-	if err := fc.e.Discard(2*rs+512, 4*rs); err != nil { // regions 3,4,5 whole; 2 and 6 partial
+	if err := fc.e.Discard(2*testRegion+512, 4*testRegion); err != nil { // regions 3,4,5 whole; 2 and 6 partial
 		t.Fatal(err)
 	}
-	if err := fc.e.Discard(20*rs+1024, 1024); err != nil { // partial, hydrated
+	if err := fc.e.Discard(20*testRegion+1024, 1024); err != nil { // partial, hydrated
 		t.Fatal(err)
 	}
 	if fc.src.reads.Load() != 0 || fc.src.discards.Load() != 0 || fc.src.writes.Load() != 0 {
 		t.Fatal("a discard reached the source")
 	}
 	pr := fc.e.Progress()
-	if pr.HydratedRegions != 4 || pr.BytesSkippedDiscard != 3*rs {
+	if pr.HydratedRegions != 4 || pr.BytesSkippedDiscard != 3*testRegion {
 		t.Fatalf("progress %+v, want regions 3-5 and 20 hydrated, 3 regions skipped by discard", pr)
 	}
-	got := make([]byte, 5*rs)
-	if _, err := fc.e.ReadAt(got, 2*rs); err != nil {
+	got := make([]byte, 5*testRegion)
+	if _, err := fc.e.ReadAt(got, 2*testRegion); err != nil {
 		t.Fatal(err)
 	}
-	if !bytes.Equal(got[:512], fc.srcData[2*rs:2*rs+512]) || !bytes.Equal(got[rs:4*rs], make([]byte, 3*rs)) {
+	if !bytes.Equal(got[:512], fc.srcData[2*testRegion:2*testRegion+512]) || !bytes.Equal(got[testRegion:4*testRegion], make([]byte, 3*testRegion)) {
 		t.Fatal("whole discarded regions are not zeros, or the undiscarded head changed")
 	}
 	// Partial regions 2 and 6 were unhydrated: they still read the source.
-	if !bytes.Equal(got[4*rs+512:], fc.srcData[6*rs+512:7*rs]) {
+	if !bytes.Equal(got[4*testRegion+512:], fc.srcData[6*testRegion+512:7*testRegion]) {
 		t.Fatal("the untouched part of a partly discarded region changed")
 	}
-	hydr := make([]byte, rs)
-	if _, err := fc.e.ReadAt(hydr, 20*rs); err != nil {
+	hydr := make([]byte, testRegion)
+	if _, err := fc.e.ReadAt(hydr, 20*testRegion); err != nil {
 		t.Fatal(err)
 	}
-	if !bytes.Equal(hydr[1024:2048], make([]byte, 1024)) || !bytes.Equal(hydr[:1024], fc.srcData[20*rs:20*rs+1024]) {
+	if !bytes.Equal(hydr[1024:2048], make([]byte, 1024)) || !bytes.Equal(hydr[:1024], fc.srcData[20*testRegion:20*testRegion+1024]) {
 		t.Fatal("partial discard of a hydrated region did not zero exactly its range")
 	}
 	// The destination's whole regions were punched (holes, no data).
@@ -205,7 +205,7 @@ func TestDiscardMarksHydratedWithoutFetch(t *testing.T) {
 	}
 	covered := false
 	for _, h := range holes {
-		if h.Off <= 3*rs && h.End() >= 6*rs {
+		if h.Off <= 3*testRegion && h.End() >= 6*testRegion {
 			covered = true
 		}
 	}
@@ -217,12 +217,12 @@ func TestDiscardMarksHydratedWithoutFetch(t *testing.T) {
 func TestKnownZeroSkipsFetch(t *testing.T) {
 	dir := t.TempDir()
 	srcPath := filepath.Join(dir, "src")
-	s, err := blockdev.CreateSparse(srcPath, 256*rs)
+	s, err := blockdev.CreateSparse(srcPath, 256*testRegion)
 	if err != nil {
 		t.Fatal(err)
 	}
-	data := bytes.Repeat([]byte{7}, 8*rs)
-	if _, err := s.WriteAt(data, 100*rs); err != nil {
+	data := bytes.Repeat([]byte{7}, 8*testRegion)
+	if _, err := s.WriteAt(data, 100*testRegion); err != nil {
 		t.Fatal(err)
 	}
 	s.Close()
@@ -237,22 +237,22 @@ func TestKnownZeroSkipsFetch(t *testing.T) {
 	}
 	src, _ := blockdev.OpenFile(srcPath, true)
 	cs := &srcDev{Device: src}
-	dst, _ := blockdev.CreateSparse(filepath.Join(dir, "dst"), 256*rs)
+	dst, _ := blockdev.CreateSparse(filepath.Join(dir, "dst"), 256*testRegion)
 	e := mustOpen(t, Config{Source: cs, Dest: dst, MetaPath: filepath.Join(dir, "meta"), KnownZero: holes})
 	defer e.Close()
 	pr := e.Progress()
-	if pr.HydratedRegions < 200 || pr.HydratedRegions > 248 || pr.BytesSkippedZero != pr.HydratedRegions*rs {
+	if pr.HydratedRegions < 200 || pr.HydratedRegions > 248 || pr.BytesSkippedZero != pr.HydratedRegions*testRegion {
 		t.Fatalf("progress %+v: want the ~248 hole regions hydrated by the hint", pr)
 	}
 	if err := e.EnableHydration(); err != nil {
 		t.Fatal(err)
 	}
 	waitDone(t, e)
-	if got := e.Progress().BytesFetched; got > 64*rs {
-		t.Fatalf("fetched %d bytes; the source has only %d bytes of data (plus filesystem rounding)", got, 8*rs)
+	if got := e.Progress().BytesFetched; got > 64*testRegion {
+		t.Fatalf("fetched %d bytes; the source has only %d bytes of data (plus filesystem rounding)", got, 8*testRegion)
 	}
-	want := make([]byte, 256*rs)
-	copy(want[100*rs:], data)
+	want := make([]byte, 256*testRegion)
+	copy(want[100*testRegion:], data)
 	if !bytes.Equal(readAll(t, e), want) {
 		t.Fatal("clone content differs from the sparse source")
 	}
@@ -268,7 +268,7 @@ func waitDone(t *testing.T, e *Engine) {
 }
 
 func TestNoHydrationUntilEnabled(t *testing.T) {
-	fc := newFileClone(t, 64*rs, Config{})
+	fc := newFileClone(t, 64*testRegion, Config{})
 	time.Sleep(100 * time.Millisecond)
 	if fc.src.reads.Load() != 0 || fc.e.Progress().HydrationEnabled {
 		t.Fatal("hydration ran before EnableHydration")
@@ -276,7 +276,7 @@ func TestNoHydrationUntilEnabled(t *testing.T) {
 }
 
 func TestBackgroundHydrationDissolve(t *testing.T) {
-	fc := newFileClone(t, 1000*rs+2048, Config{Tunables: Tunables{BatchRegions: 16, InFlight: 3, MinShare: 0.3}})
+	fc := newFileClone(t, 1000*testRegion+2048, Config{Tunables: Tunables{BatchRegions: 16, InFlight: 3, MinShare: 0.3}})
 	w := bytes.Repeat([]byte{0x42}, 5000)
 	if _, err := fc.e.WriteAt(w, 12345); err != nil {
 		t.Fatal(err)
@@ -322,7 +322,7 @@ func TestBackgroundHydrationDissolve(t *testing.T) {
 }
 
 func TestFailingSourceStallsThenRecovers(t *testing.T) {
-	fc := newFileClone(t, 64*rs, Config{SourceRetries: 2})
+	fc := newFileClone(t, 64*testRegion, Config{SourceRetries: 2})
 	fc.src.failReads.Store(100)
 	_, err := fc.e.ReadAt(make([]byte, 10), 0)
 	if !errors.Is(err, errInjected) {
@@ -347,7 +347,7 @@ func TestFailingSourceStallsThenRecovers(t *testing.T) {
 }
 
 func TestHungSourceTimesOut(t *testing.T) {
-	fc := newFileClone(t, 16*rs, Config{SourceRetries: -1, SourceTimeout: 100 * time.Millisecond})
+	fc := newFileClone(t, 16*testRegion, Config{SourceRetries: -1, SourceTimeout: 100 * time.Millisecond})
 	fc.src.hang.Store(true)
 	start := time.Now()
 	_, err := fc.e.ReadAt(make([]byte, 10), 0)
@@ -360,11 +360,11 @@ func TestHungSourceTimesOut(t *testing.T) {
 }
 
 func TestResumeFromMetadata(t *testing.T) {
-	fc := newFileClone(t, 64*rs, Config{})
+	fc := newFileClone(t, 64*testRegion, Config{})
 	w := bytes.Repeat([]byte{9}, 100)
-	fc.e.WriteAt(w, 40*rs)
-	fc.e.ReadAt(make([]byte, 2*rs), 0)
-	fc.e.Discard(10*rs, 2*rs)
+	fc.e.WriteAt(w, 40*testRegion)
+	fc.e.ReadAt(make([]byte, 2*testRegion), 0)
+	fc.e.Discard(10*testRegion, 2*testRegion)
 	before := fc.e.Progress()
 	if err := fc.e.Close(); err != nil {
 		t.Fatal(err)
@@ -376,26 +376,26 @@ func TestResumeFromMetadata(t *testing.T) {
 		t.Fatalf("progress after reopen %+v, before %+v", after, before)
 	}
 	got := make([]byte, 100)
-	fc.e.ReadAt(got, 40*rs)
+	fc.e.ReadAt(got, 40*testRegion)
 	if !bytes.Equal(got, w) || fc.src.reads.Load() != 0 {
 		t.Fatal("write lost across reopen, or hydrated region fetched again")
 	}
 	// The metadata is locked while open, and refuses other devices.
 	s, _ := blockdev.OpenFile(fc.srcPath, true)
-	if _, err := Open(testLog(), Config{Source: s, Dest: blockdev.NewMem(64 * rs), MetaPath: fc.metaPath}); err == nil {
+	if _, err := Open(testLog(), Config{Source: s, Dest: blockdev.NewMem(64 * testRegion), MetaPath: fc.metaPath}); err == nil {
 		t.Fatal("a second engine opened metadata in use")
 	}
 	fc.e.Close()
-	if _, err := Open(testLog(), Config{Source: s, Dest: blockdev.NewMem(64 * rs), MetaPath: fc.metaPath, RegionSize: 8192}); !errors.Is(err, ErrMetadata) {
+	if _, err := Open(testLog(), Config{Source: s, Dest: blockdev.NewMem(64 * testRegion), MetaPath: fc.metaPath, RegionSize: 8192}); !errors.Is(err, ErrMetadata) {
 		t.Fatalf("metadata with another region size: err = %v, want ErrMetadata", err)
 	}
 }
 
 func TestTornSlotFallsBack(t *testing.T) {
-	fc := newFileClone(t, 64*rs, Config{})
-	fc.e.WriteAt(make([]byte, rs), 0) // region 0 hydrated
+	fc := newFileClone(t, 64*testRegion, Config{})
+	fc.e.WriteAt(make([]byte, testRegion), 0) // region 0 hydrated
 	fc.e.Flush()
-	fc.e.WriteAt(make([]byte, rs), rs) // region 1 hydrated in the next slot
+	fc.e.WriteAt(make([]byte, testRegion), testRegion) // region 1 hydrated in the next slot
 	fc.e.Flush()
 	seq := fc.e.meta.seq
 	fc.e.Close()
@@ -420,25 +420,25 @@ func TestTornSlotFallsBack(t *testing.T) {
 	f.Close()
 	s, _ := blockdev.OpenFile(fc.srcPath, true)
 	defer s.Close()
-	if _, err := Open(testLog(), Config{Source: s, Dest: blockdev.NewMem(64 * rs), MetaPath: fc.metaPath}); !errors.Is(err, ErrMetadata) {
+	if _, err := Open(testLog(), Config{Source: s, Dest: blockdev.NewMem(64 * testRegion), MetaPath: fc.metaPath}); !errors.Is(err, ErrMetadata) {
 		t.Fatalf("both slots damaged: err = %v, want ErrMetadata", err)
 	}
 }
 
 func TestBadConfigRefused(t *testing.T) {
-	src := blockdev.NewMem(64 * rs)
+	src := blockdev.NewMem(64 * testRegion)
 	for name, cfg := range map[string]Config{
-		"region not power of two": {Source: src, Dest: blockdev.NewMem(64 * rs), MetaPath: metaPath(t), RegionSize: 6000},
-		"region too small":        {Source: src, Dest: blockdev.NewMem(64 * rs), MetaPath: metaPath(t), RegionSize: 512},
-		"dest too small":          {Source: src, Dest: blockdev.NewMem(rs), MetaPath: metaPath(t)},
-		"no meta":                 {Source: src, Dest: blockdev.NewMem(64 * rs)},
-		"bad tunables":            {Source: src, Dest: blockdev.NewMem(64 * rs), MetaPath: metaPath(t), Tunables: Tunables{BatchRegions: -1, InFlight: 1}},
+		"region not power of two": {Source: src, Dest: blockdev.NewMem(64 * testRegion), MetaPath: metaPath(t), RegionSize: 6000},
+		"region too small":        {Source: src, Dest: blockdev.NewMem(64 * testRegion), MetaPath: metaPath(t), RegionSize: 512},
+		"dest too small":          {Source: src, Dest: blockdev.NewMem(testRegion), MetaPath: metaPath(t)},
+		"no meta":                 {Source: src, Dest: blockdev.NewMem(64 * testRegion)},
+		"bad tunables":            {Source: src, Dest: blockdev.NewMem(64 * testRegion), MetaPath: metaPath(t), Tunables: Tunables{BatchRegions: -1, InFlight: 1}},
 	} {
 		if _, err := Open(testLog(), cfg); err == nil {
 			t.Errorf("%s: accepted", name)
 		}
 	}
-	e := mustOpen(t, Config{Source: src, Dest: blockdev.NewMem(64 * rs), MetaPath: metaPath(t)})
+	e := mustOpen(t, Config{Source: src, Dest: blockdev.NewMem(64 * testRegion), MetaPath: metaPath(t)})
 	defer e.Close()
 	if err := e.SetTunables(Tunables{BatchRegions: 1, InFlight: 0}); err == nil {
 		t.Error("SetTunables accepted zero in-flight")
@@ -447,7 +447,7 @@ func TestBadConfigRefused(t *testing.T) {
 
 // Concurrent foreground I/O on disjoint ranges while hydration runs.
 func TestConcurrentIOWhileHydrating(t *testing.T) {
-	fc := newFileClone(t, 512*rs, Config{Tunables: Tunables{BatchRegions: 8, InFlight: 3, MinShare: 0.3}})
+	fc := newFileClone(t, 512*testRegion, Config{Tunables: Tunables{BatchRegions: 8, InFlight: 3, MinShare: 0.3}})
 	fc.e.EnableHydration()
 	want := append([]byte(nil), fc.srcData...)
 	var wg sync.WaitGroup
@@ -455,9 +455,9 @@ func TestConcurrentIOWhileHydrating(t *testing.T) {
 		wg.Add(1)
 		go func(g int) {
 			defer wg.Done()
-			base := int64(g) * 128 * rs
+			base := int64(g) * 128 * testRegion
 			for i := int64(0); i < 64; i++ {
-				off := base + i*2*rs + int64(g*100)
+				off := base + i*2*testRegion + int64(g*100)
 				p := bytes.Repeat([]byte{byte(g + 1)}, 1500)
 				if _, err := fc.e.WriteAt(p, off); err != nil {
 					t.Error(err)
@@ -476,9 +476,9 @@ func TestConcurrentIOWhileHydrating(t *testing.T) {
 		}(g)
 	}
 	for g := 0; g < 4; g++ {
-		base := int64(g) * 128 * rs
+		base := int64(g) * 128 * testRegion
 		for i := int64(0); i < 64; i++ {
-			copy(want[base+i*2*rs+int64(g*100):], bytes.Repeat([]byte{byte(g + 1)}, 1500))
+			copy(want[base+i*2*testRegion+int64(g*100):], bytes.Repeat([]byte{byte(g + 1)}, 1500))
 		}
 	}
 	wg.Wait()
@@ -490,7 +490,7 @@ func TestConcurrentIOWhileHydrating(t *testing.T) {
 }
 
 func TestRateLimit(t *testing.T) {
-	fc := newFileClone(t, 64*rs, Config{Tunables: Tunables{BatchRegions: 4, InFlight: 2, RateLimitBytesPerSec: 512 << 10, MinShare: 0.5}})
+	fc := newFileClone(t, 64*testRegion, Config{Tunables: Tunables{BatchRegions: 4, InFlight: 2, RateLimitBytesPerSec: 512 << 10, MinShare: 0.5}})
 	start := time.Now()
 	fc.e.EnableHydration()
 	waitDone(t, fc.e)
