@@ -1,0 +1,260 @@
+package api_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"net/http"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/ferry-dev/ferry/api"
+	"github.com/ferry-dev/ferry/api/apitest"
+	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/tlsutil"
+	"github.com/ferry-dev/ferry/luks"
+)
+
+func layout() *luks.Layout {
+	return &luks.Layout{UUID: "u", DataOffset: 16 << 20, MetadataSize: 16384, KeyslotsSize: 16744448,
+		SectorSize: 4096, Cipher: "aes-xts-plain64", KeyBytes: 64, PayloadSize: 32 << 20}
+}
+
+type fleet struct {
+	op, src, dst, other *api.Client
+}
+
+// setupFleet registers two workers, a volume and a machine on the source,
+// and plans migration "m1".
+func setupFleet(t *testing.T, c *apitest.Cluster) fleet {
+	t.Helper()
+	ctx := context.Background()
+	f := fleet{
+		op:    c.Client("operator", tlsutil.KindOperator),
+		src:   c.Client("w-src", tlsutil.KindWorker),
+		dst:   c.Client("w-dst", tlsutil.KindWorker),
+		other: c.Client("w-other", tlsutil.KindWorker),
+	}
+	for i, w := range []*api.Client{f.src, f.dst, f.other} {
+		name := []string{"w-src", "w-dst", "w-other"}[i]
+		if _, err := w.RegisterWorker(ctx, fsm.Worker{Name: name, HostID: uint32(i + 1), Address: "127.0.0.1"}, time.Hour); err != nil {
+			t.Fatalf("register %s: %v", name, err)
+		}
+	}
+	_, err := f.src.CreateVolume(ctx, fsm.Volume{ID: "vol1", Worker: "w-src", Size: 48 << 20, State: fsm.VolCreated, Layout: layout()})
+	check(t, err)
+	_, err = f.src.CreateMachine(ctx, fsm.Machine{ID: "mach1", Worker: "w-src", Volume: "vol1", Network: 7, MachineNo: 1, State: fsm.MachineRunning, Addr6PN: "fdaa:0:7:0:1:0:1:0"})
+	check(t, err)
+	m, err := f.op.CreateMigration(ctx, api.PlanRequest{ID: "m1", Machine: "mach1", Target: "w-dst"})
+	check(t, err)
+	if m.State != fsm.Planned || m.Source != "w-src" || m.Layout == nil {
+		t.Fatalf("planned migration: %+v", m)
+	}
+	return f
+}
+
+func check(t *testing.T, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func propose(t *testing.T, c *api.Client, ev fsm.Event, step string, p fsm.EventPayload) *fsm.Migration {
+	t.Helper()
+	m, err := c.Propose(context.Background(), "m1", ev, step, p)
+	if err != nil {
+		t.Fatalf("%s: %v", ev, err)
+	}
+	return m
+}
+
+func TestAPIRolesAndRefusals(t *testing.T) {
+	c := apitest.New(t, 1, apitest.Options{})
+	f := setupFleet(t, c)
+	ctx := context.Background()
+
+	// A worker whose certificate names another worker is refused, with the reason.
+	_, err := f.other.Propose(ctx, "m1", fsm.EvTargetPrepared, "x", fsm.EventPayload{})
+	var e *api.Error
+	if !errors.As(err, &e) || e.Status != http.StatusForbidden || e.Code != fsm.CodeForbidden || e.State != fsm.Planned {
+		t.Fatalf("foreign worker: %v", err)
+	}
+	// The source may not propose the target's event either.
+	if _, err := f.src.Propose(ctx, "m1", fsm.EvTargetPrepared, "y", fsm.EventPayload{}); !errors.As(err, &e) || e.Status != http.StatusForbidden {
+		t.Fatalf("source proposing target event: %v", err)
+	}
+	// Nor heartbeat for someone else, nor plan.
+	if _, err := f.other.Heartbeat(ctx, "w-src", 0); !errors.As(err, &e) || e.Status != http.StatusForbidden {
+		t.Fatalf("foreign heartbeat: %v", err)
+	}
+	if _, err := f.src.CreateMigration(ctx, api.PlanRequest{Machine: "mach1", Target: "w-other"}); !errors.As(err, &e) || e.Status != http.StatusForbidden {
+		t.Fatalf("worker plan: %v", err)
+	}
+	// Wrong state: 409 with the actual state.
+	if _, err := f.src.Propose(ctx, "m1", fsm.EvExported, "z", fsm.EventPayload{}); !errors.As(err, &e) || e.Status != http.StatusConflict || e.State != fsm.Planned || e.Code != fsm.CodeWrongState {
+		t.Fatalf("wrong state: %v", err)
+	}
+	// Unknown migration: 404.
+	if _, err := f.op.GetMigration(ctx, "nope"); !errors.As(err, &e) || e.Status != http.StatusNotFound {
+		t.Fatalf("missing migration: %v", err)
+	}
+	// Attached volume: clear refusal.
+	if _, err := f.op.DestroyVolume(ctx, "vol1", 0); !errors.As(err, &e) || e.Code != fsm.CodeAttached || !strings.Contains(e.Reason, "mach1") {
+		t.Fatalf("destroy attached: %v", err)
+	}
+	// Malformed body: 400 naming the field.
+	resp := rawPost(t, c, "operator", "/v1/migrations/m1/events", `{"event":"abort","bogus":1}`)
+	if resp.StatusCode != http.StatusBadRequest || !strings.Contains(resp.body, "bogus") {
+		t.Fatalf("unknown field: %d %s", resp.StatusCode, resp.body)
+	}
+
+	// Forward path up to cutover, then abort is refused naming the state.
+	propose(t, f.dst, fsm.EvTargetPrepared, "1", fsm.EventPayload{})
+	propose(t, f.src, fsm.EvSourceStopped, "2", fsm.EventPayload{})
+	propose(t, f.src, fsm.EvExported, "3", fsm.EventPayload{Export: &fsm.Export{Portal: "127.0.0.1:3260", IQN: "iqn.x:m1"}})
+	propose(t, f.dst, fsm.EvCloneBuilt, "4", fsm.EventPayload{})
+	propose(t, f.dst, fsm.EvTrimmed, "5", fsm.EventPayload{})
+	propose(t, f.dst, fsm.EvCutover, "6", fsm.EventPayload{New6PN: "fdaa:0:7:0:2:0:1:0"})
+	if _, err := f.op.Abort(ctx, "m1", "too late"); !errors.As(err, &e) || e.Code != fsm.CodePastCutover || !strings.Contains(e.Reason, "cutover") {
+		t.Fatalf("abort after cutover: %v", err)
+	}
+	m, err := f.op.GetMigration(ctx, "m1")
+	check(t, err)
+	if m.State != fsm.Cutover {
+		t.Fatalf("state %s", m.State)
+	}
+}
+
+func TestAPIKeysOnlyForOwnerOrTarget(t *testing.T) {
+	c := apitest.New(t, 1, apitest.Options{})
+	f := setupFleet(t, c)
+	ctx := context.Background()
+	key := bytes.Repeat([]byte{7}, 64)
+	if err := f.src.SetVolumeKey(ctx, "vol1", key); err != nil {
+		t.Fatal(err)
+	}
+	for _, cl := range []*api.Client{f.src, f.dst} {
+		got, err := cl.GetVolumeKey(ctx, "vol1")
+		if err != nil || !bytes.Equal(got, key) {
+			t.Fatalf("key: %v", err)
+		}
+	}
+	for _, cl := range []*api.Client{f.other, f.op} {
+		if _, err := cl.GetVolumeKey(ctx, "vol1"); api.ErrorCode(err) != fsm.CodeForbidden {
+			t.Fatalf("key leaked: %v", err)
+		}
+	}
+	// No other reply carries the key.
+	for _, path := range []string{"/v1/volumes", "/v1/volumes/vol1", "/v1/migrations/m1", "/v1/migrations"} {
+		r := rawGet(t, c, "operator", path)
+		if strings.Contains(r.body, "BwcHBwcH") {
+			t.Fatalf("%s leaks the key: %s", path, r.body)
+		}
+	}
+}
+
+func TestAPIBlockingQuery(t *testing.T) {
+	c := apitest.New(t, 1, apitest.Options{})
+	f := setupFleet(t, c)
+	ctx := context.Background()
+	ms, idx, err := f.dst.WatchMigrations(ctx, "w-dst", 0)
+	if err != nil || len(ms) != 1 || idx == 0 {
+		t.Fatalf("list: %v %d %d", err, len(ms), idx)
+	}
+	// Heartbeats of other workers do not wake a watcher of w-dst's migrations.
+	type res struct {
+		ms  []*fsm.Migration
+		idx uint64
+		at  time.Time
+		err error
+	}
+	ch := make(chan res, 1)
+	go func() {
+		ms, i, err := f.dst.WatchMigrations(ctx, "w-dst", idx)
+		ch <- res{ms, i, time.Now(), err}
+	}()
+	time.Sleep(300 * time.Millisecond)
+	if _, err := f.other.Heartbeat(ctx, "w-other", time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case r := <-ch:
+		t.Fatalf("watch returned early: %+v", r)
+	case <-time.After(300 * time.Millisecond):
+	}
+	proposedAt := time.Now()
+	propose(t, f.dst, fsm.EvTargetPrepared, "tp", fsm.EventPayload{})
+	select {
+	case r := <-ch:
+		if r.err != nil || r.idx <= idx || r.ms[0].State != fsm.TargetPrepared || r.at.Before(proposedAt) {
+			t.Fatalf("watch: %+v", r)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("watch did not return after the proposal")
+	}
+}
+
+func TestAPIUnknownCARefused(t *testing.T) {
+	c := apitest.New(t, 1, apitest.Options{})
+	other := filepath.Join(t.TempDir(), "tls")
+	if err := api.EnsureCerts(other, map[string]string{"w-src": tlsutil.KindWorker}); err != nil {
+		t.Fatal(err)
+	}
+	tc, err := tlsutil.ClientConfig(other, "w-src")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cl, err := api.NewClient(c.Addrs(), tc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cl.RetryFor = time.Second
+	if _, err := cl.Status(context.Background()); err == nil {
+		t.Fatal("a certificate from another CA was accepted")
+	}
+}
+
+type rawResp struct {
+	StatusCode int
+	body       string
+}
+
+func rawDo(t *testing.T, c *apitest.Cluster, cert, method, path, body string) rawResp {
+	t.Helper()
+	tc, err := tlsutil.ClientConfig(c.TLSDir, cert)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: tc.Clone()}, Timeout: 10 * time.Second}
+	defer hc.CloseIdleConnections()
+	req, _ := http.NewRequest(method, "https://"+c.Addrs()[0]+path, strings.NewReader(body))
+	resp, err := hc.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return rawResp{resp.StatusCode, string(b)}
+}
+
+func rawGet(t *testing.T, c *apitest.Cluster, cert, path string) rawResp {
+	return rawDo(t, c, cert, http.MethodGet, path, "")
+}
+
+func rawPost(t *testing.T, c *apitest.Cluster, cert, path, body string) rawResp {
+	return rawDo(t, c, cert, http.MethodPost, path, body)
+}
+
+func TestMetrics(t *testing.T) {
+	c := apitest.New(t, 1, apitest.Options{})
+	setupFleet(t, c)
+	r := rawGet(t, c, "operator", "/metrics")
+	if r.StatusCode != 200 || !strings.Contains(r.body, `ferry_migrations{state="planned"} 1`) || !strings.Contains(r.body, "ferry_raft_leader 1") {
+		t.Fatalf("metrics: %d\n%s", r.StatusCode, r.body)
+	}
+}
+

@@ -1,0 +1,16 @@
+package api
+
+import (
+	"context"
+	"net"
+	"net/http"
+)
+
+// SetDialer replaces how the client opens connections, e.g. to dial from
+// inside another network namespace (the demo and integration tests reach a
+// server that lives in one).
+func (c *Client) SetDialer(dial func(ctx context.Context, network, addr string) (net.Conn, error)) {
+	if t, ok := c.hc.Transport.(*http.Transport); ok {
+		t.DialContext = dial
+	}
+}
