@@ -1,0 +1,181 @@
+package dmclone
+
+// Measurements the issue asks for. They are benchmarks, not tests: run them
+// by hand (see docs/clone.md), e.g.
+//
+//	go test -run '^$' -bench 'HydrateDense|ForegroundLatency' -benchtime 1x ./dmclone
+//
+// FERRY_BENCH_DIR picks where the files go (default: a temp dir on the
+// test's TMPDIR; use a real disk, not tmpfs), FERRY_BENCH_MIB the dense
+// source size (default 1024).
+
+import (
+	"math/rand"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/ferry-dev/ferry/blockdev"
+)
+
+var denseOnce sync.Once
+var densePath string
+
+func benchDir(b *testing.B) string {
+	if d := os.Getenv("FERRY_BENCH_DIR"); d != "" {
+		dir, err := os.MkdirTemp(d, "ferry-bench")
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { os.RemoveAll(dir) })
+		return dir
+	}
+	return b.TempDir()
+}
+
+// denseSource writes a dense source file of FERRY_BENCH_MIB MiB (random
+// data, so no layer can elide it) once per benchmark run.
+func denseSource(b *testing.B, dir string) string {
+	mib := 1024
+	if s := os.Getenv("FERRY_BENCH_MIB"); s != "" {
+		mib, _ = strconv.Atoi(s)
+	}
+	p := filepath.Join(dir, "dense-src")
+	f, err := os.Create(p)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	chunk := make([]byte, 1<<20)
+	rng := rand.New(rand.NewSource(1))
+	rng.Read(chunk)
+	for i := 0; i < mib; i++ {
+		chunk[i%len(chunk)]++ // every MiB differs
+		if _, err := f.Write(chunk); err != nil {
+			b.Fatal(err)
+		}
+	}
+	f.Sync()
+	return p
+}
+
+// BenchmarkHydrateDense measures background hydration of a dense file
+// against cp of the same file (the limit), both from a warm page cache into
+// a fresh file, with and without the final fsync.
+func BenchmarkHydrateDense(b *testing.B) {
+	dir := benchDir(b)
+	src := denseSource(b, dir)
+	st, _ := os.Stat(src)
+	size := float64(st.Size())
+	warm, _ := os.ReadFile(src) // warm the page cache for both contenders
+	_ = warm
+	warm = nil
+	for i := 0; i < b.N; i++ {
+		cpDst := filepath.Join(dir, "cp-dst")
+		t0 := time.Now()
+		if out, err := exec.Command("cp", src, cpDst).CombinedOutput(); err != nil {
+			b.Fatalf("cp: %v %s", err, out)
+		}
+		cpTime := time.Since(t0)
+		exec.Command("sync", cpDst).Run()
+		cpSync := time.Since(t0)
+		os.Remove(cpDst)
+
+		s, err := blockdev.OpenFile(src, true)
+		if err != nil {
+			b.Fatal(err)
+		}
+		d, err := blockdev.CreateSparse(filepath.Join(dir, "eng-dst"), s.Size())
+		if err != nil {
+			b.Fatal(err)
+		}
+		e, err := Open(testLog(), Config{Source: s, Dest: d, MetaPath: filepath.Join(dir, "meta")})
+		if err != nil {
+			b.Fatal(err)
+		}
+		t0 = time.Now()
+		e.EnableHydration()
+		<-e.Done()
+		engTime := time.Since(t0)
+		if err := e.Flush(); err != nil {
+			b.Fatal(err)
+		}
+		engSync := time.Since(t0)
+		e.Close()
+		os.Remove(filepath.Join(dir, "eng-dst"))
+		os.Remove(filepath.Join(dir, "meta"))
+
+		b.ReportMetric(size/cpTime.Seconds()/(1<<20), "cp-MiB/s")
+		b.ReportMetric(size/engTime.Seconds()/(1<<20), "engine-MiB/s")
+		b.ReportMetric(cpTime.Seconds()/engTime.Seconds(), "ratio")
+		b.ReportMetric(cpSync.Seconds()/engSync.Seconds(), "ratio-with-fsync")
+		b.Logf("%.0f MiB: cp %v (+sync %v), engine %v (+flush %v): engine/cp = %.2f (%.2f with fsync)",
+			size/(1<<20), cpTime.Round(time.Millisecond), cpSync.Round(time.Millisecond),
+			engTime.Round(time.Millisecond), engSync.Round(time.Millisecond),
+			cpTime.Seconds()/engTime.Seconds(), cpSync.Seconds()/engSync.Seconds())
+	}
+}
+
+// BenchmarkForegroundLatency measures 4 KiB random reads of unhydrated
+// regions while background hydration runs at full speed, on the engine
+// itself (the FUSE + loop layers add their own, see docs/clone.md).
+func BenchmarkForegroundLatency(b *testing.B) {
+	dir := benchDir(b)
+	src := denseSource(b, dir)
+	for i := 0; i < b.N; i++ {
+		s, _ := blockdev.OpenFile(src, true)
+		d, _ := blockdev.CreateSparse(filepath.Join(dir, "lat-dst"), s.Size())
+		e, err := Open(testLog(), Config{Source: s, Dest: d, MetaPath: filepath.Join(dir, "lat-meta")})
+		if err != nil {
+			b.Fatal(err)
+		}
+		e.EnableHydration()
+		rng := rand.New(rand.NewSource(2))
+		buf := make([]byte, 4096)
+		var lat []time.Duration
+		start := time.Now()
+		for len(lat) < 5000 {
+			select {
+			case <-e.Done():
+			default:
+			}
+			// Pick a region in the second half, ahead of the background copy.
+			r := e.regions/2 + rng.Int63n(e.regions/2)
+			e.mu.Lock()
+			unhydrated := !e.hyd.get(r) && !e.busy.get(r)
+			done := e.nHyd == e.regions
+			e.mu.Unlock()
+			if done {
+				break
+			}
+			if !unhydrated {
+				continue
+			}
+			t0 := time.Now()
+			if _, err := e.ReadAt(buf, r*e.rs); err != nil {
+				b.Fatal(err)
+			}
+			lat = append(lat, time.Since(t0))
+		}
+		bgRate := e.Progress().RateBytesPerSec
+		elapsed := time.Since(start)
+		e.Close()
+		os.Remove(filepath.Join(dir, "lat-dst"))
+		os.Remove(filepath.Join(dir, "lat-meta"))
+		if len(lat) == 0 {
+			b.Fatal("hydration finished before any read of an unhydrated region")
+		}
+		slices.Sort(lat)
+		p50, p99 := lat[len(lat)/2], lat[len(lat)*99/100]
+		b.ReportMetric(float64(p50.Microseconds()), "p50-µs")
+		b.ReportMetric(float64(p99.Microseconds()), "p99-µs")
+		b.Logf("%d reads of unhydrated regions in %v while hydrating (~%.0f MiB/s): p50 %v p99 %v max %v",
+			len(lat), elapsed.Round(time.Millisecond), bgRate/(1<<20), p50, p99, lat[len(lat)-1])
+	}
+}
+
