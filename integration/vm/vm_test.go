@@ -54,7 +54,7 @@ type guestSuite struct {
 }
 
 var guestSuites = []guestSuite{
-	// {pkg: "./dmclone", run: "Kernel", needs: []string{"TestKernel"}},
+	{pkg: "./dmclone", run: "Kernel", needs: []string{"TestKernel"}},
 	// {pkg: "./luks", run: "Kernel", needs: []string{"TestKernel"}},
 }
 
