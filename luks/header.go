@@ -210,7 +210,7 @@ func checksumHash(alg string) (hash.Hash, error) {
 // header and the JSON bytes (NUL-trimmed).
 func readCopy(r io.ReaderAt, size, off int64, magic []byte) (binHeader, []byte, error) {
 	if off+binHeaderSize > size {
-		return binHeader{}, nil, fmt.Errorf("device of %d bytes is too small for a header at %d: %w", size, off, io.ErrUnexpectedEOF)
+		return binHeader{}, nil, fmt.Errorf("device of %d bytes is too small for a header at %d: %w", size, off, ErrNotLUKS2)
 	}
 	b := make([]byte, binHeaderSize)
 	if _, err := r.ReadAt(b, off); err != nil {

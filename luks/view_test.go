@@ -1,0 +1,232 @@
+package luks
+
+import (
+	"bytes"
+	"crypto/rand"
+	"errors"
+	mrand "math/rand"
+	"strconv"
+	"sync"
+	"testing"
+
+	"github.com/ferry-dev/ferry/blockdev"
+	"github.com/ferry-dev/ferry/blockdev/blockdevtest"
+)
+
+func testLayout(sector int, payload int64) Layout {
+	return Layout{UUID: "test", DataOffset: 32 << 10, MetadataSize: 16384, KeyslotsSize: 0, SectorSize: sector,
+		Cipher: "aes-xts-plain64", KeyBytes: 64, PayloadSize: payload}
+}
+
+func randomKey() *VolumeKey {
+	b := make([]byte, 64)
+	rand.Read(b)
+	return NewVolumeKey(b)
+}
+
+func TestViewConformance(t *testing.T) {
+	for _, sector := range []int{512, 4096} {
+		t.Run(strconv.Itoa(sector), func(t *testing.T) {
+			blockdevtest.Run(t, func(t *testing.T, size int64) blockdev.Device {
+				l := testLayout(sector, size)
+				v, err := OpenView(blockdev.NewMem(l.DeviceSize()), l, randomKey())
+				if err != nil {
+					t.Fatal(err)
+				}
+				return v
+			}, blockdevtest.Options{}) // a discarded range reads as decrypted zeros, not zeros
+		})
+	}
+}
+
+// Unaligned reads and writes of any size behave like a byte array, and the
+// ciphertext below really is not the plaintext.
+func TestViewUnalignedModel(t *testing.T) {
+	for _, sector := range []int{512, 4096} {
+		t.Run(strconv.Itoa(sector), func(t *testing.T) {
+			const size = 256 << 10
+			l := testLayout(sector, size)
+			mem := blockdev.NewMem(l.DeviceSize())
+			v, err := OpenView(mem, l, randomKey())
+			if err != nil {
+				t.Fatal(err)
+			}
+			model := make([]byte, size)
+			if _, err := v.WriteAt(model, 0); err != nil {
+				t.Fatal(err)
+			}
+			rng := mrand.New(mrand.NewSource(7))
+			for i := 0; i < 300; i++ {
+				off := rng.Int63n(size - 1)
+				n := 1 + rng.Intn(min(int(size-off), 3*sector))
+				if rng.Intn(2) == 0 {
+					p := make([]byte, n)
+					rng.Read(p)
+					if _, err := v.WriteAt(p, off); err != nil {
+						t.Fatal(err)
+					}
+					copy(model[off:], p)
+				} else {
+					got := make([]byte, n)
+					if _, err := v.ReadAt(got, off); err != nil {
+						t.Fatal(err)
+					}
+					if !bytes.Equal(got, model[off:off+int64(n)]) {
+						t.Fatalf("read %d at %d differs from the model", n, off)
+					}
+				}
+			}
+			all := make([]byte, size)
+			if _, err := v.ReadAt(all, 0); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(all, model) {
+				t.Fatal("final content differs from the model")
+			}
+			cipher := make([]byte, size)
+			mem.ReadAt(cipher, l.DataOffset)
+			if bytes.Equal(cipher, model) || bytes.Contains(cipher, model[:64]) {
+				t.Fatal("ciphertext below the view contains the plaintext")
+			}
+		})
+	}
+}
+
+// Unaligned writers to disjoint bytes of the same sectors never lose each
+// other's bytes (run with -race).
+func TestViewConcurrentUnalignedWriters(t *testing.T) {
+	l := testLayout(4096, 64<<10)
+	v, err := OpenView(blockdev.NewMem(l.DeviceSize()), l, randomKey())
+	if err != nil {
+		t.Fatal(err)
+	}
+	const writers, stride = 8, 100
+	var wg sync.WaitGroup
+	for w := 0; w < writers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < 40; i++ {
+				off := int64((i*writers + w) * stride)
+				if _, err := v.WriteAt(bytes.Repeat([]byte{byte(w + 1)}, stride), off); err != nil {
+					t.Error(err)
+					return
+				}
+				if _, err := v.ReadAt(make([]byte, 4096), 0); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	got := make([]byte, writers*40*stride)
+	if _, err := v.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	for i := range got {
+		if want := byte((i/stride)%writers + 1); got[i] != want {
+			t.Fatalf("byte %d = %d, want %d: a concurrent read-modify-write lost it", i, got[i], want)
+		}
+	}
+}
+
+type discardRecorder struct {
+	blockdev.Device
+	discards []blockdev.Range
+}
+
+func (d *discardRecorder) Discard(off, n int64) error {
+	d.discards = append(d.discards, blockdev.Range{Off: off, Len: n})
+	return d.Device.Discard(off, n)
+}
+
+func TestViewDiscardMapsToWholeCiphertextSectors(t *testing.T) {
+	for _, tc := range []struct {
+		sector    int
+		off, n    int64
+		wantOff   int64
+		wantLen   int64
+		wantCalls int
+	}{
+		{512, 100, 10000, 512, 9728 - 512, 1},
+		{4096, 100, 10000, 4096, 4096, 1},
+		{4096, 4096, 8192, 4096, 8192, 1},
+		{4096, 100, 3000, 0, 0, 0}, // inside one sector: nothing to discard
+	} {
+		l := testLayout(tc.sector, 64<<10)
+		rec := &discardRecorder{Device: blockdev.NewMem(l.DeviceSize())}
+		v, err := OpenView(rec, l, randomKey())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := v.Discard(tc.off, tc.n); err != nil {
+			t.Fatal(err)
+		}
+		if len(rec.discards) != tc.wantCalls {
+			t.Fatalf("%+v: discards below = %v", tc, rec.discards)
+		}
+		if tc.wantCalls == 1 {
+			if want := (blockdev.Range{Off: l.DataOffset + tc.wantOff, Len: tc.wantLen}); rec.discards[0] != want {
+				t.Fatalf("%+v: discard below = %+v, want %+v", tc, rec.discards[0], want)
+			}
+		}
+		if err := v.Discard(60<<10, 8<<10); !errors.Is(err, blockdev.ErrOutOfRange) {
+			t.Fatalf("discard past end: %v", err)
+		}
+	}
+}
+
+func TestOpenViewRefuses(t *testing.T) {
+	l := testLayout(512, 1<<20)
+	small := blockdev.NewMem(l.DeviceSize() - 512)
+	if _, err := OpenView(small, l, randomKey()); err == nil {
+		t.Fatal("a device smaller than the layout was accepted")
+	}
+	dev := blockdev.NewMem(l.DeviceSize())
+	if _, err := OpenView(dev, l, NewVolumeKey(make([]byte, 32))); err == nil {
+		t.Fatal("a 32-byte key for a 64-byte layout was accepted")
+	}
+	bad := l
+	bad.Cipher = "serpent-cbc-essiv:sha256"
+	if _, err := OpenView(dev, bad, randomKey()); err == nil {
+		t.Fatal("an unsupported cipher was accepted")
+	}
+	// Dynamic payload: sized from the device, rounded down to whole sectors.
+	dyn := testLayout(4096, 0)
+	v, err := OpenView(blockdev.NewMem(dyn.DataOffset+3*4096+100), dyn, randomKey())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v.Size() != 3*4096 {
+		t.Fatalf("dynamic view size %d, want %d", v.Size(), 3*4096)
+	}
+}
+
+func TestCheckCompatible(t *testing.T) {
+	l := testLayout(4096, 1<<20)
+	if n, err := CheckCompatible(l, l.DeviceSize()); err != nil || n != 1<<20 {
+		t.Fatalf("exact size: %d, %v", n, err)
+	}
+	if _, err := CheckCompatible(l, l.DeviceSize()-4096); err == nil {
+		t.Fatal("smaller device accepted")
+	}
+	if _, err := CheckCompatible(l, l.DeviceSize()+4096); err == nil {
+		t.Fatal("larger device accepted: dm-crypt would see a different plaintext size")
+	}
+	bad := l
+	bad.Cipher = "aes-cbc-essiv:sha256"
+	if _, err := CheckCompatible(bad, l.DeviceSize()); err == nil {
+		t.Fatal("aes-cbc accepted")
+	}
+	bad = l
+	bad.KeyBytes = 48
+	if _, err := CheckCompatible(bad, l.DeviceSize()); err == nil {
+		t.Fatal("384-bit xts key accepted")
+	}
+	bad = l
+	bad.SectorSize = 3000
+	if _, err := CheckCompatible(bad, l.DeviceSize()); err == nil {
+		t.Fatal("sector size 3000 accepted")
+	}
+}
