@@ -159,7 +159,7 @@ func TestMalformedHeaders(t *testing.T) {
 		}, 0, ErrNotLUKS2, "version 1"},
 		{"truncated-in-binary-header", func() []byte { return both(base)[:3000] }, 0, ErrNotLUKS2, "smaller than"},
 		{"truncated-in-json", func() []byte { return both(base)[:10000] }, 0, ErrCorruptHeader, "truncated"},
-		{"truncated-before-keyslots-end", func() []byte { return both(base)[:1 << 20] }, 0, ErrCorruptHeader, "outside"},
+		{"truncated-before-keyslots-end", func() []byte { return both(base)[:1<<20] }, 0, ErrCorruptHeader, "outside"},
 		{"checksum-both", func() []byte {
 			d := both(base)
 			d[4200] ^= 0x20
