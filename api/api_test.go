@@ -257,4 +257,3 @@ func TestMetrics(t *testing.T) {
 		t.Fatalf("metrics: %d\n%s", r.StatusCode, r.body)
 	}
 }
-
