@@ -1,0 +1,128 @@
+package tlsutil
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func TestIssueAndIdentity(t *testing.T) {
+	dir := t.TempDir()
+	if err := InitCA(dir); err != nil {
+		t.Fatal(err)
+	}
+	if err := InitCA(dir); err == nil {
+		t.Fatal("second InitCA overwrote the CA")
+	}
+	for _, c := range []struct{ name, kind string }{{"s1", KindServer}, {"worker-a", KindWorker}, {"op", KindOperator}} {
+		if err := Issue(dir, c.name, c.kind, []string{"10.0.0.1", "node.example"}); err != nil {
+			t.Fatal(err)
+		}
+		b, _ := os.ReadFile(filepath.Join(dir, c.name+".pem"))
+		p, _ := pem.Decode(b)
+		cert, err := x509.ParseCertificate(p.Bytes)
+		if err != nil {
+			t.Fatal(err)
+		}
+		id, err := IdentityOf(cert)
+		if err != nil || id.Name != c.name || id.Kind != c.kind {
+			t.Fatalf("identity %+v %v", id, err)
+		}
+		if fi, _ := os.Stat(filepath.Join(dir, c.name+"-key.pem")); fi.Mode().Perm() != 0o600 {
+			t.Fatalf("key mode %v", fi.Mode())
+		}
+	}
+	if err := Issue(dir, "../evil", KindWorker, nil); err == nil {
+		t.Fatal("path-like name accepted")
+	}
+	if err := Issue(dir, "x", "admin", nil); err == nil {
+		t.Fatal("unknown role accepted")
+	}
+}
+
+// TestMutualTLS checks a server accepts a client of its CA, a client
+// refuses a non-server peer, and a client of another CA is refused.
+func TestMutualTLS(t *testing.T) {
+	dir, other := t.TempDir(), t.TempDir()
+	for _, d := range []string{dir, other} {
+		if err := InitCA(d); err != nil {
+			t.Fatal(err)
+		}
+	}
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	must(Issue(dir, "s1", KindServer, nil))
+	must(Issue(dir, "w1", KindWorker, nil))
+	must(Issue(dir, "w2", KindWorker, nil))
+	must(Issue(other, "w1", KindWorker, nil))
+
+	serve := func(cert string) (addr string, ids chan Identity) {
+		sc, err := ServerConfig(dir, cert)
+		must(err)
+		ln, err := tls.Listen("tcp", "127.0.0.1:0", sc)
+		must(err)
+		t.Cleanup(func() { ln.Close() })
+		ids = make(chan Identity, 4)
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				tc := c.(*tls.Conn)
+				if tc.Handshake() == nil {
+					id, _ := IdentityOf(tc.ConnectionState().PeerCertificates[0])
+					ids <- id
+					io.WriteString(tc, "ok")
+				}
+				tc.Close()
+			}
+		}()
+		return ln.Addr().String(), ids
+	}
+	dial := func(addr, cadir, name string) error {
+		cc, err := ClientConfig(cadir, name)
+		must(err)
+		c, err := tls.Dial("tcp", addr, cc)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		_, err = io.ReadAll(c)
+		return err
+	}
+	addr, ids := serve("s1")
+	if err := dial(addr, dir, "w1"); err != nil {
+		t.Fatalf("good client: %v", err)
+	}
+	if id := <-ids; id.Name != "w1" || id.Kind != KindWorker {
+		t.Fatalf("server saw %+v", id)
+	}
+	// A client whose certificate comes from another CA (while trusting ours) is refused by the server.
+	foreign, _, err := load(other, "w1")
+	must(err)
+	_, pool, err := load(dir, "w1")
+	must(err)
+	c, err := tls.Dial("tcp", addr, clientConfig(foreign, pool))
+	if err == nil {
+		_, err = io.ReadAll(c)
+		c.Close()
+	}
+	if err == nil {
+		t.Fatal("client certificate of another CA accepted")
+	}
+	// A worker posing as a server is refused by the client.
+	waddr, _ := serve("w2")
+	if err := dial(waddr, dir, "w1"); err == nil || !strings.Contains(err.Error(), "not a server certificate") {
+		t.Fatalf("worker as server: %v", err)
+	}
+}
