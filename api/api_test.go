@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"path/filepath"
@@ -255,5 +256,65 @@ func TestMetrics(t *testing.T) {
 	r := rawGet(t, c, "operator", "/metrics")
 	if r.StatusCode != 200 || !strings.Contains(r.body, `ferry_migrations{state="planned"} 1`) || !strings.Contains(r.body, "ferry_raft_leader 1") {
 		t.Fatalf("metrics: %d\n%s", r.StatusCode, r.body)
+	}
+}
+
+// TestServerAbortsOnLeaseExpiry: before cutover the server role rolls a
+// migration back when a participant's lease expires; after cutover it only
+// flags it stalled, with the reason.
+func TestServerAbortsOnLeaseExpiry(t *testing.T) {
+	c := apitest.New(t, 1, apitest.Options{ReconcileInterval: 100 * time.Millisecond})
+	f := setupFleet(t, c)
+	ctx := context.Background()
+	if _, err := f.dst.RegisterWorker(ctx, fsm.Worker{Name: "w-dst", HostID: 2}, 500*time.Millisecond); err != nil {
+		t.Fatal(err)
+	}
+	m := waitFor(t, f.op, "m1", func(m *fsm.Migration) bool { return m.State == fsm.RollingBack })
+	if m.Rollback == nil || !strings.Contains(m.Rollback.Reason, "lease of worker w-dst expired") || m.Rollback.By != "s0" {
+		t.Fatalf("rollback: %+v", m.Rollback)
+	}
+	propose(t, f.dst, fsm.EvTargetTornDown, "td", fsm.EventPayload{})
+	propose(t, f.src, fsm.EvSourceRestored, "sr", fsm.EventPayload{})
+
+	// Past cutover: stalled, never rolled back.
+	if _, err := f.dst.RegisterWorker(ctx, fsm.Worker{Name: "w-dst", HostID: 2}, time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.op.CreateMigration(ctx, api.PlanRequest{ID: "m2", Machine: "mach1", Target: "w-dst"}); err != nil {
+		t.Fatal(err)
+	}
+	for i, ev := range []fsm.Event{fsm.EvTargetPrepared, fsm.EvSourceStopped, fsm.EvExported, fsm.EvCloneBuilt, fsm.EvTrimmed, fsm.EvCutover} {
+		cl, p := f.dst, fsm.EventPayload{}
+		if ev == fsm.EvSourceStopped || ev == fsm.EvExported {
+			cl = f.src
+		}
+		if ev == fsm.EvExported {
+			p.Export = &fsm.Export{Portal: "p:1", IQN: "iqn.x"}
+		}
+		if _, err := cl.Propose(ctx, "m2", ev, fmt.Sprint("m2-", i), p); err != nil {
+			t.Fatalf("%s: %v", ev, err)
+		}
+	}
+	if _, err := f.src.RegisterWorker(ctx, fsm.Worker{Name: "w-src", HostID: 1}, 300*time.Millisecond); err != nil {
+		t.Fatal(err)
+	}
+	m = waitFor(t, f.op, "m2", func(m *fsm.Migration) bool { return m.Stalled })
+	if m.State != fsm.Cutover || !strings.Contains(m.StallCause, "w-src") {
+		t.Fatalf("after cutover: %s stalled=%v %q", m.State, m.Stalled, m.StallCause)
+	}
+}
+
+func waitFor(t *testing.T, c *api.Client, id string, ok func(*fsm.Migration) bool) *fsm.Migration {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		m, err := c.GetMigration(context.Background(), id)
+		if err == nil && ok(m) {
+			return m
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("migration %s: condition not met: %+v %v", id, m, err)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }
