@@ -167,11 +167,11 @@ func (f *Fabric) connectMember(m FabricMember) error {
 				return privErr(fmt.Errorf("attaching %s to the bridge: %w", port, err))
 			}
 		}
-		return h.LinkSetUp(link)
+		return privErr(h.LinkSetUp(link))
 	}); err != nil {
 		return err
 	}
-	return withHandle(m.NS, func(h *netlink.Handle) error {
+	if err := withHandle(m.NS, func(h *netlink.Handle) error {
 		link, err := h.LinkByName(FabricIf)
 		if err != nil {
 			return err
@@ -183,8 +183,16 @@ func (f *Fabric) connectMember(m FabricMember) error {
 		if err := upNoAutoLL(h, link, netip.PrefixFrom(netip.AddrFrom16(b), 64)); err != nil {
 			return err
 		}
-		return ensureAddr(h, link, netip.PrefixFrom(m.Addr, f.Prefix.Bits()), false)
-	})
+		if err := ensureAddr(h, link, netip.PrefixFrom(m.Addr, f.Prefix.Bits()), false); err != nil {
+			return err
+		}
+		return waitOperUp(h, FabricIf)
+	}); err != nil {
+		return err
+	}
+	// The bridge forwards through the port's own queue, which drops
+	// packets until the port too is operationally up.
+	return withHandle(f.BridgeNS, func(h *netlink.Handle) error { return waitOperUp(h, port) })
 }
 
 // RouteOrg makes every member route org's 6PN prefix of every other worker

@@ -7,6 +7,7 @@ import (
 	"hash/fnv"
 	"net"
 	"net/netip"
+	"time"
 
 	"github.com/rs/zerolog"
 	"github.com/vishvananda/netlink"
@@ -152,8 +153,14 @@ func SetupMachineNet(ctx context.Context, log zerolog.Logger, m MachineNet) erro
 		if err := upNoAutoLL(h, link, netip.PrefixFrom(GatewayLL, 64)); err != nil {
 			return fmt.Errorf("gateway on %s: %w", m.HostVeth, err)
 		}
-		return replaceDevRoute(h, link, m.Addr.Prefix(), ProtoMachine)
+		if err := replaceDevRoute(h, link, m.Addr.Prefix(), ProtoMachine); err != nil {
+			return err
+		}
+		return waitOperUp(h, m.HostVeth)
 	}); err != nil {
+		return err
+	}
+	if err := withHandle(m.MachineNS, func(h *netlink.Handle) error { return waitOperUp(h, m.MachineIf) }); err != nil {
 		return err
 	}
 	log.Debug().Str("addr", m.Addr.String()).Str("worker_ns", m.WorkerNS).Str("machine_ns", m.MachineNS).
@@ -174,6 +181,31 @@ func upNoAutoLL(h *netlink.Handle, link netlink.Link, ll netip.Prefix) error {
 		return privErr(fmt.Errorf("bringing up %s: %w", link.Attrs().Name, err))
 	}
 	return nil
+}
+
+// operUpTimeout bounds the wait for a new link to carry traffic.
+const operUpTimeout = 3 * time.Second
+
+// waitOperUp waits until the kernel reports the link operationally up. A
+// new veth drops every packet until the kernel's link watcher has processed
+// its carrier change, which it may batch for up to a second; returning
+// before that would make the first packets after a cutover vanish.
+func waitOperUp(h *netlink.Handle, name string) error {
+	deadline := time.Now().Add(operUpTimeout)
+	for {
+		link, err := h.LinkByName(name)
+		if err != nil {
+			return fmt.Errorf("waiting for %s: %w", name, err)
+		}
+		if link.Attrs().OperState == netlink.OperUp {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s is not operationally up after %v (state %s): check that both ends of the veth are up",
+				name, operUpTimeout, link.Attrs().OperState)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
 }
 
 // ensureVeth makes sure the worker end exists in the worker namespace and its

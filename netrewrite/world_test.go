@@ -29,7 +29,7 @@ const (
 // world is the lead's model in miniature: two workers and a peer on a fabric
 // bridge, every namespace uniquely named and deleted in Cleanup.
 type world struct {
-	t              *testing.T
+	t              testing.TB
 	ctx            context.Context
 	log            zerolog.Logger
 	fab            *Fabric
@@ -64,7 +64,7 @@ func testLogger(t testing.TB) zerolog.Logger {
 	return zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.InfoLevel).With().Str("component", "netrewrite").Logger()
 }
 
-func newWorld(t *testing.T) *world {
+func newWorld(t testing.TB) *world {
 	t.Helper()
 	needRoot(t)
 	p := "nrt" + randSuffix()
