@@ -178,4 +178,3 @@ func BenchmarkForegroundLatency(b *testing.B) {
 			len(lat), elapsed.Round(time.Millisecond), bgRate/(1<<20), p50, p99, lat[len(lat)-1])
 	}
 }
-

@@ -67,6 +67,8 @@ type Engine struct {
 	stop      chan struct{} // stops the committer
 	commitNow chan struct{}
 	loopWG    sync.WaitGroup
+
+	writeBehind int // destination writes of regions fetched by reads, pending (under mu)
 }
 
 var _ blockdev.Device = (*Engine)(nil)
@@ -374,32 +376,77 @@ func (e *Engine) ReadAt(p []byte, off int64) (int, error) {
 	if e.claim(a, b) == 0 {
 		return e.dst.ReadAt(p, off)
 	}
-	ok := false
-	defer func() { e.release(a, b, ok) }()
+	// The caller gets its bytes as soon as the source answers; writing them
+	// to the destination and marking the regions hydrated happens behind it
+	// (the regions stay claimed until then), so a read's latency is the
+	// source's, not the destination's write path under a busy background copy.
+	type fetched struct {
+		off int64
+		buf []byte
+	}
+	var bufs []fetched
+	fail := func(err error) (int, error) {
+		for _, f := range bufs {
+			putBuf(f.buf)
+		}
+		e.release(a, b, false)
+		return 0, err
+	}
 	pos := off // next byte of p to fill
 	for _, run := range e.busyRuns(a, b) {
 		roff, rend := e.regionOff(run[0]), e.regionOff(run[1])
 		if pos < roff {
 			if _, err := e.dst.ReadAt(p[pos-off:roff-off], pos); err != nil {
-				return 0, fmt.Errorf("read destination: %w", err)
+				return fail(fmt.Errorf("read destination: %w", err))
 			}
 		}
-		buf, err := e.fetch(roff, rend, true)
-		if err != nil {
-			return 0, err
+		buf := getBuf(int(rend - roff))
+		if err := e.readSource(buf, roff, true); err != nil {
+			putBuf(buf)
+			return fail(err)
 		}
+		bufs = append(bufs, fetched{roff, buf})
 		lo, hi := max(off, roff), min(end, rend)
 		copy(p[lo-off:hi-off], buf[lo-roff:hi-roff])
-		putBuf(buf)
 		pos = hi
 	}
 	if pos < end {
 		if _, err := e.dst.ReadAt(p[pos-off:], pos); err != nil {
-			return 0, fmt.Errorf("read destination: %w", err)
+			return fail(fmt.Errorf("read destination: %w", err))
 		}
 	}
-	ok = true
+	e.mu.Lock()
+	e.writeBehind++
+	e.mu.Unlock()
+	go func() {
+		ok := true
+		var n int64
+		for _, f := range bufs {
+			if ok {
+				if _, err := e.dst.WriteAt(f.buf, f.off); err != nil {
+					e.log.Warn().Err(err).Int64("off", f.off).Msg("writing fetched regions to the destination failed; they stay unhydrated")
+					ok = false
+				}
+				n += int64(len(f.buf))
+			}
+			putBuf(f.buf)
+		}
+		e.mu.Lock()
+		e.cnt.Fetched += n
+		e.writeBehind--
+		e.mu.Unlock()
+		e.release(a, b, ok) // broadcasts
+	}()
 	return len(p), nil
+}
+
+// waitWriteBehind waits until no fetched region is still being written.
+func (e *Engine) waitWriteBehind() {
+	e.mu.Lock()
+	for e.writeBehind > 0 {
+		e.cond.Wait()
+	}
+	e.mu.Unlock()
 }
 
 // fetch copies source bytes [off,end) to the destination and returns them
@@ -676,9 +723,9 @@ func (e *Engine) Stalled() (bool, string) {
 
 // Progress returns a snapshot of the hydration state.
 func (e *Engine) Progress() Progress {
-	rate := e.rate.rate()
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	rate := e.rate.rate(time.Now(), e.cnt.Fetched)
 	p := Progress{
 		RegionSize:          e.rs,
 		TotalRegions:        e.regions,
@@ -747,6 +794,7 @@ func (e *Engine) Close() error {
 	e.closed = true
 	e.opMu.Unlock()
 	e.stopBackground()
+	e.waitWriteBehind()
 	close(e.stop)
 	e.loopWG.Wait()
 	err := e.commit()

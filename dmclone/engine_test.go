@@ -88,6 +88,7 @@ func TestReadFromSourceHydratesOnce(t *testing.T) {
 	if !bytes.Equal(p, fc.srcData[5*testRegion+10:5*testRegion+110]) {
 		t.Fatal("read of an unhydrated region differs from the source")
 	}
+	fc.e.waitWriteBehind()
 	if got := fc.src.bytes.Load(); got != testRegion {
 		t.Fatalf("fetched %d bytes for a 100-byte read, want one region (%d)", got, testRegion)
 	}
@@ -161,6 +162,7 @@ func TestDiscardMarksHydratedWithoutFetch(t *testing.T) {
 	if _, err := fc.e.ReadAt(make([]byte, 10), 20*testRegion); err != nil {
 		t.Fatal(err)
 	}
+	fc.e.waitWriteBehind()
 	fc.src.reads.Store(0)
 	if err := fc.e.Discard(2*testRegion+512, 4*testRegion); err != nil { // regions 3,4,5 whole; 2 and 6 partial
 		t.Fatal(err)
@@ -341,6 +343,7 @@ func TestFailingSourceStallsThenRecovers(t *testing.T) {
 	if _, err := fc.e.ReadAt(make([]byte, 10), 0); err != nil {
 		t.Fatal(err)
 	}
+	fc.e.waitWriteBehind()
 	if st, _ := fc.e.Stalled(); st {
 		t.Fatal("still stalled after the source recovered")
 	}
@@ -365,6 +368,7 @@ func TestResumeFromMetadata(t *testing.T) {
 	fc.e.WriteAt(w, 40*testRegion)
 	fc.e.ReadAt(make([]byte, 2*testRegion), 0)
 	fc.e.Discard(10*testRegion, 2*testRegion)
+	fc.e.waitWriteBehind()
 	before := fc.e.Progress()
 	if err := fc.e.Close(); err != nil {
 		t.Fatal(err)

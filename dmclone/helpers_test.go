@@ -111,6 +111,7 @@ func (e *Engine) abandon() {
 	e.closed = true
 	e.opMu.Unlock()
 	e.stopBackground()
+	e.waitWriteBehind()
 	close(e.stop)
 	e.loopWG.Wait()
 	e.meta.close()

@@ -374,18 +374,19 @@ func (r *rateMeter) add(t time.Time, n int64) {
 	}
 }
 
-func (r *rateMeter) rate() float64 {
+// rate is the bytes per second from the oldest kept sample to (now, n).
+func (r *rateMeter) rate(now time.Time, n int64) float64 {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if len(r.samples) < 2 {
+	if len(r.samples) == 0 {
 		return 0
 	}
-	first, last := r.samples[0], r.samples[len(r.samples)-1]
-	dt := last.t.Sub(first.t).Seconds()
-	if dt <= 0 {
+	first := r.samples[0]
+	dt := now.Sub(first.t).Seconds()
+	if dt < 0.05 {
 		return 0
 	}
-	return float64(last.n-first.n) / dt
+	return float64(n-first.n) / dt
 }
 
 var bufPool sync.Pool
