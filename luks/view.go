@@ -330,3 +330,10 @@ func (v *view) Close() error {
 	v.c = nil
 	return nil
 }
+
+// String and GoString keep fmt from walking into the cipher's key schedule.
+func (v *view) String() string {
+	return fmt.Sprintf("luks view (%d plaintext bytes at offset %d, %d-byte sectors)", v.size, v.off, v.sector)
+}
+
+func (v *view) GoString() string { return v.String() }
