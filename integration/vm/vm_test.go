@@ -55,7 +55,7 @@ type guestSuite struct {
 
 var guestSuites = []guestSuite{
 	{pkg: "./dmclone", run: "Kernel", needs: []string{"TestKernel"}},
-	// {pkg: "./luks", run: "Kernel", needs: []string{"TestKernel"}},
+	{pkg: "./luks", run: "Kernel", needs: []string{"TestKernel"}},
 }
 
 func moduleRoot(t *testing.T) string {
