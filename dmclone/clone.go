@@ -136,6 +136,9 @@ var (
 	ErrDissolved = errors.New("clone was dissolved into its destination")
 )
 
+// ValidateRegionSize checks a region size: a power of two, 4 KiB to 1 GiB.
+func ValidateRegionSize(rs int64) error { return validRegionSize(rs) }
+
 func validRegionSize(rs int64) error {
 	if rs < minRegionSize || rs > maxRegionSize || rs&(rs-1) != 0 {
 		return fmt.Errorf("region size %d: must be a power of two from 4 KiB to 1 GiB", rs)

@@ -225,6 +225,9 @@ once ready. Hydration starts off (dm-clone's no_hydration) unless --hydrate.`,
 				return withCode(ExitUsage, errors.New("--source, --dest, --meta and --mount-dir are required"))
 			}
 			rs, err := dmclone.ParseSize(regionSize)
+			if err == nil {
+				err = dmclone.ValidateRegionSize(rs)
+			}
 			if err != nil {
 				return withCode(ExitUsage, err)
 			}
