@@ -52,7 +52,7 @@ type Network interface {
 	MapOld(ctx context.Context, machine string, old, new netrewrite.Addr) error
 	// ForwardOld, on the source, routes old towards via (the target worker's
 	// fabric address) for the grace period.
-	ForwardOld(ctx context.Context, machine string, old netrewrite.Addr, via string) error
+	ForwardOld(ctx context.Context, machine string, old, new netrewrite.Addr, via string) error
 }
 
 // KnownZero lists the ranges of a volume file that read as zeros (holes).

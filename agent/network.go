@@ -101,14 +101,13 @@ func (n *NetNetwork) MapOld(ctx context.Context, machine string, old, new netrew
 }
 
 // ForwardOld, on the source: route old to the target worker.
-func (n *NetNetwork) ForwardOld(ctx context.Context, machine string, old netrewrite.Addr, via string) error {
+func (n *NetNetwork) ForwardOld(ctx context.Context, machine string, old, new netrewrite.Addr, via string) error {
 	viaIP, err := netip.ParseAddr(via)
 	if err != nil {
 		return fmt.Errorf("target worker address %q: %w", via, err)
 	}
 	sp := netrewrite.SourcePlan{Machine: netrewrite.MachineNet{MachineNS: n.nsName(machine), Addr: old}, Via: viaIP}
-	// A source-only record: the new address is unknown here, only the route matters.
-	m := netrewrite.Mapping{Machine: machine, Old: old, New: old, Until: time.Now().Add(n.grace()).UTC(), Source: &sp}
+	m := netrewrite.Mapping{Machine: machine, Old: old, New: new, Until: time.Now().Add(n.grace()).UTC(), Source: &sp}
 	if err := n.mappings().Put(m); err != nil {
 		return err
 	}

@@ -463,7 +463,11 @@ func (a *Agent) forwardOld(ctx context.Context, log zerolog.Logger, m *fsm.Migra
 		if err != nil {
 			return err
 		}
-		if err := a.net.ForwardOld(ctx, m.Machine, old, tw.Address); err != nil {
+		nw, err := netrewrite.Parse(m.New6PN)
+		if err != nil {
+			return fmt.Errorf("migration records no valid new 6PN address: %w", err)
+		}
+		if err := a.net.ForwardOld(ctx, m.Machine, old, nw, tw.Address); err != nil {
 			return err
 		}
 	}
