@@ -59,6 +59,21 @@ func (s Store) Put(m Mapping) error {
 	return nil
 }
 
+// Get returns the record of old; ok is false when there is none.
+func (s Store) Get(old Addr) (m Mapping, ok bool, err error) {
+	b, err := os.ReadFile(s.path(old))
+	if errors.Is(err, os.ErrNotExist) {
+		return Mapping{}, false, nil
+	}
+	if err != nil {
+		return Mapping{}, false, fmt.Errorf("mapping store: %w", err)
+	}
+	if err := json.Unmarshal(b, &m); err != nil {
+		return Mapping{}, false, fmt.Errorf("mapping record %s: %w", s.path(old), err)
+	}
+	return m, true, nil
+}
+
 // Delete removes the record of old; a missing record is not an error.
 func (s Store) Delete(old Addr) error {
 	if err := os.Remove(s.path(old)); err != nil && !errors.Is(err, os.ErrNotExist) {

@@ -4,11 +4,14 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/netip"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"text/tabwriter"
 	"time"
 
+	"github.com/rs/zerolog"
 	"github.com/spf13/cobra"
 
 	"github.com/ferry-dev/ferry/internal/logging"
@@ -174,13 +177,13 @@ func newNetCmd() *cobra.Command {
 		Short: "Remove the mappings whose grace period has ended (what the agent does on a timer)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			log, err := newLogger(false)
+			log, err := netLogger()
 			if err != nil {
-				return withCode(ExitUsage, err)
+				return err
 			}
 			ctx, cancel := context.WithTimeout(cmd.Context(), time.Minute)
 			defer cancel()
-			done, err := mappingStore(dataDir).ExpireDue(ctx, logging.For(log, "netrewrite"), time.Now())
+			done, err := mappingStore(dataDir).ExpireDue(ctx, log, time.Now())
 			for _, m := range done {
 				fmt.Fprintf(cmd.OutOrStdout(), "expired %s -> %s (%s)\n", m.Old, m.New, m.Machine)
 			}
@@ -207,8 +210,291 @@ func newNetCmd() *cobra.Command {
 		},
 	}
 
-	netCmd.AddCommand(addrCmd, mappings, expire, state)
+	netCmd.AddCommand(addrCmd, mappings, expire, state, newNetFabricCmd(), newNetMachineCmd(), newNetStepCmd("cutover"), newNetStepCmd("rollback"))
 	return netCmd
+}
+
+// newNetFabricCmd builds `ferry net fabric up|down`: the private network
+// between worker namespaces used by the demo and by hand-run tests.
+func newNetFabricCmd() *cobra.Command {
+	var bridgeNS, prefix string
+	var members []string
+	var orgs []string
+	parse := func() (*netrewrite.Fabric, error) {
+		p, err := netip.ParsePrefix(prefix)
+		if err != nil {
+			return nil, withCode(ExitUsage, fmt.Errorf("--prefix %q: give an IPv6 prefix such as fd00:fe::/64", prefix))
+		}
+		f := &netrewrite.Fabric{BridgeNS: bridgeNS, Prefix: p}
+		for _, m := range members {
+			parts := strings.Split(m, ",")
+			if len(parts) != 3 {
+				return nil, withCode(ExitUsage, fmt.Errorf("--member %q: use NS,HOSTID,FABRICADDR (HOSTID 0 for a peer)", m))
+			}
+			var host uint32
+			if parts[1] != "0" {
+				if host, err = parseID("member host id", parts[1]); err != nil {
+					return nil, err
+				}
+			}
+			a, err := netip.ParseAddr(parts[2])
+			if err != nil {
+				return nil, withCode(ExitUsage, fmt.Errorf("--member %q: %w", m, err))
+			}
+			f.Members = append(f.Members, netrewrite.FabricMember{NS: parts[0], HostID: host, Addr: a})
+		}
+		return f, nil
+	}
+	cmd := &cobra.Command{Use: "fabric", Short: "Connect worker namespaces by a private IPv6 fabric (demo and tests)"}
+	up := &cobra.Command{
+		Use: "up", Short: "Create or repair the fabric and route each org's worker prefixes (idempotent)", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			f, err := parse()
+			if err != nil {
+				return err
+			}
+			log, err := netLogger()
+			if err != nil {
+				return err
+			}
+			if err := f.Connect(cmd.Context(), log); err != nil {
+				return err
+			}
+			for _, o := range orgs {
+				id, err := parseID("org", o)
+				if err != nil {
+					return err
+				}
+				if err := f.RouteOrg(cmd.Context(), log, id); err != nil {
+					return err
+				}
+			}
+			return nil
+		},
+	}
+	up.Flags().StringSliceVar(&orgs, "org", nil, "org network ids to route between the workers")
+	down := &cobra.Command{
+		Use: "down", Short: "Remove the fabric (bridge namespace and member links; member namespaces stay)", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			f, err := parse()
+			if err != nil {
+				return err
+			}
+			log, err := netLogger()
+			if err != nil {
+				return err
+			}
+			return f.Teardown(cmd.Context(), log)
+		},
+	}
+	for _, c := range []*cobra.Command{up, down} {
+		c.Flags().StringVar(&bridgeNS, "bridge-ns", "ferry-fabric", "namespace holding the fabric bridge")
+		c.Flags().StringVar(&prefix, "prefix", "fd00:fe::/64", "fabric IPv6 prefix (private)")
+		c.Flags().StringArrayVar(&members, "member", nil, "NS,HOSTID,FABRICADDR for each worker (HOSTID 0 for a plain peer)")
+	}
+	cmd.AddCommand(up, down)
+	return cmd
+}
+
+// machineFlags are the flags that describe one machine's network.
+type machineFlags struct {
+	workerNS, machineNS, addr, veth, ifname string
+}
+
+func (f *machineFlags) add(cmd *cobra.Command, addrHelp string) {
+	cmd.Flags().StringVar(&f.workerNS, "worker-ns", "", "worker network namespace (default: this one)")
+	cmd.Flags().StringVar(&f.machineNS, "machine-ns", "", "machine network namespace")
+	cmd.Flags().StringVar(&f.addr, "addr", "", addrHelp)
+	cmd.Flags().StringVar(&f.veth, "veth", "", "worker-end veth name (default derived from org and machine id)")
+	cmd.Flags().StringVar(&f.ifname, "if", "", "interface name inside the machine namespace (default eth0)")
+	_ = cmd.MarkFlagRequired("machine-ns")
+	_ = cmd.MarkFlagRequired("addr")
+}
+
+func (f *machineFlags) net() (netrewrite.MachineNet, error) {
+	a, err := netrewrite.Parse(f.addr)
+	if err != nil {
+		return netrewrite.MachineNet{}, withCode(ExitUsage, fmt.Errorf("--addr: %w", err))
+	}
+	return netrewrite.MachineNet{WorkerNS: f.workerNS, MachineNS: f.machineNS, HostVeth: f.veth, MachineIf: f.ifname, Addr: a}, nil
+}
+
+func netLogger() (zerolog.Logger, error) {
+	log, err := newLogger(false)
+	if err != nil {
+		return log, withCode(ExitUsage, err)
+	}
+	return logging.For(log, "netrewrite"), nil
+}
+
+func newNetMachineCmd() *cobra.Command {
+	cmd := &cobra.Command{Use: "machine", Short: "Set up or remove a machine's network namespace, veth, address and routes"}
+	for _, up := range []bool{true, false} {
+		var mf machineFlags
+		use, short := "up", "Create or repair the machine's network (idempotent)"
+		if !up {
+			use, short = "down", "Remove the machine's veth, route and namespace (idempotent)"
+		}
+		sub := &cobra.Command{
+			Use: use, Short: short, Args: cobra.NoArgs,
+			RunE: func(cmd *cobra.Command, _ []string) error {
+				m, err := mf.net()
+				if err != nil {
+					return err
+				}
+				log, err := netLogger()
+				if err != nil {
+					return err
+				}
+				if up {
+					return netrewrite.SetupMachineNet(cmd.Context(), log, m)
+				}
+				return netrewrite.TeardownMachineNet(cmd.Context(), log, m)
+			},
+		}
+		mf.add(sub, "the machine's 6PN address")
+		cmd.AddCommand(sub)
+	}
+	return cmd
+}
+
+// newNetStepCmd builds `ferry net cutover|rollback target|source`.
+func newNetStepCmd(step string) *cobra.Command {
+	cmd := &cobra.Command{Use: step, Short: step + " the 6PN rewrite of a migrating machine on the target or the source worker"}
+	if step == "cutover" {
+		cmd.Short = "Apply the 6PN rewrite of a migrating machine on the target or the source worker (idempotent)"
+	} else {
+		cmd.Short = "Undo a cutover's 6PN rewrite before the point of no return (idempotent)"
+	}
+
+	var tf machineFlags
+	var old, mode, dataDir, machine string
+	var grace time.Duration
+	target := &cobra.Command{
+		Use: "target", Short: "Target side: machine network with the new address, old address mapped to it", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			m, err := tf.net()
+			if err != nil {
+				return err
+			}
+			o, err := netrewrite.Parse(old)
+			if err != nil {
+				return withCode(ExitUsage, fmt.Errorf("--old: %w", err))
+			}
+			log, err := netLogger()
+			if err != nil {
+				return err
+			}
+			plan := netrewrite.TargetPlan{Machine: m, Old: o, Mode: netrewrite.Mode(mode)}
+			store := mappingStore(dataDir)
+			if step == "rollback" {
+				if err := netrewrite.RollbackTarget(cmd.Context(), log, plan); err != nil {
+					return err
+				}
+				return dropSide(store, o, true)
+			}
+			if err := netrewrite.CutoverTarget(cmd.Context(), log, plan); err != nil {
+				return err
+			}
+			if grace <= 0 {
+				return nil
+			}
+			rec, err := netrewrite.NewMapping(machine, plan, nil, time.Now(), grace)
+			if err != nil {
+				return withCode(ExitUsage, err)
+			}
+			if prev, ok, err := store.Get(o); err != nil {
+				return err
+			} else if ok {
+				rec.Source = prev.Source
+			}
+			return store.Put(rec)
+		},
+	}
+	tf.add(target, "the machine's NEW 6PN address (on the target)")
+	target.Flags().StringVar(&old, "old", "", "the machine's old 6PN address (on the source)")
+	target.Flags().StringVar(&mode, "mode", "alias", "how the old address keeps working: alias or nat")
+	_ = target.MarkFlagRequired("old")
+
+	var sf machineFlags
+	var via, viaDev, newAddr string
+	source := &cobra.Command{
+		Use: "source", Short: "Source side: take the old address off the machine, route it to the target", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			m, err := sf.net()
+			if err != nil {
+				return err
+			}
+			v, err := netip.ParseAddr(via)
+			if err != nil {
+				return withCode(ExitUsage, fmt.Errorf("--via %q: give the target worker's fabric IPv6 address", via))
+			}
+			log, err := netLogger()
+			if err != nil {
+				return err
+			}
+			plan := netrewrite.SourcePlan{Machine: m, Via: v, ViaDev: viaDev}
+			store := mappingStore(dataDir)
+			if step == "rollback" {
+				if err := netrewrite.RollbackSource(cmd.Context(), log, plan); err != nil {
+					return err
+				}
+				return dropSide(store, m.Addr, false)
+			}
+			if err := netrewrite.CutoverSource(cmd.Context(), log, plan); err != nil {
+				return err
+			}
+			if grace <= 0 {
+				return nil
+			}
+			rec, ok, err := store.Get(m.Addr)
+			if err != nil {
+				return err
+			}
+			if !ok {
+				n, err := netrewrite.Parse(newAddr)
+				if err != nil {
+					return withCode(ExitUsage, fmt.Errorf("--new (needed to record the mapping): %w", err))
+				}
+				rec = netrewrite.Mapping{Machine: machine, Old: m.Addr, New: n, Until: time.Now().Add(grace).UTC()}
+			}
+			rec.Source = &plan
+			return store.Put(rec)
+		},
+	}
+	sf.add(source, "the machine's OLD 6PN address (on the source)")
+	source.Flags().StringVar(&via, "via", "", "the target worker's fabric address")
+	source.Flags().StringVar(&viaDev, "via-dev", "", "interface towards the target (default fab0)")
+	source.Flags().StringVar(&newAddr, "new", "", "the machine's new address, to record the mapping when no record exists yet")
+	_ = source.MarkFlagRequired("via")
+
+	for _, c := range []*cobra.Command{target, source} {
+		c.Flags().StringVar(&dataDir, "data-dir", defaultDataDir, "agent data directory (mapping records)")
+		if step == "cutover" {
+			c.Flags().DurationVar(&grace, "grace", 0, "record the mapping with this grace period for `ferry net expire` (0: do not record)")
+			c.Flags().StringVar(&machine, "machine", "", "machine name for the record")
+		}
+	}
+	cmd.AddCommand(target, source)
+	return cmd
+}
+
+// dropSide forgets one side of a rolled-back mapping record, and the record
+// once neither side is left.
+func dropSide(store netrewrite.Store, old netrewrite.Addr, target bool) error {
+	rec, ok, err := store.Get(old)
+	if err != nil || !ok {
+		return err
+	}
+	if target {
+		rec.Target = nil
+	} else {
+		rec.Source = nil
+	}
+	if rec.Target == nil && rec.Source == nil {
+		return store.Delete(old)
+	}
+	return store.Put(rec)
 }
 
 func init() { register(newNetCmd()) }
