@@ -72,7 +72,8 @@ type Server struct {
 // StartServer opens the data directory, starts raft and serves the API
 // until Close (or ctx ends).
 func StartServer(ctx context.Context, log zerolog.Logger, cfg Config) (*Server, error) {
-	log = logging.For(log, "server").With().Str("server", cfg.ID).Logger()
+	base := log.With().Str("server", cfg.ID).Logger()
+	log = logging.For(base, "server")
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
@@ -105,7 +106,7 @@ func StartServer(ctx context.Context, log zerolog.Logger, cfg Config) (*Server, 
 		ID: cfg.ID, DataDir: filepath.Join(cfg.DataDir, "raft"), RaftAddr: cfg.RaftAddr, Bootstrap: cfg.Bootstrap,
 		ServerTLS: cfg.ServerTLS, ClientTLS: cfg.ClientTLS,
 		HeartbeatTimeout: cfg.HeartbeatTimeout, ElectionTimeout: cfg.ElectionTimeout, LeaderLeaseTimout: leaseFor(cfg.HeartbeatTimeout),
-		SnapshotThreshold: cfg.SnapshotThreshold, Logger: log,
+		SnapshotThreshold: cfg.SnapshotThreshold, Logger: base,
 	})
 	if err != nil {
 		ln.Close()

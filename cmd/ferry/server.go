@@ -4,8 +4,10 @@ import (
 	"context"
 	"fmt"
 	"os/signal"
+	"slices"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -55,5 +57,46 @@ Writes sent to a follower are forwarded to the leader.`,
 	f.BoolVar(&cfg.Bootstrap, "bootstrap", false, "start a new cluster with this server as its only voter")
 	f.StringVar(&join, "join", "", "API address(es) of an existing cluster's servers, comma-separated")
 	f.StringVar(&cfg.TLSDir, "tls-dir", "/etc/ferry/tls", "directory made by `ferry tls` holding ca.pem and <name>.pem")
+	register(cmd)
+}
+
+func init() {
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "cluster",
+		Short: "Show the servers: the answering server's raft state, the leader, the voters and their API addresses",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := newAPIClient()
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			ctx, cancel := context.WithTimeout(cmd.Context(), 15*time.Second)
+			defer cancel()
+			st, err := c.Status(ctx)
+			if err != nil {
+				return withCode(ExitFailed, err)
+			}
+			out := cmd.OutOrStdout()
+			if asJSON {
+				return writeJSONOut(out, st)
+			}
+			fmt.Fprintf(out, "answered by %s (%s), leader %s at %s, applied index %d\n", st.ID, st.RaftState, st.Leader, st.LeaderAPI, st.Index)
+			for _, m := range st.Servers {
+				role := "follower"
+				if m.ID == st.Leader {
+					role = "leader"
+				}
+				if !slices.Contains(st.Voters, m.ID) {
+					role = "not a voter"
+				}
+				fmt.Fprintf(out, "  %-12s api %-22s raft %-22s %s\n", m.ID, m.APIAddr, m.RaftAddr, role)
+			}
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	addClientFlags(cmd)
 	register(cmd)
 }
