@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os/exec"
 	"strings"
+	"sync"
 )
 
 // NATTable is the nftables table (family ip6) that holds ModeNAT mappings in
@@ -15,6 +16,11 @@ import (
 const NATTable = "ferry_6pn"
 
 const natCommentPrefix = "ferry-6pn "
+
+// natMu serialises list-then-change on the NAT table: without it, removing
+// the last rule of one mapping could delete the table just as another
+// cutover in this process added its rule.
+var natMu sync.Mutex
 
 // natRule is one DNAT mapping as found in the kernel.
 type natRule struct {
@@ -85,6 +91,8 @@ func listNAT(ctx context.Context, ns string) ([]natRule, bool, error) {
 // ensureNAT installs `ip6 daddr OLD dnat to NEW` in the prerouting nat chain
 // of ns. A rule for OLD with another target is replaced in the same batch.
 func ensureNAT(ctx context.Context, ns string, old, new Addr) error {
+	natMu.Lock()
+	defer natMu.Unlock()
 	rules, _, err := listNAT(ctx, ns)
 	if err != nil {
 		return err
@@ -113,6 +121,8 @@ func removeNAT(ctx context.Context, ns string, old Addr, required bool) error {
 	if _, err := lookNFT(); err != nil && !required {
 		return nil
 	}
+	natMu.Lock()
+	defer natMu.Unlock()
 	rules, exists, err := listNAT(ctx, ns)
 	if err != nil || !exists {
 		return err

@@ -417,3 +417,47 @@ func TestPlansRejectBadInput(t *testing.T) {
 		t.Errorf("store accepted old == new: %v", err)
 	}
 }
+
+// TestMigrateBackDuringGrace moves the machine A -> B and, while A still
+// forwards A's old address to B, back B -> A. The new address on A is the
+// first mapping's old address; expiring the first mapping afterwards must not
+// remove the machine's route on A (ferry's routes are told apart by protocol).
+func TestMigrateBackDuringGrace(t *testing.T) {
+	w := newWorld(t)
+	sp, tp := w.plans(ModeAlias)
+	addrA, addrB := sp.Machine.Addr, tp.Machine.Addr
+	if err := SetupMachineNet(w.ctx, w.log, sp.Machine); err != nil {
+		t.Fatal(err)
+	}
+	if err := CutoverTarget(w.ctx, w.log, tp); err != nil {
+		t.Fatal(err)
+	}
+	if err := CutoverSource(w.ctx, w.log, sp); err != nil {
+		t.Fatal(err)
+	}
+	first, err := NewMapping("m", tp, &sp, time.Now(), time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Back to A, into a fresh machine namespace (the old one is torn down).
+	if err := TeardownMachineNet(w.ctx, w.log, sp.Machine); err != nil {
+		t.Fatal(err)
+	}
+	backNet := w.machineNet(w.src, srcHost, "back")
+	via, _ := w.fab.Member(srcHost)
+	back := TargetPlan{Machine: backNet, Old: addrB}
+	if err := CutoverTarget(w.ctx, w.log, back); err != nil {
+		t.Fatal(err)
+	}
+	w.echo(backNet.MachineNS, "back")
+	if err := CutoverSource(w.ctx, w.log, SourcePlan{Machine: tp.Machine, Via: via.Addr}); err != nil {
+		t.Fatal(err)
+	}
+	w.mustReach(addrA, "back")
+	w.mustReach(addrB, "back")
+	if err := ExpireMapping(w.ctx, w.log, first); err != nil {
+		t.Fatal(err)
+	}
+	w.mustReach(addrA, "back") // the machine's own route on A survived
+	w.mustReach(addrB, "back") // the second mapping is untouched
+}
