@@ -1,7 +1,6 @@
 package luks
 
 import (
-	"crypto/aes"
 	"crypto/sha1"
 	"crypto/sha256"
 	"crypto/sha512"
@@ -15,7 +14,6 @@ import (
 
 	"golang.org/x/crypto/argon2"
 	"golang.org/x/crypto/pbkdf2"
-	"golang.org/x/crypto/xts"
 )
 
 // ErrWrongPassphrase: no keyslot of the volume opens with the given passphrase.
@@ -170,19 +168,12 @@ func deriveKey(k KDF, passphrase []byte, n int) ([]byte, error) {
 }
 
 // newXTS builds the AES-XTS cipher for a cipher spec like aes-xts-plain64.
-func newXTS(spec string, key []byte) (*xts.Cipher, error) {
+func newXTS(spec string, key []byte) (*xtsCipher, error) {
 	c, mode, iv := cipherParts(spec)
 	if c != "aes" || mode != "xts" || iv != "plain64" {
 		return nil, fmt.Errorf("cipher %q is not supported: ferry implements aes-xts-plain64 only", spec)
 	}
-	if len(key) != 32 && len(key) != 64 {
-		return nil, fmt.Errorf("aes-xts needs a 256- or 512-bit key, not %d bits", 8*len(key))
-	}
-	x, err := xts.NewCipher(aes.NewCipher, key)
-	if err != nil {
-		return nil, fmt.Errorf("aes-xts key setup: %w", err)
-	}
-	return x, nil
+	return newXTSCipher(key)
 }
 
 // openKeyslot derives the keyslot key, decrypts its area and merges the
@@ -221,8 +212,9 @@ func openKeyslot(r io.ReaderAt, ks *Keyslot, passphrase []byte) (*VolumeKey, err
 		return nil, fmt.Errorf("read keyslot area at %d: %w", ks.Area.Offset, err)
 	}
 	// The keyslot area is encrypted in 512-byte sectors, IV counted from the area start.
+	tw := make([]byte, 512)
 	for i := 0; i < readLen; i += 512 {
-		c.Decrypt(buf[i:i+512], buf[i:i+512], uint64(i/512))
+		c.crypt(buf[i:i+512], uint64(i/512), tw, false)
 	}
 	return &VolumeKey{b: afMerge(buf[:afLen], ks.KeySize, ks.AF.Stripes, afHash)}, nil
 }

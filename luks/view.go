@@ -6,8 +6,6 @@ import (
 	"runtime"
 	"sync"
 
-	"golang.org/x/crypto/xts"
-
 	"github.com/ferry-dev/ferry/blockdev"
 )
 
@@ -76,7 +74,7 @@ func payloadSize(l Layout, deviceSize int64) (int64, error) {
 // of them never lose each other's bytes.
 type view struct {
 	dev     blockdev.Device
-	c       *xts.Cipher
+	c       *xtsCipher
 	off     int64 // data offset on dev
 	size    int64 // plaintext size
 	sector  int64
@@ -155,13 +153,9 @@ const parallelMin = 128 << 10
 // crypt en- or decrypts buf (whole sectors, plaintext offset pos) in place.
 func (v *view) crypt(buf []byte, pos int64, encrypt bool) {
 	do := func(b []byte, p int64) {
+		var tw [maxSector]byte
 		for i := int64(0); i < int64(len(b)); i += v.sector {
-			s := b[i : i+v.sector]
-			if encrypt {
-				v.c.Encrypt(s, s, v.iv(p+i))
-			} else {
-				v.c.Decrypt(s, s, v.iv(p+i))
-			}
+			v.c.crypt(b[i:i+v.sector], v.iv(p+i), tw[:], encrypt)
 		}
 	}
 	n := int64(len(buf))
