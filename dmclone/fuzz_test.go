@@ -1,6 +1,8 @@
 package dmclone
 
 import (
+	"encoding/binary"
+	"hash/crc32"
 	"testing"
 )
 
@@ -37,7 +39,19 @@ func FuzzDecodeSlot(f *testing.F) {
 	f.Add(good)
 	f.Add(good[:100])
 	f.Add([]byte("FERRYCLN"))
+	odd := encodeSlot(&metaState{seq: 9, regionSize: 8192, size: 70*8192 - 512, regions: 70, bits: newBitmap(70)})
+	f.Add(odd)
 	f.Fuzz(func(t *testing.T, b []byte) {
+		decodeSlot(b)
+		// Also with a valid checksum, so the fuzzer gets past it to the
+		// fields behind it.
+		if len(b) >= metaHeaderLen {
+			regions := int64(binary.LittleEndian.Uint64(b[offRegions:]))
+			if regions > 0 && regions <= maxRegions && int64(len(b)) >= metaHeaderLen+bitmapBytes(regions) {
+				bm := b[metaHeaderLen : metaHeaderLen+bitmapBytes(regions)]
+				binary.LittleEndian.PutUint32(b[offCRC:], crc32.Update(crc32.Checksum(b[:offCRC], crcTable), crcTable, bm))
+			}
+		}
 		s, err := decodeSlot(b)
 		if err != nil {
 			return
