@@ -283,6 +283,10 @@ func (e *Export) supervise(cmd *exec.Cmd) {
 		if stopping {
 			return
 		}
+		if _, serr := readState(e.stateDir); errors.Is(serr, os.ErrNotExist) {
+			e.finish(nil) // `ferry iscsi stop` (StopRecorded) ended it on purpose
+			return
+		}
 		e.log.Error().Err(err).Str("log", logTail(filepath.Join(e.stateDir, logFileName))).Msg("export process died")
 		now := time.Now()
 		recent := crashes[:0]
@@ -316,7 +320,11 @@ func (e *Export) finish(err error) {
 	e.stopping = true
 	e.err = err
 	e.mu.Unlock()
-	e.log.Error().Err(err).Msg("export ended")
+	if err != nil {
+		e.log.Error().Err(err).Msg("export ended")
+	} else {
+		e.log.Info().Msg("export stopped from outside")
+	}
 	if e.ln != nil {
 		e.ln.Close()
 	}
@@ -391,6 +399,9 @@ func StopRecorded(stateDir string) (bool, error) {
 	if err != nil {
 		return false, err
 	}
+	// The record goes first: the supervising agent then knows the end is
+	// deliberate and does not restart the process.
+	_ = os.Remove(filepath.Join(stateDir, stateFileName))
 	err = killRecorded(st, stateDir)
 	removeState(stateDir)
 	return true, err

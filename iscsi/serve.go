@@ -93,8 +93,6 @@ func serveChild(log zerolog.Logger) error {
 	if err != nil {
 		return err
 	}
-	var tlsCfg = (*GateTLS)(nil)
-	_ = tlsCfg
 	gt := &gate{log: log, allow: allow, conns: make(map[net.Conn]struct{}),
 		backend: net.JoinHostPort("127.0.0.1", strconv.Itoa(gotgtPort))}
 	if cfg.TLS != nil {
@@ -196,6 +194,9 @@ func startGotgt(cfg childConfig) (scsi.SCSITargetDriver, error) {
 	// gotgt answers writes to a read-only LU with DATA PROTECT / WRITE
 	// PROTECTED before they reach the store (and before ORWRITE can panic).
 	lu.Attrs.Readonly = true
+	lu.DeviceProtocol = roProtocol{lu.DeviceProtocol}
+	// The LU implements SBC-3's READ CAPACITY(16) and Block Limits page: say so.
+	lu.Attrs.VersionDesction[0] = 0x04c0
 	drv, err := scsi.NewTargetDriver("iscsi", scsi.NewSCSITargetService())
 	if err != nil {
 		return nil, fmt.Errorf("gotgt iscsi driver: %w", err)
