@@ -208,6 +208,8 @@ func (s *Server) block(w http.ResponseWriter, r *http.Request, current func() ui
 			return current(), true
 		case <-r.Context().Done():
 			return 0, false
+		case <-s.ctx.Done():
+			return current(), true
 		}
 	}
 }

@@ -64,6 +64,7 @@ type Server struct {
 	fwd    *http.Client
 	apiURL string
 	reg    *prometheus.Registry
+	ctx    context.Context // ends at Close: releases blocking queries at once
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 	closed sync.Once
@@ -114,7 +115,7 @@ func StartServer(ctx context.Context, log zerolog.Logger, cfg Config) (*Server, 
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	s := &Server{
-		cfg: cfg, log: log, node: node, store: node.Store, ln: ln, apiURL: adv, cancel: cancel,
+		cfg: cfg, log: log, node: node, store: node.Store, ln: ln, apiURL: adv, ctx: ctx, cancel: cancel,
 		fwd: &http.Client{Transport: &http.Transport{TLSClientConfig: cfg.ClientTLS, MaxIdleConnsPerHost: 16}},
 		reg: prometheus.NewRegistry(),
 	}

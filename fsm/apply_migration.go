@@ -198,7 +198,9 @@ func (s *Store) applyPropose(index uint64, c *ProposeCmd) *Result {
 	if m.State != before {
 		m.EnteredAt[m.State] = c.Now
 	}
-	m.rememberStep(StepResult{StepID: c.StepID, Event: c.Event, State: m.State, Index: index})
+	if c.Event != EvProgress { // progress is idempotent; keep the bounded step memory for real steps
+		m.rememberStep(StepResult{StepID: c.StepID, Event: c.Event, State: m.State, Index: index})
+	}
 	return &Result{Migration: m.Clone()}
 }
 
