@@ -66,19 +66,27 @@ func moduleRoot(t *testing.T) string {
 	return filepath.Dir(strings.TrimSpace(string(out)))
 }
 
-func TestKernelPathInVM(t *testing.T) {
+// needVM skips without root or the host tools the harness uses, naming them.
+func needVM(t *testing.T) {
+	t.Helper()
 	if os.Getuid() != 0 {
 		t.Skip("needs root (apt-get download, depmod, qemu with 9p)")
 	}
-	for _, tool := range []string{QEMU, "apt-get", "dpkg-deb", "make", "gcc-12", "modprobe", "depmod", "xz", "busybox"} {
+	for _, tool := range []string{QEMU, "apt-get", "apt-cache", "dpkg-deb", "make", "gcc", "modprobe", "depmod", "xz", "busybox", "ldd"} {
 		if _, err := lookTool(tool); err != nil {
 			t.Skipf("needs %s: run scripts/deps.sh (scripts/packages.txt lists it)", tool)
 		}
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
-	defer cancel()
-	log := zerolog.New(zerolog.NewTestWriter(t)).With().Timestamp().Str("component", "vm").Logger()
+}
 
+func testLogger(t *testing.T) zerolog.Logger {
+	return zerolog.New(zerolog.NewTestWriter(t)).With().Timestamp().Str("component", "vm").Logger()
+}
+
+// prepare returns the kernel and initramfs, building what the cache lacks.
+func prepare(t *testing.T, ctx context.Context) (*Kernel, string, time.Duration, time.Duration) {
+	t.Helper()
+	log := testLogger(t)
 	t0 := time.Now()
 	cache := CacheDir()
 	k, err := PrepareKernel(ctx, log, cache)
@@ -90,7 +98,41 @@ func TestKernelPathInVM(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	tInitrd := time.Since(t0) - tKernel
+	return k, initrd, tKernel, time.Since(t0) - tKernel
+}
+
+// TestGuestFailureIsReported proves the verdict path: a guest whose script
+// fails must fail the run, with its exit code.
+func TestGuestFailureIsReported(t *testing.T) {
+	needVM(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	k, initrd, _, _ := prepare(t, ctx)
+	share := t.TempDir()
+	if err := os.WriteFile(filepath.Join(share, "run.sh"), []byte("#!/bin/sh\necho guest-says-no\nexit 7\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	res, err := Boot(ctx, testLogger(t), BootConfig{Kernel: k, Initrd: initrd, Share: share, Timeout: 3 * time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Passed() || res.GuestRC != 7 || res.ExitCode != 3 {
+		t.Fatalf("failing guest: passed=%v guest rc %d qemu exit %d\n%s", res.Passed(), res.GuestRC, res.ExitCode, res.Console)
+	}
+	if err := res.Err(); err == nil || !strings.Contains(err.Error(), "guest-says-no") {
+		t.Fatalf("error should carry the console tail: %v", err)
+	}
+	t.Logf("boot to init %s, whole boot %s (%s)", res.BootTime.Round(time.Millisecond), res.Total.Round(time.Millisecond), res.Accel)
+}
+
+func TestKernelPathInVM(t *testing.T) {
+	needVM(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	log := testLogger(t)
+	t0 := time.Now()
+	k, initrd, tKernel, tInitrd := prepare(t, ctx)
+	cache := CacheDir()
 
 	share := t.TempDir()
 	root := moduleRoot(t)
@@ -147,10 +189,11 @@ func TestKernelPathInVM(t *testing.T) {
 		t.Errorf("smoke test did not report success")
 	}
 	for _, s := range suites {
+		out := suiteOutput(res.Console, filepath.Base(s.pkg)+".test")
 		for _, n := range s.needs {
 			// Every matching test must have passed, and at least one ran.
-			pass := regexp.MustCompile(`(?m)^\s*--- PASS: `+n+`\S*`).FindAllString(res.Console, -1)
-			bad := regexp.MustCompile(`(?m)^\s*--- (SKIP|FAIL): `+n+`\S*`).FindAllString(res.Console, -1)
+			pass := regexp.MustCompile(`(?m)^\s*--- PASS: `+n+`\S*`).FindAllString(out, -1)
+			bad := regexp.MustCompile(`(?m)^\s*--- (SKIP|FAIL): `+n+`\S*`).FindAllString(out, -1)
 			if len(pass) == 0 || len(bad) > 0 {
 				t.Errorf("%s: tests %s*: passed %v, skipped/failed %v", s.pkg, n, pass, bad)
 			} else {
@@ -158,6 +201,18 @@ func TestKernelPathInVM(t *testing.T) {
 			}
 		}
 	}
+}
+
+// suiteOutput is the console between "== suite <name>" and the next marker.
+func suiteOutput(console, name string) string {
+	_, rest, ok := strings.Cut(console, "== suite "+name+"\n")
+	if !ok {
+		return ""
+	}
+	if i := strings.Index(rest, "== suite "); i >= 0 {
+		rest = rest[:i]
+	}
+	return rest
 }
 
 func trimAll(ss []string) []string {
