@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -35,14 +36,37 @@ type Config struct {
 	StallAfter time.Duration
 	// MaxPreCutoverAttempts: a pre-cutover step failing this many times fails the migration (rollback).
 	MaxPreCutoverAttempts int
+	// HydrationRate caps background hydration, bytes/s (0: none).
+	HydrationRate int64
+	// PauseBefore delays proposing an event: a failpoint for chaos and crash
+	// tests (FERRY_FAILPOINT_PAUSE_BEFORE="clone_built=30s,exported=5s").
+	PauseBefore map[fsm.Event]time.Duration
+}
+
+// ParsePauseBefore reads the FERRY_FAILPOINT_PAUSE_BEFORE syntax.
+func ParsePauseBefore(s string) (map[fsm.Event]time.Duration, error) {
+	out := map[fsm.Event]time.Duration{}
+	for _, part := range strings.Split(s, ",") {
+		part = strings.TrimSpace(part)
+		if part == "" {
+			continue
+		}
+		ev, d, ok := strings.Cut(part, "=")
+		dur, err := time.ParseDuration(d)
+		if !ok || err != nil || !fsm.KnownEvent(fsm.Event(ev)) {
+			return nil, fmt.Errorf("failpoint %q: use EVENT=DURATION with a known event", part)
+		}
+		out[fsm.Event(ev)] = dur
+	}
+	return out, nil
 }
 
 func (c *Config) defaults() {
-	if c.Heartbeat == 0 {
-		c.Heartbeat = 2 * time.Second
-	}
 	if c.LeaseTTL == 0 {
 		c.LeaseTTL = fsm.DefaultLeaseTTL
+	}
+	if c.Heartbeat == 0 {
+		c.Heartbeat = c.LeaseTTL / 4
 	}
 	if c.Retry == 0 {
 		c.Retry = 200 * time.Millisecond

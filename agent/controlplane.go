@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"time"
 
 	"github.com/ferry-dev/ferry/api"
 	"github.com/ferry-dev/ferry/fsm"
@@ -11,18 +12,19 @@ import (
 
 // APIControlPlane adapts the server's API client to what the agent needs.
 type APIControlPlane struct {
-	C *api.Client
+	C        *api.Client
+	LeaseTTL time.Duration // 0: the server's default
 }
 
 var _ ControlPlane = (*APIControlPlane)(nil)
 
 func (p *APIControlPlane) RegisterWorker(ctx context.Context, w fsm.Worker) error {
-	_, err := p.C.RegisterWorker(ctx, w, 0)
+	_, err := p.C.RegisterWorker(ctx, w, p.LeaseTTL)
 	return err
 }
 
 func (p *APIControlPlane) Heartbeat(ctx context.Context, worker string) error {
-	_, err := p.C.Heartbeat(ctx, worker, 0)
+	_, err := p.C.Heartbeat(ctx, worker, p.LeaseTTL)
 	return err
 }
 

@@ -71,6 +71,12 @@ func (a *Agent) markDone(m *fsm.Migration, what string) error {
 }
 
 func (a *Agent) propose(ctx context.Context, m *fsm.Migration, ev fsm.Event, p fsm.EventPayload) error {
+	if d := a.cfg.PauseBefore[ev]; d > 0 {
+		a.log.Warn().Str("migration", m.ID).Str("event", string(ev)).Dur("pause", d).Msg("failpoint: pausing before proposing")
+		if !sleep(ctx, d) {
+			return ctx.Err()
+		}
+	}
 	_, err := a.cp.Propose(ctx, m.ID, ev, stepID(m, string(ev)), p)
 	if err != nil {
 		return fmt.Errorf("propose %s: %w", ev, err)
@@ -82,7 +88,7 @@ func (a *Agent) propose(ctx context.Context, m *fsm.Migration, ev fsm.Event, p f
 func targetVolume(m *fsm.Migration) string { return m.Volume + "-" + shortID(m.ID) }
 
 func shortID(id string) string {
-	id = strings.TrimPrefix(id, "mig_")
+	id = strings.TrimPrefix(strings.TrimPrefix(id, "mig_"), "mig-")
 	if len(id) > 8 {
 		id = id[:8]
 	}
@@ -140,7 +146,7 @@ func (a *Agent) cloneConfig(m *fsm.Migration, hydrate bool) datapath.Config {
 	tv := m.TargetVol
 	cfg := a.vols.DatapathConfig(tv, *m.Layout)
 	cfg.Clone = &datapath.Clone{MetaPath: a.vols.MetaPath(tv), Portal: m.Export.Portal, IQN: m.Export.IQN,
-		RegionSize: 4096, KnownZero: m.KnownZero, Hydrate: hydrate}
+		RegionSize: 4096, KnownZero: m.KnownZero, Hydrate: hydrate, RateLimit: a.cfg.HydrationRate}
 	return cfg
 }
 

@@ -23,7 +23,8 @@ type agentFlags struct {
 	worker, dataDir, address, backend, domain string
 	hostID                                    uint32
 	dev, fastKDF                              bool
-	grace                                     time.Duration
+	grace, leaseTTL                           time.Duration
+	hydrationRate                             string
 	devListen                                 string
 }
 
@@ -58,8 +59,18 @@ func (f *agentFlags) build(ctx context.Context) (*agent.Agent, *agent.NetNetwork
 	exp := &agent.ISCSIExporter{Log: log, StateDir: filepath.Join(f.dataDir, "exports"), Address: f.address, Domain: f.domain}
 	nw := &agent.NetNetwork{Log: logging.For(log, "netrewrite"), Worker: f.worker, Dir: filepath.Join(f.dataDir, "net"), Grace: f.grace}
 	mach := &machine.Exec{StateDir: filepath.Join(f.dataDir, "machines"), Log: logging.For(log, "machine")}
-	a, err := agent.New(alog, agent.Config{Worker: f.worker, HostID: f.hostID, Address: f.address, DataDir: f.dataDir, Exe: exe},
-		&agent.APIControlPlane{C: c}, exp, nw, mach, vols)
+	acfg := agent.Config{Worker: f.worker, HostID: f.hostID, Address: f.address, DataDir: f.dataDir, Exe: exe, LeaseTTL: f.leaseTTL}
+	if f.hydrationRate != "" && f.hydrationRate != "0" {
+		if acfg.HydrationRate, err = parseSize(f.hydrationRate); err != nil {
+			return nil, nil, withCode(ExitUsage, fmt.Errorf("--hydration-rate: %w", err))
+		}
+	}
+	if fp := os.Getenv("FERRY_FAILPOINT_PAUSE_BEFORE"); fp != "" {
+		if acfg.PauseBefore, err = agent.ParsePauseBefore(fp); err != nil {
+			return nil, nil, withCode(ExitUsage, err)
+		}
+	}
+	a, err := agent.New(alog, acfg, &agent.APIControlPlane{C: c, LeaseTTL: f.leaseTTL}, exp, nw, mach, vols)
 	return a, nw, err
 }
 
@@ -98,6 +109,8 @@ state. With --dev it also runs a one-node server in the same process (developmen
 	fl.StringVar(&f.backend, "backend", "auto", "data path: auto, userspace or kernel")
 	fl.StringVar(&f.domain, "iqn-domain", "dev.ferry", "naming authority of export IQNs")
 	fl.DurationVar(&f.grace, "grace", 10*time.Minute, "how long a migrated machine's old 6PN address keeps answering")
+	fl.DurationVar(&f.leaseTTL, "lease-ttl", 0, "worker lease; the server rolls back pre-cutover migrations of a worker that misses it (default: the server's, 15s)")
+	fl.StringVar(&f.hydrationRate, "hydration-rate", "0", "cap on background hydration per migration, bytes/s with K/M/G suffixes (0: none)")
 	fl.BoolVar(&f.fastKDF, "fast-kdf", false, "format new volumes with a cheap keyslot KDF (demo and tests only)")
 	fl.BoolVar(&f.dev, "dev", false, "also run a one-node server in this process (development)")
 	fl.StringVar(&f.devListen, "dev-listen", "127.0.0.1:7400", "with --dev: the server's API address")

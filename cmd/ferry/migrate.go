@@ -246,6 +246,7 @@ nothing. Exit codes: 0 completed (or started, without --wait), 1 failed, 2 usage
 	addClientFlags(mig)
 
 	var reason string
+	var targetGone bool
 	abort := &cobra.Command{
 		Use:   "abort MIGRATION-ID",
 		Short: "Roll a migration back (only before cutover; after it the refusal says why)",
@@ -256,6 +257,18 @@ nothing. Exit codes: 0 completed (or started, without --wait), 1 failed, 2 usage
 				return err
 			}
 			defer c.Close()
+			if targetGone {
+				// The target's agent is gone for good while rolling back: the
+				// operator vouches that the machine never ran there (true before
+				// cutover) so the source may restart it.
+				m, err := c.Propose(cmd.Context(), args[0], fsm.EvTargetTornDown, "operator-target-gone-"+args[0],
+					fsm.EventPayload{Reason: reason})
+				if err != nil {
+					return withCode(refusalCode(err), err)
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "migration %s: target teardown confirmed by the operator; the source restarts the machine\n", m.ID)
+				return nil
+			}
 			m, err := c.Abort(cmd.Context(), args[0], reason)
 			if err != nil {
 				return withCode(refusalCode(err), err)
@@ -265,6 +278,7 @@ nothing. Exit codes: 0 completed (or started, without --wait), 1 failed, 2 usage
 		},
 	}
 	abort.Flags().StringVar(&reason, "reason", "operator abort", "why (recorded in the migration)")
+	abort.Flags().BoolVar(&targetGone, "target-gone", false, "while rolling back with the target worker dead for good: confirm its teardown so the source restarts the machine")
 	addClientFlags(abort)
 
 	register(mig, abort, drainCommand())

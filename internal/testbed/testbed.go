@@ -34,6 +34,8 @@ type Config struct {
 	Workers []string // worker names
 	Grace   time.Duration
 	Log     zerolog.Logger
+	// AgentArgs are appended to every agent's command line (e.g. --lease-ttl 3s).
+	AgentArgs []string
 }
 
 // Bed is a running cluster.
@@ -154,7 +156,7 @@ func (b *Bed) DialIn(member string) func(ctx context.Context, network, addr stri
 	}
 }
 
-func (b *Bed) start(key, ns, logName string, args ...string) error {
+func (b *Bed) start(key, ns, logName string, env []string, args ...string) error {
 	logf, err := os.OpenFile(filepath.Join(b.cfg.Dir, logName), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
 		return err
@@ -162,6 +164,7 @@ func (b *Bed) start(key, ns, logName string, args ...string) error {
 	defer logf.Close()
 	cmd := exec.Command("nsenter", append([]string{"--net=/run/netns/" + ns, "--", b.cfg.Exe}, args...)...)
 	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.Env = append(os.Environ(), env...)
 	// Own process group: a terminal's Ctrl-C reaches the orchestrator only,
 	// which then shuts things down in order.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
@@ -184,19 +187,23 @@ func (b *Bed) StartServer() error {
 	if _, err := os.Stat(filepath.Join(b.cfg.Dir, "server")); os.IsNotExist(err) {
 		args = append(args, "--bootstrap")
 	}
-	return b.start("server", b.NSOf("ctl"), "server.log", args...)
+	return b.start("server", b.NSOf("ctl"), "server.log", nil, args...)
 }
 
 // StartAgent starts (or restarts) a worker's agent.
-func (b *Bed) StartAgent(w string) error {
+func (b *Bed) StartAgent(w string) error { return b.StartAgentEnv(w, nil) }
+
+// StartAgentEnv starts a worker's agent with extra environment (failpoints).
+func (b *Bed) StartAgentEnv(w string, env []string) error {
 	grace := b.cfg.Grace
 	if grace == 0 {
 		grace = time.Minute
 	}
-	return b.start("agent/"+w, b.NSOf(w), "agent-"+w+".log", "agent", "--worker", w,
+	args := []string{"agent", "--worker", w,
 		"--host-id", strconv.FormatUint(uint64(b.hostID[w]), 10), "--address", b.addr[w].String(),
 		"--server", b.ServerAddr, "--tls-dir", b.TLSDir(), "--data-dir", b.WorkerDir(w),
-		"--fast-kdf", "--grace", grace.String())
+		"--fast-kdf", "--grace", grace.String()}
+	return b.start("agent/"+w, b.NSOf(w), "agent-"+w+".log", env, append(args, b.cfg.AgentArgs...)...)
 }
 
 // Kill sends sig to a process ("server" or "agent/<w>") and waits for it to end.
