@@ -42,6 +42,7 @@ type Engine struct {
 	cond      *sync.Cond
 	hyd       bitmap
 	busy      bitmap
+	pageVer   []uint64 // per 4 KiB page of the bitmap: version of its last change
 	nHyd      int64
 	nBusy     int64
 	cnt       counters
@@ -157,6 +158,7 @@ func Open(log zerolog.Logger, cfg Config) (*Engine, error) {
 		e.cnt = st.counters
 	}
 	e.busy = newBitmap(regions)
+	e.pageVer = make([]uint64, (int64(len(e.hyd))+wordsPerPage-1)/wordsPerPage)
 	e.nHyd = e.hyd.count(regions)
 	if err := e.applyKnownZero(cfg.KnownZero); err != nil {
 		mf.close()
@@ -203,10 +205,19 @@ func (e *Engine) applyKnownZero(ranges []blockdev.Range) error {
 			e.nHyd += j - i
 			e.cnt.SkippedKnownZero += end - off
 			e.version++
+			e.markPages(i>>6, (j-1)>>6)
 			i = j
 		}
 	}
 	return nil
+}
+
+// markPages records that bitmap words [w0,w1] changed in e.version, so the
+// next commit into each slot rewrites their pages.
+func (e *Engine) markPages(w0, w1 int64) {
+	for p := w0 / wordsPerPage; p <= w1/wordsPerPage; p++ {
+		e.pageVer[p] = e.version
+	}
 }
 
 // fullRegions returns the regions [a,b) entirely inside [off,end); the
@@ -289,18 +300,21 @@ func (e *Engine) release(a, b int64, hydrated bool) {
 	}
 	e.mu.Lock()
 	var n int64
+	if hydrated {
+		e.version++
+	}
 	forWords(a, b, func(w int64, m uint64) {
 		mine := e.busy[w] & m
 		e.busy[w] &^= mine
-		if hydrated {
+		if hydrated && mine != 0 {
 			e.hyd[w] |= mine
+			e.pageVer[w/wordsPerPage] = e.version
 		}
 		n += int64(bits.OnesCount64(mine))
 	})
 	e.nBusy -= n
 	if hydrated && n > 0 {
 		e.nHyd += n
-		e.version++
 	}
 	e.cond.Broadcast()
 	e.mu.Unlock()
@@ -640,9 +654,11 @@ func (e *Engine) commit() error {
 	e.mu.Lock()
 	ver := e.version
 	var snap *metaState
+	var pageVer []uint64
 	if ver != e.committed || e.meta.seq == 0 {
 		snap = &metaState{regionSize: e.rs, size: e.size, regions: e.regions,
 			counters: e.cnt, bits: append(bitmap(nil), e.hyd...)}
+		pageVer = append([]uint64(nil), e.pageVer...)
 	}
 	e.mu.Unlock()
 	if err := e.dst.Flush(); err != nil {
@@ -651,7 +667,7 @@ func (e *Engine) commit() error {
 	if snap == nil {
 		return nil
 	}
-	if err := e.meta.commit(snap); err != nil {
+	if err := e.meta.commit(snap, ver, pageVer); err != nil {
 		return err
 	}
 	e.mu.Lock()

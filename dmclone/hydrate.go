@@ -104,20 +104,17 @@ func (e *Engine) worker(stop chan struct{}, batch int) {
 			return
 		default:
 		}
+		// Wait for a source slot before claiming, so a waiting worker holds
+		// no region a foreground request may need.
+		if !e.gate.bgAcquire(stop) {
+			return
+		}
 		a, b, ok := e.pickBatch(stop, int64(batch))
 		if !ok {
+			e.gate.bgRelease()
 			return
 		}
 		off, end := e.regionOff(a), e.regionOff(b)
-		if !e.gate.bgAcquire(stop) {
-			e.release(a, b, false)
-			return
-		}
-		if !e.limiter.wait(end-off, stop) {
-			e.gate.bgRelease()
-			e.release(a, b, false)
-			return
-		}
 		buf, err := e.fetch(off, end, false)
 		e.gate.bgRelease()
 		if err != nil {
@@ -134,6 +131,11 @@ func (e *Engine) worker(stop chan struct{}, batch int) {
 		putBuf(buf)
 		backoff = 100 * time.Millisecond
 		e.release(a, b, true)
+		// Pay for the bytes afterwards (shared pacing across workers), so a
+		// short batch in fragmented space costs only what it fetched.
+		if !e.limiter.wait(end-off, stop) {
+			return
+		}
 	}
 }
 

@@ -135,11 +135,18 @@ func decodeSlot(buf []byte) (*metaState, error) {
 	return s, nil
 }
 
+// wordsPerPage is how many bitmap words one 4 KiB metadata page holds.
+const wordsPerPage = 4096 / 8
+
 // metaFile is the open metadata file.
 type metaFile struct {
 	f       *os.File
 	regions int64
 	seq     uint64
+	// For each slot: whether this process wrote it whole, and the engine
+	// version it then held. Pages unchanged since need no rewrite.
+	slotOK  [2]bool
+	slotVer [2]uint64
 }
 
 // openMeta opens or creates path. It returns the newest valid state, or nil
@@ -198,18 +205,47 @@ func readSlot(f *os.File, slot, regions, fileSize int64) (*metaState, error) {
 	return decodeSlot(buf)
 }
 
-// commit writes s into the slot not holding the newest state and syncs it.
-func (m *metaFile) commit(s *metaState) error {
+// commit writes s (the bitmap as of engine version ver) into the slot not
+// holding the newest state and syncs it. Only the header and the bitmap
+// pages changed since this process last wrote that slot are written
+// (pageVer: per page, the version of its last change), so a flush-heavy
+// workload does not rewrite megabytes of bitmap per fsync. The checksum in
+// the header covers the whole bitmap, so a torn commit leaves the slot
+// invalid and loading uses the other one.
+func (m *metaFile) commit(s *metaState, ver uint64, pageVer []uint64) error {
 	m.seq++
 	s.seq = m.seq
+	slot := int(m.seq % 2)
 	buf := encodeSlot(s)
-	off := int64(m.seq%2) * int64(len(buf))
-	if _, err := m.f.WriteAt(buf, off); err != nil {
-		return fmt.Errorf("write clone metadata: %w", err)
+	base := int64(slot) * int64(len(buf))
+	full := !m.slotOK[slot] || pageVer == nil
+	writes := [][2]int64{{0, metaHeaderLen}}
+	if full {
+		writes = [][2]int64{{0, int64(len(buf))}}
+	} else {
+		for p := 0; p < len(pageVer); {
+			if pageVer[p] <= m.slotVer[slot] {
+				p++
+				continue
+			}
+			q := p + 1
+			for q < len(pageVer) && pageVer[q] > m.slotVer[slot] {
+				q++
+			}
+			writes = append(writes, [2]int64{metaHeaderLen + int64(p)*4096, metaHeaderLen + int64(q)*4096})
+			p = q
+		}
+	}
+	m.slotOK[slot] = false // until this commit is complete
+	for _, w := range writes {
+		if _, err := m.f.WriteAt(buf[w[0]:w[1]], base+w[0]); err != nil {
+			return fmt.Errorf("write clone metadata: %w", err)
+		}
 	}
 	if err := unix.Fdatasync(int(m.f.Fd())); err != nil {
 		return fmt.Errorf("sync clone metadata: %w", err)
 	}
+	m.slotOK[slot], m.slotVer[slot] = true, ver
 	return nil
 }
 
