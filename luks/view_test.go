@@ -230,3 +230,32 @@ func TestCheckCompatible(t *testing.T) {
 		t.Fatal("sector size 3000 accepted")
 	}
 }
+
+// A view over a read-only device refuses writes and discards with
+// blockdev.ErrReadOnly and reads the plaintext written before.
+func TestViewReadOnlyConformance(t *testing.T) {
+	blockdevtest.Run(t, func(t *testing.T, size int64) blockdev.Device {
+		l := testLayout(4096, size)
+		mem := blockdev.NewMem(l.DeviceSize())
+		key := NewVolumeKey(bytes.Repeat([]byte{0x5a}, 64))
+		rw, err := OpenView(mem, l, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := rw.WriteAt(readOnlyContent, 0); err != nil {
+			t.Fatal(err)
+		}
+		rw.Close()
+		v, err := OpenView(blockdev.ReadOnly(mem), l, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}, blockdevtest.Options{ReadOnly: true, Initial: readOnlyContent})
+}
+
+var readOnlyContent = func() []byte {
+	b := make([]byte, 1<<20)
+	mrand.New(mrand.NewSource(9)).Read(b)
+	return b
+}()
