@@ -127,10 +127,18 @@ func (s *File) Get(volumeID string) ([]byte, error) {
 	if err := CheckID(volumeID); err != nil {
 		return nil, err
 	}
-	b, err := os.ReadFile(s.path(volumeID))
+	st, err := os.Stat(s.path(volumeID))
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("volume %s: %w", volumeID, ErrNotFound)
 	}
+	if err != nil {
+		return nil, fmt.Errorf("get key for volume %s: %w", volumeID, err)
+	}
+	// A key others could read may have leaked: refuse rather than use it silently.
+	if st.Mode().Perm()&0o077 != 0 {
+		return nil, fmt.Errorf("key file %s has mode %v, readable by others: check who read it, then chmod 0600", s.path(volumeID), st.Mode().Perm())
+	}
+	b, err := os.ReadFile(s.path(volumeID))
 	if err != nil {
 		return nil, fmt.Errorf("get key for volume %s: %w", volumeID, err)
 	}

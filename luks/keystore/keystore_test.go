@@ -109,6 +109,13 @@ func TestFile(t *testing.T) {
 			t.Fatalf("temp file %s left behind", e.Name())
 		}
 	}
+	if err := os.Chmod(filepath.Join(dir, "v2.key"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Get("v2"); err == nil || !strings.Contains(err.Error(), "readable by others") {
+		t.Fatalf("world-readable key file: %v", err)
+	}
+	os.Chmod(filepath.Join(dir, "v2.key"), 0o600)
 	// A second store over the same directory sees the key (it is on disk).
 	s2, err := NewFile(dir)
 	if err != nil {
