@@ -45,7 +45,7 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-func requireEnv(t *testing.T) {
+func requireEnv(t testing.TB) {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root (network namespaces, loop devices, mounts)")
@@ -67,7 +67,7 @@ func randHex(n int) string {
 }
 
 type env struct {
-	t   *testing.T
+	t   testing.TB
 	bed *testbed.Bed
 	c   *api.Client
 	ctx context.Context
@@ -76,7 +76,7 @@ type env struct {
 }
 
 // newEnv starts a cluster with n workers named w0<id>, w1<id>, ...
-func newEnv(t *testing.T, n int, agentArgs ...string) *env {
+func newEnv(t testing.TB, n int, agentArgs ...string) *env {
 	requireEnv(t)
 	id := randHex(2)
 	var ws []string
@@ -106,7 +106,7 @@ func newEnv(t *testing.T, n int, agentArgs ...string) *env {
 	return &env{t: t, bed: bed, c: bed.Client, ctx: ctx, dir: dir, ws: ws}
 }
 
-func dumpLogs(t *testing.T, dir string) {
+func dumpLogs(t testing.TB, dir string) {
 	logs, _ := filepath.Glob(filepath.Join(dir, "*.log"))
 	more, _ := filepath.Glob(filepath.Join(dir, "*", "run", "*.log"))
 	for _, l := range append(logs, more...) {
@@ -119,7 +119,7 @@ func dumpLogs(t *testing.T, dir string) {
 }
 
 // assertNoLeftovers: no namespace, mount, loop device or process of this cluster remains.
-func assertNoLeftovers(t *testing.T, dir, prefix string, ws []string) {
+func assertNoLeftovers(t testing.TB, dir, prefix string, ws []string) {
 	t.Helper()
 	if ents, err := os.ReadDir("/run/netns"); err == nil {
 		for _, e := range ents {
