@@ -143,6 +143,15 @@ func OpenHeaderView(dev blockdev.Device, passphrase []byte) (blockdev.Device, La
 
 func (v *view) Size() int64 { return v.size }
 
+// checkRange is blockdev.CheckRange written so that huge offsets cannot
+// overflow past the check.
+func checkRange(off, n, size int64) error {
+	if off < 0 || n < 0 || n > size || off > size-n {
+		return fmt.Errorf("%w: offset %d length %d size %d", blockdev.ErrOutOfRange, off, n, size)
+	}
+	return nil
+}
+
 // iv is the plain64 IV of the sector starting at plaintext offset pos.
 func (v *view) iv(pos int64) uint64 { return v.ivBase + uint64(pos/ivUnit) }
 
@@ -207,7 +216,7 @@ func (v *view) ReadAt(p []byte, off int64) (int, error) {
 	if v.closed {
 		return 0, blockdev.ErrClosed
 	}
-	if err := blockdev.CheckRange(off, len(p), v.size); err != nil {
+	if err := checkRange(off, int64(len(p)), v.size); err != nil {
 		return 0, err
 	}
 	if len(p) == 0 {
@@ -253,7 +262,7 @@ func (v *view) WriteAt(p []byte, off int64) (int, error) {
 	if v.closed {
 		return 0, blockdev.ErrClosed
 	}
-	if err := blockdev.CheckRange(off, len(p), v.size); err != nil {
+	if err := checkRange(off, int64(len(p)), v.size); err != nil {
 		return 0, err
 	}
 	if len(p) == 0 {
@@ -289,8 +298,8 @@ func (v *view) Discard(off, length int64) error {
 	if v.closed {
 		return blockdev.ErrClosed
 	}
-	if off < 0 || length < 0 || off+length > v.size {
-		return fmt.Errorf("%w: discard offset %d length %d size %d", blockdev.ErrOutOfRange, off, length, v.size)
+	if err := checkRange(off, length, v.size); err != nil {
+		return fmt.Errorf("discard: %w", err)
 	}
 	start := (off + v.sector - 1) / v.sector * v.sector
 	end := (off + length) / v.sector * v.sector

@@ -174,6 +174,16 @@ func TestViewDiscardMapsToWholeCiphertextSectors(t *testing.T) {
 		if err := v.Discard(60<<10, 8<<10); !errors.Is(err, blockdev.ErrOutOfRange) {
 			t.Fatalf("discard past end: %v", err)
 		}
+		const huge = int64(^uint64(0) >> 1)
+		if err := v.Discard(huge-10, 100); !errors.Is(err, blockdev.ErrOutOfRange) {
+			t.Fatalf("discard at an overflowing offset: %v", err)
+		}
+		if _, err := v.ReadAt(make([]byte, 4096), huge-10); !errors.Is(err, blockdev.ErrOutOfRange) {
+			t.Fatalf("read at an overflowing offset: %v", err)
+		}
+		if _, err := v.WriteAt(make([]byte, 100), huge-10); !errors.Is(err, blockdev.ErrOutOfRange) {
+			t.Fatalf("write at an overflowing offset: %v", err)
+		}
 	}
 }
 
