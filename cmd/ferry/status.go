@@ -11,11 +11,12 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/ferry-dev/ferry/api"
 	"github.com/ferry-dev/ferry/fsm"
 )
 
 func init() {
-	var asJSON bool
+	var asJSON, watch bool
 	var worker string
 	cmd := &cobra.Command{
 		Use:   "status [MIGRATION-ID]",
@@ -30,6 +31,9 @@ func init() {
 			ctx, cancel := context.WithTimeout(cmd.Context(), 30*time.Second)
 			defer cancel()
 			out := cmd.OutOrStdout()
+			if len(args) == 1 && watch {
+				return watchMigration(cmd.Context(), c, args[0], out)
+			}
 			if len(args) == 1 {
 				m, err := c.GetMigration(ctx, args[0])
 				if err != nil {
@@ -54,8 +58,40 @@ func init() {
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	cmd.Flags().StringVar(&worker, "worker", "", "only migrations naming this worker")
+	cmd.Flags().BoolVar(&watch, "watch", false, "with an ID: print each change until the migration ends (blocking queries, no polling)")
 	addClientFlags(cmd)
 	register(cmd)
+}
+
+// watchMigration prints a line per change of migration id until it ends;
+// the exit code says how it ended.
+func watchMigration(ctx context.Context, c *api.Client, id string, out io.Writer) error {
+	var idx uint64
+	last := ""
+	for {
+		m, next, err := c.WatchMigration(ctx, id, idx)
+		if err != nil {
+			return withCode(ExitFailed, err)
+		}
+		idx = next
+		line := fmt.Sprintf("%s  %-16s %s", time.Now().Format(time.TimeOnly), m.State, progressText(m))
+		if m.Stalled {
+			line += "  STALLED: " + m.StallCause
+		}
+		if line[9:] != last {
+			fmt.Fprintln(out, line)
+			last = line[9:]
+		}
+		switch m.State {
+		case fsm.Completed:
+			if d, ok := m.Downtime(); ok {
+				fmt.Fprintf(out, "completed; downtime %s\n", d)
+			}
+			return nil
+		case fsm.RolledBack:
+			return withCode(ExitRolledBack, fmt.Errorf("migration %s rolled back: %s", m.ID, m.Rollback.Reason))
+		}
+	}
 }
 
 func writeJSONOut(w io.Writer, v any) error {
