@@ -6,8 +6,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ferry-dev/ferry/api"
 	"github.com/ferry-dev/ferry/api/apitest"
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/tlsutil"
 )
 
 // TestClusterSurvivesLeaderLoss runs three servers in this process, kills
@@ -137,5 +139,49 @@ func TestClusterRestartFromDisk(t *testing.T) {
 	m, err := f.op.GetMigration(ctx, "m1")
 	if err != nil || m.State != fsm.RollingBack || m.Rollback.Reason != "restart test" {
 		t.Fatalf("after restart: %v %+v", err, m)
+	}
+}
+
+// TestFollowerForwardsWrites sends every write to a follower only: it is
+// forwarded to the leader, including a key request (whose key comes back).
+func TestFollowerForwardsWrites(t *testing.T) {
+	c := apitest.New(t, 3, apitest.Options{})
+	follower := (c.Leader() + 1) % 3
+	only := func(name, kind string) *api.Client {
+		if err := api.EnsureCerts(c.TLSDir, map[string]string{name: kind}); err != nil {
+			t.Fatal(err)
+		}
+		tc, err := tlsutil.ClientConfig(c.TLSDir, name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f, err := api.NewClient([]string{c.Servers[follower].Addr()}, tc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(f.Close)
+		return f
+	}
+	ctx := context.Background()
+	w := only("w-src", tlsutil.KindWorker)
+	if _, err := w.RegisterWorker(ctx, fsm.Worker{Name: "w-src", HostID: 1}, time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.CreateVolume(ctx, fsm.Volume{ID: "v", Worker: "w-src", Size: 1, State: fsm.VolCreated}); err != nil {
+		t.Fatal(err)
+	}
+	key := bytes.Repeat([]byte{9}, 32)
+	if err := w.SetVolumeKey(ctx, "v", key); err != nil {
+		t.Fatal(err)
+	}
+	got, err := w.GetVolumeKey(ctx, "v")
+	if err != nil || !bytes.Equal(got, key) {
+		t.Fatalf("forwarded key request: %v", err)
+	}
+	if _, err := only("w-other", tlsutil.KindWorker).GetVolumeKey(ctx, "v"); api.ErrorCode(err) != fsm.CodeForbidden {
+		t.Fatalf("foreign key request through a follower: %v", err)
+	}
+	if c.Servers[follower].Node().IsLeader() {
+		t.Log("leadership moved to the chosen follower during the test: part of it was not forwarded")
 	}
 }
