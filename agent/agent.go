@@ -91,6 +91,7 @@ type Agent struct {
 	net  Network
 	mach machine.Driver
 	vols *Volumes
+	met  *metrics
 
 	mu      sync.Mutex
 	running map[string]chan *fsm.Migration // migration id -> its driver goroutine's inbox
@@ -112,7 +113,7 @@ func New(log zerolog.Logger, cfg Config, cp ControlPlane, exp Exporter, net Netw
 		return nil, fmt.Errorf("agent data dir: %w", err)
 	}
 	return &Agent{cfg: cfg, log: log.With().Str("component", "agent").Str("worker", cfg.Worker).Logger(),
-		cp: cp, exp: exp, net: net, mach: mach, vols: vols, running: map[string]chan *fsm.Migration{}, active: map[string]string{},
+		cp: cp, exp: exp, net: net, mach: mach, vols: vols, met: newMetrics(), running: map[string]chan *fsm.Migration{}, active: map[string]string{},
 		firstWatch: make(chan struct{})}, nil
 }
 
@@ -147,6 +148,7 @@ func (a *Agent) Run(ctx context.Context) error {
 				a.active[m.ID] = m.Machine
 			}
 		}
+		a.met.active.Set(float64(len(a.active)))
 		a.mu.Unlock()
 		a.firstOnce.Do(func() { close(a.firstWatch) })
 		for _, m := range ms {
@@ -233,6 +235,7 @@ func (a *Agent) drive(ctx context.Context, id string, inbox chan *fsm.Migration)
 		}
 		err := step(ctx, log, m)
 		if err == nil {
+			a.met.steps.WithLabelValues(string(m.State)).Inc()
 			backoff, attempts, failingSince = a.cfg.Retry, 0, time.Time{}
 			fresh, gerr := a.cp.GetMigration(ctx, id)
 			if gerr != nil || fresh.State == m.State {
@@ -256,6 +259,7 @@ func (a *Agent) drive(ctx context.Context, id string, inbox chan *fsm.Migration)
 			}
 		}
 		attempts++
+		a.met.stepFailures.WithLabelValues(string(m.State)).Inc()
 		if failingSince.IsZero() {
 			failingSince = time.Now()
 		}
@@ -286,6 +290,9 @@ func (a *Agent) reportFailure(ctx context.Context, log zerolog.Logger, m *fsm.Mi
 		return
 	}
 	stalled := time.Since(since) >= a.cfg.StallAfter
+	if stalled {
+		a.met.stalls.Inc()
+	}
 	_, err := a.cp.Propose(ctx, m.ID, fsm.EvReport, "", fsm.EventPayload{Error: stepErr.Error(), Stalled: &stalled})
 	if err != nil {
 		log.Debug().Err(err).Msg("could not report the failure")

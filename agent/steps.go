@@ -217,7 +217,13 @@ func (a *Agent) cutover(ctx context.Context, log zerolog.Logger, m *fsm.Migratio
 		return err
 	}
 	log.Info().Str("new_6pn", newAddr).Msg("machine started on the target")
-	return a.propose(ctx, m, fsm.EvCutover, fsm.EventPayload{New6PN: newAddr})
+	if err := a.propose(ctx, m, fsm.EvCutover, fsm.EventPayload{New6PN: newAddr}); err != nil {
+		return err
+	}
+	if t0, ok := m.EnteredAt[fsm.SourceStopped]; ok {
+		a.met.downtime.Observe(time.Since(t0).Seconds())
+	}
+	return nil
 }
 
 func (a *Agent) startHydration(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
@@ -293,8 +299,16 @@ func (a *Agent) hydrate(ctx context.Context, log zerolog.Logger, m *fsm.Migratio
 			if st.Progress != nil {
 				fp = toFSMProgress(st.Progress)
 			}
+			a.met.hydrateRate.DeleteLabelValues(m.ID)
+			a.met.hydrated.DeleteLabelValues(m.ID)
 			log.Info().Msg("hydrated; clone dissolved into the destination")
 			return a.propose(ctx, m, fsm.EvHydrated, fsm.EventPayload{Progress: fp})
+		}
+		if st.Progress != nil {
+			a.met.hydrateRate.WithLabelValues(m.ID).Set(st.Progress.RateBps)
+			if st.Progress.TotalBytes > 0 {
+				a.met.hydrated.WithLabelValues(m.ID).Set(float64(st.Progress.HydratedBytes) / float64(st.Progress.TotalBytes))
+			}
 		}
 		if st.Progress != nil && time.Since(lastReport) >= time.Second {
 			lastReport = time.Now()

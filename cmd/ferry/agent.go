@@ -24,7 +24,7 @@ type agentFlags struct {
 	hostID                                    uint32
 	dev, fastKDF                              bool
 	grace, leaseTTL                           time.Duration
-	hydrationRate                             string
+	hydrationRate, metricsListen              string
 	devListen                                 string
 }
 
@@ -97,6 +97,13 @@ state. With --dev it also runs a one-node server in the same process (developmen
 				return err
 			}
 			go nw.ExpireLoop(ctx)
+			if f.metricsListen != "" {
+				go func() {
+					if err := a.ServeMetrics(ctx, f.metricsListen); err != nil {
+						fmt.Fprintf(os.Stderr, "ferry agent: metrics on %s: %v\n", f.metricsListen, err)
+					}
+				}()
+			}
 			return a.Run(ctx)
 		},
 	}
@@ -112,6 +119,7 @@ state. With --dev it also runs a one-node server in the same process (developmen
 	fl.DurationVar(&f.leaseTTL, "lease-ttl", 0, "worker lease; the server rolls back pre-cutover migrations of a worker that misses it (default: the server's, 15s)")
 	fl.StringVar(&f.hydrationRate, "hydration-rate", "0", "cap on background hydration per migration, bytes/s with K/M/G suffixes (0: none)")
 	fl.BoolVar(&f.fastKDF, "fast-kdf", false, "format new volumes with a cheap keyslot KDF (demo and tests only)")
+	fl.StringVar(&f.metricsListen, "metrics-listen", "", "serve Prometheus metrics on this address (e.g. 127.0.0.1:9410); empty: off")
 	fl.BoolVar(&f.dev, "dev", false, "also run a one-node server in this process (development)")
 	fl.StringVar(&f.devListen, "dev-listen", "127.0.0.1:7400", "with --dev: the server's API address")
 

@@ -1,10 +1,14 @@
 package e2e
 
 import (
+	"io"
+	"strconv"
+
 	"bufio"
 	"context"
 	"errors"
 	"fmt"
+	"github.com/ferry-dev/ferry/internal/testbed"
 	"net"
 	"os/exec"
 	"strings"
@@ -46,4 +50,17 @@ func echo(e *env, addr string) error {
 		time.Sleep(100 * time.Millisecond)
 	}
 	return last
+}
+
+// metricsOf fetches a worker agent's /metrics from inside its namespace.
+func metricsOf(e *env, worker string) (string, error) {
+	c, err := e.bed.DialIn(worker)(e.ctx, "tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(testbed.MetricsPort)))
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	fmt.Fprint(c, "GET /metrics HTTP/1.0\r\n\r\n")
+	b, err := io.ReadAll(c)
+	return string(b), err
 }

@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -81,6 +82,14 @@ func TestMigrationWithWritingWorkload(t *testing.T) {
 	src, _ := e.c.GetVolume(e.ctx, "vol1")
 	if src.State != fsm.VolPendingDelete || src.DestroyAfter.IsZero() {
 		t.Fatalf("source volume is %s (destroy after %v), want pending_destroy with a retention deadline", src.State, src.DestroyAfter)
+	}
+	// The target agent's metrics saw the cutover.
+	body, err := metricsOf(e, b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(body, "ferry_agent_downtime_seconds_count 1") || !strings.Contains(body, `ferry_agent_steps_total{state="hydrating"}`) {
+		t.Fatalf("target metrics lack the cutover:\n%s", body)
 	}
 	// The old address keeps answering during the grace period.
 	if err := echo(e, m.Old6PN); err != nil {

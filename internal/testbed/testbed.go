@@ -52,6 +52,9 @@ type Bed struct {
 	addr   map[string]netip.Addr
 }
 
+// MetricsPort is where each agent serves /metrics inside its namespace.
+const MetricsPort = 9410
+
 const (
 	serverPort = 7400
 	raftPort   = 7401
@@ -202,7 +205,7 @@ func (b *Bed) StartAgentEnv(w string, env []string) error {
 	args := []string{"agent", "--worker", w,
 		"--host-id", strconv.FormatUint(uint64(b.hostID[w]), 10), "--address", b.addr[w].String(),
 		"--server", b.ServerAddr, "--tls-dir", b.TLSDir(), "--data-dir", b.WorkerDir(w),
-		"--fast-kdf", "--grace", grace.String()}
+		"--fast-kdf", "--grace", grace.String(), "--metrics-listen", "127.0.0.1:" + strconv.Itoa(MetricsPort)}
 	return b.start("agent/"+w, b.NSOf(w), "agent-"+w+".log", env, append(args, b.cfg.AgentArgs...)...)
 }
 
