@@ -75,6 +75,14 @@ func BuildInitramfs(ctx context.Context, log zerolog.Logger, k *Kernel, cache st
 	if _, err := os.Stat(out); err == nil {
 		return out, nil
 	}
+	unlock, err := lockFile(filepath.Join(cache, "lock"))
+	if err != nil {
+		return "", err
+	}
+	defer unlock()
+	if _, err := os.Stat(out); err == nil {
+		return out, nil // built while we waited for the lock
+	}
 
 	a := newArchive()
 	for _, d := range []string{"bin", "sbin", "usr/bin", "usr/sbin", "usr/local/sbin", "usr/local/bin",
@@ -156,6 +164,13 @@ func BuildInitramfs(ctx context.Context, log zerolog.Logger, k *Kernel, cache st
 		return "", err
 	}
 	log.Info().Str("initrd", out).Int("modules", len(mods)).Msg("initramfs built")
+	// Older archives (another kernel, older tools or init script) are stale.
+	old, _ := filepath.Glob(filepath.Join(cache, "initrd", "initrd-*.gz"))
+	for _, o := range old {
+		if o != out {
+			_ = os.Remove(o)
+		}
+	}
 	return out, nil
 }
 

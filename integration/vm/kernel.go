@@ -126,14 +126,27 @@ func PrepareKernel(ctx context.Context, log zerolog.Logger, cache string) (*Kern
 	if out, err := run(ctx, "", "depmod", "-b", k.Root, k.ABI); err != nil {
 		return nil, fmt.Errorf("vm: depmod for %s: %w\n%s", k.ABI, err, out)
 	}
-	// The source package is only needed for dm-clone's C files, now built;
-	// dropping it keeps the cache at a third of its size.
-	_ = os.Remove(debs[pkgs.source])
+	// The packages, headers and sources were only needed to build
+	// dm-clone.ko: dropping them keeps the cache at ~470 MB.
+	for _, d := range []string{"headers", "src", "dm-clone"} {
+		_ = os.RemoveAll(filepath.Join(dir, d))
+	}
+	for _, f := range debs {
+		_ = os.Remove(f)
+	}
 	k.Vmlinux = extractVmlinux(ctx, log, k.Vmlinuz, filepath.Join(dir, "vmlinux"))
 	if err := os.WriteFile(stamp, []byte(k.ABI+" "+k.Version+"\n"), 0o644); err != nil {
 		return nil, err
 	}
 	log.Info().Str("abi", k.ABI).Dur("took", time.Since(start)).Msg("kernel ready")
+	// Kernels of ABIs Debian has since replaced are never booted again.
+	others, _ := filepath.Glob(filepath.Join(cache, "kernel", "*"))
+	for _, o := range others {
+		if o != dir {
+			log.Info().Str("dir", o).Msg("removing a superseded kernel from the cache")
+			_ = os.RemoveAll(o)
+		}
+	}
 	return k, nil
 }
 
