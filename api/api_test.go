@@ -99,6 +99,9 @@ func TestAPIRolesAndRefusals(t *testing.T) {
 	if _, err := f.src.Propose(ctx, "m1", fsm.EvExported, "z", fsm.EventPayload{}); !errors.As(err, &e) || e.Status != http.StatusConflict || e.State != fsm.Planned || e.Code != fsm.CodeWrongState {
 		t.Fatalf("wrong state: %v", err)
 	}
+	if w, err := f.op.GetWorker(ctx, "w-dst"); err != nil || w.HostID != 2 || !w.LeaseExpiry.After(time.Now()) {
+		t.Fatalf("get worker: %+v %v", w, err)
+	}
 	// Unknown migration: 404.
 	if _, err := f.op.GetMigration(ctx, "nope"); !errors.As(err, &e) || e.Status != http.StatusNotFound {
 		t.Fatalf("missing migration: %v", err)

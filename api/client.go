@@ -169,6 +169,13 @@ func (c *Client) ListWorkers(ctx context.Context) ([]fsm.Worker, error) {
 	return r, err
 }
 
+// GetWorker returns one worker (its lease included).
+func (c *Client) GetWorker(ctx context.Context, name string) (*fsm.Worker, error) {
+	var r fsm.Worker
+	_, err := c.do(ctx, http.MethodGet, "/v1/workers/"+esc(name), nil, nil, &r)
+	return &r, err
+}
+
 // CreateVolume registers a volume (a retried identical create returns the same volume).
 func (c *Client) CreateVolume(ctx context.Context, v fsm.Volume) (*fsm.Volume, error) {
 	var r fsm.Volume
