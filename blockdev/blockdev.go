@@ -46,7 +46,8 @@ func (r Range) End() int64 { return r.Off + r.Len }
 
 // CheckRange validates a request of n bytes at off against a device of size.
 func CheckRange(off int64, n int, size int64) error {
-	if off < 0 || n < 0 || off+int64(n) > size {
+	// Written so that a huge offset cannot overflow into a valid range.
+	if off < 0 || n < 0 || off > size || int64(n) > size-off {
 		return fmt.Errorf("%w: offset %d length %d size %d", ErrOutOfRange, off, n, size)
 	}
 	return nil

@@ -76,3 +76,16 @@ func TestCreateSparseRefusesShrink(t *testing.T) {
 		t.Fatal("shrinking an existing volume file was allowed")
 	}
 }
+
+func TestCheckRangeOverflow(t *testing.T) {
+	if err := blockdev.CheckRange(1<<62, 1<<30, 1<<20); err == nil {
+		t.Fatal("a huge offset passed the range check")
+	}
+	if err := blockdev.CheckRange(9223372036854775000, 4096, 1<<20); err == nil {
+		t.Fatal("an offset near MaxInt64 passed the range check")
+	}
+	m := blockdev.NewMem(4096)
+	if _, err := m.ReadAt(make([]byte, 4096), 9223372036854775000); err == nil {
+		t.Fatal("read near MaxInt64 succeeded")
+	}
+}

@@ -242,6 +242,17 @@ func (s *Store) applyTransition(m *Migration, tr Transition, c *ProposeCmd) *Ref
 		}
 		e := *p.Export
 		m.Export = &e
+		// The source's holes travel with the export: the target builds the
+		// clone with them, so they are never fetched.
+		if err := validRanges(p.KnownZero); err != nil {
+			return refuse(http.StatusBadRequest, CodeInvalid, "known_zero: %v", err)
+		}
+		if len(p.KnownZero) > 4096 {
+			return refuse(http.StatusBadRequest, CodeInvalid, "known_zero has %d ranges; coalesce to at most 4096", len(p.KnownZero))
+		}
+		if p.KnownZero != nil {
+			m.KnownZero = append([]blockdev.Range(nil), p.KnownZero...)
+		}
 	case EvTrimmed:
 		if err := validRanges(p.KnownZero); err != nil {
 			return refuse(http.StatusBadRequest, CodeInvalid, "known_zero: %v", err)
@@ -249,7 +260,9 @@ func (s *Store) applyTransition(m *Migration, tr Transition, c *ProposeCmd) *Ref
 		if len(p.KnownZero) > 4096 {
 			return refuse(http.StatusBadRequest, CodeInvalid, "known_zero has %d ranges; coalesce to at most 4096", len(p.KnownZero))
 		}
-		m.KnownZero = append([]blockdev.Range(nil), p.KnownZero...)
+		if p.KnownZero != nil {
+			m.KnownZero = append([]blockdev.Range(nil), p.KnownZero...)
+		}
 	case EvCutover:
 		if _, ok := m.EnteredAt[SourceStopped]; !ok {
 			return refuse(http.StatusConflict, CodeWrongState, "source_stopped was never committed") // invariant 2
