@@ -29,10 +29,20 @@ func (s *Server) routes() http.Handler {
 				writeErr(w, &Error{Status: http.StatusUnauthorized, Code: "unauthenticated", Reason: err.Error()})
 				return
 			}
+			if r.Method == http.MethodGet && !s.Ready() {
+				writeErr(w, &Error{Status: http.StatusServiceUnavailable, Code: "no_leader", Reason: "this server is catching up with the cluster; retry or ask another server"})
+				return
+			}
 			fn(w, r, id)
 		})
 	}
-	h("GET /v1/status", func(w http.ResponseWriter, r *http.Request, _ fsm.Identity) { writeJSON(w, http.StatusOK, s.status()) })
+	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) {
+		if _, err := identity(r); err != nil {
+			writeErr(w, &Error{Status: http.StatusUnauthorized, Code: "unauthenticated", Reason: err.Error()})
+			return
+		}
+		writeJSON(w, http.StatusOK, s.status()) // answers while catching up: it says so
+	})
 
 	h("GET /v1/workers", func(w http.ResponseWriter, r *http.Request, _ fsm.Identity) {
 		writeJSON(w, http.StatusOK, s.store.Workers())
@@ -117,7 +127,13 @@ func (s *Server) routes() http.Handler {
 	h("POST /v1/internal/apply", s.handleInternalApply)
 	h("POST /v1/internal/join", s.handleJoin)
 	metrics := s.metricsHandler()
-	h("GET /metrics", func(w http.ResponseWriter, r *http.Request, _ fsm.Identity) { metrics.ServeHTTP(w, r) })
+	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, r *http.Request) {
+		if _, err := identity(r); err != nil {
+			writeErr(w, &Error{Status: http.StatusUnauthorized, Code: "unauthenticated", Reason: err.Error()})
+			return
+		}
+		metrics.ServeHTTP(w, r)
+	})
 	return mux
 }
 

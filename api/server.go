@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/raft"
@@ -68,6 +69,27 @@ type Server struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 	closed sync.Once
+
+	startLast uint64      // last raft index on disk at start
+	ready     atomic.Bool // latched once this replica has caught up
+}
+
+// Ready reports whether this server's replica has caught up with the
+// cluster since it started (restored its log and knows the commit index), so
+// its reads are not older than what it served before a restart. Reads wait
+// for it (503 until then; clients retry).
+func (s *Server) Ready() bool {
+	if s.ready.Load() {
+		return true
+	}
+	r := s.node.Raft
+	leader, _ := s.node.Leader()
+	commit := r.CommitIndex()
+	if leader != "" && r.AppliedIndex() >= commit && (commit >= s.startLast || s.node.IsLeader() && commit > 0) {
+		s.ready.Store(true)
+		return true
+	}
+	return false
 }
 
 // StartServer opens the data directory, starts raft and serves the API
@@ -117,7 +139,7 @@ func StartServer(ctx context.Context, log zerolog.Logger, cfg Config) (*Server, 
 	s := &Server{
 		cfg: cfg, log: log, node: node, store: node.Store, ln: ln, apiURL: adv, ctx: ctx, cancel: cancel,
 		fwd: &http.Client{Transport: &http.Transport{TLSClientConfig: cfg.ClientTLS, MaxIdleConnsPerHost: 16}},
-		reg: prometheus.NewRegistry(),
+		reg: prometheus.NewRegistry(), startLast: node.Raft.LastIndex(),
 	}
 	s.reg.MustRegister(&collector{s: s})
 	s.http = &http.Server{Handler: s.routes(), ReadHeaderTimeout: 10 * time.Second, ErrorLog: nil}
@@ -421,7 +443,7 @@ func (s *Server) metricsHandler() http.Handler {
 
 func (s *Server) status() StatusReply {
 	leaderID, _ := s.node.Leader()
-	r := StatusReply{ID: s.cfg.ID, RaftState: s.node.Raft.State().String(), Leader: leaderID, Index: s.store.Index(), Servers: s.store.Servers()}
+	r := StatusReply{ID: s.cfg.ID, RaftState: s.node.Raft.State().String(), Leader: leaderID, Index: s.store.Index(), Ready: s.Ready(), Servers: s.store.Servers()}
 	for _, m := range r.Servers {
 		if m.ID == leaderID {
 			r.LeaderAPI = m.APIAddr

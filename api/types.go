@@ -56,6 +56,7 @@ type StatusReply struct {
 	Leader    string             `json:"leader"`
 	LeaderAPI string             `json:"leader_api,omitempty"`
 	Index     uint64             `json:"index"`
+	Ready     bool               `json:"ready"` // caught up since start; reads are refused (503) until then
 	Servers   []fsm.ServerMember `json:"servers"`
 	Voters    []string           `json:"voters"`
 }
