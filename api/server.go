@@ -293,7 +293,27 @@ func (s *Server) submitRaw(ctx context.Context, b []byte) (*fsm.Result, []byte, 
 	if rep.Result == nil {
 		return nil, nil, errors.New("leader returned no result")
 	}
+	s.waitApplied(ctx, rep.Result.Index, 2*time.Second) // read-your-writes through this server
 	return rep.Result, rep.Key, nil
+}
+
+// waitApplied waits (bounded) until this replica applied index.
+func (s *Server) waitApplied(ctx context.Context, index uint64, max time.Duration) {
+	t := time.NewTimer(max)
+	defer t.Stop()
+	for {
+		ch := s.store.Changed()
+		if s.store.Index() >= index {
+			return
+		}
+		select {
+		case <-ch:
+		case <-t.C:
+			return
+		case <-ctx.Done():
+			return
+		}
+	}
 }
 
 // header builds the command header for a request's identity.
