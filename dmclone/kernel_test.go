@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+
+	"github.com/ferry-dev/ferry/blockdev"
 )
 
 // --- host tests: the status parser, the table, and the poller against a fake dmsetup ---
@@ -462,6 +464,11 @@ func TestKernelCloneHydratesDissolves(t *testing.T) {
 	if !bytes.Equal(raw, want) {
 		t.Fatalf("destination differs at byte %d", firstDiff(raw, want))
 	}
+	// The userspace engine, given the same source, discard and write, ends
+	// with the same destination as dm-clone.
+	if eng := engineDest(t, filepath.Join(dir, "src"), size, w); !bytes.Equal(eng, raw) {
+		t.Fatalf("userspace engine's destination differs from dm-clone's at byte %d", firstDiff(eng, raw))
+	}
 	if err := k.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -471,6 +478,52 @@ func TestKernelCloneHydratesDissolves(t *testing.T) {
 	if err := exec.Command("dmsetup", "info", name).Run(); err == nil {
 		t.Fatalf("%s still exists after RemoveKernel", name)
 	}
+}
+
+// engineDest runs the userspace engine over src with the discard and write
+// the kernel test does, hydrates it and returns its destination's bytes.
+func engineDest(t *testing.T, src string, size int64, w []byte) []byte {
+	t.Helper()
+	sd, err := blockdev.OpenFile(src, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dstPath := filepath.Join(t.TempDir(), "engine-dst")
+	dd, err := blockdev.CreateSparse(dstPath, size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, err := Open(zerolog.Nop(), Config{Source: sd, Dest: dd, MetaPath: filepath.Join(t.TempDir(), "meta"), RegionSize: 4096})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	if err := e.Discard(0, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.WriteAt(w, 4<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.EnableHydration(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-e.Done():
+	case <-time.After(2 * time.Minute):
+		t.Fatalf("engine did not hydrate: %+v", e.Progress())
+	}
+	d, err := e.Dissolve()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	out, err := os.ReadFile(dstPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
 }
 
 func firstDiff(a, b []byte) int {
