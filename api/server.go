@@ -127,7 +127,7 @@ func StartServer(ctx context.Context, log zerolog.Logger, cfg Config) (*Server, 
 	}
 	node, err := fsm.NewNode(fsm.NodeConfig{
 		ID: cfg.ID, DataDir: filepath.Join(cfg.DataDir, "raft"), RaftAddr: cfg.RaftAddr, Bootstrap: cfg.Bootstrap,
-		ServerTLS: cfg.ServerTLS, ClientTLS: cfg.ClientTLS,
+		ServerTLS: tlsutil.RequireKind(cfg.ServerTLS, tlsutil.KindServer), ClientTLS: cfg.ClientTLS, // raft: servers only
 		HeartbeatTimeout: cfg.HeartbeatTimeout, ElectionTimeout: cfg.ElectionTimeout, LeaderLeaseTimout: leaseFor(cfg.HeartbeatTimeout),
 		SnapshotThreshold: cfg.SnapshotThreshold, Logger: base,
 	})

@@ -262,3 +262,29 @@ func serial() *big.Int {
 	n, _ := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 120))
 	return n
 }
+
+// RequireKind returns a copy of a server config that also refuses peers
+// whose certificate is not of kind (e.g. only servers may speak raft).
+func RequireKind(c *tls.Config, kind string) *tls.Config {
+	out := c.Clone()
+	prev := c.VerifyConnection
+	out.VerifyConnection = func(cs tls.ConnectionState) error {
+		if prev != nil {
+			if err := prev(cs); err != nil {
+				return err
+			}
+		}
+		if len(cs.PeerCertificates) == 0 {
+			return errors.New("peer sent no certificate")
+		}
+		id, err := IdentityOf(cs.PeerCertificates[0])
+		if err != nil {
+			return err
+		}
+		if id.Kind != kind {
+			return fmt.Errorf("peer %q is a %s, only %s certificates are accepted here", id.Name, id.Kind, kind)
+		}
+		return nil
+	}
+	return out
+}

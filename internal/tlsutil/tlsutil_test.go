@@ -65,9 +65,12 @@ func TestMutualTLS(t *testing.T) {
 	must(Issue(dir, "w2", KindWorker, nil))
 	must(Issue(other, "w1", KindWorker, nil))
 
-	serve := func(cert string) (addr string, ids chan Identity) {
+	serve := func(cert string, only ...string) (addr string, ids chan Identity) {
 		sc, err := ServerConfig(dir, cert)
 		must(err)
+		if len(only) > 0 {
+			sc = RequireKind(sc, only[0])
+		}
 		ln, err := tls.Listen("tcp", "127.0.0.1:0", sc)
 		must(err)
 		t.Cleanup(func() { ln.Close() })
@@ -119,6 +122,18 @@ func TestMutualTLS(t *testing.T) {
 	}
 	if err == nil {
 		t.Fatal("client certificate of another CA accepted")
+	}
+	// A listener for servers only (raft) refuses a worker's certificate.
+	must(Issue(dir, "s2", KindServer, nil))
+	raddr, rids := serve("s1", KindServer)
+	if err := dial(raddr, dir, "w1"); err == nil {
+		t.Fatal("worker certificate accepted by a servers-only listener")
+	}
+	if err := dial(raddr, dir, "s2"); err != nil {
+		t.Fatalf("server on a servers-only listener: %v", err)
+	}
+	if id := <-rids; id.Name != "s2" {
+		t.Fatalf("servers-only listener saw %+v", id)
 	}
 	// A worker posing as a server is refused by the client.
 	waddr, _ := serve("w2")
