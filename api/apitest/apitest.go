@@ -45,6 +45,7 @@ func New(t testing.TB, n int, o Options) *Cluster {
 	if o.Log != nil {
 		c.log = *o.Log
 	}
+	t.Cleanup(c.Close) // registered first: a failed start still stops what runs
 	if o.HeartbeatTimeout == 0 {
 		o.HeartbeatTimeout = 400 * time.Millisecond
 	}
@@ -67,7 +68,6 @@ func New(t testing.TB, n int, o Options) *Cluster {
 		}
 		s, err := api.StartServer(context.Background(), c.log, cfg)
 		if err != nil {
-			c.Close()
 			t.Fatalf("starting server %d: %v", i, err)
 		}
 		// Keep the ports: a restarted server must come back at the same addresses.
@@ -78,7 +78,6 @@ func New(t testing.TB, n int, o Options) *Cluster {
 			c.WaitLeader(15 * time.Second)
 		}
 	}
-	t.Cleanup(c.Close)
 	c.WaitMembers(n, 30*time.Second)
 	return c
 }
