@@ -31,6 +31,7 @@ type harness struct {
 	s     *Store
 	index uint64
 	now   time.Time
+	log   [][]byte // every command applied, in order (replay checks)
 }
 
 func newHarness(t testing.TB) *harness {
@@ -45,6 +46,7 @@ func (h *harness) apply(typ CommandType, p any) *Result {
 	}
 	h.index++
 	h.now = h.now.Add(time.Second)
+	h.log = append(h.log, b)
 	return h.s.ApplyCommand(h.index, b)
 }
 
