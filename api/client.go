@@ -336,6 +336,12 @@ func (c *Client) Abort(ctx context.Context, id, reason string) (*fsm.Migration, 
 	return r.Migration, nil
 }
 
+// RemoveServer removes a (dead) server from the raft cluster (operator).
+func (c *Client) RemoveServer(ctx context.Context, id string) error {
+	_, err := c.do(ctx, http.MethodDelete, "/v1/servers/"+esc(id), nil, nil, nil)
+	return err
+}
+
 // Locks returns the lock table (lock name -> migration ID).
 func (c *Client) Locks(ctx context.Context) (map[string]string, error) {
 	var r map[string]string

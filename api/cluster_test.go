@@ -3,6 +3,7 @@ package api_test
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"testing"
 	"time"
 
@@ -184,4 +185,14 @@ func TestFollowerForwardsWrites(t *testing.T) {
 	if c.Servers[follower].Node().IsLeader() {
 		t.Log("leadership moved to the chosen follower during the test: part of it was not forwarded")
 	}
+	// Removing a server: operators only, forwarded to the leader.
+	victim := 3 - follower - c.Leader()
+	if err := w.RemoveServer(ctx, fmt.Sprintf("s%d", victim)); api.ErrorCode(err) != fsm.CodeForbidden {
+		t.Fatalf("worker removed a server: %v", err)
+	}
+	c.Stop(victim)
+	if err := only("operator", tlsutil.KindOperator).RemoveServer(ctx, fmt.Sprintf("s%d", victim)); err != nil {
+		t.Fatalf("remove: %v", err)
+	}
+	c.WaitMembers(2, 10*time.Second)
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"strconv"
 	"time"
 
@@ -126,6 +127,7 @@ func (s *Server) routes() http.Handler {
 
 	h("POST /v1/internal/apply", s.handleInternalApply)
 	h("POST /v1/internal/join", s.handleJoin)
+	h("DELETE /v1/servers/{id}", s.handleRemoveServer)
 	metrics := s.metricsHandler()
 	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, r *http.Request) {
 		if _, err := identity(r); err != nil {
@@ -451,6 +453,43 @@ func (s *Server) handleJoin(w http.ResponseWriter, r *http.Request, id fsm.Ident
 	self := fsm.Identity{Name: s.cfg.ID, Kind: fsm.KindServer}
 	if res := s.run(w, r.Context(), fsm.CmdRegisterServer, &fsm.RegisterServerCmd{Header: s.header(self),
 		Member: fsm.ServerMember{ID: j.ID, RaftAddr: j.RaftAddr, APIAddr: j.APIAddr}}); res != nil {
+		writeJSON(w, http.StatusOK, struct{}{})
+	}
+}
+
+// handleRemoveServer removes a voter (a dead server being replaced).
+// Operators may call it; a follower forwards it to the leader.
+func (s *Server) handleRemoveServer(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
+	if id.Kind != fsm.KindOperator && id.Kind != fsm.KindServer {
+		writeErr(w, &Error{Status: http.StatusForbidden, Code: fsm.CodeForbidden, Reason: "only operators may remove servers"})
+		return
+	}
+	target := r.PathValue("id")
+	if !s.node.IsLeader() {
+		leaderID, _ := s.node.Leader()
+		for _, m := range s.store.Servers() {
+			if m.ID == leaderID && m.ID != s.cfg.ID {
+				if err := s.do(r.Context(), http.MethodDelete, m.APIAddr, "/v1/servers/"+url.PathEscape(target)); err != nil {
+					writeErr(w, err)
+					return
+				}
+				writeJSON(w, http.StatusOK, struct{}{})
+				return
+			}
+		}
+		writeErr(w, &Error{Status: http.StatusServiceUnavailable, Code: "no_leader", Reason: "no leader known yet; retry"})
+		return
+	}
+	if target == s.cfg.ID {
+		writeErr(w, &Error{Status: http.StatusConflict, Code: fsm.CodeConflict, Reason: "the leader cannot remove itself: stop it first, then remove it through another server"})
+		return
+	}
+	if err := s.node.RemoveServer(target, 10*time.Second); err != nil {
+		writeErr(w, &Error{Status: http.StatusServiceUnavailable, Code: "no_leader", Reason: err.Error()})
+		return
+	}
+	self := fsm.Identity{Name: s.cfg.ID, Kind: fsm.KindServer}
+	if res := s.run(w, r.Context(), fsm.CmdRegisterServer, &fsm.RegisterServerCmd{Header: s.header(self), Member: fsm.ServerMember{ID: target}, Remove: true}); res != nil {
 		writeJSON(w, http.StatusOK, struct{}{})
 	}
 }

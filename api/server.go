@@ -244,6 +244,20 @@ func (s *Server) post(ctx context.Context, addr, path string, in, out any) error
 	return decodeReply(resp, out)
 }
 
+// do sends a body-less request to another server.
+func (s *Server) do(ctx context.Context, method, addr, path string) error {
+	req, err := http.NewRequestWithContext(ctx, method, "https://"+addr+path, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := s.fwd.Do(req)
+	if err != nil {
+		return fmt.Errorf("%w: %v", errUnavailable, err)
+	}
+	defer resp.Body.Close()
+	return decodeReply(resp, nil)
+}
+
 var errUnavailable = errors.New("server unavailable")
 
 // submit replicates one command on behalf of actor: applied here when this

@@ -18,6 +18,10 @@ func (s *Store) applyRegisterServer(c *RegisterServerCmd) *Result {
 	if c.Actor.Kind != KindServer {
 		return forbidden(c.Actor, "register a server")
 	}
+	if c.Remove {
+		delete(s.d.Servers, c.Member.ID)
+		return &Result{}
+	}
 	if c.Member.ID == "" || c.Member.RaftAddr == "" {
 		return &Result{Refusal: refuse(http.StatusBadRequest, CodeInvalid, "server member needs an id and a raft address")}
 	}

@@ -71,10 +71,11 @@ type Header struct {
 	Now   time.Time `json:"now"`
 }
 
-// RegisterServerCmd records a raft voter's API address.
+// RegisterServerCmd records a raft voter's API address (or forgets a removed one).
 type RegisterServerCmd struct {
 	Header
 	Member ServerMember `json:"member"`
+	Remove bool         `json:"remove,omitempty"`
 }
 
 // RegisterWorkerCmd adds or refreshes a worker.

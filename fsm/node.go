@@ -178,6 +178,18 @@ func (n *Node) AddVoter(id, addr string, timeout time.Duration) error {
 	return nil
 }
 
+// RemoveServer removes a voter from the cluster (leader only).
+func (n *Node) RemoveServer(id string, timeout time.Duration) error {
+	if err := n.Raft.RemoveServer(raft.ServerID(id), 0, timeout).Error(); err != nil {
+		if errors.Is(err, raft.ErrNotLeader) {
+			return fmt.Errorf("%w: %v", ErrNotLeader, err)
+		}
+		return fmt.Errorf("removing server %s: %w", id, err)
+	}
+	n.log.Info().Str("server", id).Msg("removed server")
+	return nil
+}
+
 // WaitLeader waits until some node is leader (as this node sees it).
 func (n *Node) WaitLeader(timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)

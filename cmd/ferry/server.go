@@ -98,5 +98,26 @@ func init() {
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	addClientFlags(cmd)
+	remove := &cobra.Command{
+		Use:   "remove NAME",
+		Short: "Remove a dead server from the raft cluster (before replacing it); operator certificate",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := newAPIClient()
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			ctx, cancel := context.WithTimeout(cmd.Context(), 30*time.Second)
+			defer cancel()
+			if err := c.RemoveServer(ctx, args[0]); err != nil {
+				return withCode(ExitFailed, err)
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "server %s removed\n", args[0])
+			return nil
+		},
+	}
+	addClientFlags(remove)
+	cmd.AddCommand(remove)
 	register(cmd)
 }
