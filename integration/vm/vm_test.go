@@ -2,7 +2,11 @@ package vm
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -12,6 +16,10 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+
+	"github.com/ferry-dev/ferry/blockdev"
+	"github.com/ferry-dev/ferry/iscsi"
+	"github.com/ferry-dev/ferry/luks"
 )
 
 // smokeScript is the guest's first check: dm-clone itself, driven by hand,
@@ -56,6 +64,7 @@ type guestSuite struct {
 var guestSuites = []guestSuite{
 	{pkg: "./dmclone", run: "Kernel", needs: []string{"TestKernel"}},
 	{pkg: "./luks", run: "Kernel", needs: []string{"TestKernel"}},
+	{pkg: "./integration/vm", run: "TestGuest", needs: []string{"TestGuestISCSIKernelChain"}},
 }
 
 func moduleRoot(t *testing.T) string {
@@ -72,7 +81,7 @@ func needVM(t *testing.T) {
 	if os.Getuid() != 0 {
 		t.Skip("needs root (apt-get download, depmod, qemu with 9p)")
 	}
-	for _, tool := range []string{QEMU, "apt-get", "apt-cache", "dpkg-deb", "make", "gcc", "modprobe", "depmod", "xz", "busybox", "ldd"} {
+	for _, tool := range []string{QEMU, "cryptsetup", "apt-get", "apt-cache", "dpkg-deb", "make", "gcc", "modprobe", "depmod", "xz", "busybox", "ldd"} {
 		if _, err := lookTool(tool); err != nil {
 			t.Skipf("needs %s: run scripts/deps.sh (scripts/packages.txt lists it)", tool)
 		}
@@ -101,9 +110,9 @@ func prepare(t *testing.T, ctx context.Context) (*Kernel, string, time.Duration,
 	return k, initrd, tKernel, time.Since(t0) - tKernel
 }
 
-// TestGuestFailureIsReported proves the verdict path: a guest whose script
+// TestFailingGuestFailsTheRun proves the verdict path: a guest whose script
 // fails must fail the run, with its exit code.
-func TestGuestFailureIsReported(t *testing.T) {
+func TestFailingGuestFailsTheRun(t *testing.T) {
 	needVM(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
@@ -169,9 +178,15 @@ func TestKernelPathInVM(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	export := startGuestExport(t, ctx, share)
 	res, err := Boot(ctx, log, BootConfig{Kernel: k, Initrd: initrd, Share: share, Timeout: 5 * time.Minute})
 	if err != nil {
 		t.Fatal(err)
+	}
+	select {
+	case <-export.Done():
+		t.Errorf("ferry's iSCSI export ended while the guest used it: %v", export.Err())
+	default:
 	}
 	t.Logf("timings: kernel %s, initramfs %s, guest test binaries %s, boot %s (%s), guest total %s, whole %s",
 		tKernel.Round(time.Millisecond), tInitrd.Round(time.Millisecond), tBuild.Round(time.Millisecond),
@@ -201,6 +216,74 @@ func TestKernelPathInVM(t *testing.T) {
 			}
 		}
 	}
+}
+
+// startGuestExport makes a LUKS2 volume with a 4 MiB header (the layout of
+// "another cryptsetup version"), writes random plaintext into it through
+// ferry's userspace view, exports it with ferry's iSCSI export on the host,
+// and tells the guest where to find it (slirp: the host is 10.0.2.2).
+func startGuestExport(t *testing.T, ctx context.Context, share string) *iscsi.Export {
+	t.Helper()
+	image := filepath.Join(share, "volume.img")
+	keyFile := filepath.Join(share, "key")
+	pass := []byte(suffix() + suffix() + suffix() + suffix())
+	if err := os.WriteFile(keyFile, pass, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(image, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(image, 36<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := luks.Format(ctx, image, keyFile, luks.FormatOptions{MetadataSize: 16 << 10, KeyslotsSize: 4<<20 - 32<<10, FastKDF: true}); err != nil {
+		t.Fatal(err)
+	}
+	dev, err := blockdev.OpenFile(image, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	view, layout, err := luks.OpenHeaderView(dev, pass)
+	if err != nil {
+		t.Fatal(err)
+	}
+	plain := make([]byte, view.Size())
+	_, _ = rand.Read(plain)
+	if _, err := view.WriteAt(plain, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := view.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if layout.DataOffset != 4<<20 {
+		t.Fatalf("test volume has data offset %d, want 4 MiB", layout.DataOffset)
+	}
+	if err := os.WriteFile(filepath.Join(share, "plain.img"), plain, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	e, err := iscsi.StartExport(ctx, testLogger(t), iscsi.ExportConfig{
+		Path: image, Listen: "127.0.0.1:0", Allow: []string{"127.0.0.1"},
+		IQN:      iscsi.MigrationIQN("dev.ferry.vm", "m"+suffix(), time.Now()),
+		StateDir: filepath.Join(t.TempDir(), "export"), LogLevel: "warn",
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = e.Stop() })
+	_, port, _ := net.SplitHostPort(e.Portal())
+	g := guestISCSI{Portal: "10.0.2.2:" + port, IQN: e.IQN(), Layout: layout, KeyFile: "/host/key",
+		Plain: "/host/plain.img", Cipher: "/host/volume.img"}
+	b, _ := json.Marshal(g)
+	if err := os.WriteFile(filepath.Join(share, guestISCSIFile), b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return e
+}
+
+func suffix() string {
+	b := make([]byte, 4)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
 }
 
 // suiteOutput is the console between "== suite <name>" and the next marker.
