@@ -148,14 +148,6 @@ func (s *Store) applyPropose(index uint64, c *ProposeCmd) *Result {
 	if !ok {
 		return &Result{Refusal: notFound("migration", c.ID)}
 	}
-	if prev, ok := m.step(c.StepID); ok {
-		// A retried proposal: the first result, nothing changes.
-		r := &Result{Migration: m.Clone(), Duplicate: true}
-		if prev.Event != c.Event {
-			r.Refusal = refuse(http.StatusConflict, CodeConflict, "step %s was already used for event %s", c.StepID, prev.Event)
-		}
-		return r
-	}
 	tr, isTr := Lookup(c.Event)
 	an, isAn := lookupAnnotation(c.Event)
 	if !isTr && !isAn {
@@ -171,6 +163,15 @@ func (s *Store) applyPropose(index uint64, c *ProposeCmd) *Result {
 			c.Actor, c.Event, m.ID, need, m.Source, m.Target)
 		r.State = m.State
 		return &Result{Refusal: r}
+	}
+	if prev, ok := m.step(c.StepID); ok {
+		// A retried proposal: the first result, nothing changes.
+		r := &Result{Migration: m.Clone(), Duplicate: true}
+		if prev.Event != c.Event {
+			r.Refusal = refuse(http.StatusConflict, CodeConflict, "step %s was already used for event %s", c.StepID, prev.Event)
+			r.Refusal.State = m.State
+		}
+		return r
 	}
 	before := m.State
 	var ref *Refusal
