@@ -231,3 +231,21 @@ func TestKernelOpenCarriedLayout(t *testing.T) {
 		t.Fatal("ferry's view reads different plaintext than dm-crypt wrote")
 	}
 }
+
+func FuzzParseCryptTable(f *testing.F) {
+	f.Add("0 32768 crypt aes-xts-plain64 :64:logon:cryptsetup:1234-d0 0 7:0 32768 1 allow_discards")
+	f.Add("0 8192 crypt aes-xts-plain64 :64:logon:cryptsetup:x-d0 0 253:1 8192 2 allow_discards sector_size:4096")
+	f.Add("0 8 crypt aes-xts-plain64 0000 0 7:0 4096")
+	f.Fuzz(func(t *testing.T, line string) {
+		c, err := ParseCryptTable(line)
+		if err != nil {
+			return
+		}
+		if c.Sectors <= 0 || c.Offset < 0 || c.SectorSize < 512 {
+			t.Fatalf("%q accepted as %+v", line, c)
+		}
+		if f := strings.Fields(line); c.Cipher != f[3] || c.Device != f[6] || len(c.Features) != max(0, len(f)-9) {
+			t.Fatalf("%q parsed as %+v", line, c)
+		}
+	})
+}
