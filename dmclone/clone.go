@@ -117,6 +117,9 @@ type Config struct {
 	// attempt (default 30 s).
 	SourceRetries int
 	SourceTimeout time.Duration
+	// NoDirectCopy keeps background hydration in userspace even when both
+	// devices are files (copy_file_range is used otherwise).
+	NoDirectCopy bool
 	// CommitInterval is how often a changed bitmap is committed without a
 	// flush (default 1 s, like dm-clone). Negative: only Flush and Close
 	// commit (deterministic crash tests).

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math/bits"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -61,6 +62,7 @@ type Engine struct {
 
 	gate    *gate
 	limiter *limiter
+	direct  atomic.Bool   // background copies may use copy_file_range
 	bgStop  chan struct{} // closed to stop the current background workers
 	bgWG    sync.WaitGroup
 
@@ -144,6 +146,9 @@ func Open(log zerolog.Logger, cfg Config) (*Engine, error) {
 		commitNow: make(chan struct{}, 1),
 	}
 	e.cond = sync.NewCond(&e.mu)
+	_, srcFd := cfg.Source.(fder)
+	_, dstFd := cfg.Dest.(fder)
+	e.direct.Store(srcFd && dstFd && !cfg.NoDirectCopy)
 	e.limiter.setRate(tun.RateLimitBytesPerSec)
 	e.gate.setMin(bgMin(tun))
 	fresh := st == nil
@@ -414,9 +419,8 @@ func (e *Engine) ReadAt(p []byte, off int64) (int, error) {
 				return fail(fmt.Errorf("read destination: %w", err))
 			}
 		}
-		buf := getBuf(int(rend - roff))
-		if err := e.readSource(buf, roff, true); err != nil {
-			putBuf(buf)
+		buf, err := e.readSource(int(rend-roff), roff, true)
+		if err != nil {
 			return fail(err)
 		}
 		bufs = append(bufs, fetched{roff, buf})
@@ -466,9 +470,8 @@ func (e *Engine) waitWriteBehind() {
 // fetch copies source bytes [off,end) to the destination and returns them
 // (a pooled buffer: putBuf it). The caller has claimed the regions.
 func (e *Engine) fetch(off, end int64, foreground bool) ([]byte, error) {
-	buf := getBuf(int(end - off))
-	if err := e.readSource(buf, off, foreground); err != nil {
-		putBuf(buf)
+	buf, err := e.readSource(int(end-off), off, foreground)
+	if err != nil {
 		return nil, err
 	}
 	if _, err := e.dst.WriteAt(buf, off); err != nil {
@@ -479,6 +482,17 @@ func (e *Engine) fetch(off, end int64, foreground bool) ([]byte, error) {
 	e.cnt.Fetched += end - off
 	e.mu.Unlock()
 	return buf, nil
+}
+
+// readSourceInto is a foreground readSource into p.
+func (e *Engine) readSourceInto(p []byte, off int64) error {
+	buf, err := e.readSource(len(p), off, true)
+	if err != nil {
+		return err
+	}
+	copy(p, buf)
+	putBuf(buf)
+	return nil
 }
 
 // WriteAt writes to the destination. An unhydrated region only partly
@@ -522,14 +536,14 @@ func (e *Engine) WriteAt(p []byte, off int64) (int, error) {
 		data = make([]byte, wEnd-wOff)
 		if headPartial {
 			hEnd := e.regionOff(a + 1)
-			if err := e.readSource(data[:hEnd-wOff], wOff, true); err != nil {
+			if err := e.readSourceInto(data[:hEnd-wOff], wOff); err != nil {
 				return 0, err
 			}
 			fetched += hEnd - wOff
 		}
 		if tailPartial && (!headPartial || b-1 != a) {
 			tOff := (b - 1) * e.rs
-			if err := e.readSource(data[tOff-wOff:], tOff, true); err != nil {
+			if err := e.readSourceInto(data[tOff-wOff:], tOff); err != nil {
 				return 0, err
 			}
 			fetched += wEnd - tOff

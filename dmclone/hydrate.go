@@ -4,8 +4,11 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"math/bits"
 	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/ferry-dev/ferry/blockdev"
 )
@@ -115,7 +118,7 @@ func (e *Engine) worker(stop chan struct{}, batch int) {
 			return
 		}
 		off, end := e.regionOff(a), e.regionOff(b)
-		buf, err := e.fetch(off, end, false)
+		err := e.copyBatch(off, end)
 		e.gate.bgRelease()
 		if err != nil {
 			e.release(a, b, false)
@@ -128,7 +131,6 @@ func (e *Engine) worker(stop chan struct{}, batch int) {
 			backoff = min(2*backoff, 30*time.Second)
 			continue
 		}
-		putBuf(buf)
 		backoff = 100 * time.Millisecond
 		e.release(a, b, true)
 		// Pay for the bytes afterwards (shared pacing across workers), so a
@@ -182,10 +184,67 @@ func (e *Engine) pickBatch(stop chan struct{}, n int64) (int64, int64, bool) {
 	}
 }
 
-// readSource reads from the source with bounded retries and a timeout per
-// attempt. After the last failure the engine is marked stalled with the
-// reason and the error is returned; a later success clears the stall.
-func (e *Engine) readSource(buf []byte, off int64, foreground bool) error {
+// fder is a device backed by a file descriptor (blockdev.File).
+type fder interface{ Fd() uintptr }
+
+// copyBatch copies source [off,end) to the destination for the background
+// hydration. When both ends are regular files it uses copy_file_range, so
+// the bytes never leave the kernel (what cp does); otherwise, and if the
+// kernel refuses, it reads into memory and writes.
+func (e *Engine) copyBatch(off, end int64) error {
+	if e.direct.Load() {
+		err := e.copyDirect(off, end)
+		if err == nil {
+			e.mu.Lock()
+			e.cnt.Fetched += end - off
+			if e.stall != "" {
+				e.log.Info().Msg("source reads succeed again; no longer stalled")
+			}
+			e.stall = ""
+			e.mu.Unlock()
+			return nil
+		}
+		if !errors.Is(err, errNoDirect) {
+			e.log.Warn().Err(err).Msg("in-kernel copy failed; falling back to read and write")
+		}
+		e.direct.Store(false)
+	}
+	buf, err := e.fetch(off, end, false)
+	if err != nil {
+		return err
+	}
+	putBuf(buf)
+	return nil
+}
+
+var errNoDirect = errors.New("in-kernel copy not supported between these files")
+
+func (e *Engine) copyDirect(off, end int64) error {
+	sf, ok1 := e.src.(fder)
+	df, ok2 := e.dst.(fder)
+	if !ok1 || !ok2 {
+		return errNoDirect
+	}
+	so, do := off, off
+	for so < end {
+		n, err := unix.CopyFileRange(int(sf.Fd()), &so, int(df.Fd()), &do, int(end-so), 0)
+		switch {
+		case err == unix.EXDEV || err == unix.EINVAL || err == unix.ENOSYS || err == unix.EOPNOTSUPP || err == unix.EBADF:
+			return errNoDirect
+		case err != nil:
+			return fmt.Errorf("copy_file_range at %d: %w", so, err)
+		case n == 0:
+			return fmt.Errorf("copy_file_range at %d: source ended early", so)
+		}
+	}
+	return nil
+}
+
+// readSource reads n bytes at off from the source with bounded retries and
+// a timeout per attempt, into a pooled buffer the caller owns (putBuf it).
+// After the last failure the engine is marked stalled with the reason and
+// the error is returned; a later success clears the stall.
+func (e *Engine) readSource(n int, off int64, foreground bool) ([]byte, error) {
 	if foreground {
 		e.gate.fgAcquire()
 		defer e.gate.fgRelease()
@@ -197,7 +256,7 @@ func (e *Engine) readSource(buf []byte, off int64, foreground bool) error {
 			time.Sleep(delay)
 			delay = min(2*delay, time.Second)
 		}
-		err := e.readSourceOnce(buf, off)
+		buf, err := e.readSourceOnce(n, off)
 		if err == nil {
 			e.mu.Lock()
 			if e.stall != "" {
@@ -205,47 +264,51 @@ func (e *Engine) readSource(buf []byte, off int64, foreground bool) error {
 			}
 			e.stall = ""
 			e.mu.Unlock()
-			return nil
+			return buf, nil
 		}
 		last = err
 		if errors.Is(err, blockdev.ErrOutOfRange) || errors.Is(err, blockdev.ErrClosed) {
 			break
 		}
 	}
-	reason := fmt.Sprintf("source read at %d+%d failed after %d attempts: %v", off, len(buf), e.retries+1, last)
+	reason := fmt.Sprintf("source read at %d+%d failed after %d attempts: %v", off, n, e.retries+1, last)
 	e.mu.Lock()
 	if e.stall == "" {
 		e.log.Error().Str("reason", reason).Msg("clone stalled")
 	}
 	e.stall = reason
 	e.mu.Unlock()
-	return fmt.Errorf("%s (check the source's connection; hydration resumes when it answers): %w", reason, last)
+	return nil, fmt.Errorf("%s (check the source's connection; hydration resumes when it answers): %w", reason, last)
 }
 
 // readSourceOnce is one attempt; a source that does not answer within the
-// timeout counts as failed. Its late answer lands in a private buffer, so a
-// hung read never writes into memory the caller reuses.
-func (e *Engine) readSourceOnce(buf []byte, off int64) error {
+// timeout counts as failed. A timed-out attempt's buffer is abandoned to
+// the late reader, never reused.
+func (e *Engine) readSourceOnce(n int, off int64) ([]byte, error) {
+	buf := getBuf(n)
 	if e.timeout <= 0 {
-		_, err := e.src.ReadAt(buf, off)
-		return err
+		if _, err := e.src.ReadAt(buf, off); err != nil {
+			putBuf(buf)
+			return nil, err
+		}
+		return buf, nil
 	}
-	tmp := make([]byte, len(buf))
 	res := make(chan error, 1)
 	go func() {
-		_, err := e.src.ReadAt(tmp, off)
+		_, err := e.src.ReadAt(buf, off)
 		res <- err
 	}()
 	t := time.NewTimer(e.timeout)
 	defer t.Stop()
 	select {
 	case err := <-res:
-		if err == nil {
-			copy(buf, tmp)
+		if err != nil {
+			putBuf(buf)
+			return nil, err
 		}
-		return err
+		return buf, nil
 	case <-t.C:
-		return fmt.Errorf("source did not answer within %v", e.timeout)
+		return nil, fmt.Errorf("source did not answer within %v", e.timeout)
 	}
 }
 
@@ -391,19 +454,28 @@ func (r *rateMeter) rate(now time.Time, n int64) float64 {
 	return float64(n-first.n) / dt
 }
 
-var bufPool sync.Pool
+// Buffers are pooled by power-of-two size class (up to 4 MiB), so 4 KiB
+// foreground fetches and 1 MiB background batches do not evict each other.
+const maxPooledClass = 22
 
-// getBuf returns a buffer of n bytes, reused for the common batch sizes.
+var bufPools [maxPooledClass + 1]sync.Pool
+
+// getBuf returns a buffer of n bytes.
 func getBuf(n int) []byte {
-	if b, ok := bufPool.Get().(*[]byte); ok && cap(*b) >= n {
+	c := bits.Len(uint(max(n, 1) - 1))
+	if c > maxPooledClass {
+		return make([]byte, n)
+	}
+	if b, ok := bufPools[c].Get().(*[]byte); ok {
 		return (*b)[:n]
 	}
-	return make([]byte, n)
+	return make([]byte, n, 1<<c)
 }
 
 func putBuf(b []byte) {
-	if cap(b) > 4<<20 {
+	c := bits.Len(uint(cap(b) - 1))
+	if cap(b) == 0 || c > maxPooledClass || cap(b) != 1<<c {
 		return
 	}
-	bufPool.Put(&b)
+	bufPools[c].Put(&b)
 }
