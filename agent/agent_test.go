@@ -1,0 +1,215 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/ferry-dev/ferry/blockdev"
+	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/machine"
+	"github.com/ferry-dev/ferry/netrewrite"
+)
+
+// fakeCP is a unit-test stand-in for the server: it records proposals.
+type fakeCP struct {
+	mu       sync.Mutex
+	m        *fsm.Migration
+	proposed []fsm.Event
+	steps    []string
+	refuse   error
+}
+
+func (f *fakeCP) RegisterWorker(context.Context, fsm.Worker) error { return nil }
+func (f *fakeCP) Heartbeat(context.Context, string) error          { return nil }
+func (f *fakeCP) WatchMigrations(ctx context.Context, _ string, _ uint64) ([]*fsm.Migration, uint64, error) {
+	<-ctx.Done()
+	return nil, 0, ctx.Err()
+}
+func (f *fakeCP) GetMigration(context.Context, string) (*fsm.Migration, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.m.Clone(), nil
+}
+func (f *fakeCP) Propose(_ context.Context, _ string, ev fsm.Event, step string, _ fsm.EventPayload) (*fsm.Migration, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.proposed = append(f.proposed, ev)
+	f.steps = append(f.steps, step)
+	if f.refuse != nil && ev != fsm.EvReport && ev != fsm.EvFailed {
+		return nil, f.refuse
+	}
+	if ev == fsm.EvFailed {
+		f.m.State = fsm.RollingBack
+	}
+	return f.m.Clone(), nil
+}
+func (f *fakeCP) GetVolume(context.Context, string) (*fsm.Volume, error) {
+	return nil, errors.New("none")
+}
+func (f *fakeCP) ListVolumes(context.Context, string) ([]*fsm.Volume, error)    { return nil, nil }
+func (f *fakeCP) CreateVolume(context.Context, fsm.Volume) (*fsm.Volume, error) { return nil, nil }
+func (f *fakeCP) UpdateVolume(context.Context, fsm.UpdateVolumeCmd) error       { return nil }
+func (f *fakeCP) GetMachine(context.Context, string) (*fsm.Machine, error) {
+	return nil, errors.New("none")
+}
+func (f *fakeCP) ListMachines(context.Context, string) ([]*fsm.Machine, error) { return nil, nil }
+func (f *fakeCP) UpdateMachine(context.Context, fsm.UpdateMachineCmd) error    { return nil }
+func (f *fakeCP) GetWorker(context.Context, string) (*fsm.Worker, error) {
+	return &fsm.Worker{Address: "fd00::2"}, nil
+}
+func (f *fakeCP) VolumeKey(context.Context, string) ([]byte, error) { return nil, errors.New("no key") }
+func (f *fakeCP) events() []fsm.Event {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]fsm.Event(nil), f.proposed...)
+}
+
+type fakeExporter struct{ live bool }
+
+func (x *fakeExporter) Export(context.Context, string, string, string) (string, string, error) {
+	return "", "", errors.New("export: source file unreadable")
+}
+func (x *fakeExporter) Unexport(context.Context, string) error { return nil }
+func (x *fakeExporter) Live(string) bool                       { return x.live }
+
+func newTestAgent(t *testing.T, cp ControlPlane, worker string) *Agent {
+	dir := t.TempDir()
+	a, err := New(zerolog.Nop(), Config{Worker: worker, DataDir: dir, Retry: time.Millisecond, RetryMax: 2 * time.Millisecond,
+		MaxPreCutoverAttempts: 3}, cp, &fakeExporter{}, nil, &machine.Exec{StateDir: filepath.Join(dir, "machines"), Log: zerolog.Nop()},
+		&Volumes{DataDir: dir, Log: zerolog.Nop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return a
+}
+
+func TestStepTable(t *testing.T) {
+	a := newTestAgent(t, &fakeCP{}, "src")
+	cases := []struct {
+		state  fsm.State
+		worker string
+		want   bool
+	}{
+		{fsm.Planned, "src", false}, {fsm.Planned, "dst", true},
+		{fsm.TargetPrepared, "src", true}, {fsm.TargetPrepared, "dst", false},
+		{fsm.SourceStopped, "src", true}, {fsm.Exported, "dst", true},
+		{fsm.CloneBuilt, "dst", true}, {fsm.Trimmed, "dst", true}, {fsm.Trimmed, "src", false},
+		{fsm.Cutover, "dst", true}, {fsm.Hydrating, "dst", true}, {fsm.Hydrated, "src", true},
+		{fsm.Hydrated, "dst", false}, {fsm.SourceReleased, "dst", false}, {fsm.Completed, "src", false},
+		{fsm.Completed, "dst", false},
+	}
+	for _, c := range cases {
+		a.cfg.Worker = c.worker
+		m := &fsm.Migration{ID: "mig-1", Source: "src", Target: "dst", State: c.state, Old6PN: ""}
+		// The source's post-cutover network step is recorded locally; mark it done.
+		a.markDone(m, "net-source")
+		if got := a.stepFor(m) != nil; got != c.want {
+			t.Errorf("%s as %s: step = %v, want %v", c.state, c.worker, got, c.want)
+		}
+	}
+	// Rollback: the source restores only after the target's teardown is committed (invariant 2).
+	a.cfg.Worker = "src"
+	m := &fsm.Migration{ID: "mig-2", Source: "src", Target: "dst", State: fsm.RollingBack, Rollback: &fsm.RollbackInfo{}}
+	if a.stepFor(m) != nil {
+		t.Fatal("the source acts on a rollback before the target's teardown is committed")
+	}
+	m.Rollback.TargetTornDown = true
+	if a.stepFor(m) == nil {
+		t.Fatal("the source does not restore after the target's teardown")
+	}
+	a.cfg.Worker = "dst"
+	if a.stepFor(m) != nil {
+		t.Fatal("the target tears down twice")
+	}
+}
+
+func TestPreCutoverFailureRollsBack(t *testing.T) {
+	cp := &fakeCP{m: &fsm.Migration{ID: "mig-f", Source: "src", Target: "dst", State: fsm.SourceStopped, Volume: "v"}}
+	a := newTestAgent(t, cp, "src")
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	a.dispatch(ctx, cp.m.Clone())
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
+		for _, ev := range cp.events() {
+			if ev == fsm.EvFailed {
+				cancel()
+				a.wg.Wait()
+				return
+			}
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Fatalf("a failing export step never failed the migration; proposals: %v", cp.events())
+}
+
+func TestStepIDsAreDeterministic(t *testing.T) {
+	m := &fsm.Migration{ID: "mig-x"}
+	if stepID(m, "exported") != stepID(m, "exported") || stepID(m, "a") == stepID(m, "b") {
+		t.Fatal("step IDs must be equal for a retry and differ between steps")
+	}
+}
+
+func TestParsePauseBefore(t *testing.T) {
+	got, err := ParsePauseBefore("clone_built=3s, exported=1m")
+	if err != nil || got[fsm.EvCloneBuilt] != 3*time.Second || got[fsm.EvExported] != time.Minute {
+		t.Fatalf("got %v, %v", got, err)
+	}
+	for _, bad := range []string{"nope=1s", "exported", "exported=soon"} {
+		if _, err := ParsePauseBefore(bad); err == nil {
+			t.Errorf("%q accepted", bad)
+		}
+	}
+}
+
+func TestKnownZeroOfSparseVolume(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "v")
+	d, err := blockdev.CreateSparse(path, 64<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.WriteAt([]byte{1}, 0)
+	d.WriteAt([]byte{1}, 32<<20)
+	d.Close()
+	zs, err := knownZero(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var total int64
+	for _, z := range zs {
+		total += z.Len
+		if z.Off <= 0 && z.End() > 0 || z.Off <= 32<<20 && z.End() > 32<<20 {
+			t.Fatalf("range %+v covers written data", z)
+		}
+	}
+	if total < 60<<20 {
+		t.Fatalf("known-zero covers %d bytes of a 64 MiB file with two written blocks", total)
+	}
+}
+
+func TestMountedAt(t *testing.T) {
+	if src, ok := mountedAt("/proc"); !ok || src == "" {
+		t.Fatalf("/proc not seen as a mount point (%q, %v)", src, ok)
+	}
+	if _, ok := mountedAt(t.TempDir()); ok {
+		t.Fatal("a plain directory seen as a mount point")
+	}
+}
+
+func TestNetworkRecordsBeforeApplying(t *testing.T) {
+	n := &NetNetwork{Worker: "w1", Dir: t.TempDir()}
+	mn := netrewrite.MachineNet{MachineNS: machineNSName("w1", "m1")}
+	if err := n.record(mn); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(n.recPath("m1")); err != nil {
+		t.Fatalf("machine network record not at %s: %v", n.recPath("m1"), err)
+	}
+}
