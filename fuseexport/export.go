@@ -95,15 +95,16 @@ func Mount(log zerolog.Logger, dir, fileName string, dev blockdev.Device) (*Expo
 func (e *Export) Path() string { return filepath.Join(e.dir, e.name) }
 
 // Swap replaces the served device without the kernel noticing: requests in
-// flight finish on the old device, later ones go to the new. The sizes must
-// match. It returns the old device, which the caller still owns.
+// flight finish on the old device, later ones go to the new. The new device
+// must be at least as large (the export keeps its size). It returns the old
+// device, which the caller still owns.
 func (e *Export) Swap(dev blockdev.Device) (blockdev.Device, error) {
 	if dev == nil {
 		return nil, errors.New("swap needs a device")
 	}
 	n := e.node
-	if dev.Size() != n.size {
-		return nil, fmt.Errorf("swap: new device is %d bytes, the export serves %d", dev.Size(), n.size)
+	if dev.Size() < n.size {
+		return nil, fmt.Errorf("swap: new device is %d bytes, smaller than the %d the export serves", dev.Size(), n.size)
 	}
 	n.mu.Lock()
 	old := n.dev
