@@ -58,6 +58,9 @@ func Mount(log zerolog.Logger, dir, fileName string, dev blockdev.Device) (*Expo
 	if err != nil {
 		return nil, fmt.Errorf("mount directory %s: %w", dir, err)
 	}
+	if _, err := os.Stat(abs); errors.Is(err, syscall.ENOTCONN) {
+		return nil, fmt.Errorf("%s is the mount of a FUSE server that died: run CleanupStale on it first: %w", abs, err)
+	}
 	if err := os.MkdirAll(abs, 0o700); err != nil {
 		return nil, fmt.Errorf("create mount directory %s: %w", abs, err)
 	}
@@ -137,6 +140,35 @@ func (e *Export) Close() error {
 	e.closed = true
 	e.log.Info().Msg("unmounted")
 	return nil
+}
+
+// CleanupStale tears down what a crashed server left at dir: it detaches
+// loop devices still attached to dir/fileName (their I/O already fails) and
+// lazily unmounts the dead FUSE mount, so Mount can use dir again. It
+// returns the loop devices it detached. A healthy mount is left alone.
+func CleanupStale(dir, fileName string) ([]string, error) {
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := os.Stat(abs); !errors.Is(err, syscall.ENOTCONN) {
+		return nil, nil // not a dead FUSE mount
+	}
+	loops, err := loopdev.FindByBackingFile(filepath.Join(abs, fileName))
+	if err != nil {
+		return nil, fmt.Errorf("find loop devices on the dead export %s: %w", abs, err)
+	}
+	var detached []string
+	for _, l := range loops {
+		if err := loopdev.Detach(l); err != nil {
+			return detached, fmt.Errorf("detach %s from the dead export (unmount its filesystem first): %w", l, err)
+		}
+		detached = append(detached, l)
+	}
+	if err := unix.Unmount(abs, unix.MNT_DETACH); err != nil {
+		return detached, fmt.Errorf("unmount the dead export %s: %w", abs, err)
+	}
+	return detached, nil
 }
 
 type rootNode struct{ fs.Inode }

@@ -314,6 +314,29 @@ func TestCrashedServerGivesEIO(t *testing.T) {
 	case <-time.After(20 * time.Second):
 		t.Fatal("read after the server died hangs")
 	}
+	// The dead mount refuses a new export until cleaned up; then it works.
+	if _, err := Mount(zerolog.Nop(), dir, "disk", blockdev.NewMem(1<<20)); err == nil {
+		t.Fatal("mounted over a dead export")
+	}
+	f.Close()
+	detached, err := CleanupStale(dir, "disk")
+	if err != nil || len(detached) != 1 || detached[0] != loop {
+		t.Fatalf("CleanupStale = %v, %v; want [%s] detached", detached, err, loop)
+	}
+	e := mount2(t, dir)
+	if _, err := os.Stat(e.Path()); err != nil {
+		t.Fatalf("export after cleanup: %v", err)
+	}
+}
+
+func mount2(t *testing.T, dir string) *Export {
+	t.Helper()
+	e, err := Mount(zerolog.Nop(), dir, "disk", blockdev.NewMem(1<<20))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { e.Close() })
+	return e
 }
 
 // TestMain doubles as the FUSE server child of TestCrashedServerGivesEIO.
