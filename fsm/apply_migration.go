@@ -241,16 +241,17 @@ func (s *Store) applyTransition(m *Migration, tr Transition, c *ProposeCmd) *Ref
 		if p.Export == nil || p.Export.Portal == "" || p.Export.IQN == "" {
 			return refuse(http.StatusBadRequest, CodeInvalid, "exported needs export.portal and export.iqn")
 		}
-		e := *p.Export
-		m.Export = &e
 		// The source's holes travel with the export: the target builds the
-		// clone with them, so they are never fetched.
+		// clone with them, so they are never fetched. Checked before any
+		// change: a refusal changes nothing.
 		if err := validRanges(p.KnownZero); err != nil {
 			return refuse(http.StatusBadRequest, CodeInvalid, "known_zero: %v", err)
 		}
 		if len(p.KnownZero) > 4096 {
 			return refuse(http.StatusBadRequest, CodeInvalid, "known_zero has %d ranges; coalesce to at most 4096", len(p.KnownZero))
 		}
+		e := *p.Export
+		m.Export = &e
 		if p.KnownZero != nil {
 			m.KnownZero = append([]blockdev.Range(nil), p.KnownZero...)
 		}

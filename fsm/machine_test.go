@@ -7,6 +7,8 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/ferry-dev/ferry/blockdev"
 )
 
 func TestDocsFSMIsGenerated(t *testing.T) {
@@ -315,5 +317,29 @@ func TestReportAndStall(t *testing.T) {
 	m = h.must(h.propose(dstW, EvProgress, "", payloadOf(EvProgress))).Migration
 	if m.Stalled {
 		t.Fatal("progress did not clear stalled")
+	}
+}
+
+func TestExportedCarriesKnownZero(t *testing.T) {
+	h := driveTo(t, SourceStopped)
+	bad := payloadOf(EvExported)
+	bad.KnownZero = []blockdev.Range{{Off: 0, Len: -1}}
+	before := migJSON(t, h.s)
+	if r := h.propose(srcW, EvExported, "e1", bad); r.Refusal == nil || r.Refusal.Code != CodeInvalid {
+		t.Fatalf("bad range accepted: %+v", r.Refusal)
+	}
+	if migJSON(t, h.s) != before {
+		t.Fatal("refused exported changed the migration")
+	}
+	good := payloadOf(EvExported)
+	good.KnownZero = []blockdev.Range{{Off: 4096, Len: 1 << 20}}
+	m := h.must(h.propose(srcW, EvExported, "e2", good)).Migration
+	if len(m.KnownZero) != 1 || m.KnownZero[0].Len != 1<<20 {
+		t.Fatalf("known zero: %+v", m.KnownZero)
+	}
+	// trimmed without ranges keeps the source's.
+	h.must(h.propose(dstW, EvCloneBuilt, "c", EventPayload{}))
+	if m := h.must(h.propose(dstW, EvTrimmed, "t", EventPayload{})).Migration; len(m.KnownZero) != 1 {
+		t.Fatalf("trimmed dropped the known zero ranges: %+v", m.KnownZero)
 	}
 }
