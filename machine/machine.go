@@ -68,3 +68,23 @@ func ParseSignal(name string) (syscall.Signal, error) {
 	}
 	return 0, fmt.Errorf("kill signal %q: use SIGINT, SIGTERM, SIGQUIT, SIGUSR1 or SIGKILL", name)
 }
+
+// ByKind runs a machine with the script driver when its spec names
+// scripts, and with the exec driver otherwise.
+type ByKind struct {
+	Exec   Driver
+	Script Driver
+}
+
+func (d ByKind) pick(s Spec) Driver {
+	if s.Script != nil {
+		return d.Script
+	}
+	return d.Exec
+}
+
+func (d ByKind) Start(ctx context.Context, s Spec) error { return d.pick(s).Start(ctx, s) }
+func (d ByKind) Stop(ctx context.Context, s Spec) error  { return d.pick(s).Stop(ctx, s) }
+func (d ByKind) Status(ctx context.Context, s Spec) (State, error) {
+	return d.pick(s).Status(ctx, s)
+}

@@ -103,3 +103,17 @@ func TestScriptDriver(t *testing.T) {
 		t.Fatal("a status script printing garbage was accepted")
 	}
 }
+
+func TestByKindPicksScriptWhenNamed(t *testing.T) {
+	dir := t.TempDir()
+	marker := filepath.Join(dir, "started")
+	start := filepath.Join(dir, "start")
+	os.WriteFile(start, []byte("#!/bin/sh\ntouch "+marker+"\n"), 0o755)
+	d := ByKind{Exec: &Exec{StateDir: t.TempDir(), Log: zerolog.Nop()}, Script: Script{}}
+	if err := d.Start(context.Background(), Spec{ID: "vm", Script: &ScriptSpec{Start: start}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(marker); err != nil {
+		t.Fatal("the script driver did not run the start script")
+	}
+}

@@ -58,7 +58,8 @@ func (f *agentFlags) build(ctx context.Context) (*agent.Agent, *agent.NetNetwork
 	vols := &agent.Volumes{DataDir: f.dataDir, Exe: exe, Log: logging.For(log, "volumes"), Loops: agent.LoopDevs{}, FastKDF: f.fastKDF}
 	exp := &agent.ISCSIExporter{Log: log, StateDir: filepath.Join(f.dataDir, "exports"), Address: f.address, Domain: f.domain}
 	nw := &agent.NetNetwork{Log: logging.For(log, "netrewrite"), Worker: f.worker, Dir: filepath.Join(f.dataDir, "net"), Grace: f.grace}
-	mach := &machine.Exec{StateDir: filepath.Join(f.dataDir, "machines"), Log: logging.For(log, "machine")}
+	mach := machine.ByKind{Exec: &machine.Exec{StateDir: filepath.Join(f.dataDir, "machines"), Log: logging.For(log, "machine")},
+		Script: machine.Script{}}
 	acfg := agent.Config{Worker: f.worker, HostID: f.hostID, Address: f.address, DataDir: f.dataDir, Exe: exe, LeaseTTL: f.leaseTTL}
 	if f.hydrationRate != "" && f.hydrationRate != "0" {
 		if acfg.HydrationRate, err = parseSize(f.hydrationRate); err != nil {
