@@ -59,6 +59,19 @@ func DefaultTunables(regionSize int64) Tunables {
 	return Tunables{BatchRegions: batch, InFlight: 4, MinShare: 0.25}
 }
 
+// withDefaults fills zero batch size and parallelism from DefaultTunables,
+// so a caller can set only the rate limit.
+func (t Tunables) withDefaults(regionSize int64) Tunables {
+	d := DefaultTunables(regionSize)
+	if t.BatchRegions == 0 {
+		t.BatchRegions = d.BatchRegions
+	}
+	if t.InFlight == 0 {
+		t.InFlight = d.InFlight
+	}
+	return t
+}
+
 func (t Tunables) validate() error {
 	if t.BatchRegions < 1 || t.BatchRegions > 1<<20 {
 		return fmt.Errorf("batch regions %d: must be 1..1048576", t.BatchRegions)
@@ -110,7 +123,8 @@ type Config struct {
 	// KnownZero lists source ranges that read as zeros (the source file's
 	// holes); fully covered regions are hydrated without a fetch.
 	KnownZero []blockdev.Range
-	// Tunables for background hydration; zero value means DefaultTunables.
+	// Tunables for background hydration; zero BatchRegions and InFlight
+	// take DefaultTunables' values (the zero value is the defaults).
 	Tunables Tunables
 	// SourceRetries is how many times a failed source read is retried before
 	// the error reaches the caller (default 3). SourceTimeout bounds each

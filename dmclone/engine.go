@@ -106,6 +106,7 @@ func Open(log zerolog.Logger, cfg Config) (*Engine, error) {
 	if tun == (Tunables{}) {
 		tun = DefaultTunables(rs)
 	}
+	tun = tun.withDefaults(rs)
 	if err := tun.validate(); err != nil {
 		return nil, err
 	}

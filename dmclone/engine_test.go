@@ -442,8 +442,14 @@ func TestBadConfigRefused(t *testing.T) {
 	}
 	e := mustOpen(t, Config{Source: src, Dest: blockdev.NewMem(64 * testRegion), MetaPath: metaPath(t)})
 	defer e.Close()
-	if err := e.SetTunables(Tunables{BatchRegions: 1, InFlight: 0}); err == nil {
-		t.Error("SetTunables accepted zero in-flight")
+	if err := e.SetTunables(Tunables{BatchRegions: 1, InFlight: -1}); err == nil {
+		t.Error("SetTunables accepted negative in-flight")
+	}
+	if err := e.SetTunables(Tunables{RateLimitBytesPerSec: 1 << 20}); err != nil {
+		t.Errorf("SetTunables with only a rate limit: %v", err)
+	}
+	if got := e.Progress().Tunables; got.InFlight != 4 || got.BatchRegions != 256 || got.RateLimitBytesPerSec != 1<<20 {
+		t.Errorf("tunables after setting only the rate: %+v", got)
 	}
 }
 

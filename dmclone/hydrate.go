@@ -48,6 +48,7 @@ func (e *Engine) DisableHydration() error {
 // SetTunables changes the background hydration's shape; running workers are
 // restarted with it.
 func (e *Engine) SetTunables(t Tunables) error {
+	t = t.withDefaults(e.rs)
 	if err := t.validate(); err != nil {
 		return err
 	}
