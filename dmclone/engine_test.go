@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -543,5 +544,47 @@ func TestIncrementalCommit(t *testing.T) {
 		if !same || got.seq != e.meta.seq {
 			t.Fatalf("round %d: slot on disk differs from the bitmap in memory", round)
 		}
+	}
+}
+
+// TestHydrationNotStarvedByForeground: unlike dm-clone, background
+// hydration keeps making progress while the workload reads the source
+// non-stop.
+func TestHydrationNotStarvedByForeground(t *testing.T) {
+	fc := newFileClone(t, 4096*testRegion, Config{Tunables: Tunables{BatchRegions: 16, InFlight: 4, MinShare: 0.25}})
+	fc.src.delay.Store(int64(2 * time.Millisecond))
+	stop := make(chan struct{})
+	var fgRegions atomic.Int64
+	var wg sync.WaitGroup
+	for g := 0; g < 4; g++ {
+		wg.Add(1)
+		go func(g int) {
+			defer wg.Done()
+			rng := rand.New(rand.NewSource(int64(g)))
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				if _, err := fc.e.ReadAt(make([]byte, 512), rng.Int63n(4096)*testRegion); err != nil {
+					t.Error(err)
+					return
+				}
+				fgRegions.Add(1)
+			}
+		}(g)
+	}
+	time.Sleep(50 * time.Millisecond) // the workload is busy before hydration starts
+	fc.e.EnableHydration()
+	time.Sleep(500 * time.Millisecond)
+	close(stop)
+	wg.Wait()
+	fc.e.waitWriteBehind()
+	p := fc.e.Progress()
+	bg := p.HydratedRegions - fgRegions.Load() // at most what the workload hydrated
+	t.Logf("in 0.5 s: %d regions hydrated, %d foreground reads", p.HydratedRegions, fgRegions.Load())
+	if bg < 16*20 {
+		t.Fatalf("background hydration starved: only ~%d regions in 0.5 s beyond the workload's own", bg)
 	}
 }

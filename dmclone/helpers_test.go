@@ -23,6 +23,7 @@ type srcDev struct {
 	writes    atomic.Int64
 	failReads atomic.Int64 // fail this many more reads
 	hang      atomic.Bool
+	delay     atomic.Int64 // nanoseconds per read, like a remote LUN
 }
 
 var errInjected = errors.New("injected source failure")
@@ -30,6 +31,9 @@ var errInjected = errors.New("injected source failure")
 func (s *srcDev) ReadAt(p []byte, off int64) (int, error) {
 	if s.hang.Load() {
 		time.Sleep(time.Hour)
+	}
+	if d := s.delay.Load(); d > 0 {
+		time.Sleep(time.Duration(d))
 	}
 	if s.failReads.Load() > 0 {
 		s.failReads.Add(-1)
