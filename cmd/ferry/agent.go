@@ -165,7 +165,7 @@ func devServer(ctx context.Context, f *agentFlags) error {
 			}
 		}
 	}
-	_, err = api.StartServer(ctx, logging.For(log, "server"), api.Config{ID: "server", DataDir: filepath.Join(f.dataDir, "server"),
+	_, err = api.StartServer(ctx, log, api.Config{ID: "server", DataDir: filepath.Join(f.dataDir, "server"),
 		Listen: f.devListen, RaftAddr: "127.0.0.1:0", Bootstrap: true, TLSDir: f.tlsDir})
 	if err != nil {
 		return fmt.Errorf("dev server: %w", err)
