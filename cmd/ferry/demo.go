@@ -50,7 +50,11 @@ bytes fetched vs skipped; and removes everything it made, also on Ctrl-C. Needs 
 			}
 			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
-			return runDemo(ctx, cmd.OutOrStdout(), n, dir, keep, runFor)
+			err = runDemo(ctx, cmd.OutOrStdout(), n, dir, keep, runFor)
+			if err != nil && ctx.Err() != nil && !keep {
+				return withCode(130, errors.New("interrupted; everything the demo made was removed"))
+			}
+			return err
 		},
 	}
 	cmd.Flags().StringVar(&size, "size", "1G", "volume size")

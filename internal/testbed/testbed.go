@@ -285,6 +285,8 @@ func (b *Bed) Close(ctx context.Context) error {
 		} else {
 			cmd = exec.CommandContext(ctx, b.cfg.Exe, args...)
 		}
+		// Its own process group: a second Ctrl-C on the terminal must not cut the cleanup short.
+		cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 		if out, err := cmd.CombinedOutput(); err != nil {
 			errs = append(errs, fmt.Errorf("cleanup of %s: %w: %s", w, err, strings.TrimSpace(string(out))))
 		}
