@@ -136,7 +136,7 @@ func TestGuestISCSIKernelChain(t *testing.T) {
 
 	// Idle for a few NOP-Out intervals, then the session must still be up
 	// and answer, with no connection error logged by the kernel.
-	time.Sleep(4 * time.Second)
+	time.Sleep(3 * time.Second)
 	st := guestRun(t, "iscsiadm", "-m", "session", "-P", "1")
 	if !strings.Contains(st, "iSCSI Session State: LOGGED_IN") {
 		t.Fatalf("session after NOP-Outs:\n%s", st)

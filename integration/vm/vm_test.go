@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -67,8 +68,16 @@ var guestSuites = []guestSuite{
 	{pkg: "./integration/vm", run: "TestGuest", needs: []string{"TestGuestISCSIKernelChain"}},
 }
 
+// goBin is the go command building the guest's test binaries.
+func goBin() string {
+	if p, err := exec.LookPath("go"); err == nil {
+		return p
+	}
+	return filepath.Join(runtime.GOROOT(), "bin", "go")
+}
+
 func moduleRoot(t *testing.T) string {
-	out, err := exec.Command("go", "env", "GOMOD").Output()
+	out, err := exec.Command(goBin(), "env", "GOMOD").Output()
 	if err != nil {
 		t.Fatalf("go env GOMOD: %v", err)
 	}
@@ -159,7 +168,7 @@ func TestKernelPathInVM(t *testing.T) {
 			t.Fatalf("guest suite %s: %v", s.pkg, err)
 		}
 		name := filepath.Base(s.pkg) + ".test"
-		cmd := exec.CommandContext(ctx, "go", "test", "-c", "-o", filepath.Join(share, name), s.pkg)
+		cmd := exec.CommandContext(ctx, goBin(), "test", "-c", "-o", filepath.Join(share, name), s.pkg)
 		cmd.Dir = root
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOFLAGS=")
 		if out, err := cmd.CombinedOutput(); err != nil {
