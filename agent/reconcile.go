@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"os"
 	"time"
 
 	"github.com/ferry-dev/ferry/fsm"
@@ -38,8 +39,22 @@ func (a *Agent) reconcile(ctx context.Context) {
 		return
 	}
 	for _, v := range vols {
-		if v.Worker == a.cfg.Worker && v.State == fsm.VolCreating && v.Layout == nil {
+		if v.Worker != a.cfg.Worker {
+			continue
+		}
+		switch {
+		case v.State == fsm.VolCreating && v.Layout == nil:
 			a.createVolume(ctx, v)
+		case v.State == fsm.VolDestroyed && v.AttachedMachine == "":
+			// The server destroys a volume only after its retention window
+			// (and, for a migrated source, after hydrated): the files go now.
+			if _, err := os.Stat(a.vols.VolumeDir(v.ID)); err == nil {
+				if err := a.vols.Remove(ctx, v.ID); err != nil {
+					a.log.Warn().Err(err).Str("volume", v.ID).Msg("remove destroyed volume")
+				} else {
+					a.log.Info().Str("volume", v.ID).Msg("destroyed volume removed from disk")
+				}
+			}
 		}
 	}
 	machs, err := a.cp.ListMachines(ctx, a.cfg.Worker)
