@@ -91,6 +91,7 @@ func TestMigrationWithWritingWorkload(t *testing.T) {
 	if !strings.Contains(body, "ferry_agent_downtime_seconds_count 1") || !strings.Contains(body, `ferry_agent_steps_total{state="hydrating"}`) {
 		t.Fatalf("target metrics lack the cutover:\n%s", body)
 	}
+	e.assertNoKeysInLogs()
 	// The old address keeps answering during the grace period.
 	if err := echo(e, m.Old6PN); err != nil {
 		t.Fatalf("old 6PN address %s: %v", m.Old6PN, err)

@@ -73,6 +73,8 @@ type env struct {
 	ctx context.Context
 	dir string
 	ws  []string
+	// keys are the volume passphrases this test set, to prove no log holds them.
+	keys map[string]string
 }
 
 // newEnv starts a cluster with n workers named w0<id>, w1<id>, ...
@@ -103,7 +105,7 @@ func newEnv(t testing.TB, n int, agentArgs ...string) *env {
 		}
 		assertNoLeftovers(t, dir, "e"+id, ws)
 	})
-	return &env{t: t, bed: bed, c: bed.Client, ctx: ctx, dir: dir, ws: ws}
+	return &env{t: t, bed: bed, c: bed.Client, ctx: ctx, dir: dir, ws: ws, keys: map[string]string{}}
 }
 
 func dumpLogs(t testing.TB, dir string) {
@@ -162,7 +164,9 @@ func (e *env) createVolume(id, worker string, size int64) *fsm.Volume {
 	if _, err := e.c.CreateVolume(e.ctx, fsm.Volume{ID: id, Worker: worker, Size: size, State: fsm.VolCreating}); err != nil {
 		e.t.Fatal(err)
 	}
-	if err := e.c.SetVolumeKey(e.ctx, id, []byte(randHex(32))); err != nil {
+	key := randHex(32)
+	e.keys[id] = key
+	if err := e.c.SetVolumeKey(e.ctx, id, []byte(key)); err != nil {
 		e.t.Fatal(err)
 	}
 	deadline := time.Now().Add(2 * time.Minute)
@@ -294,4 +298,30 @@ func (e *env) kill9(worker string) {
 
 func sourceFile(e *env, worker, vol string) string {
 	return filepath.Join(e.bed.WorkerDir(worker), "volumes", vol, "data")
+}
+
+// assertNoKeysInLogs: no passphrase appears in any log, state file or record
+// under the cluster's dir (invariant 6).
+func (e *env) assertNoKeysInLogs() {
+	e.t.Helper()
+	n := 0
+	filepath.Walk(e.dir, func(path string, info os.FileInfo, err error) error {
+		if err != nil || info.IsDir() || info.Size() > 64<<20 || strings.Contains(path, "/volumes/") || strings.Contains(path, "/raft") {
+			return nil // volume data is ciphertext; the raft log is the server's key store
+		}
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return nil
+		}
+		n++
+		for vol, k := range e.keys {
+			if strings.Contains(string(b), k) {
+				e.t.Errorf("the key of volume %s appears in %s", vol, path)
+			}
+		}
+		return nil
+	})
+	if n == 0 {
+		e.t.Fatal("no files scanned for keys")
+	}
 }
