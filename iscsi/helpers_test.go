@@ -1,7 +1,6 @@
 package iscsi
 
 import (
-	"bytes"
 	"fmt"
 	"math/rand"
 	"net"
@@ -52,12 +51,17 @@ func startTgtd(t testing.TB, image string) (portal, iqn string) {
 		t.Skip("needs root to run tgtd")
 	}
 	port := freePort(t)
-	ctl := strconv.Itoa(20000 + rand.Intn(40000))
+	ctl := strconv.Itoa(1000 + rand.Intn(30000)) // tgtadm accepts small control ports only
 	portal = fmt.Sprintf("127.0.0.1:%d", port)
 	iqn = fmt.Sprintf("iqn.2026-01.dev.ferry.test:tgtd%d", port)
 	cmd := exec.Command("tgtd", "-f", "--control-port", ctl, "--iscsi", "portal="+portal)
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
+	logPath := filepath.Join(t.TempDir(), "tgtd.log")
+	logf, err := os.Create(logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logf.Close()
+	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("starting tgtd: %v", err)
 	}
@@ -77,7 +81,8 @@ func startTgtd(t testing.TB, image string) (portal, iqn string) {
 			}
 			time.Sleep(100 * time.Millisecond)
 		}
-		t.Fatalf("tgtadm %v: %v: %s (tgtd: %s)", args, err, b, out.String())
+		tgtdLog, _ := os.ReadFile(logPath)
+		t.Fatalf("tgtadm %v: %v: %s (tgtd: %s)", args, err, b, tgtdLog)
 	}
 	adm("--op", "new", "--mode", "target", "--tid", "1", "-T", iqn)
 	adm("--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1", "-b", image)

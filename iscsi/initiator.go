@@ -117,9 +117,12 @@ func Dial(ctx context.Context, log zerolog.Logger, cfg InitiatorConfig) (*LUN, e
 	return l, nil
 }
 
-// session returns the live session, logging in again if there is none.
-// Concurrent callers share one login attempt.
+// session returns the live session, logging in again if there is none. The
+// login runs in its own goroutine, bounded by Timeout, shared by every
+// caller that needs it; a caller stops waiting at its ctx or deadline.
 func (l *LUN) session(ctx context.Context, deadline time.Time) (*session, error) {
+	timer := time.NewTimer(time.Until(deadline))
+	defer timer.Stop()
 	for {
 		l.mu.Lock()
 		if l.closed {
@@ -131,50 +134,47 @@ func (l *LUN) session(ctx context.Context, deadline time.Time) (*session, error)
 			l.mu.Unlock()
 			return s, nil
 		}
-		if ch := l.connecting; ch != nil {
-			l.mu.Unlock()
-			select {
-			case <-ch:
-				l.mu.Lock()
-				err := l.connErr
-				l.mu.Unlock()
-				if err != nil {
-					return nil, err
-				}
-				continue
-			case <-ctx.Done():
-				return nil, ctx.Err()
-			case <-time.After(time.Until(deadline)):
-				return nil, fmt.Errorf("%w: reconnecting to %s", ErrTimeout, l.cfg.Portal)
-			}
+		ch := l.connecting
+		if ch == nil {
+			ch = make(chan struct{})
+			l.connecting = ch
+			go l.reconnect(l.sess, ch)
 		}
-		old := l.sess
-		ch := make(chan struct{})
-		l.connecting = ch
 		l.mu.Unlock()
-
-		if old != nil {
-			<-old.readerDone
-		}
-		s, err := l.connect(deadline)
-		l.mu.Lock()
-		l.connecting = nil
-		l.connErr = err
-		if err == nil {
-			if l.closed {
-				l.mu.Unlock()
-				s.kill(blockdev.ErrClosed)
-				return nil, blockdev.ErrClosed
+		select {
+		case <-ch:
+			l.mu.Lock()
+			err := l.connErr
+			l.mu.Unlock()
+			if err != nil {
+				return nil, err
 			}
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-timer.C:
+			return nil, fmt.Errorf("%w: reconnecting to %s", ErrTimeout, l.cfg.Portal)
+		}
+	}
+}
+
+// reconnect replaces a dead session (old may be nil) and signals done.
+func (l *LUN) reconnect(old *session, done chan struct{}) {
+	if old != nil {
+		<-old.readerDone
+	}
+	s, err := l.connect(time.Now().Add(l.cfg.Timeout))
+	l.mu.Lock()
+	l.connecting = nil
+	l.connErr = err
+	if err == nil {
+		if l.closed {
+			s.kill(blockdev.ErrClosed)
+		} else {
 			l.sess = s
 		}
-		l.mu.Unlock()
-		close(ch)
-		if err != nil {
-			return nil, err
-		}
-		return s, nil
 	}
+	l.mu.Unlock()
+	close(done)
 }
 
 func (l *LUN) connect(deadline time.Time) (*session, error) {
@@ -198,6 +198,9 @@ func (l *LUN) do(ctx context.Context, t *task) error {
 	var lastErr error
 	backoff := 50 * time.Millisecond
 	for attempt := 0; ; attempt++ {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
 		if attempt > 0 {
 			if time.Now().Add(backoff).After(deadline) {
 				return fmt.Errorf("%s: %w within %s: %w", t.op, ErrTimeout, l.cfg.Timeout, lastErr)
@@ -224,9 +227,16 @@ func (l *LUN) do(ctx context.Context, t *task) error {
 			lastErr = err
 			continue
 		}
-		err = s.exec(t, deadline)
+		err = s.exec(ctx, t, deadline)
 		if err == nil {
 			return nil
+		}
+		if ctx.Err() != nil {
+			// The caller gave up (another part of its read failed): the
+			// session may still deliver into t's buffer, so drop it.
+			s.kill(ctx.Err())
+			<-s.readerDone
+			return ctx.Err()
 		}
 		var se *SCSIError
 		if errors.As(err, &se) {
@@ -273,7 +283,8 @@ func (l *LUN) ReadAt(p []byte, off int64) (int, error) {
 		}
 		return copy(p, tmp[off-start:]), nil
 	}
-	ctx := context.Background()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
 	chunk := l.cfg.MaxTransfer
 	if len(p) <= chunk {
 		if err := l.readChunk(ctx, p, off); err != nil {
@@ -295,6 +306,7 @@ func (l *LUN) ReadAt(p []byte, off int64) (int, error) {
 				errMu.Lock()
 				if firstErr == nil {
 					firstErr = err
+					cancel() // fail the whole read now, not chunk by chunk
 				}
 				errMu.Unlock()
 			}
@@ -308,7 +320,11 @@ func (l *LUN) ReadAt(p []byte, off int64) (int, error) {
 }
 
 func (l *LUN) readChunk(ctx context.Context, b []byte, off int64) error {
-	l.sem <- struct{}{}
+	select {
+	case l.sem <- struct{}{}:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 	defer func() { <-l.sem }()
 	t := newTask("READ(16)", cdbRead16(uint64(off/l.blockSize), uint32(int64(len(b))/l.blockSize)), b)
 	if err := l.do(ctx, t); err != nil {

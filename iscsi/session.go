@@ -1,6 +1,7 @@
 package iscsi
 
 import (
+	"context"
 	"crypto/rand"
 	"crypto/tls"
 	"encoding/binary"
@@ -354,7 +355,7 @@ func (s *session) updateStatSN(sn uint32) {
 }
 
 // exec sends t and waits for its completion until deadline.
-func (s *session) exec(t *task, deadline time.Time) error {
+func (s *session) exec(ctx context.Context, t *task, deadline time.Time) error {
 	timer := time.NewTimer(time.Until(deadline))
 	defer timer.Stop()
 	// Wait for room in the CmdSN window without holding the writer lock,
@@ -375,6 +376,8 @@ func (s *session) exec(t *task, deadline time.Time) error {
 			case <-s.deadCh:
 			case <-timer.C:
 				return fmt.Errorf("%w: %s waited %s for the target's command window", errCmdTimeout, t.op, s.timeout)
+			case <-ctx.Done():
+				return ctx.Err()
 			}
 			continue
 		}
@@ -412,6 +415,8 @@ func (s *session) exec(t *task, deadline time.Time) error {
 		return s.deadErr()
 	case <-timer.C:
 		return fmt.Errorf("%w: %s got no answer within %s", errCmdTimeout, t.op, s.timeout)
+	case <-ctx.Done():
+		return ctx.Err()
 	}
 }
 
