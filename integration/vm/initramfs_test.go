@@ -64,3 +64,19 @@ func TestSharedLibsOfADynamicBinary(t *testing.T) {
 		t.Fatalf("ldd of %s: %v", bin, libs)
 	}
 }
+
+// TestQueryPackages asks this machine's apt which kernel to use: the ABI is
+// discovered, never pinned.
+func TestQueryPackages(t *testing.T) {
+	if _, err := exec.LookPath("apt-cache"); err != nil {
+		t.Skip("needs apt-cache (a Debian machine)")
+	}
+	p, err := queryPackages(t.Context())
+	if err != nil {
+		t.Skipf("apt has no package lists here: %v", err)
+	}
+	if !strings.HasSuffix(p.abi, "-amd64") || p.version == "" || !strings.HasPrefix(p.kbuild, "linux-kbuild-") ||
+		p.source != "linux-source-"+strings.TrimPrefix(p.kbuild, "linux-kbuild-") || !strings.HasSuffix(p.common, "-common") {
+		t.Fatalf("packages %+v", p)
+	}
+}

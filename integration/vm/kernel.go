@@ -248,11 +248,21 @@ func download(ctx context.Context, log zerolog.Logger, dir string, p kernelPacka
 	names := []string{p.image, p.headers, p.common, p.kbuild, p.source}
 	debs := map[string]string{}
 	var missing []string
+	// Headers must match the kernel exactly; dm-clone's sources need not (it
+	// changes rarely, and vermagic comes from the headers), so the source
+	// package is whatever version apt offers.
+	want := func(n string) (version, arg string) {
+		if n == p.source {
+			return "*", n
+		}
+		return p.version, n + "=" + p.version
+	}
 	for _, n := range names {
-		if f := findDeb(dir, n, p.version); f != "" {
+		v, arg := want(n)
+		if f := findDeb(dir, n, v); f != "" {
 			debs[n] = f
 		} else {
-			missing = append(missing, n+"="+p.version)
+			missing = append(missing, arg)
 		}
 	}
 	if len(missing) > 0 {
@@ -270,8 +280,9 @@ func download(ctx context.Context, log zerolog.Logger, dir string, p kernelPacka
 		}
 		for _, n := range names {
 			if debs[n] == "" {
-				if debs[n] = findDeb(dir, n, p.version); debs[n] == "" {
-					return nil, fmt.Errorf("vm: apt-get download reported success but no %s_%s .deb is in %s", n, p.version, dir)
+				v, _ := want(n)
+				if debs[n] = findDeb(dir, n, v); debs[n] == "" {
+					return nil, fmt.Errorf("vm: apt-get download reported success but no %s_%s .deb is in %s", n, v, dir)
 				}
 			}
 		}
@@ -279,7 +290,8 @@ func download(ctx context.Context, log zerolog.Logger, dir string, p kernelPacka
 	return debs, nil
 }
 
-// findDeb finds name_version_*.deb (apt escapes an epoch's colon as %3a).
+// findDeb finds name_version_*.deb (apt escapes an epoch's colon as %3a);
+// version "*" takes any.
 func findDeb(dir, name, version string) string {
 	v := strings.ReplaceAll(version, ":", "%3a")
 	m, _ := filepath.Glob(filepath.Join(dir, name+"_"+v+"_*.deb"))
