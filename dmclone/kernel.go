@@ -33,8 +33,8 @@ type KernelConfig struct {
 	// RegionSize in bytes: a power of two from 4 KiB to 1 GiB; 0 = 4 KiB.
 	RegionSize int64
 	// Tunables become hydration_batch_size and hydration_threshold; the zero
-	// value means DefaultTunables (dm-clone's own defaults of 1 region are
-	// far too slow over iSCSI). RateLimitBytesPerSec and MinShare have no
+	// BatchRegions and InFlight take DefaultTunables' values (dm-clone's own
+	// defaults of 1 region are far too slow over iSCSI). RateLimitBytesPerSec and MinShare have no
 	// dm-clone equivalent and are ignored.
 	Tunables Tunables
 	// PollInterval is how often status is read (default 1 s).
@@ -255,9 +255,8 @@ func (cfg *KernelConfig) normalize() error {
 	if err := validRegionSize(cfg.RegionSize); err != nil {
 		return fmt.Errorf("dm-clone %s: %w", cfg.Name, err)
 	}
-	if cfg.Tunables == (Tunables{}) {
-		cfg.Tunables = DefaultTunables(cfg.RegionSize)
-	}
+	// Like the engine: zero batch size and parallelism take the defaults.
+	cfg.Tunables = cfg.Tunables.withDefaults(cfg.RegionSize)
 	if err := cfg.Tunables.validate(); err != nil {
 		return fmt.Errorf("dm-clone %s: %w", cfg.Name, err)
 	}
@@ -391,6 +390,7 @@ func (k *KernelClone) DisableHydration() error { return k.message("disable_hydra
 
 // SetTunables sets hydration_batch_size and hydration_threshold.
 func (k *KernelClone) SetTunables(t Tunables) error {
+	t = t.withDefaults(k.cfg.RegionSize)
 	if err := t.validate(); err != nil {
 		return fmt.Errorf("dm-clone %s: %w", k.cfg.Name, err)
 	}

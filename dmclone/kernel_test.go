@@ -109,6 +109,11 @@ func TestKernelTableLine(t *testing.T) {
 	if !strings.HasSuffix(got, "hydration_threshold 1024 hydration_batch_size 256") {
 		t.Fatalf("default tunables: %s", got)
 	}
+	cfg.Tunables = Tunables{InFlight: 2}
+	got, _ = KernelTable(cfg)
+	if !strings.HasSuffix(got, "hydration_threshold 512 hydration_batch_size 256") {
+		t.Fatalf("default batch size: %s", got)
+	}
 	for _, bad := range []func(*KernelConfig){
 		func(c *KernelConfig) { c.Size = 1000 },
 		func(c *KernelConfig) { c.Size = 0 },
@@ -118,7 +123,7 @@ func TestKernelTableLine(t *testing.T) {
 		func(c *KernelConfig) { c.Name = "" },
 		func(c *KernelConfig) { c.Source = "" },
 		func(c *KernelConfig) { c.Dest = "/dev/x y" },
-		func(c *KernelConfig) { c.Tunables = Tunables{BatchRegions: 0, InFlight: 3} },
+		func(c *KernelConfig) { c.Tunables = Tunables{BatchRegions: -1, InFlight: 3} },
 		func(c *KernelConfig) { c.Size = 1 << 50; c.RegionSize = 4096 },
 	} {
 		c := cfg
