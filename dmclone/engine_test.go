@@ -577,14 +577,16 @@ func TestHydrationNotStarvedByForeground(t *testing.T) {
 	}
 	time.Sleep(50 * time.Millisecond) // the workload is busy before hydration starts
 	fc.e.EnableHydration()
-	time.Sleep(500 * time.Millisecond)
+	time.Sleep(time.Second)
 	close(stop)
 	wg.Wait()
 	fc.e.waitWriteBehind()
 	p := fc.e.Progress()
 	bg := p.HydratedRegions - fgRegions.Load() // at most what the workload hydrated
-	t.Logf("in 0.5 s: %d regions hydrated, %d foreground reads", p.HydratedRegions, fgRegions.Load())
-	if bg < 16*20 {
-		t.Fatalf("background hydration starved: only ~%d regions in 0.5 s beyond the workload's own", bg)
+	t.Logf("in 1 s: %d regions hydrated, %d foreground reads", p.HydratedRegions, fgRegions.Load())
+	// One background worker alone could copy ~8000 regions in that second;
+	// a starved one gets close to none.
+	if bg < 100 {
+		t.Fatalf("background hydration starved: only ~%d regions in 1 s beyond the workload's own", bg)
 	}
 }
