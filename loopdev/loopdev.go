@@ -97,7 +97,20 @@ func Detach(dev string) error {
 	if _, err := losetup("--detach", dev); err != nil {
 		return fmt.Errorf("detach %s (unmount whatever uses it first): %w", dev, err)
 	}
-	return nil
+	// The kernel only marks a device still open by someone for release on
+	// last close; wait until it is really gone, so the caller can unmount
+	// the backing file's filesystem next.
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		info, err := Info(dev)
+		if err != nil || info.BackFile == "" {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s is still open by someone after detaching (it goes away on last close): find the holder with fuser -v %s", dev, dev)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // List returns every attached loop device.
