@@ -198,6 +198,7 @@ func (e *Engine) copyBatch(off, end int64) error {
 		if err == nil {
 			e.mu.Lock()
 			e.cnt.Fetched += end - off
+			e.bgFetched += end - off
 			if e.stall != "" {
 				e.log.Info().Msg("source reads succeed again; no longer stalled")
 			}
@@ -215,6 +216,9 @@ func (e *Engine) copyBatch(off, end int64) error {
 		return err
 	}
 	putBuf(buf)
+	e.mu.Lock()
+	e.bgFetched += end - off
+	e.mu.Unlock()
 	return nil
 }
 

@@ -576,3 +576,65 @@ func TestKernelCloneCloseRemoves(t *testing.T) {
 		t.Fatal("a clone larger than its source was created")
 	}
 }
+
+// TestKernelCloneFailingSourceStalls: dm-clone retries a failing source
+// read forever; ferry must report the stall, and hydration must finish once
+// the source heals.
+func TestKernelCloneFailingSourceStalls(t *testing.T) {
+	needKernelClone(t)
+	const size = 8 << 20
+	dir := t.TempDir()
+	srcLoop, src := loopFile(t, dir, "src", size, true)
+	dst, _ := loopFile(t, dir, "dst", size, false)
+	meta, _ := loopFile(t, dir, "meta", KernelMetadataSize(size, 4096), false)
+	srcName := "ferry-src-" + suffix()
+	half := size / 512 / 2
+	// The second half of the source returns I/O errors.
+	sh(t, "dmsetup", "create", srcName, "--table",
+		fmt.Sprintf("0 %d linear %s 0\n%d %d error", half, srcLoop, half, half))
+	t.Cleanup(func() { _ = exec.Command("dmsetup", "remove", "--retry", srcName).Run() })
+	name := "ferry-clone-" + suffix()
+	k, err := CreateKernel(context.Background(), zerolog.New(zerolog.NewTestWriter(t)), KernelConfig{
+		Name: name, Source: "/dev/mapper/" + srcName, Dest: dst, Meta: meta, Size: size,
+		Tunables: Tunables{BatchRegions: 8, InFlight: 2}, PollInterval: 50 * time.Millisecond, StallAfter: time.Second,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		k.Close()
+		_ = RemoveKernel(context.Background(), "", name)
+	})
+	if err := k.EnableHydration(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "stall on the failing half", func() bool { return k.Progress().Stalled })
+	p := k.Progress()
+	if p.Complete || p.HydratedRegions > p.TotalRegions/2 {
+		t.Fatalf("hydrated past the failing half: %+v", p)
+	}
+	t.Logf("stalled at %d/%d: %s", p.HydratedRegions, p.TotalRegions, p.StallReason)
+	// Heal the source: dm-clone's retries then get through.
+	sh(t, "dmsetup", "load", srcName, "--table", fmt.Sprintf("0 %d linear %s 0", size/512, srcLoop))
+	sh(t, "dmsetup", "resume", srcName)
+	select {
+	case <-k.Done():
+	case <-time.After(2 * time.Minute):
+		t.Fatalf("no recovery after the source healed: %+v", k.Progress())
+	}
+	if p := k.Progress(); p.Stalled {
+		t.Fatalf("still stalled after completion: %+v", p)
+	}
+	dev, err := k.Dissolve()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Close()
+	got := make([]byte, size)
+	if _, err := dev.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, src) {
+		t.Fatalf("clone differs from the healed source at byte %d", firstDiff(got, src))
+	}
+}
