@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"time"
 
@@ -97,10 +98,17 @@ func CutoverTarget(ctx context.Context, log zerolog.Logger, p TargetPlan) error 
 			}
 			return ensureAddr(h, link, p.Old.Prefix(), true)
 		})
+		var mac net.HardwareAddr
+		if err == nil {
+			mac, err = linkMAC(m.MachineNS, m.MachineIf)
+		}
 		if err == nil {
 			err = withHandle(m.WorkerNS, func(h *netlink.Handle) error {
 				link, err := h.LinkByName(m.HostVeth)
 				if err != nil {
+					return err
+				}
+				if err := pinNeighbor(h, link, p.Old.IP(), mac); err != nil {
 					return err
 				}
 				return replaceDevRoute(h, link, p.Old.Prefix(), ProtoMapping)
@@ -128,7 +136,10 @@ func removeTargetMapping(ctx context.Context, p TargetPlan) error {
 		}))
 	}
 	errs = append(errs, withHandle(m.WorkerNS, func(h *netlink.Handle) error {
-		return deleteRoutes(h, p.Old.Prefix(), ProtoMapping)
+		if err := deleteRoutes(h, p.Old.Prefix(), ProtoMapping); err != nil {
+			return err
+		}
+		return unpinNeighbor(h, m.HostVeth, p.Old.IP())
 	}))
 	errs = append(errs, removeNAT(ctx, m.WorkerNS, p.Old, p.Mode == ModeNAT))
 	return errors.Join(errs...)
@@ -219,7 +230,7 @@ func CutoverSource(ctx context.Context, log zerolog.Logger, p SourcePlan) error 
 		if err := h.RouteReplace(r); err != nil {
 			return privErr(fmt.Errorf("route %s via %s: %w", m.Addr, p.Via, err))
 		}
-		return nil
+		return unpinNeighbor(h, m.HostVeth, m.Addr.IP())
 	})
 	if err == nil && NamespaceExists(m.MachineNS) {
 		err = withHandle(m.MachineNS, func(h *netlink.Handle) error {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/fnv"
+	"net"
 	"net/netip"
 
 	"github.com/rs/zerolog"
@@ -41,6 +42,7 @@ func (f *Fabric) validate() error {
 	}
 	seenNS := map[string]bool{}
 	seenHost := map[uint32]bool{}
+	seenMAC := map[string]string{}
 	for _, m := range f.Members {
 		if err := validNSName(m.NS); err != nil {
 			return fmt.Errorf("fabric member: %w", err)
@@ -56,6 +58,10 @@ func (f *Fabric) validate() error {
 		if !f.Prefix.Contains(m.Addr) || m.Addr == f.Prefix.Masked().Addr() {
 			return fmt.Errorf("fabric member %s: address %v is not a host address in %v", m.NS, m.Addr, f.Prefix)
 		}
+		if other, dup := seenMAC[fabricMAC(m.Addr).String()]; dup {
+			return fmt.Errorf("fabric members %s and %s: addresses hash to the same MAC; pick another address", other, m.NS)
+		}
+		seenMAC[fabricMAC(m.Addr).String()] = m.NS
 	}
 	return nil
 }
@@ -68,6 +74,16 @@ func (f *Fabric) Member(hostID uint32) (FabricMember, bool) {
 		}
 	}
 	return FabricMember{}, false
+}
+
+// fabricMAC is a member's fabric MAC, derived from its fabric address so a
+// re-created link keeps the neighbor entries the others pinned.
+func fabricMAC(a netip.Addr) net.HardwareAddr {
+	h := fnv.New32a()
+	b := a.As16()
+	h.Write(b[:])
+	v := h.Sum32()
+	return net.HardwareAddr{0x02, 0xfd, byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)}
 }
 
 func bridgePortName(ns string) string {
@@ -92,7 +108,10 @@ func (f *Fabric) Connect(ctx context.Context, log zerolog.Logger) error {
 	if err := withHandle(f.BridgeNS, func(h *netlink.Handle) error {
 		br, err := h.LinkByName("br0")
 		if isNotFound(err) {
-			if err := h.LinkAdd(&netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: "br0"}}); err != nil {
+			// No multicast snooping: nothing on the fabric sends MLD queries,
+			// and neighbor discovery must reach every member at once.
+			snoop := false
+			if err := h.LinkAdd(&netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: "br0"}, MulticastSnooping: &snoop}); err != nil {
 				return privErr(fmt.Errorf("creating fabric bridge: %w", err))
 			}
 			br, err = h.LinkByName("br0")
@@ -111,6 +130,9 @@ func (f *Fabric) Connect(ctx context.Context, log zerolog.Logger) error {
 		if err := f.connectMember(m); err != nil {
 			return fmt.Errorf("fabric member %s: %w", m.NS, err)
 		}
+	}
+	if err := f.pinNeighbors(); err != nil {
+		return err
 	}
 	log.Debug().Str("bridge_ns", f.BridgeNS).Int("members", len(f.Members)).Msg("fabric connected")
 	return nil
@@ -150,7 +172,8 @@ func (f *Fabric) connectMember(m FabricMember) error {
 				return err
 			}
 			defer mns.Close()
-			veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: port}, PeerName: FabricIf, PeerNamespace: netlink.NsFd(int(mns))}
+			veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: port}, PeerName: FabricIf,
+				PeerNamespace: netlink.NsFd(int(mns)), PeerHardwareAddr: fabricMAC(m.Addr)}
 			if err := h.LinkAdd(veth); err != nil {
 				return privErr(fmt.Errorf("creating veth %s <-> %s/%s: %w", port, m.NS, FabricIf, err))
 			}
@@ -171,28 +194,95 @@ func (f *Fabric) connectMember(m FabricMember) error {
 	}); err != nil {
 		return err
 	}
-	if err := withHandle(m.NS, func(h *netlink.Handle) error {
+	// The bridge forwards through the port's own queue, which drops packets
+	// until the port too is operationally up; addresses wait for the link
+	// (see linkUp).
+	if err := linkUp(m.NS, FabricIf); err != nil {
+		return err
+	}
+	if err := waitOperUpIn(m.NS, FabricIf); err != nil {
+		return err
+	}
+	if err := waitOperUpIn(f.BridgeNS, port); err != nil {
+		return err
+	}
+	return withHandle(m.NS, func(h *netlink.Handle) error {
 		link, err := h.LinkByName(FabricIf)
 		if err != nil {
 			return err
 		}
 		// A fixed link-local derived from the fabric address (fe80::<low 64
-		// bits>): stable across re-creation, no DAD wait.
+		// bits>): stable across re-creation.
 		b := m.Addr.As16()
 		copy(b[:8], []byte{0xfe, 0x80, 0, 0, 0, 0, 0, 0})
-		if err := upNoAutoLL(h, link, netip.PrefixFrom(netip.AddrFrom16(b), 64)); err != nil {
+		if err := ensureAddr(h, link, netip.PrefixFrom(netip.AddrFrom16(b), 64), false); err != nil {
 			return err
 		}
-		if err := ensureAddr(h, link, netip.PrefixFrom(m.Addr, f.Prefix.Bits()), false); err != nil {
-			return err
+		return ensureAddr(h, link, netip.PrefixFrom(m.Addr, f.Prefix.Bits()), false)
+	})
+}
+
+// pinNeighbors gives every member a permanent neighbor entry for every other
+// member's fabric address. The fabric then needs no neighbor discovery, like
+// the point-to-point tunnels of a real 6PN: no packet waits for a
+// solicitation, and a lost one cannot stall a path for NDP's 1 s retransmit.
+func (f *Fabric) pinNeighbors() error {
+	macs := make(map[string]net.HardwareAddr, len(f.Members))
+	for _, m := range f.Members {
+		err := withHandle(m.NS, func(h *netlink.Handle) error {
+			link, err := h.LinkByName(FabricIf)
+			if err != nil {
+				return err
+			}
+			macs[m.NS] = link.Attrs().HardwareAddr
+			return nil
+		})
+		if err != nil {
+			return fmt.Errorf("fabric member %s: %w", m.NS, err)
 		}
-		return waitOperUp(h, FabricIf)
-	}); err != nil {
-		return err
 	}
-	// The bridge forwards through the port's own queue, which drops
-	// packets until the port too is operationally up.
-	return withHandle(f.BridgeNS, func(h *netlink.Handle) error { return waitOperUp(h, port) })
+	for _, from := range f.Members {
+		err := withHandle(from.NS, func(h *netlink.Handle) error {
+			link, err := h.LinkByName(FabricIf)
+			if err != nil {
+				return err
+			}
+			for _, to := range f.Members {
+				if to.NS == from.NS {
+					continue
+				}
+				if err := pinNeighbor(h, link, to.Addr, macs[to.NS]); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			return fmt.Errorf("fabric member %s: %w", from.NS, err)
+		}
+	}
+	return nil
+}
+
+// pinNeighbor sets a permanent neighbor entry ip -> mac on link. ferry pins
+// every neighbor on the paths it builds (fabric, machine veths): a freshly
+// added address joins its solicited-node group asynchronously (the kernel
+// does it from a work queue that waits for the RTNL lock), so a neighbor
+// solicitation sent right after setup or cutover can be dropped and the path
+// then stalls for NDP's 1 s retransmit. Seen in tests under load; pinned
+// entries remove the race and take NDP off the cutover's critical path.
+func pinNeighbor(h *netlink.Handle, link netlink.Link, ip netip.Addr, mac net.HardwareAddr) error {
+	n := &netlink.Neigh{
+		LinkIndex:    link.Attrs().Index,
+		Family:       netlink.FAMILY_V6,
+		State:        netlink.NUD_PERMANENT,
+		IP:           ip.AsSlice(),
+		HardwareAddr: mac,
+	}
+	if err := h.NeighSet(n); err != nil {
+		return privErr(fmt.Errorf("neighbor %s on %s: %w", ip, link.Attrs().Name, err))
+	}
+	return nil
 }
 
 // RouteOrg makes every member route org's 6PN prefix of every other worker

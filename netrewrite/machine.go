@@ -35,6 +35,15 @@ var GatewayLL = netip.MustParseAddr("fe80::1")
 // snapshots of the kernel state compare equal across re-applies.
 var MachineLL = netip.MustParseAddr("fe80::2")
 
+// Fixed MAC addresses of the two ends of every machine veth (locally
+// administered). Each pair is its own two-node link, so the same pair of
+// addresses on every machine is fine (Calico does the same), and a veth
+// re-created after a crash has the same neighbor entries as before.
+var (
+	HostVethMAC = net.HardwareAddr{0x02, 0xfe, 0, 0, 0, 0x01}
+	MachineMAC  = net.HardwareAddr{0x02, 0xfe, 0, 0, 0, 0x02}
+)
+
 // DefaultMachineIf is the interface name inside the machine's namespace.
 const DefaultMachineIf = "eth0"
 
@@ -121,12 +130,39 @@ func SetupMachineNet(ctx context.Context, log zerolog.Logger, m MachineNet) erro
 	if err := ensureVeth(m); err != nil {
 		return err
 	}
+	// Both ends up and carrying traffic before any address is added: see
+	// linkUp. Re-applying on a live machine finds both up at once.
+	if err := linkUp(m.MachineNS, m.MachineIf); err != nil {
+		return err
+	}
+	if err := linkUp(m.WorkerNS, m.HostVeth); err != nil {
+		return err
+	}
+	if err := waitOperUpIn(m.WorkerNS, m.HostVeth); err != nil {
+		return err
+	}
+	if err := waitOperUpIn(m.MachineNS, m.MachineIf); err != nil {
+		return err
+	}
+	// Each end gets a permanent neighbor entry for the other (see
+	// pinNeighbor): no neighbor discovery on the machine's path.
+	hostMAC, err := linkMAC(m.WorkerNS, m.HostVeth)
+	if err != nil {
+		return err
+	}
+	machineMAC, err := linkMAC(m.MachineNS, m.MachineIf)
+	if err != nil {
+		return err
+	}
 	if err := withHandle(m.MachineNS, func(h *netlink.Handle) error {
 		link, err := h.LinkByName(m.MachineIf)
 		if err != nil {
 			return fmt.Errorf("machine interface %s in %s: %w", m.MachineIf, m.MachineNS, err)
 		}
-		if err := upNoAutoLL(h, link, netip.PrefixFrom(MachineLL, 64)); err != nil {
+		if err := pinNeighbor(h, link, GatewayLL, hostMAC); err != nil {
+			return err
+		}
+		if err := ensureAddr(h, link, netip.PrefixFrom(MachineLL, 64), false); err != nil {
 			return fmt.Errorf("%s in %s: %w", m.MachineIf, m.MachineNS, err)
 		}
 		if err := ensureAddr(h, link, m.Addr.Prefix(), false); err != nil {
@@ -150,17 +186,14 @@ func SetupMachineNet(ctx context.Context, log zerolog.Logger, m MachineNet) erro
 		if err != nil {
 			return fmt.Errorf("worker veth %s: %w", m.HostVeth, err)
 		}
-		if err := upNoAutoLL(h, link, netip.PrefixFrom(GatewayLL, 64)); err != nil {
+		if err := ensureAddr(h, link, netip.PrefixFrom(GatewayLL, 64), false); err != nil {
 			return fmt.Errorf("gateway on %s: %w", m.HostVeth, err)
 		}
-		if err := replaceDevRoute(h, link, m.Addr.Prefix(), ProtoMachine); err != nil {
+		if err := pinNeighbor(h, link, m.Addr.IP(), machineMAC); err != nil {
 			return err
 		}
-		return waitOperUp(h, m.HostVeth)
+		return replaceDevRoute(h, link, m.Addr.Prefix(), ProtoMachine)
 	}); err != nil {
-		return err
-	}
-	if err := withHandle(m.MachineNS, func(h *netlink.Handle) error { return waitOperUp(h, m.MachineIf) }); err != nil {
 		return err
 	}
 	log.Debug().Str("addr", m.Addr.String()).Str("worker_ns", m.WorkerNS).Str("machine_ns", m.MachineNS).
@@ -168,19 +201,60 @@ func SetupMachineNet(ctx context.Context, log zerolog.Logger, m MachineNet) erro
 	return nil
 }
 
-// upNoAutoLL turns off kernel link-local generation on link, gives it the
-// fixed link-local ll and brings it up.
-func upNoAutoLL(h *netlink.Handle, link netlink.Link, ll netip.Prefix) error {
-	if err := h.LinkSetIP6AddrGenMode(link, 1 /* IN6_ADDR_GEN_MODE_NONE */); err != nil {
-		return privErr(fmt.Errorf("addr_gen_mode none on %s: %w", link.Attrs().Name, err))
+// linkUp turns off kernel link-local generation on the named link and
+// brings it up. Addresses are added only once the link is operationally up:
+// the kernel holds back address setup (including joining the address's
+// solicited-node multicast group) while a link is not ready, and a nodad
+// address added in that window may never answer neighbor solicitations.
+func linkUp(ns, name string) error {
+	return withHandle(ns, func(h *netlink.Handle) error {
+		link, err := h.LinkByName(name)
+		if err != nil {
+			return fmt.Errorf("interface %s in %q: %w", name, ns, err)
+		}
+		if err := h.LinkSetIP6AddrGenMode(link, 1 /* IN6_ADDR_GEN_MODE_NONE */); err != nil {
+			return privErr(fmt.Errorf("addr_gen_mode none on %s: %w", name, err))
+		}
+		if err := h.LinkSetUp(link); err != nil {
+			return privErr(fmt.Errorf("bringing up %s: %w", name, err))
+		}
+		return nil
+	})
+}
+
+// linkMAC is the hardware address of the named link in ns.
+func linkMAC(ns, name string) (net.HardwareAddr, error) {
+	var mac net.HardwareAddr
+	err := withHandle(ns, func(h *netlink.Handle) error {
+		link, err := h.LinkByName(name)
+		if err != nil {
+			return fmt.Errorf("interface %s in %q: %w", name, ns, err)
+		}
+		mac = link.Attrs().HardwareAddr
+		return nil
+	})
+	return mac, err
+}
+
+// unpinNeighbor removes the permanent neighbor entry of ip on the named
+// link, if link and entry exist.
+func unpinNeighbor(h *netlink.Handle, ifname string, ip netip.Addr) error {
+	link, err := h.LinkByName(ifname)
+	if err != nil {
+		if isNotFound(err) {
+			return nil
+		}
+		return fmt.Errorf("looking up %s: %w", ifname, err)
 	}
-	if err := ensureAddr(h, link, ll, false); err != nil {
-		return err
-	}
-	if err := h.LinkSetUp(link); err != nil {
-		return privErr(fmt.Errorf("bringing up %s: %w", link.Attrs().Name, err))
+	n := &netlink.Neigh{LinkIndex: link.Attrs().Index, Family: netlink.FAMILY_V6, IP: ip.AsSlice()}
+	if err := h.NeighDel(n); err != nil && !errors.Is(err, unix.ENOENT) {
+		return privErr(fmt.Errorf("removing neighbor %s on %s: %w", ip, ifname, err))
 	}
 	return nil
+}
+
+func waitOperUpIn(ns, name string) error {
+	return withHandle(ns, func(h *netlink.Handle) error { return waitOperUp(h, name) })
 }
 
 // operUpTimeout bounds the wait for a new link to carry traffic.
@@ -239,9 +313,10 @@ func ensureVeth(m MachineNet) error {
 		}
 		defer mns.Close()
 		veth := &netlink.Veth{
-			LinkAttrs:     netlink.LinkAttrs{Name: m.HostVeth},
-			PeerName:      m.MachineIf,
-			PeerNamespace: netlink.NsFd(int(mns)),
+			LinkAttrs:        netlink.LinkAttrs{Name: m.HostVeth, HardwareAddr: HostVethMAC},
+			PeerName:         m.MachineIf,
+			PeerNamespace:    netlink.NsFd(int(mns)),
+			PeerHardwareAddr: MachineMAC,
 		}
 		if err := h.LinkAdd(veth); err != nil {
 			return privErr(fmt.Errorf("creating veth %s <-> %s/%s: %w", m.HostVeth, m.MachineNS, m.MachineIf, err))

@@ -34,7 +34,8 @@ func normalizeAddrs(out string) string {
 
 // KernelState is a text snapshot of a namespace's IPv6 state as an operator
 // would look at it: `ip -6 addr`, `ip -6 route show table all` and, when nft
-// is installed, `nft list ruleset`. Tests compare snapshots to prove that
+// is installed, `nft list ruleset`, plus the permanent neighbor entries
+// (ferry pins the neighbors of the paths it builds). Tests compare snapshots to prove that
 // rollback and re-application converge. Interface indexes (and the
 // "@peer" of a veth, which ip prints by index) are dropped and interfaces
 // sorted by name: a veth re-created after a crash gets a new index but is
@@ -44,6 +45,7 @@ func KernelState(ctx context.Context, ns string) (string, error) {
 	cmds := [][]string{
 		{"ip", "-6", "addr", "show"},
 		{"ip", "-6", "route", "show", "table", "all"},
+		{"ip", "-6", "neigh", "show", "nud", "permanent"},
 	}
 	if _, err := exec.LookPath("nft"); err == nil {
 		cmds = append(cmds, []string{"nft", "list", "ruleset"})
@@ -54,8 +56,13 @@ func KernelState(ctx context.Context, ns string) (string, error) {
 			return "", fmt.Errorf("%s in namespace %q: %w: %s", strings.Join(c, " "), ns, err, out)
 		}
 		text := string(out)
-		if c[2] == "addr" {
+		switch c[2] {
+		case "addr":
 			text = normalizeAddrs(text)
+		case "neigh": // listed in hash-table order
+			lines := strings.SplitAfter(text, "\n")
+			sort.Strings(lines)
+			text = strings.Join(lines, "")
 		}
 		fmt.Fprintf(&b, "$ %s\n%s", strings.Join(c, " "), text)
 	}
