@@ -97,6 +97,10 @@ func dialConn(deadline time.Time, portal string, tlsCfg *tls.Config) (net.Conn, 
 		_ = tc.SetNoDelay(true)
 	}
 	if tlsCfg != nil {
+		if tlsCfg.ServerName == "" { // verify the portal's own address by default
+			tlsCfg = tlsCfg.Clone()
+			tlsCfg.ServerName, _, _ = net.SplitHostPort(portal)
+		}
 		tc := tls.Client(c, tlsCfg)
 		_ = tc.SetDeadline(deadline)
 		if err := tc.Handshake(); err != nil {
