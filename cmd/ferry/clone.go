@@ -65,9 +65,16 @@ func init() {
 				return err
 			}
 			if asJSON {
+				// The progress record, with where the clone is exported.
+				out := struct {
+					dmclone.Progress
+					File      string `json:"file"`
+					Loop      string `json:"loop,omitempty"`
+					Dissolved bool   `json:"dissolved"`
+				}{*r.Progress, r.File, r.Loop, r.Dissolved}
 				enc := json.NewEncoder(cmd.OutOrStdout())
 				enc.SetIndent("", "  ")
-				return enc.Encode(r)
+				return enc.Encode(out)
 			}
 			printCloneStatus(cmd, r)
 			return nil

@@ -104,6 +104,23 @@ func TestCloneCLI(t *testing.T) {
 	if !bytes.Equal(d, data) {
 		t.Fatal("destination differs from the source after hydration")
 	}
+	// The operator's view: `ferry clone status --json` prints the record.
+	var out bytes.Buffer
+	rootCmd.SetOut(&out)
+	rootCmd.SetArgs([]string{"clone", "status", "--json", "--meta", meta})
+	err = rootCmd.Execute()
+	rootCmd.SetArgs(nil)
+	rootCmd.SetOut(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st map[string]any
+	if err := json.Unmarshal(out.Bytes(), &st); err != nil {
+		t.Fatalf("status --json output %q: %v", out.String(), err)
+	}
+	if st["hydrated_regions"] != float64(2048) || st["complete"] != true || st["dissolved"] != true || st["file"] != ready.File {
+		t.Fatalf("status --json: %v", st)
+	}
 	if _, err := cloneCall("", meta, cloneRequest{Op: "remove"}); err != nil {
 		t.Fatal(err)
 	}
