@@ -135,15 +135,21 @@ func removeTargetMapping(ctx context.Context, p TargetPlan) error {
 			return removeAddr(h, m.MachineIf, p.Old.Prefix())
 		}))
 	}
-	errs = append(errs, withHandle(m.WorkerNS, func(h *netlink.Handle) error {
-		if err := deleteRoutes(h, p.Old.Prefix(), ProtoMapping); err != nil {
-			return err
-		}
-		return unpinNeighbor(h, m.HostVeth, p.Old.IP())
-	}))
-	errs = append(errs, removeNAT(ctx, m.WorkerNS, p.Old, p.Mode == ModeNAT))
+	if !workerGone(m.WorkerNS) {
+		errs = append(errs, withHandle(m.WorkerNS, func(h *netlink.Handle) error {
+			if err := deleteRoutes(h, p.Old.Prefix(), ProtoMapping); err != nil {
+				return err
+			}
+			return unpinNeighbor(h, m.HostVeth, p.Old.IP())
+		}))
+		errs = append(errs, removeNAT(ctx, m.WorkerNS, p.Old, p.Mode == ModeNAT))
+	}
 	return errors.Join(errs...)
 }
+
+// workerGone reports a named worker namespace that no longer exists: its
+// mappings went with it, so expiring them there is done, not an error.
+func workerGone(ns string) bool { return ns != "" && !NamespaceExists(ns) }
 
 // ExpireTarget ends the grace period on the target: the old address stops
 // answering; the machine keeps its new address.
@@ -252,6 +258,9 @@ func ExpireSource(ctx context.Context, log zerolog.Logger, p SourcePlan) error {
 	}
 	if err := CheckPrivileges(); err != nil {
 		return err
+	}
+	if workerGone(p.Machine.WorkerNS) {
+		return nil
 	}
 	if err := withHandle(p.Machine.WorkerNS, func(h *netlink.Handle) error {
 		return deleteRoutes(h, p.Machine.Addr.Prefix(), ProtoMapping)

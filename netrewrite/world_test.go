@@ -461,3 +461,19 @@ func TestMigrateBackDuringGrace(t *testing.T) {
 	w.mustReach(addrA, "back") // the machine's own route on A survived
 	w.mustReach(addrB, "back") // the second mapping is untouched
 }
+
+// TestExpireAfterWorkersGone: a record whose workers were torn down (demo
+// cleanup, a decommissioned host) expires cleanly instead of failing forever.
+func TestExpireAfterWorkersGone(t *testing.T) {
+	needRoot(t)
+	p := "nrt" + randSuffix()
+	tp := TargetPlan{Machine: MachineNet{WorkerNS: p + "-gone-w", MachineNS: p + "-gone-m", Addr: MustBuild(1, 2, 3)}, Old: MustBuild(1, 4, 3)}
+	sp := SourcePlan{Machine: MachineNet{WorkerNS: p + "-gone-s", MachineNS: p + "-gone-sm", Addr: MustBuild(1, 4, 3)}, Via: netip.MustParseAddr("fd00:fe::b")}
+	m, err := NewMapping("m", tp, &sp, time.Now(), time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ExpireMapping(context.Background(), testLogger(t), m); err != nil {
+		t.Fatal(err)
+	}
+}
