@@ -47,7 +47,7 @@ type Engine struct {
 	nHyd      int64
 	nBusy     int64
 	cnt       counters
-	bgFetched int64 // bytes the background copy fetched since Open
+	bgFetched int64  // bytes the background copy fetched since Open
 	version   uint64 // bumped on every change that a commit must carry
 	closed    bool
 	dissolved bool
