@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
 
 	"github.com/ferry-dev/ferry/blockdev"
 	"github.com/ferry-dev/ferry/dmclone"
@@ -187,6 +188,7 @@ func TestRealStack(t *testing.T) {
 		loopdev.Detach(loop)
 		if err := exp.Close(); err != nil {
 			t.Errorf("close export: %v", err)
+			unix.Unmount(filepath.Dir(exp.Path()), unix.MNT_DETACH) // leave no mount behind
 		}
 	})
 	mnt := mountFS(t, loop, "-o", "nodiscard")
