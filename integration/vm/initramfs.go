@@ -23,6 +23,7 @@ var GuestModules = []string{
 	"loop", "dm-mod", "dm-crypt", "dm-clone", "iscsi_tcp", "sd_mod",
 	"xts", "aesni_intel", "algif_skcipher", "algif_hash",
 	"virtio_pci", "virtio_net", "9pnet_virtio", "9p",
+	"ext4", "crc32c_generic", // the kernel-path migration's filesystem
 }
 
 // GuestTools are the host's dynamic binaries copied into the guest at

@@ -65,7 +65,7 @@ type guestSuite struct {
 var guestSuites = []guestSuite{
 	{pkg: "./dmclone", run: "Kernel", needs: []string{"TestKernel"}},
 	{pkg: "./luks", run: "Kernel", needs: []string{"TestKernel"}},
-	{pkg: "./integration/vm", run: "TestGuest", needs: []string{"TestGuestISCSIKernelChain"}},
+	{pkg: "./integration/vm", run: "TestGuest", needs: []string{"TestGuestISCSIKernelChain", "TestGuestKernelMigration"}},
 }
 
 // goBin is the go command building the guest's test binaries.
