@@ -51,6 +51,7 @@ func mount(t *testing.T, dev blockdev.Device) *Export {
 	t.Cleanup(func() {
 		if err := e.Close(); err != nil {
 			t.Errorf("close export: %v", err)
+			unix.Unmount(filepath.Dir(e.Path()), unix.MNT_DETACH) // leave no mount behind
 		}
 	})
 	return e
