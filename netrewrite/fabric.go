@@ -152,6 +152,24 @@ func (f *Fabric) connectMember(m FabricMember) error {
 		_, err := h.LinkByName(FabricIf)
 		return err
 	}) == nil
+	portExists := withHandle(f.BridgeNS, func(h *netlink.Handle) error {
+		_, err := h.LinkByName(port)
+		return err
+	}) == nil
+	if memberHasIf && !portExists {
+		// Its other end went with a deleted bridge namespace (the kernel
+		// frees that asynchronously): remove it now and start over.
+		if err := withHandle(m.NS, func(h *netlink.Handle) error {
+			link, err := h.LinkByName(FabricIf)
+			if err != nil {
+				return nil
+			}
+			return privErr(h.LinkDel(link))
+		}); err != nil {
+			return fmt.Errorf("removing stale %s: %w", FabricIf, err)
+		}
+		memberHasIf = false
+	}
 	if err := withHandle(f.BridgeNS, func(h *netlink.Handle) error {
 		link, err := h.LinkByName(port)
 		if err == nil && !memberHasIf {
@@ -324,6 +342,20 @@ func (f *Fabric) RouteOrg(ctx context.Context, log zerolog.Logger, org uint32) e
 		}
 	}
 	log.Debug().Uint32("org", org).Msg("fabric routes installed")
+	return nil
+}
+
+// ConnectWorkers is Connect followed by RouteOrg for each org: the whole
+// fabric of a demo or test in one idempotent call.
+func ConnectWorkers(ctx context.Context, log zerolog.Logger, f *Fabric, orgs ...uint32) error {
+	if err := f.Connect(ctx, log); err != nil {
+		return err
+	}
+	for _, org := range orgs {
+		if err := f.RouteOrg(ctx, log, org); err != nil {
+			return err
+		}
+	}
 	return nil
 }
 

@@ -89,10 +89,7 @@ func newWorld(t testing.TB) *world {
 			}
 		}
 	})
-	if err := w.fab.Connect(w.ctx, w.log); err != nil {
-		t.Fatal(err)
-	}
-	if err := w.fab.RouteOrg(w.ctx, w.log, testOrg); err != nil {
+	if err := ConnectWorkers(w.ctx, w.log, w.fab, testOrg); err != nil {
 		t.Fatal(err)
 	}
 	return w
@@ -475,5 +472,31 @@ func TestExpireAfterWorkersGone(t *testing.T) {
 	}
 	if err := ExpireMapping(context.Background(), testLogger(t), m); err != nil {
 		t.Fatal(err)
+	}
+}
+
+func TestFabricIdempotentAndTeardown(t *testing.T) {
+	w := newWorld(t)
+	before := w.state(w.src, w.tgt, w.peer)
+	if err := ConnectWorkers(w.ctx, w.log, w.fab, testOrg); err != nil {
+		t.Fatal(err)
+	}
+	sameState(t, "fabric connected twice", before, w.state(w.src, w.tgt, w.peer))
+	// The bridge namespace lost (crash): Connect rebuilds the same fabric.
+	if err := DeleteNamespace(w.fab.BridgeNS); err != nil {
+		t.Fatal(err)
+	}
+	if err := ConnectWorkers(w.ctx, w.log, w.fab, testOrg); err != nil {
+		t.Fatal(err)
+	}
+	sameState(t, "fabric rebuilt", before, w.state(w.src, w.tgt, w.peer))
+	if err := w.fab.Teardown(w.ctx, w.log); err != nil {
+		t.Fatal(err)
+	}
+	if NamespaceExists(w.fab.BridgeNS) {
+		t.Fatal("bridge namespace survived Teardown")
+	}
+	if s := w.state(w.src); strings.Contains(s, FabricIf) {
+		t.Fatalf("%s still has %s after Teardown:\n%s", w.src, FabricIf, s)
 	}
 }
