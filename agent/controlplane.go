@@ -93,6 +93,10 @@ func (p *APIControlPlane) GetWorker(ctx context.Context, name string) (*fsm.Work
 	return nil, &api.Error{Status: http.StatusNotFound, Code: "not_found", Reason: "worker " + name + " is not registered"}
 }
 
+func (p *APIControlPlane) SetVolumeKey(ctx context.Context, volume string, key []byte) error {
+	return p.C.SetVolumeKey(ctx, volume, key)
+}
+
 func (p *APIControlPlane) VolumeKey(ctx context.Context, volume string) ([]byte, error) {
 	return p.C.GetVolumeKey(ctx, volume)
 }

@@ -29,6 +29,8 @@ type ControlPlane interface {
 	// VolumeKey returns a volume's passphrase; the server hands it only to the
 	// worker that owns the volume or targets its active migration.
 	VolumeKey(ctx context.Context, volume string) ([]byte, error)
+	// SetVolumeKey stores the key of a volume this worker owns (a migration's destination).
+	SetVolumeKey(ctx context.Context, volume string, key []byte) error
 }
 
 // Exporter serves a frozen volume to one target over iSCSI.

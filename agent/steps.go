@@ -161,6 +161,12 @@ func (a *Agent) buildClone(ctx context.Context, log zerolog.Logger, m *fsm.Migra
 		return fmt.Errorf("fetch key of volume %s: %w", m.Volume, err)
 	}
 	defer clear(key)
+	// The destination carries the same LUKS2 keyslots, so the server must
+	// hold its key too: without it the machine could never be restarted,
+	// rolled back to, or migrated again from here.
+	if err := a.cp.SetVolumeKey(ctx, m.TargetVol, key); err != nil {
+		return fmt.Errorf("store the key of destination volume %s: %w", m.TargetVol, err)
+	}
 	dev, err := a.vols.Mount(ctx, a.cloneConfig(m, false), key, a.vols.MountPoint(m.Machine))
 	if err != nil {
 		return err
@@ -302,7 +308,15 @@ func (a *Agent) hydrate(ctx context.Context, log zerolog.Logger, m *fsm.Migratio
 			a.met.hydrateRate.DeleteLabelValues(m.ID)
 			a.met.hydrated.DeleteLabelValues(m.ID)
 			log.Info().Msg("hydrated; clone dissolved into the destination")
-			return a.propose(ctx, m, fsm.EvHydrated, fsm.EventPayload{Progress: fp})
+			if err := a.propose(ctx, m, fsm.EvHydrated, fsm.EventPayload{Progress: fp}); err != nil {
+				return err
+			}
+			// The clone's metadata (all regions hydrated) is only needed to
+			// rebuild the clone until hydrated is committed.
+			if err := os.Remove(a.vols.MetaPath(m.TargetVol)); err != nil && !os.IsNotExist(err) {
+				log.Warn().Err(err).Msg("removing the dissolved clone's metadata")
+			}
+			return nil
 		}
 		if st.Progress != nil {
 			a.met.hydrateRate.WithLabelValues(m.ID).Set(st.Progress.RateBps)
