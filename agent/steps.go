@@ -84,8 +84,29 @@ func (a *Agent) propose(ctx context.Context, m *fsm.Migration, ev fsm.Event, p f
 	return nil
 }
 
-// targetVolume names the destination volume of a migration.
-func targetVolume(m *fsm.Migration) string { return m.Volume + "-" + shortID(m.ID) }
+// targetVolume names the destination volume of a migration: the volume's
+// name without an earlier migration's suffix (so names do not grow as a
+// machine moves back and forth, until the datapath's socket path no longer
+// fits a sockaddr_un), then this migration's short ID.
+func targetVolume(m *fsm.Migration) string {
+	base := m.Volume
+	if i := strings.LastIndex(base, "-"); i > 0 && isShortID(base[i+1:]) {
+		base = base[:i]
+	}
+	return base + "-" + shortID(m.ID)
+}
+
+func isShortID(s string) bool {
+	if len(s) != 8 {
+		return false
+	}
+	for _, c := range s {
+		if !strings.ContainsRune("0123456789abcdef", c) {
+			return false
+		}
+	}
+	return true
+}
 
 func shortID(id string) string {
 	id = strings.TrimPrefix(strings.TrimPrefix(id, "mig_"), "mig-")
