@@ -1,0 +1,308 @@
+package chaos
+
+import (
+	"fmt"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/ferry-dev/ferry/fsm"
+)
+
+// The matrix is generated from fsm.Transitions: every state some event
+// leaves is a row, so a new state is covered without touching this file.
+// A row's migration is held in its state by pausing the agent that proposes
+// the event leaving it (FERRY_FAILPOINT_PAUSE_BEFORE), the participant is
+// killed with SIGKILL as soon as the state is seen committed, then restarted
+// at once, or (lease variant) only after its lease expired and the server
+// acted on it.
+
+const (
+	matrixVolSize = 32 << 20
+	pause         = 4 * time.Second
+	leaseTTL      = 3 * time.Second
+)
+
+// leaving is the first row of the table leaving s (table order puts the
+// forward step first); a self-loop such as target_torn_down counts, since it
+// is the next thing that happens.
+func leaving(s fsm.State) (fsm.Transition, bool) {
+	for _, t := range fsm.Transitions {
+		if slices.Contains(t.From, s) {
+			return t, true
+		}
+	}
+	return fsm.Transition{}, false
+}
+
+// forwardPath follows, from planned, the first row leaving each state to another state.
+func forwardPath() []fsm.State {
+	path := []fsm.State{fsm.Planned}
+	for cur := fsm.Planned; !cur.Terminal(); {
+		next := fsm.State("")
+		for _, t := range fsm.Transitions {
+			if slices.Contains(t.From, cur) && t.To != cur {
+				next = t.To
+				break
+			}
+		}
+		if next == "" || slices.Contains(path, next) {
+			break
+		}
+		path = append(path, next)
+		cur = next
+	}
+	return path
+}
+
+// matrixStates: every state some event leaves, in fsm.AllStates order.
+func matrixStates() []fsm.State {
+	var out []fsm.State
+	for _, s := range fsm.AllStates {
+		if _, ok := leaving(s); ok && !s.Terminal() {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+// detour says how to reach a state off the forward path: an operator event
+// proposed while the migration is held at a forward state.
+type detour struct {
+	at fsm.State
+	ev fsm.Event
+}
+
+func reach(s fsm.State) (*detour, error) {
+	fwd := forwardPath()
+	if slices.Contains(fwd, s) {
+		return nil, nil
+	}
+	for _, t := range fsm.Transitions {
+		if t.To != s || !slices.Contains(t.Roles, fsm.RoleOperator) {
+			continue
+		}
+		// The latest forward state the event may come from whose leaving
+		// event an agent proposes (so the failpoint can hold it there).
+		for i := len(fwd) - 1; i >= 0; i-- {
+			lt, ok := leaving(fwd[i])
+			if slices.Contains(t.From, fwd[i]) && ok && agentRole(lt) != "" {
+				return &detour{at: fwd[i], ev: t.Event}, nil
+			}
+		}
+	}
+	return nil, fmt.Errorf("state %s is neither on the forward path %v nor reachable by an operator event: teach the chaos matrix how to get there", s, fwd)
+}
+
+// agentRole is "source" or "target" when an agent proposes t, else "".
+func agentRole(t fsm.Transition) string {
+	switch {
+	case slices.Contains(t.Roles, fsm.RoleTarget):
+		return "target"
+	case slices.Contains(t.Roles, fsm.RoleSource):
+		return "source"
+	}
+	return ""
+}
+
+type matrixCase struct {
+	state fsm.State
+	who   string // source, target, server
+	lease bool   // stay dead until the lease expired and the server acted
+}
+
+func (k matrixCase) name() string {
+	mode := "restart"
+	if k.lease {
+		mode = "lease"
+	}
+	return fmt.Sprintf("%s/%s/%s", k.state, k.who, mode)
+}
+
+// matrixCases: the short form kills one participant per state (rotating
+// source, target, server) and adds lease-expiry variants before and after
+// cutover; FERRY_CHAOS=full kills every participant at every state, with
+// and without waiting for the lease.
+func matrixCases(lease bool) []matrixCase {
+	var out []matrixCase
+	parts := []string{"target", "source", "server"}
+	for i, s := range matrixStates() {
+		if lease {
+			if full {
+				out = append(out, matrixCase{s, "source", true}, matrixCase{s, "target", true})
+			}
+			continue
+		}
+		if full {
+			for _, p := range parts {
+				out = append(out, matrixCase{s, p, false})
+			}
+		} else {
+			out = append(out, matrixCase{s, parts[i%len(parts)], false})
+		}
+	}
+	if lease && !full {
+		out = append(out, matrixCase{fsm.Exported, "target", true}, matrixCase{fsm.Hydrating, "source", true})
+	}
+	return out
+}
+
+func TestMatrixTable(t *testing.T) {
+	// The generator itself: every non-terminal state is covered and reachable.
+	states := matrixStates()
+	for _, s := range fsm.AllStates {
+		if !s.Terminal() && !slices.Contains(states, s) {
+			t.Errorf("state %s is not in the matrix", s)
+		}
+	}
+	for _, s := range states {
+		if _, err := reach(s); err != nil {
+			t.Error(err)
+		}
+	}
+	if d, _ := reach(fsm.RollingBack); d == nil || d.ev != fsm.EvAbort {
+		t.Errorf("rolling_back is reached by %+v, want an operator abort", d)
+	}
+	if got := len(matrixCases(false)); got != len(states) && !full {
+		t.Errorf("short form has %d cases for %d states", got, len(states))
+	}
+}
+
+func TestChaosMatrix(t *testing.T) {
+	runMatrix(t, false)
+}
+
+func TestChaosMatrixLease(t *testing.T) {
+	runMatrix(t, true)
+}
+
+func runMatrix(t *testing.T, lease bool) {
+	var args []string
+	if lease {
+		args = []string{"--lease-ttl", leaseTTL.String()}
+	}
+	c := newCluster(t, 2, args...)
+	a := c.ws[0]
+	tag := "m"
+	if lease {
+		tag = "l"
+	}
+	if err := c.bed.CreateVolume(c.ctx, tag+"vol", a, matrixVolSize); err != nil {
+		t.Fatal(err)
+	}
+	ack, err := c.bed.RunRecords(c.ctx, tag+"mach", a, tag+"vol", 50)
+	if err != nil {
+		t.Fatal(err)
+	}
+	table := "chaos matrix (kill -9 right after the state commits, restart at once)"
+	if lease {
+		table = "chaos matrix, lease variant (kill -9, restart only after the lease expired, ttl " + leaseTTL.String() + ")"
+	}
+	report(table, "| state | killed | killed at | ended | path | acked/present | source after | leaks | took |")
+	report(table, "|---|---|---|---|---|---|---|---|---|")
+	for _, k := range matrixCases(lease) {
+		ok := t.Run(k.name(), func(t *testing.T) {
+			parent := c.t
+			c.t = t
+			defer func() { c.t = parent }()
+			line := runMatrixCase(c, k, tag+"mach", ack)
+			report(table, line)
+		})
+		if !ok {
+			report(table, fmt.Sprintf("| %s | %s | | FAILED | | | | | |", k.state, k.who))
+		}
+	}
+}
+
+func runMatrixCase(c *cluster, k matrixCase, machineID, ack string) string {
+	t := c.t
+	src := c.machineOn(machineID)
+	dst := c.other(src)
+	mach, err := c.bed.Client.GetMachine(c.ctx, machineID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srcVol := mach.Volume
+	roleWorker := map[string]string{"source": src, "target": dst}
+
+	// Hold the migration in the state (and at the detour's state, if any).
+	fp := map[string][]string{}
+	hold := func(s fsm.State) {
+		lt, ok := leaving(s)
+		if !ok {
+			return
+		}
+		if r := agentRole(lt); r != "" {
+			fp[roleWorker[r]] = append(fp[roleWorker[r]], fmt.Sprintf("%s=%s", lt.Event, pause))
+		}
+	}
+	hold(k.state)
+	d, err := reach(k.state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d != nil {
+		hold(d.at)
+	}
+	want := map[string]string{}
+	for w, l := range fp {
+		want[w] = strings.Join(l, ",")
+	}
+	c.setFailpoints(want)
+
+	start := time.Now()
+	id, err := c.bed.Migrate(c.ctx, machineID, dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := c.watch(id, src, srcVol)
+	if d != nil {
+		if _, err := c.bed.WaitState(c.ctx, id, 2*time.Minute, d.at); err != nil {
+			w.close()
+			t.Fatal(err)
+		}
+		if _, err := c.bed.Client.Propose(c.ctx, id, d.ev, "", fsm.EventPayload{Reason: "chaos: operator " + string(d.ev)}); err != nil {
+			w.close()
+			t.Fatalf("operator %s at %s: %v", d.ev, d.at, err)
+		}
+	}
+	// Kill as soon as the state is committed.
+	killedAt := fsm.State("")
+	deadline := time.Now().Add(2 * time.Minute)
+	for killedAt == "" && time.Now().Before(deadline) {
+		m, err := c.bed.Client.GetMigration(c.ctx, id)
+		if err == nil && (m.State == k.state || m.State.Terminal()) {
+			killedAt = m.State
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if killedAt == "" {
+		w.close()
+		t.Fatalf("migration %s never reached %s (path %s)", id, k.state, w.path())
+	}
+	victim := k.who
+	if victim != "server" {
+		victim = roleWorker[k.who]
+	}
+	c.kill9(victim)
+	if k.lease {
+		if killedAt.BeforeCutover() {
+			// The server rolls a pre-cutover migration of a dead worker back.
+			if _, err := c.bed.WaitState(c.ctx, id, time.Minute, fsm.RollingBack, fsm.RolledBack); err != nil {
+				w.close()
+				t.Fatalf("lease of the dead %s expired, no rollback: %v", k.who, err)
+			}
+		} else {
+			time.Sleep(3 * leaseTTL)
+		}
+	} else {
+		time.Sleep(200 * time.Millisecond)
+	}
+	c.restart(victim)
+	o := c.finish(id, machineID, src, dst, srcVol, ack, w, start, 4*time.Minute)
+	t.Logf("%s: killed %s at %s, ended %s via %s, records %d/%d, source %s, %v", k.name(), victim, killedAt, o.final.State, w.path(), o.acked, o.present, o.frozenSame, o.took.Round(time.Millisecond))
+	return fmt.Sprintf("| %s | %s | %s | %s | %s | %d/%d | %s | %s | %s |", k.state, k.who, killedAt, o.final.State,
+		w.path(), o.acked, o.present, o.frozenSame, o.leaks, o.took.Round(100*time.Millisecond))
+}

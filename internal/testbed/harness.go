@@ -1,0 +1,393 @@
+package testbed
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/ferry-dev/ferry/api"
+	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/machine"
+	"github.com/ferry-dev/ferry/netrewrite"
+	"github.com/ferry-dev/ferry/workload"
+)
+
+// This file holds the helpers the chaos tests and the benchmark command share:
+// they return errors instead of taking a testing.TB, so a plain program can
+// drive a cluster too.
+
+// BuildFerry compiles the ferry binary into dir and returns its path.
+func BuildFerry(dir string) (string, error) {
+	exe := filepath.Join(dir, "ferry")
+	out, err := exec.Command("go", "build", "-o", exe, "github.com/ferry-dev/ferry/cmd/ferry").CombinedOutput()
+	if err != nil {
+		return "", fmt.Errorf("build ferry: %w\n%s", err, out)
+	}
+	return exe, nil
+}
+
+// RandHex returns n random bytes, hex encoded.
+func RandHex(n int) string {
+	b := make([]byte, n)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// Workers returns the bed's worker names.
+func (b *Bed) Workers() []string { return append([]string(nil), b.cfg.Workers...) }
+
+// Dir is the bed's work dir.
+func (b *Bed) Dir() string { return b.cfg.Dir }
+
+// Prefix is the bed's namespace prefix.
+func (b *Bed) Prefix() string { return b.cfg.Prefix }
+
+// Exe is the ferry binary the bed runs.
+func (b *Bed) Exe() string { return b.cfg.Exe }
+
+// CreateVolume registers a volume on worker, hands the server a random key
+// and waits until the worker's agent formatted it.
+func (b *Bed) CreateVolume(ctx context.Context, id, worker string, size int64) error {
+	if _, err := b.Client.CreateVolume(ctx, fsm.Volume{ID: id, Worker: worker, Size: size, State: fsm.VolCreating}); err != nil {
+		return fmt.Errorf("create volume %s: %w", id, err)
+	}
+	if err := b.Client.SetVolumeKey(ctx, id, []byte(RandHex(32))); err != nil {
+		return fmt.Errorf("key of volume %s: %w", id, err)
+	}
+	deadline := time.Now().Add(2 * time.Minute)
+	for time.Now().Before(deadline) {
+		v, err := b.Client.GetVolume(ctx, id)
+		if err == nil && v.State == fsm.VolCreated {
+			return nil
+		}
+		if !sleepCtx(ctx, 100*time.Millisecond) {
+			return ctx.Err()
+		}
+	}
+	return fmt.Errorf("volume %s not created within 2m; see the agent log of %s", id, worker)
+}
+
+// RunRecords starts the checksummed-records workload as machine id on worker
+// with volume vol in private network org, and waits for its first
+// acknowledged record. It returns the ack file (kept outside every volume).
+func (b *Bed) RunRecords(ctx context.Context, id, worker, vol string, org uint32) (string, error) {
+	if err := b.Fabric.RouteOrg(ctx, zerolog.Nop(), org); err != nil {
+		return "", err
+	}
+	ack := filepath.Join(b.cfg.Dir, id+".ack")
+	addr, err := netrewrite.Build(org, b.HostID(worker), 1)
+	if err != nil {
+		return "", err
+	}
+	spec := fmt.Sprintf(`{"command":[%q,"workload","run","--ack",%q,"--listen","[::]:7000"],"kill_signal":"SIGINT","kill_timeout":5000000000}`, b.cfg.Exe, ack)
+	if _, err := b.Client.CreateMachine(ctx, fsm.Machine{ID: id, Worker: worker, Volume: vol, Network: org, MachineNo: 1,
+		Addr6PN: addr.String(), State: fsm.MachineRunning, Spec: []byte(spec)}); err != nil {
+		return "", fmt.Errorf("create machine %s: %w", id, err)
+	}
+	_, err = WaitAcked(ctx, ack, 1, time.Minute)
+	return ack, err
+}
+
+// WaitAcked waits until the workload acknowledged at least n records.
+func WaitAcked(ctx context.Context, ack string, n uint64, timeout time.Duration) (uint64, error) {
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		if a, _ := workload.Acked(ack); a >= n {
+			return a, nil
+		}
+		if !sleepCtx(ctx, 50*time.Millisecond) {
+			return 0, ctx.Err()
+		}
+	}
+	a, _ := workload.Acked(ack)
+	return a, fmt.Errorf("workload acknowledged %d records, fewer than %d, within %v", a, n, timeout)
+}
+
+// WaitTerminal waits until migration id is completed or rolled back.
+func (b *Bed) WaitTerminal(ctx context.Context, id string, timeout time.Duration) (*fsm.Migration, error) {
+	return b.WaitState(ctx, id, timeout, fsm.Completed, fsm.RolledBack)
+}
+
+// WaitState waits until migration id is in one of states; reaching another
+// terminal state is an error.
+func (b *Bed) WaitState(ctx context.Context, id string, timeout time.Duration, states ...fsm.State) (*fsm.Migration, error) {
+	deadline := time.Now().Add(timeout)
+	var m *fsm.Migration
+	var err error
+	for time.Now().Before(deadline) {
+		m, err = b.Client.GetMigration(ctx, id)
+		if err == nil {
+			for _, s := range states {
+				if m.State == s {
+					return m, nil
+				}
+			}
+			if m.State.Terminal() {
+				return m, fmt.Errorf("migration %s ended %s (rollback %+v), waiting for %v", id, m.State, m.Rollback, states)
+			}
+		}
+		if !sleepCtx(ctx, 50*time.Millisecond) {
+			return m, ctx.Err()
+		}
+	}
+	if m != nil {
+		return m, fmt.Errorf("migration %s still %s after %v, waiting for %v (stalled %v: %s; last error %q)", id, m.State, timeout, states, m.Stalled, m.StallCause, m.LastError)
+	}
+	return nil, fmt.Errorf("migration %s: no record after %v: %v", id, timeout, err)
+}
+
+// VerifyRecords checks every acknowledged record is on the machine's mount on worker.
+func (b *Bed) VerifyRecords(machineID, worker, ack string) (present, acked uint64, err error) {
+	return workload.Verify(filepath.Join(b.WorkerDir(worker), "mnt", machineID), ack)
+}
+
+// NeverTwice checks the machine's run intervals on different workers never
+// overlap (DESIGN.md invariant 2).
+func (b *Bed) NeverTwice(machineID string) error {
+	type iv struct {
+		w    string
+		a, b time.Time
+	}
+	var all []iv
+	for _, w := range b.cfg.Workers {
+		ivs, err := machine.Journal(filepath.Join(b.WorkerDir(w), "machines"), machineID)
+		if err != nil {
+			return err
+		}
+		for _, i := range ivs {
+			end := i.Stop
+			if end.IsZero() {
+				end = time.Now().Add(time.Hour)
+			}
+			all = append(all, iv{w, i.Start, end})
+		}
+	}
+	for i := range all {
+		for j := range all {
+			if i != j && all[i].w != all[j].w && all[i].a.Before(all[j].b) && all[j].a.Before(all[i].b) {
+				return fmt.Errorf("machine %s ran on %s (%v..%v) and on %s (%v..%v) at once", machineID,
+					all[i].w, all[i].a, all[i].b, all[j].w, all[j].a, all[j].b)
+			}
+		}
+	}
+	return nil
+}
+
+// SourceFile is a volume's data file on a worker.
+func (b *Bed) SourceFile(worker, vol string) string {
+	return filepath.Join(b.WorkerDir(worker), "volumes", vol, "data")
+}
+
+// FileSum is the SHA-256 of a file.
+func FileSum(path string) ([32]byte, error) {
+	var s [32]byte
+	f, err := os.Open(path)
+	if err != nil {
+		return s, err
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		return s, err
+	}
+	copy(s[:], h.Sum(nil))
+	return s, nil
+}
+
+// Leftovers lists every namespace, mount, loop device and process of the bed
+// still present; after Close it must be empty.
+func (b *Bed) Leftovers() []string {
+	var out []string
+	if ents, err := os.ReadDir("/run/netns"); err == nil {
+		for _, e := range ents {
+			if strings.HasPrefix(e.Name(), b.cfg.Prefix+"-") {
+				out = append(out, "namespace "+e.Name())
+			}
+			for _, w := range b.cfg.Workers {
+				if strings.HasPrefix(e.Name(), "fm-"+w+"-") {
+					out = append(out, "machine namespace "+e.Name())
+				}
+			}
+		}
+	}
+	for _, l := range linesWith(readString("/proc/self/mounts"), b.cfg.Dir) {
+		out = append(out, "mount "+l)
+	}
+	loops, _ := exec.Command("losetup", "-a").CombinedOutput()
+	for _, l := range linesWith(string(loops), b.cfg.Dir) {
+		out = append(out, "loop "+l)
+	}
+	ps, _ := exec.Command("ps", "-eo", "pid,args").CombinedOutput()
+	for _, l := range linesWith(string(ps), b.cfg.Dir) {
+		out = append(out, "process "+l)
+	}
+	return out
+}
+
+// Resources is what a running bed holds, counted to find leaks between
+// migrations: with k machines running and no migration active, a bed holds
+// k mounts, k loop devices, k datapaths, k workloads, k machine namespaces,
+// no export, no iSCSI session and no clone. A machine's volume is two mounts
+// (the datapath's FUSE file and the ext4 on its loop device).
+type Resources struct {
+	Mounts, Loops, Datapaths, Machines, MachineNS []string
+	Exports                                       []string // export records and gates (listening iSCSI portals)
+	Sessions                                      []string // established TCP connections between worker namespaces
+	Clones                                        []string // clone metadata files
+}
+
+// Count is a one-line summary.
+func (r Resources) String() string {
+	return fmt.Sprintf("mounts=%d loops=%d datapaths=%d machines=%d machine-ns=%d exports=%d sessions=%d clones=%d",
+		len(r.Mounts), len(r.Loops), len(r.Datapaths), len(r.Machines), len(r.MachineNS), len(r.Exports), len(r.Sessions), len(r.Clones))
+}
+
+// Snapshot lists the bed's resources now.
+func (b *Bed) Snapshot() Resources {
+	var r Resources
+	r.Mounts = linesWith(readString("/proc/self/mounts"), b.cfg.Dir)
+	loops, _ := exec.Command("losetup", "-a").CombinedOutput()
+	r.Loops = linesWith(string(loops), b.cfg.Dir)
+	ps, _ := exec.Command("ps", "-eo", "pid,args").CombinedOutput()
+	for _, l := range linesWith(string(ps), b.cfg.Dir) {
+		switch {
+		case strings.Contains(l, " volume serve"):
+			r.Datapaths = append(r.Datapaths, l)
+		case strings.Contains(l, " workload run"):
+			r.Machines = append(r.Machines, l)
+		}
+	}
+	if ents, err := os.ReadDir("/run/netns"); err == nil {
+		for _, e := range ents {
+			for _, w := range b.cfg.Workers {
+				if strings.HasPrefix(e.Name(), "fm-"+w+"-") {
+					r.MachineNS = append(r.MachineNS, e.Name())
+				}
+			}
+		}
+	}
+	for _, w := range b.cfg.Workers {
+		recs, _ := filepath.Glob(filepath.Join(b.WorkerDir(w), "exports", "*.json"))
+		for _, rec := range recs {
+			r.Exports = append(r.Exports, w+": record "+filepath.Base(rec))
+		}
+		metas, _ := filepath.Glob(filepath.Join(b.WorkerDir(w), "volumes", "*", "clone.meta"))
+		for _, m := range metas {
+			r.Clones = append(r.Clones, w+": "+m)
+		}
+		addr := b.Addr(w).String()
+		out, _ := exec.Command("ip", "netns", "exec", b.NSOf(w), "ss", "-Htn", "state", "listening").CombinedOutput()
+		for _, l := range strings.Split(string(out), "\n") {
+			if strings.Contains(l, addr) {
+				r.Exports = append(r.Exports, w+": listening "+strings.Join(strings.Fields(l), " "))
+			}
+		}
+		out, _ = exec.Command("ip", "netns", "exec", b.NSOf(w), "ss", "-Htn", "state", "established").CombinedOutput()
+		for _, l := range strings.Split(string(out), "\n") {
+			f := strings.Fields(l)
+			if len(f) < 4 {
+				continue
+			}
+			// Worker-to-worker connections only: the server (ctl) is not a worker.
+			local, peer := f[len(f)-2], f[len(f)-1]
+			if strings.Contains(local, addr) && !strings.Contains(peer, b.addr["ctl"].String()) {
+				r.Sessions = append(r.Sessions, w+": "+local+" -> "+peer)
+			}
+		}
+	}
+	return r
+}
+
+// CheckSteady reports leaks against the steady state of `running` machines
+// with no migration active.
+func (r Resources) CheckSteady(running int) error {
+	var bad []string
+	check := func(what string, got []string, want int) {
+		if len(got) != want {
+			bad = append(bad, fmt.Sprintf("%d %s, want %d:\n  %s", len(got), what, want, strings.Join(got, "\n  ")))
+		}
+	}
+	check("mounts", r.Mounts, 2*running)
+	check("loop devices", r.Loops, running)
+	check("datapaths", r.Datapaths, running)
+	check("machine processes", r.Machines, running)
+	check("machine namespaces", r.MachineNS, running)
+	check("exports", r.Exports, 0)
+	check("iSCSI sessions", r.Sessions, 0)
+	check("clones", r.Clones, 0)
+	if len(bad) > 0 {
+		return fmt.Errorf("resources after the migration ended: %s", strings.Join(bad, "; "))
+	}
+	return nil
+}
+
+func readString(path string) string {
+	b, _ := os.ReadFile(path)
+	return string(b)
+}
+
+func linesWith(s, sub string) []string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, sub) {
+			out = append(out, strings.TrimSpace(l))
+		}
+	}
+	return out
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	select {
+	case <-ctx.Done():
+		return false
+	case <-time.After(d):
+		return true
+	}
+}
+
+// Migrate plans a migration of machineID to target and returns its ID.
+func (b *Bed) Migrate(ctx context.Context, machineID, target string) (string, error) {
+	m, err := b.Client.CreateMigration(ctx, api.PlanRequest{Machine: machineID, Target: target})
+	if err != nil {
+		return "", fmt.Errorf("migrate %s to %s: %w", machineID, target, err)
+	}
+	return m.ID, nil
+}
+
+// SetLink brings a worker's fabric link (fab0 in its namespace) up or down.
+func (b *Bed) SetLink(ctx context.Context, worker string, up bool) error {
+	state := "down"
+	if up {
+		state = "up"
+	}
+	out, err := exec.CommandContext(ctx, "ip", "-n", b.NSOf(worker), "link", "set", "fab0", state).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("ip link set fab0 %s in %s: %w: %s", state, b.NSOf(worker), err, out)
+	}
+	return nil
+}
+
+// DumpLogs returns the tails of every log of the bed.
+func (b *Bed) DumpLogs(tail int) string {
+	logs, _ := filepath.Glob(filepath.Join(b.cfg.Dir, "*.log"))
+	more, _ := filepath.Glob(filepath.Join(b.cfg.Dir, "*", "run", "*.log"))
+	var sb strings.Builder
+	for _, l := range append(logs, more...) {
+		c, _ := os.ReadFile(l)
+		if len(c) > tail {
+			c = c[len(c)-tail:]
+		}
+		fmt.Fprintf(&sb, "=== %s (tail)\n%s\n", l, c)
+	}
+	return sb.String()
+}
