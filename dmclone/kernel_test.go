@@ -371,7 +371,7 @@ func loopFile(t *testing.T, dir, name string, size int64, random bool) (dev stri
 
 func TestKernelCloneHydratesDissolves(t *testing.T) {
 	needKernelClone(t)
-	const size = 32 << 20
+	const size = 16 << 20
 	dir := t.TempDir()
 	srcLoop, src := loopFile(t, dir, "src", size, true)
 	dst, _ := loopFile(t, dir, "dst", size, false)

@@ -137,7 +137,7 @@ func TestGuestISCSIKernelChain(t *testing.T) {
 
 	// Idle for a few NOP-Out intervals, then the session must still be up
 	// and answer, with no connection error logged by the kernel.
-	time.Sleep(3 * time.Second)
+	time.Sleep(2500 * time.Millisecond)
 	st := guestRun(t, "iscsiadm", "-m", "session", "-P", "1")
 	if !strings.Contains(st, "iSCSI Session State: LOGGED_IN") {
 		t.Fatalf("session after NOP-Outs:\n%s", st)
@@ -182,7 +182,7 @@ func TestGuestISCSIKernelChain(t *testing.T) {
 	before := k.Progress().HydratedRegions
 
 	// A trim through dm-crypt reaches dm-clone: regions hydrated, nothing fetched.
-	guestRun(t, "blkdiscard", "-o", fmt.Sprint(8<<20), "-l", fmt.Sprint(1<<20), mapper)
+	guestRun(t, "blkdiscard", "-o", fmt.Sprint(4<<20), "-l", fmt.Sprint(1<<20), mapper)
 	waitUntil(t, "discard hydrates 256 regions", func() bool { return k.Progress().HydratedRegions >= before+256 })
 	// The machine writes on the target.
 	w := bytes.Repeat([]byte("ferry-vm"), 8<<10)
@@ -190,14 +190,14 @@ func TestGuestISCSIKernelChain(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := f.WriteAt(w, 16<<20); err != nil {
+	if _, err := f.WriteAt(w, 8<<20); err != nil {
 		t.Fatal(err)
 	}
 	if err := f.Sync(); err != nil {
 		t.Fatal(err)
 	}
 	f.Close()
-	copy(plain[16<<20:], w)
+	copy(plain[8<<20:], w)
 
 	if err := k.EnableHydration(); err != nil {
 		t.Fatal(err)
@@ -221,8 +221,8 @@ func TestGuestISCSIKernelChain(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	clear(got[8<<20 : 9<<20]) // trimmed: its content is undefined
-	clear(plain[8<<20 : 9<<20])
+	clear(got[4<<20 : 5<<20]) // trimmed: its content is undefined
+	clear(plain[4<<20 : 5<<20])
 	if !bytes.Equal(got, plain) {
 		t.Fatal("plaintext after hydration and dissolve differs")
 	}
@@ -284,7 +284,7 @@ func TestGuestKernelMigration(t *testing.T) {
 	ctx := context.Background()
 	log := zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.WarnLevel)
 	dir := t.TempDir()
-	const size = 48 << 20
+	const size = 32 << 20
 	steps := []string{}
 	mark := time.Now()
 	step := func(name string) {
@@ -318,18 +318,18 @@ func TestGuestKernelMigration(t *testing.T) {
 	guestRun(t, "mount", "-t", "ext4", srcPlain, srcMnt)
 	t.Cleanup(func() { _ = exec.Command("umount", srcMnt).Run() })
 	// Data the target must fetch, and freed space fstrim must skip.
-	keep := bytes.Repeat([]byte("0123456789abcdef"), 8<<20/16)
+	keep := bytes.Repeat([]byte("0123456789abcdef"), 4<<20/16)
 	if err := os.WriteFile(filepath.Join(srcMnt, "keep"), keep, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(filepath.Join(srcMnt, "gone"), make([]byte, 16<<20), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(srcMnt, "gone"), make([]byte, 8<<20), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	guestRun(t, "sync")
 	if err := os.Remove(filepath.Join(srcMnt, "gone")); err != nil {
 		t.Fatal(err)
 	}
-	const perSide = 300
+	const perSide = 100
 	appendRecords(t, filepath.Join(srcMnt, "records"), 0, perSide)
 	step("source prepared")
 

@@ -30,21 +30,21 @@ const smokeScript = `
 set -e
 echo "== smoke: dm-clone"
 cd /tmp
-dd if=/dev/urandom of=src.img bs=1M count=16 2>/dev/null
-truncate -s 16M dst.img
+dd if=/dev/urandom of=src.img bs=1M count=8 2>/dev/null
+truncate -s 8M dst.img
 truncate -s 4M meta.img
 S=$(/usr/local/sbin/losetup -f --show src.img)
 D=$(/usr/local/sbin/losetup -f --show dst.img)
 M=$(/usr/local/sbin/losetup -f --show meta.img)
-dmsetup create smoke --table "0 32768 clone $M $D $S 8 1 no_hydration"
+dmsetup create smoke --table "0 16384 clone $M $D $S 8 1 no_hydration"
 dmsetup status smoke
 /usr/local/sbin/blkdiscard -o 0 -l 1048576 /dev/mapper/smoke
 st=$(dmsetup status smoke)
 echo "after discard: $st"
-case "$st" in *" 256/4096 "*) ;; *) echo "smoke: discard did not hydrate 256 regions"; exit 1 ;; esac
+case "$st" in *" 256/2048 "*) ;; *) echo "smoke: discard did not hydrate 256 regions"; exit 1 ;; esac
 dmsetup message smoke 0 enable_hydration
 i=0
-until dmsetup status --noflush smoke | grep -q " 4096/4096 "; do
+until dmsetup status --noflush smoke | grep -q " 2048/2048 "; do
 	i=$((i+1)); [ $i -lt 600 ] || { echo "smoke: hydration did not finish"; exit 1; }
 	sleep 0.1
 done
@@ -242,7 +242,7 @@ func startGuestExport(t *testing.T, ctx context.Context, share string) *iscsi.Ex
 	if err := os.WriteFile(image, nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.Truncate(image, 36<<20); err != nil {
+	if err := os.Truncate(image, 20<<20); err != nil {
 		t.Fatal(err)
 	}
 	if err := luks.Format(ctx, image, keyFile, luks.FormatOptions{MetadataSize: 16 << 10, KeyslotsSize: 4<<20 - 32<<10, FastKDF: true}); err != nil {
