@@ -76,7 +76,8 @@ func TestQueryPackages(t *testing.T) {
 		t.Skipf("apt has no package lists here: %v", err)
 	}
 	if !strings.HasSuffix(p.abi, "-amd64") || p.version == "" || !strings.HasPrefix(p.kbuild, "linux-kbuild-") ||
-		p.source != "linux-source-"+strings.TrimPrefix(p.kbuild, "linux-kbuild-") || !strings.HasSuffix(p.common, "-common") {
+		p.source != "linux-source-"+strings.TrimPrefix(p.kbuild, "linux-kbuild-") || !strings.HasSuffix(p.common, "-common") ||
+		!strings.HasPrefix(p.compiler, "gcc-") {
 		t.Fatalf("packages %+v", p)
 	}
 }

@@ -61,6 +61,7 @@ type kernelPackages struct {
 	abi, version                   string
 	image, headers, common, kbuild string
 	source                         string
+	compiler                       string // e.g. gcc-12: the kernel's compiler, which kbuild calls by name
 }
 
 var (
@@ -104,6 +105,11 @@ func PrepareKernel(ctx context.Context, log zerolog.Logger, cache string) (*Kern
 	log.Info().Str("abi", k.ABI).Str("version", k.Version).Str("dir", dir).Msg("preparing kernel (first run: download ~224 MB, build dm-clone.ko)")
 	if err := os.RemoveAll(dir); err != nil {
 		return nil, fmt.Errorf("vm: clearing %s: %w", dir, err)
+	}
+	if pkgs.compiler != "" {
+		if _, err := exec.LookPath(pkgs.compiler); err != nil {
+			return nil, fmt.Errorf("vm: kernel %s was built with %s, which is not installed: apt-get install %s", k.ABI, pkgs.compiler, pkgs.compiler)
+		}
 	}
 	debs, err := download(ctx, log, filepath.Join(cache, "debs"), pkgs)
 	if err != nil {
@@ -229,6 +235,12 @@ func queryPackages(ctx context.Context) (kernelPackages, error) {
 			p.common = name[0]
 		case strings.HasPrefix(name[0], "linux-kbuild-"):
 			p.kbuild = name[0]
+		case strings.HasPrefix(name[0], "linux-compiler-gcc-"):
+			// linux-compiler-gcc-12-x86 -> gcc-12
+			v := strings.TrimPrefix(name[0], "linux-compiler-gcc-")
+			if i := strings.IndexByte(v, '-'); i > 0 {
+				p.compiler = "gcc-" + v[:i]
+			}
 		}
 	}
 	if p.common == "" || p.kbuild == "" {
