@@ -29,10 +29,11 @@ var GuestModules = []string{
 // GuestTools are the host's dynamic binaries copied into the guest at
 // /usr/local/sbin, with the libraries they link. They sit before busybox's
 // applets on PATH: busybox's losetup and blkdiscard lack options ferry uses.
-var GuestTools = []string{"dmsetup", "cryptsetup", "losetup", "blkdiscard", "blockdev", "iscsiadm", "iscsid"}
+var GuestTools = []string{"dmsetup", "cryptsetup", "losetup", "blkdiscard", "blockdev", "iscsiadm", "iscsid",
+	"mkfs.ext4", "fstrim", "e2fsck"}
 
 // optionalGuestTools are copied when the host has them.
-var optionalGuestTools = []string{"mkfs.ext4", "fstrim", "e2fsck"}
+var optionalGuestTools = []string{}
 
 //go:embed init.sh
 var initScript []byte
