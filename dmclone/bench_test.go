@@ -11,6 +11,7 @@ package dmclone
 
 import (
 	"fmt"
+	"io"
 	"math/rand"
 	"os"
 	"os/exec"
@@ -65,6 +66,12 @@ func denseSource(b *testing.B, dir string) string {
 	return p
 }
 
+func settle() {
+	exec.Command("sync").Run()
+	time.Sleep(2 * time.Second)
+	exec.Command("sync").Run()
+}
+
 // BenchmarkHydrateDense measures background hydration of a dense file
 // against cp of the same file (the limit), both from a warm page cache into
 // a fresh file, with and without the final fsync.
@@ -83,13 +90,15 @@ func benchHydrateDense(b *testing.B, direct bool) {
 	src := denseSource(b, dir)
 	st, _ := os.Stat(src)
 	size := float64(st.Size())
-	warm, _ := os.ReadFile(src) // warm the page cache for both contenders
-	_ = warm
-	warm = nil
+	if f, err := os.Open(src); err == nil { // warm the page cache for both contenders
+		io.Copy(io.Discard, f)
+		f.Close()
+	}
 	for i := 0; i < b.N; i++ {
-		// Each contender starts after a global sync, so neither pays for
-		// the other's writeback.
-		exec.Command("sync").Run()
+		// Each contender starts after a global sync and a pause, so neither
+		// pays for the other's writeback or for the discards a filesystem
+		// mounted with -o discard issues after the previous file's removal.
+		settle()
 		s, err := blockdev.OpenFile(src, true)
 		if err != nil {
 			b.Fatal(err)
@@ -123,7 +132,7 @@ func benchHydrateDense(b *testing.B, direct bool) {
 		os.Remove(filepath.Join(dir, "eng-dst"))
 		os.Remove(filepath.Join(dir, "meta"))
 
-		exec.Command("sync").Run()
+		settle()
 		cpDst := filepath.Join(dir, "cp-dst")
 		t0 = time.Now()
 		if out, err := exec.Command("cp", src, cpDst).CombinedOutput(); err != nil {
