@@ -81,3 +81,24 @@ func TestQueryPackages(t *testing.T) {
 		t.Fatalf("packages %+v", p)
 	}
 }
+
+func TestCachedKernel(t *testing.T) {
+	cache := t.TempDir()
+	if cachedKernel(cache) != nil {
+		t.Fatal("empty cache has a kernel")
+	}
+	dir := filepath.Join(cache, "kernel", "6.1.0-99-amd64_6.1.999-1")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if cachedKernel(cache) != nil {
+		t.Fatal("a kernel without its ready stamp was offered")
+	}
+	if err := os.WriteFile(filepath.Join(dir, "ready"), []byte("6.1.0-99-amd64 6.1.999-1\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	k := cachedKernel(cache)
+	if k == nil || k.ABI != "6.1.0-99-amd64" || k.Version != "6.1.999-1" || k.Vmlinuz != filepath.Join(dir, "root", "boot", "vmlinuz-6.1.0-99-amd64") {
+		t.Fatalf("%+v", k)
+	}
+}

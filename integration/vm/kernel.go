@@ -86,6 +86,12 @@ func PrepareKernel(ctx context.Context, log zerolog.Logger, cache string) (*Kern
 
 	pkgs, err := discoverPackages(ctx, log)
 	if err != nil {
+		// Offline, or apt broken: a kernel built earlier still boots.
+		if k := cachedKernel(cache); k != nil {
+			log.Warn().Err(err).Str("abi", k.ABI).Msg("cannot ask apt for today's kernel; using the cached one")
+			k.Vmlinux = extractVmlinux(ctx, log, k.Vmlinuz, filepath.Join(filepath.Dir(k.Root), "vmlinux"))
+			return k, nil
+		}
 		return nil, err
 	}
 	dir := filepath.Join(cache, "kernel", pkgs.abi+"_"+pkgs.version)
@@ -154,6 +160,26 @@ func PrepareKernel(ctx context.Context, log zerolog.Logger, cache string) (*Kern
 		}
 	}
 	return k, nil
+}
+
+// cachedKernel is the kernel a previous run finished building, if any.
+func cachedKernel(cache string) *Kernel {
+	stamps, _ := filepath.Glob(filepath.Join(cache, "kernel", "*", "ready"))
+	if len(stamps) != 1 {
+		return nil
+	}
+	f := strings.Fields(readString(stamps[0]))
+	if len(f) != 2 {
+		return nil
+	}
+	dir := filepath.Dir(stamps[0])
+	return &Kernel{ABI: f[0], Version: f[1], Root: filepath.Join(dir, "root"),
+		Vmlinuz: filepath.Join(dir, "root", "boot", "vmlinuz-"+f[0])}
+}
+
+func readString(path string) string {
+	b, _ := os.ReadFile(path)
+	return string(b)
 }
 
 // extractVmlinux writes the ELF kernel inside a bzImage to out (once) and
