@@ -6,6 +6,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/rs/zerolog"
 )
 
 // TestArchiveIsNewc checks ferry's cpio writer against GNU cpio's reader.
@@ -100,5 +102,38 @@ func TestCachedKernel(t *testing.T) {
 	k := cachedKernel(cache)
 	if k == nil || k.ABI != "6.1.0-99-amd64" || k.Version != "6.1.999-1" || k.Vmlinuz != filepath.Join(dir, "root", "boot", "vmlinuz-6.1.0-99-amd64") {
 		t.Fatalf("%+v", k)
+	}
+}
+
+// TestDownloadFailureIsClear uses a fake apt-get: a failed download must
+// say which packages and what to check, after one apt-get update.
+func TestDownloadFailureIsClear(t *testing.T) {
+	bin := t.TempDir()
+	calls := filepath.Join(bin, "calls")
+	fake := "#!/bin/sh\necho \"$@\" >> " + calls + "\n" +
+		"case \"$1\" in update) [ -f " + bin + "/update-fails ] && { echo 'E: network down'; exit 100; }; exit 0 ;; esac\n" +
+		"echo \"E: Can't find a source to download version '6.1.999-1' of 'linux-image-6.1.0-99-amd64:amd64'\"; exit 100\n"
+	if err := os.WriteFile(filepath.Join(bin, "apt-get"), []byte(fake), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("PATH", bin+":"+os.Getenv("PATH"))
+	p := kernelPackages{abi: "6.1.0-99-amd64", version: "6.1.999-1", image: "linux-image-6.1.0-99-amd64",
+		headers: "linux-headers-6.1.0-99-amd64", common: "linux-headers-6.1.0-99-common", kbuild: "linux-kbuild-6.1", source: "linux-source-6.1"}
+	_, err := download(t.Context(), zerolog.Nop(), t.TempDir(), p)
+	if err == nil || !strings.Contains(err.Error(), "downloading the kernel packages") ||
+		!strings.Contains(err.Error(), "linux-image-6.1.0-99-amd64=6.1.999-1") || !strings.Contains(err.Error(), "Can't find a source") {
+		t.Fatalf("unclear error: %v", err)
+	}
+	log := readString(calls)
+	if strings.Count(log, "download") != 2 || strings.Count(log, "update") != 1 {
+		t.Fatalf("want download, update, download; apt-get saw:\n%s", log)
+	}
+	// When even the update fails, both failures are named.
+	if err := os.WriteFile(filepath.Join(bin, "update-fails"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, err = download(t.Context(), zerolog.Nop(), t.TempDir(), p)
+	if err == nil || !strings.Contains(err.Error(), "apt-get update failed too") || !strings.Contains(err.Error(), "network down") {
+		t.Fatalf("unclear error: %v", err)
 	}
 }
