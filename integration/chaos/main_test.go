@@ -24,6 +24,7 @@ import (
 
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/testbed"
+	"github.com/ferry-dev/ferry/iscsi"
 	"github.com/ferry-dev/ferry/workload"
 )
 
@@ -45,6 +46,10 @@ func report(table, line string) {
 }
 
 func TestMain(m *testing.M) {
+	// The test binary doubles as the iSCSI export child (TestSourceReadErrors).
+	if iscsi.IsExportChild() {
+		iscsi.ServeChild()
+	}
 	dir, err := os.MkdirTemp("", "ferry-chaos-bin-")
 	if err != nil {
 		panic(err)
