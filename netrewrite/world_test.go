@@ -195,9 +195,27 @@ func (w *world) state(nss ...string) string {
 
 func sameState(t *testing.T, what, before, after string) {
 	t.Helper()
-	if before != after {
-		t.Fatalf("%s: kernel state differs\n--- before\n%s\n--- after\n%s", what, before, after)
+	if before == after {
+		return
 	}
+	// Lines only on one side first (order-insensitive), then both states.
+	count := map[string]int{}
+	for _, l := range strings.Split(before, "\n") {
+		count[l]++
+	}
+	for _, l := range strings.Split(after, "\n") {
+		count[l]--
+	}
+	var diff strings.Builder
+	for l, n := range count {
+		switch {
+		case n > 0:
+			fmt.Fprintf(&diff, "- %s\n", l)
+		case n < 0:
+			fmt.Fprintf(&diff, "+ %s\n", l)
+		}
+	}
+	t.Fatalf("%s: kernel state differs:\n%s--- before\n%s\n--- after\n%s", what, diff.String(), before, after)
 }
 
 // plans returns the source and target plans of migrating the test machine.
