@@ -377,7 +377,7 @@ func TestGuestKernelMigration(t *testing.T) {
 	meta := loopOf(t, filepath.Join(dir, "meta.img"), dmclone.KernelMetadataSize(carried.DeviceSize(), 4096))
 	k, err := dmclone.CreateKernel(ctx, log, dmclone.KernelConfig{
 		Name: "mig-clone", Source: disk, Dest: dest, Meta: meta, Size: carried.DeviceSize(), RegionSize: 4096,
-		PollInterval: 100 * time.Millisecond,
+		PollInterval: 100 * time.Millisecond, StallAfter: time.Second,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -416,16 +416,38 @@ func TestGuestKernelMigration(t *testing.T) {
 	appendRecords(t, filepath.Join(dstMnt, "records"), perSide, perSide)
 	step("cutover + workload")
 
-	// hydrating -> hydrated: background copy, then linear under the mount.
+	// hydrating, with the source's export gone: dm-clone waits forever,
+	// ferry reports the stall; the export comes back on the same portal,
+	// open-iscsi reconnects and hydration finishes.
+	exportCfg := iscsi.ExportConfig{
+		Path: srcLoop, Listen: e.Portal(), Allow: []string{"127.0.0.1"},
+		IQN: e.IQN(), StateDir: filepath.Join(dir, "export"), LogLevel: "warn",
+	}
+	if err := e.Stop(); err != nil {
+		t.Fatal(err)
+	}
 	if err := k.EnableHydration(); err != nil {
 		t.Fatal(err)
 	}
+	waitUntil(t, "the stall is reported", func() bool { return k.Progress().Stalled })
+	stalled := k.Progress()
+	if e, err = iscsi.StartExport(ctx, log, exportCfg); err != nil {
+		t.Fatal(err)
+	}
+	step(fmt.Sprintf("stall reported at %d/%d, export back", stalled.HydratedRegions, stalled.TotalRegions))
+	back := time.Now()
+
+	// hydrating -> hydrated: background copy, then linear under the mount.
 	select {
 	case <-k.Done():
 	case <-time.After(3 * time.Minute):
 		t.Fatalf("hydration did not finish: %+v", k.Progress())
 	}
 	p := k.Progress()
+	afterBack := time.Since(back)
+	if p.Stalled {
+		t.Fatalf("still stalled after completion: %+v", p)
+	}
 	if _, err := k.Dissolve(); err != nil {
 		t.Fatal(err)
 	}
@@ -448,8 +470,9 @@ func TestGuestKernelMigration(t *testing.T) {
 	}
 	guestRun(t, "umount", dstMnt)
 	guestRun(t, "e2fsck", "-fn", dstPlain)
-	t.Logf("kernel-path migration: downtime %s (source unmounted -> target mounted and trimmed); fstrim marked %d of %d regions (%.0f%%) hydrated without a fetch; hydration rate %.1f MB/s",
-		downtime.Round(time.Millisecond), trimmedRegions, p.TotalRegions, 100*float64(trimmedRegions)/float64(p.TotalRegions), p.RateBytesPerSec/1e6)
+	rest := (p.TotalRegions - stalled.HydratedRegions) * p.RegionSize
+	t.Logf("kernel-path migration: downtime %s (source unmounted -> target mounted and trimmed); fstrim marked %d of %d regions (%.0f%%) hydrated without a fetch; after the export came back, reconnect + %d KiB hydrated in %s",
+		downtime.Round(time.Millisecond), trimmedRegions, p.TotalRegions, 100*float64(trimmedRegions)/float64(p.TotalRegions), rest>>10, afterBack.Round(time.Millisecond))
 	t.Logf("steps: %s", strings.Join(steps, ", "))
 }
 
