@@ -309,6 +309,7 @@ func (a *Agent) hydrate(ctx context.Context, log zerolog.Logger, m *fsm.Migratio
 		return err
 	}
 	lastReport := time.Time{}
+	var watch progressWatch
 	for {
 		st, err := p.Status(ctx)
 		if err != nil {
@@ -317,6 +318,10 @@ func (a *Agent) hydrate(ctx context.Context, log zerolog.Logger, m *fsm.Migratio
 		if st.Progress != nil && st.Progress.Stalled {
 			stalled := true
 			a.cp.Propose(ctx, m.ID, fsm.EvReport, "", fsm.EventPayload{Error: st.Progress.StalledReason, Stalled: &stalled})
+		} else if st.Progress != nil && !st.Complete && !st.Dissolved && watch.stuck(time.Now(), st.Progress.HydratedBytes, a.cfg.StallAfter) {
+			stalled := true
+			reason := noProgressReason(a.vols.VolumeDir(m.TargetVol), st.Progress, time.Since(watch.since))
+			a.cp.Propose(ctx, m.ID, fsm.EvReport, "", fsm.EventPayload{Error: reason, Stalled: &stalled})
 		}
 		if st.Complete || st.Dissolved {
 			if err := p.Dissolve(ctx); err != nil {
