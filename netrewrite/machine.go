@@ -345,18 +345,46 @@ func ensureAddr(h *netlink.Handle, link netlink.Link, p netip.Prefix, deprecated
 	if err != nil {
 		return fmt.Errorf("listing addresses: %w", err)
 	}
+	present := false
 	for _, e := range existing {
 		if e.IPNet.String() == a.IPNet.String() {
 			isDeprecated := e.PreferedLft == 0 && e.ValidLft != 0
-			if e.Flags&unix.IFA_F_NODAD != 0 && isDeprecated == deprecated {
-				return nil
-			}
+			present = e.Flags&unix.IFA_F_NODAD != 0 && isDeprecated == deprecated
 		}
 	}
-	if err := h.AddrReplace(link, a); err != nil {
-		return privErr(fmt.Errorf("adding %s: %w", p, err))
+	if !present {
+		if err := h.AddrReplace(link, a); err != nil {
+			return privErr(fmt.Errorf("adding %s: %w", p, err))
+		}
 	}
-	return nil
+	return waitAddrReady(h, link, p.Addr())
+}
+
+// waitAddrReady waits for the local route of a just-added address. The
+// kernel finishes setting up an address (its local route, its
+// solicited-node multicast group) from a work queue that waits for the RTNL
+// lock; until then packets to the address are not delivered. Seen taking
+// long enough under load that a snapshot taken right after setup missed the
+// local routes.
+func waitAddrReady(h *netlink.Handle, link netlink.Link, ip netip.Addr) error {
+	filter := &netlink.Route{Table: unix.RT_TABLE_LOCAL, Dst: ipNet(netip.PrefixFrom(ip, 128)), LinkIndex: link.Attrs().Index}
+	deadline := time.Now().Add(operUpTimeout)
+	for {
+		routes, err := retryDump(func() ([]netlink.Route, error) {
+			return h.RouteListFiltered(netlink.FAMILY_V6, filter, netlink.RT_FILTER_TABLE|netlink.RT_FILTER_DST|netlink.RT_FILTER_OIF)
+		})
+		if err != nil {
+			return fmt.Errorf("waiting for %s on %s: %w", ip, link.Attrs().Name, err)
+		}
+		if len(routes) > 0 {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("address %s on %s not ready after %v (no local route); check `ip -6 addr show dev %s`",
+				ip, link.Attrs().Name, operUpTimeout, link.Attrs().Name)
+		}
+		time.Sleep(time.Millisecond)
+	}
 }
 
 // removeAddr deletes p from the named link if it is there.
