@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -364,18 +365,60 @@ func (b *Bed) Migrate(ctx context.Context, machineID, target string) (string, er
 	return m.ID, nil
 }
 
-// SetLink brings a worker's fabric link (fab0 in its namespace) up or down.
+// SetLink brings a worker's fabric link (fab0 in its namespace) down or up,
+// like a pulled cable: the host keeps its configuration (addresses stay,
+// and the routes through the link, which Linux flushes on down, are put
+// back on up), so what a test sees is the outage itself.
 func (b *Bed) SetLink(ctx context.Context, worker string, up bool) error {
-	state := "down"
-	if up {
-		state = "up"
+	ns := b.NSOf(worker)
+	ipc := func(args ...string) (string, error) {
+		out, err := exec.CommandContext(ctx, "ip", append([]string{"-n", ns}, args...)...).CombinedOutput()
+		if err != nil {
+			return "", fmt.Errorf("ip -n %s %s: %w: %s", ns, strings.Join(args, " "), err, out)
+		}
+		return string(out), nil
 	}
-	out, err := exec.CommandContext(ctx, "ip", "-n", b.NSOf(worker), "link", "set", "fab0", state).CombinedOutput()
-	if err != nil {
-		return fmt.Errorf("ip link set fab0 %s in %s: %w: %s", state, b.NSOf(worker), err, out)
+	if !up {
+		if out, err := exec.CommandContext(ctx, "ip", "netns", "exec", ns, "sysctl", "-qw",
+			"net.ipv6.conf."+netrewrite.FabricIf+".keep_addr_on_down=1").CombinedOutput(); err != nil {
+			return fmt.Errorf("keep the fabric addresses of %s: %w: %s", ns, err, out)
+		}
+		routes, err := ipc("-6", "route", "show", "dev", netrewrite.FabricIf)
+		if err != nil {
+			return err
+		}
+		var keep []string
+		for _, l := range strings.Split(routes, "\n") {
+			if l = strings.TrimSpace(l); l != "" && !strings.Contains(l, "proto kernel") {
+				keep = append(keep, l)
+			}
+		}
+		savedRoutesMu.Lock()
+		savedRoutes[ns] = keep
+		savedRoutesMu.Unlock()
+		_, err = ipc("link", "set", netrewrite.FabricIf, "down")
+		return err
+	}
+	if _, err := ipc("link", "set", netrewrite.FabricIf, "up"); err != nil {
+		return err
+	}
+	savedRoutesMu.Lock()
+	keep := savedRoutes[ns]
+	delete(savedRoutes, ns)
+	savedRoutesMu.Unlock()
+	for _, r := range keep {
+		args := append([]string{"-6", "route", "replace"}, strings.Fields(r)...)
+		if _, err := ipc(append(args, "dev", netrewrite.FabricIf)...); err != nil {
+			return err
+		}
 	}
 	return nil
 }
+
+var (
+	savedRoutesMu sync.Mutex
+	savedRoutes   = map[string][]string{}
+)
 
 // DumpLogs returns the tails of every log of the bed.
 func (b *Bed) DumpLogs(tail int) string {

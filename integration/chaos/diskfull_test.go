@@ -1,0 +1,157 @@
+package chaos
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/testbed"
+)
+
+// smallFS is an ext4 filesystem on a loop-mounted image outside the bed's
+// dir (so the bed's leak check sees only the bed's own objects), growable.
+type smallFS struct {
+	img, mnt string
+}
+
+func run(name string, args ...string) error {
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("%s %s: %w: %s", name, strings.Join(args, " "), err, out)
+	}
+	return nil
+}
+
+func newSmallFS(t *testing.T, size int64) *smallFS {
+	dir, err := os.MkdirTemp("", "ferry-chaos-disk-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fs := &smallFS{img: filepath.Join(dir, "img"), mnt: filepath.Join(dir, "mnt")}
+	if err := os.Mkdir(fs.mnt, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(fs.img, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(fs.img, size); err != nil {
+		t.Fatal(err)
+	}
+	if err := run("mkfs.ext4", "-q", "-F", "-m", "0", fs.img); err != nil {
+		t.Fatal(err)
+	}
+	if err := run("mount", "-o", "loop", fs.img, fs.mnt); err != nil {
+		t.Fatal(err)
+	}
+	// Registered before the cluster's: runs after the cluster is torn down.
+	t.Cleanup(func() {
+		if err := run("umount", fs.mnt); err != nil {
+			t.Errorf("small filesystem: %v", err)
+		}
+		os.RemoveAll(dir)
+	})
+	return fs
+}
+
+// grow enlarges the image and the mounted filesystem online.
+func (fs *smallFS) grow(size int64) error {
+	if err := os.Truncate(fs.img, size); err != nil {
+		return err
+	}
+	out, err := exec.Command("findmnt", "-n", "-o", "SOURCE", fs.mnt).Output()
+	if err != nil {
+		return fmt.Errorf("findmnt %s: %w", fs.mnt, err)
+	}
+	dev := strings.TrimSpace(string(out))
+	if err := run("losetup", "-c", dev); err != nil {
+		return err
+	}
+	return run("resize2fs", dev)
+}
+
+// The target's disk fills up mid-hydration: the migration shows stalled with
+// a reason naming the full disk, the machine's acknowledged records survive;
+// once space is added, hydration resumes and completes, and the data on the
+// target equals what was written on the source.
+func TestTargetDiskFull(t *testing.T) {
+	for _, tool := range []string{"resize2fs", "findmnt"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("needs %s: run scripts/deps.sh (e2fsprogs, util-linux)", tool)
+		}
+	}
+	requireEnv(t)
+	small := newSmallFS(t, 24<<20)
+	c := newCluster(t, 2, "--hydration-rate", "4M")
+	a, b := c.ws[0], c.ws[1]
+	// The target's volumes live on the small filesystem.
+	vols := filepath.Join(c.bed.WorkerDir(b), "volumes")
+	if err := os.RemoveAll(vols); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(small.mnt, vols); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.bed.CreateVolume(c.ctx, "fvol", a, 64<<20); err != nil {
+		t.Fatal(err)
+	}
+	ack, err := c.bed.RunRecords(c.ctx, "fmach", a, "fvol", 63)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.fill(a, "fmach", 32)
+	want, err := testbed.FileSum(filepath.Join(c.bed.WorkerDir(a), "mnt", "fmach", "dense.bin"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	id, err := c.bed.Migrate(c.ctx, "fmach", b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := c.watch(id, a, "fvol")
+	var stalled *fsm.Migration
+	deadline := time.Now().Add(3 * time.Minute)
+	for time.Now().Before(deadline) {
+		m, err := c.bed.Client.GetMigration(c.ctx, id)
+		if err == nil && m.Stalled {
+			stalled = m
+			break
+		}
+		if err == nil && m.State.Terminal() {
+			break
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if stalled == nil {
+		m, _ := c.bed.Client.GetMigration(c.ctx, id)
+		w.close()
+		t.Fatalf("the target's disk is full but the migration never showed stalled (state %s, progress %+v, last error %q)", m.State, m.Progress, m.LastError)
+	}
+	if !strings.Contains(stalled.StallCause, "space") {
+		t.Errorf("stall reason %q does not say the disk is full", stalled.StallCause)
+	}
+	t.Logf("stalled in %s after %v: %q", stalled.State, time.Since(start).Round(time.Millisecond), stalled.StallCause)
+	if err := small.grow(256 << 20); err != nil {
+		w.close()
+		t.Fatal(err)
+	}
+	o := c.finish(id, "fmach", a, b, "fvol", ack, w, start, 4*time.Minute)
+	if o.final.State != fsm.Completed && !(o.final.State == fsm.RolledBack && stalled.State.BeforeCutover()) {
+		t.Fatalf("ended %s after stalling in %s", o.final.State, stalled.State)
+	}
+	where := o.ranOn
+	got, err := testbed.FileSum(filepath.Join(c.bed.WorkerDir(where), "mnt", "fmach", "dense.bin"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got != want {
+		t.Fatal("the data written on the source reads differently on the target: corruption")
+	}
+	report("storage faults", fmt.Sprintf("| target disk full mid-hydration (24 MiB fs, 32 MiB to copy), then grown | stalled in %s: %q | %s after growing; dense file identical | records %d/%d, source %s, leaks %s, %v |",
+		stalled.State, stalled.StallCause, o.final.State, o.acked, o.present, o.frozenSame, o.leaks, o.took.Round(100*time.Millisecond)))
+}
