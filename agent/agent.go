@@ -90,7 +90,7 @@ type Agent struct {
 	exp  Exporter
 	net  Network
 	mach machine.Driver
-	vols *Volumes
+	vols Backend
 	met  *metrics
 
 	mu      sync.Mutex
@@ -103,8 +103,8 @@ type Agent struct {
 }
 
 // New builds an agent. exp, net and mach are the worker's export, network
-// and machine drivers.
-func New(log zerolog.Logger, cfg Config, cp ControlPlane, exp Exporter, net Network, mach machine.Driver, vols *Volumes) (*Agent, error) {
+// and machine drivers; vols its data path (Volumes or KernelVolumes).
+func New(log zerolog.Logger, cfg Config, cp ControlPlane, exp Exporter, net Network, mach machine.Driver, vols Backend) (*Agent, error) {
 	cfg.defaults()
 	if cfg.Worker == "" || cfg.DataDir == "" {
 		return nil, fmt.Errorf("agent: worker name and data dir are required")

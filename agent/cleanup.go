@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"time"
 
@@ -34,27 +33,8 @@ func (a *Agent) Cleanup(ctx context.Context) error {
 			}
 		}
 	}
-	mnts, _ := os.ReadDir(a.vols.MountPoint(""))
-	for _, e := range mnts {
-		mnt := a.vols.MountPoint(e.Name())
-		if _, ok := mountedAt(mnt); ok {
-			if err := unmountRetry(mnt); err != nil {
-				errs = append(errs, err)
-			}
-		}
-	}
-	vols, _ := os.ReadDir(filepath.Join(a.cfg.DataDir, "fuse"))
-	for _, e := range vols {
-		if err := a.vols.Detach(ctx, e.Name()); err != nil {
-			errs = append(errs, err)
-		}
-		fuseDir := a.vols.FuseDir(e.Name())
-		if _, ok := mountedAt(fuseDir); ok {
-			// The datapath died without unmounting: a lazy unmount releases it.
-			if out, err := exec.Command("fusermount3", "-u", "-z", fuseDir).CombinedOutput(); err != nil {
-				errs = append(errs, fmt.Errorf("unmount FUSE %s: %w: %s", fuseDir, err, strings.TrimSpace(string(out))))
-			}
-		}
+	if err := a.vols.CleanupAll(ctx); err != nil {
+		errs = append(errs, err)
 	}
 	if a.exp != nil {
 		exps, _ := os.ReadDir(a.stateDir("exports"))
@@ -68,6 +48,17 @@ func (a *Agent) Cleanup(ctx context.Context) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// lazyUnmountFUSE releases a FUSE mount whose datapath died without unmounting.
+func lazyUnmountFUSE(fuseDir string) error {
+	if _, ok := mountedAt(fuseDir); !ok {
+		return nil
+	}
+	if out, err := exec.Command("fusermount3", "-u", "-z", fuseDir).CombinedOutput(); err != nil {
+		return fmt.Errorf("unmount FUSE %s: %w: %s", fuseDir, err, strings.TrimSpace(string(out)))
+	}
+	return nil
 }
 
 func unmountRetry(mnt string) error {

@@ -163,12 +163,9 @@ func (a *Agent) prepareTarget(ctx context.Context, log zerolog.Logger, m *fsm.Mi
 	return a.propose(ctx, m, fsm.EvTargetPrepared, fsm.EventPayload{TargetVolume: tv, Layout: m.Layout})
 }
 
-func (a *Agent) cloneConfig(m *fsm.Migration, hydrate bool) datapath.Config {
-	tv := m.TargetVol
-	cfg := a.vols.DatapathConfig(tv, *m.Layout)
-	cfg.Clone = &datapath.Clone{MetaPath: a.vols.MetaPath(tv), Portal: m.Export.Portal, IQN: m.Export.IQN,
-		RegionSize: 4096, KnownZero: m.KnownZero, Hydrate: hydrate, RateLimit: a.cfg.HydrationRate}
-	return cfg
+func (a *Agent) cloneSpec(m *fsm.Migration, hydrate bool) CloneSpec {
+	return CloneSpec{Volume: m.TargetVol, Layout: *m.Layout, Portal: m.Export.Portal, IQN: m.Export.IQN,
+		KnownZero: m.KnownZero, Hydrate: hydrate, RateLimit: a.cfg.HydrationRate}
 }
 
 // buildClone connects to the export, builds the clone (hydration off), opens
@@ -188,7 +185,7 @@ func (a *Agent) buildClone(ctx context.Context, log zerolog.Logger, m *fsm.Migra
 	if err := a.cp.SetVolumeKey(ctx, m.TargetVol, key); err != nil {
 		return fmt.Errorf("store the key of destination volume %s: %w", m.TargetVol, err)
 	}
-	dev, err := a.vols.Mount(ctx, a.cloneConfig(m, false), key, a.vols.MountPoint(m.Machine))
+	dev, err := a.vols.MountClone(ctx, a.cloneSpec(m, false), key, a.vols.MountPoint(m.Machine))
 	if err != nil {
 		return err
 	}
@@ -266,8 +263,8 @@ func (a *Agent) startHydration(ctx context.Context, log zerolog.Logger, m *fsm.M
 
 // ensureClone re-adopts the clone's datapath, or rebuilds it (after a
 // reboot or a datapath crash) with hydration as committed.
-func (a *Agent) ensureClone(ctx context.Context, m *fsm.Migration, hydrate bool) (*datapath.Process, error) {
-	if p, err := a.vols.Process(ctx, m.TargetVol); err == nil {
+func (a *Agent) ensureClone(ctx context.Context, m *fsm.Migration, hydrate bool) (CloneHandle, error) {
+	if p, err := a.vols.Clone(ctx, m.TargetVol); err == nil {
 		return p, nil
 	}
 	key, err := a.cp.VolumeKey(ctx, m.Volume)
@@ -275,14 +272,14 @@ func (a *Agent) ensureClone(ctx context.Context, m *fsm.Migration, hydrate bool)
 		return nil, err
 	}
 	defer clear(key)
-	if _, err := a.vols.Mount(ctx, a.cloneConfig(m, hydrate), key, a.vols.MountPoint(m.Machine)); err != nil {
+	if _, err := a.vols.MountClone(ctx, a.cloneSpec(m, hydrate), key, a.vols.MountPoint(m.Machine)); err != nil {
 		return nil, err
 	}
-	return a.vols.Process(ctx, m.TargetVol)
+	return a.vols.Clone(ctx, m.TargetVol)
 }
 
 func (a *Agent) progress(ctx context.Context, m *fsm.Migration) *fsm.Progress {
-	p, err := a.vols.Process(ctx, m.TargetVol)
+	p, err := a.vols.Clone(ctx, m.TargetVol)
 	if err != nil {
 		return nil
 	}
@@ -574,7 +571,7 @@ func (a *Agent) startLocal(ctx context.Context, mach *fsm.Machine) error {
 		return fmt.Errorf("fetch key of volume %s: %w", vol.ID, err)
 	}
 	defer clear(key)
-	if _, err := a.vols.Mount(ctx, a.vols.DatapathConfig(vol.ID, *vol.Layout), key, a.vols.MountPoint(mach.ID)); err != nil {
+	if _, err := a.vols.MountLocal(ctx, vol.ID, *vol.Layout, key, a.vols.MountPoint(mach.ID)); err != nil {
 		return err
 	}
 	netns := ""

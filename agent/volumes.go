@@ -52,14 +52,18 @@ func (v *Volumes) DatapathConfig(vol string, layout luks.Layout) datapath.Config
 
 // withKeyFile writes the passphrase to a 0600 file that lives only for fn.
 func (v *Volumes) withKeyFile(passphrase []byte, fn func(path string) error) error {
-	dir, err := os.MkdirTemp(v.runDir(), "key-")
+	return withKeyFile(v.runDir(), passphrase, fn)
+}
+
+// withKeyFile writes the passphrase to a 0600 file in a fresh 0700 folder
+// under runDir that lives only for fn.
+func withKeyFile(runDir string, passphrase []byte, fn func(path string) error) error {
+	if err := os.MkdirAll(runDir, 0o700); err != nil {
+		return err
+	}
+	dir, err := os.MkdirTemp(runDir, "key-")
 	if err != nil {
-		if err := os.MkdirAll(v.runDir(), 0o700); err != nil {
-			return err
-		}
-		if dir, err = os.MkdirTemp(v.runDir(), "key-"); err != nil {
-			return err
-		}
+		return err
 	}
 	defer os.RemoveAll(dir)
 	p := filepath.Join(dir, "key")
