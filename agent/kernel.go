@@ -60,9 +60,11 @@ var _ Backend = (*KernelVolumes)(nil)
 // so fstrim of any free filesystem block skips its fetch.
 const kernelRegionSize = 4096
 
-func (v *KernelVolumes) VolumeDir(vol string) string   { return filepath.Join(v.DataDir, "volumes", vol) }
-func (v *KernelVolumes) DataPath(vol string) string    { return filepath.Join(v.VolumeDir(vol), "data") }
-func (v *KernelVolumes) MetaPath(vol string) string    { return filepath.Join(v.VolumeDir(vol), "clone.meta") }
+func (v *KernelVolumes) VolumeDir(vol string) string { return filepath.Join(v.DataDir, "volumes", vol) }
+func (v *KernelVolumes) DataPath(vol string) string  { return filepath.Join(v.VolumeDir(vol), "data") }
+func (v *KernelVolumes) MetaPath(vol string) string {
+	return filepath.Join(v.VolumeDir(vol), "clone.meta")
+}
 func (v *KernelVolumes) MountPoint(mach string) string { return filepath.Join(v.DataDir, "mnt", mach) }
 func (v *KernelVolumes) runDir() string                { return filepath.Join(v.DataDir, "run") }
 func (v *KernelVolumes) recordPath(vol string) string {
