@@ -36,10 +36,16 @@ func (f *agentFlags) build(ctx context.Context) (*agent.Agent, *agent.NetNetwork
 	if f.worker == "" {
 		return nil, nil, withCode(ExitUsage, fmt.Errorf("--worker is required"))
 	}
+	kernel := false
 	switch f.backend {
-	case "auto", "userspace":
+	case "userspace":
+	case "auto":
+		kernel = agent.KernelPathAvailable(ctx)
 	case "kernel":
-		return nil, nil, withCode(ExitUsage, fmt.Errorf("--backend kernel: this build drives the userspace data path only; use auto or userspace"))
+		if err := agent.CheckKernelPath(ctx); err != nil {
+			return nil, nil, withCode(ExitUsage, fmt.Errorf("--backend kernel: %w; or use --backend userspace", err))
+		}
+		kernel = true
 	default:
 		return nil, nil, withCode(ExitUsage, fmt.Errorf("--backend %q: use auto, userspace or kernel", f.backend))
 	}
@@ -55,7 +61,12 @@ func (f *agentFlags) build(ctx context.Context) (*agent.Agent, *agent.NetNetwork
 		return nil, nil, err
 	}
 	alog := logging.For(log, "agent")
-	vols := &agent.Volumes{DataDir: f.dataDir, Exe: exe, Log: logging.For(log, "volumes"), Loops: agent.LoopDevs{}, FastKDF: f.fastKDF}
+	var vols agent.Backend = &agent.Volumes{DataDir: f.dataDir, Exe: exe, Log: logging.For(log, "volumes"), Loops: agent.LoopDevs{}, FastKDF: f.fastKDF}
+	if kernel {
+		vols = &agent.KernelVolumes{DataDir: f.dataDir, Log: logging.For(log, "kernel-volumes"), Loops: agent.LoopDevs{},
+			ISCSI: &agent.OpenISCSI{Log: logging.For(log, "open-iscsi")}, FastKDF: f.fastKDF}
+	}
+	log.Info().Str("backend", map[bool]string{true: "kernel", false: "userspace"}[kernel]).Msg("data path")
 	exp := &agent.ISCSIExporter{Log: log, StateDir: filepath.Join(f.dataDir, "exports"), Address: f.address, Domain: f.domain}
 	nw := &agent.NetNetwork{Log: logging.For(log, "netrewrite"), Worker: f.worker, Dir: filepath.Join(f.dataDir, "net"), Grace: f.grace}
 	mach := machine.ByKind{Exec: &machine.Exec{StateDir: filepath.Join(f.dataDir, "machines"), Log: logging.For(log, "machine")},
@@ -114,7 +125,7 @@ state. With --dev it also runs a one-node server in the same process (developmen
 	fl.Uint32Var(&f.hostID, "host-id", 0, "the worker's 32-bit 6PN host id")
 	fl.StringVar(&f.address, "address", "127.0.0.1", "IP where other workers reach this worker's exports")
 	fl.StringVar(&f.dataDir, "data-dir", "/var/lib/ferry/agent", "volumes, clone metadata and local step records")
-	fl.StringVar(&f.backend, "backend", "auto", "data path: auto, userspace or kernel")
+	fl.StringVar(&f.backend, "backend", "auto", "data path: kernel (dm-clone, dm-crypt, open-iscsi), userspace (ferry volume serve + FUSE), or auto: kernel when `dmsetup targets` lists clone and iscsiadm exists")
 	fl.StringVar(&f.domain, "iqn-domain", "dev.ferry", "naming authority of export IQNs")
 	fl.DurationVar(&f.grace, "grace", 10*time.Minute, "how long a migrated machine's old 6PN address keeps answering")
 	fl.DurationVar(&f.leaseTTL, "lease-ttl", 0, "worker lease; the server rolls back pre-cutover migrations of a worker that misses it (default: the server's, 15s)")
@@ -142,6 +153,7 @@ state. With --dev it also runs a one-node server in the same process (developmen
 	f.clientFlags.add(clean, "")
 	clean.Flags().StringVar(&f.worker, "worker", "", "the worker's name")
 	clean.Flags().StringVar(&f.dataDir, "data-dir", "/var/lib/ferry/agent", "the agent's data dir")
+	clean.Flags().StringVar(&f.backend, "backend", "auto", "the data path the agent ran: auto, userspace or kernel")
 	cmd.AddCommand(clean)
 	register(cmd)
 }
