@@ -65,7 +65,25 @@ type guestSuite struct {
 var guestSuites = []guestSuite{
 	{pkg: "./dmclone", run: "Kernel", needs: []string{"TestKernel"}},
 	{pkg: "./luks", run: "Kernel", needs: []string{"TestKernel"}},
-	{pkg: "./integration/vm", run: "TestGuest", needs: []string{"TestGuestISCSIKernelChain", "TestGuestKernelMigration"}},
+	{pkg: "./integration/vm", run: "TestGuest", needs: []string{"TestGuestISCSIKernelChain", "TestGuestKernelMigration",
+		"TestGuestAgentKernelBackend"}},
+}
+
+// selectedSuites applies FERRY_VM_GUEST_RUN (a -test.run pattern): when set,
+// only this package's guest tests matching it run, for a quick iteration.
+func selectedSuites() []guestSuite {
+	pat := os.Getenv("FERRY_VM_GUEST_RUN")
+	if pat == "" {
+		return guestSuites
+	}
+	re := regexp.MustCompile(pat)
+	s := guestSuite{pkg: "./integration/vm", run: pat}
+	for _, n := range guestSuites[len(guestSuites)-1].needs {
+		if re.MatchString(n) {
+			s.needs = append(s.needs, n)
+		}
+	}
+	return []guestSuite{s}
 }
 
 // goBin is the go command building the guest's test binaries.
@@ -163,7 +181,14 @@ func TestKernelPathInVM(t *testing.T) {
 	script.WriteString("sh /host/smoke.sh || { echo 'SUITE smoke FAIL'; fail=1; }\n")
 	t1 := time.Now()
 	var suites []guestSuite
-	for _, s := range guestSuites {
+	// The ferry binary itself: the guest runs a server and agents.
+	fb := exec.CommandContext(ctx, goBin(), "build", "-o", filepath.Join(share, "ferry"), "./cmd/ferry")
+	fb.Dir = root
+	fb.Env = append(os.Environ(), "CGO_ENABLED=0", "GOFLAGS=")
+	if out, err := fb.CombinedOutput(); err != nil {
+		t.Fatalf("building ferry for the guest: %v\n%s", err, out)
+	}
+	for _, s := range selectedSuites() {
 		if _, err := os.Stat(filepath.Join(root, s.pkg)); err != nil {
 			t.Fatalf("guest suite %s: %v", s.pkg, err)
 		}
