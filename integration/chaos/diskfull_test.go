@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/testbed"
 )
@@ -58,34 +60,37 @@ func newSmallFS(t *testing.T, size int64) *smallFS {
 	return fs
 }
 
-// grow enlarges the image and the mounted filesystem online.
-func (fs *smallFS) grow(size int64) error {
-	if err := os.Truncate(fs.img, size); err != nil {
+// fillTo allocates a ballast file leaving about free bytes on the filesystem.
+func (fs *smallFS) fillTo(free int64) error {
+	var st unix.Statfs_t
+	if err := unix.Statfs(fs.mnt, &st); err != nil {
 		return err
 	}
-	out, err := exec.Command("findmnt", "-n", "-o", "SOURCE", fs.mnt).Output()
+	avail := int64(st.Bavail) * int64(st.Bsize)
+	f, err := os.Create(filepath.Join(fs.mnt, "ballast"))
 	if err != nil {
-		return fmt.Errorf("findmnt %s: %w", fs.mnt, err)
-	}
-	dev := strings.TrimSpace(string(out))
-	if err := run("losetup", "-c", dev); err != nil {
 		return err
 	}
-	return run("resize2fs", dev)
+	defer f.Close()
+	if avail > free {
+		return unix.Fallocate(int(f.Fd()), 0, 0, avail-free)
+	}
+	return nil
 }
 
-// The target's disk fills up mid-hydration: the migration shows stalled with
-// a reason naming the full disk, the machine's acknowledged records survive;
-// once space is added, hydration resumes and completes, and the data on the
+// freeUp deletes the ballast: the operator adds space.
+func (fs *smallFS) freeUp() error { return os.Remove(filepath.Join(fs.mnt, "ballast")) }
+
+// The target's disk fills up mid-hydration (24 MiB free, 32 MiB to copy):
+// the migration shows stalled with a reason naming the full disk, the
+// machine's acknowledged records survive; once space is freed, hydration resumes and completes, and the data on the
 // target equals what was written on the source.
 func TestTargetDiskFull(t *testing.T) {
-	for _, tool := range []string{"resize2fs", "findmnt"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("needs %s: run scripts/deps.sh (e2fsprogs, util-linux)", tool)
-		}
-	}
 	requireEnv(t)
-	small := newSmallFS(t, 24<<20)
+	small := newSmallFS(t, 160<<20)
+	if err := small.fillTo(24 << 20); err != nil {
+		t.Fatal(err)
+	}
 	c := newCluster(t, 2, "--hydration-rate", "4M")
 	a, b := c.ws[0], c.ws[1]
 	// The target's volumes live on the small filesystem.
@@ -96,7 +101,7 @@ func TestTargetDiskFull(t *testing.T) {
 	if err := os.Symlink(small.mnt, vols); err != nil {
 		t.Fatal(err)
 	}
-	if err := c.bed.CreateVolume(c.ctx, "fvol", a, 64<<20); err != nil {
+	if err := c.bed.CreateVolume(c.ctx, "fvol", a, 96<<20); err != nil {
 		t.Fatal(err)
 	}
 	ack, err := c.bed.RunRecords(c.ctx, "fmach", a, "fvol", 63)
@@ -136,7 +141,7 @@ func TestTargetDiskFull(t *testing.T) {
 		t.Errorf("stall reason %q does not say the disk is full", stalled.StallCause)
 	}
 	t.Logf("stalled in %s after %v: %q", stalled.State, time.Since(start).Round(time.Millisecond), stalled.StallCause)
-	if err := small.grow(256 << 20); err != nil {
+	if err := small.freeUp(); err != nil {
 		w.close()
 		t.Fatal(err)
 	}
@@ -152,6 +157,6 @@ func TestTargetDiskFull(t *testing.T) {
 	if got != want {
 		t.Fatal("the data written on the source reads differently on the target: corruption")
 	}
-	report("storage faults", fmt.Sprintf("| target disk full mid-hydration (24 MiB fs, 32 MiB to copy), then grown | stalled in %s: %q | %s after growing; dense file identical | records %d/%d, source %s, leaks %s, %v |",
+	report("storage faults", fmt.Sprintf("| target disk full mid-hydration (24 MiB free, 32 MiB to copy), then space freed | stalled in %s: %q | %s after growing; dense file identical | records %d/%d, source %s, leaks %s, %v |",
 		stalled.State, stalled.StallCause, o.final.State, o.acked, o.present, o.frozenSame, o.leaks, o.took.Round(100*time.Millisecond)))
 }

@@ -94,6 +94,8 @@ type cluster struct {
 	ctx context.Context
 	ws  []string
 	env map[string]string // worker -> FERRY_FAILPOINT_PAUSE_BEFORE it runs with
+	// running machines the bed holds (for the leak check); 1 unless set
+	running int
 }
 
 func newCluster(t testing.TB, n int, agentArgs ...string) *cluster {
@@ -348,7 +350,7 @@ func (c *cluster) finish(id, machineID, src, dst, srcVol, ack string, w *watcher
 	deadline = time.Now().Add(20 * time.Second)
 	for {
 		r = c.bed.Snapshot()
-		err = r.CheckSteady(1)
+		err = r.CheckSteady(max(1, c.running))
 		if err == nil || time.Now().After(deadline) {
 			break
 		}

@@ -72,7 +72,7 @@ func (c *cluster) linkDown(w string) func() {
 func TestLinkDownDuringHydration(t *testing.T) {
 	c := newCluster(t, 2, "--hydration-rate", "2M")
 	a, b := c.ws[0], c.ws[1]
-	if err := c.bed.CreateVolume(c.ctx, "nvol", a, 48<<20); err != nil {
+	if err := c.bed.CreateVolume(c.ctx, "nvol", a, 96<<20); err != nil {
 		t.Fatal(err)
 	}
 	ack, err := c.bed.RunRecords(c.ctx, "nmach", a, "nvol", 60)
@@ -218,7 +218,7 @@ func TestLossAndBandwidthCap(t *testing.T) {
 	}
 	c := newCluster(t, 2)
 	a := c.ws[0]
-	if err := c.bed.CreateVolume(c.ctx, "qvol", a, 48<<20); err != nil {
+	if err := c.bed.CreateVolume(c.ctx, "qvol", a, 96<<20); err != nil {
 		t.Fatal(err)
 	}
 	ack, err := c.bed.RunRecords(c.ctx, "qmach", a, "qvol", 62)
