@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unsafe"
 
 	"github.com/rs/zerolog"
 	"golang.org/x/sys/unix"
@@ -334,29 +335,41 @@ func (v *KernelVolumes) discardKnownZero(dev string, ranges []blockdev.Range) {
 	if len(ranges) == 0 {
 		return
 	}
-	d, err := blockdev.OpenFile(dev, false)
+	f, err := os.OpenFile(dev, os.O_RDWR, 0)
 	if err != nil {
 		v.Log.Warn().Err(err).Msg("cannot open the clone to discard known-zero ranges; they will be fetched")
 		return
 	}
-	defer d.Close()
+	defer f.Close()
+	size, err := unix.IoctlGetInt(int(f.Fd()), unix.BLKGETSIZE64)
+	if err != nil {
+		v.Log.Warn().Err(err).Msg("cannot size the clone; known-zero ranges will be fetched")
+		return
+	}
 	var n int64
 	for _, r := range ranges {
 		off := (r.Off + kernelRegionSize - 1) / kernelRegionSize * kernelRegionSize
-		end := r.End() / kernelRegionSize * kernelRegionSize
-		if end > d.Size() {
-			end = d.Size() / kernelRegionSize * kernelRegionSize
-		}
+		end := min(r.End(), int64(size)) / kernelRegionSize * kernelRegionSize
 		if end <= off {
 			continue
 		}
-		if err := d.Discard(off, end-off); err != nil {
+		if err := blkDiscard(f, off, end-off); err != nil {
 			v.Log.Warn().Err(err).Msg("discarding known-zero ranges on the clone; the rest will be fetched")
 			return
 		}
 		n += end - off
 	}
 	v.Log.Info().Int64("bytes", n).Int("ranges", len(ranges)).Msg("known-zero ranges marked hydrated")
+}
+
+// blkDiscard issues BLKDISCARD on a block device (fallocate does not reach
+// device-mapper targets).
+func blkDiscard(f *os.File, off, n int64) error {
+	r := [2]uint64{uint64(off), uint64(n)}
+	if _, _, e := unix.Syscall(unix.SYS_IOCTL, f.Fd(), unix.BLKDISCARD, uintptr(unsafe.Pointer(&r[0]))); e != 0 {
+		return fmt.Errorf("BLKDISCARD %s at %d+%d: %w", f.Name(), off, n, e)
+	}
+	return nil
 }
 
 // adopt creates the clone, or adopts the live one of that name, and keeps
