@@ -24,6 +24,7 @@ import (
 // host side of TestKernelPathInVM exports a volume with iscsi.StartExport,
 // which re-executes the running binary.
 func TestMain(m *testing.M) {
+	maybeExecInNetNS()
 	if iscsi.IsExportChild() {
 		iscsi.ServeChild()
 	}

@@ -24,6 +24,9 @@ var GuestModules = []string{
 	"xts", "aesni_intel", "algif_skcipher", "algif_hash",
 	"virtio_pci", "virtio_net", "9pnet_virtio", "9p",
 	"ext4", "crc32c_generic", // the kernel-path migration's filesystem
+	// The agent-driven migration's worker namespace: veth, and the netlink
+	// families the netlink library opens for every handle.
+	"veth", "xfrm_user", "nfnetlink",
 }
 
 // GuestTools are the host's dynamic binaries copied into the guest at

@@ -66,7 +66,7 @@ var guestSuites = []guestSuite{
 	{pkg: "./dmclone", run: "Kernel", needs: []string{"TestKernel"}},
 	{pkg: "./luks", run: "Kernel", needs: []string{"TestKernel"}},
 	{pkg: "./integration/vm", run: "TestGuest", needs: []string{"TestGuestISCSIKernelChain", "TestGuestKernelMigration",
-		"TestGuestAgentKernelBackend"}},
+		"TestGuestAgentKernelBackend", "TestGuestAgentMigration"}},
 }
 
 // selectedSuites applies FERRY_VM_GUEST_RUN (a -test.run pattern): when set,
