@@ -27,7 +27,7 @@ demo: deps build
 	./$(BIN) demo
 
 bench: deps build
-	$(GO) test -run '^$$' -bench . -benchtime 3x ./...
+	$(GO) test -run '^$$' -bench Suite -benchtime 1x -timeout 90m -v ./integration/bench
 
 clean:
 	rm -rf bin

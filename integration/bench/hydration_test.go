@@ -1,0 +1,338 @@
+package bench
+
+import (
+	"crypto/rand"
+	"fmt"
+	"io"
+	"math/big"
+	mrand "math/rand"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/ferry-dev/ferry/blockdev"
+	"github.com/ferry-dev/ferry/dmclone"
+	"github.com/ferry-dev/ferry/iscsi"
+)
+
+// The region size and tunables the agent uses (agent.cloneConfig).
+const agentRegion = 4096
+
+func denseSize() int64 {
+	if quick {
+		return 128 << 20
+	}
+	return 1 << 30
+}
+
+// makeDense writes a file of random bytes (incompressible, no holes).
+func makeDense(b *testing.B, path string, size int64) {
+	f, err := os.Create(path)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := io.CopyN(f, rand.Reader, size); err != nil {
+		b.Fatal(err)
+	}
+	if err := f.Sync(); err != nil {
+		b.Fatal(err)
+	}
+}
+
+// hydrate runs ferry's clone engine with lun as the source into a fresh
+// sparse file until every region is hydrated, sampling progress. fg, if
+// set, runs against the engine while it hydrates and is stopped at the end.
+func hydrate(b *testing.B, lun blockdev.Device, dest string, fg func(eng *dmclone.Engine, stop <-chan struct{})) (time.Duration, dmclone.Progress, []point) {
+	dst, err := blockdev.CreateSparse(dest, lun.Size())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer dst.Close()
+	eng, err := dmclone.Open(zerolog.Nop(), dmclone.Config{Source: lun, Dest: dst, MetaPath: dest + ".meta",
+		RegionSize: agentRegion, Tunables: dmclone.DefaultTunables(agentRegion)})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer eng.Close()
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	if fg != nil {
+		fg(eng, nil) // prepare (nil stop): e.g. hydrate its hot set by writing it
+		wg.Add(1)
+		go func() { defer wg.Done(); fg(eng, stop) }()
+	}
+	start := time.Now()
+	if err := eng.EnableHydration(); err != nil {
+		b.Fatal(err)
+	}
+	var pts []point
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	timeout := time.After(30 * time.Minute)
+loop:
+	for {
+		p := eng.Progress()
+		pts = append(pts, point{time.Since(start).Seconds(), float64(p.HydratedRegions * p.RegionSize)})
+		select {
+		case <-eng.Done():
+			break loop
+		case <-tick.C:
+		case <-timeout:
+			b.Fatalf("hydration did not finish in 30 minutes: %+v", eng.Progress())
+		}
+	}
+	took := time.Since(start)
+	close(stop)
+	wg.Wait()
+	p := eng.Progress()
+	pts = append(pts, point{took.Seconds(), float64(p.HydratedRegions * p.RegionSize)})
+	return took, p, pts
+}
+
+func exportFerry(b *testing.B, dir, path string) (*iscsi.Export, *iscsi.LUN) {
+	exp, err := iscsi.StartExport(b.Context(), zerolog.Nop(), iscsi.ExportConfig{Path: path, Listen: "127.0.0.1:0",
+		Allow: []string{"127.0.0.1"}, IQN: fmt.Sprintf("iqn.2026-11.dev.ferry:bench-%d", time.Now().UnixNano()), StateDir: filepath.Join(dir, "export-"+filepath.Base(path))})
+	if err != nil {
+		b.Fatalf("ferry export: %v", err)
+	}
+	lun, err := iscsi.Dial(b.Context(), zerolog.Nop(), iscsi.InitiatorConfig{Portal: exp.Portal(), IQN: exp.IQN()})
+	if err != nil {
+		exp.Stop()
+		b.Fatalf("dial ferry export: %v", err)
+	}
+	return exp, lun
+}
+
+func freePort(b *testing.B) int {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// startTgtd serves path as LUN 1 with Debian's tgt; stop() ends it.
+func startTgtd(b *testing.B, dir, path string) (portal, iqn string, stop func()) {
+	port := freePort(b)
+	n, _ := rand.Int(rand.Reader, big.NewInt(30000))
+	ctl := strconv.Itoa(1000 + int(n.Int64()))
+	portal = fmt.Sprintf("127.0.0.1:%d", port)
+	iqn = fmt.Sprintf("iqn.2026-11.dev.ferry.bench:tgtd%d", port)
+	logf, err := os.Create(filepath.Join(dir, "tgtd.log"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer logf.Close()
+	cmd := exec.Command("tgtd", "-f", "--control-port", ctl, "--iscsi", "portal="+portal)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		b.Fatalf("tgtd: %v", err)
+	}
+	stop = func() {
+		exec.Command("tgtadm", "-C", ctl, "--op", "delete", "--mode", "system").Run()
+		cmd.Process.Kill()
+		cmd.Wait()
+	}
+	adm := func(args ...string) {
+		var out []byte
+		var err error
+		for i := 0; i < 50; i++ {
+			out, err = exec.Command("tgtadm", append([]string{"-C", ctl, "--lld", "iscsi"}, args...)...).CombinedOutput()
+			if err == nil {
+				return
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		stop()
+		b.Fatalf("tgtadm %v: %v: %s", args, err, out)
+	}
+	adm("--op", "new", "--mode", "target", "--tid", "1", "-T", iqn)
+	adm("--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1", "-b", path)
+	adm("--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL")
+	return portal, iqn, stop
+}
+
+// benchHydration: a dense volume hydrated by ferry (export -> initiator ->
+// clone engine, over loopback TCP), next to the raw file copy on the same
+// disk (the limit) and to peers doing the same job: qemu-img convert
+// reading the file through qemu-nbd, and ferry's engine reading it through
+// Debian's tgt.
+func benchHydration(b *testing.B, s *suite) {
+	size := denseSize()
+	dir := b.TempDir()
+	src := filepath.Join(dir, "dense")
+	makeDense(b, src, size)
+	label := fmt.Sprintf("%d MiB", size>>20)
+	if size >= 1<<30 {
+		label = fmt.Sprintf("%d GiB", size>>30)
+	}
+
+	// The limit: a raw copy of the same file on the same disk.
+	dropCaches()
+	t0 := time.Now()
+	if out, err := exec.Command("cp", "--sparse=never", src, filepath.Join(dir, "raw.copy")).CombinedOutput(); err != nil {
+		b.Fatalf("cp: %v %s", err, out)
+	}
+	exec.Command("sync").Run()
+	raw := time.Since(t0)
+	os.Remove(filepath.Join(dir, "raw.copy"))
+	rawRate := mibps(size, raw)
+
+	// ferry: its export, its initiator, its engine.
+	dropCaches()
+	exp, lun := exportFerry(b, dir, src)
+	took, p, pts := hydrate(b, lun, filepath.Join(dir, "ferry.dest"), nil)
+	exec.Command("sync").Run()
+	lun.Close()
+	exp.Stop()
+	os.Remove(filepath.Join(dir, "ferry.dest"))
+	if p.BytesFetched < size*9/10 {
+		b.Fatalf("ferry fetched %d of %d dense bytes", p.BytesFetched, size)
+	}
+	ferryRate := mibps(p.BytesFetched, took)
+	s.plot("dense.svg", series{"ferry: export + initiator + clone engine", pts})
+	s.plot("contended.svg", series{"ferry, idle machine", pts})
+	s.add(row{"hydration, dense " + label + ": ferry vs raw copy (limit)", fmt.Sprintf("%.0f MiB/s", ferryRate),
+		fmt.Sprintf("cp: %.0f MiB/s", rawRate), fmt.Sprintf("%.2f", ferryRate/rawRate), "loopback iSCSI, 4 KiB regions, page cache dropped"})
+
+	// Peer 1: Debian's tgt serving the file, read by ferry's initiator into the same engine.
+	if _, err := exec.LookPath("tgtd"); err == nil {
+		dropCaches()
+		portal, iqn, stop := startTgtd(b, dir, src)
+		tl, err := iscsi.Dial(b.Context(), zerolog.Nop(), iscsi.InitiatorConfig{Portal: portal, IQN: iqn, LUN: 1})
+		if err != nil {
+			stop()
+			b.Fatalf("dial tgtd: %v", err)
+		}
+		ttook, tp, tpts := hydrate(b, tl, filepath.Join(dir, "tgt.dest"), nil)
+		exec.Command("sync").Run()
+		tl.Close()
+		stop()
+		os.Remove(filepath.Join(dir, "tgt.dest"))
+		tRate := mibps(tp.BytesFetched, ttook)
+		s.plot("dense.svg", series{"tgt export + ferry initiator + engine", tpts})
+		s.add(row{"hydration, dense " + label + ": ferry vs tgt + ferry's initiator", fmt.Sprintf("%.0f MiB/s", ferryRate),
+			fmt.Sprintf("tgtd: %.0f MiB/s", tRate), fmt.Sprintf("%.2f", ferryRate/tRate), "same initiator and engine; only the target differs"})
+	} else {
+		s.add(row{"hydration, dense: tgt peer", "", "skipped", "", "needs tgtd (apt-get install tgt)"})
+	}
+
+	// Peer 2: qemu-img convert reading through qemu-nbd over TCP (this
+	// kernel has no NBD module, so the client side is qemu's own).
+	if _, err := exec.LookPath("qemu-nbd"); err == nil {
+		dropCaches()
+		port := freePort(b)
+		pidf := filepath.Join(dir, "qemu-nbd.pid")
+		if out, err := exec.Command("qemu-nbd", "--fork", "--persistent", "--read-only", "--format=raw", "--bind=127.0.0.1",
+			"--port="+strconv.Itoa(port), "--pid-file="+pidf, src).CombinedOutput(); err != nil {
+			b.Fatalf("qemu-nbd: %v %s", err, out)
+		}
+		killNBD := func() {
+			if pb, err := os.ReadFile(pidf); err == nil {
+				if pid, err := strconv.Atoi(strings.TrimSpace(string(pb))); err == nil {
+					if pr, err := os.FindProcess(pid); err == nil {
+						pr.Kill()
+					}
+				}
+			}
+		}
+		t0 := time.Now()
+		out, err := exec.Command("qemu-img", "convert", "-f", "raw", "-O", "raw", fmt.Sprintf("nbd://127.0.0.1:%d", port), filepath.Join(dir, "qemu.dest")).CombinedOutput()
+		exec.Command("sync").Run()
+		qtook := time.Since(t0)
+		killNBD()
+		if err != nil {
+			b.Fatalf("qemu-img convert: %v %s", err, out)
+		}
+		os.Remove(filepath.Join(dir, "qemu.dest"))
+		qRate := mibps(size, qtook)
+		s.add(row{"hydration, dense " + label + ": ferry vs qemu-img over qemu-nbd", fmt.Sprintf("%.0f MiB/s", ferryRate),
+			fmt.Sprintf("qemu-img: %.0f MiB/s", qRate), fmt.Sprintf("%.2f", ferryRate/qRate), "a full copy job (no clone: nothing usable before it ends)"})
+	} else {
+		s.add(row{"hydration, dense: qemu-nbd peer", "", "skipped", "", "needs qemu-nbd (apt-get install qemu-utils)"})
+	}
+	s.notes = append(s.notes, "Hydration: a file of random bytes on the work disk is the source; each contender copies it to a fresh file on the same disk, page cache dropped before each; rate = bytes / time until the last byte is on the destination (engine Done, or the copy command's exit, then sync).")
+}
+
+// benchContended: the same ferry hydration while a saturating foreground
+// workload (4 threads of random 4 KiB reads and writes, as fast as they go)
+// runs on the clone. dm-clone documents that it pauses background
+// hydration while user I/O is in flight; ferry reserves a share for it.
+func benchContended(b *testing.B, s *suite) {
+	size := denseSize()
+	dir := b.TempDir()
+	src := filepath.Join(dir, "dense")
+	makeDense(b, src, size)
+	const hot = 64 << 20
+	var ops atomic.Int64
+	fg := func(eng *dmclone.Engine, stop <-chan struct{}) {
+		if stop == nil {
+			// Hydrate the hot set by writing it whole: the workload then never
+			// touches the source, it only competes for the clone.
+			buf := make([]byte, 1<<20)
+			for off := int64(0); off < hot; off += int64(len(buf)) {
+				if _, err := eng.WriteAt(buf, off); err != nil {
+					b.Error(err)
+				}
+			}
+			return
+		}
+		var wg sync.WaitGroup
+		for g := 0; g < 4; g++ {
+			wg.Add(1)
+			go func(seed int64) {
+				defer wg.Done()
+				rng := mrand.New(mrand.NewSource(seed))
+				buf := make([]byte, 4096)
+				for {
+					select {
+					case <-stop:
+						return
+					default:
+					}
+					off := rng.Int63n(hot/4096) * 4096
+					if rng.Intn(2) == 0 {
+						eng.ReadAt(buf, off)
+					} else {
+						eng.WriteAt(buf, off)
+					}
+					ops.Add(1)
+				}
+			}(int64(g))
+		}
+		wg.Wait()
+	}
+	dropCaches()
+	exp, lun := exportFerry(b, dir, src)
+	took, p, pts := hydrate(b, lun, filepath.Join(dir, "contended.dest"), fg)
+	lun.Close()
+	exp.Stop()
+	bg := p.BytesFetched
+	rate := mibps(bg, took)
+	s.plot("contended.svg", series{fmt.Sprintf("ferry, saturating foreground (%.0f k IOPS)", float64(ops.Load())/took.Seconds()/1000), pts})
+	// The idle figure is the dense case's (same path, same size).
+	idle := 0.0
+	for _, r := range s.rows {
+		if strings.HasPrefix(r.Bench, "hydration, dense") && strings.Contains(r.Bench, "raw copy") {
+			fmt.Sscanf(r.Ferry, "%f", &idle)
+		}
+	}
+	ratio := ""
+	if idle > 0 {
+		ratio = fmt.Sprintf("%.2f", rate/idle)
+	}
+	s.add(row{"background hydration under a saturating workload", fmt.Sprintf("%.0f MiB/s (%.0f k fg IOPS)", rate, float64(ops.Load())/took.Seconds()/1000),
+		fmt.Sprintf("idle: %.0f MiB/s; dm-clone: 0 (pauses)", idle), ratio + " of idle", "dm-clone pauses background hydration while user I/O is in flight"})
+	s.notes = append(s.notes, "Contended: 4 threads of random 4 KiB reads and writes on an already-hydrated 64 MiB hot set of the clone, as fast as they go, for the whole hydration; ferry's background copy keeps its reserved share of the source slots (MinShare). dm-clone's documentation: it \"takes into account user I/O traffic going to the devices and pauses the background hydration when there is I/O in-flight\".")
+}
