@@ -30,11 +30,13 @@ func TestSoak(t *testing.T) {
 	}
 	rng := rand.New(rand.NewSource(seed))
 	t.Logf("soak: %d migrations within %v, FERRY_SOAK_SEED=%d", n, budget, seed)
-	c := newCluster(t, 3)
+	// Hydration capped so each migration spends seconds in every phase:
+	// faults land all along the way, not only after the end.
+	c := newCluster(t, 3, "--hydration-rate", "4M")
 	machines := []string{"s1", "s2"}
 	acks := map[string]string{}
 	for i, m := range machines {
-		if err := c.bed.CreateVolume(c.ctx, "v"+m, c.ws[i], matrixVolSize); err != nil {
+		if err := c.bed.CreateVolume(c.ctx, "v"+m, c.ws[i], 64<<20); err != nil {
 			t.Fatal(err)
 		}
 		ack, err := c.bed.RunRecords(c.ctx, m, c.ws[i], "v"+m, uint32(70+i))
@@ -42,6 +44,7 @@ func TestSoak(t *testing.T) {
 			t.Fatal(err)
 		}
 		acks[m] = ack
+		c.fill(c.ws[i], m, 8)
 	}
 	c.running = len(machines)
 	faults := []string{"none", "kill-source", "kill-target", "kill-server", "flap-source", "flap-target", "abort"}
@@ -53,7 +56,7 @@ func TestSoak(t *testing.T) {
 	for i := 0; i < n && time.Now().Before(deadline); i++ {
 		mach := machines[rng.Intn(len(machines))]
 		fault := faults[rng.Intn(len(faults))]
-		delay := time.Duration(rng.Intn(3000)) * time.Millisecond
+		delay := time.Duration(rng.Intn(2500)) * time.Millisecond
 		ok := t.Run(fmt.Sprintf("%02d-%s-%s", i, mach, fault), func(t *testing.T) {
 			parent := c.t
 			c.t = t
