@@ -232,6 +232,9 @@ func TestGuestAgentMigration(t *testing.T) {
 				t.Errorf("cleanup of %s: %v: %s", w, err, out)
 			}
 		}
+		if left := processesUsing(g.dir, ferry); len(left) > 0 {
+			t.Errorf("processes left after cleanup (killed now): %s", strings.Join(left, "; "))
+		}
 	})
 	g.start("server", "", "server", "--name", "server", "--data-dir", filepath.Join(g.dir, "server"),
 		"--listen", serverAddr, "--raft-addr", tgtAddr+":7401", "--tls-dir", g.tls, "--bootstrap")
@@ -368,6 +371,28 @@ func TestGuestAgentMigration(t *testing.T) {
 		acked, present, down.Round(time.Millisecond), longestGap.Round(time.Millisecond), tMigration.Round(time.Millisecond), fetched)
 	t.Logf("steps: %s", strings.Join(steps, ", "))
 	t.Logf("setup: fabric+certificates+server+agents %s, volume create (LUKS2+ext4) %s", tCluster.Round(time.Millisecond), tVolume.Round(time.Millisecond))
+}
+
+// processesUsing lists (and kills) processes running bin or whose command
+// line or working directory is under dir.
+func processesUsing(dir, bin string) []string {
+	var out []string
+	pids, _ := filepath.Glob("/proc/[0-9]*")
+	for _, p := range pids {
+		cmd, _ := os.ReadFile(filepath.Join(p, "cmdline"))
+		cwd, _ := os.Readlink(filepath.Join(p, "cwd"))
+		line := strings.ReplaceAll(string(cmd), "\x00", " ")
+		if strings.HasPrefix(line, bin+" ") || strings.Contains(line, dir) || strings.HasPrefix(cwd, dir) {
+			var pid int
+			fmt.Sscan(filepath.Base(p), &pid)
+			if pid == os.Getpid() {
+				continue
+			}
+			out = append(out, fmt.Sprintf("pid %d %q cwd %s", pid, line, cwd))
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
+	return out
 }
 
 func waitFor(t *testing.T, ctx context.Context, timeout time.Duration, what string, cond func() bool) {
