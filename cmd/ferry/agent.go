@@ -77,6 +77,9 @@ func (f *agentFlags) build(ctx context.Context) (*agent.Agent, *agent.NetNetwork
 			return nil, nil, withCode(ExitUsage, fmt.Errorf("--hydration-rate: %w", err))
 		}
 	}
+	if kernel && acfg.HydrationRate > 0 {
+		log.Warn().Msg("--hydration-rate is not honoured by the kernel data path (dm-clone has no rate limit); hydration runs with ferry's batch and threshold tunables")
+	}
 	if fp := os.Getenv("FERRY_FAILPOINT_PAUSE_BEFORE"); fp != "" {
 		if acfg.PauseBefore, err = agent.ParsePauseBefore(fp); err != nil {
 			return nil, nil, withCode(ExitUsage, err)
