@@ -281,3 +281,28 @@ func TestExportAdoptedAfterAgentCrash(t *testing.T) {
 		t.Fatal("AdoptExport of a stopped export succeeded")
 	}
 }
+
+func TestIdleSessionKeptAliveByImmediateNOPs(t *testing.T) {
+	image, want := randomImage(t, 1<<20)
+	e, _ := startTestExport(t, image, nil)
+	l, err := Dial(context.Background(), testLogger(t), InitiatorConfig{Portal: e.Portal(), IQN: e.IQN(), Timeout: 900 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	l.mu.Lock()
+	first := l.sess
+	l.mu.Unlock()
+	// Idle for several timeouts: only NOP-Out/NOP-In cross the wire, and
+	// the session must survive on them (a non-immediate NOP would stall gotgt).
+	time.Sleep(3 * time.Second)
+	if err := readLoopOnce(l, want); err != nil {
+		t.Fatal(err)
+	}
+	l.mu.Lock()
+	same := l.sess == first
+	l.mu.Unlock()
+	if !same {
+		t.Fatal("the idle session died and was replaced: keepalive failed")
+	}
+}
