@@ -46,6 +46,7 @@ func TestLibiscsiToolsAgainstExport(t *testing.T) {
 var complianceSuites = []string{
 	"ALL.Read6", "ALL.Read10", "ALL.Read12", "ALL.Read16", "ALL.ReadCapacity10", "ALL.ReadCapacity16",
 	"ALL.TestUnitReady", "ALL.Inquiry", "ALL.ModeSense6", "ALL.Verify10", "ALL.Verify16", "ALL.iSCSIcmdsn",
+	"ALL.Prefetch10", "ALL.Prefetch16",
 	"ALL.ReadOnly",
 }
 

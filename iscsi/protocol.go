@@ -12,6 +12,8 @@ import (
 //   - every command that could modify the medium answers CHECK CONDITION,
 //     DATA PROTECT / WRITE PROTECTED, before gotgt's own handler runs (which
 //     for ORWRITE(16) would panic, and for UNMAP / WRITE SAME do nothing);
+//   - PRE-FETCH, a hint that reads nothing out, is accepted within the LU
+//     (gotgt refuses it as a write on a read-only LU);
 //   - INQUIRY VPD pages are cut to their page length: gotgt returns the whole
 //     allocation length, which initiators (libiscsi) rightly reject.
 type roProtocol struct {
@@ -35,6 +37,8 @@ func (p roProtocol) PerformCommand(opcode int) interface{} {
 	switch {
 	case modifying[api.SCSICommandType(opcode)]:
 		op.CommandPerformFunc = writeProtected
+	case api.SCSICommandType(opcode) == api.PRE_FETCH_10 || api.SCSICommandType(opcode) == api.PRE_FETCH_16:
+		op.CommandPerformFunc = prefetch
 	case api.SCSICommandType(opcode) == api.INQUIRY:
 		op.CommandPerformFunc = inquiryExactLength(op.CommandPerformFunc)
 	}
@@ -62,4 +66,25 @@ func inquiryExactLength(next api.CommandFunc) api.CommandFunc {
 		}
 		return st
 	}
+}
+
+// prefetch checks the range and answers GOOD: the page cache does the rest.
+func prefetch(_ int, cmd *api.SCSICommand) api.SAMStat {
+	scb := cmd.SCB
+	var lba, n uint64
+	switch {
+	case scb[0] == byte(api.PRE_FETCH_10) && len(scb) >= 10:
+		lba, n = uint64(binary.BigEndian.Uint32(scb[2:6])), uint64(binary.BigEndian.Uint16(scb[7:9]))
+	case scb[0] == byte(api.PRE_FETCH_16) && len(scb) >= 16:
+		lba, n = binary.BigEndian.Uint64(scb[2:10]), uint64(binary.BigEndian.Uint32(scb[10:14]))
+	default:
+		scsi.BuildSenseData(cmd, scsi.ILLEGAL_REQUEST, scsi.ASC_INVALID_FIELD_IN_CDB)
+		return api.SAMStatCheckCondition
+	}
+	blocks := cmd.Device.Size >> cmd.Device.BlockShift
+	if lba > blocks || n > blocks-lba {
+		scsi.BuildSenseData(cmd, scsi.ILLEGAL_REQUEST, scsi.ASC_LBA_OUT_OF_RANGE)
+		return api.SAMStatCheckCondition
+	}
+	return api.SAMStatGood
 }
