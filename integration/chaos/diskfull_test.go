@@ -87,6 +87,7 @@ func (fs *smallFS) freeUp() error { return os.Remove(filepath.Join(fs.mnt, "ball
 // machine's acknowledged records survive; once space is freed, hydration resumes and completes, and the data on the
 // target equals what was written on the source.
 func TestTargetDiskFull(t *testing.T) {
+	t.Parallel() // each test has its own cluster; most of their time is waiting
 	requireEnv(t)
 	small := newSmallFS(t, 160<<20)
 	if err := small.fillTo(24 << 20); err != nil {

@@ -4,6 +4,9 @@
 // state. Real clusters (internal/testbed): agents and a server in network
 // namespaces, LUKS2 volumes, FUSE + loop + ext4, iSCSI over the fabric.
 //
+// The tests run two at a time (-parallel defaults to GOMAXPROCS), each on its
+// own cluster: most of their time is spent waiting for outages and leases.
+//
 //	go test ./integration/chaos/                       # short forms (CI)
 //	FERRY_CHAOS=full go test -timeout 60m -v ./integration/chaos/   # whole matrix, long soak
 package chaos

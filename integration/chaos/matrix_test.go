@@ -170,10 +170,12 @@ func TestMatrixTable(t *testing.T) {
 }
 
 func TestChaosMatrix(t *testing.T) {
+	t.Parallel() // each test has its own cluster; most of their time is waiting
 	runMatrix(t, false)
 }
 
 func TestChaosMatrixLease(t *testing.T) {
+	t.Parallel() // each test has its own cluster; most of their time is waiting
 	runMatrix(t, true)
 }
 

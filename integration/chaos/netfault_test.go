@@ -70,6 +70,7 @@ func (c *cluster) linkDown(w string) func() {
 // stalls visibly (stalled flag with a reason on the record), then resumes
 // and completes, nothing lost.
 func TestLinkDownDuringHydration(t *testing.T) {
+	t.Parallel() // each test has its own cluster; most of their time is waiting
 	c := newCluster(t, 2, "--hydration-rate", "2M")
 	a, b := c.ws[0], c.ws[1]
 	if err := c.bed.CreateVolume(c.ctx, "nvol", a, 96<<20); err != nil {
@@ -140,6 +141,7 @@ func TestLinkDownDuringHydration(t *testing.T) {
 // link at exported (the target cannot build its clone, the source cannot
 // heartbeat); FERRY_CHAOS=full: both links at every pre-cutover state.
 func TestLinkDownBeforeCutover(t *testing.T) {
+	t.Parallel() // each test has its own cluster; most of their time is waiting
 	c := newCluster(t, 2)
 	a := c.ws[0]
 	if err := c.bed.CreateVolume(c.ctx, "pvol", a, matrixVolSize); err != nil {
@@ -211,6 +213,7 @@ func TestLinkDownBeforeCutover(t *testing.T) {
 // migration completes, nothing lost, and under the cap the copy never runs
 // faster than the link allows.
 func TestLossAndBandwidthCap(t *testing.T) {
+	t.Parallel() // each test has its own cluster; most of their time is waiting
 	for _, tool := range []string{"nft", "tc"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			t.Skipf("needs %s: run scripts/deps.sh (nftables, iproute2)", tool)

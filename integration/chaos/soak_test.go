@@ -17,6 +17,7 @@ import (
 // CI runs a short form; FERRY_CHAOS=full runs 40 migrations (or
 // FERRY_SOAK_N) within 30 minutes. FERRY_SOAK_SEED replays a run.
 func TestSoak(t *testing.T) {
+	t.Parallel() // each test has its own cluster; most of their time is waiting
 	n, budget := 4, 150*time.Second
 	if full {
 		n, budget = 40, 30*time.Minute

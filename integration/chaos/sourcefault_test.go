@@ -44,6 +44,7 @@ func (f *faultyDev) ReadAt(p []byte, off int64) (int, error) {
 // never marks the bad range hydrated; once the range reads again it
 // resumes, and the destination equals the source byte for byte.
 func TestSourceReadErrors(t *testing.T) {
+	t.Parallel() // each test has its own cluster; most of their time is waiting
 	if os.Geteuid() != 0 {
 		t.Skip("needs root (the export's private network namespace)")
 	}
