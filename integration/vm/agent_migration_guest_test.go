@@ -140,9 +140,9 @@ func (g *guestCluster) fabric() {
 	}
 }
 
-func (g *guestCluster) start(name, ns string, args ...string) {
+func (g *guestCluster) start(name, ns string, env []string, args ...string) *exec.Cmd {
 	t := g.t
-	logf, err := os.Create(filepath.Join(g.dir, name+".log"))
+	logf, err := os.OpenFile(filepath.Join(g.dir, name+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -152,6 +152,9 @@ func (g *guestCluster) start(name, ns string, args ...string) {
 		cmd = exec.Command(os.Args[0], args...)
 		cmd.Env = append(os.Environ(), envExecNetNS+"="+ns, envExecBin+"="+g.ferry)
 	}
+	if env != nil {
+		cmd.Env = append(append(os.Environ(), cmd.Env...), env...)
+	}
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
@@ -159,6 +162,7 @@ func (g *guestCluster) start(name, ns string, args ...string) {
 	}
 	go cmd.Wait()
 	g.procs = append(g.procs, cmd)
+	return cmd
 }
 
 func (g *guestCluster) stopAll() {
@@ -193,8 +197,9 @@ func (g *guestCluster) agentArgs(worker, addr string, hostID int) []string {
 // TestGuestAgentMigration: an agent-driven migration on the kernel path. A
 // server and two `ferry agent --backend kernel` processes (the source worker
 // in its own network namespace), a LUKS2+ext4 volume the source agent
-// formats, the records workload writing, `migrate`, hydration to linear; no
-// acknowledged record lost. It reports downtime and per-state timings.
+// formats, the records workload writing, `migrate`, the target agent killed
+// (-9) after cutover and restarted (it adopts the live clone), hydration to
+// linear; no acknowledged record lost. It reports downtime and per-state timings.
 func TestGuestAgentMigration(t *testing.T) {
 	inGuest(t)
 	ferry := "/host/ferry"
@@ -236,10 +241,13 @@ func TestGuestAgentMigration(t *testing.T) {
 			t.Errorf("processes left after cleanup (killed now): %s", strings.Join(left, "; "))
 		}
 	})
-	g.start("server", "", "server", "--name", "server", "--data-dir", filepath.Join(g.dir, "server"),
+	g.start("server", "", nil, "server", "--name", "server", "--data-dir", filepath.Join(g.dir, "server"),
 		"--listen", serverAddr, "--raft-addr", tgtAddr+":7401", "--tls-dir", g.tls, "--bootstrap")
-	g.start("agent-"+workerSrc, srcNS, g.agentArgs(workerSrc, srcAddr, 1)...)
-	g.start("agent-"+workerTgt, "", g.agentArgs(workerTgt, tgtAddr, 2)...)
+	g.start("agent-"+workerSrc, srcNS, nil, g.agentArgs(workerSrc, srcAddr, 1)...)
+	// The target agent pauses after cutover, before proposing
+	// hydration_started, and is killed there (-9) and restarted: the new
+	// process must adopt the live dm-clone, session, loops and mount.
+	tgtAgent := g.start("agent-"+workerTgt, "", []string{"FERRY_FAILPOINT_PAUSE_BEFORE=hydration_started=60s"}, g.agentArgs(workerTgt, tgtAddr, 2)...)
 	tc, err := tlsutil.ClientConfig(g.tls, "operator")
 	if err != nil {
 		t.Fatal(err)
@@ -296,7 +304,7 @@ func TestGuestAgentMigration(t *testing.T) {
 	var lastAcked uint64
 	lastMove, longestGap := time.Now(), time.Duration(0)
 	var tv string
-	sawClone := false
+	sawClone, restarted := false, false
 	for {
 		if time.Since(tMig) > 2*time.Minute {
 			t.Fatalf("migration %s not complete after 2m: %+v", mig.ID, m)
@@ -316,6 +324,16 @@ func TestGuestAgentMigration(t *testing.T) {
 					sawClone = true
 				}
 			}
+			if m.State == fsm.Cutover && !restarted {
+				if b, _ := os.ReadFile(filepath.Join(g.dir, "agent-"+workerTgt+".log")); strings.Contains(string(b), "failpoint: pausing") {
+					_ = tgtAgent.Process.Kill()
+					for i := 0; i < 100 && tgtAgent.Process.Signal(syscall.Signal(0)) == nil; i++ {
+						time.Sleep(20 * time.Millisecond)
+					}
+					g.start("agent-"+workerTgt, "", nil, g.agentArgs(workerTgt, tgtAddr, 2)...)
+					restarted = true
+				}
+			}
 			if m.State == fsm.Completed {
 				break
 			}
@@ -326,6 +344,11 @@ func TestGuestAgentMigration(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	tMigration := time.Since(tMig)
+	if !restarted {
+		t.Errorf("the target agent never paused at the failpoint after cutover: it was not restarted")
+	} else if b, _ := os.ReadFile(filepath.Join(g.dir, "agent-"+workerTgt+".log")); !strings.Contains(string(b), "adopting existing dm-clone device") {
+		t.Errorf("the restarted target agent did not adopt the live dm-clone (no \"adopting existing dm-clone device\" in its log)")
+	}
 	if !sawClone {
 		t.Errorf("never saw dm-clone under the destination %s during the migration", tv)
 	}

@@ -22,6 +22,9 @@ done
 leave() {
 	echo "FERRY-VM-RESULT $nonce rc=$1"
 	sync
+	# The UART drains after echo returns; qemu exits on the port write, so
+	# give the result line time to leave (it was seen cut short under load).
+	sleep 0.5
 	if [ "$1" = 0 ]; then v='\000'; else v='\001'; fi
 	printf "$v" | dd of=/dev/port bs=1 seek=244 count=1 2>/dev/null
 	poweroff -f
