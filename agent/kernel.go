@@ -415,11 +415,11 @@ func parseCloneTable(table string) (dmclone.KernelConfig, error) {
 		return dmclone.KernelConfig{}, fmt.Errorf("not a dm-clone table: %q", table)
 	}
 	sectors, err := strconv.ParseInt(f[1], 10, 64)
-	if err != nil || sectors <= 0 {
+	if err != nil || sectors <= 0 || sectors > 1<<53 {
 		return dmclone.KernelConfig{}, fmt.Errorf("dm-clone table %q: bad length", table)
 	}
 	region, err := strconv.ParseInt(f[6], 10, 64)
-	if err != nil || region <= 0 {
+	if err != nil || region <= 0 || region > 1<<21 {
 		return dmclone.KernelConfig{}, fmt.Errorf("dm-clone table %q: bad region size", table)
 	}
 	return dmclone.KernelConfig{Size: sectors * 512, Meta: f[3], Dest: f[4], Source: f[5], RegionSize: region * 512}, nil

@@ -173,3 +173,20 @@ func TestOpenISCSIToleratesAlreadyDone(t *testing.T) {
 		t.Fatal("empty portal accepted")
 	}
 }
+
+// FuzzParseCloneTable: a live table read back after an agent restart never
+// panics the agent, and what it accepts is a usable clone configuration.
+func FuzzParseCloneTable(f *testing.F) {
+	f.Add("0 65536 clone 7:2 7:1 8:0 8 1 no_hydration 4 hydration_threshold 4096 hydration_batch_size 256")
+	f.Add("0 81920 clone /dev/loop2 /dev/loop1 /dev/sda 8 0")
+	f.Add("0 65536 linear 7:1 0")
+	f.Fuzz(func(t *testing.T, table string) {
+		cfg, err := parseCloneTable(table)
+		if err != nil {
+			return
+		}
+		if cfg.Size <= 0 || cfg.Size%512 != 0 || cfg.RegionSize <= 0 || cfg.Meta == "" || cfg.Dest == "" || cfg.Source == "" {
+			t.Fatalf("accepted %q as %+v", table, cfg)
+		}
+	})
+}
