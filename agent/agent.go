@@ -112,7 +112,7 @@ func New(log zerolog.Logger, cfg Config, cp ControlPlane, exp Exporter, net Netw
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("agent data dir: %w", err)
 	}
-	return &Agent{cfg: cfg, log: log.With().Str("component", "agent").Str("worker", cfg.Worker).Logger(),
+	return &Agent{cfg: cfg, log: log.With().Str("worker", cfg.Worker).Logger(),
 		cp: cp, exp: exp, net: net, mach: mach, vols: vols, met: newMetrics(), running: map[string]chan *fsm.Migration{}, active: map[string]string{},
 		firstWatch: make(chan struct{})}, nil
 }

@@ -20,7 +20,6 @@ import (
 	"github.com/ferry-dev/ferry/api"
 	"github.com/ferry-dev/ferry/datapath"
 	"github.com/ferry-dev/ferry/fsm"
-	"github.com/ferry-dev/ferry/internal/logging"
 )
 
 // parseSize reads 512, 64M, 1G, 2T (binary units).
@@ -211,7 +210,9 @@ func init() {
 			}
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
-			err = datapath.Serve(ctx, logging.For(log, "datapath").With().Str("volume", cfg.VolumeID).Logger(), cfg, pass)
+			// Each layer (dmclone, iscsi, fuseexport) sets its own component; this
+			// process is named by its own field so keys never repeat.
+			err = datapath.Serve(ctx, log.With().Str("process", "datapath").Str("volume", cfg.VolumeID).Logger(), cfg, pass)
 			clear(pass)
 			return err
 		},
