@@ -197,7 +197,9 @@ func (g *guestCluster) agentArgs(worker, addr string, hostID int) []string {
 // TestGuestAgentMigration: an agent-driven migration on the kernel path. A
 // server and two `ferry agent --backend kernel` processes (the source worker
 // in its own network namespace), a LUKS2+ext4 volume the source agent
-// formats, the records workload writing, `migrate`, the target agent killed
+// formats, the records workload writing, a first migration aborted with its
+// clone built (rollback: nothing left on the target, the machine writes on
+// the source again), then `migrate`, the target agent killed
 // (-9) after cutover and restarted (it adopts the live clone), hydration to
 // linear; no acknowledged record lost. It reports downtime and per-state timings.
 func TestGuestAgentMigration(t *testing.T) {
@@ -244,10 +246,9 @@ func TestGuestAgentMigration(t *testing.T) {
 	g.start("server", "", nil, "server", "--name", "server", "--data-dir", filepath.Join(g.dir, "server"),
 		"--listen", serverAddr, "--raft-addr", tgtAddr+":7401", "--tls-dir", g.tls, "--bootstrap")
 	g.start("agent-"+workerSrc, srcNS, nil, g.agentArgs(workerSrc, srcAddr, 1)...)
-	// The target agent pauses after cutover, before proposing
-	// hydration_started, and is killed there (-9) and restarted: the new
-	// process must adopt the live dm-clone, session, loops and mount.
-	tgtAgent := g.start("agent-"+workerTgt, "", []string{"FERRY_FAILPOINT_PAUSE_BEFORE=hydration_started=60s"}, g.agentArgs(workerTgt, tgtAddr, 2)...)
+	// First the target agent pauses before proposing clone_built, where the
+	// operator aborts the migration (rollback on the kernel path).
+	tgtAgent := g.start("agent-"+workerTgt, "", []string{"FERRY_FAILPOINT_PAUSE_BEFORE=clone_built=5s"}, g.agentArgs(workerTgt, tgtAddr, 2)...)
 	tc, err := tlsutil.ClientConfig(g.tls, "operator")
 	if err != nil {
 		t.Fatal(err)
@@ -293,6 +294,56 @@ func TestGuestAgentMigration(t *testing.T) {
 	if n := dmNames(t, agent.CryptName(migVolume)); len(n) != 1 {
 		t.Fatalf("the source volume is not served by dm-crypt (devices %v): not the kernel backend", n)
 	}
+
+	// A migration aborted with the clone built: the target tears down every
+	// kernel object it made, the source restarts the machine on its volume.
+	t2 := time.Now()
+	first, err := g.c.CreateMigration(ctx, api.PlanRequest{Machine: migMachine, Target: workerTgt})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, ctx, time.Minute, "the target paused with the clone built", func() bool {
+		b, _ := os.ReadFile(filepath.Join(g.dir, "agent-"+workerTgt+".log"))
+		return strings.Contains(string(b), "failpoint: pausing")
+	})
+	firstTV := ""
+	if fm, err := g.c.GetMigration(ctx, first.ID); err == nil {
+		firstTV = fm.TargetVol
+	}
+	if n := dmNames(t, agent.CloneName(firstTV)); firstTV == "" || len(n) != 1 {
+		t.Fatalf("no dm-clone for the first migration's destination %q: %v", firstTV, n)
+	}
+	if _, err := g.c.Abort(ctx, first.ID, "vm test: rollback on the kernel path"); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, ctx, time.Minute, "the rollback", func() bool {
+		fm, err := g.c.GetMigration(ctx, first.ID)
+		return err == nil && fm.State == fsm.RolledBack
+	})
+	if n := dmNames(t, firstTV); len(n) != 0 {
+		t.Fatalf("the rolled-back target left device-mapper devices %v", n)
+	}
+	if out, _ := exec.Command("iscsiadm", "-m", "session").CombinedOutput(); strings.Contains(string(out), "ferry") {
+		t.Fatalf("an iSCSI session outlived the rollback: %s", out)
+	}
+	rolledBack, _ := workload.Acked(ack)
+	waitFor(t, ctx, time.Minute, "records acknowledged on the source again", func() bool {
+		n, _ := workload.Acked(ack)
+		return n >= rolledBack+50
+	})
+	if p, a, err := workload.Verify(filepath.Join(g.dir, workerSrc, "mnt", migMachine), ack); err != nil || p < a {
+		t.Fatalf("records after the rollback: %d present, %d acknowledged: %v", p, a, err)
+	}
+	tRollback := time.Since(t2)
+	// The target agent comes back pausing after cutover, before proposing
+	// hydration_started; it is killed there (-9) and restarted: the new
+	// process must adopt the live dm-clone, session, loops and mount.
+	_ = tgtAgent.Process.Kill()
+	for i := 0; i < 100 && tgtAgent.Process.Signal(syscall.Signal(0)) == nil; i++ {
+		time.Sleep(20 * time.Millisecond)
+	}
+	_ = os.Rename(filepath.Join(g.dir, "agent-"+workerTgt+".log"), filepath.Join(g.dir, "agent-"+workerTgt+"-first.log"))
+	tgtAgent = g.start("agent-"+workerTgt, "", []string{"FERRY_FAILPOINT_PAUSE_BEFORE=hydration_started=60s"}, g.agentArgs(workerTgt, tgtAddr, 2)...)
 
 	// Migrate, watching the workload's acknowledgements for the longest gap.
 	mig, err := g.c.CreateMigration(ctx, api.PlanRequest{Machine: migMachine, Target: workerTgt})
@@ -393,7 +444,8 @@ func TestGuestAgentMigration(t *testing.T) {
 	t.Logf("kernel-path agent migration: records %d acknowledged, %d present; downtime (source_stopped→cutover) %s, longest gap between the workload's acknowledgements %s; migration %s; %s",
 		acked, present, down.Round(time.Millisecond), longestGap.Round(time.Millisecond), tMigration.Round(time.Millisecond), fetched)
 	t.Logf("steps: %s", strings.Join(steps, ", "))
-	t.Logf("setup: fabric+certificates+server+agents %s, volume create (LUKS2+ext4) %s", tCluster.Round(time.Millisecond), tVolume.Round(time.Millisecond))
+	t.Logf("setup: fabric+certificates+server+agents %s, volume create (LUKS2+ext4) %s; the aborted first migration, its rollback and the machine writing again on the source %s",
+		tCluster.Round(time.Millisecond), tVolume.Round(time.Millisecond), tRollback.Round(time.Millisecond))
 }
 
 // processesUsing lists (and kills) processes running bin or whose command
