@@ -421,10 +421,14 @@ func terminate(pid int, stateDir string) error {
 	}
 	_ = syscall.Kill(pid, syscall.SIGTERM)
 	deadline := time.Now().Add(5 * time.Second)
+	killed := false
 	for childAlive(pid, stateDir) {
 		if time.Now().After(deadline) {
+			if killed {
+				return fmt.Errorf("export process %d survives SIGKILL (stuck in the kernel?); stop it by hand", pid)
+			}
 			_ = syscall.Kill(pid, syscall.SIGKILL)
-			deadline = time.Now().Add(5 * time.Second)
+			killed, deadline = true, time.Now().Add(5*time.Second)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}

@@ -1,6 +1,7 @@
 package iscsi
 
 import (
+	"bufio"
 	"bytes"
 	"io"
 	"net"
@@ -90,6 +91,6 @@ func newSessionForTest(c net.Conn) *session {
 	return &session{
 		conn: c, timeout: time.Second, tasks: make(map[uint32]*task), pings: make(map[uint32]chan struct{}),
 		windowCh: make(chan struct{}), deadCh: make(chan struct{}), logoutCh: make(chan struct{}),
-		readerDone: make(chan struct{}), nextITT: 1,
+		readerDone: make(chan struct{}), nextITT: 1, br: bufio.NewReader(c),
 	}
 }

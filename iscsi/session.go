@@ -1,6 +1,7 @@
 package iscsi
 
 import (
+	"bufio"
 	"context"
 	"crypto/rand"
 	"crypto/tls"
@@ -84,6 +85,10 @@ type session struct {
 
 	readerDone chan struct{}
 	lastRecv   atomic.Int64 // unix nanoseconds
+	// br batches header reads; large Data-In segments bypass its buffer
+	// and land straight in the task's (bufio reads directly when asked
+	// for more than it holds).
+	br *bufio.Reader
 }
 
 // dialConn opens the TCP (and optional TLS) connection to a portal.
@@ -177,7 +182,6 @@ func login(c net.Conn, deadline time.Time, isid [6]byte, initiator, target strin
 	const itt = 0
 	var cmdSN uint32 = 1
 	var expStatSN uint32
-	haveStatSN := false
 	stage := 0 // 0 security, 1 operational
 	sent := false
 	for round := 0; round < 8; round++ {
@@ -228,7 +232,6 @@ func login(c net.Conn, deadline time.Time, isid [6]byte, initiator, target strin
 			return p, &LoginError{Class: cls, Detail: det}
 		}
 		expStatSN = resp.statSN() + 1
-		haveStatSN = true
 		p.statSN, p.expCmdSN, p.maxCmdSN = resp.statSN(), resp.expCmdSN(), resp.maxCmdSN()
 		p.tsih = binary.BigEndian.Uint16(resp.bhs[14:16])
 		keys, err := parseText(resp.data)
@@ -243,7 +246,6 @@ func login(c net.Conn, deadline time.Time, isid [6]byte, initiator, target strin
 		}
 		rnext := int(resp.flags() & 0x03)
 		if rnext == 3 {
-			_ = haveStatSN
 			return p, nil
 		}
 		if rnext != next {
@@ -291,7 +293,7 @@ func newSession(log zerolog.Logger, c net.Conn, p loginParams, lun uint64, timeo
 		cmdSN: p.expCmdSN, expCmdSN: p.expCmdSN, maxCmdSN: p.maxCmdSN, expStatSN: p.statSN + 1,
 		nextITT: 1, tasks: make(map[uint32]*task), pings: make(map[uint32]chan struct{}),
 		windowCh: make(chan struct{}), deadCh: make(chan struct{}), logoutCh: make(chan struct{}),
-		readerDone: make(chan struct{}),
+		readerDone: make(chan struct{}), br: bufio.NewReaderSize(c, 32<<10),
 	}
 	s.lastRecv.Store(time.Now().UnixNano())
 	go s.reader()
@@ -491,7 +493,7 @@ func (s *session) reader() {
 }
 
 func (s *session) readOne(p *pdu) error {
-	if err := readHeader(s.conn, p, ourMaxRecvDataSegment); err != nil {
+	if err := readHeader(s.br, p, ourMaxRecvDataSegment); err != nil {
 		return err
 	}
 	s.lastRecv.Store(time.Now().UnixNano())
@@ -507,7 +509,7 @@ func (s *session) readOne(p *pdu) error {
 		if off < 0 || off+n > len(t.in) {
 			return fmt.Errorf("%w: Data-In at offset %d length %d for a %d-byte read", ErrProtocol, off, n, len(t.in))
 		}
-		if _, err := io.ReadFull(s.conn, t.in[off:off+n]); err != nil {
+		if _, err := io.ReadFull(s.br, t.in[off:off+n]); err != nil {
 			return err
 		}
 		if err := s.discard(pad4(n) - n); err != nil {
@@ -626,7 +628,7 @@ func (s *session) readData(n int) ([]byte, error) {
 		return nil, nil
 	}
 	b := make([]byte, pad4(n))
-	if _, err := io.ReadFull(s.conn, b); err != nil {
+	if _, err := io.ReadFull(s.br, b); err != nil {
 		return nil, err
 	}
 	return b[:n], nil
@@ -636,7 +638,7 @@ func (s *session) discard(n int) error {
 	if n <= 0 {
 		return nil
 	}
-	_, err := io.CopyN(io.Discard, s.conn, int64(n))
+	_, err := s.br.Discard(n)
 	return err
 }
 
