@@ -622,13 +622,23 @@ func CheckKernelPath(ctx context.Context) error {
 	return nil
 }
 
-// KernelPathAvailable is --backend auto's test: the clone target is loaded
-// and iscsiadm exists.
+// KernelPathAvailable is --backend auto's test: the clone target is loaded,
+// iscsiadm exists, and this process shares the network namespace of PID 1,
+// where iscsid connects from (the kernel's iSCSI netlink is not
+// namespace-aware): an agent in a worker namespace (the demo, the test beds)
+// could not reach its sources through open-iscsi, so auto keeps it on the
+// userspace path.
 func KernelPathAvailable(ctx context.Context) bool {
 	if _, err := exec.LookPath("iscsiadm"); err != nil {
 		return false
 	}
-	return hasCloneTarget(ctx)
+	return inInitialNetNS() && hasCloneTarget(ctx)
+}
+
+func inInitialNetNS() bool {
+	self, err1 := os.Readlink("/proc/self/ns/net")
+	init, err2 := os.Readlink("/proc/1/ns/net")
+	return err1 == nil && err2 == nil && self == init
 }
 
 func hasCloneTarget(ctx context.Context) bool {

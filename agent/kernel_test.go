@@ -190,3 +190,15 @@ func FuzzParseCloneTable(f *testing.F) {
 		}
 	})
 }
+
+func TestInInitialNetNS(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("needs root to read /proc/1/ns/net")
+	}
+	// Test processes run in PID 1's namespace unless a harness moved them.
+	self, _ := os.Readlink("/proc/self/ns/net")
+	init, _ := os.Readlink("/proc/1/ns/net")
+	if inInitialNetNS() != (self == init && self != "") {
+		t.Fatalf("inInitialNetNS %v, self %q, init %q", inInitialNetNS(), self, init)
+	}
+}

@@ -128,7 +128,7 @@ state. With --dev it also runs a one-node server in the same process (developmen
 	fl.Uint32Var(&f.hostID, "host-id", 0, "the worker's 32-bit 6PN host id")
 	fl.StringVar(&f.address, "address", "127.0.0.1", "IP where other workers reach this worker's exports")
 	fl.StringVar(&f.dataDir, "data-dir", "/var/lib/ferry/agent", "volumes, clone metadata and local step records")
-	fl.StringVar(&f.backend, "backend", "auto", "data path: kernel (dm-clone, dm-crypt, open-iscsi), userspace (ferry volume serve + FUSE), or auto: kernel when `dmsetup targets` lists clone and iscsiadm exists")
+	fl.StringVar(&f.backend, "backend", "auto", "data path: kernel (dm-clone, dm-crypt, open-iscsi), userspace (ferry volume serve + FUSE), or auto: kernel when `dmsetup targets` lists clone, iscsiadm exists and the agent runs in PID 1's network namespace (iscsid's)")
 	fl.StringVar(&f.domain, "iqn-domain", "dev.ferry", "naming authority of export IQNs")
 	fl.DurationVar(&f.grace, "grace", 10*time.Minute, "how long a migrated machine's old 6PN address keeps answering")
 	fl.DurationVar(&f.leaseTTL, "lease-ttl", 0, "worker lease; the server rolls back pre-cutover migrations of a worker that misses it (default: the server's, 15s)")
