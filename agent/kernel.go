@@ -637,8 +637,8 @@ func KernelPathAvailable(ctx context.Context) bool {
 
 func inInitialNetNS() bool {
 	self, err1 := os.Readlink("/proc/self/ns/net")
-	init, err2 := os.Readlink("/proc/1/ns/net")
-	return err1 == nil && err2 == nil && self == init
+	pid1, err2 := os.Readlink("/proc/1/ns/net")
+	return err1 == nil && err2 == nil && self == pid1
 }
 
 func hasCloneTarget(ctx context.Context) bool {

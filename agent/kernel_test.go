@@ -197,8 +197,8 @@ func TestInInitialNetNS(t *testing.T) {
 	}
 	// Test processes run in PID 1's namespace unless a harness moved them.
 	self, _ := os.Readlink("/proc/self/ns/net")
-	init, _ := os.Readlink("/proc/1/ns/net")
-	if inInitialNetNS() != (self == init && self != "") {
-		t.Fatalf("inInitialNetNS %v, self %q, init %q", inInitialNetNS(), self, init)
+	pid1, _ := os.Readlink("/proc/1/ns/net")
+	if inInitialNetNS() != (self == pid1 && self != "") {
+		t.Fatalf("inInitialNetNS %v, self %q, pid 1 %q", inInitialNetNS(), self, pid1)
 	}
 }
