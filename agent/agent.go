@@ -93,6 +93,11 @@ type Agent struct {
 	vols Backend
 	met  *metrics
 
+	// machMu orders the reconcile loop's machine starts and stops against
+	// migrations taking a machine over: a reconcile that decided a machine
+	// is not migrating finishes acting on it before a new migration is
+	// registered (and its steps stop the machine), never after.
+	machMu  sync.Mutex
 	mu      sync.Mutex
 	running map[string]chan *fsm.Migration // migration id -> its driver goroutine's inbox
 	active  map[string]string              // active migration id -> its machine
@@ -140,6 +145,7 @@ func (a *Agent) Run(ctx context.Context) error {
 			continue
 		}
 		index = next
+		a.machMu.Lock()
 		a.mu.Lock()
 		for _, m := range ms {
 			if m.State.Terminal() {
@@ -150,6 +156,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 		a.met.active.Set(float64(len(a.active)))
 		a.mu.Unlock()
+		a.machMu.Unlock()
 		a.firstOnce.Do(func() { close(a.firstWatch) })
 		for _, m := range ms {
 			a.dispatch(ctx, m)

@@ -61,24 +61,52 @@ func (a *Agent) reconcile(ctx context.Context) {
 	if err != nil {
 		return
 	}
-	busy := a.migratingMachines()
 	for _, m := range machs {
-		if m.Worker != a.cfg.Worker || busy[m.ID] {
-			continue
+		a.reconcileMachine(ctx, m)
+	}
+}
+
+// reconcileMachine starts or stops one machine that no migration owns. It
+// holds machMu so a migration of this machine cannot be registered (and its
+// source step stop the machine) between the check and the action: without
+// it a reconcile that looked before the migration arrived restarted the
+// machine the migration had just stopped (it then ran on two workers).
+func (a *Agent) reconcileMachine(ctx context.Context, m *fsm.Machine) {
+	a.machMu.Lock()
+	defer a.machMu.Unlock()
+	if m.Worker != a.cfg.Worker || a.migratingMachines()[m.ID] {
+		return
+	}
+	spec, err := a.machineSpec(m, a.machineNS(m.ID))
+	if err != nil {
+		return
+	}
+	st, _ := a.mach.Status(ctx, spec)
+	switch {
+	case m.State == fsm.MachineRunning && st == "running":
+		// Already here: keep its volume and datapath up (idempotent).
+		if err := a.startLocal(ctx, m); err != nil {
+			a.log.Warn().Err(err).Str("machine", m.ID).Msg("cannot start machine")
 		}
-		switch m.State {
-		case fsm.MachineRunning:
-			if err := a.startLocal(ctx, m); err != nil {
-				a.log.Warn().Err(err).Str("machine", m.ID).Msg("cannot start machine")
-			}
-		case fsm.MachineStopped:
-			spec, err := a.machineSpec(m, a.machineNS(m.ID))
-			if err == nil {
-				if st, _ := a.mach.Status(ctx, spec); st == "running" {
-					if err := a.mach.Stop(ctx, spec); err != nil {
-						a.log.Warn().Err(err).Str("machine", m.ID).Msg("cannot stop machine")
-					}
-				}
+		return
+	case m.State != fsm.MachineRunning && st != "running":
+		return
+	}
+	// The record was listed before the lock and may be stale (a migration
+	// may have moved the machine meanwhile): act on a fresh one.
+	fresh, err := a.cp.GetMachine(ctx, m.ID)
+	if err != nil || fresh.Worker != a.cfg.Worker {
+		return
+	}
+	switch fresh.State {
+	case fsm.MachineRunning:
+		if err := a.startLocal(ctx, fresh); err != nil {
+			a.log.Warn().Err(err).Str("machine", m.ID).Msg("cannot start machine")
+		}
+	case fsm.MachineStopped:
+		if st == "running" {
+			if err := a.mach.Stop(ctx, spec); err != nil {
+				a.log.Warn().Err(err).Str("machine", m.ID).Msg("cannot stop machine")
 			}
 		}
 	}
