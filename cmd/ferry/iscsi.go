@@ -50,6 +50,9 @@ child process inside a private network namespace; the only way in is the gate on
 			if err != nil {
 				return withCode(ExitUsage, err)
 			}
+			if listen == "" || len(allow) == 0 {
+				return withCode(ExitUsage, errors.New("--listen and --allow are required: the gate admits only the given addresses"))
+			}
 			if iqn == "" {
 				b := make([]byte, 4)
 				_, _ = rand.Read(b)
@@ -77,14 +80,12 @@ child process inside a private network namespace; the only way in is the gate on
 		},
 	}
 	f := c.Flags()
-	f.StringVar(&listen, "listen", "", "gate address host:port (port 0 picks one)")
+	f.StringVar(&listen, "listen", "", "gate address host:port (port 0 picks one); a concrete address, since discovery announces it")
 	f.StringSliceVar(&allow, "allow", nil, "address or CIDR allowed to connect (repeatable)")
 	f.StringVar(&iqn, "iqn", "", "target IQN (default: a fresh iqn.YYYY-MM.dev.ferry:ferry:manual-...)")
 	f.Uint64Var(&lun, "lun", 0, "LUN number")
 	f.IntVar(&blockSize, "block-size", 512, "logical block size")
 	f.StringVar(&stateDir, "state-dir", "", "state directory (default "+iscsiStateRoot+"/<iqn>)")
-	_ = c.MarkFlagRequired("listen")
-	_ = c.MarkFlagRequired("allow")
 	return c
 }
 
@@ -143,6 +144,9 @@ func iscsiReadCmd() *cobra.Command {
 			if err != nil {
 				return withCode(ExitUsage, err)
 			}
+			if out == "" {
+				return withCode(ExitUsage, errors.New("--out is required"))
+			}
 			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
 			l, err := iscsi.Dial(ctx, log, iscsi.InitiatorConfig{
@@ -177,7 +181,6 @@ func iscsiReadCmd() *cobra.Command {
 	f.IntVar(&qd, "queue-depth", 16, "commands in flight")
 	f.IntVar(&reqKiB, "request-kib", 1024, "bytes per READ(16), in KiB")
 	f.DurationVar(&timeout, "timeout", 10*time.Second, "per-command timeout, reconnects included")
-	_ = c.MarkFlagRequired("out")
 	return c
 }
 
