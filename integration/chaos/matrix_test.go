@@ -19,7 +19,7 @@ import (
 // acted on it.
 
 const (
-	matrixVolSize = 32 << 20
+	matrixVolSize = 128 << 20 // the records workload fills ~10 MiB per 200k records: room for the full matrix
 	pause         = 4 * time.Second
 	leaseTTL      = 3 * time.Second
 )
