@@ -68,6 +68,7 @@ func (x *ISCSIExporter) Export(ctx context.Context, id, path, allow string) (str
 	if _, err := iscsi.StopRecorded(x.dir(id)); err != nil {
 		return "", "", fmt.Errorf("stop the stale export of %s: %w", id, err)
 	}
+	killStrayExports(x.dir(id))
 	rec := exportRecord{Portal: net.JoinHostPort(x.Address, "0"), IQN: iscsi.MigrationIQN(x.Domain, id, time.Now())}
 	if b, err := os.ReadFile(x.recordPath(id)); err == nil {
 		if err := json.Unmarshal(b, &rec); err != nil {
@@ -120,6 +121,7 @@ func (x *ISCSIExporter) Unexport(ctx context.Context, id string) error {
 	if _, serr := iscsi.StopRecorded(x.dir(id)); serr != nil && err == nil {
 		err = serr
 	}
+	killStrayExports(x.dir(id))
 	os.RemoveAll(x.dir(id))
 	if rerr := os.Remove(x.recordPath(id)); rerr != nil && !errors.Is(rerr, os.ErrNotExist) && err == nil {
 		err = rerr
