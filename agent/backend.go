@@ -3,8 +3,14 @@ package agent
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
 
 	"github.com/ferry-dev/ferry/blockdev"
 	"github.com/ferry-dev/ferry/datapath"
@@ -98,11 +104,34 @@ func (v *Volumes) Clone(ctx context.Context, vol string) (CloneHandle, error) {
 
 // CleanupAll unmounts every machine mount, stops every datapath and lazily
 // unmounts FUSE files whose datapath died.
+//
+// A filesystem whose clone reads from a source that is gone (a target torn
+// down after the source already unexported) cannot be unmounted cleanly: its
+// writeback waits on reads that only time out. Then the mount is detached
+// lazily and the datapaths are killed, which fails the pending I/O at once;
+// the data there is a discarded copy, the source is authoritative.
 func (v *Volumes) CleanupAll(ctx context.Context) error {
 	var errs []error
-	errs = append(errs, unmountAll(v.MountPoint("")))
+	stuck := false
+	mnts, _ := os.ReadDir(v.MountPoint(""))
+	for _, e := range mnts {
+		mnt := v.MountPoint(e.Name())
+		if _, ok := mountedAt(mnt); !ok {
+			continue
+		}
+		if err := unmountRetry(mnt); err != nil {
+			v.Log.Warn().Err(err).Str("mount", mnt).Msg("unmount failed; detaching lazily and killing the datapaths")
+			if out, lerr := exec.Command("umount", "-l", mnt).CombinedOutput(); lerr != nil {
+				errs = append(errs, fmt.Errorf("lazy unmount %s: %w: %s", mnt, lerr, strings.TrimSpace(string(out))))
+			}
+			stuck = true
+		}
+	}
 	vols, _ := os.ReadDir(filepath.Join(v.DataDir, "fuse"))
 	for _, e := range vols {
+		if stuck {
+			killProcesses(filepath.Join(v.runDir(), e.Name()+".json"))
+		}
 		if err := v.Detach(ctx, e.Name()); err != nil {
 			errs = append(errs, err)
 		}
@@ -111,6 +140,30 @@ func (v *Volumes) CleanupAll(ctx context.Context) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// killProcesses SIGKILLs every process whose command line names marker
+// (a datapath's config file) and waits briefly for them to go.
+func killProcesses(marker string) {
+	ents, _ := os.ReadDir("/proc")
+	var pids []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err != nil || !strings.Contains(string(b), marker) {
+			continue
+		}
+		syscall.Kill(pid, syscall.SIGKILL)
+		pids = append(pids, pid)
+	}
+	for _, pid := range pids {
+		for i := 0; i < 100 && syscall.Kill(pid, 0) == nil; i++ {
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
 }
 
 // unmountAll unmounts every mount point directly under dir.

@@ -61,11 +61,19 @@ func lazyUnmountFUSE(fuseDir string) error {
 	return nil
 }
 
+// unmountRetry tries for about five seconds; each attempt is bounded, since
+// an unmount whose writeback waits on a dead source would otherwise hang.
 func unmountRetry(mnt string) error {
 	var err error
-	for i := 0; i < 50; i++ {
-		out, e := exec.Command("umount", mnt).CombinedOutput()
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		out, e := exec.CommandContext(ctx, "umount", mnt).CombinedOutput()
+		cancel()
 		if e == nil {
+			return nil
+		}
+		if _, ok := mountedAt(mnt); !ok {
 			return nil
 		}
 		err = fmt.Errorf("unmount %s: %w: %s", mnt, e, strings.TrimSpace(string(out)))
