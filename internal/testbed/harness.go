@@ -165,8 +165,14 @@ func (b *Bed) NeverTwice(machineID string) error {
 		if err != nil {
 			return err
 		}
-		for _, i := range ivs {
+		for k, i := range ivs {
 			end := i.Stop
+			if end.IsZero() && k+1 < len(ivs) {
+				// The agent was killed between stopping the process and
+				// journaling it; the driver starts a machine only once its
+				// previous process is gone, so that one ended by the next start.
+				end = ivs[k+1].Start
+			}
 			if end.IsZero() {
 				end = time.Now().Add(time.Hour)
 			}
