@@ -366,6 +366,9 @@ func (a *Agent) tearDownTarget(ctx context.Context, log zerolog.Logger, m *fsm.M
 		if err := a.mach.Stop(ctx, spec); err != nil {
 			return err
 		}
+		if n := killStrayMachines(mach.ID, mnt); n > 0 {
+			log.Warn().Int("processes", n).Msg("killed machine processes started here but never recorded (agent crash during cutover)")
+		}
 	}
 	if a.net != nil {
 		if err := a.net.Detach(ctx, m.Machine); err != nil {
@@ -405,6 +408,9 @@ func (a *Agent) stopSource(ctx context.Context, log zerolog.Logger, m *fsm.Migra
 	}
 	if err := a.mach.Stop(ctx, spec); err != nil {
 		return err
+	}
+	if n := killStrayMachines(mach.ID, spec.MountDir); n > 0 {
+		log.Warn().Int("processes", n).Msg("killed machine processes running here but never recorded (agent crash while starting it)")
 	}
 	if err := a.vols.Unmount(ctx, m.Volume, a.vols.MountPoint(mach.ID)); err != nil {
 		return err
