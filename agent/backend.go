@@ -112,26 +112,27 @@ func (v *Volumes) Clone(ctx context.Context, vol string) (CloneHandle, error) {
 // the data there is a discarded copy, the source is authoritative.
 func (v *Volumes) CleanupAll(ctx context.Context) error {
 	var errs []error
-	stuck := false
+	killDatapaths := func() {
+		ents, _ := os.ReadDir(filepath.Join(v.DataDir, "fuse"))
+		for _, e := range ents {
+			killProcesses(filepath.Join(v.runDir(), e.Name()+".json"))
+		}
+	}
 	mnts, _ := os.ReadDir(v.MountPoint(""))
 	for _, e := range mnts {
 		mnt := v.MountPoint(e.Name())
 		if _, ok := mountedAt(mnt); !ok {
 			continue
 		}
-		if err := unmountRetry(mnt); err != nil {
-			v.Log.Warn().Err(err).Str("mount", mnt).Msg("unmount failed; detaching lazily and killing the datapaths")
-			if out, lerr := exec.Command("umount", "-l", mnt).CombinedOutput(); lerr != nil {
-				errs = append(errs, fmt.Errorf("lazy unmount %s: %w: %s", mnt, lerr, strings.TrimSpace(string(out))))
-			}
-			stuck = true
+		if err := unmountOrForce(mnt, 5*time.Second, func() {
+			v.Log.Warn().Str("mount", mnt).Msg("unmount blocked (a clone waiting on a dead source?); killing the datapaths")
+			killDatapaths()
+		}); err != nil {
+			errs = append(errs, err)
 		}
 	}
 	vols, _ := os.ReadDir(filepath.Join(v.DataDir, "fuse"))
 	for _, e := range vols {
-		if stuck {
-			killProcesses(filepath.Join(v.runDir(), e.Name()+".json"))
-		}
 		if err := v.Detach(ctx, e.Name()); err != nil {
 			errs = append(errs, err)
 		}
@@ -179,4 +180,37 @@ func unmountAll(dir string) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// unmountOrForce unmounts mnt. An unmount can block uninterruptibly on
+// writeback that waits for a source which is gone; if it has not finished
+// after patience, stuck is called (to fail that I/O, e.g. by killing the
+// FUSE server), then the unmount gets 30 s more before a lazy unmount.
+func unmountOrForce(mnt string, patience time.Duration, stuck func()) error {
+	cmd := exec.Command("umount", mnt)
+	var out strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("unmount %s: %w", mnt, err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	var err error
+	select {
+	case err = <-done:
+	case <-time.After(patience):
+		stuck()
+		select {
+		case err = <-done:
+		case <-time.After(30 * time.Second):
+			err = fmt.Errorf("still blocked after the datapaths were killed")
+		}
+	}
+	if _, ok := mountedAt(mnt); !ok {
+		return nil
+	}
+	if lout, lerr := exec.Command("umount", "-l", mnt).CombinedOutput(); lerr != nil {
+		return fmt.Errorf("unmount %s: %v: %s; lazy unmount: %w: %s", mnt, err, strings.TrimSpace(out.String()), lerr, strings.TrimSpace(string(lout)))
+	}
+	return nil
 }

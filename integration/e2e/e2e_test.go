@@ -189,7 +189,11 @@ func TestAgentCrashes(t *testing.T) {
 // expires, the server rolls the migration back; the operator confirms the
 // dead target's teardown and the machine runs on the source again.
 func TestLeaseExpiryRollsBack(t *testing.T) {
+	t0 := time.Now()
+	phase := func(what string) { t.Logf("%6.1fs %s", time.Since(t0).Seconds(), what) }
+	t.Cleanup(func() { phase("cleanup done") })
 	e := newEnv(t, 2, "--lease-ttl", "3s")
+	phase("cluster up")
 	a, b := e.ws[0], e.ws[1]
 	e.bed.Kill("agent/"+b, 15)
 	if err := e.bed.StartAgentEnv(b, []string{"FERRY_FAILPOINT_PAUSE_BEFORE=clone_built=60s"}); err != nil {
@@ -199,8 +203,10 @@ func TestLeaseExpiryRollsBack(t *testing.T) {
 	ack, _ := e.runMachine("ml", a, "voll", 10)
 	id := e.migrate("ml", b)
 	e.waitState(id, time.Minute, fsm.Exported)
+	phase("exported")
 	e.kill9(b)
 	m := e.waitState(id, time.Minute, fsm.RollingBack)
+	phase("rolling back")
 	if m.Rollback == nil || m.Rollback.Reason == "" {
 		t.Fatalf("rollback without a reason: %+v", m.Rollback)
 	}
@@ -214,10 +220,12 @@ func TestLeaseExpiryRollsBack(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.waitState(id, time.Minute, fsm.RolledBack)
+	phase("rolled back")
 	before, _ := workload.Acked(ack)
 	e.waitAcked(ack, before+50, time.Minute)
 	e.verifyRecords("ml", a, ack)
 	e.assertNeverTwice("ml")
+	phase("verified")
 }
 
 // A drain of a worker holding four machines to two targets, two at a time.
