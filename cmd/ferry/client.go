@@ -30,3 +30,16 @@ func (f *clientFlags) client() (*api.Client, error) {
 	}
 	return api.NewClient([]string{f.server}, tc)
 }
+
+// apiRunE wraps the body of a command that talks to the server: it builds
+// the client from the shared flags (addClientFlags) and closes it after.
+func apiRunE(run func(cmd *cobra.Command, c *api.Client, args []string) error) func(*cobra.Command, []string) error {
+	return func(cmd *cobra.Command, args []string) error {
+		c, err := newAPIClient()
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		return run(cmd, c, args)
+	}
+}

@@ -8,6 +8,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/ferry-dev/ferry/api"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/machine"
 	"github.com/ferry-dev/ferry/netrewrite"
@@ -82,12 +83,7 @@ func init() {
 		Use:   "list",
 		Short: "List machines",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, err := newAPIClient()
-			if err != nil {
-				return err
-			}
-			defer c.Close()
+		RunE: apiRunE(func(cmd *cobra.Command, c *api.Client, _ []string) error {
 			ms, err := c.ListMachines(cmd.Context(), worker)
 			if err != nil {
 				return err
@@ -101,7 +97,7 @@ func init() {
 				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%v\n", m.ID, m.Worker, m.Volume, m.State, m.Addr6PN, m.Migrated)
 			}
 			return tw.Flush()
-		},
+		}),
 	}
 	list.Flags().StringVar(&worker, "worker", "", "only machines of this worker")
 	list.Flags().BoolVar(&asJSON, "json", false, "print JSON")
@@ -112,19 +108,14 @@ func init() {
 			Use:   use + " ID",
 			Short: short,
 			Args:  cobra.ExactArgs(1),
-			RunE: func(cmd *cobra.Command, args []string) error {
-				c, err := newAPIClient()
-				if err != nil {
-					return err
-				}
-				defer c.Close()
+			RunE: apiRunE(func(cmd *cobra.Command, c *api.Client, args []string) error {
 				m, err := c.UpdateMachine(cmd.Context(), args[0], apiMachineState(st))
 				if err != nil {
 					return withCode(refusalCode(err), err)
 				}
 				fmt.Fprintf(cmd.OutOrStdout(), "machine %s: %s (its agent applies it)\n", m.ID, m.State)
 				return nil
-			},
+			}),
 		}
 		addClientFlags(c)
 		return c

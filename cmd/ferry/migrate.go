@@ -251,12 +251,7 @@ nothing. Exit codes: 0 completed (or started, without --wait), 1 failed, 2 usage
 		Use:   "abort MIGRATION-ID",
 		Short: "Roll a migration back (only before cutover; after it the refusal says why)",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := newAPIClient()
-			if err != nil {
-				return err
-			}
-			defer c.Close()
+		RunE: apiRunE(func(cmd *cobra.Command, c *api.Client, args []string) error {
 			if targetGone {
 				// The target's agent is gone for good while rolling back: the
 				// operator vouches that the machine never ran there (true before
@@ -275,7 +270,7 @@ nothing. Exit codes: 0 completed (or started, without --wait), 1 failed, 2 usage
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "migration %s is %s: the target tears down, then the machine restarts on %s\n", m.ID, m.State, m.Source)
 			return nil
-		},
+		}),
 	}
 	abort.Flags().StringVar(&reason, "reason", "operator abort", "why (recorded in the migration)")
 	abort.Flags().BoolVar(&targetGone, "target-gone", false, "while rolling back with the target worker dead for good: confirm its teardown so the source restarts the machine")

@@ -113,12 +113,7 @@ func init() {
 		Use:   "list",
 		Short: "List volumes",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, err := newAPIClient()
-			if err != nil {
-				return err
-			}
-			defer c.Close()
+		RunE: apiRunE(func(cmd *cobra.Command, c *api.Client, _ []string) error {
 			vs, err := c.ListVolumes(cmd.Context(), worker)
 			if err != nil {
 				return err
@@ -132,7 +127,7 @@ func init() {
 				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", v.ID, v.Worker, humanBytes(v.Size), v.State, v.AttachedMachine)
 			}
 			return tw.Flush()
-		},
+		}),
 	}
 	list.Flags().StringVar(&worker, "worker", "", "only volumes of this worker")
 	list.Flags().BoolVar(&asJSON, "json", false, "print JSON")
@@ -142,18 +137,13 @@ func init() {
 		Use:   "show ID",
 		Short: "Show one volume (never its key)",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := newAPIClient()
-			if err != nil {
-				return err
-			}
-			defer c.Close()
+		RunE: apiRunE(func(cmd *cobra.Command, c *api.Client, args []string) error {
 			v, err := c.GetVolume(cmd.Context(), args[0])
 			if err != nil {
 				return withCode(refusalCode(err), err)
 			}
 			return writeJSONOut(cmd.OutOrStdout(), v)
-		},
+		}),
 	}
 	addClientFlags(show)
 
@@ -162,12 +152,7 @@ func init() {
 		Use:   "destroy ID",
 		Short: "Destroy a volume after a retention window (refused while a machine uses it)",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := newAPIClient()
-			if err != nil {
-				return err
-			}
-			defer c.Close()
+		RunE: apiRunE(func(cmd *cobra.Command, c *api.Client, args []string) error {
 			v, err := c.DestroyVolume(cmd.Context(), args[0], retention)
 			if err != nil {
 				return withCode(refusalCode(err), err)
@@ -178,7 +163,7 @@ func init() {
 			}
 			fmt.Fprintln(cmd.OutOrStdout())
 			return nil
-		},
+		}),
 	}
 	destroy.Flags().DurationVar(&retention, "retention", fsm.DefaultDestroyRetention, "how long the data is kept before it is really deleted")
 	addClientFlags(destroy)
