@@ -64,6 +64,7 @@ type Export struct {
 	iqn      string
 	ln       *net.TCPListener // nil when adopted
 	child    []byte           // child configuration (JSON), for restarts
+	reaped   chan struct{}    // closed once our child has been waited for after Stop; nil when adopted
 
 	mu       sync.Mutex
 	pid      int
@@ -168,7 +169,7 @@ func StartExport(ctx context.Context, log zerolog.Logger, cfg ExportConfig) (*Ex
 	}
 	e := &Export{
 		log: log, cfg: cfg, stateDir: cfg.StateDir, iqn: cfg.IQN,
-		ln: ln.(*net.TCPListener), portal: ln.Addr().String(), done: make(chan struct{}),
+		ln: ln.(*net.TCPListener), portal: ln.Addr().String(), done: make(chan struct{}), reaped: make(chan struct{}),
 	}
 	abs, _ := filepath.Abs(cfg.Path)
 	e.child, err = json.Marshal(childConfig{
@@ -281,6 +282,7 @@ func (e *Export) supervise(cmd *exec.Cmd) {
 		stopping := e.stopping
 		e.mu.Unlock()
 		if stopping {
+			close(e.reaped)
 			return
 		}
 		if _, serr := readState(e.stateDir); errors.Is(serr, os.ErrNotExist) {
@@ -345,6 +347,14 @@ func (e *Export) Stop() error {
 	pid := e.pid
 	e.mu.Unlock()
 	err := terminate(pid, e.stateDir)
+	if e.reaped != nil && err == nil {
+		// terminate sees the child gone once it is a zombie; wait until
+		// supervise has reaped it, so no trace of the process remains.
+		select {
+		case <-e.reaped:
+		case <-time.After(5 * time.Second):
+		}
+	}
 	if e.ln != nil {
 		e.ln.Close()
 	}
