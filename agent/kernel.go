@@ -535,10 +535,24 @@ func syncUnmount(mnt, vol string) error {
 		_ = unix.Syncfs(fd)
 		unix.Close(fd)
 	}
-	if err := unix.Unmount(mnt, 0); err != nil {
+	if err := unmountBusyRetry(mnt); err != nil {
 		return fmt.Errorf("unmount %s (volume %s): %w: is something still using it?", mnt, vol, err)
 	}
 	return nil
+}
+
+// unmountBusyRetry retries EBUSY for a few seconds: a file closed a moment
+// ago can still be held by a process between fork and exec, or by a
+// finishing fsync.
+func unmountBusyRetry(mnt string) error {
+	var err error
+	for i := 0; i < 30; i++ {
+		if err = unix.Unmount(mnt, 0); err != unix.EBUSY {
+			return err
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return err
 }
 
 // Detach closes dm-crypt, removes the clone (or its linear remains), logs

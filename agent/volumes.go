@@ -166,7 +166,7 @@ func (v *Volumes) Unmount(ctx context.Context, vol, mnt string) error {
 			_ = unix.Syncfs(fd)
 			unix.Close(fd)
 		}
-		if err := unix.Unmount(mnt, 0); err != nil {
+		if err := unmountBusyRetry(mnt); err != nil {
 			return fmt.Errorf("unmount %s (volume %s): %w: is something still using it?", mnt, vol, err)
 		}
 	}
