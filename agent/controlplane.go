@@ -3,7 +3,6 @@ package agent
 import (
 	"context"
 	"errors"
-	"net/http"
 	"time"
 
 	"github.com/ferry-dev/ferry/api"
@@ -81,16 +80,7 @@ func (p *APIControlPlane) UpdateMachine(ctx context.Context, c fsm.UpdateMachine
 }
 
 func (p *APIControlPlane) GetWorker(ctx context.Context, name string) (*fsm.Worker, error) {
-	ws, err := p.C.ListWorkers(ctx)
-	if err != nil {
-		return nil, err
-	}
-	for i := range ws {
-		if ws[i].Name == name {
-			return &ws[i], nil
-		}
-	}
-	return nil, &api.Error{Status: http.StatusNotFound, Code: "not_found", Reason: "worker " + name + " is not registered"}
+	return p.C.GetWorker(ctx, name)
 }
 
 func (p *APIControlPlane) SetVolumeKey(ctx context.Context, volume string, key []byte) error {

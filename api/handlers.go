@@ -48,54 +48,21 @@ func (s *Server) routes() http.Handler {
 	h("GET /v1/workers", func(w http.ResponseWriter, r *http.Request, _ fsm.Identity) {
 		writeJSON(w, http.StatusOK, s.store.Workers())
 	})
-	h("GET /v1/workers/{name}", func(w http.ResponseWriter, r *http.Request, _ fsm.Identity) {
-		wk, ok := s.store.Worker(r.PathValue("name"))
-		if !ok {
-			writeErr(w, notFound("worker", r.PathValue("name")))
-			return
-		}
-		writeJSON(w, http.StatusOK, wk)
-	})
+	h("GET /v1/workers/{name}", getOne("worker", "name", s.store.Worker))
 	h("POST /v1/workers", s.handleRegisterWorker)
 	h("POST /v1/workers/{name}/heartbeat", s.handleHeartbeat)
 
-	h("GET /v1/volumes", func(w http.ResponseWriter, r *http.Request, _ fsm.Identity) {
-		worker := r.URL.Query().Get("worker")
-		idx, ok := s.block(w, r, func() uint64 { return s.store.Index() })
-		if ok {
-			writeIndexed(w, idx, s.store.Volumes(worker))
-		}
-	})
+	h("GET /v1/volumes", s.listByWorker(func(w string) any { return s.store.Volumes(w) }))
 	h("POST /v1/volumes", s.handleCreateVolume)
-	h("GET /v1/volumes/{id}", func(w http.ResponseWriter, r *http.Request, _ fsm.Identity) {
-		v, ok := s.store.Volume(r.PathValue("id"))
-		if !ok {
-			writeErr(w, notFound("volume", r.PathValue("id")))
-			return
-		}
-		writeJSON(w, http.StatusOK, v)
-	})
+	h("GET /v1/volumes/{id}", getOne("volume", "id", s.store.Volume))
 	h("PATCH /v1/volumes/{id}", s.handleUpdateVolume)
 	h("DELETE /v1/volumes/{id}", s.handleDestroyVolume)
 	h("PUT /v1/volumes/{id}/key", s.handleSetKey)
 	h("GET /v1/volumes/{id}/key", s.handleGetKey)
 
-	h("GET /v1/machines", func(w http.ResponseWriter, r *http.Request, _ fsm.Identity) {
-		worker := r.URL.Query().Get("worker")
-		idx, ok := s.block(w, r, func() uint64 { return s.store.Index() })
-		if ok {
-			writeIndexed(w, idx, s.store.Machines(worker))
-		}
-	})
+	h("GET /v1/machines", s.listByWorker(func(w string) any { return s.store.Machines(w) }))
 	h("POST /v1/machines", s.handleCreateMachine)
-	h("GET /v1/machines/{id}", func(w http.ResponseWriter, r *http.Request, _ fsm.Identity) {
-		m, ok := s.store.Machine(r.PathValue("id"))
-		if !ok {
-			writeErr(w, notFound("machine", r.PathValue("id")))
-			return
-		}
-		writeJSON(w, http.StatusOK, m)
-	})
+	h("GET /v1/machines/{id}", getOne("machine", "id", s.store.Machine))
 	h("PATCH /v1/machines/{id}", s.handleUpdateMachine)
 
 	h("GET /v1/migrations", func(w http.ResponseWriter, r *http.Request, _ fsm.Identity) {
@@ -491,5 +458,28 @@ func (s *Server) handleRemoveServer(w http.ResponseWriter, r *http.Request, id f
 	self := fsm.Identity{Name: s.cfg.ID, Kind: fsm.KindServer}
 	if res := s.run(w, r.Context(), fsm.CmdRegisterServer, &fsm.RegisterServerCmd{Header: s.header(self), Member: fsm.ServerMember{ID: target}, Remove: true}); res != nil {
 		writeJSON(w, http.StatusOK, struct{}{})
+	}
+}
+
+// getOne serves the registry record named by a path parameter.
+func getOne[T any](kind, param string, get func(string) (T, bool)) func(http.ResponseWriter, *http.Request, fsm.Identity) {
+	return func(w http.ResponseWriter, r *http.Request, _ fsm.Identity) {
+		v, ok := get(r.PathValue(param))
+		if !ok {
+			writeErr(w, notFound(kind, r.PathValue(param)))
+			return
+		}
+		writeJSON(w, http.StatusOK, v)
+	}
+}
+
+// listByWorker serves a registry collection (?worker= filters) as a
+// blocking query on the store's index.
+func (s *Server) listByWorker(list func(worker string) any) func(http.ResponseWriter, *http.Request, fsm.Identity) {
+	return func(w http.ResponseWriter, r *http.Request, _ fsm.Identity) {
+		worker := r.URL.Query().Get("worker")
+		if idx, ok := s.block(w, r, func() uint64 { return s.store.Index() }); ok {
+			writeIndexed(w, idx, list(worker))
+		}
 	}
 }

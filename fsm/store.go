@@ -177,75 +177,59 @@ func (s *Store) Migrations(worker string) []*Migration {
 
 // Workers returns copies of every worker, by name.
 func (s *Store) Workers() []Worker {
-	s.mu.RLock()
-	defer s.mu.RUnlock()
-	out := make([]Worker, 0, len(s.d.Workers))
-	for _, w := range s.d.Workers {
-		out = append(out, *w)
-	}
-	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
-	return out
+	return list(s, s.d.Workers, func(*Worker) bool { return true }, derefWorker)
 }
 
 // Worker returns one worker.
-func (s *Store) Worker(name string) (Worker, bool) {
-	s.mu.RLock()
-	defer s.mu.RUnlock()
-	w, ok := s.d.Workers[name]
-	if !ok {
-		return Worker{}, false
-	}
-	return *w, true
-}
+func (s *Store) Worker(name string) (Worker, bool) { return get(s, s.d.Workers, name, derefWorker) }
 
 // Volumes returns copies of the volumes on worker (all when empty), by ID.
 func (s *Store) Volumes(worker string) []Volume {
-	s.mu.RLock()
-	defer s.mu.RUnlock()
-	out := []Volume{}
-	for _, v := range s.d.Volumes {
-		if worker == "" || v.Worker == worker {
-			out = append(out, copyVolume(v))
-		}
-	}
-	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
-	return out
+	return list(s, s.d.Volumes, func(v *Volume) bool { return worker == "" || v.Worker == worker }, copyVolume)
 }
 
 // Volume returns one volume.
-func (s *Store) Volume(id string) (Volume, bool) {
-	s.mu.RLock()
-	defer s.mu.RUnlock()
-	v, ok := s.d.Volumes[id]
-	if !ok {
-		return Volume{}, false
-	}
-	return copyVolume(v), true
-}
+func (s *Store) Volume(id string) (Volume, bool) { return get(s, s.d.Volumes, id, copyVolume) }
 
 // Machines returns copies of the machines on worker (all when empty), by ID.
 func (s *Store) Machines(worker string) []Machine {
-	s.mu.RLock()
-	defer s.mu.RUnlock()
-	out := []Machine{}
-	for _, m := range s.d.Machines {
-		if worker == "" || m.Worker == worker {
-			out = append(out, *m)
-		}
-	}
-	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
-	return out
+	return list(s, s.d.Machines, func(m *Machine) bool { return worker == "" || m.Worker == worker }, derefMachine)
 }
 
 // Machine returns one machine.
-func (s *Store) Machine(id string) (Machine, bool) {
+func (s *Store) Machine(id string) (Machine, bool) { return get(s, s.d.Machines, id, derefMachine) }
+
+func derefWorker(w *Worker) Worker    { return *w }
+func derefMachine(m *Machine) Machine { return *m }
+
+// list copies the registry entries keep accepts, sorted by key (their name or ID).
+func list[T any](s *Store, reg map[string]*T, keep func(*T) bool, cp func(*T) T) []T {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	m, ok := s.d.Machines[id]
-	if !ok {
-		return Machine{}, false
+	keys := make([]string, 0, len(reg))
+	for k, v := range reg {
+		if keep(v) {
+			keys = append(keys, k)
+		}
 	}
-	return *m, true
+	sort.Strings(keys)
+	out := make([]T, 0, len(keys))
+	for _, k := range keys {
+		out = append(out, cp(reg[k]))
+	}
+	return out
+}
+
+// get copies one registry entry.
+func get[T any](s *Store, reg map[string]*T, key string, cp func(*T) T) (T, bool) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	v, ok := reg[key]
+	if !ok {
+		var zero T
+		return zero, false
+	}
+	return cp(v), true
 }
 
 // Locks returns a copy of the lock table (lock name -> migration ID).
