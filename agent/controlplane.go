@@ -94,10 +94,6 @@ func (p *APIControlPlane) VolumeKey(ctx context.Context, volume string) ([]byte,
 // isRefusal reports whether err is the store refusing a proposal (state
 // moved on, guard failed) rather than a transport failure.
 func isRefusal(err error) bool {
-	var r *fsm.Refusal
-	if errors.As(err, &r) {
-		return true
-	}
-	var e *api.Error
-	return errors.As(err, &e) && e.Status >= 400 && e.Status < 500
+	var r *fsm.Refusal // also what the client returns (api.Error)
+	return errors.As(err, &r) && r.Kind.ClientSide()
 }

@@ -478,7 +478,7 @@ func (h *kernelHandle) Status(ctx context.Context) (*datapath.Status, error) {
 func kernelProgress(p dmclone.Progress) *datapath.Progress {
 	return &datapath.Progress{RegionSize: p.RegionSize, TotalRegions: p.TotalRegions, HydratedRegions: p.HydratedRegions,
 		TotalBytes: p.TotalRegions * p.RegionSize, HydratedBytes: p.HydratedRegions * p.RegionSize,
-		RateBps: p.RateBytesPerSec, ETASeconds: p.ETA.Seconds(), Stalled: p.Stalled, StalledReason: p.StallReason}
+		RateBPS: int64(p.RateBPS), ETASeconds: int64(p.ETA.Seconds()), Stalled: p.Stalled, StalledReason: p.StalledReason}
 }
 
 func (h *kernelHandle) EnableHydration(ctx context.Context) error {

@@ -66,8 +66,8 @@ func TestDeviceNamesCarryTheVolume(t *testing.T) {
 
 func TestKernelProgress(t *testing.T) {
 	p := kernelProgress(dmclone.Progress{RegionSize: 4096, TotalRegions: 100, HydratedRegions: 25, HydrationEnabled: true,
-		RateBytesPerSec: 1 << 20, ETA: 2 * time.Second, Stalled: true, StallReason: "x"})
-	if p.TotalBytes != 409600 || p.HydratedBytes != 102400 || p.RateBps != 1<<20 || p.ETASeconds != 2 || !p.Stalled || p.StalledReason != "x" {
+		RateBPS: 1 << 20, ETA: 2 * time.Second, Stalled: true, StalledReason: "x"})
+	if p.TotalBytes != 409600 || p.HydratedBytes != 102400 || p.RateBPS != 1<<20 || p.ETASeconds != 2 || !p.Stalled || p.StalledReason != "x" {
 		t.Fatalf("%+v", p)
 	}
 	h := &kernelHandle{vol: "v"}

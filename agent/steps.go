@@ -11,7 +11,6 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/ferry-dev/ferry/blockdev"
-	"github.com/ferry-dev/ferry/datapath"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/machine"
 	"github.com/ferry-dev/ferry/netrewrite"
@@ -290,10 +289,8 @@ func (a *Agent) progress(ctx context.Context, m *fsm.Migration) *fsm.Progress {
 	return toFSMProgress(st.Progress)
 }
 
-func toFSMProgress(p *datapath.Progress) *fsm.Progress {
-	return &fsm.Progress{HydratedBytes: p.HydratedBytes, TotalBytes: p.TotalBytes, FetchedBytes: p.FetchedBytes,
-		SkippedBytes: p.SkippedDiscard + p.SkippedKnownZero, RateBPS: int64(p.RateBps), ETASeconds: int64(p.ETASeconds)}
-}
+// toFSMProgress is the part of a backend's progress that is replicated.
+func toFSMProgress(p *fsm.Progress) *fsm.Progress { return p.Replicated() }
 
 // hydrate waits for the background copy, reporting progress at a bounded
 // rate, then dissolves the clone into the plain destination.
@@ -342,7 +339,7 @@ func (a *Agent) hydrate(ctx context.Context, log zerolog.Logger, m *fsm.Migratio
 			return nil
 		}
 		if st.Progress != nil {
-			a.met.hydrateRate.WithLabelValues(m.ID).Set(st.Progress.RateBps)
+			a.met.hydrateRate.WithLabelValues(m.ID).Set(float64(st.Progress.RateBPS))
 			if st.Progress.TotalBytes > 0 {
 				a.met.hydrated.WithLabelValues(m.ID).Set(float64(st.Progress.HydratedBytes) / float64(st.Progress.TotalBytes))
 			}

@@ -3,7 +3,9 @@ package api
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"crypto/tls"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -59,11 +61,11 @@ func NewClient(addrs []string, tlsConf *tls.Config) (*Client, error) {
 func (c *Client) Close() { c.hc.CloseIdleConnections() }
 
 func retryable(err error) bool {
-	if errors.Is(err, errUnavailable) {
+	if errors.Is(err, ErrUnavailable) {
 		return true
 	}
 	var e *Error
-	return errors.As(err, &e) && (e.Status == http.StatusServiceUnavailable || e.Status == http.StatusBadGateway || e.Status == http.StatusGatewayTimeout)
+	return errors.As(err, &e) && e.Kind.Retryable()
 }
 
 // do sends one request (with retries) and decodes the reply into out; it
@@ -129,14 +131,14 @@ func (c *Client) once(ctx context.Context, addr, method, path string, q url.Valu
 	}
 	resp, err := c.hc.Do(req)
 	if err != nil {
-		return 0, fmt.Errorf("%w: %s: %v", errUnavailable, addr, err)
+		return 0, fmt.Errorf("%w: %s: %v", ErrUnavailable, addr, err)
 	}
 	defer resp.Body.Close()
 	var idx uint64
 	if h := resp.Header.Get(IndexHeader); h != "" {
 		idx, _ = strconv.ParseUint(h, 10, 64)
 	}
-	return idx, decodeReply(resp, out)
+	return idx, DecodeReply(resp, out)
 }
 
 func esc(s string) string { return url.PathEscape(s) }
@@ -363,5 +365,10 @@ func watchQuery(worker string, index uint64, wait time.Duration) url.Values {
 	return q
 }
 
-// NewStepID returns a fresh random step ID with a prefix.
-func NewStepID(prefix string) string { return newID(prefix) }
+// NewStepID returns a fresh random ID with a prefix (step IDs, and the
+// migration ID the server picks when a plan names none).
+func NewStepID(prefix string) string {
+	b := make([]byte, 6)
+	_, _ = rand.Read(b)
+	return prefix + hex.EncodeToString(b)
+}

@@ -1,8 +1,8 @@
-// Package api is ferry's HTTP/JSON interface (/v1) over mTLS: the server side
-// (StartServer, which also runs the raft node) and the Go client agents and
-// the CLI use (Client). Reads of collections support blocking queries:
-// `?index=N&wait=30s` returns when something newer than N exists, with the
-// new index in the X-Ferry-Index header.
+// Package api is the Go client of ferry's HTTP/JSON interface (/v1, mTLS)
+// and its wire types; agents and the CLI use it. It imports nothing of the
+// server (package server): a test keeps it that way. Reads of collections
+// support blocking queries: `?index=N&wait=30s` returns when something newer
+// than N exists, with the new index in the X-Ferry-Index header.
 package api
 
 import (
@@ -18,22 +18,11 @@ import (
 // IndexHeader carries the index a blocking query returns.
 const IndexHeader = "X-Ferry-Index"
 
-// Error is a refusal or failure as the API reports it: the HTTP status, a
-// machine-readable code, a reason for people, and the migration's actual
-// state when the refusal is about state.
-type Error struct {
-	Status int       `json:"status"`
-	Code   string    `json:"code"`
-	Reason string    `json:"reason"`
-	State  fsm.State `json:"state,omitempty"`
-}
-
-func (e *Error) Error() string {
-	if e.State != "" {
-		return fmt.Sprintf("%s (HTTP %d, %s, state %s)", e.Reason, e.Status, e.Code, e.State)
-	}
-	return fmt.Sprintf("%s (HTTP %d, %s)", e.Reason, e.Status, e.Code)
-}
+// Error is a refusal or failure as the API reports it. It is the state
+// machine's refusal type itself (an alias, not a copy): the body of every
+// non-2xx reply is {"error": {"kind", "code", "reason", "state"}}, and the
+// HTTP status is the server's mapping of the kind.
+type Error = fsm.Refusal
 
 // ErrorCode returns the code of an *Error in err's chain, or "".
 func ErrorCode(err error) string {
@@ -44,8 +33,8 @@ func ErrorCode(err error) string {
 	return ""
 }
 
-// errorBody is the JSON of every non-2xx reply.
-type errorBody struct {
+// ErrorBody is the JSON of every non-2xx reply.
+type ErrorBody struct {
 	Error *Error `json:"error"`
 }
 
@@ -128,9 +117,9 @@ type JoinRequest struct {
 	APIAddr  string `json:"api_addr"`
 }
 
-// applyReply is what /v1/internal/apply returns to a forwarding server; the
+// ApplyReply is what /v1/internal/apply returns to a forwarding server; the
 // key travels only here (server to server, mTLS) for a forwarded key request.
-type applyReply struct {
+type ApplyReply struct {
 	Result *fsm.Result `json:"result"`
 	Key    []byte      `json:"key,omitempty"`
 }

@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 
 	"github.com/ferry-dev/ferry/blockdev"
+	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/luks"
 )
 
@@ -77,18 +78,6 @@ type Status struct {
 	Progress  *Progress `json:"progress,omitempty"`
 }
 
-// Progress mirrors the clone engine's progress record.
-type Progress struct {
-	RegionSize       int64   `json:"region_size"`
-	TotalRegions     int64   `json:"total_regions"`
-	HydratedRegions  int64   `json:"hydrated_regions"`
-	TotalBytes       int64   `json:"total_bytes"`
-	HydratedBytes    int64   `json:"hydrated_bytes"`
-	FetchedBytes     int64   `json:"fetched_bytes"`
-	SkippedDiscard   int64   `json:"skipped_discard_bytes"`
-	SkippedKnownZero int64   `json:"skipped_known_zero_bytes"`
-	RateBps          float64 `json:"rate_bps"`
-	ETASeconds       float64 `json:"eta_seconds"`
-	Stalled          bool    `json:"stalled"`
-	StalledReason    string  `json:"stalled_reason,omitempty"`
-}
+// Progress is the clone engine's progress as a backend reports it: the
+// replicated progress type, so the agent proposes it without translation.
+type Progress = fsm.Progress

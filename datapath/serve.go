@@ -220,7 +220,8 @@ func fromEngine(p dmclone.Progress) *Progress {
 	return &Progress{
 		RegionSize: p.RegionSize, TotalRegions: p.TotalRegions, HydratedRegions: p.HydratedRegions,
 		TotalBytes: p.TotalRegions * p.RegionSize, HydratedBytes: p.HydratedRegions * p.RegionSize,
-		FetchedBytes: p.BytesFetched, SkippedDiscard: p.BytesSkippedDiscard, SkippedKnownZero: p.BytesSkippedZero,
-		RateBps: p.RateBytesPerSec, ETASeconds: p.ETA.Seconds(), Stalled: p.Stalled, StalledReason: p.StallReason,
+		FetchedBytes: p.BytesFetched, SkippedBytes: p.BytesSkippedDiscard + p.BytesSkippedZero,
+		SkippedDiscardBytes: p.BytesSkippedDiscard, SkippedKnownZeroBytes: p.BytesSkippedZero,
+		RateBPS: int64(p.RateBPS), ETASeconds: int64(p.ETA.Seconds()), Stalled: p.Stalled, StalledReason: p.StalledReason,
 	}
 }

@@ -168,7 +168,7 @@ func BenchmarkStackLatency(b *testing.B) {
 			}
 			lat = append(lat, time.Since(t0))
 		}
-		rate := e.Progress().RateBytesPerSec
+		rate := e.Progress().RateBPS
 		f.Close()
 		loopdev.Detach(lp)
 		exp.Close()

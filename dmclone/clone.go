@@ -100,11 +100,11 @@ type Progress struct {
 	BytesSkippedZero    int64         `json:"bytes_skipped_known_zero"`
 	BytesSkippedWrite   int64         `json:"bytes_skipped_write"`
 	HydrationEnabled    bool          `json:"hydration_enabled"`
-	RateBytesPerSec     float64       `json:"rate_bytes_per_sec"`
+	RateBPS             float64       `json:"rate_bps"`
 	ETA                 time.Duration `json:"eta_ns"`
 	Complete            bool          `json:"complete"`
 	Stalled             bool          `json:"stalled"`
-	StallReason         string        `json:"stall_reason,omitempty"`
+	StalledReason       string        `json:"stalled_reason,omitempty"`
 	Tunables            Tunables      `json:"tunables"`
 }
 

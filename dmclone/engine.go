@@ -768,10 +768,10 @@ func (e *Engine) Progress() Progress {
 		BytesSkippedZero:    e.cnt.SkippedKnownZero,
 		BytesSkippedWrite:   e.cnt.SkippedWrite,
 		HydrationEnabled:    e.enabled,
-		RateBytesPerSec:     rate,
+		RateBPS:             rate,
 		Complete:            e.nHyd == e.regions,
 		Stalled:             e.stall != "",
-		StallReason:         e.stall,
+		StalledReason:       e.stall,
 		Tunables:            e.tun,
 	}
 	if rate > 0 && !p.Complete {

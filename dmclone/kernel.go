@@ -437,7 +437,7 @@ func (k *KernelClone) poll(ctx context.Context) error {
 	if err != nil {
 		k.lastErr = err
 		k.stall = err.Error()
-		k.last.Stalled, k.last.StallReason = true, k.stall
+		k.last.Stalled, k.last.StalledReason = true, k.stall
 		return err
 	}
 	k.lastErr = nil
@@ -456,11 +456,11 @@ func (k *KernelClone) poll(ctx context.Context) error {
 		k.stall = fmt.Sprintf("no region hydrated for %s (%d of %d done); dm-clone retries a failing source forever: check the source device and its iSCSI session",
 			now.Sub(k.moved).Round(time.Second), p.HydratedRegions, p.TotalRegions)
 	}
-	p.Stalled, p.StallReason = k.stall != "", k.stall
-	p.RateBytesPerSec = k.rate.rate()
-	if p.RateBytesPerSec > 0 && !p.Complete {
+	p.Stalled, p.StalledReason = k.stall != "", k.stall
+	p.RateBPS = k.rate.rate()
+	if p.RateBPS > 0 && !p.Complete {
 		left := float64((p.TotalRegions - p.HydratedRegions) * p.RegionSize)
-		p.ETA = time.Duration(left / p.RateBytesPerSec * float64(time.Second))
+		p.ETA = time.Duration(left / p.RateBPS * float64(time.Second))
 	}
 	k.last = p
 	if p.Complete {
@@ -488,7 +488,7 @@ func (k *KernelClone) poller() {
 		case err != nil:
 			k.log.Warn().Err(err).Str("name", k.cfg.Name).Msg("dm-clone status")
 		case p.Stalled && !wasStalled:
-			k.log.Warn().Str("name", k.cfg.Name).Str("reason", p.StallReason).Msg("hydration stalled")
+			k.log.Warn().Str("name", k.cfg.Name).Str("reason", p.StalledReason).Msg("hydration stalled")
 		case !p.Stalled && wasStalled:
 			k.log.Info().Str("name", k.cfg.Name).Msg("hydration moving again")
 		}

@@ -248,7 +248,7 @@ func TestKernelClonePollerFake(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatalf("not done: %+v", k.Progress())
 	}
-	if p := k.Progress(); p.Stalled || !p.Complete || p.RateBytesPerSec <= 0 {
+	if p := k.Progress(); p.Stalled || !p.Complete || p.RateBPS <= 0 {
 		t.Fatalf("after done: %+v", p)
 	}
 	if err := k.SetTunables(Tunables{BatchRegions: 4, InFlight: 8}); err != nil {
@@ -435,7 +435,7 @@ func TestKernelCloneHydratesDissolves(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, "stall reported", func() bool { return k.Progress().Stalled })
-	t.Logf("stalled: %s", k.Progress().StallReason)
+	t.Logf("stalled: %s", k.Progress().StalledReason)
 	sh(t, "dmsetup", "resume", srcName)
 	select {
 	case <-k.Done():
@@ -613,7 +613,7 @@ func TestKernelCloneFailingSourceStalls(t *testing.T) {
 	if p.Complete || p.HydratedRegions > p.TotalRegions/2 {
 		t.Fatalf("hydrated past the failing half: %+v", p)
 	}
-	t.Logf("stalled at %d/%d: %s", p.HydratedRegions, p.TotalRegions, p.StallReason)
+	t.Logf("stalled at %d/%d: %s", p.HydratedRegions, p.TotalRegions, p.StalledReason)
 	// Heal the source: dm-clone's retries then get through.
 	sh(t, "dmsetup", "load", srcName, "--table", fmt.Sprintf("0 %d linear %s 0", size/512, srcLoop))
 	sh(t, "dmsetup", "resume", srcName)

@@ -2,7 +2,6 @@ package fsm
 
 import (
 	"fmt"
-	"net/http"
 	"slices"
 	"strconv"
 	"time"
@@ -29,24 +28,24 @@ func (s *Store) applyPlan(index uint64, c *PlanCmd) *Result {
 		if old.Machine == c.Machine && old.Target == c.Target {
 			return &Result{Migration: old.Clone(), Duplicate: true}
 		}
-		return &Result{Refusal: refuse(http.StatusConflict, CodeConflict, "migration %s already exists", c.ID)}
+		return &Result{Refusal: refuse(RefuseConflict, CodeConflict, "migration %s already exists", c.ID)}
 	}
 	if !validID(c.ID) {
-		return &Result{Refusal: refuse(http.StatusBadRequest, CodeInvalid, "migration id %q is not valid", c.ID)}
+		return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "migration id %q is not valid", c.ID)}
 	}
 	mach, ok := s.d.Machines[c.Machine]
 	if !ok {
 		return &Result{Refusal: notFound("machine", c.Machine)}
 	}
 	if mach.Volume == "" {
-		return &Result{Refusal: refuse(http.StatusConflict, CodeInvalid, "machine %s has no volume to migrate", mach.ID)}
+		return &Result{Refusal: refuse(RefuseConflict, CodeInvalid, "machine %s has no volume to migrate", mach.ID)}
 	}
 	vol, ok := s.d.Volumes[mach.Volume]
 	if !ok {
 		return &Result{Refusal: notFound("volume", mach.Volume)}
 	}
 	if vol.State != VolCreated && vol.State != VolHydrating {
-		return &Result{Refusal: refuse(http.StatusConflict, CodeWrongState, "volume %s is %s: only a created volume can be migrated", vol.ID, vol.State)}
+		return &Result{Refusal: refuse(RefuseConflict, CodeWrongState, "volume %s is %s: only a created volume can be migrated", vol.ID, vol.State)}
 	}
 	src, ok := s.d.Workers[mach.Worker]
 	if !ok {
@@ -57,18 +56,18 @@ func (s *Store) applyPlan(index uint64, c *PlanCmd) *Result {
 		return &Result{Refusal: notFound("target worker", c.Target)}
 	}
 	if src.Name == dst.Name {
-		return &Result{Refusal: refuse(http.StatusBadRequest, CodeInvalid, "machine %s already runs on %s", mach.ID, dst.Name)}
+		return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "machine %s already runs on %s", mach.ID, dst.Name)}
 	}
 	if !dst.Alive(c.Now) {
-		return &Result{Refusal: refuse(http.StatusConflict, CodeAdmission, "target worker %s has no valid lease (last until %s): is its agent running?", dst.Name, dst.LeaseExpiry.UTC().Format(time.RFC3339))}
+		return &Result{Refusal: refuse(RefuseConflict, CodeAdmission, "target worker %s has no valid lease (last until %s): is its agent running?", dst.Name, dst.LeaseExpiry.UTC().Format(time.RFC3339))}
 	}
 	if !src.Alive(c.Now) {
-		return &Result{Refusal: refuse(http.StatusConflict, CodeAdmission, "source worker %s has no valid lease: its agent must run to stop and export the machine", src.Name)}
+		return &Result{Refusal: refuse(RefuseConflict, CodeAdmission, "source worker %s has no valid lease: its agent must run to stop and export the machine", src.Name)}
 	}
 	m := &Migration{ID: c.ID, Volume: vol.ID, Machine: mach.ID, Source: src.Name, Target: dst.Name, Network: mach.Network}
 	for _, l := range m.lockNames() {
 		if holder, ok := s.d.Locks[l]; ok {
-			return &Result{Refusal: refuse(http.StatusConflict, CodeLocked, "%s is locked by migration %s (one migration per volume and per private network)", l, holder)}
+			return &Result{Refusal: refuse(RefuseConflict, CodeLocked, "%s is locked by migration %s (one migration per volume and per private network)", l, holder)}
 		}
 	}
 	out, in := 0, 0
@@ -84,10 +83,10 @@ func (s *Store) applyPlan(index uint64, c *PlanCmd) *Result {
 		}
 	}
 	if lim := limit(src); out >= lim {
-		return &Result{Refusal: refuse(http.StatusTooManyRequests, CodeAdmission, "worker %s already has %d outbound migrations (limit %d)", src.Name, out, lim)}
+		return &Result{Refusal: refuse(RefuseBusy, CodeAdmission, "worker %s already has %d outbound migrations (limit %d)", src.Name, out, lim)}
 	}
 	if lim := limit(dst); in >= lim {
-		return &Result{Refusal: refuse(http.StatusTooManyRequests, CodeAdmission, "worker %s already has %d inbound migrations (limit %d)", dst.Name, in, lim)}
+		return &Result{Refusal: refuse(RefuseBusy, CodeAdmission, "worker %s already has %d inbound migrations (limit %d)", dst.Name, in, lim)}
 	}
 	m.State = Planned
 	m.EnteredAt = map[State]time.Time{Planned: c.Now}
@@ -151,7 +150,7 @@ func (s *Store) applyPropose(index uint64, c *ProposeCmd) *Result {
 	tr, isTr := Lookup(c.Event)
 	an, isAn := lookupAnnotation(c.Event)
 	if !isTr && !isAn {
-		return &Result{Refusal: refuse(http.StatusBadRequest, CodeInvalid, "unknown event %q", c.Event)}
+		return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "unknown event %q", c.Event)}
 	}
 	roles := RolesOf(c.Actor, m)
 	need := tr.Roles
@@ -159,7 +158,7 @@ func (s *Store) applyPropose(index uint64, c *ProposeCmd) *Result {
 		need = an.Roles
 	}
 	if !allowed(roles, need) {
-		r := refuse(http.StatusForbidden, CodeForbidden, "%s may not propose %s on migration %s (needs role %v; source is %s, target is %s)",
+		r := refuse(RefuseForbidden, CodeForbidden, "%s may not propose %s on migration %s (needs role %v; source is %s, target is %s)",
 			c.Actor, c.Event, m.ID, need, m.Source, m.Target)
 		r.State = m.State
 		return &Result{Refusal: r}
@@ -168,7 +167,7 @@ func (s *Store) applyPropose(index uint64, c *ProposeCmd) *Result {
 		// A retried proposal: the first result, nothing changes.
 		r := &Result{Migration: m.Clone(), Duplicate: true}
 		if prev.Event != c.Event {
-			r.Refusal = refuse(http.StatusConflict, CodeConflict, "step %s was already used for event %s", c.StepID, prev.Event)
+			r.Refusal = refuse(RefuseConflict, CodeConflict, "step %s was already used for event %s", c.StepID, prev.Event)
 			r.Refusal.State = m.State
 		}
 		return r
@@ -178,7 +177,7 @@ func (s *Store) applyPropose(index uint64, c *ProposeCmd) *Result {
 	ignored := false
 	if isAn {
 		if !slices.Contains(an.In, m.State) {
-			ref = refuse(http.StatusConflict, CodeWrongState, "event %s is not accepted in state %s", c.Event, m.State)
+			ref = refuse(RefuseConflict, CodeWrongState, "event %s is not accepted in state %s", c.Event, m.State)
 		} else if c.Event == EvProgress {
 			ignored, ref = applyProgress(m, c)
 		} else {
@@ -208,30 +207,30 @@ func (s *Store) applyPropose(index uint64, c *ProposeCmd) *Result {
 // applyTransition checks the state with the table and runs the event's effects.
 func (s *Store) applyTransition(m *Migration, tr Transition, c *ProposeCmd) *Refusal {
 	if (c.Event == EvAbort || c.Event == EvFailed) && (m.State.AfterCutover()) {
-		return refuse(http.StatusConflict, CodePastCutover,
+		return refuse(RefuseConflict, CodePastCutover,
 			"migration %s is %s, past cutover (the target already writes): it cannot be aborted, only driven forward", m.ID, m.State)
 	}
 	if m.State == RollingBack && (c.Event == EvAbort || c.Event == EvFailed) {
-		return refuse(http.StatusConflict, CodeWrongState, "migration %s is already rolling back", m.ID)
+		return refuse(RefuseConflict, CodeWrongState, "migration %s is already rolling back", m.ID)
 	}
 	to, err := Next(m.State, c.Event)
 	if err != nil {
-		return refuse(http.StatusConflict, CodeWrongState, "migration %s is %s: %s expects %v", m.ID, m.State, c.Event, tr.From)
+		return refuse(RefuseConflict, CodeWrongState, "migration %s is %s: %s expects %v", m.ID, m.State, c.Event, tr.From)
 	}
 	p := c.Payload
 	switch c.Event {
 	case EvTargetPrepared:
 		if m.Layout == nil {
-			return refuse(http.StatusConflict, CodeLayoutNeeded,
+			return refuse(RefuseConflict, CodeLayoutNeeded,
 				"migration %s carries no LUKS2 layout: register the source volume's layout (volume update) first; the target must never size from local defaults", m.ID)
 		}
 		if p.Layout != nil && *p.Layout != *m.Layout {
-			return refuse(http.StatusConflict, CodeConflict, "target prepared with a layout that differs from the carried one")
+			return refuse(RefuseConflict, CodeConflict, "target prepared with a layout that differs from the carried one")
 		}
 		m.TargetVol = p.TargetVolume
 	case EvSourceStopped:
 		if p.Layout != nil && m.Layout != nil && *p.Layout != *m.Layout {
-			return refuse(http.StatusConflict, CodeConflict,
+			return refuse(RefuseConflict, CodeConflict,
 				"the source header's layout differs from the one the target prepared with: fail the migration")
 		}
 		if mach, ok := s.d.Machines[m.Machine]; ok {
@@ -239,16 +238,16 @@ func (s *Store) applyTransition(m *Migration, tr Transition, c *ProposeCmd) *Ref
 		}
 	case EvExported:
 		if p.Export == nil || p.Export.Portal == "" || p.Export.IQN == "" {
-			return refuse(http.StatusBadRequest, CodeInvalid, "exported needs export.portal and export.iqn")
+			return refuse(RefuseInvalid, CodeInvalid, "exported needs export.portal and export.iqn")
 		}
 		// The source's holes travel with the export: the target builds the
 		// clone with them, so they are never fetched. Checked before any
 		// change: a refusal changes nothing.
 		if err := validRanges(p.KnownZero); err != nil {
-			return refuse(http.StatusBadRequest, CodeInvalid, "known_zero: %v", err)
+			return refuse(RefuseInvalid, CodeInvalid, "known_zero: %v", err)
 		}
 		if len(p.KnownZero) > 4096 {
-			return refuse(http.StatusBadRequest, CodeInvalid, "known_zero has %d ranges; coalesce to at most 4096", len(p.KnownZero))
+			return refuse(RefuseInvalid, CodeInvalid, "known_zero has %d ranges; coalesce to at most 4096", len(p.KnownZero))
 		}
 		e := *p.Export
 		m.Export = &e
@@ -257,17 +256,17 @@ func (s *Store) applyTransition(m *Migration, tr Transition, c *ProposeCmd) *Ref
 		}
 	case EvTrimmed:
 		if err := validRanges(p.KnownZero); err != nil {
-			return refuse(http.StatusBadRequest, CodeInvalid, "known_zero: %v", err)
+			return refuse(RefuseInvalid, CodeInvalid, "known_zero: %v", err)
 		}
 		if len(p.KnownZero) > 4096 {
-			return refuse(http.StatusBadRequest, CodeInvalid, "known_zero has %d ranges; coalesce to at most 4096", len(p.KnownZero))
+			return refuse(RefuseInvalid, CodeInvalid, "known_zero has %d ranges; coalesce to at most 4096", len(p.KnownZero))
 		}
 		if p.KnownZero != nil {
 			m.KnownZero = append([]blockdev.Range(nil), p.KnownZero...)
 		}
 	case EvCutover:
 		if _, ok := m.EnteredAt[SourceStopped]; !ok {
-			return refuse(http.StatusConflict, CodeWrongState, "source_stopped was never committed") // invariant 2
+			return refuse(RefuseConflict, CodeWrongState, "source_stopped was never committed") // invariant 2
 		}
 		m.New6PN = p.New6PN
 		if mach, ok := s.d.Machines[m.Machine]; ok {
@@ -289,7 +288,7 @@ func (s *Store) applyTransition(m *Migration, tr Transition, c *ProposeCmd) *Ref
 		}
 	case EvHydrated:
 		if p.Progress != nil {
-			pr := *p.Progress
+			pr := *p.Progress.Replicated()
 			pr.UpdatedAt = c.Now
 			m.Progress = &pr
 		} else if m.Progress != nil {
@@ -328,7 +327,7 @@ func (s *Store) applyTransition(m *Migration, tr Transition, c *ProposeCmd) *Ref
 	case EvSourceRestored:
 		// Invariant 2: the source restarts only after the target's teardown is committed.
 		if m.Rollback == nil || !m.Rollback.TargetTornDown {
-			return refuse(http.StatusConflict, CodeNotTornDown,
+			return refuse(RefuseConflict, CodeNotTornDown,
 				"migration %s: the target has not committed its teardown yet; the source must not restart the machine before it", m.ID)
 		}
 		m.Rollback.SourceRestored = true
@@ -381,15 +380,15 @@ func ProgressDue(m *Migration, p *Progress, milestone bool, now time.Time) bool 
 func applyProgress(m *Migration, c *ProposeCmd) (ignored bool, ref *Refusal) {
 	p := c.Payload.Progress
 	if p == nil {
-		return false, refuse(http.StatusBadRequest, CodeInvalid, "progress event without progress")
+		return false, refuse(RefuseInvalid, CodeInvalid, "progress event without progress")
 	}
 	if p.HydratedBytes < 0 || p.TotalBytes < 0 || p.HydratedBytes > p.TotalBytes && p.TotalBytes > 0 {
-		return false, refuse(http.StatusBadRequest, CodeInvalid, "progress %d of %d bytes is not valid", p.HydratedBytes, p.TotalBytes)
+		return false, refuse(RefuseInvalid, CodeInvalid, "progress %d of %d bytes is not valid", p.HydratedBytes, p.TotalBytes)
 	}
 	if !ProgressDue(m, p, c.Payload.Milestone, c.Now) {
 		return true, nil
 	}
-	pr := *p
+	pr := *p.Replicated()
 	pr.UpdatedAt = c.Now
 	m.Progress = &pr
 	m.Stalled, m.StallCause = false, ""
@@ -399,7 +398,7 @@ func applyProgress(m *Migration, c *ProposeCmd) (ignored bool, ref *Refusal) {
 func applyReport(m *Migration, c *ProposeCmd) *Refusal {
 	p := c.Payload
 	if p.Error == "" && p.Stalled == nil {
-		return refuse(http.StatusBadRequest, CodeInvalid, "report needs an error or a stalled flag")
+		return refuse(RefuseInvalid, CodeInvalid, "report needs an error or a stalled flag")
 	}
 	if p.Error != "" {
 		m.Attempts++

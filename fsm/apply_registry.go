@@ -1,7 +1,6 @@
 package fsm
 
 import (
-	"net/http"
 	"slices"
 	"strings"
 	"time"
@@ -11,7 +10,7 @@ import (
 // and operators may touch anything.
 
 func forbidden(actor Identity, what string) *Result {
-	return &Result{Refusal: refuse(http.StatusForbidden, CodeForbidden, "%s may not %s", actor, what)}
+	return &Result{Refusal: refuse(RefuseForbidden, CodeForbidden, "%s may not %s", actor, what)}
 }
 
 func (s *Store) applyRegisterServer(c *RegisterServerCmd) *Result {
@@ -23,7 +22,7 @@ func (s *Store) applyRegisterServer(c *RegisterServerCmd) *Result {
 		return &Result{}
 	}
 	if c.Member.ID == "" || c.Member.RaftAddr == "" {
-		return &Result{Refusal: refuse(http.StatusBadRequest, CodeInvalid, "server member needs an id and a raft address")}
+		return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "server member needs an id and a raft address")}
 	}
 	m := c.Member
 	s.d.Servers[m.ID] = &m
@@ -43,11 +42,11 @@ func (s *Store) applyRegisterWorker(c *RegisterWorkerCmd) *Result {
 		return forbidden(c.Actor, "register worker "+w.Name)
 	}
 	if w.Name == "" {
-		return &Result{Refusal: refuse(http.StatusBadRequest, CodeInvalid, "worker name is empty")}
+		return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "worker name is empty")}
 	}
 	for _, o := range s.d.Workers {
 		if o.Name != w.Name && w.HostID != 0 && o.HostID == w.HostID {
-			return &Result{Refusal: refuse(http.StatusConflict, CodeConflict, "host id %d is already used by worker %s", w.HostID, o.Name)}
+			return &Result{Refusal: refuse(RefuseConflict, CodeConflict, "host id %d is already used by worker %s", w.HostID, o.Name)}
 		}
 	}
 	if old, ok := s.d.Workers[w.Name]; ok {
@@ -86,11 +85,11 @@ func (s *Store) applyCreateVolume(c *CreateVolumeCmd) *Result {
 		return forbidden(c.Actor, "create a volume on worker "+v.Worker)
 	}
 	if !validID(v.ID) || v.Worker == "" || v.Size < 0 {
-		return &Result{Refusal: refuse(http.StatusBadRequest, CodeInvalid, "volume needs an id (no spaces or slashes), a worker and a size >= 0")}
+		return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "volume needs an id (no spaces or slashes), a worker and a size >= 0")}
 	}
 	if v.Layout != nil {
 		if err := v.Layout.Validate(); err != nil {
-			return &Result{Refusal: refuse(http.StatusBadRequest, CodeInvalid, "volume %s: %v", v.ID, err)}
+			return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "volume %s: %v", v.ID, err)}
 		}
 	}
 	if old, ok := s.d.Volumes[v.ID]; ok {
@@ -98,7 +97,7 @@ func (s *Store) applyCreateVolume(c *CreateVolumeCmd) *Result {
 			cp := copyVolume(old) // a retried create: same answer
 			return &Result{Volume: &cp}
 		}
-		return &Result{Refusal: refuse(http.StatusConflict, CodeConflict, "volume %s already exists on worker %s", v.ID, old.Worker)}
+		return &Result{Refusal: refuse(RefuseConflict, CodeConflict, "volume %s already exists on worker %s", v.ID, old.Worker)}
 	}
 	if _, ok := s.d.Workers[v.Worker]; !ok {
 		return &Result{Refusal: notFound("worker", v.Worker)}
@@ -107,7 +106,7 @@ func (s *Store) applyCreateVolume(c *CreateVolumeCmd) *Result {
 		v.State = VolCreating
 	}
 	if _, ok := volumeMoves[v.State]; !ok || v.State == VolDestroyed || v.State == VolPendingDelete {
-		return &Result{Refusal: refuse(http.StatusBadRequest, CodeInvalid, "a new volume cannot start in state %q", v.State)}
+		return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "a new volume cannot start in state %q", v.State)}
 	}
 	v.CreatedAt = c.Now
 	v.DestroyAfter = time.Time{}
@@ -127,15 +126,15 @@ func (s *Store) applyUpdateVolume(c *UpdateVolumeCmd) *Result {
 	}
 	if c.State != nil && *c.State != v.State {
 		if *c.State == VolDestroyed || *c.State == VolPendingDelete {
-			return &Result{Refusal: refuse(http.StatusBadRequest, CodeInvalid, "use destroy to destroy volume %s", c.ID)}
+			return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "use destroy to destroy volume %s", c.ID)}
 		}
 		if !slices.Contains(volumeMoves[v.State], *c.State) {
-			return &Result{Refusal: refuse(http.StatusConflict, CodeWrongState, "volume %s cannot go from %s to %s", c.ID, v.State, *c.State)}
+			return &Result{Refusal: refuse(RefuseConflict, CodeWrongState, "volume %s cannot go from %s to %s", c.ID, v.State, *c.State)}
 		}
 	}
 	if c.Layout != nil {
 		if err := c.Layout.Validate(); err != nil {
-			return &Result{Refusal: refuse(http.StatusBadRequest, CodeInvalid, "volume %s: %v", c.ID, err)}
+			return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "volume %s: %v", c.ID, err)}
 		}
 	}
 	if c.AttachedMachine != nil && *c.AttachedMachine != "" {
@@ -143,7 +142,7 @@ func (s *Store) applyUpdateVolume(c *UpdateVolumeCmd) *Result {
 			return &Result{Refusal: notFound("machine", *c.AttachedMachine)}
 		}
 		if v.State == VolDestroyed || v.State == VolPendingDelete {
-			return &Result{Refusal: refuse(http.StatusConflict, CodeWrongState, "volume %s is %s: it cannot be attached", c.ID, v.State)}
+			return &Result{Refusal: refuse(RefuseConflict, CodeWrongState, "volume %s is %s: it cannot be attached", c.ID, v.State)}
 		}
 	}
 	if c.State != nil {
@@ -190,11 +189,11 @@ func (s *Store) applyDestroyVolume(c *DestroyVolumeCmd) *Result {
 		return forbidden(c.Actor, "destroy volume "+c.ID+" of worker "+v.Worker)
 	}
 	if m, ok := s.attachedRunning(v); ok {
-		return &Result{Refusal: refuse(http.StatusConflict, CodeAttached,
+		return &Result{Refusal: refuse(RefuseConflict, CodeAttached,
 			"volume %s is attached to machine %s (%s on %s): stop the machine and detach the volume before destroying it", v.ID, m.ID, m.State, m.Worker)}
 	}
 	if id, ok := s.d.Locks["volume/"+v.ID]; ok {
-		return &Result{Refusal: refuse(http.StatusConflict, CodeLocked, "volume %s is locked by migration %s: wait for it or abort it", v.ID, id)}
+		return &Result{Refusal: refuse(RefuseConflict, CodeLocked, "volume %s is locked by migration %s: wait for it or abort it", v.ID, id)}
 	}
 	switch v.State {
 	case VolDestroyed:
@@ -203,7 +202,7 @@ func (s *Store) applyDestroyVolume(c *DestroyVolumeCmd) *Result {
 	case VolPendingDelete:
 		// Invariant 3: destroyed only once the retention deadline passed.
 		if c.Now.Before(v.DestroyAfter) {
-			return &Result{Refusal: refuse(http.StatusConflict, CodeWrongState, "volume %s is kept until %s (retention)", v.ID, v.DestroyAfter.UTC().Format(time.RFC3339))}
+			return &Result{Refusal: refuse(RefuseConflict, CodeWrongState, "volume %s is kept until %s (retention)", v.ID, v.DestroyAfter.UTC().Format(time.RFC3339))}
 		}
 		v.State = VolDestroyed
 		delete(s.d.Keys, v.ID)
@@ -229,10 +228,10 @@ func (s *Store) applySetVolumeKey(c *SetVolumeKeyCmd) *Result {
 		return forbidden(c.Actor, "set the key of volume "+c.ID)
 	}
 	if len(c.Key) == 0 || len(c.Key) > 512 {
-		return &Result{Refusal: refuse(http.StatusBadRequest, CodeInvalid, "volume key must be 1..512 bytes")}
+		return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "volume key must be 1..512 bytes")}
 	}
 	if old, ok := s.d.Keys[c.ID]; ok && string(old) != string(c.Key) {
-		return &Result{Refusal: refuse(http.StatusConflict, CodeConflict, "volume %s already has a different key; keys are never replaced", c.ID)}
+		return &Result{Refusal: refuse(RefuseConflict, CodeConflict, "volume %s already has a different key; keys are never replaced", c.ID)}
 	}
 	s.d.Keys[c.ID] = append([]byte(nil), c.Key...)
 	v.HasKey = true
@@ -249,7 +248,7 @@ func (s *Store) applyKeyAccess(c *KeyAccessCmd) *Result {
 	}
 	key, ok := s.d.Keys[c.ID]
 	if !ok {
-		return &Result{Refusal: refuse(http.StatusNotFound, CodeNotFound, "the server holds no key for volume %s", c.ID)}
+		return &Result{Refusal: refuse(RefuseNotFound, CodeNotFound, "the server holds no key for volume %s", c.ID)}
 	}
 	if c.Actor.Kind != KindWorker {
 		return forbidden(c.Actor, "read volume keys (only the owning or target worker may)")
@@ -260,7 +259,7 @@ func (s *Store) applyKeyAccess(c *KeyAccessCmd) *Result {
 	}
 	switch {
 	case v.State == VolDestroyed:
-		return &Result{Refusal: refuse(http.StatusGone, CodeWrongState, "volume %s is destroyed", v.ID)}
+		return &Result{Refusal: refuse(RefuseGone, CodeWrongState, "volume %s is destroyed", v.ID)}
 	case c.Actor.Name == v.Worker:
 	case mig != nil && mig.Target == c.Actor.Name && mig.State != RolledBack:
 		mig.KeyAccess = append(mig.KeyAccess, KeyAccess{Worker: c.Actor.Name, At: c.Now})
@@ -280,14 +279,14 @@ func (s *Store) applyCreateMachine(c *CreateMachineCmd) *Result {
 		return forbidden(c.Actor, "create a machine on worker "+m.Worker)
 	}
 	if !validID(m.ID) || m.Worker == "" {
-		return &Result{Refusal: refuse(http.StatusBadRequest, CodeInvalid, "machine needs an id (no spaces or slashes) and a worker")}
+		return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "machine needs an id (no spaces or slashes) and a worker")}
 	}
 	if old, ok := s.d.Machines[m.ID]; ok {
 		if old.Worker == m.Worker && old.Volume == m.Volume {
 			cp := *old
 			return &Result{Machine: &cp}
 		}
-		return &Result{Refusal: refuse(http.StatusConflict, CodeConflict, "machine %s already exists on worker %s", m.ID, old.Worker)}
+		return &Result{Refusal: refuse(RefuseConflict, CodeConflict, "machine %s already exists on worker %s", m.ID, old.Worker)}
 	}
 	if _, ok := s.d.Workers[m.Worker]; !ok {
 		return &Result{Refusal: notFound("worker", m.Worker)}
@@ -298,10 +297,10 @@ func (s *Store) applyCreateMachine(c *CreateMachineCmd) *Result {
 			return &Result{Refusal: notFound("volume", m.Volume)}
 		}
 		if v.Worker != m.Worker {
-			return &Result{Refusal: refuse(http.StatusConflict, CodeConflict, "volume %s is on worker %s, not %s", v.ID, v.Worker, m.Worker)}
+			return &Result{Refusal: refuse(RefuseConflict, CodeConflict, "volume %s is on worker %s, not %s", v.ID, v.Worker, m.Worker)}
 		}
 		if v.AttachedMachine != "" && v.AttachedMachine != m.ID {
-			return &Result{Refusal: refuse(http.StatusConflict, CodeAttached, "volume %s is already attached to machine %s", v.ID, v.AttachedMachine)}
+			return &Result{Refusal: refuse(RefuseConflict, CodeAttached, "volume %s is already attached to machine %s", v.ID, v.AttachedMachine)}
 		}
 		v.AttachedMachine = m.ID
 	}
@@ -309,7 +308,7 @@ func (s *Store) applyCreateMachine(c *CreateMachineCmd) *Result {
 		m.State = MachineStopped
 	}
 	if m.State != MachineRunning && m.State != MachineStopped {
-		return &Result{Refusal: refuse(http.StatusBadRequest, CodeInvalid, "machine state %q: use running or stopped", m.State)}
+		return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "machine state %q: use running or stopped", m.State)}
 	}
 	m.Migrated = false
 	s.d.Machines[m.ID] = &m
@@ -326,7 +325,7 @@ func (s *Store) applyUpdateMachine(c *UpdateMachineCmd) *Result {
 		return forbidden(c.Actor, "update machine "+c.ID+" of worker "+m.Worker)
 	}
 	if c.State != nil && *c.State != MachineRunning && *c.State != MachineStopped {
-		return &Result{Refusal: refuse(http.StatusBadRequest, CodeInvalid, "machine state %q: use running or stopped", *c.State)}
+		return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "machine state %q: use running or stopped", *c.State)}
 	}
 	if c.Volume != nil && *c.Volume != "" {
 		v, ok := s.d.Volumes[*c.Volume]
@@ -334,7 +333,7 @@ func (s *Store) applyUpdateMachine(c *UpdateMachineCmd) *Result {
 			return &Result{Refusal: notFound("volume", *c.Volume)}
 		}
 		if v.Worker != m.Worker {
-			return &Result{Refusal: refuse(http.StatusConflict, CodeConflict, "volume %s is on worker %s, not %s", v.ID, v.Worker, m.Worker)}
+			return &Result{Refusal: refuse(RefuseConflict, CodeConflict, "volume %s is on worker %s, not %s", v.ID, v.Worker, m.Worker)}
 		}
 	}
 	if c.State != nil {

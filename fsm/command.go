@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net/http"
 	"time"
 
 	"github.com/ferry-dev/ferry/blockdev"
@@ -255,40 +254,4 @@ func strictUnmarshal(data []byte, v any) error {
 		return errors.New("trailing data after the JSON value")
 	}
 	return nil
-}
-
-// Refusal is a guard's "no": a code for programs, a reason for people, the
-// migration's actual state when it matters, and the HTTP status to send.
-type Refusal struct {
-	Code   string `json:"code"`
-	Reason string `json:"reason"`
-	State  State  `json:"state,omitempty"`
-	Status int    `json:"status"`
-}
-
-func (r *Refusal) Error() string { return r.Reason }
-
-// Refusal codes.
-const (
-	CodeNotFound     = "not_found"
-	CodeInvalid      = "invalid"
-	CodeForbidden    = "forbidden"
-	CodeWrongState   = "wrong_state"
-	CodePastCutover  = "past_cutover"
-	CodeConflict     = "conflict"
-	CodeLocked       = "locked"
-	CodeAdmission    = "admission"
-	CodeAttached     = "attached"
-	CodeBadCommand   = "bad_command"
-	CodeRateLimited  = "rate_limited"
-	CodeNotTornDown  = "target_not_torn_down"
-	CodeLayoutNeeded = "layout_missing"
-)
-
-func refuse(status int, code, format string, args ...any) *Refusal {
-	return &Refusal{Code: code, Reason: fmt.Sprintf(format, args...), Status: status}
-}
-
-func notFound(what, id string) *Refusal {
-	return refuse(http.StatusNotFound, CodeNotFound, "%s %q not found", what, id)
 }

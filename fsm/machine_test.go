@@ -2,7 +2,6 @@ package fsm
 
 import (
 	"fmt"
-	"net/http"
 	"os"
 	"slices"
 	"strings"
@@ -121,8 +120,8 @@ func TestEveryDisallowedTransition(t *testing.T) {
 				if r.Refusal.State != st {
 					t.Fatalf("refusal names state %q, want %q", r.Refusal.State, st)
 				}
-				if r.Refusal.Status/100 != 4 {
-					t.Fatalf("status %d", r.Refusal.Status)
+				if !r.Refusal.Kind.ClientSide() {
+					t.Fatalf("kind %s", r.Refusal.Kind)
 				}
 				wantCode := CodeWrongState
 				if (tr.Event == EvAbort || tr.Event == EvFailed) && st.AfterCutover() {
@@ -157,7 +156,7 @@ func TestWrongRoleRefused(t *testing.T) {
 			}
 			before := migJSON(t, h.s)
 			r := h.propose(id, tr.Event, "wrong-role", payloadOf(tr.Event))
-			if r.Refusal == nil || r.Refusal.Code != CodeForbidden || r.Refusal.Status != http.StatusForbidden {
+			if r.Refusal == nil || r.Refusal.Code != CodeForbidden || r.Refusal.Kind != RefuseForbidden {
 				t.Errorf("%s by %s in %s: want forbidden, got %+v", tr.Event, id, from, r.Refusal)
 				continue
 			}

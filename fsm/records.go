@@ -65,15 +65,39 @@ type Export struct {
 	IQN    string `json:"iqn"`
 }
 
-// Progress is the clone's hydration progress as last reported by the target.
+// Progress is a clone's hydration progress: the one progress type of ferry.
+// A data-path backend reports it in full; the target proposes its
+// replicated part (Replicated), which the migration record keeps as last
+// reported.
 type Progress struct {
 	HydratedBytes int64     `json:"hydrated_bytes"`
 	TotalBytes    int64     `json:"total_bytes"`
 	FetchedBytes  int64     `json:"fetched_bytes"`
-	SkippedBytes  int64     `json:"skipped_bytes"` // marked hydrated by discard, never fetched
+	SkippedBytes  int64     `json:"skipped_bytes"` // marked hydrated by discard or known zero, never fetched
 	RateBPS       int64     `json:"rate_bps"`
 	ETASeconds    int64     `json:"eta_seconds"`
 	UpdatedAt     time.Time `json:"updated_at"`
+
+	// Data-path detail, never replicated: the region geometry, the split of
+	// SkippedBytes, and the backend's own stall verdict (the migration's
+	// replicated stall flag is set by a report event).
+	RegionSize            int64  `json:"region_size,omitempty"`
+	TotalRegions          int64  `json:"total_regions,omitempty"`
+	HydratedRegions       int64  `json:"hydrated_regions,omitempty"`
+	SkippedDiscardBytes   int64  `json:"skipped_discard_bytes,omitempty"`
+	SkippedKnownZeroBytes int64  `json:"skipped_known_zero_bytes,omitempty"`
+	Stalled               bool   `json:"stalled,omitempty"`
+	StalledReason         string `json:"stalled_reason,omitempty"`
+}
+
+// Replicated returns the part of p that goes into a command (nil for nil):
+// the data-path detail is cleared so the log format does not depend on it.
+func (p *Progress) Replicated() *Progress {
+	if p == nil {
+		return nil
+	}
+	return &Progress{HydratedBytes: p.HydratedBytes, TotalBytes: p.TotalBytes, FetchedBytes: p.FetchedBytes,
+		SkippedBytes: p.SkippedBytes, RateBPS: p.RateBPS, ETASeconds: p.ETASeconds, UpdatedAt: p.UpdatedAt}
 }
 
 // Percent is the hydrated share, 0..100.

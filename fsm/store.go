@@ -4,11 +4,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net/http"
 	"sort"
 	"sync"
 
-	"github.com/hashicorp/raft"
 	"github.com/rs/zerolog"
 
 	"github.com/ferry-dev/ferry/internal/logging"
@@ -60,8 +58,9 @@ func newData() *data {
 	}
 }
 
-// Store is the state machine raft applies to. It implements raft.FSM; tests
-// may call ApplyCommand directly without raft.
+// Store is the replicated state machine. It knows nothing of raft: the
+// server feeds it committed entries through ApplyCommand and persists its
+// Snapshot; tests call ApplyCommand directly.
 type Store struct {
 	log zerolog.Logger
 
@@ -73,14 +72,6 @@ type Store struct {
 // NewStore returns an empty store.
 func NewStore(log zerolog.Logger) *Store {
 	return &Store{log: logging.For(log, "fsm"), d: newData(), notify: make(chan struct{})}
-}
-
-// Apply implements raft.FSM.
-func (s *Store) Apply(l *raft.Log) any {
-	if l.Type != raft.LogCommand {
-		return nil
-	}
-	return s.ApplyCommand(l.Index, l.Data)
 }
 
 // ApplyCommand applies one encoded command at a log index. It is
@@ -98,7 +89,7 @@ func (s *Store) ApplyCommand(index uint64, raw []byte) *Result {
 	}()
 	if err != nil {
 		s.log.Warn().Err(err).Uint64("index", index).Str("type", string(typ)).Msg("refused a malformed command")
-		return &Result{Index: index, Refusal: refuse(http.StatusBadRequest, CodeBadCommand, "%v", err)}
+		return &Result{Index: index, Refusal: refuse(RefuseInvalid, CodeBadCommand, "%v", err)}
 	}
 	var res *Result
 	switch c := p.(type) {
@@ -127,7 +118,7 @@ func (s *Store) ApplyCommand(index uint64, raw []byte) *Result {
 	case *ProposeCmd:
 		res = s.applyPropose(index, c)
 	default:
-		res = &Result{Refusal: refuse(http.StatusBadRequest, CodeBadCommand, "command %q has no apply function", typ)}
+		res = &Result{Refusal: refuse(RefuseInvalid, CodeBadCommand, "command %q has no apply function", typ)}
 	}
 	res.Index = index
 	return res
@@ -275,18 +266,19 @@ func copyVolume(v *Volume) Volume {
 	return c
 }
 
-// Snapshot implements raft.FSM: the whole state as JSON.
-func (s *Store) Snapshot() (raft.FSMSnapshot, error) {
+// Snapshot returns the whole state as JSON, to be persisted by the
+// replication layer (the server adapts it to raft's snapshot interface).
+func (s *Store) Snapshot() (*Snapshot, error) {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	b, err := json.Marshal(s.d)
 	if err != nil {
 		return nil, fmt.Errorf("encoding snapshot: %w", err)
 	}
-	return snapshot(b), nil
+	return &Snapshot{b: b}, nil
 }
 
-// Restore implements raft.FSM: replace the state with a snapshot's.
+// Restore replaces the state with a snapshot's.
 func (s *Store) Restore(rc io.ReadCloser) error {
 	defer rc.Close()
 	d := newData()
@@ -306,17 +298,26 @@ func (s *Store) Restore(rc io.ReadCloser) error {
 	return nil
 }
 
-type snapshot []byte
+// Snapshot is an encoded copy of the state taken under the store's lock.
+type Snapshot struct{ b []byte }
 
-func (b snapshot) Persist(sink raft.SnapshotSink) error {
-	if _, err := sink.Write(b); err != nil {
+// SnapshotSink receives a snapshot; Cancel discards what was written.
+type SnapshotSink interface {
+	io.WriteCloser
+	Cancel() error
+}
+
+// Persist writes the snapshot to sink and closes it (cancels it on error).
+func (sn *Snapshot) Persist(sink SnapshotSink) error {
+	if _, err := sink.Write(sn.b); err != nil {
 		_ = sink.Cancel()
 		return fmt.Errorf("writing snapshot: %w", err)
 	}
 	return sink.Close()
 }
 
-func (snapshot) Release() {}
+// Release is a no-op: the snapshot holds no resources.
+func (*Snapshot) Release() {}
 
 // MigrationsIndex is the highest ModifyIndex among the migrations naming
 // worker (all when empty), at least 1 so a watcher never spins on 0.

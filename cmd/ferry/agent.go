@@ -12,10 +12,10 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/ferry-dev/ferry/agent"
-	"github.com/ferry-dev/ferry/api"
 	"github.com/ferry-dev/ferry/internal/logging"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
 	"github.com/ferry-dev/ferry/machine"
+	"github.com/ferry-dev/ferry/server"
 )
 
 type agentFlags struct {
@@ -180,7 +180,7 @@ func devServer(ctx context.Context, f *agentFlags) error {
 			}
 		}
 	}
-	_, err = api.StartServer(ctx, log, api.Config{ID: "server", DataDir: filepath.Join(f.dataDir, "server"),
+	_, err = server.StartServer(ctx, log, server.Config{ID: "server", DataDir: filepath.Join(f.dataDir, "server"),
 		Listen: f.devListen, RaftAddr: "127.0.0.1:0", Bootstrap: true, TLSDir: f.tlsDir})
 	if err != nil {
 		return fmt.Errorf("dev server: %w", err)

@@ -203,9 +203,9 @@ func printCloneStatus(cmd *cobra.Command, r *cloneReply) {
 	if p.HydrationEnabled {
 		state = "on"
 	}
-	fmt.Fprintf(w, "hydration:  %s, %.1f MiB/s, ETA %v\n", state, p.RateBytesPerSec/(1<<20), p.ETA.Round(time.Second))
+	fmt.Fprintf(w, "hydration:  %s, %.1f MiB/s, ETA %v\n", state, p.RateBPS/(1<<20), p.ETA.Round(time.Second))
 	if p.Stalled {
-		fmt.Fprintf(w, "STALLED:    %s\n", p.StallReason)
+		fmt.Fprintf(w, "STALLED:    %s\n", p.StalledReason)
 	}
 }
 

@@ -11,11 +11,11 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/ferry-dev/ferry/api"
+	"github.com/ferry-dev/ferry/server"
 )
 
 func init() {
-	var cfg api.Config
+	var cfg server.Config
 	var join string
 	cmd := &cobra.Command{
 		Use:   "server",
@@ -40,7 +40,7 @@ Writes sent to a follower are forwarded to the leader.`,
 			}
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
-			s, err := api.StartServer(ctx, log, cfg)
+			s, err := server.StartServer(ctx, log, cfg)
 			if err != nil {
 				return err
 			}

@@ -211,7 +211,7 @@ func init() {
 // refusalCode maps an API refusal to the "refused" exit code.
 func refusalCode(err error) int {
 	var e *api.Error
-	if ok := asAPIError(err, &e); ok && e.Status >= 400 && e.Status < 500 {
+	if ok := asAPIError(err, &e); ok && e.Kind.ClientSide() {
 		return ExitRefused
 	}
 	return ExitFailed

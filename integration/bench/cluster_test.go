@@ -17,11 +17,11 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/ferry-dev/ferry/api"
-	"github.com/ferry-dev/ferry/api/apitest"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/testbed"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
 	"github.com/ferry-dev/ferry/luks"
+	"github.com/ferry-dev/ferry/server/servertest"
 	"github.com/ferry-dev/ferry/workload"
 )
 
@@ -285,7 +285,7 @@ func benchSparse(b *testing.B, s *suite) {
 // (raft over mTLS, loopback), the agents' proposals made directly by
 // clients holding worker certificates: plan, nine events, server completion.
 func benchControlPlane(b *testing.B, s *suite) {
-	c := apitest.New(b, 3, apitest.Options{HeartbeatTimeout: time.Second})
+	c := servertest.New(b, 3, servertest.Options{HeartbeatTimeout: time.Second})
 	ctx := context.Background()
 	op := c.Client("operator", tlsutil.KindOperator)
 	pairs, per := 16, 8

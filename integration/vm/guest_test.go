@@ -210,7 +210,7 @@ func TestGuestISCSIKernelChain(t *testing.T) {
 		t.Fatalf("hydration over iSCSI did not finish: %+v", k.Progress())
 	}
 	p := k.Progress()
-	t.Logf("hydrated %d regions over iSCSI in %s (%.1f MB/s)", p.TotalRegions-before-256, time.Since(hstart).Round(time.Millisecond), p.RateBytesPerSec/1e6)
+	t.Logf("hydrated %d regions over iSCSI in %s (%.1f MB/s)", p.TotalRegions-before-256, time.Since(hstart).Round(time.Millisecond), p.RateBPS/1e6)
 	// Dissolve under the open dm-crypt mapping: its users never notice.
 	if _, err := k.Dissolve(); err != nil {
 		t.Fatal(err)

@@ -1,20 +1,16 @@
-package api
+package server
 
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
 	"crypto/tls"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -24,6 +20,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/rs/zerolog"
 
+	"github.com/ferry-dev/ferry/api"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/logging"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
@@ -58,7 +55,7 @@ type Config struct {
 type Server struct {
 	cfg    Config
 	log    zerolog.Logger
-	node   *fsm.Node
+	node   *Node
 	store  *fsm.Store
 	ln     net.Listener
 	http   *http.Server
@@ -125,7 +122,7 @@ func StartServer(ctx context.Context, log zerolog.Logger, cfg Config) (*Server, 
 	if adv == "" {
 		adv = ln.Addr().String()
 	}
-	node, err := fsm.NewNode(fsm.NodeConfig{
+	node, err := NewNode(NodeConfig{
 		ID: cfg.ID, DataDir: filepath.Join(cfg.DataDir, "raft"), RaftAddr: cfg.RaftAddr, Bootstrap: cfg.Bootstrap,
 		ServerTLS: tlsutil.RequireKind(cfg.ServerTLS, tlsutil.KindServer), ClientTLS: cfg.ClientTLS, // raft: servers only
 		HeartbeatTimeout: cfg.HeartbeatTimeout, ElectionTimeout: cfg.ElectionTimeout, LeaderLeaseTimout: leaseFor(cfg.HeartbeatTimeout),
@@ -152,7 +149,7 @@ func StartServer(ctx context.Context, log zerolog.Logger, cfg Config) (*Server, 
 	}()
 	go func() {
 		defer s.wg.Done()
-		s.housekeeping(ctx)
+		s.leaderLoop(ctx)
 	}()
 	if len(cfg.Join) > 0 {
 		s.wg.Add(1)
@@ -179,7 +176,7 @@ func (s *Server) Addr() string { return s.ln.Addr().String() }
 func (s *Server) RaftAddr() string { return s.node.RaftAddr() }
 
 // Node exposes the raft node (tests, benchmarks).
-func (s *Server) Node() *fsm.Node { return s.node }
+func (s *Server) Node() *Node { return s.node }
 
 // Store exposes the replicated state for reading.
 func (s *Server) Store() *fsm.Store { return s.store }
@@ -203,7 +200,7 @@ func (s *Server) Close() error {
 
 // joinLoop asks the cluster to add this server until it is a voter.
 func (s *Server) joinLoop(ctx context.Context) {
-	req := JoinRequest{ID: s.cfg.ID, RaftAddr: s.node.RaftAddr(), APIAddr: s.apiURL}
+	req := api.JoinRequest{ID: s.cfg.ID, RaftAddr: s.node.RaftAddr(), APIAddr: s.apiURL}
 	delay := 200 * time.Millisecond
 	for {
 		for _, addr := range s.cfg.Join {
@@ -238,10 +235,10 @@ func (s *Server) post(ctx context.Context, addr, path string, in, out any) error
 	req.Header.Set("Content-Type", "application/json")
 	resp, err := s.fwd.Do(req)
 	if err != nil {
-		return fmt.Errorf("%w: %v", errUnavailable, err)
+		return fmt.Errorf("%w: %v", api.ErrUnavailable, err)
 	}
 	defer resp.Body.Close()
-	return decodeReply(resp, out)
+	return api.DecodeReply(resp, out)
 }
 
 // do sends a body-less request to another server.
@@ -252,13 +249,11 @@ func (s *Server) do(ctx context.Context, method, addr, path string) error {
 	}
 	resp, err := s.fwd.Do(req)
 	if err != nil {
-		return fmt.Errorf("%w: %v", errUnavailable, err)
+		return fmt.Errorf("%w: %v", api.ErrUnavailable, err)
 	}
 	defer resp.Body.Close()
-	return decodeReply(resp, nil)
+	return api.DecodeReply(resp, nil)
 }
-
-var errUnavailable = errors.New("server unavailable")
 
 // submit replicates one command on behalf of actor: applied here when this
 // server leads, forwarded to the leader otherwise.
@@ -276,33 +271,33 @@ func (s *Server) submitRaw(ctx context.Context, b []byte) (*fsm.Result, []byte, 
 		if err == nil {
 			return res, res.Key, nil
 		}
-		if !errors.Is(err, fsm.ErrNotLeader) {
+		if !errors.Is(err, ErrNotLeader) {
 			return nil, nil, err
 		}
 	}
 	leaderID, _ := s.node.Leader()
 	if leaderID == "" {
-		return nil, nil, &Error{Status: http.StatusServiceUnavailable, Code: "no_leader", Reason: "the cluster has no leader right now; retry shortly"}
+		return nil, nil, &fsm.Refusal{Kind: fsm.RefuseNotLeader, Code: fsm.CodeNoLeader, Reason: "the cluster has no leader right now; retry shortly"}
 	}
 	if leaderID == s.cfg.ID {
-		return nil, nil, &Error{Status: http.StatusServiceUnavailable, Code: "no_leader", Reason: "leadership is changing; retry shortly"}
+		return nil, nil, &fsm.Refusal{Kind: fsm.RefuseNotLeader, Code: fsm.CodeNoLeader, Reason: "leadership is changing; retry shortly"}
 	}
-	api := ""
+	leaderAPI := ""
 	for _, m := range s.store.Servers() {
 		if m.ID == leaderID {
-			api = m.APIAddr
+			leaderAPI = m.APIAddr
 		}
 	}
-	if api == "" {
-		return nil, nil, &Error{Status: http.StatusServiceUnavailable, Code: "no_leader", Reason: "the leader " + leaderID + " has not published its API address yet; retry shortly"}
+	if leaderAPI == "" {
+		return nil, nil, &fsm.Refusal{Kind: fsm.RefuseNotLeader, Code: fsm.CodeNoLeader, Reason: "the leader " + leaderID + " has not published its API address yet; retry shortly"}
 	}
-	var rep applyReply
-	if err := s.post(ctx, api, "/v1/internal/apply", json.RawMessage(b), &rep); err != nil {
-		var e *Error
+	var rep api.ApplyReply
+	if err := s.post(ctx, leaderAPI, "/v1/internal/apply", json.RawMessage(b), &rep); err != nil {
+		var e *fsm.Refusal
 		if errors.As(err, &e) {
 			return nil, nil, e
 		}
-		return nil, nil, &Error{Status: http.StatusServiceUnavailable, Code: "no_leader", Reason: fmt.Sprintf("forwarding to leader %s: %v", leaderID, err)}
+		return nil, nil, &fsm.Refusal{Kind: fsm.RefuseNotLeader, Code: fsm.CodeNoLeader, Reason: fmt.Sprintf("forwarding to leader %s: %v", leaderID, err)}
 	}
 	if rep.Result == nil {
 		return nil, nil, errors.New("leader returned no result")
@@ -333,95 +328,6 @@ func (s *Server) waitApplied(ctx context.Context, index uint64, max time.Duratio
 // header builds the command header for a request's identity.
 func (s *Server) header(id fsm.Identity) fsm.Header {
 	return fsm.Header{Actor: id, Now: s.cfg.Now().UTC()}
-}
-
-func newID(prefix string) string {
-	b := make([]byte, 6)
-	_, _ = rand.Read(b)
-	return prefix + hex.EncodeToString(b)
-}
-
-// housekeeping is the server role: on the leader, it registers this
-// server's API address, completes released migrations, aborts or flags
-// migrations whose workers lost their lease, and destroys volumes whose
-// retention passed.
-func (s *Server) housekeeping(ctx context.Context) {
-	t := time.NewTicker(s.cfg.ReconcileInterval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		if !s.node.IsLeader() {
-			continue
-		}
-		s.reconcile(ctx)
-	}
-}
-
-func (s *Server) reconcile(ctx context.Context) {
-	self := fsm.Identity{Name: s.cfg.ID, Kind: fsm.KindServer}
-	registered := false
-	for _, m := range s.store.Servers() {
-		if m.ID == s.cfg.ID && m.APIAddr == s.apiURL && m.RaftAddr == s.node.RaftAddr() {
-			registered = true
-		}
-	}
-	if !registered {
-		s.apply(ctx, fsm.CmdRegisterServer, &fsm.RegisterServerCmd{Header: s.header(self),
-			Member: fsm.ServerMember{ID: s.cfg.ID, RaftAddr: s.node.RaftAddr(), APIAddr: s.apiURL}})
-	}
-	now := s.cfg.Now()
-	dead := func(name string) bool {
-		w, ok := s.store.Worker(name)
-		return !ok || !w.Alive(now)
-	}
-	for _, m := range s.store.Migrations("") {
-		switch {
-		case m.State == fsm.SourceReleased:
-			s.propose(ctx, self, m.ID, fsm.EvCompleted, "server-completed", fsm.EventPayload{})
-		case m.State.BeforeCutover() && (dead(m.Source) || dead(m.Target)):
-			who := m.Source
-			if !dead(who) {
-				who = m.Target
-			}
-			s.propose(ctx, self, m.ID, fsm.EvAbort, "server-abort-lease-"+who,
-				fsm.EventPayload{Reason: "lease of worker " + who + " expired: rolling back"})
-		case (m.State.AfterCutover() || m.State == fsm.RollingBack) && !m.State.Terminal() && !m.Stalled:
-			for _, w := range []string{m.Source, m.Target} {
-				if dead(w) {
-					t := true
-					reason := "worker " + w + " lost its lease; the migration waits for it"
-					if m.State == fsm.RollingBack && w == m.Target && (m.Rollback == nil || !m.Rollback.TargetTornDown) {
-						reason += " (if it is gone for good, an operator may propose target_torn_down)"
-					}
-					s.propose(ctx, self, m.ID, fsm.EvReport, "", fsm.EventPayload{Stalled: &t, Reason: reason})
-					break
-				}
-			}
-		}
-	}
-	for _, v := range s.store.Volumes("") {
-		if v.State == fsm.VolPendingDelete && !now.Before(v.DestroyAfter) {
-			s.apply(ctx, fsm.CmdDestroyVolume, &fsm.DestroyVolumeCmd{Header: s.header(self), ID: v.ID})
-		}
-	}
-}
-
-func (s *Server) propose(ctx context.Context, self fsm.Identity, id string, ev fsm.Event, step string, p fsm.EventPayload) {
-	s.apply(ctx, fsm.CmdPropose, &fsm.ProposeCmd{Header: s.header(self), ID: id, Event: ev, StepID: step, Payload: p})
-}
-
-func (s *Server) apply(ctx context.Context, typ fsm.CommandType, payload any) {
-	res, _, err := s.submit(ctx, typ, payload)
-	if err == nil {
-		err = res.Err()
-	}
-	if err != nil {
-		s.log.Warn().Err(err).Str("command", string(typ)).Msg("housekeeping command refused")
-	}
 }
 
 // collector exports migration counts by state and raft leadership.
@@ -475,9 +381,9 @@ func (s *Server) metricsHandler() http.Handler {
 	return promhttp.HandlerFor(s.reg, promhttp.HandlerOpts{})
 }
 
-func (s *Server) status() StatusReply {
+func (s *Server) status() api.StatusReply {
 	leaderID, _ := s.node.Leader()
-	r := StatusReply{ID: s.cfg.ID, RaftState: s.node.Raft.State().String(), Leader: leaderID, Index: s.store.Index(), Ready: s.Ready(), Servers: s.store.Servers()}
+	r := api.StatusReply{ID: s.cfg.ID, RaftState: s.node.Raft.State().String(), Leader: leaderID, Index: s.store.Index(), Ready: s.Ready(), Servers: s.store.Servers()}
 	for _, m := range r.Servers {
 		if m.ID == leaderID {
 			r.LeaderAPI = m.APIAddr
@@ -491,29 +397,6 @@ func (s *Server) status() StatusReply {
 		}
 	}
 	return r
-}
-
-// decodeReply reads a JSON reply or turns a non-2xx one into *Error.
-func decodeReply(resp *http.Response, out any) error {
-	body, err := io.ReadAll(io.LimitReader(resp.Body, 32<<20))
-	if err != nil {
-		return fmt.Errorf("%w: reading reply: %v", errUnavailable, err)
-	}
-	if resp.StatusCode/100 != 2 {
-		var eb errorBody
-		if json.Unmarshal(body, &eb) == nil && eb.Error != nil {
-			eb.Error.Status = resp.StatusCode
-			return eb.Error
-		}
-		return &Error{Status: resp.StatusCode, Code: "http_" + strconv.Itoa(resp.StatusCode), Reason: string(bytes.TrimSpace(body))}
-	}
-	if out == nil || len(body) == 0 {
-		return nil
-	}
-	if err := json.Unmarshal(body, out); err != nil {
-		return fmt.Errorf("decoding reply: %w", err)
-	}
-	return nil
 }
 
 // StartDev runs a one-node development server (the `ferry agent --dev`

@@ -1,9 +1,10 @@
-package fsm
+package server
 
 import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -15,6 +16,7 @@ import (
 	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
 	"github.com/rs/zerolog"
 
+	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/logging"
 )
 
@@ -42,7 +44,7 @@ type NodeConfig struct {
 
 // Node is a raft voter applying commands to a Store.
 type Node struct {
-	Store *Store
+	Store *fsm.Store
 	Raft  *raft.Raft
 	id    string
 	log   zerolog.Logger
@@ -98,7 +100,7 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 	trans := raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{
 		Stream: stream, MaxPool: 3, Timeout: 10 * time.Second, Logger: rc.Logger,
 	})
-	store := NewStore(cfg.Logger)
+	store := fsm.NewStore(cfg.Logger)
 	existing, err := raft.HasExistingState(bolt, bolt, snaps)
 	if err != nil {
 		trans.Close()
@@ -114,7 +116,7 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 		}
 		log.Info().Str("addr", string(trans.LocalAddr())).Msg("bootstrapped a new cluster")
 	}
-	r, err := raft.NewRaft(rc, store, bolt, bolt, snaps, trans)
+	r, err := raft.NewRaft(rc, raftFSM{store}, bolt, bolt, snaps, trans)
 	if err != nil {
 		trans.Close()
 		bolt.Close()
@@ -141,7 +143,7 @@ func (n *Node) Leader() (id, addr string) {
 // Apply replicates an encoded command and returns what the store did. On a
 // follower, or when leadership is lost mid-way, it returns an error wrapping
 // ErrNotLeader: the caller retries (with the same step ID) elsewhere.
-func (n *Node) Apply(cmd []byte, timeout time.Duration) (*Result, error) {
+func (n *Node) Apply(cmd []byte, timeout time.Duration) (*fsm.Result, error) {
 	f := n.Raft.Apply(cmd, timeout)
 	if err := f.Error(); err != nil {
 		if errors.Is(err, raft.ErrNotLeader) || errors.Is(err, raft.ErrLeadershipLost) ||
@@ -150,7 +152,7 @@ func (n *Node) Apply(cmd []byte, timeout time.Duration) (*Result, error) {
 		}
 		return nil, fmt.Errorf("replicating command: %w", err)
 	}
-	res, ok := f.Response().(*Result)
+	res, ok := f.Response().(*fsm.Result)
 	if !ok {
 		return nil, fmt.Errorf("replicating command: unexpected apply response %T", f.Response())
 	}
@@ -201,6 +203,31 @@ func (n *Node) WaitLeader(timeout time.Duration) error {
 	}
 	return fmt.Errorf("no raft leader after %s", timeout)
 }
+
+// raftFSM adapts the store, which knows nothing of raft, to raft.FSM.
+type raftFSM struct{ s *fsm.Store }
+
+func (f raftFSM) Apply(l *raft.Log) any {
+	if l.Type != raft.LogCommand {
+		return nil
+	}
+	return f.s.ApplyCommand(l.Index, l.Data)
+}
+
+func (f raftFSM) Snapshot() (raft.FSMSnapshot, error) {
+	sn, err := f.s.Snapshot()
+	if err != nil {
+		return nil, err
+	}
+	return raftSnapshot{sn}, nil
+}
+
+func (f raftFSM) Restore(rc io.ReadCloser) error { return f.s.Restore(rc) }
+
+type raftSnapshot struct{ sn *fsm.Snapshot }
+
+func (r raftSnapshot) Persist(sink raft.SnapshotSink) error { return r.sn.Persist(sink) }
+func (r raftSnapshot) Release()                             { r.sn.Release() }
 
 // Close stops raft and releases the data directory.
 func (n *Node) Close() error {

@@ -1,4 +1,4 @@
-package api_test
+package server_test
 
 import (
 	"context"
@@ -11,6 +11,7 @@ import (
 	"github.com/ferry-dev/ferry/api"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
+	"github.com/ferry-dev/ferry/server"
 )
 
 // TestDevServerRestart: the one-node development server (as `ferry agent
@@ -20,15 +21,15 @@ func TestDevServerRestart(t *testing.T) {
 	dir := t.TempDir()
 	tlsDir := filepath.Join(dir, "tls")
 	ctx := context.Background()
-	start := func() *api.Server {
-		s, err := api.StartDev(ctx, zerolog.Nop(), filepath.Join(dir, "data"), tlsDir, "")
+	start := func() *server.Server {
+		s, err := server.StartDev(ctx, zerolog.Nop(), filepath.Join(dir, "data"), tlsDir, "")
 		if err != nil {
 			t.Fatal(err)
 		}
 		return s
 	}
-	client := func(s *api.Server) *api.Client {
-		if err := api.EnsureCerts(tlsDir, map[string]string{"w1": tlsutil.KindWorker}); err != nil {
+	client := func(s *server.Server) *api.Client {
+		if err := server.EnsureCerts(tlsDir, map[string]string{"w1": tlsutil.KindWorker}); err != nil {
 			t.Fatal(err)
 		}
 		tc, err := tlsutil.ClientConfig(tlsDir, "w1")

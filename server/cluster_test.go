@@ -1,4 +1,4 @@
-package api_test
+package server_test
 
 import (
 	"bytes"
@@ -8,9 +8,10 @@ import (
 	"time"
 
 	"github.com/ferry-dev/ferry/api"
-	"github.com/ferry-dev/ferry/api/apitest"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
+	"github.com/ferry-dev/ferry/server"
+	"github.com/ferry-dev/ferry/server/servertest"
 )
 
 // TestClusterSurvivesLeaderLoss runs three servers in this process, kills
@@ -18,7 +19,7 @@ import (
 // the migration continues from exactly where it was, and that a retried
 // proposal applies once.
 func TestClusterSurvivesLeaderLoss(t *testing.T) {
-	c := apitest.New(t, 3, apitest.Options{})
+	c := servertest.New(t, 3, servertest.Options{})
 	f := setupFleet(t, c)
 	ctx := context.Background()
 	propose(t, f.dst, fsm.EvTargetPrepared, "tp", fsm.EventPayload{})
@@ -100,7 +101,7 @@ func TestClusterSurvivesLeaderLoss(t *testing.T) {
 // TestClusterRestartFromDisk stops every server and starts them again from
 // their data directories (snapshot + log replay): the state is identical.
 func TestClusterRestartFromDisk(t *testing.T) {
-	c := apitest.New(t, 3, apitest.Options{SnapshotThreshold: 8})
+	c := servertest.New(t, 3, servertest.Options{SnapshotThreshold: 8})
 	f := setupFleet(t, c)
 	ctx := context.Background()
 	propose(t, f.dst, fsm.EvTargetPrepared, "tp", fsm.EventPayload{})
@@ -146,10 +147,10 @@ func TestClusterRestartFromDisk(t *testing.T) {
 // TestFollowerForwardsWrites sends every write to a follower only: it is
 // forwarded to the leader, including a key request (whose key comes back).
 func TestFollowerForwardsWrites(t *testing.T) {
-	c := apitest.New(t, 3, apitest.Options{})
+	c := servertest.New(t, 3, servertest.Options{})
 	follower := (c.Leader() + 1) % 3
 	only := func(name, kind string) *api.Client {
-		if err := api.EnsureCerts(c.TLSDir, map[string]string{name: kind}); err != nil {
+		if err := server.EnsureCerts(c.TLSDir, map[string]string{name: kind}); err != nil {
 			t.Fatal(err)
 		}
 		tc, err := tlsutil.ClientConfig(c.TLSDir, name)

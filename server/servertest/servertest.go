@@ -1,8 +1,8 @@
-// Package apitest runs in-process ferry server clusters for tests of the
+// Package servertest runs in-process ferry server clusters for tests of the
 // server and of its users (agent, CLI): certificates in a temporary
 // directory, N servers on loopback with short raft timeouts, and clients
 // for any identity.
-package apitest
+package servertest
 
 import (
 	"context"
@@ -16,6 +16,7 @@ import (
 
 	"github.com/ferry-dev/ferry/api"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
+	"github.com/ferry-dev/ferry/server"
 )
 
 // Cluster is a set of in-process servers.
@@ -23,8 +24,8 @@ type Cluster struct {
 	t       testing.TB
 	Dir     string
 	TLSDir  string
-	Servers []*api.Server // nil while stopped
-	cfgs    []api.Config
+	Servers []*server.Server // nil while stopped
+	cfgs    []server.Config
 	log     zerolog.Logger
 }
 
@@ -53,11 +54,11 @@ func New(t testing.TB, n int, o Options) *Cluster {
 	for i := 0; i < n; i++ {
 		certs[fmt.Sprintf("s%d", i)] = tlsutil.KindServer
 	}
-	if err := api.EnsureCerts(c.TLSDir, certs); err != nil {
+	if err := server.EnsureCerts(c.TLSDir, certs); err != nil {
 		t.Fatal(err)
 	}
 	for i := 0; i < n; i++ {
-		cfg := api.Config{
+		cfg := server.Config{
 			ID: fmt.Sprintf("s%d", i), DataDir: filepath.Join(dir, fmt.Sprintf("s%d", i)),
 			Listen: "127.0.0.1:0", RaftAddr: "127.0.0.1:0", Bootstrap: i == 0, TLSDir: c.TLSDir,
 			HeartbeatTimeout: o.HeartbeatTimeout, ElectionTimeout: o.HeartbeatTimeout,
@@ -66,7 +67,7 @@ func New(t testing.TB, n int, o Options) *Cluster {
 		if i > 0 {
 			cfg.Join = []string{c.Servers[0].Addr()}
 		}
-		s, err := api.StartServer(context.Background(), c.log, cfg)
+		s, err := server.StartServer(context.Background(), c.log, cfg)
 		if err != nil {
 			t.Fatalf("starting server %d: %v", i, err)
 		}
@@ -95,7 +96,7 @@ func (c *Cluster) Addrs() []string {
 // first use), talking to all servers.
 func (c *Cluster) Client(name, kind string) *api.Client {
 	c.t.Helper()
-	if err := api.EnsureCerts(c.TLSDir, map[string]string{name: kind}); err != nil {
+	if err := server.EnsureCerts(c.TLSDir, map[string]string{name: kind}); err != nil {
 		c.t.Fatal(err)
 	}
 	tc, err := tlsutil.ClientConfig(c.TLSDir, name)
@@ -193,8 +194,8 @@ func (c *Cluster) Restart(i int) {
 	cfg.Bootstrap = false
 	var err error
 	for attempt := 0; attempt < 50; attempt++ { // the old listener's port may linger briefly
-		var s *api.Server
-		if s, err = api.StartServer(context.Background(), c.log, cfg); err == nil {
+		var s *server.Server
+		if s, err = server.StartServer(context.Background(), c.log, cfg); err == nil {
 			c.Servers[i] = s
 			return
 		}

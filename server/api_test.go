@@ -1,8 +1,9 @@
-package api_test
+package server_test
 
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -13,10 +14,11 @@ import (
 	"time"
 
 	"github.com/ferry-dev/ferry/api"
-	"github.com/ferry-dev/ferry/api/apitest"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
 	"github.com/ferry-dev/ferry/luks"
+	"github.com/ferry-dev/ferry/server"
+	"github.com/ferry-dev/ferry/server/servertest"
 )
 
 func layout() *luks.Layout {
@@ -30,7 +32,7 @@ type fleet struct {
 
 // setupFleet registers two workers, a volume and a machine on the source,
 // and plans migration "m1".
-func setupFleet(t *testing.T, c *apitest.Cluster) fleet {
+func setupFleet(t *testing.T, c *servertest.Cluster) fleet {
 	t.Helper()
 	ctx := context.Background()
 	f := fleet{
@@ -74,41 +76,57 @@ func propose(t *testing.T, c *api.Client, ev fsm.Event, step string, p fsm.Event
 }
 
 func TestAPIRolesAndRefusals(t *testing.T) {
-	c := apitest.New(t, 1, apitest.Options{})
+	c := servertest.New(t, 1, servertest.Options{})
 	f := setupFleet(t, c)
 	ctx := context.Background()
 
 	// A worker whose certificate names another worker is refused, with the reason.
 	_, err := f.other.Propose(ctx, "m1", fsm.EvTargetPrepared, "x", fsm.EventPayload{})
 	var e *api.Error
-	if !errors.As(err, &e) || e.Status != http.StatusForbidden || e.Code != fsm.CodeForbidden || e.State != fsm.Planned {
+	if !errors.As(err, &e) || server.StatusOf(e.Kind) != http.StatusForbidden || e.Code != fsm.CodeForbidden || e.State != fsm.Planned {
 		t.Fatalf("foreign worker: %v", err)
 	}
 	// The source may not propose the target's event either.
-	if _, err := f.src.Propose(ctx, "m1", fsm.EvTargetPrepared, "y", fsm.EventPayload{}); !errors.As(err, &e) || e.Status != http.StatusForbidden {
+	if _, err := f.src.Propose(ctx, "m1", fsm.EvTargetPrepared, "y", fsm.EventPayload{}); !errors.As(err, &e) || server.StatusOf(e.Kind) != http.StatusForbidden {
 		t.Fatalf("source proposing target event: %v", err)
 	}
 	// Nor heartbeat for someone else, nor plan.
-	if _, err := f.other.Heartbeat(ctx, "w-src", 0); !errors.As(err, &e) || e.Status != http.StatusForbidden {
+	if _, err := f.other.Heartbeat(ctx, "w-src", 0); !errors.As(err, &e) || server.StatusOf(e.Kind) != http.StatusForbidden {
 		t.Fatalf("foreign heartbeat: %v", err)
 	}
-	if _, err := f.src.CreateMigration(ctx, api.PlanRequest{Machine: "mach1", Target: "w-other"}); !errors.As(err, &e) || e.Status != http.StatusForbidden {
+	if _, err := f.src.CreateMigration(ctx, api.PlanRequest{Machine: "mach1", Target: "w-other"}); !errors.As(err, &e) || server.StatusOf(e.Kind) != http.StatusForbidden {
 		t.Fatalf("worker plan: %v", err)
 	}
 	// Wrong state: 409 with the actual state.
-	if _, err := f.src.Propose(ctx, "m1", fsm.EvExported, "z", fsm.EventPayload{}); !errors.As(err, &e) || e.Status != http.StatusConflict || e.State != fsm.Planned || e.Code != fsm.CodeWrongState {
+	if _, err := f.src.Propose(ctx, "m1", fsm.EvExported, "z", fsm.EventPayload{}); !errors.As(err, &e) || server.StatusOf(e.Kind) != http.StatusConflict || e.State != fsm.Planned || e.Code != fsm.CodeWrongState {
 		t.Fatalf("wrong state: %v", err)
 	}
 	if w, err := f.op.GetWorker(ctx, "w-dst"); err != nil || w.HostID != 2 || !w.LeaseExpiry.After(time.Now()) {
 		t.Fatalf("get worker: %+v %v", w, err)
 	}
 	// Unknown migration: 404.
-	if _, err := f.op.GetMigration(ctx, "nope"); !errors.As(err, &e) || e.Status != http.StatusNotFound {
+	if _, err := f.op.GetMigration(ctx, "nope"); !errors.As(err, &e) || server.StatusOf(e.Kind) != http.StatusNotFound {
 		t.Fatalf("missing migration: %v", err)
 	}
 	// Attached volume: clear refusal.
 	if _, err := f.op.DestroyVolume(ctx, "vol1", 0); !errors.As(err, &e) || e.Code != fsm.CodeAttached || !strings.Contains(e.Reason, "mach1") {
 		t.Fatalf("destroy attached: %v", err)
+	}
+	// On the wire, the status is the kind's and the body names kind and code.
+	for _, tc := range []struct {
+		cert, method, path, body string
+		status                   int
+		kind                     fsm.RefusalKind
+	}{
+		{"w-other", http.MethodPost, "/v1/migrations/m1/events", `{"event":"target_prepared","step_id":"w1"}`, http.StatusForbidden, fsm.RefuseForbidden},
+		{"w-src", http.MethodPost, "/v1/migrations/m1/events", `{"event":"exported","step_id":"w2"}`, http.StatusConflict, fsm.RefuseConflict},
+		{"operator", http.MethodGet, "/v1/migrations/nope", "", http.StatusNotFound, fsm.RefuseNotFound},
+	} {
+		r := rawDo(t, c, tc.cert, tc.method, tc.path, tc.body)
+		var eb api.ErrorBody
+		if err := json.Unmarshal([]byte(r.body), &eb); err != nil || r.StatusCode != tc.status || eb.Error == nil || eb.Error.Kind != tc.kind {
+			t.Fatalf("%s %s: %d %s (%v)", tc.method, tc.path, r.StatusCode, r.body, err)
+		}
 	}
 	// Malformed body: 400 naming the field.
 	resp := rawPost(t, c, "operator", "/v1/migrations/m1/events", `{"event":"abort","bogus":1}`)
@@ -134,7 +152,7 @@ func TestAPIRolesAndRefusals(t *testing.T) {
 }
 
 func TestAPIKeysOnlyForOwnerOrTarget(t *testing.T) {
-	c := apitest.New(t, 1, apitest.Options{})
+	c := servertest.New(t, 1, servertest.Options{})
 	f := setupFleet(t, c)
 	ctx := context.Background()
 	key := bytes.Repeat([]byte{7}, 64)
@@ -162,7 +180,7 @@ func TestAPIKeysOnlyForOwnerOrTarget(t *testing.T) {
 }
 
 func TestAPIBlockingQuery(t *testing.T) {
-	c := apitest.New(t, 1, apitest.Options{})
+	c := servertest.New(t, 1, servertest.Options{})
 	f := setupFleet(t, c)
 	ctx := context.Background()
 	ms, idx, err := f.dst.WatchMigrations(ctx, "w-dst", 0)
@@ -203,9 +221,9 @@ func TestAPIBlockingQuery(t *testing.T) {
 }
 
 func TestAPIUnknownCARefused(t *testing.T) {
-	c := apitest.New(t, 1, apitest.Options{})
+	c := servertest.New(t, 1, servertest.Options{})
 	other := filepath.Join(t.TempDir(), "tls")
-	if err := api.EnsureCerts(other, map[string]string{"w-src": tlsutil.KindWorker}); err != nil {
+	if err := server.EnsureCerts(other, map[string]string{"w-src": tlsutil.KindWorker}); err != nil {
 		t.Fatal(err)
 	}
 	tc, err := tlsutil.ClientConfig(other, "w-src")
@@ -227,7 +245,7 @@ type rawResp struct {
 	body       string
 }
 
-func rawDo(t *testing.T, c *apitest.Cluster, cert, method, path, body string) rawResp {
+func rawDo(t *testing.T, c *servertest.Cluster, cert, method, path, body string) rawResp {
 	t.Helper()
 	tc, err := tlsutil.ClientConfig(c.TLSDir, cert)
 	if err != nil {
@@ -245,16 +263,16 @@ func rawDo(t *testing.T, c *apitest.Cluster, cert, method, path, body string) ra
 	return rawResp{resp.StatusCode, string(b)}
 }
 
-func rawGet(t *testing.T, c *apitest.Cluster, cert, path string) rawResp {
+func rawGet(t *testing.T, c *servertest.Cluster, cert, path string) rawResp {
 	return rawDo(t, c, cert, http.MethodGet, path, "")
 }
 
-func rawPost(t *testing.T, c *apitest.Cluster, cert, path, body string) rawResp {
+func rawPost(t *testing.T, c *servertest.Cluster, cert, path, body string) rawResp {
 	return rawDo(t, c, cert, http.MethodPost, path, body)
 }
 
 func TestMetrics(t *testing.T) {
-	c := apitest.New(t, 1, apitest.Options{})
+	c := servertest.New(t, 1, servertest.Options{})
 	setupFleet(t, c)
 	r := rawGet(t, c, "operator", "/metrics")
 	if r.StatusCode != 200 || !strings.Contains(r.body, `ferry_migrations{state="planned"} 1`) || !strings.Contains(r.body, "ferry_raft_leader 1") {
@@ -266,7 +284,7 @@ func TestMetrics(t *testing.T) {
 // migration back when a participant's lease expires; after cutover it only
 // flags it stalled, with the reason.
 func TestServerAbortsOnLeaseExpiry(t *testing.T) {
-	c := apitest.New(t, 1, apitest.Options{ReconcileInterval: 100 * time.Millisecond})
+	c := servertest.New(t, 1, servertest.Options{ReconcileInterval: 100 * time.Millisecond})
 	f := setupFleet(t, c)
 	ctx := context.Background()
 	if _, err := f.dst.RegisterWorker(ctx, fsm.Worker{Name: "w-dst", HostID: 2}, 500*time.Millisecond); err != nil {

@@ -1,4 +1,4 @@
-package api
+package server
 
 import (
 	"context"
@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/ferry-dev/ferry/api"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
 )
@@ -27,11 +28,11 @@ func (s *Server) routes() http.Handler {
 		mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
 			id, err := identity(r)
 			if err != nil {
-				writeErr(w, &Error{Status: http.StatusUnauthorized, Code: "unauthenticated", Reason: err.Error()})
+				writeErr(w, &fsm.Refusal{Kind: fsm.RefuseUnauthenticated, Code: fsm.CodeUnauth, Reason: err.Error()})
 				return
 			}
 			if r.Method == http.MethodGet && !s.Ready() {
-				writeErr(w, &Error{Status: http.StatusServiceUnavailable, Code: "no_leader", Reason: "this server is catching up with the cluster; retry or ask another server"})
+				writeErr(w, &fsm.Refusal{Kind: fsm.RefuseNotLeader, Code: fsm.CodeNoLeader, Reason: "this server is catching up with the cluster; retry or ask another server"})
 				return
 			}
 			fn(w, r, id)
@@ -39,7 +40,7 @@ func (s *Server) routes() http.Handler {
 	}
 	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) {
 		if _, err := identity(r); err != nil {
-			writeErr(w, &Error{Status: http.StatusUnauthorized, Code: "unauthenticated", Reason: err.Error()})
+			writeErr(w, &fsm.Refusal{Kind: fsm.RefuseUnauthenticated, Code: fsm.CodeUnauth, Reason: err.Error()})
 			return
 		}
 		writeJSON(w, http.StatusOK, s.status()) // answers while catching up: it says so
@@ -98,7 +99,7 @@ func (s *Server) routes() http.Handler {
 	metrics := s.metricsHandler()
 	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, r *http.Request) {
 		if _, err := identity(r); err != nil {
-			writeErr(w, &Error{Status: http.StatusUnauthorized, Code: "unauthenticated", Reason: err.Error()})
+			writeErr(w, &fsm.Refusal{Kind: fsm.RefuseUnauthenticated, Code: fsm.CodeUnauth, Reason: err.Error()})
 			return
 		}
 		metrics.ServeHTTP(w, r)
@@ -118,8 +119,8 @@ func identity(r *http.Request) (fsm.Identity, error) {
 	return fsm.Identity{Name: id.Name, Kind: fsm.Kind(id.Kind)}, nil
 }
 
-func notFound(what, id string) *Error {
-	return &Error{Status: http.StatusNotFound, Code: fsm.CodeNotFound, Reason: fmt.Sprintf("%s %q not found", what, id)}
+func notFound(what, id string) *fsm.Refusal {
+	return &fsm.Refusal{Kind: fsm.RefuseNotFound, Code: fsm.CodeNotFound, Reason: fmt.Sprintf("%s %q not found", what, id)}
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {
@@ -130,31 +131,25 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 }
 
 func writeIndexed(w http.ResponseWriter, idx uint64, v any) {
-	w.Header().Set(IndexHeader, strconv.FormatUint(idx, 10))
+	w.Header().Set(api.IndexHeader, strconv.FormatUint(idx, 10))
 	writeJSON(w, http.StatusOK, v)
 }
 
+// writeErr sends err as the JSON error body with the status of its kind;
+// an error that is not a refusal is an internal failure.
 func writeErr(w http.ResponseWriter, err error) {
-	var e *Error
 	var ref *fsm.Refusal
-	switch {
-	case errors.As(err, &e):
-	case errors.As(err, &ref):
-		e = &Error{Status: ref.Status, Code: ref.Code, Reason: ref.Reason, State: ref.State}
-	default:
-		e = &Error{Status: http.StatusInternalServerError, Code: "internal", Reason: err.Error()}
+	if !errors.As(err, &ref) {
+		ref = &fsm.Refusal{Kind: fsm.RefuseInternal, Code: fsm.CodeInternal, Reason: err.Error()}
 	}
-	if e.Status == 0 {
-		e.Status = http.StatusBadRequest
-	}
-	writeJSON(w, e.Status, errorBody{Error: e})
+	writeJSON(w, StatusOf(ref.Kind), api.ErrorBody{Error: ref})
 }
 
 func readBody(w http.ResponseWriter, r *http.Request, v any) bool {
 	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBody))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil && !errors.Is(err, io.EOF) {
-		writeErr(w, &Error{Status: http.StatusBadRequest, Code: fsm.CodeInvalid, Reason: "request body: " + err.Error()})
+		writeErr(w, &fsm.Refusal{Kind: fsm.RefuseInvalid, Code: fsm.CodeInvalid, Reason: "request body: " + err.Error()})
 		return false
 	}
 	return true
@@ -169,13 +164,13 @@ func (s *Server) block(w http.ResponseWriter, r *http.Request, current func() ui
 	}
 	min, err := strconv.ParseUint(q.Get("index"), 10, 64)
 	if err != nil {
-		writeErr(w, &Error{Status: http.StatusBadRequest, Code: fsm.CodeInvalid, Reason: "index must be a number"})
+		writeErr(w, &fsm.Refusal{Kind: fsm.RefuseInvalid, Code: fsm.CodeInvalid, Reason: "index must be a number"})
 		return 0, false
 	}
 	wait := defaultWait
 	if ws := q.Get("wait"); ws != "" {
 		if wait, err = time.ParseDuration(ws); err != nil || wait < 0 {
-			writeErr(w, &Error{Status: http.StatusBadRequest, Code: fsm.CodeInvalid, Reason: "wait must be a duration like 30s"})
+			writeErr(w, &fsm.Refusal{Kind: fsm.RefuseInvalid, Code: fsm.CodeInvalid, Reason: "wait must be a duration like 30s"})
 			return 0, false
 		}
 	}
@@ -223,7 +218,7 @@ func (s *Server) run(w http.ResponseWriter, ctx context.Context, typ fsm.Command
 }
 
 func (s *Server) handleRegisterWorker(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
-	var req RegisterWorkerRequest
+	var req api.RegisterWorkerRequest
 	if !readBody(w, r, &req) {
 		return
 	}
@@ -233,7 +228,7 @@ func (s *Server) handleRegisterWorker(w http.ResponseWriter, r *http.Request, id
 }
 
 func (s *Server) handleHeartbeat(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
-	var req HeartbeatRequest
+	var req api.HeartbeatRequest
 	if !readBody(w, r, &req) {
 		return
 	}
@@ -253,7 +248,7 @@ func (s *Server) handleCreateVolume(w http.ResponseWriter, r *http.Request, id f
 }
 
 func (s *Server) handleUpdateVolume(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
-	var u VolumeUpdate
+	var u api.VolumeUpdate
 	if !readBody(w, r, &u) {
 		return
 	}
@@ -268,7 +263,7 @@ func (s *Server) handleDestroyVolume(w http.ResponseWriter, r *http.Request, id 
 	if rs := r.URL.Query().Get("retention"); rs != "" {
 		var err error
 		if ret, err = time.ParseDuration(rs); err != nil {
-			writeErr(w, &Error{Status: http.StatusBadRequest, Code: fsm.CodeInvalid, Reason: "retention must be a duration like 24h"})
+			writeErr(w, &fsm.Refusal{Kind: fsm.RefuseInvalid, Code: fsm.CodeInvalid, Reason: "retention must be a duration like 24h"})
 			return
 		}
 	}
@@ -278,7 +273,7 @@ func (s *Server) handleDestroyVolume(w http.ResponseWriter, r *http.Request, id 
 }
 
 func (s *Server) handleSetKey(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
-	var k KeyBody
+	var k api.KeyBody
 	if !readBody(w, r, &k) {
 		return
 	}
@@ -290,7 +285,7 @@ func (s *Server) handleSetKey(w http.ResponseWriter, r *http.Request, id fsm.Ide
 func (s *Server) handleGetKey(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
 	if res := s.run(w, r.Context(), fsm.CmdKeyAccess, &fsm.KeyAccessCmd{Header: s.header(id), ID: r.PathValue("id")}); res != nil {
 		w.Header().Set("Cache-Control", "no-store")
-		writeJSON(w, http.StatusOK, KeyBody{Key: res.Key})
+		writeJSON(w, http.StatusOK, api.KeyBody{Key: res.Key})
 	}
 }
 
@@ -305,7 +300,7 @@ func (s *Server) handleCreateMachine(w http.ResponseWriter, r *http.Request, id 
 }
 
 func (s *Server) handleUpdateMachine(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
-	var u MachineUpdate
+	var u api.MachineUpdate
 	if !readBody(w, r, &u) {
 		return
 	}
@@ -316,12 +311,12 @@ func (s *Server) handleUpdateMachine(w http.ResponseWriter, r *http.Request, id 
 }
 
 func (s *Server) handlePlan(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
-	var p PlanRequest
+	var p api.PlanRequest
 	if !readBody(w, r, &p) {
 		return
 	}
 	if p.ID == "" {
-		p.ID = newID("mig-")
+		p.ID = api.NewStepID("mig-")
 	}
 	c := &fsm.PlanCmd{Header: s.header(id), ID: p.ID, Machine: p.Machine, Target: p.Target, StepID: p.StepID}
 	if res := s.run(w, r.Context(), fsm.CmdPlan, c); res != nil {
@@ -330,7 +325,7 @@ func (s *Server) handlePlan(w http.ResponseWriter, r *http.Request, id fsm.Ident
 }
 
 func (s *Server) handlePropose(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
-	var p ProposeRequest
+	var p api.ProposeRequest
 	if !readBody(w, r, &p) {
 		return
 	}
@@ -339,24 +334,24 @@ func (s *Server) handlePropose(w http.ResponseWriter, r *http.Request, id fsm.Id
 	if p.Event == fsm.EvProgress {
 		if m, ok := s.store.Migration(mid); ok && m.State != "" && len(fsm.RolesOf(id, m)) > 0 &&
 			p.Payload.Progress != nil && !fsm.ProgressDue(m, p.Payload.Progress, p.Payload.Milestone, s.cfg.Now()) {
-			writeJSON(w, http.StatusOK, ProposeReply{Migration: m, Ignored: true})
+			writeJSON(w, http.StatusOK, api.ProposeReply{Migration: m, Ignored: true})
 			return
 		}
 	}
 	c := &fsm.ProposeCmd{Header: s.header(id), ID: mid, Event: p.Event, StepID: p.StepID, Payload: p.Payload}
 	if res := s.run(w, r.Context(), fsm.CmdPropose, c); res != nil {
-		writeJSON(w, http.StatusOK, ProposeReply{Migration: res.Migration, Duplicate: res.Duplicate, Ignored: res.Ignored})
+		writeJSON(w, http.StatusOK, api.ProposeReply{Migration: res.Migration, Duplicate: res.Duplicate, Ignored: res.Ignored})
 	}
 }
 
 func (s *Server) handleAbort(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
-	var a AbortRequest
+	var a api.AbortRequest
 	if !readBody(w, r, &a) {
 		return
 	}
 	c := &fsm.ProposeCmd{Header: s.header(id), ID: r.PathValue("id"), Event: fsm.EvAbort, StepID: a.StepID, Payload: fsm.EventPayload{Reason: a.Reason}}
 	if res := s.run(w, r.Context(), fsm.CmdPropose, c); res != nil {
-		writeJSON(w, http.StatusOK, ProposeReply{Migration: res.Migration, Duplicate: res.Duplicate})
+		writeJSON(w, http.StatusOK, api.ProposeReply{Migration: res.Migration, Duplicate: res.Duplicate})
 	}
 }
 
@@ -365,37 +360,37 @@ func (s *Server) handleAbort(w http.ResponseWriter, r *http.Request, id fsm.Iden
 // the forwarding server from its own caller's certificate.
 func (s *Server) handleInternalApply(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
 	if id.Kind != fsm.KindServer {
-		writeErr(w, &Error{Status: http.StatusForbidden, Code: fsm.CodeForbidden, Reason: "only servers may forward commands"})
+		writeErr(w, &fsm.Refusal{Kind: fsm.RefuseForbidden, Code: fsm.CodeForbidden, Reason: "only servers may forward commands"})
 		return
 	}
 	b, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
 	if err != nil {
-		writeErr(w, &Error{Status: http.StatusBadRequest, Code: fsm.CodeInvalid, Reason: err.Error()})
+		writeErr(w, &fsm.Refusal{Kind: fsm.RefuseInvalid, Code: fsm.CodeInvalid, Reason: err.Error()})
 		return
 	}
 	if !s.node.IsLeader() {
-		writeErr(w, &Error{Status: http.StatusServiceUnavailable, Code: "no_leader", Reason: "this server is no longer the leader; retry"})
+		writeErr(w, &fsm.Refusal{Kind: fsm.RefuseNotLeader, Code: fsm.CodeNoLeader, Reason: "this server is no longer the leader; retry"})
 		return
 	}
 	res, err := s.node.Apply(b, 10*time.Second)
 	if err != nil {
-		writeErr(w, &Error{Status: http.StatusServiceUnavailable, Code: "no_leader", Reason: err.Error()})
+		writeErr(w, &fsm.Refusal{Kind: fsm.RefuseNotLeader, Code: fsm.CodeNoLeader, Reason: err.Error()})
 		return
 	}
-	writeJSON(w, http.StatusOK, applyReply{Result: res, Key: res.Key})
+	writeJSON(w, http.StatusOK, api.ApplyReply{Result: res, Key: res.Key})
 }
 
 func (s *Server) handleJoin(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
 	if id.Kind != fsm.KindServer {
-		writeErr(w, &Error{Status: http.StatusForbidden, Code: fsm.CodeForbidden, Reason: "only servers may join"})
+		writeErr(w, &fsm.Refusal{Kind: fsm.RefuseForbidden, Code: fsm.CodeForbidden, Reason: "only servers may join"})
 		return
 	}
-	var j JoinRequest
+	var j api.JoinRequest
 	if !readBody(w, r, &j) {
 		return
 	}
 	if j.ID != id.Name {
-		writeErr(w, &Error{Status: http.StatusForbidden, Code: fsm.CodeForbidden, Reason: fmt.Sprintf("certificate %s may not join as %s", id.Name, j.ID)})
+		writeErr(w, &fsm.Refusal{Kind: fsm.RefuseForbidden, Code: fsm.CodeForbidden, Reason: fmt.Sprintf("certificate %s may not join as %s", id.Name, j.ID)})
 		return
 	}
 	if !s.node.IsLeader() {
@@ -410,11 +405,11 @@ func (s *Server) handleJoin(w http.ResponseWriter, r *http.Request, id fsm.Ident
 				return
 			}
 		}
-		writeErr(w, &Error{Status: http.StatusServiceUnavailable, Code: "no_leader", Reason: "no leader known yet; retry"})
+		writeErr(w, &fsm.Refusal{Kind: fsm.RefuseNotLeader, Code: fsm.CodeNoLeader, Reason: "no leader known yet; retry"})
 		return
 	}
 	if err := s.node.AddVoter(j.ID, j.RaftAddr, 10*time.Second); err != nil {
-		writeErr(w, &Error{Status: http.StatusServiceUnavailable, Code: "no_leader", Reason: err.Error()})
+		writeErr(w, &fsm.Refusal{Kind: fsm.RefuseNotLeader, Code: fsm.CodeNoLeader, Reason: err.Error()})
 		return
 	}
 	self := fsm.Identity{Name: s.cfg.ID, Kind: fsm.KindServer}
@@ -428,7 +423,7 @@ func (s *Server) handleJoin(w http.ResponseWriter, r *http.Request, id fsm.Ident
 // Operators may call it; a follower forwards it to the leader.
 func (s *Server) handleRemoveServer(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
 	if id.Kind != fsm.KindOperator && id.Kind != fsm.KindServer {
-		writeErr(w, &Error{Status: http.StatusForbidden, Code: fsm.CodeForbidden, Reason: "only operators may remove servers"})
+		writeErr(w, &fsm.Refusal{Kind: fsm.RefuseForbidden, Code: fsm.CodeForbidden, Reason: "only operators may remove servers"})
 		return
 	}
 	target := r.PathValue("id")
@@ -444,15 +439,15 @@ func (s *Server) handleRemoveServer(w http.ResponseWriter, r *http.Request, id f
 				return
 			}
 		}
-		writeErr(w, &Error{Status: http.StatusServiceUnavailable, Code: "no_leader", Reason: "no leader known yet; retry"})
+		writeErr(w, &fsm.Refusal{Kind: fsm.RefuseNotLeader, Code: fsm.CodeNoLeader, Reason: "no leader known yet; retry"})
 		return
 	}
 	if target == s.cfg.ID {
-		writeErr(w, &Error{Status: http.StatusConflict, Code: fsm.CodeConflict, Reason: "the leader cannot remove itself: stop it first, then remove it through another server"})
+		writeErr(w, &fsm.Refusal{Kind: fsm.RefuseConflict, Code: fsm.CodeConflict, Reason: "the leader cannot remove itself: stop it first, then remove it through another server"})
 		return
 	}
 	if err := s.node.RemoveServer(target, 10*time.Second); err != nil {
-		writeErr(w, &Error{Status: http.StatusServiceUnavailable, Code: "no_leader", Reason: err.Error()})
+		writeErr(w, &fsm.Refusal{Kind: fsm.RefuseNotLeader, Code: fsm.CodeNoLeader, Reason: err.Error()})
 		return
 	}
 	self := fsm.Identity{Name: s.cfg.ID, Kind: fsm.KindServer}

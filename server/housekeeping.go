@@ -1,0 +1,166 @@
+package server
+
+import (
+	"context"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/ferry-dev/ferry/fsm"
+)
+
+// Proposer replicates one command; a refusal comes back as the error.
+type Proposer interface {
+	Propose(ctx context.Context, typ fsm.CommandType, payload any) error
+}
+
+// StoreView is the part of the replicated state housekeeping reads.
+type StoreView interface {
+	Servers() []fsm.ServerMember
+	Worker(name string) (fsm.Worker, bool)
+	Migrations(worker string) []*fsm.Migration
+	Volumes(worker string) []fsm.Volume
+}
+
+// housekeeper is the leader's periodic work: it registers this server's API
+// address, completes released migrations, aborts or flags migrations whose
+// workers lost their lease, and destroys volumes whose retention passed.
+// It needs only a proposer and a store view, so it is tested without raft.
+type housekeeper struct {
+	self     fsm.ServerMember // this server as it must appear in the store
+	propose  Proposer
+	store    StoreView
+	now      func() time.Time
+	interval time.Duration
+	log      zerolog.Logger
+}
+
+// run reconciles every interval until ctx ends; the server runs it only
+// while this node leads.
+func (h *housekeeper) run(ctx context.Context) {
+	t := time.NewTicker(h.interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		h.reconcile(ctx)
+	}
+}
+
+func (h *housekeeper) header() fsm.Header {
+	return fsm.Header{Actor: fsm.Identity{Name: h.self.ID, Kind: fsm.KindServer}, Now: h.now().UTC()}
+}
+
+func (h *housekeeper) reconcile(ctx context.Context) {
+	registered := false
+	for _, m := range h.store.Servers() {
+		if m == h.self {
+			registered = true
+		}
+	}
+	if !registered {
+		h.apply(ctx, fsm.CmdRegisterServer, &fsm.RegisterServerCmd{Header: h.header(), Member: h.self})
+	}
+	now := h.now()
+	dead := func(name string) bool {
+		w, ok := h.store.Worker(name)
+		return !ok || !w.Alive(now)
+	}
+	for _, m := range h.store.Migrations("") {
+		switch {
+		case m.State == fsm.SourceReleased:
+			h.event(ctx, m.ID, fsm.EvCompleted, "server-completed", fsm.EventPayload{})
+		case m.State.BeforeCutover() && (dead(m.Source) || dead(m.Target)):
+			who := m.Source
+			if !dead(who) {
+				who = m.Target
+			}
+			h.event(ctx, m.ID, fsm.EvAbort, "server-abort-lease-"+who,
+				fsm.EventPayload{Reason: "lease of worker " + who + " expired: rolling back"})
+		case (m.State.AfterCutover() || m.State == fsm.RollingBack) && !m.State.Terminal() && !m.Stalled:
+			for _, w := range []string{m.Source, m.Target} {
+				if dead(w) {
+					t := true
+					reason := "worker " + w + " lost its lease; the migration waits for it"
+					if m.State == fsm.RollingBack && w == m.Target && (m.Rollback == nil || !m.Rollback.TargetTornDown) {
+						reason += " (if it is gone for good, an operator may propose target_torn_down)"
+					}
+					h.event(ctx, m.ID, fsm.EvReport, "", fsm.EventPayload{Stalled: &t, Reason: reason})
+					break
+				}
+			}
+		}
+	}
+	for _, v := range h.store.Volumes("") {
+		if v.State == fsm.VolPendingDelete && !now.Before(v.DestroyAfter) {
+			h.apply(ctx, fsm.CmdDestroyVolume, &fsm.DestroyVolumeCmd{Header: h.header(), ID: v.ID})
+		}
+	}
+}
+
+func (h *housekeeper) event(ctx context.Context, id string, ev fsm.Event, step string, p fsm.EventPayload) {
+	h.apply(ctx, fsm.CmdPropose, &fsm.ProposeCmd{Header: h.header(), ID: id, Event: ev, StepID: step, Payload: p})
+}
+
+func (h *housekeeper) apply(ctx context.Context, typ fsm.CommandType, payload any) {
+	if err := h.propose.Propose(ctx, typ, payload); err != nil {
+		h.log.Warn().Err(err).Str("command", string(typ)).Msg("housekeeping command refused")
+	}
+}
+
+// Propose implements Proposer for the housekeeper: the command is submitted
+// (applied here when leading) and a refusal is returned as the error.
+func (s *Server) Propose(ctx context.Context, typ fsm.CommandType, payload any) error {
+	res, _, err := s.submit(ctx, typ, payload)
+	if err != nil {
+		return err
+	}
+	return res.Err()
+}
+
+// leaderLoop runs the housekeeper while this node is the raft leader and
+// stops it when leadership is lost, so a deposed leader proposes nothing.
+func (s *Server) leaderLoop(ctx context.Context) {
+	h := &housekeeper{
+		self:    fsm.ServerMember{ID: s.cfg.ID, RaftAddr: s.node.RaftAddr(), APIAddr: s.apiURL},
+		propose: s, store: s.store, now: s.cfg.Now, interval: s.cfg.ReconcileInterval,
+		log: s.log.With().Str("loop", "housekeeping").Logger(),
+	}
+	var stop func() // set while the housekeeper runs
+	halt := func() {
+		if stop != nil {
+			stop()
+			stop = nil
+		}
+	}
+	defer halt()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case leader := <-s.node.Raft.LeaderCh():
+			if !leader {
+				halt()
+			} else if stop == nil {
+				stop = startLoop(ctx, h.run)
+			}
+		}
+	}
+}
+
+// startLoop runs fn in a goroutine; the returned func cancels it and waits.
+func startLoop(ctx context.Context, fn func(context.Context)) func() {
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		fn(ctx)
+	}()
+	return func() {
+		cancel()
+		<-done
+	}
+}
