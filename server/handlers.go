@@ -330,6 +330,9 @@ func (s *Server) handlePropose(w http.ResponseWriter, r *http.Request, id fsm.Id
 		return
 	}
 	mid := r.PathValue("id")
+	// Only the replicated part of a progress report enters the log: a
+	// backend's detail must not become part of the log format.
+	p.Payload.Progress = p.Payload.Progress.Replicated()
 	// A progress update that Apply would drop never reaches the log.
 	if p.Event == fsm.EvProgress {
 		if m, ok := s.store.Migration(mid); ok && m.State != "" && len(fsm.RolesOf(id, m)) > 0 &&

@@ -1,0 +1,116 @@
+package server
+
+import (
+	"context"
+	"net/http"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/ferry-dev/ferry/fsm"
+)
+
+// fakeView is a fixed store view; recorder keeps what was proposed.
+type fakeView struct {
+	servers    []fsm.ServerMember
+	workers    map[string]fsm.Worker
+	migrations []*fsm.Migration
+	volumes    []fsm.Volume
+}
+
+func (v *fakeView) Servers() []fsm.ServerMember { return v.servers }
+func (v *fakeView) Worker(n string) (fsm.Worker, bool) {
+	w, ok := v.workers[n]
+	return w, ok
+}
+func (v *fakeView) Migrations(string) []*fsm.Migration { return v.migrations }
+func (v *fakeView) Volumes(string) []fsm.Volume        { return v.volumes }
+
+type recorder struct{ cmds []any }
+
+func (r *recorder) Propose(_ context.Context, _ fsm.CommandType, payload any) error {
+	r.cmds = append(r.cmds, payload)
+	return nil
+}
+
+func TestHousekeeperReconcile(t *testing.T) {
+	now := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	alive := fsm.Worker{LeaseExpiry: now.Add(time.Minute)}
+	self := fsm.ServerMember{ID: "s0", RaftAddr: "127.0.0.1:1", APIAddr: "127.0.0.1:2"}
+	view := &fakeView{
+		servers: []fsm.ServerMember{{ID: "s0", RaftAddr: "127.0.0.1:1", APIAddr: "old:2"}}, // stale address
+		workers: map[string]fsm.Worker{"a": alive, "b": alive},                             // "gone" has no lease
+		migrations: []*fsm.Migration{
+			{ID: "released", State: fsm.SourceReleased, Source: "a", Target: "b"},
+			{ID: "early", State: fsm.Planned, Source: "a", Target: "gone"},
+			{ID: "healthy", State: fsm.Planned, Source: "a", Target: "b"},
+		},
+		volumes: []fsm.Volume{
+			{ID: "due", State: fsm.VolPendingDelete, DestroyAfter: now.Add(-time.Second)},
+			{ID: "kept", State: fsm.VolPendingDelete, DestroyAfter: now.Add(time.Hour)},
+		},
+	}
+	rec := &recorder{}
+	h := &housekeeper{self: self, propose: rec, store: view, now: func() time.Time { return now }, log: zerolog.Nop()}
+	h.reconcile(context.Background())
+
+	var got []string
+	for _, c := range rec.cmds {
+		switch c := c.(type) {
+		case *fsm.RegisterServerCmd:
+			if c.Member != self || c.Actor.Kind != fsm.KindServer {
+				t.Errorf("registered %+v by %+v", c.Member, c.Actor)
+			}
+			got = append(got, "register")
+		case *fsm.ProposeCmd:
+			got = append(got, c.ID+":"+string(c.Event))
+		case *fsm.DestroyVolumeCmd:
+			got = append(got, "destroy:"+c.ID)
+		default:
+			t.Errorf("unexpected command %T", c)
+		}
+	}
+	want := []string{"register", "released:" + string(fsm.EvCompleted), "early:" + string(fsm.EvAbort), "destroy:due"}
+	if len(got) != len(want) {
+		t.Fatalf("proposed %v, want %v", got, want)
+	}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Fatalf("proposed %v, want %v", got, want)
+		}
+	}
+
+	// Registered with the right addresses and nothing due: nothing proposed.
+	view.servers = []fsm.ServerMember{self}
+	view.migrations, view.volumes = view.migrations[2:], view.volumes[1:]
+	rec.cmds = nil
+	h.reconcile(context.Background())
+	if len(rec.cmds) != 0 {
+		t.Fatalf("idle reconcile proposed %d commands", len(rec.cmds))
+	}
+}
+
+func TestStatusOf(t *testing.T) {
+	for kind, want := range map[fsm.RefusalKind]int{
+		fsm.RefuseInvalid:         http.StatusBadRequest,
+		fsm.RefuseUnauthenticated: http.StatusUnauthorized,
+		fsm.RefuseForbidden:       http.StatusForbidden,
+		fsm.RefuseNotFound:        http.StatusNotFound,
+		fsm.RefuseConflict:        http.StatusConflict,
+		fsm.RefuseGone:            http.StatusGone,
+		fsm.RefuseBusy:            http.StatusTooManyRequests,
+		fsm.RefuseNotLeader:       http.StatusServiceUnavailable,
+		fsm.RefuseInternal:        http.StatusInternalServerError,
+		"something-new":           http.StatusInternalServerError,
+	} {
+		got := StatusOf(kind)
+		if got != want {
+			t.Errorf("StatusOf(%s) = %d, want %d", kind, got, want)
+		}
+		// The store's refusals are the caller's to fix: always 4xx.
+		if kind.ClientSide() != (got/100 == 4) {
+			t.Errorf("%s: ClientSide %v but status %d", kind, kind.ClientSide(), got)
+		}
+	}
+}
