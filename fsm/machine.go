@@ -1,6 +1,7 @@
 // Package fsm is the migration state machine and the replicated store that
 // applies it: states, events, the roles allowed to propose each event, the
-// guards, the registries (workers, volumes, machines, locks) and the raft node.
+// guards and the registries (workers, volumes, machines, locks). Raft and HTTP
+// live in package server: fsm imports neither.
 //
 // The transition table (Transitions) is the single source of truth: looplab/fsm
 // checks every proposal against it and draws docs/fsm.md from it.
