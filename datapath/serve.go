@@ -220,8 +220,8 @@ func fromEngine(p dmclone.Progress) *Progress {
 	return &Progress{
 		RegionSize: p.RegionSize, TotalRegions: p.TotalRegions, HydratedRegions: p.HydratedRegions,
 		TotalBytes: p.TotalRegions * p.RegionSize, HydratedBytes: p.HydratedRegions * p.RegionSize,
-		FetchedBytes: p.BytesFetched, SkippedBytes: p.BytesSkippedDiscard + p.BytesSkippedZero,
-		SkippedDiscardBytes: p.BytesSkippedDiscard, SkippedKnownZeroBytes: p.BytesSkippedZero,
+		FetchedBytes: p.FetchedBytes, SkippedBytes: p.SkippedDiscardBytes + p.SkippedKnownZeroBytes,
+		SkippedDiscardBytes: p.SkippedDiscardBytes, SkippedKnownZeroBytes: p.SkippedKnownZeroBytes,
 		RateBPS: int64(p.RateBPS), ETASeconds: int64(p.ETA.Seconds()), Stalled: p.Stalled, StalledReason: p.StalledReason,
 	}
 }

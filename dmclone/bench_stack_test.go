@@ -110,11 +110,11 @@ func BenchmarkSparse100GiB(b *testing.B) {
 				e.Close()
 				os.Remove(dstPath)
 				os.Remove(filepath.Join(dir, "meta"))
-				b.ReportMetric(float64(p.BytesFetched)/(1<<20), "fetched-MiB")
+				b.ReportMetric(float64(p.FetchedBytes)/(1<<20), "fetched-MiB")
 				b.ReportMetric(wall.Seconds(), "wall-s")
 				b.Logf("%s: fetched %.1f MiB (source file allocates %.1f MiB), skipped %.1f GiB known-zero + %.1f GiB discard, create->hydrated %v",
-					name, float64(p.BytesFetched)/(1<<20), float64(allocated)/(1<<20),
-					float64(p.BytesSkippedZero)/(1<<30), float64(p.BytesSkippedDiscard)/(1<<30), wall.Round(time.Millisecond))
+					name, float64(p.FetchedBytes)/(1<<20), float64(allocated)/(1<<20),
+					float64(p.SkippedKnownZeroBytes)/(1<<30), float64(p.SkippedDiscardBytes)/(1<<30), wall.Round(time.Millisecond))
 			}
 		})
 	}

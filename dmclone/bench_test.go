@@ -209,7 +209,7 @@ func BenchmarkForegroundLatency(b *testing.B) {
 			lat = append(lat, time.Since(t0))
 		}
 		elapsed := time.Since(start)
-		bgRate := float64(e.Progress().BytesFetched) / elapsed.Seconds()
+		bgRate := float64(e.Progress().FetchedBytes) / elapsed.Seconds()
 		e.Close()
 		os.Remove(filepath.Join(dir, "lat-dst"))
 		os.Remove(filepath.Join(dir, "lat-meta"))

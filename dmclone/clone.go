@@ -88,24 +88,27 @@ func (t Tunables) validate() error {
 	return nil
 }
 
-// Progress is the hydration state. JSON field names are what `ferry clone
-// status --json` prints.
+// Progress is the engine's hydration state, with engine-only detail
+// (in-flight regions, tunables). JSON field names are what `ferry clone
+// status --json` prints; shared fields use the names of fsm.Progress, the
+// progress type a data-path backend reports and the control plane
+// replicates (this package stays below fsm and does not import it).
 type Progress struct {
-	RegionSize          int64         `json:"region_size"`
-	TotalRegions        int64         `json:"total_regions"`
-	HydratedRegions     int64         `json:"hydrated_regions"`
-	HydratingRegions    int64         `json:"hydrating_regions"`
-	BytesFetched        int64         `json:"bytes_fetched"`
-	BytesSkippedDiscard int64         `json:"bytes_skipped_discard"`
-	BytesSkippedZero    int64         `json:"bytes_skipped_known_zero"`
-	BytesSkippedWrite   int64         `json:"bytes_skipped_write"`
-	HydrationEnabled    bool          `json:"hydration_enabled"`
-	RateBPS             float64       `json:"rate_bps"`
-	ETA                 time.Duration `json:"eta_ns"`
-	Complete            bool          `json:"complete"`
-	Stalled             bool          `json:"stalled"`
-	StalledReason       string        `json:"stalled_reason,omitempty"`
-	Tunables            Tunables      `json:"tunables"`
+	RegionSize            int64         `json:"region_size"`
+	TotalRegions          int64         `json:"total_regions"`
+	HydratedRegions       int64         `json:"hydrated_regions"`
+	HydratingRegions      int64         `json:"hydrating_regions"`
+	FetchedBytes          int64         `json:"fetched_bytes"`
+	SkippedDiscardBytes   int64         `json:"skipped_discard_bytes"`
+	SkippedKnownZeroBytes int64         `json:"skipped_known_zero_bytes"`
+	SkippedWriteBytes     int64         `json:"skipped_write_bytes"`
+	HydrationEnabled      bool          `json:"hydration_enabled"`
+	RateBPS               float64       `json:"rate_bps"`
+	ETA                   time.Duration `json:"eta_ns"`
+	Complete              bool          `json:"complete"`
+	Stalled               bool          `json:"stalled"`
+	StalledReason         string        `json:"stalled_reason,omitempty"`
+	Tunables              Tunables      `json:"tunables"`
 }
 
 // Config describes one userspace clone.

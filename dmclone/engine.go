@@ -759,20 +759,20 @@ func (e *Engine) Progress() Progress {
 	defer e.mu.Unlock()
 	rate := e.rate.rate(time.Now(), e.cnt.Fetched)
 	p := Progress{
-		RegionSize:          e.rs,
-		TotalRegions:        e.regions,
-		HydratedRegions:     e.nHyd,
-		HydratingRegions:    e.nBusy,
-		BytesFetched:        e.cnt.Fetched,
-		BytesSkippedDiscard: e.cnt.SkippedDiscard,
-		BytesSkippedZero:    e.cnt.SkippedKnownZero,
-		BytesSkippedWrite:   e.cnt.SkippedWrite,
-		HydrationEnabled:    e.enabled,
-		RateBPS:             rate,
-		Complete:            e.nHyd == e.regions,
-		Stalled:             e.stall != "",
-		StalledReason:       e.stall,
-		Tunables:            e.tun,
+		RegionSize:            e.rs,
+		TotalRegions:          e.regions,
+		HydratedRegions:       e.nHyd,
+		HydratingRegions:      e.nBusy,
+		FetchedBytes:          e.cnt.Fetched,
+		SkippedDiscardBytes:   e.cnt.SkippedDiscard,
+		SkippedKnownZeroBytes: e.cnt.SkippedKnownZero,
+		SkippedWriteBytes:     e.cnt.SkippedWrite,
+		HydrationEnabled:      e.enabled,
+		RateBPS:               rate,
+		Complete:              e.nHyd == e.regions,
+		Stalled:               e.stall != "",
+		StalledReason:         e.stall,
+		Tunables:              e.tun,
 	}
 	if rate > 0 && !p.Complete {
 		left := float64((e.regions - e.nHyd) * e.rs)

@@ -105,7 +105,7 @@ func TestReadFromSourceHydratesOnce(t *testing.T) {
 		t.Fatalf("second read of a hydrated region went to the source (%d source reads)", got)
 	}
 	pr := fc.e.Progress()
-	if pr.HydratedRegions != 1 || pr.BytesFetched != testRegion || pr.TotalRegions != 64 {
+	if pr.HydratedRegions != 1 || pr.FetchedBytes != testRegion || pr.TotalRegions != 64 {
 		t.Fatalf("progress %+v, want 1/64 hydrated, %d fetched", pr, testRegion)
 	}
 }
@@ -151,7 +151,7 @@ func TestWholeRegionWriteFetchesNothing(t *testing.T) {
 		t.Fatal("a write covering whole regions read the source")
 	}
 	pr := fc.e.Progress()
-	if pr.HydratedRegions != 3 || pr.BytesSkippedWrite != 3*testRegion {
+	if pr.HydratedRegions != 3 || pr.SkippedWriteBytes != 3*testRegion {
 		t.Fatalf("progress %+v, want 3 regions hydrated by the write", pr)
 	}
 	if !bytes.Equal(fc.dst(t)[7*testRegion:10*testRegion], w) {
@@ -177,7 +177,7 @@ func TestDiscardMarksHydratedWithoutFetch(t *testing.T) {
 		t.Fatal("a discard reached the source")
 	}
 	pr := fc.e.Progress()
-	if pr.HydratedRegions != 4 || pr.BytesSkippedDiscard != 3*testRegion {
+	if pr.HydratedRegions != 4 || pr.SkippedDiscardBytes != 3*testRegion {
 		t.Fatalf("progress %+v, want regions 3-5 and 20 hydrated, 3 regions skipped by discard", pr)
 	}
 	got := make([]byte, 5*testRegion)
@@ -246,14 +246,14 @@ func TestKnownZeroSkipsFetch(t *testing.T) {
 	e := mustOpen(t, Config{Source: cs, Dest: dst, MetaPath: filepath.Join(dir, "meta"), KnownZero: holes})
 	defer e.Close()
 	pr := e.Progress()
-	if pr.HydratedRegions < 200 || pr.HydratedRegions > 248 || pr.BytesSkippedZero != pr.HydratedRegions*testRegion {
+	if pr.HydratedRegions < 200 || pr.HydratedRegions > 248 || pr.SkippedKnownZeroBytes != pr.HydratedRegions*testRegion {
 		t.Fatalf("progress %+v: want the ~248 hole regions hydrated by the hint", pr)
 	}
 	if err := e.EnableHydration(); err != nil {
 		t.Fatal(err)
 	}
 	waitDone(t, e)
-	if got := e.Progress().BytesFetched; got > 64*testRegion {
+	if got := e.Progress().FetchedBytes; got > 64*testRegion {
 		t.Fatalf("fetched %d bytes; the source has only %d bytes of data (plus filesystem rounding)", got, 8*testRegion)
 	}
 	want := make([]byte, 256*testRegion)
@@ -378,8 +378,8 @@ func TestResumeFromMetadata(t *testing.T) {
 	}
 	fc.open(t, Config{})
 	after := fc.e.Progress()
-	if after.HydratedRegions != before.HydratedRegions || after.BytesFetched != before.BytesFetched ||
-		after.BytesSkippedDiscard != before.BytesSkippedDiscard {
+	if after.HydratedRegions != before.HydratedRegions || after.FetchedBytes != before.FetchedBytes ||
+		after.SkippedDiscardBytes != before.SkippedDiscardBytes {
 		t.Fatalf("progress after reopen %+v, before %+v", after, before)
 	}
 	got := make([]byte, 100)

@@ -207,12 +207,12 @@ func TestRealStack(t *testing.T) {
 	sh(t, "fstrim", mnt)
 	p := eng.Progress()
 	t.Logf("after mount, reads, writes and fstrim: fetched %d KiB, filesystem used %d KiB, device %d KiB; skipped by discard %d KiB",
-		p.BytesFetched>>10, used>>10, size>>10, p.BytesSkippedDiscard>>10)
-	if p.BytesFetched > used+size/100 {
-		t.Fatalf("fetched %d bytes, more than the %d the filesystem uses (+1%% of the device)", p.BytesFetched, used)
+		p.FetchedBytes>>10, used>>10, size>>10, p.SkippedDiscardBytes>>10)
+	if p.FetchedBytes > used+size/100 {
+		t.Fatalf("fetched %d bytes, more than the %d the filesystem uses (+1%% of the device)", p.FetchedBytes, used)
 	}
-	if p.BytesSkippedDiscard < size/2 {
-		t.Fatalf("fstrim skipped only %d bytes of a mostly empty %d-byte filesystem", p.BytesSkippedDiscard, size)
+	if p.SkippedDiscardBytes < size/2 {
+		t.Fatalf("fstrim skipped only %d bytes of a mostly empty %d-byte filesystem", p.SkippedDiscardBytes, size)
 	}
 
 	if err := eng.EnableHydration(); err != nil {
@@ -224,9 +224,9 @@ func TestRealStack(t *testing.T) {
 		t.Fatalf("not hydrated after 60 s: %+v", eng.Progress())
 	}
 	p = eng.Progress()
-	t.Logf("hydrated: fetched %d KiB in total", p.BytesFetched>>10)
-	if p.BytesFetched > used+size/100 {
-		t.Fatalf("full hydration fetched %d bytes, more than the %d the filesystem used (+1%%)", p.BytesFetched, used)
+	t.Logf("hydrated: fetched %d KiB in total", p.FetchedBytes>>10)
+	if p.FetchedBytes > used+size/100 {
+		t.Fatalf("full hydration fetched %d bytes, more than the %d the filesystem used (+1%%)", p.FetchedBytes, used)
 	}
 	sh(t, "sync")
 	if err := eng.Flush(); err != nil {

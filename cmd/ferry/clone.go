@@ -198,7 +198,7 @@ func printCloneStatus(cmd *cobra.Command, r *cloneReply) {
 	}
 	fmt.Fprintln(w)
 	fmt.Fprintf(w, "fetched:    %d bytes; skipped: %d by discard, %d known-zero, %d overwritten\n",
-		p.BytesFetched, p.BytesSkippedDiscard, p.BytesSkippedZero, p.BytesSkippedWrite)
+		p.FetchedBytes, p.SkippedDiscardBytes, p.SkippedKnownZeroBytes, p.SkippedWriteBytes)
 	state := "off"
 	if p.HydrationEnabled {
 		state = "on"

@@ -62,7 +62,7 @@ func TestCloneCLI(t *testing.T) {
 		t.Fatal(err)
 	}
 	p := r.Progress
-	if p.TotalRegions != 2048 || p.RegionSize != 8192 || p.HydrationEnabled || p.BytesSkippedZero < 8<<20-8192 {
+	if p.TotalRegions != 2048 || p.RegionSize != 8192 || p.HydrationEnabled || p.SkippedKnownZeroBytes < 8<<20-8192 {
 		t.Fatalf("status after create: %+v", p)
 	}
 	f, err := os.Open(ready.Loop)
@@ -97,8 +97,8 @@ func TestCloneCLI(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	if r.Progress.BytesFetched > 8<<20+1<<20 {
-		t.Fatalf("fetched %d bytes from a source with 8 MiB of data", r.Progress.BytesFetched)
+	if r.Progress.FetchedBytes > 8<<20+1<<20 {
+		t.Fatalf("fetched %d bytes from a source with 8 MiB of data", r.Progress.FetchedBytes)
 	}
 	d, _ := os.ReadFile(dest)
 	if !bytes.Equal(d, data) {

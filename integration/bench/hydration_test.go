@@ -197,10 +197,10 @@ func benchHydration(b *testing.B, s *suite) {
 	lun.Close()
 	exp.Stop()
 	os.Remove(filepath.Join(dir, "ferry.dest"))
-	if p.BytesFetched < size*9/10 {
-		b.Fatalf("ferry fetched %d of %d dense bytes", p.BytesFetched, size)
+	if p.FetchedBytes < size*9/10 {
+		b.Fatalf("ferry fetched %d of %d dense bytes", p.FetchedBytes, size)
 	}
-	ferryRate := mibps(p.BytesFetched, took)
+	ferryRate := mibps(p.FetchedBytes, took)
 	s.plot("dense.svg", series{"ferry: export + initiator + clone engine", pts})
 	s.plot("contended.svg", series{"ferry, idle machine", pts})
 	s.add(row{"hydration, dense " + label + ": ferry vs raw copy (limit)", fmt.Sprintf("%.0f MiB/s", ferryRate),
@@ -220,7 +220,7 @@ func benchHydration(b *testing.B, s *suite) {
 		tl.Close()
 		stop()
 		os.Remove(filepath.Join(dir, "tgt.dest"))
-		tRate := mibps(tp.BytesFetched, ttook)
+		tRate := mibps(tp.FetchedBytes, ttook)
 		s.plot("dense.svg", series{"tgt export + ferry initiator + engine", tpts})
 		s.add(row{"hydration, dense " + label + ": ferry vs tgt + ferry's initiator", fmt.Sprintf("%.0f MiB/s", ferryRate),
 			fmt.Sprintf("tgtd: %.0f MiB/s", tRate), fmt.Sprintf("%.2f", ferryRate/tRate), "same initiator and engine; only the target differs"})
@@ -318,7 +318,7 @@ func benchContended(b *testing.B, s *suite) {
 	took, p, pts := hydrate(b, lun, filepath.Join(dir, "contended.dest"), fg)
 	lun.Close()
 	exp.Stop()
-	bg := p.BytesFetched
+	bg := p.FetchedBytes
 	rate := mibps(bg, took)
 	s.plot("contended.svg", series{fmt.Sprintf("ferry, saturating foreground (%.0f k IOPS)", float64(ops.Load())/took.Seconds()/1000), pts})
 	// The idle figure is the dense case's (same path, same size).
