@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"os"
 	"path/filepath"
 	"sync"
 	"sync/atomic"
@@ -17,7 +16,6 @@ import (
 
 	"github.com/hashicorp/raft"
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/rs/zerolog"
 
 	"github.com/ferry-dev/ferry/api"
@@ -330,57 +328,6 @@ func (s *Server) header(id fsm.Identity) fsm.Header {
 	return fsm.Header{Actor: id, Now: s.cfg.Now().UTC()}
 }
 
-// collector exports migration counts by state and raft leadership.
-type collector struct{ s *Server }
-
-var (
-	descMigrations = prometheus.NewDesc("ferry_migrations", "Migrations by state.", []string{"state"}, nil)
-	descStalled    = prometheus.NewDesc("ferry_migrations_stalled", "Migrations flagged stalled.", nil, nil)
-	descLeader     = prometheus.NewDesc("ferry_raft_leader", "1 when this server is the raft leader.", nil, nil)
-	descIndex      = prometheus.NewDesc("ferry_raft_applied_index", "Last applied raft index.", nil, nil)
-	descWorkers    = prometheus.NewDesc("ferry_workers_alive", "Workers with a valid lease.", nil, nil)
-)
-
-func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	ch <- descMigrations
-	ch <- descStalled
-	ch <- descLeader
-	ch <- descIndex
-	ch <- descWorkers
-}
-
-func (c *collector) Collect(ch chan<- prometheus.Metric) {
-	counts := map[fsm.State]int{}
-	stalled := 0
-	for _, m := range c.s.store.Migrations("") {
-		counts[m.State]++
-		if m.Stalled {
-			stalled++
-		}
-	}
-	for _, st := range fsm.AllStates {
-		ch <- prometheus.MustNewConstMetric(descMigrations, prometheus.GaugeValue, float64(counts[st]), string(st))
-	}
-	ch <- prometheus.MustNewConstMetric(descStalled, prometheus.GaugeValue, float64(stalled))
-	leader := 0.0
-	if c.s.node.IsLeader() {
-		leader = 1
-	}
-	ch <- prometheus.MustNewConstMetric(descLeader, prometheus.GaugeValue, leader)
-	ch <- prometheus.MustNewConstMetric(descIndex, prometheus.GaugeValue, float64(c.s.store.Index()))
-	alive, now := 0, c.s.cfg.Now()
-	for _, w := range c.s.store.Workers() {
-		if w.Alive(now) {
-			alive++
-		}
-	}
-	ch <- prometheus.MustNewConstMetric(descWorkers, prometheus.GaugeValue, float64(alive))
-}
-
-func (s *Server) metricsHandler() http.Handler {
-	return promhttp.HandlerFor(s.reg, promhttp.HandlerOpts{})
-}
-
 func (s *Server) status() api.StatusReply {
 	leaderID, _ := s.node.Leader()
 	r := api.StatusReply{ID: s.cfg.ID, RaftState: s.node.Raft.State().String(), Leader: leaderID, Index: s.store.Index(), Ready: s.Ready(), Servers: s.store.Servers()}
@@ -399,45 +346,3 @@ func (s *Server) status() api.StatusReply {
 	return r
 }
 
-// StartDev runs a one-node development server (the `ferry agent --dev`
-// case): it creates a CA in tlsDir when there is none, issues the server
-// certificate "server" (and an "operator" certificate for the CLI), and
-// bootstraps a cluster in dataDir. listen "" picks free loopback ports.
-func StartDev(ctx context.Context, log zerolog.Logger, dataDir, tlsDir, listen string) (*Server, error) {
-	if err := EnsureCerts(tlsDir, map[string]string{"server": tlsutil.KindServer, "operator": tlsutil.KindOperator}); err != nil {
-		return nil, err
-	}
-	if listen == "" {
-		listen = "127.0.0.1:0"
-	}
-	host, _, err := net.SplitHostPort(listen)
-	if err != nil {
-		return nil, fmt.Errorf("listen address %q: %w", listen, err)
-	}
-	return StartServer(ctx, log, Config{ID: "server", DataDir: dataDir, Listen: listen, RaftAddr: net.JoinHostPort(host, "0"),
-		Bootstrap: true, TLSDir: tlsDir, HeartbeatTimeout: 500 * time.Millisecond, ElectionTimeout: 500 * time.Millisecond})
-}
-
-// EnsureCerts creates a CA in dir if missing and issues each named
-// certificate (name -> kind: server, worker, operator) that does not exist yet.
-func EnsureCerts(dir string, certs map[string]string) error {
-	if _, err := os.Stat(filepath.Join(dir, "ca.pem")); err != nil {
-		if err := tlsutil.InitCA(dir); err != nil {
-			return err
-		}
-	}
-	for name, kind := range certs {
-		if c, _ := tlsutil.Files(dir, name); fileExists(c) {
-			continue
-		}
-		if err := tlsutil.Issue(dir, name, kind, nil); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-func fileExists(p string) bool {
-	_, err := os.Stat(p)
-	return err == nil
-}

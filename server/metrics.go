@@ -1,0 +1,62 @@
+package server
+
+import (
+	"net/http"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/ferry-dev/ferry/fsm"
+)
+
+// collector exports migration counts by state and raft leadership.
+type collector struct{ s *Server }
+
+var (
+	descMigrations = prometheus.NewDesc("ferry_migrations", "Migrations by state.", []string{"state"}, nil)
+	descStalled    = prometheus.NewDesc("ferry_migrations_stalled", "Migrations flagged stalled.", nil, nil)
+	descLeader     = prometheus.NewDesc("ferry_raft_leader", "1 when this server is the raft leader.", nil, nil)
+	descIndex      = prometheus.NewDesc("ferry_raft_applied_index", "Last applied raft index.", nil, nil)
+	descWorkers    = prometheus.NewDesc("ferry_workers_alive", "Workers with a valid lease.", nil, nil)
+)
+
+func (c *collector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- descMigrations
+	ch <- descStalled
+	ch <- descLeader
+	ch <- descIndex
+	ch <- descWorkers
+}
+
+func (c *collector) Collect(ch chan<- prometheus.Metric) {
+	counts := map[fsm.State]int{}
+	stalled := 0
+	for _, m := range c.s.store.Migrations("") {
+		counts[m.State]++
+		if m.Stalled {
+			stalled++
+		}
+	}
+	for _, st := range fsm.AllStates {
+		ch <- prometheus.MustNewConstMetric(descMigrations, prometheus.GaugeValue, float64(counts[st]), string(st))
+	}
+	ch <- prometheus.MustNewConstMetric(descStalled, prometheus.GaugeValue, float64(stalled))
+	leader := 0.0
+	if c.s.node.IsLeader() {
+		leader = 1
+	}
+	ch <- prometheus.MustNewConstMetric(descLeader, prometheus.GaugeValue, leader)
+	ch <- prometheus.MustNewConstMetric(descIndex, prometheus.GaugeValue, float64(c.s.store.Index()))
+	alive, now := 0, c.s.cfg.Now()
+	for _, w := range c.s.store.Workers() {
+		if w.Alive(now) {
+			alive++
+		}
+	}
+	ch <- prometheus.MustNewConstMetric(descWorkers, prometheus.GaugeValue, float64(alive))
+}
+
+func (s *Server) metricsHandler() http.Handler {
+	return promhttp.HandlerFor(s.reg, promhttp.HandlerOpts{})
+}
+
