@@ -345,4 +345,3 @@ func (s *Server) status() api.StatusReply {
 	}
 	return r
 }
-
