@@ -163,8 +163,8 @@ func clip(b json.RawMessage) string {
 	if len(b) == 0 {
 		return "absent"
 	}
-	if len(b) > 200 {
-		return string(b[:200]) + "…"
+	if len(b) > 1000 {
+		return string(b[:1000]) + "…"
 	}
 	return string(b)
 }

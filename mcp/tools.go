@@ -101,9 +101,13 @@ type (
 	IDIn struct {
 		ID string `json:"id"`
 	}
-	NoInput     struct{}
-	WorkersOut  struct{ Workers []Worker `json:"workers"` }
-	VolumesOut  struct{ Volumes []Volume `json:"volumes"` }
+	NoInput    struct{}
+	WorkersOut struct {
+		Workers []Worker `json:"workers"`
+	}
+	VolumesOut struct {
+		Volumes []Volume `json:"volumes"`
+	}
 	MachinesOut struct {
 		Machines []Machine `json:"machines"`
 	}
