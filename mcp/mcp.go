@@ -72,7 +72,6 @@ type Server struct {
 	srv   *sdk.Server
 	plans *planner
 	log   zerolog.Logger
-	now   func() time.Time
 	tools []string
 }
 
@@ -94,7 +93,7 @@ func New(c *api.Client, o Options) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &Server{c: c, plans: p, log: o.Log.With().Str("component", "mcp").Logger(), now: o.Now}
+	s := &Server{c: c, plans: p, log: o.Log.With().Str("component", "mcp").Logger()}
 	s.srv = sdk.NewServer(&sdk.Implementation{Name: "ferry", Title: "ferry: move machines and their encrypted volumes between workers", Version: o.Version},
 		&sdk.ServerOptions{Instructions: instructions})
 	s.register(o.Allow)
