@@ -457,7 +457,7 @@ func TestMcpStreamableHTTP(t *testing.T) {
 	s.refused("migration_apply", apply(p.PlanToken), "already applied")
 }
 
-func TestCheckListenAddr(t *testing.T) {
+func TestMcpCheckListenAddr(t *testing.T) {
 	for _, a := range []string{"127.0.0.1:7480", "[::1]:7480", "localhost:0", "127.0.0.2:1"} {
 		if err := CheckListenAddr(a, false); err != nil {
 			t.Errorf("%s refused: %v", a, err)
@@ -477,7 +477,7 @@ func TestCheckListenAddr(t *testing.T) {
 	}
 }
 
-func TestParseSize(t *testing.T) {
+func TestMcpParseSize(t *testing.T) {
 	for in, want := range map[string]int64{"512": 512, "64M": 64 << 20, "1G": 1 << 30, "10GiB": 10 << 30, "2t": 2 << 40} {
 		if got, err := parseSize(in); err != nil || got != want {
 			t.Errorf("parseSize(%q) = %d, %v; want %d", in, got, err, want)
