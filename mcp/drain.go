@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"sort"
-	"strings"
 	"time"
 
 	"github.com/ferry-dev/ferry/api"
@@ -50,7 +49,7 @@ func (s *Server) drainPlan(ctx context.Context, in DrainPlanIn) (Plan[DrainDetai
 	if len(in.Targets) > 64 {
 		return Plan[DrainDetails]{}, fmt.Errorf("targets: at most 64 workers")
 	}
-	return makePlan(ctx, s, "drain", drainParams{Worker: in.Worker, Targets: in.Targets, Batch: strings.TrimPrefix(api.NewStepID(""), "-")[:8]}, s.planDrain)
+	return makePlan(ctx, s, "drain", drainParams{Worker: in.Worker, Targets: in.Targets, Batch: api.NewStepID("")[:8]}, s.planDrain)
 }
 
 func drainMigrationID(batch, machine string) string {

@@ -9,6 +9,8 @@ package mcp
 
 import (
 	"context"
+	"crypto/sha256"
+	"crypto/subtle"
 	"errors"
 	"fmt"
 	"io"
@@ -128,10 +130,25 @@ func (nopWriteCloser) Close() error { return nil }
 
 // Handler is the streamable HTTP endpoint (one MCP session per client).
 // The SDK refuses requests that reach a loopback listener with a
-// non-loopback Host header (DNS rebinding).
-func (s *Server) Handler() http.Handler {
-	return sdk.NewStreamableHTTPHandler(func(*http.Request) *sdk.Server { return s.srv },
+// non-loopback Host header (DNS rebinding). With a non-empty bearer token
+// every request must carry it: loopback is shared by every local user.
+func (s *Server) Handler(bearer string) http.Handler {
+	h := sdk.NewStreamableHTTPHandler(func(*http.Request) *sdk.Server { return s.srv },
 		&sdk.StreamableHTTPOptions{SessionTimeout: 30 * time.Minute})
+	if bearer == "" {
+		return h
+	}
+	want := sha256.Sum256([]byte(bearer))
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+		sum := sha256.Sum256([]byte(got))
+		if !ok || subtle.ConstantTimeCompare(sum[:], want[:]) != 1 {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="ferry mcp"`)
+			http.Error(w, "ferry mcp: missing or wrong bearer token (the one in $FERRY_MCP_TOKEN of the serving process)", http.StatusUnauthorized)
+			return
+		}
+		h.ServeHTTP(w, r)
+	})
 }
 
 // CheckListenAddr refuses an HTTP listen address beyond loopback unless
@@ -154,10 +171,13 @@ func CheckListenAddr(addr string, allowRemote bool) error {
 	return fmt.Errorf("--http %s listens beyond loopback, and whoever reaches it acts with your certificate (the endpoint has no authentication of its own): use 127.0.0.1 or [::1], or add --http-allow-remote behind your own authentication", addr)
 }
 
-// ServeHTTP serves streamable HTTP on ln until ctx ends.
-func (s *Server) ServeHTTP(ctx context.Context, ln net.Listener) error {
-	hs := &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 10 * time.Second}
-	s.log.Info().Str("transport", "http").Str("addr", ln.Addr().String()).Strs("tools", s.tools).Msg("serving MCP")
+// ServeHTTP serves streamable HTTP on ln until ctx ends (see Handler for bearer).
+func (s *Server) ServeHTTP(ctx context.Context, ln net.Listener, bearer string) error {
+	hs := &http.Server{Handler: s.Handler(bearer), ReadHeaderTimeout: 10 * time.Second}
+	s.log.Info().Str("transport", "http").Str("addr", ln.Addr().String()).Bool("bearer", bearer != "").Strs("tools", s.tools).Msg("serving MCP")
+	if bearer == "" {
+		s.log.Warn().Msg("no bearer token ($FERRY_MCP_TOKEN): every local user who reaches this port acts with your certificate")
+	}
 	done := make(chan struct{})
 	go func() {
 		select {
@@ -178,7 +198,7 @@ func (s *Server) ServeHTTP(ctx context.Context, ln net.Listener) error {
 
 // ListenAndServe checks addr (see CheckListenAddr), listens and serves
 // streamable HTTP until ctx ends.
-func (s *Server) ListenAndServe(ctx context.Context, addr string, allowRemote bool) error {
+func (s *Server) ListenAndServe(ctx context.Context, addr string, allowRemote bool, bearer string) error {
 	if err := CheckListenAddr(addr, allowRemote); err != nil {
 		return err
 	}
@@ -186,7 +206,7 @@ func (s *Server) ListenAndServe(ctx context.Context, addr string, allowRemote bo
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", addr, err)
 	}
-	return s.ServeHTTP(ctx, ln)
+	return s.ServeHTTP(ctx, ln, bearer)
 }
 
 // tool registers a typed tool of group g when g is allowed, logging each call.
@@ -197,8 +217,10 @@ func tool[In, Out any](s *Server, allow, g Group, t *sdk.Tool, h func(context.Co
 	if t.Annotations == nil {
 		t.Annotations = &sdk.ToolAnnotations{}
 	}
-	t.Annotations.ReadOnlyHint = g == Read || strings.HasSuffix(t.Name, "_plan")
-	t.Annotations.DestructiveHint = new(g == Admin && strings.HasSuffix(t.Name, "_apply"))
+	apply := strings.HasSuffix(t.Name, "_apply")
+	t.Annotations.ReadOnlyHint = !apply // plans change nothing
+	// Creating a volume only adds; moving or aborting stops a machine.
+	t.Annotations.DestructiveHint = new(apply && t.Name != "volume_create_apply")
 	t.Annotations.OpenWorldHint = new(false)
 	s.tools = append(s.tools, t.Name)
 	name := t.Name

@@ -4,7 +4,8 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/json"
-	"net/http/httptest"
+	"net"
+	"net/http"
 	"slices"
 	"strings"
 	"sync"
@@ -430,6 +431,15 @@ func TestMcpReadGroup(t *testing.T) {
 	}
 }
 
+// bearerRT adds a bearer token to every request.
+type bearerRT string
+
+func (b bearerRT) RoundTrip(r *http.Request) (*http.Response, error) {
+	r = r.Clone(r.Context())
+	r.Header.Set("Authorization", "Bearer "+string(b))
+	return http.DefaultTransport.RoundTrip(r)
+}
+
 func TestMcpStreamableHTTP(t *testing.T) {
 	f := newFleet(t)
 	ctx := context.Background()
@@ -437,13 +447,28 @@ func TestMcpStreamableHTTP(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	hs := httptest.NewServer(srv.Handler())
-	defer hs.Close()
-	cs, err := sdk.NewClient(&sdk.Implementation{Name: "ferry-test", Version: "1"}, nil).Connect(ctx, &sdk.StreamableClientTransport{Endpoint: hs.URL}, nil)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer cs.Close()
+	sctx, stop := context.WithCancel(ctx)
+	served := make(chan error, 1)
+	go func() { served <- srv.ServeHTTP(sctx, ln, "s3cret") }()
+	url := "http://" + ln.Addr().String()
+
+	// Without the bearer token, or with another one, nothing gets through.
+	for _, hc := range []*http.Client{http.DefaultClient, {Transport: bearerRT("guess")}} {
+		if cs, err := sdk.NewClient(&sdk.Implementation{Name: "intruder", Version: "1"}, nil).Connect(ctx, &sdk.StreamableClientTransport{Endpoint: url, HTTPClient: hc, MaxRetries: -1}, nil); err == nil {
+			cs.Close()
+			t.Fatal("connected without the bearer token")
+		}
+	}
+
+	cs, err := sdk.NewClient(&sdk.Implementation{Name: "ferry-test", Version: "1"}, nil).Connect(ctx,
+		&sdk.StreamableClientTransport{Endpoint: url, HTTPClient: &http.Client{Transport: bearerRT("s3cret")}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
 	s := &session{t: t, cs: cs}
 	if got := listTools(t, s); !slices.Equal(got, allTools) {
 		t.Fatalf("tools over HTTP = %v", got)
@@ -455,6 +480,17 @@ func TestMcpStreamableHTTP(t *testing.T) {
 		t.Fatalf("migration over HTTP: %+v", m)
 	}
 	s.refused("migration_apply", apply(p.PlanToken), "already applied")
+	cs.Close()
+
+	stop()
+	select {
+	case err := <-served:
+		if err != nil {
+			t.Fatalf("ServeHTTP ended with %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("ServeHTTP did not end with its context")
+	}
 }
 
 func TestMcpCheckListenAddr(t *testing.T) {

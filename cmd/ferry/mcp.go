@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"os"
 	"os/signal"
 	"syscall"
 	"time"
@@ -51,13 +52,14 @@ Every change is a *_plan tool that returns a plan token, then an *_apply tool th
 			if httpAddr == "" {
 				return s.ServeStdio(ctx, cmd.InOrStdin(), cmd.OutOrStdout())
 			}
-			if err := s.ListenAndServe(ctx, httpAddr, allowRemote); err != nil {
+			// The token comes from the environment, not a flag, so it never shows in ps.
+			if err := s.ListenAndServe(ctx, httpAddr, allowRemote, os.Getenv("FERRY_MCP_TOKEN")); err != nil {
 				return fmt.Errorf("ferry mcp --http: %w", err)
 			}
 			return nil
 		},
 	}
-	cmd.Flags().StringVar(&httpAddr, "http", "", "serve streamable HTTP on this HOST:PORT instead of stdio (loopback only unless --http-allow-remote)")
+	cmd.Flags().StringVar(&httpAddr, "http", "", "serve streamable HTTP on this HOST:PORT instead of stdio (loopback only unless --http-allow-remote; requests must carry `Authorization: Bearer $FERRY_MCP_TOKEN` when it is set)")
 	cmd.Flags().BoolVar(&allowRemote, "http-allow-remote", false, "allow --http on a non-loopback address (it has no authentication of its own: put your own in front)")
 	cmd.Flags().StringVar(&allow, "allow", "read", "tool groups: read (lists, shows, statuses), write (+ create, migrate, drain), admin (+ destroy, abort)")
 	cmd.Flags().DurationVar(&planTTL, "plan-ttl", ferrymcp.DefaultPlanTTL, "how long a plan token stays valid")
