@@ -425,6 +425,9 @@ func TestMcpReadGroup(t *testing.T) {
 	if got := listTools(t, s); !slices.Equal(got, want) {
 		t.Fatalf("read tools = %v, want %v", got, want)
 	}
+	if got := slices.Sorted(slices.Values(srv.Tools())); !slices.Equal(got, want) {
+		t.Fatalf("Tools() = %v, want %v", got, want)
+	}
 	res, err := s.cs.CallTool(context.Background(), &sdk.CallToolParams{Name: "volume_create_plan", Arguments: VolumeCreateIn{ID: "x", Worker: "a", Size: "1M"}})
 	if err == nil && !res.IsError {
 		t.Fatal("a read session could call volume_create_plan")
