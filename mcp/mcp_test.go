@@ -16,16 +16,16 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/ferry-dev/ferry/api"
-	"github.com/ferry-dev/ferry/api/apitest"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
 	"github.com/ferry-dev/ferry/luks"
+	"github.com/ferry-dev/ferry/server/servertest"
 )
 
 // fleet is a real single-server cluster with two live workers a and b, a
 // running machine m1 on a using volume v1, and a free volume v2 on a.
 type fleet struct {
-	cl   *apitest.Cluster
+	cl   *servertest.Cluster
 	op   *api.Client
 	wa   *api.Client // worker a's own certificate
 	addr []string
@@ -34,7 +34,7 @@ type fleet struct {
 func newFleet(t *testing.T) *fleet {
 	t.Helper()
 	ctx := context.Background()
-	cl := apitest.New(t, 1, apitest.Options{})
+	cl := servertest.New(t, 1, servertest.Options{})
 	f := &fleet{cl: cl, op: cl.Client("operator", tlsutil.KindOperator), wa: cl.Client("a", tlsutil.KindWorker)}
 	wb := cl.Client("b", tlsutil.KindWorker)
 	for i, w := range []*api.Client{f.wa, wb} {

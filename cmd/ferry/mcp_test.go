@@ -11,16 +11,16 @@ import (
 
 	sdk "github.com/modelcontextprotocol/go-sdk/mcp"
 
-	"github.com/ferry-dev/ferry/api/apitest"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
+	"github.com/ferry-dev/ferry/server/servertest"
 )
 
 // TestMcpStdio runs `ferry mcp` in-process on a pipe pair, as an MCP client
 // would on its stdin and stdout, against a real server, and drives it with
 // the SDK's client.
 func TestMcpStdio(t *testing.T) {
-	cl := apitest.New(t, 1, apitest.Options{})
+	cl := servertest.New(t, 1, servertest.Options{})
 	ctx := context.Background()
 	wa := cl.Client("a", tlsutil.KindWorker)
 	if _, err := wa.RegisterWorker(ctx, fsm.Worker{Name: "a", HostID: 1, Address: "127.0.0.1"}, time.Hour); err != nil {
