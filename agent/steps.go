@@ -193,8 +193,8 @@ func (a *Agent) prepareTarget(ctx context.Context, log zerolog.Logger, m *fsm.Mi
 }
 
 func (a *Agent) cloneSpec(m *fsm.Migration, hydrate bool) CloneSpec {
-	return CloneSpec{Volume: m.TargetVol, Layout: *m.Layout, Portal: m.Export.Portal, IQN: m.Export.IQN,
-		KnownZero: m.KnownZero, Hydrate: hydrate, RateLimit: a.cfg.HydrationRate}
+	return CloneSpec{Volume: m.TargetVol, Layout: layoutOf(*m.Layout), Portal: m.Export.Portal, IQN: m.Export.IQN,
+		KnownZero: rangesOf(m.KnownZero), Hydrate: hydrate, RateLimit: a.cfg.HydrationRate}
 }
 
 // buildClone connects to the export, builds the clone (hydration off), opens
@@ -449,7 +449,7 @@ func (a *Agent) stopSource(ctx context.Context, log zerolog.Logger, m *fsm.Migra
 		return err
 	}
 	log.Info().Msg("machine stopped and volume frozen")
-	return a.propose(ctx, m, fsm.EvSourceStopped, fsm.EventPayload{Layout: &layout})
+	return a.propose(ctx, m, fsm.EvSourceStopped, fsm.EventPayload{Layout: storedLayout(layout)})
 }
 
 // exportSource serves the frozen volume to the target only.
@@ -471,7 +471,7 @@ func (a *Agent) exportSource(ctx context.Context, log zerolog.Logger, m *fsm.Mig
 		zeros = nil
 	}
 	log.Info().Str("portal", portal).Str("iqn", iqn).Int("known_zero_ranges", len(zeros)).Msg("volume exported")
-	return a.propose(ctx, m, fsm.EvExported, fsm.EventPayload{Export: &fsm.Export{Portal: portal, IQN: iqn}, KnownZero: zeros})
+	return a.propose(ctx, m, fsm.EvExported, fsm.EventPayload{Export: &fsm.Export{Portal: portal, IQN: iqn}, KnownZero: storedRanges(zeros)})
 }
 
 // reExport restarts the export at the portal recorded in the migration.
@@ -597,7 +597,7 @@ func (a *Agent) startLocal(ctx context.Context, mach *fsm.Machine) error {
 		return fmt.Errorf("fetch key of volume %s: %w", vol.ID, err)
 	}
 	defer clear(key)
-	if _, err := a.vols.MountLocal(ctx, vol.ID, *vol.Layout, key, a.vols.MountPoint(mach.ID)); err != nil {
+	if _, err := a.vols.MountLocal(ctx, vol.ID, layoutOf(*vol.Layout), key, a.vols.MountPoint(mach.ID)); err != nil {
 		return err
 	}
 	netns := ""

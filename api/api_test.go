@@ -16,11 +16,10 @@ import (
 	"github.com/ferry-dev/ferry/api/apitest"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
-	"github.com/ferry-dev/ferry/luks"
 )
 
-func layout() *luks.Layout {
-	return &luks.Layout{UUID: "u", DataOffset: 16 << 20, MetadataSize: 16384, KeyslotsSize: 16744448,
+func layout() *fsm.LUKSLayout {
+	return &fsm.LUKSLayout{UUID: "u", DataOffset: 16 << 20, MetadataSize: 16384, KeyslotsSize: 16744448,
 		SectorSize: 4096, Cipher: "aes-xts-plain64", KeyBytes: 64, PayloadSize: 32 << 20}
 }
 

@@ -6,8 +6,6 @@ import (
 	"slices"
 	"strconv"
 	"time"
-
-	"github.com/ferry-dev/ferry/blockdev"
 )
 
 func volumeLock(id string) string { return "volume/" + id }
@@ -253,7 +251,7 @@ func (s *Store) applyTransition(m *Migration, tr Transition, c *ProposeCmd) *Ref
 		e := *p.Export
 		m.Export = &e
 		if p.KnownZero != nil {
-			m.KnownZero = append([]blockdev.Range(nil), p.KnownZero...)
+			m.KnownZero = append([]Range(nil), p.KnownZero...)
 		}
 	case EvTrimmed:
 		if err := validRanges(p.KnownZero); err != nil {
@@ -263,7 +261,7 @@ func (s *Store) applyTransition(m *Migration, tr Transition, c *ProposeCmd) *Ref
 			return refuse(http.StatusBadRequest, CodeInvalid, "known_zero has %d ranges; coalesce to at most 4096", len(p.KnownZero))
 		}
 		if p.KnownZero != nil {
-			m.KnownZero = append([]blockdev.Range(nil), p.KnownZero...)
+			m.KnownZero = append([]Range(nil), p.KnownZero...)
 		}
 	case EvCutover:
 		if _, ok := m.EnteredAt[SourceStopped]; !ok {
@@ -350,7 +348,7 @@ func (s *Store) releaseLocks(m *Migration) {
 	}
 }
 
-func validRanges(rs []blockdev.Range) error {
+func validRanges(rs []Range) error {
 	for _, r := range rs {
 		if r.Off < 0 || r.Len <= 0 || r.End() < r.Off {
 			return fmt.Errorf("range %d+%d is not valid", r.Off, r.Len)

@@ -8,9 +8,6 @@ import (
 	"io"
 	"net/http"
 	"time"
-
-	"github.com/ferry-dev/ferry/blockdev"
-	"github.com/ferry-dev/ferry/luks"
 )
 
 // CommandVersion is the only envelope version this build applies.
@@ -104,7 +101,7 @@ type UpdateVolumeCmd struct {
 	ID              string       `json:"id"`
 	State           *VolumeState `json:"state,omitempty"`
 	AttachedMachine *string      `json:"attached_machine,omitempty"`
-	Layout          *luks.Layout `json:"layout,omitempty"`
+	Layout          *LUKSLayout  `json:"layout,omitempty"`
 	Size            *int64       `json:"size,omitempty"`
 }
 
@@ -164,16 +161,16 @@ type ProposeCmd struct {
 
 // EventPayload carries what an event reports; each event reads its own fields.
 type EventPayload struct {
-	Reason       string           `json:"reason,omitempty"`        // abort, failed, report
-	Error        string           `json:"error,omitempty"`         // report, failed
-	Stalled      *bool            `json:"stalled,omitempty"`       // report
-	Layout       *luks.Layout     `json:"layout,omitempty"`        // target_prepared, source_stopped
-	Export       *Export          `json:"export,omitempty"`        // exported
-	KnownZero    []blockdev.Range `json:"known_zero,omitempty"`    // trimmed
-	Progress     *Progress        `json:"progress,omitempty"`      // progress, hydrated
-	Milestone    bool             `json:"milestone,omitempty"`     // progress: bypass the rate limit
-	TargetVolume string           `json:"target_volume,omitempty"` // target_prepared
-	New6PN       string           `json:"new_6pn,omitempty"`       // cutover
+	Reason       string      `json:"reason,omitempty"`        // abort, failed, report
+	Error        string      `json:"error,omitempty"`         // report, failed
+	Stalled      *bool       `json:"stalled,omitempty"`       // report
+	Layout       *LUKSLayout `json:"layout,omitempty"`        // target_prepared, source_stopped
+	Export       *Export     `json:"export,omitempty"`        // exported
+	KnownZero    []Range     `json:"known_zero,omitempty"`    // trimmed
+	Progress     *Progress   `json:"progress,omitempty"`      // progress, hydrated
+	Milestone    bool        `json:"milestone,omitempty"`     // progress: bypass the rate limit
+	TargetVolume string      `json:"target_volume,omitempty"` // target_prepared
+	New6PN       string      `json:"new_6pn,omitempty"`       // cutover
 }
 
 // Encode wraps a payload in a versioned envelope.

@@ -7,8 +7,6 @@ import (
 	"slices"
 	"strings"
 	"testing"
-
-	"github.com/ferry-dev/ferry/blockdev"
 )
 
 func TestDocsFSMIsGenerated(t *testing.T) {
@@ -323,7 +321,7 @@ func TestReportAndStall(t *testing.T) {
 func TestExportedCarriesKnownZero(t *testing.T) {
 	h := driveTo(t, SourceStopped)
 	bad := payloadOf(EvExported)
-	bad.KnownZero = []blockdev.Range{{Off: 0, Len: -1}}
+	bad.KnownZero = []Range{{Off: 0, Len: -1}}
 	before := migJSON(t, h.s)
 	if r := h.propose(srcW, EvExported, "e1", bad); r.Refusal == nil || r.Refusal.Code != CodeInvalid {
 		t.Fatalf("bad range accepted: %+v", r.Refusal)
@@ -332,7 +330,7 @@ func TestExportedCarriesKnownZero(t *testing.T) {
 		t.Fatal("refused exported changed the migration")
 	}
 	good := payloadOf(EvExported)
-	good.KnownZero = []blockdev.Range{{Off: 4096, Len: 1 << 20}}
+	good.KnownZero = []Range{{Off: 4096, Len: 1 << 20}}
 	m := h.must(h.propose(srcW, EvExported, "e2", good)).Migration
 	if len(m.KnownZero) != 1 || m.KnownZero[0].Len != 1<<20 {
 		t.Fatalf("known zero: %+v", m.KnownZero)
