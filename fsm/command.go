@@ -10,7 +10,14 @@ import (
 	"time"
 )
 
-// CommandVersion is the only envelope version this build applies.
+// FormatVersion numbers the replicated format: the command types, their
+// payloads and the snapshot. fsm/testdata/golden/v<N> pins each version;
+// raise it when any of them changes (see docs/operations.md, upgrades).
+const FormatVersion = 1
+
+// CommandVersion is the only envelope version this build applies. It changes
+// only if the envelope itself does; new command types and fields raise
+// FormatVersion instead.
 const CommandVersion = 1
 
 // maxCommandBytes bounds a command; real ones are a few KiB.
@@ -19,6 +26,8 @@ const maxCommandBytes = 1 << 20
 // CommandType names a command in the replicated log.
 type CommandType string
 
+// Command types are only ever appended, never renumbered or reused: an old
+// entry in the log keeps its meaning. Append new ones to CommandTypes too.
 const (
 	CmdRegisterServer CommandType = "register_server"
 	CmdRegisterWorker CommandType = "register_worker"
@@ -33,6 +42,10 @@ const (
 	CmdPlan           CommandType = "plan"
 	CmdPropose        CommandType = "propose"
 )
+
+// CommandTypes lists every command type this build applies, oldest first.
+var CommandTypes = []CommandType{CmdRegisterServer, CmdRegisterWorker, CmdHeartbeat, CmdCreateVolume, CmdUpdateVolume,
+	CmdDestroyVolume, CmdSetVolumeKey, CmdKeyAccess, CmdCreateMachine, CmdUpdateMachine, CmdPlan, CmdPropose}
 
 // Command is the versioned envelope every log entry holds.
 type Command struct {
@@ -231,13 +244,13 @@ func Decode(data []byte) (CommandType, any, error) {
 	}
 	p, ok := payloadFor(c.Type)
 	if !ok {
-		return c.Type, nil, fmt.Errorf("%w: unknown type %q", ErrBadCommand, c.Type)
+		return c.Type, nil, fmt.Errorf("%w: unknown type %q (this server applies format %d): a newer server proposed it before every voter ran its version; upgrade this server", ErrBadCommand, c.Type, FormatVersion)
 	}
 	if len(c.Payload) == 0 {
 		return c.Type, nil, fmt.Errorf("%w: %s without payload", ErrBadCommand, c.Type)
 	}
 	if err := strictUnmarshal(c.Payload, p); err != nil {
-		return c.Type, nil, fmt.Errorf("%w: %s payload: %v", ErrBadCommand, c.Type, err)
+		return c.Type, nil, fmt.Errorf("%w: %s payload (this server applies format %d; an unknown field means a newer server wrote it: upgrade this server): %v", ErrBadCommand, c.Type, FormatVersion, err)
 	}
 	return c.Type, p, nil
 }
