@@ -326,6 +326,19 @@ func Graph(format string) (string, error) {
 	return "", fmt.Errorf("graph format %q: use mermaid or dot", format)
 }
 
+// invariants are what the store, the agent and the tests keep true; comments
+// cite them by number ("invariant 2").
+const invariants = `1. The source volume does not change after ` + "`source_stopped`" + ` is committed: it is frozen, and the
+   target reads exactly what the machine last wrote.
+2. The machine runs on one worker at a time: on the target only after ` + "`source_stopped`" + ` is committed,
+   on the source again (rollback) only after ` + "`target_torn_down`" + ` is committed.
+3. The source volume leaves service only after ` + "`hydrated`" + `, and is then kept for the retention window
+   (` + "`pending_destroy`" + `) before it is destroyed.
+4. A volume's key goes only to the worker that owns the volume or to the target of an active migration
+   of it, and every grant to a target is recorded in the migration.
+5. A volume attached to a machine is never destroyed.
+`
+
 // FSMDoc is the content of docs/fsm.md, generated from the table; a test keeps
 // the file equal to it (regenerate with `ferry fsm graph --doc > docs/fsm.md`).
 func FSMDoc() (string, error) {
@@ -386,5 +399,6 @@ func FSMDoc() (string, error) {
 		"migration is in a `from` state (else the refusal names the actual state); a repeated step ID returns\n" +
 		"the first result and changes nothing; `abort` only before `cutover`; `source_restored` only after\n" +
 		"`target_torn_down` is committed (the machine never runs on two workers).\n")
+	b.WriteString("\n## Invariants\n\nThe code and its tests refer to these by number.\n\n" + invariants)
 	return b.String(), nil
 }
