@@ -61,10 +61,31 @@ func deriveSets() stateSets {
 	d.after = reachable(Cutover, func(Transition) bool { return true })
 	// The source serves the frozen volume from the state exported enters
 	// until the target has every region (hydrated): the forward steps between.
-	exported, _ := Lookup(EvExported)
-	d.serves = reachable(exported.To, func(t Transition) bool { return t.Kind == Duty && t.Event != EvHydrated })
+	d.serves = reachable(forwardSince(EvExported, EvHydrated))
 	return d
 }
+
+// forwardSince is the state event enters and the states the duty rows lead
+// to from there, up to (not including) the state until enters.
+func forwardSince(event, until Event) (State, func(Transition) bool) {
+	t, _ := Lookup(event)
+	return t.To, func(t Transition) bool { return t.Kind == Duty && t.Event != until }
+}
+
+// inOrder lists the members of set in AllStates order.
+func inOrder(set map[State]bool) []State {
+	var out []State
+	for _, s := range allStates() {
+		if set[s] {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+// progressStates: the target reports hydration progress from exported until
+// the source releases its volume (hydrated included: the last report).
+func progressStates() []State { return inOrder(reachable(forwardSince(EvExported, EvSourceReleased))) }
 
 // reachable is from and every state reachable from it over the rows follow accepts.
 func reachable(from State, follow func(Transition) bool) map[State]bool {

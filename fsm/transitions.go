@@ -130,7 +130,7 @@ type Annotation struct {
 
 // Annotations are the events that only update the record.
 var Annotations = []Annotation{
-	{EvProgress, []State{Exported, CloneBuilt, Trimmed, Cutover, Hydrating, Hydrated}, []Role{RoleTarget}},
+	{EvProgress, progressStates(), []Role{RoleTarget}},
 	{EvReport, nonTerminal(), []Role{RoleSource, RoleTarget, RoleServer}},
 }
 

@@ -380,7 +380,11 @@ func TestDerivedSetsMatchTheFormerHandLists(t *testing.T) {
 			t.Errorf("Actors(%s) = %v, want %v", s, got, wantActors[s])
 		}
 	}
-	// The report annotation is accepted in every non-terminal state.
+	// Progress is accepted while the clone exists, report in every non-terminal state.
+	p, _ := lookupAnnotation(EvProgress)
+	if want := []State{Exported, CloneBuilt, Trimmed, Cutover, Hydrating, Hydrated}; !slices.Equal(p.In, want) {
+		t.Errorf("progress accepted in %v, want %v", p.In, want)
+	}
 	a, _ := lookupAnnotation(EvReport)
 	if want := []State{Planned, TargetPrepared, SourceStopped, Exported, CloneBuilt, Trimmed, Cutover,
 		Hydrating, Hydrated, SourceReleased, RollingBack}; !slices.Equal(a.In, want) {
