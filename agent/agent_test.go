@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -127,6 +128,58 @@ func TestStepTable(t *testing.T) {
 	a.cfg.Worker = "dst"
 	if a.stepFor(m) != nil {
 		t.Fatal("the target tears down twice")
+	}
+}
+
+// TestEveryDutyHasAStep reads the table in fsm: in every state, each agent role
+// (source, target) that must act there has a step for some record in that
+// state. Adding a state or a duty to fsm.Transitions fails here until the agent
+// knows what to do.
+func TestEveryDutyHasAStep(t *testing.T) {
+	a := newTestAgent(t, &fakeCP{}, "src")
+	steps := a.duties()
+	for _, s := range fsm.AllStates {
+		for _, role := range s.Actors() {
+			var worker string
+			switch role {
+			case fsm.RoleSource:
+				worker = "src"
+			case fsm.RoleTarget:
+				worker = "dst"
+			default:
+				continue // the server's and the operator's duties are not the agent's
+			}
+			found := false
+			for _, row := range fsm.Duties(s) {
+				if _, ok := steps[row.Event]; slices.Contains(row.Roles, role) && ok {
+					found = true
+				}
+			}
+			if !found {
+				t.Errorf("%s must act in state %s (fsm.Transitions) but the agent has no step for it", role, s)
+				continue
+			}
+			// Some record in this state makes stepFor pick a step.
+			a.cfg.Worker = worker
+			picked := false
+			for _, rb := range []*fsm.RollbackInfo{nil, {}, {TargetTornDown: true}} {
+				m := &fsm.Migration{ID: "mig-d-" + string(s), Source: "src", Target: "dst", State: s, Rollback: rb}
+				a.markDone(m, "net-source")
+				if a.stepFor(m) != nil {
+					picked = true
+				}
+			}
+			if !picked {
+				t.Errorf("%s must act in state %s but stepFor picks nothing", role, s)
+			}
+		}
+	}
+	// Every step answers a Duty row of an agent role: none is left over from a removed state.
+	for ev := range steps {
+		tr, ok := fsm.Lookup(ev)
+		if !ok || tr.Kind != fsm.Duty || (!slices.Contains(tr.Roles, fsm.RoleSource) && !slices.Contains(tr.Roles, fsm.RoleTarget)) {
+			t.Errorf("the agent has a step for %s, which is no duty of the source or the target", ev)
+		}
 	}
 }
 

@@ -126,7 +126,7 @@ func (a *Agent) createVolume(ctx context.Context, v *fsm.Volume) {
 		return
 	}
 	created := fsm.VolCreated
-	if err := a.cp.UpdateVolume(ctx, fsm.UpdateVolumeCmd{ID: v.ID, State: &created, Layout: &layout}); err != nil {
+	if err := a.cp.UpdateVolume(ctx, fsm.UpdateVolumeCmd{ID: v.ID, State: &created, Layout: storedLayout(layout)}); err != nil {
 		log.Error().Err(err).Msg("record created volume")
 		return
 	}

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -18,38 +19,66 @@ import (
 
 type stepFunc func(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error
 
+// duty is the agent's step for one Duty row of fsm.Transitions: run does the
+// work and proposes the row's event; ready, when set, says whether the record
+// lets it run yet (the row alone cannot say it).
+type duty struct {
+	run   stepFunc
+	ready func(m *fsm.Migration) bool
+}
+
+// duties maps each Duty row the source or the target proposes to the step that
+// does it. A test fails when a row has no step here, so a state added to the
+// table breaks the agent's tests until it knows what to do there.
+func (a *Agent) duties() map[fsm.Event]duty {
+	tornDown := func(m *fsm.Migration) bool { return m.Rollback != nil && m.Rollback.TargetTornDown }
+	return map[fsm.Event]duty{
+		fsm.EvTargetPrepared:   {run: a.prepareTarget},
+		fsm.EvSourceStopped:    {run: a.stopSource},
+		fsm.EvExported:         {run: a.exportSource},
+		fsm.EvCloneBuilt:       {run: a.buildClone},
+		fsm.EvTrimmed:          {run: a.trim},
+		fsm.EvCutover:          {run: a.cutover},
+		fsm.EvHydrationStarted: {run: a.startHydration},
+		fsm.EvHydrated:         {run: a.hydrate},
+		fsm.EvSourceReleased:   {run: a.releaseSource},
+		// Invariant: the source restarts the machine only after the target's teardown is committed.
+		fsm.EvTargetTornDown: {run: a.tearDownTarget, ready: func(m *fsm.Migration) bool { return !tornDown(m) }},
+		fsm.EvSourceRestored: {run: a.restoreSource, ready: tornDown},
+	}
+}
+
 // stepFor picks this worker's step for the committed state, or nil when the
-// state waits on someone else. The table mirrors DESIGN.md's.
+// state waits on someone else. The states come from the table in fsm; the
+// source's local side effects (serve the export again after a restart, move
+// the old address after cutover) come before its duty in the state.
 func (a *Agent) stepFor(m *fsm.Migration) stepFunc {
-	src, dst := m.Source == a.cfg.Worker, m.Target == a.cfg.Worker
-	switch {
-	case dst && m.State == fsm.Planned:
-		return a.prepareTarget
-	case src && m.State == fsm.TargetPrepared:
-		return a.stopSource
-	case src && m.State == fsm.SourceStopped:
-		return a.exportSource
-	case dst && m.State == fsm.Exported:
-		return a.buildClone
-	case dst && m.State == fsm.CloneBuilt:
-		return a.trim
-	case dst && m.State == fsm.Trimmed:
-		return a.cutover
-	case dst && m.State == fsm.Cutover:
-		return a.startHydration
-	case dst && m.State == fsm.Hydrating:
-		return a.hydrate
-	case src && servesExport(m.State) && m.Export != nil && !a.exp.Live(m.ID):
-		// The agent restarted (its gate died with it): serve the same portal again.
-		return a.reExport
-	case src && m.State.AfterCutover() && !a.done(m, "net-source"):
-		return a.forwardOld
-	case src && m.State == fsm.Hydrated:
-		return a.releaseSource
-	case dst && m.State == fsm.RollingBack && (m.Rollback == nil || !m.Rollback.TargetTornDown):
-		return a.tearDownTarget
-	case src && m.State == fsm.RollingBack && m.Rollback != nil && m.Rollback.TargetTornDown:
-		return a.restoreSource
+	var role fsm.Role
+	switch a.cfg.Worker {
+	case m.Source:
+		role = fsm.RoleSource
+	case m.Target:
+		role = fsm.RoleTarget
+	default:
+		return nil
+	}
+	if role == fsm.RoleSource {
+		switch {
+		case m.State.ServesExport() && m.Export != nil && !a.exp.Live(m.ID):
+			// The agent restarted (its gate died with it): serve the same portal again.
+			return a.reExport
+		case m.State.AfterCutover() && !a.done(m, "net-source"):
+			return a.forwardOld
+		}
+	}
+	steps := a.duties()
+	for _, row := range fsm.Duties(m.State) {
+		if !slices.Contains(row.Roles, role) {
+			continue
+		}
+		if d, ok := steps[row.Event]; ok && (d.ready == nil || d.ready(m)) {
+			return d.run
+		}
 	}
 	return nil
 }
@@ -163,8 +192,8 @@ func (a *Agent) prepareTarget(ctx context.Context, log zerolog.Logger, m *fsm.Mi
 }
 
 func (a *Agent) cloneSpec(m *fsm.Migration, hydrate bool) CloneSpec {
-	return CloneSpec{Volume: m.TargetVol, Layout: *m.Layout, Portal: m.Export.Portal, IQN: m.Export.IQN,
-		KnownZero: m.KnownZero, Hydrate: hydrate, RateLimit: a.cfg.HydrationRate}
+	return CloneSpec{Volume: m.TargetVol, Layout: layoutOf(*m.Layout), Portal: m.Export.Portal, IQN: m.Export.IQN,
+		KnownZero: rangesOf(m.KnownZero), Hydrate: hydrate, RateLimit: a.cfg.HydrationRate}
 }
 
 // buildClone connects to the export, builds the clone (hydration off), opens
@@ -417,7 +446,7 @@ func (a *Agent) stopSource(ctx context.Context, log zerolog.Logger, m *fsm.Migra
 		return err
 	}
 	log.Info().Msg("machine stopped and volume frozen")
-	return a.propose(ctx, m, fsm.EvSourceStopped, fsm.EventPayload{Layout: &layout})
+	return a.propose(ctx, m, fsm.EvSourceStopped, fsm.EventPayload{Layout: storedLayout(layout)})
 }
 
 // exportSource serves the frozen volume to the target only.
@@ -439,16 +468,7 @@ func (a *Agent) exportSource(ctx context.Context, log zerolog.Logger, m *fsm.Mig
 		zeros = nil
 	}
 	log.Info().Str("portal", portal).Str("iqn", iqn).Int("known_zero_ranges", len(zeros)).Msg("volume exported")
-	return a.propose(ctx, m, fsm.EvExported, fsm.EventPayload{Export: &fsm.Export{Portal: portal, IQN: iqn}, KnownZero: zeros})
-}
-
-// servesExport: the states in which the target may read the source.
-func servesExport(s fsm.State) bool {
-	switch s {
-	case fsm.Exported, fsm.CloneBuilt, fsm.Trimmed, fsm.Cutover, fsm.Hydrating:
-		return true
-	}
-	return false
+	return a.propose(ctx, m, fsm.EvExported, fsm.EventPayload{Export: &fsm.Export{Portal: portal, IQN: iqn}, KnownZero: storedRanges(zeros)})
 }
 
 // reExport restarts the export at the portal recorded in the migration.
@@ -574,7 +594,7 @@ func (a *Agent) startLocal(ctx context.Context, mach *fsm.Machine) error {
 		return fmt.Errorf("fetch key of volume %s: %w", vol.ID, err)
 	}
 	defer clear(key)
-	if _, err := a.vols.MountLocal(ctx, vol.ID, *vol.Layout, key, a.vols.MountPoint(mach.ID)); err != nil {
+	if _, err := a.vols.MountLocal(ctx, vol.ID, layoutOf(*vol.Layout), key, a.vols.MountPoint(mach.ID)); err != nil {
 		return err
 	}
 	netns := ""

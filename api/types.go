@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"github.com/ferry-dev/ferry/fsm"
-	"github.com/ferry-dev/ferry/luks"
 )
 
 // IndexHeader carries the index a blocking query returns.
@@ -65,7 +64,7 @@ type HeartbeatRequest struct {
 type VolumeUpdate struct {
 	State           *fsm.VolumeState `json:"state,omitempty"`
 	AttachedMachine *string          `json:"attached_machine,omitempty"`
-	Layout          *luks.Layout     `json:"layout,omitempty"`
+	Layout          *fsm.LUKSLayout  `json:"layout,omitempty"`
 	Size            *int64           `json:"size,omitempty"`
 }
 

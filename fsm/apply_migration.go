@@ -5,8 +5,6 @@ import (
 	"slices"
 	"strconv"
 	"time"
-
-	"github.com/ferry-dev/ferry/blockdev"
 )
 
 func volumeLock(id string) string { return "volume/" + id }
@@ -252,7 +250,7 @@ func (s *Store) applyTransition(m *Migration, tr Transition, c *ProposeCmd) *Ref
 		e := *p.Export
 		m.Export = &e
 		if p.KnownZero != nil {
-			m.KnownZero = append([]blockdev.Range(nil), p.KnownZero...)
+			m.KnownZero = append([]Range(nil), p.KnownZero...)
 		}
 	case EvTrimmed:
 		if err := validRanges(p.KnownZero); err != nil {
@@ -262,7 +260,7 @@ func (s *Store) applyTransition(m *Migration, tr Transition, c *ProposeCmd) *Ref
 			return refuse(RefuseInvalid, CodeInvalid, "known_zero has %d ranges; coalesce to at most 4096", len(p.KnownZero))
 		}
 		if p.KnownZero != nil {
-			m.KnownZero = append([]blockdev.Range(nil), p.KnownZero...)
+			m.KnownZero = append([]Range(nil), p.KnownZero...)
 		}
 	case EvCutover:
 		if _, ok := m.EnteredAt[SourceStopped]; !ok {
@@ -349,7 +347,7 @@ func (s *Store) releaseLocks(m *Migration) {
 	}
 }
 
-func validRanges(rs []blockdev.Range) error {
+func validRanges(rs []Range) error {
 	for _, r := range rs {
 		if r.Off < 0 || r.Len <= 0 || r.End() < r.Off {
 			return fmt.Errorf("range %d+%d is not valid", r.Off, r.Len)

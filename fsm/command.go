@@ -7,12 +7,16 @@ import (
 	"fmt"
 	"io"
 	"time"
-
-	"github.com/ferry-dev/ferry/blockdev"
-	"github.com/ferry-dev/ferry/luks"
 )
 
-// CommandVersion is the only envelope version this build applies.
+// FormatVersion numbers the replicated format: the command types, their
+// payloads and the snapshot. fsm/testdata/golden/v<N> pins each version;
+// raise it when any of them changes (see docs/operations.md, upgrades).
+const FormatVersion = 1
+
+// CommandVersion is the only envelope version this build applies. It changes
+// only if the envelope itself does; new command types and fields raise
+// FormatVersion instead.
 const CommandVersion = 1
 
 // maxCommandBytes bounds a command; real ones are a few KiB.
@@ -21,6 +25,8 @@ const maxCommandBytes = 1 << 20
 // CommandType names a command in the replicated log.
 type CommandType string
 
+// Command types are only ever appended, never renumbered or reused: an old
+// entry in the log keeps its meaning. Append new ones to CommandTypes too.
 const (
 	CmdRegisterServer CommandType = "register_server"
 	CmdRegisterWorker CommandType = "register_worker"
@@ -35,6 +41,10 @@ const (
 	CmdPlan           CommandType = "plan"
 	CmdPropose        CommandType = "propose"
 )
+
+// CommandTypes lists every command type this build applies, oldest first.
+var CommandTypes = []CommandType{CmdRegisterServer, CmdRegisterWorker, CmdHeartbeat, CmdCreateVolume, CmdUpdateVolume,
+	CmdDestroyVolume, CmdSetVolumeKey, CmdKeyAccess, CmdCreateMachine, CmdUpdateMachine, CmdPlan, CmdPropose}
 
 // Command is the versioned envelope every log entry holds.
 type Command struct {
@@ -103,7 +113,7 @@ type UpdateVolumeCmd struct {
 	ID              string       `json:"id"`
 	State           *VolumeState `json:"state,omitempty"`
 	AttachedMachine *string      `json:"attached_machine,omitempty"`
-	Layout          *luks.Layout `json:"layout,omitempty"`
+	Layout          *LUKSLayout  `json:"layout,omitempty"`
 	Size            *int64       `json:"size,omitempty"`
 }
 
@@ -163,16 +173,16 @@ type ProposeCmd struct {
 
 // EventPayload carries what an event reports; each event reads its own fields.
 type EventPayload struct {
-	Reason       string           `json:"reason,omitempty"`        // abort, failed, report
-	Error        string           `json:"error,omitempty"`         // report, failed
-	Stalled      *bool            `json:"stalled,omitempty"`       // report
-	Layout       *luks.Layout     `json:"layout,omitempty"`        // target_prepared, source_stopped
-	Export       *Export          `json:"export,omitempty"`        // exported
-	KnownZero    []blockdev.Range `json:"known_zero,omitempty"`    // trimmed
-	Progress     *Progress        `json:"progress,omitempty"`      // progress, hydrated
-	Milestone    bool             `json:"milestone,omitempty"`     // progress: bypass the rate limit
-	TargetVolume string           `json:"target_volume,omitempty"` // target_prepared
-	New6PN       string           `json:"new_6pn,omitempty"`       // cutover
+	Reason       string      `json:"reason,omitempty"`        // abort, failed, report
+	Error        string      `json:"error,omitempty"`         // report, failed
+	Stalled      *bool       `json:"stalled,omitempty"`       // report
+	Layout       *LUKSLayout `json:"layout,omitempty"`        // target_prepared, source_stopped
+	Export       *Export     `json:"export,omitempty"`        // exported
+	KnownZero    []Range     `json:"known_zero,omitempty"`    // trimmed
+	Progress     *Progress   `json:"progress,omitempty"`      // progress, hydrated
+	Milestone    bool        `json:"milestone,omitempty"`     // progress: bypass the rate limit
+	TargetVolume string      `json:"target_volume,omitempty"` // target_prepared
+	New6PN       string      `json:"new_6pn,omitempty"`       // cutover
 }
 
 // Encode wraps a payload in a versioned envelope.
@@ -233,13 +243,13 @@ func Decode(data []byte) (CommandType, any, error) {
 	}
 	p, ok := payloadFor(c.Type)
 	if !ok {
-		return c.Type, nil, fmt.Errorf("%w: unknown type %q", ErrBadCommand, c.Type)
+		return c.Type, nil, fmt.Errorf("%w: unknown type %q (this server applies format %d): a newer server proposed it before every voter ran its version; upgrade this server", ErrBadCommand, c.Type, FormatVersion)
 	}
 	if len(c.Payload) == 0 {
 		return c.Type, nil, fmt.Errorf("%w: %s without payload", ErrBadCommand, c.Type)
 	}
 	if err := strictUnmarshal(c.Payload, p); err != nil {
-		return c.Type, nil, fmt.Errorf("%w: %s payload: %v", ErrBadCommand, c.Type, err)
+		return c.Type, nil, fmt.Errorf("%w: %s payload (this server applies format %d; an unknown field means a newer server wrote it: upgrade this server): %v", ErrBadCommand, c.Type, FormatVersion, err)
 	}
 	return c.Type, p, nil
 }

@@ -7,8 +7,6 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
-
-	"github.com/ferry-dev/ferry/luks"
 )
 
 var (
@@ -20,8 +18,8 @@ var (
 	otherW   = Identity{Name: "w-other", Kind: KindWorker}
 )
 
-func testLayout() *luks.Layout {
-	return &luks.Layout{UUID: "u-1", DataOffset: 16 << 20, MetadataSize: 16384, KeyslotsSize: 16744448,
+func testLayout() *LUKSLayout {
+	return &LUKSLayout{UUID: "u-1", DataOffset: 16 << 20, MetadataSize: 16384, KeyslotsSize: 16744448,
 		SectorSize: 4096, Cipher: "aes-xts-plain64", KeyBytes: 64, PayloadSize: 64 << 20}
 }
 

@@ -3,9 +3,6 @@ package fsm
 import (
 	"encoding/json"
 	"time"
-
-	"github.com/ferry-dev/ferry/blockdev"
-	"github.com/ferry-dev/ferry/luks"
 )
 
 // Defaults the store applies when a command leaves them out.
@@ -37,8 +34,8 @@ type Migration struct {
 	Stalled     bool                `json:"stalled"`
 	StallCause  string              `json:"stalled_reason,omitempty"`
 	Rollback    *RollbackInfo       `json:"rollback,omitempty"`
-	Layout      *luks.Layout        `json:"layout,omitempty"`
-	KnownZero   []blockdev.Range    `json:"known_zero,omitempty"`
+	Layout      *LUKSLayout         `json:"layout,omitempty"`
+	KnownZero   []Range             `json:"known_zero,omitempty"`
 	Export      *Export             `json:"export,omitempty"`
 	Progress    *Progress           `json:"progress,omitempty"`
 	TargetVol   string              `json:"target_volume,omitempty"`
@@ -218,15 +215,15 @@ var volumeMoves = map[VolumeState][]VolumeState{
 
 // Volume is a volume on one worker.
 type Volume struct {
-	ID              string       `json:"id"`
-	Worker          string       `json:"worker"`
-	Size            int64        `json:"size"`
-	State           VolumeState  `json:"state"`
-	AttachedMachine string       `json:"attached_machine,omitempty"`
-	Layout          *luks.Layout `json:"layout,omitempty"`
-	DestroyAfter    time.Time    `json:"destroy_after,omitzero"` // retention deadline while pending_destroy
-	CreatedAt       time.Time    `json:"created_at"`
-	HasKey          bool         `json:"has_key"` // the server holds its key (never returned here)
+	ID              string      `json:"id"`
+	Worker          string      `json:"worker"`
+	Size            int64       `json:"size"`
+	State           VolumeState `json:"state"`
+	AttachedMachine string      `json:"attached_machine,omitempty"`
+	Layout          *LUKSLayout `json:"layout,omitempty"`
+	DestroyAfter    time.Time   `json:"destroy_after,omitzero"` // retention deadline while pending_destroy
+	CreatedAt       time.Time   `json:"created_at"`
+	HasKey          bool        `json:"has_key"` // the server holds its key (never returned here)
 }
 
 // MachineState is whether the workload runs.

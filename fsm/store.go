@@ -36,6 +36,7 @@ func (r *Result) Err() error {
 
 // data is the whole replicated state; it is what a snapshot holds.
 type data struct {
+	Format     int                      `json:"format,omitempty"` // FormatVersion of the writer; 0 in snapshots written before it was recorded (format 1)
 	Index      uint64                   `json:"index"`
 	Migrations map[string]*Migration    `json:"migrations"`
 	Workers    map[string]*Worker       `json:"workers"`
@@ -253,6 +254,7 @@ func (s *Store) Dump() []byte {
 	defer s.mu.RUnlock()
 	c := *s.d
 	c.Keys = nil
+	c.Format = 0
 	b, _ := json.Marshal(&c)
 	return b
 }
@@ -271,21 +273,30 @@ func copyVolume(v *Volume) Volume {
 func (s *Store) Snapshot() (*Snapshot, error) {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	b, err := json.Marshal(s.d)
+	c := *s.d
+	c.Format = FormatVersion
+	b, err := json.Marshal(&c)
 	if err != nil {
 		return nil, fmt.Errorf("encoding snapshot: %w", err)
 	}
 	return &Snapshot{b: b}, nil
 }
 
-// Restore replaces the state with a snapshot's.
+// Restore replaces the state with a snapshot's. It is strict like Decode: a
+// field this build does not know would be lost here and make this replica
+// disagree with the others, so it is an error.
 func (s *Store) Restore(rc io.ReadCloser) error {
 	defer rc.Close()
 	d := newData()
 	dec := json.NewDecoder(rc)
+	dec.DisallowUnknownFields()
 	if err := dec.Decode(d); err != nil {
-		return fmt.Errorf("decoding snapshot: %w", err)
+		return fmt.Errorf("decoding snapshot (format %d build): %w: if a newer server wrote it, upgrade this server", FormatVersion, err)
 	}
+	if d.Format > FormatVersion {
+		return fmt.Errorf("snapshot is format %d, this server reads up to format %d: upgrade this server", d.Format, FormatVersion)
+	}
+	d.Format = 0
 	for _, m := range d.Migrations {
 		m.reindex()
 	}

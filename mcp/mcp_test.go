@@ -18,7 +18,6 @@ import (
 	"github.com/ferry-dev/ferry/api"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
-	"github.com/ferry-dev/ferry/luks"
 	"github.com/ferry-dev/ferry/server/servertest"
 )
 
@@ -50,8 +49,8 @@ func newFleet(t *testing.T) *fleet {
 }
 
 // must(call(...))(t) returns call's value or fails the test.
-func layout() *luks.Layout {
-	return &luks.Layout{UUID: "u", DataOffset: 16 << 20, MetadataSize: 16384, KeyslotsSize: 16744448,
+func layout() *fsm.LUKSLayout {
+	return &fsm.LUKSLayout{UUID: "u", DataOffset: 16 << 20, MetadataSize: 16384, KeyslotsSize: 16744448,
 		SectorSize: 4096, Cipher: "aes-xts-plain64", KeyBytes: 64, PayloadSize: 32 << 20}
 }
 

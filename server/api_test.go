@@ -16,13 +16,12 @@ import (
 	"github.com/ferry-dev/ferry/api"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
-	"github.com/ferry-dev/ferry/luks"
 	"github.com/ferry-dev/ferry/server"
 	"github.com/ferry-dev/ferry/server/servertest"
 )
 
-func layout() *luks.Layout {
-	return &luks.Layout{UUID: "u", DataOffset: 16 << 20, MetadataSize: 16384, KeyslotsSize: 16744448,
+func layout() *fsm.LUKSLayout {
+	return &fsm.LUKSLayout{UUID: "u", DataOffset: 16 << 20, MetadataSize: 16384, KeyslotsSize: 16744448,
 		SectorSize: 4096, Cipher: "aes-xts-plain64", KeyBytes: 64, PayloadSize: 32 << 20}
 }
 

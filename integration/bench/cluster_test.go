@@ -20,7 +20,6 @@ import (
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/testbed"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
-	"github.com/ferry-dev/ferry/luks"
 	"github.com/ferry-dev/ferry/server/servertest"
 	"github.com/ferry-dev/ferry/workload"
 )
@@ -292,7 +291,7 @@ func benchControlPlane(b *testing.B, s *suite) {
 	if quick {
 		pairs, per = 8, 4
 	}
-	layout := &luks.Layout{UUID: "u", DataOffset: 16 << 20, MetadataSize: 16384, KeyslotsSize: 16744448,
+	layout := &fsm.LUKSLayout{UUID: "u", DataOffset: 16 << 20, MetadataSize: 16384, KeyslotsSize: 16744448,
 		SectorSize: 4096, Cipher: "aes-xts-plain64", KeyBytes: 64, PayloadSize: 32 << 20}
 	type pair struct{ src, dst *api.Client }
 	ps := make([]pair, pairs)

@@ -6,8 +6,6 @@ import (
 	"slices"
 	"strings"
 	"testing"
-
-	"github.com/ferry-dev/ferry/blockdev"
 )
 
 func TestDocsFSMIsGenerated(t *testing.T) {
@@ -322,7 +320,7 @@ func TestReportAndStall(t *testing.T) {
 func TestExportedCarriesKnownZero(t *testing.T) {
 	h := driveTo(t, SourceStopped)
 	bad := payloadOf(EvExported)
-	bad.KnownZero = []blockdev.Range{{Off: 0, Len: -1}}
+	bad.KnownZero = []Range{{Off: 0, Len: -1}}
 	before := migJSON(t, h.s)
 	if r := h.propose(srcW, EvExported, "e1", bad); r.Refusal == nil || r.Refusal.Code != CodeInvalid {
 		t.Fatalf("bad range accepted: %+v", r.Refusal)
@@ -331,7 +329,7 @@ func TestExportedCarriesKnownZero(t *testing.T) {
 		t.Fatal("refused exported changed the migration")
 	}
 	good := payloadOf(EvExported)
-	good.KnownZero = []blockdev.Range{{Off: 4096, Len: 1 << 20}}
+	good.KnownZero = []Range{{Off: 4096, Len: 1 << 20}}
 	m := h.must(h.propose(srcW, EvExported, "e2", good)).Migration
 	if len(m.KnownZero) != 1 || m.KnownZero[0].Len != 1<<20 {
 		t.Fatalf("known zero: %+v", m.KnownZero)
@@ -340,5 +338,76 @@ func TestExportedCarriesKnownZero(t *testing.T) {
 	h.must(h.propose(dstW, EvCloneBuilt, "c", EventPayload{}))
 	if m := h.must(h.propose(dstW, EvTrimmed, "t", EventPayload{})).Migration; len(m.KnownZero) != 1 {
 		t.Fatalf("trimmed dropped the known zero ranges: %+v", m.KnownZero)
+	}
+}
+
+// TestDerivedSetsMatchTheFormerHandLists pins the sets derived from the table
+// to the lists that were written by hand before: a change to the table that
+// moves a state between sets must show up here on purpose.
+func TestDerivedSetsMatchTheFormerHandLists(t *testing.T) {
+	wantAll := []State{Planned, TargetPrepared, SourceStopped, Exported, CloneBuilt, Trimmed,
+		Cutover, Hydrating, Hydrated, SourceReleased, Completed, RollingBack, RolledBack}
+	if !slices.Equal(AllStates, wantAll) {
+		t.Fatalf("AllStates = %v, want %v", AllStates, wantAll)
+	}
+	in := func(list ...State) func(State) bool { return func(s State) bool { return slices.Contains(list, s) } }
+	sets := []struct {
+		name    string
+		derived func(State) bool
+		want    func(State) bool
+	}{
+		{"Terminal", State.Terminal, in(Completed, RolledBack)},
+		{"BeforeCutover", State.BeforeCutover, in(Planned, TargetPrepared, SourceStopped, Exported, CloneBuilt, Trimmed)},
+		{"AfterCutover", State.AfterCutover, in(Cutover, Hydrating, Hydrated, SourceReleased, Completed)},
+		{"ServesExport", State.ServesExport, in(Exported, CloneBuilt, Trimmed, Cutover, Hydrating)},
+	}
+	for _, c := range sets {
+		for _, s := range AllStates {
+			if c.derived(s) != c.want(s) {
+				t.Errorf("%s(%s) = %v, want %v", c.name, s, c.derived(s), c.want(s))
+			}
+		}
+	}
+	// Who acts: the agent's step table (source / target) and the server's completion.
+	wantActors := map[State][]Role{
+		Planned: {RoleTarget}, TargetPrepared: {RoleSource}, SourceStopped: {RoleSource}, Exported: {RoleTarget},
+		CloneBuilt: {RoleTarget}, Trimmed: {RoleTarget}, Cutover: {RoleTarget}, Hydrating: {RoleTarget},
+		Hydrated: {RoleSource}, SourceReleased: {RoleServer}, RollingBack: {RoleTarget, RoleOperator, RoleSource},
+	}
+	for _, s := range AllStates {
+		if got := s.Actors(); !slices.Equal(got, wantActors[s]) {
+			t.Errorf("Actors(%s) = %v, want %v", s, got, wantActors[s])
+		}
+	}
+	// Progress is accepted while the clone exists, report in every non-terminal state.
+	p, _ := lookupAnnotation(EvProgress)
+	if want := []State{Exported, CloneBuilt, Trimmed, Cutover, Hydrating, Hydrated}; !slices.Equal(p.In, want) {
+		t.Errorf("progress accepted in %v, want %v", p.In, want)
+	}
+	a, _ := lookupAnnotation(EvReport)
+	if want := []State{Planned, TargetPrepared, SourceStopped, Exported, CloneBuilt, Trimmed, Cutover,
+		Hydrating, Hydrated, SourceReleased, RollingBack}; !slices.Equal(a.In, want) {
+		t.Errorf("report accepted in %v, want %v", a.In, want)
+	}
+	if State("nonsense").Valid() || State("nonsense").Terminal() {
+		t.Error("an unknown state belongs to a set")
+	}
+}
+
+// TestDutiesAreDuties: every Duty row leaving a state is returned by Duties,
+// and an escape row (abort, failed) gives nobody a step.
+func TestDutiesAreDuties(t *testing.T) {
+	for _, s := range AllStates {
+		for _, d := range Duties(s) {
+			if d.Kind != Duty || !slices.Contains(d.From, s) {
+				t.Errorf("Duties(%s) has %s", s, d.Event)
+			}
+			if d.Event == EvAbort || d.Event == EvFailed {
+				t.Errorf("%s is a duty in %s", d.Event, s)
+			}
+		}
+		if !s.Terminal() && len(Duties(s)) == 0 {
+			t.Errorf("nobody must act in non-terminal state %s: the migration would wait forever", s)
+		}
 	}
 }

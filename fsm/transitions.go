@@ -4,7 +4,9 @@
 // live in package server: fsm imports neither.
 //
 // The transition table (Transitions) is the single source of truth: looplab/fsm
-// checks every proposal against it and draws docs/fsm.md from it.
+// checks every proposal against it, every state set (terminal, before and
+// after cutover, who acts, where the source serves its export) is derived from
+// it, and docs/fsm.md is drawn from it.
 package fsm
 
 import (
@@ -19,7 +21,9 @@ import (
 // State is a migration state.
 type State string
 
-// The states of DESIGN.md, in forward order, then the rollback path.
+// The states, in forward order, then the rollback path. Which sets they
+// belong to (terminal, before or after cutover, who acts) is derived from
+// Transitions below, never listed by hand.
 const (
 	Planned        State = "planned"
 	TargetPrepared State = "target_prepared"
@@ -35,32 +39,6 @@ const (
 	RollingBack    State = "rolling_back"
 	RolledBack     State = "rolled_back"
 )
-
-// AllStates lists every state, forward path first.
-var AllStates = []State{Planned, TargetPrepared, SourceStopped, Exported, CloneBuilt, Trimmed,
-	Cutover, Hydrating, Hydrated, SourceReleased, Completed, RollingBack, RolledBack}
-
-// Terminal reports whether no event leaves s.
-func (s State) Terminal() bool { return s == Completed || s == RolledBack }
-
-// BeforeCutover reports whether s is on the forward path before the point of
-// no return, where an abort is still allowed.
-func (s State) BeforeCutover() bool {
-	switch s {
-	case Planned, TargetPrepared, SourceStopped, Exported, CloneBuilt, Trimmed:
-		return true
-	}
-	return false
-}
-
-// AfterCutover reports whether the target may be writing (cutover or later on the forward path).
-func (s State) AfterCutover() bool {
-	switch s {
-	case Cutover, Hydrating, Hydrated, SourceReleased, Completed:
-		return true
-	}
-	return false
-}
 
 // Valid reports whether s is a known state.
 func (s State) Valid() bool { return slices.Contains(AllStates, s) }
@@ -99,9 +77,22 @@ const (
 	EvReport   Event = "report" // an error or stall report from a participant
 )
 
+// RowKind says whether a row is somebody's job.
+type RowKind uint8
+
+const (
+	// Duty: when the migration is in a From state, the row's roles must do
+	// their step and propose the event; nothing else moves the migration on.
+	Duty RowKind = iota
+	// Escape: proposed only when something fails or someone decides to stop;
+	// no role has to act for it, so it gives nobody a step.
+	Escape
+)
+
 // Transition is one row of the table: Event moves a migration from any of
 // From to To, proposed by one of Roles.
 type Transition struct {
+	Kind  RowKind
 	Event Event
 	From  []State
 	To    State
@@ -109,24 +100,26 @@ type Transition struct {
 	Doc   string
 }
 
+// preCutover is where abort and failed are allowed: the forward path before
+// the target may write. BeforeCutover is read from the abort row, not from here.
 var preCutover = []State{Planned, TargetPrepared, SourceStopped, Exported, CloneBuilt, Trimmed}
 
 // Transitions is the migration state machine. Order matters only for docs.
 var Transitions = []Transition{
-	{EvTargetPrepared, []State{Planned}, TargetPrepared, []Role{RoleTarget}, "destination volume and clone metadata allocated from the carried LUKS2 layout"},
-	{EvSourceStopped, []State{TargetPrepared}, SourceStopped, []Role{RoleSource}, "machine stopped, volume flushed and frozen"},
-	{EvExported, []State{SourceStopped}, Exported, []Role{RoleSource}, "volume exported read-only over iSCSI to the target only"},
-	{EvCloneBuilt, []State{Exported}, CloneBuilt, []Role{RoleTarget}, "iSCSI session up, clone device built with hydration off, plaintext view open"},
-	{EvTrimmed, []State{CloneBuilt}, Trimmed, []Role{RoleTarget}, "fstrim marked unused regions hydrated"},
-	{EvCutover, []State{Trimmed}, Cutover, []Role{RoleTarget}, "machine started on the target, 6PN rewritten: point of no return"},
-	{EvHydrationStarted, []State{Cutover}, Hydrating, []Role{RoleTarget}, "background copy enabled"},
-	{EvHydrated, []State{Hydrating}, Hydrated, []Role{RoleTarget}, "every region copied; clone replaced by the plain device"},
-	{EvSourceReleased, []State{Hydrated}, SourceReleased, []Role{RoleSource}, "export torn down, source volume pending_destroy"},
-	{EvCompleted, []State{SourceReleased}, Completed, []Role{RoleServer}, "locks released"},
-	{EvAbort, preCutover, RollingBack, []Role{RoleOperator, RoleServer}, "operator abort, or the server saw a lease expire"},
-	{EvFailed, preCutover, RollingBack, []Role{RoleSource, RoleTarget}, "a participant cannot do its step"},
-	{EvTargetTornDown, []State{RollingBack}, RollingBack, []Role{RoleTarget, RoleOperator}, "target released its clone and volume; the machine does not run there"},
-	{EvSourceRestored, []State{RollingBack}, RolledBack, []Role{RoleSource}, "source unexported and restarted the machine (only after the target's teardown)"},
+	{Duty, EvTargetPrepared, []State{Planned}, TargetPrepared, []Role{RoleTarget}, "destination volume and clone metadata allocated from the carried LUKS2 layout"},
+	{Duty, EvSourceStopped, []State{TargetPrepared}, SourceStopped, []Role{RoleSource}, "machine stopped, volume flushed and frozen"},
+	{Duty, EvExported, []State{SourceStopped}, Exported, []Role{RoleSource}, "volume exported read-only over iSCSI to the target only"},
+	{Duty, EvCloneBuilt, []State{Exported}, CloneBuilt, []Role{RoleTarget}, "iSCSI session up, clone device built with hydration off, plaintext view open"},
+	{Duty, EvTrimmed, []State{CloneBuilt}, Trimmed, []Role{RoleTarget}, "fstrim marked unused regions hydrated"},
+	{Duty, EvCutover, []State{Trimmed}, Cutover, []Role{RoleTarget}, "machine started on the target, 6PN rewritten: point of no return"},
+	{Duty, EvHydrationStarted, []State{Cutover}, Hydrating, []Role{RoleTarget}, "background copy enabled"},
+	{Duty, EvHydrated, []State{Hydrating}, Hydrated, []Role{RoleTarget}, "every region copied; clone replaced by the plain device"},
+	{Duty, EvSourceReleased, []State{Hydrated}, SourceReleased, []Role{RoleSource}, "export torn down, source volume pending_destroy"},
+	{Duty, EvCompleted, []State{SourceReleased}, Completed, []Role{RoleServer}, "locks released"},
+	{Escape, EvAbort, preCutover, RollingBack, []Role{RoleOperator, RoleServer}, "operator abort, or the server saw a lease expire"},
+	{Escape, EvFailed, preCutover, RollingBack, []Role{RoleSource, RoleTarget}, "a participant cannot do its step"},
+	{Duty, EvTargetTornDown, []State{RollingBack}, RollingBack, []Role{RoleTarget, RoleOperator}, "target released its clone and volume; the machine does not run there"},
+	{Duty, EvSourceRestored, []State{RollingBack}, RolledBack, []Role{RoleSource}, "source unexported and restarted the machine (only after the target's teardown)"},
 }
 
 // Annotation is an event recorded on a migration without a state change.
@@ -138,9 +131,8 @@ type Annotation struct {
 
 // Annotations are the events that only update the record.
 var Annotations = []Annotation{
-	{EvProgress, []State{Exported, CloneBuilt, Trimmed, Cutover, Hydrating, Hydrated}, []Role{RoleTarget}},
-	{EvReport, []State{Planned, TargetPrepared, SourceStopped, Exported, CloneBuilt, Trimmed, Cutover,
-		Hydrating, Hydrated, SourceReleased, RollingBack}, []Role{RoleSource, RoleTarget, RoleServer}},
+	{EvProgress, progressStates(), []Role{RoleTarget}},
+	{EvReport, nonTerminal(), []Role{RoleSource, RoleTarget, RoleServer}},
 }
 
 // Lookup returns the transition row for ev, if ev changes state.
@@ -182,8 +174,8 @@ func eventDescs() []lfsm.EventDesc {
 	return out
 }
 
-// machineAt returns a looplab machine positioned at s.
-func machineAt(s State) *lfsm.FSM { return lfsm.NewFSM(string(s), eventDescs(), nil) }
+// lfsmAt returns a looplab state machine positioned at s.
+func lfsmAt(s State) *lfsm.FSM { return lfsm.NewFSM(string(s), eventDescs(), nil) }
 
 // Next checks the transition with looplab/fsm and returns the state ev leads
 // to from cur. A self-loop (ev keeps the state) is allowed.
@@ -192,7 +184,7 @@ func Next(cur State, ev Event) (State, error) {
 	if !ok {
 		return "", fmt.Errorf("event %q does not change state", ev)
 	}
-	m := machineAt(cur)
+	m := lfsmAt(cur)
 	if !m.Can(string(ev)) {
 		return "", fmt.Errorf("event %q is not allowed in state %q", ev, cur)
 	}
@@ -217,7 +209,7 @@ func asNoTransition(err error, target *lfsm.NoTransitionError) bool {
 
 // Graph renders the state machine: format "mermaid" (a stateDiagram) or "dot".
 func Graph(format string) (string, error) {
-	m := machineAt(Planned)
+	m := lfsmAt(Planned)
 	switch strings.ToLower(format) {
 	case "", "mermaid":
 		return lfsm.VisualizeWithType(m, lfsm.MERMAID)
@@ -226,6 +218,19 @@ func Graph(format string) (string, error) {
 	}
 	return "", fmt.Errorf("graph format %q: use mermaid or dot", format)
 }
+
+// invariants are what the store, the agent and the tests keep true; comments
+// cite them by number ("invariant 2").
+const invariants = `1. The source volume does not change after ` + "`source_stopped`" + ` is committed: it is frozen, and the
+   target reads exactly what the machine last wrote.
+2. The machine runs on one worker at a time: on the target only after ` + "`source_stopped`" + ` is committed,
+   on the source again (rollback) only after ` + "`target_torn_down`" + ` is committed.
+3. The source volume leaves service only after ` + "`hydrated`" + `, and is then kept for the retention window
+   (` + "`pending_destroy`" + `) before it is destroyed.
+4. A volume's key goes only to the worker that owns the volume or to the target of an active migration
+   of it, and every grant to a target is recorded in the migration.
+5. A volume attached to a machine is never destroyed.
+`
 
 // FSMDoc is the content of docs/fsm.md, generated from the table; a test keeps
 // the file equal to it (regenerate with `ferry fsm graph --doc > docs/fsm.md`).
@@ -264,9 +269,29 @@ func FSMDoc() (string, error) {
 		}
 		fmt.Fprintf(&b, "- `%s` (by %s) in %s\n", a.Event, strings.Join(roles, ", "), strings.Join(in, ", "))
 	}
+	b.WriteString("\nState sets, derived from the table: who must act (the roles of the rows that are someone's duty),\n" +
+		"abort allowed (the `from` of `abort`), target may write (`cutover` and all it leads to), source serves\n" +
+		"its export (from `exported` until `hydrated`), terminal (no row leaves it). The agent picks its steps\n" +
+		"from these; nothing lists them by hand.\n\n")
+	b.WriteString("| state | who must act | abort allowed | target may write | source serves export | terminal |\n|---|---|---|---|---|---|\n")
+	yes := func(v bool) string {
+		if v {
+			return "yes"
+		}
+		return ""
+	}
+	for _, s := range AllStates {
+		roles := make([]string, 0, 2)
+		for _, r := range s.Actors() {
+			roles = append(roles, string(r))
+		}
+		fmt.Fprintf(&b, "| `%s` | %s | %s | %s | %s | %s |\n", s, strings.Join(roles, ", "),
+			yes(s.BeforeCutover()), yes(s.AfterCutover()), yes(s.ServesExport()), yes(s.Terminal()))
+	}
 	b.WriteString("\nGuards on every proposal: the proposer holds a role of the event in this migration; the\n" +
 		"migration is in a `from` state (else the refusal names the actual state); a repeated step ID returns\n" +
 		"the first result and changes nothing; `abort` only before `cutover`; `source_restored` only after\n" +
 		"`target_torn_down` is committed (the machine never runs on two workers).\n")
+	b.WriteString("\n## Invariants\n\nThe code and its tests refer to these by number.\n\n" + invariants)
 	return b.String(), nil
 }
