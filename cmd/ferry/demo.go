@@ -3,8 +3,6 @@ package main
 import (
 	"bufio"
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -20,13 +18,15 @@ import (
 
 	"github.com/ferry-dev/ferry/api"
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/bytesize"
 	"github.com/ferry-dev/ferry/internal/logging"
+	"github.com/ferry-dev/ferry/internal/passphrase"
 	"github.com/ferry-dev/ferry/internal/testbed"
+	"github.com/ferry-dev/ferry/machine/workload"
 	"github.com/ferry-dev/ferry/netrewrite"
-	"github.com/ferry-dev/ferry/workload"
 )
 
-func init() {
+func newDemoCmd() *cobra.Command {
 	var size string
 	var keep bool
 	var dir string
@@ -41,9 +41,9 @@ acknowledged record survived and that the old 6PN address still answers; prints 
 bytes fetched vs skipped; and removes everything it made, also on Ctrl-C. Needs root.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			n, err := parseSize(size)
+			n, err := bytesize.Parse(size)
 			if err != nil {
-				return withCode(ExitUsage, err)
+				return withCode(ExitUsage, fmt.Errorf("--size: %w", err))
 			}
 			if os.Geteuid() != 0 {
 				return withCode(ExitUsage, errors.New("the demo creates network namespaces, loop devices and mounts: run it as root"))
@@ -61,7 +61,7 @@ bytes fetched vs skipped; and removes everything it made, also on Ctrl-C. Needs 
 	cmd.Flags().StringVar(&dir, "dir", "", "work dir (default: a new folder under /tmp)")
 	cmd.Flags().BoolVar(&keep, "keep", false, "leave the cluster running until Ctrl-C (inspect it with FERRY_* from the printed env)")
 	cmd.Flags().DurationVar(&runFor, "warmup", 2*time.Second, "how long the machine writes on worker A before the migration")
-	register(cmd)
+	return cmd
 }
 
 func runDemo(ctx context.Context, out io.Writer, size int64, dir string, keep bool, warmup time.Duration) (err error) {
@@ -70,9 +70,7 @@ func runDemo(ctx context.Context, out io.Writer, size int64, dir string, keep bo
 	if err != nil {
 		return err
 	}
-	suffix := make([]byte, 2)
-	rand.Read(suffix)
-	id := hex.EncodeToString(suffix)
+	id := testbed.RandHex(2)
 	if dir == "" {
 		dir = filepath.Join(os.TempDir(), "ferry-demo-"+id)
 	}
@@ -107,15 +105,13 @@ func runDemo(ctx context.Context, out io.Writer, size int64, dir string, keep bo
 	if err := bed.Fabric.RouteOrg(ctx, log, org); err != nil {
 		return err
 	}
-	step("cluster up in %v; creating a %s LUKS2 volume with ext4 on %s", time.Since(start).Round(time.Millisecond), humanBytes(size), wa)
+	step("cluster up in %v; creating a %s LUKS2 volume with ext4 on %s", time.Since(start).Round(time.Millisecond), bytesize.Format(size), wa)
 	t0 := time.Now()
 	vol := "vol_demo"
 	if _, err := c.CreateVolume(ctx, fsm.Volume{ID: vol, Worker: wa, Size: size, State: fsm.VolCreating}); err != nil {
 		return err
 	}
-	key := make([]byte, 32)
-	rand.Read(key)
-	pass := []byte(hex.EncodeToString(key))
+	pass := passphrase.New()
 	if err := c.SetVolumeKey(ctx, vol, pass); err != nil {
 		return err
 	}
@@ -125,7 +121,7 @@ func runDemo(ctx context.Context, out io.Writer, size int64, dir string, keep bo
 		return err
 	}
 	fmt.Fprintf(out, "    volume %s created in %v (data offset %s, cipher %s)\n", v.ID, time.Since(t0).Round(time.Millisecond),
-		humanBytes(v.Layout.DataOffset), v.Layout.Cipher)
+		bytesize.Format(v.Layout.DataOffset), v.Layout.Cipher)
 
 	ack := filepath.Join(dir, "ack.log")
 	addr, err := netrewrite.Build(org, bed.HostID(wa), machineNo)
@@ -179,11 +175,11 @@ func runDemo(ctx context.Context, out io.Writer, size int64, dir string, keep bo
 	fmt.Fprintf(out, "    downtime (source stopped -> machine started on target): %v\n", d.Round(time.Millisecond))
 	if p := fm.Progress; p != nil {
 		fmt.Fprintf(out, "    bytes fetched from the source: %s of %s; skipped (trim + known-zero): %s\n",
-			humanBytes(p.FetchedBytes), humanBytes(p.TotalBytes), humanBytes(p.SkippedBytes))
+			bytesize.Format(p.FetchedBytes), bytesize.Format(p.TotalBytes), bytesize.Format(p.SkippedBytes))
 		if hs, ok1 := fm.EnteredAt[fsm.Hydrating]; ok1 {
 			if hd, ok2 := fm.EnteredAt[fsm.Hydrated]; ok2 && hd.After(hs) {
 				fmt.Fprintf(out, "    hydration: %v, %s/s of fetched data\n", hd.Sub(hs).Round(time.Millisecond),
-					humanBytes(int64(float64(p.FetchedBytes)/hd.Sub(hs).Seconds())))
+					bytesize.Format(int64(float64(p.FetchedBytes)/hd.Sub(hs).Seconds())))
 			}
 		}
 	}

@@ -25,10 +25,10 @@ func iscsiStateDir(iqn string) string {
 	return filepath.Join(iscsiStateRoot, strings.NewReplacer(":", "_", "/", "_").Replace(iqn))
 }
 
-func init() {
+func newISCSICmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "iscsi", Short: "Export a volume over iSCSI (source side) or read one (target side)"}
 	cmd.AddCommand(iscsiExportCmd(), iscsiStopCmd(), iscsiReadCmd(), iscsiServeCmd())
-	register(cmd)
+	return cmd
 }
 
 func iscsiExportCmd() *cobra.Command {

@@ -14,7 +14,7 @@ import (
 	"github.com/ferry-dev/ferry/netrewrite"
 )
 
-func init() {
+func newMachineCmd() *cobra.Command {
 	mc := &cobra.Command{Use: "machine", Short: "Run, list and stop machines (the exec driver)"}
 
 	var worker, volume, killSignal string
@@ -122,5 +122,5 @@ func init() {
 	}
 	mc.AddCommand(run, list, setState("stop", "Stop a machine (kill signal, then SIGKILL after its timeout)", fsm.MachineStopped),
 		setState("start", "Start a stopped machine", fsm.MachineRunning))
-	register(mc)
+	return mc
 }

@@ -16,6 +16,8 @@ import (
 
 	"github.com/ferry-dev/ferry/api"
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/bytesize"
+	"github.com/ferry-dev/ferry/internal/drain"
 )
 
 func isTerminal(f *os.File) bool {
@@ -80,9 +82,9 @@ func makePlan(ctx context.Context, c *api.Client, machineID, target string) (*mi
 }
 
 func (p *migrationPlan) print(w io.Writer) {
-	fmt.Fprintf(w, "migrate machine %s (volume %s, %s) from %s to %s\n", p.Machine, p.Volume, humanBytes(p.VolumeSize), p.Source, p.Target)
-	fmt.Fprintf(w, "  LUKS2 layout carried from the source: data offset %s\n", humanBytes(p.DataOffset))
-	fmt.Fprintf(w, "  bytes to copy: at most %s; the source's holes (known-zero) and what fstrim frees are skipped\n", humanBytes(p.VolumeSize))
+	fmt.Fprintf(w, "migrate machine %s (volume %s, %s) from %s to %s\n", p.Machine, p.Volume, bytesize.Format(p.VolumeSize), p.Source, p.Target)
+	fmt.Fprintf(w, "  LUKS2 layout carried from the source: data offset %s\n", bytesize.Format(p.DataOffset))
+	fmt.Fprintf(w, "  bytes to copy: at most %s; the source's holes (known-zero) and what fstrim frees are skipped\n", bytesize.Format(p.VolumeSize))
 	fmt.Fprintf(w, "  6PN: %s moves to the target's host id; the old address keeps answering for the grace period\n", p.Old6PN)
 	fmt.Fprintf(w, "  locks: %s\n  steps:\n", strings.Join(p.Locks, ", "))
 	for _, s := range p.Steps {
@@ -99,7 +101,7 @@ func progressLine(m *fsm.Migration) string {
 	if m.Progress != nil {
 		pct = m.Progress.Percent()
 		if m.Progress.RateBPS > 0 {
-			rate = humanBytes(m.Progress.RateBPS) + "/s"
+			rate = bytesize.Format(m.Progress.RateBPS) + "/s"
 		}
 		if m.Progress.ETASeconds > 0 {
 			eta = "ETA " + (time.Duration(m.Progress.ETASeconds) * time.Second).String()
@@ -173,7 +175,7 @@ func outcomeCode(ms map[string]*fsm.Migration) error {
 	return nil
 }
 
-func init() {
+func newMigrateCmd() *cobra.Command {
 	var target string
 	var planOnly, wait, yes, asJSON bool
 	mig := &cobra.Command{
@@ -244,8 +246,12 @@ nothing. Exit codes: 0 completed (or started, without --wait), 1 failed, 2 usage
 	mig.Flags().BoolVarP(&yes, "yes", "y", false, "apply without asking")
 	mig.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	addClientFlags(mig)
+	return mig
+}
 
+func newAbortCmd() *cobra.Command {
 	var reason string
+	var asJSON bool
 	var targetGone bool
 	abort := &cobra.Command{
 		Use:   "abort MIGRATION-ID",
@@ -261,6 +267,9 @@ nothing. Exit codes: 0 completed (or started, without --wait), 1 failed, 2 usage
 				if err != nil {
 					return withCode(refusalCode(err), err)
 				}
+				if asJSON {
+					return writeJSONOut(cmd.OutOrStdout(), m)
+				}
 				fmt.Fprintf(cmd.OutOrStdout(), "migration %s: target teardown confirmed by the operator; the source restarts the machine\n", m.ID)
 				return nil
 			}
@@ -268,18 +277,21 @@ nothing. Exit codes: 0 completed (or started, without --wait), 1 failed, 2 usage
 			if err != nil {
 				return withCode(refusalCode(err), err)
 			}
+			if asJSON {
+				return writeJSONOut(cmd.OutOrStdout(), m)
+			}
 			fmt.Fprintf(cmd.OutOrStdout(), "migration %s is %s: the target tears down, then the machine restarts on %s\n", m.ID, m.State, m.Source)
 			return nil
 		}),
 	}
 	abort.Flags().StringVar(&reason, "reason", "operator abort", "why (recorded in the migration)")
 	abort.Flags().BoolVar(&targetGone, "target-gone", false, "while rolling back with the target worker dead for good: confirm its teardown so the source restarts the machine")
+	abort.Flags().BoolVar(&asJSON, "json", false, "print the migration record as JSON")
 	addClientFlags(abort)
-
-	register(mig, abort, drainCommand())
+	return abort
 }
 
-func drainCommand() *cobra.Command {
+func newDrainCmd() *cobra.Command {
 	var targets string
 	var parallel int
 	var planOnly, wait, yes, asJSON bool
@@ -288,7 +300,6 @@ func drainCommand() *cobra.Command {
 		Short: "Move every machine off a worker, a bounded number at a time; resumable after any crash",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			src := args[0]
 			if parallel < 1 {
 				return withCode(ExitUsage, fmt.Errorf("--parallel must be at least 1"))
 			}
@@ -301,37 +312,21 @@ func drainCommand() *cobra.Command {
 			var to []string
 			if targets != "" {
 				to = strings.Split(targets, ",")
-			} else {
-				ws, err := c.ListWorkers(ctx)
-				if err != nil {
-					return err
-				}
-				for _, w := range ws {
-					if w.Name != src && w.Alive(time.Now()) {
-						to = append(to, w.Name)
-					}
-				}
 			}
-			if len(to) == 0 {
-				return withCode(ExitRefused, fmt.Errorf("no target worker: name them with --to or start another agent"))
+			p, err := drain.MakePlan(ctx, c, args[0], to, parallel, time.Now())
+			if errors.Is(err, drain.ErrNoTarget) {
+				return withCode(ExitRefused, err)
+			} else if err != nil {
+				return withCode(refusalCode(err), err)
 			}
-			ms, err := c.ListMachines(ctx, src)
-			if err != nil {
-				return err
-			}
-			sort.Slice(ms, func(i, j int) bool { return ms[i].ID < ms[j].ID })
 			out := cmd.OutOrStdout()
-			type job struct{ machine, target string }
-			var jobs []job
-			for i, m := range ms {
-				if m.Worker == src {
-					jobs = append(jobs, job{m.ID, to[i%len(to)]})
-				}
+			if planOnly && asJSON {
+				return writeJSONOut(out, p)
 			}
 			if planOnly || !yes {
-				fmt.Fprintf(out, "drain %s: %d machines to %s, %d at a time\n", src, len(jobs), strings.Join(to, ","), parallel)
-				for _, j := range jobs {
-					fmt.Fprintf(out, "  %s -> %s\n", j.machine, j.target)
+				fmt.Fprintf(out, "drain %s: %d machines to %s, %d at a time\n", p.Source, len(p.Jobs), strings.Join(p.Targets, ","), p.Parallel)
+				for _, j := range p.Jobs {
+					fmt.Fprintf(out, "  %s -> %s\n", j.Machine, j.Target)
 				}
 				if planOnly {
 					return nil
@@ -340,60 +335,20 @@ func drainCommand() *cobra.Command {
 			if err := confirm(cmd, yes, "apply?"); err != nil {
 				return err
 			}
-			// Resume: migrations already running off this worker count against the limit.
-			existing, _ := c.ListMigrations(ctx, src)
-			var running []string
-			started := map[string]bool{}
-			for _, m := range existing {
-				if m.Source == src && !m.State.Terminal() {
-					running = append(running, m.ID)
-					started[m.Machine] = true
-				}
+			// With --json only the final records go to stdout; the progress
+			// lines go to stderr so the output stays one JSON document.
+			progress := out
+			if asJSON {
+				progress = cmd.ErrOrStderr()
 			}
-			var all []string
-			all = append(all, running...)
-			final := map[string]*fsm.Migration{}
-			for len(jobs) > 0 || len(running) > 0 {
-				for len(running) < parallel && len(jobs) > 0 {
-					j := jobs[0]
-					jobs = jobs[1:]
-					if started[j.machine] {
-						continue
-					}
-					m, err := c.CreateMigration(ctx, api.PlanRequest{Machine: j.machine, Target: j.target})
-					if err != nil {
-						if api.ErrorCode(err) == fsm.CodeLocked || api.ErrorCode(err) == fsm.CodeAdmission {
-							jobs = append(jobs, j) // admission said later
-							break
-						}
-						return withCode(refusalCode(err), fmt.Errorf("migrate %s: %w", j.machine, err))
-					}
-					fmt.Fprintf(out, "started %s: %s -> %s\n", m.ID, j.machine, j.target)
-					running = append(running, m.ID)
-					all = append(all, m.ID)
-				}
-				var still []string
-				for _, id := range running {
-					m, err := c.GetMigration(ctx, id)
-					if err != nil {
-						return err
-					}
-					if m.State.Terminal() {
-						final[id] = m
-						fmt.Fprintln(out, progressLine(m))
-					} else {
-						still = append(still, id)
-					}
-				}
-				running = still
-				if !wait && len(jobs) == 0 {
-					break
-				}
-				select {
-				case <-ctx.Done():
-					return ctx.Err()
-				case <-time.After(300 * time.Millisecond):
-				}
+			final, err := drain.Run(ctx, c, p, drain.Options{Wait: wait,
+				OnStart: func(m *fsm.Migration, j drain.Job) {
+					fmt.Fprintf(progress, "started %s: %s -> %s\n", m.ID, j.Machine, j.Target)
+				},
+				OnEnd: func(m *fsm.Migration) { fmt.Fprintln(progress, progressLine(m)) },
+			})
+			if err != nil {
+				return withCode(refusalCode(err), err)
 			}
 			if asJSON {
 				return writeJSONOut(out, final)
@@ -406,7 +361,7 @@ func drainCommand() *cobra.Command {
 	cmd.Flags().BoolVar(&planOnly, "plan", false, "print the plan and change nothing")
 	cmd.Flags().BoolVar(&wait, "wait", true, "wait until every migration ended")
 	cmd.Flags().BoolVarP(&yes, "yes", "y", false, "apply without asking")
-	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON: the plan with --plan, else the ended migrations")
 	addClientFlags(cmd)
 	return cmd
 }

@@ -496,5 +496,3 @@ func dropSide(store netrewrite.Store, old netrewrite.Addr, target bool) error {
 	}
 	return store.Put(rec)
 }
-
-func init() { register(newNetCmd()) }

@@ -15,7 +15,7 @@ import (
 	"github.com/ferry-dev/ferry/fsm"
 )
 
-func init() {
+func newStatusCmd() *cobra.Command {
 	var asJSON, watch bool
 	var worker string
 	cmd := &cobra.Command{
@@ -60,7 +60,7 @@ func init() {
 	cmd.Flags().StringVar(&worker, "worker", "", "only migrations naming this worker")
 	cmd.Flags().BoolVar(&watch, "watch", false, "with an ID: print each change until the migration ends (blocking queries, no polling)")
 	addClientFlags(cmd)
-	register(cmd)
+	return cmd
 }
 
 // watchMigration prints a line per change of migration id until it ends;

@@ -2,14 +2,11 @@ package main
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
 	"os"
 	"os/signal"
-	"strconv"
 	"strings"
 	"syscall"
 	"text/tabwriter"
@@ -20,57 +17,23 @@ import (
 	"github.com/ferry-dev/ferry/api"
 	"github.com/ferry-dev/ferry/datapath"
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/bytesize"
+	"github.com/ferry-dev/ferry/internal/passphrase"
 )
 
-// parseSize reads 512, 64M, 1G, 2T (binary units).
-func parseSize(s string) (int64, error) {
-	s = strings.TrimSpace(strings.ToUpper(strings.TrimSuffix(strings.ToUpper(s), "B")))
-	mult := int64(1)
-	if n := len(s); n > 0 {
-		switch s[n-1] {
-		case 'K':
-			mult, s = 1<<10, s[:n-1]
-		case 'M':
-			mult, s = 1<<20, s[:n-1]
-		case 'G':
-			mult, s = 1<<30, s[:n-1]
-		case 'T':
-			mult, s = 1<<40, s[:n-1]
-		}
-	}
-	v, err := strconv.ParseInt(strings.TrimSuffix(s, "I"), 10, 64)
-	if err != nil || v <= 0 {
-		return 0, fmt.Errorf("size %q: use a positive number with an optional K, M, G or T suffix", s)
-	}
-	return v * mult, nil
-}
-
-func humanBytes(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
-}
-
-func init() {
+func newVolumeCmd() *cobra.Command {
 	vol := &cobra.Command{Use: "volume", Short: "Create, list, show and destroy encrypted volumes"}
 
 	var worker, size string
-	var wait bool
+	var wait, createJSON bool
 	create := &cobra.Command{
 		Use:   "create ID --worker W --size SIZE",
 		Short: "Create a LUKS2-encrypted volume with ext4 on a worker (its agent formats it)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			n, err := parseSize(size)
+			n, err := bytesize.Parse(size)
 			if err != nil {
-				return withCode(ExitUsage, err)
+				return withCode(ExitUsage, fmt.Errorf("--size: %w", err))
 			}
 			if worker == "" {
 				return withCode(ExitUsage, fmt.Errorf("--worker is required"))
@@ -85,11 +48,7 @@ func init() {
 			if err != nil {
 				return withCode(refusalCode(err), err)
 			}
-			key := make([]byte, 32)
-			if _, err := rand.Read(key); err != nil {
-				return err
-			}
-			pass := []byte(hex.EncodeToString(key))
+			pass := passphrase.New()
 			if err := c.SetVolumeKey(ctx, v.ID, pass); err != nil {
 				return withCode(refusalCode(err), fmt.Errorf("store the key of volume %s: %w", v.ID, err))
 			}
@@ -99,13 +58,17 @@ func init() {
 					return err
 				}
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "volume %s on %s: %s, %s\n", v.ID, v.Worker, humanBytes(v.Size), v.State)
+			if createJSON {
+				return writeJSONOut(cmd.OutOrStdout(), v)
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "volume %s on %s: %s, %s\n", v.ID, v.Worker, bytesize.Format(v.Size), v.State)
 			return nil
 		},
 	}
 	create.Flags().StringVar(&worker, "worker", "", "worker that holds the volume")
-	create.Flags().StringVar(&size, "size", "1G", "size (K, M, G, T suffixes)")
+	create.Flags().StringVar(&size, "size", "1G", "size: 4096, 512MiB, 100GiB, 1G (bare K, M, G, T are binary)")
 	create.Flags().BoolVar(&wait, "wait", true, "wait until the worker formatted it")
+	create.Flags().BoolVar(&createJSON, "json", false, "print the volume record as JSON")
 	addClientFlags(create)
 
 	var asJSON bool
@@ -124,7 +87,7 @@ func init() {
 			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "ID\tWORKER\tSIZE\tSTATE\tMACHINE")
 			for _, v := range vs {
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", v.ID, v.Worker, humanBytes(v.Size), v.State, v.AttachedMachine)
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", v.ID, v.Worker, bytesize.Format(v.Size), v.State, v.AttachedMachine)
 			}
 			return tw.Flush()
 		}),
@@ -148,6 +111,7 @@ func init() {
 	addClientFlags(show)
 
 	var retention time.Duration
+	var destroyJSON bool
 	destroy := &cobra.Command{
 		Use:   "destroy ID",
 		Short: "Destroy a volume after a retention window (refused while a machine uses it)",
@@ -156,6 +120,9 @@ func init() {
 			v, err := c.DestroyVolume(cmd.Context(), args[0], retention)
 			if err != nil {
 				return withCode(refusalCode(err), err)
+			}
+			if destroyJSON {
+				return writeJSONOut(cmd.OutOrStdout(), v)
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "volume %s is %s", v.ID, v.State)
 			if !v.DestroyAfter.IsZero() {
@@ -166,6 +133,7 @@ func init() {
 		}),
 	}
 	destroy.Flags().DurationVar(&retention, "retention", fsm.DefaultDestroyRetention, "how long the data is kept before it is really deleted")
+	destroy.Flags().BoolVar(&destroyJSON, "json", false, "print the volume record as JSON")
 	addClientFlags(destroy)
 
 	var cfgPath string
@@ -205,7 +173,7 @@ func init() {
 	serve.Flags().StringVar(&cfgPath, "config", "", "datapath configuration (JSON)")
 
 	vol.AddCommand(create, list, show, destroy, serve)
-	register(vol)
+	return vol
 }
 
 // refusalCode maps an API refusal to the "refused" exit code.

@@ -12,13 +12,13 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/ferry-dev/ferry/workload"
+	"github.com/ferry-dev/ferry/machine/workload"
 )
 
 // `ferry workload run` is the demo and test machine: it appends checksummed
 // records to its volume and acknowledges durable batches outside it, and
 // answers TCP on its 6PN address so address rewriting can be checked.
-func init() {
+func newWorkloadCmd() *cobra.Command {
 	var cfg workload.Config
 	var listen string
 	run := &cobra.Command{
@@ -70,7 +70,7 @@ func init() {
 	}
 	wl := &cobra.Command{Use: "workload", Short: "The checksummed-records workload used by the demo and tests", Hidden: true}
 	wl.AddCommand(run, verify)
-	register(wl)
+	return wl
 }
 
 func echo(ln net.Listener) {

@@ -22,7 +22,7 @@ import (
 	"github.com/ferry-dev/ferry/internal/testbed"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
 	"github.com/ferry-dev/ferry/luks"
-	"github.com/ferry-dev/ferry/workload"
+	"github.com/ferry-dev/ferry/machine/workload"
 )
 
 // bed starts a two-worker cluster (server + agents in namespaces).

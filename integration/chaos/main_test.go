@@ -28,7 +28,7 @@ import (
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/testbed"
 	"github.com/ferry-dev/ferry/iscsi"
-	"github.com/ferry-dev/ferry/workload"
+	"github.com/ferry-dev/ferry/machine/workload"
 )
 
 var ferryBin string

@@ -23,8 +23,8 @@ import (
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/testbed"
 	"github.com/ferry-dev/ferry/machine"
+	"github.com/ferry-dev/ferry/machine/workload"
 	"github.com/ferry-dev/ferry/netrewrite"
-	"github.com/ferry-dev/ferry/workload"
 )
 
 var ferryBin string
