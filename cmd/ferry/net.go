@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/netip"
 	"path/filepath"
@@ -386,29 +387,14 @@ func newNetStepCmd(step string) *cobra.Command {
 				return err
 			}
 			plan := netrewrite.TargetPlan{Machine: m, Old: o, Mode: netrewrite.Mode(mode)}
-			store := mappingStore(dataDir)
 			if step == "rollback" {
-				if err := netrewrite.RollbackTarget(cmd.Context(), log, plan); err != nil {
-					return err
-				}
-				return dropSide(store, o, true)
+				return mappingStore(dataDir).RollbackTarget(cmd.Context(), log, plan)
 			}
-			if err := netrewrite.CutoverTarget(cmd.Context(), log, plan); err != nil {
-				return err
-			}
-			if grace <= 0 {
-				return nil
-			}
-			rec, err := netrewrite.NewMapping(machine, plan, nil, time.Now(), grace)
-			if err != nil {
+			err = mappingStore(dataDir).CutoverTarget(cmd.Context(), log, machine, plan, time.Now(), grace)
+			if errors.Is(err, netrewrite.ErrBadAddr) {
 				return withCode(ExitUsage, err)
 			}
-			if prev, ok, err := store.Get(o); err != nil {
-				return err
-			} else if ok {
-				rec.Source = prev.Source
-			}
-			return store.Put(rec)
+			return err
 		},
 	}
 	tf.add(target, "the machine's NEW 6PN address (on the target)")
@@ -434,32 +420,20 @@ func newNetStepCmd(step string) *cobra.Command {
 				return err
 			}
 			plan := netrewrite.SourcePlan{Machine: m, Via: v, ViaDev: viaDev}
-			store := mappingStore(dataDir)
 			if step == "rollback" {
-				if err := netrewrite.RollbackSource(cmd.Context(), log, plan); err != nil {
-					return err
+				return mappingStore(dataDir).RollbackSource(cmd.Context(), log, plan)
+			}
+			var n netrewrite.Addr
+			if newAddr != "" {
+				if n, err = netrewrite.Parse(newAddr); err != nil {
+					return withCode(ExitUsage, fmt.Errorf("--new: %w", err))
 				}
-				return dropSide(store, m.Addr, false)
 			}
-			if err := netrewrite.CutoverSource(cmd.Context(), log, plan); err != nil {
-				return err
+			err = mappingStore(dataDir).CutoverSource(cmd.Context(), log, machine, plan, n, time.Now(), grace)
+			if errors.Is(err, netrewrite.ErrBadAddr) {
+				return withCode(ExitUsage, err)
 			}
-			if grace <= 0 {
-				return nil
-			}
-			rec, ok, err := store.Get(m.Addr)
-			if err != nil {
-				return err
-			}
-			if !ok {
-				n, err := netrewrite.Parse(newAddr)
-				if err != nil {
-					return withCode(ExitUsage, fmt.Errorf("--new (needed to record the mapping): %w", err))
-				}
-				rec = netrewrite.Mapping{Machine: machine, Old: m.Addr, New: n, Until: time.Now().Add(grace).UTC()}
-			}
-			rec.Source = &plan
-			return store.Put(rec)
+			return err
 		},
 	}
 	sf.add(source, "the machine's OLD 6PN address (on the source)")
@@ -477,22 +451,4 @@ func newNetStepCmd(step string) *cobra.Command {
 	}
 	cmd.AddCommand(target, source)
 	return cmd
-}
-
-// dropSide forgets one side of a rolled-back mapping record, and the record
-// once neither side is left.
-func dropSide(store netrewrite.Store, old netrewrite.Addr, target bool) error {
-	rec, ok, err := store.Get(old)
-	if err != nil || !ok {
-		return err
-	}
-	if target {
-		rec.Target = nil
-	} else {
-		rec.Source = nil
-	}
-	if rec.Target == nil && rec.Source == nil {
-		return store.Delete(old)
-	}
-	return store.Put(rec)
 }
