@@ -20,6 +20,7 @@ import (
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/bytesize"
 	"github.com/ferry-dev/ferry/internal/logging"
+	"github.com/ferry-dev/ferry/internal/operator"
 	"github.com/ferry-dev/ferry/internal/passphrase"
 	"github.com/ferry-dev/ferry/internal/testbed"
 	"github.com/ferry-dev/ferry/machine/workload"
@@ -116,7 +117,7 @@ func runDemo(ctx context.Context, out io.Writer, size int64, dir string, keep bo
 		return err
 	}
 	clear(pass)
-	v, err := waitVolume(ctx, c, vol, fsm.VolCreated, 3*time.Minute)
+	v, err := operator.WaitVolume(ctx, c, vol, fsm.VolCreated, 3*time.Minute)
 	if err != nil {
 		return err
 	}
@@ -147,7 +148,7 @@ func runDemo(ctx context.Context, out io.Writer, size int64, dir string, keep bo
 	if err != nil {
 		return err
 	}
-	final, err := waitMigrations(ctx, c, out, []string{m.ID}, isTerminal(os.Stdout))
+	final, err := operator.FollowMigrations(ctx, c, out, []string{m.ID}, isTerminal(os.Stdout))
 	if err != nil {
 		return err
 	}

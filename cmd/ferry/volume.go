@@ -18,7 +18,7 @@ import (
 	"github.com/ferry-dev/ferry/datapath"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/bytesize"
-	"github.com/ferry-dev/ferry/internal/passphrase"
+	"github.com/ferry-dev/ferry/internal/operator"
 )
 
 func newVolumeCmd() *cobra.Command {
@@ -43,20 +43,13 @@ func newVolumeCmd() *cobra.Command {
 				return err
 			}
 			defer c.Close()
-			ctx := cmd.Context()
-			v, err := c.CreateVolume(ctx, fsm.Volume{ID: args[0], Worker: worker, Size: n, State: fsm.VolCreating})
-			if err != nil {
-				return withCode(refusalCode(err), err)
-			}
-			pass := passphrase.New()
-			if err := c.SetVolumeKey(ctx, v.ID, pass); err != nil {
-				return withCode(refusalCode(err), fmt.Errorf("store the key of volume %s: %w", v.ID, err))
-			}
-			clear(pass)
+			var timeout time.Duration
 			if wait {
-				if v, err = waitVolume(ctx, c, v.ID, fsm.VolCreated, 5*time.Minute); err != nil {
-					return err
-				}
+				timeout = 5 * time.Minute
+			}
+			v, err := operator.CreateVolume(cmd.Context(), c, args[0], worker, n, timeout)
+			if err != nil {
+				return withCode(exitCode(err), err)
 			}
 			if createJSON {
 				return writeJSONOut(cmd.OutOrStdout(), v)
@@ -183,26 +176,4 @@ func refusalCode(err error) int {
 		return ExitRefused
 	}
 	return ExitFailed
-}
-
-func waitVolume(ctx context.Context, c *api.Client, id string, want fsm.VolumeState, timeout time.Duration) (*fsm.Volume, error) {
-	deadline := time.Now().Add(timeout)
-	for {
-		v, err := c.GetVolume(ctx, id)
-		if err == nil && v.State == want {
-			return v, nil
-		}
-		if time.Now().After(deadline) {
-			st := "unknown"
-			if v != nil {
-				st = string(v.State)
-			}
-			return nil, fmt.Errorf("volume %s is still %s after %v: is the agent of its worker running? (see its log)", id, st, timeout)
-		}
-		select {
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		case <-time.After(200 * time.Millisecond):
-		}
-	}
 }
