@@ -20,7 +20,7 @@ import (
 type stepFunc func(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error
 
 // stepFor picks this worker's step for the committed state, or nil when the
-// state waits on someone else. The table mirrors DESIGN.md's.
+// state waits on someone else. The roles per state are in docs/fsm.md.
 func (a *Agent) stepFor(m *fsm.Migration) stepFunc {
 	src, dst := m.Source == a.cfg.Worker, m.Target == a.cfg.Worker
 	switch {

@@ -18,7 +18,7 @@ import (
 // State is a migration state.
 type State string
 
-// The states of DESIGN.md, in forward order, then the rollback path.
+// The states, in forward order, then the rollback path (docs/fsm.md).
 const (
 	Planned        State = "planned"
 	TargetPrepared State = "target_prepared"

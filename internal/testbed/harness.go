@@ -154,7 +154,7 @@ func (b *Bed) VerifyRecords(machineID, worker, ack string) (present, acked uint6
 }
 
 // NeverTwice checks the machine's run intervals on different workers never
-// overlap (DESIGN.md invariant 2).
+// overlap (invariant 2 in docs/architecture.md).
 func (b *Bed) NeverTwice(machineID string) error {
 	type iv struct {
 		w    string
