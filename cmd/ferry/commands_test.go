@@ -2,11 +2,15 @@ package main
 
 import (
 	"errors"
+	"fmt"
 	"sort"
 	"strings"
 	"testing"
 
 	"github.com/spf13/cobra"
+
+	"github.com/ferry-dev/ferry/api"
+	"github.com/ferry-dev/ferry/internal/operator"
 )
 
 // walk calls f for every runnable command under c.
@@ -102,6 +106,23 @@ func TestVolumeCreateSizeFlag(t *testing.T) {
 		var e *exitError
 		if err == nil || !strings.Contains(err.Error(), "--size") || !errors.As(err, &e) || e.code != ExitUsage {
 			t.Errorf("--size %s: %v; want a usage error naming --size", size, err)
+		}
+	}
+}
+
+func TestExitCodes(t *testing.T) {
+	for _, c := range []struct {
+		err  error
+		want int
+	}{
+		{fmt.Errorf("x: %w", operator.ErrInvalid), ExitUsage},
+		{fmt.Errorf("x: %w", operator.ErrRefused), ExitRefused},
+		{fmt.Errorf("create: %w", &api.Error{Status: 409, Code: "locked"}), ExitRefused},
+		{&api.Error{Status: 503}, ExitFailed},
+		{errors.New("connection refused"), ExitFailed},
+	} {
+		if got := exitCode(c.err); got != c.want {
+			t.Errorf("exitCode(%v) = %d, want %d", c.err, got, c.want)
 		}
 	}
 }

@@ -3,10 +3,7 @@ package main
 import (
 	"errors"
 
-	"github.com/rs/zerolog"
-
 	"github.com/ferry-dev/ferry/api"
-	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/operator"
 )
 
@@ -22,16 +19,11 @@ func exitCode(err error) int {
 	return refusalCode(err)
 }
 
-func asAPIError(err error, target **api.Error) bool { return errors.As(err, target) }
-
-func apiMachineState(st fsm.MachineState) api.MachineUpdate { return api.MachineUpdate{State: &st} }
-
-type zerologLevel = zerolog.Level
-
-func parseLevel(s string) zerolog.Level {
-	l, err := zerolog.ParseLevel(s)
-	if err != nil {
-		return zerolog.InfoLevel
+// refusalCode maps an API refusal (a 4xx reply) to the "refused" exit code.
+func refusalCode(err error) int {
+	var e *api.Error
+	if errors.As(err, &e) && e.Status >= 400 && e.Status < 500 {
+		return ExitRefused
 	}
-	return l
+	return ExitFailed
 }

@@ -82,7 +82,7 @@ func newMachineCmd() *cobra.Command {
 			Short: short,
 			Args:  cobra.ExactArgs(1),
 			RunE: apiRunE(func(cmd *cobra.Command, c *api.Client, args []string) error {
-				m, err := c.UpdateMachine(cmd.Context(), args[0], apiMachineState(st))
+				m, err := c.UpdateMachine(cmd.Context(), args[0], api.MachineUpdate{State: &st})
 				if err != nil {
 					return withCode(refusalCode(err), err)
 				}

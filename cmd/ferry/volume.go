@@ -168,12 +168,3 @@ func newVolumeCmd() *cobra.Command {
 	vol.AddCommand(create, list, show, destroy, serve)
 	return vol
 }
-
-// refusalCode maps an API refusal to the "refused" exit code.
-func refusalCode(err error) int {
-	var e *api.Error
-	if ok := asAPIError(err, &e); ok && e.Status >= 400 && e.Status < 500 {
-		return ExitRefused
-	}
-	return ExitFailed
-}
