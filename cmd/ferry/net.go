@@ -8,7 +8,6 @@ import (
 	"net/netip"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -228,21 +227,11 @@ func newNetFabricCmd() *cobra.Command {
 		}
 		f := &netrewrite.Fabric{BridgeNS: bridgeNS, Prefix: p}
 		for _, m := range members {
-			parts := strings.Split(m, ",")
-			if len(parts) != 3 {
-				return nil, withCode(ExitUsage, fmt.Errorf("--member %q: use NS,HOSTID,FABRICADDR (HOSTID 0 for a peer)", m))
-			}
-			var host uint32
-			if parts[1] != "0" {
-				if host, err = parseID("member host id", parts[1]); err != nil {
-					return nil, err
-				}
-			}
-			a, err := netip.ParseAddr(parts[2])
+			fm, err := netrewrite.ParseFabricMember(m)
 			if err != nil {
-				return nil, withCode(ExitUsage, fmt.Errorf("--member %q: %w", m, err))
+				return nil, withCode(ExitUsage, fmt.Errorf("--member: %w", err))
 			}
-			f.Members = append(f.Members, netrewrite.FabricMember{NS: parts[0], HostID: host, Addr: a})
+			f.Members = append(f.Members, fm)
 		}
 		return f, nil
 	}

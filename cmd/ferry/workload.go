@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"os/signal"
@@ -43,7 +42,7 @@ func newWorkloadCmd() *cobra.Command {
 					return fmt.Errorf("workload listen %s: %w", listen, err)
 				}
 				defer ln.Close()
-				go echo(ln)
+				go workload.ServeEcho(ln)
 			}
 			return workload.Run(ctx, cfg)
 		},
@@ -71,18 +70,4 @@ func newWorkloadCmd() *cobra.Command {
 	wl := &cobra.Command{Use: "workload", Short: "The checksummed-records workload used by the demo and tests", Hidden: true}
 	wl.AddCommand(run, verify)
 	return wl
-}
-
-func echo(ln net.Listener) {
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			return
-		}
-		go func() {
-			defer c.Close()
-			c.SetDeadline(time.Now().Add(30 * time.Second))
-			io.Copy(c, c)
-		}()
-	}
 }

@@ -13,6 +13,7 @@ import (
 	"io"
 	"sort"
 	"strings"
+	"text/tabwriter"
 	"time"
 
 	"github.com/ferry-dev/ferry/fsm"
@@ -290,4 +291,125 @@ func RolledBack(ms map[string]*fsm.Migration) []string {
 	}
 	sort.Strings(rolled)
 	return rolled
+}
+
+// MigrationWatcher is what WatchMigration needs.
+type MigrationWatcher interface {
+	WatchMigration(ctx context.Context, id string, index uint64) (*fsm.Migration, uint64, error)
+}
+
+// WatchMigration prints a line per change of migration id until it ends
+// (blocking queries: the server answers when the record changes) and
+// returns the final record. For a completed migration it also prints the
+// downtime.
+func WatchMigration(ctx context.Context, c MigrationWatcher, id string, out io.Writer) (*fsm.Migration, error) {
+	var idx uint64
+	last := ""
+	for {
+		m, next, err := c.WatchMigration(ctx, id, idx)
+		if err != nil {
+			return nil, err
+		}
+		idx = next
+		line := fmt.Sprintf("%-16s %s", m.State, ProgressText(m))
+		if m.Stalled {
+			line += "  STALLED: " + m.StallCause
+		}
+		if line != last {
+			fmt.Fprintf(out, "%s  %s\n", time.Now().Format(time.TimeOnly), line)
+			last = line
+		}
+		if m.State.Terminal() {
+			if d, ok := m.Downtime(); ok && m.State == fsm.Completed {
+				fmt.Fprintf(out, "completed; downtime %s\n", d)
+			}
+			return m, nil
+		}
+	}
+}
+
+// age rounds d to what a person reads at a glance.
+func age(d time.Duration) string {
+	switch {
+	case d < time.Minute:
+		return d.Round(time.Second).String()
+	case d < time.Hour:
+		return d.Round(time.Minute).String()
+	}
+	return d.Round(time.Hour).String()
+}
+
+// ProgressText is a migration's progress in a few words ("-" before any).
+func ProgressText(m *fsm.Migration) string {
+	p := m.Progress
+	if p == nil || p.TotalBytes == 0 {
+		return "-"
+	}
+	s := fmt.Sprintf("%.0f%%", p.Percent())
+	if p.RateBPS > 0 {
+		s += fmt.Sprintf(" %.1f MiB/s", float64(p.RateBPS)/(1<<20))
+	}
+	if p.ETASeconds > 0 && p.HydratedBytes < p.TotalBytes {
+		s += " eta " + (time.Duration(p.ETASeconds) * time.Second).String()
+	}
+	return s
+}
+
+// PrintMigrations writes a table of ms, ages relative to now.
+func PrintMigrations(w io.Writer, ms []*fsm.Migration, now time.Time) {
+	if len(ms) == 0 {
+		fmt.Fprintln(w, "no migrations")
+		return
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tMACHINE\tVOLUME\tSTATE\tSOURCE -> TARGET\tAGE\tPROGRESS\tNOTE")
+	for _, m := range ms {
+		note := ""
+		if m.Stalled {
+			note = "STALLED: " + m.StallCause
+		} else if m.Rollback != nil {
+			note = "rollback: " + m.Rollback.Reason
+		} else if m.LastError != "" {
+			note = "last error: " + m.LastError
+		}
+		if len(note) > 60 {
+			note = note[:57] + "..."
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s -> %s\t%s\t%s\t%s\n", m.ID, m.Machine, m.Volume, m.State, m.Source, m.Target,
+			age(now.Sub(m.CreatedAt)), ProgressText(m), note)
+	}
+	tw.Flush()
+}
+
+// PrintMigration writes one migration in detail, ages relative to now.
+func PrintMigration(w io.Writer, m *fsm.Migration, now time.Time) {
+	fmt.Fprintf(w, "migration %s: machine %s, volume %s, %s -> %s\n", m.ID, m.Machine, m.Volume, m.Source, m.Target)
+	fmt.Fprintf(w, "state:     %s (age %s, attempts %d)\n", m.State, age(now.Sub(m.CreatedAt)), m.Attempts)
+	if d, ok := m.Downtime(); ok {
+		fmt.Fprintf(w, "downtime:  %s (source_stopped -> cutover)\n", d)
+	}
+	fmt.Fprintf(w, "progress:  %s\n", ProgressText(m))
+	if m.Stalled {
+		fmt.Fprintf(w, "STALLED:   %s\n", m.StallCause)
+	}
+	if m.LastError != "" {
+		fmt.Fprintf(w, "last error: %s\n", m.LastError)
+	}
+	if m.Rollback != nil {
+		fmt.Fprintf(w, "rollback:  %s (by %s from %s; target torn down %v, source restored %v)\n", m.Rollback.Reason, m.Rollback.By,
+			m.Rollback.From, m.Rollback.TargetTornDown, m.Rollback.SourceRestored)
+	}
+	if m.Export != nil {
+		fmt.Fprintf(w, "export:    %s %s\n", m.Export.Portal, m.Export.IQN)
+	}
+	if m.Old6PN != "" || m.New6PN != "" {
+		fmt.Fprintf(w, "6PN:       %s -> %s\n", m.Old6PN, m.New6PN)
+	}
+	var b strings.Builder
+	for _, st := range fsm.AllStates {
+		if t, ok := m.EnteredAt[st]; ok {
+			fmt.Fprintf(&b, "  %-16s %s\n", st, t.UTC().Format(time.RFC3339Nano))
+		}
+	}
+	fmt.Fprintf(w, "timeline:\n%s", b.String())
 }

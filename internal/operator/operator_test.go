@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/http"
 	"strings"
 	"testing"
@@ -249,5 +250,83 @@ func TestFollowMigrations(t *testing.T) {
 	}
 	if _, err := followMigrations(t.Context(), f, &out, []string{"nope"}, false, time.Millisecond); err == nil {
 		t.Fatal("unknown migration followed")
+	}
+}
+
+// watchFake answers blocking queries from a list of records, one per index.
+type watchFake struct {
+	seq    []*fsm.Migration
+	asked  []uint64
+	errAt  int
+	served int
+}
+
+func (w *watchFake) WatchMigration(_ context.Context, id string, index uint64) (*fsm.Migration, uint64, error) {
+	w.asked = append(w.asked, index)
+	if w.served == w.errAt {
+		return nil, 0, errors.New("server gone")
+	}
+	m := w.seq[w.served]
+	w.served++
+	return m, uint64(w.served) * 10, nil
+}
+
+func TestWatchMigration(t *testing.T) {
+	t0 := time.Now()
+	done := &fsm.Migration{ID: "a", State: fsm.Completed,
+		EnteredAt: map[fsm.State]time.Time{fsm.SourceStopped: t0, fsm.Cutover: t0.Add(2 * time.Second)}}
+	w := &watchFake{errAt: -1, seq: []*fsm.Migration{
+		{ID: "a", State: fsm.Planned}, {ID: "a", State: fsm.Planned}, // no change: one line
+		{ID: "a", State: fsm.Hydrating, Stalled: true, StallCause: "source slow"},
+		done,
+	}}
+	var out strings.Builder
+	m, err := WatchMigration(t.Context(), w, "a", &out)
+	if err != nil || m != done {
+		t.Fatalf("WatchMigration = %v, %v", m, err)
+	}
+	lines := strings.Split(strings.TrimSpace(out.String()), "\n")
+	if len(lines) != 4 || !strings.Contains(lines[1], "STALLED: source slow") || lines[3] != "completed; downtime 2s" {
+		t.Fatalf("output:\n%s", out.String())
+	}
+	// Each query carries the index of the answer before (blocking queries).
+	if fmt.Sprint(w.asked) != "[0 10 20 30]" {
+		t.Fatalf("indexes asked %v", w.asked)
+	}
+	w = &watchFake{errAt: 1, seq: []*fsm.Migration{{ID: "a", State: fsm.Planned}}}
+	if _, err := WatchMigration(t.Context(), w, "a", &out); err == nil {
+		t.Fatal("a failed query ended the watch without an error")
+	}
+}
+
+func TestPrintMigrations(t *testing.T) {
+	now := time.Date(2026, 1, 1, 12, 0, 0, 0, time.UTC)
+	var b strings.Builder
+	PrintMigrations(&b, nil, now)
+	if b.String() != "no migrations\n" {
+		t.Fatalf("empty: %q", b.String())
+	}
+	b.Reset()
+	ms := []*fsm.Migration{
+		{ID: "m-1", Machine: "m1", Volume: "v1", State: fsm.Hydrating, Source: "a", Target: "b", CreatedAt: now.Add(-90 * time.Second),
+			Progress: &fsm.Progress{TotalBytes: 4, HydratedBytes: 1}},
+		{ID: "m-2", Machine: "m2", Volume: "v2", State: fsm.RolledBack, Source: "a", Target: "c", CreatedAt: now.Add(-3 * time.Hour),
+			Rollback: &fsm.RollbackInfo{Reason: strings.Repeat("x", 100)}},
+	}
+	PrintMigrations(&b, ms, now)
+	got := b.String()
+	for _, want := range []string{"a -> b", "2m0s", "25%", "3h0m0s", "rollback: xxx", "..."} {
+		if !strings.Contains(got, want) {
+			t.Errorf("table lacks %q:\n%s", want, got)
+		}
+	}
+	b.Reset()
+	ms[0].Export = &fsm.Export{Portal: "[fd00::a]:3260", IQN: "iqn.x"}
+	ms[0].EnteredAt = map[fsm.State]time.Time{fsm.Planned: now}
+	PrintMigration(&b, ms[0], now)
+	for _, want := range []string{"migration m-1: machine m1, volume v1, a -> b", "export:    [fd00::a]:3260 iqn.x", "planned"} {
+		if !strings.Contains(b.String(), want) {
+			t.Errorf("detail lacks %q:\n%s", want, b.String())
+		}
 	}
 }
