@@ -15,7 +15,13 @@ import (
 
 func newMachineCmd() *cobra.Command {
 	mc := &cobra.Command{Use: "machine", Short: "Run, list and stop machines (the exec driver)"}
+	mc.AddCommand(newMachineRunCmd(), newMachineListCmd(),
+		newMachineStateCmd("stop", "Stop a machine (kill signal, then SIGKILL after its timeout)", fsm.MachineStopped),
+		newMachineStateCmd("start", "Start a stopped machine", fsm.MachineRunning))
+	return mc
+}
 
+func newMachineRunCmd() *cobra.Command {
 	var worker, volume, killSignal string
 	var org, number uint32
 	var killTimeout time.Duration
@@ -49,7 +55,11 @@ func newMachineCmd() *cobra.Command {
 	run.Flags().StringToStringVar(&env, "env", nil, "extra environment (k=v,...)")
 	run.Flags().BoolVar(&runJSON, "json", false, "print the machine record as JSON")
 	addClientFlags(run)
+	return run
+}
 
+func newMachineListCmd() *cobra.Command {
+	var worker string
 	var asJSON bool
 	list := &cobra.Command{
 		Use:   "list",
@@ -74,30 +84,29 @@ func newMachineCmd() *cobra.Command {
 	list.Flags().StringVar(&worker, "worker", "", "only machines of this worker")
 	list.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	addClientFlags(list)
+	return list
+}
 
-	setState := func(use, short string, st fsm.MachineState) *cobra.Command {
-		var asJSON bool
-		c := &cobra.Command{
-			Use:   use + " ID",
-			Short: short,
-			Args:  cobra.ExactArgs(1),
-			RunE: apiRunE(func(cmd *cobra.Command, c *api.Client, args []string) error {
-				m, err := c.UpdateMachine(cmd.Context(), args[0], api.MachineUpdate{State: &st})
-				if err != nil {
-					return withCode(refusalCode(err), err)
-				}
-				if asJSON {
-					return writeJSONOut(cmd.OutOrStdout(), m)
-				}
-				fmt.Fprintf(cmd.OutOrStdout(), "machine %s: %s (its agent applies it)\n", m.ID, m.State)
-				return nil
-			}),
-		}
-		c.Flags().BoolVar(&asJSON, "json", false, "print the machine record as JSON")
-		addClientFlags(c)
-		return c
+// newMachineStateCmd builds a command that sets the machine's wanted state.
+func newMachineStateCmd(use, short string, st fsm.MachineState) *cobra.Command {
+	var asJSON bool
+	c := &cobra.Command{
+		Use:   use + " ID",
+		Short: short,
+		Args:  cobra.ExactArgs(1),
+		RunE: apiRunE(func(cmd *cobra.Command, c *api.Client, args []string) error {
+			m, err := c.UpdateMachine(cmd.Context(), args[0], api.MachineUpdate{State: &st})
+			if err != nil {
+				return withCode(refusalCode(err), err)
+			}
+			if asJSON {
+				return writeJSONOut(cmd.OutOrStdout(), m)
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "machine %s: %s (its agent applies it)\n", m.ID, m.State)
+			return nil
+		}),
 	}
-	mc.AddCommand(run, list, setState("stop", "Stop a machine (kill signal, then SIGKILL after its timeout)", fsm.MachineStopped),
-		setState("start", "Start a stopped machine", fsm.MachineRunning))
-	return mc
+	c.Flags().BoolVar(&asJSON, "json", false, "print the machine record as JSON")
+	addClientFlags(c)
+	return c
 }

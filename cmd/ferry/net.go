@@ -56,7 +56,13 @@ func newNetCmd() *cobra.Command {
 		Use:   "net",
 		Short: "6PN addresses and the old->new address mappings of migrated machines",
 	}
+	netCmd.AddCommand(newNetAddrCmd(), newNetMappingsCmd(), newNetExpireCmd(), newNetStateCmd(), newNetFabricCmd(),
+		newNetMachineCmd(), newNetStepCmd("cutover"), newNetStepCmd("rollback"))
+	return netCmd
+}
 
+// newNetAddrCmd builds `ferry net addr build|parse`.
+func newNetAddrCmd() *cobra.Command {
 	var asJSON bool
 	addrCmd := &cobra.Command{Use: "addr", Short: "Build and parse 6PN addresses (fdaa:ORG:HOST:MACHINE::)"}
 	var org, host, machine string
@@ -104,7 +110,10 @@ func newNetCmd() *cobra.Command {
 	}
 	addrCmd.PersistentFlags().BoolVar(&asJSON, "json", false, "print JSON")
 	addrCmd.AddCommand(build, parse)
+	return addrCmd
+}
 
+func newNetMappingsCmd() *cobra.Command {
 	var dataDir string
 	var namespaces []string
 	var all, mapJSON bool
@@ -171,7 +180,11 @@ func newNetCmd() *cobra.Command {
 	mappings.Flags().StringSliceVar(&namespaces, "ns", nil, "also list the mappings in these network namespaces' kernel state (\"\" = this one)")
 	mappings.Flags().BoolVar(&all, "all", false, "include records whose grace period has ended but were not expired yet")
 	mappings.Flags().BoolVar(&mapJSON, "json", false, "print JSON")
+	return mappings
+}
 
+func newNetExpireCmd() *cobra.Command {
+	var dataDir string
 	expire := &cobra.Command{
 		Use:   "expire",
 		Short: "Remove the mappings whose grace period has ended (what the agent does on a timer)",
@@ -191,7 +204,10 @@ func newNetCmd() *cobra.Command {
 		},
 	}
 	expire.Flags().StringVar(&dataDir, "data-dir", defaultDataDir, "agent data directory")
+	return expire
+}
 
+func newNetStateCmd() *cobra.Command {
 	state := &cobra.Command{
 		Use:   "state [NS]",
 		Short: "Print a namespace's IPv6 addresses, routes and nft ruleset (the snapshot tests compare)",
@@ -209,9 +225,7 @@ func newNetCmd() *cobra.Command {
 			return err
 		},
 	}
-
-	netCmd.AddCommand(addrCmd, mappings, expire, state, newNetFabricCmd(), newNetMachineCmd(), newNetStepCmd("cutover"), newNetStepCmd("rollback"))
-	return netCmd
+	return state
 }
 
 // newNetFabricCmd builds `ferry net fabric up|down`: the private network

@@ -23,7 +23,11 @@ import (
 
 func newVolumeCmd() *cobra.Command {
 	vol := &cobra.Command{Use: "volume", Short: "Create, list, show and destroy encrypted volumes"}
+	vol.AddCommand(newVolumeCreateCmd(), newVolumeListCmd(), newVolumeShowCmd(), newVolumeDestroyCmd(), newVolumeServeCmd())
+	return vol
+}
 
+func newVolumeCreateCmd() *cobra.Command {
 	var worker, size string
 	var wait, createJSON bool
 	create := &cobra.Command{
@@ -63,7 +67,11 @@ func newVolumeCmd() *cobra.Command {
 	create.Flags().BoolVar(&wait, "wait", true, "wait until the worker formatted it")
 	create.Flags().BoolVar(&createJSON, "json", false, "print the volume record as JSON")
 	addClientFlags(create)
+	return create
+}
 
+func newVolumeListCmd() *cobra.Command {
+	var worker string
 	var asJSON bool
 	list := &cobra.Command{
 		Use:   "list",
@@ -88,7 +96,10 @@ func newVolumeCmd() *cobra.Command {
 	list.Flags().StringVar(&worker, "worker", "", "only volumes of this worker")
 	list.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	addClientFlags(list)
+	return list
+}
 
+func newVolumeShowCmd() *cobra.Command {
 	show := &cobra.Command{
 		Use:   "show ID",
 		Short: "Show one volume (never its key)",
@@ -102,7 +113,10 @@ func newVolumeCmd() *cobra.Command {
 		}),
 	}
 	addClientFlags(show)
+	return show
+}
 
+func newVolumeDestroyCmd() *cobra.Command {
 	var retention time.Duration
 	var destroyJSON bool
 	destroy := &cobra.Command{
@@ -128,7 +142,10 @@ func newVolumeCmd() *cobra.Command {
 	destroy.Flags().DurationVar(&retention, "retention", fsm.DefaultDestroyRetention, "how long the data is kept before it is really deleted")
 	destroy.Flags().BoolVar(&destroyJSON, "json", false, "print the volume record as JSON")
 	addClientFlags(destroy)
+	return destroy
+}
 
+func newVolumeServeCmd() *cobra.Command {
 	var cfgPath string
 	serve := &cobra.Command{
 		Use:    "serve --config FILE",
@@ -164,7 +181,5 @@ func newVolumeCmd() *cobra.Command {
 		},
 	}
 	serve.Flags().StringVar(&cfgPath, "config", "", "datapath configuration (JSON)")
-
-	vol.AddCommand(create, list, show, destroy, serve)
-	return vol
+	return serve
 }
