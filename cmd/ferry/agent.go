@@ -12,6 +12,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/ferry-dev/ferry/agent"
+	"github.com/ferry-dev/ferry/internal/bytesize"
 	"github.com/ferry-dev/ferry/internal/logging"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
 	"github.com/ferry-dev/ferry/machine"
@@ -73,7 +74,7 @@ func (f *agentFlags) build(ctx context.Context) (*agent.Agent, *agent.NetNetwork
 		Script: machine.Script{}}
 	acfg := agent.Config{Worker: f.worker, HostID: f.hostID, Address: f.address, DataDir: f.dataDir, Exe: exe, LeaseTTL: f.leaseTTL}
 	if f.hydrationRate != "" && f.hydrationRate != "0" {
-		if acfg.HydrationRate, err = parseSize(f.hydrationRate); err != nil {
+		if acfg.HydrationRate, err = bytesize.Parse(f.hydrationRate); err != nil {
 			return nil, nil, withCode(ExitUsage, fmt.Errorf("--hydration-rate: %w", err))
 		}
 	}

@@ -11,17 +11,18 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/ferry-dev/ferry/blockdev"
+	"github.com/ferry-dev/ferry/internal/bytesize"
+	"github.com/ferry-dev/ferry/internal/passphrase"
 	"github.com/ferry-dev/ferry/luks"
-	"github.com/ferry-dev/ferry/luks/keystore"
 )
 
-func init() {
+func newLUKSCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "luks",
 		Short: "LUKS2 volumes: dump a header's layout, format a test volume, check a carried layout",
 	}
 	cmd.AddCommand(luksDumpCmd(), luksFormatCmd(), luksCheckCmd())
-	register(cmd)
+	return cmd
 }
 
 func luksDumpCmd() *cobra.Command {
@@ -102,7 +103,7 @@ func luksFormatCmd() *cobra.Command {
 			}
 			opts.PBKDF = pbkdf
 			if size != "" {
-				n, err := parseSize(size)
+				n, err := bytesize.Parse(size)
 				if err != nil {
 					return withCode(ExitUsage, fmt.Errorf("--size: %w", err))
 				}
@@ -113,11 +114,8 @@ func luksFormatCmd() *cobra.Command {
 				f.Close()
 			}
 			if _, err := os.Stat(keyFile); errors.Is(err, os.ErrNotExist) && generate {
-				pass, err := keystore.NewPassphrase()
-				if err != nil {
-					return withCode(ExitFailed, err)
-				}
-				err = os.WriteFile(keyFile, pass, 0o600)
+				pass := passphrase.New()
+				err := os.WriteFile(keyFile, pass, 0o600)
 				clear(pass)
 				if err != nil {
 					return withCode(ExitFailed, fmt.Errorf("write new key file: %w", err))

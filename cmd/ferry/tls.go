@@ -48,7 +48,7 @@ func newAPIClient() (*api.Client, error) {
 	return c, nil
 }
 
-func init() {
+func newTLSCmd() *cobra.Command {
 	tlsCmd := &cobra.Command{Use: "tls", Short: "Make the development CA and certificates for mTLS between every process"}
 	var dir string
 	initCmd := &cobra.Command{
@@ -87,5 +87,5 @@ func init() {
 	issueCmd.Flags().StringVar(&role, "role", "worker", "server, worker or operator")
 	issueCmd.Flags().StringSliceVar(&hosts, "host", nil, "extra DNS names or IPs for the certificate")
 	tlsCmd.AddCommand(initCmd, issueCmd)
-	register(tlsCmd)
+	return tlsCmd
 }

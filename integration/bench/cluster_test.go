@@ -20,8 +20,8 @@ import (
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/testbed"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
+	"github.com/ferry-dev/ferry/machine/workload"
 	"github.com/ferry-dev/ferry/server/servertest"
-	"github.com/ferry-dev/ferry/workload"
 )
 
 // bed starts a two-worker cluster (server + agents in namespaces).

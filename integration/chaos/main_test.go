@@ -1,5 +1,5 @@
 // Package chaos shows ferry's promise under faults: every migration ends
-// completed or rolled back, DESIGN.md's invariants hold, no acknowledged
+// completed or rolled back, the invariants hold (docs/architecture.md), no acknowledged
 // record is lost and nothing leaks, whatever is killed or cut at whatever
 // state. Real clusters (internal/testbed): agents and a server in network
 // namespaces, LUKS2 volumes, FUSE + loop + ext4, iSCSI over the fabric.
@@ -28,7 +28,7 @@ import (
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/testbed"
 	"github.com/ferry-dev/ferry/iscsi"
-	"github.com/ferry-dev/ferry/workload"
+	"github.com/ferry-dev/ferry/machine/workload"
 )
 
 var ferryBin string

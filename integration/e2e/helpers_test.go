@@ -21,10 +21,11 @@ import (
 
 	"github.com/ferry-dev/ferry/api"
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/passphrase"
 	"github.com/ferry-dev/ferry/internal/testbed"
 	"github.com/ferry-dev/ferry/machine"
+	"github.com/ferry-dev/ferry/machine/workload"
 	"github.com/ferry-dev/ferry/netrewrite"
-	"github.com/ferry-dev/ferry/workload"
 )
 
 var ferryBin string
@@ -164,7 +165,7 @@ func (e *env) createVolume(id, worker string, size int64) *fsm.Volume {
 	if _, err := e.c.CreateVolume(e.ctx, fsm.Volume{ID: id, Worker: worker, Size: size, State: fsm.VolCreating}); err != nil {
 		e.t.Fatal(err)
 	}
-	key := randHex(32)
+	key := string(passphrase.New())
 	e.keys[id] = key
 	if err := e.c.SetVolumeKey(e.ctx, id, []byte(key)); err != nil {
 		e.t.Fatal(err)

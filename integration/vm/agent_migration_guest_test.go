@@ -19,8 +19,8 @@ import (
 	"github.com/ferry-dev/ferry/api"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
+	"github.com/ferry-dev/ferry/machine/workload"
 	"github.com/ferry-dev/ferry/netrewrite"
-	"github.com/ferry-dev/ferry/workload"
 )
 
 // The guest has no nsenter: the test binary re-executes itself with these

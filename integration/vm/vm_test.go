@@ -19,6 +19,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/ferry-dev/ferry/blockdev"
+	"github.com/ferry-dev/ferry/internal/passphrase"
 	"github.com/ferry-dev/ferry/iscsi"
 	"github.com/ferry-dev/ferry/luks"
 )
@@ -260,7 +261,7 @@ func startGuestExport(t *testing.T, ctx context.Context, share string) *iscsi.Ex
 	t.Helper()
 	image := filepath.Join(share, "volume.img")
 	keyFile := filepath.Join(share, "key")
-	pass := []byte(suffix() + suffix() + suffix() + suffix())
+	pass := passphrase.New()
 	if err := os.WriteFile(keyFile, pass, 0o600); err != nil {
 		t.Fatal(err)
 	}

@@ -18,9 +18,10 @@ import (
 
 	"github.com/ferry-dev/ferry/api"
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/passphrase"
 	"github.com/ferry-dev/ferry/machine"
+	"github.com/ferry-dev/ferry/machine/workload"
 	"github.com/ferry-dev/ferry/netrewrite"
-	"github.com/ferry-dev/ferry/workload"
 )
 
 // This file holds the helpers the chaos tests and the benchmark command share:
@@ -62,7 +63,7 @@ func (b *Bed) CreateVolume(ctx context.Context, id, worker string, size int64) e
 	if _, err := b.Client.CreateVolume(ctx, fsm.Volume{ID: id, Worker: worker, Size: size, State: fsm.VolCreating}); err != nil {
 		return fmt.Errorf("create volume %s: %w", id, err)
 	}
-	if err := b.Client.SetVolumeKey(ctx, id, []byte(RandHex(32))); err != nil {
+	if err := b.Client.SetVolumeKey(ctx, id, passphrase.New()); err != nil {
 		return fmt.Errorf("key of volume %s: %w", id, err)
 	}
 	deadline := time.Now().Add(2 * time.Minute)
@@ -153,7 +154,7 @@ func (b *Bed) VerifyRecords(machineID, worker, ack string) (present, acked uint6
 }
 
 // NeverTwice checks the machine's run intervals on different workers never
-// overlap (DESIGN.md invariant 2).
+// overlap (invariant 2 in docs/architecture.md).
 func (b *Bed) NeverTwice(machineID string) error {
 	type iv struct {
 		w    string
