@@ -22,6 +22,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ferry-dev/ferry/internal/testenv"
 	"github.com/ferry-dev/ferry/iscsi"
 )
 
@@ -76,9 +77,7 @@ func (s *suite) ferry(b *testing.B) string {
 // BenchmarkSuite runs every section once (b.N is ignored: these are
 // end-to-end measurements with their own repetitions and medians).
 func BenchmarkSuite(b *testing.B) {
-	if os.Geteuid() != 0 {
-		b.Skip("the benchmark suite needs root (network namespaces, loop devices, mounts, tgtd, qemu-nbd)")
-	}
+	testenv.Root(b, "network namespaces, loop devices, mounts, tgtd, qemu-nbd")
 	dir, err := os.MkdirTemp("", "ferry-bench-")
 	if err != nil {
 		b.Fatal(err)

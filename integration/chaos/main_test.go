@@ -15,7 +15,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"sort"
 	"strings"
 	"sync"
@@ -27,6 +26,7 @@ import (
 
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/testbed"
+	"github.com/ferry-dev/ferry/internal/testenv"
 	"github.com/ferry-dev/ferry/iscsi"
 	"github.com/ferry-dev/ferry/workload"
 )
@@ -77,17 +77,9 @@ func TestMain(m *testing.M) {
 
 func requireEnv(t testing.TB) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root (network namespaces, loop devices, mounts)")
-	}
-	for _, tool := range []string{"cryptsetup", "mkfs.ext4", "nsenter", "losetup", "fstrim", "fusermount3", "ip", "ss"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("needs %s: run scripts/deps.sh", tool)
-		}
-	}
-	if _, err := os.Stat("/dev/fuse"); err != nil {
-		t.Skip("needs /dev/fuse")
-	}
+	testenv.Root(t, "network namespaces, loop devices, mounts")
+	testenv.Tools(t, "run scripts/deps.sh", "cryptsetup", "mkfs.ext4", "nsenter", "losetup", "fstrim", "fusermount3", "ip", "ss")
+	testenv.Paths(t, "modprobe fuse", "/dev/fuse")
 }
 
 // cluster is a test bed with the failpoints each agent currently runs with.

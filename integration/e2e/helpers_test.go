@@ -22,6 +22,7 @@ import (
 	"github.com/ferry-dev/ferry/api"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/testbed"
+	"github.com/ferry-dev/ferry/internal/testenv"
 	"github.com/ferry-dev/ferry/machine"
 	"github.com/ferry-dev/ferry/netrewrite"
 	"github.com/ferry-dev/ferry/workload"
@@ -47,17 +48,9 @@ func TestMain(m *testing.M) {
 
 func requireEnv(t testing.TB) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root (network namespaces, loop devices, mounts)")
-	}
-	for _, tool := range []string{"cryptsetup", "mkfs.ext4", "nsenter", "losetup", "fstrim", "fusermount3", "ip"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("needs %s: run scripts/deps.sh", tool)
-		}
-	}
-	if _, err := os.Stat("/dev/fuse"); err != nil {
-		t.Skip("needs /dev/fuse")
-	}
+	testenv.Root(t, "network namespaces, loop devices, mounts")
+	testenv.Tools(t, "run scripts/deps.sh", "cryptsetup", "mkfs.ext4", "nsenter", "losetup", "fstrim", "fusermount3", "ip")
+	testenv.Paths(t, "modprobe fuse", "/dev/fuse")
 }
 
 func randHex(n int) string {

@@ -19,6 +19,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/ferry-dev/ferry/blockdev"
+	"github.com/ferry-dev/ferry/internal/testenv"
 	"github.com/ferry-dev/ferry/iscsi"
 	"github.com/ferry-dev/ferry/luks"
 )
@@ -105,13 +106,10 @@ func moduleRoot(t *testing.T) string {
 // needVM skips without root or the host tools the harness uses, naming them.
 func needVM(t *testing.T) {
 	t.Helper()
-	if os.Getuid() != 0 {
-		t.Skip("needs root (apt-get download, depmod, qemu with 9p)")
-	}
+	testenv.Root(t, "apt-get download, depmod, qemu with 9p")
 	for _, tool := range []string{QEMU, "cryptsetup", "apt-get", "apt-cache", "dpkg-deb", "make", "gcc", "modprobe", "depmod", "xz", "busybox", "ldd"} {
-		if _, err := lookTool(tool); err != nil {
-			t.Skipf("needs %s: run scripts/deps.sh (scripts/packages.txt lists it)", tool)
-		}
+		_, err := lookTool(tool)
+		testenv.Require(t, tool+": run scripts/deps.sh (scripts/packages.txt lists it)", err == nil)
 	}
 }
 
