@@ -32,6 +32,11 @@ fmt:
 demo: deps build
 	./$(BIN) demo
 
+# Every fuzz target for FUZZTIME each; new crashers stay in testdata/fuzz.
+FUZZTIME ?= 30s
+fuzz:
+	FUZZTIME=$(FUZZTIME) GO=$(GO) ./scripts/fuzz.sh
+
 bench: deps build
 	$(GO) test -run '^$$' -bench Suite -benchtime 1x -timeout 90m -v ./integration/bench
 
