@@ -22,9 +22,13 @@ test: deps lint
 	@mkdir -p bin
 	set -o pipefail; $(GO) test -json $(TESTFLAGS) ./... | $(GO) run ./internal/cmd/testsummary -allow scripts/skip-allow.txt -o bin/test.json
 
+# staticcheck at a pinned version: a new release's new checks land on purpose.
+STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
+
 lint:
 	@out="$$(gofmt -l . )"; if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
+	$(GO) run $(STATICCHECK) ./...
 
 fmt:
 	gofmt -w .

@@ -1,6 +1,7 @@
 package dmclone
 
 import (
+	crand "crypto/rand"
 	"math/rand"
 	"os"
 	"os/exec"
@@ -53,7 +54,7 @@ func BenchmarkSparse100GiB(b *testing.B) {
 	benchSh(b, "mount", loop, mnt)
 	for i := 0; i < 5; i++ {
 		p := make([]byte, 1<<20)
-		rand.Read(p)
+		crand.Read(p)
 		os.WriteFile(filepath.Join(mnt, "f"+string(rune('0'+i))), p, 0o600)
 	}
 	benchSh(b, "umount", mnt)

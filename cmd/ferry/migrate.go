@@ -350,8 +350,6 @@ func drainCommand() *cobra.Command {
 					started[m.Machine] = true
 				}
 			}
-			var all []string
-			all = append(all, running...)
 			final := map[string]*fsm.Migration{}
 			for len(jobs) > 0 || len(running) > 0 {
 				for len(running) < parallel && len(jobs) > 0 {
@@ -370,7 +368,6 @@ func drainCommand() *cobra.Command {
 					}
 					fmt.Fprintf(out, "started %s: %s -> %s\n", m.ID, j.machine, j.target)
 					running = append(running, m.ID)
-					all = append(all, m.ID)
 				}
 				var still []string
 				for _, id := range running {

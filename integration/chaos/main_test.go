@@ -232,12 +232,11 @@ type outcome struct {
 // watcher follows a migration and hashes the source volume once it is
 // frozen, to check invariant 1 at the end.
 type watcher struct {
-	mu      sync.Mutex
-	frozen  *[32]byte
-	maxSeen fsm.State
-	states  []fsm.State
-	stop    chan struct{}
-	done    chan struct{}
+	mu     sync.Mutex
+	frozen *[32]byte
+	states []fsm.State
+	stop   chan struct{}
+	done   chan struct{}
 }
 
 func (c *cluster) watch(id, srcWorker, srcVol string) *watcher {
