@@ -118,6 +118,9 @@ func BenchmarkSuite(b *testing.B) {
 	}
 }
 
+// buildFerry builds without -race, unlike testbed.BuildFerry for e2e and
+// chaos: the race detector slows ferry several times over, and these are the
+// figures docs/benchmarks.md publishes.
 func buildFerry(dir string) (string, error) {
 	exe := filepath.Join(dir, "ferry")
 	out, err := exec.Command("go", "build", "-o", exe, "github.com/ferry-dev/ferry/cmd/ferry").CombinedOutput()

@@ -35,13 +35,16 @@ func TestMain(m *testing.M) {
 	if err != nil {
 		panic(err)
 	}
-	ferryBin = filepath.Join(dir, "ferry")
-	out, err := exec.Command("go", "build", "-o", ferryBin, "github.com/ferry-dev/ferry/cmd/ferry").CombinedOutput()
+	ferryBin, err = testbed.BuildFerry(dir)
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "build ferry: %v\n%s", err, out)
+		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
 	code := m.Run()
+	if err := testbed.RaceReports(dir, os.Stderr); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		code = 1
+	}
 	os.RemoveAll(dir)
 	os.Exit(code)
 }
