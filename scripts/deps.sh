@@ -35,6 +35,14 @@ if ((${#missing[@]})); then
 		exit 1
 	fi
 fi
+# The VM test asks apt which kernel to fetch; images often ship without package lists.
+if ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then
+	if [[ $(id -u) -eq 0 ]]; then
+		apt-get update -qq || { echo "deps: apt-get update failed: the VM test needs apt's package lists" >&2; exit 1; }
+	else
+		echo "deps: warning: apt has no package lists (run apt-get update as root): the VM test will fail in strict mode" >&2
+	fi
+fi
 # FUSE needs its device node; loop devices need the module on some hosts.
 [[ -e /dev/fuse ]] || modprobe fuse 2>/dev/null || true
 modprobe loop 2>/dev/null || true
