@@ -322,7 +322,7 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 func needKernelClone(t *testing.T) {
 	t.Helper()
 	out, err := exec.Command("dmsetup", "targets").CombinedOutput()
-	testenv.Guest(t, fmt.Sprintf("device-mapper with the dm-clone target (dmsetup targets: %v %s)", err, out),
+	testenv.Guest(t, fmt.Sprintf("device-mapper with the dm-clone target (dmsetup targets: %v %s)", err, bytes.TrimSpace(out)),
 		err == nil && bytes.Contains(out, []byte("clone ")))
 }
 

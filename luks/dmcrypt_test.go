@@ -23,7 +23,7 @@ func skipWithoutDMCrypt(t *testing.T) {
 	t.Helper()
 	needCryptsetup(t)
 	out, err := exec.Command("dmsetup", "targets").CombinedOutput()
-	testenv.Guest(t, fmt.Sprintf("root and device-mapper with dm-crypt (dmsetup targets: %v %s)", err, out),
+	testenv.Guest(t, fmt.Sprintf("root and device-mapper with dm-crypt (dmsetup targets: %v %s)", err, bytes.TrimSpace(out)),
 		err == nil && bytes.Contains(out, []byte("crypt ")) && os.Geteuid() == 0)
 }
 

@@ -122,7 +122,7 @@ func needDMCrypt(t *testing.T) {
 	t.Helper()
 	needCryptsetup(t)
 	out, err := exec.Command("dmsetup", "targets").CombinedOutput()
-	testenv.Guest(t, fmt.Sprintf("device-mapper with dm-crypt (dmsetup targets: %v %s)", err, out),
+	testenv.Guest(t, fmt.Sprintf("device-mapper with dm-crypt (dmsetup targets: %v %s)", err, bytes.TrimSpace(out)),
 		err == nil && bytes.Contains(out, []byte("crypt ")))
 }
 

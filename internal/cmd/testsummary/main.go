@@ -172,17 +172,26 @@ func (s *summary) add(line []byte) {
 	}
 }
 
-// skipReason is the message the test skipped with: the last output line
-// before the "--- SKIP" line.
+// skipReason is the message the test skipped with: its output lines other
+// than the framework's "=== RUN" and "--- SKIP", joined on one line and
+// cut at 300 bytes.
 func skipReason(lines []string) string {
-	for i := len(lines) - 1; i >= 0; i-- {
-		l := strings.TrimSpace(lines[i])
+	var parts []string
+	for _, l := range lines {
+		l = strings.Join(strings.Fields(l), " ")
 		if l == "" || strings.HasPrefix(l, "--- SKIP") || strings.HasPrefix(l, "=== ") {
 			continue
 		}
-		return l
+		parts = append(parts, l)
 	}
-	return "(no reason given)"
+	r := strings.Join(parts, " ")
+	if r == "" {
+		return "(no reason given)"
+	}
+	if len(r) > 300 {
+		r = r[:300] + "…"
+	}
+	return r
 }
 
 func (s *summary) packageDone(name string, p *pkgResult) {

@@ -34,7 +34,9 @@ const (
 func TestAllowedSkipPasses(t *testing.T) {
 	out, err := run(t, `
 {"Action":"run","Package":"`+pkgA+`","Test":"TestKernelClone"}
-{"Action":"output","Package":"`+pkgA+`","Test":"TestKernelClone","Output":"    kernel_test.go:9: needs dm-clone\n"}
+{"Action":"output","Package":"`+pkgA+`","Test":"TestKernelClone","Output":"=== RUN   TestKernelClone\n"}
+{"Action":"output","Package":"`+pkgA+`","Test":"TestKernelClone","Output":"    kernel_test.go:9: needs dm-clone (dmsetup targets: linear\n"}
+{"Action":"output","Package":"`+pkgA+`","Test":"TestKernelClone","Output":"        striped )\n"}
 {"Action":"skip","Package":"`+pkgA+`","Test":"TestKernelClone/sub"}
 {"Action":"skip","Package":"`+pkgA+`","Test":"TestKernelClone"}
 {"Action":"pass","Package":"`+pkgA+`","Test":"TestParse"}
@@ -44,7 +46,7 @@ func TestAllowedSkipPasses(t *testing.T) {
 	if err != nil {
 		t.Fatalf("an allowed skip failed the run: %v\n%s", err, out)
 	}
-	if !strings.Contains(out, "dmclone TestKernelClone: kernel_test.go:9: needs dm-clone") {
+	if !strings.Contains(out, "dmclone TestKernelClone: kernel_test.go:9: needs dm-clone (dmsetup targets: linear striped )\n") {
 		t.Errorf("the skip reason is not listed:\n%s", out)
 	}
 	if !strings.Contains(out, "total                             1      0       2") {
