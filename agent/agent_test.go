@@ -205,7 +205,8 @@ func TestPreCutoverFailureRollsBack(t *testing.T) {
 
 func TestStepIDsAreDeterministic(t *testing.T) {
 	m := &fsm.Migration{ID: "mig-x"}
-	if stepID(m, "exported") != stepID(m, "exported") || stepID(m, "a") == stepID(m, "b") {
+	first, retry := stepID(m, "exported"), stepID(m, "exported")
+	if first != retry || stepID(m, "a") == stepID(m, "b") {
 		t.Fatal("step IDs must be equal for a retry and differ between steps")
 	}
 }

@@ -1,11 +1,14 @@
 package agent
 
 import (
+	"fmt"
 	"os/exec"
 	"path/filepath"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/ferry-dev/ferry/internal/testenv"
 )
 
 func TestKillStrayExports(t *testing.T) {
@@ -15,9 +18,8 @@ func TestKillStrayExports(t *testing.T) {
 	// words in its argv, which is what killStrayExports matches.
 	start := func(d string) *exec.Cmd {
 		c := exec.Command("sh", "-c", "sleep 30", "iscsi", "serve", "--state-dir", d)
-		if err := c.Start(); err != nil {
-			t.Skipf("needs sh: %v", err)
-		}
+		err := c.Start()
+		testenv.Require(t, fmt.Sprintf("sh: %v", err), err == nil)
 		t.Cleanup(func() { c.Process.Kill(); c.Wait() })
 		return c
 	}

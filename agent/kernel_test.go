@@ -13,6 +13,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/ferry-dev/ferry/dmclone"
+	"github.com/ferry-dev/ferry/internal/testenv"
 )
 
 // The kernel backend's device work runs in the VM (integration/vm:
@@ -192,9 +193,7 @@ func FuzzParseCloneTable(f *testing.F) {
 }
 
 func TestInInitialNetNS(t *testing.T) {
-	if os.Getuid() != 0 {
-		t.Skip("needs root to read /proc/1/ns/net")
-	}
+	testenv.Root(t, "to read /proc/1/ns/net")
 	// Test processes run in PID 1's namespace unless a harness moved them.
 	self, _ := os.Readlink("/proc/self/ns/net")
 	pid1, _ := os.Readlink("/proc/1/ns/net")

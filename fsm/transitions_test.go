@@ -310,7 +310,7 @@ func TestReportAndStall(t *testing.T) {
 	if !m.Stalled || m.StallCause != "no progress for 150s" || m.Attempts != 1 || m.LastError == "" || m.State != Cutover {
 		t.Fatalf("report: %+v", m)
 	}
-	m = h.must(h.propose(dstW, EvHydrationStarted, "h", EventPayload{})).Migration
+	h.must(h.propose(dstW, EvHydrationStarted, "h", EventPayload{}))
 	m = h.must(h.propose(dstW, EvProgress, "", payloadOf(EvProgress))).Migration
 	if m.Stalled {
 		t.Fatal("progress did not clear stalled")

@@ -18,28 +18,21 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ferry-dev/ferry/blockdev"
+	"github.com/ferry-dev/ferry/internal/testenv"
 	"github.com/ferry-dev/ferry/loopdev"
 )
 
 func needFUSE(t *testing.T) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to mount FUSE")
-	}
-	if _, err := os.Stat("/dev/fuse"); err != nil {
-		t.Skip("needs /dev/fuse: modprobe fuse")
-	}
+	testenv.Root(t, "to mount FUSE")
+	testenv.Paths(t, "modprobe fuse", "/dev/fuse")
 }
 
 func needLoop(t *testing.T) {
 	t.Helper()
 	needFUSE(t)
-	if _, err := exec.LookPath("losetup"); err != nil {
-		t.Skip("needs losetup: apt-get install util-linux")
-	}
-	if _, err := os.Stat("/dev/loop-control"); err != nil {
-		t.Skip("needs loop devices: modprobe loop")
-	}
+	testenv.Tools(t, "apt-get install util-linux", "losetup")
+	testenv.Paths(t, "modprobe loop", "/dev/loop-control")
 }
 
 func mount(t *testing.T, dev blockdev.Device) *Export {
@@ -222,11 +215,7 @@ func attach(t *testing.T, path string) string {
 // (which must arrive as discards), e2fsck.
 func TestExt4OnLoop(t *testing.T) {
 	needLoop(t)
-	for _, tool := range []string{"mkfs.ext4", "e2fsck", "fstrim", "mount"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("needs %s: apt-get install e2fsprogs util-linux", tool)
-		}
-	}
+	testenv.Tools(t, "apt-get install e2fsprogs util-linux", "mkfs.ext4", "e2fsck", "fstrim", "mount")
 	d, err := blockdev.CreateSparse(filepath.Join(t.TempDir(), "backing"), 64<<20)
 	if err != nil {
 		t.Fatal(err)

@@ -2,19 +2,16 @@ package loopdev
 
 import (
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"testing"
+
+	"github.com/ferry-dev/ferry/internal/testenv"
 )
 
 func TestAttachFindDetach(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root for loop devices")
-	}
-	if _, err := exec.LookPath("losetup"); err != nil {
-		t.Skip("needs losetup: apt-get install util-linux")
-	}
+	testenv.Root(t, "loop devices")
+	testenv.Tools(t, "apt-get install util-linux", "losetup")
 	path := filepath.Join(t.TempDir(), "backing")
 	if err := os.WriteFile(path, make([]byte, 1<<20), 0o600); err != nil {
 		t.Fatal(err)

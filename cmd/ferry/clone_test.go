@@ -8,11 +8,11 @@ import (
 	"io"
 	"math/rand"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"testing"
 	"time"
 
+	"github.com/ferry-dev/ferry/internal/testenv"
 	"github.com/ferry-dev/ferry/loopdev"
 )
 
@@ -20,15 +20,9 @@ import (
 // through its control socket: status, enable-hydration, dissolve on
 // completion, remove.
 func TestCloneCLI(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root for FUSE and loop devices")
-	}
-	if _, err := exec.LookPath("losetup"); err != nil {
-		t.Skip("needs losetup: apt-get install util-linux")
-	}
-	if _, err := os.Stat("/dev/fuse"); err != nil {
-		t.Skip("needs /dev/fuse: modprobe fuse")
-	}
+	testenv.Root(t, "FUSE and loop devices")
+	testenv.Tools(t, "apt-get install util-linux", "losetup")
+	testenv.Paths(t, "modprobe fuse", "/dev/fuse")
 	dir := t.TempDir()
 	src := filepath.Join(dir, "src")
 	data := make([]byte, 16<<20)

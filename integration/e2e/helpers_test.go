@@ -23,6 +23,7 @@ import (
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/passphrase"
 	"github.com/ferry-dev/ferry/internal/testbed"
+	"github.com/ferry-dev/ferry/internal/testenv"
 	"github.com/ferry-dev/ferry/machine"
 	"github.com/ferry-dev/ferry/machine/workload"
 	"github.com/ferry-dev/ferry/netrewrite"
@@ -35,30 +36,25 @@ func TestMain(m *testing.M) {
 	if err != nil {
 		panic(err)
 	}
-	ferryBin = filepath.Join(dir, "ferry")
-	out, err := exec.Command("go", "build", "-o", ferryBin, "github.com/ferry-dev/ferry/cmd/ferry").CombinedOutput()
+	ferryBin, err = testbed.BuildFerry(dir)
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "build ferry: %v\n%s", err, out)
+		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
 	code := m.Run()
+	if err := testbed.RaceReports(dir, os.Stderr); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		code = 1
+	}
 	os.RemoveAll(dir)
 	os.Exit(code)
 }
 
 func requireEnv(t testing.TB) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root (network namespaces, loop devices, mounts)")
-	}
-	for _, tool := range []string{"cryptsetup", "mkfs.ext4", "nsenter", "losetup", "fstrim", "fusermount3", "ip"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("needs %s: run scripts/deps.sh", tool)
-		}
-	}
-	if _, err := os.Stat("/dev/fuse"); err != nil {
-		t.Skip("needs /dev/fuse")
-	}
+	testenv.Root(t, "network namespaces, loop devices, mounts")
+	testenv.Tools(t, "run scripts/deps.sh", "cryptsetup", "mkfs.ext4", "nsenter", "losetup", "fstrim", "fusermount3", "ip")
+	testenv.Paths(t, "modprobe fuse", "/dev/fuse")
 }
 
 func randHex(n int) string {

@@ -11,7 +11,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -20,6 +19,7 @@ import (
 
 	"github.com/ferry-dev/ferry/blockdev"
 	"github.com/ferry-dev/ferry/internal/passphrase"
+	"github.com/ferry-dev/ferry/internal/testenv"
 	"github.com/ferry-dev/ferry/iscsi"
 	"github.com/ferry-dev/ferry/luks"
 )
@@ -89,10 +89,11 @@ func selectedSuites() []guestSuite {
 
 // goBin is the go command building the guest's test binaries.
 func goBin() string {
+	// go test puts its own GOROOT/bin first on the test's PATH.
 	if p, err := exec.LookPath("go"); err == nil {
 		return p
 	}
-	return filepath.Join(runtime.GOROOT(), "bin", "go")
+	return "go"
 }
 
 func moduleRoot(t *testing.T) string {
@@ -106,13 +107,10 @@ func moduleRoot(t *testing.T) string {
 // needVM skips without root or the host tools the harness uses, naming them.
 func needVM(t *testing.T) {
 	t.Helper()
-	if os.Getuid() != 0 {
-		t.Skip("needs root (apt-get download, depmod, qemu with 9p)")
-	}
+	testenv.Root(t, "apt-get download, depmod, qemu with 9p")
 	for _, tool := range []string{QEMU, "cryptsetup", "apt-get", "apt-cache", "dpkg-deb", "make", "gcc", "modprobe", "depmod", "xz", "busybox", "ldd"} {
-		if _, err := lookTool(tool); err != nil {
-			t.Skipf("needs %s: run scripts/deps.sh (scripts/packages.txt lists it)", tool)
-		}
+		_, err := lookTool(tool)
+		testenv.Require(t, tool+": run scripts/deps.sh (scripts/packages.txt lists it)", err == nil)
 	}
 }
 
