@@ -27,7 +27,6 @@ type fleet struct {
 	cl   *servertest.Cluster
 	op   *api.Client
 	wa   *api.Client // worker a's own certificate
-	addr []string
 }
 
 func newFleet(t *testing.T) *fleet {
@@ -249,7 +248,7 @@ func TestMcpInMemory(t *testing.T) {
 
 		v := ok[Volume](s, "volume_destroy_apply", apply(p.PlanToken))
 		sv := must(f.op.GetVolume(ctx, "v2"))(t)
-		if v.State != "pending_destroy" || sv.State != fsm.VolPendingDelete || sv.DestroyAfter.Sub(time.Now()) < time.Hour {
+		if v.State != "pending_destroy" || sv.State != fsm.VolPendingDelete || time.Until(sv.DestroyAfter) < time.Hour {
 			t.Fatalf("after apply: tool %+v, server %+v", v, sv)
 		}
 		s.refused("volume_destroy_apply", apply(p.PlanToken), "already applied")
