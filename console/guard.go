@@ -52,7 +52,9 @@ func guard(next http.Handler, hosts map[string]bool, token string) http.Handler 
 		h.Set("Content-Security-Policy", "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'")
 		h.Set("X-Frame-Options", "DENY")
 		h.Set("X-Content-Type-Options", "nosniff")
-		h.Set("Referrer-Policy", "no-referrer")
+		// same-origin, not no-referrer: under no-referrer the browser sends
+		// "Origin: null" with our own forms, which the Origin check refuses.
+		h.Set("Referrer-Policy", "same-origin")
 		h.Set("Cache-Control", "no-store")
 		if !hosts[strings.ToLower(r.Host)] {
 			http.Error(w, "this console answers only to its own address (Host "+strconv.Quote(r.Host)+" refused); open it at the address `ferry ui` printed",
