@@ -173,7 +173,7 @@ func TestPagesAgainstARealServer(t *testing.T) {
 		t.Fatalf("migration: %d %s", code, page)
 	}
 	wantAll(t, page, `data-live="/events/migrations/m2"`, "w-src → w-dst", "fdaa:0:8:0:2:0:1:0",
-		"<td>cutover</td>", "Applied proposals", "<td>clone_built</td>", `data-state="cutover" aria-current="step"`)
+		"<td>cutover</td>", "Applied proposals", "<td>clone_built</td>", "<td>target w-dst</td>", "<td>source w-src</td>", `data-state="cutover" aria-current="step"`)
 
 	// A missing migration: the server's words and status.
 	code, page = get(t, srv.URL+"/migrations/nope")

@@ -172,11 +172,12 @@ type timelineEntry struct {
 
 // timeline merges what the record carries: when each state was committed,
 // the applied step IDs (raft index, event, result, refusal), who was handed
-// the key, and who rolled it back. The records do not name the proposer of
-// each step, only of a rollback.
+// the key, and who rolled it back. The records name the proposer of a
+// rollback only; for the other states the table's roles say who may have
+// proposed the row leading there, which is exact when one role may.
 func timeline(m *fsm.Migration) (states []timelineEntry, steps []fsm.StepResult, keys []fsm.KeyAccess) {
 	for s, t := range m.EnteredAt {
-		e := timelineEntry{At: t, What: string(s)}
+		e := timelineEntry{At: t, What: string(s), Who: proposers(m, s)}
 		if s == fsm.RollingBack && m.Rollback != nil {
 			e.Who = m.Rollback.By
 			e.What += " (from " + string(m.Rollback.From) + ": " + m.Rollback.Reason + ")"
@@ -187,6 +188,30 @@ func timeline(m *fsm.Migration) (states []timelineEntry, steps []fsm.StepResult,
 	steps = slices.Clone(m.Steps)
 	sort.SliceStable(steps, func(i, j int) bool { return steps[i].Index < steps[j].Index })
 	return states, steps, m.KeyAccess
+}
+
+// proposers names who may propose the rows entering s, from the table, with
+// the migration's workers for the source and target roles.
+func proposers(m *fsm.Migration, s fsm.State) string {
+	var who []string
+	for _, t := range fsm.Transitions {
+		if t.To != s || slices.Contains(t.From, s) {
+			continue
+		}
+		for _, r := range t.Roles {
+			name := string(r)
+			switch r {
+			case fsm.RoleSource:
+				name = "source " + m.Source
+			case fsm.RoleTarget:
+				name = "target " + m.Target
+			}
+			if !slices.Contains(who, name) {
+				who = append(who, name)
+			}
+		}
+	}
+	return strings.Join(who, " or ")
 }
 
 func humanBytes(n int64) string {

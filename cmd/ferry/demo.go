@@ -13,12 +13,14 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/ferry-dev/ferry/api"
+	"github.com/ferry-dev/ferry/console"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/logging"
 	"github.com/ferry-dev/ferry/internal/testbed"
@@ -59,7 +61,7 @@ bytes fetched vs skipped; and removes everything it made, also on Ctrl-C. Needs 
 	}
 	cmd.Flags().StringVar(&size, "size", "1G", "volume size")
 	cmd.Flags().StringVar(&dir, "dir", "", "work dir (default: a new folder under /tmp)")
-	cmd.Flags().BoolVar(&keep, "keep", false, "leave the cluster running until Ctrl-C (inspect it with FERRY_* from the printed env)")
+	cmd.Flags().BoolVar(&keep, "keep", false, "leave the cluster running until Ctrl-C and print the commands that run `ferry status` and `ferry ui` against it")
 	cmd.Flags().DurationVar(&runFor, "warmup", 2*time.Second, "how long the machine writes on worker A before the migration")
 	register(cmd)
 }
@@ -202,10 +204,27 @@ func runDemo(ctx context.Context, out io.Writer, size int64, dir string, keep bo
 	}
 	fmt.Fprintf(out, "    old address %s still answers (grace period), new address answers\n", addr)
 	if keep {
-		step("cluster kept running; Ctrl-C to clean up. Server %s, TLS %s", bed.ServerAddr, bed.TLSDir())
+		// The server answers only inside the control namespace: enter its
+		// network namespace alone (a mount namespace copy would pin the
+		// volume's mounts). The console's socket is opened outside by
+		// systemd-socket-activate, so a browser on this host reaches it.
+		ns := "/run/netns/" + bed.NSOf("ctl")
+		client := fmt.Sprintf("--server %s --tls-dir %s --cert operator", shellQuote(bed.ServerAddr), shellQuote(bed.TLSDir()))
+		step("cluster kept running; Ctrl-C to clean up. From another shell, as root:")
+		fmt.Fprintf(out, "    nsenter --net=%s -- %s status %s\n", shellQuote(ns), shellQuote(exe), client)
+		fmt.Fprintf(out, "    systemd-socket-activate --listen=%s nsenter --net=%s -- %s ui %s\n", console.DefaultListen, shellQuote(ns), shellQuote(exe), client)
+		fmt.Fprintf(out, "    then open http://%s/\n", console.DefaultListen)
 		<-ctx.Done()
 	}
 	return nil
+}
+
+// shellQuote quotes s for a POSIX shell when it needs it.
+func shellQuote(s string) string {
+	if s != "" && strings.Trim(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_./:=,@+") == "" {
+		return s
+	}
+	return "'" + strings.ReplaceAll(s, "'", `'"'"'`) + "'"
 }
 
 func levelOr(def string) zerologLevel { return parseLevel(def) }
