@@ -34,7 +34,7 @@ func chromium(t *testing.T) string {
 // TestBrowser drives headless chromium through the console: the fleet page,
 // a migration's state changing live over server-sent events, and the abort
 // flow (a refusal past cutover in the server's words, a wrong confirmation,
-// then an accepted abort). FERRY_UI_SCREENSHOTS=DIR saves screenshots there.
+// then an accepted abort), and a drain. FERRY_UI_SCREENSHOTS=DIR saves screenshots there.
 func TestBrowser(t *testing.T) {
 	exe := chromium(t)
 	f := newFleet(t)
@@ -194,4 +194,17 @@ func TestBrowser(t *testing.T) {
 	f.propose(t, "m1", f.dst, fsm.EvTargetTornDown, fsm.EventPayload{})
 	f.propose(t, "m1", f.src, fsm.EvSourceRestored, fsm.EventPayload{})
 	do("rolled back live", visible(`li[data-state="rolled_back"].done`), shot("migration"))
+
+	// Drain w-src: mach1 is free again (mach2 is on w-dst since cutover).
+	do("drain",
+		chromedp.Navigate(base+"/workers/w-src/drain"),
+		visible(`#drain-mach1`),
+		chromedp.SendKeys(chromedp.CSS(`#confirm`), "w-src"),
+		shot("drain-plan"),
+		chromedp.Click(chromedp.CSS(`#drain-submit`)),
+		visible(`#outcome`),
+	)
+	if out := text("#outcome"); !strings.Contains(out, "1 migration started") {
+		t.Fatalf("drain outcome: %q", out)
+	}
 }

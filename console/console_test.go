@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ferry-dev/ferry/api"
 	"github.com/ferry-dev/ferry/fsm"
 )
 
@@ -357,5 +358,67 @@ func TestGuardRefusesOtherHosts(t *testing.T) {
 		if resp.Header.Get("X-Frame-Options") != "DENY" || !strings.Contains(resp.Header.Get("Content-Security-Policy"), "frame-ancestors 'none'") {
 			t.Errorf("Host %s: framing not forbidden", host)
 		}
+	}
+}
+
+func TestDrainPlanThenApply(t *testing.T) {
+	f := newFleet(t)
+	srv := f.serve(t)
+	ctx := context.Background()
+	if _, err := f.src.CreateVolume(ctx, fsm.Volume{ID: "vol3", Worker: "w-src", Size: 48 << 20, State: fsm.VolCreated, Layout: layout()}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.src.CreateMachine(ctx, fsm.Machine{ID: "mach3", Worker: "w-src", Volume: "vol3", Network: 9, MachineNo: 1,
+		State: fsm.MachineRunning, Addr6PN: "fdaa:0:9:0:1:0:1:0"}); err != nil {
+		t.Fatal(err)
+	}
+
+	code, page := get(t, srv.URL+"/workers/w-src/drain")
+	if code != http.StatusOK {
+		t.Fatalf("plan: %d %s", code, page)
+	}
+	wantAll(t, page, `id="drain-mach1"`, `already moving: <a href="/migrations/m1">m1</a>`, `href="/migrations/m2"`,
+		`<th scope="row">mach3</th>`+"\n"+`<td>migrate to w-dst</td>`, `data-live="/events/workers/w-src/migrations"`, `<label for="confirm">`)
+	token := csrfRE.FindStringSubmatch(page)[1]
+
+	code, page = post(t, srv.URL, "/workers/w-src/drain", url.Values{"csrf": {token}, "confirm": {"w-dst"}}, srv.URL)
+	if code != http.StatusUnprocessableEntity || !strings.Contains(page, "Nothing was sent") {
+		t.Fatalf("wrong confirmation: %d %s", code, page)
+	}
+	// w-src already sends two migrations, its capacity: the servers say wait.
+	code, page = post(t, srv.URL, "/workers/w-src/drain", url.Values{"csrf": {token}, "confirm": {"w-src"}}, srv.URL)
+	if code != http.StatusOK {
+		t.Fatalf("drain: %d %s", code, page)
+	}
+	wantAll(t, page, "0 migrations started", "waiting: ", "<code>"+fsm.CodeAdmission+"</code>")
+	_, err := f.op.CreateMigration(ctx, api.PlanRequest{Machine: "mach3", Target: "w-dst"})
+	wantAll(t, page, strings.SplitN(err.Error(), " (HTTP", 2)[0]) // the servers' words
+
+	// Once m1 has rolled back there is room for one: mach1 goes, mach3 waits.
+	if _, err := f.op.Abort(ctx, "m1", "make room"); err != nil {
+		t.Fatal(err)
+	}
+	f.propose(t, "m1", f.dst, fsm.EvTargetTornDown, fsm.EventPayload{})
+	f.propose(t, "m1", f.src, fsm.EvSourceRestored, fsm.EventPayload{})
+	code, page = post(t, srv.URL, "/workers/w-src/drain", url.Values{"csrf": {token}, "confirm": {"w-src"}}, srv.URL)
+	if code != http.StatusOK {
+		t.Fatalf("drain again: %d %s", code, page)
+	}
+	wantAll(t, page, "1 migration started", "<th scope=\"row\">mach1</th><td>w-dst</td><td>started", "<th scope=\"row\">mach3</th>")
+	ms, err := f.op.ListMigrations(ctx, "w-src")
+	if err != nil {
+		t.Fatal(err)
+	}
+	active := 0
+	for _, m := range ms {
+		if m.Active() {
+			active++
+			if m.Machine == "mach3" {
+				t.Fatalf("mach3 started past the admission limit: %+v", m)
+			}
+		}
+	}
+	if active != 2 {
+		t.Fatalf("%d active migrations off w-src, want 2", active)
 	}
 }
