@@ -78,7 +78,7 @@ func TestBrowser(t *testing.T) {
 			if shots == "" {
 				return nil
 			}
-			png, err := chromedp.FullScreenshot(90)(ctx, tg)
+			png, err := chromedp.FullScreenshot(100)(ctx, tg) // quality 100 makes a PNG
 			if err != nil {
 				return err
 			}

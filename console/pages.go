@@ -335,7 +335,7 @@ func (c *Console) abortApply(w http.ResponseWriter, r *http.Request) {
 		reason = "aborted by the operator from ferry ui"
 	}
 	if len(reason) > 500 {
-		reason = reason[:500]
+		reason = strings.ToValidUTF8(reason[:500], "")
 	}
 	m, err := c.client.Abort(ctx, id, reason)
 	if err != nil {
