@@ -51,9 +51,6 @@ type Config struct {
 	// Hosts the console answers to besides loopback names and the listen
 	// address; requests naming any other Host are refused (DNS rebinding).
 	ExtraHosts []string
-	// Dialer, when set, is how the console reaches the servers (tests, or a
-	// server inside another network namespace).
-	Dialer func(ctx context.Context, network, addr string) (net.Conn, error)
 }
 
 // Console serves the pages. Build it with New, serve Handler on a listener
@@ -77,9 +74,6 @@ func New(cfg Config) (*Console, error) {
 	c, err := api.NewClient(cfg.Servers, cfg.TLS)
 	if err != nil {
 		return nil, fmt.Errorf("console client: %w", err)
-	}
-	if cfg.Dialer != nil {
-		c.SetDialer(cfg.Dialer)
 	}
 	// A page must not hang for the client's default 30 s when no server
 	// answers; the next refresh or event tries again.
@@ -117,9 +111,6 @@ func (c *Console) member(addr string) (*api.Client, error) {
 	m, err := api.NewClient([]string{addr}, c.cfg.TLS)
 	if err != nil {
 		return nil, err
-	}
-	if c.cfg.Dialer != nil {
-		m.SetDialer(c.cfg.Dialer)
 	}
 	m.RetryFor = time.Second
 	c.members[addr] = m

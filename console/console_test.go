@@ -89,7 +89,6 @@ func TestStepperMarksPosition(t *testing.T) {
 	if !slices.Equal(got, want) {
 		t.Fatalf("rollback stepper %v, want %v", got, want)
 	}
-	m.State = fsm.Completed
 	if s := stepper(&fsm.Migration{State: fsm.Completed}); s[len(s)-1].Status != "done" {
 		t.Fatalf("completed is not done: %+v", s[len(s)-1])
 	}
@@ -420,5 +419,18 @@ func TestDrainPlanThenApply(t *testing.T) {
 	}
 	if active != 2 {
 		t.Fatalf("%d active migrations off w-src, want 2", active)
+	}
+}
+
+func TestAllowedHosts(t *testing.T) {
+	h := allowedHosts(&net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 80}, []string{"Console.Example", "other:8080"})
+	for _, ok := range []string{"127.0.0.1:80", "127.0.0.1", "localhost", "[::1]:80", "console.example:80", "console.example", "other:8080"} {
+		if !h[ok] {
+			t.Errorf("%s refused", ok)
+		}
+	}
+	h = allowedHosts(&net.TCPAddr{IP: net.IPv4zero, Port: 7480}, nil)
+	if h["0.0.0.0:7480"] || h["127.0.0.1"] || !h["localhost:7480"] {
+		t.Errorf("unspecified listen address: %v", h)
 	}
 }

@@ -27,6 +27,9 @@ func allowedHosts(listen net.Addr, extra []string) map[string]bool {
 	if port != "" {
 		for _, h := range []string{"127.0.0.1", "localhost", "[::1]"} {
 			hosts[h+":"+port] = true
+			if port == "80" { // browsers leave the default port out of Host
+				hosts[h] = true
+			}
 		}
 	}
 	for _, h := range extra {
@@ -35,6 +38,9 @@ func allowedHosts(listen net.Addr, extra []string) map[string]bool {
 			continue
 		}
 		if _, _, err := net.SplitHostPort(h); err != nil && port != "" {
+			if port == "80" {
+				hosts[h] = true
+			}
 			h = net.JoinHostPort(strings.Trim(h, "[]"), port)
 		}
 		hosts[h] = true
