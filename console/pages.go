@@ -52,10 +52,19 @@ func (c *Console) fragment(name string, data any) ([]byte, error) {
 func (c *Console) apiFailure(w http.ResponseWriter, what string, err error) {
 	var e *api.Error
 	if errors.As(err, &e) {
-		c.render(w, e.Status, "error", map[string]any{"What": what, "Refusal": e})
+		c.render(w, replyStatus(e), "error", map[string]any{"What": what, "Refusal": e})
 		return
 	}
 	c.render(w, http.StatusBadGateway, "error", map[string]any{"What": what, "Err": err.Error()})
+}
+
+// replyStatus is the status to answer a refusal with: the servers' own, or
+// 502 when theirs is not an error status (WriteHeader panics on nonsense).
+func replyStatus(e *api.Error) int {
+	if e.Status >= 400 && e.Status <= 599 {
+		return e.Status
+	}
+	return http.StatusBadGateway
 }
 
 // workerView is a worker as the fleet table shows it.
@@ -344,7 +353,7 @@ func (c *Console) abortApply(w http.ResponseWriter, r *http.Request) {
 		status := http.StatusBadGateway
 		if errors.As(err, &e) {
 			data["Refusal"] = e
-			status = e.Status
+			status = replyStatus(e)
 		} else {
 			data["Err"] = err.Error()
 		}
