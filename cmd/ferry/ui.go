@@ -31,7 +31,7 @@ browser. Started with a socket passed in (systemd-socket-activate), it serves on
 			}
 			tc, err := tlsutil.ClientConfig(tlsDir, cert)
 			if err != nil {
-				return withCode(ExitUsage, fmt.Errorf("load certificate %q from %s: %w (make one with `ferry tls issue --role operator`)", cert, tlsDir, err))
+				return withCode(ExitUsage, fmt.Errorf("the console uses your operator certificate %q in %s: %w", cert, tlsDir, err))
 			}
 			ln, err := console.Listen(listen, allowNonLoopback)
 			if err != nil {
