@@ -168,12 +168,21 @@ func TestPagesAgainstARealServer(t *testing.T) {
 		}
 	}
 
+	// Hydration progress and a stall, as the target reports them.
+	stalled := true
+	f.propose(t, "m2", f.dst, fsm.EvHydrationStarted, fsm.EventPayload{})
+	f.propose(t, "m2", f.dst, fsm.EvProgress, fsm.EventPayload{Milestone: true, Progress: &fsm.Progress{
+		HydratedBytes: 30 << 20, TotalBytes: 48 << 20, FetchedBytes: 10 << 20, SkippedBytes: 20 << 20, RateBPS: 5 << 20, ETASeconds: 4}})
+	f.propose(t, "m2", f.dst, fsm.EvReport, fsm.EventPayload{Stalled: &stalled, Reason: "iSCSI reads time out <slow>"})
 	code, page = get(t, srv.URL+"/migrations/m2")
 	if code != http.StatusOK {
 		t.Fatalf("migration: %d %s", code, page)
 	}
-	wantAll(t, page, `data-live="/events/migrations/m2"`, "w-src → w-dst", "fdaa:0:8:0:2:0:1:0",
-		"<td>cutover</td>", "Applied proposals", "<td>clone_built</td>", "<td>target w-dst</td>", "<td>source w-src</td>", `data-state="cutover" aria-current="step"`)
+	wantAll(t, page, "30.0 MiB of 48.0 MiB hydrated; fetched 10.0 MiB, skipped 20.0 MiB; 5.0 MiB/s, ETA 4s",
+		`<progress max="100" value="62.5"`, "stalled: iSCSI reads time out &lt;slow&gt;", `data-live="/events/migrations/m2"`, "w-src → w-dst", "fdaa:0:8:0:2:0:1:0",
+		"<td>hydrating</td>", "Applied proposals", "<td>clone_built</td>", "<td>target w-dst</td>", "<td>source w-src</td>", `data-state="hydrating" aria-current="step"`)
+	code, page = get(t, srv.URL+"/")
+	wantAll(t, page, `<strong class="stalled">Stalled: iSCSI reads time out &lt;slow&gt;</strong>`, "ETA 4s")
 
 	// A missing migration: the server's words and status.
 	code, page = get(t, srv.URL+"/migrations/nope")
