@@ -55,7 +55,7 @@ bytes fetched vs skipped; and removes everything it made, also on Ctrl-C. Needs 
 	}
 	cmd.Flags().StringVar(&size, "size", "1G", "volume size")
 	cmd.Flags().StringVar(&dir, "dir", "", "work dir (default: a new folder under /tmp)")
-	cmd.Flags().BoolVar(&keep, "keep", false, "leave the cluster running until Ctrl-C (inspect it with FERRY_* from the printed env)")
+	cmd.Flags().BoolVar(&keep, "keep", false, "leave the cluster running until Ctrl-C and print the commands that run `ferry status` and `ferry ui` against it")
 	cmd.Flags().DurationVar(&runFor, "warmup", 2*time.Second, "how long the machine writes on worker A before the migration")
 	return cmd
 }

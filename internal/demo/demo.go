@@ -14,11 +14,13 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/rs/zerolog"
 
 	"github.com/ferry-dev/ferry/api"
+	"github.com/ferry-dev/ferry/console"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/bytesize"
 	"github.com/ferry-dev/ferry/internal/operator"
@@ -168,7 +170,16 @@ func Run(ctx context.Context, out io.Writer, cfg Config) (err error) {
 	}
 	fmt.Fprintf(out, "    old address %s still answers (grace period), new address answers\n", addr)
 	if keep {
-		step("cluster kept running; Ctrl-C to clean up. Server %s, TLS %s", bed.ServerAddr, bed.TLSDir())
+		// The server answers only inside the control namespace: enter its
+		// network namespace alone (a mount namespace copy would pin the
+		// volume's mounts). The console's socket is opened outside by
+		// systemd-socket-activate, so a browser on this host reaches it.
+		ns := "/run/netns/" + bed.NSOf("ctl")
+		client := fmt.Sprintf("--server %s --tls-dir %s --cert operator", shellQuote(bed.ServerAddr), shellQuote(bed.TLSDir()))
+		step("cluster kept running; Ctrl-C to clean up. From another shell, as root:")
+		fmt.Fprintf(out, "    nsenter --net=%s -- %s status %s\n", shellQuote(ns), shellQuote(exe), client)
+		fmt.Fprintf(out, "    systemd-socket-activate --listen=%s nsenter --net=%s -- %s ui %s\n", console.DefaultListen, shellQuote(ns), shellQuote(exe), client)
+		fmt.Fprintf(out, "    then open http://%s/\n", console.DefaultListen)
 		<-ctx.Done()
 	}
 	return nil
@@ -228,4 +239,12 @@ func echoCheck(ctx context.Context, bed *testbed.Bed, addr netrewrite.Addr) erro
 		}
 	}
 	return lastErr
+}
+
+// shellQuote quotes s for a POSIX shell when it needs it.
+func shellQuote(s string) string {
+	if s != "" && strings.Trim(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_./:=,@+") == "" {
+		return s
+	}
+	return "'" + strings.ReplaceAll(s, "'", `'"'"'`) + "'"
 }
