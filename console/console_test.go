@@ -183,7 +183,9 @@ func TestPagesAgainstARealServer(t *testing.T) {
 	wantAll(t, page, "30.0 MiB of 48.0 MiB hydrated; fetched 10.0 MiB, skipped 20.0 MiB; 5.0 MiB/s, ETA 4s",
 		`<progress max="100" value="62.5"`, "stalled: iSCSI reads time out &lt;slow&gt;", `data-live="/events/migrations/m2"`, "w-src → w-dst", "fdaa:0:8:0:2:0:1:0",
 		"<td>hydrating</td>", "Applied proposals", "<td>clone_built</td>", "<td>target w-dst</td>", "<td>source w-src</td>", `data-state="hydrating" aria-current="step"`)
-	code, page = get(t, srv.URL+"/")
+	if code, page = get(t, srv.URL+"/"); code != http.StatusOK {
+		t.Fatalf("fleet page: %d %s", code, page)
+	}
 	wantAll(t, page, `<strong class="stalled">Stalled: iSCSI reads time out &lt;slow&gt;</strong>`, "ETA 4s")
 
 	// A missing migration: the server's words and status.
