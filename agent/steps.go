@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"os/exec"
 	"strings"
 	"time"
 
@@ -163,8 +164,8 @@ func (a *Agent) prepareTarget(ctx context.Context, log zerolog.Logger, m *fsm.Mi
 	return a.propose(ctx, m, fsm.EvTargetPrepared, fsm.EventPayload{TargetVolume: tv, Layout: m.Layout})
 }
 
-func (a *Agent) cloneSpec(m *fsm.Migration, hydrate bool) CloneSpec {
-	return CloneSpec{Volume: m.TargetVol, Layout: *m.Layout, Portal: m.Export.Portal, IQN: m.Export.IQN,
+func (a *Agent) cloneSpec(m *fsm.Migration, hydrate bool) datapath.CloneSpec {
+	return datapath.CloneSpec{Volume: m.TargetVol, Layout: *m.Layout, Portal: m.Export.Portal, IQN: m.Export.IQN,
 		KnownZero: m.KnownZero, Hydrate: hydrate, RateLimit: a.cfg.HydrationRate}
 }
 
@@ -194,7 +195,7 @@ func (a *Agent) buildClone(ctx context.Context, log zerolog.Logger, m *fsm.Migra
 }
 
 func (a *Agent) trim(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
-	out, err := Fstrim(ctx, a.vols.MountPoint(m.Machine))
+	out, err := fstrim(ctx, a.vols.MountPoint(m.Machine))
 	if err != nil {
 		return err
 	}
@@ -263,7 +264,7 @@ func (a *Agent) startHydration(ctx context.Context, log zerolog.Logger, m *fsm.M
 
 // ensureClone re-adopts the clone's datapath, or rebuilds it (after a
 // reboot or a datapath crash) with hydration as committed.
-func (a *Agent) ensureClone(ctx context.Context, m *fsm.Migration, hydrate bool) (CloneHandle, error) {
+func (a *Agent) ensureClone(ctx context.Context, m *fsm.Migration, hydrate bool) (datapath.CloneHandle, error) {
 	if p, err := a.vols.Clone(ctx, m.TargetVol); err == nil {
 		return p, nil
 	}
@@ -508,7 +509,7 @@ func (a *Agent) machineNS(machineID string) string {
 	if a.net == nil {
 		return ""
 	}
-	return machineNSName(a.cfg.Worker, machineID)
+	return a.net.Namespace(machineID)
 }
 
 // forwardOld, on the source after cutover, removes the machine's network and
@@ -597,8 +598,12 @@ func (a *Agent) startLocal(ctx context.Context, mach *fsm.Machine) error {
 	return a.mach.Start(ctx, spec)
 }
 
-// machineNSName is the network namespace of a machine on a worker; it
-// includes the worker so two workers on one host never collide.
-func machineNSName(worker, machineID string) string {
-	return "fm-" + worker + "-" + machineID
+// fstrim discards the filesystem's unused blocks at mnt; through the LUKS
+// view they reach the clone, which marks them hydrated without a fetch.
+func fstrim(ctx context.Context, mnt string) (string, error) {
+	out, err := exec.CommandContext(ctx, "fstrim", "-v", mnt).CombinedOutput()
+	if err != nil {
+		return "", fmt.Errorf("fstrim %s: %w: %s", mnt, err, strings.TrimSpace(string(out)))
+	}
+	return strings.TrimSpace(string(out)), nil
 }

@@ -13,8 +13,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ferry-dev/ferry/blockdev"
-	"github.com/ferry-dev/ferry/fuseexport"
-	"github.com/ferry-dev/ferry/loopdev"
+	"github.com/ferry-dev/ferry/datapath/fuseexport"
+	"github.com/ferry-dev/ferry/datapath/loopdev"
 )
 
 func needRootStack(b *testing.B) {

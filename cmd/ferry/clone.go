@@ -24,8 +24,8 @@ import (
 
 	"github.com/ferry-dev/ferry/blockdev"
 	"github.com/ferry-dev/ferry/dmclone"
-	"github.com/ferry-dev/ferry/fuseexport"
-	"github.com/ferry-dev/ferry/loopdev"
+	"github.com/ferry-dev/ferry/datapath/fuseexport"
+	"github.com/ferry-dev/ferry/datapath/loopdev"
 )
 
 type cloneRequest struct {

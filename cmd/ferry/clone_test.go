@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/ferry-dev/ferry/loopdev"
+	"github.com/ferry-dev/ferry/datapath/loopdev"
 )
 
 // TestCloneCLI runs `ferry clone create --loop` in-process and drives it

@@ -18,7 +18,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/ferry-dev/ferry/api"
-	"github.com/ferry-dev/ferry/datapath"
+	"github.com/ferry-dev/ferry/datapath/userspace"
 	"github.com/ferry-dev/ferry/fsm"
 )
 
@@ -183,7 +183,7 @@ func init() {
 			if err != nil {
 				return withCode(ExitUsage, err)
 			}
-			var cfg datapath.Config
+			var cfg userspace.Config
 			dec := json.NewDecoder(strings.NewReader(string(b)))
 			dec.DisallowUnknownFields()
 			if err := dec.Decode(&cfg); err != nil {
@@ -197,7 +197,7 @@ func init() {
 			defer stop()
 			// Each layer (dmclone, iscsi, fuseexport) sets its own component; this
 			// process is named by its own field so keys never repeat.
-			err = datapath.Serve(ctx, log.With().Str("process", "datapath").Str("volume", cfg.VolumeID).Logger(), cfg, pass)
+			err = userspace.Serve(ctx, log.With().Str("process", "datapath").Str("volume", cfg.VolumeID).Logger(), cfg, pass)
 			clear(pass)
 			return err
 		},

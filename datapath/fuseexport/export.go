@@ -27,7 +27,7 @@ import (
 
 	"github.com/ferry-dev/ferry/blockdev"
 	"github.com/ferry-dev/ferry/internal/logging"
-	"github.com/ferry-dev/ferry/loopdev"
+	"github.com/ferry-dev/ferry/datapath/loopdev"
 )
 
 // BlockSize is what Statfs reports; filesystems on the loop device use it

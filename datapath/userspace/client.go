@@ -1,4 +1,4 @@
-package datapath
+package userspace
 
 import (
 	"bytes"
@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+
+	"github.com/ferry-dev/ferry/datapath"
 )
 
 // Process is the agent's handle on a running `ferry volume serve`.
@@ -142,8 +144,8 @@ func (p *Process) call(ctx context.Context, method, path string, out any) error 
 }
 
 // Status asks the process for its state and clone progress.
-func (p *Process) Status(ctx context.Context) (*Status, error) {
-	var s Status
+func (p *Process) Status(ctx context.Context) (*datapath.Status, error) {
+	var s datapath.Status
 	if err := p.call(ctx, http.MethodGet, "/v1/status", &s); err != nil {
 		return nil, err
 	}

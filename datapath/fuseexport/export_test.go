@@ -18,7 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ferry-dev/ferry/blockdev"
-	"github.com/ferry-dev/ferry/loopdev"
+	"github.com/ferry-dev/ferry/datapath/loopdev"
 )
 
 func needFUSE(t *testing.T) {

@@ -1,4 +1,4 @@
-// Package datapath runs one volume's userspace block stack in a process of
+// Package userspace is the userspace data path. It runs one volume's block stack in a process of
 // its own (`ferry volume serve`), so an agent crash or restart never takes a
 // running machine's disk away: the agent re-adopts the process through its
 // control socket.
@@ -8,7 +8,7 @@
 //
 // The agent attaches the FUSE file to a loop device (losetup --direct-io=on)
 // and mounts it for the machine.
-package datapath
+package userspace
 
 import (
 	"fmt"
@@ -31,16 +31,13 @@ type Config struct {
 
 // Clone configures the clone engine under the view while a migration hydrates.
 type Clone struct {
-	MetaPath    string           `json:"meta_path"`
-	Portal      string           `json:"portal"`
-	IQN         string           `json:"iqn"`
-	RegionSize  int64            `json:"region_size"`
-	KnownZero   []blockdev.Range `json:"known_zero,omitempty"`
-	Hydrate     bool             `json:"hydrate"` // start with background hydration enabled (resume after restart)
-	RateLimit   int64            `json:"rate_limit_bps,omitempty"`
-	TLSCertFile string           `json:"tls_cert,omitempty"`
-	TLSKeyFile  string           `json:"tls_key,omitempty"`
-	TLSCAFile   string           `json:"tls_ca,omitempty"`
+	MetaPath   string           `json:"meta_path"`
+	Portal     string           `json:"portal"`
+	IQN        string           `json:"iqn"`
+	RegionSize int64            `json:"region_size"`
+	KnownZero  []blockdev.Range `json:"known_zero,omitempty"`
+	Hydrate    bool             `json:"hydrate"` // start with background hydration enabled (resume after restart)
+	RateLimit  int64            `json:"rate_limit_bps,omitempty"`
 }
 
 // DeviceFile is the name of the FUSE file inside MountDir.
@@ -64,31 +61,4 @@ func (c Config) Validate() error {
 		return fmt.Errorf("datapath config for %s: a clone needs meta_path, portal and iqn", c.VolumeID)
 	}
 	return nil
-}
-
-// Status is what the control socket reports.
-type Status struct {
-	VolumeID  string    `json:"volume_id"`
-	Pid       int       `json:"pid"`
-	Cloning   bool      `json:"cloning"`   // a clone engine is under the view
-	Hydrating bool      `json:"hydrating"` // background hydration enabled
-	Complete  bool      `json:"complete"`  // every region hydrated
-	Dissolved bool      `json:"dissolved"` // the clone was replaced by the destination alone
-	Progress  *Progress `json:"progress,omitempty"`
-}
-
-// Progress mirrors the clone engine's progress record.
-type Progress struct {
-	RegionSize       int64   `json:"region_size"`
-	TotalRegions     int64   `json:"total_regions"`
-	HydratedRegions  int64   `json:"hydrated_regions"`
-	TotalBytes       int64   `json:"total_bytes"`
-	HydratedBytes    int64   `json:"hydrated_bytes"`
-	FetchedBytes     int64   `json:"fetched_bytes"`
-	SkippedDiscard   int64   `json:"skipped_discard_bytes"`
-	SkippedKnownZero int64   `json:"skipped_known_zero_bytes"`
-	RateBps          float64 `json:"rate_bps"`
-	ETASeconds       float64 `json:"eta_seconds"`
-	Stalled          bool    `json:"stalled"`
-	StalledReason    string  `json:"stalled_reason,omitempty"`
 }

@@ -1,4 +1,4 @@
-package datapath
+package userspace
 
 import (
 	"context"
@@ -13,8 +13,9 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/ferry-dev/ferry/blockdev"
+	"github.com/ferry-dev/ferry/datapath"
+	"github.com/ferry-dev/ferry/datapath/fuseexport"
 	"github.com/ferry-dev/ferry/dmclone"
-	"github.com/ferry-dev/ferry/fuseexport"
 	"github.com/ferry-dev/ferry/iscsi"
 	"github.com/ferry-dev/ferry/luks"
 )
@@ -123,10 +124,10 @@ func (s *server) close() {
 	}
 }
 
-func (s *server) status() Status {
+func (s *server) status() datapath.Status {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	st := Status{VolumeID: s.cfg.VolumeID, Pid: os.Getpid(), Cloning: s.eng != nil && !s.dissolved,
+	st := datapath.Status{VolumeID: s.cfg.VolumeID, Pid: os.Getpid(), Cloning: s.eng != nil && !s.dissolved,
 		Hydrating: s.hydrating, Dissolved: s.dissolved}
 	if s.eng != nil {
 		p := s.eng.Progress()
@@ -216,8 +217,8 @@ func regionSize(rs int64) int64 {
 	return rs
 }
 
-func fromEngine(p dmclone.Progress) *Progress {
-	return &Progress{
+func fromEngine(p dmclone.Progress) *datapath.Progress {
+	return &datapath.Progress{
 		RegionSize: p.RegionSize, TotalRegions: p.TotalRegions, HydratedRegions: p.HydratedRegions,
 		TotalBytes: p.TotalRegions * p.RegionSize, HydratedBytes: p.HydratedRegions * p.RegionSize,
 		FetchedBytes: p.BytesFetched, SkippedDiscard: p.BytesSkippedDiscard, SkippedKnownZero: p.BytesSkippedZero,
