@@ -4,9 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"encoding/json"
 	"fmt"
-	"io"
 	"os"
 	"os/signal"
 	"strconv"
@@ -179,27 +177,9 @@ func init() {
 			if err != nil {
 				return withCode(ExitUsage, err)
 			}
-			b, err := os.ReadFile(cfgPath)
-			if err != nil {
-				return withCode(ExitUsage, err)
-			}
-			var cfg userspace.Config
-			dec := json.NewDecoder(strings.NewReader(string(b)))
-			dec.DisallowUnknownFields()
-			if err := dec.Decode(&cfg); err != nil {
-				return withCode(ExitUsage, fmt.Errorf("datapath config %s: %w", cfgPath, err))
-			}
-			pass, err := io.ReadAll(io.LimitReader(os.Stdin, 4096))
-			if err != nil {
-				return err
-			}
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
-			// Each layer (dmclone, iscsi, fuseexport) sets its own component; this
-			// process is named by its own field so keys never repeat.
-			err = userspace.Serve(ctx, log.With().Str("process", "datapath").Str("volume", cfg.VolumeID).Logger(), cfg, pass)
-			clear(pass)
-			return err
+			return userspace.ServeConfigFile(ctx, log, cfgPath, os.Stdin)
 		},
 	}
 	serve.Flags().StringVar(&cfgPath, "config", "", "datapath configuration (JSON)")

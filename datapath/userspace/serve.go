@@ -1,9 +1,11 @@
 package userspace
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -224,4 +226,28 @@ func fromEngine(p dmclone.Progress) *datapath.Progress {
 		FetchedBytes: p.BytesFetched, SkippedDiscard: p.BytesSkippedDiscard, SkippedKnownZero: p.BytesSkippedZero,
 		RateBps: p.RateBytesPerSec, ETASeconds: p.ETA.Seconds(), Stalled: p.Stalled, StalledReason: p.StallReason,
 	}
+}
+
+// ServeConfigFile is `ferry volume serve --config path`: it reads the
+// config the agent wrote (unknown fields refused, so a newer agent's config
+// never half-applies) and the passphrase from stdin, then serves.
+func ServeConfigFile(ctx context.Context, log zerolog.Logger, path string, stdin io.Reader) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	var cfg Config
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&cfg); err != nil {
+		return fmt.Errorf("datapath config %s: %w", path, err)
+	}
+	pass, err := io.ReadAll(io.LimitReader(stdin, 4096))
+	if err != nil {
+		return err
+	}
+	defer clear(pass)
+	// Each layer (dmclone, iscsi, fuseexport) sets its own component; this
+	// process is named by its own field so keys never repeat.
+	return Serve(ctx, log.With().Str("process", "datapath").Str("volume", cfg.VolumeID).Logger(), cfg, pass)
 }
