@@ -65,13 +65,23 @@ type guestSuite struct {
 var guestSuites = []guestSuite{
 	{pkg: "./dmclone", run: "Kernel", needs: []string{"TestKernel"}},
 	{pkg: "./luks", run: "Kernel", needs: []string{"TestKernel"}},
+	{pkg: "./datapath/kernel", run: "TestConformance", needs: []string{"TestConformance"}},
 	{pkg: "./integration/vm", run: "TestGuest", needs: []string{"TestGuestISCSIKernelChain", "TestGuestKernelMigration",
 		"TestGuestAgentKernelBackend", "TestGuestAgentMigration"}},
 }
 
-// selectedSuites applies FERRY_VM_GUEST_RUN (a -test.run pattern): when set,
-// only this package's guest tests matching it run, for a quick iteration.
+// selectedSuites applies FERRY_VM_GUEST_PKG (one suite's package, e.g.
+// ./datapath/kernel) or FERRY_VM_GUEST_RUN (a -test.run pattern): when set,
+// only that package's guest tests, or this package's guest tests matching
+// the pattern, run, for a quick iteration.
 func selectedSuites() []guestSuite {
+	if pkg := os.Getenv("FERRY_VM_GUEST_PKG"); pkg != "" {
+		for _, s := range guestSuites {
+			if s.pkg == pkg {
+				return []guestSuite{s}
+			}
+		}
+	}
 	pat := os.Getenv("FERRY_VM_GUEST_RUN")
 	if pat == "" {
 		return guestSuites
