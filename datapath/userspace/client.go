@@ -18,6 +18,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/ferry-dev/ferry/datapath"
+	"github.com/ferry-dev/ferry/dmclone"
 )
 
 // Process is the agent's handle on a running `ferry volume serve`.
@@ -34,6 +35,12 @@ func httpOverUnix(socket string) *http.Client {
 			return d.DialContext(ctx, "unix", socket)
 		}},
 	}
+}
+
+// Dial connects to the process serving on socket (`ferry clone` finds its
+// clone this way); it fails if nothing answers.
+func Dial(ctx context.Context, socket string) (*Process, error) {
+	return Adopt(ctx, Config{VolumeID: filepath.Base(socket), Socket: socket})
 }
 
 // Adopt connects to an already running serve process (after an agent
@@ -121,8 +128,29 @@ func tailFile(path string, n int64) (string, error) {
 // Config returns the configuration the process was started with.
 func (p *Process) Config() Config { return p.cfg }
 
-func (p *Process) call(ctx context.Context, method, path string, out any) error {
-	req, err := http.NewRequestWithContext(ctx, method, "http://datapath"+path, nil)
+// CallError is a refusal by the process (its HTTP status and message).
+type CallError struct {
+	Path    string
+	Status  int
+	Message string
+}
+
+func (e *CallError) Error() string { return fmt.Sprintf("datapath %s: %s", e.Path, e.Message) }
+
+// Refused reports whether the process refused a valid request in its
+// current state (rather than a malformed one).
+func (e *CallError) Refused() bool { return e.Status == http.StatusConflict }
+
+func (p *Process) call(ctx context.Context, method, path string, in, out any) error {
+	var body io.Reader
+	if in != nil {
+		b, err := json.Marshal(in)
+		if err != nil {
+			return err
+		}
+		body = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, "http://datapath"+path, body)
 	if err != nil {
 		return err
 	}
@@ -131,12 +159,12 @@ func (p *Process) call(ctx context.Context, method, path string, out any) error 
 		return fmt.Errorf("datapath %s for volume %s: %w", path, p.cfg.VolumeID, err)
 	}
 	defer resp.Body.Close()
-	body, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
 	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("datapath %s for volume %s: %s", path, p.cfg.VolumeID, bytes.TrimSpace(body))
+		return &CallError{Path: path, Status: resp.StatusCode, Message: string(bytes.TrimSpace(b))}
 	}
 	if out != nil {
-		if err := json.Unmarshal(body, out); err != nil {
+		if err := json.Unmarshal(b, out); err != nil {
 			return fmt.Errorf("datapath %s reply: %w", path, err)
 		}
 	}
@@ -145,8 +173,17 @@ func (p *Process) call(ctx context.Context, method, path string, out any) error 
 
 // Status asks the process for its state and clone progress.
 func (p *Process) Status(ctx context.Context) (*datapath.Status, error) {
-	var s datapath.Status
-	if err := p.call(ctx, http.MethodGet, "/v1/status", &s); err != nil {
+	st, err := p.Detail(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return &st.Status, nil
+}
+
+// Detail is Status with where the volume is served and the engine's record.
+func (p *Process) Detail(ctx context.Context) (*ProcessStatus, error) {
+	var s ProcessStatus
+	if err := p.call(ctx, http.MethodGet, "/v1/status", nil, &s); err != nil {
 		return nil, err
 	}
 	return &s, nil
@@ -154,12 +191,31 @@ func (p *Process) Status(ctx context.Context) (*datapath.Status, error) {
 
 // EnableHydration starts the background copy.
 func (p *Process) EnableHydration(ctx context.Context) error {
-	return p.call(ctx, http.MethodPost, "/v1/hydration/enable", nil)
+	return p.call(ctx, http.MethodPost, "/v1/hydration/enable", nil, nil)
+}
+
+// DisableHydration stops the background copy; reads still hydrate on demand.
+func (p *Process) DisableHydration(ctx context.Context) error {
+	return p.call(ctx, http.MethodPost, "/v1/hydration/disable", nil, nil)
+}
+
+// SetTunables changes the background copy's batch, parallelism, rate and share.
+func (p *Process) SetTunables(ctx context.Context, t *dmclone.Tunables) error {
+	return p.call(ctx, http.MethodPost, "/v1/tunables", t, nil)
 }
 
 // Dissolve replaces the clone with the destination alone once complete.
 func (p *Process) Dissolve(ctx context.Context) error {
-	return p.call(ctx, http.MethodPost, "/v1/dissolve", nil)
+	return p.call(ctx, http.MethodPost, "/v1/dissolve", nil, nil)
+}
+
+// Stop asks the process to release its file and end; it returns once the
+// process accepted (a refusal is a *CallError with Refused).
+func (p *Process) Stop(ctx context.Context) error {
+	if err := p.call(ctx, http.MethodPost, "/v1/shutdown", nil, nil); err != nil && !errors.Is(err, io.EOF) {
+		return err
+	}
+	return nil
 }
 
 // Shutdown flushes, unmounts the FUSE file and ends the process. The loop
@@ -169,7 +225,7 @@ func (p *Process) Shutdown(ctx context.Context) error {
 	if err != nil {
 		return nil // already gone
 	}
-	if err := p.call(ctx, http.MethodPost, "/v1/shutdown", nil); err != nil && !errors.Is(err, io.EOF) {
+	if err := p.Stop(ctx); err != nil {
 		return err
 	}
 	for i := 0; i < 500; i++ {

@@ -13,6 +13,7 @@ package userspace
 import (
 	"fmt"
 	"path/filepath"
+	"strings"
 
 	"github.com/ferry-dev/ferry/blockdev"
 	"github.com/ferry-dev/ferry/luks"
@@ -27,24 +28,43 @@ type Config struct {
 	MountDir string      `json:"mount_dir"` // FUSE mount point; the device file is MountDir/DeviceFile
 	Socket   string      `json:"socket"`    // control socket (HTTP over unix)
 	Clone    *Clone      `json:"clone,omitempty"`
+	// FileName is the FUSE file's name in MountDir (default DeviceFile).
+	FileName string `json:"file_name,omitempty"`
+	// Raw exports the clone (or the file) itself, with no LUKS2 view and no
+	// passphrase: `ferry clone` on plain images.
+	Raw bool `json:"raw,omitempty"`
+	// Loop: the process attaches its FUSE file to a loop device itself and
+	// refuses to stop while that loop cannot be detached (`ferry clone --loop`);
+	// the agent attaches loops on its own instead.
+	Loop bool `json:"loop,omitempty"`
 }
 
 // Clone configures the clone engine under the view while a migration hydrates.
 type Clone struct {
 	MetaPath   string           `json:"meta_path"`
-	Portal     string           `json:"portal"`
-	IQN        string           `json:"iqn"`
+	Portal     string           `json:"portal,omitempty"`
+	IQN        string           `json:"iqn,omitempty"`
+	SourcePath string           `json:"source_path,omitempty"` // a local source (file or device, read-only) instead of Portal and IQN
 	RegionSize int64            `json:"region_size"`
 	KnownZero  []blockdev.Range `json:"known_zero,omitempty"`
 	Hydrate    bool             `json:"hydrate"` // start with background hydration enabled (resume after restart)
 	RateLimit  int64            `json:"rate_limit_bps,omitempty"`
+	// AutoDissolve dissolves the clone as soon as every region is hydrated.
+	AutoDissolve bool `json:"auto_dissolve,omitempty"`
 }
 
 // DeviceFile is the name of the FUSE file inside MountDir.
 const DeviceFile = "disk"
 
 // DevicePath is the file the agent attaches to a loop device.
-func (c Config) DevicePath() string { return filepath.Join(c.MountDir, DeviceFile) }
+func (c Config) DevicePath() string { return filepath.Join(c.MountDir, c.fileName()) }
+
+func (c Config) fileName() string {
+	if c.FileName == "" {
+		return DeviceFile
+	}
+	return c.FileName
+}
 
 // Validate refuses a config the serve process could not honour.
 func (c Config) Validate() error {
@@ -54,11 +74,16 @@ func (c Config) Validate() error {
 	case c.DataPath == "" || c.MountDir == "" || c.Socket == "":
 		return fmt.Errorf("datapath config for %s: data_path, mount_dir and socket are required", c.VolumeID)
 	}
-	if err := c.Layout.Validate(); err != nil {
-		return fmt.Errorf("datapath config for %s: %w", c.VolumeID, err)
+	if !c.Raw {
+		if err := c.Layout.Validate(); err != nil {
+			return fmt.Errorf("datapath config for %s: %w", c.VolumeID, err)
+		}
 	}
-	if c.Clone != nil && (c.Clone.MetaPath == "" || c.Clone.Portal == "" || c.Clone.IQN == "") {
-		return fmt.Errorf("datapath config for %s: a clone needs meta_path, portal and iqn", c.VolumeID)
+	if strings.ContainsAny(c.FileName, "/\x00") || c.FileName == "." || c.FileName == ".." {
+		return fmt.Errorf("datapath config for %s: file name %q must be a plain name", c.VolumeID, c.FileName)
+	}
+	if c.Clone != nil && (c.Clone.MetaPath == "" || (c.Clone.SourcePath == "") == (c.Clone.Portal == "" || c.Clone.IQN == "")) {
+		return fmt.Errorf("datapath config for %s: a clone needs meta_path and either portal and iqn or source_path", c.VolumeID)
 	}
 	return nil
 }
