@@ -17,9 +17,9 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ferry-dev/ferry/blockdev"
-	"github.com/ferry-dev/ferry/dmclone"
 	"github.com/ferry-dev/ferry/datapath/fuseexport"
 	"github.com/ferry-dev/ferry/datapath/loopdev"
+	"github.com/ferry-dev/ferry/dmclone"
 )
 
 func needStack(t testing.TB) {
