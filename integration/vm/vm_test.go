@@ -213,7 +213,7 @@ func TestKernelPathInVM(t *testing.T) {
 			t.Fatalf("%s has no tests to run in the guest", s.pkg)
 		}
 		suites = append(suites, s)
-		fmt.Fprintf(&script, "echo '== suite %s'\n(cd /tmp && FERRY_IN_VM=1 /host/%s -test.v -test.count=1 -test.timeout=4m -test.run '%s') || { echo 'SUITE %s FAIL'; fail=1; }\n",
+		fmt.Fprintf(&script, "echo '== suite %s'\n(cd /tmp && FERRY_IN_VM=1 /host/%s -test.v -test.count=1 -test.timeout=6m -test.run '%s') || { echo 'SUITE %s FAIL'; fail=1; }\n",
 			name, name, s.run, name)
 	}
 	tBuild := time.Since(t1)
@@ -223,7 +223,7 @@ func TestKernelPathInVM(t *testing.T) {
 	}
 
 	export := startGuestExport(t, ctx, share)
-	res, err := Boot(ctx, log, BootConfig{Kernel: k, Initrd: initrd, Share: share, Timeout: 5 * time.Minute})
+	res, err := Boot(ctx, log, BootConfig{Kernel: k, Initrd: initrd, Share: share, Timeout: 8 * time.Minute})
 	if err != nil {
 		t.Fatal(err)
 	}
