@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -19,22 +18,13 @@ import (
 
 	"github.com/ferry-dev/ferry/datapath"
 	"github.com/ferry-dev/ferry/dmclone"
+	"github.com/ferry-dev/ferry/internal/childctl"
 )
 
 // Process is the agent's handle on a running `ferry volume serve`.
 type Process struct {
 	cfg    Config
-	client *http.Client
-}
-
-func httpOverUnix(socket string) *http.Client {
-	return &http.Client{
-		Timeout: 30 * time.Second,
-		Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "unix", socket)
-		}},
-	}
+	client *childctl.Client
 }
 
 // Dial connects to the process serving on socket (`ferry clone` finds its
@@ -46,7 +36,7 @@ func Dial(ctx context.Context, socket string) (*Process, error) {
 // Adopt connects to an already running serve process (after an agent
 // restart). It fails if nothing answers on the socket.
 func Adopt(ctx context.Context, cfg Config) (*Process, error) {
-	p := &Process{cfg: cfg, client: httpOverUnix(cfg.Socket)}
+	p := &Process{cfg: cfg, client: childctl.Dial(cfg.Socket)}
 	if _, err := p.Status(ctx); err != nil {
 		return nil, err
 	}
@@ -91,27 +81,14 @@ func Start(ctx context.Context, log zerolog.Logger, exe string, cfg Config, pass
 	}
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
-	p := &Process{cfg: cfg, client: httpOverUnix(cfg.Socket)}
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		if _, err := p.Status(ctx); err == nil {
-			log.Info().Str("volume", cfg.VolumeID).Int("pid", cmd.Process.Pid).Bool("clone", cfg.Clone != nil).Msg("datapath ready")
-			return p, nil
-		}
-		select {
-		case err := <-exited:
-			tail, _ := tailFile(filepath.Join(stateDir, cfg.VolumeID+".log"), 2048)
-			return nil, fmt.Errorf("datapath for volume %s exited before it was ready (%v): %s", cfg.VolumeID, err, tail)
-		case <-ctx.Done():
-			_ = cmd.Process.Kill()
-			return nil, ctx.Err()
-		case <-time.After(20 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			_ = cmd.Process.Kill()
-			return nil, fmt.Errorf("datapath for volume %s not ready after 60s: see %s", cfg.VolumeID, filepath.Join(stateDir, cfg.VolumeID+".log"))
-		}
+	p := &Process{cfg: cfg, client: childctl.Dial(cfg.Socket)}
+	if err := p.client.WaitReady(ctx, "/v1/status", nil, exited, 60*time.Second); err != nil {
+		_ = cmd.Process.Kill()
+		tail, _ := tailFile(filepath.Join(stateDir, cfg.VolumeID+".log"), 2048)
+		return nil, fmt.Errorf("datapath for volume %s: %w: %s", cfg.VolumeID, err, tail)
 	}
+	log.Info().Str("volume", cfg.VolumeID).Int("pid", cmd.Process.Pid).Bool("clone", cfg.Clone != nil).Msg("datapath ready")
+	return p, nil
 }
 
 func tailFile(path string, n int64) (string, error) {
@@ -129,44 +106,11 @@ func tailFile(path string, n int64) (string, error) {
 func (p *Process) Config() Config { return p.cfg }
 
 // CallError is a refusal by the process (its HTTP status and message).
-type CallError struct {
-	Path    string
-	Status  int
-	Message string
-}
-
-func (e *CallError) Error() string { return fmt.Sprintf("datapath %s: %s", e.Path, e.Message) }
-
-// Refused reports whether the process refused a valid request in its
-// current state (rather than a malformed one).
-func (e *CallError) Refused() bool { return e.Status == http.StatusConflict }
+type CallError = childctl.Error
 
 func (p *Process) call(ctx context.Context, method, path string, in, out any) error {
-	var body io.Reader
-	if in != nil {
-		b, err := json.Marshal(in)
-		if err != nil {
-			return err
-		}
-		body = bytes.NewReader(b)
-	}
-	req, err := http.NewRequestWithContext(ctx, method, "http://datapath"+path, body)
-	if err != nil {
-		return err
-	}
-	resp, err := p.client.Do(req)
-	if err != nil {
-		return fmt.Errorf("datapath %s for volume %s: %w", path, p.cfg.VolumeID, err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-	if resp.StatusCode != http.StatusOK {
-		return &CallError{Path: path, Status: resp.StatusCode, Message: string(bytes.TrimSpace(b))}
-	}
-	if out != nil {
-		if err := json.Unmarshal(b, out); err != nil {
-			return fmt.Errorf("datapath %s reply: %w", path, err)
-		}
+	if err := p.client.Call(ctx, method, path, in, out); err != nil {
+		return fmt.Errorf("datapath of volume %s: %w", p.cfg.VolumeID, err)
 	}
 	return nil
 }

@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"sync"
@@ -20,6 +19,7 @@ import (
 	"github.com/ferry-dev/ferry/datapath/fuseexport"
 	"github.com/ferry-dev/ferry/datapath/loopdev"
 	"github.com/ferry-dev/ferry/dmclone"
+	"github.com/ferry-dev/ferry/internal/childctl"
 	"github.com/ferry-dev/ferry/iscsi"
 	"github.com/ferry-dev/ferry/luks"
 )
@@ -215,22 +215,14 @@ func (s *server) status() ProcessStatus {
 }
 
 func (s *server) serve(ctx context.Context, ready func(Ready)) error {
-	_ = os.Remove(s.cfg.Socket)
-	ln, err := net.Listen("unix", s.cfg.Socket)
+	ln, err := childctl.Listen(s.cfg.Socket)
 	if err != nil {
-		return fmt.Errorf("control socket: %w", err)
+		return err
 	}
-	os.Chmod(s.cfg.Socket, 0o600)
 	stop := make(chan struct{})
 	var once sync.Once
 	mux := http.NewServeMux()
-	reply := func(w http.ResponseWriter, v any, err error) {
-		if err != nil {
-			http.Error(w, err.Error(), http.StatusConflict)
-			return
-		}
-		json.NewEncoder(w).Encode(v)
-	}
+	reply := childctl.Reply
 	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) { reply(w, s.status(), nil) })
 	mux.HandleFunc("POST /v1/hydration/enable", func(w http.ResponseWriter, r *http.Request) {
 		s.mu.Lock()
@@ -259,7 +251,7 @@ func (s *server) serve(ctx context.Context, ready func(Ready)) error {
 		dec := json.NewDecoder(io.LimitReader(r.Body, 4096))
 		dec.DisallowUnknownFields()
 		if err := dec.Decode(&t); err != nil || t == nil {
-			http.Error(w, fmt.Sprintf("set tunables needs a tunables record: %v", err), http.StatusBadRequest)
+			reply(w, nil, &childctl.Error{Status: http.StatusBadRequest, Message: fmt.Sprintf("set tunables needs a tunables record: %v", err)})
 			return
 		}
 		s.mu.Lock()
@@ -279,8 +271,7 @@ func (s *server) serve(ctx context.Context, ready func(Ready)) error {
 		reply(w, struct{}{}, nil)
 		once.Do(func() { close(stop) })
 	})
-	srv := &http.Server{Handler: mux}
-	go srv.Serve(ln)
+	srv := childctl.Serve(ln, mux)
 	s.log.Info().Str("volume", s.cfg.VolumeID).Str("device", s.cfg.DevicePath()).Msg("datapath serving")
 	if ready != nil {
 		ready(Ready{File: s.cfg.DevicePath(), Loop: s.loop, Socket: s.cfg.Socket})
