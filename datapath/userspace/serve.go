@@ -248,9 +248,7 @@ func (s *server) serve(ctx context.Context, ready func(Ready)) error {
 	})
 	mux.HandleFunc("POST /v1/tunables", func(w http.ResponseWriter, r *http.Request) {
 		var t *dmclone.Tunables
-		dec := json.NewDecoder(io.LimitReader(r.Body, 4096))
-		dec.DisallowUnknownFields()
-		if err := dec.Decode(&t); err != nil || t == nil {
+		if err := childctl.Decode(r, &t); err != nil || t == nil {
 			reply(w, nil, &childctl.Error{Status: http.StatusBadRequest, Message: fmt.Sprintf("set tunables needs a tunables record: %v", err)})
 			return
 		}

@@ -143,3 +143,10 @@ func (c *Client) WaitReady(ctx context.Context, path string, out any, exited <-c
 		}
 	}
 }
+
+// Decode reads a request's JSON body into v, refusing unknown fields.
+func Decode(r *http.Request, v any) error {
+	dec := json.NewDecoder(io.LimitReader(r.Body, 1<<20))
+	dec.DisallowUnknownFields()
+	return dec.Decode(v)
+}
