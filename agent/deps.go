@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 
-	"github.com/ferry-dev/ferry/blockdev"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/netrewrite"
 )
@@ -59,9 +58,6 @@ type Network interface {
 	// fabric address) for the grace period.
 	ForwardOld(ctx context.Context, machine string, old, new netrewrite.Addr, via string) error
 }
-
-// KnownZero lists the ranges of a volume file that read as zeros (holes).
-type KnownZero func(path string) ([]blockdev.Range, error)
 
 // isRefusal reports whether err is the store refusing a proposal (state
 // moved on, guard failed) rather than a transport failure; the control
