@@ -17,6 +17,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/ferry-dev/ferry/datapath"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/machine"
 )
@@ -90,7 +91,7 @@ type Agent struct {
 	exp  Exporter
 	net  Network
 	mach machine.Driver
-	vols Backend
+	vols datapath.Backend
 	met  *metrics
 
 	// machMu orders the reconcile loop's machine starts and stops against
@@ -108,14 +109,18 @@ type Agent struct {
 }
 
 // New builds an agent. exp, net and mach are the worker's export, network
-// and machine drivers; vols its data path (Volumes or KernelVolumes).
-func New(log zerolog.Logger, cfg Config, cp ControlPlane, exp Exporter, net Network, mach machine.Driver, vols Backend) (*Agent, error) {
+// and machine drivers; vols its data path.
+func New(log zerolog.Logger, cfg Config, cp ControlPlane, exp Exporter, net Network, mach machine.Driver, vols datapath.Backend) (*Agent, error) {
 	cfg.defaults()
 	if cfg.Worker == "" || cfg.DataDir == "" {
 		return nil, fmt.Errorf("agent: worker name and data dir are required")
 	}
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("agent data dir: %w", err)
+	}
+	if caps := vols.Capabilities(); cfg.HydrationRate > 0 && !caps.HydrationRateLimit {
+		log.Warn().Str("backend", caps.Name).Int64("hydration_rate", cfg.HydrationRate).
+			Msg("this data path has no hydration rate limit; hydration runs unthrottled")
 	}
 	return &Agent{cfg: cfg, log: log.With().Str("worker", cfg.Worker).Logger(),
 		cp: cp, exp: exp, net: net, mach: mach, vols: vols, met: newMetrics(), running: map[string]chan *fsm.Migration{}, active: map[string]string{},

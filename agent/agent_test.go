@@ -3,7 +3,6 @@ package agent
 import (
 	"context"
 	"errors"
-	"os"
 	"path/filepath"
 	"slices"
 	"sync"
@@ -13,9 +12,9 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/ferry-dev/ferry/blockdev"
+	"github.com/ferry-dev/ferry/datapath/userspace"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/machine"
-	"github.com/ferry-dev/ferry/netrewrite"
 )
 
 // fakeCP is a unit-test stand-in for the server: it records proposals.
@@ -84,7 +83,7 @@ func newTestAgent(t *testing.T, cp ControlPlane, worker string) *Agent {
 	dir := t.TempDir()
 	a, err := New(zerolog.Nop(), Config{Worker: worker, DataDir: dir, Retry: time.Millisecond, RetryMax: 2 * time.Millisecond,
 		MaxPreCutoverAttempts: 3}, cp, &fakeExporter{}, nil, &machine.Exec{StateDir: filepath.Join(dir, "machines"), Log: zerolog.Nop()},
-		&Volumes{DataDir: dir, Log: zerolog.Nop()})
+		&userspace.Backend{DataDir: dir, Log: zerolog.Nop()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -245,25 +244,5 @@ func TestKnownZeroOfSparseVolume(t *testing.T) {
 	}
 	if total < 60<<20 {
 		t.Fatalf("known-zero covers %d bytes of a 64 MiB file with two written blocks", total)
-	}
-}
-
-func TestMountedAt(t *testing.T) {
-	if src, ok := mountedAt("/proc"); !ok || src == "" {
-		t.Fatalf("/proc not seen as a mount point (%q, %v)", src, ok)
-	}
-	if _, ok := mountedAt(t.TempDir()); ok {
-		t.Fatal("a plain directory seen as a mount point")
-	}
-}
-
-func TestNetworkRecordsBeforeApplying(t *testing.T) {
-	n := &NetNetwork{Worker: "w1", Dir: t.TempDir()}
-	mn := netrewrite.MachineNet{MachineNS: machineNSName("w1", "m1")}
-	if err := n.record(mn); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := os.Stat(n.recPath("m1")); err != nil {
-		t.Fatalf("machine network record not at %s: %v", n.recPath("m1"), err)
 	}
 }

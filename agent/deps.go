@@ -2,8 +2,8 @@ package agent
 
 import (
 	"context"
+	"errors"
 
-	"github.com/ferry-dev/ferry/blockdev"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/netrewrite"
 )
@@ -48,6 +48,8 @@ type Exporter interface {
 type Network interface {
 	// Attach creates the machine's network namespace on this worker with addr; returns the netns name.
 	Attach(ctx context.Context, machine string, addr netrewrite.Addr) (string, error)
+	// Namespace names the machine's network namespace on this worker.
+	Namespace(machine string) string
 	// Detach removes it; idempotent.
 	Detach(ctx context.Context, machine string) error
 	// MapOld keeps old reaching the machine (now at new on this worker) for the grace period.
@@ -57,5 +59,10 @@ type Network interface {
 	ForwardOld(ctx context.Context, machine string, old, new netrewrite.Addr, via string) error
 }
 
-// KnownZero lists the ranges of a volume file that read as zeros (holes).
-type KnownZero func(path string) ([]blockdev.Range, error)
+// isRefusal reports whether err is the store refusing a proposal (state
+// moved on, guard failed) rather than a transport failure; the control
+// plane reports refusals as *fsm.Refusal.
+func isRefusal(err error) bool {
+	var r *fsm.Refusal
+	return errors.As(err, &r) && r.Kind.ClientSide()
+}

@@ -5,6 +5,7 @@ import (
 	"os"
 	"time"
 
+	"github.com/ferry-dev/ferry/datapath"
 	"github.com/ferry-dev/ferry/fsm"
 )
 
@@ -126,7 +127,7 @@ func (a *Agent) createVolume(ctx context.Context, v *fsm.Volume) {
 		return
 	}
 	created := fsm.VolCreated
-	if err := a.cp.UpdateVolume(ctx, fsm.UpdateVolumeCmd{ID: v.ID, State: &created, Layout: storedLayout(layout)}); err != nil {
+	if err := a.cp.UpdateVolume(ctx, fsm.UpdateVolumeCmd{ID: v.ID, State: &created, Layout: datapath.StoredLayout(layout)}); err != nil {
 		log.Error().Err(err).Msg("record created volume")
 		return
 	}

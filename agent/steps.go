@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"os/exec"
 	"slices"
 	"strings"
 	"time"
@@ -12,6 +13,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/ferry-dev/ferry/blockdev"
+	"github.com/ferry-dev/ferry/datapath"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/machine"
 	"github.com/ferry-dev/ferry/netrewrite"
@@ -191,9 +193,9 @@ func (a *Agent) prepareTarget(ctx context.Context, log zerolog.Logger, m *fsm.Mi
 	return a.propose(ctx, m, fsm.EvTargetPrepared, fsm.EventPayload{TargetVolume: tv, Layout: m.Layout})
 }
 
-func (a *Agent) cloneSpec(m *fsm.Migration, hydrate bool) CloneSpec {
-	return CloneSpec{Volume: m.TargetVol, Layout: layoutOf(*m.Layout), Portal: m.Export.Portal, IQN: m.Export.IQN,
-		KnownZero: rangesOf(m.KnownZero), Hydrate: hydrate, RateLimit: a.cfg.HydrationRate}
+func (a *Agent) cloneSpec(m *fsm.Migration, hydrate bool) datapath.CloneSpec {
+	return datapath.CloneSpec{Volume: m.TargetVol, Layout: datapath.LayoutOf(*m.Layout), Portal: m.Export.Portal, IQN: m.Export.IQN,
+		KnownZero: datapath.RangesOf(m.KnownZero), Hydrate: hydrate, RateLimit: a.cfg.HydrationRate}
 }
 
 // buildClone connects to the export, builds the clone (hydration off), opens
@@ -222,7 +224,7 @@ func (a *Agent) buildClone(ctx context.Context, log zerolog.Logger, m *fsm.Migra
 }
 
 func (a *Agent) trim(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
-	out, err := Fstrim(ctx, a.vols.MountPoint(m.Machine))
+	out, err := fstrim(ctx, a.vols.MountPoint(m.Machine))
 	if err != nil {
 		return err
 	}
@@ -291,7 +293,7 @@ func (a *Agent) startHydration(ctx context.Context, log zerolog.Logger, m *fsm.M
 
 // ensureClone re-adopts the clone's datapath, or rebuilds it (after a
 // reboot or a datapath crash) with hydration as committed.
-func (a *Agent) ensureClone(ctx context.Context, m *fsm.Migration, hydrate bool) (CloneHandle, error) {
+func (a *Agent) ensureClone(ctx context.Context, m *fsm.Migration, hydrate bool) (datapath.CloneHandle, error) {
 	if p, err := a.vols.Clone(ctx, m.TargetVol); err == nil {
 		return p, nil
 	}
@@ -446,7 +448,7 @@ func (a *Agent) stopSource(ctx context.Context, log zerolog.Logger, m *fsm.Migra
 		return err
 	}
 	log.Info().Msg("machine stopped and volume frozen")
-	return a.propose(ctx, m, fsm.EvSourceStopped, fsm.EventPayload{Layout: storedLayout(layout)})
+	return a.propose(ctx, m, fsm.EvSourceStopped, fsm.EventPayload{Layout: datapath.StoredLayout(layout)})
 }
 
 // exportSource serves the frozen volume to the target only.
@@ -468,7 +470,7 @@ func (a *Agent) exportSource(ctx context.Context, log zerolog.Logger, m *fsm.Mig
 		zeros = nil
 	}
 	log.Info().Str("portal", portal).Str("iqn", iqn).Int("known_zero_ranges", len(zeros)).Msg("volume exported")
-	return a.propose(ctx, m, fsm.EvExported, fsm.EventPayload{Export: &fsm.Export{Portal: portal, IQN: iqn}, KnownZero: storedRanges(zeros)})
+	return a.propose(ctx, m, fsm.EvExported, fsm.EventPayload{Export: &fsm.Export{Portal: portal, IQN: iqn}, KnownZero: datapath.StoredRanges(zeros)})
 }
 
 // reExport restarts the export at the portal recorded in the migration.
@@ -525,7 +527,7 @@ func (a *Agent) machineNS(machineID string) string {
 	if a.net == nil {
 		return ""
 	}
-	return machineNSName(a.cfg.Worker, machineID)
+	return a.net.Namespace(machineID)
 }
 
 // forwardOld, on the source after cutover, removes the machine's network and
@@ -594,7 +596,7 @@ func (a *Agent) startLocal(ctx context.Context, mach *fsm.Machine) error {
 		return fmt.Errorf("fetch key of volume %s: %w", vol.ID, err)
 	}
 	defer clear(key)
-	if _, err := a.vols.MountLocal(ctx, vol.ID, layoutOf(*vol.Layout), key, a.vols.MountPoint(mach.ID)); err != nil {
+	if _, err := a.vols.MountLocal(ctx, vol.ID, datapath.LayoutOf(*vol.Layout), key, a.vols.MountPoint(mach.ID)); err != nil {
 		return err
 	}
 	netns := ""
@@ -614,8 +616,12 @@ func (a *Agent) startLocal(ctx context.Context, mach *fsm.Machine) error {
 	return a.mach.Start(ctx, spec)
 }
 
-// machineNSName is the network namespace of a machine on a worker; it
-// includes the worker so two workers on one host never collide.
-func machineNSName(worker, machineID string) string {
-	return "fm-" + worker + "-" + machineID
+// fstrim discards the filesystem's unused blocks at mnt; through the LUKS
+// view they reach the clone, which marks them hydrated without a fetch.
+func fstrim(ctx context.Context, mnt string) (string, error) {
+	out, err := exec.CommandContext(ctx, "fstrim", "-v", mnt).CombinedOutput()
+	if err != nil {
+		return "", fmt.Errorf("fstrim %s: %w: %s", mnt, err, strings.TrimSpace(string(out)))
+	}
+	return strings.TrimSpace(string(out)), nil
 }

@@ -1,13 +1,17 @@
 package iscsi
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strconv"
 	"syscall"
 	"time"
@@ -21,6 +25,7 @@ import (
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
 
+	"github.com/ferry-dev/ferry/internal/childctl"
 	"github.com/ferry-dev/ferry/internal/logging"
 )
 
@@ -28,12 +33,9 @@ import (
 // dispatches on its "iscsi serve" arguments; test binaries on this variable.
 const childEnv = "FERRY_ISCSI_EXPORT_CHILD"
 
-// Inherited descriptors of an export child: the gate listener (bound in the
-// host namespace) and the pipe on which it reports readiness.
-const (
-	childListenerFD = 3
-	childReadyFD    = 4
-)
+// childListenerFD is the export child's inherited gate listener (bound in
+// the host namespace).
+const childListenerFD = 3
 
 // gotgtPort is where gotgt listens inside the child's private namespace.
 // gotgt binds every interface; there, that is loopback alone.
@@ -52,6 +54,7 @@ type childConfig struct {
 	Allow     []string `json:"allow"`
 	TLS       *GateTLS `json:"tls,omitempty"`
 	LogLevel  string   `json:"log_level"`
+	Control   string   `json:"control"` // the control socket the child serves once ready
 }
 
 // IsExportChild reports whether this process was started as an export child
@@ -65,8 +68,6 @@ func ServeChild() {
 	log := logging.For(zerolog.New(os.Stderr).With().Timestamp().Logger(), "iscsi-export-child")
 	if err := serveChild(log); err != nil {
 		log.Error().Err(err).Msg("export child failed")
-		ready := os.NewFile(childReadyFD, "ready")
-		fmt.Fprintf(ready, "error: %v\n", err)
 		os.Exit(1)
 	}
 	os.Exit(0)
@@ -114,26 +115,71 @@ func serveChild(log zerolog.Logger) error {
 	if err := waitListening(gt.backend, 10*time.Second); err != nil {
 		return err
 	}
-	ready := os.NewFile(childReadyFD, "ready")
-	fmt.Fprintln(ready, "ready")
-	ready.Close()
-	log.Info().Str("portal", cfg.Portal).Msg("export serving")
-
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
 	signal.Ignore(syscall.SIGPIPE, syscall.SIGHUP)
+	// Answering the control socket is the readiness the parent waits for.
+	ctl, err := childctl.Listen(cfg.Control)
+	if err != nil {
+		_ = drv.Close()
+		return err
+	}
+	stop := make(chan string, 1)
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) {
+		childctl.Reply(w, childStatus{Pid: os.Getpid(), Portal: cfg.Portal, IQN: cfg.IQN}, nil)
+	})
+	mux.HandleFunc("POST /v1/shutdown", func(w http.ResponseWriter, r *http.Request) {
+		childctl.Reply(w, nil, nil)
+		select {
+		case stop <- "shutdown request":
+		default:
+		}
+	})
+	srv := childctl.Serve(ctl, mux)
+	defer func() {
+		srv.Close()
+		os.Remove(cfg.Control)
+	}()
+	log.Info().Str("portal", cfg.Portal).Msg("export serving")
+
 	errc := make(chan error, 1)
 	go func() { errc <- gt.serve() }()
+	var why string
 	select {
 	case s := <-sig:
-		log.Info().Str("signal", s.String()).Msg("export stopping")
-		gt.close()
-		_ = drv.Close()
-		return nil
+		why = s.String()
+	case why = <-stop:
 	case err := <-errc:
 		_ = drv.Close()
 		return err
 	}
+	log.Info().Str("by", why).Msg("export stopping")
+	gt.close()
+	_ = drv.Close()
+	return nil
+}
+
+// childStatus is what an export child reports on its control socket.
+type childStatus struct {
+	Pid    int    `json:"pid"`
+	Portal string `json:"portal"`
+	IQN    string `json:"iqn"`
+}
+
+// controlSocket is the control socket of the export in stateDir: inside it,
+// unless that path is too long for a unix socket.
+func controlSocket(stateDir string) string {
+	abs, err := filepath.Abs(stateDir)
+	if err != nil {
+		abs = stateDir
+	}
+	p := filepath.Join(abs, "control.sock")
+	if len(p) < 100 {
+		return p
+	}
+	sum := sha256.Sum256([]byte(abs))
+	return filepath.Join(os.TempDir(), "ferry-export-"+hex.EncodeToString(sum[:8])+".sock")
 }
 
 // loopbackOnly brings lo up and refuses to go on if the namespace has any

@@ -9,13 +9,21 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/rs/zerolog"
 	"github.com/spf13/cobra"
 
 	"github.com/ferry-dev/ferry/agent"
+	"github.com/ferry-dev/ferry/api"
+	"github.com/ferry-dev/ferry/datapath"
+	"github.com/ferry-dev/ferry/datapath/kernel"
+	"github.com/ferry-dev/ferry/datapath/loopdev"
+	"github.com/ferry-dev/ferry/datapath/userspace"
 	"github.com/ferry-dev/ferry/internal/bytesize"
 	"github.com/ferry-dev/ferry/internal/logging"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
+	"github.com/ferry-dev/ferry/iscsi/exporter"
 	"github.com/ferry-dev/ferry/machine"
+	"github.com/ferry-dev/ferry/netrewrite/netns"
 	"github.com/ferry-dev/ferry/server"
 )
 
@@ -29,26 +37,13 @@ type agentFlags struct {
 	devListen                                 string
 }
 
-func (f *agentFlags) build(ctx context.Context) (*agent.Agent, *agent.NetNetwork, error) {
+func (f *agentFlags) build(ctx context.Context) (*agent.Agent, *netns.Network, error) {
 	log, err := newLogger(true)
 	if err != nil {
 		return nil, nil, withCode(ExitUsage, err)
 	}
 	if f.worker == "" {
 		return nil, nil, withCode(ExitUsage, fmt.Errorf("--worker is required"))
-	}
-	kernel := false
-	switch f.backend {
-	case "userspace":
-	case "auto":
-		kernel = agent.KernelPathAvailable(ctx)
-	case "kernel":
-		if err := agent.CheckKernelPath(ctx); err != nil {
-			return nil, nil, withCode(ExitUsage, fmt.Errorf("--backend kernel: %w; or use --backend userspace", err))
-		}
-		kernel = true
-	default:
-		return nil, nil, withCode(ExitUsage, fmt.Errorf("--backend %q: use auto, userspace or kernel", f.backend))
 	}
 	if f.name == "" {
 		f.name = f.worker
@@ -57,19 +52,17 @@ func (f *agentFlags) build(ctx context.Context) (*agent.Agent, *agent.NetNetwork
 	if err != nil {
 		return nil, nil, err
 	}
+	vols, err := datapath.Select(ctx, f.backend, f.backends(log, exe))
+	if err != nil {
+		return nil, nil, withCode(ExitUsage, fmt.Errorf("--backend: %w", err))
+	}
+	log.Info().Str("backend", vols.Capabilities().Name).Msg("data path")
 	c, err := f.client()
 	if err != nil {
 		return nil, nil, err
 	}
-	alog := logging.For(log, "agent")
-	var vols agent.Backend = &agent.Volumes{DataDir: f.dataDir, Exe: exe, Log: logging.For(log, "volumes"), Loops: agent.LoopDevs{}, FastKDF: f.fastKDF}
-	if kernel {
-		vols = &agent.KernelVolumes{DataDir: f.dataDir, Log: logging.For(log, "kernel-volumes"), Loops: agent.LoopDevs{},
-			ISCSI: &agent.OpenISCSI{Log: logging.For(log, "open-iscsi")}, FastKDF: f.fastKDF}
-	}
-	log.Info().Str("backend", map[bool]string{true: "kernel", false: "userspace"}[kernel]).Msg("data path")
-	exp := &agent.ISCSIExporter{Log: log, StateDir: filepath.Join(f.dataDir, "exports"), Address: f.address, Domain: f.domain}
-	nw := &agent.NetNetwork{Log: logging.For(log, "netrewrite"), Worker: f.worker, Dir: filepath.Join(f.dataDir, "net"), Grace: f.grace}
+	exp := &exporter.Exporter{Log: log, StateDir: filepath.Join(f.dataDir, "exports"), Address: f.address, Domain: f.domain}
+	nw := &netns.Network{Log: logging.For(log, "netrewrite"), Worker: f.worker, Dir: filepath.Join(f.dataDir, "net"), Grace: f.grace}
 	mach := machine.ByKind{Exec: &machine.Exec{StateDir: filepath.Join(f.dataDir, "machines"), Log: logging.For(log, "machine")},
 		Script: machine.Script{}}
 	acfg := agent.Config{Worker: f.worker, HostID: f.hostID, Address: f.address, DataDir: f.dataDir, Exe: exe, LeaseTTL: f.leaseTTL}
@@ -78,16 +71,26 @@ func (f *agentFlags) build(ctx context.Context) (*agent.Agent, *agent.NetNetwork
 			return nil, nil, withCode(ExitUsage, fmt.Errorf("--hydration-rate: %w", err))
 		}
 	}
-	if kernel && acfg.HydrationRate > 0 {
-		log.Warn().Msg("--hydration-rate is not honoured by the kernel data path (dm-clone has no rate limit); hydration runs with ferry's batch and threshold tunables")
-	}
 	if fp := os.Getenv("FERRY_FAILPOINT_PAUSE_BEFORE"); fp != "" {
 		if acfg.PauseBefore, err = agent.ParsePauseBefore(fp); err != nil {
 			return nil, nil, withCode(ExitUsage, err)
 		}
 	}
-	a, err := agent.New(alog, acfg, &agent.APIControlPlane{C: c, LeaseTTL: f.leaseTTL}, exp, nw, mach, vols)
+	a, err := agent.New(logging.For(log, "agent"), acfg, &api.AgentClient{C: c, LeaseTTL: f.leaseTTL}, exp, nw, mach, vols)
 	return a, nw, err
+}
+
+// backends are the data paths this binary has, in --backend auto's order.
+func (f *agentFlags) backends(log zerolog.Logger, exe string) []datapath.Candidate {
+	return []datapath.Candidate{
+		{Name: "kernel", Probe: kernel.Probe, AutoProbe: kernel.ProbeAuto, New: func() datapath.Backend {
+			return &kernel.Backend{DataDir: f.dataDir, Log: logging.For(log, "kernel-datapath"), Loops: loopdev.System{},
+				ISCSI: &kernel.OpenISCSI{Log: logging.For(log, "open-iscsi")}, FastKDF: f.fastKDF}
+		}},
+		{Name: "userspace", Probe: userspace.Probe, New: func() datapath.Backend {
+			return &userspace.Backend{DataDir: f.dataDir, Exe: exe, Log: logging.For(log, "volumes"), Loops: loopdev.System{}, FastKDF: f.fastKDF}
+		}},
+	}
 }
 
 func init() {

@@ -2,12 +2,9 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
-	"io"
 	"os"
 	"os/signal"
-	"strings"
 	"syscall"
 	"text/tabwriter"
 	"time"
@@ -15,7 +12,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/ferry-dev/ferry/api"
-	"github.com/ferry-dev/ferry/datapath"
+	"github.com/ferry-dev/ferry/datapath/userspace"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/bytesize"
 	"github.com/ferry-dev/ferry/internal/operator"
@@ -157,27 +154,9 @@ func newVolumeServeCmd() *cobra.Command {
 			if err != nil {
 				return withCode(ExitUsage, err)
 			}
-			b, err := os.ReadFile(cfgPath)
-			if err != nil {
-				return withCode(ExitUsage, err)
-			}
-			var cfg datapath.Config
-			dec := json.NewDecoder(strings.NewReader(string(b)))
-			dec.DisallowUnknownFields()
-			if err := dec.Decode(&cfg); err != nil {
-				return withCode(ExitUsage, fmt.Errorf("datapath config %s: %w", cfgPath, err))
-			}
-			pass, err := io.ReadAll(io.LimitReader(os.Stdin, 4096))
-			if err != nil {
-				return err
-			}
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
-			// Each layer (dmclone, iscsi, fuseexport) sets its own component; this
-			// process is named by its own field so keys never repeat.
-			err = datapath.Serve(ctx, log.With().Str("process", "datapath").Str("volume", cfg.VolumeID).Logger(), cfg, pass)
-			clear(pass)
-			return err
+			return userspace.ServeConfigFile(ctx, log, cfgPath, os.Stdin)
 		},
 	}
 	serve.Flags().StringVar(&cfgPath, "config", "", "datapath configuration (JSON)")

@@ -15,8 +15,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 
-	"github.com/ferry-dev/ferry/agent"
 	"github.com/ferry-dev/ferry/api"
+	"github.com/ferry-dev/ferry/datapath/kernel"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
 	"github.com/ferry-dev/ferry/machine/workload"
@@ -291,7 +291,7 @@ func TestGuestAgentMigration(t *testing.T) {
 		n, _ := workload.Acked(ack)
 		return n >= 100
 	})
-	if n := dmNames(t, agent.CryptName(migVolume)); len(n) != 1 {
+	if n := dmNames(t, kernel.CryptName(migVolume)); len(n) != 1 {
 		t.Fatalf("the source volume is not served by dm-crypt (devices %v): not the kernel backend", n)
 	}
 
@@ -310,7 +310,7 @@ func TestGuestAgentMigration(t *testing.T) {
 	if fm, err := g.c.GetMigration(ctx, first.ID); err == nil {
 		firstTV = fm.TargetVol
 	}
-	if n := dmNames(t, agent.CloneName(firstTV)); firstTV == "" || len(n) != 1 {
+	if n := dmNames(t, kernel.CloneName(firstTV)); firstTV == "" || len(n) != 1 {
 		t.Fatalf("no dm-clone for the first migration's destination %q: %v", firstTV, n)
 	}
 	if _, err := g.c.Abort(ctx, first.ID, "vm test: rollback on the kernel path"); err != nil {
@@ -371,7 +371,7 @@ func TestGuestAgentMigration(t *testing.T) {
 				tv = m.TargetVol
 			}
 			if tv != "" && !sawClone && (m.State == fsm.Trimmed || m.State == fsm.Cutover || m.State == fsm.Hydrating) {
-				if tbl, err := exec.Command("dmsetup", "table", agent.CloneName(tv)).Output(); err == nil && strings.Contains(string(tbl), " clone ") {
+				if tbl, err := exec.Command("dmsetup", "table", kernel.CloneName(tv)).Output(); err == nil && strings.Contains(string(tbl), " clone ") {
 					sawClone = true
 				}
 			}
@@ -404,7 +404,7 @@ func TestGuestAgentMigration(t *testing.T) {
 		t.Errorf("never saw dm-clone under the destination %s during the migration", tv)
 	}
 	// Hydrated to linear under the running machine; the source session is gone.
-	if tbl := guestRun(t, "dmsetup", "table", agent.CloneName(tv)); !strings.Contains(tbl, " linear ") {
+	if tbl := guestRun(t, "dmsetup", "table", kernel.CloneName(tv)); !strings.Contains(tbl, " linear ") {
 		t.Fatalf("destination after hydration: %q, want a linear mapping", tbl)
 	}
 	if out, _ := exec.Command("iscsiadm", "-m", "session").CombinedOutput(); strings.Contains(string(out), "ferry") {

@@ -66,13 +66,23 @@ type guestSuite struct {
 var guestSuites = []guestSuite{
 	{pkg: "./dmclone", run: "Kernel", needs: []string{"TestKernel"}},
 	{pkg: "./luks", run: "Kernel", needs: []string{"TestKernel"}},
+	{pkg: "./datapath/kernel", run: "TestConformance", needs: []string{"TestConformance"}},
 	{pkg: "./integration/vm", run: "TestGuest", needs: []string{"TestGuestISCSIKernelChain", "TestGuestKernelMigration",
 		"TestGuestAgentKernelBackend", "TestGuestAgentMigration"}},
 }
 
-// selectedSuites applies FERRY_VM_GUEST_RUN (a -test.run pattern): when set,
-// only this package's guest tests matching it run, for a quick iteration.
+// selectedSuites applies FERRY_VM_GUEST_PKG (one suite's package, e.g.
+// ./datapath/kernel) or FERRY_VM_GUEST_RUN (a -test.run pattern): when set,
+// only that package's guest tests, or this package's guest tests matching
+// the pattern, run, for a quick iteration.
 func selectedSuites() []guestSuite {
+	if pkg := os.Getenv("FERRY_VM_GUEST_PKG"); pkg != "" {
+		for _, s := range guestSuites {
+			if s.pkg == pkg {
+				return []guestSuite{s}
+			}
+		}
+	}
 	pat := os.Getenv("FERRY_VM_GUEST_RUN")
 	if pat == "" {
 		return guestSuites
@@ -202,7 +212,7 @@ func TestKernelPathInVM(t *testing.T) {
 			t.Fatalf("%s has no tests to run in the guest", s.pkg)
 		}
 		suites = append(suites, s)
-		fmt.Fprintf(&script, "echo '== suite %s'\n(cd /tmp && FERRY_IN_VM=1 /host/%s -test.v -test.count=1 -test.timeout=4m -test.run '%s') || { echo 'SUITE %s FAIL'; fail=1; }\n",
+		fmt.Fprintf(&script, "echo '== suite %s'\n(cd /tmp && FERRY_IN_VM=1 /host/%s -test.v -test.count=1 -test.timeout=6m -test.run '%s') || { echo 'SUITE %s FAIL'; fail=1; }\n",
 			name, name, s.run, name)
 	}
 	tBuild := time.Since(t1)
@@ -212,7 +222,7 @@ func TestKernelPathInVM(t *testing.T) {
 	}
 
 	export := startGuestExport(t, ctx, share)
-	res, err := Boot(ctx, log, BootConfig{Kernel: k, Initrd: initrd, Share: share, Timeout: 5 * time.Minute})
+	res, err := Boot(ctx, log, BootConfig{Kernel: k, Initrd: initrd, Share: share, Timeout: 8 * time.Minute})
 	if err != nil {
 		t.Fatal(err)
 	}

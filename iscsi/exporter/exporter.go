@@ -1,4 +1,6 @@
-package agent
+// Package exporter serves frozen volumes to one migration target each with
+// ferry's embedded iSCSI target, and finds again what a killed agent left.
+package exporter
 
 import (
 	"context"
@@ -16,11 +18,11 @@ import (
 	"github.com/ferry-dev/ferry/iscsi"
 )
 
-// ISCSIExporter serves frozen volumes with ferry's embedded iSCSI target.
+// Exporter serves frozen volumes with ferry's embedded iSCSI target.
 // The gate of an export lives in the agent process, so an export left by a
 // killed agent is unreachable: it is stopped and restarted on the portal
 // recorded before, which the target's initiator reconnects to.
-type ISCSIExporter struct {
+type Exporter struct {
 	Log      zerolog.Logger
 	StateDir string // DataDir/exports
 	Address  string // IP the gate listens on (this worker's fabric address)
@@ -35,10 +37,10 @@ type exportRecord struct {
 	IQN    string `json:"iqn"`
 }
 
-func (x *ISCSIExporter) recordPath(id string) string { return filepath.Join(x.StateDir, id+".json") }
-func (x *ISCSIExporter) dir(id string) string        { return filepath.Join(x.StateDir, id) }
+func (x *Exporter) recordPath(id string) string { return filepath.Join(x.StateDir, id+".json") }
+func (x *Exporter) dir(id string) string        { return filepath.Join(x.StateDir, id) }
 
-func (x *ISCSIExporter) Live(id string) bool {
+func (x *Exporter) Live(id string) bool {
 	x.mu.Lock()
 	defer x.mu.Unlock()
 	e, ok := x.live[id]
@@ -54,7 +56,7 @@ func (x *ISCSIExporter) Live(id string) bool {
 	}
 }
 
-func (x *ISCSIExporter) Export(ctx context.Context, id, path, allow string) (string, string, error) {
+func (x *Exporter) Export(ctx context.Context, id, path, allow string) (string, string, error) {
 	if x.Live(id) {
 		x.mu.Lock()
 		e := x.live[id]
@@ -109,7 +111,7 @@ func (x *ISCSIExporter) Export(ctx context.Context, id, path, allow string) (str
 	return e.Portal(), e.IQN(), nil
 }
 
-func (x *ISCSIExporter) Unexport(ctx context.Context, id string) error {
+func (x *Exporter) Unexport(ctx context.Context, id string) error {
 	x.mu.Lock()
 	e := x.live[id]
 	delete(x.live, id)

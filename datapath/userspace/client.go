@@ -1,4 +1,4 @@
-package datapath
+package userspace
 
 import (
 	"bytes"
@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -16,28 +15,28 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+
+	"github.com/ferry-dev/ferry/datapath"
+	"github.com/ferry-dev/ferry/dmclone"
+	"github.com/ferry-dev/ferry/internal/childctl"
 )
 
 // Process is the agent's handle on a running `ferry volume serve`.
 type Process struct {
 	cfg    Config
-	client *http.Client
+	client *childctl.Client
 }
 
-func httpOverUnix(socket string) *http.Client {
-	return &http.Client{
-		Timeout: 30 * time.Second,
-		Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "unix", socket)
-		}},
-	}
+// Dial connects to the process serving on socket (`ferry clone` finds its
+// clone this way); it fails if nothing answers.
+func Dial(ctx context.Context, socket string) (*Process, error) {
+	return Adopt(ctx, Config{VolumeID: filepath.Base(socket), Socket: socket})
 }
 
 // Adopt connects to an already running serve process (after an agent
 // restart). It fails if nothing answers on the socket.
 func Adopt(ctx context.Context, cfg Config) (*Process, error) {
-	p := &Process{cfg: cfg, client: httpOverUnix(cfg.Socket)}
+	p := &Process{cfg: cfg, client: childctl.Dial(cfg.Socket)}
 	if _, err := p.Status(ctx); err != nil {
 		return nil, err
 	}
@@ -82,27 +81,14 @@ func Start(ctx context.Context, log zerolog.Logger, exe string, cfg Config, pass
 	}
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
-	p := &Process{cfg: cfg, client: httpOverUnix(cfg.Socket)}
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		if _, err := p.Status(ctx); err == nil {
-			log.Info().Str("volume", cfg.VolumeID).Int("pid", cmd.Process.Pid).Bool("clone", cfg.Clone != nil).Msg("datapath ready")
-			return p, nil
-		}
-		select {
-		case err := <-exited:
-			tail, _ := tailFile(filepath.Join(stateDir, cfg.VolumeID+".log"), 2048)
-			return nil, fmt.Errorf("datapath for volume %s exited before it was ready (%v): %s", cfg.VolumeID, err, tail)
-		case <-ctx.Done():
-			_ = cmd.Process.Kill()
-			return nil, ctx.Err()
-		case <-time.After(20 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			_ = cmd.Process.Kill()
-			return nil, fmt.Errorf("datapath for volume %s not ready after 60s: see %s", cfg.VolumeID, filepath.Join(stateDir, cfg.VolumeID+".log"))
-		}
+	p := &Process{cfg: cfg, client: childctl.Dial(cfg.Socket)}
+	if err := p.client.WaitReady(ctx, "/v1/status", nil, exited, 60*time.Second); err != nil {
+		_ = cmd.Process.Kill()
+		tail, _ := tailFile(filepath.Join(stateDir, cfg.VolumeID+".log"), 2048)
+		return nil, fmt.Errorf("datapath for volume %s: %w: %s", cfg.VolumeID, err, tail)
 	}
+	log.Info().Str("volume", cfg.VolumeID).Int("pid", cmd.Process.Pid).Bool("clone", cfg.Clone != nil).Msg("datapath ready")
+	return p, nil
 }
 
 func tailFile(path string, n int64) (string, error) {
@@ -119,32 +105,29 @@ func tailFile(path string, n int64) (string, error) {
 // Config returns the configuration the process was started with.
 func (p *Process) Config() Config { return p.cfg }
 
-func (p *Process) call(ctx context.Context, method, path string, out any) error {
-	req, err := http.NewRequestWithContext(ctx, method, "http://datapath"+path, nil)
-	if err != nil {
-		return err
-	}
-	resp, err := p.client.Do(req)
-	if err != nil {
-		return fmt.Errorf("datapath %s for volume %s: %w", path, p.cfg.VolumeID, err)
-	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("datapath %s for volume %s: %s", path, p.cfg.VolumeID, bytes.TrimSpace(body))
-	}
-	if out != nil {
-		if err := json.Unmarshal(body, out); err != nil {
-			return fmt.Errorf("datapath %s reply: %w", path, err)
-		}
+// CallError is a refusal by the process (its HTTP status and message).
+type CallError = childctl.Error
+
+func (p *Process) call(ctx context.Context, method, path string, in, out any) error {
+	if err := p.client.Call(ctx, method, path, in, out); err != nil {
+		return fmt.Errorf("datapath of volume %s: %w", p.cfg.VolumeID, err)
 	}
 	return nil
 }
 
 // Status asks the process for its state and clone progress.
-func (p *Process) Status(ctx context.Context) (*Status, error) {
-	var s Status
-	if err := p.call(ctx, http.MethodGet, "/v1/status", &s); err != nil {
+func (p *Process) Status(ctx context.Context) (*datapath.Status, error) {
+	st, err := p.Detail(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return &st.Status, nil
+}
+
+// Detail is Status with where the volume is served and the engine's record.
+func (p *Process) Detail(ctx context.Context) (*ProcessStatus, error) {
+	var s ProcessStatus
+	if err := p.call(ctx, http.MethodGet, "/v1/status", nil, &s); err != nil {
 		return nil, err
 	}
 	return &s, nil
@@ -152,12 +135,31 @@ func (p *Process) Status(ctx context.Context) (*Status, error) {
 
 // EnableHydration starts the background copy.
 func (p *Process) EnableHydration(ctx context.Context) error {
-	return p.call(ctx, http.MethodPost, "/v1/hydration/enable", nil)
+	return p.call(ctx, http.MethodPost, "/v1/hydration/enable", nil, nil)
+}
+
+// DisableHydration stops the background copy; reads still hydrate on demand.
+func (p *Process) DisableHydration(ctx context.Context) error {
+	return p.call(ctx, http.MethodPost, "/v1/hydration/disable", nil, nil)
+}
+
+// SetTunables changes the background copy's batch, parallelism, rate and share.
+func (p *Process) SetTunables(ctx context.Context, t *dmclone.Tunables) error {
+	return p.call(ctx, http.MethodPost, "/v1/tunables", t, nil)
 }
 
 // Dissolve replaces the clone with the destination alone once complete.
 func (p *Process) Dissolve(ctx context.Context) error {
-	return p.call(ctx, http.MethodPost, "/v1/dissolve", nil)
+	return p.call(ctx, http.MethodPost, "/v1/dissolve", nil, nil)
+}
+
+// Stop asks the process to release its file and end; it returns once the
+// process accepted (a refusal is a *CallError with Refused).
+func (p *Process) Stop(ctx context.Context) error {
+	if err := p.call(ctx, http.MethodPost, "/v1/shutdown", nil, nil); err != nil && !errors.Is(err, io.EOF) {
+		return err
+	}
+	return nil
 }
 
 // Shutdown flushes, unmounts the FUSE file and ends the process. The loop
@@ -167,7 +169,7 @@ func (p *Process) Shutdown(ctx context.Context) error {
 	if err != nil {
 		return nil // already gone
 	}
-	if err := p.call(ctx, http.MethodPost, "/v1/shutdown", nil); err != nil && !errors.Is(err, io.EOF) {
+	if err := p.Stop(ctx); err != nil {
 		return err
 	}
 	for i := 0; i < 500; i++ {

@@ -1,4 +1,6 @@
-package agent
+// Package netns puts machines on the 6PN with netrewrite, one network
+// namespace per machine, and keeps the records a restarted agent needs.
+package netns
 
 import (
 	"context"
@@ -15,12 +17,12 @@ import (
 	"github.com/ferry-dev/ferry/netrewrite"
 )
 
-// NetNetwork puts machines on the 6PN with netrewrite: each machine gets a
+// Network puts machines on the 6PN with netrewrite: each machine gets a
 // network namespace joined to this worker's namespace by a veth. At cutover
 // the target gives the machine its new address and keeps the old one
 // answering; the source routes the old one to the target. Both mappings
 // expire after Grace.
-type NetNetwork struct {
+type Network struct {
 	Log    zerolog.Logger
 	Worker string
 	Dir    string // DataDir/net: machine records and mapping records
@@ -31,15 +33,22 @@ type machineNetRecord struct {
 	Net netrewrite.MachineNet `json:"net"`
 }
 
-func (n *NetNetwork) nsName(machine string) string { return machineNSName(n.Worker, machine) }
-func (n *NetNetwork) recPath(machine string) string {
+func (n *Network) nsName(machine string) string { return Name(n.Worker, machine) }
+
+// Namespace is the network namespace of machine on this worker.
+func (n *Network) Namespace(machine string) string { return n.nsName(machine) }
+
+// Name is the network namespace of a machine on a worker; it includes the
+// worker so two workers on one host never collide.
+func Name(worker, machine string) string { return "fm-" + worker + "-" + machine }
+func (n *Network) recPath(machine string) string {
 	return filepath.Join(n.Dir, "machines", machine+".json")
 }
-func (n *NetNetwork) mappings() netrewrite.Store {
+func (n *Network) mappings() netrewrite.Store {
 	return netrewrite.Store{Dir: filepath.Join(n.Dir, "mappings")}
 }
 
-func (n *NetNetwork) record(mn netrewrite.MachineNet) error {
+func (n *Network) record(mn netrewrite.MachineNet) error {
 	if err := os.MkdirAll(filepath.Dir(n.recPath("x")), 0o700); err != nil {
 		return err
 	}
@@ -54,7 +63,7 @@ func (n *NetNetwork) record(mn netrewrite.MachineNet) error {
 func machineFromNS(worker, ns string) string { return ns[len("fm-"+worker+"-"):] }
 
 // Attach creates the machine's namespace with addr. Idempotent.
-func (n *NetNetwork) Attach(ctx context.Context, machine string, addr netrewrite.Addr) (string, error) {
+func (n *Network) Attach(ctx context.Context, machine string, addr netrewrite.Addr) (string, error) {
 	mn := netrewrite.MachineNet{MachineNS: n.nsName(machine), Addr: addr}
 	if err := n.record(mn); err != nil { // recorded first: Detach can always find it
 		return "", err
@@ -66,7 +75,7 @@ func (n *NetNetwork) Attach(ctx context.Context, machine string, addr netrewrite
 }
 
 // Detach removes the machine's namespace (its veth and routes go with it).
-func (n *NetNetwork) Detach(ctx context.Context, machine string) error {
+func (n *Network) Detach(ctx context.Context, machine string) error {
 	b, err := os.ReadFile(n.recPath(machine))
 	if errors.Is(err, os.ErrNotExist) {
 		if netrewrite.NamespaceExists(n.nsName(machine)) {
@@ -88,7 +97,7 @@ func (n *NetNetwork) Detach(ctx context.Context, machine string) error {
 }
 
 // MapOld, on the target: the machine (already at new) also answers old.
-func (n *NetNetwork) MapOld(ctx context.Context, machine string, old, new netrewrite.Addr) error {
+func (n *Network) MapOld(ctx context.Context, machine string, old, new netrewrite.Addr) error {
 	plan := netrewrite.TargetPlan{Machine: netrewrite.MachineNet{MachineNS: n.nsName(machine), Addr: new}, Old: old}
 	m, err := netrewrite.NewMapping(machine, plan, nil, time.Now(), n.grace())
 	if err != nil {
@@ -101,7 +110,7 @@ func (n *NetNetwork) MapOld(ctx context.Context, machine string, old, new netrew
 }
 
 // ForwardOld, on the source: route old to the target worker.
-func (n *NetNetwork) ForwardOld(ctx context.Context, machine string, old, new netrewrite.Addr, via string) error {
+func (n *Network) ForwardOld(ctx context.Context, machine string, old, new netrewrite.Addr, via string) error {
 	viaIP, err := netip.ParseAddr(via)
 	if err != nil {
 		return fmt.Errorf("target worker address %q: %w", via, err)
@@ -114,7 +123,7 @@ func (n *NetNetwork) ForwardOld(ctx context.Context, machine string, old, new ne
 	return netrewrite.CutoverSource(ctx, n.Log, sp)
 }
 
-func (n *NetNetwork) grace() time.Duration {
+func (n *Network) grace() time.Duration {
 	if n.Grace <= 0 {
 		return 10 * time.Minute
 	}
@@ -122,7 +131,7 @@ func (n *NetNetwork) grace() time.Duration {
 }
 
 // ExpireLoop removes mappings whose grace period ended, until ctx ends.
-func (n *NetNetwork) ExpireLoop(ctx context.Context) {
+func (n *Network) ExpireLoop(ctx context.Context) {
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
 	for {

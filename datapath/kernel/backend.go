@@ -1,4 +1,4 @@
-package agent
+package kernel
 
 import (
 	"context"
@@ -19,11 +19,13 @@ import (
 
 	"github.com/ferry-dev/ferry/blockdev"
 	"github.com/ferry-dev/ferry/datapath"
+	"github.com/ferry-dev/ferry/datapath/internal/hostfs"
+	"github.com/ferry-dev/ferry/datapath/loopdev"
 	"github.com/ferry-dev/ferry/dmclone"
 	"github.com/ferry-dev/ferry/luks"
 )
 
-// KernelVolumes is the kernel data path, for hosts whose kernel has
+// Backend is the kernel data path, for hosts whose kernel has
 // device-mapper with the dm-clone target, dm-crypt and open-iscsi:
 //
 //	local volume:  volume file → loop → dm-crypt (ferry-<vol>) → ext4 mount
@@ -35,10 +37,10 @@ import (
 // object is named after the volume (device-mapper names) or found by its
 // backing file (loops) or IQN (sessions), so a restarted agent adopts them
 // and two workers on one host never collide.
-type KernelVolumes struct {
+type Backend struct {
 	DataDir string
 	Log     zerolog.Logger
-	Loops   Loops
+	Loops   loopdev.Loops
 	ISCSI   *OpenISCSI
 	// FastKDF formats keyslots cheap to open.
 	FastKDF bool
@@ -55,20 +57,26 @@ type KernelVolumes struct {
 	clones map[string]*dmclone.KernelClone // volume -> its polled clone
 }
 
-var _ Backend = (*KernelVolumes)(nil)
+var _ datapath.Backend = (*Backend)(nil)
+
+// Capabilities of dm-clone: no rate limit, no guaranteed share (foreground
+// I/O can starve hydration), and only region counters.
+func (v *Backend) Capabilities() datapath.Capabilities {
+	return datapath.Capabilities{Name: "kernel"}
+}
 
 // kernelRegionSize is the clone's region: 4 KiB, like the userspace engine,
 // so fstrim of any free filesystem block skips its fetch.
 const kernelRegionSize = 4096
 
-func (v *KernelVolumes) VolumeDir(vol string) string { return filepath.Join(v.DataDir, "volumes", vol) }
-func (v *KernelVolumes) DataPath(vol string) string  { return filepath.Join(v.VolumeDir(vol), "data") }
-func (v *KernelVolumes) MetaPath(vol string) string {
+func (v *Backend) VolumeDir(vol string) string { return filepath.Join(v.DataDir, "volumes", vol) }
+func (v *Backend) DataPath(vol string) string  { return filepath.Join(v.VolumeDir(vol), "data") }
+func (v *Backend) MetaPath(vol string) string {
 	return filepath.Join(v.VolumeDir(vol), "clone.meta")
 }
-func (v *KernelVolumes) MountPoint(mach string) string { return filepath.Join(v.DataDir, "mnt", mach) }
-func (v *KernelVolumes) runDir() string                { return filepath.Join(v.DataDir, "run") }
-func (v *KernelVolumes) recordPath(vol string) string {
+func (v *Backend) MountPoint(mach string) string { return filepath.Join(v.DataDir, "mnt", mach) }
+func (v *Backend) runDir() string                { return filepath.Join(v.DataDir, "run") }
+func (v *Backend) recordPath(vol string) string {
 	return filepath.Join(v.VolumeDir(vol), "kernel-clone.json")
 }
 
@@ -86,7 +94,7 @@ func checkVolumeName(vol string) error {
 	return nil
 }
 
-func (v *KernelVolumes) dmsetup() string {
+func (v *Backend) dmsetup() string {
 	if v.Dmsetup == "" {
 		return "dmsetup"
 	}
@@ -94,7 +102,7 @@ func (v *KernelVolumes) dmsetup() string {
 }
 
 // dmTable returns the live table of a device-mapper device.
-func (v *KernelVolumes) dmTable(ctx context.Context, name string) (string, error) {
+func (v *Backend) dmTable(ctx context.Context, name string) (string, error) {
 	out, err := exec.CommandContext(ctx, v.dmsetup(), "table", name).CombinedOutput()
 	if err != nil {
 		return "", fmt.Errorf("dmsetup table %s: %w: %s", name, err, strings.TrimSpace(string(out)))
@@ -104,7 +112,7 @@ func (v *KernelVolumes) dmTable(ctx context.Context, name string) (string, error
 
 // loopOf returns the loop device over path, attaching one if none is.
 // Buffered I/O: the kernel path has no FUSE layer to double-cache.
-func (v *KernelVolumes) loopOf(path string) (string, error) {
+func (v *Backend) loopOf(path string) (string, error) {
 	devs, err := v.Loops.FindByBackingFile(path)
 	if err != nil {
 		return "", err
@@ -115,7 +123,7 @@ func (v *KernelVolumes) loopOf(path string) (string, error) {
 	return v.Loops.Attach(path, false)
 }
 
-func (v *KernelVolumes) detachLoops(path string) error {
+func (v *Backend) detachLoops(path string) error {
 	devs, err := v.Loops.FindByBackingFile(path)
 	if err != nil {
 		return err
@@ -129,7 +137,7 @@ func (v *KernelVolumes) detachLoops(path string) error {
 }
 
 // Create formats a LUKS2 volume file, opens it with dm-crypt and makes ext4 inside.
-func (v *KernelVolumes) Create(ctx context.Context, vol string, size int64, passphrase []byte) (luks.Layout, error) {
+func (v *Backend) Create(ctx context.Context, vol string, size int64, passphrase []byte) (luks.Layout, error) {
 	if err := checkVolumeName(vol); err != nil {
 		return luks.Layout{}, err
 	}
@@ -146,7 +154,7 @@ func (v *KernelVolumes) Create(ctx context.Context, vol string, size int64, pass
 	}
 	f.Close()
 	var layout luks.Layout
-	err = withKeyFile(v.runDir(), passphrase, func(kf string) error {
+	err = hostfs.WithKeyFile(v.runDir(), passphrase, func(kf string) error {
 		if err := luks.Format(ctx, v.DataPath(vol), kf, luks.FormatOptions{FastKDF: v.FastKDF}); err != nil {
 			return fmt.Errorf("format volume %s: %w", vol, err)
 		}
@@ -175,26 +183,13 @@ func (v *KernelVolumes) Create(ctx context.Context, vol string, size int64, pass
 }
 
 // ReadLayout reads the LUKS2 layout from a local volume's header.
-func (v *KernelVolumes) ReadLayout(vol string) (luks.Layout, error) {
-	return readLayout(v.DataPath(vol), vol)
-}
-
-func readLayout(path, vol string) (luks.Layout, error) {
-	f, err := blockdev.OpenFile(path, true)
-	if err != nil {
-		return luks.Layout{}, err
-	}
-	defer f.Close()
-	h, err := luks.ReadHeader(f, f.Size())
-	if err != nil {
-		return luks.Layout{}, fmt.Errorf("volume %s: %w", vol, err)
-	}
-	return h.Layout(f.Size())
+func (v *Backend) ReadLayout(vol string) (luks.Layout, error) {
+	return hostfs.ReadLayout(v.DataPath(vol), vol)
 }
 
 // MountLocal opens vol with dm-crypt over its loop device (or over its
 // dissolved clone, which still maps the same file) and mounts it.
-func (v *KernelVolumes) MountLocal(ctx context.Context, vol string, layout luks.Layout, passphrase []byte, mnt string) (string, error) {
+func (v *Backend) MountLocal(ctx context.Context, vol string, layout luks.Layout, passphrase []byte, mnt string) (string, error) {
 	if err := checkVolumeName(vol); err != nil {
 		return "", err
 	}
@@ -207,9 +202,9 @@ func (v *KernelVolumes) MountLocal(ctx context.Context, vol string, layout luks.
 	return v.openAndMount(ctx, vol, dev, layout, passphrase, mnt)
 }
 
-func (v *KernelVolumes) openAndMount(ctx context.Context, vol, dev string, layout luks.Layout, passphrase []byte, mnt string) (string, error) {
+func (v *Backend) openAndMount(ctx context.Context, vol, dev string, layout luks.Layout, passphrase []byte, mnt string) (string, error) {
 	var plain string
-	err := withKeyFile(v.runDir(), passphrase, func(kf string) error {
+	err := hostfs.WithKeyFile(v.runDir(), passphrase, func(kf string) error {
 		var err error
 		plain, err = luks.OpenKernel(ctx, dev, CryptName(vol), layout, kf)
 		return err
@@ -217,37 +212,7 @@ func (v *KernelVolumes) openAndMount(ctx context.Context, vol, dev string, layou
 	if err != nil {
 		return "", err
 	}
-	return plain, mountDev(plain, mnt, vol)
-}
-
-// mountDev mounts ext4 dev at mnt unless it already is. Idempotent.
-func mountDev(dev, mnt, vol string) error {
-	if src, ok := mountedAt(mnt); ok {
-		if sameDevice(src, dev) {
-			return nil
-		}
-		return fmt.Errorf("%s is already mounted from %s, not %s: unmount it first", mnt, src, dev)
-	}
-	if err := os.MkdirAll(mnt, 0o755); err != nil {
-		return err
-	}
-	if err := unix.Mount(dev, mnt, "ext4", 0, ""); err != nil {
-		return fmt.Errorf("mount %s (volume %s) at %s: %w", dev, vol, mnt, err)
-	}
-	return nil
-}
-
-// sameDevice compares two device nodes by number: /dev/dm-3 and
-// /dev/mapper/ferry-v are the same device.
-func sameDevice(a, b string) bool {
-	if a == b {
-		return true
-	}
-	var sa, sb unix.Stat_t
-	if unix.Stat(a, &sa) != nil || unix.Stat(b, &sb) != nil {
-		return false
-	}
-	return sa.Mode&unix.S_IFMT == unix.S_IFBLK && sa.Rdev == sb.Rdev
+	return plain, hostfs.MountExt4(plain, mnt, vol)
 }
 
 // kernelCloneRecord is what the destination needs to find its session
@@ -257,7 +222,7 @@ type kernelCloneRecord struct {
 	IQN    string `json:"iqn"`
 }
 
-func (v *KernelVolumes) readRecord(vol string) (kernelCloneRecord, bool) {
+func (v *Backend) readRecord(vol string) (kernelCloneRecord, bool) {
 	var r kernelCloneRecord
 	b, err := os.ReadFile(v.recordPath(vol))
 	if err != nil || json.Unmarshal(b, &r) != nil || r.IQN == "" {
@@ -269,7 +234,7 @@ func (v *KernelVolumes) readRecord(vol string) (kernelCloneRecord, bool) {
 // MountClone logs into the source's export, builds dm-clone over it and
 // the destination (hydration off, known-zero ranges discarded once), opens
 // dm-crypt over the clone with the carried layout and mounts it.
-func (v *KernelVolumes) MountClone(ctx context.Context, c CloneSpec, passphrase []byte, mnt string) (string, error) {
+func (v *Backend) MountClone(ctx context.Context, c datapath.CloneSpec, passphrase []byte, mnt string) (string, error) {
 	if err := checkVolumeName(c.Volume); err != nil {
 		return "", err
 	}
@@ -282,7 +247,7 @@ func (v *KernelVolumes) MountClone(ctx context.Context, c CloneSpec, passphrase 
 		return v.openAndMount(ctx, vol, "/dev/mapper/"+CloneName(vol), c.Layout, passphrase, mnt)
 	}
 	rec, _ := json.Marshal(kernelCloneRecord{Portal: c.Portal, IQN: c.IQN})
-	if err := writeFileAtomic(v.recordPath(vol), rec); err != nil {
+	if err := hostfs.WriteFileAtomic(v.recordPath(vol), rec); err != nil {
 		return "", err
 	}
 	disk, err := v.ISCSI.Login(ctx, c.Portal, c.IQN)
@@ -331,7 +296,7 @@ func (v *KernelVolumes) MountClone(ctx context.Context, c CloneSpec, passphrase 
 	return plain, nil
 }
 
-func (v *KernelVolumes) discardKnownZero(dev string, ranges []blockdev.Range) {
+func (v *Backend) discardKnownZero(dev string, ranges []blockdev.Range) {
 	if len(ranges) == 0 {
 		return
 	}
@@ -374,7 +339,7 @@ func blkDiscard(f *os.File, off, n int64) error {
 
 // adopt creates the clone, or adopts the live one of that name, and keeps
 // it polled.
-func (v *KernelVolumes) adopt(ctx context.Context, vol string, cfg dmclone.KernelConfig) (*dmclone.KernelClone, error) {
+func (v *Backend) adopt(ctx context.Context, vol string, cfg dmclone.KernelConfig) (*dmclone.KernelClone, error) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	if k, ok := v.clones[vol]; ok {
@@ -427,7 +392,7 @@ func parseCloneTable(table string) (dmclone.KernelConfig, error) {
 
 // Clone returns the polled clone of vol, adopting a live device left by an
 // earlier agent process; a dissolved (linear) one reports complete.
-func (v *KernelVolumes) Clone(ctx context.Context, vol string) (CloneHandle, error) {
+func (v *Backend) Clone(ctx context.Context, vol string) (datapath.CloneHandle, error) {
 	v.mu.Lock()
 	k, ok := v.clones[vol]
 	v.mu.Unlock()
@@ -436,7 +401,7 @@ func (v *KernelVolumes) Clone(ctx context.Context, vol string) (CloneHandle, err
 	}
 	table, err := v.dmTable(ctx, CloneName(vol))
 	if err != nil {
-		return nil, fmt.Errorf("volume %s has no clone on this worker: %w", vol, err)
+		return nil, fmt.Errorf("volume %s: %w (%v)", vol, datapath.ErrNoClone, err)
 	}
 	switch tableTarget(table) {
 	case "linear":
@@ -459,7 +424,7 @@ func (v *KernelVolumes) Clone(ctx context.Context, vol string) (CloneHandle, err
 // kernelHandle adapts a KernelClone to the agent's CloneHandle; k is nil
 // once dissolved.
 type kernelHandle struct {
-	v   *KernelVolumes
+	v   *Backend
 	vol string
 	k   *dmclone.KernelClone
 }
@@ -509,7 +474,7 @@ func (h *kernelHandle) Dissolve(ctx context.Context) error {
 
 // releaseSource logs out of the source's export and detaches the metadata
 // loop: after dissolving nothing reads them.
-func (v *KernelVolumes) releaseSource(ctx context.Context, vol string) error {
+func (v *Backend) releaseSource(ctx context.Context, vol string) error {
 	if r, ok := v.readRecord(vol); ok {
 		if err := v.ISCSI.Logout(ctx, r.Portal, r.IQN); err != nil {
 			return err
@@ -519,45 +484,16 @@ func (v *KernelVolumes) releaseSource(ctx context.Context, vol string) error {
 }
 
 // Unmount syncs and unmounts mnt, then detaches the volume.
-func (v *KernelVolumes) Unmount(ctx context.Context, vol, mnt string) error {
-	if err := syncUnmount(mnt, vol); err != nil {
+func (v *Backend) Unmount(ctx context.Context, vol, mnt string) error {
+	if err := hostfs.SyncUnmount(mnt, vol); err != nil {
 		return err
 	}
 	return v.Detach(ctx, vol)
 }
 
-// syncUnmount syncs and unmounts mnt if it is a mount point.
-func syncUnmount(mnt, vol string) error {
-	if _, ok := mountedAt(mnt); !ok {
-		return nil
-	}
-	if fd, err := unix.Open(mnt, unix.O_RDONLY|unix.O_DIRECTORY, 0); err == nil {
-		_ = unix.Syncfs(fd)
-		unix.Close(fd)
-	}
-	if err := unmountBusyRetry(mnt); err != nil {
-		return fmt.Errorf("unmount %s (volume %s): %w: is something still using it?", mnt, vol, err)
-	}
-	return nil
-}
-
-// unmountBusyRetry retries EBUSY for a few seconds: a file closed a moment
-// ago can still be held by a process between fork and exec, or by a
-// finishing fsync.
-func unmountBusyRetry(mnt string) error {
-	var err error
-	for i := 0; i < 30; i++ {
-		if err = unix.Unmount(mnt, 0); err != unix.EBUSY {
-			return err
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	return err
-}
-
 // Detach closes dm-crypt, removes the clone (or its linear remains), logs
 // out of the source and detaches the loops. The mount must be gone.
-func (v *KernelVolumes) Detach(ctx context.Context, vol string) error {
+func (v *Backend) Detach(ctx context.Context, vol string) error {
 	if err := luks.CloseKernel(ctx, CryptName(vol)); err != nil {
 		return err
 	}
@@ -580,7 +516,7 @@ func (v *KernelVolumes) Detach(ctx context.Context, vol string) error {
 }
 
 // Remove detaches and deletes a volume's files.
-func (v *KernelVolumes) Remove(ctx context.Context, vol string) error {
+func (v *Backend) Remove(ctx context.Context, vol string) error {
 	if err := v.Detach(ctx, vol); err != nil {
 		return err
 	}
@@ -591,8 +527,8 @@ func (v *KernelVolumes) Remove(ctx context.Context, vol string) error {
 }
 
 // CleanupAll unmounts every machine mount and detaches every volume.
-func (v *KernelVolumes) CleanupAll(ctx context.Context) error {
-	errs := []error{unmountAll(v.MountPoint(""))}
+func (v *Backend) CleanupAll(ctx context.Context) error {
+	errs := []error{hostfs.UnmountAll(v.MountPoint(""))}
 	vols, _ := os.ReadDir(filepath.Join(v.DataDir, "volumes"))
 	for _, e := range vols {
 		if err := v.Detach(ctx, e.Name()); err != nil {
@@ -602,21 +538,10 @@ func (v *KernelVolumes) CleanupAll(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
-func writeFileAtomic(path string, b []byte) error {
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return err
-	}
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o600); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
-}
-
-// CheckKernelPath reports what this host lacks for the kernel data path:
+// Probe reports what this host lacks for the kernel data path:
 // dmsetup with the clone target (modprobe dm-clone is tried), cryptsetup,
 // iscsiadm and a running iscsid's tools, mkfs.ext4 and fstrim.
-func CheckKernelPath(ctx context.Context) error {
+func Probe(ctx context.Context) error {
 	var missing []string
 	for _, t := range []struct{ bin, pkg string }{{"dmsetup", "dmsetup"}, {"cryptsetup", "cryptsetup-bin"},
 		{"iscsiadm", "open-iscsi"}, {"mkfs.ext4", "e2fsprogs"}, {"fstrim", "util-linux"}, {"losetup", "mount"}} {
@@ -636,17 +561,23 @@ func CheckKernelPath(ctx context.Context) error {
 	return nil
 }
 
-// KernelPathAvailable is --backend auto's test: the clone target is loaded,
+// ProbeAuto is --backend auto's test: the clone target is loaded,
 // iscsiadm exists, and this process shares the network namespace of PID 1,
 // where iscsid connects from (the kernel's iSCSI netlink is not
 // namespace-aware): an agent in a worker namespace (the demo, the test beds)
 // could not reach its sources through open-iscsi, so auto keeps it on the
 // userspace path.
-func KernelPathAvailable(ctx context.Context) bool {
+func ProbeAuto(ctx context.Context) error {
 	if _, err := exec.LookPath("iscsiadm"); err != nil {
-		return false
+		return errors.New("iscsiadm is not installed (Debian package open-iscsi)")
 	}
-	return inInitialNetNS() && hasCloneTarget(ctx)
+	if !inInitialNetNS() {
+		return errors.New("this process is not in PID 1's network namespace, where iscsid connects from")
+	}
+	if !hasCloneTarget(ctx) {
+		return errors.New("`dmsetup targets` does not list clone")
+	}
+	return nil
 }
 
 func inInitialNetNS() bool {

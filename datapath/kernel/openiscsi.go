@@ -1,4 +1,4 @@
-package agent
+package kernel
 
 import (
 	"bytes"
@@ -127,8 +127,10 @@ func (o *OpenISCSI) waitDisk(ctx context.Context, iqn string) (string, error) {
 		if time.Now().After(deadline) {
 			return "", fmt.Errorf("iSCSI session of %s: no disk after %v: %w", iqn, timeout, err)
 		}
-		if !sleep(ctx, 50*time.Millisecond) {
+		select {
+		case <-ctx.Done():
 			return "", ctx.Err()
+		case <-time.After(50 * time.Millisecond):
 		}
 	}
 }

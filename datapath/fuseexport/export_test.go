@@ -18,8 +18,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ferry-dev/ferry/blockdev"
+	"github.com/ferry-dev/ferry/datapath/loopdev"
 	"github.com/ferry-dev/ferry/internal/testenv"
-	"github.com/ferry-dev/ferry/loopdev"
 )
 
 func needFUSE(t *testing.T) {

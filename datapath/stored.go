@@ -1,4 +1,4 @@
-package agent
+package datapath
 
 import (
 	"github.com/ferry-dev/ferry/blockdev"
@@ -9,15 +9,17 @@ import (
 // The replicated store keeps its own copies of the LUKS2 layout and of byte
 // ranges, so its format does not follow the libraries; these convert at the
 // edge between the store's records and the data path.
+//
+// StoredLayout, LayoutOf, StoredRanges and RangesOf convert each way.
 
-func storedLayout(l luks.Layout) *fsm.LUKSLayout {
+func StoredLayout(l luks.Layout) *fsm.LUKSLayout {
 	s := fsm.LUKSLayout(l)
 	return &s
 }
 
-func layoutOf(l fsm.LUKSLayout) luks.Layout { return luks.Layout(l) }
+func LayoutOf(l fsm.LUKSLayout) luks.Layout { return luks.Layout(l) }
 
-func storedRanges(rs []blockdev.Range) []fsm.Range {
+func StoredRanges(rs []blockdev.Range) []fsm.Range {
 	if rs == nil {
 		return nil
 	}
@@ -28,7 +30,7 @@ func storedRanges(rs []blockdev.Range) []fsm.Range {
 	return out
 }
 
-func rangesOf(rs []fsm.Range) []blockdev.Range {
+func RangesOf(rs []fsm.Range) []blockdev.Range {
 	if rs == nil {
 		return nil
 	}
