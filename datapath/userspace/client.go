@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -51,8 +52,19 @@ func Start(ctx context.Context, log zerolog.Logger, exe string, cfg Config, pass
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	if p, err := Adopt(ctx, cfg); err == nil {
+	p, aerr := Adopt(ctx, cfg)
+	if aerr == nil {
 		return p, nil
+	}
+	if ctx.Err() != nil {
+		return nil, ctx.Err()
+	}
+	// Remove the socket only when nothing listens on it: a live serve
+	// process that is slow to answer would otherwise lose its socket, and
+	// with it every later adoption and teardown.
+	if c, err := net.DialTimeout("unix", cfg.Socket, time.Second); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("datapath for volume %s listens on %s but does not answer (%v): retry, or see its log in %s", cfg.VolumeID, cfg.Socket, aerr, stateDir)
 	}
 	if err := os.MkdirAll(stateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("datapath state dir: %w", err)
@@ -81,7 +93,7 @@ func Start(ctx context.Context, log zerolog.Logger, exe string, cfg Config, pass
 	}
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
-	p := &Process{cfg: cfg, client: childctl.Dial(cfg.Socket)}
+	p = &Process{cfg: cfg, client: childctl.Dial(cfg.Socket)}
 	if err := p.client.WaitReady(ctx, "/v1/status", nil, exited, 60*time.Second); err != nil {
 		_ = cmd.Process.Kill()
 		tail, _ := tailFile(filepath.Join(stateDir, cfg.VolumeID+".log"), 2048)
