@@ -1,0 +1,91 @@
+package server_test
+
+import (
+	"context"
+	"errors"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/ferry-dev/ferry/api"
+	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/tlsutil"
+	"github.com/ferry-dev/ferry/server/servertest"
+)
+
+// TestRevokedCertificateRefusedByEveryServer: an operator revokes a worker's
+// serial; the deny list replicates and every server refuses that
+// certificate's next connection, while other certificates still connect.
+func TestRevokedCertificateRefusedByEveryServer(t *testing.T) {
+	c := servertest.New(t, 3, servertest.Options{})
+	ctx := context.Background()
+	op := c.Client("operator", tlsutil.KindOperator)
+	w1 := c.Client("w1", tlsutil.KindWorker)
+	c.Client("w2", tlsutil.KindWorker)
+	if _, err := w1.Status(ctx); err != nil {
+		t.Fatalf("w1 before revocation: %v", err)
+	}
+	cf, _ := tlsutil.Files(c.TLSDir, "w1")
+	pemBytes, err := os.ReadFile(cf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := tlsutil.ParseCertPEM(pemBytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	serial := tlsutil.SerialString(cert.SerialNumber)
+
+	// Only operators revoke.
+	var ref *fsm.Refusal
+	if err := w1.RevokeCert(ctx, serial, "self"); !errors.As(err, &ref) || ref.Kind != fsm.RefuseForbidden {
+		t.Fatalf("worker revoked a certificate: %v", err)
+	}
+	if _, err := w1.RevokedCerts(ctx); !errors.As(err, &ref) || ref.Kind != fsm.RefuseForbidden {
+		t.Fatalf("worker listed the deny list: %v", err)
+	}
+	if err := op.RevokeCert(ctx, "not-hex", ""); !errors.As(err, &ref) || ref.Kind != fsm.RefuseInvalid {
+		t.Fatalf("bad serial: %v", err)
+	}
+	if err := op.RevokeCert(ctx, serial, "host lost"); err != nil {
+		t.Fatal(err)
+	}
+	list, err := op.RevokedCerts(ctx)
+	if err != nil || len(list) != 1 || list[0].Serial != serial || list[0].By.Name != "operator" {
+		t.Fatalf("deny list %+v %v", list, err)
+	}
+
+	deadline := time.Now().Add(10 * time.Second)
+	for i, s := range c.Servers {
+		for !s.Store().Revoked(serial) {
+			if time.Now().After(deadline) {
+				t.Fatalf("server %d never learned the revocation", i)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	for i, addr := range c.Addrs() {
+		for _, tc := range []struct {
+			name   string
+			refuse bool
+		}{{"w1", true}, {"w2", false}} {
+			conf, err := tlsutil.ClientConfig(c.TLSDir, tc.name)
+			if err != nil {
+				t.Fatal(err)
+			}
+			cl, err := api.NewClient([]string{addr}, conf) // a fresh connection to this server only
+			if err != nil {
+				t.Fatal(err)
+			}
+			cl.RetryFor = 500 * time.Millisecond
+			_, err = cl.Status(ctx)
+			cl.Close()
+			if tc.refuse && err == nil {
+				t.Errorf("server %d accepted the revoked certificate", i)
+			}
+			if !tc.refuse && err != nil {
+				t.Errorf("server %d refused %s: %v", i, tc.name, err)
+			}
+		}
+	}
+}
