@@ -4,14 +4,48 @@ import (
 	"context"
 	"errors"
 	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/rs/zerolog"
 
 	"github.com/ferry-dev/ferry/api"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
+	"github.com/ferry-dev/ferry/server"
 	"github.com/ferry-dev/ferry/server/servertest"
 )
+
+// TestServerRefusesCAKeyInTLSDir: a server whose --tls-dir holds the CA key
+// does not start, and says where the key belongs.
+func TestServerRefusesCAKeyInTLSDir(t *testing.T) {
+	dir := t.TempDir()
+	tlsDir := filepath.Join(dir, "tls")
+	if err := server.EnsureCerts(tlsDir, map[string]string{"s1": tlsutil.KindServer}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(tlsDir, tlsutil.CAKeyFile)); err == nil {
+		t.Fatal("the development certificates put the CA key in the runtime folder")
+	}
+	key, err := os.ReadFile(filepath.Join(tlsutil.DevCADir(tlsDir), tlsutil.CAKeyFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(tlsDir, tlsutil.CAKeyFile), key, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s, err := server.StartServer(context.Background(), zerolog.Nop(), server.Config{ID: "s1", DataDir: filepath.Join(dir, "data"),
+		Listen: "127.0.0.1:0", RaftAddr: "127.0.0.1:0", Bootstrap: true, TLSDir: tlsDir})
+	if err == nil {
+		s.Close()
+		t.Fatal("server started with the CA key in its --tls-dir")
+	}
+	if !strings.Contains(err.Error(), "ca-key.pem") || !strings.Contains(err.Error(), "CA host") {
+		t.Fatalf("refusal does not say where the key belongs: %v", err)
+	}
+}
 
 // TestRevokedCertificateRefusedByEveryServer: an operator revokes a worker's
 // serial; the deny list replicates and every server refuses that

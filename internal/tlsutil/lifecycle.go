@@ -378,11 +378,24 @@ func EnsureDev(tlsDir string, certs ...Cert) error {
 		return err
 	}
 	for _, c := range certs {
-		if cf, _ := Files(tlsDir, c.Name); fileExists(cf) {
+		cf, _ := Files(tlsDir, c.Name)
+		b, err := os.ReadFile(cf)
+		if err != nil {
+			if _, err := Issue(caDir, tlsDir, c.Name, c.Kind, c.Hosts, IssueOptions{Force: true}); err != nil {
+				return err
+			}
 			continue
 		}
-		if _, err := Issue(caDir, tlsDir, c.Name, c.Kind, c.Hosts, IssueOptions{Force: true}); err != nil {
-			return err
+		// A development cluster outlives its 30-day leaves: renew those
+		// in their last third, as an operator would with `ferry tls renew`.
+		if old, err := ParseCertPEM(b); err == nil && time.Until(old.NotAfter) < DefaultValidity/3 {
+			cert, _, err := Renew(caDir, b, DefaultValidity)
+			if err != nil {
+				return fmt.Errorf("renewing development certificate %s: %w", cf, err)
+			}
+			if err := InstallCert(tlsDir, c.Name, cert, true); err != nil {
+				return err
+			}
 		}
 	}
 	return nil
@@ -394,11 +407,6 @@ func copyFile(from, to string) error {
 		return fmt.Errorf("reading %s: %w", from, err)
 	}
 	return WriteFileAtomic(to, b, 0o644, true)
-}
-
-func fileExists(p string) bool {
-	_, err := os.Stat(p)
-	return err == nil
 }
 
 // WithDenyList returns a copy of a server config that also refuses any

@@ -247,6 +247,33 @@ func TestEnsureDevMovesCAKeyOut(t *testing.T) {
 	}
 }
 
+// TestEnsureDevRenewsNearExpiry: a development cluster keeps working past
+// its leaves' 30 days.
+func TestEnsureDevRenewsNearExpiry(t *testing.T) {
+	dir := t.TempDir()
+	if err := EnsureDev(dir); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Issue(DevCADir(dir), dir, "w1", KindWorker, nil, IssueOptions{Validity: 2 * time.Hour}); err != nil {
+		t.Fatal(err)
+	}
+	_, before := readCert(t, dir, "w1")
+	if err := EnsureDev(dir, Cert{Name: "w1", Kind: KindWorker}); err != nil {
+		t.Fatal(err)
+	}
+	b, after := readCert(t, dir, "w1")
+	c, _ := ParseCertPEM(b)
+	if after == before || time.Until(c.NotAfter) < DefaultValidity-time.Hour {
+		t.Fatalf("near-expiry certificate not renewed: serial %s -> %s, expires %s", before, after, c.NotAfter)
+	}
+	if err := EnsureDev(dir, Cert{Name: "w1", Kind: KindWorker}); err != nil {
+		t.Fatal(err)
+	}
+	if _, again := readCert(t, dir, "w1"); again != after {
+		t.Fatal("a fresh certificate was renewed again")
+	}
+}
+
 // TestDenyListOnEveryConnection: once a serial is revoked, new and resumed
 // connections with it are refused; other certificates still connect.
 func TestDenyListOnEveryConnection(t *testing.T) {
