@@ -424,3 +424,15 @@ func TestEsc(t *testing.T) {
 		}
 	}
 }
+
+// TestCarriedLayoutOverflow: the layout comes from the replicated record,
+// written by the source; sizes whose sum wraps must not pass as small.
+func TestCarriedLayoutOverflow(t *testing.T) {
+	l := Layout{DataOffset: 16 << 20, SectorSize: 512, Cipher: "aes-xts-plain64", KeyBytes: 64, PayloadSize: 1<<63 - 512}
+	if err := l.Validate(); err == nil || !strings.Contains(err.Error(), "overflows") {
+		t.Fatalf("Validate = %v (device size %d)", err, l.DeviceSize())
+	}
+	if _, err := CheckCompatible(l, 32<<20); err == nil {
+		t.Fatal("CheckCompatible accepted a wrapping layout")
+	}
+}
