@@ -134,8 +134,8 @@ func Sign(caDir string, csrPEM []byte, req SignRequest) ([]byte, string, error) 
 	if err := csr.CheckSignature(); err != nil {
 		return nil, "", fmt.Errorf("the CSR's signature does not verify: %w", err)
 	}
-	if _, ok := csr.PublicKey.(*ecdsa.PublicKey); !ok {
-		return nil, "", fmt.Errorf("the CSR's key is %T; ferry certificates use ECDSA keys made by `ferry tls csr`", csr.PublicKey)
+	if pk, ok := csr.PublicKey.(*ecdsa.PublicKey); !ok || pk.Curve != elliptic.P256() && pk.Curve != elliptic.P384() {
+		return nil, "", fmt.Errorf("the CSR's key is %T; ferry certificates use ECDSA P-256 or P-384 keys made by `ferry tls csr`", csr.PublicKey)
 	}
 	if csr.Subject.CommonName != req.Name || !slices.Equal(csr.Subject.OrganizationalUnit, []string{req.Kind}) {
 		return nil, "", fmt.Errorf("the CSR asks for name %q with role %v, but --name %q --role %s was approved: refusing", csr.Subject.CommonName, csr.Subject.OrganizationalUnit, req.Name, req.Kind)

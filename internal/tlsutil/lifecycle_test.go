@@ -2,7 +2,14 @@ package tlsutil
 
 import (
 	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
 	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/asn1"
+	"encoding/pem"
 	"io"
 	"os"
 	"path/filepath"
@@ -138,6 +145,49 @@ func TestCSRAndSign(t *testing.T) {
 	}
 	if err := InstallCert(host, "worker-a", oc, true); err == nil || !strings.Contains(err.Error(), "does not match the key") {
 		t.Fatalf("certificate for another key installed: %v", err)
+	}
+}
+
+// TestSignRefusesHandMadeCSRs: a host editing its CSR gets no CA
+// certificate, no weak key and no extra names.
+func TestSignRefusesHandMadeCSRs(t *testing.T) {
+	ca := t.TempDir()
+	if err := InitCA(ca); err != nil {
+		t.Fatal(err)
+	}
+	mk := func(key any, tmpl *x509.CertificateRequest) []byte {
+		der, err := x509.CreateCertificateRequest(rand.Reader, tmpl, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der})
+	}
+	subj := pkix.Name{CommonName: "w1", OrganizationalUnit: []string{KindWorker}}
+	req := SignRequest{Name: "w1", Kind: KindWorker}
+	p224, _ := ecdsa.GenerateKey(elliptic.P224(), rand.Reader)
+	rsaKey, _ := rsa.GenerateKey(rand.Reader, 2048)
+	p256, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	for name, csr := range map[string][]byte{
+		"P-224 key":   mk(p224, &x509.CertificateRequest{Subject: subj}),
+		"RSA key":     mk(rsaKey, &x509.CertificateRequest{Subject: subj}),
+		"two roles":   mk(p256, &x509.CertificateRequest{Subject: pkix.Name{CommonName: "w1", OrganizationalUnit: []string{KindWorker, KindOperator}}}),
+		"extra email": mk(p256, &x509.CertificateRequest{Subject: subj, EmailAddresses: []string{"a@b"}}),
+		"extra DNS":   mk(p256, &x509.CertificateRequest{Subject: subj, DNSNames: []string{"server.example"}}),
+	} {
+		if _, _, err := Sign(ca, csr, req); err == nil {
+			t.Errorf("%s: signed", name)
+		}
+	}
+	// A CSR asking for CA powers through an extension gets a plain leaf.
+	bc, _ := asn1Marshal(true)
+	csr := mk(p256, &x509.CertificateRequest{Subject: subj, ExtraExtensions: []pkix.Extension{{Id: []int{2, 5, 29, 19}, Critical: true, Value: bc}}})
+	cert, _, err := Sign(ca, csr, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, _ := ParseCertPEM(cert)
+	if c.IsCA || c.KeyUsage&x509.KeyUsageCertSign != 0 {
+		t.Fatal("a CSR obtained a CA certificate")
 	}
 }
 
@@ -371,4 +421,11 @@ func TestWriteFileAtomic(t *testing.T) {
 	if string(b) != "two" || fi.Mode().Perm() != 0o600 {
 		t.Fatalf("content %q mode %v", b, fi.Mode())
 	}
+}
+
+// asn1Marshal encodes BasicConstraints{cA} as a CSR extension value.
+func asn1Marshal(isCA bool) ([]byte, error) {
+	return asn1.Marshal(struct {
+		IsCA bool `asn1:"optional"`
+	}{isCA})
 }
