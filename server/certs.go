@@ -5,6 +5,7 @@ import (
 
 	"github.com/ferry-dev/ferry/api"
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/tlsutil"
 )
 
 // The certificate deny list: operators add serials, every server checks
@@ -35,4 +36,20 @@ func (s *Server) handleListRevoked(w http.ResponseWriter, r *http.Request, id fs
 		return
 	}
 	writeJSON(w, http.StatusOK, s.store.RevokedCerts())
+}
+
+// denyRevoked refuses every request whose client certificate is revoked and
+// closes its connection: the handshake check cannot reach a keep-alive
+// connection (an agent's blocking queries) opened before the revocation.
+func (s *Server) denyRevoked(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.TLS != nil && len(r.TLS.PeerCertificates) > 0 {
+			if sn := tlsutil.SerialString(r.TLS.PeerCertificates[0].SerialNumber); s.store.Revoked(sn) {
+				w.Header().Set("Connection", "close")
+				writeErr(w, &fsm.Refusal{Kind: fsm.RefuseUnauthenticated, Code: fsm.CodeUnauth, Reason: "certificate " + sn + " is revoked"})
+				return
+			}
+		}
+		next.ServeHTTP(w, r)
+	})
 }

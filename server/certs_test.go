@@ -70,6 +70,10 @@ func TestRevokedCertificateRefusedByEveryServer(t *testing.T) {
 	}
 	serial := tlsutil.SerialString(cert.SerialNumber)
 
+	// w1 keeps a connection open across the revocation, as an agent's
+	// blocking queries do.
+	w1.RetryFor = time.Second
+
 	// Only operators revoke.
 	var ref *fsm.Refusal
 	if err := w1.RevokeCert(ctx, serial, "self"); !errors.As(err, &ref) || ref.Kind != fsm.RefuseForbidden {
@@ -97,6 +101,9 @@ func TestRevokedCertificateRefusedByEveryServer(t *testing.T) {
 			}
 			time.Sleep(20 * time.Millisecond)
 		}
+	}
+	if _, err := w1.Status(ctx); err == nil {
+		t.Fatal("a connection opened before the revocation still serves the revoked certificate")
 	}
 	for i, addr := range c.Addrs() {
 		for _, tc := range []struct {

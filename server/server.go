@@ -145,7 +145,7 @@ func StartServer(ctx context.Context, log zerolog.Logger, cfg Config) (*Server, 
 		reg: prometheus.NewRegistry(), startLast: node.Raft.LastIndex(),
 	}
 	s.reg.MustRegister(&collector{s: s})
-	s.http = &http.Server{Handler: s.routes(), ReadHeaderTimeout: 10 * time.Second, ErrorLog: nil}
+	s.http = &http.Server{Handler: s.denyRevoked(s.routes()), ReadHeaderTimeout: 10 * time.Second, ErrorLog: nil}
 	s.wg.Add(2)
 	go func() {
 		defer s.wg.Done()
