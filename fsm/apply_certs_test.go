@@ -69,3 +69,21 @@ func TestNormalizeSerial(t *testing.T) {
 		t.Fatalf("SerialKey = %q", k)
 	}
 }
+
+// FuzzNormalizeSerial: what an operator types is either refused or becomes
+// a canonical key that normalizes to itself.
+func FuzzNormalizeSerial(f *testing.F) {
+	for _, s := range []string{"5eed0f1e2d3c4b5a", "0x00AB:cd", "", "-1", "0", "zz"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		n, err := NormalizeSerial(s)
+		if err != nil {
+			return
+		}
+		again, err := NormalizeSerial(n)
+		if err != nil || again != n || len(n) > 40 {
+			t.Fatalf("%q -> %q -> %q, %v", s, n, again, err)
+		}
+	})
+}
