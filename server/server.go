@@ -110,7 +110,7 @@ func StartServer(ctx context.Context, log zerolog.Logger, cfg Config) (*Server, 
 		cfg.ServerTLS, cfg.ClientTLS = st, ct
 	}
 	if cfg.ServerTLS == nil || cfg.ClientTLS == nil {
-		return nil, errors.New("server needs TLS: pass --tls-dir (make one with `ferry tls init` and `ferry tls issue --role server`)")
+		return nil, errors.New("server needs TLS: pass --tls-dir holding ca.pem and this server's certificate (`ferry tls csr --role server` here, `ferry tls sign` on the CA host; see docs/security.md)")
 	}
 	// Every handshake, API and raft alike, is checked against the replicated
 	// certificate deny list; the store exists once the node does.
