@@ -207,7 +207,10 @@ func tlsIssueCmd() *cobra.Command {
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if caDir == "" {
-				caDir = tlsutil.DevCADir(dir)
+				caDir = defaultCADir
+				if _, err := os.Stat(filepath.Join(tlsutil.DevCADir(dir), "ca.pem")); err == nil {
+					caDir = tlsutil.DevCADir(dir) // a development CA next to --dir
+				}
 			}
 			serial, err := tlsutil.Issue(caDir, dir, name, role, hosts, tlsutil.IssueOptions{Force: force, Validity: validity})
 			if err != nil {
@@ -219,7 +222,7 @@ func tlsIssueCmd() *cobra.Command {
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&caDir, "ca-dir", "", "the CA's folder (default: DIR-ca, as `ferry tls init --dir DIR-ca` makes it)")
+	f.StringVar(&caDir, "ca-dir", "", "the CA's folder (default: DIR-ca when it holds a CA, as `ferry agent --dev` makes it, else /etc/ferry/ca)")
 	f.StringVar(&dir, "dir", envOr("FERRY_TLS_DIR", "/etc/ferry/tls"), "runtime TLS folder to write the key and certificate into ($FERRY_TLS_DIR)")
 	f.StringVar(&name, "name", "", "identity: the worker, server or operator name (certificate CN)")
 	f.StringVar(&role, "role", "worker", "server, worker or operator")
