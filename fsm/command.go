@@ -40,11 +40,12 @@ const (
 	CmdUpdateMachine  CommandType = "update_machine"
 	CmdPlan           CommandType = "plan"
 	CmdPropose        CommandType = "propose"
+	CmdRevokeCert     CommandType = "revoke_cert"
 )
 
 // CommandTypes lists every command type this build applies, oldest first.
 var CommandTypes = []CommandType{CmdRegisterServer, CmdRegisterWorker, CmdHeartbeat, CmdCreateVolume, CmdUpdateVolume,
-	CmdDestroyVolume, CmdSetVolumeKey, CmdKeyAccess, CmdCreateMachine, CmdUpdateMachine, CmdPlan, CmdPropose}
+	CmdDestroyVolume, CmdSetVolumeKey, CmdKeyAccess, CmdCreateMachine, CmdUpdateMachine, CmdPlan, CmdPropose, CmdRevokeCert}
 
 // Command is the versioned envelope every log entry holds.
 type Command struct {
@@ -171,6 +172,14 @@ type ProposeCmd struct {
 	Payload EventPayload `json:"payload"`
 }
 
+// RevokeCertCmd puts a certificate serial on the replicated deny list that
+// every server checks on every TLS connection.
+type RevokeCertCmd struct {
+	Header
+	Serial string `json:"serial"` // lowercase hex, as NormalizeSerial returns it
+	Reason string `json:"reason,omitempty"`
+}
+
 // EventPayload carries what an event reports; each event reads its own fields.
 type EventPayload struct {
 	Reason       string      `json:"reason,omitempty"`        // abort, failed, report
@@ -221,6 +230,8 @@ func payloadFor(t CommandType) (any, bool) {
 		return &PlanCmd{}, true
 	case CmdPropose:
 		return &ProposeCmd{}, true
+	case CmdRevokeCert:
+		return &RevokeCertCmd{}, true
 	}
 	return nil, false
 }

@@ -88,6 +88,7 @@ func goldenCommands() []struct {
 		{CmdPlan, &PlanCmd{Header: hdr(operator), ID: "m3", Machine: "mach3", Target: otherW.Name, StepID: "plan-3"}},
 		{CmdPropose, &ProposeCmd{Header: hdr(dstW), ID: "m1", Event: EvCutover, StepID: "m1/cutover", Payload: EventPayload{New6PN: "fdaa:0:7:0:2:0:9:0"}}},
 		{CmdDestroyVolume, &DestroyVolumeCmd{Header: hdr(operator), ID: "vol-spare", Retention: time.Hour}},
+		{CmdRevokeCert, &RevokeCertCmd{Header: hdr(operator), Serial: "5eed0f1e2d3c4b5a", Reason: "host of worker w-new decommissioned"}},
 	}
 }
 

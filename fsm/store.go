@@ -45,6 +45,7 @@ type data struct {
 	Locks      map[string]string        `json:"locks"` // "volume/ID" or "network/N" -> migration ID
 	Keys       map[string][]byte        `json:"keys"`  // volume ID -> key; only in snapshots, never in replies
 	Servers    map[string]*ServerMember `json:"servers"`
+	Revoked    map[string]*RevokedCert  `json:"revoked,omitempty"` // certificate serial -> revocation
 }
 
 func newData() *data {
@@ -56,6 +57,7 @@ func newData() *data {
 		Locks:      map[string]string{},
 		Keys:       map[string][]byte{},
 		Servers:    map[string]*ServerMember{},
+		Revoked:    map[string]*RevokedCert{},
 	}
 }
 
@@ -118,6 +120,8 @@ func (s *Store) ApplyCommand(index uint64, raw []byte) *Result {
 		res = s.applyPlan(index, c)
 	case *ProposeCmd:
 		res = s.applyPropose(index, c)
+	case *RevokeCertCmd:
+		res = s.applyRevokeCert(c)
 	default:
 		res = &Result{Refusal: refuse(RefuseInvalid, CodeBadCommand, "command %q has no apply function", typ)}
 	}

@@ -117,6 +117,28 @@ func openView(dev blockdev.Device, layout Layout, key *VolumeKey) (*view, error)
 	return &view{dev: dev, c: c, off: layout.DataOffset, size: size, sector: int64(layout.SectorSize)}, nil
 }
 
+// OpenCarriedView opens the plaintext view of a volume whose header came
+// from another worker: it reads the header on dev, compares it with the
+// carried layout and checks its keyslots' cost BEFORE running any KDF, then
+// unlocks with passphrase and opens the view at the carried layout. A
+// source serving a different or a hostile header is refused without the
+// target spending work on it.
+func OpenCarriedView(dev blockdev.Device, layout Layout, passphrase []byte) (blockdev.Device, error) {
+	h, err := ReadHeader(dev, dev.Size())
+	if err != nil {
+		return nil, fmt.Errorf("reading the LUKS2 header: %w", err)
+	}
+	if _, err := h.MatchLayout(layout, dev.Size()); err != nil {
+		return nil, err
+	}
+	vk, err := h.Unlock(dev, passphrase)
+	if err != nil {
+		return nil, err
+	}
+	defer vk.Wipe()
+	return openView(dev, layout, vk)
+}
+
 // OpenHeaderView reads the header on dev, unlocks it with passphrase and
 // opens the view with the header's own layout: the one-call path for a
 // volume whose header is on the device itself.

@@ -96,6 +96,8 @@ func (s *Server) routes() http.Handler {
 	h("POST /v1/internal/apply", s.handleInternalApply)
 	h("POST /v1/internal/join", s.handleJoin)
 	h("DELETE /v1/servers/{id}", s.handleRemoveServer)
+	h("GET /v1/certs/revoked", s.handleListRevoked)
+	h("POST /v1/certs/revoked", s.handleRevoke)
 	metrics := s.metricsHandler()
 	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, r *http.Request) {
 		if _, err := identity(r); err != nil {

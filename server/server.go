@@ -110,8 +110,15 @@ func StartServer(ctx context.Context, log zerolog.Logger, cfg Config) (*Server, 
 		cfg.ServerTLS, cfg.ClientTLS = st, ct
 	}
 	if cfg.ServerTLS == nil || cfg.ClientTLS == nil {
-		return nil, errors.New("server needs TLS: pass --tls-dir (make one with `ferry tls init` and `ferry tls issue --role server`)")
+		return nil, errors.New("server needs TLS: pass --tls-dir holding ca.pem and this server's certificate (`ferry tls csr --role server` here, `ferry tls sign` on the CA host; see docs/security.md)")
 	}
+	// Every handshake, API and raft alike, is checked against the replicated
+	// certificate deny list; the store exists once the node does.
+	var denyList atomic.Pointer[fsm.Store]
+	cfg.ServerTLS = tlsutil.WithDenyList(cfg.ServerTLS, func(serial string) bool {
+		st := denyList.Load()
+		return st != nil && st.Revoked(serial)
+	})
 	ln, err := tls.Listen("tcp", cfg.Listen, cfg.ServerTLS)
 	if err != nil {
 		return nil, fmt.Errorf("listening for the API on %s: %w", cfg.Listen, err)
@@ -130,6 +137,7 @@ func StartServer(ctx context.Context, log zerolog.Logger, cfg Config) (*Server, 
 		ln.Close()
 		return nil, err
 	}
+	denyList.Store(node.Store)
 	ctx, cancel := context.WithCancel(ctx)
 	s := &Server{
 		cfg: cfg, log: log, node: node, store: node.Store, ln: ln, apiURL: adv, ctx: ctx, cancel: cancel,
@@ -137,7 +145,7 @@ func StartServer(ctx context.Context, log zerolog.Logger, cfg Config) (*Server, 
 		reg: prometheus.NewRegistry(), startLast: node.Raft.LastIndex(),
 	}
 	s.reg.MustRegister(&collector{s: s})
-	s.http = &http.Server{Handler: s.routes(), ReadHeaderTimeout: 10 * time.Second, ErrorLog: nil}
+	s.http = &http.Server{Handler: s.denyRevoked(s.routes()), ReadHeaderTimeout: 10 * time.Second, ErrorLog: nil}
 	s.wg.Add(2)
 	go func() {
 		defer s.wg.Done()

@@ -172,17 +172,10 @@ func devServer(ctx context.Context, f *agentFlags) error {
 	if err != nil {
 		return err
 	}
-	if _, err := os.Stat(filepath.Join(f.tlsDir, "ca.pem")); os.IsNotExist(err) {
-		if err := tlsutil.InitCA(f.tlsDir); err != nil {
-			return err
-		}
-	}
-	for name, kind := range map[string]string{"server": tlsutil.KindServer, f.worker: tlsutil.KindWorker, "operator": tlsutil.KindOperator} {
-		if cert, _ := tlsutil.Files(f.tlsDir, name); !exists(cert) {
-			if err := tlsutil.Issue(f.tlsDir, name, kind, []string{"127.0.0.1", "localhost"}); err != nil {
-				return err
-			}
-		}
+	// The development CA lives next to --tls-dir (tlsutil.DevCADir), never in it.
+	if err := tlsutil.EnsureDev(f.tlsDir, tlsutil.Cert{Name: "server", Kind: tlsutil.KindServer}, tlsutil.Cert{Name: f.worker, Kind: tlsutil.KindWorker},
+		tlsutil.Cert{Name: "operator", Kind: tlsutil.KindOperator}); err != nil {
+		return err
 	}
 	_, err = server.StartServer(ctx, log, server.Config{ID: "server", DataDir: filepath.Join(f.dataDir, "server"),
 		Listen: f.devListen, RaftAddr: "127.0.0.1:0", Bootstrap: true, TLSDir: f.tlsDir})
@@ -192,5 +185,3 @@ func devServer(ctx context.Context, f *agentFlags) error {
 	f.server = f.devListen
 	return nil
 }
-
-func exists(p string) bool { _, err := os.Stat(p); return err == nil }

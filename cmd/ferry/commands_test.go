@@ -34,6 +34,7 @@ var noJSON = map[string]string{
 	"ferry cluster remove": "prints one confirmation line; the server returns no record",
 	"ferry volume show":    "prints the record as JSON always",
 	"ferry mcp":            "a server speaking MCP (JSON-RPC) on stdio or HTTP; it prints no record",
+	"ferry tls revoke":     "prints one confirmation line; the server returns no record",
 	"ferry ui":             "a web console on loopback; it prints its URL, no record",
 }
 

@@ -114,12 +114,10 @@ func (s *server) build(ctx context.Context, passphrase []byte) error {
 	}
 	s.view = lower
 	if !s.cfg.Raw {
-		key, err := luks.Unlock(lower, lower.Size(), passphrase)
-		if err != nil {
-			return fmt.Errorf("unlock volume %s: %w", s.cfg.VolumeID, err)
-		}
-		s.view, err = luks.OpenView(lower, s.cfg.Layout, key)
-		key.Wipe()
+		// The header may be served by the source: compared with the
+		// carried layout before any KDF runs.
+		var err error
+		s.view, err = luks.OpenCarriedView(lower, s.cfg.Layout, passphrase)
 		if err != nil {
 			return fmt.Errorf("open plaintext view of %s: %w", s.cfg.VolumeID, err)
 		}

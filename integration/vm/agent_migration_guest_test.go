@@ -214,18 +214,17 @@ func TestGuestAgentMigration(t *testing.T) {
 	g.tls = filepath.Join(g.dir, "tls")
 	t0 := time.Now()
 	g.fabric()
-	if err := tlsutil.InitCA(g.tls); err != nil {
-		t.Fatal(err)
-	}
+	var certs []tlsutil.Cert // the CA stays next to g.tls (tlsutil.DevCADir), never in it
 	for _, c := range []struct{ name, kind, host string }{{"server", tlsutil.KindServer, tgtAddr}, {"operator", tlsutil.KindOperator, ""},
 		{workerSrc, tlsutil.KindWorker, srcAddr}, {workerTgt, tlsutil.KindWorker, tgtAddr}} {
 		var hosts []string
 		if c.host != "" {
 			hosts = []string{c.host}
 		}
-		if err := tlsutil.Issue(g.tls, c.name, c.kind, hosts); err != nil {
-			t.Fatal(err)
-		}
+		certs = append(certs, tlsutil.Cert{Name: c.name, Kind: c.kind, Hosts: hosts})
+	}
+	if err := tlsutil.EnsureDev(g.tls, certs...); err != nil {
+		t.Fatal(err)
 	}
 	t.Cleanup(func() {
 		if t.Failed() {

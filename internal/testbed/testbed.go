@@ -103,21 +103,13 @@ func Start(ctx context.Context, cfg Config) (b *Bed, err error) {
 		return b, err
 	}
 	tlsDir := b.TLSDir()
-	if _, err := os.Stat(filepath.Join(tlsDir, "ca.pem")); os.IsNotExist(err) {
-		if err := tlsutil.InitCA(tlsDir); err != nil {
-			return b, err
-		}
-		if err := tlsutil.Issue(tlsDir, "server", tlsutil.KindServer, []string{ctlAddr.String()}); err != nil {
-			return b, err
-		}
-		if err := tlsutil.Issue(tlsDir, "operator", tlsutil.KindOperator, nil); err != nil {
-			return b, err
-		}
-		for _, w := range cfg.Workers {
-			if err := tlsutil.Issue(tlsDir, w, tlsutil.KindWorker, []string{b.addr[w].String()}); err != nil {
-				return b, err
-			}
-		}
+	// The CA stays next to tlsDir (tlsutil.DevCADir), never in it.
+	certs := []tlsutil.Cert{{Name: "server", Kind: tlsutil.KindServer, Hosts: []string{ctlAddr.String()}}, {Name: "operator", Kind: tlsutil.KindOperator}}
+	for _, w := range cfg.Workers {
+		certs = append(certs, tlsutil.Cert{Name: w, Kind: tlsutil.KindWorker, Hosts: []string{b.addr[w].String()}})
+	}
+	if err := tlsutil.EnsureDev(tlsDir, certs...); err != nil {
+		return b, err
 	}
 	b.ServerAddr = net.JoinHostPort(ctlAddr.String(), strconv.Itoa(serverPort))
 	if err := b.StartServer(); err != nil {
