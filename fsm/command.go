@@ -34,6 +34,7 @@ const (
 	CmdUpdateMachine  CommandType = "update_machine"
 	CmdPlan           CommandType = "plan"
 	CmdPropose        CommandType = "propose"
+	CmdGC             CommandType = "gc"
 )
 
 // Command is the versioned envelope every log entry holds.
@@ -161,6 +162,14 @@ type ProposeCmd struct {
 	Payload EventPayload `json:"payload"`
 }
 
+// GCCmd deletes terminal migrations and destroyed volumes that ended at
+// least Retention before Now. The leader's housekeeping proposes it; the
+// store decides what is old enough, so every replica deletes the same.
+type GCCmd struct {
+	Header
+	Retention time.Duration `json:"retention"`
+}
+
 // EventPayload carries what an event reports; each event reads its own fields.
 type EventPayload struct {
 	Reason       string           `json:"reason,omitempty"`        // abort, failed, report
@@ -170,7 +179,6 @@ type EventPayload struct {
 	Export       *Export          `json:"export,omitempty"`        // exported
 	KnownZero    []blockdev.Range `json:"known_zero,omitempty"`    // trimmed
 	Progress     *Progress        `json:"progress,omitempty"`      // progress, hydrated
-	Milestone    bool             `json:"milestone,omitempty"`     // progress: bypass the rate limit
 	TargetVolume string           `json:"target_volume,omitempty"` // target_prepared
 	New6PN       string           `json:"new_6pn,omitempty"`       // cutover
 }
@@ -211,6 +219,8 @@ func payloadFor(t CommandType) (any, bool) {
 		return &PlanCmd{}, true
 	case CmdPropose:
 		return &ProposeCmd{}, true
+	case CmdGC:
+		return &GCCmd{}, true
 	}
 	return nil, false
 }
