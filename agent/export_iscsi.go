@@ -61,6 +61,9 @@ func (x *ISCSIExporter) Export(ctx context.Context, id, path, allow string) (str
 		x.mu.Unlock()
 		return e.Portal(), e.IQN(), nil
 	}
+	if err := localID("migration", id); err != nil {
+		return "", "", err
+	}
 	if err := os.MkdirAll(x.StateDir, 0o700); err != nil {
 		return "", "", err
 	}
@@ -110,6 +113,9 @@ func (x *ISCSIExporter) Export(ctx context.Context, id, path, allow string) (str
 }
 
 func (x *ISCSIExporter) Unexport(ctx context.Context, id string) error {
+	if err := localID("migration", id); err != nil {
+		return err
+	}
 	x.mu.Lock()
 	e := x.live[id]
 	delete(x.live, id)

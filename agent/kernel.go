@@ -581,6 +581,9 @@ func (v *KernelVolumes) Detach(ctx context.Context, vol string) error {
 
 // Remove detaches and deletes a volume's files.
 func (v *KernelVolumes) Remove(ctx context.Context, vol string) error {
+	if err := localID("volume", vol); err != nil {
+		return err
+	}
 	if err := v.Detach(ctx, vol); err != nil {
 		return err
 	}

@@ -199,6 +199,9 @@ func (v *Volumes) Process(ctx context.Context, vol string) (*datapath.Process, e
 
 // Remove deletes a volume's files. The caller makes sure nothing uses it.
 func (v *Volumes) Remove(ctx context.Context, vol string) error {
+	if err := localID("volume", vol); err != nil {
+		return err
+	}
 	if err := v.Detach(ctx, vol); err != nil {
 		return err
 	}

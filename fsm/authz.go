@@ -1,7 +1,10 @@
 package fsm
 
 import (
+	"encoding/binary"
 	"slices"
+
+	"github.com/ferry-dev/ferry/blockdev"
 )
 
 // Authorization is one function over the command and the records, called
@@ -206,11 +209,11 @@ func (s *Store) checkReported(m *Migration, c *ProposeCmd) *Refusal {
 		if r := checkIQN(m, p.Export.IQN); r != nil {
 			return r
 		}
-		if r := checkRanges(p.KnownZero, s.deviceSize(m)); r != nil {
+		if r := s.checkKnownZero(m, p.KnownZero); r != nil {
 			return r
 		}
 	case EvTrimmed:
-		if r := checkRanges(p.KnownZero, s.deviceSize(m)); r != nil {
+		if r := s.checkKnownZero(m, p.KnownZero); r != nil {
 			return r
 		}
 	case EvCutover:
@@ -233,16 +236,13 @@ func (s *Store) checkReported(m *Migration, c *ProposeCmd) *Refusal {
 	return nil
 }
 
-// deviceSize is the size of the migrated device: the carried layout's, else
-// the source volume's.
-func (s *Store) deviceSize(m *Migration) int64 {
-	if m.Layout != nil {
-		return m.Layout.DeviceSize()
-	}
+func (s *Store) checkKnownZero(m *Migration, rs []blockdev.Range) *Refusal {
+	var size int64
 	if v, ok := s.d.Volumes[m.Volume]; ok {
-		return v.Size
+		size = v.Size
 	}
-	return 0
+	lo, hi := DataArea(m, size)
+	return checkRanges(rs, lo, hi)
 }
 
 // checkNew6PN accepts only the machine's address rebuilt on the target:
@@ -262,9 +262,8 @@ func (s *Store) checkNew6PN(m *Migration, addr string) *Refusal {
 	}
 	org, no := mach.Network, mach.MachineNo
 	if old, err := parse6PN(m.Old6PN); err == nil && (org == 0 || no == 0) {
-		// Older records carry the numbers only in the address.
-		org = uint32(old[2])<<24 | uint32(old[3])<<16 | uint32(old[4])<<8 | uint32(old[5])
-		no = uint32(old[10])<<24 | uint32(old[11])<<16 | uint32(old[12])<<8 | uint32(old[13])
+		// Machines registered without the numbers carry them only in the address.
+		org, no = binary.BigEndian.Uint32(old[2:6]), binary.BigEndian.Uint32(old[10:14])
 	}
 	want, ok := expected6PN(org, dst.HostID, no)
 	if !ok || want.As16() != got {

@@ -333,7 +333,7 @@ func TestExportedCarriesKnownZero(t *testing.T) {
 		t.Fatal("refused exported changed the migration")
 	}
 	good := payloadOf(EvExported)
-	good.KnownZero = []blockdev.Range{{Off: 4096, Len: 1 << 20}}
+	good.KnownZero = []blockdev.Range{{Off: 16 << 20, Len: 1 << 20}} // in the data area, past the header
 	m := h.must(h.propose(srcW, EvExported, "e2", good)).Migration
 	if len(m.KnownZero) != 1 || m.KnownZero[0].Len != 1<<20 {
 		t.Fatalf("known zero: %+v", m.KnownZero)

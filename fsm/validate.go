@@ -160,8 +160,17 @@ func (m *Machine) validate() *Refusal {
 		}
 	}
 	if m.Addr6PN != "" {
-		if _, err := parse6PN(m.Addr6PN); err != nil {
+		b, err := parse6PN(m.Addr6PN)
+		if err != nil {
 			return refuse(RefuseInvalid, CodeInvalid, "machine %s: %v", m.ID, err)
+		}
+		// The address and the numbers the store checks a cutover against
+		// must agree.
+		if org := binary.BigEndian.Uint32(b[2:6]); m.Network != 0 && org != m.Network {
+			return refuse(RefuseInvalid, CodeInvalid, "machine %s: address %s is in org %d, the machine in org %d", m.ID, m.Addr6PN, org, m.Network)
+		}
+		if no := binary.BigEndian.Uint32(b[10:14]); m.MachineNo != 0 && no != m.MachineNo {
+			return refuse(RefuseInvalid, CodeInvalid, "machine %s: address %s has machine number %d, the machine %d", m.ID, m.Addr6PN, no, m.MachineNo)
 		}
 	}
 	return checkSpec(m.ID, m.Spec)
@@ -237,8 +246,10 @@ func checkPortal(src *Worker, portal string) *Refusal {
 	return nil
 }
 
-// checkRanges accepts known-zero ranges that lie inside a device of size bytes.
-func checkRanges(rs []blockdev.Range, size int64) *Refusal {
+// checkRanges accepts known-zero ranges that lie inside [lo, hi): the
+// encrypted data area of the device. The header and keyslots are never
+// declared zero, so a source cannot make the target skip them.
+func checkRanges(rs []blockdev.Range, lo, hi int64) *Refusal {
 	if len(rs) > MaxKnownZero {
 		return refuse(RefuseInvalid, CodeInvalid, "known_zero has %d ranges; coalesce to at most %d", len(rs), MaxKnownZero)
 	}
@@ -246,11 +257,33 @@ func checkRanges(rs []blockdev.Range, size int64) *Refusal {
 		return refuse(RefuseInvalid, CodeInvalid, "known_zero: %v", err)
 	}
 	for _, r := range rs {
-		if r.End() > size {
-			return refuse(RefuseInvalid, CodeInvalid, "known_zero range %d+%d ends past the device (%d bytes)", r.Off, r.Len, size)
+		if r.Off < lo || r.End() > hi {
+			return refuse(RefuseInvalid, CodeInvalid, "known_zero range %d+%d lies outside the device's data area [%d, %d)", r.Off, r.Len, lo, hi)
 		}
 	}
 	return nil
+}
+
+// ClipRanges cuts ranges to [lo, hi), dropping what lies outside: a source
+// reports only the holes of its data area.
+func ClipRanges(rs []blockdev.Range, lo, hi int64) []blockdev.Range {
+	var out []blockdev.Range
+	for _, r := range rs {
+		off, end := max(r.Off, lo), min(r.End(), hi)
+		if end > off {
+			out = append(out, blockdev.Range{Off: off, Len: end - off})
+		}
+	}
+	return out
+}
+
+// DataArea is where known-zero ranges of migration m may lie: the carried
+// layout's data segment, else the whole source volume.
+func DataArea(m *Migration, volumeSize int64) (lo, hi int64) {
+	if m.Layout != nil {
+		return m.Layout.DataOffset, m.Layout.DeviceSize()
+	}
+	return 0, volumeSize
 }
 
 func checkPayloadText(p *EventPayload) *Refusal {
