@@ -14,9 +14,11 @@ import (
 //
 // The rules: workers act only on records that name them and write runtime
 // state only (leases, volume state and layout, migration steps they hold a
-// role in); machine specs, plans and server membership are written by
-// operators or servers. Every participant-written field is checked against
-// the records it claims to describe.
+// role in). Machine specs are written by operators only. Servers write what
+// the leader's housekeeping needs (membership, server-role events, plans,
+// destroying volumes past retention, GC) and nothing of a worker's: a
+// server certificate cannot act as a worker. Every participant-written
+// field is checked against the records it claims to describe.
 
 // Authorize checks cmd (a *XxxCmd payload) against the current records
 // without changing them.
@@ -40,18 +42,18 @@ func (s *Store) authorize(cmd any) *Refusal {
 			return deny(c.Actor, "collect garbage (servers only)")
 		}
 	case *RegisterWorkerCmd:
-		if !c.Actor.privileged() && c.Actor.Name != c.Worker.Name {
+		if !c.Actor.isWorker(c.Worker.Name) && !c.Actor.operator() {
 			return deny(c.Actor, "register worker "+c.Worker.Name)
 		}
 	case *HeartbeatCmd:
-		if !c.Actor.privileged() && c.Actor.Name != c.Name {
+		if !c.Actor.isWorker(c.Name) && !c.Actor.operator() {
 			return deny(c.Actor, "heartbeat for worker "+c.Name)
 		}
 	case *CreateVolumeCmd:
-		if !c.Actor.privileged() && c.Actor.Name != c.Volume.Worker {
+		if !c.Actor.isWorker(c.Volume.Worker) && !c.Actor.operator() {
 			return deny(c.Actor, "create a volume on worker "+c.Volume.Worker)
 		}
-		if !c.Actor.privileged() && c.Volume.AttachedMachine != "" {
+		if !c.Actor.operator() && c.Volume.AttachedMachine != "" {
 			return deny(c.Actor, "attach a machine while creating a volume")
 		}
 	case *UpdateVolumeCmd:
@@ -59,7 +61,10 @@ func (s *Store) authorize(cmd any) *Refusal {
 		if !ok {
 			return notFound("volume", c.ID)
 		}
-		if !c.Actor.privileged() {
+		if c.Actor.Kind == KindServer {
+			return deny(c.Actor, "update volume "+c.ID+" (its worker or an operator may)")
+		}
+		if !c.Actor.operator() {
 			if c.Actor.Name != v.Worker {
 				return deny(c.Actor, "update volume "+c.ID+" of worker "+v.Worker)
 			}
@@ -74,7 +79,7 @@ func (s *Store) authorize(cmd any) *Refusal {
 			return deny(c.Actor, "destroy volume "+c.ID+" of worker "+v.Worker)
 		}
 	case *SetVolumeKeyCmd:
-		if v, ok := s.d.Volumes[c.ID]; ok && !c.Actor.privileged() && c.Actor.Name != v.Worker {
+		if v, ok := s.d.Volumes[c.ID]; ok && !c.Actor.isWorker(v.Worker) && !c.Actor.operator() {
 			return deny(c.Actor, "set the key of volume "+c.ID)
 		}
 	case *KeyAccessCmd:
@@ -82,7 +87,7 @@ func (s *Store) authorize(cmd any) *Refusal {
 			return deny(c.Actor, "read volume keys (only the owning or target worker may)")
 		}
 	case *CreateMachineCmd:
-		if !c.Actor.privileged() {
+		if !c.Actor.operator() {
 			return deny(c.Actor, "create a machine (its spec is written by operators only)")
 		}
 	case *UpdateMachineCmd:
@@ -90,7 +95,10 @@ func (s *Store) authorize(cmd any) *Refusal {
 		if !ok {
 			return notFound("machine", c.ID)
 		}
-		if !c.Actor.privileged() {
+		if c.Actor.Kind == KindServer {
+			return deny(c.Actor, "update machine "+c.ID+" (its worker or an operator may)")
+		}
+		if !c.Actor.operator() {
 			if c.Actor.Name != m.Worker {
 				return deny(c.Actor, "update machine "+c.ID+" of worker "+m.Worker)
 			}
@@ -107,6 +115,11 @@ func (s *Store) authorize(cmd any) *Refusal {
 	}
 	return nil
 }
+
+func (id Identity) operator() bool { return id.Kind == KindOperator }
+
+// isWorker reports whether id is the worker named name.
+func (id Identity) isWorker(name string) bool { return id.Kind == KindWorker && id.Name == name }
 
 func deny(actor Identity, what string) *Refusal {
 	return refuse(RefuseForbidden, CodeForbidden, "%s may not %s", actor, what)

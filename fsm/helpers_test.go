@@ -65,7 +65,7 @@ func (h *harness) must(r *Result) *Result {
 func (h *harness) setup(withLayout bool) *Migration {
 	h.t.Helper()
 	for i, w := range []string{srcW.Name, dstW.Name, otherW.Name} {
-		h.must(h.apply(CmdRegisterWorker, &RegisterWorkerCmd{Header: h.hdr(server), Worker: Worker{Name: w, HostID: uint32(i + 1), Address: fmt.Sprintf("127.0.0.%d", i+1)}, LeaseTTL: time.Minute}))
+		h.must(h.apply(CmdRegisterWorker, &RegisterWorkerCmd{Header: h.hdr(Identity{Name: w, Kind: KindWorker}), Worker: Worker{Name: w, HostID: uint32(i + 1), Address: fmt.Sprintf("127.0.0.%d", i+1)}, LeaseTTL: time.Minute}))
 	}
 	v := Volume{ID: "vol1", Worker: srcW.Name, Size: 80 << 20, State: VolCreated}
 	if withLayout {
