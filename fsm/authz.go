@@ -45,6 +45,18 @@ func (s *Store) authorize(cmd any) *Refusal {
 		if !c.Actor.isWorker(c.Worker.Name) && !c.Actor.operator() {
 			return deny(c.Actor, "register worker "+c.Worker.Name)
 		}
+		for _, o := range s.d.Workers {
+			if o.Name != c.Worker.Name && c.Worker.HostID != 0 && o.HostID == c.Worker.HostID {
+				return refuse(RefuseConflict, CodeConflict, "host id %d is already used by worker %s", c.Worker.HostID, o.Name)
+			}
+		}
+	case *CreateMachineCmd:
+		if !c.Actor.operator() {
+			return deny(c.Actor, "create a machine (its spec is written by operators only)")
+		}
+		if _, ok := s.d.Workers[c.Machine.Worker]; !ok {
+			return notFound("worker", c.Machine.Worker)
+		}
 	case *HeartbeatCmd:
 		if !c.Actor.isWorker(c.Name) && !c.Actor.operator() {
 			return deny(c.Actor, "heartbeat for worker "+c.Name)
@@ -55,6 +67,12 @@ func (s *Store) authorize(cmd any) *Refusal {
 		}
 		if !c.Actor.operator() && c.Volume.AttachedMachine != "" {
 			return deny(c.Actor, "attach a machine while creating a volume")
+		}
+		if _, ok := s.d.Workers[c.Volume.Worker]; !ok {
+			return notFound("worker", c.Volume.Worker)
+		}
+		if old, ok := s.d.Volumes[c.Volume.ID]; ok && old.Worker != c.Volume.Worker {
+			return refuse(RefuseConflict, CodeConflict, "volume %s already exists on worker %s", c.Volume.ID, old.Worker)
 		}
 	case *UpdateVolumeCmd:
 		v, ok := s.d.Volumes[c.ID]
@@ -85,10 +103,6 @@ func (s *Store) authorize(cmd any) *Refusal {
 	case *KeyAccessCmd:
 		if c.Actor.Kind != KindWorker {
 			return deny(c.Actor, "read volume keys (only the owning or target worker may)")
-		}
-	case *CreateMachineCmd:
-		if !c.Actor.operator() {
-			return deny(c.Actor, "create a machine (its spec is written by operators only)")
 		}
 	case *UpdateMachineCmd:
 		m, ok := s.d.Machines[c.ID]
