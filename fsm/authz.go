@@ -365,17 +365,13 @@ func (sc *Scope) All() bool { return sc.all }
 // Worker returns the worker the scope belongs to ("" when unrestricted).
 func (sc *Scope) Worker() string { return sc.worker }
 
+// CanReadX report whether the scope may read record X.
 func (sc *Scope) CanReadWorker(name string) bool  { return sc.all || sc.workers[name] }
 func (sc *Scope) CanReadVolume(id string) bool    { return sc.all || sc.volumes[id] }
 func (sc *Scope) CanReadMachine(id string) bool   { return sc.all || sc.machines[id] }
 func (sc *Scope) CanReadMigration(id string) bool { return sc.all || sc.migrations[id] }
 func (sc *Scope) CanReadLock(holder string) bool  { return sc.all || sc.migrations[holder] }
 func (sc *Scope) CanReadSpec(machine string) bool { return sc.all || sc.specs[machine] }
-func (sc *Scope) CanReadMigrations(w string) bool { return sc.all || w == sc.worker }
-func (sc *Scope) CanReadCollection(w string) bool { return sc.all || w == sc.worker }
-func (sc *Scope) filterWorkers(ws []Worker) []Worker {
-	return keep(ws, func(w Worker) bool { return sc.CanReadWorker(w.Name) })
-}
 
 // Machine returns m as the scope may see it: without its spec unless the
 // reader may run or manage it.
@@ -387,7 +383,9 @@ func (sc *Scope) Machine(m Machine) Machine {
 }
 
 // Workers keeps the workers the scope may read.
-func (sc *Scope) Workers(ws []Worker) []Worker { return sc.filterWorkers(ws) }
+func (sc *Scope) Workers(ws []Worker) []Worker {
+	return keep(ws, func(w Worker) bool { return sc.CanReadWorker(w.Name) })
+}
 
 // Volumes keeps the volumes the scope may read.
 func (sc *Scope) Volumes(vs []Volume) []Volume {

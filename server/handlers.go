@@ -99,6 +99,11 @@ func (s *Server) routes() http.Handler {
 
 	h("GET /v1/migrations", func(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
 		worker := r.URL.Query().Get("worker")
+		if sc := s.store.ScopeOf(id); !sc.All() {
+			// A worker watches its own migrations: the index of another
+			// worker's would tell it when they change.
+			worker = sc.Worker()
+		}
 		idx, ok := s.block(w, r, func() uint64 { return s.store.MigrationsIndex(worker) })
 		if ok {
 			writeIndexed(w, idx, s.store.ScopeOf(id).Migrations(s.store.Migrations(worker)))
@@ -344,6 +349,10 @@ func (s *Server) handleSetKey(w http.ResponseWriter, r *http.Request, id fsm.Ide
 }
 
 func (s *Server) handleGetKey(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
+	if ref := s.limits.allow(id); ref != nil { // a key read is a replicated command
+		writeErr(w, ref)
+		return
+	}
 	if res := s.run(w, r.Context(), fsm.CmdKeyAccess, &fsm.KeyAccessCmd{Header: s.header(id), ID: r.PathValue("id")}); res != nil {
 		w.Header().Set("Cache-Control", "no-store")
 		writeJSON(w, http.StatusOK, api.KeyBody{Key: res.Key})
