@@ -18,7 +18,7 @@ import (
 const (
 	defaultWait = 30 * time.Second
 	maxWait     = 5 * time.Minute
-	maxBody     = 1 << 20
+	maxBody     = 256 << 10 // the largest real body (4096 known-zero ranges) is ~150 KiB
 )
 
 func (s *Server) routes() http.Handler {

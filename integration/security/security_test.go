@@ -235,6 +235,8 @@ func TestFinding8_StrictInputAndBoundedLog(t *testing.T) {
 	e.attack("operator", http.MethodPost, "/v1/migrations/mig1/abort", `{"reason":"x"} {"reason":"y"}`, http.StatusBadRequest, "two JSON values")
 	e.attack("operator", http.MethodPost, "/v1/migrations/mig1/abort", `{"reason":"x"}garbage`, http.StatusBadRequest, "trailing garbage")
 	e.attack("w-a", http.MethodPost, "/v1/workers/w-a/heartbeat", `{"lease_ttl":"1m","admin":true}`, http.StatusBadRequest, "unknown field")
+	e.attack("operator", http.MethodPost, "/v1/migrations/mig1/abort", `{"reason":"`+strings.Repeat("A", 2<<10)+`"}`, http.StatusBadRequest, "a 2 KiB reason")
+	e.attack("operator", http.MethodPatch, "/v1/machines/ma", `{"spec":{"command":["sleep"],"env":{"X":"`+strings.Repeat("A", 100<<10)+`"}}}`, http.StatusBadRequest, "a 100 KiB spec")
 	big := strings.Repeat("A", 900<<10)
 	e.attack("operator", http.MethodPost, "/v1/migrations/mig1/abort", `{"reason":"`+big+`"}`, http.StatusBadRequest, "a 900 KiB reason")
 	e.attack("operator", http.MethodPatch, "/v1/machines/ma", `{"spec":{"command":["sleep"],"env":{"X":"`+big+`"}}}`, http.StatusBadRequest, "a 900 KiB spec")
