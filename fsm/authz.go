@@ -83,7 +83,7 @@ func (s *Store) authorize(cmd any) *Refusal {
 			return deny(c.Actor, "update volume "+c.ID+" (its worker or an operator may)")
 		}
 		if !c.Actor.operator() {
-			if c.Actor.Name != v.Worker {
+			if !c.Actor.isWorker(v.Worker) {
 				return deny(c.Actor, "update volume "+c.ID+" of worker "+v.Worker)
 			}
 			if c.AttachedMachine != nil && *c.AttachedMachine != "" {
@@ -93,7 +93,7 @@ func (s *Store) authorize(cmd any) *Refusal {
 			}
 		}
 	case *DestroyVolumeCmd:
-		if v, ok := s.d.Volumes[c.ID]; ok && !c.Actor.privileged() && c.Actor.Name != v.Worker {
+		if v, ok := s.d.Volumes[c.ID]; ok && !c.Actor.privileged() && !c.Actor.isWorker(v.Worker) {
 			return deny(c.Actor, "destroy volume "+c.ID+" of worker "+v.Worker)
 		}
 	case *SetVolumeKeyCmd:
@@ -113,7 +113,7 @@ func (s *Store) authorize(cmd any) *Refusal {
 			return deny(c.Actor, "update machine "+c.ID+" (its worker or an operator may)")
 		}
 		if !c.Actor.operator() {
-			if c.Actor.Name != m.Worker {
+			if !c.Actor.isWorker(m.Worker) {
 				return deny(c.Actor, "update machine "+c.ID+" of worker "+m.Worker)
 			}
 			if c.Spec != nil || c.Volume != nil || c.Addr6PN != nil {

@@ -16,19 +16,19 @@ import (
 // Input limits. Every participant-written field has one: a record is read
 // by every replica and every watcher, so an oversized field costs everyone.
 const (
-	MaxIDLen        = 63              // workers, volumes, machines, migrations, servers
-	MaxStepIDLen    = 128             // step IDs are opaque tokens, never paths
-	MaxTextLen      = 1024            // reasons and errors
-	MaxSpecBytes    = 64 << 10        // a machine's driver spec
-	MaxKnownZero    = 4096            // known-zero ranges per report
-	MaxCapacity     = 64              // concurrent migrations a worker may claim
-	MaxLeaseTTL     = 2 * time.Minute // the longest lease a worker may ask for
-	MaxRetention    = 90 * 24 * time.Hour
-	MinGCRetention  = time.Second // GC keeps a record at least this long after it ended
-	maxAddrTextLen  = 64          // an IP address in text
-	maxPortalLen    = 80          // host:port
-	maxIQNLen       = 223         // RFC 7143
-	maxServerAddrLn = 255         // raft and API addresses of servers
+	MaxIDLen         = 63              // workers, volumes, machines, migrations, servers
+	MaxStepIDLen     = 128             // step IDs are opaque tokens, never paths
+	MaxTextLen       = 1024            // reasons and errors
+	MaxSpecBytes     = 64 << 10        // a machine's driver spec
+	MaxKnownZero     = 4096            // known-zero ranges per report
+	MaxCapacity      = 64              // concurrent migrations a worker may claim
+	MaxLeaseTTL      = 2 * time.Minute // the longest lease a worker may ask for
+	MaxRetention     = 90 * 24 * time.Hour
+	MinGCRetention   = time.Second // GC keeps a record at least this long after it ended
+	maxAddrTextLen   = 64          // an IP address in text
+	maxPortalLen     = 80          // host:port
+	maxIQNLen        = 223         // RFC 7143
+	maxServerAddrLen = 255         // raft and API addresses of servers
 )
 
 var idRE = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]{0,62}$`)
@@ -320,9 +320,9 @@ func Validate(cmd any) *Refusal {
 		if r := CheckID("server", c.Member.ID); r != nil {
 			return r
 		}
-		if len(c.Member.RaftAddr) > maxServerAddrLn || len(c.Member.APIAddr) > maxServerAddrLn ||
+		if len(c.Member.RaftAddr) > maxServerAddrLen || len(c.Member.APIAddr) > maxServerAddrLen ||
 			!printable(c.Member.RaftAddr) || !printable(c.Member.APIAddr) {
-			return refuse(RefuseInvalid, CodeInvalid, "server %s: addresses must be printable and at most %d bytes", c.Member.ID, maxServerAddrLn)
+			return refuse(RefuseInvalid, CodeInvalid, "server %s: addresses must be printable and at most %d bytes", c.Member.ID, maxServerAddrLen)
 		}
 	case *RegisterWorkerCmd:
 		return c.Worker.validate()
