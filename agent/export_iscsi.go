@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"sync"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/iscsi"
 )
 
@@ -78,14 +80,13 @@ func (x *ISCSIExporter) Export(ctx context.Context, id, path, allow string) (str
 			return "", "", fmt.Errorf("export record of %s: %w", id, err)
 		}
 	}
-	allowNet := allow
-	if ip := net.ParseIP(allow); ip != nil {
-		if ip.To4() != nil {
-			allowNet = allow + "/32"
-		} else {
-			allowNet = allow + "/128"
-		}
+	// The target's registered address admits that one host: a prefix (or
+	// anything else) would open the export to more than the target.
+	ip, err := fsm.ParseWorkerAddress(allow)
+	if err != nil {
+		return "", "", fmt.Errorf("export of %s: target address: %w", id, err)
 	}
+	allowNet := netip.PrefixFrom(ip, ip.BitLen()).String()
 	e, err := iscsi.StartExport(ctx, x.Log, iscsi.ExportConfig{Path: path, Listen: rec.Portal, Allow: []string{allowNet},
 		IQN: rec.IQN, StateDir: x.dir(id)})
 	if err != nil {
