@@ -28,14 +28,16 @@ import (
 // to the leader over this client's own connection: a follower's refusal
 // names the leader (LeaderHeader) and the client sends the write there
 // next (at most maxRedirects times in a row, and only to a peer whose
-// certificate is a server's).
+// certificate is a server's). It then keeps asking that leader, reads
+// included, so what it wrote is what it reads, until the leader fails.
 type Client struct {
 	addrs    []string
 	hc       *http.Client
 	RetryFor time.Duration // total retry budget per call (default 30s)
 
-	mu  sync.Mutex
-	cur int
+	mu     sync.Mutex
+	cur    int
+	leader string // the leader a redirect led to, asked first while it answers
 }
 
 // NewClient returns a client for the given server API addresses (host:port)
@@ -88,13 +90,22 @@ func (c *Client) do(ctx context.Context, method, path string, q url.Values, in, 
 	delay := 50 * time.Millisecond
 	redirect, redirects := "", 0
 	for attempt := 0; ; attempt++ {
-		addr := redirect
+		addr, sticky := redirect, false
 		if addr == "" {
 			c.mu.Lock()
-			addr = c.addrs[c.cur%len(c.addrs)]
+			if c.leader != "" {
+				addr, sticky = c.leader, true
+			} else {
+				addr = c.addrs[c.cur%len(c.addrs)]
+			}
 			c.mu.Unlock()
 		}
 		idx, leader, err := c.once(ctx, addr, method, path, q, body, out)
+		if redirect != "" && (err == nil || !retryable(err)) {
+			c.mu.Lock()
+			c.leader = redirect
+			c.mu.Unlock()
+		}
 		if err == nil || !retryable(err) || ctx.Err() != nil || time.Now().After(deadline) {
 			if err != nil && ctx.Err() != nil {
 				return 0, fmt.Errorf("%s %s: %w", method, path, ctx.Err())
@@ -108,9 +119,13 @@ func (c *Client) do(ctx context.Context, method, path string, q url.Values, in, 
 		}
 		redirect, redirects = "", 0
 		c.mu.Lock()
-		c.cur++
+		if sticky {
+			c.leader = "" // back to the configured servers, without a pause
+		} else {
+			c.cur++
+		}
 		c.mu.Unlock()
-		if attempt >= len(c.addrs)-1 {
+		if !sticky && attempt >= len(c.addrs)-1 {
 			select {
 			case <-ctx.Done():
 				return 0, fmt.Errorf("%s %s: %w (last error: %v)", method, path, ctx.Err(), err)

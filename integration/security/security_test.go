@@ -68,6 +68,10 @@ func TestFinding2_NoServerSpeaksForAnother(t *testing.T) {
 	if m.Rollback == nil || m.Rollback.By != "operator" {
 		t.Fatalf("the abort was recorded as %+v, want the operator's own identity", m.Rollback)
 	}
+	// The client now asks the leader first: it reads what it wrote.
+	if got, err := viaFollower.GetMigration(context.Background(), "mig1"); err != nil || got.State != fsm.RollingBack {
+		t.Fatalf("read after the redirected write: %v %+v", err, got)
+	}
 }
 
 func ptr[T any](v T) *T { return &v }
