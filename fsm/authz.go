@@ -120,6 +120,13 @@ func (s *Store) authorize(cmd any) *Refusal {
 				return deny(c.Actor, "change the spec, volume or address of machine "+c.ID+" (operators only; workers report its state)")
 			}
 		}
+		if c.Addr6PN != nil && *c.Addr6PN != "" {
+			next := *m
+			next.Addr6PN = *c.Addr6PN
+			if r := next.validate(); r != nil {
+				return r
+			}
+		}
 	case *PlanCmd:
 		if !c.Actor.privileged() {
 			return deny(c.Actor, "plan a migration (operator or server certificate needed)")
@@ -287,9 +294,11 @@ func (s *Store) checkNew6PN(m *Migration, addr string) *Refusal {
 	if !ok {
 		return notFound("target worker", m.Target)
 	}
+	// The address the machine had when planned carries its org and number
+	// (the store keeps it consistent with the record's numbers); a machine
+	// registered without an address has only the numbers.
 	org, no := mach.Network, mach.MachineNo
-	if old, err := parse6PN(m.Old6PN); err == nil && (org == 0 || no == 0) {
-		// Machines registered without the numbers carry them only in the address.
+	if old, err := parse6PN(m.Old6PN); err == nil {
 		org, no = binary.BigEndian.Uint32(old[2:6]), binary.BigEndian.Uint32(old[10:14])
 	}
 	want, ok := expected6PN(org, dst.HostID, no)

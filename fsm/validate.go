@@ -335,7 +335,9 @@ func Validate(cmd any) *Refusal {
 			return r
 		}
 		if c.AttachedMachine != nil && *c.AttachedMachine != "" {
-			return CheckID("machine", *c.AttachedMachine)
+			if r := CheckID("machine", *c.AttachedMachine); r != nil {
+				return r
+			}
 		}
 		if c.Size != nil && *c.Size < 0 {
 			return refuse(RefuseInvalid, CodeInvalid, "volume %s: size %d is negative", c.ID, *c.Size)
