@@ -164,6 +164,10 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.machMu.Unlock()
 		a.firstOnce.Do(func() { close(a.firstWatch) })
 		for _, m := range ms {
+			if err := migrationIDsLocal(m); err != nil {
+				a.log.Warn().Err(err).Msg("ignoring a migration record with unsafe IDs")
+				continue
+			}
 			a.dispatch(ctx, m)
 		}
 	}

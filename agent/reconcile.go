@@ -40,7 +40,7 @@ func (a *Agent) reconcile(ctx context.Context) {
 		return
 	}
 	for _, v := range vols {
-		if v.Worker != a.cfg.Worker {
+		if v.Worker != a.cfg.Worker || localID("volume", v.ID) != nil {
 			continue
 		}
 		switch {
@@ -75,7 +75,7 @@ func (a *Agent) reconcile(ctx context.Context) {
 func (a *Agent) reconcileMachine(ctx context.Context, m *fsm.Machine) {
 	a.machMu.Lock()
 	defer a.machMu.Unlock()
-	if m.Worker != a.cfg.Worker || a.migratingMachines()[m.ID] {
+	if m.Worker != a.cfg.Worker || a.migratingMachines()[m.ID] || localID("machine", m.ID) != nil {
 		return
 	}
 	spec, err := a.machineSpec(m, a.machineNS(m.ID))

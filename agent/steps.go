@@ -469,8 +469,11 @@ func (a *Agent) exportSource(ctx context.Context, log zerolog.Logger, m *fsm.Mig
 		log.Warn().Err(err).Msg("cannot list the volume's holes; the target fetches them")
 		zeros = nil
 	}
-	log.Info().Str("portal", portal).Str("iqn", iqn).Int("known_zero_ranges", len(zeros)).Msg("volume exported")
-	return a.propose(ctx, m, fsm.EvExported, fsm.EventPayload{Export: &fsm.Export{Portal: portal, IQN: iqn}, KnownZero: datapath.StoredRanges(zeros)})
+	// The store accepts holes of the data area only (never the header).
+	lo, hi := fsm.DataArea(m, 0)
+	stored := fsm.ClipRanges(datapath.StoredRanges(zeros), lo, hi)
+	log.Info().Str("portal", portal).Str("iqn", iqn).Int("known_zero_ranges", len(stored)).Msg("volume exported")
+	return a.propose(ctx, m, fsm.EvExported, fsm.EventPayload{Export: &fsm.Export{Portal: portal, IQN: iqn}, KnownZero: stored})
 }
 
 // reExport restarts the export at the portal recorded in the migration.

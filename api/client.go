@@ -9,6 +9,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	mrand "math/rand/v2"
+	"net"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -21,15 +23,21 @@ import (
 
 // Client talks to a ferry cluster over mTLS. It tries the servers in turn:
 // on a transport error or "no leader" (503) it moves on and retries with
-// backoff until RetryFor passes, re-sending the same body — proposals carry
-// a step ID, so a retried proposal applies once.
+// jittered backoff until RetryFor passes, re-sending the same body —
+// proposals carry a step ID, so a retried proposal applies once. Writes go
+// to the leader over this client's own connection: a follower's refusal
+// names the leader (LeaderHeader) and the client sends the write there
+// next (at most maxRedirects times in a row, and only to a peer whose
+// certificate is a server's). It then keeps asking that leader, reads
+// included, so what it wrote is what it reads, until the leader fails.
 type Client struct {
 	addrs    []string
 	hc       *http.Client
 	RetryFor time.Duration // total retry budget per call (default 30s)
 
-	mu  sync.Mutex
-	cur int
+	mu     sync.Mutex
+	cur    int
+	leader string // the leader a redirect led to, asked first while it answers
 }
 
 // NewClient returns a client for the given server API addresses (host:port)
@@ -80,25 +88,48 @@ func (c *Client) do(ctx context.Context, method, path string, q url.Values, in, 
 	}
 	deadline := time.Now().Add(c.RetryFor)
 	delay := 50 * time.Millisecond
+	redirect, redirects := "", 0
 	for attempt := 0; ; attempt++ {
-		c.mu.Lock()
-		addr := c.addrs[c.cur%len(c.addrs)]
-		c.mu.Unlock()
-		idx, err := c.once(ctx, addr, method, path, q, body, out)
+		addr, sticky := redirect, false
+		if addr == "" {
+			c.mu.Lock()
+			if c.leader != "" {
+				addr, sticky = c.leader, true
+			} else {
+				addr = c.addrs[c.cur%len(c.addrs)]
+			}
+			c.mu.Unlock()
+		}
+		idx, leader, err := c.once(ctx, addr, method, path, q, body, out)
+		if redirect != "" && (err == nil || !retryable(err)) {
+			c.mu.Lock()
+			c.leader = redirect
+			c.mu.Unlock()
+		}
 		if err == nil || !retryable(err) || ctx.Err() != nil || time.Now().After(deadline) {
 			if err != nil && ctx.Err() != nil {
 				return 0, fmt.Errorf("%s %s: %w", method, path, ctx.Err())
 			}
 			return idx, err
 		}
+		if leader != "" && leader != addr && redirects < maxRedirects {
+			redirect = leader // straight there, no backoff: it is the leader now
+			redirects++
+			continue
+		}
+		redirect, redirects = "", 0
 		c.mu.Lock()
-		c.cur++
+		if sticky {
+			c.leader = "" // back to the configured servers, without a pause
+		} else {
+			c.cur++
+		}
 		c.mu.Unlock()
-		if attempt >= len(c.addrs)-1 {
+		if !sticky && attempt >= len(c.addrs)-1 {
 			select {
 			case <-ctx.Done():
 				return 0, fmt.Errorf("%s %s: %w (last error: %v)", method, path, ctx.Err(), err)
-			case <-time.After(delay):
+			case <-time.After(jitter(delay)):
 			}
 			if delay < time.Second {
 				delay *= 2
@@ -107,7 +138,19 @@ func (c *Client) do(ctx context.Context, method, path string, q url.Values, in, 
 	}
 }
 
-func (c *Client) once(ctx context.Context, addr, method, path string, q url.Values, body []byte, out any) (uint64, error) {
+// maxRedirects bounds how many leader redirects a request follows in a row
+// (a leader change in the middle makes a second one normal).
+const maxRedirects = 3
+
+// jitter spreads d over [d/2, 3d/2) so clients refused together do not
+// come back together.
+func jitter(d time.Duration) time.Duration {
+	return d/2 + time.Duration(mrand.Int64N(int64(d)))
+}
+
+// once sends one request to addr; leader is the address a follower's
+// refusal named.
+func (c *Client) once(ctx context.Context, addr, method, path string, q url.Values, body []byte, out any) (idx uint64, leader string, err error) {
 	u := "https://" + addr + path
 	if len(q) > 0 {
 		u += "?" + q.Encode()
@@ -117,28 +160,38 @@ func (c *Client) once(ctx context.Context, addr, method, path string, q url.Valu
 		rd = bytes.NewReader(body)
 	}
 	var req *http.Request
-	var err error
 	if rd != nil {
 		req, err = http.NewRequestWithContext(ctx, method, u, rd)
 	} else {
 		req, err = http.NewRequestWithContext(ctx, method, u, nil)
 	}
 	if err != nil {
-		return 0, err
+		return 0, "", err
 	}
 	if body != nil {
 		req.Header.Set("Content-Type", "application/json")
 	}
 	resp, err := c.hc.Do(req)
 	if err != nil {
-		return 0, fmt.Errorf("%w: %s: %v", ErrUnavailable, addr, err)
+		return 0, "", fmt.Errorf("%w: %s: %v", ErrUnavailable, addr, err)
 	}
 	defer resp.Body.Close()
-	var idx uint64
 	if h := resp.Header.Get(IndexHeader); h != "" {
 		idx, _ = strconv.ParseUint(h, 10, 64)
 	}
-	return idx, DecodeReply(resp, out)
+	if resp.StatusCode == http.StatusServiceUnavailable {
+		leader = validLeaderHint(resp.Header.Get(LeaderHeader))
+	}
+	return idx, leader, DecodeReply(resp, out)
+}
+
+// validLeaderHint keeps a redirect only when it is a plain host:port.
+func validLeaderHint(h string) string {
+	host, port, err := net.SplitHostPort(h)
+	if err != nil || host == "" || port == "" || len(h) > 255 || strings.ContainsAny(h, "/?#@ ") {
+		return ""
+	}
+	return h
 }
 
 func esc(s string) string { return url.PathEscape(s) }

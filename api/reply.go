@@ -17,7 +17,7 @@ import (
 var ErrUnavailable = errors.New("server unavailable")
 
 // DecodeReply reads a JSON reply into out, or turns a non-2xx one into an
-// *Error. The server uses it too when it forwards to the leader.
+// *Error. The server uses it too for its own requests to other servers (join).
 func DecodeReply(resp *http.Response, out any) error {
 	body, err := io.ReadAll(io.LimitReader(resp.Body, 32<<20))
 	if err != nil {

@@ -17,6 +17,10 @@ import (
 // IndexHeader carries the index a blocking query returns.
 const IndexHeader = "X-Ferry-Index"
 
+// LeaderHeader carries the leader's API address (host:port) on a follower's
+// not_leader refusal of a write: the client sends the write there itself.
+const LeaderHeader = "X-Ferry-Leader"
+
 // Error is a refusal or failure as the API reports it. It is the state
 // machine's refusal type itself (an alias, not a copy): the body of every
 // non-2xx reply is {"error": {"kind", "code", "reason", "state"}}, and the
@@ -114,13 +118,6 @@ type JoinRequest struct {
 	ID       string `json:"id"`
 	RaftAddr string `json:"raft_addr"`
 	APIAddr  string `json:"api_addr"`
-}
-
-// ApplyReply is what /v1/internal/apply returns to a forwarding server; the
-// key travels only here (server to server, mTLS) for a forwarded key request.
-type ApplyReply struct {
-	Result *fsm.Result `json:"result"`
-	Key    []byte      `json:"key,omitempty"`
 }
 
 // Duration is a time.Duration that reads and writes as "30s" in JSON.

@@ -133,7 +133,7 @@ func TestBrowser(t *testing.T) {
 	if h := text("h1"); h != "Fleet" {
 		t.Fatalf("heading %q", h)
 	}
-	f.propose(t, "m1", f.dst, fsm.EvTargetPrepared, fsm.EventPayload{})
+	f.propose(t, "m1", f.dst, fsm.EvTargetPrepared, f.targetPrepared(t, "m1"))
 	f.propose(t, "m1", f.src, fsm.EvSourceStopped, fsm.EventPayload{})
 	do("live update", visible(`#mig-m1[data-state="source_stopped"] li[data-state="source_stopped"][aria-current="step"]`))
 	if same, err := chromedp.Run(ctx, chromedp.Evaluate[bool](`window.notReloaded === true`)); err != nil || !same {

@@ -173,7 +173,7 @@ func TestPagesAgainstARealServer(t *testing.T) {
 	// Hydration progress and a stall, as the target reports them.
 	stalled := true
 	f.propose(t, "m2", f.dst, fsm.EvHydrationStarted, fsm.EventPayload{})
-	f.propose(t, "m2", f.dst, fsm.EvProgress, fsm.EventPayload{Milestone: true, Progress: &fsm.Progress{
+	f.propose(t, "m2", f.dst, fsm.EvProgress, fsm.EventPayload{Progress: &fsm.Progress{
 		HydratedBytes: 30 << 20, TotalBytes: 48 << 20, FetchedBytes: 10 << 20, SkippedBytes: 20 << 20, RateBPS: 5 << 20, ETASeconds: 4}})
 	f.propose(t, "m2", f.dst, fsm.EvReport, fsm.EventPayload{Stalled: &stalled, Reason: "iSCSI reads time out <slow>"})
 	code, page = get(t, srv.URL+"/migrations/m2")
@@ -246,7 +246,11 @@ func TestEventsFollowTheServersBlockingQueries(t *testing.T) {
 			t.Fatalf("%s first event %s: %s", path, ev, data)
 		}
 		next := map[string]fsm.Event{"/events/migrations": fsm.EvTargetPrepared, "/events/migrations/m1": fsm.EvSourceStopped}[path]
-		f.propose(t, "m1", f.proposer(next), next, fsm.EventPayload{})
+		var p fsm.EventPayload
+		if next == fsm.EvTargetPrepared {
+			p = f.targetPrepared(t, "m1")
+		}
+		f.propose(t, "m1", f.proposer(next), next, p)
 		want, _ := fsm.Lookup(next)
 		ev, data = readEvent(t, r)
 		if ev != "update" || !strings.Contains(data, `data-state="`+string(want.To)+`" aria-current="step"`) {
@@ -383,7 +387,7 @@ func TestDrainPlanThenApply(t *testing.T) {
 	if _, err := f.src.CreateVolume(ctx, fsm.Volume{ID: "vol3", Worker: "w-src", Size: 48 << 20, State: fsm.VolCreated, Layout: layout()}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := f.src.CreateMachine(ctx, fsm.Machine{ID: "mach3", Worker: "w-src", Volume: "vol3", Network: 9, MachineNo: 1,
+	if _, err := f.op.CreateMachine(ctx, fsm.Machine{ID: "mach3", Worker: "w-src", Volume: "vol3", Network: 9, MachineNo: 1,
 		State: fsm.MachineRunning, Addr6PN: "fdaa:0:9:0:1:0:1:0"}); err != nil {
 		t.Fatal(err)
 	}

@@ -2,6 +2,7 @@ package console
 
 import (
 	"context"
+	"fmt"
 	"net/http/httptest"
 	"slices"
 	"testing"
@@ -51,17 +52,17 @@ func newFleet(t *testing.T) *testFleet {
 	}
 	for i, id := range []string{"1", "2"} {
 		must(f.src.CreateVolume(ctx, fsm.Volume{ID: "vol" + id, Worker: "w-src", Size: 48 << 20, State: fsm.VolCreated, Layout: layout()}))
-		must(f.src.CreateMachine(ctx, fsm.Machine{ID: "mach" + id, Worker: "w-src", Volume: "vol" + id, Network: uint32(7 + i),
-			MachineNo: 1, State: fsm.MachineRunning, Addr6PN: "fdaa:0:7:0:1:0:1:" + id}))
+		must(f.op.CreateMachine(ctx, fsm.Machine{ID: "mach" + id, Worker: "w-src", Volume: "vol" + id, Network: uint32(7 + i),
+			MachineNo: 1, State: fsm.MachineRunning, Addr6PN: fmt.Sprintf("fdaa:0:%x:0:1:0:1:0", 7+i)}))
 	}
 	if err := f.src.SetVolumeKey(ctx, "vol1", f.secretKey); err != nil {
 		t.Fatal(err)
 	}
 	must(f.op.CreateMigration(ctx, api.PlanRequest{ID: "m1", Machine: "mach1", Target: "w-dst"}))
 	must(f.op.CreateMigration(ctx, api.PlanRequest{ID: "m2", Machine: "mach2", Target: "w-dst"}))
-	f.propose(t, "m2", f.dst, fsm.EvTargetPrepared, fsm.EventPayload{})
+	f.propose(t, "m2", f.dst, fsm.EvTargetPrepared, f.targetPrepared(t, "m2"))
 	f.propose(t, "m2", f.src, fsm.EvSourceStopped, fsm.EventPayload{})
-	f.propose(t, "m2", f.src, fsm.EvExported, fsm.EventPayload{Export: &fsm.Export{Portal: "127.0.0.1:3260", IQN: "iqn.x:m2"}})
+	f.propose(t, "m2", f.src, fsm.EvExported, fsm.EventPayload{Export: &fsm.Export{Portal: "127.0.0.1:3260", IQN: "iqn.2026-01.test:ferry:m2"}})
 	f.propose(t, "m2", f.dst, fsm.EvCloneBuilt, fsm.EventPayload{})
 	f.propose(t, "m2", f.dst, fsm.EvTrimmed, fsm.EventPayload{})
 	f.propose(t, "m2", f.dst, fsm.EvCutover, fsm.EventPayload{New6PN: "fdaa:0:8:0:2:0:1:0"})
@@ -76,6 +77,18 @@ func newFleet(t *testing.T) *testFleet {
 	}
 	t.Cleanup(f.console.Close)
 	return f
+}
+
+// targetPrepared registers the target's volume for migration id (the store
+// accepts target_prepared only naming a volume the target registered) and
+// returns the event's payload.
+func (f *testFleet) targetPrepared(t *testing.T, id string) fsm.EventPayload {
+	t.Helper()
+	tv := id + "-dst"
+	if _, err := f.dst.CreateVolume(context.Background(), fsm.Volume{ID: tv, Worker: "w-dst", Size: 48 << 20, State: fsm.VolHydrating}); err != nil {
+		t.Fatalf("target volume %s: %v", tv, err)
+	}
+	return fsm.EventPayload{TargetVolume: tv}
 }
 
 func (f *testFleet) propose(t *testing.T, id string, c *api.Client, ev fsm.Event, p fsm.EventPayload) {

@@ -204,17 +204,10 @@ func (s *Store) applyPropose(index uint64, c *ProposeCmd) *Result {
 
 // applyTransition checks the state with the table and runs the event's effects.
 func (s *Store) applyTransition(m *Migration, tr Transition, c *ProposeCmd) *Refusal {
-	if (c.Event == EvAbort || c.Event == EvFailed) && (m.State.AfterCutover()) {
-		return refuse(RefuseConflict, CodePastCutover,
-			"migration %s is %s, past cutover (the target already writes): it cannot be aborted, only driven forward", m.ID, m.State)
+	if r := stateGuard(m, c.Event, tr, false, Annotation{}); r != nil {
+		return r
 	}
-	if m.State == RollingBack && (c.Event == EvAbort || c.Event == EvFailed) {
-		return refuse(RefuseConflict, CodeWrongState, "migration %s is already rolling back", m.ID)
-	}
-	to, err := Next(m.State, c.Event)
-	if err != nil {
-		return refuse(RefuseConflict, CodeWrongState, "migration %s is %s: %s expects %v", m.ID, m.State, c.Event, tr.From)
-	}
+	to, _ := Next(m.State, c.Event)
 	p := c.Payload
 	switch c.Event {
 	case EvTargetPrepared:
@@ -358,11 +351,12 @@ func validRanges(rs []Range) error {
 
 // ProgressDue reports whether a progress update would be applied; servers
 // check it before proposing so rate-limited updates never reach the log.
-func ProgressDue(m *Migration, p *Progress, milestone bool, now time.Time) bool {
+// The limit is the store's alone: no client flag bypasses it.
+func ProgressDue(m *Migration, p *Progress, now time.Time) bool {
 	if p == nil {
 		return false
 	}
-	if milestone || m.Progress == nil {
+	if m.Progress == nil {
 		return true
 	}
 	if p.TotalBytes > 0 && p.HydratedBytes >= p.TotalBytes {
@@ -383,7 +377,7 @@ func applyProgress(m *Migration, c *ProposeCmd) (ignored bool, ref *Refusal) {
 	if p.HydratedBytes < 0 || p.TotalBytes < 0 || p.HydratedBytes > p.TotalBytes && p.TotalBytes > 0 {
 		return false, refuse(RefuseInvalid, CodeInvalid, "progress %d of %d bytes is not valid", p.HydratedBytes, p.TotalBytes)
 	}
-	if !ProgressDue(m, p, c.Payload.Milestone, c.Now) {
+	if !ProgressDue(m, p, c.Now) {
 		return true, nil
 	}
 	pr := *p.Replicated()

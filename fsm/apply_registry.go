@@ -2,7 +2,6 @@ package fsm
 
 import (
 	"slices"
-	"strings"
 	"time"
 )
 
@@ -29,12 +28,7 @@ func (s *Store) applyRegisterServer(c *RegisterServerCmd) *Result {
 	return &Result{}
 }
 
-func leaseTTL(d time.Duration) time.Duration {
-	if d <= 0 {
-		return DefaultLeaseTTL
-	}
-	return d
-}
+func leaseTTL(d time.Duration) time.Duration { return ClampLeaseTTL(d) }
 
 func (s *Store) applyRegisterWorker(c *RegisterWorkerCmd) *Result {
 	w := c.Worker
@@ -75,9 +69,7 @@ func (s *Store) applyHeartbeat(c *HeartbeatCmd) *Result {
 	return &Result{Worker: &cp}
 }
 
-func validID(id string) bool {
-	return id != "" && len(id) <= 128 && !strings.ContainsAny(id, "/ \t\n?#%")
-}
+func validID(id string) bool { return ValidID(id) }
 
 func (s *Store) applyCreateVolume(c *CreateVolumeCmd) *Result {
 	v := c.Volume
@@ -356,4 +348,53 @@ func (s *Store) applyUpdateMachine(c *UpdateMachineCmd) *Result {
 	}
 	cp := *m
 	return &Result{Machine: &cp}
+}
+
+// applyGC forgets terminal migrations and destroyed volumes whose end lies
+// at least Retention before Now. A destroyed volume's end is its destroy
+// deadline; one still named by a machine, a migration or a lock is kept.
+func (s *Store) applyGC(c *GCCmd) *Result {
+	migs, vols := s.garbage(c.Now.Add(-c.Retention))
+	for _, id := range migs {
+		s.releaseLocks(s.d.Migrations[id])
+		delete(s.d.Migrations, id)
+	}
+	for _, id := range vols {
+		delete(s.d.Volumes, id)
+		delete(s.d.Keys, id)
+	}
+	return &Result{}
+}
+
+func (s *Store) garbage(cutoff time.Time) (migs, vols []string) {
+	used := map[string]bool{}
+	for _, m := range s.d.Machines {
+		used[m.Volume] = true
+	}
+	for id, m := range s.d.Migrations {
+		if m.State.Terminal() && !m.UpdatedAt.After(cutoff) {
+			migs = append(migs, id)
+			continue
+		}
+		used[m.Volume], used[m.TargetVol] = true, true
+	}
+	for _, holder := range s.d.Locks {
+		if m, ok := s.d.Migrations[holder]; ok {
+			used[m.Volume] = true
+		}
+	}
+	for id, v := range s.d.Volumes {
+		if v.State == VolDestroyed && !v.DestroyAfter.After(cutoff) && !used[id] {
+			vols = append(vols, id)
+		}
+	}
+	return migs, vols
+}
+
+// Collectable reports whether a GC with retention at now would delete anything.
+func (s *Store) Collectable(now time.Time, retention time.Duration) bool {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	migs, vols := s.garbage(now.Add(-retention))
+	return len(migs)+len(vols) > 0
 }

@@ -41,6 +41,7 @@ const (
 	CmdPlan           CommandType = "plan"
 	CmdPropose        CommandType = "propose"
 	CmdRevokeCert     CommandType = "revoke_cert"
+	CmdGC             CommandType = "gc"
 )
 
 // CommandTypes lists every command type this build applies, oldest first.
@@ -180,6 +181,14 @@ type RevokeCertCmd struct {
 	Reason string `json:"reason,omitempty"`
 }
 
+// GCCmd deletes terminal migrations and destroyed volumes that ended at
+// least Retention before Now. The leader's housekeeping proposes it; the
+// store decides what is old enough, so every replica deletes the same.
+type GCCmd struct {
+	Header
+	Retention time.Duration `json:"retention"`
+}
+
 // EventPayload carries what an event reports; each event reads its own fields.
 type EventPayload struct {
 	Reason       string      `json:"reason,omitempty"`        // abort, failed, report
@@ -189,7 +198,6 @@ type EventPayload struct {
 	Export       *Export     `json:"export,omitempty"`        // exported
 	KnownZero    []Range     `json:"known_zero,omitempty"`    // trimmed
 	Progress     *Progress   `json:"progress,omitempty"`      // progress, hydrated
-	Milestone    bool        `json:"milestone,omitempty"`     // progress: bypass the rate limit
 	TargetVolume string      `json:"target_volume,omitempty"` // target_prepared
 	New6PN       string      `json:"new_6pn,omitempty"`       // cutover
 }
@@ -232,6 +240,8 @@ func payloadFor(t CommandType) (any, bool) {
 		return &ProposeCmd{}, true
 	case CmdRevokeCert:
 		return &RevokeCertCmd{}, true
+	case CmdGC:
+		return &GCCmd{}, true
 	}
 	return nil, false
 }

@@ -50,7 +50,7 @@ func goldenStore(t *testing.T) *harness {
 
 	// A second machine whose migration is rolling back (locks held, rollback record).
 	h.must(h.apply(CmdCreateVolume, &CreateVolumeCmd{Header: h.hdr(srcW), Volume: Volume{ID: "vol2", Worker: srcW.Name, Size: 80 << 20, State: VolCreated, Layout: testLayout()}}))
-	h.must(h.apply(CmdCreateMachine, &CreateMachineCmd{Header: h.hdr(srcW), Machine: Machine{ID: "mach2", Worker: srcW.Name, Volume: "vol2",
+	h.must(h.apply(CmdCreateMachine, &CreateMachineCmd{Header: h.hdr(operator), Machine: Machine{ID: "mach2", Worker: srcW.Name, Volume: "vol2",
 		Network: 8, MachineNo: 3, Addr6PN: "fdaa:0:8:0:1:0:3:0", State: MachineRunning, Spec: json.RawMessage(`{"cmd":["sleep","inf"]}`)}}))
 	h.must(h.apply(CmdPlan, &PlanCmd{Header: h.hdr(operator), ID: "m2", Machine: "mach2", Target: otherW.Name, StepID: "plan-2"}))
 	h.must(h.apply(CmdPropose, &ProposeCmd{Header: h.hdr(operator), ID: "m2", Event: EvAbort, StepID: "m2/abort", Payload: EventPayload{Reason: "operator changed their mind"}}))
@@ -77,18 +77,19 @@ func goldenCommands() []struct {
 		p   any
 	}{
 		{CmdRegisterServer, &RegisterServerCmd{Header: hdr(server), Member: ServerMember{ID: "s2", RaftAddr: "10.0.0.2:7001", APIAddr: "10.0.0.2:7000"}}},
-		{CmdRegisterWorker, &RegisterWorkerCmd{Header: hdr(server), Worker: Worker{Name: newW.Name, HostID: 4, Address: "10.0.1.4", Capacity: 3}, LeaseTTL: time.Hour}},
+		{CmdRegisterWorker, &RegisterWorkerCmd{Header: hdr(newW), Worker: Worker{Name: newW.Name, HostID: 4, Address: "10.0.1.4", Capacity: 3}, LeaseTTL: time.Hour}},
 		{CmdHeartbeat, &HeartbeatCmd{Header: hdr(srcW), Name: srcW.Name, LeaseTTL: 30 * time.Minute}},
 		{CmdCreateVolume, &CreateVolumeCmd{Header: hdr(newW), Volume: Volume{ID: vol3, Worker: newW.Name, Size: 80 << 20, State: VolCreating}}},
 		{CmdUpdateVolume, &UpdateVolumeCmd{Header: hdr(newW), ID: vol3, State: &created, Layout: l}},
 		{CmdSetVolumeKey, &SetVolumeKeyCmd{Header: hdr(newW), ID: vol3, Key: bytes.Repeat([]byte{9}, 64)}},
 		{CmdKeyAccess, &KeyAccessCmd{Header: hdr(dstW), ID: "vol1"}},
-		{CmdCreateMachine, &CreateMachineCmd{Header: hdr(newW), Machine: Machine{ID: "mach3", Worker: newW.Name, Volume: vol3, Network: 9, MachineNo: 5, State: MachineRunning}}},
-		{CmdUpdateMachine, &UpdateMachineCmd{Header: hdr(newW), ID: "mach3", State: &stopped, Addr6PN: &addr, Spec: &spec}},
-		{CmdPlan, &PlanCmd{Header: hdr(operator), ID: "m3", Machine: "mach3", Target: otherW.Name, StepID: "plan-3"}},
+		{CmdCreateMachine, &CreateMachineCmd{Header: hdr(operator), Machine: Machine{ID: "mach3", Worker: newW.Name, Volume: vol3, Network: 9, MachineNo: 5, State: MachineRunning}}},
+		{CmdUpdateMachine, &UpdateMachineCmd{Header: hdr(operator), ID: "mach3", State: &stopped, Addr6PN: &addr, Spec: &spec}},
+		{CmdPlan, &PlanCmd{Header: hdr(operator), ID: "m3", Machine: "mach3", Target: srcW.Name, StepID: "plan-3"}},
 		{CmdPropose, &ProposeCmd{Header: hdr(dstW), ID: "m1", Event: EvCutover, StepID: "m1/cutover", Payload: EventPayload{New6PN: "fdaa:0:7:0:2:0:9:0"}}},
 		{CmdDestroyVolume, &DestroyVolumeCmd{Header: hdr(operator), ID: "vol-spare", Retention: time.Hour}},
 		{CmdRevokeCert, &RevokeCertCmd{Header: hdr(operator), Serial: "5eed0f1e2d3c4b5a", Reason: "host of worker w-new decommissioned"}},
+		{CmdGC, &GCCmd{Header: hdr(server), Retention: 7 * 24 * time.Hour}},
 	}
 }
 

@@ -248,7 +248,7 @@ type Machine struct {
 }
 
 // ServerMember is a raft voter and where its API listens, so followers can
-// forward writes to the leader.
+// send writers to the leader.
 type ServerMember struct {
 	ID       string `json:"id"`
 	RaftAddr string `json:"raft_addr"`

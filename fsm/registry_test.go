@@ -49,7 +49,7 @@ func TestAdmission(t *testing.T) {
 	// Another machine of the same private network: locked too (one per org).
 	mk := func(id string, network uint32) {
 		h.must(h.apply(CmdCreateVolume, &CreateVolumeCmd{Header: h.hdr(srcW), Volume: Volume{ID: "v-" + id, Worker: srcW.Name, Size: 1, State: VolCreated}}))
-		h.must(h.apply(CmdCreateMachine, &CreateMachineCmd{Header: h.hdr(srcW), Machine: Machine{ID: id, Worker: srcW.Name, Volume: "v-" + id, Network: network, State: MachineRunning}}))
+		h.must(h.apply(CmdCreateMachine, &CreateMachineCmd{Header: h.hdr(operator), Machine: Machine{ID: id, Worker: srcW.Name, Volume: "v-" + id, Network: network, State: MachineRunning}}))
 	}
 	mk("same-org", 7)
 	if r := h.apply(CmdPlan, &PlanCmd{Header: h.hdr(operator), ID: "m3", Machine: "same-org", Target: otherW.Name}); r.Refusal == nil || r.Refusal.Code != CodeLocked || !strings.Contains(r.Refusal.Reason, "network/7") {

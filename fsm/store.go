@@ -94,6 +94,9 @@ func (s *Store) ApplyCommand(index uint64, raw []byte) *Result {
 		s.log.Warn().Err(err).Uint64("index", index).Str("type", string(typ)).Msg("refused a malformed command")
 		return &Result{Index: index, Refusal: refuse(RefuseInvalid, CodeBadCommand, "%v", err)}
 	}
+	if ref := s.authorize(p); ref != nil {
+		return &Result{Index: index, Refusal: ref}
+	}
 	var res *Result
 	switch c := p.(type) {
 	case *RegisterServerCmd:
@@ -122,6 +125,8 @@ func (s *Store) ApplyCommand(index uint64, raw []byte) *Result {
 		res = s.applyPropose(index, c)
 	case *RevokeCertCmd:
 		res = s.applyRevokeCert(c)
+	case *GCCmd:
+		res = s.applyGC(c)
 	default:
 		res = &Result{Refusal: refuse(RefuseInvalid, CodeBadCommand, "command %q has no apply function", typ)}
 	}

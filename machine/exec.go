@@ -23,6 +23,7 @@ import (
 type Exec struct {
 	StateDir string
 	Log      zerolog.Logger
+	User     *User // who machines run as (nil: Nobody)
 }
 
 type procRef struct {
@@ -110,28 +111,33 @@ func (e *Exec) Start(ctx context.Context, s Spec) error {
 	if err := os.MkdirAll(e.dir(s.ID), 0o700); err != nil {
 		return fmt.Errorf("machine state dir: %w", err)
 	}
-	argv := s.Command
-	if s.NetNS != "" {
-		argv = append([]string{"nsenter", "--net=/run/netns/" + s.NetNS, "--"}, argv...)
+	user := e.User.orNobody()
+	dir := s.MountDir
+	if s.Dir != "" {
+		if dir, err = confined(s, "work_dir", s.Dir); err != nil {
+			return err
+		}
 	}
+	env, err := machineEnv(s)
+	if err != nil {
+		return err
+	}
+	if err := ownMount(s.MountDir, user); err != nil {
+		return err
+	}
+	argv := wrap(s.Command, s.NetNS, user)
 	logf, err := os.OpenFile(filepath.Join(e.dir(s.ID), "output.log"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
 	if err != nil {
 		return fmt.Errorf("machine log: %w", err)
 	}
 	defer logf.Close()
 	cmd := exec.Command(argv[0], argv[1:]...)
-	cmd.Dir = s.Dir
-	if cmd.Dir == "" {
-		cmd.Dir = s.MountDir
-	}
-	cmd.Env = append(os.Environ(), "FERRY_MACHINE_ID="+s.ID, "FERRY_VOLUME_DIR="+s.MountDir)
-	for k, v := range s.Env {
-		cmd.Env = append(cmd.Env, k+"="+v)
-	}
+	cmd.Dir = dir
+	cmd.Env = env
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true} // survives the agent
 	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("start machine %s (%s): %w", s.ID, argv[0], err)
+		return fmt.Errorf("start machine %s (%s): %w", s.ID, s.Command[0], err)
 	}
 	st, err := procStartTime(cmd.Process.Pid)
 	if err != nil {
@@ -148,13 +154,16 @@ func (e *Exec) Start(ctx context.Context, s Spec) error {
 	e.journal(s.ID, "start")
 	// Reap it when it exits while we are alive; after an agent restart init reaps it.
 	go cmd.Wait()
-	e.Log.Info().Str("machine", s.ID).Int("pid", cmd.Process.Pid).Msg("machine started")
+	e.Log.Info().Str("machine", s.ID).Int("pid", cmd.Process.Pid).Uint32("uid", user.UID).Uint32("gid", user.GID).Msg("machine started")
 	return nil
 }
 
 // Stop sends the kill signal, waits up to the kill timeout, then SIGKILLs.
 // It returns once the process is gone.
 func (e *Exec) Stop(ctx context.Context, s Spec) error {
+	if err := ValidateID(s.ID); err != nil {
+		return err
+	}
 	ref, err := e.readRef(s.ID)
 	if err != nil {
 		return err
@@ -208,6 +217,9 @@ func (e *Exec) markStopped(id string, ref *procRef) error {
 
 // Status reports whether the machine's process runs.
 func (e *Exec) Status(ctx context.Context, s Spec) (State, error) {
+	if err := ValidateID(s.ID); err != nil {
+		return "", err
+	}
 	ref, err := e.readRef(s.ID)
 	if err != nil {
 		return "", err

@@ -9,6 +9,7 @@ package machine
 import (
 	"context"
 	"fmt"
+	"path/filepath"
 	"regexp"
 	"syscall"
 	"time"
@@ -46,7 +47,7 @@ var idRE = regexp.MustCompile(`^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$`)
 
 // ValidateID refuses machine ids that are not safe as file and namespace names.
 func ValidateID(id string) error {
-	if !idRE.MatchString(id) {
+	if !idRE.MatchString(id) || !filepath.IsLocal(id) {
 		return fmt.Errorf("machine id %q: use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit", id)
 	}
 	return nil

@@ -43,7 +43,7 @@ func newFleet(t *testing.T) *fleet {
 	}
 	must(f.wa.CreateVolume(ctx, fsm.Volume{ID: "v1", Worker: "a", Size: 64 << 20, State: fsm.VolCreated, Layout: layout()}))(t)
 	must(f.wa.CreateVolume(ctx, fsm.Volume{ID: "v2", Worker: "a", Size: 32 << 20, State: fsm.VolCreated, Layout: layout()}))(t)
-	must(f.wa.CreateMachine(ctx, fsm.Machine{ID: "m1", Worker: "a", Volume: "v1", Network: 7, MachineNo: 1, State: fsm.MachineRunning, Addr6PN: "fdaa:0:7:0:1:0:1:0"}))(t)
+	must(f.op.CreateMachine(ctx, fsm.Machine{ID: "m1", Worker: "a", Volume: "v1", Network: 7, MachineNo: 1, State: fsm.MachineRunning, Addr6PN: "fdaa:0:7:0:1:0:1:0"}))(t)
 	return f
 }
 
@@ -340,9 +340,9 @@ func TestMcpDrainAndPastCutover(t *testing.T) {
 	f := newFleet(t)
 	ctx := context.Background()
 	must(f.wa.CreateVolume(ctx, fsm.Volume{ID: "v6", Worker: "a", Size: 8 << 20, State: fsm.VolCreated, Layout: layout()}))(t)
-	must(f.wa.CreateMachine(ctx, fsm.Machine{ID: "m2", Worker: "a", Volume: "v6", Network: 8, MachineNo: 2, State: fsm.MachineRunning}))(t)
+	must(f.op.CreateMachine(ctx, fsm.Machine{ID: "m2", Worker: "a", Volume: "v6", Network: 8, MachineNo: 2, State: fsm.MachineRunning}))(t)
 	must(f.wa.CreateVolume(ctx, fsm.Volume{ID: "v7", Worker: "a", Size: 8 << 20, State: fsm.VolCreated, Layout: layout()}))(t)
-	must(f.wa.CreateMachine(ctx, fsm.Machine{ID: "m3", Worker: "a", Volume: "v7", Network: 9, MachineNo: 3, State: fsm.MachineRunning}))(t)
+	must(f.op.CreateMachine(ctx, fsm.Machine{ID: "m3", Worker: "a", Volume: "v7", Network: 9, MachineNo: 3, State: fsm.MachineRunning}))(t)
 	srv, err := New(f.op, Options{Allow: Write})
 	if err != nil {
 		t.Fatal(err)
@@ -355,7 +355,7 @@ func TestMcpDrainAndPastCutover(t *testing.T) {
 	}
 	// A machine appears on a after the plan: the plan no longer says what apply would do.
 	must(f.wa.CreateVolume(ctx, fsm.Volume{ID: "v8", Worker: "a", Size: 8 << 20, State: fsm.VolCreated, Layout: layout()}))(t)
-	must(f.wa.CreateMachine(ctx, fsm.Machine{ID: "m4", Worker: "a", Volume: "v8", Network: 10, MachineNo: 4, State: fsm.MachineRunning}))(t)
+	must(f.op.CreateMachine(ctx, fsm.Machine{ID: "m4", Worker: "a", Volume: "v8", Network: 10, MachineNo: 4, State: fsm.MachineRunning}))(t)
 	msg := s.refused("drain_apply", apply(p.PlanToken), "stale plan")
 	if !strings.Contains(msg, "moves was") || !strings.Contains(msg, `"machine":"m4"`) {
 		t.Fatalf("stale refusal does not say what changed: %s", msg)
@@ -393,17 +393,19 @@ func TestMcpDrainAndPastCutover(t *testing.T) {
 	as := connectInMemory(t, admin)
 	id := out.Started[0].ID
 	wb := f.cl.Client("b", tlsutil.KindWorker)
+	// target_prepared names a volume the target registered.
+	must(wb.CreateVolume(ctx, fsm.Volume{ID: "v6-b", Worker: "b", Size: 8 << 20, State: fsm.VolHydrating}))(t)
 	for _, step := range []struct {
 		c  *api.Client
 		ev fsm.Event
 		p  fsm.EventPayload
 	}{
-		{wb, fsm.EvTargetPrepared, fsm.EventPayload{}},
+		{wb, fsm.EvTargetPrepared, fsm.EventPayload{TargetVolume: "v6-b"}},
 		{f.wa, fsm.EvSourceStopped, fsm.EventPayload{}},
-		{f.wa, fsm.EvExported, fsm.EventPayload{Export: &fsm.Export{Portal: "127.0.0.1:3260", IQN: "iqn.test"}}},
+		{f.wa, fsm.EvExported, fsm.EventPayload{Export: &fsm.Export{Portal: "127.0.0.1:3260", IQN: "iqn.2026-01.test:ferry:" + id}}},
 		{wb, fsm.EvCloneBuilt, fsm.EventPayload{}},
 		{wb, fsm.EvTrimmed, fsm.EventPayload{}},
-		{wb, fsm.EvCutover, fsm.EventPayload{New6PN: "fdaa:0:8:0:2:0:2:0"}},
+		{wb, fsm.EvCutover, fsm.EventPayload{New6PN: "fdaa:0:7:0:2:0:1:0"}}, // m1 (org 7, machine 1) on b (host 2)
 	} {
 		if _, err := step.c.Propose(ctx, id, step.ev, "", step.p); err != nil {
 			t.Fatalf("driving %s to cutover: %s: %v", id, step.ev, err)

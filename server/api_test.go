@@ -48,7 +48,11 @@ func setupFleet(t *testing.T, c *servertest.Cluster) fleet {
 	}
 	_, err := f.src.CreateVolume(ctx, fsm.Volume{ID: "vol1", Worker: "w-src", Size: 48 << 20, State: fsm.VolCreated, Layout: layout()})
 	check(t, err)
-	_, err = f.src.CreateMachine(ctx, fsm.Machine{ID: "mach1", Worker: "w-src", Volume: "vol1", Network: 7, MachineNo: 1, State: fsm.MachineRunning, Addr6PN: "fdaa:0:7:0:1:0:1:0"})
+	// The target registers the volume it prepares (target_prepared names it).
+	_, err = f.dst.CreateVolume(ctx, fsm.Volume{ID: "vol1-dst", Worker: "w-dst", Size: 48 << 20, State: fsm.VolHydrating})
+	check(t, err)
+	// Machines (their specs) are written by operators only.
+	_, err = f.op.CreateMachine(ctx, fsm.Machine{ID: "mach1", Worker: "w-src", Volume: "vol1", Network: 7, MachineNo: 1, State: fsm.MachineRunning, Addr6PN: "fdaa:0:7:0:1:0:1:0"})
 	check(t, err)
 	m, err := f.op.CreateMigration(ctx, api.PlanRequest{ID: "m1", Machine: "mach1", Target: "w-dst"})
 	check(t, err)
@@ -56,6 +60,15 @@ func setupFleet(t *testing.T, c *servertest.Cluster) fleet {
 		t.Fatalf("planned migration: %+v", m)
 	}
 	return f
+}
+
+// prepared is the target_prepared payload naming the target's volume.
+func prepared() fsm.EventPayload { return fsm.EventPayload{TargetVolume: "vol1-dst"} }
+
+// exported is an export at the source's registered address with the
+// migration's IQN.
+func exported(mig string) fsm.EventPayload {
+	return fsm.EventPayload{Export: &fsm.Export{Portal: "127.0.0.1:3260", IQN: "iqn.2026-01.dev.ferry:ferry:" + mig}}
 }
 
 func check(t *testing.T, err error) {
@@ -134,9 +147,9 @@ func TestAPIRolesAndRefusals(t *testing.T) {
 	}
 
 	// Forward path up to cutover, then abort is refused naming the state.
-	propose(t, f.dst, fsm.EvTargetPrepared, "1", fsm.EventPayload{})
+	propose(t, f.dst, fsm.EvTargetPrepared, "1", prepared())
 	propose(t, f.src, fsm.EvSourceStopped, "2", fsm.EventPayload{})
-	propose(t, f.src, fsm.EvExported, "3", fsm.EventPayload{Export: &fsm.Export{Portal: "127.0.0.1:3260", IQN: "iqn.x:m1"}})
+	propose(t, f.src, fsm.EvExported, "3", exported("m1"))
 	propose(t, f.dst, fsm.EvCloneBuilt, "4", fsm.EventPayload{})
 	propose(t, f.dst, fsm.EvTrimmed, "5", fsm.EventPayload{})
 	propose(t, f.dst, fsm.EvCutover, "6", fsm.EventPayload{New6PN: "fdaa:0:7:0:2:0:1:0"})
@@ -208,7 +221,7 @@ func TestAPIBlockingQuery(t *testing.T) {
 	case <-time.After(300 * time.Millisecond):
 	}
 	proposedAt := time.Now()
-	propose(t, f.dst, fsm.EvTargetPrepared, "tp", fsm.EventPayload{})
+	propose(t, f.dst, fsm.EvTargetPrepared, "tp", prepared())
 	select {
 	case r := <-ch:
 		if r.err != nil || r.idx <= idx || r.ms[0].State != fsm.TargetPrepared || r.at.Before(proposedAt) {
@@ -297,7 +310,7 @@ func TestServerAbortsOnLeaseExpiry(t *testing.T) {
 	propose(t, f.src, fsm.EvSourceRestored, "sr", fsm.EventPayload{})
 
 	// Past cutover: stalled, never rolled back.
-	if _, err := f.dst.RegisterWorker(ctx, fsm.Worker{Name: "w-dst", HostID: 2}, time.Hour); err != nil {
+	if _, err := f.dst.RegisterWorker(ctx, fsm.Worker{Name: "w-dst", HostID: 2, Address: "127.0.0.1"}, time.Hour); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := f.op.CreateMigration(ctx, api.PlanRequest{ID: "m2", Machine: "mach1", Target: "w-dst"}); err != nil {
@@ -309,7 +322,10 @@ func TestServerAbortsOnLeaseExpiry(t *testing.T) {
 			cl = f.src
 		}
 		if ev == fsm.EvExported {
-			p.Export = &fsm.Export{Portal: "p:1", IQN: "iqn.x"}
+			p = exported("m2")
+		}
+		if ev == fsm.EvTargetPrepared {
+			p = prepared()
 		}
 		if _, err := cl.Propose(ctx, "m2", ev, fmt.Sprint("m2-", i), p); err != nil {
 			t.Fatalf("%s: %v", ev, err)

@@ -22,9 +22,9 @@ func TestClusterSurvivesLeaderLoss(t *testing.T) {
 	c := servertest.New(t, 3, servertest.Options{})
 	f := setupFleet(t, c)
 	ctx := context.Background()
-	propose(t, f.dst, fsm.EvTargetPrepared, "tp", fsm.EventPayload{})
+	propose(t, f.dst, fsm.EvTargetPrepared, "tp", prepared())
 	propose(t, f.src, fsm.EvSourceStopped, "ss", fsm.EventPayload{})
-	before := propose(t, f.src, fsm.EvExported, "ex", fsm.EventPayload{Export: &fsm.Export{Portal: "127.0.0.1:3260", IQN: "iqn.x:m1"}})
+	before := propose(t, f.src, fsm.EvExported, "ex", exported("m1"))
 	c.WaitConverged(10 * time.Second)
 
 	old := c.Leader()
@@ -40,7 +40,7 @@ func TestClusterSurvivesLeaderLoss(t *testing.T) {
 	if newLeader == old {
 		t.Fatal("the dead server still leads")
 	}
-	if m.State != fsm.CloneBuilt || !m.EnteredAt[fsm.Exported].Equal(before.EnteredAt[fsm.Exported]) || m.Export.IQN != "iqn.x:m1" {
+	if m.State != fsm.CloneBuilt || !m.EnteredAt[fsm.Exported].Equal(before.EnteredAt[fsm.Exported]) || m.Export.IQN != exported("m1").Export.IQN {
 		t.Fatalf("migration did not continue from where it was: %+v", m)
 	}
 	// The same step again (a client that never saw the reply): applied once.
@@ -104,7 +104,7 @@ func TestClusterRestartFromDisk(t *testing.T) {
 	c := servertest.New(t, 3, servertest.Options{SnapshotThreshold: 8})
 	f := setupFleet(t, c)
 	ctx := context.Background()
-	propose(t, f.dst, fsm.EvTargetPrepared, "tp", fsm.EventPayload{})
+	propose(t, f.dst, fsm.EvTargetPrepared, "tp", prepared())
 	for i := 0; i < 20; i++ { // enough entries for snapshots with threshold 8
 		if _, err := f.src.Heartbeat(ctx, "w-src", time.Hour); err != nil {
 			t.Fatal(err)

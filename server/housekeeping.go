@@ -20,11 +20,17 @@ type StoreView interface {
 	Worker(name string) (fsm.Worker, bool)
 	Migrations(worker string) []*fsm.Migration
 	Volumes(worker string) []fsm.Volume
+	Collectable(now time.Time, retention time.Duration) bool
 }
+
+// DefaultGCRetention is how long a terminal migration or a destroyed volume
+// stays readable (status, audits) before housekeeping deletes it.
+const DefaultGCRetention = 7 * 24 * time.Hour
 
 // housekeeper is the leader's periodic work: it registers this server's API
 // address, completes released migrations, aborts or flags migrations whose
-// workers lost their lease, and destroys volumes whose retention passed.
+// workers lost their lease, destroys volumes whose retention passed and
+// deletes records that ended more than the GC retention ago.
 // It needs only a proposer and a store view, so it is tested without raft.
 type housekeeper struct {
 	self     fsm.ServerMember // this server as it must appear in the store
@@ -32,6 +38,7 @@ type housekeeper struct {
 	store    StoreView
 	now      func() time.Time
 	interval time.Duration
+	gc       time.Duration // retention of ended records (0: never collected)
 	log      zerolog.Logger
 }
 
@@ -99,6 +106,11 @@ func (h *housekeeper) reconcile(ctx context.Context) {
 			h.apply(ctx, fsm.CmdDestroyVolume, &fsm.DestroyVolumeCmd{Header: h.header(), ID: v.ID})
 		}
 	}
+	// The store picks what is old enough from the command's time, so every
+	// replica deletes the same records; proposed only when there is some.
+	if h.gc > 0 && h.store.Collectable(now, h.gc) {
+		h.apply(ctx, fsm.CmdGC, &fsm.GCCmd{Header: h.header(), Retention: h.gc})
+	}
 }
 
 func (h *housekeeper) event(ctx context.Context, id string, ev fsm.Event, step string, p fsm.EventPayload) {
@@ -126,7 +138,7 @@ func (s *Server) Propose(ctx context.Context, typ fsm.CommandType, payload any) 
 func (s *Server) leaderLoop(ctx context.Context) {
 	h := &housekeeper{
 		self:    fsm.ServerMember{ID: s.cfg.ID, RaftAddr: s.node.RaftAddr(), APIAddr: s.apiURL},
-		propose: s, store: s.store, now: s.cfg.Now, interval: s.cfg.ReconcileInterval,
+		propose: s, store: s.store, now: s.cfg.Now, interval: s.cfg.ReconcileInterval, gc: s.cfg.GCRetention,
 		log: s.log.With().Str("loop", "housekeeping").Logger(),
 	}
 	var stop func() // set while the housekeeper runs

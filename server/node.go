@@ -52,7 +52,7 @@ type Node struct {
 	bolt  *raftboltdb.BoltStore
 }
 
-// ErrNotLeader says this node cannot apply; the caller forwards or retries.
+// ErrNotLeader says this node cannot apply; the caller redirects the writer to the leader or retries.
 var ErrNotLeader = errors.New("this server is not the raft leader")
 
 // NewNode opens (or creates) the node's durable state and starts raft.

@@ -34,6 +34,7 @@ type agentFlags struct {
 	dev, fastKDF                              bool
 	grace, leaseTTL                           time.Duration
 	hydrationRate, metricsListen              string
+	machineUser                               string
 	devListen                                 string
 }
 
@@ -63,8 +64,15 @@ func (f *agentFlags) build(ctx context.Context) (*agent.Agent, *netns.Network, e
 	}
 	exp := &exporter.Exporter{Log: log, StateDir: filepath.Join(f.dataDir, "exports"), Address: f.address, Domain: f.domain}
 	nw := &netns.Network{Log: logging.For(log, "netrewrite"), Worker: f.worker, Dir: filepath.Join(f.dataDir, "net"), Grace: f.grace}
-	mach := machine.ByKind{Exec: &machine.Exec{StateDir: filepath.Join(f.dataDir, "machines"), Log: logging.For(log, "machine")},
-		Script: machine.Script{}}
+	mu, err := machine.ParseUser(f.machineUser)
+	if err != nil {
+		return nil, nil, withCode(ExitUsage, fmt.Errorf("--machine-user: %w", err))
+	}
+	if mu == (machine.User{}) {
+		log.Warn().Msg("--machine-user root: machines run as root and can take over this worker; use it only for trusted test workloads")
+	}
+	mach := machine.ByKind{Exec: &machine.Exec{StateDir: filepath.Join(f.dataDir, "machines"), Log: logging.For(log, "machine"), User: &mu},
+		Script: machine.Script{User: &mu}}
 	acfg := agent.Config{Worker: f.worker, HostID: f.hostID, Address: f.address, DataDir: f.dataDir, Exe: exe, LeaseTTL: f.leaseTTL}
 	if f.hydrationRate != "" && f.hydrationRate != "0" {
 		if acfg.HydrationRate, err = bytesize.Parse(f.hydrationRate); err != nil {
@@ -141,6 +149,7 @@ state. With --dev it also runs a one-node server in the same process (developmen
 	// memory-hard KDF adds no security, and unlocking happens between
 	// source_stopped and cutover: argon2id's ~1 s would be downtime.
 	fl.BoolVar(&f.fastKDF, "fast-kdf", true, "format new volumes with a pbkdf2 keyslot (their passphrases are random 256-bit keys; a slow KDF only adds downtime)")
+	fl.StringVar(&f.machineUser, "machine-user", "65534:65534", "UID:GID machines (and their scripts) run as, with no_new_privs and a clean environment; \"root\" only for trusted test workloads")
 	fl.StringVar(&f.metricsListen, "metrics-listen", "", "serve Prometheus metrics on this address (e.g. 127.0.0.1:9410); empty: off")
 	fl.BoolVar(&f.dev, "dev", false, "also run a one-node server in this process (development)")
 	fl.StringVar(&f.devListen, "dev-listen", "127.0.0.1:7400", "with --dev: the server's API address")

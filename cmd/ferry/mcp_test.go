@@ -31,7 +31,7 @@ func TestMcpStdio(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if _, err := wa.CreateMachine(ctx, fsm.Machine{ID: "m1", Worker: "a", Volume: "v1", State: fsm.MachineRunning}); err != nil {
+	if _, err := cl.Client("operator", tlsutil.KindOperator).CreateMachine(ctx, fsm.Machine{ID: "m1", Worker: "a", Volume: "v1", State: fsm.MachineRunning}); err != nil {
 		t.Fatal(err)
 	}
 	cl.Client("operator", tlsutil.KindOperator) // issues the certificate ferry mcp presents

@@ -22,6 +22,7 @@ import (
 	"github.com/ferry-dev/ferry/datapath/internal/hostfs"
 	"github.com/ferry-dev/ferry/datapath/loopdev"
 	"github.com/ferry-dev/ferry/dmclone"
+	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/luks"
 )
 
@@ -517,6 +518,9 @@ func (v *Backend) Detach(ctx context.Context, vol string) error {
 
 // Remove detaches and deletes a volume's files.
 func (v *Backend) Remove(ctx context.Context, vol string) error {
+	if err := fsm.LocalID("volume", vol); err != nil {
+		return err
+	}
 	if err := v.Detach(ctx, vol); err != nil {
 		return err
 	}

@@ -18,6 +18,7 @@ import (
 	"github.com/ferry-dev/ferry/datapath"
 	"github.com/ferry-dev/ferry/datapath/internal/hostfs"
 	"github.com/ferry-dev/ferry/datapath/loopdev"
+	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/luks"
 )
 
@@ -218,6 +219,9 @@ func (v *Backend) Process(ctx context.Context, vol string) (*Process, error) {
 // Remove deletes a volume's files. The caller makes sure nothing uses it.
 func (v *Backend) Remove(ctx context.Context, vol string) error {
 	if err := checkVolumeName(vol); err != nil {
+		return err
+	}
+	if err := fsm.LocalID("volume", vol); err != nil {
 		return err
 	}
 	if err := v.Detach(ctx, vol); err != nil {

@@ -191,7 +191,8 @@ func (g *guestCluster) dumpLogs() {
 func (g *guestCluster) agentArgs(worker, addr string, hostID int) []string {
 	return []string{"agent", "--worker", worker, "--host-id", fmt.Sprint(hostID), "--address", addr,
 		"--server", serverAddr, "--tls-dir", g.tls, "--data-dir", filepath.Join(g.dir, worker),
-		"--backend", "kernel", "--fast-kdf", "--log-level", "info"}
+		"--backend", "kernel", "--fast-kdf", "--log-level", "info",
+		"--machine-user", "root"} // the workload's ack log lives in the guest's private folder
 }
 
 // TestGuestAgentMigration: an agent-driven migration on the kernel path. A

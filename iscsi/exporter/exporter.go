@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"sync"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/iscsi"
 )
 
@@ -63,6 +65,9 @@ func (x *Exporter) Export(ctx context.Context, id, path, allow string) (string, 
 		x.mu.Unlock()
 		return e.Portal(), e.IQN(), nil
 	}
+	if err := fsm.LocalID("migration", id); err != nil {
+		return "", "", err
+	}
 	if err := os.MkdirAll(x.StateDir, 0o700); err != nil {
 		return "", "", err
 	}
@@ -77,14 +82,13 @@ func (x *Exporter) Export(ctx context.Context, id, path, allow string) (string, 
 			return "", "", fmt.Errorf("export record of %s: %w", id, err)
 		}
 	}
-	allowNet := allow
-	if ip := net.ParseIP(allow); ip != nil {
-		if ip.To4() != nil {
-			allowNet = allow + "/32"
-		} else {
-			allowNet = allow + "/128"
-		}
+	// The target's registered address admits that one host: a prefix (or
+	// anything else) would open the export to more than the target.
+	ip, err := fsm.ParseWorkerAddress(allow)
+	if err != nil {
+		return "", "", fmt.Errorf("export of %s: target address: %w", id, err)
 	}
+	allowNet := netip.PrefixFrom(ip, ip.BitLen()).String()
 	e, err := iscsi.StartExport(ctx, x.Log, iscsi.ExportConfig{Path: path, Listen: rec.Portal, Allow: []string{allowNet},
 		IQN: rec.IQN, StateDir: x.dir(id)})
 	if err != nil {
@@ -112,6 +116,9 @@ func (x *Exporter) Export(ctx context.Context, id, path, allow string) (string, 
 }
 
 func (x *Exporter) Unexport(ctx context.Context, id string) error {
+	if err := fsm.LocalID("migration", id); err != nil {
+		return err
+	}
 	x.mu.Lock()
 	e := x.live[id]
 	delete(x.live, id)
