@@ -3,7 +3,6 @@ package fsm
 import (
 	"encoding/binary"
 	"slices"
-
 )
 
 // Authorization is one function over the command and the records, called

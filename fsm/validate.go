@@ -10,7 +10,6 @@ import (
 	"strings"
 	"time"
 	"unicode"
-
 )
 
 // Input limits. Every participant-written field has one: a record is read
