@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"strconv"
 	"syscall"
 	"time"
@@ -72,7 +73,28 @@ func ServeChild() {
 	os.Exit(0)
 }
 
+// The export child's garbage collector settings. gotgt allocates about
+// 3 MiB of short-lived buffers per MiB it serves (per command and per
+// Data-In PDU), and its live heap is a few MiB: with the default GOGC the
+// child spends most of its CPU collecting, sweeping and refaulting freed
+// pages. A high GOGC with a memory limit collects rarely and still bounds
+// the process. GOGC and GOMEMLIMIT in the environment override these.
+const (
+	childGCPercent   = 800
+	childMemoryLimit = 256 << 20
+)
+
+func tuneChildGC() {
+	if os.Getenv("GOGC") == "" {
+		debug.SetGCPercent(childGCPercent)
+	}
+	if os.Getenv("GOMEMLIMIT") == "" {
+		debug.SetMemoryLimit(childMemoryLimit)
+	}
+}
+
 func serveChild(log zerolog.Logger) error {
+	tuneChildGC()
 	var cfg childConfig
 	if err := json.NewDecoder(io.LimitReader(os.Stdin, 1<<20)).Decode(&cfg); err != nil {
 		return fmt.Errorf("reading the export configuration from the parent: %w", err)
