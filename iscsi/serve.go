@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"runtime"
 	"runtime/debug"
 	"strconv"
 	"syscall"
@@ -73,28 +74,40 @@ func ServeChild() {
 	os.Exit(0)
 }
 
-// The export child's garbage collector settings. gotgt allocates about
-// 3 MiB of short-lived buffers per MiB it serves (per command and per
-// Data-In PDU), and its live heap is a few MiB: with the default GOGC the
-// child spends most of its CPU collecting, sweeping and refaulting freed
-// pages. A high GOGC with a memory limit collects rarely and still bounds
-// the process. GOGC and GOMEMLIMIT in the environment override these.
+// The export child's runtime settings. gotgt allocates about 3 MiB of
+// short-lived buffers per MiB it serves (per command and per Data-In PDU)
+// and its live heap is a few MiB: with the default GOGC the child spends
+// most of its CPU collecting, sweeping and refaulting freed pages. A high
+// GOGC with a memory limit collects rarely and still bounds the process.
+// gotgt's connections hand each command to a new goroutine and wait for
+// it, so on several processors the child mostly pays for waking idle ones
+// and for contended runtime locks: one processor serves a connection
+// faster (the kernel's TCP work runs outside it, in the syscalls).
+// GOGC, GOMEMLIMIT and FERRY_EXPORT_GOMAXPROCS in the environment override
+// these (GOMAXPROCS itself would reach the agent too).
 const (
 	childGCPercent   = 800
 	childMemoryLimit = 256 << 20
+	childProcs       = 1
+	childProcsEnv    = "FERRY_EXPORT_GOMAXPROCS"
 )
 
-func tuneChildGC() {
+func tuneChildRuntime() {
 	if os.Getenv("GOGC") == "" {
 		debug.SetGCPercent(childGCPercent)
 	}
 	if os.Getenv("GOMEMLIMIT") == "" {
 		debug.SetMemoryLimit(childMemoryLimit)
 	}
+	procs := childProcs
+	if n, err := strconv.Atoi(os.Getenv(childProcsEnv)); err == nil && n > 0 {
+		procs = n
+	}
+	runtime.GOMAXPROCS(procs)
 }
 
 func serveChild(log zerolog.Logger) error {
-	tuneChildGC()
+	tuneChildRuntime()
 	var cfg childConfig
 	if err := json.NewDecoder(io.LimitReader(os.Stdin, 1<<20)).Decode(&cfg); err != nil {
 		return fmt.Errorf("reading the export configuration from the parent: %w", err)
