@@ -85,6 +85,17 @@ func (s *roStore) Read(off, n int64) ([]byte, error) {
 // of a SIGBUS that kills the export when gotgt copies the slice.
 func (s *roStore) mapped(off, n int64) (b []byte, err error) {
 	b = s.mem[off : off+n : off+n]
+	if n >= prefetchMin {
+		// A large read is the migration's sequential sweep, spread over
+		// several sessions: start reading the next stretch from the disk now
+		// (asynchronously), so the faults below and the next commands find
+		// it in the page cache. Small reads are the machine's own, random.
+		ahead := min(off+n+prefetchAhead, int64(len(s.mem)))
+		start := (off + n) &^ (pageSize - 1)
+		if start < ahead {
+			_ = unix.Madvise(s.mem[start:ahead], unix.MADV_WILLNEED)
+		}
+	}
 	old := debug.SetPanicOnFault(true)
 	defer func() {
 		debug.SetPanicOnFault(old)
@@ -102,6 +113,12 @@ func (s *roStore) mapped(off, n int64) (b []byte, err error) {
 	touchSink.Store(uint32(sink))
 	return b, nil
 }
+
+const (
+	pageSize      = 4096
+	prefetchMin   = 256 << 10
+	prefetchAhead = 8 << 20
+)
 
 // touchSink keeps the page touches in mapped from being optimised away.
 var touchSink atomic.Uint32
