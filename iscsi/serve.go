@@ -79,16 +79,17 @@ func ServeChild() {
 // and its live heap is a few MiB: with the default GOGC the child spends
 // most of its CPU collecting, sweeping and refaulting freed pages. A high
 // GOGC with a memory limit collects rarely and still bounds the process.
-// gotgt's connections hand each command to a new goroutine and wait for
-// it, so on several processors the child mostly pays for waking idle ones
-// and for contended runtime locks: one processor serves a connection
-// faster (the kernel's TCP work runs outside it, in the syscalls).
-// GOGC, GOMEMLIMIT and FERRY_EXPORT_GOMAXPROCS in the environment override
-// these (GOMAXPROCS itself would reach the agent too).
+// gotgt hands every command to a new goroutine that waits on the
+// connection's lock, so processors beyond one per busy connection only
+// add wakeups and runtime lock contention: at most one per session of
+// ferry's initiator. (One processor costs the least CPU per byte but
+// stalls whenever the machine is loaded.) GOGC, GOMEMLIMIT and
+// FERRY_EXPORT_GOMAXPROCS in the environment override these (GOMAXPROCS
+// itself would reach the agent too).
 const (
 	childGCPercent   = 800
 	childMemoryLimit = 256 << 20
-	childProcs       = 1
+	childMaxProcs    = 4
 	childProcsEnv    = "FERRY_EXPORT_GOMAXPROCS"
 )
 
@@ -99,7 +100,7 @@ func tuneChildRuntime() {
 	if os.Getenv("GOMEMLIMIT") == "" {
 		debug.SetMemoryLimit(childMemoryLimit)
 	}
-	procs := childProcs
+	procs := min(childMaxProcs, runtime.NumCPU())
 	if n, err := strconv.Atoi(os.Getenv(childProcsEnv)); err == nil && n > 0 {
 		procs = n
 	}
