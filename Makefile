@@ -6,7 +6,7 @@ BIN     := bin/ferry
 # Whole test run; CPU-heavy parts are bounded so it fits a 2-core CI.
 TESTFLAGS ?= -race -timeout 40m
 
-.PHONY: build test lint fmt deps demo bench fuzz clean
+.PHONY: build test lint fmt deps demo bench bench-quick fuzz clean
 
 build:
 	CGO_ENABLED=0 $(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/ferry
@@ -43,6 +43,11 @@ fuzz:
 
 bench: deps build
 	$(GO) test -run '^$$' -bench Suite -benchtime 1x -timeout 90m -v ./integration/bench
+
+# The data-path rows only (export vs tgtd, dense hydration vs cp and tgt), at
+# reduced sizes: a few minutes, for before and after a data-path change.
+bench-quick: deps build
+	FERRY_BENCH_QUICK=1 $(GO) test -run '^$$' -bench 'Suite/(export|hydration)$$' -benchtime 1x -timeout 20m -v ./integration/bench
 
 clean:
 	rm -rf bin

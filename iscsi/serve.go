@@ -12,6 +12,8 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime"
+	"runtime/debug"
 	"strconv"
 	"syscall"
 	"time"
@@ -73,7 +75,41 @@ func ServeChild() {
 	os.Exit(0)
 }
 
+// The export child's runtime settings. gotgt allocates about 3 MiB of
+// short-lived buffers per MiB it serves (per command and per Data-In PDU)
+// and its live heap is a few MiB: with the default GOGC the child spends
+// most of its CPU collecting, sweeping and refaulting freed pages. A high
+// GOGC with a memory limit collects rarely and still bounds the process.
+// gotgt hands every command to a new goroutine that waits on the
+// connection's lock, so processors beyond one per busy connection only
+// add wakeups and runtime lock contention: at most one per session of
+// ferry's initiator. (One processor costs the least CPU per byte but
+// stalls whenever the machine is loaded.) GOGC, GOMEMLIMIT and
+// FERRY_EXPORT_GOMAXPROCS in the environment override these (GOMAXPROCS
+// itself would reach the agent too).
+const (
+	childGCPercent   = 800
+	childMemoryLimit = 256 << 20
+	childMaxProcs    = 4
+	childProcsEnv    = "FERRY_EXPORT_GOMAXPROCS"
+)
+
+func tuneChildRuntime() {
+	if os.Getenv("GOGC") == "" {
+		debug.SetGCPercent(childGCPercent)
+	}
+	if os.Getenv("GOMEMLIMIT") == "" {
+		debug.SetMemoryLimit(childMemoryLimit)
+	}
+	procs := min(childMaxProcs, runtime.NumCPU())
+	if n, err := strconv.Atoi(os.Getenv(childProcsEnv)); err == nil && n > 0 {
+		procs = n
+	}
+	runtime.GOMAXPROCS(procs)
+}
+
 func serveChild(log zerolog.Logger) error {
+	tuneChildRuntime()
 	var cfg childConfig
 	if err := json.NewDecoder(io.LimitReader(os.Stdin, 1<<20)).Decode(&cfg); err != nil {
 		return fmt.Errorf("reading the export configuration from the parent: %w", err)

@@ -90,6 +90,7 @@ func BenchmarkSuite(b *testing.B) {
 		name string
 		fn   func(*testing.B, *suite)
 	}{
+		{"export", benchExport},
 		{"hydration", benchHydration},
 		{"contended", benchContended},
 		{"downtime", benchDowntime},
