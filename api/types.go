@@ -76,11 +76,6 @@ type MachineUpdate struct {
 	Spec    *json.RawMessage  `json:"spec,omitempty"`
 }
 
-// KeyBody carries a volume key (PUT and GET /v1/volumes/{id}/key only).
-type KeyBody struct {
-	Key []byte `json:"key"`
-}
-
 // PlanRequest asks for a migration of a machine (and its volume) to a target worker.
 type PlanRequest struct {
 	ID      string `json:"id,omitempty"` // chosen by the server when empty
@@ -116,11 +111,15 @@ type JoinRequest struct {
 	APIAddr  string `json:"api_addr"`
 }
 
-// ApplyReply is what /v1/internal/apply returns to a forwarding server; the
-// key travels only here (server to server, mTLS) for a forwarded key request.
+// ApplyReply is what /v1/internal/apply returns to a forwarding server.
 type ApplyReply struct {
 	Result *fsm.Result `json:"result"`
-	Key    []byte      `json:"key,omitempty"`
+}
+
+// EnvelopesRequest stores sealed copies of a volume's key
+// (POST /v1/volumes/{id}/envelopes).
+type EnvelopesRequest struct {
+	Envelopes []fsm.Envelope `json:"envelopes"`
 }
 
 // Duration is a time.Duration that reads and writes as "30s" in JSON.

@@ -35,11 +35,21 @@ func goldenStore(t *testing.T) *harness {
 	h := newHarness(t)
 	h.must(h.apply(CmdRegisterServer, &RegisterServerCmd{Header: h.hdr(server), Member: ServerMember{ID: "s1", RaftAddr: "10.0.0.1:7001", APIAddr: "10.0.0.1:7000"}}))
 	h.setup(true)
+	// A retired plaintext-key command from an old log: applied as a no-op.
 	h.must(h.apply(CmdSetVolumeKey, &SetVolumeKeyCmd{Header: h.hdr(srcW), ID: "vol1", Key: bytes.Repeat([]byte{7}, 64)}))
+	// Sealed keys: worker keys, the recovery key, vol1's owner and recovery envelopes.
+	for i, w := range []Identity{srcW, dstW, otherW} {
+		h.must(h.apply(CmdSetWorkerKey, &SetWorkerKeyCmd{Header: h.hdr(w), Name: w.Name, Key: testKey(byte(i + 1))}))
+	}
+	h.must(h.apply(CmdSetRecoveryKey, &SetRecoveryKeyCmd{Header: h.hdr(operator), Key: testKey(9)}))
+	h.must(h.apply(CmdPutEnvelopes, &PutEnvelopesCmd{Header: h.hdr(srcW), Volume: "vol1", Envelopes: []Envelope{
+		testEnvelope("vol1", PurposeOwner, srcW.Name, testKey(1), ""), testEnvelope("vol1", PurposeRecovery, RecoveryRecipient, testKey(9), "")}}))
 	h.must(h.propose(dstW, EvTargetPrepared, "m1/target_prepared", EventPayload{TargetVolume: "vol1-dst", Layout: testLayout()}))
 	h.must(h.propose(srcW, EvSourceStopped, "m1/source_stopped", EventPayload{Layout: testLayout()}))
 	exp := payloadOf(EvExported)
 	exp.KnownZero = []Range{{Off: 16 << 20, Len: 4 << 20}, {Off: 40 << 20, Len: 1 << 20}}
+	h.must(h.apply(CmdPutEnvelopes, &PutEnvelopesCmd{Header: h.hdr(srcW), Volume: "vol1", Envelopes: []Envelope{
+		testEnvelope("vol1", PurposeMigration, dstW.Name, testKey(2), "m1")}}))
 	h.must(h.propose(srcW, EvExported, "m1/exported", exp))
 	h.must(h.apply(CmdKeyAccess, &KeyAccessCmd{Header: h.hdr(dstW), ID: "vol1"}))
 	h.must(h.propose(dstW, EvCloneBuilt, "m1/clone_built", EventPayload{}))
@@ -88,6 +98,10 @@ func goldenCommands() []struct {
 		{CmdPlan, &PlanCmd{Header: hdr(operator), ID: "m3", Machine: "mach3", Target: otherW.Name, StepID: "plan-3"}},
 		{CmdPropose, &ProposeCmd{Header: hdr(dstW), ID: "m1", Event: EvCutover, StepID: "m1/cutover", Payload: EventPayload{New6PN: "fdaa:0:7:0:2:0:9:0"}}},
 		{CmdDestroyVolume, &DestroyVolumeCmd{Header: hdr(operator), ID: "vol-spare", Retention: time.Hour}},
+		{CmdSetWorkerKey, &SetWorkerKeyCmd{Header: hdr(newW), Name: newW.Name, Key: testKey(4)}},
+		{CmdSetRecoveryKey, &SetRecoveryKeyCmd{Header: hdr(operator), Key: testKey(9)}},
+		{CmdPutEnvelopes, &PutEnvelopesCmd{Header: hdr(newW), Volume: vol3, Envelopes: []Envelope{
+			testEnvelope(vol3, PurposeOwner, newW.Name, testKey(4), ""), testEnvelope(vol3, PurposeRecovery, RecoveryRecipient, testKey(9), "")}}},
 	}
 }
 

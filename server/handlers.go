@@ -58,8 +58,12 @@ func (s *Server) routes() http.Handler {
 	h("GET /v1/volumes/{id}", getOne("volume", "id", s.store.Volume))
 	h("PATCH /v1/volumes/{id}", s.handleUpdateVolume)
 	h("DELETE /v1/volumes/{id}", s.handleDestroyVolume)
-	h("PUT /v1/volumes/{id}/key", s.handleSetKey)
-	h("GET /v1/volumes/{id}/key", s.handleGetKey)
+	h("POST /v1/volumes/{id}/envelopes", s.handlePutEnvelopes)
+	h("GET /v1/volumes/{id}/envelopes", s.handleListEnvelopes)
+	h("GET /v1/volumes/{id}/envelopes/{purpose}", s.handleGetEnvelope)
+	h("PUT /v1/workers/{name}/key", s.handleSetWorkerKey)
+	h("GET /v1/keys/recovery", s.handleGetRecoveryKey)
+	h("PUT /v1/keys/recovery", s.handleSetRecoveryKey)
 
 	h("GET /v1/machines", s.listByWorker(func(w string) any { return s.store.Machines(w) }))
 	h("POST /v1/machines", s.handleCreateMachine)
@@ -204,7 +208,7 @@ func min2(a, b time.Duration) time.Duration {
 // run submits a command and writes the refusal, if any; it returns the
 // result only when the command was applied.
 func (s *Server) run(w http.ResponseWriter, ctx context.Context, typ fsm.CommandType, payload any) *fsm.Result {
-	res, key, err := s.submit(ctx, typ, payload)
+	res, err := s.submit(ctx, typ, payload)
 	if err != nil {
 		writeErr(w, err)
 		return nil
@@ -213,7 +217,6 @@ func (s *Server) run(w http.ResponseWriter, ctx context.Context, typ fsm.Command
 		writeErr(w, res.Refusal)
 		return nil
 	}
-	res.Key = key
 	return res
 }
 
@@ -240,6 +243,10 @@ func (s *Server) handleHeartbeat(w http.ResponseWriter, r *http.Request, id fsm.
 func (s *Server) handleCreateVolume(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
 	var v fsm.Volume
 	if !readBody(w, r, &v) {
+		return
+	}
+	if ref := s.needRecoveryKey(v); ref != nil {
+		writeErr(w, ref)
 		return
 	}
 	if res := s.run(w, r.Context(), fsm.CmdCreateVolume, &fsm.CreateVolumeCmd{Header: s.header(id), Volume: v}); res != nil {
@@ -269,23 +276,6 @@ func (s *Server) handleDestroyVolume(w http.ResponseWriter, r *http.Request, id 
 	}
 	if res := s.run(w, r.Context(), fsm.CmdDestroyVolume, &fsm.DestroyVolumeCmd{Header: s.header(id), ID: r.PathValue("id"), Retention: ret}); res != nil {
 		writeJSON(w, http.StatusOK, res.Volume)
-	}
-}
-
-func (s *Server) handleSetKey(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
-	var k api.KeyBody
-	if !readBody(w, r, &k) {
-		return
-	}
-	if res := s.run(w, r.Context(), fsm.CmdSetVolumeKey, &fsm.SetVolumeKeyCmd{Header: s.header(id), ID: r.PathValue("id"), Key: k.Key}); res != nil {
-		writeJSON(w, http.StatusOK, res.Volume)
-	}
-}
-
-func (s *Server) handleGetKey(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
-	if res := s.run(w, r.Context(), fsm.CmdKeyAccess, &fsm.KeyAccessCmd{Header: s.header(id), ID: r.PathValue("id")}); res != nil {
-		w.Header().Set("Cache-Control", "no-store")
-		writeJSON(w, http.StatusOK, api.KeyBody{Key: res.Key})
 	}
 }
 
@@ -380,7 +370,7 @@ func (s *Server) handleInternalApply(w http.ResponseWriter, r *http.Request, id 
 		writeErr(w, &fsm.Refusal{Kind: fsm.RefuseNotLeader, Code: fsm.CodeNoLeader, Reason: err.Error()})
 		return
 	}
-	writeJSON(w, http.StatusOK, api.ApplyReply{Result: res, Key: res.Key})
+	writeJSON(w, http.StatusOK, api.ApplyReply{Result: res})
 }
 
 func (s *Server) handleJoin(w http.ResponseWriter, r *http.Request, id fsm.Identity) {

@@ -255,30 +255,30 @@ func (s *Server) do(ctx context.Context, method, addr, path string) error {
 
 // submit replicates one command on behalf of actor: applied here when this
 // server leads, forwarded to the leader otherwise.
-func (s *Server) submit(ctx context.Context, typ fsm.CommandType, payload any) (*fsm.Result, []byte, error) {
+func (s *Server) submit(ctx context.Context, typ fsm.CommandType, payload any) (*fsm.Result, error) {
 	b, err := fsm.Encode(typ, payload)
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	return s.submitRaw(ctx, b)
 }
 
-func (s *Server) submitRaw(ctx context.Context, b []byte) (*fsm.Result, []byte, error) {
+func (s *Server) submitRaw(ctx context.Context, b []byte) (*fsm.Result, error) {
 	if s.node.IsLeader() {
 		res, err := s.node.Apply(b, 10*time.Second)
 		if err == nil {
-			return res, res.Key, nil
+			return res, nil
 		}
 		if !errors.Is(err, ErrNotLeader) {
-			return nil, nil, err
+			return nil, err
 		}
 	}
 	leaderID, _ := s.node.Leader()
 	if leaderID == "" {
-		return nil, nil, &fsm.Refusal{Kind: fsm.RefuseNotLeader, Code: fsm.CodeNoLeader, Reason: "the cluster has no leader right now; retry shortly"}
+		return nil, &fsm.Refusal{Kind: fsm.RefuseNotLeader, Code: fsm.CodeNoLeader, Reason: "the cluster has no leader right now; retry shortly"}
 	}
 	if leaderID == s.cfg.ID {
-		return nil, nil, &fsm.Refusal{Kind: fsm.RefuseNotLeader, Code: fsm.CodeNoLeader, Reason: "leadership is changing; retry shortly"}
+		return nil, &fsm.Refusal{Kind: fsm.RefuseNotLeader, Code: fsm.CodeNoLeader, Reason: "leadership is changing; retry shortly"}
 	}
 	leaderAPI := ""
 	for _, m := range s.store.Servers() {
@@ -287,21 +287,21 @@ func (s *Server) submitRaw(ctx context.Context, b []byte) (*fsm.Result, []byte, 
 		}
 	}
 	if leaderAPI == "" {
-		return nil, nil, &fsm.Refusal{Kind: fsm.RefuseNotLeader, Code: fsm.CodeNoLeader, Reason: "the leader " + leaderID + " has not published its API address yet; retry shortly"}
+		return nil, &fsm.Refusal{Kind: fsm.RefuseNotLeader, Code: fsm.CodeNoLeader, Reason: "the leader " + leaderID + " has not published its API address yet; retry shortly"}
 	}
 	var rep api.ApplyReply
 	if err := s.post(ctx, leaderAPI, "/v1/internal/apply", json.RawMessage(b), &rep); err != nil {
 		var e *fsm.Refusal
 		if errors.As(err, &e) {
-			return nil, nil, e
+			return nil, e
 		}
-		return nil, nil, &fsm.Refusal{Kind: fsm.RefuseNotLeader, Code: fsm.CodeNoLeader, Reason: fmt.Sprintf("forwarding to leader %s: %v", leaderID, err)}
+		return nil, &fsm.Refusal{Kind: fsm.RefuseNotLeader, Code: fsm.CodeNoLeader, Reason: fmt.Sprintf("forwarding to leader %s: %v", leaderID, err)}
 	}
 	if rep.Result == nil {
-		return nil, nil, errors.New("leader returned no result")
+		return nil, errors.New("leader returned no result")
 	}
 	s.waitApplied(ctx, rep.Result.Index, 2*time.Second) // read-your-writes through this server
-	return rep.Result, rep.Key, nil
+	return rep.Result, nil
 }
 
 // waitApplied waits (bounded) until this replica applied index.
