@@ -15,6 +15,7 @@ func init() { register(newKeysCmd()) }
 func newKeysCmd() *cobra.Command {
 	keys := &cobra.Command{Use: "keys", Short: "Key-encryption keys: the offline recovery key and the workers' public keys"}
 	var out string
+	var initJSON, showJSON bool
 	initCmd := &cobra.Command{
 		Use:   "recovery-init --out FILE",
 		Short: "Make the cluster's recovery key pair: the public half goes to the servers, the private half to FILE (once)",
@@ -28,11 +29,15 @@ func newKeysCmd() *cobra.Command {
 			if err != nil {
 				return withCode(exitCode(err), err)
 			}
+			if initJSON {
+				return writeJSONOut(cmd.OutOrStdout(), map[string]string{"fingerprint": pub.Fingerprint, "private_key_file": out})
+			}
 			fmt.Fprintf(cmd.OutOrStdout(), "recovery key %s registered; its private half is in %s (mode 0600): move it offline\n", pub.Fingerprint, out)
 			return nil
 		}),
 	}
 	initCmd.Flags().StringVar(&out, "out", "", "file to write the private recovery key to (must not exist)")
+	initCmd.Flags().BoolVar(&initJSON, "json", false, "print the registered key's fingerprint and file as JSON")
 	addClientFlags(initCmd)
 
 	show := &cobra.Command{
@@ -40,16 +45,29 @@ func newKeysCmd() *cobra.Command {
 		Short: "Show the recovery key's and each worker's key fingerprint",
 		Args:  cobra.NoArgs,
 		RunE: apiRunE(func(cmd *cobra.Command, c *api.Client, _ []string) error {
-			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "HOLDER\tFINGERPRINT")
-			if k, err := c.RecoveryKey(cmd.Context()); err == nil {
-				fmt.Fprintf(tw, "recovery\t%s\n", k.Fingerprint)
-			} else {
-				fmt.Fprintf(tw, "recovery\t(none: run `ferry keys recovery-init --out FILE`)\n")
-			}
 			ws, err := c.ListWorkers(cmd.Context())
 			if err != nil {
 				return err
+			}
+			rk, rerr := c.RecoveryKey(cmd.Context())
+			if showJSON {
+				out := map[string]string{}
+				if rerr == nil {
+					out["recovery"] = rk.Fingerprint
+				}
+				for _, w := range ws {
+					if w.KEK != nil {
+						out["worker "+w.Name] = w.KEK.Fingerprint
+					}
+				}
+				return writeJSONOut(cmd.OutOrStdout(), out)
+			}
+			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "HOLDER\tFINGERPRINT")
+			if rerr == nil {
+				fmt.Fprintf(tw, "recovery\t%s\n", rk.Fingerprint)
+			} else {
+				fmt.Fprintf(tw, "recovery\t(none: run `ferry keys recovery-init --out FILE`)\n")
 			}
 			for _, w := range ws {
 				fp := "(none registered)"
@@ -61,6 +79,7 @@ func newKeysCmd() *cobra.Command {
 			return tw.Flush()
 		}),
 	}
+	show.Flags().BoolVar(&showJSON, "json", false, "print holder -> fingerprint as JSON")
 	addClientFlags(show)
 	keys.AddCommand(initCmd, show)
 	return keys
@@ -68,6 +87,7 @@ func newKeysCmd() *cobra.Command {
 
 func newVolumeRecoverCmd() *cobra.Command {
 	var keyFile, to string
+	var recJSON bool
 	rec := &cobra.Command{
 		Use:   "recover ID --recovery-key FILE [--to WORKER]",
 		Short: "Open a volume's recovery envelope with the recovery key and seal its key to its worker again",
@@ -84,12 +104,18 @@ func newVolumeRecoverCmd() *cobra.Command {
 			if err != nil {
 				return withCode(exitCode(err), err)
 			}
+			if recJSON {
+				e := *env
+				e.Ciphertext = nil
+				return writeJSONOut(cmd.OutOrStdout(), e)
+			}
 			fmt.Fprintf(cmd.OutOrStdout(), "volume %s: key sealed again to worker %s (key %s)\n", env.Volume, env.Recipient, env.Fingerprint)
 			return nil
 		}),
 	}
 	rec.Flags().StringVar(&keyFile, "recovery-key", "", "file holding the private recovery key (from `ferry keys recovery-init`)")
 	rec.Flags().StringVar(&to, "to", "", "worker to seal the key to (default and only choice: the volume's worker)")
+	rec.Flags().BoolVar(&recJSON, "json", false, "print the new owner envelope's record (without ciphertext) as JSON")
 	addClientFlags(rec)
 	return rec
 }
