@@ -157,7 +157,7 @@ func TestKeyMaterialScan(t *testing.T) {
 		t.Errorf("key material found: %s", l)
 	}
 	// The scan must have read the places that matter, or it proves nothing.
-	for _, want := range []string{"/server/raft.db", "/volumes/vols/data", "/volumes/" + m.TargetVol + "/data", "server.log", "agent-" + b + ".log"} {
+	for _, want := range []string{"/server/raft/raft.db", "/volumes/vols/data", "/volumes/" + m.TargetVol + "/data", "server.log", "agent-" + b + ".log"} {
 		found := false
 		for _, s := range scanned {
 			found = found || strings.HasSuffix(s, want) || strings.Contains(s, want)
@@ -165,6 +165,17 @@ func TestKeyMaterialScan(t *testing.T) {
 		if !found {
 			t.Errorf("the scan did not read %s", want)
 		}
+	}
+	// Positive control: the old code kept the passphrase in the raft log the
+	// way envelopes are kept now (a JSON []byte, base64). The same scan finds
+	// a stored envelope's ciphertext there, so it would have found the key.
+	env, err := e.c.GetEnvelope(e.ctx, "vols", fsm.PurposeRecovery, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctl := []secret{{"recovery envelope", secretForms(env.Ciphertext[:48])}}
+	if found, _ := scanKeyMaterial(t, filepath.Join(e.dir, "server"), ctl); len(found) == 0 {
+		t.Error("the scan does not find a stored envelope in the server's data dir: it could not have found a stored key either")
 	}
 	t.Logf("scanned %d files and every process's cmdline and environ", len(scanned))
 }
