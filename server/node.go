@@ -51,6 +51,7 @@ type Node struct {
 	log   zerolog.Logger
 	trans *raft.NetworkTransport
 	bolt  *raftboltdb.BoltStore
+	logs  *shredStore
 	purge chan struct{} // a volume was destroyed: snapshot and compact
 	done  chan struct{}
 	stop  sync.Once
@@ -99,6 +100,11 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 		bolt.Close()
 		return nil, fmt.Errorf("opening snapshots in %s: %w", cfg.DataDir, err)
 	}
+	logs, err := openShredStore(bolt, filepath.Join(cfg.DataDir, "logkeys.json"))
+	if err != nil {
+		bolt.Close()
+		return nil, err
+	}
 	stream, err := newStreamLayer(cfg.RaftAddr, cfg.ServerTLS, cfg.ClientTLS)
 	if err != nil {
 		bolt.Close()
@@ -108,7 +114,7 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 		Stream: stream, MaxPool: 3, Timeout: 10 * time.Second, Logger: rc.Logger,
 	})
 	store := fsm.NewStore(cfg.Logger)
-	existing, err := raft.HasExistingState(bolt, bolt, snaps)
+	existing, err := raft.HasExistingState(logs, bolt, snaps)
 	if err != nil {
 		trans.Close()
 		bolt.Close()
@@ -116,7 +122,7 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 	}
 	if cfg.Bootstrap && !existing {
 		conf := raft.Configuration{Servers: []raft.Server{{ID: rc.LocalID, Address: trans.LocalAddr()}}}
-		if err := raft.BootstrapCluster(rc, bolt, bolt, snaps, trans, conf); err != nil {
+		if err := raft.BootstrapCluster(rc, logs, bolt, snaps, trans, conf); err != nil {
 			trans.Close()
 			bolt.Close()
 			return nil, fmt.Errorf("bootstrapping cluster: %w", err)
@@ -124,13 +130,13 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 		log.Info().Str("addr", string(trans.LocalAddr())).Msg("bootstrapped a new cluster")
 	}
 	purge := make(chan struct{}, 1)
-	r, err := raft.NewRaft(rc, raftFSM{s: store, purge: purge}, bolt, bolt, snaps, trans)
+	r, err := raft.NewRaft(rc, raftFSM{s: store, purge: purge}, logs, bolt, snaps, trans)
 	if err != nil {
 		trans.Close()
 		bolt.Close()
 		return nil, fmt.Errorf("starting raft: %w", err)
 	}
-	n := &Node{Store: store, Raft: r, id: cfg.ID, log: log, trans: trans, bolt: bolt, purge: purge, done: make(chan struct{})}
+	n := &Node{Store: store, Raft: r, id: cfg.ID, log: log, trans: trans, bolt: bolt, logs: logs, purge: purge, done: make(chan struct{})}
 	go n.purgeLoop()
 	return n, nil
 }
@@ -151,9 +157,13 @@ func (n *Node) purgeLoop() {
 	}
 }
 
-// Purge takes a snapshot and compacts the whole log up to it (no trailing
-// entries kept: followers that lag catch up from the snapshot).
+// Purge starts a new log key epoch, takes a snapshot and compacts the
+// whole log up to it (no trailing entries kept: followers that lag catch
+// up from the snapshot); the compacted entries' key is then destroyed.
 func (n *Node) Purge() error {
+	if err := n.logs.Rotate(); err != nil {
+		return fmt.Errorf("rotating the log key: %w", err)
+	}
 	rc := n.Raft.ReloadableConfig()
 	keep := rc.TrailingLogs
 	rc.TrailingLogs = 0
