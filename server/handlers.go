@@ -245,7 +245,7 @@ func (s *Server) handleCreateVolume(w http.ResponseWriter, r *http.Request, id f
 	if !readBody(w, r, &v) {
 		return
 	}
-	if ref := s.needRecoveryKey(v); ref != nil {
+	if ref := s.needRecoveryKey(); ref != nil {
 		writeErr(w, ref)
 		return
 	}

@@ -61,7 +61,7 @@ func noRecoveryKey() *fsm.Refusal {
 
 // needRecoveryKey refuses a new volume before a recovery key exists: its
 // key could never be committed (an owner envelope needs a recovery one).
-func (s *Server) needRecoveryKey(v fsm.Volume) *fsm.Refusal {
+func (s *Server) needRecoveryKey() *fsm.Refusal {
 	if _, ok := s.store.RecoveryKey(); !ok {
 		return noRecoveryKey()
 	}
