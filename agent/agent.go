@@ -19,6 +19,7 @@ import (
 
 	"github.com/ferry-dev/ferry/datapath"
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/sealing"
 	"github.com/ferry-dev/ferry/machine"
 )
 
@@ -93,6 +94,7 @@ type Agent struct {
 	mach machine.Driver
 	vols datapath.Backend
 	met  *metrics
+	kek  *sealing.PrivateKey // this worker's key-encryption key; never leaves the worker
 
 	// machMu orders the reconcile loop's machine starts and stops against
 	// migrations taking a machine over: a reconcile that decided a machine
@@ -122,7 +124,14 @@ func New(log zerolog.Logger, cfg Config, cp ControlPlane, exp Exporter, net Netw
 		log.Warn().Str("backend", caps.Name).Int64("hydration_rate", cfg.HydrationRate).
 			Msg("this data path has no hydration rate limit; hydration runs unthrottled")
 	}
-	return &Agent{cfg: cfg, log: log.With().Str("worker", cfg.Worker).Logger(),
+	kek, created, err := sealing.LoadOrCreate(KEKPath(cfg.DataDir))
+	if err != nil {
+		return nil, fmt.Errorf("worker key-encryption key: %w", err)
+	}
+	if created {
+		log.Info().Str("fingerprint", kek.Public().Fingerprint).Str("path", KEKPath(cfg.DataDir)).Msg("made this worker's key-encryption key")
+	}
+	return &Agent{cfg: cfg, log: log.With().Str("worker", cfg.Worker).Logger(), kek: kek,
 		cp: cp, exp: exp, net: net, mach: mach, vols: vols, met: newMetrics(), running: map[string]chan *fsm.Migration{}, active: map[string]string{},
 		firstWatch: make(chan struct{})}, nil
 }
@@ -135,7 +144,10 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err := retry(ctx, a.log, "register worker", func() error { return a.cp.RegisterWorker(ctx, w) }); err != nil {
 		return err
 	}
-	a.log.Info().Uint32("host_id", a.cfg.HostID).Str("address", a.cfg.Address).Msg("worker registered")
+	if err := retry(ctx, a.log, "register worker key", func() error { return a.cp.SetWorkerKey(ctx, a.cfg.Worker, a.kek.Public()) }); err != nil {
+		return err
+	}
+	a.log.Info().Uint32("host_id", a.cfg.HostID).Str("address", a.cfg.Address).Str("kek", a.kek.Public().Fingerprint).Msg("worker registered")
 	go a.heartbeat(ctx)
 	go a.reconcileLoop(ctx)
 	var index uint64

@@ -64,7 +64,12 @@ func (f *fakeCP) UpdateMachine(context.Context, fsm.UpdateMachineCmd) error    {
 func (f *fakeCP) GetWorker(context.Context, string) (*fsm.Worker, error) {
 	return &fsm.Worker{Address: "fd00::2"}, nil
 }
-func (f *fakeCP) VolumeKey(context.Context, string) ([]byte, error) { return nil, errors.New("no key") }
+func (f *fakeCP) Envelope(context.Context, string, fsm.Purpose) (*fsm.Envelope, error) {
+	return nil, errors.New("no envelope")
+}
+func (f *fakeCP) PutEnvelopes(context.Context, string, []fsm.Envelope) error { return nil }
+func (f *fakeCP) SetWorkerKey(context.Context, string, fsm.PublicKey) error  { return nil }
+func (f *fakeCP) RecoveryKey(context.Context) (*fsm.PublicKey, error)        { return nil, errors.New("none") }
 func (f *fakeCP) events() []fsm.Event {
 	f.mu.Lock()
 	defer f.mu.Unlock()

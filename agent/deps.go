@@ -26,11 +26,16 @@ type ControlPlane interface {
 	ListMachines(ctx context.Context, worker string) ([]*fsm.Machine, error)
 	UpdateMachine(ctx context.Context, cmd fsm.UpdateMachineCmd) error
 	GetWorker(ctx context.Context, name string) (*fsm.Worker, error)
-	// VolumeKey returns a volume's passphrase; the server hands it only to the
-	// worker that owns the volume or targets its active migration.
-	VolumeKey(ctx context.Context, volume string) ([]byte, error)
-	// SetVolumeKey stores the key of a volume this worker owns (a migration's destination).
-	SetVolumeKey(ctx context.Context, volume string, key []byte) error
+	// Envelope returns a sealed copy of a volume's key: the owner envelope
+	// of a volume this worker holds, or the migration envelope of a volume
+	// it is the target of. Only this worker's private key opens it.
+	Envelope(ctx context.Context, volume string, purpose fsm.Purpose) (*fsm.Envelope, error)
+	// PutEnvelopes stores sealed copies of a volume's key.
+	PutEnvelopes(ctx context.Context, volume string, envs []fsm.Envelope) error
+	// SetWorkerKey registers this worker's key-encryption public key.
+	SetWorkerKey(ctx context.Context, worker string, k fsm.PublicKey) error
+	// RecoveryKey returns the cluster's recovery public key.
+	RecoveryKey(ctx context.Context) (*fsm.PublicKey, error)
 }
 
 // Exporter serves a frozen volume to one target over iSCSI.

@@ -115,9 +115,9 @@ func (a *Agent) reconcileMachine(ctx context.Context, m *fsm.Machine) {
 
 func (a *Agent) createVolume(ctx context.Context, v *fsm.Volume) {
 	log := a.log.With().Str("volume", v.ID).Logger()
-	key, err := a.cp.VolumeKey(ctx, v.ID)
+	key, err := a.newVolumeKey(ctx, v.ID)
 	if err != nil {
-		log.Warn().Err(err).Msg("volume has no key yet")
+		log.Warn().Err(err).Msg("cannot make or open the volume's key")
 		return
 	}
 	defer clear(key)

@@ -204,17 +204,14 @@ func (a *Agent) buildClone(ctx context.Context, log zerolog.Logger, m *fsm.Migra
 	if m.Export == nil || m.TargetVol == "" || m.Layout == nil {
 		return fmt.Errorf("migration record lacks export, target volume or layout")
 	}
-	key, err := a.cp.VolumeKey(ctx, m.Volume)
+	// The destination carries the same LUKS2 keyslots: migrationKey also
+	// seals the key to this worker as the destination's owner, so the
+	// machine can be restarted and migrated again from here.
+	key, err := a.migrationKey(ctx, m)
 	if err != nil {
-		return fmt.Errorf("fetch key of volume %s: %w", m.Volume, err)
+		return err
 	}
 	defer clear(key)
-	// The destination carries the same LUKS2 keyslots, so the server must
-	// hold its key too: without it the machine could never be restarted,
-	// rolled back to, or migrated again from here.
-	if err := a.cp.SetVolumeKey(ctx, m.TargetVol, key); err != nil {
-		return fmt.Errorf("store the key of destination volume %s: %w", m.TargetVol, err)
-	}
 	dev, err := a.vols.MountClone(ctx, a.cloneSpec(m, false), key, a.vols.MountPoint(m.Machine))
 	if err != nil {
 		return err
@@ -297,7 +294,7 @@ func (a *Agent) ensureClone(ctx context.Context, m *fsm.Migration, hydrate bool)
 	if p, err := a.vols.Clone(ctx, m.TargetVol); err == nil {
 		return p, nil
 	}
-	key, err := a.cp.VolumeKey(ctx, m.Volume)
+	key, err := a.migrationKey(ctx, m)
 	if err != nil {
 		return nil, err
 	}
@@ -460,6 +457,9 @@ func (a *Agent) exportSource(ctx context.Context, log zerolog.Logger, m *fsm.Mig
 	if tw.Address == "" {
 		return fmt.Errorf("target worker %s registered no address; cannot restrict the export to it", m.Target)
 	}
+	if err := a.sealForTarget(ctx, m); err != nil {
+		return err
+	}
 	portal, iqn, err := a.exp.Export(ctx, m.ID, a.vols.DataPath(m.Volume), tw.Address)
 	if err != nil {
 		return err
@@ -594,9 +594,9 @@ func (a *Agent) startLocal(ctx context.Context, mach *fsm.Machine) error {
 	if vol.Layout == nil {
 		return fmt.Errorf("volume %s has no recorded layout yet", vol.ID)
 	}
-	key, err := a.cp.VolumeKey(ctx, vol.ID)
+	key, err := a.ownerKey(ctx, vol.ID)
 	if err != nil {
-		return fmt.Errorf("fetch key of volume %s: %w", vol.ID, err)
+		return err
 	}
 	defer clear(key)
 	if _, err := a.vols.MountLocal(ctx, vol.ID, datapath.LayoutOf(*vol.Layout), key, a.vols.MountPoint(mach.ID)); err != nil {

@@ -89,13 +89,24 @@ func (p *AgentClient) GetWorker(ctx context.Context, name string) (*fsm.Worker, 
 	return v, refusal(err)
 }
 
-func (p *AgentClient) SetVolumeKey(ctx context.Context, volume string, key []byte) error {
-	return refusal(p.C.SetVolumeKey(ctx, volume, key))
+func (p *AgentClient) PutEnvelopes(ctx context.Context, volume string, envs []fsm.Envelope) error {
+	_, err := p.C.PutEnvelopes(ctx, volume, envs)
+	return refusal(err)
 }
 
-func (p *AgentClient) VolumeKey(ctx context.Context, volume string) ([]byte, error) {
-	v, err := p.C.GetVolumeKey(ctx, volume)
-	return v, refusal(err)
+func (p *AgentClient) Envelope(ctx context.Context, volume string, purpose fsm.Purpose) (*fsm.Envelope, error) {
+	e, err := p.C.GetEnvelope(ctx, volume, purpose, 0)
+	return e, refusal(err)
+}
+
+func (p *AgentClient) SetWorkerKey(ctx context.Context, worker string, k fsm.PublicKey) error {
+	_, err := p.C.SetWorkerKey(ctx, worker, k)
+	return refusal(err)
+}
+
+func (p *AgentClient) RecoveryKey(ctx context.Context) (*fsm.PublicKey, error) {
+	k, err := p.C.RecoveryKey(ctx)
+	return k, refusal(err)
 }
 
 // refusal is the identity: api.Error is fsm.Refusal, and the agent tells a

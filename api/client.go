@@ -284,18 +284,55 @@ func (c *Client) DestroyVolume(ctx context.Context, id string, retention time.Du
 	return &r, err
 }
 
-// SetVolumeKey stores the volume's key on the servers (owner worker or operator only).
-func (c *Client) SetVolumeKey(ctx context.Context, id string, key []byte) error {
-	_, err := c.do(ctx, http.MethodPut, "/v1/volumes/"+esc(id)+"/key", nil, KeyBody{Key: key}, nil)
-	return err
+// PutEnvelopes stores sealed copies of a volume's key. The servers check
+// who may seal what (docs/security.md) and can open none of them.
+func (c *Client) PutEnvelopes(ctx context.Context, id string, envs []fsm.Envelope) (*fsm.Volume, error) {
+	var r fsm.Volume
+	_, err := c.do(ctx, http.MethodPost, "/v1/volumes/"+esc(id)+"/envelopes", nil, EnvelopesRequest{Envelopes: envs}, &r)
+	return &r, err
 }
 
-// GetVolumeKey returns the volume's key; only the worker owning the volume
-// or the target of an active migration of it gets it (others: code "forbidden").
-func (c *Client) GetVolumeKey(ctx context.Context, id string) ([]byte, error) {
-	var r KeyBody
-	_, err := c.do(ctx, http.MethodGet, "/v1/volumes/"+esc(id)+"/key", nil, nil, &r)
-	return r.Key, err
+// GetEnvelope returns one envelope of a volume's key: owner (its worker
+// only), migration (the active migration's target only) or recovery
+// (operators only). The read is audited by the server, not replicated.
+// With index 0 only the leader answers (a follower says to retry, and the
+// client moves on); a follower answers once it applied index.
+func (c *Client) GetEnvelope(ctx context.Context, id string, purpose fsm.Purpose, index uint64) (*fsm.Envelope, error) {
+	var q url.Values
+	if index > 0 {
+		q = url.Values{"index": {strconv.FormatUint(index, 10)}}
+	}
+	var r fsm.Envelope
+	_, err := c.do(ctx, http.MethodGet, "/v1/volumes/"+esc(id)+"/envelopes/"+esc(string(purpose)), q, nil, &r)
+	return &r, err
+}
+
+// ListEnvelopes lists which envelopes a volume has, without ciphertext.
+func (c *Client) ListEnvelopes(ctx context.Context, id string) ([]fsm.Envelope, error) {
+	var r []fsm.Envelope
+	_, err := c.do(ctx, http.MethodGet, "/v1/volumes/"+esc(id)+"/envelopes", nil, nil, &r)
+	return r, err
+}
+
+// SetWorkerKey registers the calling worker's key-encryption public key.
+func (c *Client) SetWorkerKey(ctx context.Context, worker string, k fsm.PublicKey) (*fsm.Worker, error) {
+	var r fsm.Worker
+	_, err := c.do(ctx, http.MethodPut, "/v1/workers/"+esc(worker)+"/key", nil, k, &r)
+	return &r, err
+}
+
+// RecoveryKey returns the cluster's recovery public key (not found until
+// `ferry keys recovery-init` ran).
+func (c *Client) RecoveryKey(ctx context.Context) (*fsm.PublicKey, error) {
+	var r fsm.PublicKey
+	_, err := c.do(ctx, http.MethodGet, "/v1/keys/recovery", nil, nil, &r)
+	return &r, err
+}
+
+// SetRecoveryKey stores the cluster's recovery public key (operators only, once).
+func (c *Client) SetRecoveryKey(ctx context.Context, k fsm.PublicKey) error {
+	_, err := c.do(ctx, http.MethodPut, "/v1/keys/recovery", nil, k, nil)
+	return err
 }
 
 // CreateMachine registers a machine (attaching its volume).

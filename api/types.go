@@ -80,11 +80,6 @@ type MachineUpdate struct {
 	Spec    *json.RawMessage  `json:"spec,omitempty"`
 }
 
-// KeyBody carries a volume key (PUT and GET /v1/volumes/{id}/key only).
-type KeyBody struct {
-	Key []byte `json:"key"`
-}
-
 // PlanRequest asks for a migration of a machine (and its volume) to a target worker.
 type PlanRequest struct {
 	ID      string `json:"id,omitempty"` // chosen by the server when empty
@@ -118,6 +113,12 @@ type JoinRequest struct {
 	ID       string `json:"id"`
 	RaftAddr string `json:"raft_addr"`
 	APIAddr  string `json:"api_addr"`
+}
+
+// EnvelopesRequest stores sealed copies of a volume's key
+// (POST /v1/volumes/{id}/envelopes).
+type EnvelopesRequest struct {
+	Envelopes []fsm.Envelope `json:"envelopes"`
 }
 
 // Duration is a time.Duration that reads and writes as "30s" in JSON.

@@ -163,7 +163,7 @@ func TestPagesAgainstARealServer(t *testing.T) {
 	if code != http.StatusOK {
 		t.Fatalf("volume: %d %s", code, page)
 	}
-	wantAll(t, page, "48.0 MiB", "50331648 bytes", "w-src", "mach1", "held by the servers", "aes-xts-plain64", `id="mig-m1"`)
+	wantAll(t, page, "48.0 MiB", "50331648 bytes", "w-src", "mach1", "sealed to its worker and the recovery key", "aes-xts-plain64", `id="mig-m1"`)
 	for _, form := range []string{string(f.secretKey), hex.EncodeToString(f.secretKey), base64.StdEncoding.EncodeToString(f.secretKey)} {
 		if strings.Contains(page, form) {
 			t.Fatalf("volume page shows the key")

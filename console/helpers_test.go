@@ -12,6 +12,7 @@ import (
 
 	"github.com/ferry-dev/ferry/api"
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/sealing"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
 	"github.com/ferry-dev/ferry/server/servertest"
 )
@@ -55,9 +56,16 @@ func newFleet(t *testing.T) *testFleet {
 		must(f.op.CreateMachine(ctx, fsm.Machine{ID: "mach" + id, Worker: "w-src", Volume: "vol" + id, Network: uint32(7 + i),
 			MachineNo: 1, State: fsm.MachineRunning, Addr6PN: fmt.Sprintf("fdaa:0:%x:0:1:0:1:0", 7+i)}))
 	}
-	if err := f.src.SetVolumeKey(ctx, "vol1", f.secretKey); err != nil {
+	// vol1's key, sealed as a worker's agent seals it (the console must
+	// show neither it nor its envelopes).
+	wk, err := sealing.Generate()
+	if err != nil {
 		t.Fatal(err)
 	}
+	must(f.src.SetWorkerKey(ctx, "w-src", wk.Public()))
+	owner, _ := sealing.Seal(wk.Public(), sealing.Binding{Volume: "vol1", Recipient: "w-src", Purpose: fsm.PurposeOwner}, f.secretKey, "test")
+	rec, _ := sealing.Seal(c.Recovery.Public(), sealing.Binding{Volume: "vol1", Recipient: fsm.RecoveryRecipient, Purpose: fsm.PurposeRecovery}, f.secretKey, "test")
+	must(f.src.PutEnvelopes(ctx, "vol1", []fsm.Envelope{owner, rec}))
 	must(f.op.CreateMigration(ctx, api.PlanRequest{ID: "m1", Machine: "mach1", Target: "w-dst"}))
 	must(f.op.CreateMigration(ctx, api.PlanRequest{ID: "m2", Machine: "mach2", Target: "w-dst"}))
 	f.propose(t, "m2", f.dst, fsm.EvTargetPrepared, f.targetPrepared(t, "m2"))

@@ -195,6 +195,9 @@ func (s *Store) applyPropose(index uint64, c *ProposeCmd) *Result {
 	m.ModifyIndex = index
 	if m.State != before {
 		m.EnteredAt[m.State] = c.Now
+		if m.State.Terminal() {
+			s.dropMigrationEnvelopes(m)
+		}
 	}
 	if c.Event != EvProgress { // progress is idempotent; keep the bounded step memory for real steps
 		m.rememberStep(StepResult{StepID: c.StepID, Event: c.Event, State: m.State, Index: index})

@@ -197,7 +197,7 @@ func (s *Store) applyDestroyVolume(c *DestroyVolumeCmd) *Result {
 			return &Result{Refusal: refuse(RefuseConflict, CodeWrongState, "volume %s is kept until %s (retention)", v.ID, v.DestroyAfter.UTC().Format(time.RFC3339))}
 		}
 		v.State = VolDestroyed
-		delete(s.d.Keys, v.ID)
+		s.dropEnvelopes(v.ID)
 		v.HasKey = false
 	default:
 		ret := c.Retention
@@ -211,58 +211,12 @@ func (s *Store) applyDestroyVolume(c *DestroyVolumeCmd) *Result {
 	return &Result{Volume: &cp}
 }
 
-func (s *Store) applySetVolumeKey(c *SetVolumeKeyCmd) *Result {
-	v, ok := s.d.Volumes[c.ID]
-	if !ok {
-		return &Result{Refusal: notFound("volume", c.ID)}
-	}
-	if !c.Actor.privileged() && c.Actor.Name != v.Worker {
-		return forbidden(c.Actor, "set the key of volume "+c.ID)
-	}
-	if len(c.Key) == 0 || len(c.Key) > 512 {
-		return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "volume key must be 1..512 bytes")}
-	}
-	if old, ok := s.d.Keys[c.ID]; ok && string(old) != string(c.Key) {
-		return &Result{Refusal: refuse(RefuseConflict, CodeConflict, "volume %s already has a different key; keys are never replaced", c.ID)}
-	}
-	s.d.Keys[c.ID] = append([]byte(nil), c.Key...)
-	v.HasKey = true
-	cp := copyVolume(v)
-	return &Result{Volume: &cp}
-}
-
-// applyKeyAccess grants a volume's key to the worker owning it or to the
-// target of an active migration of it, and records the grant (invariant 4).
-func (s *Store) applyKeyAccess(c *KeyAccessCmd) *Result {
-	v, ok := s.d.Volumes[c.ID]
-	if !ok {
-		return &Result{Refusal: notFound("volume", c.ID)}
-	}
-	key, ok := s.d.Keys[c.ID]
-	if !ok {
-		return &Result{Refusal: refuse(RefuseNotFound, CodeNotFound, "the server holds no key for volume %s", c.ID)}
-	}
-	if c.Actor.Kind != KindWorker {
-		return forbidden(c.Actor, "read volume keys (only the owning or target worker may)")
-	}
-	var mig *Migration
-	if id, ok := s.d.Locks["volume/"+v.ID]; ok {
-		mig = s.d.Migrations[id]
-	}
-	switch {
-	case v.State == VolDestroyed:
-		return &Result{Refusal: refuse(RefuseGone, CodeWrongState, "volume %s is destroyed", v.ID)}
-	case c.Actor.Name == v.Worker:
-	case mig != nil && mig.Target == c.Actor.Name && mig.State != RolledBack:
-		mig.KeyAccess = append(mig.KeyAccess, KeyAccess{Worker: c.Actor.Name, At: c.Now})
-		if len(mig.KeyAccess) > 32 {
-			mig.KeyAccess = mig.KeyAccess[len(mig.KeyAccess)-32:]
-		}
-	default:
-		return forbidden(c.Actor, "read the key of volume "+v.ID+": it neither owns it nor targets an active migration of it")
-	}
-	cp := copyVolume(v)
-	return &Result{Volume: &cp, Key: append([]byte(nil), key...)}
+// applyRetiredKey applies a retired plaintext-key command from an old log
+// as a no-op: the key it may carry is dropped, never stored.
+func (s *Store) applyRetiredKey(typ CommandType, h Header, volume string) *Result {
+	s.log.Warn().Str("type", string(typ)).Str("volume", volume).Str("actor", h.Actor.String()).
+		Msg("ignored a retired plaintext-key command from an old log")
+	return &Result{Ignored: true}
 }
 
 func (s *Store) applyCreateMachine(c *CreateMachineCmd) *Result {

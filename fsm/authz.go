@@ -102,6 +102,21 @@ func (s *Store) authorize(cmd any) *Refusal {
 		if c.Actor.Kind != KindWorker {
 			return deny(c.Actor, "read volume keys (only the owning or target worker may)")
 		}
+	case *SetWorkerKeyCmd:
+		if !c.Actor.isWorker(c.Name) {
+			return deny(c.Actor, "register the key of worker "+c.Name+" (only that worker may)")
+		}
+	case *SetRecoveryKeyCmd:
+		if c.Actor.Kind != KindOperator {
+			return deny(c.Actor, "set the recovery key (only operators may)")
+		}
+	case *PutEnvelopesCmd:
+		// Who may seal which purpose is checked envelope by envelope when
+		// applied; here, before the log: only the volume's worker, the
+		// source of the migration that locks it, or an operator.
+		if v, ok := s.d.Volumes[c.Volume]; ok && !c.Actor.operator() && !c.Actor.isWorker(v.Worker) {
+			return deny(c.Actor, "store key envelopes of volume "+c.Volume+" of worker "+v.Worker)
+		}
 	case *UpdateMachineCmd:
 		m, ok := s.d.Machines[c.ID]
 		if !ok {

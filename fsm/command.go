@@ -42,11 +42,15 @@ const (
 	CmdPropose        CommandType = "propose"
 	CmdRevokeCert     CommandType = "revoke_cert"
 	CmdGC             CommandType = "gc"
+	CmdSetWorkerKey   CommandType = "set_worker_key"
+	CmdSetRecoveryKey CommandType = "set_recovery_key"
+	CmdPutEnvelopes   CommandType = "put_envelopes"
 )
 
 // CommandTypes lists every command type this build applies, oldest first.
 var CommandTypes = []CommandType{CmdRegisterServer, CmdRegisterWorker, CmdHeartbeat, CmdCreateVolume, CmdUpdateVolume,
-	CmdDestroyVolume, CmdSetVolumeKey, CmdKeyAccess, CmdCreateMachine, CmdUpdateMachine, CmdPlan, CmdPropose, CmdRevokeCert}
+	CmdDestroyVolume, CmdSetVolumeKey, CmdKeyAccess, CmdCreateMachine, CmdUpdateMachine, CmdPlan, CmdPropose, CmdRevokeCert, CmdGC,
+	CmdSetWorkerKey, CmdSetRecoveryKey, CmdPutEnvelopes}
 
 // Command is the versioned envelope every log entry holds.
 type Command struct {
@@ -126,14 +130,17 @@ type DestroyVolumeCmd struct {
 	Retention time.Duration `json:"retention"`
 }
 
-// SetVolumeKeyCmd stores a volume's key in the replicated state (never in replies).
+// SetVolumeKeyCmd is retired: it carried a plaintext volume key. Entries
+// still in old logs decode and apply as a no-op (the key is dropped);
+// nothing proposes it any more (keys are sealed envelopes, PutEnvelopesCmd).
 type SetVolumeKeyCmd struct {
 	Header
 	ID  string `json:"id"`
 	Key []byte `json:"key"`
 }
 
-// KeyAccessCmd asks for a volume's key: the store checks the actor owns or targets the volume.
+// KeyAccessCmd is retired: reading a key was a raft write. Old entries
+// apply as a no-op; envelopes are read from the store (Store.EnvelopeAccess).
 type KeyAccessCmd struct {
 	Header
 	ID string `json:"id"`
@@ -242,6 +249,12 @@ func payloadFor(t CommandType) (any, bool) {
 		return &RevokeCertCmd{}, true
 	case CmdGC:
 		return &GCCmd{}, true
+	case CmdSetWorkerKey:
+		return &SetWorkerKeyCmd{}, true
+	case CmdSetRecoveryKey:
+		return &SetRecoveryKeyCmd{}, true
+	case CmdPutEnvelopes:
+		return &PutEnvelopesCmd{}, true
 	}
 	return nil, false
 }

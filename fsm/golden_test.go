@@ -35,11 +35,21 @@ func goldenStore(t *testing.T) *harness {
 	h := newHarness(t)
 	h.must(h.apply(CmdRegisterServer, &RegisterServerCmd{Header: h.hdr(server), Member: ServerMember{ID: "s1", RaftAddr: "10.0.0.1:7001", APIAddr: "10.0.0.1:7000"}}))
 	h.setup(true)
+	// A retired plaintext-key command from an old log: applied as a no-op.
 	h.must(h.apply(CmdSetVolumeKey, &SetVolumeKeyCmd{Header: h.hdr(srcW), ID: "vol1", Key: bytes.Repeat([]byte{7}, 64)}))
+	// Sealed keys: worker keys, the recovery key, vol1's owner and recovery envelopes.
+	for i, w := range []Identity{srcW, dstW, otherW} {
+		h.must(h.apply(CmdSetWorkerKey, &SetWorkerKeyCmd{Header: h.hdr(w), Name: w.Name, Key: testKey(byte(i + 1))}))
+	}
+	h.must(h.apply(CmdSetRecoveryKey, &SetRecoveryKeyCmd{Header: h.hdr(operator), Key: testKey(9)}))
+	h.must(h.apply(CmdPutEnvelopes, &PutEnvelopesCmd{Header: h.hdr(srcW), Volume: "vol1", Envelopes: []Envelope{
+		testEnvelope("vol1", PurposeOwner, srcW.Name, testKey(1), ""), testEnvelope("vol1", PurposeRecovery, RecoveryRecipient, testKey(9), "")}}))
 	h.must(h.propose(dstW, EvTargetPrepared, "m1/target_prepared", EventPayload{TargetVolume: "vol1-dst", Layout: testLayout()}))
 	h.must(h.propose(srcW, EvSourceStopped, "m1/source_stopped", EventPayload{Layout: testLayout()}))
 	exp := payloadOf(EvExported)
 	exp.KnownZero = []Range{{Off: 16 << 20, Len: 4 << 20}, {Off: 40 << 20, Len: 1 << 20}}
+	h.must(h.apply(CmdPutEnvelopes, &PutEnvelopesCmd{Header: h.hdr(srcW), Volume: "vol1", Envelopes: []Envelope{
+		testEnvelope("vol1", PurposeMigration, dstW.Name, testKey(2), "m1")}}))
 	h.must(h.propose(srcW, EvExported, "m1/exported", exp))
 	h.must(h.apply(CmdKeyAccess, &KeyAccessCmd{Header: h.hdr(dstW), ID: "vol1"}))
 	h.must(h.propose(dstW, EvCloneBuilt, "m1/clone_built", EventPayload{}))
@@ -90,6 +100,10 @@ func goldenCommands() []struct {
 		{CmdDestroyVolume, &DestroyVolumeCmd{Header: hdr(operator), ID: "vol-spare", Retention: time.Hour}},
 		{CmdRevokeCert, &RevokeCertCmd{Header: hdr(operator), Serial: "5eed0f1e2d3c4b5a", Reason: "host of worker w-new decommissioned"}},
 		{CmdGC, &GCCmd{Header: hdr(server), Retention: 7 * 24 * time.Hour}},
+		{CmdSetWorkerKey, &SetWorkerKeyCmd{Header: hdr(newW), Name: newW.Name, Key: testKey(4)}},
+		{CmdSetRecoveryKey, &SetRecoveryKeyCmd{Header: hdr(operator), Key: testKey(9)}},
+		{CmdPutEnvelopes, &PutEnvelopesCmd{Header: hdr(newW), Volume: vol3, Envelopes: []Envelope{
+			testEnvelope(vol3, PurposeOwner, newW.Name, testKey(4), ""), testEnvelope(vol3, PurposeRecovery, RecoveryRecipient, testKey(9), "")}}},
 	}
 }
 

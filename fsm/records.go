@@ -105,7 +105,9 @@ func (p *Progress) Percent() float64 {
 	return 100 * float64(p.HydratedBytes) / float64(p.TotalBytes)
 }
 
-// KeyAccess records which worker was handed the volume key and when.
+// KeyAccess records which worker was handed the volume key and when (kept
+// for records written before keys were sealed; envelope reads are logged,
+// not replicated).
 type KeyAccess struct {
 	Worker string    `json:"worker"`
 	At     time.Time `json:"at"`
@@ -180,12 +182,13 @@ func (m *Migration) rememberStep(r StepResult) {
 
 // Worker is a registered worker and its lease.
 type Worker struct {
-	Name        string    `json:"name"`
-	HostID      uint32    `json:"host_id"`  // the 32-bit host part of 6PN addresses
-	Address     string    `json:"address"`  // where peers reach its exports
-	Capacity    int       `json:"capacity"` // concurrent migrations in and out; 0 = default
-	LeaseExpiry time.Time `json:"lease_expiry"`
-	Registered  time.Time `json:"registered"`
+	Name        string     `json:"name"`
+	HostID      uint32     `json:"host_id"`  // the 32-bit host part of 6PN addresses
+	Address     string     `json:"address"`  // where peers reach its exports
+	Capacity    int        `json:"capacity"` // concurrent migrations in and out; 0 = default
+	LeaseExpiry time.Time  `json:"lease_expiry"`
+	Registered  time.Time  `json:"registered"`
+	KEK         *PublicKey `json:"kek,omitempty"` // key-encryption public key; its private half never leaves the worker
 }
 
 // Alive reports whether the lease is valid at now.
@@ -223,7 +226,7 @@ type Volume struct {
 	Layout          *LUKSLayout `json:"layout,omitempty"`
 	DestroyAfter    time.Time   `json:"destroy_after,omitzero"` // retention deadline while pending_destroy
 	CreatedAt       time.Time   `json:"created_at"`
-	HasKey          bool        `json:"has_key"` // the server holds its key (never returned here)
+	HasKey          bool        `json:"has_key"` // an owner envelope of its key is stored
 }
 
 // MachineState is whether the workload runs.

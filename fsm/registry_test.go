@@ -1,7 +1,6 @@
 package fsm
 
 import (
-	"bytes"
 	"encoding/json"
 	"strings"
 	"testing"
@@ -71,43 +70,6 @@ func TestAdmission(t *testing.T) {
 	h.must(h.apply(CmdHeartbeat, &HeartbeatCmd{Header: h.hdr(srcW), Name: srcW.Name, LeaseTTL: time.Hour}))
 	if r := h.apply(CmdPlan, &PlanCmd{Header: h.hdr(operator), ID: "mx", Machine: "b", Target: dstW.Name}); r.Refusal == nil || r.Refusal.Code != CodeAdmission {
 		t.Fatalf("dead target: %+v", r.Refusal)
-	}
-}
-
-func TestVolumeKeyAccess(t *testing.T) {
-	h := newHarness(t)
-	h.setup(true)
-	key := bytes.Repeat([]byte{0x42}, 64)
-	if r := h.apply(CmdSetVolumeKey, &SetVolumeKeyCmd{Header: h.hdr(otherW), ID: "vol1", Key: key}); r.Refusal == nil {
-		t.Fatal("foreign worker set a key")
-	}
-	h.must(h.apply(CmdSetVolumeKey, &SetVolumeKeyCmd{Header: h.hdr(srcW), ID: "vol1", Key: key}))
-	get := func(id Identity) *Result { return h.apply(CmdKeyAccess, &KeyAccessCmd{Header: h.hdr(id), ID: "vol1"}) }
-	if r := get(srcW); r.Refusal != nil || !bytes.Equal(r.Key, key) {
-		t.Fatalf("owner: %+v", r.Refusal)
-	}
-	if r := get(dstW); r.Refusal != nil || !bytes.Equal(r.Key, key) {
-		t.Fatalf("target of active migration: %+v", r.Refusal)
-	}
-	for _, id := range []Identity{otherW, operator, server} {
-		if r := get(id); r.Refusal == nil || r.Key != nil {
-			t.Fatalf("%s got the key", id)
-		}
-	}
-	m, _ := h.s.Migration("m1")
-	if len(m.KeyAccess) != 1 || m.KeyAccess[0].Worker != dstW.Name {
-		t.Fatalf("key access record: %+v", m.KeyAccess)
-	}
-	// After rollback the target loses access (no skeleton key).
-	h.must(h.propose(operator, EvAbort, "a", EventPayload{}))
-	h.must(h.propose(dstW, EvTargetTornDown, "b", EventPayload{}))
-	h.must(h.propose(srcW, EvSourceRestored, "c", EventPayload{}))
-	if r := get(dstW); r.Refusal == nil {
-		t.Fatal("target kept key access after rollback")
-	}
-	// The key never appears in the state dump or a result's JSON.
-	if bytes.Contains(h.s.Dump(), []byte("QkJCQkJC")) {
-		t.Fatal("key in dump")
 	}
 }
 

@@ -12,8 +12,7 @@ import (
 	"github.com/ferry-dev/ferry/internal/logging"
 )
 
-// Result is what applying one command produced. Key is set only for a
-// granted key_access and is never serialised.
+// Result is what applying one command produced.
 type Result struct {
 	Index     uint64     `json:"index"`
 	Migration *Migration `json:"migration,omitempty"`
@@ -23,7 +22,6 @@ type Result struct {
 	Duplicate bool       `json:"duplicate,omitempty"` // the step ID was applied before; nothing changed
 	Ignored   bool       `json:"ignored,omitempty"`   // a rate-limited progress update; nothing changed
 	Refusal   *Refusal   `json:"refusal,omitempty"`
-	Key       []byte     `json:"-"`
 }
 
 // Err returns the refusal as an error, or nil.
@@ -43,9 +41,14 @@ type data struct {
 	Volumes    map[string]*Volume       `json:"volumes"`
 	Machines   map[string]*Machine      `json:"machines"`
 	Locks      map[string]string        `json:"locks"` // "volume/ID" or "network/N" -> migration ID
-	Keys       map[string][]byte        `json:"keys"`  // volume ID -> key; only in snapshots, never in replies
 	Servers    map[string]*ServerMember `json:"servers"`
 	Revoked    map[string]*RevokedCert  `json:"revoked,omitempty"` // certificate serial -> revocation
+	// Envelopes holds sealed volume keys by volume/purpose[/migration].
+	Envelopes   map[string]*Envelope `json:"envelopes,omitempty"`
+	RecoveryKey *PublicKey           `json:"recovery_key,omitempty"`
+	// Keys held plaintext volume keys before keys were sealed. Old
+	// snapshots still carry it: Restore reads and drops it.
+	Keys map[string][]byte `json:"keys,omitempty"`
 }
 
 func newData() *data {
@@ -55,9 +58,9 @@ func newData() *data {
 		Volumes:    map[string]*Volume{},
 		Machines:   map[string]*Machine{},
 		Locks:      map[string]string{},
-		Keys:       map[string][]byte{},
 		Servers:    map[string]*ServerMember{},
 		Revoked:    map[string]*RevokedCert{},
+		Envelopes:  map[string]*Envelope{},
 	}
 }
 
@@ -112,9 +115,9 @@ func (s *Store) ApplyCommand(index uint64, raw []byte) *Result {
 	case *DestroyVolumeCmd:
 		res = s.applyDestroyVolume(c)
 	case *SetVolumeKeyCmd:
-		res = s.applySetVolumeKey(c)
+		res = s.applyRetiredKey(typ, c.Header, c.ID)
 	case *KeyAccessCmd:
-		res = s.applyKeyAccess(c)
+		res = s.applyRetiredKey(typ, c.Header, c.ID)
 	case *CreateMachineCmd:
 		res = s.applyCreateMachine(c)
 	case *UpdateMachineCmd:
@@ -127,6 +130,12 @@ func (s *Store) ApplyCommand(index uint64, raw []byte) *Result {
 		res = s.applyRevokeCert(c)
 	case *GCCmd:
 		res = s.applyGC(c)
+	case *SetWorkerKeyCmd:
+		res = s.applySetWorkerKey(c)
+	case *SetRecoveryKeyCmd:
+		res = s.applySetRecoveryKey(c)
+	case *PutEnvelopesCmd:
+		res = s.applyPutEnvelopes(c)
 	default:
 		res = &Result{Refusal: refuse(RefuseInvalid, CodeBadCommand, "command %q has no apply function", typ)}
 	}
@@ -256,13 +265,12 @@ func (s *Store) Servers() []ServerMember {
 	return out
 }
 
-// Dump returns the whole state as canonical JSON (keys excluded), for
-// comparing replicas in tests.
+// Dump returns the whole state as canonical JSON, for comparing replicas
+// in tests.
 func (s *Store) Dump() []byte {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	c := *s.d
-	c.Keys = nil
 	c.Format = 0
 	b, _ := json.Marshal(&c)
 	return b
@@ -306,6 +314,15 @@ func (s *Store) Restore(rc io.ReadCloser) error {
 		return fmt.Errorf("snapshot is format %d, this server reads up to format %d: upgrade this server", d.Format, FormatVersion)
 	}
 	d.Format = 0
+	if len(d.Keys) > 0 {
+		// Plaintext keys from before sealing: never kept, never re-snapshotted.
+		s.log.Warn().Int("volumes", len(d.Keys)).Msg("dropped plaintext volume keys from an old snapshot; their volumes need `ferry volume recover` or a re-seal by their worker")
+	}
+	clear(d.Keys)
+	d.Keys = nil
+	if d.Envelopes == nil {
+		d.Envelopes = map[string]*Envelope{}
+	}
 	for _, m := range d.Migrations {
 		m.reindex()
 	}

@@ -227,8 +227,11 @@ const invariants = `1. The source volume does not change after ` + "`source_stop
    on the source again (rollback) only after ` + "`target_torn_down`" + ` is committed.
 3. The source volume leaves service only after ` + "`hydrated`" + `, and is then kept for the retention window
    (` + "`pending_destroy`" + `) before it is destroyed.
-4. A volume's key goes only to the worker that owns the volume or to the target of an active migration
-   of it, and every grant to a target is recorded in the migration.
+4. A volume's key is stored only as envelopes: to its owner worker (put by that worker or by an
+   operator recovering it), to the recovery key (an owner envelope needs one), and to a
+   migration's target (put by the source only, in ` + "`source_stopped`/`exported`" + `, dropped when the
+   migration ends). Destroyed volumes lose theirs. ` + "`set_volume_key`" + ` and ` + "`key_access`" + ` are retired:
+   old log entries apply as no-ops and old snapshots' plaintext keys are dropped on restore.
 5. A volume attached to a machine is never destroyed.
 `
 

@@ -265,28 +265,23 @@ func TestMcpInMemory(t *testing.T) {
 		}
 	})
 
-	t.Run("create: the key is stored and never shown", func(t *testing.T) {
+	t.Run("create: the tool never handles a key", func(t *testing.T) {
 		p := ok[Plan[VolumeCreateDetails]](s, "volume_create_plan", VolumeCreateIn{ID: "v3", Worker: "a", Size: "16M"})
 		if p.Details.SizeBytes != 16<<20 || p.Details.Worker != "a" || !p.Details.WorkerAlive {
 			t.Fatalf("plan: %+v", p)
 		}
 		v := ok[Volume](s, "volume_create_apply", apply(p.PlanToken))
 		sv := must(f.op.GetVolume(ctx, "v3"))(t)
-		if v.ID != "v3" || sv.Worker != "a" || sv.Size != 16<<20 || sv.State != fsm.VolCreating || !sv.HasKey || !v.HasKey {
+		// The worker's agent makes and seals the key (there is none in this
+		// test): the tool registered the volume and no key at all.
+		if v.ID != "v3" || sv.Worker != "a" || sv.Size != 16<<20 || sv.State != fsm.VolCreating || sv.HasKey || v.HasKey {
 			t.Fatalf("after apply: tool %+v, server %+v", v, sv)
 		}
-		key := must(f.wa.GetVolumeKey(ctx, "v3"))(t)
-		if len(key) < 32 {
-			t.Fatalf("stored key is %d bytes", len(key))
+		if envs := must(f.op.ListEnvelopes(ctx, "v3"))(t); len(envs) != 0 {
+			t.Fatalf("the tool stored key envelopes: %+v", envs)
 		}
 		ok[Volume](s, "volume_show", IDIn{ID: "v3"})
 		ok[VolumesOut](s, "volume_list", WorkerFilter{})
-		s.mu.Lock()
-		seen := s.seen.String()
-		s.mu.Unlock()
-		if strings.Contains(seen, string(key)) || strings.Contains(seen, base64.StdEncoding.EncodeToString(key)) {
-			t.Fatal("a tool result contains the volume key")
-		}
 		s.refused("volume_create_plan", VolumeCreateIn{ID: "v3", Worker: "a", Size: "16M"}, "volume v3 already exists on worker a")
 		s.refused("volume_create_plan", VolumeCreateIn{ID: "v4", Worker: "zz", Size: "16M"}, `worker "zz" not found`)
 		s.refused("volume_create_plan", VolumeCreateIn{ID: "v4", Worker: "a", Size: "-1"}, "positive number")

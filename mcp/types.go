@@ -22,7 +22,7 @@ type Volume struct {
 	Size            string     `json:"size" jsonschema:"the size for people, binary units"`
 	State           string     `json:"state" jsonschema:"creating, created, enabling_remote_export, hydrating, pending_destroy or destroyed"`
 	AttachedMachine string     `json:"attached_machine,omitempty"`
-	HasKey          bool       `json:"has_key" jsonschema:"the servers hold its key (never shown)"`
+	HasKey          bool       `json:"has_key" jsonschema:"its key is sealed to its worker and the recovery key (the servers cannot open it)"`
 	CreatedAt       time.Time  `json:"created_at"`
 	DestroyAfter    *time.Time `json:"destroy_after,omitempty" jsonschema:"while pending_destroy: when the data may really be deleted"`
 	Cipher          string     `json:"cipher,omitempty"`

@@ -2,8 +2,6 @@ package mcp
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"fmt"
 	"strings"
 	"time"
@@ -81,19 +79,8 @@ func (s *Server) volumeCreateApply(ctx context.Context, in ApplyIn) (Volume, err
 	if err != nil {
 		return Volume{}, err
 	}
-	// The passphrase is made here, as `ferry volume create` does, handed to
-	// the servers and forgotten.
-	key := make([]byte, 32)
-	if _, err := rand.Read(key); err != nil {
-		return Volume{}, err
-	}
-	pass := []byte(hex.EncodeToString(key))
-	clear(key)
-	err = s.c.SetVolumeKey(ctx, v.ID, pass)
-	clear(pass)
-	if err != nil {
-		return Volume{}, fmt.Errorf("volume %s was registered but its key was not stored (destroy it and create it again): %w", v.ID, err)
-	}
+	// The worker's agent makes the passphrase and seals it to itself and to
+	// the recovery key; it never passes through here.
 	if nv, err := s.c.GetVolume(ctx, v.ID); err == nil {
 		v = nv
 	}

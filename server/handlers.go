@@ -80,8 +80,12 @@ func (s *Server) routes() http.Handler {
 	})
 	h("PATCH /v1/volumes/{id}", s.handleUpdateVolume)
 	h("DELETE /v1/volumes/{id}", s.handleDestroyVolume)
-	h("PUT /v1/volumes/{id}/key", s.handleSetKey)
-	h("GET /v1/volumes/{id}/key", s.handleGetKey)
+	h("POST /v1/volumes/{id}/envelopes", s.handlePutEnvelopes)
+	h("GET /v1/volumes/{id}/envelopes", s.handleListEnvelopes)
+	h("GET /v1/volumes/{id}/envelopes/{purpose}", s.handleGetEnvelope)
+	h("PUT /v1/workers/{name}/key", s.handleSetWorkerKey)
+	h("GET /v1/keys/recovery", s.handleGetRecoveryKey)
+	h("PUT /v1/keys/recovery", s.handleSetRecoveryKey)
 
 	h("GET /v1/machines", s.listByWorker(func(sc *fsm.Scope, worker string) any { return sc.Machines(s.store.Machines(worker)) }))
 	h("POST /v1/machines", s.handleCreateMachine)
@@ -272,7 +276,7 @@ func min2(a, b time.Duration) time.Duration {
 // run submits a command and writes the refusal, if any; it returns the
 // result only when the command was applied.
 func (s *Server) run(w http.ResponseWriter, ctx context.Context, typ fsm.CommandType, payload any) *fsm.Result {
-	res, key, err := s.submit(ctx, typ, payload)
+	res, err := s.submit(ctx, typ, payload)
 	if err != nil {
 		writeErr(w, err)
 		return nil
@@ -281,7 +285,6 @@ func (s *Server) run(w http.ResponseWriter, ctx context.Context, typ fsm.Command
 		writeErr(w, res.Refusal)
 		return nil
 	}
-	res.Key = key
 	return res
 }
 
@@ -308,6 +311,10 @@ func (s *Server) handleHeartbeat(w http.ResponseWriter, r *http.Request, id fsm.
 func (s *Server) handleCreateVolume(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
 	var v fsm.Volume
 	if !readBody(w, r, &v) {
+		return
+	}
+	if ref := s.needRecoveryKey(); ref != nil {
+		writeErr(w, ref)
 		return
 	}
 	if res := s.run(w, r.Context(), fsm.CmdCreateVolume, &fsm.CreateVolumeCmd{Header: s.header(id), Volume: v}); res != nil {
@@ -337,27 +344,6 @@ func (s *Server) handleDestroyVolume(w http.ResponseWriter, r *http.Request, id 
 	}
 	if res := s.run(w, r.Context(), fsm.CmdDestroyVolume, &fsm.DestroyVolumeCmd{Header: s.header(id), ID: r.PathValue("id"), Retention: ret}); res != nil {
 		writeJSON(w, http.StatusOK, res.Volume)
-	}
-}
-
-func (s *Server) handleSetKey(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
-	var k api.KeyBody
-	if !readBody(w, r, &k) {
-		return
-	}
-	if res := s.run(w, r.Context(), fsm.CmdSetVolumeKey, &fsm.SetVolumeKeyCmd{Header: s.header(id), ID: r.PathValue("id"), Key: k.Key}); res != nil {
-		writeJSON(w, http.StatusOK, res.Volume)
-	}
-}
-
-func (s *Server) handleGetKey(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
-	if ref := s.limits.allow(id); ref != nil { // a key read is a replicated command
-		writeErr(w, ref)
-		return
-	}
-	if res := s.run(w, r.Context(), fsm.CmdKeyAccess, &fsm.KeyAccessCmd{Header: s.header(id), ID: r.PathValue("id")}); res != nil {
-		w.Header().Set("Cache-Control", "no-store")
-		writeJSON(w, http.StatusOK, api.KeyBody{Key: res.Key})
 	}
 }
 

@@ -126,7 +126,7 @@ func (h *housekeeper) apply(ctx context.Context, typ fsm.CommandType, payload an
 // Propose implements Proposer for the housekeeper: the command is submitted
 // (applied here when leading) and a refusal is returned as the error.
 func (s *Server) Propose(ctx context.Context, typ fsm.CommandType, payload any) error {
-	res, _, err := s.submit(ctx, typ, payload)
+	res, err := s.submit(ctx, typ, payload)
 	if err != nil {
 		return err
 	}

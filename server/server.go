@@ -267,25 +267,25 @@ func (s *Server) post(ctx context.Context, addr, path string, in, out any) (lead
 // leader's API address (LeaderHeader) so the caller sends the write there
 // over its own connection: no server ever speaks for another identity, and
 // a refused command never reaches the log.
-func (s *Server) submit(ctx context.Context, typ fsm.CommandType, payload any) (*fsm.Result, []byte, error) {
+func (s *Server) submit(ctx context.Context, typ fsm.CommandType, payload any) (*fsm.Result, error) {
 	if !s.node.IsLeader() {
-		return nil, nil, s.notLeader()
+		return nil, s.notLeader()
 	}
 	if ref := s.store.Authorize(payload); ref != nil {
-		return &fsm.Result{Refusal: ref}, nil, nil
+		return &fsm.Result{Refusal: ref}, nil
 	}
 	b, err := fsm.Encode(typ, payload)
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	res, err := s.node.Apply(b, 10*time.Second)
 	if errors.Is(err, ErrNotLeader) {
-		return nil, nil, s.notLeader()
+		return nil, s.notLeader()
 	}
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
-	return res, res.Key, nil
+	return res, nil
 }
 
 // notLeaderError is a not_leader refusal with the leader's API address,
@@ -313,6 +313,25 @@ func (s *Server) notLeader() error {
 	}
 	return &notLeaderError{Refusal: &fsm.Refusal{Kind: fsm.RefuseNotLeader, Code: fsm.CodeNoLeader,
 		Reason: "the leader " + leaderID + " has not published its API address yet; retry shortly"}}
+}
+
+// waitApplied waits (bounded) until this replica applied index.
+func (s *Server) waitApplied(ctx context.Context, index uint64, max time.Duration) {
+	t := time.NewTimer(max)
+	defer t.Stop()
+	for {
+		ch := s.store.Changed()
+		if s.store.Index() >= index {
+			return
+		}
+		select {
+		case <-ch:
+		case <-t.C:
+			return
+		case <-ctx.Done():
+			return
+		}
+	}
 }
 
 // header builds the command header for a request's identity.

@@ -20,7 +20,7 @@ import (
 
 func newVolumeCmd() *cobra.Command {
 	vol := &cobra.Command{Use: "volume", Short: "Create, list, show and destroy encrypted volumes"}
-	vol.AddCommand(newVolumeCreateCmd(), newVolumeListCmd(), newVolumeShowCmd(), newVolumeDestroyCmd(), newVolumeServeCmd())
+	vol.AddCommand(newVolumeCreateCmd(), newVolumeListCmd(), newVolumeShowCmd(), newVolumeDestroyCmd(), newVolumeRecoverCmd(), newVolumeServeCmd())
 	return vol
 }
 

@@ -312,12 +312,18 @@ func TestKeyAndDestroyRefusals(t *testing.T) {
 		t.Fatal(err)
 	}
 	third.SetDialer(e.bed.DialIn("ctl"))
-	key, err := third.GetVolumeKey(e.ctx, "volk")
-	if err == nil || len(key) > 0 {
-		t.Fatal("a worker that neither owns nor targets the volume got its key")
+	for _, p := range []fsm.Purpose{fsm.PurposeOwner, fsm.PurposeMigration, fsm.PurposeRecovery} {
+		env, err := third.GetEnvelope(e.ctx, "volk", p, 0)
+		if err == nil || len(env.Ciphertext) > 0 {
+			t.Fatalf("a worker that neither owns nor targets the volume got its %s envelope", p)
+		}
+		if api.ErrorCode(err) != fsm.CodeForbidden {
+			t.Fatalf("%s envelope request by a third worker: %v, want %s", p, err, fsm.CodeForbidden)
+		}
 	}
-	if api.ErrorCode(err) != fsm.CodeForbidden {
-		t.Fatalf("key request by a third worker: %v, want %s", err, fsm.CodeForbidden)
+	// Operators do not read owner envelopes either.
+	if _, err := e.c.GetEnvelope(e.ctx, "volk", fsm.PurposeOwner, 0); api.ErrorCode(err) != fsm.CodeForbidden {
+		t.Fatalf("owner envelope request by an operator: %v, want %s", err, fsm.CodeForbidden)
 	}
 	_, err = e.c.DestroyVolume(e.ctx, "volk", time.Hour)
 	if api.ErrorCode(err) != fsm.CodeAttached {

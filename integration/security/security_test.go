@@ -40,7 +40,7 @@ func TestFinding2_NoServerSpeaksForAnother(t *testing.T) {
 	e.attack("rogue", http.MethodPost, "/v1/migrations/mig1/events", `{"event":"target_prepared","step_id":"r1","payload":{"target_volume":"vc"}}`,
 		http.StatusForbidden, "server proposes a worker's event")
 	e.attack("rogue", http.MethodPatch, "/v1/volumes/va", `{"state":"enabling_remote_export"}`, http.StatusForbidden, "server updates a volume")
-	e.attack("rogue", http.MethodGet, "/v1/volumes/va/key", "", http.StatusForbidden, "server reads a key")
+	e.attack("rogue", http.MethodGet, "/v1/volumes/va/envelopes/owner", "", http.StatusForbidden, "server reads a key envelope")
 
 	// A follower does not forward: it names the leader, and the caller's
 	// own connection carries the write there.

@@ -18,6 +18,7 @@ import (
 	"github.com/ferry-dev/ferry/api"
 	"github.com/ferry-dev/ferry/datapath/kernel"
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/operator"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
 	"github.com/ferry-dev/ferry/machine/workload"
 	"github.com/ferry-dev/ferry/netrewrite"
@@ -271,10 +272,11 @@ func TestGuestAgentMigration(t *testing.T) {
 
 	// The volume, formatted by the source agent's kernel backend.
 	t1 := time.Now()
-	if _, err := g.c.CreateVolume(ctx, fsm.Volume{ID: migVolume, Worker: workerSrc, Size: migVolBytes, State: fsm.VolCreating}); err != nil {
+	// As an operator does once per cluster: the agent then makes and seals the key.
+	if _, err := operator.RecoveryInit(ctx, g.c, filepath.Join(g.dir, "recovery.key")); err != nil {
 		t.Fatal(err)
 	}
-	if err := g.c.SetVolumeKey(ctx, migVolume, []byte(suffix()+suffix()+suffix()+suffix()+suffix()+suffix()+suffix()+suffix())); err != nil {
+	if _, err := g.c.CreateVolume(ctx, fsm.Volume{ID: migVolume, Worker: workerSrc, Size: migVolBytes, State: fsm.VolCreating}); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, ctx, time.Minute, "the volume created", func() bool {

@@ -24,7 +24,6 @@ import (
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/bytesize"
 	"github.com/ferry-dev/ferry/internal/operator"
-	"github.com/ferry-dev/ferry/internal/passphrase"
 	"github.com/ferry-dev/ferry/internal/testbed"
 	"github.com/ferry-dev/ferry/machine/workload"
 	"github.com/ferry-dev/ferry/netrewrite"
@@ -87,16 +86,11 @@ func Run(ctx context.Context, out io.Writer, cfg Config) (err error) {
 	if err := bed.Fabric.RouteOrg(ctx, log, org); err != nil {
 		return err
 	}
+	fmt.Fprintf(out, "    recovery key made (ferry keys recovery-init): private half in %s\n", bed.RecoveryKeyFile)
 	step("cluster up in %v; creating a %s LUKS2 volume with ext4 on %s", time.Since(start).Round(time.Millisecond), bytesize.Format(size), wa)
 	t0 := time.Now()
 	vol := "vol_demo"
 	if _, err := c.CreateVolume(ctx, fsm.Volume{ID: vol, Worker: wa, Size: size, State: fsm.VolCreating}); err != nil {
-		return err
-	}
-	pass := passphrase.New()
-	err = c.SetVolumeKey(ctx, vol, pass)
-	clear(pass)
-	if err != nil {
 		return err
 	}
 	v, err := operator.WaitVolume(ctx, c, vol, fsm.VolCreated, 3*time.Minute)

@@ -1,6 +1,6 @@
 // Package operator holds what the operator's commands do over the API
 // client, as functions the CLI calls and tests drive with a fake: create a
-// volume with a fresh key, run a machine at its 6PN address, plan and follow
+// volume, make the recovery key and recover a volume with it, run a machine at its 6PN address, plan and follow
 // a migration. Each takes the few client methods it needs as an interface
 // (*api.Client has them all).
 package operator
@@ -18,7 +18,6 @@ import (
 
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/bytesize"
-	"github.com/ferry-dev/ferry/internal/passphrase"
 	"github.com/ferry-dev/ferry/machine"
 	"github.com/ferry-dev/ferry/netrewrite"
 )
@@ -33,13 +32,12 @@ var (
 // VolumeClient is what CreateVolume needs.
 type VolumeClient interface {
 	CreateVolume(ctx context.Context, v fsm.Volume) (*fsm.Volume, error)
-	SetVolumeKey(ctx context.Context, id string, key []byte) error
 	GetVolume(ctx context.Context, id string) (*fsm.Volume, error)
 }
 
-// CreateVolume registers volume id of size bytes on worker, hands the
-// server a fresh passphrase for it and, when wait > 0, waits until the
-// worker's agent formatted it.
+// CreateVolume registers volume id of size bytes on worker and, when
+// wait > 0, waits until the worker's agent formatted it. The agent makes
+// the passphrase and seals it; it never passes through here.
 func CreateVolume(ctx context.Context, c VolumeClient, id, worker string, size int64, wait time.Duration) (*fsm.Volume, error) {
 	if worker == "" {
 		return nil, fmt.Errorf("%w: volume %s: a worker is required", ErrInvalid, id)
@@ -50,12 +48,6 @@ func CreateVolume(ctx context.Context, c VolumeClient, id, worker string, size i
 	v, err := c.CreateVolume(ctx, fsm.Volume{ID: id, Worker: worker, Size: size, State: fsm.VolCreating})
 	if err != nil {
 		return nil, err
-	}
-	pass := passphrase.New()
-	err = c.SetVolumeKey(ctx, v.ID, pass)
-	clear(pass)
-	if err != nil {
-		return nil, fmt.Errorf("store the key of volume %s: %w", v.ID, err)
 	}
 	if wait <= 0 {
 		return v, nil

@@ -17,7 +17,6 @@ import (
 // fake is a control plane in memory for these tests only.
 type fake struct {
 	volumes    map[string]*fsm.Volume
-	keys       map[string][]byte
 	workers    map[string]*fsm.Worker
 	machines   map[string]*fsm.Machine
 	migrations map[string][]*fsm.Migration // id -> the records GetMigration returns in turn
@@ -26,7 +25,7 @@ type fake struct {
 }
 
 func newFake() *fake {
-	return &fake{volumes: map[string]*fsm.Volume{}, keys: map[string][]byte{}, workers: map[string]*fsm.Worker{},
+	return &fake{volumes: map[string]*fsm.Volume{}, workers: map[string]*fsm.Worker{},
 		machines: map[string]*fsm.Machine{}, migrations: map[string][]*fsm.Migration{}}
 }
 
@@ -41,10 +40,6 @@ func (f *fake) CreateVolume(_ context.Context, v fsm.Volume) (*fsm.Volume, error
 	f.volumes[v.ID] = &v
 	cp := v
 	return &cp, nil
-}
-func (f *fake) SetVolumeKey(_ context.Context, id string, key []byte) error {
-	f.keys[id] = append([]byte(nil), key...)
-	return nil
 }
 func (f *fake) GetVolume(_ context.Context, id string) (*fsm.Volume, error) {
 	v := f.volumes[id]
@@ -87,7 +82,7 @@ func (f *fake) GetMigration(_ context.Context, id string) (*fsm.Migration, error
 	return m, nil
 }
 
-func TestCreateVolumeSetsAFreshKeyAndWaits(t *testing.T) {
+func TestCreateVolumeWaits(t *testing.T) {
 	f := newFake()
 	f.formatted = 3
 	v, err := CreateVolume(t.Context(), f, "vol1", "w1", 1<<30, time.Minute)
@@ -97,14 +92,8 @@ func TestCreateVolumeSetsAFreshKeyAndWaits(t *testing.T) {
 	if v.State != fsm.VolCreated || v.Size != 1<<30 || v.Worker != "w1" {
 		t.Fatalf("volume %+v", v)
 	}
-	if len(f.keys["vol1"]) != 64 {
-		t.Fatalf("key %q: want a 64-character passphrase", f.keys["vol1"])
-	}
 	if _, err := CreateVolume(t.Context(), f, "vol2", "w1", 1<<20, 0); err != nil {
 		t.Fatal(err)
-	}
-	if string(f.keys["vol1"]) == string(f.keys["vol2"]) {
-		t.Fatal("two volumes got the same key")
 	}
 	if f.volumes["vol2"].State != fsm.VolCreating {
 		t.Fatal("no wait: the volume must be returned as created by the server")

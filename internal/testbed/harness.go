@@ -18,7 +18,6 @@ import (
 
 	"github.com/ferry-dev/ferry/api"
 	"github.com/ferry-dev/ferry/fsm"
-	"github.com/ferry-dev/ferry/internal/passphrase"
 	"github.com/ferry-dev/ferry/machine"
 	"github.com/ferry-dev/ferry/machine/workload"
 	"github.com/ferry-dev/ferry/netrewrite"
@@ -152,14 +151,11 @@ func (b *Bed) Prefix() string { return b.cfg.Prefix }
 // Exe is the ferry binary the bed runs.
 func (b *Bed) Exe() string { return b.cfg.Exe }
 
-// CreateVolume registers a volume on worker, hands the server a random key
-// and waits until the worker's agent formatted it.
+// CreateVolume registers a volume on worker and waits until the worker's
+// agent made its key, sealed it and formatted the volume.
 func (b *Bed) CreateVolume(ctx context.Context, id, worker string, size int64) error {
 	if _, err := b.Client.CreateVolume(ctx, fsm.Volume{ID: id, Worker: worker, Size: size, State: fsm.VolCreating}); err != nil {
 		return fmt.Errorf("create volume %s: %w", id, err)
-	}
-	if err := b.Client.SetVolumeKey(ctx, id, passphrase.New()); err != nil {
-		return fmt.Errorf("key of volume %s: %w", id, err)
 	}
 	deadline := time.Now().Add(2 * time.Minute)
 	for time.Now().Before(deadline) {

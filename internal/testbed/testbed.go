@@ -22,6 +22,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/ferry-dev/ferry/api"
+	"github.com/ferry-dev/ferry/internal/operator"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
 	"github.com/ferry-dev/ferry/netrewrite"
 )
@@ -43,6 +44,8 @@ type Bed struct {
 	cfg    Config
 	Fabric netrewrite.Fabric
 	Client *api.Client
+	// RecoveryKeyFile holds the private recovery key Start made (0600).
+	RecoveryKeyFile string
 	// ServerAddr is the server's API address on the fabric.
 	ServerAddr string
 
@@ -124,6 +127,14 @@ func Start(ctx context.Context, cfg Config) (b *Bed, err error) {
 		return b, err
 	}
 	b.Client.SetDialer(b.DialIn("ctl"))
+	// As an operator runs `ferry keys recovery-init` once: no volume key
+	// can be committed without a recovery envelope.
+	b.RecoveryKeyFile = filepath.Join(cfg.Dir, "recovery.key")
+	if _, err := os.Stat(b.RecoveryKeyFile); os.IsNotExist(err) {
+		if _, err := operator.RecoveryInit(ctx, b.Client, b.RecoveryKeyFile); err != nil {
+			return b, fmt.Errorf("recovery-init: %w", err)
+		}
+	}
 	for _, w := range cfg.Workers {
 		if err := b.StartAgent(w); err != nil {
 			return b, err

@@ -15,6 +15,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/ferry-dev/ferry/api"
+	"github.com/ferry-dev/ferry/internal/sealing"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
 	"github.com/ferry-dev/ferry/server"
 )
@@ -27,6 +28,9 @@ type Cluster struct {
 	Servers []*server.Server // nil while stopped
 	cfgs    []server.Config
 	log     zerolog.Logger
+	// Recovery is the private half of the recovery key New registered (as
+	// `ferry keys recovery-init` does), nil with Options.NoRecoveryKey.
+	Recovery *sealing.PrivateKey
 }
 
 // Options tune a cluster; zero values are fine.
@@ -38,6 +42,7 @@ type Options struct {
 	GCRetention       time.Duration // default the server's
 	WriteRate         float64       // per-identity writes/s; default the server's, negative: unlimited
 	WriteBurst        int
+	NoRecoveryKey     bool // skip registering a recovery key (volumes cannot be created)
 }
 
 // New starts n servers (the first bootstraps, the others join) and waits
@@ -84,6 +89,16 @@ func New(t testing.TB, n int, o Options) *Cluster {
 		}
 	}
 	c.WaitMembers(n, 30*time.Second)
+	if !o.NoRecoveryKey {
+		k, err := sealing.Generate()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := c.Client("operator", tlsutil.KindOperator).SetRecoveryKey(context.Background(), k.Public()); err != nil {
+			t.Fatalf("registering the recovery key: %v", err)
+		}
+		c.Recovery = k
+	}
 	return c
 }
 
