@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"testing"
@@ -46,9 +47,10 @@ type fioResult struct {
 }
 
 type fioSide struct {
-	IOPS    float64 `json:"iops"`
-	BWBytes float64 `json:"bw_bytes"`
-	ClatNS  struct {
+	TotalIOs float64 `json:"total_ios"`
+	IOPS     float64 `json:"iops"`
+	BWBytes  float64 `json:"bw_bytes"`
+	ClatNS   struct {
 		Percentile map[string]float64 `json:"percentile"`
 	} `json:"clat_ns"`
 }
@@ -93,13 +95,18 @@ func dropCache(b *testing.B, f *os.File) {
 }
 
 // evictWhile keeps f's pages out of the page cache every interval until
-// stop is closed. The volume's backing file is opened buffered, the host
-// file is read with O_DIRECT: without this, the volume would serve re-reads
-// from memory and beat the disk it is compared with.
-func evictWhile(f *os.File, interval time.Duration, stop <-chan struct{}) <-chan struct{} {
-	done := make(chan struct{})
+// stop is closed. With a buffered backing file and the host file read with
+// O_DIRECT, the volume would otherwise serve re-reads from memory and beat
+// the disk it is compared with.
+// The goroutine sends the CPU time it used on done, so that it can be
+// subtracted from the server's.
+func evictWhile(f *os.File, interval time.Duration, stop <-chan struct{}) <-chan time.Duration {
+	done := make(chan time.Duration, 1)
 	go func() {
-		defer close(done)
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		start := cpuTime(unix.RUSAGE_THREAD)
+		defer func() { done <- cpuTime(unix.RUSAGE_THREAD) - start }()
 		t := time.NewTicker(interval)
 		defer t.Stop()
 		for {
@@ -114,11 +121,20 @@ func evictWhile(f *os.File, interval time.Duration, stop <-chan struct{}) <-chan
 	return done
 }
 
-func runFio(b *testing.B, path string, size int64, j fioJob, runtime time.Duration) fioSide {
+// cpuTime is the user+system CPU time of this process or thread.
+func cpuTime(who int) time.Duration {
+	var ru unix.Rusage
+	if err := unix.Getrusage(who, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+func runFio(b *testing.B, path string, size int64, j fioJob, runFor time.Duration) fioSide {
 	b.Helper()
 	out, err := exec.Command("fio", "--name="+j.name, "--filename="+path, "--direct=1", "--ioengine=libaio",
 		"--rw="+j.rw, "--bs="+j.bs, "--iodepth="+strconv.Itoa(j.depth), "--size="+strconv.FormatInt(size, 10),
-		"--time_based", "--runtime="+strconv.Itoa(int(runtime.Seconds())), "--ramp_time=1",
+		"--time_based", "--runtime="+strconv.Itoa(int(runFor.Seconds())),
 		"--randrepeat=0", "--norandommap", "--output-format=json").Output()
 	if err != nil {
 		b.Fatalf("fio %s on %s: %v: %s", j.name, path, err, out)
@@ -141,9 +157,12 @@ func runFio(b *testing.B, path string, size int64, j fioJob, runtime time.Durati
 // /dev/fuse, loop devices and fio. Knobs: FERRY_BENCH_VOLUME_SIZE (bytes,
 // default 1 GiB), FERRY_BENCH_SECTOR (512 or 4096), FERRY_BENCH_PAIRS
 // (default 5), FERRY_BENCH_RUNTIME (seconds per fio run, default 3),
-// FERRY_BENCH_EVICT_MS (how often the backing file's page cache is dropped
-// during the volume's runs, default 20; "off" measures the volume with the
-// host's page cache warm, as a machine would see re-reads).
+// FERRY_BENCH_BACKING=buffered (the view reaches the volume file through
+// the host page cache, as ferry did before it used O_DIRECT; default direct,
+// as the volume server does), FERRY_BENCH_EVICT_MS (buffered only: how
+// often the backing file's page cache is dropped during the volume's runs,
+// default 20, so re-reads are not served from memory while the host file is
+// read with O_DIRECT; "off" keeps the cache warm).
 //
 //	go test -run XXX -bench VolumeFio -benchtime 1x ./datapath/
 func BenchmarkVolumeFio(b *testing.B) {
@@ -162,7 +181,7 @@ func BenchmarkVolumeFio(b *testing.B) {
 	}
 	size := benchEnv(b, "FERRY_BENCH_VOLUME_SIZE", 1<<30) &^ (1<<20 - 1)
 	pairs := int(benchEnv(b, "FERRY_BENCH_PAIRS", 5))
-	runtime := time.Duration(benchEnv(b, "FERRY_BENCH_RUNTIME", 3)) * time.Second
+	runFor := time.Duration(benchEnv(b, "FERRY_BENCH_RUNTIME", 3)) * time.Second
 	var evict time.Duration
 	if os.Getenv("FERRY_BENCH_EVICT_MS") != "off" {
 		evict = time.Duration(benchEnv(b, "FERRY_BENCH_EVICT_MS", 20)) * time.Millisecond
@@ -190,9 +209,24 @@ func BenchmarkVolumeFio(b *testing.B) {
 	}
 	defer raw.Close()
 	fillRandom(b, raw, layout.DataOffset, size)
+	lower := blockdev.Device(backing)
+	switch os.Getenv("FERRY_BENCH_BACKING") {
+	case "buffered":
+	case "", "direct":
+		// As the volume server does (server.viewDest).
+		direct, err := openDirect(backing, false)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer direct.Close()
+		lower = direct
+		evict = 0 // nothing to evict: the data bypasses the page cache
+	default:
+		b.Fatalf("FERRY_BENCH_BACKING=%q: want buffered or direct", os.Getenv("FERRY_BENCH_BACKING"))
+	}
 	key := make([]byte, layout.KeyBytes)
 	rand.Read(key)
-	view, err := luks.OpenView(backing, layout, luks.NewVolumeKey(key))
+	view, err := luks.OpenView(lower, layout, luks.NewVolumeKey(key))
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -212,22 +246,31 @@ func BenchmarkVolumeFio(b *testing.B) {
 	for range b.N {
 		for _, j := range fioJobs {
 			b.Run(j.name, func(b *testing.B) {
-				var ratios []float64
+				var ratios, cpus []float64
 				var hostV, volV float64
 				for range pairs {
 					dropCache(b, host)
 					dropCache(b, raw)
-					h := runFio(b, hostPath, size, j, runtime)
+					h := runFio(b, hostPath, size, j, runFor)
+					// The server's CPU per I/O (FUSE, view, cipher and
+					// their syscalls: everything in this process) is what
+					// a shared machine pays; it is far less noisy than
+					// the throughput.
+					cpu0 := cpuTime(unix.RUSAGE_SELF)
 					var v fioSide
 					if evict > 0 {
 						stop := make(chan struct{})
 						done := evictWhile(raw, evict, stop)
-						v = runFio(b, loop, size, j, runtime)
+						v = runFio(b, loop, size, j, runFor)
 						close(stop)
-						<-done
+						cpu0 += <-done
 					} else {
-						v = runFio(b, loop, size, j, runtime)
+						v = runFio(b, loop, size, j, runFor)
 					}
+					if v.TotalIOs == 0 {
+						b.Fatalf("fio %s on the volume completed no I/O", j.name)
+					}
+					cpus = append(cpus, float64(cpuTime(unix.RUSAGE_SELF)-cpu0)/1e3/v.TotalIOs)
 					if j.p50 {
 						hostV = h.ClatNS.Percentile["50.000000"] / 1e3
 						volV = v.ClatNS.Percentile["50.000000"] / 1e3
@@ -240,7 +283,7 @@ func BenchmarkVolumeFio(b *testing.B) {
 						b.Fatalf("fio %s on the host file reported nothing", j.name)
 					}
 					ratios = append(ratios, volV/hostV)
-					b.Logf("%s: host %.1f volume %.1f ratio %.2f", j.name, hostV, volV, volV/hostV)
+					b.Logf("%s: host %.1f volume %.1f ratio %.2f server CPU %.1f µs/IO", j.name, hostV, volV, volV/hostV, cpus[len(cpus)-1])
 				}
 				slices.Sort(ratios)
 				unit := map[bool]string{true: "µs", false: "IOPS"}[j.p50]
@@ -248,6 +291,8 @@ func BenchmarkVolumeFio(b *testing.B) {
 					unit = "MB/s"
 				}
 				b.ReportMetric(ratios[len(ratios)/2], "x-host")
+				slices.Sort(cpus)
+				b.ReportMetric(cpus[len(cpus)/2], "server-cpu-µs/IO")
 				b.ReportMetric(hostV, "host-"+unit)
 				b.ReportMetric(volV, "volume-"+unit)
 				b.ReportMetric(0, "ns/op")

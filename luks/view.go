@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"runtime"
 	"sync"
+	"unsafe"
 
 	"github.com/ferry-dev/ferry/blockdev"
 )
@@ -187,7 +188,17 @@ func (v *view) getBuf(n int) []byte {
 	if b, ok := v.bufPool.Get().(*[]byte); ok && cap(*b) >= n {
 		return (*b)[:n]
 	}
-	return make([]byte, n)
+	return alignedBuf(n)
+}
+
+// bufAlign keeps the view's buffers page-aligned, so that a device below
+// opened with O_DIRECT can take them as they are.
+const bufAlign = 4096
+
+func alignedBuf(n int) []byte {
+	b := make([]byte, n+bufAlign)
+	off := (bufAlign - int(uintptr(unsafe.Pointer(unsafe.SliceData(b)))%bufAlign)) % bufAlign
+	return b[off : off+n : off+n]
 }
 
 // putBuf returns b to the pool; plain says it may hold plaintext, which

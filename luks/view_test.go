@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"sync"
 	"testing"
+	"unsafe"
 
 	"golang.org/x/crypto/xts"
 
@@ -313,6 +314,20 @@ func TestViewWriteCiphertextAndCallerBuffer(t *testing.T) {
 			if _, err := v.ReadAt(back, off); err != nil || !bytes.Equal(back, p) {
 				t.Fatalf("sector %d, %d bytes: read back differs (%v)", sector, n, err)
 			}
+		}
+	}
+}
+
+// Pooled buffers are page-aligned (an O_DIRECT device below takes them
+// as they are) and exactly as long as asked.
+func TestViewBuffersAligned(t *testing.T) {
+	for _, n := range []int{512, 4096, 5120, 12288, 1 << 20} {
+		b := alignedBuf(n)
+		if len(b) != n || cap(b) != n {
+			t.Fatalf("alignedBuf(%d): len %d cap %d", n, len(b), cap(b))
+		}
+		if addr := uintptr(unsafe.Pointer(unsafe.SliceData(b))); addr%bufAlign != 0 {
+			t.Fatalf("alignedBuf(%d) at %#x: not %d-aligned", n, addr, bufAlign)
 		}
 	}
 }
