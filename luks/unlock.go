@@ -302,10 +302,7 @@ func openKeyslot(r io.ReaderAt, ks *Keyslot, passphrase []byte) (*VolumeKey, err
 		return nil, fmt.Errorf("read keyslot area at %d: %w", ks.Area.Offset, err)
 	}
 	// The keyslot area is encrypted in 512-byte sectors, IV counted from the area start.
-	tw := make([]byte, 512)
-	for i := 0; i < readLen; i += 512 {
-		c.crypt(buf[i:i+512], uint64(i/512), tw, false)
-	}
+	c.cryptSectors(buf, buf, 512, 0, 1, false)
 	return &VolumeKey{b: afMerge(buf[:afLen], ks.KeySize, ks.AF.Stripes, afHash)}, nil
 }
 

@@ -53,6 +53,9 @@ type server struct {
 	cfg  Config
 	mu   sync.Mutex
 	dest *blockdev.File
+	// direct is dest as the view reads and writes it (O_DIRECT); nil where
+	// the filesystem refuses O_DIRECT, then the view uses dest itself.
+	direct *directFile
 	lun  blockdev.Device // the clone's source: an iSCSI LUN or a local file
 	eng  *dmclone.Engine
 	sw   *switchDev // between the clone engine and the view; swapped to dest on dissolve
@@ -96,7 +99,7 @@ func (s *server) build(ctx context.Context, passphrase []byte) error {
 	if err != nil {
 		return err
 	}
-	lower := blockdev.Device(s.dest)
+	lower := s.viewDest()
 	if c != nil {
 		tun := dmclone.DefaultTunables(regionSize(c.RegionSize))
 		tun.RateLimitBytesPerSec = c.RateLimit
@@ -157,10 +160,30 @@ func (s *server) close() {
 	if s.lun != nil && !s.dissolved {
 		s.lun.Close()
 	}
+	if s.direct != nil {
+		s.direct.Close()
+	}
 	if s.dest != nil {
 		s.dest.Flush()
 		s.dest.Close()
 	}
+}
+
+// viewDest is the destination file as the view should reach it: with
+// O_DIRECT, like a disk the host does not cache (the machine caches in its
+// own page cache; a second copy in the host's costs a page allocation and a
+// copy per request and memory the host does not have to spare). Where the
+// filesystem refuses O_DIRECT (tmpfs) the buffered file serves.
+func (s *server) viewDest() blockdev.Device {
+	if s.direct == nil {
+		d, err := openDirect(s.dest, false)
+		if err != nil {
+			s.log.Warn().Err(err).Msg("the volume file cannot be opened with O_DIRECT: serving it through the host page cache")
+			return s.dest
+		}
+		s.direct = d
+	}
+	return s.direct
 }
 
 // stop releases what the process owns that another user can hold: its loop
@@ -313,7 +336,7 @@ func (s *server) dissolve() error {
 	}
 	// Swap waits for in-flight I/O; from then on the view reads the
 	// destination directly, and the engine can finish and let go.
-	s.sw.Swap(s.dest)
+	s.sw.Swap(s.viewDest())
 	if _, err := s.eng.Dissolve(); err != nil {
 		s.sw.Swap(s.eng)
 		return fmt.Errorf("dissolve clone of %s: %w", s.cfg.VolumeID, err)
