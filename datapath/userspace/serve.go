@@ -56,12 +56,12 @@ type server struct {
 	// direct is dest as the view reads and writes it (O_DIRECT); nil where
 	// the filesystem refuses O_DIRECT, then the view uses dest itself.
 	direct *directFile
-	lun  blockdev.Device // the clone's source: an iSCSI LUN or a local file
-	eng  *dmclone.Engine
-	sw   *switchDev // between the clone engine and the view; swapped to dest on dissolve
-	view blockdev.Device
-	exp  *fuseexport.Export
-	loop string // the loop device this process attached (Config.Loop)
+	lun    blockdev.Device // the clone's source: an iSCSI LUN or a local file
+	eng    *dmclone.Engine
+	sw     *switchDev // between the clone engine and the view; swapped to dest on dissolve
+	view   blockdev.Device
+	exp    *fuseexport.Export
+	loop   string // the loop device this process attached (Config.Loop)
 
 	hydrating, dissolved, stopped bool
 }
