@@ -43,8 +43,12 @@ func (s *Store) applyRegisterWorker(c *RegisterWorkerCmd) *Result {
 			return &Result{Refusal: refuse(RefuseConflict, CodeConflict, "host id %d is already used by worker %s", w.HostID, o.Name)}
 		}
 	}
+	// The key-encryption key is set by that worker alone (set_worker_key,
+	// with its checks); a registration never carries or clears it.
+	w.KEK = nil
 	if old, ok := s.d.Workers[w.Name]; ok {
 		w.Registered = old.Registered
+		w.KEK = old.KEK
 	} else {
 		w.Registered = c.Now
 	}

@@ -102,6 +102,13 @@ func (s *Store) authorize(cmd any) *Refusal {
 		if c.Actor.Kind != KindWorker {
 			return deny(c.Actor, "read volume keys (only the owning or target worker may)")
 		}
+	case *RevokeCertCmd:
+		if c.Actor.Kind != KindOperator {
+			return deny(c.Actor, "revoke certificates (operators only)")
+		}
+		if _, err := NormalizeSerial(c.Serial); err != nil {
+			return refuse(RefuseInvalid, CodeInvalid, "serial %q: %v", c.Serial, err)
+		}
 	case *SetWorkerKeyCmd:
 		if !c.Actor.isWorker(c.Name) {
 			return deny(c.Actor, "register the key of worker "+c.Name+" (only that worker may)")
@@ -114,7 +121,11 @@ func (s *Store) authorize(cmd any) *Refusal {
 		// Who may seal which purpose is checked envelope by envelope when
 		// applied; here, before the log: only the volume's worker, the
 		// source of the migration that locks it, or an operator.
-		if v, ok := s.d.Volumes[c.Volume]; ok && !c.Actor.operator() && !c.Actor.isWorker(v.Worker) {
+		v, ok := s.d.Volumes[c.Volume]
+		if !ok {
+			return notFound("volume", c.Volume)
+		}
+		if !c.Actor.operator() && !c.Actor.isWorker(v.Worker) {
 			return deny(c.Actor, "store key envelopes of volume "+c.Volume+" of worker "+v.Worker)
 		}
 	case *UpdateMachineCmd:

@@ -107,6 +107,9 @@ func (w *Worker) validate() *Refusal {
 	if r := CheckID("worker", w.Name); r != nil {
 		return r
 	}
+	if w.KEK != nil {
+		return refuse(RefuseInvalid, CodeInvalid, "worker %s: a registration carries no key-encryption key; the worker sets its own with PUT /v1/workers/%s/key", w.Name, w.Name)
+	}
 	if w.Address != "" {
 		if _, err := ParseWorkerAddress(w.Address); err != nil {
 			return refuse(RefuseInvalid, CodeInvalid, "worker %s: %v", w.Name, err)

@@ -123,6 +123,7 @@ func Dial(ctx context.Context, log zerolog.Logger, cfg InitiatorConfig) (*LUN, e
 	// The first session proves the target answers; the others log in on
 	// first use.
 	if _, err := l.session(ctx, l.paths[0], deadline); err != nil {
+		l.Close() // a login still running in the background must not keep a session nobody owns
 		return nil, err
 	}
 	if err := l.do(ctx, newTask("TEST UNIT READY", cdbTestUnitReady(), nil)); err != nil {

@@ -83,8 +83,13 @@ func (s *Server) handlePutEnvelopes(w http.ResponseWriter, r *http.Request, id f
 	}
 }
 
-func (s *Server) handleListEnvelopes(w http.ResponseWriter, r *http.Request, _ fsm.Identity) {
-	writeJSON(w, http.StatusOK, s.store.EnvelopeSummaries(r.PathValue("id")))
+func (s *Server) handleListEnvelopes(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
+	vid := r.PathValue("id")
+	if _, ok := s.store.Volume(vid); !ok || !s.store.ScopeOf(id).CanReadVolume(vid) {
+		writeErr(w, notFound("volume", vid))
+		return
+	}
+	writeJSON(w, http.StatusOK, s.store.EnvelopeSummaries(vid))
 }
 
 // handleGetEnvelope serves an envelope from this server's store once it is

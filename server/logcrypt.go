@@ -103,6 +103,10 @@ func (s *shredStore) rotateLocked() error {
 	if err != nil {
 		return err
 	}
+	// The new key is on disk before any entry is sealed under it: a failed
+	// save puts the old ring back, or a restart would find entries whose
+	// key is gone.
+	oldEpochs, oldCurrent := append([]epochKey(nil), s.ring.Epochs...), s.ring.Current
 	for i := range s.ring.Epochs {
 		if s.ring.Epochs[i].Last == 0 || s.ring.Epochs[i].ID == s.ring.Current {
 			s.ring.Epochs[i].Last = max(last, 1)
@@ -112,10 +116,16 @@ func (s *shredStore) rotateLocked() error {
 	_, _ = rand.Read(key)
 	e := epochKey{ID: s.ring.Current + 1, Key: key}
 	if err := s.addAEAD(e); err != nil {
+		s.ring.Epochs = oldEpochs
 		return err
 	}
 	s.ring.Epochs = append(s.ring.Epochs, e)
 	s.ring.Current = e.ID
+	if err := s.saveLocked(); err != nil {
+		s.ring.Epochs, s.ring.Current = oldEpochs, oldCurrent
+		delete(s.aead, e.ID)
+		return err
+	}
 	s.dropLocked()
 	return s.saveLocked()
 }

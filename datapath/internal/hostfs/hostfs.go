@@ -18,9 +18,20 @@ import (
 	"github.com/ferry-dev/ferry/luks"
 )
 
-// WithKeyFile writes the passphrase to a 0600 file in a fresh 0700 folder
-// under runDir that lives only for fn.
+// WithKeyFile hands fn a path that reads as the passphrase (for
+// cryptsetup --key-file). It is a memfd of this process, reached through
+// /proc: the passphrase never touches a disk, and nothing is left behind
+// if the agent dies while cryptsetup runs. Where memfd is missing it falls
+// back to a 0600 file in a fresh 0700 folder under runDir, removed after fn.
 func WithKeyFile(runDir string, passphrase []byte, fn func(path string) error) error {
+	if fd, err := unix.MemfdCreate("ferry-key", unix.MFD_CLOEXEC); err == nil {
+		f := os.NewFile(uintptr(fd), "ferry-key")
+		defer f.Close()
+		if _, err := f.Write(passphrase); err != nil {
+			return fmt.Errorf("key memfd: %w", err)
+		}
+		return fn(fmt.Sprintf("/proc/%d/fd/%d", os.Getpid(), fd))
+	}
 	if err := os.MkdirAll(runDir, 0o700); err != nil {
 		return err
 	}
