@@ -19,6 +19,7 @@ import (
 
 	"github.com/ferry-dev/ferry/datapath"
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/retry"
 	"github.com/ferry-dev/ferry/machine"
 )
 
@@ -31,7 +32,8 @@ type Config struct {
 	Exe       string // path of the ferry binary, for child processes
 	Heartbeat time.Duration
 	LeaseTTL  time.Duration
-	// Retry is the first backoff after a failed step; it doubles up to RetryMax.
+	// Retry is the first backoff after a failed step; it doubles up to
+	// RetryMax, each delay jittered by half either way.
 	Retry, RetryMax time.Duration
 	// StallAfter: a step failing this long is reported as stalled.
 	StallAfter time.Duration
@@ -132,23 +134,26 @@ func New(log zerolog.Logger, cfg Config, cp ControlPlane, exp Exporter, net Netw
 // agent process resumes it.
 func (a *Agent) Run(ctx context.Context) error {
 	w := fsm.Worker{Name: a.cfg.Worker, HostID: a.cfg.HostID, Address: a.cfg.Address}
-	if err := retry(ctx, a.log, "register worker", func() error { return a.cp.RegisterWorker(ctx, w) }); err != nil {
+	if err := retryUntil(ctx, a.log, "register worker", func() error { return a.cp.RegisterWorker(ctx, w) }); err != nil {
 		return err
 	}
 	a.log.Info().Uint32("host_id", a.cfg.HostID).Str("address", a.cfg.Address).Msg("worker registered")
 	go a.heartbeat(ctx)
 	go a.reconcileLoop(ctx)
 	var index uint64
+	watchBackoff := retry.New(200*time.Millisecond, 5*time.Second)
 	for ctx.Err() == nil {
 		ms, next, err := a.cp.WatchMigrations(ctx, a.cfg.Worker, index)
 		if err != nil {
 			if ctx.Err() != nil {
 				break
 			}
-			a.log.Warn().Err(err).Msg("watch migrations failed; retrying")
-			sleep(ctx, time.Second)
+			d := watchBackoff.Next()
+			a.log.Warn().Err(err).Dur("retry_in", d).Msg("watch migrations failed; retrying")
+			sleep(ctx, d)
 			continue
 		}
+		watchBackoff.Reset()
 		index = next
 		a.machMu.Lock()
 		a.mu.Lock()
@@ -220,7 +225,7 @@ func (a *Agent) drive(ctx context.Context, id string, inbox chan *fsm.Migration)
 	}()
 	log := a.log.With().Str("migration", id).Logger()
 	var m *fsm.Migration
-	backoff := a.cfg.Retry
+	bo := retry.New(a.cfg.Retry, a.cfg.RetryMax)
 	var failingSince time.Time
 	attempts := 0
 	for {
@@ -248,7 +253,8 @@ func (a *Agent) drive(ctx context.Context, id string, inbox chan *fsm.Migration)
 		err := step(ctx, log, m)
 		if err == nil {
 			a.met.steps.WithLabelValues(string(m.State)).Inc()
-			backoff, attempts, failingSince = a.cfg.Retry, 0, time.Time{}
+			attempts, failingSince = 0, time.Time{}
+			bo.Reset()
 			fresh, gerr := a.cp.GetMigration(ctx, id)
 			if gerr != nil || fresh.State == m.State {
 				// A step that proposed nothing (or whose event is not visible
@@ -275,13 +281,11 @@ func (a *Agent) drive(ctx context.Context, id string, inbox chan *fsm.Migration)
 		if failingSince.IsZero() {
 			failingSince = time.Now()
 		}
+		backoff := bo.Next()
 		log.Warn().Err(err).Str("state", string(m.State)).Int("attempt", attempts).Dur("backoff", backoff).Msg("step failed; retrying")
 		a.reportFailure(ctx, log, m, err, attempts, failingSince)
 		if !sleep(ctx, backoff) {
 			return
-		}
-		if backoff *= 2; backoff > a.cfg.RetryMax {
-			backoff = a.cfg.RetryMax
 		}
 		if fresh, gerr := a.cp.GetMigration(ctx, id); gerr == nil {
 			m = fresh
@@ -320,30 +324,17 @@ func stepID(m *fsm.Migration, parts ...string) string {
 	return id
 }
 
-func sleep(ctx context.Context, d time.Duration) bool {
-	select {
-	case <-ctx.Done():
-		return false
-	case <-time.After(d):
-		return true
-	}
-}
+func sleep(ctx context.Context, d time.Duration) bool { return retry.Sleep(ctx, d) }
 
-func retry(ctx context.Context, log zerolog.Logger, what string, fn func() error) error {
-	backoff := 200 * time.Millisecond
-	for {
-		err := fn()
-		if err == nil {
-			return nil
-		}
-		log.Warn().Err(err).Msg(what + " failed; retrying")
-		if !sleep(ctx, backoff) {
-			return fmt.Errorf("%s: %w", what, err)
-		}
-		if backoff < 5*time.Second {
-			backoff *= 2
-		}
+// retryUntil calls fn until it succeeds or ctx ends, with jittered backoff.
+func retryUntil(ctx context.Context, log zerolog.Logger, what string, fn func() error) error {
+	err := retry.Do(ctx, 200*time.Millisecond, 5*time.Second, fn, func(err error, next time.Duration) {
+		log.Warn().Err(err).Dur("retry_in", next).Msg(what + " failed; retrying")
+	})
+	if err != nil {
+		return fmt.Errorf("%s: %w", what, err)
 	}
+	return nil
 }
 
 // paths under the data dir.

@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -17,6 +18,7 @@ import (
 	"time"
 
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/retry"
 )
 
 // Client talks to a ferry cluster over mTLS. It tries the servers in turn:
@@ -27,6 +29,11 @@ type Client struct {
 	addrs    []string
 	hc       *http.Client
 	RetryFor time.Duration // total retry budget per call (default 30s)
+	// RequestTimeout bounds one attempt against one server (default 10s);
+	// a blocking watch gets its wait on top. A server that accepts but never
+	// answers (stopped, partitioned) costs at most this before the next
+	// server is tried.
+	RequestTimeout time.Duration
 
 	mu  sync.Mutex
 	cur int
@@ -50,12 +57,27 @@ func NewClient(addrs []string, tlsConf *tls.Config) (*Client, error) {
 	if tlsConf == nil {
 		return nil, errors.New("the client needs a TLS config with a client certificate")
 	}
-	return &Client{
-		addrs:    clean,
-		hc:       &http.Client{Transport: &http.Transport{TLSClientConfig: tlsConf, MaxIdleConnsPerHost: 8, IdleConnTimeout: 90 * time.Second}},
-		RetryFor: 30 * time.Second,
-	}, nil
+	tr := &http.Transport{
+		TLSClientConfig:       tlsConf,
+		MaxIdleConnsPerHost:   8,
+		IdleConnTimeout:       90 * time.Second,
+		TLSHandshakeTimeout:   DialTimeout,
+		ExpectContinueTimeout: time.Second,
+	}
+	c := &Client{
+		addrs:          clean,
+		hc:             &http.Client{Transport: tr},
+		RetryFor:       30 * time.Second,
+		RequestTimeout: 10 * time.Second,
+	}
+	c.SetDialer((&net.Dialer{KeepAlive: 15 * time.Second}).DialContext)
+	return c, nil
 }
+
+// DialTimeout bounds a TCP connect and, separately, a TLS handshake to one
+// server: a stopped server's kernel still completes TCP handshakes from its
+// listen backlog, so only a handshake deadline notices it.
+const DialTimeout = 3 * time.Second
 
 // Close releases idle connections.
 func (c *Client) Close() { c.hc.CloseIdleConnections() }
@@ -79,7 +101,7 @@ func (c *Client) do(ctx context.Context, method, path string, q url.Values, in, 
 		}
 	}
 	deadline := time.Now().Add(c.RetryFor)
-	delay := 50 * time.Millisecond
+	bo := retry.New(50*time.Millisecond, time.Second)
 	for attempt := 0; ; attempt++ {
 		c.mu.Lock()
 		addr := c.addrs[c.cur%len(c.addrs)]
@@ -94,20 +116,37 @@ func (c *Client) do(ctx context.Context, method, path string, q url.Values, in, 
 		c.mu.Lock()
 		c.cur++
 		c.mu.Unlock()
-		if attempt >= len(c.addrs)-1 {
-			select {
-			case <-ctx.Done():
+		// Fail over to the next server at once; back off (jittered, so
+		// agents do not retry in lockstep) once every server was tried.
+		if (attempt+1)%len(c.addrs) == 0 {
+			if !retry.Sleep(ctx, bo.Next()) {
 				return 0, fmt.Errorf("%s %s: %w (last error: %v)", method, path, ctx.Err(), err)
-			case <-time.After(delay):
-			}
-			if delay < time.Second {
-				delay *= 2
 			}
 		}
 	}
 }
 
+// attemptTimeout is the budget of one attempt: RequestTimeout, plus the
+// wait of a blocking query (the server holds it up to that long, 30s when
+// not given).
+func (c *Client) attemptTimeout(q url.Values) time.Duration {
+	t := c.RequestTimeout
+	if t <= 0 {
+		t = 10 * time.Second
+	}
+	if q.Get("index") != "" {
+		wait := 30 * time.Second
+		if w, err := time.ParseDuration(q.Get("wait")); err == nil && w > 0 {
+			wait = w
+		}
+		t += wait
+	}
+	return t
+}
+
 func (c *Client) once(ctx context.Context, addr, method, path string, q url.Values, body []byte, out any) (uint64, error) {
+	ctx, cancel := context.WithTimeoutCause(ctx, c.attemptTimeout(q), errAttemptTimeout)
+	defer cancel()
 	u := "https://" + addr + path
 	if len(q) > 0 {
 		u += "?" + q.Encode()
@@ -131,6 +170,9 @@ func (c *Client) once(ctx context.Context, addr, method, path string, q url.Valu
 	}
 	resp, err := c.hc.Do(req)
 	if err != nil {
+		if errors.Is(context.Cause(ctx), errAttemptTimeout) {
+			err = fmt.Errorf("%w after %v", errAttemptTimeout, c.attemptTimeout(q))
+		}
 		return 0, fmt.Errorf("%w: %s: %v", ErrUnavailable, addr, err)
 	}
 	defer resp.Body.Close()
@@ -138,8 +180,15 @@ func (c *Client) once(ctx context.Context, addr, method, path string, q url.Valu
 	if h := resp.Header.Get(IndexHeader); h != "" {
 		idx, _ = strconv.ParseUint(h, 10, 64)
 	}
-	return idx, DecodeReply(resp, out)
+	err = DecodeReply(resp, out)
+	if err != nil && errors.Is(context.Cause(ctx), errAttemptTimeout) {
+		// The reply stalled mid-body: the server is as good as gone.
+		return 0, fmt.Errorf("%w: %s: reading the reply: %w", ErrUnavailable, addr, errAttemptTimeout)
+	}
+	return idx, err
 }
+
+var errAttemptTimeout = errors.New("the server did not answer in time")
 
 func esc(s string) string { return url.PathEscape(s) }
 

@@ -15,6 +15,7 @@ import (
 
 	"github.com/ferry-dev/ferry/blockdev"
 	"github.com/ferry-dev/ferry/internal/logging"
+	"github.com/ferry-dev/ferry/internal/retry"
 )
 
 // ErrTimeout is returned when a command got no answer within
@@ -196,22 +197,18 @@ func (l *LUN) connect(deadline time.Time) (*session, error) {
 func (l *LUN) do(ctx context.Context, t *task) error {
 	deadline := time.Now().Add(l.cfg.Timeout)
 	var lastErr error
-	backoff := 50 * time.Millisecond
+	bo := retry.New(50*time.Millisecond, 500*time.Millisecond)
 	for attempt := 0; ; attempt++ {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
 		if attempt > 0 {
+			backoff := bo.Next()
 			if time.Now().Add(backoff).After(deadline) {
 				return fmt.Errorf("%s: %w within %s: %w", t.op, ErrTimeout, l.cfg.Timeout, lastErr)
 			}
-			select {
-			case <-time.After(backoff):
-			case <-ctx.Done():
+			if !retry.Sleep(ctx, backoff) {
 				return ctx.Err()
-			}
-			if backoff < 500*time.Millisecond {
-				backoff *= 2
 			}
 			t.reset()
 		}

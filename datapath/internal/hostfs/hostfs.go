@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ferry-dev/ferry/blockdev"
+	"github.com/ferry-dev/ferry/internal/retry"
 	"github.com/ferry-dev/ferry/luks"
 )
 
@@ -84,13 +85,13 @@ func SyncUnmount(mnt, vol string) error {
 // finishing fsync.
 func unmountBusyRetry(mnt string) error {
 	var err error
-	for i := 0; i < 30; i++ {
-		if err = unix.Unmount(mnt, 0); err != unix.EBUSY {
+	bo := retry.New(50*time.Millisecond, 500*time.Millisecond)
+	for deadline := time.Now().Add(3 * time.Second); ; {
+		if err = unix.Unmount(mnt, 0); err != unix.EBUSY || time.Now().After(deadline) {
 			return err
 		}
-		time.Sleep(100 * time.Millisecond)
+		time.Sleep(bo.Next())
 	}
-	return err
 }
 
 // MountExt4 mounts ext4 dev at mnt unless it already is. Idempotent.
@@ -143,6 +144,7 @@ func UnmountAll(dir string) error {
 func unmountRetry(mnt string) error {
 	var err error
 	deadline := time.Now().Add(5 * time.Second)
+	bo := retry.New(50*time.Millisecond, 500*time.Millisecond)
 	for time.Now().Before(deadline) {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		out, e := exec.CommandContext(ctx, "umount", mnt).CombinedOutput()
@@ -154,7 +156,7 @@ func unmountRetry(mnt string) error {
 			return nil
 		}
 		err = fmt.Errorf("unmount %s: %w: %s", mnt, e, strings.TrimSpace(string(out)))
-		time.Sleep(100 * time.Millisecond)
+		time.Sleep(bo.Next())
 	}
 	return err
 }
