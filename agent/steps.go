@@ -15,6 +15,7 @@ import (
 	"github.com/ferry-dev/ferry/blockdev"
 	"github.com/ferry-dev/ferry/datapath"
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/atomicfile"
 	"github.com/ferry-dev/ferry/machine"
 	"github.com/ferry-dev/ferry/netrewrite"
 )
@@ -94,10 +95,7 @@ func (a *Agent) done(m *fsm.Migration, what string) bool {
 	return err == nil
 }
 func (a *Agent) markDone(m *fsm.Migration, what string) error {
-	if err := os.MkdirAll(a.stateDir("steps"), 0o700); err != nil {
-		return err
-	}
-	return os.WriteFile(a.markPath(m, what), []byte(time.Now().UTC().Format(time.RFC3339Nano)+"\n"), 0o600)
+	return atomicfile.WriteFile(a.markPath(m, what), []byte(time.Now().UTC().Format(time.RFC3339Nano)+"\n"), 0o600)
 }
 
 func (a *Agent) propose(ctx context.Context, m *fsm.Migration, ev fsm.Event, p fsm.EventPayload) error {

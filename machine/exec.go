@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+
+	"github.com/ferry-dev/ferry/internal/atomicfile"
 )
 
 // Exec runs machines as processes. Each machine's pid and start time live in
@@ -138,11 +140,7 @@ func (e *Exec) Start(ctx context.Context, s Spec) error {
 		return fmt.Errorf("machine %s exited at once: see %s", s.ID, filepath.Join(e.dir(s.ID), "output.log"))
 	}
 	// Record the process before relying on it (crash safety): write then rename.
-	tmp := filepath.Join(e.dir(s.ID), "pid.tmp")
-	if err := os.WriteFile(tmp, []byte(fmt.Sprintf("%d %s\n", cmd.Process.Pid, st)), 0o600); err != nil {
-		return fmt.Errorf("record machine pid: %w", err)
-	}
-	if err := os.Rename(tmp, filepath.Join(e.dir(s.ID), "pid")); err != nil {
+	if err := atomicfile.WriteFile(filepath.Join(e.dir(s.ID), "pid"), []byte(fmt.Sprintf("%d %s\n", cmd.Process.Pid, st)), 0o600); err != nil {
 		return fmt.Errorf("record machine pid: %w", err)
 	}
 	e.journal(s.ID, "start")

@@ -18,6 +18,7 @@ import (
 
 	"github.com/ferry-dev/ferry/datapath"
 	"github.com/ferry-dev/ferry/dmclone"
+	"github.com/ferry-dev/ferry/internal/atomicfile"
 	"github.com/ferry-dev/ferry/internal/childctl"
 )
 
@@ -63,7 +64,7 @@ func Start(ctx context.Context, log zerolog.Logger, exe string, cfg Config, pass
 	if err != nil {
 		return nil, err
 	}
-	if err := os.WriteFile(cfgPath, b, 0o600); err != nil {
+	if err := atomicfile.WriteFile(cfgPath, b, 0o600); err != nil {
 		return nil, fmt.Errorf("write datapath config: %w", err)
 	}
 	logf, err := os.OpenFile(filepath.Join(stateDir, cfg.VolumeID+".log"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)

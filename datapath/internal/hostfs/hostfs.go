@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ferry-dev/ferry/blockdev"
+	"github.com/ferry-dev/ferry/internal/atomicfile"
 	"github.com/ferry-dev/ferry/internal/retry"
 	"github.com/ferry-dev/ferry/luks"
 )
@@ -194,16 +195,9 @@ func UnmountOrForce(mnt string, patience time.Duration, stuck func()) error {
 	return nil
 }
 
-// WriteFileAtomic writes b to path through a rename, making its folder.
+// WriteFileAtomic writes b to path durably (see atomicfile), making its folder.
 func WriteFileAtomic(path string, b []byte) error {
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return err
-	}
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o600); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
+	return atomicfile.WriteFile(path, b, 0o600)
 }
 
 // ReadLayout reads the LUKS2 layout from a volume file's header.
