@@ -321,6 +321,19 @@ func (s *Store) applyTransition(m *Migration, tr Transition, c *ProposeCmd) *Ref
 			m.LastError = p.Error
 		}
 	case EvTargetTornDown:
+		// Only the target itself knows it released everything. An operator
+		// vouching for a silent target is believed only once the target's
+		// agent must have fenced itself: its lease expired plus FenceMargin
+		// (clock drift and the time to stop a machine).
+		if c.Actor.Kind == KindOperator {
+			if w, ok := s.d.Workers[m.Target]; ok {
+				if after := w.LeaseExpiry.Add(FenceMargin); c.Now.Before(after) {
+					return refuse(RefuseConflict, CodeTargetMayRun,
+						"target worker %s may still run the machine: its lease is valid until %s and its agent fences itself by then; confirm target_torn_down after %s (in %s)",
+						m.Target, w.LeaseExpiry.UTC().Format(time.RFC3339), after.UTC().Format(time.RFC3339), after.Sub(c.Now).Round(time.Second))
+				}
+			}
+		}
 		m.Rollback.TargetTornDown = true
 	case EvSourceRestored:
 		// Invariant 2: the source restarts only after the target's teardown is committed.

@@ -15,6 +15,13 @@ const (
 	maxStepIDs                 = 128                // step IDs remembered per migration
 )
 
+// FenceMargin is how long past a worker's lease expiry the store still
+// assumes the worker may run machines: an agent that cannot renew stops
+// its machines before its lease ends (by its own margin), and this covers
+// clock drift between worker and servers and a machine's stop time. An
+// operator's word that a silent target is gone counts only after it.
+const FenceMargin = 5 * time.Second
+
 // Migration is the replicated record of one migration.
 type Migration struct {
 	ID      string `json:"id"`
