@@ -32,6 +32,10 @@ type Config struct {
 	Exe       string // path of the ferry binary, for child processes
 	Heartbeat time.Duration
 	LeaseTTL  time.Duration
+	// FenceMargin is how long before its lease can end the agent stops the
+	// machines whose place is not settled here (the time a stop takes, plus
+	// slack); default a quarter of LeaseTTL.
+	FenceMargin time.Duration
 	// Retry is the first backoff after a failed step; it doubles up to
 	// RetryMax, each delay jittered by half either way.
 	Retry, RetryMax time.Duration
@@ -41,6 +45,10 @@ type Config struct {
 	MaxPreCutoverAttempts int
 	// HydrationRate caps background hydration, bytes/s (0: none).
 	HydrationRate int64
+	// StartBeforeCutover starts the machine on the target before cutover
+	// commits (one commit less downtime), relying on the self-fence to stop
+	// it if the target is cut off before the commit. Off by default.
+	StartBeforeCutover bool
 	// PauseBefore delays proposing an event: a failpoint for chaos and crash
 	// tests (FERRY_FAILPOINT_PAUSE_BEFORE="clone_built=30s,exported=5s").
 	PauseBefore map[fsm.Event]time.Duration
@@ -71,6 +79,9 @@ func (c *Config) defaults() {
 	if c.Heartbeat == 0 {
 		c.Heartbeat = c.LeaseTTL / 4
 	}
+	if c.FenceMargin == 0 {
+		c.FenceMargin = c.LeaseTTL / 4
+	}
 	if c.Retry == 0 {
 		c.Retry = 200 * time.Millisecond
 	}
@@ -95,6 +106,8 @@ type Agent struct {
 	mach machine.Driver
 	vols datapath.Backend
 	met  *metrics
+	// fence stops unsettled machines when the lease cannot be renewed.
+	fence *fence
 
 	// machMu orders the reconcile loop's machine starts and stops against
 	// migrations taking a machine over: a reconcile that decided a machine
@@ -104,6 +117,7 @@ type Agent struct {
 	mu      sync.Mutex
 	running map[string]chan *fsm.Migration // migration id -> its driver goroutine's inbox
 	active  map[string]string              // active migration id -> its machine
+	reaping map[string]bool                // ended migrations being reaped
 	// firstWatch closes once the first list of our migrations arrived.
 	firstWatch chan struct{}
 	firstOnce  sync.Once
@@ -125,7 +139,7 @@ func New(log zerolog.Logger, cfg Config, cp ControlPlane, exp Exporter, net Netw
 			Msg("this data path has no hydration rate limit; hydration runs unthrottled")
 	}
 	return &Agent{cfg: cfg, log: log.With().Str("worker", cfg.Worker).Logger(),
-		cp: cp, exp: exp, net: net, mach: mach, vols: vols, met: newMetrics(), running: map[string]chan *fsm.Migration{}, active: map[string]string{},
+		cp: cp, exp: exp, net: net, mach: mach, vols: vols, met: newMetrics(), fence: newFence(), running: map[string]chan *fsm.Migration{}, active: map[string]string{}, reaping: map[string]bool{},
 		firstWatch: make(chan struct{})}, nil
 }
 
@@ -134,11 +148,19 @@ func New(log zerolog.Logger, cfg Config, cp ControlPlane, exp Exporter, net Netw
 // agent process resumes it.
 func (a *Agent) Run(ctx context.Context) error {
 	w := fsm.Worker{Name: a.cfg.Worker, HostID: a.cfg.HostID, Address: a.cfg.Address}
-	if err := retryUntil(ctx, a.log, "register worker", func() error { return a.cp.RegisterWorker(ctx, w) }); err != nil {
+	if err := retryUntil(ctx, a.log, "register worker", func() error {
+		sent := a.fence.clock()
+		if err := a.cp.RegisterWorker(ctx, w); err != nil {
+			return err
+		}
+		a.fence.renewed(sent, a.cfg.LeaseTTL, a.cfg.FenceMargin)
+		return nil
+	}); err != nil {
 		return err
 	}
 	a.log.Info().Uint32("host_id", a.cfg.HostID).Str("address", a.cfg.Address).Msg("worker registered")
 	go a.heartbeat(ctx)
+	go a.fenceLoop(ctx)
 	go a.reconcileLoop(ctx)
 	var index uint64
 	watchBackoff := retry.New(200*time.Millisecond, 5*time.Second)
@@ -155,6 +177,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 		watchBackoff.Reset()
 		index = next
+		a.fence.noteMigrations(ms)
 		a.machMu.Lock()
 		a.mu.Lock()
 		for _, m := range ms {
@@ -171,23 +194,31 @@ func (a *Agent) Run(ctx context.Context) error {
 		for _, m := range ms {
 			a.dispatch(ctx, m)
 		}
+		a.reap(ctx, ms)
 	}
 	a.wg.Wait()
 	return nil
 }
 
+// heartbeat renews the lease every Heartbeat; after a failure it retries
+// sooner (jittered), since the fence deadline is less than a lease away.
 func (a *Agent) heartbeat(ctx context.Context) {
-	t := time.NewTicker(a.cfg.Heartbeat)
-	defer t.Stop()
+	bo := retry.New(100*time.Millisecond, a.cfg.Heartbeat)
+	wait := a.cfg.Heartbeat
 	for {
-		select {
-		case <-ctx.Done():
+		if !sleep(ctx, wait) {
 			return
-		case <-t.C:
-			if err := a.cp.Heartbeat(ctx, a.cfg.Worker); err != nil && ctx.Err() == nil {
-				a.log.Warn().Err(err).Msg("heartbeat failed")
-			}
 		}
+		if err := a.heartbeatOnce(ctx); err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			wait = bo.Next()
+			a.log.Warn().Err(err).Dur("retry_in", wait).Msg("heartbeat failed")
+			continue
+		}
+		bo.Reset()
+		wait = a.cfg.Heartbeat
 	}
 }
 

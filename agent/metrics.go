@@ -21,6 +21,8 @@ type metrics struct {
 	stalls       prometheus.Counter
 	downtime     prometheus.Histogram
 	active       prometheus.Gauge
+	fenced       prometheus.Gauge
+	fenceStops   prometheus.Counter
 }
 
 func newMetrics() *metrics {
@@ -42,7 +44,11 @@ func newMetrics() *metrics {
 		active: prometheus.NewGauge(prometheus.GaugeOpts{Name: "ferry_agent_migrations_active",
 			Help: "Migrations naming this worker that are not finished."}),
 	}
-	m.reg.MustRegister(m.steps, m.stepFailures, m.hydrateRate, m.hydrated, m.stalls, m.downtime, m.active)
+	m.fenced = prometheus.NewGauge(prometheus.GaugeOpts{Name: "ferry_agent_fenced",
+		Help: "1 while the agent's lease could not be renewed in time and it fenced itself."})
+	m.fenceStops = prometheus.NewCounter(prometheus.CounterOpts{Name: "ferry_agent_fence_stops_total",
+		Help: "Machines the agent stopped because it fenced itself."})
+	m.reg.MustRegister(m.steps, m.stepFailures, m.hydrateRate, m.hydrated, m.stalls, m.downtime, m.active, m.fenced, m.fenceStops)
 	return m
 }
 

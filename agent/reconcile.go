@@ -62,6 +62,7 @@ func (a *Agent) reconcile(ctx context.Context) {
 	if err != nil {
 		return
 	}
+	a.fence.noteAssigned(a.cfg.Worker, machs)
 	for _, m := range machs {
 		a.reconcileMachine(ctx, m)
 	}

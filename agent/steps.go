@@ -161,6 +161,7 @@ func (a *Agent) machineSpec(mach *fsm.Machine, netns string) (machine.Spec, erro
 	}
 	s.Env["FERRY_WORKER"] = a.cfg.Worker
 	s.Env["FERRY_6PN"] = mach.Addr6PN
+	a.fence.noteSpec(s)
 	return s, nil
 }
 
@@ -232,7 +233,11 @@ func (a *Agent) trim(ctx context.Context, log zerolog.Logger, m *fsm.Migration) 
 }
 
 // cutover starts the machine on the target with its new 6PN address and
-// keeps the old one reaching it. Point of no return.
+// keeps the old one reaching it. Point of no return. By default the machine
+// starts only once cutover is committed: before that a rollback may hand it
+// back to the source, and a target cut off from the servers (or whose agent
+// died) could not be relied on to stop it. StartBeforeCutover starts it
+// first, saving one commit of downtime, and relies on the self-fence.
 func (a *Agent) cutover(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
 	mach, err := a.cp.GetMachine(ctx, m.Machine)
 	if err != nil {
@@ -265,12 +270,21 @@ func (a *Agent) cutover(ctx context.Context, log zerolog.Logger, m *fsm.Migratio
 	if mach.Addr6PN != "" {
 		spec.Env["FERRY_OLD_6PN"] = mach.Addr6PN
 	}
-	if err := a.mach.Start(ctx, spec); err != nil {
-		return err
+	if a.cfg.StartBeforeCutover {
+		if err := a.startMachine(ctx, spec); err != nil {
+			return err
+		}
+		log.Info().Str("new_6pn", newAddr).Msg("machine started on the target (before cutover commits)")
 	}
-	log.Info().Str("new_6pn", newAddr).Msg("machine started on the target")
 	if err := a.propose(ctx, m, fsm.EvCutover, fsm.EventPayload{New6PN: newAddr}); err != nil {
 		return err
+	}
+	if !a.cfg.StartBeforeCutover {
+		// A failure here is retried by the next state's step (ensureRunning).
+		if err := a.startMachine(ctx, spec); err != nil {
+			return err
+		}
+		log.Info().Str("new_6pn", newAddr).Msg("cutover committed; machine started on the target")
 	}
 	if t0, ok := m.EnteredAt[fsm.SourceStopped]; ok {
 		a.met.downtime.Observe(time.Since(t0).Seconds())
@@ -278,9 +292,47 @@ func (a *Agent) cutover(ctx context.Context, log zerolog.Logger, m *fsm.Migratio
 	return nil
 }
 
+// ensureRunning, on the target after cutover, starts the machine if it does
+// not run: the start after the cutover commit failed, the fence stopped it
+// while the commit's outcome was unknown here, or it crashed.
+func (a *Agent) ensureRunning(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
+	mach, err := a.cp.GetMachine(ctx, m.Machine)
+	if err != nil {
+		return err
+	}
+	if mach.Worker != a.cfg.Worker || mach.State != fsm.MachineRunning {
+		return nil
+	}
+	netns := ""
+	if a.net != nil && mach.Addr6PN != "" {
+		addr, err := netrewrite.Parse(mach.Addr6PN)
+		if err != nil {
+			return fmt.Errorf("machine %s 6PN address: %w", mach.ID, err)
+		}
+		if netns, err = a.net.Attach(ctx, mach.ID, addr); err != nil {
+			return err
+		}
+	}
+	spec, err := a.machineSpec(mach, netns)
+	if err != nil {
+		return err
+	}
+	if st, err := a.mach.Status(ctx, spec); err == nil && st == machine.Running {
+		return nil
+	}
+	if err := a.startMachine(ctx, spec); err != nil {
+		return err
+	}
+	log.Warn().Msg("machine was not running after cutover; started it")
+	return nil
+}
+
 func (a *Agent) startHydration(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
 	p, err := a.ensureClone(ctx, m, true)
 	if err != nil {
+		return err
+	}
+	if err := a.ensureRunning(ctx, log, m); err != nil {
 		return err
 	}
 	if err := p.EnableHydration(ctx); err != nil {
@@ -326,6 +378,9 @@ func toFSMProgress(p *fsm.Progress) *fsm.Progress { return p.Replicated() }
 func (a *Agent) hydrate(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
 	p, err := a.ensureClone(ctx, m, true)
 	if err != nil {
+		return err
+	}
+	if err := a.ensureRunning(ctx, log, m); err != nil {
 		return err
 	}
 	if err := p.EnableHydration(ctx); err != nil { // idempotent; after a datapath restart
@@ -386,6 +441,19 @@ func (a *Agent) hydrate(ctx context.Context, log zerolog.Logger, m *fsm.Migratio
 // tearDownTarget releases everything the target built; the machine never
 // ran here (rollback is only possible before cutover).
 func (a *Agent) tearDownTarget(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
+	if err := a.releaseTarget(ctx, log, m); err != nil {
+		return err
+	}
+	log.Info().Msg("target torn down")
+	if err := a.propose(ctx, m, fsm.EvTargetTornDown, fsm.EventPayload{}); err != nil {
+		return err
+	}
+	return a.markDone(m, "reaped")
+}
+
+// releaseTarget stops the machine if the store does not assign it here and
+// removes the clone, its mount and the destination volume. Idempotent.
+func (a *Agent) releaseTarget(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
 	mnt := a.vols.MountPoint(m.Machine)
 	if mach, err := a.cp.GetMachine(ctx, m.Machine); err == nil && mach.Worker != a.cfg.Worker {
 		spec, _ := a.machineSpec(mach, "")
@@ -415,8 +483,7 @@ func (a *Agent) tearDownTarget(ctx context.Context, log zerolog.Logger, m *fsm.M
 	if err := a.cp.UpdateVolume(ctx, fsm.UpdateVolumeCmd{ID: tv, State: &destroyed}); err != nil {
 		log.Debug().Err(err).Msg("destination volume record not updated (it may never have been registered)")
 	}
-	log.Info().Msg("target torn down")
-	return a.propose(ctx, m, fsm.EvTargetTornDown, fsm.EventPayload{})
+	return nil
 }
 
 // --- source steps ---------------------------------------------------------
@@ -611,7 +678,7 @@ func (a *Agent) startLocal(ctx context.Context, mach *fsm.Machine) error {
 	if err != nil {
 		return err
 	}
-	return a.mach.Start(ctx, spec)
+	return a.startMachine(ctx, spec)
 }
 
 // fstrim discards the filesystem's unused blocks at mnt; through the LUKS

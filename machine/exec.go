@@ -216,6 +216,27 @@ func (e *Exec) Status(ctx context.Context, s Spec) (State, error) {
 	return Stopped, nil
 }
 
+// Running lists the machines whose recorded process is alive.
+func (e *Exec) Running(ctx context.Context) ([]string, error) {
+	ents, err := os.ReadDir(e.StateDir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("list machines in %s: %w", e.StateDir, err)
+	}
+	var out []string
+	for _, ent := range ents {
+		if !ent.IsDir() || ValidateID(ent.Name()) != nil {
+			continue
+		}
+		if ref, err := e.readRef(ent.Name()); err == nil && ref.alive() {
+			out = append(out, ent.Name())
+		}
+	}
+	return out, nil
+}
+
 // Interval is one period during which a machine ran on a worker.
 type Interval struct{ Start, Stop time.Time }
 
