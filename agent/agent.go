@@ -49,6 +49,12 @@ type Config struct {
 	// commits (one commit less downtime), relying on the self-fence to stop
 	// it if the target is cut off before the commit. Off by default.
 	StartBeforeCutover bool
+	// RestartBackoff is the first delay before restarting a crashed
+	// machine; it doubles (jittered) up to RestartBackoffMax.
+	RestartBackoff, RestartBackoffMax time.Duration
+	// MaxCrashes crashes within RestartWindow mark a machine failed.
+	MaxCrashes    int
+	RestartWindow time.Duration
 	// PauseBefore delays proposing an event: a failpoint for chaos and crash
 	// tests (FERRY_FAILPOINT_PAUSE_BEFORE="clone_built=30s,exported=5s").
 	PauseBefore map[fsm.Event]time.Duration
@@ -79,6 +85,18 @@ func (c *Config) defaults() {
 	if c.Heartbeat == 0 {
 		c.Heartbeat = c.LeaseTTL / 4
 	}
+	if c.RestartBackoff == 0 {
+		c.RestartBackoff = time.Second
+	}
+	if c.RestartBackoffMax == 0 {
+		c.RestartBackoffMax = time.Minute
+	}
+	if c.MaxCrashes == 0 {
+		c.MaxCrashes = 5
+	}
+	if c.RestartWindow == 0 {
+		c.RestartWindow = 10 * time.Minute
+	}
 	if c.FenceMargin == 0 {
 		c.FenceMargin = c.LeaseTTL / 4
 	}
@@ -108,6 +126,8 @@ type Agent struct {
 	met  *metrics
 	// fence stops unsettled machines when the lease cannot be renewed.
 	fence *fence
+	// restarts is the restart policy's memory of crashes.
+	restarts *restarts
 
 	// machMu orders the reconcile loop's machine starts and stops against
 	// migrations taking a machine over: a reconcile that decided a machine
@@ -138,7 +158,7 @@ func New(log zerolog.Logger, cfg Config, cp ControlPlane, exp Exporter, net Netw
 		log.Warn().Str("backend", caps.Name).Int64("hydration_rate", cfg.HydrationRate).
 			Msg("this data path has no hydration rate limit; hydration runs unthrottled")
 	}
-	return &Agent{cfg: cfg, log: log.With().Str("worker", cfg.Worker).Logger(),
+	return &Agent{restarts: newRestarts(cfg.RestartBackoff, cfg.RestartBackoffMax, cfg.RestartWindow, cfg.MaxCrashes), cfg: cfg, log: log.With().Str("worker", cfg.Worker).Logger(),
 		cp: cp, exp: exp, net: net, mach: mach, vols: vols, met: newMetrics(), fence: newFence(), running: map[string]chan *fsm.Migration{}, active: map[string]string{}, reaping: map[string]bool{},
 		firstWatch: make(chan struct{})}, nil
 }

@@ -260,6 +260,7 @@ func (a *Agent) stopUnsettled(ctx context.Context) {
 			continue
 		}
 		a.met.fenceStops.Inc()
+		a.restarts.forget(id)
 		a.log.Warn().Str("machine", id).Msg("fence: machine stopped (its place is not settled on this worker while the lease is unknown)")
 	}
 }

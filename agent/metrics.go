@@ -22,6 +22,8 @@ type metrics struct {
 	downtime     prometheus.Histogram
 	active       prometheus.Gauge
 	fenced       prometheus.Gauge
+	crashes      prometheus.Counter
+	failed       prometheus.Counter
 	fenceStops   prometheus.Counter
 }
 
@@ -48,7 +50,11 @@ func newMetrics() *metrics {
 		Help: "1 while the agent's lease could not be renewed in time and it fenced itself."})
 	m.fenceStops = prometheus.NewCounter(prometheus.CounterOpts{Name: "ferry_agent_fence_stops_total",
 		Help: "Machines the agent stopped because it fenced itself."})
-	m.reg.MustRegister(m.steps, m.stepFailures, m.hydrateRate, m.hydrated, m.stalls, m.downtime, m.active, m.fenced, m.fenceStops)
+	m.crashes = prometheus.NewCounter(prometheus.CounterOpts{Name: "ferry_agent_machine_crashes_total",
+		Help: "Machines found dead while recorded running on this worker."})
+	m.failed = prometheus.NewCounter(prometheus.CounterOpts{Name: "ferry_agent_machines_failed_total",
+		Help: "Machines marked failed after crashing too often within the restart window."})
+	m.reg.MustRegister(m.steps, m.stepFailures, m.hydrateRate, m.hydrated, m.stalls, m.downtime, m.active, m.fenced, m.fenceStops, m.crashes, m.failed)
 	return m
 }
 

@@ -151,6 +151,9 @@ type UpdateMachineCmd struct {
 	Volume  *string          `json:"volume,omitempty"`
 	Addr6PN *string          `json:"addr_6pn,omitempty"`
 	Spec    *json.RawMessage `json:"spec,omitempty"`
+	// Crashes, from the machine's worker, records its crash count. A state
+	// change without it (an operator's start or stop) resets the count.
+	Crashes *int `json:"crashes,omitempty"`
 }
 
 // PlanCmd creates a migration after admission checks.

@@ -239,6 +239,9 @@ type MachineState string
 const (
 	MachineRunning MachineState = "running"
 	MachineStopped MachineState = "stopped"
+	// MachineFailed: it crashed too often in a window; its worker no longer
+	// restarts it until an operator starts it again.
+	MachineFailed MachineState = "failed"
 )
 
 // Machine is a workload using one volume.
@@ -252,6 +255,9 @@ type Machine struct {
 	State     MachineState    `json:"state"`
 	Spec      json.RawMessage `json:"spec,omitempty"` // driver command spec, opaque to the store
 	Migrated  bool            `json:"migrated"`
+	// Crashes counts the machine's crashes in its worker's restart window
+	// (reset when an operator starts or stops it).
+	Crashes int `json:"crashes,omitempty"`
 }
 
 // ServerMember is a raft voter and where its API listens, so followers can
