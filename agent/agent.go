@@ -8,6 +8,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -39,8 +40,13 @@ type Config struct {
 	// Retry is the first backoff after a failed step; it doubles up to
 	// RetryMax, each delay jittered by half either way.
 	Retry, RetryMax time.Duration
-	// StallAfter: a step failing this long is reported as stalled.
+	// StallAfter: a step failing (or running) this long is reported as stalled.
 	StallAfter time.Duration
+	// StepTimeout bounds one attempt of a step (and so every tool it runs),
+	// except hydration's, which waits for the whole copy and reports its
+	// own stalls. Steps between source_stopped and cutover are bounded
+	// tighter, by what is left of the migration's downtime budget.
+	StepTimeout time.Duration
 	// MaxPreCutoverAttempts: a pre-cutover step failing this many times fails the migration (rollback).
 	MaxPreCutoverAttempts int
 	// HydrationRate caps background hydration, bytes/s (0: none).
@@ -109,6 +115,9 @@ func (c *Config) defaults() {
 	if c.StallAfter == 0 {
 		c.StallAfter = 30 * time.Second
 	}
+	if c.StepTimeout == 0 {
+		c.StepTimeout = 5 * time.Minute
+	}
 	if c.MaxPreCutoverAttempts == 0 {
 		c.MaxPreCutoverAttempts = 5
 	}
@@ -138,6 +147,9 @@ type Agent struct {
 	running map[string]chan *fsm.Migration // migration id -> its driver goroutine's inbox
 	active  map[string]string              // active migration id -> its machine
 	reaping map[string]bool                // ended migrations being reaped
+	// runCtx is Run's context: failpoint pauses sleep on it, not on a
+	// step's deadline, so a test's pause is not cut short.
+	runCtx context.Context
 	// firstWatch closes once the first list of our migrations arrived.
 	firstWatch chan struct{}
 	firstOnce  sync.Once
@@ -167,6 +179,7 @@ func New(log zerolog.Logger, cfg Config, cp ControlPlane, exp Exporter, net Netw
 // left where it is (exports, datapaths and machines keep running) so a new
 // agent process resumes it.
 func (a *Agent) Run(ctx context.Context) error {
+	a.runCtx = ctx
 	w := fsm.Worker{Name: a.cfg.Worker, HostID: a.cfg.HostID, Address: a.cfg.Address}
 	if err := retryUntil(ctx, a.log, "register worker", func() error {
 		sent := a.fence.clock()
@@ -301,7 +314,14 @@ func (a *Agent) drive(ctx context.Context, id string, inbox chan *fsm.Migration)
 			m = nil
 			continue
 		}
-		err := step(ctx, log, m)
+		stepCtx, cancel, budgetEnd := a.stepContext(ctx, m)
+		stopWatch := a.watchStep(stepCtx, log, m)
+		err := step(stepCtx, log, m)
+		stopWatch()
+		if err != nil && stepCtx.Err() != nil && ctx.Err() == nil {
+			err = fmt.Errorf("%w (%v)", err, context.Cause(stepCtx))
+		}
+		cancel()
 		if err == nil {
 			a.met.steps.WithLabelValues(string(m.State)).Inc()
 			attempts, failingSince = 0, time.Time{}
@@ -334,7 +354,11 @@ func (a *Agent) drive(ctx context.Context, id string, inbox chan *fsm.Migration)
 		}
 		backoff := bo.Next()
 		log.Warn().Err(err).Str("state", string(m.State)).Int("attempt", attempts).Dur("backoff", backoff).Msg("step failed; retrying")
-		a.reportFailure(ctx, log, m, err, attempts, failingSince)
+		if !budgetEnd.IsZero() && !time.Now().Before(budgetEnd) {
+			a.failOverBudget(ctx, log, m, err)
+		} else {
+			a.reportFailure(ctx, log, m, err, attempts, failingSince)
+		}
 		if !sleep(ctx, backoff) {
 			return
 		}
@@ -364,6 +388,78 @@ func (a *Agent) reportFailure(ctx context.Context, log zerolog.Logger, m *fsm.Mi
 	if err != nil {
 		log.Debug().Err(err).Msg("could not report the failure")
 	}
+}
+
+// errBudget is the cause of a step cancelled because the migration's
+// downtime budget is spent.
+var errBudget = errors.New("the downtime budget is spent")
+
+// errStepTimeout is the cause of a step cancelled after StepTimeout.
+var errStepTimeout = errors.New("the step timed out")
+
+// stepContext bounds one attempt of m's step: by StepTimeout, and between
+// source_stopped and cutover by the end of the downtime budget (returned,
+// zero outside that window). Hydration waits for the whole copy.
+func (a *Agent) stepContext(ctx context.Context, m *fsm.Migration) (context.Context, context.CancelFunc, time.Time) {
+	if m.State == fsm.Hydrating {
+		c, cancel := context.WithCancel(ctx)
+		return c, cancel, time.Time{}
+	}
+	deadline, cause := time.Now().Add(a.cfg.StepTimeout), errStepTimeout
+	var budgetEnd time.Time
+	if t0, ok := m.EnteredAt[fsm.SourceStopped]; ok && m.State.BeforeCutover() {
+		budgetEnd = t0.Add(m.Budget())
+		if budgetEnd.Before(deadline) {
+			deadline, cause = budgetEnd, errBudget
+		}
+	}
+	c, cancel := context.WithDeadlineCause(ctx, deadline, cause)
+	return c, cancel, budgetEnd
+}
+
+// failOverBudget rolls back a migration whose downtime budget ran out
+// before cutover: the machine is better back on the source than waiting.
+func (a *Agent) failOverBudget(ctx context.Context, log zerolog.Logger, m *fsm.Migration, stepErr error) {
+	reason := fmt.Sprintf("downtime budget %v spent before cutover: the %s step did not finish", m.Budget(), m.State)
+	log.Error().Err(stepErr).Str("reason", reason).Msg("rolling back")
+	_, err := a.cp.Propose(ctx, m.ID, fsm.EvFailed, stepID(m, "failed", string(m.State)),
+		fsm.EventPayload{Reason: reason, Error: stepErr.Error()})
+	if err != nil {
+		log.Warn().Err(err).Msg("could not fail the migration")
+	}
+}
+
+// watchStep reports a step after cutover that runs StallAfter without
+// finishing as stalled, with what it is doing: after cutover the migration
+// can only wait for it. It returns a function that ends the watch.
+func (a *Agent) watchStep(ctx context.Context, log zerolog.Logger, m *fsm.Migration) func() {
+	if !m.State.AfterCutover() || m.State == fsm.Hydrating {
+		return func() {}
+	}
+	done := make(chan struct{})
+	go func() {
+		t := time.NewTimer(a.cfg.StallAfter)
+		defer t.Stop()
+		select {
+		case <-done:
+			return
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		stalled := true
+		reason := fmt.Sprintf("the %s step has run for %v without finishing (a hung tool or an unreachable peer); it is cancelled and retried after %v", m.State, a.cfg.StallAfter, a.cfg.StepTimeout)
+		log.Warn().Str("reason", reason).Msg("step stalled")
+		a.met.stalls.Inc()
+		rc := a.runCtx
+		if rc == nil {
+			rc = ctx
+		}
+		if _, err := a.cp.Propose(rc, m.ID, fsm.EvReport, "", fsm.EventPayload{Error: reason, Stalled: &stalled}); err != nil {
+			log.Debug().Err(err).Msg("could not report the stall")
+		}
+	}()
+	return func() { close(done) }
 }
 
 // stepID names a step deterministically so every retry proposes the same ID.

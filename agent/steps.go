@@ -101,8 +101,12 @@ func (a *Agent) markDone(m *fsm.Migration, what string) error {
 func (a *Agent) propose(ctx context.Context, m *fsm.Migration, ev fsm.Event, p fsm.EventPayload) error {
 	if d := a.cfg.PauseBefore[ev]; d > 0 {
 		a.log.Warn().Str("migration", m.ID).Str("event", string(ev)).Dur("pause", d).Msg("failpoint: pausing before proposing")
-		if !sleep(ctx, d) {
-			return ctx.Err()
+		pause := a.runCtx
+		if pause == nil {
+			pause = ctx
+		}
+		if !sleep(pause, d) {
+			return pause.Err()
 		}
 	}
 	_, err := a.cp.Propose(ctx, m.ID, ev, stepID(m, string(ev)), p)

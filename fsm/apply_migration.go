@@ -31,6 +31,9 @@ func (s *Store) applyPlan(index uint64, c *PlanCmd) *Result {
 	if !validID(c.ID) {
 		return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "migration id %q is not valid", c.ID)}
 	}
+	if c.MaxDowntime < 0 || (c.MaxDowntime > 0 && c.MaxDowntime < 100*time.Millisecond) {
+		return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "max downtime %v: give at least 100ms (0 for the default %v)", c.MaxDowntime, DefaultMaxDowntime)}
+	}
 	mach, ok := s.d.Machines[c.Machine]
 	if !ok {
 		return &Result{Refusal: notFound("machine", c.Machine)}
@@ -62,7 +65,7 @@ func (s *Store) applyPlan(index uint64, c *PlanCmd) *Result {
 	if !src.Alive(c.Now) {
 		return &Result{Refusal: refuse(RefuseConflict, CodeAdmission, "source worker %s has no valid lease: its agent must run to stop and export the machine", src.Name)}
 	}
-	m := &Migration{ID: c.ID, Volume: vol.ID, Machine: mach.ID, Source: src.Name, Target: dst.Name, Network: mach.Network}
+	m := &Migration{ID: c.ID, Volume: vol.ID, Machine: mach.ID, Source: src.Name, Target: dst.Name, Network: mach.Network, MaxDowntime: c.MaxDowntime}
 	for _, l := range m.lockNames() {
 		if holder, ok := s.d.Locks[l]; ok {
 			return &Result{Refusal: refuse(RefuseConflict, CodeLocked, "%s is locked by migration %s (one migration per volume and per private network)", l, holder)}

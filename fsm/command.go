@@ -163,6 +163,8 @@ type PlanCmd struct {
 	Machine string `json:"machine"`
 	Target  string `json:"target"`
 	StepID  string `json:"step_id,omitempty"`
+	// MaxDowntime is the downtime budget (0: DefaultMaxDowntime).
+	MaxDowntime time.Duration `json:"max_downtime,omitempty"`
 }
 
 // ProposeCmd proposes an event on a migration.

@@ -15,6 +15,19 @@ const (
 	maxStepIDs                 = 128                // step IDs remembered per migration
 )
 
+// DefaultMaxDowntime is a migration's downtime budget when its plan names
+// none: generous next to the usual sub-second cutover, so only a step that
+// hangs (a tool, a lost source) spends it.
+const DefaultMaxDowntime = 60 * time.Second
+
+// Budget returns the migration's downtime budget.
+func (m *Migration) Budget() time.Duration {
+	if m.MaxDowntime > 0 {
+		return m.MaxDowntime
+	}
+	return DefaultMaxDowntime
+}
+
 // FenceMargin is how long past a worker's lease expiry the store still
 // assumes the worker may run machines: an agent that cannot renew stops
 // its machines before its lease ends (by its own margin), and this covers
@@ -48,9 +61,13 @@ type Migration struct {
 	TargetVol   string              `json:"target_volume,omitempty"`
 	Old6PN      string              `json:"old_6pn,omitempty"`
 	New6PN      string              `json:"new_6pn,omitempty"`
-	KeyAccess   []KeyAccess         `json:"key_access,omitempty"`
-	Steps       []StepResult        `json:"steps,omitempty"` // last maxStepIDs applied step IDs, oldest first
-	stepIndex   map[string]int      // StepID -> index in Steps; rebuilt on restore
+	// MaxDowntime is the downtime budget: the steps from source_stopped to
+	// cutover must finish within it, or the migration rolls back (0:
+	// DefaultMaxDowntime).
+	MaxDowntime time.Duration  `json:"max_downtime,omitempty"`
+	KeyAccess   []KeyAccess    `json:"key_access,omitempty"`
+	Steps       []StepResult   `json:"steps,omitempty"` // last maxStepIDs applied step IDs, oldest first
+	stepIndex   map[string]int // StepID -> index in Steps; rebuilt on restore
 }
 
 // RollbackInfo records why and how a migration rolled back.

@@ -276,7 +276,9 @@ func lazyUnmountFUSE(fuseDir string) error {
 	if _, ok := hostfs.MountedAt(fuseDir); !ok {
 		return nil
 	}
-	if out, err := exec.Command("fusermount3", "-u", "-z", fuseDir).CombinedOutput(); err != nil {
+	tctx, cancel := context.WithTimeout(context.Background(), 10*time.Second) // every external tool runs under a deadline
+	defer cancel()
+	if out, err := exec.CommandContext(tctx, "fusermount3", "-u", "-z", fuseDir).CombinedOutput(); err != nil {
 		return fmt.Errorf("unmount FUSE %s: %w: %s", fuseDir, err, strings.TrimSpace(string(out)))
 	}
 	return nil
