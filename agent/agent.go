@@ -374,7 +374,7 @@ func (a *Agent) drive(ctx context.Context, id string, inbox chan *fsm.Migration)
 func (a *Agent) reportFailure(ctx context.Context, log zerolog.Logger, m *fsm.Migration, stepErr error, attempts int, since time.Time) {
 	if m.State.BeforeCutover() && attempts >= a.cfg.MaxPreCutoverAttempts {
 		_, err := a.cp.Propose(ctx, m.ID, fsm.EvFailed, stepID(m, "failed", string(m.State)),
-			fsm.EventPayload{Reason: fmt.Sprintf("%s step failed %d times", m.State, attempts), Error: stepErr.Error()})
+			fsm.EventPayload{Reason: fmt.Sprintf("%s step failed %d times: %v", m.State, attempts, stepErr), Error: stepErr.Error()})
 		if err != nil {
 			log.Warn().Err(err).Msg("could not fail the migration")
 		}

@@ -268,6 +268,9 @@ func (v *Backend) CleanupAll(ctx context.Context) error {
 			errs = append(errs, err)
 		}
 	}
+	if len(errs) == 0 {
+		errs = append(errs, hostfs.ReleaseShared(v.MountPoint("")))
+	}
 	return errors.Join(errs...)
 }
 

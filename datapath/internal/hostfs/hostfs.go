@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ferry-dev/ferry/blockdev"
+	"github.com/ferry-dev/ferry/datapath/internal/mountns"
 	"github.com/ferry-dev/ferry/internal/atomicfile"
 	"github.com/ferry-dev/ferry/internal/retry"
 	"github.com/ferry-dev/ferry/luks"
@@ -103,6 +104,12 @@ func MountExt4(dev, mnt, vol string) error {
 		}
 		return fmt.Errorf("%s is already mounted from %s, not %s: unmount it first", mnt, src, dev)
 	}
+	// Under a shared mount point, so copies of the mount table made later
+	// as slaves (ip netns exec, services, containers) drop this mount when
+	// it is unmounted here instead of pinning the volume.
+	if err := mountns.EnsureShared(filepath.Dir(mnt)); err != nil {
+		return err
+	}
 	if err := os.MkdirAll(mnt, 0o755); err != nil {
 		return err
 	}
@@ -125,7 +132,12 @@ func sameDevice(a, b string) bool {
 	return sa.Mode&unix.S_IFMT == unix.S_IFBLK && sa.Rdev == sb.Rdev
 }
 
-// UnmountAll unmounts every mount point directly under dir.
+// ReleaseShared undoes the shared bind mount MountExt4 makes of a mount
+// point's parent, once nothing is mounted under it.
+func ReleaseShared(dir string) error { return mountns.Release(dir) }
+
+// UnmountAll unmounts every mount point directly under dir, then dir's
+// shared bind.
 func UnmountAll(dir string) error {
 	var errs []error
 	mnts, _ := os.ReadDir(dir)
@@ -136,6 +148,10 @@ func UnmountAll(dir string) error {
 				errs = append(errs, err)
 			}
 		}
+	}
+	if len(errs) == 0 {
+		// The shared bind MountExt4 made of dir, now empty.
+		errs = append(errs, mountns.Release(dir))
 	}
 	return errors.Join(errs...)
 }
