@@ -392,6 +392,20 @@ func (a *Agent) hydrate(ctx context.Context, log zerolog.Logger, m *fsm.Migratio
 	}
 	lastReport := time.Time{}
 	var watch progressWatch
+	// Follow the export if the source moved it (a restart elsewhere).
+	follow := func(e *fsm.Export) bool {
+		r, ok := p.(datapath.Retargeter)
+		if e == nil || !ok {
+			return true // nothing to follow, or a data path that cannot
+		}
+		if err := r.Retarget(ctx, e.Portal, e.IQN); err != nil {
+			log.Warn().Err(err).Str("portal", e.Portal).Msg("cannot reconnect to the export's recorded portal yet")
+			return false
+		}
+		return true
+	}
+	follow(m.Export)
+	exportAt := m.Export
 	for {
 		st, err := p.Status(ctx)
 		if err != nil {
@@ -434,7 +448,13 @@ func (a *Agent) hydrate(ctx context.Context, log zerolog.Logger, m *fsm.Migratio
 		}
 		if st.Progress != nil && time.Since(lastReport) >= time.Second {
 			lastReport = time.Now()
-			_, _ = a.cp.Propose(ctx, m.ID, fsm.EvProgress, "", fsm.EventPayload{Progress: toFSMProgress(st.Progress)})
+			if cur, err := a.cp.Propose(ctx, m.ID, fsm.EvProgress, "", fsm.EventPayload{Progress: toFSMProgress(st.Progress)}); err == nil && cur != nil &&
+				cur.Export != nil && (exportAt == nil || *cur.Export != *exportAt) {
+				log.Info().Str("portal", cur.Export.Portal).Msg("the source moved its export; reconnecting")
+				if follow(cur.Export) {
+					exportAt = cur.Export
+				}
+			}
 		}
 		if !sleep(ctx, 100*time.Millisecond) {
 			return ctx.Err()
@@ -548,12 +568,20 @@ func (a *Agent) reExport(ctx context.Context, log zerolog.Logger, m *fsm.Migrati
 	if err != nil {
 		return err
 	}
-	portal, _, err := a.exp.Export(ctx, m.ID, a.vols.DataPath(m.Volume), tw.Address)
+	portal, iqn, err := a.exp.Export(ctx, m.ID, a.vols.DataPath(m.Volume), tw.Address)
 	if err != nil {
 		return err
 	}
-	if portal != m.Export.Portal {
-		return fmt.Errorf("export restarted at %s, not at the recorded portal %s", portal, m.Export.Portal)
+	if portal != m.Export.Portal || iqn != m.Export.IQN {
+		// Served elsewhere now (another address, the old port taken): tell
+		// the target, which reconnects there.
+		moved := *m.Export
+		moved.Portal, moved.IQN = portal, iqn
+		if _, err := a.cp.Propose(ctx, m.ID, fsm.EvExportMoved, stepID(m, "export-moved", portal, iqn), fsm.EventPayload{Export: &moved}); err != nil {
+			return fmt.Errorf("export restarted at %s, not at the recorded %s, and publishing the move failed: %w", portal, m.Export.Portal, err)
+		}
+		log.Warn().Str("portal", portal).Str("old_portal", m.Export.Portal).Msg("export re-established at a new portal; published it")
+		return nil
 	}
 	log.Info().Str("portal", portal).Msg("export re-established after an agent restart")
 	return nil

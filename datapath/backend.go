@@ -92,6 +92,13 @@ type CloneHandle interface {
 }
 
 // ErrNoClone is wrapped by Backend.Clone when no clone of the volume runs here.
+// Retargeter is a CloneHandle whose source can follow its export to
+// another portal and IQN while the clone runs (the source restarted
+// elsewhere). A data path without it keeps reading the recorded portal.
+type Retargeter interface {
+	Retarget(ctx context.Context, portal, iqn string) error
+}
+
 var ErrNoClone = errors.New("no clone of this volume runs on this worker")
 
 // Status is a volume's data path state.

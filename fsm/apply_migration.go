@@ -2,6 +2,7 @@ package fsm
 
 import (
 	"fmt"
+	"net"
 	"slices"
 	"strconv"
 	"time"
@@ -181,6 +182,8 @@ func (s *Store) applyPropose(index uint64, c *ProposeCmd) *Result {
 			ref = refuse(RefuseConflict, CodeWrongState, "event %s is not accepted in state %s", c.Event, m.State)
 		} else if c.Event == EvProgress {
 			ignored, ref = applyProgress(m, c)
+		} else if c.Event == EvExportMoved {
+			ref = applyExportMoved(m, c)
 		} else {
 			ref = applyReport(m, c)
 		}
@@ -407,6 +410,20 @@ func applyProgress(m *Migration, c *ProposeCmd) (ignored bool, ref *Refusal) {
 	m.Progress = &pr
 	m.Stalled, m.StallCause = false, ""
 	return false, nil
+}
+
+// applyExportMoved records the export's new portal and IQN.
+func applyExportMoved(m *Migration, c *ProposeCmd) *Refusal {
+	e := c.Payload.Export
+	if e == nil || e.Portal == "" || e.IQN == "" {
+		return refuse(RefuseInvalid, CodeInvalid, "export_moved needs export.portal and export.iqn")
+	}
+	if _, _, err := net.SplitHostPort(e.Portal); err != nil {
+		return refuse(RefuseInvalid, CodeInvalid, "export.portal %q: want host:port", e.Portal)
+	}
+	cp := *e
+	m.Export = &cp
+	return nil
 }
 
 func applyReport(m *Migration, c *ProposeCmd) *Refusal {

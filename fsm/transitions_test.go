@@ -449,3 +449,24 @@ func TestTargetConfirmsOwnTeardownWithLiveLease(t *testing.T) {
 	h.must(h.propose(operator, EvAbort, "a", EventPayload{}))
 	h.must(h.propose(dstW, EvTargetTornDown, "t", EventPayload{}))
 }
+
+// The source republishes a moved export; only the source may, only while it
+// serves the export, and only with a usable portal.
+func TestExportMoved(t *testing.T) {
+	h := driveTo(t, CloneBuilt)
+	moved := &Export{Portal: "10.0.0.9:3261", IQN: "iqn.2026-01.dev.ferry:m1-b"}
+	if r := h.propose(dstW, EvExportMoved, "x1", EventPayload{Export: moved}); r.Refusal == nil || r.Refusal.Code != CodeForbidden {
+		t.Fatalf("target moved the export: %+v", r.Refusal)
+	}
+	if r := h.propose(srcW, EvExportMoved, "x2", EventPayload{Export: &Export{Portal: "nope", IQN: "i"}}); r.Refusal == nil || r.Refusal.Code != CodeInvalid {
+		t.Fatalf("a portal without a port accepted: %+v", r.Refusal)
+	}
+	m := h.must(h.propose(srcW, EvExportMoved, "x3", EventPayload{Export: moved})).Migration
+	if m.State != CloneBuilt || m.Export == nil || *m.Export != *moved {
+		t.Fatalf("after export_moved: state %s export %+v", m.State, m.Export)
+	}
+	h2 := driveTo(t, TargetPrepared)
+	if r := h2.propose(srcW, EvExportMoved, "x4", EventPayload{Export: moved}); r.Refusal == nil || r.Refusal.Code != CodeWrongState {
+		t.Fatalf("export moved before it existed: %+v", r.Refusal)
+	}
+}

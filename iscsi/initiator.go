@@ -153,7 +153,8 @@ func (l *LUN) session(ctx context.Context, deadline time.Time) (*session, error)
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		case <-timer.C:
-			return nil, fmt.Errorf("%w: reconnecting to %s", ErrTimeout, l.cfg.Portal)
+			portal, _ := l.Portal()
+			return nil, fmt.Errorf("%w: reconnecting to %s", ErrTimeout, portal)
 		}
 	}
 }
@@ -163,7 +164,10 @@ func (l *LUN) reconnect(old *session, done chan struct{}) {
 	if old != nil {
 		<-old.readerDone
 	}
-	s, err := l.connect(time.Now().Add(l.cfg.Timeout))
+	l.mu.Lock()
+	portal, iqn := l.cfg.Portal, l.cfg.IQN
+	l.mu.Unlock()
+	s, err := l.connect(time.Now().Add(l.cfg.Timeout), portal, iqn)
 	l.mu.Lock()
 	l.connecting = nil
 	l.connErr = err
@@ -178,18 +182,66 @@ func (l *LUN) reconnect(old *session, done chan struct{}) {
 	close(done)
 }
 
-func (l *LUN) connect(deadline time.Time) (*session, error) {
-	c, err := dialConn(deadline, l.cfg.Portal, l.cfg.TLS)
+func (l *LUN) connect(deadline time.Time, portal, iqn string) (*session, error) {
+	c, err := dialConn(deadline, portal, l.cfg.TLS)
 	if err != nil {
 		return nil, err
 	}
-	p, err := login(c, deadline, l.isid, l.cfg.InitiatorName, l.cfg.IQN)
+	p, err := login(c, deadline, l.isid, l.cfg.InitiatorName, iqn)
 	if err != nil {
 		c.Close()
-		return nil, fmt.Errorf("logging in to %s at %s: %w", l.cfg.IQN, l.cfg.Portal, err)
+		return nil, fmt.Errorf("logging in to %s at %s: %w", iqn, portal, err)
 	}
 	l.log.Debug().Uint16("tsih", p.tsih).Msg("logged in")
 	return newSession(l.log, c, p, l.cfg.LUN, l.cfg.Timeout), nil
+}
+
+// errRetargeted ends the session to the old portal.
+var errRetargeted = errors.New("the export moved to another portal")
+
+// Retarget moves the LUN to the same volume exported at another portal
+// and IQN (the source restarted elsewhere). It logs in there first, so a
+// wrong address changes nothing; commands in flight on the old session are
+// re-issued on the new one. Moving to where it already is does nothing.
+func (l *LUN) Retarget(ctx context.Context, portal, iqn string) error {
+	if _, _, err := net.SplitHostPort(portal); err != nil || iqn == "" {
+		return fmt.Errorf("retarget to %q %q: want host:port and an IQN", portal, iqn)
+	}
+	l.mu.Lock()
+	same := l.cfg.Portal == portal && l.cfg.IQN == iqn
+	l.mu.Unlock()
+	if same {
+		return nil
+	}
+	deadline := time.Now().Add(l.cfg.Timeout)
+	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
+		deadline = d
+	}
+	s, err := l.connect(deadline, portal, iqn)
+	if err != nil {
+		return fmt.Errorf("the moved export: %w", err)
+	}
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		s.kill(blockdev.ErrClosed)
+		return blockdev.ErrClosed
+	}
+	old := l.sess
+	l.cfg.Portal, l.cfg.IQN, l.sess = portal, iqn, s
+	l.mu.Unlock()
+	if old != nil {
+		old.kill(errRetargeted)
+	}
+	l.log.Info().Str("new_portal", portal).Str("new_iqn", iqn).Msg("reconnected to the moved export")
+	return nil
+}
+
+// Portal returns where the LUN connects now.
+func (l *LUN) Portal() (portal, iqn string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.cfg.Portal, l.cfg.IQN
 }
 
 // do runs one command to completion, re-issuing it on a new connection when

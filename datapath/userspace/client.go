@@ -149,6 +149,18 @@ func (p *Process) SetTunables(ctx context.Context, t *dmclone.Tunables) error {
 	return p.call(ctx, http.MethodPost, "/v1/tunables", t, nil)
 }
 
+// SourceMove is where a clone's source export moved.
+type SourceMove struct {
+	Portal string `json:"portal"`
+	IQN    string `json:"iqn"`
+}
+
+// Retarget reconnects the clone's source to the export at its new portal
+// and IQN (datapath.Retargeter).
+func (p *Process) Retarget(ctx context.Context, portal, iqn string) error {
+	return p.call(ctx, http.MethodPost, "/v1/source", SourceMove{Portal: portal, IQN: iqn}, nil)
+}
+
 // Dissolve replaces the clone with the destination alone once complete.
 func (p *Process) Dissolve(ctx context.Context) error {
 	return p.call(ctx, http.MethodPost, "/v1/dissolve", nil, nil)
