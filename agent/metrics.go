@@ -13,18 +13,19 @@ import (
 
 // metrics an agent exports on /metrics.
 type metrics struct {
-	reg          *prometheus.Registry
-	steps        *prometheus.CounterVec
-	stepFailures *prometheus.CounterVec
-	hydrateRate  *prometheus.GaugeVec
-	hydrated     *prometheus.GaugeVec
-	stalls       prometheus.Counter
-	downtime     prometheus.Histogram
-	active       prometheus.Gauge
-	fenced       prometheus.Gauge
-	crashes      prometheus.Counter
-	failed       prometheus.Counter
-	fenceStops   prometheus.Counter
+	reg              *prometheus.Registry
+	steps            *prometheus.CounterVec
+	stepFailures     *prometheus.CounterVec
+	hydrateRate      *prometheus.GaugeVec
+	hydrated         *prometheus.GaugeVec
+	stalls           prometheus.Counter
+	downtime         prometheus.Histogram
+	active           prometheus.Gauge
+	fenced           prometheus.Gauge
+	crashes          prometheus.Counter
+	datapathRestarts prometheus.Counter
+	failed           prometheus.Counter
+	fenceStops       prometheus.Counter
 }
 
 func newMetrics() *metrics {
@@ -54,6 +55,9 @@ func newMetrics() *metrics {
 		Help: "Machines found dead while recorded running on this worker."})
 	m.failed = prometheus.NewCounter(prometheus.CounterOpts{Name: "ferry_agent_machines_failed_total",
 		Help: "Machines marked failed after crashing too often within the restart window."})
+	m.datapathRestarts = prometheus.NewCounter(prometheus.CounterOpts{Name: "ferry_agent_datapath_restarts_total",
+		Help: "Volume datapaths found dead under a mounted filesystem and restarted."})
+	m.reg.MustRegister(m.datapathRestarts)
 	m.reg.MustRegister(m.steps, m.stepFailures, m.hydrateRate, m.hydrated, m.stalls, m.downtime, m.active, m.fenced, m.fenceStops, m.crashes, m.failed)
 	return m
 }

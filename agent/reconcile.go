@@ -87,6 +87,9 @@ func (a *Agent) reconcileMachine(ctx context.Context, m *fsm.Machine) {
 	if err != nil {
 		return
 	}
+	if m.State == fsm.MachineRunning {
+		a.superviseLocal(ctx, m, spec)
+	}
 	st, _ := a.mach.Status(ctx, spec)
 	switch {
 	case m.State == fsm.MachineRunning && st == "running":

@@ -351,6 +351,14 @@ func (a *Agent) ensureClone(ctx context.Context, m *fsm.Migration, hydrate bool)
 	if p, err := a.vols.Clone(ctx, m.TargetVol); err == nil {
 		return p, nil
 	}
+	if m.State.AfterCutover() {
+		// The clone's datapath died under the running machine: stop it,
+		// release the dead mount; the machine starts again (ensureRunning)
+		// once the clone is rebuilt over the same metadata.
+		if _, err := a.reviveDatapath(ctx, a.log.With().Str("migration", m.ID).Logger(), m.TargetVol, a.stopSpec(m.Machine)); err != nil {
+			return nil, err
+		}
+	}
 	key, err := a.cp.VolumeKey(ctx, m.Volume)
 	if err != nil {
 		return nil, err

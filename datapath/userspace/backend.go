@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
 
 	"github.com/ferry-dev/ferry/blockdev"
 	"github.com/ferry-dev/ferry/datapath"
@@ -208,6 +209,53 @@ func (v *Backend) Detach(ctx context.Context, vol string) error {
 		return nil // not running
 	}
 	return p.Shutdown(ctx)
+}
+
+// DatapathDead reports whether vol's datapath process is gone while its
+// FUSE file is still mounted (every I/O through it fails).
+func (v *Backend) DatapathDead(ctx context.Context, vol string) bool {
+	if _, ok := hostfs.MountedAt(v.FuseDir(vol)); !ok {
+		return false
+	}
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	if _, err := v.Process(ctx, vol); err == nil {
+		return false
+	}
+	// Not answering: dead only if the kernel says the FUSE connection is
+	// gone (a busy datapath is not restarted under its machine). With the
+	// server gone the kernel answers at once, so this cannot hang.
+	res := make(chan error, 1)
+	go func() {
+		var st unix.Stat_t
+		res <- unix.Stat(filepath.Join(v.FuseDir(vol), DeviceFile), &st)
+	}()
+	select {
+	case err := <-res:
+		return errors.Is(err, unix.ENOTCONN)
+	case <-ctx.Done():
+		return false // hung, not dead
+	}
+}
+
+// ReleaseDead releases what a dead datapath leaves: the filesystem at mnt
+// (lazily: it cannot be flushed), the loop device, the FUSE file.
+func (v *Backend) ReleaseDead(ctx context.Context, vol, mnt string) error {
+	if _, ok := hostfs.MountedAt(mnt); ok {
+		if err := unix.Unmount(mnt, unix.MNT_DETACH); err != nil {
+			return fmt.Errorf("lazy unmount of %s over the dead datapath of volume %s: %w", mnt, vol, err)
+		}
+	}
+	devs, err := v.Loops.FindByBackingFile(filepath.Join(v.FuseDir(vol), DeviceFile))
+	if err != nil {
+		return err
+	}
+	for _, d := range devs {
+		if err := v.Loops.Detach(d); err != nil {
+			return fmt.Errorf("detach %s from the dead datapath of volume %s: %w", d, vol, err)
+		}
+	}
+	return lazyUnmountFUSE(v.FuseDir(vol))
 }
 
 // Process returns the running datapath of vol, if any.
