@@ -1,0 +1,200 @@
+package chaos
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/ferry-dev/ferry/api"
+	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/testbed"
+	"github.com/ferry-dev/ferry/machine"
+	"github.com/ferry-dev/ferry/machine/workload"
+)
+
+// runningOn reports whether machineID's journal on worker has an open run.
+func (c *cluster) runningOn(worker, machineID string) bool {
+	ivs, err := machine.Journal(filepath.Join(c.bed.WorkerDir(worker), "machines"), machineID)
+	return err == nil && len(ivs) > 0 && ivs[len(ivs)-1].Stop.IsZero()
+}
+
+func (c *cluster) waitFor(what string, timeout time.Duration, cond func() bool) time.Duration {
+	c.t.Helper()
+	start := time.Now()
+	for !cond() {
+		if time.Since(start) > timeout {
+			c.t.Fatalf("%s: not within %v", what, timeout)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return time.Since(start)
+}
+
+// The split brain of the old design, fenced. The target starts the machine
+// before cutover commits (--start-before-cutover) and is then cut off from
+// everyone (its fabric link down) with its proposal of cutover still
+// pending. Its agent cannot renew its lease and stops the machine by itself;
+// the server rolls back when the lease expires; an operator's "target gone"
+// is refused until the lease plus the fence margin passed, then the source
+// restarts the machine. When the link returns the target reaps its clone.
+// The observer never sees the machine answer from both workers, the
+// journals never overlap, every acknowledged record survives.
+func TestFenceTargetCutOffBeforeCutover(t *testing.T) {
+	t.Parallel() // each test has its own cluster; most of their time is waiting
+	c := newCluster(t, 2, "--lease-ttl", "3s", "--start-before-cutover")
+	a, b := c.ws[0], c.ws[1]
+	if err := c.bed.CreateVolume(c.ctx, "fvol", a, matrixVolSize); err != nil {
+		t.Fatal(err)
+	}
+	ack, err := c.bed.RunRecords(c.ctx, "fmach", a, "fvol", 62)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := testbed.WaitAcked(c.ctx, ack, 20, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	obs := c.observe("fmach")
+	// Hold the target after it started the machine, before it proposes cutover.
+	c.setFailpoints(map[string]string{b: "cutover=40s"})
+	start := time.Now()
+	id, err := c.bed.Migrate(c.ctx, "fmach", b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := c.watch(id, a, "fvol")
+	if _, err := c.bed.WaitState(c.ctx, id, 2*time.Minute, fsm.Trimmed); err != nil {
+		w.close()
+		t.Fatal(err)
+	}
+	c.waitFor("the target starts the machine before cutover", time.Minute, func() bool { return c.runningOn(b, "fmach") })
+	up := c.linkDown(b)
+	cut := time.Now()
+	fencedAfter := c.waitFor("the cut-off target stops its machine by itself", 30*time.Second, func() bool { return !c.runningOn(b, "fmach") })
+	if _, err := c.bed.WaitState(c.ctx, id, time.Minute, fsm.RollingBack); err != nil {
+		w.close()
+		t.Fatal(err)
+	}
+	rolledAfter := time.Since(cut)
+	// The operator vouches for the silent target: refused until its lease
+	// and the fence margin passed.
+	refusals := 0
+	var confirmedAfter time.Duration
+	for {
+		_, err := c.bed.Client.Propose(c.ctx, id, fsm.EvTargetTornDown, "chaos-target-gone", fsm.EventPayload{Reason: "target cut off"})
+		if err == nil {
+			confirmedAfter = time.Since(cut)
+			break
+		}
+		var ref *api.Error
+		if !errors.As(err, &ref) || ref.Code != fsm.CodeTargetMayRun {
+			w.close()
+			t.Fatalf("operator target_torn_down: %v", err)
+		}
+		refusals++
+		if time.Since(cut) > time.Minute {
+			w.close()
+			t.Fatalf("target_torn_down still refused a minute after the cut: %v", err)
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+	if refusals == 0 {
+		t.Errorf("the operator's target_torn_down was accepted at once, %v after the cut (before the lease and margin could pass)", confirmedAfter)
+	}
+	if _, err := c.bed.WaitState(c.ctx, id, time.Minute, fsm.RolledBack); err != nil {
+		w.close()
+		t.Fatal(err)
+	}
+	restoredAfter := time.Since(cut)
+	up()
+	o := c.finish(id, "fmach", a, b, "fvol", ack, w, start, 3*time.Minute)
+	if o.final.State != fsm.RolledBack {
+		t.Fatalf("a target cut off before cutover: migration ended %s, want rolled_back", o.final.State)
+	}
+	seen := c.checkObserved(obs)
+	t.Logf("fenced %v after the cut, rolled back at %v, operator confirmation accepted at %v (%d refusals), source restored at %v; observer %s",
+		fencedAfter.Round(time.Millisecond), rolledAfter.Round(time.Millisecond), confirmedAfter.Round(time.Millisecond), refusals, restoredAfter.Round(time.Millisecond), seen)
+	report("fencing", fmt.Sprintf("| target cut off before cutover (lease 3s) | machine fenced %v after the cut | rolled back at %v, target_gone accepted at %v, source restarted at %v | %s, records %d/%d, leaks %s, observer: %s |",
+		fencedAfter.Round(100*time.Millisecond), rolledAfter.Round(100*time.Millisecond), confirmedAfter.Round(100*time.Millisecond), restoredAfter.Round(100*time.Millisecond),
+		o.final.State, o.acked, o.present, o.leaks, seen))
+}
+
+// kill -9 of the userspace datapath under a writing machine: the agent
+// finds it dead, restarts it over the same files and the machine with it;
+// every acknowledged record is there and new ones keep coming.
+func TestDatapathCrashUnderWritingMachine(t *testing.T) {
+	t.Parallel() // each test has its own cluster; most of their time is waiting
+	c := newCluster(t, 2)
+	a := c.ws[0]
+	if err := c.bed.CreateVolume(c.ctx, "dvol", a, matrixVolSize); err != nil {
+		t.Fatal(err)
+	}
+	ack, err := c.bed.RunRecords(c.ctx, "dmach", a, "dvol", 63)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := testbed.WaitAcked(c.ctx, ack, 50, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	obs := c.observe("dmach")
+	marker := filepath.Join(c.bed.WorkerDir(a), "run", "dvol.json")
+	pids := pidsWith(marker)
+	if len(pids) != 1 {
+		t.Fatalf("datapath processes of dvol: %v, want one (marker %s)", pids, marker)
+	}
+	before, _ := workload.Acked(ack)
+	if err := syscall.Kill(pids[0], syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	killed := time.Now()
+	if _, err := testbed.WaitAcked(c.ctx, ack, before+20, 2*time.Minute); err != nil {
+		t.Fatalf("the machine never wrote again after its datapath was killed: %v", err)
+	}
+	recovered := time.Since(killed)
+	if now := pidsWith(marker); len(now) != 1 || now[0] == pids[0] {
+		t.Fatalf("datapath processes after recovery: %v (the killed one was %d)", now, pids[0])
+	}
+	present, acked, err := c.bed.VerifyRecords("dmach", a, ack)
+	if err != nil {
+		t.Fatalf("acknowledged records lost across the datapath crash: %v", err)
+	}
+	if err := c.bed.NeverTwice("dmach"); err != nil {
+		t.Fatal(err)
+	}
+	var steady error
+	for deadline := time.Now().Add(20 * time.Second); ; {
+		if steady = c.bed.Snapshot().CheckSteady(1); steady == nil || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+	if steady != nil {
+		t.Fatalf("after the datapath crash: %v", steady)
+	}
+	seen := c.checkObserved(obs)
+	t.Logf("writing again %v after kill -9 of the datapath; records %d acknowledged, %d present; observer %s", recovered.Round(time.Millisecond), acked, present, seen)
+	report("datapath crash", fmt.Sprintf("| kill -9 of the datapath under a writing machine | writing again after %v | records %d/%d, leaks none, observer: %s |",
+		recovered.Round(100*time.Millisecond), acked, present, seen))
+}
+
+// pidsWith lists the processes whose command line contains marker.
+func pidsWith(marker string) []int {
+	ents, _ := os.ReadDir("/proc")
+	var out []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err == nil && strings.Contains(string(b), marker) {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
