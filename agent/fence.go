@@ -96,6 +96,9 @@ func (f *fence) noteMigrations(ms []*fsm.Migration) {
 	f.viewMu.Lock()
 	defer f.viewMu.Unlock()
 	for _, m := range ms {
+		if old, ok := f.migs[m.ID]; ok && old.ModifyIndex > m.ModifyIndex {
+			continue // an older record arriving late (a watch behind a proposal's reply)
+		}
 		if m.State.Terminal() {
 			delete(f.migs, m.ID)
 		} else {

@@ -109,9 +109,14 @@ func (a *Agent) propose(ctx context.Context, m *fsm.Migration, ev fsm.Event, p f
 			return pause.Err()
 		}
 	}
-	_, err := a.cp.Propose(ctx, m.ID, ev, stepID(m, string(ev)), p)
+	got, err := a.cp.Propose(ctx, m.ID, ev, stepID(m, string(ev)), p)
 	if err != nil {
 		return fmt.Errorf("propose %s: %w", ev, err)
+	}
+	if got != nil {
+		// The fence judges by the newest record: a cutover committed just
+		// before a partition keeps the machine running here.
+		a.fence.noteMigrations([]*fsm.Migration{got})
 	}
 	return nil
 }
