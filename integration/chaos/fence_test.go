@@ -198,3 +198,51 @@ func pidsWith(marker string) []int {
 	}
 	return out
 }
+
+// The target cut off after cutover committed (during hydration), long
+// enough for its lease to lapse: its fence keeps the machine, which the
+// store assigns there, running; the migration stalls and completes when the
+// link returns; the machine never answers from two workers.
+func TestPartitionTargetAfterCutover(t *testing.T) {
+	t.Parallel() // each test has its own cluster; most of their time is waiting
+	c := newCluster(t, 2, "--lease-ttl", "3s", "--hydration-rate", "2M")
+	a, b := c.ws[0], c.ws[1]
+	if err := c.bed.CreateVolume(c.ctx, "qvol", a, 96<<20); err != nil {
+		t.Fatal(err)
+	}
+	ack, err := c.bed.RunRecords(c.ctx, "qmach", a, "qvol", 64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.fill(a, "qmach", 24)
+	obs := c.observe("qmach")
+	start := time.Now()
+	id, err := c.bed.Migrate(c.ctx, "qmach", b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := c.watch(id, a, "qvol")
+	if _, err := c.bed.WaitState(c.ctx, id, 2*time.Minute, fsm.Hydrating); err != nil {
+		w.close()
+		t.Fatal(err)
+	}
+	const outage = 12 * time.Second
+	up := c.linkDown(b)
+	cut := time.Now()
+	for time.Since(cut) < outage {
+		if !c.runningOn(b, "qmach") {
+			w.close()
+			t.Fatalf("the target stopped the machine %v into the partition although cutover had committed", time.Since(cut).Round(time.Millisecond))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	up()
+	o := c.finish(id, "qmach", a, b, "qvol", ack, w, start, 3*time.Minute)
+	if o.final.State != fsm.Completed {
+		t.Fatalf("a partition after cutover ended %s; the only way is forward", o.final.State)
+	}
+	seen := c.checkObserved(obs)
+	t.Logf("machine kept running through a %v partition of the target after cutover; completed in %v; observer %s", outage, o.took.Round(time.Millisecond), seen)
+	report("fencing", fmt.Sprintf("| target cut off %v after cutover (lease 3s) | machine kept running (cutover committed) | %s, records %d/%d, source %s, leaks %s, %v, observer: %s |",
+		outage, o.final.State, o.acked, o.present, o.frozenSame, o.leaks, o.took.Round(100*time.Millisecond), seen))
+}
