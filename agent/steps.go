@@ -729,7 +729,11 @@ func (a *Agent) startLocal(ctx context.Context, mach *fsm.Machine) error {
 // fstrim discards the filesystem's unused blocks at mnt; through the LUKS
 // view they reach the clone, which marks them hydrated without a fetch.
 func fstrim(ctx context.Context, mnt string) (string, error) {
-	out, err := exec.CommandContext(ctx, "fstrim", "-v", mnt).CombinedOutput()
+	cmd := exec.CommandContext(ctx, "fstrim", "-v", mnt)
+	// A killed tool's children may hold its output open: stop waiting for
+	// them shortly after the deadline.
+	cmd.WaitDelay = 2 * time.Second
+	out, err := cmd.CombinedOutput()
 	if err != nil {
 		return "", fmt.Errorf("fstrim %s: %w: %s", mnt, err, strings.TrimSpace(string(out)))
 	}

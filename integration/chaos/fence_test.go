@@ -246,3 +246,56 @@ func TestPartitionTargetAfterCutover(t *testing.T) {
 	report("fencing", fmt.Sprintf("| target cut off %v after cutover (lease 3s) | machine kept running (cutover committed) | %s, records %d/%d, source %s, leaks %s, %v, observer: %s |",
 		outage, o.final.State, o.acked, o.present, o.frozenSame, o.leaks, o.took.Round(100*time.Millisecond), seen))
 }
+
+// A tool that hangs before cutover (fstrim, through a wrapper on the
+// target agent's PATH that sleeps): the step is cut at the end of the
+// downtime budget and the migration rolls back with that reason; the
+// downtime stays within the budget plus the rollback.
+func TestFenceHungToolRollsBackWithinBudget(t *testing.T) {
+	t.Parallel() // each test has its own cluster; most of their time is waiting
+	c := newCluster(t, 2)
+	a, b := c.ws[0], c.ws[1]
+	wrap := t.TempDir()
+	if err := os.WriteFile(filepath.Join(wrap, "fstrim"), []byte("#!/bin/sh\nexec sleep 600\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	c.bed.Kill("agent/"+b, syscall.SIGTERM)
+	if err := c.bed.StartAgentEnv(b, []string{"PATH=" + wrap + ":" + os.Getenv("PATH")}); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.bed.CreateVolume(c.ctx, "hvol", a, matrixVolSize); err != nil {
+		t.Fatal(err)
+	}
+	ack, err := c.bed.RunRecords(c.ctx, "hmach", a, "hvol", 65)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := testbed.WaitAcked(c.ctx, ack, 20, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	const budget = 8 * time.Second
+	start := time.Now()
+	m, err := c.bed.Client.CreateMigration(c.ctx, api.PlanRequest{Machine: "hmach", Target: b, MaxDowntime: api.Duration(budget)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := c.watch(m.ID, a, "hvol")
+	o := c.finish(m.ID, "hmach", a, b, "hvol", ack, w, start, 3*time.Minute)
+	if o.final.State != fsm.RolledBack {
+		t.Fatalf("a hung fstrim: migration ended %s, want rolled_back", o.final.State)
+	}
+	rb := o.final.Rollback
+	if rb == nil || !strings.Contains(rb.Reason, "downtime budget") || rb.From != fsm.CloneBuilt {
+		t.Fatalf("rollback %+v: want the downtime budget spent in clone_built (the trim step)", rb)
+	}
+	stopped := o.final.EnteredAt[fsm.SourceStopped]
+	failed := o.final.EnteredAt[fsm.RollingBack]
+	if spent := failed.Sub(stopped); spent > budget+5*time.Second {
+		t.Fatalf("rolled back %v after source_stopped, want within the %v budget (plus a few seconds)", spent, budget)
+	}
+	down := o.final.EnteredAt[fsm.RolledBack].Sub(stopped)
+	t.Logf("hung fstrim: rolled back %v after source_stopped (budget %v); machine back on the source %v after it stopped; reason %q",
+		failed.Sub(stopped).Round(time.Millisecond), budget, down.Round(time.Millisecond), rb.Reason)
+	report("deadlines", fmt.Sprintf("| fstrim hangs on the target (budget %v) | rolling back %v after source_stopped | machine back %v after it stopped | %s, records %d/%d, leaks %s |",
+		budget, failed.Sub(stopped).Round(100*time.Millisecond), down.Round(100*time.Millisecond), o.final.State, o.acked, o.present, o.leaks))
+}
