@@ -18,6 +18,7 @@ import (
 	"github.com/ferry-dev/ferry/blockdev"
 	"github.com/ferry-dev/ferry/datapath"
 	"github.com/ferry-dev/ferry/datapath/internal/hostfs"
+	"github.com/ferry-dev/ferry/datapath/internal/mountns"
 	"github.com/ferry-dev/ferry/datapath/loopdev"
 	"github.com/ferry-dev/ferry/luks"
 )
@@ -133,6 +134,12 @@ func (v *Backend) ReadLayout(vol string) (luks.Layout, error) {
 // Attach starts (or re-adopts) the volume's datapath and its loop device,
 // returning the loop device. Idempotent.
 func (v *Backend) Attach(ctx context.Context, cfg Config, passphrase []byte) (string, error) {
+	// The FUSE file is mounted under a shared mount point, like the
+	// machine's filesystem, so a copy of the mount table made later as a
+	// slave drops it too and the datapath can exit when asked.
+	if err := mountns.EnsureShared(filepath.Join(v.DataDir, "fuse")); err != nil {
+		return "", err
+	}
 	if _, err := Start(ctx, v.Log, v.Exe, cfg, passphrase, v.runDir()); err != nil {
 		return "", err
 	}
@@ -317,7 +324,7 @@ func (v *Backend) CleanupAll(ctx context.Context) error {
 		}
 	}
 	if len(errs) == 0 {
-		errs = append(errs, hostfs.ReleaseShared(v.MountPoint("")))
+		errs = append(errs, hostfs.ReleaseShared(v.MountPoint("")), mountns.Release(filepath.Join(v.DataDir, "fuse")))
 	}
 	return errors.Join(errs...)
 }

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -14,6 +15,7 @@ import (
 	"github.com/ferry-dev/ferry/api"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/testbed"
+	"github.com/ferry-dev/ferry/internal/testenv"
 	"github.com/ferry-dev/ferry/machine"
 	"github.com/ferry-dev/ferry/machine/workload"
 )
@@ -298,4 +300,76 @@ func TestFenceHungToolRollsBackWithinBudget(t *testing.T) {
 		failed.Sub(stopped).Round(time.Millisecond), budget, down.Round(time.Millisecond), rb.Reason)
 	report("deadlines", fmt.Sprintf("| fstrim hangs on the target (budget %v) | rolling back %v after source_stopped | machine back %v after it stopped | %s, records %d/%d, leaks %s |",
 		budget, failed.Sub(stopped).Round(100*time.Millisecond), down.Round(100*time.Millisecond), o.final.State, o.acked, o.present, o.leaks))
+}
+
+// Copies of the mount table made while a machine runs: one made by
+// `ip netns exec` (a slave copy) drops the machine's mount when ferry
+// unmounts it, so the next migration completes; a fully private copy pins
+// the volume, and the rollback's reason names the process that holds it.
+func TestFenceMountCopiesDoNotPinVolumes(t *testing.T) {
+	t.Parallel() // each test has its own cluster; most of their time is waiting
+	testenv.Tools(t, "util-linux", "unshare")
+	c := newCluster(t, 2)
+	a, b := c.ws[0], c.ws[1]
+	if err := c.bed.CreateVolume(c.ctx, "svol", a, matrixVolSize); err != nil {
+		t.Fatal(err)
+	}
+	ack, err := c.bed.RunRecords(c.ctx, "smach", a, "svol", 66)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := testbed.WaitAcked(c.ctx, ack, 20, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	holder := func(args ...string) *exec.Cmd {
+		cmd := exec.Command(args[0], args[1:]...)
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+		time.Sleep(500 * time.Millisecond) // its copy of the mount table is made
+		return cmd
+	}
+	// A slave copy, as a newcomer running the CLI under ip netns exec makes.
+	slave := holder("ip", "netns", "exec", c.bed.NSOf(a), "sleep", "600")
+	start := time.Now()
+	id, err := c.bed.Migrate(c.ctx, "smach", b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := c.watch(id, a, "svol")
+	o := c.finish(id, "smach", a, b, "svol", ack, w, start, 3*time.Minute)
+	if o.final.State != fsm.Completed {
+		t.Fatalf("with an `ip netns exec` process (pid %d) started while the machine ran: migration ended %s (%+v)", slave.Process.Pid, o.final.State, o.final.Rollback)
+	}
+	// A private copy of the target's mounts, then the migration back.
+	private := holder("unshare", "-m", "--propagation", "private", "sleep", "600")
+	mach, _ := c.bed.Client.GetMachine(c.ctx, "smach")
+	start = time.Now()
+	id, err = c.bed.Migrate(c.ctx, "smach", a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := c.bed.WaitState(c.ctx, id, 3*time.Minute, fsm.RollingBack, fsm.RolledBack, fsm.Completed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Free the volume before the source remounts it.
+	private.Process.Kill()
+	private.Wait()
+	if m.State == fsm.Completed {
+		t.Fatalf("a private copy of the mount table (pid %d) did not pin the volume: the test proves nothing", private.Process.Pid)
+	}
+	want := "pid " + strconv.Itoa(private.Process.Pid) + " (unshare"
+	if m.Rollback == nil || (!strings.Contains(m.Rollback.Reason, "pid "+strconv.Itoa(private.Process.Pid)+" ")) {
+		t.Fatalf("rollback reason %q does not name the holder (%s...)", m.Rollback.Reason, want)
+	}
+	if !strings.Contains(m.Rollback.Reason, "nsenter -t") {
+		t.Fatalf("rollback reason %q does not say what to do", m.Rollback.Reason)
+	}
+	w = c.watch(id, b, mach.Volume)
+	o2 := c.finish(id, "smach", b, a, mach.Volume, ack, w, start, 3*time.Minute)
+	t.Logf("slave copy: %s in %v; private copy: %s, reason %q", o.final.State, o.took.Round(time.Millisecond), o2.final.State, m.Rollback.Reason)
+	report("mount copies", fmt.Sprintf("| `ip netns exec` process during a migration | %s in %v |", o.final.State, o.took.Round(100*time.Millisecond)))
+	report("mount copies", fmt.Sprintf("| private mount namespace copy | %s, reason names pid %d |", o2.final.State, private.Process.Pid))
 }

@@ -359,10 +359,10 @@ func (r Resources) String() string {
 func (b *Bed) Snapshot() Resources {
 	var r Resources
 	for _, l := range linesWith(readString("/proc/self/mounts"), b.cfg.Dir) {
-		// A worker's mnt/ is a shared bind of itself while machines are
-		// mounted under it (so other namespaces' copies drop their mounts):
-		// the agent's, not a machine's.
-		if f := strings.Fields(l); len(f) > 1 && filepath.Base(f[1]) == "mnt" && filepath.Dir(filepath.Dir(f[1])) == filepath.Clean(b.cfg.Dir) {
+		// A worker's mnt/ and fuse/ are shared binds of themselves while
+		// volumes are mounted under them (so other namespaces' copies drop
+		// their mounts): the agent's, not a machine's.
+		if f := strings.Fields(l); len(f) > 1 && (filepath.Base(f[1]) == "mnt" || filepath.Base(f[1]) == "fuse") && filepath.Dir(filepath.Dir(f[1])) == filepath.Clean(b.cfg.Dir) {
 			continue
 		}
 		r.Mounts = append(r.Mounts, l)
