@@ -3,6 +3,7 @@ module github.com/ferry-dev/ferry
 go 1.26.8
 
 require (
+	github.com/cenkalti/backoff/v5 v5.0.3
 	github.com/chromedp/chromedp v0.23.0
 	github.com/dustin/go-humanize v1.1.0
 	github.com/gostor/gotgt v0.2.2

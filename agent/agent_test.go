@@ -23,6 +23,7 @@ type fakeCP struct {
 	m        *fsm.Migration
 	proposed []fsm.Event
 	steps    []string
+	payloads []fsm.EventPayload
 	refuse   error
 }
 
@@ -37,10 +38,11 @@ func (f *fakeCP) GetMigration(context.Context, string) (*fsm.Migration, error) {
 	defer f.mu.Unlock()
 	return f.m.Clone(), nil
 }
-func (f *fakeCP) Propose(_ context.Context, _ string, ev fsm.Event, step string, _ fsm.EventPayload) (*fsm.Migration, error) {
+func (f *fakeCP) Propose(_ context.Context, _ string, ev fsm.Event, step string, p fsm.EventPayload) (*fsm.Migration, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.proposed = append(f.proposed, ev)
+	f.payloads = append(f.payloads, p)
 	f.steps = append(f.steps, step)
 	if f.refuse != nil && ev != fsm.EvReport && ev != fsm.EvFailed {
 		return nil, f.refuse

@@ -15,6 +15,7 @@ import (
 	"github.com/ferry-dev/ferry/blockdev"
 	"github.com/ferry-dev/ferry/datapath"
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/atomicfile"
 	"github.com/ferry-dev/ferry/machine"
 	"github.com/ferry-dev/ferry/netrewrite"
 )
@@ -94,22 +95,28 @@ func (a *Agent) done(m *fsm.Migration, what string) bool {
 	return err == nil
 }
 func (a *Agent) markDone(m *fsm.Migration, what string) error {
-	if err := os.MkdirAll(a.stateDir("steps"), 0o700); err != nil {
-		return err
-	}
-	return os.WriteFile(a.markPath(m, what), []byte(time.Now().UTC().Format(time.RFC3339Nano)+"\n"), 0o600)
+	return atomicfile.WriteFile(a.markPath(m, what), []byte(time.Now().UTC().Format(time.RFC3339Nano)+"\n"), 0o600)
 }
 
 func (a *Agent) propose(ctx context.Context, m *fsm.Migration, ev fsm.Event, p fsm.EventPayload) error {
 	if d := a.cfg.PauseBefore[ev]; d > 0 {
 		a.log.Warn().Str("migration", m.ID).Str("event", string(ev)).Dur("pause", d).Msg("failpoint: pausing before proposing")
-		if !sleep(ctx, d) {
-			return ctx.Err()
+		pause := a.runCtx
+		if pause == nil {
+			pause = ctx
+		}
+		if !sleep(pause, d) {
+			return pause.Err()
 		}
 	}
-	_, err := a.cp.Propose(ctx, m.ID, ev, stepID(m, string(ev)), p)
+	got, err := a.cp.Propose(ctx, m.ID, ev, stepID(m, string(ev)), p)
 	if err != nil {
 		return fmt.Errorf("propose %s: %w", ev, err)
+	}
+	if got != nil {
+		// The fence judges by the newest record: a cutover committed just
+		// before a partition keeps the machine running here.
+		a.fence.noteMigrations([]*fsm.Migration{got})
 	}
 	return nil
 }
@@ -163,6 +170,7 @@ func (a *Agent) machineSpec(mach *fsm.Machine, netns string) (machine.Spec, erro
 	}
 	s.Env["FERRY_WORKER"] = a.cfg.Worker
 	s.Env["FERRY_6PN"] = mach.Addr6PN
+	a.fence.noteSpec(s)
 	return s, nil
 }
 
@@ -231,7 +239,11 @@ func (a *Agent) trim(ctx context.Context, log zerolog.Logger, m *fsm.Migration) 
 }
 
 // cutover starts the machine on the target with its new 6PN address and
-// keeps the old one reaching it. Point of no return.
+// keeps the old one reaching it. Point of no return. By default the machine
+// starts only once cutover is committed: before that a rollback may hand it
+// back to the source, and a target cut off from the servers (or whose agent
+// died) could not be relied on to stop it. StartBeforeCutover starts it
+// first, saving one commit of downtime, and relies on the self-fence.
 func (a *Agent) cutover(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
 	mach, err := a.cp.GetMachine(ctx, m.Machine)
 	if err != nil {
@@ -264,12 +276,21 @@ func (a *Agent) cutover(ctx context.Context, log zerolog.Logger, m *fsm.Migratio
 	if mach.Addr6PN != "" {
 		spec.Env["FERRY_OLD_6PN"] = mach.Addr6PN
 	}
-	if err := a.mach.Start(ctx, spec); err != nil {
-		return err
+	if a.cfg.StartBeforeCutover {
+		if err := a.startMachine(ctx, spec); err != nil {
+			return err
+		}
+		log.Info().Str("new_6pn", newAddr).Msg("machine started on the target (before cutover commits)")
 	}
-	log.Info().Str("new_6pn", newAddr).Msg("machine started on the target")
 	if err := a.propose(ctx, m, fsm.EvCutover, fsm.EventPayload{New6PN: newAddr}); err != nil {
 		return err
+	}
+	if !a.cfg.StartBeforeCutover {
+		// A failure here is retried by the next state's step (ensureRunning).
+		if err := a.startMachine(ctx, spec); err != nil {
+			return err
+		}
+		log.Info().Str("new_6pn", newAddr).Msg("cutover committed; machine started on the target")
 	}
 	if t0, ok := m.EnteredAt[fsm.SourceStopped]; ok {
 		a.met.downtime.Observe(time.Since(t0).Seconds())
@@ -277,9 +298,47 @@ func (a *Agent) cutover(ctx context.Context, log zerolog.Logger, m *fsm.Migratio
 	return nil
 }
 
+// ensureRunning, on the target after cutover, starts the machine if it does
+// not run: the start after the cutover commit failed, the fence stopped it
+// while the commit's outcome was unknown here, or it crashed.
+func (a *Agent) ensureRunning(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
+	mach, err := a.cp.GetMachine(ctx, m.Machine)
+	if err != nil {
+		return err
+	}
+	if mach.Worker != a.cfg.Worker || mach.State != fsm.MachineRunning {
+		return nil
+	}
+	netns := ""
+	if a.net != nil && mach.Addr6PN != "" {
+		addr, err := netrewrite.Parse(mach.Addr6PN)
+		if err != nil {
+			return fmt.Errorf("machine %s 6PN address: %w", mach.ID, err)
+		}
+		if netns, err = a.net.Attach(ctx, mach.ID, addr); err != nil {
+			return err
+		}
+	}
+	spec, err := a.machineSpec(mach, netns)
+	if err != nil {
+		return err
+	}
+	if st, err := a.mach.Status(ctx, spec); err == nil && st == machine.Running {
+		return nil
+	}
+	if err := a.startMachine(ctx, spec); err != nil {
+		return err
+	}
+	log.Warn().Msg("machine was not running after cutover; started it")
+	return nil
+}
+
 func (a *Agent) startHydration(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
 	p, err := a.ensureClone(ctx, m, true)
 	if err != nil {
+		return err
+	}
+	if err := a.ensureRunning(ctx, log, m); err != nil {
 		return err
 	}
 	if err := p.EnableHydration(ctx); err != nil {
@@ -293,6 +352,14 @@ func (a *Agent) startHydration(ctx context.Context, log zerolog.Logger, m *fsm.M
 func (a *Agent) ensureClone(ctx context.Context, m *fsm.Migration, hydrate bool) (datapath.CloneHandle, error) {
 	if p, err := a.vols.Clone(ctx, m.TargetVol); err == nil {
 		return p, nil
+	}
+	if m.State.AfterCutover() {
+		// The clone's datapath died under the running machine: stop it,
+		// release the dead mount; the machine starts again (ensureRunning)
+		// once the clone is rebuilt over the same metadata.
+		if _, err := a.reviveDatapath(ctx, a.log.With().Str("migration", m.ID).Logger(), m.TargetVol, a.stopSpec(m.Machine)); err != nil {
+			return nil, err
+		}
 	}
 	key, err := a.migrationKey(ctx, m)
 	if err != nil {
@@ -327,11 +394,28 @@ func (a *Agent) hydrate(ctx context.Context, log zerolog.Logger, m *fsm.Migratio
 	if err != nil {
 		return err
 	}
+	if err := a.ensureRunning(ctx, log, m); err != nil {
+		return err
+	}
 	if err := p.EnableHydration(ctx); err != nil { // idempotent; after a datapath restart
 		return err
 	}
 	lastReport := time.Time{}
 	var watch progressWatch
+	// Follow the export if the source moved it (a restart elsewhere).
+	follow := func(e *fsm.Export) bool {
+		r, ok := p.(datapath.Retargeter)
+		if e == nil || !ok {
+			return true // nothing to follow, or a data path that cannot
+		}
+		if err := r.Retarget(ctx, e.Portal, e.IQN); err != nil {
+			log.Warn().Err(err).Str("portal", e.Portal).Msg("cannot reconnect to the export's recorded portal yet")
+			return false
+		}
+		return true
+	}
+	follow(m.Export)
+	exportAt := m.Export
 	for {
 		st, err := p.Status(ctx)
 		if err != nil {
@@ -374,7 +458,13 @@ func (a *Agent) hydrate(ctx context.Context, log zerolog.Logger, m *fsm.Migratio
 		}
 		if st.Progress != nil && time.Since(lastReport) >= time.Second {
 			lastReport = time.Now()
-			_, _ = a.cp.Propose(ctx, m.ID, fsm.EvProgress, "", fsm.EventPayload{Progress: toFSMProgress(st.Progress)})
+			if cur, err := a.cp.Propose(ctx, m.ID, fsm.EvProgress, "", fsm.EventPayload{Progress: toFSMProgress(st.Progress)}); err == nil && cur != nil &&
+				cur.Export != nil && (exportAt == nil || *cur.Export != *exportAt) {
+				log.Info().Str("portal", cur.Export.Portal).Msg("the source moved its export; reconnecting")
+				if follow(cur.Export) {
+					exportAt = cur.Export
+				}
+			}
 		}
 		if !sleep(ctx, 100*time.Millisecond) {
 			return ctx.Err()
@@ -385,6 +475,19 @@ func (a *Agent) hydrate(ctx context.Context, log zerolog.Logger, m *fsm.Migratio
 // tearDownTarget releases everything the target built; the machine never
 // ran here (rollback is only possible before cutover).
 func (a *Agent) tearDownTarget(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
+	if err := a.releaseTarget(ctx, log, m); err != nil {
+		return err
+	}
+	log.Info().Msg("target torn down")
+	if err := a.propose(ctx, m, fsm.EvTargetTornDown, fsm.EventPayload{}); err != nil {
+		return err
+	}
+	return a.markDone(m, "reaped")
+}
+
+// releaseTarget stops the machine if the store does not assign it here and
+// removes the clone, its mount and the destination volume. Idempotent.
+func (a *Agent) releaseTarget(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
 	mnt := a.vols.MountPoint(m.Machine)
 	if mach, err := a.cp.GetMachine(ctx, m.Machine); err == nil && mach.Worker != a.cfg.Worker {
 		spec, _ := a.machineSpec(mach, "")
@@ -414,8 +517,7 @@ func (a *Agent) tearDownTarget(ctx context.Context, log zerolog.Logger, m *fsm.M
 	if err := a.cp.UpdateVolume(ctx, fsm.UpdateVolumeCmd{ID: tv, State: &destroyed}); err != nil {
 		log.Debug().Err(err).Msg("destination volume record not updated (it may never have been registered)")
 	}
-	log.Info().Msg("target torn down")
-	return a.propose(ctx, m, fsm.EvTargetTornDown, fsm.EventPayload{})
+	return nil
 }
 
 // --- source steps ---------------------------------------------------------
@@ -482,12 +584,20 @@ func (a *Agent) reExport(ctx context.Context, log zerolog.Logger, m *fsm.Migrati
 	if err != nil {
 		return err
 	}
-	portal, _, err := a.exp.Export(ctx, m.ID, a.vols.DataPath(m.Volume), tw.Address)
+	portal, iqn, err := a.exp.Export(ctx, m.ID, a.vols.DataPath(m.Volume), tw.Address)
 	if err != nil {
 		return err
 	}
-	if portal != m.Export.Portal {
-		return fmt.Errorf("export restarted at %s, not at the recorded portal %s", portal, m.Export.Portal)
+	if portal != m.Export.Portal || iqn != m.Export.IQN {
+		// Served elsewhere now (another address, the old port taken): tell
+		// the target, which reconnects there.
+		moved := *m.Export
+		moved.Portal, moved.IQN = portal, iqn
+		if _, err := a.cp.Propose(ctx, m.ID, fsm.EvExportMoved, stepID(m, "export-moved", portal, iqn), fsm.EventPayload{Export: &moved}); err != nil {
+			return fmt.Errorf("export restarted at %s, not at the recorded %s, and publishing the move failed: %w", portal, m.Export.Portal, err)
+		}
+		log.Warn().Str("portal", portal).Str("old_portal", m.Export.Portal).Msg("export re-established at a new portal; published it")
+		return nil
 	}
 	log.Info().Str("portal", portal).Msg("export re-established after an agent restart")
 	return nil
@@ -616,13 +726,17 @@ func (a *Agent) startLocal(ctx context.Context, mach *fsm.Machine) error {
 	if err != nil {
 		return err
 	}
-	return a.mach.Start(ctx, spec)
+	return a.startMachine(ctx, spec)
 }
 
 // fstrim discards the filesystem's unused blocks at mnt; through the LUKS
 // view they reach the clone, which marks them hydrated without a fetch.
 func fstrim(ctx context.Context, mnt string) (string, error) {
-	out, err := exec.CommandContext(ctx, "fstrim", "-v", mnt).CombinedOutput()
+	cmd := exec.CommandContext(ctx, "fstrim", "-v", mnt)
+	// A killed tool's children may hold its output open: stop waiting for
+	// them shortly after the deadline.
+	cmd.WaitDelay = 2 * time.Second
+	out, err := cmd.CombinedOutput()
 	if err != nil {
 		return "", fmt.Errorf("fstrim %s: %w: %s", mnt, err, strings.TrimSpace(string(out)))
 	}

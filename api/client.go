@@ -9,7 +9,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	mrand "math/rand/v2"
 	"net"
 	"net/http"
 	"net/url"
@@ -19,6 +18,7 @@ import (
 	"time"
 
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/retry"
 )
 
 // Client talks to a ferry cluster over mTLS. It tries the servers in turn:
@@ -34,6 +34,11 @@ type Client struct {
 	addrs    []string
 	hc       *http.Client
 	RetryFor time.Duration // total retry budget per call (default 30s)
+	// RequestTimeout bounds one attempt against one server (default 10s);
+	// a blocking watch gets its wait on top. A server that accepts but never
+	// answers (stopped, partitioned) costs at most this before the next
+	// server is tried.
+	RequestTimeout time.Duration
 
 	mu     sync.Mutex
 	cur    int
@@ -58,12 +63,27 @@ func NewClient(addrs []string, tlsConf *tls.Config) (*Client, error) {
 	if tlsConf == nil {
 		return nil, errors.New("the client needs a TLS config with a client certificate")
 	}
-	return &Client{
-		addrs:    clean,
-		hc:       &http.Client{Transport: &http.Transport{TLSClientConfig: tlsConf, MaxIdleConnsPerHost: 8, IdleConnTimeout: 90 * time.Second}},
-		RetryFor: 30 * time.Second,
-	}, nil
+	tr := &http.Transport{
+		TLSClientConfig:       tlsConf,
+		MaxIdleConnsPerHost:   8,
+		IdleConnTimeout:       90 * time.Second,
+		TLSHandshakeTimeout:   DialTimeout,
+		ExpectContinueTimeout: time.Second,
+	}
+	c := &Client{
+		addrs:          clean,
+		hc:             &http.Client{Transport: tr},
+		RetryFor:       30 * time.Second,
+		RequestTimeout: 10 * time.Second,
+	}
+	c.SetDialer((&net.Dialer{KeepAlive: 15 * time.Second}).DialContext)
+	return c, nil
 }
+
+// DialTimeout bounds a TCP connect and, separately, a TLS handshake to one
+// server: a stopped server's kernel still completes TCP handshakes from its
+// listen backlog, so only a handshake deadline notices it.
+const DialTimeout = 3 * time.Second
 
 // Close releases idle connections.
 func (c *Client) Close() { c.hc.CloseIdleConnections() }
@@ -87,7 +107,7 @@ func (c *Client) do(ctx context.Context, method, path string, q url.Values, in, 
 		}
 	}
 	deadline := time.Now().Add(c.RetryFor)
-	delay := 50 * time.Millisecond
+	bo := retry.New(50*time.Millisecond, time.Second)
 	redirect, redirects := "", 0
 	for attempt := 0; ; attempt++ {
 		addr, sticky := redirect, false
@@ -125,14 +145,11 @@ func (c *Client) do(ctx context.Context, method, path string, q url.Values, in, 
 			c.cur++
 		}
 		c.mu.Unlock()
+		// Fail over to the next server at once; back off (jittered, so
+		// agents do not retry in lockstep) once every server was tried.
 		if !sticky && attempt >= len(c.addrs)-1 {
-			select {
-			case <-ctx.Done():
+			if !retry.Sleep(ctx, bo.Next()) {
 				return 0, fmt.Errorf("%s %s: %w (last error: %v)", method, path, ctx.Err(), err)
-			case <-time.After(jitter(delay)):
-			}
-			if delay < time.Second {
-				delay *= 2
 			}
 		}
 	}
@@ -142,15 +159,29 @@ func (c *Client) do(ctx context.Context, method, path string, q url.Values, in, 
 // (a leader change in the middle makes a second one normal).
 const maxRedirects = 3
 
-// jitter spreads d over [d/2, 3d/2) so clients refused together do not
-// come back together.
-func jitter(d time.Duration) time.Duration {
-	return d/2 + time.Duration(mrand.Int64N(int64(d)))
+// attemptTimeout is the budget of one attempt: RequestTimeout, plus the
+// wait of a blocking query (the server holds it up to that long, 30s when
+// not given).
+func (c *Client) attemptTimeout(q url.Values) time.Duration {
+	t := c.RequestTimeout
+	if t <= 0 {
+		t = 10 * time.Second
+	}
+	if q.Get("index") != "" {
+		wait := 30 * time.Second
+		if w, err := time.ParseDuration(q.Get("wait")); err == nil && w > 0 {
+			wait = w
+		}
+		t += wait
+	}
+	return t
 }
 
 // once sends one request to addr; leader is the address a follower's
 // refusal named.
 func (c *Client) once(ctx context.Context, addr, method, path string, q url.Values, body []byte, out any) (idx uint64, leader string, err error) {
+	ctx, cancel := context.WithTimeoutCause(ctx, c.attemptTimeout(q), errAttemptTimeout)
+	defer cancel()
 	u := "https://" + addr + path
 	if len(q) > 0 {
 		u += "?" + q.Encode()
@@ -173,6 +204,9 @@ func (c *Client) once(ctx context.Context, addr, method, path string, q url.Valu
 	}
 	resp, err := c.hc.Do(req)
 	if err != nil {
+		if errors.Is(context.Cause(ctx), errAttemptTimeout) {
+			err = fmt.Errorf("%w after %v", errAttemptTimeout, c.attemptTimeout(q))
+		}
 		return 0, "", fmt.Errorf("%w: %s: %v", ErrUnavailable, addr, err)
 	}
 	defer resp.Body.Close()
@@ -182,7 +216,12 @@ func (c *Client) once(ctx context.Context, addr, method, path string, q url.Valu
 	if resp.StatusCode == http.StatusServiceUnavailable {
 		leader = validLeaderHint(resp.Header.Get(LeaderHeader))
 	}
-	return idx, leader, DecodeReply(resp, out)
+	err = DecodeReply(resp, out)
+	if err != nil && errors.Is(context.Cause(ctx), errAttemptTimeout) {
+		// The reply stalled mid-body: the server is as good as gone.
+		return 0, "", fmt.Errorf("%w: %s: reading the reply: %w", ErrUnavailable, addr, errAttemptTimeout)
+	}
+	return idx, leader, err
 }
 
 // validLeaderHint keeps a redirect only when it is a plain host:port.
@@ -193,6 +232,8 @@ func validLeaderHint(h string) string {
 	}
 	return h
 }
+
+var errAttemptTimeout = errors.New("the server did not answer in time")
 
 func esc(s string) string { return url.PathEscape(s) }
 

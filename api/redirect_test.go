@@ -2,7 +2,6 @@ package api
 
 import (
 	"testing"
-	"time"
 )
 
 // A follower's redirect is followed only when it is a plain host:port.
@@ -16,20 +15,5 @@ func TestValidLeaderHint(t *testing.T) {
 		if validLeaderHint(h) != "" {
 			t.Errorf("%q kept", h)
 		}
-	}
-}
-
-func TestJitterBounds(t *testing.T) {
-	d := 100 * time.Millisecond
-	seen := map[time.Duration]bool{}
-	for i := 0; i < 200; i++ {
-		j := jitter(d)
-		if j < d/2 || j >= 3*d/2 {
-			t.Fatalf("jitter(%s) = %s", d, j)
-		}
-		seen[j] = true
-	}
-	if len(seen) < 10 {
-		t.Fatalf("jitter barely varies: %d distinct values", len(seen))
 	}
 }

@@ -86,6 +86,8 @@ type PlanRequest struct {
 	Machine string `json:"machine"`
 	Target  string `json:"target"`
 	StepID  string `json:"step_id,omitempty"`
+	// MaxDowntime is the downtime budget (empty: the default, 60s).
+	MaxDowntime Duration `json:"max_downtime,omitempty"`
 }
 
 // ProposeRequest proposes an event on a migration.

@@ -92,6 +92,26 @@ type CloneHandle interface {
 }
 
 // ErrNoClone is wrapped by Backend.Clone when no clone of the volume runs here.
+// Reviver is a Backend whose per-volume datapath is a process that can die
+// while its volume is mounted (the FUSE file then fails every I/O with
+// ENOTCONN). The agent stops the machine, releases the dead chain and mounts
+// the volume again, which starts a new datapath over the same files: every
+// write the machine saw acknowledged (fsync) is in those files.
+type Reviver interface {
+	// DatapathDead reports whether vol's datapath died while attached.
+	DatapathDead(ctx context.Context, vol string) bool
+	// ReleaseDead lazily unmounts mnt, detaches the loop device and the dead
+	// FUSE file, so the volume can be mounted again. Stop the machine first.
+	ReleaseDead(ctx context.Context, vol, mnt string) error
+}
+
+// Retargeter is a CloneHandle whose source can follow its export to
+// another portal and IQN while the clone runs (the source restarted
+// elsewhere). A data path without it keeps reading the recorded portal.
+type Retargeter interface {
+	Retarget(ctx context.Context, portal, iqn string) error
+}
+
 var ErrNoClone = errors.New("no clone of this volume runs on this worker")
 
 // Status is a volume's data path state.

@@ -2,6 +2,7 @@ package fsm
 
 import (
 	"fmt"
+	"net"
 	"slices"
 	"strconv"
 	"time"
@@ -30,6 +31,9 @@ func (s *Store) applyPlan(index uint64, c *PlanCmd) *Result {
 	}
 	if !validID(c.ID) {
 		return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "migration id %q is not valid", c.ID)}
+	}
+	if c.MaxDowntime < 0 || (c.MaxDowntime > 0 && c.MaxDowntime < 100*time.Millisecond) {
+		return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "max downtime %v: give at least 100ms (0 for the default %v)", c.MaxDowntime, DefaultMaxDowntime)}
 	}
 	mach, ok := s.d.Machines[c.Machine]
 	if !ok {
@@ -62,7 +66,7 @@ func (s *Store) applyPlan(index uint64, c *PlanCmd) *Result {
 	if !src.Alive(c.Now) {
 		return &Result{Refusal: refuse(RefuseConflict, CodeAdmission, "source worker %s has no valid lease: its agent must run to stop and export the machine", src.Name)}
 	}
-	m := &Migration{ID: c.ID, Volume: vol.ID, Machine: mach.ID, Source: src.Name, Target: dst.Name, Network: mach.Network}
+	m := &Migration{ID: c.ID, Volume: vol.ID, Machine: mach.ID, Source: src.Name, Target: dst.Name, Network: mach.Network, MaxDowntime: c.MaxDowntime}
 	for _, l := range m.lockNames() {
 		if holder, ok := s.d.Locks[l]; ok {
 			return &Result{Refusal: refuse(RefuseConflict, CodeLocked, "%s is locked by migration %s (one migration per volume and per private network)", l, holder)}
@@ -178,6 +182,8 @@ func (s *Store) applyPropose(index uint64, c *ProposeCmd) *Result {
 			ref = refuse(RefuseConflict, CodeWrongState, "event %s is not accepted in state %s", c.Event, m.State)
 		} else if c.Event == EvProgress {
 			ignored, ref = applyProgress(m, c)
+		} else if c.Event == EvExportMoved {
+			ref = applyExportMoved(m, c)
 		} else {
 			ref = applyReport(m, c)
 		}
@@ -317,6 +323,19 @@ func (s *Store) applyTransition(m *Migration, tr Transition, c *ProposeCmd) *Ref
 			m.LastError = p.Error
 		}
 	case EvTargetTornDown:
+		// Only the target itself knows it released everything. An operator
+		// vouching for a silent target is believed only once the target's
+		// agent must have fenced itself: its lease expired plus FenceMargin
+		// (clock drift and the time to stop a machine).
+		if c.Actor.Kind == KindOperator {
+			if w, ok := s.d.Workers[m.Target]; ok {
+				if after := w.LeaseExpiry.Add(FenceMargin); c.Now.Before(after) {
+					return refuse(RefuseConflict, CodeTargetMayRun,
+						"target worker %s may still run the machine: its lease is valid until %s and its agent fences itself by then; confirm target_torn_down after %s (in %s)",
+						m.Target, w.LeaseExpiry.UTC().Format(time.RFC3339), after.UTC().Format(time.RFC3339), after.Sub(c.Now).Round(time.Second))
+				}
+			}
+		}
 		m.Rollback.TargetTornDown = true
 	case EvSourceRestored:
 		// Invariant 2: the source restarts only after the target's teardown is committed.
@@ -388,6 +407,20 @@ func applyProgress(m *Migration, c *ProposeCmd) (ignored bool, ref *Refusal) {
 	m.Progress = &pr
 	m.Stalled, m.StallCause = false, ""
 	return false, nil
+}
+
+// applyExportMoved records the export's new portal and IQN.
+func applyExportMoved(m *Migration, c *ProposeCmd) *Refusal {
+	e := c.Payload.Export
+	if e == nil || e.Portal == "" || e.IQN == "" {
+		return refuse(RefuseInvalid, CodeInvalid, "export_moved needs export.portal and export.iqn")
+	}
+	if _, _, err := net.SplitHostPort(e.Portal); err != nil {
+		return refuse(RefuseInvalid, CodeInvalid, "export.portal %q: want host:port", e.Portal)
+	}
+	cp := *e
+	m.Export = &cp
+	return nil
 }
 
 func applyReport(m *Migration, c *ProposeCmd) *Refusal {

@@ -274,8 +274,11 @@ func (s *Store) applyUpdateMachine(c *UpdateMachineCmd) *Result {
 	if !c.Actor.privileged() && c.Actor.Name != m.Worker {
 		return forbidden(c.Actor, "update machine "+c.ID+" of worker "+m.Worker)
 	}
-	if c.State != nil && *c.State != MachineRunning && *c.State != MachineStopped {
-		return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "machine state %q: use running or stopped", *c.State)}
+	if c.State != nil && *c.State != MachineRunning && *c.State != MachineStopped && *c.State != MachineFailed {
+		return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "machine state %q: use running, stopped or failed", *c.State)}
+	}
+	if c.Crashes != nil && *c.Crashes < 0 {
+		return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "crashes must not be negative")}
 	}
 	if c.Volume != nil && *c.Volume != "" {
 		v, ok := s.d.Volumes[*c.Volume]
@@ -288,6 +291,12 @@ func (s *Store) applyUpdateMachine(c *UpdateMachineCmd) *Result {
 	}
 	if c.State != nil {
 		m.State = *c.State
+		if c.Crashes == nil {
+			m.Crashes = 0
+		}
+	}
+	if c.Crashes != nil {
+		m.Crashes = *c.Crashes
 	}
 	if c.Volume != nil {
 		if old, ok := s.d.Volumes[m.Volume]; ok && old.AttachedMachine == m.ID {

@@ -160,6 +160,9 @@ type UpdateMachineCmd struct {
 	Volume  *string          `json:"volume,omitempty"`
 	Addr6PN *string          `json:"addr_6pn,omitempty"`
 	Spec    *json.RawMessage `json:"spec,omitempty"`
+	// Crashes, from the machine's worker, records its crash count. A state
+	// change without it (an operator's start or stop) resets the count.
+	Crashes *int `json:"crashes,omitempty"`
 }
 
 // PlanCmd creates a migration after admission checks.
@@ -169,6 +172,8 @@ type PlanCmd struct {
 	Machine string `json:"machine"`
 	Target  string `json:"target"`
 	StepID  string `json:"step_id,omitempty"`
+	// MaxDowntime is the downtime budget (0: DefaultMaxDowntime).
+	MaxDowntime time.Duration `json:"max_downtime,omitempty"`
 }
 
 // ProposeCmd proposes an event on a migration.

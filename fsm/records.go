@@ -15,6 +15,26 @@ const (
 	maxStepIDs                 = 128                // step IDs remembered per migration
 )
 
+// DefaultMaxDowntime is a migration's downtime budget when its plan names
+// none: generous next to the usual sub-second cutover, so only a step that
+// hangs (a tool, a lost source) spends it.
+const DefaultMaxDowntime = 60 * time.Second
+
+// Budget returns the migration's downtime budget.
+func (m *Migration) Budget() time.Duration {
+	if m.MaxDowntime > 0 {
+		return m.MaxDowntime
+	}
+	return DefaultMaxDowntime
+}
+
+// FenceMargin is how long past a worker's lease expiry the store still
+// assumes the worker may run machines: an agent that cannot renew stops
+// its machines before its lease ends (by its own margin), and this covers
+// clock drift between worker and servers and a machine's stop time. An
+// operator's word that a silent target is gone counts only after it.
+const FenceMargin = 5 * time.Second
+
 // Migration is the replicated record of one migration.
 type Migration struct {
 	ID      string `json:"id"`
@@ -41,9 +61,13 @@ type Migration struct {
 	TargetVol   string              `json:"target_volume,omitempty"`
 	Old6PN      string              `json:"old_6pn,omitempty"`
 	New6PN      string              `json:"new_6pn,omitempty"`
-	KeyAccess   []KeyAccess         `json:"key_access,omitempty"`
-	Steps       []StepResult        `json:"steps,omitempty"` // last maxStepIDs applied step IDs, oldest first
-	stepIndex   map[string]int      // StepID -> index in Steps; rebuilt on restore
+	// MaxDowntime is the downtime budget: the steps from source_stopped to
+	// cutover must finish within it, or the migration rolls back (0:
+	// DefaultMaxDowntime).
+	MaxDowntime time.Duration  `json:"max_downtime,omitempty"`
+	KeyAccess   []KeyAccess    `json:"key_access,omitempty"`
+	Steps       []StepResult   `json:"steps,omitempty"` // last maxStepIDs applied step IDs, oldest first
+	stepIndex   map[string]int // StepID -> index in Steps; rebuilt on restore
 }
 
 // RollbackInfo records why and how a migration rolled back.
@@ -235,6 +259,9 @@ type MachineState string
 const (
 	MachineRunning MachineState = "running"
 	MachineStopped MachineState = "stopped"
+	// MachineFailed: it crashed too often in a window; its worker no longer
+	// restarts it until an operator starts it again.
+	MachineFailed MachineState = "failed"
 )
 
 // Machine is a workload using one volume.
@@ -248,6 +275,9 @@ type Machine struct {
 	State     MachineState    `json:"state"`
 	Spec      json.RawMessage `json:"spec,omitempty"` // driver command spec, opaque to the store
 	Migrated  bool            `json:"migrated"`
+	// Crashes counts the machine's crashes in its worker's restart window
+	// (reset when an operator starts or stops it).
+	Crashes int `json:"crashes,omitempty"`
 }
 
 // ServerMember is a raft voter and where its API listens, so followers can

@@ -148,3 +148,29 @@ func FuzzDecode(f *testing.F) {
 		}
 	})
 }
+
+// The machine's worker records crashes and may mark it failed; an
+// operator's start resets the count.
+func TestMachineCrashCounter(t *testing.T) {
+	h := newHarness(t)
+	h.setup(true)
+	n := 3
+	h.must(h.apply(CmdUpdateMachine, &UpdateMachineCmd{Header: h.hdr(srcW), ID: "mach1", Crashes: &n}))
+	if m, _ := h.s.Machine("mach1"); m.Crashes != 3 || m.State != MachineRunning {
+		t.Fatalf("after a crash report: %+v", m)
+	}
+	failed, n5 := MachineFailed, 5
+	h.must(h.apply(CmdUpdateMachine, &UpdateMachineCmd{Header: h.hdr(srcW), ID: "mach1", State: &failed, Crashes: &n5}))
+	if m, _ := h.s.Machine("mach1"); m.Crashes != 5 || m.State != MachineFailed {
+		t.Fatalf("after failing: %+v", m)
+	}
+	neg := -1
+	if r := h.apply(CmdUpdateMachine, &UpdateMachineCmd{Header: h.hdr(srcW), ID: "mach1", Crashes: &neg}); r.Refusal == nil {
+		t.Fatal("negative crash count accepted")
+	}
+	running := MachineRunning
+	h.must(h.apply(CmdUpdateMachine, &UpdateMachineCmd{Header: h.hdr(operator), ID: "mach1", State: &running}))
+	if m, _ := h.s.Machine("mach1"); m.Crashes != 0 || m.State != MachineRunning {
+		t.Fatalf("after an operator's start: %+v", m)
+	}
+}

@@ -85,6 +85,9 @@ func inOrder(set map[State]bool) []State {
 
 // progressStates: the target reports hydration progress from exported until
 // the source releases its volume (hydrated included: the last report).
+// exportStates are where the source serves its export (and may move it).
+func exportStates() []State { return inOrder(reachable(forwardSince(EvExported, EvHydrated))) }
+
 func progressStates() []State { return inOrder(reachable(forwardSince(EvExported, EvSourceReleased))) }
 
 // reachable is from and every state reachable from it over the rows follow accepts.

@@ -75,6 +75,10 @@ const (
 	// Annotations: recorded without changing the state (see Annotations).
 	EvProgress Event = "progress"
 	EvReport   Event = "report" // an error or stall report from a participant
+	// EvExportMoved republishes the export's portal and IQN: the source
+	// restarted and serves the same frozen volume elsewhere; the target
+	// reconnects there.
+	EvExportMoved Event = "export_moved"
 )
 
 // RowKind says whether a row is somebody's job.
@@ -133,6 +137,7 @@ type Annotation struct {
 var Annotations = []Annotation{
 	{EvProgress, progressStates(), []Role{RoleTarget}},
 	{EvReport, nonTerminal(), []Role{RoleSource, RoleTarget, RoleServer}},
+	{EvExportMoved, exportStates(), []Role{RoleSource}},
 }
 
 // Lookup returns the transition row for ev, if ev changes state.

@@ -6,6 +6,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestDocsFSMIsGenerated(t *testing.T) {
@@ -82,6 +83,11 @@ func TestEveryAllowedTransition(t *testing.T) {
 					h := driveTo(t, from)
 					if tr.Event == EvSourceRestored {
 						h.must(h.propose(dstW, EvTargetTornDown, "td", EventPayload{}))
+					}
+					if tr.Event == EvTargetTornDown && role == RoleOperator {
+						// An operator vouches for a target only after its lease and the fence margin.
+						w, _ := h.s.Worker(dstW.Name)
+						h.now = w.LeaseExpiry.Add(FenceMargin)
 					}
 					r := h.must(h.propose(actorFor(role), tr.Event, "step-x", payloadOf(tr.Event)))
 					if r.Migration.State != tr.To {
@@ -411,5 +417,58 @@ func TestDutiesAreDuties(t *testing.T) {
 		if !s.Terminal() && len(Duties(s)) == 0 {
 			t.Errorf("nobody must act in non-terminal state %s: the migration would wait forever", s)
 		}
+	}
+}
+
+// An operator's word that a silent target is gone counts only once the
+// target's lease expired plus FenceMargin: before that its agent may still
+// run the machine (it fences itself by its lease's end).
+func TestOperatorTargetGoneWaitsForLeaseAndMargin(t *testing.T) {
+	h := driveTo(t, Exported)
+	h.must(h.propose(operator, EvAbort, "a", EventPayload{Reason: "target silent"}))
+	w, _ := h.s.Worker(dstW.Name)
+	// setup gave the workers an hour's lease.
+	r := h.propose(operator, EvTargetTornDown, "gone-1", EventPayload{})
+	if r.Refusal == nil || r.Refusal.Code != CodeTargetMayRun || !strings.Contains(r.Refusal.Reason, dstW.Name) {
+		t.Fatalf("operator target_torn_down with the target's lease valid: %+v", r.Refusal)
+	}
+	if m, _ := h.s.Migration("m1"); m.Rollback.TargetTornDown {
+		t.Fatal("a refused target_torn_down was recorded")
+	}
+	// Just past the expiry, inside the margin: still refused.
+	h.now = w.LeaseExpiry.Add(FenceMargin - 3*time.Second)
+	if r := h.propose(operator, EvTargetTornDown, "gone-2", EventPayload{}); r.Refusal == nil || r.Refusal.Code != CodeTargetMayRun {
+		t.Fatalf("operator target_torn_down inside the fence margin: %+v", r.Refusal)
+	}
+	h.now = w.LeaseExpiry.Add(FenceMargin)
+	h.must(h.propose(operator, EvTargetTornDown, "gone-3", EventPayload{}))
+	h.must(h.propose(srcW, EvSourceRestored, "r", EventPayload{}))
+}
+
+// The target itself may confirm its own teardown at any time.
+func TestTargetConfirmsOwnTeardownWithLiveLease(t *testing.T) {
+	h := driveTo(t, Exported)
+	h.must(h.propose(operator, EvAbort, "a", EventPayload{}))
+	h.must(h.propose(dstW, EvTargetTornDown, "t", EventPayload{}))
+}
+
+// The source republishes a moved export; only the source may, only while it
+// serves the export, and only with a usable portal.
+func TestExportMoved(t *testing.T) {
+	h := driveTo(t, CloneBuilt)
+	moved := &Export{Portal: "10.0.0.9:3261", IQN: "iqn.2026-01.dev.ferry:m1-b"}
+	if r := h.propose(dstW, EvExportMoved, "x1", EventPayload{Export: moved}); r.Refusal == nil || r.Refusal.Code != CodeForbidden {
+		t.Fatalf("target moved the export: %+v", r.Refusal)
+	}
+	if r := h.propose(srcW, EvExportMoved, "x2", EventPayload{Export: &Export{Portal: "nope", IQN: "i"}}); r.Refusal == nil || r.Refusal.Code != CodeInvalid {
+		t.Fatalf("a portal without a port accepted: %+v", r.Refusal)
+	}
+	m := h.must(h.propose(srcW, EvExportMoved, "x3", EventPayload{Export: moved})).Migration
+	if m.State != CloneBuilt || m.Export == nil || *m.Export != *moved {
+		t.Fatalf("after export_moved: state %s export %+v", m.State, m.Export)
+	}
+	h2 := driveTo(t, TargetPrepared)
+	if r := h2.propose(srcW, EvExportMoved, "x4", EventPayload{Export: moved}); r.Refusal == nil || r.Refusal.Code != CodeWrongState {
+		t.Fatalf("export moved before it existed: %+v", r.Refusal)
 	}
 }

@@ -20,6 +20,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/ferry-dev/ferry/internal/atomicfile"
 	"github.com/ferry-dev/ferry/internal/childctl"
 	"github.com/ferry-dev/ferry/internal/logging"
 )
@@ -464,11 +465,10 @@ func readState(dir string) (exportState, error) {
 
 func writeState(dir string, st exportState) error {
 	b, _ := json.Marshal(st)
-	tmp := filepath.Join(dir, stateFileName+".tmp")
-	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+	if err := atomicfile.WriteFile(filepath.Join(dir, stateFileName), b, 0o600); err != nil {
 		return fmt.Errorf("export record: %w", err)
 	}
-	return os.Rename(tmp, filepath.Join(dir, stateFileName))
+	return nil
 }
 
 // removeState deletes the files ferry put in dir, and dir if it is then empty.

@@ -15,6 +15,7 @@ import (
 
 	"github.com/ferry-dev/ferry/blockdev"
 	"github.com/ferry-dev/ferry/internal/logging"
+	"github.com/ferry-dev/ferry/internal/retry"
 )
 
 // ErrTimeout is returned when a command got no answer within
@@ -183,7 +184,8 @@ func (l *LUN) session(ctx context.Context, p *path, deadline time.Time) (*sessio
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		case <-timer.C:
-			return nil, fmt.Errorf("%w: reconnecting to %s", ErrTimeout, l.cfg.Portal)
+			portal, _ := l.Portal()
+			return nil, fmt.Errorf("%w: reconnecting to %s", ErrTimeout, portal)
 		}
 	}
 }
@@ -199,7 +201,10 @@ func (l *LUN) reconnect(p *path, old *session, done chan struct{}) {
 	if old != nil {
 		<-old.readerDone
 	}
-	s, err := l.connect(p.isid, time.Now().Add(l.cfg.Timeout))
+	l.mu.Lock()
+	portal, iqn := l.cfg.Portal, l.cfg.IQN
+	l.mu.Unlock()
+	s, err := l.connect(p.isid, time.Now().Add(l.cfg.Timeout), portal, iqn)
 	// Lock order: l.mu before p.mu (Close holds l.mu while it collects).
 	l.mu.Lock()
 	p.mu.Lock()
@@ -217,15 +222,15 @@ func (l *LUN) reconnect(p *path, old *session, done chan struct{}) {
 	close(done)
 }
 
-func (l *LUN) connect(isid [6]byte, deadline time.Time) (*session, error) {
-	c, err := dialConn(deadline, l.cfg.Portal, l.cfg.TLS)
+func (l *LUN) connect(isid [6]byte, deadline time.Time, portal, iqn string) (*session, error) {
+	c, err := dialConn(deadline, portal, l.cfg.TLS)
 	if err != nil {
 		return nil, err
 	}
-	p, err := login(c, deadline, isid, l.cfg.InitiatorName, l.cfg.IQN)
+	p, err := login(c, deadline, isid, l.cfg.InitiatorName, iqn)
 	if err != nil {
 		c.Close()
-		return nil, fmt.Errorf("logging in to %s at %s: %w", l.cfg.IQN, l.cfg.Portal, err)
+		return nil, fmt.Errorf("logging in to %s at %s: %w", iqn, portal, err)
 	}
 	l.log.Debug().Uint16("tsih", p.tsih).Msg("logged in")
 	return newSession(l.log, c, p, l.cfg.LUN, l.cfg.Timeout), nil
@@ -245,27 +250,86 @@ func (l *LUN) pick() *path {
 	return best
 }
 
+// errRetargeted ends the session to the old portal.
+var errRetargeted = errors.New("the export moved to another portal")
+
+// Retarget moves the LUN to the same volume exported at another portal
+// and IQN (the source restarted elsewhere). It logs in there first, so a
+// wrong address changes nothing; commands in flight on the old session are
+// re-issued on the new one. Moving to where it already is does nothing.
+func (l *LUN) Retarget(ctx context.Context, portal, iqn string) error {
+	if _, _, err := net.SplitHostPort(portal); err != nil || iqn == "" {
+		return fmt.Errorf("retarget to %q %q: want host:port and an IQN", portal, iqn)
+	}
+	l.mu.Lock()
+	same := l.cfg.Portal == portal && l.cfg.IQN == iqn
+	l.mu.Unlock()
+	if same {
+		return nil
+	}
+	deadline := time.Now().Add(l.cfg.Timeout)
+	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
+		deadline = d
+	}
+	first := l.paths[0]
+	s, err := l.connect(first.isid, deadline, portal, iqn)
+	if err != nil {
+		return fmt.Errorf("the moved export: %w", err)
+	}
+	// Lock order: l.mu before p.mu. Every path's old session ends; the
+	// first path takes the new one, the others log in to the new portal on
+	// their next use (reconnect reads the portal under l.mu).
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		s.kill(blockdev.ErrClosed)
+		return blockdev.ErrClosed
+	}
+	l.cfg.Portal, l.cfg.IQN = portal, iqn
+	var olds []*session
+	for i, p := range l.paths {
+		p.mu.Lock()
+		if p.sess != nil {
+			olds = append(olds, p.sess)
+		}
+		p.sess = nil
+		if i == 0 {
+			p.sess = s
+		}
+		p.mu.Unlock()
+	}
+	l.mu.Unlock()
+	for _, old := range olds {
+		old.kill(errRetargeted)
+	}
+	l.log.Info().Str("new_portal", portal).Str("new_iqn", iqn).Msg("reconnected to the moved export")
+	return nil
+}
+
+// Portal returns where the LUN connects now.
+func (l *LUN) Portal() (portal, iqn string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.cfg.Portal, l.cfg.IQN
+}
+
 // do runs one command to completion, re-issuing it on a new connection when
 // the old one dies, until Timeout has passed since the first attempt.
 func (l *LUN) do(ctx context.Context, t *task) error {
 	deadline := time.Now().Add(l.cfg.Timeout)
 	var lastErr error
-	backoff := 50 * time.Millisecond
+	bo := retry.New(50*time.Millisecond, 500*time.Millisecond)
 	for attempt := 0; ; attempt++ {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
 		if attempt > 0 {
+			backoff := bo.Next()
 			if time.Now().Add(backoff).After(deadline) {
 				return fmt.Errorf("%s: %w within %s: %w", t.op, ErrTimeout, l.cfg.Timeout, lastErr)
 			}
-			select {
-			case <-time.After(backoff):
-			case <-ctx.Done():
+			if !retry.Sleep(ctx, backoff) {
 				return ctx.Err()
-			}
-			if backoff < 500*time.Millisecond {
-				backoff *= 2
 			}
 			t.reset()
 		}

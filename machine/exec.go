@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+
+	"github.com/ferry-dev/ferry/internal/atomicfile"
 )
 
 // Exec runs machines as processes. Each machine's pid and start time live in
@@ -144,11 +146,7 @@ func (e *Exec) Start(ctx context.Context, s Spec) error {
 		return fmt.Errorf("machine %s exited at once: see %s", s.ID, filepath.Join(e.dir(s.ID), "output.log"))
 	}
 	// Record the process before relying on it (crash safety): write then rename.
-	tmp := filepath.Join(e.dir(s.ID), "pid.tmp")
-	if err := os.WriteFile(tmp, []byte(fmt.Sprintf("%d %s\n", cmd.Process.Pid, st)), 0o600); err != nil {
-		return fmt.Errorf("record machine pid: %w", err)
-	}
-	if err := os.Rename(tmp, filepath.Join(e.dir(s.ID), "pid")); err != nil {
+	if err := atomicfile.WriteFile(filepath.Join(e.dir(s.ID), "pid"), []byte(fmt.Sprintf("%d %s\n", cmd.Process.Pid, st)), 0o600); err != nil {
 		return fmt.Errorf("record machine pid: %w", err)
 	}
 	e.journal(s.ID, "start")
@@ -228,6 +226,27 @@ func (e *Exec) Status(ctx context.Context, s Spec) (State, error) {
 		return Running, nil
 	}
 	return Stopped, nil
+}
+
+// Running lists the machines whose recorded process is alive.
+func (e *Exec) Running(ctx context.Context) ([]string, error) {
+	ents, err := os.ReadDir(e.StateDir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("list machines in %s: %w", e.StateDir, err)
+	}
+	var out []string
+	for _, ent := range ents {
+		if !ent.IsDir() || ValidateID(ent.Name()) != nil {
+			continue
+		}
+		if ref, err := e.readRef(ent.Name()); err == nil && ref.alive() {
+			out = append(out, ent.Name())
+		}
+	}
+	return out, nil
 }
 
 // Interval is one period during which a machine ran on a worker.

@@ -29,8 +29,14 @@ func TestExecStartStopIdempotent(t *testing.T) {
 	if st, _ := e.Status(ctx, s); st != Running {
 		t.Fatalf("status %s, want running", st)
 	}
+	if ids, err := e.Running(ctx); err != nil || len(ids) != 1 || ids[0] != "m1" {
+		t.Fatalf("Running = %v, %v; want [m1]", ids, err)
+	}
 	if err := e.Stop(ctx, s); err != nil {
 		t.Fatal(err)
+	}
+	if ids, err := e.Running(ctx); err != nil || len(ids) != 0 {
+		t.Fatalf("Running after stop = %v, %v; want none", ids, err)
 	}
 	if st, _ := e.Status(ctx, s); st != Stopped {
 		t.Fatalf("status %s after stop, want stopped", st)

@@ -376,7 +376,7 @@ func (s *Server) handlePlan(w http.ResponseWriter, r *http.Request, id fsm.Ident
 	if p.ID == "" {
 		p.ID = api.NewStepID("mig-")
 	}
-	c := &fsm.PlanCmd{Header: s.header(id), ID: p.ID, Machine: p.Machine, Target: p.Target, StepID: p.StepID}
+	c := &fsm.PlanCmd{Header: s.header(id), ID: p.ID, Machine: p.Machine, Target: p.Target, StepID: p.StepID, MaxDowntime: time.Duration(p.MaxDowntime)}
 	if res := s.run(w, r.Context(), fsm.CmdPlan, c); res != nil {
 		writeJSON(w, http.StatusCreated, res.Migration)
 	}

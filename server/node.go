@@ -338,6 +338,64 @@ func newStreamLayer(addr string, server, client *tls.Config) (*streamLayer, erro
 
 func (s *streamLayer) Addr() net.Addr { return s.advertise }
 
+// raftHandshakeTimeout bounds how long an accepted raft connection may take
+// to finish its TLS handshake: the raft port is reachable before any
+// authentication, and raft serves each connection in its own goroutine
+// forever, so a peer that connects and says nothing must be dropped.
+var raftHandshakeTimeout = 10 * time.Second
+
+// Accept hands raft connections whose TLS handshake has a deadline. The
+// handshake itself runs on the connection's first read (in raft's goroutine
+// for it), so one slow peer does not hold up accepting the others.
+func (s *streamLayer) Accept() (net.Conn, error) {
+	c, err := s.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	tc, ok := c.(*tls.Conn)
+	if !ok {
+		return c, nil
+	}
+	if err := tc.SetDeadline(time.Now().Add(raftHandshakeTimeout)); err != nil {
+		tc.Close()
+		return nil, err
+	}
+	return &handshakeConn{Conn: tc}, nil
+}
+
+// handshakeConn completes the TLS handshake under the deadline Accept set,
+// then clears it: raft sets its own deadlines on established connections.
+type handshakeConn struct {
+	*tls.Conn
+	once sync.Once
+	err  error
+}
+
+func (h *handshakeConn) handshake() error {
+	h.once.Do(func() {
+		if h.err = h.Conn.Handshake(); h.err != nil {
+			h.Conn.Close()
+			return
+		}
+		h.err = h.Conn.SetDeadline(time.Time{})
+	})
+	return h.err
+}
+
+func (h *handshakeConn) Read(p []byte) (int, error) {
+	if err := h.handshake(); err != nil {
+		return 0, err
+	}
+	return h.Conn.Read(p)
+}
+
+func (h *handshakeConn) Write(p []byte) (int, error) {
+	if err := h.handshake(); err != nil {
+		return 0, err
+	}
+	return h.Conn.Write(p)
+}
+
 func (s *streamLayer) Dial(addr raft.ServerAddress, timeout time.Duration) (net.Conn, error) {
 	d := &net.Dialer{Timeout: timeout}
 	if s.client != nil {

@@ -155,7 +155,18 @@ func StartServer(ctx context.Context, log zerolog.Logger, cfg Config) (*Server, 
 		reg:   prometheus.NewRegistry(), startLast: node.Raft.LastIndex(), limits: newWriteLimits(cfg.WriteRate, cfg.WriteBurst),
 	}
 	s.reg.MustRegister(&collector{s: s})
-	s.http = &http.Server{Handler: s.denyRevoked(s.routes()), ReadHeaderTimeout: 10 * time.Second, ErrorLog: nil}
+	s.http = &http.Server{
+		Handler:           s.denyRevoked(s.routes()),
+		ReadHeaderTimeout: 10 * time.Second,
+		// A request body is small; a peer trickling it holds a connection.
+		ReadTimeout: 30 * time.Second,
+		// Blocking queries hold a reply up to maxWait; nothing else is slow.
+		WriteTimeout: maxWait + 30*time.Second,
+		// An authenticated client that went quiet does not keep its
+		// connection (and goroutine) forever.
+		IdleTimeout: 2 * time.Minute,
+		ErrorLog:    nil,
+	}
 	s.wg.Add(2)
 	go func() {
 		defer s.wg.Done()

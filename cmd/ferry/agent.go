@@ -32,7 +32,8 @@ type agentFlags struct {
 	worker, dataDir, address, backend, domain string
 	hostID                                    uint32
 	dev, fastKDF                              bool
-	grace, leaseTTL                           time.Duration
+	grace, leaseTTL, fenceMargin              time.Duration
+	startBeforeCutover                        bool
 	hydrationRate, metricsListen              string
 	machineUser                               string
 	devListen                                 string
@@ -73,7 +74,8 @@ func (f *agentFlags) build(ctx context.Context) (*agent.Agent, *netns.Network, e
 	}
 	mach := machine.ByKind{Exec: &machine.Exec{StateDir: filepath.Join(f.dataDir, "machines"), Log: logging.For(log, "machine"), User: &mu},
 		Script: machine.Script{User: &mu}}
-	acfg := agent.Config{Worker: f.worker, HostID: f.hostID, Address: f.address, DataDir: f.dataDir, Exe: exe, LeaseTTL: f.leaseTTL}
+	acfg := agent.Config{Worker: f.worker, HostID: f.hostID, Address: f.address, DataDir: f.dataDir, Exe: exe, LeaseTTL: f.leaseTTL,
+		FenceMargin: f.fenceMargin, StartBeforeCutover: f.startBeforeCutover}
 	if f.hydrationRate != "" && f.hydrationRate != "0" {
 		if acfg.HydrationRate, err = bytesize.Parse(f.hydrationRate); err != nil {
 			return nil, nil, withCode(ExitUsage, fmt.Errorf("--hydration-rate: %w", err))
@@ -144,6 +146,8 @@ state. With --dev it also runs a one-node server in the same process (developmen
 	fl.StringVar(&f.domain, "iqn-domain", "dev.ferry", "naming authority of export IQNs")
 	fl.DurationVar(&f.grace, "grace", 10*time.Minute, "how long a migrated machine's old 6PN address keeps answering")
 	fl.DurationVar(&f.leaseTTL, "lease-ttl", 0, "worker lease; the server rolls back pre-cutover migrations of a worker that misses it (default: the server's, 15s)")
+	fl.DurationVar(&f.fenceMargin, "fence-margin", 0, "how long before its lease can end an agent that cannot renew it stops the machines not settled here (default: a quarter of the lease)")
+	fl.BoolVar(&f.startBeforeCutover, "start-before-cutover", false, "start a migrating machine on the target before cutover commits (one commit less downtime; relies on the self-fence if the target is cut off)")
 	fl.StringVar(&f.hydrationRate, "hydration-rate", "0", "cap on background hydration per migration, bytes/s with K/M/G suffixes (0: none)")
 	// Volume passphrases are 256-bit random keys held by the server, so a
 	// memory-hard KDF adds no security, and unlocking happens between

@@ -74,9 +74,9 @@ func newMachineListCmd() *cobra.Command {
 				return writeJSONOut(cmd.OutOrStdout(), ms)
 			}
 			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "ID\tWORKER\tVOLUME\tSTATE\t6PN\tMIGRATED")
+			fmt.Fprintln(tw, "ID\tWORKER\tVOLUME\tSTATE\t6PN\tMIGRATED\tCRASHES")
 			for _, m := range ms {
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%v\n", m.ID, m.Worker, m.Volume, m.State, m.Addr6PN, m.Migrated)
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%v\t%d\n", m.ID, m.Worker, m.Volume, m.State, m.Addr6PN, m.Migrated, m.Crashes)
 			}
 			return tw.Flush()
 		}),

@@ -50,6 +50,7 @@ func outcomeCode(ms map[string]*fsm.Migration) error {
 func newMigrateCmd() *cobra.Command {
 	var target string
 	var planOnly, wait, yes, asJSON bool
+	var maxDowntime time.Duration
 	mig := &cobra.Command{
 		Use:   "migrate MACHINE --to WORKER",
 		Short: "Move a machine and its volume to another worker (kill, clone, boot)",
@@ -84,7 +85,7 @@ nothing. Exit codes: 0 completed (or started, without --wait), 1 failed, 2 usage
 			if err := confirm(cmd, yes, "apply?"); err != nil {
 				return err
 			}
-			m, err := c.CreateMigration(ctx, api.PlanRequest{Machine: args[0], Target: target})
+			m, err := c.CreateMigration(ctx, api.PlanRequest{Machine: args[0], Target: target, MaxDowntime: api.Duration(maxDowntime)})
 			if err != nil {
 				return withCode(refusalCode(err), err)
 			}
@@ -113,6 +114,7 @@ nothing. Exit codes: 0 completed (or started, without --wait), 1 failed, 2 usage
 		},
 	}
 	mig.Flags().StringVar(&target, "to", "", "target worker")
+	mig.Flags().DurationVar(&maxDowntime, "max-downtime", fsm.DefaultMaxDowntime, "downtime budget: if the steps from stopping the machine to cutover take longer, the migration rolls back and the machine restarts on the source")
 	mig.Flags().BoolVar(&planOnly, "plan", false, "print the plan and change nothing")
 	mig.Flags().BoolVar(&wait, "wait", false, "follow the migration with a progress bar until it ends")
 	mig.Flags().BoolVarP(&yes, "yes", "y", false, "apply without asking")

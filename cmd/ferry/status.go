@@ -62,6 +62,14 @@ func newStatusCmd() *cobra.Command {
 				return writeJSONOut(out, ms)
 			}
 			operator.PrintMigrations(out, ms, time.Now())
+			// Machines the restart policy gave up on need a person.
+			if machs, err := c.ListMachines(ctx, worker); err == nil {
+				for _, m := range machs {
+					if m.State == fsm.MachineFailed {
+						fmt.Fprintf(out, "machine %s on %s FAILED after %d crashes: fix it, then `ferry machine start %s`\n", m.ID, m.Worker, m.Crashes, m.ID)
+					}
+				}
+			}
 			return nil
 		},
 	}

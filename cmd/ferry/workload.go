@@ -42,7 +42,7 @@ func newWorkloadCmd() *cobra.Command {
 					return fmt.Errorf("workload listen %s: %w", listen, err)
 				}
 				defer ln.Close()
-				go workload.ServeEcho(ln)
+				go workload.ServeEchoWho(ln, os.Getenv("FERRY_WORKER"))
 			}
 			return workload.Run(ctx, cfg)
 		},

@@ -15,6 +15,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"github.com/ferry-dev/ferry/datapath/internal/mountns"
 )
 
 // Device is one attached loop device as losetup lists it.
@@ -107,6 +109,11 @@ func Detach(dev string) error {
 			return nil
 		}
 		if time.Now().After(deadline) {
+			if rdev, err := mountns.DeviceOf(dev); err == nil {
+				if why := mountns.Explain(rdev, dev); why != "" {
+					return fmt.Errorf("%s is still open after detaching: %s", dev, why)
+				}
+			}
 			return fmt.Errorf("%s is still open by someone after detaching (it goes away on last close): find the holder with fuser -v %s", dev, dev)
 		}
 		time.Sleep(20 * time.Millisecond)

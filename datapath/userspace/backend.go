@@ -13,10 +13,12 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
 
 	"github.com/ferry-dev/ferry/blockdev"
 	"github.com/ferry-dev/ferry/datapath"
 	"github.com/ferry-dev/ferry/datapath/internal/hostfs"
+	"github.com/ferry-dev/ferry/datapath/internal/mountns"
 	"github.com/ferry-dev/ferry/datapath/loopdev"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/luks"
@@ -133,6 +135,12 @@ func (v *Backend) ReadLayout(vol string) (luks.Layout, error) {
 // Attach starts (or re-adopts) the volume's datapath and its loop device,
 // returning the loop device. Idempotent.
 func (v *Backend) Attach(ctx context.Context, cfg Config, passphrase []byte) (string, error) {
+	// The FUSE file is mounted under a shared mount point, like the
+	// machine's filesystem, so a copy of the mount table made later as a
+	// slave drops it too and the datapath can exit when asked.
+	if err := mountns.EnsureShared(filepath.Join(v.DataDir, "fuse")); err != nil {
+		return "", err
+	}
 	if _, err := Start(ctx, v.Log, v.Exe, cfg, passphrase, v.runDir()); err != nil {
 		return "", err
 	}
@@ -211,6 +219,53 @@ func (v *Backend) Detach(ctx context.Context, vol string) error {
 	return p.Shutdown(ctx)
 }
 
+// DatapathDead reports whether vol's datapath process is gone while its
+// FUSE file is still mounted (every I/O through it fails).
+func (v *Backend) DatapathDead(ctx context.Context, vol string) bool {
+	if _, ok := hostfs.MountedAt(v.FuseDir(vol)); !ok {
+		return false
+	}
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	if _, err := v.Process(ctx, vol); err == nil {
+		return false
+	}
+	// Not answering: dead only if the kernel says the FUSE connection is
+	// gone (a busy datapath is not restarted under its machine). With the
+	// server gone the kernel answers at once, so this cannot hang.
+	res := make(chan error, 1)
+	go func() {
+		var st unix.Stat_t
+		res <- unix.Stat(filepath.Join(v.FuseDir(vol), DeviceFile), &st)
+	}()
+	select {
+	case err := <-res:
+		return errors.Is(err, unix.ENOTCONN)
+	case <-ctx.Done():
+		return false // hung, not dead
+	}
+}
+
+// ReleaseDead releases what a dead datapath leaves: the filesystem at mnt
+// (lazily: it cannot be flushed), the loop device, the FUSE file.
+func (v *Backend) ReleaseDead(ctx context.Context, vol, mnt string) error {
+	if _, ok := hostfs.MountedAt(mnt); ok {
+		if err := unix.Unmount(mnt, unix.MNT_DETACH); err != nil {
+			return fmt.Errorf("lazy unmount of %s over the dead datapath of volume %s: %w", mnt, vol, err)
+		}
+	}
+	devs, err := v.Loops.FindByBackingFile(filepath.Join(v.FuseDir(vol), DeviceFile))
+	if err != nil {
+		return err
+	}
+	for _, d := range devs {
+		if err := v.Loops.Detach(d); err != nil {
+			return fmt.Errorf("detach %s from the dead datapath of volume %s: %w", d, vol, err)
+		}
+	}
+	return lazyUnmountFUSE(v.FuseDir(vol))
+}
+
 // Process returns the running datapath of vol, if any.
 func (v *Backend) Process(ctx context.Context, vol string) (*Process, error) {
 	return Adopt(ctx, Config{VolumeID: vol, Socket: v.Socket(vol)})
@@ -272,6 +327,9 @@ func (v *Backend) CleanupAll(ctx context.Context) error {
 			errs = append(errs, err)
 		}
 	}
+	if len(errs) == 0 {
+		errs = append(errs, hostfs.ReleaseShared(v.MountPoint("")), mountns.Release(filepath.Join(v.DataDir, "fuse")))
+	}
 	return errors.Join(errs...)
 }
 
@@ -280,7 +338,9 @@ func lazyUnmountFUSE(fuseDir string) error {
 	if _, ok := hostfs.MountedAt(fuseDir); !ok {
 		return nil
 	}
-	if out, err := exec.Command("fusermount3", "-u", "-z", fuseDir).CombinedOutput(); err != nil {
+	tctx, cancel := context.WithTimeout(context.Background(), 10*time.Second) // every external tool runs under a deadline
+	defer cancel()
+	if out, err := exec.CommandContext(tctx, "fusermount3", "-u", "-z", fuseDir).CombinedOutput(); err != nil {
 		return fmt.Errorf("unmount FUSE %s: %w: %s", fuseDir, err, strings.TrimSpace(string(out)))
 	}
 	return nil

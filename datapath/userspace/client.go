@@ -19,6 +19,7 @@ import (
 
 	"github.com/ferry-dev/ferry/datapath"
 	"github.com/ferry-dev/ferry/dmclone"
+	"github.com/ferry-dev/ferry/internal/atomicfile"
 	"github.com/ferry-dev/ferry/internal/childctl"
 )
 
@@ -75,7 +76,7 @@ func Start(ctx context.Context, log zerolog.Logger, exe string, cfg Config, pass
 	if err != nil {
 		return nil, err
 	}
-	if err := os.WriteFile(cfgPath, b, 0o600); err != nil {
+	if err := atomicfile.WriteFile(cfgPath, b, 0o600); err != nil {
 		return nil, fmt.Errorf("write datapath config: %w", err)
 	}
 	logf, err := os.OpenFile(filepath.Join(stateDir, cfg.VolumeID+".log"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
@@ -158,6 +159,18 @@ func (p *Process) DisableHydration(ctx context.Context) error {
 // SetTunables changes the background copy's batch, parallelism, rate and share.
 func (p *Process) SetTunables(ctx context.Context, t *dmclone.Tunables) error {
 	return p.call(ctx, http.MethodPost, "/v1/tunables", t, nil)
+}
+
+// SourceMove is where a clone's source export moved.
+type SourceMove struct {
+	Portal string `json:"portal"`
+	IQN    string `json:"iqn"`
+}
+
+// Retarget reconnects the clone's source to the export at its new portal
+// and IQN (datapath.Retargeter).
+func (p *Process) Retarget(ctx context.Context, portal, iqn string) error {
+	return p.call(ctx, http.MethodPost, "/v1/source", SourceMove{Portal: portal, IQN: iqn}, nil)
 }
 
 // Dissolve replaces the clone with the destination alone once complete.

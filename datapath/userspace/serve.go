@@ -267,6 +267,22 @@ func (s *server) serve(ctx context.Context, ready func(Ready)) error {
 		s.hydrating = s.hydrating && err != nil
 		reply(w, struct{}{}, err)
 	})
+	mux.HandleFunc("POST /v1/source", func(w http.ResponseWriter, r *http.Request) {
+		var to SourceMove
+		if err := childctl.Decode(r, &to); err != nil {
+			reply(w, nil, &childctl.Error{Status: http.StatusBadRequest, Message: fmt.Sprintf("move the source needs a portal and an IQN: %v", err)})
+			return
+		}
+		s.mu.Lock()
+		lun, ok := s.lun.(*iscsi.LUN)
+		dissolved := s.dissolved
+		s.mu.Unlock()
+		if !ok || dissolved {
+			reply(w, struct{}{}, errors.New("this clone does not read its source over iSCSI (or is dissolved): nothing to move"))
+			return
+		}
+		reply(w, struct{}{}, lun.Retarget(r.Context(), to.Portal, to.IQN))
+	})
 	mux.HandleFunc("POST /v1/tunables", func(w http.ResponseWriter, r *http.Request) {
 		var t *dmclone.Tunables
 		if err := childctl.Decode(r, &t); err != nil || t == nil {

@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"crypto/sha256"
+	"errors"
 	"io"
 	"os"
 	"path/filepath"
@@ -225,9 +226,25 @@ func TestLeaseExpiryRollsBack(t *testing.T) {
 	if m, _ := e.c.GetMigration(e.ctx, id); m.State != fsm.RollingBack {
 		t.Fatalf("migration left rolling_back (%s) without the target's teardown", m.State)
 	}
-	if _, err := e.c.Propose(e.ctx, id, fsm.EvTargetTornDown, "operator-confirms", fsm.EventPayload{Reason: "target gone"}); err != nil {
+	// The operator's word counts only after the target's lease expired plus
+	// the fence margin: until then its agent may still run the machine.
+	_, err := e.c.Propose(e.ctx, id, fsm.EvTargetTornDown, "operator-confirms-early", fsm.EventPayload{Reason: "target gone"})
+	var ref *api.Error
+	if !errors.As(err, &ref) || ref.Code != fsm.CodeTargetMayRun {
+		t.Fatalf("operator target_torn_down right after the lease expired: err = %v, want a %s refusal", err, fsm.CodeTargetMayRun)
+	}
+	deadline := time.Now().Add(fsm.FenceMargin + 10*time.Second)
+	for {
+		_, err = e.c.Propose(e.ctx, id, fsm.EvTargetTornDown, "operator-confirms", fsm.EventPayload{Reason: "target gone"})
+		if err == nil || !errors.As(err, &ref) || ref.Code != fsm.CodeTargetMayRun || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	if err != nil {
 		t.Fatal(err)
 	}
+	phase("operator confirmed the target gone")
 	e.waitState(id, time.Minute, fsm.RolledBack)
 	phase("rolled back")
 	before, _ := workload.Acked(ack)

@@ -354,7 +354,15 @@ func (r Resources) String() string {
 // Snapshot lists the bed's resources now.
 func (b *Bed) Snapshot() Resources {
 	var r Resources
-	r.Mounts = linesWith(readString("/proc/self/mounts"), b.cfg.Dir)
+	for _, l := range linesWith(readString("/proc/self/mounts"), b.cfg.Dir) {
+		// A worker's mnt/ and fuse/ are shared binds of themselves while
+		// volumes are mounted under them (so other namespaces' copies drop
+		// their mounts): the agent's, not a machine's.
+		if f := strings.Fields(l); len(f) > 1 && (filepath.Base(f[1]) == "mnt" || filepath.Base(f[1]) == "fuse") && filepath.Dir(filepath.Dir(f[1])) == filepath.Clean(b.cfg.Dir) {
+			continue
+		}
+		r.Mounts = append(r.Mounts, l)
+	}
 	loops, _ := exec.Command("losetup", "-a").CombinedOutput()
 	r.Loops = linesWith(string(loops), b.cfg.Dir)
 	ps, _ := exec.Command("ps", "-eo", "pid,args").CombinedOutput()

@@ -17,6 +17,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/atomicfile"
 	"github.com/ferry-dev/ferry/iscsi"
 )
 
@@ -97,12 +98,7 @@ func (x *Exporter) Export(ctx context.Context, id, path, allow string) (string, 
 	// Record the portal before anyone relies on it, so a restart reuses it.
 	rec.Portal = e.Portal()
 	b, _ := json.Marshal(rec)
-	tmp := x.recordPath(id) + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o600); err != nil {
-		e.Stop()
-		return "", "", err
-	}
-	if err := os.Rename(tmp, x.recordPath(id)); err != nil {
+	if err := atomicfile.WriteFile(x.recordPath(id), b, 0o600); err != nil {
 		e.Stop()
 		return "", "", err
 	}

@@ -2,6 +2,7 @@ package workload
 
 import (
 	"bufio"
+	"io"
 	"net"
 	"testing"
 	"time"
@@ -34,5 +35,32 @@ func TestServeEcho(t *testing.T) {
 	case <-done:
 	case <-time.After(5 * time.Second):
 		t.Fatal("ServeEcho did not return after its listener closed")
+	}
+}
+
+func TestServeEchoWho(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go ServeEchoWho(ln, "w1")
+	ask := func(msg string) string {
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		io.WriteString(c, msg)
+		b := make([]byte, 64)
+		n, _ := io.ReadAtLeast(c, b, 1)
+		return string(b[:n])
+	}
+	if got := ask(WhoQuestion); got != "w1\n" {
+		t.Fatalf("who? answered %q, want w1", got)
+	}
+	if got := ask("hello\n"); got != "hello\n" {
+		t.Fatalf("echo answered %q", got)
 	}
 }

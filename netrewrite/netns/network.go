@@ -14,6 +14,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/ferry-dev/ferry/internal/atomicfile"
 	"github.com/ferry-dev/ferry/netrewrite"
 )
 
@@ -53,11 +54,7 @@ func (n *Network) record(mn netrewrite.MachineNet) error {
 		return err
 	}
 	b, _ := json.Marshal(machineNetRecord{Net: mn})
-	tmp := n.recPath("tmp-" + mn.MachineNS)
-	if err := os.WriteFile(tmp, b, 0o600); err != nil {
-		return err
-	}
-	return os.Rename(tmp, n.recPath(machineFromNS(n.Worker, mn.MachineNS)))
+	return atomicfile.WriteFile(n.recPath(machineFromNS(n.Worker, mn.MachineNS)), b, 0o600)
 }
 
 func machineFromNS(worker, ns string) string { return ns[len("fm-"+worker+"-"):] }

@@ -15,6 +15,9 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ferry-dev/ferry/blockdev"
+	"github.com/ferry-dev/ferry/datapath/internal/mountns"
+	"github.com/ferry-dev/ferry/internal/atomicfile"
+	"github.com/ferry-dev/ferry/internal/retry"
 	"github.com/ferry-dev/ferry/luks"
 )
 
@@ -95,13 +98,13 @@ func SyncUnmount(mnt, vol string) error {
 // finishing fsync.
 func unmountBusyRetry(mnt string) error {
 	var err error
-	for i := 0; i < 30; i++ {
-		if err = unix.Unmount(mnt, 0); err != unix.EBUSY {
+	bo := retry.New(50*time.Millisecond, 500*time.Millisecond)
+	for deadline := time.Now().Add(3 * time.Second); ; {
+		if err = unix.Unmount(mnt, 0); err != unix.EBUSY || time.Now().After(deadline) {
 			return err
 		}
-		time.Sleep(100 * time.Millisecond)
+		time.Sleep(bo.Next())
 	}
-	return err
 }
 
 // MountExt4 mounts ext4 dev at mnt unless it already is. Idempotent.
@@ -111,6 +114,12 @@ func MountExt4(dev, mnt, vol string) error {
 			return nil
 		}
 		return fmt.Errorf("%s is already mounted from %s, not %s: unmount it first", mnt, src, dev)
+	}
+	// Under a shared mount point, so copies of the mount table made later
+	// as slaves (ip netns exec, services, containers) drop this mount when
+	// it is unmounted here instead of pinning the volume.
+	if err := mountns.EnsureShared(filepath.Dir(mnt)); err != nil {
+		return err
 	}
 	if err := os.MkdirAll(mnt, 0o755); err != nil {
 		return err
@@ -134,7 +143,12 @@ func sameDevice(a, b string) bool {
 	return sa.Mode&unix.S_IFMT == unix.S_IFBLK && sa.Rdev == sb.Rdev
 }
 
-// UnmountAll unmounts every mount point directly under dir.
+// ReleaseShared undoes the shared bind mount MountExt4 makes of a mount
+// point's parent, once nothing is mounted under it.
+func ReleaseShared(dir string) error { return mountns.Release(dir) }
+
+// UnmountAll unmounts every mount point directly under dir, then dir's
+// shared bind.
 func UnmountAll(dir string) error {
 	var errs []error
 	mnts, _ := os.ReadDir(dir)
@@ -146,6 +160,10 @@ func UnmountAll(dir string) error {
 			}
 		}
 	}
+	if len(errs) == 0 {
+		// The shared bind MountExt4 made of dir, now empty.
+		errs = append(errs, mountns.Release(dir))
+	}
 	return errors.Join(errs...)
 }
 
@@ -154,6 +172,7 @@ func UnmountAll(dir string) error {
 func unmountRetry(mnt string) error {
 	var err error
 	deadline := time.Now().Add(5 * time.Second)
+	bo := retry.New(50*time.Millisecond, 500*time.Millisecond)
 	for time.Now().Before(deadline) {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		out, e := exec.CommandContext(ctx, "umount", mnt).CombinedOutput()
@@ -165,7 +184,7 @@ func unmountRetry(mnt string) error {
 			return nil
 		}
 		err = fmt.Errorf("unmount %s: %w: %s", mnt, e, strings.TrimSpace(string(out)))
-		time.Sleep(100 * time.Millisecond)
+		time.Sleep(bo.Next())
 	}
 	return err
 }
@@ -203,16 +222,9 @@ func UnmountOrForce(mnt string, patience time.Duration, stuck func()) error {
 	return nil
 }
 
-// WriteFileAtomic writes b to path through a rename, making its folder.
+// WriteFileAtomic writes b to path durably (see atomicfile), making its folder.
 func WriteFileAtomic(path string, b []byte) error {
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return err
-	}
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o600); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
+	return atomicfile.WriteFile(path, b, 0o600)
 }
 
 // ReadLayout reads the LUKS2 layout from a volume file's header.
