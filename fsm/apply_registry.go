@@ -103,6 +103,7 @@ func (s *Store) applyCreateVolume(c *CreateVolumeCmd) *Result {
 	v.CreatedAt = c.Now
 	v.DestroyAfter = time.Time{}
 	v.HasKey = false
+	v.WantSize = 0 // only extend_volume asks for growth
 	s.d.Volumes[v.ID] = &v
 	cp := copyVolume(&v)
 	return &Result{Volume: &cp}
@@ -152,6 +153,49 @@ func (s *Store) applyUpdateVolume(c *UpdateVolumeCmd) *Result {
 	}
 	if c.Size != nil && *c.Size >= 0 {
 		v.Size = *c.Size
+		if v.WantSize <= v.Size {
+			v.WantSize = 0 // the requested growth is done
+		}
+	}
+	cp := copyVolume(v)
+	return &Result{Volume: &cp}
+}
+
+// extendRefusal says why c cannot apply to the records, or nil. A shrink is
+// refused (ext4 cannot shrink online and a LUKS2 segment would lose its
+// tail); so is a volume in a migration: extending it is refused, not
+// queued, because the clone on the target is sized from the source.
+func (s *Store) extendRefusal(c *ExtendVolumeCmd) *Refusal {
+	v, ok := s.d.Volumes[c.ID]
+	if !ok {
+		return notFound("volume", c.ID)
+	}
+	switch {
+	case v.State == VolDestroyed || v.State == VolPendingDelete:
+		return refuse(RefuseConflict, CodeWrongState, "volume %s is %s: it cannot be extended", v.ID, v.State)
+	case v.State != VolCreated:
+		return refuse(RefuseConflict, CodeWrongState, "volume %s is %s: only a created volume can be extended; retry once it is created", v.ID, v.State)
+	case c.Size < v.Size:
+		return refuse(RefuseInvalid, CodeInvalid, "volume %s is %d bytes: shrinking to %d is refused (an ext4 filesystem cannot shrink online and the LUKS2 segment would lose its tail); create a smaller volume and copy the data instead", v.ID, v.Size, c.Size)
+	case v.Extending() && c.Size != v.WantSize:
+		return refuse(RefuseConflict, CodeConflict, "volume %s is already being extended to %d bytes: wait for it (volume show), then extend again", v.ID, v.WantSize)
+	}
+	if id, ok := s.d.Locks["volume/"+v.ID]; ok {
+		return refuse(RefuseConflict, CodeLocked, "volume %s is in migration %s: extending is refused, not queued; extend it once the migration ended (or abort it)", v.ID, id)
+	}
+	return nil
+}
+
+// applyExtendVolume records the requested size; the owning worker grows the
+// volume and reports it. Asking again for the size it has or is growing to
+// answers the same record.
+func (s *Store) applyExtendVolume(c *ExtendVolumeCmd) *Result {
+	if r := s.extendRefusal(c); r != nil {
+		return &Result{Refusal: r}
+	}
+	v := s.d.Volumes[c.ID]
+	if c.Size > v.Size {
+		v.WantSize = c.Size
 	}
 	cp := copyVolume(v)
 	return &Result{Volume: &cp}

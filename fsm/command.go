@@ -42,11 +42,13 @@ const (
 	CmdPropose        CommandType = "propose"
 	CmdRevokeCert     CommandType = "revoke_cert"
 	CmdGC             CommandType = "gc"
+	CmdExtendVolume   CommandType = "extend_volume"
 )
 
 // CommandTypes lists every command type this build applies, oldest first.
 var CommandTypes = []CommandType{CmdRegisterServer, CmdRegisterWorker, CmdHeartbeat, CmdCreateVolume, CmdUpdateVolume,
-	CmdDestroyVolume, CmdSetVolumeKey, CmdKeyAccess, CmdCreateMachine, CmdUpdateMachine, CmdPlan, CmdPropose, CmdRevokeCert}
+	CmdDestroyVolume, CmdSetVolumeKey, CmdKeyAccess, CmdCreateMachine, CmdUpdateMachine, CmdPlan, CmdPropose, CmdRevokeCert,
+	CmdExtendVolume}
 
 // Command is the versioned envelope every log entry holds.
 type Command struct {
@@ -189,6 +191,16 @@ type GCCmd struct {
 	Retention time.Duration `json:"retention"`
 }
 
+// ExtendVolumeCmd asks for a volume to grow to Size bytes (the whole
+// ciphertext file, header included). Operators propose it; the store records
+// the wish in Volume.WantSize and the owning worker grows the volume online
+// and reports the new size and layout with update_volume.
+type ExtendVolumeCmd struct {
+	Header
+	ID   string `json:"id"`
+	Size int64  `json:"size"`
+}
+
 // EventPayload carries what an event reports; each event reads its own fields.
 type EventPayload struct {
 	Reason       string      `json:"reason,omitempty"`        // abort, failed, report
@@ -242,6 +254,8 @@ func payloadFor(t CommandType) (any, bool) {
 		return &RevokeCertCmd{}, true
 	case CmdGC:
 		return &GCCmd{}, true
+	case CmdExtendVolume:
+		return &ExtendVolumeCmd{}, true
 	}
 	return nil, false
 }

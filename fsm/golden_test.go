@@ -90,6 +90,10 @@ func goldenCommands() []struct {
 		{CmdDestroyVolume, &DestroyVolumeCmd{Header: hdr(operator), ID: "vol-spare", Retention: time.Hour}},
 		{CmdRevokeCert, &RevokeCertCmd{Header: hdr(operator), Serial: "5eed0f1e2d3c4b5a", Reason: "host of worker w-new decommissioned"}},
 		{CmdGC, &GCCmd{Header: hdr(server), Retention: 7 * 24 * time.Hour}},
+		// Every volume above is locked by a migration or destroyed: extend
+		// gets a fresh one of its own.
+		{CmdCreateVolume, &CreateVolumeCmd{Header: hdr(operator), Volume: Volume{ID: "vol4", Worker: newW.Name, Size: 64 << 20, State: VolCreated, Layout: l}}},
+		{CmdExtendVolume, &ExtendVolumeCmd{Header: hdr(operator), ID: "vol4", Size: 96 << 20}},
 	}
 }
 

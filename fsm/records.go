@@ -224,7 +224,13 @@ type Volume struct {
 	DestroyAfter    time.Time   `json:"destroy_after,omitzero"` // retention deadline while pending_destroy
 	CreatedAt       time.Time   `json:"created_at"`
 	HasKey          bool        `json:"has_key"` // the server holds its key (never returned here)
+	// WantSize is the size an operator asked for with extend_volume while the
+	// owning worker has not grown the volume yet; 0 when nothing is pending.
+	WantSize int64 `json:"want_size,omitempty"`
 }
+
+// Extending reports whether a requested growth is still pending.
+func (v *Volume) Extending() bool { return v.WantSize > v.Size }
 
 // MachineState is whether the workload runs.
 type MachineState string

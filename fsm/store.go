@@ -127,6 +127,8 @@ func (s *Store) ApplyCommand(index uint64, raw []byte) *Result {
 		res = s.applyRevokeCert(c)
 	case *GCCmd:
 		res = s.applyGC(c)
+	case *ExtendVolumeCmd:
+		res = s.applyExtendVolume(c)
 	default:
 		res = &Result{Refusal: refuse(RefuseInvalid, CodeBadCommand, "command %q has no apply function", typ)}
 	}

@@ -118,6 +118,10 @@ func (w *Worker) validate() *Refusal {
 	return nil
 }
 
+// MaxVolumeSize bounds what extend_volume accepts (64 TiB): far above any
+// real volume, low enough that no offset computed from it overflows.
+const MaxVolumeSize = 64 << 40
+
 func (v *Volume) validate() *Refusal {
 	if r := CheckID("volume", v.ID); r != nil {
 		return r
@@ -340,6 +344,13 @@ func Validate(cmd any) *Refusal {
 		}
 		if c.Size != nil && *c.Size < 0 {
 			return refuse(RefuseInvalid, CodeInvalid, "volume %s: size %d is negative", c.ID, *c.Size)
+		}
+	case *ExtendVolumeCmd:
+		if r := CheckID("volume", c.ID); r != nil {
+			return r
+		}
+		if c.Size <= 0 || c.Size > MaxVolumeSize || c.Size%512 != 0 {
+			return refuse(RefuseInvalid, CodeInvalid, "volume %s: size %d must be a positive multiple of 512 bytes, at most %d", c.ID, c.Size, int64(MaxVolumeSize))
 		}
 	case *DestroyVolumeCmd:
 		if c.Retention < 0 || c.Retention > MaxRetention {
