@@ -14,6 +14,7 @@ import (
 	"strings"
 
 	"github.com/ferry-dev/ferry/blockdev"
+	"github.com/ferry-dev/ferry/datapath/internal/hostfs"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/luks"
 )
@@ -46,6 +47,12 @@ type Backend interface {
 	Detach(ctx context.Context, vol string) error
 	// Remove detaches and deletes a volume's files.
 	Remove(ctx context.Context, vol string) error
+	// Extend grows a local volume to size bytes (the whole ciphertext file,
+	// header included) and the ext4 filesystem inside it, online when the
+	// volume is mounted, and returns the grown layout. Re-running it after a
+	// crash at any point finishes the job. It wraps ErrNotSupported when
+	// !Capabilities().Extend.
+	Extend(ctx context.Context, vol string, layout luks.Layout, size int64, passphrase []byte) (luks.Layout, error)
 	// CleanupAll unmounts and detaches every volume under the data dir.
 	CleanupAll(ctx context.Context) error
 
@@ -69,6 +76,39 @@ type Capabilities struct {
 	// ByteCounters: Progress reports fetched and skipped bytes, not only
 	// hydrated regions.
 	ByteCounters bool
+	// Extend: Backend.Extend grows a volume and its mounted filesystem
+	// under a running machine.
+	Extend bool
+}
+
+// ErrNotSupported is wrapped by a method the backend's Capabilities say it
+// lacks.
+var ErrNotSupported = errors.New("not supported by this data path")
+
+// ErrOnlineResizeDenied is wrapped by Extend when the volume grew but the
+// host refused to grow its mounted filesystem (the agent lacks
+// CAP_SYS_RESOURCE); Extend once the volume is unmounted finishes it.
+var ErrOnlineResizeDenied = hostfs.ErrOnlineResizeDenied
+
+// CanResizeOnline reports whether this host lets the agent grow a mounted
+// filesystem.
+func CanResizeOnline() bool { return hostfs.CanResizeOnline() }
+
+// GrownLayout is layout on a device of size bytes: the LUKS2 segment is
+// dynamic, so the payload is what follows the header, whole sectors only.
+// A size that would shrink the payload is refused.
+func GrownLayout(layout luks.Layout, size int64) (luks.Layout, error) {
+	sector := int64(layout.SectorSize)
+	if sector <= 0 || size <= layout.DataOffset {
+		return luks.Layout{}, fmt.Errorf("a %d-byte volume has no room after its %d-byte LUKS2 header", size, layout.DataOffset)
+	}
+	payload := size - layout.DataOffset
+	payload -= payload % sector
+	if payload < layout.PayloadSize {
+		return luks.Layout{}, fmt.Errorf("volume would shrink from %d to %d plaintext bytes: refused", layout.PayloadSize, payload)
+	}
+	layout.PayloadSize = payload
+	return layout, nil
 }
 
 // CloneSpec is one migration's clone on the target.

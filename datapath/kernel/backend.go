@@ -66,6 +66,14 @@ func (v *Backend) Capabilities() datapath.Capabilities {
 	return datapath.Capabilities{Name: "kernel"}
 }
 
+// Extend is not supported on the kernel path yet: growing needs the file,
+// the loop device, the dm-clone target's table (sized at creation) and
+// dm-crypt (`cryptsetup resize`) to follow in order, which only the VM suite
+// can test.
+func (v *Backend) Extend(ctx context.Context, vol string, layout luks.Layout, size int64, passphrase []byte) (luks.Layout, error) {
+	return luks.Layout{}, fmt.Errorf("extend volume %s: %w (kernel); run the worker with --backend userspace to extend online", vol, datapath.ErrNotSupported)
+}
+
 // kernelRegionSize is the clone's region: 4 KiB, like the userspace engine,
 // so fstrim of any free filesystem block skips its fetch.
 const kernelRegionSize = 4096

@@ -160,6 +160,11 @@ func (p *Process) SetTunables(ctx context.Context, t *dmclone.Tunables) error {
 	return p.call(ctx, http.MethodPost, "/v1/tunables", t, nil)
 }
 
+// Grow asks the process to serve payload plaintext bytes, growing its file.
+func (p *Process) Grow(ctx context.Context, payload int64) error {
+	return p.call(ctx, http.MethodPost, "/v1/grow", GrowRequest{PayloadSize: payload}, nil)
+}
+
 // Dissolve replaces the clone with the destination alone once complete.
 func (p *Process) Dissolve(ctx context.Context) error {
 	return p.call(ctx, http.MethodPost, "/v1/dissolve", nil, nil)
