@@ -76,7 +76,7 @@ func payloadSize(l Layout, deviceSize int64) (int64, error) {
 type view struct {
 	dev     blockdev.Device
 	c       *xtsCipher
-	off     int64 // data offset on dev
+	off     int64        // data offset on dev
 	size    atomic.Int64 // plaintext size; only grows (GrowView)
 	sector  int64
 	ivBase  uint64 // the segment's iv_tweak; Layout refuses non-zero ones, so 0
