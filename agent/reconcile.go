@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"os"
 	"time"
 
@@ -46,6 +47,8 @@ func (a *Agent) reconcile(ctx context.Context) {
 		switch {
 		case v.State == fsm.VolCreating && v.Layout == nil:
 			a.createVolume(ctx, v)
+		case v.State == fsm.VolCreated && v.Extending() && v.Layout != nil:
+			a.extendVolume(ctx, v)
 		case v.State == fsm.VolDestroyed && v.AttachedMachine == "":
 			// The server destroys a volume only after its retention window
 			// (and, for a migrated source, after hydrated): the files go now.
@@ -132,6 +135,48 @@ func (a *Agent) createVolume(ctx context.Context, v *fsm.Volume) {
 		return
 	}
 	log.Info().Int64("size", v.Size).Int64("data_offset", layout.DataOffset).Msg("volume created")
+}
+
+// extendVolume grows a volume an operator extended, under its running
+// machine if it runs here, and reports the new size and layout, which ends
+// the request. A failure is retried on the next pass: every step of the
+// data path's Extend finds its work done when repeated.
+func (a *Agent) extendVolume(ctx context.Context, v *fsm.Volume) {
+	log := a.log.With().Str("volume", v.ID).Int64("size", v.Size).Int64("want_size", v.WantSize).Logger()
+	if !a.vols.Capabilities().Extend {
+		log.Warn().Str("backend", a.vols.Capabilities().Name).Msg("extend requested but this data path cannot extend volumes; run the worker with the userspace backend")
+		return
+	}
+	// Hold machMu so a migration's source step cannot stop the machine
+	// (and export the volume) halfway through the growth.
+	a.machMu.Lock()
+	defer a.machMu.Unlock()
+	if v.AttachedMachine != "" && a.migratingMachines()[v.AttachedMachine] {
+		return // the store refuses to plan it while extending; a stale listing
+	}
+	key, err := a.cp.VolumeKey(ctx, v.ID)
+	if err != nil {
+		log.Warn().Err(err).Msg("extend: volume key")
+		return
+	}
+	defer clear(key)
+	layout, err := a.vols.Extend(ctx, v.ID, datapath.LayoutOf(*v.Layout), v.WantSize, key)
+	if errors.Is(err, datapath.ErrOnlineResizeDenied) {
+		// The volume grew; the mounted filesystem grows once the machine
+		// stops (this same step, offline). Keep the request pending.
+		log.Warn().Err(err).Msg("extend: filesystem waits for the machine to stop")
+		return
+	}
+	if err != nil {
+		log.Error().Err(err).Msg("extend volume")
+		return
+	}
+	size := v.WantSize
+	if err := a.cp.UpdateVolume(ctx, fsm.UpdateVolumeCmd{ID: v.ID, Size: &size, Layout: datapath.StoredLayout(layout)}); err != nil {
+		log.Error().Err(err).Msg("record extended volume")
+		return
+	}
+	log.Info().Int64("payload_size", layout.PayloadSize).Msg("volume extended")
 }
 
 func (a *Agent) migratingMachines() map[string]bool {

@@ -284,6 +284,15 @@ func (c *Client) DestroyVolume(ctx context.Context, id string, retention time.Du
 	return &r, err
 }
 
+// ExtendVolume asks for volume id to grow to size bytes; its worker grows it
+// online and reports the new size (Volume.Extending turns false). Shrinking
+// and a volume in migration are refused.
+func (c *Client) ExtendVolume(ctx context.Context, id string, size int64) (*fsm.Volume, error) {
+	var r fsm.Volume
+	_, err := c.do(ctx, http.MethodPost, "/v1/volumes/"+esc(id)+"/extend", nil, VolumeExtend{Size: size}, &r)
+	return &r, err
+}
+
 // SetVolumeKey stores the volume's key on the servers (owner worker or operator only).
 func (c *Client) SetVolumeKey(ctx context.Context, id string, key []byte) error {
 	_, err := c.do(ctx, http.MethodPut, "/v1/volumes/"+esc(id)+"/key", nil, KeyBody{Key: key}, nil)

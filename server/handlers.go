@@ -80,6 +80,7 @@ func (s *Server) routes() http.Handler {
 	})
 	h("PATCH /v1/volumes/{id}", s.handleUpdateVolume)
 	h("DELETE /v1/volumes/{id}", s.handleDestroyVolume)
+	h("POST /v1/volumes/{id}/extend", s.handleExtendVolume)
 	h("PUT /v1/volumes/{id}/key", s.handleSetKey)
 	h("GET /v1/volumes/{id}/key", s.handleGetKey)
 
@@ -336,6 +337,16 @@ func (s *Server) handleDestroyVolume(w http.ResponseWriter, r *http.Request, id 
 		}
 	}
 	if res := s.run(w, r.Context(), fsm.CmdDestroyVolume, &fsm.DestroyVolumeCmd{Header: s.header(id), ID: r.PathValue("id"), Retention: ret}); res != nil {
+		writeJSON(w, http.StatusOK, res.Volume)
+	}
+}
+
+func (s *Server) handleExtendVolume(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
+	var e api.VolumeExtend
+	if !readBody(w, r, &e) {
+		return
+	}
+	if res := s.run(w, r.Context(), fsm.CmdExtendVolume, &fsm.ExtendVolumeCmd{Header: s.header(id), ID: r.PathValue("id"), Size: e.Size}); res != nil {
 		writeJSON(w, http.StatusOK, res.Volume)
 	}
 }
