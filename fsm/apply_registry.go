@@ -104,6 +104,7 @@ func (s *Store) applyCreateVolume(c *CreateVolumeCmd) *Result {
 	v.DestroyAfter = time.Time{}
 	v.HasKey = false
 	v.WantSize = 0 // only extend_volume asks for growth
+	v.ForkOf = ""  // only fork_volume makes a fork
 	s.d.Volumes[v.ID] = &v
 	cp := copyVolume(&v)
 	return &Result{Volume: &cp}
@@ -180,6 +181,9 @@ func (s *Store) extendRefusal(c *ExtendVolumeCmd) *Refusal {
 	case v.Extending() && c.Size != v.WantSize:
 		return refuse(RefuseConflict, CodeConflict, "volume %s is already being extended to %d bytes: wait for it (volume show), then extend again", v.ID, v.WantSize)
 	}
+	if f, ok := s.forking(v.ID); ok {
+		return refuse(RefuseConflict, CodeWrongState, "volume %s is being forked into %s: extend it once the fork is created", v.ID, f.ID)
+	}
 	if id, ok := s.d.Locks["volume/"+v.ID]; ok {
 		return refuse(RefuseConflict, CodeLocked, "volume %s is in migration %s: extending is refused, not queued; extend it once the migration ended (or abort it)", v.ID, id)
 	}
@@ -199,6 +203,65 @@ func (s *Store) applyExtendVolume(c *ExtendVolumeCmd) *Result {
 	}
 	cp := copyVolume(v)
 	return &Result{Volume: &cp}
+}
+
+// forkRefusal says why c cannot apply to the records, or nil. The source's
+// worker makes the copy, so a fork to another worker is refused for now; a
+// source in migration or growing is refused, not queued.
+func (s *Store) forkRefusal(c *ForkVolumeCmd) *Refusal {
+	src, ok := s.d.Volumes[c.Source]
+	if !ok {
+		return notFound("volume", c.Source)
+	}
+	if old, ok := s.d.Volumes[c.ID]; ok {
+		if old.ForkOf == c.Source && old.Worker == c.Worker {
+			return nil // a retried fork: same answer
+		}
+		return refuse(RefuseConflict, CodeConflict, "volume %s already exists on worker %s", c.ID, old.Worker)
+	}
+	if _, ok := s.d.Workers[c.Worker]; !ok {
+		return notFound("worker", c.Worker)
+	}
+	switch {
+	case src.State != VolCreated:
+		return refuse(RefuseConflict, CodeWrongState, "volume %s is %s: only a created volume can be forked", src.ID, src.State)
+	case src.Layout == nil:
+		return refuse(RefuseConflict, CodeLayoutNeeded, "volume %s has no recorded layout yet: fork it once its worker formatted it", src.ID)
+	case c.Worker != src.Worker:
+		return refuse(RefuseInvalid, CodeInvalid, "fork of volume %s to worker %s: forks to another worker are not supported yet; fork on %s, the source's worker", src.ID, c.Worker, src.Worker)
+	case src.Extending():
+		return refuse(RefuseConflict, CodeWrongState, "volume %s is being extended to %d bytes: fork it once its worker reported the new size", src.ID, src.WantSize)
+	}
+	if id, ok := s.d.Locks["volume/"+src.ID]; ok {
+		return refuse(RefuseConflict, CodeLocked, "volume %s is in migration %s: forking is refused, not queued; fork it once the migration ended (or abort it)", src.ID, id)
+	}
+	return nil
+}
+
+// applyForkVolume registers the fork; the source's worker copies the data.
+func (s *Store) applyForkVolume(c *ForkVolumeCmd) *Result {
+	if r := s.forkRefusal(c); r != nil {
+		return &Result{Refusal: r}
+	}
+	if old, ok := s.d.Volumes[c.ID]; ok {
+		cp := copyVolume(old)
+		return &Result{Volume: &cp}
+	}
+	src := s.d.Volumes[c.Source]
+	v := &Volume{ID: c.ID, Worker: c.Worker, Size: src.Size, State: VolCreating, ForkOf: src.ID, CreatedAt: c.Now}
+	s.d.Volumes[v.ID] = v
+	cp := copyVolume(v)
+	return &Result{Volume: &cp}
+}
+
+// forking returns a fork of vol still being copied, if any.
+func (s *Store) forking(vol string) (*Volume, bool) {
+	for _, v := range s.d.Volumes {
+		if v.ForkOf == vol && v.Forking() {
+			return v, true
+		}
+	}
+	return nil, false
 }
 
 // attachedRunning returns the running machine using v, if any.

@@ -100,6 +100,11 @@ func (s *Store) authorize(cmd any) *Refusal {
 			return deny(c.Actor, "extend volume "+c.ID+" (operators only)")
 		}
 		return s.extendRefusal(c)
+	case *ForkVolumeCmd:
+		if !c.Actor.operator() {
+			return deny(c.Actor, "fork volume "+c.Source+" (operators only)")
+		}
+		return s.forkRefusal(c)
 	case *DestroyVolumeCmd:
 		if v, ok := s.d.Volumes[c.ID]; ok && !c.Actor.privileged() && !c.Actor.isWorker(v.Worker) {
 			return deny(c.Actor, "destroy volume "+c.ID+" of worker "+v.Worker)

@@ -43,12 +43,13 @@ const (
 	CmdRevokeCert     CommandType = "revoke_cert"
 	CmdGC             CommandType = "gc"
 	CmdExtendVolume   CommandType = "extend_volume"
+	CmdForkVolume     CommandType = "fork_volume"
 )
 
 // CommandTypes lists every command type this build applies, oldest first.
 var CommandTypes = []CommandType{CmdRegisterServer, CmdRegisterWorker, CmdHeartbeat, CmdCreateVolume, CmdUpdateVolume,
 	CmdDestroyVolume, CmdSetVolumeKey, CmdKeyAccess, CmdCreateMachine, CmdUpdateMachine, CmdPlan, CmdPropose, CmdRevokeCert,
-	CmdExtendVolume}
+	CmdExtendVolume, CmdForkVolume}
 
 // Command is the versioned envelope every log entry holds.
 type Command struct {
@@ -201,6 +202,17 @@ type ExtendVolumeCmd struct {
 	Size int64  `json:"size"`
 }
 
+// ForkVolumeCmd registers volume ID as an independent copy of Source, taken
+// at one instant while Source's machine keeps running. The record appears at
+// once (creating, ForkOf set); Source's worker makes the copy, under a key
+// of the fork's own, and marks it created.
+type ForkVolumeCmd struct {
+	Header
+	ID     string `json:"id"`
+	Source string `json:"source"`
+	Worker string `json:"worker"`
+}
+
 // EventPayload carries what an event reports; each event reads its own fields.
 type EventPayload struct {
 	Reason       string      `json:"reason,omitempty"`        // abort, failed, report
@@ -256,6 +268,8 @@ func payloadFor(t CommandType) (any, bool) {
 		return &GCCmd{}, true
 	case CmdExtendVolume:
 		return &ExtendVolumeCmd{}, true
+	case CmdForkVolume:
+		return &ForkVolumeCmd{}, true
 	}
 	return nil, false
 }

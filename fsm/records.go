@@ -227,7 +227,12 @@ type Volume struct {
 	// WantSize is the size an operator asked for with extend_volume while the
 	// owning worker has not grown the volume yet; 0 when nothing is pending.
 	WantSize int64 `json:"want_size,omitempty"`
+	// ForkOf names the volume this one is a point-in-time copy of.
+	ForkOf string `json:"fork_of,omitempty"`
 }
+
+// Forking reports whether the copy of ForkOf is still being made.
+func (v *Volume) Forking() bool { return v.ForkOf != "" && v.State == VolCreating }
 
 // Extending reports whether a requested growth is still pending.
 func (v *Volume) Extending() bool { return v.WantSize > v.Size }

@@ -352,6 +352,15 @@ func Validate(cmd any) *Refusal {
 		if c.Size <= 0 || c.Size > MaxVolumeSize || c.Size%512 != 0 {
 			return refuse(RefuseInvalid, CodeInvalid, "volume %s: size %d must be a positive multiple of 512 bytes, at most %d", c.ID, c.Size, int64(MaxVolumeSize))
 		}
+	case *ForkVolumeCmd:
+		for _, id := range []string{c.ID, c.Source} {
+			if r := CheckID("volume", id); r != nil {
+				return r
+			}
+		}
+		if r := CheckID("worker", c.Worker); r != nil {
+			return r
+		}
 	case *DestroyVolumeCmd:
 		if c.Retention < 0 || c.Retention > MaxRetention {
 			return refuse(RefuseInvalid, CodeInvalid, "retention %s: use 0 (default) to %s", c.Retention, MaxRetention)
