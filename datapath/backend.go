@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"time"
 
 	"github.com/ferry-dev/ferry/blockdev"
 	"github.com/ferry-dev/ferry/datapath/internal/hostfs"
@@ -53,6 +54,14 @@ type Backend interface {
 	// crash at any point finishes the job. It wraps ErrNotSupported when
 	// !Capabilities().Extend.
 	Extend(ctx context.Context, vol string, layout luks.Layout, size int64, passphrase []byte) (luks.Layout, error)
+	// Fork makes local volume dst an independent copy of local volume src
+	// as it was at one instant, while src stays mounted and written: its
+	// filesystem is frozen only while its ciphertext is copied aside, and
+	// the copy is re-encrypted under a new LUKS2 master key opened by
+	// dstPass. It returns dst's layout and what the source paid. Re-running
+	// it after a crash starts the copy over. It wraps ErrNotSupported when
+	// !Capabilities().Fork.
+	Fork(ctx context.Context, src string, srcPass []byte, dst string, dstPass []byte) (luks.Layout, ForkStats, error)
 	// CleanupAll unmounts and detaches every volume under the data dir.
 	CleanupAll(ctx context.Context) error
 
@@ -79,6 +88,16 @@ type Capabilities struct {
 	// Extend: Backend.Extend grows a volume and its mounted filesystem
 	// under a running machine.
 	Extend bool
+	// Fork: Backend.Fork copies a volume while its machine runs, under a
+	// master key of the copy's own.
+	Fork bool
+}
+
+// ForkStats is what a fork cost the source and copied.
+type ForkStats struct {
+	Frozen      time.Duration // the source filesystem was frozen this long (0: it was not mounted)
+	CopiedBytes int64         // ciphertext bytes copied aside (allocated ranges only)
+	Reencrypted int64         // plaintext bytes re-encrypted into the fork
 }
 
 // ErrNotSupported is wrapped by a method the backend's Capabilities say it

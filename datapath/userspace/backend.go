@@ -43,7 +43,7 @@ var (
 // guaranteed share of background copies under foreground load, and counts
 // fetched and skipped bytes.
 func (v *Backend) Capabilities() datapath.Capabilities {
-	return datapath.Capabilities{Name: "userspace", HydrationRateLimit: true, GuaranteedShare: true, ByteCounters: true, Extend: true}
+	return datapath.Capabilities{Name: "userspace", HydrationRateLimit: true, GuaranteedShare: true, ByteCounters: true, Extend: true, Fork: true}
 }
 
 // Extend grows the volume to size bytes. Served (its machine runs): the
