@@ -45,6 +45,8 @@ func (a *Agent) reconcile(ctx context.Context) {
 			continue
 		}
 		switch {
+		case v.Forking() && v.Layout == nil:
+			a.forkVolume(ctx, v)
 		case v.State == fsm.VolCreating && v.Layout == nil:
 			a.createVolume(ctx, v)
 		case v.State == fsm.VolCreated && v.Extending() && v.Layout != nil:
@@ -177,6 +179,51 @@ func (a *Agent) extendVolume(ctx context.Context, v *fsm.Volume) {
 		return
 	}
 	log.Info().Int64("payload_size", layout.PayloadSize).Msg("volume extended")
+}
+
+// forkVolume makes the copy an operator's fork asked for, from the source
+// volume on this worker while its machine keeps running, and marks the fork
+// created. The fork's key is its own (set by the operator with the fork).
+func (a *Agent) forkVolume(ctx context.Context, v *fsm.Volume) {
+	log := a.log.With().Str("volume", v.ID).Str("fork_of", v.ForkOf).Logger()
+	if !a.vols.Capabilities().Fork {
+		log.Warn().Str("backend", a.vols.Capabilities().Name).Msg("fork requested but this data path cannot fork volumes; run the worker with the userspace backend")
+		return
+	}
+	a.machMu.Lock()
+	defer a.machMu.Unlock()
+	src, err := a.cp.GetVolume(ctx, v.ForkOf)
+	if err != nil {
+		log.Warn().Err(err).Msg("fork: source volume")
+		return
+	}
+	if src.Worker != a.cfg.Worker {
+		log.Warn().Str("source_worker", src.Worker).Msg("fork: the source is on another worker; forks across workers are not supported")
+		return
+	}
+	dstKey, err := a.cp.VolumeKey(ctx, v.ID)
+	if err != nil {
+		log.Warn().Err(err).Msg("fork has no key yet")
+		return
+	}
+	defer clear(dstKey)
+	srcKey, err := a.cp.VolumeKey(ctx, src.ID)
+	if err != nil {
+		log.Warn().Err(err).Msg("fork: source volume key")
+		return
+	}
+	defer clear(srcKey)
+	layout, st, err := a.vols.Fork(ctx, src.ID, srcKey, v.ID, dstKey)
+	if err != nil {
+		log.Error().Err(err).Msg("fork volume")
+		return
+	}
+	created := fsm.VolCreated
+	if err := a.cp.UpdateVolume(ctx, fsm.UpdateVolumeCmd{ID: v.ID, State: &created, Layout: datapath.StoredLayout(layout)}); err != nil {
+		log.Error().Err(err).Msg("record forked volume")
+		return
+	}
+	log.Info().Dur("source_frozen", st.Frozen).Int64("copied_bytes", st.CopiedBytes).Int64("reencrypted_bytes", st.Reencrypted).Msg("volume forked")
 }
 
 func (a *Agent) migratingMachines() map[string]bool {

@@ -293,6 +293,15 @@ func (c *Client) ExtendVolume(ctx context.Context, id string, size int64) (*fsm.
 	return &r, err
 }
 
+// ForkVolume registers volume id as a point-in-time copy of source on
+// worker (today: the source's worker). The copy has no key until one is
+// set; its worker makes it and marks it created.
+func (c *Client) ForkVolume(ctx context.Context, source, id, worker string) (*fsm.Volume, error) {
+	var r fsm.Volume
+	_, err := c.do(ctx, http.MethodPost, "/v1/volumes/"+esc(source)+"/fork", nil, VolumeFork{ID: id, Worker: worker}, &r)
+	return &r, err
+}
+
 // SetVolumeKey stores the volume's key on the servers (owner worker or operator only).
 func (c *Client) SetVolumeKey(ctx context.Context, id string, key []byte) error {
 	_, err := c.do(ctx, http.MethodPut, "/v1/volumes/"+esc(id)+"/key", nil, KeyBody{Key: key}, nil)

@@ -70,6 +70,12 @@ type VolumeExtend struct {
 	Size int64 `json:"size"`
 }
 
+// VolumeFork asks for an independent copy of a volume, named ID, on Worker.
+type VolumeFork struct {
+	ID     string `json:"id"`
+	Worker string `json:"worker"`
+}
+
 // VolumeUpdate changes the given fields of a volume.
 type VolumeUpdate struct {
 	State           *fsm.VolumeState `json:"state,omitempty"`

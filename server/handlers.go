@@ -81,6 +81,7 @@ func (s *Server) routes() http.Handler {
 	h("PATCH /v1/volumes/{id}", s.handleUpdateVolume)
 	h("DELETE /v1/volumes/{id}", s.handleDestroyVolume)
 	h("POST /v1/volumes/{id}/extend", s.handleExtendVolume)
+	h("POST /v1/volumes/{id}/fork", s.handleForkVolume)
 	h("PUT /v1/volumes/{id}/key", s.handleSetKey)
 	h("GET /v1/volumes/{id}/key", s.handleGetKey)
 
@@ -347,6 +348,17 @@ func (s *Server) handleExtendVolume(w http.ResponseWriter, r *http.Request, id f
 		return
 	}
 	if res := s.run(w, r.Context(), fsm.CmdExtendVolume, &fsm.ExtendVolumeCmd{Header: s.header(id), ID: r.PathValue("id"), Size: e.Size}); res != nil {
+		writeJSON(w, http.StatusOK, res.Volume)
+	}
+}
+
+func (s *Server) handleForkVolume(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
+	var f api.VolumeFork
+	if !readBody(w, r, &f) {
+		return
+	}
+	c := &fsm.ForkVolumeCmd{Header: s.header(id), ID: f.ID, Source: r.PathValue("id"), Worker: f.Worker}
+	if res := s.run(w, r.Context(), fsm.CmdForkVolume, c); res != nil {
 		writeJSON(w, http.StatusOK, res.Volume)
 	}
 }

@@ -21,7 +21,7 @@ import (
 
 func newVolumeCmd() *cobra.Command {
 	vol := &cobra.Command{Use: "volume", Short: "Create, list, show and destroy encrypted volumes"}
-	vol.AddCommand(newVolumeCreateCmd(), newVolumeListCmd(), newVolumeShowCmd(), newVolumeExtendCmd(), newVolumeDestroyCmd(), newVolumeServeCmd())
+	vol.AddCommand(newVolumeCreateCmd(), newVolumeListCmd(), newVolumeShowCmd(), newVolumeExtendCmd(), newVolumeForkCmd(), newVolumeDestroyCmd(), newVolumeServeCmd())
 	return vol
 }
 
@@ -152,6 +152,39 @@ func newVolumeExtendCmd() *cobra.Command {
 	extend.Flags().BoolVar(&asJSON, "json", false, "print the volume record as JSON")
 	addClientFlags(extend)
 	return extend
+}
+
+func newVolumeForkCmd() *cobra.Command {
+	var to, newID string
+	var wait time.Duration
+	var asJSON bool
+	fork := &cobra.Command{
+		Use:   "fork ID [--to WORKER] [--id NEW]",
+		Short: "Copy a volume as it is now, while its machine keeps running, under a key of the copy's own",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := newAPIClient()
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			v, err := operator.ForkVolume(cmd.Context(), c, args[0], newID, to, wait)
+			if err != nil {
+				return withCode(exitCode(err), err)
+			}
+			if asJSON {
+				return writeJSONOut(cmd.OutOrStdout(), v)
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "volume %s on %s: fork of %s, %s, %s\n", v.ID, v.Worker, v.ForkOf, bytesize.Format(v.Size), v.State)
+			return nil
+		},
+	}
+	fork.Flags().StringVar(&to, "to", "", "worker for the copy (default and, for now, only: the source's worker)")
+	fork.Flags().StringVar(&newID, "id", "", "id of the copy (default ID-fork-XXXX)")
+	fork.Flags().DurationVar(&wait, "wait", 10*time.Minute, "wait this long for the copy to be made (0: return once registered)")
+	fork.Flags().BoolVar(&asJSON, "json", false, "print the volume record as JSON")
+	addClientFlags(fork)
+	return fork
 }
 
 func newVolumeDestroyCmd() *cobra.Command {

@@ -101,12 +101,57 @@ func extendVolume(ctx context.Context, c ExtendClient, id string, size int64, wa
 	return v, nil
 }
 
+// VolumeGetter reads one volume (what waiting needs).
+type VolumeGetter interface {
+	GetVolume(ctx context.Context, id string) (*fsm.Volume, error)
+}
+
+// ForkClient is what ForkVolume needs.
+type ForkClient interface {
+	ForkVolume(ctx context.Context, source, id, worker string) (*fsm.Volume, error)
+	SetVolumeKey(ctx context.Context, id string, key []byte) error
+	GetVolume(ctx context.Context, id string) (*fsm.Volume, error)
+}
+
+// ForkVolume registers id as a copy of source on worker (empty: the
+// source's; empty id: source-fork-XXXX), hands the servers a fresh
+// passphrase of its own (the worker formats the copy under a new master
+// key) and, when wait > 0, waits until the copy is made.
+func ForkVolume(ctx context.Context, c ForkClient, source, id, worker string, wait time.Duration) (*fsm.Volume, error) {
+	if worker == "" {
+		src, err := c.GetVolume(ctx, source)
+		if err != nil {
+			return nil, err
+		}
+		worker = src.Worker
+	}
+	if id == "" {
+		id = source + "-fork-" + strings.ToLower(fmt.Sprintf("%04x", time.Now().UnixNano()&0xffff))
+	}
+	v, err := c.ForkVolume(ctx, source, id, worker)
+	if err != nil {
+		return nil, err
+	}
+	if !v.HasKey {
+		pass := passphrase.New()
+		err = c.SetVolumeKey(ctx, v.ID, pass)
+		clear(pass)
+		if err != nil {
+			return nil, fmt.Errorf("store the key of fork %s (destroy it and fork again): %w", v.ID, err)
+		}
+	}
+	if wait <= 0 {
+		return c.GetVolume(ctx, v.ID)
+	}
+	return WaitVolume(ctx, c, v.ID, fsm.VolCreated, wait)
+}
+
 // WaitVolume polls volume id until it is in state want, for at most timeout.
-func WaitVolume(ctx context.Context, c VolumeClient, id string, want fsm.VolumeState, timeout time.Duration) (*fsm.Volume, error) {
+func WaitVolume(ctx context.Context, c VolumeGetter, id string, want fsm.VolumeState, timeout time.Duration) (*fsm.Volume, error) {
 	return waitVolume(ctx, c, id, want, timeout, 200*time.Millisecond)
 }
 
-func waitVolume(ctx context.Context, c VolumeClient, id string, want fsm.VolumeState, timeout, poll time.Duration) (*fsm.Volume, error) {
+func waitVolume(ctx context.Context, c VolumeGetter, id string, want fsm.VolumeState, timeout, poll time.Duration) (*fsm.Volume, error) {
 	deadline := time.Now().Add(timeout)
 	for {
 		v, err := c.GetVolume(ctx, id)
