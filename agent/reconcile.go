@@ -165,9 +165,12 @@ func (a *Agent) extendVolume(ctx context.Context, v *fsm.Volume) {
 	layout, err := a.vols.Extend(ctx, v.ID, datapath.LayoutOf(*v.Layout), v.WantSize, key)
 	if errors.Is(err, datapath.ErrOnlineResizeDenied) {
 		// The volume grew; the mounted filesystem grows once the machine
-		// stops (this same step, offline). Keep the request pending.
-		log.Warn().Err(err).Msg("extend: filesystem waits for the machine to stop")
-		return
+		// stopped: then its mount goes and this same step runs offline.
+		if !a.unmountStopped(ctx, v) {
+			log.Warn().Err(err).Msg("extend: the filesystem grows once the machine stops")
+			return
+		}
+		layout, err = a.vols.Extend(ctx, v.ID, datapath.LayoutOf(*v.Layout), v.WantSize, key)
 	}
 	if err != nil {
 		log.Error().Err(err).Msg("extend volume")
@@ -179,6 +182,30 @@ func (a *Agent) extendVolume(ctx context.Context, v *fsm.Volume) {
 		return
 	}
 	log.Info().Int64("payload_size", layout.PayloadSize).Msg("volume extended")
+}
+
+// unmountStopped unmounts v if the machine it is attached to is recorded
+// stopped and does not run here; it reports whether it did.
+func (a *Agent) unmountStopped(ctx context.Context, v *fsm.Volume) bool {
+	if v.AttachedMachine == "" {
+		return false
+	}
+	m, err := a.cp.GetMachine(ctx, v.AttachedMachine)
+	if err != nil || m.Worker != a.cfg.Worker || m.State != fsm.MachineStopped {
+		return false
+	}
+	spec, err := a.machineSpec(m, a.machineNS(m.ID))
+	if err != nil {
+		return false
+	}
+	if st, _ := a.mach.Status(ctx, spec); st == "running" {
+		return false
+	}
+	if err := a.vols.Unmount(ctx, v.ID, a.vols.MountPoint(m.ID)); err != nil {
+		a.log.Warn().Err(err).Str("volume", v.ID).Msg("extend: unmount the stopped machine's volume")
+		return false
+	}
+	return true
 }
 
 // forkVolume makes the copy an operator's fork asked for, from the source
