@@ -58,6 +58,15 @@ func (s *Server) planVolumeExtend(ctx context.Context, p volumeExtendParams) ([]
 	case v.Extending() && p.SizeBytes != v.WantSize:
 		return nil, d, fmt.Errorf("volume %s is already being extended to %d bytes: wait for it (volume show), then extend again", v.ID, v.WantSize)
 	}
+	vs, err := s.c.ListVolumes(ctx, v.Worker)
+	if err != nil {
+		return nil, d, err
+	}
+	for _, o := range vs {
+		if o.ForkOf == v.ID && o.Forking() {
+			return nil, d, fmt.Errorf("volume %s is being forked into %s: extend it once the fork is created", v.ID, o.ID)
+		}
+	}
 	if id, err := s.lockHolder(ctx, "volume/"+v.ID); err != nil {
 		return nil, d, err
 	} else if id != "" {
@@ -83,6 +92,105 @@ func (s *Server) volumeExtendApply(ctx context.Context, in ApplyIn) (Volume, err
 	v, err := s.c.ExtendVolume(ctx, p.ID, p.SizeBytes)
 	if err != nil {
 		return Volume{}, err
+	}
+	return volumeOut(v), nil
+}
+
+// ---- volume fork ----
+
+// VolumeForkIn asks for a plan of forking a volume.
+type VolumeForkIn struct {
+	ID     string `json:"id" jsonschema:"the volume to copy"`
+	NewID  string `json:"new_id" jsonschema:"the copy's id"`
+	Worker string `json:"worker,omitempty" jsonschema:"the copy's worker (default and, for now, only: the source's worker)"`
+}
+
+type volumeForkParams struct {
+	ID     string `json:"id"`
+	NewID  string `json:"new_id"`
+	Worker string `json:"worker"`
+}
+
+// VolumeForkDetails is what a volume fork plan rests on.
+type VolumeForkDetails struct {
+	Source          string `json:"source"`
+	Fork            string `json:"fork"`
+	Worker          string `json:"worker"`
+	SizeBytes       int64  `json:"size_bytes"`
+	AttachedMachine string `json:"attached_machine,omitempty" jsonschema:"the machine that keeps running; its filesystem is frozen for the instant of the copy"`
+}
+
+func (s *Server) volumeForkPlan(ctx context.Context, in VolumeForkIn) (Plan[VolumeForkDetails], error) {
+	return makePlan(ctx, s, "volume_fork", volumeForkParams(in), s.planVolumeFork)
+}
+
+// planVolumeFork refuses what the servers would refuse, in their words.
+func (s *Server) planVolumeFork(ctx context.Context, p volumeForkParams) ([]string, VolumeForkDetails, error) {
+	var d VolumeForkDetails
+	if !validID(p.NewID) {
+		return nil, d, fmt.Errorf("volume id %q is not valid: 1 to 128 characters, no spaces, slashes, ?, # or %%", p.NewID)
+	}
+	v, err := s.c.GetVolume(ctx, p.ID)
+	if err != nil {
+		return nil, d, err
+	}
+	worker := p.Worker
+	if worker == "" {
+		worker = v.Worker
+	}
+	if o, err := s.c.GetVolume(ctx, p.NewID); err == nil {
+		return nil, d, fmt.Errorf("volume %s already exists on worker %s", o.ID, o.Worker)
+	} else if !notFound(err) {
+		return nil, d, err
+	}
+	switch {
+	case v.State != fsm.VolCreated:
+		return nil, d, fmt.Errorf("volume %s is %s: only a created volume can be forked", v.ID, v.State)
+	case worker != v.Worker:
+		return nil, d, fmt.Errorf("fork of volume %s to worker %s: forks to another worker are not supported yet; fork on %s, the source's worker", v.ID, worker, v.Worker)
+	case v.Extending():
+		return nil, d, fmt.Errorf("volume %s is being extended to %d bytes: fork it once its worker reported the new size", v.ID, v.WantSize)
+	}
+	if id, err := s.lockHolder(ctx, "volume/"+v.ID); err != nil {
+		return nil, d, err
+	} else if id != "" {
+		return nil, d, fmt.Errorf("volume %s is in migration %s: forking is refused, not queued; fork it once the migration ended (or abort it)", v.ID, id)
+	}
+	d = VolumeForkDetails{Source: v.ID, Fork: p.NewID, Worker: worker, SizeBytes: v.Size, AttachedMachine: v.AttachedMachine}
+	changes := []string{
+		fmt.Sprintf("register volume %s on %s as a fork of %s (%s), state creating", p.NewID, worker, v.ID, humanBytes(v.Size)),
+		fmt.Sprintf("store a new random key for %s on the servers (never shown); the copy gets its own LUKS2 master key", p.NewID),
+		fmt.Sprintf("the agent of %s freezes %s's filesystem for the instant its encrypted file is copied aside, then re-encrypts the copy into %s and marks it created", worker, v.ID, p.NewID),
+		fmt.Sprintf("until then, %s cannot be extended or migrated", v.ID),
+	}
+	if v.AttachedMachine != "" {
+		changes = append(changes, fmt.Sprintf("machine %s keeps running; its writes pause for the freeze only", v.AttachedMachine))
+	}
+	return changes, d, nil
+}
+
+func (s *Server) volumeForkApply(ctx context.Context, in ApplyIn) (Volume, error) {
+	p, _, err := checkPlan(ctx, s, "volume_fork", in.PlanToken, s.planVolumeFork)
+	if err != nil {
+		return Volume{}, err
+	}
+	worker := p.Worker
+	if worker == "" {
+		src, err := s.c.GetVolume(ctx, p.ID)
+		if err != nil {
+			return Volume{}, err
+		}
+		worker = src.Worker
+	}
+	v, err := s.c.ForkVolume(ctx, p.ID, p.NewID, worker)
+	if err != nil {
+		return Volume{}, err
+	}
+	if err := s.storeNewKey(ctx, v.ID); err != nil {
+		return Volume{}, fmt.Errorf("fork %s was registered but its key was not stored (destroy it and fork again): %w", v.ID, err)
+	}
+	if nv, err := s.c.GetVolume(ctx, v.ID); err == nil {
+		v = nv
 	}
 	return volumeOut(v), nil
 }

@@ -28,6 +28,7 @@ type Volume struct {
 	Cipher          string     `json:"cipher,omitempty"`
 	DataOffset      int64      `json:"data_offset,omitempty" jsonschema:"bytes of LUKS2 header before the ciphertext"`
 	GrowingTo       int64      `json:"growing_to,omitempty" jsonschema:"bytes an extend asked for that its worker has not reported yet"`
+	ForkOf          string     `json:"fork_of,omitempty" jsonschema:"the volume this one is a point-in-time copy of"`
 }
 
 func volumeOut(v *fsm.Volume) Volume {
@@ -36,6 +37,7 @@ func volumeOut(v *fsm.Volume) Volume {
 	if v.Extending() {
 		o.GrowingTo = v.WantSize
 	}
+	o.ForkOf = v.ForkOf
 	if !v.DestroyAfter.IsZero() {
 		t := v.DestroyAfter
 		o.DestroyAfter = &t

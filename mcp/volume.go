@@ -81,23 +81,27 @@ func (s *Server) volumeCreateApply(ctx context.Context, in ApplyIn) (Volume, err
 	if err != nil {
 		return Volume{}, err
 	}
-	// The passphrase is made here, as `ferry volume create` does, handed to
-	// the servers and forgotten.
-	key := make([]byte, 32)
-	if _, err := rand.Read(key); err != nil {
-		return Volume{}, err
-	}
-	pass := []byte(hex.EncodeToString(key))
-	clear(key)
-	err = s.c.SetVolumeKey(ctx, v.ID, pass)
-	clear(pass)
-	if err != nil {
+	if err := s.storeNewKey(ctx, v.ID); err != nil {
 		return Volume{}, fmt.Errorf("volume %s was registered but its key was not stored (destroy it and create it again): %w", v.ID, err)
 	}
 	if nv, err := s.c.GetVolume(ctx, v.ID); err == nil {
 		v = nv
 	}
 	return volumeOut(v), nil
+}
+
+// storeNewKey makes a passphrase here, as `ferry volume create` does, hands
+// it to the servers and forgets it.
+func (s *Server) storeNewKey(ctx context.Context, id string) error {
+	key := make([]byte, 32)
+	if _, err := rand.Read(key); err != nil {
+		return err
+	}
+	pass := []byte(hex.EncodeToString(key))
+	clear(key)
+	err := s.c.SetVolumeKey(ctx, id, pass)
+	clear(pass)
+	return err
 }
 
 // ---- volume destroy ----
