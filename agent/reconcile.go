@@ -22,6 +22,7 @@ func (a *Agent) reconcileLoop(ctx context.Context) {
 		return
 	case <-a.firstWatch:
 	}
+	defer a.forkWG.Wait()
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
 	for {
@@ -46,7 +47,14 @@ func (a *Agent) reconcile(ctx context.Context) {
 		}
 		switch {
 		case v.Forking() && v.Layout == nil:
-			a.forkVolume(ctx, v)
+			if _, busy := a.forks.LoadOrStore(v.ID, struct{}{}); !busy {
+				a.forkWG.Add(1)
+				go func() {
+					defer a.forkWG.Done()
+					defer a.forks.Delete(v.ID)
+					a.forkVolume(ctx, v)
+				}()
+			}
 		case v.State == fsm.VolCreating && v.Layout == nil:
 			a.createVolume(ctx, v)
 		case v.State == fsm.VolCreated && v.Extending() && v.Layout != nil:
@@ -211,14 +219,14 @@ func (a *Agent) unmountStopped(ctx context.Context, v *fsm.Volume) bool {
 // forkVolume makes the copy an operator's fork asked for, from the source
 // volume on this worker while its machine keeps running, and marks the fork
 // created. The fork's key is its own (set by the operator with the fork).
+// It takes no machine lock: the store refuses to migrate or extend the
+// source while the fork is being made.
 func (a *Agent) forkVolume(ctx context.Context, v *fsm.Volume) {
 	log := a.log.With().Str("volume", v.ID).Str("fork_of", v.ForkOf).Logger()
 	if !a.vols.Capabilities().Fork {
 		log.Warn().Str("backend", a.vols.Capabilities().Name).Msg("fork requested but this data path cannot fork volumes; run the worker with the userspace backend")
 		return
 	}
-	a.machMu.Lock()
-	defer a.machMu.Unlock()
 	src, err := a.cp.GetVolume(ctx, v.ForkOf)
 	if err != nil {
 		log.Warn().Err(err).Msg("fork: source volume")
