@@ -156,6 +156,10 @@ type Agent struct {
 	firstWatch chan struct{}
 	firstOnce  sync.Once
 	wg         sync.WaitGroup
+	// forks holds the ids of the forks being copied (volume id -> struct{}):
+	// a copy runs beside the reconcile loop, which it would hold up.
+	forks  sync.Map
+	forkWG sync.WaitGroup // the copies; only the reconcile loop adds and waits
 }
 
 // New builds an agent. exp, net and mach are the worker's export, network

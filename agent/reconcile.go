@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"os"
 	"time"
 
@@ -21,6 +22,7 @@ func (a *Agent) reconcileLoop(ctx context.Context) {
 		return
 	case <-a.firstWatch:
 	}
+	defer a.forkWG.Wait()
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
 	for {
@@ -44,8 +46,19 @@ func (a *Agent) reconcile(ctx context.Context) {
 			continue
 		}
 		switch {
+		case v.Forking() && v.Layout == nil:
+			if _, busy := a.forks.LoadOrStore(v.ID, struct{}{}); !busy {
+				a.forkWG.Add(1)
+				go func() {
+					defer a.forkWG.Done()
+					defer a.forks.Delete(v.ID)
+					a.forkVolume(ctx, v)
+				}()
+			}
 		case v.State == fsm.VolCreating && v.Layout == nil:
 			a.createVolume(ctx, v)
+		case v.State == fsm.VolCreated && v.Extending() && v.Layout != nil:
+			a.extendVolume(ctx, v)
 		case v.State == fsm.VolDestroyed && v.AttachedMachine == "":
 			// The server destroys a volume only after its retention window
 			// (and, for a migrated source, after hydrated): the files go now.
@@ -178,6 +191,120 @@ func (a *Agent) createVolume(ctx context.Context, v *fsm.Volume) {
 		return
 	}
 	log.Info().Int64("size", v.Size).Int64("data_offset", layout.DataOffset).Msg("volume created")
+}
+
+// extendVolume grows a volume an operator extended, under its running
+// machine if it runs here, and reports the new size and layout, which ends
+// the request. A failure is retried on the next pass: every step of the
+// data path's Extend finds its work done when repeated.
+func (a *Agent) extendVolume(ctx context.Context, v *fsm.Volume) {
+	log := a.log.With().Str("volume", v.ID).Int64("size", v.Size).Int64("want_size", v.WantSize).Logger()
+	if !a.vols.Capabilities().Extend {
+		log.Warn().Str("backend", a.vols.Capabilities().Name).Msg("extend requested but this data path cannot extend volumes; run the worker with the userspace backend")
+		return
+	}
+	// Hold machMu so a migration's source step cannot stop the machine
+	// (and export the volume) halfway through the growth.
+	a.machMu.Lock()
+	defer a.machMu.Unlock()
+	if v.AttachedMachine != "" && a.migratingMachines()[v.AttachedMachine] {
+		return // the store refuses to plan it while extending; a stale listing
+	}
+	key, err := a.ownerKey(ctx, v.ID)
+	if err != nil {
+		log.Warn().Err(err).Msg("extend: volume key")
+		return
+	}
+	defer clear(key)
+	layout, err := a.vols.Extend(ctx, v.ID, datapath.LayoutOf(*v.Layout), v.WantSize, key)
+	if errors.Is(err, datapath.ErrOnlineResizeDenied) {
+		// The volume grew; the mounted filesystem grows once the machine
+		// stopped: then its mount goes and this same step runs offline.
+		if !a.unmountStopped(ctx, v) {
+			log.Warn().Err(err).Msg("extend: the filesystem grows once the machine stops")
+			return
+		}
+		layout, err = a.vols.Extend(ctx, v.ID, datapath.LayoutOf(*v.Layout), v.WantSize, key)
+	}
+	if err != nil {
+		log.Error().Err(err).Msg("extend volume")
+		return
+	}
+	size := v.WantSize
+	if err := a.cp.UpdateVolume(ctx, fsm.UpdateVolumeCmd{ID: v.ID, Size: &size, Layout: datapath.StoredLayout(layout)}); err != nil {
+		log.Error().Err(err).Msg("record extended volume")
+		return
+	}
+	log.Info().Int64("payload_size", layout.PayloadSize).Msg("volume extended")
+}
+
+// unmountStopped unmounts v if the machine it is attached to is recorded
+// stopped and does not run here; it reports whether it did.
+func (a *Agent) unmountStopped(ctx context.Context, v *fsm.Volume) bool {
+	if v.AttachedMachine == "" {
+		return false
+	}
+	m, err := a.cp.GetMachine(ctx, v.AttachedMachine)
+	if err != nil || m.Worker != a.cfg.Worker || m.State != fsm.MachineStopped {
+		return false
+	}
+	spec, err := a.machineSpec(m, a.machineNS(m.ID))
+	if err != nil {
+		return false
+	}
+	if st, _ := a.mach.Status(ctx, spec); st == "running" {
+		return false
+	}
+	if err := a.vols.Unmount(ctx, v.ID, a.vols.MountPoint(m.ID)); err != nil {
+		a.log.Warn().Err(err).Str("volume", v.ID).Msg("extend: unmount the stopped machine's volume")
+		return false
+	}
+	return true
+}
+
+// forkVolume makes the copy an operator's fork asked for, from the source
+// volume on this worker while its machine keeps running, and marks the fork
+// created. The fork's key is its own: a fresh passphrase this worker seals to itself and the recovery key.
+// It takes no machine lock: the store refuses to migrate or extend the
+// source while the fork is being made.
+func (a *Agent) forkVolume(ctx context.Context, v *fsm.Volume) {
+	log := a.log.With().Str("volume", v.ID).Str("fork_of", v.ForkOf).Logger()
+	if !a.vols.Capabilities().Fork {
+		log.Warn().Str("backend", a.vols.Capabilities().Name).Msg("fork requested but this data path cannot fork volumes; run the worker with the userspace backend")
+		return
+	}
+	src, err := a.cp.GetVolume(ctx, v.ForkOf)
+	if err != nil {
+		log.Warn().Err(err).Msg("fork: source volume")
+		return
+	}
+	if src.Worker != a.cfg.Worker {
+		log.Warn().Str("source_worker", src.Worker).Msg("fork: the source is on another worker; forks across workers are not supported")
+		return
+	}
+	dstKey, err := a.newVolumeKey(ctx, v.ID)
+	if err != nil {
+		log.Warn().Err(err).Msg("fork: seal the fork's new key")
+		return
+	}
+	defer clear(dstKey)
+	srcKey, err := a.ownerKey(ctx, src.ID)
+	if err != nil {
+		log.Warn().Err(err).Msg("fork: source volume key")
+		return
+	}
+	defer clear(srcKey)
+	layout, st, err := a.vols.Fork(ctx, src.ID, srcKey, v.ID, dstKey)
+	if err != nil {
+		log.Error().Err(err).Msg("fork volume")
+		return
+	}
+	created := fsm.VolCreated
+	if err := a.cp.UpdateVolume(ctx, fsm.UpdateVolumeCmd{ID: v.ID, State: &created, Layout: datapath.StoredLayout(layout)}); err != nil {
+		log.Error().Err(err).Msg("record forked volume")
+		return
+	}
+	log.Info().Dur("source_frozen", st.Frozen).Int64("copied_bytes", st.CopiedBytes).Int64("reencrypted_bytes", st.Reencrypted).Msg("volume forked")
 }
 
 func (a *Agent) migratingMachines() map[string]bool {

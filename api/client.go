@@ -325,6 +325,24 @@ func (c *Client) DestroyVolume(ctx context.Context, id string, retention time.Du
 	return &r, err
 }
 
+// ExtendVolume asks for volume id to grow to size bytes; its worker grows it
+// online and reports the new size (Volume.Extending turns false). Shrinking
+// and a volume in migration are refused.
+func (c *Client) ExtendVolume(ctx context.Context, id string, size int64) (*fsm.Volume, error) {
+	var r fsm.Volume
+	_, err := c.do(ctx, http.MethodPost, "/v1/volumes/"+esc(id)+"/extend", nil, VolumeExtend{Size: size}, &r)
+	return &r, err
+}
+
+// ForkVolume registers volume id as a point-in-time copy of source on
+// worker (today: the source's worker). The copy has no key until one is
+// set; its worker makes it and marks it created.
+func (c *Client) ForkVolume(ctx context.Context, source, id, worker string) (*fsm.Volume, error) {
+	var r fsm.Volume
+	_, err := c.do(ctx, http.MethodPost, "/v1/volumes/"+esc(source)+"/fork", nil, VolumeFork{ID: id, Worker: worker}, &r)
+	return &r, err
+}
+
 // PutEnvelopes stores sealed copies of a volume's key. The servers check
 // who may seal what (docs/security.md) and can open none of them.
 func (c *Client) PutEnvelopes(ctx context.Context, id string, envs []fsm.Envelope) (*fsm.Volume, error) {

@@ -64,6 +64,18 @@ type HeartbeatRequest struct {
 	LeaseTTL Duration `json:"lease_ttl,omitempty"`
 }
 
+// VolumeExtend asks for a volume to grow to Size bytes (the whole
+// encrypted volume, header included).
+type VolumeExtend struct {
+	Size int64 `json:"size"`
+}
+
+// VolumeFork asks for an independent copy of a volume, named ID, on Worker.
+type VolumeFork struct {
+	ID     string `json:"id"`
+	Worker string `json:"worker"`
+}
+
 // VolumeUpdate changes the given fields of a volume.
 type VolumeUpdate struct {
 	State           *fsm.VolumeState `json:"state,omitempty"`

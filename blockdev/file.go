@@ -136,6 +136,36 @@ func (d *File) Flush() error {
 	return nil
 }
 
+// Grow makes the file size bytes long (a sparse tail) and the device that
+// large; in-flight I/O finishes first. A block device node or a smaller size
+// is refused: devices never shrink under their users.
+func (d *File) Grow(size int64) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	switch {
+	case d.closed:
+		return ErrClosed
+	case d.readOnly:
+		return ErrReadOnly
+	case size < d.size:
+		return fmt.Errorf("grow %s to %d bytes: it is %d already; devices only grow", d.f.Name(), size, d.size)
+	case size == d.size:
+		return nil
+	}
+	st, err := d.f.Stat()
+	if err != nil {
+		return fmt.Errorf("stat %s: %w", d.f.Name(), err)
+	}
+	if !st.Mode().IsRegular() {
+		return fmt.Errorf("grow %s: only a regular file can grow here (resize the block device instead)", d.f.Name())
+	}
+	if err := d.f.Truncate(size); err != nil {
+		return fmt.Errorf("grow %s to %d bytes: %w", d.f.Name(), size, err)
+	}
+	d.size = size
+	return nil
+}
+
 func (d *File) Close() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()

@@ -12,8 +12,10 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"time"
 
 	"github.com/ferry-dev/ferry/blockdev"
+	"github.com/ferry-dev/ferry/datapath/internal/hostfs"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/luks"
 )
@@ -46,6 +48,20 @@ type Backend interface {
 	Detach(ctx context.Context, vol string) error
 	// Remove detaches and deletes a volume's files.
 	Remove(ctx context.Context, vol string) error
+	// Extend grows a local volume to size bytes (the whole ciphertext file,
+	// header included) and the ext4 filesystem inside it, online when the
+	// volume is mounted, and returns the grown layout. Re-running it after a
+	// crash at any point finishes the job. It wraps ErrNotSupported when
+	// !Capabilities().Extend.
+	Extend(ctx context.Context, vol string, layout luks.Layout, size int64, passphrase []byte) (luks.Layout, error)
+	// Fork makes local volume dst an independent copy of local volume src
+	// as it was at one instant, while src stays mounted and written: its
+	// filesystem is frozen only while its ciphertext is copied aside, and
+	// the copy is re-encrypted under a new LUKS2 master key opened by
+	// dstPass. It returns dst's layout and what the source paid. Re-running
+	// it after a crash starts the copy over. It wraps ErrNotSupported when
+	// !Capabilities().Fork.
+	Fork(ctx context.Context, src string, srcPass []byte, dst string, dstPass []byte) (luks.Layout, ForkStats, error)
 	// CleanupAll unmounts and detaches every volume under the data dir.
 	CleanupAll(ctx context.Context) error
 
@@ -69,6 +85,49 @@ type Capabilities struct {
 	// ByteCounters: Progress reports fetched and skipped bytes, not only
 	// hydrated regions.
 	ByteCounters bool
+	// Extend: Backend.Extend grows a volume and its mounted filesystem
+	// under a running machine.
+	Extend bool
+	// Fork: Backend.Fork copies a volume while its machine runs, under a
+	// master key of the copy's own.
+	Fork bool
+}
+
+// ForkStats is what a fork cost the source and copied.
+type ForkStats struct {
+	Frozen      time.Duration // the source filesystem was frozen this long (0: it was not mounted)
+	CopiedBytes int64         // ciphertext bytes copied aside (allocated ranges only)
+	Reencrypted int64         // plaintext bytes re-encrypted into the fork
+}
+
+// ErrNotSupported is wrapped by a method the backend's Capabilities say it
+// lacks.
+var ErrNotSupported = errors.New("not supported by this data path")
+
+// ErrOnlineResizeDenied is wrapped by Extend when the volume grew but the
+// host refused to grow its mounted filesystem (the agent lacks
+// CAP_SYS_RESOURCE); Extend once the volume is unmounted finishes it.
+var ErrOnlineResizeDenied = hostfs.ErrOnlineResizeDenied
+
+// CanResizeOnline reports whether this host lets the agent grow a mounted
+// filesystem.
+func CanResizeOnline() bool { return hostfs.CanResizeOnline() }
+
+// GrownLayout is layout on a device of size bytes: the LUKS2 segment is
+// dynamic, so the payload is what follows the header, whole sectors only.
+// A size that would shrink the payload is refused.
+func GrownLayout(layout luks.Layout, size int64) (luks.Layout, error) {
+	sector := int64(layout.SectorSize)
+	if sector <= 0 || size <= layout.DataOffset {
+		return luks.Layout{}, fmt.Errorf("a %d-byte volume has no room after its %d-byte LUKS2 header", size, layout.DataOffset)
+	}
+	payload := size - layout.DataOffset
+	payload -= payload % sector
+	if payload < layout.PayloadSize {
+		return luks.Layout{}, fmt.Errorf("volume would shrink from %d to %d plaintext bytes: refused", layout.PayloadSize, payload)
+	}
+	layout.PayloadSize = payload
+	return layout, nil
 }
 
 // CloneSpec is one migration's clone on the target.

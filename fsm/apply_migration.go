@@ -49,6 +49,12 @@ func (s *Store) applyPlan(index uint64, c *PlanCmd) *Result {
 	if vol.State != VolCreated && vol.State != VolHydrating {
 		return &Result{Refusal: refuse(RefuseConflict, CodeWrongState, "volume %s is %s: only a created volume can be migrated", vol.ID, vol.State)}
 	}
+	if f, ok := s.forking(vol.ID); ok {
+		return &Result{Refusal: refuse(RefuseConflict, CodeWrongState, "volume %s is being forked into %s: migrate it once the fork is created", vol.ID, f.ID)}
+	}
+	if vol.Extending() {
+		return &Result{Refusal: refuse(RefuseConflict, CodeWrongState, "volume %s is being extended from %d to %d bytes: migrate it once its worker reported the new size", vol.ID, vol.Size, vol.WantSize)}
+	}
 	src, ok := s.d.Workers[mach.Worker]
 	if !ok {
 		return &Result{Refusal: notFound("worker", mach.Worker)}

@@ -107,6 +107,8 @@ func (s *Store) applyCreateVolume(c *CreateVolumeCmd) *Result {
 	v.CreatedAt = c.Now
 	v.DestroyAfter = time.Time{}
 	v.HasKey = false
+	v.WantSize = 0 // only extend_volume asks for growth
+	v.ForkOf = ""  // only fork_volume makes a fork
 	s.d.Volumes[v.ID] = &v
 	cp := copyVolume(&v)
 	return &Result{Volume: &cp}
@@ -156,9 +158,114 @@ func (s *Store) applyUpdateVolume(c *UpdateVolumeCmd) *Result {
 	}
 	if c.Size != nil && *c.Size >= 0 {
 		v.Size = *c.Size
+		if v.WantSize <= v.Size {
+			v.WantSize = 0 // the requested growth is done
+		}
 	}
 	cp := copyVolume(v)
 	return &Result{Volume: &cp}
+}
+
+// extendRefusal says why c cannot apply to the records, or nil. A shrink is
+// refused (ext4 cannot shrink online and a LUKS2 segment would lose its
+// tail); so is a volume in a migration: extending it is refused, not
+// queued, because the clone on the target is sized from the source.
+func (s *Store) extendRefusal(c *ExtendVolumeCmd) *Refusal {
+	v, ok := s.d.Volumes[c.ID]
+	if !ok {
+		return notFound("volume", c.ID)
+	}
+	switch {
+	case v.State == VolDestroyed || v.State == VolPendingDelete:
+		return refuse(RefuseConflict, CodeWrongState, "volume %s is %s: it cannot be extended", v.ID, v.State)
+	case v.State != VolCreated:
+		return refuse(RefuseConflict, CodeWrongState, "volume %s is %s: only a created volume can be extended; retry once it is created", v.ID, v.State)
+	case c.Size < v.Size:
+		return refuse(RefuseInvalid, CodeInvalid, "volume %s is %d bytes: shrinking to %d is refused (an ext4 filesystem cannot shrink online and the LUKS2 segment would lose its tail); create a smaller volume and copy the data instead", v.ID, v.Size, c.Size)
+	case v.Extending() && c.Size != v.WantSize:
+		return refuse(RefuseConflict, CodeConflict, "volume %s is already being extended to %d bytes: wait for it (volume show), then extend again", v.ID, v.WantSize)
+	}
+	if f, ok := s.forking(v.ID); ok {
+		return refuse(RefuseConflict, CodeWrongState, "volume %s is being forked into %s: extend it once the fork is created", v.ID, f.ID)
+	}
+	if id, ok := s.d.Locks["volume/"+v.ID]; ok {
+		return refuse(RefuseConflict, CodeLocked, "volume %s is in migration %s: extending is refused, not queued; extend it once the migration ended (or abort it)", v.ID, id)
+	}
+	return nil
+}
+
+// applyExtendVolume records the requested size; the owning worker grows the
+// volume and reports it. Asking again for the size it has or is growing to
+// answers the same record.
+func (s *Store) applyExtendVolume(c *ExtendVolumeCmd) *Result {
+	if r := s.extendRefusal(c); r != nil {
+		return &Result{Refusal: r}
+	}
+	v := s.d.Volumes[c.ID]
+	if c.Size > v.Size {
+		v.WantSize = c.Size
+	}
+	cp := copyVolume(v)
+	return &Result{Volume: &cp}
+}
+
+// forkRefusal says why c cannot apply to the records, or nil. The source's
+// worker makes the copy, so a fork to another worker is refused for now; a
+// source in migration or growing is refused, not queued.
+func (s *Store) forkRefusal(c *ForkVolumeCmd) *Refusal {
+	src, ok := s.d.Volumes[c.Source]
+	if !ok {
+		return notFound("volume", c.Source)
+	}
+	if old, ok := s.d.Volumes[c.ID]; ok {
+		if old.ForkOf == c.Source && old.Worker == c.Worker {
+			return nil // a retried fork: same answer
+		}
+		return refuse(RefuseConflict, CodeConflict, "volume %s already exists on worker %s", c.ID, old.Worker)
+	}
+	if _, ok := s.d.Workers[c.Worker]; !ok {
+		return notFound("worker", c.Worker)
+	}
+	switch {
+	case src.State != VolCreated:
+		return refuse(RefuseConflict, CodeWrongState, "volume %s is %s: only a created volume can be forked", src.ID, src.State)
+	case src.Layout == nil:
+		return refuse(RefuseConflict, CodeLayoutNeeded, "volume %s has no recorded layout yet: fork it once its worker formatted it", src.ID)
+	case c.Worker != src.Worker:
+		return refuse(RefuseInvalid, CodeInvalid, "fork of volume %s to worker %s: forks to another worker are not supported yet; fork on %s, the source's worker", src.ID, c.Worker, src.Worker)
+	case src.Extending():
+		return refuse(RefuseConflict, CodeWrongState, "volume %s is being extended to %d bytes: fork it once its worker reported the new size", src.ID, src.WantSize)
+	}
+	if id, ok := s.d.Locks["volume/"+src.ID]; ok {
+		return refuse(RefuseConflict, CodeLocked, "volume %s is in migration %s: forking is refused, not queued; fork it once the migration ended (or abort it)", src.ID, id)
+	}
+	return nil
+}
+
+// applyForkVolume registers the fork; the source's worker copies the data.
+func (s *Store) applyForkVolume(c *ForkVolumeCmd) *Result {
+	if r := s.forkRefusal(c); r != nil {
+		return &Result{Refusal: r}
+	}
+	if old, ok := s.d.Volumes[c.ID]; ok {
+		cp := copyVolume(old)
+		return &Result{Volume: &cp}
+	}
+	src := s.d.Volumes[c.Source]
+	v := &Volume{ID: c.ID, Worker: c.Worker, Size: src.Size, State: VolCreating, ForkOf: src.ID, CreatedAt: c.Now}
+	s.d.Volumes[v.ID] = v
+	cp := copyVolume(v)
+	return &Result{Volume: &cp}
+}
+
+// forking returns a fork of vol still being copied, if any.
+func (s *Store) forking(vol string) (*Volume, bool) {
+	for _, v := range s.d.Volumes {
+		if v.ForkOf == vol && v.Forking() {
+			return v, true
+		}
+	}
+	return nil, false
 }
 
 // attachedRunning returns the running machine using v, if any.

@@ -2,6 +2,7 @@ package fsm
 
 import (
 	"encoding/binary"
+	"fmt"
 	"slices"
 )
 
@@ -84,12 +85,26 @@ func (s *Store) authorize(cmd any) *Refusal {
 			if !c.Actor.isWorker(v.Worker) {
 				return deny(c.Actor, "update volume "+c.ID+" of worker "+v.Worker)
 			}
+			// A worker reports growth an operator asked for, nothing else.
+			if c.Size != nil && *c.Size != v.Size && (!v.Extending() || *c.Size != v.WantSize) {
+				return deny(c.Actor, fmt.Sprintf("set the size of volume %s to %d (it may only report the size an operator's extend asked for)", c.ID, *c.Size))
+			}
 			if c.AttachedMachine != nil && *c.AttachedMachine != "" {
 				if m, ok := s.d.Machines[*c.AttachedMachine]; ok && m.Worker != v.Worker {
 					return deny(c.Actor, "attach machine "+m.ID+" of worker "+m.Worker+" to volume "+c.ID)
 				}
 			}
 		}
+	case *ExtendVolumeCmd:
+		if !c.Actor.operator() {
+			return deny(c.Actor, "extend volume "+c.ID+" (operators only)")
+		}
+		return s.extendRefusal(c)
+	case *ForkVolumeCmd:
+		if !c.Actor.operator() {
+			return deny(c.Actor, "fork volume "+c.Source+" (operators only)")
+		}
+		return s.forkRefusal(c)
 	case *DestroyVolumeCmd:
 		if v, ok := s.d.Volumes[c.ID]; ok && !c.Actor.privileged() && !c.Actor.isWorker(v.Worker) {
 			return deny(c.Actor, "destroy volume "+c.ID+" of worker "+v.Worker)

@@ -45,12 +45,15 @@ const (
 	CmdSetWorkerKey   CommandType = "set_worker_key"
 	CmdSetRecoveryKey CommandType = "set_recovery_key"
 	CmdPutEnvelopes   CommandType = "put_envelopes"
+	CmdExtendVolume   CommandType = "extend_volume"
+	CmdForkVolume     CommandType = "fork_volume"
 )
 
 // CommandTypes lists every command type this build applies, oldest first.
 var CommandTypes = []CommandType{CmdRegisterServer, CmdRegisterWorker, CmdHeartbeat, CmdCreateVolume, CmdUpdateVolume,
 	CmdDestroyVolume, CmdSetVolumeKey, CmdKeyAccess, CmdCreateMachine, CmdUpdateMachine, CmdPlan, CmdPropose, CmdRevokeCert, CmdGC,
-	CmdSetWorkerKey, CmdSetRecoveryKey, CmdPutEnvelopes}
+	CmdSetWorkerKey, CmdSetRecoveryKey, CmdPutEnvelopes,
+	CmdExtendVolume, CmdForkVolume}
 
 // Command is the versioned envelope every log entry holds.
 type Command struct {
@@ -201,6 +204,27 @@ type GCCmd struct {
 	Retention time.Duration `json:"retention"`
 }
 
+// ExtendVolumeCmd asks for a volume to grow to Size bytes (the whole
+// ciphertext file, header included). Operators propose it; the store records
+// the wish in Volume.WantSize and the owning worker grows the volume online
+// and reports the new size and layout with update_volume.
+type ExtendVolumeCmd struct {
+	Header
+	ID   string `json:"id"`
+	Size int64  `json:"size"`
+}
+
+// ForkVolumeCmd registers volume ID as an independent copy of Source, taken
+// at one instant while Source's machine keeps running. The record appears at
+// once (creating, ForkOf set); Source's worker makes the copy, under a key
+// of the fork's own, and marks it created.
+type ForkVolumeCmd struct {
+	Header
+	ID     string `json:"id"`
+	Source string `json:"source"`
+	Worker string `json:"worker"`
+}
+
 // EventPayload carries what an event reports; each event reads its own fields.
 type EventPayload struct {
 	Reason       string      `json:"reason,omitempty"`        // abort, failed, report
@@ -260,6 +284,10 @@ func payloadFor(t CommandType) (any, bool) {
 		return &SetRecoveryKeyCmd{}, true
 	case CmdPutEnvelopes:
 		return &PutEnvelopesCmd{}, true
+	case CmdExtendVolume:
+		return &ExtendVolumeCmd{}, true
+	case CmdForkVolume:
+		return &ForkVolumeCmd{}, true
 	}
 	return nil, false
 }

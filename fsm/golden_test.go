@@ -82,6 +82,8 @@ func goldenCommands() []struct {
 	created, stopped := VolCreated, MachineStopped
 	vol3, addr := "vol3", "fdaa:0:9:0:4:0:5:0"
 	spec := json.RawMessage(`{"cmd":["true"]}`)
+	grown, grownLayout := int64(96<<20), *l
+	grownLayout.PayloadSize = grown - l.DataOffset
 	return []struct {
 		typ CommandType
 		p   any
@@ -104,6 +106,12 @@ func goldenCommands() []struct {
 		{CmdSetRecoveryKey, &SetRecoveryKeyCmd{Header: hdr(operator), Key: testKey(9)}},
 		{CmdPutEnvelopes, &PutEnvelopesCmd{Header: hdr(newW), Volume: vol3, Envelopes: []Envelope{
 			testEnvelope(vol3, PurposeOwner, newW.Name, testKey(4), ""), testEnvelope(vol3, PurposeRecovery, RecoveryRecipient, testKey(9), "")}}},
+		// Every volume above is locked by a migration or destroyed: extend
+		// gets a fresh one of its own.
+		{CmdCreateVolume, &CreateVolumeCmd{Header: hdr(operator), Volume: Volume{ID: "vol4", Worker: newW.Name, Size: 64 << 20, State: VolCreated, Layout: l}}},
+		{CmdExtendVolume, &ExtendVolumeCmd{Header: hdr(operator), ID: "vol4", Size: 96 << 20}},
+		{CmdUpdateVolume, &UpdateVolumeCmd{Header: hdr(newW), ID: "vol4", Size: &grown, Layout: &grownLayout}},
+		{CmdForkVolume, &ForkVolumeCmd{Header: hdr(operator), ID: "vol5", Source: "vol4", Worker: newW.Name}},
 	}
 }
 

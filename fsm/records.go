@@ -251,7 +251,18 @@ type Volume struct {
 	DestroyAfter    time.Time   `json:"destroy_after,omitzero"` // retention deadline while pending_destroy
 	CreatedAt       time.Time   `json:"created_at"`
 	HasKey          bool        `json:"has_key"` // an owner envelope of its key is stored
+	// WantSize is the size an operator asked for with extend_volume while the
+	// owning worker has not grown the volume yet; 0 when nothing is pending.
+	WantSize int64 `json:"want_size,omitempty"`
+	// ForkOf names the volume this one is a point-in-time copy of.
+	ForkOf string `json:"fork_of,omitempty"`
 }
+
+// Forking reports whether the copy of ForkOf is still being made.
+func (v *Volume) Forking() bool { return v.ForkOf != "" && v.State == VolCreating }
+
+// Extending reports whether a requested growth is still pending.
+func (v *Volume) Extending() bool { return v.WantSize > v.Size }
 
 // MachineState is whether the workload runs.
 type MachineState string

@@ -136,6 +136,10 @@ func (s *Store) ApplyCommand(index uint64, raw []byte) *Result {
 		res = s.applySetRecoveryKey(c)
 	case *PutEnvelopesCmd:
 		res = s.applyPutEnvelopes(c)
+	case *ExtendVolumeCmd:
+		res = s.applyExtendVolume(c)
+	case *ForkVolumeCmd:
+		res = s.applyForkVolume(c)
 	default:
 		res = &Result{Refusal: refuse(RefuseInvalid, CodeBadCommand, "command %q has no apply function", typ)}
 	}

@@ -121,6 +121,10 @@ func (w *Worker) validate() *Refusal {
 	return nil
 }
 
+// MaxVolumeSize bounds what extend_volume accepts (64 TiB): far above any
+// real volume, low enough that no offset computed from it overflows.
+const MaxVolumeSize = 64 << 40
+
 func (v *Volume) validate() *Refusal {
 	if r := CheckID("volume", v.ID); r != nil {
 		return r
@@ -343,6 +347,22 @@ func Validate(cmd any) *Refusal {
 		}
 		if c.Size != nil && *c.Size < 0 {
 			return refuse(RefuseInvalid, CodeInvalid, "volume %s: size %d is negative", c.ID, *c.Size)
+		}
+	case *ExtendVolumeCmd:
+		if r := CheckID("volume", c.ID); r != nil {
+			return r
+		}
+		if c.Size <= 0 || c.Size > MaxVolumeSize || c.Size%512 != 0 {
+			return refuse(RefuseInvalid, CodeInvalid, "volume %s: size %d must be a positive multiple of 512 bytes, at most %d", c.ID, c.Size, int64(MaxVolumeSize))
+		}
+	case *ForkVolumeCmd:
+		for _, id := range []string{c.ID, c.Source} {
+			if r := CheckID("volume", id); r != nil {
+				return r
+			}
+		}
+		if r := CheckID("worker", c.Worker); r != nil {
+			return r
 		}
 	case *DestroyVolumeCmd:
 		if c.Retention < 0 || c.Retention > MaxRetention {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"unsafe"
 
 	"github.com/ferry-dev/ferry/blockdev"
@@ -76,8 +77,8 @@ func payloadSize(l Layout, deviceSize int64) (int64, error) {
 type view struct {
 	dev     blockdev.Device
 	c       *xtsCipher
-	off     int64 // data offset on dev
-	size    int64 // plaintext size
+	off     int64        // data offset on dev
+	size    atomic.Int64 // plaintext size; only grows (GrowView)
 	sector  int64
 	ivBase  uint64 // the segment's iv_tweak; Layout refuses non-zero ones, so 0
 	mu      sync.RWMutex
@@ -115,7 +116,29 @@ func openView(dev blockdev.Device, layout Layout, key *VolumeKey) (*view, error)
 	if err != nil {
 		return nil, err
 	}
-	return &view{dev: dev, c: c, off: layout.DataOffset, size: size, sector: int64(layout.SectorSize)}, nil
+	v := &view{dev: dev, c: c, off: layout.DataOffset, sector: int64(layout.SectorSize)}
+	v.size.Store(size)
+	return v, nil
+}
+
+// GrowView makes a view opened by this package serve payload plaintext
+// bytes, once its device grew to hold them: a LUKS2 dynamic segment follows
+// the device. Requests under way keep the size they started with.
+func GrowView(d blockdev.Device, payload int64) error {
+	v, ok := d.(*view)
+	if !ok {
+		return fmt.Errorf("grow: %T is not a LUKS2 view", d)
+	}
+	switch cur := v.size.Load(); {
+	case payload < cur:
+		return fmt.Errorf("grow view to %d bytes: it serves %d; a view never shrinks", payload, cur)
+	case payload%v.sector != 0:
+		return fmt.Errorf("grow view to %d bytes: not a multiple of the %d-byte sector", payload, v.sector)
+	case v.off+payload > v.dev.Size():
+		return fmt.Errorf("grow view to %d bytes: the device is %d bytes, the segment would end at %d; grow the device first", payload, v.dev.Size(), v.off+payload)
+	}
+	v.size.Store(payload)
+	return nil
 }
 
 // OpenCarriedView opens the plaintext view of a volume whose header came
@@ -164,7 +187,7 @@ func OpenHeaderView(dev blockdev.Device, passphrase []byte) (blockdev.Device, La
 	return v, l, nil
 }
 
-func (v *view) Size() int64 { return v.size }
+func (v *view) Size() int64 { return v.size.Load() }
 
 // checkRange is blockdev.CheckRange written so that huge offsets cannot
 // overflow past the check.
@@ -250,7 +273,7 @@ func (v *view) ReadAt(p []byte, off int64) (int, error) {
 	if v.closed {
 		return 0, blockdev.ErrClosed
 	}
-	if err := checkRange(off, int64(len(p)), v.size); err != nil {
+	if err := checkRange(off, int64(len(p)), v.size.Load()); err != nil {
 		return 0, err
 	}
 	if len(p) == 0 {
@@ -296,7 +319,7 @@ func (v *view) WriteAt(p []byte, off int64) (int, error) {
 	if v.closed {
 		return 0, blockdev.ErrClosed
 	}
-	if err := checkRange(off, int64(len(p)), v.size); err != nil {
+	if err := checkRange(off, int64(len(p)), v.size.Load()); err != nil {
 		return 0, err
 	}
 	if len(p) == 0 {
@@ -338,7 +361,7 @@ func (v *view) Discard(off, length int64) error {
 	if v.closed {
 		return blockdev.ErrClosed
 	}
-	if err := checkRange(off, length, v.size); err != nil {
+	if err := checkRange(off, length, v.size.Load()); err != nil {
 		return fmt.Errorf("discard: %w", err)
 	}
 	start := (off + v.sector - 1) / v.sector * v.sector
@@ -376,7 +399,7 @@ func (v *view) Close() error {
 
 // String and GoString keep fmt from walking into the cipher's key schedule.
 func (v *view) String() string {
-	return fmt.Sprintf("luks view (%d plaintext bytes at offset %d, %d-byte sectors)", v.size, v.off, v.sector)
+	return fmt.Sprintf("luks view (%d plaintext bytes at offset %d, %d-byte sectors)", v.size.Load(), v.off, v.sector)
 }
 
 func (v *view) GoString() string { return v.String() }

@@ -78,6 +78,9 @@ type Server struct {
 }
 
 // New builds the server and registers the tools of the allowed groups.
+// additive are the apply tools that only add (a volume, space, a copy).
+var additive = map[string]bool{"volume_create_apply": true, "volume_extend_apply": true, "volume_fork_apply": true}
+
 func New(c *api.Client, o Options) (*Server, error) {
 	if c == nil {
 		return nil, errors.New("mcp: no ferry API client")
@@ -220,7 +223,7 @@ func tool[In, Out any](s *Server, allow, g Group, t *sdk.Tool, h func(context.Co
 	apply := strings.HasSuffix(t.Name, "_apply")
 	t.Annotations.ReadOnlyHint = !apply // plans change nothing
 	// Creating a volume only adds; moving or aborting stops a machine.
-	t.Annotations.DestructiveHint = new(apply && t.Name != "volume_create_apply")
+	t.Annotations.DestructiveHint = new(apply && !additive[t.Name])
 	t.Annotations.OpenWorldHint = new(false)
 	s.tools = append(s.tools, t.Name)
 	name := t.Name

@@ -166,7 +166,7 @@ func apply(tok string) ApplyIn { return ApplyIn{PlanToken: tok} }
 var allTools = []string{
 	"drain_apply", "drain_plan", "drain_status", "machine_list", "machine_show", "migration_abort_apply",
 	"migration_abort_plan", "migration_apply", "migration_plan", "migration_status", "volume_create_apply",
-	"volume_create_plan", "volume_destroy_apply", "volume_destroy_plan", "volume_list", "volume_show", "worker_list",
+	"volume_create_plan", "volume_destroy_apply", "volume_destroy_plan", "volume_extend_apply", "volume_extend_plan", "volume_fork_apply", "volume_fork_plan", "volume_list", "volume_show", "worker_list",
 }
 
 func listTools(t *testing.T, s *session) []string {
@@ -214,6 +214,51 @@ func TestMcpInMemory(t *testing.T) {
 			t.Fatalf("machine: %+v", m)
 		}
 		s.refused("volume_show", IDIn{ID: "nope"}, `volume "nope" not found`)
+	})
+
+	t.Run("extend: plan, refusals, apply, stale once the worker reported", func(t *testing.T) {
+		v1 := must(f.op.GetVolume(ctx, "v1"))(t)
+		s.refused("volume_extend_plan", VolumeExtendIn{ID: "v1", Size: "1M"}, "shrinking to 1048576 is refused")
+		p := ok[Plan[VolumeExtendDetails]](s, "volume_extend_plan", VolumeExtendIn{ID: "v1", Size: "256M"})
+		if p.Details.FromBytes != v1.Size || p.Details.ToBytes != 256<<20 || p.Details.AttachedMachine != "m1" || len(p.Changes) < 3 {
+			t.Fatalf("plan: %+v", p)
+		}
+		again := ok[Plan[VolumeExtendDetails]](s, "volume_extend_plan", VolumeExtendIn{ID: "v1", Size: "256M"})
+		v := ok[Volume](s, "volume_extend_apply", apply(p.PlanToken))
+		if v.GrowingTo != 256<<20 || v.SizeBytes != v1.Size {
+			t.Fatalf("after apply: %+v", v)
+		}
+		if sv := must(f.op.GetVolume(ctx, "v1"))(t); sv.WantSize != 256<<20 {
+			t.Fatalf("server after apply: %+v", sv)
+		}
+		s.refused("volume_extend_plan", VolumeExtendIn{ID: "v1", Size: "512M"}, "already being extended to 268435456 bytes")
+		// The worker grows it and reports; the second plan no longer holds.
+		n := int64(256 << 20)
+		must(f.wa.UpdateVolume(ctx, "v1", api.VolumeUpdate{Size: &n}))(t)
+		s.refused("volume_extend_apply", apply(again.PlanToken), "no longer holds")
+		if v := ok[Volume](s, "volume_show", IDIn{ID: "v1"}); v.SizeBytes != 256<<20 || v.GrowingTo != 0 {
+			t.Fatalf("after the report: %+v", v)
+		}
+	})
+
+	t.Run("fork: plan, refusals, apply with a key of its own", func(t *testing.T) {
+		s.refused("volume_fork_plan", VolumeForkIn{ID: "v1", NewID: "v1-copy", Worker: "b"}, "forks to another worker are not supported yet")
+		s.refused("volume_fork_plan", VolumeForkIn{ID: "v1", NewID: "v2"}, "volume v2 already exists on worker a")
+		p := ok[Plan[VolumeForkDetails]](s, "volume_fork_plan", VolumeForkIn{ID: "v1", NewID: "v1-copy"})
+		if p.Details.Source != "v1" || p.Details.Worker != "a" || p.Details.AttachedMachine != "m1" || len(p.Changes) < 4 {
+			t.Fatalf("plan: %+v", p)
+		}
+		v := ok[Volume](s, "volume_fork_apply", apply(p.PlanToken))
+		sv := must(f.op.GetVolume(ctx, "v1-copy"))(t)
+		// No key passes through the MCP server: the fork's worker seals one.
+		if v.ForkOf != "v1" || v.State != "creating" || v.HasKey || sv.ForkOf != "v1" || sv.HasKey {
+			t.Fatalf("after apply: tool %+v, server %+v", v, sv)
+		}
+		// While the copy is made, the source cannot grow (the servers say so).
+		s.refused("volume_extend_plan", VolumeExtendIn{ID: "v1", Size: "512M"}, "volume v1 is being forked into v1-copy: extend it once the fork is created")
+		// The worker reports the copy made, which frees v1 for migrations.
+		created := fsm.VolCreated
+		must(f.wa.UpdateVolume(ctx, "v1-copy", api.VolumeUpdate{State: &created, Layout: layout()}))(t)
 	})
 
 	t.Run("destroy an attached volume is refused at plan time", func(t *testing.T) {

@@ -79,6 +79,10 @@ func (s *Server) register(allow Group) {
 	// Write.
 	tool(s, allow, Write, &sdk.Tool{Name: "volume_create_plan", Description: "Plan a new LUKS2-encrypted ext4 volume on a worker; changes nothing. Returns a plan_token for volume_create_apply."}, s.volumeCreatePlan)
 	tool(s, allow, Write, &sdk.Tool{Name: "volume_create_apply", Description: "Create the volume a volume_create_plan described (its worker's agent formats it; watch volume_show until created)."}, s.volumeCreateApply)
+	tool(s, allow, Write, &sdk.Tool{Name: "volume_extend_plan", Description: "Plan growing a volume and its filesystem online, under its running machine; changes nothing. Shrinking and volumes in migration are refused. Returns a plan_token for volume_extend_apply."}, s.volumeExtendPlan)
+	tool(s, allow, Write, &sdk.Tool{Name: "volume_extend_apply", Description: "Extend the volume a volume_extend_plan described; its worker grows it (watch volume_show until growing_to is gone)."}, s.volumeExtendApply)
+	tool(s, allow, Write, &sdk.Tool{Name: "volume_fork_plan", Description: "Plan an independent copy of a volume as it is at one instant, while its machine keeps running, under a master key of its own; changes nothing. Returns a plan_token for volume_fork_apply."}, s.volumeForkPlan)
+	tool(s, allow, Write, &sdk.Tool{Name: "volume_fork_apply", Description: "Fork the volume a volume_fork_plan described; the copy appears at once (creating) and its worker makes it (watch volume_show until created)."}, s.volumeForkApply)
 	tool(s, allow, Write, &sdk.Tool{Name: "migration_plan", Description: "Plan moving a machine and its volume to another worker; changes nothing. Returns a plan_token for migration_apply."}, s.migrationPlan)
 	tool(s, allow, Write, &sdk.Tool{Name: "migration_apply", Description: "Start the migration a migration_plan described; follow it with migration_status."}, s.migrationApply)
 	tool(s, allow, Write, &sdk.Tool{Name: "drain_plan", Description: "Plan moving every machine off a worker (one migration per machine, targets round-robin); changes nothing. Returns a plan_token for drain_apply."}, s.drainPlan)

@@ -27,11 +27,17 @@ type Volume struct {
 	DestroyAfter    *time.Time `json:"destroy_after,omitempty" jsonschema:"while pending_destroy: when the data may really be deleted"`
 	Cipher          string     `json:"cipher,omitempty"`
 	DataOffset      int64      `json:"data_offset,omitempty" jsonschema:"bytes of LUKS2 header before the ciphertext"`
+	GrowingTo       int64      `json:"growing_to,omitempty" jsonschema:"bytes an extend asked for that its worker has not reported yet"`
+	ForkOf          string     `json:"fork_of,omitempty" jsonschema:"the volume this one is a point-in-time copy of"`
 }
 
 func volumeOut(v *fsm.Volume) Volume {
 	o := Volume{ID: v.ID, Worker: v.Worker, SizeBytes: v.Size, Size: humanBytes(v.Size), State: string(v.State),
 		AttachedMachine: v.AttachedMachine, HasKey: v.HasKey, CreatedAt: v.CreatedAt}
+	if v.Extending() {
+		o.GrowingTo = v.WantSize
+	}
+	o.ForkOf = v.ForkOf
 	if !v.DestroyAfter.IsZero() {
 		t := v.DestroyAfter
 		o.DestroyAfter = &t

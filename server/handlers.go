@@ -86,6 +86,8 @@ func (s *Server) routes() http.Handler {
 	h("PUT /v1/workers/{name}/key", s.handleSetWorkerKey)
 	h("GET /v1/keys/recovery", s.handleGetRecoveryKey)
 	h("PUT /v1/keys/recovery", s.handleSetRecoveryKey)
+	h("POST /v1/volumes/{id}/extend", s.handleExtendVolume)
+	h("POST /v1/volumes/{id}/fork", s.handleForkVolume)
 
 	h("GET /v1/machines", s.listByWorker(func(sc *fsm.Scope, worker string) any { return sc.Machines(s.store.Machines(worker)) }))
 	h("POST /v1/machines", s.handleCreateMachine)
@@ -343,6 +345,27 @@ func (s *Server) handleDestroyVolume(w http.ResponseWriter, r *http.Request, id 
 		}
 	}
 	if res := s.run(w, r.Context(), fsm.CmdDestroyVolume, &fsm.DestroyVolumeCmd{Header: s.header(id), ID: r.PathValue("id"), Retention: ret}); res != nil {
+		writeJSON(w, http.StatusOK, res.Volume)
+	}
+}
+
+func (s *Server) handleExtendVolume(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
+	var e api.VolumeExtend
+	if !readBody(w, r, &e) {
+		return
+	}
+	if res := s.run(w, r.Context(), fsm.CmdExtendVolume, &fsm.ExtendVolumeCmd{Header: s.header(id), ID: r.PathValue("id"), Size: e.Size}); res != nil {
+		writeJSON(w, http.StatusOK, res.Volume)
+	}
+}
+
+func (s *Server) handleForkVolume(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
+	var f api.VolumeFork
+	if !readBody(w, r, &f) {
+		return
+	}
+	c := &fsm.ForkVolumeCmd{Header: s.header(id), ID: f.ID, Source: r.PathValue("id"), Worker: f.Worker}
+	if res := s.run(w, r.Context(), fsm.CmdForkVolume, c); res != nil {
 		writeJSON(w, http.StatusOK, res.Volume)
 	}
 }

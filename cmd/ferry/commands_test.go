@@ -130,3 +130,20 @@ func TestExitCodes(t *testing.T) {
 		}
 	}
 }
+
+func TestVolumeExtendSizeFlag(t *testing.T) {
+	noTLS := t.TempDir() + "/none"
+	for _, size := range []string{"", "lots", "0", "-1G"} {
+		err := run(t, "volume", "extend", "v1", "--size", size, "--tls-dir", noTLS)
+		var e *exitError
+		if err == nil || !strings.Contains(err.Error(), "--size") || !errors.As(err, &e) || e.code != ExitUsage {
+			t.Errorf("--size %q: %v; want a usage error naming --size", size, err)
+		}
+	}
+	if err := run(t, "volume", "extend", "v1", "--size", "20GiB", "--tls-dir", noTLS); err == nil || strings.Contains(err.Error(), "size") {
+		t.Errorf("--size 20GiB: %v; want it accepted (and the missing certificate reported)", err)
+	}
+	if err := run(t, "volume", "fork", "v1", "--id", "v2", "--tls-dir", noTLS); err == nil || !strings.Contains(err.Error(), "certificate") {
+		t.Errorf("fork without certificates: %v; want the missing certificate reported", err)
+	}
+}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/signal"
@@ -20,7 +21,7 @@ import (
 
 func newVolumeCmd() *cobra.Command {
 	vol := &cobra.Command{Use: "volume", Short: "Create, list, show and destroy encrypted volumes"}
-	vol.AddCommand(newVolumeCreateCmd(), newVolumeListCmd(), newVolumeShowCmd(), newVolumeDestroyCmd(), newVolumeRecoverCmd(), newVolumeServeCmd())
+	vol.AddCommand(newVolumeCreateCmd(), newVolumeListCmd(), newVolumeShowCmd(), newVolumeExtendCmd(), newVolumeForkCmd(), newVolumeDestroyCmd(), newVolumeRecoverCmd(), newVolumeServeCmd())
 	return vol
 }
 
@@ -111,6 +112,79 @@ func newVolumeShowCmd() *cobra.Command {
 	}
 	addClientFlags(show)
 	return show
+}
+
+func newVolumeExtendCmd() *cobra.Command {
+	var size string
+	var wait time.Duration
+	var asJSON bool
+	extend := &cobra.Command{
+		Use:   "extend ID --size SIZE",
+		Short: "Grow a volume and its filesystem online, under its running machine (shrinking and volumes in migration are refused)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			n, err := bytesize.Parse(size)
+			if err != nil || size == "" {
+				return withCode(ExitUsage, fmt.Errorf("--size: %w", errors.Join(err, errors.New("give the new size, e.g. 20GiB"))))
+			}
+			c, err := newAPIClient()
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			v, err := operator.ExtendVolume(cmd.Context(), c, args[0], n, wait)
+			if err != nil {
+				return withCode(exitCode(err), err)
+			}
+			if asJSON {
+				return writeJSONOut(cmd.OutOrStdout(), v)
+			}
+			if v.Extending() {
+				fmt.Fprintf(cmd.OutOrStdout(), "volume %s on %s: %s, growing to %s\n", v.ID, v.Worker, bytesize.Format(v.Size), bytesize.Format(v.WantSize))
+			} else {
+				fmt.Fprintf(cmd.OutOrStdout(), "volume %s on %s: %s\n", v.ID, v.Worker, bytesize.Format(v.Size))
+			}
+			return nil
+		},
+	}
+	extend.Flags().StringVar(&size, "size", "", "new size of the whole volume: 4096, 512MiB, 100GiB, 1G (bare K, M, G, T are binary)")
+	extend.Flags().DurationVar(&wait, "wait", 5*time.Minute, "wait this long for the worker to grow it (0: return once recorded)")
+	extend.Flags().BoolVar(&asJSON, "json", false, "print the volume record as JSON")
+	addClientFlags(extend)
+	return extend
+}
+
+func newVolumeForkCmd() *cobra.Command {
+	var to, newID string
+	var wait time.Duration
+	var asJSON bool
+	fork := &cobra.Command{
+		Use:   "fork ID [--to WORKER] [--id NEW]",
+		Short: "Copy a volume as it is now, while its machine keeps running, under a key of the copy's own",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := newAPIClient()
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			v, err := operator.ForkVolume(cmd.Context(), c, args[0], newID, to, wait)
+			if err != nil {
+				return withCode(exitCode(err), err)
+			}
+			if asJSON {
+				return writeJSONOut(cmd.OutOrStdout(), v)
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "volume %s on %s: fork of %s, %s, %s\n", v.ID, v.Worker, v.ForkOf, bytesize.Format(v.Size), v.State)
+			return nil
+		},
+	}
+	fork.Flags().StringVar(&to, "to", "", "worker for the copy (default and, for now, only: the source's worker)")
+	fork.Flags().StringVar(&newID, "id", "", "id of the copy (default ID-fork-XXXX)")
+	fork.Flags().DurationVar(&wait, "wait", 10*time.Minute, "wait this long for the copy to be made (0: return once registered)")
+	fork.Flags().BoolVar(&asJSON, "json", false, "print the volume record as JSON")
+	addClientFlags(fork)
+	return fork
 }
 
 func newVolumeDestroyCmd() *cobra.Command {

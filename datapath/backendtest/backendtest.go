@@ -55,6 +55,8 @@ func Run(t *testing.T, newBackend Factory) {
 	t.Run("AdoptClone", func(t *testing.T) { testAdoptClone(t, newBackend) })
 	t.Run("RateLimit", func(t *testing.T) { testRateLimit(t, newBackend) })
 	t.Run("Errors", func(t *testing.T) { testErrors(t, newBackend) })
+	t.Run("Extend", func(t *testing.T) { testExtend(t, newBackend) })
+	t.Run("Fork", func(t *testing.T) { testFork(t, newBackend) })
 }
 
 func fresh(t *testing.T, newBackend Factory, dir string) datapath.Backend {

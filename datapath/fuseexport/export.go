@@ -17,6 +17,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -65,7 +66,8 @@ func Mount(log zerolog.Logger, dir, fileName string, dev blockdev.Device) (*Expo
 		return nil, fmt.Errorf("create mount directory %s: %w", abs, err)
 	}
 	log = logging.For(log, "fuseexport").With().Str("dir", abs).Logger()
-	node := &fileNode{log: log, dev: dev, size: dev.Size()}
+	node := &fileNode{log: log, dev: dev}
+	node.size.Store(dev.Size())
 	root := &rootNode{}
 	long := time.Hour
 	opts := &fs.Options{
@@ -95,7 +97,7 @@ func Mount(log zerolog.Logger, dir, fileName string, dev blockdev.Device) (*Expo
 		return nil, fmt.Errorf("mount FUSE export at %s (needs root and /dev/fuse): %w", abs, err)
 	}
 	e := &Export{log: log, dir: abs, name: fileName, server: server, node: node}
-	log.Info().Str("file", e.Path()).Int64("size", node.size).Msg("exported")
+	log.Info().Str("file", e.Path()).Int64("size", node.size.Load()).Msg("exported")
 	return e, nil
 }
 
@@ -111,8 +113,8 @@ func (e *Export) Swap(dev blockdev.Device) (blockdev.Device, error) {
 		return nil, errors.New("swap needs a device")
 	}
 	n := e.node
-	if dev.Size() < n.size {
-		return nil, fmt.Errorf("swap: new device is %d bytes, smaller than the %d the export serves", dev.Size(), n.size)
+	if dev.Size() < n.size.Load() {
+		return nil, fmt.Errorf("swap: new device is %d bytes, smaller than the %d the export serves", dev.Size(), n.size.Load())
 	}
 	n.mu.Lock()
 	old := n.dev
@@ -120,6 +122,30 @@ func (e *Export) Swap(dev blockdev.Device) (blockdev.Device, error) {
 	n.mu.Unlock()
 	e.log.Info().Msg("backing device swapped")
 	return old, nil
+}
+
+// Grow makes the exported file size bytes long once the device serves that
+// many, and tells the kernel to drop the size it cached: the next stat of
+// the file (losetup --set-capacity does one) sees the new size.
+func (e *Export) Grow(size int64) error {
+	n := e.node
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	switch cur := n.size.Load(); {
+	case size < cur:
+		return fmt.Errorf("grow export to %d bytes: it serves %d; an export never shrinks", size, cur)
+	case size > n.dev.Size():
+		return fmt.Errorf("grow export to %d bytes: the device serves only %d", size, n.dev.Size())
+	case size == cur:
+		return nil
+	}
+	n.size.Store(size)
+	// A negative offset invalidates the attributes only, not the pages.
+	if errno := n.NotifyContent(-1, 0); errno != 0 && errno != syscall.ENOENT {
+		return fmt.Errorf("tell the kernel %s grew to %d bytes: %w", e.Path(), size, errno)
+	}
+	e.log.Info().Int64("size", size).Msg("export grew")
+	return nil
 }
 
 // Close unmounts the export. It refuses while a loop device still uses the
@@ -192,7 +218,7 @@ type fileNode struct {
 	log  zerolog.Logger
 	mu   sync.RWMutex
 	dev  blockdev.Device
-	size int64
+	size atomic.Int64 // only grows (Export.Grow)
 }
 
 var (
@@ -228,10 +254,10 @@ func (n *fileNode) errno(op string, off int64, length int, err error) syscall.Er
 }
 
 func (n *fileNode) Read(ctx context.Context, f fs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
-	if off >= n.size {
+	if off >= n.size.Load() {
 		return fuse.ReadResultData(nil), 0
 	}
-	p := dest[:min(int64(len(dest)), n.size-off)]
+	p := dest[:min(int64(len(dest)), n.size.Load()-off)]
 	n.mu.RLock()
 	_, err := n.dev.ReadAt(p, off)
 	n.mu.RUnlock()
@@ -242,7 +268,7 @@ func (n *fileNode) Read(ctx context.Context, f fs.FileHandle, dest []byte, off i
 }
 
 func (n *fileNode) Write(ctx context.Context, f fs.FileHandle, data []byte, off int64) (uint32, syscall.Errno) {
-	if off+int64(len(data)) > n.size {
+	if off+int64(len(data)) > n.size.Load() {
 		return 0, syscall.EFBIG // a block device does not grow
 	}
 	n.mu.RLock()
@@ -256,8 +282,8 @@ func (n *fileNode) Write(ctx context.Context, f fs.FileHandle, data []byte, off 
 
 func (n *fileNode) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
 	out.Mode = syscall.S_IFREG | 0o600
-	out.Size = uint64(n.size)
-	out.Blocks = uint64(n.size) / 512
+	out.Size = uint64(n.size.Load())
+	out.Blocks = uint64(n.size.Load()) / 512
 	out.Blksize = BlockSize
 	out.Nlink = 1
 	return 0
@@ -266,7 +292,7 @@ func (n *fileNode) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrO
 // Setattr accepts only no-op size changes (some tools truncate to the same
 // size); the device's size is fixed.
 func (n *fileNode) Setattr(ctx context.Context, f fs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
-	if sz, ok := in.GetSize(); ok && int64(sz) != n.size {
+	if sz, ok := in.GetSize(); ok && int64(sz) != n.size.Load() {
 		return syscall.EPERM
 	}
 	return n.Getattr(ctx, f, out)
@@ -293,10 +319,10 @@ func (n *fileNode) Fsync(ctx context.Context, f fs.FileHandle, flags uint32) sys
 // is a no-op: every block already exists.
 func (n *fileNode) Allocate(ctx context.Context, f fs.FileHandle, off uint64, size uint64, mode uint32) syscall.Errno {
 	o, l := int64(off), int64(size)
-	if o < 0 || l < 0 || o > n.size {
+	if o < 0 || l < 0 || o > n.size.Load() {
 		return syscall.EINVAL
 	}
-	end := min(o+l, n.size)
+	end := min(o+l, n.size.Load())
 	n.mu.RLock()
 	defer n.mu.RUnlock()
 	switch {
@@ -314,7 +340,7 @@ func (n *fileNode) Allocate(ctx context.Context, f fs.FileHandle, off uint64, si
 			return n.errno("write-zeroes", o, int(end-o), err)
 		}
 	default:
-		if o+l > n.size && mode&unix.FALLOC_FL_KEEP_SIZE == 0 {
+		if o+l > n.size.Load() && mode&unix.FALLOC_FL_KEEP_SIZE == 0 {
 			return syscall.EFBIG
 		}
 	}
@@ -336,6 +362,6 @@ func writeZeroes(d blockdev.Device, off, end int64) error {
 
 func (n *fileNode) Statfs(ctx context.Context, out *fuse.StatfsOut) syscall.Errno {
 	out.Bsize, out.Frsize, out.NameLen = BlockSize, BlockSize, 255
-	out.Blocks = uint64(n.size) / BlockSize
+	out.Blocks = uint64(n.size.Load()) / BlockSize
 	return 0
 }

@@ -66,6 +66,21 @@ func (v *Backend) Capabilities() datapath.Capabilities {
 	return datapath.Capabilities{Name: "kernel"}
 }
 
+// Fork is not supported on the kernel path yet: it would freeze the
+// filesystem, take a dm-snapshot of the loop device and re-encrypt from it
+// into a new LUKS2 volume, which only the VM suite can test.
+func (v *Backend) Fork(ctx context.Context, src string, srcPass []byte, dst string, dstPass []byte) (luks.Layout, datapath.ForkStats, error) {
+	return luks.Layout{}, datapath.ForkStats{}, fmt.Errorf("fork volume %s: %w (kernel); run the worker with --backend userspace to fork", src, datapath.ErrNotSupported)
+}
+
+// Extend is not supported on the kernel path yet: growing needs the file,
+// the loop device, the dm-clone target's table (sized at creation) and
+// dm-crypt (`cryptsetup resize`) to follow in order, which only the VM suite
+// can test.
+func (v *Backend) Extend(ctx context.Context, vol string, layout luks.Layout, size int64, passphrase []byte) (luks.Layout, error) {
+	return luks.Layout{}, fmt.Errorf("extend volume %s: %w (kernel); run the worker with --backend userspace to extend online", vol, datapath.ErrNotSupported)
+}
+
 // kernelRegionSize is the clone's region: 4 KiB, like the userspace engine,
 // so fstrim of any free filesystem block skips its fetch.
 const kernelRegionSize = 4096

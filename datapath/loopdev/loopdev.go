@@ -87,6 +87,18 @@ func Attach(path string, directIO bool) (string, error) {
 	return dev, nil
 }
 
+// SetCapacity makes a loop device re-read its backing file's size after the
+// file grew; the filesystem above stays mounted.
+func SetCapacity(dev string) error {
+	if !strings.HasPrefix(dev, "/dev/loop") {
+		return fmt.Errorf("%q is not a loop device", dev)
+	}
+	if _, err := losetup("--set-capacity", dev); err != nil {
+		return fmt.Errorf("grow %s to its backing file's new size: %w", dev, err)
+	}
+	return nil
+}
+
 // Detach releases a loop device. Detaching a device that is no longer
 // attached is not an error, so callers can retry.
 func Detach(dev string) error {

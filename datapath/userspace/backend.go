@@ -45,7 +45,101 @@ var (
 // guaranteed share of background copies under foreground load, and counts
 // fetched and skipped bytes.
 func (v *Backend) Capabilities() datapath.Capabilities {
-	return datapath.Capabilities{Name: "userspace", HydrationRateLimit: true, GuaranteedShare: true, ByteCounters: true}
+	return datapath.Capabilities{Name: "userspace", HydrationRateLimit: true, GuaranteedShare: true, ByteCounters: true, Extend: true, Fork: true}
+}
+
+// Extend grows the volume to size bytes. Served (its machine runs): the
+// datapath process grows the file, the LUKS2 view and the FUSE file; the
+// loop device re-reads its size and resize2fs grows the mounted ext4
+// online. Not served: the file grows, and the filesystem is checked and
+// grown through a short-lived datapath. Each step finds its work done when
+// repeated, so a crash anywhere is finished by the next call.
+func (v *Backend) Extend(ctx context.Context, vol string, layout luks.Layout, size int64, passphrase []byte) (luks.Layout, error) {
+	if err := checkVolumeName(vol); err != nil {
+		return luks.Layout{}, err
+	}
+	next, err := datapath.GrownLayout(layout, size)
+	if err != nil {
+		return luks.Layout{}, fmt.Errorf("extend volume %s: %w", vol, err)
+	}
+	if p, err := v.Process(ctx, vol); err == nil {
+		return next, v.extendServed(ctx, p, vol, next)
+	}
+	st, err := os.Stat(v.DataPath(vol))
+	if err != nil {
+		return luks.Layout{}, fmt.Errorf("extend volume %s: %w", vol, err)
+	}
+	if want := next.DeviceSize(); st.Size() < want {
+		if err := os.Truncate(v.DataPath(vol), want); err != nil {
+			return luks.Layout{}, fmt.Errorf("extend volume %s: grow its file: %w", vol, err)
+		}
+	}
+	dev, err := v.Attach(ctx, v.Config(vol, next), passphrase)
+	if err != nil {
+		return luks.Layout{}, fmt.Errorf("extend volume %s: serve it to grow its filesystem: %w", vol, err)
+	}
+	gerr := hostfs.GrowExt4(ctx, dev, false)
+	if err := v.Detach(ctx, vol); err != nil {
+		return luks.Layout{}, errors.Join(gerr, err)
+	}
+	if gerr != nil {
+		return luks.Layout{}, fmt.Errorf("extend volume %s: %w", vol, gerr)
+	}
+	return next, nil
+}
+
+func (v *Backend) extendServed(ctx context.Context, p *Process, vol string, next luks.Layout) error {
+	if err := p.Grow(ctx, next.PayloadSize); err != nil {
+		return fmt.Errorf("extend volume %s: %w", vol, err)
+	}
+	file := filepath.Join(v.FuseDir(vol), DeviceFile)
+	// The stat refreshes the size the kernel caches for the FUSE file, which
+	// is the size the loop device reads.
+	if st, err := os.Stat(file); err != nil || st.Size() != next.PayloadSize {
+		return fmt.Errorf("extend volume %s: %s does not show the new size %d yet (stat: %v)", vol, file, next.PayloadSize, err)
+	}
+	devs, err := v.Loops.FindByBackingFile(file)
+	if err != nil {
+		return err
+	}
+	if len(devs) == 0 {
+		// Served without a machine: grow the filesystem through a loop of
+		// our own.
+		dev, err := v.Loops.Attach(file, true)
+		if err != nil {
+			return fmt.Errorf("extend volume %s: %w", vol, err)
+		}
+		gerr := hostfs.GrowExt4(ctx, dev, false)
+		if err := v.Loops.Detach(dev); err != nil {
+			return errors.Join(gerr, err)
+		}
+		return gerr
+	}
+	for _, dev := range devs {
+		if err := loopdev.SetCapacity(dev); err != nil {
+			return fmt.Errorf("extend volume %s: %w", vol, err)
+		}
+		_, mounted := mountedFrom(dev)
+		if err := hostfs.GrowExt4(ctx, dev, mounted); err != nil {
+			return fmt.Errorf("extend volume %s: %w", vol, err)
+		}
+	}
+	return nil
+}
+
+// mountedFrom returns where dev is mounted, if anywhere.
+func mountedFrom(dev string) (string, bool) {
+	b, err := os.ReadFile("/proc/self/mounts")
+	if err != nil {
+		return "", false
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 2 && f[0] == dev {
+			return f[1], true
+		}
+	}
+	return "", false
 }
 
 // Probe says what this host lacks for the userspace path: a FUSE device

@@ -173,6 +173,11 @@ func (p *Process) Retarget(ctx context.Context, portal, iqn string) error {
 	return p.call(ctx, http.MethodPost, "/v1/source", SourceMove{Portal: portal, IQN: iqn}, nil)
 }
 
+// Grow asks the process to serve payload plaintext bytes, growing its file.
+func (p *Process) Grow(ctx context.Context, payload int64) error {
+	return p.call(ctx, http.MethodPost, "/v1/grow", GrowRequest{PayloadSize: payload}, nil)
+}
+
 // Dissolve replaces the clone with the destination alone once complete.
 func (p *Process) Dissolve(ctx context.Context) error {
 	return p.call(ctx, http.MethodPost, "/v1/dissolve", nil, nil)

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net/http"
 	"os"
 	"sync"
@@ -297,6 +298,14 @@ func (s *server) serve(ctx context.Context, ready func(Ready)) error {
 		}
 		reply(w, struct{}{}, s.eng.SetTunables(*t))
 	})
+	mux.HandleFunc("POST /v1/grow", func(w http.ResponseWriter, r *http.Request) {
+		var g GrowRequest
+		if err := childctl.Decode(r, &g); err != nil {
+			reply(w, nil, &childctl.Error{Status: http.StatusBadRequest, Message: fmt.Sprintf("grow needs {\"payload_size\": bytes}: %v", err)})
+			return
+		}
+		reply(w, struct{}{}, s.grow(g.PayloadSize))
+	})
 	mux.HandleFunc("POST /v1/dissolve", func(w http.ResponseWriter, r *http.Request) { reply(w, struct{}{}, s.dissolve()) })
 	mux.HandleFunc("POST /v1/shutdown", func(w http.ResponseWriter, r *http.Request) {
 		if err := s.stop(); err != nil {
@@ -359,6 +368,44 @@ func (s *server) dissolve() error {
 	}
 	s.lun = nil // the engine closed it
 	s.dissolved = true
+	return nil
+}
+
+// GrowRequest asks a serving process to grow its volume to PayloadSize
+// plaintext bytes.
+type GrowRequest struct {
+	PayloadSize int64 `json:"payload_size"`
+}
+
+// grow extends the ciphertext file, then the plaintext view (the LUKS2
+// segment is dynamic: it ends where the file ends), then the FUSE file, in
+// that order so no layer ever serves past the one below. Repeating it with
+// the size it has is a no-op. A clone under the view is sized from the
+// source, so growth waits until it dissolved.
+func (s *server) grow(payload int64) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	switch {
+	case s.cfg.Raw:
+		return errors.New("a raw export has no LUKS2 segment to grow")
+	case s.eng != nil && !s.dissolved:
+		return fmt.Errorf("volume %s is still cloning from a migration's source: extend it once hydration completed", s.cfg.VolumeID)
+	case s.exp == nil:
+		return fmt.Errorf("volume %s is stopping", s.cfg.VolumeID)
+	case payload <= 0 || payload%int64(s.cfg.Layout.SectorSize) != 0 || payload > math.MaxInt64-s.cfg.Layout.DataOffset:
+		return fmt.Errorf("payload size %d is not a positive multiple of the %d-byte sector", payload, s.cfg.Layout.SectorSize)
+	}
+	if err := s.dest.Grow(s.cfg.Layout.DataOffset + payload); err != nil {
+		return err
+	}
+	if err := luks.GrowView(s.view, payload); err != nil {
+		return err
+	}
+	if err := s.exp.Grow(payload); err != nil {
+		return err
+	}
+	s.cfg.Layout.PayloadSize = payload
+	s.log.Info().Str("volume", s.cfg.VolumeID).Int64("payload_size", payload).Msg("volume grew")
 	return nil
 }
 

@@ -55,12 +55,86 @@ func CreateVolume(ctx context.Context, c VolumeClient, id, worker string, size i
 	return WaitVolume(ctx, c, v.ID, fsm.VolCreated, wait)
 }
 
+// ExtendClient is what ExtendVolume needs.
+type ExtendClient interface {
+	ExtendVolume(ctx context.Context, id string, size int64) (*fsm.Volume, error)
+	GetVolume(ctx context.Context, id string) (*fsm.Volume, error)
+}
+
+// ExtendVolume asks for volume id to grow to size bytes and, when wait > 0,
+// waits until its worker reported the new size.
+func ExtendVolume(ctx context.Context, c ExtendClient, id string, size int64, wait time.Duration) (*fsm.Volume, error) {
+	return extendVolume(ctx, c, id, size, wait, 200*time.Millisecond)
+}
+
+func extendVolume(ctx context.Context, c ExtendClient, id string, size int64, wait, poll time.Duration) (*fsm.Volume, error) {
+	if size <= 0 || size%512 != 0 {
+		return nil, fmt.Errorf("%w: volume %s: size %d must be a positive multiple of 512 bytes", ErrInvalid, id, size)
+	}
+	v, err := c.ExtendVolume(ctx, id, size)
+	if err != nil || wait <= 0 {
+		return v, err
+	}
+	deadline := time.Now().Add(wait)
+	for !(v.Size >= size && !v.Extending()) {
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("volume %s is still %s, growing to %s, after %v: is the agent of worker %s running? (see its log; a worker without CAP_SYS_RESOURCE finishes once the machine stops)",
+				id, bytesize.Format(v.Size), bytesize.Format(v.WantSize), wait, v.Worker)
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(poll):
+		}
+		if v, err = c.GetVolume(ctx, id); err != nil {
+			return nil, err
+		}
+	}
+	return v, nil
+}
+
+// VolumeGetter reads one volume (what waiting needs).
+type VolumeGetter interface {
+	GetVolume(ctx context.Context, id string) (*fsm.Volume, error)
+}
+
+// ForkClient is what ForkVolume needs.
+type ForkClient interface {
+	ForkVolume(ctx context.Context, source, id, worker string) (*fsm.Volume, error)
+	GetVolume(ctx context.Context, id string) (*fsm.Volume, error)
+}
+
+// ForkVolume registers id as a copy of source on worker (empty: the
+// source's; empty id: source-fork-XXXX), hands the servers a fresh
+// passphrase of its own (the worker makes it, seals it and formats the
+// copy under a new master key) and, when wait > 0, waits until the copy is made.
+func ForkVolume(ctx context.Context, c ForkClient, source, id, worker string, wait time.Duration) (*fsm.Volume, error) {
+	if worker == "" {
+		src, err := c.GetVolume(ctx, source)
+		if err != nil {
+			return nil, err
+		}
+		worker = src.Worker
+	}
+	if id == "" {
+		id = source + "-fork-" + strings.ToLower(fmt.Sprintf("%04x", time.Now().UnixNano()&0xffff))
+	}
+	v, err := c.ForkVolume(ctx, source, id, worker)
+	if err != nil {
+		return nil, err
+	}
+	if wait <= 0 {
+		return c.GetVolume(ctx, v.ID)
+	}
+	return WaitVolume(ctx, c, v.ID, fsm.VolCreated, wait)
+}
+
 // WaitVolume polls volume id until it is in state want, for at most timeout.
-func WaitVolume(ctx context.Context, c VolumeClient, id string, want fsm.VolumeState, timeout time.Duration) (*fsm.Volume, error) {
+func WaitVolume(ctx context.Context, c VolumeGetter, id string, want fsm.VolumeState, timeout time.Duration) (*fsm.Volume, error) {
 	return waitVolume(ctx, c, id, want, timeout, 200*time.Millisecond)
 }
 
-func waitVolume(ctx context.Context, c VolumeClient, id string, want fsm.VolumeState, timeout, poll time.Duration) (*fsm.Volume, error) {
+func waitVolume(ctx context.Context, c VolumeGetter, id string, want fsm.VolumeState, timeout, poll time.Duration) (*fsm.Volume, error) {
 	deadline := time.Now().Add(timeout)
 	for {
 		v, err := c.GetVolume(ctx, id)

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -239,4 +240,48 @@ func ReadLayout(path, vol string) (luks.Layout, error) {
 		return luks.Layout{}, fmt.Errorf("volume %s: %w", vol, err)
 	}
 	return h.Layout(f.Size())
+}
+
+// GrowExt4 grows the ext4 filesystem on dev to fill it: online (through
+// the kernel) when it is mounted, else after the forced check resize2fs
+// requires offline. Run again on a grown filesystem it changes nothing.
+func GrowExt4(ctx context.Context, dev string, mounted bool) error {
+	if !mounted {
+		// e2fsck exits 1 when it fixed something and 0 when clean; both
+		// leave a filesystem resize2fs accepts.
+		out, err := exec.CommandContext(ctx, "e2fsck", "-f", "-p", dev).CombinedOutput()
+		var ee *exec.ExitError
+		if err != nil && !(errors.As(err, &ee) && ee.ExitCode() == 1) {
+			return fmt.Errorf("e2fsck %s before growing it: %w: %s", dev, err, strings.TrimSpace(string(out)))
+		}
+	}
+	out, err := exec.CommandContext(ctx, "resize2fs", dev).CombinedOutput()
+	if err != nil {
+		if mounted && !CanResizeOnline() {
+			return fmt.Errorf("resize2fs %s: %w: the kernel refuses online resize to a process without CAP_SYS_RESOURCE; "+
+				"give the agent that capability, or stop the machine and let the agent finish the extend offline", dev, ErrOnlineResizeDenied)
+		}
+		return fmt.Errorf("resize2fs %s: %w: %s", dev, err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+// ErrOnlineResizeDenied: the host does not let this process grow a mounted
+// ext4 filesystem (no CAP_SYS_RESOURCE, as in some containers).
+var ErrOnlineResizeDenied = errors.New("online filesystem resize denied")
+
+// CanResizeOnline reports whether this process holds CAP_SYS_RESOURCE, which
+// ext4's online resize ioctl requires.
+func CanResizeOnline() bool {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return false
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if hex, ok := strings.CutPrefix(line, "CapEff:"); ok {
+			v, err := strconv.ParseUint(strings.TrimSpace(hex), 16, 64)
+			return err == nil && v&(1<<unix.CAP_SYS_RESOURCE) != 0
+		}
+	}
+	return false
 }

@@ -1,0 +1,220 @@
+package userspace
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/ferry-dev/ferry/blockdev"
+	"github.com/ferry-dev/ferry/datapath"
+	"github.com/ferry-dev/ferry/datapath/internal/hostfs"
+	"github.com/ferry-dev/ferry/luks"
+)
+
+// snapshotName is the point-in-time ciphertext copy of the source, kept in
+// the fork's folder until the fork is re-encrypted from it.
+const snapshotName = "source.snapshot"
+
+// Fork copies src into a new volume dst in two steps.
+//
+// 1. Point in time: the source's filesystem (if mounted) is frozen with
+// FIFREEZE, which flushes it down to the ciphertext file, and that file is
+// copied aside (`cp --reflink=auto --sparse=always`: a reflink where the
+// host filesystem has them, else a copy of the allocated ranges only); then
+// it is thawed. The source pays the freeze for as long as the copy takes:
+// instant with reflinks, proportional to the written data without.
+//
+// 2. Own key: dst is formatted by cryptsetup (a new master key, dstPass)
+// with the source's geometry, and every allocated range of the snapshot is
+// decrypted with the source's key and encrypted into dst. Ranges never
+// written stay holes in dst too; nothing in ext4 reads them.
+func (v *Backend) Fork(ctx context.Context, src string, srcPass []byte, dst string, dstPass []byte) (luks.Layout, datapath.ForkStats, error) {
+	var st datapath.ForkStats
+	for _, id := range []string{src, dst} {
+		if err := checkVolumeName(id); err != nil {
+			return luks.Layout{}, st, err
+		}
+	}
+	if src == dst {
+		return luks.Layout{}, st, fmt.Errorf("fork volume %s onto itself: name another volume", src)
+	}
+	srcLayout, err := v.ReadLayout(src)
+	if err != nil {
+		return luks.Layout{}, st, fmt.Errorf("fork volume %s: %w", src, err)
+	}
+	if err := os.MkdirAll(v.VolumeDir(dst), 0o700); err != nil {
+		return luks.Layout{}, st, fmt.Errorf("fork volume %s: %w", src, err)
+	}
+	snap := filepath.Join(v.VolumeDir(dst), snapshotName)
+	if st.Frozen, st.CopiedBytes, err = v.snapshot(ctx, src, snap); err != nil {
+		return luks.Layout{}, st, fmt.Errorf("fork volume %s into %s: %w", src, dst, err)
+	}
+	layout, n, err := v.reencrypt(ctx, snap, srcLayout, srcPass, dst, dstPass)
+	st.Reencrypted = n
+	if err != nil {
+		return luks.Layout{}, st, fmt.Errorf("fork volume %s into %s: %w", src, dst, err)
+	}
+	if err := os.Remove(snap); err != nil {
+		return luks.Layout{}, st, fmt.Errorf("fork volume %s into %s: remove the snapshot: %w", src, dst, err)
+	}
+	return layout, st, nil
+}
+
+// snapshot copies src's ciphertext to path with src's filesystem frozen.
+func (v *Backend) snapshot(ctx context.Context, src, path string) (time.Duration, int64, error) {
+	tmp := path + ".tmp"
+	_ = os.Remove(tmp)
+	mnt := ""
+	devs, err := v.Loops.FindByBackingFile(filepath.Join(v.FuseDir(src), DeviceFile))
+	if err != nil {
+		return 0, 0, err
+	}
+	for _, d := range devs {
+		if m, ok := mountedFrom(d); ok {
+			mnt = m
+		}
+	}
+	var frozen time.Duration
+	if mnt != "" {
+		// A fork that crashed while the filesystem was frozen left it so:
+		// thaw first (an error only says it was not frozen).
+		_ = exec.CommandContext(ctx, "fsfreeze", "--unfreeze", mnt).Run()
+		if out, err := exec.CommandContext(ctx, "fsfreeze", "--freeze", mnt).CombinedOutput(); err != nil {
+			return 0, 0, fmt.Errorf("fsfreeze --freeze %s: %w: %s", mnt, err, strings.TrimSpace(string(out)))
+		}
+		start := time.Now()
+		// Thaw on every path, with a context of its own: a cancelled fork
+		// must never leave the machine's filesystem frozen.
+		defer func() {
+			if frozen == 0 {
+				frozen = time.Since(start)
+			}
+			if out, err := exec.Command("fsfreeze", "--unfreeze", mnt).CombinedOutput(); err != nil {
+				v.Log.Error().Err(err).Str("mount", mnt).Str("output", string(out)).Msg("thaw after fork snapshot failed: run fsfreeze --unfreeze by hand")
+			}
+		}()
+		err := copySparse(ctx, v.DataPath(src), tmp)
+		frozen = time.Since(start)
+		if err != nil {
+			return frozen, 0, err
+		}
+	} else if err := copySparse(ctx, v.DataPath(src), tmp); err != nil {
+		return 0, 0, err
+	}
+	n, err := allocated(tmp)
+	if err != nil {
+		return frozen, 0, err
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return frozen, 0, err
+	}
+	return frozen, n, nil
+}
+
+func copySparse(ctx context.Context, from, to string) error {
+	out, err := exec.CommandContext(ctx, "cp", "--reflink=auto", "--sparse=always", from, to).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("copy %s aside: %w: %s", from, err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+func allocated(path string) (int64, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	rs, err := blockdev.DataRanges(f)
+	var n int64
+	for _, r := range rs {
+		n += r.Len
+	}
+	return n, err
+}
+
+// reencrypt formats dst with the source's geometry and a new master key and
+// copies the plaintext of every allocated range of the snapshot into it.
+func (v *Backend) reencrypt(ctx context.Context, snap string, srcLayout luks.Layout, srcPass []byte, dst string, dstPass []byte) (luks.Layout, int64, error) {
+	_ = os.Remove(v.DataPath(dst))
+	f, err := blockdev.CreateSparse(v.DataPath(dst), srcLayout.DeviceSize())
+	if err != nil {
+		return luks.Layout{}, 0, err
+	}
+	f.Close()
+	err = hostfs.WithKeyFile(v.runDir(), dstPass, func(kf string) error {
+		return luks.Format(ctx, v.DataPath(dst), kf, luks.FormatOptions{FastKDF: v.FastKDF,
+			MetadataSize: srcLayout.MetadataSize, KeyslotsSize: srcLayout.KeyslotsSize, SectorSize: srcLayout.SectorSize})
+	})
+	if err != nil {
+		return luks.Layout{}, 0, fmt.Errorf("format the fork: %w", err)
+	}
+	snapDev, err := blockdev.OpenFile(snap, true)
+	if err != nil {
+		return luks.Layout{}, 0, err
+	}
+	defer snapDev.Close()
+	from, fromLayout, err := luks.OpenHeaderView(snapDev, srcPass)
+	if err != nil {
+		return luks.Layout{}, 0, fmt.Errorf("open the source snapshot: %w", err)
+	}
+	defer from.Close()
+	dstDev, err := blockdev.OpenFile(v.DataPath(dst), false)
+	if err != nil {
+		return luks.Layout{}, 0, err
+	}
+	defer dstDev.Close()
+	to, layout, err := luks.OpenHeaderView(dstDev, dstPass)
+	if err != nil {
+		return luks.Layout{}, 0, fmt.Errorf("open the fork: %w", err)
+	}
+	defer to.Close()
+	if layout.DataOffset != fromLayout.DataOffset || layout.PayloadSize != fromLayout.PayloadSize {
+		return luks.Layout{}, 0, fmt.Errorf("the fork's layout (offset %d, %d bytes) differs from the source's (offset %d, %d bytes)",
+			layout.DataOffset, layout.PayloadSize, fromLayout.DataOffset, fromLayout.PayloadSize)
+	}
+	sf, err := os.Open(snap)
+	if err != nil {
+		return luks.Layout{}, 0, err
+	}
+	ranges, err := blockdev.DataRanges(sf)
+	sf.Close()
+	if err != nil {
+		return luks.Layout{}, 0, err
+	}
+	sector := int64(layout.SectorSize)
+	buf := make([]byte, 1<<20)
+	var n int64
+	for _, r := range ranges {
+		// Ciphertext range -> plaintext range, whole sectors, inside the segment.
+		start := max(r.Off, layout.DataOffset) - layout.DataOffset
+		end := min(r.End()-layout.DataOffset, layout.PayloadSize)
+		start -= start % sector
+		if rem := end % sector; rem != 0 {
+			end = min(end+sector-rem, layout.PayloadSize)
+		}
+		for off := start; off < end; {
+			if err := ctx.Err(); err != nil {
+				return luks.Layout{}, n, err
+			}
+			c := buf[:min(int64(len(buf)), end-off)]
+			if _, err := from.ReadAt(c, off); err != nil {
+				return luks.Layout{}, n, fmt.Errorf("read the snapshot at %d: %w", off, err)
+			}
+			if _, err := to.WriteAt(c, off); err != nil {
+				return luks.Layout{}, n, fmt.Errorf("write the fork at %d: %w", off, err)
+			}
+			off += int64(len(c))
+			n += int64(len(c))
+		}
+	}
+	if err := errors.Join(to.Flush(), dstDev.Flush()); err != nil {
+		return luks.Layout{}, n, err
+	}
+	return layout, n, nil
+}

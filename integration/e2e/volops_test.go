@@ -1,0 +1,183 @@
+package e2e
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
+
+	"github.com/ferry-dev/ferry/api"
+	"github.com/ferry-dev/ferry/blockdev"
+	"github.com/ferry-dev/ferry/datapath"
+	"github.com/ferry-dev/ferry/datapath/loopdev"
+	"github.com/ferry-dev/ferry/datapath/userspace"
+	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/luks"
+	"github.com/ferry-dev/ferry/machine/workload"
+)
+
+// TestExtendAndForkUnderWritingWorkload extends the volume of a running
+// machine and forks it while it keeps writing records: the machine sees the
+// new size, every acknowledged record survives, and the fork holds a prefix
+// of the records (those acknowledged before the fork at least) under a
+// master key of its own.
+func TestExtendAndForkUnderWritingWorkload(t *testing.T) {
+	e := newEnv(t, 1)
+	w := e.ws[0]
+	e.createVolume("vx", w, volSize)
+	ack, _ := e.runMachine("mx", w, "vx", 9)
+	e.waitAcked(ack, 100, time.Minute)
+	mnt := filepath.Join(e.bed.WorkerDir(w), "mnt", "mx")
+	before := statfsBytes(t, mnt)
+
+	// Refusals with their reasons.
+	if _, err := e.c.ExtendVolume(e.ctx, "vx", volSize/2); api.ErrorCode(err) != fsm.CodeInvalid {
+		t.Fatalf("shrink: %v, want refused", err)
+	}
+
+	const grown = 2 * volSize
+	if _, err := e.c.ExtendVolume(e.ctx, "vx", grown); err != nil {
+		t.Fatal(err)
+	}
+	// The file under the machine grows at once; the filesystem online when
+	// the host lets the agent resize a mounted ext4 (CAP_SYS_RESOURCE), else
+	// once the machine stopped.
+	deadline := time.Now().Add(time.Minute)
+	for {
+		st, err := os.Stat(sourceFile(e, w, "vx"))
+		if err == nil && st.Size() == grown {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("volume file did not grow to %d: %v", grown, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	n, _ := workload.Acked(ack)
+	e.waitAcked(ack, n+50, time.Minute) // it keeps writing
+	if !datapath.CanResizeOnline() {
+		t.Log("this host denies online ext4 resize: stopping the machine lets the agent finish offline")
+		stopped, running := fsm.MachineStopped, fsm.MachineRunning
+		if _, err := e.c.UpdateMachine(e.ctx, "mx", api.MachineUpdate{State: &stopped}); err != nil {
+			t.Fatal(err)
+		}
+		waitSize(t, e, "vx", grown)
+		if _, err := e.c.UpdateMachine(e.ctx, "mx", api.MachineUpdate{State: &running}); err != nil {
+			t.Fatal(err)
+		}
+		n, _ = workload.Acked(ack)
+		e.waitAcked(ack, n+50, time.Minute)
+	}
+	v := waitSize(t, e, "vx", grown)
+	if v.Layout == nil || v.Layout.PayloadSize != grown-v.Layout.DataOffset {
+		t.Fatalf("recorded layout after extend: %+v", v.Layout)
+	}
+	if after := statfsBytes(t, mnt); after < before+(grown-volSize)*8/10 {
+		t.Fatalf("the machine's filesystem is %d bytes after extending to %d (was %d)", after, grown, before)
+	}
+	present, acked := e.verifyRecords("mx", w, ack)
+	t.Logf("extend: %d records acknowledged, %d present", acked, present)
+
+	// Fork while the machine writes.
+	ackedBefore, _ := workload.Acked(ack)
+	f, err := e.c.ForkVolume(e.ctx, "vx", "vx-fork", w)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f.ForkOf != "vx" || f.State != fsm.VolCreating {
+		t.Fatalf("fork record at once: %+v", f)
+	}
+	// The fork's worker makes and seals the fork's own passphrase; the
+	// test reads it back with the recovery key, as an operator would.
+	fv := waitCreated(t, e, "vx-fork")
+	forkKey := string(e.recoverKey("vx-fork"))
+	e.keys["vx-fork"] = forkKey
+	n, _ = workload.Acked(ack)
+	e.waitAcked(ack, n+50, time.Minute) // it kept running through the fork
+	ackedEnd, _ := workload.Acked(ack)
+
+	// The fork, mounted on its worker, holds the records of its instant.
+	b := &userspace.Backend{DataDir: e.bed.WorkerDir(w), Exe: ferryBin, Log: zerolog.Nop(), Loops: loopdev.System{}}
+	fmnt := b.MountPoint("fork-check")
+	if _, err := b.MountLocal(e.ctx, "vx-fork", datapath.LayoutOf(*fv.Layout), []byte(forkKey), fmnt); err != nil {
+		t.Fatalf("mount the fork: %v", err)
+	}
+	forkRecords, _, err := workload.Scan(filepath.Join(fmnt, workload.RecordsFile))
+	if uerr := b.Unmount(e.ctx, "vx-fork", fmnt); uerr != nil {
+		t.Errorf("unmount the fork: %v", uerr)
+	}
+	if err != nil {
+		t.Fatalf("records in the fork: %v", err)
+	}
+	if forkRecords < ackedBefore || forkRecords > ackedEnd+1 {
+		t.Fatalf("fork holds %d records; %d were acknowledged before the fork and %d once it was made", forkRecords, ackedBefore, ackedEnd)
+	}
+	if bytes.Equal(masterKeyOf(t, sourceFile(e, w, "vx"), e.keys["vx"]), masterKeyOf(t, sourceFile(e, w, "vx-fork"), forkKey)) {
+		t.Fatal("the fork has the source's master key")
+	}
+	present, acked = e.verifyRecords("mx", w, ack)
+	t.Logf("fork: %d records (acknowledged before %d, at end %d); source %d present, %d acknowledged", forkRecords, ackedBefore, ackedEnd, present, acked)
+	e.assertNoKeysInLogs()
+}
+
+func waitSize(t *testing.T, e *env, id string, size int64) *fsm.Volume {
+	t.Helper()
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		v, err := e.c.GetVolume(e.ctx, id)
+		if err == nil && v.Size == size && !v.Extending() {
+			return v
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("volume %s did not report %d bytes: %+v %v", id, size, v, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+func waitCreated(t *testing.T, e *env, id string) *fsm.Volume {
+	t.Helper()
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		v, err := e.c.GetVolume(e.ctx, id)
+		if err == nil && v.State == fsm.VolCreated && v.Layout != nil {
+			return v
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("volume %s not created: %+v %v", id, v, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+func statfsBytes(t *testing.T, mnt string) int64 {
+	t.Helper()
+	var st unix.Statfs_t
+	if err := unix.Statfs(mnt, &st); err != nil {
+		t.Fatal(err)
+	}
+	return int64(st.Blocks) * st.Bsize
+}
+
+func masterKeyOf(t *testing.T, path, pass string) []byte {
+	t.Helper()
+	d, err := blockdev.OpenFile(path, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	h, err := luks.ReadHeader(d, d.Size())
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, err := h.Unlock(d, []byte(pass))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer k.Wipe()
+	return bytes.Clone(k.Bytes())
+}
