@@ -163,6 +163,9 @@ func (v *Backend) Create(ctx context.Context, vol string, size int64, passphrase
 		if layout, err = v.ReadLayout(vol); err != nil {
 			return err
 		}
+		if err := hostfs.DigHoles(v.DataPath(vol), 0, layout.DataOffset); err != nil {
+			return err
+		}
 		loop, err := v.loopOf(v.DataPath(vol))
 		if err != nil {
 			return err
@@ -171,11 +174,7 @@ func (v *Backend) Create(ctx context.Context, vol string, size int64, passphrase
 		if err != nil {
 			return err
 		}
-		out, err := exec.CommandContext(ctx, "mkfs.ext4", "-q", "-F", "-E", "nodiscard", "-L", vol, plain).CombinedOutput()
-		if err != nil {
-			return fmt.Errorf("mkfs.ext4 on volume %s: %w: %s", vol, err, strings.TrimSpace(string(out)))
-		}
-		return nil
+		return hostfs.MkfsExt4(ctx, plain, vol)
 	})
 	if derr := v.Detach(ctx, vol); err == nil {
 		err = derr

@@ -105,14 +105,16 @@ func (v *Backend) Create(ctx context.Context, vol string, size int64, passphrase
 	if err != nil {
 		return luks.Layout{}, err
 	}
+	if err := hostfs.DigHoles(v.DataPath(vol), 0, layout.DataOffset); err != nil {
+		return luks.Layout{}, err
+	}
 	dev, err := v.Attach(ctx, v.Config(vol, layout), passphrase)
 	if err != nil {
 		return luks.Layout{}, err
 	}
-	out, err := exec.CommandContext(ctx, "mkfs.ext4", "-q", "-F", "-E", "nodiscard", "-L", vol, dev).CombinedOutput()
-	if err != nil {
+	if err := hostfs.MkfsExt4(ctx, dev, vol); err != nil {
 		v.Detach(ctx, vol)
-		return luks.Layout{}, fmt.Errorf("mkfs.ext4 on volume %s: %w: %s", vol, err, strings.TrimSpace(string(out)))
+		return luks.Layout{}, err
 	}
 	return layout, v.Detach(ctx, vol)
 }

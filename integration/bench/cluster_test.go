@@ -276,7 +276,8 @@ func benchSparse(b *testing.B, s *suite) {
 	s.plot("sparse.svg", series{fmt.Sprintf("ferry, %d GiB volume, 5 MiB of files", volSize>>30), pts})
 	s.add(row{fmt.Sprintf("sparse %d GiB volume holding 5 MiB of files", volSize>>30), fmt.Sprintf("fetched %.1f MiB in %v", float64(p.FetchedBytes)/(1<<20), took.Round(10*time.Millisecond)),
 		fmt.Sprintf("volume %d GiB; files 5 MiB", volSize>>30), fmt.Sprintf("%.5f of volume", float64(p.FetchedBytes)/float64(volSize)),
-		fmt.Sprintf("skipped %.1f GiB (trim + known-zero); downtime %v", float64(p.SkippedBytes)/(1<<30), down.Round(time.Millisecond))})
+		fmt.Sprintf("hydration %v; skipped %.1f GiB (trim + known-zero); downtime %v", m.EnteredAt[fsm.Hydrated].Sub(m.EnteredAt[fsm.Hydrating]).Round(10*time.Millisecond),
+			float64(p.SkippedBytes)/(1<<30), down.Round(time.Millisecond))})
 	s.notes = append(s.notes, "Sparse: the volume file is sparse on the source; the export lists its holes (known-zero) and the target's fstrim marks free blocks hydrated, so only written blocks (files, ext4 metadata, journal, the workload's records) are fetched. The plot samples the store's progress (committed at most every 5 s, so it is coarse).")
 }
 
