@@ -156,14 +156,14 @@ func (v *Backend) Create(ctx context.Context, vol string, size int64, passphrase
 	f.Close()
 	var layout luks.Layout
 	err = hostfs.WithKeyFile(v.runDir(), passphrase, func(kf string) error {
-		if err := luks.Format(ctx, v.DataPath(vol), kf, luks.FormatOptions{FastKDF: v.FastKDF}); err != nil {
+		if err := luks.Format(ctx, v.DataPath(vol), kf, luks.FormatOptions{FastKDF: v.FastKDF, KeyslotsSize: hostfs.KeyslotsSize}); err != nil {
 			return fmt.Errorf("format volume %s: %w", vol, err)
 		}
 		var err error
 		if layout, err = v.ReadLayout(vol); err != nil {
 			return err
 		}
-		if err := hostfs.DigHoles(v.DataPath(vol), 0, layout.DataOffset); err != nil {
+		if err := hostfs.SparsifyHeader(v.DataPath(vol)); err != nil {
 			return err
 		}
 		loop, err := v.loopOf(v.DataPath(vol))

@@ -96,7 +96,7 @@ func (v *Backend) Create(ctx context.Context, vol string, size int64, passphrase
 	}
 	f.Close()
 	err = hostfs.WithKeyFile(v.runDir(), passphrase, func(kf string) error {
-		return luks.Format(ctx, v.DataPath(vol), kf, luks.FormatOptions{FastKDF: v.FastKDF})
+		return luks.Format(ctx, v.DataPath(vol), kf, luks.FormatOptions{FastKDF: v.FastKDF, KeyslotsSize: hostfs.KeyslotsSize})
 	})
 	if err != nil {
 		return luks.Layout{}, fmt.Errorf("format volume %s: %w", vol, err)
@@ -105,7 +105,7 @@ func (v *Backend) Create(ctx context.Context, vol string, size int64, passphrase
 	if err != nil {
 		return luks.Layout{}, err
 	}
-	if err := hostfs.DigHoles(v.DataPath(vol), 0, layout.DataOffset); err != nil {
+	if err := hostfs.SparsifyHeader(v.DataPath(vol)); err != nil {
 		return luks.Layout{}, err
 	}
 	dev, err := v.Attach(ctx, v.Config(vol, layout), passphrase)

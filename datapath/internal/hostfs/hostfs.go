@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strings"
 	"time"
 
@@ -246,10 +247,67 @@ func MkfsExt4(ctx context.Context, dev, vol string) error {
 	return nil
 }
 
+// KeyslotsSize is the LUKS2 keyslots area of a new volume: four keyslots of
+// a 512-bit key (256 KiB each) where cryptsetup's default reserves 16 MiB
+// for 32. A migration fetches the whole header from the source, so the
+// default costs 16 MiB on every move, more than a sparse volume's data;
+// ferry keeps one keyslot per volume.
+const KeyslotsSize = 1 << 20
+
+// SparsifyHeader makes the LUKS2 header of a newly formatted volume file
+// mostly holes, so a migration fetches a few hundred KiB of it instead of
+// 16 MiB: cryptsetup fills the whole keyslots area with random bytes, of
+// which only the keyslots' own areas hold key material. The filler hides
+// nothing the plaintext JSON metadata does not already say (where each
+// keyslot is), so the rest of the area becomes a hole, and so does every
+// zero block of the metadata copies.
+func SparsifyHeader(path string) error {
+	f, err := blockdev.OpenFile(path, true)
+	if err != nil {
+		return err
+	}
+	h, err := luks.ReadHeader(f, f.Size())
+	f.Close()
+	if err != nil {
+		return fmt.Errorf("sparsify the header of %s: %w", path, err)
+	}
+	const page = 4096
+	start := 2 * h.MetadataSize
+	end := start + h.Meta.Config.KeyslotsSize
+	// The keyslots' areas, page-aligned outwards, in order.
+	type span struct{ from, to int64 }
+	var keep []span
+	for _, ks := range h.Meta.Keyslots {
+		keep = append(keep, span{ks.Area.Offset / page * page, (ks.Area.Offset + ks.Area.Size + page - 1) / page * page})
+	}
+	sort.Slice(keep, func(i, j int) bool { return keep[i].from < keep[j].from })
+	var holes []span
+	at := (start + page - 1) / page * page
+	for _, k := range keep {
+		if k.from > at {
+			holes = append(holes, span{at, k.from})
+		}
+		at = max(at, k.to)
+	}
+	if end/page*page > at {
+		holes = append(holes, span{at, end / page * page})
+	}
+	w, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return fmt.Errorf("sparsify the header of %s: %w", path, err)
+	}
+	defer w.Close()
+	for _, hl := range holes {
+		if err := unix.Fallocate(int(w.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, hl.from, hl.to-hl.from); err != nil {
+			return fmt.Errorf("punch the unused keyslots area of %s at %d+%d: %w", path, hl.from, hl.to-hl.from, err)
+		}
+	}
+	return DigHoles(path, 0, end)
+}
+
 // DigHoles punches a hole in every 4 KiB block of [off, off+length) of the
 // file at path that holds only zeros, so a migration's known-zero map skips
-// it. The content reads back the same. cryptsetup writes the LUKS2 header's
-// whole 16 MiB, nearly all zeros around a few hundred KiB of key material.
+// it. The content reads back the same.
 func DigHoles(path string, off, length int64) error {
 	f, err := os.OpenFile(path, os.O_RDWR, 0)
 	if err != nil {

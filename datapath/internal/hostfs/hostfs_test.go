@@ -10,6 +10,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/ferry-dev/ferry/luks"
 )
 
 func TestMountedAt(t *testing.T) {
@@ -80,5 +82,39 @@ func TestMkfsExt4WritesOnlyMetadata(t *testing.T) {
 	}
 	if !strings.Contains(string(out), "has_journal") {
 		t.Fatalf("no journal:\n%s", out)
+	}
+}
+
+func TestSparsifyHeaderKeepsTheKeyslot(t *testing.T) {
+	if _, err := exec.LookPath("cryptsetup"); err != nil {
+		t.Skip("needs cryptsetup")
+	}
+	dir := t.TempDir()
+	p, kf := filepath.Join(dir, "vol"), filepath.Join(dir, "key")
+	if err := os.WriteFile(kf, []byte("correct horse"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Create(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Truncate(64 << 20)
+	f.Close()
+	if err := luks.Format(context.Background(), p, kf, luks.FormatOptions{FastKDF: true}); err != nil {
+		t.Fatal(err)
+	}
+	before := allocated(t, p)
+	if err := SparsifyHeader(p); err != nil {
+		t.Fatal(err)
+	}
+	if a := allocated(t, p); a > 1<<20 || a >= before {
+		t.Fatalf("header holds %d KiB after (%d KiB before), want under 1 MiB", a>>10, before>>10)
+	}
+	// The passphrase still opens the keyslot, and the header still parses.
+	if out, err := exec.Command("cryptsetup", "open", "--test-passphrase", "--key-file", kf, p).CombinedOutput(); err != nil {
+		t.Fatalf("the keyslot no longer opens: %v: %s", err, out)
+	}
+	if _, err := ReadLayout(p, "vol"); err != nil {
+		t.Fatal(err)
 	}
 }
