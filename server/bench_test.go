@@ -3,6 +3,7 @@ package server_test
 import (
 	"context"
 	"fmt"
+	"runtime"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
+	"github.com/ferry-dev/ferry/server"
 	"github.com/ferry-dev/ferry/server/servertest"
 )
 
@@ -18,7 +20,7 @@ import (
 // by a 3-node cluster over loopback (mTLS raft transport), with 1 and 32
 // proposals in flight, straight into the leader's raft node.
 //
-//	go test -run '^$' -bench Commits3Node -benchtime 3000x -count 5 ./api
+//	go test -run '^$' -bench Commits3Node -benchtime 3000x -count 5 ./server
 func BenchmarkCommits3Node(b *testing.B) {
 	c := servertest.New(b, 3, servertest.Options{HeartbeatTimeout: time.Second, WriteRate: -1}) // throughput, not the per-identity limit
 	cl := c.Client("w-bench", tlsutil.KindWorker)
@@ -55,7 +57,7 @@ func BenchmarkCommits3Node(b *testing.B) {
 // API (mTLS HTTP, follower forwarding included when the client hits one),
 // 16 clients in flight.
 //
-//	go test -run '^$' -bench ProposeHTTP3Node -benchtime 2000x ./api
+//	go test -run '^$' -bench ProposeHTTP3Node -benchtime 2000x ./server
 func BenchmarkProposeHTTP3Node(b *testing.B) {
 	c := servertest.New(b, 3, servertest.Options{HeartbeatTimeout: time.Second, WriteRate: -1}) // throughput, not the per-identity limit
 	cl := c.Client("w-bench", tlsutil.KindWorker)
@@ -83,18 +85,35 @@ func BenchmarkProposeHTTP3Node(b *testing.B) {
 	b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "proposals/s")
 }
 
-// BenchmarkLeaderTakeover kills the leader of a 3-node cluster with raft's
-// default timeouts (1s heartbeat and election timeout) and measures the time
-// until another server leads and has committed a command. Reports the median.
+// BenchmarkLeaderTakeover kills the leader of a 3-node cluster and measures
+// the time until another server leads and has committed a command, with
+// raft's own timeouts (1 s heartbeat and election timeout) and with the
+// server's defaults, side by side. Reports the median and the maximum.
 //
-//	go test -run '^$' -bench LeaderTakeover -benchtime 5x ./api
+//	go test -run '^$' -bench LeaderTakeover -benchtime 7x ./server
 func BenchmarkLeaderTakeover(b *testing.B) {
-	c := servertest.New(b, 3, servertest.Options{HeartbeatTimeout: time.Second, WriteRate: -1}) // throughput, not the per-identity limit
-	cmd := func() []byte {
-		p, _ := fsm.Encode(fsm.CmdHeartbeat, &fsm.HeartbeatCmd{Header: fsm.Header{Actor: fsm.Identity{Name: "w-bench", Kind: fsm.KindWorker}, Now: time.Now().UTC()},
-			Name: "w-bench", LeaseTTL: time.Hour})
-		return p
+	for _, t := range timings {
+		b.Run(t.name, func(b *testing.B) { benchTakeover(b, t.ht, t.lease) })
 	}
+}
+
+// timings compares raft's own defaults with the server's.
+var timings = []struct {
+	name      string
+	ht, lease time.Duration
+}{
+	{"raft-defaults-1s", time.Second, 500 * time.Millisecond},
+	{fmt.Sprintf("server-defaults-%v", server.DefaultHeartbeatTimeout), server.DefaultHeartbeatTimeout, 0},
+}
+
+func heartbeatCmd() []byte {
+	p, _ := fsm.Encode(fsm.CmdHeartbeat, &fsm.HeartbeatCmd{Header: fsm.Header{Actor: fsm.Identity{Name: "w-bench", Kind: fsm.KindWorker}, Now: time.Now().UTC()},
+		Name: "w-bench", LeaseTTL: time.Hour})
+	return p
+}
+
+func benchTakeover(b *testing.B, ht, lease time.Duration) {
+	c := servertest.New(b, 3, servertest.Options{HeartbeatTimeout: ht, LeaderLease: lease, WriteRate: -1}) // throughput, not the per-identity limit
 	if _, err := c.Client("w-bench", tlsutil.KindWorker).RegisterWorker(context.Background(), fsm.Worker{Name: "w-bench"}, time.Hour); err != nil {
 		b.Fatal(err)
 	}
@@ -108,7 +127,7 @@ func BenchmarkLeaderTakeover(b *testing.B) {
 		for {
 			l := c.Leader()
 			if l >= 0 && l != old {
-				if _, err := c.Servers[l].Node().Apply(cmd(), time.Second); err == nil {
+				if _, err := c.Servers[l].Node().Apply(heartbeatCmd(), time.Second); err == nil {
 					break
 				}
 			}
@@ -123,5 +142,76 @@ func BenchmarkLeaderTakeover(b *testing.B) {
 	sort.Slice(took, func(i, j int) bool { return took[i] < took[j] })
 	b.ReportMetric(took[len(took)/2].Seconds()*1000, "ms-median-takeover")
 	b.ReportMetric(took[len(took)-1].Seconds()*1000, "ms-max-takeover")
-	b.Logf("takeover times: %v", took)
+	b.Logf("takeover times (timeout %v): %v", ht, took)
+}
+
+// BenchmarkElectionsUnderLoad counts leader elections in a 3-node cluster
+// kept busy for 15 s per b.N: 32 proposals in flight straight into the
+// leader's raft node, and as many CPU-bound goroutines as cores competing
+// with raft's own. A healthy cluster keeps its leader: the metric must stay 0.
+//
+//	go test -run '^$' -bench ElectionsUnderLoad -benchtime 1x ./server
+func BenchmarkElectionsUnderLoad(b *testing.B) {
+	for _, t := range timings {
+		ht := t.ht
+		b.Run(t.name, func(b *testing.B) {
+			c := servertest.New(b, 3, servertest.Options{HeartbeatTimeout: ht, LeaderLease: t.lease, WriteRate: -1})
+			if _, err := c.Client("w-bench", tlsutil.KindWorker).RegisterWorker(context.Background(), fsm.Worker{Name: "w-bench"}, time.Hour); err != nil {
+				b.Fatal(err)
+			}
+			l := c.WaitLeader(20 * time.Second)
+			c.WaitConverged(20 * time.Second)
+			term := func(i int) string { return c.Servers[i].Node().Raft.Stats()["term"] }
+			before := term(l)
+			stop := make(chan struct{})
+			var wg sync.WaitGroup
+			var commits atomic.Int64
+			for g := 0; g < 32; g++ {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					for {
+						select {
+						case <-stop:
+							return
+						default:
+						}
+						if n := c.Leader(); n >= 0 {
+							if _, err := c.Servers[n].Node().Apply(heartbeatCmd(), 5*time.Second); err == nil {
+								commits.Add(1)
+							}
+						}
+					}
+				}()
+			}
+			for g := 0; g < runtime.NumCPU(); g++ {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					x := 0
+					for {
+						select {
+						case <-stop:
+							_ = x
+							return
+						default:
+						}
+						for k := 0; k < 1e6; k++ {
+							x += k
+						}
+					}
+				}()
+			}
+			time.Sleep(time.Duration(b.N) * 15 * time.Second)
+			close(stop)
+			wg.Wait()
+			after := term(c.WaitLeader(20 * time.Second))
+			var t0, t1 int
+			fmt.Sscan(before, &t0)
+			fmt.Sscan(after, &t1)
+			b.ReportMetric(float64(t1-t0), "elections")
+			b.ReportMetric(float64(commits.Load())/(float64(b.N)*15), "commits/s")
+			b.Logf("timeout %v: term %s -> %s, %d commits", ht, before, after, commits.Load())
+		})
+	}
 }

@@ -171,11 +171,14 @@ func (v *Backend) Create(ctx context.Context, vol string, size int64, passphrase
 	f.Close()
 	var layout luks.Layout
 	err = hostfs.WithKeyFile(v.runDir(), passphrase, func(kf string) error {
-		if err := luks.Format(ctx, v.DataPath(vol), kf, luks.FormatOptions{FastKDF: v.FastKDF}); err != nil {
+		if err := luks.Format(ctx, v.DataPath(vol), kf, luks.FormatOptions{FastKDF: v.FastKDF, KeyslotsSize: hostfs.KeyslotsSize}); err != nil {
 			return fmt.Errorf("format volume %s: %w", vol, err)
 		}
 		var err error
 		if layout, err = v.ReadLayout(vol); err != nil {
+			return err
+		}
+		if err := hostfs.SparsifyHeader(v.DataPath(vol)); err != nil {
 			return err
 		}
 		loop, err := v.loopOf(v.DataPath(vol))
@@ -186,11 +189,7 @@ func (v *Backend) Create(ctx context.Context, vol string, size int64, passphrase
 		if err != nil {
 			return err
 		}
-		out, err := exec.CommandContext(ctx, "mkfs.ext4", "-q", "-F", "-E", "nodiscard", "-L", vol, plain).CombinedOutput()
-		if err != nil {
-			return fmt.Errorf("mkfs.ext4 on volume %s: %w: %s", vol, err, strings.TrimSpace(string(out)))
-		}
-		return nil
+		return hostfs.MkfsExt4(ctx, plain, vol)
 	})
 	if derr := v.Detach(ctx, vol); err == nil {
 		err = derr

@@ -192,7 +192,7 @@ func (v *Backend) Create(ctx context.Context, vol string, size int64, passphrase
 	}
 	f.Close()
 	err = hostfs.WithKeyFile(v.runDir(), passphrase, func(kf string) error {
-		return luks.Format(ctx, v.DataPath(vol), kf, luks.FormatOptions{FastKDF: v.FastKDF})
+		return luks.Format(ctx, v.DataPath(vol), kf, luks.FormatOptions{FastKDF: v.FastKDF, KeyslotsSize: hostfs.KeyslotsSize})
 	})
 	if err != nil {
 		return luks.Layout{}, fmt.Errorf("format volume %s: %w", vol, err)
@@ -201,14 +201,16 @@ func (v *Backend) Create(ctx context.Context, vol string, size int64, passphrase
 	if err != nil {
 		return luks.Layout{}, err
 	}
+	if err := hostfs.SparsifyHeader(v.DataPath(vol)); err != nil {
+		return luks.Layout{}, err
+	}
 	dev, err := v.Attach(ctx, v.Config(vol, layout), passphrase)
 	if err != nil {
 		return luks.Layout{}, err
 	}
-	out, err := exec.CommandContext(ctx, "mkfs.ext4", "-q", "-F", "-E", "nodiscard", "-L", vol, dev).CombinedOutput()
-	if err != nil {
+	if err := hostfs.MkfsExt4(ctx, dev, vol); err != nil {
 		v.Detach(ctx, vol)
-		return luks.Layout{}, fmt.Errorf("mkfs.ext4 on volume %s: %w: %s", vol, err, strings.TrimSpace(string(out)))
+		return luks.Layout{}, err
 	}
 	return layout, v.Detach(ctx, vol)
 }

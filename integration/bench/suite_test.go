@@ -1,11 +1,11 @@
 // Package bench is ferry's benchmark suite: one command runs every
 // measurement next to its reference taken in the same run, prints one
-// table, and writes docs/benchmarks.md with SVG plots of hydrated bytes
+// table, and writes docs/benchmarks.md with plots (gonum/plot, SVG) of hydrated bytes
 // over time. It is made of Benchmark functions only, so `go test ./...`
 // never runs it.
 //
 //	make bench                     # the whole suite (root; ~10 minutes on 2 cores)
-//	FERRY_BENCH_QUICK=1 make bench # small sizes, a smoke run
+//	make bench-quick               # data-path rows at small sizes, under 3 minutes
 //	go test -run '^$' -bench 'Suite/hydration' -benchtime 1x ./integration/bench
 package bench
 
@@ -64,6 +64,10 @@ func (s *suite) plot(file string, ss ...series) {
 }
 
 func (s *suite) ferry(b *testing.B) string {
+	if s.exe == "" && os.Getenv("FERRY_BENCH_EXE") != "" {
+		// make bench and bench-quick pass the binary `make build` just made.
+		s.exe = os.Getenv("FERRY_BENCH_EXE")
+	}
 	if s.exe == "" {
 		exe, err := buildFerry(s.dir)
 		if err != nil {
@@ -110,12 +114,24 @@ func BenchmarkSuite(b *testing.B) {
 		})
 	}
 	b.StopTimer()
+	s.summary(time.Since(start))
 	if ran != len(sections) && os.Getenv("FERRY_BENCH_WRITE") == "" {
 		fmt.Printf("\n%d of %d sections ran: not writing docs/benchmarks.md (set FERRY_BENCH_WRITE=1 to write anyway)\n", ran, len(sections))
 		return
 	}
 	if err := s.write(time.Since(start)); err != nil {
 		b.Fatal(err)
+	}
+}
+
+// summary prints every row measured, together, after the sections' logs.
+func (s *suite) summary(took time.Duration) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	fmt.Printf("\n%d rows measured in %v (quick=%v):\n  %-48s %-22s %-30s %-10s %s\n", len(s.rows), took.Round(time.Second), quick,
+		"benchmark", "ferry", "reference", "ratio", "notes")
+	for _, r := range s.rows {
+		fmt.Printf("  %-48s %-22s %-30s %-10s %s\n", r.Bench, r.Ferry, r.Ref, r.Ratio, r.Note)
 	}
 }
 

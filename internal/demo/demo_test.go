@@ -20,7 +20,10 @@ func TestReport(t *testing.T) {
 		Progress: &fsm.Progress{FetchedBytes: 64 << 20, TotalBytes: 1 << 30, SkippedBytes: 960 << 20},
 	}
 	var b strings.Builder
-	Report(&b, fm)
+	Report(&b, fm, 0)
+	if strings.Contains(b.String(), "machine saw") {
+		t.Errorf("report shows a machine-observed downtime that was not measured:\n%s", b.String())
+	}
 	for _, want := range []string{"downtime (source stopped -> machine started on target): 1.5s",
 		"fetched from the source: 64 MiB of 1.0 GiB; skipped (trim + known-zero): 960 MiB", "hydration: 2s, 32 MiB/s"} {
 		if !strings.Contains(b.String(), want) {
@@ -29,9 +32,21 @@ func TestReport(t *testing.T) {
 	}
 	// A migration without the timestamps or progress prints no made-up numbers.
 	b.Reset()
-	Report(&b, &fsm.Migration{})
+	Report(&b, &fsm.Migration{}, 0)
 	if b.Len() != 0 {
 		t.Fatalf("report of an empty migration: %q", b.String())
+	}
+}
+
+func TestReportLeadsWithTheMachinesDowntime(t *testing.T) {
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	fm := &fsm.Migration{EnteredAt: map[fsm.State]time.Time{fsm.SourceStopped: t0, fsm.Cutover: t0.Add(120 * time.Millisecond)}}
+	var b strings.Builder
+	Report(&b, fm, 297*time.Millisecond)
+	lines := strings.Split(strings.TrimSpace(b.String()), "\n")
+	if len(lines) != 2 || !strings.Contains(lines[0], "DOWNTIME as the machine saw it: 297ms") || !strings.Contains(lines[1], "control plane's downtime") ||
+		!strings.Contains(lines[1], "120ms") {
+		t.Fatalf("report:\n%s", b.String())
 	}
 }
 

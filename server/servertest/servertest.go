@@ -36,6 +36,7 @@ type Cluster struct {
 // Options tune a cluster; zero values are fine.
 type Options struct {
 	HeartbeatTimeout  time.Duration // default 400ms
+	LeaderLease       time.Duration // default the server's (the heartbeat timeout)
 	SnapshotThreshold uint64        // default raft's
 	Log               *zerolog.Logger
 	ReconcileInterval time.Duration
@@ -69,7 +70,7 @@ func New(t testing.TB, n int, o Options) *Cluster {
 		cfg := server.Config{
 			ID: fmt.Sprintf("s%d", i), DataDir: filepath.Join(dir, fmt.Sprintf("s%d", i)),
 			Listen: "127.0.0.1:0", RaftAddr: "127.0.0.1:0", Bootstrap: i == 0, TLSDir: c.TLSDir,
-			HeartbeatTimeout: o.HeartbeatTimeout, ElectionTimeout: o.HeartbeatTimeout,
+			HeartbeatTimeout: o.HeartbeatTimeout, ElectionTimeout: o.HeartbeatTimeout, LeaderLeaseTimeout: o.LeaderLease,
 			SnapshotThreshold: o.SnapshotThreshold, ReconcileInterval: o.ReconcileInterval,
 			GCRetention: o.GCRetention, WriteRate: o.WriteRate, WriteBurst: o.WriteBurst,
 		}
