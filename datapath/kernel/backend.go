@@ -283,6 +283,34 @@ func (v *Backend) stopTunnel(vol string) {
 	}
 }
 
+// loginSource records c's source, starts its tunnel (with TLS) and logs
+// open-iscsi into it; it returns the session's disk.
+func (v *Backend) loginSource(ctx context.Context, c datapath.CloneSpec) (string, error) {
+	r, err := v.cloneRecord(c)
+	if err != nil {
+		return "", err
+	}
+	if err := v.ensureTunnel(c.Volume, &r); err != nil {
+		return "", err
+	}
+	rec, _ := json.Marshal(r)
+	if err := hostfs.WriteFileAtomic(v.recordPath(c.Volume), rec); err != nil {
+		v.stopTunnel(c.Volume)
+		return "", err
+	}
+	return v.ISCSI.Login(ctx, r.Portal, r.IQN)
+}
+
+// adoptTunnel brings back the recorded tunnel of vol's clone after an
+// agent restart, on the loopback portal its session reconnects to.
+func (v *Backend) adoptTunnel(vol string) error {
+	r, ok := v.readRecord(vol)
+	if !ok {
+		return nil
+	}
+	return v.ensureTunnel(vol, &r)
+}
+
 // cloneRecord is the record of a clone of c: the one on disk when it is
 // the same source (an agent restart), else a new one.
 func (v *Backend) cloneRecord(c datapath.CloneSpec) (kernelCloneRecord, error) {
@@ -323,18 +351,7 @@ func (v *Backend) MountClone(ctx context.Context, c datapath.CloneSpec, passphra
 		// Dissolved already (an agent restart after hydration): no source needed.
 		return v.openAndMount(ctx, vol, "/dev/mapper/"+CloneName(vol), c.Layout, passphrase, mnt)
 	}
-	r, err := v.cloneRecord(c)
-	if err != nil {
-		return "", err
-	}
-	if err := v.ensureTunnel(vol, &r); err != nil {
-		return "", err
-	}
-	rec, _ := json.Marshal(r)
-	if err := hostfs.WriteFileAtomic(v.recordPath(vol), rec); err != nil {
-		return "", err
-	}
-	disk, err := v.ISCSI.Login(ctx, r.Portal, r.IQN)
+	disk, err := v.loginSource(ctx, c)
 	if err != nil {
 		return "", err
 	}
@@ -493,10 +510,8 @@ func (v *Backend) Clone(ctx context.Context, vol string) (datapath.CloneHandle, 
 	case "clone":
 		// The session reads the source through the tunnel: bring it back
 		// first after an agent restart.
-		if r, ok := v.readRecord(vol); ok {
-			if err := v.ensureTunnel(vol, &r); err != nil {
-				return nil, err
-			}
+		if err := v.adoptTunnel(vol); err != nil {
+			return nil, err
 		}
 		cfg, err := parseCloneTable(table)
 		if err != nil {
