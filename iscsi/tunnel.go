@@ -23,6 +23,8 @@ type Tunnel struct {
 	ln     net.Listener
 	remote string
 	tls    *tls.Config
+	ctx    context.Context // cancelled by Close: no dial outlives the tunnel
+	cancel context.CancelFunc
 
 	mu     sync.Mutex
 	conns  map[net.Conn]struct{}
@@ -48,6 +50,7 @@ func StartTunnel(log zerolog.Logger, listen, remote string, cfg *tls.Config) (*T
 	}
 	t := &Tunnel{log: log.With().Str("remote", remote).Str("listen", ln.Addr().String()).Logger(),
 		ln: ln, remote: remote, tls: cfg.Clone(), conns: map[net.Conn]struct{}{}}
+	t.ctx, t.cancel = context.WithCancel(context.Background())
 	t.wg.Add(1)
 	go t.serve()
 	t.log.Info().Msg("TLS tunnel to the source's export listening")
@@ -99,7 +102,7 @@ func (t *Tunnel) track(c net.Conn, add bool) bool {
 
 func (t *Tunnel) forward(c net.Conn) {
 	defer c.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	ctx, cancel := context.WithTimeout(t.ctx, 10*time.Second)
 	d := tls.Dialer{NetDialer: &net.Dialer{Timeout: 5 * time.Second}, Config: t.tls}
 	rc, err := d.DialContext(ctx, "tcp", t.remote)
 	cancel()
@@ -134,6 +137,7 @@ func (t *Tunnel) Close() {
 	t.mu.Lock()
 	already := t.closed
 	t.closed = true
+	t.cancel()
 	for c := range t.conns {
 		c.Close()
 	}
