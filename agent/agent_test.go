@@ -80,7 +80,7 @@ func (f *fakeCP) events() []fsm.Event {
 
 type fakeExporter struct{ live bool }
 
-func (x *fakeExporter) Export(context.Context, string, string, string) (string, string, error) {
+func (x *fakeExporter) Export(context.Context, string, string, string, string) (string, string, error) {
 	return "", "", errors.New("export: source file unreadable")
 }
 func (x *fakeExporter) Unexport(context.Context, string) error { return nil }

@@ -13,7 +13,7 @@ import (
 // hangs.
 type hangingExporter struct{ fakeExporter }
 
-func (h *hangingExporter) Export(ctx context.Context, _, _, _ string) (string, string, error) {
+func (h *hangingExporter) Export(ctx context.Context, _, _, _, _ string) (string, string, error) {
 	<-ctx.Done()
 	return "", "", ctx.Err()
 }

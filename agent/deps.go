@@ -41,8 +41,9 @@ type ControlPlane interface {
 // Exporter serves a frozen volume to one target over iSCSI.
 type Exporter interface {
 	// Export starts (or re-adopts) the export of path for migration id,
-	// reachable only from allow; it returns the portal and IQN.
-	Export(ctx context.Context, id, path, allow string) (portal, iqn string, err error)
+	// admitting only the worker target (its certificate) from its
+	// registered address allow; it returns the portal and IQN.
+	Export(ctx context.Context, id, path, target, allow string) (portal, iqn string, err error)
 	// Unexport tears the export down without a trace; idempotent.
 	Unexport(ctx context.Context, id string) error
 	// Live reports whether this process serves the export of migration id.

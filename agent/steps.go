@@ -202,7 +202,7 @@ func (a *Agent) prepareTarget(ctx context.Context, log zerolog.Logger, m *fsm.Mi
 }
 
 func (a *Agent) cloneSpec(m *fsm.Migration, hydrate bool) datapath.CloneSpec {
-	return datapath.CloneSpec{Volume: m.TargetVol, Layout: datapath.LayoutOf(*m.Layout), Portal: m.Export.Portal, IQN: m.Export.IQN,
+	return datapath.CloneSpec{Volume: m.TargetVol, Layout: datapath.LayoutOf(*m.Layout), Portal: m.Export.Portal, IQN: m.Export.IQN, Source: m.Source,
 		KnownZero: datapath.RangesOf(m.KnownZero), Hydrate: hydrate, RateLimit: a.cfg.HydrationRate}
 }
 
@@ -562,7 +562,7 @@ func (a *Agent) exportSource(ctx context.Context, log zerolog.Logger, m *fsm.Mig
 	if err := a.sealForTarget(ctx, m); err != nil {
 		return err
 	}
-	portal, iqn, err := a.exp.Export(ctx, m.ID, a.vols.DataPath(m.Volume), tw.Address)
+	portal, iqn, err := a.exp.Export(ctx, m.ID, a.vols.DataPath(m.Volume), m.Target, tw.Address)
 	if err != nil {
 		return err
 	}
@@ -584,7 +584,7 @@ func (a *Agent) reExport(ctx context.Context, log zerolog.Logger, m *fsm.Migrati
 	if err != nil {
 		return err
 	}
-	portal, iqn, err := a.exp.Export(ctx, m.ID, a.vols.DataPath(m.Volume), tw.Address)
+	portal, iqn, err := a.exp.Export(ctx, m.ID, a.vols.DataPath(m.Volume), m.Target, tw.Address)
 	if err != nil {
 		return err
 	}

@@ -132,13 +132,26 @@ func GrownLayout(layout luks.Layout, size int64) (luks.Layout, error) {
 
 // CloneSpec is one migration's clone on the target.
 type CloneSpec struct {
-	Volume    string // the destination volume (its file exists, sized from Layout)
-	Layout    luks.Layout
-	Portal    string // the source's export
-	IQN       string
+	Volume string // the destination volume (its file exists, sized from Layout)
+	Layout luks.Layout
+	Portal string // the source's export (its TLS gate)
+	IQN    string
+	// Source is the source worker: the export must present its certificate
+	// (when the backend has TLS; see PeerTLS).
+	Source    string
 	KnownZero []blockdev.Range // ciphertext ranges that read as zeros on the source
 	Hydrate   bool             // background hydration on from the start (resume after cutover)
 	RateLimit int64            // bytes/s, 0 none; honoured when Capabilities().HydrationRateLimit
+}
+
+// PeerTLS is how a worker's data path reaches a source's export: this
+// worker's certificate folder and name (the agent's --tls-dir and --cert).
+// The export admits this certificate only if it names the migration's
+// target; the data path admits the export only if its certificate names
+// CloneSpec.Source. A backend without PeerTLS speaks plain iSCSI (tests).
+type PeerTLS struct {
+	Dir  string `json:"dir"`
+	Name string `json:"name"`
 }
 
 // CloneHandle drives a running clone.

@@ -13,15 +13,33 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+
+	"github.com/ferry-dev/ferry/internal/tlsutil"
 )
 
 // GateTLS makes the gate speak TLS. With ClientCAPEM set, a client must
-// present a certificate signed by it (mutual TLS, both ends ferry). PEM
-// bytes rather than a tls.Config because they travel to the export process.
+// present a certificate signed by it (mutual TLS, both ends ferry); with
+// Peer set too, only the certificate naming that worker is admitted (a
+// migration's target), so another worker's certificate from the same CA
+// reads nothing. PEM bytes rather than a tls.Config because they travel to
+// the export process.
 type GateTLS struct {
 	CertPEM     []byte `json:"cert_pem"`
 	KeyPEM      []byte `json:"key_pem"`
 	ClientCAPEM []byte `json:"client_ca_pem,omitempty"`
+	// Peer is the one worker whose certificate is admitted.
+	Peer string `json:"peer,omitempty"`
+}
+
+// GateTLSFromDir is the gate TLS of a worker's export: this worker's
+// certificate (name in dir) and the cluster CA, admitting only the worker
+// peer.
+func GateTLSFromDir(dir, name, peer string) (*GateTLS, error) {
+	cert, key, ca, err := tlsutil.KeyPairPEM(dir, name)
+	if err != nil {
+		return nil, fmt.Errorf("export TLS: %w", err)
+	}
+	return &GateTLS{CertPEM: cert, KeyPEM: key, ClientCAPEM: ca, Peer: peer}, nil
 }
 
 func (g *GateTLS) config() (*tls.Config, error) {
@@ -36,6 +54,13 @@ func (g *GateTLS) config() (*tls.Config, error) {
 			return nil, errors.New("gate TLS client CA: no certificate in the PEM")
 		}
 		c.ClientCAs, c.ClientAuth = pool, tls.RequireAndVerifyClientCert
+	}
+	if g.Peer != "" {
+		if len(g.ClientCAPEM) == 0 {
+			return nil, errors.New("gate TLS: admitting one peer needs the client CA")
+		}
+		// Runs after the chain was verified against ClientCAs.
+		c.VerifyConnection = tlsutil.PeerIs(tlsutil.Identity{Name: g.Peer, Kind: tlsutil.KindWorker})
 	}
 	return c, nil
 }

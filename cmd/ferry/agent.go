@@ -63,7 +63,8 @@ func (f *agentFlags) build(ctx context.Context) (*agent.Agent, *netns.Network, e
 	if err != nil {
 		return nil, nil, err
 	}
-	exp := &exporter.Exporter{Log: log, StateDir: filepath.Join(f.dataDir, "exports"), Address: f.address, Domain: f.domain}
+	exp := &exporter.Exporter{Log: log, StateDir: filepath.Join(f.dataDir, "exports"), Address: f.address, Domain: f.domain,
+		TLSDir: f.tlsDir, Name: f.name}
 	nw := &netns.Network{Log: logging.For(log, "netrewrite"), Worker: f.worker, Dir: filepath.Join(f.dataDir, "net"), Grace: f.grace}
 	mu, err := machine.ParseUser(f.machineUser)
 	if err != nil {
@@ -95,12 +96,19 @@ func (f *agentFlags) backends(log zerolog.Logger, exe string) []datapath.Candida
 	return []datapath.Candidate{
 		{Name: "kernel", Probe: kernel.Probe, AutoProbe: kernel.ProbeAuto, New: func() datapath.Backend {
 			return &kernel.Backend{DataDir: f.dataDir, Log: logging.For(log, "kernel-datapath"), Loops: loopdev.System{},
-				ISCSI: &kernel.OpenISCSI{Log: logging.For(log, "open-iscsi")}, FastKDF: f.fastKDF}
+				ISCSI: &kernel.OpenISCSI{Log: logging.For(log, "open-iscsi")}, FastKDF: f.fastKDF, TLS: f.peerTLS()}
 		}},
 		{Name: "userspace", Probe: userspace.Probe, New: func() datapath.Backend {
-			return &userspace.Backend{DataDir: f.dataDir, Exe: exe, Log: logging.For(log, "volumes"), Loops: loopdev.System{}, FastKDF: f.fastKDF}
+			return &userspace.Backend{DataDir: f.dataDir, Exe: exe, Log: logging.For(log, "volumes"), Loops: loopdev.System{}, FastKDF: f.fastKDF, TLS: f.peerTLS()}
 		}},
 	}
+}
+
+// peerTLS is how this worker's data path reaches a source's export: with
+// the agent's own certificate, which the source's gate admits only for the
+// migration's target.
+func (f *agentFlags) peerTLS() *datapath.PeerTLS {
+	return &datapath.PeerTLS{Dir: f.tlsDir, Name: f.name}
 }
 
 func init() {

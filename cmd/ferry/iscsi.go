@@ -15,6 +15,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/ferry-dev/ferry/internal/tlsutil"
 	"github.com/ferry-dev/ferry/iscsi"
 )
 
@@ -35,6 +36,7 @@ func iscsiExportCmd() *cobra.Command {
 	var (
 		listen, iqn, stateDir string
 		allow                 []string
+		tlsDir, cert, peer    string
 		lun                   uint64
 		blockSize             int
 	)
@@ -43,7 +45,9 @@ func iscsiExportCmd() *cobra.Command {
 		Short: "Export a file or device read-only over iSCSI until interrupted",
 		Long: `Exports FILE_OR_DEVICE read-only as one LUN. The target (gotgt) runs in a
 child process inside a private network namespace; the only way in is the gate on
---listen, which admits the --allow addresses alone. Prints the portal and IQN.`,
+--listen, which admits the --allow addresses alone; with --tls-dir it speaks
+mutual TLS too and admits only the certificate of worker --peer (the agent's
+exports always do). Prints the portal and IQN.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			log, err := newLogger(false)
@@ -61,11 +65,20 @@ child process inside a private network namespace; the only way in is the gate on
 			if stateDir == "" {
 				stateDir = iscsiStateDir(iqn)
 			}
+			var gt *iscsi.GateTLS
+			if tlsDir != "" {
+				if cert == "" || peer == "" {
+					return withCode(ExitUsage, errors.New("--tls-dir needs --cert (this host's certificate) and --peer (the one worker admitted)"))
+				}
+				if gt, err = iscsi.GateTLSFromDir(tlsDir, cert, peer); err != nil {
+					return withCode(ExitUsage, err)
+				}
+			}
 			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
 			e, err := iscsi.StartExport(ctx, log, iscsi.ExportConfig{
 				Path: args[0], Listen: listen, Allow: allow, IQN: iqn, LUN: lun, BlockSize: blockSize,
-				StateDir: stateDir, LogLevel: flagLogLevel,
+				StateDir: stateDir, LogLevel: flagLogLevel, TLS: gt,
 			})
 			if err != nil {
 				return err
@@ -86,6 +99,9 @@ child process inside a private network namespace; the only way in is the gate on
 	f.Uint64Var(&lun, "lun", 0, "LUN number")
 	f.IntVar(&blockSize, "block-size", 512, "logical block size")
 	f.StringVar(&stateDir, "state-dir", "", "state directory (default "+iscsiStateRoot+"/<iqn>)")
+	f.StringVar(&tlsDir, "tls-dir", "", "speak mutual TLS with the certificates in this folder")
+	f.StringVar(&cert, "cert", "", "this host's certificate name in --tls-dir")
+	f.StringVar(&peer, "peer", "", "the only worker whose certificate is admitted")
 	return c
 }
 
@@ -134,6 +150,8 @@ func iscsiReadCmd() *cobra.Command {
 		lun        uint64
 		qd, reqKiB int
 		timeout    time.Duration
+		tlsDir     string
+		cert, src  string
 	)
 	c := &cobra.Command{
 		Use:   "read PORTAL IQN --out FILE",
@@ -147,11 +165,20 @@ func iscsiReadCmd() *cobra.Command {
 			if out == "" {
 				return withCode(ExitUsage, errors.New("--out is required"))
 			}
+			ic := iscsi.InitiatorConfig{
+				Portal: args[0], IQN: args[1], LUN: lun, Timeout: timeout, QueueDepth: qd, MaxTransfer: reqKiB << 10,
+			}
+			if tlsDir != "" {
+				if cert == "" || src == "" {
+					return withCode(ExitUsage, errors.New("--tls-dir needs --cert (this host's certificate) and --source (the exporting worker)"))
+				}
+				if ic.TLS, err = tlsutil.PeerClientConfig(tlsDir, cert, tlsutil.Identity{Name: src, Kind: tlsutil.KindWorker}); err != nil {
+					return withCode(ExitUsage, err)
+				}
+			}
 			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
-			l, err := iscsi.Dial(ctx, log, iscsi.InitiatorConfig{
-				Portal: args[0], IQN: args[1], LUN: lun, Timeout: timeout, QueueDepth: qd, MaxTransfer: reqKiB << 10,
-			})
+			l, err := iscsi.Dial(ctx, log, ic)
 			if err != nil {
 				return err
 			}
@@ -181,6 +208,9 @@ func iscsiReadCmd() *cobra.Command {
 	f.IntVar(&qd, "queue-depth", 16, "commands in flight")
 	f.IntVar(&reqKiB, "request-kib", 1024, "bytes per READ(16), in KiB")
 	f.DurationVar(&timeout, "timeout", 10*time.Second, "per-command timeout, reconnects included")
+	f.StringVar(&tlsDir, "tls-dir", "", "speak mutual TLS with the certificates in this folder")
+	f.StringVar(&cert, "cert", "", "this host's certificate name in --tls-dir")
+	f.StringVar(&src, "source", "", "the exporting worker: its certificate is the only one accepted")
 	return c
 }
 

@@ -23,6 +23,8 @@ import (
 	"github.com/ferry-dev/ferry/datapath/loopdev"
 	"github.com/ferry-dev/ferry/dmclone"
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/tlsutil"
+	"github.com/ferry-dev/ferry/iscsi"
 	"github.com/ferry-dev/ferry/luks"
 )
 
@@ -53,9 +55,15 @@ type Backend struct {
 	PollInterval, StallAfter time.Duration
 	// Dmsetup is the dmsetup binary (default on PATH).
 	Dmsetup string
+	// TLS: open-iscsi speaks no TLS, so a clone reaches the source's export
+	// through a loopback tunnel that speaks mutual TLS with this worker's
+	// certificate and admits only the source worker's (nil: open-iscsi
+	// logs into the export directly, tests only).
+	TLS *datapath.PeerTLS
 
-	mu     sync.Mutex
-	clones map[string]*dmclone.KernelClone // volume -> its polled clone
+	mu      sync.Mutex
+	clones  map[string]*dmclone.KernelClone // volume -> its polled clone
+	tunnels map[string]*iscsi.Tunnel        // volume -> its tunnel to the source
 }
 
 var _ datapath.Backend = (*Backend)(nil)
@@ -231,10 +239,106 @@ func (v *Backend) openAndMount(ctx context.Context, vol, dev string, layout luks
 }
 
 // kernelCloneRecord is what the destination needs to find its session
-// again (logout after dissolve, teardown), kept next to the volume.
+// again (logout after dissolve, teardown) and its tunnel (a restarted
+// agent re-listens on the recorded loopback portal, which open-iscsi
+// reconnects to), kept next to the volume.
 type kernelCloneRecord struct {
-	Portal string `json:"portal"`
+	Portal string `json:"portal"` // what open-iscsi logs into: the tunnel, or the export itself without TLS
 	IQN    string `json:"iqn"`
+	// SourcePortal and Source (the source worker) are set when Portal is a
+	// tunnel to SourcePortal.
+	SourcePortal string `json:"source_portal,omitempty"`
+	Source       string `json:"source,omitempty"`
+}
+
+// ensureTunnel starts (or, after an agent restart, re-listens on the
+// recorded portal of) the tunnel of r; nothing to do without one.
+func (v *Backend) ensureTunnel(vol string, r *kernelCloneRecord) error {
+	if r.SourcePortal == "" {
+		return nil
+	}
+	if v.TLS == nil {
+		return fmt.Errorf("clone of %s goes through a TLS tunnel to %s but this data path has no certificate (TLS)", vol, r.SourcePortal)
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if t, ok := v.tunnels[vol]; ok {
+		r.Portal = t.Addr()
+		return nil
+	}
+	cfg, err := tlsutil.PeerClientConfig(v.TLS.Dir, v.TLS.Name, tlsutil.Identity{Name: r.Source, Kind: tlsutil.KindWorker})
+	if err != nil {
+		return fmt.Errorf("TLS to the source's export of %s: %w", vol, err)
+	}
+	listen := r.Portal
+	if listen == "" {
+		listen = "127.0.0.1:0"
+	}
+	t, err := iscsi.StartTunnel(v.Log.With().Str("volume", vol).Logger(), listen, r.SourcePortal, cfg)
+	if err != nil {
+		return err
+	}
+	if v.tunnels == nil {
+		v.tunnels = map[string]*iscsi.Tunnel{}
+	}
+	v.tunnels[vol] = t
+	r.Portal = t.Addr()
+	return nil
+}
+
+// stopTunnel closes vol's tunnel, if one runs here.
+func (v *Backend) stopTunnel(vol string) {
+	v.mu.Lock()
+	t := v.tunnels[vol]
+	delete(v.tunnels, vol)
+	v.mu.Unlock()
+	if t != nil {
+		t.Close()
+	}
+}
+
+// loginSource records c's source, starts its tunnel (with TLS) and logs
+// open-iscsi into it; it returns the session's disk.
+func (v *Backend) loginSource(ctx context.Context, c datapath.CloneSpec) (string, error) {
+	r, err := v.cloneRecord(c)
+	if err != nil {
+		return "", err
+	}
+	if err := v.ensureTunnel(c.Volume, &r); err != nil {
+		return "", err
+	}
+	rec, _ := json.Marshal(r)
+	if err := hostfs.WriteFileAtomic(v.recordPath(c.Volume), rec); err != nil {
+		v.stopTunnel(c.Volume)
+		return "", err
+	}
+	return v.ISCSI.Login(ctx, r.Portal, r.IQN)
+}
+
+// adoptTunnel brings back the recorded tunnel of vol's clone after an
+// agent restart, on the loopback portal its session reconnects to.
+func (v *Backend) adoptTunnel(vol string) error {
+	r, ok := v.readRecord(vol)
+	if !ok {
+		return nil
+	}
+	return v.ensureTunnel(vol, &r)
+}
+
+// cloneRecord is the record of a clone of c: the one on disk when it is
+// the same source (an agent restart), else a new one.
+func (v *Backend) cloneRecord(c datapath.CloneSpec) (kernelCloneRecord, error) {
+	want := kernelCloneRecord{Portal: c.Portal, IQN: c.IQN}
+	if v.TLS != nil {
+		if c.Source == "" {
+			return want, fmt.Errorf("clone of %s: no source worker named, so the export's certificate cannot be checked", c.Volume)
+		}
+		want = kernelCloneRecord{IQN: c.IQN, SourcePortal: c.Portal, Source: c.Source}
+	}
+	if r, ok := v.readRecord(c.Volume); ok && r.IQN == want.IQN && r.SourcePortal == want.SourcePortal && r.Source == want.Source {
+		return r, nil
+	}
+	return want, nil
 }
 
 func (v *Backend) readRecord(vol string) (kernelCloneRecord, bool) {
@@ -261,11 +365,7 @@ func (v *Backend) MountClone(ctx context.Context, c datapath.CloneSpec, passphra
 		// Dissolved already (an agent restart after hydration): no source needed.
 		return v.openAndMount(ctx, vol, "/dev/mapper/"+CloneName(vol), c.Layout, passphrase, mnt)
 	}
-	rec, _ := json.Marshal(kernelCloneRecord{Portal: c.Portal, IQN: c.IQN})
-	if err := hostfs.WriteFileAtomic(v.recordPath(vol), rec); err != nil {
-		return "", err
-	}
-	disk, err := v.ISCSI.Login(ctx, c.Portal, c.IQN)
+	disk, err := v.loginSource(ctx, c)
 	if err != nil {
 		return "", err
 	}
@@ -422,6 +522,11 @@ func (v *Backend) Clone(ctx context.Context, vol string) (datapath.CloneHandle, 
 	case "linear":
 		return &kernelHandle{v: v, vol: vol}, nil
 	case "clone":
+		// The session reads the source through the tunnel: bring it back
+		// first after an agent restart.
+		if err := v.adoptTunnel(vol); err != nil {
+			return nil, err
+		}
 		cfg, err := parseCloneTable(table)
 		if err != nil {
 			return nil, err
@@ -495,6 +600,7 @@ func (v *Backend) releaseSource(ctx context.Context, vol string) error {
 			return err
 		}
 	}
+	v.stopTunnel(vol)
 	return v.detachLoops(v.MetaPath(vol))
 }
 

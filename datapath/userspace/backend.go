@@ -34,6 +34,10 @@ type Backend struct {
 	Loops   loopdev.Loops
 	// FastKDF formats keyslots cheap to open (demo and tests only).
 	FastKDF bool
+	// TLS: clones reach the source's export over mutual TLS with this
+	// worker's certificate and admit only the source worker's (nil: plain
+	// iSCSI, tests only).
+	TLS *datapath.PeerTLS
 }
 
 var (
@@ -274,7 +278,10 @@ func (v *Backend) MountClone(ctx context.Context, c datapath.CloneSpec, passphra
 		return "", err
 	}
 	cfg := v.Config(c.Volume, c.Layout)
-	cfg.Clone = &Clone{MetaPath: v.MetaPath(c.Volume), Portal: c.Portal, IQN: c.IQN,
+	if v.TLS != nil && c.Source == "" {
+		return "", fmt.Errorf("clone of %s: no source worker named, so the export's certificate cannot be checked", c.Volume)
+	}
+	cfg.Clone = &Clone{MetaPath: v.MetaPath(c.Volume), Portal: c.Portal, IQN: c.IQN, TLS: v.TLS, Source: c.Source,
 		RegionSize: 4096, KnownZero: c.KnownZero, Hydrate: c.Hydrate, RateLimit: c.RateLimit}
 	return v.Mount(ctx, cfg, passphrase, mnt)
 }

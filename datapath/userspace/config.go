@@ -16,6 +16,7 @@ import (
 	"strings"
 
 	"github.com/ferry-dev/ferry/blockdev"
+	"github.com/ferry-dev/ferry/datapath"
 	"github.com/ferry-dev/ferry/luks"
 )
 
@@ -41,14 +42,18 @@ type Config struct {
 
 // Clone configures the clone engine under the view while a migration hydrates.
 type Clone struct {
-	MetaPath   string           `json:"meta_path"`
-	Portal     string           `json:"portal,omitempty"`
-	IQN        string           `json:"iqn,omitempty"`
-	SourcePath string           `json:"source_path,omitempty"` // a local source (file or device, read-only) instead of Portal and IQN
-	RegionSize int64            `json:"region_size"`
-	KnownZero  []blockdev.Range `json:"known_zero,omitempty"`
-	Hydrate    bool             `json:"hydrate"` // start with background hydration enabled (resume after restart)
-	RateLimit  int64            `json:"rate_limit_bps,omitempty"`
+	MetaPath   string `json:"meta_path"`
+	Portal     string `json:"portal,omitempty"`
+	IQN        string `json:"iqn,omitempty"`
+	SourcePath string `json:"source_path,omitempty"` // a local source (file or device, read-only) instead of Portal and IQN
+	// TLS: reach Portal over mutual TLS with this certificate, admitting
+	// only Source's (the source worker); nil: plain iSCSI.
+	TLS        *datapath.PeerTLS `json:"tls,omitempty"`
+	Source     string            `json:"source,omitempty"`
+	RegionSize int64             `json:"region_size"`
+	KnownZero  []blockdev.Range  `json:"known_zero,omitempty"`
+	Hydrate    bool              `json:"hydrate"` // start with background hydration enabled (resume after restart)
+	RateLimit  int64             `json:"rate_limit_bps,omitempty"`
 	// AutoDissolve dissolves the clone as soon as every region is hydrated.
 	AutoDissolve bool `json:"auto_dissolve,omitempty"`
 }
@@ -84,6 +89,9 @@ func (c Config) Validate() error {
 	}
 	if c.Clone != nil && (c.Clone.MetaPath == "" || (c.Clone.SourcePath == "") == (c.Clone.Portal == "" || c.Clone.IQN == "")) {
 		return fmt.Errorf("datapath config for %s: a clone needs meta_path and either portal and iqn or source_path", c.VolumeID)
+	}
+	if c.Clone != nil && c.Clone.TLS != nil && c.Clone.Source == "" {
+		return fmt.Errorf("datapath config for %s: a clone over TLS needs the source worker's name", c.VolumeID)
 	}
 	return nil
 }

@@ -21,6 +21,7 @@ import (
 	"github.com/ferry-dev/ferry/datapath/loopdev"
 	"github.com/ferry-dev/ferry/dmclone"
 	"github.com/ferry-dev/ferry/internal/childctl"
+	"github.com/ferry-dev/ferry/internal/tlsutil"
 	"github.com/ferry-dev/ferry/iscsi"
 	"github.com/ferry-dev/ferry/luks"
 )
@@ -78,7 +79,15 @@ func (s *server) build(ctx context.Context, passphrase []byte) error {
 				return err
 			}
 		} else {
-			s.lun, err = iscsi.Dial(ctx, s.log, iscsi.InitiatorConfig{Portal: c.Portal, IQN: c.IQN, Timeout: 10 * time.Second})
+			ic := iscsi.InitiatorConfig{Portal: c.Portal, IQN: c.IQN, Timeout: 10 * time.Second}
+			if c.TLS != nil {
+				// The export must be the source worker's: anyone else's
+				// certificate (or none) could serve forged ciphertext.
+				if ic.TLS, err = tlsutil.PeerClientConfig(c.TLS.Dir, c.TLS.Name, tlsutil.Identity{Name: c.Source, Kind: tlsutil.KindWorker}); err != nil {
+					return fmt.Errorf("TLS to the source's export: %w", err)
+				}
+			}
+			s.lun, err = iscsi.Dial(ctx, s.log, ic)
 			if err != nil {
 				return fmt.Errorf("connect to the source's export %s %s: %w", c.Portal, c.IQN, err)
 			}

@@ -22,6 +22,8 @@ import (
 )
 
 // Exporter serves frozen volumes with ferry's embedded iSCSI target.
+// Its gate speaks mutual TLS and admits only the certificate of the
+// migration's target worker, from the target's registered address alone.
 // The gate of an export lives in the agent process, so an export left by a
 // killed agent is unreachable: it is stopped and restarted on the portal
 // recorded before, which the target's initiator reconnects to.
@@ -30,6 +32,13 @@ type Exporter struct {
 	StateDir string // DataDir/exports
 	Address  string // IP the gate listens on (this worker's fabric address)
 	Domain   string // IQN naming authority, e.g. "dev.ferry"
+	// TLSDir and Name are this worker's certificate folder and name (the
+	// agent's --tls-dir and --cert): the gate presents it and trusts
+	// TLSDir's CA for the target's.
+	TLSDir, Name string
+	// PlainTCP serves without TLS, admitted by address only. Only for tests
+	// and hosts whose fabric is otherwise protected; never the default.
+	PlainTCP bool
 
 	mu   sync.Mutex
 	live map[string]*iscsi.Export
@@ -59,7 +68,9 @@ func (x *Exporter) Live(id string) bool {
 	}
 }
 
-func (x *Exporter) Export(ctx context.Context, id, path, allow string) (string, string, error) {
+// Export serves path for migration id to the worker target, whose
+// registered address is allow.
+func (x *Exporter) Export(ctx context.Context, id, path, target, allow string) (string, string, error) {
 	if x.Live(id) {
 		x.mu.Lock()
 		e := x.live[id]
@@ -90,8 +101,12 @@ func (x *Exporter) Export(ctx context.Context, id, path, allow string) (string, 
 		return "", "", fmt.Errorf("export of %s: target address: %w", id, err)
 	}
 	allowNet := netip.PrefixFrom(ip, ip.BitLen()).String()
+	gateTLS, err := x.gateTLS(target)
+	if err != nil {
+		return "", "", fmt.Errorf("export of %s: %w", id, err)
+	}
 	e, err := iscsi.StartExport(ctx, x.Log, iscsi.ExportConfig{Path: path, Listen: rec.Portal, Allow: []string{allowNet},
-		IQN: rec.IQN, StateDir: x.dir(id)})
+		IQN: rec.IQN, StateDir: x.dir(id), TLS: gateTLS})
 	if err != nil {
 		return "", "", err
 	}
@@ -109,6 +124,21 @@ func (x *Exporter) Export(ctx context.Context, id, path, allow string) (string, 
 	x.live[id] = e
 	x.mu.Unlock()
 	return e.Portal(), e.IQN(), nil
+}
+
+// gateTLS is the gate's mutual TLS admitting target's certificate alone.
+func (x *Exporter) gateTLS(target string) (*iscsi.GateTLS, error) {
+	if x.PlainTCP {
+		x.Log.Warn().Msg("export without TLS: admitted by address only, the ciphertext crosses the fabric unauthenticated")
+		return nil, nil
+	}
+	if x.TLSDir == "" || x.Name == "" {
+		return nil, errors.New("no certificate to serve the export over TLS: set the worker's --tls-dir and --cert")
+	}
+	if target == "" {
+		return nil, errors.New("no target worker named: the export admits one worker's certificate")
+	}
+	return iscsi.GateTLSFromDir(x.TLSDir, x.Name, target)
 }
 
 func (x *Exporter) Unexport(ctx context.Context, id string) error {
