@@ -136,8 +136,11 @@ type Config struct {
 	SourceTimeout time.Duration
 	// ForegroundWait bounds how long a read or write of an unhydrated
 	// region waits for the source in all, retries included, before it fails
-	// with the stall's reason (default 10 s): the machine above sees an I/O
-	// error in bounded time instead of hanging on a lost source.
+	// with the stall's reason (default 60 s): the machine above sees an I/O
+	// error in bounded time instead of hanging on a lost source. Not
+	// shorter: an I/O error turns the machine's ext4 read-only for good, so
+	// a link outage the fabric recovers from in tens of seconds must not
+	// become one (the stall is reported within seconds meanwhile).
 	ForegroundWait time.Duration
 	// NoDirectCopy keeps background hydration in userspace even when both
 	// devices are files (copy_file_range is used otherwise).

@@ -125,7 +125,7 @@ func Open(log zerolog.Logger, cfg Config) (*Engine, error) {
 	}
 	fgWait := cfg.ForegroundWait
 	if fgWait <= 0 {
-		fgWait = 10 * time.Second
+		fgWait = 60 * time.Second
 	}
 	interval := cfg.CommitInterval
 	if interval == 0 {
