@@ -45,8 +45,13 @@ type Config struct {
 	ElectionTimeout   time.Duration
 	SnapshotThreshold uint64
 
-	ReconcileInterval time.Duration    // leader housekeeping period (default 1s)
-	Now               func() time.Time // clock (default time.Now)
+	ReconcileInterval time.Duration // leader housekeeping period (default 1s)
+	// PauseBefore holds a migration this long in the state it entered
+	// before housekeeping proposes ev for it: a failpoint for chaos tests
+	// (FERRY_FAILPOINT_PAUSE_BEFORE="completed=4s"), measured from the
+	// committed EnteredAt so a new leader keeps holding the same deadline.
+	PauseBefore map[fsm.Event]time.Duration
+	Now         func() time.Time // clock (default time.Now)
 }
 
 // Server is a running ferry server.
