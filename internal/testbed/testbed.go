@@ -40,6 +40,9 @@ type Config struct {
 	// Servers is the number of ferry servers, each a raft voter in its own
 	// namespace (0 means 1). Agents and Client know every one of them.
 	Servers int
+	// ServerFailpoints is the FERRY_FAILPOINT_PAUSE_BEFORE every server
+	// starts with (e.g. "completed=4s"); SetServerFailpoints changes it.
+	ServerFailpoints string
 }
 
 // Bed is a running cluster.
@@ -133,6 +136,7 @@ func Start(ctx context.Context, cfg Config) (b *Bed, err error) {
 		b.addr[id] = a
 		b.Fabric.Members = append(b.Fabric.Members, netrewrite.FabricMember{NS: b.NSOf(id), Addr: a})
 		b.ServerAddrs = append(b.ServerAddrs, net.JoinHostPort(a.String(), strconv.Itoa(serverPort)))
+		b.serverEnv[id] = cfg.ServerFailpoints
 	}
 	b.addr["ctl"] = b.addr[b.servers[0]]
 	for i, w := range cfg.Workers {
