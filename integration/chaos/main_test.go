@@ -4,7 +4,7 @@
 // state. Real clusters (internal/testbed): agents and three servers (a raft
 // cluster, mTLS) in network namespaces, LUKS2 volumes, FUSE + loop + ext4, iSCSI over the fabric.
 //
-// The tests run two at a time (-parallel defaults to GOMAXPROCS), each on its
+// The tests run three at a time (unless -parallel is given), each on its
 // own cluster: most of their time is spent waiting for outages and leases.
 //
 //	go test ./integration/chaos/                       # short forms (CI)
@@ -13,6 +13,7 @@ package chaos
 
 import (
 	"context"
+	"flag"
 	"fmt"
 	"os"
 	"slices"
@@ -53,6 +54,17 @@ func TestMain(m *testing.M) {
 	// The test binary doubles as the iSCSI export child (TestSourceReadErrors).
 	if iscsi.IsExportChild() {
 		iscsi.ServeChild()
+	}
+	// Three tests at a time unless -parallel says otherwise: they wait on
+	// outages, leases and holds far more than they compute (the short form
+	// uses about a third of one core on average), and each has its own cluster.
+	flag.Parse()
+	parallelSet := false
+	flag.Visit(func(f *flag.Flag) { parallelSet = parallelSet || f.Name == "test.parallel" })
+	if !parallelSet {
+		if err := flag.Set("test.parallel", "3"); err != nil {
+			panic(err)
+		}
 	}
 	dir, err := os.MkdirTemp("", "ferry-chaos-bin-")
 	if err != nil {

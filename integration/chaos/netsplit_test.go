@@ -91,7 +91,7 @@ func TestNetSplit(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	outage := 12 * time.Second
+	outage := 8 * time.Second // longer than the lease
 	if full {
 		outage = 20 * time.Second
 	}
