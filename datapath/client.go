@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net"
 	"net/http"
 	"os"
@@ -44,6 +45,21 @@ func Adopt(ctx context.Context, cfg Config) (*Process, error) {
 	return p, nil
 }
 
+// mayStartAnother says whether the failed adoption (adoptErr) shows that no
+// serve process holds cfg's socket, so a new one may replace it. Anything
+// else (a canceled context, a slow or busy process) must not: removing the
+// socket of a live process and starting a second one orphans the first,
+// FUSE mount and all, under the new one.
+func mayStartAnother(ctx context.Context, cfg Config, adoptErr error) error {
+	if ctx.Err() != nil {
+		return fmt.Errorf("datapath for volume %s: %w", cfg.VolumeID, ctx.Err())
+	}
+	if errors.Is(adoptErr, fs.ErrNotExist) || errors.Is(adoptErr, syscall.ECONNREFUSED) || errors.Is(adoptErr, syscall.ENOENT) {
+		return nil
+	}
+	return fmt.Errorf("datapath for volume %s: its socket %s did not answer (%w); not starting a second one over a live one: retry, or stop the old process", cfg.VolumeID, cfg.Socket, adoptErr)
+}
+
 // Start launches `ferry volume serve` for cfg (the same binary, exe), passing
 // the passphrase on stdin, and waits until its FUSE file is ready. If a serve
 // process for this volume already answers on the socket it is adopted instead
@@ -54,6 +70,8 @@ func Start(ctx context.Context, log zerolog.Logger, exe string, cfg Config, pass
 	}
 	if p, err := Adopt(ctx, cfg); err == nil {
 		return p, nil
+	} else if err := mayStartAnother(ctx, cfg, err); err != nil {
+		return nil, err
 	}
 	if err := os.MkdirAll(stateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("datapath state dir: %w", err)

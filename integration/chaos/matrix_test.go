@@ -336,6 +336,8 @@ func runMatrixCase(c *cluster, k matrixCase, machineID, ack string) string {
 		c.restart(victim)
 	case k.who == "follower":
 		// Stays dead to the end: two of three servers carry the migration.
+		// Back for the next row even when this one fails.
+		defer c.restart(victim)
 	case k.lease:
 		if stateAt(mustGet(c, id), killFrom).BeforeCutover() {
 			// The server rolls a pre-cutover migration of a dead worker back.
@@ -352,9 +354,6 @@ func runMatrixCase(c *cluster, k matrixCase, machineID, ack string) string {
 		c.restart(victim)
 	}
 	o := c.finish(id, machineID, src, dst, srcVol, ack, w, start, 4*time.Minute)
-	if k.who == "follower" {
-		c.restart(victim)
-	}
 	at := landed(t, o.final, k.state, killFrom, killTo, w.path())
 	t.Logf("%s: killed %s in %s%s, ended %s via %s, records %d/%d, source %s, %v", k.name(), victim, at, extra, o.final.State, w.path(), o.acked, o.present, o.frozenSame, o.took.Round(time.Millisecond))
 	return fmt.Sprintf("| %s | %s %s | %s | %s | %s | %d/%d | %s | %s | %s |", k.state, k.who, victim, at, o.final.State,
