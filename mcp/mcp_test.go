@@ -24,9 +24,9 @@ import (
 // fleet is a real single-server cluster with two live workers a and b, a
 // running machine m1 on a using volume v1, and a free volume v2 on a.
 type fleet struct {
-	cl   *servertest.Cluster
-	op   *api.Client
-	wa   *api.Client // worker a's own certificate
+	cl *servertest.Cluster
+	op *api.Client
+	wa *api.Client // worker a's own certificate
 }
 
 func newFleet(t *testing.T) *fleet {
