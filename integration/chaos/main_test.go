@@ -173,9 +173,16 @@ func newClusterFP(t testing.TB, n int, serverFP string, agentArgs ...string) *cl
 	return c
 }
 
-// setFailpoints restarts (SIGTERM) the agents whose failpoints differ from want.
+// setFailpoints restarts (SIGTERM) the agents whose failpoints differ from
+// want, then waits until every worker holds a valid lease: a row starts on
+// a healthy cluster, not on the tail of the previous row's outage.
 func (c *cluster) setFailpoints(want map[string]string) {
 	c.t.Helper()
+	defer func() {
+		if err := c.bed.WaitWorkers(c.ctx, 2*time.Minute); err != nil {
+			c.t.Fatal(err)
+		}
+	}()
 	for _, w := range c.ws {
 		if c.env[w] == want[w] {
 			continue

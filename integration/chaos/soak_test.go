@@ -77,6 +77,10 @@ func TestSoak(t *testing.T) {
 			}
 			dst := dsts[rng.Intn(len(dsts))]
 			m, _ := c.bed.Client.GetMachine(c.ctx, mach)
+			// The previous fault may have outlived a lease: plan on a healthy cluster.
+			if err := c.bed.WaitWorkers(c.ctx, 2*time.Minute); err != nil {
+				t.Fatal(err)
+			}
 			start := time.Now()
 			id, err := c.bed.Migrate(c.ctx, mach, dst)
 			if err != nil {

@@ -185,7 +185,7 @@ func Start(ctx context.Context, cfg Config) (b *Bed, err error) {
 			return b, err
 		}
 	}
-	return b, b.waitWorkers(ctx, 60*time.Second)
+	return b, b.WaitWorkers(ctx, 60*time.Second)
 }
 
 // NewClient is an operator client of the given servers, dialing from the
@@ -392,7 +392,9 @@ func (b *Bed) Kill(key string, sig syscall.Signal) error {
 	return nil
 }
 
-func (b *Bed) waitWorkers(ctx context.Context, timeout time.Duration) error {
+// WaitWorkers waits until every worker holds a valid lease, e.g. after an
+// outage longer than the lease, before the next migration is planned.
+func (b *Bed) WaitWorkers(ctx context.Context, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
 	var lastErr error
 	for time.Now().Before(deadline) {
