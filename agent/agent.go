@@ -174,7 +174,13 @@ func (a *Agent) heartbeat(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			if err := a.cp.Heartbeat(ctx, a.cfg.Worker); err != nil && ctx.Err() == nil {
+			// Bounded: a request stuck on a connection that died with a
+			// link outage would otherwise hold every later heartbeat and
+			// let the lease lapse with the worker healthy again.
+			hctx, cancel := context.WithTimeout(ctx, a.cfg.LeaseTTL/2)
+			err := a.cp.Heartbeat(hctx, a.cfg.Worker)
+			cancel()
+			if err != nil && ctx.Err() == nil {
 				a.log.Warn().Err(err).Msg("heartbeat failed")
 			}
 		}

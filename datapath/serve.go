@@ -62,10 +62,14 @@ func (s *server) build(ctx context.Context, passphrase []byte) error {
 	}
 	lower := blockdev.Device(s.dest)
 	if c := s.cfg.Clone; c != nil {
-		s.lun, err = iscsi.Dial(ctx, s.log, iscsi.InitiatorConfig{Portal: c.Portal, IQN: c.IQN, Timeout: 10 * time.Second})
+		// Assigned only on success: a nil *LUN in the interface field would
+		// pass close's nil check and panic there (the source's link down at
+		// exported crashed the datapath this way).
+		lun, err := iscsi.Dial(ctx, s.log, iscsi.InitiatorConfig{Portal: c.Portal, IQN: c.IQN, Timeout: 10 * time.Second})
 		if err != nil {
 			return fmt.Errorf("connect to the source's export %s %s: %w", c.Portal, c.IQN, err)
 		}
+		s.lun = lun
 		if s.lun.Size() != size {
 			return fmt.Errorf("source export is %d bytes but the carried layout says %d: refusing to clone", s.lun.Size(), size)
 		}
