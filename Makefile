@@ -6,7 +6,7 @@ BIN     := bin/ferry
 # Whole test run; CPU-heavy parts are bounded so it fits a 2-core CI.
 TESTFLAGS ?= -race -timeout 40m
 
-.PHONY: build test lint fmt deps demo bench bench-quick fuzz clean
+.PHONY: build test lint fmt deps demo bench bench-quick fuzz chaos clean
 
 build:
 	CGO_ENABLED=0 $(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/ferry
@@ -40,6 +40,12 @@ demo: deps build
 FUZZTIME ?= 30s
 fuzz:
 	FUZZTIME=$(FUZZTIME) GO=$(GO) ./scripts/fuzz.sh
+
+# The whole chaos matrix: every participant (agents, raft leader, follower)
+# killed at every state, every network split both ways and each way, every
+# link outage, the long soak. `make test` runs its short form.
+chaos: deps
+	FERRY_CHAOS=full $(GO) test -count=1 -timeout 150m -v ./integration/chaos
 
 bench: deps build
 	FERRY_BENCH_EXE=$(CURDIR)/$(BIN) $(GO) test -run '^$$' -bench Suite -benchtime 1x -timeout 90m -v ./integration/bench

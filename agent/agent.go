@@ -278,6 +278,16 @@ func (a *Agent) heartbeat(ctx context.Context) {
 // dispatch hands a migration's latest record to its driver goroutine,
 // starting one if needed. One goroutine per migration keeps steps ordered.
 func (a *Agent) dispatch(ctx context.Context, m *fsm.Migration) {
+	if _, hydrated := m.EnteredAt[fsm.Hydrated]; hydrated && m.Target == a.cfg.Worker && m.TargetVol != "" {
+		// The hydrate step removes the clone's metadata once hydrated is
+		// committed; an agent killed between the two finds it here, in
+		// any later state, the terminal one included.
+		if err := os.Remove(a.vols.MetaPath(m.TargetVol)); err == nil {
+			a.log.Info().Str("migration", m.ID).Msg("removed the dissolved clone's metadata left by an earlier run")
+		} else if !os.IsNotExist(err) {
+			a.log.Warn().Err(err).Str("migration", m.ID).Msg("removing the dissolved clone's metadata")
+		}
+	}
 	if m.State.Terminal() {
 		return
 	}

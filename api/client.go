@@ -128,6 +128,13 @@ func (c *Client) do(ctx context.Context, method, path string, q url.Values, in, 
 		}
 		if err == nil || !retryable(err) || ctx.Err() != nil || time.Now().After(deadline) {
 			if err != nil && ctx.Err() != nil {
+				// A server that swallows packets fails only by the caller's
+				// deadline: the next call tries another one, not the same.
+				c.mu.Lock()
+				if c.addrs[c.cur%len(c.addrs)] == addr {
+					c.cur++
+				}
+				c.mu.Unlock()
 				return 0, fmt.Errorf("%s %s: %w", method, path, ctx.Err())
 			}
 			return idx, err

@@ -40,6 +40,8 @@ type housekeeper struct {
 	interval time.Duration
 	gc       time.Duration // retention of ended records (0: never collected)
 	log      zerolog.Logger
+	// pause: failpoints, see Config.PauseBefore
+	pause map[fsm.Event]time.Duration
 }
 
 // run reconciles every interval until ctx ends; the server runs it only
@@ -79,7 +81,9 @@ func (h *housekeeper) reconcile(ctx context.Context) {
 	for _, m := range h.store.Migrations("") {
 		switch {
 		case m.State == fsm.SourceReleased:
-			h.event(ctx, m.ID, fsm.EvCompleted, "server-completed", fsm.EventPayload{})
+			if !h.held(m, fsm.EvCompleted, now) {
+				h.event(ctx, m.ID, fsm.EvCompleted, "server-completed", fsm.EventPayload{})
+			}
 		case m.State.BeforeCutover() && (dead(m.Source) || dead(m.Target)):
 			who := m.Source
 			if !dead(who) {
@@ -113,6 +117,23 @@ func (h *housekeeper) reconcile(ctx context.Context) {
 	}
 }
 
+// held reports whether a failpoint still holds m in its state before ev.
+func (h *housekeeper) held(m *fsm.Migration, ev fsm.Event, now time.Time) bool {
+	d := h.pause[ev]
+	if d <= 0 {
+		return false
+	}
+	at, ok := m.EnteredAt[m.State]
+	if !ok {
+		return false
+	}
+	if now.Sub(at) < d {
+		h.log.Info().Str("migration", m.ID).Str("event", string(ev)).Dur("left", d-now.Sub(at)).Msg("failpoint: holding before the event")
+		return true
+	}
+	return false
+}
+
 func (h *housekeeper) event(ctx context.Context, id string, ev fsm.Event, step string, p fsm.EventPayload) {
 	h.apply(ctx, fsm.CmdPropose, &fsm.ProposeCmd{Header: h.header(), ID: id, Event: ev, StepID: step, Payload: p})
 }
@@ -139,7 +160,7 @@ func (s *Server) leaderLoop(ctx context.Context) {
 	h := &housekeeper{
 		self:    fsm.ServerMember{ID: s.cfg.ID, RaftAddr: s.node.RaftAddr(), APIAddr: s.apiURL},
 		propose: s, store: s.store, now: s.cfg.Now, interval: s.cfg.ReconcileInterval, gc: s.cfg.GCRetention,
-		log: s.log.With().Str("loop", "housekeeping").Logger(),
+		log: s.log.With().Str("loop", "housekeeping").Logger(), pause: s.cfg.PauseBefore,
 	}
 	var stop func() // set while the housekeeper runs
 	halt := func() {

@@ -127,3 +127,25 @@ func TestStatusOf(t *testing.T) {
 		}
 	}
 }
+
+// The completed failpoint holds a released migration for its duration,
+// counted from the committed EnteredAt (so a new leader keeps the deadline).
+func TestHousekeeperPauseBeforeCompleted(t *testing.T) {
+	now := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	self := fsm.ServerMember{ID: "s0"}
+	m := &fsm.Migration{ID: "released", State: fsm.SourceReleased, Source: "a", Target: "b",
+		EnteredAt: map[fsm.State]time.Time{fsm.SourceReleased: now.Add(-3 * time.Second)}}
+	view := &fakeView{servers: []fsm.ServerMember{self}, migrations: []*fsm.Migration{m}}
+	rec := &recorder{}
+	h := &housekeeper{self: self, propose: rec, store: view, now: func() time.Time { return now }, log: zerolog.Nop(),
+		pause: map[fsm.Event]time.Duration{fsm.EvCompleted: 4 * time.Second}}
+	h.reconcile(context.Background())
+	if len(rec.cmds) != 0 {
+		t.Fatalf("proposed %d commands 3s into a 4s hold", len(rec.cmds))
+	}
+	now = now.Add(time.Second)
+	h.reconcile(context.Background())
+	if len(rec.cmds) != 1 || rec.cmds[0].(*fsm.ProposeCmd).Event != fsm.EvCompleted {
+		t.Fatalf("after the hold: proposed %+v, want one completed", rec.cmds)
+	}
+}

@@ -48,11 +48,16 @@ type Config struct {
 	LeaderLeaseTimeout time.Duration
 	SnapshotThreshold  uint64
 
-	ReconcileInterval time.Duration    // leader housekeeping period (default 1s)
-	GCRetention       time.Duration    // terminal migrations and destroyed volumes are deleted this long after they ended (default 7 days)
-	WriteRate         float64          // writes per second per certificate identity (0: DefaultWriteRate; negative: unlimited)
-	WriteBurst        int              // burst of those writes (0: DefaultWriteBurst)
-	Now               func() time.Time // clock (default time.Now)
+	ReconcileInterval time.Duration // leader housekeeping period (default 1s)
+	GCRetention       time.Duration // terminal migrations and destroyed volumes are deleted this long after they ended (default 7 days)
+	WriteRate         float64       // writes per second per certificate identity (0: DefaultWriteRate; negative: unlimited)
+	WriteBurst        int           // burst of those writes (0: DefaultWriteBurst)
+	// PauseBefore holds a migration this long in the state it entered
+	// before housekeeping proposes ev for it: a failpoint for chaos tests
+	// (FERRY_FAILPOINT_PAUSE_BEFORE="completed=4s"), measured from the
+	// committed EnteredAt so a new leader keeps holding the same deadline.
+	PauseBefore map[fsm.Event]time.Duration
+	Now         func() time.Time // clock (default time.Now)
 }
 
 // Server is a running ferry server.

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"os"
 	"os/signal"
 	"slices"
 	"strings"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/ferry-dev/ferry/agent"
 	"github.com/ferry-dev/ferry/server"
 )
 
@@ -37,6 +39,12 @@ A follower answers writes with the leader's address; clients send them there the
 			}
 			if join != "" {
 				cfg.Join = strings.Split(join, ",")
+			}
+			if fp := os.Getenv("FERRY_FAILPOINT_PAUSE_BEFORE"); fp != "" {
+				if cfg.PauseBefore, err = agent.ParsePauseBefore(fp); err != nil {
+					return withCode(ExitUsage, err)
+				}
+				log.Warn().Str("failpoints", fp).Msg("failpoints set: housekeeping holds migrations (tests only)")
 			}
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()

@@ -74,10 +74,13 @@ func (s *server) build(ctx context.Context, passphrase []byte) error {
 	c := s.cfg.Clone
 	if c != nil {
 		if c.SourcePath != "" {
-			s.lun, err = blockdev.OpenFile(c.SourcePath, true)
+			// Assigned only on success: a nil pointer in the interface
+			// field would pass close's nil check and panic there.
+			src, err := blockdev.OpenFile(c.SourcePath, true)
 			if err != nil {
 				return err
 			}
+			s.lun = src
 		} else {
 			ic := iscsi.InitiatorConfig{Portal: c.Portal, IQN: c.IQN, Timeout: 10 * time.Second}
 			if c.TLS != nil {
@@ -87,10 +90,11 @@ func (s *server) build(ctx context.Context, passphrase []byte) error {
 					return fmt.Errorf("TLS to the source's export: %w", err)
 				}
 			}
-			s.lun, err = iscsi.Dial(ctx, s.log, ic)
+			lun, err := iscsi.Dial(ctx, s.log, ic)
 			if err != nil {
 				return fmt.Errorf("connect to the source's export %s %s: %w", c.Portal, c.IQN, err)
 			}
+			s.lun = lun
 		}
 		if s.cfg.Raw {
 			size = s.lun.Size()

@@ -1,10 +1,10 @@
 // Package chaos shows ferry's promise under faults: every migration ends
 // completed or rolled back, the invariants hold (docs/architecture.md), no acknowledged
 // record is lost and nothing leaks, whatever is killed or cut at whatever
-// state. Real clusters (internal/testbed): agents and a server in network
-// namespaces, LUKS2 volumes, FUSE + loop + ext4, iSCSI over the fabric.
+// state. Real clusters (internal/testbed): agents and three servers (a raft
+// cluster, mTLS) in network namespaces, LUKS2 volumes, FUSE + loop + ext4, iSCSI over the fabric.
 //
-// The tests run two at a time (-parallel defaults to GOMAXPROCS), each on its
+// The tests run three at a time (unless -parallel is given), each on its
 // own cluster: most of their time is spent waiting for outages and leases.
 //
 //	go test ./integration/chaos/                       # short forms (CI)
@@ -13,8 +13,10 @@ package chaos
 
 import (
 	"context"
+	"flag"
 	"fmt"
 	"os"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -53,6 +55,17 @@ func TestMain(m *testing.M) {
 	if iscsi.IsExportChild() {
 		iscsi.ServeChild()
 	}
+	// Three tests at a time unless -parallel says otherwise: they wait on
+	// outages, leases and holds far more than they compute (the short form
+	// uses about a third of one core on average), and each has its own cluster.
+	flag.Parse()
+	parallelSet := false
+	flag.Visit(func(f *flag.Flag) { parallelSet = parallelSet || f.Name == "test.parallel" })
+	if !parallelSet {
+		if err := flag.Set("test.parallel", "3"); err != nil {
+			panic(err)
+		}
+	}
 	dir, err := os.MkdirTemp("", "ferry-chaos-bin-")
 	if err != nil {
 		panic(err)
@@ -86,6 +99,15 @@ func requireEnv(t testing.TB) {
 	testenv.Paths(t, "modprobe fuse", "/dev/fuse")
 }
 
+// servers is the size of every chaos cluster's raft cluster: a leader can
+// die and the other two still commit.
+const servers = 3
+
+// observeInvariants, when set, checks what an invariant observer saw during
+// a finished migration; finish calls it in every row, after the records
+// verifier. The observer lives with the fencing work and plugs in here.
+var observeInvariants func(t testing.TB, bed *testbed.Bed, migrationID string) error
+
 // cluster is a test bed with the failpoints each agent currently runs with.
 type cluster struct {
 	t   testing.TB
@@ -101,6 +123,11 @@ type cluster struct {
 }
 
 func newCluster(t testing.TB, n int, agentArgs ...string) *cluster {
+	return newClusterFP(t, n, "", agentArgs...)
+}
+
+// newClusterFP starts a cluster whose servers run with failpoints serverFP.
+func newClusterFP(t testing.TB, n int, serverFP string, agentArgs ...string) *cluster {
 	requireEnv(t)
 	id := testbed.RandHex(2)
 	var ws []string
@@ -117,7 +144,7 @@ func newCluster(t testing.TB, n int, agentArgs ...string) *cluster {
 	sctx, scancel := context.WithTimeout(ctx, 3*time.Minute)
 	defer scancel()
 	bed, err := testbed.Start(sctx, testbed.Config{Dir: dir, Exe: ferryBin, Prefix: "c" + id, Workers: ws,
-		Log: zerolog.Nop(), AgentArgs: agentArgs, Grace: time.Minute})
+		Log: zerolog.Nop(), AgentArgs: agentArgs, Grace: time.Minute, Servers: servers, ServerFailpoints: serverFP})
 	if err != nil {
 		if bed != nil {
 			t.Log(bed.DumpLogs(4000))
@@ -146,9 +173,16 @@ func newCluster(t testing.TB, n int, agentArgs ...string) *cluster {
 	return c
 }
 
-// setFailpoints restarts (SIGTERM) the agents whose failpoints differ from want.
+// setFailpoints restarts (SIGTERM) the agents whose failpoints differ from
+// want, then waits until every worker holds a valid lease: a row starts on
+// a healthy cluster, not on the tail of the previous row's outage.
 func (c *cluster) setFailpoints(want map[string]string) {
 	c.t.Helper()
+	defer func() {
+		if err := c.bed.WaitWorkers(c.ctx, 2*time.Minute); err != nil {
+			c.t.Fatal(err)
+		}
+	}()
 	for _, w := range c.ws {
 		if c.env[w] == want[w] {
 			continue
@@ -170,30 +204,93 @@ func (c *cluster) startAgent(w, failpoints string) {
 	c.env[w] = failpoints
 }
 
-// kill9 kills a participant: "server" or a worker's agent.
+// isServer reports whether who is a server ID (else it is a worker).
+func (c *cluster) isServer(who string) bool { return slices.Contains(c.bed.ServerIDs(), who) }
+
+// server resolves "leader" or "follower" to a server ID: the one that says
+// it leads now, or another running one.
+func (c *cluster) server(role string) string {
+	c.t.Helper()
+	leader, err := c.bed.Leader(c.ctx, time.Minute)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	if role == "leader" {
+		return leader
+	}
+	for _, id := range c.bed.ServerIDs() {
+		if id != leader && c.bed.Running(testbed.ServerKey(id)) {
+			return id
+		}
+	}
+	c.t.Fatalf("no running follower besides leader %s", leader)
+	return ""
+}
+
+// kill9 kills a participant: a server (by ID) or a worker's agent.
 func (c *cluster) kill9(who string) {
 	c.t.Helper()
-	key := "server"
-	if who != "server" {
-		key = "agent/" + who
+	key := "agent/" + who
+	if c.isServer(who) {
+		key = testbed.ServerKey(who)
 	}
 	if err := c.bed.Kill(key, syscall.SIGKILL); err != nil {
 		c.t.Fatal(err)
 	}
-	if who != "server" {
+	if !c.isServer(who) {
 		c.env[who] = "<dead>"
 	}
 }
 
 func (c *cluster) restart(who string) {
 	c.t.Helper()
-	if who == "server" {
-		if err := c.bed.StartServer(); err != nil {
+	if c.isServer(who) {
+		if err := c.bed.StartServerID(who); err != nil {
 			c.t.Fatal(err)
 		}
 		return
 	}
 	c.startAgent(who, "")
+}
+
+// failover waits until a server other than dead leads, and returns it.
+func (c *cluster) failover(dead string, timeout time.Duration) (string, time.Duration) {
+	c.t.Helper()
+	start := time.Now()
+	for time.Since(start) < timeout {
+		l, err := c.bed.Leader(c.ctx, timeout)
+		if err == nil && l != dead {
+			return l, time.Since(start)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	c.t.Fatalf("no new leader within %v of killing leader %s", timeout, dead)
+	return "", 0
+}
+
+// stateAt is the state the migration was in at t, from the commit times of
+// its final record (one host, one clock): the state entered last at or
+// before t. It is how a row proves its fault landed where it meant to.
+func stateAt(m *fsm.Migration, t time.Time) fsm.State {
+	var best fsm.State
+	var at time.Time
+	for s, e := range m.EnteredAt {
+		if !e.After(t) && (best == "" || e.After(at)) {
+			best, at = s, e
+		}
+	}
+	return best
+}
+
+// landed checks that the fault between from and to fell wholly in state
+// want of the finished migration m, and returns the state it fell in.
+func landed(t testing.TB, m *fsm.Migration, want fsm.State, from, to time.Time, path string) fsm.State {
+	t.Helper()
+	a, b := stateAt(m, from), stateAt(m, to)
+	if a != want || b != want {
+		t.Fatalf("the fault missed its state: it began in %q and ended in %q, want both %s (path %s, entered %v)", a, b, want, path, m.EnteredAt)
+	}
+	return a
 }
 
 // machineOn returns the worker a machine is recorded on.
@@ -328,6 +425,11 @@ func (c *cluster) finish(id, machineID, src, dst, srcVol, ack string, w *watcher
 	}
 	if err := c.bed.NeverTwice(machineID); err != nil {
 		c.t.Fatal(err)
+	}
+	if observeInvariants != nil {
+		if err := observeInvariants(c.t, c.bed, id); err != nil {
+			c.t.Fatalf("invariant observer: %v", err)
+		}
 	}
 	switch {
 	case m.State == fsm.RolledBack:

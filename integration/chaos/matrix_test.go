@@ -108,7 +108,7 @@ func agentRole(t fsm.Transition) string {
 
 type matrixCase struct {
 	state fsm.State
-	who   string // source, target, server
+	who   string // source, target, leader, follower
 	lease bool   // stay dead until the lease expired and the server acted
 }
 
@@ -120,26 +120,38 @@ func (k matrixCase) name() string {
 	return fmt.Sprintf("%s/%s/%s", k.state, k.who, mode)
 }
 
-// matrixCases: the short form kills one participant per state (rotating
-// source, target, server) and adds lease-expiry variants before and after
-// cutover; FERRY_CHAOS=full kills every participant at every state, with
-// and without waiting for the lease.
+// participants of the matrix: the two agents and the raft leader and a
+// follower among the three servers.
+var participants = []string{"target", "source", "leader", "follower"}
+
+// shortMatrix is the short form's selection: each participant killed
+// before and after cutover, plus the states only a failpoint of the server
+// (source_released) or an operator's detour (rolling_back) holds, and
+// hydrated (where a killed target once leaked its clone's metadata).
+// TestMatrixTable checks the selection keeps that coverage.
+var shortMatrix = []matrixCase{
+	{fsm.Planned, "target", false}, {fsm.SourceStopped, "leader", false}, {fsm.Exported, "follower", false},
+	{fsm.Trimmed, "source", false}, {fsm.Cutover, "follower", false}, {fsm.Hydrating, "leader", false},
+	{fsm.Hydrated, "target", false}, {fsm.SourceReleased, "source", false}, {fsm.RollingBack, "target", false},
+}
+
+// matrixCases: the short form is shortMatrix plus lease-expiry variants
+// before and after cutover; FERRY_CHAOS=full kills every participant at
+// every state, with and without waiting for the lease.
 func matrixCases(lease bool) []matrixCase {
+	if !lease && !full {
+		return shortMatrix
+	}
 	var out []matrixCase
-	parts := []string{"target", "source", "server"}
-	for i, s := range matrixStates() {
+	for _, s := range matrixStates() {
 		if lease {
 			if full {
 				out = append(out, matrixCase{s, "source", true}, matrixCase{s, "target", true})
 			}
 			continue
 		}
-		if full {
-			for _, p := range parts {
-				out = append(out, matrixCase{s, p, false})
-			}
-		} else {
-			out = append(out, matrixCase{s, parts[i%len(parts)], false})
+		for _, p := range participants {
+			out = append(out, matrixCase{s, p, false})
 		}
 	}
 	if lease && !full {
@@ -160,12 +172,40 @@ func TestMatrixTable(t *testing.T) {
 		if _, err := reach(s); err != nil {
 			t.Error(err)
 		}
+		// Every state can be held, so a row's fault cannot miss it.
+		lt, _ := leaving(s)
+		if agentRole(lt) == "" && !slices.Contains(lt.Roles, fsm.RoleServer) {
+			t.Errorf("state %s: its leaving event %s is proposed by %v, which no failpoint holds", s, lt.Event, lt.Roles)
+		}
 	}
 	if d, _ := reach(fsm.RollingBack); d == nil || d.ev != fsm.EvAbort {
 		t.Errorf("rolling_back is reached by %+v, want an operator abort", d)
 	}
-	if got := len(matrixCases(false)); got != len(states) && !full {
-		t.Errorf("short form has %d cases for %d states", got, len(states))
+	if got := len(matrixCases(false)); full && got != len(states)*len(participants) {
+		t.Errorf("full form has %d cases for %d states and %d participants", got, len(states), len(participants))
+	}
+	for _, k := range shortMatrix {
+		if !slices.Contains(states, k.state) || !slices.Contains(participants, k.who) {
+			t.Errorf("short row %s is not in the matrix", k.name())
+		}
+	}
+	for _, s := range []fsm.State{fsm.SourceReleased, fsm.RollingBack} {
+		if !slices.ContainsFunc(shortMatrix, func(k matrixCase) bool { return k.state == s }) {
+			t.Errorf("the short form has no row at %s", s)
+		}
+	}
+	// The short form still kills each participant somewhere, before and after cutover.
+	seen := map[string]map[bool]bool{}
+	for _, k := range shortMatrix {
+		if seen[k.who] == nil {
+			seen[k.who] = map[bool]bool{}
+		}
+		seen[k.who][k.state.AfterCutover()] = true
+	}
+	for _, p := range participants {
+		if !seen[p][false] || !seen[p][true] {
+			t.Errorf("the matrix kills %s before cutover: %v, after: %v; want both", p, seen[p][false], seen[p][true])
+		}
 	}
 }
 
@@ -184,7 +224,9 @@ func runMatrix(t *testing.T, lease bool) {
 	if lease {
 		args = []string{"--lease-ttl", leaseTTL.String()}
 	}
-	c := newCluster(t, 2, args...)
+	// The servers hold source_released (the server proposes completed), so
+	// that row too is held by a failpoint.
+	c := newClusterFP(t, 2, fmt.Sprintf("%s=%s", fsm.EvCompleted, pause), args...)
 	a := c.ws[0]
 	tag := "m"
 	if lease {
@@ -197,11 +239,11 @@ func runMatrix(t *testing.T, lease bool) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	table := "chaos matrix (kill -9 right after the state commits, restart at once)"
+	table := "chaos matrix (kill -9 right after the state commits; an agent restarts at once, a leader once another leads, a follower after the end)"
 	if lease {
 		table = "chaos matrix, lease variant (kill -9, restart only after the lease expired, ttl " + leaseTTL.String() + ")"
 	}
-	report(table, "| state | killed | killed at | ended | path | acked/present | source after | leaks | took |")
+	report(table, "| state | killed | landed in | ended | path | acked/present | source after | leaks | took |")
 	report(table, "|---|---|---|---|---|---|---|---|---|")
 	for _, k := range matrixCases(lease) {
 		ok := t.Run(k.name(), func(t *testing.T) {
@@ -228,7 +270,8 @@ func runMatrixCase(c *cluster, k matrixCase, machineID, ack string) string {
 	srcVol := mach.Volume
 	roleWorker := map[string]string{"source": src, "target": dst}
 
-	// Hold the migration in the state (and at the detour's state, if any).
+	// Hold the migration in the state (and at the detour's state, if any);
+	// the servers hold every state the server leaves (newClusterFP).
 	fp := map[string][]string{}
 	hold := func(s fsm.State) {
 		lt, ok := leaving(s)
@@ -270,27 +313,33 @@ func runMatrixCase(c *cluster, k matrixCase, machineID, ack string) string {
 		}
 	}
 	// Kill as soon as the state is committed.
-	killedAt := fsm.State("")
-	deadline := time.Now().Add(2 * time.Minute)
-	for killedAt == "" && time.Now().Before(deadline) {
-		m, err := c.bed.Client.GetMigration(c.ctx, id)
-		if err == nil && (m.State == k.state || m.State.Terminal()) {
-			killedAt = m.State
-			break
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	if killedAt == "" {
+	if _, err := c.bed.WaitState(c.ctx, id, 2*time.Minute, k.state); err != nil {
 		w.close()
-		t.Fatalf("migration %s never reached %s (path %s)", id, k.state, w.path())
+		t.Fatalf("the fault missed its state: %v (path %s)", err, w.path())
 	}
 	victim := k.who
-	if victim != "server" {
+	switch k.who {
+	case "source", "target":
 		victim = roleWorker[k.who]
+	case "leader", "follower":
+		victim = c.server(k.who)
 	}
+	killFrom := time.Now()
 	c.kill9(victim)
-	if k.lease {
-		if killedAt.BeforeCutover() {
+	killTo := time.Now()
+	extra := ""
+	switch {
+	case k.who == "leader":
+		// The other two elect a leader; then the old one comes back as a follower.
+		l, took := c.failover(victim, time.Minute)
+		extra = fmt.Sprintf("; %s led after %v", l, took.Round(10*time.Millisecond))
+		c.restart(victim)
+	case k.who == "follower":
+		// Stays dead to the end: two of three servers carry the migration.
+		// Back for the next row even when this one fails.
+		defer c.restart(victim)
+	case k.lease:
+		if stateAt(mustGet(c, id), killFrom).BeforeCutover() {
 			// The server rolls a pre-cutover migration of a dead worker back.
 			if _, err := c.bed.WaitState(c.ctx, id, time.Minute, fsm.RollingBack, fsm.RolledBack); err != nil {
 				w.close()
@@ -299,12 +348,24 @@ func runMatrixCase(c *cluster, k matrixCase, machineID, ack string) string {
 		} else {
 			time.Sleep(3 * leaseTTL)
 		}
-	} else {
+		c.restart(victim)
+	default:
 		time.Sleep(200 * time.Millisecond)
+		c.restart(victim)
 	}
-	c.restart(victim)
 	o := c.finish(id, machineID, src, dst, srcVol, ack, w, start, 4*time.Minute)
-	t.Logf("%s: killed %s at %s, ended %s via %s, records %d/%d, source %s, %v", k.name(), victim, killedAt, o.final.State, w.path(), o.acked, o.present, o.frozenSame, o.took.Round(time.Millisecond))
-	return fmt.Sprintf("| %s | %s | %s | %s | %s | %d/%d | %s | %s | %s |", k.state, k.who, killedAt, o.final.State,
+	at := landed(t, o.final, k.state, killFrom, killTo, w.path())
+	t.Logf("%s: killed %s in %s%s, ended %s via %s, records %d/%d, source %s, %v", k.name(), victim, at, extra, o.final.State, w.path(), o.acked, o.present, o.frozenSame, o.took.Round(time.Millisecond))
+	return fmt.Sprintf("| %s | %s %s | %s | %s | %s | %d/%d | %s | %s | %s |", k.state, k.who, victim, at, o.final.State,
 		w.path(), o.acked, o.present, o.frozenSame, o.leaks, o.took.Round(100*time.Millisecond))
+}
+
+// mustGet reads a migration, retrying through a failover.
+func mustGet(c *cluster, id string) *fsm.Migration {
+	c.t.Helper()
+	m, err := c.bed.Client.GetMigration(c.ctx, id)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	return m
 }

@@ -195,10 +195,13 @@ func TestLinkDownBeforeCutover(t *testing.T) {
 				w.close()
 				t.Fatal(err)
 			}
+			downFrom := time.Now()
 			up := c.linkDown(roleWorker[k.who])
+			downTo := time.Now()
 			time.Sleep(outage)
 			up()
 			o := c.finish(id, "pmach", src, dst, mach.Volume, ack, w, start, 4*time.Minute)
+			landed(t, o.final, k.state, downFrom, downTo, w.path())
 			reason := ""
 			if o.final.Rollback != nil {
 				reason = o.final.Rollback.Reason

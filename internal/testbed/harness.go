@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -12,6 +13,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -405,9 +407,13 @@ func (b *Bed) Snapshot() Resources {
 			if len(f) < 4 {
 				continue
 			}
-			// Worker-to-worker connections only: the server (ctl) is not a worker.
+			// Worker-to-worker connections only: a server is not a worker.
 			local, peer := f[len(f)-2], f[len(f)-1]
-			if strings.Contains(local, addr) && !strings.Contains(peer, b.addr["ctl"].String()) {
+			toServer := false
+			for _, id := range b.servers {
+				toServer = toServer || strings.Contains(peer, "["+b.addr[id].String()+"]")
+			}
+			if strings.Contains(local, addr) && !toServer {
 				r.Sessions = append(r.Sessions, w+": "+local+" -> "+peer)
 			}
 		}
@@ -539,4 +545,66 @@ func (b *Bed) DumpLogs(tail int) string {
 		fmt.Fprintf(&sb, "=== %s (tail)\n%s\n", l, c)
 	}
 	return sb.String()
+}
+
+var cutSeq atomic.Uint64
+
+// Cut drops, silently as a lost packet on the wire would be, every packet
+// from member from to each member of to, and (unless oneWay) every packet
+// back: nftables input rules in the receiving members' namespaces, so the
+// sender sees no error, only silence. Members are worker names or server
+// IDs. It returns the function that heals the cut (safe to call twice); the
+// namespaces, and so the rules, go when the bed closes.
+func (b *Bed) Cut(ctx context.Context, from string, to []string, oneWay bool) (heal func() error, err error) {
+	if len(to) == 0 {
+		return nil, fmt.Errorf("cut from %s to nobody", from)
+	}
+	addr := func(m string) (string, error) {
+		a, ok := b.addr[m]
+		if !ok {
+			return "", fmt.Errorf("testbed: no member %q to cut", m)
+		}
+		return a.String(), nil
+	}
+	fromAddr, err := addr(from)
+	if err != nil {
+		return nil, err
+	}
+	table := fmt.Sprintf("ferrycut%d", cutSeq.Add(1))
+	// drops[ns] are the sources whose packets ns drops.
+	drops := map[string][]string{}
+	for _, m := range to {
+		a, err := addr(m)
+		if err != nil {
+			return nil, err
+		}
+		drops[b.NSOf(m)] = append(drops[b.NSOf(m)], fromAddr)
+		if !oneWay {
+			drops[b.NSOf(from)] = append(drops[b.NSOf(from)], a)
+		}
+	}
+	var done []string
+	heal = func() error {
+		var errs []error
+		for _, ns := range done {
+			out, err := exec.Command("ip", "netns", "exec", ns, "nft", "delete", "table", "inet", table).CombinedOutput()
+			if err != nil && netrewrite.NamespaceExists(ns) {
+				errs = append(errs, fmt.Errorf("heal the cut in %s: %w: %s", ns, err, out))
+			}
+		}
+		done = nil
+		return errors.Join(errs...)
+	}
+	for ns, srcs := range drops {
+		rules := fmt.Sprintf("table inet %s {\n chain in {\n  type filter hook input priority -10; policy accept;\n  ip6 saddr { %s } counter drop\n }\n}\n",
+			table, strings.Join(srcs, ", "))
+		cmd := exec.CommandContext(ctx, "ip", "netns", "exec", ns, "nft", "-f", "-")
+		cmd.Stdin = strings.NewReader(rules)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			herr := heal()
+			return nil, errors.Join(fmt.Errorf("cut in %s (nft, from scripts/deps.sh): %w: %s", ns, err, out), herr)
+		}
+		done = append(done, ns)
+	}
+	return heal, nil
 }

@@ -1,6 +1,6 @@
-// Package testbed starts a real ferry cluster on one host: a server and one
-// agent per worker, each in its own network namespace joined by a private
-// IPv6 fabric, talking mTLS. The demo and the integration tests use it; it
+// Package testbed starts a real ferry cluster on one host: one or more
+// servers (a raft cluster) and one agent per worker, each in its own network
+// namespace joined by a private IPv6 fabric, talking mTLS. The demo and the integration tests use it; it
 // tears down everything it made, even after a failure.
 package testbed
 
@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -37,6 +38,12 @@ type Config struct {
 	Log     zerolog.Logger
 	// AgentArgs are appended to every agent's command line (e.g. --lease-ttl 3s).
 	AgentArgs []string
+	// Servers is the number of ferry servers, each a raft voter in its own
+	// namespace (0 means 1). Agents and Client know every one of them.
+	Servers int
+	// ServerFailpoints is the FERRY_FAILPOINT_PAUSE_BEFORE every server
+	// starts with (e.g. "completed=4s"); SetServerFailpoints changes it.
+	ServerFailpoints string
 }
 
 // Bed is a running cluster.
@@ -46,13 +53,18 @@ type Bed struct {
 	Client *api.Client
 	// RecoveryKeyFile holds the private recovery key Start made (0600).
 	RecoveryKeyFile string
-	// ServerAddr is the server's API address on the fabric.
+	// ServerAddr is the first server's API address on the fabric.
 	ServerAddr string
+	// ServerAddrs are every server's API addresses, in ServerIDs order.
+	ServerAddrs []string
 
-	mu     sync.Mutex
-	procs  map[string]*exec.Cmd // "server", "agent/<w>"
-	hostID map[string]uint32
-	addr   map[string]netip.Addr
+	mu      sync.Mutex
+	procs   map[string]*exec.Cmd // "server/<id>", "agent/<w>"
+	hostID  map[string]uint32
+	addr    map[string]netip.Addr // by member: worker name or server ID
+	servers []string              // server IDs
+	// failpoints each server runs with (FERRY_FAILPOINT_PAUSE_BEFORE), by ID
+	serverEnv map[string]string
 }
 
 // MetricsPort is where each agent serves /metrics inside its namespace.
@@ -63,8 +75,29 @@ const (
 	raftPort   = 7401
 )
 
-// NSOf is the network namespace of a worker ("ctl" for the server).
-func (b *Bed) NSOf(name string) string { return b.cfg.Prefix + "-" + name }
+// NSOf is the network namespace of a member: a worker, or a server by its
+// ID. "ctl" is the first server's namespace, where the operator's Client
+// dials from too.
+func (b *Bed) NSOf(name string) string {
+	if i := slices.Index(b.servers, name); i >= 0 {
+		name = serverMember(i)
+	}
+	return b.cfg.Prefix + "-" + name
+}
+
+// serverMember is the namespace suffix of the i-th server.
+func serverMember(i int) string {
+	if i == 0 {
+		return "ctl"
+	}
+	return fmt.Sprintf("ctl%d", i)
+}
+
+// ServerIDs are the servers' names (raft IDs and certificate names).
+func (b *Bed) ServerIDs() []string { return slices.Clone(b.servers) }
+
+// ServerKey is the process key of a server for Kill.
+func ServerKey(id string) string { return "server/" + id }
 
 // WorkerDir is a worker agent's data dir.
 func (b *Bed) WorkerDir(w string) string { return filepath.Join(b.cfg.Dir, w) }
@@ -72,7 +105,7 @@ func (b *Bed) WorkerDir(w string) string { return filepath.Join(b.cfg.Dir, w) }
 // HostID of a worker.
 func (b *Bed) HostID(w string) uint32 { return b.hostID[w] }
 
-// Addr is a worker's fabric address.
+// Addr is a member's fabric address (a worker, a server ID, or "ctl").
 func (b *Bed) Addr(w string) netip.Addr { return b.addr[w] }
 
 // Start builds the fabric, certificates, server and agents.
@@ -86,16 +119,29 @@ func Start(ctx context.Context, cfg Config) (b *Bed, err error) {
 	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
 		return nil, err
 	}
-	b = &Bed{cfg: cfg, procs: map[string]*exec.Cmd{}, hostID: map[string]uint32{}, addr: map[string]netip.Addr{}}
+	if cfg.Servers <= 0 {
+		cfg.Servers = 1
+	}
+	if cfg.Servers > 9 {
+		return nil, fmt.Errorf("testbed: %d servers; at most 9", cfg.Servers)
+	}
+	b = &Bed{cfg: cfg, procs: map[string]*exec.Cmd{}, hostID: map[string]uint32{}, addr: map[string]netip.Addr{}, serverEnv: map[string]string{}}
 	defer func() {
 		if err != nil {
 			b.Close(context.Background())
 		}
 	}()
 	b.Fabric = netrewrite.Fabric{BridgeNS: cfg.Prefix + "-br", Prefix: netip.MustParsePrefix("fd00:fe::/64")}
-	ctlAddr := netip.MustParseAddr("fd00:fe::1")
-	b.addr["ctl"] = ctlAddr
-	b.Fabric.Members = append(b.Fabric.Members, netrewrite.FabricMember{NS: b.NSOf("ctl"), Addr: ctlAddr})
+	for i := 0; i < cfg.Servers; i++ {
+		id := fmt.Sprintf("s%d", i)
+		a := netip.MustParseAddr(fmt.Sprintf("fd00:fe::%x", 1+i))
+		b.servers = append(b.servers, id)
+		b.addr[id] = a
+		b.Fabric.Members = append(b.Fabric.Members, netrewrite.FabricMember{NS: b.NSOf(id), Addr: a})
+		b.ServerAddrs = append(b.ServerAddrs, net.JoinHostPort(a.String(), strconv.Itoa(serverPort)))
+		b.serverEnv[id] = cfg.ServerFailpoints
+	}
+	b.addr["ctl"] = b.addr[b.servers[0]]
 	for i, w := range cfg.Workers {
 		a := netip.MustParseAddr(fmt.Sprintf("fd00:fe::%x", 0x10+i))
 		b.hostID[w] = uint32(i + 1)
@@ -107,23 +153,27 @@ func Start(ctx context.Context, cfg Config) (b *Bed, err error) {
 	}
 	tlsDir := b.TLSDir()
 	// The CA stays next to tlsDir (tlsutil.DevCADir), never in it.
-	certs := []tlsutil.Cert{{Name: "server", Kind: tlsutil.KindServer, Hosts: []string{ctlAddr.String()}}, {Name: "operator", Kind: tlsutil.KindOperator}}
+	certs := []tlsutil.Cert{{Name: "operator", Kind: tlsutil.KindOperator}}
+	for _, id := range b.servers {
+		certs = append(certs, tlsutil.Cert{Name: id, Kind: tlsutil.KindServer, Hosts: []string{b.addr[id].String()}})
+	}
 	for _, w := range cfg.Workers {
 		certs = append(certs, tlsutil.Cert{Name: w, Kind: tlsutil.KindWorker, Hosts: []string{b.addr[w].String()}})
 	}
 	if err := tlsutil.EnsureDev(tlsDir, certs...); err != nil {
 		return b, err
 	}
-	b.ServerAddr = net.JoinHostPort(ctlAddr.String(), strconv.Itoa(serverPort))
-	if err := b.StartServer(); err != nil {
-		return b, err
+	b.ServerAddr = b.ServerAddrs[0]
+	for _, id := range b.servers {
+		if err := b.StartServerID(id); err != nil {
+			return b, err
+		}
 	}
-	tc, err := tlsutil.ClientConfig(tlsDir, "operator")
+	b.Client, err = b.NewClient(b.ServerAddrs...)
 	if err != nil {
 		return b, err
 	}
-	b.Client, err = api.NewClient([]string{b.ServerAddr}, tc)
-	if err != nil {
+	if err := b.waitServers(ctx, 60*time.Second); err != nil {
 		return b, err
 	}
 	b.Client.SetDialer(b.DialIn("ctl"))
@@ -140,7 +190,82 @@ func Start(ctx context.Context, cfg Config) (b *Bed, err error) {
 			return b, err
 		}
 	}
-	return b, b.waitWorkers(ctx, 60*time.Second)
+	return b, b.WaitWorkers(ctx, 60*time.Second)
+}
+
+// NewClient is an operator client of the given servers, dialing from the
+// first server's namespace ("ctl").
+func (b *Bed) NewClient(addrs ...string) (*api.Client, error) {
+	tc, err := tlsutil.ClientConfig(b.TLSDir(), "operator")
+	if err != nil {
+		return nil, err
+	}
+	c, err := api.NewClient(addrs, tc)
+	if err != nil {
+		return nil, err
+	}
+	c.SetDialer(b.DialIn("ctl"))
+	return c, nil
+}
+
+// waitServers waits until every server is a voter of one cluster with a leader.
+func (b *Bed) waitServers(ctx context.Context, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	var last string
+	for time.Now().Before(deadline) {
+		st, err := b.Client.Status(ctx)
+		if err == nil && st.Leader != "" && len(st.Voters) == len(b.servers) {
+			return nil
+		}
+		if err != nil {
+			last = err.Error()
+		} else {
+			last = fmt.Sprintf("leader %q, voters %v", st.Leader, st.Voters)
+		}
+		if !sleepCtx(ctx, 200*time.Millisecond) {
+			return ctx.Err()
+		}
+	}
+	return fmt.Errorf("the %d servers did not form a cluster within %v (last: %s); see the server logs in %s", len(b.servers), timeout, last, b.cfg.Dir)
+}
+
+// Leader asks each running server, on its own, for its raft state and
+// returns the ID of the one that says it leads; it waits up to timeout for
+// one. A server that cannot be reached does not count.
+func (b *Bed) Leader(ctx context.Context, timeout time.Duration) (string, error) {
+	deadline := time.Now().Add(timeout)
+	for {
+		for i, id := range b.servers {
+			if !b.Running(ServerKey(id)) {
+				continue
+			}
+			c, err := b.NewClient(b.ServerAddrs[i])
+			if err != nil {
+				return "", err
+			}
+			c.RetryFor = 0
+			qctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+			st, err := c.Status(qctx)
+			cancel()
+			c.Close()
+			if err == nil && st.RaftState == "Leader" {
+				return id, nil
+			}
+		}
+		if time.Now().After(deadline) {
+			return "", fmt.Errorf("no server says it leads after %v", timeout)
+		}
+		if !sleepCtx(ctx, 100*time.Millisecond) {
+			return "", ctx.Err()
+		}
+	}
+}
+
+// Running reports whether the process under key was started and not killed.
+func (b *Bed) Running(key string) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.procs[key] != nil
 }
 
 // TLSDir holds the cluster's CA and certificates.
@@ -184,16 +309,54 @@ func (b *Bed) start(key, ns, logName string, env []string, args ...string) error
 	return nil
 }
 
-// StartServer starts (or restarts) the one-node server.
-func (b *Bed) StartServer() error {
-	ctl := b.addr["ctl"].String()
-	args := []string{"server", "--name", "server", "--data-dir", filepath.Join(b.cfg.Dir, "server"),
-		"--listen", net.JoinHostPort(ctl, strconv.Itoa(serverPort)), "--raft-addr", net.JoinHostPort(ctl, strconv.Itoa(raftPort)),
-		"--tls-dir", b.TLSDir()}
-	if _, err := os.Stat(filepath.Join(b.cfg.Dir, "server")); os.IsNotExist(err) {
-		args = append(args, "--bootstrap")
+// StartServer starts (or restarts) the first server.
+func (b *Bed) StartServer() error { return b.StartServerID(b.servers[0]) }
+
+// StartServerID starts (or restarts) a server with the failpoints last set
+// by SetServerFailpoints. The first server bootstraps the cluster; the
+// others join it on their first start.
+func (b *Bed) StartServerID(id string) error {
+	i := slices.Index(b.servers, id)
+	if i < 0 {
+		return fmt.Errorf("testbed: no server %q (have %v)", id, b.servers)
 	}
-	return b.start("server", b.NSOf("ctl"), "server.log", nil, args...)
+	a := b.addr[id].String()
+	dir := filepath.Join(b.cfg.Dir, "server-"+id)
+	args := []string{"server", "--name", id, "--data-dir", dir,
+		"--listen", net.JoinHostPort(a, strconv.Itoa(serverPort)), "--raft-addr", net.JoinHostPort(a, strconv.Itoa(raftPort)),
+		"--tls-dir", b.TLSDir()}
+	if _, err := os.Stat(dir); os.IsNotExist(err) {
+		if i == 0 {
+			args = append(args, "--bootstrap")
+		} else {
+			args = append(args, "--join", strings.Join(slices.Delete(slices.Clone(b.ServerAddrs), i, i+1), ","))
+		}
+	}
+	b.mu.Lock()
+	fp := b.serverEnv[id]
+	b.mu.Unlock()
+	var env []string
+	if fp != "" {
+		env = []string{"FERRY_FAILPOINT_PAUSE_BEFORE=" + fp}
+	}
+	return b.start(ServerKey(id), b.NSOf(id), "server-"+id+".log", env, args...)
+}
+
+// SetServerFailpoints sets the FERRY_FAILPOINT_PAUSE_BEFORE every server
+// runs with from its next start (see StartServerID), e.g. "completed=4s".
+func (b *Bed) SetServerFailpoints(fp string) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for _, id := range b.servers {
+		b.serverEnv[id] = fp
+	}
+}
+
+// ServerFailpoints is what SetServerFailpoints last set.
+func (b *Bed) ServerFailpoints() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.serverEnv[b.servers[0]]
 }
 
 // StartAgent starts (or restarts) a worker's agent.
@@ -207,7 +370,7 @@ func (b *Bed) StartAgentEnv(w string, env []string) error {
 	}
 	args := []string{"agent", "--worker", w,
 		"--host-id", strconv.FormatUint(uint64(b.hostID[w]), 10), "--address", b.addr[w].String(),
-		"--server", b.ServerAddr, "--tls-dir", b.TLSDir(), "--data-dir", b.WorkerDir(w),
+		"--server", strings.Join(b.ServerAddrs, ","), "--tls-dir", b.TLSDir(), "--data-dir", b.WorkerDir(w),
 		"--fast-kdf", "--grace", grace.String(), "--metrics-listen", "127.0.0.1:" + strconv.Itoa(MetricsPort),
 		// The bed's workload writes its acknowledgement log outside its
 		// volume, in the bed's private folder, which nobody cannot reach.
@@ -215,7 +378,7 @@ func (b *Bed) StartAgentEnv(w string, env []string) error {
 	return b.start("agent/"+w, b.NSOf(w), "agent-"+w+".log", env, append(args, b.cfg.AgentArgs...)...)
 }
 
-// Kill sends sig to a process ("server" or "agent/<w>") and waits for it to end.
+// Kill sends sig to a process (ServerKey(id) or "agent/<w>") and waits for it to end.
 func (b *Bed) Kill(key string, sig syscall.Signal) error {
 	b.mu.Lock()
 	cmd := b.procs[key]
@@ -237,7 +400,9 @@ func (b *Bed) Kill(key string, sig syscall.Signal) error {
 	return nil
 }
 
-func (b *Bed) waitWorkers(ctx context.Context, timeout time.Duration) error {
+// WaitWorkers waits until every worker holds a valid lease, e.g. after an
+// outage longer than the lease, before the next migration is planned.
+func (b *Bed) WaitWorkers(ctx context.Context, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
 	var lastErr error
 	for time.Now().Before(deadline) {
@@ -275,7 +440,9 @@ func (b *Bed) Close(ctx context.Context) error {
 	for _, w := range b.cfg.Workers {
 		b.Kill("agent/"+w, syscall.SIGTERM)
 	}
-	b.Kill("server", syscall.SIGTERM)
+	for _, id := range b.servers {
+		b.Kill(ServerKey(id), syscall.SIGTERM)
+	}
 	for _, w := range b.cfg.Workers {
 		if _, err := os.Stat(b.WorkerDir(w)); err != nil {
 			continue
