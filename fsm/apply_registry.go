@@ -1,6 +1,7 @@
 package fsm
 
 import (
+	"fmt"
 	"slices"
 	"strings"
 	"time"
@@ -51,8 +52,18 @@ func (s *Store) applyRegisterWorker(c *RegisterWorkerCmd) *Result {
 	}
 	if old, ok := s.d.Workers[w.Name]; ok {
 		w.Registered = old.Registered
+		// A restarted agent re-registers: the cordon is the operator's and
+		// stays; a report it did not send yet keeps the last one.
+		w.Cordoned, w.CordonReason = old.Cordoned, old.CordonReason
+		if w.Report == nil {
+			w.Report = old.Report
+		}
 	} else {
 		w.Registered = c.Now
+		w.Cordoned, w.CordonReason = false, ""
+	}
+	if err := validReport(w.Report); err != nil {
+		return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "worker %s: %v", w.Name, err)}
 	}
 	w.LeaseExpiry = c.Now.Add(leaseTTL(c.LeaseTTL))
 	s.d.Workers[w.Name] = &w
@@ -68,8 +79,15 @@ func (s *Store) applyHeartbeat(c *HeartbeatCmd) *Result {
 	if !ok {
 		return &Result{Refusal: notFound("worker", c.Name)}
 	}
+	if err := validReport(c.Report); err != nil {
+		return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "worker %s: %v", c.Name, err)}
+	}
 	if exp := c.Now.Add(leaseTTL(c.LeaseTTL)); exp.After(w.LeaseExpiry) {
 		w.LeaseExpiry = exp
+	}
+	if c.Report != nil {
+		r := *c.Report
+		w.Report = &r
 	}
 	cp := *w
 	return &Result{Worker: &cp}
@@ -112,6 +130,7 @@ func (s *Store) applyCreateVolume(c *CreateVolumeCmd) *Result {
 	v.DestroyAfter = time.Time{}
 	v.HasKey = false
 	s.d.Volumes[v.ID] = &v
+	s.idx.addVolume(v.ID, v.Worker)
 	cp := copyVolume(&v)
 	return &Result{Volume: &cp}
 }
@@ -311,7 +330,11 @@ func (s *Store) applyCreateMachine(c *CreateMachineCmd) *Result {
 		return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "machine state %q: use running or stopped", m.State)}
 	}
 	m.Migrated = false
+	if len(m.Group) > 128 {
+		return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "machine group is longer than 128 bytes")}
+	}
 	s.d.Machines[m.ID] = &m
+	s.idx.moveMachine(m.ID, "", m.Worker)
 	cp := m
 	return &Result{Machine: &cp}
 }
@@ -356,4 +379,46 @@ func (s *Store) applyUpdateMachine(c *UpdateMachineCmd) *Result {
 	}
 	cp := *m
 	return &Result{Machine: &cp}
+}
+
+// validReport rejects a capacity report no real worker sends; the numbers
+// feed placement, so a negative or inverted one must not get in.
+func validReport(r *WorkerReport) error {
+	if r == nil {
+		return nil
+	}
+	if r.FreeBytes < 0 || r.TotalBytes < 0 || r.SlotsIn < 0 || r.SlotsOut < 0 || r.HydrateBPS < 0 || r.LinkBPS < 0 {
+		return fmt.Errorf("capacity report has a negative field")
+	}
+	if r.TotalBytes > 0 && r.FreeBytes > r.TotalBytes {
+		return fmt.Errorf("capacity report: %d bytes free of %d", r.FreeBytes, r.TotalBytes)
+	}
+	if r.SlotsIn > 1024 || r.SlotsOut > 1024 {
+		return fmt.Errorf("capacity report: more than 1024 migration slots")
+	}
+	return nil
+}
+
+func (s *Store) applyCordon(c *CordonCmd) *Result {
+	if !c.Actor.privileged() {
+		return forbidden(c.Actor, "cordon a worker (operator or server certificate needed)")
+	}
+	w, ok := s.d.Workers[c.Worker]
+	if !ok {
+		return &Result{Refusal: notFound("worker", c.Worker)}
+	}
+	if !c.Cordoned {
+		for _, d := range s.d.Drains {
+			if d.Worker == w.Name && d.State == DrainRunning {
+				return &Result{Refusal: refuse(RefuseConflict, CodeConflict, "worker %s is being drained (%s): cancel the drain first", w.Name, d.ID)}
+			}
+		}
+	}
+	w.Cordoned = c.Cordoned
+	w.CordonReason = ""
+	if c.Cordoned {
+		w.CordonReason = truncate(firstNonEmpty(c.Reason, "cordoned by "+c.Actor.Name), 256)
+	}
+	cp := *w
+	return &Result{Worker: &cp}
 }

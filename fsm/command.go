@@ -34,6 +34,10 @@ const (
 	CmdUpdateMachine  CommandType = "update_machine"
 	CmdPlan           CommandType = "plan"
 	CmdPropose        CommandType = "propose"
+	CmdCordon         CommandType = "cordon"
+	CmdDrain          CommandType = "drain"
+	CmdDrainUpdate    CommandType = "drain_update"
+	CmdCollect        CommandType = "collect"
 )
 
 // Command is the versioned envelope every log entry holds.
@@ -84,11 +88,55 @@ type RegisterWorkerCmd struct {
 	LeaseTTL time.Duration `json:"lease_ttl"`
 }
 
-// HeartbeatCmd extends a worker's lease.
+// HeartbeatCmd extends a worker's lease and records its capacity report.
+// Servers propose it only when the lease needs extending or the report
+// changed meaningfully (WorkerReport.Differs), not on every beat.
 type HeartbeatCmd struct {
 	Header
 	Name     string        `json:"name"`
 	LeaseTTL time.Duration `json:"lease_ttl"`
+	Report   *WorkerReport `json:"report,omitempty"`
+}
+
+// CordonCmd stops (or resumes) new placements on a worker.
+type CordonCmd struct {
+	Header
+	Worker   string `json:"worker"`
+	Cordoned bool   `json:"cordoned"`
+	Reason   string `json:"reason,omitempty"`
+}
+
+// DrainCmd records a drain of a worker and cordons it. The leader's drainer
+// then starts its migrations with DrainUpdateCmd.
+type DrainCmd struct {
+	Header
+	ID           string        `json:"id"`
+	Worker       string        `json:"worker"`
+	Deadline     time.Duration `json:"deadline,omitempty"` // 0: none
+	Parallel     int           `json:"parallel,omitempty"` // 0: DefaultDrainParallel
+	Targets      []string      `json:"targets,omitempty"`  // empty: any worker placement allows
+	BandwidthBPS int64         `json:"bandwidth_bps,omitempty"`
+}
+
+// DrainUpdateCmd is one step of a drain, applied at once: the migrations it
+// starts are planned and marked in the drain record in the same entry, so a
+// new leader never starts one twice. Finish ends the drain (the drainer:
+// complete or deadline; an operator: cancelled) with what was left.
+type DrainUpdateCmd struct {
+	Header
+	ID      string            `json:"id"`
+	Start   []DrainStart      `json:"start,omitempty"`
+	Waiting map[string]string `json:"waiting,omitempty"` // machine -> why it was not placed this round
+	Finish  DrainState        `json:"finish,omitempty"`
+	Left    []DrainLeft       `json:"left,omitempty"`
+}
+
+// CollectCmd deletes terminal records older than their retention; the
+// leader's housekeeping chooses them, Apply re-checks they are terminal.
+type CollectCmd struct {
+	Header
+	Migrations []string `json:"migrations,omitempty"`
+	Drains     []string `json:"drains,omitempty"`
 }
 
 // CreateVolumeCmd registers a volume.
@@ -211,6 +259,14 @@ func payloadFor(t CommandType) (any, bool) {
 		return &PlanCmd{}, true
 	case CmdPropose:
 		return &ProposeCmd{}, true
+	case CmdCordon:
+		return &CordonCmd{}, true
+	case CmdDrain:
+		return &DrainCmd{}, true
+	case CmdDrainUpdate:
+		return &DrainUpdateCmd{}, true
+	case CmdCollect:
+		return &CollectCmd{}, true
 	}
 	return nil, false
 }

@@ -72,6 +72,8 @@ const (
 	CodeNoLeader     = "no_leader"
 	CodeUnauth       = "unauthenticated"
 	CodeInternal     = "internal"
+	CodeCordoned     = "cordoned"
+	CodeNoRoom       = "no_room"
 )
 
 func refuse(kind RefusalKind, code, format string, args ...any) *Refusal {

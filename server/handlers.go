@@ -51,7 +51,6 @@ func (s *Server) routes() http.Handler {
 	})
 	h("GET /v1/workers/{name}", getOne("worker", "name", s.store.Worker))
 	h("POST /v1/workers", s.handleRegisterWorker)
-	h("POST /v1/workers/{name}/heartbeat", s.handleHeartbeat)
 
 	h("GET /v1/volumes", s.listByWorker(func(w string) any { return s.store.Volumes(w) }))
 	h("POST /v1/volumes", s.handleCreateVolume)
@@ -68,7 +67,7 @@ func (s *Server) routes() http.Handler {
 
 	h("GET /v1/migrations", func(w http.ResponseWriter, r *http.Request, _ fsm.Identity) {
 		worker := r.URL.Query().Get("worker")
-		idx, ok := s.block(w, r, func() uint64 { return s.store.MigrationsIndex(worker) })
+		idx, ok := s.block(w, r, func() uint64 { return s.store.MigrationsIndex(worker) }, func() <-chan struct{} { return s.store.MigrationsChanged(worker) })
 		if ok {
 			writeIndexed(w, idx, s.store.Migrations(worker))
 		}
@@ -76,7 +75,7 @@ func (s *Server) routes() http.Handler {
 	h("POST /v1/migrations", s.handlePlan)
 	h("GET /v1/migrations/{id}", func(w http.ResponseWriter, r *http.Request, _ fsm.Identity) {
 		id := r.PathValue("id")
-		idx, ok := s.block(w, r, func() uint64 { return s.store.MigrationIndex(id) })
+		idx, ok := s.block(w, r, func() uint64 { return s.store.MigrationIndex(id) }, s.store.Changed)
 		if !ok {
 			return
 		}
@@ -96,6 +95,7 @@ func (s *Server) routes() http.Handler {
 	h("POST /v1/internal/apply", s.handleInternalApply)
 	h("POST /v1/internal/join", s.handleJoin)
 	h("DELETE /v1/servers/{id}", s.handleRemoveServer)
+	s.fleetRoutes(h)
 	metrics := s.metricsHandler()
 	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, r *http.Request) {
 		if _, err := identity(r); err != nil {
@@ -156,8 +156,10 @@ func readBody(w http.ResponseWriter, r *http.Request, v any) bool {
 }
 
 // block implements ?index=N&wait=D: it returns once current() > N, the
-// wait passes or the client goes away (ok=false: nothing to write).
-func (s *Server) block(w http.ResponseWriter, r *http.Request, current func() uint64) (uint64, bool) {
+// wait passes or the client goes away (ok=false: nothing to write). changed
+// returns the channel closed when current may move: the narrower it is, the
+// fewer wake-ups (per worker for migrations).
+func (s *Server) block(w http.ResponseWriter, r *http.Request, current func() uint64, changed func() <-chan struct{}) (uint64, bool) {
 	q := r.URL.Query()
 	if q.Get("index") == "" {
 		return current(), true
@@ -178,7 +180,7 @@ func (s *Server) block(w http.ResponseWriter, r *http.Request, current func() ui
 	timer := time.NewTimer(wait)
 	defer timer.Stop()
 	for {
-		ch := s.store.Changed()
+		ch := changed()
 		if idx := current(); idx > min {
 			return idx, true
 		}
@@ -227,16 +229,6 @@ func (s *Server) handleRegisterWorker(w http.ResponseWriter, r *http.Request, id
 	}
 }
 
-func (s *Server) handleHeartbeat(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
-	var req api.HeartbeatRequest
-	if !readBody(w, r, &req) {
-		return
-	}
-	if res := s.run(w, r.Context(), fsm.CmdHeartbeat, &fsm.HeartbeatCmd{Header: s.header(id), Name: r.PathValue("name"), LeaseTTL: time.Duration(req.LeaseTTL)}); res != nil {
-		writeJSON(w, http.StatusOK, res.Worker)
-	}
-}
-
 func (s *Server) handleCreateVolume(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
 	var v fsm.Volume
 	if !readBody(w, r, &v) {
@@ -279,13 +271,6 @@ func (s *Server) handleSetKey(w http.ResponseWriter, r *http.Request, id fsm.Ide
 	}
 	if res := s.run(w, r.Context(), fsm.CmdSetVolumeKey, &fsm.SetVolumeKeyCmd{Header: s.header(id), ID: r.PathValue("id"), Key: k.Key}); res != nil {
 		writeJSON(w, http.StatusOK, res.Volume)
-	}
-}
-
-func (s *Server) handleGetKey(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
-	if res := s.run(w, r.Context(), fsm.CmdKeyAccess, &fsm.KeyAccessCmd{Header: s.header(id), ID: r.PathValue("id")}); res != nil {
-		w.Header().Set("Cache-Control", "no-store")
-		writeJSON(w, http.StatusOK, api.KeyBody{Key: res.Key})
 	}
 }
 
@@ -476,7 +461,7 @@ func getOne[T any](kind, param string, get func(string) (T, bool)) func(http.Res
 func (s *Server) listByWorker(list func(worker string) any) func(http.ResponseWriter, *http.Request, fsm.Identity) {
 	return func(w http.ResponseWriter, r *http.Request, _ fsm.Identity) {
 		worker := r.URL.Query().Get("worker")
-		if idx, ok := s.block(w, r, func() uint64 { return s.store.Index() }); ok {
+		if idx, ok := s.block(w, r, s.store.Index, s.store.Changed); ok {
 			writeIndexed(w, idx, list(worker))
 		}
 	}

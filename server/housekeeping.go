@@ -7,6 +7,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/server/drainer"
 )
 
 // Proposer replicates one command; a refusal comes back as the error.
@@ -18,9 +19,14 @@ type Proposer interface {
 type StoreView interface {
 	Servers() []fsm.ServerMember
 	Worker(name string) (fsm.Worker, bool)
-	Migrations(worker string) []*fsm.Migration
+	ActiveMigrations() []*fsm.Migration
 	Volumes(worker string) []fsm.Volume
+	Collectable(cutoff time.Time, limit int) (migrations, drains []string)
 }
+
+// DefaultRetention is how long finished migrations and drains stay in the
+// state (status, audit) before housekeeping collects them.
+const DefaultRetention = 72 * time.Hour
 
 // housekeeper is the leader's periodic work: it registers this server's API
 // address, completes released migrations, aborts or flags migrations whose
@@ -33,6 +39,9 @@ type housekeeper struct {
 	now      func() time.Time
 	interval time.Duration
 	log      zerolog.Logger
+
+	retention   time.Duration // 0: DefaultRetention
+	lastCollect time.Time
 }
 
 // run reconciles every interval until ctx ends; the server runs it only
@@ -69,7 +78,7 @@ func (h *housekeeper) reconcile(ctx context.Context) {
 		w, ok := h.store.Worker(name)
 		return !ok || !w.Alive(now)
 	}
-	for _, m := range h.store.Migrations("") {
+	for _, m := range h.store.ActiveMigrations() {
 		switch {
 		case m.State == fsm.SourceReleased:
 			h.event(ctx, m.ID, fsm.EvCompleted, "server-completed", fsm.EventPayload{})
@@ -99,6 +108,32 @@ func (h *housekeeper) reconcile(ctx context.Context) {
 			h.apply(ctx, fsm.CmdDestroyVolume, &fsm.DestroyVolumeCmd{Header: h.header(), ID: v.ID})
 		}
 	}
+	h.collect(ctx, now)
+}
+
+// collect deletes finished migrations and drains past their retention, a
+// batch at a time, so the state (and the leader's memory) does not grow with
+// the history. Once a minute is enough: the batch is large.
+func (h *housekeeper) collect(ctx context.Context, now time.Time) {
+	if now.Sub(h.lastCollect) < time.Minute {
+		return
+	}
+	h.lastCollect = now
+	ret := h.retention
+	if ret <= 0 {
+		ret = DefaultRetention
+	}
+	for range 16 { // at most 16 entries a minute
+		migs, drains := h.store.Collectable(now.Add(-ret), 4096)
+		if len(migs) == 0 && len(drains) == 0 {
+			return
+		}
+		if err := h.propose.Propose(ctx, fsm.CmdCollect, &fsm.CollectCmd{Header: h.header(), Migrations: migs, Drains: drains}); err != nil {
+			h.log.Warn().Err(err).Msg("collecting finished records refused")
+			return
+		}
+		h.log.Info().Int("migrations", len(migs)).Int("drains", len(drains)).Msg("collected finished records past their retention")
+	}
 }
 
 func (h *housekeeper) event(ctx context.Context, id string, ev fsm.Event, step string, p fsm.EventPayload) {
@@ -127,7 +162,22 @@ func (s *Server) leaderLoop(ctx context.Context) {
 	h := &housekeeper{
 		self:    fsm.ServerMember{ID: s.cfg.ID, RaftAddr: s.node.RaftAddr(), APIAddr: s.apiURL},
 		propose: s, store: s.store, now: s.cfg.Now, interval: s.cfg.ReconcileInterval,
-		log: s.log.With().Str("loop", "housekeeping").Logger(),
+		log: s.log.With().Str("loop", "housekeeping").Logger(), retention: s.cfg.Retention,
+	}
+	dr := drainer.New(drainer.Config{Self: s.cfg.ID, Batch: s.cfg.DrainBatch, Now: s.cfg.Now, Logger: s.log}, s, s.store)
+	leading := func(ctx context.Context) {
+		// A barrier first: the new leader's state holds every entry the old
+		// one committed, so the drainer sees all marks before it places.
+		if err := s.node.Raft.Barrier(10 * time.Second).Error(); err != nil {
+			s.log.Warn().Err(err).Msg("leader barrier failed; the leader loops start anyway")
+		}
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			dr.Run(ctx)
+		}()
+		h.run(ctx)
+		<-done
 	}
 	var stop func() // set while the housekeeper runs
 	halt := func() {
@@ -145,7 +195,7 @@ func (s *Server) leaderLoop(ctx context.Context) {
 			if !leader {
 				halt()
 			} else if stop == nil {
-				stop = startLoop(ctx, h.run)
+				stop = startLoop(ctx, leading)
 			}
 		}
 	}

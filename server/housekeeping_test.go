@@ -24,8 +24,11 @@ func (v *fakeView) Worker(n string) (fsm.Worker, bool) {
 	w, ok := v.workers[n]
 	return w, ok
 }
-func (v *fakeView) Migrations(string) []*fsm.Migration { return v.migrations }
+func (v *fakeView) ActiveMigrations() []*fsm.Migration { return v.migrations }
 func (v *fakeView) Volumes(string) []fsm.Volume        { return v.volumes }
+func (v *fakeView) Collectable(time.Time, int) ([]string, []string) {
+	return nil, nil
+}
 
 type recorder struct{ cmds []any }
 

@@ -46,6 +46,8 @@ type Config struct {
 	SnapshotThreshold uint64
 
 	ReconcileInterval time.Duration    // leader housekeeping period (default 1s)
+	Retention         time.Duration    // finished migrations and drains are collected after it (default DefaultRetention)
+	DrainBatch        time.Duration    // least time between two passes of the drainer (default 500ms)
 	Now               func() time.Time // clock (default time.Now)
 }
 
@@ -67,6 +69,7 @@ type Server struct {
 
 	startLast uint64      // last raft index on disk at start
 	ready     atomic.Bool // latched once this replica has caught up
+	met       fleetMetrics
 }
 
 // Ready reports whether this server's replica has caught up with the
@@ -137,6 +140,7 @@ func StartServer(ctx context.Context, log zerolog.Logger, cfg Config) (*Server, 
 		reg: prometheus.NewRegistry(), startLast: node.Raft.LastIndex(),
 	}
 	s.reg.MustRegister(&collector{s: s})
+	s.met = newFleetMetrics(s.reg)
 	s.http = &http.Server{Handler: s.routes(), ReadHeaderTimeout: 10 * time.Second, ErrorLog: nil}
 	s.wg.Add(2)
 	go func() {

@@ -1,0 +1,270 @@
+// Package drainer is the leader's drain scheduler: for every running drain
+// recorded in the replicated state it starts the migrations placement allows
+// within the drain's limits, reports what waits and why, ends the drain when
+// its worker is empty and, at the deadline, records what was left. It keeps
+// no state of its own: a new leader's drainer continues from the records,
+// and the marks written with each plan (one raft entry) keep it from
+// starting a machine twice. It needs only a RaftApplier and a State view, so
+// it is tested without raft.
+package drainer
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"maps"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/server/placement"
+)
+
+// RaftApplier replicates one command and returns what the store did.
+type RaftApplier interface {
+	Apply(ctx context.Context, typ fsm.CommandType, payload any) (*fsm.Result, error)
+}
+
+// State is the part of the replicated state the drainer reads.
+type State interface {
+	Drains(worker string) []*fsm.Drain
+	Workers() []fsm.Worker
+	Worker(name string) (fsm.Worker, bool)
+	Machines(worker string) []fsm.Machine
+	Volume(id string) (fsm.Volume, bool)
+	Migration(id string) (*fsm.Migration, bool)
+	ActiveMigrations() []*fsm.Migration
+	Changed() <-chan struct{}
+}
+
+// Config configures a Drainer.
+type Config struct {
+	Self   string        // server name: the actor of its commands
+	Batch  time.Duration // least time between passes: changes in between are handled together (default 500ms)
+	Now    func() time.Time
+	Logger zerolog.Logger
+}
+
+// Drainer runs drains; Run it only while this server leads.
+type Drainer struct {
+	cfg   Config
+	raft  RaftApplier
+	state State
+	log   zerolog.Logger
+}
+
+// New returns a drainer.
+func New(cfg Config, raft RaftApplier, state State) *Drainer {
+	if cfg.Batch <= 0 {
+		cfg.Batch = 500 * time.Millisecond
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	return &Drainer{cfg: cfg, raft: raft, state: state, log: cfg.Logger.With().Str("loop", "drainer").Logger()}
+}
+
+// Run works on the drains until ctx ends: a pass after every change of the
+// state (at most one per Batch) and at least every second, for deadlines.
+func (d *Drainer) Run(ctx context.Context) {
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for {
+		changed := d.state.Changed()
+		d.Pass(ctx)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(d.cfg.Batch):
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-changed:
+		case <-tick.C:
+		}
+	}
+}
+
+// Pass looks at every running drain once.
+func (d *Drainer) Pass(ctx context.Context) {
+	var running []*fsm.Drain
+	for _, dr := range d.state.Drains("") {
+		if dr.State == fsm.DrainRunning {
+			running = append(running, dr)
+		}
+	}
+	if len(running) == 0 {
+		return
+	}
+	active := d.state.ActiveMigrations()
+	workers := d.state.Workers()
+	// Oldest drain first: it gets the slots first.
+	for i := len(running) - 1; i >= 0; i-- {
+		if ctx.Err() != nil {
+			return
+		}
+		if err := d.step(ctx, running[i], workers, active); err != nil {
+			d.log.Warn().Err(err).Str("drain", running[i].ID).Msg("drain step failed; retrying at the next pass")
+			continue
+		}
+		active = d.state.ActiveMigrations() // what this step started loads the next drain
+	}
+}
+
+func (d *Drainer) header() fsm.Header {
+	return fsm.Header{Actor: fsm.Identity{Name: d.cfg.Self, Kind: fsm.KindServer}, Now: d.cfg.Now().UTC()}
+}
+
+// step advances one drain.
+func (d *Drainer) step(ctx context.Context, dr *fsm.Drain, workers []fsm.Worker, active []*fsm.Migration) error {
+	now := d.cfg.Now()
+	src, ok := d.state.Worker(dr.Worker)
+	if !ok {
+		return d.finish(ctx, dr, fsm.DrainComplete, nil) // the worker is gone: nothing left to move
+	}
+	onWorker := d.state.Machines(dr.Worker)
+	byMachine := map[string]*fsm.Migration{}
+	for _, m := range active {
+		if m.Source == dr.Worker {
+			byMachine[m.Machine] = m
+		}
+	}
+	// In flight: migrations this drain started that have not ended.
+	inFlight := 0
+	for _, id := range dr.Started {
+		if m, ok := d.state.Migration(id); ok && m.Active() {
+			inFlight++
+		}
+	}
+	if len(onWorker) == 0 && inFlight == 0 {
+		return d.finish(ctx, dr, fsm.DrainComplete, nil)
+	}
+
+	// What may start, and why the others wait.
+	waiting := map[string]string{}
+	var todo []fsm.Machine
+	for _, m := range onWorker {
+		if mig := byMachine[m.ID]; mig != nil {
+			continue // running (this drain's or an operator's): it goes on
+		}
+		if id, marked := dr.Started[m.ID]; marked {
+			mig, ok := d.state.Migration(id)
+			switch {
+			case ok && mig.State == fsm.RolledBack && dr.Attempts[m.ID] >= fsm.MaxDrainAttempts:
+				waiting[m.ID] = fmt.Sprintf("rolled back %d times (last: %s): left for the operator", dr.Attempts[m.ID], rollbackReason(mig))
+				continue
+			case ok && mig.State != fsm.RolledBack:
+				continue
+			}
+		}
+		todo = append(todo, m)
+	}
+
+	if !dr.Deadline.IsZero() && !now.Before(dr.Deadline) {
+		var left []fsm.DrainLeft
+		for _, m := range onWorker {
+			l := fsm.DrainLeft{Machine: m.ID}
+			switch mig := byMachine[m.ID]; {
+			case mig != nil:
+				l.Migration, l.Reason = mig.ID, "migration "+string(mig.State)+" at the deadline: it goes on, the machine moves at cutover"
+			case waiting[m.ID] != "":
+				l.Reason = waiting[m.ID]
+			case dr.Waiting[m.ID] != "":
+				l.Reason = "not started before the deadline: " + dr.Waiting[m.ID]
+			default:
+				l.Reason = "not started before the deadline"
+			}
+			left = append(left, l)
+		}
+		return d.finish(ctx, dr, fsm.DrainDeadline, left)
+	}
+
+	var starts []fsm.DrainStart
+	if len(todo) > 0 {
+		in := placement.Input{Now: now, Source: src, Workers: workers, Machines: todo, Volumes: map[string]fsm.Volume{}, Active: active}
+		grouped := false
+		for _, m := range todo {
+			if v, ok := d.state.Volume(m.Volume); ok {
+				in.Volumes[v.ID] = v
+			}
+			grouped = grouped || m.Group != ""
+		}
+		for _, m := range active {
+			if _, ok := in.Volumes[m.Volume]; !ok {
+				if v, ok := d.state.Volume(m.Volume); ok {
+					in.Volumes[v.ID] = v
+				}
+			}
+		}
+		if grouped {
+			in.Groups = Groups(d.state.Machines(""))
+		}
+		placed, wait := placement.Plan(in, placement.Options{Targets: dr.Targets, Parallel: dr.Parallel, BandwidthBPS: dr.BandwidthBPS})
+		for _, w := range wait {
+			waiting[w.Machine] = w.Reason
+		}
+		for _, p := range placed {
+			if len(starts) == 512 {
+				break
+			}
+			starts = append(starts, fsm.DrainStart{Machine: p.Machine, Target: p.Target, Migration: MigrationID(dr.ID, p.Machine, dr.Attempts[p.Machine]+1)})
+			d.log.Info().Str("drain", dr.ID).Str("machine", p.Machine).Str("target", p.Target).Str("reason", p.Reason).Msg("placing")
+		}
+	}
+	if len(starts) == 0 && maps.Equal(waiting, dr.Waiting) {
+		return nil // nothing new: no write
+	}
+	res, err := d.raft.Apply(ctx, fsm.CmdDrainUpdate, &fsm.DrainUpdateCmd{Header: d.header(), ID: dr.ID, Start: starts, Waiting: waiting})
+	if err != nil {
+		return err
+	}
+	return res.Err()
+}
+
+func (d *Drainer) finish(ctx context.Context, dr *fsm.Drain, st fsm.DrainState, left []fsm.DrainLeft) error {
+	res, err := d.raft.Apply(ctx, fsm.CmdDrainUpdate, &fsm.DrainUpdateCmd{Header: d.header(), ID: dr.ID, Finish: st, Left: left})
+	if err != nil {
+		return err
+	}
+	if err := res.Err(); err != nil {
+		return err
+	}
+	d.log.Info().Str("drain", dr.ID).Str("worker", dr.Worker).Str("state", string(st)).Int("left", len(left)).Msg("drain ended")
+	return nil
+}
+
+func rollbackReason(m *fsm.Migration) string {
+	if m.Rollback != nil {
+		return m.Rollback.Reason
+	}
+	return m.LastError
+}
+
+// MigrationID names the attempt-th migration a drain starts for a machine:
+// the same on every leader, so a re-proposed start is recognised.
+func MigrationID(drain, machine string, attempt int) string {
+	id := fmt.Sprintf("%s-%d-%s", drain, attempt, machine)
+	if len(id) <= 128 {
+		return id
+	}
+	h := sha256.Sum256([]byte(machine))
+	return fmt.Sprintf("%s-%d-%s", drain, attempt, hex.EncodeToString(h[:8]))
+}
+
+// Groups counts the machines of each group on each worker.
+func Groups(ms []fsm.Machine) map[string]map[string]int {
+	out := map[string]map[string]int{}
+	for _, m := range ms {
+		if m.Group == "" {
+			continue
+		}
+		if out[m.Worker] == nil {
+			out[m.Worker] = map[string]int{}
+		}
+		out[m.Worker][m.Group]++
+	}
+	return out
+}
