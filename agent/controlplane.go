@@ -13,6 +13,9 @@ import (
 type APIControlPlane struct {
 	C        *api.Client
 	LeaseTTL time.Duration // 0: the server's default
+	// Report, when set, gives the capacity sent with each heartbeat (free
+	// space of the volume store, slots, rates) for the servers' placement.
+	Report func() *fsm.WorkerReport
 }
 
 var _ ControlPlane = (*APIControlPlane)(nil)
@@ -23,7 +26,11 @@ func (p *APIControlPlane) RegisterWorker(ctx context.Context, w fsm.Worker) erro
 }
 
 func (p *APIControlPlane) Heartbeat(ctx context.Context, worker string) error {
-	_, err := p.C.Heartbeat(ctx, worker, p.LeaseTTL)
+	var rep *fsm.WorkerReport
+	if p.Report != nil {
+		rep = p.Report()
+	}
+	_, err := p.C.HeartbeatReport(ctx, worker, p.LeaseTTL, rep)
 	return err
 }
 

@@ -85,7 +85,7 @@ func (f *agentFlags) build(ctx context.Context) (*agent.Agent, *agent.NetNetwork
 			return nil, nil, withCode(ExitUsage, err)
 		}
 	}
-	a, err := agent.New(alog, acfg, &agent.APIControlPlane{C: c, LeaseTTL: f.leaseTTL}, exp, nw, mach, vols)
+	a, err := agent.New(alog, acfg, &agent.APIControlPlane{C: c, LeaseTTL: f.leaseTTL, Report: volumeStoreReport(f.dataDir, acfg.HydrationRate)}, exp, nw, mach, vols)
 	return a, nw, err
 }
 

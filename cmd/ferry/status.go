@@ -53,6 +53,11 @@ func init() {
 				return writeJSONOut(out, ms)
 			}
 			printMigrations(out, ms, time.Now())
+			if worker == "" {
+				if ds, err := c.ListDrains(ctx, ""); err == nil {
+					printDrains(out, ds, time.Now())
+				}
+			}
 			return nil
 		},
 	}
