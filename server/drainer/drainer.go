@@ -127,9 +127,13 @@ func (d *Drainer) step(ctx context.Context, dr *fsm.Drain, workers []fsm.Worker,
 	}
 	onWorker := d.state.Machines(dr.Worker)
 	byMachine := map[string]*fsm.Migration{}
+	busyNet := map[uint32]string{} // one migration per private network at a time
 	for _, m := range active {
 		if m.Source == dr.Worker {
 			byMachine[m.Machine] = m
+		}
+		if m.Network != 0 {
+			busyNet[m.Network] = m.ID
 		}
 	}
 	// In flight: migrations this drain started that have not ended.
@@ -160,7 +164,14 @@ func (d *Drainer) step(ctx context.Context, dr *fsm.Drain, workers []fsm.Worker,
 				continue
 			}
 		}
+		if id, busy := busyNet[m.Network]; busy && m.Network != 0 {
+			waiting[m.ID] = fmt.Sprintf("private network %d is busy with migration %s", m.Network, id)
+			continue
+		}
 		todo = append(todo, m)
+		if m.Network != 0 {
+			busyNet[m.Network] = "(placed in this pass)"
+		}
 	}
 
 	if !dr.Deadline.IsZero() && !now.Before(dr.Deadline) {
