@@ -129,6 +129,16 @@ func leftOf(st *fsm.Store, d *fsm.Drain) []fsm.DrainLeft {
 		}
 		out = append(out, l)
 	}
+	on := map[string]bool{}
+	for _, m := range st.Machines(d.Worker) {
+		on[m.ID] = true
+	}
+	for machine, id := range d.Started {
+		if mig, ok := st.Migration(id); ok && mig.Active() && !on[machine] {
+			out = append(out, fsm.DrainLeft{Machine: machine, Migration: id,
+				Reason: "migration " + string(mig.State) + " when cancelled: the machine runs on " + mig.Target + ", the source still serves its hydration"})
+		}
+	}
 	return out
 }
 

@@ -54,6 +54,7 @@ Writes sent to a follower are forwarded to the leader.`,
 	f.StringVar(&cfg.Listen, "listen", "127.0.0.1:7400", "HTTP API address (mTLS)")
 	f.StringVar(&cfg.Advertise, "advertise", "", "API address other servers reach this one at (default: --listen)")
 	f.StringVar(&cfg.RaftAddr, "raft-addr", "127.0.0.1:7401", "raft transport address (mTLS); must be reachable by the other servers")
+	f.DurationVar(&cfg.Retention, "retention", server.DefaultRetention, "finished migrations and drains are deleted from the state after this long")
 	f.BoolVar(&cfg.Bootstrap, "bootstrap", false, "start a new cluster with this server as its only voter")
 	f.StringVar(&join, "join", "", "API address(es) of an existing cluster's servers, comma-separated")
 	f.StringVar(&cfg.TLSDir, "tls-dir", "/etc/ferry/tls", "directory made by `ferry tls` holding ca.pem and <name>.pem")

@@ -190,6 +190,15 @@ func (d *Drainer) step(ctx context.Context, dr *fsm.Drain, workers []fsm.Worker,
 			}
 			left = append(left, l)
 		}
+		// Migrations past cutover: the machine left, but the source still
+		// serves its hydration, so the worker cannot go yet.
+		on := onWorkerSet(onWorker)
+		for machine, mig := range byMachine {
+			if !on[machine] {
+				left = append(left, fsm.DrainLeft{Machine: machine, Migration: mig.ID,
+					Reason: "migration " + string(mig.State) + " at the deadline: it goes on; the machine runs on " + mig.Target + " and the source still serves its hydration"})
+			}
+		}
 		return d.finish(ctx, dr, fsm.DrainDeadline, left)
 	}
 
@@ -276,6 +285,14 @@ func Groups(ms []fsm.Machine) map[string]map[string]int {
 			out[m.Worker] = map[string]int{}
 		}
 		out[m.Worker][m.Group]++
+	}
+	return out
+}
+
+func onWorkerSet(ms []fsm.Machine) map[string]bool {
+	out := make(map[string]bool, len(ms))
+	for _, m := range ms {
+		out[m.ID] = true
 	}
 	return out
 }

@@ -35,6 +35,7 @@ type Options struct {
 	SnapshotThreshold uint64        // default raft's
 	Log               *zerolog.Logger
 	ReconcileInterval time.Duration
+	DrainBatch        time.Duration // least time between drainer passes (default the server's)
 }
 
 // New starts n servers (the first bootstraps, the others join) and waits
@@ -62,7 +63,7 @@ func New(t testing.TB, n int, o Options) *Cluster {
 			ID: fmt.Sprintf("s%d", i), DataDir: filepath.Join(dir, fmt.Sprintf("s%d", i)),
 			Listen: "127.0.0.1:0", RaftAddr: "127.0.0.1:0", Bootstrap: i == 0, TLSDir: c.TLSDir,
 			HeartbeatTimeout: o.HeartbeatTimeout, ElectionTimeout: o.HeartbeatTimeout,
-			SnapshotThreshold: o.SnapshotThreshold, ReconcileInterval: o.ReconcileInterval,
+			SnapshotThreshold: o.SnapshotThreshold, ReconcileInterval: o.ReconcileInterval, DrainBatch: o.DrainBatch,
 		}
 		if i > 0 {
 			cfg.Join = []string{c.Servers[0].Addr()}
