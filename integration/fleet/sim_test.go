@@ -346,7 +346,7 @@ func (a *SimAgent) hydrate(ctx context.Context, m *fsm.Migration) error {
 		last = now
 		if d := done * 10 / max(total, 1); d != decile && done < total {
 			decile = d
-			p := &fsm.Progress{HydratedBytes: done, TotalBytes: total, FetchedBytes: done, RateBPS: r}
+			p := &fsm.Progress{HydratedBytes: done, TotalBytes: total, FetchedBytes: done, RateBPS: r, ETASeconds: (total - done) / max(r, 1)}
 			if _, err := a.C.Propose(ctx, m.ID, fsm.EvProgress, "", fsm.EventPayload{Progress: p, Milestone: true}); err != nil && ctx.Err() != nil {
 				return err
 			}

@@ -42,6 +42,32 @@ type Options struct {
 	// Whole plans every machine at once ignoring the limits that only
 	// delay a start (slots, parallel, bandwidth): what --plan prints.
 	Whole bool
+	// Lead is how long a migration takes from its plan to hydrating (the
+	// steps before cutover): a hydration whose reported ETA is shorter no
+	// longer counts against --parallel and the budget, so the next one
+	// reaches its hydration as this one ends and the link does not idle
+	// between them. 0: DefaultLead.
+	Lead time.Duration
+}
+
+// DefaultLead is Options.Lead's default.
+const DefaultLead = 2 * time.Second
+
+func (o Options) lead() time.Duration {
+	if o.Lead > 0 {
+		return o.Lead
+	}
+	return DefaultLead
+}
+
+// finishing reports whether m's hydration ends within lead, by its last
+// progress report (ETA then, minus the time since).
+func finishing(m *fsm.Migration, now time.Time, lead time.Duration) bool {
+	p := m.Progress
+	if m.State != fsm.Hydrating || p == nil || p.ETASeconds <= 0 || p.UpdatedAt.IsZero() {
+		return false
+	}
+	return time.Duration(p.ETASeconds)*time.Second-now.Sub(p.UpdatedAt) <= lead
 }
 
 // Margin is the free space a target must keep beyond a volume: a tenth of
@@ -114,7 +140,11 @@ func Plan(in Input, o Options) ([]Placement, []Waiting) {
 
 	// Load: running migrations hold inbound slots and their volume's space
 	// on the target until they end (reported free space may not show it yet).
-	outRunning := 0
+	// On the source, every active migration holds an outbound slot (the
+	// store's admission), but only those not yet hydrated use its link:
+	// --parallel and the bandwidth budget count those, so the next
+	// migration starts while the last ones wait for their completion.
+	outAll, outRunning := 0, 0
 	var outBPS int64
 	for _, m := range in.Active {
 		if t := byName[m.Target]; t != nil {
@@ -124,8 +154,11 @@ func Plan(in Input, o Options) ([]Placement, []Waiting) {
 			}
 		}
 		if m.Source == in.Source.Name {
-			outRunning++
-			outBPS += rateOf(m, byName)
+			outAll++
+			if usesLink(m.State) && !finishing(m, in.Now, o.lead()) {
+				outRunning++
+				outBPS += rateOf(m, byName)
+			}
 		}
 	}
 
@@ -133,8 +166,9 @@ func Plan(in Input, o Options) ([]Placement, []Waiting) {
 	if budget == 0 && in.Source.Report != nil {
 		budget = in.Source.Report.LinkBPS
 	}
-	outLim := in.Source.LimitOut()
-	if o.Parallel > 0 && o.Parallel < outLim {
+	slots := in.Source.LimitOut()
+	outLim := slots
+	if o.Parallel > 0 {
 		outLim = o.Parallel
 	}
 
@@ -152,6 +186,10 @@ func Plan(in Input, o Options) ([]Placement, []Waiting) {
 	for _, m := range ms {
 		sz := size(m.Volume)
 		if !o.Whole {
+			if outAll >= slots {
+				waiting = append(waiting, Waiting{m.ID, sz, fmt.Sprintf("source %s holds %d of its %d outbound slots", in.Source.Name, outAll, slots)})
+				continue
+			}
 			if outRunning >= outLim {
 				waiting = append(waiting, Waiting{m.ID, sz, fmt.Sprintf("source %s runs %d of %d outbound migrations", in.Source.Name, outRunning, outLim)})
 				continue
@@ -212,11 +250,18 @@ func Plan(in Input, o Options) ([]Placement, []Waiting) {
 			t.groups[m.Group]++
 		}
 		t.in++
+		outAll++
 		outRunning++
 		outBPS += rateFor(t, budget, outLim)
 		placed = append(placed, Placement{Machine: m.ID, Volume: m.Volume, Bytes: sz, Target: t.w.Name, Reason: reason})
 	}
 	return placed, waiting
+}
+
+// usesLink reports whether a migration in st still needs its source's
+// link: until it is hydrated, unless it is rolling back.
+func usesLink(st fsm.State) bool {
+	return !st.Terminal() && st != fsm.Hydrated && st != fsm.SourceReleased && st != fsm.RollingBack
 }
 
 func load(t *target) float64 { return float64(t.in) / float64(max(t.lim, 1)) }

@@ -150,3 +150,20 @@ func TestBytes(t *testing.T) {
 		}
 	}
 }
+
+func TestFinishingHydrationFreesItsShare(t *testing.T) {
+	a := worker("a", 1000)
+	a.Report.HydrateBPS = 100 << 20
+	in := input(2, 10, a)
+	// One hydration at the whole budget, ending in 1 s by its report 0.5 s ago.
+	in.Active = []*fsm.Migration{{ID: "x", Volume: "vm00", Source: "src", Target: "a", State: fsm.Hydrating,
+		Progress: &fsm.Progress{RateBPS: 100 << 20, ETASeconds: 1, UpdatedAt: now.Add(-500 * time.Millisecond)}}}
+	in.Machines = in.Machines[1:]
+	if placed, _ := Plan(in, Options{Parallel: 1, BandwidthBPS: 100 << 20}); len(placed) != 1 {
+		t.Fatal("a hydration about to end still blocks the next start")
+	}
+	in.Active[0].Progress.ETASeconds = 30
+	if placed, waiting := Plan(in, Options{Parallel: 1, BandwidthBPS: 100 << 20}); len(placed) != 0 {
+		t.Fatalf("started past --parallel: %v %v", placed, waiting)
+	}
+}
