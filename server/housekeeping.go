@@ -42,11 +42,21 @@ type housekeeper struct {
 
 	retention   time.Duration // 0: DefaultRetention
 	lastCollect time.Time
+	since       time.Time // when this server became leader
 }
+
+// leaseGrace is how long a new leader waits before it acts on an expired
+// lease: during the election no heartbeat could be written (followers
+// answer beats without a write while the lease is long, and forward the
+// write only when it runs short), so a lease that ran out meanwhile says
+// nothing about the worker. Nomad's new leaders likewise reset heartbeat
+// timers.
+const leaseGrace = 5 * time.Second
 
 // run reconciles every interval until ctx ends; the server runs it only
 // while this node leads.
 func (h *housekeeper) run(ctx context.Context) {
+	h.since = h.now()
 	t := time.NewTicker(h.interval)
 	defer t.Stop()
 	for {
@@ -74,9 +84,10 @@ func (h *housekeeper) reconcile(ctx context.Context) {
 		h.apply(ctx, fsm.CmdRegisterServer, &fsm.RegisterServerCmd{Header: h.header(), Member: h.self})
 	}
 	now := h.now()
+	grace := now.Sub(h.since) < leaseGrace
 	dead := func(name string) bool {
 		w, ok := h.store.Worker(name)
-		return !ok || !w.Alive(now)
+		return !ok || !w.Alive(now) && !grace
 	}
 	for _, m := range h.store.ActiveMigrations() {
 		switch {

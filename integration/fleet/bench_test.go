@@ -31,7 +31,7 @@ import (
 // processes, mTLS) and simulated agents in this process (real API, real
 // worker certificates, timing-model data path), then measures the steady
 // state, the planning and the drain of many workers, and a drain across a
-// killed leader. Scale with FERRY_FLEET_AGENTS (default 200) and
+// killed leader. Scale with FERRY_FLEET_AGENTS (default 100) and
 // FERRY_FLEET_MACHINES (per agent, default 10): the 1000 agents and
 // 10 000 machines do not fit in 10 minutes on 2 cores shared with the
 // servers. Run:
@@ -41,8 +41,9 @@ func BenchmarkFleetDrain(b *testing.B) {
 	if testing.Short() {
 		b.Skip("fleet simulation: minutes")
 	}
-	nAgents := envInt("FERRY_FLEET_AGENTS", 200)
+	nAgents := envInt("FERRY_FLEET_AGENTS", 100)
 	perAgent := envInt("FERRY_FLEET_MACHINES", 10)
+	nPlan := min(50, nAgents/2)
 	nDrain := min(50, nAgents/4)
 	nKill := min(10, nAgents/10)
 	const (
@@ -50,7 +51,7 @@ func BenchmarkFleetDrain(b *testing.B) {
 		ttl     = 10 * time.Second
 	)
 	for range b.N {
-		runFleetBench(b, nAgents, perAgent, nDrain, nKill, volSize, ttl)
+		runFleetBench(b, nAgents, perAgent, nPlan, nDrain, nKill, volSize, ttl)
 	}
 }
 
@@ -128,7 +129,7 @@ func rssMiB(pid int) float64 {
 	return 0
 }
 
-func runFleetBench(b *testing.B, nAgents, perAgent, nDrain, nKill int, volSize int64, ttl time.Duration) {
+func runFleetBench(b *testing.B, nAgents, perAgent, nPlan, nDrain, nKill int, volSize int64, ttl time.Duration) {
 	b.StopTimer()
 	dir := b.TempDir()
 	tlsDir := filepath.Join(dir, "tls")
@@ -230,16 +231,18 @@ func runFleetBench(b *testing.B, nAgents, perAgent, nDrain, nKill int, volSize i
 	b.Logf("steady state: %d raft entries in %s (%.1f/s; goal <= %d workers / %s = %.1f/s); %d agent calls, p99 %s",
 		i1-i0, window, steadyWrites, nAgents, ttl, float64(nAgents)/ttl.Seconds(), nCalls, p99)
 
-	// Plan the drain of nDrain workers (cordoned first, as for any multi-worker drain).
+	// Plan the drain of nPlan workers (cordoned first, as for any
+	// multi-worker drain), then drain the first nDrain of them.
+	planned := agents[:nPlan]
 	drained := agents[:nDrain]
-	for _, a := range drained {
+	for _, a := range planned {
 		if _, err := op.Cordon(ctx, a.Name, true, "fleet bench"); err != nil {
 			b.Fatal(err)
 		}
 	}
 	t0 = time.Now()
 	placed := 0
-	for _, a := range drained {
+	for _, a := range planned {
 		p, err := op.PlanDrain(ctx, api.DrainRequest{Worker: a.Name})
 		if err != nil {
 			b.Fatal(err)
@@ -250,7 +253,12 @@ func runFleetBench(b *testing.B, nAgents, perAgent, nDrain, nKill int, volSize i
 		}
 	}
 	planS := time.Since(t0).Seconds()
-	b.Logf("planned %d workers, %d machines in %.3fs", nDrain, placed, planS)
+	b.Logf("planned %d workers, %d machines in %.3fs", nPlan, placed, planS)
+	for _, a := range planned[nDrain:] { // the rest stay targets
+		if _, err := op.Cordon(ctx, a.Name, false, ""); err != nil {
+			b.Fatal(err)
+		}
+	}
 
 	// Drain them all at once; the servers run it.
 	leader := leaderProc(b, ctx, op, procs)
@@ -404,7 +412,21 @@ func waitDrains(b *testing.B, ctx context.Context, op *api.Client, ws []*SimAgen
 		if done == len(ws) {
 			return curve
 		}
-		if ctx.Err() != nil {
+		if ctx.Err() != nil || time.Since(t0) > 4*time.Minute {
+			dctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			ds, _ := op.ListDrains(dctx, "")
+			for _, d := range ds {
+				if want[d.Worker] && d.State != fsm.DrainComplete {
+					b.Logf("drain %s of %s: %s, started %d, waiting %v", d.ID, d.Worker, d.State, len(d.Started), d.Waiting)
+				}
+			}
+			ms, _ := op.ListMigrations(dctx, "")
+			for _, m := range ms {
+				if m.Active() {
+					b.Logf("active %s %s -> %s: %s stalled=%v %s", m.ID, m.Source, m.Target, m.State, m.Stalled, m.StallCause)
+				}
+			}
 			b.Fatalf("drains did not complete: %d of %d", done, len(ws))
 		}
 		time.Sleep(250 * time.Millisecond)

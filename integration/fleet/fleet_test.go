@@ -225,10 +225,10 @@ func TestCordonedWorkerNeverChosen(t *testing.T) {
 // migrations are not killed.
 func TestDeadlineReportsWhatWasLeft(t *testing.T) {
 	f := newFleet(t)
-	f.fab.CloneBPS, f.fab.LinkBPS = gib/2, gib/2 // 2 GiB volumes hydrate for 4 s
+	f.fab.CloneBPS, f.fab.LinkBPS = gib/2, gib/2 // 4 GiB volumes hydrate for 8 s
 	f.agent("src", 1<<40)
 	f.agent("a", 1<<40)
-	if err := seedMachines(f.ctx, f.op, "src", 4, 2*gib, nil); err != nil {
+	if err := seedMachines(f.ctx, f.op, "src", 4, 4*gib, nil); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := f.op.Drain(f.ctx, api.DrainRequest{Worker: "src", Parallel: 1, Deadline: api.Duration(2 * time.Second)}); err != nil {

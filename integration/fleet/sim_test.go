@@ -189,8 +189,8 @@ func (a *SimAgent) reconcile(ctx context.Context) {
 
 // dispatch starts the step this worker owes m, once at a time per migration.
 func (a *SimAgent) dispatch(ctx context.Context, m *fsm.Migration) {
-	if m.State.Terminal() || m.Stalled {
-		return
+	if m.State.Terminal() {
+		return // a stalled flag is the servers' note: the steps go on
 	}
 	step := a.stepFor(m)
 	if step == nil {
@@ -218,7 +218,7 @@ func (a *SimAgent) dispatch(ctx context.Context, m *fsm.Migration) {
 				a.mu.Unlock()
 			}
 			fresh, err := a.C.GetMigration(ctx, m.ID)
-			if err != nil || fresh.State.Terminal() || fresh.Stalled {
+			if err != nil || fresh.State.Terminal() {
 				return
 			}
 			if fresh.ModifyIndex == m.ModifyIndex && fresh.State == m.State {

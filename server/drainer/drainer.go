@@ -14,6 +14,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"maps"
+	"sync"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -88,7 +89,10 @@ func (d *Drainer) Run(ctx context.Context) {
 	}
 }
 
-// Pass looks at every running drain once.
+// Pass looks at every running drain once. The decisions are made in
+// order, oldest drain first (it gets the slots first), each seeing what the
+// previous ones placed; the resulting entries are then proposed together,
+// so raft commits them in a few batches instead of one round trip each.
 func (d *Drainer) Pass(ctx context.Context) {
 	var running []*fsm.Drain
 	for _, dr := range d.state.Drains("") {
@@ -101,29 +105,50 @@ func (d *Drainer) Pass(ctx context.Context) {
 	}
 	active := d.state.ActiveMigrations()
 	workers := d.state.Workers()
-	// Oldest drain first: it gets the slots first.
+	var cmds []*fsm.DrainUpdateCmd
 	for i := len(running) - 1; i >= 0; i-- {
-		if ctx.Err() != nil {
-			return
-		}
-		if err := d.step(ctx, running[i], workers, active); err != nil {
-			d.log.Warn().Err(err).Str("drain", running[i].ID).Msg("drain step failed; retrying at the next pass")
+		dr := running[i]
+		c, placed := d.step(dr, workers, active)
+		if c == nil {
 			continue
 		}
-		active = d.state.ActiveMigrations() // what this step started loads the next drain
+		cmds = append(cmds, c)
+		active = append(active, placed...) // what this drain places loads the targets for the next one
 	}
+	sem := make(chan struct{}, 16)
+	var wg sync.WaitGroup
+	for _, c := range cmds {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			res, err := d.raft.Apply(ctx, fsm.CmdDrainUpdate, c)
+			if err == nil {
+				err = res.Err()
+			}
+			if err != nil {
+				d.log.Warn().Err(err).Str("drain", c.ID).Msg("drain step failed; retrying at the next pass")
+				return
+			}
+			if c.Finish != "" {
+				d.log.Info().Str("drain", c.ID).Str("state", string(c.Finish)).Int("left", len(c.Left)).Msg("drain ended")
+			}
+		}()
+	}
+	wg.Wait()
 }
 
 func (d *Drainer) header() fsm.Header {
 	return fsm.Header{Actor: fsm.Identity{Name: d.cfg.Self, Kind: fsm.KindServer}, Now: d.cfg.Now().UTC()}
 }
 
-// step advances one drain.
-func (d *Drainer) step(ctx context.Context, dr *fsm.Drain, workers []fsm.Worker, active []*fsm.Migration) error {
+// step decides the next entry of one drain: nil when nothing changed.
+// The migrations it would start come back too, as planned records.
+func (d *Drainer) step(dr *fsm.Drain, workers []fsm.Worker, active []*fsm.Migration) (*fsm.DrainUpdateCmd, []*fsm.Migration) {
 	now := d.cfg.Now()
 	src, ok := d.state.Worker(dr.Worker)
 	if !ok {
-		return d.finish(ctx, dr, fsm.DrainComplete, nil) // the worker is gone: nothing left to move
+		return d.finish(dr, fsm.DrainComplete, nil), nil // the worker is gone: nothing left to move
 	}
 	onWorker := d.state.Machines(dr.Worker)
 	byMachine := map[string]*fsm.Migration{}
@@ -144,7 +169,7 @@ func (d *Drainer) step(ctx context.Context, dr *fsm.Drain, workers []fsm.Worker,
 		}
 	}
 	if len(onWorker) == 0 && inFlight == 0 {
-		return d.finish(ctx, dr, fsm.DrainComplete, nil)
+		return d.finish(dr, fsm.DrainComplete, nil), nil
 	}
 
 	// What may start, and why the others wait.
@@ -199,10 +224,11 @@ func (d *Drainer) step(ctx context.Context, dr *fsm.Drain, workers []fsm.Worker,
 					Reason: "migration " + string(mig.State) + " at the deadline: it goes on; the machine runs on " + mig.Target + " and the source still serves its hydration"})
 			}
 		}
-		return d.finish(ctx, dr, fsm.DrainDeadline, left)
+		return d.finish(dr, fsm.DrainDeadline, left), nil
 	}
 
 	var starts []fsm.DrainStart
+	var planned []*fsm.Migration
 	if len(todo) > 0 {
 		in := placement.Input{Now: now, Source: src, Workers: workers, Machines: todo, Volumes: map[string]fsm.Volume{}, Active: active}
 		grouped := false
@@ -230,30 +256,20 @@ func (d *Drainer) step(ctx context.Context, dr *fsm.Drain, workers []fsm.Worker,
 			if len(starts) == 512 {
 				break
 			}
-			starts = append(starts, fsm.DrainStart{Machine: p.Machine, Target: p.Target, Migration: MigrationID(dr.ID, p.Machine, dr.Attempts[p.Machine]+1)})
+			st := fsm.DrainStart{Machine: p.Machine, Target: p.Target, Migration: MigrationID(dr.ID, p.Machine, dr.Attempts[p.Machine]+1)}
+			starts = append(starts, st)
+			planned = append(planned, &fsm.Migration{ID: st.Migration, Machine: p.Machine, Volume: p.Volume, Source: dr.Worker, Target: p.Target, State: fsm.Planned})
 			d.log.Info().Str("drain", dr.ID).Str("machine", p.Machine).Str("target", p.Target).Str("reason", p.Reason).Msg("placing")
 		}
 	}
 	if len(starts) == 0 && maps.Equal(waiting, dr.Waiting) {
-		return nil // nothing new: no write
+		return nil, nil // nothing new: no write
 	}
-	res, err := d.raft.Apply(ctx, fsm.CmdDrainUpdate, &fsm.DrainUpdateCmd{Header: d.header(), ID: dr.ID, Start: starts, Waiting: waiting})
-	if err != nil {
-		return err
-	}
-	return res.Err()
+	return &fsm.DrainUpdateCmd{Header: d.header(), ID: dr.ID, Start: starts, Waiting: waiting}, planned
 }
 
-func (d *Drainer) finish(ctx context.Context, dr *fsm.Drain, st fsm.DrainState, left []fsm.DrainLeft) error {
-	res, err := d.raft.Apply(ctx, fsm.CmdDrainUpdate, &fsm.DrainUpdateCmd{Header: d.header(), ID: dr.ID, Finish: st, Left: left})
-	if err != nil {
-		return err
-	}
-	if err := res.Err(); err != nil {
-		return err
-	}
-	d.log.Info().Str("drain", dr.ID).Str("worker", dr.Worker).Str("state", string(st)).Int("left", len(left)).Msg("drain ended")
-	return nil
+func (d *Drainer) finish(dr *fsm.Drain, st fsm.DrainState, left []fsm.DrainLeft) *fsm.DrainUpdateCmd {
+	return &fsm.DrainUpdateCmd{Header: d.header(), ID: dr.ID, Finish: st, Left: left}
 }
 
 func rollbackReason(m *fsm.Migration) string {
