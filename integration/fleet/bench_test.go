@@ -270,12 +270,13 @@ func runFleetBench(b *testing.B, nAgents, perAgent, nPlan, nDrain, nKill int, vo
 		}
 	}
 	curve := waitDrains(b, ctx, op, drained, t0)
-	drainDur := time.Since(t0)
+	wall := time.Since(t0)
 	b.StopTimer()
+	drainDur := longestDrain(b, ctx, op, drained)
 	ideal := time.Duration(float64(perAgent) * float64(volSize) / float64(fab.LinkBPS) * float64(time.Second))
 	leaderRSS := rssMiB(leader.cmd.Process.Pid)
-	b.Logf("drained %d workers (%d machines) in %s; ideal at %s/s per source: %s; leader RSS %.0f MiB",
-		nDrain, nDrain*perAgent, drainDur.Round(time.Millisecond), humanRate(fab.LinkBPS), ideal, leaderRSS)
+	b.Logf("drained %d workers (%d machines) in %s (longest drain, by its record; %s from the first request to the last completion); ideal at %s/s per source: %s; leader RSS %.0f MiB",
+		nDrain, nDrain*perAgent, drainDur.Round(time.Millisecond), wall.Round(time.Millisecond), humanRate(fab.LinkBPS), ideal, leaderRSS)
 
 	// A drain across a killed leader: count machines started twice.
 	killed := agents[nDrain : nDrain+nKill]
@@ -301,7 +302,16 @@ func runFleetBench(b *testing.B, nAgents, perAgent, nPlan, nDrain, nKill int, vo
 	leader.kill()
 	b.Logf("killed leader %s with %d drains under way", leader.id, nKill)
 	waitDrains(b, ctx, op, killed, t1)
-	b.Logf("drains across the leader kill ended in %s", time.Since(t1).Round(time.Millisecond))
+	b.Logf("drains across the leader kill ended in %s (longest %s)", time.Since(t1).Round(time.Millisecond), longestDrain(b, ctx, op, killed).Round(time.Millisecond))
+	if ms, err := op.ListMigrations(ctx, ""); err == nil {
+		rolled := map[string]int{}
+		for _, m := range ms {
+			if m.State == fsm.RolledBack && m.Rollback != nil {
+				rolled[m.Rollback.Reason]++
+			}
+		}
+		b.Logf("rolled back: %v", rolled)
+	}
 	dups := duplicates(b, ctx, op)
 
 	// Leader memory with the history: a store holding 10 000
@@ -431,6 +441,26 @@ func waitDrains(b *testing.B, ctx context.Context, op *api.Client, ws []*SimAgen
 		}
 		time.Sleep(250 * time.Millisecond)
 	}
+}
+
+// longestDrain is the longest duration (creation to end, by the leader's
+// clock in the record) among the drains of ws.
+func longestDrain(b *testing.B, ctx context.Context, op *api.Client, ws []*SimAgent) time.Duration {
+	want := map[string]bool{}
+	for _, a := range ws {
+		want[a.Name] = true
+	}
+	ds, err := op.ListDrains(ctx, "")
+	if err != nil {
+		b.Fatal(err)
+	}
+	var longest time.Duration
+	for _, d := range ds {
+		if want[d.Worker] && d.State.Terminal() {
+			longest = max(longest, d.FinishedAt.Sub(d.CreatedAt))
+		}
+	}
+	return longest
 }
 
 // duplicates counts machines migrated off the same worker more than once

@@ -161,10 +161,12 @@ func (d *Drainer) step(dr *fsm.Drain, workers []fsm.Worker, active []*fsm.Migrat
 			busyNet[m.Network] = m.ID
 		}
 	}
-	// In flight: migrations this drain started that have not ended.
+	// In flight: migrations this drain started whose source still has work
+	// (once the source released its export, only the servers' completion
+	// remains: the worker is free to go).
 	inFlight := 0
 	for _, id := range dr.Started {
-		if m, ok := d.state.Migration(id); ok && m.Active() {
+		if m, ok := d.state.Migration(id); ok && m.Active() && m.State != fsm.SourceReleased {
 			inFlight++
 		}
 	}
