@@ -379,3 +379,19 @@ func (s *Store) OwnerKey(volume, worker string) ([]byte, bool) {
 	}
 	return append([]byte(nil), k...), true
 }
+
+// StateCounts counts the migrations by state, and the stalled ones,
+// without copying them (metrics scrapes with a long history).
+func (s *Store) StateCounts() (map[State]int, int) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	counts := map[State]int{}
+	stalled := 0
+	for _, m := range s.d.Migrations {
+		counts[m.State]++
+		if m.Stalled {
+			stalled++
+		}
+	}
+	return counts, stalled
+}

@@ -14,6 +14,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"maps"
+	"slices"
 	"sync"
 	"time"
 
@@ -165,9 +166,18 @@ func (d *Drainer) step(dr *fsm.Drain, workers []fsm.Worker, active []*fsm.Migrat
 	// (once the source released its export, only the servers' completion
 	// remains: the worker is free to go).
 	inFlight := 0
+	var leads []time.Duration
 	for _, id := range dr.Started {
-		if m, ok := d.state.Migration(id); ok && m.Active() && m.State != fsm.SourceReleased {
+		m, ok := d.state.Migration(id)
+		if ok && m.Active() && m.State != fsm.SourceReleased {
 			inFlight++
+		}
+		if ok {
+			p, ok1 := m.EnteredAt[fsm.Planned]
+			h, ok2 := m.EnteredAt[fsm.Hydrating]
+			if ok1 && ok2 && h.After(p) {
+				leads = append(leads, h.Sub(p))
+			}
 		}
 	}
 	if len(onWorker) == 0 && inFlight == 0 {
@@ -250,7 +260,7 @@ func (d *Drainer) step(dr *fsm.Drain, workers []fsm.Worker, active []*fsm.Migrat
 		if grouped {
 			in.Groups = Groups(d.state.Machines(""))
 		}
-		placed, wait := placement.Plan(in, placement.Options{Targets: dr.Targets, Parallel: dr.Parallel, BandwidthBPS: dr.BandwidthBPS})
+		placed, wait := placement.Plan(in, placement.Options{Targets: dr.Targets, Parallel: dr.Parallel, BandwidthBPS: dr.BandwidthBPS, Lead: Lead(leads)})
 		for _, w := range wait {
 			waiting[w.Machine] = w.Reason
 		}
@@ -279,6 +289,18 @@ func rollbackReason(m *fsm.Migration) string {
 		return m.Rollback.Reason
 	}
 	return m.LastError
+}
+
+// Lead is how long this drain's migrations took from plan to hydrating
+// (the median, at most a minute; 0 before any got there): placement starts
+// the next migration that long before a hydration ends, so the link does
+// not idle while the next one does its steps before cutover.
+func Lead(ds []time.Duration) time.Duration {
+	if len(ds) == 0 {
+		return 0
+	}
+	slices.Sort(ds)
+	return min(ds[len(ds)/2], time.Minute)
 }
 
 // MigrationID names the attempt-th migration a drain starts for a machine:

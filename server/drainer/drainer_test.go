@@ -226,3 +226,15 @@ func TestMigrationID(t *testing.T) {
 		t.Fatalf("%d bytes", len(id))
 	}
 }
+
+func TestLead(t *testing.T) {
+	if Lead(nil) != 0 {
+		t.Fatal("lead without samples")
+	}
+	if l := Lead([]time.Duration{5 * time.Second, time.Second, 3 * time.Second}); l != 3*time.Second {
+		t.Fatalf("median %s", l)
+	}
+	if l := Lead([]time.Duration{time.Hour}); l != time.Minute {
+		t.Fatalf("capped %s", l)
+	}
+}

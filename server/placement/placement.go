@@ -43,10 +43,11 @@ type Options struct {
 	// delay a start (slots, parallel, bandwidth): what --plan prints.
 	Whole bool
 	// Lead is how long a migration takes from its plan to hydrating (the
-	// steps before cutover): a hydration whose reported ETA is shorter no
-	// longer counts against --parallel and the budget, so the next one
-	// reaches its hydration as this one ends and the link does not idle
-	// between them. 0: DefaultLead.
+	// steps before cutover; the drainer measures it on the drain's own
+	// migrations): a hydration whose reported ETA is shorter no longer
+	// counts against --parallel and the budget, so the next one reaches
+	// its hydration as this one ends and the link does not idle between
+	// them. 0: DefaultLead.
 	Lead time.Duration
 }
 
