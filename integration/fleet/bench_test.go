@@ -273,6 +273,9 @@ func runFleetBench(b *testing.B, nAgents, perAgent, nPlan, nDrain, nKill int, vo
 	wall := time.Since(t0)
 	b.StopTimer()
 	drainDur := longestDrain(b, ctx, op, drained)
+	if os.Getenv("FERRY_FLEET_TRACE") != "" {
+		traceDrain(b, ctx, op, drained[0].Name)
+	}
 	ideal := time.Duration(float64(perAgent) * float64(volSize) / float64(fab.LinkBPS) * float64(time.Second))
 	leaderRSS := rssMiB(leader.cmd.Process.Pid)
 	b.Logf("drained %d workers (%d machines) in %s (longest drain, by its record; %s from the first request to the last completion); ideal at %s/s per source: %s; leader RSS %.0f MiB",
@@ -329,7 +332,7 @@ func runFleetBench(b *testing.B, nAgents, perAgent, nPlan, nDrain, nKill int, vo
 	b.ReportMetric(float64(nAgents), "agents")
 	b.ReportMetric(float64(nAgents*perAgent), "machines")
 	if path := os.Getenv("FERRY_FLEET_SVG"); path != "" {
-		if err := writeDrainSVG(path, fmt.Sprintf("Drain of %d workers (%d machines): machines moved", nDrain, nDrain*perAgent), curve, ideal); err != nil {
+		if err := writeDrainSVG(path, fmt.Sprintf("Drain of %d workers (%d machines): migrations started", nDrain, nDrain*perAgent), curve, ideal); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -441,6 +444,30 @@ func waitDrains(b *testing.B, ctx context.Context, op *api.Client, ws []*SimAgen
 		}
 		time.Sleep(250 * time.Millisecond)
 	}
+}
+
+// traceDrain logs when each migration off worker entered each state,
+// relative to its drain's creation.
+func traceDrain(b *testing.B, ctx context.Context, op *api.Client, worker string) {
+	ds, _ := op.ListDrains(ctx, worker)
+	ms, _ := op.ListMigrations(ctx, worker)
+	if len(ds) == 0 {
+		return
+	}
+	t0 := ds[0].CreatedAt
+	for _, m := range ms {
+		if m.Source != worker {
+			continue
+		}
+		var parts []string
+		for _, st := range []fsm.State{fsm.Planned, fsm.TargetPrepared, fsm.Cutover, fsm.Hydrating, fsm.Hydrated, fsm.SourceReleased, fsm.Completed} {
+			if at, ok := m.EnteredAt[st]; ok {
+				parts = append(parts, fmt.Sprintf("%s %.1f", st, at.Sub(t0).Seconds()))
+			}
+		}
+		b.Logf("%s: %s", m.ID, strings.Join(parts, ", "))
+	}
+	b.Logf("drain finished at %.1f", ds[0].FinishedAt.Sub(t0).Seconds())
 }
 
 // longestDrain is the longest duration (creation to end, by the leader's
