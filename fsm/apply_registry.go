@@ -381,9 +381,11 @@ func (s *Store) applyUpdateMachine(c *UpdateMachineCmd) *Result {
 	return &Result{Machine: &cp}
 }
 
-// validReport rejects a capacity report no real worker sends; the numbers
+func validReport(r *WorkerReport) error { return r.Validate() }
+
+// Validate rejects a capacity report no real worker sends; the numbers
 // feed placement, so a negative or inverted one must not get in.
-func validReport(r *WorkerReport) error {
+func (r *WorkerReport) Validate() error {
 	if r == nil {
 		return nil
 	}

@@ -58,6 +58,12 @@ func (s *Server) handleHeartbeat(w http.ResponseWriter, r *http.Request, id fsm.
 	if ttl <= 0 {
 		ttl = fsm.DefaultLeaseTTL
 	}
+	if err := req.Report.Validate(); err != nil {
+		// A bad report must not cost the worker its lease (a lapsed lease
+		// rolls its migrations back): the beat counts, the report does not.
+		s.log.Warn().Err(err).Str("worker", name).Msg("ignoring an invalid capacity report")
+		req.Report = nil
+	}
 	allowed := id.Kind == fsm.KindOperator || id.Kind == fsm.KindServer || id.Name == name
 	if wk, ok := s.store.Worker(name); ok && allowed && !heartbeatWrite(wk, req.Report, ttl, s.cfg.Now()) {
 		s.met.beatsAbsorbed.Inc()

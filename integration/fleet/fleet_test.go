@@ -42,6 +42,7 @@ func (f *fleet) agent(name string, free int64) *SimAgent {
 	f.t.Helper()
 	a := NewSimAgent(name, uint32(len(f.agents)+1), f.c.Client(name, tlsutil.KindWorker), f.fab, 1<<40, free)
 	a.TTL = 4 * time.Second
+	a.Logf = f.t.Logf
 	if err := a.Register(f.ctx); err != nil {
 		f.t.Fatal(err)
 	}
@@ -62,7 +63,14 @@ func (f *fleet) waitDrain(worker string, timeout time.Duration) *fsm.Drain {
 		time.Sleep(100 * time.Millisecond)
 	}
 	ds, _ := f.op.ListDrains(f.ctx, worker)
-	f.t.Fatalf("drain of %s did not end in %s: %+v", worker, timeout, ds)
+	for _, d := range ds {
+		f.t.Logf("drain %s: %s started %v waiting %v", d.ID, d.State, d.Started, d.Waiting)
+	}
+	ms, _ := f.op.ListMigrations(f.ctx, worker)
+	for _, m := range ms {
+		f.t.Logf("migration %s %s -> %s: %s stalled=%v %s", m.ID, m.Source, m.Target, m.State, m.Stalled, m.StallCause)
+	}
+	f.t.Fatalf("drain of %s did not end in %s", worker, timeout)
 	return nil
 }
 

@@ -95,6 +95,7 @@ type SimAgent struct {
 	Lat       *Latencies
 	SlotsIn   int
 	SlotsOut  int
+	Logf      func(format string, args ...any) // heartbeat failures; nil: quiet
 
 	mu       sync.Mutex
 	free     int64
@@ -112,7 +113,7 @@ func NewSimAgent(name string, host uint32, c *api.Client, f *Fabric, total, free
 func (a *SimAgent) report() *fsm.WorkerReport {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	return &fsm.WorkerReport{FreeBytes: max(a.free, 0), TotalBytes: a.total, SlotsIn: a.SlotsIn, SlotsOut: a.SlotsOut,
+	return &fsm.WorkerReport{FreeBytes: min(max(a.free, 0), a.total), TotalBytes: a.total, SlotsIn: a.SlotsIn, SlotsOut: a.SlotsOut,
 		HydrateBPS: a.F.CloneBPS, LinkBPS: a.F.LinkBPS}
 }
 
@@ -169,7 +170,11 @@ func (a *SimAgent) beat(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		_ = a.timed(func() error { _, err := a.C.HeartbeatReport(ctx, a.Name, a.TTL, a.report()); return err })
+		t0 := time.Now()
+		err := a.timed(func() error { _, err := a.C.HeartbeatReport(ctx, a.Name, a.TTL, a.report()); return err })
+		if a.Logf != nil && (err != nil || time.Since(t0) > a.TTL/4) && ctx.Err() == nil {
+			a.Logf("%s: heartbeat took %s: %v", a.Name, time.Since(t0).Round(time.Millisecond), err)
+		}
 	}
 }
 
