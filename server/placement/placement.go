@@ -184,8 +184,17 @@ func Plan(in Input, o Options) ([]Placement, []Waiting) {
 
 	var placed []Placement
 	var waiting []Waiting
+	srcDead := !o.Whole && !in.Source.Alive(in.Now)
 	for _, m := range ms {
 		sz := size(m.Volume)
+		if srcDead {
+			waiting = append(waiting, Waiting{m.ID, sz, "source worker " + in.Source.Name + " has no valid lease: its agent must run to stop and export the machine"})
+			continue
+		}
+		if v, ok := in.Volumes[m.Volume]; !ok || v.State != fsm.VolCreated && v.State != fsm.VolHydrating {
+			waiting = append(waiting, Waiting{m.ID, sz, fmt.Sprintf("volume %s is %q: only a created volume can be migrated", m.Volume, v.State)})
+			continue
+		}
 		if !o.Whole {
 			if outAll >= slots {
 				waiting = append(waiting, Waiting{m.ID, sz, fmt.Sprintf("source %s holds %d of its %d outbound slots", in.Source.Name, outAll, slots)})

@@ -23,7 +23,7 @@ func input(n int, sizeGiB int64, targets ...fsm.Worker) Input {
 	for i := range n {
 		id := fmt.Sprintf("m%02d", i)
 		in.Machines = append(in.Machines, fsm.Machine{ID: id, Worker: "src", Volume: "v" + id})
-		in.Volumes["v"+id] = fsm.Volume{ID: "v" + id, Worker: "src", Size: sizeGiB << 30}
+		in.Volumes["v"+id] = fsm.Volume{ID: "v" + id, Worker: "src", Size: sizeGiB << 30, State: fsm.VolCreated}
 	}
 	return in
 }
@@ -136,7 +136,7 @@ func TestBandwidthBudget(t *testing.T) {
 
 func TestLargestFirst(t *testing.T) {
 	in := input(3, 10, worker("a", 1000))
-	in.Volumes["vm02"] = fsm.Volume{ID: "vm02", Size: 50 << 30}
+	in.Volumes["vm02"] = fsm.Volume{ID: "vm02", Size: 50 << 30, State: fsm.VolCreated}
 	placed, _ := Plan(in, Options{Whole: true})
 	if placed[0].Machine != "m02" {
 		t.Fatalf("first placed %s, want the largest", placed[0].Machine)
@@ -165,5 +165,18 @@ func TestFinishingHydrationFreesItsShare(t *testing.T) {
 	in.Active[0].Progress.ETASeconds = 30
 	if placed, waiting := Plan(in, Options{Parallel: 1, BandwidthBPS: 100 << 20}); len(placed) != 0 {
 		t.Fatalf("started past --parallel: %v %v", placed, waiting)
+	}
+}
+
+func TestDeadSourceAndBusyVolumeWait(t *testing.T) {
+	in := input(2, 10, worker("a", 1000))
+	in.Volumes["vm01"] = fsm.Volume{ID: "vm01", Size: 10 << 30, State: fsm.VolPendingDelete}
+	placed, waiting := Plan(in, Options{})
+	if len(placed) != 1 || len(waiting) != 1 || !strings.Contains(waiting[0].Reason, "pending_destroy") {
+		t.Fatalf("placed %v waiting %v", placed, waiting)
+	}
+	in.Source.LeaseExpiry = now.Add(-time.Second)
+	if placed, waiting := Plan(in, Options{}); len(placed) != 0 || !strings.Contains(waiting[0].Reason, "no valid lease") {
+		t.Fatalf("dead source: placed %v waiting %v", placed, waiting)
 	}
 }
