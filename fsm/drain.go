@@ -34,8 +34,8 @@ type Drain struct {
 	ID           string     `json:"id"`
 	Worker       string     `json:"worker"`
 	State        DrainState `json:"state"`
-	Deadline     time.Time  `json:"deadline,omitzero"` // zero: none
-	Parallel     int        `json:"parallel"`
+	Deadline     time.Time  `json:"deadline,omitzero"`       // zero: none
+	Parallel     int        `json:"parallel"`                // migrations using the source's link at once
 	Targets      []string   `json:"targets,omitempty"`       // empty: any worker placement allows
 	BandwidthBPS int64      `json:"bandwidth_bps,omitempty"` // budget of the source's link for hydrations; 0: the worker's report, or none
 	By           string     `json:"by"`

@@ -73,7 +73,6 @@ const (
 	CodeUnauth       = "unauthenticated"
 	CodeInternal     = "internal"
 	CodeCordoned     = "cordoned"
-	CodeNoRoom       = "no_room"
 )
 
 func refuse(kind RefusalKind, code, format string, args ...any) *Refusal {
