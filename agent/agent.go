@@ -8,6 +8,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -17,7 +18,10 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/ferry-dev/ferry/datapath"
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/retry"
+	"github.com/ferry-dev/ferry/internal/sealing"
 	"github.com/ferry-dev/ferry/machine"
 )
 
@@ -30,14 +34,34 @@ type Config struct {
 	Exe       string // path of the ferry binary, for child processes
 	Heartbeat time.Duration
 	LeaseTTL  time.Duration
-	// Retry is the first backoff after a failed step; it doubles up to RetryMax.
+	// FenceMargin is how long before its lease can end the agent stops the
+	// machines whose place is not settled here (the time a stop takes, plus
+	// slack); default a quarter of LeaseTTL.
+	FenceMargin time.Duration
+	// Retry is the first backoff after a failed step; it doubles up to
+	// RetryMax, each delay jittered by half either way.
 	Retry, RetryMax time.Duration
-	// StallAfter: a step failing this long is reported as stalled.
+	// StallAfter: a step failing (or running) this long is reported as stalled.
 	StallAfter time.Duration
+	// StepTimeout bounds one attempt of a step (and so every tool it runs),
+	// except hydration's, which waits for the whole copy and reports its
+	// own stalls. Steps between source_stopped and cutover are bounded
+	// tighter, by what is left of the migration's downtime budget.
+	StepTimeout time.Duration
 	// MaxPreCutoverAttempts: a pre-cutover step failing this many times fails the migration (rollback).
 	MaxPreCutoverAttempts int
 	// HydrationRate caps background hydration, bytes/s (0: none).
 	HydrationRate int64
+	// StartBeforeCutover starts the machine on the target before cutover
+	// commits (one commit less downtime), relying on the self-fence to stop
+	// it if the target is cut off before the commit. Off by default.
+	StartBeforeCutover bool
+	// RestartBackoff is the first delay before restarting a crashed
+	// machine; it doubles (jittered) up to RestartBackoffMax.
+	RestartBackoff, RestartBackoffMax time.Duration
+	// MaxCrashes crashes within RestartWindow mark a machine failed.
+	MaxCrashes    int
+	RestartWindow time.Duration
 	// PauseBefore delays proposing an event: a failpoint for chaos and crash
 	// tests (FERRY_FAILPOINT_PAUSE_BEFORE="clone_built=30s,exported=5s").
 	PauseBefore map[fsm.Event]time.Duration
@@ -68,6 +92,21 @@ func (c *Config) defaults() {
 	if c.Heartbeat == 0 {
 		c.Heartbeat = c.LeaseTTL / 4
 	}
+	if c.RestartBackoff == 0 {
+		c.RestartBackoff = time.Second
+	}
+	if c.RestartBackoffMax == 0 {
+		c.RestartBackoffMax = time.Minute
+	}
+	if c.MaxCrashes == 0 {
+		c.MaxCrashes = 5
+	}
+	if c.RestartWindow == 0 {
+		c.RestartWindow = 10 * time.Minute
+	}
+	if c.FenceMargin == 0 {
+		c.FenceMargin = c.LeaseTTL / 4
+	}
 	if c.Retry == 0 {
 		c.Retry = 200 * time.Millisecond
 	}
@@ -76,6 +115,9 @@ func (c *Config) defaults() {
 	}
 	if c.StallAfter == 0 {
 		c.StallAfter = 30 * time.Second
+	}
+	if c.StepTimeout == 0 {
+		c.StepTimeout = 5 * time.Minute
 	}
 	if c.MaxPreCutoverAttempts == 0 {
 		c.MaxPreCutoverAttempts = 5
@@ -90,8 +132,13 @@ type Agent struct {
 	exp  Exporter
 	net  Network
 	mach machine.Driver
-	vols Backend
+	vols datapath.Backend
 	met  *metrics
+	kek  *sealing.PrivateKey // this worker's key-encryption key; never leaves the worker
+	// fence stops unsettled machines when the lease cannot be renewed.
+	fence *fence
+	// restarts is the restart policy's memory of crashes.
+	restarts *restarts
 
 	// machMu orders the reconcile loop's machine starts and stops against
 	// migrations taking a machine over: a reconcile that decided a machine
@@ -101,6 +148,10 @@ type Agent struct {
 	mu      sync.Mutex
 	running map[string]chan *fsm.Migration // migration id -> its driver goroutine's inbox
 	active  map[string]string              // active migration id -> its machine
+	reaping map[string]bool                // ended migrations being reaped
+	// runCtx is Run's context: failpoint pauses sleep on it, not on a
+	// step's deadline, so a test's pause is not cut short.
+	runCtx context.Context
 	// firstWatch closes once the first list of our migrations arrived.
 	firstWatch chan struct{}
 	firstOnce  sync.Once
@@ -108,8 +159,8 @@ type Agent struct {
 }
 
 // New builds an agent. exp, net and mach are the worker's export, network
-// and machine drivers; vols its data path (Volumes or KernelVolumes).
-func New(log zerolog.Logger, cfg Config, cp ControlPlane, exp Exporter, net Network, mach machine.Driver, vols Backend) (*Agent, error) {
+// and machine drivers; vols its data path.
+func New(log zerolog.Logger, cfg Config, cp ControlPlane, exp Exporter, net Network, mach machine.Driver, vols datapath.Backend) (*Agent, error) {
 	cfg.defaults()
 	if cfg.Worker == "" || cfg.DataDir == "" {
 		return nil, fmt.Errorf("agent: worker name and data dir are required")
@@ -117,8 +168,19 @@ func New(log zerolog.Logger, cfg Config, cp ControlPlane, exp Exporter, net Netw
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("agent data dir: %w", err)
 	}
-	return &Agent{cfg: cfg, log: log.With().Str("worker", cfg.Worker).Logger(),
-		cp: cp, exp: exp, net: net, mach: mach, vols: vols, met: newMetrics(), running: map[string]chan *fsm.Migration{}, active: map[string]string{},
+	if caps := vols.Capabilities(); cfg.HydrationRate > 0 && !caps.HydrationRateLimit {
+		log.Warn().Str("backend", caps.Name).Int64("hydration_rate", cfg.HydrationRate).
+			Msg("this data path has no hydration rate limit; hydration runs unthrottled")
+	}
+	kek, created, err := sealing.LoadOrCreate(KEKPath(cfg.DataDir))
+	if err != nil {
+		return nil, fmt.Errorf("worker key-encryption key: %w", err)
+	}
+	if created {
+		log.Info().Str("fingerprint", kek.Public().Fingerprint).Str("path", KEKPath(cfg.DataDir)).Msg("made this worker's key-encryption key")
+	}
+	return &Agent{restarts: newRestarts(cfg.RestartBackoff, cfg.RestartBackoffMax, cfg.RestartWindow, cfg.MaxCrashes), cfg: cfg, log: log.With().Str("worker", cfg.Worker).Logger(), kek: kek,
+		cp: cp, exp: exp, net: net, mach: mach, vols: vols, met: newMetrics(), fence: newFence(), running: map[string]chan *fsm.Migration{}, active: map[string]string{}, reaping: map[string]bool{},
 		firstWatch: make(chan struct{})}, nil
 }
 
@@ -126,25 +188,41 @@ func New(log zerolog.Logger, cfg Config, cp ControlPlane, exp Exporter, net Netw
 // left where it is (exports, datapaths and machines keep running) so a new
 // agent process resumes it.
 func (a *Agent) Run(ctx context.Context) error {
+	a.runCtx = ctx
 	w := fsm.Worker{Name: a.cfg.Worker, HostID: a.cfg.HostID, Address: a.cfg.Address}
-	if err := retry(ctx, a.log, "register worker", func() error { return a.cp.RegisterWorker(ctx, w) }); err != nil {
+	if err := retryUntil(ctx, a.log, "register worker", func() error {
+		sent := a.fence.clock()
+		if err := a.cp.RegisterWorker(ctx, w); err != nil {
+			return err
+		}
+		a.fence.renewed(sent, a.cfg.LeaseTTL, a.cfg.FenceMargin)
+		return nil
+	}); err != nil {
 		return err
 	}
-	a.log.Info().Uint32("host_id", a.cfg.HostID).Str("address", a.cfg.Address).Msg("worker registered")
+	if err := retryUntil(ctx, a.log, "register worker key", func() error { return a.cp.SetWorkerKey(ctx, a.cfg.Worker, a.kek.Public()) }); err != nil {
+		return err
+	}
+	a.log.Info().Uint32("host_id", a.cfg.HostID).Str("address", a.cfg.Address).Str("kek", a.kek.Public().Fingerprint).Msg("worker registered")
 	go a.heartbeat(ctx)
+	go a.fenceLoop(ctx)
 	go a.reconcileLoop(ctx)
 	var index uint64
+	watchBackoff := retry.New(200*time.Millisecond, 5*time.Second)
 	for ctx.Err() == nil {
 		ms, next, err := a.cp.WatchMigrations(ctx, a.cfg.Worker, index)
 		if err != nil {
 			if ctx.Err() != nil {
 				break
 			}
-			a.log.Warn().Err(err).Msg("watch migrations failed; retrying")
-			sleep(ctx, time.Second)
+			d := watchBackoff.Next()
+			a.log.Warn().Err(err).Dur("retry_in", d).Msg("watch migrations failed; retrying")
+			sleep(ctx, d)
 			continue
 		}
+		watchBackoff.Reset()
 		index = next
+		a.fence.noteMigrations(ms)
 		a.machMu.Lock()
 		a.mu.Lock()
 		for _, m := range ms {
@@ -159,25 +237,37 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.machMu.Unlock()
 		a.firstOnce.Do(func() { close(a.firstWatch) })
 		for _, m := range ms {
+			if err := migrationIDsLocal(m); err != nil {
+				a.log.Warn().Err(err).Msg("ignoring a migration record with unsafe IDs")
+				continue
+			}
 			a.dispatch(ctx, m)
 		}
+		a.reap(ctx, ms)
 	}
 	a.wg.Wait()
 	return nil
 }
 
+// heartbeat renews the lease every Heartbeat; after a failure it retries
+// sooner (jittered), since the fence deadline is less than a lease away.
 func (a *Agent) heartbeat(ctx context.Context) {
-	t := time.NewTicker(a.cfg.Heartbeat)
-	defer t.Stop()
+	bo := retry.New(100*time.Millisecond, a.cfg.Heartbeat)
+	wait := a.cfg.Heartbeat
 	for {
-		select {
-		case <-ctx.Done():
+		if !sleep(ctx, wait) {
 			return
-		case <-t.C:
-			if err := a.cp.Heartbeat(ctx, a.cfg.Worker); err != nil && ctx.Err() == nil {
-				a.log.Warn().Err(err).Msg("heartbeat failed")
-			}
 		}
+		if err := a.heartbeatOnce(ctx); err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			wait = bo.Next()
+			a.log.Warn().Err(err).Dur("retry_in", wait).Msg("heartbeat failed")
+			continue
+		}
+		bo.Reset()
+		wait = a.cfg.Heartbeat
 	}
 }
 
@@ -215,7 +305,7 @@ func (a *Agent) drive(ctx context.Context, id string, inbox chan *fsm.Migration)
 	}()
 	log := a.log.With().Str("migration", id).Logger()
 	var m *fsm.Migration
-	backoff := a.cfg.Retry
+	bo := retry.New(a.cfg.Retry, a.cfg.RetryMax)
 	var failingSince time.Time
 	attempts := 0
 	for {
@@ -240,10 +330,18 @@ func (a *Agent) drive(ctx context.Context, id string, inbox chan *fsm.Migration)
 			m = nil
 			continue
 		}
-		err := step(ctx, log, m)
+		stepCtx, cancel, budgetEnd := a.stepContext(ctx, m)
+		stopWatch := a.watchStep(stepCtx, log, m)
+		err := step(stepCtx, log, m)
+		stopWatch()
+		if err != nil && stepCtx.Err() != nil && ctx.Err() == nil {
+			err = fmt.Errorf("%w (%v)", err, context.Cause(stepCtx))
+		}
+		cancel()
 		if err == nil {
 			a.met.steps.WithLabelValues(string(m.State)).Inc()
-			backoff, attempts, failingSince = a.cfg.Retry, 0, time.Time{}
+			attempts, failingSince = 0, time.Time{}
+			bo.Reset()
 			fresh, gerr := a.cp.GetMigration(ctx, id)
 			if gerr != nil || fresh.State == m.State {
 				// A step that proposed nothing (or whose event is not visible
@@ -270,13 +368,15 @@ func (a *Agent) drive(ctx context.Context, id string, inbox chan *fsm.Migration)
 		if failingSince.IsZero() {
 			failingSince = time.Now()
 		}
+		backoff := bo.Next()
 		log.Warn().Err(err).Str("state", string(m.State)).Int("attempt", attempts).Dur("backoff", backoff).Msg("step failed; retrying")
-		a.reportFailure(ctx, log, m, err, attempts, failingSince)
+		if !budgetEnd.IsZero() && !time.Now().Before(budgetEnd) {
+			a.failOverBudget(ctx, log, m, err)
+		} else {
+			a.reportFailure(ctx, log, m, err, attempts, failingSince)
+		}
 		if !sleep(ctx, backoff) {
 			return
-		}
-		if backoff *= 2; backoff > a.cfg.RetryMax {
-			backoff = a.cfg.RetryMax
 		}
 		if fresh, gerr := a.cp.GetMigration(ctx, id); gerr == nil {
 			m = fresh
@@ -290,7 +390,7 @@ func (a *Agent) drive(ctx context.Context, id string, inbox chan *fsm.Migration)
 func (a *Agent) reportFailure(ctx context.Context, log zerolog.Logger, m *fsm.Migration, stepErr error, attempts int, since time.Time) {
 	if m.State.BeforeCutover() && attempts >= a.cfg.MaxPreCutoverAttempts {
 		_, err := a.cp.Propose(ctx, m.ID, fsm.EvFailed, stepID(m, "failed", string(m.State)),
-			fsm.EventPayload{Reason: fmt.Sprintf("%s step failed %d times", m.State, attempts), Error: stepErr.Error()})
+			fsm.EventPayload{Reason: fmt.Sprintf("%s step failed %d times: %v", m.State, attempts, stepErr), Error: stepErr.Error()})
 		if err != nil {
 			log.Warn().Err(err).Msg("could not fail the migration")
 		}
@@ -306,6 +406,78 @@ func (a *Agent) reportFailure(ctx context.Context, log zerolog.Logger, m *fsm.Mi
 	}
 }
 
+// errBudget is the cause of a step cancelled because the migration's
+// downtime budget is spent.
+var errBudget = errors.New("the downtime budget is spent")
+
+// errStepTimeout is the cause of a step cancelled after StepTimeout.
+var errStepTimeout = errors.New("the step timed out")
+
+// stepContext bounds one attempt of m's step: by StepTimeout, and between
+// source_stopped and cutover by the end of the downtime budget (returned,
+// zero outside that window). Hydration waits for the whole copy.
+func (a *Agent) stepContext(ctx context.Context, m *fsm.Migration) (context.Context, context.CancelFunc, time.Time) {
+	if m.State == fsm.Hydrating {
+		c, cancel := context.WithCancel(ctx)
+		return c, cancel, time.Time{}
+	}
+	deadline, cause := time.Now().Add(a.cfg.StepTimeout), errStepTimeout
+	var budgetEnd time.Time
+	if t0, ok := m.EnteredAt[fsm.SourceStopped]; ok && m.State.BeforeCutover() {
+		budgetEnd = t0.Add(m.Budget())
+		if budgetEnd.Before(deadline) {
+			deadline, cause = budgetEnd, errBudget
+		}
+	}
+	c, cancel := context.WithDeadlineCause(ctx, deadline, cause)
+	return c, cancel, budgetEnd
+}
+
+// failOverBudget rolls back a migration whose downtime budget ran out
+// before cutover: the machine is better back on the source than waiting.
+func (a *Agent) failOverBudget(ctx context.Context, log zerolog.Logger, m *fsm.Migration, stepErr error) {
+	reason := fmt.Sprintf("downtime budget %v spent before cutover: the %s step did not finish", m.Budget(), m.State)
+	log.Error().Err(stepErr).Str("reason", reason).Msg("rolling back")
+	_, err := a.cp.Propose(ctx, m.ID, fsm.EvFailed, stepID(m, "failed", string(m.State)),
+		fsm.EventPayload{Reason: reason, Error: stepErr.Error()})
+	if err != nil {
+		log.Warn().Err(err).Msg("could not fail the migration")
+	}
+}
+
+// watchStep reports a step after cutover that runs StallAfter without
+// finishing as stalled, with what it is doing: after cutover the migration
+// can only wait for it. It returns a function that ends the watch.
+func (a *Agent) watchStep(ctx context.Context, log zerolog.Logger, m *fsm.Migration) func() {
+	if !m.State.AfterCutover() || m.State == fsm.Hydrating {
+		return func() {}
+	}
+	done := make(chan struct{})
+	go func() {
+		t := time.NewTimer(a.cfg.StallAfter)
+		defer t.Stop()
+		select {
+		case <-done:
+			return
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		stalled := true
+		reason := fmt.Sprintf("the %s step has run for %v without finishing (a hung tool or an unreachable peer); it is cancelled and retried after %v", m.State, a.cfg.StallAfter, a.cfg.StepTimeout)
+		log.Warn().Str("reason", reason).Msg("step stalled")
+		a.met.stalls.Inc()
+		rc := a.runCtx
+		if rc == nil {
+			rc = ctx
+		}
+		if _, err := a.cp.Propose(rc, m.ID, fsm.EvReport, "", fsm.EventPayload{Error: reason, Stalled: &stalled}); err != nil {
+			log.Debug().Err(err).Msg("could not report the stall")
+		}
+	}()
+	return func() { close(done) }
+}
+
 // stepID names a step deterministically so every retry proposes the same ID.
 func stepID(m *fsm.Migration, parts ...string) string {
 	id := m.ID
@@ -315,30 +487,17 @@ func stepID(m *fsm.Migration, parts ...string) string {
 	return id
 }
 
-func sleep(ctx context.Context, d time.Duration) bool {
-	select {
-	case <-ctx.Done():
-		return false
-	case <-time.After(d):
-		return true
-	}
-}
+func sleep(ctx context.Context, d time.Duration) bool { return retry.Sleep(ctx, d) }
 
-func retry(ctx context.Context, log zerolog.Logger, what string, fn func() error) error {
-	backoff := 200 * time.Millisecond
-	for {
-		err := fn()
-		if err == nil {
-			return nil
-		}
-		log.Warn().Err(err).Msg(what + " failed; retrying")
-		if !sleep(ctx, backoff) {
-			return fmt.Errorf("%s: %w", what, err)
-		}
-		if backoff < 5*time.Second {
-			backoff *= 2
-		}
+// retryUntil calls fn until it succeeds or ctx ends, with jittered backoff.
+func retryUntil(ctx context.Context, log zerolog.Logger, what string, fn func() error) error {
+	err := retry.Do(ctx, 200*time.Millisecond, 5*time.Second, fn, func(err error, next time.Duration) {
+		log.Warn().Err(err).Dur("retry_in", next).Msg(what + " failed; retrying")
+	})
+	if err != nil {
+		return fmt.Errorf("%s: %w", what, err)
 	}
+	return nil
 }
 
 // paths under the data dir.

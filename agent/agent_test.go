@@ -3,8 +3,8 @@ package agent
 import (
 	"context"
 	"errors"
-	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -12,9 +12,9 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/ferry-dev/ferry/blockdev"
+	"github.com/ferry-dev/ferry/datapath/userspace"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/machine"
-	"github.com/ferry-dev/ferry/netrewrite"
 )
 
 // fakeCP is a unit-test stand-in for the server: it records proposals.
@@ -23,6 +23,7 @@ type fakeCP struct {
 	m        *fsm.Migration
 	proposed []fsm.Event
 	steps    []string
+	payloads []fsm.EventPayload
 	refuse   error
 }
 
@@ -37,10 +38,11 @@ func (f *fakeCP) GetMigration(context.Context, string) (*fsm.Migration, error) {
 	defer f.mu.Unlock()
 	return f.m.Clone(), nil
 }
-func (f *fakeCP) Propose(_ context.Context, _ string, ev fsm.Event, step string, _ fsm.EventPayload) (*fsm.Migration, error) {
+func (f *fakeCP) Propose(_ context.Context, _ string, ev fsm.Event, step string, p fsm.EventPayload) (*fsm.Migration, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.proposed = append(f.proposed, ev)
+	f.payloads = append(f.payloads, p)
 	f.steps = append(f.steps, step)
 	if f.refuse != nil && ev != fsm.EvReport && ev != fsm.EvFailed {
 		return nil, f.refuse
@@ -64,7 +66,12 @@ func (f *fakeCP) UpdateMachine(context.Context, fsm.UpdateMachineCmd) error    {
 func (f *fakeCP) GetWorker(context.Context, string) (*fsm.Worker, error) {
 	return &fsm.Worker{Address: "fd00::2"}, nil
 }
-func (f *fakeCP) VolumeKey(context.Context, string) ([]byte, error) { return nil, errors.New("no key") }
+func (f *fakeCP) Envelope(context.Context, string, fsm.Purpose) (*fsm.Envelope, error) {
+	return nil, errors.New("no envelope")
+}
+func (f *fakeCP) PutEnvelopes(context.Context, string, []fsm.Envelope) error { return nil }
+func (f *fakeCP) SetWorkerKey(context.Context, string, fsm.PublicKey) error  { return nil }
+func (f *fakeCP) RecoveryKey(context.Context) (*fsm.PublicKey, error)        { return nil, errors.New("none") }
 func (f *fakeCP) events() []fsm.Event {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -83,7 +90,7 @@ func newTestAgent(t *testing.T, cp ControlPlane, worker string) *Agent {
 	dir := t.TempDir()
 	a, err := New(zerolog.Nop(), Config{Worker: worker, DataDir: dir, Retry: time.Millisecond, RetryMax: 2 * time.Millisecond,
 		MaxPreCutoverAttempts: 3}, cp, &fakeExporter{}, nil, &machine.Exec{StateDir: filepath.Join(dir, "machines"), Log: zerolog.Nop()},
-		&Volumes{DataDir: dir, Log: zerolog.Nop()})
+		&userspace.Backend{DataDir: dir, Log: zerolog.Nop()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -130,6 +137,58 @@ func TestStepTable(t *testing.T) {
 	}
 }
 
+// TestEveryDutyHasAStep reads the table in fsm: in every state, each agent role
+// (source, target) that must act there has a step for some record in that
+// state. Adding a state or a duty to fsm.Transitions fails here until the agent
+// knows what to do.
+func TestEveryDutyHasAStep(t *testing.T) {
+	a := newTestAgent(t, &fakeCP{}, "src")
+	steps := a.duties()
+	for _, s := range fsm.AllStates {
+		for _, role := range s.Actors() {
+			var worker string
+			switch role {
+			case fsm.RoleSource:
+				worker = "src"
+			case fsm.RoleTarget:
+				worker = "dst"
+			default:
+				continue // the server's and the operator's duties are not the agent's
+			}
+			found := false
+			for _, row := range fsm.Duties(s) {
+				if _, ok := steps[row.Event]; slices.Contains(row.Roles, role) && ok {
+					found = true
+				}
+			}
+			if !found {
+				t.Errorf("%s must act in state %s (fsm.Transitions) but the agent has no step for it", role, s)
+				continue
+			}
+			// Some record in this state makes stepFor pick a step.
+			a.cfg.Worker = worker
+			picked := false
+			for _, rb := range []*fsm.RollbackInfo{nil, {}, {TargetTornDown: true}} {
+				m := &fsm.Migration{ID: "mig-d-" + string(s), Source: "src", Target: "dst", State: s, Rollback: rb}
+				a.markDone(m, "net-source")
+				if a.stepFor(m) != nil {
+					picked = true
+				}
+			}
+			if !picked {
+				t.Errorf("%s must act in state %s but stepFor picks nothing", role, s)
+			}
+		}
+	}
+	// Every step answers a Duty row of an agent role: none is left over from a removed state.
+	for ev := range steps {
+		tr, ok := fsm.Lookup(ev)
+		if !ok || tr.Kind != fsm.Duty || (!slices.Contains(tr.Roles, fsm.RoleSource) && !slices.Contains(tr.Roles, fsm.RoleTarget)) {
+			t.Errorf("the agent has a step for %s, which is no duty of the source or the target", ev)
+		}
+	}
+}
+
 func TestPreCutoverFailureRollsBack(t *testing.T) {
 	cp := &fakeCP{m: &fsm.Migration{ID: "mig-f", Source: "src", Target: "dst", State: fsm.SourceStopped, Volume: "v"}}
 	a := newTestAgent(t, cp, "src")
@@ -152,7 +211,8 @@ func TestPreCutoverFailureRollsBack(t *testing.T) {
 
 func TestStepIDsAreDeterministic(t *testing.T) {
 	m := &fsm.Migration{ID: "mig-x"}
-	if stepID(m, "exported") != stepID(m, "exported") || stepID(m, "a") == stepID(m, "b") {
+	first, retry := stepID(m, "exported"), stepID(m, "exported")
+	if first != retry || stepID(m, "a") == stepID(m, "b") {
 		t.Fatal("step IDs must be equal for a retry and differ between steps")
 	}
 }
@@ -191,25 +251,5 @@ func TestKnownZeroOfSparseVolume(t *testing.T) {
 	}
 	if total < 60<<20 {
 		t.Fatalf("known-zero covers %d bytes of a 64 MiB file with two written blocks", total)
-	}
-}
-
-func TestMountedAt(t *testing.T) {
-	if src, ok := mountedAt("/proc"); !ok || src == "" {
-		t.Fatalf("/proc not seen as a mount point (%q, %v)", src, ok)
-	}
-	if _, ok := mountedAt(t.TempDir()); ok {
-		t.Fatal("a plain directory seen as a mount point")
-	}
-}
-
-func TestNetworkRecordsBeforeApplying(t *testing.T) {
-	n := &NetNetwork{Worker: "w1", Dir: t.TempDir()}
-	mn := netrewrite.MachineNet{MachineNS: machineNSName("w1", "m1")}
-	if err := n.record(mn); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := os.Stat(n.recPath("m1")); err != nil {
-		t.Fatalf("machine network record not at %s: %v", n.recPath("m1"), err)
 	}
 }

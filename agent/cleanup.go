@@ -3,10 +3,7 @@ package agent
 import (
 	"context"
 	"errors"
-	"fmt"
 	"os"
-	"os/exec"
-	"strings"
 	"time"
 
 	"github.com/ferry-dev/ferry/machine"
@@ -48,36 +45,4 @@ func (a *Agent) Cleanup(ctx context.Context) error {
 		}
 	}
 	return errors.Join(errs...)
-}
-
-// lazyUnmountFUSE releases a FUSE mount whose datapath died without unmounting.
-func lazyUnmountFUSE(fuseDir string) error {
-	if _, ok := mountedAt(fuseDir); !ok {
-		return nil
-	}
-	if out, err := exec.Command("fusermount3", "-u", "-z", fuseDir).CombinedOutput(); err != nil {
-		return fmt.Errorf("unmount FUSE %s: %w: %s", fuseDir, err, strings.TrimSpace(string(out)))
-	}
-	return nil
-}
-
-// unmountRetry tries for about five seconds; each attempt is bounded, since
-// an unmount whose writeback waits on a dead source would otherwise hang.
-func unmountRetry(mnt string) error {
-	var err error
-	deadline := time.Now().Add(5 * time.Second)
-	for time.Now().Before(deadline) {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		out, e := exec.CommandContext(ctx, "umount", mnt).CombinedOutput()
-		cancel()
-		if e == nil {
-			return nil
-		}
-		if _, ok := mountedAt(mnt); !ok {
-			return nil
-		}
-		err = fmt.Errorf("unmount %s: %w: %s", mnt, e, strings.TrimSpace(string(out)))
-		time.Sleep(100 * time.Millisecond)
-	}
-	return err
 }

@@ -2,8 +2,8 @@ package agent
 
 import (
 	"context"
+	"errors"
 
-	"github.com/ferry-dev/ferry/blockdev"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/netrewrite"
 )
@@ -26,11 +26,16 @@ type ControlPlane interface {
 	ListMachines(ctx context.Context, worker string) ([]*fsm.Machine, error)
 	UpdateMachine(ctx context.Context, cmd fsm.UpdateMachineCmd) error
 	GetWorker(ctx context.Context, name string) (*fsm.Worker, error)
-	// VolumeKey returns a volume's passphrase; the server hands it only to the
-	// worker that owns the volume or targets its active migration.
-	VolumeKey(ctx context.Context, volume string) ([]byte, error)
-	// SetVolumeKey stores the key of a volume this worker owns (a migration's destination).
-	SetVolumeKey(ctx context.Context, volume string, key []byte) error
+	// Envelope returns a sealed copy of a volume's key: the owner envelope
+	// of a volume this worker holds, or the migration envelope of a volume
+	// it is the target of. Only this worker's private key opens it.
+	Envelope(ctx context.Context, volume string, purpose fsm.Purpose) (*fsm.Envelope, error)
+	// PutEnvelopes stores sealed copies of a volume's key.
+	PutEnvelopes(ctx context.Context, volume string, envs []fsm.Envelope) error
+	// SetWorkerKey registers this worker's key-encryption public key.
+	SetWorkerKey(ctx context.Context, worker string, k fsm.PublicKey) error
+	// RecoveryKey returns the cluster's recovery public key.
+	RecoveryKey(ctx context.Context) (*fsm.PublicKey, error)
 }
 
 // Exporter serves a frozen volume to one target over iSCSI.
@@ -48,6 +53,8 @@ type Exporter interface {
 type Network interface {
 	// Attach creates the machine's network namespace on this worker with addr; returns the netns name.
 	Attach(ctx context.Context, machine string, addr netrewrite.Addr) (string, error)
+	// Namespace names the machine's network namespace on this worker.
+	Namespace(machine string) string
 	// Detach removes it; idempotent.
 	Detach(ctx context.Context, machine string) error
 	// MapOld keeps old reaching the machine (now at new on this worker) for the grace period.
@@ -57,5 +64,10 @@ type Network interface {
 	ForwardOld(ctx context.Context, machine string, old, new netrewrite.Addr, via string) error
 }
 
-// KnownZero lists the ranges of a volume file that read as zeros (holes).
-type KnownZero func(path string) ([]blockdev.Range, error)
+// isRefusal reports whether err is the store refusing a proposal (state
+// moved on, guard failed) rather than a transport failure; the control
+// plane reports refusals as *fsm.Refusal.
+func isRefusal(err error) bool {
+	var r *fsm.Refusal
+	return errors.As(err, &r) && r.Kind.ClientSide()
+}

@@ -1,19 +1,21 @@
 package agent
 
 import (
+	"fmt"
 	"os/exec"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/ferry-dev/ferry/internal/testenv"
 )
 
 func TestKillStrayMachines(t *testing.T) {
 	start := func(id, dir string) *exec.Cmd {
 		c := exec.Command("sleep", "30")
 		c.Env = []string{"FERRY_MACHINE_ID=" + id, "FERRY_VOLUME_DIR=" + dir}
-		if err := c.Start(); err != nil {
-			t.Skipf("needs sleep: %v", err)
-		}
+		err := c.Start()
+		testenv.Require(t, fmt.Sprintf("sleep: %v", err), err == nil)
 		t.Cleanup(func() { c.Process.Kill(); c.Wait() })
 		return c
 	}

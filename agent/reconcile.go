@@ -5,6 +5,7 @@ import (
 	"os"
 	"time"
 
+	"github.com/ferry-dev/ferry/datapath"
 	"github.com/ferry-dev/ferry/fsm"
 )
 
@@ -39,7 +40,7 @@ func (a *Agent) reconcile(ctx context.Context) {
 		return
 	}
 	for _, v := range vols {
-		if v.Worker != a.cfg.Worker {
+		if v.Worker != a.cfg.Worker || localID("volume", v.ID) != nil {
 			continue
 		}
 		switch {
@@ -61,6 +62,10 @@ func (a *Agent) reconcile(ctx context.Context) {
 	if err != nil {
 		return
 	}
+	a.fence.noteAssigned(a.cfg.Worker, machs)
+	if a.Fenced() {
+		return // a fenced worker starts nothing; the fence decides what stops
+	}
 	for _, m := range machs {
 		a.reconcileMachine(ctx, m)
 	}
@@ -74,23 +79,34 @@ func (a *Agent) reconcile(ctx context.Context) {
 func (a *Agent) reconcileMachine(ctx context.Context, m *fsm.Machine) {
 	a.machMu.Lock()
 	defer a.machMu.Unlock()
-	if m.Worker != a.cfg.Worker || a.migratingMachines()[m.ID] {
+	if m.Worker != a.cfg.Worker || a.migratingMachines()[m.ID] || localID("machine", m.ID) != nil {
+		a.restarts.forget(m.ID)
 		return
 	}
 	spec, err := a.machineSpec(m, a.machineNS(m.ID))
 	if err != nil {
 		return
 	}
+	if m.State == fsm.MachineRunning {
+		a.superviseLocal(ctx, m, spec)
+	}
 	st, _ := a.mach.Status(ctx, spec)
 	switch {
 	case m.State == fsm.MachineRunning && st == "running":
+		a.restarts.sawRunning(m.ID)
 		// Already here: keep its volume and datapath up (idempotent).
 		if err := a.startLocal(ctx, m); err != nil {
 			a.log.Warn().Err(err).Str("machine", m.ID).Msg("cannot start machine")
 		}
 		return
 	case m.State != fsm.MachineRunning && st != "running":
+		a.restarts.forget(m.ID)
 		return
+	case m.State == fsm.MachineRunning:
+		// Recorded running, not running: a crash (or a first start).
+		if !a.restartPolicy(ctx, m) {
+			return
+		}
 	}
 	// The record was listed before the lock and may be stale (a migration
 	// may have moved the machine meanwhile): act on a fresh one.
@@ -102,8 +118,11 @@ func (a *Agent) reconcileMachine(ctx context.Context, m *fsm.Machine) {
 	case fsm.MachineRunning:
 		if err := a.startLocal(ctx, fresh); err != nil {
 			a.log.Warn().Err(err).Str("machine", m.ID).Msg("cannot start machine")
+		} else {
+			a.restarts.sawRunning(m.ID)
 		}
-	case fsm.MachineStopped:
+	case fsm.MachineStopped, fsm.MachineFailed:
+		a.restarts.forget(m.ID)
 		if st == "running" {
 			if err := a.mach.Stop(ctx, spec); err != nil {
 				a.log.Warn().Err(err).Str("machine", m.ID).Msg("cannot stop machine")
@@ -112,11 +131,39 @@ func (a *Agent) reconcileMachine(ctx context.Context, m *fsm.Machine) {
 	}
 }
 
+// restartPolicy applies the restart policy to a machine recorded running
+// that does not run; it reports whether to start it now.
+func (a *Agent) restartPolicy(ctx context.Context, m *fsm.Machine) bool {
+	v := a.restarts.stopped(m.ID, time.Now())
+	log := a.log.With().Str("machine", m.ID).Logger()
+	if v.Crashed {
+		a.met.crashes.Inc()
+		n := v.Crashes
+		cmd := fsm.UpdateMachineCmd{ID: m.ID, Crashes: &n}
+		if v.Failed {
+			failed := fsm.MachineFailed
+			cmd.State = &failed
+			a.met.failed.Inc()
+			log.Error().Int("crashes", n).Dur("window", a.cfg.RestartWindow).
+				Msg("machine crashed too often: marked failed, not restarted (fix it, then `ferry machine start`)")
+		} else {
+			log.Warn().Int("crashes", n).Dur("restart_in", v.Wait).Msg("machine crashed; restarting after a backoff")
+		}
+		if err := a.cp.UpdateMachine(ctx, cmd); err != nil {
+			log.Warn().Err(err).Msg("could not record the crash")
+		}
+		if v.Failed {
+			return false
+		}
+	}
+	return v.Wait == 0
+}
+
 func (a *Agent) createVolume(ctx context.Context, v *fsm.Volume) {
 	log := a.log.With().Str("volume", v.ID).Logger()
-	key, err := a.cp.VolumeKey(ctx, v.ID)
+	key, err := a.newVolumeKey(ctx, v.ID)
 	if err != nil {
-		log.Warn().Err(err).Msg("volume has no key yet")
+		log.Warn().Err(err).Msg("cannot make or open the volume's key")
 		return
 	}
 	defer clear(key)
@@ -126,7 +173,7 @@ func (a *Agent) createVolume(ctx context.Context, v *fsm.Volume) {
 		return
 	}
 	created := fsm.VolCreated
-	if err := a.cp.UpdateVolume(ctx, fsm.UpdateVolumeCmd{ID: v.ID, State: &created, Layout: &layout}); err != nil {
+	if err := a.cp.UpdateVolume(ctx, fsm.UpdateVolumeCmd{ID: v.ID, State: &created, Layout: datapath.StoredLayout(layout)}); err != nil {
 		log.Error().Err(err).Msg("record created volume")
 		return
 	}

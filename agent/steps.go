@@ -5,51 +5,83 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"os/exec"
+	"slices"
 	"strings"
 	"time"
 
 	"github.com/rs/zerolog"
 
 	"github.com/ferry-dev/ferry/blockdev"
+	"github.com/ferry-dev/ferry/datapath"
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/atomicfile"
 	"github.com/ferry-dev/ferry/machine"
 	"github.com/ferry-dev/ferry/netrewrite"
 )
 
 type stepFunc func(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error
 
+// duty is the agent's step for one Duty row of fsm.Transitions: run does the
+// work and proposes the row's event; ready, when set, says whether the record
+// lets it run yet (the row alone cannot say it).
+type duty struct {
+	run   stepFunc
+	ready func(m *fsm.Migration) bool
+}
+
+// duties maps each Duty row the source or the target proposes to the step that
+// does it. A test fails when a row has no step here, so a state added to the
+// table breaks the agent's tests until it knows what to do there.
+func (a *Agent) duties() map[fsm.Event]duty {
+	tornDown := func(m *fsm.Migration) bool { return m.Rollback != nil && m.Rollback.TargetTornDown }
+	return map[fsm.Event]duty{
+		fsm.EvTargetPrepared:   {run: a.prepareTarget},
+		fsm.EvSourceStopped:    {run: a.stopSource},
+		fsm.EvExported:         {run: a.exportSource},
+		fsm.EvCloneBuilt:       {run: a.buildClone},
+		fsm.EvTrimmed:          {run: a.trim},
+		fsm.EvCutover:          {run: a.cutover},
+		fsm.EvHydrationStarted: {run: a.startHydration},
+		fsm.EvHydrated:         {run: a.hydrate},
+		fsm.EvSourceReleased:   {run: a.releaseSource},
+		// Invariant: the source restarts the machine only after the target's teardown is committed.
+		fsm.EvTargetTornDown: {run: a.tearDownTarget, ready: func(m *fsm.Migration) bool { return !tornDown(m) }},
+		fsm.EvSourceRestored: {run: a.restoreSource, ready: tornDown},
+	}
+}
+
 // stepFor picks this worker's step for the committed state, or nil when the
-// state waits on someone else. The table mirrors DESIGN.md's.
+// state waits on someone else. The states come from the table in fsm; the
+// source's local side effects (serve the export again after a restart, move
+// the old address after cutover) come before its duty in the state.
 func (a *Agent) stepFor(m *fsm.Migration) stepFunc {
-	src, dst := m.Source == a.cfg.Worker, m.Target == a.cfg.Worker
-	switch {
-	case dst && m.State == fsm.Planned:
-		return a.prepareTarget
-	case src && m.State == fsm.TargetPrepared:
-		return a.stopSource
-	case src && m.State == fsm.SourceStopped:
-		return a.exportSource
-	case dst && m.State == fsm.Exported:
-		return a.buildClone
-	case dst && m.State == fsm.CloneBuilt:
-		return a.trim
-	case dst && m.State == fsm.Trimmed:
-		return a.cutover
-	case dst && m.State == fsm.Cutover:
-		return a.startHydration
-	case dst && m.State == fsm.Hydrating:
-		return a.hydrate
-	case src && servesExport(m.State) && m.Export != nil && !a.exp.Live(m.ID):
-		// The agent restarted (its gate died with it): serve the same portal again.
-		return a.reExport
-	case src && m.State.AfterCutover() && !a.done(m, "net-source"):
-		return a.forwardOld
-	case src && m.State == fsm.Hydrated:
-		return a.releaseSource
-	case dst && m.State == fsm.RollingBack && (m.Rollback == nil || !m.Rollback.TargetTornDown):
-		return a.tearDownTarget
-	case src && m.State == fsm.RollingBack && m.Rollback != nil && m.Rollback.TargetTornDown:
-		return a.restoreSource
+	var role fsm.Role
+	switch a.cfg.Worker {
+	case m.Source:
+		role = fsm.RoleSource
+	case m.Target:
+		role = fsm.RoleTarget
+	default:
+		return nil
+	}
+	if role == fsm.RoleSource {
+		switch {
+		case m.State.ServesExport() && m.Export != nil && !a.exp.Live(m.ID):
+			// The agent restarted (its gate died with it): serve the same portal again.
+			return a.reExport
+		case m.State.AfterCutover() && !a.done(m, "net-source"):
+			return a.forwardOld
+		}
+	}
+	steps := a.duties()
+	for _, row := range fsm.Duties(m.State) {
+		if !slices.Contains(row.Roles, role) {
+			continue
+		}
+		if d, ok := steps[row.Event]; ok && (d.ready == nil || d.ready(m)) {
+			return d.run
+		}
 	}
 	return nil
 }
@@ -63,22 +95,28 @@ func (a *Agent) done(m *fsm.Migration, what string) bool {
 	return err == nil
 }
 func (a *Agent) markDone(m *fsm.Migration, what string) error {
-	if err := os.MkdirAll(a.stateDir("steps"), 0o700); err != nil {
-		return err
-	}
-	return os.WriteFile(a.markPath(m, what), []byte(time.Now().UTC().Format(time.RFC3339Nano)+"\n"), 0o600)
+	return atomicfile.WriteFile(a.markPath(m, what), []byte(time.Now().UTC().Format(time.RFC3339Nano)+"\n"), 0o600)
 }
 
 func (a *Agent) propose(ctx context.Context, m *fsm.Migration, ev fsm.Event, p fsm.EventPayload) error {
 	if d := a.cfg.PauseBefore[ev]; d > 0 {
 		a.log.Warn().Str("migration", m.ID).Str("event", string(ev)).Dur("pause", d).Msg("failpoint: pausing before proposing")
-		if !sleep(ctx, d) {
-			return ctx.Err()
+		pause := a.runCtx
+		if pause == nil {
+			pause = ctx
+		}
+		if !sleep(pause, d) {
+			return pause.Err()
 		}
 	}
-	_, err := a.cp.Propose(ctx, m.ID, ev, stepID(m, string(ev)), p)
+	got, err := a.cp.Propose(ctx, m.ID, ev, stepID(m, string(ev)), p)
 	if err != nil {
 		return fmt.Errorf("propose %s: %w", ev, err)
+	}
+	if got != nil {
+		// The fence judges by the newest record: a cutover committed just
+		// before a partition keeps the machine running here.
+		a.fence.noteMigrations([]*fsm.Migration{got})
 	}
 	return nil
 }
@@ -132,6 +170,7 @@ func (a *Agent) machineSpec(mach *fsm.Machine, netns string) (machine.Spec, erro
 	}
 	s.Env["FERRY_WORKER"] = a.cfg.Worker
 	s.Env["FERRY_6PN"] = mach.Addr6PN
+	a.fence.noteSpec(s)
 	return s, nil
 }
 
@@ -162,9 +201,9 @@ func (a *Agent) prepareTarget(ctx context.Context, log zerolog.Logger, m *fsm.Mi
 	return a.propose(ctx, m, fsm.EvTargetPrepared, fsm.EventPayload{TargetVolume: tv, Layout: m.Layout})
 }
 
-func (a *Agent) cloneSpec(m *fsm.Migration, hydrate bool) CloneSpec {
-	return CloneSpec{Volume: m.TargetVol, Layout: *m.Layout, Portal: m.Export.Portal, IQN: m.Export.IQN,
-		KnownZero: m.KnownZero, Hydrate: hydrate, RateLimit: a.cfg.HydrationRate}
+func (a *Agent) cloneSpec(m *fsm.Migration, hydrate bool) datapath.CloneSpec {
+	return datapath.CloneSpec{Volume: m.TargetVol, Layout: datapath.LayoutOf(*m.Layout), Portal: m.Export.Portal, IQN: m.Export.IQN,
+		KnownZero: datapath.RangesOf(m.KnownZero), Hydrate: hydrate, RateLimit: a.cfg.HydrationRate}
 }
 
 // buildClone connects to the export, builds the clone (hydration off), opens
@@ -173,17 +212,14 @@ func (a *Agent) buildClone(ctx context.Context, log zerolog.Logger, m *fsm.Migra
 	if m.Export == nil || m.TargetVol == "" || m.Layout == nil {
 		return fmt.Errorf("migration record lacks export, target volume or layout")
 	}
-	key, err := a.cp.VolumeKey(ctx, m.Volume)
+	// The destination carries the same LUKS2 keyslots: migrationKey also
+	// seals the key to this worker as the destination's owner, so the
+	// machine can be restarted and migrated again from here.
+	key, err := a.migrationKey(ctx, m)
 	if err != nil {
-		return fmt.Errorf("fetch key of volume %s: %w", m.Volume, err)
+		return err
 	}
 	defer clear(key)
-	// The destination carries the same LUKS2 keyslots, so the server must
-	// hold its key too: without it the machine could never be restarted,
-	// rolled back to, or migrated again from here.
-	if err := a.cp.SetVolumeKey(ctx, m.TargetVol, key); err != nil {
-		return fmt.Errorf("store the key of destination volume %s: %w", m.TargetVol, err)
-	}
 	dev, err := a.vols.MountClone(ctx, a.cloneSpec(m, false), key, a.vols.MountPoint(m.Machine))
 	if err != nil {
 		return err
@@ -193,7 +229,7 @@ func (a *Agent) buildClone(ctx context.Context, log zerolog.Logger, m *fsm.Migra
 }
 
 func (a *Agent) trim(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
-	out, err := Fstrim(ctx, a.vols.MountPoint(m.Machine))
+	out, err := fstrim(ctx, a.vols.MountPoint(m.Machine))
 	if err != nil {
 		return err
 	}
@@ -203,7 +239,11 @@ func (a *Agent) trim(ctx context.Context, log zerolog.Logger, m *fsm.Migration) 
 }
 
 // cutover starts the machine on the target with its new 6PN address and
-// keeps the old one reaching it. Point of no return.
+// keeps the old one reaching it. Point of no return. By default the machine
+// starts only once cutover is committed: before that a rollback may hand it
+// back to the source, and a target cut off from the servers (or whose agent
+// died) could not be relied on to stop it. StartBeforeCutover starts it
+// first, saving one commit of downtime, and relies on the self-fence.
 func (a *Agent) cutover(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
 	mach, err := a.cp.GetMachine(ctx, m.Machine)
 	if err != nil {
@@ -236,12 +276,21 @@ func (a *Agent) cutover(ctx context.Context, log zerolog.Logger, m *fsm.Migratio
 	if mach.Addr6PN != "" {
 		spec.Env["FERRY_OLD_6PN"] = mach.Addr6PN
 	}
-	if err := a.mach.Start(ctx, spec); err != nil {
-		return err
+	if a.cfg.StartBeforeCutover {
+		if err := a.startMachine(ctx, spec); err != nil {
+			return err
+		}
+		log.Info().Str("new_6pn", newAddr).Msg("machine started on the target (before cutover commits)")
 	}
-	log.Info().Str("new_6pn", newAddr).Msg("machine started on the target")
 	if err := a.propose(ctx, m, fsm.EvCutover, fsm.EventPayload{New6PN: newAddr}); err != nil {
 		return err
+	}
+	if !a.cfg.StartBeforeCutover {
+		// A failure here is retried by the next state's step (ensureRunning).
+		if err := a.startMachine(ctx, spec); err != nil {
+			return err
+		}
+		log.Info().Str("new_6pn", newAddr).Msg("cutover committed; machine started on the target")
 	}
 	if t0, ok := m.EnteredAt[fsm.SourceStopped]; ok {
 		a.met.downtime.Observe(time.Since(t0).Seconds())
@@ -249,9 +298,47 @@ func (a *Agent) cutover(ctx context.Context, log zerolog.Logger, m *fsm.Migratio
 	return nil
 }
 
+// ensureRunning, on the target after cutover, starts the machine if it does
+// not run: the start after the cutover commit failed, the fence stopped it
+// while the commit's outcome was unknown here, or it crashed.
+func (a *Agent) ensureRunning(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
+	mach, err := a.cp.GetMachine(ctx, m.Machine)
+	if err != nil {
+		return err
+	}
+	if mach.Worker != a.cfg.Worker || mach.State != fsm.MachineRunning {
+		return nil
+	}
+	netns := ""
+	if a.net != nil && mach.Addr6PN != "" {
+		addr, err := netrewrite.Parse(mach.Addr6PN)
+		if err != nil {
+			return fmt.Errorf("machine %s 6PN address: %w", mach.ID, err)
+		}
+		if netns, err = a.net.Attach(ctx, mach.ID, addr); err != nil {
+			return err
+		}
+	}
+	spec, err := a.machineSpec(mach, netns)
+	if err != nil {
+		return err
+	}
+	if st, err := a.mach.Status(ctx, spec); err == nil && st == machine.Running {
+		return nil
+	}
+	if err := a.startMachine(ctx, spec); err != nil {
+		return err
+	}
+	log.Warn().Msg("machine was not running after cutover; started it")
+	return nil
+}
+
 func (a *Agent) startHydration(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
 	p, err := a.ensureClone(ctx, m, true)
 	if err != nil {
+		return err
+	}
+	if err := a.ensureRunning(ctx, log, m); err != nil {
 		return err
 	}
 	if err := p.EnableHydration(ctx); err != nil {
@@ -262,11 +349,19 @@ func (a *Agent) startHydration(ctx context.Context, log zerolog.Logger, m *fsm.M
 
 // ensureClone re-adopts the clone's datapath, or rebuilds it (after a
 // reboot or a datapath crash) with hydration as committed.
-func (a *Agent) ensureClone(ctx context.Context, m *fsm.Migration, hydrate bool) (CloneHandle, error) {
+func (a *Agent) ensureClone(ctx context.Context, m *fsm.Migration, hydrate bool) (datapath.CloneHandle, error) {
 	if p, err := a.vols.Clone(ctx, m.TargetVol); err == nil {
 		return p, nil
 	}
-	key, err := a.cp.VolumeKey(ctx, m.Volume)
+	if m.State.AfterCutover() {
+		// The clone's datapath died under the running machine: stop it,
+		// release the dead mount; the machine starts again (ensureRunning)
+		// once the clone is rebuilt over the same metadata.
+		if _, err := a.reviveDatapath(ctx, a.log.With().Str("migration", m.ID).Logger(), m.TargetVol, a.stopSpec(m.Machine)); err != nil {
+			return nil, err
+		}
+	}
+	key, err := a.migrationKey(ctx, m)
 	if err != nil {
 		return nil, err
 	}
@@ -299,11 +394,28 @@ func (a *Agent) hydrate(ctx context.Context, log zerolog.Logger, m *fsm.Migratio
 	if err != nil {
 		return err
 	}
+	if err := a.ensureRunning(ctx, log, m); err != nil {
+		return err
+	}
 	if err := p.EnableHydration(ctx); err != nil { // idempotent; after a datapath restart
 		return err
 	}
 	lastReport := time.Time{}
 	var watch progressWatch
+	// Follow the export if the source moved it (a restart elsewhere).
+	follow := func(e *fsm.Export) bool {
+		r, ok := p.(datapath.Retargeter)
+		if e == nil || !ok {
+			return true // nothing to follow, or a data path that cannot
+		}
+		if err := r.Retarget(ctx, e.Portal, e.IQN); err != nil {
+			log.Warn().Err(err).Str("portal", e.Portal).Msg("cannot reconnect to the export's recorded portal yet")
+			return false
+		}
+		return true
+	}
+	follow(m.Export)
+	exportAt := m.Export
 	for {
 		st, err := p.Status(ctx)
 		if err != nil {
@@ -346,7 +458,13 @@ func (a *Agent) hydrate(ctx context.Context, log zerolog.Logger, m *fsm.Migratio
 		}
 		if st.Progress != nil && time.Since(lastReport) >= time.Second {
 			lastReport = time.Now()
-			_, _ = a.cp.Propose(ctx, m.ID, fsm.EvProgress, "", fsm.EventPayload{Progress: toFSMProgress(st.Progress)})
+			if cur, err := a.cp.Propose(ctx, m.ID, fsm.EvProgress, "", fsm.EventPayload{Progress: toFSMProgress(st.Progress)}); err == nil && cur != nil &&
+				cur.Export != nil && (exportAt == nil || *cur.Export != *exportAt) {
+				log.Info().Str("portal", cur.Export.Portal).Msg("the source moved its export; reconnecting")
+				if follow(cur.Export) {
+					exportAt = cur.Export
+				}
+			}
 		}
 		if !sleep(ctx, 100*time.Millisecond) {
 			return ctx.Err()
@@ -357,6 +475,19 @@ func (a *Agent) hydrate(ctx context.Context, log zerolog.Logger, m *fsm.Migratio
 // tearDownTarget releases everything the target built; the machine never
 // ran here (rollback is only possible before cutover).
 func (a *Agent) tearDownTarget(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
+	if err := a.releaseTarget(ctx, log, m); err != nil {
+		return err
+	}
+	log.Info().Msg("target torn down")
+	if err := a.propose(ctx, m, fsm.EvTargetTornDown, fsm.EventPayload{}); err != nil {
+		return err
+	}
+	return a.markDone(m, "reaped")
+}
+
+// releaseTarget stops the machine if the store does not assign it here and
+// removes the clone, its mount and the destination volume. Idempotent.
+func (a *Agent) releaseTarget(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
 	mnt := a.vols.MountPoint(m.Machine)
 	if mach, err := a.cp.GetMachine(ctx, m.Machine); err == nil && mach.Worker != a.cfg.Worker {
 		spec, _ := a.machineSpec(mach, "")
@@ -386,8 +517,7 @@ func (a *Agent) tearDownTarget(ctx context.Context, log zerolog.Logger, m *fsm.M
 	if err := a.cp.UpdateVolume(ctx, fsm.UpdateVolumeCmd{ID: tv, State: &destroyed}); err != nil {
 		log.Debug().Err(err).Msg("destination volume record not updated (it may never have been registered)")
 	}
-	log.Info().Msg("target torn down")
-	return a.propose(ctx, m, fsm.EvTargetTornDown, fsm.EventPayload{})
+	return nil
 }
 
 // --- source steps ---------------------------------------------------------
@@ -417,7 +547,7 @@ func (a *Agent) stopSource(ctx context.Context, log zerolog.Logger, m *fsm.Migra
 		return err
 	}
 	log.Info().Msg("machine stopped and volume frozen")
-	return a.propose(ctx, m, fsm.EvSourceStopped, fsm.EventPayload{Layout: &layout})
+	return a.propose(ctx, m, fsm.EvSourceStopped, fsm.EventPayload{Layout: datapath.StoredLayout(layout)})
 }
 
 // exportSource serves the frozen volume to the target only.
@@ -429,6 +559,9 @@ func (a *Agent) exportSource(ctx context.Context, log zerolog.Logger, m *fsm.Mig
 	if tw.Address == "" {
 		return fmt.Errorf("target worker %s registered no address; cannot restrict the export to it", m.Target)
 	}
+	if err := a.sealForTarget(ctx, m); err != nil {
+		return err
+	}
 	portal, iqn, err := a.exp.Export(ctx, m.ID, a.vols.DataPath(m.Volume), tw.Address)
 	if err != nil {
 		return err
@@ -438,17 +571,11 @@ func (a *Agent) exportSource(ctx context.Context, log zerolog.Logger, m *fsm.Mig
 		log.Warn().Err(err).Msg("cannot list the volume's holes; the target fetches them")
 		zeros = nil
 	}
-	log.Info().Str("portal", portal).Str("iqn", iqn).Int("known_zero_ranges", len(zeros)).Msg("volume exported")
-	return a.propose(ctx, m, fsm.EvExported, fsm.EventPayload{Export: &fsm.Export{Portal: portal, IQN: iqn}, KnownZero: zeros})
-}
-
-// servesExport: the states in which the target may read the source.
-func servesExport(s fsm.State) bool {
-	switch s {
-	case fsm.Exported, fsm.CloneBuilt, fsm.Trimmed, fsm.Cutover, fsm.Hydrating:
-		return true
-	}
-	return false
+	// The store accepts holes of the data area only (never the header).
+	lo, hi := fsm.DataArea(m, 0)
+	stored := fsm.ClipRanges(datapath.StoredRanges(zeros), lo, hi)
+	log.Info().Str("portal", portal).Str("iqn", iqn).Int("known_zero_ranges", len(stored)).Msg("volume exported")
+	return a.propose(ctx, m, fsm.EvExported, fsm.EventPayload{Export: &fsm.Export{Portal: portal, IQN: iqn}, KnownZero: stored})
 }
 
 // reExport restarts the export at the portal recorded in the migration.
@@ -457,12 +584,20 @@ func (a *Agent) reExport(ctx context.Context, log zerolog.Logger, m *fsm.Migrati
 	if err != nil {
 		return err
 	}
-	portal, _, err := a.exp.Export(ctx, m.ID, a.vols.DataPath(m.Volume), tw.Address)
+	portal, iqn, err := a.exp.Export(ctx, m.ID, a.vols.DataPath(m.Volume), tw.Address)
 	if err != nil {
 		return err
 	}
-	if portal != m.Export.Portal {
-		return fmt.Errorf("export restarted at %s, not at the recorded portal %s", portal, m.Export.Portal)
+	if portal != m.Export.Portal || iqn != m.Export.IQN {
+		// Served elsewhere now (another address, the old port taken): tell
+		// the target, which reconnects there.
+		moved := *m.Export
+		moved.Portal, moved.IQN = portal, iqn
+		if _, err := a.cp.Propose(ctx, m.ID, fsm.EvExportMoved, stepID(m, "export-moved", portal, iqn), fsm.EventPayload{Export: &moved}); err != nil {
+			return fmt.Errorf("export restarted at %s, not at the recorded %s, and publishing the move failed: %w", portal, m.Export.Portal, err)
+		}
+		log.Warn().Str("portal", portal).Str("old_portal", m.Export.Portal).Msg("export re-established at a new portal; published it")
+		return nil
 	}
 	log.Info().Str("portal", portal).Msg("export re-established after an agent restart")
 	return nil
@@ -505,7 +640,7 @@ func (a *Agent) machineNS(machineID string) string {
 	if a.net == nil {
 		return ""
 	}
-	return machineNSName(a.cfg.Worker, machineID)
+	return a.net.Namespace(machineID)
 }
 
 // forwardOld, on the source after cutover, removes the machine's network and
@@ -569,12 +704,12 @@ func (a *Agent) startLocal(ctx context.Context, mach *fsm.Machine) error {
 	if vol.Layout == nil {
 		return fmt.Errorf("volume %s has no recorded layout yet", vol.ID)
 	}
-	key, err := a.cp.VolumeKey(ctx, vol.ID)
+	key, err := a.ownerKey(ctx, vol.ID)
 	if err != nil {
-		return fmt.Errorf("fetch key of volume %s: %w", vol.ID, err)
+		return err
 	}
 	defer clear(key)
-	if _, err := a.vols.MountLocal(ctx, vol.ID, *vol.Layout, key, a.vols.MountPoint(mach.ID)); err != nil {
+	if _, err := a.vols.MountLocal(ctx, vol.ID, datapath.LayoutOf(*vol.Layout), key, a.vols.MountPoint(mach.ID)); err != nil {
 		return err
 	}
 	netns := ""
@@ -591,11 +726,19 @@ func (a *Agent) startLocal(ctx context.Context, mach *fsm.Machine) error {
 	if err != nil {
 		return err
 	}
-	return a.mach.Start(ctx, spec)
+	return a.startMachine(ctx, spec)
 }
 
-// machineNSName is the network namespace of a machine on a worker; it
-// includes the worker so two workers on one host never collide.
-func machineNSName(worker, machineID string) string {
-	return "fm-" + worker + "-" + machineID
+// fstrim discards the filesystem's unused blocks at mnt; through the LUKS
+// view they reach the clone, which marks them hydrated without a fetch.
+func fstrim(ctx context.Context, mnt string) (string, error) {
+	cmd := exec.CommandContext(ctx, "fstrim", "-v", mnt)
+	// A killed tool's children may hold its output open: stop waiting for
+	// them shortly after the deadline.
+	cmd.WaitDelay = 2 * time.Second
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return "", fmt.Errorf("fstrim %s: %w: %s", mnt, err, strings.TrimSpace(string(out)))
+	}
+	return strings.TrimSpace(string(out)), nil
 }

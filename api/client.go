@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -17,19 +18,31 @@ import (
 	"time"
 
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/retry"
 )
 
 // Client talks to a ferry cluster over mTLS. It tries the servers in turn:
 // on a transport error or "no leader" (503) it moves on and retries with
-// backoff until RetryFor passes, re-sending the same body — proposals carry
-// a step ID, so a retried proposal applies once.
+// jittered backoff until RetryFor passes, re-sending the same body —
+// proposals carry a step ID, so a retried proposal applies once. Writes go
+// to the leader over this client's own connection: a follower's refusal
+// names the leader (LeaderHeader) and the client sends the write there
+// next (at most maxRedirects times in a row, and only to a peer whose
+// certificate is a server's). It then keeps asking that leader, reads
+// included, so what it wrote is what it reads, until the leader fails.
 type Client struct {
 	addrs    []string
 	hc       *http.Client
 	RetryFor time.Duration // total retry budget per call (default 30s)
+	// RequestTimeout bounds one attempt against one server (default 10s);
+	// a blocking watch gets its wait on top. A server that accepts but never
+	// answers (stopped, partitioned) costs at most this before the next
+	// server is tried.
+	RequestTimeout time.Duration
 
-	mu  sync.Mutex
-	cur int
+	mu     sync.Mutex
+	cur    int
+	leader string // the leader a redirect led to, asked first while it answers
 }
 
 // NewClient returns a client for the given server API addresses (host:port)
@@ -50,12 +63,27 @@ func NewClient(addrs []string, tlsConf *tls.Config) (*Client, error) {
 	if tlsConf == nil {
 		return nil, errors.New("the client needs a TLS config with a client certificate")
 	}
-	return &Client{
-		addrs:    clean,
-		hc:       &http.Client{Transport: &http.Transport{TLSClientConfig: tlsConf, MaxIdleConnsPerHost: 8, IdleConnTimeout: 90 * time.Second}},
-		RetryFor: 30 * time.Second,
-	}, nil
+	tr := &http.Transport{
+		TLSClientConfig:       tlsConf,
+		MaxIdleConnsPerHost:   8,
+		IdleConnTimeout:       90 * time.Second,
+		TLSHandshakeTimeout:   DialTimeout,
+		ExpectContinueTimeout: time.Second,
+	}
+	c := &Client{
+		addrs:          clean,
+		hc:             &http.Client{Transport: tr},
+		RetryFor:       30 * time.Second,
+		RequestTimeout: 10 * time.Second,
+	}
+	c.SetDialer((&net.Dialer{KeepAlive: 15 * time.Second}).DialContext)
+	return c, nil
 }
+
+// DialTimeout bounds a TCP connect and, separately, a TLS handshake to one
+// server: a stopped server's kernel still completes TCP handshakes from its
+// listen backlog, so only a handshake deadline notices it.
+const DialTimeout = 3 * time.Second
 
 // Close releases idle connections.
 func (c *Client) Close() { c.hc.CloseIdleConnections() }
@@ -79,35 +107,81 @@ func (c *Client) do(ctx context.Context, method, path string, q url.Values, in, 
 		}
 	}
 	deadline := time.Now().Add(c.RetryFor)
-	delay := 50 * time.Millisecond
+	bo := retry.New(50*time.Millisecond, time.Second)
+	redirect, redirects := "", 0
 	for attempt := 0; ; attempt++ {
-		c.mu.Lock()
-		addr := c.addrs[c.cur%len(c.addrs)]
-		c.mu.Unlock()
-		idx, err := c.once(ctx, addr, method, path, q, body, out)
+		addr, sticky := redirect, false
+		if addr == "" {
+			c.mu.Lock()
+			if c.leader != "" {
+				addr, sticky = c.leader, true
+			} else {
+				addr = c.addrs[c.cur%len(c.addrs)]
+			}
+			c.mu.Unlock()
+		}
+		idx, leader, err := c.once(ctx, addr, method, path, q, body, out)
+		if redirect != "" && (err == nil || !retryable(err)) {
+			c.mu.Lock()
+			c.leader = redirect
+			c.mu.Unlock()
+		}
 		if err == nil || !retryable(err) || ctx.Err() != nil || time.Now().After(deadline) {
 			if err != nil && ctx.Err() != nil {
 				return 0, fmt.Errorf("%s %s: %w", method, path, ctx.Err())
 			}
 			return idx, err
 		}
+		if leader != "" && leader != addr && redirects < maxRedirects {
+			redirect = leader // straight there, no backoff: it is the leader now
+			redirects++
+			continue
+		}
+		redirect, redirects = "", 0
 		c.mu.Lock()
-		c.cur++
+		if sticky {
+			c.leader = "" // back to the configured servers, without a pause
+		} else {
+			c.cur++
+		}
 		c.mu.Unlock()
-		if attempt >= len(c.addrs)-1 {
-			select {
-			case <-ctx.Done():
+		// Fail over to the next server at once; back off (jittered, so
+		// agents do not retry in lockstep) once every server was tried.
+		if !sticky && attempt >= len(c.addrs)-1 {
+			if !retry.Sleep(ctx, bo.Next()) {
 				return 0, fmt.Errorf("%s %s: %w (last error: %v)", method, path, ctx.Err(), err)
-			case <-time.After(delay):
-			}
-			if delay < time.Second {
-				delay *= 2
 			}
 		}
 	}
 }
 
-func (c *Client) once(ctx context.Context, addr, method, path string, q url.Values, body []byte, out any) (uint64, error) {
+// maxRedirects bounds how many leader redirects a request follows in a row
+// (a leader change in the middle makes a second one normal).
+const maxRedirects = 3
+
+// attemptTimeout is the budget of one attempt: RequestTimeout, plus the
+// wait of a blocking query (the server holds it up to that long, 30s when
+// not given).
+func (c *Client) attemptTimeout(q url.Values) time.Duration {
+	t := c.RequestTimeout
+	if t <= 0 {
+		t = 10 * time.Second
+	}
+	if q.Get("index") != "" {
+		wait := 30 * time.Second
+		if w, err := time.ParseDuration(q.Get("wait")); err == nil && w > 0 {
+			wait = w
+		}
+		t += wait
+	}
+	return t
+}
+
+// once sends one request to addr; leader is the address a follower's
+// refusal named.
+func (c *Client) once(ctx context.Context, addr, method, path string, q url.Values, body []byte, out any) (idx uint64, leader string, err error) {
+	ctx, cancel := context.WithTimeoutCause(ctx, c.attemptTimeout(q), errAttemptTimeout)
+	defer cancel()
 	u := "https://" + addr + path
 	if len(q) > 0 {
 		u += "?" + q.Encode()
@@ -117,29 +191,49 @@ func (c *Client) once(ctx context.Context, addr, method, path string, q url.Valu
 		rd = bytes.NewReader(body)
 	}
 	var req *http.Request
-	var err error
 	if rd != nil {
 		req, err = http.NewRequestWithContext(ctx, method, u, rd)
 	} else {
 		req, err = http.NewRequestWithContext(ctx, method, u, nil)
 	}
 	if err != nil {
-		return 0, err
+		return 0, "", err
 	}
 	if body != nil {
 		req.Header.Set("Content-Type", "application/json")
 	}
 	resp, err := c.hc.Do(req)
 	if err != nil {
-		return 0, fmt.Errorf("%w: %s: %v", ErrUnavailable, addr, err)
+		if errors.Is(context.Cause(ctx), errAttemptTimeout) {
+			err = fmt.Errorf("%w after %v", errAttemptTimeout, c.attemptTimeout(q))
+		}
+		return 0, "", fmt.Errorf("%w: %s: %v", ErrUnavailable, addr, err)
 	}
 	defer resp.Body.Close()
-	var idx uint64
 	if h := resp.Header.Get(IndexHeader); h != "" {
 		idx, _ = strconv.ParseUint(h, 10, 64)
 	}
-	return idx, DecodeReply(resp, out)
+	if resp.StatusCode == http.StatusServiceUnavailable {
+		leader = validLeaderHint(resp.Header.Get(LeaderHeader))
+	}
+	err = DecodeReply(resp, out)
+	if err != nil && errors.Is(context.Cause(ctx), errAttemptTimeout) {
+		// The reply stalled mid-body: the server is as good as gone.
+		return 0, "", fmt.Errorf("%w: %s: reading the reply: %w", ErrUnavailable, addr, errAttemptTimeout)
+	}
+	return idx, leader, err
 }
+
+// validLeaderHint keeps a redirect only when it is a plain host:port.
+func validLeaderHint(h string) string {
+	host, port, err := net.SplitHostPort(h)
+	if err != nil || host == "" || port == "" || len(h) > 255 || strings.ContainsAny(h, "/?#@ ") {
+		return ""
+	}
+	return h
+}
+
+var errAttemptTimeout = errors.New("the server did not answer in time")
 
 func esc(s string) string { return url.PathEscape(s) }
 
@@ -231,18 +325,55 @@ func (c *Client) DestroyVolume(ctx context.Context, id string, retention time.Du
 	return &r, err
 }
 
-// SetVolumeKey stores the volume's key on the servers (owner worker or operator only).
-func (c *Client) SetVolumeKey(ctx context.Context, id string, key []byte) error {
-	_, err := c.do(ctx, http.MethodPut, "/v1/volumes/"+esc(id)+"/key", nil, KeyBody{Key: key}, nil)
-	return err
+// PutEnvelopes stores sealed copies of a volume's key. The servers check
+// who may seal what (docs/security.md) and can open none of them.
+func (c *Client) PutEnvelopes(ctx context.Context, id string, envs []fsm.Envelope) (*fsm.Volume, error) {
+	var r fsm.Volume
+	_, err := c.do(ctx, http.MethodPost, "/v1/volumes/"+esc(id)+"/envelopes", nil, EnvelopesRequest{Envelopes: envs}, &r)
+	return &r, err
 }
 
-// GetVolumeKey returns the volume's key; only the worker owning the volume
-// or the target of an active migration of it gets it (others: code "forbidden").
-func (c *Client) GetVolumeKey(ctx context.Context, id string) ([]byte, error) {
-	var r KeyBody
-	_, err := c.do(ctx, http.MethodGet, "/v1/volumes/"+esc(id)+"/key", nil, nil, &r)
-	return r.Key, err
+// GetEnvelope returns one envelope of a volume's key: owner (its worker
+// only), migration (the active migration's target only) or recovery
+// (operators only). The read is audited by the server, not replicated.
+// With index 0 only the leader answers (a follower says to retry, and the
+// client moves on); a follower answers once it applied index.
+func (c *Client) GetEnvelope(ctx context.Context, id string, purpose fsm.Purpose, index uint64) (*fsm.Envelope, error) {
+	var q url.Values
+	if index > 0 {
+		q = url.Values{"index": {strconv.FormatUint(index, 10)}}
+	}
+	var r fsm.Envelope
+	_, err := c.do(ctx, http.MethodGet, "/v1/volumes/"+esc(id)+"/envelopes/"+esc(string(purpose)), q, nil, &r)
+	return &r, err
+}
+
+// ListEnvelopes lists which envelopes a volume has, without ciphertext.
+func (c *Client) ListEnvelopes(ctx context.Context, id string) ([]fsm.Envelope, error) {
+	var r []fsm.Envelope
+	_, err := c.do(ctx, http.MethodGet, "/v1/volumes/"+esc(id)+"/envelopes", nil, nil, &r)
+	return r, err
+}
+
+// SetWorkerKey registers the calling worker's key-encryption public key.
+func (c *Client) SetWorkerKey(ctx context.Context, worker string, k fsm.PublicKey) (*fsm.Worker, error) {
+	var r fsm.Worker
+	_, err := c.do(ctx, http.MethodPut, "/v1/workers/"+esc(worker)+"/key", nil, k, &r)
+	return &r, err
+}
+
+// RecoveryKey returns the cluster's recovery public key (not found until
+// `ferry keys recovery-init` ran).
+func (c *Client) RecoveryKey(ctx context.Context) (*fsm.PublicKey, error) {
+	var r fsm.PublicKey
+	_, err := c.do(ctx, http.MethodGet, "/v1/keys/recovery", nil, nil, &r)
+	return &r, err
+}
+
+// SetRecoveryKey stores the cluster's recovery public key (operators only, once).
+func (c *Client) SetRecoveryKey(ctx context.Context, k fsm.PublicKey) error {
+	_, err := c.do(ctx, http.MethodPut, "/v1/keys/recovery", nil, k, nil)
+	return err
 }
 
 // CreateMachine registers a machine (attaching its volume).

@@ -17,7 +17,7 @@ import (
 var ErrUnavailable = errors.New("server unavailable")
 
 // DecodeReply reads a JSON reply into out, or turns a non-2xx one into an
-// *Error. The server uses it too when it forwards to the leader.
+// *Error. The server uses it too for its own requests to other servers (join).
 func DecodeReply(resp *http.Response, out any) error {
 	body, err := io.ReadAll(io.LimitReader(resp.Body, 32<<20))
 	if err != nil {
@@ -65,4 +65,28 @@ func KindForStatus(status int) fsm.RefusalKind {
 		return fsm.RefuseNotLeader
 	}
 	return fsm.RefuseInternal
+}
+
+// StatusOf is the HTTP status the API sends for a refusal of kind k; with
+// KindForStatus, the one place refusal kinds meet HTTP.
+func StatusOf(k fsm.RefusalKind) int {
+	switch k {
+	case fsm.RefuseInvalid:
+		return http.StatusBadRequest
+	case fsm.RefuseUnauthenticated:
+		return http.StatusUnauthorized
+	case fsm.RefuseForbidden:
+		return http.StatusForbidden
+	case fsm.RefuseNotFound:
+		return http.StatusNotFound
+	case fsm.RefuseConflict:
+		return http.StatusConflict
+	case fsm.RefuseGone:
+		return http.StatusGone
+	case fsm.RefuseBusy:
+		return http.StatusTooManyRequests
+	case fsm.RefuseNotLeader:
+		return http.StatusServiceUnavailable
+	}
+	return http.StatusInternalServerError
 }

@@ -12,11 +12,14 @@ import (
 	"time"
 
 	"github.com/ferry-dev/ferry/fsm"
-	"github.com/ferry-dev/ferry/luks"
 )
 
 // IndexHeader carries the index a blocking query returns.
 const IndexHeader = "X-Ferry-Index"
+
+// LeaderHeader carries the leader's API address (host:port) on a follower's
+// not_leader refusal of a write: the client sends the write there itself.
+const LeaderHeader = "X-Ferry-Leader"
 
 // Error is a refusal or failure as the API reports it. It is the state
 // machine's refusal type itself (an alias, not a copy): the body of every
@@ -68,7 +71,7 @@ type HeartbeatRequest struct {
 type VolumeUpdate struct {
 	State           *fsm.VolumeState `json:"state,omitempty"`
 	AttachedMachine *string          `json:"attached_machine,omitempty"`
-	Layout          *luks.Layout     `json:"layout,omitempty"`
+	Layout          *fsm.LUKSLayout  `json:"layout,omitempty"`
 	Size            *int64           `json:"size,omitempty"`
 }
 
@@ -80,17 +83,14 @@ type MachineUpdate struct {
 	Spec    *json.RawMessage  `json:"spec,omitempty"`
 }
 
-// KeyBody carries a volume key (PUT and GET /v1/volumes/{id}/key only).
-type KeyBody struct {
-	Key []byte `json:"key"`
-}
-
 // PlanRequest asks for a migration of a machine (and its volume) to a target worker.
 type PlanRequest struct {
 	ID      string `json:"id,omitempty"` // chosen by the server when empty
 	Machine string `json:"machine"`
 	Target  string `json:"target"`
 	StepID  string `json:"step_id,omitempty"`
+	// MaxDowntime is the downtime budget (empty: the default, 60s).
+	MaxDowntime Duration `json:"max_downtime,omitempty"`
 }
 
 // ProposeRequest proposes an event on a migration.
@@ -120,11 +120,10 @@ type JoinRequest struct {
 	APIAddr  string `json:"api_addr"`
 }
 
-// ApplyReply is what /v1/internal/apply returns to a forwarding server; the
-// key travels only here (server to server, mTLS) for a forwarded key request.
-type ApplyReply struct {
-	Result *fsm.Result `json:"result"`
-	Key    []byte      `json:"key,omitempty"`
+// EnvelopesRequest stores sealed copies of a volume's key
+// (POST /v1/volumes/{id}/envelopes).
+type EnvelopesRequest struct {
+	Envelopes []fsm.Envelope `json:"envelopes"`
 }
 
 // Duration is a time.Duration that reads and writes as "30s" in JSON.

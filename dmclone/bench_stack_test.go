@@ -1,6 +1,7 @@
 package dmclone
 
 import (
+	crand "crypto/rand"
 	"math/rand"
 	"os"
 	"os/exec"
@@ -13,19 +14,15 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ferry-dev/ferry/blockdev"
-	"github.com/ferry-dev/ferry/fuseexport"
-	"github.com/ferry-dev/ferry/loopdev"
+	"github.com/ferry-dev/ferry/datapath/fuseexport"
+	"github.com/ferry-dev/ferry/datapath/loopdev"
+	"github.com/ferry-dev/ferry/internal/testenv"
 )
 
 func needRootStack(b *testing.B) {
-	if os.Geteuid() != 0 {
-		b.Skip("needs root for FUSE and loop devices")
-	}
-	for _, tool := range []string{"losetup", "mkfs.ext4", "fstrim", "mount"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			b.Skipf("needs %s: apt-get install e2fsprogs util-linux", tool)
-		}
-	}
+	b.Helper()
+	testenv.Root(b, "FUSE and loop devices")
+	testenv.Tools(b, "apt-get install e2fsprogs util-linux", "losetup", "mkfs.ext4", "fstrim", "mount")
 }
 
 func benchSh(b *testing.B, name string, args ...string) {
@@ -57,7 +54,7 @@ func BenchmarkSparse100GiB(b *testing.B) {
 	benchSh(b, "mount", loop, mnt)
 	for i := 0; i < 5; i++ {
 		p := make([]byte, 1<<20)
-		rand.Read(p)
+		crand.Read(p)
 		os.WriteFile(filepath.Join(mnt, "f"+string(rune('0'+i))), p, 0o600)
 	}
 	benchSh(b, "umount", mnt)

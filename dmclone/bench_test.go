@@ -18,15 +18,11 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/ferry-dev/ferry/blockdev"
 )
-
-var denseOnce sync.Once
-var densePath string
 
 func benchDir(b *testing.B) string {
 	if d := os.Getenv("FERRY_BENCH_DIR"); d != "" {

@@ -9,7 +9,6 @@ func newBitmap(n int64) bitmap { return make(bitmap, (n+63)/64) }
 
 func (b bitmap) get(i int64) bool { return b[i>>6]&(1<<(uint(i)&63)) != 0 }
 func (b bitmap) set(i int64)      { b[i>>6] |= 1 << (uint(i) & 63) }
-func (b bitmap) clear(i int64)    { b[i>>6] &^= 1 << (uint(i) & 63) }
 
 // count returns the number of set bits below n.
 func (b bitmap) count(n int64) int64 {
@@ -57,22 +56,4 @@ func (b bitmap) setRange(from, to int64) int64 {
 		i++
 	}
 	return changed
-}
-
-// anySet reports whether any bit in [from, to) is set.
-func (b bitmap) anySet(from, to int64) bool {
-	for i := from; i < to; {
-		if uint(i)&63 == 0 && to-i >= 64 {
-			if b[i>>6] != 0 {
-				return true
-			}
-			i += 64
-			continue
-		}
-		if b.get(i) {
-			return true
-		}
-		i++
-	}
-	return false
 }

@@ -134,6 +134,11 @@ type Config struct {
 	// attempt (default 30 s).
 	SourceRetries int
 	SourceTimeout time.Duration
+	// ForegroundWait bounds how long a read or write of an unhydrated
+	// region waits for the source in all, retries included, before it fails
+	// with the stall's reason (default 10 s): the machine above sees an I/O
+	// error in bounded time instead of hanging on a lost source.
+	ForegroundWait time.Duration
 	// NoDirectCopy keeps background hydration in userspace even when both
 	// devices are files (copy_file_range is used otherwise).
 	NoDirectCopy bool

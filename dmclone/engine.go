@@ -36,6 +36,7 @@ type Engine struct {
 	regions int64
 	retries int
 	timeout time.Duration
+	fgWait  time.Duration // a foreground source read's whole budget
 
 	opMu sync.RWMutex // held shared by every I/O, exclusively by Close
 
@@ -122,6 +123,10 @@ func Open(log zerolog.Logger, cfg Config) (*Engine, error) {
 	if timeout == 0 {
 		timeout = 30 * time.Second
 	}
+	fgWait := cfg.ForegroundWait
+	if fgWait <= 0 {
+		fgWait = 10 * time.Second
+	}
 	interval := cfg.CommitInterval
 	if interval == 0 {
 		interval = time.Second
@@ -140,6 +145,7 @@ func Open(log zerolog.Logger, cfg Config) (*Engine, error) {
 		regions:   regions,
 		retries:   retries,
 		timeout:   timeout,
+		fgWait:    fgWait,
 		tun:       tun,
 		done:      make(chan struct{}),
 		gate:      newGate(),

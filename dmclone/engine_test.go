@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -589,5 +590,22 @@ func TestHydrationNotStarvedByForeground(t *testing.T) {
 	// a starved one gets close to none.
 	if bg < 100 {
 		t.Fatalf("background hydration starved: only ~%d regions in 1 s beyond the workload's own", bg)
+	}
+}
+
+// A foreground read waits for a hung source at most ForegroundWait in all,
+// even when each attempt alone could take longer, and the stall says why.
+func TestForegroundReadBoundedWait(t *testing.T) {
+	fc := newFileClone(t, 16*testRegion, Config{SourceRetries: 5, SourceTimeout: 30 * time.Second, ForegroundWait: 300 * time.Millisecond})
+	fc.src.hang.Store(true)
+	start := time.Now()
+	_, err := fc.e.ReadAt(make([]byte, 10), 0)
+	el := time.Since(start)
+	if err == nil || el > 2*time.Second {
+		t.Fatalf("foreground read from a hung source: err = %v after %v, want an error within about 300ms", err, el)
+	}
+	st, why := fc.e.Stalled()
+	if !st || !strings.Contains(why, "did not answer") {
+		t.Fatalf("stall = %v %q, want the reason (the source did not answer)", st, why)
 	}
 }

@@ -60,7 +60,6 @@ type volatileDev struct {
 	mu      sync.Mutex
 	cur     []byte
 	durable []byte
-	closed  bool
 }
 
 func newVolatile(size int64) *volatileDev {

@@ -11,6 +11,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ferry-dev/ferry/blockdev"
+	"github.com/ferry-dev/ferry/internal/retry"
 )
 
 // EnableHydration starts background hydration (dm-clone: enable_hydration).
@@ -97,11 +98,16 @@ func (e *Engine) stopBackground() {
 	e.bgWG.Wait()
 }
 
+// hydrateRetryMax caps the background retry delay (before jitter).
+const hydrateRetryMax = 2 * time.Second
+
 // worker copies batches of contiguous unhydrated regions until everything is
 // hydrated or it is stopped.
 func (e *Engine) worker(stop chan struct{}, batch int) {
 	defer e.bgWG.Done()
-	backoff := 100 * time.Millisecond
+	// Capped at a few seconds and jittered: when a lost source comes back,
+	// hydration resumes within seconds, and workers do not retry in step.
+	bo := retry.New(100*time.Millisecond, hydrateRetryMax)
 	for {
 		select {
 		case <-stop:
@@ -123,16 +129,18 @@ func (e *Engine) worker(stop chan struct{}, batch int) {
 		e.gate.bgRelease()
 		if err != nil {
 			e.release(a, b, false)
-			e.log.Warn().Err(err).Dur("retry_in", backoff).Msg("background hydration failed")
+			d := bo.Next()
+			e.log.Warn().Err(err).Dur("retry_in", d).Msg("background hydration failed")
+			t := time.NewTimer(d)
 			select {
 			case <-stop:
+				t.Stop()
 				return
-			case <-time.After(backoff):
+			case <-t.C:
 			}
-			backoff = min(2*backoff, 30*time.Second)
 			continue
 		}
-		backoff = 100 * time.Millisecond
+		bo.Reset()
 		e.release(a, b, true)
 		// Pay for the bytes afterwards (shared pacing across workers), so a
 		// short batch in fragmented space costs only what it fetched.
@@ -255,13 +263,34 @@ func (e *Engine) readSource(n int, off int64, foreground bool) ([]byte, error) {
 		defer e.gate.fgRelease()
 	}
 	var last error
-	delay := 20 * time.Millisecond
+	bo := retry.New(20*time.Millisecond, time.Second)
+	// A foreground read (the machine is waiting on it) has one budget for
+	// all its attempts; background copies retry on their own schedule.
+	var deadline time.Time
+	if foreground {
+		deadline = time.Now().Add(e.fgWait)
+	}
+	attempts := 0
 	for attempt := 0; attempt <= e.retries; attempt++ {
-		if attempt > 0 {
-			time.Sleep(delay)
-			delay = min(2*delay, time.Second)
+		timeout := e.timeout
+		if foreground {
+			left := time.Until(deadline)
+			if attempt > 0 {
+				d := bo.Next()
+				if d >= left {
+					break
+				}
+				time.Sleep(d)
+				left -= d
+			}
+			if timeout <= 0 || timeout > left {
+				timeout = left
+			}
+		} else if attempt > 0 {
+			time.Sleep(bo.Next())
 		}
-		buf, err := e.readSourceOnce(n, off)
+		attempts++
+		buf, err := e.readSourceOnce(n, off, timeout)
 		if err == nil {
 			e.mu.Lock()
 			if e.stall != "" {
@@ -276,7 +305,7 @@ func (e *Engine) readSource(n int, off int64, foreground bool) ([]byte, error) {
 			break
 		}
 	}
-	reason := fmt.Sprintf("source read at %d+%d failed after %d attempts: %v", off, n, e.retries+1, last)
+	reason := fmt.Sprintf("source read at %d+%d failed after %d attempts: %v", off, n, attempts, last)
 	e.mu.Lock()
 	if e.stall == "" {
 		e.log.Error().Str("reason", reason).Msg("clone stalled")
@@ -289,9 +318,9 @@ func (e *Engine) readSource(n int, off int64, foreground bool) ([]byte, error) {
 // readSourceOnce is one attempt; a source that does not answer within the
 // timeout counts as failed. A timed-out attempt's buffer is abandoned to
 // the late reader, never reused.
-func (e *Engine) readSourceOnce(n int, off int64) ([]byte, error) {
+func (e *Engine) readSourceOnce(n int, off int64, timeout time.Duration) ([]byte, error) {
 	buf := getBuf(n)
-	if e.timeout <= 0 {
+	if timeout <= 0 {
 		if _, err := e.src.ReadAt(buf, off); err != nil {
 			putBuf(buf)
 			return nil, err
@@ -303,7 +332,7 @@ func (e *Engine) readSourceOnce(n int, off int64) ([]byte, error) {
 		_, err := e.src.ReadAt(buf, off)
 		res <- err
 	}()
-	t := time.NewTimer(e.timeout)
+	t := time.NewTimer(timeout)
 	defer t.Stop()
 	select {
 	case err := <-res:
@@ -313,7 +342,7 @@ func (e *Engine) readSourceOnce(n int, off int64) ([]byte, error) {
 		}
 		return buf, nil
 	case <-t.C:
-		return nil, fmt.Errorf("source did not answer within %v", e.timeout)
+		return nil, fmt.Errorf("source did not answer within %v", timeout)
 	}
 }
 

@@ -18,6 +18,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/ferry-dev/ferry/blockdev"
+	"github.com/ferry-dev/ferry/internal/testenv"
 )
 
 // --- host tests: the status parser, the table, and the poller against a fake dmsetup ---
@@ -321,13 +322,8 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 func needKernelClone(t *testing.T) {
 	t.Helper()
 	out, err := exec.Command("dmsetup", "targets").CombinedOutput()
-	if err == nil && bytes.Contains(out, []byte("clone ")) {
-		return
-	}
-	if os.Getenv("FERRY_IN_VM") != "" {
-		t.Fatalf("dm-clone target missing inside the VM: %v %s", err, out)
-	}
-	t.Skip("needs device-mapper with the dm-clone target (this kernel lacks it): go test ./integration/vm runs this test in a VM")
+	testenv.Guest(t, fmt.Sprintf("device-mapper with the dm-clone target (dmsetup targets: %v %s)", err, bytes.TrimSpace(out)),
+		err == nil && bytes.Contains(out, []byte("clone ")))
 }
 
 func sh(t *testing.T, name string, args ...string) string {

@@ -17,26 +17,17 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ferry-dev/ferry/blockdev"
+	"github.com/ferry-dev/ferry/datapath/fuseexport"
+	"github.com/ferry-dev/ferry/datapath/loopdev"
 	"github.com/ferry-dev/ferry/dmclone"
-	"github.com/ferry-dev/ferry/fuseexport"
-	"github.com/ferry-dev/ferry/loopdev"
+	"github.com/ferry-dev/ferry/internal/testenv"
 )
 
 func needStack(t testing.TB) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root for FUSE, loop devices and mount")
-	}
-	for _, p := range []string{"/dev/fuse", "/dev/loop-control"} {
-		if _, err := os.Stat(p); err != nil {
-			t.Skipf("needs %s: modprobe fuse loop", p)
-		}
-	}
-	for _, tool := range []string{"losetup", "mkfs.ext4", "e2fsck", "fstrim", "mount", "umount"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("needs %s: apt-get install e2fsprogs util-linux", tool)
-		}
-	}
+	testenv.Root(t, "FUSE, loop devices and mount")
+	testenv.Paths(t, "modprobe fuse loop", "/dev/fuse", "/dev/loop-control")
+	testenv.Tools(t, "apt-get install e2fsprogs util-linux", "losetup", "mkfs.ext4", "e2fsck", "fstrim", "mount", "umount")
 }
 
 func sh(t testing.TB, name string, args ...string) string {

@@ -2,11 +2,10 @@ package fsm
 
 import (
 	"fmt"
+	"net"
 	"slices"
 	"strconv"
 	"time"
-
-	"github.com/ferry-dev/ferry/blockdev"
 )
 
 func volumeLock(id string) string { return "volume/" + id }
@@ -32,6 +31,9 @@ func (s *Store) applyPlan(index uint64, c *PlanCmd) *Result {
 	}
 	if !validID(c.ID) {
 		return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "migration id %q is not valid", c.ID)}
+	}
+	if c.MaxDowntime < 0 || (c.MaxDowntime > 0 && c.MaxDowntime < 100*time.Millisecond) {
+		return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "max downtime %v: give at least 100ms (0 for the default %v)", c.MaxDowntime, DefaultMaxDowntime)}
 	}
 	mach, ok := s.d.Machines[c.Machine]
 	if !ok {
@@ -64,7 +66,7 @@ func (s *Store) applyPlan(index uint64, c *PlanCmd) *Result {
 	if !src.Alive(c.Now) {
 		return &Result{Refusal: refuse(RefuseConflict, CodeAdmission, "source worker %s has no valid lease: its agent must run to stop and export the machine", src.Name)}
 	}
-	m := &Migration{ID: c.ID, Volume: vol.ID, Machine: mach.ID, Source: src.Name, Target: dst.Name, Network: mach.Network}
+	m := &Migration{ID: c.ID, Volume: vol.ID, Machine: mach.ID, Source: src.Name, Target: dst.Name, Network: mach.Network, MaxDowntime: c.MaxDowntime}
 	for _, l := range m.lockNames() {
 		if holder, ok := s.d.Locks[l]; ok {
 			return &Result{Refusal: refuse(RefuseConflict, CodeLocked, "%s is locked by migration %s (one migration per volume and per private network)", l, holder)}
@@ -184,6 +186,8 @@ func (s *Store) applyPropose(index uint64, c *ProposeCmd) *Result {
 			ref = refuse(RefuseConflict, CodeWrongState, "event %s is not accepted in state %s", c.Event, m.State)
 		} else if c.Event == EvProgress {
 			ignored, ref = applyProgress(m, c)
+		} else if c.Event == EvExportMoved {
+			ref = applyExportMoved(m, c)
 		} else {
 			ref = applyReport(m, c)
 		}
@@ -202,6 +206,9 @@ func (s *Store) applyPropose(index uint64, c *ProposeCmd) *Result {
 	s.idx.touchMigration(m)
 	if m.State != before {
 		m.EnteredAt[m.State] = c.Now
+		if m.State.Terminal() {
+			s.dropMigrationEnvelopes(m)
+		}
 	}
 	if c.Event != EvProgress { // progress is idempotent; keep the bounded step memory for real steps
 		m.rememberStep(StepResult{StepID: c.StepID, Event: c.Event, State: m.State, Index: index})
@@ -211,17 +218,10 @@ func (s *Store) applyPropose(index uint64, c *ProposeCmd) *Result {
 
 // applyTransition checks the state with the table and runs the event's effects.
 func (s *Store) applyTransition(m *Migration, tr Transition, c *ProposeCmd) *Refusal {
-	if (c.Event == EvAbort || c.Event == EvFailed) && (m.State.AfterCutover()) {
-		return refuse(RefuseConflict, CodePastCutover,
-			"migration %s is %s, past cutover (the target already writes): it cannot be aborted, only driven forward", m.ID, m.State)
+	if r := stateGuard(m, c.Event, tr, false, Annotation{}); r != nil {
+		return r
 	}
-	if m.State == RollingBack && (c.Event == EvAbort || c.Event == EvFailed) {
-		return refuse(RefuseConflict, CodeWrongState, "migration %s is already rolling back", m.ID)
-	}
-	to, err := Next(m.State, c.Event)
-	if err != nil {
-		return refuse(RefuseConflict, CodeWrongState, "migration %s is %s: %s expects %v", m.ID, m.State, c.Event, tr.From)
-	}
+	to, _ := Next(m.State, c.Event)
 	p := c.Payload
 	switch c.Event {
 	case EvTargetPrepared:
@@ -257,7 +257,7 @@ func (s *Store) applyTransition(m *Migration, tr Transition, c *ProposeCmd) *Ref
 		e := *p.Export
 		m.Export = &e
 		if p.KnownZero != nil {
-			m.KnownZero = append([]blockdev.Range(nil), p.KnownZero...)
+			m.KnownZero = append([]Range(nil), p.KnownZero...)
 		}
 	case EvTrimmed:
 		if err := validRanges(p.KnownZero); err != nil {
@@ -267,7 +267,7 @@ func (s *Store) applyTransition(m *Migration, tr Transition, c *ProposeCmd) *Ref
 			return refuse(RefuseInvalid, CodeInvalid, "known_zero has %d ranges; coalesce to at most 4096", len(p.KnownZero))
 		}
 		if p.KnownZero != nil {
-			m.KnownZero = append([]blockdev.Range(nil), p.KnownZero...)
+			m.KnownZero = append([]Range(nil), p.KnownZero...)
 		}
 	case EvCutover:
 		if _, ok := m.EnteredAt[SourceStopped]; !ok {
@@ -329,6 +329,19 @@ func (s *Store) applyTransition(m *Migration, tr Transition, c *ProposeCmd) *Ref
 			m.LastError = p.Error
 		}
 	case EvTargetTornDown:
+		// Only the target itself knows it released everything. An operator
+		// vouching for a silent target is believed only once the target's
+		// agent must have fenced itself: its lease expired plus FenceMargin
+		// (clock drift and the time to stop a machine).
+		if c.Actor.Kind == KindOperator {
+			if w, ok := s.d.Workers[m.Target]; ok {
+				if after := w.LeaseExpiry.Add(FenceMargin); c.Now.Before(after) {
+					return refuse(RefuseConflict, CodeTargetMayRun,
+						"target worker %s may still run the machine: its lease is valid until %s and its agent fences itself by then; confirm target_torn_down after %s (in %s)",
+						m.Target, w.LeaseExpiry.UTC().Format(time.RFC3339), after.UTC().Format(time.RFC3339), after.Sub(c.Now).Round(time.Second))
+				}
+			}
+		}
 		m.Rollback.TargetTornDown = true
 	case EvSourceRestored:
 		// Invariant 2: the source restarts only after the target's teardown is committed.
@@ -355,7 +368,7 @@ func (s *Store) releaseLocks(m *Migration) {
 	}
 }
 
-func validRanges(rs []blockdev.Range) error {
+func validRanges(rs []Range) error {
 	for _, r := range rs {
 		if r.Off < 0 || r.Len <= 0 || r.End() < r.Off {
 			return fmt.Errorf("range %d+%d is not valid", r.Off, r.Len)
@@ -366,11 +379,12 @@ func validRanges(rs []blockdev.Range) error {
 
 // ProgressDue reports whether a progress update would be applied; servers
 // check it before proposing so rate-limited updates never reach the log.
-func ProgressDue(m *Migration, p *Progress, milestone bool, now time.Time) bool {
+// The limit is the store's alone: no client flag bypasses it.
+func ProgressDue(m *Migration, p *Progress, now time.Time) bool {
 	if p == nil {
 		return false
 	}
-	if milestone || m.Progress == nil {
+	if m.Progress == nil {
 		return true
 	}
 	if p.TotalBytes > 0 && p.HydratedBytes >= p.TotalBytes {
@@ -391,7 +405,7 @@ func applyProgress(m *Migration, c *ProposeCmd) (ignored bool, ref *Refusal) {
 	if p.HydratedBytes < 0 || p.TotalBytes < 0 || p.HydratedBytes > p.TotalBytes && p.TotalBytes > 0 {
 		return false, refuse(RefuseInvalid, CodeInvalid, "progress %d of %d bytes is not valid", p.HydratedBytes, p.TotalBytes)
 	}
-	if !ProgressDue(m, p, c.Payload.Milestone, c.Now) {
+	if !ProgressDue(m, p, c.Now) {
 		return true, nil
 	}
 	pr := *p.Replicated()
@@ -399,6 +413,20 @@ func applyProgress(m *Migration, c *ProposeCmd) (ignored bool, ref *Refusal) {
 	m.Progress = &pr
 	m.Stalled, m.StallCause = false, ""
 	return false, nil
+}
+
+// applyExportMoved records the export's new portal and IQN.
+func applyExportMoved(m *Migration, c *ProposeCmd) *Refusal {
+	e := c.Payload.Export
+	if e == nil || e.Portal == "" || e.IQN == "" {
+		return refuse(RefuseInvalid, CodeInvalid, "export_moved needs export.portal and export.iqn")
+	}
+	if _, _, err := net.SplitHostPort(e.Portal); err != nil {
+		return refuse(RefuseInvalid, CodeInvalid, "export.portal %q: want host:port", e.Portal)
+	}
+	cp := *e
+	m.Export = &cp
+	return nil
 }
 
 func applyReport(m *Migration, c *ProposeCmd) *Refusal {

@@ -3,7 +3,6 @@ package fsm
 import (
 	"fmt"
 	"slices"
-	"strings"
 	"time"
 )
 
@@ -30,12 +29,7 @@ func (s *Store) applyRegisterServer(c *RegisterServerCmd) *Result {
 	return &Result{}
 }
 
-func leaseTTL(d time.Duration) time.Duration {
-	if d <= 0 {
-		return DefaultLeaseTTL
-	}
-	return d
-}
+func leaseTTL(d time.Duration) time.Duration { return ClampLeaseTTL(d) }
 
 func (s *Store) applyRegisterWorker(c *RegisterWorkerCmd) *Result {
 	w := c.Worker
@@ -50,6 +44,9 @@ func (s *Store) applyRegisterWorker(c *RegisterWorkerCmd) *Result {
 			return &Result{Refusal: refuse(RefuseConflict, CodeConflict, "host id %d is already used by worker %s", w.HostID, o.Name)}
 		}
 	}
+	// The key-encryption key is set by that worker alone (set_worker_key,
+	// with its checks); a registration never carries or clears it.
+	w.KEK = nil
 	if old, ok := s.d.Workers[w.Name]; ok {
 		w.Registered = old.Registered
 		// A restarted agent re-registers: the cordon is the operator's and
@@ -58,6 +55,7 @@ func (s *Store) applyRegisterWorker(c *RegisterWorkerCmd) *Result {
 		if w.Report == nil {
 			w.Report = old.Report
 		}
+		w.KEK = old.KEK
 	} else {
 		w.Registered = c.Now
 		w.Cordoned, w.CordonReason = false, ""
@@ -93,9 +91,7 @@ func (s *Store) applyHeartbeat(c *HeartbeatCmd) *Result {
 	return &Result{Worker: &cp}
 }
 
-func validID(id string) bool {
-	return id != "" && len(id) <= 128 && !strings.ContainsAny(id, "/ \t\n?#%")
-}
+func validID(id string) bool { return ValidID(id) }
 
 func (s *Store) applyCreateVolume(c *CreateVolumeCmd) *Result {
 	v := c.Volume
@@ -224,7 +220,7 @@ func (s *Store) applyDestroyVolume(c *DestroyVolumeCmd) *Result {
 			return &Result{Refusal: refuse(RefuseConflict, CodeWrongState, "volume %s is kept until %s (retention)", v.ID, v.DestroyAfter.UTC().Format(time.RFC3339))}
 		}
 		v.State = VolDestroyed
-		delete(s.d.Keys, v.ID)
+		s.dropEnvelopes(v.ID)
 		v.HasKey = false
 	default:
 		ret := c.Retention
@@ -238,58 +234,12 @@ func (s *Store) applyDestroyVolume(c *DestroyVolumeCmd) *Result {
 	return &Result{Volume: &cp}
 }
 
-func (s *Store) applySetVolumeKey(c *SetVolumeKeyCmd) *Result {
-	v, ok := s.d.Volumes[c.ID]
-	if !ok {
-		return &Result{Refusal: notFound("volume", c.ID)}
-	}
-	if !c.Actor.privileged() && c.Actor.Name != v.Worker {
-		return forbidden(c.Actor, "set the key of volume "+c.ID)
-	}
-	if len(c.Key) == 0 || len(c.Key) > 512 {
-		return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "volume key must be 1..512 bytes")}
-	}
-	if old, ok := s.d.Keys[c.ID]; ok && string(old) != string(c.Key) {
-		return &Result{Refusal: refuse(RefuseConflict, CodeConflict, "volume %s already has a different key; keys are never replaced", c.ID)}
-	}
-	s.d.Keys[c.ID] = append([]byte(nil), c.Key...)
-	v.HasKey = true
-	cp := copyVolume(v)
-	return &Result{Volume: &cp}
-}
-
-// applyKeyAccess grants a volume's key to the worker owning it or to the
-// target of an active migration of it, and records the grant (invariant 4).
-func (s *Store) applyKeyAccess(c *KeyAccessCmd) *Result {
-	v, ok := s.d.Volumes[c.ID]
-	if !ok {
-		return &Result{Refusal: notFound("volume", c.ID)}
-	}
-	key, ok := s.d.Keys[c.ID]
-	if !ok {
-		return &Result{Refusal: refuse(RefuseNotFound, CodeNotFound, "the server holds no key for volume %s", c.ID)}
-	}
-	if c.Actor.Kind != KindWorker {
-		return forbidden(c.Actor, "read volume keys (only the owning or target worker may)")
-	}
-	var mig *Migration
-	if id, ok := s.d.Locks["volume/"+v.ID]; ok {
-		mig = s.d.Migrations[id]
-	}
-	switch {
-	case v.State == VolDestroyed:
-		return &Result{Refusal: refuse(RefuseGone, CodeWrongState, "volume %s is destroyed", v.ID)}
-	case c.Actor.Name == v.Worker:
-	case mig != nil && mig.Target == c.Actor.Name && mig.State != RolledBack:
-		mig.KeyAccess = append(mig.KeyAccess, KeyAccess{Worker: c.Actor.Name, At: c.Now})
-		if len(mig.KeyAccess) > 32 {
-			mig.KeyAccess = mig.KeyAccess[len(mig.KeyAccess)-32:]
-		}
-	default:
-		return forbidden(c.Actor, "read the key of volume "+v.ID+": it neither owns it nor targets an active migration of it")
-	}
-	cp := copyVolume(v)
-	return &Result{Volume: &cp, Key: append([]byte(nil), key...)}
+// applyRetiredKey applies a retired plaintext-key command from an old log
+// as a no-op: the key it may carry is dropped, never stored.
+func (s *Store) applyRetiredKey(typ CommandType, h Header, volume string) *Result {
+	s.log.Warn().Str("type", string(typ)).Str("volume", volume).Str("actor", h.Actor.String()).
+		Msg("ignored a retired plaintext-key command from an old log")
+	return &Result{Ignored: true}
 }
 
 func (s *Store) applyCreateMachine(c *CreateMachineCmd) *Result {
@@ -347,8 +297,11 @@ func (s *Store) applyUpdateMachine(c *UpdateMachineCmd) *Result {
 	if !c.Actor.privileged() && c.Actor.Name != m.Worker {
 		return forbidden(c.Actor, "update machine "+c.ID+" of worker "+m.Worker)
 	}
-	if c.State != nil && *c.State != MachineRunning && *c.State != MachineStopped {
-		return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "machine state %q: use running or stopped", *c.State)}
+	if c.State != nil && *c.State != MachineRunning && *c.State != MachineStopped && *c.State != MachineFailed {
+		return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "machine state %q: use running, stopped or failed", *c.State)}
+	}
+	if c.Crashes != nil && *c.Crashes < 0 {
+		return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "crashes must not be negative")}
 	}
 	if c.Volume != nil && *c.Volume != "" {
 		v, ok := s.d.Volumes[*c.Volume]
@@ -361,6 +314,12 @@ func (s *Store) applyUpdateMachine(c *UpdateMachineCmd) *Result {
 	}
 	if c.State != nil {
 		m.State = *c.State
+		if c.Crashes == nil {
+			m.Crashes = 0
+		}
+	}
+	if c.Crashes != nil {
+		m.Crashes = *c.Crashes
 	}
 	if c.Volume != nil {
 		if old, ok := s.d.Volumes[m.Volume]; ok && old.AttachedMachine == m.ID {
@@ -379,6 +338,66 @@ func (s *Store) applyUpdateMachine(c *UpdateMachineCmd) *Result {
 	}
 	cp := *m
 	return &Result{Machine: &cp}
+}
+
+// applyGC forgets terminal migrations and destroyed volumes whose end lies
+// at least Retention before Now. A destroyed volume's end is its destroy
+// deadline; one still named by a machine, a migration or a lock is kept.
+// Ended drains go with the same retention.
+func (s *Store) applyGC(index uint64, c *GCCmd) *Result {
+	migs, vols, drains := s.garbage(c.Now.Add(-c.Retention))
+	for _, id := range migs {
+		m := s.d.Migrations[id]
+		s.releaseLocks(m)
+		delete(s.d.Migrations, id)
+		s.idx.removeMigration(m, index)
+	}
+	for _, id := range drains {
+		delete(s.d.Drains, id)
+	}
+	for _, id := range vols {
+		delete(s.d.Volumes, id)
+		delete(s.d.Keys, id)
+	}
+	return &Result{}
+}
+
+func (s *Store) garbage(cutoff time.Time) (migs, vols, drains []string) {
+	used := map[string]bool{}
+	for _, m := range s.d.Machines {
+		used[m.Volume] = true
+	}
+	for id, m := range s.d.Migrations {
+		if m.State.Terminal() && !m.UpdatedAt.After(cutoff) {
+			migs = append(migs, id)
+			continue
+		}
+		used[m.Volume], used[m.TargetVol] = true, true
+	}
+	for _, holder := range s.d.Locks {
+		if m, ok := s.d.Migrations[holder]; ok {
+			used[m.Volume] = true
+		}
+	}
+	for id, v := range s.d.Volumes {
+		if v.State == VolDestroyed && !v.DestroyAfter.After(cutoff) && !used[id] {
+			vols = append(vols, id)
+		}
+	}
+	for id, d := range s.d.Drains {
+		if d.State.Terminal() && !d.UpdatedAt.After(cutoff) {
+			drains = append(drains, id)
+		}
+	}
+	return migs, vols, drains
+}
+
+// Collectable reports whether a GC with retention at now would delete anything.
+func (s *Store) Collectable(now time.Time, retention time.Duration) bool {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	migs, vols, drains := s.garbage(now.Add(-retention))
+	return len(migs)+len(vols)+len(drains) > 0
 }
 
 func validReport(r *WorkerReport) error { return r.Validate() }

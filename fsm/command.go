@@ -7,12 +7,16 @@ import (
 	"fmt"
 	"io"
 	"time"
-
-	"github.com/ferry-dev/ferry/blockdev"
-	"github.com/ferry-dev/ferry/luks"
 )
 
-// CommandVersion is the only envelope version this build applies.
+// FormatVersion numbers the replicated format: the command types, their
+// payloads and the snapshot. fsm/testdata/golden/v<N> pins each version;
+// raise it when any of them changes (see docs/operations.md, upgrades).
+const FormatVersion = 1
+
+// CommandVersion is the only envelope version this build applies. It changes
+// only if the envelope itself does; new command types and fields raise
+// FormatVersion instead.
 const CommandVersion = 1
 
 // maxCommandBytes bounds a command; real ones are a few KiB.
@@ -21,6 +25,8 @@ const maxCommandBytes = 1 << 20
 // CommandType names a command in the replicated log.
 type CommandType string
 
+// Command types are only ever appended, never renumbered or reused: an old
+// entry in the log keeps its meaning. Append new ones to CommandTypes too.
 const (
 	CmdRegisterServer CommandType = "register_server"
 	CmdRegisterWorker CommandType = "register_worker"
@@ -34,11 +40,20 @@ const (
 	CmdUpdateMachine  CommandType = "update_machine"
 	CmdPlan           CommandType = "plan"
 	CmdPropose        CommandType = "propose"
+	CmdRevokeCert     CommandType = "revoke_cert"
+	CmdGC             CommandType = "gc"
+	CmdSetWorkerKey   CommandType = "set_worker_key"
+	CmdSetRecoveryKey CommandType = "set_recovery_key"
+	CmdPutEnvelopes   CommandType = "put_envelopes"
 	CmdCordon         CommandType = "cordon"
 	CmdDrain          CommandType = "drain"
 	CmdDrainUpdate    CommandType = "drain_update"
-	CmdCollect        CommandType = "collect"
 )
+
+// CommandTypes lists every command type this build applies, oldest first.
+var CommandTypes = []CommandType{CmdRegisterServer, CmdRegisterWorker, CmdHeartbeat, CmdCreateVolume, CmdUpdateVolume,
+	CmdDestroyVolume, CmdSetVolumeKey, CmdKeyAccess, CmdCreateMachine, CmdUpdateMachine, CmdPlan, CmdPropose, CmdRevokeCert, CmdGC,
+	CmdSetWorkerKey, CmdSetRecoveryKey, CmdPutEnvelopes, CmdCordon, CmdDrain, CmdDrainUpdate}
 
 // Command is the versioned envelope every log entry holds.
 type Command struct {
@@ -131,14 +146,6 @@ type DrainUpdateCmd struct {
 	Left    []DrainLeft       `json:"left,omitempty"`
 }
 
-// CollectCmd deletes terminal records older than their retention; the
-// leader's housekeeping chooses them, Apply re-checks they are terminal.
-type CollectCmd struct {
-	Header
-	Migrations []string `json:"migrations,omitempty"`
-	Drains     []string `json:"drains,omitempty"`
-}
-
 // CreateVolumeCmd registers a volume.
 type CreateVolumeCmd struct {
 	Header
@@ -151,7 +158,7 @@ type UpdateVolumeCmd struct {
 	ID              string       `json:"id"`
 	State           *VolumeState `json:"state,omitempty"`
 	AttachedMachine *string      `json:"attached_machine,omitempty"`
-	Layout          *luks.Layout `json:"layout,omitempty"`
+	Layout          *LUKSLayout  `json:"layout,omitempty"`
 	Size            *int64       `json:"size,omitempty"`
 }
 
@@ -162,14 +169,17 @@ type DestroyVolumeCmd struct {
 	Retention time.Duration `json:"retention"`
 }
 
-// SetVolumeKeyCmd stores a volume's key in the replicated state (never in replies).
+// SetVolumeKeyCmd is retired: it carried a plaintext volume key. Entries
+// still in old logs decode and apply as a no-op (the key is dropped);
+// nothing proposes it any more (keys are sealed envelopes, PutEnvelopesCmd).
 type SetVolumeKeyCmd struct {
 	Header
 	ID  string `json:"id"`
 	Key []byte `json:"key"`
 }
 
-// KeyAccessCmd asks for a volume's key: the store checks the actor owns or targets the volume.
+// KeyAccessCmd is retired: reading a key was a raft write. Old entries
+// apply as a no-op; envelopes are read from the store (Store.EnvelopeAccess).
 type KeyAccessCmd struct {
 	Header
 	ID string `json:"id"`
@@ -189,6 +199,9 @@ type UpdateMachineCmd struct {
 	Volume  *string          `json:"volume,omitempty"`
 	Addr6PN *string          `json:"addr_6pn,omitempty"`
 	Spec    *json.RawMessage `json:"spec,omitempty"`
+	// Crashes, from the machine's worker, records its crash count. A state
+	// change without it (an operator's start or stop) resets the count.
+	Crashes *int `json:"crashes,omitempty"`
 }
 
 // PlanCmd creates a migration after admission checks.
@@ -198,6 +211,8 @@ type PlanCmd struct {
 	Machine string `json:"machine"`
 	Target  string `json:"target"`
 	StepID  string `json:"step_id,omitempty"`
+	// MaxDowntime is the downtime budget (0: DefaultMaxDowntime).
+	MaxDowntime time.Duration `json:"max_downtime,omitempty"`
 }
 
 // ProposeCmd proposes an event on a migration.
@@ -209,18 +224,33 @@ type ProposeCmd struct {
 	Payload EventPayload `json:"payload"`
 }
 
+// RevokeCertCmd puts a certificate serial on the replicated deny list that
+// every server checks on every TLS connection.
+type RevokeCertCmd struct {
+	Header
+	Serial string `json:"serial"` // lowercase hex, as NormalizeSerial returns it
+	Reason string `json:"reason,omitempty"`
+}
+
+// GCCmd deletes terminal migrations and destroyed volumes that ended at
+// least Retention before Now. The leader's housekeeping proposes it; the
+// store decides what is old enough, so every replica deletes the same.
+type GCCmd struct {
+	Header
+	Retention time.Duration `json:"retention"`
+}
+
 // EventPayload carries what an event reports; each event reads its own fields.
 type EventPayload struct {
-	Reason       string           `json:"reason,omitempty"`        // abort, failed, report
-	Error        string           `json:"error,omitempty"`         // report, failed
-	Stalled      *bool            `json:"stalled,omitempty"`       // report
-	Layout       *luks.Layout     `json:"layout,omitempty"`        // target_prepared, source_stopped
-	Export       *Export          `json:"export,omitempty"`        // exported
-	KnownZero    []blockdev.Range `json:"known_zero,omitempty"`    // trimmed
-	Progress     *Progress        `json:"progress,omitempty"`      // progress, hydrated
-	Milestone    bool             `json:"milestone,omitempty"`     // progress: bypass the rate limit
-	TargetVolume string           `json:"target_volume,omitempty"` // target_prepared
-	New6PN       string           `json:"new_6pn,omitempty"`       // cutover
+	Reason       string      `json:"reason,omitempty"`        // abort, failed, report
+	Error        string      `json:"error,omitempty"`         // report, failed
+	Stalled      *bool       `json:"stalled,omitempty"`       // report
+	Layout       *LUKSLayout `json:"layout,omitempty"`        // target_prepared, source_stopped
+	Export       *Export     `json:"export,omitempty"`        // exported
+	KnownZero    []Range     `json:"known_zero,omitempty"`    // trimmed
+	Progress     *Progress   `json:"progress,omitempty"`      // progress, hydrated
+	TargetVolume string      `json:"target_volume,omitempty"` // target_prepared
+	New6PN       string      `json:"new_6pn,omitempty"`       // cutover
 }
 
 // Encode wraps a payload in a versioned envelope.
@@ -259,14 +289,22 @@ func payloadFor(t CommandType) (any, bool) {
 		return &PlanCmd{}, true
 	case CmdPropose:
 		return &ProposeCmd{}, true
+	case CmdRevokeCert:
+		return &RevokeCertCmd{}, true
+	case CmdGC:
+		return &GCCmd{}, true
+	case CmdSetWorkerKey:
+		return &SetWorkerKeyCmd{}, true
+	case CmdSetRecoveryKey:
+		return &SetRecoveryKeyCmd{}, true
+	case CmdPutEnvelopes:
+		return &PutEnvelopesCmd{}, true
 	case CmdCordon:
 		return &CordonCmd{}, true
 	case CmdDrain:
 		return &DrainCmd{}, true
 	case CmdDrainUpdate:
 		return &DrainUpdateCmd{}, true
-	case CmdCollect:
-		return &CollectCmd{}, true
 	}
 	return nil, false
 }
@@ -289,13 +327,13 @@ func Decode(data []byte) (CommandType, any, error) {
 	}
 	p, ok := payloadFor(c.Type)
 	if !ok {
-		return c.Type, nil, fmt.Errorf("%w: unknown type %q", ErrBadCommand, c.Type)
+		return c.Type, nil, fmt.Errorf("%w: unknown type %q (this server applies format %d): a newer server proposed it before every voter ran its version; upgrade this server", ErrBadCommand, c.Type, FormatVersion)
 	}
 	if len(c.Payload) == 0 {
 		return c.Type, nil, fmt.Errorf("%w: %s without payload", ErrBadCommand, c.Type)
 	}
 	if err := strictUnmarshal(c.Payload, p); err != nil {
-		return c.Type, nil, fmt.Errorf("%w: %s payload: %v", ErrBadCommand, c.Type, err)
+		return c.Type, nil, fmt.Errorf("%w: %s payload (this server applies format %d; an unknown field means a newer server wrote it: upgrade this server): %v", ErrBadCommand, c.Type, FormatVersion, err)
 	}
 	return c.Type, p, nil
 }

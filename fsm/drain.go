@@ -11,7 +11,8 @@ const (
 	MaxDrainParallel     = 256 // no drain runs more at once
 	MaxDrainAttempts     = 3   // a machine whose migrations rolled back this often is left for the operator
 	maxDrainBatch        = 512 // placements one drain_update may carry
-	maxCollectBatch      = 4096
+	maxDrainTargets      = 4096
+	maxDrainReasons      = 100000 // waiting or left entries one drain_update may carry
 )
 
 // DrainState is where a drain is.
@@ -90,6 +91,45 @@ func copyMap[V any](m map[string]V) map[string]V {
 	return c
 }
 
+// validate checks a drain update's shape before it is proposed: IDs in the
+// store's form, bounded sizes, a known finish.
+func (c *DrainUpdateCmd) validate() *Refusal {
+	if r := CheckID("drain", c.ID); r != nil {
+		return r
+	}
+	if len(c.Start) > maxDrainBatch || len(c.Waiting) > maxDrainReasons || len(c.Left) > maxDrainReasons {
+		return refuse(RefuseInvalid, CodeInvalid, "drain update too large: at most %d placements", maxDrainBatch)
+	}
+	switch c.Finish {
+	case "", DrainComplete, DrainCancelled, DrainDeadline:
+	default:
+		return refuse(RefuseInvalid, CodeInvalid, "drain cannot finish as %q", c.Finish)
+	}
+	for _, st := range c.Start {
+		for _, id := range [][2]string{{"machine", st.Machine}, {"worker", st.Target}, {"migration", st.Migration}} {
+			if r := CheckID(id[0], id[1]); r != nil {
+				return r
+			}
+		}
+	}
+	for m := range c.Waiting {
+		if r := CheckID("machine", m); r != nil {
+			return r
+		}
+	}
+	for _, l := range c.Left {
+		if r := CheckID("machine", l.Machine); r != nil {
+			return r
+		}
+		if l.Migration != "" {
+			if r := CheckID("migration", l.Migration); r != nil {
+				return r
+			}
+		}
+	}
+	return nil
+}
+
 func (s *Store) applyDrain(index uint64, c *DrainCmd) *Result {
 	if !c.Actor.privileged() {
 		return forbidden(c.Actor, "drain a worker (operator or server certificate needed)")
@@ -115,8 +155,8 @@ func (s *Store) applyDrain(index uint64, c *DrainCmd) *Result {
 	if c.Parallel < 0 || c.Parallel > MaxDrainParallel || c.Deadline < 0 || c.BandwidthBPS < 0 {
 		return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "drain needs 0..%d parallel migrations, a deadline >= 0 and a bandwidth >= 0", MaxDrainParallel)}
 	}
-	if len(c.Targets) > 4096 {
-		return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "drain names more than 4096 targets")}
+	if len(c.Targets) > maxDrainTargets {
+		return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "drain names more than %d targets", maxDrainTargets)}
 	}
 	for _, t := range c.Targets {
 		if t == c.Worker {
@@ -158,7 +198,7 @@ func (s *Store) applyDrainUpdate(index uint64, c *DrainUpdateCmd) *Result {
 		}
 		return &Result{Refusal: refuse(RefuseConflict, CodeWrongState, "drain %s is %s already", d.ID, d.State)}
 	}
-	if len(c.Start) > maxDrainBatch || len(c.Waiting) > 100000 || len(c.Left) > 100000 {
+	if len(c.Start) > maxDrainBatch || len(c.Waiting) > maxDrainReasons || len(c.Left) > maxDrainReasons {
 		return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "drain update too large: at most %d placements", maxDrainBatch)}
 	}
 	switch c.Finish {
@@ -259,29 +299,6 @@ func contains(l []string, s string) bool {
 	return false
 }
 
-func (s *Store) applyCollect(index uint64, c *CollectCmd) *Result {
-	if c.Actor.Kind != KindServer {
-		return forbidden(c.Actor, "collect records (servers only)")
-	}
-	if len(c.Migrations) > maxCollectBatch || len(c.Drains) > maxCollectBatch {
-		return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "collect at most %d records at once", maxCollectBatch)}
-	}
-	for _, id := range c.Migrations {
-		m, ok := s.d.Migrations[id]
-		if !ok || m.Active() {
-			continue // never an active one: it holds locks and workers act on it
-		}
-		delete(s.d.Migrations, id)
-		s.idx.removeMigration(m, index)
-	}
-	for _, id := range c.Drains {
-		if d, ok := s.d.Drains[id]; ok && d.State.Terminal() {
-			delete(s.d.Drains, id)
-		}
-	}
-	return &Result{}
-}
-
 // Drains returns copies of the drains (of worker, or all when empty), newest first.
 func (s *Store) Drains(worker string) []*Drain {
 	s.mu.RLock()
@@ -334,50 +351,6 @@ func (s *Store) ActiveMigrations() []*Migration {
 	}
 	sortMigrations(out)
 	return out
-}
-
-// Collectable returns up to limit terminal migrations and drains last
-// changed before cutoff.
-func (s *Store) Collectable(cutoff time.Time, limit int) (migrations, drains []string) {
-	s.mu.RLock()
-	defer s.mu.RUnlock()
-	for id, m := range s.d.Migrations {
-		if len(migrations) >= limit {
-			break
-		}
-		if !m.Active() && m.UpdatedAt.Before(cutoff) {
-			migrations = append(migrations, id)
-		}
-	}
-	for id, d := range s.d.Drains {
-		if len(drains) >= limit {
-			break
-		}
-		if d.State.Terminal() && d.UpdatedAt.Before(cutoff) {
-			drains = append(drains, id)
-		}
-	}
-	sort.Strings(migrations)
-	sort.Strings(drains)
-	return migrations, drains
-}
-
-// OwnerKey returns the key of a volume to the worker that owns it, read
-// from this replica without a log entry: an owner's reads are not recorded
-// (only a migration target's are, by KeyAccessCmd), and a key never changes
-// once set, so a follower's copy is as good as the leader's.
-func (s *Store) OwnerKey(volume, worker string) ([]byte, bool) {
-	s.mu.RLock()
-	defer s.mu.RUnlock()
-	v, ok := s.d.Volumes[volume]
-	if !ok || v.Worker != worker || v.State == VolDestroyed {
-		return nil, false
-	}
-	k, ok := s.d.Keys[volume]
-	if !ok {
-		return nil, false
-	}
-	return append([]byte(nil), k...), true
 }
 
 // StateCounts counts the migrations by state, and the stalled ones,

@@ -157,13 +157,16 @@ func TestHeartbeatReportAndIndexes(t *testing.T) {
 	}
 }
 
-func TestCollectOnlyTerminal(t *testing.T) {
+// GC forgets a migration only once it is terminal and past the
+// retention, keeps the per-worker index in step, and takes ended drains.
+func TestGCOnlyTerminal(t *testing.T) {
 	h := drainHarness(t)
 	h.must(h.apply(CmdPlan, &PlanCmd{Header: h.hdr(operator), ID: "m1", Machine: "mach1", Target: dstW.Name}))
-	if r := h.apply(CmdCollect, &CollectCmd{Header: h.hdr(operator), Migrations: []string{"m1"}}); r.Refusal == nil {
-		t.Fatal("operator collected")
+	if r := h.apply(CmdGC, &GCCmd{Header: h.hdr(operator), Retention: time.Second}); r.Refusal == nil {
+		t.Fatal("an operator collected garbage")
 	}
-	h.must(h.apply(CmdCollect, &CollectCmd{Header: h.hdr(server), Migrations: []string{"m1"}}))
+	h.now = h.now.Add(time.Hour)
+	h.must(h.apply(CmdGC, &GCCmd{Header: h.hdr(server), Retention: time.Second}))
 	if _, ok := h.s.Migration("m1"); !ok {
 		t.Fatal("an active migration was collected")
 	}
@@ -174,12 +177,20 @@ func TestCollectOnlyTerminal(t *testing.T) {
 		}
 		h.must(h.propose(id, ev, "s-"+string(ev), payloadOf(ev)))
 	}
-	migs, _ := h.s.Collectable(h.now.Add(time.Hour), 10)
-	if len(migs) != 1 {
-		t.Fatalf("collectable: %v", migs)
+	h.must(h.apply(CmdDrain, &DrainCmd{Header: h.hdr(operator), ID: "d1", Worker: srcW.Name}))
+	h.must(h.apply(CmdDrainUpdate, &DrainUpdateCmd{Header: h.hdr(operator), ID: "d1", Finish: DrainCancelled}))
+	if h.s.Collectable(h.now, time.Hour) {
+		t.Fatal("records that ended just now are collectable with an hour's retention")
 	}
-	h.must(h.apply(CmdCollect, &CollectCmd{Header: h.hdr(server), Migrations: migs}))
+	h.now = h.now.Add(2 * time.Hour)
+	if !h.s.Collectable(h.now, time.Hour) {
+		t.Fatal("a terminal migration past its retention is not collectable")
+	}
+	h.must(h.apply(CmdGC, &GCCmd{Header: h.hdr(server), Retention: time.Hour}))
 	if _, ok := h.s.Migration("m1"); ok || len(h.s.Migrations(dstW.Name)) != 0 {
 		t.Fatal("terminal migration not collected")
+	}
+	if _, ok := h.s.Drain("d1"); ok {
+		t.Fatal("ended drain not collected")
 	}
 }

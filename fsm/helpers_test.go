@@ -7,8 +7,6 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
-
-	"github.com/ferry-dev/ferry/luks"
 )
 
 var (
@@ -20,8 +18,8 @@ var (
 	otherW   = Identity{Name: "w-other", Kind: KindWorker}
 )
 
-func testLayout() *luks.Layout {
-	return &luks.Layout{UUID: "u-1", DataOffset: 16 << 20, MetadataSize: 16384, KeyslotsSize: 16744448,
+func testLayout() *LUKSLayout {
+	return &LUKSLayout{UUID: "u-1", DataOffset: 16 << 20, MetadataSize: 16384, KeyslotsSize: 16744448,
 		SectorSize: 4096, Cipher: "aes-xts-plain64", KeyBytes: 64, PayloadSize: 64 << 20}
 }
 
@@ -65,14 +63,14 @@ func (h *harness) must(r *Result) *Result {
 func (h *harness) setup(withLayout bool) *Migration {
 	h.t.Helper()
 	for i, w := range []string{srcW.Name, dstW.Name, otherW.Name} {
-		h.must(h.apply(CmdRegisterWorker, &RegisterWorkerCmd{Header: h.hdr(server), Worker: Worker{Name: w, HostID: uint32(i + 1)}, LeaseTTL: time.Hour}))
+		h.must(h.apply(CmdRegisterWorker, &RegisterWorkerCmd{Header: h.hdr(Identity{Name: w, Kind: KindWorker}), Worker: Worker{Name: w, HostID: uint32(i + 1), Address: fmt.Sprintf("127.0.0.%d", i+1)}, LeaseTTL: time.Minute}))
 	}
 	v := Volume{ID: "vol1", Worker: srcW.Name, Size: 80 << 20, State: VolCreated}
 	if withLayout {
 		v.Layout = testLayout()
 	}
 	h.must(h.apply(CmdCreateVolume, &CreateVolumeCmd{Header: h.hdr(srcW), Volume: v}))
-	h.must(h.apply(CmdCreateMachine, &CreateMachineCmd{Header: h.hdr(srcW), Machine: Machine{ID: "mach1", Worker: srcW.Name, Volume: "vol1",
+	h.must(h.apply(CmdCreateMachine, &CreateMachineCmd{Header: h.hdr(operator), Machine: Machine{ID: "mach1", Worker: srcW.Name, Volume: "vol1",
 		Network: 7, MachineNo: 9, Addr6PN: "fdaa:0:7:0:1:0:9:0", State: MachineRunning}}))
 	h.must(h.apply(CmdCreateVolume, &CreateVolumeCmd{Header: h.hdr(dstW), Volume: Volume{ID: "vol1-dst", Worker: dstW.Name, Size: 80 << 20, State: VolHydrating}}))
 	return h.must(h.apply(CmdPlan, &PlanCmd{Header: h.hdr(operator), ID: "m1", Machine: "mach1", Target: dstW.Name, StepID: "plan-1"})).Migration
@@ -102,13 +100,13 @@ func actorFor(r Role) Identity {
 func payloadOf(ev Event) EventPayload {
 	switch ev {
 	case EvExported:
-		return EventPayload{Export: &Export{Portal: "127.0.0.1:3260", IQN: "iqn.2026-01.dev.ferry:m1"}}
+		return EventPayload{Export: &Export{Portal: "127.0.0.1:3260", IQN: "iqn.2026-01.dev.ferry:ferry:m1"}}
 	case EvTargetPrepared:
 		return EventPayload{TargetVolume: "vol1-dst"}
 	case EvCutover:
 		return EventPayload{New6PN: "fdaa:0:7:0:2:0:9:0"}
 	case EvProgress:
-		return EventPayload{Progress: &Progress{HydratedBytes: 1 << 20, TotalBytes: 64 << 20}, Milestone: true}
+		return EventPayload{Progress: &Progress{HydratedBytes: 1 << 20, TotalBytes: 64 << 20}}
 	case EvReport:
 		return EventPayload{Error: "transient: connection reset"}
 	case EvAbort, EvFailed:

@@ -12,7 +12,7 @@ import (
 	"github.com/rs/zerolog"
 )
 
-// checkInvariants asserts DESIGN.md's invariants on the store after a proposal.
+// checkInvariants asserts the invariants (docs/fsm.md) on the store after a proposal.
 func checkInvariants(t *testing.T, s *Store, prev *Migration) {
 	t.Helper()
 	m, ok := s.Migration("m1")

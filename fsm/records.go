@@ -3,9 +3,6 @@ package fsm
 import (
 	"encoding/json"
 	"time"
-
-	"github.com/ferry-dev/ferry/blockdev"
-	"github.com/ferry-dev/ferry/luks"
 )
 
 // Defaults the store applies when a command leaves them out.
@@ -17,6 +14,26 @@ const (
 	ProgressInterval           = 5 * time.Second    // at most one non-milestone progress entry per migration per interval
 	maxStepIDs                 = 128                // step IDs remembered per migration
 )
+
+// DefaultMaxDowntime is a migration's downtime budget when its plan names
+// none: generous next to the usual sub-second cutover, so only a step that
+// hangs (a tool, a lost source) spends it.
+const DefaultMaxDowntime = 60 * time.Second
+
+// Budget returns the migration's downtime budget.
+func (m *Migration) Budget() time.Duration {
+	if m.MaxDowntime > 0 {
+		return m.MaxDowntime
+	}
+	return DefaultMaxDowntime
+}
+
+// FenceMargin is how long past a worker's lease expiry the store still
+// assumes the worker may run machines: an agent that cannot renew stops
+// its machines before its lease ends (by its own margin), and this covers
+// clock drift between worker and servers and a machine's stop time. An
+// operator's word that a silent target is gone counts only after it.
+const FenceMargin = 5 * time.Second
 
 // Migration is the replicated record of one migration.
 type Migration struct {
@@ -37,16 +54,20 @@ type Migration struct {
 	Stalled     bool                `json:"stalled"`
 	StallCause  string              `json:"stalled_reason,omitempty"`
 	Rollback    *RollbackInfo       `json:"rollback,omitempty"`
-	Layout      *luks.Layout        `json:"layout,omitempty"`
-	KnownZero   []blockdev.Range    `json:"known_zero,omitempty"`
+	Layout      *LUKSLayout         `json:"layout,omitempty"`
+	KnownZero   []Range             `json:"known_zero,omitempty"`
 	Export      *Export             `json:"export,omitempty"`
 	Progress    *Progress           `json:"progress,omitempty"`
 	TargetVol   string              `json:"target_volume,omitempty"`
 	Old6PN      string              `json:"old_6pn,omitempty"`
 	New6PN      string              `json:"new_6pn,omitempty"`
-	KeyAccess   []KeyAccess         `json:"key_access,omitempty"`
-	Steps       []StepResult        `json:"steps,omitempty"` // last maxStepIDs applied step IDs, oldest first
-	stepIndex   map[string]int      // StepID -> index in Steps; rebuilt on restore
+	// MaxDowntime is the downtime budget: the steps from source_stopped to
+	// cutover must finish within it, or the migration rolls back (0:
+	// DefaultMaxDowntime).
+	MaxDowntime time.Duration  `json:"max_downtime,omitempty"`
+	KeyAccess   []KeyAccess    `json:"key_access,omitempty"`
+	Steps       []StepResult   `json:"steps,omitempty"` // last maxStepIDs applied step IDs, oldest first
+	stepIndex   map[string]int // StepID -> index in Steps; rebuilt on restore
 }
 
 // RollbackInfo records why and how a migration rolled back.
@@ -108,7 +129,9 @@ func (p *Progress) Percent() float64 {
 	return 100 * float64(p.HydratedBytes) / float64(p.TotalBytes)
 }
 
-// KeyAccess records which worker was handed the volume key and when.
+// KeyAccess records which worker was handed the volume key and when (kept
+// for records written before keys were sealed; envelope reads are logged,
+// not replicated).
 type KeyAccess struct {
 	Worker string    `json:"worker"`
 	At     time.Time `json:"at"`
@@ -183,12 +206,13 @@ func (m *Migration) rememberStep(r StepResult) {
 
 // Worker is a registered worker and its lease.
 type Worker struct {
-	Name        string    `json:"name"`
-	HostID      uint32    `json:"host_id"`  // the 32-bit host part of 6PN addresses
-	Address     string    `json:"address"`  // where peers reach its exports
-	Capacity    int       `json:"capacity"` // concurrent migrations in and out; 0 = default
-	LeaseExpiry time.Time `json:"lease_expiry"`
-	Registered  time.Time `json:"registered"`
+	Name        string     `json:"name"`
+	HostID      uint32     `json:"host_id"`  // the 32-bit host part of 6PN addresses
+	Address     string     `json:"address"`  // where peers reach its exports
+	Capacity    int        `json:"capacity"` // concurrent migrations in and out; 0 = default
+	LeaseExpiry time.Time  `json:"lease_expiry"`
+	Registered  time.Time  `json:"registered"`
+	KEK         *PublicKey `json:"kek,omitempty"` // key-encryption public key; its private half never leaves the worker
 
 	// Cordoned workers receive no new placements (drains cordon their
 	// worker); migrations already running are not affected.
@@ -270,15 +294,15 @@ var volumeMoves = map[VolumeState][]VolumeState{
 
 // Volume is a volume on one worker.
 type Volume struct {
-	ID              string       `json:"id"`
-	Worker          string       `json:"worker"`
-	Size            int64        `json:"size"`
-	State           VolumeState  `json:"state"`
-	AttachedMachine string       `json:"attached_machine,omitempty"`
-	Layout          *luks.Layout `json:"layout,omitempty"`
-	DestroyAfter    time.Time    `json:"destroy_after,omitzero"` // retention deadline while pending_destroy
-	CreatedAt       time.Time    `json:"created_at"`
-	HasKey          bool         `json:"has_key"` // the server holds its key (never returned here)
+	ID              string      `json:"id"`
+	Worker          string      `json:"worker"`
+	Size            int64       `json:"size"`
+	State           VolumeState `json:"state"`
+	AttachedMachine string      `json:"attached_machine,omitempty"`
+	Layout          *LUKSLayout `json:"layout,omitempty"`
+	DestroyAfter    time.Time   `json:"destroy_after,omitzero"` // retention deadline while pending_destroy
+	CreatedAt       time.Time   `json:"created_at"`
+	HasKey          bool        `json:"has_key"` // an owner envelope of its key is stored
 }
 
 // MachineState is whether the workload runs.
@@ -287,6 +311,9 @@ type MachineState string
 const (
 	MachineRunning MachineState = "running"
 	MachineStopped MachineState = "stopped"
+	// MachineFailed: it crashed too often in a window; its worker no longer
+	// restarts it until an operator starts it again.
+	MachineFailed MachineState = "failed"
 )
 
 // Machine is a workload using one volume.
@@ -300,13 +327,16 @@ type Machine struct {
 	State     MachineState    `json:"state"`
 	Spec      json.RawMessage `json:"spec,omitempty"` // driver command spec, opaque to the store
 	Migrated  bool            `json:"migrated"`
+	// Crashes counts the machine's crashes in its worker's restart window
+	// (reset when an operator starts or stops it).
+	Crashes int `json:"crashes,omitempty"`
 	// Group is an optional label: placement keeps machines of one group off
 	// one target (replicas of one service must not share a worker).
 	Group string `json:"group,omitempty"`
 }
 
 // ServerMember is a raft voter and where its API listens, so followers can
-// forward writes to the leader.
+// send writers to the leader.
 type ServerMember struct {
 	ID       string `json:"id"`
 	RaftAddr string `json:"raft_addr"`

@@ -68,6 +68,7 @@ const (
 	CodeBadCommand   = "bad_command"
 	CodeRateLimited  = "rate_limited"
 	CodeNotTornDown  = "target_not_torn_down"
+	CodeTargetMayRun = "target_may_run" // an operator's target_torn_down before the target's lease and fence margin passed
 	CodeLayoutNeeded = "layout_missing"
 	CodeNoLeader     = "no_leader"
 	CodeUnauth       = "unauthenticated"

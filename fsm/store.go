@@ -12,8 +12,7 @@ import (
 	"github.com/ferry-dev/ferry/internal/logging"
 )
 
-// Result is what applying one command produced. Key is set only for a
-// granted key_access and is never serialised.
+// Result is what applying one command produced.
 type Result struct {
 	Index     uint64     `json:"index"`
 	Migration *Migration `json:"migration,omitempty"`
@@ -24,7 +23,6 @@ type Result struct {
 	Duplicate bool       `json:"duplicate,omitempty"` // the step ID was applied before; nothing changed
 	Ignored   bool       `json:"ignored,omitempty"`   // a rate-limited progress update; nothing changed
 	Refusal   *Refusal   `json:"refusal,omitempty"`
-	Key       []byte     `json:"-"`
 }
 
 // Err returns the refusal as an error, or nil.
@@ -37,15 +35,22 @@ func (r *Result) Err() error {
 
 // data is the whole replicated state; it is what a snapshot holds.
 type data struct {
+	Format     int                      `json:"format,omitempty"` // FormatVersion of the writer; 0 in snapshots written before it was recorded (format 1)
 	Index      uint64                   `json:"index"`
 	Migrations map[string]*Migration    `json:"migrations"`
 	Workers    map[string]*Worker       `json:"workers"`
 	Volumes    map[string]*Volume       `json:"volumes"`
 	Machines   map[string]*Machine      `json:"machines"`
 	Locks      map[string]string        `json:"locks"` // "volume/ID" or "network/N" -> migration ID
-	Keys       map[string][]byte        `json:"keys"`  // volume ID -> key; only in snapshots, never in replies
 	Servers    map[string]*ServerMember `json:"servers"`
 	Drains     map[string]*Drain        `json:"drains,omitempty"`
+	Revoked    map[string]*RevokedCert  `json:"revoked,omitempty"` // certificate serial -> revocation
+	// Envelopes holds sealed volume keys by volume/purpose[/migration].
+	Envelopes   map[string]*Envelope `json:"envelopes,omitempty"`
+	RecoveryKey *PublicKey           `json:"recovery_key,omitempty"`
+	// Keys held plaintext volume keys before keys were sealed. Old
+	// snapshots still carry it: Restore reads and drops it.
+	Keys map[string][]byte `json:"keys,omitempty"`
 }
 
 func newData() *data {
@@ -55,9 +60,10 @@ func newData() *data {
 		Volumes:    map[string]*Volume{},
 		Machines:   map[string]*Machine{},
 		Locks:      map[string]string{},
-		Keys:       map[string][]byte{},
 		Servers:    map[string]*ServerMember{},
 		Drains:     map[string]*Drain{},
+		Revoked:    map[string]*RevokedCert{},
+		Envelopes:  map[string]*Envelope{},
 	}
 }
 
@@ -97,6 +103,9 @@ func (s *Store) ApplyCommand(index uint64, raw []byte) *Result {
 		s.log.Warn().Err(err).Uint64("index", index).Str("type", string(typ)).Msg("refused a malformed command")
 		return &Result{Index: index, Refusal: refuse(RefuseInvalid, CodeBadCommand, "%v", err)}
 	}
+	if ref := s.authorize(p); ref != nil {
+		return &Result{Index: index, Refusal: ref}
+	}
 	var res *Result
 	switch c := p.(type) {
 	case *RegisterServerCmd:
@@ -112,9 +121,9 @@ func (s *Store) ApplyCommand(index uint64, raw []byte) *Result {
 	case *DestroyVolumeCmd:
 		res = s.applyDestroyVolume(c)
 	case *SetVolumeKeyCmd:
-		res = s.applySetVolumeKey(c)
+		res = s.applyRetiredKey(typ, c.Header, c.ID)
 	case *KeyAccessCmd:
-		res = s.applyKeyAccess(c)
+		res = s.applyRetiredKey(typ, c.Header, c.ID)
 	case *CreateMachineCmd:
 		res = s.applyCreateMachine(c)
 	case *UpdateMachineCmd:
@@ -129,8 +138,16 @@ func (s *Store) ApplyCommand(index uint64, raw []byte) *Result {
 		res = s.applyDrain(index, c)
 	case *DrainUpdateCmd:
 		res = s.applyDrainUpdate(index, c)
-	case *CollectCmd:
-		res = s.applyCollect(index, c)
+	case *RevokeCertCmd:
+		res = s.applyRevokeCert(c)
+	case *GCCmd:
+		res = s.applyGC(index, c)
+	case *SetWorkerKeyCmd:
+		res = s.applySetWorkerKey(c)
+	case *SetRecoveryKeyCmd:
+		res = s.applySetRecoveryKey(c)
+	case *PutEnvelopesCmd:
+		res = s.applyPutEnvelopes(c)
 	default:
 		res = &Result{Refusal: refuse(RefuseInvalid, CodeBadCommand, "command %q has no apply function", typ)}
 	}
@@ -294,13 +311,13 @@ func (s *Store) Servers() []ServerMember {
 	return out
 }
 
-// Dump returns the whole state as canonical JSON (keys excluded), for
-// comparing replicas in tests.
+// Dump returns the whole state as canonical JSON, for comparing replicas
+// in tests.
 func (s *Store) Dump() []byte {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	c := *s.d
-	c.Keys = nil
+	c.Format = 0
 	b, _ := json.Marshal(&c)
 	return b
 }
@@ -319,20 +336,38 @@ func copyVolume(v *Volume) Volume {
 func (s *Store) Snapshot() (*Snapshot, error) {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	b, err := json.Marshal(s.d)
+	c := *s.d
+	c.Format = FormatVersion
+	b, err := json.Marshal(&c)
 	if err != nil {
 		return nil, fmt.Errorf("encoding snapshot: %w", err)
 	}
 	return &Snapshot{b: b}, nil
 }
 
-// Restore replaces the state with a snapshot's.
+// Restore replaces the state with a snapshot's. It is strict like Decode: a
+// field this build does not know would be lost here and make this replica
+// disagree with the others, so it is an error.
 func (s *Store) Restore(rc io.ReadCloser) error {
 	defer rc.Close()
 	d := newData()
 	dec := json.NewDecoder(rc)
+	dec.DisallowUnknownFields()
 	if err := dec.Decode(d); err != nil {
-		return fmt.Errorf("decoding snapshot: %w", err)
+		return fmt.Errorf("decoding snapshot (format %d build): %w: if a newer server wrote it, upgrade this server", FormatVersion, err)
+	}
+	if d.Format > FormatVersion {
+		return fmt.Errorf("snapshot is format %d, this server reads up to format %d: upgrade this server", d.Format, FormatVersion)
+	}
+	d.Format = 0
+	if len(d.Keys) > 0 {
+		// Plaintext keys from before sealing: never kept, never re-snapshotted.
+		s.log.Warn().Int("volumes", len(d.Keys)).Msg("dropped plaintext volume keys from an old snapshot; their volumes need `ferry volume recover` or a re-seal by their worker")
+	}
+	clear(d.Keys)
+	d.Keys = nil
+	if d.Envelopes == nil {
+		d.Envelopes = map[string]*Envelope{}
 	}
 	for _, m := range d.Migrations {
 		m.reindex()

@@ -1,7 +1,6 @@
 package iscsi
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -9,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -20,6 +20,8 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/ferry-dev/ferry/internal/atomicfile"
+	"github.com/ferry-dev/ferry/internal/childctl"
 	"github.com/ferry-dev/ferry/internal/logging"
 )
 
@@ -174,20 +176,20 @@ func StartExport(ctx context.Context, log zerolog.Logger, cfg ExportConfig) (*Ex
 	abs, _ := filepath.Abs(cfg.Path)
 	e.child, err = json.Marshal(childConfig{
 		Path: abs, IQN: cfg.IQN, LUN: cfg.LUN, BlockSize: cfg.BlockSize, Portal: e.portal,
-		Allow: cfg.Allow, TLS: cfg.TLS, LogLevel: cfg.LogLevel,
+		Allow: cfg.Allow, TLS: cfg.TLS, LogLevel: cfg.LogLevel, Control: controlSocket(cfg.StateDir),
 	})
 	if err != nil {
 		ln.Close()
 		return nil, err
 	}
-	cmd, err := e.spawn(ctx)
+	cmd, exited, err := e.spawn(ctx)
 	if err != nil {
 		ln.Close()
 		removeState(cfg.StateDir)
 		return nil, err
 	}
 	log.Info().Str("portal", e.portal).Int("pid", cmd.Process.Pid).Msg("export started")
-	go e.supervise(cmd)
+	go e.supervise(exited)
 	return e, nil
 }
 
@@ -202,82 +204,61 @@ func childCommand(stateDir string) (*exec.Cmd, error) {
 	return cmd, nil
 }
 
-// spawn starts one child on the gate listener and waits until it is ready.
-func (e *Export) spawn(ctx context.Context) (*exec.Cmd, error) {
+// spawn starts one child on the gate listener and waits until it answers
+// its control socket. exited yields the child's end (supervise reaps it).
+func (e *Export) spawn(ctx context.Context) (*exec.Cmd, <-chan error, error) {
 	cmd, err := childCommand(e.stateDir)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	lnFile, err := e.ln.File()
 	if err != nil {
-		return nil, fmt.Errorf("export gate listener: %w", err)
+		return nil, nil, fmt.Errorf("export gate listener: %w", err)
 	}
 	defer lnFile.Close()
-	readyR, readyW, err := os.Pipe()
-	if err != nil {
-		return nil, err
-	}
-	defer readyR.Close()
 	logf, err := os.OpenFile(filepath.Join(e.stateDir, logFileName), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
-		readyW.Close()
-		return nil, fmt.Errorf("export log: %w", err)
+		return nil, nil, fmt.Errorf("export log: %w", err)
 	}
 	defer logf.Close()
 	cmd.Stdin = bytes.NewReader(e.child)
 	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.ExtraFiles = []*os.File{lnFile, readyW}
+	cmd.ExtraFiles = []*os.File{lnFile}
 	// A private network namespace holding only loopback contains gotgt's
 	// listen-on-everything; its own process group keeps the agent's
 	// terminal signals away from it (the agent stops it explicitly).
 	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWNET, Setpgid: true}
 	if err := cmd.Start(); err != nil {
-		readyW.Close()
-		return nil, fmt.Errorf("starting the export process (needs root for its network namespace): %w", err)
+		return nil, nil, fmt.Errorf("starting the export process (needs root for its network namespace): %w", err)
 	}
-	readyW.Close()
-	type result struct {
-		line string
-		err  error
-	}
-	rc := make(chan result, 1)
-	go func() {
-		line, err := bufio.NewReader(readyR).ReadString('\n')
-		rc <- result{strings.TrimSpace(line), err}
-	}()
-	fail := func(err error) (*exec.Cmd, error) {
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	var st childStatus
+	if err := childctl.Dial(controlSocket(e.stateDir)).WaitReady(ctx, "/v1/status", &st, exited, 20*time.Second); err != nil {
 		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-		return nil, fmt.Errorf("%w (log: %s)", err, logTail(filepath.Join(e.stateDir, logFileName)))
-	}
-	select {
-	case r := <-rc:
-		if r.line != "ready" {
-			if r.line == "" {
-				return fail(fmt.Errorf("export process exited before it was ready: %v", r.err))
-			}
-			return fail(fmt.Errorf("export process: %s", strings.TrimPrefix(r.line, "error: ")))
+		select {
+		case <-exited:
+		case <-time.After(5 * time.Second):
 		}
-	case <-time.After(20 * time.Second):
-		return fail(errors.New("export process not ready within 20 s"))
-	case <-ctx.Done():
-		return fail(ctx.Err())
+		return nil, nil, fmt.Errorf("export process: %w (log: %s)", err, logTail(filepath.Join(e.stateDir, logFileName)))
 	}
 	e.mu.Lock()
 	e.pid = cmd.Process.Pid
 	e.mu.Unlock()
 	if err := writeState(e.stateDir, exportState{PID: cmd.Process.Pid, Portal: e.portal, IQN: e.iqn, Path: e.cfg.Path, Started: time.Now().UTC()}); err != nil {
-		return fail(err)
+		_ = cmd.Process.Kill()
+		<-exited
+		return nil, nil, err
 	}
-	return cmd, nil
+	return cmd, exited, nil
 }
 
 // supervise restarts a crashed child (a gotgt panic kills one export
 // process, never the agent) on the same listener, within MaxRestarts a minute.
-func (e *Export) supervise(cmd *exec.Cmd) {
+func (e *Export) supervise(exited <-chan error) {
 	var crashes []time.Time
 	for {
-		err := cmd.Wait()
+		err := <-exited
 		e.mu.Lock()
 		stopping := e.stopping
 		e.mu.Unlock()
@@ -302,13 +283,13 @@ func (e *Export) supervise(cmd *exec.Cmd) {
 			e.finish(fmt.Errorf("export process died %d times within a minute, last: %v", len(crashes), err))
 			return
 		}
-		next, serr := e.spawn(context.Background())
+		next, nextExited, serr := e.spawn(context.Background())
 		if serr != nil {
 			e.finish(fmt.Errorf("restarting the export process: %w", serr))
 			return
 		}
 		e.log.Warn().Int("pid", next.Process.Pid).Msg("export process restarted")
-		cmd = next
+		exited = nextExited
 	}
 }
 
@@ -424,12 +405,19 @@ func killRecorded(st exportState, stateDir string) error {
 	return terminate(st.PID, stateDir)
 }
 
-// terminate sends SIGTERM, then SIGKILL after 5 s, and waits for the end.
+// terminate asks the child to stop (SIGTERM if its socket does not
+// answer), then SIGKILL after 5 s, and waits for the end.
 func terminate(pid int, stateDir string) error {
 	if pid <= 0 || !childAlive(pid, stateDir) {
 		return nil
 	}
-	_ = syscall.Kill(pid, syscall.SIGTERM)
+	// Asked over its control socket; a signal if that does not answer.
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	err := childctl.Dial(controlSocket(stateDir)).Call(ctx, http.MethodPost, "/v1/shutdown", nil, nil)
+	cancel()
+	if err != nil {
+		_ = syscall.Kill(pid, syscall.SIGTERM)
+	}
 	deadline := time.Now().Add(5 * time.Second)
 	killed := false
 	for childAlive(pid, stateDir) {
@@ -477,11 +465,10 @@ func readState(dir string) (exportState, error) {
 
 func writeState(dir string, st exportState) error {
 	b, _ := json.Marshal(st)
-	tmp := filepath.Join(dir, stateFileName+".tmp")
-	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+	if err := atomicfile.WriteFile(filepath.Join(dir, stateFileName), b, 0o600); err != nil {
 		return fmt.Errorf("export record: %w", err)
 	}
-	return os.Rename(tmp, filepath.Join(dir, stateFileName))
+	return nil
 }
 
 // removeState deletes the files ferry put in dir, and dir if it is then empty.

@@ -16,13 +16,12 @@ import (
 
 	"github.com/ferry-dev/ferry/blockdev"
 	"github.com/ferry-dev/ferry/blockdev/blockdevtest"
+	"github.com/ferry-dev/ferry/internal/testenv"
 )
 
 func needRoot(t testing.TB) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: the export runs in a private network namespace")
-	}
+	testenv.Root(t, "the export runs in a private network namespace")
 }
 
 func testIQN(t testing.TB) string {

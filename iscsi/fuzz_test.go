@@ -92,5 +92,6 @@ func newSessionForTest(c net.Conn) *session {
 		conn: c, timeout: time.Second, tasks: make(map[uint32]*task), pings: make(map[uint32]chan struct{}),
 		windowCh: make(chan struct{}), deadCh: make(chan struct{}), logoutCh: make(chan struct{}),
 		readerDone: make(chan struct{}), nextITT: 1, br: bufio.NewReader(c),
+		nopReplies: make(chan *pdu, maxPendingNOPReplies),
 	}
 }

@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ferry-dev/ferry/internal/testenv"
+
 	"github.com/rs/zerolog"
 )
 
@@ -44,12 +46,8 @@ func freePort(t testing.TB) int {
 // its portal and IQN. Each instance has its own control port.
 func startTgtd(t testing.TB, image string) (portal, iqn string) {
 	t.Helper()
-	if _, err := exec.LookPath("tgtd"); err != nil {
-		t.Skip("needs tgtd: apt-get install tgt")
-	}
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to run tgtd")
-	}
+	testenv.Tools(t, "apt-get install tgt", "tgtd")
+	testenv.Root(t, "to run tgtd")
 	port := freePort(t)
 	ctl := strconv.Itoa(1000 + rand.Intn(30000)) // tgtadm accepts small control ports only
 	portal = fmt.Sprintf("127.0.0.1:%d", port)

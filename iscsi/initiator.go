@@ -15,6 +15,7 @@ import (
 
 	"github.com/ferry-dev/ferry/blockdev"
 	"github.com/ferry-dev/ferry/internal/logging"
+	"github.com/ferry-dev/ferry/internal/retry"
 )
 
 // ErrTimeout is returned when a command got no answer within
@@ -31,7 +32,16 @@ type InitiatorConfig struct {
 	TLS           *tls.Config   // set when the export's gate speaks TLS
 	QueueDepth    int           // commands in flight; default 16
 	MaxTransfer   int           // bytes per READ(16); default 1 MiB
+	// Sessions is how many sessions (one connection each) carry the
+	// commands, default 4. A target that runs each connection's commands
+	// one after the other, as gotgt does, serves QueueDepth commands in
+	// parallel only over several sessions; each is a separate I_T nexus,
+	// harmless for a read-only source.
+	Sessions int
 }
+
+// maxSessions bounds Sessions: each is a login and a connection on the target.
+const maxSessions = 16
 
 const defaultInitiatorName = "iqn.2026-01.dev.ferry:initiator"
 
@@ -54,26 +64,43 @@ func (c *InitiatorConfig) setDefaults() error {
 	if c.MaxTransfer <= 0 {
 		c.MaxTransfer = 1 << 20
 	}
+	if c.Sessions <= 0 {
+		c.Sessions = 4
+	}
+	if c.Sessions > maxSessions {
+		return fmt.Errorf("iSCSI initiator: %d sessions: at most %d", c.Sessions, maxSessions)
+	}
 	return nil
 }
 
 // LUN is a remote iSCSI logical unit used as a read-only blockdev.Device.
-// ReadAt is safe for concurrent use; large reads are split and pipelined.
-// A lost connection is re-established and its outstanding reads re-issued;
-// a read that cannot complete within Timeout fails with ErrTimeout.
+// ReadAt is safe for concurrent use; large reads are split and pipelined
+// over Sessions sessions. A lost connection is re-established and its
+// outstanding reads re-issued; a read that cannot complete within Timeout
+// fails with ErrTimeout.
 type LUN struct {
 	cfg       InitiatorConfig
 	log       zerolog.Logger
-	isid      [6]byte
 	size      int64
 	blockSize int64
 	sem       chan struct{}
+	paths     []*path
+	next      atomic.Uint32 // round robin among equally loaded paths
+
+	mu     sync.Mutex
+	closed bool
+}
+
+// path is one session slot of a LUN: its session (nil or dead until a
+// login succeeds) and the login under way, if any.
+type path struct {
+	isid     [6]byte
+	inflight atomic.Int32
 
 	mu         sync.Mutex
 	sess       *session
 	connecting chan struct{}
 	connErr    error
-	closed     bool
 }
 
 var _ blockdev.Device = (*LUN)(nil)
@@ -85,13 +112,19 @@ func Dial(ctx context.Context, log zerolog.Logger, cfg InitiatorConfig) (*LUN, e
 	}
 	l := &LUN{
 		cfg: cfg, log: logging.For(log, "iscsi-initiator").With().Str("portal", cfg.Portal).Str("iqn", cfg.IQN).Logger(),
-		isid: randomISID(), sem: make(chan struct{}, cfg.QueueDepth),
+		sem: make(chan struct{}, cfg.QueueDepth),
+	}
+	for i := 0; i < cfg.Sessions; i++ {
+		l.paths = append(l.paths, &path{isid: randomISID()})
 	}
 	deadline := time.Now().Add(cfg.Timeout)
 	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
 		deadline = d
 	}
-	if _, err := l.session(ctx, deadline); err != nil {
+	// The first session proves the target answers; the others log in on
+	// first use.
+	if _, err := l.session(ctx, l.paths[0], deadline); err != nil {
+		l.Close() // a login still running in the background must not keep a session nobody owns
 		return nil, err
 	}
 	if err := l.do(ctx, newTask("TEST UNIT READY", cdbTestUnitReady(), nil)); err != nil {
@@ -117,78 +150,167 @@ func Dial(ctx context.Context, log zerolog.Logger, cfg InitiatorConfig) (*LUN, e
 	return l, nil
 }
 
-// session returns the live session, logging in again if there is none. The
+// session returns p's live session, logging in again if there is none. The
 // login runs in its own goroutine, bounded by Timeout, shared by every
 // caller that needs it; a caller stops waiting at its ctx or deadline.
-func (l *LUN) session(ctx context.Context, deadline time.Time) (*session, error) {
+func (l *LUN) session(ctx context.Context, p *path, deadline time.Time) (*session, error) {
 	timer := time.NewTimer(time.Until(deadline))
 	defer timer.Stop()
 	for {
-		l.mu.Lock()
-		if l.closed {
-			l.mu.Unlock()
+		if l.isClosed() {
 			return nil, blockdev.ErrClosed
 		}
-		if l.sess != nil && l.sess.alive() {
-			s := l.sess
-			l.mu.Unlock()
+		p.mu.Lock()
+		if p.sess != nil && p.sess.alive() {
+			s := p.sess
+			p.mu.Unlock()
 			return s, nil
 		}
-		ch := l.connecting
+		ch := p.connecting
 		if ch == nil {
 			ch = make(chan struct{})
-			l.connecting = ch
-			go l.reconnect(l.sess, ch)
+			p.connecting = ch
+			go l.reconnect(p, p.sess, ch)
 		}
-		l.mu.Unlock()
+		p.mu.Unlock()
 		select {
 		case <-ch:
-			l.mu.Lock()
-			err := l.connErr
-			l.mu.Unlock()
+			p.mu.Lock()
+			err := p.connErr
+			p.mu.Unlock()
 			if err != nil {
 				return nil, err
 			}
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		case <-timer.C:
-			return nil, fmt.Errorf("%w: reconnecting to %s", ErrTimeout, l.cfg.Portal)
+			portal, _ := l.Portal()
+			return nil, fmt.Errorf("%w: reconnecting to %s", ErrTimeout, portal)
 		}
 	}
 }
 
-// reconnect replaces a dead session (old may be nil) and signals done.
-func (l *LUN) reconnect(old *session, done chan struct{}) {
+func (l *LUN) isClosed() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.closed
+}
+
+// reconnect replaces p's dead session (old may be nil) and signals done.
+func (l *LUN) reconnect(p *path, old *session, done chan struct{}) {
 	if old != nil {
 		<-old.readerDone
 	}
-	s, err := l.connect(time.Now().Add(l.cfg.Timeout))
 	l.mu.Lock()
-	l.connecting = nil
-	l.connErr = err
+	portal, iqn := l.cfg.Portal, l.cfg.IQN
+	l.mu.Unlock()
+	s, err := l.connect(p.isid, time.Now().Add(l.cfg.Timeout), portal, iqn)
+	// Lock order: l.mu before p.mu (Close holds l.mu while it collects).
+	l.mu.Lock()
+	p.mu.Lock()
+	p.connecting = nil
+	p.connErr = err
 	if err == nil {
 		if l.closed {
 			s.kill(blockdev.ErrClosed)
 		} else {
-			l.sess = s
+			p.sess = s
 		}
 	}
+	p.mu.Unlock()
 	l.mu.Unlock()
 	close(done)
 }
 
-func (l *LUN) connect(deadline time.Time) (*session, error) {
-	c, err := dialConn(deadline, l.cfg.Portal, l.cfg.TLS)
+func (l *LUN) connect(isid [6]byte, deadline time.Time, portal, iqn string) (*session, error) {
+	c, err := dialConn(deadline, portal, l.cfg.TLS)
 	if err != nil {
 		return nil, err
 	}
-	p, err := login(c, deadline, l.isid, l.cfg.InitiatorName, l.cfg.IQN)
+	p, err := login(c, deadline, isid, l.cfg.InitiatorName, iqn)
 	if err != nil {
 		c.Close()
-		return nil, fmt.Errorf("logging in to %s at %s: %w", l.cfg.IQN, l.cfg.Portal, err)
+		return nil, fmt.Errorf("logging in to %s at %s: %w", iqn, portal, err)
 	}
 	l.log.Debug().Uint16("tsih", p.tsih).Msg("logged in")
 	return newSession(l.log, c, p, l.cfg.LUN, l.cfg.Timeout), nil
+}
+
+// pick returns the path with the fewest commands in flight, taking turns
+// among equals so idle sessions are used before a busy one queues more.
+func (l *LUN) pick() *path {
+	start := int(l.next.Add(1))
+	best := l.paths[start%len(l.paths)]
+	for i := 1; i < len(l.paths); i++ {
+		p := l.paths[(start+i)%len(l.paths)]
+		if p.inflight.Load() < best.inflight.Load() {
+			best = p
+		}
+	}
+	return best
+}
+
+// errRetargeted ends the session to the old portal.
+var errRetargeted = errors.New("the export moved to another portal")
+
+// Retarget moves the LUN to the same volume exported at another portal
+// and IQN (the source restarted elsewhere). It logs in there first, so a
+// wrong address changes nothing; commands in flight on the old session are
+// re-issued on the new one. Moving to where it already is does nothing.
+func (l *LUN) Retarget(ctx context.Context, portal, iqn string) error {
+	if _, _, err := net.SplitHostPort(portal); err != nil || iqn == "" {
+		return fmt.Errorf("retarget to %q %q: want host:port and an IQN", portal, iqn)
+	}
+	l.mu.Lock()
+	same := l.cfg.Portal == portal && l.cfg.IQN == iqn
+	l.mu.Unlock()
+	if same {
+		return nil
+	}
+	deadline := time.Now().Add(l.cfg.Timeout)
+	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
+		deadline = d
+	}
+	first := l.paths[0]
+	s, err := l.connect(first.isid, deadline, portal, iqn)
+	if err != nil {
+		return fmt.Errorf("the moved export: %w", err)
+	}
+	// Lock order: l.mu before p.mu. Every path's old session ends; the
+	// first path takes the new one, the others log in to the new portal on
+	// their next use (reconnect reads the portal under l.mu).
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		s.kill(blockdev.ErrClosed)
+		return blockdev.ErrClosed
+	}
+	l.cfg.Portal, l.cfg.IQN = portal, iqn
+	var olds []*session
+	for i, p := range l.paths {
+		p.mu.Lock()
+		if p.sess != nil {
+			olds = append(olds, p.sess)
+		}
+		p.sess = nil
+		if i == 0 {
+			p.sess = s
+		}
+		p.mu.Unlock()
+	}
+	l.mu.Unlock()
+	for _, old := range olds {
+		old.kill(errRetargeted)
+	}
+	l.log.Info().Str("new_portal", portal).Str("new_iqn", iqn).Msg("reconnected to the moved export")
+	return nil
+}
+
+// Portal returns where the LUN connects now.
+func (l *LUN) Portal() (portal, iqn string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.cfg.Portal, l.cfg.IQN
 }
 
 // do runs one command to completion, re-issuing it on a new connection when
@@ -196,26 +318,23 @@ func (l *LUN) connect(deadline time.Time) (*session, error) {
 func (l *LUN) do(ctx context.Context, t *task) error {
 	deadline := time.Now().Add(l.cfg.Timeout)
 	var lastErr error
-	backoff := 50 * time.Millisecond
+	bo := retry.New(50*time.Millisecond, 500*time.Millisecond)
 	for attempt := 0; ; attempt++ {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
 		if attempt > 0 {
+			backoff := bo.Next()
 			if time.Now().Add(backoff).After(deadline) {
 				return fmt.Errorf("%s: %w within %s: %w", t.op, ErrTimeout, l.cfg.Timeout, lastErr)
 			}
-			select {
-			case <-time.After(backoff):
-			case <-ctx.Done():
+			if !retry.Sleep(ctx, backoff) {
 				return ctx.Err()
-			}
-			if backoff < 500*time.Millisecond {
-				backoff *= 2
 			}
 			t.reset()
 		}
-		s, err := l.session(ctx, deadline)
+		p := l.pick()
+		s, err := l.session(ctx, p, deadline)
 		if err != nil {
 			if errors.Is(err, blockdev.ErrClosed) || errors.Is(err, context.Canceled) {
 				return err
@@ -227,7 +346,9 @@ func (l *LUN) do(ctx context.Context, t *task) error {
 			lastErr = err
 			continue
 		}
+		p.inflight.Add(1)
 		err = s.exec(ctx, t, deadline)
+		p.inflight.Add(-1)
 		if err == nil {
 			return nil
 		}
@@ -353,7 +474,7 @@ func (l *LUN) Discard(int64, int64) error { return blockdev.ErrReadOnly }
 // Flush has nothing to make durable on a read-only device.
 func (l *LUN) Flush() error { return nil }
 
-// Close logs out and drops the connection; later calls fail with ErrClosed.
+// Close logs out and drops the connections; later calls fail with ErrClosed.
 func (l *LUN) Close() error {
 	l.mu.Lock()
 	if l.closed {
@@ -361,15 +482,27 @@ func (l *LUN) Close() error {
 		return nil
 	}
 	l.closed = true
-	s := l.sess
-	l.sess = nil
+	var live []*session
+	for _, p := range l.paths {
+		p.mu.Lock()
+		if p.sess != nil && p.sess.alive() {
+			live = append(live, p.sess)
+		}
+		p.sess = nil
+		p.mu.Unlock()
+	}
 	l.mu.Unlock()
-	if s == nil || !s.alive() {
-		return nil
+	var wg sync.WaitGroup
+	for _, s := range live {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := s.logout(min(l.cfg.Timeout, 3*time.Second)); err != nil {
+				l.log.Debug().Err(err).Msg("logout")
+			}
+		}()
 	}
-	if err := s.logout(min(l.cfg.Timeout, 3*time.Second)); err != nil {
-		l.log.Debug().Err(err).Msg("logout")
-	}
+	wg.Wait()
 	return nil
 }
 

@@ -9,13 +9,13 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+
+	"github.com/ferry-dev/ferry/internal/testenv"
 )
 
 func needTool(t testing.TB, name string) {
 	t.Helper()
-	if _, err := exec.LookPath(name); err != nil {
-		t.Skipf("needs %s: apt-get install libiscsi-bin", name)
-	}
+	testenv.Tools(t, "apt-get install libiscsi-bin", name)
 }
 
 func lunURL(e *Export) string { return fmt.Sprintf("iscsi://%s/%s/0", e.Portal(), e.IQN()) }

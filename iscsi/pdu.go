@@ -54,7 +54,6 @@ func (p *pdu) maxCmdSN() uint32  { return binary.BigEndian.Uint32(p.bhs[32:36]) 
 func (p *pdu) dataLen() int      { return int(p.bhs[5])<<16 | int(p.bhs[6])<<8 | int(p.bhs[7]) }
 func (p *pdu) ahsLen() int       { return int(p.bhs[4]) * 4 }
 func (p *pdu) bufferOffset() int { return int(binary.BigEndian.Uint32(p.bhs[40:44])) }
-func (p *pdu) residual() uint32  { return binary.BigEndian.Uint32(p.bhs[44:48]) }
 
 func (p *pdu) setDataLen(n int) {
 	p.bhs[5], p.bhs[6], p.bhs[7] = byte(n>>16), byte(n>>8), byte(n)
@@ -122,17 +121,6 @@ func parseText(data []byte) (map[string]string, error) {
 		kv[k] = v
 	}
 	return kv, nil
-}
-
-// textPairs keeps key order for SendTargets, where TargetAddress follows its TargetName.
-func textPairs(data []byte) [][2]string {
-	var out [][2]string
-	for _, item := range strings.Split(string(data), "\x00") {
-		if k, v, ok := strings.Cut(item, "="); ok {
-			out = append(out, [2]string{k, v})
-		}
-	}
-	return out
 }
 
 func encodeText(pairs [][2]string) []byte {

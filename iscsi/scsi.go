@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math"
 )
 
 // SCSI status and sense keys ferry looks at.
@@ -119,7 +120,8 @@ func parseCapacity16(b []byte) (capacity, error) {
 		return capacity{}, fmt.Errorf("%w: READ CAPACITY(16) returned %d bytes", ErrProtocol, len(b))
 	}
 	c := capacity{blocks: binary.BigEndian.Uint64(b[0:8]) + 1, blockSize: binary.BigEndian.Uint32(b[8:12])}
-	if c.blockSize == 0 || c.blockSize&(c.blockSize-1) != 0 || c.blockSize > 1<<20 || c.blocks == 0 || c.blocks > 1<<48 {
+	if c.blockSize == 0 || c.blockSize&(c.blockSize-1) != 0 || c.blockSize > 1<<20 || c.blocks == 0 || c.blocks > 1<<48 ||
+		c.blocks > math.MaxInt64/uint64(c.blockSize) {
 		return capacity{}, fmt.Errorf("%w: READ CAPACITY(16) reports %d blocks of %d bytes", ErrProtocol, c.blocks, c.blockSize)
 	}
 	return c, nil

@@ -1,13 +1,19 @@
 package iscsi
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/signal"
+	"path/filepath"
+	"runtime"
+	"runtime/debug"
 	"strconv"
 	"syscall"
 	"time"
@@ -21,6 +27,7 @@ import (
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
 
+	"github.com/ferry-dev/ferry/internal/childctl"
 	"github.com/ferry-dev/ferry/internal/logging"
 )
 
@@ -28,12 +35,9 @@ import (
 // dispatches on its "iscsi serve" arguments; test binaries on this variable.
 const childEnv = "FERRY_ISCSI_EXPORT_CHILD"
 
-// Inherited descriptors of an export child: the gate listener (bound in the
-// host namespace) and the pipe on which it reports readiness.
-const (
-	childListenerFD = 3
-	childReadyFD    = 4
-)
+// childListenerFD is the export child's inherited gate listener (bound in
+// the host namespace).
+const childListenerFD = 3
 
 // gotgtPort is where gotgt listens inside the child's private namespace.
 // gotgt binds every interface; there, that is loopback alone.
@@ -52,6 +56,7 @@ type childConfig struct {
 	Allow     []string `json:"allow"`
 	TLS       *GateTLS `json:"tls,omitempty"`
 	LogLevel  string   `json:"log_level"`
+	Control   string   `json:"control"` // the control socket the child serves once ready
 }
 
 // IsExportChild reports whether this process was started as an export child
@@ -65,14 +70,46 @@ func ServeChild() {
 	log := logging.For(zerolog.New(os.Stderr).With().Timestamp().Logger(), "iscsi-export-child")
 	if err := serveChild(log); err != nil {
 		log.Error().Err(err).Msg("export child failed")
-		ready := os.NewFile(childReadyFD, "ready")
-		fmt.Fprintf(ready, "error: %v\n", err)
 		os.Exit(1)
 	}
 	os.Exit(0)
 }
 
+// The export child's runtime settings. gotgt allocates about 3 MiB of
+// short-lived buffers per MiB it serves (per command and per Data-In PDU)
+// and its live heap is a few MiB: with the default GOGC the child spends
+// most of its CPU collecting, sweeping and refaulting freed pages. A high
+// GOGC with a memory limit collects rarely and still bounds the process.
+// gotgt hands every command to a new goroutine that waits on the
+// connection's lock, so processors beyond one per busy connection only
+// add wakeups and runtime lock contention: at most one per session of
+// ferry's initiator. (One processor costs the least CPU per byte but
+// stalls whenever the machine is loaded.) GOGC, GOMEMLIMIT and
+// FERRY_EXPORT_GOMAXPROCS in the environment override these (GOMAXPROCS
+// itself would reach the agent too).
+const (
+	childGCPercent   = 800
+	childMemoryLimit = 256 << 20
+	childMaxProcs    = 4
+	childProcsEnv    = "FERRY_EXPORT_GOMAXPROCS"
+)
+
+func tuneChildRuntime() {
+	if os.Getenv("GOGC") == "" {
+		debug.SetGCPercent(childGCPercent)
+	}
+	if os.Getenv("GOMEMLIMIT") == "" {
+		debug.SetMemoryLimit(childMemoryLimit)
+	}
+	procs := min(childMaxProcs, runtime.NumCPU())
+	if n, err := strconv.Atoi(os.Getenv(childProcsEnv)); err == nil && n > 0 {
+		procs = n
+	}
+	runtime.GOMAXPROCS(procs)
+}
+
 func serveChild(log zerolog.Logger) error {
+	tuneChildRuntime()
 	var cfg childConfig
 	if err := json.NewDecoder(io.LimitReader(os.Stdin, 1<<20)).Decode(&cfg); err != nil {
 		return fmt.Errorf("reading the export configuration from the parent: %w", err)
@@ -114,26 +151,71 @@ func serveChild(log zerolog.Logger) error {
 	if err := waitListening(gt.backend, 10*time.Second); err != nil {
 		return err
 	}
-	ready := os.NewFile(childReadyFD, "ready")
-	fmt.Fprintln(ready, "ready")
-	ready.Close()
-	log.Info().Str("portal", cfg.Portal).Msg("export serving")
-
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
 	signal.Ignore(syscall.SIGPIPE, syscall.SIGHUP)
+	// Answering the control socket is the readiness the parent waits for.
+	ctl, err := childctl.Listen(cfg.Control)
+	if err != nil {
+		_ = drv.Close()
+		return err
+	}
+	stop := make(chan string, 1)
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) {
+		childctl.Reply(w, childStatus{Pid: os.Getpid(), Portal: cfg.Portal, IQN: cfg.IQN}, nil)
+	})
+	mux.HandleFunc("POST /v1/shutdown", func(w http.ResponseWriter, r *http.Request) {
+		childctl.Reply(w, nil, nil)
+		select {
+		case stop <- "shutdown request":
+		default:
+		}
+	})
+	srv := childctl.Serve(ctl, mux)
+	defer func() {
+		srv.Close()
+		os.Remove(cfg.Control)
+	}()
+	log.Info().Str("portal", cfg.Portal).Msg("export serving")
+
 	errc := make(chan error, 1)
 	go func() { errc <- gt.serve() }()
+	var why string
 	select {
 	case s := <-sig:
-		log.Info().Str("signal", s.String()).Msg("export stopping")
-		gt.close()
-		_ = drv.Close()
-		return nil
+		why = s.String()
+	case why = <-stop:
 	case err := <-errc:
 		_ = drv.Close()
 		return err
 	}
+	log.Info().Str("by", why).Msg("export stopping")
+	gt.close()
+	_ = drv.Close()
+	return nil
+}
+
+// childStatus is what an export child reports on its control socket.
+type childStatus struct {
+	Pid    int    `json:"pid"`
+	Portal string `json:"portal"`
+	IQN    string `json:"iqn"`
+}
+
+// controlSocket is the control socket of the export in stateDir: inside it,
+// unless that path is too long for a unix socket.
+func controlSocket(stateDir string) string {
+	abs, err := filepath.Abs(stateDir)
+	if err != nil {
+		abs = stateDir
+	}
+	p := filepath.Join(abs, "control.sock")
+	if len(p) < 100 {
+		return p
+	}
+	sum := sha256.Sum256([]byte(abs))
+	return filepath.Join(os.TempDir(), "ferry-export-"+hex.EncodeToString(sum[:8])+".sock")
 }
 
 // loopbackOnly brings lo up and refuses to go on if the namespace has any

@@ -22,6 +22,12 @@ import (
 // segments cut per-PDU overhead on sequential reads.
 const ourMaxRecvDataSegment = 256 << 10
 
+// maxPendingNOPReplies bounds the NOP-Out answers waiting for the one
+// responder: an honest target has one ping outstanding at a time, so more
+// than this means a flood, and the session ends instead of queueing (each
+// answer echoes up to ourMaxRecvDataSegment bytes).
+const maxPendingNOPReplies = 8
+
 var (
 	errSessionDead = errors.New("iSCSI connection lost")
 	errCmdTimeout  = errors.New("iSCSI command timed out")
@@ -84,6 +90,7 @@ type session struct {
 	logoutCh  chan struct{}
 
 	readerDone chan struct{}
+	nopReplies chan *pdu    // NOP-Out answers to target pings, sent in order by nopResponder
 	lastRecv   atomic.Int64 // unix nanoseconds
 	// br batches header reads; large Data-In segments bypass its buffer
 	// and land straight in the task's (bufio reads directly when asked
@@ -294,11 +301,29 @@ func newSession(log zerolog.Logger, c net.Conn, p loginParams, lun uint64, timeo
 		nextITT: 1, tasks: make(map[uint32]*task), pings: make(map[uint32]chan struct{}),
 		windowCh: make(chan struct{}), deadCh: make(chan struct{}), logoutCh: make(chan struct{}),
 		readerDone: make(chan struct{}), br: bufio.NewReaderSize(c, 32<<10),
+		nopReplies: make(chan *pdu, maxPendingNOPReplies),
 	}
 	s.lastRecv.Store(time.Now().UnixNano())
 	go s.reader()
 	go s.keepalive()
+	go s.nopResponder()
 	return s
+}
+
+// nopResponder answers the target's pings, one at a time, until the session
+// ends: a single goroutine however many NOP-In the target sends.
+func (s *session) nopResponder() {
+	for {
+		select {
+		case <-s.deadCh:
+			return
+		case r := <-s.nopReplies:
+			if err := s.sendImmediate(r); err != nil {
+				s.kill(err)
+				return
+			}
+		}
+	}
 }
 
 // kill ends the session once; waiters see errSessionDead wrapping cause.
@@ -509,6 +534,13 @@ func (s *session) readOne(p *pdu) error {
 		if off < 0 || off+n > len(t.in) {
 			return fmt.Errorf("%w: Data-In at offset %d length %d for a %d-byte read", ErrProtocol, off, n, len(t.in))
 		}
+		// Login settled DataPDUInOrder and DataSequenceInOrder to Yes and
+		// ErrorRecoveryLevel to 0: data arrives once, in order. A PDU that
+		// repeats or skips bytes would otherwise count twice toward the
+		// length and complete a read whose buffer still has holes.
+		if n > 0 && off != t.got {
+			return fmt.Errorf("%w: %s: Data-In at offset %d, expected %d (duplicate, overlapping or out-of-order data)", ErrProtocol, t.op, off, t.got)
+		}
 		if _, err := io.ReadFull(s.br, t.in[off:off+n]); err != nil {
 			return err
 		}
@@ -560,11 +592,11 @@ func (s *session) readOne(p *pdu) error {
 			put32(r.bhs[16:20], reservedTag)
 			put32(r.bhs[20:24], p.ttt())
 			r.data = data
-			go func() {
-				if err := s.sendImmediate(r); err != nil {
-					s.kill(err)
-				}
-			}()
+			select {
+			case s.nopReplies <- r:
+			default:
+				return fmt.Errorf("%w: target sent more than %d pings (NOP-In) we could not answer yet", ErrProtocol, maxPendingNOPReplies)
+			}
 		}
 		return nil
 	case opReject:

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/rand"
 	"encoding/hex"
+	"fmt"
 	"io"
 	"os"
 	"os/exec"
@@ -12,6 +13,7 @@ import (
 	"testing"
 
 	"github.com/ferry-dev/ferry/blockdev"
+	"github.com/ferry-dev/ferry/internal/testenv"
 )
 
 // skipWithoutDMCrypt skips where device-mapper with dm-crypt is missing (the
@@ -21,13 +23,8 @@ func skipWithoutDMCrypt(t *testing.T) {
 	t.Helper()
 	needCryptsetup(t)
 	out, err := exec.Command("dmsetup", "targets").CombinedOutput()
-	if err == nil && bytes.Contains(out, []byte("crypt ")) && os.Geteuid() == 0 {
-		return
-	}
-	if os.Getenv("FERRY_IN_VM") != "" {
-		t.Fatalf("dm-crypt missing inside the VM: %v %s", err, out)
-	}
-	t.Skip("needs root and device-mapper with dm-crypt (this kernel lacks it): go test ./integration/vm runs this test in a VM")
+	testenv.Guest(t, fmt.Sprintf("root and device-mapper with dm-crypt (dmsetup targets: %v %s)", err, bytes.TrimSpace(out)),
+		err == nil && bytes.Contains(out, []byte("crypt ")) && os.Geteuid() == 0)
 }
 
 func mustRun(t *testing.T, name string, args ...string) string {

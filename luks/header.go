@@ -403,9 +403,12 @@ func parseMetadata(js []byte, bin binHeader, devSize int64) (Metadata, error) {
 		return fail("keyslots_size %d is not a multiple of 4096", m.Config.KeyslotsSize)
 	}
 	ksStart := 2 * hdrSize
-	ksEnd := ksStart + m.Config.KeyslotsSize
+	ksEnd := ksStart + m.Config.KeyslotsSize // both bounded above: cannot overflow
 	if ksEnd > devSize {
 		return fail("keyslots area [%d, %d) is outside the %d-byte device", ksStart, ksEnd, devSize)
+	}
+	if len(m.Keyslots) > maxKeyslots {
+		return fail("%d keyslots, cryptsetup allows at most %d", len(m.Keyslots), maxKeyslots)
 	}
 
 	type area struct {
@@ -417,8 +420,8 @@ func parseMetadata(js []byte, bin binHeader, devSize int64) (Metadata, error) {
 		if ks == nil {
 			return fail("keyslot %s is null", id)
 		}
-		if _, err := strconv.ParseUint(id, 10, 31); err != nil {
-			return fail("keyslot id %q is not a number", id)
+		if n, err := strconv.ParseUint(id, 10, 31); err != nil || n >= maxKeyslots {
+			return fail("keyslot id %q is not a number below %d (cryptsetup's keyslot limit)", id, maxKeyslots)
 		}
 		if ks.Area.Offset, err = parseU64("keyslot "+id+" area.offset", ks.Area.OffsetStr); err != nil {
 			return fail("%v", err)
@@ -429,16 +432,21 @@ func parseMetadata(js []byte, bin binHeader, devSize int64) (Metadata, error) {
 		if ks.KeySize <= 0 || ks.KeySize > 512 || ks.Area.KeySize <= 0 || ks.Area.KeySize > 512 {
 			return fail("keyslot %s key sizes %d/%d out of range", id, ks.KeySize, ks.Area.KeySize)
 		}
-		a := area{"keyslot " + id, ks.Area.Offset, ks.Area.Offset + ks.Area.Size}
-		if a.start < ksStart || a.end > ksEnd || a.start%512 != 0 {
-			return fail("keyslot %s area [%d, %d) is outside the keyslots area [%d, %d) or unaligned", id, a.start, a.end, ksStart, ksEnd)
+		// Compare sizes, never sums: offset+size of two 63-bit numbers can
+		// wrap negative and slip under the upper bound.
+		if ks.Area.Offset < ksStart || ks.Area.Offset > ksEnd || ks.Area.Size > ksEnd-ks.Area.Offset || ks.Area.Offset%512 != 0 {
+			return fail("keyslot %s area at %d of %d bytes is outside the keyslots area [%d, %d) or unaligned", id, ks.Area.Offset, ks.Area.Size, ksStart, ksEnd)
 		}
+		a := area{"keyslot " + id, ks.Area.Offset, ks.Area.Offset + ks.Area.Size}
 		if ks.Type == "luks2" {
 			if ks.AF.Stripes <= 0 || ks.AF.Stripes > 1<<20 {
 				return fail("keyslot %s has %d AF stripes", id, ks.AF.Stripes)
 			}
 			if int64(ks.KeySize)*int64(ks.AF.Stripes) > ks.Area.Size {
 				return fail("keyslot %s: %d-byte key × %d stripes does not fit its %d-byte area", id, ks.KeySize, ks.AF.Stripes, ks.Area.Size)
+			}
+			if err := checkKDFLimits(ks.KDF); err != nil {
+				return fail("keyslot %s: %v", id, err)
 			}
 		}
 		areas = append(areas, a)
@@ -480,12 +488,10 @@ func parseMetadata(js []byte, bin binHeader, devSize int64) (Metadata, error) {
 		if s.Offset < ksEnd && s.Offset != 0 {
 			return fail("segment %s starts at %d, inside the header and keyslots area (ends at %d)", id, s.Offset, ksEnd)
 		}
-		end := s.Offset + s.Size
-		if s.Size == 0 {
-			end = devSize
-		}
-		if s.Offset > devSize || end > devSize {
-			return fail("segment %s [%d, %d) is outside the %d-byte device", id, s.Offset, end, devSize)
+		// As for keyslot areas: compare the size with the room left, so a
+		// huge size cannot wrap offset+size below the device size.
+		if s.Offset > devSize || s.Size > devSize-s.Offset {
+			return fail("segment %s at %d of %d bytes is outside the %d-byte device", id, s.Offset, s.Size, devSize)
 		}
 	}
 	sort.Slice(areas, func(i, j int) bool { return areas[i].start < areas[j].start })
@@ -498,6 +504,9 @@ func parseMetadata(js []byte, bin binHeader, devSize int64) (Metadata, error) {
 	for id, d := range m.Digests {
 		if d == nil {
 			return fail("digest %s is null", id)
+		}
+		if d.Type == "pbkdf2" && (d.Iterations < minPBKDF2Iter || d.Iterations > maxCryptsetupIter) {
+			return fail("digest %s: pbkdf2 iterations %d outside cryptsetup's range [%d, %d]", id, d.Iterations, minPBKDF2Iter, maxCryptsetupIter)
 		}
 		for _, k := range d.Keyslots {
 			if m.Keyslots[k] == nil {

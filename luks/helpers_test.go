@@ -9,13 +9,13 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/ferry-dev/ferry/internal/testenv"
 )
 
 func needCryptsetup(t testing.TB) {
 	t.Helper()
-	if _, err := exec.LookPath("cryptsetup"); err != nil {
-		t.Skip("needs cryptsetup: apt-get install cryptsetup-bin (scripts/packages.txt)")
-	}
+	testenv.Tools(t, "apt-get install cryptsetup-bin (scripts/packages.txt)", "cryptsetup")
 }
 
 // newKeyFile writes a random 32-byte passphrase, hex-encoded like the key

@@ -5,7 +5,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 
@@ -78,18 +80,27 @@ func ParseCryptTable(line string) (CryptTable, error) {
 
 // CheckHeaderMatches reads the LUKS2 header on dev and refuses when it does
 // not describe the carried layout: another volume, another data offset,
-// sector size, cipher or key size, or a device whose size would give a
-// different plaintext size. It returns the plaintext size.
+// header or keyslots size, sector size, cipher or key size, a device whose
+// size would give a different plaintext size, or a keyslot dearer to open
+// than ferry's unlock budget. It returns the plaintext size.
 func CheckHeaderMatches(dev blockdev.Device, layout Layout) (int64, error) {
-	payload, err := CheckCompatible(layout, dev.Size())
-	if err != nil {
-		return 0, err
-	}
 	h, err := ReadHeader(dev, dev.Size())
 	if err != nil {
 		return 0, fmt.Errorf("reading the LUKS2 header: %w", err)
 	}
-	got, err := h.Layout(dev.Size())
+	return h.MatchLayout(layout, dev.Size())
+}
+
+// MatchLayout compares h, read from a device of deviceSize bytes, with the
+// layout carried from the source, and checks every keyslot that can open it
+// is within ferry's unlock budget. Callers run it before any unlock: the
+// header comes from the source, the layout from the replicated record.
+func (h *Header) MatchLayout(layout Layout, deviceSize int64) (int64, error) {
+	payload, err := CheckCompatible(layout, deviceSize)
+	if err != nil {
+		return 0, err
+	}
+	got, err := h.Layout(deviceSize)
 	if err != nil {
 		return 0, err
 	}
@@ -98,27 +109,75 @@ func CheckHeaderMatches(dev blockdev.Device, layout Layout) (int64, error) {
 	}
 	switch {
 	case layout.UUID != "" && got.UUID != layout.UUID:
-		return 0, mismatch("UUID", got.UUID, layout.UUID)
+		return 0, mismatch("UUID", esc(got.UUID), layout.UUID)
 	case got.DataOffset != layout.DataOffset:
 		return 0, mismatch("data offset", got.DataOffset, layout.DataOffset)
+	case layout.MetadataSize != 0 && got.MetadataSize != layout.MetadataSize:
+		return 0, mismatch("metadata size", got.MetadataSize, layout.MetadataSize)
+	case layout.KeyslotsSize != 0 && got.KeyslotsSize != layout.KeyslotsSize:
+		return 0, mismatch("keyslots size", got.KeyslotsSize, layout.KeyslotsSize)
 	case got.SectorSize != layout.SectorSize:
 		return 0, mismatch("sector size", got.SectorSize, layout.SectorSize)
 	case got.Cipher != layout.Cipher:
-		return 0, mismatch("cipher", got.Cipher, layout.Cipher)
+		return 0, mismatch("cipher", esc(got.Cipher), layout.Cipher)
 	case got.KeyBytes != layout.KeyBytes:
 		return 0, mismatch("key size", got.KeyBytes, layout.KeyBytes)
 	case got.PayloadSize != payload:
 		return 0, mismatch("plaintext size", got.PayloadSize, payload)
 	}
+	if err := h.CheckUnlockCost(); err != nil {
+		return 0, fmt.Errorf("the header on the device asks too much work to open: %w", err)
+	}
 	return payload, nil
+}
+
+// detachedHeader reads the header area of dev (both metadata copies and the
+// keyslots area, as the carried layout sizes them) once into memory, checks
+// it against layout and returns the bytes. cryptsetup then opens exactly
+// these bytes (--header), so a source serving a different header on a
+// second read cannot change what is unlocked.
+func detachedHeader(dev blockdev.Device, layout Layout) ([]byte, int64, error) {
+	if !validMetadataSize(layout.MetadataSize) || layout.KeyslotsSize < 0 || layout.KeyslotsSize > maxKeyslotsSize {
+		return nil, 0, fmt.Errorf("carried layout has metadata size %d and keyslots size %d: not a LUKS2 header area", layout.MetadataSize, layout.KeyslotsSize)
+	}
+	n := 2*layout.MetadataSize + layout.KeyslotsSize
+	if n > dev.Size() {
+		return nil, 0, fmt.Errorf("device of %d bytes is smaller than the %d-byte header area of the carried layout", dev.Size(), n)
+	}
+	b := make([]byte, n)
+	if _, err := dev.ReadAt(b, 0); err != nil {
+		return nil, 0, fmt.Errorf("reading the %d-byte LUKS2 header area: %w", n, err)
+	}
+	h, err := ReadHeader(prefixReader(b), dev.Size())
+	if err != nil {
+		return nil, 0, fmt.Errorf("reading the LUKS2 header: %w", err)
+	}
+	payload, err := h.MatchLayout(layout, dev.Size())
+	if err != nil {
+		return nil, 0, err
+	}
+	return b, payload, nil
+}
+
+// prefixReader is the start of a device held in memory; reads past it fail
+// rather than reach the device again.
+type prefixReader []byte
+
+func (p prefixReader) ReadAt(b []byte, off int64) (int, error) {
+	if off < 0 || off > int64(len(p)) || int64(len(b)) > int64(len(p))-off {
+		return 0, fmt.Errorf("read of %d bytes at %d is outside the %d-byte header area read once", len(b), off, len(p))
+	}
+	return copy(b, p[off:]), nil
 }
 
 // OpenKernel opens the plaintext view of the LUKS2 volume on block device
 // dev as /dev/mapper/<name> with `cryptsetup open --allow-discards`, after
 // checking the device's header against the carried layout, and checks the
 // resulting dm-crypt mapping starts at the carried data offset and has the
-// carried size. keyFile holds the passphrase (never logged). An existing
-// mapping of that name is adopted when it passes the same check.
+// carried size. cryptsetup reads the header from a private copy of the
+// bytes that were checked, never from dev again. keyFile holds the
+// passphrase (never logged). An existing mapping of that name is adopted
+// when it passes the same check.
 func OpenKernel(ctx context.Context, dev, name string, layout Layout, keyFile string) (string, error) {
 	if name == "" || strings.ContainsAny(name, " \t\n/") {
 		return "", fmt.Errorf("luks kernel open: name %q must be non-empty, without spaces or slashes", name)
@@ -131,15 +190,14 @@ func OpenKernel(ctx context.Context, dev, name string, layout Layout, keyFile st
 	if err != nil {
 		return "", fmt.Errorf("luks kernel open: %w", err)
 	}
-	payload, err := CheckHeaderMatches(d, layout)
+	hdr, payload, err := detachedHeader(d, layout)
 	d.Close()
 	if err != nil {
 		return "", fmt.Errorf("luks kernel open %s: %w", dev, err)
 	}
 	mapper := "/dev/mapper/" + name
 	if _, err := dmTable(ctx, name); err != nil {
-		args := []string{"open", "--type", "luks2", "--allow-discards", "--key-file", keyFile, dev, name}
-		if out, err := runQuiet(ctx, bin, args...); err != nil {
+		if out, err := cryptsetupWithHeader(ctx, bin, hdr, "open", "--type", "luks2", "--allow-discards", "--key-file", keyFile, dev, name); err != nil {
 			return "", fmt.Errorf("cryptsetup open %s as %s (is dm-crypt loaded? is the key right?): %w: %s", dev, name, err, out)
 		}
 	}
@@ -152,6 +210,22 @@ func OpenKernel(ctx context.Context, dev, name string, layout Layout, keyFile st
 		return "", fmt.Errorf("luks kernel open %s: %w (closed it again)", dev, err)
 	}
 	return mapper, nil
+}
+
+// cryptsetupWithHeader runs cryptsetup with --header pointing at a private
+// 0600 file holding hdr, removed when cryptsetup returns (an open mapping
+// does not need its header any more).
+func cryptsetupWithHeader(ctx context.Context, bin string, hdr []byte, action string, args ...string) (string, error) {
+	dir, err := os.MkdirTemp("", "ferry-luks-header-")
+	if err != nil {
+		return "", fmt.Errorf("temporary header folder: %w", err)
+	}
+	defer os.RemoveAll(dir)
+	path := filepath.Join(dir, "header")
+	if err := os.WriteFile(path, hdr, 0o600); err != nil {
+		return "", fmt.Errorf("writing the checked header copy: %w", err)
+	}
+	return runQuiet(ctx, bin, append([]string{action, "--header", path}, args...)...)
 }
 
 // checkMapping compares a live crypt table with the carried layout.

@@ -5,12 +5,14 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"fmt"
 	"os"
 	"os/exec"
 	"strings"
 	"testing"
 
 	"github.com/ferry-dev/ferry/blockdev"
+	"github.com/ferry-dev/ferry/internal/testenv"
 )
 
 func TestParseCryptTable(t *testing.T) {
@@ -120,13 +122,8 @@ func needDMCrypt(t *testing.T) {
 	t.Helper()
 	needCryptsetup(t)
 	out, err := exec.Command("dmsetup", "targets").CombinedOutput()
-	if err == nil && bytes.Contains(out, []byte("crypt ")) {
-		return
-	}
-	if os.Getenv("FERRY_IN_VM") != "" {
-		t.Fatalf("dm-crypt missing inside the VM: %v %s", err, out)
-	}
-	t.Skip("needs device-mapper with dm-crypt (this kernel lacks it): go test ./integration/vm runs this test in a VM")
+	testenv.Guest(t, fmt.Sprintf("device-mapper with dm-crypt (dmsetup targets: %v %s)", err, bytes.TrimSpace(out)),
+		err == nil && bytes.Contains(out, []byte("crypt ")))
 }
 
 func TestKernelOpenCarriedLayout(t *testing.T) {

@@ -2,7 +2,10 @@
 // opens the plaintext view of a volume.
 package luks
 
-import "fmt"
+import (
+	"fmt"
+	"math"
+)
 
 // Layout is the part of a LUKS2 header the target must honour to open the
 // source's volume: it travels in the migration record, because two workers
@@ -32,6 +35,12 @@ func (l Layout) Validate() error {
 		return fmt.Errorf("luks layout: cipher is empty")
 	case l.KeyBytes <= 0:
 		return fmt.Errorf("luks layout: key size %d bytes is not positive", l.KeyBytes)
+	case l.PayloadSize > math.MaxInt64-l.DataOffset:
+		// The layout travels in the migration record: a source could write
+		// sizes whose sum wraps negative and slips under every size check.
+		return fmt.Errorf("luks layout: data offset %d + payload size %d overflows", l.DataOffset, l.PayloadSize)
+	case l.MetadataSize < 0 || l.KeyslotsSize < 0:
+		return fmt.Errorf("luks layout: metadata size %d or keyslots size %d is negative", l.MetadataSize, l.KeyslotsSize)
 	}
 	return nil
 }

@@ -312,7 +312,14 @@ func FuzzReadHeader(f *testing.F) {
 			}
 			return
 		}
-		_ = h.LuksDumpText()
+		d := &Dump{Used: h.Used, Damaged: h.Damaged, Header: h}
+		for _, out := range []string{h.LuksDumpText(), d.Text("dev")} {
+			for _, r := range out {
+				if r < 0x20 && r != '\n' && r != '\t' || r >= 0x7f && r <= 0x9f {
+					t.Fatalf("printed header holds the control character %U:\n%q", r, out)
+				}
+			}
+		}
 		if l, err := h.Layout(size); err == nil {
 			if verr := l.Validate(); verr != nil {
 				t.Fatalf("Layout returned an invalid layout: %v", verr)

@@ -19,13 +19,97 @@ import (
 // ErrWrongPassphrase: no keyslot of the volume opens with the given passphrase.
 var ErrWrongPassphrase = errors.New("no keyslot opens with this passphrase (wrong key?)")
 
-// Limits that keep a hostile header from making Unlock allocate or spin
-// without bound; cryptsetup's own maxima are the same or smaller.
+// cryptsetup's limits (LUKS2_KEYSLOTS_MAX and crypt_pbkdf_get_limits): a
+// header outside them is one cryptsetup never writes or cannot open, so the
+// parser refuses it as corrupt.
 const (
-	maxArgonMemoryKiB = 4 << 20 // 4 GiB
-	maxArgonTime      = 1 << 16
-	maxPBKDF2Iter     = 1 << 31
+	maxKeyslots        = 32
+	minPBKDF2Iter      = 1000
+	maxCryptsetupIter  = 1<<31 - 1 // cryptsetup reads iterations as a JSON int32
+	minArgonTime       = 4
+	minArgonMemoryKiB  = 32
+	maxArgonMemoryKiB  = 4 << 20 // 4 GiB
+	maxArgonThreads    = 4
+	kdfSaltBytes       = 32 // LUKS_SALTSIZE
+	maxDigestBytes     = 1024
+	maxArgonMemLimited = 1 << 20 // 1 GiB: cryptsetup's default cap when it benchmarks
 )
+
+// Unlock's own work budget, below cryptsetup's limits: a hostile source
+// serves a header the target unlocks, so one keyslot must not cost the
+// target more than a header cryptsetup's benchmark makes on a fast machine
+// (2 s of pbkdf2, or at most 1 GiB of argon2 memory). An honest header from
+// a source with cryptsetup's defaults stays well inside it.
+const (
+	maxUnlockPBKDF2Iter = 1 << 26 // about 67 million
+	maxUnlockArgonWork  = 1 << 25 // time × memory in KiB passes: 32 GiB of memory passes
+)
+
+// checkKDFLimits refuses KDF parameters outside what cryptsetup accepts.
+func checkKDFLimits(k KDF) error {
+	if len(k.Salt) != kdfSaltBytes {
+		return fmt.Errorf("%s salt is %d bytes, cryptsetup's keyslots have %d", k.Type, len(k.Salt), kdfSaltBytes)
+	}
+	switch k.Type {
+	case "pbkdf2":
+		if k.Iterations < minPBKDF2Iter || k.Iterations > maxCryptsetupIter || k.Time != 0 || k.Memory != 0 || k.CPUs != 0 {
+			return fmt.Errorf("pbkdf2 iterations %d (time %d, memory %d, cpus %d) outside cryptsetup's limits: %d to %d iterations, no argon2 fields",
+				k.Iterations, k.Time, k.Memory, k.CPUs, minPBKDF2Iter, maxCryptsetupIter)
+		}
+	case "argon2i", "argon2id":
+		if k.Time < minArgonTime || k.Time > maxCryptsetupIter || k.Memory < minArgonMemoryKiB || k.Memory > maxArgonMemoryKiB ||
+			k.CPUs < 1 || k.CPUs > maxArgonThreads || k.Iterations != 0 || k.Hash != "" {
+			return fmt.Errorf("%s time=%d memory=%d KiB cpus=%d outside cryptsetup's limits (time >= %d, memory %d KiB to %d KiB, 1 to %d threads, no pbkdf2 fields)",
+				k.Type, k.Time, k.Memory, k.CPUs, minArgonTime, minArgonMemoryKiB, maxArgonMemoryKiB, maxArgonThreads)
+		}
+	default:
+		return fmt.Errorf("KDF %q is not one cryptsetup knows (pbkdf2, argon2i, argon2id)", k.Type)
+	}
+	return nil
+}
+
+// checkUnlockCost refuses a KDF dearer than Unlock's work budget.
+func checkUnlockCost(k KDF) error {
+	switch k.Type {
+	case "pbkdf2":
+		if k.Iterations > maxUnlockPBKDF2Iter {
+			return fmt.Errorf("pbkdf2 with %d iterations exceeds ferry's unlock budget of %d: re-add the keyslot with `cryptsetup luksConvertKey --pbkdf-force-iterations` below it", k.Iterations, maxUnlockPBKDF2Iter)
+		}
+	case "argon2i", "argon2id":
+		if k.Memory > maxArgonMemLimited || int64(k.Time)*int64(k.Memory) > maxUnlockArgonWork {
+			return fmt.Errorf("%s with time=%d memory=%d KiB exceeds ferry's unlock budget (memory <= %d KiB, time × memory <= %d): re-add the keyslot with `cryptsetup luksConvertKey` and smaller --pbkdf-memory/--pbkdf-force-iterations",
+				k.Type, k.Time, k.Memory, maxArgonMemLimited, maxUnlockArgonWork)
+		}
+	}
+	return nil
+}
+
+// CheckUnlockCost says whether every keyslot that could open the data
+// segment stays within Unlock's work budget. The kernel path calls it
+// before cryptsetup open, which has only cryptsetup's far higher limits.
+func (h *Header) CheckUnlockCost() error {
+	segID, _, err := h.DataSegment()
+	if err != nil {
+		return err
+	}
+	for _, dID := range sortedIDs(h.Meta.Digests) {
+		d := h.Meta.Digests[dID]
+		if !contains(d.Segments, segID) {
+			continue
+		}
+		if d.Iterations > maxUnlockPBKDF2Iter {
+			return fmt.Errorf("digest %s: pbkdf2 with %d iterations exceeds ferry's unlock budget of %d", dID, d.Iterations, maxUnlockPBKDF2Iter)
+		}
+		for _, kID := range d.Keyslots {
+			if ks := h.Meta.Keyslots[kID]; ks != nil {
+				if err := checkUnlockCost(ks.KDF); err != nil {
+					return fmt.Errorf("keyslot %s: %w", kID, err)
+				}
+			}
+		}
+	}
+	return nil
+}
 
 // VolumeKey is the key of a volume's data segment. Its bytes never appear in
 // printed, logged or marshalled output; use Bytes where the key is needed.
@@ -151,13 +235,19 @@ func deriveKey(k KDF, passphrase []byte, n int) ([]byte, error) {
 		if err != nil {
 			return nil, err
 		}
-		if k.Iterations < 1 || k.Iterations > maxPBKDF2Iter {
-			return nil, fmt.Errorf("pbkdf2 iterations %d out of range", k.Iterations)
+		if err := checkKDFLimits(k); err != nil {
+			return nil, err
+		}
+		if err := checkUnlockCost(k); err != nil {
+			return nil, err
 		}
 		return pbkdf2.Key(passphrase, k.Salt, k.Iterations, n, h), nil
 	case "argon2i", "argon2id":
-		if k.Time < 1 || k.Time > maxArgonTime || k.Memory < 8 || k.Memory > maxArgonMemoryKiB || k.CPUs < 1 || k.CPUs > 255 {
-			return nil, fmt.Errorf("%s parameters time=%d memory=%d KiB cpus=%d out of range", k.Type, k.Time, k.Memory, k.CPUs)
+		if err := checkKDFLimits(k); err != nil {
+			return nil, err
+		}
+		if err := checkUnlockCost(k); err != nil {
+			return nil, err
 		}
 		if k.Type == "argon2i" {
 			return argon2.Key(passphrase, k.Salt, uint32(k.Time), uint32(k.Memory), uint8(k.CPUs), uint32(n)), nil
@@ -212,10 +302,7 @@ func openKeyslot(r io.ReaderAt, ks *Keyslot, passphrase []byte) (*VolumeKey, err
 		return nil, fmt.Errorf("read keyslot area at %d: %w", ks.Area.Offset, err)
 	}
 	// The keyslot area is encrypted in 512-byte sectors, IV counted from the area start.
-	tw := make([]byte, 512)
-	for i := 0; i < readLen; i += 512 {
-		c.crypt(buf[i:i+512], uint64(i/512), tw, false)
-	}
+	c.cryptSectors(buf, buf, 512, 0, 1, false)
 	return &VolumeKey{b: afMerge(buf[:afLen], ks.KeySize, ks.AF.Stripes, afHash)}, nil
 }
 
@@ -259,8 +346,8 @@ func (d *Digest) verify(vk *VolumeKey) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	if d.Iterations < 1 || d.Iterations > maxPBKDF2Iter || len(d.Digest) == 0 || len(d.Digest) > 1024 {
-		return false, fmt.Errorf("digest parameters out of range")
+	if d.Iterations < minPBKDF2Iter || d.Iterations > maxUnlockPBKDF2Iter || len(d.Digest) == 0 || len(d.Digest) > maxDigestBytes {
+		return false, fmt.Errorf("digest parameters out of range (pbkdf2 iterations %d, %d-byte digest)", d.Iterations, len(d.Digest))
 	}
 	got := pbkdf2.Key(vk.b, d.Salt, d.Iterations, len(d.Digest), h)
 	return subtle.ConstantTimeCompare(got, d.Digest) == 1, nil

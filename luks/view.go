@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"runtime"
 	"sync"
+	"unsafe"
 
 	"github.com/ferry-dev/ferry/blockdev"
 )
@@ -117,6 +118,28 @@ func openView(dev blockdev.Device, layout Layout, key *VolumeKey) (*view, error)
 	return &view{dev: dev, c: c, off: layout.DataOffset, size: size, sector: int64(layout.SectorSize)}, nil
 }
 
+// OpenCarriedView opens the plaintext view of a volume whose header came
+// from another worker: it reads the header on dev, compares it with the
+// carried layout and checks its keyslots' cost BEFORE running any KDF, then
+// unlocks with passphrase and opens the view at the carried layout. A
+// source serving a different or a hostile header is refused without the
+// target spending work on it.
+func OpenCarriedView(dev blockdev.Device, layout Layout, passphrase []byte) (blockdev.Device, error) {
+	h, err := ReadHeader(dev, dev.Size())
+	if err != nil {
+		return nil, fmt.Errorf("reading the LUKS2 header: %w", err)
+	}
+	if _, err := h.MatchLayout(layout, dev.Size()); err != nil {
+		return nil, err
+	}
+	vk, err := h.Unlock(dev, passphrase)
+	if err != nil {
+		return nil, err
+	}
+	defer vk.Wipe()
+	return openView(dev, layout, vk)
+}
+
 // OpenHeaderView reads the header on dev, unlocks it with passphrase and
 // opens the view with the header's own layout: the one-call path for a
 // volume whose header is on the device itself.
@@ -159,18 +182,15 @@ func (v *view) iv(pos int64) uint64 { return v.ivBase + uint64(pos/ivUnit) }
 // several cores; below it the goroutine hand-off costs more than it saves.
 const parallelMin = 128 << 10
 
-// crypt en- or decrypts buf (whole sectors, plaintext offset pos) in place.
-func (v *view) crypt(buf []byte, pos int64, encrypt bool) {
-	do := func(b []byte, p int64) {
-		var tw [maxSector]byte
-		for i := int64(0); i < int64(len(b)); i += v.sector {
-			v.c.crypt(b[i:i+v.sector], v.iv(p+i), tw[:], encrypt)
-		}
-	}
-	n := int64(len(buf))
+// crypt en- or decrypts src (whole sectors at plaintext offset pos) into
+// dst, which is src itself or does not overlap it. Large requests are split
+// over the cores.
+func (v *view) crypt(dst, src []byte, pos int64, encrypt bool) {
+	step := uint64(v.sector / ivUnit)
+	n := int64(len(src))
 	workers := int64(runtime.GOMAXPROCS(0))
 	if n < parallelMin || workers < 2 {
-		do(buf, pos)
+		v.c.cryptSectors(dst, src, int(v.sector), v.iv(pos), step, encrypt)
 		return
 	}
 	chunk := (n/workers + v.sector - 1) / v.sector * v.sector
@@ -180,7 +200,7 @@ func (v *view) crypt(buf []byte, pos int64, encrypt bool) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			do(buf[start:end], pos+start)
+			v.c.cryptSectors(dst[start:end], src[start:end], int(v.sector), v.iv(pos+start), step, encrypt)
 		}()
 	}
 	wg.Wait()
@@ -190,12 +210,26 @@ func (v *view) getBuf(n int) []byte {
 	if b, ok := v.bufPool.Get().(*[]byte); ok && cap(*b) >= n {
 		return (*b)[:n]
 	}
-	return make([]byte, n)
+	return alignedBuf(n)
 }
 
-func (v *view) putBuf(b []byte) {
+// bufAlign keeps the view's buffers page-aligned, so that a device below
+// opened with O_DIRECT can take them as they are.
+const bufAlign = 4096
+
+func alignedBuf(n int) []byte {
+	b := make([]byte, n+bufAlign)
+	off := (bufAlign - int(uintptr(unsafe.Pointer(unsafe.SliceData(b)))%bufAlign)) % bufAlign
+	return b[off : off+n : off+n]
+}
+
+// putBuf returns b to the pool; plain says it may hold plaintext, which
+// must not linger in pooled memory (ciphertext may).
+func (v *view) putBuf(b []byte, plain bool) {
 	if cap(b) <= 4<<20 {
-		clear(b) // plaintext must not linger in pooled memory
+		if plain {
+			clear(b)
+		}
 		v.bufPool.Put(&b)
 	}
 }
@@ -230,7 +264,7 @@ func (v *view) ReadAt(p []byte, off int64) (int, error) {
 		return len(p), nil
 	}
 	buf := v.getBuf(int(end - start))
-	defer v.putBuf(buf)
+	defer v.putBuf(buf, true)
 	if err := v.readPlain(buf, start); err != nil {
 		return 0, err
 	}
@@ -243,7 +277,7 @@ func (v *view) readPlain(b []byte, pos int64) error {
 	if _, err := v.dev.ReadAt(b, v.off+pos); err != nil {
 		return fmt.Errorf("luks view: read %d bytes of ciphertext at %d: %w", len(b), v.off+pos, err)
 	}
-	v.crypt(b, pos, false)
+	v.crypt(b, b, pos, false)
 	return nil
 }
 
@@ -268,9 +302,14 @@ func (v *view) WriteAt(p []byte, off int64) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
+	// The ciphertext goes to a pooled buffer: p is the caller's and must
+	// keep its plaintext. Aligned writes encrypt straight from p into it.
 	buf := v.getBuf(int(end - start))
-	defer v.putBuf(buf)
-	if !aligned {
+	plain := !aligned // partial sectors are read as plaintext until encrypted
+	defer func() { v.putBuf(buf, plain) }()
+	if aligned {
+		v.crypt(buf, p, start, true)
+	} else {
 		// Only the first and last sectors are partial; read just those.
 		if err := v.readPlain(buf[:v.sector], start); err != nil {
 			return 0, err
@@ -281,9 +320,10 @@ func (v *view) WriteAt(p []byte, off int64) (int, error) {
 				return 0, err
 			}
 		}
+		copy(buf[off-start:], p)
+		v.crypt(buf, buf, start, true)
+		plain = false
 	}
-	copy(buf[off-start:], p)
-	v.crypt(buf, start, true)
 	if _, err := v.dev.WriteAt(buf, v.off+start); err != nil {
 		return 0, fmt.Errorf("luks view: write %d bytes of ciphertext at %d: %w", len(buf), v.off+start, err)
 	}

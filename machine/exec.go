@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+
+	"github.com/ferry-dev/ferry/internal/atomicfile"
 )
 
 // Exec runs machines as processes. Each machine's pid and start time live in
@@ -23,6 +25,7 @@ import (
 type Exec struct {
 	StateDir string
 	Log      zerolog.Logger
+	User     *User // who machines run as (nil: Nobody)
 }
 
 type procRef struct {
@@ -110,51 +113,55 @@ func (e *Exec) Start(ctx context.Context, s Spec) error {
 	if err := os.MkdirAll(e.dir(s.ID), 0o700); err != nil {
 		return fmt.Errorf("machine state dir: %w", err)
 	}
-	argv := s.Command
-	if s.NetNS != "" {
-		argv = append([]string{"nsenter", "--net=/run/netns/" + s.NetNS, "--"}, argv...)
+	user := e.User.orNobody()
+	dir := s.MountDir
+	if s.Dir != "" {
+		if dir, err = confined(s, "work_dir", s.Dir); err != nil {
+			return err
+		}
 	}
+	env, err := machineEnv(s)
+	if err != nil {
+		return err
+	}
+	if err := ownMount(s.MountDir, user); err != nil {
+		return err
+	}
+	argv := wrap(s.Command, s.NetNS, user)
 	logf, err := os.OpenFile(filepath.Join(e.dir(s.ID), "output.log"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
 	if err != nil {
 		return fmt.Errorf("machine log: %w", err)
 	}
 	defer logf.Close()
 	cmd := exec.Command(argv[0], argv[1:]...)
-	cmd.Dir = s.Dir
-	if cmd.Dir == "" {
-		cmd.Dir = s.MountDir
-	}
-	cmd.Env = append(os.Environ(), "FERRY_MACHINE_ID="+s.ID, "FERRY_VOLUME_DIR="+s.MountDir)
-	for k, v := range s.Env {
-		cmd.Env = append(cmd.Env, k+"="+v)
-	}
+	cmd.Dir = dir
+	cmd.Env = env
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true} // survives the agent
 	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("start machine %s (%s): %w", s.ID, argv[0], err)
+		return fmt.Errorf("start machine %s (%s): %w", s.ID, s.Command[0], err)
 	}
 	st, err := procStartTime(cmd.Process.Pid)
 	if err != nil {
 		return fmt.Errorf("machine %s exited at once: see %s", s.ID, filepath.Join(e.dir(s.ID), "output.log"))
 	}
 	// Record the process before relying on it (crash safety): write then rename.
-	tmp := filepath.Join(e.dir(s.ID), "pid.tmp")
-	if err := os.WriteFile(tmp, []byte(fmt.Sprintf("%d %s\n", cmd.Process.Pid, st)), 0o600); err != nil {
-		return fmt.Errorf("record machine pid: %w", err)
-	}
-	if err := os.Rename(tmp, filepath.Join(e.dir(s.ID), "pid")); err != nil {
+	if err := atomicfile.WriteFile(filepath.Join(e.dir(s.ID), "pid"), []byte(fmt.Sprintf("%d %s\n", cmd.Process.Pid, st)), 0o600); err != nil {
 		return fmt.Errorf("record machine pid: %w", err)
 	}
 	e.journal(s.ID, "start")
 	// Reap it when it exits while we are alive; after an agent restart init reaps it.
 	go cmd.Wait()
-	e.Log.Info().Str("machine", s.ID).Int("pid", cmd.Process.Pid).Msg("machine started")
+	e.Log.Info().Str("machine", s.ID).Int("pid", cmd.Process.Pid).Uint32("uid", user.UID).Uint32("gid", user.GID).Msg("machine started")
 	return nil
 }
 
 // Stop sends the kill signal, waits up to the kill timeout, then SIGKILLs.
 // It returns once the process is gone.
 func (e *Exec) Stop(ctx context.Context, s Spec) error {
+	if err := ValidateID(s.ID); err != nil {
+		return err
+	}
 	ref, err := e.readRef(s.ID)
 	if err != nil {
 		return err
@@ -208,6 +215,9 @@ func (e *Exec) markStopped(id string, ref *procRef) error {
 
 // Status reports whether the machine's process runs.
 func (e *Exec) Status(ctx context.Context, s Spec) (State, error) {
+	if err := ValidateID(s.ID); err != nil {
+		return "", err
+	}
 	ref, err := e.readRef(s.ID)
 	if err != nil {
 		return "", err
@@ -216,6 +226,27 @@ func (e *Exec) Status(ctx context.Context, s Spec) (State, error) {
 		return Running, nil
 	}
 	return Stopped, nil
+}
+
+// Running lists the machines whose recorded process is alive.
+func (e *Exec) Running(ctx context.Context) ([]string, error) {
+	ents, err := os.ReadDir(e.StateDir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("list machines in %s: %w", e.StateDir, err)
+	}
+	var out []string
+	for _, ent := range ents {
+		if !ent.IsDir() || ValidateID(ent.Name()) != nil {
+			continue
+		}
+		if ref, err := e.readRef(ent.Name()); err == nil && ref.alive() {
+			out = append(out, ent.Name())
+		}
+	}
+	return out, nil
 }
 
 // Interval is one period during which a machine ran on a worker.

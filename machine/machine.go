@@ -9,6 +9,7 @@ package machine
 import (
 	"context"
 	"fmt"
+	"path/filepath"
 	"regexp"
 	"syscall"
 	"time"
@@ -42,11 +43,18 @@ type Driver interface {
 	Status(ctx context.Context, s Spec) (State, error)
 }
 
+// Lister is a Driver that can name the machines it runs on this worker,
+// including ones no record mentions any more (the agent's fence stops
+// machines the store does not assign here).
+type Lister interface {
+	Running(ctx context.Context) ([]string, error)
+}
+
 var idRE = regexp.MustCompile(`^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$`)
 
 // ValidateID refuses machine ids that are not safe as file and namespace names.
 func ValidateID(id string) error {
-	if !idRE.MatchString(id) {
+	if !idRE.MatchString(id) || !filepath.IsLocal(id) {
 		return fmt.Errorf("machine id %q: use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit", id)
 	}
 	return nil
@@ -87,4 +95,13 @@ func (d ByKind) Start(ctx context.Context, s Spec) error { return d.pick(s).Star
 func (d ByKind) Stop(ctx context.Context, s Spec) error  { return d.pick(s).Stop(ctx, s) }
 func (d ByKind) Status(ctx context.Context, s Spec) (State, error) {
 	return d.pick(s).Status(ctx, s)
+}
+
+// Running lists what the exec driver runs; script machines cannot be listed
+// (ask Status with their spec).
+func (d ByKind) Running(ctx context.Context) ([]string, error) {
+	if l, ok := d.Exec.(Lister); ok {
+		return l.Running(ctx)
+	}
+	return nil, nil
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -28,8 +29,14 @@ func TestExecStartStopIdempotent(t *testing.T) {
 	if st, _ := e.Status(ctx, s); st != Running {
 		t.Fatalf("status %s, want running", st)
 	}
+	if ids, err := e.Running(ctx); err != nil || len(ids) != 1 || ids[0] != "m1" {
+		t.Fatalf("Running = %v, %v; want [m1]", ids, err)
+	}
 	if err := e.Stop(ctx, s); err != nil {
 		t.Fatal(err)
+	}
+	if ids, err := e.Running(ctx); err != nil || len(ids) != 0 {
+		t.Fatalf("Running after stop = %v, %v; want none", ids, err)
 	}
 	if st, _ := e.Status(ctx, s); st != Stopped {
 		t.Fatalf("status %s after stop, want stopped", st)
@@ -75,13 +82,12 @@ func TestRejectsBadInput(t *testing.T) {
 
 func TestScriptDriver(t *testing.T) {
 	dir := t.TempDir()
-	state := filepath.Join(dir, "state")
+	state := "state" // relative: scripts run in the machine's mount, as its user
 	write := func(name, body string) string {
-		p := filepath.Join(dir, name)
-		os.WriteFile(p, []byte("#!/bin/sh\n"+body+"\n"), 0o755)
-		return p
+		os.WriteFile(filepath.Join(dir, name), []byte("#!/bin/sh\n"+body+"\n"), 0o755)
+		return name
 	}
-	s := Spec{ID: "vm1", Script: &ScriptSpec{
+	s := Spec{ID: "vm1", MountDir: dir, Script: &ScriptSpec{
 		Start:  write("start", "echo running > "+state),
 		Stop:   write("stop", "echo stopped > "+state),
 		Status: write("status", "cat "+state+" 2>/dev/null || echo stopped"),
@@ -107,13 +113,80 @@ func TestScriptDriver(t *testing.T) {
 func TestByKindPicksScriptWhenNamed(t *testing.T) {
 	dir := t.TempDir()
 	marker := filepath.Join(dir, "started")
-	start := filepath.Join(dir, "start")
-	os.WriteFile(start, []byte("#!/bin/sh\ntouch "+marker+"\n"), 0o755)
+	os.WriteFile(filepath.Join(dir, "start"), []byte("#!/bin/sh\ntouch started\n"), 0o755)
 	d := ByKind{Exec: &Exec{StateDir: t.TempDir(), Log: zerolog.Nop()}, Script: Script{}}
-	if err := d.Start(context.Background(), Spec{ID: "vm", Script: &ScriptSpec{Start: start}}); err != nil {
+	if err := d.Start(context.Background(), Spec{ID: "vm", MountDir: dir, Script: &ScriptSpec{Start: "start"}}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Stat(marker); err != nil {
 		t.Fatal("the script driver did not run the start script")
+	}
+}
+
+// TestMachineRunsUnprivileged: the process runs as the configured user
+// (nobody by default) with no_new_privs, in its mount, with none of the
+// agent's environment.
+func TestMachineRunsUnprivileged(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("dropping to another user needs root")
+	}
+	t.Setenv("FERRY_AGENT_SECRET", "leaked")
+	mnt := t.TempDir()
+	e := &Exec{StateDir: t.TempDir(), Log: zerolog.Nop()}
+	s := Spec{ID: "m1", MountDir: mnt, KillTimeout: time.Second, Env: map[string]string{"APP": "yes"},
+		Command: []string{"sh", "-c", "id -u > out; id -g >> out; id -G >> out; grep NoNewPrivs /proc/self/status >> out; env > env; sleep 30"}}
+	ctx := context.Background()
+	if err := e.Start(ctx, s); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { e.Stop(ctx, s) })
+	var out, env []byte
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		out, _ = os.ReadFile(filepath.Join(mnt, "out"))
+		env, _ = os.ReadFile(filepath.Join(mnt, "env"))
+		if strings.Count(string(out), "\n") >= 4 && len(env) > 0 {
+			break
+		}
+	}
+	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+	if len(lines) != 4 || lines[0] != "65534" || lines[1] != "65534" || lines[2] != "65534" || !strings.HasSuffix(lines[3], "1") {
+		t.Fatalf("machine identity:\n%s", out)
+	}
+	if strings.Contains(string(env), "FERRY_AGENT_SECRET") || !strings.Contains(string(env), "APP=yes") ||
+		!strings.Contains(string(env), "FERRY_MACHINE_ID=m1") {
+		t.Fatalf("machine environment:\n%s", env)
+	}
+}
+
+// TestSpecPathsConfined: work_dir and script paths outside the machine's
+// mount are refused before anything runs.
+func TestSpecPathsConfined(t *testing.T) {
+	mnt := t.TempDir()
+	outside := filepath.Join(t.TempDir(), "ran")
+	e := &Exec{StateDir: t.TempDir(), Log: zerolog.Nop()}
+	for _, dir := range []string{"/", "..", "../x", "/etc"} {
+		s := Spec{ID: "m1", MountDir: mnt, Dir: dir, Command: []string{"touch", outside}}
+		if err := e.Start(context.Background(), s); err == nil {
+			e.Stop(context.Background(), s)
+			t.Fatalf("work_dir %q accepted", dir)
+		}
+	}
+	for _, p := range []string{"/bin/true", "../start", ""} {
+		s := Spec{ID: "vm", MountDir: mnt, Script: &ScriptSpec{Start: p}}
+		if err := (Script{}).Start(context.Background(), s); err == nil {
+			t.Fatalf("script %q accepted", p)
+		}
+	}
+	if _, err := os.Stat(outside); err == nil {
+		t.Fatal("a refused spec ran")
+	}
+	if _, err := ParseUser("65534:65534"); err != nil {
+		t.Fatal(err)
+	}
+	if u, err := ParseUser("root"); err != nil || u != (User{}) {
+		t.Fatalf("root: %+v %v", u, err)
+	}
+	if _, err := ParseUser("nobody"); err == nil {
+		t.Fatal("a user name was accepted where numbers are expected")
 	}
 }

@@ -4,14 +4,15 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"os"
 	"os/exec"
 	"strings"
 )
 
-// ScriptSpec names operator-supplied executables for a real hypervisor. Each
-// is run with FERRY_MACHINE_ID, FERRY_VOLUME_DIR and FERRY_NETNS set. Status
-// prints "running" or "stopped" on stdout.
+// ScriptSpec names executables for a real hypervisor, as paths relative to
+// the machine's mount (never outside it). Each runs as the machine's user
+// with no_new_privs, in the mount, with a clean environment holding
+// FERRY_MACHINE_ID, FERRY_VOLUME_DIR and FERRY_NETNS. Status prints
+// "running" or "stopped" on stdout.
 type ScriptSpec struct {
 	Start  string `json:"start"`
 	Stop   string `json:"stop"`
@@ -19,14 +20,34 @@ type ScriptSpec struct {
 }
 
 // Script drives machines through ScriptSpec executables.
-type Script struct{}
+type Script struct {
+	User *User // who the scripts run as (nil: Nobody)
+}
 
-func (Script) run(ctx context.Context, s Spec, path, what string) (string, error) {
+func (d Script) run(ctx context.Context, s Spec, path, what string) (string, error) {
 	if s.Script == nil || path == "" {
 		return "", fmt.Errorf("machine %s: script driver has no %s executable configured", s.ID, what)
 	}
-	cmd := exec.CommandContext(ctx, path)
-	cmd.Env = append(os.Environ(), "FERRY_MACHINE_ID="+s.ID, "FERRY_VOLUME_DIR="+s.MountDir, "FERRY_NETNS="+s.NetNS)
+	if err := ValidateID(s.ID); err != nil {
+		return "", err
+	}
+	if _, err := confined(s, what+" script", path); err != nil {
+		return "", err
+	}
+	env, err := machineEnv(s, "FERRY_NETNS="+s.NetNS)
+	if err != nil {
+		return "", err
+	}
+	user := d.User.orNobody()
+	if err := ownMount(s.MountDir, user); err != nil {
+		return "", err
+	}
+	// "./" + path: run from the mount the agent entered, so the script
+	// needs no access to the folders above it.
+	argv := wrap([]string{"./" + path}, "", user)
+	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
+	cmd.Dir = s.MountDir
+	cmd.Env = env
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	if err := cmd.Run(); err != nil {

@@ -116,3 +116,19 @@ func FuzzParse(f *testing.F) {
 		}
 	})
 }
+
+func TestParseFabricMember(t *testing.T) {
+	m, err := ParseFabricMember("w-a,0x0a,fd00:fe::a")
+	if err != nil || m.NS != "w-a" || m.HostID != 10 || m.Addr != netip.MustParseAddr("fd00:fe::a") {
+		t.Fatalf("ParseFabricMember = %+v, %v", m, err)
+	}
+	if m, err := ParseFabricMember("peer,0,fd00:fe::99"); err != nil || m.HostID != 0 {
+		t.Fatalf("peer: %+v, %v", m, err)
+	}
+	for _, bad := range []string{"", "a,1", "a,1,fd00::1,x", ",1,fd00::1", "../x,1,fd00::1", "a,-1,fd00::1",
+		"a,4294967296,fd00::1", "a,1,10.0.0.1", "a,1,::ffff:10.0.0.1", "a,1,nope"} {
+		if _, err := ParseFabricMember(bad); err == nil {
+			t.Errorf("ParseFabricMember(%q) accepted", bad)
+		}
+	}
+}

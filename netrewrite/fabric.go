@@ -7,6 +7,8 @@ import (
 	"hash/fnv"
 	"net"
 	"net/netip"
+	"strconv"
+	"strings"
 
 	"github.com/rs/zerolog"
 	"github.com/vishvananda/netlink"
@@ -31,6 +33,27 @@ type FabricMember struct {
 	NS     string     `json:"ns"`
 	HostID uint32     `json:"host_id,omitempty"`
 	Addr   netip.Addr `json:"addr"`
+}
+
+// ParseFabricMember reads "NS,HOSTID,FABRICADDR" (HOSTID in decimal or
+// 0x-hex, 0 for a plain peer), as `ferry net fabric --member` takes it.
+func ParseFabricMember(s string) (FabricMember, error) {
+	parts := strings.Split(s, ",")
+	if len(parts) != 3 {
+		return FabricMember{}, fmt.Errorf("fabric member %q: use NS,HOSTID,FABRICADDR (HOSTID 0 for a peer)", s)
+	}
+	if err := validNSName(parts[0]); err != nil {
+		return FabricMember{}, fmt.Errorf("fabric member %q: %w", s, err)
+	}
+	host, err := strconv.ParseUint(parts[1], 0, 32)
+	if err != nil {
+		return FabricMember{}, fmt.Errorf("fabric member %q: host id %q: give a 32-bit id in decimal or 0x-hex", s, parts[1])
+	}
+	a, err := netip.ParseAddr(parts[2])
+	if err != nil || !a.Is6() || a.Is4In6() {
+		return FabricMember{}, fmt.Errorf("fabric member %q: fabric address %q: give an IPv6 address", s, parts[2])
+	}
+	return FabricMember{NS: parts[0], HostID: uint32(host), Addr: a}, nil
 }
 
 func (f *Fabric) validate() error {

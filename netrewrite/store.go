@@ -14,6 +14,8 @@ import (
 
 	"github.com/rs/zerolog"
 	"github.com/vishvananda/netlink"
+
+	"github.com/ferry-dev/ferry/internal/atomicfile"
 )
 
 // Store keeps mapping records as one JSON file per old address in a
@@ -37,23 +39,7 @@ func (s Store) Put(m Mapping) error {
 	if err != nil {
 		return err
 	}
-	tmp, err := os.CreateTemp(s.Dir, ".mapping-*")
-	if err != nil {
-		return fmt.Errorf("mapping store: %w", err)
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(append(b, '\n')); err != nil {
-		tmp.Close()
-		return fmt.Errorf("mapping store: %w", err)
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return fmt.Errorf("mapping store: %w", err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("mapping store: %w", err)
-	}
-	if err := os.Rename(tmp.Name(), s.path(m.Old)); err != nil {
+	if err := atomicfile.WriteFile(s.path(m.Old), append(b, '\n'), 0o600); err != nil {
 		return fmt.Errorf("mapping store: %w", err)
 	}
 	return nil

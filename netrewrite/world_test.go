@@ -10,10 +10,11 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"os/exec"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/ferry-dev/ferry/internal/testenv"
 
 	"github.com/rs/zerolog"
 )
@@ -39,19 +40,13 @@ type world struct {
 
 func needRoot(t testing.TB) {
 	t.Helper()
-	if os.Geteuid() != 0 || CheckPrivileges() != nil {
-		t.Skip("needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN) for network namespaces")
-	}
-	if _, err := exec.LookPath("ip"); err != nil {
-		t.Skip("needs ip: apt-get install iproute2")
-	}
+	testenv.Require(t, "root (CAP_NET_ADMIN, CAP_SYS_ADMIN) for network namespaces", os.Geteuid() == 0 && CheckPrivileges() == nil)
+	testenv.Tools(t, "apt-get install iproute2", "ip")
 }
 
 func needNFT(t testing.TB) {
 	t.Helper()
-	if _, err := exec.LookPath("nft"); err != nil {
-		t.Skip("needs nft: apt-get install nftables")
-	}
+	testenv.Tools(t, "apt-get install nftables", "nft")
 }
 
 func randSuffix() string {

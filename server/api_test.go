@@ -3,6 +3,7 @@ package server_test
 import (
 	"bytes"
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -15,14 +16,14 @@ import (
 
 	"github.com/ferry-dev/ferry/api"
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/sealing"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
-	"github.com/ferry-dev/ferry/luks"
 	"github.com/ferry-dev/ferry/server"
 	"github.com/ferry-dev/ferry/server/servertest"
 )
 
-func layout() *luks.Layout {
-	return &luks.Layout{UUID: "u", DataOffset: 16 << 20, MetadataSize: 16384, KeyslotsSize: 16744448,
+func layout() *fsm.LUKSLayout {
+	return &fsm.LUKSLayout{UUID: "u", DataOffset: 16 << 20, MetadataSize: 16384, KeyslotsSize: 16744448,
 		SectorSize: 4096, Cipher: "aes-xts-plain64", KeyBytes: 64, PayloadSize: 32 << 20}
 }
 
@@ -49,7 +50,11 @@ func setupFleet(t *testing.T, c *servertest.Cluster) fleet {
 	}
 	_, err := f.src.CreateVolume(ctx, fsm.Volume{ID: "vol1", Worker: "w-src", Size: 48 << 20, State: fsm.VolCreated, Layout: layout()})
 	check(t, err)
-	_, err = f.src.CreateMachine(ctx, fsm.Machine{ID: "mach1", Worker: "w-src", Volume: "vol1", Network: 7, MachineNo: 1, State: fsm.MachineRunning, Addr6PN: "fdaa:0:7:0:1:0:1:0"})
+	// The target registers the volume it prepares (target_prepared names it).
+	_, err = f.dst.CreateVolume(ctx, fsm.Volume{ID: "vol1-dst", Worker: "w-dst", Size: 48 << 20, State: fsm.VolHydrating})
+	check(t, err)
+	// Machines (their specs) are written by operators only.
+	_, err = f.op.CreateMachine(ctx, fsm.Machine{ID: "mach1", Worker: "w-src", Volume: "vol1", Network: 7, MachineNo: 1, State: fsm.MachineRunning, Addr6PN: "fdaa:0:7:0:1:0:1:0"})
 	check(t, err)
 	m, err := f.op.CreateMigration(ctx, api.PlanRequest{ID: "m1", Machine: "mach1", Target: "w-dst"})
 	check(t, err)
@@ -57,6 +62,15 @@ func setupFleet(t *testing.T, c *servertest.Cluster) fleet {
 		t.Fatalf("planned migration: %+v", m)
 	}
 	return f
+}
+
+// prepared is the target_prepared payload naming the target's volume.
+func prepared() fsm.EventPayload { return fsm.EventPayload{TargetVolume: "vol1-dst"} }
+
+// exported is an export at the source's registered address with the
+// migration's IQN.
+func exported(mig string) fsm.EventPayload {
+	return fsm.EventPayload{Export: &fsm.Export{Portal: "127.0.0.1:3260", IQN: "iqn.2026-01.dev.ferry:ferry:" + mig}}
 }
 
 func check(t *testing.T, err error) {
@@ -135,9 +149,9 @@ func TestAPIRolesAndRefusals(t *testing.T) {
 	}
 
 	// Forward path up to cutover, then abort is refused naming the state.
-	propose(t, f.dst, fsm.EvTargetPrepared, "1", fsm.EventPayload{})
+	propose(t, f.dst, fsm.EvTargetPrepared, "1", prepared())
 	propose(t, f.src, fsm.EvSourceStopped, "2", fsm.EventPayload{})
-	propose(t, f.src, fsm.EvExported, "3", fsm.EventPayload{Export: &fsm.Export{Portal: "127.0.0.1:3260", IQN: "iqn.x:m1"}})
+	propose(t, f.src, fsm.EvExported, "3", exported("m1"))
 	propose(t, f.dst, fsm.EvCloneBuilt, "4", fsm.EventPayload{})
 	propose(t, f.dst, fsm.EvTrimmed, "5", fsm.EventPayload{})
 	propose(t, f.dst, fsm.EvCutover, "6", fsm.EventPayload{New6PN: "fdaa:0:7:0:2:0:1:0"})
@@ -151,31 +165,101 @@ func TestAPIRolesAndRefusals(t *testing.T) {
 	}
 }
 
-func TestAPIKeysOnlyForOwnerOrTarget(t *testing.T) {
+func TestAPIEnvelopesOnlyForOwnerOrTarget(t *testing.T) {
 	c := servertest.New(t, 1, servertest.Options{})
 	f := setupFleet(t, c)
 	ctx := context.Background()
-	key := bytes.Repeat([]byte{7}, 64)
-	if err := f.src.SetVolumeKey(ctx, "vol1", key); err != nil {
-		t.Fatal(err)
+	keys := map[string]*sealing.PrivateKey{}
+	for name, cl := range map[string]*api.Client{"w-src": f.src, "w-dst": f.dst, "w-other": f.other} {
+		k, err := sealing.Generate()
+		check(t, err)
+		keys[name] = k
+		_, err = cl.SetWorkerKey(ctx, name, k.Public())
+		check(t, err)
 	}
-	for _, cl := range []*api.Client{f.src, f.dst} {
-		got, err := cl.GetVolumeKey(ctx, "vol1")
-		if err != nil || !bytes.Equal(got, key) {
-			t.Fatalf("key: %v", err)
-		}
-	}
+	// A worker cannot register another worker's key, nor can an operator.
 	for _, cl := range []*api.Client{f.other, f.op} {
-		if _, err := cl.GetVolumeKey(ctx, "vol1"); api.ErrorCode(err) != fsm.CodeForbidden {
-			t.Fatalf("key leaked: %v", err)
+		if _, err := cl.SetWorkerKey(ctx, "w-src", keys["w-other"].Public()); api.ErrorCode(err) != fsm.CodeForbidden {
+			t.Fatalf("registered w-src's key: %v", err)
 		}
 	}
-	// No other reply carries the key.
-	for _, path := range []string{"/v1/volumes", "/v1/volumes/vol1", "/v1/migrations/m1", "/v1/migrations"} {
-		r := rawGet(t, c, "operator", path)
-		if strings.Contains(r.body, "BwcHBwcH") {
-			t.Fatalf("%s leaks the key: %s", path, r.body)
+	pass := bytes.Repeat([]byte{7}, 64)
+	owner, err := sealing.Seal(keys["w-src"].Public(), sealing.Binding{Volume: "vol1", Recipient: "w-src", Purpose: fsm.PurposeOwner}, pass, "test")
+	check(t, err)
+	rec, err := sealing.Seal(c.Recovery.Public(), sealing.Binding{Volume: "vol1", Recipient: fsm.RecoveryRecipient, Purpose: fsm.PurposeRecovery}, pass, "test")
+	check(t, err)
+	if _, err := f.src.PutEnvelopes(ctx, "vol1", []fsm.Envelope{owner}); api.ErrorCode(err) != fsm.CodeNoRecoveryKey {
+		t.Fatalf("owner envelope without a recovery envelope: %v", err)
+	}
+	if _, err := f.dst.PutEnvelopes(ctx, "vol1", []fsm.Envelope{owner, rec}); api.ErrorCode(err) != fsm.CodeForbidden {
+		t.Fatalf("a non-owner stored the owner envelope: %v", err)
+	}
+	_, err = f.src.PutEnvelopes(ctx, "vol1", []fsm.Envelope{owner, rec})
+	check(t, err)
+
+	before := c.Servers[0].Node().Store.Index()
+	e, err := f.src.GetEnvelope(ctx, "vol1", fsm.PurposeOwner, 0)
+	check(t, err)
+	got, err := sealing.Open(keys["w-src"], *e, sealing.Binding{Volume: "vol1", Recipient: "w-src", Purpose: fsm.PurposeOwner})
+	if err != nil || !bytes.Equal(got, pass) {
+		t.Fatalf("owner open: %v", err)
+	}
+	for _, cl := range []*api.Client{f.dst, f.other, f.op} {
+		if _, err := cl.GetEnvelope(ctx, "vol1", fsm.PurposeOwner, 0); api.ErrorCode(err) != fsm.CodeForbidden {
+			t.Fatalf("owner envelope leaked: %v", err)
 		}
+	}
+	if _, err := f.op.GetEnvelope(ctx, "vol1", fsm.PurposeRecovery, 0); err != nil {
+		t.Fatalf("operator reads the recovery envelope: %v", err)
+	}
+	if after := c.Servers[0].Node().Store.Index(); after != before {
+		t.Fatalf("envelope reads wrote to the log: index %d -> %d", before, after)
+	}
+
+	// The migration envelope: sealed by the source to the target only.
+	propose(t, f.dst, fsm.EvTargetPrepared, "1", fsm.EventPayload{TargetVolume: "vol1-dst", Layout: layout()})
+	toOther, err := sealing.Seal(keys["w-other"].Public(), sealing.Binding{Volume: "vol1", Recipient: "w-other", Purpose: fsm.PurposeMigration, Migration: "m1"}, pass, "test")
+	check(t, err)
+	toDst, err := sealing.Seal(keys["w-dst"].Public(), sealing.Binding{Volume: "vol1", Recipient: "w-dst", Purpose: fsm.PurposeMigration, Migration: "m1"}, pass, "test")
+	check(t, err)
+	if _, err := f.src.PutEnvelopes(ctx, "vol1", []fsm.Envelope{toDst}); api.ErrorCode(err) != fsm.CodeWrongState {
+		t.Fatalf("migration envelope before the source stopped: %v", err)
+	}
+	propose(t, f.src, fsm.EvSourceStopped, "2", fsm.EventPayload{Layout: layout()})
+	if _, err := f.src.PutEnvelopes(ctx, "vol1", []fsm.Envelope{toOther}); err == nil {
+		t.Fatal("migration envelope to a worker that is not the target")
+	}
+	_, err = f.src.PutEnvelopes(ctx, "vol1", []fsm.Envelope{toDst})
+	check(t, err)
+	e, err = f.dst.GetEnvelope(ctx, "vol1", fsm.PurposeMigration, 0)
+	check(t, err)
+	if got, err := sealing.Open(keys["w-dst"], *e, sealing.Binding{Volume: "vol1", Recipient: "w-dst", Purpose: fsm.PurposeMigration, Migration: "m1"}); err != nil || !bytes.Equal(got, pass) {
+		t.Fatalf("target open: %v", err)
+	}
+	for _, cl := range []*api.Client{f.src, f.other, f.op} {
+		if _, err := cl.GetEnvelope(ctx, "vol1", fsm.PurposeMigration, 0); api.ErrorCode(err) != fsm.CodeForbidden {
+			t.Fatalf("migration envelope leaked: %v", err)
+		}
+	}
+	// No other reply carries envelope bytes.
+	ct := base64.StdEncoding.EncodeToString(owner.Ciphertext[:48])
+	for _, path := range []string{"/v1/volumes", "/v1/volumes/vol1", "/v1/migrations/m1", "/v1/migrations", "/v1/volumes/vol1/envelopes", "/v1/workers"} {
+		r := rawGet(t, c, "operator", path)
+		if strings.Contains(r.body, ct) {
+			t.Fatalf("%s carries envelope bytes: %s", path, r.body)
+		}
+	}
+}
+
+func TestAPIVolumeNeedsRecoveryKey(t *testing.T) {
+	c := servertest.New(t, 1, servertest.Options{NoRecoveryKey: true})
+	ctx := context.Background()
+	w := c.Client("w-src", tlsutil.KindWorker)
+	_, err := w.RegisterWorker(ctx, fsm.Worker{Name: "w-src", HostID: 1}, time.Hour)
+	check(t, err)
+	_, err = w.CreateVolume(ctx, fsm.Volume{ID: "v", Worker: "w-src", Size: 1})
+	if api.ErrorCode(err) != fsm.CodeNoRecoveryKey || !strings.Contains(err.Error(), "ferry keys recovery-init") {
+		t.Fatalf("volume created without a recovery key: %v", err)
 	}
 }
 
@@ -209,7 +293,7 @@ func TestAPIBlockingQuery(t *testing.T) {
 	case <-time.After(300 * time.Millisecond):
 	}
 	proposedAt := time.Now()
-	propose(t, f.dst, fsm.EvTargetPrepared, "tp", fsm.EventPayload{})
+	propose(t, f.dst, fsm.EvTargetPrepared, "tp", prepared())
 	select {
 	case r := <-ch:
 		if r.err != nil || r.idx <= idx || r.ms[0].State != fsm.TargetPrepared || r.at.Before(proposedAt) {
@@ -298,7 +382,7 @@ func TestServerAbortsOnLeaseExpiry(t *testing.T) {
 	propose(t, f.src, fsm.EvSourceRestored, "sr", fsm.EventPayload{})
 
 	// Past cutover: stalled, never rolled back.
-	if _, err := f.dst.RegisterWorker(ctx, fsm.Worker{Name: "w-dst", HostID: 2}, time.Hour); err != nil {
+	if _, err := f.dst.RegisterWorker(ctx, fsm.Worker{Name: "w-dst", HostID: 2, Address: "127.0.0.1"}, time.Hour); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := f.op.CreateMigration(ctx, api.PlanRequest{ID: "m2", Machine: "mach1", Target: "w-dst"}); err != nil {
@@ -310,7 +394,10 @@ func TestServerAbortsOnLeaseExpiry(t *testing.T) {
 			cl = f.src
 		}
 		if ev == fsm.EvExported {
-			p.Export = &fsm.Export{Portal: "p:1", IQN: "iqn.x"}
+			p = exported("m2")
+		}
+		if ev == fsm.EvTargetPrepared {
+			p = prepared()
 		}
 		if _, err := cl.Propose(ctx, "m2", ev, fmt.Sprint("m2-", i), p); err != nil {
 			t.Fatalf("%s: %v", ev, err)

@@ -20,7 +20,7 @@ import (
 //
 //	go test -run '^$' -bench Commits3Node -benchtime 3000x -count 5 ./api
 func BenchmarkCommits3Node(b *testing.B) {
-	c := servertest.New(b, 3, servertest.Options{HeartbeatTimeout: time.Second})
+	c := servertest.New(b, 3, servertest.Options{HeartbeatTimeout: time.Second, WriteRate: -1}) // throughput, not the per-identity limit
 	cl := c.Client("w-bench", tlsutil.KindWorker)
 	if _, err := cl.RegisterWorker(context.Background(), fsm.Worker{Name: "w-bench"}, time.Hour); err != nil {
 		b.Fatal(err)
@@ -57,7 +57,7 @@ func BenchmarkCommits3Node(b *testing.B) {
 //
 //	go test -run '^$' -bench ProposeHTTP3Node -benchtime 2000x ./api
 func BenchmarkProposeHTTP3Node(b *testing.B) {
-	c := servertest.New(b, 3, servertest.Options{HeartbeatTimeout: time.Second})
+	c := servertest.New(b, 3, servertest.Options{HeartbeatTimeout: time.Second, WriteRate: -1}) // throughput, not the per-identity limit
 	cl := c.Client("w-bench", tlsutil.KindWorker)
 	ctx := context.Background()
 	if _, err := cl.RegisterWorker(ctx, fsm.Worker{Name: "w-bench"}, time.Hour); err != nil {
@@ -89,7 +89,7 @@ func BenchmarkProposeHTTP3Node(b *testing.B) {
 //
 //	go test -run '^$' -bench LeaderTakeover -benchtime 5x ./api
 func BenchmarkLeaderTakeover(b *testing.B) {
-	c := servertest.New(b, 3, servertest.Options{HeartbeatTimeout: time.Second})
+	c := servertest.New(b, 3, servertest.Options{HeartbeatTimeout: time.Second, WriteRate: -1}) // throughput, not the per-identity limit
 	cmd := func() []byte {
 		p, _ := fsm.Encode(fsm.CmdHeartbeat, &fsm.HeartbeatCmd{Header: fsm.Header{Actor: fsm.Identity{Name: "w-bench", Kind: fsm.KindWorker}, Now: time.Now().UTC()},
 			Name: "w-bench", LeaseTTL: time.Hour})

@@ -9,6 +9,7 @@ import (
 
 	"github.com/ferry-dev/ferry/api"
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/sealing"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
 	"github.com/ferry-dev/ferry/server"
 	"github.com/ferry-dev/ferry/server/servertest"
@@ -22,9 +23,9 @@ func TestClusterSurvivesLeaderLoss(t *testing.T) {
 	c := servertest.New(t, 3, servertest.Options{})
 	f := setupFleet(t, c)
 	ctx := context.Background()
-	propose(t, f.dst, fsm.EvTargetPrepared, "tp", fsm.EventPayload{})
+	propose(t, f.dst, fsm.EvTargetPrepared, "tp", prepared())
 	propose(t, f.src, fsm.EvSourceStopped, "ss", fsm.EventPayload{})
-	before := propose(t, f.src, fsm.EvExported, "ex", fsm.EventPayload{Export: &fsm.Export{Portal: "127.0.0.1:3260", IQN: "iqn.x:m1"}})
+	before := propose(t, f.src, fsm.EvExported, "ex", exported("m1"))
 	c.WaitConverged(10 * time.Second)
 
 	old := c.Leader()
@@ -40,7 +41,7 @@ func TestClusterSurvivesLeaderLoss(t *testing.T) {
 	if newLeader == old {
 		t.Fatal("the dead server still leads")
 	}
-	if m.State != fsm.CloneBuilt || !m.EnteredAt[fsm.Exported].Equal(before.EnteredAt[fsm.Exported]) || m.Export.IQN != "iqn.x:m1" {
+	if m.State != fsm.CloneBuilt || !m.EnteredAt[fsm.Exported].Equal(before.EnteredAt[fsm.Exported]) || m.Export.IQN != exported("m1").Export.IQN {
 		t.Fatalf("migration did not continue from where it was: %+v", m)
 	}
 	// The same step again (a client that never saw the reply): applied once.
@@ -104,7 +105,7 @@ func TestClusterRestartFromDisk(t *testing.T) {
 	c := servertest.New(t, 3, servertest.Options{SnapshotThreshold: 8})
 	f := setupFleet(t, c)
 	ctx := context.Background()
-	propose(t, f.dst, fsm.EvTargetPrepared, "tp", fsm.EventPayload{})
+	propose(t, f.dst, fsm.EvTargetPrepared, "tp", prepared())
 	for i := 0; i < 20; i++ { // enough entries for snapshots with threshold 8
 		if _, err := f.src.Heartbeat(ctx, "w-src", time.Hour); err != nil {
 			t.Fatal(err)
@@ -172,16 +173,30 @@ func TestFollowerForwardsWrites(t *testing.T) {
 	if _, err := w.CreateVolume(ctx, fsm.Volume{ID: "v", Worker: "w-src", Size: 1, State: fsm.VolCreated}); err != nil {
 		t.Fatal(err)
 	}
-	key := bytes.Repeat([]byte{9}, 32)
-	if err := w.SetVolumeKey(ctx, "v", key); err != nil {
+	wk, err := sealing.Generate()
+	if err != nil {
 		t.Fatal(err)
 	}
-	got, err := w.GetVolumeKey(ctx, "v")
-	if err != nil || !bytes.Equal(got, key) {
-		t.Fatalf("forwarded key request: %v", err)
+	if _, err := w.SetWorkerKey(ctx, "w-src", wk.Public()); err != nil {
+		t.Fatal(err)
 	}
-	if _, err := only("w-other", tlsutil.KindWorker).GetVolumeKey(ctx, "v"); api.ErrorCode(err) != fsm.CodeForbidden {
-		t.Fatalf("foreign key request through a follower: %v", err)
+	key := bytes.Repeat([]byte{9}, 32)
+	owner, _ := sealing.Seal(wk.Public(), sealing.Binding{Volume: "v", Recipient: "w-src", Purpose: fsm.PurposeOwner}, key, "test")
+	rec, _ := sealing.Seal(c.Recovery.Public(), sealing.Binding{Volume: "v", Recipient: fsm.RecoveryRecipient, Purpose: fsm.PurposeRecovery}, key, "test")
+	if _, err := w.PutEnvelopes(ctx, "v", []fsm.Envelope{owner, rec}); err != nil {
+		t.Fatal(err)
+	}
+	// A follower serves an envelope only for a read naming an index it applied.
+	idx := c.Servers[follower].Node().Store.Index()
+	e, err := w.GetEnvelope(ctx, "v", fsm.PurposeOwner, idx)
+	if err != nil {
+		t.Fatalf("envelope read on a follower: %v", err)
+	}
+	if got, err := sealing.Open(wk, *e, sealing.Binding{Volume: "v", Recipient: "w-src", Purpose: fsm.PurposeOwner}); err != nil || !bytes.Equal(got, key) {
+		t.Fatalf("open: %v", err)
+	}
+	if _, err := only("w-other", tlsutil.KindWorker).GetEnvelope(ctx, "v", fsm.PurposeOwner, idx); api.ErrorCode(err) != fsm.CodeForbidden {
+		t.Fatalf("foreign envelope request through a follower: %v", err)
 	}
 	if c.Servers[follower].Node().IsLeader() {
 		t.Log("leadership moved to the chosen follower during the test: part of it was not forwarded")

@@ -4,8 +4,6 @@ import (
 	"context"
 	"fmt"
 	"net"
-	"os"
-	"path/filepath"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -32,26 +30,13 @@ func StartDev(ctx context.Context, log zerolog.Logger, dataDir, tlsDir, listen s
 		Bootstrap: true, TLSDir: tlsDir, HeartbeatTimeout: 500 * time.Millisecond, ElectionTimeout: 500 * time.Millisecond})
 }
 
-// EnsureCerts creates a CA in dir if missing and issues each named
-// certificate (name -> kind: server, worker, operator) that does not exist yet.
+// EnsureCerts makes the development CA next to dir (tlsutil.DevCADir,
+// never inside it) if missing and issues into dir each named certificate
+// (name -> kind: server, worker, operator) that does not exist yet.
 func EnsureCerts(dir string, certs map[string]string) error {
-	if _, err := os.Stat(filepath.Join(dir, "ca.pem")); err != nil {
-		if err := tlsutil.InitCA(dir); err != nil {
-			return err
-		}
-	}
+	var list []tlsutil.Cert
 	for name, kind := range certs {
-		if c, _ := tlsutil.Files(dir, name); fileExists(c) {
-			continue
-		}
-		if err := tlsutil.Issue(dir, name, kind, nil); err != nil {
-			return err
-		}
+		list = append(list, tlsutil.Cert{Name: name, Kind: kind})
 	}
-	return nil
-}
-
-func fileExists(p string) bool {
-	_, err := os.Stat(p)
-	return err == nil
+	return tlsutil.EnsureDev(dir, list...)
 }

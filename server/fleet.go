@@ -20,10 +20,10 @@ func (s *Server) fleetRoutes(h func(string, func(http.ResponseWriter, *http.Requ
 	h("POST /v1/drains", s.handleDrain)
 	h("POST /v1/drains/plan", s.handlePlanDrain)
 	h("DELETE /v1/drains/{worker}", s.handleCancelDrain)
-	h("GET /v1/drains", func(w http.ResponseWriter, r *http.Request, _ fsm.Identity) {
+	h("GET /v1/drains", func(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
 		worker := r.URL.Query().Get("worker")
 		if idx, ok := s.block(w, r, s.store.DrainsIndex, s.store.Changed); ok {
-			writeIndexed(w, idx, s.store.Drains(worker))
+			writeIndexed(w, idx, s.store.ScopeOf(id).Drains(s.store.Drains(worker)))
 		}
 	})
 }
@@ -31,8 +31,7 @@ func (s *Server) fleetRoutes(h func(string, func(http.ResponseWriter, *http.Requ
 // Apply implements drainer.RaftApplier: the command is submitted (applied
 // here when leading) and the store's result returned.
 func (s *Server) Apply(ctx context.Context, typ fsm.CommandType, payload any) (*fsm.Result, error) {
-	res, _, err := s.submit(ctx, typ, payload)
-	return res, err
+	return s.submit(ctx, typ, payload)
 }
 
 // heartbeatWrite decides whether a beat must reach the log: when the lease
@@ -54,17 +53,16 @@ func (s *Server) handleHeartbeat(w http.ResponseWriter, r *http.Request, id fsm.
 		return
 	}
 	name := r.PathValue("name")
-	ttl := time.Duration(req.LeaseTTL)
-	if ttl <= 0 {
-		ttl = fsm.DefaultLeaseTTL
-	}
+	ttl := fsm.ClampLeaseTTL(time.Duration(req.LeaseTTL))
 	if err := req.Report.Validate(); err != nil {
 		// A bad report must not cost the worker its lease (a lapsed lease
 		// rolls its migrations back): the beat counts, the report does not.
 		s.log.Warn().Err(err).Str("worker", name).Msg("ignoring an invalid capacity report")
 		req.Report = nil
 	}
-	allowed := id.Kind == fsm.KindOperator || id.Kind == fsm.KindServer || id.Name == name
+	// The same rule as the log's: only that worker (or an operator) beats
+	// for it, so an answer from the replica reveals nothing to others.
+	allowed := id.Kind == fsm.KindOperator || (id.Kind == fsm.KindWorker && id.Name == name)
 	if wk, ok := s.store.Worker(name); ok && allowed && !heartbeatWrite(wk, req.Report, ttl, s.cfg.Now()) {
 		s.met.beatsAbsorbed.Inc()
 		writeJSON(w, http.StatusOK, wk)
@@ -73,7 +71,7 @@ func (s *Server) handleHeartbeat(w http.ResponseWriter, r *http.Request, id fsm.
 	// The lease written covers the TTL beyond the next write, which comes
 	// when half a TTL is left: a worker that stops beating loses its lease
 	// between TTL/2 and 3·TTL/2 after its last beat.
-	c := &fsm.HeartbeatCmd{Header: s.header(id), Name: name, LeaseTTL: ttl + ttl/2, Report: req.Report}
+	c := &fsm.HeartbeatCmd{Header: s.header(id), Name: name, LeaseTTL: fsm.ClampLeaseTTL(ttl + ttl/2), Report: req.Report}
 	if res := s.run(w, r.Context(), fsm.CmdHeartbeat, c); res != nil {
 		writeJSON(w, http.StatusOK, res.Worker)
 	}
@@ -107,6 +105,12 @@ func (s *Server) handleDrain(w http.ResponseWriter, r *http.Request, id fsm.Iden
 
 func (s *Server) handleCancelDrain(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
 	worker := r.PathValue("worker")
+	// Refused before the drains are looked at, so the answer tells no one
+	// else whether a worker is being drained.
+	if id.Kind != fsm.KindOperator {
+		writeErr(w, operatorsOnly(id, "cancel a drain"))
+		return
+	}
 	var running *fsm.Drain
 	for _, d := range s.store.Drains(worker) {
 		if d.State == fsm.DrainRunning {
@@ -121,6 +125,10 @@ func (s *Server) handleCancelDrain(w http.ResponseWriter, r *http.Request, id fs
 	if res := s.run(w, r.Context(), fsm.CmdDrainUpdate, c); res != nil {
 		writeJSON(w, http.StatusOK, res.Drain)
 	}
+}
+
+func operatorsOnly(id fsm.Identity, what string) *fsm.Refusal {
+	return &fsm.Refusal{Kind: fsm.RefuseForbidden, Code: fsm.CodeForbidden, Reason: id.String() + " may not " + what + " (operators only)"}
 }
 
 // leftOf lists what a drain leaves on its worker when it is cancelled.
@@ -153,6 +161,15 @@ func leftOf(st *fsm.Store, d *fsm.Drain) []fsm.DrainLeft {
 func (s *Server) handlePlanDrain(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
 	var req api.DrainRequest
 	if !readBody(w, r, &req) {
+		return
+	}
+	// A plan shows every worker's room and every machine of the source.
+	if id.Kind != fsm.KindOperator {
+		writeErr(w, operatorsOnly(id, "plan a drain"))
+		return
+	}
+	if ref := fsm.Validate(&fsm.DrainCmd{ID: "plan", Worker: req.Worker, Parallel: req.Parallel, Targets: req.Targets, BandwidthBPS: req.BandwidthBPS, Deadline: time.Duration(req.Deadline)}); ref != nil {
+		writeErr(w, ref)
 		return
 	}
 	start := time.Now()
@@ -194,24 +211,6 @@ func PlacementInput(st *fsm.Store, src fsm.Worker, machines []fsm.Machine, now t
 		in.Groups = drainer.Groups(st.Machines(""))
 	}
 	return in
-}
-
-// handleGetKey hands a volume's key to its owner from this replica (no log
-// entry: steady-state reads cost no raft write) and to anyone else through
-// the log, where a migration target's access is checked and recorded.
-func (s *Server) handleGetKey(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
-	if id.Kind == fsm.KindWorker {
-		if key, ok := s.store.OwnerKey(r.PathValue("id"), id.Name); ok {
-			defer clear(key)
-			w.Header().Set("Cache-Control", "no-store")
-			writeJSON(w, http.StatusOK, api.KeyBody{Key: key})
-			return
-		}
-	}
-	if res := s.run(w, r.Context(), fsm.CmdKeyAccess, &fsm.KeyAccessCmd{Header: s.header(id), ID: r.PathValue("id")}); res != nil {
-		w.Header().Set("Cache-Control", "no-store")
-		writeJSON(w, http.StatusOK, api.KeyBody{Key: res.Key})
-	}
 }
 
 type fleetMetrics struct {

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"net/url"
 	"strconv"
 	"time"
 
@@ -19,7 +18,7 @@ import (
 const (
 	defaultWait = 30 * time.Second
 	maxWait     = 5 * time.Minute
-	maxBody     = 1 << 20
+	maxBody     = 256 << 10 // the largest real body (4096 known-zero ranges) is ~150 KiB
 )
 
 func (s *Server) routes() http.Handler {
@@ -35,6 +34,13 @@ func (s *Server) routes() http.Handler {
 				writeErr(w, &fsm.Refusal{Kind: fsm.RefuseNotLeader, Code: fsm.CodeNoLeader, Reason: "this server is catching up with the cluster; retry or ask another server"})
 				return
 			}
+			if r.Method != http.MethodGet {
+				if ref := s.limits.allow(id); ref != nil {
+					writeErr(w, ref)
+					return
+				}
+				r.Body = http.MaxBytesReader(w, r.Body, maxBody)
+			}
 			fn(w, r, id)
 		})
 	}
@@ -46,55 +52,101 @@ func (s *Server) routes() http.Handler {
 		writeJSON(w, http.StatusOK, s.status()) // answers while catching up: it says so
 	})
 
-	h("GET /v1/workers", func(w http.ResponseWriter, r *http.Request, _ fsm.Identity) {
-		writeJSON(w, http.StatusOK, s.store.Workers())
+	h("GET /v1/workers", func(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
+		writeJSON(w, http.StatusOK, s.store.ScopeOf(id).Workers(s.store.Workers()))
 	})
-	h("GET /v1/workers/{name}", getOne("worker", "name", s.store.Worker))
+	h("GET /v1/workers/{name}", func(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
+		name := r.PathValue("name")
+		v, ok := s.store.Worker(name)
+		if !ok || !s.store.ScopeOf(id).CanReadWorker(name) {
+			writeErr(w, notFound("worker", name))
+			return
+		}
+		writeJSON(w, http.StatusOK, v)
+	})
 	h("POST /v1/workers", s.handleRegisterWorker)
 
-	h("GET /v1/volumes", s.listByWorker(func(w string) any { return s.store.Volumes(w) }))
+	h("GET /v1/volumes", s.listByWorker(func(sc *fsm.Scope, worker string) any { return sc.Volumes(s.store.Volumes(worker)) }))
 	h("POST /v1/volumes", s.handleCreateVolume)
-	h("GET /v1/volumes/{id}", getOne("volume", "id", s.store.Volume))
+	h("GET /v1/volumes/{id}", func(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
+		vid := r.PathValue("id")
+		v, ok := s.store.Volume(vid)
+		if !ok || !s.store.ScopeOf(id).CanReadVolume(vid) {
+			writeErr(w, notFound("volume", vid))
+			return
+		}
+		writeJSON(w, http.StatusOK, v)
+	})
 	h("PATCH /v1/volumes/{id}", s.handleUpdateVolume)
 	h("DELETE /v1/volumes/{id}", s.handleDestroyVolume)
-	h("PUT /v1/volumes/{id}/key", s.handleSetKey)
-	h("GET /v1/volumes/{id}/key", s.handleGetKey)
+	h("POST /v1/volumes/{id}/envelopes", s.handlePutEnvelopes)
+	h("GET /v1/volumes/{id}/envelopes", s.handleListEnvelopes)
+	h("GET /v1/volumes/{id}/envelopes/{purpose}", s.handleGetEnvelope)
+	h("PUT /v1/workers/{name}/key", s.handleSetWorkerKey)
+	h("GET /v1/keys/recovery", s.handleGetRecoveryKey)
+	h("PUT /v1/keys/recovery", s.handleSetRecoveryKey)
 
-	h("GET /v1/machines", s.listByWorker(func(w string) any { return s.store.Machines(w) }))
+	h("GET /v1/machines", s.listByWorker(func(sc *fsm.Scope, worker string) any { return sc.Machines(s.store.Machines(worker)) }))
 	h("POST /v1/machines", s.handleCreateMachine)
-	h("GET /v1/machines/{id}", getOne("machine", "id", s.store.Machine))
+	h("GET /v1/machines/{id}", func(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
+		mid := r.PathValue("id")
+		m, ok := s.store.Machine(mid)
+		sc := s.store.ScopeOf(id)
+		if !ok || !sc.CanReadMachine(mid) {
+			writeErr(w, notFound("machine", mid))
+			return
+		}
+		writeJSON(w, http.StatusOK, sc.Machine(m))
+	})
 	h("PATCH /v1/machines/{id}", s.handleUpdateMachine)
 
-	h("GET /v1/migrations", func(w http.ResponseWriter, r *http.Request, _ fsm.Identity) {
+	h("GET /v1/migrations", func(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
 		worker := r.URL.Query().Get("worker")
+		if sc := s.store.ScopeOf(id); !sc.All() {
+			// A worker watches its own migrations: the index of another
+			// worker's would tell it when they change.
+			worker = sc.Worker()
+		}
 		idx, ok := s.block(w, r, func() uint64 { return s.store.MigrationsIndex(worker) }, func() <-chan struct{} { return s.store.MigrationsChanged(worker) })
 		if ok {
-			writeIndexed(w, idx, s.store.Migrations(worker))
+			writeIndexed(w, idx, s.store.ScopeOf(id).Migrations(s.store.Migrations(worker)))
 		}
 	})
 	h("POST /v1/migrations", s.handlePlan)
-	h("GET /v1/migrations/{id}", func(w http.ResponseWriter, r *http.Request, _ fsm.Identity) {
-		id := r.PathValue("id")
-		idx, ok := s.block(w, r, func() uint64 { return s.store.MigrationIndex(id) }, s.store.Changed)
+	h("GET /v1/migrations/{id}", func(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
+		mid := r.PathValue("id")
+		if _, found := s.store.Migration(mid); found && !s.store.ScopeOf(id).CanReadMigration(mid) {
+			writeErr(w, notFound("migration", mid))
+			return
+		}
+		idx, ok := s.block(w, r, func() uint64 { return s.store.MigrationIndex(mid) }, s.store.Changed)
 		if !ok {
 			return
 		}
-		m, found := s.store.Migration(id)
-		if !found {
-			writeErr(w, notFound("migration", id))
+		m, found := s.store.Migration(mid)
+		if !found || !s.store.ScopeOf(id).CanReadMigration(mid) {
+			writeErr(w, notFound("migration", mid))
 			return
 		}
 		writeIndexed(w, idx, m)
 	})
 	h("POST /v1/migrations/{id}/events", s.handlePropose)
 	h("POST /v1/migrations/{id}/abort", s.handleAbort)
-	h("GET /v1/locks", func(w http.ResponseWriter, r *http.Request, _ fsm.Identity) {
-		writeJSON(w, http.StatusOK, s.store.Locks())
+	h("GET /v1/locks", func(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
+		sc := s.store.ScopeOf(id)
+		locks := s.store.Locks()
+		for name, holder := range locks {
+			if !sc.CanReadLock(holder) {
+				delete(locks, name)
+			}
+		}
+		writeJSON(w, http.StatusOK, locks)
 	})
 
-	h("POST /v1/internal/apply", s.handleInternalApply)
 	h("POST /v1/internal/join", s.handleJoin)
 	h("DELETE /v1/servers/{id}", s.handleRemoveServer)
+	h("GET /v1/certs/revoked", s.handleListRevoked)
+	h("POST /v1/certs/revoked", s.handleRevoke)
 	s.fleetRoutes(h)
 	metrics := s.metricsHandler()
 	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, r *http.Request) {
@@ -138,6 +190,10 @@ func writeIndexed(w http.ResponseWriter, idx uint64, v any) {
 // writeErr sends err as the JSON error body with the status of its kind;
 // an error that is not a refusal is an internal failure.
 func writeErr(w http.ResponseWriter, err error) {
+	var nl *notLeaderError
+	if errors.As(err, &nl) && nl.leaderAPI != "" {
+		w.Header().Set(api.LeaderHeader, nl.leaderAPI)
+	}
 	var ref *fsm.Refusal
 	if !errors.As(err, &ref) {
 		ref = &fsm.Refusal{Kind: fsm.RefuseInternal, Code: fsm.CodeInternal, Reason: err.Error()}
@@ -145,11 +201,27 @@ func writeErr(w http.ResponseWriter, err error) {
 	writeJSON(w, StatusOf(ref.Kind), api.ErrorBody{Error: ref})
 }
 
+// readBody decodes a request body strictly: one JSON value of known
+// fields, nothing after it, at most maxBody bytes. An empty body is the
+// zero value.
 func readBody(w http.ResponseWriter, r *http.Request, v any) bool {
 	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBody))
 	dec.DisallowUnknownFields()
-	if err := dec.Decode(v); err != nil && !errors.Is(err, io.EOF) {
-		writeErr(w, &fsm.Refusal{Kind: fsm.RefuseInvalid, Code: fsm.CodeInvalid, Reason: "request body: " + err.Error()})
+	err := dec.Decode(v)
+	if errors.Is(err, io.EOF) {
+		return true
+	}
+	if err == nil {
+		if _, terr := dec.Token(); !errors.Is(terr, io.EOF) {
+			err = errors.New("trailing data after the JSON value")
+		}
+	}
+	if err != nil {
+		ref := &fsm.Refusal{Kind: fsm.RefuseInvalid, Code: fsm.CodeInvalid, Reason: "request body: " + err.Error()}
+		if _, tooBig := errors.AsType[*http.MaxBytesError](err); tooBig {
+			ref.Reason = fmt.Sprintf("request body exceeds %d bytes", maxBody)
+		}
+		writeErr(w, ref)
 		return false
 	}
 	return true
@@ -206,7 +278,7 @@ func min2(a, b time.Duration) time.Duration {
 // run submits a command and writes the refusal, if any; it returns the
 // result only when the command was applied.
 func (s *Server) run(w http.ResponseWriter, ctx context.Context, typ fsm.CommandType, payload any) *fsm.Result {
-	res, key, err := s.submit(ctx, typ, payload)
+	res, err := s.submit(ctx, typ, payload)
 	if err != nil {
 		writeErr(w, err)
 		return nil
@@ -215,7 +287,6 @@ func (s *Server) run(w http.ResponseWriter, ctx context.Context, typ fsm.Command
 		writeErr(w, res.Refusal)
 		return nil
 	}
-	res.Key = key
 	return res
 }
 
@@ -224,7 +295,7 @@ func (s *Server) handleRegisterWorker(w http.ResponseWriter, r *http.Request, id
 	if !readBody(w, r, &req) {
 		return
 	}
-	if res := s.run(w, r.Context(), fsm.CmdRegisterWorker, &fsm.RegisterWorkerCmd{Header: s.header(id), Worker: req.Worker, LeaseTTL: time.Duration(req.LeaseTTL)}); res != nil {
+	if res := s.run(w, r.Context(), fsm.CmdRegisterWorker, &fsm.RegisterWorkerCmd{Header: s.header(id), Worker: req.Worker, LeaseTTL: fsm.ClampLeaseTTL(time.Duration(req.LeaseTTL))}); res != nil {
 		writeJSON(w, http.StatusOK, res.Worker)
 	}
 }
@@ -232,6 +303,10 @@ func (s *Server) handleRegisterWorker(w http.ResponseWriter, r *http.Request, id
 func (s *Server) handleCreateVolume(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
 	var v fsm.Volume
 	if !readBody(w, r, &v) {
+		return
+	}
+	if ref := s.needRecoveryKey(); ref != nil {
+		writeErr(w, ref)
 		return
 	}
 	if res := s.run(w, r.Context(), fsm.CmdCreateVolume, &fsm.CreateVolumeCmd{Header: s.header(id), Volume: v}); res != nil {
@@ -260,16 +335,6 @@ func (s *Server) handleDestroyVolume(w http.ResponseWriter, r *http.Request, id 
 		}
 	}
 	if res := s.run(w, r.Context(), fsm.CmdDestroyVolume, &fsm.DestroyVolumeCmd{Header: s.header(id), ID: r.PathValue("id"), Retention: ret}); res != nil {
-		writeJSON(w, http.StatusOK, res.Volume)
-	}
-}
-
-func (s *Server) handleSetKey(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
-	var k api.KeyBody
-	if !readBody(w, r, &k) {
-		return
-	}
-	if res := s.run(w, r.Context(), fsm.CmdSetVolumeKey, &fsm.SetVolumeKeyCmd{Header: s.header(id), ID: r.PathValue("id"), Key: k.Key}); res != nil {
 		writeJSON(w, http.StatusOK, res.Volume)
 	}
 }
@@ -303,7 +368,7 @@ func (s *Server) handlePlan(w http.ResponseWriter, r *http.Request, id fsm.Ident
 	if p.ID == "" {
 		p.ID = api.NewStepID("mig-")
 	}
-	c := &fsm.PlanCmd{Header: s.header(id), ID: p.ID, Machine: p.Machine, Target: p.Target, StepID: p.StepID}
+	c := &fsm.PlanCmd{Header: s.header(id), ID: p.ID, Machine: p.Machine, Target: p.Target, StepID: p.StepID, MaxDowntime: time.Duration(p.MaxDowntime)}
 	if res := s.run(w, r.Context(), fsm.CmdPlan, c); res != nil {
 		writeJSON(w, http.StatusCreated, res.Migration)
 	}
@@ -318,10 +383,11 @@ func (s *Server) handlePropose(w http.ResponseWriter, r *http.Request, id fsm.Id
 	// Only the replicated part of a progress report enters the log: a
 	// backend's detail must not become part of the log format.
 	p.Payload.Progress = p.Payload.Progress.Replicated()
-	// A progress update that Apply would drop never reaches the log.
-	if p.Event == fsm.EvProgress {
+	// A progress update that Apply would drop never reaches the log; the
+	// leader decides (followers redirect every write).
+	if p.Event == fsm.EvProgress && s.node.IsLeader() {
 		if m, ok := s.store.Migration(mid); ok && m.State != "" && len(fsm.RolesOf(id, m)) > 0 &&
-			p.Payload.Progress != nil && !fsm.ProgressDue(m, p.Payload.Progress, p.Payload.Milestone, s.cfg.Now()) {
+			p.Payload.Progress != nil && !fsm.ProgressDue(m, p.Payload.Progress, s.cfg.Now()) {
 			writeJSON(w, http.StatusOK, api.ProposeReply{Migration: m, Ignored: true})
 			return
 		}
@@ -343,31 +409,6 @@ func (s *Server) handleAbort(w http.ResponseWriter, r *http.Request, id fsm.Iden
 	}
 }
 
-// handleInternalApply applies a command another server forwarded. Only
-// server certificates may call it; the actor inside the command was set by
-// the forwarding server from its own caller's certificate.
-func (s *Server) handleInternalApply(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
-	if id.Kind != fsm.KindServer {
-		writeErr(w, &fsm.Refusal{Kind: fsm.RefuseForbidden, Code: fsm.CodeForbidden, Reason: "only servers may forward commands"})
-		return
-	}
-	b, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
-	if err != nil {
-		writeErr(w, &fsm.Refusal{Kind: fsm.RefuseInvalid, Code: fsm.CodeInvalid, Reason: err.Error()})
-		return
-	}
-	if !s.node.IsLeader() {
-		writeErr(w, &fsm.Refusal{Kind: fsm.RefuseNotLeader, Code: fsm.CodeNoLeader, Reason: "this server is no longer the leader; retry"})
-		return
-	}
-	res, err := s.node.Apply(b, 10*time.Second)
-	if err != nil {
-		writeErr(w, &fsm.Refusal{Kind: fsm.RefuseNotLeader, Code: fsm.CodeNoLeader, Reason: err.Error()})
-		return
-	}
-	writeJSON(w, http.StatusOK, api.ApplyReply{Result: res, Key: res.Key})
-}
-
 func (s *Server) handleJoin(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
 	if id.Kind != fsm.KindServer {
 		writeErr(w, &fsm.Refusal{Kind: fsm.RefuseForbidden, Code: fsm.CodeForbidden, Reason: "only servers may join"})
@@ -381,19 +422,12 @@ func (s *Server) handleJoin(w http.ResponseWriter, r *http.Request, id fsm.Ident
 		writeErr(w, &fsm.Refusal{Kind: fsm.RefuseForbidden, Code: fsm.CodeForbidden, Reason: fmt.Sprintf("certificate %s may not join as %s", id.Name, j.ID)})
 		return
 	}
+	if r := fsm.Validate(&fsm.RegisterServerCmd{Member: fsm.ServerMember{ID: j.ID, RaftAddr: j.RaftAddr, APIAddr: j.APIAddr}}); r != nil {
+		writeErr(w, r)
+		return
+	}
 	if !s.node.IsLeader() {
-		leaderID, _ := s.node.Leader()
-		for _, m := range s.store.Servers() {
-			if m.ID == leaderID && m.ID != s.cfg.ID {
-				if err := s.post(r.Context(), m.APIAddr, "/v1/internal/join", j, nil); err != nil {
-					writeErr(w, err)
-					return
-				}
-				writeJSON(w, http.StatusOK, struct{}{})
-				return
-			}
-		}
-		writeErr(w, &fsm.Refusal{Kind: fsm.RefuseNotLeader, Code: fsm.CodeNoLeader, Reason: "no leader known yet; retry"})
+		writeErr(w, s.notLeader())
 		return
 	}
 	if err := s.node.AddVoter(j.ID, j.RaftAddr, 10*time.Second); err != nil {
@@ -408,26 +442,19 @@ func (s *Server) handleJoin(w http.ResponseWriter, r *http.Request, id fsm.Ident
 }
 
 // handleRemoveServer removes a voter (a dead server being replaced).
-// Operators may call it; a follower forwards it to the leader.
+// Operators may call it; a follower redirects them to the leader.
 func (s *Server) handleRemoveServer(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
-	if id.Kind != fsm.KindOperator && id.Kind != fsm.KindServer {
+	if id.Kind != fsm.KindOperator {
 		writeErr(w, &fsm.Refusal{Kind: fsm.RefuseForbidden, Code: fsm.CodeForbidden, Reason: "only operators may remove servers"})
 		return
 	}
 	target := r.PathValue("id")
+	if ref := fsm.CheckID("server", target); ref != nil {
+		writeErr(w, ref)
+		return
+	}
 	if !s.node.IsLeader() {
-		leaderID, _ := s.node.Leader()
-		for _, m := range s.store.Servers() {
-			if m.ID == leaderID && m.ID != s.cfg.ID {
-				if err := s.do(r.Context(), http.MethodDelete, m.APIAddr, "/v1/servers/"+url.PathEscape(target)); err != nil {
-					writeErr(w, err)
-					return
-				}
-				writeJSON(w, http.StatusOK, struct{}{})
-				return
-			}
-		}
-		writeErr(w, &fsm.Refusal{Kind: fsm.RefuseNotLeader, Code: fsm.CodeNoLeader, Reason: "no leader known yet; retry"})
+		writeErr(w, s.notLeader())
 		return
 	}
 	if target == s.cfg.ID {
@@ -444,25 +471,13 @@ func (s *Server) handleRemoveServer(w http.ResponseWriter, r *http.Request, id f
 	}
 }
 
-// getOne serves the registry record named by a path parameter.
-func getOne[T any](kind, param string, get func(string) (T, bool)) func(http.ResponseWriter, *http.Request, fsm.Identity) {
-	return func(w http.ResponseWriter, r *http.Request, _ fsm.Identity) {
-		v, ok := get(r.PathValue(param))
-		if !ok {
-			writeErr(w, notFound(kind, r.PathValue(param)))
-			return
-		}
-		writeJSON(w, http.StatusOK, v)
-	}
-}
-
 // listByWorker serves a registry collection (?worker= filters) as a
-// blocking query on the store's index.
-func (s *Server) listByWorker(list func(worker string) any) func(http.ResponseWriter, *http.Request, fsm.Identity) {
-	return func(w http.ResponseWriter, r *http.Request, _ fsm.Identity) {
+// blocking query on the store's index, cut to what the caller may read.
+func (s *Server) listByWorker(list func(sc *fsm.Scope, worker string) any) func(http.ResponseWriter, *http.Request, fsm.Identity) {
+	return func(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
 		worker := r.URL.Query().Get("worker")
 		if idx, ok := s.block(w, r, s.store.Index, s.store.Changed); ok {
-			writeIndexed(w, idx, list(worker))
+			writeIndexed(w, idx, list(s.store.ScopeOf(id), worker))
 		}
 	}
 }

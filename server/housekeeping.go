@@ -21,16 +21,17 @@ type StoreView interface {
 	Worker(name string) (fsm.Worker, bool)
 	ActiveMigrations() []*fsm.Migration
 	Volumes(worker string) []fsm.Volume
-	Collectable(cutoff time.Time, limit int) (migrations, drains []string)
+	Collectable(now time.Time, retention time.Duration) bool
 }
 
-// DefaultRetention is how long finished migrations and drains stay in the
-// state (status, audit) before housekeeping collects them.
-const DefaultRetention = 72 * time.Hour
+// DefaultGCRetention is how long a terminal migration or a destroyed volume
+// stays readable (status, audits) before housekeeping deletes it.
+const DefaultGCRetention = 7 * 24 * time.Hour
 
 // housekeeper is the leader's periodic work: it registers this server's API
 // address, completes released migrations, aborts or flags migrations whose
-// workers lost their lease, and destroys volumes whose retention passed.
+// workers lost their lease, destroys volumes whose retention passed and
+// deletes records that ended more than the GC retention ago.
 // It needs only a proposer and a store view, so it is tested without raft.
 type housekeeper struct {
 	self     fsm.ServerMember // this server as it must appear in the store
@@ -38,11 +39,10 @@ type housekeeper struct {
 	store    StoreView
 	now      func() time.Time
 	interval time.Duration
+	gc       time.Duration // retention of ended records (0: never collected)
 	log      zerolog.Logger
 
-	retention   time.Duration // 0: DefaultRetention
-	lastCollect time.Time
-	since       time.Time // when this server became leader
+	since time.Time // when this server became leader
 }
 
 // leaseGrace is how long a new leader waits before it acts on an expired
@@ -119,31 +119,10 @@ func (h *housekeeper) reconcile(ctx context.Context) {
 			h.apply(ctx, fsm.CmdDestroyVolume, &fsm.DestroyVolumeCmd{Header: h.header(), ID: v.ID})
 		}
 	}
-	h.collect(ctx, now)
-}
-
-// collect deletes finished migrations and drains past their retention, a
-// batch at a time, so the state (and the leader's memory) does not grow with
-// the history. Once a minute is enough: the batch is large.
-func (h *housekeeper) collect(ctx context.Context, now time.Time) {
-	if now.Sub(h.lastCollect) < time.Minute {
-		return
-	}
-	h.lastCollect = now
-	ret := h.retention
-	if ret <= 0 {
-		ret = DefaultRetention
-	}
-	for range 16 { // at most 16 entries a minute
-		migs, drains := h.store.Collectable(now.Add(-ret), 4096)
-		if len(migs) == 0 && len(drains) == 0 {
-			return
-		}
-		if err := h.propose.Propose(ctx, fsm.CmdCollect, &fsm.CollectCmd{Header: h.header(), Migrations: migs, Drains: drains}); err != nil {
-			h.log.Warn().Err(err).Msg("collecting finished records refused")
-			return
-		}
-		h.log.Info().Int("migrations", len(migs)).Int("drains", len(drains)).Msg("collected finished records past their retention")
+	// The store picks what is old enough from the command's time, so every
+	// replica deletes the same records; proposed only when there is some.
+	if h.gc > 0 && h.store.Collectable(now, h.gc) {
+		h.apply(ctx, fsm.CmdGC, &fsm.GCCmd{Header: h.header(), Retention: h.gc})
 	}
 }
 
@@ -160,7 +139,7 @@ func (h *housekeeper) apply(ctx context.Context, typ fsm.CommandType, payload an
 // Propose implements Proposer for the housekeeper: the command is submitted
 // (applied here when leading) and a refusal is returned as the error.
 func (s *Server) Propose(ctx context.Context, typ fsm.CommandType, payload any) error {
-	res, _, err := s.submit(ctx, typ, payload)
+	res, err := s.submit(ctx, typ, payload)
 	if err != nil {
 		return err
 	}
@@ -172,8 +151,8 @@ func (s *Server) Propose(ctx context.Context, typ fsm.CommandType, payload any) 
 func (s *Server) leaderLoop(ctx context.Context) {
 	h := &housekeeper{
 		self:    fsm.ServerMember{ID: s.cfg.ID, RaftAddr: s.node.RaftAddr(), APIAddr: s.apiURL},
-		propose: s, store: s.store, now: s.cfg.Now, interval: s.cfg.ReconcileInterval,
-		log: s.log.With().Str("loop", "housekeeping").Logger(), retention: s.cfg.Retention,
+		propose: s, store: s.store, now: s.cfg.Now, interval: s.cfg.ReconcileInterval, gc: s.cfg.GCRetention,
+		log: s.log.With().Str("loop", "housekeeping").Logger(),
 	}
 	dr := drainer.New(drainer.Config{Self: s.cfg.ID, Batch: s.cfg.DrainBatch, Now: s.cfg.Now, Logger: s.log}, s, s.store)
 	leading := func(ctx context.Context) {

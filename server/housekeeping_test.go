@@ -17,6 +17,7 @@ type fakeView struct {
 	workers    map[string]fsm.Worker
 	migrations []*fsm.Migration
 	volumes    []fsm.Volume
+	garbage    bool // what Collectable answers
 }
 
 func (v *fakeView) Servers() []fsm.ServerMember { return v.servers }
@@ -24,11 +25,9 @@ func (v *fakeView) Worker(n string) (fsm.Worker, bool) {
 	w, ok := v.workers[n]
 	return w, ok
 }
-func (v *fakeView) ActiveMigrations() []*fsm.Migration { return v.migrations }
-func (v *fakeView) Volumes(string) []fsm.Volume        { return v.volumes }
-func (v *fakeView) Collectable(time.Time, int) ([]string, []string) {
-	return nil, nil
-}
+func (v *fakeView) ActiveMigrations() []*fsm.Migration        { return v.migrations }
+func (v *fakeView) Volumes(string) []fsm.Volume               { return v.volumes }
+func (v *fakeView) Collectable(time.Time, time.Duration) bool { return v.garbage }
 
 type recorder struct{ cmds []any }
 
@@ -91,6 +90,17 @@ func TestHousekeeperReconcile(t *testing.T) {
 	h.reconcile(context.Background())
 	if len(rec.cmds) != 0 {
 		t.Fatalf("idle reconcile proposed %d commands", len(rec.cmds))
+	}
+
+	// Ended records past the retention: one GC command, by this server.
+	view.garbage = true
+	h.gc = time.Hour
+	h.reconcile(context.Background())
+	if len(rec.cmds) != 1 {
+		t.Fatalf("gc reconcile proposed %d commands", len(rec.cmds))
+	}
+	if c, ok := rec.cmds[0].(*fsm.GCCmd); !ok || c.Retention != time.Hour || c.Actor.Kind != fsm.KindServer {
+		t.Fatalf("gc reconcile proposed %+v", rec.cmds[0])
 	}
 }
 

@@ -18,6 +18,8 @@ var (
 	descLeader     = prometheus.NewDesc("ferry_raft_leader", "1 when this server is the raft leader.", nil, nil)
 	descIndex      = prometheus.NewDesc("ferry_raft_applied_index", "Last applied raft index.", nil, nil)
 	descWorkers    = prometheus.NewDesc("ferry_workers_alive", "Workers with a valid lease.", nil, nil)
+	descMachines   = prometheus.NewDesc("ferry_machines", "Machines by recorded state (failed: crashed too often, not restarted).", []string{"state"}, nil)
+	descCrashes    = prometheus.NewDesc("ferry_machine_crashes", "Recent crashes of each machine that crashed, as its worker recorded them.", []string{"machine"}, nil)
 )
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
@@ -26,6 +28,8 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- descLeader
 	ch <- descIndex
 	ch <- descWorkers
+	ch <- descMachines
+	ch <- descCrashes
 }
 
 func (c *collector) Collect(ch chan<- prometheus.Metric) {
@@ -47,6 +51,16 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		}
 	}
 	ch <- prometheus.MustNewConstMetric(descWorkers, prometheus.GaugeValue, float64(alive))
+	machines := map[fsm.MachineState]int{fsm.MachineRunning: 0, fsm.MachineStopped: 0, fsm.MachineFailed: 0}
+	for _, m := range c.s.store.Machines("") {
+		machines[m.State]++
+		if m.Crashes > 0 {
+			ch <- prometheus.MustNewConstMetric(descCrashes, prometheus.GaugeValue, float64(m.Crashes), m.ID)
+		}
+	}
+	for st, n := range machines {
+		ch <- prometheus.MustNewConstMetric(descMachines, prometheus.GaugeValue, float64(n), string(st))
+	}
 }
 
 func (s *Server) metricsHandler() http.Handler {

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -50,9 +51,13 @@ type Node struct {
 	log   zerolog.Logger
 	trans *raft.NetworkTransport
 	bolt  *raftboltdb.BoltStore
+	logs  *shredStore
+	purge chan struct{} // a volume was destroyed: snapshot and compact
+	done  chan struct{}
+	stop  sync.Once
 }
 
-// ErrNotLeader says this node cannot apply; the caller forwards or retries.
+// ErrNotLeader says this node cannot apply; the caller redirects the writer to the leader or retries.
 var ErrNotLeader = errors.New("this server is not the raft leader")
 
 // NewNode opens (or creates) the node's durable state and starts raft.
@@ -87,10 +92,18 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 	if err != nil {
 		return nil, fmt.Errorf("opening raft log %s: %w (is another ferry server using this data dir?)", filepath.Join(cfg.DataDir, "raft.db"), err)
 	}
-	snaps, err := raft.NewFileSnapshotStoreWithLogger(cfg.DataDir, 2, rc.Logger)
+	// One snapshot is retained: an older one would keep the envelopes of
+	// destroyed volumes on disk after the purge snapshot replaced it. A
+	// snapshot is complete on disk before the previous one is removed.
+	snaps, err := raft.NewFileSnapshotStoreWithLogger(cfg.DataDir, 1, rc.Logger)
 	if err != nil {
 		bolt.Close()
 		return nil, fmt.Errorf("opening snapshots in %s: %w", cfg.DataDir, err)
+	}
+	logs, err := openShredStore(bolt, filepath.Join(cfg.DataDir, "logkeys.json"))
+	if err != nil {
+		bolt.Close()
+		return nil, err
 	}
 	stream, err := newStreamLayer(cfg.RaftAddr, cfg.ServerTLS, cfg.ClientTLS)
 	if err != nil {
@@ -101,7 +114,7 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 		Stream: stream, MaxPool: 3, Timeout: 10 * time.Second, Logger: rc.Logger,
 	})
 	store := fsm.NewStore(cfg.Logger)
-	existing, err := raft.HasExistingState(bolt, bolt, snaps)
+	existing, err := raft.HasExistingState(logs, bolt, snaps)
 	if err != nil {
 		trans.Close()
 		bolt.Close()
@@ -109,20 +122,65 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 	}
 	if cfg.Bootstrap && !existing {
 		conf := raft.Configuration{Servers: []raft.Server{{ID: rc.LocalID, Address: trans.LocalAddr()}}}
-		if err := raft.BootstrapCluster(rc, bolt, bolt, snaps, trans, conf); err != nil {
+		if err := raft.BootstrapCluster(rc, logs, bolt, snaps, trans, conf); err != nil {
 			trans.Close()
 			bolt.Close()
 			return nil, fmt.Errorf("bootstrapping cluster: %w", err)
 		}
 		log.Info().Str("addr", string(trans.LocalAddr())).Msg("bootstrapped a new cluster")
 	}
-	r, err := raft.NewRaft(rc, raftFSM{store}, bolt, bolt, snaps, trans)
+	purge := make(chan struct{}, 1)
+	r, err := raft.NewRaft(rc, raftFSM{s: store, purge: purge}, logs, bolt, snaps, trans)
 	if err != nil {
 		trans.Close()
 		bolt.Close()
 		return nil, fmt.Errorf("starting raft: %w", err)
 	}
-	return &Node{Store: store, Raft: r, id: cfg.ID, log: log, trans: trans, bolt: bolt}, nil
+	n := &Node{Store: store, Raft: r, id: cfg.ID, log: log, trans: trans, bolt: bolt, logs: logs, purge: purge, done: make(chan struct{})}
+	go n.purgeLoop()
+	return n, nil
+}
+
+// purgeLoop snapshots and compacts the log after a volume is destroyed,
+// on every server, so the destroyed volume's envelopes leave the log and
+// the snapshots instead of staying until the next routine snapshot.
+func (n *Node) purgeLoop() {
+	for {
+		select {
+		case <-n.done:
+			return
+		case <-n.purge:
+		}
+		if err := n.Purge(); err != nil {
+			n.log.Warn().Err(err).Msg("snapshot after a volume was destroyed failed; the next routine snapshot compacts the log")
+		}
+	}
+}
+
+// Purge starts a new log key epoch, takes a snapshot and compacts the
+// whole log up to it (no trailing entries kept: followers that lag catch
+// up from the snapshot); the compacted entries' key is then destroyed.
+func (n *Node) Purge() error {
+	if err := n.logs.Rotate(); err != nil {
+		return fmt.Errorf("rotating the log key: %w", err)
+	}
+	rc := n.Raft.ReloadableConfig()
+	keep := rc.TrailingLogs
+	rc.TrailingLogs = 0
+	if err := n.Raft.ReloadConfig(rc); err != nil {
+		return fmt.Errorf("lowering trailing logs: %w", err)
+	}
+	defer func() {
+		rc.TrailingLogs = keep
+		if err := n.Raft.ReloadConfig(rc); err != nil {
+			n.log.Warn().Err(err).Msg("restoring trailing logs after a purge")
+		}
+	}()
+	if err := n.Raft.Snapshot().Error(); err != nil && !errors.Is(err, raft.ErrNothingNewToSnapshot) {
+		return fmt.Errorf("snapshot: %w", err)
+	}
+	n.log.Info().Msg("log compacted after a volume was destroyed")
+	return nil
 }
 
 // ID is the node's server ID.
@@ -205,13 +263,23 @@ func (n *Node) WaitLeader(timeout time.Duration) error {
 }
 
 // raftFSM adapts the store, which knows nothing of raft, to raft.FSM.
-type raftFSM struct{ s *fsm.Store }
+type raftFSM struct {
+	s     *fsm.Store
+	purge chan<- struct{}
+}
 
 func (f raftFSM) Apply(l *raft.Log) any {
 	if l.Type != raft.LogCommand {
 		return nil
 	}
-	return f.s.ApplyCommand(l.Index, l.Data)
+	res := f.s.ApplyCommand(l.Index, l.Data)
+	if res.Refusal == nil && res.Volume != nil && res.Volume.State == fsm.VolDestroyed {
+		select {
+		case f.purge <- struct{}{}:
+		default: // a purge is already pending
+		}
+	}
+	return res
 }
 
 func (f raftFSM) Snapshot() (raft.FSMSnapshot, error) {
@@ -231,6 +299,7 @@ func (r raftSnapshot) Release()                             { r.sn.Release() }
 
 // Close stops raft and releases the data directory.
 func (n *Node) Close() error {
+	n.stop.Do(func() { close(n.done) })
 	err := n.Raft.Shutdown().Error()
 	n.trans.Close()
 	if cerr := n.bolt.Close(); err == nil {
@@ -268,6 +337,64 @@ func newStreamLayer(addr string, server, client *tls.Config) (*streamLayer, erro
 }
 
 func (s *streamLayer) Addr() net.Addr { return s.advertise }
+
+// raftHandshakeTimeout bounds how long an accepted raft connection may take
+// to finish its TLS handshake: the raft port is reachable before any
+// authentication, and raft serves each connection in its own goroutine
+// forever, so a peer that connects and says nothing must be dropped.
+var raftHandshakeTimeout = 10 * time.Second
+
+// Accept hands raft connections whose TLS handshake has a deadline. The
+// handshake itself runs on the connection's first read (in raft's goroutine
+// for it), so one slow peer does not hold up accepting the others.
+func (s *streamLayer) Accept() (net.Conn, error) {
+	c, err := s.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	tc, ok := c.(*tls.Conn)
+	if !ok {
+		return c, nil
+	}
+	if err := tc.SetDeadline(time.Now().Add(raftHandshakeTimeout)); err != nil {
+		tc.Close()
+		return nil, err
+	}
+	return &handshakeConn{Conn: tc}, nil
+}
+
+// handshakeConn completes the TLS handshake under the deadline Accept set,
+// then clears it: raft sets its own deadlines on established connections.
+type handshakeConn struct {
+	*tls.Conn
+	once sync.Once
+	err  error
+}
+
+func (h *handshakeConn) handshake() error {
+	h.once.Do(func() {
+		if h.err = h.Conn.Handshake(); h.err != nil {
+			h.Conn.Close()
+			return
+		}
+		h.err = h.Conn.SetDeadline(time.Time{})
+	})
+	return h.err
+}
+
+func (h *handshakeConn) Read(p []byte) (int, error) {
+	if err := h.handshake(); err != nil {
+		return 0, err
+	}
+	return h.Conn.Read(p)
+}
+
+func (h *handshakeConn) Write(p []byte) (int, error) {
+	if err := h.handshake(); err != nil {
+		return 0, err
+	}
+	return h.Conn.Write(p)
+}
 
 func (s *streamLayer) Dial(addr raft.ServerAddress, timeout time.Duration) (net.Conn, error) {
 	d := &net.Dialer{Timeout: timeout}

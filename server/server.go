@@ -46,7 +46,9 @@ type Config struct {
 	SnapshotThreshold uint64
 
 	ReconcileInterval time.Duration    // leader housekeeping period (default 1s)
-	Retention         time.Duration    // finished migrations and drains are collected after it (default DefaultRetention)
+	GCRetention       time.Duration    // terminal migrations, ended drains and destroyed volumes are deleted this long after they ended (default 7 days)
+	WriteRate         float64          // writes per second per certificate identity (0: DefaultWriteRate; negative: unlimited)
+	WriteBurst        int              // burst of those writes (0: DefaultWriteBurst)
 	DrainBatch        time.Duration    // least time between two passes of the drainer (default 500ms)
 	Now               func() time.Time // clock (default time.Now)
 }
@@ -59,9 +61,10 @@ type Server struct {
 	store  *fsm.Store
 	ln     net.Listener
 	http   *http.Server
-	fwd    *http.Client
+	peers  *http.Client // this server's own requests to other servers (join)
 	apiURL string
 	reg    *prometheus.Registry
+	limits *writeLimits
 	ctx    context.Context // ends at Close: releases blocking queries at once
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -101,6 +104,12 @@ func StartServer(ctx context.Context, log zerolog.Logger, cfg Config) (*Server, 
 	if cfg.ReconcileInterval <= 0 {
 		cfg.ReconcileInterval = time.Second
 	}
+	if cfg.GCRetention <= 0 {
+		cfg.GCRetention = DefaultGCRetention
+	}
+	if cfg.GCRetention < fsm.MinGCRetention {
+		return nil, fmt.Errorf("--gc-retention %s is shorter than %s", cfg.GCRetention, fsm.MinGCRetention)
+	}
 	if cfg.TLSDir != "" && cfg.ServerTLS == nil {
 		st, err := tlsutil.ServerConfig(cfg.TLSDir, cfg.ID)
 		if err != nil {
@@ -113,8 +122,15 @@ func StartServer(ctx context.Context, log zerolog.Logger, cfg Config) (*Server, 
 		cfg.ServerTLS, cfg.ClientTLS = st, ct
 	}
 	if cfg.ServerTLS == nil || cfg.ClientTLS == nil {
-		return nil, errors.New("server needs TLS: pass --tls-dir (make one with `ferry tls init` and `ferry tls issue --role server`)")
+		return nil, errors.New("server needs TLS: pass --tls-dir holding ca.pem and this server's certificate (`ferry tls csr --role server` here, `ferry tls sign` on the CA host; see docs/security.md)")
 	}
+	// Every handshake, API and raft alike, is checked against the replicated
+	// certificate deny list; the store exists once the node does.
+	var denyList atomic.Pointer[fsm.Store]
+	cfg.ServerTLS = tlsutil.WithDenyList(cfg.ServerTLS, func(serial string) bool {
+		st := denyList.Load()
+		return st != nil && st.Revoked(serial)
+	})
 	ln, err := tls.Listen("tcp", cfg.Listen, cfg.ServerTLS)
 	if err != nil {
 		return nil, fmt.Errorf("listening for the API on %s: %w", cfg.Listen, err)
@@ -133,15 +149,27 @@ func StartServer(ctx context.Context, log zerolog.Logger, cfg Config) (*Server, 
 		ln.Close()
 		return nil, err
 	}
+	denyList.Store(node.Store)
 	ctx, cancel := context.WithCancel(ctx)
 	s := &Server{
 		cfg: cfg, log: log, node: node, store: node.Store, ln: ln, apiURL: adv, ctx: ctx, cancel: cancel,
-		fwd: &http.Client{Transport: &http.Transport{TLSClientConfig: cfg.ClientTLS, MaxIdleConnsPerHost: 16}},
-		reg: prometheus.NewRegistry(), startLast: node.Raft.LastIndex(),
+		peers: &http.Client{Transport: &http.Transport{TLSClientConfig: cfg.ClientTLS, MaxIdleConnsPerHost: 16}},
+		reg:   prometheus.NewRegistry(), startLast: node.Raft.LastIndex(), limits: newWriteLimits(cfg.WriteRate, cfg.WriteBurst),
 	}
 	s.reg.MustRegister(&collector{s: s})
 	s.met = newFleetMetrics(s.reg)
-	s.http = &http.Server{Handler: s.routes(), ReadHeaderTimeout: 10 * time.Second, ErrorLog: nil}
+	s.http = &http.Server{
+		Handler:           s.denyRevoked(s.routes()),
+		ReadHeaderTimeout: 10 * time.Second,
+		// A request body is small; a peer trickling it holds a connection.
+		ReadTimeout: 30 * time.Second,
+		// Blocking queries hold a reply up to maxWait; nothing else is slow.
+		WriteTimeout: maxWait + 30*time.Second,
+		// An authenticated client that went quiet does not keep its
+		// connection (and goroutine) forever.
+		IdleTimeout: 2 * time.Minute,
+		ErrorLog:    nil,
+	}
 	s.wg.Add(2)
 	go func() {
 		defer s.wg.Done()
@@ -194,24 +222,28 @@ func (s *Server) Close() error {
 		_ = s.http.Close()
 		s.wg.Wait()
 		err = s.node.Close()
-		s.fwd.CloseIdleConnections()
+		s.peers.CloseIdleConnections()
 		s.log.Info().Msg("ferry server stopped")
 	})
 	return err
 }
 
-// joinLoop asks the cluster to add this server until it is a voter.
+// joinLoop asks the cluster to add this server until it is a voter. A
+// follower answers with the leader's address, which is asked next.
 func (s *Server) joinLoop(ctx context.Context) {
 	req := api.JoinRequest{ID: s.cfg.ID, RaftAddr: s.node.RaftAddr(), APIAddr: s.apiURL}
 	delay := 200 * time.Millisecond
 	for {
 		for _, addr := range s.cfg.Join {
-			err := s.post(ctx, addr, "/v1/internal/join", req, nil)
-			if err == nil {
-				s.log.Info().Str("via", addr).Msg("joined the cluster")
-				return
+			for hop := 0; hop < 3 && addr != ""; hop++ {
+				leader, err := s.post(ctx, addr, "/v1/internal/join", req, nil)
+				if err == nil {
+					s.log.Info().Str("via", addr).Msg("joined the cluster")
+					return
+				}
+				s.log.Warn().Err(err).Str("via", addr).Str("leader", leader).Msg("join failed; retrying")
+				addr = leader
 			}
-			s.log.Warn().Err(err).Str("via", addr).Msg("join failed; retrying")
 		}
 		select {
 		case <-ctx.Done():
@@ -224,88 +256,77 @@ func (s *Server) joinLoop(ctx context.Context) {
 	}
 }
 
-// post sends a JSON request to another server (mTLS, server certificate).
-func (s *Server) post(ctx context.Context, addr, path string, in, out any) error {
+// post sends this server's own JSON request to another server (mTLS,
+// server certificate); leader is the redirect a follower answered with.
+func (s *Server) post(ctx context.Context, addr, path string, in, out any) (leader string, err error) {
 	b, err := json.Marshal(in)
 	if err != nil {
-		return err
+		return "", err
 	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "https://"+addr+path, bytes.NewReader(b))
 	if err != nil {
-		return err
+		return "", err
 	}
 	req.Header.Set("Content-Type", "application/json")
-	resp, err := s.fwd.Do(req)
+	resp, err := s.peers.Do(req)
 	if err != nil {
-		return fmt.Errorf("%w: %v", api.ErrUnavailable, err)
+		return "", fmt.Errorf("%w: %v", api.ErrUnavailable, err)
 	}
 	defer resp.Body.Close()
-	return api.DecodeReply(resp, out)
+	return resp.Header.Get(api.LeaderHeader), api.DecodeReply(resp, out)
 }
 
-// do sends a body-less request to another server.
-func (s *Server) do(ctx context.Context, method, addr, path string) error {
-	req, err := http.NewRequestWithContext(ctx, method, "https://"+addr+path, nil)
-	if err != nil {
-		return err
+// submit authorizes one command against the current records and
+// replicates it; only the leader does either. A follower refuses with the
+// leader's API address (LeaderHeader) so the caller sends the write there
+// over its own connection: no server ever speaks for another identity, and
+// a refused command never reaches the log.
+func (s *Server) submit(ctx context.Context, typ fsm.CommandType, payload any) (*fsm.Result, error) {
+	if !s.node.IsLeader() {
+		return nil, s.notLeader()
 	}
-	resp, err := s.fwd.Do(req)
-	if err != nil {
-		return fmt.Errorf("%w: %v", api.ErrUnavailable, err)
+	if ref := s.store.Authorize(payload); ref != nil {
+		return &fsm.Result{Refusal: ref}, nil
 	}
-	defer resp.Body.Close()
-	return api.DecodeReply(resp, nil)
-}
-
-// submit replicates one command on behalf of actor: applied here when this
-// server leads, forwarded to the leader otherwise.
-func (s *Server) submit(ctx context.Context, typ fsm.CommandType, payload any) (*fsm.Result, []byte, error) {
 	b, err := fsm.Encode(typ, payload)
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
-	return s.submitRaw(ctx, b)
+	res, err := s.node.Apply(b, 10*time.Second)
+	if errors.Is(err, ErrNotLeader) {
+		return nil, s.notLeader()
+	}
+	if err != nil {
+		return nil, err
+	}
+	return res, nil
 }
 
-func (s *Server) submitRaw(ctx context.Context, b []byte) (*fsm.Result, []byte, error) {
-	if s.node.IsLeader() {
-		res, err := s.node.Apply(b, 10*time.Second)
-		if err == nil {
-			return res, res.Key, nil
-		}
-		if !errors.Is(err, ErrNotLeader) {
-			return nil, nil, err
-		}
-	}
+// notLeaderError is a not_leader refusal with the leader's API address,
+// when known, for the reply's LeaderHeader.
+type notLeaderError struct {
+	*fsm.Refusal
+	leaderAPI string
+}
+
+func (e *notLeaderError) Unwrap() error { return e.Refusal }
+
+func (s *Server) notLeader() error {
 	leaderID, _ := s.node.Leader()
-	if leaderID == "" {
-		return nil, nil, &fsm.Refusal{Kind: fsm.RefuseNotLeader, Code: fsm.CodeNoLeader, Reason: "the cluster has no leader right now; retry shortly"}
+	switch {
+	case leaderID == "":
+		return &notLeaderError{Refusal: &fsm.Refusal{Kind: fsm.RefuseNotLeader, Code: fsm.CodeNoLeader, Reason: "the cluster has no leader right now; retry shortly"}}
+	case leaderID == s.cfg.ID:
+		return &notLeaderError{Refusal: &fsm.Refusal{Kind: fsm.RefuseNotLeader, Code: fsm.CodeNoLeader, Reason: "leadership is changing; retry shortly"}}
 	}
-	if leaderID == s.cfg.ID {
-		return nil, nil, &fsm.Refusal{Kind: fsm.RefuseNotLeader, Code: fsm.CodeNoLeader, Reason: "leadership is changing; retry shortly"}
-	}
-	leaderAPI := ""
 	for _, m := range s.store.Servers() {
-		if m.ID == leaderID {
-			leaderAPI = m.APIAddr
+		if m.ID == leaderID && m.APIAddr != "" {
+			return &notLeaderError{leaderAPI: m.APIAddr, Refusal: &fsm.Refusal{Kind: fsm.RefuseNotLeader, Code: fsm.CodeNoLeader,
+				Reason: "this server is not the leader: send writes to " + leaderID + " at " + m.APIAddr}}
 		}
 	}
-	if leaderAPI == "" {
-		return nil, nil, &fsm.Refusal{Kind: fsm.RefuseNotLeader, Code: fsm.CodeNoLeader, Reason: "the leader " + leaderID + " has not published its API address yet; retry shortly"}
-	}
-	var rep api.ApplyReply
-	if err := s.post(ctx, leaderAPI, "/v1/internal/apply", json.RawMessage(b), &rep); err != nil {
-		var e *fsm.Refusal
-		if errors.As(err, &e) {
-			return nil, nil, e
-		}
-		return nil, nil, &fsm.Refusal{Kind: fsm.RefuseNotLeader, Code: fsm.CodeNoLeader, Reason: fmt.Sprintf("forwarding to leader %s: %v", leaderID, err)}
-	}
-	if rep.Result == nil {
-		return nil, nil, errors.New("leader returned no result")
-	}
-	s.waitApplied(ctx, rep.Result.Index, 2*time.Second) // read-your-writes through this server
-	return rep.Result, rep.Key, nil
+	return &notLeaderError{Refusal: &fsm.Refusal{Kind: fsm.RefuseNotLeader, Code: fsm.CodeNoLeader,
+		Reason: "the leader " + leaderID + " has not published its API address yet; retry shortly"}}
 }
 
 // waitApplied waits (bounded) until this replica applied index.

@@ -9,12 +9,21 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/rs/zerolog"
 	"github.com/spf13/cobra"
 
 	"github.com/ferry-dev/ferry/agent"
+	"github.com/ferry-dev/ferry/api"
+	"github.com/ferry-dev/ferry/datapath"
+	"github.com/ferry-dev/ferry/datapath/kernel"
+	"github.com/ferry-dev/ferry/datapath/loopdev"
+	"github.com/ferry-dev/ferry/datapath/userspace"
+	"github.com/ferry-dev/ferry/internal/bytesize"
 	"github.com/ferry-dev/ferry/internal/logging"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
+	"github.com/ferry-dev/ferry/iscsi/exporter"
 	"github.com/ferry-dev/ferry/machine"
+	"github.com/ferry-dev/ferry/netrewrite/netns"
 	"github.com/ferry-dev/ferry/server"
 )
 
@@ -23,31 +32,20 @@ type agentFlags struct {
 	worker, dataDir, address, backend, domain string
 	hostID                                    uint32
 	dev, fastKDF                              bool
-	grace, leaseTTL                           time.Duration
+	grace, leaseTTL, fenceMargin              time.Duration
+	startBeforeCutover                        bool
 	hydrationRate, metricsListen              string
+	machineUser                               string
 	devListen                                 string
 }
 
-func (f *agentFlags) build(ctx context.Context) (*agent.Agent, *agent.NetNetwork, error) {
+func (f *agentFlags) build(ctx context.Context) (*agent.Agent, *netns.Network, error) {
 	log, err := newLogger(true)
 	if err != nil {
 		return nil, nil, withCode(ExitUsage, err)
 	}
 	if f.worker == "" {
 		return nil, nil, withCode(ExitUsage, fmt.Errorf("--worker is required"))
-	}
-	kernel := false
-	switch f.backend {
-	case "userspace":
-	case "auto":
-		kernel = agent.KernelPathAvailable(ctx)
-	case "kernel":
-		if err := agent.CheckKernelPath(ctx); err != nil {
-			return nil, nil, withCode(ExitUsage, fmt.Errorf("--backend kernel: %w; or use --backend userspace", err))
-		}
-		kernel = true
-	default:
-		return nil, nil, withCode(ExitUsage, fmt.Errorf("--backend %q: use auto, userspace or kernel", f.backend))
 	}
 	if f.name == "" {
 		f.name = f.worker
@@ -56,37 +54,53 @@ func (f *agentFlags) build(ctx context.Context) (*agent.Agent, *agent.NetNetwork
 	if err != nil {
 		return nil, nil, err
 	}
+	vols, err := datapath.Select(ctx, f.backend, f.backends(log, exe))
+	if err != nil {
+		return nil, nil, withCode(ExitUsage, fmt.Errorf("--backend: %w", err))
+	}
+	log.Info().Str("backend", vols.Capabilities().Name).Msg("data path")
 	c, err := f.client()
 	if err != nil {
 		return nil, nil, err
 	}
-	alog := logging.For(log, "agent")
-	var vols agent.Backend = &agent.Volumes{DataDir: f.dataDir, Exe: exe, Log: logging.For(log, "volumes"), Loops: agent.LoopDevs{}, FastKDF: f.fastKDF}
-	if kernel {
-		vols = &agent.KernelVolumes{DataDir: f.dataDir, Log: logging.For(log, "kernel-volumes"), Loops: agent.LoopDevs{},
-			ISCSI: &agent.OpenISCSI{Log: logging.For(log, "open-iscsi")}, FastKDF: f.fastKDF}
+	exp := &exporter.Exporter{Log: log, StateDir: filepath.Join(f.dataDir, "exports"), Address: f.address, Domain: f.domain}
+	nw := &netns.Network{Log: logging.For(log, "netrewrite"), Worker: f.worker, Dir: filepath.Join(f.dataDir, "net"), Grace: f.grace}
+	mu, err := machine.ParseUser(f.machineUser)
+	if err != nil {
+		return nil, nil, withCode(ExitUsage, fmt.Errorf("--machine-user: %w", err))
 	}
-	log.Info().Str("backend", map[bool]string{true: "kernel", false: "userspace"}[kernel]).Msg("data path")
-	exp := &agent.ISCSIExporter{Log: log, StateDir: filepath.Join(f.dataDir, "exports"), Address: f.address, Domain: f.domain}
-	nw := &agent.NetNetwork{Log: logging.For(log, "netrewrite"), Worker: f.worker, Dir: filepath.Join(f.dataDir, "net"), Grace: f.grace}
-	mach := machine.ByKind{Exec: &machine.Exec{StateDir: filepath.Join(f.dataDir, "machines"), Log: logging.For(log, "machine")},
-		Script: machine.Script{}}
-	acfg := agent.Config{Worker: f.worker, HostID: f.hostID, Address: f.address, DataDir: f.dataDir, Exe: exe, LeaseTTL: f.leaseTTL}
+	if mu == (machine.User{}) {
+		log.Warn().Msg("--machine-user root: machines run as root and can take over this worker; use it only for trusted test workloads")
+	}
+	mach := machine.ByKind{Exec: &machine.Exec{StateDir: filepath.Join(f.dataDir, "machines"), Log: logging.For(log, "machine"), User: &mu},
+		Script: machine.Script{User: &mu}}
+	acfg := agent.Config{Worker: f.worker, HostID: f.hostID, Address: f.address, DataDir: f.dataDir, Exe: exe, LeaseTTL: f.leaseTTL,
+		FenceMargin: f.fenceMargin, StartBeforeCutover: f.startBeforeCutover}
 	if f.hydrationRate != "" && f.hydrationRate != "0" {
-		if acfg.HydrationRate, err = parseSize(f.hydrationRate); err != nil {
+		if acfg.HydrationRate, err = bytesize.Parse(f.hydrationRate); err != nil {
 			return nil, nil, withCode(ExitUsage, fmt.Errorf("--hydration-rate: %w", err))
 		}
-	}
-	if kernel && acfg.HydrationRate > 0 {
-		log.Warn().Msg("--hydration-rate is not honoured by the kernel data path (dm-clone has no rate limit); hydration runs with ferry's batch and threshold tunables")
 	}
 	if fp := os.Getenv("FERRY_FAILPOINT_PAUSE_BEFORE"); fp != "" {
 		if acfg.PauseBefore, err = agent.ParsePauseBefore(fp); err != nil {
 			return nil, nil, withCode(ExitUsage, err)
 		}
 	}
-	a, err := agent.New(alog, acfg, &agent.APIControlPlane{C: c, LeaseTTL: f.leaseTTL, Report: volumeStoreReport(f.dataDir, acfg.HydrationRate)}, exp, nw, mach, vols)
+	a, err := agent.New(logging.For(log, "agent"), acfg, &api.AgentClient{C: c, LeaseTTL: f.leaseTTL, Report: volumeStoreReport(f.dataDir, acfg.HydrationRate)}, exp, nw, mach, vols)
 	return a, nw, err
+}
+
+// backends are the data paths this binary has, in --backend auto's order.
+func (f *agentFlags) backends(log zerolog.Logger, exe string) []datapath.Candidate {
+	return []datapath.Candidate{
+		{Name: "kernel", Probe: kernel.Probe, AutoProbe: kernel.ProbeAuto, New: func() datapath.Backend {
+			return &kernel.Backend{DataDir: f.dataDir, Log: logging.For(log, "kernel-datapath"), Loops: loopdev.System{},
+				ISCSI: &kernel.OpenISCSI{Log: logging.For(log, "open-iscsi")}, FastKDF: f.fastKDF}
+		}},
+		{Name: "userspace", Probe: userspace.Probe, New: func() datapath.Backend {
+			return &userspace.Backend{DataDir: f.dataDir, Exe: exe, Log: logging.For(log, "volumes"), Loops: loopdev.System{}, FastKDF: f.fastKDF}
+		}},
+	}
 }
 
 func init() {
@@ -132,11 +146,14 @@ state. With --dev it also runs a one-node server in the same process (developmen
 	fl.StringVar(&f.domain, "iqn-domain", "dev.ferry", "naming authority of export IQNs")
 	fl.DurationVar(&f.grace, "grace", 10*time.Minute, "how long a migrated machine's old 6PN address keeps answering")
 	fl.DurationVar(&f.leaseTTL, "lease-ttl", 0, "worker lease; the server rolls back pre-cutover migrations of a worker that misses it (default: the server's, 15s)")
+	fl.DurationVar(&f.fenceMargin, "fence-margin", 0, "how long before its lease can end an agent that cannot renew it stops the machines not settled here (default: a quarter of the lease)")
+	fl.BoolVar(&f.startBeforeCutover, "start-before-cutover", false, "start a migrating machine on the target before cutover commits (one commit less downtime; relies on the self-fence if the target is cut off)")
 	fl.StringVar(&f.hydrationRate, "hydration-rate", "0", "cap on background hydration per migration, bytes/s with K/M/G suffixes (0: none)")
 	// Volume passphrases are 256-bit random keys held by the server, so a
 	// memory-hard KDF adds no security, and unlocking happens between
 	// source_stopped and cutover: argon2id's ~1 s would be downtime.
 	fl.BoolVar(&f.fastKDF, "fast-kdf", true, "format new volumes with a pbkdf2 keyslot (their passphrases are random 256-bit keys; a slow KDF only adds downtime)")
+	fl.StringVar(&f.machineUser, "machine-user", "65534:65534", "UID:GID machines (and their scripts) run as, with no_new_privs and a clean environment; \"root\" only for trusted test workloads")
 	fl.StringVar(&f.metricsListen, "metrics-listen", "", "serve Prometheus metrics on this address (e.g. 127.0.0.1:9410); empty: off")
 	fl.BoolVar(&f.dev, "dev", false, "also run a one-node server in this process (development)")
 	fl.StringVar(&f.devListen, "dev-listen", "127.0.0.1:7400", "with --dev: the server's API address")
@@ -168,17 +185,10 @@ func devServer(ctx context.Context, f *agentFlags) error {
 	if err != nil {
 		return err
 	}
-	if _, err := os.Stat(filepath.Join(f.tlsDir, "ca.pem")); os.IsNotExist(err) {
-		if err := tlsutil.InitCA(f.tlsDir); err != nil {
-			return err
-		}
-	}
-	for name, kind := range map[string]string{"server": tlsutil.KindServer, f.worker: tlsutil.KindWorker, "operator": tlsutil.KindOperator} {
-		if cert, _ := tlsutil.Files(f.tlsDir, name); !exists(cert) {
-			if err := tlsutil.Issue(f.tlsDir, name, kind, []string{"127.0.0.1", "localhost"}); err != nil {
-				return err
-			}
-		}
+	// The development CA lives next to --tls-dir (tlsutil.DevCADir), never in it.
+	if err := tlsutil.EnsureDev(f.tlsDir, tlsutil.Cert{Name: "server", Kind: tlsutil.KindServer}, tlsutil.Cert{Name: f.worker, Kind: tlsutil.KindWorker},
+		tlsutil.Cert{Name: "operator", Kind: tlsutil.KindOperator}); err != nil {
+		return err
 	}
 	_, err = server.StartServer(ctx, log, server.Config{ID: "server", DataDir: filepath.Join(f.dataDir, "server"),
 		Listen: f.devListen, RaftAddr: "127.0.0.1:0", Bootstrap: true, TLSDir: f.tlsDir})
@@ -188,5 +198,3 @@ func devServer(ctx context.Context, f *agentFlags) error {
 	f.server = f.devListen
 	return nil
 }
-
-func exists(p string) bool { _, err := os.Stat(p); return err == nil }

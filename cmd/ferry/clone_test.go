@@ -3,32 +3,29 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"io"
 	"math/rand"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"testing"
 	"time"
 
-	"github.com/ferry-dev/ferry/loopdev"
+	"github.com/ferry-dev/ferry/datapath/loopdev"
+	"github.com/ferry-dev/ferry/datapath/userspace"
+	"github.com/ferry-dev/ferry/internal/testenv"
 )
 
 // TestCloneCLI runs `ferry clone create --loop` in-process and drives it
 // through its control socket: status, enable-hydration, dissolve on
 // completion, remove.
 func TestCloneCLI(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root for FUSE and loop devices")
-	}
-	if _, err := exec.LookPath("losetup"); err != nil {
-		t.Skip("needs losetup: apt-get install util-linux")
-	}
-	if _, err := os.Stat("/dev/fuse"); err != nil {
-		t.Skip("needs /dev/fuse: modprobe fuse")
-	}
+	testenv.Root(t, "FUSE and loop devices")
+	testenv.Tools(t, "apt-get install util-linux", "losetup")
+	testenv.Paths(t, "modprobe fuse", "/dev/fuse")
+	ctx := context.Background()
 	dir := t.TempDir()
 	src := filepath.Join(dir, "src")
 	data := make([]byte, 16<<20)
@@ -46,7 +43,7 @@ func TestCloneCLI(t *testing.T) {
 	cmd.SetArgs([]string{"--source", src, "--dest", dest, "--meta", meta, "--mount-dir", filepath.Join(dir, "mnt"), "--loop", "--region-size", "8k"})
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Execute() }()
-	var ready cloneReply
+	var ready userspace.Ready
 	line, err := bufio.NewReader(pr).ReadBytes('\n')
 	go io.Copy(io.Discard, pr)
 	if err != nil || json.Unmarshal(line, &ready) != nil || ready.Loop == "" {
@@ -54,14 +51,14 @@ func TestCloneCLI(t *testing.T) {
 	}
 	t.Cleanup(func() {
 		loopdev.Detach(ready.Loop)
-		cloneCall("", meta, cloneRequest{Op: "remove"})
+		cloneOp(ctx, "", meta, "remove", nil)
 	})
 
-	r, err := cloneCall("", meta, cloneRequest{Op: "status"})
+	r, err := cloneStatus(ctx, "", meta)
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := r.Progress
+	p := r.Engine
 	if p.TotalRegions != 2048 || p.RegionSize != 8192 || p.HydrationEnabled || p.SkippedKnownZeroBytes < 8<<20-8192 {
 		t.Fatalf("status after create: %+v", p)
 	}
@@ -74,18 +71,18 @@ func TestCloneCLI(t *testing.T) {
 		t.Fatalf("read through the loop device: %v / differs from the source", err)
 	}
 	f.Close()
-	if _, err := cloneCall("", meta, cloneRequest{Op: "bogus"}); err == nil {
+	if err := cloneOp(ctx, "", meta, "bogus", nil); err == nil {
 		t.Fatal("unknown op accepted")
 	}
-	if _, err := cloneCall("", meta, cloneRequest{Op: "set-tunables"}); err == nil {
+	if err := cloneOp(ctx, "", meta, "set-tunables", nil); err == nil {
 		t.Fatal("set-tunables without tunables accepted")
 	}
-	if _, err := cloneCall("", meta, cloneRequest{Op: "enable-hydration"}); err != nil {
+	if err := cloneOp(ctx, "", meta, "enable-hydration", nil); err != nil {
 		t.Fatal(err)
 	}
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		r, err = cloneCall("", meta, cloneRequest{Op: "status"})
+		r, err = cloneStatus(ctx, "", meta)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -93,12 +90,12 @@ func TestCloneCLI(t *testing.T) {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("not dissolved after 30 s: %+v", r.Progress)
+			t.Fatalf("not dissolved after 30 s: %+v", r.Engine)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	if r.Progress.FetchedBytes > 8<<20+1<<20 {
-		t.Fatalf("fetched %d bytes from a source with 8 MiB of data", r.Progress.FetchedBytes)
+	if r.Engine.FetchedBytes > 8<<20+1<<20 {
+		t.Fatalf("fetched %d bytes from a source with 8 MiB of data", r.Engine.FetchedBytes)
 	}
 	d, _ := os.ReadFile(dest)
 	if !bytes.Equal(d, data) {
@@ -121,7 +118,7 @@ func TestCloneCLI(t *testing.T) {
 	if st["hydrated_regions"] != float64(2048) || st["complete"] != true || st["dissolved"] != true || st["file"] != ready.File {
 		t.Fatalf("status --json: %v", st)
 	}
-	if _, err := cloneCall("", meta, cloneRequest{Op: "remove"}); err != nil {
+	if err := cloneOp(ctx, "", meta, "remove", nil); err != nil {
 		t.Fatal(err)
 	}
 	select {

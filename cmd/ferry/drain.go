@@ -14,14 +14,14 @@ import (
 
 	"github.com/ferry-dev/ferry/api"
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/bytesize"
+	"github.com/ferry-dev/ferry/internal/operator"
 )
 
-func init() { register(drainCommand()) }
-
-// drainCommand records a drain the servers run: the command returns once
+// newDrainCmd records a drain the servers run: the command returns once
 // the drain is replicated, and the leader moves the machines whether or not
 // this process lives. --wait only follows it.
-func drainCommand() *cobra.Command {
+func newDrainCmd() *cobra.Command {
 	var targets, bandwidth string
 	var parallel int
 	var deadline time.Duration
@@ -61,7 +61,7 @@ Exit codes: 0 recorded (or, with --wait, complete), 1 deadline passed with machi
 				req.Targets = strings.Split(targets, ",")
 			}
 			if bandwidth != "" {
-				bps, err := parseSize(strings.TrimSuffix(bandwidth, "/s"))
+				bps, err := bytesize.Parse(strings.TrimSuffix(bandwidth, "/s"))
 				if err != nil {
 					return withCode(ExitUsage, fmt.Errorf("--bandwidth: %w", err))
 				}
@@ -118,10 +118,10 @@ func printDrainPlan(w io.Writer, p *api.DrainPlan, req api.DrainRequest) {
 	fmt.Fprintf(w, "drain %s: %d machines placed, %d without a target (planned in %s)\n", p.Worker, len(p.Placements), len(p.Unplaced),
 		time.Duration(p.Elapsed).Round(time.Microsecond))
 	for _, pl := range p.Placements {
-		fmt.Fprintf(w, "  %-20s %10s -> %-16s %s\n", pl.Machine, humanBytes(pl.Bytes), pl.Target, pl.Reason)
+		fmt.Fprintf(w, "  %-20s %10s -> %-16s %s\n", pl.Machine, bytesize.Format(pl.Bytes), pl.Target, pl.Reason)
 	}
 	for _, u := range p.Unplaced {
-		fmt.Fprintf(w, "  %-20s %10s -> %-16s %s\n", u.Machine, humanBytes(u.Bytes), "(none)", u.Reason)
+		fmt.Fprintf(w, "  %-20s %10s -> %-16s %s\n", u.Machine, bytesize.Format(u.Bytes), "(none)", u.Reason)
 	}
 	par := req.Parallel
 	if par == 0 {
@@ -217,12 +217,12 @@ func printDrains(w io.Writer, ds []*fsm.Drain, now time.Time) {
 		dl := "no deadline"
 		if !d.Deadline.IsZero() {
 			if d.State == fsm.DrainRunning {
-				dl = "deadline in " + age(d.Deadline.Sub(now))
+				dl = "deadline in " + operator.Age(d.Deadline.Sub(now))
 			} else {
 				dl = "deadline " + d.Deadline.UTC().Format(time.RFC3339)
 			}
 		}
-		fmt.Fprintf(w, "%s  %s  %s  started %d, waiting %d, left %d, %s, age %s\n", d.ID, d.Worker, d.State, len(d.Started), len(d.Waiting), len(d.Left), dl, age(now.Sub(d.CreatedAt)))
+		fmt.Fprintf(w, "%s  %s  %s  started %d, waiting %d, left %d, %s, age %s\n", d.ID, d.Worker, d.State, len(d.Started), len(d.Waiting), len(d.Left), dl, operator.Age(now.Sub(d.CreatedAt)))
 		shown := 0
 		var ws []string
 		for m := range d.Waiting {

@@ -8,7 +8,7 @@ import (
 	"github.com/ferry-dev/ferry/fsm"
 )
 
-func init() {
+func newFSMCmd() *cobra.Command {
 	fsmCmd := &cobra.Command{Use: "fsm", Short: "The migration state machine"}
 	var format string
 	var doc bool
@@ -34,5 +34,5 @@ func init() {
 	graph.Flags().StringVar(&format, "format", "mermaid", "mermaid or dot")
 	graph.Flags().BoolVar(&doc, "doc", false, "print docs/fsm.md (diagram + transition table)")
 	fsmCmd.AddCommand(graph)
-	register(fsmCmd)
+	return fsmCmd
 }

@@ -25,10 +25,10 @@ func iscsiStateDir(iqn string) string {
 	return filepath.Join(iscsiStateRoot, strings.NewReplacer(":", "_", "/", "_").Replace(iqn))
 }
 
-func init() {
+func newISCSICmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "iscsi", Short: "Export a volume over iSCSI (source side) or read one (target side)"}
 	cmd.AddCommand(iscsiExportCmd(), iscsiStopCmd(), iscsiReadCmd(), iscsiServeCmd())
-	register(cmd)
+	return cmd
 }
 
 func iscsiExportCmd() *cobra.Command {
@@ -70,7 +70,7 @@ child process inside a private network namespace; the only way in is the gate on
 			if err != nil {
 				return err
 			}
-			fmt.Printf("portal: %s\niqn: %s\nlun: %d\n", e.Portal(), e.IQN(), lun)
+			fmt.Fprintf(cmd.OutOrStdout(), "portal: %s\niqn: %s\nlun: %d\n", e.Portal(), e.IQN(), lun)
 			select {
 			case <-ctx.Done():
 				return e.Stop()
@@ -117,7 +117,7 @@ func iscsiStopCmd() *cobra.Command {
 				if err != nil {
 					errs = append(errs, fmt.Errorf("%s: %w", d, err))
 				} else if stopped {
-					fmt.Println("stopped", d)
+					fmt.Fprintln(cmd.OutOrStdout(), "stopped", d)
 				}
 			}
 			return errors.Join(errs...)
@@ -170,7 +170,7 @@ func iscsiReadCmd() *cobra.Command {
 				return err
 			}
 			secs := time.Since(start).Seconds()
-			fmt.Printf("copied %d bytes in %.2f s (%.1f MiB/s, queue depth %d, request %d KiB)\n",
+			fmt.Fprintf(cmd.OutOrStdout(), "copied %d bytes in %.2f s (%.1f MiB/s, queue depth %d, request %d KiB)\n",
 				n, secs, float64(n)/secs/(1<<20), qd, reqKiB)
 			return nil
 		},

@@ -5,23 +5,23 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"sort"
 	"strings"
 
 	"github.com/spf13/cobra"
 
 	"github.com/ferry-dev/ferry/blockdev"
+	"github.com/ferry-dev/ferry/internal/bytesize"
+	"github.com/ferry-dev/ferry/internal/passphrase"
 	"github.com/ferry-dev/ferry/luks"
-	"github.com/ferry-dev/ferry/luks/keystore"
 )
 
-func init() {
+func newLUKSCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "luks",
 		Short: "LUKS2 volumes: dump a header's layout, format a test volume, check a carried layout",
 	}
 	cmd.AddCommand(luksDumpCmd(), luksFormatCmd(), luksCheckCmd())
-	register(cmd)
+	return cmd
 }
 
 func luksDumpCmd() *cobra.Command {
@@ -45,35 +45,14 @@ func luksDumpCmd() *cobra.Command {
 			}
 			out := cmd.OutOrStdout()
 			if asJSON {
-				enc := json.NewEncoder(out)
-				enc.SetIndent("", "  ")
-				return enc.Encode(d)
+				js, err := json.MarshalIndent(d, "", "  ")
+				if err != nil {
+					return withCode(ExitFailed, err)
+				}
+				_, err = out.Write(append(luks.EscapeJSONControls(js), '\n'))
+				return err
 			}
-			fmt.Fprintf(out, "Ferry layout of %s\n", args[0])
-			if d.Layout != nil {
-				l := d.Layout
-				fmt.Fprintf(out, "  uuid:          %s\n", l.UUID)
-				fmt.Fprintf(out, "  data offset:   %d [bytes]\n", l.DataOffset)
-				fmt.Fprintf(out, "  metadata size: %d [bytes]\n", l.MetadataSize)
-				fmt.Fprintf(out, "  keyslots size: %d [bytes]\n", l.KeyslotsSize)
-				fmt.Fprintf(out, "  sector size:   %d [bytes]\n", l.SectorSize)
-				fmt.Fprintf(out, "  cipher:        %s\n", l.Cipher)
-				fmt.Fprintf(out, "  key size:      %d bits\n", 8*l.KeyBytes)
-				fmt.Fprintf(out, "  payload size:  %d [bytes]\n", l.PayloadSize)
-			} else {
-				fmt.Fprintf(out, "  no usable layout: %s\n", d.Error)
-			}
-			fmt.Fprintf(out, "  header copy:   %s\n", d.Used)
-			copies := make([]string, 0, len(d.Damaged))
-			for c := range d.Damaged {
-				copies = append(copies, string(c))
-			}
-			sort.Strings(copies)
-			for _, c := range copies {
-				fmt.Fprintf(out, "  damaged copy:  %s: %s\n", c, d.Damaged[luks.Copy(c)])
-			}
-			fmt.Fprintln(out)
-			fmt.Fprint(out, d.Header.LuksDumpText())
+			fmt.Fprint(out, d.Text(args[0]))
 			return nil
 		},
 	}
@@ -102,7 +81,7 @@ func luksFormatCmd() *cobra.Command {
 			}
 			opts.PBKDF = pbkdf
 			if size != "" {
-				n, err := parseSize(size)
+				n, err := bytesize.Parse(size)
 				if err != nil {
 					return withCode(ExitUsage, fmt.Errorf("--size: %w", err))
 				}
@@ -113,11 +92,8 @@ func luksFormatCmd() *cobra.Command {
 				f.Close()
 			}
 			if _, err := os.Stat(keyFile); errors.Is(err, os.ErrNotExist) && generate {
-				pass, err := keystore.NewPassphrase()
-				if err != nil {
-					return withCode(ExitFailed, err)
-				}
-				err = os.WriteFile(keyFile, pass, 0o600)
+				pass := passphrase.New()
+				err := os.WriteFile(keyFile, pass, 0o600)
 				clear(pass)
 				if err != nil {
 					return withCode(ExitFailed, fmt.Errorf("write new key file: %w", err))

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"encoding/json"
 	"fmt"
 	"text/tabwriter"
 	"time"
@@ -10,64 +9,42 @@ import (
 
 	"github.com/ferry-dev/ferry/api"
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/operator"
 	"github.com/ferry-dev/ferry/machine"
-	"github.com/ferry-dev/ferry/netrewrite"
 )
 
-func init() {
+func newMachineCmd() *cobra.Command {
 	mc := &cobra.Command{Use: "machine", Short: "Run, list and stop machines (the exec driver)"}
+	mc.AddCommand(newMachineRunCmd(), newMachineListCmd(),
+		newMachineStateCmd("stop", "Stop a machine (kill signal, then SIGKILL after its timeout)", fsm.MachineStopped),
+		newMachineStateCmd("start", "Start a stopped machine", fsm.MachineRunning))
+	return mc
+}
 
+func newMachineRunCmd() *cobra.Command {
 	var worker, volume, killSignal string
 	var org, number uint32
 	var killTimeout time.Duration
 	var env map[string]string
+	var runJSON bool
 	run := &cobra.Command{
 		Use:   "run ID --worker W --volume V --org N --number N -- COMMAND [ARGS...]",
 		Short: "Run COMMAND as a machine on a worker with its volume mounted ($FERRY_VOLUME_DIR) and a 6PN address ($FERRY_6PN)",
 		Args:  cobra.MinimumNArgs(2),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			id := args[0]
-			if err := machine.ValidateID(id); err != nil {
-				return withCode(ExitUsage, err)
-			}
-			if _, err := machine.ParseSignal(killSignal); err != nil {
-				return withCode(ExitUsage, err)
-			}
-			if worker == "" || volume == "" {
-				return withCode(ExitUsage, fmt.Errorf("--worker and --volume are required"))
-			}
-			c, err := newAPIClient()
+		RunE: apiRunE(func(cmd *cobra.Command, c *api.Client, args []string) error {
+			m, err := operator.RunMachine(cmd.Context(), c, operator.MachineRequest{
+				ID: args[0], Worker: worker, Volume: volume, Org: org, Number: number,
+				Spec: machine.Spec{Command: args[1:], Env: env, KillSignal: killSignal, KillTimeout: killTimeout},
+			})
 			if err != nil {
-				return err
+				return withCode(exitCode(err), err)
 			}
-			defer c.Close()
-			ctx := cmd.Context()
-			ws, err := c.ListWorkers(ctx)
-			if err != nil {
-				return err
-			}
-			var hostID uint32
-			for _, w := range ws {
-				if w.Name == worker {
-					hostID = w.HostID
-				}
-			}
-			if hostID == 0 {
-				return withCode(ExitRefused, fmt.Errorf("worker %s is not registered with a 6PN host id: start its agent with --host-id", worker))
-			}
-			addr, err := netrewrite.Build(org, hostID, number)
-			if err != nil {
-				return withCode(ExitUsage, err)
-			}
-			spec, _ := json.Marshal(machine.Spec{ID: id, Command: args[1:], Env: env, KillSignal: killSignal, KillTimeout: killTimeout})
-			m, err := c.CreateMachine(ctx, fsm.Machine{ID: id, Worker: worker, Volume: volume, Network: org, MachineNo: number,
-				Addr6PN: addr.String(), State: fsm.MachineRunning, Spec: spec})
-			if err != nil {
-				return withCode(refusalCode(err), err)
+			if runJSON {
+				return writeJSONOut(cmd.OutOrStdout(), m)
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "machine %s on %s with volume %s at %s\n", m.ID, m.Worker, m.Volume, m.Addr6PN)
 			return nil
-		},
+		}),
 	}
 	run.Flags().StringVar(&worker, "worker", "", "worker to run on (where the volume is)")
 	run.Flags().StringVar(&volume, "volume", "", "the machine's volume")
@@ -76,8 +53,13 @@ func init() {
 	run.Flags().StringVar(&killSignal, "kill-signal", "SIGINT", "signal that asks the machine to stop")
 	run.Flags().DurationVar(&killTimeout, "kill-timeout", 5*time.Second, "then SIGKILL")
 	run.Flags().StringToStringVar(&env, "env", nil, "extra environment (k=v,...)")
+	run.Flags().BoolVar(&runJSON, "json", false, "print the machine record as JSON")
 	addClientFlags(run)
+	return run
+}
 
+func newMachineListCmd() *cobra.Command {
+	var worker string
 	var asJSON bool
 	list := &cobra.Command{
 		Use:   "list",
@@ -92,9 +74,9 @@ func init() {
 				return writeJSONOut(cmd.OutOrStdout(), ms)
 			}
 			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "ID\tWORKER\tVOLUME\tSTATE\t6PN\tMIGRATED")
+			fmt.Fprintln(tw, "ID\tWORKER\tVOLUME\tSTATE\t6PN\tMIGRATED\tCRASHES")
 			for _, m := range ms {
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%v\n", m.ID, m.Worker, m.Volume, m.State, m.Addr6PN, m.Migrated)
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%v\t%d\n", m.ID, m.Worker, m.Volume, m.State, m.Addr6PN, m.Migrated, m.Crashes)
 			}
 			return tw.Flush()
 		}),
@@ -102,25 +84,29 @@ func init() {
 	list.Flags().StringVar(&worker, "worker", "", "only machines of this worker")
 	list.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	addClientFlags(list)
+	return list
+}
 
-	setState := func(use, short string, st fsm.MachineState) *cobra.Command {
-		c := &cobra.Command{
-			Use:   use + " ID",
-			Short: short,
-			Args:  cobra.ExactArgs(1),
-			RunE: apiRunE(func(cmd *cobra.Command, c *api.Client, args []string) error {
-				m, err := c.UpdateMachine(cmd.Context(), args[0], apiMachineState(st))
-				if err != nil {
-					return withCode(refusalCode(err), err)
-				}
-				fmt.Fprintf(cmd.OutOrStdout(), "machine %s: %s (its agent applies it)\n", m.ID, m.State)
-				return nil
-			}),
-		}
-		addClientFlags(c)
-		return c
+// newMachineStateCmd builds a command that sets the machine's wanted state.
+func newMachineStateCmd(use, short string, st fsm.MachineState) *cobra.Command {
+	var asJSON bool
+	c := &cobra.Command{
+		Use:   use + " ID",
+		Short: short,
+		Args:  cobra.ExactArgs(1),
+		RunE: apiRunE(func(cmd *cobra.Command, c *api.Client, args []string) error {
+			m, err := c.UpdateMachine(cmd.Context(), args[0], api.MachineUpdate{State: &st})
+			if err != nil {
+				return withCode(refusalCode(err), err)
+			}
+			if asJSON {
+				return writeJSONOut(cmd.OutOrStdout(), m)
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "machine %s: %s (its agent applies it)\n", m.ID, m.State)
+			return nil
+		}),
 	}
-	mc.AddCommand(run, list, setState("stop", "Stop a machine (kill signal, then SIGKILL after its timeout)", fsm.MachineStopped),
-		setState("start", "Start a stopped machine", fsm.MachineRunning))
-	register(mc)
+	c.Flags().BoolVar(&asJSON, "json", false, "print the machine record as JSON")
+	addClientFlags(c)
+	return c
 }

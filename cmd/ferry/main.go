@@ -1,7 +1,7 @@
 // Command ferry moves a stateful machine and its encrypted local volume from
 // one worker to another with seconds of downtime. One binary: the server, the
-// agent, the operator CLI and the low-level tools. Each concern registers its
-// commands from its own file in this folder (see register).
+// agent, the operator CLI and the low-level tools. Each file in this folder
+// builds one command (newXCmd): it parses flags and calls a package function.
 package main
 
 import (
@@ -28,19 +28,28 @@ var (
 	flagLogFormat string
 )
 
-var rootCmd = &cobra.Command{
-	Use:           "ferry",
-	Short:         "Move a machine and its encrypted local volume between workers: kill, clone, boot",
-	SilenceUsage:  true,
-	SilenceErrors: true,
+// rootCmd is the whole command tree: the commands built in main and those
+// a file still adds from init with register.
+var rootCmd = newRootCmd()
+
+func newRootCmd() *cobra.Command {
+	root := &cobra.Command{
+		Use:           "ferry",
+		Short:         "Move a machine and its encrypted local volume between workers: kill, clone, boot",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.PersistentFlags().StringVar(&flagLogLevel, "log-level", "info", "log level: debug, info, warn, error")
+	root.PersistentFlags().StringVar(&flagLogFormat, "log-format", "", "log format: json or console (default: json for daemons, console for the CLI)")
+	root.AddCommand(
+		newVersionCmd(), newTLSCmd(), newFSMCmd(),
+		newVolumeCmd(), newMachineCmd(), newMigrateCmd(), newAbortCmd(), newDrainCmd(), newWorkerCmd(), newStatusCmd(),
+		newNetCmd(), newISCSICmd(), newLUKSCmd(), newWorkloadCmd(), newDemoCmd(),
+	)
+	return root
 }
 
-func init() {
-	rootCmd.PersistentFlags().StringVar(&flagLogLevel, "log-level", "info", "log level: debug, info, warn, error")
-	rootCmd.PersistentFlags().StringVar(&flagLogFormat, "log-format", "", "log format: json or console (default: json for daemons, console for the CLI)")
-}
-
-// register adds top-level commands; each concern's file calls it from init.
+// register adds top-level commands from a file's init (agent, server, clone).
 func register(cmds ...*cobra.Command) { rootCmd.AddCommand(cmds...) }
 
 // newLogger builds the process logger. Daemons pass daemon=true to get JSON

@@ -2,12 +2,9 @@ package main
 
 import (
 	"bufio"
-	"context"
 	"errors"
 	"fmt"
-	"io"
 	"os"
-	"sort"
 	"strings"
 	"time"
 
@@ -16,6 +13,7 @@ import (
 
 	"github.com/ferry-dev/ferry/api"
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/operator"
 )
 
 func isTerminal(f *os.File) bool {
@@ -40,142 +38,18 @@ func confirm(cmd *cobra.Command, yes bool, question string) error {
 	return nil
 }
 
-// plan describes what a migration would do, from the registries.
-type migrationPlan struct {
-	Machine, Volume, Source, Target string
-	VolumeSize                      int64
-	DataOffset                      int64
-	Old6PN                          string
-	Locks                           []string
-	Steps                           []string
-}
-
-func makePlan(ctx context.Context, c *api.Client, machineID, target string) (*migrationPlan, error) {
-	m, err := c.GetMachine(ctx, machineID)
-	if err != nil {
-		return nil, withCode(refusalCode(err), err)
-	}
-	if m.Worker == target {
-		return nil, withCode(ExitRefused, fmt.Errorf("machine %s already runs on %s", machineID, target))
-	}
-	v, err := c.GetVolume(ctx, m.Volume)
-	if err != nil {
-		return nil, withCode(refusalCode(err), err)
-	}
-	p := &migrationPlan{Machine: m.ID, Volume: v.ID, Source: m.Worker, Target: target, VolumeSize: v.Size, Old6PN: m.Addr6PN,
-		Locks: []string{"volume/" + v.ID}}
-	if m.Network != 0 {
-		p.Locks = append(p.Locks, fmt.Sprintf("network/%d", m.Network))
-	}
-	if v.Layout != nil {
-		p.DataOffset = v.Layout.DataOffset
-	}
-	for _, t := range fsm.Transitions {
-		if t.From[0] == fsm.RollingBack || t.Event == fsm.EvAbort || t.Event == fsm.EvFailed {
-			continue
-		}
-		p.Steps = append(p.Steps, fmt.Sprintf("%-16s %-8s %s", t.To, t.Roles[0], t.Doc))
-	}
-	return p, nil
-}
-
-func (p *migrationPlan) print(w io.Writer) {
-	fmt.Fprintf(w, "migrate machine %s (volume %s, %s) from %s to %s\n", p.Machine, p.Volume, humanBytes(p.VolumeSize), p.Source, p.Target)
-	fmt.Fprintf(w, "  LUKS2 layout carried from the source: data offset %s\n", humanBytes(p.DataOffset))
-	fmt.Fprintf(w, "  bytes to copy: at most %s; the source's holes (known-zero) and what fstrim frees are skipped\n", humanBytes(p.VolumeSize))
-	fmt.Fprintf(w, "  6PN: %s moves to the target's host id; the old address keeps answering for the grace period\n", p.Old6PN)
-	fmt.Fprintf(w, "  locks: %s\n  steps:\n", strings.Join(p.Locks, ", "))
-	for _, s := range p.Steps {
-		fmt.Fprintf(w, "    %s\n", s)
-	}
-	fmt.Fprintln(w, "  abort is safe until cutover (the machine restarts on the source); after cutover only forward")
-}
-
-// progressLine renders one migration's progress.
-func progressLine(m *fsm.Migration) string {
-	const width = 30
-	pct := 0.0
-	rate, eta := "", ""
-	if m.Progress != nil {
-		pct = m.Progress.Percent()
-		if m.Progress.RateBPS > 0 {
-			rate = humanBytes(m.Progress.RateBPS) + "/s"
-		}
-		if m.Progress.ETASeconds > 0 {
-			eta = "ETA " + (time.Duration(m.Progress.ETASeconds) * time.Second).String()
-		}
-	}
-	if m.State == fsm.Hydrated || m.State == fsm.SourceReleased || m.State == fsm.Completed {
-		pct = 100
-	}
-	n := int(pct / 100 * width)
-	bar := strings.Repeat("#", n) + strings.Repeat(".", width-n)
-	s := fmt.Sprintf("%-14s %-16s [%s] %5.1f%% %s %s", m.ID, m.State, bar, pct, rate, eta)
-	if m.Stalled {
-		s += " STALLED: " + m.StallCause
-	}
-	return strings.TrimRight(s, " ")
-}
-
-// waitMigrations follows migrations until each ends; it returns the final records.
-func waitMigrations(ctx context.Context, c *api.Client, w io.Writer, ids []string, live bool) (map[string]*fsm.Migration, error) {
-	final := map[string]*fsm.Migration{}
-	last := map[string]string{}
-	for len(final) < len(ids) {
-		for _, id := range ids {
-			if final[id] != nil {
-				continue
-			}
-			m, err := c.GetMigration(ctx, id)
-			if err != nil {
-				return final, err
-			}
-			line := progressLine(m)
-			if line != last[id] {
-				if live {
-					fmt.Fprintf(w, "\r\033[K%s", line)
-				} else {
-					fmt.Fprintln(w, line)
-				}
-				last[id] = line
-			}
-			if m.State.Terminal() {
-				if live {
-					fmt.Fprintln(w)
-				}
-				final[id] = m
-			}
-		}
-		select {
-		case <-ctx.Done():
-			return final, ctx.Err()
-		case <-time.After(200 * time.Millisecond):
-		}
-	}
-	return final, nil
-}
-
+// outcomeCode gives the "rolled back" exit code when any of ms rolled back.
 func outcomeCode(ms map[string]*fsm.Migration) error {
-	var rolled []string
-	for id, m := range ms {
-		if m.State == fsm.RolledBack {
-			reason := ""
-			if m.Rollback != nil {
-				reason = ": " + m.Rollback.Reason
-			}
-			rolled = append(rolled, id+reason)
-		}
-	}
-	if len(rolled) > 0 {
-		sort.Strings(rolled)
+	if rolled := operator.RolledBack(ms); len(rolled) > 0 {
 		return withCode(ExitRolledBack, fmt.Errorf("rolled back: %s", strings.Join(rolled, "; ")))
 	}
 	return nil
 }
 
-func init() {
+func newMigrateCmd() *cobra.Command {
 	var target string
 	var planOnly, wait, yes, asJSON bool
+	var maxDowntime time.Duration
 	mig := &cobra.Command{
 		Use:   "migrate MACHINE --to WORKER",
 		Short: "Move a machine and its volume to another worker (kill, clone, boot)",
@@ -192,25 +66,25 @@ nothing. Exit codes: 0 completed (or started, without --wait), 1 failed, 2 usage
 			}
 			defer c.Close()
 			ctx := cmd.Context()
-			p, err := makePlan(ctx, c, args[0], target)
+			p, err := operator.MakeMigrationPlan(ctx, c, args[0], target)
 			if err != nil {
-				return err
+				return withCode(exitCode(err), err)
 			}
 			out := cmd.OutOrStdout()
 			if planOnly {
 				if asJSON {
 					return writeJSONOut(out, p)
 				}
-				p.print(out)
+				p.Print(out)
 				return nil
 			}
 			if !asJSON && !yes {
-				p.print(out)
+				p.Print(out)
 			}
 			if err := confirm(cmd, yes, "apply?"); err != nil {
 				return err
 			}
-			m, err := c.CreateMigration(ctx, api.PlanRequest{Machine: args[0], Target: target})
+			m, err := c.CreateMigration(ctx, api.PlanRequest{Machine: args[0], Target: target, MaxDowntime: api.Duration(maxDowntime)})
 			if err != nil {
 				return withCode(refusalCode(err), err)
 			}
@@ -221,7 +95,7 @@ nothing. Exit codes: 0 completed (or started, without --wait), 1 failed, 2 usage
 				fmt.Fprintf(out, "migration %s started: ferry status %s\n", m.ID, m.ID)
 				return nil
 			}
-			final, err := waitMigrations(ctx, c, cmd.ErrOrStderr(), []string{m.ID}, isTerminal(os.Stderr) && !asJSON)
+			final, err := operator.FollowMigrations(ctx, c, cmd.ErrOrStderr(), []string{m.ID}, isTerminal(os.Stderr) && !asJSON)
 			if err != nil {
 				return err
 			}
@@ -239,13 +113,18 @@ nothing. Exit codes: 0 completed (or started, without --wait), 1 failed, 2 usage
 		},
 	}
 	mig.Flags().StringVar(&target, "to", "", "target worker")
+	mig.Flags().DurationVar(&maxDowntime, "max-downtime", fsm.DefaultMaxDowntime, "downtime budget: if the steps from stopping the machine to cutover take longer, the migration rolls back and the machine restarts on the source")
 	mig.Flags().BoolVar(&planOnly, "plan", false, "print the plan and change nothing")
 	mig.Flags().BoolVar(&wait, "wait", false, "follow the migration with a progress bar until it ends")
 	mig.Flags().BoolVarP(&yes, "yes", "y", false, "apply without asking")
 	mig.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	addClientFlags(mig)
+	return mig
+}
 
+func newAbortCmd() *cobra.Command {
 	var reason string
+	var asJSON bool
 	var targetGone bool
 	abort := &cobra.Command{
 		Use:   "abort MIGRATION-ID",
@@ -261,6 +140,9 @@ nothing. Exit codes: 0 completed (or started, without --wait), 1 failed, 2 usage
 				if err != nil {
 					return withCode(refusalCode(err), err)
 				}
+				if asJSON {
+					return writeJSONOut(cmd.OutOrStdout(), m)
+				}
 				fmt.Fprintf(cmd.OutOrStdout(), "migration %s: target teardown confirmed by the operator; the source restarts the machine\n", m.ID)
 				return nil
 			}
@@ -268,13 +150,16 @@ nothing. Exit codes: 0 completed (or started, without --wait), 1 failed, 2 usage
 			if err != nil {
 				return withCode(refusalCode(err), err)
 			}
+			if asJSON {
+				return writeJSONOut(cmd.OutOrStdout(), m)
+			}
 			fmt.Fprintf(cmd.OutOrStdout(), "migration %s is %s: the target tears down, then the machine restarts on %s\n", m.ID, m.State, m.Source)
 			return nil
 		}),
 	}
 	abort.Flags().StringVar(&reason, "reason", "operator abort", "why (recorded in the migration)")
 	abort.Flags().BoolVar(&targetGone, "target-gone", false, "while rolling back with the target worker dead for good: confirm its teardown so the source restarts the machine")
+	abort.Flags().BoolVar(&asJSON, "json", false, "print the migration record as JSON")
 	addClientFlags(abort)
-
-	register(mig, abort)
+	return abort
 }

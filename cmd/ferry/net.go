@@ -3,11 +3,11 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/netip"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -56,7 +56,13 @@ func newNetCmd() *cobra.Command {
 		Use:   "net",
 		Short: "6PN addresses and the old->new address mappings of migrated machines",
 	}
+	netCmd.AddCommand(newNetAddrCmd(), newNetMappingsCmd(), newNetExpireCmd(), newNetStateCmd(), newNetFabricCmd(),
+		newNetMachineCmd(), newNetStepCmd("cutover"), newNetStepCmd("rollback"))
+	return netCmd
+}
 
+// newNetAddrCmd builds `ferry net addr build|parse`.
+func newNetAddrCmd() *cobra.Command {
 	var asJSON bool
 	addrCmd := &cobra.Command{Use: "addr", Short: "Build and parse 6PN addresses (fdaa:ORG:HOST:MACHINE::)"}
 	var org, host, machine string
@@ -104,7 +110,10 @@ func newNetCmd() *cobra.Command {
 	}
 	addrCmd.PersistentFlags().BoolVar(&asJSON, "json", false, "print JSON")
 	addrCmd.AddCommand(build, parse)
+	return addrCmd
+}
 
+func newNetMappingsCmd() *cobra.Command {
 	var dataDir string
 	var namespaces []string
 	var all, mapJSON bool
@@ -171,7 +180,11 @@ func newNetCmd() *cobra.Command {
 	mappings.Flags().StringSliceVar(&namespaces, "ns", nil, "also list the mappings in these network namespaces' kernel state (\"\" = this one)")
 	mappings.Flags().BoolVar(&all, "all", false, "include records whose grace period has ended but were not expired yet")
 	mappings.Flags().BoolVar(&mapJSON, "json", false, "print JSON")
+	return mappings
+}
 
+func newNetExpireCmd() *cobra.Command {
+	var dataDir string
 	expire := &cobra.Command{
 		Use:   "expire",
 		Short: "Remove the mappings whose grace period has ended (what the agent does on a timer)",
@@ -191,7 +204,10 @@ func newNetCmd() *cobra.Command {
 		},
 	}
 	expire.Flags().StringVar(&dataDir, "data-dir", defaultDataDir, "agent data directory")
+	return expire
+}
 
+func newNetStateCmd() *cobra.Command {
 	state := &cobra.Command{
 		Use:   "state [NS]",
 		Short: "Print a namespace's IPv6 addresses, routes and nft ruleset (the snapshot tests compare)",
@@ -209,9 +225,7 @@ func newNetCmd() *cobra.Command {
 			return err
 		},
 	}
-
-	netCmd.AddCommand(addrCmd, mappings, expire, state, newNetFabricCmd(), newNetMachineCmd(), newNetStepCmd("cutover"), newNetStepCmd("rollback"))
-	return netCmd
+	return state
 }
 
 // newNetFabricCmd builds `ferry net fabric up|down`: the private network
@@ -227,21 +241,11 @@ func newNetFabricCmd() *cobra.Command {
 		}
 		f := &netrewrite.Fabric{BridgeNS: bridgeNS, Prefix: p}
 		for _, m := range members {
-			parts := strings.Split(m, ",")
-			if len(parts) != 3 {
-				return nil, withCode(ExitUsage, fmt.Errorf("--member %q: use NS,HOSTID,FABRICADDR (HOSTID 0 for a peer)", m))
-			}
-			var host uint32
-			if parts[1] != "0" {
-				if host, err = parseID("member host id", parts[1]); err != nil {
-					return nil, err
-				}
-			}
-			a, err := netip.ParseAddr(parts[2])
+			fm, err := netrewrite.ParseFabricMember(m)
 			if err != nil {
-				return nil, withCode(ExitUsage, fmt.Errorf("--member %q: %w", m, err))
+				return nil, withCode(ExitUsage, fmt.Errorf("--member: %w", err))
 			}
-			f.Members = append(f.Members, netrewrite.FabricMember{NS: parts[0], HostID: host, Addr: a})
+			f.Members = append(f.Members, fm)
 		}
 		return f, nil
 	}
@@ -386,29 +390,14 @@ func newNetStepCmd(step string) *cobra.Command {
 				return err
 			}
 			plan := netrewrite.TargetPlan{Machine: m, Old: o, Mode: netrewrite.Mode(mode)}
-			store := mappingStore(dataDir)
 			if step == "rollback" {
-				if err := netrewrite.RollbackTarget(cmd.Context(), log, plan); err != nil {
-					return err
-				}
-				return dropSide(store, o, true)
+				return mappingStore(dataDir).RollbackTarget(cmd.Context(), log, plan)
 			}
-			if err := netrewrite.CutoverTarget(cmd.Context(), log, plan); err != nil {
-				return err
-			}
-			if grace <= 0 {
-				return nil
-			}
-			rec, err := netrewrite.NewMapping(machine, plan, nil, time.Now(), grace)
-			if err != nil {
+			err = mappingStore(dataDir).CutoverTarget(cmd.Context(), log, machine, plan, time.Now(), grace)
+			if errors.Is(err, netrewrite.ErrBadAddr) {
 				return withCode(ExitUsage, err)
 			}
-			if prev, ok, err := store.Get(o); err != nil {
-				return err
-			} else if ok {
-				rec.Source = prev.Source
-			}
-			return store.Put(rec)
+			return err
 		},
 	}
 	tf.add(target, "the machine's NEW 6PN address (on the target)")
@@ -434,32 +423,20 @@ func newNetStepCmd(step string) *cobra.Command {
 				return err
 			}
 			plan := netrewrite.SourcePlan{Machine: m, Via: v, ViaDev: viaDev}
-			store := mappingStore(dataDir)
 			if step == "rollback" {
-				if err := netrewrite.RollbackSource(cmd.Context(), log, plan); err != nil {
-					return err
+				return mappingStore(dataDir).RollbackSource(cmd.Context(), log, plan)
+			}
+			var n netrewrite.Addr
+			if newAddr != "" {
+				if n, err = netrewrite.Parse(newAddr); err != nil {
+					return withCode(ExitUsage, fmt.Errorf("--new: %w", err))
 				}
-				return dropSide(store, m.Addr, false)
 			}
-			if err := netrewrite.CutoverSource(cmd.Context(), log, plan); err != nil {
-				return err
+			err = mappingStore(dataDir).CutoverSource(cmd.Context(), log, machine, plan, n, time.Now(), grace)
+			if errors.Is(err, netrewrite.ErrBadAddr) {
+				return withCode(ExitUsage, err)
 			}
-			if grace <= 0 {
-				return nil
-			}
-			rec, ok, err := store.Get(m.Addr)
-			if err != nil {
-				return err
-			}
-			if !ok {
-				n, err := netrewrite.Parse(newAddr)
-				if err != nil {
-					return withCode(ExitUsage, fmt.Errorf("--new (needed to record the mapping): %w", err))
-				}
-				rec = netrewrite.Mapping{Machine: machine, Old: m.Addr, New: n, Until: time.Now().Add(grace).UTC()}
-			}
-			rec.Source = &plan
-			return store.Put(rec)
+			return err
 		},
 	}
 	sf.add(source, "the machine's OLD 6PN address (on the source)")
@@ -478,23 +455,3 @@ func newNetStepCmd(step string) *cobra.Command {
 	cmd.AddCommand(target, source)
 	return cmd
 }
-
-// dropSide forgets one side of a rolled-back mapping record, and the record
-// once neither side is left.
-func dropSide(store netrewrite.Store, old netrewrite.Addr, target bool) error {
-	rec, ok, err := store.Get(old)
-	if err != nil || !ok {
-		return err
-	}
-	if target {
-		rec.Target = nil
-	} else {
-		rec.Source = nil
-	}
-	if rec.Target == nil && rec.Source == nil {
-		return store.Delete(old)
-	}
-	return store.Put(rec)
-}
-
-func init() { register(newNetCmd()) }

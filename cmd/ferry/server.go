@@ -22,7 +22,7 @@ func init() {
 		Short: "Run a ferry server: a raft voter holding the migration state machine, serving the /v1 API over mTLS",
 		Long: `Run a ferry server. One node for development (--bootstrap), three or five in production:
 start the first with --bootstrap, the others with --join <API address of any member>.
-Writes sent to a follower are forwarded to the leader.`,
+A follower answers writes with the leader's address; clients send them there themselves.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log, err := newLogger(true)
@@ -54,10 +54,12 @@ Writes sent to a follower are forwarded to the leader.`,
 	f.StringVar(&cfg.Listen, "listen", "127.0.0.1:7400", "HTTP API address (mTLS)")
 	f.StringVar(&cfg.Advertise, "advertise", "", "API address other servers reach this one at (default: --listen)")
 	f.StringVar(&cfg.RaftAddr, "raft-addr", "127.0.0.1:7401", "raft transport address (mTLS); must be reachable by the other servers")
-	f.DurationVar(&cfg.Retention, "retention", server.DefaultRetention, "finished migrations and drains are deleted from the state after this long")
 	f.BoolVar(&cfg.Bootstrap, "bootstrap", false, "start a new cluster with this server as its only voter")
 	f.StringVar(&join, "join", "", "API address(es) of an existing cluster's servers, comma-separated")
 	f.StringVar(&cfg.TLSDir, "tls-dir", "/etc/ferry/tls", "directory made by `ferry tls` holding ca.pem and <name>.pem")
+	f.DurationVar(&cfg.GCRetention, "gc-retention", server.DefaultGCRetention, "how long terminal migrations, ended drains and destroyed volumes stay readable before they are deleted")
+	f.Float64Var(&cfg.WriteRate, "write-rate", server.DefaultWriteRate, "writes per second each certificate may make")
+	f.IntVar(&cfg.WriteBurst, "write-burst", server.DefaultWriteBurst, "writes each certificate may make in a burst")
 	register(cmd)
 }
 

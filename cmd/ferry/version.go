@@ -9,11 +9,11 @@ import (
 // version is set with -ldflags "-X main.version=..." by the Makefile.
 var version = "dev"
 
-func init() {
-	register(&cobra.Command{
+func newVersionCmd() *cobra.Command {
+	return &cobra.Command{
 		Use:   "version",
 		Short: "Print ferry's version",
 		Args:  cobra.NoArgs,
 		Run:   func(cmd *cobra.Command, _ []string) { fmt.Fprintln(cmd.OutOrStdout(), "ferry", version) },
-	})
+	}
 }

@@ -11,9 +11,12 @@ import (
 
 	"github.com/ferry-dev/ferry/api"
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/bytesize"
+	"github.com/ferry-dev/ferry/internal/operator"
 )
 
-func init() {
+// newWorkerCmd lists workers and cordons them.
+func newWorkerCmd() *cobra.Command {
 	wc := &cobra.Command{Use: "worker", Short: "List workers with their lease and capacity; cordon or uncordon them"}
 	var reason string
 	var asJSON bool
@@ -65,7 +68,7 @@ func init() {
 		addClientFlags(sc)
 	}
 	wc.AddCommand(cordon, uncordon, list)
-	register(wc)
+	return wc
 }
 
 func printWorkers(w io.Writer, ws []fsm.Worker, now time.Time) {
@@ -74,7 +77,7 @@ func printWorkers(w io.Writer, ws []fsm.Worker, now time.Time) {
 	for _, x := range ws {
 		lease := "expired"
 		if x.Alive(now) {
-			lease = "valid " + age(x.LeaseExpiry.Sub(now))
+			lease = "valid " + operator.Age(x.LeaseExpiry.Sub(now))
 		}
 		pl := "eligible"
 		if x.Cordoned {
@@ -83,13 +86,13 @@ func printWorkers(w io.Writer, ws []fsm.Worker, now time.Time) {
 		free, hyd, link := "-", "-", "-"
 		if r := x.Report; r != nil {
 			if r.TotalBytes > 0 {
-				free = fmt.Sprintf("%s of %s", humanBytes(r.FreeBytes), humanBytes(r.TotalBytes))
+				free = fmt.Sprintf("%s of %s", bytesize.Format(r.FreeBytes), bytesize.Format(r.TotalBytes))
 			}
 			if r.HydrateBPS > 0 {
-				hyd = humanBytes(r.HydrateBPS) + "/s"
+				hyd = bytesize.Format(r.HydrateBPS) + "/s"
 			}
 			if r.LinkBPS > 0 {
-				link = humanBytes(r.LinkBPS) + "/s"
+				link = bytesize.Format(r.LinkBPS) + "/s"
 			}
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d/%d\t%s\t%s\n", x.Name, lease, pl, free, x.LimitIn(), x.LimitOut(), hyd, link)

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"os/signal"
@@ -12,13 +11,13 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/ferry-dev/ferry/workload"
+	"github.com/ferry-dev/ferry/machine/workload"
 )
 
 // `ferry workload run` is the demo and test machine: it appends checksummed
 // records to its volume and acknowledges durable batches outside it, and
 // answers TCP on its 6PN address so address rewriting can be checked.
-func init() {
+func newWorkloadCmd() *cobra.Command {
 	var cfg workload.Config
 	var listen string
 	run := &cobra.Command{
@@ -43,7 +42,7 @@ func init() {
 					return fmt.Errorf("workload listen %s: %w", listen, err)
 				}
 				defer ln.Close()
-				go echo(ln)
+				go workload.ServeEchoWho(ln, os.Getenv("FERRY_WORKER"))
 			}
 			return workload.Run(ctx, cfg)
 		},
@@ -70,19 +69,5 @@ func init() {
 	}
 	wl := &cobra.Command{Use: "workload", Short: "The checksummed-records workload used by the demo and tests", Hidden: true}
 	wl.AddCommand(run, verify)
-	register(wl)
-}
-
-func echo(ln net.Listener) {
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			return
-		}
-		go func() {
-			defer c.Close()
-			c.SetDeadline(time.Now().Add(30 * time.Second))
-			io.Copy(c, c)
-		}()
-	}
+	return wl
 }

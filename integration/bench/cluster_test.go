@@ -20,9 +20,8 @@ import (
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/testbed"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
-	"github.com/ferry-dev/ferry/luks"
+	"github.com/ferry-dev/ferry/machine/workload"
 	"github.com/ferry-dev/ferry/server/servertest"
-	"github.com/ferry-dev/ferry/workload"
 )
 
 // bed starts a two-worker cluster (server + agents in namespaces).
@@ -285,14 +284,14 @@ func benchSparse(b *testing.B, s *suite) {
 // (raft over mTLS, loopback), the agents' proposals made directly by
 // clients holding worker certificates: plan, nine events, server completion.
 func benchControlPlane(b *testing.B, s *suite) {
-	c := servertest.New(b, 3, servertest.Options{HeartbeatTimeout: time.Second})
+	c := servertest.New(b, 3, servertest.Options{HeartbeatTimeout: time.Second, WriteRate: -1}) // throughput, not the per-identity limit
 	ctx := context.Background()
 	op := c.Client("operator", tlsutil.KindOperator)
 	pairs, per := 16, 8
 	if quick {
 		pairs, per = 8, 4
 	}
-	layout := &luks.Layout{UUID: "u", DataOffset: 16 << 20, MetadataSize: 16384, KeyslotsSize: 16744448,
+	layout := &fsm.LUKSLayout{UUID: "u", DataOffset: 16 << 20, MetadataSize: 16384, KeyslotsSize: 16744448,
 		SectorSize: 4096, Cipher: "aes-xts-plain64", KeyBytes: 64, PayloadSize: 32 << 20}
 	type pair struct{ src, dst *api.Client }
 	ps := make([]pair, pairs)
@@ -310,7 +309,11 @@ func benchControlPlane(b *testing.B, s *suite) {
 			if _, err := ps[i].src.CreateVolume(ctx, fsm.Volume{ID: "v" + id, Worker: sn, Size: 48 << 20, State: fsm.VolCreated, Layout: layout}); err != nil {
 				b.Fatal(err)
 			}
-			if _, err := ps[i].src.CreateMachine(ctx, fsm.Machine{ID: id, Worker: sn, Volume: "v" + id, Network: uint32(1000 + i*per + k), MachineNo: 1,
+			// The target's volume, which target_prepared names.
+			if _, err := ps[i].dst.CreateVolume(ctx, fsm.Volume{ID: "t" + id, Worker: dn, Size: 48 << 20, State: fsm.VolHydrating}); err != nil {
+				b.Fatal(err)
+			}
+			if _, err := op.CreateMachine(ctx, fsm.Machine{ID: id, Worker: sn, Volume: "v" + id, Network: uint32(1000 + i*per + k), MachineNo: 1,
 				State: fsm.MachineRunning, Addr6PN: fmt.Sprintf("fdaa:0:%x:0:%x:0:1:0", 1000+i*per+k, 2*i+1)}); err != nil {
 				b.Fatal(err)
 			}
@@ -379,7 +382,7 @@ func driveMigration(ctx context.Context, op, src, dst *api.Client, machineID, ta
 	}{
 		{dst, fsm.EvTargetPrepared, fsm.EventPayload{TargetVolume: "t" + machineID, Layout: m.Layout}},
 		{src, fsm.EvSourceStopped, fsm.EventPayload{Layout: m.Layout}},
-		{src, fsm.EvExported, fsm.EventPayload{Export: &fsm.Export{Portal: "127.0.0.1:3260", IQN: "iqn.2026-11.dev.ferry:" + machineID}}},
+		{src, fsm.EvExported, fsm.EventPayload{Export: &fsm.Export{Portal: "127.0.0.1:3260", IQN: "iqn.2026-11.dev.ferry:ferry:" + id}}},
 		{dst, fsm.EvCloneBuilt, fsm.EventPayload{}},
 		{dst, fsm.EvTrimmed, fsm.EventPayload{}},
 		{dst, fsm.EvCutover, fsm.EventPayload{}},

@@ -10,6 +10,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -165,9 +167,11 @@ func startTgtd(b *testing.B, dir, path string) (portal, iqn string, stop func())
 
 // benchHydration: a dense volume hydrated by ferry (export -> initiator ->
 // clone engine, over loopback TCP), next to the raw file copy on the same
-// disk (the limit) and to peers doing the same job: qemu-img convert
-// reading the file through qemu-nbd, and ferry's engine reading it through
-// Debian's tgt.
+// disk (the limit) and to peers doing the same job: ferry's engine reading
+// it through Debian's tgt, and qemu-img convert reading the file through
+// qemu-nbd. ferry, cp and tgt run in turns, the order rotating every round,
+// so all see the same load on a shared machine; each ratio is the median
+// of its per-round ratios.
 func benchHydration(b *testing.B, s *suite) {
 	size := denseSize()
 	dir := b.TempDir()
@@ -179,51 +183,93 @@ func benchHydration(b *testing.B, s *suite) {
 	}
 
 	// The limit: a raw copy of the same file on the same disk.
-	dropCaches()
-	t0 := time.Now()
-	if out, err := exec.Command("cp", "--sparse=never", src, filepath.Join(dir, "raw.copy")).CombinedOutput(); err != nil {
-		b.Fatalf("cp: %v %s", err, out)
+	runCp := func() float64 {
+		dropCaches()
+		t0 := time.Now()
+		if out, err := exec.Command("cp", "--sparse=never", src, filepath.Join(dir, "raw.copy")).CombinedOutput(); err != nil {
+			b.Fatalf("cp: %v %s", err, out)
+		}
+		exec.Command("sync").Run()
+		raw := time.Since(t0)
+		os.Remove(filepath.Join(dir, "raw.copy"))
+		return mibps(size, raw)
 	}
-	exec.Command("sync").Run()
-	raw := time.Since(t0)
-	os.Remove(filepath.Join(dir, "raw.copy"))
-	rawRate := mibps(size, raw)
-
 	// ferry: its export, its initiator, its engine.
-	dropCaches()
-	exp, lun := exportFerry(b, dir, src)
-	took, p, pts := hydrate(b, lun, filepath.Join(dir, "ferry.dest"), nil)
-	exec.Command("sync").Run()
-	lun.Close()
-	exp.Stop()
-	os.Remove(filepath.Join(dir, "ferry.dest"))
-	if p.FetchedBytes < size*9/10 {
-		b.Fatalf("ferry fetched %d of %d dense bytes", p.FetchedBytes, size)
+	var ferryPts []point
+	runFerry := func() float64 {
+		dropCaches()
+		exp, lun := exportFerry(b, dir, src)
+		took, p, pts := hydrate(b, lun, filepath.Join(dir, "ferry.dest"), nil)
+		took += timeSync() // as for cp: until the bytes are on the disk
+		lun.Close()
+		exp.Stop()
+		os.Remove(filepath.Join(dir, "ferry.dest"))
+		os.Remove(filepath.Join(dir, "ferry.dest.meta")) // or the next round finds it all hydrated
+		if p.FetchedBytes < size*9/10 {
+			b.Fatalf("ferry fetched %d of %d dense bytes", p.FetchedBytes, size)
+		}
+		ferryPts = pts
+		return mibps(p.FetchedBytes, took)
 	}
-	ferryRate := mibps(p.FetchedBytes, took)
-	s.plot("dense.svg", series{"ferry: export + initiator + clone engine", pts})
-	s.plot("contended.svg", series{"ferry, idle machine", pts})
-	s.add(row{"hydration, dense " + label + ": ferry vs raw copy (limit)", fmt.Sprintf("%.0f MiB/s", ferryRate),
-		fmt.Sprintf("cp: %.0f MiB/s", rawRate), fmt.Sprintf("%.2f", ferryRate/rawRate), "loopback iSCSI, 4 KiB regions, page cache dropped"})
-
 	// Peer 1: Debian's tgt serving the file, read by ferry's initiator into the same engine.
-	if _, err := exec.LookPath("tgtd"); err == nil {
+	_, tgtErr := exec.LookPath("tgtd")
+	var tgtPts []point
+	runTgt := func() float64 {
 		dropCaches()
 		portal, iqn, stop := startTgtd(b, dir, src)
+		defer stop()
 		tl, err := iscsi.Dial(b.Context(), zerolog.Nop(), iscsi.InitiatorConfig{Portal: portal, IQN: iqn, LUN: 1})
 		if err != nil {
-			stop()
 			b.Fatalf("dial tgtd: %v", err)
 		}
-		ttook, tp, tpts := hydrate(b, tl, filepath.Join(dir, "tgt.dest"), nil)
-		exec.Command("sync").Run()
+		ttook, tp, pts := hydrate(b, tl, filepath.Join(dir, "tgt.dest"), nil)
+		ttook += timeSync()
 		tl.Close()
-		stop()
 		os.Remove(filepath.Join(dir, "tgt.dest"))
-		tRate := mibps(tp.FetchedBytes, ttook)
-		s.plot("dense.svg", series{"tgt export + ferry initiator + engine", tpts})
+		os.Remove(filepath.Join(dir, "tgt.dest.meta"))
+		tgtPts = pts
+		return mibps(tp.FetchedBytes, ttook)
+	}
+	type contender struct {
+		name string
+		run  func() float64
+		got  []float64
+	}
+	cs := []*contender{{name: "ferry", run: runFerry}, {name: "cp", run: runCp}}
+	if tgtErr == nil {
+		cs = append(cs, &contender{name: "tgtd", run: runTgt})
+	}
+	rounds := 5
+	if quick {
+		rounds = 3
+	}
+	for r := 0; r < rounds; r++ {
+		for i := range cs {
+			c := cs[(r+i)%len(cs)]
+			c.got = append(c.got, c.run())
+			b.Logf("round %d: %s %.0f MiB/s", r, c.name, c.got[len(c.got)-1])
+		}
+	}
+	ferry, cp := cs[0].got, cs[1].got
+	ratio := func(ref []float64) float64 {
+		rs := make([]float64, len(ferry))
+		for i := range ferry {
+			rs[i] = ferry[i] / ref[i]
+		}
+		return medianF(rs)
+	}
+	ferryRate := medianF(ferry)
+	s.plot("dense.svg", series{"ferry: export + initiator + clone engine", ferryPts})
+	s.plot("contended.svg", series{"ferry, idle machine", ferryPts})
+	s.add(row{"hydration, dense " + label + ": ferry vs raw copy (limit)", fmt.Sprintf("%.0f MiB/s", ferryRate),
+		fmt.Sprintf("cp: %.0f MiB/s", medianF(cp)), fmt.Sprintf("%.2f", ratio(cp)),
+		fmt.Sprintf("loopback iSCSI, 4 KiB regions, page cache dropped; median of %d alternating rounds", rounds)})
+	if tgtErr == nil {
+		tgt := cs[2].got
+		s.plot("dense.svg", series{"tgt export + ferry initiator + engine", tgtPts})
 		s.add(row{"hydration, dense " + label + ": ferry vs tgt + ferry's initiator", fmt.Sprintf("%.0f MiB/s", ferryRate),
-			fmt.Sprintf("tgtd: %.0f MiB/s", tRate), fmt.Sprintf("%.2f", ferryRate/tRate), "same initiator and engine; only the target differs"})
+			fmt.Sprintf("tgtd: %.0f MiB/s", medianF(tgt)), fmt.Sprintf("%.2f", ratio(tgt)),
+			fmt.Sprintf("same initiator and engine; only the target differs; median of %d alternating rounds", rounds)})
 	} else {
 		s.add(row{"hydration, dense: tgt peer", "", "skipped", "", "needs tgtd (apt-get install tgt)"})
 	}
@@ -257,12 +303,13 @@ func benchHydration(b *testing.B, s *suite) {
 		}
 		os.Remove(filepath.Join(dir, "qemu.dest"))
 		qRate := mibps(size, qtook)
-		s.add(row{"hydration, dense " + label + ": ferry vs qemu-img over qemu-nbd", fmt.Sprintf("%.0f MiB/s", ferryRate),
+		s.add(row{"hydration, dense " + label + ": ferry vs qemu-img over qemu-nbd (one run)", fmt.Sprintf("%.0f MiB/s", ferryRate),
 			fmt.Sprintf("qemu-img: %.0f MiB/s", qRate), fmt.Sprintf("%.2f", ferryRate/qRate), "a full copy job (no clone: nothing usable before it ends)"})
 	} else {
 		s.add(row{"hydration, dense: qemu-nbd peer", "", "skipped", "", "needs qemu-nbd (apt-get install qemu-utils)"})
 	}
-	s.notes = append(s.notes, "Hydration: a file of random bytes on the work disk is the source; each contender copies it to a fresh file on the same disk, page cache dropped before each; rate = bytes / time until the last byte is on the destination (engine Done, or the copy command's exit, then sync).")
+	s.notes = append(s.notes, "Hydration: a file of random bytes on the work disk is the source; each contender copies it to a fresh file on the same disk, page cache dropped before each, ferry, cp and tgt taking turns; rate = bytes / time until the last byte is on the destination (engine Done, or the copy command's exit, then sync).")
+	s.notes = append(s.notes, "Hydration ratios depend on what bounds the machine during the run: with an idle disk the copy is CPU-bound and cp (one in-kernel copy) wins, ferry reaching about 0.5–0.55× on this 2-core machine; with a busy disk ferry's parallel sessions and read-ahead keep more reads queued than cp and it reached 1.4×. The per-round figures are in the -v output.")
 }
 
 // benchContended: the same ferry hydration while a saturating foreground
@@ -333,6 +380,108 @@ func benchContended(b *testing.B, s *suite) {
 		ratio = fmt.Sprintf("%.2f", rate/idle)
 	}
 	s.add(row{"background hydration under a saturating workload", fmt.Sprintf("%.0f MiB/s (%.0f k fg IOPS)", rate, float64(ops.Load())/took.Seconds()/1000),
-		fmt.Sprintf("idle: %.0f MiB/s; dm-clone: 0 (pauses)", idle), ratio + " of idle", "dm-clone pauses background hydration while user I/O is in flight"})
-	s.notes = append(s.notes, "Contended: 4 threads of random 4 KiB reads and writes on an already-hydrated 64 MiB hot set of the clone, as fast as they go, for the whole hydration; ferry's background copy keeps its reserved share of the source slots (MinShare). dm-clone's documentation: it \"takes into account user I/O traffic going to the devices and pauses the background hydration when there is I/O in-flight\".")
+		fmt.Sprintf("idle: %.0f MiB/s; dm-clone: pauses (quoted, not measured)", idle), ratio + " of idle", "dm-clone's figure is a quote from its documentation, not a measurement: it pauses background hydration while user I/O is in flight"})
+	s.notes = append(s.notes, "Contended: 4 threads of random 4 KiB reads and writes on an already-hydrated 64 MiB hot set of the clone, as fast as they go, for the whole hydration; ferry's background copy keeps its reserved share of the source slots (MinShare). Quoted, not measured (dm-clone needs a kernel module the suite's host lacks), from the Linux kernel's dm-clone documentation: it \"takes into account user I/O traffic going to the devices and pauses the background hydration when there is I/O in-flight\".")
+}
+
+// timeSync runs sync(1) and returns how long it took.
+func timeSync() time.Duration {
+	t0 := time.Now()
+	exec.Command("sync").Run()
+	return time.Since(t0)
+}
+
+func medianF(v []float64) float64 {
+	if len(v) == 0 {
+		return 0
+	}
+	s := append([]float64(nil), v...)
+	sort.Float64s(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+// benchExport: libiscsi's iscsi-perf (one session, 32 commands of 1 MiB in
+// flight, sequential) reading ferry's export and Debian's tgtd serving the
+// same file, in turns, order swapped every round; the ratio is the median
+// of the per-round ratios. The file is page-cached: this measures the
+// targets, not the disk.
+func benchExport(b *testing.B, s *suite) {
+	if _, err := exec.LookPath("iscsi-perf"); err != nil {
+		s.add(row{"export, iscsi-perf QD32 1 MiB", "", "skipped", "", "needs iscsi-perf (apt-get install libiscsi-bin)"})
+		return
+	}
+	if _, err := exec.LookPath("tgtd"); err != nil {
+		s.add(row{"export, iscsi-perf QD32 1 MiB", "", "skipped", "", "needs tgtd (apt-get install tgt)"})
+		return
+	}
+	dir := b.TempDir()
+	src := filepath.Join(dir, "lun")
+	makeDense(b, src, 512<<20)
+	exp, lun := exportFerry(b, dir, src)
+	lun.Close()
+	defer exp.Stop()
+	portal, iqn, stop := startTgtd(b, dir, src)
+	defer stop()
+	ferryURL := fmt.Sprintf("iscsi://%s/%s/0", exp.Portal(), exp.IQN())
+	tgtURL := fmt.Sprintf("iscsi://%s/%s/1", portal, iqn)
+	perf := func(url string) float64 {
+		out, err := exec.Command("iscsi-perf", "-t", "3", "-m", "32", "-b", "2048", url).CombinedOutput()
+		m := perfAverage.FindSubmatch(out)
+		if err != nil || m == nil {
+			b.Fatalf("iscsi-perf %s: %v\n%s", url, err, out)
+		}
+		v, _ := strconv.ParseFloat(string(m[1]), 64)
+		return v * (1 << 20) / 1e6
+	}
+	rounds := 8
+	if quick {
+		rounds = 4
+	}
+	var fs, ts, rs []float64
+	for r := 0; r < rounds; r++ {
+		var f, t float64
+		if r%2 == 0 {
+			f, t = perf(ferryURL), perf(tgtURL)
+		} else {
+			t, f = perf(tgtURL), perf(ferryURL)
+		}
+		fs, ts, rs = append(fs, f), append(ts, t), append(rs, f/t)
+		b.Logf("round %d: ferry %.0f MB/s, tgtd %.0f MB/s", r, f, t)
+	}
+	s.add(row{"export, iscsi-perf QD32 1 MiB: ferry vs tgtd", fmt.Sprintf("%.0f MB/s", medianF(fs)),
+		fmt.Sprintf("tgtd: %.0f MB/s", medianF(ts)), fmt.Sprintf("%.2f", medianF(rs)),
+		fmt.Sprintf("libiscsi, one session, page-cached 512 MiB file; median of %d alternating 3 s runs", rounds)})
+}
+
+var perfAverage = regexp.MustCompile(`\riops average \d+ \((\d+) MB/s\)`) // its "MB" is MiB
+
+// BenchmarkHydrateFerry runs ferry's dense hydration alone, b.N times, for
+// profiling (go test -cpuprofile profiles the initiator and the engine; the
+// export child is a separate process: perf record -p).
+//
+//	go test -run '^$' -bench HydrateFerry -benchtime 3x ./integration/bench
+func BenchmarkHydrateFerry(b *testing.B) {
+	if os.Geteuid() != 0 {
+		b.Skip("needs root (the export's network namespace)")
+	}
+	size := denseSize()
+	dir := b.TempDir()
+	src := filepath.Join(dir, "dense")
+	makeDense(b, src, size)
+	b.SetBytes(size)
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		dropCaches()
+		exp, lun := exportFerry(b, dir, src)
+		took, p, _ := hydrate(b, lun, filepath.Join(dir, "ferry.dest"), nil)
+		took += timeSync()
+		lun.Close()
+		exp.Stop()
+		os.Remove(filepath.Join(dir, "ferry.dest"))
+		os.Remove(filepath.Join(dir, "ferry.dest.meta"))
+		b.Logf("run %d: %.0f MiB/s", i, mibps(p.FetchedBytes, took))
+	}
 }

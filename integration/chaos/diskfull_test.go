@@ -13,7 +13,7 @@ import (
 
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/testbed"
-	"github.com/ferry-dev/ferry/workload"
+	"github.com/ferry-dev/ferry/machine/workload"
 )
 
 // smallFS is an ext4 filesystem on a loop-mounted image outside the bed's

@@ -1,5 +1,5 @@
 // Package chaos shows ferry's promise under faults: every migration ends
-// completed or rolled back, DESIGN.md's invariants hold, no acknowledged
+// completed or rolled back, the invariants hold (docs/architecture.md), no acknowledged
 // record is lost and nothing leaks, whatever is killed or cut at whatever
 // state. Real clusters (internal/testbed): agents and a server in network
 // namespaces, LUKS2 volumes, FUSE + loop + ext4, iSCSI over the fabric.
@@ -15,7 +15,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"sort"
 	"strings"
 	"sync"
@@ -27,8 +26,9 @@ import (
 
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/testbed"
+	"github.com/ferry-dev/ferry/internal/testenv"
 	"github.com/ferry-dev/ferry/iscsi"
-	"github.com/ferry-dev/ferry/workload"
+	"github.com/ferry-dev/ferry/machine/workload"
 )
 
 var ferryBin string
@@ -63,6 +63,10 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	code := m.Run()
+	if err := testbed.RaceReports(dir, os.Stderr); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		code = 1
+	}
 	os.RemoveAll(dir)
 	var names []string
 	for n := range reports {
@@ -77,17 +81,9 @@ func TestMain(m *testing.M) {
 
 func requireEnv(t testing.TB) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root (network namespaces, loop devices, mounts)")
-	}
-	for _, tool := range []string{"cryptsetup", "mkfs.ext4", "nsenter", "losetup", "fstrim", "fusermount3", "ip", "ss"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("needs %s: run scripts/deps.sh", tool)
-		}
-	}
-	if _, err := os.Stat("/dev/fuse"); err != nil {
-		t.Skip("needs /dev/fuse")
-	}
+	testenv.Root(t, "network namespaces, loop devices, mounts")
+	testenv.Tools(t, "run scripts/deps.sh", "cryptsetup", "mkfs.ext4", "nsenter", "losetup", "fstrim", "fusermount3", "ip", "ss")
+	testenv.Paths(t, "modprobe fuse", "/dev/fuse")
 }
 
 // cluster is a test bed with the failpoints each agent currently runs with.
@@ -240,12 +236,11 @@ type outcome struct {
 // watcher follows a migration and hashes the source volume once it is
 // frozen, to check invariant 1 at the end.
 type watcher struct {
-	mu      sync.Mutex
-	frozen  *[32]byte
-	maxSeen fsm.State
-	states  []fsm.State
-	stop    chan struct{}
-	done    chan struct{}
+	mu     sync.Mutex
+	frozen *[32]byte
+	states []fsm.State
+	stop   chan struct{}
+	done   chan struct{}
 }
 
 func (c *cluster) watch(id, srcWorker, srcVol string) *watcher {

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/testenv"
 )
 
 // fill writes mib MiB of random data into a machine's mount, so a
@@ -214,11 +215,7 @@ func TestLinkDownBeforeCutover(t *testing.T) {
 // faster than the link allows.
 func TestLossAndBandwidthCap(t *testing.T) {
 	t.Parallel() // each test has its own cluster; most of their time is waiting
-	for _, tool := range []string{"nft", "tc"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("needs %s: run scripts/deps.sh (nftables, iproute2)", tool)
-		}
-	}
+	testenv.Tools(t, "run scripts/deps.sh (nftables, iproute2)", "nft", "tc")
 	c := newCluster(t, 2)
 	a := c.ws[0]
 	if err := c.bed.CreateVolume(c.ctx, "qvol", a, 96<<20); err != nil {

@@ -17,6 +17,7 @@ import (
 
 	"github.com/ferry-dev/ferry/blockdev"
 	"github.com/ferry-dev/ferry/dmclone"
+	"github.com/ferry-dev/ferry/internal/testenv"
 	"github.com/ferry-dev/ferry/iscsi"
 )
 
@@ -45,9 +46,7 @@ func (f *faultyDev) ReadAt(p []byte, off int64) (int, error) {
 // resumes, and the destination equals the source byte for byte.
 func TestSourceReadErrors(t *testing.T) {
 	t.Parallel() // each test has its own cluster; most of their time is waiting
-	if os.Geteuid() != 0 {
-		t.Skip("needs root (the export's private network namespace)")
-	}
+	testenv.Root(t, "the export's private network namespace")
 	dir := t.TempDir()
 	const size = 8 << 20
 	src := filepath.Join(dir, "source")

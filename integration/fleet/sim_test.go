@@ -18,7 +18,6 @@ import (
 
 	"github.com/ferry-dev/ferry/api"
 	"github.com/ferry-dev/ferry/fsm"
-	"github.com/ferry-dev/ferry/luks"
 )
 
 // Fabric is the timing model shared by every simulated agent.
@@ -352,7 +351,7 @@ func (a *SimAgent) hydrate(ctx context.Context, m *fsm.Migration) error {
 		if d := done * 10 / max(total, 1); d != decile && done < total {
 			decile = d
 			p := &fsm.Progress{HydratedBytes: done, TotalBytes: total, FetchedBytes: done, RateBPS: r, ETASeconds: (total - done) / max(r, 1)}
-			if _, err := a.C.Propose(ctx, m.ID, fsm.EvProgress, "", fsm.EventPayload{Progress: p, Milestone: true}); err != nil && ctx.Err() != nil {
+			if _, err := a.C.Propose(ctx, m.ID, fsm.EvProgress, "", fsm.EventPayload{Progress: p}); err != nil && ctx.Err() != nil {
 				return err
 			}
 		}
@@ -362,8 +361,8 @@ func (a *SimAgent) hydrate(ctx context.Context, m *fsm.Migration) error {
 }
 
 // simLayout is a LUKS2 layout for a volume of size bytes.
-func simLayout(size int64) *luks.Layout {
-	return &luks.Layout{UUID: "sim", DataOffset: 16 << 20, MetadataSize: 16384, KeyslotsSize: 16744448,
+func simLayout(size int64) *fsm.LUKSLayout {
+	return &fsm.LUKSLayout{UUID: "sim", DataOffset: 16 << 20, MetadataSize: 16384, KeyslotsSize: 16744448,
 		SectorSize: 4096, Cipher: "aes-xts-plain64", KeyBytes: 64, PayloadSize: size - 16<<20}
 }
 

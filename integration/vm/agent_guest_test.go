@@ -2,6 +2,7 @@ package vm
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -11,11 +12,11 @@ import (
 
 	"github.com/rs/zerolog"
 
-	"github.com/ferry-dev/ferry/agent"
 	"github.com/ferry-dev/ferry/blockdev"
 	"github.com/ferry-dev/ferry/datapath"
+	"github.com/ferry-dev/ferry/datapath/kernel"
+	"github.com/ferry-dev/ferry/datapath/loopdev"
 	"github.com/ferry-dev/ferry/iscsi"
-	"github.com/ferry-dev/ferry/loopdev"
 )
 
 // dmNames lists the device-mapper devices whose names contain sub.
@@ -43,13 +44,13 @@ func loopsOn(t *testing.T, path string) []string {
 	return devs
 }
 
-func kernelVolumes(dir string, log zerolog.Logger) *agent.KernelVolumes {
-	return &agent.KernelVolumes{DataDir: dir, Log: log, Loops: agent.LoopDevs{}, FastKDF: true,
-		ISCSI: &agent.OpenISCSI{Log: log}, PollInterval: 100 * time.Millisecond, StallAfter: 5 * time.Second}
+func kernelVolumes(dir string, log zerolog.Logger) *kernel.Backend {
+	return &kernel.Backend{DataDir: dir, Log: log, Loops: loopdev.System{}, FastKDF: true,
+		ISCSI: &kernel.OpenISCSI{Log: log}, PollInterval: 100 * time.Millisecond, StallAfter: 5 * time.Second}
 }
 
 // TestGuestAgentKernelBackend drives the agent's kernel backend
-// (agent.KernelVolumes) through one migration's data-path operations, with
+// (kernel.Backend) through one migration's data-path operations, with
 // an agent restart on the target between trim and hydration: create (LUKS2 +
 // ext4 through dm-crypt), mount, unmount, ferry's export, clone over
 // open-iscsi (twice: idempotent), fstrim, adoption of the live clone by a new
@@ -79,8 +80,8 @@ func TestGuestAgentKernelBackend(t *testing.T) {
 			t.Fatalf("mount %d: %v", i, err)
 		}
 	}
-	if n := dmNames(t, vol); len(n) != 1 || n[0] != agent.CryptName(vol) {
-		t.Fatalf("source devices %v, want only %s", n, agent.CryptName(vol))
+	if n := dmNames(t, vol); len(n) != 1 || n[0] != kernel.CryptName(vol) {
+		t.Fatalf("source devices %v, want only %s", n, kernel.CryptName(vol))
 	}
 	appendRecords(t, filepath.Join(mntA, "records"), 0, 50)
 	if err := os.WriteFile(filepath.Join(mntA, "gone"), make([]byte, 6<<20), 0o644); err != nil {
@@ -129,7 +130,7 @@ func TestGuestAgentKernelBackend(t *testing.T) {
 		t.Fatal(err)
 	}
 	df.Close()
-	spec := agent.CloneSpec{Volume: tv, Layout: layout, Portal: e.Portal(), IQN: e.IQN(), KnownZero: holes}
+	spec := datapath.CloneSpec{Volume: tv, Layout: layout, Portal: e.Portal(), IQN: e.IQN(), KnownZero: holes}
 	mntB := dst.MountPoint("m")
 	var plain string
 	for i := 0; i < 2; i++ {
@@ -150,7 +151,7 @@ func TestGuestAgentKernelBackend(t *testing.T) {
 	if before.Hydrating || before.Complete {
 		t.Fatalf("clone hydrates before cutover: %+v", before)
 	}
-	out, err := agent.Fstrim(ctx, mntB)
+	out, err := fstrim(ctx, mntB)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -172,7 +173,7 @@ func TestGuestAgentKernelBackend(t *testing.T) {
 	if err != nil {
 		t.Fatalf("adopting the clone after a restart: %v", err)
 	}
-	if _, err := dst2.MountClone(ctx, agent.CloneSpec{Volume: tv, Layout: layout, Portal: e.Portal(), IQN: e.IQN(), Hydrate: true}, pass, mntB); err != nil {
+	if _, err := dst2.MountClone(ctx, datapath.CloneSpec{Volume: tv, Layout: layout, Portal: e.Portal(), IQN: e.IQN(), Hydrate: true}, pass, mntB); err != nil {
 		t.Fatalf("re-running the clone step after a restart: %v", err)
 	}
 	waitUntil(t, "hydration enabled", func() bool { return status(t, h2).Hydrating })
@@ -190,7 +191,7 @@ func TestGuestAgentKernelBackend(t *testing.T) {
 			t.Fatalf("dissolve %d: %v", i, err)
 		}
 	}
-	if tbl := guestRun(t, "dmsetup", "table", agent.CloneName(tv)); !strings.Contains(tbl, " linear ") {
+	if tbl := guestRun(t, "dmsetup", "table", kernel.CloneName(tv)); !strings.Contains(tbl, " linear ") {
 		t.Fatalf("after dissolve the table is %q, want linear", tbl)
 	}
 	if d, err := dst2.ISCSI.Disk(e.IQN()); err == nil {
@@ -220,7 +221,7 @@ func TestGuestAgentKernelBackend(t *testing.T) {
 	if err := dst2.Unmount(ctx, tv, mntB); err != nil {
 		t.Fatal(err)
 	}
-	for _, b := range []*agent.KernelVolumes{src, dst2} {
+	for _, b := range []*kernel.Backend{src, dst2} {
 		if err := b.CleanupAll(ctx); err != nil {
 			t.Fatal(err)
 		}
@@ -236,7 +237,7 @@ func TestGuestAgentKernelBackend(t *testing.T) {
 	}
 }
 
-func status(t *testing.T, h agent.CloneHandle) datapath.Status {
+func status(t *testing.T, h datapath.CloneHandle) datapath.Status {
 	t.Helper()
 	st, err := h.Status(context.Background())
 	if err != nil {
@@ -246,4 +247,13 @@ func status(t *testing.T, h agent.CloneHandle) datapath.Status {
 		t.Fatalf("clone status without progress: %+v", st)
 	}
 	return *st
+}
+
+// fstrim discards the filesystem's unused blocks at mnt.
+func fstrim(ctx context.Context, mnt string) (string, error) {
+	out, err := exec.CommandContext(ctx, "fstrim", "-v", mnt).CombinedOutput()
+	if err != nil {
+		return "", fmt.Errorf("fstrim %s: %w: %s", mnt, err, strings.TrimSpace(string(out)))
+	}
+	return strings.TrimSpace(string(out)), nil
 }

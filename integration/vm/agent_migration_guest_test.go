@@ -15,12 +15,13 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 
-	"github.com/ferry-dev/ferry/agent"
 	"github.com/ferry-dev/ferry/api"
+	"github.com/ferry-dev/ferry/datapath/kernel"
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/operator"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
+	"github.com/ferry-dev/ferry/machine/workload"
 	"github.com/ferry-dev/ferry/netrewrite"
-	"github.com/ferry-dev/ferry/workload"
 )
 
 // The guest has no nsenter: the test binary re-executes itself with these
@@ -191,7 +192,8 @@ func (g *guestCluster) dumpLogs() {
 func (g *guestCluster) agentArgs(worker, addr string, hostID int) []string {
 	return []string{"agent", "--worker", worker, "--host-id", fmt.Sprint(hostID), "--address", addr,
 		"--server", serverAddr, "--tls-dir", g.tls, "--data-dir", filepath.Join(g.dir, worker),
-		"--backend", "kernel", "--fast-kdf", "--log-level", "info"}
+		"--backend", "kernel", "--fast-kdf", "--log-level", "info",
+		"--machine-user", "root"} // the workload's ack log lives in the guest's private folder
 }
 
 // TestGuestAgentMigration: an agent-driven migration on the kernel path. A
@@ -214,18 +216,17 @@ func TestGuestAgentMigration(t *testing.T) {
 	g.tls = filepath.Join(g.dir, "tls")
 	t0 := time.Now()
 	g.fabric()
-	if err := tlsutil.InitCA(g.tls); err != nil {
-		t.Fatal(err)
-	}
+	var certs []tlsutil.Cert // the CA stays next to g.tls (tlsutil.DevCADir), never in it
 	for _, c := range []struct{ name, kind, host string }{{"server", tlsutil.KindServer, tgtAddr}, {"operator", tlsutil.KindOperator, ""},
 		{workerSrc, tlsutil.KindWorker, srcAddr}, {workerTgt, tlsutil.KindWorker, tgtAddr}} {
 		var hosts []string
 		if c.host != "" {
 			hosts = []string{c.host}
 		}
-		if err := tlsutil.Issue(g.tls, c.name, c.kind, hosts); err != nil {
-			t.Fatal(err)
-		}
+		certs = append(certs, tlsutil.Cert{Name: c.name, Kind: c.kind, Hosts: hosts})
+	}
+	if err := tlsutil.EnsureDev(g.tls, certs...); err != nil {
+		t.Fatal(err)
 	}
 	t.Cleanup(func() {
 		if t.Failed() {
@@ -271,10 +272,11 @@ func TestGuestAgentMigration(t *testing.T) {
 
 	// The volume, formatted by the source agent's kernel backend.
 	t1 := time.Now()
-	if _, err := g.c.CreateVolume(ctx, fsm.Volume{ID: migVolume, Worker: workerSrc, Size: migVolBytes, State: fsm.VolCreating}); err != nil {
+	// As an operator does once per cluster: the agent then makes and seals the key.
+	if _, err := operator.RecoveryInit(ctx, g.c, filepath.Join(g.dir, "recovery.key")); err != nil {
 		t.Fatal(err)
 	}
-	if err := g.c.SetVolumeKey(ctx, migVolume, []byte(suffix()+suffix()+suffix()+suffix()+suffix()+suffix()+suffix()+suffix())); err != nil {
+	if _, err := g.c.CreateVolume(ctx, fsm.Volume{ID: migVolume, Worker: workerSrc, Size: migVolBytes, State: fsm.VolCreating}); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, ctx, time.Minute, "the volume created", func() bool {
@@ -291,7 +293,7 @@ func TestGuestAgentMigration(t *testing.T) {
 		n, _ := workload.Acked(ack)
 		return n >= 100
 	})
-	if n := dmNames(t, agent.CryptName(migVolume)); len(n) != 1 {
+	if n := dmNames(t, kernel.CryptName(migVolume)); len(n) != 1 {
 		t.Fatalf("the source volume is not served by dm-crypt (devices %v): not the kernel backend", n)
 	}
 
@@ -310,7 +312,7 @@ func TestGuestAgentMigration(t *testing.T) {
 	if fm, err := g.c.GetMigration(ctx, first.ID); err == nil {
 		firstTV = fm.TargetVol
 	}
-	if n := dmNames(t, agent.CloneName(firstTV)); firstTV == "" || len(n) != 1 {
+	if n := dmNames(t, kernel.CloneName(firstTV)); firstTV == "" || len(n) != 1 {
 		t.Fatalf("no dm-clone for the first migration's destination %q: %v", firstTV, n)
 	}
 	if _, err := g.c.Abort(ctx, first.ID, "vm test: rollback on the kernel path"); err != nil {
@@ -371,7 +373,7 @@ func TestGuestAgentMigration(t *testing.T) {
 				tv = m.TargetVol
 			}
 			if tv != "" && !sawClone && (m.State == fsm.Trimmed || m.State == fsm.Cutover || m.State == fsm.Hydrating) {
-				if tbl, err := exec.Command("dmsetup", "table", agent.CloneName(tv)).Output(); err == nil && strings.Contains(string(tbl), " clone ") {
+				if tbl, err := exec.Command("dmsetup", "table", kernel.CloneName(tv)).Output(); err == nil && strings.Contains(string(tbl), " clone ") {
 					sawClone = true
 				}
 			}
@@ -404,7 +406,7 @@ func TestGuestAgentMigration(t *testing.T) {
 		t.Errorf("never saw dm-clone under the destination %s during the migration", tv)
 	}
 	// Hydrated to linear under the running machine; the source session is gone.
-	if tbl := guestRun(t, "dmsetup", "table", agent.CloneName(tv)); !strings.Contains(tbl, " linear ") {
+	if tbl := guestRun(t, "dmsetup", "table", kernel.CloneName(tv)); !strings.Contains(tbl, " linear ") {
 		t.Fatalf("destination after hydration: %q, want a linear mapping", tbl)
 	}
 	if out, _ := exec.Command("iscsiadm", "-m", "session").CombinedOutput(); strings.Contains(string(out), "ferry") {

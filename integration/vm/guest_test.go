@@ -16,6 +16,7 @@ import (
 
 	"github.com/ferry-dev/ferry/blockdev"
 	"github.com/ferry-dev/ferry/dmclone"
+	"github.com/ferry-dev/ferry/internal/testenv"
 	"github.com/ferry-dev/ferry/iscsi"
 	"github.com/ferry-dev/ferry/luks"
 )
@@ -47,9 +48,7 @@ const guestISCSIFile = "iscsi.json"
 // TestKernelPathInVM, which checks they passed.
 func inGuest(t *testing.T) guestISCSI {
 	t.Helper()
-	if os.Getenv("FERRY_IN_VM") == "" {
-		t.Skip("runs inside the VM that TestKernelPathInVM boots")
-	}
+	testenv.Guest(t, "the test VM: TestKernelPathInVM boots it and runs this phase there", testenv.InGuest())
 	b, err := os.ReadFile(filepath.Join("/host", guestISCSIFile))
 	if err != nil {
 		t.Fatalf("the host left no %s: %v", guestISCSIFile, err)

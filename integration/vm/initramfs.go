@@ -41,9 +41,6 @@ var optionalGuestTools = []string{}
 //go:embed init.sh
 var initScript []byte
 
-// guestPath is the PATH inside the guest, real tools first.
-const guestPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
 // BuildInitramfs writes (or reuses from the cache) a gzip'd newc initramfs
 // for k: busybox-static, GuestTools with their libraries (plus libgcc_s,
 // without which argon2 luksFormat aborts), the modules of GuestModules and

@@ -1,20 +1,21 @@
 package vm
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 
+	"github.com/ferry-dev/ferry/internal/testenv"
+
 	"github.com/rs/zerolog"
 )
 
 // TestArchiveIsNewc checks ferry's cpio writer against GNU cpio's reader.
 func TestArchiveIsNewc(t *testing.T) {
-	if _, err := exec.LookPath("cpio"); err != nil {
-		t.Skip("needs cpio: apt-get install cpio (scripts/packages.txt)")
-	}
+	testenv.Tools(t, "apt-get install cpio (scripts/packages.txt)", "cpio")
 	a := newArchive()
 	if err := a.file("etc/deep/x.txt", []byte("hello"), 0o644); err != nil {
 		t.Fatal(err)
@@ -50,9 +51,7 @@ func TestArchiveIsNewc(t *testing.T) {
 
 func TestSharedLibsOfADynamicBinary(t *testing.T) {
 	bin, err := lookTool("ls")
-	if err != nil {
-		t.Skip("needs ls")
-	}
+	testenv.Require(t, "ls: apt-get install coreutils", err == nil)
 	libs, err := sharedLibs(t.Context(), bin)
 	if err != nil {
 		t.Fatal(err)
@@ -70,13 +69,9 @@ func TestSharedLibsOfADynamicBinary(t *testing.T) {
 // TestQueryPackages asks this machine's apt which kernel to use: the ABI is
 // discovered, never pinned.
 func TestQueryPackages(t *testing.T) {
-	if _, err := exec.LookPath("apt-cache"); err != nil {
-		t.Skip("needs apt-cache (a Debian machine)")
-	}
+	testenv.Tools(t, "a Debian machine", "apt-cache")
 	p, err := queryPackages(t.Context())
-	if err != nil {
-		t.Skipf("apt has no package lists here: %v", err)
-	}
+	testenv.Require(t, fmt.Sprintf("apt package lists: apt-get update (%v)", err), err == nil)
 	if !strings.HasSuffix(p.abi, "-amd64") || p.version == "" || !strings.HasPrefix(p.kbuild, "linux-kbuild-") ||
 		p.source != "linux-source-"+strings.TrimPrefix(p.kbuild, "linux-kbuild-") || !strings.HasSuffix(p.common, "-common") ||
 		!strings.HasPrefix(p.compiler, "gcc-") {

@@ -11,7 +11,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -19,6 +18,8 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/ferry-dev/ferry/blockdev"
+	"github.com/ferry-dev/ferry/internal/passphrase"
+	"github.com/ferry-dev/ferry/internal/testenv"
 	"github.com/ferry-dev/ferry/iscsi"
 	"github.com/ferry-dev/ferry/luks"
 )
@@ -65,13 +66,23 @@ type guestSuite struct {
 var guestSuites = []guestSuite{
 	{pkg: "./dmclone", run: "Kernel", needs: []string{"TestKernel"}},
 	{pkg: "./luks", run: "Kernel", needs: []string{"TestKernel"}},
+	{pkg: "./datapath/kernel", run: "TestConformance", needs: []string{"TestConformance"}},
 	{pkg: "./integration/vm", run: "TestGuest", needs: []string{"TestGuestISCSIKernelChain", "TestGuestKernelMigration",
 		"TestGuestAgentKernelBackend", "TestGuestAgentMigration"}},
 }
 
-// selectedSuites applies FERRY_VM_GUEST_RUN (a -test.run pattern): when set,
-// only this package's guest tests matching it run, for a quick iteration.
+// selectedSuites applies FERRY_VM_GUEST_PKG (one suite's package, e.g.
+// ./datapath/kernel) or FERRY_VM_GUEST_RUN (a -test.run pattern): when set,
+// only that package's guest tests, or this package's guest tests matching
+// the pattern, run, for a quick iteration.
 func selectedSuites() []guestSuite {
+	if pkg := os.Getenv("FERRY_VM_GUEST_PKG"); pkg != "" {
+		for _, s := range guestSuites {
+			if s.pkg == pkg {
+				return []guestSuite{s}
+			}
+		}
+	}
 	pat := os.Getenv("FERRY_VM_GUEST_RUN")
 	if pat == "" {
 		return guestSuites
@@ -88,10 +99,11 @@ func selectedSuites() []guestSuite {
 
 // goBin is the go command building the guest's test binaries.
 func goBin() string {
+	// go test puts its own GOROOT/bin first on the test's PATH.
 	if p, err := exec.LookPath("go"); err == nil {
 		return p
 	}
-	return filepath.Join(runtime.GOROOT(), "bin", "go")
+	return "go"
 }
 
 func moduleRoot(t *testing.T) string {
@@ -105,13 +117,10 @@ func moduleRoot(t *testing.T) string {
 // needVM skips without root or the host tools the harness uses, naming them.
 func needVM(t *testing.T) {
 	t.Helper()
-	if os.Getuid() != 0 {
-		t.Skip("needs root (apt-get download, depmod, qemu with 9p)")
-	}
+	testenv.Root(t, "apt-get download, depmod, qemu with 9p")
 	for _, tool := range []string{QEMU, "cryptsetup", "apt-get", "apt-cache", "dpkg-deb", "make", "gcc", "modprobe", "depmod", "xz", "busybox", "ldd"} {
-		if _, err := lookTool(tool); err != nil {
-			t.Skipf("needs %s: run scripts/deps.sh (scripts/packages.txt lists it)", tool)
-		}
+		_, err := lookTool(tool)
+		testenv.Require(t, tool+": run scripts/deps.sh (scripts/packages.txt lists it)", err == nil)
 	}
 }
 
@@ -203,7 +212,7 @@ func TestKernelPathInVM(t *testing.T) {
 			t.Fatalf("%s has no tests to run in the guest", s.pkg)
 		}
 		suites = append(suites, s)
-		fmt.Fprintf(&script, "echo '== suite %s'\n(cd /tmp && FERRY_IN_VM=1 /host/%s -test.v -test.count=1 -test.timeout=4m -test.run '%s') || { echo 'SUITE %s FAIL'; fail=1; }\n",
+		fmt.Fprintf(&script, "echo '== suite %s'\n(cd /tmp && FERRY_IN_VM=1 /host/%s -test.v -test.count=1 -test.timeout=6m -test.run '%s') || { echo 'SUITE %s FAIL'; fail=1; }\n",
 			name, name, s.run, name)
 	}
 	tBuild := time.Since(t1)
@@ -213,7 +222,7 @@ func TestKernelPathInVM(t *testing.T) {
 	}
 
 	export := startGuestExport(t, ctx, share)
-	res, err := Boot(ctx, log, BootConfig{Kernel: k, Initrd: initrd, Share: share, Timeout: 5 * time.Minute})
+	res, err := Boot(ctx, log, BootConfig{Kernel: k, Initrd: initrd, Share: share, Timeout: 8 * time.Minute})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -260,7 +269,7 @@ func startGuestExport(t *testing.T, ctx context.Context, share string) *iscsi.Ex
 	t.Helper()
 	image := filepath.Join(share, "volume.img")
 	keyFile := filepath.Join(share, "key")
-	pass := []byte(suffix() + suffix() + suffix() + suffix())
+	pass := passphrase.New()
 	if err := os.WriteFile(keyFile, pass, 0o600); err != nil {
 		t.Fatal(err)
 	}

@@ -22,6 +22,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/ferry-dev/ferry/api"
+	"github.com/ferry-dev/ferry/internal/operator"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
 	"github.com/ferry-dev/ferry/netrewrite"
 )
@@ -43,6 +44,8 @@ type Bed struct {
 	cfg    Config
 	Fabric netrewrite.Fabric
 	Client *api.Client
+	// RecoveryKeyFile holds the private recovery key Start made (0600).
+	RecoveryKeyFile string
 	// ServerAddr is the server's API address on the fabric.
 	ServerAddr string
 
@@ -103,21 +106,13 @@ func Start(ctx context.Context, cfg Config) (b *Bed, err error) {
 		return b, err
 	}
 	tlsDir := b.TLSDir()
-	if _, err := os.Stat(filepath.Join(tlsDir, "ca.pem")); os.IsNotExist(err) {
-		if err := tlsutil.InitCA(tlsDir); err != nil {
-			return b, err
-		}
-		if err := tlsutil.Issue(tlsDir, "server", tlsutil.KindServer, []string{ctlAddr.String()}); err != nil {
-			return b, err
-		}
-		if err := tlsutil.Issue(tlsDir, "operator", tlsutil.KindOperator, nil); err != nil {
-			return b, err
-		}
-		for _, w := range cfg.Workers {
-			if err := tlsutil.Issue(tlsDir, w, tlsutil.KindWorker, []string{b.addr[w].String()}); err != nil {
-				return b, err
-			}
-		}
+	// The CA stays next to tlsDir (tlsutil.DevCADir), never in it.
+	certs := []tlsutil.Cert{{Name: "server", Kind: tlsutil.KindServer, Hosts: []string{ctlAddr.String()}}, {Name: "operator", Kind: tlsutil.KindOperator}}
+	for _, w := range cfg.Workers {
+		certs = append(certs, tlsutil.Cert{Name: w, Kind: tlsutil.KindWorker, Hosts: []string{b.addr[w].String()}})
+	}
+	if err := tlsutil.EnsureDev(tlsDir, certs...); err != nil {
+		return b, err
 	}
 	b.ServerAddr = net.JoinHostPort(ctlAddr.String(), strconv.Itoa(serverPort))
 	if err := b.StartServer(); err != nil {
@@ -132,6 +127,14 @@ func Start(ctx context.Context, cfg Config) (b *Bed, err error) {
 		return b, err
 	}
 	b.Client.SetDialer(b.DialIn("ctl"))
+	// As an operator runs `ferry keys recovery-init` once: no volume key
+	// can be committed without a recovery envelope.
+	b.RecoveryKeyFile = filepath.Join(cfg.Dir, "recovery.key")
+	if _, err := os.Stat(b.RecoveryKeyFile); os.IsNotExist(err) {
+		if _, err := operator.RecoveryInit(ctx, b.Client, b.RecoveryKeyFile); err != nil {
+			return b, fmt.Errorf("recovery-init: %w", err)
+		}
+	}
 	for _, w := range cfg.Workers {
 		if err := b.StartAgent(w); err != nil {
 			return b, err
@@ -205,7 +208,10 @@ func (b *Bed) StartAgentEnv(w string, env []string) error {
 	args := []string{"agent", "--worker", w,
 		"--host-id", strconv.FormatUint(uint64(b.hostID[w]), 10), "--address", b.addr[w].String(),
 		"--server", b.ServerAddr, "--tls-dir", b.TLSDir(), "--data-dir", b.WorkerDir(w),
-		"--fast-kdf", "--grace", grace.String(), "--metrics-listen", "127.0.0.1:" + strconv.Itoa(MetricsPort)}
+		"--fast-kdf", "--grace", grace.String(), "--metrics-listen", "127.0.0.1:" + strconv.Itoa(MetricsPort),
+		// The bed's workload writes its acknowledgement log outside its
+		// volume, in the bed's private folder, which nobody cannot reach.
+		"--machine-user", "root"}
 	return b.start("agent/"+w, b.NSOf(w), "agent-"+w+".log", env, append(args, b.cfg.AgentArgs...)...)
 }
 

@@ -1,8 +1,17 @@
-// Package tlsutil makes ferry's development CA and certificates and builds
-// the mTLS configurations every process uses. A certificate's Common Name is
-// its holder's name (a worker, server or operator) and its Organizational
-// Unit is its kind; the server derives identity from them, never from a
-// request body.
+// Package tlsutil makes ferry's CA and certificates and builds the mTLS
+// configurations every process uses. A certificate's Common Name is its
+// holder's name (a worker, server or operator) and its Organizational Unit
+// is its kind; the server derives identity from them, never from a request
+// body.
+//
+// Lifecycle: the CA lives in its own folder on the CA host (InitCA); a host
+// makes its key where it is used and sends only a CSR (NewCSR); the CA host
+// signs it after checking the requested identity (Sign) or re-signs a
+// certificate for the same key (Renew); the host installs the certificate
+// (InstallCert). Runtime folders (a process's --tls-dir) hold the CA
+// certificate, the process's own key and certificate, never the CA key
+// (CheckRuntimeDir). Leaves live 30 days by default. EnsureDev does all of it
+// in one process for development, with the CA in DevCADir.
 package tlsutil
 
 import (
@@ -16,7 +25,6 @@ import (
 	"errors"
 	"fmt"
 	"math/big"
-	"net"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -33,7 +41,18 @@ const (
 const (
 	caCert = "ca.pem"
 	caKey  = "ca-key.pem"
+
+	// DefaultValidity is how long a leaf certificate lives unless asked
+	// otherwise: short enough that a lost key expires on its own soon,
+	// with `ferry tls renew` before then.
+	DefaultValidity = 30 * 24 * time.Hour
+	// MaxValidity caps a requested validity.
+	MaxValidity = 397 * 24 * time.Hour
 )
+
+// CAKeyFile is the CA private key's file name; a runtime folder holding it
+// is refused.
+const CAKeyFile = caKey
 
 var nameRE = regexp.MustCompile(`^[a-zA-Z0-9][a-zA-Z0-9._-]{0,62}$`)
 
@@ -70,55 +89,10 @@ func InitCA(dir string) error {
 	if err != nil {
 		return fmt.Errorf("signing CA: %w", err)
 	}
-	if err := writeKey(filepath.Join(dir, caKey), key); err != nil {
+	if err := writeKey(filepath.Join(dir, caKey), key, false); err != nil {
 		return err
 	}
-	return writePEM(filepath.Join(dir, caCert), "CERTIFICATE", der, 0o644)
-}
-
-// Issue signs a certificate for name with kind (server, worker, operator),
-// valid for the given extra hosts (DNS names or IPs) besides localhost, and
-// writes <name>.pem and <name>-key.pem into dir.
-func Issue(dir, name, kind string, hosts []string) error {
-	if !nameRE.MatchString(name) {
-		return fmt.Errorf("certificate name %q: use letters, digits, '.', '_' or '-' (max 63)", name)
-	}
-	if kind != KindServer && kind != KindWorker && kind != KindOperator {
-		return fmt.Errorf("certificate role %q: use server, worker or operator", kind)
-	}
-	ca, caK, err := loadCA(dir)
-	if err != nil {
-		return err
-	}
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return fmt.Errorf("generating key: %w", err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: serial(),
-		Subject:      pkix.Name{CommonName: name, OrganizationalUnit: []string{kind}, Organization: []string{"ferry"}},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(2 * 365 * 24 * time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-		DNSNames:     []string{name, "localhost"},
-		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback},
-	}
-	for _, h := range hosts {
-		if ip := net.ParseIP(h); ip != nil {
-			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
-		} else if h != "" {
-			tmpl.DNSNames = append(tmpl.DNSNames, h)
-		}
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caK)
-	if err != nil {
-		return fmt.Errorf("signing certificate for %s: %w", name, err)
-	}
-	if err := writeKey(filepath.Join(dir, name+"-key.pem"), key); err != nil {
-		return err
-	}
-	return writePEM(filepath.Join(dir, name+".pem"), "CERTIFICATE", der, 0o644)
+	return writePEM(filepath.Join(dir, caCert), "CERTIFICATE", der, 0o644, false)
 }
 
 // IdentityOf reads the holder's name and kind from a verified certificate.
@@ -201,14 +175,17 @@ func clientConfig(cert tls.Certificate, pool *x509.CertPool) *tls.Config {
 }
 
 func load(dir, name string) (tls.Certificate, *x509.CertPool, error) {
+	if err := CheckRuntimeDir(dir); err != nil {
+		return tls.Certificate{}, nil, err
+	}
 	cf, kf := Files(dir, name)
 	cert, err := tls.LoadX509KeyPair(cf, kf)
 	if err != nil {
-		return tls.Certificate{}, nil, fmt.Errorf("loading certificate %s: %w (make one with `ferry tls issue --dir %s --name %s`)", cf, err, dir, name)
+		return tls.Certificate{}, nil, fmt.Errorf("loading certificate %s: %w (make the key and a CSR with `ferry tls csr --dir %s --name %s`, sign it on the CA host with `ferry tls sign`)", cf, err, dir, name)
 	}
 	b, err := os.ReadFile(filepath.Join(dir, caCert))
 	if err != nil {
-		return tls.Certificate{}, nil, fmt.Errorf("reading CA: %w (make one with `ferry tls init --dir %s`)", err, dir)
+		return tls.Certificate{}, nil, fmt.Errorf("reading CA certificate: %w (copy ca.pem from the CA host into %s)", err, dir)
 	}
 	pool := x509.NewCertPool()
 	if !pool.AppendCertsFromPEM(b) {
@@ -242,18 +219,60 @@ func loadCA(dir string) (*x509.Certificate, *ecdsa.PrivateKey, error) {
 	return c, k, nil
 }
 
-func writeKey(path string, k *ecdsa.PrivateKey) error {
+func writeKey(path string, k *ecdsa.PrivateKey, force bool) error {
 	der, err := x509.MarshalECPrivateKey(k)
 	if err != nil {
 		return fmt.Errorf("encoding key: %w", err)
 	}
-	return writePEM(path, "EC PRIVATE KEY", der, 0o600)
+	return writePEM(path, "EC PRIVATE KEY", der, 0o600, force)
 }
 
-func writePEM(path, typ string, der []byte, mode os.FileMode) error {
-	b := pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der})
-	if err := os.WriteFile(path, b, mode); err != nil {
+func writePEM(path, typ string, der []byte, mode os.FileMode, force bool) error {
+	return WriteFileAtomic(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), mode, force)
+}
+
+// WriteFileAtomic writes data to path through a temporary file in the same
+// folder (created with mode, fsynced, renamed over path, folder fsynced), so
+// a crash leaves the old file or the new one, and a replaced file never
+// keeps an older, wider mode. Without force an existing path is an error.
+func WriteFileAtomic(path string, data []byte, mode os.FileMode, force bool) error {
+	if !force {
+		if _, err := os.Lstat(path); err == nil {
+			return fmt.Errorf("%s already exists: pass --force to replace it", path)
+		}
+	}
+	dir := filepath.Dir(path)
+	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
+	if err != nil {
 		return fmt.Errorf("writing %s: %w", path, err)
+	}
+	tmp := f.Name()
+	ok := false
+	defer func() {
+		if !ok {
+			f.Close()
+			os.Remove(tmp)
+		}
+	}()
+	if err := f.Chmod(mode); err != nil {
+		return fmt.Errorf("writing %s: %w", path, err)
+	}
+	if _, err := f.Write(data); err != nil {
+		return fmt.Errorf("writing %s: %w", path, err)
+	}
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("writing %s: fsync: %w", path, err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("writing %s: %w", path, err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("writing %s: %w", path, err)
+	}
+	ok = true
+	if d, err := os.Open(dir); err == nil {
+		_ = d.Sync()
+		d.Close()
 	}
 	return nil
 }

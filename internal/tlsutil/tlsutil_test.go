@@ -11,16 +11,22 @@ import (
 	"testing"
 )
 
+// issue is Issue with the default options, failing the test on error.
+func issue(caDir, dir, name, kind string, hosts []string) error {
+	_, err := Issue(caDir, dir, name, kind, hosts, IssueOptions{})
+	return err
+}
+
 func TestIssueAndIdentity(t *testing.T) {
-	dir := t.TempDir()
-	if err := InitCA(dir); err != nil {
+	ca, dir := t.TempDir(), t.TempDir()
+	if err := InitCA(ca); err != nil {
 		t.Fatal(err)
 	}
-	if err := InitCA(dir); err == nil {
+	if err := InitCA(ca); err == nil {
 		t.Fatal("second InitCA overwrote the CA")
 	}
 	for _, c := range []struct{ name, kind string }{{"s1", KindServer}, {"worker-a", KindWorker}, {"op", KindOperator}} {
-		if err := Issue(dir, c.name, c.kind, []string{"10.0.0.1", "node.example"}); err != nil {
+		if err := issue(ca, dir, c.name, c.kind, []string{"10.0.0.1", "node.example"}); err != nil {
 			t.Fatal(err)
 		}
 		b, _ := os.ReadFile(filepath.Join(dir, c.name+".pem"))
@@ -37,10 +43,10 @@ func TestIssueAndIdentity(t *testing.T) {
 			t.Fatalf("key mode %v", fi.Mode())
 		}
 	}
-	if err := Issue(dir, "../evil", KindWorker, nil); err == nil {
+	if err := issue(ca, dir, "../evil", KindWorker, nil); err == nil {
 		t.Fatal("path-like name accepted")
 	}
-	if err := Issue(dir, "x", "admin", nil); err == nil {
+	if err := issue(ca, dir, "x", "admin", nil); err == nil {
 		t.Fatal("unknown role accepted")
 	}
 }
@@ -49,7 +55,8 @@ func TestIssueAndIdentity(t *testing.T) {
 // refuses a non-server peer, and a client of another CA is refused.
 func TestMutualTLS(t *testing.T) {
 	dir, other := t.TempDir(), t.TempDir()
-	for _, d := range []string{dir, other} {
+	ca, otherCA := t.TempDir(), t.TempDir()
+	for _, d := range []string{ca, otherCA} {
 		if err := InitCA(d); err != nil {
 			t.Fatal(err)
 		}
@@ -60,10 +67,10 @@ func TestMutualTLS(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	must(Issue(dir, "s1", KindServer, nil))
-	must(Issue(dir, "w1", KindWorker, nil))
-	must(Issue(dir, "w2", KindWorker, nil))
-	must(Issue(other, "w1", KindWorker, nil))
+	must(issue(ca, dir, "s1", KindServer, nil))
+	must(issue(ca, dir, "w1", KindWorker, nil))
+	must(issue(ca, dir, "w2", KindWorker, nil))
+	must(issue(otherCA, other, "w1", KindWorker, nil))
 
 	serve := func(cert string, only ...string) (addr string, ids chan Identity) {
 		sc, err := ServerConfig(dir, cert)
@@ -124,7 +131,7 @@ func TestMutualTLS(t *testing.T) {
 		t.Fatal("client certificate of another CA accepted")
 	}
 	// A listener for servers only (raft) refuses a worker's certificate.
-	must(Issue(dir, "s2", KindServer, nil))
+	must(issue(ca, dir, "s2", KindServer, nil))
 	raddr, rids := serve("s1", KindServer)
 	if err := dial(raddr, dir, "w1"); err == nil {
 		t.Fatal("worker certificate accepted by a servers-only listener")

@@ -11,7 +11,6 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/ferry-dev/ferry/fsm"
-	"github.com/ferry-dev/ferry/luks"
 )
 
 // logApplier stands in for raft: it encodes each command and applies it to
@@ -59,7 +58,7 @@ func (f *fixture) must(typ fsm.CommandType, p any) *fsm.Result {
 	return r
 }
 
-var layout = &luks.Layout{UUID: "u", DataOffset: 16 << 20, MetadataSize: 16384, KeyslotsSize: 16744448,
+var layout = &fsm.LUKSLayout{UUID: "u", DataOffset: 16 << 20, MetadataSize: 16384, KeyslotsSize: 16744448,
 	SectorSize: 4096, Cipher: "aes-xts-plain64", KeyBytes: 64, PayloadSize: 64 << 20}
 
 // newFixture: worker src holds n machines of 10 GiB; targets have room.

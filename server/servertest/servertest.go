@@ -15,6 +15,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/ferry-dev/ferry/api"
+	"github.com/ferry-dev/ferry/internal/sealing"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
 	"github.com/ferry-dev/ferry/server"
 )
@@ -27,6 +28,9 @@ type Cluster struct {
 	Servers []*server.Server // nil while stopped
 	cfgs    []server.Config
 	log     zerolog.Logger
+	// Recovery is the private half of the recovery key New registered (as
+	// `ferry keys recovery-init` does), nil with Options.NoRecoveryKey.
+	Recovery *sealing.PrivateKey
 }
 
 // Options tune a cluster; zero values are fine.
@@ -36,6 +40,10 @@ type Options struct {
 	Log               *zerolog.Logger
 	ReconcileInterval time.Duration
 	DrainBatch        time.Duration // least time between drainer passes (default the server's)
+	GCRetention       time.Duration // default the server's
+	WriteRate         float64       // per-identity writes/s; default the server's, negative: unlimited
+	WriteBurst        int
+	NoRecoveryKey     bool // skip registering a recovery key (volumes cannot be created)
 }
 
 // New starts n servers (the first bootstraps, the others join) and waits
@@ -63,7 +71,8 @@ func New(t testing.TB, n int, o Options) *Cluster {
 			ID: fmt.Sprintf("s%d", i), DataDir: filepath.Join(dir, fmt.Sprintf("s%d", i)),
 			Listen: "127.0.0.1:0", RaftAddr: "127.0.0.1:0", Bootstrap: i == 0, TLSDir: c.TLSDir,
 			HeartbeatTimeout: o.HeartbeatTimeout, ElectionTimeout: o.HeartbeatTimeout,
-			SnapshotThreshold: o.SnapshotThreshold, ReconcileInterval: o.ReconcileInterval, DrainBatch: o.DrainBatch,
+			SnapshotThreshold: o.SnapshotThreshold, ReconcileInterval: o.ReconcileInterval,
+			GCRetention: o.GCRetention, DrainBatch: o.DrainBatch, WriteRate: o.WriteRate, WriteBurst: o.WriteBurst,
 		}
 		if i > 0 {
 			cfg.Join = []string{c.Servers[0].Addr()}
@@ -81,6 +90,16 @@ func New(t testing.TB, n int, o Options) *Cluster {
 		}
 	}
 	c.WaitMembers(n, 30*time.Second)
+	if !o.NoRecoveryKey {
+		k, err := sealing.Generate()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := c.Client("operator", tlsutil.KindOperator).SetRecoveryKey(context.Background(), k.Public()); err != nil {
+			t.Fatalf("registering the recovery key: %v", err)
+		}
+		c.Recovery = k
+	}
 	return c
 }
 

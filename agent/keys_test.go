@@ -1,0 +1,128 @@
+package agent
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"sync"
+	"testing"
+
+	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/sealing"
+)
+
+// envCP keeps envelopes and worker keys in memory for these tests only;
+// who may read what is the store's rule, tested in fsm and server.
+type envCP struct {
+	fakeCP
+	mu       sync.Mutex
+	envs     map[string]fsm.Envelope
+	workers  map[string]fsm.PublicKey
+	recovery fsm.PublicKey
+}
+
+func envKey(vol string, p fsm.Purpose) string { return vol + "/" + string(p) }
+
+func (f *envCP) Envelope(_ context.Context, vol string, p fsm.Purpose) (*fsm.Envelope, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	e, ok := f.envs[envKey(vol, p)]
+	if !ok {
+		return nil, &fsm.Refusal{Kind: fsm.RefuseNotFound, Code: fsm.CodeNotFound, Reason: "no envelope"}
+	}
+	return &e, nil
+}
+func (f *envCP) PutEnvelopes(_ context.Context, vol string, envs []fsm.Envelope) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, e := range envs {
+		f.envs[envKey(vol, e.Purpose)] = e
+	}
+	return nil
+}
+func (f *envCP) SetWorkerKey(_ context.Context, w string, k fsm.PublicKey) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.workers[w] = k
+	return nil
+}
+func (f *envCP) RecoveryKey(context.Context) (*fsm.PublicKey, error) { return &f.recovery, nil }
+func (f *envCP) GetWorker(_ context.Context, name string) (*fsm.Worker, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	k := f.workers[name]
+	return &fsm.Worker{Name: name, Address: "fd00::2", KEK: &k}, nil
+}
+
+func TestWorkerKeyMadeOnceAndPrivate(t *testing.T) {
+	a := newTestAgent(t, &fakeCP{}, "w1")
+	st, err := os.Stat(KEKPath(a.cfg.DataDir))
+	if err != nil || st.Mode().Perm() != 0o600 {
+		t.Fatalf("key file: %v %v", st, err)
+	}
+	b, err := New(a.log, a.cfg, a.cp, a.exp, nil, a.mach, a.vols)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b.kek.Public().Fingerprint != a.kek.Public().Fingerprint {
+		t.Fatal("a restarted agent made a new key")
+	}
+}
+
+func TestVolumeKeysSealedAndCarried(t *testing.T) {
+	ctx := t.Context()
+	rk, _ := sealing.Generate()
+	cp := &envCP{envs: map[string]fsm.Envelope{}, workers: map[string]fsm.PublicKey{}, recovery: rk.Public()}
+	src := newTestAgent(t, cp, "src")
+	dst := newTestAgent(t, cp, "dst")
+	for _, a := range []*Agent{src, dst} {
+		_ = cp.SetWorkerKey(ctx, a.cfg.Worker, a.kek.Public())
+	}
+
+	// A new volume: a fresh 64-character passphrase, sealed to the owner
+	// and the recovery key before it is used; a retry gets the same key.
+	k1, err := src.newVolumeKey(ctx, "vol1")
+	if err != nil || len(k1) != 64 {
+		t.Fatalf("new key %q: %v", k1, err)
+	}
+	again, err := src.newVolumeKey(ctx, "vol1")
+	if err != nil || !bytes.Equal(again, k1) {
+		t.Fatalf("retry made another key: %v", err)
+	}
+	k2, _ := src.newVolumeKey(ctx, "vol2")
+	if bytes.Equal(k1, k2) {
+		t.Fatal("two volumes got the same key")
+	}
+	rec := cp.envs[envKey("vol1", fsm.PurposeRecovery)]
+	if got, err := sealing.Open(rk, rec, sealing.Binding{Volume: "vol1", Recipient: fsm.RecoveryRecipient, Purpose: fsm.PurposeRecovery}); err != nil || !bytes.Equal(got, k1) {
+		t.Fatalf("recovery envelope: %v", err)
+	}
+	// The target cannot open the owner envelope.
+	if _, err := sealing.Open(dst.kek, cp.envs[envKey("vol1", fsm.PurposeOwner)], sealing.Binding{Volume: "vol1", Recipient: "src", Purpose: fsm.PurposeOwner}); err == nil {
+		t.Fatal("the target opened the source's owner envelope")
+	}
+
+	// A migration: the source seals to the target; the target opens it and
+	// becomes the owner of the destination volume with its own envelopes.
+	m := &fsm.Migration{ID: "m1", Volume: "vol1", Source: "src", Target: "dst", TargetVol: "vol1-m1"}
+	if err := src.sealForTarget(ctx, m); err != nil {
+		t.Fatal(err)
+	}
+	got, err := dst.migrationKey(ctx, m)
+	if err != nil || !bytes.Equal(got, k1) {
+		t.Fatalf("target key: %v", err)
+	}
+	own := cp.envs[envKey("vol1-m1", fsm.PurposeOwner)]
+	if own.Recipient != "dst" || own.Fingerprint != dst.kek.Public().Fingerprint {
+		t.Fatalf("destination owner envelope: %+v", own)
+	}
+	if _, ok := cp.envs[envKey("vol1-m1", fsm.PurposeRecovery)]; !ok {
+		t.Fatal("destination has no recovery envelope")
+	}
+	// Later reads (restart, hydration) use the destination's owner envelope,
+	// not the migration envelope (which the servers drop at the end).
+	delete(cp.envs, envKey("vol1", fsm.PurposeMigration))
+	if got, err := dst.migrationKey(ctx, m); err != nil || !bytes.Equal(got, k1) {
+		t.Fatalf("target key after the migration envelope is gone: %v", err)
+	}
+}

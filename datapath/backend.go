@@ -1,0 +1,172 @@
+// Package datapath is the contract between the agent and a worker's data
+// path: how a volume file becomes a mounted filesystem, and how a
+// migration's destination clones the source's export. Two implementations
+// live under it: datapath/userspace (a `ferry volume serve` process per
+// volume: LUKS2 view → FUSE file → loop → mount) and datapath/kernel
+// (loop → dm-clone → dm-crypt → mount). datapath/backendtest checks that
+// both keep this contract.
+package datapath
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/ferry-dev/ferry/blockdev"
+	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/luks"
+)
+
+// Backend is a worker's data path. Every method is idempotent and finds
+// what an earlier agent process left behind (processes, loop devices,
+// device-mapper devices, iSCSI sessions, mounts).
+type Backend interface {
+	// Capabilities says what this implementation supports; callers branch
+	// on it, never on the implementation's name.
+	Capabilities() Capabilities
+	// Create formats a new LUKS2 volume of size bytes with ext4 inside and
+	// returns its layout. Re-running it on a half-made volume starts over.
+	Create(ctx context.Context, vol string, size int64, passphrase []byte) (luks.Layout, error)
+	// ReadLayout reads the LUKS2 layout from a local volume's header.
+	ReadLayout(vol string) (luks.Layout, error)
+	// MountLocal opens a local volume's plaintext view with the recorded
+	// layout and mounts it at mnt; it returns the mounted block device.
+	MountLocal(ctx context.Context, vol string, layout luks.Layout, passphrase []byte, mnt string) (string, error)
+	// MountClone builds (or adopts) a migration's clone of the source's
+	// export over the local destination, opens its plaintext view with the
+	// carried layout and mounts it at mnt.
+	MountClone(ctx context.Context, c CloneSpec, passphrase []byte, mnt string) (string, error)
+	// Clone returns the running clone (or the dissolved destination) of vol;
+	// an error wrapping ErrNoClone when none is running here.
+	Clone(ctx context.Context, vol string) (CloneHandle, error)
+	// Unmount syncs and unmounts mnt (if mounted), then detaches the volume.
+	Unmount(ctx context.Context, vol, mnt string) error
+	// Detach releases everything that serves the volume; the file stays.
+	Detach(ctx context.Context, vol string) error
+	// Remove detaches and deletes a volume's files.
+	Remove(ctx context.Context, vol string) error
+	// CleanupAll unmounts and detaches every volume under the data dir.
+	CleanupAll(ctx context.Context) error
+
+	VolumeDir(vol string) string
+	DataPath(vol string) string
+	MetaPath(vol string) string
+	MountPoint(machine string) string
+}
+
+// Capabilities is what a backend supports, set in full by each
+// implementation.
+type Capabilities struct {
+	// Name names the implementation in logs and errors only.
+	Name string
+	// HydrationRateLimit: CloneSpec.RateLimit caps background hydration.
+	HydrationRateLimit bool
+	// GuaranteedShare: background hydration keeps a share of its copies
+	// running while foreground I/O waits for the source, so a busy workload
+	// cannot starve it.
+	GuaranteedShare bool
+	// ByteCounters: Progress reports fetched and skipped bytes, not only
+	// hydrated regions.
+	ByteCounters bool
+}
+
+// CloneSpec is one migration's clone on the target.
+type CloneSpec struct {
+	Volume    string // the destination volume (its file exists, sized from Layout)
+	Layout    luks.Layout
+	Portal    string // the source's export
+	IQN       string
+	KnownZero []blockdev.Range // ciphertext ranges that read as zeros on the source
+	Hydrate   bool             // background hydration on from the start (resume after cutover)
+	RateLimit int64            // bytes/s, 0 none; honoured when Capabilities().HydrationRateLimit
+}
+
+// CloneHandle drives a running clone.
+type CloneHandle interface {
+	Status(ctx context.Context) (*Status, error)
+	EnableHydration(ctx context.Context) error
+	// Dissolve replaces the clone by the destination alone; it needs every
+	// region hydrated, and is idempotent.
+	Dissolve(ctx context.Context) error
+}
+
+// ErrNoClone is wrapped by Backend.Clone when no clone of the volume runs here.
+// Reviver is a Backend whose per-volume datapath is a process that can die
+// while its volume is mounted (the FUSE file then fails every I/O with
+// ENOTCONN). The agent stops the machine, releases the dead chain and mounts
+// the volume again, which starts a new datapath over the same files: every
+// write the machine saw acknowledged (fsync) is in those files.
+type Reviver interface {
+	// DatapathDead reports whether vol's datapath died while attached.
+	DatapathDead(ctx context.Context, vol string) bool
+	// ReleaseDead lazily unmounts mnt, detaches the loop device and the dead
+	// FUSE file, so the volume can be mounted again. Stop the machine first.
+	ReleaseDead(ctx context.Context, vol, mnt string) error
+}
+
+// Retargeter is a CloneHandle whose source can follow its export to
+// another portal and IQN while the clone runs (the source restarted
+// elsewhere). A data path without it keeps reading the recorded portal.
+type Retargeter interface {
+	Retarget(ctx context.Context, portal, iqn string) error
+}
+
+var ErrNoClone = errors.New("no clone of this volume runs on this worker")
+
+// Status is a volume's data path state.
+type Status struct {
+	VolumeID  string    `json:"volume_id"`
+	Pid       int       `json:"pid,omitempty"` // the serving process, if the backend runs one
+	Cloning   bool      `json:"cloning"`       // a clone is under the view
+	Hydrating bool      `json:"hydrating"`     // background hydration enabled
+	Complete  bool      `json:"complete"`      // every region hydrated
+	Dissolved bool      `json:"dissolved"`     // the clone was replaced by the destination alone
+	Progress  *Progress `json:"progress,omitempty"`
+}
+
+// Progress is a clone's hydration progress: the replicated progress type,
+// so the agent proposes it without translation. FetchedBytes and the Skipped
+// counters are zero unless Capabilities().ByteCounters.
+type Progress = fsm.Progress
+
+// Candidate is one backend a worker may run, for --backend selection.
+type Candidate struct {
+	Name string
+	// Probe says what this host lacks to run the backend (nil: nothing).
+	Probe func(ctx context.Context) error
+	// AutoProbe is the stricter test of --backend auto; nil: Probe.
+	AutoProbe func(ctx context.Context) error
+	New       func() Backend
+}
+
+// Select returns the backend named want, after its probe passes, or for
+// "auto" the first candidate whose probe passes.
+func Select(ctx context.Context, want string, cands []Candidate) (Backend, error) {
+	var names []string
+	var why []error
+	for _, c := range cands {
+		names = append(names, c.Name)
+		switch want {
+		case c.Name:
+			if err := c.Probe(ctx); err != nil {
+				return nil, fmt.Errorf("backend %s: %w", c.Name, err)
+			}
+			return c.New(), nil
+		case "auto":
+			probe := c.AutoProbe
+			if probe == nil {
+				probe = c.Probe
+			}
+			err := probe(ctx)
+			if err == nil {
+				return c.New(), nil
+			}
+			why = append(why, fmt.Errorf("%s: %w", c.Name, err))
+		}
+	}
+	if want == "auto" {
+		return nil, fmt.Errorf("no data path runs on this host: %w", errors.Join(why...))
+	}
+	return nil, fmt.Errorf("backend %q: use auto or one of %s", want, strings.Join(names, ", "))
+}

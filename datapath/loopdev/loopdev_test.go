@@ -1,0 +1,74 @@
+package loopdev
+
+import (
+	"os"
+	"path/filepath"
+	"slices"
+	"testing"
+
+	"github.com/ferry-dev/ferry/internal/testenv"
+)
+
+func TestAttachFindDetach(t *testing.T) {
+	testenv.Root(t, "loop devices")
+	testenv.Tools(t, "apt-get install util-linux", "losetup")
+	path := filepath.Join(t.TempDir(), "backing")
+	if err := os.WriteFile(path, make([]byte, 1<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	dev, err := Attach(path, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { Detach(dev) })
+	found, err := FindByBackingFile(path)
+	if err != nil || !slices.Equal(found, []string{dev}) {
+		t.Fatalf("FindByBackingFile = %v, %v; want [%s]", found, err, dev)
+	}
+	info, err := Info(dev)
+	if err != nil || info.BackFile != path || info.DirectIO {
+		t.Fatalf("Info = %+v, %v", info, err)
+	}
+	if err := Detach(dev); err != nil {
+		t.Fatal(err)
+	}
+	if err := Detach(dev); err != nil {
+		t.Fatalf("second detach: %v, want nil (idempotent)", err)
+	}
+	if found, _ := FindByBackingFile(path); len(found) != 0 {
+		t.Fatalf("still attached after detach: %v", found)
+	}
+	if err := Detach("/etc/passwd"); err == nil {
+		t.Fatal("detach of a non-loop path accepted")
+	}
+	if _, err := Attach(filepath.Join(t.TempDir(), "missing"), false); err == nil {
+		t.Fatal("attach of a missing file accepted")
+	}
+}
+
+func TestParseList(t *testing.T) {
+	out := []byte(`{"loopdevices": [
+	  {"name":"/dev/loop3", "back-file":"/x/disk (deleted)", "dio":true, "ro":false, "sizelimit":0},
+	  {"name":"/dev/loop4", "back-file":"/y", "dio":"1", "ro":"0", "sizelimit":"10"}]}`)
+	devs, err := parseList(out)
+	if err != nil || len(devs) != 2 {
+		t.Fatalf("parseList: %v %v", devs, err)
+	}
+	if !devs[0].DirectIO || devs[0].ReadOnly || !devs[1].DirectIO || devs[1].SizeLimit != 10 {
+		t.Fatalf("parsed %+v", devs)
+	}
+	if _, err := parseList([]byte(`{"loopdevices":[{"back-file":"/z"}]}`)); err == nil {
+		t.Fatal("device without a name accepted")
+	}
+	if _, err := parseList([]byte(`{`)); err == nil {
+		t.Fatal("garbage accepted")
+	}
+}
+
+func FuzzParseList(f *testing.F) {
+	f.Add([]byte(`{"loopdevices":[{"name":"/dev/loop0","back-file":"/a","dio":1,"ro":0,"sizelimit":0}]}`))
+	f.Add([]byte(`{"loopdevices":[]}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		parseList(b)
+	})
+}

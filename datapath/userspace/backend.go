@@ -1,0 +1,371 @@
+package userspace
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
+
+	"github.com/ferry-dev/ferry/blockdev"
+	"github.com/ferry-dev/ferry/datapath"
+	"github.com/ferry-dev/ferry/datapath/internal/hostfs"
+	"github.com/ferry-dev/ferry/datapath/internal/mountns"
+	"github.com/ferry-dev/ferry/datapath/loopdev"
+	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/luks"
+)
+
+// Backend manages this worker's volumes on disk: sparse ciphertext files
+// under DataDir/volumes, each served by a `ferry volume serve` process,
+// attached to a loop device and mounted for its machine.
+type Backend struct {
+	DataDir string
+	Exe     string // the ferry binary that runs `volume serve`
+	Log     zerolog.Logger
+	Loops   loopdev.Loops
+	// FastKDF formats keyslots cheap to open (demo and tests only).
+	FastKDF bool
+}
+
+var (
+	_ datapath.Backend     = (*Backend)(nil)
+	_ datapath.CloneHandle = (*Process)(nil)
+)
+
+// Capabilities of the userspace engine: it honours a rate limit, keeps a
+// guaranteed share of background copies under foreground load, and counts
+// fetched and skipped bytes.
+func (v *Backend) Capabilities() datapath.Capabilities {
+	return datapath.Capabilities{Name: "userspace", HydrationRateLimit: true, GuaranteedShare: true, ByteCounters: true}
+}
+
+// Probe says what this host lacks for the userspace path: a FUSE device
+// and the tools the stack calls.
+func Probe(ctx context.Context) error {
+	var missing []string
+	if _, err := os.Stat("/dev/fuse"); err != nil {
+		missing = append(missing, "/dev/fuse (the fuse kernel module)")
+	}
+	for _, t := range []struct{ bin, pkg string }{{"cryptsetup", "cryptsetup-bin"},
+		{"mkfs.ext4", "e2fsprogs"}, {"fstrim", "util-linux"}, {"losetup", "mount"}} {
+		if _, err := exec.LookPath(t.bin); err != nil {
+			missing = append(missing, fmt.Sprintf("%s (Debian package %s)", t.bin, t.pkg))
+		}
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("the userspace data path needs %s", strings.Join(missing, ", "))
+	}
+	return nil
+}
+
+func (v *Backend) VolumeDir(vol string) string   { return filepath.Join(v.DataDir, "volumes", vol) }
+func (v *Backend) DataPath(vol string) string    { return filepath.Join(v.VolumeDir(vol), "data") }
+func (v *Backend) MetaPath(vol string) string    { return filepath.Join(v.VolumeDir(vol), "clone.meta") }
+func (v *Backend) FuseDir(vol string) string     { return filepath.Join(v.DataDir, "fuse", vol) }
+func (v *Backend) Socket(vol string) string      { return filepath.Join(v.DataDir, "run", vol+".sock") }
+func (v *Backend) MountPoint(mach string) string { return filepath.Join(v.DataDir, "mnt", mach) }
+func (v *Backend) runDir() string                { return filepath.Join(v.DataDir, "run") }
+
+// Config is the serve configuration of a local volume (no clone).
+func (v *Backend) Config(vol string, layout luks.Layout) Config {
+	return Config{VolumeID: vol, DataPath: v.DataPath(vol), Layout: layout,
+		MountDir: v.FuseDir(vol), Socket: v.Socket(vol)}
+}
+
+// Create makes a new LUKS2 volume of size bytes with an ext4 filesystem
+// inside, and returns its layout. Re-running it on a half-made volume starts
+// over (nothing references the volume until it is created).
+func (v *Backend) Create(ctx context.Context, vol string, size int64, passphrase []byte) (luks.Layout, error) {
+	if err := checkVolumeName(vol); err != nil {
+		return luks.Layout{}, err
+	}
+	if err := os.MkdirAll(v.VolumeDir(vol), 0o700); err != nil {
+		return luks.Layout{}, fmt.Errorf("volume dir: %w", err)
+	}
+	_ = os.Remove(v.DataPath(vol))
+	f, err := blockdev.CreateSparse(v.DataPath(vol), size)
+	if err != nil {
+		return luks.Layout{}, err
+	}
+	f.Close()
+	err = hostfs.WithKeyFile(v.runDir(), passphrase, func(kf string) error {
+		return luks.Format(ctx, v.DataPath(vol), kf, luks.FormatOptions{FastKDF: v.FastKDF})
+	})
+	if err != nil {
+		return luks.Layout{}, fmt.Errorf("format volume %s: %w", vol, err)
+	}
+	layout, err := v.ReadLayout(vol)
+	if err != nil {
+		return luks.Layout{}, err
+	}
+	dev, err := v.Attach(ctx, v.Config(vol, layout), passphrase)
+	if err != nil {
+		return luks.Layout{}, err
+	}
+	out, err := exec.CommandContext(ctx, "mkfs.ext4", "-q", "-F", "-E", "nodiscard", "-L", vol, dev).CombinedOutput()
+	if err != nil {
+		v.Detach(ctx, vol)
+		return luks.Layout{}, fmt.Errorf("mkfs.ext4 on volume %s: %w: %s", vol, err, strings.TrimSpace(string(out)))
+	}
+	return layout, v.Detach(ctx, vol)
+}
+
+// checkVolumeName refuses ids that would escape the data dir's folders.
+func checkVolumeName(vol string) error {
+	if vol == "" || vol == "." || vol == ".." || strings.ContainsAny(vol, " \t\n/\x00") {
+		return fmt.Errorf("volume id %q cannot name a folder: use a short id without spaces or slashes", vol)
+	}
+	return nil
+}
+
+// ReadLayout reads the LUKS2 layout from a local volume's header.
+func (v *Backend) ReadLayout(vol string) (luks.Layout, error) {
+	return hostfs.ReadLayout(v.DataPath(vol), vol)
+}
+
+// Attach starts (or re-adopts) the volume's datapath and its loop device,
+// returning the loop device. Idempotent.
+func (v *Backend) Attach(ctx context.Context, cfg Config, passphrase []byte) (string, error) {
+	// The FUSE file is mounted under a shared mount point, like the
+	// machine's filesystem, so a copy of the mount table made later as a
+	// slave drops it too and the datapath can exit when asked.
+	if err := mountns.EnsureShared(filepath.Join(v.DataDir, "fuse")); err != nil {
+		return "", err
+	}
+	if _, err := Start(ctx, v.Log, v.Exe, cfg, passphrase, v.runDir()); err != nil {
+		return "", err
+	}
+	devs, err := v.Loops.FindByBackingFile(cfg.DevicePath())
+	if err != nil {
+		return "", err
+	}
+	if len(devs) > 0 {
+		return devs[0], nil
+	}
+	return v.Loops.Attach(cfg.DevicePath(), true)
+}
+
+// Mount attaches the volume and mounts its filesystem at mnt. Idempotent.
+func (v *Backend) Mount(ctx context.Context, cfg Config, passphrase []byte, mnt string) (string, error) {
+	dev, err := v.Attach(ctx, cfg, passphrase)
+	if err != nil {
+		return "", err
+	}
+	return dev, hostfs.MountExt4(dev, mnt, cfg.VolumeID)
+}
+
+// MountLocal serves a local volume (no clone) and mounts it.
+func (v *Backend) MountLocal(ctx context.Context, vol string, layout luks.Layout, passphrase []byte, mnt string) (string, error) {
+	if err := checkVolumeName(vol); err != nil {
+		return "", err
+	}
+	return v.Mount(ctx, v.Config(vol, layout), passphrase, mnt)
+}
+
+// MountClone starts the destination's datapath with the clone engine under
+// the LUKS2 view and mounts it.
+func (v *Backend) MountClone(ctx context.Context, c datapath.CloneSpec, passphrase []byte, mnt string) (string, error) {
+	if err := checkVolumeName(c.Volume); err != nil {
+		return "", err
+	}
+	cfg := v.Config(c.Volume, c.Layout)
+	cfg.Clone = &Clone{MetaPath: v.MetaPath(c.Volume), Portal: c.Portal, IQN: c.IQN,
+		RegionSize: 4096, KnownZero: c.KnownZero, Hydrate: c.Hydrate, RateLimit: c.RateLimit}
+	return v.Mount(ctx, cfg, passphrase, mnt)
+}
+
+// Clone adopts the volume's running datapath.
+func (v *Backend) Clone(ctx context.Context, vol string) (datapath.CloneHandle, error) {
+	p, err := v.Process(ctx, vol)
+	if err != nil {
+		return nil, fmt.Errorf("volume %s: %w (%v)", vol, datapath.ErrNoClone, err)
+	}
+	return p, nil
+}
+
+// Unmount syncs and unmounts mnt (if mounted), then detaches the volume.
+func (v *Backend) Unmount(ctx context.Context, vol, mnt string) error {
+	if err := hostfs.SyncUnmount(mnt, vol); err != nil {
+		return err
+	}
+	return v.Detach(ctx, vol)
+}
+
+// Detach detaches the loop device and stops the datapath. Idempotent.
+func (v *Backend) Detach(ctx context.Context, vol string) error {
+	devPath := filepath.Join(v.FuseDir(vol), DeviceFile)
+	devs, err := v.Loops.FindByBackingFile(devPath)
+	if err != nil {
+		return err
+	}
+	for _, d := range devs {
+		if err := v.Loops.Detach(d); err != nil {
+			return fmt.Errorf("detach %s from volume %s: %w", d, vol, err)
+		}
+	}
+	p, err := v.Process(ctx, vol)
+	if err != nil {
+		return nil // not running
+	}
+	return p.Shutdown(ctx)
+}
+
+// DatapathDead reports whether vol's datapath process is gone while its
+// FUSE file is still mounted (every I/O through it fails).
+func (v *Backend) DatapathDead(ctx context.Context, vol string) bool {
+	if _, ok := hostfs.MountedAt(v.FuseDir(vol)); !ok {
+		return false
+	}
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	if _, err := v.Process(ctx, vol); err == nil {
+		return false
+	}
+	// Not answering: dead only if the kernel says the FUSE connection is
+	// gone (a busy datapath is not restarted under its machine). With the
+	// server gone the kernel answers at once, so this cannot hang.
+	res := make(chan error, 1)
+	go func() {
+		var st unix.Stat_t
+		res <- unix.Stat(filepath.Join(v.FuseDir(vol), DeviceFile), &st)
+	}()
+	select {
+	case err := <-res:
+		return errors.Is(err, unix.ENOTCONN)
+	case <-ctx.Done():
+		return false // hung, not dead
+	}
+}
+
+// ReleaseDead releases what a dead datapath leaves: the filesystem at mnt
+// (lazily: it cannot be flushed), the loop device, the FUSE file.
+func (v *Backend) ReleaseDead(ctx context.Context, vol, mnt string) error {
+	if _, ok := hostfs.MountedAt(mnt); ok {
+		if err := unix.Unmount(mnt, unix.MNT_DETACH); err != nil {
+			return fmt.Errorf("lazy unmount of %s over the dead datapath of volume %s: %w", mnt, vol, err)
+		}
+	}
+	devs, err := v.Loops.FindByBackingFile(filepath.Join(v.FuseDir(vol), DeviceFile))
+	if err != nil {
+		return err
+	}
+	for _, d := range devs {
+		if err := v.Loops.Detach(d); err != nil {
+			return fmt.Errorf("detach %s from the dead datapath of volume %s: %w", d, vol, err)
+		}
+	}
+	return lazyUnmountFUSE(v.FuseDir(vol))
+}
+
+// Process returns the running datapath of vol, if any.
+func (v *Backend) Process(ctx context.Context, vol string) (*Process, error) {
+	return Adopt(ctx, Config{VolumeID: vol, Socket: v.Socket(vol)})
+}
+
+// Remove deletes a volume's files. The caller makes sure nothing uses it.
+func (v *Backend) Remove(ctx context.Context, vol string) error {
+	if err := checkVolumeName(vol); err != nil {
+		return err
+	}
+	if err := fsm.LocalID("volume", vol); err != nil {
+		return err
+	}
+	if err := v.Detach(ctx, vol); err != nil {
+		return err
+	}
+	if err := os.RemoveAll(v.VolumeDir(vol)); err != nil {
+		return fmt.Errorf("remove volume %s: %w", vol, err)
+	}
+	_ = os.Remove(v.FuseDir(vol))
+	return nil
+}
+
+// CleanupAll unmounts every machine mount, stops every datapath and lazily
+// unmounts FUSE files whose datapath died.
+//
+// A filesystem whose clone reads from a source that is gone (a target torn
+// down after the source already unexported) cannot be unmounted cleanly: its
+// writeback waits on reads that only time out. Then the mount is detached
+// lazily and the datapaths are killed, which fails the pending I/O at once;
+// the data there is a discarded copy, the source is authoritative.
+func (v *Backend) CleanupAll(ctx context.Context) error {
+	var errs []error
+	killDatapaths := func() {
+		ents, _ := os.ReadDir(filepath.Join(v.DataDir, "fuse"))
+		for _, e := range ents {
+			killProcesses(filepath.Join(v.runDir(), e.Name()+".json"))
+		}
+	}
+	mnts, _ := os.ReadDir(v.MountPoint(""))
+	for _, e := range mnts {
+		mnt := v.MountPoint(e.Name())
+		if _, ok := hostfs.MountedAt(mnt); !ok {
+			continue
+		}
+		if err := hostfs.UnmountOrForce(mnt, 5*time.Second, func() {
+			v.Log.Warn().Str("mount", mnt).Msg("unmount blocked (a clone waiting on a dead source?); killing the datapaths")
+			killDatapaths()
+		}); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	vols, _ := os.ReadDir(filepath.Join(v.DataDir, "fuse"))
+	for _, e := range vols {
+		if err := v.Detach(ctx, e.Name()); err != nil {
+			errs = append(errs, err)
+		}
+		if err := lazyUnmountFUSE(v.FuseDir(e.Name())); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if len(errs) == 0 {
+		errs = append(errs, hostfs.ReleaseShared(v.MountPoint("")), mountns.Release(filepath.Join(v.DataDir, "fuse")))
+	}
+	return errors.Join(errs...)
+}
+
+// lazyUnmountFUSE releases a FUSE mount whose datapath died without unmounting.
+func lazyUnmountFUSE(fuseDir string) error {
+	if _, ok := hostfs.MountedAt(fuseDir); !ok {
+		return nil
+	}
+	tctx, cancel := context.WithTimeout(context.Background(), 10*time.Second) // every external tool runs under a deadline
+	defer cancel()
+	if out, err := exec.CommandContext(tctx, "fusermount3", "-u", "-z", fuseDir).CombinedOutput(); err != nil {
+		return fmt.Errorf("unmount FUSE %s: %w: %s", fuseDir, err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+// killProcesses SIGKILLs every process whose command line names marker
+// (a datapath's config file) and waits briefly for them to go.
+func killProcesses(marker string) {
+	ents, _ := os.ReadDir("/proc")
+	var pids []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err != nil || !strings.Contains(string(b), marker) {
+			continue
+		}
+		syscall.Kill(pid, syscall.SIGKILL)
+		pids = append(pids, pid)
+	}
+	for _, pid := range pids {
+		for i := 0; i < 100 && syscall.Kill(pid, 0) == nil; i++ {
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+}

@@ -1,0 +1,207 @@
+package userspace
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/ferry-dev/ferry/datapath"
+	"github.com/ferry-dev/ferry/dmclone"
+	"github.com/ferry-dev/ferry/internal/atomicfile"
+	"github.com/ferry-dev/ferry/internal/childctl"
+)
+
+// Process is the agent's handle on a running `ferry volume serve`.
+type Process struct {
+	cfg    Config
+	client *childctl.Client
+}
+
+// Dial connects to the process serving on socket (`ferry clone` finds its
+// clone this way); it fails if nothing answers.
+func Dial(ctx context.Context, socket string) (*Process, error) {
+	return Adopt(ctx, Config{VolumeID: filepath.Base(socket), Socket: socket})
+}
+
+// Adopt connects to an already running serve process (after an agent
+// restart). It fails if nothing answers on the socket.
+func Adopt(ctx context.Context, cfg Config) (*Process, error) {
+	p := &Process{cfg: cfg, client: childctl.Dial(cfg.Socket)}
+	if _, err := p.Status(ctx); err != nil {
+		return nil, err
+	}
+	return p, nil
+}
+
+// Start launches `ferry volume serve` for cfg (the same binary, exe), passing
+// the passphrase on stdin, and waits until its FUSE file is ready. If a serve
+// process for this volume already answers on the socket it is adopted instead
+// (idempotent).
+func Start(ctx context.Context, log zerolog.Logger, exe string, cfg Config, passphrase []byte, stateDir string) (*Process, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	p, aerr := Adopt(ctx, cfg)
+	if aerr == nil {
+		return p, nil
+	}
+	if ctx.Err() != nil {
+		return nil, ctx.Err()
+	}
+	// Remove the socket only when nothing listens on it: a live serve
+	// process that is slow to answer would otherwise lose its socket, and
+	// with it every later adoption and teardown.
+	if c, err := net.DialTimeout("unix", cfg.Socket, time.Second); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("datapath for volume %s listens on %s but does not answer (%v): retry, or see its log in %s", cfg.VolumeID, cfg.Socket, aerr, stateDir)
+	}
+	if err := os.MkdirAll(stateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("datapath state dir: %w", err)
+	}
+	_ = os.Remove(cfg.Socket)
+	cfgPath := filepath.Join(stateDir, cfg.VolumeID+".json")
+	b, err := json.MarshalIndent(cfg, "", "  ")
+	if err != nil {
+		return nil, err
+	}
+	if err := atomicfile.WriteFile(cfgPath, b, 0o600); err != nil {
+		return nil, fmt.Errorf("write datapath config: %w", err)
+	}
+	logf, err := os.OpenFile(filepath.Join(stateDir, cfg.VolumeID+".log"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("datapath log: %w", err)
+	}
+	defer logf.Close()
+	cmd := exec.Command(exe, "volume", "serve", "--config", cfgPath, "--log-format", "json")
+	cmd.Stdin = bytes.NewReader(passphrase)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	// Its own session: it outlives the agent, which re-adopts it by socket.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start datapath for volume %s: %w", cfg.VolumeID, err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	p = &Process{cfg: cfg, client: childctl.Dial(cfg.Socket)}
+	if err := p.client.WaitReady(ctx, "/v1/status", nil, exited, 60*time.Second); err != nil {
+		_ = cmd.Process.Kill()
+		tail, _ := tailFile(filepath.Join(stateDir, cfg.VolumeID+".log"), 2048)
+		return nil, fmt.Errorf("datapath for volume %s: %w: %s", cfg.VolumeID, err, tail)
+	}
+	log.Info().Str("volume", cfg.VolumeID).Int("pid", cmd.Process.Pid).Bool("clone", cfg.Clone != nil).Msg("datapath ready")
+	return p, nil
+}
+
+func tailFile(path string, n int64) (string, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", err
+	}
+	if int64(len(b)) > n {
+		b = b[int64(len(b))-n:]
+	}
+	return string(bytes.TrimSpace(b)), nil
+}
+
+// Config returns the configuration the process was started with.
+func (p *Process) Config() Config { return p.cfg }
+
+// CallError is a refusal by the process (its HTTP status and message).
+type CallError = childctl.Error
+
+func (p *Process) call(ctx context.Context, method, path string, in, out any) error {
+	if err := p.client.Call(ctx, method, path, in, out); err != nil {
+		return fmt.Errorf("datapath of volume %s: %w", p.cfg.VolumeID, err)
+	}
+	return nil
+}
+
+// Status asks the process for its state and clone progress.
+func (p *Process) Status(ctx context.Context) (*datapath.Status, error) {
+	st, err := p.Detail(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return &st.Status, nil
+}
+
+// Detail is Status with where the volume is served and the engine's record.
+func (p *Process) Detail(ctx context.Context) (*ProcessStatus, error) {
+	var s ProcessStatus
+	if err := p.call(ctx, http.MethodGet, "/v1/status", nil, &s); err != nil {
+		return nil, err
+	}
+	return &s, nil
+}
+
+// EnableHydration starts the background copy.
+func (p *Process) EnableHydration(ctx context.Context) error {
+	return p.call(ctx, http.MethodPost, "/v1/hydration/enable", nil, nil)
+}
+
+// DisableHydration stops the background copy; reads still hydrate on demand.
+func (p *Process) DisableHydration(ctx context.Context) error {
+	return p.call(ctx, http.MethodPost, "/v1/hydration/disable", nil, nil)
+}
+
+// SetTunables changes the background copy's batch, parallelism, rate and share.
+func (p *Process) SetTunables(ctx context.Context, t *dmclone.Tunables) error {
+	return p.call(ctx, http.MethodPost, "/v1/tunables", t, nil)
+}
+
+// SourceMove is where a clone's source export moved.
+type SourceMove struct {
+	Portal string `json:"portal"`
+	IQN    string `json:"iqn"`
+}
+
+// Retarget reconnects the clone's source to the export at its new portal
+// and IQN (datapath.Retargeter).
+func (p *Process) Retarget(ctx context.Context, portal, iqn string) error {
+	return p.call(ctx, http.MethodPost, "/v1/source", SourceMove{Portal: portal, IQN: iqn}, nil)
+}
+
+// Dissolve replaces the clone with the destination alone once complete.
+func (p *Process) Dissolve(ctx context.Context) error {
+	return p.call(ctx, http.MethodPost, "/v1/dissolve", nil, nil)
+}
+
+// Stop asks the process to release its file and end; it returns once the
+// process accepted (a refusal is a *CallError with Refused).
+func (p *Process) Stop(ctx context.Context) error {
+	if err := p.call(ctx, http.MethodPost, "/v1/shutdown", nil, nil); err != nil && !errors.Is(err, io.EOF) {
+		return err
+	}
+	return nil
+}
+
+// Shutdown flushes, unmounts the FUSE file and ends the process. The loop
+// device on the FUSE file must be detached first.
+func (p *Process) Shutdown(ctx context.Context) error {
+	pidStatus, err := p.Status(ctx)
+	if err != nil {
+		return nil // already gone
+	}
+	if err := p.Stop(ctx); err != nil {
+		return err
+	}
+	for i := 0; i < 500; i++ {
+		if syscall.Kill(pidStatus.Pid, 0) != nil {
+			return nil
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return fmt.Errorf("datapath for volume %s (pid %d) did not exit after shutdown", p.cfg.VolumeID, pidStatus.Pid)
+}

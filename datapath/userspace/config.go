@@ -1,0 +1,89 @@
+// Package userspace is the userspace data path. It runs one volume's block stack in a process of
+// its own (`ferry volume serve`), so an agent crash or restart never takes a
+// running machine's disk away: the agent re-adopts the process through its
+// control socket.
+//
+//	source worker, or target after hydration:  volume file -> LUKS2 view -> FUSE file
+//	target during a migration:  iSCSI LUN + destination file -> clone engine -> LUKS2 view -> FUSE file
+//
+// The agent attaches the FUSE file to a loop device (losetup --direct-io=on)
+// and mounts it for the machine.
+package userspace
+
+import (
+	"fmt"
+	"path/filepath"
+	"strings"
+
+	"github.com/ferry-dev/ferry/blockdev"
+	"github.com/ferry-dev/ferry/luks"
+)
+
+// Config is everything `ferry volume serve` needs except the passphrase,
+// which arrives on its standard input so it never touches a disk or argv.
+type Config struct {
+	VolumeID string      `json:"volume_id"`
+	DataPath string      `json:"data_path"` // local ciphertext: the volume file, or the migration's destination
+	Layout   luks.Layout `json:"layout"`    // carried from the source; never the local cryptsetup's defaults
+	MountDir string      `json:"mount_dir"` // FUSE mount point; the device file is MountDir/DeviceFile
+	Socket   string      `json:"socket"`    // control socket (HTTP over unix)
+	Clone    *Clone      `json:"clone,omitempty"`
+	// FileName is the FUSE file's name in MountDir (default DeviceFile).
+	FileName string `json:"file_name,omitempty"`
+	// Raw exports the clone (or the file) itself, with no LUKS2 view and no
+	// passphrase: `ferry clone` on plain images.
+	Raw bool `json:"raw,omitempty"`
+	// Loop: the process attaches its FUSE file to a loop device itself and
+	// refuses to stop while that loop cannot be detached (`ferry clone --loop`);
+	// the agent attaches loops on its own instead.
+	Loop bool `json:"loop,omitempty"`
+}
+
+// Clone configures the clone engine under the view while a migration hydrates.
+type Clone struct {
+	MetaPath   string           `json:"meta_path"`
+	Portal     string           `json:"portal,omitempty"`
+	IQN        string           `json:"iqn,omitempty"`
+	SourcePath string           `json:"source_path,omitempty"` // a local source (file or device, read-only) instead of Portal and IQN
+	RegionSize int64            `json:"region_size"`
+	KnownZero  []blockdev.Range `json:"known_zero,omitempty"`
+	Hydrate    bool             `json:"hydrate"` // start with background hydration enabled (resume after restart)
+	RateLimit  int64            `json:"rate_limit_bps,omitempty"`
+	// AutoDissolve dissolves the clone as soon as every region is hydrated.
+	AutoDissolve bool `json:"auto_dissolve,omitempty"`
+}
+
+// DeviceFile is the name of the FUSE file inside MountDir.
+const DeviceFile = "disk"
+
+// DevicePath is the file the agent attaches to a loop device.
+func (c Config) DevicePath() string { return filepath.Join(c.MountDir, c.fileName()) }
+
+func (c Config) fileName() string {
+	if c.FileName == "" {
+		return DeviceFile
+	}
+	return c.FileName
+}
+
+// Validate refuses a config the serve process could not honour.
+func (c Config) Validate() error {
+	switch {
+	case c.VolumeID == "":
+		return fmt.Errorf("datapath config: volume id is empty")
+	case c.DataPath == "" || c.MountDir == "" || c.Socket == "":
+		return fmt.Errorf("datapath config for %s: data_path, mount_dir and socket are required", c.VolumeID)
+	}
+	if !c.Raw {
+		if err := c.Layout.Validate(); err != nil {
+			return fmt.Errorf("datapath config for %s: %w", c.VolumeID, err)
+		}
+	}
+	if strings.ContainsAny(c.FileName, "/\x00") || c.FileName == "." || c.FileName == ".." {
+		return fmt.Errorf("datapath config for %s: file name %q must be a plain name", c.VolumeID, c.FileName)
+	}
+	if c.Clone != nil && (c.Clone.MetaPath == "" || (c.Clone.SourcePath == "") == (c.Clone.Portal == "" || c.Clone.IQN == "")) {
+		return fmt.Errorf("datapath config for %s: a clone needs meta_path and either portal and iqn or source_path", c.VolumeID)
+	}
+	return nil
+}

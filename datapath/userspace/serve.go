@@ -1,0 +1,404 @@
+package userspace
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/ferry-dev/ferry/blockdev"
+	"github.com/ferry-dev/ferry/datapath"
+	"github.com/ferry-dev/ferry/datapath/fuseexport"
+	"github.com/ferry-dev/ferry/datapath/loopdev"
+	"github.com/ferry-dev/ferry/dmclone"
+	"github.com/ferry-dev/ferry/internal/childctl"
+	"github.com/ferry-dev/ferry/iscsi"
+	"github.com/ferry-dev/ferry/luks"
+)
+
+// Ready is what Serve reports once its file is served.
+type Ready struct {
+	File   string `json:"file"`
+	Loop   string `json:"loop,omitempty"`
+	Socket string `json:"socket"`
+}
+
+// Serve builds the stack of cfg, exports it over FUSE and answers the
+// control socket until shutdown or ctx ends; ready (if not nil) is called
+// once the file is served. It is the body of `ferry volume serve` and of
+// `ferry clone create`.
+func Serve(ctx context.Context, log zerolog.Logger, cfg Config, passphrase []byte, ready func(Ready)) error {
+	if err := cfg.Validate(); err != nil {
+		return err
+	}
+	s := &server{log: log, cfg: cfg}
+	if err := s.build(ctx, passphrase); err != nil {
+		s.close()
+		return err
+	}
+	defer s.close()
+	return s.serve(ctx, ready)
+}
+
+type server struct {
+	log  zerolog.Logger
+	cfg  Config
+	mu   sync.Mutex
+	dest *blockdev.File
+	// direct is dest as the view reads and writes it (O_DIRECT); nil where
+	// the filesystem refuses O_DIRECT, then the view uses dest itself.
+	direct *directFile
+	lun    blockdev.Device // the clone's source: an iSCSI LUN or a local file
+	eng    *dmclone.Engine
+	sw     *switchDev // between the clone engine and the view; swapped to dest on dissolve
+	view   blockdev.Device
+	exp    *fuseexport.Export
+	loop   string // the loop device this process attached (Config.Loop)
+
+	hydrating, dissolved, stopped bool
+}
+
+func (s *server) build(ctx context.Context, passphrase []byte) error {
+	var err error
+	size := s.cfg.Layout.DeviceSize()
+	c := s.cfg.Clone
+	if c != nil {
+		if c.SourcePath != "" {
+			s.lun, err = blockdev.OpenFile(c.SourcePath, true)
+			if err != nil {
+				return err
+			}
+		} else {
+			s.lun, err = iscsi.Dial(ctx, s.log, iscsi.InitiatorConfig{Portal: c.Portal, IQN: c.IQN, Timeout: 10 * time.Second})
+			if err != nil {
+				return fmt.Errorf("connect to the source's export %s %s: %w", c.Portal, c.IQN, err)
+			}
+		}
+		if s.cfg.Raw {
+			size = s.lun.Size()
+		} else if s.lun.Size() != size {
+			return fmt.Errorf("source export is %d bytes but the carried layout says %d: refusing to clone", s.lun.Size(), size)
+		}
+	}
+	switch st, serr := os.Stat(s.cfg.DataPath); {
+	case c == nil:
+		s.dest, err = blockdev.OpenFile(s.cfg.DataPath, false)
+	case serr == nil && !st.Mode().IsRegular():
+		s.dest, err = blockdev.OpenFile(s.cfg.DataPath, false) // a block device as the destination
+	default:
+		s.dest, err = blockdev.CreateSparse(s.cfg.DataPath, size)
+	}
+	if err != nil {
+		return err
+	}
+	lower := s.viewDest()
+	if c != nil {
+		tun := dmclone.DefaultTunables(regionSize(c.RegionSize))
+		tun.RateLimitBytesPerSec = c.RateLimit
+		s.eng, err = dmclone.Open(s.log, dmclone.Config{Source: s.lun, Dest: s.dest, MetaPath: c.MetaPath,
+			RegionSize: regionSize(c.RegionSize), KnownZero: c.KnownZero, Tunables: tun})
+		if err != nil {
+			return fmt.Errorf("open clone engine: %w", err)
+		}
+		if c.Hydrate {
+			s.eng.EnableHydration()
+			s.hydrating = true
+		}
+		s.sw = newSwitch(s.eng)
+		lower = s.sw
+	}
+	s.view = lower
+	if !s.cfg.Raw {
+		// The header may be served by the source: compared with the
+		// carried layout before any KDF runs.
+		var err error
+		s.view, err = luks.OpenCarriedView(lower, s.cfg.Layout, passphrase)
+		if err != nil {
+			return fmt.Errorf("open plaintext view of %s: %w", s.cfg.VolumeID, err)
+		}
+	}
+	if err := os.MkdirAll(s.cfg.MountDir, 0o700); err != nil {
+		return fmt.Errorf("fuse mount dir: %w", err)
+	}
+	s.exp, err = fuseexport.Mount(s.log, s.cfg.MountDir, s.cfg.fileName(), s.view)
+	if err != nil {
+		return fmt.Errorf("export %s over FUSE: %w", s.cfg.VolumeID, err)
+	}
+	if s.cfg.Loop {
+		if s.loop, err = loopdev.Attach(s.exp.Path(), true); err != nil {
+			return fmt.Errorf("attach %s to a loop device: %w", s.exp.Path(), err)
+		}
+	}
+	return nil
+}
+
+func (s *server) close() {
+	if s.loop != "" {
+		if err := loopdev.Detach(s.loop); err != nil {
+			s.log.Warn().Err(err).Str("loop", s.loop).Msg("detach loop device")
+		}
+	}
+	if s.exp != nil {
+		if err := s.exp.Close(); err != nil {
+			s.log.Warn().Err(err).Msg("unmount FUSE export")
+		}
+	}
+	if s.view != nil {
+		s.view.Flush()
+	}
+	if s.eng != nil {
+		s.eng.Close()
+	}
+	if s.lun != nil && !s.dissolved {
+		s.lun.Close()
+	}
+	if s.direct != nil {
+		s.direct.Close()
+	}
+	if s.dest != nil {
+		s.dest.Flush()
+		s.dest.Close()
+	}
+}
+
+// viewDest is the destination file as the view should reach it: with
+// O_DIRECT, like a disk the host does not cache (the machine caches in its
+// own page cache; a second copy in the host's costs a page allocation and a
+// copy per request and memory the host does not have to spare). Where the
+// filesystem refuses O_DIRECT (tmpfs) the buffered file serves.
+func (s *server) viewDest() blockdev.Device {
+	if s.direct == nil {
+		d, err := openDirect(s.dest, false)
+		if err != nil {
+			s.log.Warn().Err(err).Msg("the volume file cannot be opened with O_DIRECT: serving it through the host page cache")
+			return s.dest
+		}
+		s.direct = d
+	}
+	return s.direct
+}
+
+// stop releases what the process owns that another user can hold: its loop
+// device and the FUSE mount. It refuses, changing nothing it cannot undo,
+// while something else uses them (`ferry clone remove` on a mounted file).
+func (s *server) stop() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.stopped || !s.cfg.Loop {
+		s.stopped = true
+		return nil
+	}
+	if s.loop != "" {
+		if err := loopdev.Detach(s.loop); err != nil {
+			return fmt.Errorf("detach %s (unmount its filesystem first): %w", s.loop, err)
+		}
+		s.loop = ""
+	}
+	if err := s.exp.Close(); err != nil {
+		return err
+	}
+	s.exp = nil
+	s.stopped = true
+	return nil
+}
+
+// ProcessStatus is what the control socket reports: the backend's status,
+// where the volume is served, and the clone engine's own record.
+type ProcessStatus struct {
+	datapath.Status
+	File   string            `json:"file"`
+	Loop   string            `json:"loop,omitempty"`
+	Engine *dmclone.Progress `json:"engine,omitempty"`
+}
+
+func (s *server) status() ProcessStatus {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := ProcessStatus{Status: datapath.Status{VolumeID: s.cfg.VolumeID, Pid: os.Getpid(), Cloning: s.eng != nil && !s.dissolved,
+		Hydrating: s.hydrating, Dissolved: s.dissolved}, File: s.cfg.DevicePath(), Loop: s.loop}
+	if s.eng != nil {
+		p := s.eng.Progress()
+		st.Progress = fromEngine(p)
+		st.Complete = p.Complete
+		st.Engine = &p
+	} else {
+		st.Complete = true
+	}
+	return st
+}
+
+func (s *server) serve(ctx context.Context, ready func(Ready)) error {
+	ln, err := childctl.Listen(s.cfg.Socket)
+	if err != nil {
+		return err
+	}
+	stop := make(chan struct{})
+	var once sync.Once
+	mux := http.NewServeMux()
+	reply := childctl.Reply
+	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) { reply(w, s.status(), nil) })
+	mux.HandleFunc("POST /v1/hydration/enable", func(w http.ResponseWriter, r *http.Request) {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if s.eng == nil || s.dissolved {
+			reply(w, struct{}{}, nil)
+			return
+		}
+		err := s.eng.EnableHydration()
+		s.hydrating = s.hydrating || err == nil
+		reply(w, struct{}{}, err)
+	})
+	mux.HandleFunc("POST /v1/hydration/disable", func(w http.ResponseWriter, r *http.Request) {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if s.eng == nil || s.dissolved {
+			reply(w, struct{}{}, nil)
+			return
+		}
+		err := s.eng.DisableHydration()
+		s.hydrating = s.hydrating && err != nil
+		reply(w, struct{}{}, err)
+	})
+	mux.HandleFunc("POST /v1/source", func(w http.ResponseWriter, r *http.Request) {
+		var to SourceMove
+		if err := childctl.Decode(r, &to); err != nil {
+			reply(w, nil, &childctl.Error{Status: http.StatusBadRequest, Message: fmt.Sprintf("move the source needs a portal and an IQN: %v", err)})
+			return
+		}
+		s.mu.Lock()
+		lun, ok := s.lun.(*iscsi.LUN)
+		dissolved := s.dissolved
+		s.mu.Unlock()
+		if !ok || dissolved {
+			reply(w, struct{}{}, errors.New("this clone does not read its source over iSCSI (or is dissolved): nothing to move"))
+			return
+		}
+		reply(w, struct{}{}, lun.Retarget(r.Context(), to.Portal, to.IQN))
+	})
+	mux.HandleFunc("POST /v1/tunables", func(w http.ResponseWriter, r *http.Request) {
+		var t *dmclone.Tunables
+		if err := childctl.Decode(r, &t); err != nil || t == nil {
+			reply(w, nil, &childctl.Error{Status: http.StatusBadRequest, Message: fmt.Sprintf("set tunables needs a tunables record: %v", err)})
+			return
+		}
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if s.eng == nil || s.dissolved {
+			reply(w, struct{}{}, errors.New("no clone engine runs here (never cloned, or dissolved)"))
+			return
+		}
+		reply(w, struct{}{}, s.eng.SetTunables(*t))
+	})
+	mux.HandleFunc("POST /v1/dissolve", func(w http.ResponseWriter, r *http.Request) { reply(w, struct{}{}, s.dissolve()) })
+	mux.HandleFunc("POST /v1/shutdown", func(w http.ResponseWriter, r *http.Request) {
+		if err := s.stop(); err != nil {
+			reply(w, nil, err)
+			return
+		}
+		reply(w, struct{}{}, nil)
+		once.Do(func() { close(stop) })
+	})
+	srv := childctl.Serve(ln, mux)
+	s.log.Info().Str("volume", s.cfg.VolumeID).Str("device", s.cfg.DevicePath()).Msg("datapath serving")
+	if ready != nil {
+		ready(Ready{File: s.cfg.DevicePath(), Loop: s.loop, Socket: s.cfg.Socket})
+	}
+	if c := s.cfg.Clone; c != nil && c.AutoDissolve {
+		go func() {
+			select {
+			case <-s.eng.Done():
+				if err := s.dissolve(); err != nil {
+					s.log.Error().Err(err).Msg("dissolve")
+				}
+			case <-stop:
+			case <-ctx.Done():
+			}
+		}()
+	}
+	select {
+	case <-ctx.Done():
+		if err := s.stop(); err != nil {
+			// Its loop or file is still in use: keep serving it.
+			s.log.Error().Err(err).Msg("stop refused; still serving until a stop request succeeds")
+			<-stop
+		}
+	case <-stop:
+	}
+	srv.Close()
+	os.Remove(s.cfg.Socket)
+	return nil
+}
+
+// dissolve swaps the clone out from under the view once every region is
+// hydrated: the view then reads the destination file directly, and the
+// iSCSI session is closed. The kernel above never notices.
+func (s *server) dissolve() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.eng == nil || s.dissolved {
+		return nil
+	}
+	p := s.eng.Progress()
+	if !p.Complete {
+		return fmt.Errorf("volume %s is not fully hydrated (%d/%d regions): cannot dissolve yet", s.cfg.VolumeID, p.HydratedRegions, p.TotalRegions)
+	}
+	// Swap waits for in-flight I/O; from then on the view reads the
+	// destination directly, and the engine can finish and let go.
+	s.sw.Swap(s.viewDest())
+	if _, err := s.eng.Dissolve(); err != nil {
+		s.sw.Swap(s.eng)
+		return fmt.Errorf("dissolve clone of %s: %w", s.cfg.VolumeID, err)
+	}
+	s.lun = nil // the engine closed it
+	s.dissolved = true
+	return nil
+}
+
+func regionSize(rs int64) int64 {
+	if rs == 0 {
+		return 4096
+	}
+	return rs
+}
+
+func fromEngine(p dmclone.Progress) *datapath.Progress {
+	return &datapath.Progress{
+		RegionSize: p.RegionSize, TotalRegions: p.TotalRegions, HydratedRegions: p.HydratedRegions,
+		TotalBytes: p.TotalRegions * p.RegionSize, HydratedBytes: p.HydratedRegions * p.RegionSize,
+		FetchedBytes: p.FetchedBytes, SkippedBytes: p.SkippedDiscardBytes + p.SkippedKnownZeroBytes,
+		SkippedDiscardBytes: p.SkippedDiscardBytes, SkippedKnownZeroBytes: p.SkippedKnownZeroBytes,
+		RateBPS: int64(p.RateBPS), ETASeconds: int64(p.ETA.Seconds()), Stalled: p.Stalled, StalledReason: p.StalledReason,
+	}
+}
+
+// ServeConfigFile is `ferry volume serve --config path`: it reads the
+// config the agent wrote (unknown fields refused, so a newer agent's config
+// never half-applies) and the passphrase from stdin, then serves.
+func ServeConfigFile(ctx context.Context, log zerolog.Logger, path string, stdin io.Reader) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	var cfg Config
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&cfg); err != nil {
+		return fmt.Errorf("datapath config %s: %w", path, err)
+	}
+	pass, err := io.ReadAll(io.LimitReader(stdin, 4096))
+	if err != nil {
+		return err
+	}
+	defer clear(pass)
+	// Each layer (dmclone, iscsi, fuseexport) sets its own component; this
+	// process is named by its own field so keys never repeat.
+	return Serve(ctx, log.With().Str("process", "datapath").Str("volume", cfg.VolumeID).Logger(), cfg, pass, nil)
+}

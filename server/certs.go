@@ -1,0 +1,55 @@
+package server
+
+import (
+	"net/http"
+
+	"github.com/ferry-dev/ferry/api"
+	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/tlsutil"
+)
+
+// The certificate deny list: operators add serials, every server checks
+// each TLS handshake against it (tlsutil.WithDenyList in StartServer).
+
+func (s *Server) handleRevoke(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
+	if id.Kind != fsm.KindOperator {
+		writeErr(w, &fsm.Refusal{Kind: fsm.RefuseForbidden, Code: fsm.CodeForbidden, Reason: id.String() + " may not revoke certificates (operators only)"})
+		return
+	}
+	var req api.RevokeRequest
+	if !readBody(w, r, &req) {
+		return
+	}
+	serial, err := fsm.NormalizeSerial(req.Serial)
+	if err != nil {
+		writeErr(w, &fsm.Refusal{Kind: fsm.RefuseInvalid, Code: fsm.CodeInvalid, Reason: err.Error()})
+		return
+	}
+	if res := s.run(w, r.Context(), fsm.CmdRevokeCert, &fsm.RevokeCertCmd{Header: s.header(id), Serial: serial, Reason: req.Reason}); res != nil {
+		writeJSON(w, http.StatusOK, struct{}{})
+	}
+}
+
+func (s *Server) handleListRevoked(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
+	if id.Kind != fsm.KindOperator && id.Kind != fsm.KindServer {
+		writeErr(w, &fsm.Refusal{Kind: fsm.RefuseForbidden, Code: fsm.CodeForbidden, Reason: id.String() + " may not list revoked certificates"})
+		return
+	}
+	writeJSON(w, http.StatusOK, s.store.RevokedCerts())
+}
+
+// denyRevoked refuses every request whose client certificate is revoked and
+// closes its connection: the handshake check cannot reach a keep-alive
+// connection (an agent's blocking queries) opened before the revocation.
+func (s *Server) denyRevoked(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.TLS != nil && len(r.TLS.PeerCertificates) > 0 {
+			if sn := tlsutil.SerialString(r.TLS.PeerCertificates[0].SerialNumber); s.store.Revoked(sn) {
+				w.Header().Set("Connection", "close")
+				writeErr(w, &fsm.Refusal{Kind: fsm.RefuseUnauthenticated, Code: fsm.CodeUnauth, Reason: "certificate " + sn + " is revoked"})
+				return
+			}
+		}
+		next.ServeHTTP(w, r)
+	})
+}
