@@ -458,7 +458,9 @@ func (sc *Scope) Migrations(ms []*Migration) []*Migration {
 // Drains keeps the drains the scope may read: a worker sees only the
 // drains of itself (a drain names other workers' placements).
 func (sc *Scope) Drains(ds []*Drain) []*Drain {
-	return keep(ds, func(d *Drain) bool { return sc.all || (sc.worker != "" && d.Worker == sc.worker && sc.workers[sc.worker]) })
+	return keep(ds, func(d *Drain) bool {
+		return sc.all || (sc.worker != "" && d.Worker == sc.worker && sc.workers[sc.worker])
+	})
 }
 
 func keep[T any](in []T, ok func(T) bool) []T {

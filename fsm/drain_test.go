@@ -11,11 +11,12 @@ import (
 // drainHarness registers the usual workers and machine, without a plan.
 func drainHarness(t *testing.T) *harness {
 	h := newHarness(t)
-	for i, w := range []string{srcW.Name, dstW.Name, otherW.Name} {
-		h.must(h.apply(CmdRegisterWorker, &RegisterWorkerCmd{Header: h.hdr(server), Worker: Worker{Name: w, HostID: uint32(i + 1)}, LeaseTTL: time.Hour}))
+	for i, w := range []Identity{srcW, dstW, otherW} {
+		h.must(h.apply(CmdRegisterWorker, &RegisterWorkerCmd{Header: h.hdr(w), Worker: Worker{Name: w.Name, HostID: uint32(i + 1)}, LeaseTTL: time.Hour}))
 	}
 	h.must(h.apply(CmdCreateVolume, &CreateVolumeCmd{Header: h.hdr(srcW), Volume: Volume{ID: "vol1", Worker: srcW.Name, Size: 80 << 20, State: VolCreated, Layout: testLayout()}}))
-	h.must(h.apply(CmdCreateMachine, &CreateMachineCmd{Header: h.hdr(srcW), Machine: Machine{ID: "mach1", Worker: srcW.Name, Volume: "vol1", Network: 7, State: MachineRunning}}))
+	h.must(h.apply(CmdCreateMachine, &CreateMachineCmd{Header: h.hdr(operator), Machine: Machine{ID: "mach1", Worker: srcW.Name, Volume: "vol1", Network: 7, State: MachineRunning}}))
+	h.must(h.apply(CmdCreateVolume, &CreateVolumeCmd{Header: h.hdr(dstW), Volume: Volume{ID: "vol1-dst", Worker: dstW.Name, Size: 80 << 20, State: VolHydrating}}))
 	return h
 }
 
@@ -94,10 +95,7 @@ func TestDrainRetryAfterRollback(t *testing.T) {
 	h.must(h.apply(CmdDrain, &DrainCmd{Header: h.hdr(operator), ID: "d1", Worker: srcW.Name}))
 	h.must(h.apply(CmdDrainUpdate, &DrainUpdateCmd{Header: h.hdr(server), ID: "d1", Start: []DrainStart{{Machine: "mach1", Target: dstW.Name, Migration: "a1"}}}))
 	for _, ev := range []Event{EvAbort, EvTargetTornDown, EvSourceRestored} {
-		id := operator
-		if ev == EvSourceRestored {
-			id = srcW
-		}
+		id := map[Event]Identity{EvAbort: operator, EvTargetTornDown: dstW, EvSourceRestored: srcW}[ev]
 		h.must(h.apply(CmdPropose, &ProposeCmd{Header: h.hdr(id), ID: "a1", Event: ev, StepID: "s-" + string(ev), Payload: payloadOf(ev)}))
 	}
 	d := h.must(h.apply(CmdDrainUpdate, &DrainUpdateCmd{Header: h.hdr(server), ID: "d1", Start: []DrainStart{{Machine: "mach1", Target: dstW.Name, Migration: "a2"}}})).Drain
@@ -171,10 +169,7 @@ func TestGCOnlyTerminal(t *testing.T) {
 		t.Fatal("an active migration was collected")
 	}
 	for _, ev := range []Event{EvAbort, EvTargetTornDown, EvSourceRestored} {
-		id := operator
-		if ev == EvSourceRestored {
-			id = srcW
-		}
+		id := map[Event]Identity{EvAbort: operator, EvTargetTornDown: dstW, EvSourceRestored: srcW}[ev]
 		h.must(h.propose(id, ev, "s-"+string(ev), payloadOf(ev)))
 	}
 	h.must(h.apply(CmdDrain, &DrainCmd{Header: h.hdr(operator), ID: "d1", Worker: srcW.Name}))

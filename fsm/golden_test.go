@@ -317,7 +317,7 @@ func TestDecodeRejectsWhatItDoesNotKnow(t *testing.T) {
 	}
 	// Snapshots: an unknown field or a newer format is refused, the store keeps its state.
 	for name, raw := range map[string]string{
-		"unknown field": `{"index":3,"migrations":{},"drains":{}}`,
+		"unknown field": `{"index":3,"migrations":{},"quotas":{}}`,
 		"newer format":  `{"format":99,"index":3}`,
 	} {
 		s := NewStore(zerolog.Nop())
