@@ -35,7 +35,7 @@ func TestSteadyStateWritesNothing(t *testing.T) {
 	// Slots changed: written.
 	changed := *rep
 	changed.SlotsIn = 4
-	wk, err := w.HeartbeatReport(ctx, "w1", time.Minute, &changed)
+	wk, err := w.HeartbeatReport(ctx, "w1", 20*time.Second, &changed) // a short lease, so the next beat finds it short
 	if err != nil || st.Index() != idx+1 || wk.LimitIn() != 4 {
 		t.Fatalf("changed report: %+v %v (index +%d)", wk, err, st.Index()-idx)
 	}

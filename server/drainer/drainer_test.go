@@ -66,12 +66,12 @@ func newFixture(t *testing.T, n int, targets ...string) *fixture {
 	f := &fixture{t: t, log: &logApplier{s: fsm.NewStore(zerolog.Nop())}, now: time.Date(2026, 5, 6, 7, 8, 9, 0, time.UTC)}
 	for i, w := range append([]string{"src"}, targets...) {
 		f.must(fsm.CmdRegisterWorker, &fsm.RegisterWorkerCmd{Header: f.hdr("op", fsm.KindOperator), LeaseTTL: 24 * time.Hour,
-			Worker: fsm.Worker{Name: w, HostID: uint32(i + 1), Report: &fsm.WorkerReport{FreeBytes: 1 << 40, TotalBytes: 2 << 40, SlotsIn: 4, SlotsOut: 8}}})
+			Worker: fsm.Worker{Name: w, HostID: uint32(i + 1), Address: fmt.Sprintf("127.0.0.%d", i+1), Report: &fsm.WorkerReport{FreeBytes: 1 << 40, TotalBytes: 2 << 40, SlotsIn: 4, SlotsOut: 8}}})
 	}
 	for i := range n {
 		id := fmt.Sprintf("m%d", i)
 		f.must(fsm.CmdCreateVolume, &fsm.CreateVolumeCmd{Header: f.hdr("src", fsm.KindWorker), Volume: fsm.Volume{ID: "v" + id, Worker: "src", Size: 10 << 30, State: fsm.VolCreated, Layout: layout}})
-		f.must(fsm.CmdCreateMachine, &fsm.CreateMachineCmd{Header: f.hdr("src", fsm.KindWorker), Machine: fsm.Machine{ID: id, Worker: "src", Volume: "v" + id, State: fsm.MachineRunning}})
+		f.must(fsm.CmdCreateMachine, &fsm.CreateMachineCmd{Header: f.hdr("op", fsm.KindOperator), Machine: fsm.Machine{ID: id, Worker: "src", Volume: "v" + id, State: fsm.MachineRunning}})
 	}
 	return f
 }
@@ -83,13 +83,18 @@ func (f *fixture) drainer() *Drainer {
 // complete drives a migration to completed as its workers and the server would.
 func (f *fixture) complete(m *fsm.Migration) {
 	f.t.Helper()
+	// The target registers its volume, and the source exports at its own
+	// address under the migration's IQN, as the records require.
+	tv := m.Volume + "-" + m.Target
+	f.must(fsm.CmdCreateVolume, &fsm.CreateVolumeCmd{Header: f.hdr(m.Target, fsm.KindWorker), Volume: fsm.Volume{ID: tv, Worker: m.Target, Size: 10 << 30, State: fsm.VolHydrating}})
+	src, _ := f.log.s.Worker(m.Source)
 	steps := []struct {
 		ev  fsm.Event
 		who string
 		p   fsm.EventPayload
 	}{
-		{fsm.EvTargetPrepared, m.Target, fsm.EventPayload{}}, {fsm.EvSourceStopped, m.Source, fsm.EventPayload{}},
-		{fsm.EvExported, m.Source, fsm.EventPayload{Export: &fsm.Export{Portal: "p:3260", IQN: "iqn.x"}}},
+		{fsm.EvTargetPrepared, m.Target, fsm.EventPayload{TargetVolume: tv}}, {fsm.EvSourceStopped, m.Source, fsm.EventPayload{}},
+		{fsm.EvExported, m.Source, fsm.EventPayload{Export: &fsm.Export{Portal: src.Address + ":3260", IQN: "iqn.2026-01.dev.ferry:ferry:" + m.ID}}},
 		{fsm.EvCloneBuilt, m.Target, fsm.EventPayload{}}, {fsm.EvTrimmed, m.Target, fsm.EventPayload{}}, {fsm.EvCutover, m.Target, fsm.EventPayload{}},
 		{fsm.EvHydrationStarted, m.Target, fsm.EventPayload{}}, {fsm.EvHydrated, m.Target, fsm.EventPayload{}},
 		{fsm.EvSourceReleased, m.Source, fsm.EventPayload{}}, {fsm.EvCompleted, "s0", fsm.EventPayload{}},
