@@ -29,6 +29,9 @@ func newWorkerCmd() *cobra.Command {
 			if err != nil {
 				return withCode(refusalCode(err), err)
 			}
+			if asJSON {
+				return writeJSONOut(cmd.OutOrStdout(), w)
+			}
 			fmt.Fprintf(cmd.OutOrStdout(), "worker %s cordoned: %s\n", w.Name, w.CordonReason)
 			return nil
 		}),
@@ -42,6 +45,9 @@ func newWorkerCmd() *cobra.Command {
 			w, err := c.Cordon(cmd.Context(), args[0], false, "")
 			if err != nil {
 				return withCode(refusalCode(err), err)
+			}
+			if asJSON {
+				return writeJSONOut(cmd.OutOrStdout(), w)
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "worker %s takes placements again\n", w.Name)
 			return nil
@@ -63,7 +69,9 @@ func newWorkerCmd() *cobra.Command {
 			return nil
 		}),
 	}
-	list.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	for _, sc := range []*cobra.Command{cordon, uncordon, list} {
+		sc.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	}
 	for _, sc := range []*cobra.Command{cordon, uncordon, list} {
 		addClientFlags(sc)
 	}
