@@ -36,10 +36,10 @@ func (s *Server) Apply(ctx context.Context, typ fsm.CommandType, payload any) (*
 
 // heartbeatWrite decides whether a beat must reach the log: when the lease
 // has less than half its TTL left, or the capacity report changed enough to
-// change placement. Otherwise the replica answers from its state (followers
-// too), so 1000 workers beating every few seconds cost about one write per
-// worker per lease period. A lagging replica only sees an older expiry,
-// which errs towards writing.
+// change placement. Otherwise the leader answers from its state, so 1000
+// workers beating every few seconds cost about one write per worker per
+// lease period. Followers answer beats like any write, with the leader's
+// address: their state may lag, and writes are the leader's alone.
 func heartbeatWrite(w fsm.Worker, rep *fsm.WorkerReport, ttl time.Duration, now time.Time) bool {
 	if w.LeaseExpiry.Sub(now) < ttl/2 {
 		return true
@@ -63,7 +63,7 @@ func (s *Server) handleHeartbeat(w http.ResponseWriter, r *http.Request, id fsm.
 	// The same rule as the log's: only that worker (or an operator) beats
 	// for it, so an answer from the replica reveals nothing to others.
 	allowed := id.Kind == fsm.KindOperator || (id.Kind == fsm.KindWorker && id.Name == name)
-	if wk, ok := s.store.Worker(name); ok && allowed && !heartbeatWrite(wk, req.Report, ttl, s.cfg.Now()) {
+	if wk, ok := s.store.Worker(name); ok && allowed && s.node.IsLeader() && !heartbeatWrite(wk, req.Report, ttl, s.cfg.Now()) {
 		s.met.beatsAbsorbed.Inc()
 		writeJSON(w, http.StatusOK, wk)
 		return

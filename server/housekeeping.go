@@ -46,9 +46,8 @@ type housekeeper struct {
 }
 
 // leaseGrace is how long a new leader waits before it acts on an expired
-// lease: during the election no heartbeat could be written (followers
-// answer beats without a write while the lease is long, and forward the
-// write only when it runs short), so a lease that ran out meanwhile says
+// lease: during the election no heartbeat could be written (a follower
+// only names the leader, and there was none), so a lease that ran out meanwhile says
 // nothing about the worker. Nomad's new leaders likewise reset heartbeat
 // timers.
 const leaseGrace = 5 * time.Second

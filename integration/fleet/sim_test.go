@@ -271,7 +271,7 @@ func (a *SimAgent) stepFor(m *fsm.Migration) stepFn {
 	case src && m.State == fsm.TargetPrepared:
 		return simple(fsm.EvSourceStopped, fsm.EventPayload{})
 	case src && m.State == fsm.SourceStopped:
-		return simple(fsm.EvExported, fsm.EventPayload{Export: &fsm.Export{Portal: "127.0.0.1:3260", IQN: "iqn.2026-01.dev.ferry:" + m.ID}})
+		return simple(fsm.EvExported, fsm.EventPayload{Export: &fsm.Export{Portal: "127.0.0.1:3260", IQN: "iqn.2026-01.dev.ferry:ferry:" + m.ID}})
 	case dst && m.State == fsm.Exported:
 		return simple(fsm.EvCloneBuilt, fsm.EventPayload{})
 	case dst && m.State == fsm.CloneBuilt:
