@@ -14,6 +14,9 @@ import (
 type AgentClient struct {
 	C        *Client
 	LeaseTTL time.Duration // 0: the server's default
+	// Report, when set, gives the capacity sent with each heartbeat (free
+	// space of the volume store, slots, rates) for the servers' placement.
+	Report func() *fsm.WorkerReport
 }
 
 func (p *AgentClient) RegisterWorker(ctx context.Context, w fsm.Worker) error {
@@ -22,7 +25,11 @@ func (p *AgentClient) RegisterWorker(ctx context.Context, w fsm.Worker) error {
 }
 
 func (p *AgentClient) Heartbeat(ctx context.Context, worker string) error {
-	_, err := p.C.Heartbeat(ctx, worker, p.LeaseTTL)
+	var rep *fsm.WorkerReport
+	if p.Report != nil {
+		rep = p.Report()
+	}
+	_, err := p.C.HeartbeatReport(ctx, worker, p.LeaseTTL, rep)
 	return refusal(err)
 }
 

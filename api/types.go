@@ -59,9 +59,12 @@ type RegisterWorkerRequest struct {
 	LeaseTTL Duration   `json:"lease_ttl,omitempty"`
 }
 
-// HeartbeatRequest extends a worker's lease.
+// HeartbeatRequest extends a worker's lease and reports its capacity. The
+// server writes it to the log only when the lease needs extending or the
+// report changed meaningfully, so beats are cheap.
 type HeartbeatRequest struct {
-	LeaseTTL Duration `json:"lease_ttl,omitempty"`
+	LeaseTTL Duration          `json:"lease_ttl,omitempty"`
+	Report   *fsm.WorkerReport `json:"report,omitempty"`
 }
 
 // VolumeExtend asks for a volume to grow to Size bytes (the whole

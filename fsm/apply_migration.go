@@ -90,10 +90,13 @@ func (s *Store) applyPlan(index uint64, c *PlanCmd) *Result {
 			in++
 		}
 	}
-	if lim := limit(src); out >= lim {
+	if dst.Cordoned {
+		return &Result{Refusal: refuse(RefuseConflict, CodeCordoned, "target worker %s is cordoned (%s): it takes no new migrations; uncordon it first", dst.Name, dst.CordonReason)}
+	}
+	if lim := src.LimitOut(); out >= lim {
 		return &Result{Refusal: refuse(RefuseBusy, CodeAdmission, "worker %s already has %d outbound migrations (limit %d)", src.Name, out, lim)}
 	}
-	if lim := limit(dst); in >= lim {
+	if lim := dst.LimitIn(); in >= lim {
 		return &Result{Refusal: refuse(RefuseBusy, CodeAdmission, "worker %s already has %d inbound migrations (limit %d)", dst.Name, in, lim)}
 	}
 	m.State = Planned
@@ -110,6 +113,7 @@ func (s *Store) applyPlan(index uint64, c *PlanCmd) *Result {
 		s.d.Locks[l] = m.ID
 	}
 	s.d.Migrations[m.ID] = m
+	s.idx.addMigration(m)
 	return &Result{Migration: m.Clone()}
 }
 
@@ -205,6 +209,7 @@ func (s *Store) applyPropose(index uint64, c *ProposeCmd) *Result {
 	}
 	m.UpdatedAt = c.Now
 	m.ModifyIndex = index
+	s.idx.touchMigration(m)
 	if m.State != before {
 		m.EnteredAt[m.State] = c.Now
 		if m.State.Terminal() {
@@ -276,6 +281,7 @@ func (s *Store) applyTransition(m *Migration, tr Transition, c *ProposeCmd) *Ref
 		}
 		m.New6PN = p.New6PN
 		if mach, ok := s.d.Machines[m.Machine]; ok {
+			s.idx.moveMachine(mach.ID, mach.Worker, m.Target)
 			mach.Worker = m.Target
 			mach.State = MachineRunning
 			mach.Migrated = true

@@ -1,6 +1,7 @@
 package fsm
 
 import (
+	"fmt"
 	"slices"
 	"time"
 )
@@ -48,9 +49,19 @@ func (s *Store) applyRegisterWorker(c *RegisterWorkerCmd) *Result {
 	w.KEK = nil
 	if old, ok := s.d.Workers[w.Name]; ok {
 		w.Registered = old.Registered
+		// A restarted agent re-registers: the cordon is the operator's and
+		// stays; a report it did not send yet keeps the last one.
+		w.Cordoned, w.CordonReason = old.Cordoned, old.CordonReason
+		if w.Report == nil {
+			w.Report = old.Report
+		}
 		w.KEK = old.KEK
 	} else {
 		w.Registered = c.Now
+		w.Cordoned, w.CordonReason = false, ""
+	}
+	if err := validReport(w.Report); err != nil {
+		return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "worker %s: %v", w.Name, err)}
 	}
 	w.LeaseExpiry = c.Now.Add(leaseTTL(c.LeaseTTL))
 	s.d.Workers[w.Name] = &w
@@ -66,8 +77,15 @@ func (s *Store) applyHeartbeat(c *HeartbeatCmd) *Result {
 	if !ok {
 		return &Result{Refusal: notFound("worker", c.Name)}
 	}
+	if err := validReport(c.Report); err != nil {
+		return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "worker %s: %v", c.Name, err)}
+	}
 	if exp := c.Now.Add(leaseTTL(c.LeaseTTL)); exp.After(w.LeaseExpiry) {
 		w.LeaseExpiry = exp
+	}
+	if c.Report != nil {
+		r := *c.Report
+		w.Report = &r
 	}
 	cp := *w
 	return &Result{Worker: &cp}
@@ -110,6 +128,7 @@ func (s *Store) applyCreateVolume(c *CreateVolumeCmd) *Result {
 	v.WantSize = 0 // only extend_volume asks for growth
 	v.ForkOf = ""  // only fork_volume makes a fork
 	s.d.Volumes[v.ID] = &v
+	s.idx.addVolume(v.ID, v.Worker)
 	cp := copyVolume(&v)
 	return &Result{Volume: &cp}
 }
@@ -254,6 +273,7 @@ func (s *Store) applyForkVolume(c *ForkVolumeCmd) *Result {
 	src := s.d.Volumes[c.Source]
 	v := &Volume{ID: c.ID, Worker: c.Worker, Size: src.Size, State: VolCreating, ForkOf: src.ID, CreatedAt: c.Now}
 	s.d.Volumes[v.ID] = v
+	s.idx.addVolume(v.ID, v.Worker)
 	cp := copyVolume(v)
 	return &Result{Volume: &cp}
 }
@@ -368,7 +388,11 @@ func (s *Store) applyCreateMachine(c *CreateMachineCmd) *Result {
 		return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "machine state %q: use running or stopped", m.State)}
 	}
 	m.Migrated = false
+	if len(m.Group) > 128 {
+		return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "machine group is longer than 128 bytes")}
+	}
 	s.d.Machines[m.ID] = &m
+	s.idx.moveMachine(m.ID, "", m.Worker)
 	cp := m
 	return &Result{Machine: &cp}
 }
@@ -427,11 +451,17 @@ func (s *Store) applyUpdateMachine(c *UpdateMachineCmd) *Result {
 // applyGC forgets terminal migrations and destroyed volumes whose end lies
 // at least Retention before Now. A destroyed volume's end is its destroy
 // deadline; one still named by a machine, a migration or a lock is kept.
-func (s *Store) applyGC(c *GCCmd) *Result {
-	migs, vols := s.garbage(c.Now.Add(-c.Retention))
+// Ended drains go with the same retention.
+func (s *Store) applyGC(index uint64, c *GCCmd) *Result {
+	migs, vols, drains := s.garbage(c.Now.Add(-c.Retention))
 	for _, id := range migs {
-		s.releaseLocks(s.d.Migrations[id])
+		m := s.d.Migrations[id]
+		s.releaseLocks(m)
 		delete(s.d.Migrations, id)
+		s.idx.removeMigration(m, index)
+	}
+	for _, id := range drains {
+		delete(s.d.Drains, id)
 	}
 	for _, id := range vols {
 		delete(s.d.Volumes, id)
@@ -440,7 +470,7 @@ func (s *Store) applyGC(c *GCCmd) *Result {
 	return &Result{}
 }
 
-func (s *Store) garbage(cutoff time.Time) (migs, vols []string) {
+func (s *Store) garbage(cutoff time.Time) (migs, vols, drains []string) {
 	used := map[string]bool{}
 	for _, m := range s.d.Machines {
 		used[m.Volume] = true
@@ -462,13 +492,62 @@ func (s *Store) garbage(cutoff time.Time) (migs, vols []string) {
 			vols = append(vols, id)
 		}
 	}
-	return migs, vols
+	for id, d := range s.d.Drains {
+		if d.State.Terminal() && !d.UpdatedAt.After(cutoff) {
+			drains = append(drains, id)
+		}
+	}
+	return migs, vols, drains
 }
 
 // Collectable reports whether a GC with retention at now would delete anything.
 func (s *Store) Collectable(now time.Time, retention time.Duration) bool {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	migs, vols := s.garbage(now.Add(-retention))
-	return len(migs)+len(vols) > 0
+	migs, vols, drains := s.garbage(now.Add(-retention))
+	return len(migs)+len(vols)+len(drains) > 0
+}
+
+func validReport(r *WorkerReport) error { return r.Validate() }
+
+// Validate rejects a capacity report no real worker sends; the numbers
+// feed placement, so a negative or inverted one must not get in.
+func (r *WorkerReport) Validate() error {
+	if r == nil {
+		return nil
+	}
+	if r.FreeBytes < 0 || r.TotalBytes < 0 || r.SlotsIn < 0 || r.SlotsOut < 0 || r.HydrateBPS < 0 || r.LinkBPS < 0 {
+		return fmt.Errorf("capacity report has a negative field")
+	}
+	if r.TotalBytes > 0 && r.FreeBytes > r.TotalBytes {
+		return fmt.Errorf("capacity report: %d bytes free of %d", r.FreeBytes, r.TotalBytes)
+	}
+	if r.SlotsIn > 1024 || r.SlotsOut > 1024 {
+		return fmt.Errorf("capacity report: more than 1024 migration slots")
+	}
+	return nil
+}
+
+func (s *Store) applyCordon(c *CordonCmd) *Result {
+	if !c.Actor.privileged() {
+		return forbidden(c.Actor, "cordon a worker (operator or server certificate needed)")
+	}
+	w, ok := s.d.Workers[c.Worker]
+	if !ok {
+		return &Result{Refusal: notFound("worker", c.Worker)}
+	}
+	if !c.Cordoned {
+		for _, d := range s.d.Drains {
+			if d.Worker == w.Name && d.State == DrainRunning {
+				return &Result{Refusal: refuse(RefuseConflict, CodeConflict, "worker %s is being drained (%s): cancel the drain first", w.Name, d.ID)}
+			}
+		}
+	}
+	w.Cordoned = c.Cordoned
+	w.CordonReason = ""
+	if c.Cordoned {
+		w.CordonReason = truncate(firstNonEmpty(c.Reason, "cordoned by "+c.Actor.Name), 256)
+	}
+	cp := *w
+	return &Result{Worker: &cp}
 }

@@ -172,6 +172,22 @@ func (s *Store) authorize(cmd any) *Refusal {
 		}
 	case *ProposeCmd:
 		return s.authorizePropose(c)
+	case *CordonCmd:
+		if !c.Actor.operator() {
+			return deny(c.Actor, "cordon or uncordon worker "+c.Worker+" (operators only)")
+		}
+	case *DrainCmd:
+		if !c.Actor.operator() {
+			return deny(c.Actor, "drain worker "+c.Worker+" (operators only)")
+		}
+	case *DrainUpdateCmd:
+		// The leader's drainer places and finishes; an operator only cancels.
+		switch {
+		case c.Actor.Kind == KindServer:
+		case c.Actor.operator() && len(c.Start) == 0 && c.Finish == DrainCancelled:
+		default:
+			return deny(c.Actor, "update drain "+c.ID+" (servers run drains; operators may only cancel one)")
+		}
 	}
 	return nil
 }
@@ -452,6 +468,14 @@ func (sc *Scope) Machines(ms []Machine) []Machine {
 // Migrations keeps the migrations the scope may read.
 func (sc *Scope) Migrations(ms []*Migration) []*Migration {
 	return keep(ms, func(m *Migration) bool { return sc.CanReadMigration(m.ID) })
+}
+
+// Drains keeps the drains the scope may read: a worker sees only the
+// drains of itself (a drain names other workers' placements).
+func (sc *Scope) Drains(ds []*Drain) []*Drain {
+	return keep(ds, func(d *Drain) bool {
+		return sc.all || (sc.worker != "" && d.Worker == sc.worker && sc.workers[sc.worker])
+	})
 }
 
 func keep[T any](in []T, ok func(T) bool) []T {

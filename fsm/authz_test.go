@@ -71,6 +71,20 @@ func TestAuthorizeRefusesBeforeApply(t *testing.T) {
 		{"target volume of the source", &ProposeCmd{Header: h.hdr(dstW), ID: "m1", Event: EvTargetPrepared, Payload: EventPayload{TargetVolume: "vol1"}}, RefuseForbidden},
 		{"long reason", &ProposeCmd{Header: h.hdr(operator), ID: "m1", Event: EvAbort, Payload: EventPayload{Reason: strings.Repeat("r", MaxTextLen+1)}}, RefuseInvalid},
 		{"gc by an operator", &GCCmd{Header: h.hdr(operator), Retention: time.Hour}, RefuseForbidden},
+		{"worker cordons another", &CordonCmd{Header: h.hdr(srcW), Worker: dstW.Name, Cordoned: true}, RefuseForbidden},
+		{"worker uncordons itself", &CordonCmd{Header: h.hdr(srcW), Worker: srcW.Name}, RefuseForbidden},
+		{"server cordons", &CordonCmd{Header: h.hdr(server), Worker: srcW.Name, Cordoned: true}, RefuseForbidden},
+		{"worker drains another", &DrainCmd{Header: h.hdr(srcW), ID: "d1", Worker: dstW.Name}, RefuseForbidden},
+		{"server records a drain", &DrainCmd{Header: h.hdr(server), ID: "d1", Worker: dstW.Name}, RefuseForbidden},
+		{"drain id ..", &DrainCmd{Header: h.hdr(operator), ID: "..", Worker: dstW.Name}, RefuseInvalid},
+		{"drain of a bad target", &DrainCmd{Header: h.hdr(operator), ID: "d1", Worker: dstW.Name, Targets: []string{"a/b"}}, RefuseInvalid},
+		{"drain too parallel", &DrainCmd{Header: h.hdr(operator), ID: "d1", Worker: dstW.Name, Parallel: MaxDrainParallel + 1}, RefuseInvalid},
+		{"worker updates a drain", &DrainUpdateCmd{Header: h.hdr(srcW), ID: "d1", Finish: DrainCancelled}, RefuseForbidden},
+		{"operator starts drain migrations", &DrainUpdateCmd{Header: h.hdr(operator), ID: "d1", Start: []DrainStart{{Machine: "mach1", Target: otherW.Name, Migration: "m9"}}}, RefuseForbidden},
+		{"drain start of a bad id", &DrainUpdateCmd{Header: h.hdr(server), ID: "d1", Start: []DrainStart{{Machine: "mach1", Target: otherW.Name, Migration: "../m"}}}, RefuseInvalid},
+		{"unknown drain finish", &DrainUpdateCmd{Header: h.hdr(server), ID: "d1", Finish: "exploded"}, RefuseInvalid},
+		{"negative capacity report", &HeartbeatCmd{Header: h.hdr(srcW), Name: srcW.Name, Report: &WorkerReport{FreeBytes: -1}}, RefuseInvalid},
+		{"registration with an inverted report", &RegisterWorkerCmd{Header: h.hdr(otherW), Worker: Worker{Name: otherW.Name, Report: &WorkerReport{FreeBytes: 2, TotalBytes: 1}}}, RefuseInvalid},
 	}
 	for _, c := range cases {
 		before := string(h.s.Dump())
@@ -105,6 +119,12 @@ func typeOf(v any) CommandType {
 		return CmdPropose
 	case *GCCmd:
 		return CmdGC
+	case *CordonCmd:
+		return CmdCordon
+	case *DrainCmd:
+		return CmdDrain
+	case *DrainUpdateCmd:
+		return CmdDrainUpdate
 	}
 	panic(v)
 }
@@ -165,6 +185,13 @@ func TestScopes(t *testing.T) {
 	}
 	if !h.s.ScopeOf(operator).All() || h.s.ScopeOf(Identity{Name: "x", Kind: "alien"}).CanReadWorker("x") {
 		t.Fatal("operator or unknown kind scope")
+	}
+	// A drain names placements on other workers: only its own worker reads it.
+	h.must(h.apply(CmdDrain, &DrainCmd{Header: h.hdr(operator), ID: "d1", Worker: srcW.Name}))
+	if len(sc.Drains(h.s.Drains(""))) != 0 || len(dst.Drains(h.s.Drains(""))) != 0 ||
+		len(h.s.ScopeOf(srcW).Drains(h.s.Drains(""))) != 1 || len(h.s.ScopeOf(operator).Drains(h.s.Drains(""))) != 1 ||
+		len(h.s.ScopeOf(Identity{Name: srcW.Name, Kind: "alien"}).Drains(h.s.Drains(""))) != 0 {
+		t.Fatal("drains not cut to the scope")
 	}
 }
 

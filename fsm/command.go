@@ -47,13 +47,16 @@ const (
 	CmdPutEnvelopes   CommandType = "put_envelopes"
 	CmdExtendVolume   CommandType = "extend_volume"
 	CmdForkVolume     CommandType = "fork_volume"
+	CmdCordon         CommandType = "cordon"
+	CmdDrain          CommandType = "drain"
+	CmdDrainUpdate    CommandType = "drain_update"
 )
 
 // CommandTypes lists every command type this build applies, oldest first.
 var CommandTypes = []CommandType{CmdRegisterServer, CmdRegisterWorker, CmdHeartbeat, CmdCreateVolume, CmdUpdateVolume,
 	CmdDestroyVolume, CmdSetVolumeKey, CmdKeyAccess, CmdCreateMachine, CmdUpdateMachine, CmdPlan, CmdPropose, CmdRevokeCert, CmdGC,
 	CmdSetWorkerKey, CmdSetRecoveryKey, CmdPutEnvelopes,
-	CmdExtendVolume, CmdForkVolume}
+	CmdExtendVolume, CmdForkVolume, CmdCordon, CmdDrain, CmdDrainUpdate}
 
 // Command is the versioned envelope every log entry holds.
 type Command struct {
@@ -103,11 +106,47 @@ type RegisterWorkerCmd struct {
 	LeaseTTL time.Duration `json:"lease_ttl"`
 }
 
-// HeartbeatCmd extends a worker's lease.
+// HeartbeatCmd extends a worker's lease and records its capacity report.
+// Servers propose it only when the lease needs extending or the report
+// changed meaningfully (WorkerReport.Differs), not on every beat.
 type HeartbeatCmd struct {
 	Header
 	Name     string        `json:"name"`
 	LeaseTTL time.Duration `json:"lease_ttl"`
+	Report   *WorkerReport `json:"report,omitempty"`
+}
+
+// CordonCmd stops (or resumes) new placements on a worker.
+type CordonCmd struct {
+	Header
+	Worker   string `json:"worker"`
+	Cordoned bool   `json:"cordoned"`
+	Reason   string `json:"reason,omitempty"`
+}
+
+// DrainCmd records a drain of a worker and cordons it. The leader's drainer
+// then starts its migrations with DrainUpdateCmd.
+type DrainCmd struct {
+	Header
+	ID           string        `json:"id"`
+	Worker       string        `json:"worker"`
+	Deadline     time.Duration `json:"deadline,omitempty"` // 0: none
+	Parallel     int           `json:"parallel,omitempty"` // 0: DefaultDrainParallel
+	Targets      []string      `json:"targets,omitempty"`  // empty: any worker placement allows
+	BandwidthBPS int64         `json:"bandwidth_bps,omitempty"`
+}
+
+// DrainUpdateCmd is one step of a drain, applied at once: the migrations it
+// starts are planned and marked in the drain record in the same entry, so a
+// new leader never starts one twice. Finish ends the drain (the drainer:
+// complete or deadline; an operator: cancelled) with what was left.
+type DrainUpdateCmd struct {
+	Header
+	ID      string            `json:"id"`
+	Start   []DrainStart      `json:"start,omitempty"`
+	Waiting map[string]string `json:"waiting,omitempty"` // machine -> why it was not placed this round
+	Finish  DrainState        `json:"finish,omitempty"`
+	Left    []DrainLeft       `json:"left,omitempty"`
 }
 
 // CreateVolumeCmd registers a volume.
@@ -288,6 +327,12 @@ func payloadFor(t CommandType) (any, bool) {
 		return &ExtendVolumeCmd{}, true
 	case CmdForkVolume:
 		return &ForkVolumeCmd{}, true
+	case CmdCordon:
+		return &CordonCmd{}, true
+	case CmdDrain:
+		return &DrainCmd{}, true
+	case CmdDrainUpdate:
+		return &DrainUpdateCmd{}, true
 	}
 	return nil, false
 }

@@ -112,6 +112,10 @@ func goldenCommands() []struct {
 		{CmdExtendVolume, &ExtendVolumeCmd{Header: hdr(operator), ID: "vol4", Size: 96 << 20}},
 		{CmdUpdateVolume, &UpdateVolumeCmd{Header: hdr(newW), ID: "vol4", Size: &grown, Layout: &grownLayout}},
 		{CmdForkVolume, &ForkVolumeCmd{Header: hdr(operator), ID: "vol5", Source: "vol4", Worker: newW.Name}},
+		{CmdCordon, &CordonCmd{Header: hdr(operator), Worker: otherW.Name, Cordoned: true, Reason: "disk swap"}},
+		{CmdDrain, &DrainCmd{Header: hdr(operator), ID: "d1", Worker: newW.Name, Deadline: time.Hour, Parallel: 4, Targets: []string{srcW.Name, dstW.Name}, BandwidthBPS: 100 << 20}},
+		{CmdDrainUpdate, &DrainUpdateCmd{Header: hdr(server), ID: "d1", Start: []DrainStart{{Machine: "mach3", Target: dstW.Name, Migration: "m4"}},
+			Waiting: map[string]string{"mach3": "no target with room"}}},
 	}
 }
 
@@ -321,7 +325,7 @@ func TestDecodeRejectsWhatItDoesNotKnow(t *testing.T) {
 	}
 	// Snapshots: an unknown field or a newer format is refused, the store keeps its state.
 	for name, raw := range map[string]string{
-		"unknown field": `{"index":3,"migrations":{},"drains":{}}`,
+		"unknown field": `{"index":3,"migrations":{},"quotas":{}}`,
 		"newer format":  `{"format":99,"index":3}`,
 	} {
 		s := NewStore(zerolog.Nop())

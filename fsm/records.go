@@ -213,6 +213,58 @@ type Worker struct {
 	LeaseExpiry time.Time  `json:"lease_expiry"`
 	Registered  time.Time  `json:"registered"`
 	KEK         *PublicKey `json:"kek,omitempty"` // key-encryption public key; its private half never leaves the worker
+
+	// Cordoned workers receive no new placements (drains cordon their
+	// worker); migrations already running are not affected.
+	Cordoned     bool          `json:"cordoned,omitempty"`
+	CordonReason string        `json:"cordon_reason,omitempty"`
+	Report       *WorkerReport `json:"report,omitempty"` // what the agent last reported that changed placement
+}
+
+// WorkerReport is what an agent reports about its capacity in its
+// heartbeats. Zero fields mean "not reported": placement then assumes no
+// constraint for that field (older agents report nothing).
+type WorkerReport struct {
+	FreeBytes  int64 `json:"free_bytes"`            // free bytes of the volume store
+	TotalBytes int64 `json:"total_bytes"`           // size of the volume store
+	SlotsIn    int   `json:"slots_in,omitempty"`    // concurrent inbound migrations it accepts
+	SlotsOut   int   `json:"slots_out,omitempty"`   // concurrent outbound migrations it serves
+	HydrateBPS int64 `json:"hydrate_bps,omitempty"` // hydration rate of one clone (the data path's cap)
+	LinkBPS    int64 `json:"link_bps,omitempty"`    // what its exports may use of its link, all together
+}
+
+// Differs reports whether r moved far enough from o that placement would
+// decide differently, so a heartbeat carrying it is worth a raft write:
+// slots or rates changed, or free space moved by more than 1 GiB and 2% of
+// the store.
+func (r *WorkerReport) Differs(o *WorkerReport) bool {
+	if r == nil || o == nil {
+		return r != o
+	}
+	if r.SlotsIn != o.SlotsIn || r.SlotsOut != o.SlotsOut || r.HydrateBPS != o.HydrateBPS || r.LinkBPS != o.LinkBPS || r.TotalBytes != o.TotalBytes {
+		return true
+	}
+	d := r.FreeBytes - o.FreeBytes
+	if d < 0 {
+		d = -d
+	}
+	return d > 1<<30 && d > r.TotalBytes/50
+}
+
+// LimitIn is the number of concurrent inbound migrations w accepts.
+func (w *Worker) LimitIn() int {
+	if w.Report != nil && w.Report.SlotsIn > 0 {
+		return w.Report.SlotsIn
+	}
+	return limit(w)
+}
+
+// LimitOut is the number of concurrent outbound migrations w serves.
+func (w *Worker) LimitOut() int {
+	if w.Report != nil && w.Report.SlotsOut > 0 {
+		return w.Report.SlotsOut
+	}
+	return limit(w)
 }
 
 // Alive reports whether the lease is valid at now.
@@ -289,6 +341,9 @@ type Machine struct {
 	// Crashes counts the machine's crashes in its worker's restart window
 	// (reset when an operator starts or stops it).
 	Crashes int `json:"crashes,omitempty"`
+	// Group is an optional label: placement keeps machines of one group off
+	// one target (replicas of one service must not share a worker).
+	Group string `json:"group,omitempty"`
 }
 
 // ServerMember is a raft voter and where its API listens, so followers can

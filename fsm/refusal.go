@@ -73,6 +73,7 @@ const (
 	CodeNoLeader     = "no_leader"
 	CodeUnauth       = "unauthenticated"
 	CodeInternal     = "internal"
+	CodeCordoned     = "cordoned"
 )
 
 func refuse(kind RefusalKind, code, format string, args ...any) *Refusal {

@@ -19,6 +19,7 @@ type Result struct {
 	Volume    *Volume    `json:"volume,omitempty"`
 	Machine   *Machine   `json:"machine,omitempty"`
 	Worker    *Worker    `json:"worker,omitempty"`
+	Drain     *Drain     `json:"drain,omitempty"`
 	Duplicate bool       `json:"duplicate,omitempty"` // the step ID was applied before; nothing changed
 	Ignored   bool       `json:"ignored,omitempty"`   // a rate-limited progress update; nothing changed
 	Refusal   *Refusal   `json:"refusal,omitempty"`
@@ -42,6 +43,7 @@ type data struct {
 	Machines   map[string]*Machine      `json:"machines"`
 	Locks      map[string]string        `json:"locks"` // "volume/ID" or "network/N" -> migration ID
 	Servers    map[string]*ServerMember `json:"servers"`
+	Drains     map[string]*Drain        `json:"drains,omitempty"`
 	Revoked    map[string]*RevokedCert  `json:"revoked,omitempty"` // certificate serial -> revocation
 	// Envelopes holds sealed volume keys by volume/purpose[/migration].
 	Envelopes   map[string]*Envelope `json:"envelopes,omitempty"`
@@ -59,6 +61,7 @@ func newData() *data {
 		Machines:   map[string]*Machine{},
 		Locks:      map[string]string{},
 		Servers:    map[string]*ServerMember{},
+		Drains:     map[string]*Drain{},
 		Revoked:    map[string]*RevokedCert{},
 		Envelopes:  map[string]*Envelope{},
 	}
@@ -72,12 +75,14 @@ type Store struct {
 
 	mu     sync.RWMutex
 	d      *data
+	idx    *indexes      // derived from d, never replicated
 	notify chan struct{} // closed and replaced on every apply (blocking queries)
 }
 
 // NewStore returns an empty store.
 func NewStore(log zerolog.Logger) *Store {
-	return &Store{log: logging.For(log, "fsm"), d: newData(), notify: make(chan struct{})}
+	d := newData()
+	return &Store{log: logging.For(log, "fsm"), d: d, idx: buildIndexes(d), notify: make(chan struct{})}
 }
 
 // ApplyCommand applies one encoded command at a log index. It is
@@ -91,6 +96,7 @@ func (s *Store) ApplyCommand(index uint64, raw []byte) *Result {
 		}
 		close(s.notify)
 		s.notify = make(chan struct{})
+		s.idx.wake(index)
 		s.mu.Unlock()
 	}()
 	if err != nil {
@@ -126,10 +132,16 @@ func (s *Store) ApplyCommand(index uint64, raw []byte) *Result {
 		res = s.applyPlan(index, c)
 	case *ProposeCmd:
 		res = s.applyPropose(index, c)
+	case *CordonCmd:
+		res = s.applyCordon(c)
+	case *DrainCmd:
+		res = s.applyDrain(index, c)
+	case *DrainUpdateCmd:
+		res = s.applyDrainUpdate(index, c)
 	case *RevokeCertCmd:
 		res = s.applyRevokeCert(c)
 	case *GCCmd:
-		res = s.applyGC(c)
+		res = s.applyGC(index, c)
 	case *SetWorkerKeyCmd:
 		res = s.applySetWorkerKey(c)
 	case *SetRecoveryKeyCmd:
@@ -175,18 +187,26 @@ func (s *Store) Migrations(worker string) []*Migration {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	out := []*Migration{}
-	for _, m := range s.d.Migrations {
-		if worker == "" || m.Source == worker || m.Target == worker {
+	if worker == "" {
+		for _, m := range s.d.Migrations {
 			out = append(out, m.Clone())
 		}
+	} else {
+		for id := range s.idx.migByWorker[worker] {
+			out = append(out, s.d.Migrations[id].Clone())
+		}
 	}
+	sortMigrations(out)
+	return out
+}
+
+func sortMigrations(out []*Migration) {
 	sort.Slice(out, func(i, j int) bool {
 		if !out[i].CreatedAt.Equal(out[j].CreatedAt) {
 			return out[i].CreatedAt.Before(out[j].CreatedAt)
 		}
 		return out[i].ID < out[j].ID
 	})
-	return out
 }
 
 // Workers returns copies of every worker, by name.
@@ -199,7 +219,10 @@ func (s *Store) Worker(name string) (Worker, bool) { return get(s, s.d.Workers, 
 
 // Volumes returns copies of the volumes on worker (all when empty), by ID.
 func (s *Store) Volumes(worker string) []Volume {
-	return list(s, s.d.Volumes, func(v *Volume) bool { return worker == "" || v.Worker == worker }, copyVolume)
+	if worker != "" {
+		return listSet(s, s.d.Volumes, func() map[string]struct{} { return s.idx.volByWorker[worker] }, copyVolume)
+	}
+	return list(s, s.d.Volumes, func(*Volume) bool { return true }, copyVolume)
 }
 
 // Volume returns one volume.
@@ -207,7 +230,10 @@ func (s *Store) Volume(id string) (Volume, bool) { return get(s, s.d.Volumes, id
 
 // Machines returns copies of the machines on worker (all when empty), by ID.
 func (s *Store) Machines(worker string) []Machine {
-	return list(s, s.d.Machines, func(m *Machine) bool { return worker == "" || m.Worker == worker }, derefMachine)
+	if worker != "" {
+		return listSet(s, s.d.Machines, func() map[string]struct{} { return s.idx.machByWorker[worker] }, derefMachine)
+	}
+	return list(s, s.d.Machines, func(*Machine) bool { return true }, derefMachine)
 }
 
 // Machine returns one machine.
@@ -223,6 +249,26 @@ func list[T any](s *Store, reg map[string]*T, keep func(*T) bool, cp func(*T) T)
 	keys := make([]string, 0, len(reg))
 	for k, v := range reg {
 		if keep(v) {
+			keys = append(keys, k)
+		}
+	}
+	sort.Strings(keys)
+	out := make([]T, 0, len(keys))
+	for _, k := range keys {
+		out = append(out, cp(reg[k]))
+	}
+	return out
+}
+
+// listSet copies the registry entries whose keys set returns (read under
+// the lock), sorted by key: the per-worker lists cost what they return.
+func listSet[T any](s *Store, reg map[string]*T, set func() map[string]struct{}, cp func(*T) T) []T {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	ids := set()
+	keys := make([]string, 0, len(ids))
+	for k := range ids {
+		if _, ok := reg[k]; ok {
 			keys = append(keys, k)
 		}
 	}
@@ -330,8 +376,14 @@ func (s *Store) Restore(rc io.ReadCloser) error {
 	for _, m := range d.Migrations {
 		m.reindex()
 	}
+	if d.Drains == nil {
+		d.Drains = map[string]*Drain{}
+	}
 	s.mu.Lock()
 	s.d = d
+	old := s.idx
+	s.idx = buildIndexes(d)
+	old.wakeAll()
 	close(s.notify)
 	s.notify = make(chan struct{})
 	s.mu.Unlock()
@@ -361,17 +413,21 @@ func (sn *Snapshot) Persist(sink SnapshotSink) error {
 func (*Snapshot) Release() {}
 
 // MigrationsIndex is the highest ModifyIndex among the migrations naming
-// worker (all when empty), at least 1 so a watcher never spins on 0.
+// worker (all when empty), at least 1 so a watcher never spins on 0. It
+// also moves when such a migration is collected. O(1): kept per worker.
 func (s *Store) MigrationsIndex(worker string) uint64 {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	var idx uint64 = 1
-	for _, m := range s.d.Migrations {
-		if (worker == "" || m.Source == worker || m.Target == worker) && m.ModifyIndex > idx {
-			idx = m.ModifyIndex
-		}
-	}
-	return idx
+	return max(s.idx.migIndex[worker], 1)
+}
+
+// MigrationsChanged returns a channel closed when MigrationsIndex(worker)
+// may have moved: a blocking query on one worker wakes only for changes
+// naming it, not on every apply.
+func (s *Store) MigrationsChanged(worker string) <-chan struct{} {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.idx.watch(worker)
 }
 
 // MigrationIndex is one migration's ModifyIndex (at least 1).

@@ -107,6 +107,9 @@ func (w *Worker) validate() *Refusal {
 	if r := CheckID("worker", w.Name); r != nil {
 		return r
 	}
+	if err := w.Report.Validate(); err != nil {
+		return refuse(RefuseInvalid, CodeInvalid, "worker %s: %v", w.Name, err)
+	}
 	if w.KEK != nil {
 		return refuse(RefuseInvalid, CodeInvalid, "worker %s: a registration carries no key-encryption key; the worker sets its own with PUT /v1/workers/%s/key", w.Name, w.Name)
 	}
@@ -333,7 +336,37 @@ func Validate(cmd any) *Refusal {
 	case *RegisterWorkerCmd:
 		return c.Worker.validate()
 	case *HeartbeatCmd:
-		return CheckID("worker", c.Name)
+		if r := CheckID("worker", c.Name); r != nil {
+			return r
+		}
+		if err := c.Report.Validate(); err != nil {
+			return refuse(RefuseInvalid, CodeInvalid, "worker %s: %v", c.Name, err)
+		}
+	case *CordonCmd:
+		if r := CheckID("worker", c.Worker); r != nil {
+			return r
+		}
+		return checkText("cordon reason", c.Reason)
+	case *DrainCmd:
+		if r := CheckID("drain", c.ID); r != nil {
+			return r
+		}
+		if r := CheckID("worker", c.Worker); r != nil {
+			return r
+		}
+		if len(c.Targets) > maxDrainTargets {
+			return refuse(RefuseInvalid, CodeInvalid, "drain names more than %d targets", maxDrainTargets)
+		}
+		for _, t := range c.Targets {
+			if r := CheckID("target worker", t); r != nil {
+				return r
+			}
+		}
+		if c.Parallel < 0 || c.Parallel > MaxDrainParallel || c.Deadline < 0 || c.BandwidthBPS < 0 {
+			return refuse(RefuseInvalid, CodeInvalid, "drain needs 0..%d parallel migrations, a deadline >= 0 and a bandwidth >= 0", MaxDrainParallel)
+		}
+	case *DrainUpdateCmd:
+		return c.validate()
 	case *CreateVolumeCmd:
 		return c.Volume.validate()
 	case *UpdateVolumeCmd:

@@ -65,7 +65,6 @@ func (s *Server) routes() http.Handler {
 		writeJSON(w, http.StatusOK, v)
 	})
 	h("POST /v1/workers", s.handleRegisterWorker)
-	h("POST /v1/workers/{name}/heartbeat", s.handleHeartbeat)
 
 	h("GET /v1/volumes", s.listByWorker(func(sc *fsm.Scope, worker string) any { return sc.Volumes(s.store.Volumes(worker)) }))
 	h("POST /v1/volumes", s.handleCreateVolume)
@@ -110,7 +109,7 @@ func (s *Server) routes() http.Handler {
 			// worker's would tell it when they change.
 			worker = sc.Worker()
 		}
-		idx, ok := s.block(w, r, func() uint64 { return s.store.MigrationsIndex(worker) })
+		idx, ok := s.block(w, r, func() uint64 { return s.store.MigrationsIndex(worker) }, func() <-chan struct{} { return s.store.MigrationsChanged(worker) })
 		if ok {
 			writeIndexed(w, idx, s.store.ScopeOf(id).Migrations(s.store.Migrations(worker)))
 		}
@@ -122,7 +121,7 @@ func (s *Server) routes() http.Handler {
 			writeErr(w, notFound("migration", mid))
 			return
 		}
-		idx, ok := s.block(w, r, func() uint64 { return s.store.MigrationIndex(mid) })
+		idx, ok := s.block(w, r, func() uint64 { return s.store.MigrationIndex(mid) }, s.store.Changed)
 		if !ok {
 			return
 		}
@@ -150,6 +149,7 @@ func (s *Server) routes() http.Handler {
 	h("DELETE /v1/servers/{id}", s.handleRemoveServer)
 	h("GET /v1/certs/revoked", s.handleListRevoked)
 	h("POST /v1/certs/revoked", s.handleRevoke)
+	s.fleetRoutes(h)
 	metrics := s.metricsHandler()
 	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, r *http.Request) {
 		if _, err := identity(r); err != nil {
@@ -230,8 +230,10 @@ func readBody(w http.ResponseWriter, r *http.Request, v any) bool {
 }
 
 // block implements ?index=N&wait=D: it returns once current() > N, the
-// wait passes or the client goes away (ok=false: nothing to write).
-func (s *Server) block(w http.ResponseWriter, r *http.Request, current func() uint64) (uint64, bool) {
+// wait passes or the client goes away (ok=false: nothing to write). changed
+// returns the channel closed when current may move: the narrower it is, the
+// fewer wake-ups (per worker for migrations).
+func (s *Server) block(w http.ResponseWriter, r *http.Request, current func() uint64, changed func() <-chan struct{}) (uint64, bool) {
 	q := r.URL.Query()
 	if q.Get("index") == "" {
 		return current(), true
@@ -252,7 +254,7 @@ func (s *Server) block(w http.ResponseWriter, r *http.Request, current func() ui
 	timer := time.NewTimer(wait)
 	defer timer.Stop()
 	for {
-		ch := s.store.Changed()
+		ch := changed()
 		if idx := current(); idx > min {
 			return idx, true
 		}
@@ -296,16 +298,6 @@ func (s *Server) handleRegisterWorker(w http.ResponseWriter, r *http.Request, id
 		return
 	}
 	if res := s.run(w, r.Context(), fsm.CmdRegisterWorker, &fsm.RegisterWorkerCmd{Header: s.header(id), Worker: req.Worker, LeaseTTL: fsm.ClampLeaseTTL(time.Duration(req.LeaseTTL))}); res != nil {
-		writeJSON(w, http.StatusOK, res.Worker)
-	}
-}
-
-func (s *Server) handleHeartbeat(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
-	var req api.HeartbeatRequest
-	if !readBody(w, r, &req) {
-		return
-	}
-	if res := s.run(w, r.Context(), fsm.CmdHeartbeat, &fsm.HeartbeatCmd{Header: s.header(id), Name: r.PathValue("name"), LeaseTTL: fsm.ClampLeaseTTL(time.Duration(req.LeaseTTL))}); res != nil {
 		writeJSON(w, http.StatusOK, res.Worker)
 	}
 }
@@ -507,7 +499,7 @@ func (s *Server) handleRemoveServer(w http.ResponseWriter, r *http.Request, id f
 func (s *Server) listByWorker(list func(sc *fsm.Scope, worker string) any) func(http.ResponseWriter, *http.Request, fsm.Identity) {
 	return func(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
 		worker := r.URL.Query().Get("worker")
-		if idx, ok := s.block(w, r, func() uint64 { return s.store.Index() }); ok {
+		if idx, ok := s.block(w, r, s.store.Index, s.store.Changed); ok {
 			writeIndexed(w, idx, list(s.store.ScopeOf(id), worker))
 		}
 	}

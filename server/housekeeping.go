@@ -7,6 +7,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/server/drainer"
 )
 
 // Proposer replicates one command; a refusal comes back as the error.
@@ -18,7 +19,7 @@ type Proposer interface {
 type StoreView interface {
 	Servers() []fsm.ServerMember
 	Worker(name string) (fsm.Worker, bool)
-	Migrations(worker string) []*fsm.Migration
+	ActiveMigrations() []*fsm.Migration
 	Volumes(worker string) []fsm.Volume
 	Collectable(now time.Time, retention time.Duration) bool
 }
@@ -42,11 +43,21 @@ type housekeeper struct {
 	log      zerolog.Logger
 	// pause: failpoints, see Config.PauseBefore
 	pause map[fsm.Event]time.Duration
+
+	since time.Time // when this server became leader
 }
+
+// leaseGrace is how long a new leader waits before it acts on an expired
+// lease: during the election no heartbeat could be written (a follower
+// only names the leader, and there was none), so a lease that ran out meanwhile says
+// nothing about the worker. Nomad's new leaders likewise reset heartbeat
+// timers.
+const leaseGrace = 5 * time.Second
 
 // run reconciles every interval until ctx ends; the server runs it only
 // while this node leads.
 func (h *housekeeper) run(ctx context.Context) {
+	h.since = h.now()
 	t := time.NewTicker(h.interval)
 	defer t.Stop()
 	for {
@@ -74,11 +85,12 @@ func (h *housekeeper) reconcile(ctx context.Context) {
 		h.apply(ctx, fsm.CmdRegisterServer, &fsm.RegisterServerCmd{Header: h.header(), Member: h.self})
 	}
 	now := h.now()
+	grace := now.Sub(h.since) < leaseGrace
 	dead := func(name string) bool {
 		w, ok := h.store.Worker(name)
-		return !ok || !w.Alive(now)
+		return !ok || !w.Alive(now) && !grace
 	}
-	for _, m := range h.store.Migrations("") {
+	for _, m := range h.store.ActiveMigrations() {
 		switch {
 		case m.State == fsm.SourceReleased:
 			if !h.held(m, fsm.EvCompleted, now) {
@@ -162,6 +174,21 @@ func (s *Server) leaderLoop(ctx context.Context) {
 		propose: s, store: s.store, now: s.cfg.Now, interval: s.cfg.ReconcileInterval, gc: s.cfg.GCRetention,
 		log: s.log.With().Str("loop", "housekeeping").Logger(), pause: s.cfg.PauseBefore,
 	}
+	dr := drainer.New(drainer.Config{Self: s.cfg.ID, Batch: s.cfg.DrainBatch, Now: s.cfg.Now, Logger: s.log}, s, s.store)
+	leading := func(ctx context.Context) {
+		// A barrier first: the new leader's state holds every entry the old
+		// one committed, so the drainer sees all marks before it places.
+		if err := s.node.Raft.Barrier(10 * time.Second).Error(); err != nil {
+			s.log.Warn().Err(err).Msg("leader barrier failed; the leader loops start anyway")
+		}
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			dr.Run(ctx)
+		}()
+		h.run(ctx)
+		<-done
+	}
 	var stop func() // set while the housekeeper runs
 	halt := func() {
 		if stop != nil {
@@ -178,7 +205,7 @@ func (s *Server) leaderLoop(ctx context.Context) {
 			if !leader {
 				halt()
 			} else if stop == nil {
-				stop = startLoop(ctx, h.run)
+				stop = startLoop(ctx, leading)
 			}
 		}
 	}

@@ -25,7 +25,7 @@ func (v *fakeView) Worker(n string) (fsm.Worker, bool) {
 	w, ok := v.workers[n]
 	return w, ok
 }
-func (v *fakeView) Migrations(string) []*fsm.Migration        { return v.migrations }
+func (v *fakeView) ActiveMigrations() []*fsm.Migration        { return v.migrations }
 func (v *fakeView) Volumes(string) []fsm.Volume               { return v.volumes }
 func (v *fakeView) Collectable(time.Time, time.Duration) bool { return v.garbage }
 

@@ -33,14 +33,7 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 }
 
 func (c *collector) Collect(ch chan<- prometheus.Metric) {
-	counts := map[fsm.State]int{}
-	stalled := 0
-	for _, m := range c.s.store.Migrations("") {
-		counts[m.State]++
-		if m.Stalled {
-			stalled++
-		}
-	}
+	counts, stalled := c.s.store.StateCounts()
 	for _, st := range fsm.AllStates {
 		ch <- prometheus.MustNewConstMetric(descMigrations, prometheus.GaugeValue, float64(counts[st]), string(st))
 	}

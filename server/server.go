@@ -49,9 +49,10 @@ type Config struct {
 	SnapshotThreshold  uint64
 
 	ReconcileInterval time.Duration // leader housekeeping period (default 1s)
-	GCRetention       time.Duration // terminal migrations and destroyed volumes are deleted this long after they ended (default 7 days)
+	GCRetention       time.Duration // terminal migrations, ended drains and destroyed volumes are deleted this long after they ended (default 7 days)
 	WriteRate         float64       // writes per second per certificate identity (0: DefaultWriteRate; negative: unlimited)
 	WriteBurst        int           // burst of those writes (0: DefaultWriteBurst)
+	DrainBatch        time.Duration // least time between two passes of the drainer (default 500ms)
 	// PauseBefore holds a migration this long in the state it entered
 	// before housekeeping proposes ev for it: a failpoint for chaos tests
 	// (FERRY_FAILPOINT_PAUSE_BEFORE="completed=4s"), measured from the
@@ -79,6 +80,7 @@ type Server struct {
 
 	startLast uint64      // last raft index on disk at start
 	ready     atomic.Bool // latched once this replica has caught up
+	met       fleetMetrics
 }
 
 // Ready reports whether this server's replica has caught up with the
@@ -169,6 +171,7 @@ func StartServer(ctx context.Context, log zerolog.Logger, cfg Config) (*Server, 
 		reg:   prometheus.NewRegistry(), startLast: node.Raft.LastIndex(), limits: newWriteLimits(cfg.WriteRate, cfg.WriteBurst),
 	}
 	s.reg.MustRegister(&collector{s: s})
+	s.met = newFleetMetrics(s.reg)
 	s.http = &http.Server{
 		Handler:           s.denyRevoked(s.routes()),
 		ReadHeaderTimeout: 10 * time.Second,

@@ -87,7 +87,7 @@ func (f *agentFlags) build(ctx context.Context) (*agent.Agent, *netns.Network, e
 			return nil, nil, withCode(ExitUsage, err)
 		}
 	}
-	a, err := agent.New(logging.For(log, "agent"), acfg, &api.AgentClient{C: c, LeaseTTL: f.leaseTTL}, exp, nw, mach, vols)
+	a, err := agent.New(logging.For(log, "agent"), acfg, &api.AgentClient{C: c, LeaseTTL: f.leaseTTL, Report: volumeStoreReport(f.dataDir, acfg.HydrationRate)}, exp, nw, mach, vols)
 	return a, nw, err
 }
 

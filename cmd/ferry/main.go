@@ -43,7 +43,7 @@ func newRootCmd() *cobra.Command {
 	root.PersistentFlags().StringVar(&flagLogFormat, "log-format", "", "log format: json or console (default: json for daemons, console for the CLI)")
 	root.AddCommand(
 		newVersionCmd(), newTLSCmd(), newFSMCmd(),
-		newVolumeCmd(), newMachineCmd(), newMigrateCmd(), newAbortCmd(), newDrainCmd(), newStatusCmd(),
+		newVolumeCmd(), newMachineCmd(), newMigrateCmd(), newAbortCmd(), newDrainCmd(), newWorkerCmd(), newStatusCmd(),
 		newNetCmd(), newISCSICmd(), newLUKSCmd(), newWorkloadCmd(), newDemoCmd(),
 	)
 	return root

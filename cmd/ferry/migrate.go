@@ -13,7 +13,6 @@ import (
 
 	"github.com/ferry-dev/ferry/api"
 	"github.com/ferry-dev/ferry/fsm"
-	"github.com/ferry-dev/ferry/internal/drain"
 	"github.com/ferry-dev/ferry/internal/operator"
 )
 
@@ -163,79 +162,4 @@ func newAbortCmd() *cobra.Command {
 	abort.Flags().BoolVar(&asJSON, "json", false, "print the migration record as JSON")
 	addClientFlags(abort)
 	return abort
-}
-
-func newDrainCmd() *cobra.Command {
-	var targets string
-	var parallel int
-	var planOnly, wait, yes, asJSON bool
-	cmd := &cobra.Command{
-		Use:   "drain WORKER",
-		Short: "Move every machine off a worker, a bounded number at a time; resumable after any crash",
-		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			if parallel < 1 {
-				return withCode(ExitUsage, fmt.Errorf("--parallel must be at least 1"))
-			}
-			c, err := newAPIClient()
-			if err != nil {
-				return err
-			}
-			defer c.Close()
-			ctx := cmd.Context()
-			var to []string
-			if targets != "" {
-				to = strings.Split(targets, ",")
-			}
-			p, err := drain.MakePlan(ctx, c, args[0], to, parallel, time.Now())
-			if errors.Is(err, drain.ErrNoTarget) {
-				return withCode(ExitRefused, err)
-			} else if err != nil {
-				return withCode(refusalCode(err), err)
-			}
-			out := cmd.OutOrStdout()
-			if planOnly && asJSON {
-				return writeJSONOut(out, p)
-			}
-			if planOnly || !yes {
-				fmt.Fprintf(out, "drain %s: %d machines to %s, %d at a time\n", p.Source, len(p.Jobs), strings.Join(p.Targets, ","), p.Parallel)
-				for _, j := range p.Jobs {
-					fmt.Fprintf(out, "  %s -> %s\n", j.Machine, j.Target)
-				}
-				if planOnly {
-					return nil
-				}
-			}
-			if err := confirm(cmd, yes, "apply?"); err != nil {
-				return err
-			}
-			// With --json only the final records go to stdout; the progress
-			// lines go to stderr so the output stays one JSON document.
-			progress := out
-			if asJSON {
-				progress = cmd.ErrOrStderr()
-			}
-			final, err := drain.Run(ctx, c, p, drain.Options{Wait: wait,
-				OnStart: func(m *fsm.Migration, j drain.Job) {
-					fmt.Fprintf(progress, "started %s: %s -> %s\n", m.ID, j.Machine, j.Target)
-				},
-				OnEnd: func(m *fsm.Migration) { fmt.Fprintln(progress, operator.ProgressLine(m)) },
-			})
-			if err != nil {
-				return withCode(refusalCode(err), err)
-			}
-			if asJSON {
-				return writeJSONOut(out, final)
-			}
-			return outcomeCode(final)
-		},
-	}
-	cmd.Flags().StringVar(&targets, "to", "", "target workers, comma-separated (default: every other live worker)")
-	cmd.Flags().IntVar(&parallel, "parallel", 2, "migrations at a time")
-	cmd.Flags().BoolVar(&planOnly, "plan", false, "print the plan and change nothing")
-	cmd.Flags().BoolVar(&wait, "wait", true, "wait until every migration ended")
-	cmd.Flags().BoolVarP(&yes, "yes", "y", false, "apply without asking")
-	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON: the plan with --plan, else the ended migrations")
-	addClientFlags(cmd)
-	return cmd
 }

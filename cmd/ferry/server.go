@@ -65,7 +65,7 @@ A follower answers writes with the leader's address; clients send them there the
 	f.BoolVar(&cfg.Bootstrap, "bootstrap", false, "start a new cluster with this server as its only voter")
 	f.StringVar(&join, "join", "", "API address(es) of an existing cluster's servers, comma-separated")
 	f.StringVar(&cfg.TLSDir, "tls-dir", "/etc/ferry/tls", "directory made by `ferry tls` holding ca.pem and <name>.pem")
-	f.DurationVar(&cfg.GCRetention, "gc-retention", server.DefaultGCRetention, "how long terminal migrations and destroyed volumes stay readable before they are deleted")
+	f.DurationVar(&cfg.GCRetention, "gc-retention", server.DefaultGCRetention, "how long terminal migrations, ended drains and destroyed volumes stay readable before they are deleted")
 	f.Float64Var(&cfg.WriteRate, "write-rate", server.DefaultWriteRate, "writes per second each certificate may make")
 	f.IntVar(&cfg.WriteBurst, "write-burst", server.DefaultWriteBurst, "writes each certificate may make in a burst")
 	register(cmd)

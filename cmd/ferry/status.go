@@ -62,6 +62,11 @@ func newStatusCmd() *cobra.Command {
 				return writeJSONOut(out, ms)
 			}
 			operator.PrintMigrations(out, ms, time.Now())
+			if worker == "" {
+				if ds, err := c.ListDrains(ctx, ""); err == nil {
+					printDrains(out, ds, time.Now())
+				}
+			}
 			// Machines the restart policy gave up on need a person.
 			if machs, err := c.ListMachines(ctx, worker); err == nil {
 				for _, m := range machs {

@@ -147,6 +147,10 @@ func buildFerry(dir string) (string, error) {
 	return exe, nil
 }
 
+// keepMarker starts the part of docs/benchmarks.md written by hand from
+// other benchmarks (the fleet simulation): the suite keeps it.
+const keepMarker = "<!-- kept: fleet benchmark -->"
+
 // docsDir is the repository's docs directory (tests run in the package dir).
 func docsDir() string {
 	if d := os.Getenv("FERRY_BENCH_DOCS"); d != "" {
@@ -195,6 +199,12 @@ func (s *suite) write(took time.Duration) error {
 		b.WriteString("\n## Plots\n\n")
 		for _, f := range files {
 			fmt.Fprintf(&b, "![%s](benchmarks/%s)\n\n", titles[f], f)
+		}
+	}
+	// Sections other benchmarks own (from their marker on) are kept.
+	if old, err := os.ReadFile(filepath.Join(docs, "benchmarks.md")); err == nil {
+		if i := strings.Index(string(old), keepMarker); i >= 0 {
+			b.WriteString("\n" + string(old[i:]))
 		}
 	}
 	if err := os.WriteFile(filepath.Join(docs, "benchmarks.md"), []byte(b.String()), 0o644); err != nil {

@@ -293,7 +293,7 @@ func TestDrain(t *testing.T) {
 			mu.Unlock()
 		}
 	}()
-	out, err := runCLI(ctx, e, "drain", src, "--to", e.ws[1]+","+e.ws[2], "--parallel", "2", "--yes")
+	out, err := runCLI(ctx, e, "drain", src, "--to", e.ws[1]+","+e.ws[2], "--parallel", "2", "--yes", "--wait")
 	close(stop)
 	if err != nil {
 		t.Fatalf("drain: %v\n%s", err, out)

@@ -394,8 +394,8 @@ func WatchMigration(ctx context.Context, c MigrationWatcher, id string, out io.W
 	}
 }
 
-// age rounds d to what a person reads at a glance.
-func age(d time.Duration) string {
+// Age rounds d to what a person reads at a glance.
+func Age(d time.Duration) string {
 	switch {
 	case d < time.Minute:
 		return d.Round(time.Second).String()
@@ -442,7 +442,7 @@ func PrintMigrations(w io.Writer, ms []*fsm.Migration, now time.Time) {
 			note = note[:57] + "..."
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s -> %s\t%s\t%s\t%s\n", m.ID, m.Machine, m.Volume, m.State, m.Source, m.Target,
-			age(now.Sub(m.CreatedAt)), ProgressText(m), note)
+			Age(now.Sub(m.CreatedAt)), ProgressText(m), note)
 	}
 	tw.Flush()
 }
@@ -450,7 +450,7 @@ func PrintMigrations(w io.Writer, ms []*fsm.Migration, now time.Time) {
 // PrintMigration writes one migration in detail, ages relative to now.
 func PrintMigration(w io.Writer, m *fsm.Migration, now time.Time) {
 	fmt.Fprintf(w, "migration %s: machine %s, volume %s, %s -> %s\n", m.ID, m.Machine, m.Volume, m.Source, m.Target)
-	fmt.Fprintf(w, "state:     %s (age %s, attempts %d)\n", m.State, age(now.Sub(m.CreatedAt)), m.Attempts)
+	fmt.Fprintf(w, "state:     %s (age %s, attempts %d)\n", m.State, Age(now.Sub(m.CreatedAt)), m.Attempts)
 	if d, ok := m.Downtime(); ok {
 		// The store sees only its own events; the machine's pause between
 		// writes (stop, unmount, mount, start) is longer and is measured

@@ -40,6 +40,7 @@ type Options struct {
 	SnapshotThreshold uint64        // default raft's
 	Log               *zerolog.Logger
 	ReconcileInterval time.Duration
+	DrainBatch        time.Duration // least time between drainer passes (default the server's)
 	GCRetention       time.Duration // default the server's
 	WriteRate         float64       // per-identity writes/s; default the server's, negative: unlimited
 	WriteBurst        int
@@ -72,7 +73,7 @@ func New(t testing.TB, n int, o Options) *Cluster {
 			Listen: "127.0.0.1:0", RaftAddr: "127.0.0.1:0", Bootstrap: i == 0, TLSDir: c.TLSDir,
 			HeartbeatTimeout: o.HeartbeatTimeout, ElectionTimeout: o.HeartbeatTimeout, LeaderLeaseTimeout: o.LeaderLease,
 			SnapshotThreshold: o.SnapshotThreshold, ReconcileInterval: o.ReconcileInterval,
-			GCRetention: o.GCRetention, WriteRate: o.WriteRate, WriteBurst: o.WriteBurst,
+			GCRetention: o.GCRetention, DrainBatch: o.DrainBatch, WriteRate: o.WriteRate, WriteBurst: o.WriteBurst,
 		}
 		if i > 0 {
 			cfg.Join = []string{c.Servers[0].Addr()}
