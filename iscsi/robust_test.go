@@ -340,7 +340,7 @@ func TestInitiatorRetargetsToMovedExport(t *testing.T) {
 		t.Fatalf("a failed retarget moved the LUN to %s", p)
 	}
 	_ = e.Stop()
-	cfg.Listen = ""
+	cfg.Listen = "127.0.0.1:0" // a new port, on the address the gate admits
 	e2, err := StartExport(context.Background(), testLogger(t), cfg)
 	if err != nil {
 		t.Fatal(err)
