@@ -157,7 +157,8 @@ func TestKeyMaterialScan(t *testing.T) {
 		t.Errorf("key material found: %s", l)
 	}
 	// The scan must have read the places that matter, or it proves nothing.
-	for _, want := range []string{"/server/raft/raft.db", "/volumes/vols/data", "/volumes/" + m.TargetVol + "/data", "server.log", "agent-" + b + ".log"} {
+	sid := e.bed.ServerIDs()[0]
+	for _, want := range []string{"/server-" + sid + "/raft/raft.db", "/volumes/vols/data", "/volumes/" + m.TargetVol + "/data", "server-" + sid + ".log", "agent-" + b + ".log"} {
 		found := false
 		for _, s := range scanned {
 			found = found || strings.HasSuffix(s, want) || strings.Contains(s, want)
