@@ -121,6 +121,9 @@ func raceInDeps(block string) bool {
 		case strings.HasPrefix(trimmed, "Goroutine "):
 			inAccess = false
 		case inAccess && !strings.HasPrefix(trimmed, "/"):
+			if stdFrame(trimmed) {
+				continue // a map or sync primitive the dependency called
+			}
 			frames++
 			dep := false
 			for _, m := range depRaces {
@@ -132,6 +135,20 @@ func raceInDeps(block string) bool {
 		}
 	}
 	return frames > 0
+}
+
+// stdFrame reports whether a stack frame is the standard library's (its
+// package path's first element has no dot: runtime.mapassign,
+// internal/runtime/maps…): neutral, it belongs to whoever called it.
+func stdFrame(frame string) bool {
+	elem, _, slash := strings.Cut(frame, "/")
+	if !slash {
+		elem, _, _ = strings.Cut(frame, ".")
+		if elem == "main" {
+			return false // ferry's own cmd/ferry
+		}
+	}
+	return !strings.Contains(elem, ".")
 }
 
 // RandHex returns n random bytes, hex encoded.
