@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"fmt"
 
 	"github.com/ferry-dev/ferry/fsm"
 )
@@ -41,6 +42,15 @@ func (a *Agent) reap(ctx context.Context, ms []*fsm.Migration) {
 			}()
 			log := a.log.With().Str("migration", m.ID).Str("state", string(m.State)).Logger()
 			err := retryUntil(ctx, log, "reap ended migration", func() error {
+				// A step of this migration still running (one that began
+				// before the end was seen) could set up again what the reap
+				// releases: reap once it has stopped.
+				a.mu.Lock()
+				_, stepping := a.running[m.ID]
+				a.mu.Unlock()
+				if stepping {
+					return fmt.Errorf("migration %s still has a step running; reaping once it stops", m.ID)
+				}
 				if m.Source == a.cfg.Worker {
 					// The export of an ended migration serves no one.
 					if err := a.exp.Unexport(ctx, m.ID); err != nil {
@@ -55,11 +65,14 @@ func (a *Agent) reap(ctx context.Context, ms []*fsm.Migration) {
 					if a.migratingMachines()[m.Machine] {
 						return nil // a new migration's steps own the machine now
 					}
+					// A machine this worker may not read (scoped reads: it
+					// is another worker's once the migration ended) is not
+					// ours either.
 					mach, err := a.cp.GetMachine(ctx, m.Machine)
-					if err != nil {
+					if err != nil && !isNotFound(err) {
 						return err
 					}
-					if mach.Worker != a.cfg.Worker {
+					if mach == nil || mach.Worker != a.cfg.Worker {
 						if err := a.releaseTarget(ctx, log, m); err != nil {
 							return err
 						}

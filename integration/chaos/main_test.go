@@ -450,7 +450,10 @@ func (c *cluster) finish(id, machineID, src, dst, srcVol, ack string, w *watcher
 	// source_released, which precedes completed; the rollback's steps precede
 	// rolled_back).
 	var r testbed.Resources
-	deadline = time.Now().Add(20 * time.Second)
+	// A worker that was cut off learns of the end through a blocking query
+	// that may sit on a dead connection until its attempt times out (the
+	// query's wait plus the client's request timeout, 40 s), then reaps.
+	deadline = time.Now().Add(60 * time.Second)
 	for {
 		r = c.bed.Snapshot()
 		if c.machineMayDie {
