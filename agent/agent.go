@@ -288,12 +288,14 @@ func (a *Agent) dispatch(ctx context.Context, m *fsm.Migration) {
 			a.log.Warn().Err(err).Str("migration", m.ID).Msg("removing the dissolved clone's metadata")
 		}
 	}
-	if m.State.Terminal() {
-		return
-	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	inbox, ok := a.running[m.ID]
+	if m.State.Terminal() && !ok {
+		return
+	}
+	// A terminal record still reaches a running driver: it stops there
+	// (and the reaper, which waits for it, can release what it set up).
 	if !ok {
 		inbox = make(chan *fsm.Migration, 1)
 		a.running[m.ID] = inbox
