@@ -5,6 +5,7 @@ import (
 	"io"
 	"os"
 	"sync"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 )
@@ -13,8 +14,10 @@ import (
 // Discard punches a hole (regular files) or issues BLKDISCARD semantics via
 // fallocate; a filesystem without hole punching reports the error.
 type File struct {
-	f        *os.File
-	size     int64
+	f *os.File
+	// size is atomic because Size is read without the lock (by callers that
+	// bound their I/O) while Grow changes it under the write lock.
+	size     atomic.Int64
 	readOnly bool
 	mu       sync.RWMutex
 	closed   bool
@@ -36,7 +39,9 @@ func OpenFile(path string, readOnly bool) (*File, error) {
 		f.Close()
 		return nil, fmt.Errorf("size of device %s: %w", path, err)
 	}
-	return &File{f: f, size: size, readOnly: readOnly}, nil
+	d := &File{f: f, readOnly: readOnly}
+	d.size.Store(size)
+	return d, nil
 }
 
 // CreateSparse creates (or truncates to size, growing only) a sparse file of
@@ -65,7 +70,7 @@ func CreateSparse(path string, size int64) (*File, error) {
 	return OpenFile(path, false)
 }
 
-func (d *File) Size() int64 { return d.size }
+func (d *File) Size() int64 { return d.size.Load() }
 
 // Fd exposes the descriptor for callers that need SEEK_DATA or ioctls.
 func (d *File) Fd() uintptr { return d.f.Fd() }
@@ -79,7 +84,7 @@ func (d *File) ReadAt(p []byte, off int64) (int, error) {
 	if d.closed {
 		return 0, ErrClosed
 	}
-	if err := CheckRange(off, len(p), d.size); err != nil {
+	if err := CheckRange(off, len(p), d.size.Load()); err != nil {
 		return 0, err
 	}
 	return d.f.ReadAt(p, off)
@@ -94,7 +99,7 @@ func (d *File) WriteAt(p []byte, off int64) (int, error) {
 	if d.readOnly {
 		return 0, ErrReadOnly
 	}
-	if err := CheckRange(off, len(p), d.size); err != nil {
+	if err := CheckRange(off, len(p), d.size.Load()); err != nil {
 		return 0, err
 	}
 	return d.f.WriteAt(p, off)
@@ -112,8 +117,8 @@ func (d *File) Discard(off, length int64) error {
 	if length == 0 {
 		return nil
 	}
-	if off < 0 || length < 0 || off+length > d.size {
-		return fmt.Errorf("%w: discard offset %d length %d size %d", ErrOutOfRange, off, length, d.size)
+	if size := d.size.Load(); off < 0 || length < 0 || off+length > size {
+		return fmt.Errorf("%w: discard offset %d length %d size %d", ErrOutOfRange, off, length, size)
 	}
 	if err := unix.Fallocate(int(d.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length); err != nil {
 		return fmt.Errorf("punch hole in %s at %d+%d: %w", d.f.Name(), off, length, err)
@@ -147,9 +152,9 @@ func (d *File) Grow(size int64) error {
 		return ErrClosed
 	case d.readOnly:
 		return ErrReadOnly
-	case size < d.size:
-		return fmt.Errorf("grow %s to %d bytes: it is %d already; devices only grow", d.f.Name(), size, d.size)
-	case size == d.size:
+	case size < d.size.Load():
+		return fmt.Errorf("grow %s to %d bytes: it is %d already; devices only grow", d.f.Name(), size, d.size.Load())
+	case size == d.size.Load():
 		return nil
 	}
 	st, err := d.f.Stat()
@@ -162,7 +167,7 @@ func (d *File) Grow(size int64) error {
 	if err := d.f.Truncate(size); err != nil {
 		return fmt.Errorf("grow %s to %d bytes: %w", d.f.Name(), size, err)
 	}
-	d.size = size
+	d.size.Store(size)
 	return nil
 }
 
