@@ -507,10 +507,9 @@ func (a *Agent) releaseTarget(ctx context.Context, log zerolog.Logger, m *fsm.Mi
 	if tv == "" {
 		tv = targetVolume(m)
 	}
-	if err := a.vols.Unmount(ctx, tv, mnt); err != nil {
-		return err
-	}
-	if err := a.vols.Remove(ctx, tv); err != nil {
+	// The destination is discarded: writeback that waits on a source which
+	// stopped exporting is failed, not waited on.
+	if err := a.vols.Abandon(ctx, tv, mnt); err != nil {
 		return err
 	}
 	destroyed := fsm.VolDestroyed

@@ -48,6 +48,12 @@ type Backend interface {
 	Detach(ctx context.Context, vol string) error
 	// Remove detaches and deletes a volume's files.
 	Remove(ctx context.Context, vol string) error
+	// Abandon unmounts mnt and removes vol, whose contents are discarded
+	// (the destination of a rolled-back migration). Unlike Unmount, I/O
+	// that cannot finish (writeback into a clone whose source stopped
+	// exporting) is failed rather than waited on: the source is
+	// authoritative. Idempotent.
+	Abandon(ctx context.Context, vol, mnt string) error
 	// Extend grows a local volume to size bytes (the whole ciphertext file,
 	// header included) and the ext4 filesystem inside it, online when the
 	// volume is mounted, and returns the grown layout. Re-running it after a

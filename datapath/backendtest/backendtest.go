@@ -57,6 +57,14 @@ func Run(t *testing.T, newBackend Factory) {
 	t.Run("Errors", func(t *testing.T) { testErrors(t, newBackend) })
 	t.Run("Extend", func(t *testing.T) { testExtend(t, newBackend) })
 	t.Run("Fork", func(t *testing.T) { testFork(t, newBackend) })
+	t.Run("Abandon", func(t *testing.T) { testAbandon(t, newBackend, false) })
+}
+
+// RunAbandonSourceGone checks that Abandon releases a clone whose source
+// stopped exporting while the filesystem above still had writes to flush,
+// for a backend that fails such I/O instead of waiting out the source.
+func RunAbandonSourceGone(t *testing.T, newBackend Factory) {
+	testAbandon(t, newBackend, true)
 }
 
 func fresh(t *testing.T, newBackend Factory, dir string) datapath.Backend {
@@ -487,5 +495,38 @@ func testErrors(t *testing.T, newBackend Factory) {
 	checkData(t, mnt, pattern(4096, 1))
 	if err := b.Unmount(ctx, vol, mnt); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// testAbandon: a rolled-back migration's destination, mounted and written,
+// is released in full and nothing of it stays behind.
+func testAbandon(t *testing.T, newBackend Factory, sourceGone bool) {
+	ctx := ctxFor(t)
+	src := newSource(t, ctx, newBackend)
+	b := fresh(t, newBackend, t.TempDir())
+	prepareDest(t, b, src.layout)
+	mnt := b.MountPoint("m")
+	if _, err := b.MountClone(ctx, src.spec(false), pass, mnt); err != nil {
+		t.Fatal(err)
+	}
+	// Dirty pages over regions never fetched: flushing them needs the
+	// source.
+	if err := os.WriteFile(filepath.Join(mnt, "scratch"), pattern(8<<20, 9), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if sourceGone {
+		if err := src.export.Stop(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	twice(t, "Abandon", func() error { return b.Abandon(ctx, target, mnt) })
+	if mounted(mnt) {
+		t.Fatalf("%s still mounted after Abandon", mnt)
+	}
+	if _, err := os.Stat(b.VolumeDir(target)); !os.IsNotExist(err) {
+		t.Fatalf("volume %s's files after Abandon: %v", target, err)
+	}
+	if _, err := b.Clone(ctx, target); !errors.Is(err, datapath.ErrNoClone) {
+		t.Fatalf("Clone after Abandon: %v, want ErrNoClone", err)
 	}
 }

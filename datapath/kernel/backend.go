@@ -636,6 +636,16 @@ func (v *Backend) Detach(ctx context.Context, vol string) error {
 	return v.detachLoops(v.DataPath(vol))
 }
 
+// Abandon unmounts mnt and removes vol. The kernel path waits for the
+// unmount like Unmount does: dm-clone fails a read whose source is gone
+// only after open-iscsi's replacement timeout.
+func (v *Backend) Abandon(ctx context.Context, vol, mnt string) error {
+	if err := v.Unmount(ctx, vol, mnt); err != nil {
+		return err
+	}
+	return v.Remove(ctx, vol)
+}
+
 // Remove detaches and deletes a volume's files.
 func (v *Backend) Remove(ctx context.Context, vol string) error {
 	if err := fsm.LocalID("volume", vol); err != nil {

@@ -392,6 +392,35 @@ func (v *Backend) Remove(ctx context.Context, vol string) error {
 	return nil
 }
 
+// Abandon unmounts mnt and removes vol, discarding its contents. An
+// unmount still blocked after a few seconds (a clone whose source is gone:
+// each read it waits on only times out) is unblocked by killing the
+// volume's datapath, which fails the pending I/O at once; what is left is
+// released as after a dead datapath.
+func (v *Backend) Abandon(ctx context.Context, vol, mnt string) error {
+	if err := checkVolumeName(vol); err != nil {
+		return err
+	}
+	if _, ok := hostfs.MountedAt(mnt); ok {
+		if err := hostfs.UnmountOrForce(mnt, abandonPatience, func() {
+			v.Log.Warn().Str("volume", vol).Str("mount", mnt).Msg("unmount of an abandoned volume blocked (its clone's source is gone?); killing its datapath")
+			killProcesses(filepath.Join(v.runDir(), vol+".json"))
+		}); err != nil {
+			return fmt.Errorf("abandon volume %s: %w", vol, err)
+		}
+	}
+	if v.DatapathDead(ctx, vol) {
+		if err := v.ReleaseDead(ctx, vol, mnt); err != nil {
+			return fmt.Errorf("abandon volume %s: %w", vol, err)
+		}
+	}
+	return v.Remove(ctx, vol)
+}
+
+// abandonPatience is how long Abandon lets an unmount run before failing
+// the I/O it waits on.
+const abandonPatience = 5 * time.Second
+
 // CleanupAll unmounts every machine mount, stops every datapath and lazily
 // unmounts FUSE files whose datapath died.
 //

@@ -46,6 +46,21 @@ func TestConformance(t *testing.T) {
 	})
 }
 
+// TestAbandonSourceGone: the userspace backend fails the writeback a
+// clone can no longer serve instead of waiting out the source's timeouts.
+func TestAbandonSourceGone(t *testing.T) {
+	err := hostReady()
+	testenv.Require(t, fmt.Sprint(err), err == nil)
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	backendtest.RunAbandonSourceGone(t, func(t *testing.T, dir string) datapath.Backend {
+		return &Backend{DataDir: dir, Exe: exe, Log: zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.WarnLevel),
+			Loops: loopdev.System{}, FastKDF: true}
+	})
+}
+
 func hostReady() error {
 	if os.Geteuid() != 0 {
 		return errNeeds("root (loop devices and mounts)")
