@@ -43,6 +43,12 @@ type Client struct {
 	mu     sync.Mutex
 	cur    int
 	leader string // the leader a redirect led to, asked first while it answers
+	// inflight holds the cancel of every attempt under way, per server, so
+	// that one request finding a server unresponsive moves the others
+	// (a blocking watch, above all) off it at once instead of each waiting
+	// out its own deadline.
+	inflight map[string]map[uint64]context.CancelCauseFunc
+	nextID   uint64
 }
 
 // NewClient returns a client for the given server API addresses (host:port)
@@ -128,16 +134,18 @@ func (c *Client) do(ctx context.Context, method, path string, q url.Values, in, 
 		}
 		if err == nil || !retryable(err) || ctx.Err() != nil || time.Now().After(deadline) {
 			if err != nil && ctx.Err() != nil {
-				// A server that swallows packets fails only by the caller's
-				// deadline: the next call tries another one, not the same.
-				c.mu.Lock()
-				if c.addrs[c.cur%len(c.addrs)] == addr {
-					c.cur++
+				// A server that swallows packets (stopped, partitioned)
+				// fails only by the caller's deadline: the next call, and
+				// every request still waiting on it, tries another one.
+				if errors.Is(ctx.Err(), context.DeadlineExceeded) && q.Get("index") == "" {
+					c.suspect(addr)
 				}
-				c.mu.Unlock()
 				return 0, fmt.Errorf("%s %s: %w", method, path, ctx.Err())
 			}
 			return idx, err
+		}
+		if errors.Is(err, errAttemptTimeout) {
+			c.suspect(addr)
 		}
 		if leader != "" && leader != addr && redirects < maxRedirects {
 			redirect = leader // straight there, no backoff: it is the leader now
@@ -147,9 +155,11 @@ func (c *Client) do(ctx context.Context, method, path string, q url.Values, in, 
 		redirect, redirects = "", 0
 		c.mu.Lock()
 		if sticky {
-			c.leader = "" // back to the configured servers, without a pause
-		} else {
-			c.cur++
+			if c.leader == addr {
+				c.leader = "" // back to the configured servers, without a pause
+			}
+		} else if c.addrs[c.cur%len(c.addrs)] == addr {
+			c.cur++ // unless another request (or suspect) moved on already
 		}
 		c.mu.Unlock()
 		// Fail over to the next server at once; back off (jittered, so
@@ -189,6 +199,13 @@ func (c *Client) attemptTimeout(q url.Values) time.Duration {
 func (c *Client) once(ctx context.Context, addr, method, path string, q url.Values, body []byte, out any) (idx uint64, leader string, err error) {
 	ctx, cancel := context.WithTimeoutCause(ctx, c.attemptTimeout(q), errAttemptTimeout)
 	defer cancel()
+	ctx, release := c.track(ctx, addr)
+	defer release()
+	defer func() {
+		if err != nil && errors.Is(context.Cause(ctx), errServerSuspect) && !errors.Is(err, ErrUnavailable) {
+			err = fmt.Errorf("%w: %s: %w", ErrUnavailable, addr, errServerSuspect)
+		}
+	}()
 	u := "https://" + addr + path
 	if len(q) > 0 {
 		u += "?" + q.Encode()
@@ -211,8 +228,11 @@ func (c *Client) once(ctx context.Context, addr, method, path string, q url.Valu
 	}
 	resp, err := c.hc.Do(req)
 	if err != nil {
-		if errors.Is(context.Cause(ctx), errAttemptTimeout) {
+		switch cause := context.Cause(ctx); {
+		case errors.Is(cause, errAttemptTimeout):
 			err = fmt.Errorf("%w after %v", errAttemptTimeout, c.attemptTimeout(q))
+		case errors.Is(cause, errServerSuspect):
+			err = errServerSuspect
 		}
 		return 0, "", fmt.Errorf("%w: %s: %v", ErrUnavailable, addr, err)
 	}
@@ -224,6 +244,9 @@ func (c *Client) once(ctx context.Context, addr, method, path string, q url.Valu
 		leader = validLeaderHint(resp.Header.Get(LeaderHeader))
 	}
 	err = DecodeReply(resp, out)
+	if err != nil && errors.Is(context.Cause(ctx), errServerSuspect) {
+		return 0, "", fmt.Errorf("%w: %s: reading the reply: %w", ErrUnavailable, addr, errServerSuspect)
+	}
 	if err != nil && errors.Is(context.Cause(ctx), errAttemptTimeout) {
 		// The reply stalled mid-body: the server is as good as gone.
 		return 0, "", fmt.Errorf("%w: %s: reading the reply: %w", ErrUnavailable, addr, errAttemptTimeout)
@@ -241,6 +264,51 @@ func validLeaderHint(h string) string {
 }
 
 var errAttemptTimeout = errors.New("the server did not answer in time")
+
+// errServerSuspect cancels the attempts still waiting on a server after
+// another request found it unresponsive.
+var errServerSuspect = errors.New("another request found this server unresponsive")
+
+// track registers an attempt on addr; release unregisters it.
+func (c *Client) track(ctx context.Context, addr string) (context.Context, func()) {
+	ctx, cancel := context.WithCancelCause(ctx)
+	c.mu.Lock()
+	if c.inflight == nil {
+		c.inflight = map[string]map[uint64]context.CancelCauseFunc{}
+	}
+	if c.inflight[addr] == nil {
+		c.inflight[addr] = map[uint64]context.CancelCauseFunc{}
+	}
+	c.nextID++
+	id := c.nextID
+	c.inflight[addr][id] = cancel
+	c.mu.Unlock()
+	return ctx, func() {
+		c.mu.Lock()
+		delete(c.inflight[addr], id)
+		c.mu.Unlock()
+		cancel(nil)
+	}
+}
+
+// suspect moves this client off addr, which did not answer in time: the
+// next request starts at another server, and the requests still waiting
+// on addr are cancelled, to be retried on another server at once.
+func (c *Client) suspect(addr string) {
+	c.mu.Lock()
+	if c.leader == addr {
+		c.leader = ""
+	}
+	if c.addrs[c.cur%len(c.addrs)] == addr {
+		c.cur++
+	}
+	waiting := c.inflight[addr]
+	c.inflight[addr] = nil
+	c.mu.Unlock()
+	for _, cancel := range waiting {
+		cancel(errServerSuspect)
+	}
+}
 
 func esc(s string) string { return url.PathEscape(s) }
 

@@ -46,3 +46,67 @@ func TestClientMovesOnFromASilentServer(t *testing.T) {
 		t.Fatalf("second call: %+v, %v; want the other server's answer", st, err)
 	}
 }
+
+// A blocking watch waiting on a server that stopped answering (SIGSTOP:
+// its kernel still holds the connection) moves to another server as soon
+// as any other request of the client finds that server unresponsive,
+// instead of waiting out the watch's own, much longer, deadline.
+func TestClientMovesWaitingWatchOffASuspectServer(t *testing.T) {
+	release := make(chan struct{})
+	silent := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-r.Context().Done():
+		case <-release:
+		}
+	}))
+	defer silent.Close()
+	defer close(release)
+	ok := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		if r.URL.Path == "/v1/migrations" {
+			w.Header().Set(IndexHeader, "7")
+			w.Write([]byte(`[]`))
+			return
+		}
+		w.Write([]byte(`{"id":"s1","leader":"s1"}`))
+	}))
+	defer ok.Close()
+	tc := &tls.Config{InsecureSkipVerify: true} // test servers' own certificates
+	c, err := NewClient([]string{strings.TrimPrefix(silent.URL, "https://"), strings.TrimPrefix(ok.URL, "https://")}, tc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	type result struct {
+		idx uint64
+		err error
+		at  time.Time
+	}
+	watched := make(chan result, 1)
+	go func() {
+		_, idx, err := c.WatchMigrations(context.Background(), "w1", 3)
+		watched <- result{idx, err, time.Now()}
+	}()
+	time.Sleep(200 * time.Millisecond) // the watch is waiting on the silent server
+	select {
+	case r := <-watched:
+		t.Fatalf("the watch returned before any request found the server silent: %+v", r)
+	default:
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	_, err = c.Status(ctx)
+	cancel()
+	if err == nil {
+		t.Fatal("the silent server answered")
+	}
+	suspected := time.Now()
+	select {
+	case r := <-watched:
+		if r.err != nil || r.idx != 7 {
+			t.Fatalf("the watch moved off the silent server but returned %d, %v; want index 7 from the other server", r.idx, r.err)
+		}
+		t.Logf("the watch answered %v after the server was found silent", r.at.Sub(suspected).Round(time.Millisecond))
+	case <-time.After(5 * time.Second):
+		t.Fatal("the watch still waits on the silent server 5s after another request found it unresponsive (its own deadline is 40s)")
+	}
+}

@@ -70,7 +70,7 @@ func (c *cluster) linkDown(w string) func() {
 // The link of the source down for 30 s during hydration: the migration
 // stalls visibly (stalled flag with a reason on the record), then resumes
 // and completes, nothing lost.
-func TestLinkDownDuringHydration(t *testing.T) {
+func TestPartitionSourceDuringHydration(t *testing.T) {
 	t.Parallel() // each test has its own cluster; most of their time is waiting
 	c := newCluster(t, 2, "--hydration-rate", "2M")
 	a, b := c.ws[0], c.ws[1]

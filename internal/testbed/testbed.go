@@ -378,6 +378,22 @@ func (b *Bed) StartAgentEnv(w string, env []string) error {
 	return b.start("agent/"+w, b.NSOf(w), "agent-"+w+".log", env, append(args, b.cfg.AgentArgs...)...)
 }
 
+// Signal sends sig to a process (ServerKey(id) or "agent/<w>") and leaves
+// it registered: SIGSTOP freezes it (its kernel still accepts connections
+// and ACKs their bytes), SIGCONT resumes it.
+func (b *Bed) Signal(key string, sig syscall.Signal) error {
+	b.mu.Lock()
+	cmd := b.procs[key]
+	b.mu.Unlock()
+	if cmd == nil || cmd.Process == nil {
+		return fmt.Errorf("no process %s to signal", key)
+	}
+	if err := syscall.Kill(cmd.Process.Pid, sig); err != nil {
+		return fmt.Errorf("signal %v to %s: %w", sig, key, err)
+	}
+	return nil
+}
+
 // Kill sends sig to a process (ServerKey(id) or "agent/<w>") and waits for it to end.
 func (b *Bed) Kill(key string, sig syscall.Signal) error {
 	b.mu.Lock()
