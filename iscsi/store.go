@@ -7,6 +7,7 @@ import (
 	"os"
 	"runtime/debug"
 	"sync/atomic"
+	"time"
 
 	"github.com/gostor/gotgt/pkg/api"
 	"github.com/gostor/gotgt/pkg/scsi"
@@ -55,12 +56,19 @@ func (s *roStore) Open(_ *api.SCSILu, path string) error {
 }
 
 func (s *roStore) Close(*api.SCSILu) error {
-	if s.mem != nil {
-		_ = unix.Munmap(s.mem)
+	if mem := s.mem; mem != nil {
+		// gotgt may still be copying a slice a command got from Read just
+		// before the LU closed; unmapping under it would crash the export.
+		// The copy takes microseconds: the mapping goes after a grace
+		// period (or with the process, for the one-export child).
+		time.AfterFunc(unmapGrace, func() { _ = unix.Munmap(mem) })
 		s.mem = nil
 	}
 	return s.f.Close()
 }
+
+// unmapGrace is how long a closed store's mapping outlives it.
+const unmapGrace = 30 * time.Second
 func (s *roStore) Init(*api.SCSILu, string) error { return nil }
 func (s *roStore) Exit(*api.SCSILu) error         { return nil }
 func (s *roStore) Size(*api.SCSILu) uint64        { return s.DataSize }
