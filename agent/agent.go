@@ -103,6 +103,12 @@ func New(log zerolog.Logger, cfg Config, p Parts) (*Agent, error) {
 	if cfg.Worker == "" || cfg.DataDir == "" {
 		return nil, fmt.Errorf("agent: worker name and data dir are required")
 	}
+	for name, part := range map[string]any{"Control": p.Control, "Exports": p.Exports, "Data": p.Data, "Machines": p.Machines,
+		"Lease": p.Lease, "Keys": p.Keys, "Volumes": p.Volumes, "Marks": p.Marks} {
+		if part == nil {
+			return nil, fmt.Errorf("agent: Parts.%s is missing; cmd/ferry wires every part", name)
+		}
+	}
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("agent data dir: %w", err)
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -235,5 +236,12 @@ func TestStepIDsAreDeterministic(t *testing.T) {
 	first, retry := stepID(m, "exported"), stepID(m, "exported")
 	if first != retry || stepID(m, "a") == stepID(m, "b") {
 		t.Fatal("step IDs must be equal for a retry and differ between steps")
+	}
+}
+
+func TestNewNamesAMissingPart(t *testing.T) {
+	_, err := New(zerolog.Nop(), Config{Worker: "w1", DataDir: t.TempDir()}, Parts{Control: &fakeCP{}})
+	if err == nil || !strings.Contains(err.Error(), "Parts.") {
+		t.Fatalf("New without its parts: %v, want an error naming the missing part", err)
 	}
 }

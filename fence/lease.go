@@ -278,9 +278,24 @@ func (g *Gated) Status(ctx context.Context, spec machine.Spec) (machine.State, e
 // datapath): with its last known spec, and SIGKILL after a second.
 func (g *Gated) StopSpec(id string) machine.Spec { return g.f.stopSpec(id) }
 
-// Unwrap is the driver behind the gate, for what it can do beyond
-// machine.Driver (pausing a machine).
-func (g *Gated) Unwrap() machine.Driver { return g.f.mach }
+// Pause freezes a machine if the driver behind the gate can (it wraps
+// machine.ErrCannotPause otherwise). A pause is no start: it passes
+// while fenced, and the fence still stops a paused machine.
+func (g *Gated) Pause(ctx context.Context, spec machine.Spec) error {
+	if p, ok := g.f.mach.(machine.Pauser); ok {
+		return p.Pause(ctx, spec)
+	}
+	return fmt.Errorf("machine %s: %w", spec.ID, machine.ErrCannotPause)
+}
+
+// Resume thaws a paused machine: it continues where it was, so it is not a
+// start either (a fenced worker's fence stops it if it must not run).
+func (g *Gated) Resume(ctx context.Context, spec machine.Spec) error {
+	if p, ok := g.f.mach.(machine.Pauser); ok {
+		return p.Resume(ctx, spec)
+	}
+	return fmt.Errorf("machine %s: %w", spec.ID, machine.ErrCannotPause)
+}
 
 // Fenced reports whether the worker is fenced (its lease not known valid).
 func (f *Lease) Fenced() bool {

@@ -151,3 +151,40 @@ func TestHeartbeatRenewsFromSendTime(t *testing.T) {
 		t.Fatalf("deadline %v, want %v (send time + TTL(1-drift) - margin)", f.deadline, want)
 	}
 }
+
+// A pause passes the gate even while fenced (it starts nothing), and a
+// driver that cannot pause says so.
+func TestGatedPause(t *testing.T) {
+	f := New(zerolog.Nop(), Config{Worker: "w1"}, &fakeMachines{running: map[string]bool{}})
+	f.fenced = true
+	if err := f.Gated().Pause(context.Background(), machine.Spec{ID: "m1"}); !errors.Is(err, machine.ErrCannotPause) {
+		t.Fatalf("Pause through a driver that cannot: %v, want ErrCannotPause", err)
+	}
+	p := &pausingMachines{fakeMachines: fakeMachines{running: map[string]bool{}}}
+	f = New(zerolog.Nop(), Config{Worker: "w1"}, p)
+	f.fenced = true
+	g := f.Gated()
+	if err := g.Pause(context.Background(), machine.Spec{ID: "m1"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := g.Resume(context.Background(), machine.Spec{ID: "m1"}); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(p.ops, []string{"pause m1", "resume m1"}) {
+		t.Fatalf("driver saw %v", p.ops)
+	}
+}
+
+type pausingMachines struct {
+	fakeMachines
+	ops []string
+}
+
+func (p *pausingMachines) Pause(_ context.Context, s machine.Spec) error {
+	p.ops = append(p.ops, "pause "+s.ID)
+	return nil
+}
+func (p *pausingMachines) Resume(_ context.Context, s machine.Spec) error {
+	p.ops = append(p.ops, "resume "+s.ID)
+	return nil
+}

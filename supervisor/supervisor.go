@@ -7,6 +7,7 @@ package supervisor
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"time"
 
@@ -306,11 +307,29 @@ func (s *Supervisor) restartPolicy(ctx context.Context, m *fsm.Machine) bool {
 	return v.Wait == 0
 }
 
+// Reattacher is a data path that can start a new datapath for a volume
+// under the filesystem still mounted on the dead one (its FUSE connection
+// kept open by a holder that outlived the datapath, as rbd-nbd attach
+// does), so the machine on it only waits, paused, instead of restarting.
+type Reattacher interface {
+	// ReattachDead serves vol's kept mount from a new datapath; an error
+	// means the filesystem could not be kept (release and remount it).
+	ReattachDead(ctx context.Context, vol string) error
+}
+
+// errMountNotKept says why the fallback restarts the machine when the data
+// path cannot reattach a datapath under a kept mount.
+var errMountNotKept = errors.New("this data path cannot restart a datapath under the kept filesystem (the FUSE connection dies with the datapath), so the mount is dropped lazily")
+
 // Revive repairs vol when its datapath died under the mounted filesystem
-// of machine id: the machine is stopped (its disk fails every I/O; what it
-// saw acknowledged is in the volume's files), the dead chain released, and
-// the caller mounts the volume and starts the machine again. It reports
-// whether it did anything.
+// of machine id. Where the data path can keep the filesystem, the machine
+// is paused while a new datapath takes the mount over, then resumed: it
+// keeps running and sees its disk wait, not fail. Otherwise (the mount had
+// to be lazily dropped, or the machine cannot pause) the machine is
+// stopped (its disk fails every I/O; what it saw acknowledged is in the
+// volume's files), the dead chain released, and the caller mounts the
+// volume and starts the machine again, which is idempotent after a
+// reattach too. It reports whether it did anything.
 func (s *Supervisor) Revive(ctx context.Context, vol, id string) (bool, error) {
 	return s.reviveDatapath(ctx, s.log.With().Str("machine", id).Logger(), vol, s.mach.StopSpec(id))
 }
@@ -320,8 +339,13 @@ func (s *Supervisor) reviveDatapath(ctx context.Context, log zerolog.Logger, vol
 	if !ok || !rv.DatapathDead(ctx, vol) {
 		return false, nil
 	}
-	log.Error().Str("volume", vol).Msg("the volume's datapath died under its mount: stopping the machine, restarting the datapath, remounting")
 	s.datapathRestarts.Inc()
+	why := s.reattachPaused(ctx, log, vol, spec)
+	if why == nil {
+		log.Warn().Str("volume", vol).Msg("the volume's datapath died under its mount: a new one took the kept filesystem over while the machine was paused; the machine resumed")
+		return true, nil
+	}
+	log.Error().Str("volume", vol).Str("why_restart", why.Error()).Msg("the volume's datapath died under its mount: stopping the machine, restarting the datapath, remounting")
 	spec.KillSignal = "SIGKILL" // its disk is gone: nothing to flush
 	if err := s.mach.Stop(ctx, spec); err != nil {
 		return true, fmt.Errorf("stop machine %s over the dead datapath of volume %s: %w", spec.ID, vol, err)
@@ -330,6 +354,37 @@ func (s *Supervisor) reviveDatapath(ctx context.Context, log zerolog.Logger, vol
 		return true, err
 	}
 	return true, nil
+}
+
+// reattachPaused pauses the machine, has the data path serve the kept
+// mount from a new datapath and resumes the machine. An error says why the
+// filesystem could not be kept; the machine then runs (or never paused)
+// and the caller stops it.
+func (s *Supervisor) reattachPaused(ctx context.Context, log zerolog.Logger, vol string, spec machine.Spec) error {
+	ra, ok := s.vols.(Reattacher)
+	if !ok {
+		return errMountNotKept
+	}
+	p, ok := s.mach.(machine.Pauser)
+	if !ok {
+		return machine.ErrCannotPause
+	}
+	if err := p.Pause(ctx, spec); err != nil {
+		return fmt.Errorf("pause machine %s: %w", spec.ID, err)
+	}
+	if err := ra.ReattachDead(ctx, vol); err != nil {
+		// Thawed before the stop, so no child of it stays frozen.
+		if rerr := p.Resume(ctx, spec); rerr != nil {
+			log.Warn().Err(rerr).Msg("resume the machine before stopping it")
+		}
+		return fmt.Errorf("the filesystem could not be kept: %w", err)
+	}
+	if err := p.Resume(ctx, spec); err != nil {
+		// The disk is back; a machine that cannot resume is started again
+		// by the caller (it exited, or its driver lost it).
+		log.Warn().Err(err).Msg("the datapath is back but the machine did not resume")
+	}
+	return nil
 }
 
 // superviseLocal revives the datapath of a machine that runs here outside
