@@ -11,33 +11,22 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
-	"strings"
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 
-	"github.com/ferry-dev/ferry/datapath"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/retry"
-	"github.com/ferry-dev/ferry/internal/sealing"
-	"github.com/ferry-dev/ferry/machine"
 )
 
 // Config of one agent.
 type Config struct {
-	Worker    string // this worker's name (its certificate's identity)
-	HostID    uint32 // the worker's 32-bit 6PN host id
-	Address   string // IP where peers reach this worker's exports (the fabric address)
-	DataDir   string
-	Exe       string // path of the ferry binary, for child processes
-	Heartbeat time.Duration
-	LeaseTTL  time.Duration
-	// FenceMargin is how long before its lease can end the agent stops the
-	// machines whose place is not settled here (the time a stop takes, plus
-	// slack); default a quarter of LeaseTTL.
-	FenceMargin time.Duration
+	Worker  string // this worker's name (its certificate's identity)
+	HostID  uint32 // the worker's 32-bit 6PN host id
+	Address string // IP where peers reach this worker's exports (the fabric address)
+	DataDir string
 	// Retry is the first backoff after a failed step; it doubles up to
 	// RetryMax, each delay jittered by half either way.
 	Retry, RetryMax time.Duration
@@ -56,57 +45,12 @@ type Config struct {
 	// commits (one commit less downtime), relying on the self-fence to stop
 	// it if the target is cut off before the commit. Off by default.
 	StartBeforeCutover bool
-	// RestartBackoff is the first delay before restarting a crashed
-	// machine; it doubles (jittered) up to RestartBackoffMax.
-	RestartBackoff, RestartBackoffMax time.Duration
-	// MaxCrashes crashes within RestartWindow mark a machine failed.
-	MaxCrashes    int
-	RestartWindow time.Duration
 	// PauseBefore delays proposing an event: a failpoint for chaos and crash
-	// tests (FERRY_FAILPOINT_PAUSE_BEFORE="clone_built=30s,exported=5s").
+	// tests (internal/failpoint).
 	PauseBefore map[fsm.Event]time.Duration
 }
 
-// ParsePauseBefore reads the FERRY_FAILPOINT_PAUSE_BEFORE syntax.
-func ParsePauseBefore(s string) (map[fsm.Event]time.Duration, error) {
-	out := map[fsm.Event]time.Duration{}
-	for _, part := range strings.Split(s, ",") {
-		part = strings.TrimSpace(part)
-		if part == "" {
-			continue
-		}
-		ev, d, ok := strings.Cut(part, "=")
-		dur, err := time.ParseDuration(d)
-		if !ok || err != nil || !fsm.KnownEvent(fsm.Event(ev)) {
-			return nil, fmt.Errorf("failpoint %q: use EVENT=DURATION with a known event", part)
-		}
-		out[fsm.Event(ev)] = dur
-	}
-	return out, nil
-}
-
 func (c *Config) defaults() {
-	if c.LeaseTTL == 0 {
-		c.LeaseTTL = fsm.DefaultLeaseTTL
-	}
-	if c.Heartbeat == 0 {
-		c.Heartbeat = c.LeaseTTL / 4
-	}
-	if c.RestartBackoff == 0 {
-		c.RestartBackoff = time.Second
-	}
-	if c.RestartBackoffMax == 0 {
-		c.RestartBackoffMax = time.Minute
-	}
-	if c.MaxCrashes == 0 {
-		c.MaxCrashes = 5
-	}
-	if c.RestartWindow == 0 {
-		c.RestartWindow = 10 * time.Minute
-	}
-	if c.FenceMargin == 0 {
-		c.FenceMargin = c.LeaseTTL / 4
-	}
 	if c.Retry == 0 {
 		c.Retry = 200 * time.Millisecond
 	}
@@ -126,19 +70,10 @@ func (c *Config) defaults() {
 
 // Agent runs one worker's side of every migration.
 type Agent struct {
-	cfg  Config
-	log  zerolog.Logger
-	cp   ControlPlane
-	exp  Exporter
-	net  Network
-	mach machine.Driver
-	vols datapath.Backend
-	met  *metrics
-	kek  *sealing.PrivateKey // this worker's key-encryption key; never leaves the worker
-	// fence stops unsettled machines when the lease cannot be renewed.
-	fence *fence
-	// restarts is the restart policy's memory of crashes.
-	restarts *restarts
+	cfg Config
+	log zerolog.Logger
+	Parts
+	met *metrics
 
 	// machMu orders the reconcile loop's machine starts and stops against
 	// migrations taking a machine over: a reconcile that decided a machine
@@ -162,30 +97,33 @@ type Agent struct {
 	forkWG sync.WaitGroup // the copies; only the reconcile loop adds and waits
 }
 
-// New builds an agent. exp, net and mach are the worker's export, network
-// and machine drivers; vols its data path.
-func New(log zerolog.Logger, cfg Config, cp ControlPlane, exp Exporter, net Network, mach machine.Driver, vols datapath.Backend) (*Agent, error) {
+// New builds an agent from the worker's parts (all required but Network).
+func New(log zerolog.Logger, cfg Config, p Parts) (*Agent, error) {
 	cfg.defaults()
 	if cfg.Worker == "" || cfg.DataDir == "" {
 		return nil, fmt.Errorf("agent: worker name and data dir are required")
 	}
+	for name, part := range map[string]any{"Control": p.Control, "Exports": p.Exports, "Data": p.Data, "Machines": p.Machines,
+		"Lease": p.Lease, "Keys": p.Keys, "Volumes": p.Volumes, "Marks": p.Marks} {
+		if part == nil {
+			return nil, fmt.Errorf("agent: Parts.%s is missing; cmd/ferry wires every part", name)
+		}
+	}
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("agent data dir: %w", err)
 	}
-	if caps := vols.Capabilities(); cfg.HydrationRate > 0 && !caps.HydrationRateLimit {
+	if caps := p.Data.Capabilities(); cfg.HydrationRate > 0 && !caps.HydrationRateLimit {
 		log.Warn().Str("backend", caps.Name).Int64("hydration_rate", cfg.HydrationRate).
 			Msg("this data path has no hydration rate limit; hydration runs unthrottled")
 	}
-	kek, created, err := sealing.LoadOrCreate(KEKPath(cfg.DataDir))
-	if err != nil {
-		return nil, fmt.Errorf("worker key-encryption key: %w", err)
+	a := &Agent{cfg: cfg, log: log.With().Str("worker", cfg.Worker).Logger(), Parts: p, met: newMetrics(),
+		running: map[string]chan *fsm.Migration{}, active: map[string]string{}, reaping: map[string]bool{}, firstWatch: make(chan struct{})}
+	for _, part := range []any{p.Lease, p.Keys, p.Machines, p.Volumes} {
+		if c, ok := part.(prometheus.Collector); ok {
+			a.met.reg.MustRegister(c)
+		}
 	}
-	if created {
-		log.Info().Str("fingerprint", kek.Public().Fingerprint).Str("path", KEKPath(cfg.DataDir)).Msg("made this worker's key-encryption key")
-	}
-	return &Agent{restarts: newRestarts(cfg.RestartBackoff, cfg.RestartBackoffMax, cfg.RestartWindow, cfg.MaxCrashes), cfg: cfg, log: log.With().Str("worker", cfg.Worker).Logger(), kek: kek,
-		cp: cp, exp: exp, net: net, mach: mach, vols: vols, met: newMetrics(), fence: newFence(), running: map[string]chan *fsm.Migration{}, active: map[string]string{}, reaping: map[string]bool{},
-		firstWatch: make(chan struct{})}, nil
+	return a, nil
 }
 
 // Run registers the worker and serves until ctx ends. Work in progress is
@@ -195,26 +133,20 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.runCtx = ctx
 	w := fsm.Worker{Name: a.cfg.Worker, HostID: a.cfg.HostID, Address: a.cfg.Address}
 	if err := retryUntil(ctx, a.log, "register worker", func() error {
-		sent := a.fence.clock()
-		if err := a.cp.RegisterWorker(ctx, w); err != nil {
-			return err
-		}
-		a.fence.renewed(sent, a.cfg.LeaseTTL, a.cfg.FenceMargin)
-		return nil
+		return a.Lease.Renew(ctx, func(ctx context.Context) error { return a.Control.RegisterWorker(ctx, w) })
 	}); err != nil {
 		return err
 	}
-	if err := retryUntil(ctx, a.log, "register worker key", func() error { return a.cp.SetWorkerKey(ctx, a.cfg.Worker, a.kek.Public()) }); err != nil {
+	if err := retryUntil(ctx, a.log, "register worker key", func() error { return a.Control.SetWorkerKey(ctx, a.cfg.Worker, a.Keys.Public()) }); err != nil {
 		return err
 	}
-	a.log.Info().Uint32("host_id", a.cfg.HostID).Str("address", a.cfg.Address).Str("kek", a.kek.Public().Fingerprint).Msg("worker registered")
-	go a.heartbeat(ctx)
-	go a.fenceLoop(ctx)
+	a.log.Info().Uint32("host_id", a.cfg.HostID).Str("address", a.cfg.Address).Str("kek", a.Keys.Public().Fingerprint).Msg("worker registered")
+	go a.Lease.Run(ctx, func(ctx context.Context) error { return a.Control.Heartbeat(ctx, a.cfg.Worker) })
 	go a.reconcileLoop(ctx)
 	var index uint64
 	watchBackoff := retry.New(200*time.Millisecond, 5*time.Second)
 	for ctx.Err() == nil {
-		ms, next, err := a.cp.WatchMigrations(ctx, a.cfg.Worker, index)
+		ms, next, err := a.Control.WatchMigrations(ctx, a.cfg.Worker, index)
 		if err != nil {
 			if ctx.Err() != nil {
 				break
@@ -226,7 +158,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 		watchBackoff.Reset()
 		index = next
-		a.fence.noteMigrations(ms)
+		a.Lease.NoteMigrations(ms)
 		a.machMu.Lock()
 		a.mu.Lock()
 		for _, m := range ms {
@@ -253,28 +185,6 @@ func (a *Agent) Run(ctx context.Context) error {
 	return nil
 }
 
-// heartbeat renews the lease every Heartbeat; after a failure it retries
-// sooner (jittered), since the fence deadline is less than a lease away.
-func (a *Agent) heartbeat(ctx context.Context) {
-	bo := retry.New(100*time.Millisecond, a.cfg.Heartbeat)
-	wait := a.cfg.Heartbeat
-	for {
-		if !sleep(ctx, wait) {
-			return
-		}
-		if err := a.heartbeatOnce(ctx); err != nil {
-			if ctx.Err() != nil {
-				return
-			}
-			wait = bo.Next()
-			a.log.Warn().Err(err).Dur("retry_in", wait).Msg("heartbeat failed")
-			continue
-		}
-		bo.Reset()
-		wait = a.cfg.Heartbeat
-	}
-}
-
 // dispatch hands a migration's latest record to its driver goroutine,
 // starting one if needed. One goroutine per migration keeps steps ordered.
 func (a *Agent) dispatch(ctx context.Context, m *fsm.Migration) {
@@ -282,7 +192,7 @@ func (a *Agent) dispatch(ctx context.Context, m *fsm.Migration) {
 		// The hydrate step removes the clone's metadata once hydrated is
 		// committed; an agent killed between the two finds it here, in
 		// any later state, the terminal one included.
-		if err := os.Remove(a.vols.MetaPath(m.TargetVol)); err == nil {
+		if err := os.Remove(a.Data.MetaPath(m.TargetVol)); err == nil {
 			a.log.Info().Str("migration", m.ID).Msg("removed the dissolved clone's metadata left by an earlier run")
 		} else if !os.IsNotExist(err) {
 			a.log.Warn().Err(err).Str("migration", m.ID).Msg("removing the dissolved clone's metadata")
@@ -358,7 +268,7 @@ func (a *Agent) drive(ctx context.Context, id string, inbox chan *fsm.Migration)
 			a.met.steps.WithLabelValues(string(m.State)).Inc()
 			attempts, failingSince = 0, time.Time{}
 			bo.Reset()
-			fresh, gerr := a.cp.GetMigration(ctx, id)
+			fresh, gerr := a.Control.GetMigration(ctx, id)
 			if gerr != nil || fresh.State == m.State {
 				// A step that proposed nothing (or whose event is not visible
 				// yet) waits for the next change instead of repeating.
@@ -373,7 +283,7 @@ func (a *Agent) drive(ctx context.Context, id string, inbox chan *fsm.Migration)
 		}
 		if isRefusal(err) {
 			// The store moved on (another proposal won, or an abort): re-read and re-decide.
-			if fresh, gerr := a.cp.GetMigration(ctx, id); gerr == nil && fresh.State != m.State {
+			if fresh, gerr := a.Control.GetMigration(ctx, id); gerr == nil && fresh.State != m.State {
 				log.Info().Err(err).Msg("proposal refused; the migration moved on")
 				m = fresh
 				continue
@@ -394,7 +304,7 @@ func (a *Agent) drive(ctx context.Context, id string, inbox chan *fsm.Migration)
 		if !sleep(ctx, backoff) {
 			return
 		}
-		if fresh, gerr := a.cp.GetMigration(ctx, id); gerr == nil {
+		if fresh, gerr := a.Control.GetMigration(ctx, id); gerr == nil {
 			m = fresh
 		}
 	}
@@ -405,20 +315,24 @@ func (a *Agent) drive(ctx context.Context, id string, inbox chan *fsm.Migration)
 // forward, so it marks the migration stalled with the reason.
 func (a *Agent) reportFailure(ctx context.Context, log zerolog.Logger, m *fsm.Migration, stepErr error, attempts int, since time.Time) {
 	if m.State.BeforeCutover() && attempts >= a.cfg.MaxPreCutoverAttempts {
-		_, err := a.cp.Propose(ctx, m.ID, fsm.EvFailed, stepID(m, "failed", string(m.State)),
-			fsm.EventPayload{Reason: fmt.Sprintf("%s step failed %d times: %v", m.State, attempts, stepErr), Error: stepErr.Error()})
-		if err != nil {
-			log.Warn().Err(err).Msg("could not fail the migration")
-		}
+		a.fail(ctx, log, m, fmt.Sprintf("%s step failed %d times: %v", m.State, attempts, stepErr), stepErr)
 		return
 	}
 	stalled := time.Since(since) >= a.cfg.StallAfter
 	if stalled {
 		a.met.stalls.Inc()
 	}
-	_, err := a.cp.Propose(ctx, m.ID, fsm.EvReport, "", fsm.EventPayload{Error: stepErr.Error(), Stalled: &stalled})
+	_, err := a.Control.Propose(ctx, m.ID, fsm.EvReport, "", fsm.EventPayload{Error: stepErr.Error(), Stalled: &stalled})
 	if err != nil {
 		log.Debug().Err(err).Msg("could not report the failure")
+	}
+}
+
+// fail fails the migration (rollback) for reason.
+func (a *Agent) fail(ctx context.Context, log zerolog.Logger, m *fsm.Migration, reason string, stepErr error) {
+	_, err := a.Control.Propose(ctx, m.ID, fsm.EvFailed, stepID(m, "failed", string(m.State)), fsm.EventPayload{Reason: reason, Error: stepErr.Error()})
+	if err != nil {
+		log.Warn().Err(err).Msg("could not fail the migration")
 	}
 }
 
@@ -454,11 +368,7 @@ func (a *Agent) stepContext(ctx context.Context, m *fsm.Migration) (context.Cont
 func (a *Agent) failOverBudget(ctx context.Context, log zerolog.Logger, m *fsm.Migration, stepErr error) {
 	reason := fmt.Sprintf("downtime budget %v spent before cutover: the %s step did not finish", m.Budget(), m.State)
 	log.Error().Err(stepErr).Str("reason", reason).Msg("rolling back")
-	_, err := a.cp.Propose(ctx, m.ID, fsm.EvFailed, stepID(m, "failed", string(m.State)),
-		fsm.EventPayload{Reason: reason, Error: stepErr.Error()})
-	if err != nil {
-		log.Warn().Err(err).Msg("could not fail the migration")
-	}
+	a.fail(ctx, log, m, reason, stepErr)
 }
 
 // watchStep reports a step after cutover that runs StallAfter without
@@ -487,7 +397,7 @@ func (a *Agent) watchStep(ctx context.Context, log zerolog.Logger, m *fsm.Migrat
 		if rc == nil {
 			rc = ctx
 		}
-		if _, err := a.cp.Propose(rc, m.ID, fsm.EvReport, "", fsm.EventPayload{Error: reason, Stalled: &stalled}); err != nil {
+		if _, err := a.Control.Propose(rc, m.ID, fsm.EvReport, "", fsm.EventPayload{Error: reason, Stalled: &stalled}); err != nil {
 			log.Debug().Err(err).Msg("could not report the stall")
 		}
 	}()
@@ -514,9 +424,4 @@ func retryUntil(ctx context.Context, log zerolog.Logger, what string, fn func() 
 		return fmt.Errorf("%s: %w", what, err)
 	}
 	return nil
-}
-
-// paths under the data dir.
-func (a *Agent) stateDir(parts ...string) string {
-	return filepath.Join(append([]string{a.cfg.DataDir}, parts...)...)
 }

@@ -5,16 +5,21 @@ import (
 	"errors"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/rs/zerolog"
 
-	"github.com/ferry-dev/ferry/blockdev"
 	"github.com/ferry-dev/ferry/datapath/userspace"
+	"github.com/ferry-dev/ferry/fence"
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/stepmark"
+	"github.com/ferry-dev/ferry/keycustody"
 	"github.com/ferry-dev/ferry/machine"
+	"github.com/ferry-dev/ferry/supervisor"
+	"github.com/ferry-dev/ferry/volops"
 )
 
 // fakeCP is a unit-test stand-in for the server: it records proposals.
@@ -86,11 +91,28 @@ func (x *fakeExporter) Export(context.Context, string, string, string, string) (
 func (x *fakeExporter) Unexport(context.Context, string) error { return nil }
 func (x *fakeExporter) Live(string) bool                       { return x.live }
 
-func newTestAgent(t *testing.T, cp ControlPlane, worker string) *Agent {
+// testStore is the control plane as each part of a worker sees it.
+type testStore interface {
+	ControlPlane
+	keycustody.Store
+	supervisor.Store
+	volops.Store
+}
+
+func newTestAgent(t *testing.T, cp testStore, worker string) *Agent {
 	dir := t.TempDir()
-	a, err := New(zerolog.Nop(), Config{Worker: worker, DataDir: dir, Retry: time.Millisecond, RetryMax: 2 * time.Millisecond,
-		MaxPreCutoverAttempts: 3}, cp, &fakeExporter{}, nil, &machine.Exec{StateDir: filepath.Join(dir, "machines"), Log: zerolog.Nop()},
-		&userspace.Backend{DataDir: dir, Log: zerolog.Nop()})
+	log := zerolog.Nop()
+	vols := &userspace.Backend{DataDir: dir, Log: log}
+	lease := fence.New(log, fence.Config{Worker: worker, MountPoint: vols.MountPoint}, &machine.Exec{StateDir: filepath.Join(dir, "machines"), Log: log})
+	keys, err := keycustody.Load(log, dir, worker, cp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sup := supervisor.New(log, supervisor.Config{Worker: worker}, cp, lease.Gated(), vols, keys, nil)
+	lease.OnStop(sup.Forget)
+	a, err := New(log, Config{Worker: worker, DataDir: dir, Retry: time.Millisecond, RetryMax: 2 * time.Millisecond,
+		MaxPreCutoverAttempts: 3}, Parts{Control: cp, Exports: &fakeExporter{}, Data: vols, Machines: sup, Lease: lease, Keys: keys,
+		Volumes: volops.New(log, worker, cp, keys, vols, sup), Marks: stepmark.Dir(filepath.Join(dir, "steps"))})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -217,39 +239,9 @@ func TestStepIDsAreDeterministic(t *testing.T) {
 	}
 }
 
-func TestParsePauseBefore(t *testing.T) {
-	got, err := ParsePauseBefore("clone_built=3s, exported=1m")
-	if err != nil || got[fsm.EvCloneBuilt] != 3*time.Second || got[fsm.EvExported] != time.Minute {
-		t.Fatalf("got %v, %v", got, err)
-	}
-	for _, bad := range []string{"nope=1s", "exported", "exported=soon"} {
-		if _, err := ParsePauseBefore(bad); err == nil {
-			t.Errorf("%q accepted", bad)
-		}
-	}
-}
-
-func TestKnownZeroOfSparseVolume(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "v")
-	d, err := blockdev.CreateSparse(path, 64<<20)
-	if err != nil {
-		t.Fatal(err)
-	}
-	d.WriteAt([]byte{1}, 0)
-	d.WriteAt([]byte{1}, 32<<20)
-	d.Close()
-	zs, err := knownZero(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var total int64
-	for _, z := range zs {
-		total += z.Len
-		if z.Off <= 0 && z.End() > 0 || z.Off <= 32<<20 && z.End() > 32<<20 {
-			t.Fatalf("range %+v covers written data", z)
-		}
-	}
-	if total < 60<<20 {
-		t.Fatalf("known-zero covers %d bytes of a 64 MiB file with two written blocks", total)
+func TestNewNamesAMissingPart(t *testing.T) {
+	_, err := New(zerolog.Nop(), Config{Worker: "w1", DataDir: t.TempDir()}, Parts{Control: &fakeCP{}})
+	if err == nil || !strings.Contains(err.Error(), "Parts.") {
+		t.Fatalf("New without its parts: %v, want an error naming the missing part", err)
 	}
 }

@@ -26,7 +26,7 @@ func TestDowntimeBudgetRollsBack(t *testing.T) {
 	cp := &fakeCP{m: &fsm.Migration{ID: "mig-b", Source: "src", Target: "dst", State: fsm.SourceStopped, Volume: "v",
 		MaxDowntime: 300 * time.Millisecond, EnteredAt: map[fsm.State]time.Time{fsm.SourceStopped: stopped}}}
 	a := newTestAgent(t, cp, "src")
-	a.exp = &hangingExporter{}
+	a.Exports = &hangingExporter{}
 	a.cfg.MaxPreCutoverAttempts = 1000 // only the budget may fail it
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -61,7 +61,7 @@ func TestHungStepAfterCutoverReportedStalled(t *testing.T) {
 	cp := &fakeCP{m: &fsm.Migration{ID: "mig-s", Source: "src", Target: "dst", State: fsm.Hydrated, Volume: "v",
 		Export: &fsm.Export{Portal: "p", IQN: "i"}}}
 	a := newTestAgent(t, cp, "src")
-	a.exp = &hangingExporter{fakeExporter{live: true}}
+	a.Exports = &hangingExporter{fakeExporter{live: true}}
 	a.cfg.StallAfter = 100 * time.Millisecond
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()

@@ -3,10 +3,103 @@ package agent
 import (
 	"context"
 	"errors"
+	"time"
 
+	"github.com/ferry-dev/ferry/datapath"
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/machine"
 	"github.com/ferry-dev/ferry/netrewrite"
 )
+
+// Parts are the worker's pieces an agent drives; cmd/ferry wires the
+// concrete ones in. Network may be nil (machines share the host network).
+type Parts struct {
+	Control  ControlPlane
+	Exports  Exporter
+	Network  Network
+	Data     datapath.Backend
+	Machines Machines
+	Lease    Lease
+	Keys     Keys
+	Volumes  VolumeOps
+	Marks    Marks
+}
+
+// Lease keeps this worker's lease and fences the worker (stops the
+// machines not settled here, starts none) when it cannot (fence.Lease).
+type Lease interface {
+	// Renew calls renew (a registration or a heartbeat); on success the
+	// lease runs from the time it was sent.
+	Renew(ctx context.Context, renew func(context.Context) error) error
+	// Run heartbeats with renew and fences or unfences until ctx ends.
+	Run(ctx context.Context, renew func(context.Context) error)
+	Fenced() bool
+	// NoteMigrations and NoteAssigned give the fence the newest view of the
+	// store: which machines are settled here.
+	NoteMigrations(ms []*fsm.Migration)
+	NoteAssigned(ms []*fsm.Machine)
+}
+
+// Keys holds this worker's volume keys (keycustody.Custodian).
+type Keys interface {
+	Public() fsm.PublicKey
+	// SealForTarget seals the migrating volume's key to the target.
+	SealForTarget(ctx context.Context, m *fsm.Migration) error
+	// MigrationKey opens the incoming volume's key on the target and makes
+	// the target its owner.
+	MigrationKey(ctx context.Context, m *fsm.Migration) ([]byte, error)
+}
+
+// Machines runs this worker's machines (supervisor.Supervisor); starts
+// pass the fence.
+type Machines interface {
+	// Spec is the machine's driver spec on this worker in netns;
+	// LocalSpec in its own network namespace here.
+	Spec(m *fsm.Machine, netns string) (machine.Spec, error)
+	LocalSpec(m *fsm.Machine) (machine.Spec, error)
+	Start(ctx context.Context, spec machine.Spec) error
+	Running(ctx context.Context, spec machine.Spec) bool
+	// Stop stops the machine and any process of it no driver recorded.
+	Stop(ctx context.Context, spec machine.Spec) error
+	// StartLocal mounts the machine's volume here and runs it.
+	StartLocal(ctx context.Context, m *fsm.Machine) error
+	// EnsureRunning starts a machine whose volume is mounted here if it
+	// does not run (in its namespace, at its address); it reports whether
+	// it started it.
+	EnsureRunning(ctx context.Context, m *fsm.Machine) (bool, error)
+	// Reconcile brings a machine no migration owns to its recorded state.
+	Reconcile(ctx context.Context, m *fsm.Machine)
+	// Revive repairs vol if its datapath died under machine's mount; the
+	// caller mounts it again. It reports whether it did anything.
+	Revive(ctx context.Context, vol, machine string) (bool, error)
+	// Forget drops the restart policy's memory of a machine.
+	Forget(machine string)
+}
+
+// VolumeOps are the operations on this worker's volumes (volops.Ops).
+type VolumeOps interface {
+	Create(ctx context.Context, v *fsm.Volume)
+	// Extend grows v; the caller keeps migrations off its machine meanwhile.
+	Extend(ctx context.Context, v *fsm.Volume)
+	Fork(ctx context.Context, v *fsm.Volume)
+	// DestinationName names a migration's destination volume.
+	DestinationName(m *fsm.Migration) string
+	// Allocate makes a migration destination's sparse file.
+	Allocate(vol string, size int64) error
+	// KnownZero lists a local volume's holes.
+	KnownZero(vol string) ([]fsm.Range, error)
+	// Trim discards a mounted filesystem's unused blocks.
+	Trim(ctx context.Context, mnt string) (string, error)
+	// NoProgressReason explains a hydration into vol that stopped moving.
+	NoProgressReason(vol string, p *datapath.Progress, idle time.Duration) string
+}
+
+// Marks records local one-shot side effects that no event records,
+// durably (stepmark.Dir).
+type Marks interface {
+	Done(migration, what string) bool
+	Mark(migration, what string) error
+}
 
 // ControlPlane is what the agent needs from the replicated store (the API
 // client implements it). Every write carries a step ID so a retry after a
@@ -18,24 +111,14 @@ type ControlPlane interface {
 	WatchMigrations(ctx context.Context, worker string, index uint64) ([]*fsm.Migration, uint64, error)
 	GetMigration(ctx context.Context, id string) (*fsm.Migration, error)
 	Propose(ctx context.Context, id string, ev fsm.Event, stepID string, p fsm.EventPayload) (*fsm.Migration, error)
-	GetVolume(ctx context.Context, id string) (*fsm.Volume, error)
 	ListVolumes(ctx context.Context, worker string) ([]*fsm.Volume, error)
 	CreateVolume(ctx context.Context, v fsm.Volume) (*fsm.Volume, error)
 	UpdateVolume(ctx context.Context, cmd fsm.UpdateVolumeCmd) error
 	GetMachine(ctx context.Context, id string) (*fsm.Machine, error)
 	ListMachines(ctx context.Context, worker string) ([]*fsm.Machine, error)
-	UpdateMachine(ctx context.Context, cmd fsm.UpdateMachineCmd) error
 	GetWorker(ctx context.Context, name string) (*fsm.Worker, error)
-	// Envelope returns a sealed copy of a volume's key: the owner envelope
-	// of a volume this worker holds, or the migration envelope of a volume
-	// it is the target of. Only this worker's private key opens it.
-	Envelope(ctx context.Context, volume string, purpose fsm.Purpose) (*fsm.Envelope, error)
-	// PutEnvelopes stores sealed copies of a volume's key.
-	PutEnvelopes(ctx context.Context, volume string, envs []fsm.Envelope) error
 	// SetWorkerKey registers this worker's key-encryption public key.
 	SetWorkerKey(ctx context.Context, worker string, k fsm.PublicKey) error
-	// RecoveryKey returns the cluster's recovery public key.
-	RecoveryKey(ctx context.Context) (*fsm.PublicKey, error)
 }
 
 // Exporter serves a frozen volume to one target over iSCSI.
@@ -71,4 +154,9 @@ type Network interface {
 func isRefusal(err error) bool {
 	var r *fsm.Refusal
 	return errors.As(err, &r) && r.Kind.ClientSide()
+}
+
+func isNotFound(err error) bool {
+	var r *fsm.Refusal
+	return errors.As(err, &r) && r.Kind == fsm.RefuseNotFound
 }

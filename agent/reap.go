@@ -53,7 +53,7 @@ func (a *Agent) reap(ctx context.Context, ms []*fsm.Migration) {
 				}
 				if m.Source == a.cfg.Worker {
 					// The export of an ended migration serves no one.
-					if err := a.exp.Unexport(ctx, m.ID); err != nil {
+					if err := a.Exports.Unexport(ctx, m.ID); err != nil {
 						return err
 					}
 				}
@@ -68,7 +68,7 @@ func (a *Agent) reap(ctx context.Context, ms []*fsm.Migration) {
 					// A machine this worker may not read (scoped reads: it
 					// is another worker's once the migration ended) is not
 					// ours either.
-					mach, err := a.cp.GetMachine(ctx, m.Machine)
+					mach, err := a.Control.GetMachine(ctx, m.Machine)
 					if err != nil && !isNotFound(err) {
 						return err
 					}

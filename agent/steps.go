@@ -2,21 +2,15 @@ package agent
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"os"
-	"os/exec"
 	"slices"
-	"strings"
 	"time"
 
 	"github.com/rs/zerolog"
 
-	"github.com/ferry-dev/ferry/blockdev"
 	"github.com/ferry-dev/ferry/datapath"
 	"github.com/ferry-dev/ferry/fsm"
-	"github.com/ferry-dev/ferry/internal/atomicfile"
-	"github.com/ferry-dev/ferry/machine"
 	"github.com/ferry-dev/ferry/netrewrite"
 )
 
@@ -67,7 +61,7 @@ func (a *Agent) stepFor(m *fsm.Migration) stepFunc {
 	}
 	if role == fsm.RoleSource {
 		switch {
-		case m.State.ServesExport() && m.Export != nil && !a.exp.Live(m.ID):
+		case m.State.ServesExport() && m.Export != nil && !a.Exports.Live(m.ID):
 			// The agent restarted (its gate died with it): serve the same portal again.
 			return a.reExport
 		case m.State.AfterCutover() && !a.done(m, "net-source"):
@@ -86,17 +80,10 @@ func (a *Agent) stepFor(m *fsm.Migration) stepFunc {
 	return nil
 }
 
-// done/markDone record local one-shot side effects that no event records.
-func (a *Agent) markPath(m *fsm.Migration, what string) string {
-	return a.stateDir("steps", m.ID+"."+what)
-}
-func (a *Agent) done(m *fsm.Migration, what string) bool {
-	_, err := os.Stat(a.markPath(m, what))
-	return err == nil
-}
-func (a *Agent) markDone(m *fsm.Migration, what string) error {
-	return atomicfile.WriteFile(a.markPath(m, what), []byte(time.Now().UTC().Format(time.RFC3339Nano)+"\n"), 0o600)
-}
+// done and markDone record local one-shot side effects that no event records.
+func (a *Agent) done(m *fsm.Migration, what string) bool { return a.Marks.Done(m.ID, what) }
+
+func (a *Agent) markDone(m *fsm.Migration, what string) error { return a.Marks.Mark(m.ID, what) }
 
 func (a *Agent) propose(ctx context.Context, m *fsm.Migration, ev fsm.Event, p fsm.EventPayload) error {
 	if d := a.cfg.PauseBefore[ev]; d > 0 {
@@ -109,69 +96,16 @@ func (a *Agent) propose(ctx context.Context, m *fsm.Migration, ev fsm.Event, p f
 			return pause.Err()
 		}
 	}
-	got, err := a.cp.Propose(ctx, m.ID, ev, stepID(m, string(ev)), p)
+	got, err := a.Control.Propose(ctx, m.ID, ev, stepID(m, string(ev)), p)
 	if err != nil {
 		return fmt.Errorf("propose %s: %w", ev, err)
 	}
 	if got != nil {
 		// The fence judges by the newest record: a cutover committed just
 		// before a partition keeps the machine running here.
-		a.fence.noteMigrations([]*fsm.Migration{got})
+		a.Lease.NoteMigrations([]*fsm.Migration{got})
 	}
 	return nil
-}
-
-// targetVolume names the destination volume of a migration: the volume's
-// name without an earlier migration's suffix (so names do not grow as a
-// machine moves back and forth, until the datapath's socket path no longer
-// fits a sockaddr_un), then this migration's short ID.
-func targetVolume(m *fsm.Migration) string {
-	base := m.Volume
-	if i := strings.LastIndex(base, "-"); i > 0 && isShortID(base[i+1:]) {
-		base = base[:i]
-	}
-	return base + "-" + shortID(m.ID)
-}
-
-func isShortID(s string) bool {
-	if len(s) != 8 {
-		return false
-	}
-	for _, c := range s {
-		if !strings.ContainsRune("0123456789abcdef", c) {
-			return false
-		}
-	}
-	return true
-}
-
-func shortID(id string) string {
-	id = strings.TrimPrefix(strings.TrimPrefix(id, "mig_"), "mig-")
-	if len(id) > 8 {
-		id = id[:8]
-	}
-	return id
-}
-
-// machineSpec decodes the driver spec stored with the machine and points it
-// at this worker's mount and network namespace.
-func (a *Agent) machineSpec(mach *fsm.Machine, netns string) (machine.Spec, error) {
-	var s machine.Spec
-	if len(mach.Spec) > 0 {
-		if err := json.Unmarshal(mach.Spec, &s); err != nil {
-			return s, fmt.Errorf("machine %s has an unreadable spec: %w", mach.ID, err)
-		}
-	}
-	s.ID = mach.ID
-	s.MountDir = a.vols.MountPoint(mach.ID)
-	s.NetNS = netns
-	if s.Env == nil {
-		s.Env = map[string]string{}
-	}
-	s.Env["FERRY_WORKER"] = a.cfg.Worker
-	s.Env["FERRY_6PN"] = mach.Addr6PN
-	a.fence.noteSpec(s)
-	return s, nil
 }
 
 // --- target steps ---------------------------------------------------------
@@ -184,19 +118,14 @@ func (a *Agent) prepareTarget(ctx context.Context, log zerolog.Logger, m *fsm.Mi
 	if err := m.Layout.Validate(); err != nil {
 		return err
 	}
-	tv := targetVolume(m)
+	tv := a.Volumes.DestinationName(m)
 	size := m.Layout.DeviceSize()
-	if _, err := a.cp.CreateVolume(ctx, fsm.Volume{ID: tv, Worker: a.cfg.Worker, Size: size, State: fsm.VolHydrating, Layout: m.Layout}); err != nil {
+	if _, err := a.Control.CreateVolume(ctx, fsm.Volume{ID: tv, Worker: a.cfg.Worker, Size: size, State: fsm.VolHydrating, Layout: m.Layout}); err != nil {
 		return fmt.Errorf("register destination volume %s: %w", tv, err)
 	}
-	if err := os.MkdirAll(a.vols.VolumeDir(tv), 0o700); err != nil {
+	if err := a.Volumes.Allocate(tv, size); err != nil {
 		return err
 	}
-	f, err := blockdev.CreateSparse(a.vols.DataPath(tv), size)
-	if err != nil {
-		return err
-	}
-	f.Close()
 	log.Info().Str("target_volume", tv).Int64("size", size).Int64("data_offset", m.Layout.DataOffset).Msg("destination prepared from the carried layout")
 	return a.propose(ctx, m, fsm.EvTargetPrepared, fsm.EventPayload{TargetVolume: tv, Layout: m.Layout})
 }
@@ -215,12 +144,12 @@ func (a *Agent) buildClone(ctx context.Context, log zerolog.Logger, m *fsm.Migra
 	// The destination carries the same LUKS2 keyslots: migrationKey also
 	// seals the key to this worker as the destination's owner, so the
 	// machine can be restarted and migrated again from here.
-	key, err := a.migrationKey(ctx, m)
+	key, err := a.Keys.MigrationKey(ctx, m)
 	if err != nil {
 		return err
 	}
 	defer clear(key)
-	dev, err := a.vols.MountClone(ctx, a.cloneSpec(m, false), key, a.vols.MountPoint(m.Machine))
+	dev, err := a.Data.MountClone(ctx, a.cloneSpec(m, false), key, a.Data.MountPoint(m.Machine))
 	if err != nil {
 		return err
 	}
@@ -229,7 +158,7 @@ func (a *Agent) buildClone(ctx context.Context, log zerolog.Logger, m *fsm.Migra
 }
 
 func (a *Agent) trim(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
-	out, err := fstrim(ctx, a.vols.MountPoint(m.Machine))
+	out, err := a.Volumes.Trim(ctx, a.Data.MountPoint(m.Machine))
 	if err != nil {
 		return err
 	}
@@ -245,13 +174,13 @@ func (a *Agent) trim(ctx context.Context, log zerolog.Logger, m *fsm.Migration) 
 // died) could not be relied on to stop it. StartBeforeCutover starts it
 // first, saving one commit of downtime, and relies on the self-fence.
 func (a *Agent) cutover(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
-	mach, err := a.cp.GetMachine(ctx, m.Machine)
+	mach, err := a.Control.GetMachine(ctx, m.Machine)
 	if err != nil {
 		return err
 	}
 	netns := ""
 	newAddr := m.New6PN
-	if a.net != nil && mach.Addr6PN != "" {
+	if a.Network != nil && mach.Addr6PN != "" {
 		old, err := netrewrite.Parse(mach.Addr6PN)
 		if err != nil {
 			return fmt.Errorf("machine %s 6PN address: %w", mach.ID, err)
@@ -261,14 +190,14 @@ func (a *Agent) cutover(ctx context.Context, log zerolog.Logger, m *fsm.Migratio
 			return err
 		}
 		newAddr = nw.String()
-		if netns, err = a.net.Attach(ctx, mach.ID, nw); err != nil {
+		if netns, err = a.Network.Attach(ctx, mach.ID, nw); err != nil {
 			return err
 		}
-		if err := a.net.MapOld(ctx, mach.ID, old, nw); err != nil {
+		if err := a.Network.MapOld(ctx, mach.ID, old, nw); err != nil {
 			return err
 		}
 	}
-	spec, err := a.machineSpec(mach, netns)
+	spec, err := a.Machines.Spec(mach, netns)
 	if err != nil {
 		return err
 	}
@@ -277,7 +206,7 @@ func (a *Agent) cutover(ctx context.Context, log zerolog.Logger, m *fsm.Migratio
 		spec.Env["FERRY_OLD_6PN"] = mach.Addr6PN
 	}
 	if a.cfg.StartBeforeCutover {
-		if err := a.startMachine(ctx, spec); err != nil {
+		if err := a.Machines.Start(ctx, spec); err != nil {
 			return err
 		}
 		log.Info().Str("new_6pn", newAddr).Msg("machine started on the target (before cutover commits)")
@@ -287,7 +216,7 @@ func (a *Agent) cutover(ctx context.Context, log zerolog.Logger, m *fsm.Migratio
 	}
 	if !a.cfg.StartBeforeCutover {
 		// A failure here is retried by the next state's step (ensureRunning).
-		if err := a.startMachine(ctx, spec); err != nil {
+		if err := a.Machines.Start(ctx, spec); err != nil {
 			return err
 		}
 		log.Info().Str("new_6pn", newAddr).Msg("cutover committed; machine started on the target")
@@ -302,35 +231,18 @@ func (a *Agent) cutover(ctx context.Context, log zerolog.Logger, m *fsm.Migratio
 // not run: the start after the cutover commit failed, the fence stopped it
 // while the commit's outcome was unknown here, or it crashed.
 func (a *Agent) ensureRunning(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
-	mach, err := a.cp.GetMachine(ctx, m.Machine)
+	mach, err := a.Control.GetMachine(ctx, m.Machine)
 	if err != nil {
 		return err
 	}
 	if mach.Worker != a.cfg.Worker || mach.State != fsm.MachineRunning {
 		return nil
 	}
-	netns := ""
-	if a.net != nil && mach.Addr6PN != "" {
-		addr, err := netrewrite.Parse(mach.Addr6PN)
-		if err != nil {
-			return fmt.Errorf("machine %s 6PN address: %w", mach.ID, err)
-		}
-		if netns, err = a.net.Attach(ctx, mach.ID, addr); err != nil {
-			return err
-		}
+	started, err := a.Machines.EnsureRunning(ctx, mach)
+	if started {
+		log.Warn().Msg("machine was not running after cutover; started it")
 	}
-	spec, err := a.machineSpec(mach, netns)
-	if err != nil {
-		return err
-	}
-	if st, err := a.mach.Status(ctx, spec); err == nil && st == machine.Running {
-		return nil
-	}
-	if err := a.startMachine(ctx, spec); err != nil {
-		return err
-	}
-	log.Warn().Msg("machine was not running after cutover; started it")
-	return nil
+	return err
 }
 
 func (a *Agent) startHydration(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
@@ -350,30 +262,30 @@ func (a *Agent) startHydration(ctx context.Context, log zerolog.Logger, m *fsm.M
 // ensureClone re-adopts the clone's datapath, or rebuilds it (after a
 // reboot or a datapath crash) with hydration as committed.
 func (a *Agent) ensureClone(ctx context.Context, m *fsm.Migration, hydrate bool) (datapath.CloneHandle, error) {
-	if p, err := a.vols.Clone(ctx, m.TargetVol); err == nil {
+	if p, err := a.Data.Clone(ctx, m.TargetVol); err == nil {
 		return p, nil
 	}
 	if m.State.AfterCutover() {
 		// The clone's datapath died under the running machine: stop it,
 		// release the dead mount; the machine starts again (ensureRunning)
 		// once the clone is rebuilt over the same metadata.
-		if _, err := a.reviveDatapath(ctx, a.log.With().Str("migration", m.ID).Logger(), m.TargetVol, a.stopSpec(m.Machine)); err != nil {
+		if _, err := a.Machines.Revive(ctx, m.TargetVol, m.Machine); err != nil {
 			return nil, err
 		}
 	}
-	key, err := a.migrationKey(ctx, m)
+	key, err := a.Keys.MigrationKey(ctx, m)
 	if err != nil {
 		return nil, err
 	}
 	defer clear(key)
-	if _, err := a.vols.MountClone(ctx, a.cloneSpec(m, hydrate), key, a.vols.MountPoint(m.Machine)); err != nil {
+	if _, err := a.Data.MountClone(ctx, a.cloneSpec(m, hydrate), key, a.Data.MountPoint(m.Machine)); err != nil {
 		return nil, err
 	}
-	return a.vols.Clone(ctx, m.TargetVol)
+	return a.Data.Clone(ctx, m.TargetVol)
 }
 
 func (a *Agent) progress(ctx context.Context, m *fsm.Migration) *fsm.Progress {
-	p, err := a.vols.Clone(ctx, m.TargetVol)
+	p, err := a.Data.Clone(ctx, m.TargetVol)
 	if err != nil {
 		return nil
 	}
@@ -423,11 +335,11 @@ func (a *Agent) hydrate(ctx context.Context, log zerolog.Logger, m *fsm.Migratio
 		}
 		if st.Progress != nil && st.Progress.Stalled {
 			stalled := true
-			a.cp.Propose(ctx, m.ID, fsm.EvReport, "", fsm.EventPayload{Error: st.Progress.StalledReason, Stalled: &stalled})
+			a.Control.Propose(ctx, m.ID, fsm.EvReport, "", fsm.EventPayload{Error: st.Progress.StalledReason, Stalled: &stalled})
 		} else if st.Progress != nil && !st.Complete && !st.Dissolved && watch.stuck(time.Now(), st.Progress.HydratedBytes, a.cfg.StallAfter) {
 			stalled := true
-			reason := noProgressReason(a.vols.VolumeDir(m.TargetVol), st.Progress, time.Since(watch.since))
-			a.cp.Propose(ctx, m.ID, fsm.EvReport, "", fsm.EventPayload{Error: reason, Stalled: &stalled})
+			reason := a.Volumes.NoProgressReason(m.TargetVol, st.Progress, time.Since(watch.since))
+			a.Control.Propose(ctx, m.ID, fsm.EvReport, "", fsm.EventPayload{Error: reason, Stalled: &stalled})
 		}
 		if st.Complete || st.Dissolved {
 			if err := p.Dissolve(ctx); err != nil {
@@ -445,7 +357,7 @@ func (a *Agent) hydrate(ctx context.Context, log zerolog.Logger, m *fsm.Migratio
 			}
 			// The clone's metadata (all regions hydrated) is only needed to
 			// rebuild the clone until hydrated is committed.
-			if err := os.Remove(a.vols.MetaPath(m.TargetVol)); err != nil && !os.IsNotExist(err) {
+			if err := os.Remove(a.Data.MetaPath(m.TargetVol)); err != nil && !os.IsNotExist(err) {
 				log.Warn().Err(err).Msg("removing the dissolved clone's metadata")
 			}
 			return nil
@@ -458,7 +370,7 @@ func (a *Agent) hydrate(ctx context.Context, log zerolog.Logger, m *fsm.Migratio
 		}
 		if st.Progress != nil && time.Since(lastReport) >= time.Second {
 			lastReport = time.Now()
-			if cur, err := a.cp.Propose(ctx, m.ID, fsm.EvProgress, "", fsm.EventPayload{Progress: toFSMProgress(st.Progress)}); err == nil && cur != nil &&
+			if cur, err := a.Control.Propose(ctx, m.ID, fsm.EvProgress, "", fsm.EventPayload{Progress: toFSMProgress(st.Progress)}); err == nil && cur != nil &&
 				cur.Export != nil && (exportAt == nil || *cur.Export != *exportAt) {
 				log.Info().Str("portal", cur.Export.Portal).Msg("the source moved its export; reconnecting")
 				if follow(cur.Export) {
@@ -488,32 +400,29 @@ func (a *Agent) tearDownTarget(ctx context.Context, log zerolog.Logger, m *fsm.M
 // releaseTarget stops the machine if the store does not assign it here and
 // removes the clone, its mount and the destination volume. Idempotent.
 func (a *Agent) releaseTarget(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
-	mnt := a.vols.MountPoint(m.Machine)
-	if mach, err := a.cp.GetMachine(ctx, m.Machine); err == nil && mach.Worker != a.cfg.Worker {
-		spec, _ := a.machineSpec(mach, "")
-		if err := a.mach.Stop(ctx, spec); err != nil {
+	mnt := a.Data.MountPoint(m.Machine)
+	if mach, err := a.Control.GetMachine(ctx, m.Machine); err == nil && mach.Worker != a.cfg.Worker {
+		spec, _ := a.Machines.Spec(mach, "")
+		if err := a.Machines.Stop(ctx, spec); err != nil {
 			return err
 		}
-		if n := killStrayMachines(mach.ID, mnt); n > 0 {
-			log.Warn().Int("processes", n).Msg("killed machine processes started here but never recorded (agent crash during cutover)")
-		}
 	}
-	if a.net != nil {
-		if err := a.net.Detach(ctx, m.Machine); err != nil {
+	if a.Network != nil {
+		if err := a.Network.Detach(ctx, m.Machine); err != nil {
 			return err
 		}
 	}
 	tv := m.TargetVol
 	if tv == "" {
-		tv = targetVolume(m)
+		tv = a.Volumes.DestinationName(m)
 	}
 	// The destination is discarded: writeback that waits on a source which
 	// stopped exporting is failed, not waited on.
-	if err := a.vols.Abandon(ctx, tv, mnt); err != nil {
+	if err := a.Data.Abandon(ctx, tv, mnt); err != nil {
 		return err
 	}
 	destroyed := fsm.VolDestroyed
-	if err := a.cp.UpdateVolume(ctx, fsm.UpdateVolumeCmd{ID: tv, State: &destroyed}); err != nil {
+	if err := a.Control.UpdateVolume(ctx, fsm.UpdateVolumeCmd{ID: tv, State: &destroyed}); err != nil {
 		log.Debug().Err(err).Msg("destination volume record not updated (it may never have been registered)")
 	}
 	return nil
@@ -524,24 +433,21 @@ func (a *Agent) releaseTarget(ctx context.Context, log zerolog.Logger, m *fsm.Mi
 // stopSource stops the machine and freezes its volume: after this nothing
 // writes the source volume unless the migration rolls back.
 func (a *Agent) stopSource(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
-	mach, err := a.cp.GetMachine(ctx, m.Machine)
+	mach, err := a.Control.GetMachine(ctx, m.Machine)
 	if err != nil {
 		return err
 	}
-	spec, err := a.machineSpec(mach, a.machineNS(mach.ID))
+	spec, err := a.Machines.LocalSpec(mach)
 	if err != nil {
 		return err
 	}
-	if err := a.mach.Stop(ctx, spec); err != nil {
+	if err := a.Machines.Stop(ctx, spec); err != nil {
 		return err
 	}
-	if n := killStrayMachines(mach.ID, spec.MountDir); n > 0 {
-		log.Warn().Int("processes", n).Msg("killed machine processes running here but never recorded (agent crash while starting it)")
-	}
-	if err := a.vols.Unmount(ctx, m.Volume, a.vols.MountPoint(mach.ID)); err != nil {
+	if err := a.Data.Unmount(ctx, m.Volume, a.Data.MountPoint(mach.ID)); err != nil {
 		return err
 	}
-	layout, err := a.vols.ReadLayout(m.Volume)
+	layout, err := a.Data.ReadLayout(m.Volume)
 	if err != nil {
 		return err
 	}
@@ -551,39 +457,39 @@ func (a *Agent) stopSource(ctx context.Context, log zerolog.Logger, m *fsm.Migra
 
 // exportSource serves the frozen volume to the target only.
 func (a *Agent) exportSource(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
-	tw, err := a.cp.GetWorker(ctx, m.Target)
+	tw, err := a.Control.GetWorker(ctx, m.Target)
 	if err != nil {
 		return err
 	}
 	if tw.Address == "" {
 		return fmt.Errorf("target worker %s registered no address; cannot restrict the export to it", m.Target)
 	}
-	if err := a.sealForTarget(ctx, m); err != nil {
+	if err := a.Keys.SealForTarget(ctx, m); err != nil {
 		return err
 	}
-	portal, iqn, err := a.exp.Export(ctx, m.ID, a.vols.DataPath(m.Volume), m.Target, tw.Address)
+	portal, iqn, err := a.Exports.Export(ctx, m.ID, a.Data.DataPath(m.Volume), m.Target, tw.Address)
 	if err != nil {
 		return err
 	}
-	zeros, err := knownZero(a.vols.DataPath(m.Volume))
+	zeros, err := a.Volumes.KnownZero(m.Volume)
 	if err != nil {
 		log.Warn().Err(err).Msg("cannot list the volume's holes; the target fetches them")
 		zeros = nil
 	}
 	// The store accepts holes of the data area only (never the header).
 	lo, hi := fsm.DataArea(m, 0)
-	stored := fsm.ClipRanges(datapath.StoredRanges(zeros), lo, hi)
+	stored := fsm.ClipRanges(zeros, lo, hi)
 	log.Info().Str("portal", portal).Str("iqn", iqn).Int("known_zero_ranges", len(stored)).Msg("volume exported")
 	return a.propose(ctx, m, fsm.EvExported, fsm.EventPayload{Export: &fsm.Export{Portal: portal, IQN: iqn}, KnownZero: stored})
 }
 
 // reExport restarts the export at the portal recorded in the migration.
 func (a *Agent) reExport(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
-	tw, err := a.cp.GetWorker(ctx, m.Target)
+	tw, err := a.Control.GetWorker(ctx, m.Target)
 	if err != nil {
 		return err
 	}
-	portal, iqn, err := a.exp.Export(ctx, m.ID, a.vols.DataPath(m.Volume), m.Target, tw.Address)
+	portal, iqn, err := a.Exports.Export(ctx, m.ID, a.Data.DataPath(m.Volume), m.Target, tw.Address)
 	if err != nil {
 		return err
 	}
@@ -592,7 +498,7 @@ func (a *Agent) reExport(ctx context.Context, log zerolog.Logger, m *fsm.Migrati
 		// the target, which reconnects there.
 		moved := *m.Export
 		moved.Portal, moved.IQN = portal, iqn
-		if _, err := a.cp.Propose(ctx, m.ID, fsm.EvExportMoved, stepID(m, "export-moved", portal, iqn), fsm.EventPayload{Export: &moved}); err != nil {
+		if _, err := a.Control.Propose(ctx, m.ID, fsm.EvExportMoved, stepID(m, "export-moved", portal, iqn), fsm.EventPayload{Export: &moved}); err != nil {
 			return fmt.Errorf("export restarted at %s, not at the recorded %s, and publishing the move failed: %w", portal, m.Export.Portal, err)
 		}
 		log.Warn().Str("portal", portal).Str("old_portal", m.Export.Portal).Msg("export re-established at a new portal; published it")
@@ -602,58 +508,18 @@ func (a *Agent) reExport(ctx context.Context, log zerolog.Logger, m *fsm.Migrati
 	return nil
 }
 
-// knownZero lists the volume file's holes, coalesced to at most 4096 ranges
-// (dropping the smallest: a missed hint only costs a fetch).
-func knownZero(path string) ([]blockdev.Range, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	holes, err := blockdev.Holes(f)
-	if err != nil {
-		return nil, err
-	}
-	const max = 4096
-	if len(holes) > max {
-		// Keep the largest ranges.
-		sorted := append([]blockdev.Range(nil), holes...)
-		for i := 1; i < len(sorted); i++ {
-			for j := i; j > 0 && sorted[j].Len > sorted[j-1].Len; j-- {
-				sorted[j], sorted[j-1] = sorted[j-1], sorted[j]
-			}
-		}
-		min := sorted[max-1].Len
-		out := holes[:0:0]
-		for _, h := range holes {
-			if h.Len >= min && len(out) < max {
-				out = append(out, h)
-			}
-		}
-		holes = out
-	}
-	return holes, nil
-}
-
-func (a *Agent) machineNS(machineID string) string {
-	if a.net == nil {
-		return ""
-	}
-	return a.net.Namespace(machineID)
-}
-
 // forwardOld, on the source after cutover, removes the machine's network and
 // routes the old address towards the target for the grace period.
 func (a *Agent) forwardOld(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
-	if a.net != nil && m.Old6PN != "" {
-		if err := a.net.Detach(ctx, m.Machine); err != nil {
+	if a.Network != nil && m.Old6PN != "" {
+		if err := a.Network.Detach(ctx, m.Machine); err != nil {
 			return err
 		}
 		old, err := netrewrite.Parse(m.Old6PN)
 		if err != nil {
 			return err
 		}
-		tw, err := a.cp.GetWorker(ctx, m.Target)
+		tw, err := a.Control.GetWorker(ctx, m.Target)
 		if err != nil {
 			return err
 		}
@@ -661,7 +527,7 @@ func (a *Agent) forwardOld(ctx context.Context, log zerolog.Logger, m *fsm.Migra
 		if err != nil {
 			return fmt.Errorf("migration records no valid new 6PN address: %w", err)
 		}
-		if err := a.net.ForwardOld(ctx, m.Machine, old, nw, tw.Address); err != nil {
+		if err := a.Network.ForwardOld(ctx, m.Machine, old, nw, tw.Address); err != nil {
 			return err
 		}
 	}
@@ -671,7 +537,7 @@ func (a *Agent) forwardOld(ctx context.Context, log zerolog.Logger, m *fsm.Migra
 // releaseSource tears the export down; the volume stays pending_destroy for
 // its retention window (invariant 3).
 func (a *Agent) releaseSource(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
-	if err := a.exp.Unexport(ctx, m.ID); err != nil {
+	if err := a.Exports.Unexport(ctx, m.ID); err != nil {
 		return err
 	}
 	return a.propose(ctx, m, fsm.EvSourceReleased, fsm.EventPayload{})
@@ -680,64 +546,16 @@ func (a *Agent) releaseSource(ctx context.Context, log zerolog.Logger, m *fsm.Mi
 // restoreSource, after the target's teardown is committed, unexports and
 // restarts the machine on its untouched volume (invariant 2).
 func (a *Agent) restoreSource(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
-	if err := a.exp.Unexport(ctx, m.ID); err != nil {
+	if err := a.Exports.Unexport(ctx, m.ID); err != nil {
 		return err
 	}
-	mach, err := a.cp.GetMachine(ctx, m.Machine)
+	mach, err := a.Control.GetMachine(ctx, m.Machine)
 	if err != nil {
 		return err
 	}
-	if err := a.startLocal(ctx, mach); err != nil {
+	if err := a.Machines.StartLocal(ctx, mach); err != nil {
 		return err
 	}
 	log.Info().Msg("machine restored on the source")
 	return a.propose(ctx, m, fsm.EvSourceRestored, fsm.EventPayload{})
-}
-
-// startLocal mounts a machine's volume on this worker and runs it. Idempotent.
-func (a *Agent) startLocal(ctx context.Context, mach *fsm.Machine) error {
-	vol, err := a.cp.GetVolume(ctx, mach.Volume)
-	if err != nil {
-		return err
-	}
-	if vol.Layout == nil {
-		return fmt.Errorf("volume %s has no recorded layout yet", vol.ID)
-	}
-	key, err := a.ownerKey(ctx, vol.ID)
-	if err != nil {
-		return err
-	}
-	defer clear(key)
-	if _, err := a.vols.MountLocal(ctx, vol.ID, datapath.LayoutOf(*vol.Layout), key, a.vols.MountPoint(mach.ID)); err != nil {
-		return err
-	}
-	netns := ""
-	if a.net != nil && mach.Addr6PN != "" {
-		addr, err := netrewrite.Parse(mach.Addr6PN)
-		if err != nil {
-			return err
-		}
-		if netns, err = a.net.Attach(ctx, mach.ID, addr); err != nil {
-			return err
-		}
-	}
-	spec, err := a.machineSpec(mach, netns)
-	if err != nil {
-		return err
-	}
-	return a.startMachine(ctx, spec)
-}
-
-// fstrim discards the filesystem's unused blocks at mnt; through the LUKS
-// view they reach the clone, which marks them hydrated without a fetch.
-func fstrim(ctx context.Context, mnt string) (string, error) {
-	cmd := exec.CommandContext(ctx, "fstrim", "-v", mnt)
-	// A killed tool's children may hold its output open: stop waiting for
-	// them shortly after the deadline.
-	cmd.WaitDelay = 2 * time.Second
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		return "", fmt.Errorf("fstrim %s: %w: %s", mnt, err, strings.TrimSpace(string(out)))
-	}
-	return strings.TrimSpace(string(out)), nil
 }

@@ -18,13 +18,20 @@ import (
 	"github.com/ferry-dev/ferry/datapath/kernel"
 	"github.com/ferry-dev/ferry/datapath/loopdev"
 	"github.com/ferry-dev/ferry/datapath/userspace"
+	"github.com/ferry-dev/ferry/fence"
 	"github.com/ferry-dev/ferry/internal/bytesize"
+	"github.com/ferry-dev/ferry/internal/failpoint"
 	"github.com/ferry-dev/ferry/internal/logging"
+	"github.com/ferry-dev/ferry/internal/metricsserve"
+	"github.com/ferry-dev/ferry/internal/stepmark"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
 	"github.com/ferry-dev/ferry/iscsi/exporter"
+	"github.com/ferry-dev/ferry/keycustody"
 	"github.com/ferry-dev/ferry/machine"
 	"github.com/ferry-dev/ferry/netrewrite/netns"
 	"github.com/ferry-dev/ferry/server"
+	"github.com/ferry-dev/ferry/supervisor"
+	"github.com/ferry-dev/ferry/volops"
 )
 
 type agentFlags struct {
@@ -39,56 +46,77 @@ type agentFlags struct {
 	devListen                                 string
 }
 
-func (f *agentFlags) build(ctx context.Context) (*agent.Agent, *netns.Network, error) {
+// worker is an agent with the parts it was built from.
+type worker struct {
+	agent *agent.Agent
+	net   *netns.Network
+	mach  machine.Driver
+	vols  datapath.Backend
+	exp   *exporter.Exporter
+}
+
+func (f *agentFlags) build(ctx context.Context) (*worker, error) {
 	log, err := newLogger(true)
 	if err != nil {
-		return nil, nil, withCode(ExitUsage, err)
+		return nil, withCode(ExitUsage, err)
 	}
 	if f.worker == "" {
-		return nil, nil, withCode(ExitUsage, fmt.Errorf("--worker is required"))
+		return nil, withCode(ExitUsage, fmt.Errorf("--worker is required"))
 	}
 	if f.name == "" {
 		f.name = f.worker
 	}
 	exe, err := os.Executable()
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	vols, err := datapath.Select(ctx, f.backend, f.backends(log, exe))
 	if err != nil {
-		return nil, nil, withCode(ExitUsage, fmt.Errorf("--backend: %w", err))
+		return nil, withCode(ExitUsage, fmt.Errorf("--backend: %w", err))
 	}
 	log.Info().Str("backend", vols.Capabilities().Name).Msg("data path")
 	c, err := f.client()
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	exp := &exporter.Exporter{Log: log, StateDir: filepath.Join(f.dataDir, "exports"), Address: f.address, Domain: f.domain,
 		TLSDir: f.tlsDir, Name: f.name}
 	nw := &netns.Network{Log: logging.For(log, "netrewrite"), Worker: f.worker, Dir: filepath.Join(f.dataDir, "net"), Grace: f.grace}
 	mu, err := machine.ParseUser(f.machineUser)
 	if err != nil {
-		return nil, nil, withCode(ExitUsage, fmt.Errorf("--machine-user: %w", err))
+		return nil, withCode(ExitUsage, fmt.Errorf("--machine-user: %w", err))
 	}
 	if mu == (machine.User{}) {
 		log.Warn().Msg("--machine-user root: machines run as root and can take over this worker; use it only for trusted test workloads")
 	}
 	mach := machine.ByKind{Exec: &machine.Exec{StateDir: filepath.Join(f.dataDir, "machines"), Log: logging.For(log, "machine"), User: &mu},
 		Script: machine.Script{User: &mu}}
-	acfg := agent.Config{Worker: f.worker, HostID: f.hostID, Address: f.address, DataDir: f.dataDir, Exe: exe, LeaseTTL: f.leaseTTL,
-		FenceMargin: f.fenceMargin, StartBeforeCutover: f.startBeforeCutover}
+	acfg := agent.Config{Worker: f.worker, HostID: f.hostID, Address: f.address, DataDir: f.dataDir, StartBeforeCutover: f.startBeforeCutover}
 	if f.hydrationRate != "" && f.hydrationRate != "0" {
 		if acfg.HydrationRate, err = bytesize.Parse(f.hydrationRate); err != nil {
-			return nil, nil, withCode(ExitUsage, fmt.Errorf("--hydration-rate: %w", err))
+			return nil, withCode(ExitUsage, fmt.Errorf("--hydration-rate: %w", err))
 		}
 	}
-	if fp := os.Getenv("FERRY_FAILPOINT_PAUSE_BEFORE"); fp != "" {
-		if acfg.PauseBefore, err = agent.ParsePauseBefore(fp); err != nil {
-			return nil, nil, withCode(ExitUsage, err)
+	if fp := os.Getenv(failpoint.PauseBeforeEnv); fp != "" {
+		if acfg.PauseBefore, err = failpoint.ParsePauseBefore(fp); err != nil {
+			return nil, withCode(ExitUsage, err)
 		}
 	}
-	a, err := agent.New(logging.For(log, "agent"), acfg, &api.AgentClient{C: c, LeaseTTL: f.leaseTTL, Report: volumeStoreReport(f.dataDir, acfg.HydrationRate)}, exp, nw, mach, vols)
-	return a, nw, err
+	alog := logging.For(log, "agent").With().Str("worker", f.worker).Logger()
+	cp := &api.AgentClient{C: c, LeaseTTL: f.leaseTTL, Report: volumeStoreReport(f.dataDir, acfg.HydrationRate)}
+	lease := fence.New(alog, fence.Config{Worker: f.worker, TTL: f.leaseTTL, Margin: f.fenceMargin, MountPoint: vols.MountPoint}, mach)
+	keys, err := keycustody.Load(alog, f.dataDir, f.worker, cp)
+	if err != nil {
+		return nil, err
+	}
+	sup := supervisor.New(alog, supervisor.Config{Worker: f.worker}, cp, lease.Gated(), vols, keys, nw)
+	lease.OnStop(sup.Forget)
+	a, err := agent.New(logging.For(log, "agent"), acfg, agent.Parts{Control: cp, Exports: exp, Network: nw, Data: vols, Machines: sup,
+		Lease: lease, Keys: keys, Volumes: volops.New(alog, f.worker, cp, keys, vols, sup), Marks: stepmark.Dir(filepath.Join(f.dataDir, "steps"))})
+	if err != nil {
+		return nil, err
+	}
+	return &worker{agent: a, net: nw, mach: mach, vols: vols, exp: exp}, nil
 }
 
 // backends are the data paths this binary has, in --backend auto's order.
@@ -129,19 +157,19 @@ state. With --dev it also runs a one-node server in the same process (developmen
 					return err
 				}
 			}
-			a, nw, err := f.build(ctx)
+			w, err := f.build(ctx)
 			if err != nil {
 				return err
 			}
-			go nw.ExpireLoop(ctx)
+			go w.net.ExpireLoop(ctx)
 			if f.metricsListen != "" {
 				go func() {
-					if err := a.ServeMetrics(ctx, f.metricsListen); err != nil {
+					if err := metricsserve.Serve(ctx, f.metricsListen, w.agent.Metrics()); err != nil {
 						fmt.Fprintf(os.Stderr, "ferry agent: metrics on %s: %v\n", f.metricsListen, err)
 					}
 				}()
 			}
-			return a.Run(ctx)
+			return w.agent.Run(ctx)
 		},
 	}
 	f.clientFlags.add(cmd, "")
@@ -171,11 +199,11 @@ state. With --dev it also runs a one-node server in the same process (developmen
 		Short: "Tear down everything an agent left running from its data dir (machines, mounts, loop devices, datapaths, exports, namespaces)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			a, _, err := f.build(cmd.Context())
+			w, err := f.build(cmd.Context())
 			if err != nil {
 				return err
 			}
-			return a.Cleanup(cmd.Context())
+			return supervisor.Cleanup(cmd.Context(), f.dataDir, w.mach, w.net, w.vols, w.exp)
 		},
 	}
 	f.clientFlags.add(clean, "")

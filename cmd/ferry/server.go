@@ -12,7 +12,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/ferry-dev/ferry/agent"
+	"github.com/ferry-dev/ferry/internal/failpoint"
 	"github.com/ferry-dev/ferry/server"
 )
 
@@ -40,8 +40,8 @@ A follower answers writes with the leader's address; clients send them there the
 			if join != "" {
 				cfg.Join = strings.Split(join, ",")
 			}
-			if fp := os.Getenv("FERRY_FAILPOINT_PAUSE_BEFORE"); fp != "" {
-				if cfg.PauseBefore, err = agent.ParsePauseBefore(fp); err != nil {
+			if fp := os.Getenv(failpoint.PauseBeforeEnv); fp != "" {
+				if cfg.PauseBefore, err = failpoint.ParsePauseBefore(fp); err != nil {
 					return withCode(ExitUsage, err)
 				}
 				log.Warn().Str("failpoints", fp).Msg("failpoints set: housekeeping holds migrations (tests only)")

@@ -1,11 +1,14 @@
-package agent
+package keycustody
 
 import (
 	"bytes"
 	"context"
+	"errors"
 	"os"
 	"sync"
 	"testing"
+
+	"github.com/rs/zerolog"
 
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/sealing"
@@ -14,7 +17,6 @@ import (
 // envCP keeps envelopes and worker keys in memory for these tests only;
 // who may read what is the store's rule, tested in fsm and server.
 type envCP struct {
-	fakeCP
 	mu       sync.Mutex
 	envs     map[string]fsm.Envelope
 	workers  map[string]fsm.PublicKey
@@ -54,17 +56,41 @@ func (f *envCP) GetWorker(_ context.Context, name string) (*fsm.Worker, error) {
 	return &fsm.Worker{Name: name, Address: "fd00::2", KEK: &k}, nil
 }
 
-func TestWorkerKeyMadeOnceAndPrivate(t *testing.T) {
-	a := newTestAgent(t, &fakeCP{}, "w1")
-	st, err := os.Stat(KEKPath(a.cfg.DataDir))
-	if err != nil || st.Mode().Perm() != 0o600 {
-		t.Fatalf("key file: %v %v", st, err)
-	}
-	b, err := New(a.log, a.cfg, a.cp, a.exp, nil, a.mach, a.vols)
+// noStore answers nothing: a custodian that only loads its key.
+type noStore struct{}
+
+func (noStore) Envelope(context.Context, string, fsm.Purpose) (*fsm.Envelope, error) {
+	return nil, errors.New("no envelope")
+}
+func (noStore) PutEnvelopes(context.Context, string, []fsm.Envelope) error { return nil }
+func (noStore) RecoveryKey(context.Context) (*fsm.PublicKey, error)        { return nil, errors.New("none") }
+func (noStore) GetWorker(context.Context, string) (*fsm.Worker, error) {
+	return nil, errors.New("none")
+}
+
+func newTestCustodian(t *testing.T, store Store, worker string) *Custodian {
+	c, err := Load(zerolog.Nop(), t.TempDir(), worker, store)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if b.kek.Public().Fingerprint != a.kek.Public().Fingerprint {
+	return c
+}
+
+func TestWorkerKeyMadeOnceAndPrivate(t *testing.T) {
+	dir := t.TempDir()
+	a, err := Load(zerolog.Nop(), dir, "w1", noStore{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := os.Stat(KEKPath(dir))
+	if err != nil || st.Mode().Perm() != 0o600 {
+		t.Fatalf("key file: %v %v", st, err)
+	}
+	b, err := Load(zerolog.Nop(), dir, "w1", noStore{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b.Public().Fingerprint != a.Public().Fingerprint {
 		t.Fatal("a restarted agent made a new key")
 	}
 }
@@ -73,23 +99,23 @@ func TestVolumeKeysSealedAndCarried(t *testing.T) {
 	ctx := t.Context()
 	rk, _ := sealing.Generate()
 	cp := &envCP{envs: map[string]fsm.Envelope{}, workers: map[string]fsm.PublicKey{}, recovery: rk.Public()}
-	src := newTestAgent(t, cp, "src")
-	dst := newTestAgent(t, cp, "dst")
-	for _, a := range []*Agent{src, dst} {
-		_ = cp.SetWorkerKey(ctx, a.cfg.Worker, a.kek.Public())
+	src := newTestCustodian(t, cp, "src")
+	dst := newTestCustodian(t, cp, "dst")
+	for _, a := range []*Custodian{src, dst} {
+		_ = cp.SetWorkerKey(ctx, a.worker, a.Public())
 	}
 
 	// A new volume: a fresh 64-character passphrase, sealed to the owner
 	// and the recovery key before it is used; a retry gets the same key.
-	k1, err := src.newVolumeKey(ctx, "vol1")
+	k1, err := src.NewVolumeKey(ctx, "vol1")
 	if err != nil || len(k1) != 64 {
 		t.Fatalf("new key %q: %v", k1, err)
 	}
-	again, err := src.newVolumeKey(ctx, "vol1")
+	again, err := src.NewVolumeKey(ctx, "vol1")
 	if err != nil || !bytes.Equal(again, k1) {
 		t.Fatalf("retry made another key: %v", err)
 	}
-	k2, _ := src.newVolumeKey(ctx, "vol2")
+	k2, _ := src.NewVolumeKey(ctx, "vol2")
 	if bytes.Equal(k1, k2) {
 		t.Fatal("two volumes got the same key")
 	}
@@ -105,15 +131,15 @@ func TestVolumeKeysSealedAndCarried(t *testing.T) {
 	// A migration: the source seals to the target; the target opens it and
 	// becomes the owner of the destination volume with its own envelopes.
 	m := &fsm.Migration{ID: "m1", Volume: "vol1", Source: "src", Target: "dst", TargetVol: "vol1-m1"}
-	if err := src.sealForTarget(ctx, m); err != nil {
+	if err := src.SealForTarget(ctx, m); err != nil {
 		t.Fatal(err)
 	}
-	got, err := dst.migrationKey(ctx, m)
+	got, err := dst.MigrationKey(ctx, m)
 	if err != nil || !bytes.Equal(got, k1) {
 		t.Fatalf("target key: %v", err)
 	}
 	own := cp.envs[envKey("vol1-m1", fsm.PurposeOwner)]
-	if own.Recipient != "dst" || own.Fingerprint != dst.kek.Public().Fingerprint {
+	if own.Recipient != "dst" || own.Fingerprint != dst.Public().Fingerprint {
 		t.Fatalf("destination owner envelope: %+v", own)
 	}
 	if _, ok := cp.envs[envKey("vol1-m1", fsm.PurposeRecovery)]; !ok {
@@ -122,7 +148,7 @@ func TestVolumeKeysSealedAndCarried(t *testing.T) {
 	// Later reads (restart, hydration) use the destination's owner envelope,
 	// not the migration envelope (which the servers drop at the end).
 	delete(cp.envs, envKey("vol1", fsm.PurposeMigration))
-	if got, err := dst.migrationKey(ctx, m); err != nil || !bytes.Equal(got, k1) {
+	if got, err := dst.MigrationKey(ctx, m); err != nil || !bytes.Equal(got, k1) {
 		t.Fatalf("target key after the migration envelope is gone: %v", err)
 	}
 }

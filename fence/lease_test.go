@@ -1,4 +1,4 @@
-package agent
+package fence
 
 import (
 	"context"
@@ -7,6 +7,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/rs/zerolog"
 
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/machine"
@@ -54,24 +56,24 @@ func (f *fakeMachines) Running(context.Context) ([]string, error) {
 }
 
 func TestFenceToStop(t *testing.T) {
-	f := newFence()
+	f := New(zerolog.Nop(), Config{Worker: "w1"}, &fakeMachines{running: map[string]bool{}})
 	running := []string{"settled", "stray", "pre-target", "post-target", "post-source", "rollback-src"}
 	// Without a view of the store nothing is known settled: stop all.
-	if got := f.toStop("w1", running); !slices.Equal(got, running) {
+	if got := f.toStop(running); !slices.Equal(got, running) {
 		t.Fatalf("without a view: stop %v, want all %v", got, running)
 	}
-	f.noteAssigned("w1", []*fsm.Machine{
+	f.NoteAssigned([]*fsm.Machine{
 		{ID: "settled", Worker: "w1"}, {ID: "post-target", Worker: "w1"}, {ID: "rollback-src", Worker: "w1"},
 		{ID: "elsewhere", Worker: "w2"},
 	})
-	f.noteMigrations([]*fsm.Migration{
+	f.NoteMigrations([]*fsm.Migration{
 		{ID: "m1", Machine: "pre-target", Source: "w2", Target: "w1", State: fsm.Trimmed},
 		{ID: "m2", Machine: "post-target", Source: "w2", Target: "w1", State: fsm.Hydrating},
 		{ID: "m3", Machine: "post-source", Source: "w1", Target: "w2", State: fsm.Cutover},
 		{ID: "m4", Machine: "rollback-src", Source: "w1", Target: "w2", State: fsm.RollingBack},
 		{ID: "m5", Machine: "settled", Source: "w1", Target: "w2", State: fsm.RolledBack}, // ended: settled again
 	})
-	got := f.toStop("w1", running)
+	got := f.toStop(running)
 	slices.Sort(got)
 	want := []string{"post-source", "pre-target", "rollback-src", "stray"}
 	if !slices.Equal(got, want) {
@@ -80,49 +82,52 @@ func TestFenceToStop(t *testing.T) {
 }
 
 func TestFenceStopsAndLifts(t *testing.T) {
-	cp := &fakeCP{}
-	a := newTestAgent(t, cp, "w1")
 	fm := &fakeMachines{running: map[string]bool{}}
-	a.mach = fm
+	var forgotten []string
+	f := New(zerolog.Nop(), Config{Worker: "w1", TTL: 10 * time.Second, Margin: 2 * time.Second}, fm)
+	f.OnStop(func(id string) { forgotten = append(forgotten, id) })
+	g := f.Gated()
 	var now time.Duration
-	a.fence.clock = func() time.Duration { return now }
-	a.cfg.LeaseTTL, a.cfg.FenceMargin = 10*time.Second, 2*time.Second
+	f.clock = func() time.Duration { return now }
 	ctx := context.Background()
 
-	a.fence.noteAssigned("w1", []*fsm.Machine{{ID: "settled", Worker: "w1"}})
-	a.fence.noteMigrations([]*fsm.Migration{{ID: "m1", Machine: "incoming", Source: "w2", Target: "w1", State: fsm.Trimmed}})
+	f.NoteAssigned([]*fsm.Machine{{ID: "settled", Worker: "w1"}})
+	f.NoteMigrations([]*fsm.Migration{{ID: "m1", Machine: "incoming", Source: "w2", Target: "w1", State: fsm.Trimmed}})
 	now = time.Hour
-	a.fence.renewed(now, a.cfg.LeaseTTL, a.cfg.FenceMargin)
+	f.renewed(now)
 	for _, id := range []string{"settled", "incoming"} {
-		if err := a.startMachine(ctx, machine.Spec{ID: id}); err != nil {
+		if err := g.Start(ctx, machine.Spec{ID: id}); err != nil {
 			t.Fatal(err)
 		}
 	}
 	// 7.8s after the send: inside the lease minus drift and margin.
 	now += 7800 * time.Millisecond
-	a.checkFence(ctx)
-	if a.Fenced() || len(fm.stopped) != 0 {
-		t.Fatalf("fenced (%v) or stopped %v before the deadline", a.Fenced(), fm.stopped)
+	f.check(ctx)
+	if f.Fenced() || len(fm.stopped) != 0 {
+		t.Fatalf("fenced (%v) or stopped %v before the deadline", f.Fenced(), fm.stopped)
 	}
 	// Past send + TTL*(1-drift) - margin = 7.9s.
 	now += 200 * time.Millisecond
-	a.checkFence(ctx)
-	if !a.Fenced() || !slices.Equal(fm.stopped, []string{"incoming"}) {
-		t.Fatalf("after the deadline: fenced %v, stopped %v; want fenced with [incoming] stopped", a.Fenced(), fm.stopped)
+	f.check(ctx)
+	if !f.Fenced() || !slices.Equal(fm.stopped, []string{"incoming"}) {
+		t.Fatalf("after the deadline: fenced %v, stopped %v; want fenced with [incoming] stopped", f.Fenced(), fm.stopped)
 	}
-	if err := a.startMachine(ctx, machine.Spec{ID: "incoming"}); !errors.Is(err, errFenced) {
-		t.Fatalf("start while fenced: %v, want errFenced", err)
+	if !slices.Equal(forgotten, []string{"incoming"}) {
+		t.Fatalf("the restart policy was told of %v, want [incoming] (a fenced stop is no crash)", forgotten)
+	}
+	if err := g.Start(ctx, machine.Spec{ID: "incoming"}); !errors.Is(err, ErrFenced) {
+		t.Fatalf("start while fenced: %v, want ErrFenced", err)
 	}
 	if st, _ := fm.Status(ctx, machine.Spec{ID: "settled"}); st != machine.Running {
 		t.Fatal("a machine the store assigns here was stopped by the fence")
 	}
 	// A renewal lifts the fence.
-	a.fence.renewed(now, a.cfg.LeaseTTL, a.cfg.FenceMargin)
-	a.checkFence(ctx)
-	if a.Fenced() {
+	f.renewed(now)
+	f.check(ctx)
+	if f.Fenced() {
 		t.Fatal("still fenced after a renewal")
 	}
-	if err := a.startMachine(ctx, machine.Spec{ID: "incoming"}); err != nil {
+	if err := g.Start(ctx, machine.Spec{ID: "incoming"}); err != nil {
 		t.Fatalf("start after the fence lifted: %v", err)
 	}
 }
@@ -131,28 +136,55 @@ func TestFenceStopsAndLifts(t *testing.T) {
 // time the answer came back: the server's lease may have started any time
 // in between.
 func TestHeartbeatRenewsFromSendTime(t *testing.T) {
-	cp := &slowHeartbeat{delay: 3 * time.Second}
-	a := newTestAgent(t, cp, "w1")
+	f := New(zerolog.Nop(), Config{Worker: "w1", TTL: 10 * time.Second, Margin: 2 * time.Second}, &fakeMachines{running: map[string]bool{}})
 	var now time.Duration = time.Hour
-	cp.clock = &now
-	a.fence.clock = func() time.Duration { return now }
-	a.cfg.LeaseTTL, a.cfg.FenceMargin = 10*time.Second, 2*time.Second
-	if err := a.heartbeatOnce(context.Background()); err != nil {
+	f.clock = func() time.Duration { return now }
+	slow := func(context.Context) error {
+		now += 3 * time.Second
+		return nil
+	}
+	if err := f.heartbeatOnce(context.Background(), slow); err != nil {
 		t.Fatal(err)
 	}
 	want := time.Hour + time.Duration(float64(10*time.Second)*(1-maxClockDrift)) - 2*time.Second
-	if a.fence.deadline != want {
-		t.Fatalf("deadline %v, want %v (send time + TTL(1-drift) - margin)", a.fence.deadline, want)
+	if f.deadline != want {
+		t.Fatalf("deadline %v, want %v (send time + TTL(1-drift) - margin)", f.deadline, want)
 	}
 }
 
-type slowHeartbeat struct {
-	fakeCP
-	delay time.Duration
-	clock *time.Duration
+// A pause passes the gate even while fenced (it starts nothing), and a
+// driver that cannot pause says so.
+func TestGatedPause(t *testing.T) {
+	f := New(zerolog.Nop(), Config{Worker: "w1"}, &fakeMachines{running: map[string]bool{}})
+	f.fenced = true
+	if err := f.Gated().Pause(context.Background(), machine.Spec{ID: "m1"}); !errors.Is(err, machine.ErrCannotPause) {
+		t.Fatalf("Pause through a driver that cannot: %v, want ErrCannotPause", err)
+	}
+	p := &pausingMachines{fakeMachines: fakeMachines{running: map[string]bool{}}}
+	f = New(zerolog.Nop(), Config{Worker: "w1"}, p)
+	f.fenced = true
+	g := f.Gated()
+	if err := g.Pause(context.Background(), machine.Spec{ID: "m1"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := g.Resume(context.Background(), machine.Spec{ID: "m1"}); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(p.ops, []string{"pause m1", "resume m1"}) {
+		t.Fatalf("driver saw %v", p.ops)
+	}
 }
 
-func (s *slowHeartbeat) Heartbeat(context.Context, string) error {
-	*s.clock += s.delay
+type pausingMachines struct {
+	fakeMachines
+	ops []string
+}
+
+func (p *pausingMachines) Pause(_ context.Context, s machine.Spec) error {
+	p.ops = append(p.ops, "pause "+s.ID)
+	return nil
+}
+func (p *pausingMachines) Resume(_ context.Context, s machine.Spec) error {
+	p.ops = append(p.ops, "resume "+s.ID)
 	return nil
 }

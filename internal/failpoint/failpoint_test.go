@@ -1,0 +1,20 @@
+package failpoint
+
+import (
+	"testing"
+	"time"
+
+	"github.com/ferry-dev/ferry/fsm"
+)
+
+func TestParsePauseBefore(t *testing.T) {
+	got, err := ParsePauseBefore("clone_built=3s, exported=1m")
+	if err != nil || got[fsm.EvCloneBuilt] != 3*time.Second || got[fsm.EvExported] != time.Minute {
+		t.Fatalf("got %v, %v", got, err)
+	}
+	for _, bad := range []string{"nope=1s", "exported", "exported=soon"} {
+		if _, err := ParsePauseBefore(bad); err == nil {
+			t.Errorf("%q accepted", bad)
+		}
+	}
+}

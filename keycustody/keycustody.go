@@ -1,0 +1,169 @@
+// Package keycustody holds a worker's volume keys. The worker's
+// key-encryption private key is made at first start and never sent
+// anywhere; the servers hold only envelopes sealed to it, to the offline
+// recovery key and, during a migration, to the target's key. A plaintext
+// passphrase exists only in this process between opening an envelope and
+// handing it to the datapath.
+package keycustody
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"path/filepath"
+
+	"github.com/rs/zerolog"
+
+	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/passphrase"
+	"github.com/ferry-dev/ferry/internal/sealing"
+)
+
+// Store is what key custody needs from the replicated store (the API
+// client implements it).
+type Store interface {
+	// Envelope returns a sealed copy of a volume's key: the owner envelope
+	// of a volume this worker holds, or the migration envelope of a volume
+	// it is the target of. Only this worker's private key opens it.
+	Envelope(ctx context.Context, volume string, purpose fsm.Purpose) (*fsm.Envelope, error)
+	// PutEnvelopes stores sealed copies of a volume's key.
+	PutEnvelopes(ctx context.Context, volume string, envs []fsm.Envelope) error
+	// RecoveryKey returns the cluster's recovery public key.
+	RecoveryKey(ctx context.Context) (*fsm.PublicKey, error)
+	GetWorker(ctx context.Context, name string) (*fsm.Worker, error)
+}
+
+// KEKPath is where the worker's private key-encryption key lives.
+func KEKPath(dataDir string) string { return filepath.Join(dataDir, "keys", "worker-kek.pem") }
+
+// Custodian opens and seals the keys of one worker's volumes.
+type Custodian struct {
+	worker string
+	kek    *sealing.PrivateKey // this worker's key-encryption key; never leaves the worker
+	store  Store
+}
+
+// Load reads the worker's key-encryption key from dataDir, making it on
+// first start.
+func Load(log zerolog.Logger, dataDir, worker string, store Store) (*Custodian, error) {
+	kek, created, err := sealing.LoadOrCreate(KEKPath(dataDir))
+	if err != nil {
+		return nil, fmt.Errorf("worker key-encryption key: %w", err)
+	}
+	if created {
+		log.Info().Str("fingerprint", kek.Public().Fingerprint).Str("path", KEKPath(dataDir)).Msg("made this worker's key-encryption key")
+	}
+	return &Custodian{worker: worker, kek: kek, store: store}, nil
+}
+
+// Public is the worker's key-encryption public key, which it registers.
+func (c *Custodian) Public() fsm.PublicKey { return c.kek.Public() }
+
+func isNotFound(err error) bool {
+	var r *fsm.Refusal
+	return errors.As(err, &r) && r.Kind == fsm.RefuseNotFound
+}
+
+// OwnerKey opens the owner envelope of a volume this worker holds.
+func (c *Custodian) OwnerKey(ctx context.Context, vol string) ([]byte, error) {
+	env, err := c.store.Envelope(ctx, vol, fsm.PurposeOwner)
+	if err != nil {
+		return nil, fmt.Errorf("fetch the owner envelope of volume %s: %w", vol, err)
+	}
+	return sealing.Open(c.kek, *env, sealing.Binding{Volume: vol, Recipient: c.worker, Purpose: fsm.PurposeOwner})
+}
+
+// sealOwned seals pass to this worker and to the recovery key and stores
+// both envelopes in one command (an owner envelope needs its recovery one).
+func (c *Custodian) sealOwned(ctx context.Context, vol string, epoch uint64, pass []byte) error {
+	rk, err := c.store.RecoveryKey(ctx)
+	if err != nil {
+		return fmt.Errorf("read the cluster's recovery key (an operator runs `ferry keys recovery-init` once): %w", err)
+	}
+	by := "worker " + c.worker
+	owner, err := sealing.Seal(c.kek.Public(), sealing.Binding{Volume: vol, Epoch: epoch, Recipient: c.worker, Purpose: fsm.PurposeOwner}, pass, by)
+	if err != nil {
+		return err
+	}
+	rec, err := sealing.Seal(*rk, sealing.Binding{Volume: vol, Epoch: epoch, Recipient: fsm.RecoveryRecipient, Purpose: fsm.PurposeRecovery}, pass, by)
+	if err != nil {
+		return err
+	}
+	if err := c.store.PutEnvelopes(ctx, vol, []fsm.Envelope{owner, rec}); err != nil {
+		return fmt.Errorf("store the envelopes of volume %s: %w", vol, err)
+	}
+	return nil
+}
+
+// NewVolumeKey returns the key of a volume being created here: the one
+// already sealed (a retry after a crash), or a fresh passphrase sealed to
+// this worker and the recovery key before anything is formatted with it.
+func (c *Custodian) NewVolumeKey(ctx context.Context, vol string) ([]byte, error) {
+	key, err := c.OwnerKey(ctx, vol)
+	if err == nil || !isNotFound(err) {
+		return key, err
+	}
+	pass := passphrase.New()
+	if err := c.sealOwned(ctx, vol, 1, pass); err != nil {
+		clear(pass)
+		return nil, err
+	}
+	return pass, nil
+}
+
+// SealForTarget seals the key of the migrating volume to the target's
+// registered key; the servers accept it only from this source, for this
+// migration's target, while the source exports.
+func (c *Custodian) SealForTarget(ctx context.Context, m *fsm.Migration) error {
+	tw, err := c.store.GetWorker(ctx, m.Target)
+	if err != nil {
+		return err
+	}
+	if tw.KEK == nil {
+		return fmt.Errorf("target worker %s registered no key-encryption key; it cannot receive the volume key", m.Target)
+	}
+	env, err := c.store.Envelope(ctx, m.Volume, fsm.PurposeOwner)
+	if err != nil {
+		return fmt.Errorf("fetch the owner envelope of volume %s: %w", m.Volume, err)
+	}
+	pass, err := sealing.Open(c.kek, *env, sealing.Binding{Volume: m.Volume, Recipient: c.worker, Purpose: fsm.PurposeOwner})
+	if err != nil {
+		return err
+	}
+	defer clear(pass)
+	mig, err := sealing.Seal(*tw.KEK, sealing.Binding{Volume: m.Volume, Epoch: env.Epoch, Recipient: m.Target, Purpose: fsm.PurposeMigration, Migration: m.ID},
+		pass, "worker "+c.worker)
+	if err != nil {
+		return err
+	}
+	if err := c.store.PutEnvelopes(ctx, m.Volume, []fsm.Envelope{mig}); err != nil {
+		return fmt.Errorf("store the migration envelope of volume %s for %s: %w", m.Volume, m.Target, err)
+	}
+	return nil
+}
+
+// MigrationKey returns the key of an incoming volume on the target. The
+// first time it opens the migration envelope and seals a fresh owner
+// envelope (and a recovery one) for the destination volume, which this
+// worker owns; later calls (restarts, hydration) open that owner envelope.
+// So after cutover the destination's key no longer depends on the
+// migration envelope, which the servers drop when the migration ends.
+func (c *Custodian) MigrationKey(ctx context.Context, m *fsm.Migration) ([]byte, error) {
+	key, err := c.OwnerKey(ctx, m.TargetVol)
+	if err == nil || !isNotFound(err) {
+		return key, err
+	}
+	env, err := c.store.Envelope(ctx, m.Volume, fsm.PurposeMigration)
+	if err != nil {
+		return nil, fmt.Errorf("fetch the migration envelope of volume %s: %w", m.Volume, err)
+	}
+	pass, err := sealing.Open(c.kek, *env, sealing.Binding{Volume: m.Volume, Recipient: c.worker, Purpose: fsm.PurposeMigration, Migration: m.ID})
+	if err != nil {
+		return nil, err
+	}
+	if err := c.sealOwned(ctx, m.TargetVol, env.Epoch, pass); err != nil {
+		clear(pass)
+		return nil, err
+	}
+	return pass, nil
+}

@@ -1,0 +1,126 @@
+package machine
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// Pauser is a Driver that can freeze a machine's processes and thaw them
+// again: the machine keeps its memory, open files and mount while, for a
+// moment, its disk does not answer (a datapath being restarted under it).
+type Pauser interface {
+	// Pause returns once every process of the machine is stopped.
+	Pause(ctx context.Context, s Spec) error
+	// Resume lets them run again; idempotent.
+	Resume(ctx context.Context, s Spec) error
+}
+
+// ErrCannotPause is wrapped by Pause and Resume of a driver (or a machine
+// kind) that cannot freeze its machines; stop and start them instead.
+var ErrCannotPause = errors.New("this machine driver cannot pause machines")
+
+// Pause stops the machine's process group (SIGSTOP: it runs in its own
+// session, so the group is the machine and its children) and waits until
+// every process of the group reports itself stopped.
+func (e *Exec) Pause(ctx context.Context, s Spec) error {
+	ref, err := e.liveRef(s)
+	if err != nil {
+		return err
+	}
+	if err := syscall.Kill(-ref.Pid, syscall.SIGSTOP); err != nil {
+		return fmt.Errorf("pause machine %s (process group %d): %w", s.ID, ref.Pid, err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for !groupStopped(ref.Pid) {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("machine %s (process group %d) did not stop within 5s of SIGSTOP", s.ID, ref.Pid)
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("pause machine %s: %w", s.ID, ctx.Err())
+		case <-time.After(time.Millisecond):
+		}
+	}
+	e.Log.Info().Str("machine", s.ID).Int("pid", ref.Pid).Msg("machine paused")
+	return nil
+}
+
+// Resume continues the machine's process group (SIGCONT).
+func (e *Exec) Resume(ctx context.Context, s Spec) error {
+	ref, err := e.liveRef(s)
+	if err != nil {
+		return err
+	}
+	if err := syscall.Kill(-ref.Pid, syscall.SIGCONT); err != nil {
+		return fmt.Errorf("resume machine %s (process group %d): %w", s.ID, ref.Pid, err)
+	}
+	e.Log.Info().Str("machine", s.ID).Int("pid", ref.Pid).Msg("machine resumed")
+	return nil
+}
+
+func (e *Exec) liveRef(s Spec) (*procRef, error) {
+	if err := ValidateID(s.ID); err != nil {
+		return nil, err
+	}
+	ref, err := e.readRef(s.ID)
+	if err != nil {
+		return nil, err
+	}
+	if !ref.alive() {
+		return nil, fmt.Errorf("machine %s does not run here", s.ID)
+	}
+	return ref, nil
+}
+
+// groupStopped reports whether every live process of process group pgid is
+// stopped (state T) or gone.
+func groupStopped(pgid int) bool {
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return false
+	}
+	for _, ent := range ents {
+		if _, err := strconv.Atoi(ent.Name()); err != nil {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + ent.Name() + "/stat")
+		if err != nil {
+			continue // exited meanwhile
+		}
+		s := string(b)
+		i := strings.LastIndexByte(s, ')')
+		if i < 0 {
+			continue
+		}
+		f := strings.Fields(s[i+1:]) // state, ppid, pgrp, ...
+		if len(f) < 3 || f[2] != strconv.Itoa(pgid) {
+			continue
+		}
+		if f[0] != "T" && f[0] != "Z" && f[0] != "X" {
+			return false
+		}
+	}
+	return true
+}
+
+// Pause pauses a machine whose driver can; a script machine cannot.
+func (d ByKind) Pause(ctx context.Context, s Spec) error {
+	if p, ok := d.pick(s).(Pauser); ok {
+		return p.Pause(ctx, s)
+	}
+	return fmt.Errorf("machine %s: %w", s.ID, ErrCannotPause)
+}
+
+// Resume resumes a machine whose driver can pause.
+func (d ByKind) Resume(ctx context.Context, s Spec) error {
+	if p, ok := d.pick(s).(Pauser); ok {
+		return p.Resume(ctx, s)
+	}
+	return fmt.Errorf("machine %s: %w", s.ID, ErrCannotPause)
+}
