@@ -7,6 +7,7 @@ package mcp
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -14,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"sync"
@@ -207,6 +209,13 @@ func (d *driver) do(req map[string]any) answer {
 		d.transcript = append(d.transcript, exchange{Session: s, Request: req, Answer: a})
 	}
 	return a
+}
+
+// note puts a line about what happens outside the session into the transcript.
+func (d *driver) note(session, text string) {
+	if d.record[session] {
+		d.transcript = append(d.transcript, exchange{Session: session, Request: map[string]any{"op": "note", "text": text}})
+	}
 }
 
 func (d *driver) connect(session string, extra map[string]any) answer {
@@ -442,6 +451,7 @@ func TestTypeScriptClient(t *testing.T) {
 	d.refused("admin", "migration_apply", map[string]any{"plan_token": p2.PlanToken}, "plan refused", "no longer holds", "volume/vol-a is locked by migration "+m.ID)
 
 	// Follow it with migration_status until it is done.
+	d.note("admin", "another session polls migration_status every second until the migration is terminal")
 	deadline := time.Now().Add(3 * time.Minute)
 	for !m.Terminal {
 		if time.Now().After(deadline) {
@@ -499,6 +509,7 @@ func TestTypeScriptClient(t *testing.T) {
 	if dp.Details.SizeBytes != 32<<20 || dp.Details.Outcome != string(fsm.VolPendingDelete) {
 		t.Fatalf("destroy plan: %+v", dp)
 	}
+	d.note("admin", "meanwhile, outside this session, an operator extends vol-free to 48 MiB and its worker grows it")
 	if _, err := bed.Client.ExtendVolume(ctx, "vol-free", 48<<20); err != nil {
 		t.Fatal(err)
 	}
@@ -574,6 +585,8 @@ func TestTypeScriptClient(t *testing.T) {
 	}
 }
 
+var tokenRE = regexp.MustCompile(`"plan_token":( ?)"([A-Za-z0-9_-]{8})[A-Za-z0-9_.-]*([A-Za-z0-9_-]{10})"`)
+
 func waitLog(t *testing.T, b *syncBuffer, want string) {
 	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
@@ -585,20 +598,26 @@ func waitLog(t *testing.T, b *syncBuffer, want string) {
 	}
 }
 
-// transcript renders the recorded exchanges as Markdown for docs/mcp.md.
+// transcript renders the recorded exchanges as Markdown for docs/mcp.md,
+// plan tokens cut to their first 8 and last 10 characters.
 func transcript(xs []exchange) string {
 	var sb strings.Builder
-	fmt.Fprintf(&sb, "Recorded %s by `FERRY_MCP_TRANSCRIPT=/tmp/t.md go test ./integration/mcp -run TestTypeScriptClient` (TypeScript SDK client, `ferry mcp --allow admin` over stdio).\n\n",
+	fmt.Fprintf(&sb, "Recorded %s by `FERRY_MCP_TRANSCRIPT=/tmp/t.md go test ./integration/mcp -run TestTypeScriptClient` (TypeScript SDK client, `ferry mcp --allow admin` over stdio; plan tokens shortened).\n\n",
 		time.Now().UTC().Format("2006-01-02 15:04 MST"))
+	short := func(b []byte) []byte { return tokenRE.ReplaceAll(b, []byte(`"plan_token":${1}"${2}…${3}"`)) }
 	for _, x := range xs {
 		req := x.Request
 		switch req["op"] {
 		case "connect":
-			fmt.Fprintf(&sb, "→ connect (initialize): server %v\n\n", x.Answer.Server)
+			b, _ := json.Marshal(x.Answer.Server)
+			fmt.Fprintf(&sb, "→ initialize: server %s\n\n", b)
 		case "tools":
 			fmt.Fprintf(&sb, "→ tools/list: %s\n\n", strings.Join(toolNames(x.Answer.Tools), ", "))
+		case "note":
+			fmt.Fprintf(&sb, "(%s)\n\n", req["text"])
 		case "call":
 			args, _ := json.Marshal(req["arguments"])
+			args = short(args)
 			fmt.Fprintf(&sb, "→ tools/call `%s` %s\n\n", req["name"], args)
 			switch {
 			case !x.Answer.OK:
@@ -608,8 +627,12 @@ func transcript(xs []exchange) string {
 			default:
 				var v any
 				_ = json.Unmarshal(x.Answer.Structured, &v)
-				b, _ := json.MarshalIndent(v, "", "  ")
-				fmt.Fprintf(&sb, "← result:\n\n```json\n%s\n```\n\n", b)
+				var b bytes.Buffer
+				enc := json.NewEncoder(&b)
+				enc.SetEscapeHTML(false)
+				enc.SetIndent("", "  ")
+				_ = enc.Encode(v)
+				fmt.Fprintf(&sb, "← result:\n\n```json\n%s```\n\n", short(b.Bytes()))
 			}
 		}
 	}
