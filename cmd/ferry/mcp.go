@@ -77,7 +77,7 @@ Every change is a *_plan tool that returns a plan token, then an *_apply tool th
 func mcpInstallCmd() *cobra.Command {
 	var cf clientFlags
 	var client, configPath, name, allow, command string
-	var force, printOnly bool
+	var force, printOnly, asJSON bool
 	cmd := &cobra.Command{
 		Use:   "install --client " + strings.Join(ferrymcp.ClientNames(), "|"),
 		Short: "Add ferry to an MCP client's configuration (Claude Desktop, Cursor, VS Code, Zed)",
@@ -135,6 +135,21 @@ settings with comments) is left alone and the entry printed to add by hand.`,
 			if err != nil {
 				return err
 			}
+			if asJSON {
+				b, err := json.MarshalIndent(struct {
+					Path     string          `json:"path"`
+					Client   string          `json:"client"`
+					Name     string          `json:"name"`
+					Changed  bool            `json:"changed"`
+					Replaced bool            `json:"replaced"`
+					Entry    json.RawMessage `json:"entry"`
+				}{res.Path, c.Name, name, res.Changed, res.Replace, json.RawMessage(res.Entry)}, "", "  ")
+				if err != nil {
+					return err
+				}
+				fmt.Fprintf(out, "%s\n", b)
+				return nil
+			}
 			switch {
 			case !res.Changed:
 				fmt.Fprintf(out, "%s already has this %q entry; nothing to do\n", res.Path, name)
@@ -153,6 +168,7 @@ settings with comments) is left alone and the entry printed to add by hand.`,
 	cmd.Flags().StringVar(&command, "command", "", "the ferry binary the client runs (default: this one)")
 	cmd.Flags().BoolVar(&force, "force", false, "replace a different entry of the same name")
 	cmd.Flags().BoolVar(&printOnly, "print", false, "print the entry instead of writing it")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print what was done as JSON (path, changed, replaced, entry)")
 	_ = cmd.MarkFlagRequired("client")
 	cf.add(cmd, "operator")
 	return cmd

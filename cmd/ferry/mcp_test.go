@@ -145,7 +145,7 @@ func TestMcpInstall(t *testing.T) {
 	args := func(allow string, force bool) []string {
 		return []string{"mcp", "install", "--client", "vscode", "--config", cfg, "--name", "ferry", "--allow", allow,
 			"--command", "/opt/ferry/bin/ferry", "--server", "10.1.0.1:7400,10.1.0.2:7400", "--tls-dir", "tls", "--cert", "alice",
-			"--force=" + strconv.FormatBool(force), "--print=false"}
+			"--force=" + strconv.FormatBool(force), "--print=false", "--json=false"}
 	}
 	out, err := runOut(t, args("read", false)...)
 	if err != nil || !strings.Contains(out, "added") {
@@ -172,6 +172,18 @@ func TestMcpInstall(t *testing.T) {
 	}
 	if out, err := runOut(t, args("read", false)...); err != nil || !strings.Contains(out, "nothing to do") {
 		t.Fatalf("second install: %v\n%s", err, out)
+	}
+	out, err = runOut(t, append(args("read", false), "--json")...)
+	var res struct {
+		Path     string `json:"path"`
+		Changed  bool   `json:"changed"`
+		Replaced bool   `json:"replaced"`
+		Entry    struct {
+			Args []string `json:"args"`
+		} `json:"entry"`
+	}
+	if err != nil || json.Unmarshal([]byte(out), &res) != nil || res.Path != cfg || res.Changed || res.Replaced || !slices.Equal(res.Entry.Args, want) {
+		t.Fatalf("install --json: %v %+v\n%s", err, res, out)
 	}
 	_, err = runOut(t, args("admin", false)...)
 	var ee *exitError
