@@ -6,9 +6,13 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 mapfile -t pkgs < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' "$here/packages.txt" | grep -v '^$')
+# PACKAGE:COMMAND is present when dpkg has PACKAGE or COMMAND is on PATH.
 missing_pkgs() {
-	local p
+	local p cmd
 	for p in "${pkgs[@]}"; do
+		cmd="${p#*:}"
+		[[ $cmd != "$p" ]] && command -v "$cmd" >/dev/null && continue
+		p="${p%%:*}"
 		dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"
 	done
 }
@@ -42,6 +46,19 @@ if ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then
 	else
 		echo "deps: warning: apt has no package lists (run apt-get update as root): the VM test will fail in strict mode" >&2
 	fi
+fi
+# integration/mcp drives `ferry mcp` through the TypeScript MCP SDK, pinned
+# by its lock file; npm ci runs again only when the lock file changed.
+tsclient="$here/../integration/mcp/testdata/tsclient"
+stamp="$tsclient/node_modules/.ferry-lock.sha256"
+want="$(sha256sum "$tsclient/package-lock.json" | cut -d' ' -f1)"
+if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
+	echo "deps: npm ci in integration/mcp/testdata/tsclient"
+	if ! (cd "$tsclient" && npm ci --no-audit --no-fund --loglevel=error); then
+		echo "deps: npm ci failed in $tsclient: the TypeScript MCP client test (integration/mcp) needs it" >&2
+		exit 1
+	fi
+	echo "$want" >"$stamp"
 fi
 # FUSE needs its device node; loop devices need the module on some hosts.
 [[ -e /dev/fuse ]] || modprobe fuse 2>/dev/null || true

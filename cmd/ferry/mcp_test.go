@@ -5,6 +5,10 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -115,5 +119,84 @@ func TestMcpRefusesRemoteHTTP(t *testing.T) {
 	var ee *exitError
 	if err == nil || !strings.Contains(err.Error(), "beyond loopback") || !errors.As(err, &ee) || ee.code != ExitUsage {
 		t.Fatalf("got %v, want a usage refusal naming loopback", err)
+	}
+}
+
+// runOut runs the CLI and returns what it printed. Cobra keeps flag values
+// between runs in one process, so callers pass every flag they rely on.
+func runOut(t *testing.T, args ...string) (string, error) {
+	t.Helper()
+	var out strings.Builder
+	rootCmd.SetOut(&out)
+	rootCmd.SetErr(&out)
+	rootCmd.SetArgs(args)
+	defer func() { rootCmd.SetArgs(nil); rootCmd.SetOut(nil); rootCmd.SetErr(nil) }()
+	err := rootCmd.Execute()
+	return out.String(), err
+}
+
+// TestMcpInstall writes a VS Code configuration twice (the second time
+// changes nothing), refuses another entry under the same name, and replaces
+// it with --force.
+func TestMcpInstall(t *testing.T) {
+	dir := t.TempDir()
+	cfg := filepath.Join(dir, "Code", "User", "mcp.json")
+	t.Chdir(dir)
+	args := func(allow string, force bool) []string {
+		return []string{"mcp", "install", "--client", "vscode", "--config", cfg, "--name", "ferry", "--allow", allow,
+			"--command", "/opt/ferry/bin/ferry", "--server", "10.1.0.1:7400,10.1.0.2:7400", "--tls-dir", "tls", "--cert", "alice",
+			"--force=" + strconv.FormatBool(force), "--print=false", "--json=false"}
+	}
+	out, err := runOut(t, args("read", false)...)
+	if err != nil || !strings.Contains(out, "added") {
+		t.Fatalf("install: %v\n%s", err, out)
+	}
+	b, err := os.ReadFile(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got struct {
+		Servers map[string]struct {
+			Type    string   `json:"type"`
+			Command string   `json:"command"`
+			Args    []string `json:"args"`
+		} `json:"servers"`
+	}
+	if err := json.Unmarshal(b, &got); err != nil {
+		t.Fatalf("%s: %v", b, err)
+	}
+	e := got.Servers["ferry"]
+	want := []string{"mcp", "--allow", "read", "--server", "10.1.0.1:7400,10.1.0.2:7400", "--tls-dir", filepath.Join(dir, "tls"), "--cert", "alice"}
+	if e.Type != "stdio" || e.Command != "/opt/ferry/bin/ferry" || !slices.Equal(e.Args, want) {
+		t.Fatalf("entry %+v, want args %v (the TLS dir made absolute)", e, want)
+	}
+	if out, err := runOut(t, args("read", false)...); err != nil || !strings.Contains(out, "nothing to do") {
+		t.Fatalf("second install: %v\n%s", err, out)
+	}
+	out, err = runOut(t, append(args("read", false), "--json")...)
+	var res struct {
+		Path     string `json:"path"`
+		Changed  bool   `json:"changed"`
+		Replaced bool   `json:"replaced"`
+		Entry    struct {
+			Args []string `json:"args"`
+		} `json:"entry"`
+	}
+	if err != nil || json.Unmarshal([]byte(out), &res) != nil || res.Path != cfg || res.Changed || res.Replaced || !slices.Equal(res.Entry.Args, want) {
+		t.Fatalf("install --json: %v %+v\n%s", err, res, out)
+	}
+	_, err = runOut(t, args("admin", false)...)
+	var ee *exitError
+	if !errors.As(err, &ee) || ee.code != ExitRefused || !strings.Contains(err.Error(), "--force") {
+		t.Fatalf("install over a different entry: %v", err)
+	}
+	if b2, _ := os.ReadFile(cfg); string(b2) != string(b) {
+		t.Fatal("a refused install changed the configuration")
+	}
+	if out, err := runOut(t, args("admin", true)...); err != nil || !strings.Contains(out, "replaced") || !strings.Contains(out, `"admin"`) {
+		t.Fatalf("forced install: %v\n%s", err, out)
+	}
+	if _, err := runOut(t, "mcp", "install", "--client", "emacs", "--force=false"); !errors.As(err, &ee) || ee.code != ExitUsage {
+		t.Fatalf("unknown client: %v", err)
 	}
 }
