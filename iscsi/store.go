@@ -69,6 +69,7 @@ func (s *roStore) Close(*api.SCSILu) error {
 
 // unmapGrace is how long a closed store's mapping outlives it.
 const unmapGrace = 30 * time.Second
+
 func (s *roStore) Init(*api.SCSILu, string) error { return nil }
 func (s *roStore) Exit(*api.SCSILu) error         { return nil }
 func (s *roStore) Size(*api.SCSILu) uint64        { return s.DataSize }
