@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 
@@ -174,6 +175,13 @@ func TestSystemdUnitsStartFerry(t *testing.T) {
 				if w == "" {
 					t.Errorf("ExecStart expands to an empty argument: %q", words)
 				}
+			}
+			// systemd makes the data dir (and, under ProtectSystem=strict,
+			// it is the one writable path): it must be the one ferry uses.
+			state := unitValues(t, filepath.Join(unitsDir, u.unit), "Service", "StateDirectory")
+			i := slices.Index(words, "--data-dir")
+			if len(state) != 1 || i < 0 || i+1 >= len(words) || words[i+1] != "/var/lib/"+state[0] {
+				t.Errorf("StateDirectory %q does not name the --data-dir of %q", state, words)
 			}
 		})
 	}
