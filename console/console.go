@@ -51,6 +51,9 @@ type Config struct {
 	// Hosts the console answers to besides loopback names and the listen
 	// address; requests naming any other Host are refused (DNS rebinding).
 	ExtraHosts []string
+	// Dial, when set, opens the connections to the servers (e.g. from
+	// inside the network namespace they live in); nil dials directly.
+	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
 }
 
 // Console serves the pages. Build it with New, serve Handler on a listener
@@ -74,6 +77,9 @@ func New(cfg Config) (*Console, error) {
 	c, err := api.NewClient(cfg.Servers, cfg.TLS)
 	if err != nil {
 		return nil, fmt.Errorf("console client: %w", err)
+	}
+	if cfg.Dial != nil {
+		c.SetDialer(cfg.Dial)
 	}
 	// A page must not hang for the client's default 30 s when no server
 	// answers; the next refresh or event tries again.
@@ -111,6 +117,9 @@ func (c *Console) member(addr string) (*api.Client, error) {
 	m, err := api.NewClient([]string{addr}, c.cfg.TLS)
 	if err != nil {
 		return nil, err
+	}
+	if c.cfg.Dial != nil {
+		m.SetDialer(c.cfg.Dial)
 	}
 	m.RetryFor = time.Second
 	c.members[addr] = m

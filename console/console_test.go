@@ -10,15 +10,20 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/url"
 	"regexp"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/rs/zerolog"
+
 	"github.com/ferry-dev/ferry/api"
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/tlsutil"
 )
 
 func TestDerivePathsFromTheTable(t *testing.T) {
@@ -456,5 +461,48 @@ func TestAllowedHosts(t *testing.T) {
 	h = allowedHosts(&net.TCPAddr{IP: net.IPv4zero, Port: 7480}, nil)
 	if h["0.0.0.0:7480"] || h["127.0.0.1"] || !h["localhost:7480"] {
 		t.Errorf("unspecified listen address: %v", h)
+	}
+}
+
+// TestDialReachesTheServers: with Config.Dial set, the connections to the
+// servers go through it: the shared client's and the one the fleet page
+// opens to ask the server for its own raft state (two transports, so at
+// least two dials).
+func TestDialReachesTheServers(t *testing.T) {
+	f := newFleet(t)
+	tc, err := tlsutil.ClientConfig(f.cluster.TLSDir, "operator")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	dialed := map[string]int{}
+	con, err := New(Config{Servers: f.cluster.Addrs(), TLS: tc, Log: zerolog.Nop(),
+		Dial: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			mu.Lock()
+			dialed[addr]++
+			mu.Unlock()
+			return (&net.Dialer{}).DialContext(ctx, network, addr)
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(con.Close)
+	srv := httptest.NewUnstartedServer(nil)
+	srv.Config.Handler = con.Handler(srv.Listener.Addr())
+	srv.Start()
+	t.Cleanup(srv.Close)
+	code, page := get(t, srv.URL+"/")
+	if code != http.StatusOK {
+		t.Fatalf("fleet: %d %s", code, page)
+	}
+	wantAll(t, page, `id="mig-m1" data-state="planned"`, `<span class="badge">leader</span>`)
+	mu.Lock()
+	defer mu.Unlock()
+	total := 0
+	for _, a := range f.cluster.Addrs() {
+		total += dialed[a]
+	}
+	if total < 2 {
+		t.Errorf("%d connections to the servers went through Dial, want at least 2 (dialed: %v)", total, dialed)
 	}
 }

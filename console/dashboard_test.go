@@ -255,7 +255,8 @@ func TestGrafanaDashboardQueriesNameExportedMetrics(t *testing.T) {
 	}
 	// The topics on-call asked for are there.
 	for _, want := range []string{"ferry_migrations", "ferry_migrations_stalled", "ferry_agent_stalls_total",
-		"ferry_agent_hydration_bytes_per_second", "ferry_agent_downtime_seconds_bucket", "ferry_raft_applied_index", "ferry_raft_leader"} {
+		"ferry_agent_hydration_bytes_per_second", "ferry_agent_downtime_seconds_bucket", "ferry_raft_applied_index", "ferry_raft_leader",
+		"ferry_raft_apply_seconds_bucket"} {
 		if !used[want] {
 			t.Errorf("no panel queries %s", want)
 		}

@@ -81,6 +81,7 @@ type Server struct {
 	startLast uint64      // last raft index on disk at start
 	ready     atomic.Bool // latched once this replica has caught up
 	met       fleetMetrics
+	raftMet   raftMetrics
 }
 
 // Ready reports whether this server's replica has caught up with the
@@ -172,6 +173,7 @@ func StartServer(ctx context.Context, log zerolog.Logger, cfg Config) (*Server, 
 	}
 	s.reg.MustRegister(&collector{s: s})
 	s.met = newFleetMetrics(s.reg)
+	s.raftMet = newRaftMetrics(s.reg)
 	s.http = &http.Server{
 		Handler:           s.denyRevoked(s.routes()),
 		ReadHeaderTimeout: 10 * time.Second,
@@ -321,6 +323,7 @@ func (s *Server) submit(ctx context.Context, typ fsm.CommandType, payload any) (
 	if err != nil {
 		return nil, err
 	}
+	start := time.Now()
 	res, err := s.node.Apply(b, 10*time.Second)
 	if errors.Is(err, ErrNotLeader) {
 		return nil, s.notLeader()
@@ -328,6 +331,7 @@ func (s *Server) submit(ctx context.Context, typ fsm.CommandType, payload any) (
 	if err != nil {
 		return nil, err
 	}
+	s.raftMet.observeApply(start)
 	return res, nil
 }
 
