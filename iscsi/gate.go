@@ -244,14 +244,21 @@ type gate struct {
 
 	mu      sync.Mutex
 	conns   map[net.Conn]struct{}
-	serials map[net.Conn]string // admitted TLS connections: their peer's serial
+	serials map[net.Conn]tlsPeer // admitted TLS connections: their peer
 	wg      sync.WaitGroup
+}
+
+// tlsPeer is an admitted TLS connection's certificate serial and the TCP
+// connection under it: cutting that one never waits on a TLS write.
+type tlsPeer struct {
+	serial string
+	raw    net.Conn
 }
 
 // newGate is a gate on ln admitting allow, in front of backend; with gt
 // its TLS, refusing gt.Denied and later setDenied serials.
 func newGate(log zerolog.Logger, ln net.Listener, allow allowList, gt *GateTLS, backend string) (*gate, error) {
-	g := &gate{log: log, ln: ln, allow: allow, backend: backend, conns: map[net.Conn]struct{}{}, serials: map[net.Conn]string{}}
+	g := &gate{log: log, ln: ln, allow: allow, backend: backend, conns: map[net.Conn]struct{}{}, serials: map[net.Conn]tlsPeer{}}
 	if gt == nil {
 		return g, nil
 	}
@@ -272,13 +279,17 @@ func (g *gate) setDenied(serials []string) error {
 	if _, err := g.deny.Set(serials); err != nil {
 		return err
 	}
+	var cut []tlsPeer
 	g.mu.Lock()
-	defer g.mu.Unlock()
-	for c, sn := range g.serials {
-		if g.deny.Denied(sn) {
-			g.log.Warn().Str("peer", c.RemoteAddr().String()).Str("serial", sn).Msg("gate cut a connection: its certificate was revoked")
-			c.Close()
+	for _, p := range g.serials {
+		if g.deny.Denied(p.serial) {
+			cut = append(cut, p)
 		}
+	}
+	g.mu.Unlock()
+	for _, p := range cut {
+		g.log.Warn().Str("peer", p.raw.RemoteAddr().String()).Str("serial", p.serial).Msg("gate cut a connection: its certificate was revoked")
+		p.raw.Close()
 	}
 	return nil
 }
@@ -346,9 +357,9 @@ func (g *gate) splice(c net.Conn) {
 		sn := peerSerial(t)
 		g.mu.Lock()
 		delete(g.conns, c)
+		g.serials[t] = tlsPeer{serial: sn, raw: c}
 		c = t
 		g.conns[c] = struct{}{}
-		g.serials[c] = sn
 		// A revocation pushed during the handshake cut nothing yet.
 		denied := g.deny.Denied(sn)
 		g.mu.Unlock()

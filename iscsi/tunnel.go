@@ -29,7 +29,7 @@ type Tunnel struct {
 
 	mu      sync.Mutex
 	conns   map[net.Conn]struct{}
-	serials map[net.Conn]string // TLS connections to the source: its serial
+	serials map[net.Conn]string // TLS connections to the source: the source's serial
 	closed  bool
 	wg      sync.WaitGroup
 }
@@ -178,14 +178,19 @@ func (t *Tunnel) recheck() {
 			return
 		case <-tick.C:
 		}
+		var cut []net.Conn
 		t.mu.Lock()
 		for c, sn := range t.serials {
 			if t.denied(sn) {
 				t.log.Warn().Str("serial", sn).Msg("tunnel cut a connection: the source's certificate was revoked")
-				c.Close()
+				cut = append(cut, c)
 			}
 		}
 		t.mu.Unlock()
+		// Closed outside the lock: a TLS close may wait on its alert's write.
+		for _, c := range cut {
+			c.Close()
+		}
 	}
 }
 
