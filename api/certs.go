@@ -27,3 +27,12 @@ func (c *Client) RevokedCerts(ctx context.Context) ([]fsm.RevokedCert, error) {
 	_, err := c.do(ctx, http.MethodGet, "/v1/certs/revoked", nil, nil, &r)
 	return r, err
 }
+
+// RevokedSerials lists the revoked certificate serials (tlsutil.SerialString
+// form), sorted, without who revoked them or why. Every identity may read
+// it: workers check their export peers against it.
+func (c *Client) RevokedSerials(ctx context.Context) ([]string, error) {
+	var r []string
+	_, err := c.do(ctx, http.MethodGet, "/v1/certs/revoked/serials", nil, nil, &r)
+	return r, err
+}

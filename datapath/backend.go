@@ -158,6 +158,9 @@ type CloneSpec struct {
 type PeerTLS struct {
 	Dir  string `json:"dir"`
 	Name string `json:"name"`
+	// Denied reports a revoked certificate serial: the data path refuses a
+	// source presenting one (nil: no deny list).
+	Denied func(serial string) bool `json:"-"`
 }
 
 // CloneHandle drives a running clone.

@@ -221,7 +221,9 @@ func (e *Export) spawn(ctx context.Context) (*exec.Cmd, <-chan error, error) {
 		return nil, nil, fmt.Errorf("export log: %w", err)
 	}
 	defer logf.Close()
-	cmd.Stdin = bytes.NewReader(e.child)
+	e.mu.Lock()
+	cmd.Stdin = bytes.NewReader(e.child) // SetDenied may have updated it
+	e.mu.Unlock()
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.ExtraFiles = []*os.File{lnFile}
 	// A private network namespace holding only loopback contains gotgt's

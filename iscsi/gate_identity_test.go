@@ -97,6 +97,12 @@ func echoServer(t testing.TB) string {
 // echo backend.
 func startGate(t testing.TB, gt *GateTLS) string {
 	t.Helper()
+	return startGateWith(t, gt).ln.Addr().String()
+}
+
+// startGateWith is startGate returning the gate itself.
+func startGateWith(t testing.TB, gt *GateTLS) *gate {
+	t.Helper()
 	allow, err := parseAllow([]string{"127.0.0.1"})
 	if err != nil {
 		t.Fatal(err)
@@ -105,15 +111,13 @@ func startGate(t testing.TB, gt *GateTLS) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	g := &gate{log: testLogger(t), ln: ln, allow: allow, conns: map[net.Conn]struct{}{}, backend: echoServer(t)}
-	if gt != nil {
-		if g.tls, err = gt.config(); err != nil {
-			t.Fatal(err)
-		}
+	g, err := newGate(testLogger(t), ln, allow, gt, echoServer(t))
+	if err != nil {
+		t.Fatal(err)
 	}
 	go func() { _ = g.serve() }()
 	t.Cleanup(g.close)
-	return ln.Addr().String()
+	return g
 }
 
 // roundTrip sends a message through c and reports whether it came back.
@@ -180,7 +184,7 @@ func TestGateTLSNeedsClientCAForAPeer(t *testing.T) {
 		t.Fatal(err)
 	}
 	gt.ClientCAPEM = nil
-	if _, err := gt.config(); err == nil {
+	if _, err := gt.config(nil); err == nil {
 		t.Fatal("a gate admitting one peer without a CA to verify it was accepted")
 	}
 }

@@ -130,19 +130,17 @@ func serveChild(log zerolog.Logger) error {
 	if err != nil {
 		return err
 	}
-	gt := &gate{log: log, allow: allow, conns: make(map[net.Conn]struct{}),
-		backend: net.JoinHostPort("127.0.0.1", strconv.Itoa(gotgtPort))}
-	if cfg.TLS != nil {
-		if gt.tls, err = cfg.TLS.config(); err != nil {
-			return err
-		}
-	}
 	lf := os.NewFile(childListenerFD, "gate-listener")
-	gt.ln, err = net.FileListener(lf)
+	ln, err := net.FileListener(lf)
 	if err != nil {
 		return fmt.Errorf("gate listener from the parent: %w", err)
 	}
 	lf.Close()
+	gt, err := newGate(log, ln, allow, cfg.TLS, net.JoinHostPort("127.0.0.1", strconv.Itoa(gotgtPort)))
+	if err != nil {
+		ln.Close()
+		return err
+	}
 
 	drv, err := startGotgt(cfg)
 	if err != nil {
@@ -165,6 +163,7 @@ func serveChild(log zerolog.Logger) error {
 	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) {
 		childctl.Reply(w, childStatus{Pid: os.Getpid(), Portal: cfg.Portal, IQN: cfg.IQN}, nil)
 	})
+	mux.HandleFunc("POST /v1/denied", gt.handleDenied)
 	mux.HandleFunc("POST /v1/shutdown", func(w http.ResponseWriter, r *http.Request) {
 		childctl.Reply(w, nil, nil)
 		select {

@@ -23,20 +23,28 @@ type Tunnel struct {
 	ln     net.Listener
 	remote string
 	tls    *tls.Config
-	ctx    context.Context // cancelled by Close: no dial outlives the tunnel
+	denied func(serial string) bool // nil: no deny list
+	ctx    context.Context          // cancelled by Close: no dial outlives the tunnel
 	cancel context.CancelFunc
 
-	mu     sync.Mutex
-	conns  map[net.Conn]struct{}
-	closed bool
-	wg     sync.WaitGroup
+	mu      sync.Mutex
+	conns   map[net.Conn]struct{}
+	serials map[net.Conn]string // TLS connections to the source: the source's serial
+	closed  bool
+	wg      sync.WaitGroup
 }
+
+// denyRecheck is how often a tunnel checks its live connections against
+// the deny list: a source revoked meanwhile serves no more than this.
+const denyRecheck = time.Second
 
 // StartTunnel listens on listen (a loopback address; port 0 picks one) and
 // forwards to remote over TLS with cfg, which must check the remote's
 // certificate. Re-listening on a recorded port is how a restarted agent
-// adopts the tunnel an initiator reconnects to.
-func StartTunnel(log zerolog.Logger, listen, remote string, cfg *tls.Config) (*Tunnel, error) {
+// adopts the tunnel an initiator reconnects to. With denied (the agent's
+// copy of the revoked serials, DenyList.Denied), a source whose certificate
+// is revoked is refused at the handshake and cut when revoked later.
+func StartTunnel(log zerolog.Logger, listen, remote string, cfg *tls.Config, denied func(serial string) bool) (*Tunnel, error) {
 	if cfg == nil {
 		return nil, errors.New("tunnel needs a TLS config: it exists to keep the fabric encrypted")
 	}
@@ -49,10 +57,25 @@ func StartTunnel(log zerolog.Logger, listen, remote string, cfg *tls.Config) (*T
 		return nil, fmt.Errorf("tunnel to %s: listen on %s: %w", remote, listen, err)
 	}
 	t := &Tunnel{log: log.With().Str("remote", remote).Str("listen", ln.Addr().String()).Logger(),
-		ln: ln, remote: remote, tls: cfg.Clone(), conns: map[net.Conn]struct{}{}}
+		ln: ln, remote: remote, tls: cfg.Clone(), denied: denied, conns: map[net.Conn]struct{}{}, serials: map[net.Conn]string{}}
+	if denied != nil {
+		verify, deny := t.tls.VerifyConnection, denyCheck(denied)
+		t.tls.VerifyConnection = func(cs tls.ConnectionState) error {
+			if verify != nil {
+				if err := verify(cs); err != nil {
+					return err
+				}
+			}
+			return deny(cs)
+		}
+	}
 	t.ctx, t.cancel = context.WithCancel(context.Background())
 	t.wg.Add(1)
 	go t.serve()
+	if denied != nil {
+		t.wg.Add(1)
+		go t.recheck()
+	}
 	t.log.Info().Msg("TLS tunnel to the source's export listening")
 	return t, nil
 }
@@ -91,6 +114,7 @@ func (t *Tunnel) track(c net.Conn, add bool) bool {
 	defer t.mu.Unlock()
 	if !add {
 		delete(t.conns, c)
+		delete(t.serials, c)
 		return true
 	}
 	if t.closed {
@@ -108,7 +132,12 @@ func (t *Tunnel) forward(c net.Conn) {
 	cancel()
 	if err != nil {
 		// The initiator sees its connection close and retries the login.
-		t.log.Warn().Err(err).Msg("tunnel cannot reach the source's export over TLS")
+		var rev *RevokedError
+		if errors.As(err, &rev) {
+			t.log.Warn().Str("serial", rev.Serial).Str("cert", rev.Name).Msg("tunnel refused the source: its certificate is revoked")
+		} else {
+			t.log.Warn().Err(err).Msg("tunnel cannot reach the source's export over TLS")
+		}
 		return
 	}
 	if !t.track(rc, true) {
@@ -116,6 +145,11 @@ func (t *Tunnel) forward(c net.Conn) {
 		return
 	}
 	defer t.track(rc, false)
+	if tc, ok := rc.(*tls.Conn); ok {
+		t.mu.Lock()
+		t.serials[rc] = peerSerial(tc)
+		t.mu.Unlock()
+	}
 	defer rc.Close()
 	if tc, ok := c.(*net.TCPConn); ok {
 		_ = tc.SetNoDelay(true)
@@ -130,6 +164,34 @@ func (t *Tunnel) forward(c net.Conn) {
 	c.Close()
 	rc.Close()
 	<-done
+}
+
+// recheck cuts, until Close, every connection to a source whose
+// certificate got on the deny list after the handshake.
+func (t *Tunnel) recheck() {
+	defer t.wg.Done()
+	tick := time.NewTicker(denyRecheck)
+	defer tick.Stop()
+	for {
+		select {
+		case <-t.ctx.Done():
+			return
+		case <-tick.C:
+		}
+		var cut []net.Conn
+		t.mu.Lock()
+		for c, sn := range t.serials {
+			if t.denied(sn) {
+				t.log.Warn().Str("serial", sn).Msg("tunnel cut a connection: the source's certificate was revoked")
+				cut = append(cut, c)
+			}
+		}
+		t.mu.Unlock()
+		// Closed outside the lock: a TLS close may wait on its alert's write.
+		for _, c := range cut {
+			c.Close()
+		}
+	}
 }
 
 // Close stops listening and cuts every forwarded connection. Idempotent.

@@ -16,7 +16,7 @@ func TestTunnelCarriesPlainTCPOverMutualTLS(t *testing.T) {
 		t.Fatal(err)
 	}
 	gateAddr := startGate(t, gt)
-	tun, err := StartTunnel(testLogger(t), "127.0.0.1:0", gateAddr, p.clientTo(t, p.dir, "worker-b", "worker-a"))
+	tun, err := StartTunnel(testLogger(t), "127.0.0.1:0", gateAddr, p.clientTo(t, p.dir, "worker-b", "worker-a"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -48,7 +48,7 @@ func TestTunnelRefusesASourceWithAnotherCertificate(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	tun, err := StartTunnel(testLogger(t), "127.0.0.1:0", startGate(t, gt), p.clientTo(t, p.dir, "worker-b", "worker-a"))
+	tun, err := StartTunnel(testLogger(t), "127.0.0.1:0", startGate(t, gt), p.clientTo(t, p.dir, "worker-b", "worker-a"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -67,12 +67,12 @@ func TestTunnelListensOnLoopbackOnly(t *testing.T) {
 	p := newWorkerPKI(t)
 	cfg := p.clientTo(t, p.dir, "worker-b", "worker-a")
 	for _, addr := range []string{"0.0.0.0:0", ":0", "10.0.0.1:3260", "localhost:0"} {
-		if tun, err := StartTunnel(testLogger(t), addr, "127.0.0.1:1", cfg); err == nil {
+		if tun, err := StartTunnel(testLogger(t), addr, "127.0.0.1:1", cfg, nil); err == nil {
 			tun.Close()
 			t.Errorf("tunnel listened on %q", addr)
 		}
 	}
-	if _, err := StartTunnel(testLogger(t), "127.0.0.1:0", "127.0.0.1:1", nil); err == nil {
+	if _, err := StartTunnel(testLogger(t), "127.0.0.1:0", "127.0.0.1:1", nil, nil); err == nil {
 		t.Error("a tunnel without TLS started")
 	}
 }
@@ -180,7 +180,7 @@ func TestTamperOnTheWireIsAConnectionError(t *testing.T) {
 	defer direct.Close()
 	check("initiator", direct)
 
-	tun, err := StartTunnel(testLogger(t), "127.0.0.1:0", tamperProxy(t, gateAddr, flipAt), p.clientTo(t, p.dir, "worker-b", "worker-a"))
+	tun, err := StartTunnel(testLogger(t), "127.0.0.1:0", tamperProxy(t, gateAddr, flipAt), p.clientTo(t, p.dir, "worker-b", "worker-a"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -38,6 +38,19 @@ func (s *Server) handleListRevoked(w http.ResponseWriter, r *http.Request, id fs
 	writeJSON(w, http.StatusOK, s.store.RevokedCerts())
 }
 
+// handleRevokedSerials answers every identity, workers included, with the
+// revoked serials alone: a source worker's export gate refuses a revoked
+// target, and a target's tunnel a revoked source, without the server in
+// the path. Who revoked and why stays with operators and servers.
+func (s *Server) handleRevokedSerials(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
+	list := s.store.RevokedCerts()
+	out := make([]string, 0, len(list))
+	for _, c := range list {
+		out = append(out, c.Serial)
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
 // denyRevoked refuses every request whose client certificate is revoked and
 // closes its connection: the handshake check cannot reach a keep-alive
 // connection (an agent's blocking queries) opened before the revocation.

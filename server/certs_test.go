@@ -130,3 +130,31 @@ func TestRevokedCertificateRefusedByEveryServer(t *testing.T) {
 		}
 	}
 }
+
+// TestWorkersReadRevokedSerials: a worker reads the revoked serials (its
+// export gate needs them), nothing more: who revoked and why stay hidden.
+func TestWorkersReadRevokedSerials(t *testing.T) {
+	c := servertest.New(t, 1, servertest.Options{})
+	ctx := context.Background()
+	op := c.Client("operator", tlsutil.KindOperator)
+	w1 := c.Client("w1", tlsutil.KindWorker)
+	if got, err := w1.RevokedSerials(ctx); err != nil || len(got) != 0 {
+		t.Fatalf("empty deny list: %v %v", got, err)
+	}
+	for _, sn := range []string{"0B", "a1"} {
+		if err := op.RevokeCert(ctx, sn, "secret reason"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got, err := w1.RevokedSerials(ctx)
+	if err != nil {
+		t.Fatalf("a worker could not read the revoked serials: %v", err)
+	}
+	if len(got) != 2 || got[0] != "a1" || got[1] != "b" {
+		t.Fatalf("revoked serials %q, want [a1 b] (canonical hex, sorted)", got)
+	}
+	var ref *fsm.Refusal
+	if _, err := w1.RevokedCerts(ctx); !errors.As(err, &ref) || ref.Kind != fsm.RefuseForbidden {
+		t.Fatalf("a worker read the full deny list: %v", err)
+	}
+}

@@ -148,6 +148,7 @@ func (s *Server) routes() http.Handler {
 	h("POST /v1/internal/join", s.handleJoin)
 	h("DELETE /v1/servers/{id}", s.handleRemoveServer)
 	h("GET /v1/certs/revoked", s.handleListRevoked)
+	h("GET /v1/certs/revoked/serials", s.handleRevokedSerials)
 	h("POST /v1/certs/revoked", s.handleRevoke)
 	s.fleetRoutes(h)
 	metrics := s.metricsHandler()

@@ -25,6 +25,7 @@ import (
 	"github.com/ferry-dev/ferry/internal/metricsserve"
 	"github.com/ferry-dev/ferry/internal/stepmark"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
+	"github.com/ferry-dev/ferry/iscsi"
 	"github.com/ferry-dev/ferry/iscsi/exporter"
 	"github.com/ferry-dev/ferry/keycustody"
 	"github.com/ferry-dev/ferry/machine"
@@ -70,7 +71,11 @@ func (f *agentFlags) build(ctx context.Context) (*worker, error) {
 	if err != nil {
 		return nil, err
 	}
-	vols, err := datapath.Select(ctx, f.backend, f.backends(log, exe))
+	// The revoked serials, read from the servers by the exporter's
+	// WatchRevoked: its gates refuse a revoked target, the data path's
+	// tunnel a revoked source.
+	deny := &iscsi.DenyList{}
+	vols, err := datapath.Select(ctx, f.backend, f.backends(log, exe, deny))
 	if err != nil {
 		return nil, withCode(ExitUsage, fmt.Errorf("--backend: %w", err))
 	}
@@ -80,7 +85,7 @@ func (f *agentFlags) build(ctx context.Context) (*worker, error) {
 		return nil, err
 	}
 	exp := &exporter.Exporter{Log: log, StateDir: filepath.Join(f.dataDir, "exports"), Address: f.address, Domain: f.domain,
-		TLSDir: f.tlsDir, Name: f.name}
+		TLSDir: f.tlsDir, Name: f.name, Revoked: c, Deny: deny}
 	nw := &netns.Network{Log: logging.For(log, "netrewrite"), Worker: f.worker, Dir: filepath.Join(f.dataDir, "net"), Grace: f.grace}
 	mu, err := machine.ParseUser(f.machineUser)
 	if err != nil {
@@ -120,23 +125,23 @@ func (f *agentFlags) build(ctx context.Context) (*worker, error) {
 }
 
 // backends are the data paths this binary has, in --backend auto's order.
-func (f *agentFlags) backends(log zerolog.Logger, exe string) []datapath.Candidate {
+func (f *agentFlags) backends(log zerolog.Logger, exe string, deny *iscsi.DenyList) []datapath.Candidate {
 	return []datapath.Candidate{
 		{Name: "kernel", Probe: kernel.Probe, AutoProbe: kernel.ProbeAuto, New: func() datapath.Backend {
 			return &kernel.Backend{DataDir: f.dataDir, Log: logging.For(log, "kernel-datapath"), Loops: loopdev.System{},
-				ISCSI: &kernel.OpenISCSI{Log: logging.For(log, "open-iscsi")}, FastKDF: f.fastKDF, TLS: f.peerTLS()}
+				ISCSI: &kernel.OpenISCSI{Log: logging.For(log, "open-iscsi")}, FastKDF: f.fastKDF, TLS: f.peerTLS(deny)}
 		}},
 		{Name: "userspace", Probe: userspace.Probe, New: func() datapath.Backend {
-			return &userspace.Backend{DataDir: f.dataDir, Exe: exe, Log: logging.For(log, "volumes"), Loops: loopdev.System{}, FastKDF: f.fastKDF, TLS: f.peerTLS()}
+			return &userspace.Backend{DataDir: f.dataDir, Exe: exe, Log: logging.For(log, "volumes"), Loops: loopdev.System{}, FastKDF: f.fastKDF, TLS: f.peerTLS(deny)}
 		}},
 	}
 }
 
 // peerTLS is how this worker's data path reaches a source's export: with
 // the agent's own certificate, which the source's gate admits only for the
-// migration's target.
-func (f *agentFlags) peerTLS() *datapath.PeerTLS {
-	return &datapath.PeerTLS{Dir: f.tlsDir, Name: f.name}
+// migration's target, and refusing a source whose certificate is revoked.
+func (f *agentFlags) peerTLS(deny *iscsi.DenyList) *datapath.PeerTLS {
+	return &datapath.PeerTLS{Dir: f.tlsDir, Name: f.name, Denied: deny.Denied}
 }
 
 func init() {
@@ -162,6 +167,7 @@ state. With --dev it also runs a one-node server in the same process (developmen
 				return err
 			}
 			go w.net.ExpireLoop(ctx)
+			go w.exp.WatchRevoked(ctx)
 			if f.metricsListen != "" {
 				go func() {
 					if err := metricsserve.Serve(ctx, f.metricsListen, w.agent.Metrics()); err != nil {

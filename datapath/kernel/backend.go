@@ -274,7 +274,7 @@ func (v *Backend) ensureTunnel(vol string, r *kernelCloneRecord) error {
 	if listen == "" {
 		listen = "127.0.0.1:0"
 	}
-	t, err := iscsi.StartTunnel(v.Log.With().Str("volume", vol).Logger(), listen, r.SourcePortal, cfg)
+	t, err := iscsi.StartTunnel(v.Log.With().Str("volume", vol).Logger(), listen, r.SourcePortal, cfg, v.TLS.Denied)
 	if err != nil {
 		return err
 	}

@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
@@ -39,10 +40,31 @@ type Exporter struct {
 	// PlainTCP serves without TLS, admitted by address only. Only for tests
 	// and hosts whose fabric is otherwise protected; never the default.
 	PlainTCP bool
+	// Revoked reads the cluster's revoked certificate serials (the agent's
+	// server client). With it an export starts only with the current list
+	// (a revoked target never gets in, even in the first seconds), and
+	// WatchRevoked keeps every live export's list current.
+	Revoked RevokedSource
+	// Deny is this agent's copy of the list; the data path's tunnel reads
+	// it too (nil: the exporter keeps its own).
+	Deny *iscsi.DenyList
+	// DenyEvery is how often WatchRevoked reads the list (default 5 s): a
+	// revoked target reads for at most about this long.
+	DenyEvery time.Duration
 
 	mu   sync.Mutex
 	live map[string]*iscsi.Export
+	sent map[string][]string // migration -> the deny list its export last took
 }
+
+// RevokedSource lists the revoked certificate serials
+// (api.Client.RevokedSerials).
+type RevokedSource interface {
+	RevokedSerials(ctx context.Context) ([]string, error)
+}
+
+// defaultDenyEvery bounds how long a revocation takes to reach the gates.
+const defaultDenyEvery = 5 * time.Second
 
 type exportRecord struct {
 	Portal string `json:"portal"`
@@ -105,6 +127,11 @@ func (x *Exporter) Export(ctx context.Context, id, path, target, allow string) (
 	if err != nil {
 		return "", "", fmt.Errorf("export of %s: %w", id, err)
 	}
+	if gateTLS != nil && x.Revoked != nil {
+		if gateTLS.Denied, err = x.refreshDeny(ctx); err != nil {
+			return "", "", fmt.Errorf("export of %s: %w (an export starts only knowing which certificates are revoked; it is retried once the servers answer)", id, err)
+		}
+	}
 	e, err := iscsi.StartExport(ctx, x.Log, iscsi.ExportConfig{Path: path, Listen: rec.Portal, Allow: []string{allowNet},
 		IQN: rec.IQN, StateDir: x.dir(id), TLS: gateTLS})
 	if err != nil {
@@ -119,9 +146,12 @@ func (x *Exporter) Export(ctx context.Context, id, path, target, allow string) (
 	}
 	x.mu.Lock()
 	if x.live == nil {
-		x.live = map[string]*iscsi.Export{}
+		x.live, x.sent = map[string]*iscsi.Export{}, map[string][]string{}
 	}
 	x.live[id] = e
+	if gateTLS != nil {
+		x.sent[id] = gateTLS.Denied
+	}
 	x.mu.Unlock()
 	return e.Portal(), e.IQN(), nil
 }
@@ -148,6 +178,7 @@ func (x *Exporter) Unexport(ctx context.Context, id string) error {
 	x.mu.Lock()
 	e := x.live[id]
 	delete(x.live, id)
+	delete(x.sent, id)
 	x.mu.Unlock()
 	var err error
 	if e != nil {
@@ -162,4 +193,105 @@ func (x *Exporter) Unexport(ctx context.Context, id string) error {
 		err = rerr
 	}
 	return err
+}
+
+// denyList is x.Deny, made on first use when the agent gave none.
+func (x *Exporter) denyList() *iscsi.DenyList {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	if x.Deny == nil {
+		x.Deny = &iscsi.DenyList{}
+	}
+	return x.Deny
+}
+
+// refreshDeny reads the revoked serials from the servers into the deny
+// list and returns them.
+func (x *Exporter) refreshDeny(ctx context.Context) ([]string, error) {
+	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	serials, err := x.Revoked.RevokedSerials(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("reading the revoked certificates: %w", err)
+	}
+	d := x.denyList()
+	changed, err := d.Set(serials)
+	if err != nil {
+		return nil, fmt.Errorf("revoked certificates from the servers: %w", err)
+	}
+	if changed {
+		x.Log.Info().Int("serials", len(serials)).Msg("certificate deny list changed")
+	}
+	return d.Serials(), nil
+}
+
+// WatchRevoked reads the revoked serials every DenyEvery until ctx ends and
+// sends every live export whose gate holds another list the current one:
+// the gate then cuts the connections of a target revoked meanwhile. The
+// agent runs it on every worker, exporting or not: the data path's tunnel
+// reads the same list. A failed read keeps the last list and is retried.
+func (x *Exporter) WatchRevoked(ctx context.Context) {
+	if x.Revoked == nil {
+		return
+	}
+	every := x.DenyEvery
+	if every <= 0 {
+		every = defaultDenyEvery
+	}
+	failing := false
+	for {
+		serials, err := x.refreshDeny(ctx)
+		switch {
+		case err != nil && ctx.Err() == nil:
+			if !failing {
+				x.Log.Warn().Err(err).Msg("cannot refresh the certificate deny list: the gates keep the last one")
+			}
+			failing = true
+		case err == nil:
+			if failing {
+				x.Log.Info().Msg("certificate deny list readable again")
+			}
+			failing = false
+			x.pushDeny(ctx, serials)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(every):
+		}
+	}
+}
+
+// pushDeny sends serials to every live TLS export that has not taken them.
+func (x *Exporter) pushDeny(ctx context.Context, serials []string) {
+	if x.PlainTCP {
+		return
+	}
+	type pending struct {
+		id string
+		e  *iscsi.Export
+	}
+	var todo []pending
+	x.mu.Lock()
+	for id, e := range x.live {
+		if !slices.Equal(x.sent[id], serials) {
+			todo = append(todo, pending{id, e})
+		}
+	}
+	x.mu.Unlock()
+	for _, p := range todo {
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		err := p.e.SetDenied(cctx, serials)
+		cancel()
+		if err != nil {
+			x.Log.Warn().Err(err).Str("migration", p.id).Msg("export did not take the new deny list; retrying")
+			continue
+		}
+		x.mu.Lock()
+		if x.live[p.id] == p.e {
+			x.sent[p.id] = serials
+		}
+		x.mu.Unlock()
+		x.Log.Info().Str("migration", p.id).Int("serials", len(serials)).Msg("export took the new deny list")
+	}
 }

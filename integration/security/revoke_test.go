@@ -1,0 +1,211 @@
+package security
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/ferry-dev/ferry/api"
+	"github.com/ferry-dev/ferry/internal/testenv"
+	"github.com/ferry-dev/ferry/internal/tlsutil"
+	"github.com/ferry-dev/ferry/iscsi"
+	"github.com/ferry-dev/ferry/iscsi/exporter"
+	"github.com/ferry-dev/ferry/server/servertest"
+)
+
+// revokeEnv is a one-server cluster whose certificates also serve an
+// export: source w-a exports a volume for migration mig1 to target w-c,
+// and the operator revokes certificates through the real server API.
+type revokeEnv struct {
+	c        *servertest.Cluster
+	op       *api.Client
+	wa, wc   *api.Client
+	img      string
+	want     []byte
+	log      zerolog.Logger
+	stateDir string
+}
+
+func newRevokeEnv(t *testing.T) *revokeEnv {
+	t.Helper()
+	testenv.Root(t, "the export child runs gotgt in a private network namespace")
+	c := servertest.New(t, 1, servertest.Options{})
+	e := &revokeEnv{c: c, op: c.Client("operator", tlsutil.KindOperator),
+		wa: c.Client("w-a", tlsutil.KindWorker), wc: c.Client("w-c", tlsutil.KindWorker),
+		log: zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.WarnLevel), stateDir: t.TempDir()}
+	e.want = make([]byte, 4<<20)
+	rand.Read(e.want)
+	e.img = filepath.Join(t.TempDir(), "volume")
+	if err := os.WriteFile(e.img, e.want, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return e
+}
+
+// source is w-a's exporter, reading the deny list as w-a.
+func (e *revokeEnv) source(dir string) *exporter.Exporter {
+	return &exporter.Exporter{Log: e.log, StateDir: dir, Address: "127.0.0.1", Domain: "test.ferry",
+		TLSDir: e.c.TLSDir, Name: "w-a", Revoked: e.wa, DenyEvery: 200 * time.Millisecond}
+}
+
+func (e *revokeEnv) serial(t *testing.T, name string) string {
+	t.Helper()
+	cf, _ := tlsutil.Files(e.c.TLSDir, name)
+	b, err := os.ReadFile(cf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := tlsutil.ParseCertPEM(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tlsutil.SerialString(cert.SerialNumber)
+}
+
+// dial logs into portal as w-c (TLS expecting w-a; tc nil: plain iSCSI).
+func (e *revokeEnv) dial(portal, iqn string, tc bool) (*iscsi.LUN, error) {
+	cfg := iscsi.InitiatorConfig{Portal: portal, IQN: iqn, Timeout: 3 * time.Second, Sessions: 1}
+	if tc {
+		c, err := tlsutil.PeerClientConfig(e.c.TLSDir, "w-c", tlsutil.Identity{Name: "w-a", Kind: tlsutil.KindWorker})
+		if err != nil {
+			return nil, err
+		}
+		cfg.TLS = c
+	}
+	return iscsi.Dial(context.Background(), e.log, cfg)
+}
+
+func (e *revokeEnv) readAll(t *testing.T, l *iscsi.LUN) error {
+	t.Helper()
+	got := make([]byte, len(e.want))
+	if _, err := l.ReadAt(got, 0); err != nil {
+		return err
+	}
+	if !bytes.Equal(got, e.want) {
+		t.Fatal("the target read other bytes than the volume's")
+	}
+	return nil
+}
+
+// untilReadFails reads through l until it fails, or fails the test.
+func (e *revokeEnv) untilReadFails(t *testing.T, l *iscsi.LUN, what string) {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for e.readAll(t, l) == nil {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: the session still reads the export 15 s after the revocation", what)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// Issue 13, "certificates with a lifecycle" reaching the export: once the
+// operator revokes the migration target's certificate through the server
+// API, the source's gate cuts the target's live session and refuses its
+// next login; an export started after the revocation refuses it from the
+// first handshake.
+func TestRevokedTargetReadsNothingFromTheExport(t *testing.T) {
+	e := newRevokeEnv(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	exp := e.source(filepath.Join(e.stateDir, "exports"))
+	go exp.WatchRevoked(ctx)
+	portal, iqn, err := exp.Export(ctx, "mig1", e.img, "w-c", "127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = exp.Unexport(context.Background(), "mig1") })
+	l, err := e.dial(portal, iqn, true)
+	if err != nil {
+		t.Fatalf("the target's certificate was refused before any revocation: %v", err)
+	}
+	defer l.Close()
+	if err := e.readAll(t, l); err != nil {
+		t.Fatalf("read before the revocation: %v", err)
+	}
+
+	if err := e.op.RevokeCert(ctx, e.serial(t, "w-c"), "worker host lost"); err != nil {
+		t.Fatal(err)
+	}
+	e.untilReadFails(t, l, "revoked target's live session")
+	if l2, err := e.dial(portal, iqn, true); err == nil {
+		l2.Close()
+		t.Fatal("the revoked target logged into the export again")
+	}
+
+	// A new export takes the list when it starts, before any refresh.
+	fresh := e.source(filepath.Join(e.stateDir, "exports2"))
+	portal2, iqn2, err := fresh.Export(ctx, "mig2", e.img, "w-c", "127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = fresh.Unexport(context.Background(), "mig2") })
+	if l3, err := e.dial(portal2, iqn2, true); err == nil {
+		l3.Close()
+		t.Fatal("an export started after the revocation admitted the revoked target")
+	}
+
+	// Without the list there is no export: a source that cannot read it
+	// (here: its own certificate is revoked too) refuses to serve.
+	if err := e.op.RevokeCert(ctx, e.serial(t, "w-a"), "test"); err != nil {
+		t.Fatal(err)
+	}
+	blind := e.source(filepath.Join(e.stateDir, "exports3"))
+	e.wa.RetryFor = time.Second
+	if _, _, err := blind.Export(ctx, "mig3", e.img, "w-c", "127.0.0.1"); err == nil {
+		_ = blind.Unexport(context.Background(), "mig3")
+		t.Fatal("an export started without knowing the revoked certificates")
+	}
+}
+
+// The kernel path's tunnel on the target verifies the source: once the
+// source's certificate is revoked, the tunnel cuts the session and reaches
+// the export no more.
+func TestTunnelRefusesARevokedSourceExport(t *testing.T) {
+	e := newRevokeEnv(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	src := e.source(filepath.Join(e.stateDir, "exports"))
+	portal, iqn, err := src.Export(ctx, "mig1", e.img, "w-c", "127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = src.Unexport(context.Background(), "mig1") })
+
+	// The target agent's copy of the list, refreshed as w-c.
+	deny := &iscsi.DenyList{}
+	target := &exporter.Exporter{Log: e.log, StateDir: filepath.Join(e.stateDir, "target-exports"), Revoked: e.wc, Deny: deny,
+		DenyEvery: 200 * time.Millisecond}
+	go target.WatchRevoked(ctx)
+	tc, err := tlsutil.PeerClientConfig(e.c.TLSDir, "w-c", tlsutil.Identity{Name: "w-a", Kind: tlsutil.KindWorker})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tun, err := iscsi.StartTunnel(e.log, "127.0.0.1:0", portal, tc, deny.Denied)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tun.Close()
+	l, err := e.dial(tun.Addr(), iqn, false)
+	if err != nil {
+		t.Fatalf("through the tunnel before any revocation: %v", err)
+	}
+	defer l.Close()
+	if err := e.readAll(t, l); err != nil {
+		t.Fatalf("read through the tunnel before the revocation: %v", err)
+	}
+	if err := e.op.RevokeCert(ctx, e.serial(t, "w-a"), "source host lost"); err != nil {
+		t.Fatal(err)
+	}
+	e.untilReadFails(t, l, "session to a revoked source")
+	if l2, err := e.dial(tun.Addr(), iqn, false); err == nil {
+		l2.Close()
+		t.Fatal("the tunnel reached a source whose certificate is revoked")
+	}
+}
