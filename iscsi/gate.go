@@ -127,6 +127,9 @@ type RevokedError struct {
 }
 
 func (e *RevokedError) Error() string {
+	if e.Name == "" {
+		return fmt.Sprintf("certificate %s is revoked", e.Serial)
+	}
 	return fmt.Sprintf("certificate %s (%q) is revoked", e.Serial, e.Name)
 }
 

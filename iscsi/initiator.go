@@ -30,8 +30,13 @@ type InitiatorConfig struct {
 	InitiatorName string        // default: iqn.2026-01.dev.ferry:initiator
 	Timeout       time.Duration // per command, reconnects included; default 10 s
 	TLS           *tls.Config   // set when the export's gate speaks TLS
-	QueueDepth    int           // commands in flight; default 16
-	MaxTransfer   int           // bytes per READ(16); default 1 MiB
+	// Denied reports a revoked certificate serial (tlsutil.SerialString,
+	// e.g. DenyList.Denied): with TLS, a target presenting one is refused
+	// at every handshake, and CutDenied ends live sessions to it. nil: no
+	// deny list.
+	Denied      func(serial string) bool
+	QueueDepth  int // commands in flight; default 16
+	MaxTransfer int // bytes per READ(16); default 1 MiB
 	// Sessions is how many sessions (one connection each) carry the
 	// commands, default 4. A target that runs each connection's commands
 	// one after the other, as gotgt does, serves QueueDepth commands in
@@ -109,6 +114,20 @@ var _ blockdev.Device = (*LUN)(nil)
 func Dial(ctx context.Context, log zerolog.Logger, cfg InitiatorConfig) (*LUN, error) {
 	if err := cfg.setDefaults(); err != nil {
 		return nil, err
+	}
+	if cfg.TLS != nil && cfg.Denied != nil {
+		// After the caller's own checks (the source's name): a revoked
+		// source's handshake fails, so a reconnect reaches nothing.
+		cfg.TLS = cfg.TLS.Clone()
+		verify, deny := cfg.TLS.VerifyConnection, denyCheck(cfg.Denied)
+		cfg.TLS.VerifyConnection = func(cs tls.ConnectionState) error {
+			if verify != nil {
+				if err := verify(cs); err != nil {
+					return err
+				}
+			}
+			return deny(cs)
+		}
 	}
 	l := &LUN{
 		cfg: cfg, log: logging.For(log, "iscsi-initiator").With().Str("portal", cfg.Portal).Str("iqn", cfg.IQN).Logger(),
@@ -233,7 +252,36 @@ func (l *LUN) connect(isid [6]byte, deadline time.Time, portal, iqn string) (*se
 		return nil, fmt.Errorf("logging in to %s at %s: %w", iqn, portal, err)
 	}
 	l.log.Debug().Uint16("tsih", p.tsih).Msg("logged in")
-	return newSession(l.log, c, p, l.cfg.LUN, l.cfg.Timeout), nil
+	s := newSession(l.log, c, p, l.cfg.LUN, l.cfg.Timeout)
+	if tc, ok := c.(*tls.Conn); ok {
+		s.serial = peerSerial(tc)
+	}
+	return s, nil
+}
+
+// CutDenied ends every live session whose target certificate Denied now
+// reports (revoked after the handshake) and returns how many it ended.
+// Commands in flight on them are re-issued on a new login, which the
+// revoked certificate cannot pass: they fail with a *RevokedError.
+func (l *LUN) CutDenied() int {
+	if l.cfg.Denied == nil {
+		return 0
+	}
+	var cut []*session
+	l.mu.Lock()
+	for _, p := range l.paths {
+		p.mu.Lock()
+		if s := p.sess; s != nil && s.serial != "" && s.alive() && l.cfg.Denied(s.serial) {
+			cut = append(cut, s)
+		}
+		p.mu.Unlock()
+	}
+	l.mu.Unlock()
+	for _, s := range cut {
+		l.log.Warn().Str("serial", s.serial).Msg("initiator cut a session: the target's certificate was revoked")
+		s.kill(&RevokedError{Serial: s.serial})
+	}
+	return len(cut)
 }
 
 // pick returns the path with the fewest commands in flight, taking turns
@@ -342,6 +390,12 @@ func (l *LUN) do(ctx context.Context, t *task) error {
 			var le *LoginError
 			if errors.As(err, &le) && le.Class == 2 {
 				return err // the target refuses us: retrying cannot help
+			}
+			var rev *RevokedError
+			if errors.As(err, &rev) {
+				// Revocation is final: fail now, naming it, rather than
+				// after Timeout of refused handshakes.
+				return fmt.Errorf("%s: refusing the export: its certificate was revoked: %w", t.op, err)
 			}
 			lastErr = err
 			continue

@@ -73,6 +73,7 @@ type session struct {
 	lun     [8]byte
 	timeout time.Duration
 	params  loginParams
+	serial  string // the target certificate's serial over TLS, else ""
 
 	wmu sync.Mutex // one writer at a time, CmdSN order on the wire
 
