@@ -72,8 +72,8 @@ func (f *agentFlags) build(ctx context.Context) (*worker, error) {
 		return nil, err
 	}
 	// The revoked serials, read from the servers by the exporter's
-	// WatchRevoked: its gates refuse a revoked target, the data path's
-	// tunnel a revoked source.
+	// WatchRevoked: its gates refuse a revoked target, the data path (the
+	// kernel path's tunnel, the userspace path's initiator) a revoked source.
 	deny := &iscsi.DenyList{}
 	vols, err := datapath.Select(ctx, f.backend, f.backends(log, exe, deny))
 	if err != nil {
@@ -132,10 +132,21 @@ func (f *agentFlags) backends(log zerolog.Logger, exe string, deny *iscsi.DenyLi
 				ISCSI: &kernel.OpenISCSI{Log: logging.For(log, "open-iscsi")}, FastKDF: f.fastKDF, TLS: f.peerTLS(deny)}
 		}},
 		{Name: "userspace", Probe: userspace.Probe, New: func() datapath.Backend {
-			return &userspace.Backend{DataDir: f.dataDir, Exe: exe, Log: logging.For(log, "volumes"), Loops: loopdev.System{}, FastKDF: f.fastKDF, TLS: f.peerTLS(deny)}
+			return &userspace.Backend{DataDir: f.dataDir, Exe: exe, Log: logging.For(log, "volumes"), Loops: loopdev.System{}, FastKDF: f.fastKDF,
+				TLS: f.peerTLS(deny), Deny: deny}
 		}},
 	}
 }
+
+// denyWatcher is a data path whose clones run in processes of their own
+// (userspace): the agent's deny list reaches them only when sent.
+type denyWatcher interface {
+	WatchDenied(ctx context.Context, every time.Duration)
+}
+
+// denyPush is how often the agent checks its deny list for a change to send
+// to running clones; it adds to the exporter's refresh period.
+const denyPush = time.Second
 
 // peerTLS is how this worker's data path reaches a source's export: with
 // the agent's own certificate, which the source's gate admits only for the
@@ -168,6 +179,9 @@ state. With --dev it also runs a one-node server in the same process (developmen
 			}
 			go w.net.ExpireLoop(ctx)
 			go w.exp.WatchRevoked(ctx)
+			if d, ok := w.vols.(denyWatcher); ok {
+				go d.WatchDenied(ctx, denyPush)
+			}
 			if f.metricsListen != "" {
 				go func() {
 					if err := metricsserve.Serve(ctx, f.metricsListen, w.agent.Metrics()); err != nil {

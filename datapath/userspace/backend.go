@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -21,6 +22,8 @@ import (
 	"github.com/ferry-dev/ferry/datapath/internal/mountns"
 	"github.com/ferry-dev/ferry/datapath/loopdev"
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/childctl"
+	"github.com/ferry-dev/ferry/iscsi"
 	"github.com/ferry-dev/ferry/luks"
 )
 
@@ -38,6 +41,10 @@ type Backend struct {
 	// worker's certificate and admit only the source worker's (nil: plain
 	// iSCSI, tests only).
 	TLS *datapath.PeerTLS
+	// Deny is this agent's copy of the revoked certificate serials (nil:
+	// none): a clone starts with it, and WatchDenied sends it to running
+	// clones when it changes.
+	Deny *iscsi.DenyList
 }
 
 var (
@@ -283,7 +290,79 @@ func (v *Backend) MountClone(ctx context.Context, c datapath.CloneSpec, passphra
 	}
 	cfg.Clone = &Clone{MetaPath: v.MetaPath(c.Volume), Portal: c.Portal, IQN: c.IQN, TLS: v.TLS, Source: c.Source,
 		RegionSize: 4096, KnownZero: c.KnownZero, Hydrate: c.Hydrate, RateLimit: c.RateLimit}
-	return v.Mount(ctx, cfg, passphrase, mnt)
+	if v.TLS != nil {
+		cfg.Clone.Denied = v.Deny.Serials()
+	}
+	dev, err := v.Mount(ctx, cfg, passphrase, mnt)
+	if err != nil || v.TLS == nil {
+		return dev, err
+	}
+	// A list that changed while the process started reached every clone
+	// but this one (WatchDenied found no socket yet); an adopted process
+	// may hold an older one.
+	if now := v.Deny.Serials(); !slices.Equal(now, cfg.Clone.Denied) {
+		p, err := v.Process(ctx, c.Volume)
+		if err == nil {
+			err = p.SetDenied(ctx, now)
+		}
+		if err != nil {
+			return "", fmt.Errorf("clone of %s: send it the revoked certificates: %w", c.Volume, err)
+		}
+	}
+	return dev, nil
+}
+
+// WatchDenied sends Deny to every running clone each time it changes,
+// checking every period, until ctx ends; a clone that did not take it
+// gets it again at the next check. A clone whose source's certificate is
+// on it cuts its sessions and reads nothing more from that source.
+func (v *Backend) WatchDenied(ctx context.Context, every time.Duration) {
+	if v.Deny == nil || v.TLS == nil {
+		return
+	}
+	// Nothing is sent while the list is empty: after an agent restart, the
+	// clones it adopts keep the list they have until the servers' is read.
+	var sent []string
+	warned := map[string]bool{}
+	for {
+		if now := v.Deny.Serials(); !slices.Equal(now, sent) {
+			if v.pushDenied(ctx, now, warned) {
+				sent = now
+				clear(warned)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(every):
+		}
+	}
+}
+
+// pushDenied sends serials to every running clone and reports whether all
+// that answer took them. A socket nobody answers on is no running clone.
+func (v *Backend) pushDenied(ctx context.Context, serials []string, warned map[string]bool) bool {
+	socks, err := filepath.Glob(filepath.Join(v.runDir(), "*.sock"))
+	if err != nil {
+		return false
+	}
+	ok := true
+	for _, sock := range socks {
+		vol := strings.TrimSuffix(filepath.Base(sock), ".sock")
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		p := &Process{cfg: Config{VolumeID: vol, Socket: sock}, client: childctl.Dial(sock)}
+		if st, err := p.Status(cctx); err == nil && st.Cloning && !st.Dissolved {
+			if err := p.SetDenied(cctx, serials); err != nil {
+				ok = false
+				if !warned[vol] {
+					v.Log.Warn().Err(err).Str("volume", vol).Msg("clone did not take the certificate deny list; retrying")
+					warned[vol] = true
+				}
+			}
+		}
+		cancel()
+	}
+	return ok
 }
 
 // Clone adopts the volume's running datapath.

@@ -173,6 +173,16 @@ func (p *Process) Retarget(ctx context.Context, portal, iqn string) error {
 	return p.call(ctx, http.MethodPost, "/v1/source", SourceMove{Portal: portal, IQN: iqn}, nil)
 }
 
+// SetDenied sends the process the revoked certificate serials: a clone
+// refuses a source presenting one from its next handshake on and cuts its
+// live sessions to it.
+func (p *Process) SetDenied(ctx context.Context, serials []string) error {
+	if serials == nil {
+		serials = []string{}
+	}
+	return p.call(ctx, http.MethodPost, "/v1/denied", DenyUpdate{Serials: serials}, nil)
+}
+
 // Grow asks the process to serve payload plaintext bytes, growing its file.
 func (p *Process) Grow(ctx context.Context, payload int64) error {
 	return p.call(ctx, http.MethodPost, "/v1/grow", GrowRequest{PayloadSize: payload}, nil)

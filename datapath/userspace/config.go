@@ -48,12 +48,17 @@ type Clone struct {
 	SourcePath string `json:"source_path,omitempty"` // a local source (file or device, read-only) instead of Portal and IQN
 	// TLS: reach Portal over mutual TLS with this certificate, admitting
 	// only Source's (the source worker); nil: plain iSCSI.
-	TLS        *datapath.PeerTLS `json:"tls,omitempty"`
-	Source     string            `json:"source,omitempty"`
-	RegionSize int64             `json:"region_size"`
-	KnownZero  []blockdev.Range  `json:"known_zero,omitempty"`
-	Hydrate    bool              `json:"hydrate"` // start with background hydration enabled (resume after restart)
-	RateLimit  int64             `json:"rate_limit_bps,omitempty"`
+	TLS    *datapath.PeerTLS `json:"tls,omitempty"`
+	Source string            `json:"source,omitempty"`
+	// Denied are the revoked certificate serials (tlsutil.SerialString)
+	// when the process starts: with TLS, a source presenting one is refused
+	// at every handshake. The agent sends later lists over the control
+	// socket (Process.SetDenied).
+	Denied     []string         `json:"denied,omitempty"`
+	RegionSize int64            `json:"region_size"`
+	KnownZero  []blockdev.Range `json:"known_zero,omitempty"`
+	Hydrate    bool             `json:"hydrate"` // start with background hydration enabled (resume after restart)
+	RateLimit  int64            `json:"rate_limit_bps,omitempty"`
 	// AutoDissolve dissolves the clone as soon as every region is hydrated.
 	AutoDissolve bool `json:"auto_dissolve,omitempty"`
 }

@@ -64,6 +64,9 @@ type server struct {
 	view   blockdev.Device
 	exp    *fuseexport.Export
 	loop   string // the loop device this process attached (Config.Loop)
+	// deny is the revoked serials the initiator refuses (Clone.Denied,
+	// then POST /v1/denied).
+	deny iscsi.DenyList
 
 	hydrating, dissolved, stopped bool
 }
@@ -89,6 +92,12 @@ func (s *server) build(ctx context.Context, passphrase []byte) error {
 				if ic.TLS, err = tlsutil.PeerClientConfig(c.TLS.Dir, c.TLS.Name, tlsutil.Identity{Name: c.Source, Kind: tlsutil.KindWorker}); err != nil {
 					return fmt.Errorf("TLS to the source's export: %w", err)
 				}
+				// ... and not revoked: a revoked source's host may be in
+				// anyone's hands.
+				if _, err := s.deny.Set(c.Denied); err != nil {
+					return fmt.Errorf("datapath config for %s: %w", s.cfg.VolumeID, err)
+				}
+				ic.Denied = s.deny.Denied
 			}
 			lun, err := iscsi.Dial(ctx, s.log, ic)
 			if err != nil {
@@ -297,6 +306,17 @@ func (s *server) serve(ctx context.Context, ready func(Ready)) error {
 		}
 		reply(w, struct{}{}, lun.Retarget(r.Context(), to.Portal, to.IQN))
 	})
+	mux.HandleFunc("POST /v1/denied", func(w http.ResponseWriter, r *http.Request) {
+		var req DenyUpdate
+		// A list of up to 100000 serials does not fit childctl.Decode's 1 MiB.
+		dec := json.NewDecoder(io.LimitReader(r.Body, 8<<20))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&req); err != nil {
+			reply(w, nil, &childctl.Error{Status: http.StatusBadRequest, Message: fmt.Sprintf("deny list needs {\"serials\": [...]}: %v", err)})
+			return
+		}
+		reply(w, struct{}{}, s.setDenied(req.Serials))
+	})
 	mux.HandleFunc("POST /v1/tunables", func(w http.ResponseWriter, r *http.Request) {
 		var t *dmclone.Tunables
 		if err := childctl.Decode(r, &t); err != nil || t == nil {
@@ -356,6 +376,37 @@ func (s *server) serve(ctx context.Context, ready func(Ready)) error {
 	}
 	srv.Close()
 	os.Remove(s.cfg.Socket)
+	return nil
+}
+
+// DenyUpdate is the body of POST /v1/denied: the revoked certificate
+// serials, the whole list.
+type DenyUpdate struct {
+	Serials []string `json:"serials"`
+}
+
+// setDenied replaces the deny list and cuts the source's live sessions if
+// its certificate is now on it: the initiator's reconnects are refused, so
+// the clone reads nothing more from it and hydration stalls naming the
+// revocation.
+func (s *server) setDenied(serials []string) error {
+	changed, err := s.deny.Set(serials)
+	if err != nil {
+		return &childctl.Error{Status: http.StatusBadRequest, Message: err.Error()}
+	}
+	s.mu.Lock()
+	lun, ok := s.lun.(*iscsi.LUN)
+	dissolved := s.dissolved
+	s.mu.Unlock()
+	if changed {
+		s.log.Info().Int("serials", len(serials)).Msg("certificate deny list changed")
+	}
+	if ok && !dissolved {
+		if n := lun.CutDenied(); n > 0 {
+			s.log.Error().Str("volume", s.cfg.VolumeID).Int("sessions", n).
+				Msg("the clone's source certificate was revoked: cut its sessions; the clone reads nothing more from it")
+		}
+	}
 	return nil
 }
 
