@@ -6,16 +6,21 @@ import (
 	"crypto/rand"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/rs/zerolog"
 
 	"github.com/ferry-dev/ferry/api"
+	"github.com/ferry-dev/ferry/datapath"
+	"github.com/ferry-dev/ferry/datapath/loopdev"
+	"github.com/ferry-dev/ferry/datapath/userspace"
 	"github.com/ferry-dev/ferry/internal/testenv"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
 	"github.com/ferry-dev/ferry/iscsi"
 	"github.com/ferry-dev/ferry/iscsi/exporter"
+	"github.com/ferry-dev/ferry/luks"
 	"github.com/ferry-dev/ferry/server/servertest"
 )
 
@@ -171,8 +176,17 @@ func TestTunnelRefusesARevokedSourceExport(t *testing.T) {
 	e := newRevokeEnv(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
+	// The clone's first background batches start at once, rate cap or
+	// not: 32 MiB at 1 MiB/s outlast the test unless the revocation stops it.
+	img := filepath.Join(t.TempDir(), "volume")
+	if err := os.WriteFile(img, e.want, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(img, 32<<20); err != nil {
+		t.Fatal(err)
+	}
 	src := e.source(filepath.Join(e.stateDir, "exports"))
-	portal, iqn, err := src.Export(ctx, "mig1", e.img, "w-c", "127.0.0.1")
+	portal, iqn, err := src.Export(ctx, "mig1", img, "w-c", "127.0.0.1")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -207,5 +221,107 @@ func TestTunnelRefusesARevokedSourceExport(t *testing.T) {
 	if l2, err := e.dial(tun.Addr(), iqn, false); err == nil {
 		l2.Close()
 		t.Fatal("the tunnel reached a source whose certificate is revoked")
+	}
+}
+
+// The userspace path's initiator (`ferry volume serve`) verifies the source
+// too: once the operator revokes the source's certificate, the target
+// agent's list (refreshed as by the agent) reaches the running clone
+// (userspace.Backend.WatchDenied), which cuts its sessions; hydration stalls
+// with a reason naming the revocation, and a clone started later never
+// reads the source.
+func TestUserspaceCloneRefusesARevokedSource(t *testing.T) {
+	e := newRevokeEnv(t)
+	testenv.Tools(t, "run scripts/deps.sh", "fusermount3")
+	testenv.Paths(t, "modprobe fuse", "/dev/fuse")
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	// The clone's first background batches start at once, rate cap or
+	// not: 32 MiB at 1 MiB/s outlast the test unless the revocation stops it.
+	img := filepath.Join(t.TempDir(), "volume")
+	if err := os.WriteFile(img, e.want, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(img, 32<<20); err != nil {
+		t.Fatal(err)
+	}
+	src := e.source(filepath.Join(e.stateDir, "exports"))
+	portal, iqn, err := src.Export(ctx, "mig1", img, "w-c", "127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = src.Unexport(context.Background(), "mig1") })
+
+	// The target agent: its deny list refreshed as w-c, and its clones.
+	deny := &iscsi.DenyList{}
+	const refresh, push = 200 * time.Millisecond, 100 * time.Millisecond
+	target := &exporter.Exporter{Log: e.log, StateDir: filepath.Join(e.stateDir, "target-exports"), Revoked: e.wc, Deny: deny,
+		DenyEvery: refresh}
+	go target.WatchRevoked(ctx)
+	b := &userspace.Backend{DataDir: t.TempDir(), Exe: exe, Log: e.log, Loops: loopdev.System{}, Deny: deny,
+		TLS: &datapath.PeerTLS{Dir: e.c.TLSDir, Name: "w-c", Denied: deny.Denied}}
+	go b.WatchDenied(ctx, push)
+	// A raw clone (no LUKS2 view): the export serves plain bytes here.
+	start := func(vol string) (*userspace.Process, error) {
+		cfg := b.Config(vol, luks.Layout{})
+		cfg.Raw = true
+		cfg.Clone = &userspace.Clone{MetaPath: filepath.Join(b.VolumeDir(vol), "clone.meta"), Portal: portal, IQN: iqn,
+			TLS: b.TLS, Source: "w-a", Denied: deny.Serials(), RegionSize: 4096, RateLimit: 1 << 20}
+		if err := os.MkdirAll(b.VolumeDir(vol), 0o700); err != nil {
+			t.Fatal(err)
+		}
+		return userspace.Start(ctx, e.log, exe, cfg, nil, filepath.Join(b.DataDir, "run"))
+	}
+	t.Cleanup(func() { _ = b.CleanupAll(context.Background()) })
+	p, err := start("clone1")
+	if err != nil {
+		t.Fatalf("clone before any revocation: %v", err)
+	}
+	got := make([]byte, 64<<10)
+	f, err := os.Open(p.Config().DevicePath())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.ReadAt(got, 1<<20); err != nil || !bytes.Equal(got, e.want[1<<20:1<<20+len(got)]) {
+		t.Fatalf("read through the clone before the revocation: %v", err)
+	}
+	if err := p.EnableHydration(ctx); err != nil {
+		t.Fatal(err)
+	}
+
+	serial := e.serial(t, "w-a")
+	revoked := time.Now()
+	if err := e.op.RevokeCert(ctx, serial, "source host lost"); err != nil {
+		t.Fatal(err)
+	}
+	var st *datapath.Status
+	for {
+		if st, err = p.Status(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if st.Progress != nil && st.Progress.Stalled {
+			break
+		}
+		if st.Complete {
+			t.Fatal("the clone hydrated every region from a source whose certificate was revoked")
+		}
+		if time.Since(revoked) > 30*time.Second {
+			t.Fatalf("the clone still reads its revoked source 30 s after the revocation: %+v", st.Progress)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if r := st.Progress.StalledReason; !strings.Contains(r, "revoked") || !strings.Contains(r, serial) {
+		t.Fatalf("hydration stalled with %q: want the reason to name the revoked certificate %s", r, serial)
+	}
+	t.Logf("hydration stalled %v after the revocation was committed (list refresh %v, push %v): %s",
+		time.Since(revoked), refresh, push, st.Progress.StalledReason)
+
+	if _, err := start("clone2"); err == nil || !strings.Contains(err.Error(), "revoked") {
+		t.Fatalf("a clone started after the revocation: %v, want a refusal naming the revocation", err)
 	}
 }
