@@ -320,6 +320,16 @@ func TestUserspaceCloneRefusesARevokedSource(t *testing.T) {
 	}
 	t.Logf("hydration stalled %v after the revocation was committed (list refresh %v, push %v): %s",
 		time.Since(revoked), refresh, push, st.Progress.StalledReason)
+	// What the machine reads and was not hydrated fails (EIO), at once.
+	began := time.Now()
+	if _, err := f.ReadAt(got, 30<<20); err == nil {
+		t.Fatal("a read of an unhydrated block succeeded after the source was revoked")
+	} else {
+		t.Logf("the machine's read of an unhydrated block failed after %v: %v", time.Since(began), err)
+	}
+	if took := time.Since(began); took > 10*time.Second {
+		t.Errorf("a read from the revoked source took %v to fail", took)
+	}
 
 	if _, err := start("clone2"); err == nil || !strings.Contains(err.Error(), "revoked") {
 		t.Fatalf("a clone started after the revocation: %v, want a refusal naming the revocation", err)
