@@ -3,6 +3,7 @@ package userspace
 import (
 	"bytes"
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -145,6 +146,15 @@ func TestCloneRefusesARevokedSource(t *testing.T) {
 	t.Logf("hydration stalled %v after the revocation reached the agent's list (push period %v): %s", took, every, st.Progress.StalledReason)
 	if took > 10*time.Second {
 		t.Errorf("the revocation took %v to stop the clone's reads", took)
+	}
+	// The control socket takes canonical serials only.
+	p, err := dst.Process(ctx, spec.Volume)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ce *CallError
+	if err := p.SetDenied(ctx, []string{serial, "0x" + serial}); !errors.As(err, &ce) || ce.Status != 400 {
+		t.Fatalf("a deny list with a malformed serial: %v, want a 400 refusal", err)
 	}
 	logb, _ := os.ReadFile(filepath.Join(dst.runDir(), spec.Volume+".log"))
 	if !bytes.Contains(logb, []byte("initiator cut a session")) {
