@@ -227,6 +227,10 @@ func (l *LUN) reconnect(p *path, old *session, done chan struct{}) {
 	// Lock order: l.mu before p.mu (Close holds l.mu while it collects).
 	l.mu.Lock()
 	p.mu.Lock()
+	if err == nil && l.revoked(s) {
+		err = &RevokedError{Serial: s.serial}
+		s.kill(err)
+	}
 	p.connecting = nil
 	p.connErr = err
 	if err == nil {
@@ -259,6 +263,13 @@ func (l *LUN) connect(isid [6]byte, deadline time.Time, portal, iqn string) (*se
 	return s, nil
 }
 
+// revoked reports whether s's target certificate is denied. Called under
+// l.mu before a session is installed: a list changed during its handshake
+// is seen either here or by CutDenied, which takes l.mu after the change.
+func (l *LUN) revoked(s *session) bool {
+	return l.cfg.Denied != nil && s.serial != "" && l.cfg.Denied(s.serial)
+}
+
 // CutDenied ends every live session whose target certificate Denied now
 // reports (revoked after the handshake) and returns how many it ended.
 // Commands in flight on them are re-issued on a new login, which the
@@ -271,7 +282,7 @@ func (l *LUN) CutDenied() int {
 	l.mu.Lock()
 	for _, p := range l.paths {
 		p.mu.Lock()
-		if s := p.sess; s != nil && s.serial != "" && s.alive() && l.cfg.Denied(s.serial) {
+		if s := p.sess; s != nil && s.alive() && l.revoked(s) {
 			cut = append(cut, s)
 		}
 		p.mu.Unlock()
@@ -332,6 +343,12 @@ func (l *LUN) Retarget(ctx context.Context, portal, iqn string) error {
 		l.mu.Unlock()
 		s.kill(blockdev.ErrClosed)
 		return blockdev.ErrClosed
+	}
+	if l.revoked(s) {
+		l.mu.Unlock()
+		err := &RevokedError{Serial: s.serial}
+		s.kill(err)
+		return fmt.Errorf("the moved export: %w", err)
 	}
 	l.cfg.Portal, l.cfg.IQN = portal, iqn
 	var olds []*session
