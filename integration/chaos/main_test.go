@@ -66,21 +66,7 @@ func TestMain(m *testing.M) {
 			panic(err)
 		}
 	}
-	dir, err := os.MkdirTemp("", "ferry-chaos-bin-")
-	if err != nil {
-		panic(err)
-	}
-	ferryBin, err = testbed.BuildFerry(dir)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	code := m.Run()
-	if err := testbed.RaceReports(dir, os.Stderr); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		code = 1
-	}
-	os.RemoveAll(dir)
+	code := testbed.RunRaceBuilt(m, "chaos", &ferryBin)
 	var names []string
 	for n := range reports {
 		names = append(names, n)

@@ -33,22 +33,7 @@ import (
 var ferryBin string
 
 func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "ferry-mcp-bin-")
-	if err != nil {
-		panic(err)
-	}
-	ferryBin, err = testbed.BuildFerry(dir)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	code := m.Run()
-	if err := testbed.RaceReports(dir, os.Stderr); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		code = 1
-	}
-	os.RemoveAll(dir)
-	os.Exit(code)
+	os.Exit(testbed.RunRaceBuilt(m, "mcp", &ferryBin))
 }
 
 // tsDir holds the driver, package.json and the lock file.

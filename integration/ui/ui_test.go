@@ -6,7 +6,6 @@ package ui
 
 import (
 	"context"
-	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -30,22 +29,7 @@ import (
 var ferryBin string
 
 func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "ferry-ui-bin-")
-	if err != nil {
-		panic(err)
-	}
-	ferryBin, err = testbed.BuildFerry(dir)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	code := m.Run()
-	if err := testbed.RaceReports(dir, os.Stderr); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		code = 1
-	}
-	os.RemoveAll(dir)
-	os.Exit(code)
+	os.Exit(testbed.RunRaceBuilt(m, "ui", &ferryBin))
 }
 
 // chromium finds Debian's chromium; without it the test skips, or fails in

@@ -54,6 +54,29 @@ func BuildFerry(dir string) (string, error) {
 	return exe, nil
 }
 
+// RunRaceBuilt is the TestMain of a suite that drives ferry's daemons: it
+// builds the race-detecting binary (BuildFerry) into a temporary folder,
+// sets *bin to it, runs the tests and fails the run on any race report of
+// the daemons. It returns the exit code for os.Exit.
+func RunRaceBuilt(m interface{ Run() int }, suite string, bin *string) int {
+	dir, err := os.MkdirTemp("", "ferry-"+suite+"-bin-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer os.RemoveAll(dir)
+	if *bin, err = BuildFerry(dir); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	code := m.Run()
+	if err := RaceReports(dir, os.Stderr); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		code = 1
+	}
+	return code
+}
+
 // depRaces are modules whose own races RaceReports lists but does not fail
 // on: a report where every frame of both accesses is inside one of them is
 // the dependency's bug, which ferry cannot fix without forking it.
