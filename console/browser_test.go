@@ -2,9 +2,6 @@ package console
 
 import (
 	"context"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -12,29 +9,17 @@ import (
 	"github.com/chromedp/chromedp"
 
 	"github.com/ferry-dev/ferry/fsm"
-	"github.com/ferry-dev/ferry/internal/testenv"
+	"github.com/ferry-dev/ferry/internal/browsertest"
 )
 
 // chromium finds Debian's chromium. Without it the browser test skips, or
 // fails under CI or FERRY_REQUIRE, where a skip would hide a missing install.
-func chromium(t *testing.T) string {
-	t.Helper()
-	for _, name := range []string{"chromium", "/usr/bin/chromium", "chromium-browser"} {
-		if p, err := exec.LookPath(name); err == nil {
-			return p
-		}
-	}
-	const msg = "chromium: install Debian's chromium (apt-get install -y chromium; it is in scripts/packages.txt)"
-	testenv.Require(t, msg, false)
-	return ""
-}
-
 // TestBrowser drives headless chromium through the console: the fleet page,
 // a migration's state changing live over server-sent events, and the abort
 // flow (a refusal past cutover in the server's words, a wrong confirmation,
 // then an accepted abort), and a drain. FERRY_UI_SCREENSHOTS=DIR saves screenshots there.
 func TestBrowser(t *testing.T) {
-	exe := chromium(t)
+	browsertest.Chromium(t) // before the fleet: a missing browser fails at once
 	f := newFleet(t)
 	ln, err := Listen("127.0.0.1:0", false)
 	if err != nil {
@@ -51,38 +36,11 @@ func TestBrowser(t *testing.T) {
 	})
 	base := "http://" + ln.Addr().String()
 
-	actx, cancelAlloc := chromedp.NewExecAllocator(context.Background(),
-		chromedp.ExecPath(exe),
-		chromedp.Headless,
-		chromedp.NoSandbox, // root in a container: chromium's sandbox needs user namespaces it may not get
-		chromedp.DisableGPU,
-		chromedp.NoFirstRun,
-		chromedp.NoDefaultBrowserCheck,
-		chromedp.Flag("disable-background-networking", true),
-		chromedp.Flag("disable-component-update", true),
-		chromedp.Flag("disable-sync", true),
-		chromedp.UserDataDir(t.TempDir()),
-		chromedp.WindowSize(1400, 1000),
-	)
-	defer cancelAlloc()
-	bctx, cancelBrowser := chromedp.NewContext(actx, chromedp.WithLogf(t.Logf))
-	defer cancelBrowser()
+	bctx := browsertest.Start(t)
 	ctx, cancel := context.WithTimeout(bctx, 2*time.Minute)
 	defer cancel()
 
-	shots := os.Getenv("FERRY_UI_SCREENSHOTS")
-	shot := func(name string) chromedp.Action[chromedp.Void] {
-		return chromedp.Func(func(ctx context.Context, tg *chromedp.Target) error {
-			if shots == "" {
-				return nil
-			}
-			png, err := chromedp.FullScreenshot(100)(ctx, tg) // quality 100 makes a PNG
-			if err != nil {
-				return err
-			}
-			return os.WriteFile(filepath.Join(shots, name+".png"), png, 0o644)
-		})
-	}
+	shot := browsertest.Screenshot
 	do := func(what string, steps ...chromedp.Action[chromedp.Void]) {
 		t.Helper()
 		sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
@@ -114,7 +72,7 @@ func TestBrowser(t *testing.T) {
 	// The browser lives as long as the context of the first run: start it on
 	// the test's context, so each step may have its own timeout.
 	if err := chromedp.Do(ctx, chromedp.Navigate("about:blank")); err != nil {
-		t.Fatalf("starting %s: %v", exe, err)
+		t.Fatalf("starting chromium: %v", err)
 	}
 
 	// The fleet page, then a change on the servers shows up without a reload.

@@ -7,8 +7,6 @@ package ui
 import (
 	"context"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"slices"
 	"strings"
 	"syscall"
@@ -21,6 +19,7 @@ import (
 	"github.com/ferry-dev/ferry/api"
 	"github.com/ferry-dev/ferry/console"
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/browsertest"
 	"github.com/ferry-dev/ferry/internal/testbed"
 	"github.com/ferry-dev/ferry/internal/testenv"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
@@ -32,19 +31,6 @@ func TestMain(m *testing.M) {
 	os.Exit(testbed.RunRaceBuilt(m, "ui", &ferryBin))
 }
 
-// chromium finds Debian's chromium; without it the test skips, or fails in
-// strict mode.
-func chromium(t *testing.T) string {
-	t.Helper()
-	for _, name := range []string{"chromium", "chromium-browser"} {
-		if p, err := exec.LookPath(name); err == nil {
-			return p
-		}
-	}
-	testenv.Require(t, "chromium: apt-get install -y chromium (it is in scripts/packages.txt)", false)
-	return ""
-}
-
 // The volume is small: the test watches the page, not the data path.
 const volSize = 64 << 20
 
@@ -54,7 +40,7 @@ const volSize = 64 << 20
 // cutover and sees the servers refuse it with their reason.
 // FERRY_UI_SCREENSHOTS=DIR saves screenshots there (docs/ui.md shows them).
 func TestConsoleFollowsARealMigration(t *testing.T) {
-	exe := chromium(t)
+	browsertest.Chromium(t) // before the cluster: a missing browser fails at once
 	testenv.Root(t, "network namespaces, loop devices, mounts")
 	testenv.Tools(t, "run scripts/deps.sh", "cryptsetup", "mkfs.ext4", "nsenter", "losetup", "fstrim", "fusermount3", "ip")
 	testenv.Paths(t, "modprobe fuse", "/dev/fuse")
@@ -127,28 +113,14 @@ func TestConsoleFollowsARealMigration(t *testing.T) {
 	}()
 	base := "http://" + ln.Addr().String()
 
-	actx, cancelAlloc := chromedp.NewExecAllocator(context.Background(),
-		chromedp.ExecPath(exe),
-		chromedp.Headless,
-		chromedp.NoSandbox, // root in a container: chromium's sandbox needs user namespaces it may not get
-		chromedp.DisableGPU,
-		chromedp.NoFirstRun,
-		chromedp.NoDefaultBrowserCheck,
-		chromedp.Flag("disable-background-networking", true),
-		chromedp.Flag("disable-component-update", true),
-		chromedp.Flag("disable-sync", true),
+	bctx := browsertest.Start(t,
 		// The watching tab is in the background while the other acts.
 		chromedp.Flag("disable-background-timer-throttling", true),
 		chromedp.Flag("disable-renderer-backgrounding", true),
-		chromedp.UserDataDir(t.TempDir()),
-		chromedp.WindowSize(1400, 1000),
 	)
-	defer cancelAlloc()
-	bctx, cancelBrowser := chromedp.NewContext(actx, chromedp.WithLogf(t.Logf))
-	defer cancelBrowser()
 	// The browser lives as long as the context of its first run.
 	if err := chromedp.Do(bctx, chromedp.Navigate("about:blank")); err != nil {
-		t.Fatalf("starting %s: %v", exe, err)
+		t.Fatalf("starting chromium: %v", err)
 	}
 	watch, cancelWatch := chromedp.NewContext(bctx) // tab 1: the fleet page, never reloaded
 	defer cancelWatch()
@@ -162,19 +134,7 @@ func TestConsoleFollowsARealMigration(t *testing.T) {
 		}
 	}
 
-	shots := os.Getenv("FERRY_UI_SCREENSHOTS")
-	shot := func(name string) chromedp.Action[chromedp.Void] {
-		return chromedp.Func(func(ctx context.Context, tg *chromedp.Target) error {
-			if shots == "" {
-				return nil
-			}
-			png, err := chromedp.FullScreenshot(100)(ctx, tg) // quality 100 makes a PNG
-			if err != nil {
-				return err
-			}
-			return os.WriteFile(filepath.Join(shots, name+".png"), png, 0o644)
-		})
-	}
+	shot := browsertest.Screenshot
 	do := func(tab context.Context, what string, timeout time.Duration, steps ...chromedp.Action[chromedp.Void]) {
 		t.Helper()
 		sctx, cancel := context.WithTimeout(tab, timeout)
