@@ -40,7 +40,7 @@ type drainPlan struct {
 // drainLive is the part of the drain page that follows the servers.
 type drainLive struct {
 	Worker string
-	Drain  *drainView       // the running drain, else the newest ended one; nil when none
+	Drain  *drainView      // the running drain, else the newest ended one; nil when none
 	Moving []migrationView // migrations off the worker
 }
 
