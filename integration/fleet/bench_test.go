@@ -23,6 +23,7 @@ import (
 
 	"github.com/ferry-dev/ferry/api"
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/sealing"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
 	"github.com/ferry-dev/ferry/server"
 )
@@ -44,8 +45,8 @@ func BenchmarkFleetDrain(b *testing.B) {
 	nAgents := envInt("FERRY_FLEET_AGENTS", 100)
 	perAgent := envInt("FERRY_FLEET_MACHINES", 10)
 	nPlan := min(50, nAgents/2)
-	nDrain := min(50, nAgents/4)
-	nKill := min(10, nAgents/10)
+	nDrain := max(1, min(50, nAgents/4))
+	nKill := max(1, min(10, nAgents/10))
 	const (
 		volSize = 4 << 30
 		ttl     = 10 * time.Second
@@ -88,7 +89,10 @@ func buildFerry(b *testing.B, dir string) string {
 
 func (p *proc) start(b *testing.B, bin, tlsDir string, join string) {
 	args := []string{"server", "--name", p.id, "--data-dir", p.dir, "--listen", p.api, "--raft-addr", p.raft,
-		"--tls-dir", tlsDir, "--log-level", "error"}
+		"--tls-dir", tlsDir, "--log-level", "error",
+		// One operator certificate seeds thousands of records: the
+		// per-certificate write limit is not what is measured.
+		"--write-rate=-1"}
 	if join == "" {
 		args = append(args, "--bootstrap")
 	} else {
@@ -187,31 +191,47 @@ func runFleetBench(b *testing.B, nAgents, perAgent, nPlan, nDrain, nKill int, vo
 		time.Sleep(100 * time.Millisecond)
 	}
 	b.Logf("cluster of 3 server processes up in %s", time.Since(t0).Round(time.Millisecond))
+	// Volumes are refused until a recovery key is registered, as
+	// `ferry keys recovery-init` does once per cluster.
+	rk, err := sealing.Generate()
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := op.SetRecoveryKey(ctx, rk.Public()); err != nil {
+		b.Fatalf("registering the recovery key: %v", err)
+	}
 
 	// Agents and their machines.
 	fab := &Fabric{LinkBPS: 1000 << 20, CloneBPS: 200 << 20, StepDelay: 50 * time.Millisecond, Tick: 100 * time.Millisecond}
 	lat := &Latencies{}
 	agents := make([]*SimAgent, nAgents)
 	t0 = time.Now()
-	parallelDo(16, nAgents, func(i int) {
+	clients := make([]*api.Client, nAgents)
+	for i := range clients {
+		clients[i] = client(fmt.Sprintf("w%04d", i), i)
+	}
+	if err := parallelDo(16, nAgents, func(i int) error {
 		name := fmt.Sprintf("w%04d", i)
-		a := NewSimAgent(name, uint32(i+1), client(name, i), fab, 4<<40, 4<<40-int64(perAgent)*volSize)
+		a := NewSimAgent(name, uint32(i+1), clients[i], fab, 4<<40, 4<<40-int64(perAgent)*volSize)
 		a.TTL, a.Reconcile, a.Lat = ttl, time.Second, lat
 		a.SlotsIn, a.SlotsOut = 4, 8
 		if err := a.Register(ctx); err != nil {
-			b.Fatalf("register %s: %v", name, err)
+			return fmt.Errorf("register %s: %w", name, err)
 		}
 		agents[i] = a
-	})
+		return nil
+	}); err != nil {
+		b.Fatal(err)
+	}
 	seedOps := make([]*api.Client, 16)
 	for i := range seedOps {
 		seedOps[i] = client("operator", i)
 	}
-	parallelDo(16, nAgents, func(i int) {
-		if err := seedMachines(ctx, seedOps[i%16], agents[i].Name, perAgent, volSize, nil); err != nil {
-			b.Fatal(err)
-		}
-	})
+	if err := parallelDo(16, nAgents, func(i int) error {
+		return seedMachines(ctx, seedOps[i%16], agents[i].Name, perAgent, volSize, nil)
+	}); err != nil {
+		b.Fatal(err)
+	}
 	b.Logf("%d agents and %d machines registered in %s", nAgents, nAgents*perAgent, time.Since(t0).Round(time.Millisecond))
 	actx, acancel := context.WithCancel(ctx)
 	defer acancel()
@@ -341,15 +361,22 @@ func runFleetBench(b *testing.B, nAgents, perAgent, nPlan, nDrain, nKill int, vo
 
 func humanRate(n int64) string { return fmt.Sprintf("%d MiB", n>>20) }
 
-func parallelDo(n, total int, fn func(i int)) {
+// parallelDo runs fn(0..total-1) on n goroutines and returns the first
+// error (the rest still run: the caller fails on its own goroutine, where
+// b.Fatal may be called).
+func parallelDo(n, total int, fn func(i int) error) error {
 	var wg sync.WaitGroup
+	var once sync.Once
+	var first error
 	ch := make(chan int)
 	for range n {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			for i := range ch {
-				fn(i)
+				if err := fn(i); err != nil {
+					once.Do(func() { first = err })
+				}
 			}
 		}()
 	}
@@ -358,6 +385,7 @@ func parallelDo(n, total int, fn func(i int)) {
 	}
 	close(ch)
 	wg.Wait()
+	return first
 }
 
 func index(b *testing.B, ctx context.Context, op *api.Client) uint64 {
