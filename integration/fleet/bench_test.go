@@ -135,6 +135,7 @@ func rssMiB(pid int) float64 {
 
 func runFleetBench(b *testing.B, nAgents, perAgent, nPlan, nDrain, nKill int, volSize int64, ttl time.Duration) {
 	b.StopTimer()
+	started := time.Now()
 	dir := b.TempDir()
 	tlsDir := filepath.Join(dir, "tls")
 	bin := buildFerry(b, dir)
@@ -325,7 +326,8 @@ func runFleetBench(b *testing.B, nAgents, perAgent, nPlan, nDrain, nKill int, vo
 	leader.kill()
 	b.Logf("killed leader %s with %d drains under way", leader.id, nKill)
 	waitDrains(b, ctx, op, killed, t1)
-	b.Logf("drains across the leader kill ended in %s (longest %s)", time.Since(t1).Round(time.Millisecond), longestDrain(b, ctx, op, killed).Round(time.Millisecond))
+	killDur := time.Since(t1)
+	b.Logf("drains across the leader kill ended in %s (longest %s)", killDur.Round(time.Millisecond), longestDrain(b, ctx, op, killed).Round(time.Millisecond))
 	if ms, err := op.ListMigrations(ctx, ""); err == nil {
 		rolled := map[string]int{}
 		for _, m := range ms {
@@ -339,7 +341,7 @@ func runFleetBench(b *testing.B, nAgents, perAgent, nPlan, nDrain, nKill int, vo
 
 	// Leader memory with the issue's history: a store holding 10 000
 	// machines and 100 000 finished migrations, measured in this process.
-	storeMiB := storeHeapMiB(b, ctx, op, 10000, 100000)
+	storeMiB, snapMiB := storeHeapMiB(b, ctx, op, 10000, 100000)
 
 	b.ReportMetric(steadyWrites, "steady-writes/s")
 	b.ReportMetric(float64(nAgents)/ttl.Seconds(), "steady-writes-goal/s")
@@ -351,10 +353,23 @@ func runFleetBench(b *testing.B, nAgents, perAgent, nPlan, nDrain, nKill int, vo
 	b.ReportMetric(float64(dups), "dup-migrations")
 	b.ReportMetric(float64(nAgents), "agents")
 	b.ReportMetric(float64(nAgents*perAgent), "machines")
-	if path := os.Getenv("FERRY_FLEET_SVG"); path != "" {
-		if err := writeDrainSVG(path, fmt.Sprintf("Drain of %d workers (%d machines): migrations started", nDrain, nDrain*perAgent), curve, ideal); err != nil {
+	scaled := os.Getenv("FERRY_FLEET_AGENTS") != "" || os.Getenv("FERRY_FLEET_MACHINES") != ""
+	if os.Getenv("FERRY_FLEET_WRITE") != "" || !scaled {
+		docs := os.Getenv("FERRY_FLEET_DOCS")
+		if docs == "" {
+			docs = filepath.Join("..", "..", "docs")
+		}
+		r := fleetResult{At: started, Took: time.Since(started), Load: loadAvg(), Agents: nAgents, PerAgent: perAgent, TTL: ttl,
+			SteadyWrites: steadyWrites, SteadyWindow: window, GoalWritesPerSec: float64(nAgents) / ttl.Seconds(), P99: p99, Calls: nCalls,
+			PlanS: planS, Planned: nPlan, Placed: placed, Drained: nDrain, DrainDur: drainDur, Ideal: ideal, Wall: wall,
+			DrainVsIdeal: drainDur.Seconds() / ideal.Seconds(), LinkMiB: fab.LinkBPS >> 20, LeaderRSS: leaderRSS, FinishedMigrations: nDrain * perAgent,
+			StoreMiB: storeMiB, SnapMiB: snapMiB, Killed: nKill, KillDur: killDur, Dups: dups, Curve: curve, EnvScaled: scaled}
+		if err := writeFleetDocs(docs, r); err != nil {
 			b.Fatal(err)
 		}
+		b.Logf("wrote the fleet section of %s and its plot", filepath.Join(docs, "benchmarks.md"))
+	} else {
+		b.Logf("scaled run: not writing docs/benchmarks.md (set FERRY_FLEET_WRITE=1 to write anyway)")
 	}
 	acancel()
 }
@@ -542,7 +557,7 @@ func duplicates(b *testing.B, ctx context.Context, op *api.Client) int {
 // storeHeapMiB measures the heap a store takes holding machines machines
 // (with their volumes and workers) and finished migrations copied from a
 // real completed one, restored from a snapshot as a new leader would.
-func storeHeapMiB(b *testing.B, ctx context.Context, op *api.Client, machines, finished int) float64 {
+func storeHeapMiB(b *testing.B, ctx context.Context, op *api.Client, machines, finished int) (heapMiB, snapMiB float64) {
 	ms, err := op.ListMigrations(ctx, "")
 	if err != nil {
 		b.Fatal(err)
@@ -597,7 +612,7 @@ func storeHeapMiB(b *testing.B, ctx context.Context, op *api.Client, machines, f
 		fmt.Fprintf(&buf, "%q:%s", c.ID, j)
 	}
 	buf.WriteString(`}}`)
-	snapMiB := float64(buf.Len()) / (1 << 20)
+	snapMiB = float64(buf.Len()) / (1 << 20)
 	var before, after runtime.MemStats
 	runtime.GC()
 	debug.FreeOSMemory()
@@ -612,40 +627,5 @@ func storeHeapMiB(b *testing.B, ctx context.Context, op *api.Client, machines, f
 	heap := float64(after.HeapAlloc-min(before.HeapAlloc, after.HeapAlloc)) / (1 << 20)
 	b.Logf("store with %d machines and %d finished migrations: %.0f MiB of heap (snapshot %.0f MiB)", machines, finished, heap, snapMiB)
 	runtime.KeepAlive(st)
-	return heap
-}
-
-// writeDrainSVG plots machines started by the drains over time, with the
-// ideal line given the bandwidth budget.
-func writeDrainSVG(path, title string, curve []sample, ideal time.Duration) error {
-	const w, h, l, r, t, bt = 720.0, 400.0, 70.0, 20.0, 40.0, 50.0
-	if len(curve) == 0 {
-		return nil
-	}
-	maxT := max(curve[len(curve)-1].t.Seconds(), ideal.Seconds()) * 1.05
-	maxY := 1.0
-	for _, s := range curve {
-		maxY = max(maxY, float64(s.moved))
-	}
-	x := func(v float64) float64 { return l + v/maxT*(w-l-r) }
-	y := func(v float64) float64 { return h - bt - v/maxY*(h-t-bt) }
-	var sb strings.Builder
-	fmt.Fprintf(&sb, `<svg xmlns="http://www.w3.org/2000/svg" width="%.0f" height="%.0f" font-family="sans-serif" font-size="12">`+"\n", w, h)
-	fmt.Fprintf(&sb, `<rect width="100%%" height="100%%" fill="white"/><text x="%.0f" y="22" font-size="15" text-anchor="middle">%s</text>`+"\n", w/2, title)
-	fmt.Fprintf(&sb, `<line x1="%.0f" y1="%.0f" x2="%.0f" y2="%.0f" stroke="black"/><line x1="%.0f" y1="%.0f" x2="%.0f" y2="%.0f" stroke="black"/>`+"\n",
-		l, h-bt, w-r, h-bt, l, t, l, h-bt)
-	fmt.Fprintf(&sb, `<text x="%.0f" y="%.0f" text-anchor="middle">seconds (ideal %.1fs dashed)</text><text x="15" y="%.0f" transform="rotate(-90 15 %.0f)" text-anchor="middle">migrations started</text>`+"\n",
-		(l+w-r)/2, h-12, ideal.Seconds(), (t+h-bt)/2, (t+h-bt)/2)
-	for i := 0; i <= 4; i++ {
-		fmt.Fprintf(&sb, `<text x="%.0f" y="%.0f" text-anchor="middle">%.0f</text><text x="%.0f" y="%.0f" text-anchor="end">%.0f</text>`+"\n",
-			x(maxT*float64(i)/4), h-bt+16, maxT*float64(i)/4, l-6, y(maxY*float64(i)/4)+4, maxY*float64(i)/4)
-	}
-	var pts []string
-	for _, s := range curve {
-		pts = append(pts, fmt.Sprintf("%.1f,%.1f", x(s.t.Seconds()), y(float64(s.moved))))
-	}
-	fmt.Fprintf(&sb, `<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="%s"/>`+"\n", strings.Join(pts, " "))
-	fmt.Fprintf(&sb, `<line x1="%.1f" y1="%.0f" x2="%.1f" y2="%.0f" stroke="#d62728" stroke-dasharray="6 4"/>`+"\n", x(ideal.Seconds()), t, x(ideal.Seconds()), h-bt)
-	sb.WriteString("</svg>\n")
-	return os.WriteFile(path, []byte(sb.String()), 0o644)
+	return heap, snapMiB
 }
