@@ -249,8 +249,9 @@ func runFleetBench(b *testing.B, nAgents, perAgent, nPlan, nDrain, nKill int, vo
 	i1 := index(b, ctx, op)
 	p99, nCalls := lat.Stop(99)
 	steadyWrites := float64(i1-i0) / window.Seconds()
-	b.Logf("steady state: %d raft entries in %s (%.1f/s; goal <= %d workers / %s = %.1f/s); %d agent calls, p99 %s",
-		i1-i0, window, steadyWrites, nAgents, ttl, float64(nAgents)/ttl.Seconds(), nCalls, p99)
+	kinds := lat.Kinds(99)
+	b.Logf("steady state: %d raft entries in %s (%.1f/s; goal <= %d workers / %s = %.1f/s); %d agent calls, p99 %s (%s)",
+		i1-i0, window, steadyWrites, nAgents, ttl, float64(nAgents)/ttl.Seconds(), nCalls, p99, strings.Join(kinds, ", "))
 
 	// Plan the drain of nPlan workers (cordoned first, as for any
 	// multi-worker drain), then drain the first nDrain of them.
@@ -360,7 +361,7 @@ func runFleetBench(b *testing.B, nAgents, perAgent, nPlan, nDrain, nKill int, vo
 			docs = filepath.Join("..", "..", "docs")
 		}
 		r := fleetResult{At: started, Took: time.Since(started), Load: loadAvg(), Agents: nAgents, PerAgent: perAgent, TTL: ttl,
-			SteadyWrites: steadyWrites, SteadyWindow: window, GoalWritesPerSec: float64(nAgents) / ttl.Seconds(), P99: p99, Calls: nCalls,
+			SteadyWrites: steadyWrites, SteadyWindow: window, GoalWritesPerSec: float64(nAgents) / ttl.Seconds(), P99: p99, Calls: nCalls, CallKinds: kinds,
 			PlanS: planS, Planned: nPlan, Placed: placed, Drained: nDrain, DrainDur: drainDur, Ideal: ideal, Wall: wall,
 			DrainVsIdeal: drainDur.Seconds() / ideal.Seconds(), LinkMiB: fab.LinkBPS >> 20, LeaderRSS: leaderRSS, FinishedMigrations: nDrain * perAgent,
 			StoreMiB: storeMiB, SnapMiB: snapMiB, Killed: nKill, KillDur: killDur, Dups: dups, Curve: curve, EnvScaled: scaled}
