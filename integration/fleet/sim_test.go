@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"math/rand/v2"
 	"sort"
 	"sync"
 	"time"
@@ -179,7 +180,17 @@ func (a *SimAgent) timed(kind string, fn func() error) error {
 	return err
 }
 
+// phase waits a random part of period: agents started together would
+// otherwise call at the same instants, a burst no fleet of agents started
+// at different times makes (and what a p99 would measure).
+func (a *SimAgent) phase(ctx context.Context, period time.Duration) bool {
+	return a.pause(ctx, rand.N(period)) == nil
+}
+
 func (a *SimAgent) beat(ctx context.Context) {
+	if !a.phase(ctx, a.TTL/4) {
+		return
+	}
 	t := time.NewTicker(a.TTL / 4)
 	defer t.Stop()
 	for {
@@ -197,6 +208,9 @@ func (a *SimAgent) beat(ctx context.Context) {
 }
 
 func (a *SimAgent) reconcile(ctx context.Context) {
+	if !a.phase(ctx, a.Reconcile) {
+		return
+	}
 	t := time.NewTicker(a.Reconcile)
 	defer t.Stop()
 	for {
