@@ -77,20 +77,21 @@ func fleetSection(r fleetResult) string {
 	if r.EnvScaled {
 		w(" with FERRY_FLEET_AGENTS=%d FERRY_FLEET_MACHINES=%d", r.Agents, r.PerAgent)
 	}
-	w(". Run %s on %d cores (%s; shared with other jobs: load average %s at the end); the whole benchmark took %s\n",
-		r.At.UTC().Format("2006-01-02 15:04 UTC"), runtime.NumCPU(), runtime.Version(), r.Load, r.Took.Round(time.Second))
-	w("(ferry build, certificates, cluster, seeding, all phases). Do not edit by hand: re-run the benchmark.\n\n")
+	w(".\nRun %s on %d cores (%s; shared with other jobs: load average %s at the end); the whole\n",
+		r.At.UTC().Format("2006-01-02 15:04 UTC"), runtime.NumCPU(), runtime.Version(), r.Load)
+	w("benchmark took %s (ferry build, certificates, cluster, seeding, all phases). Do not edit by hand:\nre-run the benchmark.\n\n", r.Took.Round(time.Second))
 	w("What runs: three `ferry server` processes (mTLS API and raft on loopback, default raft timing); %d\n", r.Agents)
 	w("simulated agents in the benchmark's process, each with its own worker certificate, speaking the\n")
 	w("real API: registration, heartbeats every TTL/4 with a capacity report (lease TTL %s), a list of\n", r.TTL)
-	w("its volumes and machines every second (the real agent's reconcile), a blocking watch of its\n")
+	w("its volumes and machines every second (the real agent's reconcile; each agent's loops start at a\n")
+	w("random phase, as agents started at different times would), a blocking watch of its\n")
 	w("migrations, and every step of its roles with step IDs. The data path is a timing model: 50 ms per\n")
 	w("step before cutover; hydrations at min(clone cap 200 MiB/s, the source's %d MiB/s link shared by\n", r.LinkMiB)
 	w("the hydrations it serves). %d machines with 4 GiB volumes, %d per worker. The issue's 1000 agents\n", r.Agents*r.PerAgent, r.PerAgent)
 	w("and 10 000 machines do not fit in 10 minutes on these 2 shared cores (the servers and the agents\n")
 	w("share them); `FERRY_FLEET_AGENTS` and `FERRY_FLEET_MACHINES` (per agent) scale the run.\n\n")
 	w("| metric | result | goal | how |\n|---|---|---|---|\n")
-	w("| `steady-writes/s` | %.1f | <= %d workers / %s lease = %.1f | raft index delta over %s with no migration running; heartbeats write only when half the lease is left or the capacity report changed; reconcile lists and key reads are reads |\n",
+	w("| `steady-writes/s` | %.1f | <= %d workers / %s lease = %.1f | raft index delta over %s with no migration running; a heartbeat is written only when less than a TTL of lease is left (the write grants 2 TTL) or the capacity report changed; reconcile lists and key reads are reads |\n",
 		r.SteadyWrites, r.Agents, r.TTL, r.GoalWritesPerSec, r.SteadyWindow)
 	w("| `api-p99-ms` | %.1f | <= 50 | p99 of the agents' short calls in that window (heartbeats, list volumes, list machines: %d calls; by kind: %s), measured in the agents' process, so it includes their own scheduling on the shared cores |\n",
 		float64(r.P99.Microseconds())/1000, r.Calls, strings.Join(r.CallKinds, ", "))
