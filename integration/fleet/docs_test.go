@@ -38,6 +38,7 @@ type fleetResult struct {
 	P99                time.Duration
 	Calls              int
 	CallKinds          []string // p99 (count) by kind of call
+	Election           string   // a leader change in the steady window, said
 	PlanS              float64
 	Planned, Placed    int
 	Drained            int
@@ -94,7 +95,7 @@ func fleetSection(r fleetResult) string {
 	w("| `steady-writes/s` | %.1f | <= %d workers / %s lease = %.1f | raft index delta over %s with no migration running; a heartbeat is written only when less than a TTL of lease is left (the write grants 2 TTL) or the capacity report changed; reconcile lists and key reads are reads |\n",
 		r.SteadyWrites, r.Agents, r.TTL, r.GoalWritesPerSec, r.SteadyWindow)
 	w("| `api-p99-ms` | %.1f | <= 50 | p99 of the agents' short calls in that window (heartbeats, list volumes, list machines: %d calls; by kind: %s), measured in the agents' process, so it includes their own scheduling on the shared cores |\n",
-		float64(r.P99.Microseconds())/1000, r.Calls, strings.Join(r.CallKinds, ", "))
+		float64(r.P99.Microseconds())/1000, r.Calls, strings.Join(r.CallKinds, ", ")+map[bool]string{true: "; " + r.Election, false: ""}[r.Election != ""])
 	w("| `plan-s` | %.3f | <= 2 | %d workers (%d machines) planned through `POST /v1/drains/plan`, one after the other, after cordoning them |\n",
 		r.PlanS, r.Planned, r.Placed)
 	w("| `drain-vs-ideal` | %.2f | <= 1.2 | %d workers (%d machines) drained at once, `--parallel 8` (the bandwidth budget allows 5 per source): longest drain by its record (created to complete) %s over the ideal %s (%d GiB per source at %d MiB/s); %s from the first request to the last completion |\n",
