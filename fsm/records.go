@@ -184,7 +184,7 @@ func (m *Migration) Clone() *Migration {
 	c.KnownZero = slices.Clone(m.KnownZero)
 	c.KeyAccess = slices.Clone(m.KeyAccess)
 	c.Steps = slices.Clone(m.Steps)
-	c.stepIndex = nil // rebuilt on first use: the copy's own
+	c.stepIndex = nil // step scans the copy's own Steps
 	return &c
 }
 
@@ -208,7 +208,15 @@ func (m *Migration) step(id string) (StepResult, bool) {
 		return StepResult{}, false
 	}
 	if m.stepIndex == nil {
-		m.reindex()
+		// No index (a clone, or a record that never remembered a step):
+		// scan, never build one here, as readers under the store's read
+		// lock (Authorize, Clone) may share this record.
+		for i := len(m.Steps) - 1; i >= 0; i-- {
+			if m.Steps[i].StepID == id {
+				return m.Steps[i], true
+			}
+		}
+		return StepResult{}, false
 	}
 	i, ok := m.stepIndex[id]
 	if !ok {
