@@ -160,7 +160,13 @@ func TestBrowser(t *testing.T) {
 		chromedp.Click(chromedp.CSS(`#drain-submit`)),
 		visible(`#outcome`),
 	)
-	if out := text("#outcome"); !strings.Contains(out, "1 migration started") {
+	if out := text("#outcome"); !strings.Contains(out, "recorded: w-src is cordoned") {
 		t.Fatalf("drain outcome: %q", out)
 	}
+	// The servers run the drain: its progress shows up live.
+	do("drain progress", liveSince("drained-status"), chromedp.Func(func(ctx context.Context, tg *chromedp.Target) error {
+		_, err := chromedp.Poll[bool](`document.getElementById("drained").textContent.includes("1 machine started")`,
+			chromedp.WithPollingTimeout(20*time.Second))(ctx, tg)
+		return err
+	}), shot("drain-progress"))
 }

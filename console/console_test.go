@@ -409,30 +409,41 @@ func TestDrainPlanThenApply(t *testing.T) {
 	if code != http.StatusUnprocessableEntity || !strings.Contains(page, "Nothing was sent") {
 		t.Fatalf("wrong confirmation: %d %s", code, page)
 	}
-	// w-src already sends two migrations, its capacity: the servers say wait.
+	// Applying records a drain and returns: the servers run it.
 	code, page = post(t, srv.URL, "/workers/w-src/drain", url.Values{"csrf": {token}, "confirm": {"w-src"}}, srv.URL)
 	if code != http.StatusOK {
 		t.Fatalf("drain: %d %s", code, page)
 	}
-	wantAll(t, page, "0 migrations started", "waiting: ", "<code>"+fsm.CodeAdmission+"</code>")
-	_, err := f.op.CreateMigration(ctx, api.PlanRequest{Machine: "mach3", Target: "w-dst"})
-	var refusal *api.Error
-	if !errors.As(err, &refusal) {
-		t.Fatalf("want a refusal, got %v", err)
+	wantAll(t, page, "recorded: w-src is cordoned", `data-live="/events/workers/w-src/migrations"`)
+	// w-src already sends two migrations, its capacity: the drain says mach3 waits.
+	d := waitDrain(t, f.op, "w-src", "mach3 waiting", func(d *fsm.Drain) bool { return d.Waiting["mach3"] != "" })
+	if !strings.Contains(d.Waiting["mach3"], "2 of its 2 outbound slots") {
+		t.Fatalf("mach3 waits for %q, want the source's slots", d.Waiting["mach3"])
 	}
-	wantAll(t, page, html.EscapeString(refusal.Reason)) // the servers' words
+	if len(d.Started) != 0 {
+		t.Fatalf("the drain started %v past the admission limit", d.Started)
+	}
+	_, page = get(t, srv.URL+"/workers/w-src/drain")
+	wantAll(t, page, "mach3 waiting: ", html.EscapeString(d.Waiting["mach3"]), "0 machines started", `id="drain-cancel"`) // the servers' words
+	if w := must2(f.op.GetWorker(ctx, "w-src"))(t); !w.Cordoned {
+		t.Fatal("a drained worker is not cordoned")
+	}
+	// A second apply while it runs is refused, in the servers' words.
+	code, page = post(t, srv.URL, "/workers/w-src/drain", url.Values{"csrf": {token}, "confirm": {"w-src"}}, srv.URL)
+	if code != http.StatusConflict || !strings.Contains(page, "already being drained by "+d.ID) {
+		t.Fatalf("second drain: %d %s", code, page)
+	}
 
-	// Once m1 has rolled back there is room for one: mach1 goes, mach3 waits.
+	// Once m1 has rolled back there is room for one: the drain goes on
+	// without the console, mach1 goes, mach3 waits.
 	if _, err := f.op.Abort(ctx, "m1", "make room"); err != nil {
 		t.Fatal(err)
 	}
 	f.propose(t, "m1", f.dst, fsm.EvTargetTornDown, fsm.EventPayload{})
 	f.propose(t, "m1", f.src, fsm.EvSourceRestored, fsm.EventPayload{})
-	code, page = post(t, srv.URL, "/workers/w-src/drain", url.Values{"csrf": {token}, "confirm": {"w-src"}}, srv.URL)
-	if code != http.StatusOK {
-		t.Fatalf("drain again: %d %s", code, page)
-	}
-	wantAll(t, page, "1 migration started", "<th scope=\"row\">mach1</th><td>w-dst</td><td>started", "<th scope=\"row\">mach3</th>")
+	d = waitDrain(t, f.op, "w-src", "mach1 started", func(d *fsm.Drain) bool { return d.Started["mach1"] != "" })
+	_, page = get(t, srv.URL+"/workers/w-src/drain")
+	wantAll(t, page, "1 machine started", `href="/migrations/`+d.Started["mach1"]+`"`, "mach3 waiting: ")
 	ms, err := f.op.ListMigrations(ctx, "w-src")
 	if err != nil {
 		t.Fatal(err)
@@ -448,6 +459,51 @@ func TestDrainPlanThenApply(t *testing.T) {
 	}
 	if active != 2 {
 		t.Fatalf("%d active migrations off w-src, want 2", active)
+	}
+
+	// Cancelling needs the name typed too; running migrations go on.
+	code, page = post(t, srv.URL, "/workers/w-src/drain", url.Values{"csrf": {token}, "confirm": {"w-sr"}, "cancel": {"1"}}, srv.URL)
+	if code != http.StatusUnprocessableEntity || !strings.Contains(page, "Nothing was sent") {
+		t.Fatalf("wrong cancel confirmation: %d %s", code, page)
+	}
+	code, page = post(t, srv.URL, "/workers/w-src/drain", url.Values{"csrf": {token}, "confirm": {"w-src"}, "cancel": {"1"}}, srv.URL)
+	if code != http.StatusOK || !strings.Contains(page, "cancelled: migrations already running go on") {
+		t.Fatalf("cancel: %d %s", code, page)
+	}
+	if ds := must2(f.op.ListDrains(ctx, "w-src"))(t); len(ds) != 1 || ds[0].State != fsm.DrainCancelled {
+		t.Fatalf("after cancel: %+v", ds)
+	}
+	if m, err := f.op.GetMigration(ctx, d.Started["mach1"]); err != nil || !m.Active() {
+		t.Fatalf("the drain's migration did not go on after the cancel: %+v %v", m, err)
+	}
+}
+
+// waitDrain waits until the worker's drain satisfies ok.
+func waitDrain(t *testing.T, c *api.Client, worker, what string, ok func(*fsm.Drain) bool) *fsm.Drain {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		ds, err := c.ListDrains(context.Background(), worker)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(ds) > 0 && ok(ds[0]) {
+			return ds[0]
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("drain of %s: no %s after 20s: %+v", worker, what, ds)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func must2[T any](v T, err error) func(*testing.T) T {
+	return func(t *testing.T) T {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return v
 	}
 }
 

@@ -394,21 +394,18 @@ func (s *Store) ScopeOf(id Identity) *Scope {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	sc.workers[id.Name] = true
-	for _, v := range s.d.Volumes {
-		if v.Worker == id.Name {
-			sc.volumes[v.ID] = true
-		}
+	// The per-worker indexes hold exactly the records naming the worker:
+	// every request of every agent builds a scope, so it must cost what
+	// the worker owns, not the whole fleet and its history.
+	for vid := range s.idx.volByWorker[id.Name] {
+		sc.volumes[vid] = true
 	}
-	for _, m := range s.d.Machines {
-		if m.Worker == id.Name {
-			sc.machines[m.ID] = true
-			sc.specs[m.ID] = true
-		}
+	for mid := range s.idx.machByWorker[id.Name] {
+		sc.machines[mid] = true
+		sc.specs[mid] = true
 	}
-	for _, m := range s.d.Migrations {
-		if m.Source != id.Name && m.Target != id.Name {
-			continue
-		}
+	for mid := range s.idx.migByWorker[id.Name] {
+		m := s.d.Migrations[mid]
 		sc.migrations[m.ID] = true
 		sc.workers[m.Source], sc.workers[m.Target] = true, true
 		sc.volumes[m.Volume] = true

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"reflect"
 	"slices"
 	"testing"
 	"time"
@@ -27,6 +28,11 @@ func checkInvariants(t *testing.T, s *Store, prev *Migration) {
 	fail := func(format string, args ...any) {
 		t.Helper()
 		t.Fatalf("state %s: "+format+"\nrecord: %+v", append([]any{m.State}, append(args, m)...)...)
+	}
+	for _, w := range []Identity{srcW, dstW, otherW} {
+		if got, want := s.ScopeOf(w), scanScope(s, w); !reflect.DeepEqual(got, want) {
+			fail("scope of %s from the indexes %+v, from a scan %+v", w.Name, got, want)
+		}
 	}
 	if !m.State.Valid() {
 		fail("unknown state")
@@ -195,3 +201,38 @@ type memSink struct{ bytes.Buffer }
 func (m *memSink) ID() string    { return "mem" }
 func (m *memSink) Cancel() error { return nil }
 func (m *memSink) Close() error  { return nil }
+
+// scanScope is ScopeOf by a scan of every record: the indexes must give
+// the same scope.
+func scanScope(s *Store, id Identity) *Scope {
+	sc := &Scope{worker: id.Name, workers: map[string]bool{id.Name: true}, volumes: map[string]bool{}, machines: map[string]bool{},
+		migrations: map[string]bool{}, specs: map[string]bool{}}
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	for _, v := range s.d.Volumes {
+		if v.Worker == id.Name {
+			sc.volumes[v.ID] = true
+		}
+	}
+	for _, m := range s.d.Machines {
+		if m.Worker == id.Name {
+			sc.machines[m.ID], sc.specs[m.ID] = true, true
+		}
+	}
+	for _, m := range s.d.Migrations {
+		if m.Source != id.Name && m.Target != id.Name {
+			continue
+		}
+		sc.migrations[m.ID] = true
+		sc.workers[m.Source], sc.workers[m.Target] = true, true
+		sc.volumes[m.Volume] = true
+		if m.TargetVol != "" {
+			sc.volumes[m.TargetVol] = true
+		}
+		sc.machines[m.Machine] = true
+		if m.Target == id.Name && m.Active() {
+			sc.specs[m.Machine] = true
+		}
+	}
+	return sc
+}

@@ -164,7 +164,7 @@ func (s *session) refused(name string, args any, want string) string {
 func apply(tok string) ApplyIn { return ApplyIn{PlanToken: tok} }
 
 var allTools = []string{
-	"drain_apply", "drain_plan", "drain_status", "machine_list", "machine_show", "migration_abort_apply",
+	"drain_apply", "drain_cancel_apply", "drain_cancel_plan", "drain_plan", "drain_status", "machine_list", "machine_show", "migration_abort_apply",
 	"migration_abort_plan", "migration_apply", "migration_plan", "migration_status", "volume_create_apply",
 	"volume_create_plan", "volume_destroy_apply", "volume_destroy_plan", "volume_extend_apply", "volume_extend_plan", "volume_fork_apply", "volume_fork_plan", "volume_list", "volume_show", "worker_list",
 }
@@ -404,24 +404,50 @@ func TestMcpDrainAndPastCutover(t *testing.T) {
 		t.Fatalf("a stale drain started %d migrations", len(ms))
 	}
 
+	if ds := must(f.op.ListDrains(ctx, "a"))(t); len(ds) != 0 {
+		t.Fatalf("a stale plan recorded a drain: %+v", ds)
+	}
+
 	p = ok[Plan[DrainDetails]](s, "drain_plan", DrainPlanIn{Worker: "a", Targets: []string{"b"}})
 	out := ok[DrainApplyOut](s, "drain_apply", apply(p.PlanToken))
-	// Default admission: two outbound migrations per worker at a time.
-	if len(out.Started) != 2 || len(out.Deferred) != 2 || len(out.Failed) != 0 || !strings.Contains(out.Deferred[0].Reason, "outbound migrations (limit 2)") {
+	if out.Drain == nil || out.Drain.ID != p.Details.Drain || out.Drain.State != "running" || !strings.Contains(out.Note, "without this session") {
 		t.Fatalf("drain apply: %+v", out)
+	}
+	// The servers run it without this session: within the default
+	// admission (two outbound migrations per worker at a time) two start
+	// and two wait, with the servers' reasons.
+	var ds DrainStatusOut
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		ds = ok[DrainStatusOut](s, "drain_status", DrainStatusIn{Worker: "a"})
+		if ds.Drain != nil && len(ds.Drain.Started) == 2 && len(ds.Drain.Waiting) == 2 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("drain did not start 2 and defer 2: %+v", ds.Drain)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	for m, r := range ds.Drain.Waiting {
+		if !strings.Contains(r, "2 of its 2 outbound slots") {
+			t.Fatalf("%s waits for %q, want the source's slots", m, r)
+		}
 	}
 	if ms := must(f.op.ListMigrations(ctx, "a"))(t); len(ms) != 2 {
 		t.Fatalf("server has %d migrations, want 2", len(ms))
 	}
-	ds := ok[DrainStatusOut](s, "drain_status", DrainStatusIn{Worker: "a"})
 	if ds.Active != 2 || len(ds.MachinesLeft) != 4 || ds.Drained {
 		t.Fatalf("drain status: %+v", ds)
 	}
+	if w := must(f.op.GetWorker(ctx, "a"))(t); !w.Cordoned {
+		t.Fatal("a drained worker is not cordoned")
+	}
+	s.refused("drain_plan", DrainPlanIn{Worker: "a"}, "already being drained by "+out.Drain.ID)
 	// The target refuses a third inbound as the source refuses a third outbound.
 	s.refused("migration_plan", MigrationPlanIn{Machine: "m4", Target: "b"}, "already has 2 outbound migrations (limit 2)")
 
 	// Abort is admin: a write session does not even see it.
-	if res, err := s.cs.CallTool(ctx, &sdk.CallToolParams{Name: "migration_abort_plan", Arguments: AbortPlanIn{ID: out.Started[0].ID}}); err == nil && !res.IsError {
+	if res, err := s.cs.CallTool(ctx, &sdk.CallToolParams{Name: "migration_abort_plan", Arguments: AbortPlanIn{ID: ds.Drain.Started["m1"]}}); err == nil && !res.IsError {
 		t.Fatal("a write session could plan an abort")
 	}
 
@@ -431,7 +457,7 @@ func TestMcpDrainAndPastCutover(t *testing.T) {
 		t.Fatal(err)
 	}
 	as := connectInMemory(t, admin)
-	id := out.Started[0].ID
+	id := ds.Drain.Started["m1"]
 	wb := f.cl.Client("b", tlsutil.KindWorker)
 	// target_prepared names a volume the target registered.
 	must(wb.CreateVolume(ctx, fsm.Volume{ID: "v6-b", Worker: "b", Size: 8 << 20, State: fsm.VolHydrating}))(t)
@@ -452,6 +478,19 @@ func TestMcpDrainAndPastCutover(t *testing.T) {
 		}
 	}
 	as.refused("migration_abort_plan", AbortPlanIn{ID: id}, "past cutover (the target already writes): it cannot be aborted, only driven forward")
+
+	// Cancelling is planned and applied too; running migrations go on.
+	cp := ok[Plan[DrainCancelDetails]](s, "drain_cancel_plan", DrainCancelPlanIn{Worker: "a"})
+	if cp.Details.Drain != out.Drain.ID || len(cp.Details.Running) != 2 {
+		t.Fatalf("drain cancel plan: %+v", cp)
+	}
+	if d := ok[Drain](s, "drain_cancel_apply", apply(cp.PlanToken)); d.State != "cancelled" || len(d.Left) == 0 {
+		t.Fatalf("drain cancel: %+v", d)
+	}
+	if m := must(f.op.GetMigration(ctx, id))(t); !m.Active() {
+		t.Fatalf("the drain's migration did not go on after the cancel: %+v", m)
+	}
+	s.refused("drain_cancel_plan", DrainCancelPlanIn{Worker: "a"}, "has no running drain")
 }
 
 func TestMcpReadGroup(t *testing.T) {

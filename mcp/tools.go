@@ -75,7 +75,7 @@ func (s *Server) register(allow Group) {
 	tool(s, allow, Read, &sdk.Tool{Name: "machine_list", Description: "List machines (of one worker, or all)."}, s.machineList)
 	tool(s, allow, Read, &sdk.Tool{Name: "machine_show", Description: "Show one machine."}, s.machineShow)
 	tool(s, allow, Read, &sdk.Tool{Name: "migration_status", Description: "Show one migration, or list them (of one worker, or all): state, progress, downtime, why it stalled or rolled back."}, s.migrationStatus)
-	tool(s, allow, Read, &sdk.Tool{Name: "drain_status", Description: "What is left on a worker being drained: its machines and the migrations off it."}, s.drainStatus)
+	tool(s, allow, Read, &sdk.Tool{Name: "drain_status", Description: "What is left on a worker being drained: the servers' drain record (what it started, why the rest wait, what was left), its machines and the migrations off it."}, s.drainStatus)
 	// Write.
 	tool(s, allow, Write, &sdk.Tool{Name: "volume_create_plan", Description: "Plan a new LUKS2-encrypted ext4 volume on a worker; changes nothing. Returns a plan_token for volume_create_apply."}, s.volumeCreatePlan)
 	tool(s, allow, Write, &sdk.Tool{Name: "volume_create_apply", Description: "Create the volume a volume_create_plan described (its worker's agent formats it; watch volume_show until created)."}, s.volumeCreateApply)
@@ -85,8 +85,10 @@ func (s *Server) register(allow Group) {
 	tool(s, allow, Write, &sdk.Tool{Name: "volume_fork_apply", Description: "Fork the volume a volume_fork_plan described; the copy appears at once (creating) and its worker makes it (watch volume_show until created)."}, s.volumeForkApply)
 	tool(s, allow, Write, &sdk.Tool{Name: "migration_plan", Description: "Plan moving a machine and its volume to another worker; changes nothing. Returns a plan_token for migration_apply."}, s.migrationPlan)
 	tool(s, allow, Write, &sdk.Tool{Name: "migration_apply", Description: "Start the migration a migration_plan described; follow it with migration_status."}, s.migrationApply)
-	tool(s, allow, Write, &sdk.Tool{Name: "drain_plan", Description: "Plan moving every machine off a worker (one migration per machine, targets round-robin); changes nothing. Returns a plan_token for drain_apply."}, s.drainPlan)
-	tool(s, allow, Write, &sdk.Tool{Name: "drain_apply", Description: "Propose the migrations a drain_plan listed; those the admission limits defer are reported (plan and apply again once running ones end)."}, s.drainApply)
+	tool(s, allow, Write, &sdk.Tool{Name: "drain_plan", Description: "Plan a drain of a worker, run by the servers: where their placement puts each machine now and why, or why none fits; changes nothing. Returns a plan_token for drain_apply."}, s.drainPlan)
+	tool(s, allow, Write, &sdk.Tool{Name: "drain_apply", Description: "Record the drain a drain_plan described: the worker is cordoned and the servers move its machines off within the limits, without this session (drain_status follows it)."}, s.drainApply)
+	tool(s, allow, Write, &sdk.Tool{Name: "drain_cancel_plan", Description: "Plan cancelling a worker's running drain (its running migrations go on, the worker stays cordoned); changes nothing. Returns a plan_token for drain_cancel_apply."}, s.drainCancelPlan)
+	tool(s, allow, Write, &sdk.Tool{Name: "drain_cancel_apply", Description: "Cancel the drain a drain_cancel_plan described."}, s.drainCancelApply)
 	// Admin.
 	tool(s, allow, Admin, &sdk.Tool{Name: "volume_destroy_plan", Description: "Plan destroying a volume (kept for a retention window first); changes nothing. Refused while a machine uses it. Returns a plan_token for volume_destroy_apply."}, s.volumeDestroyPlan)
 	tool(s, allow, Admin, &sdk.Tool{Name: "volume_destroy_apply", Description: "Destroy the volume a volume_destroy_plan described."}, s.volumeDestroyApply)
@@ -128,6 +130,7 @@ type (
 	}
 	DrainStatusOut struct {
 		Worker       string      `json:"worker"`
+		Drain        *Drain      `json:"drain,omitempty" jsonschema:"the running drain, else the newest ended one"`
 		MachinesLeft []Machine   `json:"machines_left" jsonschema:"machines still on the worker"`
 		Migrations   []Migration `json:"migrations" jsonschema:"migrations off the worker, newest first"`
 		Active       int         `json:"active" jsonschema:"migrations off the worker still running"`
@@ -253,7 +256,8 @@ func (s *Server) drainStatus(ctx context.Context, in DrainStatusIn) (DrainStatus
 	}
 	sortMigrations(out.Migrations)
 	out.Drained = len(out.MachinesLeft) == 0 && out.Active == 0
-	return out, nil
+	out.Drain, err = s.drainRecord(ctx, in.Worker)
+	return out, err
 }
 
 // lockHolder returns the migration holding lock name, or "".

@@ -35,16 +35,26 @@ func (s *Server) Apply(ctx context.Context, typ fsm.CommandType, payload any) (*
 }
 
 // heartbeatWrite decides whether a beat must reach the log: when the lease
-// has less than half its TTL left, or the capacity report changed enough to
+// has less than a whole TTL left, or the capacity report changed enough to
 // change placement. Otherwise the leader answers from its state, so 1000
 // workers beating every few seconds cost about one write per worker per
-// lease period. Followers answer beats like any write, with the leader's
-// address: their state may lag, and writes are the leader's alone.
+// lease period. A whole TTL, not less: an agent that sent a beat at t and
+// got an answer fences itself at t + TTL (less drift and its margin), so
+// the lease recorded must last at least that long whether the beat was
+// written or answered from the state. Followers answer beats like any
+// write, with the leader's address: their state may lag, and writes are the
+// leader's alone.
 func heartbeatWrite(w fsm.Worker, rep *fsm.WorkerReport, ttl time.Duration, now time.Time) bool {
-	if w.LeaseExpiry.Sub(now) < ttl/2 {
+	if w.LeaseExpiry.Sub(now) < ttl {
 		return true
 	}
 	return rep != nil && rep.Differs(w.Report)
+}
+
+// writtenLease is the lease a written beat or a registration grants for a
+// requested TTL: two TTLs, so the next write comes about one TTL later.
+func writtenLease(ttl time.Duration) time.Duration {
+	return fsm.ClampLeaseTTL(2 * fsm.ClampLeaseTTL(ttl))
 }
 
 func (s *Server) handleHeartbeat(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
@@ -68,10 +78,10 @@ func (s *Server) handleHeartbeat(w http.ResponseWriter, r *http.Request, id fsm.
 		writeJSON(w, http.StatusOK, wk)
 		return
 	}
-	// The lease written covers the TTL beyond the next write, which comes
-	// when half a TTL is left: a worker that stops beating loses its lease
-	// between TTL/2 and 3·TTL/2 after its last beat.
-	c := &fsm.HeartbeatCmd{Header: s.header(id), Name: name, LeaseTTL: fsm.ClampLeaseTTL(ttl + ttl/2), Report: req.Report}
+	// The lease written covers a TTL beyond the next write, which comes
+	// when less than a TTL is left: a worker that stops beating loses its
+	// lease between one and two TTLs after its last beat.
+	c := &fsm.HeartbeatCmd{Header: s.header(id), Name: name, LeaseTTL: writtenLease(ttl), Report: req.Report}
 	if res := s.run(w, r.Context(), fsm.CmdHeartbeat, c); res != nil {
 		writeJSON(w, http.StatusOK, res.Worker)
 	}

@@ -29,8 +29,15 @@ func TestSteadyStateWritesNothing(t *testing.T) {
 	for range 5 {
 		small := *rep
 		small.FreeBytes -= 1 << 20 // 1 MiB less: not a meaningful change
-		if _, err := w.HeartbeatReport(ctx, "w1", time.Minute, &small); err != nil {
+		sent := time.Now()
+		wk, err := w.HeartbeatReport(ctx, "w1", time.Minute, &small)
+		if err != nil {
 			t.Fatal(err)
+		}
+		// The agent fences itself a TTL after it sent an answered beat: the
+		// lease recorded must last that long, written or not.
+		if wk.LeaseExpiry.Before(sent.Add(time.Minute)) {
+			t.Fatalf("beat sent at %s answered with a lease until %s: shorter than the TTL the agent counts on", sent, wk.LeaseExpiry)
 		}
 	}
 	if got := st.Index(); got != idx {
@@ -43,9 +50,9 @@ func TestSteadyStateWritesNothing(t *testing.T) {
 	if err != nil || st.Index() != idx+1 || wk.LimitIn() != 4 {
 		t.Fatalf("changed report: %+v %v (index +%d)", wk, err, st.Index()-idx)
 	}
-	// Lease short for the TTL asked for (less than half of it left):
-	// written, granting 1.5 TTL up to the longest lease. The report is
-	// invalid: it is dropped, the beat still counts.
+	// Lease short for the TTL asked for (less than a TTL left): written,
+	// granting 2 TTL up to the longest lease. The report is invalid: it
+	// is dropped, the beat still counts.
 	bad := &fsm.WorkerReport{FreeBytes: 300 << 30, TotalBytes: 200 << 30}
 	wk, err = w.HeartbeatReport(ctx, "w1", fsm.MaxLeaseTTL, bad)
 	if err != nil || wk.Report == nil || wk.Report.FreeBytes != changed.FreeBytes || wk.LimitIn() != 4 ||

@@ -298,7 +298,7 @@ func (s *Server) handleRegisterWorker(w http.ResponseWriter, r *http.Request, id
 	if !readBody(w, r, &req) {
 		return
 	}
-	if res := s.run(w, r.Context(), fsm.CmdRegisterWorker, &fsm.RegisterWorkerCmd{Header: s.header(id), Worker: req.Worker, LeaseTTL: fsm.ClampLeaseTTL(time.Duration(req.LeaseTTL))}); res != nil {
+	if res := s.run(w, r.Context(), fsm.CmdRegisterWorker, &fsm.RegisterWorkerCmd{Header: s.header(id), Worker: req.Worker, LeaseTTL: writtenLease(time.Duration(req.LeaseTTL))}); res != nil {
 		writeJSON(w, http.StatusOK, res.Worker)
 	}
 }

@@ -52,7 +52,7 @@ type Config struct {
 	GCRetention       time.Duration // terminal migrations, ended drains and destroyed volumes are deleted this long after they ended (default 7 days)
 	WriteRate         float64       // writes per second per certificate identity (0: DefaultWriteRate; negative: unlimited)
 	WriteBurst        int           // burst of those writes (0: DefaultWriteBurst)
-	DrainBatch        time.Duration // least time between two passes of the drainer (default 500ms)
+	DrainBatch        time.Duration // least time between two passes of the drainer (default 100ms)
 	// PauseBefore holds a migration this long in the state it entered
 	// before housekeeping proposes ev for it: a failpoint for chaos tests
 	// (FERRY_FAILPOINT_PAUSE_BEFORE="completed=4s"), measured from the

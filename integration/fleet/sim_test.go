@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"math/rand/v2"
 	"sort"
 	"sync"
 	"time"
@@ -48,17 +49,19 @@ func (f *Fabric) rate(src string) int64 {
 	return min(f.CloneBPS, f.LinkBPS/int64(n))
 }
 
-// Latencies records the duration of agents' short API calls.
+// Latencies records the duration of agents' short API calls, by kind.
 type Latencies struct {
-	mu sync.Mutex
-	d  []time.Duration
-	on bool
+	mu   sync.Mutex
+	d    []time.Duration
+	kind map[string][]time.Duration
+	on   bool
 }
 
-func (l *Latencies) add(d time.Duration) {
+func (l *Latencies) add(kind string, d time.Duration) {
 	l.mu.Lock()
 	if l.on {
 		l.d = append(l.d, d)
+		l.kind[kind] = append(l.kind[kind], d)
 	}
 	l.mu.Unlock()
 }
@@ -66,7 +69,7 @@ func (l *Latencies) add(d time.Duration) {
 // Start clears and starts recording.
 func (l *Latencies) Start() {
 	l.mu.Lock()
-	l.d, l.on = nil, true
+	l.d, l.kind, l.on = nil, map[string][]time.Duration{}, true
 	l.mu.Unlock()
 }
 
@@ -75,12 +78,29 @@ func (l *Latencies) Stop(p float64) (time.Duration, int) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.on = false
-	if len(l.d) == 0 {
-		return 0, 0
+	return percentile(l.d, p), len(l.d)
+}
+
+// Kinds returns the p-th percentile and the count of each kind of call
+// recorded until Stop, as "kind: p (n)" sorted by kind.
+func (l *Latencies) Kinds(p float64) []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var out []string
+	for k, d := range l.kind {
+		out = append(out, fmt.Sprintf("%s %s (%d)", k, percentile(d, p).Round(100*time.Microsecond), len(d)))
 	}
-	sort.Slice(l.d, func(i, j int) bool { return l.d[i] < l.d[j] })
-	i := int(math.Ceil(p/100*float64(len(l.d)))) - 1
-	return l.d[max(i, 0)], len(l.d)
+	sort.Strings(out)
+	return out
+}
+
+func percentile(d []time.Duration, p float64) time.Duration {
+	if len(d) == 0 {
+		return 0
+	}
+	sort.Slice(d, func(i, j int) bool { return d[i] < d[j] })
+	i := int(math.Ceil(p/100*float64(len(d)))) - 1
+	return d[max(i, 0)]
 }
 
 // SimAgent is one simulated worker.
@@ -151,16 +171,26 @@ func (a *SimAgent) Run(ctx context.Context) {
 	}
 }
 
-func (a *SimAgent) timed(fn func() error) error {
+func (a *SimAgent) timed(kind string, fn func() error) error {
 	t := time.Now()
 	err := fn()
 	if a.Lat != nil && err == nil {
-		a.Lat.add(time.Since(t))
+		a.Lat.add(kind, time.Since(t))
 	}
 	return err
 }
 
+// phase waits a random part of period: agents started together would
+// otherwise call at the same instants, a burst no fleet of agents started
+// at different times makes (and what a p99 would measure).
+func (a *SimAgent) phase(ctx context.Context, period time.Duration) bool {
+	return a.pause(ctx, rand.N(period)) == nil
+}
+
 func (a *SimAgent) beat(ctx context.Context) {
+	if !a.phase(ctx, a.TTL/4) {
+		return
+	}
 	t := time.NewTicker(a.TTL / 4)
 	defer t.Stop()
 	for {
@@ -170,7 +200,7 @@ func (a *SimAgent) beat(ctx context.Context) {
 		case <-t.C:
 		}
 		t0 := time.Now()
-		err := a.timed(func() error { _, err := a.C.HeartbeatReport(ctx, a.Name, a.TTL, a.report()); return err })
+		err := a.timed("heartbeat", func() error { _, err := a.C.HeartbeatReport(ctx, a.Name, a.TTL, a.report()); return err })
 		if a.Logf != nil && (err != nil || time.Since(t0) > a.TTL/4) && ctx.Err() == nil {
 			a.Logf("%s: heartbeat took %s: %v", a.Name, time.Since(t0).Round(time.Millisecond), err)
 		}
@@ -178,6 +208,9 @@ func (a *SimAgent) beat(ctx context.Context) {
 }
 
 func (a *SimAgent) reconcile(ctx context.Context) {
+	if !a.phase(ctx, a.Reconcile) {
+		return
+	}
 	t := time.NewTicker(a.Reconcile)
 	defer t.Stop()
 	for {
@@ -186,8 +219,8 @@ func (a *SimAgent) reconcile(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		_ = a.timed(func() error { _, err := a.C.ListVolumes(ctx, a.Name); return err })
-		_ = a.timed(func() error { _, err := a.C.ListMachines(ctx, a.Name); return err })
+		_ = a.timed("list-volumes", func() error { _, err := a.C.ListVolumes(ctx, a.Name); return err })
+		_ = a.timed("list-machines", func() error { _, err := a.C.ListMachines(ctx, a.Name); return err })
 	}
 }
 

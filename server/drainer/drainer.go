@@ -44,7 +44,7 @@ type State interface {
 // Config configures a Drainer.
 type Config struct {
 	Self   string        // server name: the actor of its commands
-	Batch  time.Duration // least time between passes: changes in between are handled together (default 500ms)
+	Batch  time.Duration // least time between passes: changes in between are handled together (default 100ms)
 	Now    func() time.Time
 	Logger zerolog.Logger
 }
@@ -60,7 +60,9 @@ type Drainer struct {
 // New returns a drainer.
 func New(cfg Config, raft RaftApplier, state State) *Drainer {
 	if cfg.Batch <= 0 {
-		cfg.Batch = 500 * time.Millisecond
+		// Short: a freed slot waits at most this long for its next
+		// migration, while a pass costs a few milliseconds.
+		cfg.Batch = 100 * time.Millisecond
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
