@@ -401,7 +401,16 @@ func (a *Agent) tearDownTarget(ctx context.Context, log zerolog.Logger, m *fsm.M
 // removes the clone, its mount and the destination volume. Idempotent.
 func (a *Agent) releaseTarget(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
 	mnt := a.Data.MountPoint(m.Machine)
-	if mach, err := a.Control.GetMachine(ctx, m.Machine); err == nil && mach.Worker != a.cfg.Worker {
+	mach, err := a.Control.GetMachine(ctx, m.Machine)
+	switch {
+	case err != nil && !isNotFound(err):
+		return err
+	case err != nil:
+		// A machine this worker may no longer read is not its own: stop
+		// whatever of it still runs here, by its ID and mount.
+		mach = &fsm.Machine{ID: m.Machine}
+	}
+	if mach.Worker != a.cfg.Worker {
 		spec, _ := a.Machines.Spec(mach, "")
 		if err := a.Machines.Stop(ctx, spec); err != nil {
 			return err

@@ -518,6 +518,22 @@ func testAbandon(t *testing.T, newBackend Factory, sourceGone bool) {
 		if err := src.export.Stop(); err != nil {
 			t.Fatal(err)
 		}
+	} else {
+		// A process still using the mount (a machine that survived its
+		// stop) makes Abandon fail and keep everything: releasing the
+		// volume under it would hide a machine still running here.
+		f, err := os.Open(filepath.Join(mnt, "scratch"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = b.Abandon(ctx, target, mnt)
+		f.Close()
+		if err == nil {
+			t.Fatal("Abandon released a mount a process still uses")
+		}
+		if !mounted(mnt) {
+			t.Fatalf("Abandon failed (%v) but %s is no longer mounted", err, mnt)
+		}
 	}
 	twice(t, "Abandon", func() error { return b.Abandon(ctx, target, mnt) })
 	if mounted(mnt) {

@@ -481,7 +481,9 @@ func (v *Backend) Abandon(ctx context.Context, vol, mnt string) error {
 		return err
 	}
 	if _, ok := hostfs.MountedAt(mnt); ok {
-		if err := hostfs.UnmountOrForce(mnt, abandonPatience, func() {
+		// Never lazily: a busy mount means a process of the machine still
+		// runs there, which the caller must learn (and stop) first.
+		if err := hostfs.UnmountOrKill(mnt, abandonPatience, func() {
 			v.Log.Warn().Str("volume", vol).Str("mount", mnt).Msg("unmount of an abandoned volume blocked (its clone's source is gone?); killing its datapath")
 			killProcesses(filepath.Join(v.runDir(), vol+".json"))
 		}); err != nil {

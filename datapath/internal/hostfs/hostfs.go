@@ -197,6 +197,18 @@ func unmountRetry(mnt string) error {
 // after patience, stuck is called (to fail that I/O, e.g. by killing the
 // FUSE server), then the unmount gets 30 s more before a lazy unmount.
 func UnmountOrForce(mnt string, patience time.Duration, stuck func()) error {
+	return unmountBounded(mnt, patience, stuck, true)
+}
+
+// UnmountOrKill is UnmountOrForce without the lazy unmount: an unmount the
+// kernel refuses (the mount is busy: a process still uses it) is returned
+// as the error, so a caller releasing a machine's volume learns that
+// something of the machine still runs there instead of hiding it.
+func UnmountOrKill(mnt string, patience time.Duration, stuck func()) error {
+	return unmountBounded(mnt, patience, stuck, false)
+}
+
+func unmountBounded(mnt string, patience time.Duration, stuck func(), lazy bool) error {
 	cmd := exec.Command("umount", mnt)
 	var out strings.Builder
 	cmd.Stdout, cmd.Stderr = &out, &out
@@ -218,6 +230,9 @@ func UnmountOrForce(mnt string, patience time.Duration, stuck func()) error {
 	}
 	if _, ok := MountedAt(mnt); !ok {
 		return nil
+	}
+	if !lazy {
+		return fmt.Errorf("unmount %s: %v: %s", mnt, err, strings.TrimSpace(out.String()))
 	}
 	if lout, lerr := exec.Command("umount", "-l", mnt).CombinedOutput(); lerr != nil {
 		return fmt.Errorf("unmount %s: %v: %s; lazy unmount: %w: %s", mnt, err, strings.TrimSpace(out.String()), lerr, strings.TrimSpace(string(lout)))
