@@ -86,6 +86,9 @@ func (f *agentFlags) build(ctx context.Context) (*worker, error) {
 	}
 	exp := &exporter.Exporter{Log: log, StateDir: filepath.Join(f.dataDir, "exports"), Address: f.address, Domain: f.domain,
 		TLSDir: f.tlsDir, Name: f.name, Revoked: c, Deny: deny}
+	if err := exp.LoadDeny(); err != nil {
+		return nil, err
+	}
 	nw := &netns.Network{Log: logging.For(log, "netrewrite"), Worker: f.worker, Dir: filepath.Join(f.dataDir, "net"), Grace: f.grace}
 	mu, err := machine.ParseUser(f.machineUser)
 	if err != nil {

@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -346,22 +347,45 @@ func (v *Backend) pushDenied(ctx context.Context, serials []string, warned map[s
 	if err != nil {
 		return false
 	}
-	ok := true
+	// In parallel: one hung datapath must not delay the others' list.
+	var (
+		mu sync.Mutex
+		wg sync.WaitGroup
+		ok = true
+	)
+	fail := func(vol string, err error, what string) {
+		mu.Lock()
+		defer mu.Unlock()
+		ok = false
+		if !warned[vol] {
+			v.Log.Warn().Err(err).Str("volume", vol).Msg(what)
+			warned[vol] = true
+		}
+	}
 	for _, sock := range socks {
-		vol := strings.TrimSuffix(filepath.Base(sock), ".sock")
-		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		p := &Process{cfg: Config{VolumeID: vol, Socket: sock}, client: childctl.Dial(sock)}
-		if st, err := p.Status(cctx); err == nil && st.Cloning && !st.Dissolved {
-			if err := p.SetDenied(cctx, serials); err != nil {
-				ok = false
-				if !warned[vol] {
-					v.Log.Warn().Err(err).Str("volume", vol).Msg("clone did not take the certificate deny list; retrying")
-					warned[vol] = true
+		wg.Add(1)
+		go func(sock string) {
+			defer wg.Done()
+			vol := strings.TrimSuffix(filepath.Base(sock), ".sock")
+			cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			defer cancel()
+			p := &Process{cfg: Config{VolumeID: vol, Socket: sock}, client: childctl.Dial(sock)}
+			st, err := p.Status(cctx)
+			switch {
+			case err != nil && (errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ENOENT)):
+				return // no datapath listens there: nothing to tell
+			case err != nil:
+				// A busy or hung datapath may still be a clone reading
+				// from a revoked source: try again next round.
+				fail(vol, err, "datapath did not answer while the certificate deny list changed; retrying")
+			case st.Cloning && !st.Dissolved:
+				if err := p.SetDenied(cctx, serials); err != nil {
+					fail(vol, err, "clone did not take the certificate deny list; retrying")
 				}
 			}
-		}
-		cancel()
+		}(sock)
 	}
+	wg.Wait()
 	return ok
 }
 

@@ -52,6 +52,10 @@ type Exporter struct {
 	// revoked target reads for at most about this long.
 	DenyEvery time.Duration
 
+	// refreshMu orders list reads: a read that began before a revocation
+	// must not replace the newer list a later read already set.
+	refreshMu sync.Mutex
+
 	mu   sync.Mutex
 	live map[string]*iscsi.Export
 	sent map[string][]string // migration -> the deny list its export last took
@@ -208,6 +212,8 @@ func (x *Exporter) denyList() *iscsi.DenyList {
 // refreshDeny reads the revoked serials from the servers into the deny
 // list and returns them.
 func (x *Exporter) refreshDeny(ctx context.Context) ([]string, error) {
+	x.refreshMu.Lock()
+	defer x.refreshMu.Unlock()
 	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	defer cancel()
 	serials, err := x.Revoked.RevokedSerials(ctx)
@@ -221,8 +227,39 @@ func (x *Exporter) refreshDeny(ctx context.Context) ([]string, error) {
 	}
 	if changed {
 		x.Log.Info().Int("serials", len(serials)).Msg("certificate deny list changed")
+		// Kept for the next start: until the servers answer again, the
+		// tunnels and clones of a restarted agent check the last list
+		// read, not an empty one.
+		if b, err := json.Marshal(d.Serials()); err == nil {
+			if err := atomicfile.WriteFile(x.denyPath(), b, 0o600); err != nil {
+				x.Log.Warn().Err(err).Msg("keeping the certificate deny list on disk")
+			}
+		}
 	}
 	return d.Serials(), nil
+}
+
+func (x *Exporter) denyPath() string { return filepath.Join(x.StateDir, "revoked-serials.json") }
+
+// LoadDeny fills the deny list with the one the last run kept, if any. The
+// agent calls it before it adopts clones or tunnels, so a restart does not
+// open a window in which a revoked peer is admitted.
+func (x *Exporter) LoadDeny() error {
+	b, err := os.ReadFile(x.denyPath())
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("reading the kept certificate deny list: %w", err)
+	}
+	var serials []string
+	if err := json.Unmarshal(b, &serials); err != nil {
+		return fmt.Errorf("the kept certificate deny list %s is not a JSON list of serials (delete it; the servers' list replaces it): %w", x.denyPath(), err)
+	}
+	if _, err := x.denyList().Set(serials); err != nil {
+		return fmt.Errorf("the kept certificate deny list %s: %w", x.denyPath(), err)
+	}
+	return nil
 }
 
 // WatchRevoked reads the revoked serials every DenyEvery until ctx ends and
@@ -279,19 +316,26 @@ func (x *Exporter) pushDeny(ctx context.Context, serials []string) {
 		}
 	}
 	x.mu.Unlock()
+	// In parallel: one hung export must not delay the others' list.
+	var wg sync.WaitGroup
 	for _, p := range todo {
-		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		err := p.e.SetDenied(cctx, serials)
-		cancel()
-		if err != nil {
-			x.Log.Warn().Err(err).Str("migration", p.id).Msg("export did not take the new deny list; retrying")
-			continue
-		}
-		x.mu.Lock()
-		if x.live[p.id] == p.e {
-			x.sent[p.id] = serials
-		}
-		x.mu.Unlock()
-		x.Log.Info().Str("migration", p.id).Int("serials", len(serials)).Msg("export took the new deny list")
+		wg.Add(1)
+		go func(p pending) {
+			defer wg.Done()
+			cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			err := p.e.SetDenied(cctx, serials)
+			cancel()
+			if err != nil {
+				x.Log.Warn().Err(err).Str("migration", p.id).Msg("export did not take the new deny list; retrying")
+				return
+			}
+			x.mu.Lock()
+			if x.live[p.id] == p.e {
+				x.sent[p.id] = serials
+			}
+			x.mu.Unlock()
+			x.Log.Info().Str("migration", p.id).Int("serials", len(serials)).Msg("export took the new deny list")
+		}(p)
 	}
+	wg.Wait()
 }
