@@ -137,11 +137,13 @@ func (a *Agent) Run(ctx context.Context) error {
 	}); err != nil {
 		return err
 	}
+	// Registration granted a lease: from now on it is renewed, or the
+	// fence acts, even while the steps below still retry.
+	go a.Lease.Run(ctx, func(ctx context.Context) error { return a.Control.Heartbeat(ctx, a.cfg.Worker) })
 	if err := retryUntil(ctx, a.log, "register worker key", func() error { return a.Control.SetWorkerKey(ctx, a.cfg.Worker, a.Keys.Public()) }); err != nil {
 		return err
 	}
 	a.log.Info().Uint32("host_id", a.cfg.HostID).Str("address", a.cfg.Address).Str("kek", a.Keys.Public().Fingerprint).Msg("worker registered")
-	go a.Lease.Run(ctx, func(ctx context.Context) error { return a.Control.Heartbeat(ctx, a.cfg.Worker) })
 	go a.reconcileLoop(ctx)
 	var index uint64
 	watchBackoff := retry.New(200*time.Millisecond, 5*time.Second)

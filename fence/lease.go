@@ -98,13 +98,21 @@ func (f *Lease) OnStop(fn func(machine string)) { f.stopped = fn }
 
 // New makes the lease of a worker whose machines mach runs.
 func New(log zerolog.Logger, cfg Config, mach machine.Driver) *Lease {
-	if cfg.TTL == 0 {
-		cfg.TTL = fsm.DefaultLeaseTTL
+	// The servers clamp a requested lease the same way: a fence timed from
+	// a longer one would fire after the servers already gave up on it.
+	if ttl := fsm.ClampLeaseTTL(cfg.TTL); ttl != cfg.TTL {
+		if cfg.TTL != 0 {
+			log.Warn().Dur("requested", cfg.TTL).Dur("lease_ttl", ttl).Msg("lease TTL clamped to what the servers grant")
+		}
+		cfg.TTL = ttl
 	}
 	if cfg.Heartbeat == 0 {
 		cfg.Heartbeat = cfg.TTL / 4
 	}
-	if cfg.Margin == 0 {
+	if cfg.Margin <= 0 || cfg.Margin >= cfg.TTL {
+		if cfg.Margin != 0 {
+			log.Warn().Dur("requested", cfg.Margin).Dur("lease_ttl", cfg.TTL).Msg("fence margin must be shorter than the lease; using a quarter of it")
+		}
 		cfg.Margin = cfg.TTL / 4
 	}
 	if cfg.MountPoint == nil {

@@ -188,3 +188,16 @@ func (p *pausingMachines) Resume(_ context.Context, s machine.Spec) error {
 	p.ops = append(p.ops, "resume "+s.ID)
 	return nil
 }
+
+// A lease longer than the servers grant, or a margin not shorter than the
+// lease, would time the fence after the servers gave the lease up.
+func TestLeaseSettingsBoundedByWhatServersGrant(t *testing.T) {
+	l := New(zerolog.Nop(), Config{Worker: "w1", TTL: 10 * time.Minute, Margin: time.Second}, nil)
+	if l.cfg.TTL != fsm.MaxLeaseTTL {
+		t.Fatalf("lease TTL %v, want the servers' maximum %v", l.cfg.TTL, fsm.MaxLeaseTTL)
+	}
+	l = New(zerolog.Nop(), Config{Worker: "w1", TTL: 8 * time.Second, Margin: 8 * time.Second}, nil)
+	if l.cfg.Margin >= l.cfg.TTL || l.cfg.Margin <= 0 {
+		t.Fatalf("margin %v with a lease of %v", l.cfg.Margin, l.cfg.TTL)
+	}
+}
