@@ -401,10 +401,19 @@ func (g *gate) splice(c net.Conn) {
 func (g *gate) close() {
 	g.ln.Close()
 	g.mu.Lock()
+	conns := make([]net.Conn, 0, len(g.conns))
 	for c := range g.conns {
-		c.Close()
+		conns = append(conns, c)
 	}
 	g.mu.Unlock()
+	// Outside the lock, and the TCP connection under a TLS one: a TLS
+	// close writes close_notify, which a stalled peer can hold up.
+	for _, c := range conns {
+		if tc, ok := c.(*tls.Conn); ok {
+			c = tc.NetConn()
+		}
+		c.Close()
+	}
 	g.wg.Wait()
 }
 
