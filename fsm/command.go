@@ -26,7 +26,8 @@ const maxCommandBytes = 1 << 20
 type CommandType string
 
 // Command types are only ever appended, never renumbered or reused: an old
-// entry in the log keeps its meaning. Append new ones to CommandTypes too.
+// entry in the log keeps its meaning. Append new ones to CommandTypes too,
+// and give each a row in commands: its payload, authorization and apply.
 const (
 	CmdRegisterServer CommandType = "register_server"
 	CmdRegisterWorker CommandType = "register_worker"
