@@ -124,16 +124,6 @@ func operatorsOnly(id fsm.Identity, what string) *fsm.Refusal {
 	return &fsm.Refusal{Kind: fsm.RefuseForbidden, Code: fsm.CodeForbidden, Reason: id.String() + " may not " + what + " (operators only)"}
 }
 
-// onlyOperators refuses, before anything is read, every caller but operators.
-func onlyOperators(what string) func(*http.Request, fsm.Identity) error {
-	return func(_ *http.Request, id fsm.Identity) error {
-		if id.Kind != fsm.KindOperator {
-			return operatorsOnly(id, what)
-		}
-		return nil
-	}
-}
-
 // leftOf lists what a drain leaves on its worker when it is cancelled.
 func leftOf(st *fsm.Store, d *fsm.Drain) []fsm.DrainLeft {
 	var out []fsm.DrainLeft

@@ -400,16 +400,6 @@ func (s *Server) handleAbort() handler {
 		}})
 }
 
-// only refuses, before anything is read, every caller but kind.
-func only(kind fsm.Kind, reason string) func(*http.Request, fsm.Identity) error {
-	return func(_ *http.Request, id fsm.Identity) error {
-		if id.Kind != kind {
-			return &fsm.Refusal{Kind: fsm.RefuseForbidden, Code: fsm.CodeForbidden, Reason: reason}
-		}
-		return nil
-	}
-}
-
 // handleJoin adds the calling server as a voter, then records its API
 // address in the log as this leader.
 func (s *Server) handleJoin() handler {

@@ -19,7 +19,7 @@ type handler = func(http.ResponseWriter, *http.Request, fsm.Identity)
 //  2. the body, strictly decoded into Req (readBody), unless Req is noBody;
 //  3. build, which makes the command payload from the request, or refuses
 //     with any error writeErr maps, or answers from the state (answered);
-//  4. the command is submitted; a refusal is written as its status;
+//  4. the command is submitted; a refusal is written with its kind's status;
 //  5. applied (audit logs), then reply's value with status (200 when 0).
 type write[Req any] struct {
 	cmd    fsm.CommandType
@@ -32,7 +32,7 @@ type write[Req any] struct {
 }
 
 // noBody is the Req of a write whose request carries nothing: its body is
-// not read, whatever it holds, as before these routes shared one helper.
+// not read, whatever it holds (a stray body is not a reason to refuse).
 type noBody struct{}
 
 // answered is what a build returns to answer from the state without
@@ -74,6 +74,26 @@ func propose[Req any](s *Server, wr write[Req]) handler {
 			wr.applied(id, &req)
 		}
 		writeJSON(w, status, wr.reply(res))
+	}
+}
+
+// only refuses, before anything is read, every caller but kind.
+func only(kind fsm.Kind, reason string) func(*http.Request, fsm.Identity) error {
+	return func(_ *http.Request, id fsm.Identity) error {
+		if id.Kind != kind {
+			return &fsm.Refusal{Kind: fsm.RefuseForbidden, Code: fsm.CodeForbidden, Reason: reason}
+		}
+		return nil
+	}
+}
+
+// onlyOperators refuses, before anything is read, every caller but operators.
+func onlyOperators(what string) func(*http.Request, fsm.Identity) error {
+	return func(_ *http.Request, id fsm.Identity) error {
+		if id.Kind != fsm.KindOperator {
+			return operatorsOnly(id, what)
+		}
+		return nil
 	}
 }
 
