@@ -3,6 +3,7 @@ package fsm
 import (
 	"encoding/binary"
 	"fmt"
+	"reflect"
 	"slices"
 )
 
@@ -31,163 +32,224 @@ func (s *Store) authorize(cmd any) *Refusal {
 	if r := Validate(cmd); r != nil {
 		return r
 	}
-	switch c := cmd.(type) {
-	case *RegisterServerCmd:
-		if c.Actor.Kind != KindServer {
-			return deny(c.Actor, "register a server")
+	if c, ok := byPayload[reflect.TypeOf(cmd)]; ok && c.authorize != nil {
+		return c.authorize(s, cmd)
+	}
+	return nil
+}
+
+func (s *Store) authorizeRegisterServer(c *RegisterServerCmd) *Refusal {
+	if c.Actor.Kind != KindServer {
+		return deny(c.Actor, "register a server")
+	}
+	return nil
+}
+
+func (s *Store) authorizeGC(c *GCCmd) *Refusal {
+	if c.Actor.Kind != KindServer {
+		return deny(c.Actor, "collect garbage (servers only)")
+	}
+	return nil
+}
+
+func (s *Store) authorizeRegisterWorker(c *RegisterWorkerCmd) *Refusal {
+	if !c.Actor.isWorker(c.Worker.Name) && !c.Actor.operator() {
+		return deny(c.Actor, "register worker "+c.Worker.Name)
+	}
+	for _, o := range s.d.Workers {
+		if o.Name != c.Worker.Name && c.Worker.HostID != 0 && o.HostID == c.Worker.HostID {
+			return refuse(RefuseConflict, CodeConflict, "host id %d is already used by worker %s", c.Worker.HostID, o.Name)
 		}
-	case *GCCmd:
-		if c.Actor.Kind != KindServer {
-			return deny(c.Actor, "collect garbage (servers only)")
+	}
+	return nil
+}
+
+func (s *Store) authorizeCreateMachine(c *CreateMachineCmd) *Refusal {
+	if !c.Actor.operator() {
+		return deny(c.Actor, "create a machine (its spec is written by operators only)")
+	}
+	if _, ok := s.d.Workers[c.Machine.Worker]; !ok {
+		return notFound("worker", c.Machine.Worker)
+	}
+	return nil
+}
+
+func (s *Store) authorizeHeartbeat(c *HeartbeatCmd) *Refusal {
+	if !c.Actor.isWorker(c.Name) && !c.Actor.operator() {
+		return deny(c.Actor, "heartbeat for worker "+c.Name)
+	}
+	return nil
+}
+
+func (s *Store) authorizeCreateVolume(c *CreateVolumeCmd) *Refusal {
+	if !c.Actor.isWorker(c.Volume.Worker) && !c.Actor.operator() {
+		return deny(c.Actor, "create a volume on worker "+c.Volume.Worker)
+	}
+	if !c.Actor.operator() && c.Volume.AttachedMachine != "" {
+		return deny(c.Actor, "attach a machine while creating a volume")
+	}
+	if _, ok := s.d.Workers[c.Volume.Worker]; !ok {
+		return notFound("worker", c.Volume.Worker)
+	}
+	if old, ok := s.d.Volumes[c.Volume.ID]; ok && old.Worker != c.Volume.Worker {
+		return refuse(RefuseConflict, CodeConflict, "volume %s already exists on worker %s", c.Volume.ID, old.Worker)
+	}
+	return nil
+}
+
+func (s *Store) authorizeUpdateVolume(c *UpdateVolumeCmd) *Refusal {
+	v, ok := s.d.Volumes[c.ID]
+	if !ok {
+		return notFound("volume", c.ID)
+	}
+	if c.Actor.Kind == KindServer {
+		return deny(c.Actor, "update volume "+c.ID+" (its worker or an operator may)")
+	}
+	if !c.Actor.operator() {
+		if !c.Actor.isWorker(v.Worker) {
+			return deny(c.Actor, "update volume "+c.ID+" of worker "+v.Worker)
 		}
-	case *RegisterWorkerCmd:
-		if !c.Actor.isWorker(c.Worker.Name) && !c.Actor.operator() {
-			return deny(c.Actor, "register worker "+c.Worker.Name)
+		// A worker reports growth an operator asked for, nothing else.
+		if c.Size != nil && *c.Size != v.Size && (!v.Extending() || *c.Size != v.WantSize) {
+			return deny(c.Actor, fmt.Sprintf("set the size of volume %s to %d (it may only report the size an operator's extend asked for)", c.ID, *c.Size))
 		}
-		for _, o := range s.d.Workers {
-			if o.Name != c.Worker.Name && c.Worker.HostID != 0 && o.HostID == c.Worker.HostID {
-				return refuse(RefuseConflict, CodeConflict, "host id %d is already used by worker %s", c.Worker.HostID, o.Name)
+		if c.AttachedMachine != nil && *c.AttachedMachine != "" {
+			if m, ok := s.d.Machines[*c.AttachedMachine]; ok && m.Worker != v.Worker {
+				return deny(c.Actor, "attach machine "+m.ID+" of worker "+m.Worker+" to volume "+c.ID)
 			}
 		}
-	case *CreateMachineCmd:
-		if !c.Actor.operator() {
-			return deny(c.Actor, "create a machine (its spec is written by operators only)")
+	}
+	return nil
+}
+
+func (s *Store) authorizeExtendVolume(c *ExtendVolumeCmd) *Refusal {
+	if !c.Actor.operator() {
+		return deny(c.Actor, "extend volume "+c.ID+" (operators only)")
+	}
+	return s.extendRefusal(c)
+}
+
+func (s *Store) authorizeForkVolume(c *ForkVolumeCmd) *Refusal {
+	if !c.Actor.operator() {
+		return deny(c.Actor, "fork volume "+c.Source+" (operators only)")
+	}
+	return s.forkRefusal(c)
+}
+
+func (s *Store) authorizeDestroyVolume(c *DestroyVolumeCmd) *Refusal {
+	if v, ok := s.d.Volumes[c.ID]; ok && !c.Actor.privileged() && !c.Actor.isWorker(v.Worker) {
+		return deny(c.Actor, "destroy volume "+c.ID+" of worker "+v.Worker)
+	}
+	return nil
+}
+
+func (s *Store) authorizeSetVolumeKey(c *SetVolumeKeyCmd) *Refusal {
+	if v, ok := s.d.Volumes[c.ID]; ok && !c.Actor.isWorker(v.Worker) && !c.Actor.operator() {
+		return deny(c.Actor, "set the key of volume "+c.ID)
+	}
+	return nil
+}
+
+func (s *Store) authorizeKeyAccess(c *KeyAccessCmd) *Refusal {
+	if c.Actor.Kind != KindWorker {
+		return deny(c.Actor, "read volume keys (only the owning or target worker may)")
+	}
+	return nil
+}
+
+func (s *Store) authorizeRevokeCert(c *RevokeCertCmd) *Refusal {
+	if c.Actor.Kind != KindOperator {
+		return deny(c.Actor, "revoke certificates (operators only)")
+	}
+	if _, err := NormalizeSerial(c.Serial); err != nil {
+		return refuse(RefuseInvalid, CodeInvalid, "serial %q: %v", c.Serial, err)
+	}
+	return nil
+}
+
+func (s *Store) authorizeSetWorkerKey(c *SetWorkerKeyCmd) *Refusal {
+	if !c.Actor.isWorker(c.Name) {
+		return deny(c.Actor, "register the key of worker "+c.Name+" (only that worker may)")
+	}
+	return nil
+}
+
+func (s *Store) authorizeSetRecoveryKey(c *SetRecoveryKeyCmd) *Refusal {
+	if c.Actor.Kind != KindOperator {
+		return deny(c.Actor, "set the recovery key (only operators may)")
+	}
+	return nil
+}
+
+// authorizePutEnvelopes admits, before the log, only the volume's worker,
+// the source of the migration that locks it, or an operator; who may seal
+// which purpose is checked envelope by envelope when applied.
+func (s *Store) authorizePutEnvelopes(c *PutEnvelopesCmd) *Refusal {
+	v, ok := s.d.Volumes[c.Volume]
+	if !ok {
+		return notFound("volume", c.Volume)
+	}
+	if !c.Actor.operator() && !c.Actor.isWorker(v.Worker) {
+		return deny(c.Actor, "store key envelopes of volume "+c.Volume+" of worker "+v.Worker)
+	}
+	return nil
+}
+
+func (s *Store) authorizeUpdateMachine(c *UpdateMachineCmd) *Refusal {
+	m, ok := s.d.Machines[c.ID]
+	if !ok {
+		return notFound("machine", c.ID)
+	}
+	if c.Actor.Kind == KindServer {
+		return deny(c.Actor, "update machine "+c.ID+" (its worker or an operator may)")
+	}
+	if !c.Actor.operator() {
+		if !c.Actor.isWorker(m.Worker) {
+			return deny(c.Actor, "update machine "+c.ID+" of worker "+m.Worker)
 		}
-		if _, ok := s.d.Workers[c.Machine.Worker]; !ok {
-			return notFound("worker", c.Machine.Worker)
+		if c.Spec != nil || c.Volume != nil || c.Addr6PN != nil {
+			return deny(c.Actor, "change the spec, volume or address of machine "+c.ID+" (operators only; workers report its state)")
 		}
-	case *HeartbeatCmd:
-		if !c.Actor.isWorker(c.Name) && !c.Actor.operator() {
-			return deny(c.Actor, "heartbeat for worker "+c.Name)
+	}
+	if c.Addr6PN != nil && *c.Addr6PN != "" {
+		next := *m
+		next.Addr6PN = *c.Addr6PN
+		if r := next.validate(); r != nil {
+			return r
 		}
-	case *CreateVolumeCmd:
-		if !c.Actor.isWorker(c.Volume.Worker) && !c.Actor.operator() {
-			return deny(c.Actor, "create a volume on worker "+c.Volume.Worker)
-		}
-		if !c.Actor.operator() && c.Volume.AttachedMachine != "" {
-			return deny(c.Actor, "attach a machine while creating a volume")
-		}
-		if _, ok := s.d.Workers[c.Volume.Worker]; !ok {
-			return notFound("worker", c.Volume.Worker)
-		}
-		if old, ok := s.d.Volumes[c.Volume.ID]; ok && old.Worker != c.Volume.Worker {
-			return refuse(RefuseConflict, CodeConflict, "volume %s already exists on worker %s", c.Volume.ID, old.Worker)
-		}
-	case *UpdateVolumeCmd:
-		v, ok := s.d.Volumes[c.ID]
-		if !ok {
-			return notFound("volume", c.ID)
-		}
-		if c.Actor.Kind == KindServer {
-			return deny(c.Actor, "update volume "+c.ID+" (its worker or an operator may)")
-		}
-		if !c.Actor.operator() {
-			if !c.Actor.isWorker(v.Worker) {
-				return deny(c.Actor, "update volume "+c.ID+" of worker "+v.Worker)
-			}
-			// A worker reports growth an operator asked for, nothing else.
-			if c.Size != nil && *c.Size != v.Size && (!v.Extending() || *c.Size != v.WantSize) {
-				return deny(c.Actor, fmt.Sprintf("set the size of volume %s to %d (it may only report the size an operator's extend asked for)", c.ID, *c.Size))
-			}
-			if c.AttachedMachine != nil && *c.AttachedMachine != "" {
-				if m, ok := s.d.Machines[*c.AttachedMachine]; ok && m.Worker != v.Worker {
-					return deny(c.Actor, "attach machine "+m.ID+" of worker "+m.Worker+" to volume "+c.ID)
-				}
-			}
-		}
-	case *ExtendVolumeCmd:
-		if !c.Actor.operator() {
-			return deny(c.Actor, "extend volume "+c.ID+" (operators only)")
-		}
-		return s.extendRefusal(c)
-	case *ForkVolumeCmd:
-		if !c.Actor.operator() {
-			return deny(c.Actor, "fork volume "+c.Source+" (operators only)")
-		}
-		return s.forkRefusal(c)
-	case *DestroyVolumeCmd:
-		if v, ok := s.d.Volumes[c.ID]; ok && !c.Actor.privileged() && !c.Actor.isWorker(v.Worker) {
-			return deny(c.Actor, "destroy volume "+c.ID+" of worker "+v.Worker)
-		}
-	case *SetVolumeKeyCmd:
-		if v, ok := s.d.Volumes[c.ID]; ok && !c.Actor.isWorker(v.Worker) && !c.Actor.operator() {
-			return deny(c.Actor, "set the key of volume "+c.ID)
-		}
-	case *KeyAccessCmd:
-		if c.Actor.Kind != KindWorker {
-			return deny(c.Actor, "read volume keys (only the owning or target worker may)")
-		}
-	case *RevokeCertCmd:
-		if c.Actor.Kind != KindOperator {
-			return deny(c.Actor, "revoke certificates (operators only)")
-		}
-		if _, err := NormalizeSerial(c.Serial); err != nil {
-			return refuse(RefuseInvalid, CodeInvalid, "serial %q: %v", c.Serial, err)
-		}
-	case *SetWorkerKeyCmd:
-		if !c.Actor.isWorker(c.Name) {
-			return deny(c.Actor, "register the key of worker "+c.Name+" (only that worker may)")
-		}
-	case *SetRecoveryKeyCmd:
-		if c.Actor.Kind != KindOperator {
-			return deny(c.Actor, "set the recovery key (only operators may)")
-		}
-	case *PutEnvelopesCmd:
-		// Who may seal which purpose is checked envelope by envelope when
-		// applied; here, before the log: only the volume's worker, the
-		// source of the migration that locks it, or an operator.
-		v, ok := s.d.Volumes[c.Volume]
-		if !ok {
-			return notFound("volume", c.Volume)
-		}
-		if !c.Actor.operator() && !c.Actor.isWorker(v.Worker) {
-			return deny(c.Actor, "store key envelopes of volume "+c.Volume+" of worker "+v.Worker)
-		}
-	case *UpdateMachineCmd:
-		m, ok := s.d.Machines[c.ID]
-		if !ok {
-			return notFound("machine", c.ID)
-		}
-		if c.Actor.Kind == KindServer {
-			return deny(c.Actor, "update machine "+c.ID+" (its worker or an operator may)")
-		}
-		if !c.Actor.operator() {
-			if !c.Actor.isWorker(m.Worker) {
-				return deny(c.Actor, "update machine "+c.ID+" of worker "+m.Worker)
-			}
-			if c.Spec != nil || c.Volume != nil || c.Addr6PN != nil {
-				return deny(c.Actor, "change the spec, volume or address of machine "+c.ID+" (operators only; workers report its state)")
-			}
-		}
-		if c.Addr6PN != nil && *c.Addr6PN != "" {
-			next := *m
-			next.Addr6PN = *c.Addr6PN
-			if r := next.validate(); r != nil {
-				return r
-			}
-		}
-	case *PlanCmd:
-		if !c.Actor.privileged() {
-			return deny(c.Actor, "plan a migration (operator or server certificate needed)")
-		}
-	case *ProposeCmd:
-		return s.authorizePropose(c)
-	case *CordonCmd:
-		if !c.Actor.operator() {
-			return deny(c.Actor, "cordon or uncordon worker "+c.Worker+" (operators only)")
-		}
-	case *DrainCmd:
-		if !c.Actor.operator() {
-			return deny(c.Actor, "drain worker "+c.Worker+" (operators only)")
-		}
-	case *DrainUpdateCmd:
-		// The leader's drainer places and finishes; an operator only cancels.
-		switch {
-		case c.Actor.Kind == KindServer:
-		case c.Actor.operator() && len(c.Start) == 0 && c.Finish == DrainCancelled:
-		default:
-			return deny(c.Actor, "update drain "+c.ID+" (servers run drains; operators may only cancel one)")
-		}
+	}
+	return nil
+}
+
+func (s *Store) authorizePlan(c *PlanCmd) *Refusal {
+	if !c.Actor.privileged() {
+		return deny(c.Actor, "plan a migration (operator or server certificate needed)")
+	}
+	return nil
+}
+
+func (s *Store) authorizeCordon(c *CordonCmd) *Refusal {
+	if !c.Actor.operator() {
+		return deny(c.Actor, "cordon or uncordon worker "+c.Worker+" (operators only)")
+	}
+	return nil
+}
+
+func (s *Store) authorizeDrain(c *DrainCmd) *Refusal {
+	if !c.Actor.operator() {
+		return deny(c.Actor, "drain worker "+c.Worker+" (operators only)")
+	}
+	return nil
+}
+
+// authorizeDrainUpdate lets the leader's drainer place and finish; an
+// operator only cancels.
+func (s *Store) authorizeDrainUpdate(c *DrainUpdateCmd) *Refusal {
+	switch {
+	case c.Actor.Kind == KindServer:
+	case c.Actor.operator() && len(c.Start) == 0 && c.Finish == DrainCancelled:
+	default:
+		return deny(c.Actor, "update drain "+c.ID+" (servers run drains; operators may only cancel one)")
 	}
 	return nil
 }

@@ -26,7 +26,8 @@ const maxCommandBytes = 1 << 20
 type CommandType string
 
 // Command types are only ever appended, never renumbered or reused: an old
-// entry in the log keeps its meaning. Append new ones to CommandTypes too.
+// entry in the log keeps its meaning. Append new ones to CommandTypes too,
+// and give each a row in commands: its payload, authorization and apply.
 const (
 	CmdRegisterServer CommandType = "register_server"
 	CmdRegisterWorker CommandType = "register_worker"
@@ -286,57 +287,6 @@ func Encode(t CommandType, payload any) ([]byte, error) {
 	return json.Marshal(Command{Version: CommandVersion, Type: t, Payload: p})
 }
 
-// payloadFor returns an empty payload value for t.
-func payloadFor(t CommandType) (any, bool) {
-	switch t {
-	case CmdRegisterServer:
-		return &RegisterServerCmd{}, true
-	case CmdRegisterWorker:
-		return &RegisterWorkerCmd{}, true
-	case CmdHeartbeat:
-		return &HeartbeatCmd{}, true
-	case CmdCreateVolume:
-		return &CreateVolumeCmd{}, true
-	case CmdUpdateVolume:
-		return &UpdateVolumeCmd{}, true
-	case CmdDestroyVolume:
-		return &DestroyVolumeCmd{}, true
-	case CmdSetVolumeKey:
-		return &SetVolumeKeyCmd{}, true
-	case CmdKeyAccess:
-		return &KeyAccessCmd{}, true
-	case CmdCreateMachine:
-		return &CreateMachineCmd{}, true
-	case CmdUpdateMachine:
-		return &UpdateMachineCmd{}, true
-	case CmdPlan:
-		return &PlanCmd{}, true
-	case CmdPropose:
-		return &ProposeCmd{}, true
-	case CmdRevokeCert:
-		return &RevokeCertCmd{}, true
-	case CmdGC:
-		return &GCCmd{}, true
-	case CmdSetWorkerKey:
-		return &SetWorkerKeyCmd{}, true
-	case CmdSetRecoveryKey:
-		return &SetRecoveryKeyCmd{}, true
-	case CmdPutEnvelopes:
-		return &PutEnvelopesCmd{}, true
-	case CmdExtendVolume:
-		return &ExtendVolumeCmd{}, true
-	case CmdForkVolume:
-		return &ForkVolumeCmd{}, true
-	case CmdCordon:
-		return &CordonCmd{}, true
-	case CmdDrain:
-		return &DrainCmd{}, true
-	case CmdDrainUpdate:
-		return &DrainUpdateCmd{}, true
-	}
-	return nil, false
-}
-
 // ErrBadCommand is wrapped by every decoding failure.
 var ErrBadCommand = errors.New("bad command")
 
@@ -353,13 +303,14 @@ func Decode(data []byte) (CommandType, any, error) {
 	if c.Version != CommandVersion {
 		return c.Type, nil, fmt.Errorf("%w: version %d, this server applies version %d: upgrade the server", ErrBadCommand, c.Version, CommandVersion)
 	}
-	p, ok := payloadFor(c.Type)
+	cmd, ok := commands[c.Type]
 	if !ok {
 		return c.Type, nil, fmt.Errorf("%w: unknown type %q (this server applies format %d): a newer server proposed it before every voter ran its version; upgrade this server", ErrBadCommand, c.Type, FormatVersion)
 	}
 	if len(c.Payload) == 0 {
 		return c.Type, nil, fmt.Errorf("%w: %s without payload", ErrBadCommand, c.Type)
 	}
+	p := cmd.payload()
 	if err := strictUnmarshal(c.Payload, p); err != nil {
 		return c.Type, nil, fmt.Errorf("%w: %s payload (this server applies format %d; an unknown field means a newer server wrote it: upgrade this server): %v", ErrBadCommand, c.Type, FormatVersion, err)
 	}

@@ -107,52 +107,9 @@ func (s *Store) ApplyCommand(index uint64, raw []byte) *Result {
 		return &Result{Index: index, Refusal: ref}
 	}
 	var res *Result
-	switch c := p.(type) {
-	case *RegisterServerCmd:
-		res = s.applyRegisterServer(c)
-	case *RegisterWorkerCmd:
-		res = s.applyRegisterWorker(c)
-	case *HeartbeatCmd:
-		res = s.applyHeartbeat(c)
-	case *CreateVolumeCmd:
-		res = s.applyCreateVolume(c)
-	case *UpdateVolumeCmd:
-		res = s.applyUpdateVolume(c)
-	case *DestroyVolumeCmd:
-		res = s.applyDestroyVolume(c)
-	case *SetVolumeKeyCmd:
-		res = s.applyRetiredKey(typ, c.Header, c.ID)
-	case *KeyAccessCmd:
-		res = s.applyRetiredKey(typ, c.Header, c.ID)
-	case *CreateMachineCmd:
-		res = s.applyCreateMachine(c)
-	case *UpdateMachineCmd:
-		res = s.applyUpdateMachine(c)
-	case *PlanCmd:
-		res = s.applyPlan(index, c)
-	case *ProposeCmd:
-		res = s.applyPropose(index, c)
-	case *CordonCmd:
-		res = s.applyCordon(c)
-	case *DrainCmd:
-		res = s.applyDrain(index, c)
-	case *DrainUpdateCmd:
-		res = s.applyDrainUpdate(index, c)
-	case *RevokeCertCmd:
-		res = s.applyRevokeCert(c)
-	case *GCCmd:
-		res = s.applyGC(index, c)
-	case *SetWorkerKeyCmd:
-		res = s.applySetWorkerKey(c)
-	case *SetRecoveryKeyCmd:
-		res = s.applySetRecoveryKey(c)
-	case *PutEnvelopesCmd:
-		res = s.applyPutEnvelopes(c)
-	case *ExtendVolumeCmd:
-		res = s.applyExtendVolume(c)
-	case *ForkVolumeCmd:
-		res = s.applyForkVolume(c)
-	default:
+	if c, ok := commands[typ]; ok {
+		res = c.apply(s, index, p)
+	} else {
 		res = &Result{Refusal: refuse(RefuseInvalid, CodeBadCommand, "command %q has no apply function", typ)}
 	}
 	res.Index = index

@@ -11,23 +11,16 @@ import (
 // The certificate deny list: operators add serials, every server checks
 // each TLS handshake against it (tlsutil.WithDenyList in StartServer).
 
-func (s *Server) handleRevoke(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
-	if id.Kind != fsm.KindOperator {
-		writeErr(w, &fsm.Refusal{Kind: fsm.RefuseForbidden, Code: fsm.CodeForbidden, Reason: id.String() + " may not revoke certificates (operators only)"})
-		return
-	}
-	var req api.RevokeRequest
-	if !readBody(w, r, &req) {
-		return
-	}
-	serial, err := fsm.NormalizeSerial(req.Serial)
-	if err != nil {
-		writeErr(w, &fsm.Refusal{Kind: fsm.RefuseInvalid, Code: fsm.CodeInvalid, Reason: err.Error()})
-		return
-	}
-	if res := s.run(w, r.Context(), fsm.CmdRevokeCert, &fsm.RevokeCertCmd{Header: s.header(id), Serial: serial, Reason: req.Reason}); res != nil {
-		writeJSON(w, http.StatusOK, struct{}{})
-	}
+func (s *Server) handleRevoke() handler {
+	return propose(s, write[api.RevokeRequest]{cmd: fsm.CmdRevokeCert, reply: empty,
+		before: onlyOperators("revoke certificates"),
+		build: func(r *http.Request, id fsm.Identity, req *api.RevokeRequest) (any, error) {
+			serial, err := fsm.NormalizeSerial(req.Serial)
+			if err != nil {
+				return nil, &fsm.Refusal{Kind: fsm.RefuseInvalid, Code: fsm.CodeInvalid, Reason: err.Error()}
+			}
+			return &fsm.RevokeCertCmd{Header: s.header(id), Serial: serial, Reason: req.Reason}, nil
+		}})
 }
 
 func (s *Server) handleListRevoked(w http.ResponseWriter, r *http.Request, id fsm.Identity) {

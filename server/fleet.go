@@ -14,12 +14,12 @@ import (
 )
 
 // fleetRoutes serves drains, cordons and the cheap heartbeat.
-func (s *Server) fleetRoutes(h func(string, func(http.ResponseWriter, *http.Request, fsm.Identity))) {
-	h("POST /v1/workers/{name}/heartbeat", s.handleHeartbeat)
-	h("POST /v1/workers/{name}/cordon", s.handleCordon)
-	h("POST /v1/drains", s.handleDrain)
+func (s *Server) fleetRoutes(h func(string, handler)) {
+	h("POST /v1/workers/{name}/heartbeat", s.handleHeartbeat())
+	h("POST /v1/workers/{name}/cordon", s.handleCordon())
+	h("POST /v1/drains", s.handleDrain())
 	h("POST /v1/drains/plan", s.handlePlanDrain)
-	h("DELETE /v1/drains/{worker}", s.handleCancelDrain)
+	h("DELETE /v1/drains/{worker}", s.handleCancelDrain())
 	h("GET /v1/drains", func(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
 		worker := r.URL.Query().Get("worker")
 		if idx, ok := s.block(w, r, s.store.DrainsIndex, s.store.Changed); ok {
@@ -57,84 +57,67 @@ func writtenLease(ttl time.Duration) time.Duration {
 	return fsm.ClampLeaseTTL(2 * fsm.ClampLeaseTTL(ttl))
 }
 
-func (s *Server) handleHeartbeat(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
-	var req api.HeartbeatRequest
-	if !readBody(w, r, &req) {
-		return
-	}
-	name := r.PathValue("name")
-	ttl := fsm.ClampLeaseTTL(time.Duration(req.LeaseTTL))
-	if err := req.Report.Validate(); err != nil {
-		// A bad report must not cost the worker its lease (a lapsed lease
-		// rolls its migrations back): the beat counts, the report does not.
-		s.log.Warn().Err(err).Str("worker", name).Msg("ignoring an invalid capacity report")
-		req.Report = nil
-	}
-	// The same rule as the log's: only that worker (or an operator) beats
-	// for it, so an answer from the replica reveals nothing to others.
-	allowed := id.Kind == fsm.KindOperator || (id.Kind == fsm.KindWorker && id.Name == name)
-	if wk, ok := s.store.Worker(name); ok && allowed && s.node.IsLeader() && !heartbeatWrite(wk, req.Report, ttl, s.cfg.Now()) {
-		s.met.beatsAbsorbed.Inc()
-		writeJSON(w, http.StatusOK, wk)
-		return
-	}
-	// The lease written covers a TTL beyond the next write, which comes
-	// when less than a TTL is left: a worker that stops beating loses its
-	// lease between one and two TTLs after its last beat.
-	c := &fsm.HeartbeatCmd{Header: s.header(id), Name: name, LeaseTTL: writtenLease(ttl), Report: req.Report}
-	if res := s.run(w, r.Context(), fsm.CmdHeartbeat, c); res != nil {
-		writeJSON(w, http.StatusOK, res.Worker)
-	}
+func (s *Server) handleHeartbeat() handler {
+	return propose(s, write[api.HeartbeatRequest]{cmd: fsm.CmdHeartbeat, reply: workerOf,
+		build: func(r *http.Request, id fsm.Identity, req *api.HeartbeatRequest) (any, error) {
+			name := r.PathValue("name")
+			ttl := fsm.ClampLeaseTTL(time.Duration(req.LeaseTTL))
+			if err := req.Report.Validate(); err != nil {
+				// A bad report must not cost the worker its lease (a lapsed lease
+				// rolls its migrations back): the beat counts, the report does not.
+				s.log.Warn().Err(err).Str("worker", name).Msg("ignoring an invalid capacity report")
+				req.Report = nil
+			}
+			// The same rule as the log's: only that worker (or an operator) beats
+			// for it, so an answer from the replica reveals nothing to others.
+			allowed := id.Kind == fsm.KindOperator || (id.Kind == fsm.KindWorker && id.Name == name)
+			if wk, ok := s.store.Worker(name); ok && allowed && s.node.IsLeader() && !heartbeatWrite(wk, req.Report, ttl, s.cfg.Now()) {
+				s.met.beatsAbsorbed.Inc()
+				return answered{wk}, nil
+			}
+			// The lease written covers a TTL beyond the next write, which comes
+			// when less than a TTL is left: a worker that stops beating loses its
+			// lease between one and two TTLs after its last beat.
+			return &fsm.HeartbeatCmd{Header: s.header(id), Name: name, LeaseTTL: writtenLease(ttl), Report: req.Report}, nil
+		}})
 }
 
-func (s *Server) handleCordon(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
-	var req api.CordonRequest
-	if !readBody(w, r, &req) {
-		return
-	}
-	c := &fsm.CordonCmd{Header: s.header(id), Worker: r.PathValue("name"), Cordoned: req.Cordoned, Reason: req.Reason}
-	if res := s.run(w, r.Context(), fsm.CmdCordon, c); res != nil {
-		writeJSON(w, http.StatusOK, res.Worker)
-	}
+func (s *Server) handleCordon() handler {
+	return propose(s, write[api.CordonRequest]{cmd: fsm.CmdCordon, reply: workerOf,
+		build: func(r *http.Request, id fsm.Identity, req *api.CordonRequest) (any, error) {
+			return &fsm.CordonCmd{Header: s.header(id), Worker: r.PathValue("name"), Cordoned: req.Cordoned, Reason: req.Reason}, nil
+		}})
 }
 
-func (s *Server) handleDrain(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
-	var req api.DrainRequest
-	if !readBody(w, r, &req) {
-		return
-	}
-	if req.ID == "" {
-		req.ID = api.NewStepID("drain-")
-	}
-	c := &fsm.DrainCmd{Header: s.header(id), ID: req.ID, Worker: req.Worker, Deadline: time.Duration(req.Deadline),
-		Parallel: req.Parallel, Targets: req.Targets, BandwidthBPS: req.BandwidthBPS}
-	if res := s.run(w, r.Context(), fsm.CmdDrain, c); res != nil {
-		writeJSON(w, http.StatusCreated, res.Drain)
-	}
+func (s *Server) handleDrain() handler {
+	return propose(s, write[api.DrainRequest]{cmd: fsm.CmdDrain, status: http.StatusCreated, reply: drainOf,
+		build: func(r *http.Request, id fsm.Identity, req *api.DrainRequest) (any, error) {
+			if req.ID == "" {
+				req.ID = api.NewStepID("drain-")
+			}
+			return &fsm.DrainCmd{Header: s.header(id), ID: req.ID, Worker: req.Worker, Deadline: time.Duration(req.Deadline),
+				Parallel: req.Parallel, Targets: req.Targets, BandwidthBPS: req.BandwidthBPS}, nil
+		}})
 }
 
-func (s *Server) handleCancelDrain(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
-	worker := r.PathValue("worker")
-	// Refused before the drains are looked at, so the answer tells no one
-	// else whether a worker is being drained.
-	if id.Kind != fsm.KindOperator {
-		writeErr(w, operatorsOnly(id, "cancel a drain"))
-		return
-	}
-	var running *fsm.Drain
-	for _, d := range s.store.Drains(worker) {
-		if d.State == fsm.DrainRunning {
-			running = d
-		}
-	}
-	if running == nil {
-		writeErr(w, &fsm.Refusal{Kind: fsm.RefuseNotFound, Code: fsm.CodeNotFound, Reason: "worker " + worker + " has no running drain"})
-		return
-	}
-	c := &fsm.DrainUpdateCmd{Header: s.header(id), ID: running.ID, Finish: fsm.DrainCancelled, Left: leftOf(s.store, running)}
-	if res := s.run(w, r.Context(), fsm.CmdDrainUpdate, c); res != nil {
-		writeJSON(w, http.StatusOK, res.Drain)
-	}
+func (s *Server) handleCancelDrain() handler {
+	return propose(s, write[noBody]{cmd: fsm.CmdDrainUpdate, reply: drainOf,
+		// Refused before the drains are looked at, so the answer tells no one
+		// else whether a worker is being drained.
+		before: onlyOperators("cancel a drain"),
+		build: func(r *http.Request, id fsm.Identity, _ *noBody) (any, error) {
+			worker := r.PathValue("worker")
+			var running *fsm.Drain
+			for _, d := range s.store.Drains(worker) {
+				if d.State == fsm.DrainRunning {
+					running = d
+				}
+			}
+			if running == nil {
+				return nil, &fsm.Refusal{Kind: fsm.RefuseNotFound, Code: fsm.CodeNotFound, Reason: "worker " + worker + " has no running drain"}
+			}
+			return &fsm.DrainUpdateCmd{Header: s.header(id), ID: running.ID, Finish: fsm.DrainCancelled, Left: leftOf(s.store, running)}, nil
+		}})
 }
 
 func operatorsOnly(id fsm.Identity, what string) *fsm.Refusal {

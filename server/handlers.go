@@ -23,7 +23,7 @@ const (
 
 func (s *Server) routes() http.Handler {
 	mux := http.NewServeMux()
-	h := func(pattern string, fn func(http.ResponseWriter, *http.Request, fsm.Identity)) {
+	h := func(pattern string, fn handler) {
 		mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
 			id, err := identity(r)
 			if err != nil {
@@ -64,10 +64,10 @@ func (s *Server) routes() http.Handler {
 		}
 		writeJSON(w, http.StatusOK, v)
 	})
-	h("POST /v1/workers", s.handleRegisterWorker)
+	h("POST /v1/workers", s.handleRegisterWorker())
 
 	h("GET /v1/volumes", s.listByWorker(func(sc *fsm.Scope, worker string) any { return sc.Volumes(s.store.Volumes(worker)) }))
-	h("POST /v1/volumes", s.handleCreateVolume)
+	h("POST /v1/volumes", s.handleCreateVolume())
 	h("GET /v1/volumes/{id}", func(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
 		vid := r.PathValue("id")
 		v, ok := s.store.Volume(vid)
@@ -77,19 +77,19 @@ func (s *Server) routes() http.Handler {
 		}
 		writeJSON(w, http.StatusOK, v)
 	})
-	h("PATCH /v1/volumes/{id}", s.handleUpdateVolume)
-	h("DELETE /v1/volumes/{id}", s.handleDestroyVolume)
-	h("POST /v1/volumes/{id}/envelopes", s.handlePutEnvelopes)
+	h("PATCH /v1/volumes/{id}", s.handleUpdateVolume())
+	h("DELETE /v1/volumes/{id}", s.handleDestroyVolume())
+	h("POST /v1/volumes/{id}/envelopes", s.handlePutEnvelopes())
 	h("GET /v1/volumes/{id}/envelopes", s.handleListEnvelopes)
 	h("GET /v1/volumes/{id}/envelopes/{purpose}", s.handleGetEnvelope)
-	h("PUT /v1/workers/{name}/key", s.handleSetWorkerKey)
+	h("PUT /v1/workers/{name}/key", s.handleSetWorkerKey())
 	h("GET /v1/keys/recovery", s.handleGetRecoveryKey)
-	h("PUT /v1/keys/recovery", s.handleSetRecoveryKey)
-	h("POST /v1/volumes/{id}/extend", s.handleExtendVolume)
-	h("POST /v1/volumes/{id}/fork", s.handleForkVolume)
+	h("PUT /v1/keys/recovery", s.handleSetRecoveryKey())
+	h("POST /v1/volumes/{id}/extend", s.handleExtendVolume())
+	h("POST /v1/volumes/{id}/fork", s.handleForkVolume())
 
 	h("GET /v1/machines", s.listByWorker(func(sc *fsm.Scope, worker string) any { return sc.Machines(s.store.Machines(worker)) }))
-	h("POST /v1/machines", s.handleCreateMachine)
+	h("POST /v1/machines", s.handleCreateMachine())
 	h("GET /v1/machines/{id}", func(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
 		mid := r.PathValue("id")
 		m, ok := s.store.Machine(mid)
@@ -100,7 +100,7 @@ func (s *Server) routes() http.Handler {
 		}
 		writeJSON(w, http.StatusOK, sc.Machine(m))
 	})
-	h("PATCH /v1/machines/{id}", s.handleUpdateMachine)
+	h("PATCH /v1/machines/{id}", s.handleUpdateMachine())
 
 	h("GET /v1/migrations", func(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
 		worker := r.URL.Query().Get("worker")
@@ -114,7 +114,7 @@ func (s *Server) routes() http.Handler {
 			writeIndexed(w, idx, s.store.ScopeOf(id).Migrations(s.store.Migrations(worker)))
 		}
 	})
-	h("POST /v1/migrations", s.handlePlan)
+	h("POST /v1/migrations", s.handlePlan())
 	h("GET /v1/migrations/{id}", func(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
 		mid := r.PathValue("id")
 		if _, found := s.store.Migration(mid); found && !s.store.ScopeOf(id).CanReadMigration(mid) {
@@ -132,8 +132,8 @@ func (s *Server) routes() http.Handler {
 		}
 		writeIndexed(w, idx, m)
 	})
-	h("POST /v1/migrations/{id}/events", s.handlePropose)
-	h("POST /v1/migrations/{id}/abort", s.handleAbort)
+	h("POST /v1/migrations/{id}/events", s.handlePropose())
+	h("POST /v1/migrations/{id}/abort", s.handleAbort())
 	h("GET /v1/locks", func(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
 		sc := s.store.ScopeOf(id)
 		locks := s.store.Locks()
@@ -145,11 +145,11 @@ func (s *Server) routes() http.Handler {
 		writeJSON(w, http.StatusOK, locks)
 	})
 
-	h("POST /v1/internal/join", s.handleJoin)
-	h("DELETE /v1/servers/{id}", s.handleRemoveServer)
+	h("POST /v1/internal/join", s.handleJoin())
+	h("DELETE /v1/servers/{id}", s.handleRemoveServer())
 	h("GET /v1/certs/revoked", s.handleListRevoked)
 	h("GET /v1/certs/revoked/serials", s.handleRevokedSerials)
-	h("POST /v1/certs/revoked", s.handleRevoke)
+	h("POST /v1/certs/revoked", s.handleRevoke())
 	s.fleetRoutes(h)
 	metrics := s.metricsHandler()
 	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, r *http.Request) {
@@ -293,211 +293,165 @@ func (s *Server) run(w http.ResponseWriter, ctx context.Context, typ fsm.Command
 	return res
 }
 
-func (s *Server) handleRegisterWorker(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
-	var req api.RegisterWorkerRequest
-	if !readBody(w, r, &req) {
-		return
-	}
-	if res := s.run(w, r.Context(), fsm.CmdRegisterWorker, &fsm.RegisterWorkerCmd{Header: s.header(id), Worker: req.Worker, LeaseTTL: writtenLease(time.Duration(req.LeaseTTL))}); res != nil {
-		writeJSON(w, http.StatusOK, res.Worker)
-	}
+func (s *Server) handleRegisterWorker() handler {
+	return propose(s, write[api.RegisterWorkerRequest]{cmd: fsm.CmdRegisterWorker, reply: workerOf,
+		build: func(r *http.Request, id fsm.Identity, req *api.RegisterWorkerRequest) (any, error) {
+			return &fsm.RegisterWorkerCmd{Header: s.header(id), Worker: req.Worker, LeaseTTL: writtenLease(time.Duration(req.LeaseTTL))}, nil
+		}})
 }
 
-func (s *Server) handleCreateVolume(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
-	var v fsm.Volume
-	if !readBody(w, r, &v) {
-		return
-	}
-	if ref := s.needRecoveryKey(); ref != nil {
-		writeErr(w, ref)
-		return
-	}
-	if res := s.run(w, r.Context(), fsm.CmdCreateVolume, &fsm.CreateVolumeCmd{Header: s.header(id), Volume: v}); res != nil {
-		writeJSON(w, http.StatusOK, res.Volume)
-	}
+func (s *Server) handleCreateVolume() handler {
+	return propose(s, write[fsm.Volume]{cmd: fsm.CmdCreateVolume, reply: volumeOf,
+		build: func(r *http.Request, id fsm.Identity, v *fsm.Volume) (any, error) {
+			if ref := s.needRecoveryKey(); ref != nil {
+				return nil, ref
+			}
+			return &fsm.CreateVolumeCmd{Header: s.header(id), Volume: *v}, nil
+		}})
 }
 
-func (s *Server) handleUpdateVolume(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
-	var u api.VolumeUpdate
-	if !readBody(w, r, &u) {
-		return
-	}
-	c := &fsm.UpdateVolumeCmd{Header: s.header(id), ID: r.PathValue("id"), State: u.State, AttachedMachine: u.AttachedMachine, Layout: u.Layout, Size: u.Size}
-	if res := s.run(w, r.Context(), fsm.CmdUpdateVolume, c); res != nil {
-		writeJSON(w, http.StatusOK, res.Volume)
-	}
+func (s *Server) handleUpdateVolume() handler {
+	return propose(s, write[api.VolumeUpdate]{cmd: fsm.CmdUpdateVolume, reply: volumeOf,
+		build: func(r *http.Request, id fsm.Identity, u *api.VolumeUpdate) (any, error) {
+			return &fsm.UpdateVolumeCmd{Header: s.header(id), ID: r.PathValue("id"), State: u.State, AttachedMachine: u.AttachedMachine, Layout: u.Layout, Size: u.Size}, nil
+		}})
 }
 
-func (s *Server) handleDestroyVolume(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
-	var ret time.Duration
-	if rs := r.URL.Query().Get("retention"); rs != "" {
-		var err error
-		if ret, err = time.ParseDuration(rs); err != nil {
-			writeErr(w, &fsm.Refusal{Kind: fsm.RefuseInvalid, Code: fsm.CodeInvalid, Reason: "retention must be a duration like 24h"})
-			return
-		}
-	}
-	if res := s.run(w, r.Context(), fsm.CmdDestroyVolume, &fsm.DestroyVolumeCmd{Header: s.header(id), ID: r.PathValue("id"), Retention: ret}); res != nil {
-		writeJSON(w, http.StatusOK, res.Volume)
-	}
+func (s *Server) handleDestroyVolume() handler {
+	return propose(s, write[noBody]{cmd: fsm.CmdDestroyVolume, reply: volumeOf,
+		build: func(r *http.Request, id fsm.Identity, _ *noBody) (any, error) {
+			var ret time.Duration
+			if rs := r.URL.Query().Get("retention"); rs != "" {
+				var err error
+				if ret, err = time.ParseDuration(rs); err != nil {
+					return nil, &fsm.Refusal{Kind: fsm.RefuseInvalid, Code: fsm.CodeInvalid, Reason: "retention must be a duration like 24h"}
+				}
+			}
+			return &fsm.DestroyVolumeCmd{Header: s.header(id), ID: r.PathValue("id"), Retention: ret}, nil
+		}})
 }
 
-func (s *Server) handleExtendVolume(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
-	var e api.VolumeExtend
-	if !readBody(w, r, &e) {
-		return
-	}
-	if res := s.run(w, r.Context(), fsm.CmdExtendVolume, &fsm.ExtendVolumeCmd{Header: s.header(id), ID: r.PathValue("id"), Size: e.Size}); res != nil {
-		writeJSON(w, http.StatusOK, res.Volume)
-	}
+func (s *Server) handleExtendVolume() handler {
+	return propose(s, write[api.VolumeExtend]{cmd: fsm.CmdExtendVolume, reply: volumeOf,
+		build: func(r *http.Request, id fsm.Identity, e *api.VolumeExtend) (any, error) {
+			return &fsm.ExtendVolumeCmd{Header: s.header(id), ID: r.PathValue("id"), Size: e.Size}, nil
+		}})
 }
 
-func (s *Server) handleForkVolume(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
-	var f api.VolumeFork
-	if !readBody(w, r, &f) {
-		return
-	}
-	c := &fsm.ForkVolumeCmd{Header: s.header(id), ID: f.ID, Source: r.PathValue("id"), Worker: f.Worker}
-	if res := s.run(w, r.Context(), fsm.CmdForkVolume, c); res != nil {
-		writeJSON(w, http.StatusOK, res.Volume)
-	}
+func (s *Server) handleForkVolume() handler {
+	return propose(s, write[api.VolumeFork]{cmd: fsm.CmdForkVolume, reply: volumeOf,
+		build: func(r *http.Request, id fsm.Identity, f *api.VolumeFork) (any, error) {
+			return &fsm.ForkVolumeCmd{Header: s.header(id), ID: f.ID, Source: r.PathValue("id"), Worker: f.Worker}, nil
+		}})
 }
 
-func (s *Server) handleCreateMachine(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
-	var m fsm.Machine
-	if !readBody(w, r, &m) {
-		return
-	}
-	if res := s.run(w, r.Context(), fsm.CmdCreateMachine, &fsm.CreateMachineCmd{Header: s.header(id), Machine: m}); res != nil {
-		writeJSON(w, http.StatusOK, res.Machine)
-	}
+func (s *Server) handleCreateMachine() handler {
+	return propose(s, write[fsm.Machine]{cmd: fsm.CmdCreateMachine, reply: machineOf,
+		build: func(r *http.Request, id fsm.Identity, m *fsm.Machine) (any, error) {
+			return &fsm.CreateMachineCmd{Header: s.header(id), Machine: *m}, nil
+		}})
 }
 
-func (s *Server) handleUpdateMachine(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
-	var u api.MachineUpdate
-	if !readBody(w, r, &u) {
-		return
-	}
-	c := &fsm.UpdateMachineCmd{Header: s.header(id), ID: r.PathValue("id"), State: u.State, Volume: u.Volume, Addr6PN: u.Addr6PN, Spec: u.Spec}
-	if res := s.run(w, r.Context(), fsm.CmdUpdateMachine, c); res != nil {
-		writeJSON(w, http.StatusOK, res.Machine)
-	}
+func (s *Server) handleUpdateMachine() handler {
+	return propose(s, write[api.MachineUpdate]{cmd: fsm.CmdUpdateMachine, reply: machineOf,
+		build: func(r *http.Request, id fsm.Identity, u *api.MachineUpdate) (any, error) {
+			return &fsm.UpdateMachineCmd{Header: s.header(id), ID: r.PathValue("id"), State: u.State, Volume: u.Volume, Addr6PN: u.Addr6PN, Spec: u.Spec}, nil
+		}})
 }
 
-func (s *Server) handlePlan(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
-	var p api.PlanRequest
-	if !readBody(w, r, &p) {
-		return
-	}
-	if p.ID == "" {
-		p.ID = api.NewStepID("mig-")
-	}
-	c := &fsm.PlanCmd{Header: s.header(id), ID: p.ID, Machine: p.Machine, Target: p.Target, StepID: p.StepID, MaxDowntime: time.Duration(p.MaxDowntime)}
-	if res := s.run(w, r.Context(), fsm.CmdPlan, c); res != nil {
-		writeJSON(w, http.StatusCreated, res.Migration)
-	}
+func (s *Server) handlePlan() handler {
+	return propose(s, write[api.PlanRequest]{cmd: fsm.CmdPlan, status: http.StatusCreated,
+		reply: func(res *fsm.Result) any { return res.Migration },
+		build: func(r *http.Request, id fsm.Identity, p *api.PlanRequest) (any, error) {
+			if p.ID == "" {
+				p.ID = api.NewStepID("mig-")
+			}
+			return &fsm.PlanCmd{Header: s.header(id), ID: p.ID, Machine: p.Machine, Target: p.Target, StepID: p.StepID, MaxDowntime: time.Duration(p.MaxDowntime)}, nil
+		}})
 }
 
-func (s *Server) handlePropose(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
-	var p api.ProposeRequest
-	if !readBody(w, r, &p) {
-		return
-	}
-	mid := r.PathValue("id")
-	// Only the replicated part of a progress report enters the log: a
-	// backend's detail must not become part of the log format.
-	p.Payload.Progress = p.Payload.Progress.Replicated()
-	// A progress update that Apply would drop never reaches the log; the
-	// leader decides (followers redirect every write).
-	if p.Event == fsm.EvProgress && s.node.IsLeader() {
-		if m, ok := s.store.Migration(mid); ok && m.State != "" && len(fsm.RolesOf(id, m)) > 0 &&
-			p.Payload.Progress != nil && !fsm.ProgressDue(m, p.Payload.Progress, s.cfg.Now()) {
-			writeJSON(w, http.StatusOK, api.ProposeReply{Migration: m, Ignored: true})
-			return
-		}
-	}
-	c := &fsm.ProposeCmd{Header: s.header(id), ID: mid, Event: p.Event, StepID: p.StepID, Payload: p.Payload}
-	if res := s.run(w, r.Context(), fsm.CmdPropose, c); res != nil {
-		writeJSON(w, http.StatusOK, api.ProposeReply{Migration: res.Migration, Duplicate: res.Duplicate, Ignored: res.Ignored})
-	}
+func (s *Server) handlePropose() handler {
+	return propose(s, write[api.ProposeRequest]{cmd: fsm.CmdPropose,
+		reply: func(res *fsm.Result) any {
+			return api.ProposeReply{Migration: res.Migration, Duplicate: res.Duplicate, Ignored: res.Ignored}
+		},
+		build: func(r *http.Request, id fsm.Identity, p *api.ProposeRequest) (any, error) {
+			mid := r.PathValue("id")
+			// Only the replicated part of a progress report enters the log: a
+			// backend's detail must not become part of the log format.
+			p.Payload.Progress = p.Payload.Progress.Replicated()
+			// A progress update that Apply would drop never reaches the log; the
+			// leader decides (followers redirect every write).
+			if p.Event == fsm.EvProgress && s.node.IsLeader() {
+				if m, ok := s.store.Migration(mid); ok && m.State != "" && len(fsm.RolesOf(id, m)) > 0 &&
+					p.Payload.Progress != nil && !fsm.ProgressDue(m, p.Payload.Progress, s.cfg.Now()) {
+					return answered{api.ProposeReply{Migration: m, Ignored: true}}, nil
+				}
+			}
+			return &fsm.ProposeCmd{Header: s.header(id), ID: mid, Event: p.Event, StepID: p.StepID, Payload: p.Payload}, nil
+		}})
 }
 
-func (s *Server) handleAbort(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
-	var a api.AbortRequest
-	if !readBody(w, r, &a) {
-		return
-	}
-	c := &fsm.ProposeCmd{Header: s.header(id), ID: r.PathValue("id"), Event: fsm.EvAbort, StepID: a.StepID, Payload: fsm.EventPayload{Reason: a.Reason}}
-	if res := s.run(w, r.Context(), fsm.CmdPropose, c); res != nil {
-		writeJSON(w, http.StatusOK, api.ProposeReply{Migration: res.Migration, Duplicate: res.Duplicate})
-	}
+func (s *Server) handleAbort() handler {
+	return propose(s, write[api.AbortRequest]{cmd: fsm.CmdPropose,
+		reply: func(res *fsm.Result) any { return api.ProposeReply{Migration: res.Migration, Duplicate: res.Duplicate} },
+		build: func(r *http.Request, id fsm.Identity, a *api.AbortRequest) (any, error) {
+			return &fsm.ProposeCmd{Header: s.header(id), ID: r.PathValue("id"), Event: fsm.EvAbort, StepID: a.StepID, Payload: fsm.EventPayload{Reason: a.Reason}}, nil
+		}})
 }
 
-func (s *Server) handleJoin(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
-	if id.Kind != fsm.KindServer {
-		writeErr(w, &fsm.Refusal{Kind: fsm.RefuseForbidden, Code: fsm.CodeForbidden, Reason: "only servers may join"})
-		return
-	}
-	var j api.JoinRequest
-	if !readBody(w, r, &j) {
-		return
-	}
-	if j.ID != id.Name {
-		writeErr(w, &fsm.Refusal{Kind: fsm.RefuseForbidden, Code: fsm.CodeForbidden, Reason: fmt.Sprintf("certificate %s may not join as %s", id.Name, j.ID)})
-		return
-	}
-	if r := fsm.Validate(&fsm.RegisterServerCmd{Member: fsm.ServerMember{ID: j.ID, RaftAddr: j.RaftAddr, APIAddr: j.APIAddr}}); r != nil {
-		writeErr(w, r)
-		return
-	}
-	if !s.node.IsLeader() {
-		writeErr(w, s.notLeader())
-		return
-	}
-	if err := s.node.AddVoter(j.ID, j.RaftAddr, 10*time.Second); err != nil {
-		writeErr(w, &fsm.Refusal{Kind: fsm.RefuseNotLeader, Code: fsm.CodeNoLeader, Reason: err.Error()})
-		return
-	}
-	self := fsm.Identity{Name: s.cfg.ID, Kind: fsm.KindServer}
-	if res := s.run(w, r.Context(), fsm.CmdRegisterServer, &fsm.RegisterServerCmd{Header: s.header(self),
-		Member: fsm.ServerMember{ID: j.ID, RaftAddr: j.RaftAddr, APIAddr: j.APIAddr}}); res != nil {
-		writeJSON(w, http.StatusOK, struct{}{})
-	}
+// handleJoin adds the calling server as a voter, then records its API
+// address in the log as this leader.
+func (s *Server) handleJoin() handler {
+	return propose(s, write[api.JoinRequest]{cmd: fsm.CmdRegisterServer, reply: empty,
+		before: only(fsm.KindServer, "only servers may join"),
+		build: func(r *http.Request, id fsm.Identity, j *api.JoinRequest) (any, error) {
+			if j.ID != id.Name {
+				return nil, &fsm.Refusal{Kind: fsm.RefuseForbidden, Code: fsm.CodeForbidden, Reason: fmt.Sprintf("certificate %s may not join as %s", id.Name, j.ID)}
+			}
+			member := fsm.ServerMember{ID: j.ID, RaftAddr: j.RaftAddr, APIAddr: j.APIAddr}
+			if ref := fsm.Validate(&fsm.RegisterServerCmd{Member: member}); ref != nil {
+				return nil, ref
+			}
+			if !s.node.IsLeader() {
+				return nil, s.notLeader()
+			}
+			if err := s.node.AddVoter(j.ID, j.RaftAddr, 10*time.Second); err != nil {
+				return nil, &fsm.Refusal{Kind: fsm.RefuseNotLeader, Code: fsm.CodeNoLeader, Reason: err.Error()}
+			}
+			return &fsm.RegisterServerCmd{Header: s.header(s.self()), Member: member}, nil
+		}})
 }
 
 // handleRemoveServer removes a voter (a dead server being replaced).
 // Operators may call it; a follower redirects them to the leader.
-func (s *Server) handleRemoveServer(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
-	if id.Kind != fsm.KindOperator {
-		writeErr(w, &fsm.Refusal{Kind: fsm.RefuseForbidden, Code: fsm.CodeForbidden, Reason: "only operators may remove servers"})
-		return
-	}
-	target := r.PathValue("id")
-	if ref := fsm.CheckID("server", target); ref != nil {
-		writeErr(w, ref)
-		return
-	}
-	if !s.node.IsLeader() {
-		writeErr(w, s.notLeader())
-		return
-	}
-	if target == s.cfg.ID {
-		writeErr(w, &fsm.Refusal{Kind: fsm.RefuseConflict, Code: fsm.CodeConflict, Reason: "the leader cannot remove itself: stop it first, then remove it through another server"})
-		return
-	}
-	if err := s.node.RemoveServer(target, 10*time.Second); err != nil {
-		writeErr(w, &fsm.Refusal{Kind: fsm.RefuseNotLeader, Code: fsm.CodeNoLeader, Reason: err.Error()})
-		return
-	}
-	self := fsm.Identity{Name: s.cfg.ID, Kind: fsm.KindServer}
-	if res := s.run(w, r.Context(), fsm.CmdRegisterServer, &fsm.RegisterServerCmd{Header: s.header(self), Member: fsm.ServerMember{ID: target}, Remove: true}); res != nil {
-		writeJSON(w, http.StatusOK, struct{}{})
-	}
+func (s *Server) handleRemoveServer() handler {
+	return propose(s, write[noBody]{cmd: fsm.CmdRegisterServer, reply: empty,
+		before: only(fsm.KindOperator, "only operators may remove servers"),
+		build: func(r *http.Request, id fsm.Identity, _ *noBody) (any, error) {
+			target := r.PathValue("id")
+			if ref := fsm.CheckID("server", target); ref != nil {
+				return nil, ref
+			}
+			if !s.node.IsLeader() {
+				return nil, s.notLeader()
+			}
+			if target == s.cfg.ID {
+				return nil, &fsm.Refusal{Kind: fsm.RefuseConflict, Code: fsm.CodeConflict, Reason: "the leader cannot remove itself: stop it first, then remove it through another server"}
+			}
+			if err := s.node.RemoveServer(target, 10*time.Second); err != nil {
+				return nil, &fsm.Refusal{Kind: fsm.RefuseNotLeader, Code: fsm.CodeNoLeader, Reason: err.Error()}
+			}
+			return &fsm.RegisterServerCmd{Header: s.header(s.self()), Member: fsm.ServerMember{ID: target}, Remove: true}, nil
+		}})
 }
+
+// self is this server's identity, for the commands it proposes itself.
+func (s *Server) self() fsm.Identity { return fsm.Identity{Name: s.cfg.ID, Kind: fsm.KindServer} }
 
 // listByWorker serves a registry collection (?worker= filters) as a
 // blocking query on the store's index, cut to what the caller may read.
-func (s *Server) listByWorker(list func(sc *fsm.Scope, worker string) any) func(http.ResponseWriter, *http.Request, fsm.Identity) {
+func (s *Server) listByWorker(list func(sc *fsm.Scope, worker string) any) handler {
 	return func(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
 		worker := r.URL.Query().Get("worker")
 		if idx, ok := s.block(w, r, s.store.Index, s.store.Changed); ok {

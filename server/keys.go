@@ -14,20 +14,16 @@ import (
 // who may write and read them, and can open none (they hold no private
 // key). Reads are served from the local store, never through the log.
 
-func (s *Server) handleSetWorkerKey(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
-	var k fsm.PublicKey
-	if !readBody(w, r, &k) {
-		return
-	}
-	// The store binds the key to the caller's certificate name too; refusing
-	// here keeps a forged request out of the log.
-	if id.Kind != fsm.KindWorker || id.Name != r.PathValue("name") {
-		writeErr(w, &fsm.Refusal{Kind: fsm.RefuseForbidden, Code: fsm.CodeForbidden, Reason: id.String() + " may not register the key of worker " + r.PathValue("name")})
-		return
-	}
-	if res := s.run(w, r.Context(), fsm.CmdSetWorkerKey, &fsm.SetWorkerKeyCmd{Header: s.header(id), Name: r.PathValue("name"), Key: k}); res != nil {
-		writeJSON(w, http.StatusOK, res.Worker)
-	}
+func (s *Server) handleSetWorkerKey() handler {
+	return propose(s, write[fsm.PublicKey]{cmd: fsm.CmdSetWorkerKey, reply: workerOf,
+		build: func(r *http.Request, id fsm.Identity, k *fsm.PublicKey) (any, error) {
+			// The store binds the key to the caller's certificate name too;
+			// refusing here keeps a forged request out of the log.
+			if id.Kind != fsm.KindWorker || id.Name != r.PathValue("name") {
+				return nil, &fsm.Refusal{Kind: fsm.RefuseForbidden, Code: fsm.CodeForbidden, Reason: id.String() + " may not register the key of worker " + r.PathValue("name")}
+			}
+			return &fsm.SetWorkerKeyCmd{Header: s.header(id), Name: r.PathValue("name"), Key: *k}, nil
+		}})
 }
 
 func (s *Server) handleGetRecoveryKey(w http.ResponseWriter, r *http.Request, _ fsm.Identity) {
@@ -39,19 +35,17 @@ func (s *Server) handleGetRecoveryKey(w http.ResponseWriter, r *http.Request, _ 
 	writeJSON(w, http.StatusOK, k)
 }
 
-func (s *Server) handleSetRecoveryKey(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
-	var k fsm.PublicKey
-	if !readBody(w, r, &k) {
-		return
-	}
-	if id.Kind != fsm.KindOperator {
-		writeErr(w, &fsm.Refusal{Kind: fsm.RefuseForbidden, Code: fsm.CodeForbidden, Reason: "only operators may set the recovery key"})
-		return
-	}
-	if res := s.run(w, r.Context(), fsm.CmdSetRecoveryKey, &fsm.SetRecoveryKeyCmd{Header: s.header(id), Key: k}); res != nil {
-		s.log.Info().Str("actor", id.String()).Str("fingerprint", k.Fingerprint).Msg("recovery key set")
-		writeJSON(w, http.StatusOK, struct{}{})
-	}
+func (s *Server) handleSetRecoveryKey() handler {
+	return propose(s, write[fsm.PublicKey]{cmd: fsm.CmdSetRecoveryKey, reply: empty,
+		build: func(r *http.Request, id fsm.Identity, k *fsm.PublicKey) (any, error) {
+			if id.Kind != fsm.KindOperator {
+				return nil, &fsm.Refusal{Kind: fsm.RefuseForbidden, Code: fsm.CodeForbidden, Reason: "only operators may set the recovery key"}
+			}
+			return &fsm.SetRecoveryKeyCmd{Header: s.header(id), Key: *k}, nil
+		},
+		applied: func(id fsm.Identity, k *fsm.PublicKey) {
+			s.log.Info().Str("actor", id.String()).Str("fingerprint", k.Fingerprint).Msg("recovery key set")
+		}})
 }
 
 func noRecoveryKey() *fsm.Refusal {
@@ -68,19 +62,17 @@ func (s *Server) needRecoveryKey() *fsm.Refusal {
 	return nil
 }
 
-func (s *Server) handlePutEnvelopes(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
-	var req api.EnvelopesRequest
-	if !readBody(w, r, &req) {
-		return
-	}
-	c := &fsm.PutEnvelopesCmd{Header: s.header(id), Volume: r.PathValue("id"), Envelopes: req.Envelopes}
-	if res := s.run(w, r.Context(), fsm.CmdPutEnvelopes, c); res != nil {
-		for _, e := range req.Envelopes {
-			s.log.Info().Str("actor", id.String()).Str("volume", e.Volume).Str("purpose", string(e.Purpose)).
-				Str("recipient", e.Recipient).Str("fingerprint", e.Fingerprint).Str("migration", e.Migration).Msg("key envelope stored")
-		}
-		writeJSON(w, http.StatusOK, res.Volume)
-	}
+func (s *Server) handlePutEnvelopes() handler {
+	return propose(s, write[api.EnvelopesRequest]{cmd: fsm.CmdPutEnvelopes, reply: volumeOf,
+		build: func(r *http.Request, id fsm.Identity, req *api.EnvelopesRequest) (any, error) {
+			return &fsm.PutEnvelopesCmd{Header: s.header(id), Volume: r.PathValue("id"), Envelopes: req.Envelopes}, nil
+		},
+		applied: func(id fsm.Identity, req *api.EnvelopesRequest) {
+			for _, e := range req.Envelopes {
+				s.log.Info().Str("actor", id.String()).Str("volume", e.Volume).Str("purpose", string(e.Purpose)).
+					Str("recipient", e.Recipient).Str("fingerprint", e.Fingerprint).Str("migration", e.Migration).Msg("key envelope stored")
+			}
+		}})
 }
 
 func (s *Server) handleListEnvelopes(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
