@@ -135,7 +135,7 @@ func (c *Console) planDrain(ctx context.Context, name string) (drainPlan, error)
 		p.Problems = append(p.Problems, "placement has no target for some machines now (the reason is beside each): the drain waits for room and reports them")
 	}
 	if d := p.Live.Drain; d != nil && d.Running {
-		p.Problems = append(p.Problems, "a drain of this worker is running already ("+d.D.ID+"): applying again changes nothing")
+		p.Problems = append(p.Problems, "a drain of this worker is running already ("+d.D.ID+"): the servers refuse a second one; cancel it below or wait for it to end")
 	}
 	return p, nil
 }

@@ -29,7 +29,7 @@ var errReadOnlyExport = errors.New("ferry export is read-only")
 type roStore struct {
 	scsi.BaseBackingStore
 	f   *os.File
-	mem []byte // nil: read with pread
+	mem atomic.Pointer[[]byte] // the volume's mapping; nil: read with pread
 }
 
 func (s *roStore) Open(_ *api.SCSILu, path string) error {
@@ -45,7 +45,7 @@ func (s *roStore) Open(_ *api.SCSILu, path string) error {
 	s.f, s.DataSize = f, uint64(size)
 	if size > 0 && int64(int(size)) == size {
 		if mem, err := unix.Mmap(int(f.Fd()), 0, int(size), unix.PROT_READ, unix.MAP_SHARED); err == nil {
-			s.mem = mem
+			s.mem.Store(&mem)
 			// The migration reads the volume once, front to back: ask for
 			// aggressive read-ahead (and it costs nothing if page-cached).
 			_ = unix.Madvise(mem, unix.MADV_SEQUENTIAL)
@@ -56,13 +56,13 @@ func (s *roStore) Open(_ *api.SCSILu, path string) error {
 }
 
 func (s *roStore) Close(*api.SCSILu) error {
-	if mem := s.mem; mem != nil {
+	if p := s.mem.Swap(nil); p != nil {
+		mem := *p
 		// gotgt may still be copying a slice a command got from Read just
 		// before the LU closed; unmapping under it would crash the export.
 		// The copy takes microseconds: the mapping goes after a grace
 		// period (or with the process, for the one-export child).
 		time.AfterFunc(unmapGrace, func() { _ = unix.Munmap(mem) })
-		s.mem = nil
 	}
 	return s.f.Close()
 }
@@ -78,8 +78,8 @@ func (s *roStore) Read(off, n int64) ([]byte, error) {
 	if off < 0 || n < 0 || uint64(off)+uint64(n) > s.DataSize {
 		return nil, fmt.Errorf("read of %d bytes at %d outside the %d-byte volume", n, off, s.DataSize)
 	}
-	if s.mem != nil {
-		return s.mapped(off, n)
+	if p := s.mem.Load(); p != nil {
+		return mapped(*p, off, n)
 	}
 	b := make([]byte, n)
 	if _, err := s.f.ReadAt(b, off); err != nil {
@@ -92,17 +92,17 @@ func (s *roStore) Read(off, n int64) ([]byte, error) {
 // here so that an I/O error (or a file truncated under the export, which
 // the source must not be) surfaces as a read error of this command instead
 // of a SIGBUS that kills the export when gotgt copies the slice.
-func (s *roStore) mapped(off, n int64) (b []byte, err error) {
-	b = s.mem[off : off+n : off+n]
+func mapped(mem []byte, off, n int64) (b []byte, err error) {
+	b = mem[off : off+n : off+n]
 	if n >= prefetchMin {
 		// A large read is the migration's sequential sweep, spread over
 		// several sessions: start reading the next stretch from the disk now
 		// (asynchronously), so the faults below and the next commands find
 		// it in the page cache. Small reads are the machine's own, random.
-		ahead := min(off+n+prefetchAhead, int64(len(s.mem)))
+		ahead := min(off+n+prefetchAhead, int64(len(mem)))
 		start := (off + n) &^ (pageSize - 1)
 		if start < ahead {
-			_ = unix.Madvise(s.mem[start:ahead], unix.MADV_WILLNEED)
+			_ = unix.Madvise(mem[start:ahead], unix.MADV_WILLNEED)
 		}
 	}
 	old := debug.SetPanicOnFault(true)

@@ -14,7 +14,7 @@ func TestStoreReadsMappedVolume(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.Close(nil)
-	if s.mem == nil {
+	if s.mem.Load() == nil {
 		t.Fatal("the volume was not mapped")
 	}
 	for _, c := range []struct{ off, n int64 }{{0, 512}, {4096, 1 << 20}, {3 << 20, 1 << 20}, {12345 * 256, 256 << 10}} {

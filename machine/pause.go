@@ -36,15 +36,20 @@ func (e *Exec) Pause(ctx context.Context, s Spec) error {
 	if err := syscall.Kill(-ref.Pid, syscall.SIGSTOP); err != nil {
 		return fmt.Errorf("pause machine %s (process group %d): %w", s.ID, ref.Pid, err)
 	}
+	// A pause that does not complete leaves nothing half-stopped behind:
+	// the processes already stopped are continued.
+	resume := func() { _ = syscall.Kill(-ref.Pid, syscall.SIGCONT) }
 	deadline := time.Now().Add(5 * time.Second)
 	for !groupStopped(ref.Pid) {
 		if time.Now().After(deadline) {
-			return fmt.Errorf("machine %s (process group %d) did not stop within 5s of SIGSTOP", s.ID, ref.Pid)
+			resume()
+			return fmt.Errorf("machine %s (process group %d) did not stop within 5s of SIGSTOP (a process blocked in the kernel, on a dead disk say, stops only once that returns)", s.ID, ref.Pid)
 		}
 		select {
 		case <-ctx.Done():
+			resume()
 			return fmt.Errorf("pause machine %s: %w", s.ID, ctx.Err())
-		case <-time.After(time.Millisecond):
+		case <-time.After(20 * time.Millisecond): // each look reads all of /proc
 		}
 	}
 	e.Log.Info().Str("machine", s.ID).Int("pid", ref.Pid).Msg("machine paused")
