@@ -43,10 +43,11 @@ type Client struct {
 	mu     sync.Mutex
 	cur    int
 	leader string // the leader a redirect led to, asked first while it answers
-	// inflight holds the cancel of every attempt under way, per server, so
-	// that one request finding a server unresponsive moves the others
-	// (a blocking watch, above all) off it at once instead of each waiting
-	// out its own deadline.
+	// inflight holds the cancel of every blocking query under way, per
+	// server, so that a request finding a server unresponsive moves the
+	// watches off it at once instead of each waiting out its wait plus the
+	// attempt timeout. Other requests (writes above all) keep their own
+	// deadlines: cancelling them would only add load to a slow leader.
 	inflight map[string]map[uint64]context.CancelCauseFunc
 	nextID   uint64
 }
@@ -199,8 +200,11 @@ func (c *Client) attemptTimeout(q url.Values) time.Duration {
 func (c *Client) once(ctx context.Context, addr, method, path string, q url.Values, body []byte, out any) (idx uint64, leader string, err error) {
 	ctx, cancel := context.WithTimeoutCause(ctx, c.attemptTimeout(q), errAttemptTimeout)
 	defer cancel()
-	ctx, release := c.track(ctx, addr)
-	defer release()
+	if q.Get("index") != "" {
+		var release func()
+		ctx, release = c.track(ctx, addr)
+		defer release()
+	}
 	defer func() {
 		if err != nil && errors.Is(context.Cause(ctx), errServerSuspect) && !errors.Is(err, ErrUnavailable) {
 			err = fmt.Errorf("%w: %s: %w", ErrUnavailable, addr, errServerSuspect)
@@ -269,7 +273,7 @@ var errAttemptTimeout = errors.New("the server did not answer in time")
 // another request found it unresponsive.
 var errServerSuspect = errors.New("another request found this server unresponsive")
 
-// track registers an attempt on addr; release unregisters it.
+// track registers a blocking query's attempt on addr; release unregisters it.
 func (c *Client) track(ctx context.Context, addr string) (context.Context, func()) {
 	ctx, cancel := context.WithCancelCause(ctx)
 	c.mu.Lock()
@@ -292,8 +296,8 @@ func (c *Client) track(ctx context.Context, addr string) (context.Context, func(
 }
 
 // suspect moves this client off addr, which did not answer in time: the
-// next request starts at another server, and the requests still waiting
-// on addr are cancelled, to be retried on another server at once.
+// next request starts at another server, and the blocking queries still
+// waiting on addr are cancelled, to be retried on another server at once.
 func (c *Client) suspect(addr string) {
 	c.mu.Lock()
 	if c.leader == addr {
@@ -303,7 +307,7 @@ func (c *Client) suspect(addr string) {
 		c.cur++
 	}
 	waiting := c.inflight[addr]
-	c.inflight[addr] = nil
+	delete(c.inflight, addr)
 	c.mu.Unlock()
 	for _, cancel := range waiting {
 		cancel(errServerSuspect)

@@ -48,8 +48,8 @@ func (c *cluster) waitFor(what string, timeout time.Duration, cond func() bool) 
 // The observer never sees the machine answer from both workers, the
 // journals never overlap, every acknowledged record survives.
 func TestFenceTargetCutOffBeforeCutover(t *testing.T) {
-	t.Parallel() // each test has its own cluster; most of their time is waiting
-	c := newCluster(t, 2, "--lease-ttl", "3s", "--start-before-cutover")
+	t.Parallel()                                                         // each test has its own cluster; most of their time is waiting
+	c := newCluster(t, 2, "--lease-ttl", "5s", "--start-before-cutover") // 5s: a 3s lease fenced healthy agents on a starved CI host
 	a, b := c.ws[0], c.ws[1]
 	if err := c.bed.CreateVolume(c.ctx, "fvol", a, matrixVolSize); err != nil {
 		t.Fatal(err)
@@ -121,7 +121,7 @@ func TestFenceTargetCutOffBeforeCutover(t *testing.T) {
 	seen := c.checkObserved(obs)
 	t.Logf("fenced %v after the cut, rolled back at %v, operator confirmation accepted at %v (%d refusals), source restored at %v; observer %s",
 		fencedAfter.Round(time.Millisecond), rolledAfter.Round(time.Millisecond), confirmedAfter.Round(time.Millisecond), refusals, restoredAfter.Round(time.Millisecond), seen)
-	report("fencing", fmt.Sprintf("| target cut off before cutover (lease 3s) | machine fenced %v after the cut | rolled back at %v, target_gone accepted at %v, source restarted at %v | %s, records %d/%d, leaks %s, observer: %s |",
+	report("fencing", fmt.Sprintf("| target cut off before cutover (lease 5s) | machine fenced %v after the cut | rolled back at %v, target_gone accepted at %v, source restarted at %v | %s, records %d/%d, leaks %s, observer: %s |",
 		fencedAfter.Round(100*time.Millisecond), rolledAfter.Round(100*time.Millisecond), confirmedAfter.Round(100*time.Millisecond), restoredAfter.Round(100*time.Millisecond),
 		o.final.State, o.acked, o.present, o.leaks, seen))
 }

@@ -273,7 +273,7 @@ func toolNames(ts []tsTool) []string {
 
 var (
 	readTools  = []string{"drain_status", "machine_list", "machine_show", "migration_status", "volume_list", "volume_show", "worker_list"}
-	writeTools = []string{"drain_apply", "drain_plan", "migration_apply", "migration_plan", "volume_create_apply", "volume_create_plan",
+	writeTools = []string{"drain_apply", "drain_cancel_apply", "drain_cancel_plan", "drain_plan", "migration_apply", "migration_plan", "volume_create_apply", "volume_create_plan",
 		"volume_extend_apply", "volume_extend_plan", "volume_fork_apply", "volume_fork_plan"}
 	adminTools = []string{"migration_abort_apply", "migration_abort_plan", "volume_destroy_apply", "volume_destroy_plan"}
 )
