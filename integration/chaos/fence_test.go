@@ -48,8 +48,10 @@ func (c *cluster) waitFor(what string, timeout time.Duration, cond func() bool) 
 // The observer never sees the machine answer from both workers, the
 // journals never overlap, every acknowledged record survives.
 func TestFenceTargetCutOffBeforeCutover(t *testing.T) {
-	t.Parallel()                                                         // each test has its own cluster; most of their time is waiting
-	c := newCluster(t, 2, "--lease-ttl", "5s", "--start-before-cutover") // 5s: a 3s lease fenced healthy agents on a starved CI host
+	t.Parallel() // each test has its own cluster; most of their time is waiting
+	// A 5s lease: with 3s, heartbeats of healthy agents timed out on a
+	// starved CI host and fenced them before the cut.
+	c := newCluster(t, 2, "--lease-ttl", "5s", "--start-before-cutover")
 	a, b := c.ws[0], c.ws[1]
 	if err := c.bed.CreateVolume(c.ctx, "fvol", a, matrixVolSize); err != nil {
 		t.Fatal(err)
