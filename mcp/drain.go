@@ -278,6 +278,10 @@ type DrainCancelDetails struct {
 	Running []string `json:"running" jsonschema:"migrations the drain started that are still running: they go on"`
 }
 
+// signed: the cancel stays valid while the drain's migrations finish; only
+// another drain makes the plan stale.
+func (d DrainCancelDetails) signed() any { return struct{ Drain string }{d.Drain} }
+
 func (s *Server) drainCancelPlan(ctx context.Context, in DrainCancelPlanIn) (Plan[DrainCancelDetails], error) {
 	return makePlan(ctx, s, "drain_cancel", drainCancelParams(in), s.planDrainCancel)
 }

@@ -607,3 +607,23 @@ func TestMcpParseSize(t *testing.T) {
 		}
 	}
 }
+
+// A cancel plan stays valid while the drain's migrations finish (they are
+// shown, not signed); another drain makes it stale.
+func TestMcpDrainCancelPlanSignsTheDrainOnly(t *testing.T) {
+	planned := DrainCancelDetails{Drain: "drain-1", Running: []string{"mig-a", "mig-b"}}
+	b, err := json.Marshal(signedPart(planned))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff, err := staleness(b, signedPart(DrainCancelDetails{Drain: "drain-1", Running: []string{"mig-b"}})); err != nil || diff != "" {
+		t.Fatalf("a migration of the drain finished: stale %q (%v), want still valid", diff, err)
+	}
+	if diff, err := staleness(b, signedPart(DrainCancelDetails{Drain: "drain-2"})); err != nil || diff == "" {
+		t.Fatalf("another drain runs now: stale %q (%v), want stale", diff, err)
+	}
+	// Other details are signed whole.
+	if _, ok := any(DrainDetails{}).(partlySigned); ok {
+		t.Fatal("a drain plan must be signed whole")
+	}
+}

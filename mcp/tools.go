@@ -32,11 +32,24 @@ func makePlan[P, D any](ctx context.Context, s *Server, kind string, params P, m
 	if err != nil {
 		return Plan[D]{}, err
 	}
-	tok, exp, err := s.plans.issue(kind, params, d)
+	tok, exp, err := s.plans.issue(kind, params, signedPart(d))
 	if err != nil {
 		return Plan[D]{}, err
 	}
 	return Plan[D]{PlanToken: tok, ExpiresAt: exp, Changes: changes, Details: d}, nil
+}
+
+// partlySigned is plan details of which only a part must still hold at
+// apply: the rest changes on its own while the plan waits (the migrations a
+// drain still runs) and is shown, not signed.
+type partlySigned interface{ signed() any }
+
+// signedPart is what a plan's token signs of its details d.
+func signedPart(d any) any {
+	if p, ok := d.(partlySigned); ok {
+		return p.signed()
+	}
+	return d
 }
 
 // checkPlan verifies a token of kind, re-plans from its parameters and
@@ -54,7 +67,7 @@ func checkPlan[P, D any](ctx context.Context, s *Server, kind, token string, mk 
 	if _, d, err = mk(ctx, p); err != nil {
 		return p, d, fmt.Errorf("%w: it no longer holds: %w", errPlan, err)
 	}
-	diff, err := staleness(t.Content, d)
+	diff, err := staleness(t.Content, signedPart(d))
 	if err != nil {
 		return p, d, err
 	}
