@@ -72,9 +72,9 @@ func (p workerPKI) clientTo(t testing.TB, dir, name, source string) *tls.Config 
 	return c
 }
 
-// echoServer answers every connection with what it reads: the export's
-// backend in gate tests, open-iscsi's peer in tunnel tests.
-func echoServer(t testing.TB) string {
+// serveTCP listens on loopback and runs handle for every connection (the
+// connection is closed when handle returns), until the test ends.
+func serveTCP(t testing.TB, handle func(net.Conn)) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -87,10 +87,17 @@ func echoServer(t testing.TB) string {
 			if err != nil {
 				return
 			}
-			go func() { defer c.Close(); _, _ = io.Copy(c, c) }()
+			go func() { defer c.Close(); handle(c) }()
 		}
 	}()
 	return ln.Addr().String()
+}
+
+// echoServer answers every connection with what it reads: the export's
+// backend in gate tests, open-iscsi's peer in tunnel tests.
+func echoServer(t testing.TB) string {
+	t.Helper()
+	return serveTCP(t, func(c net.Conn) { _, _ = io.Copy(c, c) })
 }
 
 // startGate runs a gate admitting 127.0.0.1 and gt's TLS in front of an

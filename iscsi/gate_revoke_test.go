@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"io"
 	"net"
 	"os"
 	"sync/atomic"
@@ -32,34 +33,10 @@ func serialOf(t testing.TB, dir, name string) string {
 // reach it and echoes what they send.
 func countingBackend(t testing.TB, n *atomic.Int64) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			n.Add(1)
-			go func() {
-				defer c.Close()
-				buf := make([]byte, 4096)
-				for {
-					k, err := c.Read(buf)
-					if k > 0 {
-						_, _ = c.Write(buf[:k])
-					}
-					if err != nil {
-						return
-					}
-				}
-			}()
-		}
-	}()
-	return ln.Addr().String()
+	return serveTCP(t, func(c net.Conn) {
+		n.Add(1)
+		_, _ = io.Copy(c, c)
+	})
 }
 
 func gateWithBackend(t testing.TB, gt *GateTLS, backend string) *gate {

@@ -81,30 +81,15 @@ func TestTunnelListensOnLoopbackOnly(t *testing.T) {
 // the server once handshake bytes have passed: an on-path writer.
 func tamperProxy(t testing.TB, to string, after int) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				s, err := net.Dial("tcp", to)
-				if err != nil {
-					return
-				}
-				defer s.Close()
-				go func() { _, _ = copyBuf(s, c, -1) }()
-				_, _ = copyBuf(c, s, after)
-			}()
+	return serveTCP(t, func(c net.Conn) {
+		s, err := net.Dial("tcp", to)
+		if err != nil {
+			return
 		}
-	}()
-	return ln.Addr().String()
+		defer s.Close()
+		go func() { _, _ = copyBuf(s, c, -1) }()
+		_, _ = copyBuf(c, s, after)
+	})
 }
 
 // copyBuf copies src to dst, flipping a bit of the byte at offset flip (-1: none).
