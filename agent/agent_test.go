@@ -61,6 +61,8 @@ func (f *fakeCP) GetVolume(context.Context, string) (*fsm.Volume, error) {
 	return nil, errors.New("none")
 }
 func (f *fakeCP) ListVolumes(context.Context, string) ([]*fsm.Volume, error)    { return nil, nil }
+func (f *fakeCP) ForksFrom(context.Context, string) ([]*fsm.Volume, error)      { return nil, nil }
+func (f *fakeCP) ServeFork(context.Context, fsm.ForkServeCmd) error             { return nil }
 func (f *fakeCP) CreateVolume(context.Context, fsm.Volume) (*fsm.Volume, error) { return nil, nil }
 func (f *fakeCP) UpdateVolume(context.Context, fsm.UpdateVolumeCmd) error       { return nil }
 func (f *fakeCP) GetMachine(context.Context, string) (*fsm.Machine, error) {
@@ -112,7 +114,7 @@ func newTestAgent(t *testing.T, cp testStore, worker string) *Agent {
 	lease.OnStop(sup.Forget)
 	a, err := New(log, Config{Worker: worker, DataDir: dir, Retry: time.Millisecond, RetryMax: 2 * time.Millisecond,
 		MaxPreCutoverAttempts: 3}, Parts{Control: cp, Exports: &fakeExporter{}, Data: vols, Machines: sup, Lease: lease, Keys: keys,
-		Volumes: volops.New(log, worker, cp, keys, vols, sup), Marks: stepmark.Dir(filepath.Join(dir, "steps"))})
+		Volumes: volops.New(log, worker, cp, keys, vols, sup, &fakeExporter{}), Marks: stepmark.Dir(filepath.Join(dir, "steps"))})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -82,6 +82,11 @@ type VolumeOps interface {
 	// Extend grows v; the caller keeps migrations off its machine meanwhile.
 	Extend(ctx context.Context, v *fsm.Volume)
 	Fork(ctx context.Context, v *fsm.Volume)
+	// ServeFork makes, serves or releases the copy of a fork to another
+	// worker whose source volume is here; HydrateFork clones and hydrates
+	// a fork made here from another worker's copy.
+	ServeFork(ctx context.Context, v *fsm.Volume)
+	HydrateFork(ctx context.Context, v *fsm.Volume)
 	// DestinationName names a migration's destination volume.
 	DestinationName(m *fsm.Migration) string
 	// Allocate makes a migration destination's sparse file.
@@ -112,6 +117,8 @@ type ControlPlane interface {
 	GetMigration(ctx context.Context, id string) (*fsm.Migration, error)
 	Propose(ctx context.Context, id string, ev fsm.Event, stepID string, p fsm.EventPayload) (*fsm.Migration, error)
 	ListVolumes(ctx context.Context, worker string) ([]*fsm.Volume, error)
+	// ForksFrom lists the forks to other workers whose copy worker makes.
+	ForksFrom(ctx context.Context, worker string) ([]*fsm.Volume, error)
 	CreateVolume(ctx context.Context, v fsm.Volume) (*fsm.Volume, error)
 	UpdateVolume(ctx context.Context, cmd fsm.UpdateVolumeCmd) error
 	GetMachine(ctx context.Context, id string) (*fsm.Machine, error)

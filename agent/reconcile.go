@@ -44,15 +44,10 @@ func (a *Agent) reconcile(ctx context.Context) {
 			continue
 		}
 		switch {
+		case v.RemoteFork() && v.Forking():
+			a.forkJob(ctx, v, a.Volumes.HydrateFork)
 		case v.Forking() && v.Layout == nil:
-			if _, busy := a.forks.LoadOrStore(v.ID, struct{}{}); !busy {
-				a.forkWG.Add(1)
-				go func() {
-					defer a.forkWG.Done()
-					defer a.forks.Delete(v.ID)
-					a.Volumes.Fork(ctx, v)
-				}()
-			}
+			a.forkJob(ctx, v, a.Volumes.Fork)
 		case v.State == fsm.VolCreating && v.Layout == nil:
 			a.Volumes.Create(ctx, v)
 		case v.State == fsm.VolCreated && v.Extending() && v.Layout != nil:
@@ -75,6 +70,17 @@ func (a *Agent) reconcile(ctx context.Context) {
 			}
 		}
 	}
+	// Forks to other workers of volumes here: this worker makes, serves
+	// and finally releases their copies.
+	if forks, err := a.Control.ForksFrom(ctx, a.cfg.Worker); err != nil {
+		a.log.Debug().Err(err).Msg("reconcile: list forks from here")
+	} else {
+		for _, f := range forks {
+			if f.ForkFrom == a.cfg.Worker && localID("volume", f.ID) == nil {
+				a.forkJob(ctx, f, a.Volumes.ServeFork)
+			}
+		}
+	}
 	machs, err := a.Control.ListMachines(ctx, a.cfg.Worker)
 	if err != nil {
 		return
@@ -86,6 +92,20 @@ func (a *Agent) reconcile(ctx context.Context) {
 	for _, m := range machs {
 		a.reconcileMachine(ctx, m)
 	}
+}
+
+// forkJob runs job for fork v in the background, once at a time per fork:
+// a copy or a hydration outlasts a reconcile pass.
+func (a *Agent) forkJob(ctx context.Context, v *fsm.Volume, job func(context.Context, *fsm.Volume)) {
+	if _, busy := a.forks.LoadOrStore(v.ID, struct{}{}); busy {
+		return
+	}
+	a.forkWG.Add(1)
+	go func() {
+		defer a.forkWG.Done()
+		defer a.forks.Delete(v.ID)
+		job(ctx, v)
+	}()
 }
 
 // reconcileMachine hands a machine no migration owns to the supervisor. It

@@ -72,6 +72,21 @@ func (p *AgentClient) UpdateVolume(ctx context.Context, c fsm.UpdateVolumeCmd) e
 	return refusal(err)
 }
 
+// ForksFrom lists the forks to other workers whose copy worker makes or serves.
+func (p *AgentClient) ForksFrom(ctx context.Context, worker string) ([]*fsm.Volume, error) {
+	vs, err := p.C.ForksFrom(ctx, worker)
+	out := make([]*fsm.Volume, len(vs))
+	for i := range vs {
+		out[i] = &vs[i]
+	}
+	return out, refusal(err)
+}
+
+func (p *AgentClient) ServeFork(ctx context.Context, c fsm.ForkServeCmd) error {
+	_, err := p.C.ServeFork(ctx, c.ID, ForkServe{Layout: c.Layout, Export: c.Export, KnownZero: c.KnownZero, Released: c.Released})
+	return refusal(err)
+}
+
 func (p *AgentClient) GetMachine(ctx context.Context, id string) (*fsm.Machine, error) {
 	v, err := p.C.GetMachine(ctx, id)
 	return v, refusal(err)

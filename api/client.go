@@ -422,6 +422,21 @@ func (c *Client) ForkVolume(ctx context.Context, source, id, worker string) (*fs
 	return &r, err
 }
 
+// ForksFrom lists the forks to other workers whose copy worker makes or
+// still serves.
+func (c *Client) ForksFrom(ctx context.Context, worker string) ([]fsm.Volume, error) {
+	var r []fsm.Volume
+	_, err := c.do(ctx, http.MethodGet, "/v1/workers/"+esc(worker)+"/forks", nil, nil, &r)
+	return r, err
+}
+
+// ServeFork reports a fork's copy served (or released) by this worker.
+func (c *Client) ServeFork(ctx context.Context, id string, f ForkServe) (*fsm.Volume, error) {
+	var r fsm.Volume
+	_, err := c.do(ctx, http.MethodPost, "/v1/volumes/"+esc(id)+"/fork-serve", nil, f, &r)
+	return &r, err
+}
+
 // PutEnvelopes stores sealed copies of a volume's key. The servers check
 // who may seal what (docs/security.md) and can open none of them.
 func (c *Client) PutEnvelopes(ctx context.Context, id string, envs []fsm.Envelope) (*fsm.Volume, error) {

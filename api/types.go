@@ -79,6 +79,16 @@ type VolumeFork struct {
 	Worker string `json:"worker"`
 }
 
+// ForkServe is what the worker making a fork to another worker reports:
+// the copy's layout, where it serves it and its holes; or, with Released
+// alone, that the copy is gone (fsm.ForkServeCmd).
+type ForkServe struct {
+	Layout    *fsm.LUKSLayout `json:"layout,omitempty"`
+	Export    *fsm.Export     `json:"export,omitempty"`
+	KnownZero []fsm.Range     `json:"known_zero,omitempty"`
+	Released  bool            `json:"released,omitempty"`
+}
+
 // VolumeUpdate changes the given fields of a volume.
 type VolumeUpdate struct {
 	State           *fsm.VolumeState `json:"state,omitempty"`

@@ -250,13 +250,27 @@ func (s *Store) forkRefusal(c *ForkVolumeCmd) *Refusal {
 		return refuse(RefuseConflict, CodeWrongState, "volume %s is %s: only a created volume can be forked", src.ID, src.State)
 	case src.Layout == nil:
 		return refuse(RefuseConflict, CodeLayoutNeeded, "volume %s has no recorded layout yet: fork it once its worker formatted it", src.ID)
-	case c.Worker != src.Worker:
-		return refuse(RefuseInvalid, CodeInvalid, "fork of volume %s to worker %s: forks to another worker are not supported yet; fork on %s, the source's worker", src.ID, c.Worker, src.Worker)
 	case src.Extending():
 		return refuse(RefuseConflict, CodeWrongState, "volume %s is being extended to %d bytes: fork it once its worker reported the new size", src.ID, src.WantSize)
 	}
 	if id, ok := s.d.Locks["volume/"+src.ID]; ok {
 		return refuse(RefuseConflict, CodeLocked, "volume %s is in migration %s: forking is refused, not queued; fork it once the migration ended (or abort it)", src.ID, id)
+	}
+	if c.Worker != src.Worker {
+		// Both agents act: the source's worker copies and serves, the
+		// fork's worker clones and hydrates.
+		dst := s.d.Workers[c.Worker]
+		switch {
+		case dst.Cordoned:
+			return refuse(RefuseConflict, CodeCordoned, "worker %s is cordoned (%s): it takes no new volumes; uncordon it or fork elsewhere", dst.Name, dst.CordonReason)
+		case !dst.Alive(c.Now):
+			return refuse(RefuseConflict, CodeAdmission, "worker %s has no valid lease (last until %s): is its agent running?", dst.Name, dst.LeaseExpiry.UTC().Format(time.RFC3339))
+		case dst.KEK == nil:
+			return refuse(RefuseConflict, CodeConflict, "worker %s registered no key-encryption key: the fork's key cannot be sealed to it", dst.Name)
+		}
+		if w, ok := s.d.Workers[src.Worker]; !ok || !w.Alive(c.Now) {
+			return refuse(RefuseConflict, CodeAdmission, "worker %s (volume %s's) has no valid lease: its agent must run to make the fork's copy", src.Worker, src.ID)
+		}
 	}
 	return nil
 }
@@ -272,16 +286,72 @@ func (s *Store) applyForkVolume(c *ForkVolumeCmd) *Result {
 	}
 	src := s.d.Volumes[c.Source]
 	v := &Volume{ID: c.ID, Worker: c.Worker, Size: src.Size, State: VolCreating, ForkOf: src.ID, CreatedAt: c.Now}
+	if c.Worker != src.Worker {
+		v.ForkFrom = src.Worker
+	}
 	s.d.Volumes[v.ID] = v
 	s.idx.addVolume(v.ID, v.Worker)
+	if v.RemoteFork() {
+		add(s.idx.forkFrom, v.ForkFrom, v.ID)
+	}
 	cp := copyVolume(v)
 	return &Result{Volume: &cp}
 }
 
-// forking returns a fork of vol still being copied, if any.
+// forkServeRefusal says why c cannot apply to fork v, or nil. The copy is
+// published once, while the fork is being made; a publication of the same
+// copy at a new portal (its worker restarted) is accepted. It is released
+// only once the fork's worker no longer reads it.
+func (s *Store) forkServeRefusal(v *Volume, c *ForkServeCmd) *Refusal {
+	if c.Released {
+		if v.Forking() {
+			return refuse(RefuseConflict, CodeWrongState, "volume %s is still being forked (its worker %s hydrates from this copy): release it once the fork is created or destroyed", v.ID, v.Worker)
+		}
+		return nil
+	}
+	if !v.Forking() {
+		return refuse(RefuseConflict, CodeWrongState, "volume %s is %s: its copy is no longer served", v.ID, v.State)
+	}
+	if v.Layout != nil && *v.Layout != *c.Layout {
+		return refuse(RefuseConflict, CodeConflict, "volume %s: the fork's copy was published with another layout; a copy is published once", v.ID)
+	}
+	if !v.HasKey {
+		return refuse(RefuseConflict, CodeConflict, "volume %s: seal the fork's key to worker %s (owner envelope) before serving its copy", v.ID, v.Worker)
+	}
+	return nil
+}
+
+// applyForkServe records where a remote fork's copy is served, or that it
+// was released.
+func (s *Store) applyForkServe(c *ForkServeCmd) *Result {
+	v, ok := s.d.Volumes[c.ID]
+	if !ok {
+		return &Result{Refusal: notFound("volume", c.ID)}
+	}
+	if !v.RemoteFork() || c.Actor.Kind != KindWorker || c.Actor.Name != v.ForkFrom {
+		return forbidden(c.Actor, "serve the copy of volume "+c.ID)
+	}
+	if r := s.forkServeRefusal(v, c); r != nil {
+		return &Result{Refusal: r}
+	}
+	if c.Released {
+		v.ForkExport, v.ForkKnownZero = nil, nil
+		remove(s.idx.forkFrom, v.ForkFrom, v.ID)
+	} else {
+		l, e := *c.Layout, *c.Export
+		v.Layout, v.ForkExport = &l, &e
+		v.ForkKnownZero = append([]Range(nil), c.KnownZero...)
+	}
+	cp := copyVolume(v)
+	return &Result{Volume: &cp}
+}
+
+// forking returns a fork of vol whose point-in-time copy is still being
+// made, if any: until then vol must stay where it is and keep its size. A
+// remote fork's copy is made (its layout recorded) before it hydrates.
 func (s *Store) forking(vol string) (*Volume, bool) {
 	for _, v := range s.d.Volumes {
-		if v.ForkOf == vol && v.Forking() {
+		if v.ForkOf == vol && v.Forking() && v.Layout == nil {
 			return v, true
 		}
 	}

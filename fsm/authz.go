@@ -136,6 +136,17 @@ func (s *Store) authorizeForkVolume(c *ForkVolumeCmd) *Refusal {
 	return s.forkRefusal(c)
 }
 
+func (s *Store) authorizeForkServe(c *ForkServeCmd) *Refusal {
+	v, ok := s.d.Volumes[c.ID]
+	if !ok {
+		return notFound("volume", c.ID)
+	}
+	if !v.RemoteFork() || !c.Actor.isWorker(v.ForkFrom) {
+		return deny(c.Actor, "serve the copy of volume "+c.ID+" (only the worker making a fork to another worker may)")
+	}
+	return s.forkServeRefusal(v, c)
+}
+
 func (s *Store) authorizeDestroyVolume(c *DestroyVolumeCmd) *Refusal {
 	if v, ok := s.d.Volumes[c.ID]; ok && !c.Actor.privileged() && !c.Actor.isWorker(v.Worker) {
 		return deny(c.Actor, "destroy volume "+c.ID+" of worker "+v.Worker)
@@ -189,7 +200,7 @@ func (s *Store) authorizePutEnvelopes(c *PutEnvelopesCmd) *Refusal {
 	if !ok {
 		return notFound("volume", c.Volume)
 	}
-	if !c.Actor.operator() && !c.Actor.isWorker(v.Worker) {
+	if !c.Actor.operator() && !c.Actor.isWorker(v.Worker) && !(v.makingForkKey() && c.Actor.isWorker(v.ForkFrom)) {
 		return deny(c.Actor, "store key envelopes of volume "+c.Volume+" of worker "+v.Worker)
 	}
 	return nil
@@ -461,6 +472,14 @@ func (s *Store) ScopeOf(id Identity) *Scope {
 	// the worker owns, not the whole fleet and its history.
 	for vid := range s.idx.volByWorker[id.Name] {
 		sc.volumes[vid] = true
+	}
+	// A worker making or serving another worker's fork reads the fork and
+	// that worker (its key to seal to, its address to admit).
+	for vid := range s.idx.forkFrom[id.Name] {
+		if v, ok := s.d.Volumes[vid]; ok && v.ForkServed() && v.ForkFrom == id.Name {
+			sc.volumes[vid] = true
+			sc.workers[v.Worker] = true
+		}
 	}
 	for mid := range s.idx.machByWorker[id.Name] {
 		sc.machines[mid] = true

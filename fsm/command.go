@@ -51,13 +51,14 @@ const (
 	CmdCordon         CommandType = "cordon"
 	CmdDrain          CommandType = "drain"
 	CmdDrainUpdate    CommandType = "drain_update"
+	CmdForkServe      CommandType = "fork_serve"
 )
 
 // CommandTypes lists every command type this build applies, oldest first.
 var CommandTypes = []CommandType{CmdRegisterServer, CmdRegisterWorker, CmdHeartbeat, CmdCreateVolume, CmdUpdateVolume,
 	CmdDestroyVolume, CmdSetVolumeKey, CmdKeyAccess, CmdCreateMachine, CmdUpdateMachine, CmdPlan, CmdPropose, CmdRevokeCert, CmdGC,
 	CmdSetWorkerKey, CmdSetRecoveryKey, CmdPutEnvelopes,
-	CmdExtendVolume, CmdForkVolume, CmdCordon, CmdDrain, CmdDrainUpdate}
+	CmdExtendVolume, CmdForkVolume, CmdCordon, CmdDrain, CmdDrainUpdate, CmdForkServe}
 
 // Command is the versioned envelope every log entry holds.
 type Command struct {
@@ -263,6 +264,21 @@ type ForkVolumeCmd struct {
 	ID     string `json:"id"`
 	Source string `json:"source"`
 	Worker string `json:"worker"`
+}
+
+// ForkServeCmd is the source side of a fork to another worker, proposed by
+// the fork's ForkFrom worker only. With Export set it publishes the
+// re-encrypted point-in-time copy it made (its layout, where it serves it
+// and its holes) so the fork's worker can clone and hydrate it; with
+// Released it says the copy and its export are gone from ForkFrom, which
+// it may say only once the fork no longer needs them (created or destroyed).
+type ForkServeCmd struct {
+	Header
+	ID        string      `json:"id"`
+	Layout    *LUKSLayout `json:"layout,omitempty"`
+	Export    *Export     `json:"export,omitempty"`
+	KnownZero []Range     `json:"known_zero,omitempty"`
+	Released  bool        `json:"released,omitempty"`
 }
 
 // EventPayload carries what an event reports; each event reads its own fields.

@@ -40,6 +40,7 @@ var commands = map[CommandType]commandRow{
 	CmdCordon:         row((*Store).authorizeCordon, (*Store).applyCordon),
 	CmdDrain:          rowAt((*Store).authorizeDrain, (*Store).applyDrain),
 	CmdDrainUpdate:    rowAt((*Store).authorizeDrainUpdate, (*Store).applyDrainUpdate),
+	CmdForkServe:      row((*Store).authorizeForkServe, (*Store).applyForkServe),
 }
 
 // byPayload finds a payload's row: Authorize is given the payload alone.

@@ -116,6 +116,13 @@ func goldenCommands() []struct {
 		{CmdDrain, &DrainCmd{Header: hdr(operator), ID: "d1", Worker: newW.Name, Deadline: time.Hour, Parallel: 4, Targets: []string{srcW.Name, dstW.Name}, BandwidthBPS: 100 << 20}},
 		{CmdDrainUpdate, &DrainUpdateCmd{Header: hdr(server), ID: "d1", Start: []DrainStart{{Machine: "mach3", Target: dstW.Name, Migration: "m4"}},
 			Waiting: map[string]string{"mach3": "no target with room"}}},
+		// A fork to another worker: its source's worker seals the fork's key
+		// to the fork's worker and publishes the copy.
+		{CmdForkVolume, &ForkVolumeCmd{Header: hdr(operator), ID: "vol6", Source: "vol4", Worker: srcW.Name}},
+		{CmdPutEnvelopes, &PutEnvelopesCmd{Header: hdr(newW), Volume: "vol6", Envelopes: []Envelope{
+			testEnvelope("vol6", PurposeOwner, srcW.Name, testKey(1), ""), testEnvelope("vol6", PurposeRecovery, RecoveryRecipient, testKey(9), "")}}},
+		{CmdForkServe, &ForkServeCmd{Header: hdr(newW), ID: "vol6", Layout: &grownLayout, Export: &Export{Portal: "10.0.1.4:3260", IQN: "iqn.2026-01.dev.ferry:ferry:fork-vol6"},
+			KnownZero: []Range{{Off: 33554432, Len: 8388608}}}},
 	}
 }
 

@@ -9,8 +9,11 @@ type indexes struct {
 	migByWorker  map[string]map[string]struct{} // worker -> IDs of migrations naming it (source or target)
 	machByWorker map[string]map[string]struct{}
 	volByWorker  map[string]map[string]struct{}
-	migIndex     map[string]uint64 // worker ("" = any) -> index of the last change of a migration naming it
-	active       map[string]struct{}
+	// forkFrom: worker -> remote forks whose copy it makes or serves
+	// (Volume.ForkServed); an entry may outlive that, readers re-check.
+	forkFrom map[string]map[string]struct{}
+	migIndex map[string]uint64 // worker ("" = any) -> index of the last change of a migration naming it
+	active   map[string]struct{}
 
 	touched  map[string]struct{} // watch keys changed by the apply in progress
 	wmu      sync.Mutex
@@ -20,7 +23,7 @@ type indexes struct {
 func buildIndexes(d *data) *indexes {
 	x := &indexes{
 		migByWorker: map[string]map[string]struct{}{}, machByWorker: map[string]map[string]struct{}{},
-		volByWorker: map[string]map[string]struct{}{}, migIndex: map[string]uint64{}, active: map[string]struct{}{},
+		volByWorker: map[string]map[string]struct{}{}, forkFrom: map[string]map[string]struct{}{}, migIndex: map[string]uint64{}, active: map[string]struct{}{},
 		touched: map[string]struct{}{}, watchers: map[string]chan struct{}{},
 	}
 	for _, m := range d.Migrations {
@@ -31,6 +34,9 @@ func buildIndexes(d *data) *indexes {
 	}
 	for _, v := range d.Volumes {
 		add(x.volByWorker, v.Worker, v.ID)
+		if v.ForkServed() {
+			add(x.forkFrom, v.ForkFrom, v.ID)
+		}
 	}
 	return x
 }

@@ -184,6 +184,12 @@ func (s *Store) applyPutEnvelopes(c *PutEnvelopesCmd) *Result {
 		return &Result{Refusal: refuse(RefuseInvalid, CodeInvalid, "put 1..3 envelopes at a time")}
 	}
 	isOwner := c.Actor.Kind == KindWorker && c.Actor.Name == v.Worker
+	// The worker making a remote fork's copy formats it under a key it
+	// makes, so it seals that key to the fork's worker (and the recovery
+	// key) until the copy is published; never after.
+	if v.makingForkKey() && c.Actor.Kind == KindWorker && c.Actor.Name == v.ForkFrom {
+		isOwner = true
+	}
 	seen := map[string]bool{}
 	hasRecovery := false
 	for i := range c.Envelopes {
@@ -268,6 +274,10 @@ func (s *Store) applyPutEnvelopes(c *PutEnvelopesCmd) *Result {
 	cp := copyVolume(v)
 	return &Result{Volume: &cp}
 }
+
+// makingForkKey reports whether v is a remote fork whose copy (and key) its
+// ForkFrom worker is still making.
+func (v *Volume) makingForkKey() bool { return v.RemoteFork() && v.Forking() && v.Layout == nil }
 
 // dropEnvelopes forgets every envelope of a volume (it is destroyed).
 func (s *Store) dropEnvelopes(volume string) {

@@ -340,6 +340,25 @@ type Volume struct {
 	WantSize int64 `json:"want_size,omitempty"`
 	// ForkOf names the volume this one is a point-in-time copy of.
 	ForkOf string `json:"fork_of,omitempty"`
+	// ForkFrom is set on a fork to another worker: ForkOf's worker when
+	// the fork was asked for, which makes the copy and serves it at
+	// ForkExport (holes ForkKnownZero) until Worker has hydrated it, then
+	// releases it (ForkExport back to nil). A local fork leaves it empty.
+	ForkFrom      string  `json:"fork_from,omitempty"`
+	ForkExport    *Export `json:"fork_export,omitempty"`
+	ForkKnownZero []Range `json:"fork_known_zero,omitempty"`
+}
+
+// RemoteFork reports whether v is a fork whose copy is made on another
+// worker than the one it lives on.
+func (v *Volume) RemoteFork() bool {
+	return v.ForkOf != "" && v.ForkFrom != "" && v.ForkFrom != v.Worker
+}
+
+// ForkServed reports whether ForkFrom still holds (and may serve) a remote
+// fork's copy: from the fork's request until ForkFrom released it.
+func (v *Volume) ForkServed() bool {
+	return v.RemoteFork() && (v.Forking() || v.ForkExport != nil)
 }
 
 // Forking reports whether the copy of ForkOf is still being made.

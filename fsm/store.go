@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"slices"
 	"sort"
 	"sync"
 
@@ -182,6 +183,13 @@ func (s *Store) Volumes(worker string) []Volume {
 	return list(s, s.d.Volumes, func(*Volume) bool { return true }, copyVolume)
 }
 
+// ForksFrom returns copies of the remote forks whose copy worker makes or
+// still serves (Volume.ForkServed), by ID.
+func (s *Store) ForksFrom(worker string) []Volume {
+	vs := listSet(s, s.d.Volumes, func() map[string]struct{} { return s.idx.forkFrom[worker] }, copyVolume)
+	return slices.DeleteFunc(vs, func(v Volume) bool { return !v.ForkServed() || v.ForkFrom != worker })
+}
+
 // Volume returns one volume.
 func (s *Store) Volume(id string) (Volume, bool) { return get(s, s.d.Volumes, id, copyVolume) }
 
@@ -289,6 +297,11 @@ func copyVolume(v *Volume) Volume {
 		l := *v.Layout
 		c.Layout = &l
 	}
+	if v.ForkExport != nil {
+		e := *v.ForkExport
+		c.ForkExport = &e
+	}
+	c.ForkKnownZero = slices.Clone(v.ForkKnownZero)
 	return c
 }
 

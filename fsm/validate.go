@@ -397,6 +397,27 @@ func Validate(cmd any) *Refusal {
 		if r := CheckID("worker", c.Worker); r != nil {
 			return r
 		}
+	case *ForkServeCmd:
+		if r := CheckID("volume", c.ID); r != nil {
+			return r
+		}
+		if c.Released == (c.Export != nil) {
+			return refuse(RefuseInvalid, CodeInvalid, "fork_serve of volume %s: give either an export (with its layout) or released", c.ID)
+		}
+		if c.Export != nil && (c.Layout == nil || c.Export.Portal == "" || c.Export.IQN == "") {
+			return refuse(RefuseInvalid, CodeInvalid, "fork_serve of volume %s: an export needs a portal, an IQN and the copy's layout", c.ID)
+		}
+		if c.Layout != nil {
+			if err := c.Layout.Validate(); err != nil {
+				return refuse(RefuseInvalid, CodeInvalid, "volume %s: %v", c.ID, err)
+			}
+		}
+		if err := validRanges(c.KnownZero); err != nil {
+			return refuse(RefuseInvalid, CodeInvalid, "known_zero: %v", err)
+		}
+		if len(c.KnownZero) > 4096 {
+			return refuse(RefuseInvalid, CodeInvalid, "known_zero has %d ranges; coalesce to at most 4096", len(c.KnownZero))
+		}
 	case *DestroyVolumeCmd:
 		if c.Retention < 0 || c.Retention > MaxRetention {
 			return refuse(RefuseInvalid, CodeInvalid, "retention %s: use 0 (default) to %s", c.Retention, MaxRetention)

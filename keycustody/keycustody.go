@@ -76,12 +76,18 @@ func (c *Custodian) OwnerKey(ctx context.Context, vol string) ([]byte, error) {
 // sealOwned seals pass to this worker and to the recovery key and stores
 // both envelopes in one command (an owner envelope needs its recovery one).
 func (c *Custodian) sealOwned(ctx context.Context, vol string, epoch uint64, pass []byte) error {
+	return c.sealOwnedBy(ctx, vol, epoch, pass, c.worker, c.kek.Public())
+}
+
+// sealOwnedBy seals pass to owner (whose key-encryption key is ownerKey)
+// and to the recovery key, and stores both envelopes in one command.
+func (c *Custodian) sealOwnedBy(ctx context.Context, vol string, epoch uint64, pass []byte, ownerName string, ownerKey fsm.PublicKey) error {
 	rk, err := c.store.RecoveryKey(ctx)
 	if err != nil {
 		return fmt.Errorf("read the cluster's recovery key (an operator runs `ferry keys recovery-init` once): %w", err)
 	}
 	by := "worker " + c.worker
-	owner, err := sealing.Seal(c.kek.Public(), sealing.Binding{Volume: vol, Epoch: epoch, Recipient: c.worker, Purpose: fsm.PurposeOwner}, pass, by)
+	owner, err := sealing.Seal(ownerKey, sealing.Binding{Volume: vol, Epoch: epoch, Recipient: ownerName, Purpose: fsm.PurposeOwner}, pass, by)
 	if err != nil {
 		return err
 	}
@@ -105,6 +111,27 @@ func (c *Custodian) NewVolumeKey(ctx context.Context, vol string) ([]byte, error
 	}
 	pass := passphrase.New()
 	if err := c.sealOwned(ctx, vol, 1, pass); err != nil {
+		clear(pass)
+		return nil, err
+	}
+	return pass, nil
+}
+
+// NewForkKey makes the key of a fork this worker copies for another
+// worker: a fresh passphrase sealed to the fork's worker (its owner) and to
+// the recovery key, stored before anything is formatted with it. This
+// worker cannot open it again: a retry after a crash makes a new one (the
+// store accepts it until the copy is published).
+func (c *Custodian) NewForkKey(ctx context.Context, fork *fsm.Volume) ([]byte, error) {
+	w, err := c.store.GetWorker(ctx, fork.Worker)
+	if err != nil {
+		return nil, fmt.Errorf("read worker %s, the fork's owner: %w", fork.Worker, err)
+	}
+	if w.KEK == nil {
+		return nil, fmt.Errorf("worker %s registered no key-encryption key; the fork's key cannot be sealed to it", fork.Worker)
+	}
+	pass := passphrase.New()
+	if err := c.sealOwnedBy(ctx, fork.ID, 1, pass, w.Name, *w.KEK); err != nil {
 		clear(pass)
 		return nil, err
 	}

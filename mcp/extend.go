@@ -3,6 +3,7 @@ package mcp
 import (
 	"context"
 	"fmt"
+	"time"
 
 	"github.com/ferry-dev/ferry/fsm"
 )
@@ -102,7 +103,7 @@ func (s *Server) volumeExtendApply(ctx context.Context, in ApplyIn) (Volume, err
 type VolumeForkIn struct {
 	ID     string `json:"id" jsonschema:"the volume to copy"`
 	NewID  string `json:"new_id" jsonschema:"the copy's id"`
-	Worker string `json:"worker,omitempty" jsonschema:"the copy's worker (default and, for now, only: the source's worker)"`
+	Worker string `json:"worker,omitempty" jsonschema:"the copy's worker (default: the source's worker); another worker clones and hydrates it like a migration"`
 }
 
 type volumeForkParams struct {
@@ -146,8 +147,6 @@ func (s *Server) planVolumeFork(ctx context.Context, p volumeForkParams) ([]stri
 	switch {
 	case v.State != fsm.VolCreated:
 		return nil, d, fmt.Errorf("volume %s is %s: only a created volume can be forked", v.ID, v.State)
-	case worker != v.Worker:
-		return nil, d, fmt.Errorf("fork of volume %s to worker %s: forks to another worker are not supported yet; fork on %s, the source's worker", v.ID, worker, v.Worker)
 	case v.Extending():
 		return nil, d, fmt.Errorf("volume %s is being extended to %d bytes: fork it once its worker reported the new size", v.ID, v.WantSize)
 	}
@@ -156,12 +155,30 @@ func (s *Server) planVolumeFork(ctx context.Context, p volumeForkParams) ([]stri
 	} else if id != "" {
 		return nil, d, fmt.Errorf("volume %s is in migration %s: forking is refused, not queued; fork it once the migration ended (or abort it)", v.ID, id)
 	}
+	if worker != v.Worker {
+		w, err := s.c.GetWorker(ctx, worker)
+		if err != nil {
+			return nil, d, err
+		}
+		switch {
+		case w.Cordoned:
+			return nil, d, fmt.Errorf("worker %s is cordoned (%s): it takes no new volumes; uncordon it or fork elsewhere", w.Name, w.CordonReason)
+		case !w.Alive(time.Now()):
+			return nil, d, fmt.Errorf("worker %s has no valid lease (last until %s): is its agent running?", w.Name, w.LeaseExpiry.UTC().Format(time.RFC3339))
+		}
+	}
 	d = VolumeForkDetails{Source: v.ID, Fork: p.NewID, Worker: worker, SizeBytes: v.Size, AttachedMachine: v.AttachedMachine}
 	changes := []string{
 		fmt.Sprintf("register volume %s on %s as a fork of %s (%s), state creating", p.NewID, worker, v.ID, humanBytes(v.Size)),
-		fmt.Sprintf("store a new random key for %s on the servers (never shown); the copy gets its own LUKS2 master key", p.NewID),
-		fmt.Sprintf("the agent of %s freezes %s's filesystem for the instant its encrypted file is copied aside, then re-encrypts the copy into %s and marks it created", worker, v.ID, p.NewID),
-		fmt.Sprintf("until then, %s cannot be extended or migrated", v.ID),
+		fmt.Sprintf("store a new random key for %s on the servers, sealed to %s's key (never shown); the copy gets its own LUKS2 master key", p.NewID, worker),
+		fmt.Sprintf("the agent of %s freezes %s's filesystem for the instant its encrypted file is copied aside, then re-encrypts the copy into %s", v.Worker, v.ID, p.NewID),
+	}
+	if worker != v.Worker {
+		changes = append(changes,
+			fmt.Sprintf("%s serves that copy over iSCSI to %s alone; %s clones it, mounted at once, hydrates it in the background and marks %s created; then %s deletes its copy", v.Worker, worker, worker, p.NewID, v.Worker),
+			fmt.Sprintf("until the copy is made, %s cannot be extended or migrated", v.ID))
+	} else {
+		changes = append(changes, fmt.Sprintf("it marks %s created; until then, %s cannot be extended or migrated", p.NewID, v.ID))
 	}
 	if v.AttachedMachine != "" {
 		changes = append(changes, fmt.Sprintf("machine %s keeps running; its writes pause for the freeze only", v.AttachedMachine))

@@ -65,6 +65,11 @@ func (s *Server) routes() http.Handler {
 		writeJSON(w, http.StatusOK, v)
 	})
 	h("POST /v1/workers", s.handleRegisterWorker())
+	// The remote forks whose copy a worker makes or serves (its agent's
+	// duty list besides its own volumes).
+	h("GET /v1/workers/{name}/forks", func(w http.ResponseWriter, r *http.Request, id fsm.Identity) {
+		writeJSON(w, http.StatusOK, s.store.ScopeOf(id).Volumes(s.store.ForksFrom(r.PathValue("name"))))
+	})
 
 	h("GET /v1/volumes", s.listByWorker(func(sc *fsm.Scope, worker string) any { return sc.Volumes(s.store.Volumes(worker)) }))
 	h("POST /v1/volumes", s.handleCreateVolume())
@@ -87,6 +92,7 @@ func (s *Server) routes() http.Handler {
 	h("PUT /v1/keys/recovery", s.handleSetRecoveryKey())
 	h("POST /v1/volumes/{id}/extend", s.handleExtendVolume())
 	h("POST /v1/volumes/{id}/fork", s.handleForkVolume())
+	h("POST /v1/volumes/{id}/fork-serve", s.handleForkServe())
 
 	h("GET /v1/machines", s.listByWorker(func(sc *fsm.Scope, worker string) any { return sc.Machines(s.store.Machines(worker)) }))
 	h("POST /v1/machines", s.handleCreateMachine())
@@ -342,6 +348,13 @@ func (s *Server) handleForkVolume() handler {
 	return propose(s, write[api.VolumeFork]{cmd: fsm.CmdForkVolume, reply: volumeOf,
 		build: func(r *http.Request, id fsm.Identity, f *api.VolumeFork) (any, error) {
 			return &fsm.ForkVolumeCmd{Header: s.header(id), ID: f.ID, Source: r.PathValue("id"), Worker: f.Worker}, nil
+		}})
+}
+
+func (s *Server) handleForkServe() handler {
+	return propose(s, write[api.ForkServe]{cmd: fsm.CmdForkServe, reply: volumeOf,
+		build: func(r *http.Request, id fsm.Identity, f *api.ForkServe) (any, error) {
+			return &fsm.ForkServeCmd{Header: s.header(id), ID: r.PathValue("id"), Layout: f.Layout, Export: f.Export, KnownZero: f.KnownZero, Released: f.Released}, nil
 		}})
 }
 

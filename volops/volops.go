@@ -1,6 +1,6 @@
 // Package volops does the operations on a worker's volumes outside a
 // migration's data path: create, extend and fork the volumes an operator
-// asked for, allocate a migration's destination file, list a volume's
+// asked for (forks to another worker too: remotefork.go), allocate a migration's destination file, list a volume's
 // holes, trim a mounted volume, and explain a hydration that stopped.
 package volops
 
@@ -26,12 +26,18 @@ type Store interface {
 	GetVolume(ctx context.Context, id string) (*fsm.Volume, error)
 	UpdateVolume(ctx context.Context, cmd fsm.UpdateVolumeCmd) error
 	GetMachine(ctx context.Context, id string) (*fsm.Machine, error)
+	GetWorker(ctx context.Context, name string) (*fsm.Worker, error)
+	// ServeFork publishes (or releases) the copy of a fork to another
+	// worker that this worker makes.
+	ServeFork(ctx context.Context, cmd fsm.ForkServeCmd) error
 }
 
 // Keys opens and makes volume keys.
 type Keys interface {
 	OwnerKey(ctx context.Context, vol string) ([]byte, error)
 	NewVolumeKey(ctx context.Context, vol string) ([]byte, error)
+	// NewForkKey makes a fork's key sealed to the fork's (other) worker.
+	NewForkKey(ctx context.Context, fork *fsm.Volume) ([]byte, error)
 }
 
 // Machines says whether a machine runs here.
@@ -42,17 +48,19 @@ type Machines interface {
 
 // Ops does volume operations on one worker.
 type Ops struct {
-	worker string
-	log    zerolog.Logger
-	store  Store
-	keys   Keys
-	vols   datapath.Backend
-	mach   Machines
+	worker  string
+	log     zerolog.Logger
+	store   Store
+	keys    Keys
+	vols    datapath.Backend
+	mach    Machines
+	exports Exporter
 }
 
-// New makes the volume operations of worker.
-func New(log zerolog.Logger, worker string, store Store, keys Keys, vols datapath.Backend, mach Machines) *Ops {
-	return &Ops{worker: worker, log: log, store: store, keys: keys, vols: vols, mach: mach}
+// New makes the volume operations of worker; exports serves the copies of
+// forks to other workers.
+func New(log zerolog.Logger, worker string, store Store, keys Keys, vols datapath.Backend, mach Machines, exports Exporter) *Ops {
+	return &Ops{worker: worker, log: log, store: store, keys: keys, vols: vols, mach: mach, exports: exports}
 }
 
 // Create formats a volume an operator created and records its layout.

@@ -179,7 +179,7 @@ func newVolumeForkCmd() *cobra.Command {
 			return nil
 		},
 	}
-	fork.Flags().StringVar(&to, "to", "", "worker for the copy (default and, for now, only: the source's worker)")
+	fork.Flags().StringVar(&to, "to", "", "worker for the copy (default: the source's worker); another worker clones the copy and hydrates it in the background")
 	fork.Flags().StringVar(&newID, "id", "", "id of the copy (default ID-fork-XXXX)")
 	fork.Flags().DurationVar(&wait, "wait", 10*time.Minute, "wait this long for the copy to be made (0: return once registered)")
 	fork.Flags().BoolVar(&asJSON, "json", false, "print the volume record as JSON")

@@ -181,3 +181,83 @@ func masterKeyOf(t *testing.T, path, pass string) []byte {
 	defer k.Wipe()
 	return bytes.Clone(k.Bytes())
 }
+
+// TestForkToAnotherWorker forks the volume of a running machine onto
+// another worker: the record appears at once on that worker; the source
+// machine keeps writing; the source's worker makes the re-encrypted copy,
+// serves it, and the fork's worker clones and hydrates it; once created,
+// the source's worker has deleted its copy and stopped serving it. Mounted
+// on its worker, the fork holds the records of its instant under a master
+// key of its own, sealed to that worker.
+func TestForkToAnotherWorker(t *testing.T) {
+	e := newEnv(t, 2)
+	src, dst := e.ws[0], e.ws[1]
+	e.createVolume("vy", src, volSize)
+	ack, _ := e.runMachine("my", src, "vy", 11)
+	e.waitAcked(ack, 100, time.Minute)
+
+	ackedBefore, _ := workload.Acked(ack)
+	f, err := e.c.ForkVolume(e.ctx, "vy", "vy-far", dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f.Worker != dst || f.ForkOf != "vy" || f.ForkFrom != src || f.State != fsm.VolCreating {
+		t.Fatalf("fork record at once: %+v", f)
+	}
+	fv := waitCreated(t, e, "vy-far")
+	n, _ := workload.Acked(ack)
+	e.waitAcked(ack, n+50, time.Minute) // the source machine kept running through the fork
+	ackedEnd, _ := workload.Acked(ack)
+	if fv.Worker != dst {
+		t.Fatalf("fork created on %s, want %s", fv.Worker, dst)
+	}
+
+	// The source's worker releases its copy once the fork is created.
+	srcBackend := &userspace.Backend{DataDir: e.bed.WorkerDir(src), Exe: ferryBin, Log: zerolog.Nop(), Loops: loopdev.System{}}
+	deadline := time.Now().Add(time.Minute)
+	for {
+		v, err := e.c.GetVolume(e.ctx, "vy-far")
+		_, statErr := os.Stat(srcBackend.VolumeDir("vy-far"))
+		if err == nil && v.ForkExport == nil && os.IsNotExist(statErr) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the source's worker still holds the fork's copy: record %+v, copy on disk: %v", v, statErr)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+
+	forkKey := string(e.recoverKey("vy-far"))
+	b := &userspace.Backend{DataDir: e.bed.WorkerDir(dst), Exe: ferryBin, Log: zerolog.Nop(), Loops: loopdev.System{}}
+	fmnt := b.MountPoint("fork-check")
+	if _, err := b.MountLocal(e.ctx, "vy-far", datapath.LayoutOf(*fv.Layout), []byte(forkKey), fmnt); err != nil {
+		t.Fatalf("mount the fork on %s: %v", dst, err)
+	}
+	forkRecords, _, err := workload.Scan(filepath.Join(fmnt, workload.RecordsFile))
+	if uerr := b.Unmount(e.ctx, "vy-far", fmnt); uerr != nil {
+		t.Errorf("unmount the fork: %v", uerr)
+	}
+	if err != nil {
+		t.Fatalf("records in the fork: %v", err)
+	}
+	if forkRecords < ackedBefore || forkRecords > ackedEnd+1 {
+		t.Fatalf("fork holds %d records; %d were acknowledged before the fork and %d once it was made", forkRecords, ackedBefore, ackedEnd)
+	}
+	srcKey := e.keys["vy"]
+	if bytes.Equal(masterKeyOf(t, sourceFile(e, src, "vy"), srcKey), masterKeyOf(t, sourceFile(e, dst, "vy-far"), forkKey)) {
+		t.Fatal("the fork has the source's master key")
+	}
+	// Its owner envelope is sealed to the fork's worker, not the source's.
+	owner, err := e.c.ListEnvelopes(e.ctx, "vy-far")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, env := range owner {
+		if env.Purpose == fsm.PurposeOwner && env.Recipient != dst {
+			t.Fatalf("the fork's owner envelope is sealed to %s, want %s", env.Recipient, dst)
+		}
+	}
+	present, acked := e.verifyRecords("my", src, ack)
+	t.Logf("fork to %s: %d records (acknowledged before %d, at end %d); source %d present, %d acknowledged", dst, forkRecords, ackedBefore, ackedEnd, present, acked)
+	e.assertNoKeysInLogs()
+}
