@@ -242,7 +242,12 @@ func TestMcpInMemory(t *testing.T) {
 	})
 
 	t.Run("fork: plan, refusals, apply with a key of its own", func(t *testing.T) {
-		s.refused("volume_fork_plan", VolumeForkIn{ID: "v1", NewID: "v1-copy", Worker: "b"}, "forks to another worker are not supported yet")
+		s.refused("volume_fork_plan", VolumeForkIn{ID: "v1", NewID: "v1-copy", Worker: "zz"}, "zz")
+		// To another worker: that worker clones the copy the source's serves.
+		if far := ok[Plan[VolumeForkDetails]](s, "volume_fork_plan", VolumeForkIn{ID: "v1", NewID: "v1-far", Worker: "b"}); far.Details.Worker != "b" ||
+			!strings.Contains(strings.Join(far.Changes, "\n"), "serves that copy over iSCSI to b alone") {
+			t.Fatalf("plan of a fork to another worker: %+v", far)
+		}
 		s.refused("volume_fork_plan", VolumeForkIn{ID: "v1", NewID: "v2"}, "volume v2 already exists on worker a")
 		p := ok[Plan[VolumeForkDetails]](s, "volume_fork_plan", VolumeForkIn{ID: "v1", NewID: "v1-copy"})
 		if p.Details.Source != "v1" || p.Details.Worker != "a" || p.Details.AttachedMachine != "m1" || len(p.Changes) < 4 {

@@ -1,7 +1,8 @@
 // Package volops does the operations on a worker's volumes outside a
 // migration's data path: create, extend and fork the volumes an operator
-// asked for (forks to another worker too: remotefork.go), allocate a migration's destination file, list a volume's
-// holes, trim a mounted volume, and explain a hydration that stopped.
+// asked for (forks to another worker too: remotefork.go), allocate a
+// migration's destination file, list a volume's holes, trim a mounted
+// volume, and explain a hydration that stopped.
 package volops
 
 import (

@@ -197,6 +197,7 @@ func TestForkToAnotherWorker(t *testing.T) {
 	e.waitAcked(ack, 100, time.Minute)
 
 	ackedBefore, _ := workload.Acked(ack)
+	start := time.Now()
 	f, err := e.c.ForkVolume(e.ctx, "vy", "vy-far", dst)
 	if err != nil {
 		t.Fatal(err)
@@ -205,6 +206,7 @@ func TestForkToAnotherWorker(t *testing.T) {
 		t.Fatalf("fork record at once: %+v", f)
 	}
 	fv := waitCreated(t, e, "vy-far")
+	took := time.Since(start)
 	n, _ := workload.Acked(ack)
 	e.waitAcked(ack, n+50, time.Minute) // the source machine kept running through the fork
 	ackedEnd, _ := workload.Acked(ack)
@@ -258,6 +260,7 @@ func TestForkToAnotherWorker(t *testing.T) {
 		}
 	}
 	present, acked := e.verifyRecords("my", src, ack)
-	t.Logf("fork to %s: %d records (acknowledged before %d, at end %d); source %d present, %d acknowledged", dst, forkRecords, ackedBefore, ackedEnd, present, acked)
+	t.Logf("fork to %s created %v after the request: %d records (acknowledged before %d, at end %d); source %d present, %d acknowledged",
+		dst, took.Round(time.Millisecond), forkRecords, ackedBefore, ackedEnd, present, acked)
 	e.assertNoKeysInLogs()
 }
