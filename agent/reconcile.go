@@ -58,7 +58,8 @@ func (a *Agent) reconcile(ctx context.Context) {
 				a.Volumes.Extend(ctx, v)
 			} // else the store refuses to plan it while extending: a stale listing
 			a.machMu.Unlock()
-		case v.State == fsm.VolDestroyed && v.AttachedMachine == "":
+		case v.State == fsm.VolDestroyed && v.AttachedMachine == "" && !a.forkBusy(v.ID):
+			// (A fork's hydration still running releases its clone itself.)
 			// The server destroys a volume only after its retention window
 			// (and, for a migrated source, after hydrated): the files go now.
 			if _, err := os.Stat(a.Data.VolumeDir(v.ID)); err == nil {
@@ -106,6 +107,11 @@ func (a *Agent) forkJob(ctx context.Context, v *fsm.Volume, job func(context.Con
 		defer a.forks.Delete(v.ID)
 		job(ctx, v)
 	}()
+}
+
+func (a *Agent) forkBusy(id string) bool {
+	_, busy := a.forks.Load(id)
+	return busy
 }
 
 // reconcileMachine hands a machine no migration owns to the supervisor. It

@@ -303,6 +303,12 @@ func (s *Store) applyForkVolume(c *ForkVolumeCmd) *Result {
 // copy at a new portal (its worker restarted) is accepted. It is released
 // only once the fork's worker no longer reads it.
 func (s *Store) forkServeRefusal(v *Volume, c *ForkServeCmd) *Refusal {
+	if v.ForkReleased {
+		if c.Released {
+			return nil // a retried release: same answer
+		}
+		return refuse(RefuseConflict, CodeWrongState, "volume %s: its copy was released; it is served no more", v.ID)
+	}
 	if c.Released {
 		if v.Forking() {
 			return refuse(RefuseConflict, CodeWrongState, "volume %s is still being forked (its worker %s hydrates from this copy): release it once the fork is created or destroyed", v.ID, v.Worker)
@@ -335,7 +341,7 @@ func (s *Store) applyForkServe(c *ForkServeCmd) *Result {
 		return &Result{Refusal: r}
 	}
 	if c.Released {
-		v.ForkExport, v.ForkKnownZero = nil, nil
+		v.ForkExport, v.ForkKnownZero, v.ForkReleased = nil, nil, true
 		remove(s.idx.forkFrom, v.ForkFrom, v.ID)
 	} else {
 		l, e := *c.Layout, *c.Export

@@ -130,7 +130,23 @@ func TestRemoteFork(t *testing.T) {
 	if sc := h.s.ScopeOf(srcW); sc.CanReadVolume("far") {
 		t.Fatal("the source's worker still reads the released fork")
 	}
-	if v, _ := h.s.Volume("far"); v.ForkExport != nil || v.State != VolCreated || v.Worker != dstW.Name {
+	if v, _ := h.s.Volume("far"); v.ForkExport != nil || !v.ForkReleased || v.State != VolCreated || v.Worker != dstW.Name {
 		t.Fatalf("released fork: %+v", v)
+	}
+	h.must(h.apply(CmdForkServe, &ForkServeCmd{Header: h.hdr(srcW), ID: "far", Released: true})) // a retry
+	refused(serve(srcW, testLayout()), CodeWrongState, "released")
+
+	// A fork destroyed before its copy was published still leaves the copy
+	// its source's worker began: it stays listed there until released.
+	grown := int64(128 << 20)
+	h.must(h.apply(CmdUpdateVolume, &UpdateVolumeCmd{Header: h.hdr(srcW), ID: "src", Size: &grown})) // the growth asked above, done
+	h.must(h.apply(CmdForkVolume, &ForkVolumeCmd{Header: h.hdr(operator), ID: "gone", Source: "src", Worker: dstW.Name}))
+	h.must(h.apply(CmdDestroyVolume, &DestroyVolumeCmd{Header: h.hdr(operator), ID: "gone"}))
+	if fs := h.s.ForksFrom(srcW.Name); len(fs) != 1 || fs[0].ID != "gone" || fs[0].Forking() {
+		t.Fatalf("destroyed unpublished fork: %+v", fs)
+	}
+	h.must(h.apply(CmdForkServe, &ForkServeCmd{Header: h.hdr(srcW), ID: "gone", Released: true}))
+	if fs := h.s.ForksFrom(srcW.Name); len(fs) != 0 {
+		t.Fatalf("released fork still listed: %+v", fs)
 	}
 }

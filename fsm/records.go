@@ -347,6 +347,8 @@ type Volume struct {
 	ForkFrom      string  `json:"fork_from,omitempty"`
 	ForkExport    *Export `json:"fork_export,omitempty"`
 	ForkKnownZero []Range `json:"fork_known_zero,omitempty"`
+	// ForkReleased: ForkFrom deleted its copy (fork_serve released).
+	ForkReleased bool `json:"fork_released,omitempty"`
 }
 
 // RemoteFork reports whether v is a fork whose copy is made on another
@@ -355,11 +357,11 @@ func (v *Volume) RemoteFork() bool {
 	return v.ForkOf != "" && v.ForkFrom != "" && v.ForkFrom != v.Worker
 }
 
-// ForkServed reports whether ForkFrom still holds (and may serve) a remote
-// fork's copy: from the fork's request until ForkFrom released it.
-func (v *Volume) ForkServed() bool {
-	return v.RemoteFork() && (v.Forking() || v.ForkExport != nil)
-}
+// ForkServed reports whether ForkFrom may still hold a remote fork's copy:
+// from the fork's request until ForkFrom released it, whatever became of
+// the fork meanwhile (a fork destroyed before its copy was published still
+// leaves a copy to delete).
+func (v *Volume) ForkServed() bool { return v.RemoteFork() && !v.ForkReleased }
 
 // Forking reports whether the copy of ForkOf is still being made.
 func (v *Volume) Forking() bool { return v.ForkOf != "" && v.State == VolCreating }
