@@ -262,5 +262,47 @@ func TestForkToAnotherWorker(t *testing.T) {
 	present, acked := e.verifyRecords("my", src, ack)
 	t.Logf("fork to %s created %v after the request: %d records (acknowledged before %d, at end %d); source %d present, %d acknowledged",
 		dst, took.Round(time.Millisecond), forkRecords, ackedBefore, ackedEnd, present, acked)
+
+	// Both agents killed (SIGKILL) along the way: the source's right after
+	// the request (its copy starts over under a new key), the fork's once
+	// the copy is published. The fork still completes and mounts.
+	if _, err := e.c.ForkVolume(e.ctx, "vy", "vy-far2", dst); err != nil {
+		t.Fatal(err)
+	}
+	e.kill9(src)
+	if err := e.bed.StartAgent(src); err != nil {
+		t.Fatal(err)
+	}
+	deadline = time.Now().Add(2 * time.Minute)
+	for {
+		v, err := e.c.GetVolume(e.ctx, "vy-far2")
+		if err == nil && (v.ForkExport != nil || v.State == fsm.VolCreated) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the copy of vy-far2 was never published: %+v %v", v, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	e.kill9(dst)
+	if err := e.bed.StartAgent(dst); err != nil {
+		t.Fatal(err)
+	}
+	fv2 := waitCreated(t, e, "vy-far2")
+	key2 := e.recoverKey("vy-far2")
+	if _, err := b.MountLocal(e.ctx, "vy-far2", datapath.LayoutOf(*fv2.Layout), key2, fmnt); err != nil {
+		t.Fatalf("mount the second fork on %s: %v", dst, err)
+	}
+	n2, _, err := workload.Scan(filepath.Join(fmnt, workload.RecordsFile))
+	if uerr := b.Unmount(e.ctx, "vy-far2", fmnt); uerr != nil {
+		t.Errorf("unmount the second fork: %v", uerr)
+	}
+	if err != nil || n2 < ackedEnd {
+		t.Fatalf("second fork holds %d records (%v); %d were acknowledged before it was asked for", n2, err, ackedEnd)
+	}
+	n, _ = workload.Acked(ack)
+	e.waitAcked(ack, n+50, time.Minute)
+	present, acked = e.verifyRecords("my", src, ack)
+	t.Logf("fork across agent restarts: %d records; source %d present, %d acknowledged", n2, present, acked)
 	e.assertNoKeysInLogs()
 }
