@@ -188,6 +188,15 @@ func (p *Process) Grow(ctx context.Context, payload int64) error {
 	return p.call(ctx, http.MethodPost, "/v1/grow", GrowRequest{PayloadSize: payload}, nil)
 }
 
+// Snapshot starts a point-in-time copy of the volume's ciphertext into
+// path and returns at the instant; the copy completes in the background
+// (Detail's Snapshot). The same path again answers the same copy.
+func (p *Process) Snapshot(ctx context.Context, path string) (*SnapshotStatus, error) {
+	var st SnapshotStatus
+	err := p.call(ctx, http.MethodPost, "/v1/snapshot", SnapshotRequest{Path: path}, &st)
+	return &st, err
+}
+
 // Dissolve replaces the clone with the destination alone once complete.
 func (p *Process) Dissolve(ctx context.Context) error {
 	return p.call(ctx, http.MethodPost, "/v1/dissolve", nil, nil)

@@ -23,11 +23,14 @@ const snapshotName = "source.snapshot"
 // Fork copies src into a new volume dst in two steps.
 //
 // 1. Point in time: the source's filesystem (if mounted) is frozen with
-// FIFREEZE, which flushes it down to the ciphertext file, and that file is
-// copied aside (`cp --reflink=auto --sparse=always`: a reflink where the
-// host filesystem has them, else a copy of the allocated ranges only); then
-// it is thawed. The source pays the freeze for as long as the copy takes:
-// instant with reflinks, proportional to the written data without.
+// FIFREEZE, which flushes it down to the ciphertext file; its datapath
+// process records the instant (a copy-on-write snapshot: it keeps the old
+// content of every region the machine changes from then on, and copies the
+// rest in the background) and the filesystem is thawed at once. The source
+// pays the freeze for one request to its datapath, whatever the volume's
+// size; its first write into each 64 KiB region while the copy runs pays a
+// read and a write of that region. A volume not mounted is copied aside
+// (`cp --reflink=auto --sparse=always`).
 //
 // 2. Own key: dst is formatted by cryptsetup (a new master key, dstPass)
 // with the source's geometry, and every allocated range of the snapshot is
@@ -50,7 +53,11 @@ func (v *Backend) Fork(ctx context.Context, src string, srcPass []byte, dst stri
 	if err := os.MkdirAll(v.VolumeDir(dst), 0o700); err != nil {
 		return luks.Layout{}, st, fmt.Errorf("fork volume %s: %w", src, err)
 	}
-	snap := filepath.Join(v.VolumeDir(dst), snapshotName)
+	// Absolute: the datapath process writes the point-in-time copy.
+	snap, err := filepath.Abs(filepath.Join(v.VolumeDir(dst), snapshotName))
+	if err != nil {
+		return luks.Layout{}, st, err
+	}
 	if st.Frozen, st.CopiedBytes, err = v.snapshot(ctx, src, snap); err != nil {
 		return luks.Layout{}, st, fmt.Errorf("fork volume %s into %s: %w", src, dst, err)
 	}
@@ -81,26 +88,14 @@ func (v *Backend) snapshot(ctx context.Context, src, path string) (time.Duration
 	}
 	var frozen time.Duration
 	if mnt != "" {
-		// A fork that crashed while the filesystem was frozen left it so:
-		// thaw first (an error only says it was not frozen).
-		_ = exec.CommandContext(ctx, "fsfreeze", "--unfreeze", mnt).Run()
-		if out, err := exec.CommandContext(ctx, "fsfreeze", "--freeze", mnt).CombinedOutput(); err != nil {
-			return 0, 0, fmt.Errorf("fsfreeze --freeze %s: %w: %s", mnt, err, strings.TrimSpace(string(out)))
-		}
-		start := time.Now()
-		// Thaw on every path, with a context of its own: a cancelled fork
-		// must never leave the machine's filesystem frozen.
-		defer func() {
-			if frozen == 0 {
-				frozen = time.Since(start)
-			}
-			if out, err := exec.Command("fsfreeze", "--unfreeze", mnt).CombinedOutput(); err != nil {
-				v.Log.Error().Err(err).Str("mount", mnt).Str("output", string(out)).Msg("thaw after fork snapshot failed: run fsfreeze --unfreeze by hand")
-			}
-		}()
-		err := copySparse(ctx, v.DataPath(src), tmp)
-		frozen = time.Since(start)
+		p, err := v.Process(ctx, src)
 		if err != nil {
+			return 0, 0, fmt.Errorf("the datapath serving %s: %w", src, err)
+		}
+		if frozen, err = v.freezeAndSnapshot(ctx, p, mnt, tmp); err != nil {
+			return frozen, 0, err
+		}
+		if err := waitSnapshot(ctx, p, tmp); err != nil {
 			return frozen, 0, err
 		}
 	} else if err := copySparse(ctx, v.DataPath(src), tmp); err != nil {
@@ -114,6 +109,55 @@ func (v *Backend) snapshot(ctx context.Context, src, path string) (time.Duration
 		return frozen, 0, err
 	}
 	return frozen, n, nil
+}
+
+// freezeAndSnapshot freezes the filesystem at mnt (FIFREEZE flushes it to
+// the ciphertext file), has the datapath p record the instant into path,
+// and thaws: the filesystem is frozen for that one request.
+func (v *Backend) freezeAndSnapshot(ctx context.Context, p *Process, mnt, path string) (time.Duration, error) {
+	// A fork that crashed while the filesystem was frozen left it so:
+	// thaw first (an error only says it was not frozen).
+	_ = exec.CommandContext(ctx, "fsfreeze", "--unfreeze", mnt).Run()
+	if out, err := exec.CommandContext(ctx, "fsfreeze", "--freeze", mnt).CombinedOutput(); err != nil {
+		return 0, fmt.Errorf("fsfreeze --freeze %s: %w: %s", mnt, err, strings.TrimSpace(string(out)))
+	}
+	start := time.Now()
+	sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	_, err := p.Snapshot(sctx, path)
+	cancel()
+	frozen := time.Since(start)
+	// Thaw on every path, with a context of its own: a cancelled fork must
+	// never leave the machine's filesystem frozen.
+	if out, terr := exec.Command("fsfreeze", "--unfreeze", mnt).CombinedOutput(); terr != nil {
+		v.Log.Error().Err(terr).Str("mount", mnt).Str("output", string(out)).Msg("thaw after fork snapshot failed: run fsfreeze --unfreeze by hand")
+	}
+	if err != nil {
+		return frozen, fmt.Errorf("point-in-time copy of the frozen volume: %w", err)
+	}
+	return frozen, nil
+}
+
+// waitSnapshot waits for p's point-in-time copy into path to complete.
+func waitSnapshot(ctx context.Context, p *Process, path string) error {
+	for {
+		d, err := p.Detail(ctx)
+		if err != nil {
+			return fmt.Errorf("point-in-time copy: the datapath: %w", err)
+		}
+		switch st := d.Snapshot; {
+		case st == nil || st.Path != path:
+			return errors.New("point-in-time copy: the datapath restarted and lost it; the fork starts over")
+		case st.Done && st.Error != "":
+			return fmt.Errorf("point-in-time copy: %s", st.Error)
+		case st.Done:
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
 }
 
 func copySparse(ctx context.Context, from, to string) error {

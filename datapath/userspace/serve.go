@@ -10,6 +10,7 @@ import (
 	"math"
 	"net/http"
 	"os"
+	"path/filepath"
 	"sync"
 	"time"
 
@@ -61,6 +62,7 @@ type server struct {
 	lun    blockdev.Device // the clone's source: an iSCSI LUN or a local file
 	eng    *dmclone.Engine
 	sw     *switchDev // between the clone engine and the view; swapped to dest on dissolve
+	cow    *cowDev    // right under the view: point-in-time copies for forks
 	view   blockdev.Device
 	exp    *fuseexport.Export
 	loop   string // the loop device this process attached (Config.Loop)
@@ -138,6 +140,10 @@ func (s *server) build(ctx context.Context, passphrase []byte) error {
 		s.sw = newSwitch(s.eng)
 		lower = s.sw
 	}
+	// Every write of the machine passes the copy-on-write layer, which
+	// keeps a point-in-time copy's instant while a fork copies it.
+	s.cow = newCow(s.log, lower)
+	lower = s.cow
 	s.view = lower
 	if !s.cfg.Raw {
 		// The header may be served by the source: compared with the
@@ -240,6 +246,8 @@ type ProcessStatus struct {
 	File   string            `json:"file"`
 	Loop   string            `json:"loop,omitempty"`
 	Engine *dmclone.Progress `json:"engine,omitempty"`
+	// Snapshot is the running or last point-in-time copy (forks).
+	Snapshot *SnapshotStatus `json:"snapshot,omitempty"`
 }
 
 func (s *server) status() ProcessStatus {
@@ -247,6 +255,9 @@ func (s *server) status() ProcessStatus {
 	defer s.mu.Unlock()
 	st := ProcessStatus{Status: datapath.Status{VolumeID: s.cfg.VolumeID, Pid: os.Getpid(), Cloning: s.eng != nil && !s.dissolved,
 		Hydrating: s.hydrating, Dissolved: s.dissolved}, File: s.cfg.DevicePath(), Loop: s.loop}
+	if s.cow != nil {
+		st.Snapshot = s.cow.SnapshotStatus()
+	}
 	if s.eng != nil {
 		p := s.eng.Progress()
 		st.Progress = fromEngine(p)
@@ -338,6 +349,15 @@ func (s *server) serve(ctx context.Context, ready func(Ready)) error {
 			return
 		}
 		reply(w, struct{}{}, s.grow(g.PayloadSize))
+	})
+	mux.HandleFunc("POST /v1/snapshot", func(w http.ResponseWriter, r *http.Request) {
+		var req SnapshotRequest
+		if err := childctl.Decode(r, &req); err != nil || !filepath.IsAbs(req.Path) || filepath.Clean(req.Path) == filepath.Clean(s.cfg.DataPath) {
+			reply(w, nil, &childctl.Error{Status: http.StatusBadRequest, Message: fmt.Sprintf("snapshot needs {\"path\": an absolute path other than the volume file}: %v", err)})
+			return
+		}
+		st, err := s.cow.Snapshot(filepath.Clean(req.Path), s.dataRanges)
+		reply(w, st, err)
 	})
 	mux.HandleFunc("POST /v1/dissolve", func(w http.ResponseWriter, r *http.Request) { reply(w, struct{}{}, s.dissolve()) })
 	mux.HandleFunc("POST /v1/shutdown", func(w http.ResponseWriter, r *http.Request) {
@@ -433,6 +453,23 @@ func (s *server) dissolve() error {
 	s.lun = nil // the engine closed it
 	s.dissolved = true
 	return nil
+}
+
+// SnapshotRequest asks a serving process for a point-in-time copy of its
+// ciphertext into Path (see cowDev.Snapshot).
+type SnapshotRequest struct {
+	Path string `json:"path"`
+}
+
+// dataRanges lists the allocated ranges of the volume file: the regions a
+// point-in-time copy has to copy (holes read as zeros in the copy too).
+func (s *server) dataRanges() ([]blockdev.Range, error) {
+	f, err := os.Open(s.cfg.DataPath)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	return blockdev.DataRanges(f)
 }
 
 // GrowRequest asks a serving process to grow its volume to PayloadSize
