@@ -32,6 +32,9 @@ type Config struct {
 	Retry, RetryMax time.Duration
 	// StallAfter: a step failing (or running) this long is reported as stalled.
 	StallAfter time.Duration
+	// FirstRegistration bounds the first registration attempt; if it
+	// fails, the fence guards the machines left running (default 5s).
+	FirstRegistration time.Duration
 	// StepTimeout bounds one attempt of a step (and so every tool it runs),
 	// except hydration's, which waits for the whole copy and reports its
 	// own stalls. Steps between source_stopped and cutover are bounded
@@ -51,6 +54,9 @@ type Config struct {
 }
 
 func (c *Config) defaults() {
+	if c.FirstRegistration == 0 {
+		c.FirstRegistration = 5 * time.Second
+	}
 	if c.Retry == 0 {
 		c.Retry = 200 * time.Millisecond
 	}
@@ -132,10 +138,21 @@ func New(log zerolog.Logger, cfg Config, p Parts) (*Agent, error) {
 func (a *Agent) Run(ctx context.Context) error {
 	a.runCtx = ctx
 	w := fsm.Worker{Name: a.cfg.Worker, HostID: a.cfg.HostID, Address: a.cfg.Address}
-	if err := retryUntil(ctx, a.log, "register worker", func() error {
+	register := func() error {
 		return a.Lease.Renew(ctx, func(ctx context.Context) error { return a.Control.RegisterWorker(ctx, w) })
-	}); err != nil {
-		return err
+	}
+	// Machines outlive the agent. If the servers cannot be reached now,
+	// what the previous agent process left running is fenced at the
+	// deadline it persisted, as if that process had lived on.
+	first, cancel := context.WithTimeout(ctx, a.cfg.FirstRegistration)
+	err := a.Lease.Renew(first, func(ctx context.Context) error { return a.Control.RegisterWorker(ctx, w) })
+	cancel()
+	if err != nil {
+		a.log.Warn().Err(err).Msg("cannot register yet: the fence guards the machines left running until a registration succeeds")
+		go a.Lease.Guard(ctx)
+		if err := retryUntil(ctx, a.log, "register worker", register); err != nil {
+			return err
+		}
 	}
 	// Registration granted a lease: from now on it is renewed, or the
 	// fence acts, even while the steps below still retry.

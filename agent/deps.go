@@ -33,6 +33,9 @@ type Lease interface {
 	Renew(ctx context.Context, renew func(context.Context) error) error
 	// Run heartbeats with renew and fences or unfences until ctx ends.
 	Run(ctx context.Context, renew func(context.Context) error)
+	// Guard only fences or unfences (from the deadline a previous agent
+	// process persisted, before this one could register); Run includes it.
+	Guard(ctx context.Context)
 	Fenced() bool
 	// NoteMigrations and NoteAssigned give the fence the newest view of the
 	// store: which machines are settled here.

@@ -18,9 +18,13 @@ package fence
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -28,6 +32,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/atomicfile"
 	"github.com/ferry-dev/ferry/internal/retry"
 	"github.com/ferry-dev/ferry/machine"
 )
@@ -65,6 +70,10 @@ type Config struct {
 	// MountPoint names a machine's mount, for stopping a machine whose spec
 	// this process never saw.
 	MountPoint func(machine string) string
+	// StateFile keeps the fence deadline across agent restarts (machines
+	// outlive the agent): a restarted agent that cannot renew its lease
+	// fences at the deadline its predecessor had, not never. "" keeps none.
+	StateFile string
 }
 
 // Lease is a worker's lease state, its last view of the store, and the gate
@@ -87,6 +96,9 @@ type Lease struct {
 	specs    map[string]machine.Spec   // last spec used for each machine (a script machine stops only with it)
 
 	stopped func(machine string) // see OnStop
+
+	guarding atomic.Bool
+	persist  sync.Mutex // orders writes of StateFile
 
 	fencedGauge prometheus.Gauge
 	stops       prometheus.Counter
@@ -118,11 +130,71 @@ func New(log zerolog.Logger, cfg Config, mach machine.Driver) *Lease {
 	if cfg.MountPoint == nil {
 		cfg.MountPoint = func(string) string { return "" }
 	}
-	return &Lease{cfg: cfg, log: log, mach: mach, clock: boottime, migs: map[string]*fsm.Migration{}, specs: map[string]machine.Spec{},
+	f := &Lease{cfg: cfg, log: log, mach: mach, clock: boottime, migs: map[string]*fsm.Migration{}, specs: map[string]machine.Spec{},
 		fencedGauge: prometheus.NewGauge(prometheus.GaugeOpts{Name: "ferry_agent_fenced",
 			Help: "1 while the agent's lease could not be renewed in time and it fenced itself."}),
 		stops: prometheus.NewCounter(prometheus.CounterOpts{Name: "ferry_agent_fence_stops_total",
 			Help: "Machines the agent stopped because it fenced itself."}),
+	}
+	f.restore()
+	return f
+}
+
+// leaseState is what StateFile holds: the fence deadline on CLOCK_BOOTTIME,
+// which is meaningful only within the boot that wrote it.
+type leaseState struct {
+	BootID   string        `json:"boot_id"`
+	Deadline time.Duration `json:"deadline_ns"`
+}
+
+// bootID names this boot of the host (a new one after every reboot).
+var bootID = func() string {
+	b, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// restore takes the deadline a previous agent process persisted in this
+// boot. Another boot's (or none) leaves no deadline: no machine of this
+// worker outlived the reboot.
+func (f *Lease) restore() {
+	if f.cfg.StateFile == "" {
+		return
+	}
+	b, err := os.ReadFile(f.cfg.StateFile)
+	if err != nil {
+		if !errors.Is(err, os.ErrNotExist) {
+			f.log.Warn().Err(err).Str("path", f.cfg.StateFile).Msg("cannot read the persisted lease; a restarted agent that cannot renew fences at once")
+		}
+		return
+	}
+	var st leaseState
+	if err := json.Unmarshal(b, &st); err != nil {
+		f.log.Warn().Err(err).Str("path", f.cfg.StateFile).Msg("persisted lease unreadable; ignored")
+		return
+	}
+	if id := bootID(); id == "" || st.BootID != id {
+		return
+	}
+	f.mu.Lock()
+	f.deadline = st.Deadline
+	f.mu.Unlock()
+	f.log.Info().Dur("deadline_in", st.Deadline-f.clock()).Msg("fence deadline restored from the previous agent process")
+}
+
+// save persists deadline d (best effort: a failed write leaves an older,
+// earlier deadline on disk, which only fences sooner).
+func (f *Lease) save(d time.Duration) {
+	if f.cfg.StateFile == "" {
+		return
+	}
+	f.persist.Lock()
+	defer f.persist.Unlock()
+	b, _ := json.Marshal(leaseState{BootID: bootID(), Deadline: d})
+	if err := atomicfile.WriteFile(f.cfg.StateFile, b, 0o600); err != nil {
+		f.log.Warn().Err(err).Msg("cannot persist the lease deadline")
 	}
 }
 
@@ -156,10 +228,14 @@ func (f *Lease) spec(id string) (machine.Spec, bool) {
 func (f *Lease) renewed(sent time.Duration) {
 	d := sent + time.Duration(float64(f.cfg.TTL)*(1-maxClockDrift)) - f.cfg.Margin
 	f.mu.Lock()
-	if d > f.deadline {
+	moved := d > f.deadline
+	if moved {
 		f.deadline = d
 	}
 	f.mu.Unlock()
+	if moved {
+		f.save(d)
+	}
 }
 
 // Renew calls renew (a registration or a heartbeat); when it succeeds the
@@ -170,6 +246,9 @@ func (f *Lease) Renew(ctx context.Context, renew func(context.Context) error) er
 		return err
 	}
 	f.renewed(sent)
+	if f.guarding.Load() {
+		f.check(ctx) // lift a fence now, not at the next tick: a start may follow at once
+	}
 	return nil
 }
 
@@ -317,6 +396,22 @@ func (f *Lease) Fenced() bool {
 // or unfences the worker, until ctx ends.
 func (f *Lease) Run(ctx context.Context, renew func(context.Context) error) {
 	go f.heartbeat(ctx, renew)
+	f.Guard(ctx)
+}
+
+// Guard fences or unfences the worker as the deadline passes or moves,
+// until ctx ends; without Run nothing renews. An agent starts it before
+// it could register when its first attempt failed: the machines its
+// predecessor left running are then fenced at the persisted deadline. A
+// second call returns at once. With no deadline known (no renewal, none
+// persisted in this boot) the worker fences at once.
+func (f *Lease) Guard(ctx context.Context) {
+	if f.guarding.CompareAndSwap(false, true) {
+		f.guardLoop(ctx)
+	}
+}
+
+func (f *Lease) guardLoop(ctx context.Context) {
 	tick := min(f.cfg.Heartbeat/4, 250*time.Millisecond)
 	t := time.NewTicker(max(tick, 10*time.Millisecond))
 	defer t.Stop()

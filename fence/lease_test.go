@@ -3,8 +3,10 @@ package fence
 import (
 	"context"
 	"errors"
+	"path/filepath"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -53,6 +55,12 @@ func (f *fakeMachines) Running(context.Context) ([]string, error) {
 	}
 	slices.Sort(out)
 	return out, nil
+}
+
+func (f *fakeMachines) stoppedIDs() []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return slices.Clone(f.stopped)
 }
 
 func TestFenceToStop(t *testing.T) {
@@ -199,5 +207,67 @@ func TestLeaseSettingsBoundedByWhatServersGrant(t *testing.T) {
 	l = New(zerolog.Nop(), Config{Worker: "w1", TTL: 8 * time.Second, Margin: 8 * time.Second}, nil)
 	if l.cfg.Margin >= l.cfg.TTL || l.cfg.Margin <= 0 {
 		t.Fatalf("margin %v with a lease of %v", l.cfg.Margin, l.cfg.TTL)
+	}
+}
+
+// The fence deadline survives the agent process: a new process in the same
+// boot restores it, one in another boot does not; a restored deadline that
+// passes while the new process cannot register fences the machines its
+// predecessor left running, and the first registration lifts the fence.
+func TestDeadlinePersistsAcrossAgentRestarts(t *testing.T) {
+	state := filepath.Join(t.TempDir(), "lease.json")
+	oldBoot := bootID
+	t.Cleanup(func() { bootID = oldBoot })
+	bootID = func() string { return "boot-1" }
+	cfg := Config{Worker: "w1", TTL: 10 * time.Second, Margin: 2 * time.Second, StateFile: state}
+	var now atomic.Int64
+	now.Store(int64(time.Hour))
+	clock := func() time.Duration { return time.Duration(now.Load()) }
+
+	f := New(zerolog.Nop(), cfg, &fakeMachines{running: map[string]bool{}})
+	f.clock = clock
+	if err := f.Renew(context.Background(), func(context.Context) error { return nil }); err != nil {
+		t.Fatal(err)
+	}
+	want := f.deadline
+
+	// The agent restarts; its machine kept running.
+	fm := &fakeMachines{running: map[string]bool{"left-running": true}}
+	g := New(zerolog.Nop(), cfg, fm)
+	g.clock = clock
+	if g.deadline != want {
+		t.Fatalf("restored deadline %v, want %v", g.deadline, want)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go g.Guard(ctx)
+	time.Sleep(50 * time.Millisecond)
+	if g.Fenced() || len(fm.stopped) != 0 {
+		t.Fatalf("fenced (%v) or stopped %v before the persisted deadline", g.Fenced(), fm.stopped)
+	}
+	now.Store(int64(want + time.Millisecond)) // the servers were never reached meanwhile
+	deadline := time.Now().Add(5 * time.Second)
+	for !g.Fenced() || len(fm.stoppedIDs()) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("past the persisted deadline: fenced %v, stopped %v", g.Fenced(), fm.stoppedIDs())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := fm.stoppedIDs(); !slices.Equal(got, []string{"left-running"}) {
+		t.Fatalf("stopped %v, want the machine the previous process left running", got)
+	}
+	// A registration lifts the fence at once.
+	if err := g.Renew(ctx, func(context.Context) error { return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if g.Fenced() {
+		t.Fatal("still fenced right after a renewal")
+	}
+
+	// Another boot: nothing restored.
+	bootID = func() string { return "boot-2" }
+	h := New(zerolog.Nop(), cfg, &fakeMachines{running: map[string]bool{}})
+	if h.deadline != 0 {
+		t.Fatalf("a deadline of another boot was restored: %v", h.deadline)
 	}
 }

@@ -112,7 +112,8 @@ func (f *agentFlags) build(ctx context.Context) (*worker, error) {
 	}
 	alog := logging.For(log, "agent").With().Str("worker", f.worker).Logger()
 	cp := &api.AgentClient{C: c, LeaseTTL: f.leaseTTL, Report: volumeStoreReport(f.dataDir, acfg.HydrationRate)}
-	lease := fence.New(alog, fence.Config{Worker: f.worker, TTL: f.leaseTTL, Margin: f.fenceMargin, MountPoint: vols.MountPoint}, mach)
+	lease := fence.New(alog, fence.Config{Worker: f.worker, TTL: f.leaseTTL, Margin: f.fenceMargin, MountPoint: vols.MountPoint,
+		StateFile: filepath.Join(f.dataDir, "lease.json")}, mach)
 	keys, err := keycustody.Load(alog, f.dataDir, f.worker, cp)
 	if err != nil {
 		return nil, err
