@@ -33,7 +33,7 @@ var GuestModules = []string{
 // /usr/local/sbin, with the libraries they link. They sit before busybox's
 // applets on PATH: busybox's losetup and blkdiscard lack options ferry uses.
 var GuestTools = []string{"dmsetup", "cryptsetup", "losetup", "blkdiscard", "blockdev", "iscsiadm", "iscsid",
-	"mkfs.ext4", "fstrim", "e2fsck", "setpriv"}
+	"mkfs.ext4", "fstrim", "e2fsck", "resize2fs", "setpriv"}
 
 // optionalGuestTools are copied when the host has them.
 var optionalGuestTools = []string{}
