@@ -667,11 +667,12 @@ func (v *Backend) CleanupAll(ctx context.Context) error {
 
 // Probe reports what this host lacks for the kernel data path:
 // dmsetup with the clone target (modprobe dm-clone is tried), cryptsetup,
-// iscsiadm and a running iscsid's tools, mkfs.ext4 and fstrim.
+// iscsiadm and a running iscsid's tools, mkfs.ext4, resize2fs and fstrim.
 func Probe(ctx context.Context) error {
 	var missing []string
 	for _, t := range []struct{ bin, pkg string }{{"dmsetup", "dmsetup"}, {"cryptsetup", "cryptsetup-bin"},
-		{"iscsiadm", "open-iscsi"}, {"mkfs.ext4", "e2fsprogs"}, {"fstrim", "util-linux"}, {"losetup", "mount"}} {
+		{"iscsiadm", "open-iscsi"}, {"mkfs.ext4", "e2fsprogs"}, {"resize2fs", "e2fsprogs"}, {"e2fsck", "e2fsprogs"},
+		{"fstrim", "util-linux"}, {"losetup", "mount"}} {
 		if _, err := exec.LookPath(t.bin); err != nil {
 			missing = append(missing, fmt.Sprintf("%s (Debian package %s)", t.bin, t.pkg))
 		}
