@@ -56,6 +56,7 @@ func Run(t *testing.T, newBackend Factory) {
 	t.Run("RateLimit", func(t *testing.T) { testRateLimit(t, newBackend) })
 	t.Run("Errors", func(t *testing.T) { testErrors(t, newBackend) })
 	t.Run("Extend", func(t *testing.T) { testExtend(t, newBackend) })
+	t.Run("ExtendClone", func(t *testing.T) { testExtendClone(t, newBackend) })
 	t.Run("Fork", func(t *testing.T) { testFork(t, newBackend) })
 	t.Run("Abandon", func(t *testing.T) { testAbandon(t, newBackend, false) })
 }

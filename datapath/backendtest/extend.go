@@ -15,8 +15,22 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ferry-dev/ferry/datapath"
+	"github.com/ferry-dev/ferry/internal/testenv"
 	"github.com/ferry-dev/ferry/luks"
 )
+
+// requireOnline reports whether this host lets a mounted filesystem grow.
+// Only a host without CAP_SYS_RESOURCE may fall back to growing offline:
+// the test VM's guest has every capability, so there a denied online
+// resize fails the test instead of passing through the fallback.
+func requireOnline(t *testing.T) bool {
+	t.Helper()
+	online := datapath.CanResizeOnline()
+	if !online && testenv.InGuest() {
+		t.Fatal("online ext4 resize is denied inside the test VM (no CAP_SYS_RESOURCE?): the guest must prove Extend grows a mounted filesystem")
+	}
+	return online
+}
 
 // testExtend grows a mounted volume while a writer keeps writing into it,
 // then an unmounted one; the filesystem must show the new size at once
@@ -61,7 +75,7 @@ func testExtend(t *testing.T, newBackend Factory) {
 		}
 	}()
 	const grown = 3 * volSize
-	online := datapath.CanResizeOnline()
+	online := requireOnline(t)
 	var next luks.Layout
 	twice(t, "Extend (mounted)", func() (err error) {
 		next, err = b.Extend(ctx, vol, layout, grown, pass)
@@ -137,6 +151,96 @@ func testExtend(t *testing.T, newBackend Factory) {
 	}
 	t.Logf("extended %d -> %d -> %d bytes with %d records written during the online step; fs %d -> %d bytes", volSize, grown, grown2, written.Load(), before, after)
 	if err := b.Unmount(context.Background(), vol, mnt); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// testExtendClone: a destination still cloning from its source is not
+// extended (its clone is sized from the source), and nothing of it grows;
+// once dissolved it grows under its mounted filesystem like a local volume.
+func testExtendClone(t *testing.T, newBackend Factory) {
+	ctx := ctxFor(t)
+	b := fresh(t, newBackend, t.TempDir())
+	if !b.Capabilities().Extend {
+		return
+	}
+	src := newSource(t, ctx, newBackend)
+	prepareDest(t, b, src.layout)
+	mnt := b.MountPoint("m")
+	if _, err := b.MountClone(ctx, src.spec(false), pass, mnt); err != nil {
+		t.Fatal(err)
+	}
+	const grown = 2 * volSize
+	for i := 0; i < 2; i++ {
+		_, err := b.Extend(ctx, target, src.layout, grown, pass)
+		if err == nil || errors.Is(err, datapath.ErrNotSupported) {
+			t.Fatalf("Extend of a live clone (run %d): %v, want a refusal", i+1, err)
+		}
+		t.Logf("refused while cloning: %v", err)
+	}
+	if st, err := os.Stat(b.DataPath(target)); err != nil || st.Size() != src.layout.DeviceSize() {
+		t.Fatalf("a refused Extend left the destination file at %v bytes (%v), want %d", st.Size(), err, src.layout.DeviceSize())
+	}
+	if dev, ok := mountSource(mnt); !ok || blockBytes(t, dev) != src.layout.PayloadSize {
+		t.Fatalf("a refused Extend changed the mounted device %s", dev)
+	}
+	checkData(t, mnt, src.data)
+	h, err := b.Clone(ctx, target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.EnableHydration(ctx); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "hydration complete", 2*time.Minute, func() bool { return status(t, ctx, h).Complete })
+	if err := h.Dissolve(ctx); err != nil {
+		t.Fatal(err)
+	}
+	before := fsBytes(t, mnt)
+	online := requireOnline(t)
+	var next luks.Layout
+	twice(t, "Extend (dissolved, mounted)", func() (err error) {
+		next, err = b.Extend(ctx, target, src.layout, grown, pass)
+		if !online && errors.Is(err, datapath.ErrOnlineResizeDenied) {
+			next, _ = datapath.GrownLayout(src.layout, grown)
+			return nil
+		}
+		return err
+	})
+	if dev, ok := mountSource(mnt); !ok || blockBytes(t, dev) != next.PayloadSize {
+		t.Fatalf("the mounted block device %s does not show the grown %d bytes", dev, next.PayloadSize)
+	}
+	if online {
+		if after := fsBytes(t, mnt); after < before+(grown-volSize)*8/10 {
+			t.Fatalf("filesystem is %d bytes after extending the dissolved clone to %d (was %d)", after, grown, before)
+		}
+		if err := os.WriteFile(filepath.Join(mnt, "big"), pattern(int(volSize), 4), 0o644); err != nil {
+			t.Fatalf("writing into the grown filesystem: %v", err)
+		}
+	}
+	checkData(t, mnt, src.data)
+	if err := b.Unmount(ctx, target, mnt); err != nil {
+		t.Fatal(err)
+	}
+	if l, err := b.ReadLayout(target); err != nil || l.PayloadSize != next.PayloadSize {
+		t.Fatalf("header after extend: %+v %v, want payload %d", l, err, next.PayloadSize)
+	}
+	// The grown layout is the volume's now; the offline step of a host
+	// that denied the online one finishes here.
+	if _, err := b.Extend(ctx, target, next, grown, pass); err != nil {
+		t.Fatalf("Extend once unmounted: %v", err)
+	}
+	if _, err := b.MountLocal(ctx, target, next, pass, mnt); err != nil {
+		t.Fatalf("mount the grown destination: %v", err)
+	}
+	checkData(t, mnt, src.data)
+	if got := fsBytes(t, mnt); got < before+(grown-volSize)*8/10 {
+		t.Fatalf("filesystem is %d bytes after extending to %d (was %d)", got, grown, before)
+	}
+	if got, err := os.ReadFile(filepath.Join(mnt, "big")); online && (err != nil || string(got) != string(pattern(int(volSize), 4))) {
+		t.Fatalf("file in the grown space: %v (%d bytes)", err, len(got))
+	}
+	if err := b.Unmount(ctx, target, mnt); err != nil {
 		t.Fatal(err)
 	}
 }

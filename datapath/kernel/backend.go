@@ -69,9 +69,10 @@ type Backend struct {
 var _ datapath.Backend = (*Backend)(nil)
 
 // Capabilities of dm-clone: no rate limit, no guaranteed share (foreground
-// I/O can starve hydration), and only region counters.
+// I/O can starve hydration), and only region counters. Extend grows the
+// loop, dm-crypt and a mounted ext4 online (see Extend).
 func (v *Backend) Capabilities() datapath.Capabilities {
-	return datapath.Capabilities{Name: "kernel"}
+	return datapath.Capabilities{Name: "kernel", Extend: true}
 }
 
 // Fork is not supported on the kernel path yet: it would freeze the
@@ -79,14 +80,6 @@ func (v *Backend) Capabilities() datapath.Capabilities {
 // into a new LUKS2 volume, which only the VM suite can test.
 func (v *Backend) Fork(ctx context.Context, src string, srcPass []byte, dst string, dstPass []byte) (luks.Layout, datapath.ForkStats, error) {
 	return luks.Layout{}, datapath.ForkStats{}, fmt.Errorf("fork volume %s: %w (kernel); run the worker with --backend userspace to fork", src, datapath.ErrNotSupported)
-}
-
-// Extend is not supported on the kernel path yet: growing needs the file,
-// the loop device, the dm-clone target's table (sized at creation) and
-// dm-crypt (`cryptsetup resize`) to follow in order, which only the VM suite
-// can test.
-func (v *Backend) Extend(ctx context.Context, vol string, layout luks.Layout, size int64, passphrase []byte) (luks.Layout, error) {
-	return luks.Layout{}, fmt.Errorf("extend volume %s: %w (kernel); run the worker with --backend userspace to extend online", vol, datapath.ErrNotSupported)
 }
 
 // kernelRegionSize is the clone's region: 4 KiB, like the userspace engine,
@@ -674,11 +667,12 @@ func (v *Backend) CleanupAll(ctx context.Context) error {
 
 // Probe reports what this host lacks for the kernel data path:
 // dmsetup with the clone target (modprobe dm-clone is tried), cryptsetup,
-// iscsiadm and a running iscsid's tools, mkfs.ext4 and fstrim.
+// iscsiadm and a running iscsid's tools, mkfs.ext4, resize2fs and fstrim.
 func Probe(ctx context.Context) error {
 	var missing []string
 	for _, t := range []struct{ bin, pkg string }{{"dmsetup", "dmsetup"}, {"cryptsetup", "cryptsetup-bin"},
-		{"iscsiadm", "open-iscsi"}, {"mkfs.ext4", "e2fsprogs"}, {"fstrim", "util-linux"}, {"losetup", "mount"}} {
+		{"iscsiadm", "open-iscsi"}, {"mkfs.ext4", "e2fsprogs"}, {"resize2fs", "e2fsprogs"}, {"e2fsck", "e2fsprogs"},
+		{"fstrim", "util-linux"}, {"losetup", "mount"}} {
 		if _, err := exec.LookPath(t.bin); err != nil {
 			missing = append(missing, fmt.Sprintf("%s (Debian package %s)", t.bin, t.pkg))
 		}

@@ -1,6 +1,7 @@
 package kernel
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"os"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/ferry-dev/ferry/dmclone"
 	"github.com/ferry-dev/ferry/internal/testenv"
+	"github.com/ferry-dev/ferry/luks"
 )
 
 // The kernel backend's device work runs in the VM (integration/vm:
@@ -200,4 +202,114 @@ func TestInInitialNetNS(t *testing.T) {
 	if inInitialNetNS() != (self == pid1 && self != "") {
 		t.Fatalf("inInitialNetNS %v, self %q, pid 1 %q", inInitialNetNS(), self, pid1)
 	}
+}
+
+// fakeDmsetup writes a dmsetup that logs its arguments to the returned
+// file and answers `table NAME` with tables[NAME] (failing when absent).
+func fakeDmsetup(t *testing.T, tables map[string]string) (bin, log string) {
+	t.Helper()
+	dir := t.TempDir()
+	log = filepath.Join(dir, "calls")
+	script := "#!/bin/sh\necho \"$*\" >>" + log + "\ncase \"$1 $2\" in\n"
+	for name, table := range tables {
+		script += "\"table " + name + "\") echo '" + table + "'; exit 0 ;;\n"
+	}
+	script += "\"table \"*) echo 'Device does not exist.' >&2; exit 1 ;;\nesac\nexit 0\n"
+	bin = filepath.Join(dir, "dmsetup")
+	if err := os.WriteFile(bin, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return bin, log
+}
+
+func calls(t *testing.T, log string) string {
+	b, err := os.ReadFile(log)
+	if err != nil && !os.IsNotExist(err) {
+		t.Fatal(err)
+	}
+	return strings.TrimSpace(string(b))
+}
+
+func TestGrowLinearReloadsWithTheNewLength(t *testing.T) {
+	bin, log := fakeDmsetup(t, nil)
+	v := &Backend{Dmsetup: bin, Log: zerolog.Nop()}
+	ctx := context.Background()
+	if err := v.growLinear(ctx, "ferry-v-clone", "0 65536 linear 7:3 0", 64<<20); err != nil {
+		t.Fatal(err)
+	}
+	want := "suspend ferry-v-clone\nload ferry-v-clone --table 0 131072 linear 7:3 0\nresume ferry-v-clone"
+	if got := calls(t, log); got != want {
+		t.Fatalf("dmsetup calls:\n%s\nwant:\n%s", got, want)
+	}
+	// Already that long (a re-run): nothing is reloaded.
+	os.Remove(log)
+	if err := v.growLinear(ctx, "ferry-v-clone", "0 131072 linear 7:3 0", 64<<20); err != nil {
+		t.Fatal(err)
+	}
+	if got := calls(t, log); strings.Contains(got, "load ") || strings.Contains(got, "suspend ferry") {
+		t.Fatalf("a mapping of the wanted length was reloaded: %s", got)
+	}
+	for _, bad := range []string{"0 65536 clone 7:2 7:1 8:0 8", "0 65536 linear 7:3 8", "0 100 linear 7:3 0\n100 100 linear 7:4 0", "0 65536 linear 7:3"} {
+		if err := v.growLinear(ctx, "ferry-v-clone", bad, 64<<20); err == nil {
+			t.Errorf("table %q was grown", bad)
+		}
+	}
+	if err := v.growLinear(ctx, "ferry-v-clone", "0 65536 linear 7:3 0", 64<<20+100); err == nil {
+		t.Error("a length that is not whole sectors was loaded")
+	}
+}
+
+func TestExtendRefusals(t *testing.T) {
+	bin, log := fakeDmsetup(t, map[string]string{CloneName("vc"): "0 65536 clone 7:2 7:1 8:0 8 1 no_hydration"})
+	v := &Backend{DataDir: t.TempDir(), Dmsetup: bin, Log: zerolog.Nop()}
+	ctx := context.Background()
+	layout := testLayout()
+	for _, vol := range []string{"vc", "vl"} {
+		if err := os.MkdirAll(v.VolumeDir(vol), 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(v.DataPath(vol), nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Truncate(v.DataPath(vol), layout.DeviceSize()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A live clone is sized from its source: refused before anything grows.
+	_, err := v.Extend(ctx, "vc", layout, 2*layout.DeviceSize(), []byte("p"))
+	if err == nil || !strings.Contains(err.Error(), "still cloning") {
+		t.Fatalf("Extend of a live clone: %v", err)
+	}
+	// Shrinking is refused with the reason.
+	if _, err := v.Extend(ctx, "vl", layout, layout.DeviceSize()-1<<20, []byte("p")); err == nil || !strings.Contains(err.Error(), "shrink") {
+		t.Fatalf("Extend to a smaller size: %v", err)
+	}
+	if _, err := v.Extend(ctx, "a b", layout, 2*layout.DeviceSize(), []byte("p")); err == nil {
+		t.Fatal("Extend of a bad volume id succeeded")
+	}
+	for _, vol := range []string{"vc", "vl"} {
+		if st, err := os.Stat(v.DataPath(vol)); err != nil || st.Size() != layout.DeviceSize() {
+			t.Fatalf("a refused Extend changed %s's file: %v %v", vol, st.Size(), err)
+		}
+	}
+	if got := calls(t, log); strings.Contains(got, "load ") || strings.Contains(got, "suspend ferry") {
+		t.Fatalf("a refused Extend reloaded a mapping: %s", got)
+	}
+}
+
+func TestMountinfoHas(t *testing.T) {
+	const info = "22 1 0:21 / /proc rw,nosuid - proc proc rw\n" +
+		"95 29 253:3 / /srv/ferry/mnt/m1 rw,relatime shared:50 - ext4 /dev/mapper/ferry-v1 rw\n"
+	scan := func() *bufio.Scanner { return bufio.NewScanner(strings.NewReader(info)) }
+	if !mountinfoHas(scan(), 253, 3) {
+		t.Fatal("mounted device not found")
+	}
+	if mountinfoHas(scan(), 253, 30) || mountinfoHas(scan(), 25, 33) || mountinfoHas(scan(), 7, 0) {
+		t.Fatal("a device that is not mounted found")
+	}
+}
+
+func testLayout() luks.Layout {
+	return luks.Layout{DataOffset: 2 << 20, MetadataSize: 16 << 10, KeyslotsSize: 1 << 20, SectorSize: 4096,
+		Cipher: "aes-xts-plain64", KeyBytes: 64, PayloadSize: 30 << 20}
 }

@@ -14,6 +14,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 
 	"github.com/ferry-dev/ferry/api"
 	"github.com/ferry-dev/ferry/datapath/kernel"
@@ -337,6 +338,9 @@ func TestGuestAgentMigration(t *testing.T) {
 		t.Fatalf("records after the rollback: %d present, %d acknowledged: %v", p, a, err)
 	}
 	tRollback := time.Since(t2)
+	// Grown online on the source (loop, dm-crypt, ext4 under the writing
+	// machine); the migration below carries the grown layout.
+	extSrc := g.extendThroughCLI(ctx, migVolume, 56<<20, filepath.Join(g.dir, workerSrc, "mnt", migMachine), ack)
 	// The target agent comes back pausing after cutover, before proposing
 	// hydration_started; it is killed there (-9) and restarted: the new
 	// process must adopt the live dm-clone, session, loops and mount.
@@ -426,9 +430,15 @@ func TestGuestAgentMigration(t *testing.T) {
 		t.Fatalf("%d records present, %d acknowledged", present, acked)
 	}
 	mach, err := g.c.GetMachine(ctx, migMachine)
-	if err != nil || mach.Worker != workerTgt {
-		t.Fatalf("machine record after the migration: %+v %v", mach, err)
+	if err != nil || mach.Worker != workerTgt || mach.Volume != tv {
+		t.Fatalf("machine record after the migration: %+v %v (destination volume %s)", mach, err, tv)
 	}
+	if got := blockDevBytes(t, "/dev/mapper/"+kernel.CryptName(tv)); got != extSrc.PayloadSize {
+		t.Fatalf("the migrated volume shows %d plaintext bytes, the source was extended to %d", got, extSrc.PayloadSize)
+	}
+	// Grown online on the target, through the linear mapping the dissolved
+	// clone became.
+	g.extendThroughCLI(ctx, tv, 72<<20, filepath.Join(g.dir, workerTgt, "mnt", migMachine), ack)
 	down, _ := m.Downtime()
 	var steps []string
 	prev := m.EnteredAt[fsm.Planned]
@@ -448,6 +458,75 @@ func TestGuestAgentMigration(t *testing.T) {
 	t.Logf("steps: %s", strings.Join(steps, ", "))
 	t.Logf("setup: fabric+certificates+server+agents %s, volume create (LUKS2+ext4) %s; the aborted first migration, its rollback and the machine writing again on the source %s",
 		tCluster.Round(time.Millisecond), tVolume.Round(time.Millisecond), tRollback.Round(time.Millisecond))
+}
+
+// extendThroughCLI grows vol to size with `ferry volume extend` while the
+// machine's workload writes into mnt, and checks what the machine sees: the
+// device under its mount and its filesystem grew online, it kept writing,
+// and every acknowledged record is there. It returns the grown layout.
+func (g *guestCluster) extendThroughCLI(ctx context.Context, vol string, size int64, mnt, ack string) fsm.LUKSLayout {
+	t := g.t
+	t.Helper()
+	v0, err := g.c.GetVolume(ctx, vol)
+	if err != nil || v0.Layout == nil {
+		t.Fatalf("volume %s before extending: %+v %v", vol, v0, err)
+	}
+	fs0 := statfsBytes(t, mnt)
+	acked0, _ := workload.Acked(ack)
+	start := time.Now()
+	out, err := exec.CommandContext(ctx, g.ferry, "volume", "extend", vol, "--size", fmt.Sprint(size), "--wait", "1m",
+		"--server", serverAddr, "--tls-dir", g.tls, "--cert", "operator").CombinedOutput()
+	took := time.Since(start)
+	if err != nil {
+		t.Fatalf("ferry volume extend %s --size %d: %v: %s", vol, size, err, out)
+	}
+	v, err := g.c.GetVolume(ctx, vol)
+	if err != nil || v.Size != size || v.Extending() || v.Layout == nil || v.Layout.PayloadSize <= v0.Layout.PayloadSize {
+		t.Fatalf("volume %s after the extend: %+v %v (was %+v)", vol, v, err, v0)
+	}
+	if got := blockDevBytes(t, "/dev/mapper/"+kernel.CryptName(vol)); got != v.Layout.PayloadSize {
+		t.Fatalf("dm-crypt of %s shows %d bytes after the extend, the record says %d", vol, got, v.Layout.PayloadSize)
+	}
+	fs1 := statfsBytes(t, mnt)
+	if fs1 < fs0+(size-v0.Size)*8/10 {
+		t.Fatalf("the machine's filesystem is %d bytes after extending %s from %d to %d bytes (was %d): it did not grow online", fs1, vol, v0.Size, size, fs0)
+	}
+	acked1, _ := workload.Acked(ack)
+	waitFor(t, ctx, time.Minute, "records acknowledged after the extend", func() bool {
+		n, _ := workload.Acked(ack)
+		return n >= acked1+30
+	})
+	present, acked, err := workload.Verify(mnt, ack)
+	if err != nil || present < acked {
+		t.Fatalf("records after extending %s: %d present, %d acknowledged: %v", vol, present, acked, err)
+	}
+	t.Logf("extended %s online through the CLI in %s: %d -> %d bytes, filesystem %d -> %d bytes; %d records acknowledged during the extend, %d in all, all present",
+		vol, took.Round(time.Millisecond), v0.Size, size, fs0, fs1, acked1-acked0, acked)
+	return *v.Layout
+}
+
+// blockDevBytes is a block device's size as the kernel sees it.
+func blockDevBytes(t *testing.T, dev string) int64 {
+	t.Helper()
+	f, err := os.Open(dev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	n, err := unix.IoctlGetUint64(int(f.Fd()), unix.BLKGETSIZE64)
+	if err != nil {
+		t.Fatalf("size of %s: %v", dev, err)
+	}
+	return int64(n)
+}
+
+func statfsBytes(t *testing.T, mnt string) int64 {
+	t.Helper()
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(mnt, &st); err != nil {
+		t.Fatal(err)
+	}
+	return int64(st.Blocks) * st.Bsize
 }
 
 // processesUsing lists (and kills) processes running bin or whose command

@@ -24,6 +24,7 @@ var GuestModules = []string{
 	"xts", "aesni_intel", "algif_skcipher", "algif_hash",
 	"virtio_pci", "virtio_net", "9pnet_virtio", "9p",
 	"ext4", "crc32c_generic", // the kernel-path migration's filesystem
+	"fuse", // the userspace path's Extend cases
 	// The agent-driven migration's worker namespace: veth, and the netlink
 	// families the netlink library opens for every handle.
 	"veth", "xfrm_user", "nfnetlink",
@@ -33,7 +34,7 @@ var GuestModules = []string{
 // /usr/local/sbin, with the libraries they link. They sit before busybox's
 // applets on PATH: busybox's losetup and blkdiscard lack options ferry uses.
 var GuestTools = []string{"dmsetup", "cryptsetup", "losetup", "blkdiscard", "blockdev", "iscsiadm", "iscsid",
-	"mkfs.ext4", "fstrim", "e2fsck", "setpriv"}
+	"mkfs.ext4", "fstrim", "e2fsck", "resize2fs", "setpriv", "fusermount3"}
 
 // optionalGuestTools are copied when the host has them.
 var optionalGuestTools = []string{}

@@ -67,6 +67,9 @@ var guestSuites = []guestSuite{
 	{pkg: "./dmclone", run: "Kernel", needs: []string{"TestKernel"}},
 	{pkg: "./luks", run: "Kernel", needs: []string{"TestKernel"}},
 	{pkg: "./datapath/kernel", run: "TestConformance", needs: []string{"TestConformance"}},
+	// The userspace path's online growth, which the development host
+	// (no CAP_SYS_RESOURCE) never shows: only its Extend cases.
+	{pkg: "./datapath/userspace", run: "TestConformance/Extend", needs: []string{"TestConformance/Extend"}},
 	{pkg: "./integration/vm", run: "TestGuest", needs: []string{"TestGuestISCSIKernelChain", "TestGuestKernelMigration",
 		"TestGuestAgentKernelBackend", "TestGuestAgentMigration"}},
 }
