@@ -321,6 +321,16 @@ func (s *Store) forkServeRefusal(v *Volume, c *ForkServeCmd) *Refusal {
 	if v.Layout != nil && *v.Layout != *c.Layout {
 		return refuse(RefuseConflict, CodeConflict, "volume %s: the fork's copy was published with another layout; a copy is published once", v.ID)
 	}
+	// The copy has the source's geometry: the fork's worker sizes its
+	// destination from this layout and must not be made to allocate more.
+	if size := c.Layout.DeviceSize(); size != v.Size {
+		return refuse(RefuseInvalid, CodeInvalid, "volume %s is %d bytes but the published copy's layout spans %d", v.ID, v.Size, size)
+	}
+	for _, r := range c.KnownZero {
+		if r.End() > v.Size {
+			return refuse(RefuseInvalid, CodeInvalid, "volume %s: known-zero range %d+%d ends past its %d bytes", v.ID, r.Off, r.Len, v.Size)
+		}
+	}
 	if !v.HasKey {
 		return refuse(RefuseConflict, CodeConflict, "volume %s: seal the fork's key to worker %s (owner envelope) before serving its copy", v.ID, v.Worker)
 	}

@@ -57,7 +57,7 @@ func TestForkVolume(t *testing.T) {
 // either of them.
 func TestRemoteFork(t *testing.T) {
 	h, keys := keyedHarness(t)
-	h.must(h.apply(CmdCreateVolume, &CreateVolumeCmd{Header: h.hdr(srcW), Volume: Volume{ID: "src", Worker: srcW.Name, Size: 64 << 20, State: VolCreated, Layout: testLayout()}}))
+	h.must(h.apply(CmdCreateVolume, &CreateVolumeCmd{Header: h.hdr(srcW), Volume: Volume{ID: "src", Worker: srcW.Name, Size: testLayout().DeviceSize(), State: VolCreated, Layout: testLayout()}}))
 	refused := func(r *Result, code, words string) {
 		t.Helper()
 		if r.Refusal == nil || r.Refusal.Code != code || !strings.Contains(r.Refusal.Reason, words) {
@@ -103,6 +103,12 @@ func TestRemoteFork(t *testing.T) {
 		refused(serve(id, testLayout()), CodeForbidden, "")
 	}
 	refused(h.apply(CmdForkServe, &ForkServeCmd{Header: h.hdr(srcW), ID: "far", Released: true}), CodeWrongState, "still being forked")
+	// A hostile copy: a layout larger than the fork, holes past its end.
+	big := *testLayout()
+	big.PayloadSize *= 4
+	refused(serve(srcW, &big), CodeInvalid, "layout spans")
+	refused(h.apply(CmdForkServe, &ForkServeCmd{Header: h.hdr(srcW), ID: "far", Layout: testLayout(), Export: &Export{Portal: "127.0.0.1:3260", IQN: "iqn.x:fork-far"},
+		KnownZero: []Range{{Off: testLayout().DeviceSize() - 4096, Len: 8192}}}), CodeInvalid, "ends past")
 	v = h.must(serve(srcW, testLayout())).Volume
 	if v.ForkExport == nil || v.Layout == nil || len(v.ForkKnownZero) != 1 || v.State != VolCreating {
 		t.Fatalf("published fork: %+v", v)
