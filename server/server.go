@@ -136,10 +136,14 @@ func StartServer(ctx context.Context, log zerolog.Logger, cfg Config) (*Server, 
 	// Every handshake, API and raft alike, is checked against the replicated
 	// certificate deny list; the store exists once the node does.
 	var denyList atomic.Pointer[fsm.Store]
-	cfg.ServerTLS = tlsutil.WithDenyList(cfg.ServerTLS, func(serial string) bool {
+	revoked := func(serial string) bool {
 		st := denyList.Load()
 		return st != nil && st.Revoked(serial)
-	})
+	}
+	cfg.ServerTLS = tlsutil.WithDenyList(cfg.ServerTLS, revoked)
+	// ... and so are the servers this one dials (raft to its peers,
+	// requests forwarded to the leader): a revoked server gets no log.
+	cfg.ClientTLS = tlsutil.WithDenyList(cfg.ClientTLS, revoked)
 	ln, err := tls.Listen("tcp", cfg.Listen, cfg.ServerTLS)
 	if err != nil {
 		return nil, fmt.Errorf("listening for the API on %s: %w", cfg.Listen, err)

@@ -80,7 +80,9 @@ func (f *agentFlags) build(ctx context.Context) (*worker, error) {
 		return nil, withCode(ExitUsage, fmt.Errorf("--backend: %w", err))
 	}
 	log.Info().Str("backend", vols.Capabilities().Name).Msg("data path")
-	c, err := f.client()
+	// The agent refuses a server whose certificate is revoked too (the list
+	// it keeps for its exports, persisted across restarts).
+	c, err := f.clientDenying(deny.Denied)
 	if err != nil {
 		return nil, err
 	}

@@ -24,9 +24,18 @@ func (f *clientFlags) add(cmd *cobra.Command, defaultName string) {
 }
 
 func (f *clientFlags) client() (*api.Client, error) {
+	return f.clientDenying(nil)
+}
+
+// clientDenying is client() refusing servers whose certificate serial
+// revoked reports (nil: no check), on every handshake.
+func (f *clientFlags) clientDenying(revoked func(serial string) bool) (*api.Client, error) {
 	tc, err := tlsutil.ClientConfig(f.tlsDir, f.name)
 	if err != nil {
 		return nil, withCode(ExitUsage, fmt.Errorf("load certificate %q from %s: %w (make one with `ferry tls issue`)", f.name, f.tlsDir, err))
+	}
+	if revoked != nil {
+		tc = tlsutil.WithDenyList(tc, revoked)
 	}
 	return api.NewClient([]string{f.server}, tc)
 }

@@ -429,3 +429,68 @@ func asn1Marshal(isCA bool) ([]byte, error) {
 		IsCA bool `asn1:"optional"`
 	}{isCA})
 }
+
+// TestDenyListOnClients: a client whose config carries the deny list
+// refuses a server presenting a revoked certificate (raft and forwarding
+// between servers, agents to servers); other servers still connect.
+func TestDenyListOnClients(t *testing.T) {
+	dir := t.TempDir()
+	if err := EnsureDev(dir, Cert{Name: "s1", Kind: KindServer}, Cert{Name: "s2", Kind: KindServer}, Cert{Name: "w1", Kind: KindWorker}); err != nil {
+		t.Fatal(err)
+	}
+	serve := func(name string) (addr, serial string) {
+		sc, err := ServerConfig(dir, name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		leaf, err := x509.ParseCertificate(sc.Certificates[0].Certificate[0])
+		if err != nil {
+			t.Fatal(err)
+		}
+		ln, err := tls.Listen("tcp", "127.0.0.1:0", sc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ln.Close() })
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				go func() {
+					defer c.Close()
+					if c.(*tls.Conn).Handshake() == nil {
+						io.WriteString(c, "ok")
+					}
+				}()
+			}
+		}()
+		return ln.Addr().String(), SerialString(leaf.SerialNumber)
+	}
+	revokedAddr, revokedSerial := serve("s1")
+	goodAddr, _ := serve("s2")
+	cc, err := ClientConfig(dir, "w1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cc = WithDenyList(cc, func(s string) bool { return s == revokedSerial })
+	dial := func(addr string) error {
+		c, err := tls.Dial("tcp", addr, cc)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		b, err := io.ReadAll(c)
+		if err == nil && string(b) != "ok" {
+			err = io.ErrUnexpectedEOF
+		}
+		return err
+	}
+	if err := dial(revokedAddr); err == nil || !strings.Contains(err.Error(), "revoked") {
+		t.Fatalf("a server with a revoked certificate was accepted: %v", err)
+	}
+	if err := dial(goodAddr); err != nil {
+		t.Fatalf("a server in good standing: %v", err)
+	}
+}
