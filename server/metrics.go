@@ -71,6 +71,9 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 // the queue, the leader's disk, a quorum's acknowledgement and the apply.
 type raftMetrics struct {
 	apply prometheus.Histogram
+	// failed counts proposals that never committed (timed out, leadership
+	// lost): the histogram holds committed ones only.
+	failed prometheus.Counter
 }
 
 func newRaftMetrics(reg *prometheus.Registry) raftMetrics {
@@ -79,8 +82,10 @@ func newRaftMetrics(reg *prometheus.Registry) raftMetrics {
 			Help: "Leader only: from proposing a command until raft committed it on a quorum and this server applied it.",
 			// 1 ms (one fast local disk) to 16 s (past the 10 s proposal timeout).
 			Buckets: prometheus.ExponentialBuckets(0.001, 2, 15)}),
+		failed: prometheus.NewCounter(prometheus.CounterOpts{Name: "ferry_raft_apply_failures_total",
+			Help: "Leader only: proposals that did not commit (timed out, or leadership lost meanwhile); not in ferry_raft_apply_seconds."}),
 	}
-	reg.MustRegister(m.apply)
+	reg.MustRegister(m.apply, m.failed)
 	return m
 }
 

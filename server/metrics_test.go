@@ -36,4 +36,8 @@ func TestRaftApplyLatencyMetric(t *testing.T) {
 	if !regexp.MustCompile(`ferry_raft_apply_seconds_bucket\{le="0.001"\} \d+`).MatchString(r.body) {
 		t.Fatalf("no 1 ms bucket:\n%s", r.body)
 	}
+	// Proposals that never committed are counted apart: none here.
+	if !regexp.MustCompile(`(?m)^ferry_raft_apply_failures_total 0$`).MatchString(r.body) {
+		t.Fatalf("no ferry_raft_apply_failures_total at 0 on a healthy leader:\n%s", r.body)
+	}
 }

@@ -329,6 +329,9 @@ func (s *Server) submit(ctx context.Context, typ fsm.CommandType, payload any) (
 	}
 	start := time.Now()
 	res, err := s.node.Apply(b, 10*time.Second)
+	if err != nil {
+		s.raftMet.failed.Inc()
+	}
 	if errors.Is(err, ErrNotLeader) {
 		return nil, s.notLeader()
 	}
