@@ -29,3 +29,16 @@ func TestCommandRowsMatchCommandTypes(t *testing.T) {
 		t.Errorf("commands has %d rows, CommandTypes lists %d types", len(commands), len(CommandTypes))
 	}
 }
+
+// TestEveryCommandValidates: each command type's payload checks its own
+// fields; Validate refuses anything else.
+func TestEveryCommandValidates(t *testing.T) {
+	for typ, row := range commands {
+		if _, ok := row.payload().(interface{ validate() *Refusal }); !ok {
+			t.Errorf("command %s: payload %T has no validate method", typ, row.payload())
+		}
+	}
+	if r := Validate(struct{}{}); r == nil || r.Kind != RefuseInvalid {
+		t.Fatalf("Validate of a non-command: %+v", r)
+	}
+}

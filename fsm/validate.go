@@ -322,156 +322,208 @@ func printable(s string) bool {
 }
 
 // Validate checks a command's own fields (IDs, sizes, formats) without the
-// store: the first half of what Authorize checks, usable anywhere.
+// store: the first half of what Authorize checks, usable anywhere. Every
+// command type has its validate method (a test walks the dispatch table).
 func Validate(cmd any) *Refusal {
-	switch c := cmd.(type) {
-	case *RegisterServerCmd:
-		if r := CheckID("server", c.Member.ID); r != nil {
-			return r
-		}
-		if len(c.Member.RaftAddr) > maxServerAddrLen || len(c.Member.APIAddr) > maxServerAddrLen ||
-			!printable(c.Member.RaftAddr) || !printable(c.Member.APIAddr) {
-			return refuse(RefuseInvalid, CodeInvalid, "server %s: addresses must be printable and at most %d bytes", c.Member.ID, maxServerAddrLen)
-		}
-	case *RegisterWorkerCmd:
-		return c.Worker.validate()
-	case *HeartbeatCmd:
-		if r := CheckID("worker", c.Name); r != nil {
-			return r
-		}
-		if err := c.Report.Validate(); err != nil {
-			return refuse(RefuseInvalid, CodeInvalid, "worker %s: %v", c.Name, err)
-		}
-	case *CordonCmd:
-		if r := CheckID("worker", c.Worker); r != nil {
-			return r
-		}
-		return checkText("cordon reason", c.Reason)
-	case *DrainCmd:
-		if r := CheckID("drain", c.ID); r != nil {
-			return r
-		}
-		if r := CheckID("worker", c.Worker); r != nil {
-			return r
-		}
-		if len(c.Targets) > maxDrainTargets {
-			return refuse(RefuseInvalid, CodeInvalid, "drain names more than %d targets", maxDrainTargets)
-		}
-		for _, t := range c.Targets {
-			if r := CheckID("target worker", t); r != nil {
-				return r
-			}
-		}
-		if c.Parallel < 0 || c.Parallel > MaxDrainParallel || c.Deadline < 0 || c.BandwidthBPS < 0 {
-			return refuse(RefuseInvalid, CodeInvalid, "drain needs 0..%d parallel migrations, a deadline >= 0 and a bandwidth >= 0", MaxDrainParallel)
-		}
-	case *DrainUpdateCmd:
-		return c.validate()
-	case *CreateVolumeCmd:
-		return c.Volume.validate()
-	case *UpdateVolumeCmd:
-		if r := CheckID("volume", c.ID); r != nil {
-			return r
-		}
-		if c.AttachedMachine != nil && *c.AttachedMachine != "" {
-			if r := CheckID("machine", *c.AttachedMachine); r != nil {
-				return r
-			}
-		}
-		if c.Size != nil && *c.Size < 0 {
-			return refuse(RefuseInvalid, CodeInvalid, "volume %s: size %d is negative", c.ID, *c.Size)
-		}
-	case *ExtendVolumeCmd:
-		if r := CheckID("volume", c.ID); r != nil {
-			return r
-		}
-		if c.Size <= 0 || c.Size > MaxVolumeSize || c.Size%512 != 0 {
-			return refuse(RefuseInvalid, CodeInvalid, "volume %s: size %d must be a positive multiple of 512 bytes, at most %d", c.ID, c.Size, int64(MaxVolumeSize))
-		}
-	case *ForkVolumeCmd:
-		for _, id := range []string{c.ID, c.Source} {
-			if r := CheckID("volume", id); r != nil {
-				return r
-			}
-		}
-		if r := CheckID("worker", c.Worker); r != nil {
-			return r
-		}
-	case *ForkServeCmd:
-		if r := CheckID("volume", c.ID); r != nil {
-			return r
-		}
-		if c.Released == (c.Export != nil) {
-			return refuse(RefuseInvalid, CodeInvalid, "fork_serve of volume %s: give either an export (with its layout) or released", c.ID)
-		}
-		if c.Export != nil && (c.Layout == nil || c.Export.Portal == "" || c.Export.IQN == "") {
-			return refuse(RefuseInvalid, CodeInvalid, "fork_serve of volume %s: an export needs a portal, an IQN and the copy's layout", c.ID)
-		}
-		if c.Layout != nil {
-			if err := c.Layout.Validate(); err != nil {
-				return refuse(RefuseInvalid, CodeInvalid, "volume %s: %v", c.ID, err)
-			}
-		}
-		if err := validRanges(c.KnownZero); err != nil {
-			return refuse(RefuseInvalid, CodeInvalid, "known_zero: %v", err)
-		}
-		if len(c.KnownZero) > 4096 {
-			return refuse(RefuseInvalid, CodeInvalid, "known_zero has %d ranges; coalesce to at most 4096", len(c.KnownZero))
-		}
-	case *DestroyVolumeCmd:
-		if c.Retention < 0 || c.Retention > MaxRetention {
-			return refuse(RefuseInvalid, CodeInvalid, "retention %s: use 0 (default) to %s", c.Retention, MaxRetention)
-		}
-		return CheckID("volume", c.ID)
-	case *SetVolumeKeyCmd:
-		return CheckID("volume", c.ID)
-	case *KeyAccessCmd:
-		return CheckID("volume", c.ID)
-	case *CreateMachineCmd:
-		return c.Machine.validate()
-	case *UpdateMachineCmd:
-		if r := CheckID("machine", c.ID); r != nil {
-			return r
-		}
-		if c.Volume != nil && *c.Volume != "" {
-			if r := CheckID("volume", *c.Volume); r != nil {
-				return r
-			}
-		}
-		if c.Addr6PN != nil && *c.Addr6PN != "" {
-			if _, err := parse6PN(*c.Addr6PN); err != nil {
-				return refuse(RefuseInvalid, CodeInvalid, "machine %s: %v", c.ID, err)
-			}
-		}
-		if c.Spec != nil {
-			return checkSpec(c.ID, *c.Spec)
-		}
-	case *PlanCmd:
-		if r := CheckID("migration", c.ID); r != nil {
-			return r
-		}
-		if r := CheckID("machine", c.Machine); r != nil {
-			return r
-		}
-		if r := CheckID("worker", c.Target); r != nil {
-			return r
-		}
-		return checkStepID(c.StepID)
-	case *ProposeCmd:
-		if r := CheckID("migration", c.ID); r != nil {
-			return r
-		}
-		if r := checkStepID(c.StepID); r != nil {
-			return r
-		}
-		return checkPayloadText(&c.Payload)
-	case *GCCmd:
-		if c.Retention < MinGCRetention {
-			return refuse(RefuseInvalid, CodeInvalid, "gc retention %s is shorter than %s", c.Retention, MinGCRetention)
-		}
+	if v, ok := cmd.(interface{ validate() *Refusal }); ok {
+		return v.validate()
+	}
+	return refuse(RefuseInvalid, CodeInvalid, "%T is not a command of this build", cmd)
+}
+
+func (c *RegisterServerCmd) validate() *Refusal {
+	if r := CheckID("server", c.Member.ID); r != nil {
+		return r
+	}
+	if len(c.Member.RaftAddr) > maxServerAddrLen || len(c.Member.APIAddr) > maxServerAddrLen ||
+		!printable(c.Member.RaftAddr) || !printable(c.Member.APIAddr) {
+		return refuse(RefuseInvalid, CodeInvalid, "server %s: addresses must be printable and at most %d bytes", c.Member.ID, maxServerAddrLen)
 	}
 	return nil
 }
+
+func (c *RegisterWorkerCmd) validate() *Refusal {
+	return c.Worker.validate()
+}
+
+func (c *HeartbeatCmd) validate() *Refusal {
+	if r := CheckID("worker", c.Name); r != nil {
+		return r
+	}
+	if err := c.Report.Validate(); err != nil {
+		return refuse(RefuseInvalid, CodeInvalid, "worker %s: %v", c.Name, err)
+	}
+	return nil
+}
+
+func (c *CordonCmd) validate() *Refusal {
+	if r := CheckID("worker", c.Worker); r != nil {
+		return r
+	}
+	return checkText("cordon reason", c.Reason)
+}
+
+func (c *DrainCmd) validate() *Refusal {
+	if r := CheckID("drain", c.ID); r != nil {
+		return r
+	}
+	if r := CheckID("worker", c.Worker); r != nil {
+		return r
+	}
+	if len(c.Targets) > maxDrainTargets {
+		return refuse(RefuseInvalid, CodeInvalid, "drain names more than %d targets", maxDrainTargets)
+	}
+	for _, t := range c.Targets {
+		if r := CheckID("target worker", t); r != nil {
+			return r
+		}
+	}
+	if c.Parallel < 0 || c.Parallel > MaxDrainParallel || c.Deadline < 0 || c.BandwidthBPS < 0 {
+		return refuse(RefuseInvalid, CodeInvalid, "drain needs 0..%d parallel migrations, a deadline >= 0 and a bandwidth >= 0", MaxDrainParallel)
+	}
+	return nil
+}
+
+func (c *CreateVolumeCmd) validate() *Refusal {
+	return c.Volume.validate()
+}
+
+func (c *UpdateVolumeCmd) validate() *Refusal {
+	if r := CheckID("volume", c.ID); r != nil {
+		return r
+	}
+	if c.AttachedMachine != nil && *c.AttachedMachine != "" {
+		if r := CheckID("machine", *c.AttachedMachine); r != nil {
+			return r
+		}
+	}
+	if c.Size != nil && *c.Size < 0 {
+		return refuse(RefuseInvalid, CodeInvalid, "volume %s: size %d is negative", c.ID, *c.Size)
+	}
+	return nil
+}
+
+func (c *ExtendVolumeCmd) validate() *Refusal {
+	if r := CheckID("volume", c.ID); r != nil {
+		return r
+	}
+	if c.Size <= 0 || c.Size > MaxVolumeSize || c.Size%512 != 0 {
+		return refuse(RefuseInvalid, CodeInvalid, "volume %s: size %d must be a positive multiple of 512 bytes, at most %d", c.ID, c.Size, int64(MaxVolumeSize))
+	}
+	return nil
+}
+
+func (c *ForkVolumeCmd) validate() *Refusal {
+	for _, id := range []string{c.ID, c.Source} {
+		if r := CheckID("volume", id); r != nil {
+			return r
+		}
+	}
+	if r := CheckID("worker", c.Worker); r != nil {
+		return r
+	}
+	return nil
+}
+
+func (c *ForkServeCmd) validate() *Refusal {
+	if r := CheckID("volume", c.ID); r != nil {
+		return r
+	}
+	if c.Released == (c.Export != nil) {
+		return refuse(RefuseInvalid, CodeInvalid, "fork_serve of volume %s: give either an export (with its layout) or released", c.ID)
+	}
+	if c.Export != nil && (c.Layout == nil || c.Export.Portal == "" || c.Export.IQN == "") {
+		return refuse(RefuseInvalid, CodeInvalid, "fork_serve of volume %s: an export needs a portal, an IQN and the copy's layout", c.ID)
+	}
+	if c.Layout != nil {
+		if err := c.Layout.Validate(); err != nil {
+			return refuse(RefuseInvalid, CodeInvalid, "volume %s: %v", c.ID, err)
+		}
+	}
+	if err := validRanges(c.KnownZero); err != nil {
+		return refuse(RefuseInvalid, CodeInvalid, "known_zero: %v", err)
+	}
+	if len(c.KnownZero) > 4096 {
+		return refuse(RefuseInvalid, CodeInvalid, "known_zero has %d ranges; coalesce to at most 4096", len(c.KnownZero))
+	}
+	return nil
+}
+
+func (c *DestroyVolumeCmd) validate() *Refusal {
+	if c.Retention < 0 || c.Retention > MaxRetention {
+		return refuse(RefuseInvalid, CodeInvalid, "retention %s: use 0 (default) to %s", c.Retention, MaxRetention)
+	}
+	return CheckID("volume", c.ID)
+}
+
+func (c *SetVolumeKeyCmd) validate() *Refusal {
+	return CheckID("volume", c.ID)
+}
+
+func (c *KeyAccessCmd) validate() *Refusal {
+	return CheckID("volume", c.ID)
+}
+
+func (c *CreateMachineCmd) validate() *Refusal {
+	return c.Machine.validate()
+}
+
+func (c *UpdateMachineCmd) validate() *Refusal {
+	if r := CheckID("machine", c.ID); r != nil {
+		return r
+	}
+	if c.Volume != nil && *c.Volume != "" {
+		if r := CheckID("volume", *c.Volume); r != nil {
+			return r
+		}
+	}
+	if c.Addr6PN != nil && *c.Addr6PN != "" {
+		if _, err := parse6PN(*c.Addr6PN); err != nil {
+			return refuse(RefuseInvalid, CodeInvalid, "machine %s: %v", c.ID, err)
+		}
+	}
+	if c.Spec != nil {
+		return checkSpec(c.ID, *c.Spec)
+	}
+	return nil
+}
+
+func (c *PlanCmd) validate() *Refusal {
+	if r := CheckID("migration", c.ID); r != nil {
+		return r
+	}
+	if r := CheckID("machine", c.Machine); r != nil {
+		return r
+	}
+	if r := CheckID("worker", c.Target); r != nil {
+		return r
+	}
+	return checkStepID(c.StepID)
+}
+
+func (c *ProposeCmd) validate() *Refusal {
+	if r := CheckID("migration", c.ID); r != nil {
+		return r
+	}
+	if r := checkStepID(c.StepID); r != nil {
+		return r
+	}
+	return checkPayloadText(&c.Payload)
+}
+
+func (c *GCCmd) validate() *Refusal {
+	if c.Retention < MinGCRetention {
+		return refuse(RefuseInvalid, CodeInvalid, "gc retention %s is shorter than %s", c.Retention, MinGCRetention)
+	}
+	return nil
+}
+
+// These carry nothing to check on their own: their apply checks the
+// records they name (a serial's format, a key's suite, envelopes).
+func (c *RevokeCertCmd) validate() *Refusal     { return nil }
+func (c *SetWorkerKeyCmd) validate() *Refusal   { return nil }
+func (c *SetRecoveryKeyCmd) validate() *Refusal { return nil }
+func (c *PutEnvelopesCmd) validate() *Refusal   { return nil }
 
 // LocalID refuses an ID that is not safe to join under a data folder: the
 // store's ID rule, and filepath.IsLocal as the last word before a path is
