@@ -95,7 +95,7 @@ func testExtend(t *testing.T, newBackend Factory) {
 	if next.DeviceSize() != grown || next.PayloadSize <= layout.PayloadSize {
 		t.Fatalf("grown layout %+v for %d bytes (was %+v)", next, grown, layout)
 	}
-	if dev, ok := mountSource(mnt); !ok || blockBytes(t, dev) != next.PayloadSize {
+	if dev, ok := mountSource(mnt); !ok || BlockBytes(t, dev) != next.PayloadSize {
 		t.Fatalf("the mounted block device %s does not show the grown %d bytes", dev, next.PayloadSize)
 	}
 	after := fsBytes(t, mnt)
@@ -181,7 +181,7 @@ func testExtendClone(t *testing.T, newBackend Factory) {
 	if st, err := os.Stat(b.DataPath(target)); err != nil || st.Size() != src.layout.DeviceSize() {
 		t.Fatalf("a refused Extend left the destination file at %v bytes (%v), want %d", st.Size(), err, src.layout.DeviceSize())
 	}
-	if dev, ok := mountSource(mnt); !ok || blockBytes(t, dev) != src.layout.PayloadSize {
+	if dev, ok := mountSource(mnt); !ok || BlockBytes(t, dev) != src.layout.PayloadSize {
 		t.Fatalf("a refused Extend changed the mounted device %s", dev)
 	}
 	checkData(t, mnt, src.data)
@@ -207,7 +207,7 @@ func testExtendClone(t *testing.T, newBackend Factory) {
 		}
 		return err
 	})
-	if dev, ok := mountSource(mnt); !ok || blockBytes(t, dev) != next.PayloadSize {
+	if dev, ok := mountSource(mnt); !ok || BlockBytes(t, dev) != next.PayloadSize {
 		t.Fatalf("the mounted block device %s does not show the grown %d bytes", dev, next.PayloadSize)
 	}
 	if online {
@@ -269,8 +269,8 @@ func mountSource(mnt string) (string, bool) {
 	return "", false
 }
 
-// blockBytes is the size of a block device as the kernel sees it.
-func blockBytes(t *testing.T, dev string) int64 {
+// BlockBytes is the size of a block device as the kernel sees it.
+func BlockBytes(t *testing.T, dev string) int64 {
 	t.Helper()
 	f, err := os.Open(dev)
 	if err != nil {

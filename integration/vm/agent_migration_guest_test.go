@@ -14,9 +14,9 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
-	"golang.org/x/sys/unix"
 
 	"github.com/ferry-dev/ferry/api"
+	"github.com/ferry-dev/ferry/datapath/backendtest"
 	"github.com/ferry-dev/ferry/datapath/kernel"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/operator"
@@ -433,7 +433,7 @@ func TestGuestAgentMigration(t *testing.T) {
 	if err != nil || mach.Worker != workerTgt || mach.Volume != tv {
 		t.Fatalf("machine record after the migration: %+v %v (destination volume %s)", mach, err, tv)
 	}
-	if got := blockDevBytes(t, "/dev/mapper/"+kernel.CryptName(tv)); got != extSrc.PayloadSize {
+	if got := backendtest.BlockBytes(t, "/dev/mapper/"+kernel.CryptName(tv)); got != extSrc.PayloadSize {
 		t.Fatalf("the migrated volume shows %d plaintext bytes, the source was extended to %d", got, extSrc.PayloadSize)
 	}
 	// Grown online on the target, through the linear mapping the dissolved
@@ -484,7 +484,7 @@ func (g *guestCluster) extendThroughCLI(ctx context.Context, vol string, size in
 	if err != nil || v.Size != size || v.Extending() || v.Layout == nil || v.Layout.PayloadSize <= v0.Layout.PayloadSize {
 		t.Fatalf("volume %s after the extend: %+v %v (was %+v)", vol, v, err, v0)
 	}
-	if got := blockDevBytes(t, "/dev/mapper/"+kernel.CryptName(vol)); got != v.Layout.PayloadSize {
+	if got := backendtest.BlockBytes(t, "/dev/mapper/"+kernel.CryptName(vol)); got != v.Layout.PayloadSize {
 		t.Fatalf("dm-crypt of %s shows %d bytes after the extend, the record says %d", vol, got, v.Layout.PayloadSize)
 	}
 	fs1 := statfsBytes(t, mnt)
@@ -503,21 +503,6 @@ func (g *guestCluster) extendThroughCLI(ctx context.Context, vol string, size in
 	t.Logf("extended %s online through the CLI in %s: %d -> %d bytes, filesystem %d -> %d bytes; %d records acknowledged during the extend, %d in all, all present",
 		vol, took.Round(time.Millisecond), v0.Size, size, fs0, fs1, acked1-acked0, acked)
 	return *v.Layout
-}
-
-// blockDevBytes is a block device's size as the kernel sees it.
-func blockDevBytes(t *testing.T, dev string) int64 {
-	t.Helper()
-	f, err := os.Open(dev)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	n, err := unix.IoctlGetUint64(int(f.Fd()), unix.BLKGETSIZE64)
-	if err != nil {
-		t.Fatalf("size of %s: %v", dev, err)
-	}
-	return int64(n)
 }
 
 func statfsBytes(t *testing.T, mnt string) int64 {

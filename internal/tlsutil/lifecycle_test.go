@@ -11,6 +11,7 @@ import (
 	"encoding/asn1"
 	"encoding/pem"
 	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -343,20 +344,7 @@ func TestDenyListOnEveryConnection(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				if c.(*tls.Conn).Handshake() == nil {
-					io.WriteString(c, "ok")
-				}
-			}()
-		}
-	}()
+	go serveOK(ln)
 	caches := map[string]tls.ClientSessionCache{} // one per identity, as each process has its own
 	dial := func(name string) (resumed bool, err error) {
 		cc, err := ClientConfig(dir, name)
@@ -452,20 +440,7 @@ func TestDenyListOnClients(t *testing.T) {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { ln.Close() })
-		go func() {
-			for {
-				c, err := ln.Accept()
-				if err != nil {
-					return
-				}
-				go func() {
-					defer c.Close()
-					if c.(*tls.Conn).Handshake() == nil {
-						io.WriteString(c, "ok")
-					}
-				}()
-			}
-		}()
+		go serveOK(ln)
 		return ln.Addr().String(), SerialString(leaf.SerialNumber)
 	}
 	revokedAddr, revokedSerial := serve("s1")
@@ -492,5 +467,22 @@ func TestDenyListOnClients(t *testing.T) {
 	}
 	if err := dial(goodAddr); err != nil {
 		t.Fatalf("a server in good standing: %v", err)
+	}
+}
+
+// serveOK answers "ok" on every connection of ln whose TLS handshake
+// succeeds, until ln is closed.
+func serveOK(ln net.Listener) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		go func() {
+			defer c.Close()
+			if c.(*tls.Conn).Handshake() == nil {
+				io.WriteString(c, "ok")
+			}
+		}()
 	}
 }
