@@ -137,6 +137,12 @@ func FuzzDecode(f *testing.F) {
 	b, _ := Encode(CmdPropose, &ProposeCmd{ID: "m1", Event: EvExported, StepID: "s", Payload: payloadOf(EvExported)})
 	f.Add(b)
 	f.Add([]byte(`{"v":1,"type":"propose","payload":{"id":"m1","event":"progress","payload":{"progress":{"total_bytes":-1}}}}`))
+	// A fork's copy as its source's worker publishes it (hostile sizes and holes).
+	b, _ = Encode(CmdForkServe, &ForkServeCmd{Header: Header{Actor: srcW}, ID: "vol1", Layout: testLayout(),
+		Export: &Export{Portal: "127.0.0.1:3260", IQN: "iqn.x"}, KnownZero: []Range{{Off: 1 << 20, Len: 4096}}})
+	f.Add(b)
+	b, _ = Encode(CmdForkVolume, &ForkVolumeCmd{Header: Header{Actor: operator}, ID: "f1", Source: "vol1", Worker: dstW.Name})
+	f.Add(b)
 	f.Fuzz(func(t *testing.T, data []byte) {
 		h := newHarness(t)
 		h.setup(true)
