@@ -86,7 +86,13 @@ func (a *Agent) done(m *fsm.Migration, what string) bool { return a.Marks.Done(m
 func (a *Agent) markDone(m *fsm.Migration, what string) error { return a.Marks.Mark(m.ID, what) }
 
 func (a *Agent) propose(ctx context.Context, m *fsm.Migration, ev fsm.Event, p fsm.EventPayload) error {
-	if d := a.cfg.PauseBefore[ev]; d > 0 {
+	if d := a.cfg.PauseBefore[ev]; d < 0 {
+		// failpoint.Hang: blocked until the step's own context ends, as a
+		// hung tool run with it would be.
+		a.log.Warn().Str("migration", m.ID).Str("event", string(ev)).Msg("failpoint: hanging before proposing until the step's context ends")
+		<-ctx.Done()
+		return fmt.Errorf("propose %s: %w", ev, context.Cause(ctx))
+	} else if d > 0 {
 		a.log.Warn().Str("migration", m.ID).Str("event", string(ev)).Dur("pause", d).Msg("failpoint: pausing before proposing")
 		pause := a.runCtx
 		if pause == nil {

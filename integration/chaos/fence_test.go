@@ -14,6 +14,7 @@ import (
 
 	"github.com/ferry-dev/ferry/api"
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/failpoint"
 	"github.com/ferry-dev/ferry/internal/testbed"
 	"github.com/ferry-dev/ferry/internal/testenv"
 	"github.com/ferry-dev/ferry/machine"
@@ -251,20 +252,17 @@ func TestPartitionTargetAfterCutover(t *testing.T) {
 		outage, o.final.State, o.acked, o.present, o.frozenSame, o.leaks, o.took.Round(100*time.Millisecond), seen))
 }
 
-// A tool that hangs before cutover (fstrim, through a wrapper on the
-// target agent's PATH that sleeps): the step is cut at the end of the
-// downtime budget and the migration rolls back with that reason; the
-// downtime stays within the budget plus the rollback.
+// A step that hangs before cutover (the target's trim step, held by the
+// failpoint trimmed=hang until the step's context ends, as a hung tool run
+// with that context would be): the step is cut at the end of the downtime
+// budget and the migration rolls back with that reason; the downtime stays
+// within the budget plus the rollback.
 func TestFenceHungToolRollsBackWithinBudget(t *testing.T) {
 	t.Parallel() // each test has its own cluster; most of their time is waiting
 	c := newCluster(t, 2)
 	a, b := c.ws[0], c.ws[1]
-	wrap := t.TempDir()
-	if err := os.WriteFile(filepath.Join(wrap, "fstrim"), []byte("#!/bin/sh\nexec sleep 600\n"), 0o755); err != nil {
-		t.Fatal(err)
-	}
 	c.bed.Kill("agent/"+b, syscall.SIGTERM)
-	if err := c.bed.StartAgentEnv(b, []string{"PATH=" + wrap + ":" + os.Getenv("PATH")}); err != nil {
+	if err := c.bed.StartAgentEnv(b, []string{failpoint.PauseBeforeEnv + "=trimmed=hang"}); err != nil {
 		t.Fatal(err)
 	}
 	if err := c.bed.CreateVolume(c.ctx, "hvol", a, matrixVolSize); err != nil {
@@ -279,7 +277,7 @@ func TestFenceHungToolRollsBackWithinBudget(t *testing.T) {
 	}
 	// Long enough that the steps before the trim fit even across a raft
 	// election on a starved CI host (with 8s the budget once ran out in the
-	// clone step, so the hang was never reached); the hang is 600s.
+	// clone step, so the hang was never reached).
 	const budget = 20 * time.Second
 	start := time.Now()
 	m, err := c.bed.Client.CreateMigration(c.ctx, api.PlanRequest{Machine: "hmach", Target: b, MaxDowntime: api.Duration(budget)})
@@ -289,7 +287,7 @@ func TestFenceHungToolRollsBackWithinBudget(t *testing.T) {
 	w := c.watch(m.ID, a, "hvol")
 	o := c.finish(m.ID, "hmach", a, b, "hvol", ack, w, start, 3*time.Minute)
 	if o.final.State != fsm.RolledBack {
-		t.Fatalf("a hung fstrim: migration ended %s, want rolled_back", o.final.State)
+		t.Fatalf("a hung trim step: migration ended %s, want rolled_back", o.final.State)
 	}
 	rb := o.final.Rollback
 	// Normally the budget runs out in the trim step (clone_built), the one
@@ -308,9 +306,9 @@ func TestFenceHungToolRollsBackWithinBudget(t *testing.T) {
 		t.Fatalf("rolled back %v after source_stopped, want within the %v budget (plus a few seconds)", spent, budget)
 	}
 	down := o.final.EnteredAt[fsm.RolledBack].Sub(stopped)
-	t.Logf("hung fstrim: rolled back %v after source_stopped (budget %v); machine back on the source %v after it stopped; reason %q",
+	t.Logf("hung trim step: rolled back %v after source_stopped (budget %v); machine back on the source %v after it stopped; reason %q",
 		failed.Sub(stopped).Round(time.Millisecond), budget, down.Round(time.Millisecond), rb.Reason)
-	report("deadlines", fmt.Sprintf("| fstrim hangs on the target (budget %v) | rolling back %v after source_stopped | machine back %v after it stopped | %s, records %d/%d, leaks %s |",
+	report("deadlines", fmt.Sprintf("| the trim step hangs on the target (budget %v) | rolling back %v after source_stopped | machine back %v after it stopped | %s, records %d/%d, leaks %s |",
 		budget, failed.Sub(stopped).Round(100*time.Millisecond), down.Round(100*time.Millisecond), o.final.State, o.acked, o.present, o.leaks))
 }
 
