@@ -29,6 +29,7 @@ type Volume struct {
 	DataOffset      int64      `json:"data_offset,omitempty" jsonschema:"bytes of LUKS2 header before the ciphertext"`
 	GrowingTo       int64      `json:"growing_to,omitempty" jsonschema:"bytes an extend asked for that its worker has not reported yet"`
 	ForkOf          string     `json:"fork_of,omitempty" jsonschema:"the volume this one is a point-in-time copy of"`
+	ForkFrom        string     `json:"fork_from,omitempty" jsonschema:"for a fork onto another worker: the worker that made the copy and serves it until this one hydrated it"`
 }
 
 func volumeOut(v *fsm.Volume) Volume {
@@ -37,7 +38,7 @@ func volumeOut(v *fsm.Volume) Volume {
 	if v.Extending() {
 		o.GrowingTo = v.WantSize
 	}
-	o.ForkOf = v.ForkOf
+	o.ForkOf, o.ForkFrom = v.ForkOf, v.ForkFrom
 	if !v.DestroyAfter.IsZero() {
 		t := v.DestroyAfter
 		o.DestroyAfter = &t
