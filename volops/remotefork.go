@@ -79,6 +79,11 @@ func (o *Ops) makeForkCopy(ctx context.Context, f *fsm.Volume) error {
 	if src.Worker != o.worker {
 		return fmt.Errorf("source volume %s is on worker %s, not here: destroy fork %s and fork again", src.ID, src.Worker, f.ID)
 	}
+	// An earlier attempt may have served a copy it never published: that
+	// export holds the old file open, and would serve it under the new key.
+	if err := o.exports.Unexport(ctx, forkExportID(f.ID)); err != nil {
+		return fmt.Errorf("stop serving an unpublished copy: %w", err)
+	}
 	key, err := o.keys.NewForkKey(ctx, f)
 	if err != nil {
 		return err
