@@ -144,6 +144,19 @@ func (a *Agent) buildClone(ctx context.Context, log zerolog.Logger, m *fsm.Migra
 	// The destination carries the same LUKS2 keyslots: migrationKey also
 	// seals the key to this worker as the destination's owner, so the
 	// machine can be restarted and migrated again from here.
+	// The machine's network namespace is made meanwhile (the cutover
+	// step finds it ready): it holds no machine until cutover, and a
+	// rollback's teardown removes it like the rest of the target.
+	netDone := make(chan error, 1)
+	go func() {
+		_, _, err := a.machineNetwork(ctx, m)
+		netDone <- err
+	}()
+	defer func() {
+		if err := <-netDone; err != nil {
+			log.Info().Err(err).Msg("the machine's network was not made alongside the clone; the cutover step makes it")
+		}
+	}()
 	t0 := time.Now()
 	key, err := a.Keys.MigrationKey(ctx, m)
 	if err != nil {
@@ -179,25 +192,18 @@ func (a *Agent) trim(ctx context.Context, log zerolog.Logger, m *fsm.Migration) 
 // first, saving one commit of downtime, and relies on the self-fence.
 func (a *Agent) cutover(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
 	t0 := time.Now()
-	mach, err := a.Control.GetMachine(ctx, m.Machine)
+	mach, netns, err := a.machineNetwork(ctx, m)
 	if err != nil {
 		return err
 	}
-	netns := ""
 	newAddr := m.New6PN
-	if a.Network != nil && mach.Addr6PN != "" {
-		old, err := netrewrite.Parse(mach.Addr6PN)
-		if err != nil {
-			return fmt.Errorf("machine %s 6PN address: %w", mach.ID, err)
-		}
+	if netns != "" {
+		old, _ := netrewrite.Parse(mach.Addr6PN) // parsed by machineNetwork
 		nw, err := old.WithHost(a.cfg.HostID)
 		if err != nil {
 			return err
 		}
 		newAddr = nw.String()
-		if netns, err = a.Network.Attach(ctx, mach.ID, nw); err != nil {
-			return err
-		}
 		if err := a.Network.MapOld(ctx, mach.ID, old, nw); err != nil {
 			return err
 		}
@@ -234,6 +240,30 @@ func (a *Agent) cutover(ctx context.Context, log zerolog.Logger, m *fsm.Migratio
 		a.met.downtime.Observe(time.Since(t0).Seconds())
 	}
 	return nil
+}
+
+// machineNetwork reads the machine and makes its network namespace on this
+// worker at its address with this worker's host part (idempotent); netns is
+// empty when machines share the host's network.
+func (a *Agent) machineNetwork(ctx context.Context, m *fsm.Migration) (mach *fsm.Machine, netns string, err error) {
+	if mach, err = a.Control.GetMachine(ctx, m.Machine); err != nil {
+		return nil, "", err
+	}
+	if a.Network == nil || mach.Addr6PN == "" {
+		return mach, "", nil
+	}
+	old, err := netrewrite.Parse(mach.Addr6PN)
+	if err != nil {
+		return nil, "", fmt.Errorf("machine %s 6PN address: %w", mach.ID, err)
+	}
+	nw, err := old.WithHost(a.cfg.HostID)
+	if err != nil {
+		return nil, "", err
+	}
+	if netns, err = a.Network.Attach(ctx, mach.ID, nw); err != nil {
+		return nil, "", err
+	}
+	return mach, netns, nil
 }
 
 // ensureRunning, on the target after cutover, starts the machine if it does
