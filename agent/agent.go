@@ -101,6 +101,10 @@ type Agent struct {
 	// a copy runs beside the reconcile loop, which it would hold up.
 	forks  sync.Map
 	forkWG sync.WaitGroup // the copies; only the reconcile loop adds and waits
+	// trims holds the fstrim runs the trim step started (migration id ->
+	// a channel closed when it ended): they run on beside the machine's
+	// start, and hydration and a teardown wait for them.
+	trims sync.Map
 }
 
 // New builds an agent from the worker's parts (all required but Network).

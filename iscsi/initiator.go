@@ -101,6 +101,9 @@ type LUN struct {
 type path struct {
 	isid     [6]byte
 	inflight atomic.Int32
+	// up: a login installed a session that was not yet seen dead. A hint
+	// for pick only; session() is what checks.
+	up atomic.Bool
 
 	mu         sync.Mutex
 	sess       *session
@@ -161,6 +164,12 @@ func Dial(ctx context.Context, log zerolog.Logger, cfg InitiatorConfig) (*LUN, e
 		return nil, err
 	}
 	l.size, l.blockSize = int64(c.blocks)*int64(c.blockSize), int64(c.blockSize)
+	// The other sessions log in now, in the background: the first reads
+	// (a filesystem's mount, inside a migration's downtime) then find them
+	// up instead of each waiting for a login of its own.
+	for _, p := range l.paths[1:] {
+		l.warm(p)
+	}
 	if l.cfg.MaxTransfer < int(l.blockSize) {
 		l.cfg.MaxTransfer = int(l.blockSize)
 	}
@@ -189,6 +198,7 @@ func (l *LUN) session(ctx context.Context, p *path, deadline time.Time) (*sessio
 		if ch == nil {
 			ch = make(chan struct{})
 			p.connecting = ch
+			p.up.Store(false)
 			go l.reconnect(p, p.sess, ch)
 		}
 		p.mu.Unlock()
@@ -207,6 +217,22 @@ func (l *LUN) session(ctx context.Context, p *path, deadline time.Time) (*sessio
 			return nil, fmt.Errorf("%w: reconnecting to %s", ErrTimeout, portal)
 		}
 	}
+}
+
+// warm starts p's login in the background unless p has a live session or
+// a login under way.
+func (l *LUN) warm(p *path) {
+	if l.isClosed() {
+		return
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if (p.sess != nil && p.sess.alive()) || p.connecting != nil {
+		return
+	}
+	ch := make(chan struct{})
+	p.connecting = ch
+	go l.reconnect(p, p.sess, ch)
 }
 
 func (l *LUN) isClosed() bool {
@@ -238,6 +264,7 @@ func (l *LUN) reconnect(p *path, old *session, done chan struct{}) {
 			s.kill(blockdev.ErrClosed)
 		} else {
 			p.sess = s
+			p.up.Store(true)
 		}
 	}
 	p.mu.Unlock()
@@ -296,12 +323,20 @@ func (l *LUN) CutDenied() int {
 }
 
 // pick returns the path with the fewest commands in flight, taking turns
-// among equals so idle sessions are used before a busy one queues more.
+// among equals so idle sessions are used before a busy one queues more. A
+// path with a session comes before one still logging in, whose command
+// would wait for the login.
 func (l *LUN) pick() *path {
 	start := int(l.next.Add(1))
 	best := l.paths[start%len(l.paths)]
 	for i := 1; i < len(l.paths); i++ {
 		p := l.paths[(start+i)%len(l.paths)]
+		if pu, bu := p.up.Load(), best.up.Load(); pu != bu {
+			if pu {
+				best = p
+			}
+			continue
+		}
 		if p.inflight.Load() < best.inflight.Load() {
 			best = p
 		}

@@ -302,6 +302,8 @@ func waitListening(addr string, within time.Duration) error {
 		if time.Now().After(deadline) {
 			return fmt.Errorf("gotgt did not start listening on %s: %w", addr, err)
 		}
-		time.Sleep(20 * time.Millisecond)
+		// gotgt listens within milliseconds of its start, inside a
+		// migration's downtime: look often.
+		time.Sleep(2 * time.Millisecond)
 	}
 }

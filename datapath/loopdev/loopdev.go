@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -128,17 +129,62 @@ func Detach(dev string) error {
 			}
 			return fmt.Errorf("%s is still open by someone after detaching (it goes away on last close): find the holder with fuser -v %s", dev, dev)
 		}
-		time.Sleep(20 * time.Millisecond)
+		// Usually gone within milliseconds (udev's probe closing it); a
+		// migration's source waits here inside the downtime.
+		time.Sleep(2 * time.Millisecond)
 	}
 }
 
 // List returns every attached loop device.
+//
+// It reads what losetup itself reads, /sys/block/loop*/loop, without a
+// process per look: a migration looks several times inside its downtime
+// (2 to 5 ms a losetup on a busy machine). Without sysfs it asks losetup.
 func List() ([]Device, error) {
+	if devs, err := listSysfs("/sys/block"); err == nil {
+		return devs, nil
+	}
 	out, err := losetup("--list", "--json", "--output", "NAME,BACK-FILE,DIO,RO,SIZELIMIT")
 	if err != nil {
 		return nil, err
 	}
 	return parseList(out)
+}
+
+// listSysfs lists the attached loop devices under a sysfs block directory:
+// a device has a loop/ directory only while a file is bound to it.
+func listSysfs(root string) ([]Device, error) {
+	ents, err := os.ReadDir(root)
+	if err != nil {
+		return nil, err
+	}
+	read := func(dir, name string) (string, error) {
+		b, err := os.ReadFile(filepath.Join(dir, name))
+		return strings.TrimSuffix(string(b), "\n"), err
+	}
+	var devs []Device
+	for _, e := range ents {
+		name := e.Name()
+		if !strings.HasPrefix(name, "loop") {
+			continue
+		}
+		dir := filepath.Join(root, name)
+		back, err := read(dir, "loop/backing_file")
+		if errors.Is(err, os.ErrNotExist) {
+			continue // not attached (or detached while we looked)
+		}
+		if err != nil {
+			return nil, err
+		}
+		d := Device{Name: "/dev/" + name, BackFile: back}
+		dio, _ := read(dir, "loop/dio")
+		ro, _ := read(dir, "ro")
+		limit, _ := read(dir, "loop/sizelimit")
+		d.DirectIO, d.ReadOnly = dio == "1", ro == "1"
+		d.SizeLimit, _ = strconv.ParseInt(limit, 10, 64)
+		devs = append(devs, d)
+	}
+	return devs, nil
 }
 
 // parseList reads losetup --json output. losetup prints booleans as 0/1

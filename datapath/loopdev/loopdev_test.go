@@ -72,3 +72,41 @@ func FuzzParseList(f *testing.F) {
 		parseList(b)
 	})
 }
+
+// listSysfs reads what losetup --list reads: only devices with a bound
+// file, their backing file (deleted ones keep the kernel's suffix), direct
+// I/O, read-only and size limit.
+func TestListSysfs(t *testing.T) {
+	root := t.TempDir()
+	write := func(rel, content string) {
+		p := filepath.Join(root, rel)
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("loop3/loop/backing_file", "/x/disk (deleted)\n")
+	write("loop3/loop/dio", "1\n")
+	write("loop3/loop/sizelimit", "0\n")
+	write("loop3/ro", "0\n")
+	write("loop4/loop/backing_file", "/y\n")
+	write("loop4/loop/dio", "0\n")
+	write("loop4/loop/sizelimit", "10\n")
+	write("loop4/ro", "1\n")
+	write("loop5/ro", "0\n") // no file bound
+	write("vda/ro", "0\n")   // not a loop device
+	devs, err := listSysfs(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []Device{{Name: "/dev/loop3", BackFile: "/x/disk (deleted)", DirectIO: true},
+		{Name: "/dev/loop4", BackFile: "/y", ReadOnly: true, SizeLimit: 10}}
+	if len(devs) != len(want) || devs[0] != want[0] || devs[1] != want[1] {
+		t.Fatalf("listed %+v, want %+v", devs, want)
+	}
+	if _, err := listSysfs(filepath.Join(root, "missing")); err == nil {
+		t.Fatal("a missing sysfs directory listed without an error")
+	}
+}

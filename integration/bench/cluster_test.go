@@ -18,6 +18,7 @@ import (
 
 	"github.com/ferry-dev/ferry/api"
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/demo"
 	"github.com/ferry-dev/ferry/internal/testbed"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
 	"github.com/ferry-dev/ferry/machine/workload"
@@ -152,6 +153,8 @@ func benchDowntime(b *testing.B, s *suite) {
 		testbed.WaitAcked(ctx, ack, 200, time.Minute)
 		var downs, gaps []time.Duration
 		var fetched int64
+		legs := map[string][]time.Duration{}
+		var order []string
 		for r := 0; r < sz.runs; r++ {
 			target := ws[(r+1)%2]
 			m, gap := migrateOnce(b, bd, mach, target, ack, nil)
@@ -161,7 +164,26 @@ func benchDowntime(b *testing.B, s *suite) {
 			if m.Progress != nil {
 				fetched = m.Progress.FetchedBytes
 			}
+			// Where the pause went, from the times stamped in the records.
+			last, first, err := workload.PauseAround(filepath.Join(bd.WorkerDir(target), "mnt", mach, workload.RecordsFile), m.EnteredAt[fsm.SourceStopped])
+			if err != nil {
+				b.Fatal(err)
+			}
+			steps := demo.Steps(m, last, first)
+			b.Logf("run %d: machine's gap %v, control plane %v: %s", r, gap.Round(time.Millisecond), d.Round(time.Millisecond), demo.FormatSteps(steps))
+			for _, st := range steps {
+				if _, ok := legs[st.Name]; !ok {
+					order = append(order, st.Name)
+				}
+				legs[st.Name] = append(legs[st.Name], st.Took)
+			}
 		}
+		var med []demo.Step
+		for _, name := range order {
+			med = append(med, demo.Step{Name: name, Took: median(legs[name])})
+		}
+		s.notes = append(s.notes, fmt.Sprintf("Downtime breakdown, %s volume (median of %d runs of each leg, ms after the machine's last record on the source, from the times stamped in its records and the store's commits): %s",
+			sz.label, sz.runs, demo.FormatSteps(med)))
 		md, mg := median(downs), median(gaps)
 		s.add(row{fmt.Sprintf("downtime as the machine sees it, %s volume (median of %d)", sz.label, sz.runs), mg.Round(time.Millisecond).String(),
 			fmt.Sprintf("control plane's source_stopped -> cutover: %v", md.Round(time.Millisecond)), fmt.Sprintf("%.2f", mg.Seconds()/md.Seconds()),

@@ -159,6 +159,11 @@ func Run(ctx context.Context, out io.Writer, cfg Config) (err error) {
 	}
 	step("verified: %d records acknowledged, all %d present on %s (none lost)", acked, present, wb)
 	Report(out, fm, machineDown)
+	if ss, ok := fm.EnteredAt[fsm.SourceStopped]; ok {
+		if last, first, err := workload.PauseAround(filepath.Join(mnt, workload.RecordsFile), ss); err == nil {
+			fmt.Fprintf(out, "    where the pause went (ms after the machine's last record on %s): %s\n", wa, FormatSteps(Steps(fm, last, first)))
+		}
+	}
 	mach, err := c.GetMachine(ctx, "m1")
 	if err == nil {
 		fmt.Fprintf(out, "    6PN: %s -> %s\n", addr, mach.Addr6PN)
@@ -210,6 +215,40 @@ func Report(out io.Writer, fm *fsm.Migration, machineDown time.Duration) {
 			}
 		}
 	}
+}
+
+// Step is one leg of a migration's downtime as the machine saw it.
+type Step struct {
+	Name string        // the state committed (or "first record")
+	Took time.Duration // since the previous leg ended
+}
+
+// Steps splits the machine's pause, from its last record on the source
+// (last) to its first on the target (first), at the states the store
+// committed in between: the stop and unmount on the source
+// (source_stopped), the export, the clone and its mount, fstrim, the
+// cutover and the machine's start until its first record.
+func Steps(m *fsm.Migration, last, first time.Time) []Step {
+	var out []Step
+	prev := last
+	for _, st := range []fsm.State{fsm.SourceStopped, fsm.Exported, fsm.CloneBuilt, fsm.Trimmed, fsm.Cutover} {
+		t, ok := m.EnteredAt[st]
+		if !ok || t.Before(prev) || t.After(first) {
+			continue
+		}
+		out = append(out, Step{string(st), t.Sub(prev)})
+		prev = t
+	}
+	return append(out, Step{"first record", first.Sub(prev)})
+}
+
+// FormatSteps prints steps as "source_stopped +35 · exported +5 · …" in ms.
+func FormatSteps(steps []Step) string {
+	parts := make([]string, len(steps))
+	for i, s := range steps {
+		parts[i] = fmt.Sprintf("%s +%.0f", s.Name, float64(s.Took)/float64(time.Millisecond))
+	}
+	return strings.Join(parts, " · ")
 }
 
 func sleepCtx(ctx context.Context, d time.Duration) bool {

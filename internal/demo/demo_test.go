@@ -62,3 +62,18 @@ func TestRunRefusesBadConfig(t *testing.T) {
 		t.Fatalf("a refused demo printed %q", b.String())
 	}
 }
+
+// Steps splits the machine's pause at the states committed inside it and
+// ends with the machine's start until its first record; states outside the
+// pause (or missing) are left out.
+func TestSteps(t *testing.T) {
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	ms := func(n int) time.Time { return t0.Add(time.Duration(n) * time.Millisecond) }
+	fm := &fsm.Migration{EnteredAt: map[fsm.State]time.Time{fsm.TargetPrepared: ms(-5), fsm.SourceStopped: ms(35),
+		fsm.Exported: ms(40), fsm.CloneBuilt: ms(110), fsm.Cutover: ms(130), fsm.Hydrating: ms(150)}}
+	got := FormatSteps(Steps(fm, t0, ms(170)))
+	want := "source_stopped +35 · exported +5 · clone_built +70 · cutover +20 · first record +40"
+	if got != want {
+		t.Fatalf("steps %q, want %q", got, want)
+	}
+}

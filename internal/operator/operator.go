@@ -452,10 +452,18 @@ func PrintMigration(w io.Writer, m *fsm.Migration, now time.Time) {
 	fmt.Fprintf(w, "migration %s: machine %s, volume %s, %s -> %s\n", m.ID, m.Machine, m.Volume, m.Source, m.Target)
 	fmt.Fprintf(w, "state:     %s (age %s, attempts %d)\n", m.State, Age(now.Sub(m.CreatedAt)), m.Attempts)
 	if d, ok := m.Downtime(); ok {
-		// The store sees only its own events; the machine's pause between
-		// writes (stop, unmount, mount, start) is longer and is measured
-		// where the workload is known: `ferry demo` and the benchmark suite.
-		fmt.Fprintf(w, "downtime:  %s as the control plane saw it (source_stopped -> cutover); the machine pauses longer\n", d)
+		fmt.Fprintf(w, "downtime:  %s as the control plane saw it (source_stopped -> cutover)\n", d)
+		// The store sees only its own events, never the machine's writes:
+		// it gives a bound for the part it sees and says what is missing.
+		// The machine ran until after target_prepared was committed (its
+		// stop is the next step) and runs again only after cutover.
+		if tp, ok := m.EnteredAt[fsm.TargetPrepared]; ok {
+			if co := m.EnteredAt[fsm.Cutover]; co.After(tp) {
+				fmt.Fprintf(w, "           the machine's own pause is longer and not recorded here: at most %s from its stop to the\n", co.Sub(tp))
+				fmt.Fprintf(w, "           cutover (target_prepared -> cutover), plus its start on %s and its first write;\n", m.Target)
+				fmt.Fprintf(w, "           `ferry demo` and `make bench` measure it from the machine's side\n")
+			}
+		}
 	}
 	fmt.Fprintf(w, "progress:  %s\n", ProgressText(m))
 	if m.Stalled {

@@ -317,3 +317,29 @@ func TestPrintMigrations(t *testing.T) {
 		}
 	}
 }
+
+// The detail view gives the control plane's downtime and, since the store
+// never sees the machine's writes, a bound for the part it does see and a
+// pointer to where the machine's own figure is measured: never a number
+// for the machine's pause itself.
+func TestPrintMigrationDowntime(t *testing.T) {
+	t0 := time.Date(2026, 1, 1, 12, 0, 0, 0, time.UTC)
+	m := &fsm.Migration{ID: "m-1", Machine: "m1", Volume: "v1", State: fsm.Completed, Source: "a", Target: "b", CreatedAt: t0,
+		EnteredAt: map[fsm.State]time.Time{fsm.TargetPrepared: t0, fsm.SourceStopped: t0.Add(40 * time.Millisecond),
+			fsm.Cutover: t0.Add(150 * time.Millisecond)}}
+	var b strings.Builder
+	PrintMigration(&b, m, t0.Add(time.Minute))
+	got := b.String()
+	for _, want := range []string{"downtime:  110ms as the control plane saw it (source_stopped -> cutover)",
+		"at most 150ms from its stop to the", "plus its start on b and its first write", "measure it from the machine's side"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("detail lacks %q:\n%s", want, got)
+		}
+	}
+	delete(m.EnteredAt, fsm.Cutover)
+	b.Reset()
+	PrintMigration(&b, m, t0.Add(time.Minute))
+	if strings.Contains(b.String(), "downtime") {
+		t.Errorf("a migration not yet cut over shows a downtime:\n%s", b.String())
+	}
+}

@@ -1,6 +1,11 @@
 package workload
 
 import (
+	"bufio"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"os"
 	"sync"
 	"time"
 )
@@ -73,4 +78,39 @@ func (g *GapWatch) Stop() time.Duration {
 	}
 	<-g.done
 	return g.Longest()
+}
+
+// PauseAround reads the records file at path and returns the time of the
+// last valid record written before at and of the first written after it:
+// the machine's pause around a moment (a migration's source_stopped), from
+// the times the workload stamped into its records, so it needs no poller.
+// A record's time is taken before its write, so the pause until the first
+// new record was durable is a little longer (one fsync).
+func PauseAround(path string, at time.Time) (last, first time.Time, err error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return last, first, fmt.Errorf("open records %s: %w", path, err)
+	}
+	defer f.Close()
+	r := bufio.NewReaderSize(f, 1<<20)
+	buf := make([]byte, RecordSize)
+	for {
+		if _, err := io.ReadFull(r, buf); err != nil {
+			break // EOF or a torn tail
+		}
+		if _, ok := decode(buf); !ok {
+			break
+		}
+		t := time.Unix(0, int64(binary.BigEndian.Uint64(buf[8:])))
+		if t.Before(at) {
+			last = t
+		} else if first.IsZero() {
+			first = t
+			break
+		}
+	}
+	if last.IsZero() || first.IsZero() {
+		return last, first, fmt.Errorf("records %s: no record on both sides of %v", path, at.Format(time.RFC3339Nano))
+	}
+	return last, first, nil
 }

@@ -43,3 +43,25 @@ func TestGapWatchMeasuresTheLongestPause(t *testing.T) {
 		t.Fatalf("second Stop %v < first %v", again, got)
 	}
 }
+
+// PauseAround finds the records on both sides of a moment by the times
+// stamped in them, and refuses a file with no record after it.
+func TestPauseAround(t *testing.T) {
+	path := filepath.Join(t.TempDir(), RecordsFile)
+	t0 := time.Unix(1000, 0)
+	var b []byte
+	for i, at := range []time.Duration{0, 5, 10, 300, 305} {
+		b = append(b, encode(uint64(i+1), t0.Add(at*time.Millisecond), "w")...)
+	}
+	b = append(b, 1, 2, 3) // a torn tail
+	if err := os.WriteFile(path, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	last, first, err := PauseAround(path, t0.Add(100*time.Millisecond))
+	if err != nil || !last.Equal(t0.Add(10*time.Millisecond)) || !first.Equal(t0.Add(300*time.Millisecond)) {
+		t.Fatalf("PauseAround = %v, %v, %v; want +10ms and +300ms", last, first, err)
+	}
+	if _, _, err := PauseAround(path, t0.Add(time.Second)); err == nil {
+		t.Fatal("no record after the moment, yet no error")
+	}
+}

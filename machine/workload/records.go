@@ -116,11 +116,16 @@ func Run(ctx context.Context, cfg Config) error {
 	seq := count
 	tick := time.NewTicker(cfg.Interval)
 	defer tick.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-tick.C:
+	// The first batch goes out at once: a machine starting on a migration's
+	// target writes as soon as it runs, and the measured pause should not
+	// include one tick of idling.
+	for first := true; ; first = false {
+		if !first {
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-tick.C:
+			}
 		}
 		batch := make([]byte, 0, cfg.Batch*RecordSize)
 		for i := 0; i < cfg.Batch; i++ {

@@ -86,7 +86,9 @@ func SyncUnmount(mnt, vol string) error {
 	if _, ok := MountedAt(mnt); !ok {
 		return nil
 	}
-	if fd, err := unix.Open(mnt, unix.O_RDONLY|unix.O_DIRECTORY, 0); err == nil {
+	// O_CLOEXEC: a process the agent starts meanwhile (an export, a tool)
+	// would otherwise inherit the descriptor and keep the mount busy.
+	if fd, err := unix.Open(mnt, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0); err == nil {
 		_ = unix.Syncfs(fd)
 		unix.Close(fd)
 	}

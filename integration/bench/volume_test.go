@@ -1,0 +1,208 @@
+package bench
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/ferry-dev/ferry/api"
+	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/machine/workload"
+)
+
+// fioJob is one fio workload run on the machine's volume and on the host.
+type fioJob struct {
+	name  string
+	rw    string // randread, randwrite, read, write
+	bs    string
+	depth int
+	p50   bool // the median completion latency, not the throughput
+}
+
+// The issue's rows, as datapath/userspace's BenchmarkVolumeFio runs them.
+var fioJobs = []fioJob{
+	{"4k randread QD32", "randread", "4k", 32, false},
+	{"4k randwrite QD32", "randwrite", "4k", 32, false},
+	{"1 MiB read QD8", "read", "1m", 8, false},
+	{"1 MiB write QD8", "write", "1m", 8, false},
+	{"4k randread QD1, p50 latency", "randread", "4k", 1, true},
+}
+
+type fioSide struct {
+	TotalIOs float64 `json:"total_ios"`
+	IOPS     float64 `json:"iops"`
+	BWBytes  float64 `json:"bw_bytes"`
+	ClatNS   struct {
+		Percentile map[string]float64 `json:"percentile"`
+	} `json:"clat_ns"`
+}
+
+// value is what a row compares: IOPS (4k), MB/s (1 MiB) or the p50 in µs.
+func (j fioJob) value(s fioSide) float64 {
+	switch {
+	case j.p50:
+		return s.ClatNS.Percentile["50.000000"] / 1e3
+	case j.bs == "4k":
+		return s.IOPS
+	default:
+		return s.BWBytes / 1e6
+	}
+}
+
+func (j fioJob) unit() string {
+	switch {
+	case j.p50:
+		return "µs"
+	case j.bs == "4k":
+		return "IOPS"
+	default:
+		return "MB/s"
+	}
+}
+
+func runFio(b *testing.B, path string, size int64, j fioJob, runFor time.Duration) fioSide {
+	b.Helper()
+	out, err := exec.Command("fio", "--name=bench", "--filename="+path, "--direct=1", "--ioengine=libaio",
+		"--rw="+j.rw, "--bs="+j.bs, "--iodepth="+strconv.Itoa(j.depth), "--size="+strconv.FormatInt(size, 10),
+		"--time_based", "--runtime="+strconv.Itoa(int(runFor.Seconds())),
+		"--randrepeat=0", "--norandommap", "--output-format=json").Output()
+	if err != nil {
+		b.Fatalf("fio %s on %s: %v: %s", j.name, path, err, out)
+	}
+	var r struct {
+		Jobs []struct {
+			Read  fioSide `json:"read"`
+			Write fioSide `json:"write"`
+		} `json:"jobs"`
+	}
+	if err := json.Unmarshal(out, &r); err != nil || len(r.Jobs) != 1 {
+		b.Fatalf("fio %s on %s: unreadable output (%v): %s", j.name, path, err, out)
+	}
+	side := r.Jobs[0].Write
+	if strings.Contains(j.rw, "read") {
+		side = r.Jobs[0].Read
+	}
+	if side.TotalIOs == 0 {
+		b.Fatalf("fio %s on %s completed no I/O", j.name, path)
+	}
+	return side
+}
+
+// mounted reports whether mnt is a mount point in this mount namespace.
+func mounted(mnt string) bool {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if fs := strings.Fields(sc.Text()); len(fs) > 4 && fs[4] == mnt {
+			return true
+		}
+	}
+	return false
+}
+
+// benchVolume: fio on the volume a migrated machine lives on (ext4 on the
+// loop device → FUSE → LUKS2 view → the destination file, hydration done)
+// against a file on the host's own filesystem (the one the volume files
+// live on), both with O_DIRECT, alternating in the same run; the ratio is
+// the median of the per-pair ratios.
+func benchVolume(b *testing.B, s *suite) {
+	if _, err := exec.LookPath("fio"); err != nil {
+		s.add(row{"the migrated machine's volume, fio", "", "skipped", "", "needs fio (apt-get install fio)"})
+		return
+	}
+	bd := bed(b, s)
+	ws := bd.Workers()
+	ctx := context.Background()
+	volSize, fileSize, pairs, runFor := int64(2<<30), int64(1<<30), 3, 3*time.Second
+	if quick {
+		volSize, fileSize, pairs, runFor = 512<<20, 256<<20, 1, 2*time.Second
+	}
+	if err := bd.CreateVolume(ctx, "fv", ws[0], volSize); err != nil {
+		b.Fatal(err)
+	}
+	ack, err := bd.RunRecords(ctx, "fm", ws[0], "fv", 140)
+	if err != nil {
+		b.Fatal(err)
+	}
+	migrateOnce(b, bd, "fm", ws[1], ack, nil)
+	// fio alone on the volume: the machine stops, its volume stays mounted.
+	stopped := fsm.MachineStopped
+	if _, err := bd.Client.UpdateMachine(ctx, "fm", api.MachineUpdate{State: &stopped}); err != nil {
+		b.Fatal(err)
+	}
+	for last, since := uint64(0), time.Now(); ; time.Sleep(100 * time.Millisecond) {
+		n, _ := workload.Acked(ack)
+		if n != last {
+			last, since = n, time.Now()
+		} else if time.Since(since) > time.Second {
+			break
+		}
+	}
+	mnt := filepath.Join(bd.WorkerDir(ws[1]), "mnt", "fm")
+	note := "machine stopped, volume mounted"
+	if !mounted(mnt) {
+		// The machine's stop released its mount: run it again (its light
+		// record writes then share the volume with fio).
+		running := fsm.MachineRunning
+		if _, err := bd.Client.UpdateMachine(ctx, "fm", api.MachineUpdate{State: &running}); err != nil {
+			b.Fatal(err)
+		}
+		for deadline := time.Now().Add(time.Minute); !mounted(mnt); time.Sleep(100 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				b.Fatalf("the migrated machine's volume is not mounted at %s", mnt)
+			}
+		}
+		note = "the machine's record writes (8 records and an fsync every 5 ms) ran alongside"
+	}
+	volFile := filepath.Join(mnt, "fio.dat")
+	hostFile := filepath.Join(s.dir, "fio-host.dat")
+	defer os.Remove(volFile)
+	defer os.Remove(hostFile)
+	for _, j := range fioJobs {
+		var hs, vs, rs []float64
+		for p := 0; p < pairs; p++ {
+			// Alternate which side goes first: the host's state (its disk
+			// cache, the other jobs) drifts during a run.
+			var h, v fioSide
+			if p%2 == 0 {
+				h, v = runFio(b, hostFile, fileSize, j, runFor), runFio(b, volFile, fileSize, j, runFor)
+			} else {
+				v, h = runFio(b, volFile, fileSize, j, runFor), runFio(b, hostFile, fileSize, j, runFor)
+			}
+			hv, vv := j.value(h), j.value(v)
+			if hv == 0 || vv == 0 {
+				b.Fatalf("fio %s reported nothing (host %v, volume %v)", j.name, hv, vv)
+			}
+			r := vv / hv
+			if j.p50 {
+				r = hv / vv // a latency: >1 would be better than the host
+			}
+			hs, vs, rs = append(hs, hv), append(vs, vv), append(rs, r)
+			b.Logf("fio %s: volume %.1f host %.1f %s", j.name, vv, hv, j.unit())
+		}
+		ratio := fmt.Sprintf("%.2f", medianF(rs))
+		if j.p50 {
+			ratio = fmt.Sprintf("%.2f (host/volume)", medianF(rs))
+		}
+		s.add(row{"the migrated machine's volume, fio " + j.name, fmt.Sprintf("%.0f %s", medianF(vs), j.unit()),
+			fmt.Sprintf("file on the host disk: %.0f %s", medianF(hs), j.unit()), ratio,
+			fmt.Sprintf("median of %d alternating %v runs; %s", pairs, runFor, note)})
+	}
+	s.notes = append(s.notes, fmt.Sprintf("Volume (fio): a machine's %d MiB LUKS2 volume is migrated, hydrated and dissolved; "+
+		"fio (libaio, O_DIRECT, %d MiB file) then runs on a file in the machine's ext4 (loop device with direct I/O → FUSE → "+
+		"ferry's LUKS2 view → the destination file) and on a file on the host's own filesystem where the volume files live, "+
+		"alternating; throughput ratios are volume over host, the QD1 latency ratio host over volume (both: higher is better).",
+		volSize>>20, fileSize>>20))
+}
