@@ -224,18 +224,26 @@ func (a *Agent) startTrim(log zerolog.Logger, m *fsm.Migration) {
 	}()
 }
 
-// waitTrim waits for the fstrim this process started for m, if any.
-func (a *Agent) waitTrim(ctx context.Context, m *fsm.Migration) error {
+// trimWait bounds how long hydration waits for a trim (the trim step's,
+// still running, or one run again): a hung fstrim must not hold the copy
+// back, it only costs fetching free blocks too.
+const trimWait = 30 * time.Second
+
+// waitTrim waits up to trimWait for the fstrim this process started for m,
+// if any; it reports whether none is still running.
+func (a *Agent) waitTrim(ctx context.Context, m *fsm.Migration) (bool, error) {
 	v, ok := a.trims.Load(m.ID)
 	if !ok {
-		return nil
+		return true, nil
 	}
 	select {
 	case <-v.(chan struct{}):
 		a.trims.Delete(m.ID)
-		return nil
+		return true, nil
+	case <-time.After(trimWait):
+		return false, nil
 	case <-ctx.Done():
-		return ctx.Err()
+		return false, ctx.Err()
 	}
 }
 
@@ -244,13 +252,20 @@ func (a *Agent) waitTrim(ctx context.Context, m *fsm.Migration) error {
 // fstrim now when this process did not (it restarted since) or it failed.
 // A trim that fails again is logged: hydration then fetches free blocks too.
 func (a *Agent) trimBeforeHydration(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
-	if err := a.waitTrim(ctx, m); err != nil {
+	ended, err := a.waitTrim(ctx, m)
+	if err != nil {
 		return err
+	}
+	if !ended {
+		log.Warn().Dur("waited", trimWait).Msg("fstrim still running; hydration starts beside it and may fetch free blocks")
+		return nil
 	}
 	if a.done(m, "fstrim") {
 		return nil
 	}
-	out, err := a.Volumes.Trim(ctx, a.Data.MountPoint(m.Machine))
+	tctx, cancel := context.WithTimeout(ctx, trimWait)
+	out, err := a.Volumes.Trim(tctx, a.Data.MountPoint(m.Machine))
+	cancel()
 	if err != nil {
 		if ctx.Err() != nil {
 			return err
@@ -533,8 +548,9 @@ func (a *Agent) tearDownTarget(ctx context.Context, log zerolog.Logger, m *fsm.M
 // releaseTarget stops the machine if the store does not assign it here and
 // removes the clone, its mount and the destination volume. Idempotent.
 func (a *Agent) releaseTarget(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
-	// A trim still running holds the mount.
-	if err := a.waitTrim(ctx, m); err != nil {
+	// A trim still running holds the mount: give it trimWait to end; one
+	// that hangs fails once the release below abandons the volume.
+	if _, err := a.waitTrim(ctx, m); err != nil {
 		return err
 	}
 	mnt := a.Data.MountPoint(m.Machine)

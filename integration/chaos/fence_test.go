@@ -388,3 +388,44 @@ func TestFenceMountCopiesDoNotPinVolumes(t *testing.T) {
 	report("mount copies", fmt.Sprintf("| `ip netns exec` process during a migration | %s in %v |", o.final.State, o.took.Round(100*time.Millisecond)))
 	report("mount copies", fmt.Sprintf("| private mount namespace copy | %s, reason names pid %d |", o2.final.State, private.Process.Pid))
 }
+
+// fstrim hanging on the target (a wrapper on its agent's PATH that sleeps)
+// costs the machine nothing: the trim is a hint that runs beside the
+// cutover; hydration waits for it a bounded time, then copies without it.
+func TestFenceHungFstrimDoesNotHoldTheMigration(t *testing.T) {
+	t.Parallel() // each test has its own cluster; most of their time is waiting
+	c := newCluster(t, 2)
+	a, b := c.ws[0], c.ws[1]
+	wrap := t.TempDir()
+	if err := os.WriteFile(filepath.Join(wrap, "fstrim"), []byte("#!/bin/sh\nexec sleep 600\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	c.bed.Kill("agent/"+b, syscall.SIGTERM)
+	if err := c.bed.StartAgentEnv(b, []string{"PATH=" + wrap + ":" + os.Getenv("PATH")}); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.bed.CreateVolume(c.ctx, "tvol", a, matrixVolSize); err != nil {
+		t.Fatal(err)
+	}
+	ack, err := c.bed.RunRecords(c.ctx, "tmach", a, "tvol", 66)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := testbed.WaitAcked(c.ctx, ack, 20, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	m, err := c.bed.Client.CreateMigration(c.ctx, api.PlanRequest{Machine: "tmach", Target: b})
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := c.watch(m.ID, a, "tvol")
+	o := c.finish(m.ID, "tmach", a, b, "tvol", ack, w, start, 3*time.Minute)
+	if o.final.State != fsm.Completed {
+		t.Fatalf("a hung fstrim: migration ended %s (rollback %+v), want completed", o.final.State, o.final.Rollback)
+	}
+	down := o.final.EnteredAt[fsm.Cutover].Sub(o.final.EnteredAt[fsm.SourceStopped])
+	t.Logf("hung fstrim: completed in %v; source_stopped -> cutover %v", o.took.Round(time.Millisecond), down.Round(time.Millisecond))
+	report("deadlines", fmt.Sprintf("| fstrim hangs on the target | source_stopped -> cutover %v (the trim runs beside it) | %s in %v, records %d/%d, leaks %s |",
+		down.Round(time.Millisecond), o.final.State, o.took.Round(100*time.Millisecond), o.acked, o.present, o.leaks))
+}
