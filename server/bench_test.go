@@ -3,7 +3,6 @@ package server_test
 import (
 	"context"
 	"fmt"
-	"runtime"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -106,38 +105,12 @@ var timings = []struct {
 	{fmt.Sprintf("server-defaults-%v", server.DefaultHeartbeatTimeout), server.DefaultHeartbeatTimeout, 0},
 }
 
-func heartbeatCmd() []byte {
-	p, _ := fsm.Encode(fsm.CmdHeartbeat, &fsm.HeartbeatCmd{Header: fsm.Header{Actor: fsm.Identity{Name: "w-bench", Kind: fsm.KindWorker}, Now: time.Now().UTC()},
-		Name: "w-bench", LeaseTTL: time.Hour})
-	return p
-}
-
 func benchTakeover(b *testing.B, ht, lease time.Duration) {
 	c := servertest.New(b, 3, servertest.Options{HeartbeatTimeout: ht, LeaderLease: lease, WriteRate: -1}) // throughput, not the per-identity limit
-	if _, err := c.Client("w-bench", tlsutil.KindWorker).RegisterWorker(context.Background(), fsm.Worker{Name: "w-bench"}, time.Hour); err != nil {
-		b.Fatal(err)
-	}
+	c.RegisterBenchWorker(b)
 	var took []time.Duration
-	b.ResetTimer()
-	for i := 0; i < b.N; i++ {
-		old := c.WaitLeader(20 * time.Second)
-		c.WaitConverged(20 * time.Second)
-		start := time.Now()
-		c.Stop(old)
-		for {
-			l := c.Leader()
-			if l >= 0 && l != old {
-				if _, err := c.Servers[l].Node().Apply(heartbeatCmd(), time.Second); err == nil {
-					break
-				}
-			}
-			time.Sleep(5 * time.Millisecond)
-		}
-		took = append(took, time.Since(start))
-		b.StopTimer()
-		c.Restart(old)
-		c.WaitMembers(3, 20*time.Second)
-		b.StartTimer()
+	for range b.N {
+		took = append(took, c.Takeover(b))
 	}
 	sort.Slice(took, func(i, j int) bool { return took[i] < took[j] })
 	b.ReportMetric(took[len(took)/2].Seconds()*1000, "ms-median-takeover")
@@ -153,65 +126,14 @@ func benchTakeover(b *testing.B, ht, lease time.Duration) {
 //	go test -run '^$' -bench ElectionsUnderLoad -benchtime 1x ./server
 func BenchmarkElectionsUnderLoad(b *testing.B) {
 	for _, t := range timings {
-		ht := t.ht
 		b.Run(t.name, func(b *testing.B) {
-			c := servertest.New(b, 3, servertest.Options{HeartbeatTimeout: ht, LeaderLease: t.lease, WriteRate: -1})
-			if _, err := c.Client("w-bench", tlsutil.KindWorker).RegisterWorker(context.Background(), fsm.Worker{Name: "w-bench"}, time.Hour); err != nil {
-				b.Fatal(err)
-			}
-			l := c.WaitLeader(20 * time.Second)
-			c.WaitConverged(20 * time.Second)
-			term := func(i int) string { return c.Servers[i].Node().Raft.Stats()["term"] }
-			before := term(l)
-			stop := make(chan struct{})
-			var wg sync.WaitGroup
-			var commits atomic.Int64
-			for g := 0; g < 32; g++ {
-				wg.Add(1)
-				go func() {
-					defer wg.Done()
-					for {
-						select {
-						case <-stop:
-							return
-						default:
-						}
-						if n := c.Leader(); n >= 0 {
-							if _, err := c.Servers[n].Node().Apply(heartbeatCmd(), 5*time.Second); err == nil {
-								commits.Add(1)
-							}
-						}
-					}
-				}()
-			}
-			for g := 0; g < runtime.NumCPU(); g++ {
-				wg.Add(1)
-				go func() {
-					defer wg.Done()
-					x := 0
-					for {
-						select {
-						case <-stop:
-							_ = x
-							return
-						default:
-						}
-						for k := 0; k < 1e6; k++ {
-							x += k
-						}
-					}
-				}()
-			}
-			time.Sleep(time.Duration(b.N) * 15 * time.Second)
-			close(stop)
-			wg.Wait()
-			after := term(c.WaitLeader(20 * time.Second))
-			var t0, t1 int
-			fmt.Sscan(before, &t0)
-			fmt.Sscan(after, &t1)
-			b.ReportMetric(float64(t1-t0), "elections")
-			b.ReportMetric(float64(commits.Load())/(float64(b.N)*15), "commits/s")
-			b.Logf("timeout %v: term %s -> %s, %d commits", ht, before, after, commits.Load())
+			c := servertest.New(b, 3, servertest.Options{HeartbeatTimeout: t.ht, LeaderLease: t.lease, WriteRate: -1})
+			c.RegisterBenchWorker(b)
+			d := time.Duration(b.N) * 15 * time.Second
+			elections, commits := c.ElectionsUnderLoad(b, d)
+			b.ReportMetric(float64(elections), "elections")
+			b.ReportMetric(float64(commits)/d.Seconds(), "commits/s")
+			b.Logf("timeout %v: %d elections, %d commits", t.ht, elections, commits)
 		})
 	}
 }

@@ -1,26 +1,13 @@
 package bench
 
 import (
-	"context"
 	"fmt"
-	"runtime"
-	"strconv"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
-	"github.com/ferry-dev/ferry/fsm"
-	"github.com/ferry-dev/ferry/internal/tlsutil"
 	"github.com/ferry-dev/ferry/server"
 	"github.com/ferry-dev/ferry/server/servertest"
 )
-
-func heartbeatCmd() []byte {
-	p, _ := fsm.Encode(fsm.CmdHeartbeat, &fsm.HeartbeatCmd{Header: fsm.Header{Actor: fsm.Identity{Name: "w-bench", Kind: fsm.KindWorker}, Now: time.Now().UTC()},
-		Name: "w-bench", LeaseTTL: time.Hour})
-	return p
-}
 
 // takeovers stops the leader of a fresh 3-server cluster n times and
 // returns, for each, the time until another server leads and has
@@ -28,92 +15,21 @@ func heartbeatCmd() []byte {
 func takeovers(b *testing.B, ht, lease time.Duration, n int) []time.Duration {
 	c := servertest.New(b, 3, servertest.Options{HeartbeatTimeout: ht, LeaderLease: lease, WriteRate: -1})
 	defer c.Close()
-	if _, err := c.Client("w-bench", tlsutil.KindWorker).RegisterWorker(context.Background(), fsm.Worker{Name: "w-bench"}, time.Hour); err != nil {
-		b.Fatal(err)
-	}
+	c.RegisterBenchWorker(b)
 	var took []time.Duration
-	for i := 0; i < n; i++ {
-		old := c.WaitLeader(20 * time.Second)
-		c.WaitConverged(20 * time.Second)
-		start := time.Now()
-		c.Stop(old)
-		for {
-			if time.Since(start) > time.Minute {
-				b.Fatalf("no server took over within a minute of stopping leader %d", old)
-			}
-			if l := c.Leader(); l >= 0 && l != old {
-				if _, err := c.Servers[l].Node().Apply(heartbeatCmd(), time.Second); err == nil {
-					break
-				}
-			}
-			time.Sleep(5 * time.Millisecond)
-		}
-		took = append(took, time.Since(start))
-		c.Restart(old)
-		c.WaitMembers(3, 20*time.Second)
+	for range n {
+		took = append(took, c.Takeover(b))
 	}
 	return took
 }
 
 // electionsUnderLoad counts elections in a 3-server cluster kept busy for
-// d: 32 proposals in flight into the leader's raft node and one CPU-bound
-// goroutine per core competing with raft's own.
+// d (servertest.Cluster.ElectionsUnderLoad).
 func electionsUnderLoad(b *testing.B, ht time.Duration, d time.Duration) (elections int, commits int64) {
 	c := servertest.New(b, 3, servertest.Options{HeartbeatTimeout: ht, WriteRate: -1})
 	defer c.Close()
-	if _, err := c.Client("w-bench", tlsutil.KindWorker).RegisterWorker(context.Background(), fsm.Worker{Name: "w-bench"}, time.Hour); err != nil {
-		b.Fatal(err)
-	}
-	l := c.WaitLeader(20 * time.Second)
-	c.WaitConverged(20 * time.Second)
-	term := func(i int) int {
-		t, _ := strconv.Atoi(c.Servers[i].Node().Raft.Stats()["term"])
-		return t
-	}
-	before := term(l)
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	var n atomic.Int64
-	for g := 0; g < 32; g++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				if l := c.Leader(); l >= 0 {
-					if _, err := c.Servers[l].Node().Apply(heartbeatCmd(), 5*time.Second); err == nil {
-						n.Add(1)
-					}
-				}
-			}
-		}()
-	}
-	for g := 0; g < runtime.NumCPU(); g++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			x := 0
-			for {
-				select {
-				case <-stop:
-					_ = x
-					return
-				default:
-				}
-				for k := 0; k < 1e6; k++ {
-					x += k
-				}
-			}
-		}()
-	}
-	time.Sleep(d)
-	close(stop)
-	wg.Wait()
-	return term(c.WaitLeader(20*time.Second)) - before, n.Load()
+	c.RegisterBenchWorker(b)
+	return c.ElectionsUnderLoad(b, d)
 }
 
 // benchTakeover: leader takeover with the server's raft timing, beside
