@@ -1,14 +1,15 @@
 package userspace
 
 import (
+	"context"
 	"crypto/rand"
-	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
 	"slices"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -18,42 +19,9 @@ import (
 	"github.com/ferry-dev/ferry/blockdev"
 	"github.com/ferry-dev/ferry/datapath/fuseexport"
 	"github.com/ferry-dev/ferry/datapath/loopdev"
+	"github.com/ferry-dev/ferry/internal/fio"
 	"github.com/ferry-dev/ferry/luks"
 )
-
-// fioJob is one fio workload run against both the host file and the volume.
-type fioJob struct {
-	name  string
-	rw    string // randread, randwrite, read, write
-	bs    string
-	depth int
-	p50   bool // compare the median completion latency instead of throughput
-}
-
-var fioJobs = []fioJob{
-	{"4k-randread-qd1-p50", "randread", "4k", 1, true},
-	{"4k-randread-qd32", "randread", "4k", 32, false},
-	{"4k-randwrite-qd32", "randwrite", "4k", 32, false},
-	{"1m-read-qd8", "read", "1m", 8, false},
-	{"1m-write-qd8", "write", "1m", 8, false},
-}
-
-// fioResult is the part of fio's JSON output the benchmark reads.
-type fioResult struct {
-	Jobs []struct {
-		Read  fioSide `json:"read"`
-		Write fioSide `json:"write"`
-	} `json:"jobs"`
-}
-
-type fioSide struct {
-	TotalIOs float64 `json:"total_ios"`
-	IOPS     float64 `json:"iops"`
-	BWBytes  float64 `json:"bw_bytes"`
-	ClatNS   struct {
-		Percentile map[string]float64 `json:"percentile"`
-	} `json:"clat_ns"`
-}
 
 // benchEnv reads an integer knob of the volume benchmark from the environment.
 func benchEnv(b *testing.B, name string, def int64) int64 {
@@ -130,23 +98,13 @@ func cpuTime(who int) time.Duration {
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
-func runFio(b *testing.B, path string, size int64, j fioJob, runFor time.Duration) fioSide {
+func runFio(b *testing.B, path string, size int64, j fio.Job, runFor time.Duration) fio.Side {
 	b.Helper()
-	out, err := exec.Command("fio", "--name="+j.name, "--filename="+path, "--direct=1", "--ioengine=libaio",
-		"--rw="+j.rw, "--bs="+j.bs, "--iodepth="+strconv.Itoa(j.depth), "--size="+strconv.FormatInt(size, 10),
-		"--time_based", "--runtime="+strconv.Itoa(int(runFor.Seconds())),
-		"--randrepeat=0", "--norandommap", "--output-format=json").Output()
+	side, err := fio.Run(context.Background(), path, size, j, runFor)
 	if err != nil {
-		b.Fatalf("fio %s on %s: %v: %s", j.name, path, err, out)
+		b.Fatal(err)
 	}
-	var r fioResult
-	if err := json.Unmarshal(out, &r); err != nil || len(r.Jobs) != 1 {
-		b.Fatalf("fio %s on %s: unreadable output (%v): %s", j.name, path, err, out)
-	}
-	if j.rw == "read" || j.rw == "randread" {
-		return r.Jobs[0].Read
-	}
-	return r.Jobs[0].Write
+	return side
 }
 
 // BenchmarkVolumeFio runs fio against the volume a machine lives on in
@@ -244,8 +202,8 @@ func BenchmarkVolumeFio(b *testing.B) {
 
 	b.ResetTimer()
 	for range b.N {
-		for _, j := range fioJobs {
-			b.Run(j.name, func(b *testing.B) {
+		for _, j := range fio.Jobs {
+			b.Run(strings.ReplaceAll(j.Name, " ", "-"), func(b *testing.B) {
 				var ratios, cpus []float64
 				var hostV, volV float64
 				for range pairs {
@@ -257,7 +215,7 @@ func BenchmarkVolumeFio(b *testing.B) {
 					// a shared machine pays; it is far less noisy than
 					// the throughput.
 					cpu0 := cpuTime(unix.RUSAGE_SELF)
-					var v fioSide
+					var v fio.Side
 					if evict > 0 {
 						stop := make(chan struct{})
 						done := evictWhile(raw, evict, stop)
@@ -268,28 +226,18 @@ func BenchmarkVolumeFio(b *testing.B) {
 						v = runFio(b, loop, size, j, runFor)
 					}
 					if v.TotalIOs == 0 {
-						b.Fatalf("fio %s on the volume completed no I/O", j.name)
+						b.Fatalf("fio %s on the volume completed no I/O", j.Name)
 					}
 					cpus = append(cpus, float64(cpuTime(unix.RUSAGE_SELF)-cpu0)/1e3/v.TotalIOs)
-					if j.p50 {
-						hostV = h.ClatNS.Percentile["50.000000"] / 1e3
-						volV = v.ClatNS.Percentile["50.000000"] / 1e3
-					} else if j.bs == "4k" {
-						hostV, volV = h.IOPS, v.IOPS
-					} else {
-						hostV, volV = h.BWBytes/1e6, v.BWBytes/1e6
-					}
+					hostV, volV = j.Value(h), j.Value(v)
 					if hostV == 0 {
-						b.Fatalf("fio %s on the host file reported nothing", j.name)
+						b.Fatalf("fio %s on the host file reported nothing", j.Name)
 					}
 					ratios = append(ratios, volV/hostV)
-					b.Logf("%s: host %.1f volume %.1f ratio %.2f server CPU %.1f µs/IO", j.name, hostV, volV, volV/hostV, cpus[len(cpus)-1])
+					b.Logf("%s: host %.1f volume %.1f ratio %.2f server CPU %.1f µs/IO", j.Name, hostV, volV, volV/hostV, cpus[len(cpus)-1])
 				}
 				slices.Sort(ratios)
-				unit := map[bool]string{true: "µs", false: "IOPS"}[j.p50]
-				if !j.p50 && j.bs != "4k" {
-					unit = "MB/s"
-				}
+				unit := j.Unit()
 				b.ReportMetric(ratios[len(ratios)/2], "x-host")
 				slices.Sort(cpus)
 				b.ReportMetric(cpus[len(cpus)/2], "server-cpu-µs/IO")

@@ -3,95 +3,25 @@ package bench
 import (
 	"bufio"
 	"context"
-	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/ferry-dev/ferry/api"
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/fio"
 	"github.com/ferry-dev/ferry/machine/workload"
 )
 
-// fioJob is one fio workload run on the machine's volume and on the host.
-type fioJob struct {
-	name  string
-	rw    string // randread, randwrite, read, write
-	bs    string
-	depth int
-	p50   bool // the median completion latency, not the throughput
-}
-
-// The issue's rows, as datapath/userspace's BenchmarkVolumeFio runs them.
-var fioJobs = []fioJob{
-	{"4k randread QD32", "randread", "4k", 32, false},
-	{"4k randwrite QD32", "randwrite", "4k", 32, false},
-	{"1 MiB read QD8", "read", "1m", 8, false},
-	{"1 MiB write QD8", "write", "1m", 8, false},
-	{"4k randread QD1, p50 latency", "randread", "4k", 1, true},
-}
-
-type fioSide struct {
-	TotalIOs float64 `json:"total_ios"`
-	IOPS     float64 `json:"iops"`
-	BWBytes  float64 `json:"bw_bytes"`
-	ClatNS   struct {
-		Percentile map[string]float64 `json:"percentile"`
-	} `json:"clat_ns"`
-}
-
-// value is what a row compares: IOPS (4k), MB/s (1 MiB) or the p50 in µs.
-func (j fioJob) value(s fioSide) float64 {
-	switch {
-	case j.p50:
-		return s.ClatNS.Percentile["50.000000"] / 1e3
-	case j.bs == "4k":
-		return s.IOPS
-	default:
-		return s.BWBytes / 1e6
-	}
-}
-
-func (j fioJob) unit() string {
-	switch {
-	case j.p50:
-		return "µs"
-	case j.bs == "4k":
-		return "IOPS"
-	default:
-		return "MB/s"
-	}
-}
-
-func runFio(b *testing.B, path string, size int64, j fioJob, runFor time.Duration) fioSide {
+func runFio(b *testing.B, path string, size int64, j fio.Job, runFor time.Duration) fio.Side {
 	b.Helper()
-	out, err := exec.Command("fio", "--name=bench", "--filename="+path, "--direct=1", "--ioengine=libaio",
-		"--rw="+j.rw, "--bs="+j.bs, "--iodepth="+strconv.Itoa(j.depth), "--size="+strconv.FormatInt(size, 10),
-		"--time_based", "--runtime="+strconv.Itoa(int(runFor.Seconds())),
-		"--randrepeat=0", "--norandommap", "--output-format=json").Output()
+	side, err := fio.Run(context.Background(), path, size, j, runFor)
 	if err != nil {
-		b.Fatalf("fio %s on %s: %v: %s", j.name, path, err, out)
-	}
-	var r struct {
-		Jobs []struct {
-			Read  fioSide `json:"read"`
-			Write fioSide `json:"write"`
-		} `json:"jobs"`
-	}
-	if err := json.Unmarshal(out, &r); err != nil || len(r.Jobs) != 1 {
-		b.Fatalf("fio %s on %s: unreadable output (%v): %s", j.name, path, err, out)
-	}
-	side := r.Jobs[0].Write
-	if strings.Contains(j.rw, "read") {
-		side = r.Jobs[0].Read
-	}
-	if side.TotalIOs == 0 {
-		b.Fatalf("fio %s on %s completed no I/O", j.name, path)
+		b.Fatal(err)
 	}
 	return side
 }
@@ -170,34 +100,34 @@ func benchVolume(b *testing.B, s *suite) {
 	hostFile := filepath.Join(s.dir, "fio-host.dat")
 	defer os.Remove(volFile)
 	defer os.Remove(hostFile)
-	for _, j := range fioJobs {
+	for _, j := range fio.Jobs {
 		var hs, vs, rs []float64
 		for p := 0; p < pairs; p++ {
 			// Alternate which side goes first: the host's state (its disk
 			// cache, the other jobs) drifts during a run.
-			var h, v fioSide
+			var h, v fio.Side
 			if p%2 == 0 {
 				h, v = runFio(b, hostFile, fileSize, j, runFor), runFio(b, volFile, fileSize, j, runFor)
 			} else {
 				v, h = runFio(b, volFile, fileSize, j, runFor), runFio(b, hostFile, fileSize, j, runFor)
 			}
-			hv, vv := j.value(h), j.value(v)
+			hv, vv := j.Value(h), j.Value(v)
 			if hv == 0 || vv == 0 {
-				b.Fatalf("fio %s reported nothing (host %v, volume %v)", j.name, hv, vv)
+				b.Fatalf("fio %s reported nothing (host %v, volume %v)", j.Name, hv, vv)
 			}
 			r := vv / hv
-			if j.p50 {
+			if j.P50 {
 				r = hv / vv // a latency: >1 would be better than the host
 			}
 			hs, vs, rs = append(hs, hv), append(vs, vv), append(rs, r)
-			b.Logf("fio %s: volume %.1f host %.1f %s", j.name, vv, hv, j.unit())
+			b.Logf("fio %s: volume %.1f host %.1f %s", j.Name, vv, hv, j.Unit())
 		}
 		ratio := fmt.Sprintf("%.2f", medianF(rs))
-		if j.p50 {
+		if j.P50 {
 			ratio = fmt.Sprintf("%.2f (host/volume)", medianF(rs))
 		}
-		s.add(row{"the migrated machine's volume, fio " + j.name, fmt.Sprintf("%.0f %s", medianF(vs), j.unit()),
-			fmt.Sprintf("file on the host disk: %.0f %s", medianF(hs), j.unit()), ratio,
+		s.add(row{"the migrated machine's volume, fio " + j.Name, fmt.Sprintf("%.0f %s", medianF(vs), j.Unit()),
+			fmt.Sprintf("file on the host disk: %.0f %s", medianF(hs), j.Unit()), ratio,
 			fmt.Sprintf("median of %d alternating %v runs; %s", pairs, runFor, note)})
 	}
 	s.notes = append(s.notes, fmt.Sprintf("Volume (fio): a machine's %d MiB LUKS2 volume is migrated, hydrated and dissolved; "+
