@@ -90,6 +90,7 @@ func groupStopped(pgid int) bool {
 	if err != nil {
 		return false
 	}
+	group := map[string]procState{}
 	for _, ent := range ents {
 		if _, err := strconv.Atoi(ent.Name()); err != nil {
 			continue
@@ -107,11 +108,36 @@ func groupStopped(pgid int) bool {
 		if len(f) < 3 || f[2] != strconv.Itoa(pgid) {
 			continue
 		}
-		if f[0] != "T" && f[0] != "Z" && f[0] != "X" {
-			return false
+		group[ent.Name()] = procState{state: f[0], ppid: f[1]}
+	}
+	for pid, p := range group {
+		switch p.state {
+		case "T", "Z", "X":
+			continue
+		case "D":
+			// A parent in vfork waits, uninterruptibly, for its child to
+			// exec or exit; a child stopped before it did holds it there.
+			// It makes no progress until the group is continued.
+			if stoppedChild(group, pid) {
+				continue
+			}
 		}
+		return false
 	}
 	return true
+}
+
+// procState is a process's state letter and parent, from /proc/PID/stat.
+type procState struct{ state, ppid string }
+
+// stoppedChild reports whether pid has a stopped child in group.
+func stoppedChild(group map[string]procState, pid string) bool {
+	for _, c := range group {
+		if c.ppid == pid && c.state == "T" {
+			return true
+		}
+	}
+	return false
 }
 
 // Pause pauses a machine whose driver can; a script machine cannot.

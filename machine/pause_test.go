@@ -36,7 +36,7 @@ func TestExecPauseResume(t *testing.T) {
 		}
 		return fi.Size()
 	}
-	for deadline := time.Now().Add(5 * time.Second); size() == 0; time.Sleep(10 * time.Millisecond) {
+	for deadline := time.Now().Add(30 * time.Second); size() == 0; time.Sleep(10 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatal("the machine never wrote")
 		}
