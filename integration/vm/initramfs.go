@@ -25,6 +25,7 @@ var GuestModules = []string{
 	"virtio_pci", "virtio_net", "9pnet_virtio", "9p",
 	"ext4", "crc32c_generic", // the kernel-path migration's filesystem
 	"fuse", // the userspace path's Extend cases
+	"nbd",  // the per-layer path: the userspace clone served to dm-crypt
 	// The agent-driven migration's worker namespace: veth, and the netlink
 	// families the netlink library opens for every handle.
 	"veth", "xfrm_user", "nfnetlink",
@@ -34,7 +35,7 @@ var GuestModules = []string{
 // /usr/local/sbin, with the libraries they link. They sit before busybox's
 // applets on PATH: busybox's losetup and blkdiscard lack options ferry uses.
 var GuestTools = []string{"dmsetup", "cryptsetup", "losetup", "blkdiscard", "blockdev", "iscsiadm", "iscsid",
-	"mkfs.ext4", "fstrim", "e2fsck", "resize2fs", "setpriv", "fusermount3"}
+	"mkfs.ext4", "fstrim", "e2fsck", "resize2fs", "setpriv", "fusermount3", "fio"}
 
 // optionalGuestTools are copied when the host has them.
 var optionalGuestTools = []string{}

@@ -70,8 +70,9 @@ var guestSuites = []guestSuite{
 	// The userspace path's online growth, which the development host
 	// (no CAP_SYS_RESOURCE) never shows: only its Extend cases.
 	{pkg: "./datapath/userspace", run: "TestConformance/Extend", needs: []string{"TestConformance/Extend"}},
+	{pkg: "./datapath/nbdexport", run: "Kernel", needs: []string{"TestKernel"}},
 	{pkg: "./integration/vm", run: "TestGuest", needs: []string{"TestGuestISCSIKernelChain", "TestGuestKernelMigration",
-		"TestGuestAgentKernelBackend", "TestGuestAgentMigration"}},
+		"TestGuestAgentKernelBackend", "TestGuestAgentMigration", "TestGuestLayers"}},
 }
 
 // selectedSuites applies FERRY_VM_GUEST_PKG (one suite's package, e.g.
@@ -215,7 +216,7 @@ func TestKernelPathInVM(t *testing.T) {
 			t.Fatalf("%s has no tests to run in the guest", s.pkg)
 		}
 		suites = append(suites, s)
-		fmt.Fprintf(&script, "echo '== suite %s'\n(cd /tmp && FERRY_IN_VM=1 /host/%s -test.v -test.count=1 -test.timeout=6m -test.run '%s') || { echo 'SUITE %s FAIL'; fail=1; }\n",
+		fmt.Fprintf(&script, "echo '== suite %s'\n(cd /tmp && FERRY_IN_VM=1 /host/%s -test.v -test.count=1 -test.timeout=10m -test.run '%s') || { echo 'SUITE %s FAIL'; fail=1; }\n",
 			name, name, s.run, name)
 	}
 	tBuild := time.Since(t1)
@@ -244,6 +245,9 @@ func TestKernelPathInVM(t *testing.T) {
 	t.Logf("guest console: %s", consoleLog)
 	if os.Getenv("FERRY_VM_CONSOLE") != "" {
 		t.Log(res.Console)
+	}
+	if b, err := os.ReadFile(filepath.Join(share, layersReport)); err == nil {
+		t.Logf("the data path per layer, measured in the guest (TestGuestLayers):\n%s", b)
 	}
 	if err := res.Err(); err != nil {
 		t.Fatal(err)
