@@ -168,13 +168,34 @@ func attachTo(ctx context.Context, log zerolog.Logger, path, sys string, dev blo
 		return nil, fmt.Errorf("nbd: open %s: %w", path, err)
 	}
 	e := &Export{log: log.With().Str("nbd", path).Logger(), dev: dev, path: path, ctl: ctl, doIt: make(chan error, 1)}
+	var kernelFDs []int
+	closeKernelFDs := func() {
+		for _, fd := range kernelFDs {
+			unix.Close(fd)
+		}
+		kernelFDs = nil
+	}
 	fail := func(what string, err error) (*Export, error) {
-		_ = ioctl(ctl, nbdClearSock, 0)
+		closeKernelFDs()
 		for _, c := range e.conns {
 			c.Close()
 		}
-		ctl.Close()
+		ctl.Close() // the last close resets a device that never started
 		return nil, fmt.Errorf("nbd: %s on %s: %w", what, path, err)
+	}
+	for range o.Connections {
+		fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return fail("socketpair", err)
+		}
+		kernelFDs = append(kernelFDs, fds[0])
+		ours := os.NewFile(uintptr(fds[1]), "nbd-server")
+		c, err := net.FileConn(ours)
+		ours.Close()
+		if err != nil {
+			return fail("socket", err)
+		}
+		e.conns = append(e.conns, c)
 	}
 	steps := []struct {
 		what     string
@@ -185,32 +206,45 @@ func attachTo(ctx context.Context, log zerolog.Logger, path, sys string, dev blo
 		{"set timeout", nbdSetTimeout, uintptr(o.Timeout / time.Second)},
 		{"set flags", nbdSetFlags, uintptr(TransmissionFlags(o.ReadOnly))},
 	}
-	for _, s := range steps {
-		if err := ioctl(ctl, s.req, s.arg); err != nil {
-			return fail(s.what, err)
-		}
+	for _, fd := range kernelFDs {
+		steps = append(steps, struct {
+			what     string
+			req, arg uintptr
+		}{"hand a socket to the kernel", nbdSetSock, uintptr(fd)})
 	}
+	setup := make(chan error, 1)
+	go func() {
+		// One thread for every ioctl, never given back to the runtime (it
+		// ends with this goroutine): the kernel takes further sockets only
+		// from the thread that handed it the first, and NBD_DO_IT waits
+		// interruptibly, so a signal landing on its thread (SIGCHLD of any
+		// command this process runs) would tear the device down. Every
+		// signal is blocked here; the process's other threads take them.
+		runtime.LockOSThread()
+		var all unix.Sigset_t
+		for i := range all.Val {
+			all.Val[i] = ^uint64(0)
+		}
+		if err := unix.PthreadSigmask(unix.SIG_BLOCK, &all, nil); err != nil {
+			setup <- fmt.Errorf("blocking signals on the device's thread: %w", err)
+			return
+		}
+		for _, s := range steps {
+			if err := ioctl(ctl, s.req, s.arg); err != nil {
+				_ = ioctl(ctl, nbdClearSock, 0)
+				setup <- fmt.Errorf("%s: %w", s.what, err)
+				return
+			}
+		}
+		setup <- nil
+		// NBD_DO_IT blocks until the device is disconnected.
+		e.doIt <- ioctl(ctl, nbdDoIt, 0)
+	}()
+	if err := <-setup; err != nil {
+		return fail("setting up the device", err)
+	}
+	closeKernelFDs() // the kernel holds its own references now
 	srv := &Server{Log: e.log, Dev: dev, ReadOnly: o.ReadOnly, InFlight: o.InFlight}
-	for range o.Connections {
-		fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-		if err != nil {
-			return fail("socketpair", err)
-		}
-		kernel := os.NewFile(uintptr(fds[0]), "nbd-kernel")
-		ours := os.NewFile(uintptr(fds[1]), "nbd-server")
-		err = ioctl(ctl, nbdSetSock, kernel.Fd())
-		kernel.Close() // the kernel holds its own reference now
-		if err != nil {
-			ours.Close()
-			return fail("hand a socket to the kernel", err)
-		}
-		c, err := net.FileConn(ours)
-		ours.Close()
-		if err != nil {
-			return fail("socket", err)
-		}
-		e.conns = append(e.conns, c)
-	}
 	for _, c := range e.conns {
 		e.serve.Add(1)
 		go func() {
@@ -222,19 +256,21 @@ func attachTo(ctx context.Context, log zerolog.Logger, path, sys string, dev blo
 			}
 		}()
 	}
-	go func() {
-		// NBD_DO_IT blocks its thread until the device is disconnected.
-		runtime.LockOSThread()
-		defer runtime.UnlockOSThread()
-		e.doIt <- ioctl(ctl, nbdDoIt, 0)
-	}()
-	// The kernel publishes the serving pid once the device is live.
+	// The kernel publishes the serving pid when the device starts and sets
+	// its capacity just after: ready is both.
+	live := func() bool {
+		if _, err := os.Stat(filepath.Join(sys, "pid")); err != nil {
+			return false
+		}
+		b, err := os.ReadFile(filepath.Join(sys, "size"))
+		return err == nil && strings.TrimSpace(string(b)) == strconv.FormatInt(size/512, 10)
+	}
 	deadline := time.NewTimer(10 * time.Second)
 	defer deadline.Stop()
 	tick := time.NewTicker(2 * time.Millisecond)
 	defer tick.Stop()
 	for {
-		if _, err := os.Stat(filepath.Join(sys, "pid")); err == nil {
+		if live() {
 			e.log.Info().Int64("bytes", size).Int("connections", o.Connections).Msg("nbd device attached")
 			return e, nil
 		}

@@ -64,6 +64,25 @@ func TestKernelNBDAttach(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	// QD1 latency of the device against a loop device over the same file
+	// (logged: a figure of the VM, not a goal).
+	loop, err := exec.Command("losetup", "-f", "--show", path).Output()
+	if err == nil {
+		l := strings.TrimSpace(string(loop))
+		for _, dev := range []string{l, e.Path()} {
+			out, err := exec.Command("fio", "--name=qd1", "--filename="+dev, "--direct=1", "--rw=randread", "--bs=4k",
+				"--iodepth=1", "--ioengine=psync", "--time_based", "--runtime=1", "--readonly", "--output-format=terse", "--terse-version=3").Output()
+			if f := strings.Split(string(out), ";"); err == nil && len(f) > 15 {
+				t.Logf("%s: 4k random read QD1: %s IOPS, mean completion %s µs", dev, f[7], f[15])
+			} else {
+				t.Logf("fio on %s: %v", dev, err)
+			}
+		}
+		exec.Command("losetup", "-d", l).Run()
+	} else {
+		t.Logf("losetup for the latency comparison: %v", err)
+	}
+
 	d, err := os.OpenFile(e.Path(), os.O_RDWR, 0)
 	if err != nil {
 		t.Fatal(err)

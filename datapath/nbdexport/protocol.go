@@ -46,8 +46,8 @@ const (
 	flagCanMultiConn    = 1 << 8
 )
 
-// MaxRequest bounds the bytes one request may move or cover. The kernel
-// sends at most its max_sectors (a few MiB); a larger length is hostile or
+// MaxRequest bounds the bytes one read or write may move. The kernel sends
+// at most its max_hw_sectors (32 MiB for NBD); a larger length is hostile or
 // a bug, and reading its payload would let the peer make us allocate it.
 const MaxRequest = 32 << 20
 
@@ -110,7 +110,10 @@ func (r Request) Check(size int64, readOnly bool) syscall.Errno {
 	default:
 		return syscall.EINVAL
 	}
-	if r.Length > MaxRequest {
+	// Reads and writes move their bytes through a buffer; a trim or
+	// write-zeroes only names a range, which the kernel makes as large as
+	// fstrim asks (gigabytes).
+	if (r.Type == cmdRead || r.Type == cmdWrite) && r.Length > MaxRequest {
 		return syscall.EINVAL
 	}
 	if r.Offset > uint64(size) || uint64(r.Length) > uint64(size)-r.Offset {

@@ -8,6 +8,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 
 	"github.com/rs/zerolog"
 
@@ -17,6 +18,9 @@ import (
 // DefaultInFlight is how many requests of one connection are served at
 // once; the kernel keeps up to its queue depth (128 tags) outstanding.
 const DefaultInFlight = 64
+
+// slowRequest is how long a request may take before it is logged.
+const slowRequest = 5 * time.Second
 
 // zeroChunk is how much a write-zeroes request writes per call.
 const zeroChunk = 1 << 20
@@ -138,6 +142,14 @@ func (cn *conn) writeErr() error {
 func (cn *conn) serve(r Request, payload []byte) {
 	s := cn.s
 	off := int64(r.Offset)
+	t0 := time.Now()
+	defer func() {
+		// The kernel gives up on a request after its timeout and retries it
+		// elsewhere; a slow one should be visible before that.
+		if d := time.Since(t0); d > slowRequest {
+			s.Log.Warn().Uint16("type", r.Type).Int64("offset", off).Uint32("length", r.Length).Dur("took", d).Msg("slow nbd request")
+		}
+	}()
 	var err error
 	switch r.Type {
 	case cmdRead:

@@ -142,6 +142,14 @@ func TestServeReadWriteFlushTrimZeroes(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Fatalf("disconnect: %v", err)
 	}
+
+	// fstrim's discards are as large as the free space: no cap but the device.
+	big := blockdev.NewMem(MaxRequest * 3)
+	c, _ = serve(t, big, false)
+	c.send(Request{Type: cmdTrim, Cookie: 8, Length: MaxRequest * 2}, nil)
+	if _, e, _ := c.recv(0); e != 0 {
+		t.Fatalf("a %d-byte trim: errno %v", MaxRequest*2, e)
+	}
 }
 
 // Replies come as requests complete, each with its request's cookie: a
