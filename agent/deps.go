@@ -9,10 +9,12 @@ import (
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/machine"
 	"github.com/ferry-dev/ferry/netrewrite"
+	"github.com/ferry-dev/ferry/supervisor"
 )
 
 // Parts are the worker's pieces an agent drives; cmd/ferry wires the
-// concrete ones in. Network may be nil (machines share the host network).
+// concrete ones in. Network may be nil (machines share the host network);
+// Machines places machines in the same one.
 type Parts struct {
 	Control  ControlPlane
 	Exports  Exporter
@@ -60,6 +62,9 @@ type Machines interface {
 	// LocalSpec in its own network namespace here.
 	Spec(m *fsm.Machine, netns string) (machine.Spec, error)
 	LocalSpec(m *fsm.Machine) (machine.Spec, error)
+	// AttachArriving reads a machine migrating here and makes its network
+	// namespace at its 6PN address with host as the host part (idempotent).
+	AttachArriving(ctx context.Context, id string, host uint32) (supervisor.Arrival, error)
 	Start(ctx context.Context, spec machine.Spec) error
 	Running(ctx context.Context, spec machine.Spec) bool
 	// Stop stops the machine and any process of it no driver recorded.

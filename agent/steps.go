@@ -155,7 +155,7 @@ func (a *Agent) buildClone(ctx context.Context, log zerolog.Logger, m *fsm.Migra
 	// rollback's teardown removes it like the rest of the target.
 	netDone := make(chan error, 1)
 	go func() {
-		_, _, err := a.machineNetwork(ctx, m)
+		_, err := a.Machines.AttachArriving(ctx, m.Machine, a.cfg.HostID)
 		netDone <- err
 	}()
 	defer func() {
@@ -179,105 +179,16 @@ func (a *Agent) buildClone(ctx context.Context, log zerolog.Logger, m *fsm.Migra
 }
 
 // trim starts fstrim on the clone's filesystem and proposes trimmed without
-// waiting for it: a trim is a hint (free blocks need no fetch), and on a
-// large volume it took 100 ms and more of the machine's pause. It runs on
-// beside the cutover and the machine's start, which is safe: ext4 discards
-// only free blocks and holds each while it discards it, and the clone
-// treats a discard like a full write. Hydration starts only once it ended,
-// so no free block is fetched that the trim would have spared.
+// waiting for it: a trim is a hint, hydration waits for it at most 30 s
+// (volops.Trims says why that is safe).
 func (a *Agent) trim(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
-	a.startTrim(log, m)
-	p := a.progress(ctx, m)
-	return a.propose(ctx, m, fsm.EvTrimmed, fsm.EventPayload{KnownZero: m.KnownZero, Progress: p})
-}
-
-// startTrim runs fstrim on m's clone in the background, once per agent
-// process; success is recorded (step marker "fstrim").
-func (a *Agent) startTrim(log zerolog.Logger, m *fsm.Migration) {
-	if a.done(m, "fstrim") {
-		return
-	}
-	ended := make(chan struct{})
-	if _, running := a.trims.LoadOrStore(m.ID, ended); running {
-		return
-	}
 	parent := a.runCtx
 	if parent == nil {
 		parent = context.Background()
 	}
-	a.wg.Add(1)
-	go func() {
-		defer a.wg.Done()
-		defer close(ended)
-		ctx, cancel := context.WithTimeout(parent, a.cfg.StepTimeout)
-		defer cancel()
-		t0 := time.Now()
-		out, err := a.Volumes.Trim(ctx, a.Data.MountPoint(m.Machine))
-		if err != nil {
-			log.Warn().Err(err).Msg("fstrim failed; tried again before hydration starts")
-			return
-		}
-		if err := a.markDone(m, "fstrim"); err != nil {
-			log.Warn().Err(err).Msg("recording the trim")
-		}
-		log.Info().Str("fstrim", out).Dur("took", time.Since(t0)).Msg("trimmed")
-	}()
-}
-
-// trimWait bounds how long hydration waits for a trim (the trim step's,
-// still running, or one run again): a hung fstrim must not hold the copy
-// back, it only costs fetching free blocks too.
-const trimWait = 30 * time.Second
-
-// waitTrim waits up to trimWait for the fstrim this process started for m,
-// if any; it reports whether none is still running.
-func (a *Agent) waitTrim(ctx context.Context, m *fsm.Migration) (bool, error) {
-	v, ok := a.trims.Load(m.ID)
-	if !ok {
-		return true, nil
-	}
-	select {
-	case <-v.(chan struct{}):
-		a.trims.Delete(m.ID)
-		return true, nil
-	case <-time.After(trimWait):
-		return false, nil
-	case <-ctx.Done():
-		return false, ctx.Err()
-	}
-}
-
-// trimBeforeHydration makes sure the clone was trimmed before the
-// background copy starts: it waits for the trim step's fstrim, or runs
-// fstrim now when this process did not (it restarted since) or it failed.
-// A trim that fails again is logged: hydration then fetches free blocks too.
-func (a *Agent) trimBeforeHydration(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
-	ended, err := a.waitTrim(ctx, m)
-	if err != nil {
-		return err
-	}
-	if !ended {
-		log.Warn().Dur("waited", trimWait).Msg("fstrim still running; hydration starts beside it and may fetch free blocks")
-		return nil
-	}
-	if a.done(m, "fstrim") {
-		return nil
-	}
-	tctx, cancel := context.WithTimeout(ctx, trimWait)
-	out, err := a.Volumes.Trim(tctx, a.Data.MountPoint(m.Machine))
-	cancel()
-	if err != nil {
-		if ctx.Err() != nil {
-			return err
-		}
-		log.Warn().Err(err).Msg("fstrim failed again; hydration fetches the free blocks too")
-		return nil
-	}
-	if err := a.markDone(m, "fstrim"); err != nil {
-		log.Warn().Err(err).Msg("recording the trim")
-	}
-	log.Info().Str("fstrim", out).Msg("trimmed before hydration")
-	return nil
+	a.trims.Start(parent, log, m.ID, a.Data.MountPoint(m.Machine))
+	p := a.progress(ctx, m)
+	return a.propose(ctx, m, fsm.EvTrimmed, fsm.EventPayload{KnownZero: m.KnownZero, Progress: p})
 }
 
 // cutover starts the machine on the target with its new 6PN address and
@@ -288,23 +199,18 @@ func (a *Agent) trimBeforeHydration(ctx context.Context, log zerolog.Logger, m *
 // first, saving one commit of downtime, and relies on the self-fence.
 func (a *Agent) cutover(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
 	t0 := time.Now()
-	mach, netns, err := a.machineNetwork(ctx, m)
+	arr, err := a.Machines.AttachArriving(ctx, m.Machine, a.cfg.HostID)
 	if err != nil {
 		return err
 	}
-	newAddr := m.New6PN
-	if netns != "" {
-		old, _ := netrewrite.Parse(mach.Addr6PN) // parsed by machineNetwork
-		nw, err := old.WithHost(a.cfg.HostID)
-		if err != nil {
-			return err
-		}
-		newAddr = nw.String()
-		if err := a.Network.MapOld(ctx, mach.ID, old, nw); err != nil {
+	mach, newAddr := arr.Machine, m.New6PN
+	if arr.NetNS != "" {
+		newAddr = arr.New.String()
+		if err := a.Network.MapOld(ctx, mach.ID, arr.Old, arr.New); err != nil {
 			return err
 		}
 	}
-	spec, err := a.Machines.Spec(mach, netns)
+	spec, err := a.Machines.Spec(mach, arr.NetNS)
 	if err != nil {
 		return err
 	}
@@ -336,30 +242,6 @@ func (a *Agent) cutover(ctx context.Context, log zerolog.Logger, m *fsm.Migratio
 		a.met.downtime.Observe(time.Since(t0).Seconds())
 	}
 	return nil
-}
-
-// machineNetwork reads the machine and makes its network namespace on this
-// worker at its address with this worker's host part (idempotent); netns is
-// empty when machines share the host's network.
-func (a *Agent) machineNetwork(ctx context.Context, m *fsm.Migration) (mach *fsm.Machine, netns string, err error) {
-	if mach, err = a.Control.GetMachine(ctx, m.Machine); err != nil {
-		return nil, "", err
-	}
-	if a.Network == nil || mach.Addr6PN == "" {
-		return mach, "", nil
-	}
-	old, err := netrewrite.Parse(mach.Addr6PN)
-	if err != nil {
-		return nil, "", fmt.Errorf("machine %s 6PN address: %w", mach.ID, err)
-	}
-	nw, err := old.WithHost(a.cfg.HostID)
-	if err != nil {
-		return nil, "", err
-	}
-	if netns, err = a.Network.Attach(ctx, mach.ID, nw); err != nil {
-		return nil, "", err
-	}
-	return mach, netns, nil
 }
 
 // ensureRunning, on the target after cutover, starts the machine if it does
@@ -398,7 +280,7 @@ func (a *Agent) startHydration(ctx context.Context, log zerolog.Logger, m *fsm.M
 	if t, ok := m.EnteredAt[fsm.Cutover]; ok && !sleep(ctx, min(time.Until(t.Add(machineHeadStart)), machineHeadStart)) {
 		return ctx.Err()
 	}
-	if err := a.trimBeforeHydration(ctx, log, m); err != nil {
+	if err := a.trims.BeforeHydration(ctx, log, m.ID, a.Data.MountPoint(m.Machine)); err != nil {
 		return err
 	}
 	if err := p.EnableHydration(ctx); err != nil {
@@ -548,9 +430,9 @@ func (a *Agent) tearDownTarget(ctx context.Context, log zerolog.Logger, m *fsm.M
 // releaseTarget stops the machine if the store does not assign it here and
 // removes the clone, its mount and the destination volume. Idempotent.
 func (a *Agent) releaseTarget(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
-	// A trim still running holds the mount: give it trimWait to end; one
+	// A trim still running holds the mount: give it its bound to end; one
 	// that hangs fails once the release below abandons the volume.
-	if _, err := a.waitTrim(ctx, m); err != nil {
+	if _, err := a.trims.WaitFor(ctx, m.ID); err != nil {
 		return err
 	}
 	mnt := a.Data.MountPoint(m.Machine)

@@ -210,6 +210,44 @@ func (s *Supervisor) attached(ctx context.Context, mach *fsm.Machine) (machine.S
 	return s.Spec(mach, netns)
 }
 
+// Arrival is where a machine migrating to this worker runs here.
+type Arrival struct {
+	Machine *fsm.Machine
+	// NetNS is its network namespace here; empty when machines share the
+	// host's network (then Old and New are zero).
+	NetNS string
+	// Old is its recorded 6PN address, New the same with this worker's
+	// host part.
+	Old, New netrewrite.Addr
+}
+
+// AttachArriving reads machine id and makes its network namespace on this
+// worker at its address with host (this worker's 6PN host id) as the host
+// part. Idempotent: the target calls it while it builds the clone and again
+// at cutover.
+func (s *Supervisor) AttachArriving(ctx context.Context, id string, host uint32) (Arrival, error) {
+	mach, err := s.store.GetMachine(ctx, id)
+	if err != nil {
+		return Arrival{}, err
+	}
+	if s.net == nil || mach.Addr6PN == "" {
+		return Arrival{Machine: mach}, nil
+	}
+	old, err := netrewrite.Parse(mach.Addr6PN)
+	if err != nil {
+		return Arrival{}, fmt.Errorf("machine %s 6PN address: %w", mach.ID, err)
+	}
+	nw, err := old.WithHost(host)
+	if err != nil {
+		return Arrival{}, err
+	}
+	netns, err := s.net.Attach(ctx, mach.ID, nw)
+	if err != nil {
+		return Arrival{}, err
+	}
+	return Arrival{Machine: mach, NetNS: netns, Old: old, New: nw}, nil
+}
+
 // EnsureRunning starts a machine whose volume is mounted here if it does
 // not run; it reports whether it started it.
 func (s *Supervisor) EnsureRunning(ctx context.Context, mach *fsm.Machine) (bool, error) {
