@@ -98,10 +98,6 @@ type Agent struct {
 	firstWatch chan struct{}
 	firstOnce  sync.Once
 	wg         sync.WaitGroup
-	// forks holds the ids of the forks being copied (volume id -> struct{}):
-	// a copy runs beside the reconcile loop, which it would hold up.
-	forks  sync.Map
-	forkWG sync.WaitGroup // the copies; only the reconcile loop adds and waits
 	// trims are the fstrim runs the trim step started: they run on beside
 	// the machine's start, and hydration and a teardown wait for them.
 	trims *volops.Trims

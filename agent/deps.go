@@ -10,6 +10,7 @@ import (
 	"github.com/ferry-dev/ferry/machine"
 	"github.com/ferry-dev/ferry/netrewrite"
 	"github.com/ferry-dev/ferry/supervisor"
+	"github.com/ferry-dev/ferry/volops"
 )
 
 // Parts are the worker's pieces an agent drives; cmd/ferry wires the
@@ -86,15 +87,11 @@ type Machines interface {
 
 // VolumeOps are the operations on this worker's volumes (volops.Ops).
 type VolumeOps interface {
-	Create(ctx context.Context, v *fsm.Volume)
-	// Extend grows v; the caller keeps migrations off its machine meanwhile.
-	Extend(ctx context.Context, v *fsm.Volume)
-	Fork(ctx context.Context, v *fsm.Volume)
-	// ServeFork makes, serves or releases the copy of a fork to another
-	// worker whose source volume is here; HydrateFork clones and hydrates
-	// a fork made here from another worker's copy.
-	ServeFork(ctx context.Context, v *fsm.Volume)
-	HydrateFork(ctx context.Context, v *fsm.Volume)
+	// Reconcile brings this worker's volumes and the forks whose copy it
+	// makes to their recorded state (in the background where that takes
+	// long; WaitJobs waits for it); guard runs a volume's growth.
+	Reconcile(ctx context.Context, vols, forks []*fsm.Volume, guard volops.Guard)
+	WaitJobs()
 	// DestinationName names a migration's destination volume.
 	DestinationName(m *fsm.Migration) string
 	// Allocate makes a migration destination's sparse file.
