@@ -67,15 +67,14 @@ type Machines interface {
 	// namespace at its 6PN address with host as the host part (idempotent).
 	AttachArriving(ctx context.Context, id string, host uint32) (supervisor.Arrival, error)
 	Start(ctx context.Context, spec machine.Spec) error
-	Running(ctx context.Context, spec machine.Spec) bool
 	// Stop stops the machine and any process of it no driver recorded.
 	Stop(ctx context.Context, spec machine.Spec) error
 	// StartLocal mounts the machine's volume here and runs it.
 	StartLocal(ctx context.Context, m *fsm.Machine) error
-	// EnsureRunning starts a machine whose volume is mounted here if it
-	// does not run (in its namespace, at its address); it reports whether
-	// it started it.
-	EnsureRunning(ctx context.Context, m *fsm.Machine) (bool, error)
+	// EnsureRunning starts a machine whose volume is mounted here if the
+	// store assigns it here recorded running and it does not run (in its
+	// namespace, at its address); it reports whether it started it.
+	EnsureRunning(ctx context.Context, id string) (bool, error)
 	// Reconcile brings a machine no migration owns to its recorded state.
 	Reconcile(ctx context.Context, m *fsm.Machine)
 	// Revive repairs vol if its datapath died under machine's mount; the
@@ -145,13 +144,11 @@ type Exporter interface {
 	Live(id string) bool
 }
 
-// Network places machines on the 6PN and rewrites addresses at cutover.
+// Network rewrites a machine's 6PN addresses at cutover and removes its
+// network (netns.Network); the supervisor places machines on the 6PN.
 type Network interface {
-	// Attach creates the machine's network namespace on this worker with addr; returns the netns name.
-	Attach(ctx context.Context, machine string, addr netrewrite.Addr) (string, error)
-	// Namespace names the machine's network namespace on this worker.
-	Namespace(machine string) string
-	// Detach removes it; idempotent.
+	// Detach removes the machine's network namespace on this worker (the
+	// supervisor makes it); idempotent.
 	Detach(ctx context.Context, machine string) error
 	// MapOld keeps old reaching the machine (now at new on this worker) for the grace period.
 	MapOld(ctx context.Context, machine string, old, new netrewrite.Addr) error

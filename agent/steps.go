@@ -11,7 +11,9 @@ import (
 
 	"github.com/ferry-dev/ferry/datapath"
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/internal/failpoint"
 	"github.com/ferry-dev/ferry/netrewrite"
+	"github.com/ferry-dev/ferry/volops"
 )
 
 type stepFunc func(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error
@@ -86,20 +88,13 @@ func (a *Agent) done(m *fsm.Migration, what string) bool { return a.Marks.Done(m
 func (a *Agent) markDone(m *fsm.Migration, what string) error { return a.Marks.Mark(m.ID, what) }
 
 func (a *Agent) propose(ctx context.Context, m *fsm.Migration, ev fsm.Event, p fsm.EventPayload) error {
-	if d := a.cfg.PauseBefore[ev]; d < 0 {
-		// failpoint.Hang: blocked until the step's own context ends, as a
-		// hung tool run with it would be.
-		a.log.Warn().Str("migration", m.ID).Str("event", string(ev)).Msg("failpoint: hanging before proposing until the step's context ends")
-		<-ctx.Done()
-		return fmt.Errorf("propose %s: %w", ev, context.Cause(ctx))
-	} else if d > 0 {
-		a.log.Warn().Str("migration", m.ID).Str("event", string(ev)).Dur("pause", d).Msg("failpoint: pausing before proposing")
-		pause := a.runCtx
-		if pause == nil {
-			pause = ctx
+	if d := a.cfg.PauseBefore[ev]; d != 0 {
+		run := a.runCtx
+		if run == nil {
+			run = ctx
 		}
-		if !sleep(pause, d) {
-			return pause.Err()
+		if err := failpoint.Pause(ctx, run, a.log.With().Str("migration", m.ID).Logger(), ev, d); err != nil {
+			return err
 		}
 	}
 	got, err := a.Control.Propose(ctx, m.ID, ev, stepID(m, string(ev)), p)
@@ -248,14 +243,7 @@ func (a *Agent) cutover(ctx context.Context, log zerolog.Logger, m *fsm.Migratio
 // not run: the start after the cutover commit failed, the fence stopped it
 // while the commit's outcome was unknown here, or it crashed.
 func (a *Agent) ensureRunning(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
-	mach, err := a.Control.GetMachine(ctx, m.Machine)
-	if err != nil {
-		return err
-	}
-	if mach.Worker != a.cfg.Worker || mach.State != fsm.MachineRunning {
-		return nil
-	}
-	started, err := a.Machines.EnsureRunning(ctx, mach)
+	started, err := a.Machines.EnsureRunning(ctx, m.Machine)
 	if started {
 		log.Warn().Msg("machine was not running after cutover; started it")
 	}
@@ -343,7 +331,7 @@ func (a *Agent) hydrate(ctx context.Context, log zerolog.Logger, m *fsm.Migratio
 		return err
 	}
 	lastReport := time.Time{}
-	var watch progressWatch
+	var watch volops.ProgressWatch
 	// Follow the export if the source moved it (a restart elsewhere).
 	follow := func(e *fsm.Export) bool {
 		r, ok := p.(datapath.Retargeter)
@@ -366,9 +354,9 @@ func (a *Agent) hydrate(ctx context.Context, log zerolog.Logger, m *fsm.Migratio
 		if st.Progress != nil && st.Progress.Stalled {
 			stalled := true
 			a.Control.Propose(ctx, m.ID, fsm.EvReport, "", fsm.EventPayload{Error: st.Progress.StalledReason, Stalled: &stalled})
-		} else if st.Progress != nil && !st.Complete && !st.Dissolved && watch.stuck(time.Now(), st.Progress.HydratedBytes, a.cfg.StallAfter) {
+		} else if st.Progress != nil && !st.Complete && !st.Dissolved && watch.Stuck(time.Now(), st.Progress.HydratedBytes, a.cfg.StallAfter) {
 			stalled := true
-			reason := a.Volumes.NoProgressReason(m.TargetVol, st.Progress, time.Since(watch.since))
+			reason := a.Volumes.NoProgressReason(m.TargetVol, st.Progress, time.Since(watch.Since()))
 			a.Control.Propose(ctx, m.ID, fsm.EvReport, "", fsm.EventPayload{Error: reason, Stalled: &stalled})
 		}
 		if st.Complete || st.Dissolved {

@@ -248,9 +248,18 @@ func (s *Supervisor) AttachArriving(ctx context.Context, id string, host uint32)
 	return Arrival{Machine: mach, NetNS: netns, Old: old, New: nw}, nil
 }
 
-// EnsureRunning starts a machine whose volume is mounted here if it does
-// not run; it reports whether it started it.
-func (s *Supervisor) EnsureRunning(ctx context.Context, mach *fsm.Machine) (bool, error) {
+// EnsureRunning starts machine id, whose volume is mounted here, if the
+// store assigns it to this worker recorded running and it does not run (a
+// migration's target after cutover: the start after the commit failed, the
+// fence stopped it, or it crashed); it reports whether it started it.
+func (s *Supervisor) EnsureRunning(ctx context.Context, id string) (bool, error) {
+	mach, err := s.store.GetMachine(ctx, id)
+	if err != nil {
+		return false, err
+	}
+	if mach.Worker != s.cfg.Worker || mach.State != fsm.MachineRunning {
+		return false, nil
+	}
 	spec, err := s.attached(ctx, mach)
 	if err != nil {
 		return false, err

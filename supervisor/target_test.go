@@ -3,11 +3,13 @@ package supervisor
 import (
 	"context"
 	"errors"
+	"slices"
 	"testing"
 
 	"github.com/rs/zerolog"
 
 	"github.com/ferry-dev/ferry/fsm"
+	"github.com/ferry-dev/ferry/machine"
 	"github.com/ferry-dev/ferry/netrewrite"
 )
 
@@ -59,5 +61,44 @@ func TestAttachArrivingTakesThisWorkersHostPart(t *testing.T) {
 	}
 	if _, err := s.AttachArriving(context.Background(), "m9", 2); err == nil {
 		t.Fatal("an unknown machine was attached")
+	}
+}
+
+// stoppedDriver is a unit-test driver whose machines do not run.
+type stoppedDriver struct{ stiffDriver }
+
+func (d stoppedDriver) Status(context.Context, machine.Spec) (machine.State, error) {
+	return machine.Stopped, nil
+}
+
+func TestEnsureRunningStartsOnlyAMachineAssignedHere(t *testing.T) {
+	cases := []struct {
+		name    string
+		m       fsm.Machine
+		drv     func(*opLog) Driver
+		started bool
+	}{
+		{"assigned here, not running", fsm.Machine{ID: "m1", Worker: "w1", State: fsm.MachineRunning},
+			func(l *opLog) Driver { return stoppedDriver{stiffDriver{log: l}} }, true},
+		{"assigned here, running", fsm.Machine{ID: "m1", Worker: "w1", State: fsm.MachineRunning},
+			func(l *opLog) Driver { return stiffDriver{log: l} }, false},
+		{"assigned elsewhere", fsm.Machine{ID: "m1", Worker: "w2", State: fsm.MachineRunning},
+			func(l *opLog) Driver { return stoppedDriver{stiffDriver{log: l}} }, false},
+		{"recorded stopped", fsm.Machine{ID: "m1", Worker: "w1", State: fsm.MachineStopped},
+			func(l *opLog) Driver { return stoppedDriver{stiffDriver{log: l}} }, false},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			ops := &opLog{}
+			m := c.m
+			s := New(zerolog.Nop(), Config{Worker: "w1"}, machineStore{m: &m}, c.drv(ops), deadBackend{log: ops}, nil, nil)
+			started, err := s.EnsureRunning(context.Background(), "m1")
+			if err != nil || started != c.started {
+				t.Fatalf("EnsureRunning = %v, %v; want %v, nil", started, err, c.started)
+			}
+			if did := ops.got(); c.started != slices.Contains(did, "start m1") {
+				t.Fatalf("driver did %q", did)
+			}
+		})
 	}
 }
