@@ -103,7 +103,7 @@ type Agent struct {
 	trims *volops.Trims
 }
 
-// New builds an agent from the worker's parts (all required but Network).
+// New builds an agent from the worker's parts (all required).
 func New(log zerolog.Logger, cfg Config, p Parts) (*Agent, error) {
 	cfg.defaults()
 	if cfg.Worker == "" || cfg.DataDir == "" {

@@ -8,18 +8,15 @@ import (
 	"github.com/ferry-dev/ferry/datapath"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/machine"
-	"github.com/ferry-dev/ferry/netrewrite"
 	"github.com/ferry-dev/ferry/supervisor"
 	"github.com/ferry-dev/ferry/volops"
 )
 
 // Parts are the worker's pieces an agent drives; cmd/ferry wires the
-// concrete ones in. Network may be nil (machines share the host network);
-// Machines places machines in the same one.
+// concrete ones in.
 type Parts struct {
 	Control  ControlPlane
 	Exports  Exporter
-	Network  Network
 	Data     datapath.Backend
 	Machines Machines
 	Lease    Lease
@@ -66,6 +63,14 @@ type Machines interface {
 	// AttachArriving reads a machine migrating here and makes its network
 	// namespace at its 6PN address with host as the host part (idempotent).
 	AttachArriving(ctx context.Context, id string, host uint32) (supervisor.Arrival, error)
+	// MapOld keeps an arrived machine's old address reaching it for the
+	// grace period (the target, at cutover).
+	MapOld(ctx context.Context, arr supervisor.Arrival) error
+	// ForwardDeparted removes a machine's network here and routes its old
+	// address towards target for the grace period (the source, after
+	// cutover). Detach only removes it. Both are idempotent.
+	ForwardDeparted(ctx context.Context, id, old, new, target string) error
+	Detach(ctx context.Context, id string) error
 	Start(ctx context.Context, spec machine.Spec) error
 	// Stop stops the machine and any process of it no driver recorded.
 	Stop(ctx context.Context, spec machine.Spec) error
@@ -142,19 +147,6 @@ type Exporter interface {
 	Unexport(ctx context.Context, id string) error
 	// Live reports whether this process serves the export of migration id.
 	Live(id string) bool
-}
-
-// Network rewrites a machine's 6PN addresses at cutover and removes its
-// network (netns.Network); the supervisor places machines on the 6PN.
-type Network interface {
-	// Detach removes the machine's network namespace on this worker (the
-	// supervisor makes it); idempotent.
-	Detach(ctx context.Context, machine string) error
-	// MapOld keeps old reaching the machine (now at new on this worker) for the grace period.
-	MapOld(ctx context.Context, machine string, old, new netrewrite.Addr) error
-	// ForwardOld, on the source, routes old towards via (the target worker's
-	// fabric address) for the grace period.
-	ForwardOld(ctx context.Context, machine string, old, new netrewrite.Addr, via string) error
 }
 
 // isRefusal reports whether err is the store refusing a proposal (state

@@ -12,7 +12,6 @@ import (
 	"github.com/ferry-dev/ferry/datapath"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/failpoint"
-	"github.com/ferry-dev/ferry/netrewrite"
 	"github.com/ferry-dev/ferry/volops"
 )
 
@@ -201,7 +200,7 @@ func (a *Agent) cutover(ctx context.Context, log zerolog.Logger, m *fsm.Migratio
 	mach, newAddr := arr.Machine, m.New6PN
 	if arr.NetNS != "" {
 		newAddr = arr.New.String()
-		if err := a.Network.MapOld(ctx, mach.ID, arr.Old, arr.New); err != nil {
+		if err := a.Machines.MapOld(ctx, arr); err != nil {
 			return err
 		}
 	}
@@ -439,10 +438,8 @@ func (a *Agent) releaseTarget(ctx context.Context, log zerolog.Logger, m *fsm.Mi
 			return err
 		}
 	}
-	if a.Network != nil {
-		if err := a.Network.Detach(ctx, m.Machine); err != nil {
-			return err
-		}
+	if err := a.Machines.Detach(ctx, m.Machine); err != nil {
+		return err
 	}
 	tv := m.TargetVol
 	if tv == "" {
@@ -590,25 +587,8 @@ func (a *Agent) reExport(ctx context.Context, log zerolog.Logger, m *fsm.Migrati
 // forwardOld, on the source after cutover, removes the machine's network and
 // routes the old address towards the target for the grace period.
 func (a *Agent) forwardOld(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
-	if a.Network != nil && m.Old6PN != "" {
-		if err := a.Network.Detach(ctx, m.Machine); err != nil {
-			return err
-		}
-		old, err := netrewrite.Parse(m.Old6PN)
-		if err != nil {
-			return err
-		}
-		tw, err := a.Control.GetWorker(ctx, m.Target)
-		if err != nil {
-			return err
-		}
-		nw, err := netrewrite.Parse(m.New6PN)
-		if err != nil {
-			return fmt.Errorf("migration records no valid new 6PN address: %w", err)
-		}
-		if err := a.Network.ForwardOld(ctx, m.Machine, old, nw, tw.Address); err != nil {
-			return err
-		}
+	if err := a.Machines.ForwardDeparted(ctx, m.Machine, m.Old6PN, m.New6PN, m.Target); err != nil {
+		return err
 	}
 	return a.markDone(m, "net-source")
 }

@@ -19,6 +19,10 @@ type machineStore struct {
 	m *fsm.Machine
 }
 
+func (s machineStore) GetWorker(_ context.Context, name string) (*fsm.Worker, error) {
+	return &fsm.Worker{Name: name, Address: "fd00::" + name}, nil
+}
+
 func (s machineStore) GetMachine(_ context.Context, id string) (*fsm.Machine, error) {
 	if s.m == nil || s.m.ID != id {
 		return nil, errors.New("no such machine")
@@ -27,7 +31,24 @@ func (s machineStore) GetMachine(_ context.Context, id string) (*fsm.Machine, er
 }
 
 // attachNet records the addresses machines are attached at.
-type attachNet struct{ at map[string]netrewrite.Addr }
+type attachNet struct {
+	Network
+	at  map[string]netrewrite.Addr
+	did []string
+}
+
+func (n *attachNet) Detach(_ context.Context, machine string) error {
+	n.did = append(n.did, "detach "+machine)
+	return nil
+}
+func (n *attachNet) MapOld(_ context.Context, machine string, old, new netrewrite.Addr) error {
+	n.did = append(n.did, "map "+machine+" "+old.String()+" "+new.String())
+	return nil
+}
+func (n *attachNet) ForwardOld(_ context.Context, machine string, old, new netrewrite.Addr, via string) error {
+	n.did = append(n.did, "forward "+machine+" "+old.String()+" "+new.String()+" via "+via)
+	return nil
+}
 
 func (n *attachNet) Attach(_ context.Context, machine string, addr netrewrite.Addr) (string, error) {
 	n.at[machine] = addr
@@ -100,5 +121,42 @@ func TestEnsureRunningStartsOnlyAMachineAssignedHere(t *testing.T) {
 				t.Fatalf("driver did %q", did)
 			}
 		})
+	}
+}
+
+func TestMachineNetworkMovesAtCutover(t *testing.T) {
+	old, nw := netrewrite.MustBuild(9, 1, 7), netrewrite.MustBuild(9, 2, 7)
+	ctx := context.Background()
+	net := &attachNet{at: map[string]netrewrite.Addr{}}
+	s := New(zerolog.Nop(), Config{Worker: "w1"}, machineStore{}, nil, nil, nil, net)
+	if err := s.MapOld(ctx, Arrival{Machine: &fsm.Machine{ID: "m1"}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.MapOld(ctx, Arrival{Machine: &fsm.Machine{ID: "m1"}, NetNS: "ns-m1", Old: old, New: nw}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.ForwardDeparted(ctx, "m1", "", nw.String(), "w2"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.ForwardDeparted(ctx, "m1", old.String(), nw.String(), "w2"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Detach(ctx, "m1"); err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"map m1 " + old.String() + " " + nw.String(), "detach m1", "forward m1 " + old.String() + " " + nw.String() + " via fd00::w2", "detach m1"}
+	if !slices.Equal(net.did, want) {
+		t.Fatalf("network did %q, want %q (nothing for a machine without a namespace or an old address)", net.did, want)
+	}
+	if err := s.ForwardDeparted(ctx, "m1", old.String(), "", "w2"); err == nil {
+		t.Fatal("forwarded to a migration's missing new address")
+	}
+	// Machines sharing the host's network: nothing to move.
+	s = New(zerolog.Nop(), Config{Worker: "w1"}, machineStore{}, nil, nil, nil, nil)
+	if err := s.ForwardDeparted(ctx, "m1", old.String(), nw.String(), "w2"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Detach(ctx, "m1"); err != nil {
+		t.Fatal(err)
 	}
 }
