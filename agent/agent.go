@@ -19,6 +19,7 @@ import (
 
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/retry"
+	"github.com/ferry-dev/ferry/volops"
 )
 
 // Config of one agent.
@@ -97,17 +98,12 @@ type Agent struct {
 	firstWatch chan struct{}
 	firstOnce  sync.Once
 	wg         sync.WaitGroup
-	// forks holds the ids of the forks being copied (volume id -> struct{}):
-	// a copy runs beside the reconcile loop, which it would hold up.
-	forks  sync.Map
-	forkWG sync.WaitGroup // the copies; only the reconcile loop adds and waits
-	// trims holds the fstrim runs the trim step started (migration id ->
-	// a channel closed when it ended): they run on beside the machine's
-	// start, and hydration and a teardown wait for them.
-	trims sync.Map
+	// trims are the fstrim runs the trim step started: they run on beside
+	// the machine's start, and hydration and a teardown wait for them.
+	trims *volops.Trims
 }
 
-// New builds an agent from the worker's parts (all required but Network).
+// New builds an agent from the worker's parts (all required).
 func New(log zerolog.Logger, cfg Config, p Parts) (*Agent, error) {
 	cfg.defaults()
 	if cfg.Worker == "" || cfg.DataDir == "" {
@@ -127,7 +123,8 @@ func New(log zerolog.Logger, cfg Config, p Parts) (*Agent, error) {
 			Msg("this data path has no hydration rate limit; hydration runs unthrottled")
 	}
 	a := &Agent{cfg: cfg, log: log.With().Str("worker", cfg.Worker).Logger(), Parts: p, met: newMetrics(),
-		running: map[string]chan *fsm.Migration{}, active: map[string]string{}, reaping: map[string]bool{}, firstWatch: make(chan struct{})}
+		running: map[string]chan *fsm.Migration{}, active: map[string]string{}, reaping: map[string]bool{}, firstWatch: make(chan struct{}),
+		trims: volops.NewTrims(p.Marks, p.Volumes.Trim, cfg.StepTimeout)}
 	for _, part := range []any{p.Lease, p.Keys, p.Machines, p.Volumes} {
 		if c, ok := part.(prometheus.Collector); ok {
 			a.met.reg.MustRegister(c)
@@ -205,6 +202,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.reap(ctx, ms)
 	}
 	a.wg.Wait()
+	a.trims.WaitAll()
 	return nil
 }
 

@@ -8,15 +8,15 @@ import (
 	"github.com/ferry-dev/ferry/datapath"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/machine"
-	"github.com/ferry-dev/ferry/netrewrite"
+	"github.com/ferry-dev/ferry/supervisor"
+	"github.com/ferry-dev/ferry/volops"
 )
 
 // Parts are the worker's pieces an agent drives; cmd/ferry wires the
-// concrete ones in. Network may be nil (machines share the host network).
+// concrete ones in.
 type Parts struct {
 	Control  ControlPlane
 	Exports  Exporter
-	Network  Network
 	Data     datapath.Backend
 	Machines Machines
 	Lease    Lease
@@ -60,16 +60,26 @@ type Machines interface {
 	// LocalSpec in its own network namespace here.
 	Spec(m *fsm.Machine, netns string) (machine.Spec, error)
 	LocalSpec(m *fsm.Machine) (machine.Spec, error)
+	// AttachArriving reads a machine migrating here and makes its network
+	// namespace at its 6PN address with host as the host part (idempotent).
+	AttachArriving(ctx context.Context, id string, host uint32) (supervisor.Arrival, error)
+	// MapOld keeps an arrived machine's old address reaching it for the
+	// grace period (the target, at cutover).
+	MapOld(ctx context.Context, arr supervisor.Arrival) error
+	// ForwardDeparted removes a machine's network here and routes its old
+	// address towards target for the grace period (the source, after
+	// cutover). Detach only removes it. Both are idempotent.
+	ForwardDeparted(ctx context.Context, id, old, new, target string) error
+	Detach(ctx context.Context, id string) error
 	Start(ctx context.Context, spec machine.Spec) error
-	Running(ctx context.Context, spec machine.Spec) bool
 	// Stop stops the machine and any process of it no driver recorded.
 	Stop(ctx context.Context, spec machine.Spec) error
 	// StartLocal mounts the machine's volume here and runs it.
 	StartLocal(ctx context.Context, m *fsm.Machine) error
-	// EnsureRunning starts a machine whose volume is mounted here if it
-	// does not run (in its namespace, at its address); it reports whether
-	// it started it.
-	EnsureRunning(ctx context.Context, m *fsm.Machine) (bool, error)
+	// EnsureRunning starts a machine whose volume is mounted here if the
+	// store assigns it here recorded running and it does not run (in its
+	// namespace, at its address); it reports whether it started it.
+	EnsureRunning(ctx context.Context, id string) (bool, error)
 	// Reconcile brings a machine no migration owns to its recorded state.
 	Reconcile(ctx context.Context, m *fsm.Machine)
 	// Revive repairs vol if its datapath died under machine's mount; the
@@ -81,15 +91,11 @@ type Machines interface {
 
 // VolumeOps are the operations on this worker's volumes (volops.Ops).
 type VolumeOps interface {
-	Create(ctx context.Context, v *fsm.Volume)
-	// Extend grows v; the caller keeps migrations off its machine meanwhile.
-	Extend(ctx context.Context, v *fsm.Volume)
-	Fork(ctx context.Context, v *fsm.Volume)
-	// ServeFork makes, serves or releases the copy of a fork to another
-	// worker whose source volume is here; HydrateFork clones and hydrates
-	// a fork made here from another worker's copy.
-	ServeFork(ctx context.Context, v *fsm.Volume)
-	HydrateFork(ctx context.Context, v *fsm.Volume)
+	// Reconcile brings this worker's volumes and the forks whose copy it
+	// makes to their recorded state (in the background where that takes
+	// long; WaitJobs waits for it); guard runs a volume's growth.
+	Reconcile(ctx context.Context, vols, forks []*fsm.Volume, guard volops.Guard)
+	WaitJobs()
 	// DestinationName names a migration's destination volume.
 	DestinationName(m *fsm.Migration) string
 	// Allocate makes a migration destination's sparse file.
@@ -141,21 +147,6 @@ type Exporter interface {
 	Unexport(ctx context.Context, id string) error
 	// Live reports whether this process serves the export of migration id.
 	Live(id string) bool
-}
-
-// Network places machines on the 6PN and rewrites addresses at cutover.
-type Network interface {
-	// Attach creates the machine's network namespace on this worker with addr; returns the netns name.
-	Attach(ctx context.Context, machine string, addr netrewrite.Addr) (string, error)
-	// Namespace names the machine's network namespace on this worker.
-	Namespace(machine string) string
-	// Detach removes it; idempotent.
-	Detach(ctx context.Context, machine string) error
-	// MapOld keeps old reaching the machine (now at new on this worker) for the grace period.
-	MapOld(ctx context.Context, machine string, old, new netrewrite.Addr) error
-	// ForwardOld, on the source, routes old towards via (the target worker's
-	// fabric address) for the grace period.
-	ForwardOld(ctx context.Context, machine string, old, new netrewrite.Addr, via string) error
 }
 
 // isRefusal reports whether err is the store refusing a proposal (state

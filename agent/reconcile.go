@@ -2,7 +2,6 @@ package agent
 
 import (
 	"context"
-	"os"
 	"time"
 
 	"github.com/ferry-dev/ferry/fsm"
@@ -20,7 +19,7 @@ func (a *Agent) reconcileLoop(ctx context.Context) {
 		return
 	case <-a.firstWatch:
 	}
-	defer a.forkWG.Wait()
+	defer a.Volumes.WaitJobs()
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
 	for {
@@ -39,49 +38,13 @@ func (a *Agent) reconcile(ctx context.Context) {
 		a.log.Debug().Err(err).Msg("reconcile: list volumes")
 		return
 	}
-	for _, v := range vols {
-		if v.Worker != a.cfg.Worker || localID("volume", v.ID) != nil {
-			continue
-		}
-		switch {
-		case v.RemoteFork() && v.Forking():
-			a.forkJob(ctx, v, a.Volumes.HydrateFork)
-		case v.Forking() && v.Layout == nil:
-			a.forkJob(ctx, v, a.Volumes.Fork)
-		case v.State == fsm.VolCreating && v.Layout == nil:
-			a.Volumes.Create(ctx, v)
-		case v.State == fsm.VolCreated && v.Extending() && v.Layout != nil:
-			// Hold machMu so a migration's source step cannot stop the
-			// machine (and export the volume) halfway through the growth.
-			a.machMu.Lock()
-			if v.AttachedMachine == "" || !a.migratingMachines()[v.AttachedMachine] {
-				a.Volumes.Extend(ctx, v)
-			} // else the store refuses to plan it while extending: a stale listing
-			a.machMu.Unlock()
-		case v.State == fsm.VolDestroyed && v.AttachedMachine == "" && !a.forkBusy(v.ID):
-			// (A fork's hydration still running releases its clone itself.)
-			// The server destroys a volume only after its retention window
-			// (and, for a migrated source, after hydrated): the files go now.
-			if _, err := os.Stat(a.Data.VolumeDir(v.ID)); err == nil {
-				if err := a.Data.Remove(ctx, v.ID); err != nil {
-					a.log.Warn().Err(err).Str("volume", v.ID).Msg("remove destroyed volume")
-				} else {
-					a.log.Info().Str("volume", v.ID).Msg("destroyed volume removed from disk")
-				}
-			}
-		}
-	}
 	// Forks to other workers of volumes here: this worker makes, serves
 	// and finally releases their copies.
-	if forks, err := a.Control.ForksFrom(ctx, a.cfg.Worker); err != nil {
+	forks, err := a.Control.ForksFrom(ctx, a.cfg.Worker)
+	if err != nil {
 		a.log.Debug().Err(err).Msg("reconcile: list forks from here")
-	} else {
-		for _, f := range forks {
-			if f.ForkFrom == a.cfg.Worker && localID("volume", f.ID) == nil {
-				a.forkJob(ctx, f, a.Volumes.ServeFork)
-			}
-		}
 	}
+	a.Volumes.Reconcile(ctx, vols, forks, a.unlessMigrating)
 	machs, err := a.Control.ListMachines(ctx, a.cfg.Worker)
 	if err != nil {
 		return
@@ -95,23 +58,14 @@ func (a *Agent) reconcile(ctx context.Context) {
 	}
 }
 
-// forkJob runs job for fork v in the background, once at a time per fork:
-// a copy or a hydration outlasts a reconcile pass.
-func (a *Agent) forkJob(ctx context.Context, v *fsm.Volume, job func(context.Context, *fsm.Volume)) {
-	if _, busy := a.forks.LoadOrStore(v.ID, struct{}{}); busy {
-		return
+// unlessMigrating runs fn unless a migration moves machine, holding machMu
+// so none stops it (and exports its volume) while fn runs.
+func (a *Agent) unlessMigrating(machine string, fn func()) {
+	a.machMu.Lock()
+	defer a.machMu.Unlock()
+	if machine == "" || !a.migratingMachines()[machine] {
+		fn()
 	}
-	a.forkWG.Add(1)
-	go func() {
-		defer a.forkWG.Done()
-		defer a.forks.Delete(v.ID)
-		job(ctx, v)
-	}()
-}
-
-func (a *Agent) forkBusy(id string) bool {
-	_, busy := a.forks.Load(id)
-	return busy
 }
 
 // reconcileMachine hands a machine no migration owns to the supervisor. It

@@ -11,7 +11,8 @@ import (
 
 	"github.com/ferry-dev/ferry/datapath"
 	"github.com/ferry-dev/ferry/fsm"
-	"github.com/ferry-dev/ferry/netrewrite"
+	"github.com/ferry-dev/ferry/internal/failpoint"
+	"github.com/ferry-dev/ferry/volops"
 )
 
 type stepFunc func(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error
@@ -86,20 +87,13 @@ func (a *Agent) done(m *fsm.Migration, what string) bool { return a.Marks.Done(m
 func (a *Agent) markDone(m *fsm.Migration, what string) error { return a.Marks.Mark(m.ID, what) }
 
 func (a *Agent) propose(ctx context.Context, m *fsm.Migration, ev fsm.Event, p fsm.EventPayload) error {
-	if d := a.cfg.PauseBefore[ev]; d < 0 {
-		// failpoint.Hang: blocked until the step's own context ends, as a
-		// hung tool run with it would be.
-		a.log.Warn().Str("migration", m.ID).Str("event", string(ev)).Msg("failpoint: hanging before proposing until the step's context ends")
-		<-ctx.Done()
-		return fmt.Errorf("propose %s: %w", ev, context.Cause(ctx))
-	} else if d > 0 {
-		a.log.Warn().Str("migration", m.ID).Str("event", string(ev)).Dur("pause", d).Msg("failpoint: pausing before proposing")
-		pause := a.runCtx
-		if pause == nil {
-			pause = ctx
+	if d := a.cfg.PauseBefore[ev]; d != 0 {
+		run := a.runCtx
+		if run == nil {
+			run = ctx
 		}
-		if !sleep(pause, d) {
-			return pause.Err()
+		if err := failpoint.Pause(ctx, run, a.log.With().Str("migration", m.ID).Logger(), ev, d); err != nil {
+			return err
 		}
 	}
 	got, err := a.Control.Propose(ctx, m.ID, ev, stepID(m, string(ev)), p)
@@ -155,7 +149,7 @@ func (a *Agent) buildClone(ctx context.Context, log zerolog.Logger, m *fsm.Migra
 	// rollback's teardown removes it like the rest of the target.
 	netDone := make(chan error, 1)
 	go func() {
-		_, _, err := a.machineNetwork(ctx, m)
+		_, err := a.Machines.AttachArriving(ctx, m.Machine, a.cfg.HostID)
 		netDone <- err
 	}()
 	defer func() {
@@ -179,105 +173,16 @@ func (a *Agent) buildClone(ctx context.Context, log zerolog.Logger, m *fsm.Migra
 }
 
 // trim starts fstrim on the clone's filesystem and proposes trimmed without
-// waiting for it: a trim is a hint (free blocks need no fetch), and on a
-// large volume it took 100 ms and more of the machine's pause. It runs on
-// beside the cutover and the machine's start, which is safe: ext4 discards
-// only free blocks and holds each while it discards it, and the clone
-// treats a discard like a full write. Hydration starts only once it ended,
-// so no free block is fetched that the trim would have spared.
+// waiting for it: a trim is a hint, hydration waits for it at most 30 s
+// (volops.Trims says why that is safe).
 func (a *Agent) trim(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
-	a.startTrim(log, m)
-	p := a.progress(ctx, m)
-	return a.propose(ctx, m, fsm.EvTrimmed, fsm.EventPayload{KnownZero: m.KnownZero, Progress: p})
-}
-
-// startTrim runs fstrim on m's clone in the background, once per agent
-// process; success is recorded (step marker "fstrim").
-func (a *Agent) startTrim(log zerolog.Logger, m *fsm.Migration) {
-	if a.done(m, "fstrim") {
-		return
-	}
-	ended := make(chan struct{})
-	if _, running := a.trims.LoadOrStore(m.ID, ended); running {
-		return
-	}
 	parent := a.runCtx
 	if parent == nil {
 		parent = context.Background()
 	}
-	a.wg.Add(1)
-	go func() {
-		defer a.wg.Done()
-		defer close(ended)
-		ctx, cancel := context.WithTimeout(parent, a.cfg.StepTimeout)
-		defer cancel()
-		t0 := time.Now()
-		out, err := a.Volumes.Trim(ctx, a.Data.MountPoint(m.Machine))
-		if err != nil {
-			log.Warn().Err(err).Msg("fstrim failed; tried again before hydration starts")
-			return
-		}
-		if err := a.markDone(m, "fstrim"); err != nil {
-			log.Warn().Err(err).Msg("recording the trim")
-		}
-		log.Info().Str("fstrim", out).Dur("took", time.Since(t0)).Msg("trimmed")
-	}()
-}
-
-// trimWait bounds how long hydration waits for a trim (the trim step's,
-// still running, or one run again): a hung fstrim must not hold the copy
-// back, it only costs fetching free blocks too.
-const trimWait = 30 * time.Second
-
-// waitTrim waits up to trimWait for the fstrim this process started for m,
-// if any; it reports whether none is still running.
-func (a *Agent) waitTrim(ctx context.Context, m *fsm.Migration) (bool, error) {
-	v, ok := a.trims.Load(m.ID)
-	if !ok {
-		return true, nil
-	}
-	select {
-	case <-v.(chan struct{}):
-		a.trims.Delete(m.ID)
-		return true, nil
-	case <-time.After(trimWait):
-		return false, nil
-	case <-ctx.Done():
-		return false, ctx.Err()
-	}
-}
-
-// trimBeforeHydration makes sure the clone was trimmed before the
-// background copy starts: it waits for the trim step's fstrim, or runs
-// fstrim now when this process did not (it restarted since) or it failed.
-// A trim that fails again is logged: hydration then fetches free blocks too.
-func (a *Agent) trimBeforeHydration(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
-	ended, err := a.waitTrim(ctx, m)
-	if err != nil {
-		return err
-	}
-	if !ended {
-		log.Warn().Dur("waited", trimWait).Msg("fstrim still running; hydration starts beside it and may fetch free blocks")
-		return nil
-	}
-	if a.done(m, "fstrim") {
-		return nil
-	}
-	tctx, cancel := context.WithTimeout(ctx, trimWait)
-	out, err := a.Volumes.Trim(tctx, a.Data.MountPoint(m.Machine))
-	cancel()
-	if err != nil {
-		if ctx.Err() != nil {
-			return err
-		}
-		log.Warn().Err(err).Msg("fstrim failed again; hydration fetches the free blocks too")
-		return nil
-	}
-	if err := a.markDone(m, "fstrim"); err != nil {
-		log.Warn().Err(err).Msg("recording the trim")
-	}
-	log.Info().Str("fstrim", out).Msg("trimmed before hydration")
-	return nil
+	a.trims.Start(parent, log, m.ID, a.Data.MountPoint(m.Machine))
+	p := a.progress(ctx, m)
+	return a.propose(ctx, m, fsm.EvTrimmed, fsm.EventPayload{KnownZero: m.KnownZero, Progress: p})
 }
 
 // cutover starts the machine on the target with its new 6PN address and
@@ -288,23 +193,18 @@ func (a *Agent) trimBeforeHydration(ctx context.Context, log zerolog.Logger, m *
 // first, saving one commit of downtime, and relies on the self-fence.
 func (a *Agent) cutover(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
 	t0 := time.Now()
-	mach, netns, err := a.machineNetwork(ctx, m)
+	arr, err := a.Machines.AttachArriving(ctx, m.Machine, a.cfg.HostID)
 	if err != nil {
 		return err
 	}
-	newAddr := m.New6PN
-	if netns != "" {
-		old, _ := netrewrite.Parse(mach.Addr6PN) // parsed by machineNetwork
-		nw, err := old.WithHost(a.cfg.HostID)
-		if err != nil {
-			return err
-		}
-		newAddr = nw.String()
-		if err := a.Network.MapOld(ctx, mach.ID, old, nw); err != nil {
+	mach, newAddr := arr.Machine, m.New6PN
+	if arr.NetNS != "" {
+		newAddr = arr.New.String()
+		if err := a.Machines.MapOld(ctx, arr); err != nil {
 			return err
 		}
 	}
-	spec, err := a.Machines.Spec(mach, netns)
+	spec, err := a.Machines.Spec(mach, arr.NetNS)
 	if err != nil {
 		return err
 	}
@@ -338,42 +238,11 @@ func (a *Agent) cutover(ctx context.Context, log zerolog.Logger, m *fsm.Migratio
 	return nil
 }
 
-// machineNetwork reads the machine and makes its network namespace on this
-// worker at its address with this worker's host part (idempotent); netns is
-// empty when machines share the host's network.
-func (a *Agent) machineNetwork(ctx context.Context, m *fsm.Migration) (mach *fsm.Machine, netns string, err error) {
-	if mach, err = a.Control.GetMachine(ctx, m.Machine); err != nil {
-		return nil, "", err
-	}
-	if a.Network == nil || mach.Addr6PN == "" {
-		return mach, "", nil
-	}
-	old, err := netrewrite.Parse(mach.Addr6PN)
-	if err != nil {
-		return nil, "", fmt.Errorf("machine %s 6PN address: %w", mach.ID, err)
-	}
-	nw, err := old.WithHost(a.cfg.HostID)
-	if err != nil {
-		return nil, "", err
-	}
-	if netns, err = a.Network.Attach(ctx, mach.ID, nw); err != nil {
-		return nil, "", err
-	}
-	return mach, netns, nil
-}
-
 // ensureRunning, on the target after cutover, starts the machine if it does
 // not run: the start after the cutover commit failed, the fence stopped it
 // while the commit's outcome was unknown here, or it crashed.
 func (a *Agent) ensureRunning(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
-	mach, err := a.Control.GetMachine(ctx, m.Machine)
-	if err != nil {
-		return err
-	}
-	if mach.Worker != a.cfg.Worker || mach.State != fsm.MachineRunning {
-		return nil
-	}
-	started, err := a.Machines.EnsureRunning(ctx, mach)
+	started, err := a.Machines.EnsureRunning(ctx, m.Machine)
 	if started {
 		log.Warn().Msg("machine was not running after cutover; started it")
 	}
@@ -398,7 +267,7 @@ func (a *Agent) startHydration(ctx context.Context, log zerolog.Logger, m *fsm.M
 	if t, ok := m.EnteredAt[fsm.Cutover]; ok && !sleep(ctx, min(time.Until(t.Add(machineHeadStart)), machineHeadStart)) {
 		return ctx.Err()
 	}
-	if err := a.trimBeforeHydration(ctx, log, m); err != nil {
+	if err := a.trims.BeforeHydration(ctx, log, m.ID, a.Data.MountPoint(m.Machine)); err != nil {
 		return err
 	}
 	if err := p.EnableHydration(ctx); err != nil {
@@ -461,7 +330,7 @@ func (a *Agent) hydrate(ctx context.Context, log zerolog.Logger, m *fsm.Migratio
 		return err
 	}
 	lastReport := time.Time{}
-	var watch progressWatch
+	var watch volops.ProgressWatch
 	// Follow the export if the source moved it (a restart elsewhere).
 	follow := func(e *fsm.Export) bool {
 		r, ok := p.(datapath.Retargeter)
@@ -484,9 +353,9 @@ func (a *Agent) hydrate(ctx context.Context, log zerolog.Logger, m *fsm.Migratio
 		if st.Progress != nil && st.Progress.Stalled {
 			stalled := true
 			a.Control.Propose(ctx, m.ID, fsm.EvReport, "", fsm.EventPayload{Error: st.Progress.StalledReason, Stalled: &stalled})
-		} else if st.Progress != nil && !st.Complete && !st.Dissolved && watch.stuck(time.Now(), st.Progress.HydratedBytes, a.cfg.StallAfter) {
+		} else if st.Progress != nil && !st.Complete && !st.Dissolved && watch.Stuck(time.Now(), st.Progress.HydratedBytes, a.cfg.StallAfter) {
 			stalled := true
-			reason := a.Volumes.NoProgressReason(m.TargetVol, st.Progress, time.Since(watch.since))
+			reason := a.Volumes.NoProgressReason(m.TargetVol, st.Progress, time.Since(watch.Since()))
 			a.Control.Propose(ctx, m.ID, fsm.EvReport, "", fsm.EventPayload{Error: reason, Stalled: &stalled})
 		}
 		if st.Complete || st.Dissolved {
@@ -548,9 +417,9 @@ func (a *Agent) tearDownTarget(ctx context.Context, log zerolog.Logger, m *fsm.M
 // releaseTarget stops the machine if the store does not assign it here and
 // removes the clone, its mount and the destination volume. Idempotent.
 func (a *Agent) releaseTarget(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
-	// A trim still running holds the mount: give it trimWait to end; one
+	// A trim still running holds the mount: give it its bound to end; one
 	// that hangs fails once the release below abandons the volume.
-	if _, err := a.waitTrim(ctx, m); err != nil {
+	if _, err := a.trims.WaitFor(ctx, m.ID); err != nil {
 		return err
 	}
 	mnt := a.Data.MountPoint(m.Machine)
@@ -569,10 +438,8 @@ func (a *Agent) releaseTarget(ctx context.Context, log zerolog.Logger, m *fsm.Mi
 			return err
 		}
 	}
-	if a.Network != nil {
-		if err := a.Network.Detach(ctx, m.Machine); err != nil {
-			return err
-		}
+	if err := a.Machines.Detach(ctx, m.Machine); err != nil {
+		return err
 	}
 	tv := m.TargetVol
 	if tv == "" {
@@ -720,25 +587,8 @@ func (a *Agent) reExport(ctx context.Context, log zerolog.Logger, m *fsm.Migrati
 // forwardOld, on the source after cutover, removes the machine's network and
 // routes the old address towards the target for the grace period.
 func (a *Agent) forwardOld(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
-	if a.Network != nil && m.Old6PN != "" {
-		if err := a.Network.Detach(ctx, m.Machine); err != nil {
-			return err
-		}
-		old, err := netrewrite.Parse(m.Old6PN)
-		if err != nil {
-			return err
-		}
-		tw, err := a.Control.GetWorker(ctx, m.Target)
-		if err != nil {
-			return err
-		}
-		nw, err := netrewrite.Parse(m.New6PN)
-		if err != nil {
-			return fmt.Errorf("migration records no valid new 6PN address: %w", err)
-		}
-		if err := a.Network.ForwardOld(ctx, m.Machine, old, nw, tw.Address); err != nil {
-			return err
-		}
+	if err := a.Machines.ForwardDeparted(ctx, m.Machine, m.Old6PN, m.New6PN, m.Target); err != nil {
+		return err
 	}
 	return a.markDone(m, "net-source")
 }

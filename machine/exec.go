@@ -151,13 +151,14 @@ func (e *Exec) Start(ctx context.Context, s Spec) error {
 	}
 	e.journal(s.ID, "start")
 	// Reap it when it exits while we are alive; after an agent restart init reaps it.
-	go cmd.Wait()
+	go reapGroup(cmd)
 	e.Log.Info().Str("machine", s.ID).Int("pid", cmd.Process.Pid).Uint32("uid", user.UID).Uint32("gid", user.GID).Msg("machine started")
 	return nil
 }
 
-// Stop sends the kill signal, waits up to the kill timeout, then SIGKILLs.
-// It returns once the process is gone.
+// Stop sends the kill signal to the machine's process, waits up to the kill
+// timeout, then SIGKILLs its process group; once the process is gone it
+// SIGKILLs what is left of the group. It returns once they are gone.
 func (e *Exec) Stop(ctx context.Context, s Spec) error {
 	if err := ValidateID(s.ID); err != nil {
 		return err
@@ -177,12 +178,17 @@ func (e *Exec) Stop(ctx context.Context, s Spec) error {
 	if timeout <= 0 {
 		timeout = 5 * time.Second
 	}
+	// Listed while the leader lives, so every one is the machine's: one
+	// still in the group later proves the group's id was not reused.
+	members, _ := groupMembers(ref.Pid)
 	_ = syscall.Kill(ref.Pid, sig)
 	deadline := time.Now().Add(timeout)
 	for ref.alive() {
 		if time.Now().After(deadline) {
 			e.Log.Warn().Str("machine", s.ID).Dur("kill_timeout", timeout).Msg("machine ignored its kill signal; killing")
-			_ = syscall.Kill(ref.Pid, syscall.SIGKILL)
+			if !signalGroup(ref.Pid, members) {
+				_ = syscall.Kill(ref.Pid, syscall.SIGKILL)
+			}
 			deadline = time.Now().Add(10 * time.Second)
 			for ref.alive() {
 				if time.Now().After(deadline) {
@@ -197,6 +203,12 @@ func (e *Exec) Stop(ctx context.Context, s Spec) error {
 			return fmt.Errorf("stop machine %s: %w", s.ID, ctx.Err())
 		case <-time.After(5 * time.Millisecond):
 		}
+	}
+	// The leader's children (a shell's background jobs) are the machine
+	// too: left alone they run on, and write to its volume, after it
+	// stopped.
+	if n := endGroup(ref.Pid, members); n > 0 {
+		e.Log.Warn().Str("machine", s.ID).Int("processes", n).Msg("processes of the machine's group survived SIGKILL for 10s: check for a hung mount")
 	}
 	e.Log.Info().Str("machine", s.ID).Msg("machine stopped")
 	return e.markStopped(s.ID, ref)

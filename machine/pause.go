@@ -4,9 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"strconv"
-	"strings"
 	"syscall"
 	"time"
 )
@@ -86,31 +84,11 @@ func (e *Exec) liveRef(s Spec) (*procRef, error) {
 // groupStopped reports whether every live process of process group pgid is
 // stopped (state T) or gone.
 func groupStopped(pgid int) bool {
-	ents, err := os.ReadDir("/proc")
+	group, err := groupMembers(pgid)
 	if err != nil {
 		return false
 	}
-	group := map[string]procState{}
-	for _, ent := range ents {
-		if _, err := strconv.Atoi(ent.Name()); err != nil {
-			continue
-		}
-		b, err := os.ReadFile("/proc/" + ent.Name() + "/stat")
-		if err != nil {
-			continue // exited meanwhile
-		}
-		s := string(b)
-		i := strings.LastIndexByte(s, ')')
-		if i < 0 {
-			continue
-		}
-		f := strings.Fields(s[i+1:]) // state, ppid, pgrp, ...
-		if len(f) < 3 || f[2] != strconv.Itoa(pgid) {
-			continue
-		}
-		group[ent.Name()] = procState{state: f[0], ppid: f[1]}
-	}
-	for pid, p := range group {
+	for _, p := range group {
 		switch p.state {
 		case "T", "Z", "X":
 			continue
@@ -118,7 +96,7 @@ func groupStopped(pgid int) bool {
 			// A parent in vfork waits, uninterruptibly, for its child to
 			// exec or exit; a child stopped before it did holds it there.
 			// It makes no progress until the group is continued.
-			if stoppedChild(group, pid) {
+			if stoppedChild(group, p.pid) {
 				continue
 			}
 		}
@@ -127,13 +105,10 @@ func groupStopped(pgid int) bool {
 	return true
 }
 
-// procState is a process's state letter and parent, from /proc/PID/stat.
-type procState struct{ state, ppid string }
-
 // stoppedChild reports whether pid has a stopped child in group.
-func stoppedChild(group map[string]procState, pid string) bool {
+func stoppedChild(group []groupMember, pid int) bool {
 	for _, c := range group {
-		if c.ppid == pid && c.state == "T" {
+		if c.ppid == strconv.Itoa(pid) && c.state == "T" {
 			return true
 		}
 	}

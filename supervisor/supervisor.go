@@ -25,6 +25,7 @@ type Store interface {
 	GetVolume(ctx context.Context, id string) (*fsm.Volume, error)
 	GetMachine(ctx context.Context, id string) (*fsm.Machine, error)
 	UpdateMachine(ctx context.Context, cmd fsm.UpdateMachineCmd) error
+	GetWorker(ctx context.Context, name string) (*fsm.Worker, error)
 }
 
 // Driver runs the machines (behind the worker's fence).
@@ -40,10 +41,18 @@ type Keys interface {
 	OwnerKey(ctx context.Context, vol string) ([]byte, error)
 }
 
-// Network places a machine in its network namespace.
+// Network places a machine on the 6PN in its network namespace and moves
+// its addresses at cutover (netns.Network).
 type Network interface {
 	Attach(ctx context.Context, machine string, addr netrewrite.Addr) (string, error)
 	Namespace(machine string) string
+	// Detach removes the machine's namespace; idempotent.
+	Detach(ctx context.Context, machine string) error
+	// MapOld keeps old reaching the machine (now at new here) for the grace period.
+	MapOld(ctx context.Context, machine string, old, new netrewrite.Addr) error
+	// ForwardOld routes old towards via (the target worker's fabric
+	// address) for the grace period.
+	ForwardOld(ctx context.Context, machine string, old, new netrewrite.Addr, via string) error
 }
 
 // Config of the supervisor.
@@ -210,9 +219,99 @@ func (s *Supervisor) attached(ctx context.Context, mach *fsm.Machine) (machine.S
 	return s.Spec(mach, netns)
 }
 
-// EnsureRunning starts a machine whose volume is mounted here if it does
-// not run; it reports whether it started it.
-func (s *Supervisor) EnsureRunning(ctx context.Context, mach *fsm.Machine) (bool, error) {
+// Arrival is where a machine migrating to this worker runs here.
+type Arrival struct {
+	Machine *fsm.Machine
+	// NetNS is its network namespace here; empty when machines share the
+	// host's network (then Old and New are zero).
+	NetNS string
+	// Old is its recorded 6PN address, New the same with this worker's
+	// host part.
+	Old, New netrewrite.Addr
+}
+
+// AttachArriving reads machine id and makes its network namespace on this
+// worker at its address with host (this worker's 6PN host id) as the host
+// part. Idempotent: the target calls it while it builds the clone and again
+// at cutover.
+func (s *Supervisor) AttachArriving(ctx context.Context, id string, host uint32) (Arrival, error) {
+	mach, err := s.store.GetMachine(ctx, id)
+	if err != nil {
+		return Arrival{}, err
+	}
+	if s.net == nil || mach.Addr6PN == "" {
+		return Arrival{Machine: mach}, nil
+	}
+	old, err := netrewrite.Parse(mach.Addr6PN)
+	if err != nil {
+		return Arrival{}, fmt.Errorf("machine %s 6PN address: %w", mach.ID, err)
+	}
+	nw, err := old.WithHost(host)
+	if err != nil {
+		return Arrival{}, err
+	}
+	netns, err := s.net.Attach(ctx, mach.ID, nw)
+	if err != nil {
+		return Arrival{}, err
+	}
+	return Arrival{Machine: mach, NetNS: netns, Old: old, New: nw}, nil
+}
+
+// MapOld, on a migration's target at cutover, keeps the arrived machine's
+// old address reaching it at its new one for the grace period; nothing
+// when it has no network namespace.
+func (s *Supervisor) MapOld(ctx context.Context, arr Arrival) error {
+	if s.net == nil || arr.NetNS == "" {
+		return nil
+	}
+	return s.net.MapOld(ctx, arr.Machine.ID, arr.Old, arr.New)
+}
+
+// Detach removes machine id's network namespace here; idempotent.
+func (s *Supervisor) Detach(ctx context.Context, id string) error {
+	if s.net == nil {
+		return nil
+	}
+	return s.net.Detach(ctx, id)
+}
+
+// ForwardDeparted, on a migration's source after cutover, removes machine
+// id's network here and routes its old 6PN address towards the target
+// worker, where it now runs at new, for the grace period.
+func (s *Supervisor) ForwardDeparted(ctx context.Context, id, old, new, target string) error {
+	if s.net == nil || old == "" {
+		return nil
+	}
+	if err := s.net.Detach(ctx, id); err != nil {
+		return err
+	}
+	oldAddr, err := netrewrite.Parse(old)
+	if err != nil {
+		return err
+	}
+	tw, err := s.store.GetWorker(ctx, target)
+	if err != nil {
+		return err
+	}
+	newAddr, err := netrewrite.Parse(new)
+	if err != nil {
+		return fmt.Errorf("migration records no valid new 6PN address: %w", err)
+	}
+	return s.net.ForwardOld(ctx, id, oldAddr, newAddr, tw.Address)
+}
+
+// EnsureRunning starts machine id, whose volume is mounted here, if the
+// store assigns it to this worker recorded running and it does not run (a
+// migration's target after cutover: the start after the commit failed, the
+// fence stopped it, or it crashed); it reports whether it started it.
+func (s *Supervisor) EnsureRunning(ctx context.Context, id string) (bool, error) {
+	mach, err := s.store.GetMachine(ctx, id)
+	if err != nil {
+		return false, err
+	}
+	if mach.Worker != s.cfg.Worker || mach.State != fsm.MachineRunning {
+		return false, nil
+	}
 	spec, err := s.attached(ctx, mach)
 	if err != nil {
 		return false, err

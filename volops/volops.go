@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -56,6 +57,12 @@ type Ops struct {
 	vols    datapath.Backend
 	mach    Machines
 	exports Exporter
+
+	// jobs holds the volumes with a background job (a fork's copy or
+	// hydration) running (volume id -> struct{}): it would hold
+	// Reconcile up.
+	jobs  sync.Map
+	jobWG sync.WaitGroup
 }
 
 // New makes the volume operations of worker; exports serves the copies of

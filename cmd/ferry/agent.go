@@ -122,7 +122,7 @@ func (f *agentFlags) build(ctx context.Context) (*worker, error) {
 	}
 	sup := supervisor.New(alog, supervisor.Config{Worker: f.worker}, cp, lease.Gated(), vols, keys, nw)
 	lease.OnStop(sup.Forget)
-	a, err := agent.New(logging.For(log, "agent"), acfg, agent.Parts{Control: cp, Exports: exp, Network: nw, Data: vols, Machines: sup,
+	a, err := agent.New(logging.For(log, "agent"), acfg, agent.Parts{Control: cp, Exports: exp, Data: vols, Machines: sup,
 		Lease: lease, Keys: keys, Volumes: volops.New(alog, f.worker, cp, keys, vols, sup, exp), Marks: stepmark.Dir(filepath.Join(f.dataDir, "steps"))})
 	if err != nil {
 		return nil, err
