@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -57,7 +56,7 @@ type Export struct {
 	dev   blockdev.Device
 	path  string
 	ctl   *os.File
-	conns []net.Conn
+	conns []*fdConn
 	doIt  chan error
 	serve sync.WaitGroup
 	errs  []error
@@ -178,7 +177,7 @@ func attachTo(ctx context.Context, log zerolog.Logger, path, sys string, dev blo
 	fail := func(what string, err error) (*Export, error) {
 		closeKernelFDs()
 		for _, c := range e.conns {
-			c.Close()
+			c.release()
 		}
 		ctl.Close() // the last close resets a device that never started
 		return nil, fmt.Errorf("nbd: %s on %s: %w", what, path, err)
@@ -189,13 +188,7 @@ func attachTo(ctx context.Context, log zerolog.Logger, path, sys string, dev blo
 			return fail("socketpair", err)
 		}
 		kernelFDs = append(kernelFDs, fds[0])
-		ours := os.NewFile(uintptr(fds[1]), "nbd-server")
-		c, err := net.FileConn(ours)
-		ours.Close()
-		if err != nil {
-			return fail("socket", err)
-		}
-		e.conns = append(e.conns, c)
+		e.conns = append(e.conns, &fdConn{fd: fds[1]})
 	}
 	steps := []struct {
 		what     string
@@ -310,6 +303,9 @@ func (e *Export) Close() error {
 			c.Close()
 		}
 		e.serve.Wait()
+		for _, c := range e.conns {
+			c.release()
+		}
 		_ = ioctl(e.ctl, nbdClearSock, 0)
 		e.ctl.Close()
 		e.emu.Lock()

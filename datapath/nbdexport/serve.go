@@ -1,6 +1,7 @@
 package nbdexport
 
 import (
+	"bufio"
 	"errors"
 	"fmt"
 	"io"
@@ -11,6 +12,7 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
 
 	"github.com/ferry-dev/ferry/blockdev"
 )
@@ -69,62 +71,138 @@ type conn struct {
 // written. Requests run concurrently (up to InFlight); Serve returns only
 // once every one of them has replied or failed. A clean disconnect returns
 // nil. c is closed on return.
+//
+// The goroutine that reads a request serves it itself, after handing the
+// stream to another (leader/follower, as FUSE servers do): a request costs
+// one thread wake-up, the reader's, instead of a second for a worker, and
+// a slow request (a clone's fetch from its source) holds back no other.
 func (s *Server) Serve(c io.ReadWriteCloser) error {
 	defer c.Close()
-	inFlight := s.InFlight
-	if inFlight <= 0 {
-		inFlight = DefaultInFlight
+	l := &loop{s: s, cn: &conn{s: s, c: c}, size: s.Dev.Size(), max: s.InFlight,
+		br: bufio.NewReaderSize(c, 64<<10), hdr: make([]byte, requestLen)}
+	if l.max <= 0 {
+		l.max = DefaultInFlight
 	}
-	cn := &conn{s: s, c: c}
-	slots := make(chan struct{}, inFlight)
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	hdr := make([]byte, requestLen)
-	size := s.Dev.Size()
+	l.running, l.idle = 1, 1
+	l.wg.Add(1)
+	go l.run()
+	l.wg.Wait()
+	return l.err
+}
+
+// loop is one connection's goroutines: at most one holds tok and reads
+// the stream; the others serve what they read, then wait for tok again.
+type loop struct {
+	s    *Server
+	cn   *conn
+	size int64
+	max  int
+	br   *bufio.Reader
+	hdr  []byte
+	tok  sync.Mutex
+
+	mu            sync.Mutex
+	running, idle int // goroutines; those waiting for tok
+	stopped       bool
+	err           error // why the stream ended, nil for a clean end
+	wg            sync.WaitGroup
+}
+
+func (l *loop) run() {
+	defer l.wg.Done()
 	for {
-		if _, err := io.ReadFull(c, hdr); err != nil {
-			if errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) {
-				return nil
-			}
-			return fmt.Errorf("nbd: reading a request: %w", err)
+		l.tok.Lock()
+		l.mu.Lock()
+		l.idle--
+		stopped := l.stopped
+		l.mu.Unlock()
+		var r Request
+		var payload []byte
+		ok := false
+		if !stopped {
+			r, payload, ok = l.read()
 		}
-		r, err := ParseRequest(hdr)
+		l.mu.Lock()
+		if !ok {
+			l.running--
+			l.mu.Unlock()
+			l.tok.Unlock()
+			return
+		}
+		// Someone must be reading while this request is served.
+		if l.idle == 0 && l.running < l.max {
+			l.running++
+			l.idle++
+			l.wg.Add(1)
+			go l.run()
+		}
+		l.mu.Unlock()
+		l.tok.Unlock()
+
+		l.cn.serve(r, payload)
+		if err := l.cn.writeErr(); err != nil {
+			l.stop(err) // send closed c: the reader wakes
+		}
+		l.mu.Lock()
+		l.idle++
+		l.mu.Unlock()
+	}
+}
+
+func (l *loop) stop(err error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if !l.stopped {
+		l.stopped, l.err = true, err
+	}
+}
+
+// read reads the next request to serve, answering refused ones itself; it
+// reports false once the stream ended (l.stopped is then set).
+func (l *loop) read() (Request, []byte, bool) {
+	s := l.s
+	for {
+		if _, err := io.ReadFull(l.br, l.hdr); err != nil {
+			if errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) {
+				err = nil
+			} else {
+				err = fmt.Errorf("nbd: reading a request: %w", err)
+			}
+			l.stop(err)
+			return Request{}, nil, false
+		}
+		r, err := ParseRequest(l.hdr)
 		if err != nil {
 			s.Log.Warn().Err(err).Msg("nbd connection closed")
-			return err
+			l.stop(err)
+			return r, nil, false
 		}
 		var payload []byte
 		if r.Type == cmdWrite {
 			// The payload must be consumed even when the request is
 			// refused, or the next header is read from its bytes.
 			payload = s.buf(int(r.Length))
-			if _, err := io.ReadFull(c, payload); err != nil {
+			if _, err := io.ReadFull(l.br, payload); err != nil {
 				s.putBuf(payload)
-				return fmt.Errorf("nbd: reading a write's %d bytes: %w", r.Length, err)
+				l.stop(fmt.Errorf("nbd: reading a write's %d bytes: %w", r.Length, err))
+				return r, nil, false
 			}
 		}
 		if r.Type == cmdDisc {
-			return nil
+			l.stop(nil)
+			return r, nil, false
 		}
-		if errno := r.Check(size, s.ReadOnly); errno != 0 {
-			if payload != nil {
-				s.putBuf(payload)
-			}
-			s.Log.Debug().Uint16("type", r.Type).Uint64("offset", r.Offset).Uint32("length", r.Length).Msg("nbd request refused")
-			if err := cn.send(r.Cookie, errno, nil); err != nil {
-				return err
-			}
-			continue
+		errno := r.Check(l.size, s.ReadOnly)
+		if errno == 0 {
+			return r, payload, true
 		}
-		slots <- struct{}{}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			defer func() { <-slots }()
-			cn.serve(r, payload)
-		}()
-		if err := cn.writeErr(); err != nil {
-			return err
+		if payload != nil {
+			s.putBuf(payload)
+		}
+		s.Log.Debug().Uint16("type", r.Type).Uint64("offset", r.Offset).Uint32("length", r.Length).Msg("nbd request refused")
+		if err := l.cn.send(r.Cookie, errno, nil); err != nil {
+			l.stop(err)
+			return r, nil, false
 		}
 	}
 }
@@ -206,7 +284,9 @@ func (cn *conn) send(cookie uint64, errno syscall.Errno, data []byte) error {
 		return cn.err
 	}
 	var err error
-	if nc, ok := cn.c.(net.Conn); ok && len(data) > 0 {
+	if v, ok := cn.c.(vectorWriter); ok {
+		err = v.writev(h[:], data)
+	} else if nc, ok := cn.c.(net.Conn); ok && len(data) > 0 {
 		bufs := net.Buffers{h[:], data}
 		_, err = bufs.WriteTo(nc)
 	} else {
@@ -221,4 +301,88 @@ func (cn *conn) send(cookie uint64, errno syscall.Errno, data []byte) error {
 		cn.c.Close()
 	}
 	return cn.err
+}
+
+// vectorWriter writes several buffers as one stream write.
+type vectorWriter interface {
+	writev(bufs ...[]byte) error
+}
+
+// fdConn is a stream socket used with blocking system calls on the
+// calling thread, outside Go's network poller: the kernel's requests wake
+// the reading thread itself instead of a poller thread that then hands the
+// goroutine on (measured in the test VM: QD1 reads over NBD took 5.3 ms
+// at the median through the poller).
+type fdConn struct {
+	fd     int
+	closed atomic.Bool
+}
+
+func (c *fdConn) Read(p []byte) (int, error) {
+	for {
+		n, err := unix.Read(c.fd, p)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err != nil:
+			if c.closed.Load() {
+				return 0, net.ErrClosed
+			}
+			return 0, err
+		case n == 0 && len(p) > 0:
+			return 0, io.EOF
+		}
+		return n, nil
+	}
+}
+
+func (c *fdConn) Write(p []byte) (int, error) {
+	if err := c.writev(p); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+func (c *fdConn) writev(bufs ...[]byte) error {
+	for {
+		// sendmsg with MSG_NOSIGNAL: a peer gone must be an error, not SIGPIPE.
+		n, err := unix.SendmsgBuffers(c.fd, bufs, nil, nil, unix.MSG_NOSIGNAL)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		for n > 0 && len(bufs) > 0 {
+			if n < len(bufs[0]) {
+				bufs[0] = bufs[0][n:]
+				n = 0
+				break
+			}
+			n -= len(bufs[0])
+			bufs = bufs[1:]
+		}
+		for len(bufs) > 0 && len(bufs[0]) == 0 {
+			bufs = bufs[1:]
+		}
+		if len(bufs) == 0 {
+			return nil
+		}
+	}
+}
+
+// Close shuts the socket down, which wakes a thread blocked reading it and
+// fails further writes. The descriptor stays open until release: closing
+// it under a blocked read would let the number be reused and read.
+func (c *fdConn) Close() error {
+	if c.closed.Swap(true) {
+		return nil
+	}
+	return unix.Shutdown(c.fd, unix.SHUT_RDWR)
+}
+
+// release closes the descriptor, once no goroutine reads or writes it.
+func (c *fdConn) release() error {
+	c.Close()
+	return unix.Close(c.fd)
 }

@@ -105,7 +105,23 @@ func (c *client) recv(n int) (cookie uint64, errno syscall.Errno, data []byte) {
 func TestServeReadWriteFlushTrimZeroes(t *testing.T) {
 	mem := blockdev.NewMem(1 << 20)
 	dev := &countingDev{Device: mem}
-	c, done := serve(t, dev, false)
+	// The server's end as Attach makes it: blocking calls on the socket.
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := os.NewFile(uintptr(fds[0]), "kernel")
+	kc, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { kc.Close() })
+	ours := &fdConn{fd: fds[1]}
+	done := make(chan error, 1)
+	go func() { done <- (&Server{Log: zerolog.Nop(), Dev: dev}).Serve(ours) }()
+	t.Cleanup(func() { ours.release() })
+	c := &client{t, kc}
 
 	data := make([]byte, 64<<10)
 	rand.Read(data)
