@@ -38,6 +38,7 @@ import (
 type agentFlags struct {
 	clientFlags
 	worker, dataDir, address, backend, domain string
+	blockExport                               string
 	hostID                                    uint32
 	dev, fastKDF                              bool
 	grace, leaseTTL, fenceMargin              time.Duration
@@ -63,6 +64,11 @@ func (f *agentFlags) build(ctx context.Context) (*worker, error) {
 	}
 	if f.worker == "" {
 		return nil, withCode(ExitUsage, fmt.Errorf("--worker is required"))
+	}
+	switch f.blockExport {
+	case "auto", userspace.ExportFUSE, userspace.ExportNBD:
+	default:
+		return nil, withCode(ExitUsage, fmt.Errorf("--block-export %q: want auto, fuse or nbd", f.blockExport))
 	}
 	if f.name == "" {
 		f.name = f.worker
@@ -139,9 +145,25 @@ func (f *agentFlags) backends(log zerolog.Logger, exe string, deny *iscsi.DenyLi
 		}},
 		{Name: "userspace", Probe: userspace.Probe, New: func() datapath.Backend {
 			return &userspace.Backend{DataDir: f.dataDir, Exe: exe, Log: logging.For(log, "volumes"), Loops: loopdev.System{}, FastKDF: f.fastKDF,
-				TLS: f.peerTLS(deny), Deny: deny}
+				TLS: f.peerTLS(deny), Deny: deny, BlockExport: f.userspaceExport(log)}
 		}},
 	}
+}
+
+// userspaceExport resolves --block-export for the userspace data path:
+// auto picks NBD with kernel dm-crypt where the kernel has both (no FUSE
+// file, no loop device, the cipher in the kernel), FUSE elsewhere.
+func (f *agentFlags) userspaceExport(log zerolog.Logger) string {
+	switch f.blockExport {
+	case userspace.ExportFUSE, userspace.ExportNBD:
+		return f.blockExport
+	}
+	if err := userspace.ProbeNBD(context.Background()); err != nil {
+		log.Info().Str("block_export", userspace.ExportFUSE).Str("why", err.Error()).Msg("userspace data path: volumes reach the kernel over FUSE")
+		return userspace.ExportFUSE
+	}
+	log.Info().Str("block_export", userspace.ExportNBD).Msg("userspace data path: volumes reach the kernel over NBD, decrypted by dm-crypt")
+	return userspace.ExportNBD
 }
 
 // denyWatcher is a data path whose clones run in processes of their own
@@ -214,6 +236,7 @@ state. With --dev it also runs a one-node server in the same process (developmen
 	// Volume passphrases are 256-bit random keys held by the server, so a
 	// memory-hard KDF adds no security, and unlocking happens between
 	// source_stopped and cutover: argon2id's ~1 s would be downtime.
+	fl.StringVar(&f.blockExport, "block-export", "auto", "how the userspace data path hands a volume to the kernel: fuse (a FUSE file on a loop device, the LUKS2 view in ferry), nbd (an NBD device with kernel dm-crypt over it) or auto: nbd where the kernel has NBD and device-mapper")
 	fl.BoolVar(&f.fastKDF, "fast-kdf", true, "format new volumes with a pbkdf2 keyslot (their passphrases are random 256-bit keys; a slow KDF only adds downtime)")
 	fl.StringVar(&f.machineUser, "machine-user", "65534:65534", "UID:GID machines (and their scripts) run as, with no_new_privs and a clean environment; \"root\" only for trusted test workloads")
 	fl.StringVar(&f.metricsListen, "metrics-listen", "", "serve Prometheus metrics on this address (e.g. 127.0.0.1:9410); empty: off")

@@ -317,3 +317,20 @@ func (e *Export) Close() error {
 	})
 	return e.cerr
 }
+
+// Release frees an NBD device whose server died (its process killed):
+// the kernel drops the dead sockets and the device is free again.
+func Release(path string) error {
+	f, err := os.OpenFile(path, os.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("nbd: open %s: %w", path, err)
+	}
+	defer f.Close()
+	if err := ioctl(f, nbdDisconnect, 0); err != nil && !errors.Is(err, unix.EINVAL) {
+		return fmt.Errorf("nbd: disconnect %s: %w", path, err)
+	}
+	if err := ioctl(f, nbdClearSock, 0); err != nil {
+		return fmt.Errorf("nbd: clear %s: %w", path, err)
+	}
+	return nil
+}

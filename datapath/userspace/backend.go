@@ -46,7 +46,13 @@ type Backend struct {
 	// none): a clone starts with it, and WatchDenied sends it to running
 	// clones when it changes.
 	Deny *iscsi.DenyList
+	// BlockExport is how volumes reach the kernel: ExportFUSE (default) or
+	// ExportNBD (kernel dm-crypt over the served ciphertext; see
+	// ProbeNBD).
+	BlockExport string
 }
+
+func (v *Backend) nbd() bool { return v.BlockExport == ExportNBD }
 
 var (
 	_ datapath.Backend     = (*Backend)(nil)
@@ -57,7 +63,7 @@ var (
 // guaranteed share of background copies under foreground load, and counts
 // fetched and skipped bytes.
 func (v *Backend) Capabilities() datapath.Capabilities {
-	return datapath.Capabilities{Name: "userspace", HydrationRateLimit: true, GuaranteedShare: true, ByteCounters: true, Extend: true, Fork: true}
+	return datapath.Capabilities{Name: "userspace", HydrationRateLimit: true, GuaranteedShare: true, ByteCounters: true, Extend: !v.nbd(), Fork: true}
 }
 
 // Extend grows the volume to size bytes. Served (its machine runs): the
@@ -69,6 +75,9 @@ func (v *Backend) Capabilities() datapath.Capabilities {
 func (v *Backend) Extend(ctx context.Context, vol string, layout luks.Layout, size int64, passphrase []byte) (luks.Layout, error) {
 	if err := checkVolumeName(vol); err != nil {
 		return luks.Layout{}, err
+	}
+	if v.nbd() {
+		return luks.Layout{}, fmt.Errorf("extend volume %s: served over NBD: %w", vol, datapath.ErrNotSupported)
 	}
 	next, err := datapath.GrownLayout(layout, size)
 	if err != nil {
@@ -184,7 +193,7 @@ func (v *Backend) runDir() string                { return filepath.Join(v.DataDi
 // Config is the serve configuration of a local volume (no clone).
 func (v *Backend) Config(vol string, layout luks.Layout) Config {
 	return Config{VolumeID: vol, DataPath: v.DataPath(vol), Layout: layout,
-		MountDir: v.FuseDir(vol), Socket: v.Socket(vol)}
+		MountDir: v.FuseDir(vol), Socket: v.Socket(vol), BlockExport: v.BlockExport}
 }
 
 // Create makes a new LUKS2 volume of size bytes with an ext4 filesystem
@@ -251,6 +260,13 @@ func (v *Backend) Attach(ctx context.Context, cfg Config, passphrase []byte) (st
 	}
 	if _, err := Start(ctx, v.Log, v.Exe, cfg, passphrase, v.runDir()); err != nil {
 		return "", err
+	}
+	if dev := cfg.Device(); dev != "" {
+		// The process opened it before it answered.
+		if _, err := os.Stat(dev); err != nil {
+			return "", fmt.Errorf("volume %s: its datapath runs but %s is missing: %w", cfg.VolumeID, dev, err)
+		}
+		return dev, nil
 	}
 	devs, err := v.Loops.FindByBackingFile(cfg.DevicePath())
 	if err != nil {
@@ -428,6 +444,9 @@ func (v *Backend) Detach(ctx context.Context, vol string) error {
 // DatapathDead reports whether vol's datapath process is gone while its
 // FUSE file is still mounted (every I/O through it fails).
 func (v *Backend) DatapathDead(ctx context.Context, vol string) bool {
+	if v.nbd() {
+		return v.nbdDead(ctx, vol)
+	}
 	if _, ok := hostfs.MountedAt(v.FuseDir(vol)); !ok {
 		return false
 	}
@@ -459,6 +478,9 @@ func (v *Backend) ReleaseDead(ctx context.Context, vol, mnt string) error {
 		if err := unix.Unmount(mnt, unix.MNT_DETACH); err != nil {
 			return fmt.Errorf("lazy unmount of %s over the dead datapath of volume %s: %w", mnt, vol, err)
 		}
+	}
+	if v.nbd() {
+		return releaseDeadNBD(ctx, vol)
 	}
 	devs, err := v.Loops.FindByBackingFile(filepath.Join(v.FuseDir(vol), DeviceFile))
 	if err != nil {

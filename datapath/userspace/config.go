@@ -38,6 +38,31 @@ type Config struct {
 	// refuses to stop while that loop cannot be detached (`ferry clone --loop`);
 	// the agent attaches loops on its own instead.
 	Loop bool `json:"loop,omitempty"`
+	// BlockExport is how the volume reaches the kernel: ExportFUSE (the
+	// LUKS2 view in this process, a FUSE file the agent attaches to a loop
+	// device) or ExportNBD (the ciphertext served as /dev/nbdN, kernel
+	// dm-crypt over it as /dev/mapper/NBDCryptName(volume)).
+	BlockExport string `json:"block_export,omitempty"`
+}
+
+// Block exports: how a served volume reaches the kernel.
+const (
+	ExportFUSE = "fuse"
+	ExportNBD  = "nbd"
+)
+
+// NBDCryptName is the device-mapper name of a volume served over NBD.
+func NBDCryptName(vol string) string { return "ferry-" + vol + "-nbd" }
+
+func (c Config) nbd() bool { return c.BlockExport == ExportNBD }
+
+// Device is the block device the agent mounts when the process serves one
+// itself (ExportNBD); empty for FUSE, whose file the agent attaches.
+func (c Config) Device() string {
+	if c.nbd() {
+		return "/dev/mapper/" + NBDCryptName(c.VolumeID)
+	}
+	return ""
 }
 
 // Clone configures the clone engine under the view while a migration hydrates.
@@ -88,6 +113,18 @@ func (c Config) Validate() error {
 		if err := c.Layout.Validate(); err != nil {
 			return fmt.Errorf("datapath config for %s: %w", c.VolumeID, err)
 		}
+	}
+	switch c.BlockExport {
+	case "", ExportFUSE:
+	case ExportNBD:
+		if c.Raw || c.Loop {
+			return fmt.Errorf("datapath config for %s: the nbd export serves a LUKS2 volume to dm-crypt; raw and loop exports use fuse", c.VolumeID)
+		}
+		if strings.ContainsAny(c.VolumeID, " \t\n/") || len(NBDCryptName(c.VolumeID)) > 127 {
+			return fmt.Errorf("datapath config: volume id %q cannot name a device-mapper device", c.VolumeID)
+		}
+	default:
+		return fmt.Errorf("datapath config for %s: block export %q: want fuse or nbd", c.VolumeID, c.BlockExport)
 	}
 	if strings.ContainsAny(c.FileName, "/\x00") || c.FileName == "." || c.FileName == ".." {
 		return fmt.Errorf("datapath config for %s: file name %q must be a plain name", c.VolumeID, c.FileName)

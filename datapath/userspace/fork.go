@@ -77,7 +77,7 @@ func (v *Backend) snapshot(ctx context.Context, src, path string) (time.Duration
 	tmp := path + ".tmp"
 	_ = os.Remove(tmp)
 	mnt := ""
-	devs, err := v.Loops.FindByBackingFile(filepath.Join(v.FuseDir(src), DeviceFile))
+	devs, err := v.servedDevices(src)
 	if err != nil {
 		return 0, 0, err
 	}

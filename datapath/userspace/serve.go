@@ -19,7 +19,9 @@ import (
 	"github.com/ferry-dev/ferry/blockdev"
 	"github.com/ferry-dev/ferry/datapath"
 	"github.com/ferry-dev/ferry/datapath/fuseexport"
+	"github.com/ferry-dev/ferry/datapath/internal/hostfs"
 	"github.com/ferry-dev/ferry/datapath/loopdev"
+	"github.com/ferry-dev/ferry/datapath/nbdexport"
 	"github.com/ferry-dev/ferry/dmclone"
 	"github.com/ferry-dev/ferry/internal/childctl"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
@@ -66,6 +68,10 @@ type server struct {
 	view   blockdev.Device
 	exp    *fuseexport.Export
 	loop   string // the loop device this process attached (Config.Loop)
+	// nbd and device: the NBD export and the dm-crypt device over it
+	// (Config.BlockExport nbd).
+	nbd    *nbdexport.Export
+	device string
 	// deny is the revoked serials the initiator refuses (Clone.Denied,
 	// then POST /v1/denied).
 	deny iscsi.DenyList
@@ -145,6 +151,9 @@ func (s *server) build(ctx context.Context, passphrase []byte) error {
 	s.cow = newCow(s.log, lower)
 	lower = s.cow
 	s.view = lower
+	if s.cfg.nbd() {
+		return s.buildNBD(ctx, passphrase)
+	}
 	if !s.cfg.Raw {
 		// The header may be served by the source: compared with the
 		// carried layout before any KDF runs.
@@ -169,7 +178,54 @@ func (s *server) build(ctx context.Context, passphrase []byte) error {
 	return nil
 }
 
+// buildNBD serves the ciphertext (clone, copy-on-write layer) to the
+// kernel as /dev/nbdN and opens it with kernel dm-crypt: the plaintext
+// never passes this process, and no request crosses FUSE or a loop
+// device. cryptsetup reads the header only after it was compared with the
+// carried layout (luks.OpenKernel).
+func (s *server) buildNBD(ctx context.Context, passphrase []byte) error {
+	// The mount dir stays the volume's mark on this host (CleanupAll
+	// lists volumes by it), though nothing is mounted there.
+	if err := os.MkdirAll(s.cfg.MountDir, 0o700); err != nil {
+		return fmt.Errorf("volume dir: %w", err)
+	}
+	var err error
+	if s.nbd, err = nbdexport.Attach(ctx, s.log, s.view, nbdexport.Options{}); err != nil {
+		return fmt.Errorf("export %s over NBD: %w", s.cfg.VolumeID, err)
+	}
+	return hostfs.WithKeyFile(filepath.Dir(s.cfg.Socket), passphrase, func(kf string) error {
+		dev, err := luks.OpenKernel(ctx, s.nbd.Path(), NBDCryptName(s.cfg.VolumeID), s.cfg.Layout, kf)
+		if err != nil {
+			return fmt.Errorf("open %s with dm-crypt: %w", s.nbd.Path(), err)
+		}
+		s.device = dev
+		return nil
+	})
+}
+
+// closeNBD closes the dm-crypt mapping (refused while mounted), then
+// detaches the NBD device.
+func (s *server) closeNBD() error {
+	if s.device != "" {
+		if err := luks.CloseKernel(context.Background(), NBDCryptName(s.cfg.VolumeID)); err != nil {
+			return fmt.Errorf("close %s (unmount its filesystem first): %w", s.device, err)
+		}
+		s.device = ""
+	}
+	if s.nbd != nil {
+		err := s.nbd.Close()
+		s.nbd = nil
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 func (s *server) close() {
+	if err := s.closeNBD(); err != nil {
+		s.log.Warn().Err(err).Msg("release the NBD export")
+	}
 	if s.loop != "" {
 		if err := loopdev.Detach(s.loop); err != nil {
 			s.log.Warn().Err(err).Str("loop", s.loop).Msg("detach loop device")
@@ -221,6 +277,11 @@ func (s *server) viewDest() blockdev.Device {
 func (s *server) stop() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.cfg.nbd() && !s.stopped {
+		if err := s.closeNBD(); err != nil {
+			return err
+		}
+	}
 	if s.stopped || !s.cfg.Loop {
 		s.stopped = true
 		return nil
@@ -245,6 +306,7 @@ type ProcessStatus struct {
 	datapath.Status
 	File   string            `json:"file"`
 	Loop   string            `json:"loop,omitempty"`
+	Device string            `json:"device,omitempty"` // the dm-crypt device over NBD
 	Engine *dmclone.Progress `json:"engine,omitempty"`
 	// Snapshot is the running or last point-in-time copy (forks).
 	Snapshot *SnapshotStatus `json:"snapshot,omitempty"`
@@ -254,7 +316,7 @@ func (s *server) status() ProcessStatus {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	st := ProcessStatus{Status: datapath.Status{VolumeID: s.cfg.VolumeID, Pid: os.Getpid(), Cloning: s.eng != nil && !s.dissolved,
-		Hydrating: s.hydrating, Dissolved: s.dissolved}, File: s.cfg.DevicePath(), Loop: s.loop}
+		Hydrating: s.hydrating, Dissolved: s.dissolved}, File: s.cfg.DevicePath(), Loop: s.loop, Device: s.device}
 	if s.cow != nil {
 		st.Snapshot = s.cow.SnapshotStatus()
 	}
@@ -369,9 +431,13 @@ func (s *server) serve(ctx context.Context, ready func(Ready)) error {
 		once.Do(func() { close(stop) })
 	})
 	srv := childctl.Serve(ln, mux)
-	s.log.Info().Str("volume", s.cfg.VolumeID).Str("device", s.cfg.DevicePath()).Msg("datapath serving")
+	file := s.cfg.DevicePath()
+	if s.device != "" {
+		file = s.device
+	}
+	s.log.Info().Str("volume", s.cfg.VolumeID).Str("device", file).Msg("datapath serving")
 	if ready != nil {
-		ready(Ready{File: s.cfg.DevicePath(), Loop: s.loop, Socket: s.cfg.Socket})
+		ready(Ready{File: file, Loop: s.loop, Socket: s.cfg.Socket})
 	}
 	if c := s.cfg.Clone; c != nil && c.AutoDissolve {
 		go func() {
@@ -489,6 +555,8 @@ func (s *server) grow(payload int64) error {
 	switch {
 	case s.cfg.Raw:
 		return errors.New("a raw export has no LUKS2 segment to grow")
+	case s.cfg.nbd():
+		return fmt.Errorf("volume %s is served over NBD, which cannot grow yet: %w", s.cfg.VolumeID, datapath.ErrNotSupported)
 	case s.eng != nil && !s.dissolved:
 		return fmt.Errorf("volume %s is still cloning from a migration's source: extend it once hydration completed", s.cfg.VolumeID)
 	case s.exp == nil:

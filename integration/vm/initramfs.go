@@ -35,7 +35,8 @@ var GuestModules = []string{
 // /usr/local/sbin, with the libraries they link. They sit before busybox's
 // applets on PATH: busybox's losetup and blkdiscard lack options ferry uses.
 var GuestTools = []string{"dmsetup", "cryptsetup", "losetup", "blkdiscard", "blockdev", "iscsiadm", "iscsid",
-	"mkfs.ext4", "fstrim", "e2fsck", "resize2fs", "setpriv", "fusermount3", "fio"}
+	"mkfs.ext4", "fstrim", "e2fsck", "resize2fs", "setpriv", "fusermount3", "fio",
+	"cp"} // coreutils cp: a fork of a volume not served copies it with --sparse=always
 
 // optionalGuestTools are copied when the host has them.
 var optionalGuestTools = []string{}

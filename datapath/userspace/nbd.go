@@ -1,0 +1,110 @@
+package userspace
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/ferry-dev/ferry/datapath/nbdexport"
+	"github.com/ferry-dev/ferry/luks"
+)
+
+// ProbeNBD says what this host lacks to serve volumes over NBD with kernel
+// dm-crypt over them (nil: --block-export auto picks it): the nbd module's
+// devices, device-mapper, cryptsetup and dmsetup.
+func ProbeNBD(ctx context.Context) error {
+	var missing []string
+	if !nbdexport.Available() {
+		missing = append(missing, "NBD devices (modprobe nbd)")
+	}
+	if _, err := os.Stat("/dev/mapper/control"); err != nil {
+		missing = append(missing, "device-mapper (/dev/mapper/control)")
+	}
+	for _, tool := range []string{"cryptsetup", "dmsetup"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			missing = append(missing, tool)
+		}
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("no NBD block export: missing %s", strings.Join(missing, ", "))
+	}
+	return nil
+}
+
+// nbdOf returns the NBD device under vol's dm-crypt mapping, if the
+// mapping exists.
+func nbdOf(vol string) (string, bool) {
+	dm, err := filepath.EvalSymlinks("/dev/mapper/" + NBDCryptName(vol))
+	if err != nil {
+		return "", false
+	}
+	slaves, _ := os.ReadDir(filepath.Join("/sys/block", filepath.Base(dm), "slaves"))
+	for _, sl := range slaves {
+		if strings.HasPrefix(sl.Name(), "nbd") {
+			return sl.Name(), true
+		}
+	}
+	return "", true
+}
+
+// nbdDead reports whether vol's dm-crypt mapping is left over an NBD device
+// no process serves any more (every I/O through it fails).
+func (v *Backend) nbdDead(ctx context.Context, vol string) bool {
+	dev, ok := nbdOf(vol)
+	if !ok {
+		return false
+	}
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	if _, err := v.Process(ctx, vol); err == nil {
+		return false
+	}
+	if dev == "" {
+		return true // a mapping over nothing
+	}
+	_, err := os.Stat(filepath.Join("/sys/block", dev, "pid"))
+	return errors.Is(err, os.ErrNotExist)
+}
+
+// releaseDeadNBD removes what a dead datapath left of vol: its dm-crypt
+// mapping (its I/O fails already; --force swaps in an error table if a
+// lazily unmounted filesystem still holds it) and the NBD device under it.
+func releaseDeadNBD(ctx context.Context, vol string) error {
+	dev, ok := nbdOf(vol)
+	if !ok {
+		return nil
+	}
+	name := NBDCryptName(vol)
+	if err := luks.CloseKernel(ctx, name); err != nil {
+		tctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		out, ferr := exec.CommandContext(tctx, "dmsetup", "remove", "--force", name).CombinedOutput()
+		cancel()
+		if ferr != nil {
+			return fmt.Errorf("remove the dm-crypt mapping %s of the dead datapath of volume %s: %w (%v: %s)", name, vol, err, ferr, strings.TrimSpace(string(out)))
+		}
+	}
+	if dev != "" {
+		if err := nbdexport.Release("/dev/" + dev); err != nil {
+			return fmt.Errorf("release %s of the dead datapath of volume %s: %w", dev, vol, err)
+		}
+	}
+	return nil
+}
+
+// servedDevices are the block devices a machine may have vol mounted from:
+// the dm-crypt device over NBD, or the loop devices over the FUSE file.
+func (v *Backend) servedDevices(vol string) ([]string, error) {
+	if v.nbd() {
+		dev := (Config{VolumeID: vol, BlockExport: ExportNBD}).Device()
+		if _, err := os.Stat(dev); err != nil {
+			return nil, nil
+		}
+		return []string{dev}, nil
+	}
+	return v.Loops.FindByBackingFile(filepath.Join(v.FuseDir(vol), DeviceFile))
+}
