@@ -19,14 +19,7 @@ import (
 // suite starts: ferry's iSCSI export and `ferry volume serve`.
 func TestMain(m *testing.M) {
 	backendtest.ServeChildren()
-	if len(os.Args) > 3 && os.Args[1] == "volume" && os.Args[2] == "serve" && os.Args[3] == "--config" {
-		log := zerolog.New(os.Stderr).With().Timestamp().Logger()
-		if err := userspace.ServeConfigFile(context.Background(), log, os.Args[4], os.Stdin); err != nil {
-			log.Error().Err(err).Msg("volume serve")
-			os.Exit(1)
-		}
-		os.Exit(0)
-	}
+	userspace.ServeChildIfAsked()
 	os.Exit(m.Run())
 }
 

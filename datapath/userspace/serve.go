@@ -618,3 +618,19 @@ func ServeConfigFile(ctx context.Context, log zerolog.Logger, path string, stdin
 	// process is named by its own field so keys never repeat.
 	return Serve(ctx, log.With().Str("process", "datapath").Str("volume", cfg.VolumeID).Logger(), cfg, pass, nil)
 }
+
+// ServeChildIfAsked makes a test binary stand in for `ferry volume serve`:
+// started as `BIN volume serve --config FILE` (by the backend suite, whose
+// Backend.Exe is the test binary) it serves FILE and exits; otherwise it
+// returns at once. Call it first in TestMain.
+func ServeChildIfAsked() {
+	if len(os.Args) <= 4 || os.Args[1] != "volume" || os.Args[2] != "serve" || os.Args[3] != "--config" {
+		return
+	}
+	log := zerolog.New(os.Stderr).With().Timestamp().Logger()
+	if err := ServeConfigFile(context.Background(), log, os.Args[4], os.Stdin); err != nil {
+		log.Error().Err(err).Msg("volume serve")
+		os.Exit(1)
+	}
+	os.Exit(0)
+}
