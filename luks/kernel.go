@@ -258,6 +258,44 @@ func CloseKernel(ctx context.Context, name string) error {
 	return nil
 }
 
+// ResizeKernel grows the open dm-crypt mapping name to layout's payload with
+// `cryptsetup resize` (the LUKS2 segment is dynamic: the header needs no
+// change). It refuses a mapping whose data offset is not the layout's and
+// never shrinks; a mapping already that size is left alone, so a repeated
+// call after a crash finishes the job. keyFile holds the passphrase:
+// cryptsetup keeps the volume key in the kernel keyring and needs it again
+// to load the grown table.
+func ResizeKernel(ctx context.Context, name string, layout Layout, keyFile string) error {
+	table, err := dmTable(ctx, name)
+	if err != nil {
+		return err
+	}
+	c, err := ParseCryptTable(table)
+	if err != nil {
+		return fmt.Errorf("device-mapper %s: %w", name, err)
+	}
+	if c.Offset*512 != layout.DataOffset {
+		return fmt.Errorf("dm-crypt %s maps ciphertext at byte %d, the volume's layout says %d: not resizing a mapping that is not this volume's", name, c.Offset*512, layout.DataOffset)
+	}
+	sectors := layout.PayloadSize / 512
+	switch {
+	case c.Sectors == sectors:
+		return nil
+	case c.Sectors > sectors:
+		return fmt.Errorf("dm-crypt %s maps %d bytes, more than the %d asked: refusing to shrink", name, c.Sectors*512, layout.PayloadSize)
+	}
+	if out, err := runQuiet(ctx, "cryptsetup", "resize", "--key-file", keyFile, "--size", fmt.Sprint(sectors), name); err != nil {
+		return fmt.Errorf("cryptsetup resize %s to %d sectors (is the passphrase right?): %w: %s", name, sectors, err, out)
+	}
+	if table, err = dmTable(ctx, name); err != nil {
+		return err
+	}
+	if c, err = ParseCryptTable(table); err != nil || c.Sectors != sectors {
+		return fmt.Errorf("dm-crypt %s after cryptsetup resize: %d sectors, want %d (%v)", name, c.Sectors, sectors, err)
+	}
+	return nil
+}
+
 func dmTable(ctx context.Context, name string) (string, error) {
 	out, err := runQuiet(ctx, "dmsetup", "table", name)
 	if err != nil {

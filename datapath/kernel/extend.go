@@ -61,8 +61,7 @@ func (v *Backend) Extend(ctx context.Context, vol string, layout luks.Layout, si
 			return fail(err)
 		}
 	}
-	cryptTable, err := v.dmTable(ctx, CryptName(vol))
-	if err != nil {
+	if _, err := v.dmTable(ctx, CryptName(vol)); err != nil {
 		// Nobody has it open: grow the filesystem offline through a
 		// mapping of our own.
 		if err := v.extendOffline(ctx, vol, next, passphrase); err != nil {
@@ -70,7 +69,7 @@ func (v *Backend) Extend(ctx context.Context, vol string, layout luks.Layout, si
 		}
 		return next, nil
 	}
-	if err := v.growCrypt(ctx, vol, cryptTable, next, passphrase); err != nil {
+	if err := v.growCrypt(ctx, vol, next, passphrase); err != nil {
 		return fail(err)
 	}
 	plain := "/dev/mapper/" + CryptName(vol)
@@ -171,42 +170,12 @@ func (v *Backend) resumeIfSuspended(ctx context.Context, name string) error {
 	return v.resume(ctx, name)
 }
 
-// growCrypt grows the open dm-crypt mapping of vol to next's payload with
-// `cryptsetup resize`. The passphrase goes in a key file, as when opening:
-// cryptsetup keeps the volume key in the kernel keyring and needs it again
-// to load the grown table.
-func (v *Backend) growCrypt(ctx context.Context, vol, table string, next luks.Layout, passphrase []byte) error {
-	c, err := luks.ParseCryptTable(table)
-	if err != nil {
-		return fmt.Errorf("device-mapper %s: %w", CryptName(vol), err)
-	}
-	if c.Offset*512 != next.DataOffset {
-		return fmt.Errorf("dm-crypt %s maps ciphertext at byte %d, the volume's layout says %d: not resizing a mapping that is not this volume's", CryptName(vol), c.Offset*512, next.DataOffset)
-	}
-	sectors := next.PayloadSize / 512
-	switch {
-	case c.Sectors == sectors:
-		return nil
-	case c.Sectors > sectors:
-		return fmt.Errorf("dm-crypt %s maps %d bytes, more than the %d asked: refusing to shrink", CryptName(vol), c.Sectors*512, next.PayloadSize)
-	}
-	err = hostfs.WithKeyFile(v.runDir(), passphrase, func(kf string) error {
-		out, err := exec.CommandContext(ctx, "cryptsetup", "resize", "--key-file", kf, "--size", fmt.Sprint(sectors), CryptName(vol)).CombinedOutput()
-		if err != nil {
-			return fmt.Errorf("cryptsetup resize %s to %d sectors (is the passphrase right?): %w: %s", CryptName(vol), sectors, err, strings.TrimSpace(string(out)))
-		}
-		return nil
+// growCrypt grows the open dm-crypt mapping of vol to next's payload
+// (luks.ResizeKernel). The passphrase goes in a key file, as when opening.
+func (v *Backend) growCrypt(ctx context.Context, vol string, next luks.Layout, passphrase []byte) error {
+	return hostfs.WithKeyFile(v.runDir(), passphrase, func(kf string) error {
+		return luks.ResizeKernel(ctx, CryptName(vol), next, kf)
 	})
-	if err != nil {
-		return err
-	}
-	if table, err = v.dmTable(ctx, CryptName(vol)); err != nil {
-		return err
-	}
-	if c, err = luks.ParseCryptTable(table); err != nil || c.Sectors != sectors {
-		return fmt.Errorf("dm-crypt %s after cryptsetup resize: %d sectors, want %d (%v)", CryptName(vol), c.Sectors, sectors, err)
-	}
-	return nil
 }
 
 // extendOffline grows the filesystem of a volume nobody has open: opened

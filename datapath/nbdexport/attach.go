@@ -52,17 +52,18 @@ type Options struct {
 
 // Export is a device attached to the kernel as /dev/nbdN.
 type Export struct {
-	log   zerolog.Logger
-	dev   blockdev.Device
-	path  string
-	ctl   *os.File
-	conns []*fdConn
-	doIt  chan error
-	serve sync.WaitGroup
-	errs  []error
-	emu   sync.Mutex
-	once  sync.Once
-	cerr  error
+	log       zerolog.Logger
+	blockSize int64
+	dev       blockdev.Device
+	path      string
+	ctl       *os.File
+	conns     []*fdConn
+	doIt      chan error
+	serve     sync.WaitGroup
+	errs      []error
+	emu       sync.Mutex
+	once      sync.Once
+	cerr      error
 }
 
 // Path is the block device, /dev/nbdN.
@@ -166,7 +167,7 @@ func attachTo(ctx context.Context, log zerolog.Logger, path, sys string, dev blo
 	if err != nil {
 		return nil, fmt.Errorf("nbd: open %s: %w", path, err)
 	}
-	e := &Export{log: log.With().Str("nbd", path).Logger(), dev: dev, path: path, ctl: ctl, doIt: make(chan error, 1)}
+	e := &Export{log: log.With().Str("nbd", path).Logger(), blockSize: o.BlockSize, dev: dev, path: path, ctl: ctl, doIt: make(chan error, 1)}
 	var kernelFDs []int
 	closeKernelFDs := func() {
 		for _, fd := range kernelFDs {
@@ -331,6 +332,21 @@ func Release(path string) error {
 	}
 	if err := ioctl(f, nbdClearSock, 0); err != nil {
 		return fmt.Errorf("nbd: clear %s: %w", path, err)
+	}
+	return nil
+}
+
+// Grow tells the kernel the device is now size bytes; the served device
+// grew first (the kernel may read the new end at once).
+func (e *Export) Grow(size int64) error {
+	if size <= 0 || size%e.blockSize != 0 {
+		return fmt.Errorf("nbd: grow %s to %d bytes: want a positive multiple of %d", e.path, size, e.blockSize)
+	}
+	if size > e.dev.Size() {
+		return fmt.Errorf("nbd: grow %s to %d bytes: the device below has only %d", e.path, size, e.dev.Size())
+	}
+	if err := ioctl(e.ctl, nbdSetSizeBlocks, uintptr(size/e.blockSize)); err != nil {
+		return fmt.Errorf("nbd: grow %s to %d bytes: %w", e.path, size, err)
 	}
 	return nil
 }

@@ -78,7 +78,7 @@ type conn struct {
 // a slow request (a clone's fetch from its source) holds back no other.
 func (s *Server) Serve(c io.ReadWriteCloser) error {
 	defer c.Close()
-	l := &loop{s: s, cn: &conn{s: s, c: c}, size: s.Dev.Size(), max: s.InFlight,
+	l := &loop{s: s, cn: &conn{s: s, c: c}, max: s.InFlight,
 		br: bufio.NewReaderSize(c, 64<<10), hdr: make([]byte, requestLen)}
 	if l.max <= 0 {
 		l.max = DefaultInFlight
@@ -93,13 +93,12 @@ func (s *Server) Serve(c io.ReadWriteCloser) error {
 // loop is one connection's goroutines: at most one holds tok and reads
 // the stream; the others serve what they read, then wait for tok again.
 type loop struct {
-	s    *Server
-	cn   *conn
-	size int64
-	max  int
-	br   *bufio.Reader
-	hdr  []byte
-	tok  sync.Mutex
+	s   *Server
+	cn  *conn
+	max int
+	br  *bufio.Reader
+	hdr []byte
+	tok sync.Mutex
 
 	mu            sync.Mutex
 	running, idle int // goroutines; those waiting for tok
@@ -192,7 +191,7 @@ func (l *loop) read() (Request, []byte, bool) {
 			l.stop(nil)
 			return r, nil, false
 		}
-		errno := r.Check(l.size, s.ReadOnly)
+		errno := r.Check(s.Dev.Size(), s.ReadOnly) // the device may grow
 		if errno == 0 {
 			return r, payload, true
 		}

@@ -63,7 +63,7 @@ var (
 // guaranteed share of background copies under foreground load, and counts
 // fetched and skipped bytes.
 func (v *Backend) Capabilities() datapath.Capabilities {
-	return datapath.Capabilities{Name: "userspace", HydrationRateLimit: true, GuaranteedShare: true, ByteCounters: true, Extend: !v.nbd(), Fork: true}
+	return datapath.Capabilities{Name: "userspace", HydrationRateLimit: true, GuaranteedShare: true, ByteCounters: true, Extend: true, Fork: true}
 }
 
 // Extend grows the volume to size bytes. Served (its machine runs): the
@@ -76,14 +76,14 @@ func (v *Backend) Extend(ctx context.Context, vol string, layout luks.Layout, si
 	if err := checkVolumeName(vol); err != nil {
 		return luks.Layout{}, err
 	}
-	if v.nbd() {
-		return luks.Layout{}, fmt.Errorf("extend volume %s: served over NBD: %w", vol, datapath.ErrNotSupported)
-	}
 	next, err := datapath.GrownLayout(layout, size)
 	if err != nil {
 		return luks.Layout{}, fmt.Errorf("extend volume %s: %w", vol, err)
 	}
 	if p, err := v.Process(ctx, vol); err == nil {
+		if v.nbd() {
+			return next, v.extendServedNBD(ctx, p, vol, next, passphrase)
+		}
 		return next, v.extendServed(ctx, p, vol, next)
 	}
 	st, err := os.Stat(v.DataPath(vol))

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/ferry-dev/ferry/datapath/internal/hostfs"
 	"github.com/ferry-dev/ferry/datapath/nbdexport"
 	"github.com/ferry-dev/ferry/luks"
 )
@@ -107,4 +108,26 @@ func (v *Backend) servedDevices(vol string) ([]string, error) {
 		return []string{dev}, nil
 	}
 	return v.Loops.FindByBackingFile(filepath.Join(v.FuseDir(vol), DeviceFile))
+}
+
+// extendServedNBD grows a volume served over NBD: the datapath grows the
+// file and the NBD device, cryptsetup the dm-crypt mapping (it needs the
+// passphrase), resize2fs the filesystem, online when mounted. Each step
+// finds its work done when repeated.
+func (v *Backend) extendServedNBD(ctx context.Context, p *Process, vol string, next luks.Layout, passphrase []byte) error {
+	if err := p.Grow(ctx, next.PayloadSize); err != nil {
+		return fmt.Errorf("extend volume %s: %w", vol, err)
+	}
+	err := hostfs.WithKeyFile(v.runDir(), passphrase, func(kf string) error {
+		return luks.ResizeKernel(ctx, NBDCryptName(vol), next, kf)
+	})
+	if err != nil {
+		return fmt.Errorf("extend volume %s: %w", vol, err)
+	}
+	dev := (Config{VolumeID: vol, BlockExport: ExportNBD}).Device()
+	_, mounted := mountedFrom(dev)
+	if err := hostfs.GrowExt4(ctx, dev, mounted); err != nil {
+		return fmt.Errorf("extend volume %s: %w", vol, err)
+	}
+	return nil
 }

@@ -555,11 +555,9 @@ func (s *server) grow(payload int64) error {
 	switch {
 	case s.cfg.Raw:
 		return errors.New("a raw export has no LUKS2 segment to grow")
-	case s.cfg.nbd():
-		return fmt.Errorf("volume %s is served over NBD, which cannot grow yet: %w", s.cfg.VolumeID, datapath.ErrNotSupported)
 	case s.eng != nil && !s.dissolved:
 		return fmt.Errorf("volume %s is still cloning from a migration's source: extend it once hydration completed", s.cfg.VolumeID)
-	case s.exp == nil:
+	case s.exp == nil && s.nbd == nil:
 		return fmt.Errorf("volume %s is stopping", s.cfg.VolumeID)
 	case payload <= 0 || payload%int64(s.cfg.Layout.SectorSize) != 0 || payload > math.MaxInt64-s.cfg.Layout.DataOffset:
 		return fmt.Errorf("payload size %d is not a positive multiple of the %d-byte sector", payload, s.cfg.Layout.SectorSize)
@@ -567,11 +565,19 @@ func (s *server) grow(payload int64) error {
 	if err := s.dest.Grow(s.cfg.Layout.DataOffset + payload); err != nil {
 		return err
 	}
-	if err := luks.GrowView(s.view, payload); err != nil {
-		return err
-	}
-	if err := s.exp.Grow(payload); err != nil {
-		return err
+	if s.nbd != nil {
+		// The kernel's dm-crypt over it grows next (the caller's
+		// cryptsetup resize: it needs the passphrase).
+		if err := s.nbd.Grow(s.cfg.Layout.DataOffset + payload); err != nil {
+			return err
+		}
+	} else {
+		if err := luks.GrowView(s.view, payload); err != nil {
+			return err
+		}
+		if err := s.exp.Grow(payload); err != nil {
+			return err
+		}
 	}
 	s.cfg.Layout.PayloadSize = payload
 	s.log.Info().Str("volume", s.cfg.VolumeID).Int64("payload_size", payload).Msg("volume grew")
