@@ -264,11 +264,15 @@ func (v *Backend) Attach(ctx context.Context, cfg Config, passphrase []byte) (st
 
 // Mount attaches the volume and mounts its filesystem at mnt. Idempotent.
 func (v *Backend) Mount(ctx context.Context, cfg Config, passphrase []byte, mnt string) (string, error) {
+	t0 := time.Now()
 	dev, err := v.Attach(ctx, cfg, passphrase)
 	if err != nil {
 		return "", err
 	}
-	return dev, hostfs.MountExt4(dev, mnt, cfg.VolumeID)
+	t1 := time.Now()
+	err = hostfs.MountExt4(dev, mnt, cfg.VolumeID)
+	v.Log.Info().Str("volume", cfg.VolumeID).Dur("attach", t1.Sub(t0)).Dur("mount", time.Since(t1)).Msg("volume mounted")
+	return dev, err
 }
 
 // MountLocal serves a local volume (no clone) and mounts it.

@@ -89,6 +89,7 @@ func Start(ctx context.Context, log zerolog.Logger, exe string, cfg Config, pass
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// Its own session: it outlives the agent, which re-adopts it by socket.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	tExec := time.Now()
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start datapath for volume %s: %w", cfg.VolumeID, err)
 	}
@@ -100,7 +101,7 @@ func Start(ctx context.Context, log zerolog.Logger, exe string, cfg Config, pass
 		tail, _ := tailFile(filepath.Join(stateDir, cfg.VolumeID+".log"), 2048)
 		return nil, fmt.Errorf("datapath for volume %s: %w: %s", cfg.VolumeID, err, tail)
 	}
-	log.Info().Str("volume", cfg.VolumeID).Int("pid", cmd.Process.Pid).Bool("clone", cfg.Clone != nil).Msg("datapath ready")
+	log.Info().Str("volume", cfg.VolumeID).Int("pid", cmd.Process.Pid).Bool("clone", cfg.Clone != nil).Dur("took", time.Since(tExec)).Msg("datapath ready")
 	return p, nil
 }
 

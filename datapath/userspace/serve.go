@@ -66,6 +66,7 @@ type server struct {
 	view   blockdev.Device
 	exp    *fuseexport.Export
 	loop   string // the loop device this process attached (Config.Loop)
+	pre    *prefetcher
 	// deny is the revoked serials the initiator refuses (Clone.Denied,
 	// then POST /v1/denied).
 	deny iscsi.DenyList
@@ -75,6 +76,13 @@ type server struct {
 
 func (s *server) build(ctx context.Context, passphrase []byte) error {
 	var err error
+	t0 := time.Now()
+	var tDial, tEngine, tView, tFuse time.Duration
+	defer func() {
+		if err == nil {
+			s.log.Info().Dur("dial", tDial).Dur("engine", tEngine).Dur("view", tView).Dur("fuse", tFuse).Dur("total", time.Since(t0)).Msg("datapath built")
+		}
+	}()
 	size := s.cfg.Layout.DeviceSize()
 	c := s.cfg.Clone
 	if c != nil {
@@ -107,6 +115,7 @@ func (s *server) build(ctx context.Context, passphrase []byte) error {
 			}
 			s.lun = lun
 		}
+		tDial = time.Since(t0)
 		if s.cfg.Raw {
 			size = s.lun.Size()
 		} else if s.lun.Size() != size {
@@ -140,11 +149,20 @@ func (s *server) build(ctx context.Context, passphrase []byte) error {
 		s.sw = newSwitch(s.eng)
 		lower = s.sw
 	}
+	tEngine = time.Since(t0)
 	// Every write of the machine passes the copy-on-write layer, which
 	// keeps a point-in-time copy's instant while a fork copies it.
 	s.cow = newCow(s.log, lower)
 	lower = s.cow
 	s.view = lower
+	if c != nil && !s.cfg.Raw && !s.eng.Progress().Complete {
+		// The header's reads are serial (each read decides the next), so
+		// they are all made first in one parallel wave.
+		s.pre = newPrefetcher()
+		tp := time.Now()
+		n, err := readRanges(ctx, lower, headerRanges(s.cfg.Layout, size), prefetchWorkers, prefetchChunk)
+		s.prefetched("LUKS2 header, keyslot and filesystem head")(n, time.Since(tp), err)
+	}
 	if !s.cfg.Raw {
 		// The header may be served by the source: compared with the
 		// carried layout before any KDF runs.
@@ -154,6 +172,11 @@ func (s *server) build(ctx context.Context, passphrase []byte) error {
 			return fmt.Errorf("open plaintext view of %s: %w", s.cfg.VolumeID, err)
 		}
 	}
+	tView = time.Since(t0)
+	if s.pre != nil {
+		// Read while FUSE, the loop device and the mount start.
+		s.pre.run(s.view, ext4Ranges(s.view), s.prefetched("ext4 metadata"))
+	}
 	if err := os.MkdirAll(s.cfg.MountDir, 0o700); err != nil {
 		return fmt.Errorf("fuse mount dir: %w", err)
 	}
@@ -161,6 +184,7 @@ func (s *server) build(ctx context.Context, passphrase []byte) error {
 	if err != nil {
 		return fmt.Errorf("export %s over FUSE: %w", s.cfg.VolumeID, err)
 	}
+	tFuse = time.Since(t0)
 	if s.cfg.Loop {
 		if s.loop, err = loopdev.Attach(s.exp.Path(), true); err != nil {
 			return fmt.Errorf("attach %s to a loop device: %w", s.exp.Path(), err)
@@ -169,7 +193,22 @@ func (s *server) build(ctx context.Context, passphrase []byte) error {
 	return nil
 }
 
+// prefetched logs the end of a read-ahead.
+func (s *server) prefetched(what string) func(int64, time.Duration, error) {
+	return func(n int64, took time.Duration, err error) {
+		ev := s.log.Info()
+		if err != nil {
+			// The machine's own reads fetch what is missing.
+			ev = s.log.Warn().Err(err)
+		}
+		ev.Str("what", what).Int64("bytes", n).Dur("took", took).Msg("read ahead through the clone")
+	}
+}
+
 func (s *server) close() {
+	if s.pre != nil {
+		s.pre.stop()
+	}
 	if s.loop != "" {
 		if err := loopdev.Detach(s.loop); err != nil {
 			s.log.Warn().Err(err).Str("loop", s.loop).Msg("detach loop device")
@@ -286,6 +325,8 @@ func (s *server) serve(ctx context.Context, ready func(Ready)) error {
 			reply(w, struct{}{}, nil)
 			return
 		}
+		fg := s.eng.Foreground()
+		s.log.Info().Int64("fetches", fg.Count).Int64("bytes", fg.Bytes).Dur("wait", fg.Wait).Msg("on-demand fetches before hydration")
 		err := s.eng.EnableHydration()
 		s.hydrating = s.hydrating || err == nil
 		reply(w, struct{}{}, err)
