@@ -137,7 +137,9 @@ func (l *list) add(off, n int64) bool {
 	if off < 0 || n <= 0 || off >= l.fsSize {
 		return true
 	}
-	n = min(n, l.fsSize-off)
+	if l.fsSize-off < n {
+		n = l.fsSize - off
+	}
 	if l.bytes+n > l.lim.MaxBytes || len(l.rs) >= 4*l.lim.MaxRanges {
 		return false
 	}
@@ -159,6 +161,14 @@ func Ranges(r io.ReaderAt, size int64, lim Limits) ([]blockdev.Range, error) {
 	}
 	l := &list{fsSize: s.blocks * s.blockSize, lim: lim}
 	bs := s.blockSize
+	// A block number from a descriptor is the source's word: one past the
+	// filesystem (or so large its byte offset wraps) is skipped.
+	block := func(blk, n int64) bool {
+		if blk <= 0 || blk >= s.blocks {
+			return true
+		}
+		return l.add(blk*bs, n)
+	}
 	gdtBlock := s.firstDataBlock + 1
 	gdtLen := s.groups * s.descSize
 	// The superblock's block through the descriptor table, in one range.
@@ -189,12 +199,12 @@ func Ranges(r io.ReaderAt, size int64, lim Limits) ([]blockdev.Range, error) {
 			itable0 = itable
 		}
 		if flags&bgBlockUninit == 0 {
-			full = l.add(at(d, 0x0, 0x20)*bs, bs)
+			full = block(at(d, 0x0, 0x20), bs)
 		}
 		if flags&bgInodeUninit != 0 || !full {
 			continue
 		}
-		full = l.add(at(d, 0x4, 0x24)*bs, bs)
+		full = block(at(d, 0x4, 0x24), bs)
 		if !s.csum || !full {
 			// Without itable_unused the used part is unknown: the
 			// kernel reads inode blocks as it needs them.
@@ -205,14 +215,14 @@ func Ranges(r io.ReaderAt, size int64, lim Limits) ([]blockdev.Range, error) {
 			unused |= int64(le.Uint16(d[0x32:])) << 16
 		}
 		if used := s.inodesPerGroup - unused; used > 0 {
-			full = l.add(itable*bs, (used*s.inodeSize+bs-1)/bs*bs)
+			full = block(itable, (used*s.inodeSize+bs-1)/bs*bs)
 		}
 	}
-	if full && s.journalInode > 0 && s.journalInode <= s.inodesPerGroup && itable0 > 0 {
+	if full && s.journalInode > 0 && s.journalInode <= s.inodesPerGroup && itable0 > 0 && itable0 < s.blocks {
 		// The journal's superblock, read at mount: the journal inode is in
 		// group 0; its first extent's first block.
 		if blk, ok := journalStart(r, s, itable0); ok {
-			l.add(blk*bs, bs)
+			block(blk, bs)
 		}
 	}
 	return merge(l.rs, lim), nil
