@@ -113,7 +113,7 @@ func readRanges(ctx context.Context, dev io.ReaderAt, rs []blockdev.Range, worke
 feed:
 	for _, r := range rs {
 		for off := r.Off; off < r.End(); off += chunk {
-			if failed() {
+			if failed() || ctx.Err() != nil {
 				break feed
 			}
 			select {
@@ -131,9 +131,16 @@ feed:
 	return n, first
 }
 
-// ext4Ranges lists ext4's hot metadata on the plaintext view.
-func ext4Ranges(view blockdev.Device) func() ([]blockdev.Range, error) {
+// ext4Ranges lists ext4's hot metadata, parsed on the plaintext view, as
+// ranges of the device under it: the view's plaintext byte p is the
+// ciphertext at dataOffset+p (one segment, length-preserving sectors), so
+// the read-ahead needs no decryption.
+func ext4Ranges(view blockdev.Device, dataOffset int64) func() ([]blockdev.Range, error) {
 	return func() ([]blockdev.Range, error) {
-		return ext4hot.Ranges(view, view.Size(), ext4hot.DefaultLimits)
+		rs, err := ext4hot.Ranges(view, view.Size(), ext4hot.DefaultLimits)
+		for i := range rs {
+			rs[i].Off += dataOffset
+		}
+		return rs, err
 	}
 }

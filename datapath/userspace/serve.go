@@ -175,7 +175,7 @@ func (s *server) build(ctx context.Context, passphrase []byte) error {
 	tView = time.Since(t0)
 	if s.pre != nil {
 		// Read while FUSE, the loop device and the mount start.
-		s.pre.run(s.view, ext4Ranges(s.view), s.prefetched("ext4 metadata"))
+		s.pre.run(lower, ext4Ranges(s.view, s.cfg.Layout.DataOffset), s.prefetched("ext4 metadata"))
 	}
 	if err := os.MkdirAll(s.cfg.MountDir, 0o700); err != nil {
 		return fmt.Errorf("fuse mount dir: %w", err)
