@@ -39,11 +39,17 @@ type Ready struct {
 // once the file is served. It is the body of `ferry volume serve` and of
 // `ferry clone create`.
 func Serve(ctx context.Context, log zerolog.Logger, cfg Config, passphrase []byte, ready func(Ready)) error {
+	return serveKeyed(ctx, log, cfg, func() ([]byte, error) { return bytes.Clone(passphrase), nil }, ready)
+}
+
+// serveKeyed is Serve with the passphrase asked of pass only when the view
+// opens; its caller clears what it returns.
+func serveKeyed(ctx context.Context, log zerolog.Logger, cfg Config, pass func() ([]byte, error), ready func(Ready)) error {
 	if err := cfg.Validate(); err != nil {
 		return err
 	}
 	s := &server{log: log, cfg: cfg}
-	if err := s.build(ctx, passphrase); err != nil {
+	if err := s.build(ctx, pass); err != nil {
 		s.close()
 		return err
 	}
@@ -74,7 +80,7 @@ type server struct {
 	hydrating, dissolved, stopped bool
 }
 
-func (s *server) build(ctx context.Context, passphrase []byte) error {
+func (s *server) build(ctx context.Context, pass func() ([]byte, error)) error {
 	var err error
 	t0 := time.Now()
 	var tDial, tEngine, tView, tFuse time.Duration
@@ -166,8 +172,12 @@ func (s *server) build(ctx context.Context, passphrase []byte) error {
 	if !s.cfg.Raw {
 		// The header may be served by the source: compared with the
 		// carried layout before any KDF runs.
-		var err error
+		passphrase, err := pass()
+		if err != nil {
+			return fmt.Errorf("the key of %s: %w", s.cfg.VolumeID, err)
+		}
 		s.view, err = luks.OpenCarriedView(lower, s.cfg.Layout, passphrase)
+		clear(passphrase)
 		if err != nil {
 			return fmt.Errorf("open plaintext view of %s: %w", s.cfg.VolumeID, err)
 		}
@@ -582,12 +592,10 @@ func ServeConfigFile(ctx context.Context, log zerolog.Logger, path string, stdin
 	if err := dec.Decode(&cfg); err != nil {
 		return fmt.Errorf("datapath config %s: %w", path, err)
 	}
-	pass, err := io.ReadAll(io.LimitReader(stdin, 4096))
-	if err != nil {
-		return err
-	}
-	defer clear(pass)
+	// The passphrase is read when the view opens: the agent may still be
+	// fetching it while this process logs in to the source.
+	pass := func() ([]byte, error) { return io.ReadAll(io.LimitReader(stdin, 4096)) }
 	// Each layer (dmclone, iscsi, fuseexport) sets its own component; this
 	// process is named by its own field so keys never repeat.
-	return Serve(ctx, log.With().Str("process", "datapath").Str("volume", cfg.VolumeID).Logger(), cfg, pass, nil)
+	return serveKeyed(ctx, log.With().Str("process", "datapath").Str("volume", cfg.VolumeID).Logger(), cfg, pass, nil)
 }
