@@ -8,42 +8,24 @@ import (
 
 	"github.com/ferry-dev/ferry/blockdev"
 	"github.com/ferry-dev/ferry/datapath/internal/ext4hot"
-	"github.com/ferry-dev/ferry/luks"
 )
 
 // A clone fetches what it needs on demand, one region per round trip to
-// the source, while the machine waits: the LUKS2 header and keyslot when
-// the view opens, then ext4's superblock, descriptors, bitmaps, inodes and
-// journal as the mount and the machine's first writes touch them. Most of
-// that is known when the clone opens, so it is read ahead in a few large
-// reads in parallel with the rest of the start. The reads go through the
-// clone like any other (the engine fetches, writes and marks each region,
-// and never over a local write); their bytes are dropped.
+// the source, while the machine waits: ext4's superblock, descriptors,
+// bitmaps, inodes and journal as the mount, fstrim and the machine's first
+// writes touch them. Those are known once the view opens, so they are read
+// ahead in a few reads in parallel with the rest of the start (FUSE, the
+// loop device, the mount). The reads go through the clone like any other
+// (the engine fetches, writes and marks each region, and never over a
+// local write); their bytes are dropped.
+//
+// The LUKS2 header and keyslot are not read ahead: measured (docs/
+// profiles.md), a parallel wave of them before the view opened made the
+// clone's start slower than the view's own five small serial reads.
 const (
 	prefetchWorkers = 4
 	prefetchChunk   = 256 << 10
-	// afStripes is the anti-forensic stripe count every LUKS2 tool
-	// writes: a keyslot's material is key size × stripes bytes.
-	afStripes = 4000
-	// dataHead covers ext4's superblock and descriptor table at the
-	// start of the data area, read before the view can parse them.
-	dataHead = 64 << 10
 )
-
-// headerRanges lists, in device bytes, the LUKS2 header (both copies),
-// the first keyslot's material and the start of the data area.
-func headerRanges(l luks.Layout, size int64) []blockdev.Range {
-	meta := 2 * l.MetadataSize
-	ks := (int64(l.KeyBytes)*afStripes + 4095) &^ 4095
-	rs := []blockdev.Range{{Off: 0, Len: meta}, {Off: meta, Len: min(ks, l.KeyslotsSize)}, {Off: l.DataOffset, Len: dataHead}}
-	out := rs[:0]
-	for _, r := range rs {
-		if r.Off >= 0 && r.Len > 0 && r.Off < size {
-			out = append(out, blockdev.Range{Off: r.Off, Len: min(r.Len, size-r.Off)})
-		}
-	}
-	return out
-}
 
 // prefetcher runs read-aheads until they end or it is stopped.
 type prefetcher struct {

@@ -161,14 +161,6 @@ func (s *server) build(ctx context.Context, pass func() ([]byte, error)) error {
 	s.cow = newCow(s.log, lower)
 	lower = s.cow
 	s.view = lower
-	if c != nil && !s.cfg.Raw && !s.eng.Progress().Complete {
-		// The header's reads are serial (each read decides the next), so
-		// they are all made first in one parallel wave.
-		s.pre = newPrefetcher()
-		tp := time.Now()
-		n, err := readRanges(ctx, lower, headerRanges(s.cfg.Layout, size), prefetchWorkers, prefetchChunk)
-		s.prefetched("LUKS2 header, keyslot and filesystem head")(n, time.Since(tp), err)
-	}
 	if !s.cfg.Raw {
 		// The header may be served by the source: compared with the
 		// carried layout before any KDF runs.
@@ -183,8 +175,9 @@ func (s *server) build(ctx context.Context, pass func() ([]byte, error)) error {
 		}
 	}
 	tView = time.Since(t0)
-	if s.pre != nil {
+	if c != nil && !s.cfg.Raw && !s.eng.Progress().Complete {
 		// Read while FUSE, the loop device and the mount start.
+		s.pre = newPrefetcher()
 		s.pre.run(lower, ext4Ranges(s.view, s.cfg.Layout.DataOffset), s.prefetched("ext4 metadata"))
 	}
 	if err := os.MkdirAll(s.cfg.MountDir, 0o700); err != nil {
