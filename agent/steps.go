@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"slices"
+	"sync/atomic"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -135,6 +136,12 @@ func (a *Agent) cloneSpec(m *fsm.Migration, hydrate bool) datapath.CloneSpec {
 		KnownZero: datapath.RangesOf(m.KnownZero), Hydrate: hydrate, RateLimit: a.cfg.HydrationRate}
 }
 
+// keyedCloneMounter is a backend that fetches the key beside the datapath's
+// start (datapath/userspace).
+type keyedCloneMounter interface {
+	MountCloneKeyed(ctx context.Context, c datapath.CloneSpec, key func(context.Context) ([]byte, error), mnt string) (string, error)
+}
+
 // buildClone connects to the export, builds the clone (hydration off), opens
 // the plaintext view and mounts it.
 func (a *Agent) buildClone(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
@@ -158,17 +165,42 @@ func (a *Agent) buildClone(ctx context.Context, log zerolog.Logger, m *fsm.Migra
 		}
 	}()
 	t0 := time.Now()
-	key, err := a.Keys.MigrationKey(ctx, m)
+	// Set from the datapath's start, read after it: atomics.
+	var keyTook atomic.Int64
+	var keyed atomic.Bool
+	migrationKey := func(ctx context.Context) ([]byte, error) {
+		defer func(t time.Time) { keyTook.Store(int64(time.Since(t))) }(time.Now())
+		keyed.Store(true)
+		return a.Keys.MigrationKey(ctx, m)
+	}
+	var dev string
+	var err error
+	if km, ok := a.Data.(keyedCloneMounter); ok {
+		// The key (calls to the servers) is fetched while the datapath
+		// process starts and logs in to the source.
+		dev, err = km.MountCloneKeyed(ctx, a.cloneSpec(m, false), migrationKey, a.Data.MountPoint(m.Machine))
+	} else {
+		var key []byte
+		if key, err = migrationKey(ctx); err != nil {
+			return err
+		}
+		dev, err = a.Data.MountClone(ctx, a.cloneSpec(m, false), key, a.Data.MountPoint(m.Machine))
+		clear(key)
+	}
 	if err != nil {
 		return err
 	}
-	defer clear(key)
-	t1 := time.Now()
-	dev, err := a.Data.MountClone(ctx, a.cloneSpec(m, false), key, a.Data.MountPoint(m.Machine))
-	if err != nil {
-		return err
+	if !keyed.Load() {
+		// An adopted datapath took no key; the key's first fetch also
+		// seals this worker's own envelope of the destination, which the
+		// steps after cutover rely on.
+		key, err := migrationKey(ctx)
+		if err != nil {
+			return err
+		}
+		clear(key)
 	}
-	log.Info().Str("loop", dev).Str("portal", m.Export.Portal).Dur("key", t1.Sub(t0)).Dur("mount", time.Since(t1)).Msg("clone built and mounted")
+	log.Info().Str("loop", dev).Str("portal", m.Export.Portal).Dur("key", time.Duration(keyTook.Load())).Dur("mount", time.Since(t0)).Msg("clone built and mounted")
 	return a.propose(ctx, m, fsm.EvCloneBuilt, fsm.EventPayload{})
 }
 

@@ -39,6 +39,25 @@ func (b bitmap) nextClear(from, n int64) int64 {
 	return n
 }
 
+// nextSet returns the first set bit in [from, n), or n. It looks at a
+// word at a time: opening a clone runs it over millions of regions.
+func (b bitmap) nextSet(from, n int64) int64 {
+	if from >= n {
+		return n
+	}
+	w := from >> 6
+	cur := b[w] >> (uint(from) & 63)
+	if cur != 0 {
+		return min(from+int64(bits.TrailingZeros64(cur)), n)
+	}
+	for w++; w<<6 < n; w++ {
+		if b[w] != 0 {
+			return min(w<<6+int64(bits.TrailingZeros64(b[w])), n)
+		}
+	}
+	return n
+}
+
 // setRange sets [from, to) and returns how many bits changed.
 func (b bitmap) setRange(from, to int64) int64 {
 	var changed int64

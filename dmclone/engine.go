@@ -74,6 +74,23 @@ type Engine struct {
 	loopWG    sync.WaitGroup
 
 	writeBehind int // destination writes of regions fetched by reads, pending (under mu)
+
+	fg FetchStats // source reads a request waited on (under mu)
+}
+
+// FetchStats counts the source reads requests waited on (on-demand
+// fetches): how many, their bytes and the time spent waiting for them.
+type FetchStats struct {
+	Count int64
+	Bytes int64
+	Wait  time.Duration
+}
+
+// Foreground reports the on-demand fetches since Open.
+func (e *Engine) Foreground() FetchStats {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.fg
 }
 
 var _ blockdev.Device = (*Engine)(nil)
@@ -206,10 +223,7 @@ func (e *Engine) applyKnownZero(ranges []blockdev.Range) error {
 			if i >= b {
 				break
 			}
-			j := i + 1
-			for j < b && !e.hyd.get(j) {
-				j++
-			}
+			j := e.hyd.nextSet(i+1, b)
 			off, end := i*e.rs, min(j*e.rs, e.size)
 			if err := e.dst.Discard(off, end-off); err != nil {
 				return fmt.Errorf("discard known-zero range %d+%d on the destination: %w", off, end-off, err)

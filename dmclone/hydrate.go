@@ -259,8 +259,18 @@ func (e *Engine) copyDirect(off, end int64) error {
 // the error is returned; a later success clears the stall.
 func (e *Engine) readSource(n int, off int64, foreground bool) ([]byte, error) {
 	if foreground {
+		t0 := time.Now()
 		e.gate.fgAcquire()
 		defer e.gate.fgRelease()
+		defer func() {
+			took := time.Since(t0)
+			e.mu.Lock()
+			e.fg.Count++
+			e.fg.Bytes += int64(n)
+			e.fg.Wait += took
+			e.mu.Unlock()
+			e.log.Debug().Int64("off", off).Int("len", n).Dur("took", took).Msg("fetched on demand")
+		}()
 	}
 	var last error
 	bo := retry.New(20*time.Millisecond, time.Second)

@@ -143,11 +143,18 @@ func Dial(ctx context.Context, log zerolog.Logger, cfg InitiatorConfig) (*LUN, e
 	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
 		deadline = d
 	}
-	// The first session proves the target answers; the others log in on
-	// first use.
+	// The first session proves the target answers; the others log in
+	// right after it.
 	if _, err := l.session(ctx, l.paths[0], deadline); err != nil {
 		l.Close() // a login still running in the background must not keep a session nobody owns
 		return nil, err
+	}
+	// The other sessions log in now, in the background: the first reads
+	// (a filesystem's mount, inside a migration's downtime) then find them
+	// up instead of each waiting for a login of its own. They start before
+	// the LUN's checks below, which need only the first.
+	for _, p := range l.paths[1:] {
+		l.warm(p)
 	}
 	if err := l.do(ctx, newTask("TEST UNIT READY", cdbTestUnitReady(), nil)); err != nil {
 		l.Close()
@@ -164,12 +171,6 @@ func Dial(ctx context.Context, log zerolog.Logger, cfg InitiatorConfig) (*LUN, e
 		return nil, err
 	}
 	l.size, l.blockSize = int64(c.blocks)*int64(c.blockSize), int64(c.blockSize)
-	// The other sessions log in now, in the background: the first reads
-	// (a filesystem's mount, inside a migration's downtime) then find them
-	// up instead of each waiting for a login of its own.
-	for _, p := range l.paths[1:] {
-		l.warm(p)
-	}
 	if l.cfg.MaxTransfer < int(l.blockSize) {
 		l.cfg.MaxTransfer = int(l.blockSize)
 	}

@@ -1,5 +1,6 @@
-// Package loopdev attaches a file to a loop block device with util-linux's
-// losetup, so the kernel (and a filesystem) can use a FUSE-exported clone.
+// Package loopdev attaches a file to a loop block device (the kernel's
+// loop-control and LOOP_CONFIGURE, or util-linux's losetup on a kernel
+// without it), so the kernel (and a filesystem) can use a FUSE-exported clone.
 // Loop devices are global kernel objects: callers detach what they attach,
 // and FindByBackingFile lets a restarted agent re-adopt its devices.
 package loopdev
@@ -63,17 +64,22 @@ func Attach(path string, directIO bool) (string, error) {
 	if _, err := os.Stat(abs); err != nil {
 		return "", fmt.Errorf("attach %s to a loop device: %w", abs, err)
 	}
-	args := []string{"--find", "--show"}
-	if directIO {
-		args = append(args, "--direct-io=on")
-	}
-	out, err := losetup(append(args, abs)...)
-	if err != nil {
+	dev, err := attachIoctl(abs, directIO)
+	if errors.Is(err, errNoConfigure) {
+		args := []string{"--find", "--show"}
+		if directIO {
+			args = append(args, "--direct-io=on")
+		}
+		out, err := losetup(append(args, abs)...)
+		if err != nil {
+			return "", err
+		}
+		dev = strings.TrimSpace(string(out))
+		if !strings.HasPrefix(dev, "/dev/loop") {
+			return "", fmt.Errorf("losetup printed %q instead of a loop device for %s", dev, abs)
+		}
+	} else if err != nil {
 		return "", err
-	}
-	dev := strings.TrimSpace(string(out))
-	if !strings.HasPrefix(dev, "/dev/loop") {
-		return "", fmt.Errorf("losetup printed %q instead of a loop device for %s", dev, abs)
 	}
 	if directIO {
 		info, err := Info(dev)
@@ -109,7 +115,7 @@ func Detach(dev string) error {
 	if _, err := Info(dev); err != nil {
 		return nil
 	}
-	if _, err := losetup("--detach", dev); err != nil {
+	if err := detachIoctl(dev); err != nil {
 		return fmt.Errorf("detach %s (unmount whatever uses it first): %w", dev, err)
 	}
 	// The kernel only marks a device still open by someone for release on

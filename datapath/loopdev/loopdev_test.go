@@ -110,3 +110,39 @@ func TestListSysfs(t *testing.T) {
 		t.Fatal("a missing sysfs directory listed without an error")
 	}
 }
+
+// A device attached with direct I/O reads the backing file's bytes and
+// reports direct I/O; detaching frees it.
+func TestAttachDirectIO(t *testing.T) {
+	testenv.Root(t, "loop devices")
+	path := filepath.Join(t.TempDir(), "backing")
+	want := make([]byte, 1<<20)
+	for i := range want {
+		want[i] = byte(i * 7)
+	}
+	if err := os.WriteFile(path, want, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	dev, err := Attach(path, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { Detach(dev) })
+	info, err := Info(dev)
+	if err != nil || info.BackFile != path || !info.DirectIO || info.ReadOnly {
+		t.Fatalf("Info = %+v, %v; want %s read-write with direct I/O", info, err, path)
+	}
+	got, err := os.ReadFile(dev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(got, want) {
+		t.Fatalf("the loop device reads %d bytes that differ from its backing file", len(got))
+	}
+	if err := Detach(dev); err != nil {
+		t.Fatal(err)
+	}
+	if found, _ := FindByBackingFile(path); len(found) != 0 {
+		t.Fatalf("still attached after detach: %v", found)
+	}
+}

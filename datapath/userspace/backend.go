@@ -1,6 +1,7 @@
 package userspace
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -252,13 +253,22 @@ func (v *Backend) ReadLayout(vol string) (luks.Layout, error) {
 // Attach starts (or re-adopts) the volume's datapath and its loop device,
 // returning the loop device. Idempotent.
 func (v *Backend) Attach(ctx context.Context, cfg Config, passphrase []byte) (string, error) {
+	return v.attach(ctx, cfg, keyOf(passphrase))
+}
+
+// keyOf is a key source handing out a copy of passphrase.
+func keyOf(passphrase []byte) func(context.Context) ([]byte, error) {
+	return func(context.Context) ([]byte, error) { return bytes.Clone(passphrase), nil }
+}
+
+func (v *Backend) attach(ctx context.Context, cfg Config, key func(context.Context) ([]byte, error)) (string, error) {
 	// The FUSE file is mounted under a shared mount point, like the
 	// machine's filesystem, so a copy of the mount table made later as a
 	// slave drops it too and the datapath can exit when asked.
 	if err := mountns.EnsureShared(filepath.Join(v.DataDir, "fuse")); err != nil {
 		return "", err
 	}
-	if _, err := Start(ctx, v.Log, v.Exe, cfg, passphrase, v.runDir()); err != nil {
+	if _, err := StartKeyed(ctx, v.Log, v.Exe, cfg, key, v.runDir()); err != nil {
 		return "", err
 	}
 	if dev := cfg.Device(); dev != "" {
@@ -280,11 +290,19 @@ func (v *Backend) Attach(ctx context.Context, cfg Config, passphrase []byte) (st
 
 // Mount attaches the volume and mounts its filesystem at mnt. Idempotent.
 func (v *Backend) Mount(ctx context.Context, cfg Config, passphrase []byte, mnt string) (string, error) {
-	dev, err := v.Attach(ctx, cfg, passphrase)
+	return v.mount(ctx, cfg, keyOf(passphrase), mnt)
+}
+
+func (v *Backend) mount(ctx context.Context, cfg Config, key func(context.Context) ([]byte, error), mnt string) (string, error) {
+	t0 := time.Now()
+	dev, err := v.attach(ctx, cfg, key)
 	if err != nil {
 		return "", err
 	}
-	return dev, hostfs.MountExt4(dev, mnt, cfg.VolumeID)
+	t1 := time.Now()
+	err = hostfs.MountExt4(dev, mnt, cfg.VolumeID)
+	v.Log.Info().Str("volume", cfg.VolumeID).Dur("attach", t1.Sub(t0)).Dur("mount", time.Since(t1)).Msg("volume mounted")
+	return dev, err
 }
 
 // MountLocal serves a local volume (no clone) and mounts it.
@@ -298,6 +316,14 @@ func (v *Backend) MountLocal(ctx context.Context, vol string, layout luks.Layout
 // MountClone starts the destination's datapath with the clone engine under
 // the LUKS2 view and mounts it.
 func (v *Backend) MountClone(ctx context.Context, c datapath.CloneSpec, passphrase []byte, mnt string) (string, error) {
+	return v.MountCloneKeyed(ctx, c, keyOf(passphrase), mnt)
+}
+
+// MountCloneKeyed is MountClone with the key asked of key beside the
+// datapath process's start (its login to the source, its engine's open),
+// only if a new process starts: a migration's target fetches the key from
+// the servers inside the machine's pause.
+func (v *Backend) MountCloneKeyed(ctx context.Context, c datapath.CloneSpec, key func(context.Context) ([]byte, error), mnt string) (string, error) {
 	if err := checkVolumeName(c.Volume); err != nil {
 		return "", err
 	}
@@ -310,7 +336,7 @@ func (v *Backend) MountClone(ctx context.Context, c datapath.CloneSpec, passphra
 	if v.TLS != nil {
 		cfg.Clone.Denied = v.Deny.Serials()
 	}
-	dev, err := v.Mount(ctx, cfg, passphrase, mnt)
+	dev, err := v.mount(ctx, cfg, key, mnt)
 	if err != nil || v.TLS == nil {
 		return dev, err
 	}

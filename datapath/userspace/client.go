@@ -50,6 +50,15 @@ func Adopt(ctx context.Context, cfg Config) (*Process, error) {
 // process for this volume already answers on the socket it is adopted instead
 // (idempotent).
 func Start(ctx context.Context, log zerolog.Logger, exe string, cfg Config, passphrase []byte, stateDir string) (*Process, error) {
+	return StartKeyed(ctx, log, exe, cfg, func(context.Context) ([]byte, error) { return bytes.Clone(passphrase), nil }, stateDir)
+}
+
+// StartKeyed is Start with the passphrase from key, called only when a new
+// process starts and beside its start: the process reads it when its view
+// opens (after its login to the source and its engine's open), so a key
+// that takes a round trip to the servers costs no time of its own. A key
+// that fails ends the process, and StartKeyed returns the key's error.
+func StartKeyed(ctx context.Context, log zerolog.Logger, exe string, cfg Config, key func(context.Context) ([]byte, error), stateDir string) (*Process, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -85,22 +94,49 @@ func Start(ctx context.Context, log zerolog.Logger, exe string, cfg Config, pass
 	}
 	defer logf.Close()
 	cmd := exec.Command(exe, "volume", "serve", "--config", cfgPath, "--log-format", "json")
-	cmd.Stdin = bytes.NewReader(passphrase)
+	keyR, keyW, err := os.Pipe()
+	if err != nil {
+		return nil, fmt.Errorf("datapath for volume %s: a pipe for its key: %w", cfg.VolumeID, err)
+	}
+	defer keyR.Close()
+	cmd.Stdin = keyR
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// Its own session: it outlives the agent, which re-adopts it by socket.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	tExec := time.Now()
 	if err := cmd.Start(); err != nil {
+		keyW.Close()
 		return nil, fmt.Errorf("start datapath for volume %s: %w", cfg.VolumeID, err)
 	}
+	// The key goes down the pipe once it is known; the write end closes
+	// either way, so a process waiting for a key that failed reads an
+	// empty one and ends.
+	keyErr := make(chan error, 1)
+	go func() {
+		defer keyW.Close()
+		k, err := key(ctx)
+		if err == nil {
+			_, err = keyW.Write(k)
+			clear(k)
+		}
+		keyErr <- err
+	}()
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
 	p = &Process{cfg: cfg, client: childctl.Dial(cfg.Socket)}
 	if err := p.client.WaitReady(ctx, "/v1/status", nil, exited, 60*time.Second); err != nil {
 		_ = cmd.Process.Kill()
+		select {
+		case kerr := <-keyErr:
+			if kerr != nil {
+				return nil, fmt.Errorf("datapath for volume %s: its key: %w", cfg.VolumeID, kerr)
+			}
+		default:
+		}
 		tail, _ := tailFile(filepath.Join(stateDir, cfg.VolumeID+".log"), 2048)
 		return nil, fmt.Errorf("datapath for volume %s: %w: %s", cfg.VolumeID, err, tail)
 	}
-	log.Info().Str("volume", cfg.VolumeID).Int("pid", cmd.Process.Pid).Bool("clone", cfg.Clone != nil).Msg("datapath ready")
+	log.Info().Str("volume", cfg.VolumeID).Int("pid", cmd.Process.Pid).Bool("clone", cfg.Clone != nil).Dur("took", time.Since(tExec)).Msg("datapath ready")
 	return p, nil
 }
 

@@ -41,11 +41,17 @@ type Ready struct {
 // once the file is served. It is the body of `ferry volume serve` and of
 // `ferry clone create`.
 func Serve(ctx context.Context, log zerolog.Logger, cfg Config, passphrase []byte, ready func(Ready)) error {
+	return serveKeyed(ctx, log, cfg, func() ([]byte, error) { return bytes.Clone(passphrase), nil }, ready)
+}
+
+// serveKeyed is Serve with the passphrase asked of pass only when the view
+// opens; its caller clears what it returns.
+func serveKeyed(ctx context.Context, log zerolog.Logger, cfg Config, pass func() ([]byte, error), ready func(Ready)) error {
 	if err := cfg.Validate(); err != nil {
 		return err
 	}
 	s := &server{log: log, cfg: cfg}
-	if err := s.build(ctx, passphrase); err != nil {
+	if err := s.build(ctx, pass); err != nil {
 		s.close()
 		return err
 	}
@@ -68,6 +74,7 @@ type server struct {
 	view   blockdev.Device
 	exp    *fuseexport.Export
 	loop   string // the loop device this process attached (Config.Loop)
+	pre    *prefetcher
 	// nbd and device: the NBD export and the dm-crypt device over it
 	// (Config.BlockExport nbd).
 	nbd    *nbdexport.Export
@@ -79,8 +86,15 @@ type server struct {
 	hydrating, dissolved, stopped bool
 }
 
-func (s *server) build(ctx context.Context, passphrase []byte) error {
+func (s *server) build(ctx context.Context, pass func() ([]byte, error)) error {
 	var err error
+	t0 := time.Now()
+	var tDial, tEngine, tView, tFuse time.Duration
+	defer func() {
+		if err == nil {
+			s.log.Info().Dur("dial", tDial).Dur("engine", tEngine).Dur("view", tView).Dur("fuse", tFuse).Dur("total", time.Since(t0)).Msg("datapath built")
+		}
+	}()
 	size := s.cfg.Layout.DeviceSize()
 	c := s.cfg.Clone
 	if c != nil {
@@ -113,6 +127,7 @@ func (s *server) build(ctx context.Context, passphrase []byte) error {
 			}
 			s.lun = lun
 		}
+		tDial = time.Since(t0)
 		if s.cfg.Raw {
 			size = s.lun.Size()
 		} else if s.lun.Size() != size {
@@ -146,22 +161,39 @@ func (s *server) build(ctx context.Context, passphrase []byte) error {
 		s.sw = newSwitch(s.eng)
 		lower = s.sw
 	}
+	tEngine = time.Since(t0)
 	// Every write of the machine passes the copy-on-write layer, which
 	// keeps a point-in-time copy's instant while a fork copies it.
 	s.cow = newCow(s.log, lower)
 	lower = s.cow
 	s.view = lower
 	if s.cfg.nbd() {
+		// No read-ahead here: the plaintext it parses is the kernel's.
+		passphrase, err := pass()
+		if err != nil {
+			return fmt.Errorf("the key of %s: %w", s.cfg.VolumeID, err)
+		}
+		defer clear(passphrase)
 		return s.buildNBD(ctx, passphrase)
 	}
 	if !s.cfg.Raw {
 		// The header may be served by the source: compared with the
 		// carried layout before any KDF runs.
-		var err error
+		passphrase, err := pass()
+		if err != nil {
+			return fmt.Errorf("the key of %s: %w", s.cfg.VolumeID, err)
+		}
 		s.view, err = luks.OpenCarriedView(lower, s.cfg.Layout, passphrase)
+		clear(passphrase)
 		if err != nil {
 			return fmt.Errorf("open plaintext view of %s: %w", s.cfg.VolumeID, err)
 		}
+	}
+	tView = time.Since(t0)
+	if c != nil && !s.cfg.Raw && !s.eng.Progress().Complete {
+		// Read while FUSE, the loop device and the mount start.
+		s.pre = newPrefetcher()
+		s.pre.run(lower, ext4Ranges(s.view, s.cfg.Layout.DataOffset), s.prefetched("ext4 metadata"))
 	}
 	if err := os.MkdirAll(s.cfg.MountDir, 0o700); err != nil {
 		return fmt.Errorf("fuse mount dir: %w", err)
@@ -170,6 +202,7 @@ func (s *server) build(ctx context.Context, passphrase []byte) error {
 	if err != nil {
 		return fmt.Errorf("export %s over FUSE: %w", s.cfg.VolumeID, err)
 	}
+	tFuse = time.Since(t0)
 	if s.cfg.Loop {
 		if s.loop, err = loopdev.Attach(s.exp.Path(), true); err != nil {
 			return fmt.Errorf("attach %s to a loop device: %w", s.exp.Path(), err)
@@ -222,7 +255,22 @@ func (s *server) closeNBD() error {
 	return nil
 }
 
+// prefetched logs the end of a read-ahead.
+func (s *server) prefetched(what string) func(int64, time.Duration, error) {
+	return func(n int64, took time.Duration, err error) {
+		ev := s.log.Info()
+		if err != nil {
+			// The machine's own reads fetch what is missing.
+			ev = s.log.Warn().Err(err)
+		}
+		ev.Str("what", what).Int64("bytes", n).Dur("took", took).Msg("read ahead through the clone")
+	}
+}
+
 func (s *server) close() {
+	if s.pre != nil {
+		s.pre.stop()
+	}
 	if err := s.closeNBD(); err != nil {
 		s.log.Warn().Err(err).Msg("release the NBD export")
 	}
@@ -348,6 +396,8 @@ func (s *server) serve(ctx context.Context, ready func(Ready)) error {
 			reply(w, struct{}{}, nil)
 			return
 		}
+		fg := s.eng.Foreground()
+		s.log.Info().Int64("fetches", fg.Count).Int64("bytes", fg.Bytes).Dur("wait", fg.Wait).Msg("on-demand fetches before hydration")
 		err := s.eng.EnableHydration()
 		s.hydrating = s.hydrating || err == nil
 		reply(w, struct{}{}, err)
@@ -615,14 +665,12 @@ func ServeConfigFile(ctx context.Context, log zerolog.Logger, path string, stdin
 	if err := dec.Decode(&cfg); err != nil {
 		return fmt.Errorf("datapath config %s: %w", path, err)
 	}
-	pass, err := io.ReadAll(io.LimitReader(stdin, 4096))
-	if err != nil {
-		return err
-	}
-	defer clear(pass)
+	// The passphrase is read when the view opens: the agent may still be
+	// fetching it while this process logs in to the source.
+	pass := func() ([]byte, error) { return io.ReadAll(io.LimitReader(stdin, 4096)) }
 	// Each layer (dmclone, iscsi, fuseexport) sets its own component; this
 	// process is named by its own field so keys never repeat.
-	return Serve(ctx, log.With().Str("process", "datapath").Str("volume", cfg.VolumeID).Logger(), cfg, pass, nil)
+	return serveKeyed(ctx, log.With().Str("process", "datapath").Str("volume", cfg.VolumeID).Logger(), cfg, pass, nil)
 }
 
 // ServeChildIfAsked makes a test binary stand in for `ferry volume serve`:

@@ -66,6 +66,11 @@ func bed(b *testing.B, s *suite, args ...string) *testbed.Bed {
 				}
 			}
 		}
+		if os.Getenv("FERRY_BENCH_KEEP") != "" {
+			// Kept for reading the agents' and datapaths' logs afterwards.
+			b.Logf("cluster dir kept: %s", dir)
+			return
+		}
 		os.RemoveAll(dir)
 	})
 	return bd
