@@ -54,13 +54,16 @@ const (
 // NBDCryptName is the device-mapper name of a volume served over NBD.
 func NBDCryptName(vol string) string { return "ferry-" + vol + "-nbd" }
 
+// NBDDevice is the dm-crypt device of a volume served over NBD.
+func NBDDevice(vol string) string { return "/dev/mapper/" + NBDCryptName(vol) }
+
 func (c Config) nbd() bool { return c.BlockExport == ExportNBD }
 
 // Device is the block device the agent mounts when the process serves one
 // itself (ExportNBD); empty for FUSE, whose file the agent attaches.
 func (c Config) Device() string {
 	if c.nbd() {
-		return "/dev/mapper/" + NBDCryptName(c.VolumeID)
+		return NBDDevice(c.VolumeID)
 	}
 	return ""
 }

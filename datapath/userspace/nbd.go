@@ -40,7 +40,7 @@ func ProbeNBD(ctx context.Context) error {
 // nbdOf returns the NBD device under vol's dm-crypt mapping, if the
 // mapping exists.
 func nbdOf(vol string) (string, bool) {
-	dm, err := filepath.EvalSymlinks("/dev/mapper/" + NBDCryptName(vol))
+	dm, err := filepath.EvalSymlinks(NBDDevice(vol))
 	if err != nil {
 		return "", false
 	}
@@ -101,7 +101,7 @@ func releaseDeadNBD(ctx context.Context, vol string) error {
 // the dm-crypt device over NBD, or the loop devices over the FUSE file.
 func (v *Backend) servedDevices(vol string) ([]string, error) {
 	if v.nbd() {
-		dev := (Config{VolumeID: vol, BlockExport: ExportNBD}).Device()
+		dev := NBDDevice(vol)
 		if _, err := os.Stat(dev); err != nil {
 			return nil, nil
 		}
@@ -124,7 +124,7 @@ func (v *Backend) extendServedNBD(ctx context.Context, p *Process, vol string, n
 	if err != nil {
 		return fmt.Errorf("extend volume %s: %w", vol, err)
 	}
-	dev := (Config{VolumeID: vol, BlockExport: ExportNBD}).Device()
+	dev := NBDDevice(vol)
 	_, mounted := mountedFrom(dev)
 	if err := hostfs.GrowExt4(ctx, dev, mounted); err != nil {
 		return fmt.Errorf("extend volume %s: %w", vol, err)
