@@ -70,6 +70,7 @@ type Engine struct {
 
 	rate      rateMeter
 	stop      chan struct{} // stops the committer
+	stopOnce  sync.Once
 	commitNow chan struct{}
 	loopWG    sync.WaitGroup
 
@@ -822,6 +823,9 @@ func (e *Engine) Dissolve() (blockdev.Device, error) {
 		return nil, fmt.Errorf("%w: %d of %d regions hydrated; wait for Done", ErrNotHydrated, p.HydratedRegions, p.TotalRegions)
 	}
 	e.stopBackground()
+	// The committer goes too: the destination now belongs to the caller,
+	// who may close it long before this engine is closed.
+	e.stopCommitter()
 	if err := e.commit(); err != nil {
 		return nil, err
 	}
@@ -833,6 +837,12 @@ func (e *Engine) Dissolve() (blockdev.Device, error) {
 	}
 	e.log.Info().Msg("clone dissolved into its destination")
 	return e.dst, nil
+}
+
+// stopCommitter ends the periodic commit loop and waits for it; idempotent.
+func (e *Engine) stopCommitter() {
+	e.stopOnce.Do(func() { close(e.stop) })
+	e.loopWG.Wait()
 }
 
 // Close stops hydration, commits the bitmap and closes the devices (the
@@ -847,15 +857,17 @@ func (e *Engine) Close() error {
 	e.opMu.Unlock()
 	e.stopBackground()
 	e.waitWriteBehind()
-	close(e.stop)
-	e.loopWG.Wait()
-	err := e.commit()
-	if cerr := e.meta.close(); err == nil {
-		err = cerr
-	}
+	e.stopCommitter()
 	e.mu.Lock()
 	dissolved := e.dissolved
 	e.mu.Unlock()
+	var err error
+	if !dissolved { // Dissolve committed the full bitmap; the destination is the caller's now
+		err = e.commit()
+	}
+	if cerr := e.meta.close(); err == nil {
+		err = cerr
+	}
 	if !dissolved {
 		if cerr := e.src.Close(); err == nil && cerr != nil {
 			err = fmt.Errorf("close source: %w", cerr)

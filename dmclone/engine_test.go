@@ -609,3 +609,48 @@ func TestForegroundReadBoundedWait(t *testing.T) {
 		t.Fatalf("stall = %v %q, want the reason (the source did not answer)", st, why)
 	}
 }
+
+// flushCounter counts the flushes of a destination after armed is set.
+type flushCounter struct {
+	blockdev.Device
+	armed   atomic.Bool
+	flushes atomic.Int64
+}
+
+func (f *flushCounter) Flush() error {
+	if f.armed.Load() {
+		f.flushes.Add(1)
+	}
+	return f.Device.Flush()
+}
+
+// A dissolved destination belongs to the caller, who may close it before
+// closing the engine: the periodic committer must not touch it any more (the
+// VM suite saw "flush destination: device is closed" logged after its test).
+func TestDissolveStopsTheCommitter(t *testing.T) {
+	const size = 64 * testRegion
+	dst := &flushCounter{Device: blockdev.NewMem(size)}
+	e := mustOpen(t, Config{Source: randomMem(t, size, 3), Dest: dst, MetaPath: metaPath(t),
+		RegionSize: testRegion, CommitInterval: time.Millisecond})
+	t.Cleanup(func() { e.Close() })
+	if err := e.EnableHydration(); err != nil {
+		t.Fatal(err)
+	}
+	waitDone(t, e)
+	d, err := e.Dissolve()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dst.armed.Store(true)
+	time.Sleep(50 * time.Millisecond) // fifty commit intervals
+	if n := dst.flushes.Load(); n != 0 {
+		t.Fatalf("the committer flushed the dissolved destination %d times", n)
+	}
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if n := dst.flushes.Load(); n != 0 {
+		t.Fatalf("Close flushed the dissolved destination %d times", n)
+	}
+	d.Close()
+}

@@ -115,8 +115,7 @@ func (e *Engine) abandon() {
 	e.opMu.Unlock()
 	e.stopBackground()
 	e.waitWriteBehind()
-	close(e.stop)
-	e.loopWG.Wait()
+	e.stopCommitter()
 	e.meta.close()
 }
 

@@ -132,3 +132,16 @@ func TestDownloadFailureIsClear(t *testing.T) {
 		t.Fatalf("unclear error: %v", err)
 	}
 }
+
+func TestFailureLines(t *testing.T) {
+	out := "=== RUN   TestA\n--- PASS: TestA (0.01s)\n=== RUN   TestB\n    b_test.go:42: wrong size: 3\n        more detail\n--- FAIL: TestB (0.02s)\nnoise 1\nnoise 2\nnoise 3\nnoise 4\nFAIL\n"
+	got := failureLines(out)
+	for _, want := range []string{"b_test.go:42: wrong size: 3", "more detail", "--- FAIL: TestB", "--- last lines ---"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("failureLines lacks %q:\n%s", want, got)
+		}
+	}
+	if strings.Count(got, "--- PASS: TestA") != 1 { // only in the tail, not picked
+		t.Errorf("failureLines picked a passing test:\n%s", got)
+	}
+}

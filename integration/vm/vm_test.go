@@ -249,6 +249,19 @@ func TestKernelPathInVM(t *testing.T) {
 	if b, err := os.ReadFile(filepath.Join(share, layersReport)); err == nil {
 		t.Logf("the data path per layer, measured in the guest (TestGuestLayers):\n%s", b)
 	}
+	// Name the failing suites and their failures first: the console tail in
+	// res.Err shows only the last suite, which may well have passed.
+	if strings.Contains(res.Console, "SUITE smoke FAIL") {
+		_, out, _ := strings.Cut(res.Console, "== smoke: dm-clone\n")
+		out, _, _ = strings.Cut(out, "SUITE smoke FAIL")
+		t.Errorf("the dm-clone smoke script failed:\n%s", out)
+	}
+	for _, s := range suites {
+		name := filepath.Base(s.pkg) + ".test"
+		if strings.Contains(res.Console, "SUITE "+name+" FAIL") {
+			t.Errorf("guest suite %s failed:\n%s", s.pkg, failureLines(suiteOutput(res.Console, name)))
+		}
+	}
 	if err := res.Err(); err != nil {
 		t.Fatal(err)
 	}
@@ -349,6 +362,39 @@ func suiteOutput(console, name string) string {
 	}
 	return rest
 }
+
+// failureLines picks out of a test binary's -v output what explains a
+// failure: FAIL lines, panics, t.Error/t.Fatal messages (file.go:N:) and
+// their following lines, capped, then the last lines of the output.
+func failureLines(out string) string {
+	lines := strings.Split(out, "\n")
+	var b strings.Builder
+	picked, follow := 0, 0
+	for _, l := range lines {
+		tl := strings.TrimSpace(l)
+		hit := strings.HasPrefix(tl, "--- FAIL") || strings.HasPrefix(tl, "panic:") ||
+			strings.HasPrefix(tl, "FAIL") || testMessage.MatchString(tl)
+		if hit {
+			follow = 3
+		} else if follow > 0 {
+			follow--
+			hit = true
+		}
+		if hit && picked < 120 {
+			b.WriteString(l + "\n")
+			picked++
+		}
+	}
+	b.WriteString("--- last lines ---\n")
+	if len(lines) > 25 {
+		lines = lines[len(lines)-25:]
+	}
+	b.WriteString(strings.Join(lines, "\n"))
+	return b.String()
+}
+
+// testMessage is the head of a t.Error or t.Fatal line: "name_test.go:12: ".
+var testMessage = regexp.MustCompile(`^\w+_test\.go:\d+: `)
 
 func trimAll(ss []string) []string {
 	for i := range ss {
