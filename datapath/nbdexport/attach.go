@@ -31,6 +31,32 @@ const (
 	nbdSetFlags      = 0xab0a
 )
 
+// DefaultSendBuffer holds what the kernel can have outstanding on one
+// connection: 128 requests (its queue depth per connection) of up to
+// max_sectors_kb (1280 KiB by default) each, with room to spare. It bounds
+// the kernel memory a stalled server can pin; nothing is allocated up front.
+const DefaultSendBuffer = 256 << 20
+
+// setSendBuffer sets fd's send buffer to n bytes, past the system's
+// wmem_max where the process may (CAP_NET_ADMIN), and checks that it took.
+func setSendBuffer(fd, n int) error {
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, n); err != nil {
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUF, n); err != nil {
+			return err
+		}
+	}
+	got, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUF)
+	if err != nil {
+		return err
+	}
+	// The kernel doubles what it is given (bookkeeping); wmem_max caps
+	// SO_SNDBUF without the capability.
+	if got < n {
+		return fmt.Errorf("send buffer is %d bytes, want %d: run as root (CAP_NET_ADMIN) or raise net.core.wmem_max", got, n)
+	}
+	return nil
+}
+
 // Options configure an attachment.
 type Options struct {
 	// Connections the kernel spreads requests over (0: 2). Each has its own
@@ -46,6 +72,15 @@ type Options struct {
 	ReadOnly bool
 	// InFlight per connection (0: DefaultInFlight).
 	InFlight int
+	// SendBuffer is the send buffer of the kernel's end of each socket, in
+	// bytes (0: DefaultSendBuffer; <0: the system's default, for tests).
+	// The kernel writes requests into it from the task that submitted the
+	// I/O; should the buffer fill, that task sleeps in the send, and a
+	// signal there cuts the request short. Kernels before 6.13 ("nbd: fix
+	// partial sending") may then resend it under another tag, leaving the
+	// reply unmatched until the timeout. A buffer that holds every request
+	// the kernel can have outstanding never makes a sender sleep.
+	SendBuffer int
 	// SysBlock is where block devices are listed (tests; "" is /sys/block).
 	SysBlock string
 }
@@ -91,6 +126,9 @@ func Attach(ctx context.Context, log zerolog.Logger, dev blockdev.Device, o Opti
 	}
 	if o.Timeout <= 0 {
 		o.Timeout = 120 * time.Second
+	}
+	if o.SendBuffer == 0 {
+		o.SendBuffer = DefaultSendBuffer
 	}
 	if o.SysBlock == "" {
 		o.SysBlock = "/sys/block"
@@ -190,6 +228,11 @@ func attachTo(ctx context.Context, log zerolog.Logger, path, sys string, dev blo
 		}
 		kernelFDs = append(kernelFDs, fds[0])
 		e.conns = append(e.conns, &fdConn{fd: fds[1]})
+		if o.SendBuffer > 0 {
+			if err := setSendBuffer(fds[0], o.SendBuffer); err != nil {
+				return fail("size the kernel's send buffer", err)
+			}
+		}
 	}
 	steps := []struct {
 		what     string
@@ -205,6 +248,14 @@ func attachTo(ctx context.Context, log zerolog.Logger, path, sys string, dev blo
 			what     string
 			req, arg uintptr
 		}{"hand a socket to the kernel", nbdSetSock, uintptr(fd)})
+	}
+	// No I/O scheduler: dm-crypt or the machine's filesystem above orders
+	// the I/O, and without one a request keeps its tag when the kernel
+	// requeues it (a partial send, see SendBuffer), so its reply still
+	// matches. Before the device starts: its first reads (the partition
+	// scan) go through whichever is set.
+	if err := os.WriteFile(filepath.Join(sys, "queue", "scheduler"), []byte("none"), 0); err != nil {
+		e.log.Warn().Err(err).Str("nbd", path).Msg("the device keeps its I/O scheduler")
 	}
 	setup := make(chan error, 1)
 	go func() {

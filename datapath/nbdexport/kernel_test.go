@@ -9,9 +9,14 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
+	"unsafe"
 
 	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
 
 	"github.com/ferry-dev/ferry/blockdev"
 	"github.com/ferry-dev/ferry/internal/testenv"
@@ -115,4 +120,141 @@ func TestKernelNBDAttach(t *testing.T) {
 	if err != nil || !bytes.Equal(got, want) {
 		t.Fatalf("the file after detach: %v, equal %v", err, bytes.Equal(got, want))
 	}
+}
+
+// TestKernelNBDSignalledSenders: writers whose threads are signalled all
+// the time (as a Go program's are: SIGURG, SIGCHLD) write 1 MiB blocks
+// with O_DIRECT, so the kernel sends each request from their threads. A
+// send that sleeps on a full socket and is cut short by a signal makes
+// kernels before 6.13 resend it under another tag, and the reply then
+// matches nothing until the timeout; the export's send buffer keeps the
+// kernel's sends from sleeping. No write may take the timeout, and every
+// block must read back.
+func TestKernelNBDSignalledSenders(t *testing.T) {
+	needNBD(t)
+	const (
+		writers = 24
+		span    = 4 << 20 // each writer's own part of the device
+		block   = 1 << 20
+		timeout = 6 * time.Second
+	)
+	dev := blockdev.NewMem(writers * span)
+	log := zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.WarnLevel)
+	e, err := Attach(context.Background(), log, dev, Options{Connections: 2, Timeout: timeout, SendBuffer: testSendBuffer()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+
+	stop := make(chan struct{})
+	var signals atomic.Int64
+	sigDone := make(chan struct{})
+	go func() { // SIGURG every thread of this process: Go ignores unsolicited ones
+		defer close(sigDone)
+		pid := os.Getpid()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			tasks, _ := os.ReadDir("/proc/self/task")
+			for _, task := range tasks {
+				if tid, err := strconv.Atoi(task.Name()); err == nil && unix.Tgkill(pid, tid, unix.SIGURG) == nil {
+					signals.Add(1)
+				}
+			}
+			time.Sleep(100 * time.Microsecond)
+		}
+	}()
+
+	type result struct {
+		writes  int
+		slowest time.Duration
+		last    []byte // the last block written at each offset, in order
+		err     error
+	}
+	results := make([]result, writers)
+	deadline := time.Now().Add(4 * time.Second)
+	var wg sync.WaitGroup
+	for w := range writers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r := &results[w]
+			f, err := os.OpenFile(e.Path(), os.O_RDWR|unix.O_DIRECT, 0)
+			if err != nil {
+				r.err = err
+				return
+			}
+			defer f.Close()
+			buf := alignedBlock(block)
+			r.last = make([]byte, span)
+			for i := 0; time.Now().Before(deadline); i++ {
+				off := int64(i%(span/block)) * block
+				rand.Read(buf)
+				t0 := time.Now()
+				if _, err := f.WriteAt(buf, int64(w)*span+off); err != nil {
+					r.err = err
+					return
+				}
+				r.slowest = max(r.slowest, time.Since(t0))
+				copy(r.last[off:], buf)
+				r.writes++
+			}
+		}()
+	}
+	wg.Wait()
+	close(stop)
+	<-sigDone
+	total := 0
+	for w, r := range results {
+		if r.err != nil {
+			t.Fatalf("writer %d: %v", w, r.err)
+		}
+		total += r.writes
+		if r.slowest >= timeout/2 {
+			t.Errorf("writer %d: a 1 MiB write took %s (the kernel's timeout is %s): a request went unanswered", w, r.slowest, timeout)
+		}
+	}
+	sched, _ := os.ReadFile(filepath.Join("/sys/block", filepath.Base(e.Path()), "queue", "scheduler"))
+	t.Logf("%d writes of 1 MiB by %d writers while %d signals landed (scheduler %s)", total, writers, signals.Load(), bytes.TrimSpace(sched))
+	if !bytes.Contains(sched, []byte("[none]")) {
+		t.Errorf("the device's scheduler is %q, want none", bytes.TrimSpace(sched))
+	}
+	if out, err := exec.Command("dmesg").Output(); err == nil {
+		for _, l := range strings.Split(string(out), "\n") {
+			if strings.Contains(l, "nbd") {
+				t.Logf("dmesg: %s", l)
+			}
+		}
+	}
+	if total < writers || signals.Load() < 1000 {
+		t.Fatalf("too little happened to tell: %d writes, %d signals", total, signals.Load())
+	}
+	got := make([]byte, writers*span)
+	if _, err := dev.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	for w, r := range results {
+		if !bytes.Equal(got[w*span:(w+1)*span], r.last) {
+			t.Errorf("writer %d's part of the device is not what it wrote last", w)
+		}
+	}
+}
+
+// alignedBlock is n bytes aligned for O_DIRECT.
+func alignedBlock(n int) []byte {
+	b := make([]byte, n+4096)
+	off := 4096 - int(uintptr(unsafe.Pointer(&b[0]))&4095)
+	return b[off : off+n : off+n]
+}
+
+// testSendBuffer is the export's default, or FERRY_NBD_TEST_SENDBUF (-1:
+// the system's default) to show what happens without it.
+func testSendBuffer() int {
+	if v, err := strconv.Atoi(os.Getenv("FERRY_NBD_TEST_SENDBUF")); err == nil {
+		return v
+	}
+	return 0
 }

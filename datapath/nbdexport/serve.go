@@ -18,8 +18,9 @@ import (
 )
 
 // DefaultInFlight is how many requests of one connection are served at
-// once; the kernel keeps up to its queue depth (128 tags) outstanding.
-const DefaultInFlight = 64
+// once: the kernel's queue depth per connection (128 tags), so the reader
+// never stops draining the socket while the kernel has requests to send.
+const DefaultInFlight = 128
 
 // slowRequest is how long a request may take before it is logged.
 const slowRequest = 5 * time.Second

@@ -183,6 +183,9 @@ func TestGuestLayers(t *testing.T) {
 		t.Fatal(err)
 	}
 	_ = dst.Close()
+	if err := eng.Close(); err != nil { // its metadata file; the destination is ours
+		t.Fatal(err)
+	}
 	// The destination alone holds the volume now: the kernel path opens it.
 	dstLoop := guestRun(t, "losetup", "-f", "--show", filepath.Join(dir, "nbd.img"))
 	unmount = mountKernel(dstLoop, "layers-dst")
