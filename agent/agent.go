@@ -17,6 +17,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 
+	"github.com/ferry-dev/ferry/datapath"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/retry"
 	"github.com/ferry-dev/ferry/volops"
@@ -203,6 +204,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	a.wg.Wait()
 	a.trims.WaitAll()
+	if pw, ok := a.Data.(datapath.Prewarmer); ok {
+		pw.ReleaseSpare()
+	}
 	return nil
 }
 

@@ -51,6 +51,42 @@ type Backend struct {
 	// ExportNBD (kernel dm-crypt over the served ciphertext; see
 	// ProbeNBD).
 	BlockExport string
+
+	// spare is a datapath process started ahead of need (Prewarm).
+	spare spares
+}
+
+// Prewarm starts a spare datapath process unless one waits already: the
+// next volume this backend serves (a migration's clone, soon) is handed to
+// it and skips a process's start. Failing only costs that start.
+func (v *Backend) Prewarm() {
+	if v.Exe == "" {
+		return
+	}
+	v.spare.mu.Lock()
+	defer v.spare.mu.Unlock()
+	if s := v.spare.s; s != nil {
+		select {
+		case <-s.exited:
+			s.stdin.Close()
+		default:
+			return
+		}
+	}
+	s, err := startSpare(v.Exe, v.runDir())
+	if err != nil {
+		v.spare.s = nil
+		v.Log.Warn().Err(err).Msg("no spare datapath; the next volume served starts its own")
+		return
+	}
+	v.spare.s = s
+}
+
+// ReleaseSpare ends the spare Prewarm started, if it is still unused.
+func (v *Backend) ReleaseSpare() {
+	if s := v.spare.take(); s != nil {
+		s.release()
+	}
 }
 
 func (v *Backend) nbd() bool { return v.BlockExport == ExportNBD }
@@ -268,7 +304,7 @@ func (v *Backend) attach(ctx context.Context, cfg Config, key func(context.Conte
 	if err := mountns.EnsureShared(filepath.Join(v.DataDir, "fuse")); err != nil {
 		return "", err
 	}
-	if _, err := StartKeyed(ctx, v.Log, v.Exe, cfg, key, v.runDir()); err != nil {
+	if _, err := startKeyed(ctx, v.Log, v.Exe, cfg, key, v.runDir(), v.spare.take); err != nil {
 		return "", err
 	}
 	if dev := cfg.Device(); dev != "" {
