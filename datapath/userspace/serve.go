@@ -98,6 +98,20 @@ func (s *server) build(ctx context.Context, pass func() ([]byte, error)) error {
 	}()
 	size := s.cfg.Layout.DeviceSize()
 	c := s.cfg.Clone
+	var early *earlyMount
+	if c != nil && !s.cfg.Raw && !s.cfg.nbd() {
+		// A clone's FUSE file is mounted while it connects to its source
+		// and opens (a machine's pause waits on both); the view is swapped
+		// in once open. On failure it is unmounted like the rest.
+		early = s.mountEarly(s.cfg.Layout.PayloadSize)
+		defer func() {
+			if early != nil {
+				if exp, _ := early.wait(); exp != nil && s.exp == nil {
+					s.exp = exp
+				}
+			}
+		}()
+	}
 	if c != nil {
 		if c.SourcePath != "" {
 			// Assigned only on success: a nil pointer in the interface
@@ -196,12 +210,27 @@ func (s *server) build(ctx context.Context, pass func() ([]byte, error)) error {
 		s.pre = newPrefetcher()
 		s.pre.run(lower, ext4Ranges(s.view, s.cfg.Layout.DataOffset), s.prefetched("ext4 metadata"))
 	}
-	if err := os.MkdirAll(s.cfg.MountDir, 0o700); err != nil {
-		return fmt.Errorf("fuse mount dir: %w", err)
-	}
-	s.exp, err = fuseexport.Mount(s.log, s.cfg.MountDir, s.cfg.fileName(), s.view)
-	if err != nil {
-		return fmt.Errorf("export %s over FUSE: %w", s.cfg.VolumeID, err)
+	if early != nil {
+		exp, merr := early.wait()
+		early = nil
+		if merr != nil {
+			return fmt.Errorf("export %s over FUSE: %w", s.cfg.VolumeID, merr)
+		}
+		s.exp = exp
+		if s.view.Size() != s.cfg.Layout.PayloadSize {
+			return fmt.Errorf("the plaintext view of %s is %d bytes, the carried layout says %d", s.cfg.VolumeID, s.view.Size(), s.cfg.Layout.PayloadSize)
+		}
+		if _, err := exp.Swap(s.view); err != nil {
+			return fmt.Errorf("export %s over FUSE: %w", s.cfg.VolumeID, err)
+		}
+	} else {
+		if err := os.MkdirAll(s.cfg.MountDir, 0o700); err != nil {
+			return fmt.Errorf("fuse mount dir: %w", err)
+		}
+		s.exp, err = fuseexport.Mount(s.log, s.cfg.MountDir, s.cfg.fileName(), s.view)
+		if err != nil {
+			return fmt.Errorf("export %s over FUSE: %w", s.cfg.VolumeID, err)
+		}
 	}
 	tFuse = time.Since(t0)
 	if s.cfg.Loop {
@@ -211,6 +240,46 @@ func (s *server) build(ctx context.Context, pass func() ([]byte, error)) error {
 	}
 	return nil
 }
+
+// earlyMount is a FUSE file mounted before its device is ready.
+type earlyMount struct {
+	done chan struct{}
+	exp  *fuseexport.Export
+	err  error
+}
+
+// mountEarly mounts the FUSE file in the background over a device of size
+// bytes that fails every request until the real one is swapped in; nothing
+// reads the file before this process answers on its socket.
+func (s *server) mountEarly(size int64) *earlyMount {
+	m := &earlyMount{done: make(chan struct{})}
+	go func() {
+		defer close(m.done)
+		if err := os.MkdirAll(s.cfg.MountDir, 0o700); err != nil {
+			m.err = fmt.Errorf("fuse mount dir: %w", err)
+			return
+		}
+		m.exp, m.err = fuseexport.Mount(s.log, s.cfg.MountDir, s.cfg.fileName(), notReady(size))
+	}()
+	return m
+}
+
+func (m *earlyMount) wait() (*fuseexport.Export, error) {
+	<-m.done
+	return m.exp, m.err
+}
+
+// notReady is a device of a known size that serves nothing yet.
+type notReady int64
+
+var errNotReady = errors.New("the volume's datapath is still starting")
+
+func (n notReady) ReadAt([]byte, int64) (int, error)  { return 0, errNotReady }
+func (n notReady) WriteAt([]byte, int64) (int, error) { return 0, errNotReady }
+func (n notReady) Size() int64                        { return int64(n) }
+func (n notReady) Discard(int64, int64) error         { return errNotReady }
+func (n notReady) Flush() error                       { return errNotReady }
+func (n notReady) Close() error                       { return nil }
 
 // buildNBD serves the ciphertext (clone, copy-on-write layer) to the
 // kernel as /dev/nbdN and opens it with kernel dm-crypt: the plaintext
