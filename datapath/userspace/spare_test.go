@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -18,21 +19,19 @@ import (
 
 // lockedBuffer is a log sink tests read while the backend writes.
 type lockedBuffer struct {
-	mu chan struct{}
+	mu sync.Mutex
 	b  bytes.Buffer
 }
 
-func newLockedBuffer() *lockedBuffer { return &lockedBuffer{mu: make(chan struct{}, 1)} }
-
 func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu <- struct{}{}
-	defer func() { <-l.mu }()
+	l.mu.Lock()
+	defer l.mu.Unlock()
 	return l.b.Write(p)
 }
 
 func (l *lockedBuffer) String() string {
-	l.mu <- struct{}{}
-	defer func() { <-l.mu }()
+	l.mu.Lock()
+	defer l.mu.Unlock()
 	return l.b.String()
 }
 
@@ -46,7 +45,7 @@ func TestPrewarmedSpareServesTheNextVolume(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	logs := newLockedBuffer()
+	logs := &lockedBuffer{}
 	b := &Backend{DataDir: t.TempDir(), Exe: exe, Log: zerolog.New(logs), Loops: loopdev.System{}, FastKDF: true}
 	t.Cleanup(func() { b.ReleaseSpare(); b.CleanupAll(context.Background()) })
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
