@@ -414,7 +414,7 @@ func (b *Bed) Snapshot() Resources {
 	ps, _ := exec.Command("ps", "-eo", "pid,args").CombinedOutput()
 	for _, l := range linesWith(string(ps), b.cfg.Dir) {
 		switch {
-		case strings.Contains(l, " volume serve --spare"):
+		case strings.Contains(l, " volume serve --spare") && idleSpare(l):
 			r.Spares = append(r.Spares, l)
 		case strings.Contains(l, " volume serve"):
 			r.Datapaths = append(r.Datapaths, l)
@@ -491,6 +491,18 @@ func (r Resources) CheckSteady(running int) error {
 		return fmt.Errorf("resources after the migration ended: %s", strings.Join(bad, "; "))
 	}
 	return nil
+}
+
+// idleSpare reports whether the ps line (pid first) is a spare datapath
+// not yet handed a volume: its output still goes to the spare's own log.
+// A handed spare writes to its volume's log and is a datapath.
+func idleSpare(psLine string) bool {
+	f := strings.Fields(psLine)
+	if len(f) == 0 {
+		return false
+	}
+	out, err := os.Readlink(filepath.Join("/proc", f[0], "fd", "1"))
+	return err == nil && filepath.Base(out) == ".spare.log"
 }
 
 func readString(path string) string {
