@@ -224,8 +224,10 @@ func TestKernelClonePollerFake(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer k.Close()
-	if !strings.Contains(f.table, " no_hydration 4 hydration_threshold 16 hydration_batch_size 8") {
-		t.Fatalf("table %q", f.table)
+	var table string
+	f.set(func(f *fakeDM) { table = f.table })
+	if !strings.Contains(table, " no_hydration 4 hydration_threshold 16 hydration_batch_size 8") {
+		t.Fatalf("table %q", table)
 	}
 	// Hydration off: no progress is not a stall.
 	time.Sleep(100 * time.Millisecond)
@@ -255,17 +257,24 @@ func TestKernelClonePollerFake(t *testing.T) {
 	if err := k.SetTunables(Tunables{BatchRegions: 4, InFlight: 8}); err != nil {
 		t.Fatal(err)
 	}
-	if f.thr != 32 || f.bat != 4 {
-		t.Fatalf("tunables sent: threshold %d batch %d", f.thr, f.bat)
+	// The poller keeps calling the fake: read it under its lock.
+	var thr, bat int64
+	f.set(func(f *fakeDM) { thr, bat = f.thr, f.bat })
+	if thr != 32 || bat != 4 {
+		t.Fatalf("tunables sent: threshold %d batch %d", thr, bat)
 	}
 	// Dissolve: suspend, load linear, resume (OpenFile of /dev/mapper fails on the host).
 	_, _ = k.Dissolve()
-	joined := strings.Join(f.calls, "\n")
+	var joined string
+	f.set(func(f *fakeDM) { joined = strings.Join(f.calls, "\n") })
 	if !strings.Contains(joined, "suspend c1\nload c1 --table 0 8000 linear /dev/loop1 0\nresume c1") {
 		t.Fatalf("dissolve calls:\n%s", joined)
 	}
-	if err := k.Close(); err != nil || !f.exists {
-		t.Fatalf("close after dissolve must keep the linear device: %v exists=%v", err, f.exists)
+	err = k.Close()
+	var exists bool
+	f.set(func(f *fakeDM) { exists = f.exists })
+	if err != nil || !exists {
+		t.Fatalf("close after dissolve must keep the linear device: %v exists=%v", err, exists)
 	}
 }
 
@@ -285,8 +294,11 @@ func TestKernelCloneCloseRemovesFake(t *testing.T) {
 		t.Fatal(err)
 	}
 	k2.stopOnly()
-	if err := k.Close(); err != nil || f.exists {
-		t.Fatalf("close before dissolve must remove the clone: %v exists=%v", err, f.exists)
+	err = k.Close()
+	var exists bool
+	f.set(func(f *fakeDM) { exists = f.exists })
+	if err != nil || exists {
+		t.Fatalf("close before dissolve must remove the clone: %v exists=%v", err, exists)
 	}
 	// A device of the same name but another size is refused.
 	f.set(func(f *fakeDM) { f.exists, f.table = true, "0 99 linear /dev/x 0" })
