@@ -593,7 +593,7 @@ func (v *Backend) Abandon(ctx context.Context, vol, mnt string) error {
 		// runs there, which the caller must learn (and stop) first.
 		if err := hostfs.UnmountOrKill(mnt, abandonPatience, func() {
 			v.Log.Warn().Str("volume", vol).Str("mount", mnt).Msg("unmount of an abandoned volume blocked (its clone's source is gone?); killing its datapath")
-			killProcesses(filepath.Join(v.runDir(), vol+".json"))
+			killDatapath(v.runDir(), vol)
 		}); err != nil {
 			return fmt.Errorf("abandon volume %s: %w", vol, err)
 		}
@@ -623,7 +623,7 @@ func (v *Backend) CleanupAll(ctx context.Context) error {
 	killDatapaths := func() {
 		ents, _ := os.ReadDir(filepath.Join(v.DataDir, "fuse"))
 		for _, e := range ents {
-			killProcesses(filepath.Join(v.runDir(), e.Name()+".json"))
+			killDatapath(v.runDir(), e.Name())
 		}
 	}
 	mnts, _ := os.ReadDir(v.MountPoint(""))
@@ -648,6 +648,8 @@ func (v *Backend) CleanupAll(ctx context.Context) error {
 			errs = append(errs, err)
 		}
 	}
+	v.ReleaseSpare()
+	killIdleSpares(v.runDir()) // and any other of this data dir
 	if len(errs) == 0 {
 		errs = append(errs, hostfs.ReleaseShared(v.MountPoint("")), mountns.Release(filepath.Join(v.DataDir, "fuse")))
 	}
@@ -667,9 +669,36 @@ func lazyUnmountFUSE(fuseDir string) error {
 	return nil
 }
 
-// killProcesses SIGKILLs every process whose command line names marker
-// (a datapath's config file) and waits briefly for them to go.
-func killProcesses(marker string) {
+// killDatapath SIGKILLs vol's datapath processes, whether started with
+// its configuration (the command line names it) or a spare of runDir handed
+// it (its output is vol's log), and waits briefly for them to go.
+func killDatapath(runDir, vol string) {
+	cfg, logPath := filepath.Join(runDir, vol+".json"), filepath.Join(runDir, vol+".log")
+	killMatching(func(pid string, cmdline []byte) bool {
+		return bytes.Contains(cmdline, []byte(cfg)) || spareWritingTo(pid, cmdline, runDir, logPath)
+	})
+}
+
+// killIdleSpares SIGKILLs the spares of runDir not handed a volume.
+func killIdleSpares(runDir string) {
+	killMatching(func(pid string, cmdline []byte) bool {
+		return spareWritingTo(pid, cmdline, runDir, filepath.Join(runDir, spareLog))
+	})
+}
+
+// spareWritingTo reports whether process pid, with cmdline, is a spare of
+// runDir whose standard output is logPath.
+func spareWritingTo(pid string, cmdline []byte, runDir, logPath string) bool {
+	if !bytes.Contains(cmdline, []byte("\x00--spare\x00"+runDir+"\x00")) {
+		return false
+	}
+	out, err := os.Readlink(filepath.Join("/proc", pid, "fd", "1"))
+	return err == nil && out == logPath
+}
+
+// killMatching SIGKILLs every other process match accepts (by its pid and
+// NUL-separated command line) and waits briefly for them to go.
+func killMatching(match func(pid string, cmdline []byte) bool) {
 	ents, _ := os.ReadDir("/proc")
 	var pids []int
 	for _, e := range ents {
@@ -678,7 +707,7 @@ func killProcesses(marker string) {
 			continue
 		}
 		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-		if err != nil || !strings.Contains(string(b), marker) {
+		if err != nil || !match(e.Name(), b) {
 			continue
 		}
 		syscall.Kill(pid, syscall.SIGKILL)

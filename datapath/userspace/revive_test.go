@@ -55,7 +55,7 @@ func TestReviveAfterDatapathCrash(t *testing.T) {
 	}
 	f.Close()
 
-	killProcesses(filepath.Join(b.runDir(), vol+".json"))
+	killDatapath(b.runDir(), vol)
 	if !b.DatapathDead(ctx, vol) {
 		t.Fatal("a killed datapath not reported dead")
 	}

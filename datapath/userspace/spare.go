@@ -24,6 +24,10 @@ import (
 // the configuration to serve, then for its key on the same pipe. It ends
 // when stdin closes without a path (the agent is gone).
 
+// spareLog is an idle spare's log in its run directory (no volume id
+// starts with a dot).
+const spareLog = ".spare.log"
+
 // maxSpareLine bounds the configuration path a spare reads.
 const maxSpareLine = 4096
 
@@ -91,7 +95,7 @@ func startSpare(exe, stateDir string) (*spare, error) {
 	if err := os.MkdirAll(stateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("datapath state dir: %w", err)
 	}
-	cmd, w, err := execServe(exe, filepath.Join(stateDir, ".spare.log"), "--spare", stateDir) // no volume id starts with a dot
+	cmd, w, err := execServe(exe, filepath.Join(stateDir, spareLog), "--spare", stateDir)
 	if err != nil {
 		return nil, fmt.Errorf("start a spare datapath: %w", err)
 	}

@@ -96,6 +96,27 @@ func TestPrewarmedSpareServesTheNextVolume(t *testing.T) {
 		t.Fatal("a released spare did not exit")
 	}
 
+	// The volume's datapath, a handed spare, is found by what it serves
+	// (an abandoned clone's unmount relies on killing it).
+	if err := syscall.Kill(sp.cmd.Process.Pid, 0); err != nil {
+		t.Fatalf("the spare serving sv1 is gone early: %v", err)
+	}
+	killDatapath(b.runDir(), "sv1")
+	select {
+	case <-sp.exited:
+	case <-time.After(10 * time.Second):
+		t.Fatal("killDatapath did not end the spare serving sv1")
+	}
+	// An idle spare of the data dir is found too.
+	b.Prewarm()
+	idle := b.spare.s
+	killIdleSpares(b.runDir())
+	select {
+	case <-idle.exited:
+	case <-time.After(10 * time.Second):
+		t.Fatal("killIdleSpares left an idle spare")
+	}
+
 	// A dead spare: the next volume gets a process of its own.
 	b.Prewarm()
 	dead := b.spare.s
