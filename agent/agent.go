@@ -17,7 +17,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 
-	"github.com/ferry-dev/ferry/datapath"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/retry"
 	"github.com/ferry-dev/ferry/volops"
@@ -204,9 +203,6 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	a.wg.Wait()
 	a.trims.WaitAll()
-	if pw, ok := a.Data.(datapath.Prewarmer); ok {
-		pw.ReleaseSpare()
-	}
 	return nil
 }
 

@@ -127,9 +127,6 @@ func (a *Agent) prepareTarget(ctx context.Context, log zerolog.Logger, m *fsm.Mi
 	if err := a.Volumes.Allocate(tv, size); err != nil {
 		return err
 	}
-	if pw, ok := a.Data.(datapath.Prewarmer); ok {
-		pw.Prewarm() // the clone's datapath, started before the source stops
-	}
 	log.Info().Str("target_volume", tv).Int64("size", size).Int64("data_offset", m.Layout.DataOffset).Msg("destination prepared from the carried layout")
 	return a.propose(ctx, m, fsm.EvTargetPrepared, fsm.EventPayload{TargetVolume: tv, Layout: m.Layout})
 }

@@ -186,15 +186,6 @@ type Reviver interface {
 	ReleaseDead(ctx context.Context, vol, mnt string) error
 }
 
-// Prewarmer is a Backend that can start a datapath process ahead of need:
-// the agent asks when it prepares a migration's target, and the clone built
-// a little later skips a process's start inside the machine's pause.
-type Prewarmer interface {
-	Prewarm()
-	// ReleaseSpare ends the process Prewarm started, if still unused.
-	ReleaseSpare()
-}
-
 // Retargeter is a CloneHandle whose source can follow its export to
 // another portal and IQN while the clone runs (the source restarted
 // elsewhere). A data path without it keeps reading the recorded portal.

@@ -217,29 +217,22 @@ func newVolumeDestroyCmd() *cobra.Command {
 }
 
 func newVolumeServeCmd() *cobra.Command {
-	var cfgPath, spareDir string
+	var cfgPath string
 	serve := &cobra.Command{
-		Use:    "serve --config FILE | --spare DIR",
+		Use:    "serve --config FILE",
 		Short:  "Serve one volume's userspace block stack over FUSE (started by the agent; passphrase on stdin)",
 		Hidden: true,
 		Args:   cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if (cfgPath == "") == (spareDir == "") {
-				return withCode(ExitUsage, errors.New("give exactly one of --config and --spare"))
-			}
 			log, err := newLogger(true)
 			if err != nil {
 				return withCode(ExitUsage, err)
 			}
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
-			if spareDir != "" {
-				return userspace.ServeSpare(ctx, log, spareDir, os.Stdin)
-			}
 			return userspace.ServeConfigFile(ctx, log, cfgPath, os.Stdin)
 		},
 	}
 	serve.Flags().StringVar(&cfgPath, "config", "", "datapath configuration (JSON)")
-	serve.Flags().StringVar(&spareDir, "spare", "", "start, then wait on stdin for the path of a configuration in DIR to serve (the agent starts one ahead of a migration's clone)")
 	return serve
 }

@@ -51,42 +51,6 @@ type Backend struct {
 	// ExportNBD (kernel dm-crypt over the served ciphertext; see
 	// ProbeNBD).
 	BlockExport string
-
-	// spare is a datapath process started ahead of need (Prewarm).
-	spare spares
-}
-
-// Prewarm starts a spare datapath process unless one waits already: the
-// next volume this backend serves (a migration's clone, soon) is handed to
-// it and skips a process's start. Failing only costs that start.
-func (v *Backend) Prewarm() {
-	if v.Exe == "" {
-		return
-	}
-	v.spare.mu.Lock()
-	defer v.spare.mu.Unlock()
-	if s := v.spare.s; s != nil {
-		select {
-		case <-s.exited:
-			s.stdin.Close()
-		default:
-			return
-		}
-	}
-	s, err := startSpare(v.Exe, v.runDir())
-	if err != nil {
-		v.spare.s = nil
-		v.Log.Warn().Err(err).Msg("no spare datapath; the next volume served starts its own")
-		return
-	}
-	v.spare.s = s
-}
-
-// ReleaseSpare ends the spare Prewarm started, if it is still unused.
-func (v *Backend) ReleaseSpare() {
-	if s := v.spare.take(); s != nil {
-		s.release()
-	}
 }
 
 func (v *Backend) nbd() bool { return v.BlockExport == ExportNBD }
@@ -304,7 +268,7 @@ func (v *Backend) attach(ctx context.Context, cfg Config, key func(context.Conte
 	if err := mountns.EnsureShared(filepath.Join(v.DataDir, "fuse")); err != nil {
 		return "", err
 	}
-	if _, err := startKeyed(ctx, v.Log, v.Exe, cfg, key, v.runDir(), v.spare.take); err != nil {
+	if _, err := StartKeyed(ctx, v.Log, v.Exe, cfg, key, v.runDir()); err != nil {
 		return "", err
 	}
 	if dev := cfg.Device(); dev != "" {
@@ -593,7 +557,7 @@ func (v *Backend) Abandon(ctx context.Context, vol, mnt string) error {
 		// runs there, which the caller must learn (and stop) first.
 		if err := hostfs.UnmountOrKill(mnt, abandonPatience, func() {
 			v.Log.Warn().Str("volume", vol).Str("mount", mnt).Msg("unmount of an abandoned volume blocked (its clone's source is gone?); killing its datapath")
-			killDatapath(v.runDir(), vol)
+			killProcesses(filepath.Join(v.runDir(), vol+".json"))
 		}); err != nil {
 			return fmt.Errorf("abandon volume %s: %w", vol, err)
 		}
@@ -623,7 +587,7 @@ func (v *Backend) CleanupAll(ctx context.Context) error {
 	killDatapaths := func() {
 		ents, _ := os.ReadDir(filepath.Join(v.DataDir, "fuse"))
 		for _, e := range ents {
-			killDatapath(v.runDir(), e.Name())
+			killProcesses(filepath.Join(v.runDir(), e.Name()+".json"))
 		}
 	}
 	mnts, _ := os.ReadDir(v.MountPoint(""))
@@ -648,8 +612,6 @@ func (v *Backend) CleanupAll(ctx context.Context) error {
 			errs = append(errs, err)
 		}
 	}
-	v.ReleaseSpare()
-	killIdleSpares(v.runDir()) // and any other of this data dir
 	if len(errs) == 0 {
 		errs = append(errs, hostfs.ReleaseShared(v.MountPoint("")), mountns.Release(filepath.Join(v.DataDir, "fuse")))
 	}
@@ -669,36 +631,9 @@ func lazyUnmountFUSE(fuseDir string) error {
 	return nil
 }
 
-// killDatapath SIGKILLs vol's datapath processes, whether started with
-// its configuration (the command line names it) or a spare of runDir handed
-// it (its output is vol's log), and waits briefly for them to go.
-func killDatapath(runDir, vol string) {
-	cfg, logPath := filepath.Join(runDir, vol+".json"), filepath.Join(runDir, vol+".log")
-	killMatching(func(pid string, cmdline []byte) bool {
-		return bytes.Contains(cmdline, []byte(cfg)) || spareWritingTo(pid, cmdline, runDir, logPath)
-	})
-}
-
-// killIdleSpares SIGKILLs the spares of runDir not handed a volume.
-func killIdleSpares(runDir string) {
-	killMatching(func(pid string, cmdline []byte) bool {
-		return spareWritingTo(pid, cmdline, runDir, filepath.Join(runDir, spareLog))
-	})
-}
-
-// spareWritingTo reports whether process pid, with cmdline, is a spare of
-// runDir whose standard output is logPath.
-func spareWritingTo(pid string, cmdline []byte, runDir, logPath string) bool {
-	if !bytes.Contains(cmdline, []byte("\x00--spare\x00"+runDir+"\x00")) {
-		return false
-	}
-	out, err := os.Readlink(filepath.Join("/proc", pid, "fd", "1"))
-	return err == nil && out == logPath
-}
-
-// killMatching SIGKILLs every other process match accepts (by its pid and
-// NUL-separated command line) and waits briefly for them to go.
-func killMatching(match func(pid string, cmdline []byte) bool) {
+// killProcesses SIGKILLs every process whose command line names marker
+// (a datapath's config file) and waits briefly for them to go.
+func killProcesses(marker string) {
 	ents, _ := os.ReadDir("/proc")
 	var pids []int
 	for _, e := range ents {
@@ -707,7 +642,7 @@ func killMatching(match func(pid string, cmdline []byte) bool) {
 			continue
 		}
 		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-		if err != nil || !match(e.Name(), b) {
+		if err != nil || !strings.Contains(string(b), marker) {
 			continue
 		}
 		syscall.Kill(pid, syscall.SIGKILL)

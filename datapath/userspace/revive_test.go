@@ -55,7 +55,7 @@ func TestReviveAfterDatapathCrash(t *testing.T) {
 	}
 	f.Close()
 
-	killDatapath(b.runDir(), vol)
+	killProcesses(filepath.Join(b.runDir(), vol+".json"))
 	if !b.DatapathDead(ctx, vol) {
 		t.Fatal("a killed datapath not reported dead")
 	}

@@ -770,19 +770,14 @@ func ServeProcs() int {
 
 // ServeChildIfAsked makes a test binary stand in for `ferry volume serve`:
 // started as `BIN volume serve --config FILE` (by the backend suite, whose
-// Backend.Exe is the test binary) it serves FILE and exits, as `--spare DIR`
-// it is a spare (ServeSpare); otherwise it
+// Backend.Exe is the test binary) it serves FILE and exits; otherwise it
 // returns at once. Call it first in TestMain.
 func ServeChildIfAsked() {
-	if len(os.Args) <= 4 || os.Args[1] != "volume" || os.Args[2] != "serve" || (os.Args[3] != "--config" && os.Args[3] != "--spare") {
+	if len(os.Args) <= 4 || os.Args[1] != "volume" || os.Args[2] != "serve" || os.Args[3] != "--config" {
 		return
 	}
 	log := zerolog.New(os.Stderr).With().Timestamp().Logger()
-	serve := ServeConfigFile
-	if os.Args[3] == "--spare" {
-		serve = ServeSpare
-	}
-	if err := serve(context.Background(), log, os.Args[4], os.Stdin); err != nil {
+	if err := ServeConfigFile(context.Background(), log, os.Args[4], os.Stdin); err != nil {
 		log.Error().Err(err).Msg("volume serve")
 		os.Exit(1)
 	}

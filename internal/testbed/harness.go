@@ -385,10 +385,6 @@ type Resources struct {
 	Exports                                       []string // export records and gates (listening iSCSI portals)
 	Sessions                                      []string // established TCP connections between worker namespaces
 	Clones                                        []string // clone metadata files
-	// Spares are datapath processes started ahead of a clone and not used
-	// (a migration rolled back before its clone): at most one per worker.
-	Spares  []string
-	Workers int
 }
 
 // Count is a one-line summary.
@@ -399,7 +395,7 @@ func (r Resources) String() string {
 
 // Snapshot lists the bed's resources now.
 func (b *Bed) Snapshot() Resources {
-	r := Resources{Workers: len(b.cfg.Workers)}
+	var r Resources
 	for _, l := range linesWith(readString("/proc/self/mounts"), b.cfg.Dir) {
 		// A worker's mnt/ and fuse/ are shared binds of themselves while
 		// volumes are mounted under them (so other namespaces' copies drop
@@ -414,8 +410,6 @@ func (b *Bed) Snapshot() Resources {
 	ps, _ := exec.Command("ps", "-eo", "pid,args").CombinedOutput()
 	for _, l := range linesWith(string(ps), b.cfg.Dir) {
 		switch {
-		case strings.Contains(l, " volume serve --spare") && idleSpare(l):
-			r.Spares = append(r.Spares, l)
 		case strings.Contains(l, " volume serve"):
 			r.Datapaths = append(r.Datapaths, l)
 		case strings.Contains(l, " workload run"):
@@ -484,25 +478,10 @@ func (r Resources) CheckSteady(running int) error {
 	check("exports", r.Exports, 0)
 	check("iSCSI sessions", r.Sessions, 0)
 	check("clones", r.Clones, 0)
-	if len(r.Spares) > r.Workers {
-		bad = append(bad, fmt.Sprintf("%d spare datapaths:\n  %s", len(r.Spares), strings.Join(r.Spares, "\n  ")))
-	}
 	if len(bad) > 0 {
 		return fmt.Errorf("resources after the migration ended: %s", strings.Join(bad, "; "))
 	}
 	return nil
-}
-
-// idleSpare reports whether the ps line (pid first) is a spare datapath
-// not yet handed a volume: its output still goes to the spare's own log.
-// A handed spare writes to its volume's log and is a datapath.
-func idleSpare(psLine string) bool {
-	f := strings.Fields(psLine)
-	if len(f) == 0 {
-		return false
-	}
-	out, err := os.Readlink(filepath.Join("/proc", f[0], "fd", "1"))
-	return err == nil && filepath.Base(out) == ".spare.log"
 }
 
 func readString(path string) string {
