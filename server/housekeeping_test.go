@@ -149,3 +149,43 @@ func TestHousekeeperPauseBeforeCompleted(t *testing.T) {
 		t.Fatalf("after the hold: proposed %+v, want one completed", rec.cmds)
 	}
 }
+
+// A change of any migration wakes the housekeeper, which completes a
+// released migration then and there: not at its next tick (an hour here).
+func TestHousekeeperCompletesOnChange(t *testing.T) {
+	now := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	self := fsm.ServerMember{ID: "s0"}
+	view := &fakeView{servers: []fsm.ServerMember{self}, migrations: []*fsm.Migration{
+		{ID: "released", State: fsm.SourceReleased, Source: "a", Target: "b"},
+		{ID: "running", State: fsm.Hydrating, Source: "a", Target: "b"},
+	}}
+	proposed := make(chan *fsm.ProposeCmd, 4)
+	change := make(chan struct{})
+	h := &housekeeper{self: self, propose: proposerFunc(func(c any) { proposed <- c.(*fsm.ProposeCmd) }), store: view,
+		now: func() time.Time { return now }, interval: time.Hour, log: zerolog.Nop(),
+		changes: func() <-chan struct{} { return change }}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go h.run(ctx)
+	select {
+	case c := <-proposed:
+		t.Fatalf("proposed %s for %s before any change", c.Event, c.ID)
+	case <-time.After(50 * time.Millisecond):
+	}
+	close(change)
+	select {
+	case c := <-proposed:
+		if c.ID != "released" || c.Event != fsm.EvCompleted {
+			t.Fatalf("on a change: proposed %s for %s, want completed for released", c.Event, c.ID)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("a change did not complete the released migration")
+	}
+}
+
+type proposerFunc func(payload any)
+
+func (f proposerFunc) Propose(_ context.Context, _ fsm.CommandType, payload any) error {
+	f(payload)
+	return nil
+}

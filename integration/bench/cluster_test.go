@@ -244,7 +244,20 @@ func benchTBF(b *testing.B, s *suite) {
 	s.add(row{fmt.Sprintf("migration over a 1 Gbit/s tbf link, %d MiB volume, %d MiB dense", volSize>>20, dense>>20), took.Round(10 * time.Millisecond).String(),
 		fmt.Sprintf("ideal %v (%.0f MiB / 1 Gbit/s)", ideal.Round(10*time.Millisecond), float64(fetched)/(1<<20)), fmt.Sprintf("%.2f", took.Seconds()/ideal.Seconds()),
 		fmt.Sprintf("planned -> completed; hydration %v", m.EnteredAt[fsm.Hydrated].Sub(m.EnteredAt[fsm.Hydrating]).Round(10*time.Millisecond))})
+	b.Logf("tbf legs (ms after the plan): %s", legs(m))
+	s.notes = append(s.notes, "tbf, where the time went (ms after the plan, as committed): "+legs(m))
 	s.notes = append(s.notes, "tbf: `tc qdisc add dev fab0 root tbf rate 1gbit burst 256kb latency 50ms` in the source worker's namespace (its egress carries the iSCSI data); time is the migration's planned -> completed; the ideal is the bytes fetched (after fstrim and known-zero skipping) at exactly the link rate.")
+}
+
+// legs lists each forward state a migration entered, in ms after its plan.
+func legs(m *fsm.Migration) string {
+	var parts []string
+	for _, st := range []fsm.State{fsm.TargetPrepared, fsm.SourceStopped, fsm.Exported, fsm.CloneBuilt, fsm.Trimmed, fsm.Cutover, fsm.Hydrating, fsm.Hydrated, fsm.SourceReleased, fsm.Completed} {
+		if t, ok := m.EnteredAt[st]; ok {
+			parts = append(parts, fmt.Sprintf("%s %d", st, t.Sub(m.CreatedAt).Milliseconds()))
+		}
+	}
+	return strings.Join(parts, " · ")
 }
 
 // benchSparse: a 100 GiB volume holding 5 MiB of files: bytes fetched and wall time.
