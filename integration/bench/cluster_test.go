@@ -3,6 +3,7 @@ package bench
 import (
 	"context"
 	"crypto/rand"
+	"encoding/json"
 	"fmt"
 	"io"
 	"os"
@@ -237,16 +238,47 @@ func benchTBF(b *testing.B, s *suite) {
 		b.Fatal(err)
 	}
 	defer tc(bd.NSOf(ws[0]), "qdisc", "del", "dev", "fab0", "root")
+	// What the link carried: tbf counts whole frames (the Ethernet header
+	// included).
+	tx0, err := shapedBytes(bd.NSOf(ws[0]))
+	if err != nil {
+		b.Fatal(err)
+	}
 	m, _ := migrateOnce(b, bd, "tm", ws[1], ack, nil)
+	tx1, err := shapedBytes(bd.NSOf(ws[0]))
+	if err != nil {
+		b.Fatal(err)
+	}
 	took := m.EnteredAt[fsm.Completed].Sub(m.CreatedAt)
 	fetched := m.Progress.FetchedBytes
 	ideal := time.Duration(float64(fetched) * 8 / rate * float64(time.Second))
+	wire := time.Duration(float64(tx1-tx0) * 8 / rate * float64(time.Second))
+	hyd := m.EnteredAt[fsm.Hydrated].Sub(m.EnteredAt[fsm.Hydrating])
 	s.add(row{fmt.Sprintf("migration over a 1 Gbit/s tbf link, %d MiB volume, %d MiB dense", volSize>>20, dense>>20), took.Round(10 * time.Millisecond).String(),
 		fmt.Sprintf("ideal %v (%.0f MiB / 1 Gbit/s)", ideal.Round(10*time.Millisecond), float64(fetched)/(1<<20)), fmt.Sprintf("%.2f", took.Seconds()/ideal.Seconds()),
-		fmt.Sprintf("planned -> completed; hydration %v", m.EnteredAt[fsm.Hydrated].Sub(m.EnteredAt[fsm.Hydrating]).Round(10*time.Millisecond))})
+		fmt.Sprintf("planned -> completed; tbf sent %.0f MiB (×%.3f the bytes fetched: framing), %v at the link rate; hydration %v",
+			float64(tx1-tx0)/(1<<20), float64(tx1-tx0)/float64(fetched), wire.Round(10*time.Millisecond), hyd.Round(10*time.Millisecond))})
 	b.Logf("tbf legs (ms after the plan): %s", legs(m))
 	s.notes = append(s.notes, "tbf, where the time went (ms after the plan, as committed): "+legs(m))
-	s.notes = append(s.notes, "tbf: `tc qdisc add dev fab0 root tbf rate 1gbit burst 256kb latency 50ms` in the source worker's namespace (its egress carries the iSCSI data); time is the migration's planned -> completed; the ideal is the bytes fetched (after fstrim and known-zero skipping) at exactly the link rate.")
+	s.notes = append(s.notes, "tbf: `tc qdisc add dev fab0 root tbf rate 1gbit burst 256kb latency 50ms` in the source worker's namespace (its egress carries the iSCSI data); time is the migration's planned -> completed; the ideal is the bytes fetched (after fstrim and known-zero skipping) at exactly the link rate. The link carries more than those bytes (tbf's own count of the bytes it sent, as it charges them, is in the row): tbf counts whole Ethernet frames, and a full frame of the fabric (IPv6, TCP with timestamps) carries MTU - 72 bytes of the stream in MTU + 14 on the wire (1428 in 1514 at MTU 1500, ×1.060), TLS and iSCSI headers a little more. Those bytes at the link rate are the floor of the hydration leg; the legs before it (the machine's stop, the clone, the cutover: no byte may move while the machine runs on the source) add to it.")
+}
+
+// shapedBytes is what the root qdisc of the fabric link in namespace ns
+// sent, as it charged it: a segmentation-offload packet counts with the
+// headers of every frame it becomes (the link's own tx_bytes counts one).
+func shapedBytes(ns string) (int64, error) {
+	out, err := exec.Command("ip", "netns", "exec", ns, "tc", "-s", "-j", "qdisc", "show", "dev", "fab0", "root").Output()
+	if err != nil {
+		return 0, fmt.Errorf("qdisc statistics of fab0 in %s: %w", ns, err)
+	}
+	var qs []struct {
+		Kind  string `json:"kind"`
+		Bytes int64  `json:"bytes"`
+	}
+	if err := json.Unmarshal(out, &qs); err != nil || len(qs) != 1 || qs[0].Kind != "tbf" {
+		return 0, fmt.Errorf("qdisc statistics of fab0 in %s: want one tbf, got %s (%v)", ns, out, err)
+	}
+	return qs[0].Bytes, nil
 }
 
 // legs lists each forward state a migration entered, in ms after its plan.
