@@ -26,8 +26,9 @@ func TestMain(m *testing.M) {
 // TestKernelConformanceNBD runs the backend suite on the userspace data path
 // with the NBD block export: the clone engine (and copy-on-write layer)
 // in ferry's process, served as /dev/nbdN, kernel dm-crypt and ext4 over
-// it — what --block-export auto picks on a kernel with NBD and dm-crypt
-// but no dm-clone (Debian 12's). Only the test VM has such a kernel.
+// it — what --block-export auto picks on a kernel from 6.13 on with NBD
+// and dm-crypt but no dm-clone, and --block-export nbd on Debian 12's.
+// Only the test VM has such a kernel.
 func TestKernelConformanceNBD(t *testing.T) {
 	err := userspace.ProbeNBD(context.Background())
 	testenv.Guest(t, fmt.Sprintf("root and the NBD block export (%v)", err), err == nil && os.Geteuid() == 0)

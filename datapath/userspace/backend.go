@@ -55,6 +55,21 @@ type Backend struct {
 
 func (v *Backend) nbd() bool { return v.BlockExport == ExportNBD }
 
+// servedOverNBD reports whether vol is served over NBD: by what the host
+// shows (its dm-crypt mapping over NBD, or its FUSE file mounted), so a
+// volume is handled as it was served also when the agent's block export
+// changed since (--block-export auto on a host that gained NBD); by the
+// agent's block export when it is not served at all.
+func (v *Backend) servedOverNBD(vol string) bool {
+	if _, ok := nbdOf(vol); ok {
+		return true
+	}
+	if _, ok := hostfs.MountedAt(v.FuseDir(vol)); ok {
+		return false
+	}
+	return v.nbd()
+}
+
 var (
 	_ datapath.Backend     = (*Backend)(nil)
 	_ datapath.CloneHandle = (*Process)(nil)
@@ -82,7 +97,7 @@ func (v *Backend) Extend(ctx context.Context, vol string, layout luks.Layout, si
 		return luks.Layout{}, fmt.Errorf("extend volume %s: %w", vol, err)
 	}
 	if p, err := v.Process(ctx, vol); err == nil {
-		if v.nbd() {
+		if v.servedOverNBD(vol) {
 			return next, v.extendServedNBD(ctx, p, vol, next, passphrase)
 		}
 		return next, v.extendServed(ctx, p, vol, next)
@@ -470,7 +485,7 @@ func (v *Backend) Detach(ctx context.Context, vol string) error {
 // DatapathDead reports whether vol's datapath process is gone while its
 // FUSE file is still mounted (every I/O through it fails).
 func (v *Backend) DatapathDead(ctx context.Context, vol string) bool {
-	if v.nbd() {
+	if v.servedOverNBD(vol) {
 		return v.nbdDead(ctx, vol)
 	}
 	if _, ok := hostfs.MountedAt(v.FuseDir(vol)); !ok {
@@ -505,7 +520,7 @@ func (v *Backend) ReleaseDead(ctx context.Context, vol, mnt string) error {
 			return fmt.Errorf("lazy unmount of %s over the dead datapath of volume %s: %w", mnt, vol, err)
 		}
 	}
-	if v.nbd() {
+	if v.servedOverNBD(vol) {
 		return releaseDeadNBD(ctx, vol)
 	}
 	devs, err := v.Loops.FindByBackingFile(filepath.Join(v.FuseDir(vol), DeviceFile))
