@@ -11,7 +11,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/rs/zerolog"
+
 	"github.com/ferry-dev/ferry/api"
+	"github.com/ferry-dev/ferry/datapath/loopdev"
+	"github.com/ferry-dev/ferry/datapath/userspace"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/fio"
 	"github.com/ferry-dev/ferry/machine/workload"
@@ -96,6 +100,9 @@ func benchVolume(b *testing.B, s *suite) {
 		}
 		note = "the machine's record writes (8 records and an fsync every 5 ms) ran alongside"
 	}
+	floor, stopFloor := transportFloor(b, s, fileSize)
+	defer stopFloor()
+	base := note
 	volFile := filepath.Join(mnt, "fio.dat")
 	hostFile := filepath.Join(s.dir, "fio-host.dat")
 	defer os.Remove(volFile)
@@ -126,13 +133,66 @@ func benchVolume(b *testing.B, s *suite) {
 		if j.P50 {
 			ratio = fmt.Sprintf("%.2f (host/volume)", medianF(rs))
 		}
+		fv := j.Value(runFio(b, floor, fileSize, j, runFor))
+		fr := fv / medianF(hs)
+		if j.P50 {
+			fr = medianF(hs) / fv
+		}
+		b.Logf("fio %s: the transport alone %.1f %s", j.Name, fv, j.Unit())
+		note += fmt.Sprintf("; the transport alone (FUSE and loop over memory, one run): %.0f %s, %.2f of the host", fv, j.Unit(), fr)
 		s.add(row{"the migrated machine's volume, fio " + j.Name, fmt.Sprintf("%.0f %s", medianF(vs), j.Unit()),
 			fmt.Sprintf("file on the host disk: %.0f %s", medianF(hs), j.Unit()), ratio,
 			fmt.Sprintf("median of %d alternating %v runs; %s", pairs, runFor, note)})
+		note = base
 	}
 	s.notes = append(s.notes, fmt.Sprintf("Volume (fio): a machine's %d MiB LUKS2 volume is migrated, hydrated and dissolved; "+
 		"fio (libaio, O_DIRECT, %d MiB file) then runs on a file in the machine's ext4 (loop device with direct I/O → FUSE → "+
 		"ferry's LUKS2 view → the destination file) and on a file on the host's own filesystem where the volume files live, "+
-		"alternating; throughput ratios are volume over host, the QD1 latency ratio host over volume (both: higher is better).",
-		volSize>>20, fileSize>>20))
+		"alternating; throughput ratios are volume over host, the QD1 latency ratio host over volume (both: higher is better). "+
+		"The transport alone: a %d MiB file in memory (tmpfs) served raw by `ferry volume serve` (no clone, no LUKS2 view, no disk) "+
+		"as a FUSE file on a loop device with direct I/O, fio on that device: what FUSE and the loop device allow on this kernel, "+
+		"the ceiling of the volume's rows.",
+		volSize>>20, fileSize>>20, fileSize>>20))
+}
+
+// transportFloor serves a file in memory through the volume's transport,
+// raw: `ferry volume serve` (no clone, no LUKS2 view, no disk behind it)
+// → its FUSE file → a loop device with direct I/O. fio on the device
+// measures what FUSE and the loop device allow on this kernel.
+func transportFloor(b *testing.B, s *suite, size int64) (string, func()) {
+	b.Helper()
+	ctx := context.Background()
+	dir, err := os.MkdirTemp("/dev/shm", "ferry-bench-transport-")
+	if err != nil {
+		b.Fatal(err)
+	}
+	data := filepath.Join(dir, "data")
+	if err := os.WriteFile(data, nil, 0o600); err != nil {
+		b.Fatal(err)
+	}
+	if err := os.Truncate(data, size); err != nil {
+		b.Fatal(err)
+	}
+	cfg := userspace.Config{VolumeID: "transport", DataPath: data, Raw: true,
+		MountDir: filepath.Join(s.dir, "transport-fuse"), Socket: filepath.Join(s.dir, "transport.sock")}
+	p, err := userspace.Start(ctx, zerolog.Nop(), s.ferry(b), cfg, nil, s.dir)
+	if err != nil {
+		os.RemoveAll(dir)
+		b.Fatal(err)
+	}
+	dev, err := loopdev.Attach(cfg.DevicePath(), true)
+	if err != nil {
+		p.Shutdown(ctx)
+		os.RemoveAll(dir)
+		b.Fatal(err)
+	}
+	return dev, func() {
+		if err := loopdev.Detach(dev); err != nil {
+			b.Log(err)
+		}
+		if err := p.Shutdown(ctx); err != nil {
+			b.Log(err)
+		}
+		os.RemoveAll(dir)
+	}
 }
