@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"sort"
 	"strconv"
 	"strings"
@@ -183,24 +184,28 @@ func benchHydration(b *testing.B, s *suite) {
 	}
 
 	// The limit: a raw copy of the same file on the same disk.
-	runCp := func() float64 {
+	runCp := func() (float64, cpuUse) {
 		dropCaches()
+		c0 := readCPU(b)
 		t0 := time.Now()
 		if out, err := exec.Command("cp", "--sparse=never", src, filepath.Join(dir, "raw.copy")).CombinedOutput(); err != nil {
 			b.Fatalf("cp: %v %s", err, out)
 		}
 		exec.Command("sync").Run()
 		raw := time.Since(t0)
+		u := readCPU(b).since(c0)
 		os.Remove(filepath.Join(dir, "raw.copy"))
-		return mibps(size, raw)
+		return mibps(size, raw), u
 	}
 	// ferry: its export, its initiator, its engine.
 	var ferryPts []point
-	runFerry := func() float64 {
+	runFerry := func() (float64, cpuUse) {
 		dropCaches()
 		exp, lun := exportFerry(b, dir, src)
+		c0 := readCPU(b)
 		took, p, pts := hydrate(b, lun, filepath.Join(dir, "ferry.dest"), nil)
 		took += timeSync() // as for cp: until the bytes are on the disk
+		u := readCPU(b).since(c0)
 		lun.Close()
 		exp.Stop()
 		os.Remove(filepath.Join(dir, "ferry.dest"))
@@ -209,12 +214,12 @@ func benchHydration(b *testing.B, s *suite) {
 			b.Fatalf("ferry fetched %d of %d dense bytes", p.FetchedBytes, size)
 		}
 		ferryPts = pts
-		return mibps(p.FetchedBytes, took)
+		return mibps(p.FetchedBytes, took), u
 	}
 	// Peer 1: Debian's tgt serving the file, read by ferry's initiator into the same engine.
 	_, tgtErr := exec.LookPath("tgtd")
 	var tgtPts []point
-	runTgt := func() float64 {
+	runTgt := func() (float64, cpuUse) {
 		dropCaches()
 		portal, iqn, stop := startTgtd(b, dir, src)
 		defer stop()
@@ -222,18 +227,21 @@ func benchHydration(b *testing.B, s *suite) {
 		if err != nil {
 			b.Fatalf("dial tgtd: %v", err)
 		}
+		c0 := readCPU(b)
 		ttook, tp, pts := hydrate(b, tl, filepath.Join(dir, "tgt.dest"), nil)
 		ttook += timeSync()
+		u := readCPU(b).since(c0)
 		tl.Close()
 		os.Remove(filepath.Join(dir, "tgt.dest"))
 		os.Remove(filepath.Join(dir, "tgt.dest.meta"))
 		tgtPts = pts
-		return mibps(tp.FetchedBytes, ttook)
+		return mibps(tp.FetchedBytes, ttook), u
 	}
 	type contender struct {
 		name string
-		run  func() float64
+		run  func() (float64, cpuUse)
 		got  []float64
+		cpu  []cpuUse
 	}
 	cs := []*contender{{name: "ferry", run: runFerry}, {name: "cp", run: runCp}}
 	if tgtErr == nil {
@@ -246,8 +254,9 @@ func benchHydration(b *testing.B, s *suite) {
 	for r := 0; r < rounds; r++ {
 		for i := range cs {
 			c := cs[(r+i)%len(cs)]
-			c.got = append(c.got, c.run())
-			b.Logf("round %d: %s %.0f MiB/s", r, c.name, c.got[len(c.got)-1])
+			rate, u := c.run()
+			c.got, c.cpu = append(c.got, rate), append(c.cpu, u)
+			b.Logf("round %d: %s %.0f MiB/s, %.2f cores busy, %.2f core-s per GiB", r, c.name, c.got[len(c.got)-1], u.cores, u.coreSec/(float64(size)/(1<<30)))
 		}
 	}
 	ferry, cp := cs[0].got, cs[1].got
@@ -259,11 +268,24 @@ func benchHydration(b *testing.B, s *suite) {
 		return medianF(rs)
 	}
 	ferryRate := medianF(ferry)
+	// What bounds each copy: the cores it kept busy (the whole machine's,
+	// from /proc/stat) and the CPU time it spent per GiB.
+	cpuNote := func(c *contender) string {
+		var cores, perGiB []float64
+		for _, u := range c.cpu {
+			cores, perGiB = append(cores, u.cores), append(perGiB, u.coreSec/(float64(size)/(1<<30)))
+		}
+		return fmt.Sprintf("%s %.2f of %d cores busy, %.2f core-s per GiB", c.name, medianF(cores), runtime.NumCPU(), medianF(perGiB))
+	}
+	cpuNotes := []string{}
+	for _, c := range cs {
+		cpuNotes = append(cpuNotes, cpuNote(c))
+	}
 	s.plot("dense.svg", series{"ferry: export + initiator + clone engine", ferryPts})
 	s.plot("contended.svg", series{"ferry, idle machine", ferryPts})
 	s.add(row{"hydration, dense " + label + ": ferry vs raw copy (limit)", fmt.Sprintf("%.0f MiB/s", ferryRate),
 		fmt.Sprintf("cp: %.0f MiB/s", medianF(cp)), fmt.Sprintf("%.2f", ratio(cp)),
-		fmt.Sprintf("loopback iSCSI, 4 KiB regions, page cache dropped; median of %d alternating rounds", rounds)})
+		fmt.Sprintf("loopback iSCSI, 4 KiB regions, page cache dropped; median of %d alternating rounds; CPU (whole machine, medians): %s", rounds, strings.Join(cpuNotes, "; "))})
 	if tgtErr == nil {
 		tgt := cs[2].got
 		s.plot("dense.svg", series{"tgt export + ferry initiator + engine", tgtPts})
@@ -309,7 +331,50 @@ func benchHydration(b *testing.B, s *suite) {
 		s.add(row{"hydration, dense: qemu-nbd peer", "", "skipped", "", "needs qemu-nbd (apt-get install qemu-utils)"})
 	}
 	s.notes = append(s.notes, "Hydration: a file of random bytes on the work disk is the source; each contender copies it to a fresh file on the same disk, page cache dropped before each, ferry, cp and tgt taking turns; rate = bytes / time until the last byte is on the destination (engine Done, or the copy command's exit, then sync).")
-	s.notes = append(s.notes, "Hydration ratios depend on what bounds the machine during the run: with an idle disk the copy is CPU-bound and cp (one in-kernel copy) wins, ferry reaching about 0.5–0.55× on this 2-core machine; with a busy disk ferry's parallel sessions and read-ahead keep more reads queued than cp and it reached 1.4×. The per-round figures are in the -v output.")
+	s.notes = append(s.notes, "Hydration ratios depend on what bounds the machine during the run: with an idle disk the copy is CPU-bound and cp (one in-kernel copy) wins, ferry reaching about 0.5–0.55× on this 2-core machine; with a busy disk ferry's parallel sessions and read-ahead keep more reads queued than cp and it reached 1.4×. The per-round figures are in the -v output. The CPU figures are the whole machine's (/proc/stat) over each copy's timed part: the cores kept busy on average and the busy core-seconds per GiB copied (ferry's include its export child, the kernel's TCP on both ends and the page cache; cp's copy stays in the kernel).")
+}
+
+// cpuUse is the machine's CPU use over an interval.
+type cpuUse struct {
+	cores   float64 // busy cores on average (of runtime.NumCPU())
+	coreSec float64 // busy core-seconds
+}
+
+// cpuStat is /proc/stat's first line: busy and all jiffies of every core.
+type cpuStat struct{ busy, total float64 }
+
+func readCPU(b *testing.B) cpuStat {
+	raw, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		b.Fatal(err)
+	}
+	line, _, _ := strings.Cut(string(raw), "\n")
+	f := strings.Fields(line)
+	if len(f) < 8 || f[0] != "cpu" {
+		b.Fatalf("/proc/stat: unexpected first line %q", line)
+	}
+	var st cpuStat
+	for i, v := range f[1:8] { // user nice system idle iowait irq softirq
+		n, err := strconv.ParseFloat(v, 64)
+		if err != nil {
+			b.Fatalf("/proc/stat: %q: %v", line, err)
+		}
+		st.total += n
+		if i != 3 && i != 4 {
+			st.busy += n
+		}
+	}
+	return st
+}
+
+// since is the use from c0 to st; jiffies are 1/100 s (USER_HZ).
+func (st cpuStat) since(c0 cpuStat) cpuUse {
+	dt := st.total - c0.total
+	if dt <= 0 {
+		return cpuUse{}
+	}
+	busy := st.busy - c0.busy
+	return cpuUse{cores: busy / dt * float64(runtime.NumCPU()), coreSec: busy / 100}
 }
 
 // benchContended: the same ferry hydration while a saturating foreground
