@@ -80,7 +80,10 @@ func TestCowSnapshotEqualsTheInstant(t *testing.T) {
 	init := make([]byte, size)
 	rand.Read(init[:3<<20])
 	mem.WriteAt(init, 0)
-	c := newCow(zerolog.Nop(), mem)
+	// Reads of the device are slowed, so the copy lasts long enough for the
+	// writers to reach regions it has not copied yet (without it, a copier
+	// scheduled ahead of them on a busy machine could finish first).
+	c := newCow(zerolog.Nop(), slowReads{mem, 200 * time.Microsecond})
 
 	// Writers hold a shared lock around each write; the test takes it
 	// exclusively to start the snapshot and read the instant's content
@@ -200,4 +203,15 @@ func TestCowZeroRegionsStayHoles(t *testing.T) {
 	if n > 2<<20 {
 		t.Fatalf("copy of a volume with 1 MiB of data allocates %d bytes", n)
 	}
+}
+
+// slowReads delays every read of its device.
+type slowReads struct {
+	blockdev.Device
+	delay time.Duration
+}
+
+func (d slowReads) ReadAt(p []byte, off int64) (int, error) {
+	time.Sleep(d.delay)
+	return d.Device.ReadAt(p, off)
 }
