@@ -579,7 +579,14 @@ func (a *Agent) stopSource(ctx context.Context, log zerolog.Logger, m *fsm.Migra
 		return err
 	}
 	t2 := time.Now()
-	if err := a.Data.Unmount(ctx, m.Volume, a.Data.MountPoint(mach.ID)); err != nil {
+	// Frozen is enough for source_stopped: nothing can write to the volume.
+	// The devices are released once exported is proposed (exportSource).
+	if fz, ok := a.Data.(datapath.Freezer); ok {
+		err = fz.Freeze(ctx, m.Volume, a.Data.MountPoint(mach.ID))
+	} else {
+		err = a.Data.Unmount(ctx, m.Volume, a.Data.MountPoint(mach.ID))
+	}
+	if err != nil {
 		return err
 	}
 	t3 := time.Now()
@@ -635,7 +642,19 @@ func (a *Agent) exportSource(ctx context.Context, log zerolog.Logger, m *fsm.Mig
 	stored := fsm.ClipRanges(zeros, lo, hi)
 	log.Info().Str("portal", portal).Str("iqn", iqn).Int("known_zero_ranges", len(stored)).Dur("lookup", t1.Sub(t0)).Dur("seal", t2.Sub(t1)).
 		Dur("export", t3.Sub(t2)).Dur("holes", time.Since(t3)).Msg("volume exported")
-	return a.propose(ctx, m, fsm.EvExported, fsm.EventPayload{Export: &fsm.Export{Portal: portal, IQN: iqn}, KnownZero: stored})
+	if err := a.propose(ctx, m, fsm.EvExported, fsm.EventPayload{Export: &fsm.Export{Portal: portal, IQN: iqn}, KnownZero: stored}); err != nil {
+		return err
+	}
+	// The volume stopSource froze: its devices are released now, while the
+	// target builds its clone (a step run again releases them again; a
+	// rollback's Mount and the source's Remove take a frozen volume too).
+	if _, ok := a.Data.(datapath.Freezer); !ok {
+		return nil // stopSource released them
+	}
+	if err := a.Data.Unmount(ctx, m.Volume, a.Data.MountPoint(m.Machine)); err != nil {
+		return fmt.Errorf("release the source volume's devices after export: %w", err)
+	}
+	return nil
 }
 
 // reExport restarts the export at the portal recorded in the migration.

@@ -172,6 +172,18 @@ type CloneHandle interface {
 	Dissolve(ctx context.Context) error
 }
 
+// Freezer is a Backend that can unmount a volume's filesystem without
+// releasing the devices under it. After Freeze nothing can write to the
+// volume (its filesystem is synced and unmounted), so a migration's source
+// commits source_stopped at once and releases the devices (Unmount, which
+// finds the filesystem gone) once the target has been sent on: the loop
+// device's detach and the datapath's exit (10 to 20 ms) leave the machine's
+// pause. A frozen volume is attached: Mount mounts it again, Remove and
+// Unmount release it. Idempotent.
+type Freezer interface {
+	Freeze(ctx context.Context, vol, mnt string) error
+}
+
 // ErrNoClone is wrapped by Backend.Clone when no clone of the volume runs here.
 // Reviver is a Backend whose per-volume datapath is a process that can die
 // while its volume is mounted (the FUSE file then fails every I/O with

@@ -59,6 +59,64 @@ func Run(t *testing.T, newBackend Factory) {
 	t.Run("ExtendClone", func(t *testing.T) { testExtendClone(t, newBackend) })
 	t.Run("Fork", func(t *testing.T) { testFork(t, newBackend) })
 	t.Run("Abandon", func(t *testing.T) { testAbandon(t, newBackend, false) })
+	if _, ok := newBackend(t, t.TempDir()).(datapath.Freezer); ok {
+		t.Run("Freeze", func(t *testing.T) { testFreeze(t, newBackend) })
+	}
+}
+
+// testFreeze: after Freeze the filesystem is gone and every write made
+// through it is in the volume file (a copy of the file mounted by another
+// backend holds it); the frozen volume mounts again, and Unmount and
+// Remove release it.
+func testFreeze(t *testing.T, newBackend Factory) {
+	ctx := ctxFor(t)
+	b := fresh(t, newBackend, t.TempDir())
+	fz := b.(datapath.Freezer)
+	layout := createWithData(t, ctx, b, pattern(64<<10, 1))
+	mnt := b.MountPoint("m")
+	if _, err := b.MountLocal(ctx, vol, layout, pass, mnt); err != nil {
+		t.Fatal(err)
+	}
+	data := pattern(1<<20, 5)
+	writeData(t, mnt, data)
+	twice(t, "Freeze", func() error { return fz.Freeze(ctx, vol, mnt) })
+	if mounted(mnt) {
+		t.Fatalf("%s still mounted after Freeze", mnt)
+	}
+	raw, err := os.ReadFile(b.DataPath(vol))
+	if err != nil {
+		t.Fatal(err)
+	}
+	other := fresh(t, newBackend, t.TempDir())
+	if err := os.MkdirAll(filepath.Dir(other.DataPath(vol)), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(other.DataPath(vol), raw, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	omnt := other.MountPoint("copy")
+	if _, err := other.MountLocal(ctx, vol, layout, pass, omnt); err != nil {
+		t.Fatalf("mounting a copy of the frozen volume's file: %v", err)
+	}
+	checkData(t, omnt, data)
+	if err := other.Unmount(ctx, vol, omnt); err != nil {
+		t.Fatal(err)
+	}
+	// Frozen, the volume is still attached: it mounts again as it is.
+	if _, err := b.MountLocal(ctx, vol, layout, pass, mnt); err != nil {
+		t.Fatalf("MountLocal of a frozen volume: %v", err)
+	}
+	checkData(t, mnt, data)
+	if err := fz.Freeze(ctx, vol, mnt); err != nil {
+		t.Fatal(err)
+	}
+	twice(t, "Unmount of a frozen volume", func() error { return b.Unmount(ctx, vol, mnt) })
+	if err := b.Remove(ctx, vol); err != nil {
+		t.Fatalf("Remove after a frozen volume was released: %v", err)
+	}
+	if _, err := os.Stat(b.DataPath(vol)); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("volume file still there after Remove: %v", err)
+	}
 }
 
 // RunAbandonSourceGone checks that Abandon releases a clone whose source

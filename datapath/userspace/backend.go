@@ -463,6 +463,15 @@ func (v *Backend) Unmount(ctx context.Context, vol, mnt string) error {
 	return v.Detach(ctx, vol)
 }
 
+// Freeze syncs and unmounts the filesystem at mnt and leaves vol's loop
+// device and datapath running (datapath.Freezer). Idempotent.
+func (v *Backend) Freeze(ctx context.Context, vol, mnt string) error {
+	if err := checkVolumeName(vol); err != nil {
+		return err
+	}
+	return hostfs.SyncUnmount(mnt, vol)
+}
+
 // Detach detaches the loop device and stops the datapath. Idempotent.
 func (v *Backend) Detach(ctx context.Context, vol string) error {
 	devPath := filepath.Join(v.FuseDir(vol), DeviceFile)
