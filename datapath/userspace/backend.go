@@ -464,12 +464,34 @@ func (v *Backend) Unmount(ctx context.Context, vol, mnt string) error {
 }
 
 // Freeze syncs and unmounts the filesystem at mnt and leaves vol's loop
-// device and datapath running (datapath.Freezer). Idempotent.
+// device and datapath running (datapath.Freezer). Idempotent. Unmounted
+// here is not unmounted everywhere: a copy of the mount table (another
+// mount namespace) keeps the filesystem mounted, and writable, on the same
+// device. A mounted filesystem claims its device exclusively, so the
+// device must open with O_EXCL; where it does not, Freeze releases the
+// volume as Unmount does, whose detach names the holder.
 func (v *Backend) Freeze(ctx context.Context, vol, mnt string) error {
 	if err := checkVolumeName(vol); err != nil {
 		return err
 	}
-	return hostfs.SyncUnmount(mnt, vol)
+	if err := hostfs.SyncUnmount(mnt, vol); err != nil {
+		return err
+	}
+	devs, err := v.servedDevices(vol)
+	if err != nil {
+		return err
+	}
+	for _, d := range devs {
+		fd, err := unix.Open(d, unix.O_RDONLY|unix.O_EXCL|unix.O_CLOEXEC, 0)
+		if err != nil {
+			if derr := v.Detach(ctx, vol); derr != nil {
+				return fmt.Errorf("volume %s is not frozen: %s is still in use (%v): %w", vol, d, err, derr)
+			}
+			return nil // released after all
+		}
+		unix.Close(fd)
+	}
+	return nil
 }
 
 // Detach detaches the loop device and stops the datapath. Idempotent.
