@@ -697,6 +697,13 @@ func (a *Agent) releaseSource(ctx context.Context, log zerolog.Logger, m *fsm.Mi
 	if err := a.Exports.Unexport(ctx, m.ID); err != nil {
 		return err
 	}
+	// A frozen volume whose release after export did not happen (the agent
+	// died in between) is released here, not only when it is destroyed.
+	if _, ok := a.Data.(datapath.Freezer); ok {
+		if err := a.Data.Unmount(ctx, m.Volume, a.Data.MountPoint(m.Machine)); err != nil {
+			return fmt.Errorf("release the source volume's devices: %w", err)
+		}
+	}
 	return a.propose(ctx, m, fsm.EvSourceReleased, fsm.EventPayload{})
 }
 
