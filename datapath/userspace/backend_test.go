@@ -73,3 +73,45 @@ func hostReady() error {
 type errNeeds string
 
 func (e errNeeds) Error() string { return "the userspace backend suite needs " + string(e) }
+
+// TestFreezeKeepsTheDevices: Freeze only unmounts — the datapath still
+// answers and the loop device stays attached until Unmount, which is the
+// point (their release leaves the machine's pause) — and a filesystem the
+// Freeze leaves nowhere else mounted opens with O_EXCL.
+func TestFreezeKeepsTheDevices(t *testing.T) {
+	err := hostReady()
+	testenv.Require(t, fmt.Sprint(err), err == nil)
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	b := &Backend{DataDir: t.TempDir(), Exe: exe, Log: zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.WarnLevel),
+		Loops: loopdev.System{}, FastKDF: true}
+	t.Cleanup(func() { b.CleanupAll(context.Background()) })
+	pass := []byte("freeze-test")
+	layout, err := b.Create(ctx, "fz", 32<<20, pass)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mnt := b.MountPoint("m")
+	dev, err := b.MountLocal(ctx, "fz", layout, pass, mnt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Freeze(ctx, "fz", mnt); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Process(ctx, "fz"); err != nil {
+		t.Fatalf("the datapath is gone after Freeze (it fell back to a full release?): %v", err)
+	}
+	if devs, err := b.servedDevices("fz"); err != nil || len(devs) != 1 || devs[0] != dev {
+		t.Fatalf("after Freeze the volume is served by %v (%v), want %s still attached", devs, err, dev)
+	}
+	if err := b.Unmount(ctx, "fz", mnt); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Process(ctx, "fz"); err == nil {
+		t.Fatal("the datapath still answers after Unmount")
+	}
+}
