@@ -72,3 +72,46 @@ Previous read at 0x00c0004c8750 by goroutine 87:
 		}
 	}
 }
+
+// Seen in CI: gotgt's accept loop (Run, started by ferry's goroutine) and a
+// handler gotgt started both write its client status. The only ferry frame
+// is the outermost one of an access, the goroutine that called into gotgt:
+// the race is still gotgt's. A ferry frame anywhere else in an access, or
+// as its innermost frame, is ferry's.
+func TestRaceInDepsGoroutineEntry(t *testing.T) {
+	block := `WARNING: DATA RACE
+Write at 0x00c0001d22d0 by goroutine 51:
+  github.com/gostor/gotgt/pkg/port/iscsit.(*ISCSITargetDriver).setClientStatus()
+      /root/go/pkg/mod/github.com/gostor/gotgt@v0.2.2/pkg/port/iscsit/iscsid.go:252 +0x1e04
+  github.com/gostor/gotgt/pkg/port/iscsit.(*ISCSITargetDriver).handler.func1()
+      /root/go/pkg/mod/github.com/gostor/gotgt@v0.2.2/pkg/port/iscsit/iscsid.go:291 +0x47
+
+Previous write at 0x00c0001d22d0 by goroutine 13:
+  github.com/gostor/gotgt/pkg/port/iscsit.(*ISCSITargetDriver).setClientStatus()
+      /root/go/pkg/mod/github.com/gostor/gotgt@v0.2.2/pkg/port/iscsit/iscsid.go:252 +0x647
+  github.com/gostor/gotgt/pkg/port/iscsit.(*ISCSITargetDriver).Run()
+      /root/go/pkg/mod/github.com/gostor/gotgt@v0.2.2/pkg/port/iscsit/iscsid.go:237 +0x63a
+  github.com/ferry-dev/ferry/iscsi.startGotgt.func2()
+      /tmp/ci-clone/iscsi/serve.go:290 +0x3e
+
+Goroutine 13 (running) created at:
+  github.com/ferry-dev/ferry/iscsi.startGotgt()
+      /tmp/ci-clone/iscsi/serve.go:290 +0xafc
+`
+	if !raceInDeps(block) {
+		t.Fatal("a race wholly inside gotgt, reached from ferry's goroutine entry, counted as ferry's")
+	}
+	middle := strings.Replace(block, "github.com/gostor/gotgt/pkg/port/iscsit.(*ISCSITargetDriver).Run()",
+		"github.com/ferry-dev/ferry/iscsi.(*Export).run()", 1)
+	if raceInDeps(middle) {
+		t.Fatal("a ferry frame between gotgt's frames counted as gotgt's")
+	}
+	inner := strings.Replace(block, "github.com/gostor/gotgt/pkg/port/iscsit.(*ISCSITargetDriver).setClientStatus()\n      /root/go/pkg/mod/github.com/gostor/gotgt@v0.2.2/pkg/port/iscsit/iscsid.go:252 +0x647",
+		"github.com/ferry-dev/ferry/iscsi.setStatus()\n      /tmp/ci-clone/iscsi/serve.go:1 +0x1", 1)
+	if inner == block {
+		t.Fatal("test bug: the innermost frame was not replaced")
+	}
+	if raceInDeps(inner) {
+		t.Fatal("an access made by ferry's code counted as gotgt's")
+	}
+}
