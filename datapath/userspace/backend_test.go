@@ -2,7 +2,6 @@ package userspace
 
 import (
 	"context"
-	"fmt"
 	"os"
 	"os/exec"
 	"testing"
@@ -27,31 +26,36 @@ func TestMain(m *testing.M) {
 // loop devices, cryptsetup and mkfs.ext4; without them it skips naming what
 // is missing, unless in strict mode (internal/testenv), where that fails.
 func TestConformance(t *testing.T) {
-	err := hostReady()
-	testenv.Require(t, fmt.Sprint(err), err == nil)
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	backendtest.Run(t, func(t *testing.T, dir string) datapath.Backend {
-		return &Backend{DataDir: dir, Exe: exe, Log: zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.WarnLevel),
-			Loops: loopdev.System{}, FastKDF: true}
-	})
+	requireHost(t)
+	backendtest.Run(t, func(t *testing.T, dir string) datapath.Backend { return hostBackend(t, dir) })
 }
 
 // TestAbandonSourceGone: the userspace backend fails the writeback a
 // clone can no longer serve instead of waiting out the source's timeouts.
 func TestAbandonSourceGone(t *testing.T) {
+	requireHost(t)
+	backendtest.RunAbandonSourceGone(t, func(t *testing.T, dir string) datapath.Backend { return hostBackend(t, dir) })
+}
+
+// requireHost fails or skips (internal/testenv) unless this host runs the
+// userspace data path, and returns the test binary, which doubles as
+// `ferry volume serve` (TestMain).
+func requireHost(tb testing.TB) string {
+	tb.Helper()
 	err := hostReady()
-	testenv.Require(t, fmt.Sprint(err), err == nil)
+	testenv.Require(tb, "host ready: "+errString(err), err == nil)
 	exe, err := os.Executable()
 	if err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
-	backendtest.RunAbandonSourceGone(t, func(t *testing.T, dir string) datapath.Backend {
-		return &Backend{DataDir: dir, Exe: exe, Log: zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.WarnLevel),
-			Loops: loopdev.System{}, FastKDF: true}
-	})
+	return exe
+}
+
+// hostBackend is a userspace Backend over dir on this host (requireHost).
+func hostBackend(tb testing.TB, dir string) *Backend {
+	exe := requireHost(tb)
+	return &Backend{DataDir: dir, Exe: exe, Log: zerolog.New(zerolog.NewTestWriter(tb)).Level(zerolog.WarnLevel),
+		Loops: loopdev.System{}, FastKDF: true}
 }
 
 func hostReady() error {
@@ -79,15 +83,8 @@ func (e errNeeds) Error() string { return "the userspace backend suite needs " +
 // point (their release leaves the machine's pause) — and a filesystem the
 // Freeze leaves nowhere else mounted opens with O_EXCL.
 func TestFreezeKeepsTheDevices(t *testing.T) {
-	err := hostReady()
-	testenv.Require(t, fmt.Sprint(err), err == nil)
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
 	ctx := context.Background()
-	b := &Backend{DataDir: t.TempDir(), Exe: exe, Log: zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.WarnLevel),
-		Loops: loopdev.System{}, FastKDF: true}
+	b := hostBackend(t, t.TempDir())
 	t.Cleanup(func() { b.CleanupAll(context.Background()) })
 	pass := []byte("freeze-test")
 	layout, err := b.Create(ctx, "fz", 32<<20, pass)

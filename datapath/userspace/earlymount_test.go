@@ -9,21 +9,12 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
-
-	"github.com/ferry-dev/ferry/datapath/loopdev"
-	"github.com/ferry-dev/ferry/internal/testenv"
 )
 
 // A clone's FUSE file is mounted while the clone opens; when the clone
 // then fails (no source, a wrong key), the mount goes with it.
 func TestEarlyMountGoesWithAFailedClone(t *testing.T) {
-	err := hostReady()
-	testenv.Require(t, "host ready: "+errString(err), err == nil)
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	b := &Backend{DataDir: t.TempDir(), Exe: exe, Log: zerolog.Nop(), Loops: loopdev.System{}, FastKDF: true}
+	b := hostBackend(t, t.TempDir())
 	t.Cleanup(func() { b.CleanupAll(context.Background()) })
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()

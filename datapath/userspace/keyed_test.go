@@ -9,24 +9,13 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
-
-	"github.com/rs/zerolog"
-
-	"github.com/ferry-dev/ferry/datapath/loopdev"
-	"github.com/ferry-dev/ferry/internal/testenv"
 )
 
 // The key is asked for beside the datapath's start, only when a process
 // starts: a key that fails fails the mount with its own error and leaves
 // no process; a slow one is waited for; an adopted process asks none.
 func TestMountKeyedAsksTheKeyBesideTheStart(t *testing.T) {
-	err := hostReady()
-	testenv.Require(t, "host ready: "+errString(err), err == nil)
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	b := &Backend{DataDir: t.TempDir(), Exe: exe, Log: zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.WarnLevel), Loops: loopdev.System{}, FastKDF: true}
+	b := hostBackend(t, t.TempDir())
 	t.Cleanup(func() { b.CleanupAll(context.Background()) })
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()

@@ -7,25 +7,14 @@ import (
 	"path/filepath"
 	"testing"
 	"time"
-
-	"github.com/rs/zerolog"
-
-	"github.com/ferry-dev/ferry/datapath/loopdev"
-	"github.com/ferry-dev/ferry/internal/testenv"
 )
 
 // kill -9 of a mounted volume's datapath: the backend says it is dead,
 // releases the dead chain, and a new mount serves every byte that was
 // fsynced before the crash.
 func TestReviveAfterDatapathCrash(t *testing.T) {
-	err := hostReady()
-	testenv.Require(t, "host ready: "+errString(err), err == nil)
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
 	dir := t.TempDir()
-	b := &Backend{DataDir: dir, Exe: exe, Log: zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.WarnLevel), Loops: loopdev.System{}, FastKDF: true}
+	b := hostBackend(t, dir)
 	t.Cleanup(func() { b.CleanupAll(context.Background()) })
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
