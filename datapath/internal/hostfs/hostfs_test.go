@@ -6,11 +6,13 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/ferry-dev/ferry/internal/testenv"
 	"github.com/ferry-dev/ferry/luks"
 )
 
@@ -82,6 +84,29 @@ func TestMkfsExt4WritesOnlyMetadata(t *testing.T) {
 	}
 	if !strings.Contains(string(out), "has_journal") {
 		t.Fatalf("no journal:\n%s", out)
+	}
+}
+
+// A small volume (mke2fs's "small" type, under 512 MiB) still gets 4 KiB
+// blocks: a 1 KiB block would be a part of a LUKS2 sector.
+func TestMkfsExt4SmallVolumeHasWholeSectorBlocks(t *testing.T) {
+	testenv.Tools(t, "apt-get install e2fsprogs", "mkfs.ext4", "dumpe2fs")
+	p := filepath.Join(t.TempDir(), "img")
+	if err := os.WriteFile(p, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(p, 64<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := MkfsExt4(context.Background(), p, "t"); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command("dumpe2fs", "-h", p).CombinedOutput()
+	if err != nil {
+		t.Fatalf("dumpe2fs: %v: %s", err, out)
+	}
+	if !regexp.MustCompile(`(?m)^Block size:\s+4096$`).Match(out) {
+		t.Fatalf("a 64 MiB volume's filesystem does not have 4 KiB blocks:\n%s", out)
 	}
 }
 
