@@ -55,6 +55,50 @@ func makeDense(b *testing.B, path string, size int64) {
 // hydrate runs ferry's clone engine with lun as the source into a fresh
 // sparse file until every region is hydrated, sampling progress. fg, if
 // set, runs against the engine while it hydrates and is stopped at the end.
+// hydrateInto hydrates dst from lun with the agent's tunables and returns
+// when the engine is done.
+func hydrateInto(b *testing.B, lun, dst blockdev.Device, meta string) (time.Duration, dmclone.Progress) {
+	eng, err := dmclone.Open(zerolog.Nop(), dmclone.Config{Source: lun, Dest: dst, MetaPath: meta,
+		RegionSize: agentRegion, Tunables: dmclone.DefaultTunables(agentRegion)})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer eng.Close()
+	start := time.Now()
+	if err := eng.EnableHydration(); err != nil {
+		b.Fatal(err)
+	}
+	select {
+	case <-eng.Done():
+	case <-time.After(30 * time.Minute):
+		b.Fatalf("hydration did not finish in 30 minutes: %+v", eng.Progress())
+	}
+	return time.Since(start), eng.Progress()
+}
+
+// discardDevice is a destination that throws writes away and reads zeros.
+type discardDevice struct{ size int64 }
+
+func (d discardDevice) ReadAt(p []byte, off int64) (int, error) {
+	if err := blockdev.CheckRange(off, len(p), d.size); err != nil {
+		return 0, err
+	}
+	clear(p)
+	return len(p), nil
+}
+
+func (d discardDevice) WriteAt(p []byte, off int64) (int, error) {
+	if err := blockdev.CheckRange(off, len(p), d.size); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+func (d discardDevice) Size() int64                { return d.size }
+func (d discardDevice) Discard(off, n int64) error { return nil }
+func (d discardDevice) Flush() error               { return nil }
+func (d discardDevice) Close() error               { return nil }
+
 func hydrate(b *testing.B, lun blockdev.Device, dest string, fg func(eng *dmclone.Engine, stop <-chan struct{})) (time.Duration, dmclone.Progress, []point) {
 	dst, err := blockdev.CreateSparse(dest, lun.Size())
 	if err != nil {
@@ -216,6 +260,24 @@ func benchHydration(b *testing.B, s *suite) {
 		ferryPts = pts
 		return mibps(p.FetchedBytes, took), u
 	}
+	// ferry's network leg alone: the same export, initiator and engine, with
+	// a destination that throws the bytes away. What moving the source
+	// through gotgt, the gate and loopback TCP allows, with no copy into the
+	// destination's page cache: the ceiling of ferry's hydration here.
+	runNet := func() (float64, cpuUse) {
+		dropCaches()
+		exp, lun := exportFerry(b, dir, src)
+		c0 := readCPU(b)
+		took, p := hydrateInto(b, lun, discardDevice{lun.Size()}, filepath.Join(dir, "net.meta"))
+		u := readCPU(b).since(c0)
+		lun.Close()
+		exp.Stop()
+		os.Remove(filepath.Join(dir, "net.meta"))
+		if p.FetchedBytes < size*9/10 {
+			b.Fatalf("ferry's network leg fetched %d of %d dense bytes", p.FetchedBytes, size)
+		}
+		return mibps(p.FetchedBytes, took), u
+	}
 	// Peer 1: Debian's tgt serving the file, read by ferry's initiator into the same engine.
 	_, tgtErr := exec.LookPath("tgtd")
 	var tgtPts []point
@@ -243,7 +305,7 @@ func benchHydration(b *testing.B, s *suite) {
 		got  []float64
 		cpu  []cpuUse
 	}
-	cs := []*contender{{name: "ferry", run: runFerry}, {name: "cp", run: runCp}}
+	cs := []*contender{{name: "ferry", run: runFerry}, {name: "cp", run: runCp}, {name: "ferry's network leg", run: runNet}}
 	if tgtErr == nil {
 		cs = append(cs, &contender{name: "tgtd", run: runTgt})
 	}
@@ -259,14 +321,15 @@ func benchHydration(b *testing.B, s *suite) {
 			b.Logf("round %d: %s %.0f MiB/s, %.2f cores busy, %.2f core-s per GiB", r, c.name, c.got[len(c.got)-1], u.cores, u.coreSec/(float64(size)/(1<<30)))
 		}
 	}
-	ferry, cp := cs[0].got, cs[1].got
-	ratio := func(ref []float64) float64 {
-		rs := make([]float64, len(ferry))
-		for i := range ferry {
-			rs[i] = ferry[i] / ref[i]
+	ferry, cp, net := cs[0].got, cs[1].got, cs[2].got
+	ratioOf := func(num, ref []float64) float64 {
+		rs := make([]float64, len(num))
+		for i := range num {
+			rs[i] = num[i] / ref[i]
 		}
 		return medianF(rs)
 	}
+	ratio := func(ref []float64) float64 { return ratioOf(ferry, ref) }
 	ferryRate := medianF(ferry)
 	// What bounds each copy: the cores it kept busy (the whole machine's,
 	// from /proc/stat) and the CPU time it spent per GiB.
@@ -286,8 +349,12 @@ func benchHydration(b *testing.B, s *suite) {
 	s.add(row{"hydration, dense " + label + ": ferry vs raw copy (limit)", fmt.Sprintf("%.0f MiB/s", ferryRate),
 		fmt.Sprintf("cp: %.0f MiB/s", medianF(cp)), fmt.Sprintf("%.2f", ratio(cp)),
 		fmt.Sprintf("loopback iSCSI, 4 KiB regions, page cache dropped; median of %d alternating rounds; CPU (whole machine, medians): %s", rounds, strings.Join(cpuNotes, "; "))})
+	s.add(row{"hydration, dense " + label + ": ferry's network leg alone (no destination) vs raw copy", fmt.Sprintf("%.0f MiB/s", medianF(net)),
+		fmt.Sprintf("cp: %.0f MiB/s", medianF(cp)), fmt.Sprintf("%.2f", ratioOf(net, cp)),
+		fmt.Sprintf("the ceiling of the row above: export, gate, loopback TCP, initiator and engine, the bytes thrown away; %s; ferry with its destination reached %.2f of it",
+			cpuNote(cs[2]), ratioOf(ferry, net))})
 	if tgtErr == nil {
-		tgt := cs[2].got
+		tgt := cs[3].got
 		s.plot("dense.svg", series{"tgt export + ferry initiator + engine", tgtPts})
 		s.add(row{"hydration, dense " + label + ": ferry vs tgt + ferry's initiator", fmt.Sprintf("%.0f MiB/s", ferryRate),
 			fmt.Sprintf("tgtd: %.0f MiB/s", medianF(tgt)), fmt.Sprintf("%.2f", ratio(tgt)),

@@ -21,13 +21,24 @@ import (
 	"github.com/ferry-dev/ferry/machine/workload"
 )
 
-func runFio(b *testing.B, path string, size int64, j fio.Job, runFor time.Duration) fio.Side {
+// runFio runs j on path and returns fio's figures and the whole machine's
+// CPU while it ran.
+func runFio(b *testing.B, path string, size int64, j fio.Job, runFor time.Duration) (fio.Side, cpuUse) {
 	b.Helper()
+	c0 := readCPU(b)
 	side, err := fio.Run(context.Background(), path, size, j, runFor)
 	if err != nil {
 		b.Fatal(err)
 	}
-	return side
+	return side, readCPU(b).since(c0)
+}
+
+// cpuPerIO is the machine's busy CPU per completed I/O, in µs.
+func cpuPerIO(s fio.Side, u cpuUse) float64 {
+	if s.TotalIOs == 0 {
+		return 0
+	}
+	return u.coreSec * 1e6 / s.TotalIOs
 }
 
 // mounted reports whether mnt is a mount point in this mount namespace.
@@ -100,47 +111,62 @@ func benchVolume(b *testing.B, s *suite) {
 		}
 		note = "the machine's record writes (8 records and an fsync every 5 ms) ran alongside"
 	}
-	floor, stopFloor := transportFloor(b, s, fileSize)
-	defer stopFloor()
+	// The transport alone, over memory and over the disk: the same FUSE
+	// file and loop device served raw (no clone, no LUKS2 view), with a file
+	// in tmpfs or a written file on the work disk behind it.
+	overMem, stopMem := transportFloor(b, s, fileSize, "")
+	defer stopMem()
+	overDisk, stopDisk := transportFloor(b, s, fileSize, s.dir)
+	defer stopDisk()
 	base := note
 	volFile := filepath.Join(mnt, "fio.dat")
 	hostFile := filepath.Join(s.dir, "fio-host.dat")
 	defer os.Remove(volFile)
 	defer os.Remove(hostFile)
 	for _, j := range fio.Jobs {
-		var hs, vs, rs []float64
-		for p := 0; p < pairs; p++ {
-			// Alternate which side goes first: the host's state (its disk
-			// cache, the other jobs) drifts during a run.
-			var h, v fio.Side
-			if p%2 == 0 {
-				h, v = runFio(b, hostFile, fileSize, j, runFor), runFio(b, volFile, fileSize, j, runFor)
-			} else {
-				v, h = runFio(b, volFile, fileSize, j, runFor), runFio(b, hostFile, fileSize, j, runFor)
-			}
-			hv, vv := j.Value(h), j.Value(v)
-			if hv == 0 || vv == 0 {
-				b.Fatalf("fio %s reported nothing (host %v, volume %v)", j.Name, hv, vv)
-			}
-			r := vv / hv
+		// rel is a relative to ref, higher is better (a latency inverts).
+		rel := func(a, ref float64) float64 {
 			if j.P50 {
-				r = hv / vv // a latency: >1 would be better than the host
+				return ref / a
 			}
-			hs, vs, rs = append(hs, hv), append(vs, vv), append(rs, r)
-			b.Logf("fio %s: volume %.1f host %.1f %s", j.Name, vv, hv, j.Unit())
+			return a / ref
+		}
+		type side struct {
+			name, path string
+			vals, cpus []float64
+		}
+		sides := []*side{{name: "host", path: hostFile}, {name: "volume", path: volFile}, {name: "transport over the disk", path: overDisk}}
+		var rs, rds []float64
+		for p := 0; p < pairs; p++ {
+			// Rotate which side goes first: the host's state (its disk cache,
+			// the other jobs) drifts during a run.
+			for i := range sides {
+				sd := sides[(p+i)%len(sides)]
+				f, u := runFio(b, sd.path, fileSize, j, runFor)
+				v := j.Value(f)
+				if v == 0 {
+					b.Fatalf("fio %s on the %s reported nothing", j.Name, sd.name)
+				}
+				sd.vals, sd.cpus = append(sd.vals, v), append(sd.cpus, cpuPerIO(f, u))
+			}
+			h, v, d := sides[0].vals[p], sides[1].vals[p], sides[2].vals[p]
+			rs, rds = append(rs, rel(v, h)), append(rds, rel(v, d))
+			b.Logf("fio %s: volume %.1f host %.1f transport over the disk %.1f %s", j.Name, v, h, d, j.Unit())
 		}
 		ratio := fmt.Sprintf("%.2f", medianF(rs))
 		if j.P50 {
 			ratio = fmt.Sprintf("%.2f (host/volume)", medianF(rs))
 		}
-		fv := j.Value(runFio(b, floor, fileSize, j, runFor))
-		fr := fv / medianF(hs)
-		if j.P50 {
-			fr = medianF(hs) / fv
-		}
-		b.Logf("fio %s: the transport alone %.1f %s", j.Name, fv, j.Unit())
-		note += fmt.Sprintf("; the transport alone (FUSE and loop over memory, one run): %.0f %s, %.2f of the host", fv, j.Unit(), fr)
-		s.add(row{"the migrated machine's volume, fio " + j.Name, fmt.Sprintf("%.0f %s", medianF(vs), j.Unit()),
+		hs := sides[0].vals
+		mf, mu := runFio(b, overMem, fileSize, j, runFor)
+		mv := j.Value(mf)
+		b.Logf("fio %s: the transport over memory %.1f %s", j.Name, mv, j.Unit())
+		note += fmt.Sprintf("; the transport over the disk (median of %d): %.0f %s, %.2f of the host, the volume %.2f of it",
+			pairs, medianF(sides[2].vals), j.Unit(), rel(medianF(sides[2].vals), medianF(hs)), medianF(rds))
+		note += fmt.Sprintf("; over memory (one run): %.0f %s, %.2f of the host", mv, j.Unit(), rel(mv, medianF(hs)))
+		note += fmt.Sprintf("; CPU per I/O (whole machine, medians): host %.0f µs, volume %.0f µs, transport over the disk %.0f µs, over memory %.0f µs",
+			medianF(sides[0].cpus), medianF(sides[1].cpus), medianF(sides[2].cpus), cpuPerIO(mf, mu))
+		s.add(row{"the migrated machine's volume, fio " + j.Name, fmt.Sprintf("%.0f %s", medianF(sides[1].vals), j.Unit()),
 			fmt.Sprintf("file on the host disk: %.0f %s", medianF(hs), j.Unit()), ratio,
 			fmt.Sprintf("median of %d alternating %v runs; %s", pairs, runFor, note)})
 		note = base
@@ -149,32 +175,50 @@ func benchVolume(b *testing.B, s *suite) {
 		"fio (libaio, O_DIRECT, %d MiB file) then runs on a file in the machine's ext4 (loop device with direct I/O → FUSE → "+
 		"ferry's LUKS2 view → the destination file) and on a file on the host's own filesystem where the volume files live, "+
 		"alternating; throughput ratios are volume over host, the QD1 latency ratio host over volume (both: higher is better). "+
-		"The transport alone: a %d MiB file in memory (tmpfs) served raw by `ferry volume serve` (no clone, no LUKS2 view, no disk) "+
-		"as a FUSE file on a loop device with direct I/O, fio on that device: what FUSE and the loop device allow on this kernel, "+
-		"the ceiling of the volume's rows.",
+		"The transport alone: a %d MiB file served raw by `ferry volume serve` (no clone, no LUKS2 view) as a FUSE file on a loop "+
+		"device with direct I/O, fio on that device; over memory the file is in tmpfs (what FUSE and the loop device allow on "+
+		"this kernel with nothing behind them), over the disk it is a written file on the work disk, read and written with "+
+		"O_DIRECT by the serve process as a volume's destination is (the same transport and disk as the volume, without ferry's "+
+		"clone and view: the ceiling of the volume's rows). The transport over the disk takes turns with the host file and "+
+		"the volume. CPU per I/O is the whole machine's busy time (/proc/stat) over fio's run divided by its completed I/Os.",
 		volSize>>20, fileSize>>20, fileSize>>20))
 }
 
-// transportFloor serves a file in memory through the volume's transport,
-// raw: `ferry volume serve` (no clone, no LUKS2 view, no disk behind it)
-// → its FUSE file → a loop device with direct I/O. fio on the device
-// measures what FUSE and the loop device allow on this kernel.
-func transportFloor(b *testing.B, s *suite, size int64) (string, func()) {
+// transportFloor serves a file through the volume's transport, raw:
+// `ferry volume serve` (no clone, no LUKS2 view) → its FUSE file → a loop
+// device with direct I/O. With dir empty the file is in memory (tmpfs):
+// what FUSE and the loop device allow on this kernel with nothing behind
+// them. With dir a directory on the work disk, the file is written first
+// with random bytes (a hole would read as zeros without touching the disk) and the serve
+// process reads and writes it with O_DIRECT, as it does a volume's.
+func transportFloor(b *testing.B, s *suite, size int64, dir string) (string, func()) {
 	b.Helper()
 	ctx := context.Background()
-	dir, err := os.MkdirTemp("/dev/shm", "ferry-bench-transport-")
+	name := "memory"
+	if dir == "" {
+		dir = "/dev/shm"
+	} else {
+		name = "disk"
+	}
+	dir, err := os.MkdirTemp(dir, "ferry-bench-transport-")
 	if err != nil {
 		b.Fatal(err)
 	}
 	data := filepath.Join(dir, "data")
-	if err := os.WriteFile(data, nil, 0o600); err != nil {
-		b.Fatal(err)
+	if name == "memory" {
+		err = os.WriteFile(data, nil, 0o600)
+		if err == nil {
+			err = os.Truncate(data, size)
+		}
+		if err != nil {
+			os.RemoveAll(dir)
+			b.Fatal(err)
+		}
+	} else {
+		makeDense(b, data, size)
 	}
-	if err := os.Truncate(data, size); err != nil {
-		b.Fatal(err)
-	}
-	cfg := userspace.Config{VolumeID: "transport", DataPath: data, Raw: true,
-		MountDir: filepath.Join(s.dir, "transport-fuse"), Socket: filepath.Join(s.dir, "transport.sock")}
+	cfg := userspace.Config{VolumeID: "transport-" + name, DataPath: data, Raw: true,
+		MountDir: filepath.Join(s.dir, "transport-fuse-"+name), Socket: filepath.Join(s.dir, "transport-"+name+".sock")}
 	p, err := userspace.Start(ctx, zerolog.Nop(), s.ferry(b), cfg, nil, s.dir)
 	if err != nil {
 		os.RemoveAll(dir)
