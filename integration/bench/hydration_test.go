@@ -210,6 +210,9 @@ func startTgtd(b *testing.B, dir, path string) (portal, iqn string, stop func())
 	return portal, iqn, stop
 }
 
+// hydrationGoal is dense hydration's goal, a fraction of cp's rate.
+const hydrationGoal = 0.9
+
 // benchHydration: a dense volume hydrated by ferry (export -> initiator ->
 // clone engine, over loopback TCP), next to the raw file copy on the same
 // disk (the limit) and to peers doing the same job: ferry's engine reading
@@ -351,8 +354,9 @@ func benchHydration(b *testing.B, s *suite) {
 		fmt.Sprintf("loopback iSCSI, 4 KiB regions, page cache dropped; median of %d alternating rounds; CPU (whole machine, medians): %s", rounds, strings.Join(cpuNotes, "; "))})
 	s.add(row{"hydration, dense " + label + ": ferry's network leg alone (no destination) vs raw copy", fmt.Sprintf("%.0f MiB/s", medianF(net)),
 		fmt.Sprintf("cp: %.0f MiB/s", medianF(cp)), fmt.Sprintf("%.2f", ratioOf(net, cp)),
-		fmt.Sprintf("the ceiling of the row above: export, gate, loopback TCP, initiator and engine, the bytes thrown away; %s; ferry with its destination reached %.2f of it",
-			cpuNote(cs[2]), ratioOf(ferry, net))})
+		fmt.Sprintf("the ceiling of the row above: export, gate, loopback TCP, initiator and engine, the bytes thrown away; %s; ferry with its destination reached %.2f of it; "+
+			"at %.1f× cp's rate the machine's %d cores allow %.2f core-s per GiB", cpuNote(cs[2]), ratioOf(ferry, net),
+			hydrationGoal, runtime.NumCPU(), float64(runtime.NumCPU())*1024/(hydrationGoal*medianF(cp)))})
 	if tgtErr == nil {
 		tgt := cs[3].got
 		s.plot("dense.svg", series{"tgt export + ferry initiator + engine", tgtPts})
@@ -398,7 +402,7 @@ func benchHydration(b *testing.B, s *suite) {
 		s.add(row{"hydration, dense: qemu-nbd peer", "", "skipped", "", "needs qemu-nbd (apt-get install qemu-utils)"})
 	}
 	s.notes = append(s.notes, "Hydration: a file of random bytes on the work disk is the source; each contender copies it to a fresh file on the same disk, page cache dropped before each, ferry, cp and tgt taking turns; rate = bytes / time until the last byte is on the destination (engine Done, or the copy command's exit, then sync).")
-	s.notes = append(s.notes, "Hydration ratios depend on what bounds the machine during the run: with an idle disk the copy is CPU-bound and cp (one in-kernel copy) wins, ferry reaching about 0.5–0.55× on this 2-core machine; with a busy disk ferry's parallel sessions and read-ahead keep more reads queued than cp and it reached 1.4×. The per-round figures are in the -v output. The CPU figures are the whole machine's (/proc/stat) over each copy's timed part: the cores kept busy on average and the busy core-seconds per GiB copied (ferry's include its export child, the kernel's TCP on both ends and the page cache; cp's copy stays in the kernel).")
+	s.notes = append(s.notes, "Hydration ratios depend on what bounds the machine during the run: with an idle disk the copy is CPU-bound and cp (one in-kernel copy) wins, ferry reaching about 0.5–0.55× on this 2-core machine; with a busy disk ferry's parallel sessions and read-ahead keep more reads queued than cp and it reached 1.4×. The per-round figures are in the -v output. The CPU figures are the whole machine's (/proc/stat) over each copy's timed part: the cores kept busy on average and the busy core-seconds per GiB copied (ferry's include its export child, the kernel's TCP on both ends and the page cache; cp's copy stays in the kernel). ferry's network leg alone is ferry's hydration into a destination that throws the bytes away (no write, no page cache): what the source's read, the export, the gate, loopback TCP twice, the initiator and the engine's bookkeeping allow; with its CPU per GiB next to the budget the goal leaves (every core busy at the goal's rate), it shows whether the cores are the wall.")
 }
 
 // cpuUse is the machine's CPU use over an interval.

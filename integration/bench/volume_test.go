@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -20,6 +21,9 @@ import (
 	"github.com/ferry-dev/ferry/internal/fio"
 	"github.com/ferry-dev/ferry/machine/workload"
 )
+
+// fioGoal is the volume's throughput goal, a fraction of the host file's.
+const fioGoal = 0.8
 
 // runFio runs j on path and returns fio's figures and the whole machine's
 // CPU while it ran.
@@ -134,6 +138,7 @@ func benchVolume(b *testing.B, s *suite) {
 		type side struct {
 			name, path string
 			vals, cpus []float64
+			iops       []float64
 		}
 		sides := []*side{{name: "host", path: hostFile}, {name: "volume", path: volFile}, {name: "transport over the disk", path: overDisk}}
 		var rs, rds []float64
@@ -147,7 +152,7 @@ func benchVolume(b *testing.B, s *suite) {
 				if v == 0 {
 					b.Fatalf("fio %s on the %s reported nothing", j.Name, sd.name)
 				}
-				sd.vals, sd.cpus = append(sd.vals, v), append(sd.cpus, cpuPerIO(f, u))
+				sd.vals, sd.cpus, sd.iops = append(sd.vals, v), append(sd.cpus, cpuPerIO(f, u)), append(sd.iops, f.IOPS)
 			}
 			h, v, d := sides[0].vals[p], sides[1].vals[p], sides[2].vals[p]
 			rs, rds = append(rs, rel(v, h)), append(rds, rel(v, d))
@@ -166,6 +171,12 @@ func benchVolume(b *testing.B, s *suite) {
 		note += fmt.Sprintf("; over memory (one run): %.0f %s, %.2f of the host", mv, j.Unit(), rel(mv, medianF(hs)))
 		note += fmt.Sprintf("; CPU per I/O (whole machine, medians): host %.0f µs, volume %.0f µs, transport over the disk %.0f µs, over memory %.0f µs",
 			medianF(sides[0].cpus), medianF(sides[1].cpus), medianF(sides[2].cpus), cpuPerIO(mf, mu))
+		if !j.P50 {
+			// The CPU budget of the goal: at fioGoal × the host's rate, every
+			// core busy all the time, this much CPU per I/O is all there is.
+			budget := float64(runtime.NumCPU()) * 1e6 / (fioGoal * medianF(sides[0].iops))
+			note += fmt.Sprintf("; at %.1f× the host's rate the machine's %d cores allow %.0f µs per I/O", fioGoal, runtime.NumCPU(), budget)
+		}
 		s.add(row{"the migrated machine's volume, fio " + j.Name, fmt.Sprintf("%.0f %s", medianF(sides[1].vals), j.Unit()),
 			fmt.Sprintf("file on the host disk: %.0f %s", medianF(hs), j.Unit()), ratio,
 			fmt.Sprintf("median of %d alternating %v runs; %s", pairs, runFor, note)})
