@@ -286,9 +286,9 @@ func (c *cowDev) SnapshotStatus() *SnapshotStatus {
 
 // alignedBuf returns n bytes aligned for O_DIRECT.
 func alignedBuf(n int) []byte {
-	b := make([]byte, n+directAlign)
-	off := directAlign - int(uintptr(unsafe.Pointer(unsafe.SliceData(b)))%directAlign)
-	if off == directAlign {
+	b := make([]byte, n+blockdev.DirectAlign)
+	off := blockdev.DirectAlign - int(uintptr(unsafe.Pointer(unsafe.SliceData(b)))%blockdev.DirectAlign)
+	if off == blockdev.DirectAlign {
 		off = 0
 	}
 	return b[off : off+n : off+n]

@@ -67,7 +67,7 @@ type server struct {
 	dest *blockdev.File
 	// direct is dest as the view reads and writes it (O_DIRECT); nil where
 	// the filesystem refuses O_DIRECT, then the view uses dest itself.
-	direct *directFile
+	direct *blockdev.Direct
 	lun    blockdev.Device // the clone's source: an iSCSI LUN or a local file
 	eng    *dmclone.Engine
 	sw     *switchDev // between the clone engine and the view; swapped to dest on dissolve
@@ -164,7 +164,11 @@ func (s *server) build(ctx context.Context, pass func() ([]byte, error)) error {
 	if c != nil {
 		tun := dmclone.DefaultTunables(regionSize(c.RegionSize))
 		tun.RateLimitBytesPerSec = c.RateLimit
-		s.eng, err = dmclone.Open(s.log, dmclone.Config{Source: s.lun, Dest: s.dest, MetaPath: c.MetaPath,
+		// The engine writes what it hydrates through the view's O_DIRECT
+		// handle, as dm-clone writes its destination device: a volume's
+		// copy does not pass the host's page cache (where it would push the
+		// host's other data out, and cost a copy and a page per block).
+		s.eng, err = dmclone.Open(s.log, dmclone.Config{Source: s.lun, Dest: lower, MetaPath: c.MetaPath,
 			RegionSize: regionSize(c.RegionSize), KnownZero: c.KnownZero, Tunables: tun})
 		if err != nil {
 			return fmt.Errorf("open clone engine: %w", err)
@@ -379,7 +383,7 @@ func (s *server) close() {
 // filesystem refuses O_DIRECT (tmpfs) the buffered file serves.
 func (s *server) viewDest() blockdev.Device {
 	if s.direct == nil {
-		d, err := openDirect(s.dest, false)
+		d, err := blockdev.OpenDirect(s.dest, false)
 		if err != nil {
 			s.log.Warn().Err(err).Msg("the volume file cannot be opened with O_DIRECT: serving it through the host page cache")
 			return s.dest

@@ -172,7 +172,7 @@ func BenchmarkVolumeFio(b *testing.B) {
 	case "buffered":
 	case "", "direct":
 		// As the volume server does (server.viewDest).
-		direct, err := openDirect(backing, false)
+		direct, err := blockdev.OpenDirect(backing, false)
 		if err != nil {
 			b.Fatal(err)
 		}

@@ -1,4 +1,4 @@
-package userspace
+package blockdev_test
 
 import (
 	"bytes"
@@ -13,21 +13,21 @@ import (
 	"github.com/ferry-dev/ferry/internal/testenv"
 )
 
-// newDirect opens a fresh sparse file of size bytes through directFile, or
+// newDirect opens a fresh sparse file of size bytes through Direct, or
 // skips where the test directory's filesystem refuses O_DIRECT.
-func newDirect(t *testing.T, size int64) (*directFile, *blockdev.File) {
+func newDirect(t *testing.T, size int64) (*blockdev.Direct, *blockdev.File) {
 	t.Helper()
 	f, err := blockdev.CreateSparse(filepath.Join(t.TempDir(), "vol.img"), size)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { f.Close() })
-	d, err := openDirect(f, false)
+	d, err := blockdev.OpenDirect(f, false)
 	testenv.Require(t, fmt.Sprintf("O_DIRECT on the test filesystem (%v)", err), err == nil)
 	return d, f
 }
 
-func TestDirectFileConformance(t *testing.T) {
+func TestDirectConformance(t *testing.T) {
 	blockdevtest.Run(t, func(t *testing.T, size int64) blockdev.Device {
 		d, _ := newDirect(t, size)
 		return d
@@ -36,14 +36,14 @@ func TestDirectFileConformance(t *testing.T) {
 
 // pageBuf is an n-byte buffer at a page boundary, as the view hands down.
 func pageBuf(n int) []byte {
-	b := make([]byte, n+directAlign)
-	off := (directAlign - int(uintptr(unsafe.Pointer(unsafe.SliceData(b)))%directAlign)) % directAlign
+	b := make([]byte, n+blockdev.DirectAlign)
+	off := (blockdev.DirectAlign - int(uintptr(unsafe.Pointer(unsafe.SliceData(b)))%blockdev.DirectAlign)) % blockdev.DirectAlign
 	return b[off : off+n]
 }
 
 // Aligned direct writes and unaligned buffered ones see each other's data in
 // both orders, through either handle.
-func TestDirectFileCoherentWithBuffered(t *testing.T) {
+func TestDirectCoherentWithBuffered(t *testing.T) {
 	d, f := newDirect(t, 1<<20)
 	a := pageBuf(8192)
 	rand.Read(a)
