@@ -39,9 +39,11 @@ const childEnv = "FERRY_ISCSI_EXPORT_CHILD"
 // the host namespace).
 const childListenerFD = 3
 
-// gotgtPort is where gotgt listens inside the child's private namespace.
-// gotgt binds every interface; there, that is loopback alone.
-const gotgtPort = 3260
+// GotgtPort is where gotgt listens inside the export child's private
+// network namespace. gotgt binds every interface; there, that is loopback
+// alone, reached by the gate (and by benchmarks that measure gotgt without
+// the gate, from inside the namespace).
+const GotgtPort = 3260
 
 const roStoreName = "ferry-ro"
 
@@ -136,7 +138,7 @@ func serveChild(log zerolog.Logger) error {
 		return fmt.Errorf("gate listener from the parent: %w", err)
 	}
 	lf.Close()
-	gt, err := newGate(log, ln, allow, cfg.TLS, net.JoinHostPort("127.0.0.1", strconv.Itoa(gotgtPort)))
+	gt, err := newGate(log, ln, allow, cfg.TLS, net.JoinHostPort("127.0.0.1", strconv.Itoa(GotgtPort)))
 	if err != nil {
 		ln.Close()
 		return err
@@ -259,7 +261,7 @@ func startGotgt(cfg childConfig) (scsi.SCSITargetDriver, error) {
 	const deviceID = 1000
 	gc := &config.Config{
 		Storages:     []config.BackendStorage{{DeviceID: deviceID, Path: roStoreName + ":" + cfg.Path, Online: true, BlockShift: shift}},
-		ISCSIPortals: []config.ISCSIPortalInfo{{ID: 0, Portal: net.JoinHostPort("127.0.0.1", strconv.Itoa(gotgtPort))}},
+		ISCSIPortals: []config.ISCSIPortalInfo{{ID: 0, Portal: net.JoinHostPort("127.0.0.1", strconv.Itoa(GotgtPort))}},
 		ISCSITargets: map[string]config.ISCSITarget{cfg.IQN: {
 			TPGTs: map[string][]uint64{"1": {0}},
 			LUNs:  map[string]uint64{strconv.FormatUint(cfg.LUN, 10): deviceID},
@@ -287,7 +289,7 @@ func startGotgt(cfg childConfig) (scsi.SCSITargetDriver, error) {
 	}
 	// Discovery must announce the gate, not gotgt's loopback address.
 	drv.SetClusterIP(cfg.Portal)
-	go func() { _ = drv.Run(gotgtPort) }()
+	go func() { _ = drv.Run(GotgtPort) }()
 	return drv, nil
 }
 
