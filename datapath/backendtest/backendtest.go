@@ -12,7 +12,9 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"testing"
 	"time"
@@ -185,7 +187,7 @@ func pattern(n int, seed byte) []byte {
 }
 
 // createWithData creates vol, writes data into its filesystem and unmounts.
-func createWithData(t *testing.T, ctx context.Context, b datapath.Backend, data []byte) luks.Layout {
+func createWithData(t *testing.T, ctx context.Context, b datapath.Backend, data []byte, extra ...func(mnt string)) luks.Layout {
 	t.Helper()
 	layout, err := b.Create(ctx, vol, volSize, pass)
 	if err != nil {
@@ -196,6 +198,9 @@ func createWithData(t *testing.T, ctx context.Context, b datapath.Backend, data 
 		t.Fatal(err)
 	}
 	writeData(t, mnt, data)
+	for _, f := range extra {
+		f(mnt)
+	}
 	if err := b.Unmount(ctx, vol, mnt); err != nil {
 		t.Fatal(err)
 	}
@@ -286,11 +291,11 @@ type source struct {
 	data   []byte
 }
 
-func newSource(t *testing.T, ctx context.Context, newBackend Factory) *source {
+func newSource(t *testing.T, ctx context.Context, newBackend Factory, extra ...func(mnt string)) *source {
 	t.Helper()
 	b := fresh(t, newBackend, t.TempDir())
 	s := &source{data: pattern(4<<20, 5)}
-	s.layout = createWithData(t, ctx, b, s.data)
+	s.layout = createWithData(t, ctx, b, s.data, extra...)
 	f, err := os.Open(b.DataPath(vol))
 	if err != nil {
 		t.Fatal(err)
@@ -560,11 +565,73 @@ func testErrors(t *testing.T, newBackend Factory) {
 	}
 }
 
+// fragmented is a source file with more extents than its inode holds, so
+// reading it on a clone first reads an extent tree block: ext4 waits for
+// that read uninterruptibly, as it does for every metadata block.
+const fragmented = "fragmented"
+
+// writeFragmented writes every other 4 KiB block of 2 MiB at path: 256
+// extents, an extent tree of depth 1.
+func writeFragmented(t *testing.T, path string) {
+	t.Helper()
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	block := pattern(4096, 7)
+	for off := int64(0); off < 2<<20; off += 8192 {
+		if _, err := f.WriteAt(block, off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// killedReader starts a read of path (a file whose extent tree and data are
+// only on the clone's source), kills the reader once it waits in the
+// kernel, and checks that it is still there, dying: a metadata read does
+// not end at a kill. The returned channel closes when it has exited.
+func killedReader(t *testing.T, path string) <-chan struct{} {
+	t.Helper()
+	cmd := exec.Command("dd", "if="+path, "of=/dev/null", "bs=4k", "skip=300", "count=1")
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("dd: %v", err)
+	}
+	state := func() byte {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", cmd.Process.Pid))
+		if i := bytes.LastIndexByte(b, ')'); err == nil && i+2 < len(b) {
+			return b[i+2]
+		}
+		return 0
+	}
+	for deadline := time.Now().Add(5 * time.Second); state() != 'D'; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			_ = cmd.Process.Kill()
+			t.Fatalf("the read of %s never waited on the source (state %q)", path, state())
+		}
+	}
+	_ = cmd.Process.Kill()
+	time.Sleep(200 * time.Millisecond)
+	if st := state(); st != 'D' {
+		t.Fatalf("the killed reader did not stay in its read (state %q): nothing would hold the mount", st)
+	}
+	done := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(done) }()
+	return done
+}
+
 // testAbandon: a rolled-back migration's destination, mounted and written,
 // is released in full and nothing of it stays behind.
 func testAbandon(t *testing.T, newBackend Factory, sourceGone bool) {
 	ctx := ctxFor(t)
-	src := newSource(t, ctx, newBackend)
+	var extra []func(string)
+	if sourceGone {
+		extra = append(extra, func(mnt string) { writeFragmented(t, filepath.Join(mnt, fragmented)) })
+	}
+	src := newSource(t, ctx, newBackend, extra...)
 	b := fresh(t, newBackend, t.TempDir())
 	prepareDest(t, b, src.layout)
 	mnt := b.MountPoint("m")
@@ -580,6 +647,18 @@ func testAbandon(t *testing.T, newBackend Factory, sourceGone bool) {
 		if err := src.export.Stop(); err != nil {
 			t.Fatal(err)
 		}
+		// The machine, killed by its stop while it read a region never
+		// fetched: its read waits uninterruptibly on the gone source and
+		// keeps the mount busy after the kill, and only failing that I/O
+		// lets it go.
+		reader := killedReader(t, filepath.Join(mnt, fragmented))
+		defer func() {
+			select {
+			case <-reader:
+			case <-time.After(10 * time.Second):
+				t.Errorf("the killed reader still waits after Abandon")
+			}
+		}()
 	} else {
 		// A process still using the mount (a machine that survived its
 		// stop) makes Abandon fail and keep everything: releasing the
