@@ -607,10 +607,16 @@ func killedReader(t *testing.T, path string) <-chan struct{} {
 		}
 		return 0
 	}
-	for deadline := time.Now().Add(5 * time.Second); state() != 'D'; time.Sleep(10 * time.Millisecond) {
+	// In a metadata read (the inode or the extent tree), not in a killable
+	// wait for a data page, which /proc also shows as D.
+	inMetadataRead := func() bool {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stack", cmd.Process.Pid))
+		return err == nil && bytes.Contains(b, []byte("ext4_read_bh"))
+	}
+	for deadline := time.Now().Add(10 * time.Second); !inMetadataRead(); time.Sleep(10 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			_ = cmd.Process.Kill()
-			t.Fatalf("the read of %s never waited on the source (state %q)", path, state())
+			t.Fatalf("the read of %s never waited on the source in a metadata read (state %q)", path, state())
 		}
 	}
 	_ = cmd.Process.Kill()
