@@ -25,7 +25,6 @@ import (
 	"github.com/ferry-dev/ferry/datapath/loopdev"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/childctl"
-	"github.com/ferry-dev/ferry/internal/retry"
 	"github.com/ferry-dev/ferry/iscsi"
 	"github.com/ferry-dev/ferry/luks"
 )
@@ -600,28 +599,12 @@ func (v *Backend) Abandon(ctx context.Context, vol, mnt string) error {
 		return err
 	}
 	if _, ok := hostfs.MountedAt(mnt); ok {
-		kill := func(why string) {
-			v.Log.Warn().Str("volume", vol).Str("mount", mnt).Msg(why + "; killing its datapath")
-			killProcesses(filepath.Join(v.runDir(), vol+".json"))
-		}
 		// Never lazily: a busy mount means a process of the machine still
 		// runs there, which the caller must learn (and stop) first.
-		err := hostfs.UnmountOrKill(mnt, abandonPatience, func() {
-			kill("unmount of an abandoned volume blocked (its clone's source is gone?)")
-		})
-		if _, still := hostfs.MountedAt(mnt); err != nil && still {
-			if pids := hostfs.LiveHolders(mnt); len(pids) > 0 {
-				return fmt.Errorf("abandon volume %s: %w (processes %v use it: stop them first)", vol, err, pids)
-			}
-			// Busy, and no live process uses it: a killed one (the stopped
-			// machine) still has a read in flight, waiting uninterruptibly on
-			// the clone's source, which is gone. Each such read only times
-			// out, and the filesystem's read-ahead asks again, for minutes.
-			// The copy is being discarded: fail that I/O and unmount again.
-			kill("an abandoned volume is held only by a killed process's reads from its clone's source")
-			err = unmountWithin(mnt, abandonPatience)
-		}
-		if err != nil {
+		if err := hostfs.UnmountOrKill(mnt, abandonPatience, func() {
+			v.Log.Warn().Str("volume", vol).Str("mount", mnt).Msg("unmount of an abandoned volume blocked, or held only by killed processes' reads (its clone's source is gone?); killing its datapath")
+			killProcesses(filepath.Join(v.runDir(), vol+".json"))
+		}); err != nil {
 			return fmt.Errorf("abandon volume %s: %w", vol, err)
 		}
 	}
@@ -636,23 +619,6 @@ func (v *Backend) Abandon(ctx context.Context, vol, mnt string) error {
 // abandonPatience is how long Abandon lets an unmount run before failing
 // the I/O it waits on.
 const abandonPatience = 5 * time.Second
-
-// unmountWithin retries unmounting mnt, with jittered backoff, until it is
-// no longer mounted or within has passed; it returns the last error.
-func unmountWithin(mnt string, within time.Duration) error {
-	deadline := time.Now().Add(within)
-	bo := retry.New(20*time.Millisecond, 500*time.Millisecond)
-	for {
-		err := hostfs.UnmountOrKill(mnt, within, func() {})
-		if _, ok := hostfs.MountedAt(mnt); !ok {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			return err
-		}
-		time.Sleep(bo.Next())
-	}
-}
 
 // CleanupAll unmounts every machine mount, stops every datapath and lazily
 // unmounts FUSE files whose datapath died.

@@ -203,11 +203,34 @@ func UnmountOrForce(mnt string, patience time.Duration, stuck func()) error {
 }
 
 // UnmountOrKill is UnmountOrForce without the lazy unmount: an unmount the
-// kernel refuses (the mount is busy: a process still uses it) is returned
-// as the error, so a caller releasing a machine's volume learns that
-// something of the machine still runs there instead of hiding it.
+// kernel refuses while a live process uses the mount is returned as the
+// error, naming the processes, so a caller releasing a machine's volume
+// learns that something of the machine still runs there instead of hiding
+// it. A mount kept busy only by processes already killed is stuck I/O too:
+// their reads in flight wait uninterruptibly (a metadata read through a
+// clone whose source is gone only times out, and read-ahead asks again, for
+// minutes), so stuck is called and the unmount retried for up to patience.
 func UnmountOrKill(mnt string, patience time.Duration, stuck func()) error {
-	return unmountBounded(mnt, patience, stuck, false)
+	err := unmountBounded(mnt, patience, stuck, false)
+	if _, ok := MountedAt(mnt); err == nil || !ok {
+		return nil
+	}
+	if pids := LiveHolders(mnt); len(pids) > 0 {
+		return fmt.Errorf("%w (processes %v use it: stop them first)", err, pids)
+	}
+	stuck()
+	deadline := time.Now().Add(patience)
+	bo := retry.New(20*time.Millisecond, 500*time.Millisecond)
+	for {
+		err = unmountBounded(mnt, patience, func() {}, false)
+		if _, ok := MountedAt(mnt); err == nil || !ok {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(bo.Next())
+	}
 }
 
 func unmountBounded(mnt string, patience time.Duration, stuck func(), lazy bool) error {
