@@ -55,14 +55,21 @@ func makeDense(b *testing.B, path string, size int64) {
 // hydrate runs ferry's clone engine with lun as the source into a fresh
 // sparse file until every region is hydrated, sampling progress. fg, if
 // set, runs against the engine while it hydrates and is stopped at the end.
-// hydrateInto hydrates dst from lun with the agent's tunables and returns
-// when the engine is done.
-func hydrateInto(b *testing.B, lun, dst blockdev.Device, meta string) (time.Duration, dmclone.Progress) {
+// openEngine opens a clone of lun into dst with the agent's region size
+// and tunables.
+func openEngine(b *testing.B, lun, dst blockdev.Device, meta string) *dmclone.Engine {
 	eng, err := dmclone.Open(zerolog.Nop(), dmclone.Config{Source: lun, Dest: dst, MetaPath: meta,
 		RegionSize: agentRegion, Tunables: dmclone.DefaultTunables(agentRegion)})
 	if err != nil {
 		b.Fatal(err)
 	}
+	return eng
+}
+
+// hydrateInto hydrates dst from lun with the agent's tunables and returns
+// when the engine is done.
+func hydrateInto(b *testing.B, lun, dst blockdev.Device, meta string) (time.Duration, dmclone.Progress) {
+	eng := openEngine(b, lun, dst, meta)
 	defer eng.Close()
 	start := time.Now()
 	if err := eng.EnableHydration(); err != nil {
@@ -114,11 +121,7 @@ func hydrate(b *testing.B, lun blockdev.Device, dest string, fg func(eng *dmclon
 	} else {
 		b.Logf("the destination is written through the page cache: %v", err)
 	}
-	eng, err := dmclone.Open(zerolog.Nop(), dmclone.Config{Source: lun, Dest: dst, MetaPath: dest + ".meta",
-		RegionSize: agentRegion, Tunables: dmclone.DefaultTunables(agentRegion)})
-	if err != nil {
-		b.Fatal(err)
-	}
+	eng := openEngine(b, lun, dst, dest+".meta")
 	defer eng.Close()
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
