@@ -2,6 +2,7 @@ package bench
 
 import (
 	"crypto/rand"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"math/big"
@@ -24,6 +25,7 @@ import (
 
 	"github.com/ferry-dev/ferry/blockdev"
 	"github.com/ferry-dev/ferry/dmclone"
+	"github.com/ferry-dev/ferry/internal/tlsutil"
 	"github.com/ferry-dev/ferry/iscsi"
 )
 
@@ -106,21 +108,25 @@ func (d discardDevice) Discard(off, n int64) error { return nil }
 func (d discardDevice) Flush() error               { return nil }
 func (d discardDevice) Close() error               { return nil }
 
-func hydrate(b *testing.B, lun blockdev.Device, dest string, fg func(eng *dmclone.Engine, stop <-chan struct{})) (time.Duration, dmclone.Progress, []point) {
-	file, err := blockdev.CreateSparse(dest, lun.Size())
+// directDest creates a sparse destination file of size at path and opens
+// it as the volume server gives it to its engine (O_DIRECT), where the
+// work directory's filesystem takes O_DIRECT. close releases both handles.
+func directDest(b *testing.B, path string, size int64) (dst blockdev.Device, close func()) {
+	file, err := blockdev.CreateSparse(path, size)
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer file.Close()
-	// As the volume server gives it to its engine (O_DIRECT), where the
-	// work directory's filesystem takes O_DIRECT.
-	var dst blockdev.Device = file
-	if d, err := blockdev.OpenDirect(file, false); err == nil {
-		defer d.Close()
-		dst = d
-	} else {
+	d, err := blockdev.OpenDirect(file, false)
+	if err != nil {
 		b.Logf("the destination is written through the page cache: %v", err)
+		return file, func() { file.Close() }
 	}
+	return d, func() { d.Close(); file.Close() }
+}
+
+func hydrate(b *testing.B, lun blockdev.Device, dest string, fg func(eng *dmclone.Engine, stop <-chan struct{})) (time.Duration, dmclone.Progress, []point) {
+	dst, closeDst := directDest(b, dest, lun.Size())
+	defer closeDst()
 	eng := openEngine(b, lun, dst, dest+".meta")
 	defer eng.Close()
 	stop := make(chan struct{})
@@ -159,12 +165,52 @@ loop:
 }
 
 func exportFerry(b *testing.B, dir, path string) (*iscsi.Export, *iscsi.LUN) {
-	exp, err := iscsi.StartExport(b.Context(), zerolog.Nop(), iscsi.ExportConfig{Path: path, Listen: "127.0.0.1:0",
-		Allow: []string{"127.0.0.1"}, IQN: fmt.Sprintf("iqn.2026-11.dev.ferry:bench-%d", time.Now().UnixNano()), StateDir: filepath.Join(dir, "export-"+filepath.Base(path))})
+	return exportFerryTLS(b, dir, path, nil)
+}
+
+// benchPKI is a cluster CA with two workers' certificates, as the agents
+// hold them: the source's export admits only the target's certificate.
+type benchPKI struct {
+	gate   *iscsi.GateTLS
+	client *tls.Config
+}
+
+func newBenchPKI(b *testing.B, dir string) *benchPKI {
+	ca, tlsDir := filepath.Join(dir, "ca"), filepath.Join(dir, "tls")
+	if err := tlsutil.InitCA(ca); err != nil {
+		b.Fatal(err)
+	}
+	for _, n := range []string{"source", "target"} {
+		if _, err := tlsutil.Issue(ca, tlsDir, n, tlsutil.KindWorker, []string{"127.0.0.1"}, tlsutil.IssueOptions{}); err != nil {
+			b.Fatal(err)
+		}
+	}
+	gate, err := iscsi.GateTLSFromDir(tlsDir, "source", "target")
+	if err != nil {
+		b.Fatal(err)
+	}
+	client, err := tlsutil.PeerClientConfig(tlsDir, "target", tlsutil.Identity{Name: "source", Kind: tlsutil.KindWorker})
+	if err != nil {
+		b.Fatal(err)
+	}
+	return &benchPKI{gate: gate, client: client}
+}
+
+// exportFerryTLS is exportFerry with the gate speaking mutual TLS when pki
+// is set, as between two agents.
+func exportFerryTLS(b *testing.B, dir, path string, pki *benchPKI) (*iscsi.Export, *iscsi.LUN) {
+	ecfg := iscsi.ExportConfig{Path: path, Listen: "127.0.0.1:0",
+		Allow: []string{"127.0.0.1"}, IQN: fmt.Sprintf("iqn.2026-11.dev.ferry:bench-%d", time.Now().UnixNano()), StateDir: filepath.Join(dir, "export-"+filepath.Base(path))}
+	icfg := iscsi.InitiatorConfig{}
+	if pki != nil {
+		ecfg.TLS, icfg.TLS = pki.gate, pki.client
+	}
+	exp, err := iscsi.StartExport(b.Context(), zerolog.Nop(), ecfg)
 	if err != nil {
 		b.Fatalf("ferry export: %v", err)
 	}
-	lun, err := iscsi.Dial(b.Context(), zerolog.Nop(), iscsi.InitiatorConfig{Portal: exp.Portal(), IQN: exp.IQN()})
+	icfg.Portal, icfg.IQN = exp.Portal(), exp.IQN()
+	lun, err := iscsi.Dial(b.Context(), zerolog.Nop(), icfg)
 	if err != nil {
 		exp.Stop()
 		b.Fatalf("dial ferry export: %v", err)
@@ -275,6 +321,29 @@ func benchHydration(b *testing.B, s *suite) {
 		ferryPts = pts
 		return mibps(p.FetchedBytes, took), u
 	}
+	// ferry as two agents run it: the gate speaks mutual TLS (the source
+	// admits only the target's certificate), so the gate reads, encrypts
+	// and writes every byte instead of splicing it, and the initiator
+	// decrypts it.
+	pki := newBenchPKI(b, dir)
+	runTLS := func() (float64, cpuUse) {
+		dropCaches()
+		exp, lun := exportFerryTLS(b, dir, src, pki)
+		c0 := readCPU(b)
+		dst, closeDst := directDest(b, filepath.Join(dir, "tls.dest"), lun.Size())
+		took, p := hydrateInto(b, lun, dst, filepath.Join(dir, "tls.meta"))
+		took += timeSync()
+		u := readCPU(b).since(c0)
+		closeDst()
+		lun.Close()
+		exp.Stop()
+		os.Remove(filepath.Join(dir, "tls.dest"))
+		os.Remove(filepath.Join(dir, "tls.meta"))
+		if p.FetchedBytes < size*9/10 {
+			b.Fatalf("ferry over TLS fetched %d of %d dense bytes", p.FetchedBytes, size)
+		}
+		return mibps(p.FetchedBytes, took), u
+	}
 	// ferry's network leg alone: the same export, initiator and engine, with
 	// a destination that throws the bytes away. What moving the source
 	// through gotgt, the gate and loopback TCP allows, with no copy into the
@@ -320,7 +389,8 @@ func benchHydration(b *testing.B, s *suite) {
 		got  []float64
 		cpu  []cpuUse
 	}
-	cs := []*contender{{name: "ferry", run: runFerry}, {name: "cp", run: runCp}, {name: "ferry's network leg", run: runNet}}
+	cs := []*contender{{name: "ferry", run: runFerry}, {name: "cp", run: runCp}, {name: "ferry's network leg", run: runNet},
+		{name: "ferry over mutual TLS", run: runTLS}}
 	if tgtErr == nil {
 		cs = append(cs, &contender{name: "tgtd", run: runTgt})
 	}
@@ -369,8 +439,11 @@ func benchHydration(b *testing.B, s *suite) {
 		fmt.Sprintf("the ceiling of the row above: export, gate, loopback TCP, initiator and engine, the bytes thrown away; %s; ferry with its destination reached %.2f of it; "+
 			"at %.1f× cp's rate the machine's %d cores allow %.2f core-s per GiB", cpuNote(cs[2]), ratioOf(ferry, net),
 			hydrationGoal, runtime.NumCPU(), float64(runtime.NumCPU())*1024/(hydrationGoal*medianF(cp)))})
+	s.add(row{"hydration, dense " + label + ": ferry over mutual TLS (as between agents) vs raw copy", fmt.Sprintf("%.0f MiB/s", medianF(cs[3].got)),
+		fmt.Sprintf("cp: %.0f MiB/s", medianF(cp)), fmt.Sprintf("%.2f", ratioOf(cs[3].got, cp)),
+		fmt.Sprintf("the first row with the gate and the initiator speaking TLS 1.3, as the agents do (the rows above splice plain TCP); %.2f of plain ferry; %s", ratioOf(cs[3].got, ferry), cpuNote(cs[3]))})
 	if tgtErr == nil {
-		tgt := cs[3].got
+		tgt := cs[4].got
 		s.plot("dense.svg", series{"tgt export + ferry initiator + engine", tgtPts})
 		s.add(row{"hydration, dense " + label + ": ferry vs tgt + ferry's initiator", fmt.Sprintf("%.0f MiB/s", ferryRate),
 			fmt.Sprintf("tgtd: %.0f MiB/s", medianF(tgt)), fmt.Sprintf("%.2f", ratio(tgt)),
