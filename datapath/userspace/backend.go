@@ -317,7 +317,26 @@ func (v *Backend) mount(ctx context.Context, cfg Config, key func(context.Contex
 	t1 := time.Now()
 	err = hostfs.MountExt4(dev, mnt, cfg.VolumeID)
 	v.Log.Info().Str("volume", cfg.VolumeID).Dur("attach", t1.Sub(t0)).Dur("mount", time.Since(t1)).Msg("volume mounted")
+	if err == nil {
+		v.warnSubSectorBlocks(cfg, mnt)
+	}
 	return dev, err
+}
+
+// warnSubSectorBlocks logs a volume whose filesystem blocks are smaller
+// than its encryption sector: ferry made volumes under 512 MiB that way
+// before mkfs was given 4 KiB blocks, and every block written to one
+// makes the view read, decrypt, merge and re-encrypt the whole sector.
+func (v *Backend) warnSubSectorBlocks(cfg Config, mnt string) {
+	if cfg.Raw {
+		return
+	}
+	bs, err := hostfs.BlockSize(mnt)
+	if err != nil || bs >= int64(cfg.Layout.SectorSize) {
+		return
+	}
+	v.Log.Warn().Str("volume", cfg.VolumeID).Int64("block_size", bs).Int("sector_size", cfg.Layout.SectorSize).
+		Msg("the volume's filesystem blocks are smaller than its encryption sector, so each block written rereads and re-encrypts the sector (small random writes several times slower); to avoid it, copy the data to a new volume, which ferry makes with 4 KiB blocks")
 }
 
 // MountLocal serves a local volume (no clone) and mounts it.

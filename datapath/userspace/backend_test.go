@@ -1,15 +1,21 @@
 package userspace
 
 import (
+	"bytes"
 	"context"
 	"os"
 	"os/exec"
+	"strings"
+	"sync"
 	"testing"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/rs/zerolog"
 
 	"github.com/ferry-dev/ferry/datapath"
 	"github.com/ferry-dev/ferry/datapath/backendtest"
+	"github.com/ferry-dev/ferry/datapath/internal/hostfs"
 	"github.com/ferry-dev/ferry/datapath/loopdev"
 	"github.com/ferry-dev/ferry/internal/testenv"
 )
@@ -111,4 +117,71 @@ func TestFreezeKeepsTheDevices(t *testing.T) {
 	if _, err := b.Process(ctx, "fz"); err == nil {
 		t.Fatal("the datapath still answers after Unmount")
 	}
+}
+
+// A volume made before mkfs took 4 KiB blocks (1 KiB blocks under a
+// 4 KiB LUKS2 sector) mounts, and the agent's log says why it is slow.
+func TestMountWarnsOfBlocksSmallerThanTheSector(t *testing.T) {
+	ctx := context.Background()
+	b := hostBackend(t, t.TempDir())
+	var log syncBuffer
+	b.Log = zerolog.New(&log).Level(zerolog.WarnLevel)
+	t.Cleanup(func() { b.CleanupAll(context.Background()) })
+	pass := []byte("small-blocks")
+	layout, err := b.Create(ctx, "sb", 32<<20, pass)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if layout.SectorSize != 4096 {
+		t.Fatalf("layout sector size %d, want 4096", layout.SectorSize)
+	}
+	mnt := b.MountPoint("m")
+	if _, err := b.MountLocal(ctx, "sb", layout, pass, mnt); err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(log.String(), "smaller than its encryption sector") {
+		t.Fatalf("a new volume (4 KiB blocks) was warned about:\n%s", log.String())
+	}
+	// Remake its filesystem as mke2fs chose for small devices before.
+	dev, err := b.MountLocal(ctx, "sb", layout, pass, mnt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Unmount(mnt, 0); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("mkfs.ext4", "-q", "-F", "-b", "1024", dev).CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.ext4 -b 1024: %v: %s", err, out)
+	}
+	if _, err := b.MountLocal(ctx, "sb", layout, pass, mnt); err != nil {
+		t.Fatal(err)
+	}
+	if bs, err := hostfs.BlockSize(mnt); err != nil || bs != 1024 {
+		t.Fatalf("block size %d (%v), want 1024", bs, err)
+	}
+	got := log.String()
+	if !strings.Contains(got, "smaller than its encryption sector") || !strings.Contains(got, `"block_size":1024`) || !strings.Contains(got, `"volume":"sb"`) {
+		t.Fatalf("no warning naming the volume and its 1 KiB blocks:\n%s", got)
+	}
+	if err := b.Unmount(ctx, "sb", mnt); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// syncBuffer is a log sink safe for the backend's goroutines.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.buf.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.buf.String()
 }

@@ -135,6 +135,16 @@ func MountExt4(dev, mnt, vol string) error {
 	return nil
 }
 
+// BlockSize is the block size of the filesystem mounted at mnt, as the
+// kernel reports it (statfs).
+func BlockSize(mnt string) (int64, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(mnt, &st); err != nil {
+		return 0, fmt.Errorf("statfs %s: %w", mnt, err)
+	}
+	return st.Bsize, nil
+}
+
 // sameDevice compares two device nodes by number: /dev/dm-3 and
 // /dev/mapper/ferry-v are the same device.
 func sameDevice(a, b string) bool {
