@@ -78,7 +78,11 @@ func (s *roStore) Read(off, n int64) ([]byte, error) {
 	if off < 0 || n < 0 || uint64(off)+uint64(n) > s.DataSize {
 		return nil, fmt.Errorf("read of %d bytes at %d outside the %d-byte volume", n, off, s.DataSize)
 	}
-	if p := s.mem.Load(); p != nil {
+	// A small read is the machine's own, random: read it with pread. A
+	// fault in the mapping would read around it (MADV_SEQUENTIAL: twice
+	// the disk's read_ahead_kb, 16 MiB here) and make the machine wait for
+	// that; pread reads a lone random block as it is.
+	if p := s.mem.Load(); p != nil && n >= prefetchMin {
 		return mapped(*p, off, n)
 	}
 	b := make([]byte, n)

@@ -5,6 +5,9 @@ import (
 	"context"
 	"os"
 	"testing"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestStoreReadsMappedVolume(t *testing.T) {
@@ -96,5 +99,56 @@ func TestInitiatorSpreadsOverSessions(t *testing.T) {
 	}
 	if _, err := l.ReadAt(got[:512], 0); err == nil {
 		t.Fatal("read after Close succeeded")
+	}
+}
+
+// A small read (a running machine's demand read) reads about what it asks
+// from the disk: a fault in the export's mapping would read around it
+// (MADV_SEQUENTIAL: 16 MiB on a disk with 8 MiB read-ahead) and make the
+// machine wait for all of it.
+func TestStoreSmallReadDoesNotReadAround(t *testing.T) {
+	const size = 64 << 20
+	image, want := randomImage(t, size)
+	f, err := os.Open(image)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED); err != nil {
+		t.Fatal(err)
+	}
+	s := &roStore{}
+	if err := s.Open(nil, image); err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close(nil)
+	mem := *s.mem.Load()
+	resident := func() int {
+		vec := make([]byte, size/4096)
+		if _, _, e := unix.Syscall(unix.SYS_MINCORE, uintptr(unsafe.Pointer(&mem[0])), uintptr(len(mem)), uintptr(unsafe.Pointer(&vec[0]))); e != 0 {
+			t.Fatalf("mincore: %v", e)
+		}
+		n := 0
+		for _, v := range vec {
+			n += int(v & 1)
+		}
+		return n
+	}
+	if n := resident(); n > 16 {
+		t.Fatalf("%d pages of the image stay cached after FADV_DONTNEED: the test needs a disk-backed TMPDIR, not tmpfs", n)
+	}
+	const off = 32 << 20
+	got, err := s.Read(off, 4096)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want[off:off+4096]) {
+		t.Fatal("the small read differs from the volume")
+	}
+	if n := resident(); n > 64 {
+		t.Fatalf("a 4 KiB read brought %d KiB of the volume into the page cache: it read around instead of reading the block", n*4)
 	}
 }
