@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"runtime"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -602,7 +603,77 @@ func benchContended(b *testing.B, s *suite) {
 	}
 	s.add(row{"background hydration under a saturating workload", fmt.Sprintf("%.0f MiB/s (%.0f k fg IOPS)", rate, float64(ops.Load())/took.Seconds()/1000),
 		fmt.Sprintf("idle: %.0f MiB/s; dm-clone: pauses (quoted, not measured)", idle), ratio + " of idle", "dm-clone's figure is a quote from its documentation, not a measurement: it pauses background hydration while user I/O is in flight"})
+	benchDemandReads(b, s, dir, src, size)
 	s.notes = append(s.notes, "Contended: 4 threads of random 4 KiB reads and writes on an already-hydrated 64 MiB hot set of the clone, as fast as they go, for the whole hydration; ferry's background copy keeps its reserved share of the source slots (MinShare). Quoted, not measured (dm-clone needs a kernel module the suite's host lacks), from the Linux kernel's dm-clone documentation: it \"takes into account user I/O traffic going to the devices and pauses the background hydration when there is I/O in-flight\".")
+}
+
+// demandReads is what a running machine waits for when it reads a block
+// not hydrated yet: one 4 KiB read of a random block of a fresh clone of
+// src every 2 ms, for up to 1.5 s, with the background hydration on (until
+// it ends) or off. It returns the latencies, sorted.
+func demandReads(b *testing.B, dir, src string, size int64, hydrating bool, seed int64) []time.Duration {
+	dropCaches()
+	exp, lun := exportFerry(b, dir, src)
+	defer exp.Stop()
+	defer lun.Close()
+	dst, closeDst := directDest(b, filepath.Join(dir, "demand.dest"), size)
+	defer os.Remove(filepath.Join(dir, "demand.dest.meta"))
+	defer os.Remove(filepath.Join(dir, "demand.dest"))
+	defer closeDst()
+	eng := openEngine(b, lun, dst, filepath.Join(dir, "demand.dest.meta"))
+	defer eng.Close()
+	if hydrating {
+		if err := eng.EnableHydration(); err != nil {
+			b.Fatal(err)
+		}
+	}
+	rng := mrand.New(mrand.NewSource(seed))
+	buf := make([]byte, 4096)
+	var lat []time.Duration
+	end := time.After(1500 * time.Millisecond)
+	tick := time.NewTicker(2 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-end:
+			slices.Sort(lat)
+			return lat
+		case <-eng.Done():
+			if hydrating {
+				slices.Sort(lat)
+				return lat
+			}
+		case <-tick.C:
+		}
+		off := rng.Int63n(size/4096) * 4096
+		t := time.Now()
+		if _, err := eng.ReadAt(buf, off); err != nil {
+			b.Fatalf("demand read at %d: %v", off, err)
+		}
+		lat = append(lat, time.Since(t))
+	}
+}
+
+// benchDemandReads: a running machine's reads of blocks not hydrated yet,
+// during the background hydration against with it off, three rounds each.
+func benchDemandReads(b *testing.B, s *suite, dir, src string, size int64) {
+	var idle, busy []time.Duration
+	for r := int64(0); r < 3; r++ {
+		idle = append(idle, demandReads(b, dir, src, size, false, r)...)
+		busy = append(busy, demandReads(b, dir, src, size, true, r)...)
+	}
+	slices.Sort(idle)
+	slices.Sort(busy)
+	q := func(v []time.Duration, f float64) time.Duration {
+		return v[min(len(v)-1, int(f*float64(len(v))))].Round(10 * time.Microsecond)
+	}
+	if len(idle) == 0 || len(busy) == 0 {
+		b.Fatalf("no demand reads sampled (%d idle, %d during hydration)", len(idle), len(busy))
+	}
+	s.add(row{"a running machine's 4 KiB read of a block not yet hydrated, during hydration (p50 / p99)",
+		fmt.Sprintf("%v / %v", q(busy, 0.5), q(busy, 0.99)), fmt.Sprintf("hydration off: %v / %v", q(idle, 0.5), q(idle, 0.99)),
+		fmt.Sprintf("%.1f× (p50)", float64(q(busy, 0.5))/float64(q(idle, 0.5))),
+		fmt.Sprintf("a fresh clone of the dense source, page cache dropped; one read of a random block every 2 ms, %d during hydration and %d with it off, in 3 alternating rounds; during hydration the background copy shares the source's disk, the sessions and the two cores", len(busy), len(idle))})
 }
 
 // timeSync runs sync(1) and returns how long it took.
