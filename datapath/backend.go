@@ -184,6 +184,18 @@ type Freezer interface {
 	Freeze(ctx context.Context, vol, mnt string) error
 }
 
+// StuckIOFailer is a Backend that can fail the I/O a killed machine is
+// stuck in under its volume's mount (a clone whose source is cut off only
+// times out), so the machine can exit: it kills the volume's datapath,
+// which fails that I/O at once; the volume is then revived as after any
+// dead datapath (Reviver).
+type StuckIOFailer interface {
+	// FailStuckIO fails the I/O pending under mnt when no live process
+	// uses the mount (only killed ones are stuck there), and reports
+	// whether it did.
+	FailStuckIO(ctx context.Context, mnt string) (bool, error)
+}
+
 // ErrNoClone is wrapped by Backend.Clone when no clone of the volume runs here.
 // Reviver is a Backend whose per-volume datapath is a process that can die
 // while its volume is mounted (the FUSE file then fails every I/O with

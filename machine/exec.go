@@ -26,7 +26,16 @@ type Exec struct {
 	StateDir string
 	Log      zerolog.Logger
 	User     *User // who machines run as (nil: Nobody)
+	// Stuck, if set, is asked to fail the I/O under mountDir that a
+	// machine still alive stuckAfter its SIGKILL waits in, and reports
+	// whether it did (the agent: the data path's StuckIOFailer). Without
+	// it such a machine lives until that I/O returns.
+	Stuck func(ctx context.Context, mountDir string) bool
 }
+
+// stuckAfter is how long a SIGKILLed machine may take to go before Stop
+// takes it for stuck in I/O.
+const stuckAfter = 2 * time.Second
 
 type procRef struct {
 	Pid       int
@@ -189,8 +198,20 @@ func (e *Exec) Stop(ctx context.Context, s Spec) error {
 			if !signalGroup(ref.Pid, members) {
 				_ = syscall.Kill(ref.Pid, syscall.SIGKILL)
 			}
-			deadline = time.Now().Add(10 * time.Second)
+			// A killed process is gone within milliseconds unless it is in
+			// I/O that does not return, as through a clone whose source is
+			// cut off: after stuckAfter, Stuck may fail that I/O.
+			killed := time.Now()
+			deadline = killed.Add(10 * time.Second)
+			askedStuck := e.Stuck == nil || s.MountDir == ""
 			for ref.alive() {
+				if !askedStuck && time.Since(killed) > stuckAfter {
+					askedStuck = true
+					if e.Stuck(ctx, s.MountDir) {
+						e.Log.Warn().Str("machine", s.ID).Msg("machine stuck in its volume's I/O after SIGKILL: that I/O was failed")
+						deadline = time.Now().Add(10 * time.Second)
+					}
+				}
 				if time.Now().After(deadline) {
 					return fmt.Errorf("machine %s (pid %d) survived SIGKILL for 10s: check for a hung mount", s.ID, ref.Pid)
 				}

@@ -105,8 +105,20 @@ func (f *agentFlags) build(ctx context.Context) (*worker, error) {
 	if mu == (machine.User{}) {
 		log.Warn().Msg("--machine-user root: machines run as root and can take over this worker; use it only for trusted test workloads")
 	}
-	mach := machine.ByKind{Exec: &machine.Exec{StateDir: filepath.Join(f.dataDir, "machines"), Log: logging.For(log, "machine"), User: &mu},
-		Script: machine.Script{User: &mu}}
+	execDriver := &machine.Exec{StateDir: filepath.Join(f.dataDir, "machines"), Log: logging.For(log, "machine"), User: &mu}
+	mach := machine.ByKind{Exec: execDriver, Script: machine.Script{User: &mu}}
+	if sf, ok := vols.(datapath.StuckIOFailer); ok {
+		// A machine killed in the middle of a read from a cut-off source
+		// exits once that read fails, not minutes later when it times out.
+		mlog := logging.For(log, "machine")
+		execDriver.Stuck = func(ctx context.Context, mnt string) bool {
+			done, err := sf.FailStuckIO(ctx, mnt)
+			if err != nil {
+				mlog.Warn().Err(err).Str("mount", mnt).Msg("could not fail the stuck I/O of a killed machine")
+			}
+			return done
+		}
+	}
 	acfg := agent.Config{Worker: f.worker, HostID: f.hostID, Address: f.address, DataDir: f.dataDir, StartBeforeCutover: f.startBeforeCutover}
 	if f.hydrationRate != "" && f.hydrationRate != "0" {
 		if acfg.HydrationRate, err = bytesize.Parse(f.hydrationRate); err != nil {

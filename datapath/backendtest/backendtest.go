@@ -131,6 +131,62 @@ func RunAbandonSourceGone(t *testing.T, newBackend Factory) {
 	testAbandon(t, newBackend, true)
 }
 
+// RunFailStuckIO checks a datapath.StuckIOFailer: with a live process
+// using the mount it does nothing; with only a killed machine stuck there
+// in a read from a source that is gone, it fails that read (the machine
+// exits) and the volume is left to revive or abandon as after a dead
+// datapath.
+func RunFailStuckIO(t *testing.T, newBackend Factory) {
+	ctx := ctxFor(t)
+	src := newSource(t, ctx, newBackend, func(mnt string) { writeFragmented(t, filepath.Join(mnt, fragmented)) })
+	b := fresh(t, newBackend, t.TempDir())
+	sf, ok := b.(datapath.StuckIOFailer)
+	if !ok {
+		t.Fatalf("%T is not a datapath.StuckIOFailer", b)
+	}
+	prepareDest(t, b, src.layout)
+	mnt := b.MountPoint("m")
+	if _, err := b.MountClone(ctx, src.spec(false), pass, mnt); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if err := b.Abandon(ctx, target, mnt); err != nil {
+			t.Errorf("Abandon after FailStuckIO: %v", err)
+		}
+	}()
+	if done, err := sf.FailStuckIO(ctx, t.TempDir()); done || err != nil {
+		t.Fatalf("FailStuckIO on a directory that is no mount: %v, %v", done, err)
+	}
+	// A live process using the mount: it is not stuck, nothing is failed.
+	f, err := os.Open(filepath.Join(mnt, fragmented))
+	if err != nil {
+		t.Fatal(err)
+	}
+	done, err := sf.FailStuckIO(ctx, mnt)
+	f.Close()
+	if done || err != nil {
+		t.Fatalf("FailStuckIO with a live process using the mount: %v, %v (want nothing done)", done, err)
+	}
+	if rv, ok := b.(datapath.Reviver); ok && rv.DatapathDead(ctx, target) {
+		t.Fatal("FailStuckIO killed the datapath of a mount a live process uses")
+	}
+	if err := src.export.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	reader := killedReader(t, filepath.Join(mnt, fragmented))
+	if done, err := sf.FailStuckIO(ctx, mnt); !done || err != nil {
+		t.Fatalf("FailStuckIO with only a killed reader stuck under the mount: %v, %v (want its I/O failed)", done, err)
+	}
+	select {
+	case <-reader:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the killed reader still waits after FailStuckIO")
+	}
+	if rv, ok := b.(datapath.Reviver); ok && !rv.DatapathDead(ctx, target) {
+		t.Error("after FailStuckIO the volume's datapath is not reported dead, so nothing would revive it")
+	}
+}
+
 func fresh(t *testing.T, newBackend Factory, dir string) datapath.Backend {
 	b := newBackend(t, dir)
 	t.Cleanup(func() {

@@ -635,6 +635,38 @@ func (v *Backend) Abandon(ctx context.Context, vol, mnt string) error {
 	return v.Remove(ctx, vol)
 }
 
+// FailStuckIO kills the datapath of the volume mounted at mnt when no live
+// process uses the mount, failing the I/O that killed processes are stuck
+// in there (a machine that survived SIGKILL). A live user, a mount that is
+// not one of this backend's volumes, or no mount: nothing is done.
+func (v *Backend) FailStuckIO(ctx context.Context, mnt string) (bool, error) {
+	dev, ok := hostfs.MountedAt(mnt)
+	if !ok {
+		return false, nil
+	}
+	if live := hostfs.LiveHolders(mnt); len(live) > 0 {
+		return false, nil
+	}
+	ents, err := os.ReadDir(filepath.Join(v.DataDir, "fuse"))
+	if err != nil {
+		return false, nil
+	}
+	for _, e := range ents {
+		vol := e.Name()
+		if checkVolumeName(vol) != nil {
+			continue
+		}
+		devs, err := v.servedDevices(vol)
+		if err != nil || !slices.Contains(devs, dev) {
+			continue
+		}
+		v.Log.Warn().Str("volume", vol).Str("mount", mnt).Msg("only killed processes are left under the volume's mount, stuck in its I/O (its clone's source cut off?): killing its datapath to fail that I/O; the volume is revived as after a dead datapath")
+		killProcesses(filepath.Join(v.runDir(), vol+".json"))
+		return true, nil
+	}
+	return false, nil
+}
+
 // abandonPatience is how long Abandon lets an unmount run before failing
 // the I/O it waits on.
 const abandonPatience = 5 * time.Second

@@ -43,6 +43,13 @@ func TestAbandonSourceGone(t *testing.T) {
 	backendtest.RunAbandonSourceGone(t, func(t *testing.T, dir string) datapath.Backend { return hostBackend(t, dir) })
 }
 
+// TestFailStuckIO: a machine killed in a read from a cut-off source exits
+// once its datapath is killed; a live user of the mount keeps it.
+func TestFailStuckIO(t *testing.T) {
+	requireHost(t)
+	backendtest.RunFailStuckIO(t, func(t *testing.T, dir string) datapath.Backend { return hostBackend(t, dir) })
+}
+
 // requireHost fails or skips (internal/testenv) unless this host runs the
 // userspace data path, and returns the test binary, which doubles as
 // `ferry volume serve` (TestMain).
