@@ -522,12 +522,14 @@ func (f *Lease) stopUnsettled(ctx context.Context) {
 }
 
 // stopSpec is how the fence stops machine id: with its last known spec,
-// and quickly (the fence's margin is short).
+// and quickly (the fence's margin is short), failing the volume I/O a
+// killed machine is stuck in (a target cut off from its source mid-read).
 func (f *Lease) stopSpec(id string) machine.Spec {
 	spec, ok := f.spec(id)
 	if !ok {
 		spec = machine.Spec{ID: id, MountDir: f.cfg.MountPoint(id)}
 	}
 	spec.KillSignal, spec.KillTimeout = "SIGKILL", time.Second
+	spec.FailStuckIO = true
 	return spec
 }

@@ -21,6 +21,7 @@ type fakeMachines struct {
 	mu      sync.Mutex
 	running map[string]bool
 	stopped []string
+	specs   []machine.Spec // of every Stop
 }
 
 func (f *fakeMachines) Start(_ context.Context, s machine.Spec) error {
@@ -32,6 +33,7 @@ func (f *fakeMachines) Start(_ context.Context, s machine.Spec) error {
 func (f *fakeMachines) Stop(_ context.Context, s machine.Spec) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.specs = append(f.specs, s)
 	if f.running[s.ID] {
 		f.stopped = append(f.stopped, s.ID)
 	}
@@ -119,6 +121,13 @@ func TestFenceStopsAndLifts(t *testing.T) {
 	f.check(ctx)
 	if !f.Fenced() || !slices.Equal(fm.stopped, []string{"incoming"}) {
 		t.Fatalf("after the deadline: fenced %v, stopped %v; want fenced with [incoming] stopped", f.Fenced(), fm.stopped)
+	}
+	// Quickly, and failing the volume I/O a killed machine is stuck in:
+	// the margin is short.
+	for _, sp := range fm.specs {
+		if sp.KillSignal != "SIGKILL" || !sp.FailStuckIO {
+			t.Fatalf("the fence stopped %s with signal %q, FailStuckIO %v; want SIGKILL and its stuck I/O failed", sp.ID, sp.KillSignal, sp.FailStuckIO)
+		}
 	}
 	if !slices.Equal(forgotten, []string{"incoming"}) {
 		t.Fatalf("the restart policy was told of %v, want [incoming] (a fenced stop is no crash)", forgotten)

@@ -27,9 +27,10 @@ type Exec struct {
 	Log      zerolog.Logger
 	User     *User // who machines run as (nil: Nobody)
 	// Stuck, if set, is asked to fail the I/O under mountDir that a
-	// machine still alive stuckAfter its SIGKILL waits in, and reports
-	// whether it did (the agent: the data path's StuckIOFailer). Without
-	// it such a machine lives until that I/O returns.
+	// machine still alive stuckAfter its SIGKILL waits in, on a stop with
+	// Spec.FailStuckIO, and reports whether it did (the agent: the data
+	// path's StuckIOFailer). Without it such a machine lives until that
+	// I/O returns.
 	Stuck func(ctx context.Context, mountDir string) bool
 }
 
@@ -203,7 +204,7 @@ func (e *Exec) Stop(ctx context.Context, s Spec) error {
 			// cut off: after stuckAfter, Stuck may fail that I/O.
 			killed := time.Now()
 			deadline = killed.Add(10 * time.Second)
-			askedStuck := e.Stuck == nil || s.MountDir == ""
+			askedStuck := e.Stuck == nil || s.MountDir == "" || !s.FailStuckIO
 			for ref.alive() {
 				if !askedStuck && time.Since(killed) > stuckAfter {
 					askedStuck = true

@@ -26,6 +26,12 @@ type Spec struct {
 	KillTimeout time.Duration     `json:"kill_timeout"`       // then SIGKILL; default 5s
 	Script      *ScriptSpec       `json:"script,omitempty"`   // script driver
 	Dir         string            `json:"work_dir,omitempty"` // working directory (default MountDir)
+	// FailStuckIO makes a stop that must end (the fence's) have the volume
+	// I/O a killed machine is stuck in failed (Exec.Stuck). Other stops
+	// leave it alone: failing it loses the writes the kernel still holds
+	// for the volume, which a process that is slow to die (a core dump, a
+	// large address space) would otherwise keep.
+	FailStuckIO bool `json:"-"`
 }
 
 // State of a machine on this worker.
