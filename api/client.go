@@ -145,7 +145,11 @@ func (c *Client) do(ctx context.Context, method, path string, q url.Values, in, 
 			}
 			return idx, err
 		}
-		if errors.Is(err, errAttemptTimeout) {
+		// The server did not answer in time, or could not be reached at
+		// all: the requests still waiting on it move off it too (a quick
+		// failure of a new connection to it while a watch waits there
+		// left the watch to its own, much longer, deadline).
+		if errors.Is(err, ErrUnavailable) {
 			c.suspect(addr)
 		}
 		if leader != "" && leader != addr && redirects < maxRedirects {

@@ -110,3 +110,63 @@ func TestClientMovesWaitingWatchOffASuspectServer(t *testing.T) {
 		t.Fatal("the watch still waits on the silent server 5s after another request found it unresponsive (its own deadline is 40s)")
 	}
 }
+
+// A new request that cannot reach a server at all (its listener gone, a
+// quick failure, not a timeout) moves the watch still waiting there over
+// an older connection as well.
+func TestClientMovesWaitingWatchOffAnUnreachableServer(t *testing.T) {
+	release := make(chan struct{})
+	gone := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-r.Context().Done():
+		case <-release:
+		}
+	}))
+	defer gone.Close()
+	defer close(release)
+	ok := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		if r.URL.Path == "/v1/migrations" {
+			w.Header().Set(IndexHeader, "7")
+			w.Write([]byte(`[]`))
+			return
+		}
+		w.Write([]byte(`{"id":"s1","leader":"s1"}`))
+	}))
+	defer ok.Close()
+	c, err := NewClient([]string{strings.TrimPrefix(gone.URL, "https://"), strings.TrimPrefix(ok.URL, "https://")},
+		&tls.Config{InsecureSkipVerify: true}) // test servers' own certificates
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	type result struct {
+		idx uint64
+		err error
+	}
+	watched := make(chan result, 1)
+	go func() {
+		_, idx, err := c.WatchMigrations(context.Background(), "w1", 3)
+		watched <- result{idx, err}
+	}()
+	time.Sleep(200 * time.Millisecond) // the watch is waiting on the first server
+	select {
+	case r := <-watched:
+		t.Fatalf("the watch returned before the server went away: %+v", r)
+	default:
+	}
+	gone.Listener.Close() // new connections are refused; the watch's stays
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if st, err := c.Status(ctx); err != nil || st.ID != "s1" {
+		t.Fatalf("status: %+v, %v; want the other server's answer", st, err)
+	}
+	select {
+	case r := <-watched:
+		if r.err != nil || r.idx != 7 {
+			t.Fatalf("the watch moved but returned %d, %v; want index 7 from the other server", r.idx, r.err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the watch still waits on a server a new request could not reach, 5s later (its own deadline is 40s)")
+	}
+}
