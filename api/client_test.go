@@ -47,20 +47,18 @@ func TestClientMovesOnFromASilentServer(t *testing.T) {
 	}
 }
 
-// A blocking watch waiting on a server that stopped answering (SIGSTOP:
-// its kernel still holds the connection) moves to another server as soon
-// as any other request of the client finds that server unresponsive,
-// instead of waiting out the watch's own, much longer, deadline.
-func TestClientMovesWaitingWatchOffASuspectServer(t *testing.T) {
+// silentThenAnswering is a client of two servers: the first never answers
+// (a request waits until it gives up), the second answers at once (index 7
+// for the migrations' watch). Both close with the test.
+func silentThenAnswering(t *testing.T) (silent *httptest.Server, c *Client) {
+	t.Helper()
 	release := make(chan struct{})
-	silent := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	silent = httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		select {
 		case <-r.Context().Done():
 		case <-release:
 		}
 	}))
-	defer silent.Close()
-	defer close(release)
 	ok := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		if r.URL.Path == "/v1/migrations" {
@@ -70,13 +68,26 @@ func TestClientMovesWaitingWatchOffASuspectServer(t *testing.T) {
 		}
 		w.Write([]byte(`{"id":"s1","leader":"s1"}`))
 	}))
-	defer ok.Close()
 	tc := &tls.Config{InsecureSkipVerify: true} // test servers' own certificates
 	c, err := NewClient([]string{strings.TrimPrefix(silent.URL, "https://"), strings.TrimPrefix(ok.URL, "https://")}, tc)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer c.Close()
+	t.Cleanup(func() {
+		c.Close()
+		close(release)
+		silent.Close()
+		ok.Close()
+	})
+	return silent, c
+}
+
+// A blocking watch waiting on a server that stopped answering (SIGSTOP:
+// its kernel still holds the connection) moves to another server as soon
+// as any other request of the client finds that server unresponsive,
+// instead of waiting out the watch's own, much longer, deadline.
+func TestClientMovesWaitingWatchOffASuspectServer(t *testing.T) {
+	_, c := silentThenAnswering(t)
 	type result struct {
 		idx uint64
 		err error
@@ -96,7 +107,7 @@ func TestClientMovesWaitingWatchOffASuspectServer(t *testing.T) {
 	// Under load the call may reach the other server (it moves on from a
 	// quick failure too); the watch must be off the silent one either way.
 	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
-	_, err = c.Status(ctx)
+	_, err := c.Status(ctx)
 	cancel()
 	t.Logf("a call with a 300ms deadline: %v", err)
 	suspected := time.Now()
@@ -115,31 +126,7 @@ func TestClientMovesWaitingWatchOffASuspectServer(t *testing.T) {
 // quick failure, not a timeout) moves the watch still waiting there over
 // an older connection as well.
 func TestClientMovesWaitingWatchOffAnUnreachableServer(t *testing.T) {
-	release := make(chan struct{})
-	gone := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		select {
-		case <-r.Context().Done():
-		case <-release:
-		}
-	}))
-	defer gone.Close()
-	defer close(release)
-	ok := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Type", "application/json")
-		if r.URL.Path == "/v1/migrations" {
-			w.Header().Set(IndexHeader, "7")
-			w.Write([]byte(`[]`))
-			return
-		}
-		w.Write([]byte(`{"id":"s1","leader":"s1"}`))
-	}))
-	defer ok.Close()
-	c, err := NewClient([]string{strings.TrimPrefix(gone.URL, "https://"), strings.TrimPrefix(ok.URL, "https://")},
-		&tls.Config{InsecureSkipVerify: true}) // test servers' own certificates
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	gone, c := silentThenAnswering(t)
 	type result struct {
 		idx uint64
 		err error
