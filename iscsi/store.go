@@ -79,8 +79,8 @@ func (s *roStore) Read(off, n int64) ([]byte, error) {
 		return nil, fmt.Errorf("read of %d bytes at %d outside the %d-byte volume", n, off, s.DataSize)
 	}
 	// A small read is the machine's own, random: read it with pread. A
-	// fault in the mapping would read around it (MADV_SEQUENTIAL: twice
-	// the disk's read_ahead_kb, 16 MiB here) and make the machine wait for
+	// fault in the mapping would read ahead of it (MADV_SEQUENTIAL: the
+	// disk's read_ahead_kb, 8 MiB here) and make the machine wait for
 	// that; pread reads a lone random block as it is.
 	if p := s.mem.Load(); p != nil && n >= prefetchMin {
 		return mapped(*p, off, n)

@@ -103,8 +103,8 @@ func TestInitiatorSpreadsOverSessions(t *testing.T) {
 }
 
 // A small read (a running machine's demand read) reads about what it asks
-// from the disk: a fault in the export's mapping would read around it
-// (MADV_SEQUENTIAL: 16 MiB on a disk with 8 MiB read-ahead) and make the
+// from the disk: a fault in the export's mapping would read ahead of it
+// (MADV_SEQUENTIAL: the disk's read-ahead, 8 MiB here) and make the
 // machine wait for all of it.
 func TestStoreSmallReadDoesNotReadAround(t *testing.T) {
 	const size = 64 << 20
