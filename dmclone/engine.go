@@ -404,6 +404,8 @@ func (e *Engine) ReadAt(p []byte, off int64) (int, error) {
 		return 0, err
 	}
 	defer e.leave()
+	e.gate.touch()
+	defer e.gate.touch()
 	if err := blockdev.CheckRange(off, len(p), e.size); err != nil {
 		return 0, err
 	}
@@ -526,6 +528,8 @@ func (e *Engine) WriteAt(p []byte, off int64) (int, error) {
 		return 0, err
 	}
 	defer e.leave()
+	e.gate.touch()
+	defer e.gate.touch()
 	if err := blockdev.CheckRange(off, len(p), e.size); err != nil {
 		return 0, err
 	}
@@ -609,6 +613,8 @@ func (e *Engine) Discard(off, length int64) error {
 		return err
 	}
 	defer e.leave()
+	e.gate.touch()
+	defer e.gate.touch()
 	if length == 0 {
 		return nil
 	}
@@ -681,6 +687,8 @@ func (e *Engine) Flush() error {
 		return err
 	}
 	defer e.leave()
+	e.gate.touch()
+	defer e.gate.touch()
 	return e.commit()
 }
 

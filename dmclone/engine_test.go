@@ -593,6 +593,51 @@ func TestHydrationNotStarvedByForeground(t *testing.T) {
 	}
 }
 
+// Background copies grow to IdleBatchRegions while the machine does no I/O,
+// and stay at BatchRegions while it works, whatever it works on (here it
+// overwrites one region, which never reads the source).
+func TestIdleBatchOnlyWhileIdle(t *testing.T) {
+	tun := Tunables{BatchRegions: 4, IdleBatchRegions: 32, InFlight: 2, MinShare: 0.5}
+	hydrate := func(busy bool) int64 {
+		fc := newFileClone(t, 2048*testRegion, Config{Tunables: tun})
+		fc.src.delay.Store(int64(time.Millisecond))
+		stop := make(chan struct{})
+		var wg sync.WaitGroup
+		if busy {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for {
+					select {
+					case <-stop:
+						return
+					default:
+					}
+					if _, err := fc.e.WriteAt(make([]byte, testRegion), 0); err != nil {
+						t.Error(err)
+						return
+					}
+					time.Sleep(time.Millisecond)
+				}
+			}()
+			time.Sleep(20 * time.Millisecond)
+		}
+		if err := fc.e.EnableHydration(); err != nil {
+			t.Fatal(err)
+		}
+		waitDone(t, fc.e)
+		close(stop)
+		wg.Wait()
+		return fc.src.maxRead.Load() / testRegion
+	}
+	if got := hydrate(true); got > int64(tun.BatchRegions) {
+		t.Errorf("a busy machine's hydration copied %d regions at once, want at most the batch (%d)", got, tun.BatchRegions)
+	}
+	if got := hydrate(false); got != int64(tun.IdleBatchRegions) {
+		t.Errorf("an idle machine's hydration copied at most %d regions at once, want the idle batch (%d)", got, tun.IdleBatchRegions)
+	}
+}
+
 // A foreground read waits for a hung source at most ForegroundWait in all,
 // even when each attempt alone could take longer, and the stall says why.
 func TestForegroundReadBoundedWait(t *testing.T) {

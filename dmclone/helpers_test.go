@@ -24,6 +24,7 @@ type srcDev struct {
 	failReads atomic.Int64 // fail this many more reads
 	hang      atomic.Bool
 	delay     atomic.Int64 // nanoseconds per read, like a remote LUN
+	maxRead   atomic.Int64 // the longest read's length
 }
 
 var errInjected = errors.New("injected source failure")
@@ -41,6 +42,12 @@ func (s *srcDev) ReadAt(p []byte, off int64) (int, error) {
 	}
 	s.reads.Add(1)
 	s.bytes.Add(int64(len(p)))
+	for n := int64(len(p)); ; {
+		m := s.maxRead.Load()
+		if n <= m || s.maxRead.CompareAndSwap(m, n) {
+			break
+		}
+	}
 	return s.Device.ReadAt(p, off)
 }
 

@@ -6,6 +6,7 @@ import (
 	"math"
 	"math/bits"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -80,7 +81,7 @@ func (e *Engine) startWorkers(t Tunables) {
 	e.bgStop = stop
 	for i := 0; i < t.InFlight; i++ {
 		e.bgWG.Add(1)
-		go e.worker(stop, t.BatchRegions)
+		go e.worker(stop, t.BatchRegions, max(t.BatchRegions, t.IdleBatchRegions))
 	}
 }
 
@@ -102,8 +103,9 @@ func (e *Engine) stopBackground() {
 const hydrateRetryMax = 2 * time.Second
 
 // worker copies batches of contiguous unhydrated regions until everything is
-// hydrated or it is stopped.
-func (e *Engine) worker(stop chan struct{}, batch int) {
+// hydrated or it is stopped: idleBatch regions at a time while no foreground
+// I/O has come from the machine for IdleAfter, batch otherwise.
+func (e *Engine) worker(stop chan struct{}, batch, idleBatch int) {
 	defer e.bgWG.Done()
 	// Capped at a few seconds and jittered: when a lost source comes back,
 	// hydration resumes within seconds, and workers do not retry in step.
@@ -119,7 +121,11 @@ func (e *Engine) worker(stop chan struct{}, batch int) {
 		if !e.gate.bgAcquire(stop) {
 			return
 		}
-		a, b, ok := e.pickBatch(stop, int64(batch))
+		n := batch
+		if idleBatch > batch && e.gate.idleFor(IdleAfter) {
+			n = idleBatch
+		}
+		a, b, ok := e.pickBatch(stop, int64(n))
 		if !ok {
 			e.gate.bgRelease()
 			return
@@ -358,19 +364,38 @@ func (e *Engine) readSourceOnce(n int, off int64, timeout time.Duration) ([]byte
 
 // gate gives foreground source reads priority: while any is in flight,
 // background copies are held to min at once (never zero, so a busy workload
-// cannot starve hydration).
+// cannot starve hydration). It also notes when the machine's I/O last came
+// or went, so the workers can tell an idle machine from a busy one.
 type gate struct {
 	mu       sync.Mutex
 	cond     *sync.Cond
 	fgActive int
 	bgActive int
 	min      int
+
+	base   time.Time    // lastIO counts from here, on the monotonic clock
+	lastIO atomic.Int64 // nanoseconds after base of the machine's last I/O
 }
 
 func newGate() *gate {
-	g := &gate{min: 1}
+	g := &gate{min: 1, base: time.Now()}
 	g.cond = sync.NewCond(&g.mu)
+	g.lastIO.Store(math.MinInt64 / 2) // none yet: idle from the start
 	return g
+}
+
+// touch notes the machine's I/O (any read, write, discard or flush).
+func (g *gate) touch() { g.lastIO.Store(int64(time.Since(g.base))) }
+
+// idleFor reports whether no foreground source read is in flight and the
+// machine has done no I/O for d.
+func (g *gate) idleFor(d time.Duration) bool {
+	if time.Since(g.base)-time.Duration(g.lastIO.Load()) < d {
+		return false
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.fgActive == 0
 }
 
 func (g *gate) setMin(n int) {
@@ -498,9 +523,10 @@ func (r *rateMeter) rate(now time.Time, n int64) float64 {
 	return float64(n-first.n) / dt
 }
 
-// Buffers are pooled by power-of-two size class (up to 4 MiB), so 4 KiB
-// foreground fetches and 1 MiB background batches do not evict each other.
-const maxPooledClass = 22
+// Buffers are pooled by power-of-two size class (up to 8 MiB, the idle
+// batch), so 4 KiB foreground fetches and 1 MiB background batches do not
+// evict each other.
+const maxPooledClass = 23
 
 var bufPools [maxPooledClass + 1]sync.Pool
 

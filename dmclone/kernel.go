@@ -34,8 +34,8 @@ type KernelConfig struct {
 	RegionSize int64
 	// Tunables become hydration_batch_size and hydration_threshold; the zero
 	// BatchRegions and InFlight take DefaultTunables' values (dm-clone's own
-	// defaults of 1 region are far too slow over iSCSI). RateLimitBytesPerSec and MinShare have no
-	// dm-clone equivalent and are ignored.
+	// defaults of 1 region are far too slow over iSCSI). RateLimitBytesPerSec, MinShare and
+	// IdleBatchRegions have no dm-clone equivalent and are ignored.
 	Tunables Tunables
 	// PollInterval is how often status is read (default 1 s).
 	PollInterval time.Duration

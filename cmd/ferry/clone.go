@@ -88,6 +88,9 @@ func init() {
 			if f.Changed("batch") {
 				t.BatchRegions = tun.BatchRegions
 			}
+			if f.Changed("idle-batch") {
+				t.IdleBatchRegions = tun.IdleBatchRegions
+			}
 			if f.Changed("in-flight") {
 				t.InFlight = tun.InFlight
 			}
@@ -106,6 +109,7 @@ func init() {
 	}
 	sockFlags(setTun)
 	setTun.Flags().IntVar(&tun.BatchRegions, "batch", 0, "regions per background copy")
+	setTun.Flags().IntVar(&tun.IdleBatchRegions, "idle-batch", 0, "regions per background copy while the machine does no I/O (0 = the batch)")
 	setTun.Flags().IntVar(&tun.InFlight, "in-flight", 0, "background copies at once")
 	setTun.Flags().Int64Var(&tun.RateLimitBytesPerSec, "rate", 0, "background bytes per second (0 = unlimited)")
 	setTun.Flags().Float64Var(&tun.MinShare, "min-share", 0, "fraction of in-flight copies kept while the workload reads the source")

@@ -590,10 +590,11 @@ func benchContended(b *testing.B, s *suite) {
 	bg := p.FetchedBytes
 	rate := mibps(bg, took)
 	s.plot("contended.svg", series{fmt.Sprintf("ferry, saturating foreground (%.0f k IOPS)", float64(ops.Load())/took.Seconds()/1000), pts})
-	// The idle figure is the dense case's (same path, same size).
+	// The idle figure is the dense case's (same path, same size): plain
+	// ferry's row, not the network leg's or the TLS one's.
 	idle := 0.0
 	for _, r := range s.rows {
-		if strings.HasPrefix(r.Bench, "hydration, dense") && strings.Contains(r.Bench, "raw copy") {
+		if strings.HasPrefix(r.Bench, "hydration, dense") && strings.Contains(r.Bench, ": ferry vs raw copy") {
 			fmt.Sscanf(r.Ferry, "%f", &idle)
 		}
 	}
