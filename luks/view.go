@@ -84,6 +84,7 @@ type view struct {
 	mu      sync.RWMutex
 	closed  bool
 	bufPool sync.Pool
+	crypts  atomic.Int64 // crypt calls running now
 }
 
 // OpenView returns the plaintext view of the data segment described by
@@ -206,19 +207,27 @@ func (v *view) iv(pos int64) uint64 { return v.ivBase + uint64(pos/ivUnit) }
 const parallelMin = 128 << 10
 
 // crypt en- or decrypts src (whole sectors at plaintext offset pos) into
-// dst, which is src itself or does not overlap it. Large requests are split
-// over the cores.
+// dst, which is src itself or does not overlap it. A large request is split
+// over the cores that other requests leave idle: at depth the requests
+// already keep every core busy, and splitting each only adds hand-offs
+// (docs/profiles.md: on 2 cores a 128 KiB request in 16 pieces took 39 µs,
+// in one 26 µs).
 func (v *view) crypt(dst, src []byte, pos int64, encrypt bool) {
 	step := uint64(v.sector / ivUnit)
 	n := int64(len(src))
-	workers := int64(runtime.GOMAXPROCS(0))
+	running := v.crypts.Add(1)
+	defer v.crypts.Add(-1)
+	// The cores, not GOMAXPROCS: the volume server raises GOMAXPROCS far
+	// above them for its blocking reads.
+	workers := int64(min(runtime.GOMAXPROCS(0), runtime.NumCPU())) / running
 	if n < parallelMin || workers < 2 {
 		v.c.cryptSectors(dst, src, int(v.sector), v.iv(pos), step, encrypt)
 		return
 	}
 	chunk := (n/workers + v.sector - 1) / v.sector * v.sector
 	var wg sync.WaitGroup
-	for start := int64(0); start < n; start += chunk {
+	// The first piece on this goroutine: one hand-off fewer.
+	for start := chunk; start < n; start += chunk {
 		end := min(start+chunk, n)
 		wg.Add(1)
 		go func() {
@@ -226,6 +235,7 @@ func (v *view) crypt(dst, src []byte, pos int64, encrypt bool) {
 			v.c.cryptSectors(dst[start:end], src[start:end], int(v.sector), v.iv(pos+start), step, encrypt)
 		}()
 	}
+	v.c.cryptSectors(dst[:min(chunk, n)], src[:min(chunk, n)], int(v.sector), v.iv(pos), step, encrypt)
 	wg.Wait()
 }
 

@@ -331,3 +331,41 @@ func TestViewBuffersAligned(t *testing.T) {
 		}
 	}
 }
+
+// A large request split over the idle cores en- and decrypts exactly as one
+// run over all its sectors does, alone or beside other requests (which
+// leave fewer cores to split over).
+func TestCryptSplitMatchesOneRun(t *testing.T) {
+	for _, sector := range []int64{512, 4096} {
+		l := testLayout(int(sector), 8<<20)
+		v, err := openView(blockdev.NewMem(l.DeviceSize()), l, randomKey())
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, n := range []int64{parallelMin, parallelMin + sector, 1<<20 + 3*sector} {
+			src := make([]byte, n)
+			rand.Read(src)
+			pos := 7 * sector
+			for _, encrypt := range []bool{true, false} {
+				want := make([]byte, n)
+				v.c.cryptSectors(want, src, int(sector), v.iv(pos), uint64(sector/ivUnit), encrypt)
+				var wg sync.WaitGroup
+				for g := 0; g < 3; g++ { // alone first, then three at once
+					wg.Add(1)
+					go func() {
+						defer wg.Done()
+						got := make([]byte, n)
+						v.crypt(got, src, pos, encrypt)
+						if !bytes.Equal(got, want) {
+							t.Errorf("sector %d, %d bytes, encrypt %v: the split result differs from one run", sector, n, encrypt)
+						}
+					}()
+					if g == 0 {
+						wg.Wait()
+					}
+				}
+				wg.Wait()
+			}
+		}
+	}
+}
