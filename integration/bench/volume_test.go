@@ -74,7 +74,7 @@ func benchVolume(b *testing.B, s *suite) {
 	bd := bed(b, s)
 	ws := bd.Workers()
 	ctx := context.Background()
-	volSize, fileSize, pairs, runFor := int64(2<<30), int64(1<<30), 3, 3*time.Second
+	volSize, fileSize, pairs, runFor := int64(2<<30), int64(1<<30), 5, 3*time.Second
 	if quick {
 		volSize, fileSize, pairs, runFor = 512<<20, 256<<20, 1, 2*time.Second
 	}
