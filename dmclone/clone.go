@@ -42,8 +42,9 @@ type Tunables struct {
 	// IdleBatchRegions is how many it moves while the machine has done no
 	// I/O for IdleAfter: larger copies hydrate faster, but a machine's read
 	// queued behind them waits longer and its other I/O shares the disks
-	// and cores with them, so they are used only while it is idle. 0 or
-	// anything under BatchRegions means BatchRegions.
+	// and cores with them, so they are used only while it is idle, and
+	// never under a rate limit. 0 or anything under BatchRegions means
+	// BatchRegions.
 	IdleBatchRegions int `json:"idle_batch_regions,omitempty"`
 	// InFlight is how many background copies run at once.
 	InFlight int `json:"in_flight"`

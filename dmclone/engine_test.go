@@ -595,10 +595,13 @@ func TestHydrationNotStarvedByForeground(t *testing.T) {
 
 // Background copies grow to IdleBatchRegions while the machine does no I/O,
 // and stay at BatchRegions while it works, whatever it works on (here it
-// overwrites one region, which never reads the source).
+// overwrites one region, which never reads the source), and under a rate
+// limit.
 func TestIdleBatchOnlyWhileIdle(t *testing.T) {
 	tun := Tunables{BatchRegions: 4, IdleBatchRegions: 32, InFlight: 2, MinShare: 0.5}
-	hydrate := func(busy bool) int64 {
+	hydrate := func(busy bool, rate int64) int64 {
+		tun := tun
+		tun.RateLimitBytesPerSec = rate
 		fc := newFileClone(t, 2048*testRegion, Config{Tunables: tun})
 		fc.src.delay.Store(int64(time.Millisecond))
 		stop := make(chan struct{})
@@ -630,11 +633,15 @@ func TestIdleBatchOnlyWhileIdle(t *testing.T) {
 		wg.Wait()
 		return fc.src.maxRead.Load() / testRegion
 	}
-	if got := hydrate(true); got > int64(tun.BatchRegions) {
+	if got := hydrate(true, 0); got > int64(tun.BatchRegions) {
 		t.Errorf("a busy machine's hydration copied %d regions at once, want at most the batch (%d)", got, tun.BatchRegions)
 	}
-	if got := hydrate(false); got != int64(tun.IdleBatchRegions) {
+	if got := hydrate(false, 0); got != int64(tun.IdleBatchRegions) {
 		t.Errorf("an idle machine's hydration copied at most %d regions at once, want the idle batch (%d)", got, tun.IdleBatchRegions)
+	}
+	// Under a rate limit the limit sets the pace: no larger copies.
+	if got := hydrate(false, 64<<20); got > int64(tun.BatchRegions) {
+		t.Errorf("a rate-limited hydration copied %d regions at once, want at most the batch (%d)", got, tun.BatchRegions)
 	}
 }
 

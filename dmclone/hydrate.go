@@ -71,6 +71,16 @@ func bgMin(t Tunables) int {
 	return max(1, int(math.Ceil(float64(t.InFlight)*t.MinShare)))
 }
 
+// idleBatch is the batch of an idle machine's copies. Under a rate limit it
+// is the batch: the limit sets the rate, and a worker pays for a copy after
+// it (so InFlight larger copies would burst past the limit at the start).
+func idleBatch(t Tunables) int {
+	if t.RateLimitBytesPerSec > 0 {
+		return t.BatchRegions
+	}
+	return max(t.BatchRegions, t.IdleBatchRegions)
+}
+
 func (e *Engine) startWorkers(t Tunables) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -81,7 +91,7 @@ func (e *Engine) startWorkers(t Tunables) {
 	e.bgStop = stop
 	for i := 0; i < t.InFlight; i++ {
 		e.bgWG.Add(1)
-		go e.worker(stop, t.BatchRegions, max(t.BatchRegions, t.IdleBatchRegions))
+		go e.worker(stop, t.BatchRegions, idleBatch(t))
 	}
 }
 
