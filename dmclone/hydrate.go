@@ -533,10 +533,10 @@ func (r *rateMeter) rate(now time.Time, n int64) float64 {
 	return float64(n-first.n) / dt
 }
 
-// Buffers are pooled by power-of-two size class (up to 8 MiB, the idle
-// batch), so 4 KiB foreground fetches and 1 MiB background batches do not
-// evict each other.
-const maxPooledClass = 23
+// Buffers are pooled by power-of-two size class (up to 4 MiB, the default
+// idle batch), so 4 KiB foreground fetches and 1 MiB background batches do
+// not evict each other.
+const maxPooledClass = 22
 
 var bufPools [maxPooledClass + 1]sync.Pool
 

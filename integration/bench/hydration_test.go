@@ -61,8 +61,12 @@ func makeDense(b *testing.B, path string, size int64) {
 // openEngine opens a clone of lun into dst with the agent's region size
 // and tunables.
 func openEngine(b *testing.B, lun, dst blockdev.Device, meta string) *dmclone.Engine {
+	return openEngineWith(b, lun, dst, meta, dmclone.DefaultTunables(agentRegion))
+}
+
+func openEngineWith(b *testing.B, lun, dst blockdev.Device, meta string, tun dmclone.Tunables) *dmclone.Engine {
 	eng, err := dmclone.Open(zerolog.Nop(), dmclone.Config{Source: lun, Dest: dst, MetaPath: meta,
-		RegionSize: agentRegion, Tunables: dmclone.DefaultTunables(agentRegion)})
+		RegionSize: agentRegion, Tunables: tun})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -613,6 +617,12 @@ func benchContended(b *testing.B, s *suite) {
 // src every 2 ms, for up to 1.5 s, with the background hydration on (until
 // it ends) or off. It returns the latencies, sorted.
 func demandReads(b *testing.B, dir, src string, size int64, hydrating bool, seed int64) []time.Duration {
+	return demandReadsEvery(b, dir, src, size, hydrating, seed, 2*time.Millisecond, 1500*time.Millisecond, dmclone.DefaultTunables(agentRegion))
+}
+
+// demandReadsEvery is demandReads with one read every interval, for up to
+// span, with the engine's tunables tun.
+func demandReadsEvery(b *testing.B, dir, src string, size int64, hydrating bool, seed int64, interval, span time.Duration, tun dmclone.Tunables) []time.Duration {
 	dropCaches()
 	exp, lun := exportFerry(b, dir, src)
 	defer exp.Stop()
@@ -621,7 +631,7 @@ func demandReads(b *testing.B, dir, src string, size int64, hydrating bool, seed
 	defer os.Remove(filepath.Join(dir, "demand.dest.meta"))
 	defer os.Remove(filepath.Join(dir, "demand.dest"))
 	defer closeDst()
-	eng := openEngine(b, lun, dst, filepath.Join(dir, "demand.dest.meta"))
+	eng := openEngineWith(b, lun, dst, filepath.Join(dir, "demand.dest.meta"), tun)
 	defer eng.Close()
 	if hydrating {
 		if err := eng.EnableHydration(); err != nil {
@@ -631,8 +641,8 @@ func demandReads(b *testing.B, dir, src string, size int64, hydrating bool, seed
 	rng := mrand.New(mrand.NewSource(seed))
 	buf := make([]byte, 4096)
 	var lat []time.Duration
-	end := time.After(1500 * time.Millisecond)
-	tick := time.NewTicker(2 * time.Millisecond)
+	end := time.After(span)
+	tick := time.NewTicker(interval)
 	defer tick.Stop()
 	for {
 		select {
@@ -675,6 +685,29 @@ func benchDemandReads(b *testing.B, s *suite, dir, src string, size int64) {
 		fmt.Sprintf("%v / %v", q(busy, 0.5), q(busy, 0.99)), fmt.Sprintf("hydration off: %v / %v", q(idle, 0.5), q(idle, 0.99)),
 		fmt.Sprintf("%.1f× (p50)", float64(q(busy, 0.5))/float64(q(idle, 0.5))),
 		fmt.Sprintf("a fresh clone of the dense source, page cache dropped; one read of a random block every 2 ms, %d during hydration and %d with it off, in 3 alternating rounds; during hydration the background copy shares the source's disk, the sessions and the two cores", len(busy), len(idle))})
+
+	// What the idle batches cost: a machine that reads a cold block only
+	// now and then (each read after more than IdleAfter without I/O) finds
+	// the idle batches' copies in flight; the same reads with them off.
+	interval := dmclone.IdleAfter + 50*time.Millisecond
+	on, off := dmclone.DefaultTunables(agentRegion), dmclone.DefaultTunables(agentRegion)
+	off.IdleBatchRegions = 0
+	var withIdle, without []time.Duration
+	for r := int64(0); r < 4; r++ {
+		withIdle = append(withIdle, demandReadsEvery(b, dir, src, size, true, 10+r, interval, 3*time.Second, on)...)
+		without = append(without, demandReadsEvery(b, dir, src, size, true, 10+r, interval, 3*time.Second, off)...)
+	}
+	slices.Sort(withIdle)
+	slices.Sort(without)
+	if len(withIdle) == 0 || len(without) == 0 {
+		b.Fatalf("no sparse demand reads sampled (%d with idle batches, %d without)", len(withIdle), len(without))
+	}
+	s.add(row{"a machine's occasional 4 KiB read of a block not yet hydrated, during hydration (p50 / max)",
+		fmt.Sprintf("%v / %v", q(withIdle, 0.5), withIdle[len(withIdle)-1].Round(10*time.Microsecond)),
+		fmt.Sprintf("idle batches off: %v / %v", q(without, 0.5), without[len(without)-1].Round(10*time.Microsecond)),
+		fmt.Sprintf("%.1f× (p50)", float64(q(withIdle, 0.5))/float64(q(without, 0.5))),
+		fmt.Sprintf("the cost of the idle batches: one read every %v (longer than IdleAfter, so the background copies have grown to %d MiB when it comes), %d with idle batches and %d without, in 4 alternating rounds, until hydration ends",
+			interval, on.IdleBatchRegions*agentRegion>>20, len(withIdle), len(without))})
 }
 
 // timeSync runs sync(1) and returns how long it took.
