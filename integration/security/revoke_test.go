@@ -162,7 +162,11 @@ func TestRevokedTargetReadsNothingFromTheExport(t *testing.T) {
 		t.Fatal(err)
 	}
 	blind := e.source(filepath.Join(e.stateDir, "exports3"))
-	e.wa.RetryFor = time.Second
+	// Its own client, retrying briefly: the first export's watch still
+	// reads e.wa's settings.
+	wa := e.c.Client("w-a", tlsutil.KindWorker)
+	wa.RetryFor = time.Second
+	blind.Revoked = wa
 	if _, _, err := blind.Export(ctx, "mig3", e.img, "w-c", "127.0.0.1"); err == nil {
 		_ = blind.Unexport(context.Background(), "mig3")
 		t.Fatal("an export started without knowing the revoked certificates")
