@@ -45,6 +45,9 @@ type Config struct {
 	MaxPreCutoverAttempts int
 	// HydrationRate caps background hydration, bytes/s (0: none).
 	HydrationRate int64
+	// NoIdleBatches keeps background copies at their normal size while the
+	// migrated machine is idle (datapath.CloneSpec.NoIdleBatches).
+	NoIdleBatches bool
 	// StartBeforeCutover starts the machine on the target before cutover
 	// commits (one commit less downtime), relying on the self-fence to stop
 	// it if the target is cut off before the commit. Off by default.

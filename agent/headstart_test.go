@@ -9,6 +9,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/ferry-dev/ferry/datapath"
+	"github.com/ferry-dev/ferry/fsm"
 )
 
 // countingBackend is a data path that counts fetched bytes (the one method
@@ -79,5 +80,18 @@ func TestHeadStartEndsWhenTheMachineStopsFetching(t *testing.T) {
 	}
 	if took >= machineHeadStart {
 		t.Errorf("the machine stopped fetching after 100ms, yet the copy waited the whole head start (%v)", took)
+	}
+}
+
+// The agent's hydration settings reach the data path's clone spec, on the
+// first build and on every rebuild.
+func TestCloneSpecCarriesTheHydrationSettings(t *testing.T) {
+	m := &fsm.Migration{TargetVol: "v2", Layout: &fsm.LUKSLayout{}, Export: &fsm.Export{Portal: "127.0.0.1:3260", IQN: "iqn.x:y"}, Source: "w-a"}
+	for _, cfg := range []Config{{}, {HydrationRate: 1 << 20, NoIdleBatches: true}} {
+		a := &Agent{cfg: cfg}
+		spec := a.cloneSpec(m, true)
+		if spec.RateLimit != cfg.HydrationRate || spec.NoIdleBatches != cfg.NoIdleBatches || !spec.Hydrate {
+			t.Errorf("agent config %+v gave the clone spec rate %d, no idle batches %v, hydrate %v", cfg, spec.RateLimit, spec.NoIdleBatches, spec.Hydrate)
+		}
 	}
 }

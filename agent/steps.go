@@ -133,7 +133,7 @@ func (a *Agent) prepareTarget(ctx context.Context, log zerolog.Logger, m *fsm.Mi
 
 func (a *Agent) cloneSpec(m *fsm.Migration, hydrate bool) datapath.CloneSpec {
 	return datapath.CloneSpec{Volume: m.TargetVol, Layout: datapath.LayoutOf(*m.Layout), Portal: m.Export.Portal, IQN: m.Export.IQN, Source: m.Source,
-		KnownZero: datapath.RangesOf(m.KnownZero), Hydrate: hydrate, RateLimit: a.cfg.HydrationRate}
+		KnownZero: datapath.RangesOf(m.KnownZero), Hydrate: hydrate, RateLimit: a.cfg.HydrationRate, NoIdleBatches: a.cfg.NoIdleBatches}
 }
 
 // keyedCloneMounter is a backend that fetches the key beside the datapath's

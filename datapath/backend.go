@@ -148,6 +148,10 @@ type CloneSpec struct {
 	KnownZero []blockdev.Range // ciphertext ranges that read as zeros on the source
 	Hydrate   bool             // background hydration on from the start (resume after cutover)
 	RateLimit int64            // bytes/s, 0 none; honoured when Capabilities().HydrationRateLimit
+	// NoIdleBatches keeps background copies at their normal size while the
+	// machine does no I/O (the userspace engine's IdleBatchRegions off); a
+	// backend without idle batches (dm-clone) ignores it.
+	NoIdleBatches bool
 }
 
 // PeerTLS is how a worker's data path reaches a source's export: this

@@ -42,7 +42,7 @@ type agentFlags struct {
 	hostID                                    uint32
 	dev, fastKDF                              bool
 	grace, leaseTTL, fenceMargin              time.Duration
-	startBeforeCutover                        bool
+	startBeforeCutover, idleBatches           bool
 	hydrationRate, metricsListen              string
 	machineUser                               string
 	devListen                                 string
@@ -119,7 +119,8 @@ func (f *agentFlags) build(ctx context.Context) (*worker, error) {
 			return done
 		}
 	}
-	acfg := agent.Config{Worker: f.worker, HostID: f.hostID, Address: f.address, DataDir: f.dataDir, StartBeforeCutover: f.startBeforeCutover}
+	acfg := agent.Config{Worker: f.worker, HostID: f.hostID, Address: f.address, DataDir: f.dataDir, StartBeforeCutover: f.startBeforeCutover,
+		NoIdleBatches: !f.idleBatches}
 	if f.hydrationRate != "" && f.hydrationRate != "0" {
 		if acfg.HydrationRate, err = bytesize.Parse(f.hydrationRate); err != nil {
 			return nil, withCode(ExitUsage, fmt.Errorf("--hydration-rate: %w", err))
@@ -247,6 +248,7 @@ state. With --dev it also runs a one-node server in the same process (developmen
 	fl.DurationVar(&f.fenceMargin, "fence-margin", 0, "how long before its lease can end an agent that cannot renew it stops the machines not settled here (default: a quarter of the lease)")
 	fl.BoolVar(&f.startBeforeCutover, "start-before-cutover", false, "start a migrating machine on the target before cutover commits (one commit less downtime; relies on the self-fence if the target is cut off)")
 	fl.StringVar(&f.hydrationRate, "hydration-rate", "0", "cap on background hydration per migration, bytes/s with K/M/G suffixes (0: none)")
+	fl.BoolVar(&f.idleBatches, "hydration-idle-batches", true, "let background copies grow (1 → 4 MiB) while the migrated machine does no I/O: faster hydration, but an idle machine's first read of a block not yet copied waits about three times longer (userspace data path)")
 	// Volume passphrases are 256-bit random keys held by the server, so a
 	// memory-hard KDF adds no security, and unlocking happens between
 	// source_stopped and cutover: argon2id's ~1 s would be downtime.

@@ -366,7 +366,7 @@ func (v *Backend) MountCloneKeyed(ctx context.Context, c datapath.CloneSpec, key
 		return "", fmt.Errorf("clone of %s: no source worker named, so the export's certificate cannot be checked", c.Volume)
 	}
 	cfg.Clone = &Clone{MetaPath: v.MetaPath(c.Volume), Portal: c.Portal, IQN: c.IQN, TLS: v.TLS, Source: c.Source,
-		RegionSize: 4096, KnownZero: c.KnownZero, Hydrate: c.Hydrate, RateLimit: c.RateLimit}
+		RegionSize: 4096, KnownZero: c.KnownZero, Hydrate: c.Hydrate, RateLimit: c.RateLimit, NoIdleBatches: c.NoIdleBatches}
 	if v.TLS != nil {
 		cfg.Clone.Denied = v.Deny.Serials()
 	}

@@ -87,6 +87,9 @@ type Clone struct {
 	KnownZero  []blockdev.Range `json:"known_zero,omitempty"`
 	Hydrate    bool             `json:"hydrate"` // start with background hydration enabled (resume after restart)
 	RateLimit  int64            `json:"rate_limit_bps,omitempty"`
+	// NoIdleBatches keeps background copies at BatchRegions while the
+	// machine is idle (dmclone.Tunables.IdleBatchRegions 0).
+	NoIdleBatches bool `json:"no_idle_batches,omitempty"`
 	// AutoDissolve dissolves the clone as soon as every region is hydrated.
 	AutoDissolve bool `json:"auto_dissolve,omitempty"`
 }

@@ -30,3 +30,17 @@ func TestCloneOverTLSNeedsTheSourceWorker(t *testing.T) {
 		t.Fatalf("MountClone over TLS without a source worker: %v", err)
 	}
 }
+
+// The clone's engine gets the defaults, the rate limit and, unless turned
+// off, the idle batches.
+func TestCloneTunables(t *testing.T) {
+	c := &Clone{RegionSize: 4096, RateLimit: 1 << 20}
+	tun := c.tunables()
+	if tun.RateLimitBytesPerSec != 1<<20 || tun.BatchRegions != 256 || tun.IdleBatchRegions != 1024 {
+		t.Fatalf("default tunables %+v: want the rate limit, 256-region batches and 1024-region idle batches", tun)
+	}
+	c.NoIdleBatches = true
+	if tun := c.tunables(); tun.IdleBatchRegions != 0 || tun.BatchRegions != 256 {
+		t.Fatalf("tunables with idle batches off %+v: want no idle batch, the same batch", tun)
+	}
+}

@@ -162,8 +162,7 @@ func (s *server) build(ctx context.Context, pass func() ([]byte, error)) error {
 	}
 	lower := s.viewDest()
 	if c != nil {
-		tun := dmclone.DefaultTunables(regionSize(c.RegionSize))
-		tun.RateLimitBytesPerSec = c.RateLimit
+		tun := c.tunables()
 		// The engine writes what it hydrates through the view's O_DIRECT
 		// handle, as dm-clone writes its destination device: a volume's
 		// copy does not pass the host's page cache (where it would push the
@@ -713,6 +712,17 @@ func regionSize(rs int64) int64 {
 		return 4096
 	}
 	return rs
+}
+
+// tunables are the engine's defaults with the clone's rate limit and idle
+// batch choice.
+func (c *Clone) tunables() dmclone.Tunables {
+	tun := dmclone.DefaultTunables(regionSize(c.RegionSize))
+	tun.RateLimitBytesPerSec = c.RateLimit
+	if c.NoIdleBatches {
+		tun.IdleBatchRegions = 0
+	}
+	return tun
 }
 
 func fromEngine(p dmclone.Progress) *datapath.Progress {
