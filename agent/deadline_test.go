@@ -13,6 +13,12 @@ import (
 // hangs.
 type hangingExporter struct{ fakeExporter }
 
+// sealedKeys seals every migrating key at once, so a step before the export
+// never fails first (the fake control plane holds no worker keys).
+type sealedKeys struct{ Keys }
+
+func (sealedKeys) SealForTarget(context.Context, *fsm.Migration) error { return nil }
+
 func (h *hangingExporter) Export(ctx context.Context, _, _, _, _ string) (string, string, error) {
 	<-ctx.Done()
 	return "", "", ctx.Err()
@@ -27,6 +33,7 @@ func TestDowntimeBudgetRollsBack(t *testing.T) {
 		MaxDowntime: 300 * time.Millisecond, EnteredAt: map[fsm.State]time.Time{fsm.SourceStopped: stopped}}}
 	a := newTestAgent(t, cp, "src")
 	a.Exports = &hangingExporter{}
+	a.Keys = sealedKeys{a.Keys}
 	a.cfg.MaxPreCutoverAttempts = 1000 // only the budget may fail it
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
