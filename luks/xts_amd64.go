@@ -9,6 +9,11 @@ import (
 // useAsm says whether the AES-NI sector loop can run here.
 var useAsm = cpu.X86.HasAES && cpu.X86.HasSSE41
 
+// useVAES says whether the 256-bit loop can run here: AVX2 (which also means
+// the OS saves the YMM registers), VAES and VPCLMULQDQ. x/sys/cpu reports
+// the last two only on AVX-512 machines, so CPUID is read here.
+var useVAES = useAsm && cpu.X86.HasAVX && cpu.X86.HasAVX2 && cpuid7ecx()&(1<<9|1<<10) == 1<<9|1<<10
+
 //go:noescape
 func xtsEncryptSectors(k1, k2 *byte, nr int, dst, src *byte, n, sector int, iv, step uint64)
 
@@ -16,7 +21,15 @@ func xtsEncryptSectors(k1, k2 *byte, nr int, dst, src *byte, n, sector int, iv, 
 func xtsDecryptSectors(k1, k2 *byte, nr int, dst, src *byte, n, sector int, iv, step uint64)
 
 //go:noescape
+func xtsEncryptSectorsVAES(k1, k2 *byte, nr int, dst, src *byte, n, sector int, iv, step uint64)
+
+//go:noescape
+func xtsDecryptSectorsVAES(k1, k2 *byte, nr int, dst, src *byte, n, sector int, iv, step uint64)
+
+//go:noescape
 func aesInvMixColumns(dst, src *byte)
+
+func cpuid7ecx() uint32
 
 // xtsSchedule holds the round keys in the byte order AES-NI takes: k1's for
 // encryption and for the equivalent inverse cipher, k2's for the tweak.
@@ -24,10 +37,12 @@ func aesInvMixColumns(dst, src *byte)
 type xtsSchedule struct {
 	nr             int
 	enc1, dec1, k2 []byte
+	// vaes: sectors of a multiple of 256 bytes take the 256-bit loop.
+	vaes bool
 }
 
 func newSchedule(key1, key2 []byte) *xtsSchedule {
-	s := &xtsSchedule{enc1: expandKey(key1), k2: expandKey(key2)}
+	s := &xtsSchedule{enc1: expandKey(key1), k2: expandKey(key2), vaes: useVAES}
 	s.nr = len(s.enc1)/16 - 1
 	s.dec1 = make([]byte, len(s.enc1))
 	// dec round i is enc round nr-i, through InvMixColumns for the inner ones.
@@ -40,6 +55,14 @@ func newSchedule(key1, key2 []byte) *xtsSchedule {
 }
 
 func (s *xtsSchedule) cryptSectors(dst, src []byte, sector int, iv, step uint64, encrypt bool) {
+	if s.vaes && sector%256 == 0 {
+		if encrypt {
+			xtsEncryptSectorsVAES(&s.enc1[0], &s.k2[0], s.nr, &dst[0], &src[0], len(src), sector, iv, step)
+		} else {
+			xtsDecryptSectorsVAES(&s.dec1[0], &s.k2[0], s.nr, &dst[0], &src[0], len(src), sector, iv, step)
+		}
+		return
+	}
 	if encrypt {
 		xtsEncryptSectors(&s.enc1[0], &s.k2[0], s.nr, &dst[0], &src[0], len(src), sector, iv, step)
 	} else {

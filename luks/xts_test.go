@@ -16,8 +16,8 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// xtsVariants are the implementations this machine can run: the assembly
-// sector loop (where the CPU has AES-NI) and the portable one.
+// xtsVariants are the implementations this machine can run: the 256-bit
+// VAES loop and the AES-NI loop (where the CPU has them) and the portable one.
 func xtsVariants(t testing.TB, key []byte) map[string]*xtsCipher {
 	t.Helper()
 	c, err := newXTSCipher(key)
@@ -28,7 +28,16 @@ func xtsVariants(t testing.TB, key []byte) map[string]*xtsCipher {
 	generic.sched = nil
 	v := map[string]*xtsCipher{"generic": &generic}
 	if c.sched != nil {
-		v["asm"] = c
+		aesni := *c
+		sched := *c.sched
+		sched.vaes = false
+		aesni.sched = &sched
+		v["aes-ni"] = &aesni
+		if c.sched.vaes {
+			v["vaes"] = c
+		} else {
+			t.Logf("no VAES on this machine: checking the AES-NI loop and the portable one")
+		}
 	} else {
 		t.Logf("no AES-NI sector loop on this machine: checking the portable one only")
 	}
