@@ -38,8 +38,23 @@ GLOBL xtsPoly<>(SB), (NOPTR+RODATA), $16
 	VPAND   X11, X9, X9; \
 	VPXOR   X9, X8, X8
 
-// VSECTOR sets X8 to the sector's first tweak, E_k2(R11), and stores it and
-// the next fifteen at 0..240(SP).
+// VMULXK stores the two tweaks in Y13 times x^k (k < 57) at off(SP): each
+// lane shifted left by k bits, the low qword's carry moved into the high
+// one, the bits that fall off the top folded back as their product with
+// 0x87. The seven multiples of a sector are independent of each other,
+// where doubling sixteen times is one chain.
+#define VMULXK(k, off) \
+	VPSRLQ     $(64-k), Y13, Y8; \
+	VPSLLDQ    $8, Y8, Y9; \
+	VPSRLDQ    $8, Y8, Y8; \
+	VPCLMULQDQ $0x00, Y14, Y8, Y8; \
+	VPSLLQ     $k, Y13, Y10; \
+	VPXOR      Y9, Y10, Y10; \
+	VPXOR      Y8, Y10, Y10; \
+	VMOVDQU    Y10, off(SP)
+
+// VSECTOR sets the sector's first tweak, E_k2(R11), and the next fifteen at
+// 0..240(SP): the first two in Y13, the rest as their multiples.
 #define VSECTOR \
 	VMOVQ   R11, X8; \
 	VMOVDQU (DX), X10; \
@@ -55,14 +70,12 @@ vtround: \
 	JNZ     vtround; \
 	VMOVDQU     (BX), X10; \
 	VAESENCLAST X10, X8, X8; \
-	VMOVDQU X8, 0(SP); VMULX; VMOVDQU X8, 16(SP); VMULX; \
-	VMOVDQU X8, 32(SP); VMULX; VMOVDQU X8, 48(SP); VMULX; \
-	VMOVDQU X8, 64(SP); VMULX; VMOVDQU X8, 80(SP); VMULX; \
-	VMOVDQU X8, 96(SP); VMULX; VMOVDQU X8, 112(SP); VMULX; \
-	VMOVDQU X8, 128(SP); VMULX; VMOVDQU X8, 144(SP); VMULX; \
-	VMOVDQU X8, 160(SP); VMULX; VMOVDQU X8, 176(SP); VMULX; \
-	VMOVDQU X8, 192(SP); VMULX; VMOVDQU X8, 208(SP); VMULX; \
-	VMOVDQU X8, 224(SP); VMULX; VMOVDQU X8, 240(SP)
+	VMOVDQA     X8, X13; \
+	VMULX; \
+	VINSERTI128 $1, X8, Y13, Y13; \
+	VMOVDQU     Y13, 0(SP); \
+	VMULXK(2, 32); VMULXK(4, 64); VMULXK(6, 96); VMULXK(8, 128); \
+	VMULXK(10, 160); VMULXK(12, 192); VMULXK(14, 224)
 
 // VLOAD loads blocks 2i and 2i+1 of SI into Y, XORed with their tweaks and
 // round key 0 (Y15).
