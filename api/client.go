@@ -50,6 +50,10 @@ type Client struct {
 	// deadlines: cancelling them would only add load to a slow leader.
 	inflight map[string]map[uint64]context.CancelCauseFunc
 	nextID   uint64
+	// suspects counts the times each server was found unresponsive: a
+	// blocking query that chose a server before it was suspected, and
+	// registers in inflight only after, is cancelled as it registers.
+	suspects map[string]uint64
 }
 
 // NewClient returns a client for the given server API addresses (host:port)
@@ -118,16 +122,17 @@ func (c *Client) do(ctx context.Context, method, path string, q url.Values, in, 
 	redirect, redirects := "", 0
 	for attempt := 0; ; attempt++ {
 		addr, sticky := redirect, false
+		c.mu.Lock()
 		if addr == "" {
-			c.mu.Lock()
 			if c.leader != "" {
 				addr, sticky = c.leader, true
 			} else {
 				addr = c.addrs[c.cur%len(c.addrs)]
 			}
-			c.mu.Unlock()
 		}
-		idx, leader, err := c.once(ctx, addr, method, path, q, body, out)
+		gen := c.suspects[addr]
+		c.mu.Unlock()
+		idx, leader, err := c.once(ctx, addr, gen, method, path, q, body, out)
 		if redirect != "" && (err == nil || !retryable(err)) {
 			c.mu.Lock()
 			c.leader = redirect
@@ -149,7 +154,7 @@ func (c *Client) do(ctx context.Context, method, path string, q url.Values, in, 
 		// all: the requests still waiting on it move off it too (a quick
 		// failure of a new connection to it while a watch waits there
 		// left the watch to its own, much longer, deadline).
-		if errors.Is(err, ErrUnavailable) {
+		if errors.Is(err, ErrUnavailable) && !errors.Is(err, errServerSuspect) {
 			c.suspect(addr)
 		}
 		if leader != "" && leader != addr && redirects < maxRedirects {
@@ -199,14 +204,14 @@ func (c *Client) attemptTimeout(q url.Values) time.Duration {
 	return t
 }
 
-// once sends one request to addr; leader is the address a follower's
-// refusal named.
-func (c *Client) once(ctx context.Context, addr, method, path string, q url.Values, body []byte, out any) (idx uint64, leader string, err error) {
+// once sends one request to addr, chosen when addr had been suspected gen
+// times; leader is the address a follower's refusal named.
+func (c *Client) once(ctx context.Context, addr string, gen uint64, method, path string, q url.Values, body []byte, out any) (idx uint64, leader string, err error) {
 	ctx, cancel := context.WithTimeoutCause(ctx, c.attemptTimeout(q), errAttemptTimeout)
 	defer cancel()
 	if q.Get("index") != "" {
 		var release func()
-		ctx, release = c.track(ctx, addr)
+		ctx, release = c.track(ctx, addr, gen)
 		defer release()
 	}
 	defer func() {
@@ -242,7 +247,7 @@ func (c *Client) once(ctx context.Context, addr, method, path string, q url.Valu
 		case errors.Is(cause, errServerSuspect):
 			err = errServerSuspect
 		}
-		return 0, "", fmt.Errorf("%w: %s: %v", ErrUnavailable, addr, err)
+		return 0, "", fmt.Errorf("%w: %s: %w", ErrUnavailable, addr, err)
 	}
 	defer resp.Body.Close()
 	if h := resp.Header.Get(IndexHeader); h != "" {
@@ -277,10 +282,15 @@ var errAttemptTimeout = errors.New("the server did not answer in time")
 // another request found it unresponsive.
 var errServerSuspect = errors.New("another request found this server unresponsive")
 
-// track registers a blocking query's attempt on addr; release unregisters it.
-func (c *Client) track(ctx context.Context, addr string) (context.Context, func()) {
+// track registers a blocking query's attempt on addr; release unregisters
+// it. An attempt that chose addr before another request suspected it (gen
+// is out of date) starts cancelled: it would otherwise wait there unseen.
+func (c *Client) track(ctx context.Context, addr string, gen uint64) (context.Context, func()) {
 	ctx, cancel := context.WithCancelCause(ctx)
 	c.mu.Lock()
+	if c.suspects[addr] != gen {
+		cancel(errServerSuspect)
+	}
 	if c.inflight == nil {
 		c.inflight = map[string]map[uint64]context.CancelCauseFunc{}
 	}
@@ -304,6 +314,10 @@ func (c *Client) track(ctx context.Context, addr string) (context.Context, func(
 // waiting on addr are cancelled, to be retried on another server at once.
 func (c *Client) suspect(addr string) {
 	c.mu.Lock()
+	if c.suspects == nil {
+		c.suspects = map[string]uint64{}
+	}
+	c.suspects[addr]++
 	if c.leader == addr {
 		c.leader = ""
 	}

@@ -3,6 +3,7 @@ package api
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -155,5 +156,29 @@ func TestClientMovesWaitingWatchOffAnUnreachableServer(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("the watch still waits on a server a new request could not reach, 5s later (its own deadline is 40s)")
+	}
+}
+
+// A blocking query that chose a server just before another request found
+// it unresponsive, and registers only after, starts cancelled instead of
+// waiting there unseen until its own deadline; one that chose it after
+// waits as usual.
+func TestWatchThatChoseASuspectedServerStartsCancelled(t *testing.T) {
+	c := &Client{addrs: []string{"a:1", "b:1"}}
+	gen := c.suspects["a:1"]
+	c.suspect("a:1")
+	stale, release := c.track(context.Background(), "a:1", gen)
+	defer release()
+	if !errors.Is(context.Cause(stale), errServerSuspect) {
+		t.Fatalf("an attempt that chose the server before it was suspected: cause %v, want errServerSuspect", context.Cause(stale))
+	}
+	fresh, release2 := c.track(context.Background(), "a:1", c.suspects["a:1"])
+	defer release2()
+	if fresh.Err() != nil {
+		t.Fatalf("an attempt that chose the server after it was suspected was cancelled: %v", context.Cause(fresh))
+	}
+	c.suspect("a:1")
+	if !errors.Is(context.Cause(fresh), errServerSuspect) {
+		t.Fatalf("a waiting attempt was not cancelled when its server was suspected: %v", context.Cause(fresh))
 	}
 }
