@@ -34,8 +34,15 @@ func DecodeReply(resp *http.Response, out any) error {
 		// Not ours (a proxy, a crash page): classify by status.
 		return &Error{Kind: KindForStatus(resp.StatusCode), Code: "http_" + strconv.Itoa(resp.StatusCode), Reason: string(bytes.TrimSpace(body))}
 	}
-	if out == nil || len(body) == 0 {
+	if out == nil {
 		return nil
+	}
+	if len(body) == 0 {
+		// A server's answers always carry a body (JSON, even "null"). An
+		// empty one is a handler that gave up, e.g. on a request whose
+		// client had just timed out: a reply from nobody, to retry
+		// elsewhere, not a zero value to act on.
+		return fmt.Errorf("%w: a %d reply without a body", ErrUnavailable, resp.StatusCode)
 	}
 	if err := json.Unmarshal(body, out); err != nil {
 		return fmt.Errorf("decoding reply: %w", err)

@@ -38,4 +38,13 @@ func TestDecodeReplyRefusal(t *testing.T) {
 	if err := DecodeReply(reply(200, `{"A":7}`), &out); err != nil || out.A != 7 {
 		t.Fatalf("ok reply: %v %+v", err, out)
 	}
+	// An empty 200 (a handler that returned when its client's attempt
+	// timed out, answering after all) is no answer: retried, not decoded
+	// as a zero value.
+	if err := DecodeReply(reply(200, ""), &out); !errors.Is(err, ErrUnavailable) || !retryable(err) {
+		t.Fatalf("empty 200 with a reply expected: %v", err)
+	}
+	if err := DecodeReply(reply(200, ""), nil); err != nil {
+		t.Fatalf("empty 200 with no reply expected: %v", err)
+	}
 }
