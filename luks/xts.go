@@ -13,9 +13,10 @@ import (
 // (tests and a fuzz target check they agree). On amd64 with AES-NI the
 // sectors go through an assembly loop that keeps eight blocks in flight
 // (x/crypto/xts makes one cipher.Block call per 16-byte block and waits on
-// each), or sixteen in 256-bit registers where the CPU has VAES; elsewhere a portable loop computes a sector's tweaks into a buffer
-// so the XORs run in bulk. Sectors are multiples of 16 bytes, so no
-// ciphertext stealing is needed. Safe for concurrent use.
+// each), or sixteen in 256-bit registers where the CPU has VAES; elsewhere
+// a portable loop computes a sector's tweaks into a buffer so the XORs run
+// in bulk. Sectors are multiples of 16 bytes, so no ciphertext stealing is
+// needed. Safe for concurrent use.
 type xtsCipher struct {
 	k1, k2 cipher.Block
 	// AES-NI key schedules, set only when an assembly path is usable.
