@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/rand"
 	"fmt"
+	"os"
 	"path/filepath"
 	"testing"
 	"unsafe"
@@ -11,6 +12,7 @@ import (
 	"github.com/ferry-dev/ferry/blockdev"
 	"github.com/ferry-dev/ferry/blockdev/blockdevtest"
 	"github.com/ferry-dev/ferry/internal/testenv"
+	"golang.org/x/sys/unix"
 )
 
 // newDirect opens a fresh sparse file of size bytes through Direct, or
@@ -65,5 +67,113 @@ func TestDirectCoherentWithBuffered(t *testing.T) {
 	copy(a[4096+5:], patch)
 	if !bytes.Equal(back, a) {
 		t.Fatal("direct read misses a buffered write still in the page cache")
+	}
+}
+
+func TestDirectAllocateAheadConformance(t *testing.T) {
+	blockdevtest.Run(t, func(t *testing.T, size int64) blockdev.Device {
+		d, _ := newDirect(t, size)
+		if err := d.AllocateAhead(64 << 10); err != nil {
+			t.Fatal(err)
+		}
+		return d
+	}, blockdevtest.Options{DiscardZeroes: true})
+}
+
+// allocated is the bytes of path's file the filesystem has allocated.
+func allocated(t *testing.T, path string) int64 {
+	t.Helper()
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Blocks * 512
+}
+
+// The first direct write into a chunk allocates the whole chunk, which
+// reads as zeros around the write and still counts as a hole for the
+// export's known-zero list; a discard forgets it, so the next write there
+// allocates again.
+func TestDirectAllocateAhead(t *testing.T) {
+	const chunk = 64 << 10
+	d, f := newDirect(t, 1<<20)
+	if err := d.AllocateAhead(chunk); err != nil {
+		t.Fatal(err)
+	}
+	for _, bad := range []int64{0, -4096, 1000} {
+		if err := d.AllocateAhead(bad); err == nil {
+			t.Fatalf("AllocateAhead(%d) accepted", bad)
+		}
+	}
+	d.AllocateAhead(chunk)
+	a := pageBuf(4096)
+	rand.Read(a)
+	if _, err := d.WriteAt(a, 3*chunk+8192); err != nil {
+		t.Fatal(err)
+	}
+	if got := allocated(t, f.Name()); got < chunk || got > 2*chunk {
+		t.Fatalf("after one 4 KiB write, %d bytes allocated, want the %d-byte chunk", got, chunk)
+	}
+	back := pageBuf(chunk)
+	if _, err := d.ReadAt(back, 3*chunk); err != nil {
+		t.Fatal(err)
+	}
+	want := make([]byte, chunk)
+	copy(want[8192:], a)
+	if !bytes.Equal(back, want) {
+		t.Fatal("the chunk around the write does not read as zeros, or the write is lost")
+	}
+	osf, err := os.Open(f.Name())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer osf.Close()
+	data, err := blockdev.DataRanges(osf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dataBytes int64
+	for _, r := range data {
+		dataBytes += r.Len
+	}
+	if dataBytes >= chunk {
+		t.Fatalf("data ranges %+v: the chunk's allocated, unwritten blocks count as data", data)
+	}
+	// A discard of the chunk punches it out and forgets it: the next write
+	// there allocates the chunk again.
+	if err := d.Discard(3*chunk, chunk); err != nil {
+		t.Fatal(err)
+	}
+	if got := allocated(t, f.Name()); got != 0 {
+		t.Fatalf("after discarding the chunk, %d bytes allocated", got)
+	}
+	if _, err := d.WriteAt(a, 3*chunk); err != nil {
+		t.Fatal(err)
+	}
+	if got := allocated(t, f.Name()); got < chunk {
+		t.Fatalf("a write after the discard allocated %d bytes, want the chunk again", got)
+	}
+}
+
+// A write across chunk boundaries allocates every chunk it touches, and
+// only those, wherever they lie in the file (the chunk map grows to fit).
+func TestDirectAllocateAheadSpansChunks(t *testing.T) {
+	const chunk = 16 << 10
+	d, f := newDirect(t, 64<<20)
+	if err := d.AllocateAhead(chunk); err != nil {
+		t.Fatal(err)
+	}
+	a := pageBuf(2 * chunk)
+	rand.Read(a)
+	off := int64(3000*chunk - 4096) // chunk 2999's last page through chunk 3001
+	if _, err := d.WriteAt(a, off); err != nil {
+		t.Fatal(err)
+	}
+	if got := allocated(t, f.Name()); got < 3*chunk || got > 4*chunk {
+		t.Fatalf("a write over three chunks allocated %d bytes, want %d", got, 3*chunk)
+	}
+	back := pageBuf(2 * chunk)
+	if _, err := d.ReadAt(back, off); err != nil || !bytes.Equal(back, a) {
+		t.Fatalf("read back: %v", err)
 	}
 }
