@@ -64,6 +64,20 @@ func (a *allocator) before(fd int, off, n, size int64) {
 	}
 }
 
+// needs reports whether a direct write to [off, off+n) would find a chunk
+// not allocated since open (and the file takes allocations).
+func (a *allocator) needs(off, n int64) bool {
+	if n <= 0 || a.off.Load() {
+		return false
+	}
+	for c := off / a.chunk; c <= (off+n-1)/a.chunk; c++ {
+		if !a.has(c) {
+			return true
+		}
+	}
+	return false
+}
+
 // has reports whether chunk c was allocated since open.
 func (a *allocator) has(c int64) bool {
 	return a.word(c).Load()&(uint64(1)<<(c%64)) != 0

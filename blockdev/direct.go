@@ -89,8 +89,12 @@ func (d *Direct) WriteAt(p []byte, off int64) (int, error) {
 	if err := CheckRange(off, len(p), d.Size()); err != nil {
 		return 0, err
 	}
-	if d.alloc != nil {
-		d.alloc.before(int(d.direct.Fd()), off, int64(len(p)), d.Size())
+	if n := int64(len(p)); d.alloc != nil && d.alloc.needs(off, n) {
+		// Through the handle's own reference, so a Close racing this write
+		// cannot leave the call a descriptor number reused by another file.
+		if rc, err := d.direct.SyscallConn(); err == nil {
+			_ = rc.Control(func(fd uintptr) { d.alloc.before(int(fd), off, n, d.Size()) })
+		}
 	}
 	n, err := d.direct.WriteAt(p, off)
 	if err != nil {

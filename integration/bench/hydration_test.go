@@ -25,6 +25,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/ferry-dev/ferry/blockdev"
+	"github.com/ferry-dev/ferry/datapath/userspace"
 	"github.com/ferry-dev/ferry/dmclone"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
 	"github.com/ferry-dev/ferry/iscsi"
@@ -114,8 +115,9 @@ func (d discardDevice) Flush() error               { return nil }
 func (d discardDevice) Close() error               { return nil }
 
 // directDest creates a sparse destination file of size at path and opens
-// it as the volume server gives it to its engine (O_DIRECT), where the
-// work directory's filesystem takes O_DIRECT. close releases both handles.
+// it as the volume server gives it to its engine (O_DIRECT, allocated
+// ahead in chunks), where the work directory's filesystem takes O_DIRECT.
+// close releases both handles.
 func directDest(b *testing.B, path string, size int64) (dst blockdev.Device, close func()) {
 	file, err := blockdev.CreateSparse(path, size)
 	if err != nil {
@@ -125,6 +127,9 @@ func directDest(b *testing.B, path string, size int64) (dst blockdev.Device, clo
 	if err != nil {
 		b.Logf("the destination is written through the page cache: %v", err)
 		return file, func() { file.Close() }
+	}
+	if err := d.AllocateAhead(userspace.AllocateChunk); err != nil {
+		b.Fatal(err)
 	}
 	return d, func() { d.Close(); file.Close() }
 }
