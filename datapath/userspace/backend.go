@@ -25,6 +25,7 @@ import (
 	"github.com/ferry-dev/ferry/datapath/loopdev"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/childctl"
+	"github.com/ferry-dev/ferry/internal/retry"
 	"github.com/ferry-dev/ferry/iscsi"
 	"github.com/ferry-dev/ferry/luks"
 )
@@ -702,7 +703,7 @@ func (v *Backend) CleanupAll(ctx context.Context) error {
 	}
 	vols, _ := os.ReadDir(filepath.Join(v.DataDir, "fuse"))
 	for _, e := range vols {
-		if err := v.Detach(ctx, e.Name()); err != nil {
+		if err := v.detachPatiently(ctx, e.Name()); err != nil {
 			errs = append(errs, err)
 		}
 		if err := lazyUnmountFUSE(v.FuseDir(e.Name())); err != nil {
@@ -713,6 +714,32 @@ func (v *Backend) CleanupAll(ctx context.Context) error {
 		errs = append(errs, hostfs.ReleaseShared(v.MountPoint("")), mountns.Release(filepath.Join(v.DataDir, "fuse")))
 	}
 	return errors.Join(errs...)
+}
+
+// cleanupDetachWait bounds how long a teardown retries the detach of a
+// loop device that is still open. A machine killed inside its volume's
+// I/O, or a filesystem's last flush through the datapath, can hold it past
+// one Detach's wait on a loaded host; stopping the datapath under it then
+// would fail that I/O, so the teardown waits longer instead.
+const cleanupDetachWait = 30 * time.Second
+
+// detachPatiently is Detach retried with jittered backoff until it
+// succeeds, cleanupDetachWait passes or ctx ends; it returns the last error.
+func (v *Backend) detachPatiently(ctx context.Context, vol string) error {
+	deadline := time.Now().Add(cleanupDetachWait)
+	bo := retry.New(100*time.Millisecond, 2*time.Second)
+	for {
+		err := v.Detach(ctx, vol)
+		if err == nil || time.Now().After(deadline) {
+			return err
+		}
+		v.Log.Warn().Err(err).Str("volume", vol).Msg("the volume's loop device is still open; detaching again")
+		select {
+		case <-ctx.Done():
+			return errors.Join(err, ctx.Err())
+		case <-time.After(bo.Next()):
+		}
+	}
 }
 
 // lazyUnmountFUSE releases a FUSE mount whose datapath died without unmounting.
