@@ -135,6 +135,25 @@ func directDest(b *testing.B, path string, size int64) (dst blockdev.Device, clo
 	return d, func() { d.Close(); file.Close() }
 }
 
+// copyToDirect hydrates a dense src into a fresh O_DIRECT destination at
+// base+".dest" (meta at base+".meta") as the volume server would, timed
+// until the bytes are on the disk, with the CPU it kept busy; both files
+// are removed after.
+func copyToDirect(b *testing.B, name string, src blockdev.Device, base string) (float64, cpuUse) {
+	c0 := readCPU(b)
+	dst, closeDst := directDest(b, base+".dest", src.Size())
+	took, p := hydrateInto(b, src, dst, base+".meta")
+	took += timeSync()
+	u := readCPU(b).since(c0)
+	closeDst()
+	os.Remove(base + ".dest")
+	os.Remove(base + ".meta")
+	if p.FetchedBytes < src.Size()*9/10 {
+		b.Fatalf("%s fetched %d of %d dense bytes", name, p.FetchedBytes, src.Size())
+	}
+	return mibps(p.FetchedBytes, took), u
+}
+
 func hydrate(b *testing.B, lun blockdev.Device, dest string, fg func(eng *dmclone.Engine, stop <-chan struct{})) (time.Duration, dmclone.Progress, []point) {
 	dst, closeDst := directDest(b, dest, lun.Size())
 	defer closeDst()
@@ -340,20 +359,9 @@ func benchHydration(b *testing.B, s *suite) {
 	runTLS := func() (float64, cpuUse) {
 		dropCaches()
 		exp, lun := exportFerryTLS(b, dir, src, pki)
-		c0 := readCPU(b)
-		dst, closeDst := directDest(b, filepath.Join(dir, "tls.dest"), lun.Size())
-		took, p := hydrateInto(b, lun, dst, filepath.Join(dir, "tls.meta"))
-		took += timeSync()
-		u := readCPU(b).since(c0)
-		closeDst()
-		lun.Close()
-		exp.Stop()
-		os.Remove(filepath.Join(dir, "tls.dest"))
-		os.Remove(filepath.Join(dir, "tls.meta"))
-		if p.FetchedBytes < size*9/10 {
-			b.Fatalf("ferry over TLS fetched %d of %d dense bytes", p.FetchedBytes, size)
-		}
-		return mibps(p.FetchedBytes, took), u
+		defer exp.Stop()
+		defer lun.Close()
+		return copyToDirect(b, "ferry over TLS", lun, filepath.Join(dir, "tls"))
 	}
 	// ferry's network leg alone: the same export, initiator and engine, with
 	// a destination that throws the bytes away. What moving the source
@@ -384,23 +392,12 @@ func benchHydration(b *testing.B, s *suite) {
 		if err != nil {
 			b.Fatal(err)
 		}
+		defer f.Close()
 		_ = unix.Fadvise(int(f.Fd()), 0, size, unix.FADV_SEQUENTIAL)
-		c0 := readCPU(b)
-		dst, closeDst := directDest(b, filepath.Join(dir, "disk.dest"), size)
 		// Hidden behind the Device interface, or the engine would copy
 		// file to file in the kernel (copy_file_range), not as it does
 		// from an export.
-		took, p := hydrateInto(b, struct{ blockdev.Device }{f}, dst, filepath.Join(dir, "disk.meta"))
-		took += timeSync()
-		u := readCPU(b).since(c0)
-		closeDst()
-		f.Close()
-		os.Remove(filepath.Join(dir, "disk.dest"))
-		os.Remove(filepath.Join(dir, "disk.meta"))
-		if p.FetchedBytes < size*9/10 {
-			b.Fatalf("ferry's disk leg fetched %d of %d dense bytes", p.FetchedBytes, size)
-		}
-		return mibps(p.FetchedBytes, took), u
+		return copyToDirect(b, "ferry's disk leg", struct{ blockdev.Device }{f}, filepath.Join(dir, "disk"))
 	}
 	// Peer 1: Debian's tgt serving the file, read by ferry's initiator into the same engine.
 	_, tgtErr := exec.LookPath("tgtd")
@@ -530,7 +527,7 @@ func benchHydration(b *testing.B, s *suite) {
 		s.add(row{"hydration, dense: qemu-nbd peer", "", "skipped", "", "needs qemu-nbd (apt-get install qemu-utils)"})
 	}
 	s.notes = append(s.notes, "Hydration: a file of random bytes on the work disk is the source; each contender copies it to a fresh file on the same disk (ferry's engine writes it with O_DIRECT, as the volume server does; cp through the page cache), page cache dropped before each, ferry, cp and tgt taking turns; rate = bytes / time until the last byte is on the destination (engine Done, or the copy command's exit, then sync).")
-	s.notes = append(s.notes, "Hydration ratios depend on what bounds the machine during the run: with an idle disk the copy is CPU-bound and cp (one in-kernel copy) wins, ferry reaching about 0.5–0.55× on this 2-core machine; with a busy disk ferry's parallel sessions and read-ahead keep more reads queued than cp and it reached 1.4×. The per-round figures are in the -v output. The CPU figures are the whole machine's (/proc/stat) over each copy's timed part: the cores kept busy on average and the busy core-seconds per GiB copied (ferry's include its export child, the kernel's TCP on both ends and the page cache; cp's copy stays in the kernel). ferry's network leg alone is ferry's hydration into a destination that throws the bytes away (no write, no page cache): what the source's read, the export, the gate, loopback TCP twice, the initiator and the engine's bookkeeping allow; with its CPU per GiB next to the budget the goal leaves (every core busy at the goal's rate), it shows whether the cores are the wall. ferry's disk leg alone is the same engine copying the source file in place into the same O_DIRECT destination, with no export and no network: where ferry comes near it, moving the bytes costs little and what remains is how the disk takes ferry's copy (parallel batches, each read then written with O_DIRECT) against cp's single buffered stream, written back at its end.")
+	s.notes = append(s.notes, "Hydration ratios depend on what bounds the machine during the run (the cores, the disk or the network): the rows for ferry's network leg and disk leg, measured in the same rounds, show which side held it back in this run. The per-round figures are in the -v output. The CPU figures are the whole machine's (/proc/stat) over each copy's timed part: the cores kept busy on average and the busy core-seconds per GiB copied (ferry's include its export child, the kernel's TCP on both ends and the page cache; cp's copy stays in the kernel). ferry's network leg alone is ferry's hydration into a destination that throws the bytes away (no write, no page cache): what the source's read, the export, the gate, loopback TCP twice, the initiator and the engine's bookkeeping allow; with its CPU per GiB next to the budget the goal leaves (every core busy at the goal's rate), it shows whether the cores are the wall. ferry's disk leg alone is the same engine copying the source file in place into the same O_DIRECT destination, with no export and no network: where ferry comes near it, moving the bytes costs little and what remains is how the disk takes ferry's copy (parallel batches, each read then written with O_DIRECT) against cp's single buffered stream, written back at its end.")
 }
 
 // cpuUse is the machine's CPU use over an interval.
