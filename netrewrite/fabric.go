@@ -187,7 +187,7 @@ func (f *Fabric) connectMember(m FabricMember) error {
 			if err != nil {
 				return nil
 			}
-			return privErr(h.LinkDel(link))
+			return privErr(deleteLink(h, link))
 		}); err != nil {
 			return fmt.Errorf("removing stale %s: %w", FabricIf, err)
 		}
@@ -196,7 +196,7 @@ func (f *Fabric) connectMember(m FabricMember) error {
 	if err := withHandle(f.BridgeNS, func(h *netlink.Handle) error {
 		link, err := h.LinkByName(port)
 		if err == nil && !memberHasIf {
-			if err := h.LinkDel(link); err != nil {
+			if err := deleteLink(h, link); err != nil {
 				return privErr(fmt.Errorf("removing stale port %s: %w", port, err))
 			}
 			err = netlink.LinkNotFoundError{}
@@ -398,7 +398,7 @@ func (f *Fabric) Teardown(ctx context.Context, log zerolog.Logger) error {
 			if err != nil {
 				return nil
 			}
-			return privErr(h.LinkDel(link))
+			return privErr(deleteLink(h, link))
 		}))
 	}
 	errs = append(errs, DeleteNamespace(f.BridgeNS))

@@ -296,7 +296,7 @@ func ensureVeth(m MachineNet) error {
 			if _, isVeth := link.(*netlink.Veth); isVeth && peerOK {
 				return nil
 			}
-			if err := h.LinkDel(link); err != nil {
+			if err := deleteLink(h, link); err != nil {
 				return privErr(fmt.Errorf("removing stale %s: %w", m.HostVeth, err))
 			}
 		} else if !isNotFound(err) {
@@ -323,6 +323,16 @@ func ensureVeth(m MachineNet) error {
 		}
 		return nil
 	})
+}
+
+// deleteLink deletes link, counting a link already gone as deleted: a
+// deleted namespace takes a veth's other end down in the kernel's deferred
+// netns cleanup, which can win the race between a lookup and this delete.
+func deleteLink(h *netlink.Handle, link netlink.Link) error {
+	if err := h.LinkDel(link); err != nil && !isNotFound(err) {
+		return err
+	}
+	return nil
 }
 
 func isNotFound(err error) bool {
@@ -452,7 +462,7 @@ func TeardownMachineNet(ctx context.Context, log zerolog.Logger, m MachineNet) e
 			}
 			return fmt.Errorf("looking up %s: %w", m.HostVeth, err)
 		}
-		if err := h.LinkDel(link); err != nil {
+		if err := deleteLink(h, link); err != nil {
 			return privErr(fmt.Errorf("deleting %s: %w", m.HostVeth, err))
 		}
 		return nil

@@ -17,6 +17,7 @@ import (
 	"github.com/ferry-dev/ferry/internal/testenv"
 
 	"github.com/rs/zerolog"
+	"github.com/vishvananda/netlink"
 )
 
 const (
@@ -511,5 +512,39 @@ func TestFabricIdempotentAndTeardown(t *testing.T) {
 	}
 	if s := w.state(w.src); strings.Contains(s, FabricIf) {
 		t.Fatalf("%s still has %s after Teardown:\n%s", w.src, FabricIf, s)
+	}
+}
+
+// TestDeleteLinkAlreadyGone is the race a deleted namespace opens: the link
+// was looked up, then vanished (the kernel's deferred netns cleanup took it)
+// before the delete; the delete must count it as done, not fail a setup.
+func TestDeleteLinkAlreadyGone(t *testing.T) {
+	needRoot(t)
+	ns := "nrt" + randSuffix() + "-gone"
+	if err := EnsureNamespace(ns); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := DeleteNamespace(ns); err != nil {
+			t.Errorf("cleanup: %v", err)
+		}
+	})
+	if err := withHandle(ns, func(h *netlink.Handle) error {
+		if err := h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "gone0"}, PeerName: "gone1"}); err != nil {
+			return err
+		}
+		stale, err := h.LinkByName("gone0")
+		if err != nil {
+			return err
+		}
+		if err := h.LinkDel(stale); err != nil {
+			return err
+		}
+		if err := h.LinkDel(stale); err == nil {
+			return fmt.Errorf("a second raw LinkDel succeeded: the test no longer reproduces the race")
+		}
+		return deleteLink(h, stale)
+	}); err != nil {
+		t.Fatal(err)
 	}
 }
