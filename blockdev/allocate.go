@@ -3,6 +3,7 @@ package blockdev
 import (
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -81,6 +82,28 @@ func (a *allocator) needs(off, n int64) bool {
 // has reports whether chunk c was allocated since open.
 func (a *allocator) has(c int64) bool {
 	return a.word(c).Load()&(uint64(1)<<(c%64)) != 0
+}
+
+// markData marks the chunks fd's file holds data in from end to end,
+// from the file's start as far as it gets by the deadline: the marks are a
+// hint, so a file of many small extents is left partly unmarked rather than
+// holding up its open.
+func (a *allocator) markData(fd int, size int64, deadline time.Time) {
+	for off := int64(0); off < size && time.Now().Before(deadline); {
+		data, err := unix.Seek(fd, off, unix.SEEK_DATA)
+		if err != nil {
+			return // ENXIO: no data after off; anything else: no hint
+		}
+		hole, err := unix.Seek(fd, data, unix.SEEK_HOLE)
+		if err != nil || hole <= data {
+			return
+		}
+		end := min(hole, size)
+		for c := (data + a.chunk - 1) / a.chunk; c*a.chunk < end && min((c+1)*a.chunk, size) <= end; c++ {
+			a.word(c).Or(uint64(1) << (c % 64))
+		}
+		off = hole
+	}
 }
 
 // forget drops the chunks [off, off+n) touches: a hole was punched there.
