@@ -272,11 +272,20 @@ func stateAt(m *fsm.Migration, t time.Time) fsm.State {
 // want of the finished migration m, and returns the state it fell in.
 func landed(t testing.TB, m *fsm.Migration, want fsm.State, from, to time.Time, path string) fsm.State {
 	t.Helper()
+	s, err := landedIn(m, want, from, to, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// landedIn is landed's check as an error: the fault missed its state.
+func landedIn(m *fsm.Migration, want fsm.State, from, to time.Time, path string) (fsm.State, error) {
 	a, b := stateAt(m, from), stateAt(m, to)
 	if a != want || b != want {
-		t.Fatalf("the fault missed its state: it began in %q and ended in %q, want both %s (path %s, entered %v)", a, b, want, path, m.EnteredAt)
+		return a, fmt.Errorf("the fault missed its state: it began in %q and ended in %q, want both %s (path %s, entered %v)", a, b, want, path, m.EnteredAt)
 	}
-	return a
+	return a, nil
 }
 
 // machineOn returns the worker a machine is recorded on.
