@@ -89,21 +89,17 @@ func (a *allocator) has(c int64) bool {
 // hint, so a file of many small extents is left partly unmarked rather than
 // holding up its open.
 func (a *allocator) markData(fd int, size int64, deadline time.Time) {
-	for off := int64(0); off < size && time.Now().Before(deadline); {
-		data, err := unix.Seek(fd, off, unix.SEEK_DATA)
-		if err != nil {
-			return // ENXIO: no data after off; anything else: no hint
+	// An error leaves the marks made so far: they are a hint.
+	_ = eachDataRange(fd, size, func(r Range) bool {
+		if !time.Now().Before(deadline) {
+			return false
 		}
-		hole, err := unix.Seek(fd, data, unix.SEEK_HOLE)
-		if err != nil || hole <= data {
-			return
-		}
-		end := min(hole, size)
-		for c := (data + a.chunk - 1) / a.chunk; c*a.chunk < end && min((c+1)*a.chunk, size) <= end; c++ {
+		end := min(r.Off+r.Len, size)
+		for c := (r.Off + a.chunk - 1) / a.chunk; c*a.chunk < end && min((c+1)*a.chunk, size) <= end; c++ {
 			a.word(c).Or(uint64(1) << (c % 64))
 		}
-		off = hole
-	}
+		return true
+	})
 }
 
 // forget drops the chunks [off, off+n) touches: a hole was punched there.

@@ -189,25 +189,42 @@ func DataRanges(f *os.File) ([]Range, error) {
 	if err != nil {
 		return nil, fmt.Errorf("stat %s: %w", f.Name(), err)
 	}
-	size := st.Size()
-	fd := int(f.Fd())
 	var out []Range
+	err = eachDataRange(int(f.Fd()), st.Size(), func(r Range) bool {
+		out = append(out, r)
+		return true
+	})
+	if err != nil {
+		return nil, fmt.Errorf("%w in %s", err, f.Name())
+	}
+	return out, nil
+}
+
+// eachDataRange calls yield with each data range of fd's file below size,
+// in order, until yield returns false (SEEK_DATA/SEEK_HOLE; the seeks move
+// fd's file offset).
+func eachDataRange(fd int, size int64, yield func(Range) bool) error {
 	for off := int64(0); off < size; {
 		data, err := unix.Seek(fd, off, unix.SEEK_DATA)
 		if err == unix.ENXIO {
-			break // no data after off
+			return nil // no data after off
 		}
 		if err != nil {
-			return nil, fmt.Errorf("SEEK_DATA in %s: %w", f.Name(), err)
+			return fmt.Errorf("SEEK_DATA: %w", err)
 		}
 		hole, err := unix.Seek(fd, data, unix.SEEK_HOLE)
 		if err != nil {
-			return nil, fmt.Errorf("SEEK_HOLE in %s: %w", f.Name(), err)
+			return fmt.Errorf("SEEK_HOLE: %w", err)
 		}
-		out = append(out, Range{Off: data, Len: hole - data})
+		if hole <= data {
+			return fmt.Errorf("SEEK_HOLE at %d returned %d: no progress", data, hole)
+		}
+		if !yield(Range{Off: data, Len: hole - data}) {
+			return nil
+		}
 		off = hole
 	}
-	return out, nil
+	return nil
 }
 
 // Holes returns the complement of DataRanges within [0, size): the ranges that
