@@ -261,7 +261,7 @@ func runMatrix(t *testing.T, lease bool) {
 					report(table, line)
 					return
 				}
-				if attempt == matrixAttempts {
+				if attempt == rowAttempts {
 					t.Fatal(missed)
 				}
 				t.Logf("run %d: %v; running the row again", attempt, missed)
@@ -273,8 +273,8 @@ func runMatrix(t *testing.T, lease bool) {
 	}
 }
 
-// matrixAttempts bounds the runs of a row whose kill misses its state.
-const matrixAttempts = 3
+// rowAttempts bounds the runs of a row whose fault misses its state.
+const rowAttempts = 3
 
 // runMatrixCase runs one row; the error says its kill missed the state.
 func runMatrixCase(c *cluster, k matrixCase, machineID, ack string) (string, error) {

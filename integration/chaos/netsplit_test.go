@@ -103,7 +103,21 @@ func TestNetSplit(t *testing.T) {
 			parent := c.t
 			c.t = t
 			defer func() { c.t = parent }()
-			report(table, runSplit(c, k, "xmach", ack, outage))
+			// A row whose migration ended before its state (under CI load a
+			// healthy worker's lease can lapse while planned, and the
+			// servers roll back) tested nothing: it runs again. Each run
+			// still checks every invariant.
+			for attempt := 1; ; attempt++ {
+				line, missed := runSplit(c, k, "xmach", ack, outage)
+				if missed == nil {
+					report(table, line)
+					return
+				}
+				if attempt == rowAttempts {
+					t.Fatal(missed)
+				}
+				t.Logf("run %d: %v; running the row again", attempt, missed)
+			}
 		})
 		if !ok {
 			report(table, fmt.Sprintf("| %s | %s | | FAILED | | | | | |", k.state, k.name()))
@@ -111,7 +125,8 @@ func TestNetSplit(t *testing.T) {
 	}
 }
 
-func runSplit(c *cluster, k splitCase, machineID, ack string, outage time.Duration) string {
+// runSplit runs one row; the error says the migration ended before its state.
+func runSplit(c *cluster, k splitCase, machineID, ack string, outage time.Duration) (string, error) {
 	t := c.t
 	src := c.machineOn(machineID)
 	dst := c.other(src)
@@ -132,6 +147,11 @@ func runSplit(c *cluster, k splitCase, machineID, ack string, outage time.Durati
 	}
 	w := c.watch(id, src, mach.Volume)
 	if _, err := c.bed.WaitState(c.ctx, id, 2*time.Minute, k.state); err != nil {
+		if m := mustGet(c, id); m.State.Terminal() && m.EnteredAt[k.state].IsZero() {
+			// Ended without the split: check the invariants all the same.
+			c.finish(id, machineID, src, dst, mach.Volume, ack, w, start, 4*time.Minute)
+			return "", fmt.Errorf("the split missed its state: %v (path %s)", err, w.path())
+		}
 		w.close()
 		t.Fatalf("the split missed its state: %v (path %s)", err, w.path())
 	}
@@ -179,5 +199,5 @@ func runSplit(c *cluster, k splitCase, machineID, ack string, outage time.Durati
 	t.Logf("%s: split %v in %s (at its end: %s), ended %s via %s, records %d/%d, source %s, %v", k.name(), outage, at, during,
 		o.final.State, w.path(), o.acked, o.present, o.frozenSame, o.took.Round(time.Millisecond))
 	return fmt.Sprintf("| %s | %s | %s | %s | %s | %d/%d | %s | %s | %s |", k.state, k.name(), at, o.final.State, w.path(),
-		o.acked, o.present, o.frozenSame, o.leaks, o.took.Round(100*time.Millisecond))
+		o.acked, o.present, o.frozenSame, o.leaks, o.took.Round(100*time.Millisecond)), nil
 }
