@@ -9,10 +9,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
 
 	"github.com/ferry-dev/ferry/datapath"
 	"github.com/ferry-dev/ferry/fsm"
@@ -341,9 +343,15 @@ func (s *Supervisor) Reconcile(ctx context.Context, m *fsm.Machine) {
 	switch {
 	case m.State == fsm.MachineRunning && st == machine.Running:
 		s.restarts.sawRunning(m.ID)
-		// Already here: keep its volume and datapath up (idempotent).
-		if err := s.StartLocal(ctx, m); err != nil {
-			s.log.Warn().Err(err).Str("machine", m.ID).Msg("cannot start machine")
+		// Already here: a dead datapath was revived above; only a volume
+		// no longer mounted under it is mounted again (idempotent). Not
+		// mounting again every reconcile: that cost two reads of the store
+		// and the opening of an envelope per machine per second.
+		if mnt := spec.MountDir; !isMountPoint(mnt) {
+			s.log.Warn().Str("machine", m.ID).Str("mount", mnt).Msg("a running machine's volume is not mounted: mounting it again")
+			if err := s.StartLocal(ctx, m); err != nil {
+				s.log.Warn().Err(err).Str("machine", m.ID).Msg("cannot start machine")
+			}
 		}
 		return
 	case m.State != fsm.MachineRunning && st != machine.Running:
@@ -503,4 +511,14 @@ func (s *Supervisor) superviseLocal(ctx context.Context, m *fsm.Machine, spec ma
 		return
 	}
 	log.Warn().Msg("datapath restarted and the machine started again")
+}
+
+// isMountPoint reports whether dir is the root of a mount other than its
+// parent's (a volume's filesystem mounted there).
+func isMountPoint(dir string) bool {
+	var st, parent unix.Stat_t
+	if unix.Stat(dir, &st) != nil || unix.Stat(filepath.Dir(dir), &parent) != nil {
+		return false
+	}
+	return st.Dev != parent.Dev
 }
