@@ -132,6 +132,9 @@ func Detach(dev string) error {
 				if why := mountns.Explain(rdev, dev); why != "" {
 					return fmt.Errorf("%s is still open after detaching: %s", dev, why)
 				}
+				if hs := mountns.OpenOn(rdev); len(hs) > 0 {
+					return fmt.Errorf("%s is still open after detaching (it goes away on last close; a filesystem unmounted lazily lives on while its files are open): %s", dev, strings.Join(hs, "; "))
+				}
 			}
 			return fmt.Errorf("%s is still open by someone after detaching (it goes away on last close): find the holder with fuser -v %s", dev, dev)
 		}

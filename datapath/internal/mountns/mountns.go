@@ -163,3 +163,40 @@ func scanMountinfo(path string, fn func(fields []string) bool) {
 func unescape(s string) string {
 	return strings.NewReplacer(`\040`, " ", `\011`, "\t", `\012`, "\n", `\134`, `\`).Replace(s)
 }
+
+// OpenOn lists the processes holding dev open: the device node itself, or
+// a file, working directory or root on a filesystem dev carries (one
+// unmounted lazily lives on until they let go). For an error message: it
+// reads every process's descriptors, so call it only once a wait failed.
+func OpenOn(dev uint64) []string {
+	ents, _ := os.ReadDir("/proc")
+	var out []string
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		dir := filepath.Join("/proc", e.Name())
+		paths := []string{filepath.Join(dir, "cwd"), filepath.Join(dir, "root")}
+		fds, _ := os.ReadDir(filepath.Join(dir, "fd"))
+		for _, fd := range fds {
+			paths = append(paths, filepath.Join(dir, "fd", fd.Name()))
+		}
+		for _, p := range paths {
+			var st unix.Stat_t
+			if unix.Stat(p, &st) != nil {
+				continue
+			}
+			onFS := st.Dev == dev
+			isNode := st.Mode&unix.S_IFMT == unix.S_IFBLK && st.Rdev == dev
+			if !onFS && !isNode {
+				continue
+			}
+			target, _ := os.Readlink(p)
+			cmd, _ := os.ReadFile(filepath.Join(dir, "cmdline"))
+			out = append(out, fmt.Sprintf("pid %d (%s) has %s open", pid, strings.TrimSpace(strings.ReplaceAll(string(cmd), "\x00", " ")), target))
+			break
+		}
+	}
+	return out
+}
