@@ -17,6 +17,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 
+	"github.com/ferry-dev/ferry/datapath"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/retry"
 	"github.com/ferry-dev/ferry/volops"
@@ -206,6 +207,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	a.wg.Wait()
 	a.trims.WaitAll()
+	if ps, ok := a.Data.(datapath.Prestarter); ok {
+		ps.ReleasePrestarted()
+	}
 	return nil
 }
 

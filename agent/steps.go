@@ -127,6 +127,9 @@ func (a *Agent) prepareTarget(ctx context.Context, log zerolog.Logger, m *fsm.Mi
 	if err := a.Volumes.Allocate(tv, size); err != nil {
 		return err
 	}
+	if ps, ok := a.Data.(datapath.Prestarter); ok {
+		ps.Prestart(ctx, tv) // the clone's process, started before the source stops
+	}
 	log.Info().Str("target_volume", tv).Int64("size", size).Int64("data_offset", m.Layout.DataOffset).Msg("destination prepared from the carried layout")
 	return a.propose(ctx, m, fsm.EvTargetPrepared, fsm.EventPayload{TargetVolume: tv, Layout: m.Layout})
 }

@@ -214,6 +214,16 @@ type Reviver interface {
 	ReleaseDead(ctx context.Context, vol, mnt string) error
 }
 
+// Prestarter is a Backend that can start a volume's datapath process ahead
+// of need: the agent asks when it prepares a migration's target, and the
+// clone built inside the machine's pause skips a process's start.
+type Prestarter interface {
+	Prestart(ctx context.Context, vol string)
+	// ReleasePrestarted ends the processes Prestart started and no clone
+	// took (the agent stops).
+	ReleasePrestarted()
+}
+
 // Retargeter is a CloneHandle whose source can follow its export to
 // another portal and IQN while the clone runs (the source restarted
 // elsewhere). A data path without it keeps reading the recorded portal.

@@ -217,9 +217,12 @@ func newVolumeDestroyCmd() *cobra.Command {
 }
 
 func newVolumeServeCmd() *cobra.Command {
-	var cfgPath string
+	var (
+		cfgPath     string
+		awaitConfig bool
+	)
 	serve := &cobra.Command{
-		Use:    "serve --config FILE",
+		Use:    "serve --config FILE [--await-config]",
 		Short:  "Serve one volume's userspace block stack over FUSE (started by the agent; passphrase on stdin)",
 		Hidden: true,
 		Args:   cobra.NoArgs,
@@ -230,9 +233,13 @@ func newVolumeServeCmd() *cobra.Command {
 			}
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
+			if awaitConfig {
+				return userspace.ServeAwaitingConfig(ctx, log, cfgPath, os.Stdin, userspace.PrestartPatience)
+			}
 			return userspace.ServeConfigFile(ctx, log, cfgPath, os.Stdin)
 		},
 	}
 	serve.Flags().StringVar(&cfgPath, "config", "", "datapath configuration (JSON)")
+	serve.Flags().BoolVar(&awaitConfig, "await-config", false, "start now, read FILE only once a line arrives on stdin (the agent prestarts a clone's datapath before its configuration exists)")
 	return serve
 }

@@ -52,6 +52,38 @@ type Backend struct {
 	// ExportNBD (kernel dm-crypt over the served ciphertext; see
 	// ProbeNBD).
 	BlockExport string
+
+	pre prestarts // datapaths started ahead of their clone, by volume
+}
+
+// Prestart starts vol's datapath process ahead of its clone (the agent
+// asks when it prepares a migration's target), so the clone built inside
+// the machine's pause skips a process's start. Best effort: a failure is
+// logged and the clone starts its own process. Idempotent.
+func (v *Backend) Prestart(ctx context.Context, vol string) {
+	if err := checkVolumeName(vol); err != nil {
+		v.Log.Warn().Err(err).Msg("prestart the datapath: skipped")
+		return
+	}
+	if _, err := v.Process(ctx, vol); err == nil {
+		return // already served
+	}
+	p, err := startPrestarted(v.Exe, v.runDir(), vol)
+	if err != nil {
+		v.Log.Warn().Err(err).Str("volume", vol).Msg("prestart the datapath: failed; the clone starts its own")
+		return
+	}
+	if !v.pre.add(vol, p) {
+		p.release()
+	}
+}
+
+// ReleasePrestarted ends every prestarted datapath not yet handed its
+// configuration (the agent stops).
+func (v *Backend) ReleasePrestarted() {
+	for _, p := range v.pre.all() {
+		p.release()
+	}
 }
 
 func (v *Backend) nbd() bool { return v.BlockExport == ExportNBD }
@@ -284,7 +316,7 @@ func (v *Backend) attach(ctx context.Context, cfg Config, key func(context.Conte
 	if err := mountns.EnsureShared(filepath.Join(v.DataDir, "fuse")); err != nil {
 		return "", err
 	}
-	if _, err := StartKeyed(ctx, v.Log, v.Exe, cfg, key, v.runDir()); err != nil {
+	if _, err := startKeyed(ctx, v.Log, v.Exe, cfg, key, v.runDir(), v.pre.take(cfg.VolumeID)); err != nil {
 		return "", err
 	}
 	if dev := cfg.Device(); dev != "" {
@@ -599,6 +631,9 @@ func (v *Backend) Remove(ctx context.Context, vol string) error {
 	if err := fsm.LocalID("volume", vol); err != nil {
 		return err
 	}
+	if p := v.pre.take(vol); p != nil {
+		p.release()
+	}
 	if err := v.Detach(ctx, vol); err != nil {
 		return err
 	}
@@ -681,6 +716,7 @@ const abandonPatience = 5 * time.Second
 // lazily and the datapaths are killed, which fails the pending I/O at once;
 // the data there is a discarded copy, the source is authoritative.
 func (v *Backend) CleanupAll(ctx context.Context) error {
+	v.ReleasePrestarted()
 	var errs []error
 	killDatapaths := func() {
 		ents, _ := os.ReadDir(filepath.Join(v.DataDir, "fuse"))

@@ -59,6 +59,19 @@ func Start(ctx context.Context, log zerolog.Logger, exe string, cfg Config, pass
 // that takes a round trip to the servers costs no time of its own. A key
 // that fails ends the process, and StartKeyed returns the key's error.
 func StartKeyed(ctx context.Context, log zerolog.Logger, exe string, cfg Config, key func(context.Context) ([]byte, error), stateDir string) (*Process, error) {
+	return startKeyed(ctx, log, exe, cfg, key, stateDir, nil)
+}
+
+// startKeyed is StartKeyed handing the configuration to pre, a process
+// prestarted for this volume, when it is alive, instead of starting one.
+// pre is released when it is not used.
+func startKeyed(ctx context.Context, log zerolog.Logger, exe string, cfg Config, key func(context.Context) ([]byte, error), stateDir string, pre *prestarted) (*Process, error) {
+	handed := false
+	defer func() {
+		if pre != nil && !handed {
+			pre.release()
+		}
+	}()
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -88,25 +101,26 @@ func StartKeyed(ctx context.Context, log zerolog.Logger, exe string, cfg Config,
 	if err := atomicfile.WriteFile(cfgPath, b, 0o600); err != nil {
 		return nil, fmt.Errorf("write datapath config: %w", err)
 	}
-	logf, err := os.OpenFile(filepath.Join(stateDir, cfg.VolumeID+".log"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
-	if err != nil {
-		return nil, fmt.Errorf("datapath log: %w", err)
-	}
-	defer logf.Close()
-	cmd := exec.Command(exe, "volume", "serve", "--config", cfgPath, "--log-format", "json")
-	keyR, keyW, err := os.Pipe()
-	if err != nil {
-		return nil, fmt.Errorf("datapath for volume %s: a pipe for its key: %w", cfg.VolumeID, err)
-	}
-	defer keyR.Close()
-	cmd.Stdin = keyR
-	cmd.Stdout, cmd.Stderr = logf, logf
-	// Its own session: it outlives the agent, which re-adopts it by socket.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	tExec := time.Now()
-	if err := cmd.Start(); err != nil {
-		keyW.Close()
-		return nil, fmt.Errorf("start datapath for volume %s: %w", cfg.VolumeID, err)
+	var (
+		cmd    *exec.Cmd
+		keyW   *os.File
+		exited = make(chan error, 1)
+	)
+	// The configuration is on disk (synced): the prestarted process may read it.
+	if pre != nil && pre.hand() {
+		handed = true
+		cmd, keyW = pre.cmd, pre.stdin
+		go func() {
+			<-pre.exited
+			exited <- pre.err
+		}()
+	} else {
+		pre = nil // gone, and released by hand
+		if cmd, keyW, err = execServe(exe, filepath.Join(stateDir, cfg.VolumeID+".log"), "--config", cfgPath); err != nil {
+			return nil, fmt.Errorf("start datapath for volume %s: %w", cfg.VolumeID, err)
+		}
+		go func() { exited <- cmd.Wait() }()
 	}
 	// The key goes down the pipe once it is known; the write end closes
 	// either way, so a process waiting for a key that failed reads an
@@ -121,8 +135,6 @@ func StartKeyed(ctx context.Context, log zerolog.Logger, exe string, cfg Config,
 		}
 		keyErr <- err
 	}()
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
 	p = &Process{cfg: cfg, client: childctl.Dial(cfg.Socket)}
 	if err := p.client.WaitReady(ctx, "/v1/status", nil, exited, 60*time.Second); err != nil {
 		_ = cmd.Process.Kill()
@@ -136,8 +148,33 @@ func StartKeyed(ctx context.Context, log zerolog.Logger, exe string, cfg Config,
 		tail, _ := tailFile(filepath.Join(stateDir, cfg.VolumeID+".log"), 2048)
 		return nil, fmt.Errorf("datapath for volume %s: %w: %s", cfg.VolumeID, err, tail)
 	}
-	log.Info().Str("volume", cfg.VolumeID).Int("pid", cmd.Process.Pid).Bool("clone", cfg.Clone != nil).Dur("took", time.Since(tExec)).Msg("datapath ready")
+	log.Info().Str("volume", cfg.VolumeID).Int("pid", cmd.Process.Pid).Bool("clone", cfg.Clone != nil).Bool("prestarted", handed).Dur("took", time.Since(tExec)).Msg("datapath ready")
 	return p, nil
+}
+
+// execServe starts `exe volume serve ARGS`, its output appended to
+// logPath, and returns it with the write end of its stdin (the key).
+func execServe(exe, logPath string, args ...string) (*exec.Cmd, *os.File, error) {
+	logf, err := os.OpenFile(logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, nil, fmt.Errorf("datapath log: %w", err)
+	}
+	defer logf.Close()
+	keyR, keyW, err := os.Pipe()
+	if err != nil {
+		return nil, nil, fmt.Errorf("a pipe for the datapath's key: %w", err)
+	}
+	defer keyR.Close()
+	cmd := exec.Command(exe, append(append([]string{"volume", "serve"}, args...), "--log-format", "json")...)
+	cmd.Stdin = keyR
+	cmd.Stdout, cmd.Stderr = logf, logf
+	// Its own session: it outlives the agent, which re-adopts it by socket.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		keyW.Close()
+		return nil, nil, err
+	}
+	return cmd, keyW, nil
 }
 
 func tailFile(path string, n int64) (string, error) {

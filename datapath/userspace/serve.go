@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"sync"
 	"time"
 
@@ -807,7 +808,13 @@ func ServeChildIfAsked() {
 		return
 	}
 	log := zerolog.New(os.Stderr).With().Timestamp().Logger()
-	if err := ServeConfigFile(context.Background(), log, os.Args[4], os.Stdin); err != nil {
+	serve := ServeConfigFile
+	if slices.Contains(os.Args[5:], AwaitConfigFlag) {
+		serve = func(ctx context.Context, log zerolog.Logger, path string, stdin io.Reader) error {
+			return ServeAwaitingConfig(ctx, log, path, stdin, PrestartPatience)
+		}
+	}
+	if err := serve(context.Background(), log, os.Args[4], os.Stdin); err != nil {
 		log.Error().Err(err).Msg("volume serve")
 		os.Exit(1)
 	}

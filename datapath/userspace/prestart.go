@@ -1,0 +1,174 @@
+package userspace
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/rs/zerolog"
+)
+
+// A prestarted datapath is `ferry volume serve --config VOL.json
+// --await-config`, started when a migration's target is prepared, before
+// its configuration exists (the portal and IQN come only with `exported`).
+// It pays for its exec and the Go runtime's start (25–49 ms on a busy
+// 2-core host: docs/profiles.md) outside the machine's pause, then waits
+// for one line on stdin saying the configuration is written; the key
+// follows on the same pipe. Its command line names its configuration like
+// any datapath's, so every kill by configuration (abandon, cleanup, stuck
+// I/O) finds it. End of stdin before the line (the agent gone, or the
+// volume removed) or PrestartPatience without it is a clean exit.
+
+// PrestartPatience bounds how long a prestarted datapath waits for its
+// configuration; the agent starts a fresh process for a clone built later.
+const PrestartPatience = 5 * time.Minute
+
+// AwaitConfigFlag is the serve flag of a prestarted datapath.
+const AwaitConfigFlag = "--await-config"
+
+// ServeAwaitingConfig is `ferry volume serve --config path --await-config`:
+// it waits for a line on stdin (at most patience), then serves path like
+// ServeConfigFile, reading the key from what follows on stdin.
+func ServeAwaitingConfig(ctx context.Context, log zerolog.Logger, path string, stdin io.Reader, patience time.Duration) error {
+	br := bufio.NewReader(stdin)
+	line := make(chan error, 1)
+	go func() {
+		_, err := br.ReadSlice('\n')
+		line <- err
+	}()
+	t := time.NewTimer(patience)
+	defer t.Stop()
+	select {
+	case err := <-line:
+		if errors.Is(err, io.EOF) {
+			return nil // released before its configuration: nothing to serve
+		}
+		if err != nil {
+			return fmt.Errorf("prestarted datapath: waiting for its configuration: %w", err)
+		}
+	case <-t.C:
+		log.Info().Dur("waited", patience).Msg("prestarted datapath: no configuration came; exiting (a clone built later starts its own process)")
+		return nil
+	case <-ctx.Done():
+		return nil
+	}
+	return ServeConfigFile(ctx, log, path, br)
+}
+
+// prestarted is the agent's handle on a prestarted datapath.
+type prestarted struct {
+	cmd    *exec.Cmd
+	stdin  *os.File // the write end: the go line, then the key
+	exited chan struct{}
+	err    error // how it exited, once exited is closed
+}
+
+// startPrestarted starts a datapath for vol that waits for its
+// configuration (stateDir/vol.json, not yet written).
+func startPrestarted(exe, stateDir, vol string) (*prestarted, error) {
+	if err := os.MkdirAll(stateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("datapath state dir: %w", err)
+	}
+	cmd, w, err := execServe(exe, filepath.Join(stateDir, vol+".log"), "--config", filepath.Join(stateDir, vol+".json"), AwaitConfigFlag)
+	if err != nil {
+		return nil, fmt.Errorf("prestart the datapath of volume %s: %w", vol, err)
+	}
+	p := &prestarted{cmd: cmd, stdin: w, exited: make(chan struct{})}
+	go func() {
+		p.err = cmd.Wait()
+		close(p.exited)
+	}()
+	return p, nil
+}
+
+// hand tells the process its configuration is written; false if it is
+// gone (then it is released and the caller starts a process itself).
+func (p *prestarted) hand() bool {
+	select {
+	case <-p.exited:
+		p.stdin.Close()
+		return false
+	default:
+	}
+	if _, err := p.stdin.Write([]byte("\n")); err != nil {
+		p.release()
+		return false
+	}
+	return true
+}
+
+// releaseWait bounds the wait for a released process to exit.
+const releaseWait = 5 * time.Second
+
+// release ends a process not handed its configuration: its stdin closes
+// and it exits; one that does not is killed.
+func (p *prestarted) release() {
+	p.stdin.Close()
+	select {
+	case <-p.exited:
+	case <-time.After(releaseWait):
+		_ = p.cmd.Process.Kill()
+		<-p.exited
+	}
+}
+
+// prestarts holds a backend's prestarted datapaths by volume.
+type prestarts struct {
+	mu sync.Mutex
+	m  map[string]*prestarted
+}
+
+// add keeps p for vol; false if vol already has a live one.
+func (ps *prestarts) add(vol string, p *prestarted) bool {
+	ps.mu.Lock()
+	defer ps.mu.Unlock()
+	if old := ps.m[vol]; old != nil {
+		select {
+		case <-old.exited:
+		default:
+			return false
+		}
+	}
+	if ps.m == nil {
+		ps.m = map[string]*prestarted{}
+	}
+	ps.m[vol] = p
+	return true
+}
+
+// take returns vol's prestarted process, if one is alive, and forgets it.
+func (ps *prestarts) take(vol string) *prestarted {
+	ps.mu.Lock()
+	p := ps.m[vol]
+	delete(ps.m, vol)
+	ps.mu.Unlock()
+	if p == nil {
+		return nil
+	}
+	select {
+	case <-p.exited:
+		p.stdin.Close()
+		return nil
+	default:
+	}
+	return p
+}
+
+// all takes every prestarted process.
+func (ps *prestarts) all() []*prestarted {
+	ps.mu.Lock()
+	defer ps.mu.Unlock()
+	var out []*prestarted
+	for vol, p := range ps.m {
+		out = append(out, p)
+		delete(ps.m, vol)
+	}
+	return out
+}
