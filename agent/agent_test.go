@@ -128,7 +128,7 @@ func TestStepTable(t *testing.T) {
 		worker string
 		want   bool
 	}{
-		{fsm.Planned, "src", false}, {fsm.Planned, "dst", true},
+		{fsm.Planned, "src", true}, {fsm.Planned, "dst", true}, // the source starts its export early
 		{fsm.TargetPrepared, "src", true}, {fsm.TargetPrepared, "dst", false},
 		{fsm.SourceStopped, "src", true}, {fsm.Exported, "dst", true},
 		{fsm.CloneBuilt, "dst", true}, {fsm.Trimmed, "dst", true}, {fsm.Trimmed, "src", false},
@@ -145,8 +145,16 @@ func TestStepTable(t *testing.T) {
 			t.Errorf("%s as %s: step = %v, want %v", c.state, c.worker, got, c.want)
 		}
 	}
-	// Rollback: the source restores only after the target's teardown is committed (invariant 2).
+	// The early export runs once.
 	a.cfg.Worker = "src"
+	pm := &fsm.Migration{ID: "mig-3", Source: "src", Target: "dst", State: fsm.Planned}
+	if err := a.stepFor(pm)(context.Background(), zerolog.Nop(), pm); err != nil {
+		t.Fatalf("early export: %v", err)
+	}
+	if a.stepFor(pm) != nil {
+		t.Fatal("the source starts its export early again")
+	}
+	// Rollback: the source restores only after the target's teardown is committed (invariant 2).
 	m := &fsm.Migration{ID: "mig-2", Source: "src", Target: "dst", State: fsm.RollingBack, Rollback: &fsm.RollbackInfo{}}
 	if a.stepFor(m) != nil {
 		t.Fatal("the source acts on a rollback before the target's teardown is committed")

@@ -68,6 +68,8 @@ func (a *Agent) stepFor(m *fsm.Migration) stepFunc {
 			return a.reExport
 		case m.State.AfterCutover() && !a.done(m, "net-source"):
 			return a.forwardOld
+		case m.State == fsm.Planned && !a.done(m, "early-export") && !a.Exports.Live(m.ID):
+			return a.exportEarly
 		}
 	}
 	steps := a.duties()
@@ -546,6 +548,28 @@ func (a *Agent) releaseTarget(ctx context.Context, log zerolog.Logger, m *fsm.Mi
 // source_stopped (from which the downtime budget runs) back for long; the
 // exported step starts it again under the budget.
 const earlyExportWait = time.Second
+
+// exportEarly, on the source while the target prepares, starts the
+// export's process (tens of milliseconds: a child in its own network
+// namespace, gotgt), which stopSource would otherwise start beside the
+// machine's stop, inside the machine's pause. The same reasons make it
+// safe (stopSource): only the target's certificate from its address is
+// admitted, the target learns the portal only from exported, the export
+// reads nothing until the target asks, and the key is sealed to the target
+// only at exported. A failure costs nothing: stopSource and the exported
+// step start it again. It runs once (a step marker); the reap of an ended
+// migration unexports it.
+func (a *Agent) exportEarly(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
+	early, cancel := context.WithTimeout(ctx, earlyExportWait)
+	defer cancel()
+	t0 := time.Now()
+	if err := a.startExport(early, m); err != nil {
+		log.Info().Err(err).Msg("the export did not start while the target prepared; the source's stop starts it")
+	} else {
+		log.Info().Dur("took", time.Since(t0)).Msg("export started while the target prepares")
+	}
+	return a.markDone(m, "early-export")
+}
 
 // stopSource stops the machine and freezes its volume: after this nothing
 // writes the source volume unless the migration rolls back.
