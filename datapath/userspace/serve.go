@@ -113,6 +113,12 @@ func (s *server) build(ctx context.Context, pass func() ([]byte, error)) error {
 			}
 		}()
 	}
+	// The source's first session logs in while the destination and the
+	// engine open (its metadata, known-zero discards and first commit: tens
+	// of milliseconds on a large volume, inside a migration's pause): the
+	// engine reads nothing of its source before the view opens, which
+	// waits for the login.
+	var login *pendingSource
 	if c != nil {
 		if c.SourcePath != "" {
 			// Assigned only on success: a nil pointer in the interface
@@ -137,19 +143,57 @@ func (s *server) build(ctx context.Context, pass func() ([]byte, error)) error {
 				}
 				ic.Denied = s.deny.Denied
 			}
-			lun, err := iscsi.Dial(ctx, s.log, ic)
-			if err != nil {
-				return fmt.Errorf("connect to the source's export %s %s: %w", c.Portal, c.IQN, err)
+			if s.cfg.Raw {
+				// The size comes from the source itself: wait for it.
+				lun, err := iscsi.Dial(ctx, s.log, ic)
+				if err != nil {
+					return fmt.Errorf("connect to the source's export %s %s: %w", c.Portal, c.IQN, err)
+				}
+				s.lun = lun
+			} else {
+				login = newPendingSource(size)
+				go func() {
+					lun, err := iscsi.Dial(ctx, s.log, ic)
+					if err != nil {
+						err = fmt.Errorf("connect to the source's export %s %s: %w", c.Portal, c.IQN, err)
+					}
+					login.set(lun, err, time.Since(t0))
+				}()
 			}
-			s.lun = lun
 		}
-		tDial = time.Since(t0)
-		if s.cfg.Raw {
-			size = s.lun.Size()
-		} else if s.lun.Size() != size {
-			return fmt.Errorf("source export is %d bytes but the carried layout says %d: refusing to clone", s.lun.Size(), size)
+		if login == nil {
+			tDial = time.Since(t0)
+			if s.cfg.Raw {
+				size = s.lun.Size()
+			} else if s.lun.Size() != size {
+				return fmt.Errorf("source export is %d bytes but the carried layout says %d: refusing to clone", s.lun.Size(), size)
+			}
 		}
 	}
+	// Whatever fails below, the login is waited for: its session is closed
+	// with the rest (server.close), never left behind.
+	loginDone := func() error {
+		if login == nil {
+			return nil
+		}
+		lun, took, err := login.wait()
+		tDial = took
+		if err != nil {
+			return err
+		}
+		if s.lun == nil {
+			s.lun = lun
+		}
+		if lun.Size() != size {
+			return fmt.Errorf("source export is %d bytes but the carried layout says %d: refusing to clone", lun.Size(), size)
+		}
+		return nil
+	}
+	defer func() {
+		if login != nil {
+			_ = loginDone()
+		}
+	}()
 	switch st, serr := os.Stat(s.cfg.DataPath); {
 	case c == nil:
 		s.dest, err = blockdev.OpenFile(s.cfg.DataPath, false)
@@ -163,12 +207,16 @@ func (s *server) build(ctx context.Context, pass func() ([]byte, error)) error {
 	}
 	lower := s.viewDest()
 	if c != nil {
+		var src blockdev.Device = s.lun
+		if login != nil {
+			src = login
+		}
 		tun := c.tunables()
 		// The engine writes what it hydrates through the view's O_DIRECT
 		// handle, as dm-clone writes its destination device: a volume's
 		// copy does not pass the host's page cache (where it would push the
 		// host's other data out, and cost a copy and a page per block).
-		s.eng, err = dmclone.Open(s.log, dmclone.Config{Source: s.lun, Dest: lower, MetaPath: c.MetaPath,
+		s.eng, err = dmclone.Open(s.log, dmclone.Config{Source: src, Dest: lower, MetaPath: c.MetaPath,
 			RegionSize: regionSize(c.RegionSize), KnownZero: c.KnownZero, Tunables: tun})
 		if err != nil {
 			return fmt.Errorf("open clone engine: %w", err)
@@ -181,6 +229,10 @@ func (s *server) build(ctx context.Context, pass func() ([]byte, error)) error {
 		lower = s.sw
 	}
 	tEngine = time.Since(t0)
+	if err = loginDone(); err != nil {
+		return err
+	}
+	login = nil
 	// Every write of the machine passes the copy-on-write layer, which
 	// keeps a point-in-time copy's instant while a fork copies it.
 	s.cow = newCow(s.log, lower)
