@@ -794,6 +794,19 @@ func lazyUnmountFUSE(fuseDir string) error {
 // killProcesses SIGKILLs every process whose command line names marker
 // (a datapath's config file) and waits briefly for them to go.
 func killProcesses(marker string) {
+	pids := processesNaming(marker)
+	for _, pid := range pids {
+		syscall.Kill(pid, syscall.SIGKILL)
+	}
+	for _, pid := range pids {
+		for i := 0; i < 100 && syscall.Kill(pid, 0) == nil; i++ {
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+}
+
+// processesNaming lists the other processes whose command line names marker.
+func processesNaming(marker string) []int {
 	ents, _ := os.ReadDir("/proc")
 	var pids []int
 	for _, e := range ents {
@@ -802,15 +815,9 @@ func killProcesses(marker string) {
 			continue
 		}
 		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-		if err != nil || !strings.Contains(string(b), marker) {
-			continue
-		}
-		syscall.Kill(pid, syscall.SIGKILL)
-		pids = append(pids, pid)
-	}
-	for _, pid := range pids {
-		for i := 0; i < 100 && syscall.Kill(pid, 0) == nil; i++ {
-			time.Sleep(20 * time.Millisecond)
+		if err == nil && strings.Contains(string(b), marker) {
+			pids = append(pids, pid)
 		}
 	}
+	return pids
 }

@@ -7,7 +7,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -15,30 +14,13 @@ import (
 	"github.com/rs/zerolog"
 )
 
-// pidsNaming lists the processes whose command line names marker.
-func pidsNaming(marker string) []int {
-	ents, _ := os.ReadDir("/proc")
-	var pids []int
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == os.Getpid() {
-			continue
-		}
-		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-		if err == nil && strings.Contains(string(b), marker) {
-			pids = append(pids, pid)
-		}
-	}
-	return pids
-}
-
 // waitGone waits until no process names marker.
 func waitGone(t *testing.T, marker string, within time.Duration) {
 	t.Helper()
 	deadline := time.Now().Add(within)
-	for len(pidsNaming(marker)) > 0 {
+	for len(processesNaming(marker)) > 0 {
 		if time.Now().After(deadline) {
-			t.Fatalf("processes %v naming %s still run after %v", pidsNaming(marker), marker, within)
+			t.Fatalf("processes %v naming %s still run after %v", processesNaming(marker), marker, within)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -62,12 +44,12 @@ func TestPrestartedDatapathServesTheVolume(t *testing.T) {
 	waitGone(t, cfgPath, 10*time.Second)
 
 	b.Prestart(ctx, vol)
-	pre := pidsNaming(cfgPath)
+	pre := processesNaming(cfgPath)
 	if len(pre) != 1 {
 		t.Fatalf("prestart: processes naming %s: %v, want one", cfgPath, pre)
 	}
 	b.Prestart(ctx, vol) // idempotent: still one
-	if got := pidsNaming(cfgPath); !slices.Equal(got, pre) {
+	if got := processesNaming(cfgPath); !slices.Equal(got, pre) {
 		t.Fatalf("a second prestart: processes %v, want %v", got, pre)
 	}
 
@@ -75,7 +57,7 @@ func TestPrestartedDatapathServesTheVolume(t *testing.T) {
 	if _, err := b.MountLocal(ctx, vol, layout, pass, mnt); err != nil {
 		t.Fatal(err)
 	}
-	if got := pidsNaming(cfgPath); !slices.Equal(got, pre) {
+	if got := processesNaming(cfgPath); !slices.Equal(got, pre) {
 		t.Fatalf("serving: processes %v, want the prestarted %v", got, pre)
 	}
 	data := bytes.Repeat([]byte("prestarted "), 10000)
@@ -121,7 +103,7 @@ func TestPrestartedDatapathReleased(t *testing.T) {
 		vol := "pre-" + c.name
 		cfgPath := filepath.Join(b.runDir(), vol+".json")
 		b.Prestart(ctx, vol)
-		if n := len(pidsNaming(cfgPath)); n != 1 {
+		if n := len(processesNaming(cfgPath)); n != 1 {
 			t.Fatalf("%s: %d processes after prestart, want 1", c.name, n)
 		}
 		c.release(vol)
@@ -129,7 +111,7 @@ func TestPrestartedDatapathReleased(t *testing.T) {
 	}
 	// A name that would escape the state dir starts nothing.
 	b.Prestart(ctx, "../x")
-	if n := len(pidsNaming(filepath.Join(b.runDir(), "../x.json"))); n != 0 {
+	if n := len(processesNaming(filepath.Join(b.runDir(), "../x.json"))); n != 0 {
 		t.Fatalf("prestart of a bad name started %d processes", n)
 	}
 }

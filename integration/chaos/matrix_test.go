@@ -255,17 +255,7 @@ func runMatrix(t *testing.T, lease bool) {
 			// A row whose kill missed its state (the harness saw the state
 			// late: the migration had left it) tested nothing: it runs
 			// again. Each run still checks every invariant.
-			for attempt := 1; ; attempt++ {
-				line, missed := runMatrixCase(c, k, tag+"mach", ack)
-				if missed == nil {
-					report(table, line)
-					return
-				}
-				if attempt == rowAttempts {
-					t.Fatal(missed)
-				}
-				t.Logf("run %d: %v; running the row again", attempt, missed)
-			}
+			report(table, untilLanded(t, func() (string, error) { return runMatrixCase(c, k, tag+"mach", ack) }))
 		})
 		if !ok {
 			report(table, fmt.Sprintf("| %s | %s | | FAILED | | | | | |", k.state, k.who))
@@ -275,6 +265,22 @@ func runMatrix(t *testing.T, lease bool) {
 
 // rowAttempts bounds the runs of a row whose fault misses its state.
 const rowAttempts = 3
+
+// untilLanded runs a row until its fault lands in its state (run returns
+// no error), at most rowAttempts times, and returns its report line.
+func untilLanded(t *testing.T, run func() (string, error)) string {
+	t.Helper()
+	for attempt := 1; ; attempt++ {
+		line, missed := run()
+		if missed == nil {
+			return line
+		}
+		if attempt == rowAttempts {
+			t.Fatal(missed)
+		}
+		t.Logf("run %d: %v; running the row again", attempt, missed)
+	}
+}
 
 // runMatrixCase runs one row; the error says its kill missed the state.
 func runMatrixCase(c *cluster, k matrixCase, machineID, ack string) (string, error) {

@@ -107,17 +107,7 @@ func TestNetSplit(t *testing.T) {
 			// healthy worker's lease can lapse while planned, and the
 			// servers roll back) tested nothing: it runs again. Each run
 			// still checks every invariant.
-			for attempt := 1; ; attempt++ {
-				line, missed := runSplit(c, k, "xmach", ack, outage)
-				if missed == nil {
-					report(table, line)
-					return
-				}
-				if attempt == rowAttempts {
-					t.Fatal(missed)
-				}
-				t.Logf("run %d: %v; running the row again", attempt, missed)
-			}
+			report(table, untilLanded(t, func() (string, error) { return runSplit(c, k, "xmach", ack, outage) }))
 		})
 		if !ok {
 			report(table, fmt.Sprintf("| %s | %s | | FAILED | | | | | |", k.state, k.name()))
