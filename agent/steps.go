@@ -286,58 +286,6 @@ func (a *Agent) ensureRunning(ctx context.Context, log zerolog.Logger, m *fsm.Mi
 	return err
 }
 
-// machineHeadStart is how long after cutover the background copy waits at
-// most: the machine's start-up reads and first fsyncs (its recovery) then
-// have the source's export to themselves. Measured with the demo on 2 busy
-// cores: with the copy starting at once, the first records' scan and fsync
-// took 50 to 160 ms; 300 ms later, 3 to 30 ms.
-//
-// Where the data path counts the bytes it fetched, the wait ends sooner:
-// once headStartMin has passed and nothing was fetched from the source for
-// headStartQuiet, the machine's start-up reads are over (its writes are
-// local and fetch nothing). On a slow link the fixed wait was idle link
-// time: 6 % of a 512 MiB migration at 1 Gbit/s.
-const (
-	machineHeadStart = 250 * time.Millisecond
-	headStartMin     = 50 * time.Millisecond
-	headStartQuiet   = 40 * time.Millisecond
-	headStartPoll    = 10 * time.Millisecond
-)
-
-// headStart waits until the machine's start-up reads are over, or until
-// machineHeadStart after cutover; it returns at once when that has passed
-// (an agent restarted later).
-func (a *Agent) headStart(ctx context.Context, log zerolog.Logger, p datapath.CloneHandle, cutover time.Time) error {
-	deadline := cutover.Add(machineHeadStart)
-	if !a.Data.Capabilities().ByteCounters {
-		if !sleep(ctx, min(time.Until(deadline), machineHeadStart)) {
-			return ctx.Err()
-		}
-		return nil
-	}
-	last, lastAt := int64(-1), cutover
-	for {
-		now := time.Now()
-		if !now.Before(deadline) {
-			return nil
-		}
-		if st, err := p.Status(ctx); err == nil && st.Progress != nil {
-			if st.Progress.FetchedBytes != last { // the first look too: what came before it is unknown
-				last, lastAt = st.Progress.FetchedBytes, now
-			}
-		} else {
-			lastAt = now // no count: as if the machine still read
-		}
-		if now.Sub(cutover) >= headStartMin && now.Sub(lastAt) >= headStartQuiet {
-			log.Debug().Dur("after_cutover", now.Sub(cutover)).Msg("the machine's start-up reads are over; hydration starts")
-			return nil
-		}
-		if !sleep(ctx, min(headStartPoll, time.Until(deadline))) {
-			return ctx.Err()
-		}
-	}
-}
-
 func (a *Agent) startHydration(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
 	p, err := a.ensureClone(ctx, m, true)
 	if err != nil {
@@ -347,7 +295,7 @@ func (a *Agent) startHydration(ctx context.Context, log zerolog.Logger, m *fsm.M
 		return err
 	}
 	if t, ok := m.EnteredAt[fsm.Cutover]; ok {
-		if err := a.headStart(ctx, log, p, t); err != nil {
+		if err := volops.HeadStart(ctx, log, p, a.Data.Capabilities().ByteCounters, t); err != nil {
 			return err
 		}
 	}

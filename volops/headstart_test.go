@@ -1,0 +1,72 @@
+package volops
+
+import (
+	"context"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/ferry-dev/ferry/datapath"
+)
+
+// countingClone's count of fetched bytes grows while the machine "fetches".
+type countingClone struct {
+	datapath.CloneHandle
+	fetched atomic.Int64
+}
+
+func (c *countingClone) Status(context.Context) (*datapath.Status, error) {
+	return &datapath.Status{Progress: &datapath.Progress{FetchedBytes: c.fetched.Load()}}, nil
+}
+
+// The background copy waits while the machine fetches and starts once its
+// fetches stop; without byte counters it waits the whole head start.
+func TestHeadStartEndsWhenTheMachineStopsFetching(t *testing.T) {
+	ctx := context.Background()
+	run := func(counters bool, fetchFor time.Duration) (time.Duration, time.Time) {
+		c := &countingClone{}
+		cutover := time.Now()
+		stop := make(chan struct{})
+		lastFetch := make(chan time.Time, 1)
+		go func() {
+			t := time.NewTicker(5 * time.Millisecond)
+			defer t.Stop()
+			last := time.Now()
+			defer func() { lastFetch <- last }()
+			for time.Since(cutover) < fetchFor {
+				select {
+				case <-stop:
+					return
+				case <-t.C:
+					c.fetched.Add(4096)
+					last = time.Now()
+				}
+			}
+		}()
+		if err := HeadStart(ctx, zerolog.Nop(), c, counters, cutover); err != nil {
+			t.Fatal(err)
+		}
+		took := time.Since(cutover)
+		close(stop)
+		return took, <-lastFetch
+	}
+
+	took, _ := run(false, 0)
+	if took < MachineHeadStart {
+		t.Errorf("without byte counters the copy waited %v, want the whole head start %v", took, MachineHeadStart)
+	}
+	took, _ = run(true, time.Second)
+	if took < MachineHeadStart {
+		t.Errorf("with the machine fetching throughout, the copy waited %v, want the whole head start %v", took, MachineHeadStart)
+	}
+	start := time.Now()
+	took, last := run(true, 100*time.Millisecond)
+	if ended := start.Add(took); ended.Sub(last) < HeadStartQuiet {
+		t.Errorf("the copy started %v after the machine's last fetch, want at least %v of quiet", ended.Sub(last), HeadStartQuiet)
+	}
+	if took >= MachineHeadStart {
+		t.Errorf("the machine stopped fetching after 100ms, yet the copy waited the whole head start (%v)", took)
+	}
+}
