@@ -217,11 +217,12 @@ func (a *Agent) Run(ctx context.Context) error {
 // starting one if needed. One goroutine per migration keeps steps ordered.
 func (a *Agent) dispatch(ctx context.Context, m *fsm.Migration) {
 	if _, hydrated := m.EnteredAt[fsm.Hydrated]; hydrated && m.Target == a.cfg.Worker && m.TargetVol != "" {
-		// The hydrate step removes the clone's metadata once hydrated is
-		// committed; an agent killed between the two finds it here, in
-		// any later state, the terminal one included.
+		// The clone's metadata (all regions hydrated) is needed to rebuild
+		// the clone only until hydrated is committed: the first record
+		// from then on removes it, in any later state, the terminal one
+		// included (an agent restarted in between too).
 		if err := os.Remove(a.Data.MetaPath(m.TargetVol)); err == nil {
-			a.log.Info().Str("migration", m.ID).Msg("removed the dissolved clone's metadata left by an earlier run")
+			a.log.Info().Str("migration", m.ID).Msg("removed the dissolved clone's metadata")
 		} else if !os.IsNotExist(err) {
 			a.log.Warn().Err(err).Str("migration", m.ID).Msg("removing the dissolved clone's metadata")
 		}

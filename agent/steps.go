@@ -3,7 +3,6 @@ package agent
 import (
 	"context"
 	"fmt"
-	"os"
 	"slices"
 	"sync/atomic"
 	"time"
@@ -401,15 +400,8 @@ func (a *Agent) hydrate(ctx context.Context, log zerolog.Logger, m *fsm.Migratio
 			a.met.hydrateRate.DeleteLabelValues(m.ID)
 			a.met.hydrated.DeleteLabelValues(m.ID)
 			log.Info().Msg("hydrated; clone dissolved into the destination")
-			if err := a.propose(ctx, m, fsm.EvHydrated, fsm.EventPayload{Progress: fp}); err != nil {
-				return err
-			}
-			// The clone's metadata (all regions hydrated) is only needed to
-			// rebuild the clone until hydrated is committed.
-			if err := os.Remove(a.Data.MetaPath(m.TargetVol)); err != nil && !os.IsNotExist(err) {
-				log.Warn().Err(err).Msg("removing the dissolved clone's metadata")
-			}
-			return nil
+			// The clone's metadata goes once hydrated is committed (dispatch).
+			return a.propose(ctx, m, fsm.EvHydrated, fsm.EventPayload{Progress: fp})
 		}
 		if st.Progress != nil {
 			a.met.hydrateRate.WithLabelValues(m.ID).Set(float64(st.Progress.RateBPS))
@@ -508,10 +500,8 @@ const earlyExportWait = time.Second
 // step start it again. It runs once (a step marker); the reap of an ended
 // migration unexports it.
 func (a *Agent) exportEarly(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
-	early, cancel := context.WithTimeout(ctx, earlyExportWait)
-	defer cancel()
 	t0 := time.Now()
-	if err := a.startExport(early, m); err != nil {
+	if err := a.startExportEarly(ctx, m); err != nil {
 		log.Info().Err(err).Msg("the export did not start while the target prepared; the source's stop starts it")
 	} else {
 		log.Info().Dur("took", time.Since(t0)).Msg("export started while the target prepares")
@@ -529,16 +519,14 @@ func (a *Agent) exportEarly(ctx context.Context, log zerolog.Logger, m *fsm.Migr
 // after source_stopped), and the export reads nothing of the volume until
 // the target asks.
 func (a *Agent) stopSource(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
-	early, cancelEarly := context.WithTimeout(ctx, earlyExportWait)
 	exported := make(chan error, 1)
-	go func() { exported <- a.startExport(early, m) }()
+	go func() { exported <- a.startExportEarly(ctx, m) }()
 	defer func() {
 		// Never leave it running past the step: a rollback's reap could
 		// otherwise unexport before it finished starting.
 		if err := <-exported; err != nil {
 			log.Info().Err(err).Msg("the export did not start alongside the stop; the exported step starts it")
 		}
-		cancelEarly()
 	}()
 	t0 := time.Now()
 	mach, err := a.Control.GetMachine(ctx, m.Machine)
@@ -574,35 +562,35 @@ func (a *Agent) stopSource(ctx context.Context, log zerolog.Logger, m *fsm.Migra
 }
 
 // startExport starts (or finds running) the export of m's volume to its
-// target alone.
-func (a *Agent) startExport(ctx context.Context, m *fsm.Migration) error {
+// target alone and returns its portal and IQN.
+func (a *Agent) startExport(ctx context.Context, m *fsm.Migration) (string, string, error) {
 	tw, err := a.Control.GetWorker(ctx, m.Target)
 	if err != nil {
-		return err
+		return "", "", err
 	}
 	if tw.Address == "" {
-		return fmt.Errorf("target worker %s registered no address; cannot restrict the export to it", m.Target)
+		return "", "", fmt.Errorf("target worker %s registered no address; cannot restrict the export to it", m.Target)
 	}
-	_, _, err = a.Exports.Export(ctx, m.ID, a.Data.DataPath(m.Volume), m.Target, tw.Address)
+	return a.Exports.Export(ctx, m.ID, a.Data.DataPath(m.Volume), m.Target, tw.Address)
+}
+
+// startExportEarly is startExport bounded by earlyExportWait, ahead of the
+// step that needs the export (which starts it again if this failed).
+func (a *Agent) startExportEarly(ctx context.Context, m *fsm.Migration) error {
+	ctx, cancel := context.WithTimeout(ctx, earlyExportWait)
+	defer cancel()
+	_, _, err := a.startExport(ctx, m)
 	return err
 }
 
 // exportSource serves the frozen volume to the target only.
 func (a *Agent) exportSource(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
-	t0 := time.Now()
-	tw, err := a.Control.GetWorker(ctx, m.Target)
-	if err != nil {
-		return err
-	}
-	if tw.Address == "" {
-		return fmt.Errorf("target worker %s registered no address; cannot restrict the export to it", m.Target)
-	}
 	t1 := time.Now()
 	if err := a.Keys.SealForTarget(ctx, m); err != nil {
 		return err
 	}
 	t2 := time.Now()
-	portal, iqn, err := a.Exports.Export(ctx, m.ID, a.Data.DataPath(m.Volume), m.Target, tw.Address)
+	portal, iqn, err := a.startExport(ctx, m)
 	if err != nil {
 		return err
 	}
@@ -615,7 +603,7 @@ func (a *Agent) exportSource(ctx context.Context, log zerolog.Logger, m *fsm.Mig
 	// The store accepts holes of the data area only (never the header).
 	lo, hi := fsm.DataArea(m, 0)
 	stored := fsm.ClipRanges(zeros, lo, hi)
-	log.Info().Str("portal", portal).Str("iqn", iqn).Int("known_zero_ranges", len(stored)).Dur("lookup", t1.Sub(t0)).Dur("seal", t2.Sub(t1)).
+	log.Info().Str("portal", portal).Str("iqn", iqn).Int("known_zero_ranges", len(stored)).Dur("seal", t2.Sub(t1)).
 		Dur("export", t3.Sub(t2)).Dur("holes", time.Since(t3)).Msg("volume exported")
 	if err := a.propose(ctx, m, fsm.EvExported, fsm.EventPayload{Export: &fsm.Export{Portal: portal, IQN: iqn}, KnownZero: stored}); err != nil {
 		return err
@@ -634,11 +622,7 @@ func (a *Agent) exportSource(ctx context.Context, log zerolog.Logger, m *fsm.Mig
 
 // reExport restarts the export at the portal recorded in the migration.
 func (a *Agent) reExport(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
-	tw, err := a.Control.GetWorker(ctx, m.Target)
-	if err != nil {
-		return err
-	}
-	portal, iqn, err := a.Exports.Export(ctx, m.ID, a.Data.DataPath(m.Volume), m.Target, tw.Address)
+	portal, iqn, err := a.startExport(ctx, m)
 	if err != nil {
 		return err
 	}
