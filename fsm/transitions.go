@@ -114,7 +114,7 @@ var Transitions = []Transition{
 	{Duty, EvSourceStopped, []State{TargetPrepared}, SourceStopped, []Role{RoleSource}, "machine stopped, volume flushed and frozen"},
 	{Duty, EvExported, []State{SourceStopped}, Exported, []Role{RoleSource}, "volume exported read-only over iSCSI to the target only"},
 	{Duty, EvCloneBuilt, []State{Exported}, CloneBuilt, []Role{RoleTarget}, "iSCSI session up, clone device built with hydration off, plaintext view open"},
-	{Duty, EvTrimmed, []State{CloneBuilt}, Trimmed, []Role{RoleTarget}, "fstrim marked unused regions hydrated"},
+	{Duty, EvTrimmed, []State{CloneBuilt}, Trimmed, []Role{RoleTarget}, "clone ready for the machine (its fstrim runs after the machine's start, before hydration)"},
 	{Duty, EvCutover, []State{Trimmed}, Cutover, []Role{RoleTarget}, "machine started on the target, 6PN rewritten: point of no return"},
 	{Duty, EvHydrationStarted, []State{Cutover}, Hydrating, []Role{RoleTarget}, "background copy enabled"},
 	{Duty, EvHydrated, []State{Hydrating}, Hydrated, []Role{RoleTarget}, "every region copied; clone replaced by the plain device"},

@@ -91,10 +91,10 @@ type server struct {
 func (s *server) build(ctx context.Context, pass func() ([]byte, error)) error {
 	var err error
 	t0 := time.Now()
-	var tDial, tEngine, tView, tFuse time.Duration
+	var tDial, tEngine, tKey, tView, tFuse time.Duration
 	defer func() {
 		if err == nil {
-			s.log.Info().Dur("dial", tDial).Dur("engine", tEngine).Dur("view", tView).Dur("fuse", tFuse).Dur("total", time.Since(t0)).Msg("datapath built")
+			s.log.Info().Dur("dial", tDial).Dur("engine", tEngine).Dur("key", tKey).Dur("view", tView).Dur("fuse", tFuse).Dur("total", time.Since(t0)).Msg("datapath built")
 		}
 	}()
 	size := s.cfg.Layout.DeviceSize()
@@ -254,6 +254,7 @@ func (s *server) build(ctx context.Context, pass func() ([]byte, error)) error {
 		if err != nil {
 			return fmt.Errorf("the key of %s: %w", s.cfg.VolumeID, err)
 		}
+		tKey = time.Since(t0)
 		s.view, err = luks.OpenCarriedView(lower, s.cfg.Layout, passphrase)
 		clear(passphrase)
 		if err != nil {
