@@ -105,6 +105,9 @@ type Agent struct {
 	// trims are the fstrim runs the trim step started: they run on beside
 	// the machine's start, and hydration and a teardown wait for them.
 	trims *volops.Trims
+	// earlyLogins: migration id -> the portal its destination's prestarted
+	// datapath was asked to log in to (loginEarly).
+	earlyLogins sync.Map
 }
 
 // New builds an agent from the worker's parts (all required).
@@ -257,6 +260,7 @@ func (a *Agent) drive(ctx context.Context, id string, inbox chan *fsm.Migration)
 		a.mu.Lock()
 		delete(a.running, id)
 		a.mu.Unlock()
+		a.earlyLogins.Delete(id)
 	}()
 	log := a.log.With().Str("migration", id).Logger()
 	var m *fsm.Migration

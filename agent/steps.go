@@ -71,6 +71,9 @@ func (a *Agent) stepFor(m *fsm.Migration) stepFunc {
 			return a.exportEarly
 		}
 	}
+	if role == fsm.RoleTarget && a.wantsEarlyLogin(m) {
+		return a.loginEarly
+	}
 	steps := a.duties()
 	for _, row := range fsm.Duties(m.State) {
 		if !slices.Contains(row.Roles, role) {
@@ -506,12 +509,46 @@ const earlyExportWait = time.Second
 // migration unexports it.
 func (a *Agent) exportEarly(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
 	t0 := time.Now()
-	if err := a.startExportEarly(ctx, m); err != nil {
+	portal, iqn, err := a.startExportEarly(ctx, m)
+	if err != nil {
 		log.Info().Err(err).Msg("the export did not start while the target prepared; the source's stop starts it")
-	} else {
-		log.Info().Dur("took", time.Since(t0)).Msg("export started while the target prepares")
+		return a.markDone(m, "early-export")
+	}
+	log.Info().Dur("took", time.Since(t0)).Msg("export started while the target prepares")
+	// Published so the target's datapath logs in before the machine stops
+	// (it reads nothing until exported). Best effort: without it the
+	// target logs in after exported.
+	if _, err := a.Control.Propose(ctx, m.ID, fsm.EvExportStarted, stepID(m, "export-started", portal, iqn),
+		fsm.EventPayload{Export: &fsm.Export{Portal: portal, IQN: iqn}}); err != nil && !isRefusal(err) {
+		log.Info().Err(err).Msg("publishing the early export failed; the target logs in after exported")
 	}
 	return a.markDone(m, "early-export")
+}
+
+// loginEarly, on the target once the source published its export (before
+// exported), has the destination's prestarted datapath log in to it, so
+// the clone's build inside the machine's pause skips the login. Once per
+// migration and portal, in memory: a restarted agent has no prestarted
+// process to connect.
+func (a *Agent) loginEarly(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
+	a.earlyLogins.Store(m.ID, m.Export.Portal)
+	if pc, ok := a.Data.(datapath.Prestarter); ok {
+		pc.PreConnect(ctx, a.cloneSpec(m, false))
+	}
+	return nil
+}
+
+// wantsEarlyLogin: the target has a destination and the source published
+// an export that exported has not recorded yet, not yet logged in to.
+func (a *Agent) wantsEarlyLogin(m *fsm.Migration) bool {
+	if m.Export == nil || m.TargetVol == "" || m.Layout == nil || (m.State != fsm.TargetPrepared && m.State != fsm.SourceStopped) {
+		return false
+	}
+	if _, ok := a.Data.(datapath.Prestarter); !ok {
+		return false
+	}
+	done, ok := a.earlyLogins.Load(m.ID)
+	return !ok || done != m.Export.Portal
 }
 
 // stopSource stops the machine and freezes its volume: after this nothing
@@ -525,7 +562,10 @@ func (a *Agent) exportEarly(ctx context.Context, log zerolog.Logger, m *fsm.Migr
 // the target asks.
 func (a *Agent) stopSource(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
 	exported := make(chan error, 1)
-	go func() { exported <- a.startExportEarly(ctx, m) }()
+	go func() {
+		_, _, err := a.startExportEarly(ctx, m)
+		exported <- err
+	}()
 	defer func() {
 		// Never leave it running past the step: a rollback's reap could
 		// otherwise unexport before it finished starting.
@@ -581,11 +621,10 @@ func (a *Agent) startExport(ctx context.Context, m *fsm.Migration) (string, stri
 
 // startExportEarly is startExport bounded by earlyExportWait, ahead of the
 // step that needs the export (which starts it again if this failed).
-func (a *Agent) startExportEarly(ctx context.Context, m *fsm.Migration) error {
+func (a *Agent) startExportEarly(ctx context.Context, m *fsm.Migration) (string, string, error) {
 	ctx, cancel := context.WithTimeout(ctx, earlyExportWait)
 	defer cancel()
-	_, _, err := a.startExport(ctx, m)
-	return err
+	return a.startExport(ctx, m)
 }
 
 // exportSource serves the frozen volume to the target only.

@@ -219,6 +219,11 @@ type Reviver interface {
 // clone built inside the machine's pause skips a process's start.
 type Prestarter interface {
 	Prestart(ctx context.Context, vol string)
+	// PreConnect has the process Prestart started for c's volume log in
+	// to c's export before the export is final (the source published it
+	// while the target prepared); the clone adopts that session when it
+	// names the same export. Best effort.
+	PreConnect(ctx context.Context, c CloneSpec)
 	// ReleasePrestarted ends the processes Prestart started and no clone
 	// took (the agent stops).
 	ReleasePrestarted()

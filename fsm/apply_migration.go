@@ -192,7 +192,7 @@ func (s *Store) applyPropose(index uint64, c *ProposeCmd) *Result {
 			ref = refuse(RefuseConflict, CodeWrongState, "event %s is not accepted in state %s", c.Event, m.State)
 		} else if c.Event == EvProgress {
 			ignored, ref = applyProgress(m, c)
-		} else if c.Event == EvExportMoved {
+		} else if c.Event == EvExportMoved || c.Event == EvExportStarted {
 			ref = applyExportMoved(m, c)
 		} else {
 			ref = applyReport(m, c)

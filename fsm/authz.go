@@ -374,6 +374,17 @@ func (s *Store) checkReported(m *Migration, c *ProposeCmd) *Refusal {
 		if r := s.checkKnownZero(m, p.KnownZero); r != nil {
 			return r
 		}
+	case EvExportStarted:
+		// Held to what exported will be held to: the target logs in there.
+		if p.Export == nil || p.Export.Portal == "" || p.Export.IQN == "" {
+			return refuse(RefuseInvalid, CodeInvalid, "export_started needs export.portal and export.iqn")
+		}
+		if r := checkPortal(s.d.Workers[m.Source], p.Export.Portal); r != nil {
+			return r
+		}
+		if r := checkIQN(m, p.Export.IQN); r != nil {
+			return r
+		}
 	case EvTrimmed:
 		if r := s.checkKnownZero(m, p.KnownZero); r != nil {
 			return r

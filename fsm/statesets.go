@@ -88,6 +88,13 @@ func inOrder(set map[State]bool) []State {
 // exportStates are where the source serves its export (and may move it).
 func exportStates() []State { return inOrder(reachable(forwardSince(EvExported, EvHydrated))) }
 
+// earlyExportStates are where the source may publish an export it started
+// early: from the migration's first state until exported records it.
+func earlyExportStates() []State {
+	first, _ := Lookup(EvTargetPrepared)
+	return inOrder(reachable(first.From[0], func(t Transition) bool { return t.Kind == Duty && t.Event != EvExported }))
+}
+
 func progressStates() []State { return inOrder(reachable(forwardSince(EvExported, EvSourceReleased))) }
 
 // reachable is from and every state reachable from it over the rows follow accepts.

@@ -79,6 +79,11 @@ const (
 	// restarted and serves the same frozen volume elsewhere; the target
 	// reconnects there.
 	EvExportMoved Event = "export_moved"
+	// EvExportStarted publishes the export's portal and IQN before
+	// exported: the source started it while the target prepared, and the
+	// target's prestarted datapath logs in ahead of the machine's pause.
+	// Nothing is read until exported is committed (after the freeze).
+	EvExportStarted Event = "export_started"
 )
 
 // RowKind says whether a row is somebody's job.
@@ -138,6 +143,7 @@ var Annotations = []Annotation{
 	{EvProgress, progressStates(), []Role{RoleTarget}},
 	{EvReport, nonTerminal(), []Role{RoleSource, RoleTarget, RoleServer}},
 	{EvExportMoved, exportStates(), []Role{RoleSource}},
+	{EvExportStarted, earlyExportStates(), []Role{RoleSource}},
 }
 
 // Lookup returns the transition row for ev, if ev changes state.

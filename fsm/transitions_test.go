@@ -472,3 +472,28 @@ func TestExportMoved(t *testing.T) {
 		t.Fatalf("export moved before it existed: %+v", r.Refusal)
 	}
 }
+
+// The source publishes the export it started early: only the source, only
+// before exported, only at its registered address and with the
+// migration's IQN; the record's export is what the target logs in to.
+func TestExportStarted(t *testing.T) {
+	h := driveTo(t, TargetPrepared)
+	early := &Export{Portal: "127.0.0.1:3260", IQN: "iqn.2026-01.dev.ferry:ferry:m1"}
+	if r := h.propose(dstW, EvExportStarted, "e1", EventPayload{Export: early}); r.Refusal == nil || r.Refusal.Code != CodeForbidden {
+		t.Fatalf("target published the export: %+v", r.Refusal)
+	}
+	if r := h.propose(srcW, EvExportStarted, "e2", EventPayload{Export: &Export{Portal: "10.9.9.9:3260", IQN: early.IQN}}); r.Refusal == nil || r.Refusal.Code != CodeInvalid {
+		t.Fatalf("a portal away from the source's address accepted: %+v", r.Refusal)
+	}
+	if r := h.propose(srcW, EvExportStarted, "e3", EventPayload{Export: &Export{Portal: early.Portal, IQN: "iqn.2026-01.dev.ferry:ferry:other"}}); r.Refusal == nil || r.Refusal.Code != CodeInvalid {
+		t.Fatalf("another migration's IQN accepted: %+v", r.Refusal)
+	}
+	m := h.must(h.propose(srcW, EvExportStarted, "e4", EventPayload{Export: early})).Migration
+	if m.State != TargetPrepared || m.Export == nil || *m.Export != *early {
+		t.Fatalf("after export_started: state %s export %+v", m.State, m.Export)
+	}
+	h2 := driveTo(t, Exported)
+	if r := h2.propose(srcW, EvExportStarted, "e5", EventPayload{Export: early}); r.Refusal == nil || r.Refusal.Code != CodeWrongState {
+		t.Fatalf("export_started after exported: %+v", r.Refusal)
+	}
+}

@@ -3,6 +3,7 @@ package userspace
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -391,17 +392,9 @@ func (v *Backend) MountClone(ctx context.Context, c datapath.CloneSpec, passphra
 // only if a new process starts: a migration's target fetches the key from
 // the servers inside the machine's pause.
 func (v *Backend) MountCloneKeyed(ctx context.Context, c datapath.CloneSpec, key func(context.Context) ([]byte, error), mnt string) (string, error) {
-	if err := checkVolumeName(c.Volume); err != nil {
+	cfg, err := v.cloneConfig(c)
+	if err != nil {
 		return "", err
-	}
-	cfg := v.Config(c.Volume, c.Layout)
-	if v.TLS != nil && c.Source == "" {
-		return "", fmt.Errorf("clone of %s: no source worker named, so the export's certificate cannot be checked", c.Volume)
-	}
-	cfg.Clone = &Clone{MetaPath: v.MetaPath(c.Volume), Portal: c.Portal, IQN: c.IQN, TLS: v.TLS, Source: c.Source,
-		RegionSize: 4096, KnownZero: c.KnownZero, Hydrate: c.Hydrate, RateLimit: c.RateLimit, NoIdleBatches: c.NoIdleBatches}
-	if v.TLS != nil {
-		cfg.Clone.Denied = v.Deny.Serials()
 	}
 	dev, err := v.mount(ctx, cfg, key, mnt)
 	if err != nil || v.TLS == nil {
@@ -420,6 +413,45 @@ func (v *Backend) MountCloneKeyed(ctx context.Context, c datapath.CloneSpec, key
 		}
 	}
 	return dev, nil
+}
+
+// cloneConfig is the datapath configuration of clone c.
+func (v *Backend) cloneConfig(c datapath.CloneSpec) (Config, error) {
+	if err := checkVolumeName(c.Volume); err != nil {
+		return Config{}, err
+	}
+	cfg := v.Config(c.Volume, c.Layout)
+	if v.TLS != nil && c.Source == "" {
+		return Config{}, fmt.Errorf("clone of %s: no source worker named, so the export's certificate cannot be checked", c.Volume)
+	}
+	cfg.Clone = &Clone{MetaPath: v.MetaPath(c.Volume), Portal: c.Portal, IQN: c.IQN, TLS: v.TLS, Source: c.Source,
+		RegionSize: 4096, KnownZero: c.KnownZero, Hydrate: c.Hydrate, RateLimit: c.RateLimit, NoIdleBatches: c.NoIdleBatches}
+	if v.TLS != nil {
+		cfg.Clone.Denied = v.Deny.Serials()
+	}
+	return cfg, nil
+}
+
+// PreConnect has clone c's prestarted datapath, if there is one, log in to
+// c's export now, before the export is final (earlylogin.go); the clone
+// built later adopts that session when it names the same export. Best
+// effort and idempotent: without it the clone logs in when it is built.
+func (v *Backend) PreConnect(ctx context.Context, c datapath.CloneSpec) {
+	cfg, err := v.cloneConfig(c)
+	if err == nil {
+		err = cfg.Validate()
+	}
+	if err != nil {
+		v.Log.Warn().Err(err).Str("volume", c.Volume).Msg("early login: skipped")
+		return
+	}
+	b, err := json.Marshal(cfg)
+	if err != nil {
+		return
+	}
+	if v.pre.connect(c.Volume, b) {
+		v.Log.Info().Str("volume", c.Volume).Str("portal", c.Portal).Msg("prestarted datapath logs in to the source's export")
+	}
 }
 
 // WatchDenied sends Deny to every running clone each time it changes,

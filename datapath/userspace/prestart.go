@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -38,36 +39,78 @@ const AwaitConfigFlag = "--await-config"
 // ServeConfigFile, reading the key from what follows on stdin.
 func ServeAwaitingConfig(ctx context.Context, log zerolog.Logger, path string, stdin io.Reader, patience time.Duration) error {
 	br := bufio.NewReader(stdin)
-	line := make(chan error, 1)
-	go func() {
-		_, err := br.ReadSlice('\n')
-		line <- err
-	}()
+	type result struct {
+		line string
+		err  error
+	}
+	lines := make(chan result, 1)
+	next := func() {
+		go func() {
+			l, err := br.ReadString('\n')
+			lines <- result{l, err}
+		}()
+	}
+	next()
 	t := time.NewTimer(patience)
 	defer t.Stop()
-	select {
-	case err := <-line:
-		if errors.Is(err, io.EOF) {
-			return nil // released before its configuration: nothing to serve
+	var early *earlyLogin
+	for {
+		select {
+		case r := <-lines:
+			if errors.Is(r.err, io.EOF) {
+				early.close()
+				return nil // released before its configuration: nothing to serve
+			}
+			if r.err != nil {
+				early.close()
+				return fmt.Errorf("prestarted datapath: waiting for its configuration: %w", r.err)
+			}
+			if pre, ok := strings.CutPrefix(r.line, connectLine); ok {
+				if early == nil {
+					early = connectEarly(ctx, log, pre)
+				}
+				next()
+				continue
+			}
+			return serveConfigFile(ctx, log, path, br, early)
+		case <-t.C:
+			early.close()
+			log.Info().Dur("waited", patience).Msg("prestarted datapath: no configuration came; exiting (a clone built later starts its own process)")
+			return nil
+		case <-ctx.Done():
+			early.close()
+			return nil
 		}
-		if err != nil {
-			return fmt.Errorf("prestarted datapath: waiting for its configuration: %w", err)
-		}
-	case <-t.C:
-		log.Info().Dur("waited", patience).Msg("prestarted datapath: no configuration came; exiting (a clone built later starts its own process)")
-		return nil
-	case <-ctx.Done():
-		return nil
 	}
-	return ServeConfigFile(ctx, log, path, br)
+}
+
+// connectLine starts a line carrying a preliminary configuration (JSON on
+// one line): the source published its export, the clone may log in.
+const connectLine = "connect "
+
+// connectEarly begins the login of the preliminary configuration pre; a
+// bad one is logged and the clone logs in once its configuration is final.
+func connectEarly(ctx context.Context, log zerolog.Logger, pre string) *earlyLogin {
+	cfg, err := decodeConfig([]byte(pre))
+	if err == nil {
+		log = log.With().Str("process", "datapath").Str("volume", cfg.VolumeID).Logger()
+		var early *earlyLogin
+		if early, err = startEarlyLogin(ctx, log, cfg); err == nil {
+			return early
+		}
+	}
+	log.Warn().Err(err).Msg("prestarted datapath: no early login; the clone logs in once its configuration is final")
+	return nil
 }
 
 // prestarted is the agent's handle on a prestarted datapath.
 type prestarted struct {
 	cmd    *exec.Cmd
-	stdin  *os.File // the write end: the go line, then the key
+	stdin  *os.File // the write end: a connect line, the go line, then the key
 	exited chan struct{}
 	err    error // how it exited, once exited is closed
+	// connected: a connect line was sent (under prestarts.mu).
+	connected bool
 }
 
 // startPrestarted starts a datapath for vol that waits for its
@@ -159,6 +202,29 @@ func (ps *prestarts) take(vol string) *prestarted {
 	default:
 	}
 	return p
+}
+
+// connect sends vol's prestarted process, if alive and not yet connected,
+// its preliminary configuration cfg (one line of JSON), and reports
+// whether it did.
+func (ps *prestarts) connect(vol string, cfg []byte) bool {
+	ps.mu.Lock()
+	defer ps.mu.Unlock()
+	p := ps.m[vol]
+	if p == nil || p.connected {
+		return false
+	}
+	select {
+	case <-p.exited:
+		return false
+	default:
+	}
+	line := append(append([]byte(connectLine), cfg...), '\n')
+	if _, err := p.stdin.Write(line); err != nil {
+		return false
+	}
+	p.connected = true
+	return true
 }
 
 // all takes every prestarted process.

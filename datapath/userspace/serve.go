@@ -14,6 +14,7 @@ import (
 	"runtime"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -26,7 +27,6 @@ import (
 	"github.com/ferry-dev/ferry/datapath/nbdexport"
 	"github.com/ferry-dev/ferry/dmclone"
 	"github.com/ferry-dev/ferry/internal/childctl"
-	"github.com/ferry-dev/ferry/internal/tlsutil"
 	"github.com/ferry-dev/ferry/iscsi"
 	"github.com/ferry-dev/ferry/luks"
 )
@@ -49,11 +49,23 @@ func Serve(ctx context.Context, log zerolog.Logger, cfg Config, passphrase []byt
 // serveKeyed is Serve with the passphrase asked of pass only when the view
 // opens; its caller clears what it returns.
 func serveKeyed(ctx context.Context, log zerolog.Logger, cfg Config, pass func() ([]byte, error), ready func(Ready)) error {
+	return serveEarly(ctx, log, cfg, pass, ready, nil)
+}
+
+// serveEarly is serveKeyed adopting early, a login begun before cfg was
+// final, when it reaches cfg's export (closed otherwise).
+func serveEarly(ctx context.Context, log zerolog.Logger, cfg Config, pass func() ([]byte, error), ready func(Ready), early *earlyLogin) error {
 	if err := cfg.Validate(); err != nil {
+		early.close()
 		return err
 	}
-	s := &server{log: log, cfg: cfg}
-	if err := s.build(ctx, pass); err != nil {
+	s := &server{log: log, cfg: cfg, deny: &iscsi.DenyList{}, early: early}
+	if early != nil {
+		s.deny = early.deny
+	}
+	err := s.build(ctx, pass)
+	s.early.close() // not adopted: its session is not this clone's
+	if err != nil {
 		s.close()
 		return err
 	}
@@ -83,7 +95,10 @@ type server struct {
 	device string
 	// deny is the revoked serials the initiator refuses (Clone.Denied,
 	// then POST /v1/denied).
-	deny iscsi.DenyList
+	deny *iscsi.DenyList
+	// early is a login begun before the configuration was final
+	// (earlylogin.go); build adopts it when it reaches the same export.
+	early *earlyLogin
 
 	hydrating, dissolved, stopped bool
 }
@@ -92,9 +107,10 @@ func (s *server) build(ctx context.Context, pass func() ([]byte, error)) error {
 	var err error
 	t0 := time.Now()
 	var tDial, tEngine, tKey, tView, tFuse time.Duration
+	var adopted atomic.Bool // the session logged in before the configuration was final
 	defer func() {
 		if err == nil {
-			s.log.Info().Dur("dial", tDial).Dur("engine", tEngine).Dur("key", tKey).Dur("view", tView).Dur("fuse", tFuse).Dur("total", time.Since(t0)).Msg("datapath built")
+			s.log.Info().Bool("early_login", adopted.Load()).Dur("dial", tDial).Dur("engine", tEngine).Dur("key", tKey).Dur("view", tView).Dur("fuse", tFuse).Dur("total", time.Since(t0)).Msg("datapath built")
 		}
 	}()
 	size := s.cfg.Layout.DeviceSize()
@@ -129,19 +145,9 @@ func (s *server) build(ctx context.Context, pass func() ([]byte, error)) error {
 			}
 			s.lun = src
 		} else {
-			ic := iscsi.InitiatorConfig{Portal: c.Portal, IQN: c.IQN, Timeout: 10 * time.Second}
-			if c.TLS != nil {
-				// The export must be the source worker's: anyone else's
-				// certificate (or none) could serve forged ciphertext.
-				if ic.TLS, err = tlsutil.PeerClientConfig(c.TLS.Dir, c.TLS.Name, tlsutil.Identity{Name: c.Source, Kind: tlsutil.KindWorker}); err != nil {
-					return fmt.Errorf("TLS to the source's export: %w", err)
-				}
-				// ... and not revoked: a revoked source's host may be in
-				// anyone's hands.
-				if _, err := s.deny.Set(c.Denied); err != nil {
-					return fmt.Errorf("datapath config for %s: %w", s.cfg.VolumeID, err)
-				}
-				ic.Denied = s.deny.Denied
+			var ic iscsi.InitiatorConfig
+			if ic, err = initiatorConfig(c, s.deny, s.cfg.VolumeID); err != nil {
+				return err
 			}
 			if s.cfg.Raw {
 				// The size comes from the source itself: wait for it.
@@ -152,8 +158,24 @@ func (s *server) build(ctx context.Context, pass func() ([]byte, error)) error {
 				s.lun = lun
 			} else {
 				login = newPendingSource(size)
+				early := s.early.adopt(c)
+				if early != nil {
+					s.early = nil // this clone's now
+				}
 				go func() {
-					lun, err := iscsi.Dial(ctx, s.log, ic)
+					var lun *iscsi.LUN
+					var err error
+					if early != nil {
+						// Logged in before the source stopped: the session
+						// is up, or its error says to dial again.
+						if lun, err = early.wait(ctx); err != nil {
+							s.log.Info().Err(err).Msg("the early login to the source failed; logging in again")
+						}
+						adopted.Store(lun != nil)
+					}
+					if lun == nil {
+						lun, err = iscsi.Dial(ctx, s.log, ic)
+					}
 					if err != nil {
 						err = fmt.Errorf("connect to the source's export %s %s: %w", c.Portal, c.IQN, err)
 					}
@@ -809,17 +831,21 @@ func fromEngine(p dmclone.Progress) *datapath.Progress {
 // config the agent wrote (unknown fields refused, so a newer agent's config
 // never half-applies) and the passphrase from stdin, then serves.
 func ServeConfigFile(ctx context.Context, log zerolog.Logger, path string, stdin io.Reader) error {
+	return serveConfigFile(ctx, log, path, stdin, nil)
+}
+
+func serveConfigFile(ctx context.Context, log zerolog.Logger, path string, stdin io.Reader, early *earlyLogin) error {
 	if n := ServeProcs(); n > 0 {
 		runtime.GOMAXPROCS(n)
 	}
 	b, err := os.ReadFile(path)
 	if err != nil {
+		early.close()
 		return err
 	}
-	var cfg Config
-	dec := json.NewDecoder(bytes.NewReader(b))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&cfg); err != nil {
+	cfg, err := decodeConfig(b)
+	if err != nil {
+		early.close()
 		return fmt.Errorf("datapath config %s: %w", path, err)
 	}
 	// The passphrase is read when the view opens: the agent may still be
@@ -827,7 +853,16 @@ func ServeConfigFile(ctx context.Context, log zerolog.Logger, path string, stdin
 	pass := func() ([]byte, error) { return io.ReadAll(io.LimitReader(stdin, 4096)) }
 	// Each layer (dmclone, iscsi, fuseexport) sets its own component; this
 	// process is named by its own field so keys never repeat.
-	return serveKeyed(ctx, log.With().Str("process", "datapath").Str("volume", cfg.VolumeID).Logger(), cfg, pass, nil)
+	return serveEarly(ctx, log.With().Str("process", "datapath").Str("volume", cfg.VolumeID).Logger(), cfg, pass, nil, early)
+}
+
+// decodeConfig parses a datapath configuration, refusing unknown fields.
+func decodeConfig(b []byte) (Config, error) {
+	var cfg Config
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	err := dec.Decode(&cfg)
+	return cfg, err
 }
 
 // MinServeProcs is the least GOMAXPROCS a datapath process runs with.
