@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"time"
@@ -38,6 +39,12 @@ const AwaitConfigFlag = "--await-config"
 // it waits for a line on stdin (at most patience), then serves path like
 // ServeConfigFile, reading the key from what follows on stdin.
 func ServeAwaitingConfig(ctx context.Context, log zerolog.Logger, path string, stdin io.Reader, patience time.Duration) error {
+	// Set now, not once the configuration came: the change stops the world
+	// and waited 2-20 ms inside the machine's pause for the goroutines of
+	// an early login to reach a safe point.
+	if n := ServeProcs(); n > 0 {
+		runtime.GOMAXPROCS(n)
+	}
 	br := bufio.NewReader(stdin)
 	type result struct {
 		line string
