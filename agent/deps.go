@@ -51,6 +51,10 @@ type Keys interface {
 	// MigrationKey opens the incoming volume's key on the target and makes
 	// the target its owner.
 	MigrationKey(ctx context.Context, m *fsm.Migration) ([]byte, error)
+	// MigrationKeyThenSeal is MigrationKey returning the key before the
+	// target's own envelopes are sealed: seal (when not nil) seals them and
+	// must succeed before anything relies on them.
+	MigrationKeyThenSeal(ctx context.Context, m *fsm.Migration) ([]byte, func(context.Context) error, error)
 }
 
 // Machines runs this worker's machines (supervisor.Supervisor); starts

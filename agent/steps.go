@@ -175,10 +175,20 @@ func (a *Agent) buildClone(ctx context.Context, log zerolog.Logger, m *fsm.Migra
 	// Set from the datapath's start, read after it: atomics.
 	var keyTook atomic.Int64
 	var keyed atomic.Bool
+	// The key goes to the datapath as soon as it is open; this worker's
+	// own envelopes of the destination are sealed meanwhile and are
+	// waited for before clone_built is proposed.
+	sealed := make(chan error, 1)
+	var sealing atomic.Bool
 	migrationKey := func(ctx context.Context) ([]byte, error) {
 		defer func(t time.Time) { keyTook.Store(int64(time.Since(t))) }(time.Now())
 		keyed.Store(true)
-		return a.Keys.MigrationKey(ctx, m)
+		key, seal, err := a.Keys.MigrationKeyThenSeal(ctx, m)
+		if err == nil && seal != nil {
+			sealing.Store(true)
+			go func() { sealed <- seal(ctx) }()
+		}
+		return key, err
 	}
 	var dev string
 	var err error
@@ -193,6 +203,11 @@ func (a *Agent) buildClone(ctx context.Context, log zerolog.Logger, m *fsm.Migra
 		}
 		dev, err = a.Data.MountClone(ctx, a.cloneSpec(m, false), key, a.Data.MountPoint(m.Machine))
 		clear(key)
+	}
+	if sealing.Load() {
+		if serr := <-sealed; serr != nil && err == nil {
+			err = fmt.Errorf("seal this worker's envelopes of the destination: %w", serr)
+		}
 	}
 	if err != nil {
 		return err

@@ -7,6 +7,7 @@
 package keycustody
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -176,21 +177,50 @@ func (c *Custodian) SealForTarget(ctx context.Context, m *fsm.Migration) error {
 // So after cutover the destination's key no longer depends on the
 // migration envelope, which the servers drop when the migration ends.
 func (c *Custodian) MigrationKey(ctx context.Context, m *fsm.Migration) ([]byte, error) {
-	key, err := c.OwnerKey(ctx, m.TargetVol)
-	if err == nil || !isNotFound(err) {
+	key, seal, err := c.MigrationKeyThenSeal(ctx, m)
+	if err != nil || seal == nil {
 		return key, err
 	}
-	env, err := c.store.Envelope(ctx, m.Volume, fsm.PurposeMigration)
-	if err != nil {
-		return nil, fmt.Errorf("fetch the migration envelope of volume %s: %w", m.Volume, err)
-	}
-	pass, err := sealing.Open(c.kek, *env, sealing.Binding{Volume: m.Volume, Recipient: c.worker, Purpose: fsm.PurposeMigration, Migration: m.ID})
-	if err != nil {
+	if err := seal(ctx); err != nil {
+		clear(key)
 		return nil, err
 	}
-	if err := c.sealOwned(ctx, m.TargetVol, env.Epoch, pass); err != nil {
-		clear(pass)
-		return nil, err
+	return key, nil
+}
+
+// MigrationKeyThenSeal is MigrationKey returning the key as soon as it is
+// open: the destination's owner envelope is looked up beside the migration
+// envelope (one round trip, not two), and when this worker must still seal
+// its own envelopes, seal does that (the recovery key read and a commit).
+// The caller runs seal, and nothing that relies on the destination's
+// envelopes (the clone's build proposed, anything after cutover) may happen
+// before it succeeded; seal clears its copy of the key either way.
+func (c *Custodian) MigrationKeyThenSeal(ctx context.Context, m *fsm.Migration) ([]byte, func(context.Context) error, error) {
+	type fetched struct {
+		env *fsm.Envelope
+		err error
 	}
-	return pass, nil
+	migration := make(chan fetched, 1)
+	go func() {
+		env, err := c.store.Envelope(ctx, m.Volume, fsm.PurposeMigration)
+		migration <- fetched{env, err}
+	}()
+	key, err := c.OwnerKey(ctx, m.TargetVol)
+	mig := <-migration
+	if err == nil || !isNotFound(err) {
+		return key, nil, err
+	}
+	if mig.err != nil {
+		return nil, nil, fmt.Errorf("fetch the migration envelope of volume %s: %w", m.Volume, mig.err)
+	}
+	pass, err := sealing.Open(c.kek, *mig.env, sealing.Binding{Volume: m.Volume, Recipient: c.worker, Purpose: fsm.PurposeMigration, Migration: m.ID})
+	if err != nil {
+		return nil, nil, err
+	}
+	kept, epoch := bytes.Clone(pass), mig.env.Epoch
+	seal := func(ctx context.Context) error {
+		defer clear(kept)
+		return c.sealOwned(ctx, m.TargetVol, epoch, kept)
+	}
+	return pass, seal, nil
 }

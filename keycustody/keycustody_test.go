@@ -152,3 +152,45 @@ func TestVolumeKeysSealedAndCarried(t *testing.T) {
 		t.Fatalf("target key after the migration envelope is gone: %v", err)
 	}
 }
+
+// The target gets the key before its own envelopes are sealed; they exist
+// once seal ran, and from then on the key comes from its owner envelope
+// with nothing left to seal.
+func TestMigrationKeyThenSeal(t *testing.T) {
+	ctx := t.Context()
+	rk, _ := sealing.Generate()
+	cp := &envCP{envs: map[string]fsm.Envelope{}, workers: map[string]fsm.PublicKey{}, recovery: rk.Public()}
+	src := newTestCustodian(t, cp, "src")
+	dst := newTestCustodian(t, cp, "dst")
+	for _, a := range []*Custodian{src, dst} {
+		_ = cp.SetWorkerKey(ctx, a.worker, a.Public())
+	}
+	k, err := src.NewVolumeKey(ctx, "vol1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := &fsm.Migration{ID: "m1", Volume: "vol1", Source: "src", Target: "dst", TargetVol: "vol1-m1"}
+	if _, _, err := dst.MigrationKeyThenSeal(ctx, m); err == nil {
+		t.Fatal("a key before the source sealed one to the target")
+	}
+	if err := src.SealForTarget(ctx, m); err != nil {
+		t.Fatal(err)
+	}
+	got, seal, err := dst.MigrationKeyThenSeal(ctx, m)
+	if err != nil || !bytes.Equal(got, k) || seal == nil {
+		t.Fatalf("first key: %v (seal %v)", err, seal != nil)
+	}
+	if _, ok := cp.envs[envKey("vol1-m1", fsm.PurposeOwner)]; ok {
+		t.Fatal("the destination's owner envelope was sealed before seal ran")
+	}
+	if err := seal(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if own := cp.envs[envKey("vol1-m1", fsm.PurposeOwner)]; own.Recipient != "dst" {
+		t.Fatalf("destination owner envelope after seal: %+v", own)
+	}
+	got, seal, err = dst.MigrationKeyThenSeal(ctx, m)
+	if err != nil || !bytes.Equal(got, k) || seal != nil {
+		t.Fatalf("second key: %v (seal %v), want the owner envelope's and nothing to seal", err, seal != nil)
+	}
+}
