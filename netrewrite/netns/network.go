@@ -3,6 +3,7 @@
 package netns
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -54,7 +55,14 @@ func (n *Network) record(mn netrewrite.MachineNet) error {
 		return err
 	}
 	b, _ := json.Marshal(machineNetRecord{Net: mn})
-	return atomicfile.WriteFile(n.recPath(machineFromNS(n.Worker, mn.MachineNS)), b, 0o600)
+	path := n.recPath(machineFromNS(n.Worker, mn.MachineNS))
+	if old, err := os.ReadFile(path); err == nil && bytes.Equal(old, b) {
+		// Already recorded (the target attaches while it builds the clone
+		// and again at cutover): a rewrite's fsync would only lengthen
+		// the machine's pause.
+		return nil
+	}
+	return atomicfile.WriteFile(path, b, 0o600)
 }
 
 func machineFromNS(worker, ns string) string { return ns[len("fm-"+worker+"-"):] }
