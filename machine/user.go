@@ -4,15 +4,11 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"runtime"
 	"sort"
 	"strconv"
 	"strings"
 	"syscall"
-
-	"golang.org/x/sys/unix"
 )
 
 // User is the unprivileged identity a machine's processes run as. A
@@ -92,50 +88,20 @@ func confined(s Spec, what, p string) (string, error) {
 	return filepath.Join(s.MountDir, p), nil
 }
 
-// startConfined starts cmd in dir, in the network namespace netns (none
-// when empty), as u with no supplementary groups and no_new_privs (a
-// setuid binary on the volume cannot regain root), as nsenter and setpriv
-// did without their two execs (about 5 ms on a busy 2-core host, inside a
-// migration's pause). The fork runs on a thread of its own that first
-// takes its own working directory (entered as the agent: the machine needs
-// no access to the folders above its mount), joins the namespace and sets
-// no_new_privs; the child inherits all three, and the kernel applies the
-// credentials before the exec. That thread is never handed back to the
-// runtime: it ends with its goroutine.
-func startConfined(cmd *exec.Cmd, dir, netns string, u User) error {
-	if cmd.SysProcAttr == nil {
-		cmd.SysProcAttr = &syscall.SysProcAttr{}
+// wrap returns argv run in the machine's network namespace as u with
+// no_new_privs: nsenter (needs root to join the namespace) execs setpriv,
+// which drops to u, clears supplementary groups, sets no_new_privs (a setuid
+// binary on the volume cannot regain root) and execs argv. The working
+// directory is entered by the agent first, so the machine needs no access
+// to the folders above its mount.
+func wrap(argv []string, netns string, u User) []string {
+	out := []string{}
+	if netns != "" {
+		out = append(out, "nsenter", "--net=/run/netns/"+netns, "--")
 	}
-	cmd.SysProcAttr.Credential = &syscall.Credential{Uid: u.UID, Gid: u.GID, Groups: []uint32{}}
-	cmd.Dir = "" // the thread's own, below
-	started := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread() // and never unlocked: the thread is no longer like the others
-		started <- func() error {
-			if err := unix.Unshare(unix.CLONE_FS); err != nil {
-				return fmt.Errorf("a working directory of its own for the machine's start: %w", err)
-			}
-			if err := unix.Chdir(dir); err != nil {
-				return fmt.Errorf("enter the machine's folder %s: %w", dir, err)
-			}
-			if netns != "" {
-				fd, err := unix.Open(filepath.Join("/run/netns", netns), unix.O_RDONLY|unix.O_CLOEXEC, 0)
-				if err != nil {
-					return fmt.Errorf("open the machine's network namespace %s: %w", netns, err)
-				}
-				err = unix.Setns(fd, unix.CLONE_NEWNET)
-				unix.Close(fd)
-				if err != nil {
-					return fmt.Errorf("join the machine's network namespace %s: %w", netns, err)
-				}
-			}
-			if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
-				return fmt.Errorf("set no_new_privs for the machine: %w", err)
-			}
-			return cmd.Start()
-		}()
-	}()
-	return <-started
+	out = append(out, "setpriv", "--reuid="+strconv.FormatUint(uint64(u.UID), 10), "--regid="+strconv.FormatUint(uint64(u.GID), 10),
+		"--clear-groups", "--no-new-privs", "--")
+	return append(out, argv...)
 }
 
 // ownMount gives the machine its filesystem's root folder (not what is in
