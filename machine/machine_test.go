@@ -2,9 +2,12 @@ package machine
 
 import (
 	"context"
+	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -132,9 +135,19 @@ func TestMachineRunsUnprivileged(t *testing.T) {
 	}
 	t.Setenv("FERRY_AGENT_SECRET", "leaked")
 	mnt := t.TempDir()
+	// In a network namespace of its own, as a migrated machine runs.
+	ns := fmt.Sprintf("ferry-test-%d", os.Getpid())
+	if out, err := exec.Command("ip", "netns", "add", ns).CombinedOutput(); err != nil {
+		t.Fatalf("ip netns add: %v: %s", err, out)
+	}
+	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", ns).Run() })
+	var nsStat syscall.Stat_t
+	if err := syscall.Stat("/run/netns/"+ns, &nsStat); err != nil {
+		t.Fatal(err)
+	}
 	e := &Exec{StateDir: t.TempDir(), Log: zerolog.Nop()}
-	s := Spec{ID: "m1", MountDir: mnt, KillTimeout: time.Second, Env: map[string]string{"APP": "yes"},
-		Command: []string{"sh", "-c", "id -u > out; id -g >> out; id -G >> out; grep NoNewPrivs /proc/self/status >> out; env > env; sleep 30"}}
+	s := Spec{ID: "m1", MountDir: mnt, NetNS: ns, KillTimeout: time.Second, Env: map[string]string{"APP": "yes"},
+		Command: []string{"sh", "-c", "id -u > out; id -g >> out; id -G >> out; grep NoNewPrivs /proc/self/status >> out; readlink /proc/self/ns/net >> out; env > env; sleep 30"}}
 	ctx := context.Background()
 	if err := e.Start(ctx, s); err != nil {
 		t.Fatal(err)
@@ -144,13 +157,16 @@ func TestMachineRunsUnprivileged(t *testing.T) {
 	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
 		out, _ = os.ReadFile(filepath.Join(mnt, "out"))
 		env, _ = os.ReadFile(filepath.Join(mnt, "env"))
-		if strings.Count(string(out), "\n") >= 4 && len(env) > 0 {
+		if strings.Count(string(out), "\n") >= 5 && len(env) > 0 {
 			break
 		}
 	}
 	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
-	if len(lines) != 4 || lines[0] != "65534" || lines[1] != "65534" || lines[2] != "65534" || !strings.HasSuffix(lines[3], "1") {
+	if len(lines) != 5 || lines[0] != "65534" || lines[1] != "65534" || lines[2] != "65534" || !strings.HasSuffix(lines[3], "1") {
 		t.Fatalf("machine identity:\n%s", out)
+	}
+	if want := fmt.Sprintf("net:[%d]", nsStat.Ino); lines[4] != want {
+		t.Fatalf("machine's network namespace %s, want %s (%s)", lines[4], want, ns)
 	}
 	if strings.Contains(string(env), "FERRY_AGENT_SECRET") || !strings.Contains(string(env), "APP=yes") ||
 		!strings.Contains(string(env), "FERRY_MACHINE_ID=m1") {
