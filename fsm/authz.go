@@ -331,6 +331,18 @@ func stateGuard(m *Migration, ev Event, tr Transition, isAn bool, an Annotation)
 	return nil
 }
 
+// checkExport accepts an export at the source worker's registered address
+// naming migration m.
+func (s *Store) checkExport(m *Migration, ev Event, e *Export) *Refusal {
+	if e == nil || e.Portal == "" || e.IQN == "" {
+		return refuse(RefuseInvalid, CodeInvalid, "%s needs export.portal and export.iqn", ev)
+	}
+	if r := checkPortal(s.d.Workers[m.Source], e.Portal); r != nil {
+		return r
+	}
+	return checkIQN(m, e.IQN)
+}
+
 // checkReported holds every field a participant reports to what the records
 // say it must be.
 func (s *Store) checkReported(m *Migration, c *ProposeCmd) *Refusal {
@@ -362,13 +374,7 @@ func (s *Store) checkReported(m *Migration, c *ProposeCmd) *Refusal {
 			return refuse(RefuseConflict, CodeWrongState, "target volume %s is %s", v.ID, v.State)
 		}
 	case EvExported:
-		if p.Export == nil || p.Export.Portal == "" || p.Export.IQN == "" {
-			return refuse(RefuseInvalid, CodeInvalid, "exported needs export.portal and export.iqn")
-		}
-		if r := checkPortal(s.d.Workers[m.Source], p.Export.Portal); r != nil {
-			return r
-		}
-		if r := checkIQN(m, p.Export.IQN); r != nil {
+		if r := s.checkExport(m, c.Event, p.Export); r != nil {
 			return r
 		}
 		if r := s.checkKnownZero(m, p.KnownZero); r != nil {
@@ -376,13 +382,7 @@ func (s *Store) checkReported(m *Migration, c *ProposeCmd) *Refusal {
 		}
 	case EvExportStarted:
 		// Held to what exported will be held to: the target logs in there.
-		if p.Export == nil || p.Export.Portal == "" || p.Export.IQN == "" {
-			return refuse(RefuseInvalid, CodeInvalid, "export_started needs export.portal and export.iqn")
-		}
-		if r := checkPortal(s.d.Workers[m.Source], p.Export.Portal); r != nil {
-			return r
-		}
-		if r := checkIQN(m, p.Export.IQN); r != nil {
+		if r := s.checkExport(m, c.Event, p.Export); r != nil {
 			return r
 		}
 	case EvTrimmed:

@@ -95,15 +95,22 @@ func TestWorkerKeyMadeOnceAndPrivate(t *testing.T) {
 	}
 }
 
+// twoWorkers are a source and a target custodian sharing one control
+// plane, which holds the recovery key rk.
+func twoWorkers(t *testing.T) (cp *envCP, src, dst *Custodian, rk *sealing.PrivateKey) {
+	rk, _ = sealing.Generate()
+	cp = &envCP{envs: map[string]fsm.Envelope{}, workers: map[string]fsm.PublicKey{}, recovery: rk.Public()}
+	src = newTestCustodian(t, cp, "src")
+	dst = newTestCustodian(t, cp, "dst")
+	for _, a := range []*Custodian{src, dst} {
+		_ = cp.SetWorkerKey(t.Context(), a.worker, a.Public())
+	}
+	return cp, src, dst, rk
+}
+
 func TestVolumeKeysSealedAndCarried(t *testing.T) {
 	ctx := t.Context()
-	rk, _ := sealing.Generate()
-	cp := &envCP{envs: map[string]fsm.Envelope{}, workers: map[string]fsm.PublicKey{}, recovery: rk.Public()}
-	src := newTestCustodian(t, cp, "src")
-	dst := newTestCustodian(t, cp, "dst")
-	for _, a := range []*Custodian{src, dst} {
-		_ = cp.SetWorkerKey(ctx, a.worker, a.Public())
-	}
+	cp, src, dst, rk := twoWorkers(t)
 
 	// A new volume: a fresh 64-character passphrase, sealed to the owner
 	// and the recovery key before it is used; a retry gets the same key.
@@ -158,13 +165,7 @@ func TestVolumeKeysSealedAndCarried(t *testing.T) {
 // with nothing left to seal.
 func TestMigrationKeyThenSeal(t *testing.T) {
 	ctx := t.Context()
-	rk, _ := sealing.Generate()
-	cp := &envCP{envs: map[string]fsm.Envelope{}, workers: map[string]fsm.PublicKey{}, recovery: rk.Public()}
-	src := newTestCustodian(t, cp, "src")
-	dst := newTestCustodian(t, cp, "dst")
-	for _, a := range []*Custodian{src, dst} {
-		_ = cp.SetWorkerKey(ctx, a.worker, a.Public())
-	}
+	cp, src, dst, _ := twoWorkers(t)
 	k, err := src.NewVolumeKey(ctx, "vol1")
 	if err != nil {
 		t.Fatal(err)

@@ -10,12 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/rs/zerolog"
-
-	"github.com/ferry-dev/ferry/blockdev"
 	"github.com/ferry-dev/ferry/datapath"
-	"github.com/ferry-dev/ferry/datapath/loopdev"
-	"github.com/ferry-dev/ferry/internal/testenv"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
 	"github.com/ferry-dev/ferry/iscsi"
 )
@@ -28,72 +23,16 @@ import (
 // reason naming the revocation. A clone started after the revocation
 // refuses the source from its first handshake.
 func TestCloneRefusesARevokedSource(t *testing.T) {
-	err := hostReady()
-	testenv.Require(t, "host ready: "+errString(err), err == nil)
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	log := zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.WarnLevel)
-	tlsDir := filepath.Join(t.TempDir(), "tls")
-	if err := tlsutil.EnsureDev(tlsDir, tlsutil.Cert{Name: "w-a", Kind: tlsutil.KindWorker, Hosts: []string{"127.0.0.1"}},
-		tlsutil.Cert{Name: "w-c", Kind: tlsutil.KindWorker, Hosts: []string{"127.0.0.1"}}); err != nil {
-		t.Fatal(err)
-	}
-	newBackend := func(name string, deny *iscsi.DenyList) *Backend {
-		b := &Backend{DataDir: t.TempDir(), Exe: exe, Log: log, Loops: loopdev.System{}, FastKDF: true}
-		if deny != nil {
-			b.TLS, b.Deny = &datapath.PeerTLS{Dir: tlsDir, Name: name, Denied: deny.Denied}, deny
-		}
-		t.Cleanup(func() { b.CleanupAll(context.Background()) })
-		return b
-	}
-
 	// Source w-a: a volume with a file, exported to w-c over TLS.
-	src := newBackend("w-a", nil)
-	const vol = "rk1"
-	pass := []byte("revoke-passphrase")
-	layout, err := src.Create(ctx, vol, 32<<20, pass)
-	if err != nil {
-		t.Fatal(err)
-	}
-	data := bytes.Repeat([]byte("only the source worker serves this "), 30000)
-	mnt := src.MountPoint("m")
-	if _, err := src.MountLocal(ctx, vol, layout, pass, mnt); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(mnt, "data"), data, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if err := src.Unmount(ctx, vol, mnt); err != nil {
-		t.Fatal(err)
-	}
-	gt, err := iscsi.GateTLSFromDir(tlsDir, "w-a", "w-c")
-	if err != nil {
-		t.Fatal(err)
-	}
-	exp, err := iscsi.StartExport(ctx, log, iscsi.ExportConfig{Path: src.DataPath(vol), Listen: "127.0.0.1:0",
-		Allow: []string{"127.0.0.1/32"}, IQN: iscsi.MigrationIQN("dev.ferry.test", "rk", time.Now()),
-		StateDir: filepath.Join(t.TempDir(), "export"), LogLevel: "warn", TLS: gt})
-	if err != nil {
-		t.Fatalf("export the source volume: %v", err)
-	}
-	t.Cleanup(func() { _ = exp.Stop() })
+	x := newTLSExport(t, ctx, "rk1", "rk", []byte("revoke-passphrase"), bytes.Repeat([]byte("only the source worker serves this "), 30000))
+	newBackend, tlsDir, pass, data := x.backend, x.tlsDir, x.pass, x.data
 	// Hydration capped at 1 MiB/s: the 32 MiB copy outlasts the test's
 	// wait, so only the revocation can stall it.
-	spec := datapath.CloneSpec{Volume: "rk1-t", Layout: layout, Portal: exp.Portal(), IQN: exp.IQN(), Source: "w-a", RateLimit: 1 << 20}
-	prepare := func(b *Backend) {
-		if err := os.MkdirAll(b.VolumeDir(spec.Volume), 0o700); err != nil {
-			t.Fatal(err)
-		}
-		f, err := blockdev.CreateSparse(b.DataPath(spec.Volume), layout.DeviceSize())
-		if err != nil {
-			t.Fatal(err)
-		}
-		f.Close()
-	}
+	spec := x.spec("rk1-t")
+	spec.RateLimit = 1 << 20
+	prepare := func(b *Backend) { x.prepare(b, spec.Volume) }
 
 	// Target w-c: the clone reads the source before any revocation.
 	deny := &iscsi.DenyList{}
