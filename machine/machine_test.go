@@ -56,11 +56,21 @@ func TestExecStartStopIdempotent(t *testing.T) {
 func TestExecKillTimeout(t *testing.T) {
 	e := &Exec{StateDir: t.TempDir(), Log: zerolog.Nop()}
 	// A machine that ignores SIGINT is killed after the timeout.
-	s := Spec{ID: "stubborn", Command: []string{"sh", "-c", "trap '' INT; sleep 30"}, MountDir: t.TempDir(), KillTimeout: 200 * time.Millisecond}
+	mnt := t.TempDir()
+	s := Spec{ID: "stubborn", Command: []string{"sh", "-c", "trap '' INT; touch trapped; sleep 30"}, MountDir: mnt, KillTimeout: 200 * time.Millisecond}
 	if err := e.Start(context.Background(), s); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(50 * time.Millisecond)
+	// Stopped only once the trap holds: on a busy host the shell takes a
+	// while to get there, and SIGINT before it would end it at once.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if _, err := os.Stat(filepath.Join(mnt, "trapped")); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the machine did not set its trap within 10 s")
+		}
+	}
 	start := time.Now()
 	if err := e.Stop(context.Background(), s); err != nil {
 		t.Fatal(err)
