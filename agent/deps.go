@@ -106,9 +106,6 @@ type VolumeOps interface {
 	Allocate(vol string, size int64) error
 	// KnownZero lists a local volume's holes.
 	KnownZero(vol string) ([]fsm.Range, error)
-	// Hot lists the ranges of [lo, hi) a served volume's machine touched
-	// last (what a migration's target reads ahead).
-	Hot(ctx context.Context, vol string, lo, hi int64) ([]fsm.Range, error)
 	// Trim discards a mounted filesystem's unused blocks.
 	Trim(ctx context.Context, mnt string) (string, error)
 	// NoProgressReason explains a hydration into vol that stopped moving.

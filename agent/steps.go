@@ -140,7 +140,7 @@ func (a *Agent) prepareTarget(ctx context.Context, log zerolog.Logger, m *fsm.Mi
 
 func (a *Agent) cloneSpec(m *fsm.Migration, hydrate bool) datapath.CloneSpec {
 	return datapath.CloneSpec{Volume: m.TargetVol, Layout: datapath.LayoutOf(*m.Layout), Portal: m.Export.Portal, IQN: m.Export.IQN, Source: m.Source,
-		KnownZero: datapath.RangesOf(m.KnownZero), Hot: datapath.RangesOf(m.Hot), Hydrate: hydrate, RateLimit: a.cfg.HydrationRate, NoIdleBatches: a.cfg.NoIdleBatches}
+		KnownZero: datapath.RangesOf(m.KnownZero), Hydrate: hydrate, RateLimit: a.cfg.HydrationRate, NoIdleBatches: a.cfg.NoIdleBatches}
 }
 
 // keyedCloneMounter is a backend that fetches the key beside the datapath's
@@ -662,16 +662,9 @@ func (a *Agent) exportSource(ctx context.Context, log zerolog.Logger, m *fsm.Mig
 	// The store accepts holes of the data area only (never the header).
 	lo, hi := fsm.DataArea(m, 0)
 	stored := fsm.ClipRanges(zeros, lo, hi)
-	// What the machine touched last, for the target to read ahead (its
-	// restart reads much of it again); a hint, like the holes.
-	hot, err := a.Volumes.Hot(ctx, m.Volume, lo, hi)
-	if err != nil {
-		log.Info().Err(err).Msg("cannot list what the machine touched last; the target reads it on demand")
-		hot = nil
-	}
-	log.Info().Str("portal", portal).Str("iqn", iqn).Int("known_zero_ranges", len(stored)).Int("hot_ranges", len(hot)).Dur("seal", t2.Sub(t1)).
+	log.Info().Str("portal", portal).Str("iqn", iqn).Int("known_zero_ranges", len(stored)).Dur("seal", t2.Sub(t1)).
 		Dur("export", t3.Sub(t2)).Dur("holes", time.Since(t3)).Msg("volume exported")
-	if err := a.propose(ctx, m, fsm.EvExported, fsm.EventPayload{Export: &fsm.Export{Portal: portal, IQN: iqn}, KnownZero: stored, Hot: hot}); err != nil {
+	if err := a.propose(ctx, m, fsm.EvExported, fsm.EventPayload{Export: &fsm.Export{Portal: portal, IQN: iqn}, KnownZero: stored}); err != nil {
 		return err
 	}
 	// The volume stopSource froze: its devices are released now, while the

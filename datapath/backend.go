@@ -146,7 +146,6 @@ type CloneSpec struct {
 	// (when the backend has TLS; see PeerTLS).
 	Source    string
 	KnownZero []blockdev.Range // ciphertext ranges that read as zeros on the source
-	Hot       []blockdev.Range // ciphertext ranges the machine touched last on the source: read ahead
 	Hydrate   bool             // background hydration on from the start (resume after cutover)
 	RateLimit int64            // bytes/s, 0 none; honoured when Capabilities().HydrationRateLimit
 	// NoIdleBatches keeps background copies at their normal size while the
@@ -228,13 +227,6 @@ type Prestarter interface {
 	// ReleasePrestarted ends the processes Prestart started and no clone
 	// took (the agent stops).
 	ReleasePrestarted()
-}
-
-// HotReporter is a Backend that knows which parts of a served volume its
-// machine read and wrote last (a migration's source sends them with the
-// export; the target reads them ahead).
-type HotReporter interface {
-	HotRanges(ctx context.Context, vol string) ([]blockdev.Range, error)
 }
 
 // Retargeter is a CloneHandle whose source can follow its export to

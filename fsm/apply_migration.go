@@ -265,7 +265,6 @@ func (s *Store) applyTransition(m *Migration, tr Transition, c *ProposeCmd) *Ref
 		if p.KnownZero != nil {
 			m.KnownZero = append([]Range(nil), p.KnownZero...)
 		}
-		m.Hot = slices.Clone(p.Hot)
 	case EvTrimmed:
 		if err := validRanges(p.KnownZero); err != nil {
 			return refuse(RefuseInvalid, CodeInvalid, "known_zero: %v", err)

@@ -380,9 +380,6 @@ func (s *Store) checkReported(m *Migration, c *ProposeCmd) *Refusal {
 		if r := s.checkKnownZero(m, p.KnownZero); r != nil {
 			return r
 		}
-		if r := s.checkHot(m, p.Hot); r != nil {
-			return r
-		}
 	case EvExportStarted:
 		// Held to what exported will be held to: the target logs in there.
 		if r := s.checkExport(m, c.Event, p.Export); r != nil {
@@ -409,9 +406,6 @@ func (s *Store) checkReported(m *Migration, c *ProposeCmd) *Refusal {
 	if len(p.KnownZero) > 0 && c.Event != EvExported && c.Event != EvTrimmed {
 		return refuse(RefuseInvalid, CodeInvalid, "%s carries no known_zero ranges", c.Event)
 	}
-	if len(p.Hot) > 0 && c.Event != EvExported {
-		return refuse(RefuseInvalid, CodeInvalid, "%s carries no hot ranges", c.Event)
-	}
 	return nil
 }
 
@@ -422,37 +416,6 @@ func (s *Store) checkKnownZero(m *Migration, rs []Range) *Refusal {
 	}
 	lo, hi := DataArea(m, size)
 	return checkRanges(rs, lo, hi)
-}
-
-// Bounds of a migration's hot ranges: the target reads them all ahead
-// inside the machine's pause, so a source may not make it read much.
-const (
-	MaxHotRanges = 256
-	MaxHotBytes  = 4 << 20
-)
-
-// checkHot accepts hot ranges inside the data area, at most MaxHotRanges
-// of them and MaxHotBytes in all.
-func (s *Store) checkHot(m *Migration, rs []Range) *Refusal {
-	if len(rs) == 0 {
-		return nil
-	}
-	if len(rs) > MaxHotRanges {
-		return refuse(RefuseInvalid, CodeInvalid, "hot has %d ranges; at most %d", len(rs), MaxHotRanges)
-	}
-	var total int64
-	for _, r := range rs {
-		total += r.Len
-	}
-	if total > MaxHotBytes {
-		return refuse(RefuseInvalid, CodeInvalid, "hot ranges hold %d bytes; at most %d", total, MaxHotBytes)
-	}
-	var size int64
-	if v, ok := s.d.Volumes[m.Volume]; ok {
-		size = v.Size
-	}
-	lo, hi := DataArea(m, size)
-	return checkRangesOf("hot", rs, lo, hi)
 }
 
 // checkNew6PN accepts only the machine's address rebuilt on the target:

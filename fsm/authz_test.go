@@ -2,7 +2,6 @@ package fsm
 
 import (
 	"encoding/json"
-	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -145,23 +144,13 @@ func TestReportedFields(t *testing.T) {
 		"IQN of another":        exp("127.0.0.1:3260", "iqn.2026-01.dev.ferry:ferry:m2"),
 		"zeros over the header": exp("127.0.0.1:3260", "iqn.2026-01.dev.ferry:ferry:m1", Range{Off: 0, Len: l.DeviceSize()}),
 		"zeros past the end":    exp("127.0.0.1:3260", "iqn.2026-01.dev.ferry:ferry:m1", Range{Off: l.DataOffset, Len: l.PayloadSize + 4096}),
-		"hot over the header":   hot(exp("127.0.0.1:3260", "iqn.2026-01.dev.ferry:ferry:m1"), Range{Off: 0, Len: 4096}),
-		"hot past the end":      hot(exp("127.0.0.1:3260", "iqn.2026-01.dev.ferry:ferry:m1"), Range{Off: l.DataOffset + l.PayloadSize - 4096, Len: 8192}),
-		"too much hot":          hot(exp("127.0.0.1:3260", "iqn.2026-01.dev.ferry:ferry:m1"), Range{Off: l.DataOffset, Len: MaxHotBytes + 4096}),
 	} {
 		if r := h.propose(srcW, EvExported, "x", p); r.Refusal == nil || r.Refusal.Kind != RefuseInvalid {
 			t.Errorf("%s: %v", name, r.Refusal)
 		}
 	}
-	hotOK := []Range{{Off: l.DataOffset, Len: 1 << 20}, {Off: l.DataOffset + (4 << 20), Len: 64 << 10}}
-	m := h.must(h.propose(srcW, EvExported, "e", hot(exp("127.0.0.1:3260", "iqn.2026-01.dev.ferry:ferry:m1",
-		Range{Off: l.DataOffset, Len: l.PayloadSize}), hotOK...))).Migration
-	if !slices.Equal(m.Hot, hotOK) {
-		t.Fatalf("hot ranges recorded %v, want %v", m.Hot, hotOK)
-	}
-	if r := h.propose(dstW, EvCloneBuilt, "c-hot", EventPayload{Hot: hotOK}); r.Refusal == nil || r.Refusal.Kind != RefuseInvalid {
-		t.Errorf("hot ranges on clone_built: %v", r.Refusal)
-	}
+	h.must(h.propose(srcW, EvExported, "e", exp("127.0.0.1:3260", "iqn.2026-01.dev.ferry:ferry:m1",
+		Range{Off: l.DataOffset, Len: l.PayloadSize})))
 	h.must(h.propose(dstW, EvCloneBuilt, "c", EventPayload{}))
 	h.must(h.propose(dstW, EvTrimmed, "t", EventPayload{}))
 	for _, a := range []string{"fdaa:0:8:0:2:0:9:0", "fdaa:0:7:0:1:0:9:0", "fdaa:0:7:0:2:0:8:0", "fdaa::/16", "10.0.0.1"} {
@@ -170,12 +159,6 @@ func TestReportedFields(t *testing.T) {
 		}
 	}
 	h.must(h.propose(dstW, EvCutover, "cut", EventPayload{New6PN: "fdaa:0:7:0:2:0:9:0"}))
-}
-
-// hot is p carrying hot ranges rs.
-func hot(p EventPayload, rs ...Range) EventPayload {
-	p.Hot = rs
-	return p
 }
 
 // TestScopes: a worker reads what names it; specs only as owner or target.

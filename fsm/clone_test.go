@@ -16,7 +16,7 @@ func TestMigrationCloneIsDeep(t *testing.T) {
 		EnteredAt: map[State]time.Time{Planned: now, Hydrating: now.Add(time.Second)}, CreatedAt: now, UpdatedAt: now,
 		ModifyIndex: 9, Attempts: 1, LastError: "e", Stalled: true, StallCause: "c",
 		Rollback: &RollbackInfo{Reason: "r", By: "op", From: Planned}, Layout: &LUKSLayout{UUID: "u", DataOffset: 1},
-		KnownZero: []Range{{Off: 1, Len: 2}}, Hot: []Range{{Off: 3, Len: 4}}, Export: &Export{Portal: "p", IQN: "i"}, Progress: &Progress{HydratedBytes: 5, TotalBytes: 10},
+		KnownZero: []Range{{Off: 1, Len: 2}}, Export: &Export{Portal: "p", IQN: "i"}, Progress: &Progress{HydratedBytes: 5, TotalBytes: 10},
 		TargetVol: "tv", Old6PN: "o", New6PN: "n", MaxDowntime: time.Second, KeyAccess: []KeyAccess{{Worker: "b", At: now}},
 		Steps: []StepResult{{StepID: "s1", Event: EvCutover, State: Cutover, Index: 3}}}
 	// Every exported field is set, so the comparisons below cover them all.
@@ -34,7 +34,7 @@ func TestMigrationCloneIsDeep(t *testing.T) {
 	// Change everything the clone references: the original must not move.
 	c.EnteredAt[Cutover] = now
 	c.Rollback.Reason, c.Layout.UUID, c.Export.IQN, c.Progress.HydratedBytes = "x", "x", "x", 9
-	c.KnownZero[0].Off, c.Hot[0].Off, c.KeyAccess[0].Worker, c.Steps[0].StepID = 9, 9, "x", "x"
+	c.KnownZero[0].Off, c.KeyAccess[0].Worker, c.Steps[0].StepID = 9, "x", "x"
 	if got, _ := json.Marshal(m); string(got) != string(want) {
 		t.Fatalf("changing the clone changed the original:\n got %s\nwant %s", got, want)
 	}
@@ -45,7 +45,7 @@ func TestMigrationCloneIsDeep(t *testing.T) {
 		t.Fatal("a clone does not find its step IDs")
 	}
 	// Fields holding references are the ones Clone copies by hand.
-	copied := map[string]bool{"EnteredAt": true, "Rollback": true, "Layout": true, "KnownZero": true, "Hot": true, "Export": true,
+	copied := map[string]bool{"EnteredAt": true, "Rollback": true, "Layout": true, "KnownZero": true, "Export": true,
 		"Progress": true, "KeyAccess": true, "Steps": true, "stepIndex": true}
 	for i := range rv.NumField() {
 		f := rv.Type().Field(i)

@@ -289,7 +289,6 @@ type EventPayload struct {
 	Layout       *LUKSLayout `json:"layout,omitempty"`        // target_prepared, source_stopped
 	Export       *Export     `json:"export,omitempty"`        // exported
 	KnownZero    []Range     `json:"known_zero,omitempty"`    // trimmed
-	Hot          []Range     `json:"hot,omitempty"`           // exported
 	Progress     *Progress   `json:"progress,omitempty"`      // progress, hydrated
 	TargetVolume string      `json:"target_volume,omitempty"` // target_prepared
 	New6PN       string      `json:"new_6pn,omitempty"`       // cutover

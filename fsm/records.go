@@ -57,14 +57,11 @@ type Migration struct {
 	Rollback    *RollbackInfo       `json:"rollback,omitempty"`
 	Layout      *LUKSLayout         `json:"layout,omitempty"`
 	KnownZero   []Range             `json:"known_zero,omitempty"`
-	// Hot are the data-area ranges the machine read and wrote last on the
-	// source (at most MaxHotBytes): the target reads them ahead.
-	Hot       []Range   `json:"hot,omitempty"`
-	Export    *Export   `json:"export,omitempty"`
-	Progress  *Progress `json:"progress,omitempty"`
-	TargetVol string    `json:"target_volume,omitempty"`
-	Old6PN    string    `json:"old_6pn,omitempty"`
-	New6PN    string    `json:"new_6pn,omitempty"`
+	Export      *Export             `json:"export,omitempty"`
+	Progress    *Progress           `json:"progress,omitempty"`
+	TargetVol   string              `json:"target_volume,omitempty"`
+	Old6PN      string              `json:"old_6pn,omitempty"`
+	New6PN      string              `json:"new_6pn,omitempty"`
 	// MaxDowntime is the downtime budget: the steps from source_stopped to
 	// cutover must finish within it, or the migration rolls back (0:
 	// DefaultMaxDowntime).
@@ -185,7 +182,6 @@ func (m *Migration) Clone() *Migration {
 	c.Export = clonePtr(m.Export)
 	c.Progress = clonePtr(m.Progress)
 	c.KnownZero = slices.Clone(m.KnownZero)
-	c.Hot = slices.Clone(m.Hot)
 	c.KeyAccess = slices.Clone(m.KeyAccess)
 	c.Steps = slices.Clone(m.Steps)
 	c.stepIndex = nil // step scans the copy's own Steps

@@ -258,19 +258,16 @@ func checkPortal(src *Worker, portal string) *Refusal {
 // checkRanges accepts known-zero ranges that lie inside [lo, hi): the
 // encrypted data area of the device. The header and keyslots are never
 // declared zero, so a source cannot make the target skip them.
-func checkRanges(rs []Range, lo, hi int64) *Refusal { return checkRangesOf("known_zero", rs, lo, hi) }
-
-// checkRangesOf is checkRanges for the ranges a payload names what.
-func checkRangesOf(what string, rs []Range, lo, hi int64) *Refusal {
+func checkRanges(rs []Range, lo, hi int64) *Refusal {
 	if len(rs) > MaxKnownZero {
-		return refuse(RefuseInvalid, CodeInvalid, "%s has %d ranges; coalesce to at most %d", what, len(rs), MaxKnownZero)
+		return refuse(RefuseInvalid, CodeInvalid, "known_zero has %d ranges; coalesce to at most %d", len(rs), MaxKnownZero)
 	}
 	if err := validRanges(rs); err != nil {
-		return refuse(RefuseInvalid, CodeInvalid, "%s: %v", what, err)
+		return refuse(RefuseInvalid, CodeInvalid, "known_zero: %v", err)
 	}
 	for _, r := range rs {
 		if r.Off < lo || r.End() > hi {
-			return refuse(RefuseInvalid, CodeInvalid, "%s range %d+%d lies outside the device's data area [%d, %d)", what, r.Off, r.Len, lo, hi)
+			return refuse(RefuseInvalid, CodeInvalid, "known_zero range %d+%d lies outside the device's data area [%d, %d)", r.Off, r.Len, lo, hi)
 		}
 	}
 	return nil

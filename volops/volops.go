@@ -254,32 +254,6 @@ func (o *Ops) KnownZero(vol string) ([]fsm.Range, error) {
 	return datapath.StoredRanges(zs), nil
 }
 
-// Hot lists the data-area ranges vol's machine read and wrote last, as its
-// running datapath remembers them, at most fsm.MaxHotRanges and
-// fsm.MaxHotBytes: a migration's target reads them ahead. None where the
-// data path keeps no such memory.
-func (o *Ops) Hot(ctx context.Context, vol string, lo, hi int64) ([]fsm.Range, error) {
-	hr, ok := o.vols.(datapath.HotReporter)
-	if !ok {
-		return nil, nil
-	}
-	rs, err := hr.HotRanges(ctx, vol)
-	if err != nil {
-		return nil, err
-	}
-	var out []fsm.Range
-	var total int64
-	for _, r := range fsm.ClipRanges(datapath.StoredRanges(rs), lo, hi) {
-		r.Len = min(r.Len, fsm.MaxHotBytes-total)
-		if r.Len <= 0 || len(out) == fsm.MaxHotRanges {
-			break
-		}
-		out = append(out, r)
-		total += r.Len
-	}
-	return out, nil
-}
-
 // knownZero lists the volume file's holes, coalesced to at most 4096 ranges
 // (dropping the smallest: a missed hint only costs a fetch).
 func knownZero(path string) ([]blockdev.Range, error) {

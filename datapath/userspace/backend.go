@@ -425,21 +425,11 @@ func (v *Backend) cloneConfig(c datapath.CloneSpec) (Config, error) {
 		return Config{}, fmt.Errorf("clone of %s: no source worker named, so the export's certificate cannot be checked", c.Volume)
 	}
 	cfg.Clone = &Clone{MetaPath: v.MetaPath(c.Volume), Portal: c.Portal, IQN: c.IQN, TLS: v.TLS, Source: c.Source,
-		RegionSize: 4096, KnownZero: c.KnownZero, Hot: c.Hot, Hydrate: c.Hydrate, RateLimit: c.RateLimit, NoIdleBatches: c.NoIdleBatches}
+		RegionSize: 4096, KnownZero: c.KnownZero, Hydrate: c.Hydrate, RateLimit: c.RateLimit, NoIdleBatches: c.NoIdleBatches}
 	if v.TLS != nil {
 		cfg.Clone.Denied = v.Deny.Serials()
 	}
 	return cfg, nil
-}
-
-// HotRanges returns the ciphertext ranges vol's machine read and wrote
-// last, from its running datapath (datapath.HotReporter).
-func (v *Backend) HotRanges(ctx context.Context, vol string) ([]blockdev.Range, error) {
-	p, err := v.Process(ctx, vol)
-	if err != nil {
-		return nil, err
-	}
-	return p.Hot(ctx)
 }
 
 // PreConnect has clone c's prestarted datapath, if there is one, log in to

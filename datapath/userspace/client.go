@@ -17,7 +17,6 @@ import (
 
 	"github.com/rs/zerolog"
 
-	"github.com/ferry-dev/ferry/blockdev"
 	"github.com/ferry-dev/ferry/datapath"
 	"github.com/ferry-dev/ferry/dmclone"
 	"github.com/ferry-dev/ferry/internal/atomicfile"
@@ -255,14 +254,6 @@ func (p *Process) SetDenied(ctx context.Context, serials []string) error {
 		serials = []string{}
 	}
 	return p.call(ctx, http.MethodPost, "/v1/denied", DenyUpdate{Serials: serials}, nil)
-}
-
-// Hot returns the ciphertext ranges the volume's machine read and wrote
-// last (at most 4 MiB).
-func (p *Process) Hot(ctx context.Context) ([]blockdev.Range, error) {
-	var h HotRanges
-	err := p.call(ctx, http.MethodGet, "/v1/hot", nil, &h)
-	return h.Ranges, err
 }
 
 // Grow asks the process to serve payload plaintext bytes, growing its file.

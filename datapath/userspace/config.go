@@ -85,11 +85,8 @@ type Clone struct {
 	Denied     []string         `json:"denied,omitempty"`
 	RegionSize int64            `json:"region_size"`
 	KnownZero  []blockdev.Range `json:"known_zero,omitempty"`
-	// Hot are the ciphertext ranges the machine touched last on the
-	// source: read ahead while the clone starts.
-	Hot       []blockdev.Range `json:"hot,omitempty"`
-	Hydrate   bool             `json:"hydrate"` // start with background hydration enabled (resume after restart)
-	RateLimit int64            `json:"rate_limit_bps,omitempty"`
+	Hydrate    bool             `json:"hydrate"` // start with background hydration enabled (resume after restart)
+	RateLimit  int64            `json:"rate_limit_bps,omitempty"`
 	// NoIdleBatches keeps background copies at BatchRegions while the
 	// machine is idle (dmclone.Tunables.IdleBatchRegions 0).
 	NoIdleBatches bool `json:"no_idle_batches,omitempty"`

@@ -41,9 +41,6 @@ type cowDev struct {
 
 	mu   sync.Mutex
 	last *snapshot // the running or last finished snapshot, for status
-
-	// recent: what the machine read and wrote last (hot ranges).
-	recent recentIO
 }
 
 func newCow(log zerolog.Logger, d blockdev.Device) *cowDev { return &cowDev{Device: d, log: log} }
@@ -158,13 +155,7 @@ func (c *cowDev) preserve(s *snapshot, off, n int64) error {
 	return nil
 }
 
-func (c *cowDev) ReadAt(p []byte, off int64) (int, error) {
-	c.recent.note(off, len(p))
-	return c.Device.ReadAt(p, off)
-}
-
 func (c *cowDev) WriteAt(p []byte, off int64) (int, error) {
-	c.recent.note(off, len(p))
 	c.gate.RLock()
 	defer c.gate.RUnlock()
 	if s := c.snap.Load(); s != nil {

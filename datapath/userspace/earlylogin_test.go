@@ -10,7 +10,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/ferry-dev/ferry/blockdev"
 	"github.com/ferry-dev/ferry/iscsi"
 )
 
@@ -33,8 +32,6 @@ func TestPrestartedCloneLogsInEarly(t *testing.T) {
 	} {
 		dst := x.backend("w-c", &iscsi.DenyList{})
 		spec := x.spec("el1-t")
-		// What the source's machine touched last: read ahead once the view opens.
-		spec.Hot = []blockdev.Range{{Off: x.layout.DataOffset, Len: 128 << 10}}
 		x.prepare(dst, spec.Volume)
 		cfgPath := filepath.Join(dst.runDir(), spec.Volume+".json")
 		dst.Prestart(ctx, spec.Volume)
@@ -65,13 +62,6 @@ func TestPrestartedCloneLogsInEarly(t *testing.T) {
 		want := `"early_login":` + map[bool]string{true: "true", false: "false"}[c.wantEarly]
 		if !strings.Contains(string(logged), want) {
 			t.Fatalf("%s: the datapath's build does not say %s:\n%s", c.name, want, logged)
-		}
-		const readAhead = `"what":"the source's recent I/O","bytes":131072`
-		for deadline := time.Now().Add(10 * time.Second); !strings.Contains(string(logged), readAhead); logged, _ = os.ReadFile(filepath.Join(dst.runDir(), spec.Volume+".log")) {
-			if time.Now().After(deadline) {
-				t.Fatalf("%s: the hot ranges were not read ahead:\n%s", c.name, logged)
-			}
-			time.Sleep(20 * time.Millisecond)
 		}
 		if err := dst.Unmount(ctx, spec.Volume, tmnt); err != nil {
 			t.Fatal(err)

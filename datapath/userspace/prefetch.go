@@ -15,9 +15,7 @@ import (
 // bitmaps, inodes and journal as the mount, fstrim and the machine's first
 // writes touch them. Those are known once the view opens, so they are read
 // ahead in a few reads in parallel with the rest of the start (FUSE, the
-// loop device, the mount), and so are the ranges the machine touched last
-// on the source (Clone.Hot, at most 4 MiB), which its restart reads again.
-// The reads go through the clone like any other
+// loop device, the mount). The reads go through the clone like any other
 // (the engine fetches, writes and marks each region, and never over a
 // local write); their bytes are dropped.
 //

@@ -288,11 +288,6 @@ func (s *server) build(ctx context.Context, pass func() ([]byte, error)) error {
 		// Read while FUSE, the loop device and the mount start.
 		s.pre = newPrefetcher()
 		s.pre.run(lower, ext4Ranges(s.view, s.cfg.Layout.DataOffset), s.prefetched("ext4 metadata"))
-		if hot := hotAhead(c.Hot, lower.Size()); len(hot) > 0 {
-			// What the machine touched last on the source (its restart
-			// reads much of it again), beside ext4's metadata.
-			s.pre.run(lower, func() ([]blockdev.Range, error) { return hot, nil }, s.prefetched("the source's recent I/O"))
-		}
 	}
 	if early != nil {
 		exp, merr := early.wait()
@@ -559,16 +554,6 @@ func (s *server) serve(ctx context.Context, ready func(Ready)) error {
 	mux := http.NewServeMux()
 	reply := childctl.Reply
 	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) { reply(w, s.status(), nil) })
-	mux.HandleFunc("GET /v1/hot", func(w http.ResponseWriter, r *http.Request) {
-		s.mu.Lock()
-		cow := s.cow
-		s.mu.Unlock()
-		var hot HotRanges
-		if cow != nil {
-			hot.Ranges = cow.recent.hot(maxHot, cow.Size())
-		}
-		reply(w, hot, nil)
-	})
 	mux.HandleFunc("POST /v1/hydration/enable", func(w http.ResponseWriter, r *http.Request) {
 		s.mu.Lock()
 		defer s.mu.Unlock()
@@ -812,31 +797,6 @@ func (s *server) grow(payload int64) error {
 	s.cfg.Layout.PayloadSize = payload
 	s.log.Info().Str("volume", s.cfg.VolumeID).Int64("payload_size", payload).Msg("volume grew")
 	return nil
-}
-
-// HotRanges is the body of GET /v1/hot: the ciphertext ranges the machine
-// read and wrote last, at most 4 MiB, sorted.
-type HotRanges struct {
-	Ranges []blockdev.Range `json:"ranges"`
-}
-
-// hotAhead is the part of a clone's hot ranges it reads ahead: inside the
-// device, at most maxHot bytes (they come from the source).
-func hotAhead(hot []blockdev.Range, size int64) []blockdev.Range {
-	var out []blockdev.Range
-	var total int64
-	for _, r := range hot {
-		if r.Off < 0 || r.Len <= 0 || r.Off >= size {
-			continue
-		}
-		r.Len = min(r.Len, size-r.Off, maxHot-total)
-		if r.Len <= 0 {
-			break
-		}
-		out = append(out, r)
-		total += r.Len
-	}
-	return out
 }
 
 func regionSize(rs int64) int64 {
