@@ -380,8 +380,8 @@ func (s *Store) checkReported(m *Migration, c *ProposeCmd) *Refusal {
 		if r := s.checkKnownZero(m, p.KnownZero); r != nil {
 			return r
 		}
-	case EvExportStarted:
-		// Held to what exported will be held to: the target logs in there.
+	case EvExportStarted, EvExportMoved:
+		// Held to what exported is held to: the target logs in there.
 		if r := s.checkExport(m, c.Event, p.Export); r != nil {
 			return r
 		}

@@ -453,15 +453,24 @@ func TestTargetConfirmsOwnTeardownWithLiveLease(t *testing.T) {
 }
 
 // The source republishes a moved export; only the source may, only while it
-// serves the export, and only with a usable portal.
+// serves the export, and only at its registered address with the
+// migration's IQN.
 func TestExportMoved(t *testing.T) {
 	h := driveTo(t, CloneBuilt)
-	moved := &Export{Portal: "10.0.0.9:3261", IQN: "iqn.2026-01.dev.ferry:m1-b"}
+	moved := &Export{Portal: "127.0.0.1:3261", IQN: "iqn.2026-01.dev.ferry:ferry:m1"}
 	if r := h.propose(dstW, EvExportMoved, "x1", EventPayload{Export: moved}); r.Refusal == nil || r.Refusal.Code != CodeForbidden {
 		t.Fatalf("target moved the export: %+v", r.Refusal)
 	}
 	if r := h.propose(srcW, EvExportMoved, "x2", EventPayload{Export: &Export{Portal: "nope", IQN: "i"}}); r.Refusal == nil || r.Refusal.Code != CodeInvalid {
 		t.Fatalf("a portal without a port accepted: %+v", r.Refusal)
+	}
+	// Only where exported could have pointed: the source's registered
+	// address, the migration's IQN.
+	if r := h.propose(srcW, EvExportMoved, "x2b", EventPayload{Export: &Export{Portal: "10.0.0.9:3261", IQN: moved.IQN}}); r.Refusal == nil || r.Refusal.Code != CodeInvalid {
+		t.Fatalf("a portal away from the source's address accepted: %+v", r.Refusal)
+	}
+	if r := h.propose(srcW, EvExportMoved, "x2c", EventPayload{Export: &Export{Portal: moved.Portal, IQN: "iqn.2026-01.dev.ferry:ferry:m2"}}); r.Refusal == nil || r.Refusal.Code != CodeInvalid {
+		t.Fatalf("another migration's IQN accepted: %+v", r.Refusal)
 	}
 	m := h.must(h.propose(srcW, EvExportMoved, "x3", EventPayload{Export: moved})).Migration
 	if m.State != CloneBuilt || m.Export == nil || *m.Export != *moved {
