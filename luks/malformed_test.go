@@ -328,5 +328,23 @@ func FuzzReadHeader(f *testing.F) {
 				_ = fmt.Sprint(err)
 			}
 		}
+		// The image keeps what Unlock reads: the header again, and every
+		// keyslot area's material.
+		if im, err := ReadHeaderImage(zeroPadded{data}, size, int64(len(data)%(64<<10))); err == nil {
+			if _, err := ReadHeader(im, size); err != nil {
+				t.Fatalf("the header does not read again from its image: %v", err)
+			}
+			ids, err := im.h.dataKeyslots()
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, id := range ids {
+				ks := im.h.Meta.Keyslots[id]
+				n, _ := afReadLen(ks)
+				if _, err := im.ReadAt(make([]byte, n), ks.Area.Offset); err != nil {
+					t.Fatalf("keyslot %s's material is not in the image: %v", id, err)
+				}
+			}
+		}
 	})
 }

@@ -292,9 +292,9 @@ func openKeyslot(r io.ReaderAt, ks *Keyslot, passphrase []byte) (*VolumeKey, err
 		return nil, fmt.Errorf("keyslot area: %w", err)
 	}
 	afLen := ks.KeySize * ks.AF.Stripes
-	readLen := (afLen + 511) &^ 511
-	if int64(readLen) > ks.Area.Size {
-		return nil, fmt.Errorf("AF material of %d bytes exceeds the %d-byte area", readLen, ks.Area.Size)
+	readLen, err := afReadLen(ks)
+	if err != nil {
+		return nil, err
 	}
 	buf := make([]byte, readLen)
 	defer clear(buf)
@@ -304,6 +304,16 @@ func openKeyslot(r io.ReaderAt, ks *Keyslot, passphrase []byte) (*VolumeKey, err
 	// The keyslot area is encrypted in 512-byte sectors, IV counted from the area start.
 	c.cryptSectors(buf, buf, 512, 0, 1, false)
 	return &VolumeKey{b: afMerge(buf[:afLen], ks.KeySize, ks.AF.Stripes, afHash)}, nil
+}
+
+// afReadLen is how many bytes of its area a keyslot's anti-forensic
+// material takes, whole 512-byte sectors.
+func afReadLen(ks *Keyslot) (int, error) {
+	readLen := (ks.KeySize*ks.AF.Stripes + 511) &^ 511
+	if int64(readLen) > ks.Area.Size {
+		return 0, fmt.Errorf("AF material of %d bytes exceeds the %d-byte area", readLen, ks.Area.Size)
+	}
+	return readLen, nil
 }
 
 // afMerge undoes the LUKS anti-forensic split: XOR each stripe into a

@@ -10,17 +10,24 @@ import (
 
 	"github.com/ferry-dev/ferry/internal/tlsutil"
 	"github.com/ferry-dev/ferry/iscsi"
+	"github.com/ferry-dev/ferry/luks"
 )
 
 // An early login is a prestarted clone's first iSCSI session, begun when
 // the source publishes its export (export_started, while the target
 // prepares and the source stops its machine) instead of after `exported`:
 // the TLS handshake and the login (20–75 ms on a busy 2-core host,
-// docs/profiles.md) then leave the machine's pause. It reads nothing of the
-// volume (the login, TEST UNIT READY and READ CAPACITY only): the clone
-// reads the source only once its final configuration came with `exported`,
-// which the source proposes after it froze the volume. The session is
-// checked as any clone's: the source worker's certificate, not revoked.
+// docs/profiles.md) then leave the machine's pause. Of the volume it reads
+// only the LUKS2 header and its keyslots (luks.HeaderImage), which the
+// machine never writes (its writes land past the data offset) and ferry
+// changes only under the volume's lock, which the migration holds: the
+// unlock in the pause then reads nothing over the network. The key it
+// yields is checked there against the header's digest and the carried
+// layout, and any failure reads the header again through the clone. The
+// rest of the volume is read only once the final configuration came with
+// `exported`, which the source proposes after it froze the volume. The
+// session is checked as any clone's: the source worker's certificate, not
+// revoked.
 
 // earlyLogin is a login begun from a preliminary clone configuration.
 type earlyLogin struct {
@@ -30,6 +37,7 @@ type earlyLogin struct {
 	done   chan struct{}
 	lun    *iscsi.LUN
 	err    error
+	image  *luks.HeaderImage // nil when it could not be read or does not match the layout
 }
 
 // startEarlyLogin begins the login cfg's clone would make, in the
@@ -53,11 +61,37 @@ func startEarlyLogin(ctx context.Context, log zerolog.Logger, cfg Config) (*earl
 	go func() {
 		defer close(e.done)
 		e.lun, e.err = iscsi.Dial(dctx, log, ic)
-		if e.err == nil {
-			log.Info().Str("portal", c.Portal).Dur("took", time.Since(t0)).Msg("logged in to the source before its export was final")
+		if e.err != nil {
+			return
 		}
+		took := time.Since(t0)
+		e.image = readHeaderImage(log, e.lun, cfg.Layout)
+		log.Info().Str("portal", c.Portal).Dur("took", took).Bool("header_image", e.image != nil).Dur("header_took", time.Since(t0)-took).
+			Msg("logged in to the source before its export was final")
 	}()
 	return e, nil
+}
+
+// readHeaderImage reads the volume's LUKS2 header and keyslots from the
+// source's export, or returns nil (saying why) when they do not read or
+// do not match the carried layout: the pause then reads them itself.
+func readHeaderImage(log zerolog.Logger, lun *iscsi.LUN, layout luks.Layout) *luks.HeaderImage {
+	if lun.Size() != layout.DeviceSize() {
+		return nil // refused with its reason once the clone adopts the session
+	}
+	// One request for both header copies and a default keyslot's 256 000
+	// bytes, which follow them.
+	im, err := luks.ReadHeaderImage(lun, lun.Size(), min(layout.DataOffset, 2*max(layout.MetadataSize, 16<<10)+256<<10))
+	if err == nil {
+		if _, err = im.Header().MatchLayout(layout, lun.Size()); err != nil {
+			im.Wipe()
+		}
+	}
+	if err != nil {
+		log.Info().Err(err).Msg("the source's LUKS2 header was not kept from the early login; the clone reads it in the pause")
+		return nil
+	}
+	return im
 }
 
 // adopt returns e when clone c reaches the export e logged in to, with the
@@ -104,6 +138,7 @@ func (e *earlyLogin) close() {
 	if e.lun != nil {
 		e.lun.Close()
 	}
+	e.image.Wipe()
 }
 
 // initiatorConfig is how clone c reaches its source's export: over mutual

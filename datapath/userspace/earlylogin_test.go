@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -59,12 +60,72 @@ func TestPrestartedCloneLogsInEarly(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		want := `"early_login":` + map[bool]string{true: "true", false: "false"}[c.wantEarly]
-		if !strings.Contains(string(logged), want) {
-			t.Fatalf("%s: the datapath's build does not say %s:\n%s", c.name, want, logged)
+		// Adopted, the session also brought the header read at its login:
+		// the view opened from it, reading no header in the build.
+		for _, want := range []string{`"early_login":`, `"header_image":`} {
+			want += map[bool]string{true: "true", false: "false"}[c.wantEarly]
+			if !strings.Contains(string(logged), want) {
+				t.Fatalf("%s: the datapath's build does not say %s:\n%s", c.name, want, logged)
+			}
 		}
 		if err := dst.Unmount(ctx, spec.Volume, tmnt); err != nil {
 			t.Fatal(err)
 		}
+	}
+}
+
+// The header kept from an early login is only a head start: when the
+// source's header changed after it (here its passphrase), the key does not
+// open it, and the clone reads the header again through the clone and
+// opens with the header the source serves now.
+func TestEarlyHeaderImageFallsBackToTheServedHeader(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	x := newTLSExport(t, ctx, "el2", "el2", []byte("the passphrase at the early login"), bytes.Repeat([]byte("the header changed after the login "), 20000))
+	dst := x.backend("w-c", &iscsi.DenyList{})
+	spec := x.spec("el2-t")
+	x.prepare(dst, spec.Volume)
+	dst.Prestart(ctx, spec.Volume)
+	dst.PreConnect(ctx, spec)
+	logPath := filepath.Join(dst.runDir(), spec.Volume+".log")
+	kept := `"header_image":true`
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		logged, _ := os.ReadFile(logPath)
+		if strings.Contains(string(logged), "before its export was final") && strings.Contains(string(logged), kept) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the early login did not keep the header:\n%s", logged)
+		}
+	}
+	dir := t.TempDir()
+	oldKey, newKey := filepath.Join(dir, "old"), filepath.Join(dir, "new")
+	newPass := []byte("the passphrase after the early login")
+	if err := os.WriteFile(oldKey, x.pass, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(newKey, newPass, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("cryptsetup", "luksChangeKey", "--batch-mode", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
+		"--key-file", oldKey, x.srcPath, newKey).CombinedOutput(); err != nil {
+		t.Fatalf("cryptsetup luksChangeKey: %v\n%s", err, out)
+	}
+	tmnt := dst.MountPoint("m")
+	if _, err := dst.MountClone(ctx, spec, newPass, tmnt); err != nil {
+		t.Fatalf("clone with the source's new passphrase: %v", err)
+	}
+	x.readsBack("after the header changed", tmnt)
+	logged, err := os.ReadFile(logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{`"early_login":true`, `"header_image":false`, "reading it again through the clone"} {
+		if !strings.Contains(string(logged), want) {
+			t.Fatalf("the datapath's log does not say %s:\n%s", want, logged)
+		}
+	}
+	if err := dst.Unmount(ctx, spec.Volume, tmnt); err != nil {
+		t.Fatal(err)
 	}
 }

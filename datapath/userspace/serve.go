@@ -107,10 +107,13 @@ func (s *server) build(ctx context.Context, pass func() ([]byte, error)) error {
 	var err error
 	t0 := time.Now()
 	var tDial, tEngine, tKey, tView, tFuse time.Duration
-	var adopted atomic.Bool // the session logged in before the configuration was final
+	var adopted atomic.Bool     // the session logged in before the configuration was final
+	var image *luks.HeaderImage // the header read at the early login; set before login.set
+	usedImage := false
 	defer func() {
+		image.Wipe()
 		if err == nil {
-			s.log.Info().Bool("early_login", adopted.Load()).Dur("dial", tDial).Dur("engine", tEngine).Dur("key", tKey).Dur("view", tView).Dur("fuse", tFuse).Dur("total", time.Since(t0)).Msg("datapath built")
+			s.log.Info().Bool("early_login", adopted.Load()).Bool("header_image", usedImage).Dur("dial", tDial).Dur("engine", tEngine).Dur("key", tKey).Dur("view", tView).Dur("fuse", tFuse).Dur("total", time.Since(t0)).Msg("datapath built")
 		}
 	}()
 	size := s.cfg.Layout.DeviceSize()
@@ -172,6 +175,9 @@ func (s *server) build(ctx context.Context, pass func() ([]byte, error)) error {
 							s.log.Info().Err(err).Msg("the early login to the source failed; logging in again")
 						}
 						adopted.Store(lun != nil)
+						if lun != nil {
+							image = early.image
+						}
 					}
 					if lun == nil {
 						lun, err = iscsi.Dial(ctx, s.log, ic)
@@ -277,11 +283,21 @@ func (s *server) build(ctx context.Context, pass func() ([]byte, error)) error {
 			return fmt.Errorf("the key of %s: %w", s.cfg.VolumeID, err)
 		}
 		tKey = time.Since(t0)
-		s.view, err = luks.OpenCarriedView(lower, s.cfg.Layout, passphrase)
+		var view blockdev.Device
+		if image != nil {
+			if view, err = image.OpenCarriedView(lower, s.cfg.Layout, passphrase); err != nil {
+				s.log.Info().Err(err).Msg("the header kept from the early login did not open; reading it again through the clone")
+			}
+			usedImage = err == nil
+		}
+		if !usedImage {
+			view, err = luks.OpenCarriedView(lower, s.cfg.Layout, passphrase)
+		}
 		clear(passphrase)
 		if err != nil {
 			return fmt.Errorf("open plaintext view of %s: %w", s.cfg.VolumeID, err)
 		}
+		s.view = view
 	}
 	tView = time.Since(t0)
 	if c != nil && !s.cfg.Raw && !s.eng.Progress().Complete {

@@ -22,14 +22,15 @@ import (
 // tlsExport is a source worker w-a's volume holding one file, data,
 // exported over mutual TLS to worker w-c, as a migration's source serves it.
 type tlsExport struct {
-	t      *testing.T
-	exe    string
-	log    zerolog.Logger
-	tlsDir string
-	layout luks.Layout
-	pass   []byte
-	data   []byte
-	exp    *iscsi.Export
+	t       *testing.T
+	exe     string
+	log     zerolog.Logger
+	tlsDir  string
+	layout  luks.Layout
+	pass    []byte
+	data    []byte
+	srcPath string // the source volume's file
+	exp     *iscsi.Export
 }
 
 // newTLSExport makes volume vol (32 MiB) on w-a with data in a file named
@@ -65,7 +66,8 @@ func newTLSExport(t *testing.T, ctx context.Context, vol, tag string, pass, data
 	if err != nil {
 		t.Fatal(err)
 	}
-	x.exp, err = iscsi.StartExport(ctx, x.log, iscsi.ExportConfig{Path: src.DataPath(vol), Listen: "127.0.0.1:0",
+	x.srcPath = src.DataPath(vol)
+	x.exp, err = iscsi.StartExport(ctx, x.log, iscsi.ExportConfig{Path: x.srcPath, Listen: "127.0.0.1:0",
 		Allow: []string{"127.0.0.1/32"}, IQN: iscsi.MigrationIQN("dev.ferry.test", tag, time.Now()),
 		StateDir: filepath.Join(t.TempDir(), "export"), LogLevel: "warn", TLS: gt})
 	if err != nil {
