@@ -267,17 +267,30 @@ func (a *Agent) drive(ctx context.Context, id string, inbox chan *fsm.Migration)
 	bo := retry.New(a.cfg.Retry, a.cfg.RetryMax)
 	var failingSince time.Time
 	attempts := 0
+	// The newest record's raft index: a record the watch delivered while a
+	// step ran can be older than the one the step's proposal returned, and
+	// would run the step again (a second prestarted process, a second
+	// proposal) right as the source stops the machine.
+	var seen uint64
+	newer := func(n *fsm.Migration) bool { return n.ModifyIndex >= seen }
 	for {
-		if m == nil {
+		for m == nil {
 			select {
 			case <-ctx.Done():
 				return
-			case m = <-inbox:
+			case n := <-inbox:
+				if newer(n) {
+					m = n
+				}
 			}
 		}
+		seen = max(seen, m.ModifyIndex)
 		// Prefer the newest record if one arrived.
 		select {
-		case m = <-inbox:
+		case n := <-inbox:
+			if newer(n) {
+				m, seen = n, n.ModifyIndex
+			}
 		default:
 		}
 		if m.State.Terminal() {

@@ -222,8 +222,9 @@ type Prestarter interface {
 	// PreConnect has the process Prestart started for c's volume log in
 	// to c's export before the export is final (the source published it
 	// while the target prepared); the clone adopts that session when it
-	// names the same export. Best effort.
-	PreConnect(ctx context.Context, c CloneSpec)
+	// names the same export. Best effort. The channel is closed once that
+	// login ended, failed or could not start.
+	PreConnect(ctx context.Context, c CloneSpec) <-chan struct{}
 	// ReleasePrestarted ends the processes Prestart started and no clone
 	// took (the agent stops).
 	ReleasePrestarted()

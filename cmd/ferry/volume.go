@@ -220,9 +220,10 @@ func newVolumeServeCmd() *cobra.Command {
 	var (
 		cfgPath     string
 		awaitConfig bool
+		statusFD    int
 	)
 	serve := &cobra.Command{
-		Use:    "serve --config FILE [--await-config]",
+		Use:    "serve --config FILE [--await-config [--status-fd N]]",
 		Short:  "Serve one volume's userspace block stack over FUSE (started by the agent; passphrase on stdin)",
 		Hidden: true,
 		Args:   cobra.NoArgs,
@@ -234,12 +235,13 @@ func newVolumeServeCmd() *cobra.Command {
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
 			if awaitConfig {
-				return userspace.ServeAwaitingConfig(ctx, log, cfgPath, os.Stdin, userspace.PrestartPatience)
+				return userspace.ServeAwaitingConfig(ctx, log, cfgPath, os.Stdin, userspace.StatusFile(statusFD), userspace.PrestartPatience)
 			}
 			return userspace.ServeConfigFile(ctx, log, cfgPath, os.Stdin)
 		},
 	}
 	serve.Flags().StringVar(&cfgPath, "config", "", "datapath configuration (JSON)")
+	serve.Flags().IntVar(&statusFD, "status-fd", -1, "with --await-config: the inherited descriptor (3 or more) to report the early login's end on")
 	serve.Flags().BoolVar(&awaitConfig, "await-config", false, "start now, read FILE only once a line arrives on stdin (the agent prestarts a clone's datapath before its configuration exists)")
 	return serve
 }

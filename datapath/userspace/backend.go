@@ -436,22 +436,25 @@ func (v *Backend) cloneConfig(c datapath.CloneSpec) (Config, error) {
 // c's export now, before the export is final (earlylogin.go); the clone
 // built later adopts that session when it names the same export. Best
 // effort and idempotent: without it the clone logs in when it is built.
-func (v *Backend) PreConnect(ctx context.Context, c datapath.CloneSpec) {
+// The channel is closed once the login ended (or at once without one).
+func (v *Backend) PreConnect(ctx context.Context, c datapath.CloneSpec) <-chan struct{} {
 	cfg, err := v.cloneConfig(c)
 	if err == nil {
 		err = cfg.Validate()
 	}
 	if err != nil {
 		v.Log.Warn().Err(err).Str("volume", c.Volume).Msg("early login: skipped")
-		return
+		return closedChan
 	}
 	b, err := json.Marshal(cfg)
 	if err != nil {
-		return
+		return closedChan
 	}
-	if v.pre.connect(c.Volume, b) {
+	sent, loggedIn := v.pre.connect(c.Volume, b)
+	if sent {
 		v.Log.Info().Str("volume", c.Volume).Str("portal", c.Portal).Msg("prestarted datapath logs in to the source's export")
 	}
+	return loggedIn
 }
 
 // WatchDenied sends Deny to every running clone each time it changes,

@@ -117,7 +117,7 @@ func startKeyed(ctx context.Context, log zerolog.Logger, exe string, cfg Config,
 		}()
 	} else {
 		pre = nil // gone, and released by hand
-		if cmd, keyW, err = execServe(exe, filepath.Join(stateDir, cfg.VolumeID+".log"), "--config", cfgPath); err != nil {
+		if cmd, keyW, err = execServe(exe, filepath.Join(stateDir, cfg.VolumeID+".log"), nil, "--config", cfgPath); err != nil {
 			return nil, fmt.Errorf("start datapath for volume %s: %w", cfg.VolumeID, err)
 		}
 		go func() { exited <- cmd.Wait() }()
@@ -154,7 +154,7 @@ func startKeyed(ctx context.Context, log zerolog.Logger, exe string, cfg Config,
 
 // execServe starts `exe volume serve ARGS`, its output appended to
 // logPath, and returns it with the write end of its stdin (the key).
-func execServe(exe, logPath string, args ...string) (*exec.Cmd, *os.File, error) {
+func execServe(exe, logPath string, extra []*os.File, args ...string) (*exec.Cmd, *os.File, error) {
 	logf, err := os.OpenFile(logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
 		return nil, nil, fmt.Errorf("datapath log: %w", err)
@@ -168,6 +168,7 @@ func execServe(exe, logPath string, args ...string) (*exec.Cmd, *os.File, error)
 	cmd := exec.Command(exe, append(append([]string{"volume", "serve"}, args...), "--log-format", "json")...)
 	cmd.Stdin = keyR
 	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.ExtraFiles = extra // fd 3 onwards
 	// Its own session: it outlives the agent, which re-adopts it by socket.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := cmd.Start(); err != nil {

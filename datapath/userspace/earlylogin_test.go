@@ -46,8 +46,20 @@ func TestPrestartedCloneLogsInEarly(t *testing.T) {
 		}
 		early := spec
 		early.IQN = c.earlyIQN
-		dst.PreConnect(ctx, early)
-		dst.PreConnect(ctx, early) // idempotent: one connect line
+		loggedIn := dst.PreConnect(ctx, early)
+		if again := dst.PreConnect(ctx, early); again != loggedIn { // idempotent: one connect line
+			t.Fatalf("%s: a second PreConnect waits on another login", c.name)
+		}
+		// The process says when its login ended (up, or refused by the
+		// other IQN), after it logged what it did.
+		select {
+		case <-loggedIn:
+		case <-time.After(time.Minute):
+			t.Fatalf("%s: the prestarted datapath never reported its early login's end", c.name)
+		}
+		if logged, _ := os.ReadFile(filepath.Join(dst.runDir(), spec.Volume+".log")); c.wantEarly && !strings.Contains(string(logged), "before its export was final") {
+			t.Fatalf("%s: login reported ended before it was logged:\n%s", c.name, logged)
+		}
 		tmnt := dst.MountPoint("m")
 		if _, err := dst.MountClone(ctx, spec, x.pass, tmnt); err != nil {
 			t.Fatalf("%s: clone: %v", c.name, err)

@@ -12,6 +12,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -28,6 +29,10 @@ import (
 // I/O) finds it. End of stdin before the line (the agent gone, or the
 // volume removed) or PrestartPatience without it is a clean exit.
 
+// It reports on a status pipe (StatusFDFlag, fd 3) when an early login it
+// was asked for ended, so the agent can wait for it before it lets the
+// source stop the machine.
+
 // PrestartPatience bounds how long a prestarted datapath waits for its
 // configuration; the agent starts a fresh process for a clone built later.
 const PrestartPatience = 5 * time.Minute
@@ -35,10 +40,26 @@ const PrestartPatience = 5 * time.Minute
 // AwaitConfigFlag is the serve flag of a prestarted datapath.
 const AwaitConfigFlag = "--await-config"
 
+// StatusFDFlag names the descriptor a prestarted datapath writes its
+// status lines to (loggedInLine).
+const StatusFDFlag = "--status-fd"
+
+// loggedInLine on the status pipe: the early login ended (its session up
+// with the volume's header read, or failed: the clone logs in itself).
+const loggedInLine = "logged-in\n"
+
 // ServeAwaitingConfig is `ferry volume serve --config path --await-config`:
 // it waits for a line on stdin (at most patience), then serves path like
 // ServeConfigFile, reading the key from what follows on stdin.
-func ServeAwaitingConfig(ctx context.Context, log zerolog.Logger, path string, stdin io.Reader, patience time.Duration) error {
+// Status lines go to status, when not nil, which is closed once said or
+// not needed (the agent stops reading it then).
+func ServeAwaitingConfig(ctx context.Context, log zerolog.Logger, path string, stdin io.Reader, status io.WriteCloser, patience time.Duration) error {
+	reported := false
+	defer func() {
+		if status != nil && !reported {
+			status.Close()
+		}
+	}()
 	// Set now, not once the configuration came: the change stops the world
 	// and waited 2-20 ms inside the machine's pause for the goroutines of
 	// an early login to reach a safe point.
@@ -75,6 +96,10 @@ func ServeAwaitingConfig(ctx context.Context, log zerolog.Logger, path string, s
 			if pre, ok := strings.CutPrefix(r.line, connectLine); ok {
 				if early == nil {
 					early = connectEarly(ctx, log, pre)
+					if status != nil && !reported {
+						reported = true
+						go reportLoggedIn(early, status)
+					}
 				}
 				next()
 				continue
@@ -89,6 +114,27 @@ func ServeAwaitingConfig(ctx context.Context, log zerolog.Logger, path string, s
 			return nil
 		}
 	}
+}
+
+// reportLoggedIn writes loggedInLine to status once early ended (at once
+// when there is none), and closes it. A write error (the agent gone)
+// changes nothing.
+func reportLoggedIn(early *earlyLogin, status io.WriteCloser) {
+	if early != nil {
+		<-early.done
+	}
+	_, _ = io.WriteString(status, loggedInLine)
+	status.Close()
+}
+
+// StatusFile is the status pipe a prestarted datapath inherited as fd
+// (StatusFDFlag), kept from any process it starts; nil for fd < 3.
+func StatusFile(fd int) io.WriteCloser {
+	if fd < 3 {
+		return nil
+	}
+	syscall.CloseOnExec(fd)
+	return os.NewFile(uintptr(fd), "status")
 }
 
 // connectLine starts a line carrying a preliminary configuration (JSON on
@@ -118,6 +164,9 @@ type prestarted struct {
 	err    error // how it exited, once exited is closed
 	// connected: a connect line was sent (under prestarts.mu).
 	connected bool
+	// loggedIn is closed once the process reported its early login ended,
+	// or exited.
+	loggedIn chan struct{}
 }
 
 // startPrestarted starts a datapath for vol that waits for its
@@ -126,14 +175,28 @@ func startPrestarted(exe, stateDir, vol string) (*prestarted, error) {
 	if err := os.MkdirAll(stateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("datapath state dir: %w", err)
 	}
-	cmd, w, err := execServe(exe, filepath.Join(stateDir, vol+".log"), "--config", filepath.Join(stateDir, vol+".json"), AwaitConfigFlag)
+	statusR, statusW, err := os.Pipe()
 	if err != nil {
+		return nil, fmt.Errorf("a status pipe for the datapath of volume %s: %w", vol, err)
+	}
+	cmd, w, err := execServe(exe, filepath.Join(stateDir, vol+".log"), []*os.File{statusW},
+		"--config", filepath.Join(stateDir, vol+".json"), AwaitConfigFlag, StatusFDFlag, "3")
+	statusW.Close()
+	if err != nil {
+		statusR.Close()
 		return nil, fmt.Errorf("prestart the datapath of volume %s: %w", vol, err)
 	}
-	p := &prestarted{cmd: cmd, stdin: w, exited: make(chan struct{})}
+	p := &prestarted{cmd: cmd, stdin: w, exited: make(chan struct{}), loggedIn: make(chan struct{})}
 	go func() {
 		p.err = cmd.Wait()
 		close(p.exited)
+	}()
+	go func() {
+		// The first line, or the pipe's end (the process exited or
+		// dropped it), ends the wait; nothing else is read.
+		_, _ = bufio.NewReader(statusR).ReadString('\n')
+		close(p.loggedIn)
+		statusR.Close()
 	}()
 	return p, nil
 }
@@ -213,26 +276,33 @@ func (ps *prestarts) take(vol string) *prestarted {
 
 // connect sends vol's prestarted process, if alive and not yet connected,
 // its preliminary configuration cfg (one line of JSON), and reports
-// whether it did.
-func (ps *prestarts) connect(vol string, cfg []byte) bool {
+// whether it did. loggedIn is closed when that login ended; it is the
+// first one's when a line was sent before, and closed when none can be.
+func (ps *prestarts) connect(vol string, cfg []byte) (sent bool, loggedIn <-chan struct{}) {
 	ps.mu.Lock()
 	defer ps.mu.Unlock()
 	p := ps.m[vol]
-	if p == nil || p.connected {
-		return false
+	if p == nil {
+		return false, closedChan
+	}
+	if p.connected {
+		return false, p.loggedIn
 	}
 	select {
 	case <-p.exited:
-		return false
+		return false, closedChan
 	default:
 	}
 	line := append(append([]byte(connectLine), cfg...), '\n')
 	if _, err := p.stdin.Write(line); err != nil {
-		return false
+		return false, closedChan
 	}
 	p.connected = true
-	return true
+	return true, p.loggedIn
 }
+
+// closedChan is a channel that never blocks.
+var closedChan = func() chan struct{} { c := make(chan struct{}); close(c); return c }()
 
 // all takes every prestarted process.
 func (ps *prestarts) all() []*prestarted {

@@ -3,6 +3,7 @@ package userspace
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -45,8 +46,12 @@ func TestPrestartedDatapathServesTheVolume(t *testing.T) {
 
 	b.Prestart(ctx, vol)
 	pre := processesNaming(cfgPath)
+	for deadline := time.Now().Add(10 * time.Second); len(pre) == 0 && time.Now().Before(deadline); pre = processesNaming(cfgPath) {
+		time.Sleep(10 * time.Millisecond)
+	}
 	if len(pre) != 1 {
-		t.Fatalf("prestart: processes naming %s: %v, want one", cfgPath, pre)
+		logged, _ := os.ReadFile(filepath.Join(b.runDir(), vol+".log"))
+		t.Fatalf("prestart: processes naming %s: %v, want one; its log:\n%s", cfgPath, pre, logged)
 	}
 	b.Prestart(ctx, vol) // idempotent: still one
 	if got := processesNaming(cfgPath); !slices.Equal(got, pre) {
@@ -123,18 +128,50 @@ func TestServeAwaitingConfig(t *testing.T) {
 	missing := filepath.Join(t.TempDir(), "missing.json")
 	r, w := io.Pipe()
 	start := time.Now()
-	if err := ServeAwaitingConfig(ctx, zerolog.Nop(), missing, r, 50*time.Millisecond); err != nil {
+	if err := ServeAwaitingConfig(ctx, zerolog.Nop(), missing, r, nil, 50*time.Millisecond); err != nil {
 		t.Fatalf("no line within the patience: %v, want a quiet exit", err)
 	}
 	if d := time.Since(start); d > 10*time.Second {
 		t.Fatalf("waited %v", d)
 	}
 	w.Close()
-	if err := ServeAwaitingConfig(ctx, zerolog.Nop(), missing, strings.NewReader(""), time.Minute); err != nil {
+	if err := ServeAwaitingConfig(ctx, zerolog.Nop(), missing, strings.NewReader(""), nil, time.Minute); err != nil {
 		t.Fatalf("end of input: %v, want a quiet exit", err)
 	}
-	err := ServeAwaitingConfig(ctx, zerolog.Nop(), missing, strings.NewReader("\nkey"), time.Minute)
+	err := ServeAwaitingConfig(ctx, zerolog.Nop(), missing, strings.NewReader("\nkey"), nil, time.Minute)
 	if err == nil || !strings.Contains(err.Error(), "missing.json") {
 		t.Fatalf("after the line, a missing configuration: %v", err)
+	}
+	// A connect line that cannot log in is reported ended at once: the
+	// agent waiting on the status pipe goes on.
+	sr, sw := io.Pipe()
+	go func() {
+		_ = ServeAwaitingConfig(ctx, zerolog.Nop(), missing, strings.NewReader(connectLine+"{not json\n"), sw, time.Minute)
+	}()
+	got := make(chan string, 1)
+	go func() {
+		b := make([]byte, len(loggedInLine))
+		_, err := io.ReadFull(sr, b)
+		got <- string(b) + fmt.Sprint(err)
+	}()
+	select {
+	case g := <-got:
+		if g != loggedInLine+"<nil>" {
+			t.Fatalf("status pipe says %q, want %q", g, loggedInLine)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("a failed early login was never reported on the status pipe")
+	}
+	// Said once, the pipe is closed: the agent's reader ends.
+	if n, err := sr.Read(make([]byte, 1)); n != 0 || err != io.EOF {
+		t.Fatalf("after the status line: %d bytes, %v; want the pipe closed", n, err)
+	}
+	// Never asked to log in, the pipe closes when the configuration comes.
+	sr, sw = io.Pipe()
+	go func() {
+		_ = ServeAwaitingConfig(ctx, zerolog.Nop(), missing, strings.NewReader("\nkey"), sw, time.Minute)
+	}()
+	if n, err := sr.Read(make([]byte, 1)); n != 0 || err != io.EOF {
+		t.Fatalf("served without an early login: the status pipe gave %d bytes, %v; want it closed", n, err)
 	}
 }

@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -915,7 +916,13 @@ func ServeChildIfAsked() {
 	serve := ServeConfigFile
 	if slices.Contains(os.Args[5:], AwaitConfigFlag) {
 		serve = func(ctx context.Context, log zerolog.Logger, path string, stdin io.Reader) error {
-			return ServeAwaitingConfig(ctx, log, path, stdin, PrestartPatience)
+			var status io.WriteCloser
+			if i := slices.Index(os.Args, StatusFDFlag); i > 0 && i+1 < len(os.Args) {
+				if fd, err := strconv.Atoi(os.Args[i+1]); err == nil {
+					status = StatusFile(fd)
+				}
+			}
+			return ServeAwaitingConfig(ctx, log, path, stdin, status, PrestartPatience)
 		}
 	}
 	if err := serve(context.Background(), log, os.Args[4], os.Stdin); err != nil {
