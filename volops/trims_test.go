@@ -65,6 +65,9 @@ func TestTrimRunsOncePerMigration(t *testing.T) {
 	}
 
 	f.hold.Store(false)
+	// Its record is fsynced: on a loaded disk that outlasts the 50 ms the
+	// hung-trim cases wait.
+	tr.Wait = 30 * time.Second
 	tr.Start(context.Background(), zerolog.Nop(), "mig-2", "/mnt/m2")
 	if ended, err := tr.WaitFor(context.Background(), "mig-2"); err != nil || !ended {
 		t.Fatalf("WaitFor = %v, %v; want true, nil", ended, err)
