@@ -162,7 +162,10 @@ func (g *GateTLS) config(denied func(string) bool) (*tls.Config, error) {
 	if err != nil {
 		return nil, fmt.Errorf("gate TLS certificate: %w", err)
 	}
-	c := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13}
+	// Full 16 KiB records from the first byte: the export sends bulk data,
+	// and crypto/tls otherwise sends a session's first 128 KiB in records of
+	// one packet each (a write and a seal per 1.2 KiB).
+	c := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13, DynamicRecordSizingDisabled: true}
 	if len(g.ClientCAPEM) > 0 {
 		pool := x509.NewCertPool()
 		if !pool.AppendCertsFromPEM(g.ClientCAPEM) {

@@ -311,6 +311,7 @@ func keyOf(passphrase []byte) func(context.Context) ([]byte, error) {
 }
 
 func (v *Backend) attach(ctx context.Context, cfg Config, key func(context.Context) ([]byte, error)) (string, error) {
+	t0 := time.Now()
 	// The FUSE file is mounted under a shared mount point, like the
 	// machine's filesystem, so a copy of the mount table made later as a
 	// slave drops it too and the datapath can exit when asked.
@@ -320,6 +321,10 @@ func (v *Backend) attach(ctx context.Context, cfg Config, key func(context.Conte
 	if _, err := startKeyed(ctx, v.Log, v.Exe, cfg, key, v.runDir(), v.pre.take(cfg.VolumeID)); err != nil {
 		return "", err
 	}
+	t1 := time.Now()
+	defer func() {
+		v.Log.Info().Str("volume", cfg.VolumeID).Dur("datapath", t1.Sub(t0)).Dur("loop", time.Since(t1)).Msg("volume attached")
+	}()
 	if dev := cfg.Device(); dev != "" {
 		// The process opened it before it answered.
 		if _, err := os.Stat(dev); err != nil {
