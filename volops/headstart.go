@@ -17,7 +17,8 @@ import (
 // took 50 to 160 ms; 300 ms later, 3 to 30 ms.
 //
 // Where the data path counts the bytes it fetched, the wait ends sooner:
-// once headStartMin has passed and nothing was fetched from the source for
+// once headStartMin has passed, the machine fetched, and nothing was
+// fetched from the source for
 // HeadStartQuiet, the machine's start-up reads are over (its writes are
 // local and fetch nothing). On a slow link the fixed wait was idle link
 // time: 6 % of a 512 MiB migration at 1 Gbit/s.
@@ -40,7 +41,11 @@ func HeadStart(ctx context.Context, log zerolog.Logger, p datapath.CloneHandle, 
 		}
 		return nil
 	}
-	last, lastAt := int64(-1), cutover
+	// Quiet counts only once the machine fetched after the first look: the
+	// machine's process starts in the tens of milliseconds after cutover,
+	// and a quiet start is not the end of its reads (at 20 GiB the trim and
+	// the copy began beside its recovery reads).
+	last, lastAt, reading := int64(-1), cutover, false
 	for {
 		now := time.Now()
 		if !now.Before(deadline) {
@@ -48,12 +53,13 @@ func HeadStart(ctx context.Context, log zerolog.Logger, p datapath.CloneHandle, 
 		}
 		if st, err := p.Status(ctx); err == nil && st.Progress != nil {
 			if st.Progress.FetchedBytes != last { // the first look too: what came before it is unknown
+				reading = reading || last >= 0
 				last, lastAt = st.Progress.FetchedBytes, now
 			}
 		} else {
 			lastAt = now // no count: as if the machine still read
 		}
-		if now.Sub(cutover) >= headStartMin && now.Sub(lastAt) >= HeadStartQuiet {
+		if reading && now.Sub(cutover) >= headStartMin && now.Sub(lastAt) >= HeadStartQuiet {
 			log.Debug().Dur("after_cutover", now.Sub(cutover)).Msg("the machine's start-up reads are over; hydration starts")
 			return nil
 		}

@@ -25,7 +25,11 @@ func (c *countingClone) Status(context.Context) (*datapath.Status, error) {
 // fetches stop; without byte counters it waits the whole head start.
 func TestHeadStartEndsWhenTheMachineStopsFetching(t *testing.T) {
 	ctx := context.Background()
+	var runFrom func(counters bool, fetchFrom, fetchFor time.Duration) (time.Duration, time.Time)
 	run := func(counters bool, fetchFor time.Duration) (time.Duration, time.Time) {
+		return runFrom(counters, 0, fetchFor)
+	}
+	runFrom = func(counters bool, fetchFrom, fetchFor time.Duration) (time.Duration, time.Time) {
 		c := &countingClone{}
 		cutover := time.Now()
 		stop := make(chan struct{})
@@ -35,7 +39,14 @@ func TestHeadStartEndsWhenTheMachineStopsFetching(t *testing.T) {
 			defer t.Stop()
 			last := time.Now()
 			defer func() { lastFetch <- last }()
-			for time.Since(cutover) < fetchFor {
+			for time.Since(cutover) < fetchFrom {
+				select {
+				case <-stop:
+					return
+				case <-t.C:
+				}
+			}
+			for time.Since(cutover) < fetchFrom+fetchFor {
 				select {
 				case <-stop:
 					return
@@ -68,5 +79,12 @@ func TestHeadStartEndsWhenTheMachineStopsFetching(t *testing.T) {
 	}
 	if took >= MachineHeadStart {
 		t.Errorf("the machine stopped fetching after 100ms, yet the copy waited the whole head start (%v)", took)
+	}
+	// A machine whose process takes 70 ms to start reading: the quiet
+	// before its first fetch does not end the head start.
+	start = time.Now()
+	took, last = runFrom(true, 70*time.Millisecond, 40*time.Millisecond)
+	if ended := start.Add(took); ended.Sub(last) < HeadStartQuiet || took < 110*time.Millisecond {
+		t.Errorf("the copy started %v after cutover, %v after the machine's last fetch (its reads ran 70-110 ms): want after them and %v of quiet", took, ended.Sub(last), HeadStartQuiet)
 	}
 }
