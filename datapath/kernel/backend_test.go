@@ -96,9 +96,10 @@ func fakeSession(t *testing.T, root, n, iqn, disk string) {
 }
 
 type fakeIscsiadm struct {
-	mu    sync.Mutex
-	calls []string
-	fail  map[string]error // by the last argument
+	mu      sync.Mutex
+	calls   []string
+	fail    map[string]error // by the last argument
+	onLogin func()           // if set, runs at each --login (the session appears)
 }
 
 func (f *fakeIscsiadm) run(_ context.Context, args ...string) (string, error) {
@@ -107,6 +108,9 @@ func (f *fakeIscsiadm) run(_ context.Context, args ...string) (string, error) {
 	f.calls = append(f.calls, strings.Join(args, " "))
 	if err := f.fail[args[len(args)-1]]; err != nil {
 		return "", err
+	}
+	if f.onLogin != nil && args[len(args)-1] == "--login" {
+		f.onLogin()
 	}
 	return "", nil
 }

@@ -97,11 +97,10 @@ func TestKernelCloneGoesThroughTheTLSTunnel(t *testing.T) {
 		t.Fatal("a clone over TLS without a source worker to check was started")
 	}
 	ctx := context.Background()
-	// The session appears once iscsiadm logged in.
-	go func() {
-		time.Sleep(100 * time.Millisecond)
-		fakeSession(t, sys, "1", iqn, "null")
-	}()
+	// The session appears once iscsiadm logged in (not on a timer: on a
+	// loaded host the tunnel's start outlasted it, the session was there
+	// first and no login was made).
+	fake.onLogin = func() { fakeSession(t, sys, "1", iqn, "null") }
 	if d, err := v.loginSource(ctx, spec); err != nil || d != "/dev/null" {
 		t.Fatalf("login through the tunnel: %q %v", d, err)
 	}
