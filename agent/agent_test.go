@@ -112,9 +112,10 @@ func newTestAgent(t *testing.T, cp testStore, worker string) *Agent {
 	}
 	sup := supervisor.New(log, supervisor.Config{Worker: worker}, cp, lease.Gated(), vols, keys, nil)
 	lease.OnStop(sup.Forget)
+	exp := &fakeExporter{} // one exporter, as cmd/ferry wires it
 	a, err := New(log, Config{Worker: worker, DataDir: dir, Retry: time.Millisecond, RetryMax: 2 * time.Millisecond,
-		MaxPreCutoverAttempts: 3}, Parts{Control: cp, Exports: &fakeExporter{}, Data: vols, Machines: sup, Lease: lease, Keys: keys,
-		Volumes: volops.New(log, worker, cp, keys, vols, sup, &fakeExporter{}), Marks: stepmark.Dir(filepath.Join(dir, "steps"))})
+		MaxPreCutoverAttempts: 3}, Parts{Control: cp, Exports: exp, Data: vols, Machines: sup, Lease: lease, Keys: keys,
+		Volumes: volops.New(log, worker, cp, keys, vols, sup, exp), Marks: stepmark.Dir(filepath.Join(dir, "steps"))})
 	if err != nil {
 		t.Fatal(err)
 	}

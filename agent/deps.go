@@ -5,6 +5,8 @@ import (
 	"errors"
 	"time"
 
+	"github.com/rs/zerolog"
+
 	"github.com/ferry-dev/ferry/datapath"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/machine"
@@ -51,10 +53,11 @@ type Keys interface {
 	// MigrationKey opens the incoming volume's key on the target and makes
 	// the target its owner.
 	MigrationKey(ctx context.Context, m *fsm.Migration) ([]byte, error)
-	// MigrationKeyThenSeal is MigrationKey returning the key before the
-	// target's own envelopes are sealed: seal (when not nil) seals them and
-	// must succeed before anything relies on them.
-	MigrationKeyThenSeal(ctx context.Context, m *fsm.Migration) ([]byte, func(context.Context) error, error)
+	// CloneKey is MigrationKey for the clone's build: key hands the key
+	// over before the target's own envelopes are sealed; settle waits for
+	// that seal (or seals them if key was never asked) and must succeed
+	// before anything relies on them.
+	CloneKey(m *fsm.Migration) (key func(context.Context) ([]byte, error), settle func(context.Context) error)
 }
 
 // Machines runs this worker's machines (supervisor.Supervisor); starts
@@ -104,12 +107,17 @@ type VolumeOps interface {
 	DestinationName(m *fsm.Migration) string
 	// Allocate makes a migration destination's sparse file.
 	Allocate(vol string, size int64) error
+	// ExportTo serves volume vol as export id to worker alone (Exports
+	// serves it); it returns the portal and IQN.
+	ExportTo(ctx context.Context, id, vol, worker string) (portal, iqn string, err error)
 	// KnownZero lists a local volume's holes.
 	KnownZero(vol string) ([]fsm.Range, error)
 	// Trim discards a mounted filesystem's unused blocks.
 	Trim(ctx context.Context, mnt string) (string, error)
-	// NoProgressReason explains a hydration into vol that stopped moving.
-	NoProgressReason(vol string, p *datapath.Progress, idle time.Duration) string
+	// FollowHydration waits for a clone's background copy, reporting to r,
+	// and dissolves it.
+	FollowHydration(ctx context.Context, log zerolog.Logger, p datapath.CloneHandle, vol string, export *fsm.Export,
+		stallAfter time.Duration, r volops.HydrationReports) (*datapath.Progress, error)
 }
 
 // Marks records local one-shot side effects that no event records,

@@ -1,6 +1,10 @@
 package agent
 
-import "github.com/prometheus/client_golang/prometheus"
+import (
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/ferry-dev/ferry/fsm"
+)
 
 // metrics an agent exports on /metrics.
 type metrics struct {
@@ -39,3 +43,16 @@ func newMetrics() *metrics {
 
 // Metrics is the agent's registry, its parts' metrics included.
 func (a *Agent) Metrics() prometheus.Gatherer { return a.met.reg }
+
+// hydrating sets migration id's hydration gauges from p; nil removes them.
+func (m *metrics) hydrating(id string, p *fsm.Progress) {
+	if p == nil {
+		m.hydrateRate.DeleteLabelValues(id)
+		m.hydrated.DeleteLabelValues(id)
+		return
+	}
+	m.hydrateRate.WithLabelValues(id).Set(float64(p.RateBPS))
+	if p.TotalBytes > 0 {
+		m.hydrated.WithLabelValues(id).Set(float64(p.HydratedBytes) / float64(p.TotalBytes))
+	}
+}

@@ -197,8 +197,8 @@ func (a *Agent) buildClone(ctx context.Context, log zerolog.Logger, m *fsm.Migra
 	if m.Export == nil || m.TargetVol == "" || m.Layout == nil {
 		return fmt.Errorf("migration record lacks export, target volume or layout")
 	}
-	// The destination carries the same LUKS2 keyslots: migrationKey also
-	// seals the key to this worker as the destination's owner, so the
+	// The destination carries the same LUKS2 keyslots: the key's fetch
+	// also seals it to this worker as the destination's owner, so the
 	// machine can be restarted and migrated again from here.
 	// The machine's network namespace is made meanwhile (the cutover
 	// step finds it ready): it holds no machine until cutover, and a
@@ -214,55 +214,32 @@ func (a *Agent) buildClone(ctx context.Context, log zerolog.Logger, m *fsm.Migra
 		}
 	}()
 	t0 := time.Now()
-	// Set from the datapath's start, read after it: atomics.
-	var keyTook atomic.Int64
-	var keyed atomic.Bool
-	// The key goes to the datapath as soon as it is open; this worker's
-	// own envelopes of the destination are sealed meanwhile and are
-	// waited for before clone_built is proposed.
-	sealed := make(chan error, 1)
-	var sealing atomic.Bool
-	migrationKey := func(ctx context.Context) ([]byte, error) {
+	key, settle := a.Keys.CloneKey(m)
+	var keyTook atomic.Int64 // set from the datapath's start
+	timedKey := func(ctx context.Context) ([]byte, error) {
 		defer func(t time.Time) { keyTook.Store(int64(time.Since(t))) }(time.Now())
-		keyed.Store(true)
-		key, seal, err := a.Keys.MigrationKeyThenSeal(ctx, m)
-		if err == nil && seal != nil {
-			sealing.Store(true)
-			go func() { sealed <- seal(ctx) }()
-		}
-		return key, err
+		return key(ctx)
 	}
 	var dev string
 	var err error
 	if km, ok := a.Data.(keyedCloneMounter); ok {
 		// The key (calls to the servers) is fetched while the datapath
 		// process starts and logs in to the source.
-		dev, err = km.MountCloneKeyed(ctx, a.cloneSpec(m, false), migrationKey, a.Data.MountPoint(m.Machine))
+		dev, err = km.MountCloneKeyed(ctx, a.cloneSpec(m, false), timedKey, a.Data.MountPoint(m.Machine))
 	} else {
-		var key []byte
-		if key, err = migrationKey(ctx); err != nil {
-			return err
+		var k []byte
+		if k, err = timedKey(ctx); err == nil {
+			dev, err = a.Data.MountClone(ctx, a.cloneSpec(m, false), k, a.Data.MountPoint(m.Machine))
+			clear(k)
 		}
-		dev, err = a.Data.MountClone(ctx, a.cloneSpec(m, false), key, a.Data.MountPoint(m.Machine))
-		clear(key)
 	}
-	if sealing.Load() {
-		if serr := <-sealed; serr != nil && err == nil {
-			err = fmt.Errorf("seal this worker's envelopes of the destination: %w", serr)
-		}
+	// The seal ran beside the build (or, for an adopted datapath that took
+	// no key, runs now): the steps after cutover rely on it.
+	if err == nil {
+		err = settle(ctx)
 	}
 	if err != nil {
 		return err
-	}
-	if !keyed.Load() {
-		// An adopted datapath took no key; the key's first fetch also
-		// seals this worker's own envelope of the destination, which the
-		// steps after cutover rely on.
-		key, err := migrationKey(ctx)
-		if err != nil {
-			return err
-		}
-		clear(key)
 	}
 	log.Info().Str("loop", dev).Str("portal", m.Export.Portal).Dur("key", time.Duration(keyTook.Load())).Dur("mount", time.Since(t0)).Msg("clone built and mounted")
 	return a.propose(ctx, m, fsm.EvCloneBuilt, fsm.EventPayload{})
@@ -406,14 +383,11 @@ func (a *Agent) progress(ctx context.Context, m *fsm.Migration) *fsm.Progress {
 	if err != nil || st.Progress == nil {
 		return nil
 	}
-	return toFSMProgress(st.Progress)
+	return st.Progress.Replicated()
 }
 
-// toFSMProgress is the part of a backend's progress that is replicated.
-func toFSMProgress(p *fsm.Progress) *fsm.Progress { return p.Replicated() }
-
-// hydrate waits for the background copy, reporting progress at a bounded
-// rate, then dissolves the clone into the plain destination.
+// hydrate waits for the background copy (volops.FollowHydration), then
+// proposes hydrated; the clone is dissolved into the plain destination.
 func (a *Agent) hydrate(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
 	p, err := a.ensureClone(ctx, m, true)
 	if err != nil {
@@ -422,72 +396,30 @@ func (a *Agent) hydrate(ctx context.Context, log zerolog.Logger, m *fsm.Migratio
 	if err := a.ensureRunning(ctx, log, m); err != nil {
 		return err
 	}
-	if err := p.EnableHydration(ctx); err != nil { // idempotent; after a datapath restart
+	report := func(ev fsm.Event, pl fsm.EventPayload) *fsm.Migration {
+		cur, err := a.Control.Propose(ctx, m.ID, ev, "", pl)
+		if err != nil {
+			return nil
+		}
+		return cur
+	}
+	stalled := true
+	last, err := a.Volumes.FollowHydration(ctx, log, p, m.TargetVol, m.Export, a.cfg.StallAfter, volops.HydrationReports{
+		Stalled: func(reason string) { report(fsm.EvReport, fsm.EventPayload{Error: reason, Stalled: &stalled}) },
+		Progress: func(p *datapath.Progress) *fsm.Export {
+			if cur := report(fsm.EvProgress, fsm.EventPayload{Progress: p.Replicated()}); cur != nil {
+				return cur.Export
+			}
+			return nil
+		},
+		Polled: func(p *datapath.Progress) { a.met.hydrating(m.ID, p) },
+	})
+	a.met.hydrating(m.ID, nil)
+	if err != nil {
 		return err
 	}
-	lastReport := time.Time{}
-	var watch volops.ProgressWatch
-	// Follow the export if the source moved it (a restart elsewhere).
-	follow := func(e *fsm.Export) bool {
-		r, ok := p.(datapath.Retargeter)
-		if e == nil || !ok {
-			return true // nothing to follow, or a data path that cannot
-		}
-		if err := r.Retarget(ctx, e.Portal, e.IQN); err != nil {
-			log.Warn().Err(err).Str("portal", e.Portal).Msg("cannot reconnect to the export's recorded portal yet")
-			return false
-		}
-		return true
-	}
-	follow(m.Export)
-	exportAt := m.Export
-	for {
-		st, err := p.Status(ctx)
-		if err != nil {
-			return err
-		}
-		if st.Progress != nil && st.Progress.Stalled {
-			stalled := true
-			a.Control.Propose(ctx, m.ID, fsm.EvReport, "", fsm.EventPayload{Error: st.Progress.StalledReason, Stalled: &stalled})
-		} else if st.Progress != nil && !st.Complete && !st.Dissolved && watch.Stuck(time.Now(), st.Progress.HydratedBytes, a.cfg.StallAfter) {
-			stalled := true
-			reason := a.Volumes.NoProgressReason(m.TargetVol, st.Progress, time.Since(watch.Since()))
-			a.Control.Propose(ctx, m.ID, fsm.EvReport, "", fsm.EventPayload{Error: reason, Stalled: &stalled})
-		}
-		if st.Complete || st.Dissolved {
-			if err := p.Dissolve(ctx); err != nil {
-				return err
-			}
-			var fp *fsm.Progress
-			if st.Progress != nil {
-				fp = toFSMProgress(st.Progress)
-			}
-			a.met.hydrateRate.DeleteLabelValues(m.ID)
-			a.met.hydrated.DeleteLabelValues(m.ID)
-			log.Info().Msg("hydrated; clone dissolved into the destination")
-			// The clone's metadata goes once hydrated is committed (dispatch).
-			return a.propose(ctx, m, fsm.EvHydrated, fsm.EventPayload{Progress: fp})
-		}
-		if st.Progress != nil {
-			a.met.hydrateRate.WithLabelValues(m.ID).Set(float64(st.Progress.RateBPS))
-			if st.Progress.TotalBytes > 0 {
-				a.met.hydrated.WithLabelValues(m.ID).Set(float64(st.Progress.HydratedBytes) / float64(st.Progress.TotalBytes))
-			}
-		}
-		if st.Progress != nil && time.Since(lastReport) >= time.Second {
-			lastReport = time.Now()
-			if cur, err := a.Control.Propose(ctx, m.ID, fsm.EvProgress, "", fsm.EventPayload{Progress: toFSMProgress(st.Progress)}); err == nil && cur != nil &&
-				cur.Export != nil && (exportAt == nil || *cur.Export != *exportAt) {
-				log.Info().Str("portal", cur.Export.Portal).Msg("the source moved its export; reconnecting")
-				if follow(cur.Export) {
-					exportAt = cur.Export
-				}
-			}
-		}
-		if !sleep(ctx, 100*time.Millisecond) {
-			return ctx.Err()
-		}
-	}
+	// The clone's metadata goes once hydrated is committed (dispatch).
+	return a.propose(ctx, m, fsm.EvHydrated, fsm.EventPayload{Progress: last.Replicated()})
 }
 
 // tearDownTarget releases everything the target built; the machine never
@@ -663,25 +595,12 @@ func (a *Agent) stopSource(ctx context.Context, log zerolog.Logger, m *fsm.Migra
 	return a.propose(ctx, m, fsm.EvSourceStopped, fsm.EventPayload{Layout: datapath.StoredLayout(layout)})
 }
 
-// startExport starts (or finds running) the export of m's volume to its
-// target alone and returns its portal and IQN.
-func (a *Agent) startExport(ctx context.Context, m *fsm.Migration) (string, string, error) {
-	tw, err := a.Control.GetWorker(ctx, m.Target)
-	if err != nil {
-		return "", "", err
-	}
-	if tw.Address == "" {
-		return "", "", fmt.Errorf("target worker %s registered no address; cannot restrict the export to it", m.Target)
-	}
-	return a.Exports.Export(ctx, m.ID, a.Data.DataPath(m.Volume), m.Target, tw.Address)
-}
-
-// startExportEarly is startExport bounded by earlyExportWait, ahead of the
+// startExportEarly is the export (Volumes.ExportTo) bounded by earlyExportWait, ahead of the
 // step that needs the export (which starts it again if this failed).
 func (a *Agent) startExportEarly(ctx context.Context, m *fsm.Migration) (string, string, error) {
 	ctx, cancel := context.WithTimeout(ctx, earlyExportWait)
 	defer cancel()
-	return a.startExport(ctx, m)
+	return a.Volumes.ExportTo(ctx, m.ID, m.Volume, m.Target)
 }
 
 // exportSource serves the frozen volume to the target only.
@@ -691,7 +610,7 @@ func (a *Agent) exportSource(ctx context.Context, log zerolog.Logger, m *fsm.Mig
 		return err
 	}
 	t2 := time.Now()
-	portal, iqn, err := a.startExport(ctx, m)
+	portal, iqn, err := a.Volumes.ExportTo(ctx, m.ID, m.Volume, m.Target)
 	if err != nil {
 		return err
 	}
@@ -723,7 +642,7 @@ func (a *Agent) exportSource(ctx context.Context, log zerolog.Logger, m *fsm.Mig
 
 // reExport restarts the export at the portal recorded in the migration.
 func (a *Agent) reExport(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
-	portal, iqn, err := a.startExport(ctx, m)
+	portal, iqn, err := a.Volumes.ExportTo(ctx, m.ID, m.Volume, m.Target)
 	if err != nil {
 		return err
 	}

@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"sync"
 
 	"github.com/rs/zerolog"
 
@@ -177,7 +178,7 @@ func (c *Custodian) SealForTarget(ctx context.Context, m *fsm.Migration) error {
 // So after cutover the destination's key no longer depends on the
 // migration envelope, which the servers drop when the migration ends.
 func (c *Custodian) MigrationKey(ctx context.Context, m *fsm.Migration) ([]byte, error) {
-	key, seal, err := c.MigrationKeyThenSeal(ctx, m)
+	key, seal, err := c.migrationKeyThenSeal(ctx, m)
 	if err != nil || seal == nil {
 		return key, err
 	}
@@ -188,14 +189,81 @@ func (c *Custodian) MigrationKey(ctx context.Context, m *fsm.Migration) ([]byte,
 	return key, nil
 }
 
-// MigrationKeyThenSeal is MigrationKey returning the key as soon as it is
+// CloneKey is MigrationKey for the clone's build inside the machine's
+// pause: key hands the datapath the key as soon as it is open, and this
+// worker's own envelopes of the destination (the recovery key's read and
+// a commit) are sealed meanwhile. settle waits for that seal, or, when
+// key was never asked (a datapath adopted from a previous agent), fetches
+// the key to seal them; nothing that relies on those envelopes (the
+// clone's build proposed, anything after cutover) may happen before
+// settle returned nil. A failed seal fails every later call: the step
+// retries with a new CloneKey. key may be called again, from any
+// goroutine: it waits for the seal in flight and opens what it sealed.
+func (c *Custodian) CloneKey(m *fsm.Migration) (key func(context.Context) ([]byte, error), settle func(context.Context) error) {
+	k := &cloneKey{c: c, m: m}
+	return k.key, k.settle
+}
+
+type cloneKey struct {
+	c       *Custodian
+	m       *fsm.Migration
+	mu      sync.Mutex
+	asked   bool
+	sealing chan error // the seal in flight, buffered: it holds the result
+	failed  error      // a seal's failure, kept
+}
+
+func (k *cloneKey) key(ctx context.Context) ([]byte, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.asked = true
+	if err := k.waitSeal(ctx); err != nil {
+		return nil, err
+	}
+	pass, seal, err := k.c.migrationKeyThenSeal(ctx, k.m)
+	if err == nil && seal != nil {
+		k.sealing = make(chan error, 1)
+		go func() { k.sealing <- seal(ctx) }()
+	}
+	return pass, err
+}
+
+func (k *cloneKey) settle(ctx context.Context) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if !k.asked {
+		k.asked = true
+		pass, err := k.c.MigrationKey(ctx, k.m)
+		clear(pass)
+		return err
+	}
+	return k.waitSeal(ctx)
+}
+
+// waitSeal waits for the seal in flight, if any; k.mu is held.
+func (k *cloneKey) waitSeal(ctx context.Context) error {
+	if k.sealing != nil {
+		select {
+		case err := <-k.sealing:
+			k.sealing = nil
+			if err != nil {
+				k.failed = fmt.Errorf("seal this worker's envelopes of the destination %s: %w", k.m.TargetVol, err)
+			}
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return k.failed
+}
+
+// migrationKeyThenSeal is MigrationKey returning the key as soon as it is
 // open: the destination's owner envelope is looked up beside the migration
 // envelope (one round trip, not two), and when this worker must still seal
 // its own envelopes, seal does that (the recovery key read and a commit).
 // The caller runs seal, and nothing that relies on the destination's
-// envelopes (the clone's build proposed, anything after cutover) may happen
-// before it succeeded; seal clears its copy of the key either way.
-func (c *Custodian) MigrationKeyThenSeal(ctx context.Context, m *fsm.Migration) ([]byte, func(context.Context) error, error) {
+// envelopes may happen before it succeeded; seal clears its copy of the
+// key either way.
+func (c *Custodian) migrationKeyThenSeal(ctx context.Context, m *fsm.Migration) ([]byte, func(context.Context) error, error) {
 	type fetched struct {
 		env *fsm.Envelope
 		err error

@@ -161,9 +161,10 @@ func TestVolumeKeysSealedAndCarried(t *testing.T) {
 }
 
 // The target gets the key before its own envelopes are sealed; they exist
-// once seal ran, and from then on the key comes from its owner envelope
-// with nothing left to seal.
-func TestMigrationKeyThenSeal(t *testing.T) {
+// once settle returned, and from then on the key comes from its owner
+// envelope with nothing left to seal. A settle without a key seals them
+// too, and a failed seal fails settle and every later key.
+func TestCloneKey(t *testing.T) {
 	ctx := t.Context()
 	cp, src, dst, _ := twoWorkers(t)
 	k, err := src.NewVolumeKey(ctx, "vol1")
@@ -171,27 +172,86 @@ func TestMigrationKeyThenSeal(t *testing.T) {
 		t.Fatal(err)
 	}
 	m := &fsm.Migration{ID: "m1", Volume: "vol1", Source: "src", Target: "dst", TargetVol: "vol1-m1"}
-	if _, _, err := dst.MigrationKeyThenSeal(ctx, m); err == nil {
+	gate := make(chan struct{})
+	held := newTestCustodian(t, gatedPuts{cp, gate}, "dst")
+	held.kek = dst.kek
+	key, settle := held.CloneKey(m)
+	if _, err := key(ctx); err == nil {
 		t.Fatal("a key before the source sealed one to the target")
 	}
 	if err := src.SealForTarget(ctx, m); err != nil {
 		t.Fatal(err)
 	}
-	got, seal, err := dst.MigrationKeyThenSeal(ctx, m)
-	if err != nil || !bytes.Equal(got, k) || seal == nil {
-		t.Fatalf("first key: %v (seal %v)", err, seal != nil)
+	got, err := key(ctx) // its seal waits on gate
+
+	if err != nil || !bytes.Equal(got, k) {
+		t.Fatalf("first key: %v", err)
 	}
 	if _, ok := cp.envs[envKey("vol1-m1", fsm.PurposeOwner)]; ok {
-		t.Fatal("the destination's owner envelope was sealed before seal ran")
+		t.Fatal("the destination's owner envelope was sealed before the key was handed over")
 	}
-	if err := seal(ctx); err != nil {
+	close(gate)
+	if err := settle(ctx); err != nil {
 		t.Fatal(err)
 	}
 	if own := cp.envs[envKey("vol1-m1", fsm.PurposeOwner)]; own.Recipient != "dst" {
-		t.Fatalf("destination owner envelope after seal: %+v", own)
+		t.Fatalf("destination owner envelope after settle: %+v", own)
 	}
-	got, seal, err = dst.MigrationKeyThenSeal(ctx, m)
-	if err != nil || !bytes.Equal(got, k) || seal != nil {
-		t.Fatalf("second key: %v (seal %v), want the owner envelope's and nothing to seal", err, seal != nil)
+	if got, err = key(ctx); err != nil || !bytes.Equal(got, k) {
+		t.Fatalf("second key: %v", err)
 	}
+	if err := settle(ctx); err != nil {
+		t.Fatal(err)
+	}
+
+	// Never asked for the key (an adopted datapath): settle seals.
+	m2 := &fsm.Migration{ID: "m2", Volume: "vol1", Source: "src", Target: "dst", TargetVol: "vol1-m2"}
+	if err := src.SealForTarget(ctx, m2); err != nil {
+		t.Fatal(err)
+	}
+	if _, settle := dst.CloneKey(m2); settle(ctx) != nil {
+		t.Fatal("settle without a key did not seal")
+	}
+	if own := cp.envs[envKey("vol1-m2", fsm.PurposeOwner)]; own.Recipient != "dst" {
+		t.Fatalf("destination owner envelope after a settle alone: %+v", own)
+	}
+
+	// The recovery key cannot be read: the seal fails, and says so twice.
+	m3 := &fsm.Migration{ID: "m3", Volume: "vol1", Source: "src", Target: "dst", TargetVol: "vol1-m3"}
+	if err := src.SealForTarget(ctx, m3); err != nil {
+		t.Fatal(err)
+	}
+	bad := newTestCustodian(t, failingPuts{cp}, "dst")
+	bad.kek = dst.kek
+	key, settle = bad.CloneKey(m3)
+	if _, err := key(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := settle(ctx); err == nil {
+		t.Fatal("settle passed a failed seal")
+	}
+	if _, err := key(ctx); err == nil {
+		t.Fatal("a key after a failed seal")
+	}
+	if err := settle(ctx); err == nil {
+		t.Fatal("a second settle forgot the failed seal")
+	}
+}
+
+// gatedPuts stores envelopes once gate is closed.
+type gatedPuts struct {
+	*envCP
+	gate chan struct{}
+}
+
+func (g gatedPuts) PutEnvelopes(ctx context.Context, vol string, envs []fsm.Envelope) error {
+	<-g.gate
+	return g.envCP.PutEnvelopes(ctx, vol, envs)
+}
+
+// failingPuts stores no envelope.
+type failingPuts struct{ *envCP }
+
+func (failingPuts) PutEnvelopes(context.Context, string, []fsm.Envelope) error {
+	return errors.New("store unreachable")
 }

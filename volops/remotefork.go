@@ -32,6 +32,20 @@ type Exporter interface {
 	Live(id string) bool
 }
 
+// ExportTo serves volume vol as export id to worker alone (its
+// certificate, from its registered address), or finds it served; it
+// returns the portal and IQN.
+func (o *Ops) ExportTo(ctx context.Context, id, vol, worker string) (portal, iqn string, err error) {
+	w, err := o.store.GetWorker(ctx, worker)
+	if err != nil {
+		return "", "", fmt.Errorf("worker %s, the reader of %s: %w", worker, vol, err)
+	}
+	if w.Address == "" {
+		return "", "", fmt.Errorf("worker %s registered no address; cannot restrict the export of %s to it", worker, vol)
+	}
+	return o.exports.Export(ctx, id, o.vols.DataPath(vol), worker, w.Address)
+}
+
 // forkExportID names the export of a fork's copy among the worker's
 // exports (which are named by migration otherwise).
 func forkExportID(fork string) string { return "fork-" + fork }
@@ -117,11 +131,7 @@ func (o *Ops) publishForkCopy(ctx context.Context, f *fsm.Volume, layout *fsm.LU
 	if err != nil {
 		return fmt.Errorf("holes of the fork's copy: %w", err)
 	}
-	w, err := o.store.GetWorker(ctx, f.Worker)
-	if err != nil {
-		return fmt.Errorf("worker %s, the fork's: %w", f.Worker, err)
-	}
-	portal, iqn, err := o.exports.Export(ctx, forkExportID(f.ID), o.vols.DataPath(f.ID), f.Worker, w.Address)
+	portal, iqn, err := o.ExportTo(ctx, forkExportID(f.ID), f.ID, f.Worker)
 	if err != nil {
 		return fmt.Errorf("serve the fork's copy: %w", err)
 	}

@@ -1,8 +1,9 @@
 // Package volops does the operations on a worker's volumes outside a
 // migration's data path: create, extend and fork the volumes an operator
 // asked for (forks to another worker too: remotefork.go), allocate a
-// migration's destination file, list a volume's holes, trim a mounted
-// volume, and explain a hydration that stopped.
+// migration's destination file, export a volume to one worker, list a
+// volume's holes, trim a mounted volume, and follow a clone's hydration
+// to its end.
 package volops
 
 import (
