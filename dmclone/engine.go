@@ -712,7 +712,9 @@ func (e *Engine) commit() error {
 	ver := e.version
 	var snap *metaState
 	var pageVer []uint64
-	if ver != e.committed || e.meta.seq == 0 {
+	// A slot never written takes the whole bitmap: the first two commits
+	// are written in full, whatever changed.
+	if ver != e.committed || e.meta.seq == 0 || !e.meta.slotOK[0] || !e.meta.slotOK[1] {
 		snap = &metaState{regionSize: e.rs, size: e.size, regions: e.regions,
 			counters: e.cnt, bits: append(bitmap(nil), e.hyd...)}
 		pageVer = append([]uint64(nil), e.pageVer...)
@@ -761,10 +763,24 @@ func (e *Engine) committer(interval time.Duration) {
 		fetched := e.cnt.Fetched
 		e.mu.Unlock()
 		e.rate.add(time.Now(), fetched)
-		if err := e.commit(); err != nil {
+		err := e.commit()
+		if err == nil && !e.slotsWritten() {
+			// The open's first commit wrote one slot; the other is written
+			// now too, in full (at 20 GiB, 640 KiB and an fdatasync), and
+			// not by the machine's first fsync after a migration's cutover.
+			err = e.commit()
+		}
+		if err != nil {
 			e.log.Error().Err(err).Msg("periodic metadata commit failed; will retry")
 		}
 	}
+}
+
+// slotsWritten reports whether both metadata slots hold a commit.
+func (e *Engine) slotsWritten() bool {
+	e.commitMu.Lock()
+	defer e.commitMu.Unlock()
+	return e.meta.slotOK[0] && e.meta.slotOK[1]
 }
 
 func (e *Engine) checkDone() {

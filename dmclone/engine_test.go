@@ -532,17 +532,22 @@ func TestIncrementalCommit(t *testing.T) {
 		if err := e.Flush(); err != nil {
 			t.Fatal(err)
 		}
+		// Held so the committer writes nothing meanwhile.
+		e.commitMu.Lock()
 		f, _ := os.Open(mp)
 		st, _ := f.Stat()
-		got, err := readSlot(f, int64(e.meta.seq%2), regions, st.Size())
+		seq := e.meta.seq
+		got, err := readSlot(f, int64(seq%2), regions, st.Size())
 		f.Close()
 		if err != nil {
+			e.commitMu.Unlock()
 			t.Fatalf("round %d: newest slot: %v", round, err)
 		}
 		e.mu.Lock()
 		same := slices.Equal(got.bits, e.hyd)
 		e.mu.Unlock()
-		if !same || got.seq != e.meta.seq {
+		e.commitMu.Unlock()
+		if !same || got.seq != seq {
 			t.Fatalf("round %d: slot on disk differs from the bitmap in memory", round)
 		}
 	}
@@ -705,4 +710,21 @@ func TestDissolveStopsTheCommitter(t *testing.T) {
 		t.Fatalf("Close flushed the dissolved destination %d times", n)
 	}
 	d.Close()
+}
+
+// A new clone's two metadata slots are both written in the background
+// after it opens: the machine's first flush then writes only what changed,
+// not the whole bitmap.
+func TestOpenWritesBothSlots(t *testing.T) {
+	dir := t.TempDir()
+	size := int64(4*32768) * testRegion
+	s, _ := blockdev.CreateSparse(filepath.Join(dir, "src"), size)
+	d, _ := blockdev.CreateSparse(filepath.Join(dir, "dst"), size)
+	e := mustOpen(t, Config{Source: s, Dest: d, MetaPath: filepath.Join(dir, "meta"), KnownZero: []blockdev.Range{{Off: 0, Len: size / 2}}})
+	defer e.Close()
+	for deadline := time.Now().Add(10 * time.Second); !e.slotsWritten(); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the second metadata slot was not written after the open")
+		}
+	}
 }

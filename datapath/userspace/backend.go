@@ -359,6 +359,18 @@ func (v *Backend) mount(ctx context.Context, cfg Config, key func(context.Contex
 	if err == nil {
 		v.warnSubSectorBlocks(cfg, mnt)
 	}
+	if err == nil && cfg.Clone != nil {
+		// Off the pause's path: the clone reads the machine's recent
+		// files ahead from now (a failure only leaves them to be fetched
+		// on demand).
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			if err := (&Process{cfg: cfg, client: childctl.Dial(cfg.Socket)}).Mounted(ctx); err != nil {
+				v.Log.Info().Err(err).Str("volume", cfg.VolumeID).Msg("the clone was not told its filesystem is mounted; it reads no files ahead")
+			}
+		}()
+	}
 	return dev, err
 }
 

@@ -202,6 +202,12 @@ func (p *Process) call(ctx context.Context, method, path string, in, out any) er
 	return nil
 }
 
+// Mounted tells the process its filesystem is mounted: a clone then reads
+// the machine's recent files ahead.
+func (p *Process) Mounted(ctx context.Context) error {
+	return p.call(ctx, http.MethodPost, "/v1/mounted", struct{}{}, nil)
+}
+
 // Status asks the process for its state and clone progress.
 func (p *Process) Status(ctx context.Context) (*datapath.Status, error) {
 	st, err := p.Detail(ctx)

@@ -3,6 +3,7 @@ package userspace
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -66,6 +67,10 @@ func TestPrestartedCloneLogsInEarly(t *testing.T) {
 		}
 		if got := processesNaming(cfgPath); !slices.Equal(got, pre) {
 			t.Fatalf("%s: the clone is served by %v, want the prestarted %v", c.name, got, pre)
+		}
+		// Once mounted, the clone reads the volume's one file ahead.
+		if n := readAhead(t, filepath.Join(dst.runDir(), spec.Volume+".log"), "recent files"); n < int64(len("read through a session opened early ")*20000) {
+			t.Fatalf("%s: %d bytes of recent files read ahead, want the whole data file", c.name, n)
 		}
 		x.readsBack(c.name, tmnt)
 		logged, err := os.ReadFile(filepath.Join(dst.runDir(), spec.Volume+".log"))
@@ -139,5 +144,26 @@ func TestEarlyHeaderImageFallsBackToTheServedHeader(t *testing.T) {
 	}
 	if err := dst.Unmount(ctx, spec.Volume, tmnt); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// readAhead waits for the datapath logging at logPath the end of the
+// read-ahead named what, and returns how many bytes it read.
+func readAhead(t *testing.T, logPath, what string) int64 {
+	t.Helper()
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		logged, _ := os.ReadFile(logPath)
+		for _, line := range strings.Split(string(logged), "\n") {
+			var l struct {
+				Message, What string
+				Bytes         int64
+			}
+			if json.Unmarshal([]byte(line), &l) == nil && l.Message == "read ahead through the clone" && l.What == what {
+				return l.Bytes
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no read-ahead of %s logged:\n%s", what, logged)
+		}
 	}
 }

@@ -29,9 +29,11 @@ const (
 
 // prefetcher runs read-aheads until they end or it is stopped.
 type prefetcher struct {
-	ctx    context.Context
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
+	ctx     context.Context
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup
+	mu      sync.Mutex
+	stopped bool
 }
 
 func newPrefetcher() *prefetcher {
@@ -39,24 +41,45 @@ func newPrefetcher() *prefetcher {
 	return &prefetcher{ctx: ctx, cancel: cancel}
 }
 
-// run reads the ranges list returns from dev in the background and calls
-// done with what it read.
-func (p *prefetcher) run(dev io.ReaderAt, list func() ([]blockdev.Range, error), done func(n int64, took time.Duration, err error)) {
+// stage is one read-ahead: what it is, and its ranges, listed once the
+// stages before it ended (a list may read what they brought).
+type stage struct {
+	what string
+	list func() ([]blockdev.Range, error)
+}
+
+// run reads each stage's ranges from dev in the background, one stage
+// after the other, and calls done with what each read; a stage that fails
+// ends the run. After stop it does nothing.
+func (p *prefetcher) run(dev io.ReaderAt, done func(what string, n int64, took time.Duration, err error), stages ...stage) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.stopped {
+		return
+	}
 	p.wg.Add(1)
 	go func() {
 		defer p.wg.Done()
-		t0 := time.Now()
-		rs, err := list()
-		var n int64
-		if err == nil {
-			n, err = readRanges(p.ctx, dev, rs, prefetchWorkers, prefetchChunk)
+		for _, st := range stages {
+			t0 := time.Now()
+			rs, err := st.list()
+			var n int64
+			if err == nil {
+				n, err = readRanges(p.ctx, dev, rs, prefetchWorkers, prefetchChunk)
+			}
+			done(st.what, n, time.Since(t0), err)
+			if err != nil || p.ctx.Err() != nil {
+				return
+			}
 		}
-		done(n, time.Since(t0), err)
 	}()
 }
 
 // stop ends the read-aheads and waits for the reads in flight.
 func (p *prefetcher) stop() {
+	p.mu.Lock()
+	p.stopped = true
+	p.mu.Unlock()
 	p.cancel()
 	p.wg.Wait()
 }
@@ -113,16 +136,25 @@ feed:
 	return n, first
 }
 
-// ext4Ranges lists ext4's hot metadata, parsed on the plaintext view, as
-// ranges of the device under it: the view's plaintext byte p is the
+// ext4Stages are the read-aheads of an ext4 filesystem, parsed on the
+// plaintext view, as ranges of the device under it: its hot metadata
+// (ext4hot.Ranges), read while the file and the mount start, and the data
+// of its most recently modified files (ext4hot.RecentFiles, which reads
+// the inode tables the first brought), read once the filesystem is
+// mounted: beside the mount, on the source's one connection, they held
+// the mount's own reads back. The view's plaintext byte p is the
 // ciphertext at dataOffset+p (one segment, length-preserving sectors), so
 // the read-ahead needs no decryption.
-func ext4Ranges(view blockdev.Device, dataOffset int64) func() ([]blockdev.Range, error) {
-	return func() ([]blockdev.Range, error) {
-		rs, err := ext4hot.Ranges(view, view.Size(), ext4hot.DefaultLimits)
-		for i := range rs {
-			rs[i].Off += dataOffset
+func ext4Stages(view blockdev.Device, dataOffset int64) (metadata, files stage) {
+	under := func(parse func(io.ReaderAt, int64, ext4hot.Limits) ([]blockdev.Range, error), lim ext4hot.Limits) func() ([]blockdev.Range, error) {
+		return func() ([]blockdev.Range, error) {
+			rs, err := parse(view, view.Size(), lim)
+			for i := range rs {
+				rs[i].Off += dataOffset
+			}
+			return rs, err
 		}
-		return rs, err
 	}
+	return stage{"ext4 metadata", under(ext4hot.Ranges, ext4hot.DefaultLimits)},
+		stage{"recent files", under(ext4hot.RecentFiles, ext4hot.RecentLimits)}
 }

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/rs/zerolog"
 
@@ -121,5 +122,38 @@ func TestReadRangesStops(t *testing.T) {
 	}
 	if r := dev.reads.Load(); r != 0 {
 		t.Fatalf("%d reads after cancel", r)
+	}
+}
+
+// Stages run one after the other: a stage is listed only once the one
+// before it was read, and a failed stage ends the run.
+func TestPrefetchStagesRunInOrder(t *testing.T) {
+	e, _ := testClone(t, 4<<20)
+	var firstRead atomic.Bool
+	var listedThird atomic.Bool
+	p := newPrefetcher()
+	var got []string
+	p.run(e, func(what string, n int64, _ time.Duration, err error) {
+		got = append(got, what)
+		if what == "first" && err == nil {
+			firstRead.Store(n == 64<<10)
+		}
+	},
+		stage{"first", func() ([]blockdev.Range, error) { return []blockdev.Range{{Off: 0, Len: 64 << 10}}, nil }},
+		stage{"second", func() ([]blockdev.Range, error) {
+			if !firstRead.Load() {
+				return nil, errors.New("listed before the first stage was read")
+			}
+			return nil, errors.New("the second stage fails")
+		}},
+		stage{"third", func() ([]blockdev.Range, error) { listedThird.Store(true); return nil, nil }},
+	)
+	p.wg.Wait()
+	p.stop()
+	if len(got) != 2 || got[0] != "first" || got[1] != "second" || listedThird.Load() {
+		t.Fatalf("stages done %v (third listed %v); want first, second, and nothing after the failure", got, listedThird.Load())
+	}
+	if !firstRead.Load() {
+		t.Fatal("the first stage had not read its ranges when the second was listed")
 	}
 }

@@ -90,6 +90,9 @@ type server struct {
 	exp    *fuseexport.Export
 	loop   string // the loop device this process attached (Config.Loop)
 	pre    *prefetcher
+	// mounted starts the read-ahead that waits for the filesystem's mount
+	// (POST /v1/mounted); nil when there is none.
+	mounted func()
 	// nbd and device: the NBD export and the dm-crypt device over it
 	// (Config.BlockExport nbd).
 	nbd    *nbdexport.Export
@@ -304,7 +307,9 @@ func (s *server) build(ctx context.Context, pass func() ([]byte, error)) error {
 	if c != nil && !s.cfg.Raw && !s.eng.Progress().Complete {
 		// Read while FUSE, the loop device and the mount start.
 		s.pre = newPrefetcher()
-		s.pre.run(lower, ext4Ranges(s.view, s.cfg.Layout.DataOffset), s.prefetched("ext4 metadata"))
+		metadata, files := ext4Stages(s.view, s.cfg.Layout.DataOffset)
+		s.pre.run(lower, s.prefetched, metadata)
+		s.mounted = sync.OnceFunc(func() { s.pre.run(lower, s.prefetched, files) })
 	}
 	if early != nil {
 		exp, merr := early.wait()
@@ -422,15 +427,13 @@ func (s *server) closeNBD() error {
 }
 
 // prefetched logs the end of a read-ahead.
-func (s *server) prefetched(what string) func(int64, time.Duration, error) {
-	return func(n int64, took time.Duration, err error) {
-		ev := s.log.Info()
-		if err != nil {
-			// The machine's own reads fetch what is missing.
-			ev = s.log.Warn().Err(err)
-		}
-		ev.Str("what", what).Int64("bytes", n).Dur("took", took).Msg("read ahead through the clone")
+func (s *server) prefetched(what string, n int64, took time.Duration, err error) {
+	ev := s.log.Info()
+	if err != nil {
+		// The machine's own reads fetch what is missing.
+		ev = s.log.Warn().Err(err)
 	}
+	ev.Str("what", what).Int64("bytes", n).Dur("took", took).Msg("read ahead through the clone")
 }
 
 func (s *server) close() {
@@ -652,6 +655,12 @@ func (s *server) serve(ctx context.Context, ready func(Ready)) error {
 		}
 		st, err := s.cow.Snapshot(filepath.Clean(req.Path), s.dataRanges)
 		reply(w, st, err)
+	})
+	mux.HandleFunc("POST /v1/mounted", func(w http.ResponseWriter, r *http.Request) {
+		if s.mounted != nil {
+			s.mounted()
+		}
+		reply(w, struct{}{}, nil)
 	})
 	mux.HandleFunc("POST /v1/dissolve", func(w http.ResponseWriter, r *http.Request) { reply(w, struct{}{}, s.dissolve()) })
 	mux.HandleFunc("POST /v1/shutdown", func(w http.ResponseWriter, r *http.Request) {

@@ -2,6 +2,7 @@ package ext4hot
 
 import (
 	"encoding/binary"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -194,8 +195,9 @@ func (b byteReader) ReadAt(p []byte, off int64) (int, error) {
 	return n, nil
 }
 
-// FuzzRanges: whatever the device holds, the parse ends, lists only
-// ranges on the device, sorted and merged, within the limits.
+// FuzzRanges: whatever the device holds, both parses (Ranges and
+// RecentFiles) end and list only ranges on the device, sorted and merged,
+// within the limits.
 func FuzzRanges(f *testing.F) {
 	sb := make([]byte, 8192)
 	le := binary.LittleEndian
@@ -206,7 +208,16 @@ func FuzzRanges(f *testing.F) {
 	f.Add(sb)
 	f.Fuzz(func(t *testing.T, img []byte) {
 		lim := Limits{MaxBytes: 1 << 20, MaxRanges: 16}
-		rs, err := Ranges(byteReader(img), int64(len(img)), lim)
+		check(t, img, lim, Ranges)
+		check(t, img, lim, RecentFiles)
+	})
+}
+
+// check runs parse on img and fails on a range off the device, unmerged,
+// or past lim.
+func check(t *testing.T, img []byte, lim Limits, parse func(io.ReaderAt, int64, Limits) ([]blockdev.Range, error)) {
+	{
+		rs, err := parse(byteReader(img), int64(len(img)), lim)
 		if err != nil {
 			return
 		}
@@ -220,5 +231,5 @@ func FuzzRanges(f *testing.F) {
 		if len(rs) > lim.MaxRanges || total > lim.MaxBytes {
 			t.Fatalf("limits not kept: %d ranges, %d bytes", len(rs), total)
 		}
-	})
+	}
 }
