@@ -74,7 +74,11 @@ func testFork(t *testing.T, newBackend Factory) {
 	before := int(written.Load())
 	fl, st, err := b.Fork(ctx, vol, pass, forkVol, forkPass)
 	after := int(written.Load())
-	time.Sleep(50 * time.Millisecond)
+	// The source takes writes again after the fork: wait for one (a busy
+	// host may take a while), bounded.
+	for deadline := time.Now().Add(10 * time.Second); int(written.Load()) <= after && time.Now().Before(deadline); {
+		time.Sleep(10 * time.Millisecond)
+	}
 	stop.Store(true)
 	wg.Wait()
 	if err != nil {

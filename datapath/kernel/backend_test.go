@@ -153,7 +153,9 @@ func TestOpenISCSIToleratesAlreadyDone(t *testing.T) {
 		"--login": &iscsiExitError{code: iscsiErrSessExists, err: errors.New("session exists")},
 		"delete":  &iscsiExitError{code: iscsiErrNoObjs, err: errors.New("no records")},
 	}}
-	o := &OpenISCSI{Log: zerolog.Nop(), SysRoot: root, DiskTimeout: time.Second, run: fake.run}
+	// The session shows up later, as the kernel's would; the login waits
+	// for it up to DiskTimeout, generous for a loaded host.
+	o := &OpenISCSI{Log: zerolog.Nop(), SysRoot: root, DiskTimeout: 10 * time.Second, run: fake.run}
 	go func() {
 		time.Sleep(100 * time.Millisecond)
 		fakeSession(t, root, "3", iqn, "null")
