@@ -35,7 +35,9 @@ func TestGapWatchMeasuresTheLongestPause(t *testing.T) {
 	}
 	time.Sleep(5 * time.Millisecond)
 	got := g.Stop()
-	if got < truth-20*time.Millisecond || got > truth+100*time.Millisecond {
+	// Loose bounds: the 1 ms watcher may be descheduled on a loaded host
+	// (it then sees a write late), and the other gaps are 10 ms.
+	if got < truth-60*time.Millisecond || got > truth+150*time.Millisecond {
 		t.Fatalf("longest gap %v, the writer paused at most %v", got, truth)
 	}
 	// Stop is idempotent, and the open gap counts once the machine is silent.
