@@ -132,6 +132,17 @@ func parseSuper(b []byte, size int64) (*superblock, error) {
 	return s, nil
 }
 
+// readSuper reads and checks the superblock of the filesystem on r (size
+// bytes); it returns its raw bytes too.
+func readSuper(r io.ReaderAt, size int64) (*superblock, []byte, error) {
+	sb := make([]byte, sbLen)
+	if _, err := r.ReadAt(sb, sbOffset); err != nil {
+		return nil, nil, fmt.Errorf("read the ext4 superblock: %w", err)
+	}
+	s, err := parseSuper(sb, size)
+	return s, sb, err
+}
+
 // list collects ranges in filesystem bytes, dropping any outside the
 // filesystem and stopping at the limits.
 type list struct {
@@ -159,11 +170,7 @@ func (l *list) add(off, n int64) bool {
 // Ranges reads the filesystem on r (size bytes) and lists, in its byte
 // offsets, sorted and merged, what its mount and first writes read.
 func Ranges(r io.ReaderAt, size int64, lim Limits) ([]blockdev.Range, error) {
-	sb := make([]byte, sbLen)
-	if _, err := r.ReadAt(sb, sbOffset); err != nil {
-		return nil, fmt.Errorf("read the ext4 superblock: %w", err)
-	}
-	s, err := parseSuper(sb, size)
+	s, _, err := readSuper(r, size)
 	if err != nil {
 		return nil, err
 	}

@@ -42,11 +42,7 @@ type recentFile struct {
 // reads the inode tables' used blocks and at most maxLeafReads extent
 // leaves; everything read is the source's word and checked as in Ranges.
 func RecentFiles(r io.ReaderAt, size int64, lim Limits) ([]blockdev.Range, error) {
-	sb := make([]byte, sbLen)
-	if _, err := r.ReadAt(sb, sbOffset); err != nil {
-		return nil, fmt.Errorf("read the ext4 superblock: %w", err)
-	}
-	s, err := parseSuper(sb, size)
+	s, sb, err := readSuper(r, size)
 	if err != nil {
 		return nil, err
 	}
