@@ -23,6 +23,7 @@ import (
 
 	"github.com/ferry-dev/ferry/blockdev"
 	"github.com/ferry-dev/ferry/datapath"
+	"github.com/ferry-dev/ferry/datapath/internal/ext4hot"
 	"github.com/ferry-dev/ferry/datapath/internal/hostfs"
 	"github.com/ferry-dev/ferry/iscsi"
 	"github.com/ferry-dev/ferry/luks"
@@ -627,8 +628,37 @@ func testErrors(t *testing.T, newBackend Factory) {
 const fragmented = "fragmented"
 
 // writeFragmented writes every other 4 KiB block of 2 MiB at path: 256
-// extents, an extent tree of depth 1.
+// extents, an extent tree of depth 1. Its modification time is a day old
+// and a newer file beside it is larger than the clone reads ahead of a
+// volume's recent files (ext4hot.RecentLimits): neither its extent tree
+// nor its data is read before the test reads them.
 func writeFragmented(t *testing.T, path string) {
+	t.Helper()
+	writeFragmentedFile(t, path)
+	old := time.Now().Add(-24 * time.Hour)
+	if err := os.Chtimes(path, old, old); err != nil {
+		t.Fatal(err)
+	}
+	newer := filepath.Join(filepath.Dir(path), "newer")
+	if err := os.WriteFile(newer, pattern(int(ext4hot.RecentLimits.MaxBytes)+1<<20, 9), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	syncFile(t, newer)
+}
+
+func syncFile(t *testing.T, path string) {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func writeFragmentedFile(t *testing.T, path string) {
 	t.Helper()
 	f, err := os.Create(path)
 	if err != nil {

@@ -32,8 +32,8 @@ const (
 )
 
 type recentFile struct {
-	mtime   int64
-	extents []blockdev.Range // in filesystem bytes, logical order
+	mtime int64
+	root  []byte // the inode's i_block: its extent tree's root
 }
 
 // RecentFiles reads the filesystem on r (size bytes) and lists, in its
@@ -65,7 +65,7 @@ func RecentFiles(r io.ReaderAt, size int64, lim Limits) ([]blockdev.Range, error
 		firstIno = max(firstIno, int64(le.Uint32(sb[0x54:])))
 	}
 	leaves := 0
-	var files []recentFile
+	var files []recentFile // their roots point into the tables read
 	for g := int64(0); g < ngroups; g++ {
 		d := gdt[g*s.descSize : (g+1)*s.descSize]
 		if le.Uint16(d[0x12:])&bgInodeUninit != 0 {
@@ -97,18 +97,15 @@ func RecentFiles(r io.ReaderAt, size int64, lim Limits) ([]blockdev.Range, error
 			if le.Uint16(ino[0:])&modeTypeMask != modeRegular || le.Uint16(ino[0x1A:]) == 0 || le.Uint32(ino[0x20:])&inodeFlagEx == 0 {
 				continue // not a regular file in use, or not mapped by extents
 			}
-			f := recentFile{mtime: int64(le.Uint32(ino[0x10:]))}
-			f.extents = fileExtents(r, ino[0x28:0x28+60], bs, onFS, &leaves)
-			if len(f.extents) > 0 {
-				files = append(files, f)
-			}
+			files = append(files, recentFile{mtime: int64(le.Uint32(ino[0x10:])), root: ino[0x28 : 0x28+60]})
 		}
 	}
-	// Most recently modified first; the budget goes to them.
+	// Most recently modified first; the budget goes to them, and only
+	// their extent leaves are read.
 	slices.SortStableFunc(files, func(a, b recentFile) int { return cmp.Compare(b.mtime, a.mtime) })
 	l := &list{fsSize: s.blocks * bs, lim: lim}
 	for _, f := range files {
-		for _, e := range f.extents {
+		for _, e := range fileExtents(r, f.root, bs, onFS, &leaves) {
 			if !l.add(e.Off, min(e.Len, lim.MaxBytes-l.bytes)) || l.bytes >= lim.MaxBytes {
 				return merge(l.rs, lim), nil
 			}
