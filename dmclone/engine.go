@@ -62,6 +62,15 @@ type Engine struct {
 	commitMu  sync.Mutex
 	committed uint64 // version of the last commit
 
+	// userDone counts the writes and discards completed through the
+	// engine (under mu); userCommitted is userDone as of the start of the
+	// last successful commit. A Flush with nothing completed since has
+	// nothing to make durable: the regions the clone fetched itself since
+	// are fetched again after a crash. The loop device's attach fsyncs its
+	// file inside a migration's pause, with nothing written yet.
+	userDone      uint64
+	userCommitted atomic.Uint64
+
 	gate    *gate
 	limiter *limiter
 	direct  atomic.Bool   // background copies may use copy_file_range
@@ -540,6 +549,7 @@ func (e *Engine) WriteAt(p []byte, off int64) (int, error) {
 		return 0, err
 	}
 	defer e.leave()
+	defer e.userChanged() // after the regions' release, which sets their bits
 	e.gate.touch()
 	defer e.gate.touch()
 	if err := blockdev.CheckRange(off, len(p), e.size); err != nil {
@@ -625,6 +635,7 @@ func (e *Engine) Discard(off, length int64) error {
 		return err
 	}
 	defer e.leave()
+	defer e.userChanged()
 	e.gate.touch()
 	defer e.gate.touch()
 	if length == 0 {
@@ -692,13 +703,28 @@ func (e *Engine) dstDiscard(off, n int64) error {
 	return nil
 }
 
+// userChanged counts a completed write or discard (failed ones too: a
+// flush then commits, which is never wrong).
+func (e *Engine) userChanged() {
+	e.mu.Lock()
+	e.userDone++
+	e.mu.Unlock()
+}
+
 // Flush makes completed writes durable: the destination first, then the
-// bitmap that names them.
+// bitmap that names them. With none since the last commit it returns at
+// once.
 func (e *Engine) Flush() error {
 	if err := e.enter(); err != nil {
 		return err
 	}
 	defer e.leave()
+	e.mu.Lock()
+	clean := e.userDone == e.userCommitted.Load()
+	e.mu.Unlock()
+	if clean {
+		return nil
+	}
 	e.gate.touch()
 	defer e.gate.touch()
 	return e.commit()
@@ -709,7 +735,7 @@ func (e *Engine) commit() error {
 	e.commitMu.Lock()
 	defer e.commitMu.Unlock()
 	e.mu.Lock()
-	ver := e.version
+	ver, userDone := e.version, e.userDone
 	var snap *metaState
 	var pageVer []uint64
 	// A slot never written takes the whole bitmap: the first two commits
@@ -723,15 +749,15 @@ func (e *Engine) commit() error {
 	if err := e.dst.Flush(); err != nil {
 		return fmt.Errorf("flush destination: %w", err)
 	}
-	if snap == nil {
-		return nil
+	if snap != nil {
+		if err := e.meta.commit(snap, ver, pageVer); err != nil {
+			return err
+		}
+		e.mu.Lock()
+		e.committed = ver
+		e.mu.Unlock()
 	}
-	if err := e.meta.commit(snap, ver, pageVer); err != nil {
-		return err
-	}
-	e.mu.Lock()
-	e.committed = ver
-	e.mu.Unlock()
+	e.userCommitted.Store(userDone)
 	return nil
 }
 

@@ -728,3 +728,46 @@ func TestOpenWritesBothSlots(t *testing.T) {
 		}
 	}
 }
+
+// A flush with no write or discard completed since the last commit touches
+// neither the destination nor the metadata (a loop device's attach fsyncs
+// its file inside a migration's pause): the regions the clone fetched
+// itself are fetched again after a crash. One after a write commits.
+func TestFlushCommitsOnlyAfterAChange(t *testing.T) {
+	const size = 64 * testRegion
+	dst := &flushCounter{Device: blockdev.NewMem(size)}
+	e := mustOpen(t, Config{Source: randomMem(t, size, 4), Dest: dst, MetaPath: metaPath(t),
+		RegionSize: testRegion, CommitInterval: -1}) // no commits of its own
+	t.Cleanup(func() { e.Close() })
+	dst.armed.Store(true)
+	flush := func(what string, wantFlushes int64, wantCommit bool) {
+		t.Helper()
+		before, seq := dst.flushes.Load(), e.meta.seq
+		if err := e.Flush(); err != nil {
+			t.Fatalf("flush %s: %v", what, err)
+		}
+		if got, committed := dst.flushes.Load()-before, e.meta.seq != seq; got != wantFlushes || committed != wantCommit {
+			t.Fatalf("flush %s: %d destination flushes, metadata committed %v; want %d, %v", what, got, committed, wantFlushes, wantCommit)
+		}
+	}
+	buf := make([]byte, testRegion)
+	flush("after the open", 0, false)
+	if _, err := e.ReadAt(buf, 3*testRegion); err != nil { // the clone fetches region 3
+		t.Fatal(err)
+	}
+	e.waitWriteBehind() // its bit is set once the region is on the destination
+	flush("after a read", 0, false)
+	if _, err := e.WriteAt(buf[:100], 5*testRegion); err != nil { // a partial write: region 5 fetched and merged
+		t.Fatal(err)
+	}
+	flush("after a write", 1, true)
+	flush("again", 0, false)
+	if _, err := e.WriteAt(buf, 5*testRegion); err != nil { // hydrated: the bitmap does not change
+		t.Fatal(err)
+	}
+	flush("after a write to a hydrated region", 1, false)
+	if err := e.Discard(8*testRegion, 2*testRegion); err != nil {
+		t.Fatal(err)
+	}
+	flush("after a discard", 1, true)
+}
