@@ -199,6 +199,7 @@ func Open(log zerolog.Logger, cfg Config) (*Engine, error) {
 	}
 	e.busy = newBitmap(regions)
 	e.pageVer = make([]uint64, (int64(len(e.hyd))+wordsPerPage-1)/wordsPerPage)
+	mf.newImage(e.hyd)
 	e.nHyd = e.hyd.count(regions)
 	if err := e.applyKnownZero(cfg.KnownZero); err != nil {
 		mf.close()
@@ -741,8 +742,8 @@ func (e *Engine) commit() error {
 	// A slot never written takes the whole bitmap: the first two commits
 	// are written in full, whatever changed.
 	if ver != e.committed || e.meta.seq == 0 || !e.meta.slotOK[0] || !e.meta.slotOK[1] {
-		snap = &metaState{regionSize: e.rs, size: e.size, regions: e.regions,
-			counters: e.cnt, bits: append(bitmap(nil), e.hyd...)}
+		snap = &metaState{regionSize: e.rs, size: e.size, regions: e.regions, counters: e.cnt}
+		e.meta.refresh(e.hyd, e.pageVer, ver)
 		pageVer = append([]uint64(nil), e.pageVer...)
 	}
 	e.mu.Unlock()
