@@ -170,7 +170,11 @@ type metaFile struct {
 // newImage sets the encoded bitmap to bits, as of engine version 0.
 func (m *metaFile) newImage(bits bitmap) {
 	m.img = make([]byte, slotSize(m.regions)-metaHeaderLen)
-	encodeWords(m.img, bits, 0, int64(len(bits)))
+	for w, v := range bits {
+		if v != 0 { // a new clone's are all zero, as the image is
+			binary.LittleEndian.PutUint64(m.img[w*8:], v)
+		}
+	}
 	m.imgVer = 0
 }
 
