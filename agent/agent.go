@@ -108,6 +108,9 @@ type Agent struct {
 	// earlyLogins: migration id -> the portal its destination's prestarted
 	// datapath was asked to log in to (loginEarly).
 	earlyLogins sync.Map
+	// arrivals: migration id -> the arriving machine's network, made
+	// while its clone was built (buildClone), for the cutover step.
+	arrivals sync.Map
 }
 
 // New builds an agent from the worker's parts (all required).

@@ -12,6 +12,7 @@ import (
 	"github.com/ferry-dev/ferry/datapath"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/failpoint"
+	"github.com/ferry-dev/ferry/supervisor"
 	"github.com/ferry-dev/ferry/volops"
 )
 
@@ -205,7 +206,10 @@ func (a *Agent) buildClone(ctx context.Context, log zerolog.Logger, m *fsm.Migra
 	// rollback's teardown removes it like the rest of the target.
 	netDone := make(chan error, 1)
 	go func() {
-		_, err := a.Machines.AttachArriving(ctx, m.Machine, a.cfg.HostID)
+		arr, err := a.Machines.AttachArriving(ctx, m.Machine, a.cfg.HostID)
+		if err == nil {
+			a.arrivals.Store(m.ID, arr)
+		}
 		netDone <- err
 	}()
 	defer func() {
@@ -264,9 +268,16 @@ func (a *Agent) trim(ctx context.Context, log zerolog.Logger, m *fsm.Migration) 
 // first, saving one commit of downtime, and relies on the self-fence.
 func (a *Agent) cutover(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
 	t0 := time.Now()
-	arr, err := a.Machines.AttachArriving(ctx, m.Machine, a.cfg.HostID)
-	if err != nil {
-		return err
+	// Made while the clone was built, by this process: reading the
+	// machine and checking its namespace again cost 3-10 ms of the pause.
+	var arr supervisor.Arrival
+	if v, made := a.arrivals.LoadAndDelete(m.ID); made {
+		arr = v.(supervisor.Arrival)
+	} else {
+		var err error
+		if arr, err = a.Machines.AttachArriving(ctx, m.Machine, a.cfg.HostID); err != nil {
+			return err
+		}
 	}
 	mach, newAddr := arr.Machine, m.New6PN
 	tAttach := time.Now()
@@ -438,6 +449,7 @@ func (a *Agent) tearDownTarget(ctx context.Context, log zerolog.Logger, m *fsm.M
 // releaseTarget stops the machine if the store does not assign it here and
 // removes the clone, its mount and the destination volume. Idempotent.
 func (a *Agent) releaseTarget(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error {
+	a.arrivals.Delete(m.ID)
 	// A trim still running holds the mount: give it its bound to end; one
 	// that hangs fails once the release below abandons the volume.
 	if _, err := a.trims.WaitFor(ctx, m.ID); err != nil {
