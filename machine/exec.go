@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -137,18 +136,18 @@ func (e *Exec) Start(ctx context.Context, s Spec) error {
 	if err := ownMount(s.MountDir, user); err != nil {
 		return err
 	}
-	argv := wrap(s.Command, s.NetNS, user)
+	cmd, err := command(context.Background(), s.Command, env) // outlives ctx
+	if err != nil {
+		return fmt.Errorf("start machine %s: %w", s.ID, err)
+	}
 	logf, err := os.OpenFile(filepath.Join(e.dir(s.ID), "output.log"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
 	if err != nil {
 		return fmt.Errorf("machine log: %w", err)
 	}
 	defer logf.Close()
-	cmd := exec.Command(argv[0], argv[1:]...)
-	cmd.Dir = dir
-	cmd.Env = env
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true} // survives the agent
-	if err := cmd.Start(); err != nil {
+	if err := startConfined(cmd, dir, s.NetNS, user); err != nil {
 		return fmt.Errorf("start machine %s (%s): %w", s.ID, s.Command[0], err)
 	}
 	st, err := procStartTime(cmd.Process.Pid)

@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -159,10 +160,21 @@ func TestMachineRunsUnprivileged(t *testing.T) {
 	s := Spec{ID: "m1", MountDir: mnt, NetNS: ns, KillTimeout: time.Second, Env: map[string]string{"APP": "yes"},
 		Command: []string{"sh", "-c", "id -u > out; id -g >> out; id -G >> out; grep NoNewPrivs /proc/self/status >> out; readlink /proc/self/ns/net >> out; env > env; sleep 30"}}
 	ctx := context.Background()
+	agentState := func() string { // what the start must leave as it was in the agent
+		wd, _ := os.Getwd()
+		ns, _ := os.Readlink("/proc/self/ns/net")
+		st, _ := os.ReadFile("/proc/self/status")
+		nnp := regexp.MustCompile(`NoNewPrivs:\s*(\d)`).FindSubmatch(st)
+		return fmt.Sprintf("folder %s, network %s, no_new_privs %q", wd, ns, nnp)
+	}
+	before := agentState()
 	if err := e.Start(ctx, s); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { e.Stop(ctx, s) })
+	if after := agentState(); after != before {
+		t.Fatalf("starting the machine changed the agent: %s, was %s", after, before)
+	}
 	var out, env []byte
 	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
 		out, _ = os.ReadFile(filepath.Join(mnt, "out"))

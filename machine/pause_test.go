@@ -15,8 +15,7 @@ import (
 
 // A paused machine and its children make no progress; resumed, they do.
 func TestExecPauseResume(t *testing.T) {
-	testenv.Root(t, "machines start through setpriv")
-	testenv.Tools(t, "util-linux", "setpriv")
+	testenv.Root(t, "machines start as another user")
 	// As root: the machine writes into a test's temporary folder.
 	e := &Exec{StateDir: t.TempDir(), Log: zerolog.Nop(), User: &User{}}
 	dir := t.TempDir()

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"os/exec"
 	"strings"
 )
 
@@ -44,13 +43,17 @@ func (d Script) run(ctx context.Context, s Spec, path, what string) (string, err
 	}
 	// "./" + path: run from the mount the agent entered, so the script
 	// needs no access to the folders above it.
-	argv := wrap([]string{"./" + path}, "", user)
-	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
-	cmd.Dir = s.MountDir
-	cmd.Env = env
+	cmd, err := command(ctx, []string{"./" + path}, env)
+	if err != nil {
+		return "", err
+	}
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
-	if err := cmd.Run(); err != nil {
+	err = startConfined(cmd, s.MountDir, "", user)
+	if err == nil {
+		err = cmd.Wait()
+	}
+	if err != nil {
 		return "", fmt.Errorf("machine %s: %s script %s: %w: %s", s.ID, what, path, err, strings.TrimSpace(errb.String()))
 	}
 	return strings.TrimSpace(out.String()), nil

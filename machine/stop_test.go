@@ -20,8 +20,7 @@ import (
 // group): it must not outlive the machine, whether the machine is stopped
 // with its kill signal, killed after ignoring it, or its shell exits.
 func TestExecStopEndsBackgroundChildren(t *testing.T) {
-	testenv.Root(t, "machines start through setpriv")
-	testenv.Tools(t, "util-linux", "setpriv")
+	testenv.Root(t, "machines start as another user")
 	// A non-interactive shell starts its background jobs ignoring SIGINT,
 	// so only a signal to the whole group ends the loop.
 	const loop = `(while :; do sleep 0.05; done) & echo $! > "$0"; `
@@ -71,8 +70,7 @@ func TestExecStopEndsBackgroundChildren(t *testing.T) {
 // A machine adopted by a new agent process (the one that started it
 // exited, so init reaps it) loses its background children on Stop too.
 func TestExecStopEndsAdoptedMachinesChildren(t *testing.T) {
-	testenv.Root(t, "machines start through setpriv")
-	testenv.Tools(t, "util-linux", "setpriv")
+	testenv.Root(t, "machines start as another user")
 	stateDir, dir := t.TempDir(), t.TempDir()
 	pidFile := filepath.Join(dir, "child")
 	// An earlier agent: this test binary starting the machine and exiting.
