@@ -8,7 +8,6 @@ package agent
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"sync"
@@ -20,6 +19,7 @@ import (
 	"github.com/ferry-dev/ferry/datapath"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/retry"
+	"github.com/ferry-dev/ferry/stepdriver"
 	"github.com/ferry-dev/ferry/volops"
 )
 
@@ -92,16 +92,17 @@ type Agent struct {
 	// registered (and its steps stop the machine), never after.
 	machMu  sync.Mutex
 	mu      sync.Mutex
-	running map[string]chan *fsm.Migration // migration id -> its driver goroutine's inbox
-	active  map[string]string              // active migration id -> its machine
-	reaping map[string]bool                // ended migrations being reaped
+	active  map[string]string // active migration id -> its machine
+	reaping map[string]bool   // ended migrations being reaped
+	// steps runs each migration's steps (stepFor) in its own goroutine.
+	steps *stepdriver.Driver
 	// runCtx is Run's context: failpoint pauses sleep on it, not on a
 	// step's deadline, so a test's pause is not cut short.
 	runCtx context.Context
 	// firstWatch closes once the first list of our migrations arrived.
 	firstWatch chan struct{}
 	firstOnce  sync.Once
-	wg         sync.WaitGroup
+	wg         sync.WaitGroup // the reapers
 	// trims are the fstrim runs the trim step started: they run on beside
 	// the machine's start, and hydration and a teardown wait for them.
 	trims *volops.Trims
@@ -133,8 +134,15 @@ func New(log zerolog.Logger, cfg Config, p Parts) (*Agent, error) {
 			Msg("this data path has no hydration rate limit; hydration runs unthrottled")
 	}
 	a := &Agent{cfg: cfg, log: log.With().Str("worker", cfg.Worker).Logger(), Parts: p, met: newMetrics(),
-		running: map[string]chan *fsm.Migration{}, active: map[string]string{}, reaping: map[string]bool{}, firstWatch: make(chan struct{}),
+		active: map[string]string{}, reaping: map[string]bool{}, firstWatch: make(chan struct{}),
 		trims: volops.NewTrims(p.Marks, p.Volumes.Trim, cfg.StepTimeout)}
+	a.steps = stepdriver.New(a.log, stepdriver.Config{Retry: cfg.Retry, RetryMax: cfg.RetryMax, StallAfter: cfg.StallAfter,
+		StepTimeout: cfg.StepTimeout, MaxPreCutoverAttempts: cfg.MaxPreCutoverAttempts}, p.Control, a.stepFor, stepdriver.Hooks{
+		StepDone:   func(s fsm.State) { a.met.steps.WithLabelValues(string(s)).Inc() },
+		StepFailed: func(s fsm.State) { a.met.stepFailures.WithLabelValues(string(s)).Inc() },
+		Stalled:    a.met.stalls.Inc,
+		Ended:      func(id string) { a.earlyLogins.Delete(id); a.arrivals.Delete(id) },
+	})
 	for _, part := range []any{p.Lease, p.Keys, p.Machines, p.Volumes} {
 		if c, ok := part.(prometheus.Collector); ok {
 			a.met.reg.MustRegister(c)
@@ -211,6 +219,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 		a.reap(ctx, ms)
 	}
+	a.steps.Wait()
 	a.wg.Wait()
 	a.trims.WaitAll()
 	if ps, ok := a.Data.(datapath.Prestarter); ok {
@@ -219,8 +228,8 @@ func (a *Agent) Run(ctx context.Context) error {
 	return nil
 }
 
-// dispatch hands a migration's latest record to its driver goroutine,
-// starting one if needed. One goroutine per migration keeps steps ordered.
+// dispatch removes a dissolved clone's metadata and hands the record to
+// the migration's step driver.
 func (a *Agent) dispatch(ctx context.Context, m *fsm.Migration) {
 	if _, hydrated := m.EnteredAt[fsm.Hydrated]; hydrated && m.Target == a.cfg.Worker && m.TargetVol != "" {
 		// The clone's metadata (all regions hydrated) is needed to rebuild
@@ -233,233 +242,7 @@ func (a *Agent) dispatch(ctx context.Context, m *fsm.Migration) {
 			a.log.Warn().Err(err).Str("migration", m.ID).Msg("removing the dissolved clone's metadata")
 		}
 	}
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	inbox, ok := a.running[m.ID]
-	if m.State.Terminal() && !ok {
-		return
-	}
-	// A terminal record still reaches a running driver: it stops there
-	// (and the reaper, which waits for it, can release what it set up).
-	if !ok {
-		inbox = make(chan *fsm.Migration, 1)
-		a.running[m.ID] = inbox
-		a.wg.Add(1)
-		go a.drive(ctx, m.ID, inbox)
-	}
-	// Keep only the newest record.
-	select {
-	case <-inbox:
-	default:
-	}
-	inbox <- m
-}
-
-// drive performs this worker's steps of one migration until it ends or no
-// longer needs this worker.
-func (a *Agent) drive(ctx context.Context, id string, inbox chan *fsm.Migration) {
-	defer a.wg.Done()
-	defer func() {
-		a.mu.Lock()
-		delete(a.running, id)
-		a.mu.Unlock()
-		a.earlyLogins.Delete(id)
-	}()
-	log := a.log.With().Str("migration", id).Logger()
-	var m *fsm.Migration
-	bo := retry.New(a.cfg.Retry, a.cfg.RetryMax)
-	var failingSince time.Time
-	attempts := 0
-	// The newest record's raft index: a record the watch delivered while a
-	// step ran can be older than the one the step's proposal returned, and
-	// would run the step again (a second prestarted process, a second
-	// proposal) right as the source stops the machine.
-	var seen uint64
-	newer := func(n *fsm.Migration) bool { return n.ModifyIndex >= seen }
-	for {
-		for m == nil {
-			select {
-			case <-ctx.Done():
-				return
-			case n := <-inbox:
-				if newer(n) {
-					m = n
-				}
-			}
-		}
-		seen = max(seen, m.ModifyIndex)
-		// Prefer the newest record if one arrived.
-		select {
-		case n := <-inbox:
-			if newer(n) {
-				m, seen = n, n.ModifyIndex
-			}
-		default:
-		}
-		if m.State.Terminal() {
-			return
-		}
-		step := a.stepFor(m)
-		if step == nil {
-			// Nothing for us in this state: wait for the next change.
-			m = nil
-			continue
-		}
-		stepCtx, cancel, budgetEnd := a.stepContext(ctx, m)
-		stopWatch := a.watchStep(stepCtx, log, m)
-		err := step(stepCtx, log, m)
-		stopWatch()
-		if err != nil && stepCtx.Err() != nil && ctx.Err() == nil {
-			err = fmt.Errorf("%w (%v)", err, context.Cause(stepCtx))
-		}
-		cancel()
-		if err == nil {
-			a.met.steps.WithLabelValues(string(m.State)).Inc()
-			attempts, failingSince = 0, time.Time{}
-			bo.Reset()
-			fresh, gerr := a.Control.GetMigration(ctx, id)
-			if gerr != nil || fresh.State == m.State {
-				// A step that proposed nothing (or whose event is not visible
-				// yet) waits for the next change instead of repeating.
-				m = nil
-			} else {
-				m = fresh
-			}
-			continue
-		}
-		if ctx.Err() != nil {
-			return
-		}
-		if isRefusal(err) {
-			// The store moved on (another proposal won, or an abort): re-read and re-decide.
-			if fresh, gerr := a.Control.GetMigration(ctx, id); gerr == nil && fresh.State != m.State {
-				log.Info().Err(err).Msg("proposal refused; the migration moved on")
-				m = fresh
-				continue
-			}
-		}
-		attempts++
-		a.met.stepFailures.WithLabelValues(string(m.State)).Inc()
-		if failingSince.IsZero() {
-			failingSince = time.Now()
-		}
-		backoff := bo.Next()
-		log.Warn().Err(err).Str("state", string(m.State)).Int("attempt", attempts).Dur("backoff", backoff).Msg("step failed; retrying")
-		if !budgetEnd.IsZero() && !time.Now().Before(budgetEnd) {
-			a.failOverBudget(ctx, log, m, err)
-		} else {
-			a.reportFailure(ctx, log, m, err, attempts, failingSince)
-		}
-		if !sleep(ctx, backoff) {
-			return
-		}
-		if fresh, gerr := a.Control.GetMigration(ctx, id); gerr == nil {
-			m = fresh
-		}
-	}
-}
-
-// reportFailure records a failing step: before cutover, after enough
-// attempts, it fails the migration (rollback); after cutover the only way is
-// forward, so it marks the migration stalled with the reason.
-func (a *Agent) reportFailure(ctx context.Context, log zerolog.Logger, m *fsm.Migration, stepErr error, attempts int, since time.Time) {
-	if m.State.BeforeCutover() && attempts >= a.cfg.MaxPreCutoverAttempts {
-		a.fail(ctx, log, m, fmt.Sprintf("%s step failed %d times: %v", m.State, attempts, stepErr), stepErr)
-		return
-	}
-	stalled := time.Since(since) >= a.cfg.StallAfter
-	if stalled {
-		a.met.stalls.Inc()
-	}
-	_, err := a.Control.Propose(ctx, m.ID, fsm.EvReport, "", fsm.EventPayload{Error: stepErr.Error(), Stalled: &stalled})
-	if err != nil {
-		log.Debug().Err(err).Msg("could not report the failure")
-	}
-}
-
-// fail fails the migration (rollback) for reason.
-func (a *Agent) fail(ctx context.Context, log zerolog.Logger, m *fsm.Migration, reason string, stepErr error) {
-	_, err := a.Control.Propose(ctx, m.ID, fsm.EvFailed, stepID(m, "failed", string(m.State)), fsm.EventPayload{Reason: reason, Error: stepErr.Error()})
-	if err != nil {
-		log.Warn().Err(err).Msg("could not fail the migration")
-	}
-}
-
-// errBudget is the cause of a step cancelled because the migration's
-// downtime budget is spent.
-var errBudget = errors.New("the downtime budget is spent")
-
-// errStepTimeout is the cause of a step cancelled after StepTimeout.
-var errStepTimeout = errors.New("the step timed out")
-
-// stepContext bounds one attempt of m's step: by StepTimeout, and between
-// source_stopped and cutover by the end of the downtime budget (returned,
-// zero outside that window). Hydration waits for the whole copy.
-func (a *Agent) stepContext(ctx context.Context, m *fsm.Migration) (context.Context, context.CancelFunc, time.Time) {
-	if m.State == fsm.Hydrating {
-		c, cancel := context.WithCancel(ctx)
-		return c, cancel, time.Time{}
-	}
-	deadline, cause := time.Now().Add(a.cfg.StepTimeout), errStepTimeout
-	var budgetEnd time.Time
-	if t0, ok := m.EnteredAt[fsm.SourceStopped]; ok && m.State.BeforeCutover() {
-		budgetEnd = t0.Add(m.Budget())
-		if budgetEnd.Before(deadline) {
-			deadline, cause = budgetEnd, errBudget
-		}
-	}
-	c, cancel := context.WithDeadlineCause(ctx, deadline, cause)
-	return c, cancel, budgetEnd
-}
-
-// failOverBudget rolls back a migration whose downtime budget ran out
-// before cutover: the machine is better back on the source than waiting.
-func (a *Agent) failOverBudget(ctx context.Context, log zerolog.Logger, m *fsm.Migration, stepErr error) {
-	reason := fmt.Sprintf("downtime budget %v spent before cutover: the %s step did not finish", m.Budget(), m.State)
-	log.Error().Err(stepErr).Str("reason", reason).Msg("rolling back")
-	a.fail(ctx, log, m, reason, stepErr)
-}
-
-// watchStep reports a step after cutover that runs StallAfter without
-// finishing as stalled, with what it is doing: after cutover the migration
-// can only wait for it. It returns a function that ends the watch.
-func (a *Agent) watchStep(ctx context.Context, log zerolog.Logger, m *fsm.Migration) func() {
-	if !m.State.AfterCutover() || m.State == fsm.Hydrating {
-		return func() {}
-	}
-	done := make(chan struct{})
-	go func() {
-		t := time.NewTimer(a.cfg.StallAfter)
-		defer t.Stop()
-		select {
-		case <-done:
-			return
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		stalled := true
-		reason := fmt.Sprintf("the %s step has run for %v without finishing (a hung tool or an unreachable peer); it is cancelled and retried after %v", m.State, a.cfg.StallAfter, a.cfg.StepTimeout)
-		log.Warn().Str("reason", reason).Msg("step stalled")
-		a.met.stalls.Inc()
-		rc := a.runCtx
-		if rc == nil {
-			rc = ctx
-		}
-		if _, err := a.Control.Propose(rc, m.ID, fsm.EvReport, "", fsm.EventPayload{Error: reason, Stalled: &stalled}); err != nil {
-			log.Debug().Err(err).Msg("could not report the stall")
-		}
-	}()
-	return func() { close(done) }
-}
-
-// stepID names a step deterministically so every retry proposes the same ID.
-func stepID(m *fsm.Migration, parts ...string) string {
-	id := m.ID
-	for _, p := range parts {
-		id += "/" + p
-	}
-	return id
+	a.steps.Dispatch(ctx, m)
 }
 
 func sleep(ctx context.Context, d time.Duration) bool { return retry.Sleep(ctx, d) }

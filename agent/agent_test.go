@@ -101,7 +101,8 @@ type testStore interface {
 	volops.Store
 }
 
-func newTestAgent(t *testing.T, cp testStore, worker string) *Agent {
+// newTestAgent builds an agent on cp; opts adjust its config before New.
+func newTestAgent(t *testing.T, cp testStore, worker string, opts ...func(*Config)) *Agent {
 	dir := t.TempDir()
 	log := zerolog.Nop()
 	vols := &userspace.Backend{DataDir: dir, Log: log}
@@ -113,8 +114,11 @@ func newTestAgent(t *testing.T, cp testStore, worker string) *Agent {
 	sup := supervisor.New(log, supervisor.Config{Worker: worker}, cp, lease.Gated(), vols, keys, nil)
 	lease.OnStop(sup.Forget)
 	exp := &fakeExporter{} // one exporter, as cmd/ferry wires it
-	a, err := New(log, Config{Worker: worker, DataDir: dir, Retry: time.Millisecond, RetryMax: 2 * time.Millisecond,
-		MaxPreCutoverAttempts: 3}, Parts{Control: cp, Exports: exp, Data: vols, Machines: sup, Lease: lease, Keys: keys,
+	cfg := Config{Worker: worker, DataDir: dir, Retry: time.Millisecond, RetryMax: 2 * time.Millisecond, MaxPreCutoverAttempts: 3}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	a, err := New(log, cfg, Parts{Control: cp, Exports: exp, Data: vols, Machines: sup, Lease: lease, Keys: keys,
 		Volumes: volops.New(log, worker, cp, keys, vols, sup, exp), Marks: stepmark.Dir(filepath.Join(dir, "steps"))})
 	if err != nil {
 		t.Fatal(err)
@@ -233,21 +237,13 @@ func TestPreCutoverFailureRollsBack(t *testing.T) {
 		for _, ev := range cp.events() {
 			if ev == fsm.EvFailed {
 				cancel()
-				a.wg.Wait()
+				a.steps.Wait()
 				return
 			}
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
 	t.Fatalf("a failing export step never failed the migration; proposals: %v", cp.events())
-}
-
-func TestStepIDsAreDeterministic(t *testing.T) {
-	m := &fsm.Migration{ID: "mig-x"}
-	first, retry := stepID(m, "exported"), stepID(m, "exported")
-	if first != retry || stepID(m, "a") == stepID(m, "b") {
-		t.Fatal("step IDs must be equal for a retry and differ between steps")
-	}
 }
 
 func TestNewNamesAMissingPart(t *testing.T) {

@@ -31,10 +31,9 @@ func TestDowntimeBudgetRollsBack(t *testing.T) {
 	stopped := time.Now()
 	cp := &fakeCP{m: &fsm.Migration{ID: "mig-b", Source: "src", Target: "dst", State: fsm.SourceStopped, Volume: "v",
 		MaxDowntime: 300 * time.Millisecond, EnteredAt: map[fsm.State]time.Time{fsm.SourceStopped: stopped}}}
-	a := newTestAgent(t, cp, "src")
+	a := newTestAgent(t, cp, "src", func(c *Config) { c.MaxPreCutoverAttempts = 1000 }) // only the budget may fail it
 	a.Exports = &hangingExporter{}
 	a.Keys = sealedKeys{a.Keys}
-	a.cfg.MaxPreCutoverAttempts = 1000 // only the budget may fail it
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	a.dispatch(ctx, cp.m.Clone())
@@ -54,43 +53,11 @@ func TestDowntimeBudgetRollsBack(t *testing.T) {
 				t.Fatalf("failure payload %+v: want the budget, the state and the cause", p)
 			}
 			cancel()
-			a.wg.Wait()
+			a.steps.Wait()
 			return
 		}
 		cp.mu.Unlock()
 		time.Sleep(5 * time.Millisecond)
 	}
 	t.Fatalf("a hung step never failed the migration; proposals: %v", cp.events())
-}
-
-// After cutover a step that runs too long is reported stalled with why.
-func TestHungStepAfterCutoverReportedStalled(t *testing.T) {
-	cp := &fakeCP{m: &fsm.Migration{ID: "mig-s", Source: "src", Target: "dst", State: fsm.Hydrated, Volume: "v",
-		Export: &fsm.Export{Portal: "p", IQN: "i"}}}
-	a := newTestAgent(t, cp, "src")
-	a.Exports = &hangingExporter{fakeExporter{live: true}}
-	a.cfg.StallAfter = 100 * time.Millisecond
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	a.runCtx = ctx
-	m := cp.m.Clone()
-	stop := a.watchStep(ctx, a.log, m)
-	defer stop()
-	deadline := time.Now().Add(3 * time.Second)
-	for time.Now().Before(deadline) {
-		cp.mu.Lock()
-		for i, ev := range cp.proposed {
-			if ev == fsm.EvReport && cp.payloads[i].Stalled != nil && *cp.payloads[i].Stalled {
-				reason := cp.payloads[i].Error
-				cp.mu.Unlock()
-				if !strings.Contains(reason, string(fsm.Hydrated)) {
-					t.Fatalf("stall reason %q does not name the step", reason)
-				}
-				return
-			}
-		}
-		cp.mu.Unlock()
-		time.Sleep(5 * time.Millisecond)
-	}
-	t.Fatal("a step running past StallAfter after cutover was not reported stalled")
 }

@@ -161,14 +161,6 @@ type Exporter interface {
 	Live(id string) bool
 }
 
-// isRefusal reports whether err is the store refusing a proposal (state
-// moved on, guard failed) rather than a transport failure; the control
-// plane reports refusals as *fsm.Refusal.
-func isRefusal(err error) bool {
-	var r *fsm.Refusal
-	return errors.As(err, &r) && r.Kind.ClientSide()
-}
-
 func isNotFound(err error) bool {
 	var r *fsm.Refusal
 	return errors.As(err, &r) && r.Kind == fsm.RefuseNotFound

@@ -2,7 +2,6 @@ package agent
 
 import (
 	"context"
-	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -90,60 +89,5 @@ func TestLoginBeforePrepared(t *testing.T) {
 				t.Fatal("after target_prepared the agent would ask for the same login again")
 			}
 		})
-	}
-}
-
-// advancingCP moves the migration to the proposed event's state, with a
-// raft index per change, as the store does.
-type advancingCP struct{ *fakeCP }
-
-func (f advancingCP) Propose(ctx context.Context, id string, ev fsm.Event, step string, p fsm.EventPayload) (*fsm.Migration, error) {
-	got, err := f.fakeCP.Propose(ctx, id, ev, step, p)
-	if err != nil || ev != fsm.EvTargetPrepared {
-		return got, err
-	}
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.m.State, f.m.TargetVol = fsm.TargetPrepared, p.TargetVolume
-	f.m.ModifyIndex++
-	return f.m.Clone(), nil
-}
-
-// A record the watch delivered while a step ran (here export_started's,
-// during the target's prepare) is older than the one the step's proposal
-// made: the driver drops it instead of preparing again.
-func TestDriverSkipsARecordOlderThanItsProposal(t *testing.T) {
-	layout := &fsm.LUKSLayout{SectorSize: 4096, DataOffset: 16 << 20, PayloadSize: 1 << 30, Cipher: "aes-xts-plain64", KeyBytes: 64}
-	cp := advancingCP{&fakeCP{m: &fsm.Migration{ID: "mig-1", Machine: "m1", Volume: "v1", Source: "w-a", Target: "w-b",
-		State: fsm.Planned, Layout: layout, ModifyIndex: 1}}}
-	a := newTestAgent(t, cp, "w-b")
-	ctx, cancel := context.WithCancel(context.Background())
-	defer func() {
-		cancel()
-		a.wg.Wait()
-	}()
-	first, _ := cp.GetMigration(ctx, "mig-1")
-	a.dispatch(ctx, first)
-	// The source publishes its export while the target prepares.
-	time.Sleep(20 * time.Millisecond)
-	cp.mu.Lock()
-	cp.m.Export = &fsm.Export{Portal: "[fd00::1]:3260", IQN: "iqn.2026-12.dev.ferry:mig-1"}
-	cp.m.ModifyIndex++
-	published := cp.m.Clone()
-	cp.mu.Unlock()
-	a.dispatch(ctx, published)
-	deadline := time.Now().Add(10 * time.Second)
-	for !slices.Contains(cp.events(), fsm.EvTargetPrepared) && time.Now().Before(deadline) {
-		time.Sleep(5 * time.Millisecond)
-	}
-	time.Sleep(300 * time.Millisecond) // room for a second prepare
-	n := 0
-	for _, ev := range cp.events() {
-		if ev == fsm.EvTargetPrepared {
-			n++
-		}
-	}
-	if n != 1 {
-		t.Fatalf("target_prepared proposed %d times (%v), want once", n, cp.events())
 	}
 }

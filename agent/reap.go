@@ -45,10 +45,7 @@ func (a *Agent) reap(ctx context.Context, ms []*fsm.Migration) {
 				// A step of this migration still running (one that began
 				// before the end was seen) could set up again what the reap
 				// releases: reap once it has stopped.
-				a.mu.Lock()
-				_, stepping := a.running[m.ID]
-				a.mu.Unlock()
-				if stepping {
+				if a.steps.Running(m.ID) {
 					return fmt.Errorf("migration %s still has a step running; reaping once it stops", m.ID)
 				}
 				if m.Source == a.cfg.Worker {

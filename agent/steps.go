@@ -12,17 +12,16 @@ import (
 	"github.com/ferry-dev/ferry/datapath"
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/failpoint"
+	"github.com/ferry-dev/ferry/stepdriver"
 	"github.com/ferry-dev/ferry/supervisor"
 	"github.com/ferry-dev/ferry/volops"
 )
-
-type stepFunc func(ctx context.Context, log zerolog.Logger, m *fsm.Migration) error
 
 // duty is the agent's step for one Duty row of fsm.Transitions: run does the
 // work and proposes the row's event; ready, when set, says whether the record
 // lets it run yet (the row alone cannot say it).
 type duty struct {
-	run   stepFunc
+	run   stepdriver.Step
 	ready func(m *fsm.Migration) bool
 }
 
@@ -51,7 +50,7 @@ func (a *Agent) duties() map[fsm.Event]duty {
 // state waits on someone else. The states come from the table in fsm; the
 // source's local side effects (serve the export again after a restart, move
 // the old address after cutover) come before its duty in the state.
-func (a *Agent) stepFor(m *fsm.Migration) stepFunc {
+func (a *Agent) stepFor(m *fsm.Migration) stepdriver.Step {
 	var role fsm.Role
 	switch a.cfg.Worker {
 	case m.Source:
@@ -102,7 +101,7 @@ func (a *Agent) propose(ctx context.Context, m *fsm.Migration, ev fsm.Event, p f
 			return err
 		}
 	}
-	got, err := a.Control.Propose(ctx, m.ID, ev, stepID(m, string(ev)), p)
+	got, err := a.Control.Propose(ctx, m.ID, ev, stepdriver.StepID(m, string(ev)), p)
 	if err != nil {
 		return fmt.Errorf("propose %s: %w", ev, err)
 	}
@@ -429,7 +428,7 @@ func (a *Agent) hydrate(ctx context.Context, log zerolog.Logger, m *fsm.Migratio
 	if err != nil {
 		return err
 	}
-	// The clone's metadata goes once hydrated is committed (dispatch).
+	// The clone's metadata goes once hydrated is committed (agent.dispatch).
 	return a.propose(ctx, m, fsm.EvHydrated, fsm.EventPayload{Progress: last.Replicated()})
 }
 
@@ -519,8 +518,8 @@ func (a *Agent) exportEarly(ctx context.Context, log zerolog.Logger, m *fsm.Migr
 	// Published so the target's datapath logs in before the machine stops
 	// (it reads nothing until exported). Best effort: without it the
 	// target logs in after exported.
-	if _, err := a.Control.Propose(ctx, m.ID, fsm.EvExportStarted, stepID(m, "export-started", portal, iqn),
-		fsm.EventPayload{Export: &fsm.Export{Portal: portal, IQN: iqn}}); err != nil && !isRefusal(err) {
+	if _, err := a.Control.Propose(ctx, m.ID, fsm.EvExportStarted, stepdriver.StepID(m, "export-started", portal, iqn),
+		fsm.EventPayload{Export: &fsm.Export{Portal: portal, IQN: iqn}}); err != nil && !stepdriver.IsRefusal(err) {
 		log.Info().Err(err).Msg("publishing the early export failed; the target logs in after exported")
 	}
 	return a.markDone(m, "early-export")
@@ -663,7 +662,7 @@ func (a *Agent) reExport(ctx context.Context, log zerolog.Logger, m *fsm.Migrati
 		// the target, which reconnects there.
 		moved := *m.Export
 		moved.Portal, moved.IQN = portal, iqn
-		if _, err := a.Control.Propose(ctx, m.ID, fsm.EvExportMoved, stepID(m, "export-moved", portal, iqn), fsm.EventPayload{Export: &moved}); err != nil {
+		if _, err := a.Control.Propose(ctx, m.ID, fsm.EvExportMoved, stepdriver.StepID(m, "export-moved", portal, iqn), fsm.EventPayload{Export: &moved}); err != nil {
 			return fmt.Errorf("export restarted at %s, not at the recorded %s, and publishing the move failed: %w", portal, m.Export.Portal, err)
 		}
 		log.Warn().Str("portal", portal).Str("old_portal", m.Export.Portal).Msg("export re-established at a new portal; published it")
