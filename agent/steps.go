@@ -109,6 +109,7 @@ func (a *Agent) propose(ctx context.Context, m *fsm.Migration, ev fsm.Event, p f
 		// The fence judges by the newest record: a cutover committed just
 		// before a partition keeps the machine running here.
 		a.Lease.NoteMigrations([]*fsm.Migration{got})
+		a.steps.Note(got)
 	}
 	return nil
 }

@@ -66,6 +66,7 @@ type Driver struct {
 
 	mu      sync.Mutex
 	running map[string]chan *fsm.Migration // migration id -> its driver goroutine's inbox
+	noted   map[string]*fsm.Migration      // migration id -> the newest record a step's proposal returned
 	wg      sync.WaitGroup
 }
 
@@ -84,7 +85,7 @@ func New(log zerolog.Logger, cfg Config, c Control, stepFor func(*fsm.Migration)
 	if h.Ended == nil {
 		h.Ended = func(string) {}
 	}
-	return &Driver{log: log, cfg: cfg, control: c, stepFor: stepFor, hooks: h, running: map[string]chan *fsm.Migration{}}
+	return &Driver{log: log, cfg: cfg, control: c, stepFor: stepFor, hooks: h, running: map[string]chan *fsm.Migration{}, noted: map[string]*fsm.Migration{}}
 }
 
 // Dispatch hands a migration's latest record to its driver goroutine,
@@ -114,6 +115,33 @@ func (d *Driver) Dispatch(ctx context.Context, m *fsm.Migration) {
 	inbox <- m
 }
 
+// Note hands the driver the record a step's proposal returned. After the
+// step the driver goes on from it instead of reading the migration again:
+// a round trip to the servers per step, three of them inside a
+// migration's pause.
+func (d *Driver) Note(m *fsm.Migration) {
+	if m == nil {
+		return
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if _, ok := d.running[m.ID]; !ok {
+		return
+	}
+	if old := d.noted[m.ID]; old == nil || m.ModifyIndex > old.ModifyIndex {
+		d.noted[m.ID] = m
+	}
+}
+
+// takeNoted returns and forgets what Note kept for id.
+func (d *Driver) takeNoted(id string) *fsm.Migration {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	m := d.noted[id]
+	delete(d.noted, id)
+	return m
+}
+
 // Running reports whether migration id has a driver (a step may be running).
 func (d *Driver) Running(id string) bool {
 	d.mu.Lock()
@@ -133,6 +161,7 @@ func (d *Driver) drive(ctx context.Context, id string, inbox chan *fsm.Migration
 	defer func() {
 		d.mu.Lock()
 		delete(d.running, id)
+		delete(d.noted, id)
 		d.mu.Unlock()
 		d.hooks.Ended(id)
 	}()
@@ -176,6 +205,7 @@ func (d *Driver) drive(ctx context.Context, id string, inbox chan *fsm.Migration
 			m = nil
 			continue
 		}
+		d.takeNoted(id) // what an earlier attempt's proposals returned
 		stepCtx, cancel, budgetEnd := d.stepContext(ctx, m)
 		stopWatch := d.watchStep(stepCtx, ctx, log, m)
 		err := step(stepCtx, log, m)
@@ -188,8 +218,14 @@ func (d *Driver) drive(ctx context.Context, id string, inbox chan *fsm.Migration
 			d.hooks.StepDone(m.State)
 			attempts, failingSince = 0, time.Time{}
 			bo.Reset()
-			fresh, gerr := d.control.GetMigration(ctx, id)
-			if gerr != nil || fresh.State == m.State {
+			fresh := d.takeNoted(id)
+			if fresh == nil || fresh.ModifyIndex <= m.ModifyIndex || fresh.State == m.State {
+				var gerr error
+				if fresh, gerr = d.control.GetMigration(ctx, id); gerr != nil {
+					fresh = nil
+				}
+			}
+			if fresh == nil || fresh.State == m.State {
 				// A step that proposed nothing (or whose event is not visible
 				// yet) waits for the next change instead of repeating.
 				m = nil

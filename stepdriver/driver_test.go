@@ -36,6 +36,7 @@ type fakeControl struct {
 	props []proposal
 	apply func(m *fsm.Migration, ev fsm.Event, p fsm.EventPayload) // optional
 	ch    chan proposal                                            // every proposal, in order
+	gets  int                                                      // GetMigration calls
 }
 
 func newControl(m *fsm.Migration) *fakeControl {
@@ -45,6 +46,7 @@ func newControl(m *fsm.Migration) *fakeControl {
 func (c *fakeControl) GetMigration(context.Context, string) (*fsm.Migration, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.gets++
 	return c.m.Clone(), nil
 }
 
@@ -474,5 +476,57 @@ func TestIsRefusal(t *testing.T) {
 		if got := IsRefusal(c.err); got != c.want {
 			t.Errorf("IsRefusal(%v) = %v, want %v", c.err, got, c.want)
 		}
+	}
+}
+
+// A step that hands the driver the record its proposal returned (Note) is
+// followed by the next state's step without reading the migration again.
+func TestGoesOnFromTheProposedRecord(t *testing.T) {
+	c := newControl(&fsm.Migration{ID: "mig-n", State: fsm.Exported, ModifyIndex: 1})
+	c.apply = func(m *fsm.Migration, ev fsm.Event, _ fsm.EventPayload) {
+		m.State = map[fsm.Event]fsm.State{fsm.EvCloneBuilt: fsm.CloneBuilt, fsm.EvTrimmed: fsm.Trimmed}[ev]
+		m.ModifyIndex++
+	}
+	var d *Driver
+	reached := make(chan int, 1) // the reads of the migration before the trimmed step
+	proposing := func(ev fsm.Event) Step {
+		return func(ctx context.Context, _ zerolog.Logger, m *fsm.Migration) error {
+			got, err := c.Propose(ctx, m.ID, ev, StepID(m, string(ev)), fsm.EventPayload{})
+			d.Note(got)
+			return err
+		}
+	}
+	steps := map[fsm.State]Step{
+		fsm.Exported:   proposing(fsm.EvCloneBuilt),
+		fsm.CloneBuilt: proposing(fsm.EvTrimmed),
+		fsm.Trimmed: func(context.Context, zerolog.Logger, *fsm.Migration) error {
+			c.mu.Lock()
+			gets := c.gets
+			c.mu.Unlock()
+			select {
+			case reached <- gets:
+			default:
+			}
+			return nil
+		},
+	}
+	ctx, dd := start(t, testConfig(), c, func(m *fsm.Migration) Step { return steps[m.State] }, Hooks{})
+	d = dd
+	m, _ := c.GetMigration(ctx, "mig-n")
+	c.mu.Lock()
+	c.gets = 0
+	c.mu.Unlock()
+	d.Dispatch(ctx, m)
+	var gets int
+	select {
+	case gets = <-reached:
+	case <-time.After(wait):
+		t.Fatalf("the trimmed step did not run; proposals: %v", c.events())
+	}
+	if gets != 0 {
+		t.Fatalf("the driver read the migration %d times between steps whose proposals it was handed", gets)
+	}
+	if evs := c.events(); len(evs) != 2 || evs[0] != fsm.EvCloneBuilt || evs[1] != fsm.EvTrimmed {
+		t.Fatalf("proposals %v, want clone_built then trimmed", evs)
 	}
 }
