@@ -112,6 +112,7 @@ type Agent struct {
 	// arrivals: migration id -> the arriving machine's network, made
 	// while its clone was built (buildClone), for the cutover step.
 	arrivals sync.Map
+	watched  *watched // the newest record of each migration the watch delivered
 }
 
 // New builds an agent from the worker's parts (all required).
@@ -134,7 +135,7 @@ func New(log zerolog.Logger, cfg Config, p Parts) (*Agent, error) {
 			Msg("this data path has no hydration rate limit; hydration runs unthrottled")
 	}
 	a := &Agent{cfg: cfg, log: log.With().Str("worker", cfg.Worker).Logger(), Parts: p, met: newMetrics(),
-		active: map[string]string{}, reaping: map[string]bool{}, firstWatch: make(chan struct{}),
+		active: map[string]string{}, reaping: map[string]bool{}, firstWatch: make(chan struct{}), watched: newWatched(),
 		trims: volops.NewTrims(p.Marks, p.Volumes.Trim, cfg.StepTimeout)}
 	a.steps = stepdriver.New(a.log, stepdriver.Config{Retry: cfg.Retry, RetryMax: cfg.RetryMax, StallAfter: cfg.StallAfter,
 		StepTimeout: cfg.StepTimeout, MaxPreCutoverAttempts: cfg.MaxPreCutoverAttempts}, p.Control, a.stepFor, stepdriver.Hooks{
@@ -197,6 +198,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		watchBackoff.Reset()
 		index = next
 		a.Lease.NoteMigrations(ms)
+		a.watched.put(ms)
 		a.machMu.Lock()
 		a.mu.Lock()
 		for _, m := range ms {

@@ -61,9 +61,13 @@ func TestLoginBeforePrepared(t *testing.T) {
 			ps := &fakePrestarter{loginTakes: c.loginTakes}
 			if c.publishedIn >= 0 {
 				time.AfterFunc(c.publishedIn, func() {
+					// export_started, as the store commits it and the watch delivers it.
 					cp.mu.Lock()
 					cp.m.Export = &fsm.Export{Portal: "[fd00::1]:3260", IQN: "iqn.2026-12.dev.ferry:mig-1"}
+					cp.m.ModifyIndex++
+					m := cp.m.Clone()
 					cp.mu.Unlock()
+					a.watched.put([]*fsm.Migration{m})
 				})
 			}
 			m, _ := cp.GetMigration(context.Background(), "mig-1")

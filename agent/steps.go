@@ -156,13 +156,16 @@ const earlyLoginWait = 500 * time.Millisecond
 func (a *Agent) loginBeforePrepared(ctx context.Context, log zerolog.Logger, m *fsm.Migration, tv string, ps datapath.Prestarter) {
 	deadline := time.Now().Add(earlyLoginWait)
 	t0 := time.Now()
+	wctx, cancel := context.WithDeadline(ctx, deadline)
+	defer cancel()
 	for m.Export == nil {
-		if !sleep(ctx, 5*time.Millisecond) || !time.Now().Before(deadline) {
+		// The source's export_started reaches this agent's watch.
+		fresh, err := a.watched.next(wctx, m.ID, m.ModifyIndex)
+		if err != nil {
 			log.Info().Dur("waited", time.Since(t0)).Msg("the source published no early export; the clone logs in once exported")
 			return
 		}
-		fresh, err := a.Control.GetMigration(ctx, m.ID)
-		if err != nil || fresh.State != fsm.Planned {
+		if fresh.State != fsm.Planned {
 			return
 		}
 		m = fresh
