@@ -85,9 +85,15 @@ func (f *fakeCP) events() []fsm.Event {
 	return append([]fsm.Event(nil), f.proposed...)
 }
 
-type fakeExporter struct{ live bool }
+// fakeExporter fails every export, or with hang blocks it until its
+// context ends, like a tool that hangs.
+type fakeExporter struct{ live, hang bool }
 
-func (x *fakeExporter) Export(context.Context, string, string, string, string) (string, string, error) {
+func (x *fakeExporter) Export(ctx context.Context, _, _, _, _ string) (string, string, error) {
+	if x.hang {
+		<-ctx.Done()
+		return "", "", ctx.Err()
+	}
 	return "", "", errors.New("export: source file unreadable")
 }
 func (x *fakeExporter) Unexport(context.Context, string) error { return nil }

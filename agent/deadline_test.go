@@ -9,20 +9,11 @@ import (
 	"github.com/ferry-dev/ferry/fsm"
 )
 
-// hangingExporter's Export blocks until its context ends, like a tool that
-// hangs.
-type hangingExporter struct{ fakeExporter }
-
 // sealedKeys seals every migrating key at once, so a step before the export
 // never fails first (the fake control plane holds no worker keys).
 type sealedKeys struct{ Keys }
 
 func (sealedKeys) SealForTarget(context.Context, *fsm.Migration) error { return nil }
-
-func (h *hangingExporter) Export(ctx context.Context, _, _, _, _ string) (string, string, error) {
-	<-ctx.Done()
-	return "", "", ctx.Err()
-}
 
 // A step between source_stopped and cutover that hangs is cut at the end of
 // the downtime budget and the migration fails (rollback) with a reason that
@@ -32,7 +23,7 @@ func TestDowntimeBudgetRollsBack(t *testing.T) {
 	cp := &fakeCP{m: &fsm.Migration{ID: "mig-b", Source: "src", Target: "dst", State: fsm.SourceStopped, Volume: "v",
 		MaxDowntime: 300 * time.Millisecond, EnteredAt: map[fsm.State]time.Time{fsm.SourceStopped: stopped}}}
 	a := newTestAgent(t, cp, "src", func(c *Config) { c.MaxPreCutoverAttempts = 1000 }) // only the budget may fail it
-	a.Exports = &hangingExporter{}
+	a.Exports.(*fakeExporter).hang = true // the exporter volops exports with too
 	a.Keys = sealedKeys{a.Keys}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -45,11 +36,11 @@ func TestDowntimeBudgetRollsBack(t *testing.T) {
 			}
 			p := cp.payloads[i]
 			cp.mu.Unlock()
-			if el := time.Since(stopped); el > 2*time.Second {
-				t.Fatalf("rolled back %v after source_stopped, want about the 300ms budget", el)
+			if el := time.Since(stopped); el < 300*time.Millisecond {
+				t.Fatalf("rolled back %v after source_stopped, before the 300ms budget was spent", el)
 			}
 			if !strings.Contains(p.Reason, "downtime budget 300ms") || !strings.Contains(p.Reason, string(fsm.SourceStopped)) ||
-				!strings.Contains(p.Error, "downtime budget is spent") {
+				!strings.Contains(p.Error, "downtime budget is spent") || !strings.Contains(p.Error, "deadline exceeded") {
 				t.Fatalf("failure payload %+v: want the budget, the state and the cause", p)
 			}
 			cancel()
