@@ -130,8 +130,8 @@ func lookPath(name, path string) (string, error) {
 // above it. This is what nsenter and setpriv did, without their two execs
 // (6-12 ms of a migrated machine's start on a busy host): the command is
 // started from a thread of its own, which enters the namespace and the
-// folder, sets no_new_privs and ends with this call, so no other goroutine
-// runs on it.
+// folder, sets no_new_privs and ends with the start, so no other goroutine
+// ever runs on it.
 func startConfined(cmd *exec.Cmd, dir, netnsName string, u User) error {
 	if cmd.SysProcAttr == nil {
 		cmd.SysProcAttr = &syscall.SysProcAttr{}
@@ -139,35 +139,52 @@ func startConfined(cmd *exec.Cmd, dir, netnsName string, u User) error {
 	cmd.SysProcAttr.Credential = &syscall.Credential{Uid: u.UID, Gid: u.GID, Groups: []uint32{}}
 	cmd.Dir = "" // the thread's folder; a Dir would be entered after the switch to u
 	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread() // never unlocked: the runtime ends the thread with this goroutine
-		errc <- func() error {
-			// The folder is per process unless the thread has its own.
-			if err := unix.Unshare(unix.CLONE_FS); err != nil {
-				return fmt.Errorf("start thread: unshare its folder: %w", err)
-			}
-			if dir != "" {
-				if err := unix.Chdir(dir); err != nil {
-					return fmt.Errorf("enter %s: %w", dir, err)
-				}
-			}
-			if netnsName != "" {
-				h, err := netns.GetFromPath(filepath.Join("/run/netns", netnsName))
-				if err != nil {
-					return fmt.Errorf("network namespace %s: %w", netnsName, err)
-				}
-				defer h.Close()
-				if err := netns.Set(h); err != nil {
-					return fmt.Errorf("enter network namespace %s: %w", netnsName, err)
-				}
-			}
-			if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
-				return fmt.Errorf("set no_new_privs: %w", err)
-			}
-			return cmd.Start()
-		}()
-	}()
+	go startOnOwnThread(cmd, dir, netnsName, errc)
 	return <-errc
+}
+
+// startOnOwnThread is startConfined's goroutine. The runtime ends a thread
+// whose goroutine exits locked to it, except the process's main thread,
+// which it parks instead: a main thread left in the machine's namespace
+// would be the namespace /proc/self names (netrewrite reads the agent's
+// own from there). So on the main thread it holds that thread and starts
+// from another one.
+func startOnOwnThread(cmd *exec.Cmd, dir, netnsName string, errc chan<- error) {
+	runtime.LockOSThread()
+	if unix.Gettid() == unix.Getpid() {
+		inner := make(chan error, 1)
+		go startOnOwnThread(cmd, dir, netnsName, inner) // not here: this goroutine holds the main thread
+		err := <-inner
+		runtime.UnlockOSThread()
+		errc <- err
+		return
+	}
+	// Never unlocked: the thread ends with this goroutine.
+	errc <- func() error {
+		// The folder is per process unless the thread has its own.
+		if err := unix.Unshare(unix.CLONE_FS); err != nil {
+			return fmt.Errorf("start thread: unshare its folder: %w", err)
+		}
+		if dir != "" {
+			if err := unix.Chdir(dir); err != nil {
+				return fmt.Errorf("enter %s: %w", dir, err)
+			}
+		}
+		if netnsName != "" {
+			h, err := netns.GetFromPath(filepath.Join("/run/netns", netnsName))
+			if err != nil {
+				return fmt.Errorf("network namespace %s: %w", netnsName, err)
+			}
+			defer h.Close()
+			if err := netns.Set(h); err != nil {
+				return fmt.Errorf("enter network namespace %s: %w", netnsName, err)
+			}
+		}
+		if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
+			return fmt.Errorf("set no_new_privs: %w", err)
+		}
+		return cmd.Start()
+	}()
 }
 
 // ownMount gives the machine its filesystem's root folder (not what is in
