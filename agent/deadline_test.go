@@ -23,7 +23,8 @@ func TestDowntimeBudgetRollsBack(t *testing.T) {
 	cp := &fakeCP{m: &fsm.Migration{ID: "mig-b", Source: "src", Target: "dst", State: fsm.SourceStopped, Volume: "v",
 		MaxDowntime: 300 * time.Millisecond, EnteredAt: map[fsm.State]time.Time{fsm.SourceStopped: stopped}}}
 	a := newTestAgent(t, cp, "src", func(c *Config) { c.MaxPreCutoverAttempts = 1000 }) // only the budget may fail it
-	a.Exports.(*fakeExporter).hang = true                                               // the exporter volops exports with too
+	// The exporter volops exports with is this one too.
+	a.Exports.(*fakeExporter).hang = true
 	a.Keys = sealedKeys{a.Keys}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
