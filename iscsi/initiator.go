@@ -481,7 +481,12 @@ func (l *LUN) do(ctx context.Context, t *task) error {
 		if attempt == 0 {
 			l.log.Warn().Err(err).Str("op", t.op).Msg("iSCSI connection failed; reconnecting and re-issuing")
 		}
-		lastErr = err
+		// A re-issued command that ran out of the time left says less than
+		// what broke the sessions before it (an altered TLS record, a reset):
+		// that stays the cause reported.
+		if lastErr == nil || !errors.Is(err, errCmdTimeout) {
+			lastErr = err
+		}
 	}
 }
 
