@@ -96,3 +96,31 @@ func TestAllocatorMarkDataStopsAtDeadline(t *testing.T) {
 		}
 	}
 }
+
+// A sparse file nothing was written to is all zero; one written byte, or
+// a device SEEK_DATA does not describe, is not.
+func TestAllZero(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "f")
+	f, err := CreateSparse(p, 64<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if !f.AllZero() {
+		t.Fatal("a new sparse file does not read as all zero")
+	}
+	if _, err := f.WriteAt([]byte{1}, 40<<20); err != nil {
+		t.Fatal(err)
+	}
+	if f.AllZero() {
+		t.Fatal("a file with a byte written reads as all zero")
+	}
+	null, err := OpenFile("/dev/null", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer null.Close()
+	if null.AllZero() {
+		t.Fatal("a character device was taken for an empty file")
+	}
+}

@@ -200,6 +200,22 @@ func DataRanges(f *os.File) ([]Range, error) {
 	return out, nil
 }
 
+// AllZero reports whether d holds no data at all, so that every byte
+// reads as zeros (a sparse file nothing was written to): one SEEK_DATA.
+// False when it cannot tell, or for a device SEEK_DATA does not describe.
+func (d *File) AllZero() bool {
+	st, err := d.f.Stat()
+	if err != nil || !st.Mode().IsRegular() {
+		return false
+	}
+	found := false
+	err = eachDataRange(int(d.f.Fd()), d.Size(), func(Range) bool {
+		found = true
+		return false
+	})
+	return err == nil && !found
+}
+
 // eachDataRange calls yield with each data range of fd's file below size,
 // in order, until yield returns false (SEEK_DATA/SEEK_HOLE; the seeks move
 // fd's file offset).

@@ -171,6 +171,13 @@ type Config struct {
 	// flush (default 1 s, like dm-clone). Negative: only Flush and Close
 	// commit (deterministic crash tests).
 	CommitInterval time.Duration
+	// Prealloc, when of this clone's shape and not used before, is the
+	// memory Open uses instead of allocating (Preallocate).
+	Prealloc *Prealloc
+	// DestZeroed says Dest reads as zeros everywhere (a sparse file created
+	// just now): known-zero ranges are marked hydrated without discarding
+	// them on it, which changes nothing there and costs a system call each.
+	DestZeroed bool
 }
 
 const (

@@ -37,6 +37,7 @@ type Engine struct {
 	retries int
 	timeout time.Duration
 	fgWait  time.Duration // a foreground source read's whole budget
+	zeroed  bool          // Config.DestZeroed: known-zero ranges need no discard
 
 	opMu sync.RWMutex // held shared by every I/O, exclusively by Close
 
@@ -187,9 +188,14 @@ func Open(log zerolog.Logger, cfg Config) (*Engine, error) {
 	e.limiter.setRate(tun.RateLimitBytesPerSec)
 	e.gate.setMin(bgMin(tun))
 	fresh := st == nil
-	if fresh {
+	pre := cfg.Prealloc.take(size, rs)
+	e.zeroed = cfg.DestZeroed
+	switch {
+	case fresh && pre != nil:
+		e.hyd = pre.hyd
+	case fresh:
 		e.hyd = newBitmap(regions)
-	} else {
+	default:
 		if st.regionSize != rs || st.size != size {
 			mf.close()
 			return nil, fmt.Errorf("%w: %s records a %d-byte device in %d-byte regions, but the source is %d bytes and the region size %d: it belongs to another clone", ErrMetadata, cfg.MetaPath, st.size, st.regionSize, size, rs)
@@ -197,8 +203,13 @@ func Open(log zerolog.Logger, cfg Config) (*Engine, error) {
 		e.hyd = st.bits
 		e.cnt = st.counters
 	}
-	e.busy = newBitmap(regions)
-	e.pageVer = make([]uint64, (int64(len(e.hyd))+wordsPerPage-1)/wordsPerPage)
+	if pre != nil {
+		e.busy, e.pageVer = pre.busy, pre.pageVer
+		mf.img = pre.img
+	} else {
+		e.busy = newBitmap(regions)
+		e.pageVer = make([]uint64, (int64(len(e.hyd))+wordsPerPage-1)/wordsPerPage)
+	}
 	mf.newImage(e.hyd)
 	e.nHyd = e.hyd.count(regions)
 	if err := e.applyKnownZero(cfg.KnownZero); err != nil {
@@ -228,7 +239,7 @@ func Open(log zerolog.Logger, cfg Config) (*Engine, error) {
 		e.commitNow <- struct{}{} // buffered, and nothing else has sent yet
 	}
 	e.log.Info().Int64("regions", regions).Int64("region_size", rs).Int64("hydrated", e.nHyd).
-		Bool("resumed", !fresh).Msg("clone opened")
+		Bool("resumed", !fresh).Bool("preallocated", pre != nil).Bool("dest_zeroed", e.zeroed).Msg("clone opened")
 	return e, nil
 }
 
@@ -248,8 +259,10 @@ func (e *Engine) applyKnownZero(ranges []blockdev.Range) error {
 			}
 			j := e.hyd.nextSet(i+1, b)
 			off, end := i*e.rs, min(j*e.rs, e.size)
-			if err := e.dst.Discard(off, end-off); err != nil {
-				return fmt.Errorf("discard known-zero range %d+%d on the destination: %w", off, end-off, err)
+			if !e.zeroed {
+				if err := e.dst.Discard(off, end-off); err != nil {
+					return fmt.Errorf("discard known-zero range %d+%d on the destination: %w", off, end-off, err)
+				}
 			}
 			e.hyd.setRange(i, j)
 			e.nHyd += j - i

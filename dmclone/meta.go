@@ -167,9 +167,13 @@ type metaFile struct {
 	imgVer uint64
 }
 
-// newImage sets the encoded bitmap to bits, as of engine version 0.
+// newImage sets the encoded bitmap to bits, as of engine version 0, in
+// m.img when it is already an all-zero buffer of the slot's size
+// (Prealloc).
 func (m *metaFile) newImage(bits bitmap) {
-	m.img = make([]byte, slotSize(m.regions)-metaHeaderLen)
+	if n := slotSize(m.regions) - metaHeaderLen; int64(len(m.img)) != n {
+		m.img = make([]byte, n)
+	}
 	for w, v := range bits {
 		if v != 0 { // a new clone's are all zero, as the image is
 			binary.LittleEndian.PutUint64(m.img[w*8:], v)

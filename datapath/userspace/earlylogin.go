@@ -8,6 +8,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/ferry-dev/ferry/dmclone"
 	"github.com/ferry-dev/ferry/internal/tlsutil"
 	"github.com/ferry-dev/ferry/iscsi"
 	"github.com/ferry-dev/ferry/luks"
@@ -38,6 +39,11 @@ type earlyLogin struct {
 	lun    *iscsi.LUN
 	err    error
 	image  *luks.HeaderImage // nil when it could not be read or does not match the layout
+	// alloc is the clone engine's memory for this volume, made beside the
+	// login (its first touch is milliseconds the pause no longer waits
+	// for); set before allocated closes.
+	alloc     *dmclone.Prealloc
+	allocated chan struct{}
 }
 
 // startEarlyLogin begins the login cfg's clone would make, in the
@@ -50,11 +56,15 @@ func startEarlyLogin(ctx context.Context, log zerolog.Logger, cfg Config) (*earl
 	if c == nil || c.Portal == "" || c.SourcePath != "" || cfg.Raw {
 		return nil, errors.New("an early login needs the clone of an export")
 	}
-	e := &earlyLogin{clone: *c, deny: &iscsi.DenyList{}, done: make(chan struct{})}
+	e := &earlyLogin{clone: *c, deny: &iscsi.DenyList{}, done: make(chan struct{}), allocated: make(chan struct{})}
 	ic, err := initiatorConfig(c, e.deny, cfg.VolumeID)
 	if err != nil {
 		return nil, err
 	}
+	go func() {
+		defer close(e.allocated)
+		e.alloc = dmclone.Preallocate(cfg.Layout.DeviceSize(), regionSize(c.RegionSize))
+	}()
 	dctx, cancel := context.WithCancel(ctx)
 	e.cancel = cancel
 	t0 := time.Now()
@@ -92,6 +102,21 @@ func readHeaderImage(log zerolog.Logger, lun *iscsi.LUN, layout luks.Layout) *lu
 		return nil
 	}
 	return im
+}
+
+// preallocated is the clone engine's memory made beside the login, or nil
+// when there is no login or it is not made yet (Open then allocates: no
+// wait in the pause).
+func (e *earlyLogin) preallocated() *dmclone.Prealloc {
+	if e == nil {
+		return nil
+	}
+	select {
+	case <-e.allocated:
+		return e.alloc
+	default:
+		return nil
+	}
 }
 
 // adopt returns e when clone c reaches the export e logged in to, with the

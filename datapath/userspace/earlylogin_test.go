@@ -85,6 +85,14 @@ func TestPrestartedCloneLogsInEarly(t *testing.T) {
 				t.Fatalf("%s: the datapath's build does not say %s:\n%s", c.name, want, logged)
 			}
 		}
+		// Either way the engine's memory was made while the process
+		// waited, and the destination prepare made holds nothing to
+		// discard.
+		for _, want := range []string{`"preallocated":true`, `"dest_zeroed":true`} {
+			if !strings.Contains(string(logged), want) {
+				t.Fatalf("%s: the clone's open does not say %s:\n%s", c.name, want, logged)
+			}
+		}
 		if err := dst.Unmount(ctx, spec.Volume, tmnt); err != nil {
 			t.Fatal(err)
 		}

@@ -142,6 +142,9 @@ func (s *server) build(ctx context.Context, pass func() ([]byte, error)) error {
 	// engine reads nothing of its source before the view opens, which
 	// waits for the login.
 	var login *pendingSource
+	// The engine's memory, made while the prestarted process waited for
+	// this configuration (any early login's: it is only memory).
+	prealloc := s.early.preallocated()
 	if c != nil {
 		if c.SourcePath != "" {
 			// Assigned only on success: a nil pointer in the interface
@@ -237,6 +240,9 @@ func (s *server) build(ctx context.Context, pass func() ([]byte, error)) error {
 	if err != nil {
 		return err
 	}
+	// The agent made the file sparse (volops.Allocate): nothing to discard
+	// on it for the source's holes, unless an earlier start wrote into it.
+	destZeroed := c != nil && s.dest.AllZero()
 	lower := s.viewDest()
 	if c != nil {
 		var src blockdev.Device = s.lun
@@ -249,7 +255,8 @@ func (s *server) build(ctx context.Context, pass func() ([]byte, error)) error {
 		// copy does not pass the host's page cache (where it would push the
 		// host's other data out, and cost a copy and a page per block).
 		s.eng, err = dmclone.Open(s.log, dmclone.Config{Source: src, Dest: lower, MetaPath: c.MetaPath,
-			RegionSize: regionSize(c.RegionSize), KnownZero: c.KnownZero, Tunables: tun})
+			RegionSize: regionSize(c.RegionSize), KnownZero: c.KnownZero, Tunables: tun,
+			Prealloc: prealloc, DestZeroed: destZeroed})
 		if err != nil {
 			return fmt.Errorf("open clone engine: %w", err)
 		}
