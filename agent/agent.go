@@ -20,6 +20,7 @@ import (
 	"github.com/ferry-dev/ferry/fsm"
 	"github.com/ferry-dev/ferry/internal/retry"
 	"github.com/ferry-dev/ferry/stepdriver"
+	"github.com/ferry-dev/ferry/supervisor"
 	"github.com/ferry-dev/ferry/volops"
 )
 
@@ -109,8 +110,9 @@ type Agent struct {
 	// earlyLogins: migration id -> the portal its destination's prestarted
 	// datapath was asked to log in to (loginEarly).
 	earlyLogins sync.Map
-	// arrivals: migration id -> the arriving machine's network, made
-	// while its clone was built (buildClone), for the cutover step.
+	// arrivals: migration id -> the arriving machine's network (an
+	// arrival), made while its clone was built (buildClone), for the
+	// cutover step.
 	arrivals sync.Map
 	watched  *watched // the newest record of each migration the watch delivered
 }
@@ -155,6 +157,13 @@ func New(log zerolog.Logger, cfg Config, p Parts) (*Agent, error) {
 // Run registers the worker and serves until ctx ends. Work in progress is
 // left where it is (exports, datapaths and machines keep running) so a new
 // agent process resumes it.
+// arrival is what a clone's build made of the arriving machine's network.
+type arrival struct {
+	supervisor.Arrival
+	// mapped: its old address reaches it here already (MapOld).
+	mapped bool
+}
+
 func (a *Agent) Run(ctx context.Context) error {
 	a.runCtx = ctx
 	w := fsm.Worker{Name: a.cfg.Worker, HostID: a.cfg.HostID, Address: a.cfg.Address}

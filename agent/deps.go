@@ -70,9 +70,11 @@ type Machines interface {
 	// AttachArriving reads a machine migrating here and makes its network
 	// namespace at its 6PN address with host as the host part (idempotent).
 	AttachArriving(ctx context.Context, id string, host uint32) (supervisor.Arrival, error)
-	// MapOld keeps an arrived machine's old address reaching it for the
-	// grace period (the target, at cutover).
+	// MapOld keeps an arriving machine's old address reaching it for the
+	// grace period (the target, while it builds the clone or at cutover);
+	// UnmapArriving undoes it when the migration rolls back. Idempotent.
 	MapOld(ctx context.Context, arr supervisor.Arrival) error
+	UnmapArriving(ctx context.Context, m *fsm.Machine) error
 	// ForwardDeparted removes a machine's network here and routes its old
 	// address towards target for the grace period (the source, after
 	// cutover). Detach only removes it. Both are idempotent.

@@ -52,6 +52,8 @@ type Network interface {
 	Detach(ctx context.Context, machine string) error
 	// MapOld keeps old reaching the machine (now at new here) for the grace period.
 	MapOld(ctx context.Context, machine string, old, new netrewrite.Addr) error
+	// UnmapOld undoes MapOld before a cutover that will not come; idempotent.
+	UnmapOld(ctx context.Context, machine string, old netrewrite.Addr) error
 	// ForwardOld routes old towards via (the target worker's fabric
 	// address) for the grace period.
 	ForwardOld(ctx context.Context, machine string, old, new netrewrite.Addr, via string) error
@@ -259,14 +261,28 @@ func (s *Supervisor) AttachArriving(ctx context.Context, id string, host uint32)
 	return Arrival{Machine: mach, NetNS: netns, Old: old, New: nw}, nil
 }
 
-// MapOld, on a migration's target at cutover, keeps the arrived machine's
-// old address reaching it at its new one for the grace period; nothing
-// when it has no network namespace.
+// MapOld, on a migration's target once the source stopped the machine,
+// keeps the arriving machine's old address reaching it at its new one for
+// the grace period; nothing when it has no network namespace.
 func (s *Supervisor) MapOld(ctx context.Context, arr Arrival) error {
 	if s.net == nil || arr.NetNS == "" {
 		return nil
 	}
 	return s.net.MapOld(ctx, arr.Machine.ID, arr.Old, arr.New)
+}
+
+// UnmapArriving undoes MapOld for machine m, whose migration here rolled
+// back before cutover; nothing without a network or a 6PN address.
+// Idempotent.
+func (s *Supervisor) UnmapArriving(ctx context.Context, m *fsm.Machine) error {
+	if s.net == nil || m.Addr6PN == "" {
+		return nil
+	}
+	old, err := netrewrite.Parse(m.Addr6PN)
+	if err != nil {
+		return fmt.Errorf("machine %s 6PN address: %w", m.ID, err)
+	}
+	return s.net.UnmapOld(ctx, m.ID, old)
 }
 
 // Detach removes machine id's network namespace here; idempotent.

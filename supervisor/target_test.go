@@ -45,6 +45,10 @@ func (n *attachNet) MapOld(_ context.Context, machine string, old, new netrewrit
 	n.did = append(n.did, "map "+machine+" "+old.String()+" "+new.String())
 	return nil
 }
+func (n *attachNet) UnmapOld(_ context.Context, machine string, old netrewrite.Addr) error {
+	n.did = append(n.did, "unmap "+machine+" "+old.String())
+	return nil
+}
 func (n *attachNet) ForwardOld(_ context.Context, machine string, old, new netrewrite.Addr, via string) error {
 	n.did = append(n.did, "forward "+machine+" "+old.String()+" "+new.String()+" via "+via)
 	return nil
@@ -158,5 +162,29 @@ func TestMachineNetworkMovesAtCutover(t *testing.T) {
 	}
 	if err := s.Detach(ctx, "m1"); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// A rolled-back arrival unmaps the old address its build mapped; a machine
+// without a 6PN address has nothing to unmap, and a bad one is refused.
+func TestUnmapArriving(t *testing.T) {
+	old := netrewrite.MustBuild(9, 1, 7)
+	ctx := context.Background()
+	net := &attachNet{at: map[string]netrewrite.Addr{}}
+	s := New(zerolog.Nop(), Config{Worker: "w1"}, machineStore{}, nil, nil, nil, net)
+	if err := s.UnmapArriving(ctx, &fsm.Machine{ID: "m0"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.UnmapArriving(ctx, &fsm.Machine{ID: "m1", Addr6PN: old.String()}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.UnmapArriving(ctx, &fsm.Machine{ID: "m2", Addr6PN: "not-an-address"}); err == nil {
+		t.Fatal("a machine with a malformed 6PN address was unmapped")
+	}
+	if want := []string{"unmap m1 " + old.String()}; !slices.Equal(net.did, want) {
+		t.Fatalf("network did %q, want %q", net.did, want)
+	}
+	if err := New(zerolog.Nop(), Config{Worker: "w1"}, machineStore{}, nil, nil, nil, nil).UnmapArriving(ctx, &fsm.Machine{ID: "m1", Addr6PN: old.String()}); err != nil {
+		t.Fatalf("without a network: %v", err)
 	}
 }

@@ -125,6 +125,17 @@ func TestAbort(t *testing.T) {
 	ack, _ := e.runMachine("ma", a, "vola", 8)
 	id := e.migrate("ma", b)
 	e.waitState(id, time.Minute, fsm.Exported)
+	// The build maps the machine's old address on the target before it
+	// proposes clone_built (held back 3 s here).
+	mappings := filepath.Join(e.bed.WorkerDir(b), "net", "mappings", "*.json")
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if made, _ := filepath.Glob(mappings); len(made) > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the target's build did not map the machine's old address")
+		}
+	}
 	if _, err := e.c.Abort(e.ctx, id, "test abort"); err != nil {
 		t.Fatalf("abort before cutover refused: %v", err)
 	}
@@ -138,6 +149,9 @@ func TestAbort(t *testing.T) {
 	e.assertNeverTwice("ma")
 	if left, _ := filepath.Glob(filepath.Join(e.bed.WorkerDir(b), "volumes", "vola-*")); len(left) > 0 {
 		t.Fatalf("the target kept its destination volume after rollback: %v", left)
+	}
+	if left, _ := filepath.Glob(mappings); len(left) > 0 {
+		t.Fatalf("the target kept the old address's mapping after rollback: %v", left)
 	}
 	mach, _ := e.c.GetMachine(e.ctx, "ma")
 	if mach.Worker != a {
