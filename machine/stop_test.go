@@ -135,3 +135,40 @@ func running(pid int) bool {
 	i := strings.LastIndexByte(s, ')')
 	return i >= 0 && !strings.HasPrefix(strings.TrimSpace(s[i+1:]), "Z")
 }
+
+// Stop of a machine this process started returns when its reaper saw it
+// go, not at the next poll: with polling made slower than the test's
+// bound, only the reaper's word ends the wait in time. One started by
+// another process (no reaper here) is still polled for.
+func TestExecStopWakesAtTheMachinesExit(t *testing.T) {
+	old := stopPoll
+	stopPoll = 20 * time.Second
+	t.Cleanup(func() { stopPoll = old })
+	e := &Exec{StateDir: t.TempDir(), Log: zerolog.Nop()}
+	s := Spec{ID: "w1", Command: []string{"sleep", "30"}, MountDir: t.TempDir(), KillTimeout: time.Minute}
+	ctx := context.Background()
+	if err := e.Start(ctx, s); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { stopPoll = old; e.Stop(ctx, s) })
+	ref, err := e.readRef("w1")
+	if err != nil || ref == nil {
+		t.Fatalf("no record of the started machine: %v", err)
+	}
+	if _, ok := e.reaped.Load(ref.Pid); !ok {
+		t.Fatal("no reaper's channel for a machine this process started")
+	}
+	start := time.Now()
+	if err := e.Stop(ctx, s); err != nil {
+		t.Fatal(err)
+	}
+	if took := time.Since(start); took > 10*time.Second {
+		t.Fatalf("Stop took %v: it waited for the poll, not the reaper", took)
+	}
+	if st, _ := e.Status(ctx, s); st != Stopped {
+		t.Fatalf("status %s after stop, want stopped", st)
+	}
+	if _, left := e.reaped.Load(ref.Pid); left {
+		t.Fatal("the reaper's channel outlived the machine")
+	}
+}
