@@ -114,20 +114,17 @@ func (n *Network) MapOld(ctx context.Context, machine string, old, new netrewrit
 	return netrewrite.CutoverTarget(ctx, n.Log, plan)
 }
 
-// UnmapOld removes what MapOld made here for machine at old, when a
+// UnmapOld rolls back what MapOld made here for machine at old, when a
 // migration here rolled back before its cutover (the target maps the old
-// address while it builds the clone): the kernel state, then the record.
-// Nothing when there is no record; a record of another machine, or one
-// that also carries a source plan, is left to its expiry. Idempotent.
+// address while it builds the clone): the kernel state, then the record's
+// target side (Store.RollbackTarget). Nothing when there is no record or
+// it is another machine's. Idempotent.
 func (n *Network) UnmapOld(ctx context.Context, machine string, old netrewrite.Addr) error {
 	m, ok, err := n.mappings().Get(old)
-	if err != nil || !ok || m.Machine != machine || m.Target == nil || m.Source != nil {
+	if err != nil || !ok || m.Machine != machine || m.Target == nil {
 		return err
 	}
-	if err := netrewrite.ExpireTarget(ctx, n.Log, *m.Target); err != nil {
-		return err
-	}
-	return n.mappings().Delete(old)
+	return n.mappings().RollbackTarget(ctx, n.Log, *m.Target)
 }
 
 // ForwardOld, on the source: route old to the target worker.

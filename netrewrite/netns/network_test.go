@@ -25,8 +25,8 @@ func TestNetworkRecordsBeforeApplying(t *testing.T) {
 }
 
 // A rolled-back target unmaps the old address it mapped for its machine:
-// the kernel state and the record. Another machine's record, and one that
-// carries a source plan too (a one-host demo), stay for their expiry.
+// the kernel state and the record. Another machine's record stays; one
+// that carries a source plan too (a one-host demo) keeps that side.
 func TestUnmapOldRemovesOnlyThisMachinesTargetMapping(t *testing.T) {
 	testenv.Require(t, "root (CAP_NET_ADMIN, CAP_SYS_ADMIN) for network namespaces", os.Geteuid() == 0 && netrewrite.CheckPrivileges() == nil)
 	worker := fmt.Sprintf("fmt-unmap-%d", os.Getpid())
@@ -66,5 +66,11 @@ func TestUnmapOldRemovesOnlyThisMachinesTargetMapping(t *testing.T) {
 		if _, ok, err := n.mappings().Get(old); err != nil || ok != want {
 			t.Fatalf("record of %s kept = %v (%v), want %v", old, ok, err, want)
 		}
+	}
+	if m, _, _ := n.mappings().Get(others); m.Target == nil {
+		t.Fatal("another machine's mapping lost its target side")
+	}
+	if m, _, _ := n.mappings().Get(shared); m.Target != nil || m.Source == nil {
+		t.Fatalf("the shared record kept target %v and source %v; want only its source side", m.Target, m.Source)
 	}
 }
