@@ -155,7 +155,8 @@ func TestExecStopWakesAtTheMachinesExit(t *testing.T) {
 	if err != nil || ref == nil {
 		t.Fatalf("no record of the started machine: %v", err)
 	}
-	if _, ok := e.reaped.Load(ref.Pid); !ok {
+	ch, ok := e.reaped.Load(ref.Pid)
+	if !ok {
 		t.Fatal("no reaper's channel for a machine this process started")
 	}
 	start := time.Now()
@@ -167,6 +168,12 @@ func TestExecStopWakesAtTheMachinesExit(t *testing.T) {
 	}
 	if st, _ := e.Status(ctx, s); st != Stopped {
 		t.Fatalf("status %s after stop, want stopped", st)
+	}
+	// The reaper forgets the channel, then closes it.
+	select {
+	case <-ch.(chan struct{}):
+	case <-time.After(10 * time.Second):
+		t.Fatal("the reaper never closed its channel")
 	}
 	if _, left := e.reaped.Load(ref.Pid); left {
 		t.Fatal("the reaper's channel outlived the machine")
