@@ -154,9 +154,6 @@ func New(log zerolog.Logger, cfg Config, p Parts) (*Agent, error) {
 	return a, nil
 }
 
-// Run registers the worker and serves until ctx ends. Work in progress is
-// left where it is (exports, datapaths and machines keep running) so a new
-// agent process resumes it.
 // arrival is what a clone's build made of the arriving machine's network.
 type arrival struct {
 	supervisor.Arrival
@@ -164,6 +161,9 @@ type arrival struct {
 	mapped bool
 }
 
+// Run registers the worker and serves until ctx ends. Work in progress is
+// left where it is (exports, datapaths and machines keep running) so a new
+// agent process resumes it.
 func (a *Agent) Run(ctx context.Context) error {
 	a.runCtx = ctx
 	w := fsm.Worker{Name: a.cfg.Worker, HostID: a.cfg.HostID, Address: a.cfg.Address}
