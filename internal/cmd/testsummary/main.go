@@ -17,6 +17,7 @@ import (
 	"io"
 	"os"
 	"path"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -194,6 +195,32 @@ func skipReason(lines []string) string {
 	return r
 }
 
+// failureSigns start the lines that say why a package failed outside its
+// tests: the race detector (in the test process or, through
+// testbed.RaceReports, in the processes it started), a panic, a timeout.
+var failureSigns = []string{"WARNING: DATA RACE", "the race detector reported", "race detected",
+	"panic:", "fatal error:", "test timed out"}
+
+// failureExcerpt is the part of a package's own output that says why it
+// failed: up to 40 lines from the first sign of failureSigns, or its last
+// 20 lines when none is there; at most 4000 bytes.
+func failureExcerpt(output []string) string {
+	text := strings.Join(output, "")
+	lines := strings.Split(strings.TrimRight(text, "\n"), "\n")
+	from, n := max(len(lines)-20, 0), 20
+	for i, l := range lines {
+		if slices.ContainsFunc(failureSigns, func(sign string) bool { return strings.Contains(l, sign) }) {
+			from, n = i, 40
+			break
+		}
+	}
+	ex := strings.Join(lines[from:min(from+n, len(lines))], "\n")
+	if len(ex) > 4000 {
+		ex = ex[:4000] + "…"
+	}
+	return "  | " + strings.ReplaceAll(ex, "\n", "\n  | ")
+}
+
 func (s *summary) packageDone(name string, p *pkgResult) {
 	if p.result == "skip" {
 		return // no test files
@@ -220,7 +247,7 @@ func (s *summary) finish() error {
 	}
 	sort.Strings(names)
 	var tp, tf, ts int
-	var failedPkgs, unfinished []string
+	var failedPkgs, unfinished, outside []string
 	fmt.Fprintf(s.w, "\n%-28s %6s %6s %7s  %s\n", "package", "passed", "failed", "skipped", "result")
 	for _, n := range names {
 		p := s.pkgs[n]
@@ -231,6 +258,9 @@ func (s *summary) finish() error {
 			unfinished = append(unfinished, short(n))
 		case "fail":
 			failedPkgs = append(failedPkgs, short(n))
+			if p.fail == 0 {
+				outside = append(outside, fmt.Sprintf("%s failed outside its tests:\n%s", short(n), failureExcerpt(p.output)))
+			}
 		}
 		fmt.Fprintf(s.w, "%-28s %6d %6d %7d  %s\n", short(n), p.pass, p.fail, p.skip, res)
 		tp, tf, ts = tp+p.pass, tf+p.fail, ts+p.skip
@@ -254,6 +284,12 @@ func (s *summary) finish() error {
 	}
 	if len(failedPkgs) > 0 {
 		errs = append(errs, fmt.Errorf("packages failed: %s", strings.Join(failedPkgs, ", ")))
+	}
+	// Repeated at the very end, where a reader of only the log's tail
+	// sees it: the package printed it long before (a race report comes
+	// before a suite's own tables).
+	for _, o := range outside {
+		errs = append(errs, errors.New(o))
 	}
 	if len(unfinished) > 0 {
 		errs = append(errs, fmt.Errorf("packages without a result (go test killed?): %s", strings.Join(unfinished, ", ")))

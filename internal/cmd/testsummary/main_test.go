@@ -113,3 +113,39 @@ func TestParseAllowRejectsBadLines(t *testing.T) {
 		}
 	}
 }
+
+// A package that failed outside its tests (here: a race report of a child
+// process, printed before the suite's own long tables) has the reason
+// repeated in the final error, the part of a long log its reader sees.
+func TestOutsideFailureRepeatedAtTheEnd(t *testing.T) {
+	var stream strings.Builder
+	line := func(out string) {
+		stream.WriteString(`{"Action":"output","Package":"` + pkgB + `","Output":"` + out + `\n"}` + "\n")
+	}
+	line("the race detector reported 1 data races in ferry processes:")
+	line("== ferry.123")
+	line("WARNING: DATA RACE")
+	line("Write at 0x00c000 by goroutine 7:")
+	for i := range 60 {
+		line("| table row " + strings.Repeat("x", i%7))
+	}
+	stream.WriteString(`{"Action":"pass","Package":"` + pkgB + `","Test":"TestX"}` + "\n")
+	stream.WriteString(`{"Action":"fail","Package":"` + pkgB + `"}` + "\n")
+	out, err := run(t, stream.String())
+	if err == nil {
+		t.Fatalf("passed:\n%s", out)
+	}
+	msg := err.Error()
+	for _, want := range []string{"loopdev failed outside its tests", "the race detector reported 1", "Write at 0x00c000 by goroutine 7"} {
+		if !strings.Contains(msg, want) {
+			t.Errorf("the final error lacks %q:\n%s", want, msg)
+		}
+	}
+	// Without a sign, the output's last lines.
+	_, err = run(t, `{"Action":"output","Package":"`+pkgB+`","Output":"first\n"}
+		{"Action":"output","Package":"`+pkgB+`","Output":"exit status 3\n"}
+		{"Action":"fail","Package":"`+pkgB+`"}`)
+	if err == nil || !strings.Contains(err.Error(), "  | exit status 3") {
+		t.Errorf("the last lines are not repeated: %v", err)
+	}
+}
