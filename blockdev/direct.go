@@ -73,6 +73,27 @@ func (d *Direct) AllocateAhead(chunk int64) error {
 	return nil
 }
 
+// Allocate allocates the chunks of [off, off+n) not allocated since open,
+// as the first writes into them would, each run of them in one call. A
+// writer that knows where it writes next (hydration) calls it ahead of its
+// writes, in ascending order, so the file's extents follow its offsets
+// rather than the order its writes happen to land in. Without
+// AllocateAhead it does nothing; like the writes' own allocation it is a
+// hint, and a failure is left to the writes.
+func (d *Direct) Allocate(off, n int64) {
+	if d.alloc == nil || d.readOnly || d.closed.Load() || off < 0 || n <= 0 {
+		return
+	}
+	size := d.Size()
+	n = min(n, size-off)
+	if n <= 0 {
+		return
+	}
+	if rc, err := d.direct.SyscallConn(); err == nil {
+		_ = rc.Control(func(fd uintptr) { d.alloc.before(int(fd), off, n, size) })
+	}
+}
+
 func directOK(p []byte, off int64) bool {
 	return len(p)%DirectAlign == 0 && off%DirectAlign == 0 &&
 		uintptr(unsafe.Pointer(unsafe.SliceData(p)))%DirectAlign == 0

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/rand"
 	"fmt"
+	mrand "math/rand"
 	"os"
 	"path/filepath"
 	"testing"
@@ -175,5 +176,97 @@ func TestDirectAllocateAheadSpansChunks(t *testing.T) {
 	back := pageBuf(2 * chunk)
 	if _, err := d.ReadAt(back, off); err != nil || !bytes.Equal(back, a) {
 		t.Fatalf("read back: %v", err)
+	}
+}
+
+// Allocate reserves the chunks of a range ahead of its writes, one window
+// after another, so writes landing in any order leave the file in few
+// extents; it does nothing without AllocateAhead, past the end, or on a
+// read-only handle.
+func TestDirectAllocate(t *testing.T) {
+	const chunk, window, size = 64 << 10, 4 << 20, 16 << 20
+	d, f := newDirect(t, size)
+	d.Allocate(0, window) // no AllocateAhead: the writes allocate as they go
+	if got := allocated(t, f.Name()); got != 0 {
+		t.Fatalf("Allocate without AllocateAhead allocated %d bytes", got)
+	}
+	if err := d.AllocateAhead(chunk); err != nil {
+		t.Fatal(err)
+	}
+	d.Allocate(size, window) // past the end
+	d.Allocate(-4096, 8192)  // before the start
+	if got := allocated(t, f.Name()); got != 0 {
+		t.Fatalf("Allocate out of range allocated %d bytes", got)
+	}
+	ro, err := blockdev.OpenDirect(f, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ro.Close()
+	if err := ro.AllocateAhead(chunk); err != nil {
+		t.Fatal(err)
+	}
+	ro.Allocate(0, window)
+	if got := allocated(t, f.Name()); got != 0 {
+		t.Fatalf("Allocate on a read-only handle allocated %d bytes", got)
+	}
+
+	// Each window reserved first, then written a page-aligned 256 KiB
+	// piece at a time in a shuffled order.
+	a := pageBuf(256 << 10)
+	rand.Read(a)
+	for w := int64(0); w < size; w += window {
+		d.Allocate(w, window)
+		offs := make([]int64, 0, window/int64(len(a)))
+		for o := w; o < w+window; o += int64(len(a)) {
+			offs = append(offs, o)
+		}
+		mrand.Shuffle(len(offs), func(i, j int) { offs[i], offs[j] = offs[j], offs[i] })
+		for _, o := range offs {
+			if _, err := d.WriteAt(a, o); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if got := allocated(t, f.Name()); got < size || got > size+64<<10 {
+		t.Fatalf("%d bytes allocated after writing all %d", got, size)
+	}
+	osf, err := os.Open(f.Name())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer osf.Close()
+	n, err := blockdev.Extents(osf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n < 1 || n > 4 {
+		t.Fatalf("the file written in shuffled pieces has %d extents, want 1..4: its windows were not reserved ahead", n)
+	}
+}
+
+// Extents counts a sparse file's separate pieces: none in an empty one,
+// two for two writes far apart.
+func TestExtents(t *testing.T) {
+	f, err := os.Create(filepath.Join(t.TempDir(), "f"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := f.Truncate(64 << 20); err != nil {
+		t.Fatal(err)
+	}
+	n, err := blockdev.Extents(f)
+	testenv.Require(t, fmt.Sprintf("FIEMAP on the test filesystem (%v)", err), err == nil)
+	if n != 0 {
+		t.Fatalf("an empty sparse file has %d extents, want 0", n)
+	}
+	for _, off := range []int64{0, 32 << 20} {
+		if _, err := f.WriteAt(bytes.Repeat([]byte{1}, 8192), off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n, err = blockdev.Extents(f); err != nil || n != 2 {
+		t.Fatalf("two writes 32 MiB apart: %d extents (%v), want 2", n, err)
 	}
 }

@@ -57,6 +57,7 @@ type Engine struct {
 	enabled   bool
 	stall     string
 	cursor    int64 // where background hydration looks next
+	front     allocFront
 	done      chan struct{}
 	doneOnce  sync.Once
 

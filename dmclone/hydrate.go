@@ -141,6 +141,7 @@ func (e *Engine) worker(stop chan struct{}, batch, idleBatch int) {
 			return
 		}
 		off, end := e.regionOff(a), e.regionOff(b)
+		e.allocateAhead(off, end)
 		err := e.copyBatch(off, end)
 		e.gate.bgRelease()
 		if err != nil {
