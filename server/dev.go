@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"net"
-	"time"
 
 	"github.com/rs/zerolog"
 
@@ -27,7 +26,7 @@ func StartDev(ctx context.Context, log zerolog.Logger, dataDir, tlsDir, listen s
 		return nil, fmt.Errorf("listen address %q: %w", listen, err)
 	}
 	return StartServer(ctx, log, Config{ID: "server", DataDir: dataDir, Listen: listen, RaftAddr: net.JoinHostPort(host, "0"),
-		Bootstrap: true, TLSDir: tlsDir, HeartbeatTimeout: 500 * time.Millisecond, ElectionTimeout: 500 * time.Millisecond})
+		Bootstrap: true, TLSDir: tlsDir})
 }
 
 // EnsureCerts makes the development CA next to dir (tlsutil.DevCADir,
