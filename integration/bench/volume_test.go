@@ -15,6 +15,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/ferry-dev/ferry/api"
+	"github.com/ferry-dev/ferry/blockdev"
 	"github.com/ferry-dev/ferry/datapath/loopdev"
 	"github.com/ferry-dev/ferry/datapath/userspace"
 	"github.com/ferry-dev/ferry/fsm"
@@ -86,6 +87,10 @@ func benchVolume(b *testing.B, s *suite) {
 		b.Fatal(err)
 	}
 	migrateOnce(b, bd, "fm", ws[1], ack, nil)
+	// How the hydration laid the volume file out: a 1 MiB write that spans
+	// extents runs alone on ext4 (docs/profiles.md).
+	destFile := filepath.Join(bd.WorkerDir(ws[1]), "volumes", "fv*", "data")
+	layout := "the destination file after hydration: " + extentsOf(destFile)
 	// fio alone on the volume: the machine stops, its volume stays mounted.
 	stopped := fsm.MachineStopped
 	if _, err := bd.Client.UpdateMachine(ctx, "fm", api.MachineUpdate{State: &stopped}); err != nil {
@@ -122,6 +127,7 @@ func benchVolume(b *testing.B, s *suite) {
 	defer stopMem()
 	overDisk, stopDisk := transportFloor(b, s, fileSize, s.dir)
 	defer stopDisk()
+	note += "; " + layout
 	base := note
 	volFile := filepath.Join(mnt, "fio.dat")
 	hostFile := filepath.Join(s.dir, "fio-host.dat")
@@ -182,6 +188,11 @@ func benchVolume(b *testing.B, s *suite) {
 			fmt.Sprintf("median of %d alternating %v runs; %s", pairs, runFor, note)})
 		note = base
 	}
+	// fio's files went into the machine's free space, which the migration's
+	// trim left as holes: the volume file grew under fio's writes.
+	after := extentsOf(destFile)
+	b.Logf("%s; after the fio runs, %s", layout, after)
+	s.notes = append(s.notes, "Volume (fio) layout: "+layout+"; after the fio runs, "+after+".")
 	s.notes = append(s.notes, fmt.Sprintf("Volume (fio): a machine's %d MiB LUKS2 volume is migrated, hydrated and dissolved; "+
 		"fio (libaio, O_DIRECT, %d MiB file) then runs on a file in the machine's ext4 (loop device with direct I/O → FUSE → "+
 		"ferry's LUKS2 view → the destination file) and on a file on the host's own filesystem where the volume files live, "+
@@ -193,6 +204,29 @@ func benchVolume(b *testing.B, s *suite) {
 		"clone and view: the ceiling of the volume's rows). The transport over the disk takes turns with the host file and "+
 		"the volume. CPU per I/O is the whole machine's busy time (/proc/stat) over fio's run divided by its completed I/Os.",
 		volSize>>20, fileSize>>20, fileSize>>20))
+}
+
+// extentsOf says how many extents the one file matching pattern lies in
+// (a target names its copy of a volume after the migration).
+func extentsOf(pattern string) string {
+	paths, _ := filepath.Glob(pattern)
+	if len(paths) != 1 {
+		return fmt.Sprintf("extents unknown (%d files match %s)", len(paths), pattern)
+	}
+	f, err := os.Open(paths[0])
+	if err != nil {
+		return fmt.Sprintf("extents unknown (%v)", err)
+	}
+	defer f.Close()
+	n, err := blockdev.Extents(f)
+	if err != nil {
+		return fmt.Sprintf("extents unknown (%v)", err)
+	}
+	st, err := f.Stat()
+	if err != nil {
+		return fmt.Sprintf("extents unknown (%v)", err)
+	}
+	return fmt.Sprintf("%d extents in %d MiB", n, st.Size()>>20)
 }
 
 // transportFloor serves a file through the volume's transport, raw:
