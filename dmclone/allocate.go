@@ -19,7 +19,7 @@ type rangeAllocator interface {
 // came out in about 400 extents (against 9 in the source), and the machine's
 // 1 MiB writes that span extents then run one at a time on ext4
 // (docs/profiles.md). Reserved a window at a time from the front, the same
-// volume keeps a handful; and each reservation, which ext4 makes with the
+// volume keeps about twenty; and each reservation, which ext4 makes with the
 // file locked and its direct I/O drained, comes once per window rather
 // than once per copy.
 const AllocWindow = 16 << 20
@@ -33,8 +33,9 @@ type allocFront struct {
 
 // allocateAhead reserves the destination's blocks for the unhydrated
 // regions of [off, end) and of the rest of the window end falls in, unless
-// an earlier window covered them. Only unhydrated regions: a hole the
-// source does not hold (or one trimmed) stays a hole. A copy behind the
+// an earlier window covered them. Only unhydrated regions (the destination
+// rounds them out to its allocation chunks): a range the source does not
+// hold, or one trimmed, is not reserved. A copy behind the
 // front (the cursor wrapped) allocates as it writes.
 func (e *Engine) allocateAhead(off, end int64) {
 	ra, ok := e.dst.(rangeAllocator)
