@@ -231,12 +231,7 @@ func TestDirectAllocate(t *testing.T) {
 	if got := allocated(t, f.Name()); got < size || got > size+64<<10 {
 		t.Fatalf("%d bytes allocated after writing all %d", got, size)
 	}
-	osf, err := os.Open(f.Name())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer osf.Close()
-	n, err := blockdev.Extents(osf)
+	n, err := f.Extents()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -40,3 +40,6 @@ func Extents(f *os.File) (int, error) {
 	}
 	return int(m.mappedExtents), nil
 }
+
+// Extents counts the extents the device's file lies in (see Extents).
+func (d *File) Extents() (int, error) { return Extents(d.f) }

@@ -63,12 +63,7 @@ func TestHydrationAllocatesTheDestinationInOrder(t *testing.T) {
 	if !bytes.Equal(readAll(t, e), want) {
 		t.Fatal("hydrated content differs from the source with the trimmed range zeroed")
 	}
-	osf, err := os.Open(f.Name())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer osf.Close()
-	n, err := blockdev.Extents(osf)
+	n, err := f.Extents()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -78,7 +73,7 @@ func TestHydrationAllocatesTheDestinationInOrder(t *testing.T) {
 	if n < 2 || n > 8 {
 		t.Fatalf("the hydrated 64 MiB file has %d extents, want 2..8: copies allocated in the order they landed", n)
 	}
-	st, err := osf.Stat()
+	st, err := os.Stat(f.Name())
 	if err != nil {
 		t.Fatal(err)
 	}

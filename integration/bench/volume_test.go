@@ -213,20 +213,16 @@ func extentsOf(pattern string) string {
 	if len(paths) != 1 {
 		return fmt.Sprintf("extents unknown (%d files match %s)", len(paths), pattern)
 	}
-	f, err := os.Open(paths[0])
+	f, err := blockdev.OpenFile(paths[0], true)
 	if err != nil {
 		return fmt.Sprintf("extents unknown (%v)", err)
 	}
 	defer f.Close()
-	n, err := blockdev.Extents(f)
+	n, err := f.Extents()
 	if err != nil {
 		return fmt.Sprintf("extents unknown (%v)", err)
 	}
-	st, err := f.Stat()
-	if err != nil {
-		return fmt.Sprintf("extents unknown (%v)", err)
-	}
-	return fmt.Sprintf("%d extents in %d MiB", n, st.Size()>>20)
+	return fmt.Sprintf("%d extents in %d MiB", n, f.Size()>>20)
 }
 
 // transportFloor serves a file through the volume's transport, raw:
