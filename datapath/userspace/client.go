@@ -12,6 +12,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
+	"strings"
 	"syscall"
 	"time"
 
@@ -309,5 +311,44 @@ func (p *Process) Shutdown(ctx context.Context) error {
 		}
 		time.Sleep(2 * time.Millisecond)
 	}
-	return fmt.Errorf("datapath for volume %s (pid %d) did not exit after shutdown", p.cfg.VolumeID, pidStatus.Pid)
+	return fmt.Errorf("datapath for volume %s (pid %d) did not exit within 5s after shutdown (%s); "+
+		"it may still be flushing its volume; its log says what it did last", p.cfg.VolumeID, pidStatus.Pid, describeWait(pidStatus.Pid))
+}
+
+// describeWait says what a process's threads wait in (/proc's state and
+// wchan of each), so an error about a process that will not end tells
+// whether it is busy, stuck in the kernel's I/O, or waiting on a lock.
+func describeWait(pid int) string {
+	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	if err != nil {
+		return "its threads cannot be read: " + err.Error()
+	}
+	counts := map[string]int{}
+	for _, t := range tasks {
+		dir := fmt.Sprintf("/proc/%d/task/%s/", pid, t.Name())
+		state := "?"
+		if b, err := os.ReadFile(dir + "stat"); err == nil {
+			// The state follows the command, which is in parentheses and
+			// may hold spaces.
+			if i := strings.LastIndexByte(string(b), ')'); i >= 0 && i+2 < len(b) {
+				state = string(b[i+2])
+			}
+		}
+		wchan, _ := os.ReadFile(dir + "wchan")
+		w := strings.TrimSpace(string(wchan))
+		if w == "" || w == "0" {
+			w = "running"
+		}
+		counts[state+" "+w]++
+	}
+	keys := make([]string, 0, len(counts))
+	for k := range counts {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	parts := make([]string, 0, len(keys))
+	for _, k := range keys {
+		parts = append(parts, fmt.Sprintf("%s ×%d", k, counts[k]))
+	}
+	return "threads by state and wait: " + strings.Join(parts, ", ")
 }
