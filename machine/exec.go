@@ -69,10 +69,38 @@ func procStartTime(pid int) (string, error) {
 	if len(f) < 20 {
 		return "", fmt.Errorf("short /proc/%d/stat", pid)
 	}
-	if f[0] == "Z" {
+	if (f[0] == "Z" || f[0] == "X") && !threadsRun(pid) {
 		return "", fmt.Errorf("process %d is a zombie", pid)
 	}
 	return f[19], nil
+}
+
+// threadsRun reports whether a thread of process pid has not exited yet.
+// A killed multi-threaded process whose leader thread exited first shows
+// the leader as a zombie while another thread is still in uninterruptible
+// I/O (a write through a clone whose source is cut off): until that thread
+// ends, the process still holds its files and its folder in the volume.
+func threadsRun(pid int) bool {
+	dir := fmt.Sprintf("/proc/%d/task", pid)
+	tasks, err := os.ReadDir(dir)
+	if err != nil {
+		return false
+	}
+	for _, t := range tasks {
+		b, err := os.ReadFile(filepath.Join(dir, t.Name(), "stat"))
+		if err != nil {
+			continue
+		}
+		s := string(b)
+		i := strings.LastIndexByte(s, ')')
+		if i < 0 {
+			continue
+		}
+		if st := strings.TrimSpace(s[i+1:]); st != "" && st[0] != 'Z' && st[0] != 'X' {
+			return true
+		}
+	}
+	return false
 }
 
 func (e *Exec) readRef(id string) (*procRef, error) {

@@ -72,13 +72,13 @@ func procStat(pid int) (state, pgrp, start string, ok bool) {
 }
 
 // inGroup reports whether m is still the same process and in group pgid,
-// and whether it still runs (is not a zombie).
+// and whether it still runs (is not a zombie whose threads all ended).
 func (m groupMember) inGroup(pgid int) (member, runs bool) {
 	state, pgrp, start, ok := procStat(m.pid)
 	if !ok || start != m.start || pgrp != strconv.Itoa(pgid) {
 		return false, false
 	}
-	return true, state != "Z" && state != "X"
+	return true, (state != "Z" && state != "X") || threadsRun(m.pid)
 }
 
 // stillOurs reports whether one of members (listed while the group was the

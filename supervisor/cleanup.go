@@ -33,7 +33,9 @@ func Cleanup(ctx context.Context, dataDir string, mach machine.Driver, net Detac
 		if !e.IsDir() {
 			continue
 		}
-		spec := machine.Spec{ID: e.Name(), KillTimeout: 2 * time.Second}
+		// A teardown must end: a machine killed inside its volume's I/O
+		// (its clone's source already torn down) has that I/O failed.
+		spec := machine.Spec{ID: e.Name(), KillTimeout: 2 * time.Second, MountDir: vols.MountPoint(e.Name()), FailStuckIO: true}
 		if err := mach.Stop(ctx, spec); err != nil {
 			errs = append(errs, err)
 		}
